@@ -1,0 +1,136 @@
+"""Explanation methods behind one entry point, :func:`explain`, and one registry.
+
+A method is a function ``fn(model, x, target, *, create_graph, **options)``
+registered under its name with :func:`register`. :func:`explain` checks the
+input, puts the model in evaluation mode (and restores it), normalises the
+target and checks the options against the method's signature; the method
+returns a tensor shaped like ``x``. Methods live in one file per family:
+``gradient`` (gradient, input_x_gradient, integrated_gradients),
+``propagation`` (guided_backprop, lrp) and ``noise`` (smoothgrad, beta_smooth).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..validate import InputError, InputTypeError, check_batch, check_target
+
+__all__ = ["METHODS", "explain", "register"]
+
+Method = Callable[..., torch.Tensor]
+METHODS: dict[str, Method] = {}
+_RESERVED = ("model", "x", "target", "create_graph")
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    """Register ``fn`` as the explanation method ``name``.
+
+    Examples
+    --------
+    >>> @register("my_gradient")
+    ... def my_gradient(model, x, target, *, create_graph=False):
+    ...     ...
+    """
+
+    def decorate(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+def method_options(method: str) -> dict[str, object]:
+    """The options of ``method`` with their defaults."""
+    fn = _lookup(method)
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in _RESERVED
+    }
+
+
+def _lookup(method: str) -> Method:
+    if not isinstance(method, str) or method not in METHODS:
+        raise InputError(
+            f"unknown method {method!r}; expected one of: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[method]
+
+
+def _check_options(method: str, options: dict[str, object]) -> None:
+    known = method_options(method)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InputTypeError(
+            f"unknown option {unknown[0]!r} for method {method!r}; "
+            f"expected some of: {', '.join(sorted(known)) or '(none)'}"
+        )
+
+
+def explain(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str,
+    target: int | torch.Tensor | None = None,
+    *,
+    create_graph: bool = False,
+    **options: object,
+) -> torch.Tensor:
+    """Explain the logit of ``target`` for each item of the batch ``x``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits of shape ``(B, classes)``. It is run in
+        evaluation mode; its mode is restored afterwards.
+    x : torch.Tensor
+        Floating batch, e.g. ``(B, C, H, W)``.
+    method : str
+        One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
+        ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``.
+    target : None, int or torch.Tensor
+        Class to explain: ``None`` for the predicted class, an int for all
+        items, or a ``(B,)`` tensor.
+    create_graph : bool
+        Keep the graph so that the map is differentiable w.r.t. ``x`` (pass
+        an ``x`` that requires grad).
+    **options
+        Method options, e.g. ``steps`` for integrated gradients or ``beta``
+        for beta_smooth; :func:`method_options` lists them.
+
+    Returns
+    -------
+    torch.Tensor
+        The explanation, shaped like ``x``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, y = bs.load_data("digits")
+    >>> h = bs.explain(model, x[:8], "gradient")
+    >>> h.shape
+    torch.Size([8, 1, 32, 32])
+    """
+    fn = _lookup(method)
+    _check_options(method, options)
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_batch(x)
+    target_t = check_target(target, x.shape[0])
+    if target_t is not None:
+        target_t = target_t.to(x.device)
+    was_training = model.training
+    model.eval()
+    try:
+        return fn(model, x, target_t, create_graph=create_graph, **options)
+    finally:
+        model.train(was_training)
+
+
+# Importing the families fills the registry.
+from . import gradient  # noqa: E402, F401

@@ -1,0 +1,396 @@
+"""Beta-smoothing: softplus_beta, its noise distribution p_beta, and ReLU -> softplus for any model.
+
+``softplus_beta(x) = log(1 + exp(beta x)) / beta`` is ReLU convolved with the
+logistic density ``p_beta`` of scale ``1 / beta``; its derivative is
+``sigmoid(beta x)``, the cumulative distribution function of ``p_beta``.
+
+Every ReLU of a model is found by one mechanism: a
+:class:`torch.overrides.TorchFunctionMode` that is active while the model's
+``forward`` runs and that intercepts ``nn.ReLU``, ``F.relu``, ``torch.relu``
+and ``Tensor.relu`` (in-place variants too) wherever they are called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import broadcast_all
+from torch.overrides import TorchFunctionMode
+
+from .validate import InputError
+
+__all__ = [
+    "LogisticNoise",
+    "SmoothingHandle",
+    "replace_relu",
+    "smooth",
+    "smoothed",
+    "softplus",
+]
+
+RELU_FUNCTIONS = frozenset(
+    {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+)
+
+# Piecewise-linear activations that beta-smoothing does not replace; named in a
+# warning because they keep the output manifold curved.
+KINKED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.LeakyReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Threshold,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+)
+KINKED_FUNCTIONS = frozenset(
+    {
+        F.leaky_relu,
+        F.relu6,
+        F.hardtanh,
+        F.prelu,
+        F.rrelu,
+        F.threshold,
+        F.hardswish,
+        F.hardsigmoid,
+        F.hardshrink,
+        F.softshrink,
+        torch.Tensor.clamp,
+        torch.clamp,
+    }
+)
+
+
+def _check_beta(beta: float | torch.Tensor) -> None:
+    if isinstance(beta, torch.Tensor):
+        if not bool((beta > 0).all()):
+            raise InputError(f"beta must be > 0; got {beta.min().item()}")
+    elif not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+        raise InputError(f"beta must be a positive finite number; got {beta!r}")
+
+
+class _Softplus(torch.autograd.Function):
+    # relu(x) + log1p(exp(-beta |x|)) / beta never overflows; the explicit
+    # backward gives exactly sigmoid(beta x) (also at x = 0, where |x| has no
+    # derivative) and is itself differentiable, so double backprop works.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, beta)
+        return x.clamp(min=0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        x, beta = ctx.saved_tensors
+        return grad * torch.sigmoid(beta * x), None
+
+
+def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Softplus with sharpness ``beta``: ``log(1 + exp(beta x)) / beta``.
+
+    Finite and accurate to float precision for any ``beta * x``; its gradient
+    is ``sigmoid(beta x)`` and it is twice differentiable under autograd.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Input.
+    beta : float or torch.Tensor
+        Sharpness, > 0; a tensor broadcasts against ``x``. ``beta -> inf`` gives ReLU.
+
+    Returns
+    -------
+    torch.Tensor
+        ``softplus_beta(x)``, the shape of ``x`` broadcast with ``beta``.
+
+    Examples
+    --------
+    >>> softplus(torch.tensor([-1e4, 0.0, 1e4]), beta=1.0)
+    tensor([0.0000e+00, 6.9315e-01, 1.0000e+04])
+    """
+    _check_beta(beta)
+    beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
+    return _Softplus.apply(x, beta_t)
+
+
+class LogisticNoise(Distribution):
+    """The logistic density ``p_beta(e) = beta / (exp(beta e / 2) + exp(-beta e / 2))^2``.
+
+    Mean 0, scale ``1 / beta``, standard deviation ``pi / (sqrt(3) beta)``; its
+    cdf is ``sigmoid(beta e)``, so ``E[relu(x - e)] = softplus_beta(x)``.
+
+    Parameters
+    ----------
+    beta : float or torch.Tensor
+        Sharpness (inverse scale), > 0; a tensor gives a batch of distributions.
+
+    Examples
+    --------
+    >>> noise = LogisticNoise(2.0)
+    >>> noise.cdf(torch.tensor(0.0))
+    tensor(0.5000)
+    >>> e = noise.sample((1000,))
+    """
+
+    arg_constraints = {"beta": constraints.positive}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, beta: float | torch.Tensor, validate_args: bool | None = None) -> None:
+        _check_beta(beta)
+        (self.beta,) = broadcast_all(beta)
+        super().__init__(self.beta.shape, validate_args=validate_args)
+
+    def expand(
+        self, batch_shape: torch.Size, _instance: LogisticNoise | None = None
+    ) -> LogisticNoise:  # noqa: E501
+        new = self._get_checked_instance(LogisticNoise, _instance)
+        new.beta = self.beta.expand(batch_shape)
+        Distribution.__init__(new, torch.Size(batch_shape), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.zeros_like(self.beta)
+
+    @property
+    def mode(self) -> torch.Tensor:
+        return torch.zeros_like(self.beta)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (math.pi**2 / 3) / self.beta**2
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return math.pi / (math.sqrt(3) * self.beta)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        finfo = torch.finfo(self.beta.dtype)
+        u = torch.rand(shape, dtype=self.beta.dtype, device=self.beta.device)
+        return self.icdf(u.clamp(finfo.tiny, 1 - finfo.eps))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z = self.beta * value
+        return torch.log(self.beta) + F.logsigmoid(z) + F.logsigmoid(-z)
+
+    def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.beta * value)
+
+    def icdf(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.logit(value) / self.beta
+
+    def entropy(self) -> torch.Tensor:
+        return 2 - torch.log(self.beta)
+
+
+class _ReluOverride(TorchFunctionMode):
+    """Routes every ReLU call to ``fn``; counts the calls and notes kinked activations."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.replaced = 0
+        self.kinked: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in RELU_FUNCTIONS:
+            self.replaced += 1
+            return self.fn(args[0])
+        if func in KINKED_FUNCTIONS and func not in (torch.clamp, torch.Tensor.clamp):
+            self.kinked.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+class _ReluHooks:
+    """A forward pre-hook and an always-called forward hook that override ReLU during forward."""
+
+    def __init__(
+        self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], warn: bool
+    ) -> None:
+        self.model, self.fn, self.warn = model, fn, warn
+        self.active: list[_ReluOverride] = []
+        self.done: list[_ReluOverride] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> _ReluHooks:
+        self.handles = [
+            self.model.register_forward_pre_hook(self._enter),
+            self.model.register_forward_hook(self._leave, always_call=True),
+        ]
+        return self
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        while self.active:  # a forward interrupted before its hook could run
+            self.active.pop().__exit__(None, None, None)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        mode = _ReluOverride(self.fn)
+        self.active.append(mode)
+        mode.__enter__()
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self.active:
+            return
+        mode = self.active.pop()
+        mode.__exit__(None, None, None)
+        if self.warn and not self.done:
+            _warn_coverage(self.model, mode)
+        # Only the first pass is kept: enough for the warning and for tests,
+        # and a long attack does not grow a list.
+        if not self.done:
+            self.done.append(mode)
+
+
+@contextlib.contextmanager
+def replace_relu(
+    model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *, warn: bool = False
+) -> Iterator[list[_ReluOverride]]:
+    """While active, every ReLU inside ``model.forward`` computes ``fn`` instead.
+
+    The override is a forward pre-hook and an always-called forward hook on
+    ``model``: it covers ``nn.ReLU`` and the functional forms in any nested
+    module, is active only inside ``model``'s own forward, and the hooks are
+    removed on exit, also on an exception.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; modified only while the context is active.
+    fn : callable
+        Replacement, ``Tensor -> Tensor``.
+    warn : bool
+        Warn after the first forward pass if it called no ReLU, or if it
+        called other piecewise-linear activations, which ``fn`` does not replace.
+
+    Yields
+    ------
+    list
+        The override of the first forward pass (``.replaced`` counts ReLU calls).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> with replace_relu(net, torch.tanh):
+    ...     y = net(torch.ones(1, 2))
+    """
+    hooks = _ReluHooks(model, fn, warn).install()
+    try:
+        yield hooks.done
+    finally:
+        hooks.remove()
+
+
+def _warn_coverage(model: nn.Module, mode: _ReluOverride) -> None:
+    if mode.replaced == 0:
+        warnings.warn(
+            f"{type(model).__name__}: no ReLU was called in forward; "
+            "beta-smoothing changed nothing",
+            stacklevel=4,
+        )
+    names = {type(m).__name__ for m in model.modules() if isinstance(m, KINKED_MODULES)}
+    seen = {n.lower() for n in names}
+    names |= {n for n in mode.kinked if n.replace("_", "") not in seen}
+    kinked = sorted(names)
+    if kinked:
+        warnings.warn(
+            f"{type(model).__name__}: beta-smoothing replaces ReLU only; these piecewise-linear "
+            f"activations stay non-smooth: {', '.join(kinked)}",
+            stacklevel=4,
+        )
+
+
+class SmoothingHandle:
+    """The sharpness of an active :func:`smoothed` context; set ``.beta`` to change it."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        _check_beta(value)
+        self._beta = float(value)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return softplus(x, self._beta)
+
+
+@contextlib.contextmanager
+def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
+    """Beta-smooth ``model`` in place while the context is active.
+
+    Every ReLU computes ``softplus_beta``; on exit (also on an exception) the
+    model computes ReLU again. The yielded handle's ``beta`` may be changed
+    inside the context, e.g. for a schedule.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; its parameters and modules are not changed.
+    beta : float
+        Sharpness, > 0.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> with smoothed(net, 2.0) as handle:
+    ...     y = net(torch.zeros(1, 2))
+    ...     handle.beta = 4.0
+    """
+    handle = SmoothingHandle(beta)
+    with replace_relu(model, handle, warn=True):
+        yield handle
+
+
+def smooth(model: nn.Module, beta: float) -> nn.Module:
+    """A copy of ``model`` in which every ReLU computes ``softplus_beta``.
+
+    ``model`` itself is never changed. The copy keeps the class, parameters and
+    state-dict keys of the original.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model.
+    beta : float
+        Sharpness, > 0. Around 1 for inputs in [0, 1] is a strong defense.
+
+    Returns
+    -------
+    nn.Module
+        The smoothed copy; its ``betasmooth_beta`` attribute holds ``beta``.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> soft = smooth(net, beta=1.0)
+    >>> bool(soft(torch.zeros(1, 2)).gt(0).all())
+    True
+    """
+    _check_beta(beta)
+    copied = copy.deepcopy(model)
+    # The hooks hold the handle, and the model holds the hooks: they live as
+    # long as the copy does.
+    _ReluHooks(copied, SmoothingHandle(beta), warn=True).install()
+    copied.betasmooth_beta = float(beta)
+    return copied
