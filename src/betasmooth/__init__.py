@@ -15,6 +15,8 @@ Examples
 
 from __future__ import annotations
 
+import importlib
+
 from .explain import METHODS, explain, register
 from .metrics import heatmap
 from .smooth import LogisticNoise, smooth, smoothed, softplus
@@ -22,8 +24,34 @@ from .validate import InputError, InputTypeError
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use, so that `import betasmooth` stays quick.
+_LAZY = {
+    "compare": "metrics",
+    "load_data": "zoo",
+    "load_model": "zoo",
+    "manipulate": "attack",
+    "defense_sweep": "attack",
+    "curvature": "geometry",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name == "theory":
+        return importlib.import_module(".theory", __name__)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'betasmooth' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
+    "compare",
+    "curvature",
+    "defense_sweep",
+    "load_data",
+    "load_model",
+    "manipulate",
+    "theory",
     "InputError",
     "InputTypeError",
     "LogisticNoise",

@@ -1,0 +1,34 @@
+"""Shared test set-up: deterministic, single-threaded per worker, CPU only."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in test split."""
+    import betasmooth as bs
+
+    return bs.load_data("digits", split="test")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn() -> torch.nn.Module:
+    """The built-in trained CNN, in evaluation mode."""
+    import betasmooth as bs
+
+    return bs.load_model("digits-cnn")

@@ -1,0 +1,74 @@
+"""Small architectures shared by the tests, each built from a seed."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def plain_cnn(seed: int = 0, channels: int = 1, classes: int = 5) -> nn.Module:
+    """Conv-ReLU-MaxPool twice, then two dense layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(channels, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 16),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(16, classes),
+    ).eval()
+
+
+class ResidualNet(nn.Module):
+    """BatchNorm, F.relu in forward, a residual block and average pooling."""
+
+    def __init__(self, channels: int = 1, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(a)))
+        return self.head(self.pool(a + b).relu())
+
+
+def residual_net(seed: int = 0, channels: int = 1, classes: int = 5) -> nn.Module:
+    """A :class:`ResidualNet` with non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    net = ResidualNet(channels, classes)
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def vgg_small(seed: int = 0, channels: int = 1, classes: int = 5, bias: bool = True) -> nn.Module:
+    """VGG-style: conv blocks with max-pool, then a dense head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32, bias=bias),
+        nn.ReLU(),
+        nn.Linear(32, classes, bias=bias),
+    ).eval()
