@@ -1,12 +1,77 @@
-"""Heatmap normalisation and map similarity."""
+"""Heatmap normalisation and map similarity.
+
+Every similarity takes two batches of maps of shape ``(B, H, W)`` and returns
+one value per pair, shape ``(B,)``. ``mse``, ``ssim`` and ``pcc`` are plain
+torch operations, differentiable in both arguments, so that they can serve as
+attack losses; ``spearman``, ``topk_intersection`` and ``com_shift`` are
+rank and position statistics without a useful gradient.
+
+Constant maps (all pixels equal) get defined values, never NaN:
+
+- ``pcc`` and ``spearman``: 1 when both maps are constant, 0 when exactly one is;
+- ``ssim``: 1 when both maps are the same constant (``data_range = 0``);
+  otherwise the usual formula, whose constants ``C1, C2 > 0`` keep it finite;
+- ``center_of_mass`` of an all-zero map: the geometric centre of the grid.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
+from collections.abc import Callable
+
 import torch
 
-from .validate import InputError, check_batch
+from .validate import InputError, InputTypeError, check_batch
 
-__all__ = ["heatmap"]
+__all__ = [
+    "METRICS",
+    "center_of_mass",
+    "com_shift",
+    "compare",
+    "default_k",
+    "heatmap",
+    "max_com_shift",
+    "mse",
+    "pcc",
+    "register_metric",
+    "spearman",
+    "ssim",
+    "ssim_window",
+    "topk_intersection",
+]
+
+Metric = Callable[..., torch.Tensor]
+METRICS: dict[str, Metric] = {}
+
+# Wang et al. 2004, as in skimage.metrics.structural_similarity(gaussian_weights=True).
+SSIM_SIGMA = 1.5
+SSIM_TRUNCATE = 3.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+TOPK_FRACTION = 0.1
+
+
+def register_metric(name: str) -> Callable[[Metric], Metric]:
+    """Add a map similarity ``fn(a, b, **options) -> (B,)`` to :data:`METRICS` under ``name``.
+
+    :func:`compare` evaluates every registered metric and passes each the
+    keyword options its signature names.
+
+    Examples
+    --------
+    >>> @register_metric("l1")
+    ... def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ...     return (a - b).abs().flatten(1).mean(1)
+    >>> del METRICS["l1"]
+    """
+
+    def add(fn: Metric) -> Metric:
+        METRICS[name] = fn
+        return fn
+
+    return add
 
 
 def heatmap(explanation: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -38,3 +103,400 @@ def heatmap(explanation: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         )
     h = explanation.abs().sum(1)
     return h / (h.sum(dim=(1, 2), keepdim=True) + eps)
+
+
+def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, m in (("a", a), ("b", b)):
+        check_batch(m, f"map {name}", min_dim=3)
+        if m.dim() != 3:
+            raise InputError(
+                f"map {name} must have shape (B, H, W), one map per batch item; "
+                f"got shape {tuple(m.shape)}"
+            )
+    if a.shape != b.shape:
+        raise InputError(
+            f"maps must have the same shape (B, H, W); got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise InputTypeError(f"maps must be on the same device; got {a.device} and {b.device}")
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
+def _is_constant(m: torch.Tensor) -> torch.Tensor:
+    # Exact comparison: a float mean of equal values need not equal them.
+    flat = m.flatten(1)
+    return flat.amax(1) == flat.amin(1)
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation per row of ``(B, N)`` tensors, with the constant-map convention."""
+    const_a, const_b = _is_constant(a), _is_constant(b)
+    da = a - a.mean(1, keepdim=True)
+    db = b - b.mean(1, keepdim=True)
+    # Rows with a constant map get a unit denominator; their value is set below.
+    denom = torch.where(
+        const_a | const_b,
+        torch.ones_like(da[:, 0]),
+        (da.square().sum(1) * db.square().sum(1)).sqrt(),
+    )
+    r = ((da * db).sum(1) / denom).clamp(-1, 1)
+    r = torch.where(const_a | const_b, torch.zeros_like(r), r)
+    return torch.where(const_a & const_b, torch.ones_like(r), r)
+
+
+@register_metric("mse")
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference per map.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[0, inf)``; differentiable.
+
+    Examples
+    --------
+    >>> mse(torch.zeros(1, 2, 2), torch.ones(1, 2, 2))
+    tensor([1.])
+    """
+    a, b = _check_maps(a, b)
+    return (a - b).square().flatten(1).mean(1)
+
+
+def _gaussian_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
+    return (w / w.sum()).to(dtype=dtype, device=device)
+
+
+def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
+    # scipy.ndimage mode "reflect" (d c b a | a b c d | d c b a), repeated for
+    # any radius, also one larger than the map.
+    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(i >= n, 2 * n - 1 - i, i)
+
+
+def _gaussian_filter(x: torch.Tensor) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter(sigma=1.5, truncate=3.5, mode="reflect")`` over (N, H, W)."""
+    taps = _gaussian_taps(x.dtype, x.device)
+    radius = (taps.numel() - 1) // 2
+    n, h, w = x.shape
+    y = x[:, _reflect_index(h, radius, x.device), :].unsqueeze(1)
+    y = torch.nn.functional.conv2d(y, taps.view(1, 1, -1, 1))
+    y = y[..., _reflect_index(w, radius, x.device)]
+    return torch.nn.functional.conv2d(y, taps.view(1, 1, 1, -1)).squeeze(1)
+
+
+def ssim_window(height: int, width: int) -> int:
+    """Side of the border-free window SSIM averages over: 11, or less for small maps.
+
+    skimage crops ``(win_size - 1) // 2`` pixels from each side; for maps
+    smaller than 11 pixels the window is the largest odd size that fits,
+    which is skimage's result with that ``win_size`` passed explicitly.
+
+    Examples
+    --------
+    >>> ssim_window(32, 32), ssim_window(7, 9)
+    (11, 7)
+    """
+    full = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1
+    side = min(height, width, full)
+    return side if side % 2 == 1 else side - 1
+
+
+@register_metric("ssim")
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Structural similarity with a Gaussian window (Wang et al. 2004), per map.
+
+    Equal to ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=R)`` with
+    ``R = max(a.max(), b.max()) - min(a.min(), b.min())`` for each pair: an
+    11-tap Gaussian (sigma 1.5), ``K1 = 0.01``, ``K2 = 0.03``, population
+    covariance, scipy's ``reflect`` border, and the mean taken after cropping
+    the window radius from every side (see :func:`ssim_window` for small maps).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[-1, 1]``; 1 for equal maps, including two equal
+        constant maps (``R = 0``, where the formula is 0 / 0). Differentiable.
+
+    Examples
+    --------
+    >>> a = torch.rand(2, 16, 16)
+    >>> ssim(a, a)
+    tensor([1., 1.])
+    """
+    a, b = _check_maps(a, b)
+    lo = torch.minimum(a.flatten(1).amin(1), b.flatten(1).amin(1))
+    hi = torch.maximum(a.flatten(1).amax(1), b.flatten(1).amax(1))
+    data_range = hi - lo
+    flat = data_range == 0
+    # SSIM is invariant to a common scale (C1, C2 scale with R^2); working at
+    # R = 1 keeps float32 variances of maps that sum to 1 well above rounding.
+    scale = torch.where(flat, torch.ones_like(data_range), data_range).view(-1, 1, 1)
+    x, y = a / scale, b / scale
+    c1 = torch.where(flat, torch.zeros_like(data_range), torch.full_like(data_range, SSIM_K1**2))
+    c2 = torch.where(flat, torch.zeros_like(data_range), torch.full_like(data_range, SSIM_K2**2))
+    c1, c2 = c1.view(-1, 1, 1), c2.view(-1, 1, 1)
+
+    batch = x.shape[0]
+    moments = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))
+    ux, uy, uxx, uyy, uxy = moments.split(batch)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    num = (2 * ux * uy + c1) * (2 * vxy + c2)
+    den = (ux.square() + uy.square() + c1) * (vx + vy + c2)
+    s = num / torch.where(flat.view(-1, 1, 1), torch.ones_like(den), den)
+
+    crop = (ssim_window(*a.shape[1:]) - 1) // 2
+    h, w = a.shape[1:]
+    value = s[:, crop : h - crop, crop : w - crop].flatten(1).mean(1)
+    return torch.where(flat, torch.ones_like(value), value)
+
+
+@register_metric("pcc")
+def pcc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of the pixel values, per map.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[-1, 1]``; 1 when both maps are constant, 0 when
+        exactly one is. Differentiable (zero gradient at constant maps).
+
+    Examples
+    --------
+    >>> a = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    >>> pcc(a, 2 * a + 1)
+    tensor([1.])
+    """
+    a, b = _check_maps(a, b)
+    return _correlation(a.flatten(1), b.flatten(1))
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N per row of ``(B, N)``, tied values sharing their mean rank (float64)."""
+    values, order = x.sort(dim=1, stable=True)
+    new_group = torch.ones_like(values, dtype=torch.long)
+    new_group[:, 1:] = (values[:, 1:] != values[:, :-1]).long()
+    group = new_group.cumsum(1) - 1
+    position = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+    position = position.expand_as(group).contiguous()
+    mean_rank = torch.zeros_like(position).scatter_reduce(
+        1, group, position, reduce="mean", include_self=False
+    )
+    ranks = torch.empty_like(position)
+    ranks.scatter_(1, order, mean_rank.gather(1, group))
+    return ranks
+
+
+@register_metric("spearman")
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per map; ties get their average rank.
+
+    Equal to ``scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic`` for
+    each pair. Not differentiable.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[-1, 1]``; 1 when both maps are constant, 0 when
+        exactly one is (scipy gives NaN there).
+
+    Examples
+    --------
+    >>> a = torch.rand(1, 8, 8)
+    >>> spearman(a, a.exp())
+    tensor([1.])
+    """
+    a, b = _check_maps(a, b)
+    with torch.no_grad():
+        ra, rb = _average_ranks(a.flatten(1)), _average_ranks(b.flatten(1))
+        return _correlation(ra, rb).to(a.dtype)
+
+
+def default_k(height: int, width: int) -> int:
+    """Default top-k size: 10 % of the pixels, at least one.
+
+    Examples
+    --------
+    >>> default_k(32, 32)
+    102
+    """
+    return max(1, int(TOPK_FRACTION * height * width))
+
+
+def _topk_mask(m: torch.Tensor, k: int) -> torch.Tensor:
+    # A stable descending sort keeps equal values in index order, so ties go
+    # to the lower flat (row-major) index, the same for every device.
+    order = m.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool, device=m.device)
+    return mask.scatter_(1, order, True)
+
+
+@register_metric("topk")
+def topk_intersection(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Fraction of the ``k`` largest pixels of ``a`` that are among the ``k`` largest of ``b``.
+
+    Ghorbani et al. 2019: ``|topk(a) ∩ topk(b)| / k``, pixels ranked by value
+    (heatmaps are non-negative). Among equal values the lower row-major index
+    ranks first, in both maps. Not differentiable.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+    k : int, optional
+        Number of pixels, ``1 <= k <= H * W``; default :func:`default_k`, 10 % of the pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[0, 1]``; 1 for two constant maps.
+
+    Examples
+    --------
+    >>> a = torch.arange(16.0).view(1, 4, 4)
+    >>> topk_intersection(a, a.flip(2), k=4)
+    tensor([1.])
+    """
+    a, b = _check_maps(a, b)
+    n = a[0].numel()
+    k = default_k(*a.shape[1:]) if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise InputError(f"k must be an int between 1 and H * W = {n}; got {k!r}")
+    with torch.no_grad():
+        both = _topk_mask(a, k) & _topk_mask(b, k)
+        return both.sum(1).to(a.dtype) / k
+
+
+def center_of_mass(m: torch.Tensor) -> torch.Tensor:
+    """Centre of mass ``(row, column)`` of ``|m|`` in pixels, per map.
+
+    Equal to ``scipy.ndimage.center_of_mass(abs(m))``; an all-zero map (where
+    scipy gives NaN) has its centre at the middle of the grid,
+    ``((H - 1) / 2, (W - 1) / 2)``.
+
+    Parameters
+    ----------
+    m : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B, 2)``.
+
+    Examples
+    --------
+    >>> m = torch.zeros(1, 3, 5)
+    >>> m[0, 2, 4] = 1.0
+    >>> center_of_mass(m)
+    tensor([[2., 4.]])
+    """
+    m, _ = _check_maps(m, m)
+    w = m.abs()
+    h_idx = torch.arange(m.shape[1], dtype=m.dtype, device=m.device)
+    w_idx = torch.arange(m.shape[2], dtype=m.dtype, device=m.device)
+    total = w.sum(dim=(1, 2))
+    empty = total == 0
+    safe = torch.where(empty, torch.ones_like(total), total)
+    rows = (w.sum(2) * h_idx).sum(1) / safe
+    cols = (w.sum(1) * w_idx).sum(1) / safe
+    rows = torch.where(empty, torch.full_like(rows, (m.shape[1] - 1) / 2), rows)
+    cols = torch.where(empty, torch.full_like(cols, (m.shape[2] - 1) / 2), cols)
+    return torch.stack([rows, cols], dim=1)
+
+
+@register_metric("com_shift")
+def com_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance in pixels between the centres of mass of ``|a|`` and ``|b|``.
+
+    Ghorbani et al. 2019's centre-of-mass shift; see :func:`center_of_mass`.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(B,)``, in ``[0, sqrt((H - 1)^2 + (W - 1)^2)]``.
+
+    Examples
+    --------
+    >>> a, b = torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)
+    >>> a[0, 0, 0], b[0, 3, 3] = 1.0, 1.0
+    >>> com_shift(a, b)
+    tensor([4.2426])
+    """
+    a, b = _check_maps(a, b)
+    return (center_of_mass(a) - center_of_mass(b)).square().sum(1).sqrt()
+
+
+def _options_for(fn: Metric, options: dict[str, object]) -> dict[str, object]:
+    accepted = inspect.signature(fn).parameters
+    return {name: value for name, value in options.items() if name in accepted}
+
+
+def compare(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
+    """Every metric of :data:`METRICS` between two batches of maps.
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Maps of shape ``(B, H, W)``, e.g. from :func:`heatmap`; finite, same shape.
+    k : int, optional
+        Top-k size for ``"topk"``; default 10 % of the pixels.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``mse``, ``ssim``, ``pcc``, ``spearman``, ``topk``, ``com_shift`` (and
+        any metric added with :func:`register_metric`), each of shape ``(B,)``.
+
+    Examples
+    --------
+    >>> a = torch.rand(2, 16, 16)
+    >>> scores = compare(a, a)
+    >>> sorted(scores)
+    ['com_shift', 'mse', 'pcc', 'spearman', 'ssim', 'topk']
+    >>> scores["pcc"]
+    tensor([1., 1.])
+    """
+    a, b = _check_maps(a, b)
+    options = {"k": k}
+    return {name: fn(a, b, **_options_for(fn, options)) for name, fn in METRICS.items()}
+
+
+def max_com_shift(height: int, width: int) -> float:
+    """Diagonal of an ``height x width`` grid, the largest possible :func:`com_shift`.
+
+    Examples
+    --------
+    >>> max_com_shift(4, 4)
+    4.242640687119285
+    """
+    return math.hypot(height - 1, width - 1)
