@@ -1,0 +1,310 @@
+"""Map similarity against scikit-image, scipy and numpy oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage, stats
+from skimage.metrics import structural_similarity
+
+import betasmooth as bs
+from betasmooth.metrics import (
+    METRICS,
+    center_of_mass,
+    com_shift,
+    compare,
+    default_k,
+    heatmap,
+    mse,
+    pcc,
+    spearman,
+    ssim,
+    ssim_window,
+    topk_intersection,
+)
+from betasmooth.validate import InputError, InputTypeError
+
+SIZES = [(16, 16), (32, 32), (7, 9)]
+
+
+def _pairs(shape: tuple[int, int], dtype: torch.dtype = torch.float64) -> tuple:
+    """Random, correlated, anti-correlated, tied and constant pairs in one batch."""
+    g = torch.Generator().manual_seed(hash(shape) % 2**31)
+    a = torch.rand(6, *shape, generator=g, dtype=dtype)
+    b = torch.rand(6, *shape, generator=g, dtype=dtype)
+    b[1] = a[1] + 0.2 * b[1]
+    b[2] = -a[2] + 0.1 * b[2]
+    a[3] = torch.floor(4 * a[3]) / 4  # few distinct values: many ties
+    b[3] = torch.floor(3 * b[3]) / 3
+    b[4] = 0.5  # one constant map
+    a[5], b[5] = 0.25, 0.25  # two equal constant maps
+    return a, b
+
+
+def _skimage_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    data_range = max(x.max(), y.max()) - min(x.min(), y.min())
+    if data_range == 0:
+        return float("nan")  # 0 / 0 in skimage; the convention is tested on its own
+    return structural_similarity(
+        x,
+        y,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=data_range,
+        win_size=ssim_window(*x.shape),
+    )
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_ssim_equals_skimage(shape):
+    a, b = _pairs(shape)
+    ours = ssim(a, b)
+    for i in range(5):
+        assert ours[i].item() == pytest.approx(_skimage_ssim(a[i].numpy(), b[i].numpy()), abs=1e-4)
+    assert ours[5].item() == 1.0
+
+
+def test_ssim_float32_and_small_heatmaps_match_skimage():
+    # Attack maps sum to 1: values near 1e-3, where float32 variances are delicate.
+    a, b = _pairs((32, 32))
+    a, b = a / a.sum((1, 2), keepdim=True), b / b.sum((1, 2), keepdim=True)
+    ours = ssim(a[:5].float(), b[:5].float())
+    for i in range(5):
+        assert ours[i].item() == pytest.approx(_skimage_ssim(a[i].numpy(), b[i].numpy()), abs=1e-4)
+
+
+def test_ssim_window_is_skimage_default_for_large_maps():
+    # skimage's own window (win_size=None) for maps of at least 11 pixels a side.
+    a, b = _pairs((12, 20))
+    x, y = a[0].numpy(), b[0].numpy()
+    r = max(x.max(), y.max()) - min(x.min(), y.min())
+    ref = structural_similarity(
+        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=r
+    )
+    assert ssim(a[:1], b[:1]).item() == pytest.approx(ref, abs=1e-10)
+    assert (ssim_window(12, 20), ssim_window(7, 9), ssim_window(8, 8), ssim_window(1, 5)) == (
+        11,
+        7,
+        7,
+        1,
+    )
+
+
+def test_ssim_one_constant_map_is_finite_and_matches_skimage():
+    a = torch.rand(1, 16, 16, dtype=torch.float64)
+    b = torch.full_like(a, 0.3)
+    ref = _skimage_ssim(a[0].numpy(), b[0].numpy())
+    assert ssim(a, b).item() == pytest.approx(ref, abs=1e-10)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_pcc_equals_scipy_pearsonr(shape):
+    a, b = _pairs(shape)
+    ours = pcc(a, b)
+    for i in range(4):
+        ref = stats.pearsonr(a[i].numpy().ravel(), b[i].numpy().ravel()).statistic
+        assert ours[i].item() == pytest.approx(ref, abs=1e-12)
+    assert ours[4].item() == 0.0  # one constant map
+    assert ours[5].item() == 1.0  # two constant maps
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_spearman_equals_scipy_with_ties(shape):
+    a, b = _pairs(shape)
+    ours = spearman(a, b)
+    for i in range(4):
+        ref = stats.spearmanr(a[i].numpy().ravel(), b[i].numpy().ravel()).statistic
+        assert ours[i].item() == pytest.approx(ref, abs=1e-12)
+    assert len(np.unique(a[3].numpy())) <= 4  # the tied pair really is tied
+    assert ours[4].item() == 0.0
+    assert ours[5].item() == 1.0
+
+
+def test_spearman_ranks_are_scipy_rankdata_average():
+    from betasmooth.metrics import _average_ranks
+
+    x = torch.tensor([[3.0, 1.0, 3.0, 2.0, 1.0, 3.0, 0.0]])
+    expected = stats.rankdata(x[0].numpy(), method="average")
+    np.testing.assert_array_equal(_average_ranks(x)[0].numpy(), expected)
+
+
+def _numpy_topk(x: np.ndarray, k: int) -> set[int]:
+    # Stable descending order: equal values keep row-major order.
+    return set(np.argsort(-x.ravel(), kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("k", [None, 1, 5])
+def test_topk_equals_numpy(shape, k):
+    a, b = _pairs(shape)
+    ours = topk_intersection(a, b, k=k)
+    kk = default_k(*shape) if k is None else k
+    for i in range(6):
+        ref = len(_numpy_topk(a[i].numpy(), kk) & _numpy_topk(b[i].numpy(), kk)) / kk
+        assert ours[i].item() == pytest.approx(ref, abs=1e-12)
+    assert ours[5].item() == 1.0
+
+
+def test_topk_by_hand_and_default_k():
+    a = torch.tensor([[[5.0, 4.0, 0.0], [0.0, 3.0, 1.0]]])
+    b = torch.tensor([[[5.0, 0.0, 4.0], [1.0, 3.0, 0.0]]])
+    # top-2 of a: {0, 1}; of b: {0, 2} -> 1 shared; top-3: {0,1,4} vs {0,2,4} -> 2 shared
+    assert topk_intersection(a, b, k=2).item() == 0.5
+    assert topk_intersection(a, b, k=3).item() == pytest.approx(2 / 3)
+    # ties: the lower index wins, so the two all-tied maps pick the same pixels
+    tied = torch.ones(1, 2, 3)
+    assert topk_intersection(tied, a, k=2).item() == 1.0
+    assert (default_k(32, 32), default_k(7, 9), default_k(2, 2)) == (102, 6, 1)
+
+
+@pytest.mark.parametrize("k", [0, 17, 2.5, True])
+def test_topk_bad_k(k):
+    with pytest.raises(InputError, match="k must be an int between 1 and H \\* W = 16"):
+        topk_intersection(torch.rand(1, 4, 4), torch.rand(1, 4, 4), k=k)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_center_of_mass_equals_scipy(shape):
+    a, b = _pairs(shape)
+    a = a - 0.5  # signed maps: the centre is that of |a|
+    ours = center_of_mass(a)
+    for i in range(6):
+        ref = ndimage.center_of_mass(np.abs(a[i].numpy()))
+        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-10)
+    shift = com_shift(a, b)
+    for i in range(6):
+        ca = np.array(ndimage.center_of_mass(np.abs(a[i].numpy())))
+        cb = np.array(ndimage.center_of_mass(np.abs(b[i].numpy())))
+        assert shift[i].item() == pytest.approx(np.linalg.norm(ca - cb), abs=1e-10)
+
+
+def test_center_of_mass_of_zero_map_is_grid_centre():
+    m = torch.zeros(2, 7, 9)
+    m[1, 6, 8] = 2.0
+    np.testing.assert_array_equal(center_of_mass(m).numpy(), [[3.0, 4.0], [6.0, 8.0]])
+    assert com_shift(m[:1], m[1:]).item() == pytest.approx(np.hypot(3, 4))
+
+
+def test_mse_by_hand():
+    a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    b = torch.tensor([[[1.0, 0.0], [3.0, 8.0]]])
+    assert mse(a, b).item() == pytest.approx((4 + 16) / 4)
+
+
+def test_compare_iterates_the_registry():
+    a, b = _pairs((16, 16))
+    out = compare(a, b, k=7)
+    assert list(out) == list(METRICS) == ["mse", "ssim", "pcc", "spearman", "topk", "com_shift"]
+    assert all(v.shape == (6,) and bool(torch.isfinite(v).all()) for v in out.values())
+    torch.testing.assert_close(out["topk"], topk_intersection(a, b, k=7))
+    torch.testing.assert_close(out["ssim"], ssim(a, b))
+    assert bs.compare is compare
+
+
+def test_compare_never_nan_on_constant_maps():
+    zero, one = torch.zeros(2, 8, 8), torch.ones(2, 8, 8)
+    for x, y in [(zero, zero), (zero, one), (one, torch.rand(2, 8, 8))]:
+        out = compare(x, y)
+        assert all(bool(torch.isfinite(v).all()) for v in out.values())
+    same = compare(one, one)
+    assert [same[n][0].item() for n in ("mse", "ssim", "pcc", "spearman", "topk", "com_shift")] == [
+        0.0,
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+    ]
+
+
+@pytest.mark.parametrize("fn", [mse, pcc, ssim])
+@pytest.mark.parametrize("shape", [(6, 6), (12, 13)])
+def test_gradients_match_finite_differences(fn, shape):
+    a = torch.rand(2, *shape, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, *shape, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: fn(x, b), (a,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda y: fn(b.detach(), y), (a,), eps=1e-6, atol=1e-5)
+
+
+def test_heatmap_by_hand():
+    e = torch.tensor([[[[1.0, -2.0], [0.0, 3.0]], [[-1.0, 0.0], [2.0, 1.0]]]])
+    expected = torch.tensor([[[2.0, 2.0], [2.0, 4.0]]]) / 10
+    torch.testing.assert_close(heatmap(e), expected)
+    torch.testing.assert_close(heatmap(torch.zeros(1, 1, 2, 2)), torch.zeros(1, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "error", "message"),
+    [
+        (torch.rand(2, 8, 8), torch.rand(2, 8, 9), InputError, r"same shape .* \(2, 8, 9\)"),
+        (torch.rand(8, 8), torch.rand(8, 8), InputError, "at least 3 dimensions"),
+        (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), InputError, r"shape \(B, H, W\)"),
+        (
+            torch.rand(2, 8, 8),
+            torch.full((2, 8, 8), float("nan")),
+            InputError,
+            "map b contains NaN or inf",
+        ),
+        (torch.rand(2, 8, 8), torch.ones(2, 8, 8, dtype=torch.long), InputTypeError, "floating"),
+        (np.zeros((2, 8, 8)), torch.rand(2, 8, 8), InputTypeError, "map a must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(a, b, error, message):
+    for fn in [compare, *METRICS.values()]:
+        with pytest.raises(error, match=message):
+            fn(a, b)
+
+
+def test_heatmap_bad_input():
+    with pytest.raises(InputError, match=r"shape \(B, C, H, W\)"):
+        heatmap(torch.rand(1, 1, 2, 2, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    a, b = _pairs((16, 16), torch.float32)
+    cpu = compare(a, b)
+    gpu = compare(a.cuda(), b.cuda())
+    for name in cpu:
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], atol=1e-5, rtol=1e-5)
+
+
+maps = st.builds(
+    lambda h, w, seed, levels: _hyp_map(h, w, seed, levels),
+    st.integers(1, 14),
+    st.integers(2, 14),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([0, 2, 5]),
+)
+
+
+def _hyp_map(h: int, w: int, seed: int, levels: int) -> torch.Tensor:
+    m = torch.rand(2, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.floor(m * levels) / levels if levels else m
+
+
+@settings(max_examples=25, deadline=None)
+@given(maps)
+def test_identity_properties(a):
+    assert torch.allclose(pcc(a, a), torch.ones(2, dtype=a.dtype))
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=a.dtype))
+    assert torch.allclose(spearman(a, a), torch.ones(2, dtype=a.dtype))
+    assert torch.equal(topk_intersection(a, a), torch.ones(2, dtype=a.dtype))
+    assert torch.equal(mse(a, a), torch.zeros(2, dtype=a.dtype))
+    assert torch.equal(com_shift(a, a), torch.zeros(2, dtype=a.dtype))
+
+
+@settings(max_examples=25, deadline=None)
+@given(maps, st.integers(0, 2**31 - 1))
+def test_symmetry_and_range(a, seed):
+    b = _hyp_map(a.shape[1], a.shape[2], seed, 0)
+    ab, ba = compare(a, b), compare(b, a)
+    for name in ab:
+        torch.testing.assert_close(ab[name], ba[name], atol=1e-12, rtol=0)
+    for name in ("ssim", "pcc", "spearman"):
+        assert bool((ab[name].abs() <= 1 + 1e-12).all())
+    assert bool(((ab["topk"] >= 0) & (ab["topk"] <= 1)).all())
