@@ -1,0 +1,713 @@
+"""Built-in data and models, and safe loading of a user's own.
+
+Data and models are named by the same spec strings as on the command line.
+
+Data specs
+    ``"digits"``
+        scikit-learn's handwritten digits (1797 images of 8 x 8 pixels, values
+        0..16), scaled to [0, 1] and upsampled to 32 x 32 by bilinear
+        interpolation (``align_corners=False``), shape ``(N, 1, 32, 32)``. The
+        split is fixed: ``train_test_split`` stratified by label with
+        ``test_size=0.25, random_state=0`` gives 1347 training and 450 test
+        images; ``"all"`` is every image in the original order.
+    a folder of images
+        PNG, JPEG or BMP files read with Pillow. With class subfolders the label
+        of an image is the index of its subfolder among the sorted subfolder
+        names; a flat folder has no labels (every label is -1). Images are
+        converted to 8-bit grey (``channels=1``) or RGB (``channels=3``) and
+        scaled to [0, 1]. The whole folder is returned whatever ``split`` says.
+    a ``.npz`` file
+        Array ``x`` of shape ``(N, C, H, W)`` or ``(N, H, W)`` and optionally
+        integer labels ``y`` of shape ``(N,)`` (-1 where absent). ``uint8``
+        arrays are divided by 255. Read with ``allow_pickle=False``.
+
+Model specs
+    ``"digits-cnn"``
+        A small ReLU CNN trained on the digits training split; its weights ship
+        with the package (retrain with ``scripts/train_digits_cnn.py``).
+    ``"path/to/file.py:factory"`` or ``"package.module:factory"``
+        ``factory()`` is called without arguments and must return an
+        ``nn.Module``.
+
+Weights are only ever read with ``torch.load(..., weights_only=True)``, which
+restores tensors and plain containers and refuses to unpickle anything else,
+so a weights file cannot run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.resources
+import importlib.util
+import pickle
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .validate import InputError, InputTypeError, check_batch
+
+__all__ = [
+    "BUILTIN_DATA",
+    "BUILTIN_MODELS",
+    "DATA_RANGE",
+    "IMAGE_SUFFIXES",
+    "check_compatible",
+    "data_range",
+    "digits_cnn",
+    "load_data",
+    "load_model",
+    "load_state_dict",
+]
+
+#: Value range of the built-in data and of images read from a folder.
+DATA_RANGE: tuple[float, float] = (0.0, 1.0)
+
+#: File name endings read as images from a data folder (case-insensitive).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+
+SPLITS = ("train", "test", "all")
+DIGITS_SIZE = 32
+# ITU-R 601-2 luma, the weights Pillow uses for RGB -> L.
+LUMA = (0.299, 0.587, 0.114)
+
+Size = int | tuple[int, int]
+Stats = float | Sequence[float]
+
+
+# ---------------------------------------------------------------- built-in data
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    small = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
+    # Bilinear interpolation is a convex combination of pixels, so [0, 1] is kept.
+    x = F.interpolate(
+        small, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False
+    ).numpy()
+    y = bunch.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y, random_state=0)
+    index = {"train": np.sort(train), "test": np.sort(test), "all": np.arange(len(y))}
+    for arr in (x, y, *index.values()):
+        arr.setflags(write=False)
+    return x, y, index
+
+
+def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, index = _digits_arrays()
+    rows = index[split]
+    # Copies, so that a caller who edits the tensors in place cannot change the cache.
+    return torch.tensor(x[rows]), torch.tensor(y[rows])
+
+
+#: Built-in data sets: name -> ``loader(split) -> (x, y)``.
+BUILTIN_DATA: dict[str, Callable[[str], tuple[torch.Tensor, torch.Tensor]]] = {
+    "digits": _digits,
+}
+
+
+# ------------------------------------------------------------------- user data
+
+
+def _image_mode(channels: int) -> str:
+    return {1: "L", 3: "RGB"}[channels]
+
+
+def _channels_of(mode: str) -> int:
+    return 1 if mode in {"1", "L", "LA", "I", "I;16", "F"} else 3
+
+
+def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = _image_mode(channels or _channels_of(image.mode))
+            image = image.convert(mode)
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise InputError(
+            f"cannot read image {path}: {err}; expected a PNG, JPEG or BMP file"
+        ) from err
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[int]]:
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = sorted(p for p in folder.iterdir() if _is_image(p))
+    if not subfolders:
+        return loose, [-1] * len(loose)
+    if loose:
+        raise InputError(
+            f"data folder {folder} mixes images ({loose[0].name}) with class subfolders; "
+            "expected either one subfolder per class or images only"
+        )
+    files, labels = [], []
+    for label, sub in enumerate(subfolders):
+        found = sorted(p for p in sub.iterdir() if _is_image(p))
+        files += found
+        labels += [label] * len(found)
+    return files, labels
+
+
+def _pair(size: Size | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
+        raise InputError(f"image_size must be a positive int or (height, width); got {size!r}")
+    return pair
+
+
+def _folder(
+    folder: Path, size: tuple[int, int] | None, channels: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    files, labels = _folder_files(folder)
+    if not files:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise InputError(f"data folder {folder} holds no images; expected files ending {suffixes}")
+    first = _read_image(files[0], channels, size)
+    images = [first]
+    for path in files[1:]:
+        image = _read_image(path, first.shape[0], size)
+        if image.shape != first.shape:
+            raise InputError(
+                f"image {path} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
+                f"{first.shape[2]}x{first.shape[1]} (width x height); pass image_size to resize "
+                "all images to one size"
+            )
+        images.append(image)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)
+
+
+def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except ValueError as err:
+        raise InputError(
+            f"cannot read {path}: {err}; expected numeric arrays saved with np.savez"
+        ) from err
+    except (OSError, EOFError, pickle.UnpicklingError) as err:
+        raise InputError(f"cannot read {path}: {err}; expected an .npz file (np.savez)") from err
+    if "x" not in arrays:
+        raise InputError(
+            f"{path} has no array 'x' (found {sorted(arrays) or 'no arrays'}); "
+            "expected x of shape (N, C, H, W) or (N, H, W) and optional labels y"
+        )
+    x = arrays["x"]
+    if x.dtype.kind not in "biuf":
+        raise InputError(f"array x in {path} has dtype {x.dtype}; expected a numeric array")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise InputError(
+            f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W) with N > 0"
+        )
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise InputError(f"array x in {path} contains NaN or inf (first at item {bad})")
+    return torch.from_numpy(x), _labels(arrays.get("y"), len(x), path)
+
+
+def _labels(y: np.ndarray | None, n: int, path: Path) -> torch.Tensor:
+    if y is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    expected = f"expected integer class labels of shape ({n},)"
+    if y.shape != (n,) or y.dtype.kind not in "biuf":
+        raise InputError(f"array y in {path} has shape {y.shape}, dtype {y.dtype}; {expected}")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+        raise InputError(f"array y in {path} holds non-integer values; {expected}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _stats(value: Stats, name: str, channels: int) -> torch.Tensor:
+    try:
+        stats = torch.as_tensor(value, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputTypeError(f"{name} must be a number or one number per channel") from err
+    if stats.numel() not in (1, channels):
+        raise InputError(
+            f"{name} has {stats.numel()} values but the images have {channels} channels; "
+            "expected one number or one per channel"
+        )
+    if not bool(torch.isfinite(stats).all()):
+        raise InputError(f"{name} must be finite; got {value!r}")
+    return stats.expand(channels).reshape(1, channels, 1, 1)
+
+
+def _to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
+    if channels is None or x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if x.shape[1] == 3 and channels == 1:
+        return torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA))[:, None]
+    raise InputError(f"cannot convert {x.shape[1]} channels to {channels}; expected 1 or 3")
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    if size is None or tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _source(spec: str) -> str:
+    if spec in BUILTIN_DATA:
+        return "builtin"
+    path = Path(spec)
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() == ".npz":
+        if not path.is_file():
+            raise InputError(f"data file {spec} does not exist; expected an existing .npz file")
+        return "npz"
+    raise InputError(
+        f"unknown data spec {spec!r}; expected {_names(BUILTIN_DATA)}, a folder of images "
+        "or an .npz file"
+    )
+
+
+def _names(registry: Mapping[str, object]) -> str:
+    return " or ".join(repr(name) for name in sorted(registry))
+
+
+def load_data(
+    spec: str,
+    split: str = "test",
+    *,
+    image_size: Size | None = None,
+    channels: int | None = None,
+    mean: Stats | None = None,
+    std: Stats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load images and labels by a spec string.
+
+    Parameters
+    ----------
+    spec : str
+        ``"digits"``, a folder of images (class subfolders or flat) or an
+        ``.npz`` file with ``x`` and optional ``y``; see the module docstring.
+    split : str
+        ``"train"``, ``"test"`` or ``"all"`` for built-in data; a folder or an
+        ``.npz`` file is returned whole.
+    image_size : int or tuple of int, optional
+        Resize every image to ``(size, size)`` or ``(height, width)``
+        (bilinear, antialiased). Required for a folder of images of
+        different sizes.
+    channels : int, optional
+        1 (grey) or 3 (RGB); by default the built-in data has 1, a folder
+        takes the mode of its first image and an ``.npz`` file keeps its own.
+    mean, std : float or sequence of float, optional
+        Normalise to ``(x - mean) / std`` after scaling to [0, 1]; one value
+        or one per channel.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``x`` float32 of shape ``(N, C, H, W)`` and ``y`` long of shape
+        ``(N,)``, -1 where a label is unknown.
+
+    Raises
+    ------
+    InputError
+        An unknown spec or split, an unreadable or corrupt file, images of
+        different sizes without ``image_size``, NaN or inf in an ``.npz``.
+
+    Examples
+    --------
+    >>> x, y = load_data("digits", split="test")
+    >>> tuple(x.shape), tuple(y.shape)
+    ((450, 1, 32, 32), (450,))
+    >>> float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    True
+    """
+    if not isinstance(spec, (str, Path)):
+        raise InputTypeError(f"data spec must be a string; got {type(spec).__name__}")
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if channels not in (None, 1, 3):
+        raise InputError(f"channels must be 1 or 3; got {channels!r}")
+    spec = str(spec)
+    size = _pair(image_size)
+    source = _source(spec)
+    if source == "builtin":
+        x, y = BUILTIN_DATA[spec](split)
+    elif source == "folder":
+        x, y = _folder(Path(spec), size, channels)
+    else:
+        x, y = _npz(Path(spec))
+    x = _resize(_to_channels(x, channels), size)
+    if mean is not None:
+        x = x - _stats(mean, "mean", x.shape[1])
+    if std is not None:
+        scale = _stats(std, "std", x.shape[1])
+        if not bool((scale > 0).all()):
+            raise InputError(f"std must be > 0; got {std!r}")
+        x = x / scale
+    return x, y
+
+
+def data_range(
+    spec: str, *, mean: Stats | None = None, std: Stats | None = None
+) -> tuple[float, float]:
+    """The interval that inputs of a data spec lie in, for clamping.
+
+    Built-in data and image folders lie in [0, 1] before normalisation; with
+    ``mean`` and ``std`` the interval is the hull over channels of
+    ``[(0 - mean) / std, (1 - mean) / std]``. An ``.npz`` file is read and
+    its own ``[min, max]`` widened to contain [0, 1].
+
+    Parameters
+    ----------
+    spec : str
+        A data spec as for :func:`load_data`.
+    mean, std : float or sequence of float, optional
+        The normalisation passed to :func:`load_data`.
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``.
+
+    Examples
+    --------
+    >>> data_range("digits")
+    (0.0, 1.0)
+    >>> data_range("digits", mean=0.5, std=0.5)
+    (-1.0, 1.0)
+    """
+    if _source(str(spec)) == "npz":
+        x, _ = _npz(Path(spec))
+        low, high = min(0.0, float(x.min())), max(1.0, float(x.max()))
+    else:
+        low, high = DATA_RANGE
+    bounds = torch.tensor([low, high])
+    if mean is not None or std is not None:
+        channels = max(
+            torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None
+        )
+        bounds = bounds.reshape(1, 2, 1, 1)
+        if mean is not None:
+            bounds = bounds - _stats(mean, "mean", channels)
+        if std is not None:
+            bounds = bounds / _stats(std, "std", channels)
+    return float(bounds.min()), float(bounds.max())
+
+
+# -------------------------------------------------------------- built-in models
+
+
+def digits_cnn() -> nn.Sequential:
+    """The architecture of ``"digits-cnn"``, untrained.
+
+    Three blocks of 3 x 3 convolution, ReLU and 2 x 2 max-pooling
+    (32 -> 16 -> 8 -> 4 pixels), then two dense layers; input
+    ``(B, 1, 32, 32)`` in [0, 1], ten logits out. A plain ``nn.Sequential`` so
+    that rule-based explanations and tracing see every layer.
+
+    Returns
+    -------
+    nn.Sequential
+        Randomly initialised network.
+
+    Examples
+    --------
+    >>> digits_cnn()(torch.zeros(2, 1, 32, 32)).shape
+    torch.Size([2, 10])
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def _builtin_weights(name: str) -> Path:
+    return Path(str(importlib.resources.files(__package__) / "weights" / name))
+
+
+def _trained_digits_cnn() -> nn.Module:
+    model = digits_cnn()
+    path = _builtin_weights("digits_cnn.pt")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the digits-cnn weights are missing at {path}; recreate them with "
+            "python scripts/train_digits_cnn.py"
+        )
+    model.load_state_dict(load_state_dict(path))
+    return model
+
+
+#: Built-in models: name -> ``factory() -> nn.Module`` (trained).
+BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "digits-cnn": _trained_digits_cnn,
+}
+
+
+# ------------------------------------------------------------------ user models
+
+MODEL_FORMS = "'path/to/file.py:factory' or 'package.module:factory'"
+STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
+
+
+def _import_file(path: Path) -> object:
+    if not path.is_file():
+        raise InputError(f"model file {path} does not exist; expected {MODEL_FORMS}")
+    name = f"_betasmooth_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise InputError(f"cannot import {path}; expected a Python source file ending .py")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered before running, so that dataclasses and pickling inside the file work.
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise InputError(f"importing {path} failed: {_reason(err)}") from err
+    return module
+
+
+def _import_module(name: str) -> object:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise InputError(
+            f"cannot import module {name!r} ({err}); expected {MODEL_FORMS} importable "
+            "from the current environment"
+        ) from err
+    except Exception as err:
+        raise InputError(f"importing module {name!r} failed: {_reason(err)}") from err
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def _user_model(spec: str) -> nn.Module:
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise InputError(
+            f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}) "
+            f"or {MODEL_FORMS}"
+        )
+    is_file = where.endswith(".py") or "/" in where or "\\" in where
+    module = _import_file(Path(where)) if is_file else _import_module(where)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = "is not callable" if factory is not None else "is not defined"
+        raise InputError(f"{attr!r} in {where} {found}; expected a function returning nn.Module")
+    try:
+        model = factory()
+    except Exception as err:
+        raise InputError(f"{attr}() from {where} failed: {_reason(err)}") from err
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"{attr}() from {where} returned {type(model).__name__}; expected an nn.Module"
+        )
+    return model
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``torch.save(model.state_dict(), path)``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The state dict.
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable, or holds anything but a mapping from
+        names to tensors (pickled objects are refused, never run).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save(nn.Linear(2, 1).state_dict(), path)
+    >>> sorted(load_state_dict(path))
+    ['bias', 'weight']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist; {STATE_DICT_HINT}")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise InputError(
+            f"{path} is not a state dict: it holds pickled objects that are not loaded for "
+            f"safety ({STATE_DICT_HINT})"
+        ) from err
+    except Exception as err:
+        raise InputError(f"cannot read weights file {path}: {_reason(err)}") from err
+    if not isinstance(state, Mapping):
+        raise InputError(
+            f"{path} is not a state dict (it holds a {type(state).__name__}; {STATE_DICT_HINT})"
+        )
+    wrong = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if wrong:
+        nested = [k for k in ("state_dict", "model_state_dict", "model") if k in state]
+        hint = f"; the model's weights may be under key {nested[0]!r}" if nested else ""
+        raise InputError(
+            f"{path} is not a state dict (entry {wrong[0]!r} is not a tensor{hint}; "
+            f"{STATE_DICT_HINT})"
+        )
+    return dict(state)
+
+
+def _apply_weights(model: nn.Module, path: str | Path) -> None:
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise InputError(
+            f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
+            "state dict of the same architecture"
+        )
+    model.load_state_dict(state)
+
+
+def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
+    """Load a classifier by a spec string, in evaluation mode.
+
+    Parameters
+    ----------
+    spec : str
+        A built-in name (``"digits-cnn"``), ``"path/to/file.py:factory"`` or
+        ``"package.module:factory"``; ``factory()`` is called without
+        arguments and must return an ``nn.Module``.
+    weights : str or Path, optional
+        A state dict file to load into the model (also into a built-in one),
+        read with ``torch.load(weights_only=True, map_location="cpu")``: no
+        pickled object is ever run. Keys and shapes must match exactly.
+
+    Returns
+    -------
+    nn.Module
+        The model, on the CPU's default device as built, in ``eval()`` mode.
+
+    Raises
+    ------
+    InputError
+        An unknown spec, a file or module that cannot be imported, a factory
+        that fails or returns no ``nn.Module``, a missing weights file, one
+        that is not a plain state dict, or one whose keys or shapes differ.
+
+    Examples
+    --------
+    >>> model = load_model("digits-cnn")
+    >>> model.training
+    False
+    >>> model(torch.zeros(1, 1, 32, 32)).shape
+    torch.Size([1, 10])
+    """
+    if not isinstance(spec, str):
+        raise InputTypeError(f"model spec must be a string; got {type(spec).__name__}")
+    builtin = BUILTIN_MODELS.get(spec)
+    model = builtin() if builtin is not None else _user_model(spec)
+    if weights is not None:
+        _apply_weights(model, weights)
+    return model.eval()
+
+
+def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Check that a model classifies items shaped like those of ``x``.
+
+    Runs one forward pass without gradients on ``x[:1]`` in evaluation mode
+    (the model's mode is restored).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier.
+    x : torch.Tensor
+        A batch ``(N, C, H, W)``.
+
+    Returns
+    -------
+    torch.Tensor
+        The logits of ``x[:1]``, shape ``(1, classes)``.
+
+    Raises
+    ------
+    InputError
+        The forward pass fails, or its output is not of shape ``(1, classes)``.
+
+    Examples
+    --------
+    >>> check_compatible(load_model("digits-cnn"), torch.zeros(3, 1, 32, 32)).shape
+    torch.Size([1, 10])
+    """
+    check_batch(x, "x", min_dim=2)
+    item = tuple(x.shape[1:])
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1])
+    except Exception as err:
+        raise InputError(
+            f"model does not accept input of shape {item} (channels, height, width): {_reason(err)}"
+        ) from err
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(
+            f"model does not accept input of shape {item}: it returned {shape} for one item; "
+            "expected logits of shape (1, classes)"
+        )
+    return out
