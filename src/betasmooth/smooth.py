@@ -90,9 +90,15 @@ class _Softplus(torch.autograd.Function):
         return x.clamp(min=0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
         x, beta = ctx.saved_tensors
-        return grad * torch.sigmoid(beta * x), None
+        grad_beta = None
+        if ctx.needs_input_grad[1]:
+            # d/dbeta = (z sigmoid(z) - log1p(exp(z))) / beta^2 with z = beta x,
+            # written in |z| so that no two large terms cancel.
+            z = (beta * x).abs()
+            grad_beta = -grad * (z * torch.sigmoid(-z) + torch.log1p(torch.exp(-z))) / beta**2
+        return grad * torch.sigmoid(beta * x), grad_beta
 
 
 def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
