@@ -41,7 +41,9 @@ import importlib
 import importlib.resources
 import importlib.util
 import pickle
+import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -399,16 +401,15 @@ def data_range(
         low, high = min(0.0, float(x.min())), max(1.0, float(x.max()))
     else:
         low, high = DATA_RANGE
-    bounds = torch.tensor([low, high])
+    bounds = torch.tensor([[low], [high]])
     if mean is not None or std is not None:
         channels = max(
             torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None
         )
-        bounds = bounds.reshape(1, 2, 1, 1)
         if mean is not None:
-            bounds = bounds - _stats(mean, "mean", channels)
+            bounds = bounds - _stats(mean, "mean", channels).flatten()
         if std is not None:
-            bounds = bounds / _stats(std, "std", channels)
+            bounds = bounds / _stats(std, "std", channels).flatten()
     return float(bounds.min()), float(bounds.max())
 
 
@@ -570,11 +571,16 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"weights file {path} does not exist; {STATE_DICT_HINT}")
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign files before refusing them.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"the pickled object {found.group(1)}" if found else "its content"
         raise InputError(
-            f"{path} is not a state dict: it holds pickled objects that are not loaded for "
-            f"safety ({STATE_DICT_HINT})"
+            f"{path} is not a state dict (torch.load with weights_only=True refused {what} "
+            f"unrun; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
         raise InputError(f"cannot read weights file {path}: {_reason(err)}") from err

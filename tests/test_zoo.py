@@ -1,0 +1,306 @@
+"""Built-in data and model, and loading of user data and models, against hand computations."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage.transform import resize
+from sklearn.datasets import load_digits
+from torch import nn
+
+import betasmooth as bs
+from betasmooth.validate import InputError
+from betasmooth.zoo import check_compatible, data_range, load_state_dict
+
+# ----------------------------------------------------------------------- digits
+
+
+def test_digits_is_sklearn_digits_upsampled_bilinearly() -> None:
+    x, y = bs.load_data("digits", split="all")
+    raw = load_digits()
+    assert x.shape == (1797, 1, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.long and torch.equal(y, torch.from_numpy(raw.target).long())
+    expected = np.stack(
+        [
+            resize(im / 16.0, (32, 32), order=1, mode="edge", anti_aliasing=False)
+            for im in raw.images
+        ]
+    )
+    np.testing.assert_allclose(x[:, 0].numpy(), expected, atol=1e-6)
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+
+
+def test_digits_split_sizes_disjoint_stratified_and_fixed() -> None:
+    x_all, y_all = bs.load_data("digits", split="all")
+    x_tr, y_tr = bs.load_data("digits", split="train")
+    x_te, y_te = bs.load_data("digits", split="test")
+    assert (len(y_tr), len(y_te)) == (1347, 450)
+    # Every image lands in exactly one split: match rows of the splits to rows of "all".
+    flat = x_all.flatten(1)
+    rows_tr = torch.cdist(x_tr.flatten(1), flat).argmin(1)
+    rows_te = torch.cdist(x_te.flatten(1), flat).argmin(1)
+    assert torch.equal(x_all[rows_te], x_te) and torch.equal(y_all[rows_te], y_te)
+    assert torch.equal(x_all[rows_tr], x_tr)
+    assert sorted(torch.cat([rows_tr, rows_te]).tolist()) == list(range(1797))
+    # Stratified: each class is within one image of a quarter in the test split.
+    counts_all = torch.bincount(y_all, minlength=10).double()
+    assert (torch.bincount(y_te, minlength=10) - counts_all / 4).abs().max() <= 1
+    again, _ = bs.load_data("digits", split="test")
+    assert torch.equal(again, x_te)
+    x_te[0] = 7.0  # an edit by a caller must not reach the cache
+    assert float(bs.load_data("digits", split="test")[0].max()) == 1.0
+
+
+def test_digits_options_resize_channels_normalise() -> None:
+    base, _ = bs.load_data("digits", split="test")
+    x, _ = bs.load_data("digits", image_size=16, channels=3, mean=0.5, std=0.25)
+    assert x.shape == (450, 3, 16, 16)
+    assert torch.equal(x[:, 0], x[:, 2])
+    small = F.interpolate(base, size=(16, 16), mode="bilinear", antialias=True)
+    torch.testing.assert_close(x[:, 1:2], (small - 0.5) / 0.25)
+    assert data_range("digits") == (0.0, 1.0)
+    assert data_range("digits", mean=[0.5, 0.4, 0.3], std=0.25) == pytest.approx((-2.0, 2.8))
+
+
+# --------------------------------------------------------------- built-in model
+
+
+def _reference_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    for i in (0, 3, 6):
+        x = F.max_pool2d(
+            F.relu(F.conv2d(x, state[f"{i}.weight"], state[f"{i}.bias"], padding=1)), 2
+        )
+    x = F.relu(F.linear(x.flatten(1), state["10.weight"], state["10.bias"]))
+    return F.linear(x, state["12.weight"], state["12.bias"])
+
+
+def test_digits_cnn_accuracy_and_determinism(digits, digits_cnn) -> None:
+    x, y = digits
+    assert not digits_cnn.training
+    assert isinstance(digits_cnn, nn.Sequential)
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in digits_cnn.modules())
+    with torch.no_grad():
+        logits = digits_cnn(x)
+        again = bs.load_model("digits-cnn")(x)
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    assert accuracy >= 0.97
+    assert torch.equal(logits, again)
+    state = {k: v.detach() for k, v in digits_cnn.state_dict().items()}
+    torch.testing.assert_close(logits[:32], _reference_forward(state, x[:32]))
+
+
+# ----------------------------------------------------------------- user models
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+def make():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]]))
+        model.bias.copy_(torch.tensor([0.5, -0.5]))
+    return model.train()
+
+
+def not_a_model():
+    return 42
+"""
+
+
+@pytest.fixture
+def factory_file(tmp_path):
+    path = tmp_path / "user_net.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def test_factory_by_file_path(factory_file) -> None:
+    model = bs.load_model(f"{factory_file}:make")
+    assert not model.training
+    out = model(torch.tensor([[1.0, 1.0, 1.0]]))
+    torch.testing.assert_close(out, torch.tensor([[6.5, -0.5]]))
+
+
+def test_factory_by_module_path(factory_file, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(factory_file.parent))
+    monkeypatch.delitem(sys.modules, "user_net", raising=False)
+    model = bs.load_model("user_net:make")
+    torch.testing.assert_close(model(torch.zeros(1, 3)), torch.tensor([[0.5, -0.5]]))
+    with pytest.raises(InputError, match="returned int; expected an nn.Module"):
+        bs.load_model("user_net:not_a_model")
+    with pytest.raises(InputError, match="'missing' in user_net is not defined"):
+        bs.load_model("user_net:missing")
+
+
+def test_weights_round_trip(factory_file, tmp_path) -> None:
+    trained = nn.Linear(3, 2)
+    torch.nn.init.constant_(trained.weight, 0.25)
+    torch.nn.init.constant_(trained.bias, 1.0)
+    path = tmp_path / "w.pt"
+    torch.save(trained.state_dict(), path)
+    model = bs.load_model(f"{factory_file}:make", weights=path)
+    torch.testing.assert_close(model(torch.ones(1, 3)), torch.tensor([[1.75, 1.75]]))
+
+
+class _Trap:
+    """Unpickling this would create a file: the loader must never do it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_objects_are_refused_unrun(factory_file, tmp_path) -> None:
+    marker = tmp_path / "ran"
+    trap = tmp_path / "trap.pkl"
+    trap.write_bytes(pickle.dumps(_Trap(marker)))
+    whole = tmp_path / "module.pt"
+    torch.save(nn.Linear(3, 2), whole)
+    for path in (trap, whole):
+        with pytest.raises(
+            InputError, match=r"is not a state dict .*torch\.save\(model\.state_dict"
+        ):
+            bs.load_model(f"{factory_file}:make", weights=path)
+    assert not marker.exists()
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": nn.Linear(3, 2).state_dict(), "epoch": 3}, checkpoint)
+    with pytest.raises(InputError, match="not a state dict .*under key 'state_dict'"):
+        load_state_dict(checkpoint)
+
+
+def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
+    with pytest.raises(InputError, match="weights file .*nope.pt does not exist"):
+        bs.load_model(f"{factory_file}:make", weights=tmp_path / "nope.pt")
+    path = tmp_path / "other.pt"
+    torch.save(nn.Linear(4, 2).state_dict(), path)
+    with pytest.raises(InputError, match=r"shape mismatch: weight \(2, 4\) vs model \(2, 3\)"):
+        bs.load_model(f"{factory_file}:make", weights=path)
+    torch.save({"w": torch.zeros(1)}, path)
+    with pytest.raises(InputError, match="missing keys: weight, bias; unexpected keys: w"):
+        bs.load_model(f"{factory_file}:make", weights=path)
+
+
+def test_unknown_model_specs(tmp_path) -> None:
+    with pytest.raises(
+        InputError, match="unknown model spec 'resnet'.*'digits-cnn'.*file.py:factory"
+    ):
+        bs.load_model("resnet")
+    with pytest.raises(InputError, match="model file .*absent.py does not exist"):
+        bs.load_model(f"{tmp_path / 'absent.py'}:make")
+    with pytest.raises(InputError, match="cannot import module 'no_such_module_xyz'"):
+        bs.load_model("no_such_module_xyz:make")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def make(:\n")
+    with pytest.raises(InputError, match="importing .*broken.py failed: SyntaxError"):
+        bs.load_model(f"{broken}:make")
+
+
+def test_check_compatible(digits_cnn) -> None:
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = digits_cnn(x[:1])
+    torch.testing.assert_close(check_compatible(digits_cnn, x), expected)
+    with pytest.raises(InputError, match=r"model does not accept input of shape \(1, 28, 28\)"):
+        check_compatible(digits_cnn, torch.rand(2, 1, 28, 28))
+    with pytest.raises(InputError, match=r"model does not accept input of shape \(3, 32, 32\)"):
+        check_compatible(digits_cnn, torch.rand(2, 3, 32, 32))
+    assert not digits_cnn.training
+
+
+# ------------------------------------------------------------------- user data
+
+
+def _png(path, array, mode) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode=mode).save(path)
+
+
+def test_folder_with_class_subfolders(tmp_path) -> None:
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    _png(tmp_path / "b_cat" / "2.png", grey, "L")
+    _png(tmp_path / "b_cat" / "1.png", 255 - grey, "L")
+    _png(tmp_path / "a_dog" / "x.png", grey[::-1], "L")
+    x, y = bs.load_data(str(tmp_path))
+    assert x.shape == (3, 1, 3, 4) and x.dtype == torch.float32
+    assert y.tolist() == [0, 1, 1]  # a_dog, then b_cat/1.png, b_cat/2.png
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(grey[::-1] / 255).float())
+    torch.testing.assert_close(x[1, 0], torch.from_numpy((255 - grey) / 255).float())
+    torch.testing.assert_close(x[2, 0], torch.from_numpy(grey / 255).float())
+    normalised, _ = bs.load_data(str(tmp_path), mean=0.5, std=0.25)
+    torch.testing.assert_close(normalised, (x - 0.5) / 0.25)
+
+
+def test_flat_folder_rgb_to_grey_and_resize(tmp_path) -> None:
+    red = np.zeros((6, 10, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    _png(tmp_path / "red.png", red, "RGB")
+    _png(tmp_path / "grey.png", np.full((8, 8), 100), "L")
+    with pytest.raises(InputError, match=r"image .*red.png is 10x6 but .*grey.png is 8x8"):
+        bs.load_data(str(tmp_path))
+    # Channels follow the first file in name order, grey.png.
+    x, y = bs.load_data(str(tmp_path), image_size=(4, 5))
+    assert x.shape == (2, 1, 4, 5) and y.tolist() == [-1, -1]
+    torch.testing.assert_close(x[0], torch.full((1, 4, 5), 100 / 255))
+    # Pillow's RGB -> L: (299 R + 587 G + 114 B) / 1000, rounded down: 76 for pure red.
+    torch.testing.assert_close(x[1], torch.full((1, 4, 5), 76 / 255))
+    rgb, _ = bs.load_data(str(tmp_path), image_size=4, channels=3)
+    assert rgb.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(rgb[1], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 4, 4))
+
+
+def test_folder_with_corrupt_file_names_it(tmp_path) -> None:
+    _png(tmp_path / "good.png", np.zeros((4, 4)), "L")
+    (tmp_path / "bad.png").write_bytes(b"this is not a png")
+    with pytest.raises(InputError, match=r"cannot read image .*bad\.png"):
+        bs.load_data(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no images"):
+        bs.load_data(str(empty))
+
+
+def test_npz(tmp_path) -> None:
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    path = tmp_path / "d.npz"
+    np.savez(path, x=images, y=np.array([4, 1]))
+    x, y = bs.load_data(str(path))
+    assert x.shape == (2, 1, 3, 3) and y.tolist() == [4, 1]
+    torch.testing.assert_close(x[:, 0], torch.from_numpy(images / 255).float())
+    np.savez(path, x=np.ones((2, 3, 4, 4), dtype=np.float64) * 2.0)
+    x, y = bs.load_data(str(path))
+    assert x.dtype == torch.float32 and float(x.sum()) == 2.0 * 96 and y.tolist() == [-1, -1]
+    assert data_range(str(path)) == (0.0, 2.0)
+
+
+def test_npz_bad_input(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    bad = np.zeros((3, 1, 4, 4), dtype=np.float32)
+    bad[2, 0, 1, 1] = np.nan
+    np.savez(path, x=bad)
+    with pytest.raises(InputError, match="contains NaN or inf \\(first at item 2\\)"):
+        bs.load_data(str(path))
+    np.savez(path, images=bad, labels=np.zeros(3))
+    with pytest.raises(InputError, match=r"has no array 'x' \(found \['images', 'labels'\]\)"):
+        bs.load_data(str(path))
+    np.savez(path, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match="cannot read"):
+        bs.load_data(str(path))
+    with pytest.raises(InputError, match="data file .*missing.npz does not exist"):
+        bs.load_data(str(tmp_path / "missing.npz"))
+
+
+def test_unknown_data_spec_and_split() -> None:
+    with pytest.raises(InputError, match="unknown data spec 'mnist'; expected 'digits', a folder"):
+        bs.load_data("mnist")
+    with pytest.raises(InputError, match="unknown split 'val'"):
+        bs.load_data("digits", split="val")
