@@ -258,6 +258,18 @@ def test_flat_folder_rgb_to_grey_and_resize(tmp_path) -> None:
     torch.testing.assert_close(rgb[1], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 4, 4))
 
 
+def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:
+    deep = np.array([[0, 4000], [30000, 65535]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "a.png")
+    _png(tmp_path / "b.bmp", [[0, 51], [102, 255]], "L")
+    x, _ = bs.load_data(str(tmp_path))
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(deep / 65535).float())
+    torch.testing.assert_close(x[1, 0], torch.tensor([[0.0, 0.2], [0.4, 1.0]]))
+    x3, _ = bs.load_data(str(tmp_path), channels=3)
+    assert x3.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(x3, x.expand(-1, 3, -1, -1))
+
+
 def test_folder_with_corrupt_file_names_it(tmp_path) -> None:
     _png(tmp_path / "good.png", np.zeros((4, 4)), "L")
     (tmp_path / "bad.png").write_bytes(b"this is not a png")
@@ -267,6 +279,8 @@ def test_folder_with_corrupt_file_names_it(tmp_path) -> None:
     empty.mkdir()
     with pytest.raises(InputError, match="holds no images"):
         bs.load_data(str(empty))
+    with pytest.raises(InputError, match="mixes images .* with class subfolders"):
+        bs.load_data(str(tmp_path))
 
 
 def test_npz(tmp_path) -> None:

@@ -14,8 +14,9 @@ Data specs
         PNG, JPEG or BMP files read with Pillow. With class subfolders the label
         of an image is the index of its subfolder among the sorted subfolder
         names; a flat folder has no labels (every label is -1). Images are
-        converted to 8-bit grey (``channels=1``) or RGB (``channels=3``) and
-        scaled to [0, 1]. The whole folder is returned whatever ``split`` says.
+        converted to grey (``channels=1``) or RGB (``channels=3``, alpha
+        dropped) and scaled to [0, 1] (8-bit values by 255, 16-bit grey by
+        65535). The whole folder is returned whatever ``split`` says.
     a ``.npz`` file
         Array ``x`` of shape ``(N, C, H, W)`` or ``(N, H, W)`` and optionally
         integer labels ``y`` of shape ``(N,)`` (-1 where absent). ``uint8``
@@ -125,7 +126,7 @@ def _image_mode(channels: int) -> str:
 
 
 def _channels_of(mode: str) -> int:
-    return 1 if mode in {"1", "L", "LA", "I", "I;16", "F"} else 3
+    return 1 if mode in {"1", "L", "LA", "F"} or mode.startswith("I") else 3
 
 
 def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) -> np.ndarray:
@@ -134,16 +135,19 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
     try:
         with Image.open(path) as image:
             image.load()
-            mode = _image_mode(channels or _channels_of(image.mode))
-            image = image.convert(mode)
+            channels = channels or _channels_of(image.mode)
+            # 16-bit grey would be clipped, not scaled, by Pillow's conversion to 8 bits.
+            deep = image.mode.startswith("I")
+            image = image.convert("F" if deep else _image_mode(channels))
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            array = np.asarray(image, dtype=np.float32) / (65535.0 if deep else 255.0)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(
             f"cannot read image {path}: {err}; expected a PNG, JPEG or BMP file"
         ) from err
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return np.repeat(array, channels, axis=0) if array.shape[0] != channels else array
 
 
 def _is_image(path: Path) -> bool:
