@@ -1,0 +1,721 @@
+"""Propagation methods: guided backprop and layer-wise relevance propagation (LRP).
+
+Guided backprop is the gradient with every ReLU's backward pass modified,
+installed by the same mechanism as beta-smoothing (:func:`~betasmooth.smooth.replace_relu`),
+so ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` in forward code are covered too.
+
+LRP traces the model once with :func:`torch.fx.symbolic_trace`, runs the
+traced graph recording every intermediate value, and sends relevance from the
+target logit back through the graph in reverse order. Each kind of node has a
+rule in a registry; every rule is made of plain torch operations, so with
+``create_graph=True`` the map is differentiable w.r.t. the input through the
+rules' ratios. The rules and their zennit equivalents:
+
+=====================================  ===========================  =========================
+layer                                  rule                         zennit
+=====================================  ===========================  =========================
+first Conv/Linear (fed by the input)   z^B, bounds ``low``/``high``  ``ZBox(low, high)``
+Conv1d/2d/3d                           z+                           ``ZPlus()``
+Linear                                 epsilon (``epsilon``)        ``Epsilon(epsilon)``
+AvgPool, AdaptiveAvgPool               proportional to inputs       ``Norm()``
+``x + y`` (residual)                   proportional to summands     ``Norm()`` on ``Sum``
+BatchNorm after Conv/Linear            folded into that layer       ``SequentialMergeBatchNorm``
+BatchNorm elsewhere                    epsilon rule, eps 1e-6       (``Pass``)
+MaxPool                                winner takes all (gradient)  (gradient)
+Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
+ReLU, Softplus, other activations      relevance passes unchanged   ``Pass()``
+=====================================  ===========================  =========================
+
+The relevance that enters the graph is the one-hot target times its logit,
+``R_out = onehot(target) * logits``; zennit's attributor called with
+``attr_output = onehot * output`` gives the same map. For a bias-free network
+with ``epsilon -> 0`` the input relevances then sum to the target logit.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..smooth import replace_relu
+from ..validate import InputError, InputTypeError
+from . import register
+from .gradient import input_gradient, select_logit
+
+__all__ = ["STABILIZER", "guided_backprop", "lrp", "lrp_graph", "stabilize"]
+
+# zennit's default stabiliser for the rules that have no epsilon option.
+STABILIZER = 1e-6
+
+
+# --------------------------------------------------------------------------- guided backprop
+
+
+class _PositiveGradient(torch.autograd.Function):
+    # Identity whose backward keeps only positive gradients. Composed with the
+    # ReLU (or the softplus of an active beta-smoothing) it gives
+    # clamp(grad, 0) * relu'(x): the mask and the clamp commute because the
+    # activation's derivative is never negative. The backward is a plain
+    # torch op, so double backprop works.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad.clamp(min=0)
+
+
+def _guided_relu(x: torch.Tensor) -> torch.Tensor:
+    # Inside the override F.relu reaches the next mode down: softplus when the
+    # model is beta-smoothed, ReLU otherwise.
+    return _PositiveGradient.apply(F.relu(x))
+
+
+@register("guided_backprop")
+def guided_backprop(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, create_graph: bool = False
+) -> torch.Tensor:
+    """Guided backprop (Springenberg et al. 2015): ReLUs pass back only positive gradients.
+
+    Every ReLU's backward becomes ``clamp(grad, min=0) * (x > 0)``; this covers
+    ``nn.ReLU`` and ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` in forward
+    code. On a beta-smoothed model the mask is the softplus derivative
+    ``sigmoid(beta x)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits.
+    x : torch.Tensor
+        Input batch.
+    target : torch.Tensor or None
+        Class per item; ``None`` for the predicted class.
+    create_graph : bool
+        Keep the graph so that the map is differentiable w.r.t. ``x``.
+
+    Returns
+    -------
+    torch.Tensor
+        The guided gradient, shaped like ``x``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> bs.explain(net, torch.rand(2, 1, 2, 2), "guided_backprop").shape
+    torch.Size([2, 1, 2, 2])
+    """
+    with replace_relu(model, _guided_relu):
+        return input_gradient(model, x, target, create_graph)
+
+
+# --------------------------------------------------------------------------- LRP: rules
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = 1``, as zennit's stabiliser.
+
+    Examples
+    --------
+    >>> stabilize(torch.tensor([-1.0, 0.0, 2.0]), 0.5)
+    tensor([-1.5000,  0.5000,  2.5000])
+    """
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+Affine = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class _Layer:
+    """A linear layer as ``fn(input, weight, bias)`` with its (possibly folded) parameters."""
+
+    fn: Affine
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+@dataclass
+class _Step:
+    """One node of the traced graph with its recorded argument values."""
+
+    node: fx.Node
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    layer: _Layer | None
+    options: dict
+
+    def call(self, t: torch.Tensor) -> torch.Tensor:
+        """The node's operation with its first argument replaced by ``t``."""
+        rest = self.args[1:]
+        if self.node.op == "call_module":
+            # forward, not __call__: user hooks must not see these re-evaluations.
+            return self.module.forward(t, *rest, **self.kwargs)
+        if self.node.op == "call_method":
+            return getattr(t, self.node.target)(*rest, **self.kwargs)
+        return self.node.target(t, *rest, **self.kwargs)
+
+
+Rule = Callable[[_Step, torch.Tensor], list[tuple[fx.Node, torch.Tensor]]]
+
+
+def _vjp(
+    fn: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, s: torch.Tensor
+) -> torch.Tensor:
+    # Every operation differentiated here is piecewise linear in its input, so
+    # the vector-Jacobian product does not depend on the input a.e.: a detached
+    # copy is enough, and the result stays differentiable w.r.t. s (and thus
+    # w.r.t. the network input) when s carries a graph.
+    leaf = a.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, s, create_graph=s.requires_grad)
+    return grad
+
+
+def _first_arg(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    return [(step.node.args[0], relevance)]
+
+
+def _pass(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """Element-wise activation: relevance passes unchanged (zennit ``Pass``)."""
+    return _first_arg(step, relevance)
+
+
+def _gradient(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """Reshapes, identity and max-pool: route relevance like the gradient (winner takes all)."""
+    return _first_arg(step, _vjp(step.call, step.args[0], relevance))
+
+
+def _norm(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """Average pools: relevance in proportion to each input's contribution (zennit ``Norm``)."""
+    a = step.args[0]
+    s = relevance / stabilize(step.call(a), STABILIZER)
+    return _first_arg(step, a * _vjp(step.call, a, s))
+
+
+def _sum(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """``x + y``: relevance in proportion to each summand (zennit ``Norm`` on ``Sum``)."""
+    alpha = step.kwargs.get("alpha", 1)
+    terms = [step.args[0], step.args[1] * alpha if alpha != 1 else step.args[1]]
+    z = terms[0] + terms[1]
+    s = relevance / stabilize(z, STABILIZER)
+    return [
+        (node, (term * s).sum_to_size(term.shape))
+        for node, term in zip(step.node.args[:2], terms)
+        if isinstance(node, fx.Node) and isinstance(term, torch.Tensor)
+    ]
+
+
+def _epsilon_of(
+    layer: _Layer, a: torch.Tensor, relevance: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    z = layer.fn(a, layer.weight, layer.bias)
+    s = relevance / stabilize(z, epsilon)
+    return a * _vjp(lambda t: layer.fn(t, layer.weight, None), a, s)
+
+
+def _epsilon(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """Epsilon rule, ``R_i = a_i sum_j w_ij R_j / (z_j + eps sign(z_j))`` (zennit ``Epsilon``)."""
+    a = step.args[0]
+    return _first_arg(step, _epsilon_of(step.layer, a, relevance, step.options["epsilon"]))
+
+
+def _positive(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(min=0)
+
+
+def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clamp(max=0)
+
+
+def _zplus(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """z+ rule (zennit ``ZPlus``: alpha 1, beta 0; positive bias kept in the denominator)."""
+    layer, a = step.layer, step.args[0]
+    a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
+    w_pos, w_neg = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+    z = layer.fn(a_pos, w_pos, _positive(layer.bias)) + layer.fn(a_neg, w_neg, None)
+    s = relevance / stabilize(z, STABILIZER)
+    r_pos = a_pos * _vjp(lambda t: layer.fn(t, w_pos, None), a, s)
+    r_neg = a_neg * _vjp(lambda t: layer.fn(t, w_neg, None), a, s)
+    return _first_arg(step, r_pos + r_neg)
+
+
+def _bound(value: float | torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    bound = torch.as_tensor(value).to(a)
+    try:
+        return torch.broadcast_to(bound, a.shape)
+    except RuntimeError:
+        raise InputError(
+            f"lrp option {name!r} of shape {tuple(bound.shape)} does not broadcast to the first "
+            f"layer's input {tuple(a.shape)}; expected a float or e.g. shape (1, C, 1, 1)"
+        ) from None
+
+
+def _zbox(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """z^B rule for inputs in ``[low, high]`` (zennit ``ZBox``)."""
+    layer, a = step.layer, step.args[0]
+    low = _bound(step.options["low"], a, "low")
+    high = _bound(step.options["high"], a, "high")
+    w, w_pos, w_neg = layer.weight, layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+    z = (
+        layer.fn(a, w, layer.bias)
+        - layer.fn(low, w_pos, _positive(layer.bias))
+        - layer.fn(high, w_neg, _negative(layer.bias))
+    )
+    s = relevance / stabilize(z, STABILIZER)
+    r = (
+        a * _vjp(lambda t: layer.fn(t, w, None), a, s)
+        - low * _vjp(lambda t: layer.fn(t, w_pos, None), a, s)
+        - high * _vjp(lambda t: layer.fn(t, w_neg, None), a, s)
+    )
+    return _first_arg(step, r)
+
+
+def _batchnorm(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """A BatchNorm not preceded by a Conv/Linear: epsilon rule of its affine map."""
+    scale, shift = _bn_affine(step.module)
+    shape = (-1,) + (1,) * (step.args[0].dim() - 2)
+    layer = _Layer(
+        lambda t, w, b: t * w.view(shape) + (0 if b is None else b.view(shape)), scale, shift
+    )
+    return _first_arg(step, _epsilon_of(layer, step.args[0], relevance, STABILIZER))
+
+
+def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_var is None:
+        raise InputError(
+            f"lrp needs BatchNorm with running statistics; {type(bn).__name__} has "
+            "track_running_stats=False"
+        )
+    scale = (bn.running_var + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _conv_layer(module: nn.Module) -> _Layer:
+    return _Layer(module._conv_forward, module.weight, module.bias)
+
+
+def _linear_layer(module: nn.Module) -> _Layer:
+    return _Layer(F.linear, module.weight, module.bias)
+
+
+def _folded(layer: _Layer, bn: nn.Module) -> _Layer:
+    # As zennit's MergeBatchNorm: W' = W s, b' = (b - mean) s + beta.
+    scale, shift = _bn_affine(bn)
+    weight = layer.weight * scale.view((-1,) + (1,) * (layer.weight.dim() - 1))
+    bias = shift if layer.bias is None else layer.bias * scale + shift
+    return _Layer(layer.fn, weight, bias)
+
+
+# --------------------------------------------------------------------------- LRP: registries
+
+LAYERS: dict[type[nn.Module], tuple[Callable[[nn.Module], _Layer], Rule]] = {
+    nn.Conv1d: (_conv_layer, _zplus),
+    nn.Conv2d: (_conv_layer, _zplus),
+    nn.Conv3d: (_conv_layer, _zplus),
+    nn.Linear: (_linear_layer, _epsilon),
+}
+"""Layers with weights: how to evaluate them, and their rule after the first layer."""
+
+FIRST_RULE: Rule = _zbox
+
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+MODULE_RULES: dict[type[nn.Module], Rule] = {
+    **{kind: _batchnorm for kind in BATCHNORMS},
+    nn.MaxPool1d: _gradient,
+    nn.MaxPool2d: _gradient,
+    nn.MaxPool3d: _gradient,
+    nn.AdaptiveMaxPool2d: _gradient,
+    nn.AvgPool1d: _norm,
+    nn.AvgPool2d: _norm,
+    nn.AvgPool3d: _norm,
+    nn.AdaptiveAvgPool1d: _norm,
+    nn.AdaptiveAvgPool2d: _norm,
+    nn.AdaptiveAvgPool3d: _norm,
+    nn.Flatten: _gradient,
+    nn.Unflatten: _gradient,
+    nn.Identity: _gradient,
+    nn.Dropout: _gradient,
+    nn.Dropout2d: _gradient,
+    **{
+        kind: _pass
+        for kind in (
+            nn.ReLU,
+            nn.Softplus,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Tanh,
+            nn.Sigmoid,
+        )
+    },
+}
+"""Rules of modules without their own weights, looked up along the class's MRO."""
+
+FUNCTION_RULES: dict[Callable, Rule] = {
+    operator.add: _sum,
+    torch.add: _sum,
+    torch.flatten: _gradient,
+    torch.reshape: _gradient,
+    F.dropout: _gradient,
+    F.max_pool2d: _gradient,
+    F.avg_pool2d: _norm,
+    F.adaptive_avg_pool2d: _norm,
+    **{
+        fn: _pass
+        for fn in (
+            F.relu,
+            F.relu_,
+            torch.relu,
+            torch.relu_,
+            F.softplus,
+            F.leaky_relu,
+            F.elu,
+            F.gelu,
+            F.silu,
+            torch.tanh,
+            torch.sigmoid,
+        )
+    },
+}
+"""Rules of functions called in forward code."""
+
+METHOD_RULES: dict[str, Rule] = {
+    "add": _sum,
+    "view": _gradient,
+    "reshape": _gradient,
+    "flatten": _gradient,
+    "contiguous": _gradient,
+    "relu": _pass,
+    "relu_": _pass,
+    "tanh": _pass,
+    "sigmoid": _pass,
+}
+"""Rules of tensor methods called in forward code."""
+
+# Nodes that compute shapes, not activations: they carry no relevance.
+_SHAPE_METHODS = frozenset({"size", "dim"})
+_SHAPE_FUNCTIONS = frozenset({getattr})
+_INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
+
+
+def _supported() -> str:
+    modules = [k.__name__ for k in LAYERS] + [k.__name__ for k in MODULE_RULES]
+    functions = sorted({getattr(f, "__name__", str(f)) for f in FUNCTION_RULES})
+    methods = sorted(METHOD_RULES)
+    return (
+        f"modules {', '.join(modules)}; functions {', '.join(functions)}; "
+        f"methods {', '.join(methods)}"
+    )
+
+
+# --------------------------------------------------------------------------- LRP: the graph
+
+
+@dataclass
+class LRPGraph:
+    """A traced model with a rule for each node that carries relevance.
+
+    Built once per model by :func:`lrp_graph`; parameters are read at each
+    call, so the graph stays valid while the weights change.
+    """
+
+    module: fx.GraphModule
+    input: fx.Node
+    output: fx.Node
+    rules: dict[fx.Node, Rule]
+    folded: dict[fx.Node, str] = field(default_factory=dict)
+    snapshot: frozenset[fx.Node] = frozenset()
+
+
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, LRPGraph] = weakref.WeakKeyDictionary()
+
+
+def _module_rule(module: nn.Module) -> Rule | None:
+    for kind in type(module).__mro__:
+        if kind in MODULE_RULES:
+            return MODULE_RULES[kind]
+    return None
+
+
+def _layer_kind(module: nn.Module | None) -> type[nn.Module] | None:
+    if module is None:
+        return None
+    return next((kind for kind in type(module).__mro__ if kind in LAYERS), None)
+
+
+def _describe(node: fx.Node, module: nn.Module | None) -> str:
+    if node.op == "call_module":
+        return f"module {type(module).__name__} ({node.target})"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    return f"{node.op} {node.target}"
+
+
+def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_method":
+        return node.target in _INPLACE_METHODS
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    return node.target in (F.relu_, torch.relu_)
+
+
+def lrp_graph(model: nn.Module) -> LRPGraph:
+    """Trace ``model`` and assign an LRP rule to every node between input and output.
+
+    The result is cached per model instance, so an attack loop traces once.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model that :func:`torch.fx.symbolic_trace` can trace, built from the
+        supported layers and functions.
+
+    Returns
+    -------
+    LRPGraph
+        The traced module and its rules.
+
+    Raises
+    ------
+    InputError
+        If tracing fails, or a node on the way from input to output has no rule.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> len(lrp_graph(net).rules)
+    3
+    """
+    cached = _GRAPHS.get(model)
+    if cached is not None:
+        return cached
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(
+            f"lrp needs a model that torch.fx.symbolic_trace can trace (no control flow on "
+            f"tensor values); tracing {type(model).__name__} failed: {reason}"
+        ) from None
+    graph = _assign_rules(gm)
+    _GRAPHS[model] = graph
+    return graph
+
+
+def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if not placeholders or not isinstance(outputs[0].args[0], fx.Node):
+        raise InputError("lrp needs a model with one tensor input that returns one logits tensor")
+    source = placeholders[0]
+    depends: set[fx.Node] = {source}
+    shape: set[fx.Node] = set()
+    raw: set[fx.Node] = {source}
+    rules: dict[fx.Node, Rule] = {}
+    folded: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = [n for n in node.all_input_nodes if n in depends]
+        if not inputs:
+            continue
+        depends.add(node)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if (
+            (node.op == "call_method" and node.target in _SHAPE_METHODS)
+            or (node.op == "call_function" and node.target in _SHAPE_FUNCTIONS)
+            or all(n in shape for n in inputs)
+        ):
+            shape.add(node)
+            continue
+        layer_kind = _layer_kind(module)
+        if layer_kind is not None:
+            first = node.args[0] in raw
+            rules[node] = FIRST_RULE if first else LAYERS[layer_kind][1]
+            continue
+        rule = _lookup_rule(node, module)
+        if rule is None:
+            raise InputError(
+                f"lrp has no rule for {_describe(node, module)} at node {node.name!r}; "
+                f"supported: {_supported()}"
+            )
+        rules[node] = rule
+        if all(n in raw for n in inputs if n not in shape):
+            raw.add(node)
+        source_node = node.args[0]
+        if (
+            isinstance(module, BATCHNORMS)
+            and isinstance(source_node, fx.Node)
+            and source_node.op == "call_module"
+            and _layer_kind(gm.get_submodule(source_node.target)) is not None
+            and len(source_node.users) == 1
+        ):
+            folded[source_node] = node.target
+            rules[node] = _pass
+    snapshot = frozenset(n for n in gm.graph.nodes if any(_inplace(user, gm) for user in n.users))
+    return LRPGraph(gm, source, outputs[0].args[0], rules, folded, snapshot)
+
+
+def _lookup_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if node.op == "call_module":
+        return _module_rule(module)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the traced graph and keeps every node's value."""
+
+    def __init__(self, graph: LRPGraph) -> None:
+        super().__init__(graph.module)
+        self.snapshot = graph.snapshot
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        # A value that a later in-place op overwrites is kept as it was made.
+        self.values[n] = out.clone() if n in self.snapshot else out
+        return out
+
+
+def _record(model: nn.Module, graph: LRPGraph, x: torch.Tensor) -> dict[fx.Node, object]:
+    recorder = _Recorder(graph)
+    # The traced graph runs as the model's own forward, so that hooks on the
+    # model (a beta-smoothing override among them) act as in model(x).
+    own = model.__dict__.get("forward")
+    object.__setattr__(model, "forward", recorder.run)
+    try:
+        model(x)
+    finally:
+        if own is None:
+            del model.__dict__["forward"]
+        else:
+            object.__setattr__(model, "forward", own)
+    return recorder.values
+
+
+def _load(arg: object, values: dict[fx.Node, object]) -> object:
+    return fx.node.map_arg(arg, lambda n: values[n])
+
+
+def _check_options(low: object, high: object, epsilon: object) -> None:
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise InputTypeError(
+                f"lrp option {name!r} must be a float or a tensor broadcastable to x; "
+                f"got {type(value).__name__}"
+            )
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
+
+
+@register("lrp")
+def lrp(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    create_graph: bool = False,
+    low: float | torch.Tensor = 0.0,
+    high: float | torch.Tensor = 1.0,
+    epsilon: float = 1e-6,
+) -> torch.Tensor:
+    """Layer-wise relevance propagation: z^B first layer, z+ convolutions, epsilon dense layers.
+
+    Relevance starts as the target's logit at the output and is passed back
+    node by node through the traced model (see the module docstring for the
+    rules). BatchNorm directly after a Conv/Linear is folded into it. On a
+    beta-smoothed model the forward activations are those of the smoothed
+    model (softplus); the rules are unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model that :func:`torch.fx.symbolic_trace` can trace.
+    x : torch.Tensor
+        Input batch.
+    target : torch.Tensor or None
+        Class per item; ``None`` for the predicted class.
+    create_graph : bool
+        Keep the graph: the map is then differentiable w.r.t. ``x`` through the
+        rules' ratios, also on a plain ReLU network.
+    low, high : float or torch.Tensor
+        Bounds of the input domain for the z^B rule, e.g. ``(1, C, 1, 1)`` tensors.
+    epsilon : float
+        Stabiliser of the epsilon rule for dense layers.
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance per input element, shaped like ``x``.
+
+    Raises
+    ------
+    InputError
+        If the model cannot be traced or contains a layer without a rule.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    >>> h = bs.explain(net, torch.rand(2, 1, 4, 4), "lrp", epsilon=1e-3)
+    >>> h.shape
+    torch.Size([2, 1, 4, 4])
+    """
+    _check_options(low, high, epsilon)
+    graph = lrp_graph(model)
+    options = {"low": low, "high": high, "epsilon": float(epsilon)}
+    modules = dict(graph.module.named_modules())
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        values = _record(model, graph, x if create_graph else x.detach())
+        logits = values[graph.output]
+        logit, target = select_logit(logits, target)
+        relevance = {
+            graph.output: torch.zeros_like(logits).scatter(1, target[:, None], logit[:, None])
+        }
+        for node in reversed(graph.module.graph.nodes):
+            r = relevance.pop(node, None)
+            if r is None or node not in graph.rules:
+                if node is graph.input:
+                    return r if r is not None else torch.zeros_like(x)
+                continue
+            module = modules[node.target] if node.op == "call_module" else None
+            layer = None
+            kind = _layer_kind(module)
+            if kind is not None:
+                layer = LAYERS[kind][0](module)
+                if node in graph.folded:
+                    layer = _folded(layer, modules[graph.folded[node]])
+            step = _Step(
+                node, module, _load(node.args, values), _load(node.kwargs, values), layer, options
+            )
+            for source, r_in in graph.rules[node](step, r):
+                if source in relevance:
+                    relevance[source] = relevance[source] + r_in
+                else:
+                    relevance[source] = r_in
+    return torch.zeros_like(x)

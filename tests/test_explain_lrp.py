@@ -1,0 +1,281 @@
+"""LRP against zennit, conservation, differentiability and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
+from zennit.rules import Epsilon, ZBox, ZPlus
+from zennit.types import Convolution
+
+import betasmooth as bs
+from betasmooth.explain.propagation import lrp_graph
+from betasmooth.validate import InputError
+from nets import ResidualNet, vgg_small
+
+
+def zennit_lrp(net, x, target, low=0.0, high=1.0, epsilon=1e-6, canonizers=None):
+    """ZBox first layer, ZPlus convolutions, Epsilon dense layers; output relevance = logit."""
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=layer_map_base() + [(Convolution, ZPlus()), (nn.Linear, Epsilon(epsilon))],
+        first_map=[(Convolution, ZBox(low, high)), (nn.Linear, ZBox(low, high))],
+        canonizers=canonizers,
+    )
+    with Gradient(net, composite) as attributor:
+        _, relevance = attributor(x, lambda out: F.one_hot(target, out.shape[1]) * out)
+    return relevance
+
+
+def with_batchnorm(bn_eps: float) -> nn.Module:
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8, eps=bn_eps),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8, eps=bn_eps),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 5),
+    )
+    for bn in (net[1], net[4]):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return net.double().eval()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(2)
+    return (
+        nn.Sequential(nn.Flatten(), nn.Linear(256, 20), nn.ReLU(), nn.Dropout(), nn.Linear(20, 5))
+        .double()
+        .eval()
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "low", "high", "epsilon"),
+    [
+        (lambda: vgg_small().double(), 0.0, 1.0, 1e-6),
+        (lambda: vgg_small().double(), -0.5, 1.5, 0.1),
+        (lambda: vgg_small(channels=3).double(), "per-channel", None, 1e-6),
+        (mlp, 0.0, 1.0, 1e-3),
+    ],
+    ids=["vgg", "vgg-bounds-eps", "vgg-rgb-tensor-bounds", "mlp-first-linear"],
+)
+def test_lrp_matches_zennit(build, low, high, epsilon):
+    net = build()
+    channels = net[0].in_channels if isinstance(net[0], nn.Conv2d) else 1
+    if low == "per-channel":
+        low = torch.tensor([-1.0, 0.0, -0.5], dtype=torch.float64).view(1, 3, 1, 1)
+        high = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    x = torch.rand(4, channels, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3])
+    ours = bs.explain(net, x, "lrp", target, low=low, high=high, epsilon=epsilon)
+    theirs = zennit_lrp(net, x, target, low, high, epsilon)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_predicted_class_is_default():
+    net = vgg_small().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    theirs = zennit_lrp(net, x, net(x).argmax(1))
+    torch.testing.assert_close(bs.explain(net, x, "lrp"), theirs, rtol=1e-10, atol=1e-14)
+
+
+def test_lrp_folds_batchnorm_like_zennit():
+    # zennit's merged BatchNorm still divides by sqrt(1 + eps); a tiny eps makes
+    # that identity exact, so the comparison can be tight.
+    net = with_batchnorm(bn_eps=1e-12)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([4, 0, 2])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(net, x, target, canonizers=[SequentialMergeBatchNorm()])
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
+
+
+def test_lrp_batchnorm_default_eps_within_zennit_identity_error():
+    net = with_batchnorm(bn_eps=1e-5)
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(net, x, target, canonizers=[SequentialMergeBatchNorm()])
+    # Two merged BatchNorms each scale by 1 / sqrt(1 + 1e-5) in zennit.
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=3e-5 * theirs.abs().max().item())
+
+
+def test_lrp_float32_matches_zennit():
+    net = vgg_small()
+    x = torch.rand(2, 1, 16, 16)
+    target = torch.tensor([1, 2])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(net, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_lrp_conserves_the_logit_without_bias():
+    net = vgg_small(bias=False).double()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    logits = net(x)
+    h = bs.explain(net, x, "lrp", epsilon=0.0)
+    expected = logits.max(1).values.detach()
+    assert torch.all(((h.sum((1, 2, 3)) - expected) / expected).abs() < 1e-4)
+
+
+def bias_free_residual() -> nn.Module:
+    torch.manual_seed(3)
+    net = ResidualNet()
+    net.conv1.bias = None
+    net.conv2.bias = None
+    net.head[2].bias = None
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.zero_()
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.zero_()
+    return net.double().eval()
+
+
+def test_lrp_conserves_through_residual_and_average_pools():
+    net = bias_free_residual()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    logit = net(x).max(1).values.detach()
+    h = bs.explain(net, x, "lrp", epsilon=0.0)
+    assert torch.all(((h.sum((1, 2, 3)) - logit) / logit).abs() < 1e-4)
+
+
+def test_lrp_on_smoothed_model_explains_the_softplus_forward():
+    # Conservation pins the forward that was recorded: the relevances sum to
+    # the smoothed model's logit, not the ReLU model's.
+    net = vgg_small(bias=False).double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    soft = bs.smooth(net, beta=2.0)
+    soft_logit = soft(x).gather(1, target[:, None])[:, 0].detach()
+    relu_logit = net(x).gather(1, target[:, None])[:, 0].detach()
+    h = bs.explain(soft, x, "lrp", target, epsilon=0.0)
+    torch.testing.assert_close(h.sum((1, 2, 3)), soft_logit, rtol=1e-4, atol=0)
+    assert ((soft_logit - relu_logit).abs() > 0.01).all()
+    with bs.smoothed(net, 2.0):
+        h_in_place = bs.explain(net, x, "lrp", target, epsilon=0.0)
+    torch.testing.assert_close(h_in_place, h, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        bs.explain(net, x, "lrp", target, epsilon=0.0).sum((1, 2, 3)), relu_logit, rtol=1e-4, atol=0
+    )
+
+
+def _relu_pattern(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    masks = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: masks.append(o > 0))
+        for m in net.modules()
+        if isinstance(m, nn.ReLU)
+    ]
+    hooks += [
+        m.register_forward_hook(
+            lambda m, i, o: masks.append(F.max_pool2d(i[0], 2, return_indices=True)[1])
+        )
+        for m in net.modules()
+        if isinstance(m, nn.MaxPool2d)
+    ]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return masks
+
+
+def test_lrp_input_derivative_matches_finite_difference_on_relu_net():
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    v = torch.randn_like(x)
+    u = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "lrp", target, create_graph=True, epsilon=1e-3)
+    (grad,) = torch.autograd.grad((h * v).sum(), xg)
+    step = 1e-6
+    pattern = _relu_pattern(net, x)
+    for sign in (1, -1):
+        assert all(
+            torch.equal(a, b) for a, b in zip(pattern, _relu_pattern(net, x + sign * step * u))
+        ), "a ReLU or max-pool flipped inside the finite-difference step"
+
+    def f(z):
+        return (bs.explain(net, z, "lrp", target, epsilon=1e-3) * v).sum()
+
+    numeric = (f(x + step * u) - f(x - step * u)) / (2 * step)
+    analytic = (grad * u).sum()
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_lrp_graph_is_traced_once_per_model():
+    net = vgg_small().double()
+    graph = lrp_graph(net)
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    before = bs.explain(net, x, "lrp", 0)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    after = bs.explain(net, x, "lrp", 0)
+    assert lrp_graph(net) is graph
+    # The cached graph reads the current weights.
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(
+        after, zennit_lrp(net, x, torch.tensor([0, 0])), rtol=1e-10, atol=1e-14
+    )
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+def test_untraceable_model_is_an_input_error():
+    with pytest.raises(InputError, match="symbolic_trace.*DataDependent"):
+        bs.explain(DataDependent(), torch.rand(2, 1, 2, 2), "lrp")
+
+
+def test_unsupported_layer_is_named():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 2, 2]), nn.Flatten(), nn.Linear(8, 2))
+    with pytest.raises(InputError, match="LayerNorm.*supported: modules Conv1d"):
+        bs.explain(net, torch.rand(2, 1, 4, 4), "lrp")
+
+
+def test_unsupported_function_is_named():
+    class Sub(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.exp(x.flatten(1)))
+
+    with pytest.raises(InputError, match="function exp"):
+        bs.explain(Sub(), torch.rand(2, 1, 2, 2), "lrp")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"low": "zero"}, "low"),
+        ({"high": torch.zeros(5, 1, 1)}, "high"),
+    ],
+)
+def test_bad_lrp_options(options, message):
+    with pytest.raises(InputError, match=message):
+        bs.explain(vgg_small(), torch.rand(2, 1, 16, 16), "lrp", **options)
