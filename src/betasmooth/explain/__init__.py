@@ -133,4 +133,4 @@ def explain(
 
 
 # Importing the families fills the registry.
-from . import gradient, noise  # noqa: E402, F401
+from . import gradient, noise, propagation  # noqa: E402, F401
