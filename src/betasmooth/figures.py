@@ -1,0 +1,751 @@
+"""Figures of a run: explanation grids, defense curves and the theorem plots.
+
+Every function takes plain data (numpy arrays, dicts, lists) and an output
+path, draws with matplotlib's Agg canvas (no pyplot state, no display) and
+returns the path of the PNG it wrote. Figures have a fixed size in pixels
+(no tight bounding box), and the PNGs carry no software or date metadata, so
+that drawing the same data twice gives byte-identical files.
+
+Explanation maps are drawn with ``magma``: it is perceptually uniform (equal
+steps in relevance look like equal steps in colour), its lightness grows
+monotonically from black to near white (so the map still reads in grey scale
+and for colour-blind readers), and it does not invent edges as ``jet`` does.
+All maps of one grid row share one colour scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    "DPI",
+    "MAP_CMAP",
+    "cost_quality",
+    "curvature_figure",
+    "defense_curves",
+    "density_figure",
+    "explain_grid",
+    "grid_size",
+    "mc_error_figure",
+    "method_grid",
+    "smoothgrad_pcc_figure",
+    "softplus_figure",
+    "theorem_figures",
+]
+
+DPI = 100
+MAP_CMAP = "magma"
+# Inches per grid cell, and the strips for the column titles and colour bar.
+CELL = 1.35
+TITLE_H = 0.45
+CBAR_W = 0.55
+FOOT_H = 0.1
+PLOT_SIZE = (5.6, 3.8)
+# Maps are drawn up to this quantile of the row, so that one hot pixel does not
+# turn the rest of the row black; every map in the row uses the same limit.
+MAP_QUANTILE = 99.5
+
+_STYLE = {
+    "font.family": "DejaVu Sans",
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 1.6,
+    "image.interpolation": "nearest",
+}
+_PNG_METADATA = {"Software": None}
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, metadata=_PNG_METADATA)
+    return path
+
+
+def grid_size(rows: int, cols: int) -> tuple[int, int]:
+    """Pixel size ``(width, height)`` of a grid of ``rows`` x ``cols`` panels.
+
+    Parameters
+    ----------
+    rows, cols : int
+        Number of image rows and of panels per row.
+
+    Returns
+    -------
+    tuple of int
+        Width and height in pixels of the PNG that :func:`method_grid` or
+        :func:`explain_grid` writes.
+
+    Examples
+    --------
+    >>> grid_size(2, 5)
+    (730, 325)
+    """
+    width = CELL * cols + CBAR_W
+    height = CELL * rows + TITLE_H + FOOT_H
+    return round(width * DPI), round(height * DPI)
+
+
+def _image(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(C, H, W) -> (H, W, 3) RGB in [0, 1], scaled by the row's range ``[lo, hi]``."""
+    x = (np.asarray(x, dtype=np.float64) - lo) / max(hi - lo, 1e-12)
+    x = np.clip(x, 0.0, 1.0)
+    if x.shape[0] == 3:
+        return np.transpose(x, (1, 2, 0))
+    grey = x[0] if x.shape[0] == 1 else x.mean(0)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _fit(panel: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of an (H, W, 3) panel to (size, size, 3): pixels stay pixels."""
+    rows = np.arange(size) * panel.shape[0] // size
+    cols = np.arange(size) * panel.shape[1] // size
+    return panel[rows][:, cols]
+
+
+def _draw_grid(
+    columns: Sequence[tuple[str, str, np.ndarray]],
+    path: str | Path,
+    title: str | None,
+    row_labels: Sequence[str] | None,
+) -> Path:
+    """Draw ``columns`` of (title, kind, stack); kind is "image" or "map".
+
+    The panels are composed into one RGB array drawn pixel for pixel by a
+    single axes: dozens of separate axes would make drawing ten times slower.
+    """
+    rows = len(columns[0][2])
+    cols = len(columns)
+    width, height = grid_size(rows, cols)
+    cell = round(CELL * DPI)
+    gap = 4
+    inner = cell - gap
+    canvas = np.ones((rows * cell, cols * cell, 3))
+    cmap = matplotlib.colormaps[MAP_CMAP]
+    images = [c[2] for c in columns if c[1] == "image"]
+    maps = [c[2] for c in columns if c[1] == "map"]
+    vmax = np.ones(rows)
+    for r in range(rows):
+        if images:
+            row_images = np.concatenate([np.ravel(s[r]) for s in images])
+            lo, hi = float(row_images.min()), float(row_images.max())
+        if maps:
+            row_maps = np.concatenate([np.ravel(s[r]) for s in maps])
+            top = float(np.percentile(row_maps, MAP_QUANTILE))
+            vmax[r] = top if top > 0 else 1.0
+        for c, (_, kind, stack) in enumerate(columns):
+            if kind == "image":
+                panel = _image(stack[r], lo, hi)
+            else:
+                panel = cmap(np.clip(np.asarray(stack[r], dtype=np.float64) / vmax[r], 0, 1))
+                panel = panel[..., :3]
+            y, x = r * cell + gap // 2, c * cell + gap // 2
+            canvas[y : y + inner, x : x + inner] = _fit(panel, inner)
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((width / DPI, height / DPI))
+        grid_w, grid_h = cols * cell / width, rows * cell / height
+        foot = FOOT_H * DPI / height
+        ax = fig.add_axes([0.0, foot, grid_w, grid_h])
+        ax.imshow(canvas, interpolation="nearest", aspect="auto")
+        ax.set_axis_off()
+        for c, (name, _, _) in enumerate(columns):
+            fig.text(
+                (c + 0.5) * cell / width,
+                foot + grid_h + 0.08 * TITLE_H * DPI / height,
+                name,
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        for r in range(rows):
+            y1 = 1.0 - (TITLE_H * DPI + r * cell + gap) / height
+            if row_labels is not None:
+                fig.text(
+                    (gap + 2) / width,
+                    y1,
+                    row_labels[r],
+                    va="top",
+                    ha="left",
+                    fontsize=7,
+                    color="white",
+                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
+                )
+            if maps:
+                cax = fig.add_axes(
+                    [
+                        grid_w + 0.1 * CBAR_W * DPI / width,
+                        y1 - inner / height,
+                        0.12 * CBAR_W * DPI / width,
+                        inner / height,
+                    ]
+                )
+                mappable = matplotlib.cm.ScalarMappable(
+                    matplotlib.colors.Normalize(0.0, vmax[r]), cmap
+                )
+                bar = fig.colorbar(mappable, cax=cax)
+                bar.ax.tick_params(labelsize=6)
+                bar.formatter.set_powerlimits((-2, 2))
+                bar.ax.yaxis.get_offset_text().set_fontsize(6)
+                bar.update_ticks()
+        if title:
+            fig.text(0.01, 1.0 - 0.04 * TITLE_H * DPI / height, title, va="top", fontsize=9)
+        return _save(fig, path)
+
+
+def method_grid(
+    x: np.ndarray,
+    map_orig: np.ndarray,
+    x_adv: np.ndarray,
+    map_adv: np.ndarray,
+    map_target: np.ndarray,
+    path: str | Path,
+    *,
+    maps_beta: np.ndarray | None = None,
+    betas: Sequence[float] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Grid of an attack: one row per image.
+
+    Columns: original image, its map, attacked image, its map, target map,
+    then one beta-smoothed map of the attacked image per beta when given.
+    Maps are drawn with :data:`MAP_CMAP` on one colour scale per row (from 0
+    to the row's 99.5th percentile, shown by the colour bar); the two images
+    of a row share one grey scale, so the attack's change is not exaggerated.
+
+    Parameters
+    ----------
+    x, x_adv : numpy.ndarray
+        Original and attacked inputs, ``(B, C, H, W)``.
+    map_orig, map_adv, map_target : numpy.ndarray
+        Maps ``(B, H, W)``.
+    path : str or Path
+        Where to write the PNG.
+    maps_beta : numpy.ndarray, optional
+        Beta-smoothed maps of the attacked inputs, ``(B, len(betas), H, W)``.
+    betas : sequence of float, optional
+        The betas of ``maps_beta``.
+    row_labels : sequence of str, optional
+        A short label per row (e.g. index and labels), drawn on the first image.
+    title : str, optional
+        Title above the grid.
+
+    Returns
+    -------
+    Path
+        The PNG written, of pixel size ``grid_size(B, 5 + len(betas))``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> rng = np.random.default_rng(0)
+    >>> x, m = rng.random((2, 1, 8, 8)), rng.random((2, 8, 8))
+    >>> method_grid(x, m, x, m, m, tmp / "grid.png").name
+    'grid.png'
+    """
+    columns = [
+        ("original", "image", np.asarray(x)),
+        ("original map", "map", np.asarray(map_orig)),
+        ("attacked", "image", np.asarray(x_adv)),
+        ("attacked map", "map", np.asarray(map_adv)),
+        ("target map", "map", np.asarray(map_target)),
+    ]
+    if maps_beta is not None and betas is not None:
+        maps_beta = np.asarray(maps_beta)
+        for k, beta in enumerate(betas):
+            columns.append((f"attacked, β={beta:g}", "map", maps_beta[:, k]))
+    return _draw_grid(columns, path, title, row_labels)
+
+
+def explain_grid(
+    x: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Grid of explanations: one row per image, the image then one map per method.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Inputs ``(B, C, H, W)``.
+    maps : mapping of str to numpy.ndarray
+        Method name -> maps ``(B, H, W)``; all maps of a row share one scale.
+    path : str or Path
+        Where to write the PNG.
+    row_labels : sequence of str, optional
+        A short label per row.
+    title : str, optional
+        Title above the grid.
+
+    Returns
+    -------
+    Path
+        The PNG written, of pixel size ``grid_size(B, 1 + len(maps))``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> rng = np.random.default_rng(0)
+    >>> maps = {"gradient": rng.random((2, 8, 8))}
+    >>> explain_grid(rng.random((2, 1, 8, 8)), maps, tmp / "e.png").name
+    'e.png'
+    """
+    columns = [("image", "image", np.asarray(x))]
+    columns += [(name, "map", np.asarray(m)) for name, m in maps.items()]
+    return _draw_grid(columns, path, title, row_labels)
+
+
+def _log_axis(ax: object, values: np.ndarray) -> None:
+    if values.size and np.all(values > 0) and values.max() / values.min() >= 10:
+        ax.set_xscale("log")
+
+
+def defense_curves(
+    betas: Sequence[float],
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    *,
+    smoothgrad: Mapping[str, Mapping[str, float]] | None = None,
+    undefended: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Defense curves against beta: similarity of the defended maps, PCC and SSIM.
+
+    Parameters
+    ----------
+    betas : sequence of float
+        The betas of the sweep (x axis, log scale when it spans a decade).
+    curves : mapping of str to sequence of float
+        Sweep keys (``adv_vs_orig_pcc``, ``adv_vs_target_pcc``,
+        ``clean_vs_orig_pcc``, and the ``_ssim`` variants) -> median per beta.
+        The PCC keys are drawn on the left panel, the SSIM keys on the right.
+    path : str or Path
+        Where to write the PNG.
+    smoothgrad : mapping, optional
+        Label (e.g. ``"SmoothGrad σ=0.15"``) -> the same keys -> median; drawn
+        as horizontal dotted lines in the colour of the matching curve.
+    undefended : mapping of str to float, optional
+        The same keys for the ReLU network without defense, drawn as grey
+        horizontal lines (e.g. ``adv_vs_orig_pcc`` = median ``expl_pcc_orig``).
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> curves = {"adv_vs_orig_pcc": [0.2, 0.8], "adv_vs_target_pcc": [0.9, 0.3]}
+    >>> defense_curves([10.0, 1.0], curves, tmp / "defense.png").name
+    'defense.png'
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    order = np.argsort(betas)
+    styles = {
+        "adv_vs_orig": ("attacked vs original", "C0", "-"),
+        "adv_vs_target": ("attacked vs target", "C3", "--"),
+        "clean_vs_orig": ("clean vs original", "C2", "-."),
+    }
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((2 * PLOT_SIZE[0] * 0.8, PLOT_SIZE[1]))
+        axes = fig.subplots(
+            1, 2, gridspec_kw={"wspace": 0.28, "left": 0.07, "right": 0.98, "bottom": 0.15}
+        )
+        for ax, metric in zip(axes, ("pcc", "ssim")):
+            for stem, (label, colour, style) in styles.items():
+                key = f"{stem}_{metric}"
+                if key in curves:
+                    y = np.asarray(curves[key], dtype=np.float64)[order]
+                    ax.plot(betas[order], y, style, color=colour, marker="o", ms=3, label=label)
+                for values in (smoothgrad or {}).values():
+                    if key in values:
+                        ax.axhline(values[key], color=colour, ls=":", lw=1.2)
+                if undefended and key in undefended:
+                    ax.axhline(undefended[key], color="0.5", ls=(0, (1, 3)), lw=1.0)
+            sg_labels = [
+                k for k, v in (smoothgrad or {}).items() if any(m.endswith(metric) for m in v)
+            ]
+            if sg_labels:
+                ax.plot([], [], ":", color="0.3", lw=1.2, label=", ".join(sg_labels))
+            if undefended and any(k.endswith(metric) for k in undefended):
+                ax.plot([], [], ls=(0, (1, 3)), color="0.5", label="no defense (ReLU)")
+            _log_axis(ax, betas)
+            ax.set_xlabel("β (softplus_β replaces ReLU)")
+            ax.set_ylabel(metric.upper())
+            ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="best")
+        axes[0].set_title("PCC of maps", loc="left")
+        axes[1].set_title("SSIM of maps", loc="left")
+        if title:
+            fig.suptitle(title, x=0.01, ha="left", fontsize=10)
+            fig.subplots_adjust(top=0.85)
+        return _save(fig, path)
+
+
+def cost_quality(
+    points: Sequence[Mapping[str, object]],
+    path: str | Path,
+    *,
+    metric: str = "adv_vs_orig_pcc",
+    title: str | None = None,
+) -> Path:
+    """SmoothGrad against beta-smoothing: quality of the defended map against time.
+
+    Parameters
+    ----------
+    points : sequence of mapping
+        One per setting, with keys ``defense`` (``"beta_smooth"`` or
+        ``"smoothgrad"``), ``label`` (e.g. ``"β=1"``), ``seconds`` (median
+        seconds per image) and ``metric`` (median quality).
+    path : str or Path
+        Where to write the PNG.
+    metric : str
+        The name of the quality measure, for the y label.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> pts = [{"defense": "beta_smooth", "label": "β=1", "seconds": 0.01, "metric": 0.8},
+    ...        {"defense": "smoothgrad", "label": "σ=0.1", "seconds": 0.3, "metric": 0.7}]
+    >>> cost_quality(pts, tmp / "cost.png").name
+    'cost.png'
+    """
+    styles = {"beta_smooth": ("β-smoothing", "C0", "o"), "smoothgrad": ("SmoothGrad", "C1", "s")}
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.13, 0.14, 0.83, 0.74])
+        seconds = []
+        for defense, (label, colour, marker) in styles.items():
+            pts = [p for p in points if p["defense"] == defense]
+            if not pts:
+                continue
+            xs = np.array([float(p["seconds"]) for p in pts])
+            ys = np.array([float(p["metric"]) for p in pts])
+            seconds.extend(xs.tolist())
+            ax.plot(xs, ys, marker, color=colour, ms=6, label=label)
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(
+                    str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        seconds = np.asarray(seconds)
+        if seconds.size and np.all(seconds > 0):
+            ax.set_xscale("log")
+        ax.margins(x=0.25, y=0.12)
+        ax.set_xlabel("median seconds per image")
+        ax.set_ylabel(f"median {metric}")
+        ax.legend(loc="best")
+        ax.set_title(title or "Quality against cost", loc="left")
+        return _save(fig, path)
+
+
+def softplus_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """softplus_beta against ReLU, one curve per beta.
+
+    Parameters
+    ----------
+    curve : mapping
+        ``x`` (grid), ``betas``, ``y`` (one list per beta) and ``relu``.
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> x = np.linspace(-2, 2, 5)
+    >>> c = {"x": x, "betas": [1.0], "y": [np.log1p(np.exp(x))], "relu": np.maximum(x, 0)}
+    >>> softplus_figure(c, tmp / "softplus.png").name
+    'softplus.png'
+    """
+    x = np.asarray(curve["x"], dtype=np.float64)
+    betas = list(curve["betas"])
+    colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, max(len(betas), 1)))
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.11, 0.13, 0.85, 0.77])
+        for beta, y, colour in zip(betas, curve["y"], colours):
+            ax.plot(x, np.asarray(y, dtype=np.float64), color=colour, label=f"β={float(beta):g}")
+        ax.plot(x, np.asarray(curve["relu"], dtype=np.float64), "k--", lw=1.2, label="ReLU")
+        ax.set_xlabel("x")
+        ax.set_ylabel("softplus_β(x) = log(1 + exp(βx)) / β")
+        ax.legend(loc="upper left")
+        ax.set_title("softplus_β tends to ReLU as β grows", loc="left")
+        return _save(fig, path)
+
+
+def density_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """The logistic density p_beta against the normal density of the same variance.
+
+    Parameters
+    ----------
+    curve : mapping
+        ``x``, ``logistic``, ``normal`` and ``beta``.
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> x = np.linspace(-3, 3, 7)
+    >>> c = {"x": x, "logistic": np.exp(-x**2), "normal": np.exp(-x**2), "beta": 1.0}
+    >>> density_figure(c, tmp / "density.png").name
+    'density.png'
+    """
+    x = np.asarray(curve["x"], dtype=np.float64)
+    beta = float(curve["beta"])
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.11, 0.13, 0.85, 0.77])
+        ax.plot(x, np.asarray(curve["logistic"], dtype=np.float64), "C0", label=f"p_β, β={beta:g}")
+        ax.plot(
+            x,
+            np.asarray(curve["normal"], dtype=np.float64),
+            "C1--",
+            label="normal, same variance π²/(3β²)",
+        )
+        ax.set_xlabel("ε")
+        ax.set_ylabel("density")
+        ax.legend(loc="upper right")
+        ax.set_title("Logistic noise has heavier tails than normal noise", loc="left")
+        return _save(fig, path)
+
+
+def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """Monte Carlo error of Theorem 2 against the number of samples, log-log.
+
+    Parameters
+    ----------
+    curve : mapping
+        ``n`` (sample counts), ``projected`` and ``iid`` (error of the
+        estimate per n), ``projected_ci`` (per n either the half-width of the
+        confidence interval, drawn as a band from below up to it, or a
+        ``(low, high)`` pair) and ``iid_bias`` (the exact bias of the iid noise
+        model, drawn as a horizontal line).
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> n = np.array([10, 100, 1000])
+    >>> c = {"n": n, "projected": 1 / np.sqrt(n), "projected_ci": 2 / np.sqrt(n),
+    ...      "iid": 1 / np.sqrt(n) + 0.01, "iid_bias": 0.01}
+    >>> mc_error_figure(c, tmp / "mc.png").name
+    'mc.png'
+    """
+    n = np.asarray(curve["n"], dtype=np.float64)
+    projected = np.asarray(curve["projected"], dtype=np.float64)
+    iid = np.asarray(curve["iid"], dtype=np.float64)
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+        ci = curve.get("projected_ci")
+        positive = np.concatenate([projected[projected > 0], iid[iid > 0]])
+        floor = float(positive.min()) / 10 if positive.size else 1e-6
+        if ci is not None:
+            ci = np.asarray(ci, dtype=np.float64)
+            if ci.ndim == 2:
+                low, high = np.maximum(ci[:, 0], floor), ci[:, 1]
+            else:
+                low, high = np.full_like(n, floor), ci
+            ax.fill_between(n, low, high, color="C0", alpha=0.18, lw=0, label="95% CI (projected)")
+        ax.plot(n, np.maximum(projected, floor), "C0o-", ms=3, label="projected noise (exact)")
+        ax.plot(n, np.maximum(iid, floor), "C3s-", ms=3, label="iid noise")
+        bias = curve.get("iid_bias")
+        if bias is not None and float(bias) > 0:
+            ax.axhline(float(bias), color="C3", ls=":", lw=1.2, label=f"iid bias {float(bias):.3g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Monte Carlo samples N")
+        ax.set_ylabel("max error of E[∇g(x − ε)]")
+        ax.legend(loc="lower left")
+        ax.set_title("Theorem 2: error falls as 1/√N only with projected noise", loc="left")
+        return _save(fig, path)
+
+
+def smoothgrad_pcc_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """PCC of beta-smoothed gradients with SmoothGrad (logistic and Gaussian noise) against beta.
+
+    Parameters
+    ----------
+    curve : mapping
+        ``beta``, ``logistic`` and ``gaussian`` (PCC per beta).
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> c = {"beta": [1, 10], "logistic": [0.9, 0.95], "gaussian": [0.85, 0.9]}
+    >>> smoothgrad_pcc_figure(c, tmp / "pcc.png").name
+    'pcc.png'
+    """
+    beta = np.asarray(curve["beta"], dtype=np.float64)
+    order = np.argsort(beta)
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+        for key, style, label in (
+            ("logistic", "C0o-", "SmoothGrad, logistic noise (scale 1/β)"),
+            ("gaussian", "C1s--", "SmoothGrad, Gaussian noise (same variance)"),
+        ):
+            if key in curve:
+                y = np.asarray(curve[key], dtype=np.float64)[order]
+                ax.plot(beta[order], y, style, ms=3, label=label)
+        _log_axis(ax, beta)
+        ax.set_xlabel("β")
+        ax.set_ylabel("PCC with the β-smoothed gradient")
+        ax.legend(loc="best")
+        ax.set_title("β-smoothing against SmoothGrad on a deep network", loc="left")
+        return _save(fig, path)
+
+
+def curvature_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """Curvature of the beta-smoothed network against beta (log-log where positive).
+
+    Parameters
+    ----------
+    curve : mapping
+        ``beta``, ``hessian_norm`` and ``principal_curvature`` (per beta).
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> c = {"beta": [1, 10], "hessian_norm": [0.5, 5.0], "principal_curvature": [0.1, 1.0]}
+    >>> curvature_figure(c, tmp / "curv.png").name
+    'curv.png'
+    """
+    beta = np.asarray(curve["beta"], dtype=np.float64)
+    order = np.argsort(beta)
+    values = []
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+        for key, style, label in (
+            ("hessian_norm", "C0o-", "Hessian spectral norm"),
+            ("principal_curvature", "C3s--", "largest principal curvature"),
+        ):
+            if key in curve:
+                y = np.asarray(curve[key], dtype=np.float64)[order]
+                values.append(y)
+                ax.plot(beta[order], y, style, ms=3, label=label)
+        _log_axis(ax, beta)
+        if values and np.all(np.concatenate(values) > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel("β")
+        ax.set_ylabel("median over images")
+        ax.legend(loc="best")
+        ax.set_title("Curvature grows with β (ReLU: β → ∞)", loc="left")
+        return _save(fig, path)
+
+
+_THEOREM_FIGURES = {
+    "softplus": softplus_figure,
+    "density": density_figure,
+    "mc_error": mc_error_figure,
+    "smoothing_vs_smoothgrad": smoothgrad_pcc_figure,
+    "curvature": curvature_figure,
+}
+
+
+def theorem_figures(summary: Mapping[str, object], out_dir: str | Path) -> list[Path]:
+    """Draw every theorem figure whose curve is in ``summary["curves"]``.
+
+    Parameters
+    ----------
+    summary : mapping
+        The theory summary (as written to ``theory.json``); its ``curves``
+        entry holds ``softplus``, ``density``, ``mc_error``,
+        ``smoothing_vs_smoothgrad`` and ``curvature``. Missing curves are
+        skipped.
+    out_dir : str or Path
+        Folder for the PNGs, named ``theorem_<curve>.png``.
+
+    Returns
+    -------
+    list of Path
+        The PNGs written, in the order above.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> x = np.linspace(-1, 1, 3)
+    >>> s = {"curves": {"density": {"x": x, "logistic": x**2, "normal": x**2, "beta": 1}}}
+    >>> [p.name for p in theorem_figures(s, tmp)]
+    ['theorem_density.png']
+    """
+    curves = summary.get("curves", {}) or {}
+    out_dir = Path(out_dir)
+    return [
+        draw(curves[name], out_dir / f"theorem_{name}.png")
+        for name, draw in _THEOREM_FIGURES.items()
+        if name in curves
+    ]

@@ -1,0 +1,369 @@
+"""report.html from a synthetic run directory: medians, embedded PNGs, determinism."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from betasmooth import figures
+from betasmooth.report import GRID_ROWS, build_report
+
+METHODS = ("gradient", "lrp")
+BETAS = (0.5, 1.0, 5.0)
+N, H = 6, 8
+BATCH = 4
+
+
+def _maps(rng, *shape):
+    m = rng.random((*shape, H, H))
+    return m / m.sum(axis=(-2, -1), keepdims=True)
+
+
+def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
+    """A run directory with the documented files, filled with seeded random numbers."""
+    rng = np.random.default_rng(0)
+    (path / "arrays").mkdir(parents=True)
+    config = {
+        "command": "attack",
+        "settings": {"model": "digits-cnn", "data": "digits", "n": N, "steps": 3},
+        "seed": 7,
+        "versions": {"betasmooth": "0.1.0", "torch": "2.x"},
+        "methods": list(METHODS),
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    lines = []
+    for method in METHODS:
+        for first in range(0, N, BATCH):
+            idx = np.arange(first, min(first + BATCH, N))
+            b = len(idx)
+            np.savez(
+                path / "arrays" / f"{method}-{first}.npz",
+                index=idx,
+                x=rng.random((b, 1, H, H)),
+                x_adv=rng.random((b, 1, H, H)),
+                map_orig=_maps(rng, b),
+                map_adv=_maps(rng, b),
+                map_target=_maps(rng, b),
+                label=rng.integers(0, 10, b),
+                label_adv=rng.integers(0, 10, b),
+            )
+            if sweep:
+                np.savez(
+                    path / "arrays" / f"sweep-{method}-{first}.npz",
+                    index=idx,
+                    maps_beta=_maps(rng, b, len(BETAS)),
+                    betas=np.array(BETAS),
+                )
+        for i in range(N):
+            label = int(rng.integers(0, 10))
+            kept = bool(rng.random() < 0.7)
+            rec = {"index": i, "method": method, "goal": "targeted", "label": label}
+            rec |= {"label_adv": label if kept else (label + 1) % 10, "label_kept": kept}
+            for m in ("mse", "ssim", "pcc"):
+                rec[f"expl_{m}_target"] = float(rng.random())
+                rec[f"expl_{m}_orig"] = float(rng.random())
+            rec |= {"input_mse": float(rng.random()) * 1e-3, "input_pcc": float(rng.random())}
+            rec |= {"output_change": float(rng.random()), "seconds": float(rng.random())}
+            rec["spearman_target"] = float(rng.random())
+            lines.append(rec)
+    # A partial last line, as a killed run leaves it, is ignored on reading.
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"index": 99, "meth'
+    (path / "results.jsonl").write_text(text)
+    if sweep:
+        recs = []
+        for method in METHODS:
+            for i in range(N):
+                settings = [("beta_smooth", b, None) for b in BETAS]
+                settings += [("smoothgrad", None, 0.15)]
+                for defense, beta, sigma in settings:
+                    rec = {"index": i, "method": method, "defense": defense}
+                    rec |= {"beta": beta, "sigma": sigma, "seconds": float(rng.random())}
+                    for a in ("adv_vs_orig", "adv_vs_target", "clean_vs_orig"):
+                        for m in ("pcc", "ssim", "mse"):
+                            rec[f"{a}_{m}"] = float(rng.random())
+                    recs.append(rec)
+        (path / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    if theory:
+        x = np.linspace(-2.0, 2.0, 41)
+        bs = [0.5, 1.0, 2.0, 5.0, 10.0]
+        n = [10, 100, 1000]
+        summary = {
+            "identity_1d_max_error": 3e-9,
+            "sigmoid_derivative_max_error": 1e-8,
+            "theorem2_projected_max_error": 0.004,
+            "theorem2_projected_ci": 0.006,
+            "theorem2_iid_bias": 0.012,
+            "theorem2_iid_bias_limit": 0.0228,
+            "smoothing_vs_smoothgrad_pcc": {
+                str(b): {"logistic": 1 - 0.01 * b, "gaussian": 1 - 0.02 * b} for b in bs
+            },
+            "curvature_by_beta": {
+                str(b): {"hessian_norm": 0.1 * b, "principal_curvature": 0.05 * b} for b in bs
+            },
+            "curves": {
+                "softplus": {
+                    "x": x.tolist(),
+                    "betas": bs,
+                    "y": [(np.logaddexp(0, b * x) / b).tolist() for b in bs],
+                    "relu": np.maximum(x, 0).tolist(),
+                },
+                "density": {
+                    "x": x.tolist(),
+                    "logistic": (0.25 / np.cosh(x / 2) ** 2).tolist(),
+                    "normal": np.exp(-(x**2) / 6.58).tolist(),
+                    "beta": 1.0,
+                },
+                "mc_error": {
+                    "n": n,
+                    "projected": [0.1, 0.03, 0.01],
+                    "projected_ci": [0.2, 0.06, 0.02],
+                    "iid": [0.1, 0.04, 0.02],
+                    "iid_bias": 0.012,
+                },
+                "smoothing_vs_smoothgrad": {
+                    "beta": bs,
+                    "logistic": [1 - 0.01 * b for b in bs],
+                    "gaussian": [1 - 0.02 * b for b in bs],
+                },
+                "curvature": {
+                    "beta": bs,
+                    "hessian_norm": [0.1 * b for b in bs],
+                    "principal_curvature": [0.05 * b for b in bs],
+                },
+            },
+        }
+        (path / "theory.json").write_text(json.dumps(summary))
+    return path
+
+
+class _Page(HTMLParser):
+    """Tables by id (rows of (text, data-value)), images, and every src/href."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables, self.images, self.links, self.ids = {}, [], [], set()
+        self._table = self._row = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        self.links += [a[k] for k in ("src", "href") if k in a]
+        if tag == "table":
+            self._table = self.tables.setdefault(a.get("id"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ["", a.get("data-value")]
+            self._row.append(self._cell)
+        elif tag == "img":
+            self.images.append(a)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th"):
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+
+def parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def column(table, header: str) -> dict[str, float]:
+    """Row label -> data-value of the column headed ``header``."""
+    j = [c[0] for c in table[0]].index(header)
+    return {row[0][0]: (None if row[j][1] is None else float(row[j][1])) for row in table[1:]}
+
+
+def read_lines(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("run"))
+    first = build_report(run).read_bytes()
+    figs = {p.name: p.read_bytes() for p in (run / "figures").glob("*.png")}
+    return run, first, figs
+
+
+def test_build_twice_gives_identical_bytes(full_run):
+    run, first, figs = full_run
+    # Rebuilt in a copy of the run directory (figures and report overwritten).
+    copy = run.parent / "copy"
+    shutil.copytree(run, copy)
+    assert build_report(copy).read_bytes() == first
+    assert {p.name: p.read_bytes() for p in (copy / "figures").glob("*.png")} == figs
+
+
+def test_medians_table_equals_numpy(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    table = page.tables["medians"]
+    records = read_lines(run / "results.jsonl")
+    assert len(records) == N * len(METHODS)
+    keys = [k for k, v in records[0].items() if isinstance(v, float)]
+    for method in METHODS:
+        got = column(table, f"{method} (targeted)")
+        mine = [r for r in records if r["method"] == method]
+        for key in keys:
+            assert got[key] == np.median([r[key] for r in mine]), key
+        assert got["labels kept (fraction)"] == np.mean([r["label_kept"] for r in mine])
+        assert got["images"] == N
+
+
+def test_defense_tables_equal_numpy(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    sweep = read_lines(run / "sweep.jsonl")
+    for method in METHODS:
+        table = page.tables[f"defense-{method}"]
+        for key in ("adv_vs_orig_pcc", "adv_vs_target_ssim", "clean_vs_orig_mse", "seconds"):
+            got = column(table, key)
+            for beta in BETAS:
+                want = [
+                    r[key]
+                    for r in sweep
+                    if r["method"] == method and r["defense"] == "beta_smooth" and r["beta"] == beta
+                ]
+                assert got[f"β-smoothing β={beta:g}"] == np.median(want)
+            want = [r[key] for r in sweep if r["method"] == method and r["defense"] == "smoothgrad"]
+            assert got["SmoothGrad σ=0.15"] == np.median(want)
+
+
+def test_theory_numbers_in_page(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    theory = json.loads((run / "theory.json").read_text())
+    got = column(page.tables["theory-numbers"], "value")
+    for key in ("identity_1d_max_error", "theorem2_iid_bias", "theorem2_iid_bias_limit"):
+        assert got[key] == theory[key]
+    pcc = page.tables["theory-smoothing-vs-smoothgrad-pcc"]
+    assert column(pcc, "gaussian")["5.0"] == pytest.approx(0.9)
+    assert column(page.tables["theory-curvature-by-beta"], "hessian_norm")["10.0"] == 1.0
+
+
+def _decode(src: str) -> bytes:
+    prefix = "data:image/png;base64,"
+    assert src.startswith(prefix)
+    return base64.b64decode(src[len(prefix) :], validate=True)
+
+
+def test_images_are_embedded_pngs_of_the_expected_size(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    sizes = {}
+    for img in page.images:
+        data = _decode(img["src"])
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "PNG"
+            assert im.size == (int(img["width"]), int(img["height"]))
+            sizes[img["alt"]] = im.size
+    rows = min(GRID_ROWS, N)
+    plot = (round(figures.PLOT_SIZE[0] * figures.DPI), round(figures.PLOT_SIZE[1] * figures.DPI))
+    for method in METHODS:
+        # original, its map, attacked, its map, target, then one map per beta
+        assert sizes[f"{method} grid"] == figures.grid_size(rows, 5 + len(BETAS))
+        assert sizes[f"{method} quality against time"] == plot
+    for name in ("softplus", "density", "mc_error", "smoothing_vs_smoothgrad", "curvature"):
+        assert sizes[f"theorem_{name}"] == plot
+    assert len(page.images) == 3 * len(METHODS) + 5
+
+
+def test_no_external_resources(full_run):
+    run, _, _ = full_run
+    text = (run / "report.html").read_text()
+    page = parse(run / "report.html")
+    assert all(link.startswith(("data:", "#")) for link in page.links)
+    assert "<script" not in text.lower()
+    assert not re.search(r"url\(|@import|https?://", text)
+    assert {"run", "results", "methods", "defense", "cost", "theory", "settings"} <= page.ids
+
+
+def test_settings_and_run_tables(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    assert settings["model"] == "digits-cnn" and settings["steps"] == "3"
+    what = {row[0][0]: row[1][0] for row in page.tables["run-table"][1:]}
+    assert what["seed"] == "7" and what["images (n)"] == str(N)
+
+
+def test_run_without_sweep_or_theory_still_builds(tmp_path):
+    run = make_run(tmp_path / "bare", sweep=False, theory=False)
+    page = parse(build_report(run))
+    text = (run / "report.html").read_text()
+    assert "No defense sweep in this run" in text
+    assert "No theory checks in this run" in text
+    sizes = {}
+    for img in page.images:
+        with Image.open(io.BytesIO(_decode(img["src"]))) as im:
+            sizes[img["alt"]] = im.size
+    assert sorted(sizes) == [f"{m} grid" for m in METHODS]
+    assert sizes["gradient grid"] == figures.grid_size(min(GRID_ROWS, N), 5)
+
+
+def test_explain_only_run(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "arrays").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"command": "explain", "seed": 0}))
+    for method in ("gradient", "lrp"):
+        np.savez(
+            tmp_path / "arrays" / f"explain-{method}-0.npz",
+            index=np.arange(3),
+            x=rng.random((3, 1, H, H)),
+            map=_maps(rng, 3),
+        )
+    page = parse(build_report(tmp_path))
+    assert [img["alt"] for img in page.images] == ["explanation grid"]
+    with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
+        assert im.size == figures.grid_size(3, 3)
+    assert "No attack results in this run" in (tmp_path / "report.html").read_text()
+
+
+def test_missing_run_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_report(tmp_path / "nope")
+
+
+def test_grid_rows_share_one_colour_scale(tmp_path):
+    """Scaling one map of a row leaves the others' pixels as they were only if the scale is
+    shared: with a shared scale, a 10x hotter target map darkens every other map of the row."""
+    rng = np.random.default_rng(2)
+    x = rng.random((1, 1, H, H))
+    m = _maps(rng, 1)
+    base = figures.method_grid(x, m, x, m, m, tmp_path / "a.png")
+    hot = figures.method_grid(x, m, x, m, 10 * m, tmp_path / "b.png")
+    a = np.asarray(Image.open(base).convert("L"), dtype=float)
+    b = np.asarray(Image.open(hot).convert("L"), dtype=float)
+    width = figures.grid_size(1, 5)[0]
+    cell = round(figures.CELL * figures.DPI)
+    top = round(figures.TITLE_H * figures.DPI)
+    orig_map = (slice(top + 10, top + cell - 10), slice(cell + 10, 2 * cell - 10))
+    # Same data, lower share of the colour scale: the original map gets darker.
+    assert b[orig_map].mean() < 0.5 * a[orig_map].mean()
+    assert a.shape[1] == width
