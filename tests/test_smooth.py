@@ -1,0 +1,386 @@
+"""softplus_beta, the logistic noise p_beta, and ReLU -> softplus_beta for any model."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate
+from scipy import stats as sps
+from torch import nn
+
+import betasmooth as bs
+from betasmooth.smooth import LogisticNoise, smooth, smoothed, softplus
+from nets import plain_cnn, vgg_small
+
+LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
+
+
+def _oracle_softplus(x: np.ndarray, beta: float) -> np.ndarray:
+    """log(1 + exp(beta x)) / beta in extended precision, from the rounded inputs."""
+    z = LD(beta) * x.astype(LD)
+    with np.errstate(over="ignore"):
+        f = np.where(z > 0, z + np.log1p(np.exp(-z)), np.log1p(np.exp(z)))
+    return f / LD(beta)
+
+
+def _oracle_sigmoid(x: np.ndarray, beta: float) -> np.ndarray:
+    z = LD(beta) * x.astype(LD)
+    with np.errstate(over="ignore"):
+        return np.where(z > 0, 1 / (1 + np.exp(-z)), np.exp(z) / (1 + np.exp(z)))
+
+
+def _tolerance(z: np.ndarray, dtype: torch.dtype, beta: float, oracle: np.ndarray) -> np.ndarray:
+    """Error of one rounding of z = beta x, propagated (condition number ~ 1 + |z|), plus exp's.
+
+    Below the normal range exp and sigmoid may flush to zero: an absolute error
+    up to the smallest normal number (times 1 / beta for softplus).
+    """
+    info = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
+    relative = 8 * float(info.eps) * (1 + np.abs(z))
+    return relative * np.abs(oracle) + 2 * float(info.tiny) * max(1.0, 1.0 / beta)
+
+
+floats = st.sampled_from([torch.float32, torch.float64])
+betas = st.floats(-3, 4).map(lambda e: 10.0**e)
+products = st.lists(
+    st.one_of(st.floats(-1e4, 1e4), st.floats(-40, 40), st.sampled_from([0.0, -1e4, 1e4])),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(dtype=floats, beta=betas, z=products)
+def test_softplus_matches_extended_precision(dtype, beta, z):
+    x = torch.tensor(z, dtype=torch.float64).div(beta).to(dtype).requires_grad_(True)
+    y = softplus(x, beta)
+    xs = x.detach().numpy()
+    zs = LD(beta) * xs.astype(LD)
+    ref = _oracle_softplus(xs, beta)
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    err = np.abs(y.detach().numpy().astype(LD) - ref)
+    assert bool((err <= _tolerance(zs, dtype, beta, ref)).all()), float(err.max())
+    assert bool((y >= torch.relu(x)).all())
+
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    ref_grad = _oracle_sigmoid(xs, beta)
+    err = np.abs(grad.numpy().astype(LD) - ref_grad)
+    assert bool((err <= _tolerance(zs, dtype, beta, ref_grad)).all()), float(err.max())
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(dtype=floats, beta=betas, z=products)
+def test_softplus_second_derivative(dtype, beta, z):
+    x = torch.tensor(z, dtype=torch.float64).div(beta).to(dtype).requires_grad_(True)
+    (grad,) = torch.autograd.grad(softplus(x, beta).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    s = _oracle_sigmoid(x.detach().numpy(), beta)
+    ref = LD(beta) * s * (1 - s)
+    eps = float(torch.finfo(dtype).eps)
+    # sigmoid's backward forms 1 - s, so its error is absolute in units of beta / 4.
+    assert np.abs(second.numpy().astype(LD) - ref).max() <= 4 * eps * beta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [1e-3, 1.0, 1e4])
+def test_softplus_at_zero(dtype, beta):
+    x = torch.zeros(3, dtype=dtype, requires_grad=True)
+    y = softplus(x, beta)
+    torch.testing.assert_close(y.detach(), torch.full_like(y, math.log(2) / beta))
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert torch.equal(grad.detach(), torch.full_like(y, 0.5))
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    torch.testing.assert_close(second, torch.full_like(y, beta / 4))
+
+
+def test_softplus_tensor_beta_broadcasts_and_has_gradient():
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    beta = torch.tensor([[0.5], [2.0], [20.0]], dtype=torch.float64, requires_grad=True)
+    y = softplus(x, beta)
+    for i, b in enumerate([0.5, 2.0, 20.0]):
+        ref = _oracle_softplus(x.numpy(), b).astype(np.float64)
+        np.testing.assert_allclose(y[i].detach().numpy(), ref, rtol=1e-14)
+    assert torch.autograd.gradcheck(lambda b: softplus(x, b), (beta,))
+    assert torch.autograd.gradgradcheck(lambda b: softplus(x, b), (beta,))
+
+
+@pytest.mark.parametrize(
+    "beta",
+    [
+        0.0,
+        -1.0,
+        math.nan,
+        math.inf,
+        torch.tensor([1.0, 0.0]),
+        torch.tensor(-2.0),
+        torch.tensor(math.nan),
+    ],
+)
+def test_bad_beta(beta):
+    with pytest.raises(ValueError, match="beta must be"):
+        softplus(torch.ones(2), beta)
+    with pytest.raises(ValueError, match="beta must be"):
+        LogisticNoise(beta)
+    with pytest.raises(ValueError, match="beta must be"), smoothed(nn.ReLU(), beta):
+        pass
+    with pytest.raises(ValueError, match="beta must be"):
+        smooth(nn.ReLU(), beta)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 7.0])
+def test_logistic_density_integrates_to_one_and_equals_scipy(beta):
+    noise = LogisticNoise(torch.tensor(beta, dtype=torch.float64))
+    density = lambda e: math.exp(noise.log_prob(torch.tensor(e, dtype=torch.float64)).item())  # noqa: E731
+    total, error = integrate.quad(density, -np.inf, np.inf)
+    assert total == pytest.approx(1.0, abs=1e-8)
+
+    ref = sps.logistic(scale=1 / beta)
+    e = torch.tensor([-700.0, -30.0, -1.0, 0.0, 0.3, 5.0, 700.0], dtype=torch.float64) / beta
+    np.testing.assert_allclose(noise.log_prob(e).numpy(), ref.logpdf(e.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(noise.cdf(e).numpy(), ref.cdf(e.numpy()), rtol=1e-12, atol=0)
+    torch.testing.assert_close(noise.cdf(e), torch.sigmoid(beta * e), rtol=0, atol=0)
+    assert noise.stddev.item() == pytest.approx(math.pi / (math.sqrt(3) * beta), rel=1e-15)
+    assert noise.stddev.item() == pytest.approx(ref.std(), rel=1e-12)
+    assert noise.entropy().item() == pytest.approx(ref.entropy(), rel=1e-12)
+    assert noise.mean.item() == 0.0
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(beta=betas, z=st.lists(st.floats(-30, 30), min_size=1, max_size=20))
+def test_icdf_inverts_cdf(beta, z):
+    noise = LogisticNoise(torch.tensor(beta, dtype=torch.float64))
+    e = torch.tensor(z, dtype=torch.float64) / beta
+    # cdf rounds to within eps of 0 or 1 far out: the round trip is as accurate as
+    # logit is conditioned there, eps / (s (1 - s)) / beta ~ eps exp(|z|) / beta.
+    eps = torch.finfo(torch.float64).eps
+    bound = 4 * eps * (2 + torch.tensor(z, dtype=torch.float64).abs().exp()) * (e.abs() + 1 / beta)
+    assert bool(((noise.icdf(noise.cdf(e)) - e).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("beta", [0.5, 3.0])
+def test_samples_have_the_right_moments(beta):
+    torch.manual_seed(1)
+    n = 200_000
+    e = LogisticNoise(torch.tensor(beta, dtype=torch.float64)).sample((n,))
+    sigma = math.pi / (math.sqrt(3) * beta)
+    # Standard errors; the logistic's excess kurtosis is 6/5.
+    assert abs(e.mean().item()) <= 4 * sigma / math.sqrt(n)
+    assert abs(e.std().item() - sigma) <= 4 * sigma * math.sqrt((1.2 + 2) / (4 * n))
+    ks = sps.kstest(e[:20_000].numpy(), sps.logistic(scale=1 / beta).cdf)
+    assert ks.pvalue > 1e-3
+
+
+def test_rsample_is_differentiable_in_beta_and_beta_broadcasts():
+    beta = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64, requires_grad=True)
+    noise = LogisticNoise(beta)
+    assert noise.batch_shape == (3,)
+    e = noise.rsample((1000,))
+    assert e.shape == (1000, 3)
+    (grad,) = torch.autograd.grad(e.sum(), beta)
+    # e = logit(u) / beta, so de / dbeta = -e / beta.
+    torch.testing.assert_close(grad, (-e / beta).sum(0).detach())
+
+    x = torch.linspace(-2, 2, 5, dtype=torch.float64).unsqueeze(1)
+    logp = noise.log_prob(x)
+    assert logp.shape == (5, 3)
+    ref = sps.logistic(scale=1 / beta.detach().numpy()).logpdf(x.numpy())
+    np.testing.assert_allclose(logp.detach().numpy(), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.7, 4.0])
+def test_expected_relu_under_noise_is_softplus(beta):
+    torch.manual_seed(2)
+    n = 200_000
+    x = torch.tensor([-1.0, -0.2, 0.0, 0.5, 2.0], dtype=torch.float64)
+    e = LogisticNoise(torch.tensor(beta, dtype=torch.float64)).sample((n, 1))
+    r = torch.relu(x - e)
+    mean, se = r.mean(0), r.std(0) / math.sqrt(n)
+    assert bool(((mean - softplus(x, beta)).abs() <= 4 * se).all())
+
+
+# --- ReLU -> softplus_beta in a model -------------------------------------------------------
+
+
+def _ref_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
+    # torch's own softplus; a high threshold keeps it exact to float64 precision.
+    return F.softplus(x, beta=beta, threshold=40.0)
+
+
+class Inner(nn.Module):
+    def __init__(self, soft: float | None) -> None:
+        super().__init__()
+        self.soft = soft
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = F.relu(h) if self.soft is None else _ref_softplus(h, self.soft)
+        if self.soft is None:
+            return x + self.block(h)
+        return x + _ref_softplus(self.block[0](h), self.soft)
+
+
+class Net(nn.Module):
+    """Every ReLU spelling, in nested modules; ``soft=beta`` is the hand-written twin."""
+
+    def __init__(self, soft: float | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.soft = soft
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.inner = Inner(soft)
+        self.fc1 = nn.Linear(4 * 6 * 6, 12)
+        self.fc2 = nn.Linear(12, 8)
+        self.fc3 = nn.Linear(8, 3)
+
+    def _act(self, kind: str, h: torch.Tensor) -> torch.Tensor:
+        if self.soft is not None:
+            return _ref_softplus(h, self.soft)
+        return {
+            "module": self.act,
+            "torch": torch.relu,
+            "method": torch.Tensor.relu,
+            "method_": torch.Tensor.relu_,
+        }[kind](h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._act("module", self.stem(x))
+        h = self.inner(h).flatten(1)
+        h = self._act("torch", self.fc1(h))
+        h = self._act("method", self.fc2(h))
+        return self._act("method_", self.fc3(h))
+
+
+@pytest.fixture
+def net_and_input():
+    net = Net().double().eval()
+    x = torch.randn(5, 1, 6, 6, dtype=torch.float64)
+    return net, x
+
+
+def _twin(net: Net, beta: float) -> Net:
+    twin = Net(soft=beta).double().eval()
+    twin.load_state_dict(net.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("beta", [0.5, 3.0])
+def test_smooth_equals_hand_written_softplus_network(net_and_input, beta):
+    net, x = net_and_input
+    expected = _twin(net, beta)(x)
+    torch.testing.assert_close(smooth(net, beta)(x), expected, rtol=1e-12, atol=1e-12)
+    with smoothed(net, beta):
+        torch.testing.assert_close(net(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bs.smooth(net, beta)(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("factory", [plain_cnn, vgg_small])
+def test_smooth_equals_module_swap(factory):
+    net = factory().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    swapped = copy.deepcopy(net)
+    for i, m in enumerate(swapped):
+        if isinstance(m, nn.ReLU):
+            swapped[i] = nn.Softplus(beta=2.0, threshold=40.0)
+    torch.testing.assert_close(smooth(net, 2.0)(x), swapped(x), rtol=1e-12, atol=1e-12)
+
+
+def test_smooth_never_mutates_its_argument(net_and_input):
+    net, x = net_and_input
+    before = net(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    soft = smooth(net, 1.0)
+    soft(x)
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+    assert state.keys() == net.state_dict().keys() == soft.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert isinstance(net.act, nn.ReLU) and isinstance(net.inner.block[1], nn.ReLU)
+    assert not net._forward_pre_hooks and not net._forward_hooks
+    assert type(soft) is Net and soft.betasmooth_beta == 1.0
+    assert not torch.allclose(soft(x), before)
+
+
+def test_smoothed_restores_on_exit_and_on_exceptions(net_and_input):
+    net, x = net_and_input
+    relu_out = net(x)
+    soft_out = _twin(net, 1.0)(x)
+
+    with smoothed(net, 1.0):
+        torch.testing.assert_close(net(x), soft_out, rtol=1e-12, atol=1e-12)
+        # Outside the model's forward, ReLU is untouched.
+        assert torch.relu(torch.tensor(-1.0)).item() == 0.0
+    torch.testing.assert_close(net(x), relu_out, rtol=0, atol=0)
+
+    with pytest.raises(KeyError), smoothed(net, 1.0):
+        raise KeyError("inside the context")
+    torch.testing.assert_close(net(x), relu_out, rtol=0, atol=0)
+
+    with smoothed(net, 1.0):
+        with pytest.raises(RuntimeError, match="shape"):
+            net(torch.randn(2, 1, 5, 5, dtype=torch.float64))  # fails inside forward
+        # The failed pass left no override behind: ReLU outside is ReLU, inside is softplus.
+        assert torch.relu(torch.tensor(-1.0)).item() == 0.0
+        torch.testing.assert_close(net(x), soft_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net(x), relu_out, rtol=0, atol=0)
+    assert torch.relu(torch.tensor(-1.0)).item() == 0.0
+    assert not net._forward_pre_hooks and not net._forward_hooks
+
+
+def test_handle_beta_change_takes_effect(net_and_input):
+    net, x = net_and_input
+    with smoothed(net, 1.0) as handle:
+        torch.testing.assert_close(net(x), _twin(net, 1.0)(x), rtol=1e-12, atol=1e-12)
+        handle.beta = 5.0
+        torch.testing.assert_close(net(x), _twin(net, 5.0)(x), rtol=1e-12, atol=1e-12)
+        with pytest.raises(ValueError, match="beta must be"):
+            handle.beta = -1.0
+        assert handle.beta == 5.0
+
+
+def test_large_beta_approaches_relu(net_and_input):
+    net, x = net_and_input
+    relu_out = net(x)
+    gap_1 = (smooth(net, 1.0)(x) - relu_out).abs().max().item()
+    gap_big = (smooth(net, 1e4)(x) - relu_out).abs().max().item()
+    torch.testing.assert_close(smooth(net, 1e4)(x), _twin(net, 1e4)(x), rtol=1e-12, atol=1e-12)
+    # Each unit moves by at most log(2) / beta.
+    assert gap_big < 1e-3 < gap_1
+
+
+def test_warning_for_model_without_relu():
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    with pytest.warns(UserWarning, match="no ReLU was called"), smoothed(net, 1.0):
+        net(torch.ones(1, 3))
+    with pytest.warns(UserWarning, match="no ReLU was called"):
+        smooth(net, 1.0)(torch.ones(1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        smooth(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), 1.0)(torch.ones(1, 3))
+
+
+def test_warning_names_other_kinked_activations():
+    class Kinked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(), nn.ReLU6(), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.hardtanh(self.body(x))
+
+    net = Kinked()
+    with pytest.warns(UserWarning, match="stay non-smooth") as record, smoothed(net, 1.0):
+        net(torch.ones(1, 3))
+    message = " ".join(str(w.message) for w in record)
+    for name in ("LeakyReLU", "ReLU6", "hardtanh"):
+        assert name in message
+    assert "no ReLU" not in message
