@@ -1,0 +1,1036 @@
+"""Manipulation attacks on explanations, and beta-smoothing as the defense.
+
+Targeted attack (Dombrowski et al. 2019): move ``x`` so that its explanation
+map approaches a target map while the output stays put,
+
+    loss = w_e * MSE(heatmap(x_adv), target) + w_o * MSE(logits(x_adv), logits(x)),
+
+minimised by Adam on ``x_adv``, clamped to the data range after each step.
+The second derivative of a ReLU network is zero almost everywhere, so during
+the attack every ReLU computes ``softplus_beta`` with ``beta`` growing
+geometrically (10 -> 100 by default); the final maps come from the original
+network. Untargeted attacks (Ghorbani et al. 2019) take signed steps in an
+L-infinity ball that remove the map mass from the original top-k pixels
+(``goal="topk"``) or push its centre of mass away (``goal="center"``).
+
+Everything is batched: each image has its own loss, its own label check and
+its own best iterate. Adam and signed steps act per element, so a batch
+follows the same path as its images one at a time.
+
+:func:`defense_sweep` measures how much of an attack survives beta-smoothing,
+and SmoothGrad at the matched noise scale, over a range of ``beta``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import metrics
+from .explain import explain, method_options
+from .explain.gradient import predict
+from .metrics import heatmap
+from .smooth import replace_relu, softplus
+from .validate import InputError, InputTypeError, check_batch, check_target
+
+__all__ = [
+    "ATTACK_DEFAULTS",
+    "GOALS",
+    "LOSSES",
+    "ManipulationResult",
+    "SweepResult",
+    "beta_at",
+    "default_weights",
+    "defense_sweep",
+    "keep_best",
+    "manipulate",
+    "random_targets",
+]
+
+# The paper's budget per method (Dombrowski et al. 2019, VGG16): steps, Adam
+# learning rate, beta schedule during the attack and method options. LRP's
+# rules make its map differentiable on the ReLU network itself.
+ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
+    "gradient": {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"},
+    "input_x_gradient": {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"},
+    "integrated_gradients": {
+        "steps": 500,
+        "lr": 5e-3,
+        "beta_schedule": "geometric",
+        "options": {"steps": 30},
+    },
+    "lrp": {"steps": 1500, "lr": 2e-4, "beta_schedule": "none"},
+    "guided_backprop": {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"},
+    # Adaptive attacks on the defenses, through their own maps. beta_smooth is
+    # smooth already; SmoothGrad of a ReLU network is piecewise constant in x
+    # for fixed draws and needs the surrogate like the gradient.
+    "beta_smooth": {
+        "steps": 1500,
+        "lr": 1e-3,
+        "beta_schedule": "none",
+        "options": {"beta": 0.8},
+    },
+    "smoothgrad": {
+        "steps": 1500,
+        "lr": 1e-3,
+        "beta_schedule": "geometric",
+        "options": {"n": 10, "seed": 0},
+    },
+}
+_FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"}
+
+#: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps.
+PAPER_WEIGHTS = (1e11, 1e6)
+PAPER_PIXELS = 224 * 224
+
+#: Untargeted attacks: steps, and the L-inf budget as a fraction of the data range.
+UNTARGETED_STEPS = 100
+UNTARGETED_EPS = 8 / 255
+#: Signed step as a fraction of ``eps``.
+UNTARGETED_STEP = 0.1
+
+
+def default_weights(height: int, width: int) -> tuple[float, float]:
+    """The loss prefactors ``(w_e, w_o)`` for maps of ``height x width`` pixels.
+
+    Maps sum to 1, so a pixel holds about ``1 / (H W)`` and the mean squared
+    difference of two maps scales like ``1 / (H W)^2``. Scaling the paper's
+    ``w_e = 1e11`` (224 x 224) by ``(H W / 224^2)^2`` keeps the balance of the
+    two loss terms at any size; the logits do not depend on the map size, so
+    ``w_o = 1e6`` stays.
+
+    Parameters
+    ----------
+    height, width : int
+        Map size in pixels.
+
+    Returns
+    -------
+    tuple of float
+        ``(w_e, w_o)``.
+
+    Examples
+    --------
+    >>> default_weights(224, 224)
+    (100000000000.0, 1000000.0)
+    >>> round(default_weights(32, 32)[0])
+    41667
+    """
+    w_e = PAPER_WEIGHTS[0] * (height * width / PAPER_PIXELS) ** 2
+    return w_e, PAPER_WEIGHTS[1]
+
+
+def beta_at(
+    schedule: str | float, step: int, steps: int, beta0: float, beta_end: float
+) -> float | None:
+    """The softplus sharpness at ``step`` (0-based) of ``steps``; ``None`` is the ReLU network.
+
+    ``"geometric"`` grows from ``beta0`` at the first step to ``beta_end`` at
+    the last, ``beta0 * (beta_end / beta0) ** (step / (steps - 1))``; a number
+    is a fixed beta; ``"none"`` attacks the network as it is.
+
+    Examples
+    --------
+    >>> beta_at("geometric", 0, 3, 10.0, 100.0), beta_at("geometric", 2, 3, 10.0, 100.0)
+    (10.0, 100.0)
+    >>> beta_at(0.8, 7, 100, 10.0, 100.0)
+    0.8
+    """
+    if schedule == "none":
+        return None
+    if schedule == "geometric":
+        return beta0 * (beta_end / beta0) ** (step / max(steps - 1, 1))
+    return float(schedule)
+
+
+class _Surrogate:
+    """ReLU replacement whose ``beta`` changes per step; ``None`` computes ReLU."""
+
+    def __init__(self) -> None:
+        self.beta: float | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # Runs inside the override, which is off while it handles a call, so
+        # torch.relu here is the plain ReLU.
+        return torch.relu(x) if self.beta is None else softplus(x, self.beta)
+
+
+# ------------------------------------------------------------------ losses
+
+
+def _pcc_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # For two maps of equal mean and variance v, MSE = 2 v (1 - PCC): in these
+    # units w_e means the same for every loss.
+    scale = 2 * target.flatten(1).var(1, unbiased=False).detach()
+    return scale * (1 - metrics.pcc(maps, target))
+
+
+def _ssim_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    scale = 2 * target.flatten(1).var(1, unbiased=False).detach()
+    return scale * (1 - metrics.ssim(maps, target))
+
+
+#: Explanation losses of the targeted attack, per image, in units of the MSE.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": metrics.mse,
+    "pcc": _pcc_loss,
+    "ssim": _ssim_loss,
+}
+
+
+# ------------------------------------------------------------------ goals
+
+
+@dataclass
+class _Problem:
+    """An attack on one batch, fixed before the first step."""
+
+    model: nn.Module
+    x: torch.Tensor
+    explained: torch.Tensor
+    label: torch.Tensor
+    logits: torch.Tensor
+    map_orig: torch.Tensor
+    map_target: torch.Tensor
+    method: str
+    options: dict[str, object]
+    steps: int
+    schedule: str | float
+    beta0: float
+    beta_end: float
+    low: float
+    high: float
+    eps: float | None
+    loss: str
+    weights: tuple[float, float]
+    k: int
+    eot: bool
+    seed: int
+    progress: bool
+    surrogate: _Surrogate = field(default_factory=_Surrogate)
+    history: list[torch.Tensor] = field(default_factory=list)
+
+    def maps(self, x: torch.Tensor, step: int | None = None, graph: bool = False) -> torch.Tensor:
+        options = dict(self.options)
+        if self.eot and step is not None:
+            options["seed"] = self.seed + 1 + step
+        h = explain(self.model, x, self.method, self.explained, create_graph=graph, **options)
+        return heatmap(h)
+
+    def project(self, x_adv: torch.Tensor) -> torch.Tensor:
+        if self.eps is not None:
+            x_adv = torch.minimum(torch.maximum(x_adv, self.x - self.eps), self.x + self.eps)
+        return x_adv.clamp(self.low, self.high)
+
+    @contextlib.contextmanager
+    def original(self) -> Iterator[None]:
+        """The ReLU network, also inside the attack's surrogate."""
+        beta, self.surrogate.beta = self.surrogate.beta, None
+        try:
+            yield
+        finally:
+            self.surrogate.beta = beta
+
+
+@dataclass(frozen=True)
+class Goal:
+    """An attack goal: the per-image objective to minimise and how to step.
+
+    ``objective(problem, maps, x_adv)`` gives the ``(B,)`` loss of the
+    differentiable maps of ``x_adv``; ``score(problem, maps)`` the ``(B,)``
+    criterion on the original network that picks the best iterate (lower is
+    better); ``signed`` selects signed steps in the L-inf ball instead of Adam.
+    """
+
+    objective: Callable[[_Problem, torch.Tensor, torch.Tensor], torch.Tensor]
+    score: Callable[[_Problem, torch.Tensor], torch.Tensor]
+    signed: bool
+
+
+def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    w_e, w_o = p.weights
+    loss = w_e * LOSSES[p.loss](maps, p.map_target)
+    if w_o:
+        # The model runs a second time for the output term: explanation
+        # methods return maps only, and w_o = 0 skips it.
+        loss = loss + w_o * _output_change(p.model(x_adv), p.logits)
+    return loss
+
+
+def _output_change(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean squared change of the softmax probabilities per item, as in the reference code."""
+    return (logits.softmax(1) - reference.softmax(1)).square().mean(1)
+
+
+def _targeted_score(p: _Problem, maps: torch.Tensor) -> torch.Tensor:
+    return LOSSES[p.loss](maps, p.map_target)
+
+
+def _topk_mass(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor | None = None) -> torch.Tensor:
+    # Ranked as in betasmooth.compare: a stable sort sends ties to the lower index.
+    order = p.map_orig.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, : p.k]
+    return maps.flatten(1).gather(1, order).sum(1)
+
+
+def _com_distance(
+    p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor | None = None
+) -> torch.Tensor:
+    shift = metrics.center_of_mass(maps) - metrics.center_of_mass(p.map_orig)
+    # The small constant keeps the gradient of the norm finite at zero shift.
+    return -(shift.square().sum(1) + 1e-12).sqrt()
+
+
+#: Attack goals: ``targeted`` (Dombrowski et al.), ``topk`` and ``center`` (Ghorbani et al.).
+GOALS: dict[str, Goal] = {
+    "targeted": Goal(_targeted_objective, _targeted_score, signed=False),
+    "topk": Goal(_topk_mass, _topk_mass, signed=True),
+    "center": Goal(_com_distance, _com_distance, signed=True),
+}
+
+
+# ------------------------------------------------------------------ engine
+
+
+def keep_best(
+    best: torch.Tensor,
+    best_score: torch.Tensor,
+    candidate: torch.Tensor,
+    score: torch.Tensor,
+    kept: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, take ``candidate`` where it keeps the label and scores lower.
+
+    Parameters
+    ----------
+    best, candidate : torch.Tensor
+        Iterates ``(B, ...)``.
+    best_score, score : torch.Tensor
+        Their scores ``(B,)``; lower is better.
+    kept : torch.Tensor
+        ``(B,)`` bool: the candidate's label equals the original one.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The new best iterates and their scores.
+
+    Examples
+    --------
+    >>> best, s = keep_best(torch.zeros(2, 1), torch.ones(2), torch.ones(2, 1),
+    ...                     torch.zeros(2), torch.tensor([True, False]))
+    >>> best.flatten().tolist(), s.tolist()
+    ([1.0, 0.0], [0.0, 1.0])
+    """
+    better = kept & (score < best_score)
+    shape = (-1,) + (1,) * (best.dim() - 1)
+    return (
+        torch.where(better.view(shape), candidate, best),
+        torch.where(better, score, best_score),
+    )
+
+
+def _evaluate(p: _Problem, goal: Goal, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and label check of ``x`` on the original network."""
+    with p.original():
+        maps = p.maps(x.detach())
+        with torch.no_grad():
+            kept = p.model(x.detach()).argmax(1) == p.label
+        return goal.score(p, maps).detach(), kept
+
+
+def _run(
+    p: _Problem,
+    goal: Goal,
+    start: torch.Tensor,
+    lr: float,
+    step: float,
+    check_every: int,
+    best: torch.Tensor,
+    best_score: torch.Tensor,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x_adv = start.detach().clone().requires_grad_(True)
+    optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=lr)
+    step_size = torch.full((x_adv.shape[0],), step, dtype=x_adv.dtype, device=x_adv.device)
+    shape = (-1,) + (1,) * (x_adv.dim() - 1)
+    for i in tqdm(range(p.steps), desc=desc, disable=not p.progress, leave=False):
+        p.surrogate.beta = beta_at(p.schedule, i, p.steps, p.beta0, p.beta_end)
+        with torch.enable_grad():
+            loss = goal.objective(p, p.maps(x_adv, i, graph=True), x_adv)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        p.history.append(loss.detach())
+        with torch.no_grad():
+            if optimizer is None:
+                previous = x_adv.detach().clone()
+                x_adv.copy_(p.project(x_adv - step_size.view(shape) * grad.sign()))
+            else:
+                x_adv.grad = grad
+                optimizer.step()
+                x_adv.copy_(p.project(x_adv))
+        if optimizer is None or (i + 1) % check_every == 0 or i + 1 == p.steps:
+            score, kept = _evaluate(p, goal, x_adv)
+            best, best_score = keep_best(best, best_score, x_adv.detach(), score, kept)
+            if optimizer is None:
+                # A step that flips the label is undone and that image's step
+                # halved, so that it keeps moving inside the label's region.
+                with torch.no_grad():
+                    x_adv.copy_(torch.where(kept.view(shape), x_adv, previous))
+                step_size = torch.where(kept, step_size, step_size / 2)
+    return best, best_score
+
+
+def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
+    expected = (x.shape[0], *x.shape[2:])
+    check_batch(target_map, "target_map", min_dim=3)
+    if tuple(target_map.shape) != expected:
+        raise InputError(
+            f"target_map must have shape (B, H, W) = {expected} to match x of shape "
+            f"{tuple(x.shape)}; got {tuple(target_map.shape)}"
+        )
+    return target_map.to(device=x.device, dtype=x.dtype)
+
+
+def _check_number(name: str, value: object, optional: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputTypeError(f"{name} must be a positive number; got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise InputError(f"{name} must be a positive finite number; got {value!r}")
+    return float(value)
+
+
+def _check_schedule(schedule: object) -> str | float:
+    if isinstance(schedule, str) and schedule in ("geometric", "none"):
+        return schedule
+    if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
+        return _check_number("beta_schedule", schedule)
+    raise InputError(
+        f"beta_schedule must be 'geometric', 'none' or a positive number; got {schedule!r}"
+    )
+
+
+def _choice(name: str, value: object, registry: dict) -> str:
+    if not isinstance(value, str) or value not in registry:
+        raise InputError(f"unknown {name} {value!r}; expected one of: {', '.join(registry)}")
+    return value
+
+
+def _range(data_range: object, x: torch.Tensor) -> tuple[float, float]:
+    if data_range is None:
+        return float(x.min()), float(x.max())
+    if (
+        not isinstance(data_range, (tuple, list))
+        or len(data_range) != 2
+        or not all(isinstance(v, (int, float)) for v in data_range)
+        or not data_range[0] < data_range[1]
+    ):
+        raise InputError(
+            f"data_range must be None or (low, high) with low < high; got {data_range!r}"
+        )
+    return float(data_range[0]), float(data_range[1])
+
+
+def _input_pcc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return metrics.pcc(a.flatten(1)[:, None], b.flatten(1)[:, None])
+
+
+def manipulate(
+    model: nn.Module,
+    x: torch.Tensor,
+    target_map: torch.Tensor | None,
+    method: str,
+    *,
+    goal: str = "targeted",
+    target: int | torch.Tensor | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    weights: tuple[float, float] | None = None,
+    beta_schedule: str | float | None = None,
+    beta0: float = 10.0,
+    beta_end: float = 100.0,
+    data_range: tuple[float, float] | None = (0.0, 1.0),
+    loss: str = "mse",
+    eps: float | None = None,
+    step: float | None = None,
+    k: int | None = None,
+    restarts: int = 0,
+    check_every: int | None = None,
+    method_options: dict[str, object] | None = None,
+    eot: bool = False,
+    progress: bool = False,
+    seed: int = 0,
+) -> ManipulationResult:
+    """Manipulate the explanations of a batch while keeping the predicted labels.
+
+    ``goal="targeted"`` (Dombrowski et al. 2019) minimises, per image,
+    ``w_e * L(heatmap(x_adv), target_map) + w_o * MSE(logits(x_adv), logits(x))``
+    with Adam, clamping to ``data_range`` after each step (and to the L-inf
+    ball ``eps`` if given). ``goal="topk"`` and ``goal="center"`` (Ghorbani et
+    al. 2019) take signed steps of size ``step`` inside the L-inf ball ``eps``
+    that minimise the map mass on the original top-k pixels, or maximise the
+    distance between the centres of mass; a step that flips an image's label is
+    undone and that image's step halved.
+
+    During the attack every ReLU computes ``softplus_beta`` per
+    ``beta_schedule``; the scores, labels and final maps come from the
+    original network. Every ``check_every`` steps (every step for untargeted
+    goals) each image's iterate is scored on the original network, and the
+    best one that keeps the label is returned: the lowest explanation loss
+    ``L`` to the target (targeted), the lowest top-k mass, or the largest
+    centre-of-mass shift. ``x`` itself is the first candidate, so every label
+    is kept.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits; it is not changed.
+    x : torch.Tensor
+        Input batch ``(B, C, H, W)`` inside ``data_range``.
+    target_map : torch.Tensor or None
+        Target heatmaps ``(B, H, W)`` (e.g. :func:`random_targets`); ignored,
+        and may be ``None``, for untargeted goals.
+    method : str
+        Explanation method to attack (any registered one).
+    goal : str
+        ``targeted``, ``topk`` or ``center``.
+    target : None, int or torch.Tensor
+        Class to explain; default the prediction on ``x``.
+    steps, lr : int, float, optional
+        Budget; default :data:`ATTACK_DEFAULTS` of the method (targeted) or
+        :data:`UNTARGETED_STEPS` (untargeted).
+    weights : tuple of float, optional
+        ``(w_e, w_o)``; default :func:`default_weights` for the map size.
+    beta_schedule : str or float, optional
+        ``"geometric"`` (``beta0`` -> ``beta_end``), ``"none"`` or a fixed
+        beta; default per method (``"none"`` for LRP and beta_smooth).
+    beta0, beta_end : float
+        Ends of the geometric schedule.
+    data_range : tuple of float or None
+        ``(low, high)`` to clamp to; ``None`` uses the batch's min and max.
+    loss : str
+        Explanation loss ``L``: ``mse`` (the paper), or ``pcc`` / ``ssim``,
+        ``2 var(target) (1 - PCC or SSIM)``, which equals the MSE for maps of
+        equal variance, so ``w_e`` keeps its meaning.
+    eps : float, optional
+        L-inf budget (absolute); untargeted default ``8/255`` of the data range.
+    step : float, optional
+        Signed step of the untargeted goals; default ``eps / 10``.
+    k : int, optional
+        Top-k size of ``goal="topk"``; default 10 % of the pixels, as in
+        :func:`betasmooth.compare`.
+    restarts : int
+        Further runs from ``x`` plus uniform noise (of ``eps``, or 1 % of the
+        data range), each image keeping its best iterate over all runs.
+    check_every : int, optional
+        Steps between scorings on the original network (targeted); default
+        ``steps // 100`` (at least 1).
+    method_options : dict, optional
+        Options of the method, e.g. ``{"beta": 0.8}`` for beta_smooth or
+        ``{"n": 10, "seed": 0}`` for smoothgrad (fixed draws per step).
+    eot : bool
+        Expectation over transformations: fresh draws each step (the
+        method's ``seed`` option set to ``seed + 1 + step``).
+    progress : bool
+        Show a progress bar.
+    seed : int
+        Seeds the restarts' noise and the draws of ``eot``.
+
+    Returns
+    -------
+    ManipulationResult
+        Inputs, maps, labels, metrics and loss history, on the CPU.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> maps = bs.heatmap(bs.explain(model, x[:4], "gradient"))
+    >>> targets = random_targets(maps, torch.Generator().manual_seed(0))
+    >>> result = bs.manipulate(model, x[:4], targets, "gradient", steps=50)
+    >>> result.label_kept.all()
+    tensor(True)
+    """
+    goal_name = _choice("goal", goal, GOALS)
+    the_goal = GOALS[goal_name]
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_batch(x, "x", min_dim=4)
+    if x.dim() != 4:
+        raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    _choice("loss", loss, LOSSES)
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
+    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
+    options = {**defaults.get("options", {}), **(method_options or {})}
+    known = method_options_of(method)
+    options = {n: v for n, v in options.items() if n in known or n in (method_options or {})}
+    if eot and "seed" not in known:
+        raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
+
+    x = x.detach()
+    low, high = _range(data_range, x)
+    if goal_name == "targeted":
+        if target_map is None:
+            raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
+        map_target = _check_target_map(target_map, x)
+        n_steps = defaults["steps"] if steps is None else steps
+        eps_value = _check_number("eps", eps)
+    else:
+        n_steps = UNTARGETED_STEPS if steps is None else steps
+        eps_value = _check_number("eps", eps) or UNTARGETED_EPS * (high - low)
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise InputError(f"steps must be a positive int; got {n_steps!r}")
+    lr_value = _check_number("lr", lr) or float(defaults["lr"])
+    step_value = _check_number("step", step) or UNTARGETED_STEP * (eps_value or 0.0)
+    schedule = _check_schedule(
+        defaults["beta_schedule"] if beta_schedule is None else beta_schedule
+    )
+    if weights is None:
+        weights = default_weights(x.shape[2], x.shape[3])
+    if len(weights) != 2 or not all(
+        isinstance(w, (int, float)) and w >= 0 and math.isfinite(w) for w in weights
+    ):
+        raise InputError(f"weights must be (w_e, w_o), two numbers >= 0; got {weights!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise InputError(f"restarts must be an int >= 0; got {restarts!r}")
+    if check_every is None:
+        check_every = max(1, n_steps // 100)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+        label = logits.argmax(1)
+        explained = check_target(target, x.shape[0])
+        explained = label if explained is None else explained.to(x.device)
+        p = _Problem(
+            model=model,
+            x=x,
+            explained=explained,
+            label=label,
+            logits=logits,
+            map_orig=torch.empty(0),
+            map_target=torch.empty(0),
+            method=method,
+            options=options,
+            steps=n_steps,
+            schedule=schedule,
+            beta0=beta0,
+            beta_end=beta_end,
+            low=low,
+            high=high,
+            eps=eps_value,
+            loss=loss,
+            weights=(float(weights[0]), float(weights[1])),
+            k=metrics.default_k(*x.shape[2:]) if k is None else k,
+            eot=eot,
+            seed=seed,
+            progress=progress,
+        )
+        p.map_orig = p.maps(x).detach()
+        p.map_target = map_target if goal_name == "targeted" else p.map_orig
+        best, best_score = x.clone(), _evaluate(p, the_goal, x)[0]
+        generator = torch.Generator().manual_seed(seed)
+        radius = eps_value if eps_value is not None else 0.01 * (high - low)
+        with replace_relu(model, p.surrogate, warn=schedule != "none"):
+            for r in range(restarts + 1):
+                start = x
+                if r:
+                    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+                    start = p.project(x + radius * (2 * noise.to(x.device) - 1))
+                best, best_score = _run(
+                    p,
+                    the_goal,
+                    start,
+                    lr_value,
+                    step_value,
+                    check_every,
+                    best,
+                    best_score,
+                    f"{method} {goal_name}",
+                )
+        map_adv = p.maps(best).detach()
+        with torch.no_grad():
+            logits_adv = model(best)
+    finally:
+        model.train(was_training)
+
+    label_adv = logits_adv.argmax(1)
+    scores: dict[str, torch.Tensor] = {}
+    for name, value in metrics.compare(map_adv, p.map_target, k=p.k).items():
+        scores[f"expl_{name}_target"] = value
+    for name, value in metrics.compare(map_adv, p.map_orig, k=p.k).items():
+        scores[f"expl_{name}_orig"] = value
+    scores["input_mse"] = (best - x).square().flatten(1).mean(1)
+    scores["input_pcc"] = _input_pcc(best, x)
+    scores["output_change"] = _output_change(logits_adv, logits)
+    return ManipulationResult(
+        x=x.cpu(),
+        x_adv=best.detach().cpu(),
+        map_orig=p.map_orig.cpu(),
+        map_adv=map_adv.cpu(),
+        map_target=p.map_target.detach().cpu(),
+        label=label.cpu(),
+        label_adv=label_adv.cpu(),
+        label_kept=(label_adv == label).cpu(),
+        metrics={name: v.detach().cpu() for name, v in scores.items()},
+        history=torch.stack(p.history).cpu(),
+        method=method,
+        goal=goal_name,
+    )
+
+
+def method_options_of(method: str) -> dict[str, object]:
+    """The options of an explanation method (InputError for an unknown name)."""
+    return method_options(method)
+
+
+@dataclass
+class ManipulationResult:
+    """What :func:`manipulate` returns; tensors on the CPU, batched over dim 0.
+
+    Attributes
+    ----------
+    x, x_adv : torch.Tensor
+        Input and manipulated input, ``(B, C, H, W)``.
+    map_orig, map_adv, map_target : torch.Tensor
+        Heatmaps ``(B, H, W)`` of ``x`` and ``x_adv`` on the original network,
+        and the target (for untargeted goals the original map).
+    label, label_adv : torch.Tensor
+        Prediction on ``x`` and on ``x_adv``, ``(B,)``.
+    label_kept : torch.Tensor
+        ``label_adv == label``, ``(B,)`` bool.
+    metrics : dict of str to torch.Tensor
+        ``(B,)`` each: ``expl_<m>_target`` and ``expl_<m>_orig`` for every
+        metric ``m`` of :func:`betasmooth.compare` (the map of ``x_adv``
+        against the target and against the map of ``x``); ``input_mse`` and
+        ``input_pcc`` (``x_adv`` against ``x``); ``output_change``, the mean
+        squared change of the logits.
+    history : torch.Tensor
+        ``(steps * (restarts + 1), B)``: the attack loss at each step, on the
+        surrogate network.
+    method, goal : str
+        As passed to :func:`manipulate`.
+    """
+
+    x: torch.Tensor
+    x_adv: torch.Tensor
+    map_orig: torch.Tensor
+    map_adv: torch.Tensor
+    map_target: torch.Tensor
+    label: torch.Tensor
+    label_adv: torch.Tensor
+    label_kept: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    history: torch.Tensor
+    method: str = ""
+    goal: str = "targeted"
+
+    def records(self) -> list[dict[str, object]]:
+        """One flat dict per image: method, goal, labels and every metric as a float.
+
+        Examples
+        --------
+        >>> sorted(result.records()[0])[:3]  # doctest: +SKIP
+        ['expl_com_shift_orig', 'expl_com_shift_target', 'expl_mse_orig']
+        """
+        rows = []
+        for i in range(self.x.shape[0]):
+            row: dict[str, object] = {
+                "method": self.method,
+                "goal": self.goal,
+                "label": int(self.label[i]),
+                "label_adv": int(self.label_adv[i]),
+                "label_kept": bool(self.label_kept[i]),
+            }
+            row.update({name: float(v[i]) for name, v in self.metrics.items()})
+            rows.append(row)
+        return rows
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Inputs, maps and labels as numpy arrays, e.g. for ``np.savez``."""
+        names = ("x", "x_adv", "map_orig", "map_adv", "map_target", "label", "label_adv")
+        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
+
+
+def random_targets(maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image's target: the map of another, random image of the batch.
+
+    The assignment is a random cyclic permutation, so no image gets its own
+    map. A batch of one has no other image: pass maps of at least two (e.g.
+    of the whole data set, then take the rows you need).
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        Heatmaps ``(B, H, W)``, ``B >= 2``.
+    generator : torch.Generator, optional
+        Source of randomness.
+
+    Returns
+    -------
+    torch.Tensor
+        ``maps[perm]`` for a derangement ``perm``.
+
+    Examples
+    --------
+    >>> maps = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 2)
+    >>> t = random_targets(maps, torch.Generator().manual_seed(0))
+    >>> bool((t[:, 0, 0] != maps[:, 0, 0]).all())
+    True
+    """
+    check_batch(maps, "maps", min_dim=3)
+    if maps.shape[0] < 2:
+        raise InputError(
+            "random_targets needs maps of at least 2 images, so that each gets another's map; "
+            f"got a batch of {maps.shape[0]}"
+        )
+    order = torch.randperm(maps.shape[0], generator=generator).to(maps.device)
+    perm = torch.empty_like(order)
+    perm[order] = order.roll(-1)
+    return maps[perm]
+
+
+# ------------------------------------------------------------------ defense sweep
+
+
+@dataclass
+class SweepResult:
+    """What :func:`defense_sweep` returns.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One per (image, defense, beta); see :meth:`records`.
+    maps : dict
+        ``(defense, beta) -> (map of x_adv, map of x)``, each ``(B, H, W)``.
+    """
+
+    rows: list[dict[str, object]]
+    maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]]
+
+    def records(self) -> list[dict[str, object]]:
+        """One dict per (image, defense, beta).
+
+        Keys: ``index``, ``defense`` (``beta_smooth`` or ``smoothgrad``),
+        ``beta``, ``sigma`` (SmoothGrad's noise standard deviation, ``None``
+        for beta_smooth), ``adv_vs_orig_<m>``, ``adv_vs_target_<m>`` and
+        ``clean_vs_orig_<m>`` for every metric ``m`` of
+        :func:`betasmooth.compare`, and ``seconds``: the time per image for
+        both maps (of ``x_adv`` and ``x``).
+        """
+        return list(self.rows)
+
+    def medians(self) -> list[dict[str, object]]:
+        """Median of every number over the images, one dict per (defense, beta).
+
+        Examples
+        --------
+        >>> sweep.medians()[0]["adv_vs_orig_pcc"]  # doctest: +SKIP
+        0.91
+        """
+        groups: dict[tuple[str, float], list[dict[str, object]]] = {}
+        for row in self.rows:
+            groups.setdefault((row["defense"], row["beta"]), []).append(row)
+        out = []
+        for (defense, beta), rows in groups.items():
+            med: dict[str, object] = {"defense": defense, "beta": beta, "n": len(rows)}
+            for key, value in rows[0].items():
+                if key in ("defense", "beta", "index") or not isinstance(value, float):
+                    continue
+                med[key] = float(np.median([r[key] for r in rows]))
+            med["sigma"] = rows[0]["sigma"]
+            out.append(med)
+        return out
+
+
+def _beta_smooth_maps(
+    model: nn.Module, xs: torch.Tensor, method: str, label: torch.Tensor, beta: float, **_: object
+) -> torch.Tensor:
+    return heatmap(explain(model, xs, "beta_smooth", label, base=method, beta=beta))
+
+
+def _smoothgrad_maps(
+    model: nn.Module,
+    xs: torch.Tensor,
+    method: str,
+    label: torch.Tensor,
+    beta: float,
+    *,
+    sigma: float,
+    n: int,
+    seed: int,
+    input_range: float,
+) -> torch.Tensor:
+    return heatmap(
+        explain(
+            model,
+            xs,
+            "smoothgrad",
+            label,
+            base=method,
+            n=n,
+            sigma=sigma,
+            noise="logistic",
+            input_range=input_range,
+            seed=seed,
+        )
+    )
+
+
+#: Defenses compared by :func:`defense_sweep`: name -> maps of a batch at one beta.
+DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
+    "beta_smooth": _beta_smooth_maps,
+    "smoothgrad": _smoothgrad_maps,
+}
+
+
+def matched_sigma(beta: float) -> float:
+    """SmoothGrad's noise scale matched to ``beta``: ``pi / (sqrt(3) beta)``.
+
+    The standard deviation of the logistic density ``p_beta``, relative to an
+    input range of 1 (Theorem 2).
+
+    Examples
+    --------
+    >>> round(matched_sigma(1.0), 4)
+    1.8138
+    """
+    return math.pi / (math.sqrt(3) * beta)
+
+
+def defense_sweep(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    target_map: torch.Tensor,
+    method: str,
+    betas: Sequence[float],
+    *,
+    smoothgrad_sigmas: Sequence[float] | None = None,
+    smoothgrad_n: int = 20,
+    defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
+    data_range: tuple[float, float] | None = (0.0, 1.0),
+    seed: int = 0,
+    progress: bool = False,
+) -> SweepResult:
+    """How much of a manipulation survives beta-smoothing, and SmoothGrad, at each beta.
+
+    For each beta and defense: the defended map of ``x_adv`` against the
+    original map (the undefended map of ``x``) and against the target, and the
+    defended map of ``x`` against the original map (Dombrowski et al. 2019,
+    Fig. 4 and 7). ``beta_smooth`` is the method on the model with
+    ``softplus_beta``; ``smoothgrad`` averages the method over
+    ``smoothgrad_n`` logistic draws of standard deviation ``sigma`` times the
+    data range, ``sigma = pi / (sqrt(3) beta)`` unless given. Every map
+    explains the prediction on ``x``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier.
+    x, x_adv : torch.Tensor
+        Clean and manipulated batch ``(B, C, H, W)``.
+    target_map : torch.Tensor
+        The attack's targets ``(B, H, W)``.
+    method : str
+        Base explanation method, e.g. ``gradient`` or ``lrp``.
+    betas : sequence of float
+        Sharpness values, > 0.
+    smoothgrad_sigmas : sequence of float, optional
+        SmoothGrad noise scales, one per beta; default :func:`matched_sigma`.
+    smoothgrad_n : int
+        SmoothGrad samples.
+    defenses : sequence of str
+        Subset of ``beta_smooth`` and ``smoothgrad``.
+    data_range : tuple of float or None
+        Input range for SmoothGrad's noise; ``None`` per image.
+    seed : int
+        Fixes SmoothGrad's draws.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    SweepResult
+        Records per (image, defense, beta) and the defended maps.
+
+    Examples
+    --------
+    >>> sweep = bs.defense_sweep(model, x, result.x_adv, result.map_target,
+    ...                          "gradient", [0.5, 1.0, 2.0])  # doctest: +SKIP
+    >>> sweep.medians()  # doctest: +SKIP
+    """
+    check_batch(x, "x", min_dim=4)
+    check_batch(x_adv, "x_adv", min_dim=4)
+    if x_adv.shape != x.shape:
+        raise InputError(
+            f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
+        )
+    target_map = _check_target_map(target_map, x)
+    betas = [_check_number("beta", b, optional=False) for b in betas]
+    if not betas:
+        raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
+    if smoothgrad_sigmas is None:
+        sigmas = [matched_sigma(b) for b in betas]
+    else:
+        sigmas = [_check_number("smoothgrad_sigmas", s, optional=False) for s in smoothgrad_sigmas]
+        if len(sigmas) != len(betas):
+            raise InputError(
+                f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
+            )
+    for d in defenses:
+        _choice("defense", d, DEFENSES)
+    input_range = None if data_range is None else float(data_range[1] - data_range[0])
+
+    x_adv = x_adv.to(device=x.device, dtype=x.dtype)
+    label = predict(model, x)
+    map_orig = heatmap(explain(model, x, method, label)).detach()
+    both = torch.cat([x_adv, x])
+    rows: list[dict[str, object]] = []
+    kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+    jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
+    for defense, beta, sigma in tqdm(jobs, desc="defense sweep", disable=not progress):
+        start = time.perf_counter()
+        maps = DEFENSES[defense](
+            model,
+            both,
+            method,
+            label.repeat(2),
+            beta,
+            sigma=sigma,
+            n=smoothgrad_n,
+            seed=seed,
+            input_range=input_range,
+        ).detach()
+        seconds = (time.perf_counter() - start) / x.shape[0]
+        adv, clean = maps.chunk(2)
+        kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
+        parts = {
+            "adv_vs_orig": metrics.compare(adv, map_orig),
+            "adv_vs_target": metrics.compare(adv, target_map),
+            "clean_vs_orig": metrics.compare(clean, map_orig),
+        }
+        for i in range(x.shape[0]):
+            row: dict[str, object] = {
+                "index": i,
+                "defense": defense,
+                "beta": beta,
+                "sigma": sigma if defense == "smoothgrad" else None,
+            }
+            for prefix, values in parts.items():
+                row.update({f"{prefix}_{m}": float(v[i]) for m, v in values.items()})
+            row["seconds"] = seconds
+            rows.append(row)
+    return SweepResult(rows, kept_maps)
