@@ -230,6 +230,11 @@ def test_gradients_match_finite_differences(fn, shape):
     assert torch.autograd.gradcheck(lambda y: fn(b.detach(), y), (a,), eps=1e-6, atol=1e-5)
 
 
+def test_center_of_mass_gradient_matches_finite_differences():
+    m = torch.rand(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(center_of_mass, (m,), eps=1e-6, atol=1e-6)
+
+
 def test_heatmap_by_hand():
     e = torch.tensor([[[[1.0, -2.0], [0.0, 3.0]], [[-1.0, 0.0], [2.0, 1.0]]]])
     expected = torch.tensor([[[2.0, 2.0], [2.0, 4.0]]]) / 10

@@ -1,10 +1,10 @@
 """Heatmap normalisation and map similarity.
 
 Every similarity takes two batches of maps of shape ``(B, H, W)`` and returns
-one value per pair, shape ``(B,)``. ``mse``, ``ssim`` and ``pcc`` are plain
-torch operations, differentiable in both arguments, so that they can serve as
-attack losses; ``spearman``, ``topk_intersection`` and ``com_shift`` are
-rank and position statistics without a useful gradient.
+one value per pair, shape ``(B,)``. ``mse``, ``ssim``, ``pcc``,
+``center_of_mass`` and ``com_shift`` are plain torch operations,
+differentiable in both arguments, so that they can serve as attack losses;
+``spearman`` and ``topk_intersection`` are rank statistics without a gradient.
 
 Constant maps (all pixels equal) get defined values, never NaN:
 
@@ -406,7 +406,8 @@ def center_of_mass(m: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        Shape ``(B, 2)``.
+        Shape ``(B, 2)``; differentiable (Ghorbani et al.'s centre attack
+        follows its gradient).
 
     Examples
     --------
@@ -443,7 +444,8 @@ def com_shift(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        Shape ``(B,)``, in ``[0, sqrt((H - 1)^2 + (W - 1)^2)]``.
+        Shape ``(B,)``, in ``[0, sqrt((H - 1)^2 + (W - 1)^2)]``; differentiable
+        except where the two centres coincide.
 
     Examples
     --------
