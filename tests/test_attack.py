@@ -1,0 +1,255 @@
+"""Manipulation attacks and the defense sweep, against recomputation and closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import betasmooth as bs
+from betasmooth.attack import (
+    PAPER_WEIGHTS,
+    beta_at,
+    default_weights,
+    keep_best,
+    matched_sigma,
+    random_targets,
+)
+from betasmooth.explain.gradient import predict
+from nets import plain_cnn
+
+
+def _maps(model, x, method="gradient", **options):
+    return bs.heatmap(bs.explain(model, x, method, **options))
+
+
+def _targets(model, x, method="gradient", **options):
+    return random_targets(_maps(model, x, method, **options), torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def small():
+    net = plain_cnn(seed=3)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    return net, x
+
+
+def _assert_fields_recomputed(model, result, method, **options):
+    """Every map, label and metric of a result equals its recomputation on the original network."""
+    map_adv = _maps(model, result.x_adv, method, target=result.label, **options)
+    torch.testing.assert_close(result.map_adv, map_adv, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(result.label_adv, predict(model, result.x_adv))
+    to_target = bs.compare(map_adv, result.map_target)
+    to_orig = bs.compare(map_adv, result.map_orig)
+    for name in ("mse", "ssim", "pcc", "spearman", "topk", "com_shift"):
+        torch.testing.assert_close(result.metrics[f"expl_{name}_target"], to_target[name])
+        torch.testing.assert_close(result.metrics[f"expl_{name}_orig"], to_orig[name])
+    diff = (result.x_adv - result.x).flatten(1)
+    torch.testing.assert_close(result.metrics["input_mse"], diff.square().mean(1))
+    a, b = result.x_adv.flatten(1).double().numpy(), result.x.flatten(1).double().numpy()
+    pcc = [np.corrcoef(u, v)[0, 1] for u, v in zip(a, b)]
+    np.testing.assert_allclose(result.metrics["input_pcc"].numpy(), pcc, atol=1e-5)
+    with torch.no_grad():
+        p0, p1 = model(result.x).softmax(1), model(result.x_adv).softmax(1)
+    torch.testing.assert_close(result.metrics["output_change"], (p1 - p0).square().mean(1))
+
+
+def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
+    x = digits[0][:4]
+    target = _targets(digits_cnn, x)
+    result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20)
+    assert result.history.shape == (20, 4)
+    assert bool((result.history[-1] < result.history[0]).all())
+    assert bool(result.label_kept.all())
+    torch.testing.assert_close(result.label, digits_cnn(x).argmax(1))
+    # The returned iterate is never worse on the original network than x itself.
+    assert bool(
+        (result.metrics["expl_mse_target"] <= bs.compare(result.map_orig, target)["mse"]).all()
+    )
+    assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
+    _assert_fields_recomputed(digits_cnn, result, "gradient")
+    torch.testing.assert_close(result.map_orig, _maps(digits_cnn, x))
+    torch.testing.assert_close(result.map_target, target)
+
+
+def test_records_and_arrays_hold_the_result(small):
+    net, x = small
+    result = bs.manipulate(net, x, _targets(net, x), "gradient", steps=3)
+    rows = result.records()
+    assert len(rows) == 4
+    for i, row in enumerate(rows):
+        assert (row["method"], row["goal"]) == ("gradient", "targeted")
+        assert row["label"] == int(result.label[i]) and row["label_adv"] == int(result.label_adv[i])
+        assert row["label_kept"] is bool(result.label_kept[i])
+        for name, values in result.metrics.items():
+            assert row[name] == pytest.approx(float(values[i]), rel=0, abs=0)
+    arrays = result.arrays()
+    for name in ("x", "x_adv", "map_orig", "map_adv", "map_target", "label", "label_adv"):
+        np.testing.assert_array_equal(arrays[name], getattr(result, name).numpy())
+
+
+def test_batch_follows_the_same_path_as_single_images(small):
+    net, x = small
+    target = _targets(net, x)
+    batched = bs.manipulate(net, x, target, "gradient", steps=10, lr=1e-2)
+    for i in range(x.shape[0]):
+        single = bs.manipulate(net, x[i : i + 1], target[i : i + 1], "gradient", steps=10, lr=1e-2)
+        torch.testing.assert_close(batched.x_adv[i : i + 1], single.x_adv, rtol=0, atol=1e-5)
+        torch.testing.assert_close(batched.history[:, i : i + 1], single.history, rtol=1e-3, atol=0)
+
+
+def test_keep_best_by_hand():
+    best = torch.tensor([[0.0], [0.0], [0.0]])
+    best_score = torch.tensor([1.0, 1.0, 1.0])
+    candidate = torch.tensor([[1.0], [2.0], [3.0]])
+    # Image 0: better and kept -> taken; 1: better but label flipped; 2: kept but worse.
+    new, score = keep_best(
+        best,
+        best_score,
+        candidate,
+        torch.tensor([0.5, 0.1, 2.0]),
+        torch.tensor([True, False, True]),
+    )
+    assert new.flatten().tolist() == [1.0, 0.0, 0.0]
+    assert score.tolist() == [0.5, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("goal", ["topk", "center"])
+def test_untargeted_attacks_respect_eps_and_move_the_map(small, goal):
+    net, x = small
+    eps = 0.05
+    result = bs.manipulate(net, x, None, "gradient", goal=goal, eps=eps, steps=15)
+    assert float((result.x_adv - x).abs().max()) <= eps + 1e-7
+    assert bool(result.label_kept.all())
+    _assert_fields_recomputed(net, result, "gradient")
+    # x itself scores topk 1 and com_shift 0 against its own map.
+    if goal == "topk":
+        assert float(result.metrics["expl_topk_orig"].mean()) < 1.0
+    else:
+        assert float(result.metrics["expl_com_shift_orig"].min()) > 0.0
+    torch.testing.assert_close(result.map_target, result.map_orig)
+
+
+def test_adaptive_attack_on_beta_smooth(small):
+    net, x = small
+    options = {"beta": 0.8}
+    target = _targets(net, x, "beta_smooth", **options)
+    result = bs.manipulate(net, x, target, "beta_smooth", steps=5, lr=1e-2, method_options=options)
+    assert result.history.shape == (5, 4)
+    _assert_fields_recomputed(net, result, "beta_smooth", **options)
+
+
+@pytest.mark.parametrize("eot", [False, True])
+def test_adaptive_attack_on_smoothgrad(small, eot):
+    net, x = small
+    options = {"n": 4, "sigma": 0.1, "seed": 5}
+    target = _targets(net, x, "smoothgrad", **options)
+    result = bs.manipulate(
+        net, x, target, "smoothgrad", steps=4, lr=1e-2, method_options=options, eot=eot
+    )
+    assert result.history.shape == (4, 4)
+    # The final maps use the fixed draws of method_options, also after an EOT attack.
+    _assert_fields_recomputed(net, result, "smoothgrad", **options)
+
+
+def test_defense_sweep_equals_recomputation(small):
+    net, x = small
+    target = _targets(net, x)
+    x_adv = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(
+        0, 1
+    )
+    betas = [0.5, 2.0]
+    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", betas, smoothgrad_n=3, seed=7)
+    rows = sweep.records()
+    assert len(rows) == 2 * len(betas) * x.shape[0]
+    label = net(x).argmax(1)
+    orig = _maps(net, x)
+    both = torch.cat([x_adv, x])
+    for beta in betas:
+        smooth = _maps(net, both, "beta_smooth", target=label.repeat(2), beta=beta)
+        sigma = math.pi / (math.sqrt(3) * beta)
+        noisy = _maps(
+            net,
+            both,
+            "smoothgrad",
+            target=label.repeat(2),
+            n=3,
+            sigma=sigma,
+            noise="logistic",
+            input_range=1.0,
+            seed=7,
+        )
+        for defense, maps in (("beta_smooth", smooth), ("smoothgrad", noisy)):
+            adv, clean = maps.chunk(2)
+            expected = {
+                "adv_vs_orig": bs.compare(adv, orig),
+                "adv_vs_target": bs.compare(adv, target),
+                "clean_vs_orig": bs.compare(clean, orig),
+            }
+            mine = [r for r in rows if r["defense"] == defense and r["beta"] == beta]
+            assert [r["index"] for r in mine] == [0, 1, 2, 3]
+            for row in mine:
+                assert row["sigma"] == (pytest.approx(sigma) if defense == "smoothgrad" else None)
+                assert row["seconds"] > 0
+                for prefix, values in expected.items():
+                    for name, v in values.items():
+                        assert row[f"{prefix}_{name}"] == pytest.approx(
+                            float(v[row["index"]]), abs=1e-6
+                        )
+    for med in sweep.medians():
+        group = [r for r in rows if r["defense"] == med["defense"] and r["beta"] == med["beta"]]
+        assert med["adv_vs_orig_pcc"] == pytest.approx(
+            np.median([r["adv_vs_orig_pcc"] for r in group])
+        )
+
+
+@pytest.mark.parametrize("batch", [2, 3, 5, 8])
+def test_random_targets_is_a_derangement(batch):
+    maps = torch.arange(float(batch)).view(batch, 1, 1).expand(batch, 3, 3)
+    for seed in range(5):
+        picked = random_targets(maps, torch.Generator().manual_seed(seed))[:, 0, 0].long()
+        assert sorted(picked.tolist()) == list(range(batch))
+        assert bool((picked != torch.arange(batch)).all())
+
+
+def test_weights_scale_with_the_square_of_the_map_area():
+    assert default_weights(224, 224) == PAPER_WEIGHTS
+    w_e, w_o = default_weights(32, 32)
+    assert w_e == pytest.approx(1e11 * (32 * 32 / 224**2) ** 2)
+    assert w_o == 1e6
+    # Doubling the side multiplies the pixel count by 4 and w_e by 16.
+    assert default_weights(64, 64)[0] == pytest.approx(16 * w_e)
+
+
+def test_beta_schedule_closed_form():
+    steps = 11
+    betas = [beta_at("geometric", i, steps, 10.0, 100.0) for i in range(steps)]
+    np.testing.assert_allclose(betas, 10.0 * 10.0 ** (np.arange(steps) / 10))
+    assert beta_at("none", 3, steps, 10.0, 100.0) is None
+    assert beta_at(0.8, 3, steps, 10.0, 100.0) == 0.8
+    assert matched_sigma(2.0) == pytest.approx(math.pi / (2 * math.sqrt(3)))
+
+
+def test_bad_input_is_refused(small):
+    net, x = small
+    good = _targets(net, x)
+    with pytest.raises(bs.InputError, match="unknown goal"):
+        bs.manipulate(net, x, good, "gradient", goal="sideways", steps=1)
+    with pytest.raises(bs.InputError, match=r"target_map must have shape \(B, H, W\)"):
+        bs.manipulate(net, x, good[:, :8], "gradient", steps=1)
+    nan = good.clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(bs.InputError, match="NaN"):
+        bs.manipulate(net, x, nan, "gradient", steps=1)
+    with pytest.raises(bs.InputError, match="beta_schedule"):
+        bs.manipulate(net, x, good, "gradient", steps=1, beta_schedule="linear")
+    with pytest.raises(bs.InputError, match="unknown loss"):
+        bs.manipulate(net, x, good, "gradient", steps=1, loss="l1")
+    with pytest.raises(bs.InputError, match="at least 2 images"):
+        random_targets(good[:1])
+    with pytest.raises(bs.InputError, match="target_map is required"):
+        bs.manipulate(net, x, None, "gradient", steps=1)
+    with pytest.raises(bs.InputError, match="seed option"):
+        bs.manipulate(net, x, good, "gradient", steps=1, eot=True)
