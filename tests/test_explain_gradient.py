@@ -1,0 +1,132 @@
+"""Gradient, input x gradient and integrated gradients against Captum; double backprop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
+from captum.attr._utils.approximation_methods import approximation_parameters
+
+import betasmooth as bs
+from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature
+from nets import plain_cnn, residual_net
+
+NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
+TARGET = torch.tensor([0, 3, 1, 4])
+
+
+@pytest.fixture(params=sorted(NETS))
+def net(request):
+    return NETS[request.param]().double()
+
+
+@pytest.fixture
+def x():
+    return torch.rand(4, 1, 16, 16, dtype=torch.float64)
+
+
+def test_gradient_is_captum_saliency(net, x):
+    ours = bs.explain(net, x, "gradient", TARGET)
+    theirs = Saliency(net).attribute(x, target=TARGET, abs=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_input_x_gradient_is_captum(net, x):
+    ours = bs.explain(net, x, "input_x_gradient", TARGET)
+    theirs = InputXGradient(net).attribute(x, target=TARGET)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("rule", sorted(QUADRATURE_RULES))
+def test_quadrature_is_captum(rule):
+    weights, alphas = approximation_parameters(rule)
+    ours_a, ours_w = quadrature(rule, 7)
+    np.testing.assert_allclose(ours_a.numpy(), alphas(7), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ours_w.numpy(), weights(7), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", sorted(QUADRATURE_RULES))
+def test_integrated_gradients_is_captum(net, x, rule):
+    baseline = torch.rand(1, 16, 16, dtype=torch.float64) * 0.2
+    ours = bs.explain(net, x, "integrated_gradients", TARGET, steps=9, baseline=baseline, rule=rule)
+    theirs = IntegratedGradients(net).attribute(
+        x, baselines=baseline.expand_as(x), target=TARGET, n_steps=9, method=rule
+    )
+    # Captum rounds its step sizes (and Riemann nodes) to float32.
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_integrated_gradients_default_baseline_and_scalar(net, x):
+    zero = IntegratedGradients(net).attribute(x, target=TARGET, n_steps=12)
+    torch.testing.assert_close(
+        bs.explain(net, x, "integrated_gradients", TARGET, steps=12), zero, rtol=1e-6, atol=1e-9
+    )
+    half = IntegratedGradients(net).attribute(x, baselines=0.5, target=TARGET, n_steps=12)
+    torch.testing.assert_close(
+        bs.explain(net, x, "integrated_gradients", TARGET, steps=12, baseline=0.5),
+        half,
+        rtol=1e-6,
+        atol=1e-9,
+    )
+
+
+def test_integrated_gradients_completeness(net, x):
+    baseline = torch.full_like(x, 0.1)
+    h = bs.explain(net, x, "integrated_gradients", TARGET, steps=256, baseline=baseline)
+    with torch.no_grad():
+        gap = (net(x) - net(baseline)).gather(1, TARGET[:, None])[:, 0]
+    torch.testing.assert_close(h.flatten(1).sum(1), gap, rtol=1e-2, atol=1e-2 * gap.abs().max())
+
+
+def test_integrated_gradients_chunk_invariant(net, x):
+    one = bs.explain(net, x, "integrated_gradients", steps=10, chunk=1)
+    default = bs.explain(net, x, "integrated_gradients", steps=10)
+    torch.testing.assert_close(one, default, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients"])
+def test_targets(net, x, method):
+    pred = net(x).argmax(1)
+    by_none = bs.explain(net, x, method)
+    torch.testing.assert_close(by_none, bs.explain(net, x, method, pred))
+    by_int = bs.explain(net, x, method, 2)
+    torch.testing.assert_close(by_int, bs.explain(net, x, method, torch.full((4,), 2)))
+    theirs = Saliency(net).attribute(x, target=2, abs=False)
+    if method == "gradient":
+        torch.testing.assert_close(by_int, theirs)
+
+
+def _second_derivative(model, x, method, v, **options):
+    x = x.clone().requires_grad_(True)
+    h = bs.explain(model, x, method, TARGET, create_graph=True, **options)
+    (d,) = torch.autograd.grad((h * v).sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if d is None else d
+
+
+def test_double_backprop_zero_for_relu_nonzero_when_smoothed(x):
+    # Average pooling and eval-mode BatchNorm only: piecewise linear, no ties.
+    net = residual_net().double()
+    v = torch.randn_like(x)
+    assert torch.equal(_second_derivative(net, x, "gradient", v), torch.zeros_like(x))
+    d = _second_derivative(bs.smooth(net, 2.0), x, "gradient", v)
+    assert d.abs().max() > 1e-4
+
+
+def _directional_check(model, x, method, **options):
+    # d/dx of sum(h(x) * v), along u, against a central finite difference.
+    v, u = torch.randn_like(x), torch.randn_like(x)
+    d = _second_derivative(model, x, method, v, **options)
+    step = 1e-5
+    with torch.no_grad():
+        plus = (bs.explain(model, x + step * u, method, TARGET, **options) * v).sum()
+        minus = (bs.explain(model, x - step * u, method, TARGET, **options) * v).sum()
+    fd = (plus - minus) / (2 * step)
+    torch.testing.assert_close((d * u).sum(), fd, rtol=1e-5, atol=1e-8)
+    assert fd.abs() > 1e-4
+
+
+@pytest.mark.parametrize("net_name", sorted(NETS))
+def test_integrated_gradients_derivative_is_finite_difference(net_name, x):
+    model = bs.smooth(NETS[net_name]().double(), 3.0)
+    _directional_check(model, x, "integrated_gradients", steps=8, baseline=0.2)

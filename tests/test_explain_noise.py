@@ -1,0 +1,193 @@
+"""smoothgrad against a hand loop over the same draws; beta_smooth against autograd on bs.smooth."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+from captum.attr import IntegratedGradients, Saliency
+
+import betasmooth as bs
+from betasmooth.explain.noise import standard_noise
+from nets import plain_cnn, residual_net
+
+NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
+TARGET = torch.tensor([0, 3, 1, 4])
+
+
+@pytest.fixture(params=sorted(NETS))
+def net(request):
+    return NETS[request.param]().double()
+
+
+@pytest.fixture
+def x():
+    return torch.rand(4, 1, 16, 16, dtype=torch.float64)
+
+
+def _hand_noise(x, n, sigma, noise, seed, input_range=None):
+    """The draws smoothgrad promises: one x.shape draw per copy from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    if input_range is None:
+        spread = x.flatten(1).amax(1) - x.flatten(1).amin(1)
+    else:
+        spread = torch.full((x.shape[0],), float(input_range), dtype=x.dtype)
+    std = (sigma * spread).view(-1, 1, 1, 1)
+    draws = []
+    for _ in range(n):
+        if noise == "gaussian":
+            draws.append(std * torch.randn(x.shape, generator=g, dtype=x.dtype))
+        else:
+            u = torch.rand(x.shape, generator=g, dtype=x.dtype).numpy()
+            # Logistic of the same standard deviation: scale = std * sqrt(3) / pi.
+            unit = scipy.stats.logistic.ppf(u, scale=math.sqrt(3) / math.pi)
+            draws.append(std * torch.from_numpy(unit))
+    return draws
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "logistic"])
+def test_smoothgrad_is_hand_loop(net, x, noise):
+    ours = bs.explain(net, x, "smoothgrad", n=6, sigma=0.2, noise=noise, seed=7)
+    pred = net(x).argmax(1)
+    saliency = Saliency(net)
+    maps = [
+        saliency.attribute(x + e, target=pred, abs=False) for e in _hand_noise(x, 6, 0.2, noise, 7)
+    ]
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-10, atol=1e-13)
+
+
+def test_smoothgrad_base_options_and_input_range(x):
+    net = plain_cnn().double()
+    ours = bs.explain(
+        net,
+        x,
+        "smoothgrad",
+        TARGET,
+        base="integrated_gradients",
+        base_options={"steps": 4, "rule": "riemann_middle"},
+        n=3,
+        sigma=0.1,
+        input_range=1.0,
+        seed=3,
+    )
+    ig = IntegratedGradients(net)
+    maps = [
+        ig.attribute(x + e, target=TARGET, n_steps=4, method="riemann_middle")
+        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
+    ]
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "logistic"])
+def test_standard_noise_law(noise):
+    g = torch.Generator().manual_seed(0)
+    draws = standard_noise(noise, (20000,), g, torch.zeros((), dtype=torch.float64)).numpy()
+    law = {"gaussian": ("norm", (0, 1)), "logistic": ("logistic", (0, math.sqrt(3) / math.pi))}
+    name, args = law[noise]
+    assert scipy.stats.kstest(draws, name, args=args).pvalue > 0.01
+    assert abs(draws.std() - 1) < 0.03
+
+
+def test_smoothgrad_chunk_invariant_and_seeded(net, x):
+    one = bs.explain(net, x, "smoothgrad", n=5, seed=1, chunk=1)
+    torch.testing.assert_close(one, bs.explain(net, x, "smoothgrad", n=5, seed=1))
+    torch.testing.assert_close(one, bs.explain(net, x, "smoothgrad", n=5, seed=1, chunk=3))
+    assert not torch.allclose(one, bs.explain(net, x, "smoothgrad", n=5, seed=2))
+
+
+def test_smoothgrad_target_is_clean_prediction(net, x):
+    pred = net(x).argmax(1)
+    torch.testing.assert_close(
+        bs.explain(net, x, "smoothgrad", n=4, sigma=0.5, seed=0),
+        bs.explain(net, x, "smoothgrad", pred, n=4, sigma=0.5, seed=0),
+    )
+    torch.testing.assert_close(
+        bs.explain(net, x, "smoothgrad", 2, n=4, seed=0),
+        bs.explain(net, x, "smoothgrad", torch.full((4,), 2), n=4, seed=0),
+    )
+
+
+def _autograd_gradient(model, x, target):
+    x = x.clone().requires_grad_(True)
+    logit = model(x).gather(1, target[:, None]).sum()
+    return torch.autograd.grad(logit, x)[0]
+
+
+@pytest.mark.parametrize("beta", [0.5, 5.0])
+def test_beta_smooth_is_gradient_of_smoothed_model(net, x, beta):
+    soft = bs.smooth(net, beta)
+    ours = bs.explain(net, x, "beta_smooth", TARGET, beta=beta)
+    torch.testing.assert_close(ours, _autograd_gradient(soft, x, TARGET), rtol=1e-12, atol=1e-14)
+    ixg = bs.explain(net, x, "beta_smooth", TARGET, beta=beta, base="input_x_gradient")
+    torch.testing.assert_close(ixg, x * ours, rtol=1e-12, atol=1e-14)
+
+
+def test_beta_smooth_base_options_are_captum_ig_on_smoothed_model(x):
+    net = residual_net().double()
+    ours = bs.explain(
+        net, x, "beta_smooth", TARGET, beta=2.0, base="integrated_gradients",
+        base_options={"steps": 6},
+    )  # fmt: skip
+    theirs = IntegratedGradients(bs.smooth(net, 2.0)).attribute(x, target=TARGET, n_steps=6)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+
+
+def test_beta_smooth_large_beta_is_gradient(net, x):
+    # softplus_beta -> relu as beta -> inf; units with |pre-activation| below
+    # about 1 / beta converge last, so the error shrinks steadily, not at once.
+    plain = _autograd_gradient(net, x, TARGET)
+    errors = [
+        ((bs.explain(net, x, "beta_smooth", TARGET, beta=beta) - plain).norm() / plain.norm())
+        for beta in (1e2, 1e4, 1e6)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[1] < 0.05 and errors[2] < 1e-2
+
+
+def test_beta_smooth_target_is_prediction_of_original_model(net, x):
+    pred = net(x).argmax(1)
+    torch.testing.assert_close(
+        bs.explain(net, x, "beta_smooth", beta=0.3),
+        _autograd_gradient(bs.smooth(net, 0.3), x, pred),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+
+
+def test_beta_smooth_restores_relu(net, x):
+    before = net(x)
+    bs.explain(net, x, "beta_smooth", beta=0.5)
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+def _double(model, x, method, v, **options):
+    x = x.clone().requires_grad_(True)
+    h = bs.explain(model, x, method, TARGET, create_graph=True, **options)
+    return torch.autograd.grad((h * v).sum(), x)[0]
+
+
+def test_beta_smooth_double_backprop_on_relu_model(x):
+    net = residual_net().double()
+    v = torch.randn_like(x)
+    ours = _double(net, x, "beta_smooth", v, beta=2.0)
+    oracle = _double(bs.smooth(net, 2.0), x, "gradient", v)
+    torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-14)
+    assert ours.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("options", [{}, {"input_range": 1.0, "noise": "logistic"}])
+def test_smoothgrad_derivative_is_finite_difference(x, options):
+    # Fixed draws make the map a smooth function of x on the smoothed model;
+    # with the range taken from x, the noise scale moves with x too.
+    model = bs.smooth(plain_cnn().double(), 3.0)
+    v, u = torch.randn_like(x), torch.randn_like(x)
+    kw = dict(n=4, sigma=0.1, seed=5, **options)
+    d = _double(model, x, "smoothgrad", v, **kw)
+    step = 1e-5
+    plus = (bs.explain(model, x + step * u, "smoothgrad", TARGET, **kw) * v).sum()
+    minus = (bs.explain(model, x - step * u, "smoothgrad", TARGET, **kw) * v).sum()
+    fd = (plus - minus) / (2 * step)
+    torch.testing.assert_close((d * u).sum(), fd, rtol=1e-5, atol=1e-8)
+    assert fd.abs() > 1e-4
