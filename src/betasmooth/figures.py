@@ -32,6 +32,7 @@ __all__ = [
     "density_figure",
     "explain_grid",
     "grid_size",
+    "iid_bias_figure",
     "mc_error_figure",
     "method_grid",
     "smoothgrad_pcc_figure",
@@ -616,6 +617,46 @@ def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
         return _save(fig, path)
 
 
+def iid_bias_figure(curve: Mapping[str, object], path: str | Path) -> Path:
+    """Bias of Theorem 2 under iid logistic noise against the dimension d.
+
+    Parameters
+    ----------
+    curve : mapping
+        ``d`` (dimensions), ``bias`` (the exact bias for ``w = (1, ..., 1)``
+        in R^d) and ``limit`` (its limit as d grows, drawn as a line).
+    path : str or Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        The PNG written.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> c = {"d": [1, 4, 64], "bias": [0.0, 0.015, 0.022], "limit": 0.0228}
+    >>> iid_bias_figure(c, tmp / "bias.png").name
+    'bias.png'
+    """
+    d = np.asarray(curve["d"], dtype=np.float64)
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+        ax.plot(d, np.asarray(curve["bias"], dtype=np.float64), "C3o-", ms=3, label="iid bias")
+        if curve.get("limit") is not None:
+            limit = float(curve["limit"])
+            ax.axhline(limit, color="0.3", ls="--", lw=1.2, label=f"limit d → ∞: {limit:.4f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("dimension d (w = (1, …, 1))")
+        ax.set_ylabel("sup |P(u·ε < t) − sigmoid(βt)|")
+        ax.legend(loc="lower right")
+        ax.set_title("iid noise: Theorem 2 is off by this much", loc="left")
+        return _save(fig, path)
+
+
 def smoothgrad_pcc_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     """PCC of beta-smoothed gradients with SmoothGrad (logistic and Gaussian noise) against beta.
 
@@ -710,6 +751,7 @@ _THEOREM_FIGURES = {
     "softplus": softplus_figure,
     "density": density_figure,
     "mc_error": mc_error_figure,
+    "iid_bias": iid_bias_figure,
     "smoothing_vs_smoothgrad": smoothgrad_pcc_figure,
     "curvature": curvature_figure,
 }
@@ -722,7 +764,7 @@ def theorem_figures(summary: Mapping[str, object], out_dir: str | Path) -> list[
     ----------
     summary : mapping
         The theory summary (as written to ``theory.json``); its ``curves``
-        entry holds ``softplus``, ``density``, ``mc_error``,
+        entry holds ``softplus``, ``density``, ``mc_error``, ``iid_bias``,
         ``smoothing_vs_smoothgrad`` and ``curvature``. Missing curves are
         skipped.
     out_dir : str or Path

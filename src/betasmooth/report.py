@@ -640,6 +640,8 @@ def _section_theory(run: _Run) -> str:
         "variance.",
         "theorem_mc_error": "Monte Carlo error of E[∇relu(w·(x − ε))] against "
         "∇softplus_{β/|w|}(w·x): projected noise (exact identity) and iid noise (biased).",
+        "theorem_iid_bias": "The bias that iid logistic noise leaves in Theorem 2, against the "
+        "dimension, and its limit.",
         "theorem_smoothing_vs_smoothgrad": "PCC of the β-smoothed gradient with SmoothGrad.",
         "theorem_curvature": "Curvature of the β-smoothed network against β.",
     }
