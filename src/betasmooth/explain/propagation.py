@@ -57,25 +57,26 @@ STABILIZER = 1e-6
 # --------------------------------------------------------------------------- guided backprop
 
 
-class _PositiveGradient(torch.autograd.Function):
-    # Identity whose backward keeps only positive gradients. Composed with the
-    # ReLU (or the softplus of an active beta-smoothing) it gives
-    # clamp(grad, 0) * relu'(x): the mask and the clamp commute because the
-    # activation's derivative is never negative. The backward is a plain
-    # torch op, so double backprop works.
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad.clamp(min=0)
+def _positive(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
 
 
-def _guided_relu(x: torch.Tensor) -> torch.Tensor:
-    # Inside the override F.relu reaches the next mode down: softplus when the
-    # model is beta-smoothed, ReLU otherwise.
-    return _PositiveGradient.apply(F.relu(x))
+def _guided_relus(handles: list[torch.utils.hooks.RemovableHandle]) -> Callable:
+    # The clamp is a hook on each activation's output rather than a custom
+    # backward: the hook is removed once the map is computed, so that a second
+    # differentiation (create_graph) follows the true forward Jacobian while
+    # the map itself keeps the clamps as graph operations. Because the
+    # activation's derivative is never negative, clamp-then-mask equals the
+    # guided rule clamp(grad, 0) * (x > 0).
+    def guided_relu(x: torch.Tensor) -> torch.Tensor:
+        # Inside the override F.relu reaches the next mode down: softplus when
+        # the model is beta-smoothed, ReLU otherwise.
+        y = F.relu(x)
+        if y.requires_grad:
+            handles.append(y.register_hook(_positive))
+        return y
+
+    return guided_relu
 
 
 @register("guided_backprop")
@@ -112,8 +113,13 @@ def guided_backprop(
     >>> bs.explain(net, torch.rand(2, 1, 2, 2), "guided_backprop").shape
     torch.Size([2, 1, 2, 2])
     """
-    with replace_relu(model, _guided_relu):
-        return input_gradient(model, x, target, create_graph)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        with replace_relu(model, _guided_relus(handles)):
+            return input_gradient(model, x, target, create_graph)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --------------------------------------------------------------------------- LRP: rules
@@ -229,11 +235,11 @@ def _epsilon(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.
     return _first_arg(step, _epsilon_of(step.layer, a, relevance, step.options["epsilon"]))
 
 
-def _positive(t: torch.Tensor | None) -> torch.Tensor | None:
+def _positive_part(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(min=0)
 
 
-def _negative(t: torch.Tensor | None) -> torch.Tensor | None:
+def _negative_part(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clamp(max=0)
 
 
@@ -242,7 +248,7 @@ def _zplus(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Te
     layer, a = step.layer, step.args[0]
     a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
     w_pos, w_neg = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-    z = layer.fn(a_pos, w_pos, _positive(layer.bias)) + layer.fn(a_neg, w_neg, None)
+    z = layer.fn(a_pos, w_pos, _positive_part(layer.bias)) + layer.fn(a_neg, w_neg, None)
     s = relevance / stabilize(z, STABILIZER)
     r_pos = a_pos * _vjp(lambda t: layer.fn(t, w_pos, None), a, s)
     r_neg = a_neg * _vjp(lambda t: layer.fn(t, w_neg, None), a, s)
@@ -268,8 +274,8 @@ def _zbox(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Ten
     w, w_pos, w_neg = layer.weight, layer.weight.clamp(min=0), layer.weight.clamp(max=0)
     z = (
         layer.fn(a, w, layer.bias)
-        - layer.fn(low, w_pos, _positive(layer.bias))
-        - layer.fn(high, w_neg, _negative(layer.bias))
+        - layer.fn(low, w_pos, _positive_part(layer.bias))
+        - layer.fn(high, w_neg, _negative_part(layer.bias))
     )
     s = relevance / stabilize(z, STABILIZER)
     r = (

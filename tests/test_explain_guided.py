@@ -1,0 +1,98 @@
+"""Guided backprop against captum, also for functional ReLUs and beta-smoothed models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import GuidedBackprop
+from torch import nn
+
+import betasmooth as bs
+from nets import ResidualNet, plain_cnn, residual_net, vgg_small
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum.*")
+
+
+def captum_guided(net, x, target):
+    return GuidedBackprop(net).attribute(x, target=target)
+
+
+@pytest.mark.parametrize("build", [plain_cnn, vgg_small], ids=["plain_cnn", "vgg_small"])
+def test_guided_backprop_matches_captum(build):
+    net = build().double()
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3])
+    ours = bs.explain(net, x, "guided_backprop", target)
+    torch.testing.assert_close(ours, captum_guided(net, x, target), rtol=1e-12, atol=1e-15)
+    # Guided backprop differs from the plain gradient on these nets.
+    assert not torch.allclose(ours, bs.explain(net, x, "gradient", target))
+
+
+class ModuleReluResidual(ResidualNet):
+    """:class:`ResidualNet` with its three functional ReLUs as ``nn.ReLU`` modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu1(self.bn1(self.conv1(x)))
+        b = self.relu2(self.bn2(self.conv2(a)))
+        return self.head(self.relu3(self.pool(a + b)))
+
+
+def test_guided_backprop_covers_functional_relu():
+    # residual_net calls F.relu, torch.relu and Tensor.relu, which captum's
+    # module hooks cannot see; the same weights with nn.ReLU modules can.
+    net = residual_net().double()
+    twin = ModuleReluResidual().double().eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([4, 3, 2, 1])
+    ours = bs.explain(net, x, "guided_backprop", target)
+    torch.testing.assert_close(ours, captum_guided(twin, x, target), rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(captum_guided(net, x, target), ours)
+
+
+class SoftplusReLU(nn.ReLU):
+    """An ``nn.ReLU`` (so captum hooks it) whose forward is softplus_beta."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(x, self.beta)
+
+
+def softplus_twin(net: nn.Sequential, beta: float) -> nn.Sequential:
+    return nn.Sequential(*(SoftplusReLU(beta) if isinstance(m, nn.ReLU) else m for m in net)).eval()
+
+
+def test_guided_backprop_on_smoothed_model_masks_with_sigmoid():
+    net = plain_cnn().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4])
+    ours = bs.explain(bs.smooth(net, 3.0), x, "guided_backprop", target)
+    expected = captum_guided(softplus_twin(net, 3.0), x, target)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_guided_backprop_create_graph_matches_finite_difference():
+    net = bs.smooth(vgg_small().double(), 5.0)
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    v, u = torch.randn_like(x), torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "guided_backprop", target, create_graph=True)
+    torch.testing.assert_close(h, bs.explain(net, x, "guided_backprop", target))
+    (grad,) = torch.autograd.grad((h * v).sum(), xg)
+
+    def f(z):
+        return (bs.explain(net, z, "guided_backprop", target) * v).sum()
+
+    step = 1e-5
+    numeric = (f(x + step * u) - f(x - step * u)) / (2 * step)
+    analytic = (grad * u).sum()
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
