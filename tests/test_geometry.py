@@ -1,0 +1,232 @@
+"""Curvature estimates against closed forms, dense autograd Hessians and numpy.linalg.eigh."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import betasmooth as bs
+from betasmooth.geometry import curvature, theorem1_check
+from nets import plain_cnn, residual_net
+
+
+def neurons(w: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
+    """``g(x) = sum_j relu(w_j.x + b_j)``, one output, float64."""
+    k, d = w.shape
+    net = nn.Sequential(
+        nn.Linear(d, k, bias=bias is not None), nn.ReLU(), nn.Linear(k, 1, bias=False)
+    )
+    net = net.double()
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+        if bias is not None:
+            net[0].bias.copy_(bias)
+        net[2].weight.fill_(1.0)
+    return net.eval()
+
+
+def exact_softplus_geometry(w: np.ndarray, b: np.ndarray, x: np.ndarray, beta: float):
+    """Gradient and Hessian of ``sum_j softplus_beta(w_j.x + b_j)`` by hand, and its curvatures."""
+    s = 1 / (1 + np.exp(-beta * (w @ x + b)))
+    grad = s @ w
+    hess = (w.T * (beta * s * (1 - s))) @ w
+    n = grad / np.linalg.norm(grad)
+    proj = np.eye(len(x)) - np.outer(n, n)
+    return {
+        "hessian_norm": np.abs(np.linalg.eigvalsh(hess)).max(),
+        "principal_curvature": np.abs(np.linalg.eigvalsh(proj @ hess @ proj)).max()
+        / np.linalg.norm(grad),
+        "hessian_frobenius": np.linalg.norm(hess),
+        "gradient_norm": np.linalg.norm(grad),
+    }
+
+
+def test_single_softplus_unit_closed_form():
+    torch.manual_seed(1)
+    d, beta = 7, 3.0
+    w = torch.randn(1, d, dtype=torch.float64)
+    x = 0.3 * torch.randn(5, d, dtype=torch.float64)
+    out = curvature(bs.smooth(neurons(w), beta), x)
+    s = torch.sigmoid(beta * (x @ w[0]))
+    expected = beta * s * (1 - s) * w.square().sum()
+    torch.testing.assert_close(out["hessian_norm"], expected, rtol=1e-10, atol=0)
+    assert (out["principal_curvature"] <= 1e-10 * expected).all()
+    torch.testing.assert_close(out["gradient_norm"], s * w.norm(), rtol=1e-12, atol=0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    beta=st.floats(0.2, 50.0),
+    d=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_single_unit_hessian_norm_property(beta, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(1, d, generator=g, dtype=torch.float64)
+    x = torch.randn(3, d, generator=g, dtype=torch.float64) / (beta * w.norm())
+    out = curvature(bs.smooth(neurons(w), beta), x, iterations=3)
+    s = torch.sigmoid(beta * (x @ w[0]))
+    torch.testing.assert_close(
+        out["hessian_norm"], beta * s * (1 - s) * w.square().sum(), rtol=1e-9, atol=1e-300
+    )
+    assert (out["principal_curvature"] <= 1e-9 * out["hessian_norm"]).all()
+
+
+def test_two_neurons_hand_computed():
+    torch.manual_seed(2)
+    d, beta = 6, 2.0
+    w = torch.randn(2, d, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64) * 0.2
+    x = 0.4 * torch.randn(4, d, dtype=torch.float64)
+    out = curvature(bs.smooth(neurons(w, b), beta), x, tol=0, probes=2000, seed=3)
+    for i in range(x.shape[0]):
+        exact = exact_softplus_geometry(w.numpy(), b.numpy(), x[i].numpy(), beta)
+        for key in ("hessian_norm", "principal_curvature", "gradient_norm"):
+            assert out[key][i].item() == pytest.approx(exact[key], rel=1e-9), key
+        # Hutchinson with 2000 probes: a few percent
+        assert out["hessian_frobenius"][i].item() == pytest.approx(
+            exact["hessian_frobenius"], rel=0.05
+        )
+
+
+def test_dense_hessian_of_a_smoothed_mlp():
+    torch.manual_seed(3)
+    d = 8
+    net = nn.Sequential(nn.Linear(d, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+    net = net.double().eval()
+    soft = bs.smooth(net, 4.0)
+    x = torch.randn(3, d, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    out = curvature(soft, x, target, iterations=d + 1, tol=0, probes=4000, seed=1)
+    for i in range(3):
+
+        def logit(v, i=i):
+            return soft(v[None])[0, target[i]]
+
+        hess = torch.autograd.functional.hessian(logit, x[i])
+        grad = torch.autograd.functional.jacobian(logit, x[i])
+        h, gr = hess.numpy(), grad.numpy()
+        n = gr / np.linalg.norm(gr)
+        p = np.eye(d) - np.outer(n, n)
+        assert out["hessian_norm"][i].item() == pytest.approx(
+            np.abs(np.linalg.eigvalsh(h)).max(), rel=1e-8
+        )
+        assert out["principal_curvature"][i].item() == pytest.approx(
+            np.abs(np.linalg.eigvalsh(p @ h @ p)).max() / np.linalg.norm(gr), rel=1e-8
+        )
+        assert out["hessian_frobenius"][i].item() == pytest.approx(np.linalg.norm(h), rel=0.05)
+
+
+def test_relu_networks_have_zero_hessian():
+    x = torch.rand(3, 1, 16, 16)
+    for net in (plain_cnn(), residual_net()):
+        out = curvature(net, x)
+        for key in ("hessian_norm", "principal_curvature", "hessian_frobenius"):
+            assert torch.equal(out[key], torch.zeros(3)), key
+        grad = bs.explain(net, x, "gradient").flatten(1).norm(dim=1)
+        torch.testing.assert_close(out["gradient_norm"], grad)
+
+
+def test_batch_items_are_independent():
+    net = bs.smooth(residual_net().double(), 5.0)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 0, 4])
+    # Converged estimates (other start vectors per item) agree
+    batched = curvature(net, x, target, tol=0, iterations=40)
+    for i in range(3):
+        single = curvature(net, x[i : i + 1], target[i : i + 1], tol=0, iterations=40)
+        for key in ("hessian_norm", "principal_curvature", "gradient_norm"):
+            assert batched[key][i].item() == pytest.approx(single[key][0].item(), rel=1e-6), key
+
+
+def test_curvature_restores_training_mode():
+    net = plain_cnn().train()
+    curvature(net, torch.rand(2, 1, 16, 16))
+    assert net.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"x": np.zeros((2, 4))}, bs.InputTypeError),
+        ({"x": torch.zeros(2, 4, dtype=torch.long)}, bs.InputTypeError),
+        ({"x": torch.full((2, 4), math.nan)}, bs.InputError),
+        ({"iterations": 0}, bs.InputError),
+        ({"probes": 1.5}, bs.InputTypeError),
+        ({"tol": -1.0}, bs.InputError),
+        ({"target": 7}, bs.InputError),
+    ],
+)
+def test_bad_input(kwargs, error):
+    net = neurons(torch.ones(1, 4, dtype=torch.float64))
+    args = {"x": torch.ones(2, 4, dtype=torch.float64)} | kwargs
+    x = args.pop("x")
+    with pytest.raises(error):
+        curvature(net, x, **args)
+
+
+class Square(nn.Module):
+    """``g(x) = |x|^2``: level sets are spheres, principal curvatures ``1/r``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.square().sum(1, keepdim=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(radius=st.floats(0.5, 4.0), angle=st.floats(0.05, 2.5), d=st.integers(2, 6))
+def test_theorem1_on_a_sphere(radius, angle, d):
+    """Normal change 2 sin(a/2), chord 2 r sin(a/2), curvature 1/(r cos(a/2)) at mid-chord."""
+    x = torch.zeros(1, d, dtype=torch.float64)
+    x[0, 0] = radius
+    x_adv = torch.zeros(1, d, dtype=torch.float64)
+    x_adv[0, 0], x_adv[0, 1] = radius * math.cos(angle), radius * math.sin(angle)
+    out = theorem1_check(Square(), x, x_adv, samples=5)
+    half = angle / 2
+    assert out["normal_change"].item() == pytest.approx(2 * math.sin(half), rel=1e-9)
+    assert out["distance"].item() == pytest.approx(2 * radius * math.sin(half), rel=1e-9)
+    kappa = 1 / (radius * math.cos(half))
+    assert out["max_principal_curvature"].item() == pytest.approx(kappa, rel=1e-9)
+    assert out["bound"].item() == pytest.approx(2 * math.tan(half), rel=1e-9)
+    assert out["segment_bound"].item() == pytest.approx(2 * math.tan(half), rel=1e-9)
+    assert bool(out["holds"])
+    assert out["output_change"].item() == pytest.approx(0, abs=1e-9 * radius**2)
+
+
+def test_theorem1_segment_bound_is_guaranteed_for_softplus():
+    torch.manual_seed(4)
+    d = 5
+    net = neurons(torch.randn(3, d, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+    x = torch.randn(4, d, dtype=torch.float64)
+    x_adv = x + 0.3 * torch.randn(4, d, dtype=torch.float64)
+    out = theorem1_check(net, x, x_adv, beta=2.0, samples=65)
+    # n changes along the segment at rate |P H u| / |grad g| <= its sampled maximum
+    assert (out["normal_change"] <= out["segment_bound"] * (1 + 1e-3)).all()
+    grads = [bs.explain(bs.smooth(net, 2.0), v, "gradient", target=0) for v in (x, x_adv)]
+    normals = [g / g.norm(dim=1, keepdim=True) for g in grads]
+    torch.testing.assert_close(out["normal_change"], (normals[1] - normals[0]).norm(dim=1))
+
+
+def test_theorem1_fails_for_relu():
+    """Piecewise linear: zero curvature, yet the normal jumps between linear regions."""
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    x = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    x_adv = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    out = theorem1_check(neurons(w), x, x_adv)
+    assert out["normal_change"].item() == pytest.approx(math.sqrt(2 - math.sqrt(2)))
+    assert out["bound"].item() == 0.0
+    assert not bool(out["holds"])
+
+
+def test_theorem1_bad_input():
+    net = neurons(torch.ones(1, 3, dtype=torch.float64))
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(bs.InputError, match="x_adv must have the shape"):
+        theorem1_check(net, x, x[:1])
+    with pytest.raises(bs.InputError, match="samples"):
+        theorem1_check(net, x, x, samples=1)
