@@ -223,16 +223,13 @@ def _baseline(baseline: float | torch.Tensor | None, x: torch.Tensor) -> torch.T
         )
     if isinstance(baseline, torch.Tensor):
         try:
-            torch.broadcast_shapes(baseline.shape, x.shape)
+            fits = torch.broadcast_shapes(baseline.shape, x.shape) == x.shape
         except RuntimeError:
+            fits = False
+        if not fits:
             raise InputError(
                 f"baseline of shape {tuple(baseline.shape)} does not broadcast to "
                 f"x of shape {tuple(x.shape)}; expected e.g. {tuple(x.shape[1:])} or a number"
-            ) from None
-        if torch.broadcast_shapes(baseline.shape, x.shape) != x.shape:
-            raise InputError(
-                f"baseline of shape {tuple(baseline.shape)} would enlarge x of shape "
-                f"{tuple(x.shape)}; expected a shape that broadcasts to x"
             )
     base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     if not bool(torch.isfinite(base).all()):

@@ -1,0 +1,143 @@
+"""Bad input to bs.explain: one clear error naming the problem and the expected form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import betasmooth as bs
+from nets import plain_cnn, residual_net
+
+METHODS = ["gradient", "integrated_gradients", "smoothgrad", "beta_smooth"]
+
+
+@pytest.fixture
+def net():
+    return plain_cnn()
+
+
+@pytest.fixture
+def x():
+    return torch.rand(4, 1, 16, 16)
+
+
+def _raises(error, fragments, *args, **kwargs):
+    with pytest.raises(error) as info:
+        bs.explain(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert isinstance(info.value, bs.InputError)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "fragments"),
+    [
+        ([[0.5]], TypeError, ["torch.Tensor", "(B, C, H, W)", "list"]),
+        (torch.ones(4, 1, 16, 16, dtype=torch.int64), TypeError, ["floating", "int64"]),
+        (torch.rand(16), ValueError, ["at least 2 dimensions", "(16,)"]),
+        (torch.rand(0, 1, 16, 16), ValueError, ["empty batch", "at least one item"]),
+    ],
+)
+def test_bad_x(net, bad, error, fragments):
+    _raises(error, fragments, net, bad, "gradient")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("method", ["gradient", "integrated_gradients", "smoothgrad"])
+def test_non_finite_x(net, x, value, method):
+    x[1, 0, 3, 3] = value
+    _raises(ValueError, ["NaN or inf", "finite"], net, x, method)
+
+
+@pytest.mark.parametrize(
+    ("target", "error", "fragments"),
+    [
+        (5, ValueError, ["target class 5 is out of range", "5 outputs", "0 to 4"]),
+        (torch.tensor([0, 1, 9, 2]), ValueError, ["out of range", "0 to 4"]),
+        (-1, ValueError, ["target class must be >= 0", "-1"]),
+        (torch.tensor([0, 1]), ValueError, ["shape (4,)", "(2,)"]),
+        (torch.zeros(4, 1, dtype=torch.long), ValueError, ["shape (4,)", "(4, 1)"]),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, ["integer class indices", "float32"]),
+        ("cat", TypeError, ["target must be None, an int or a (B,) integer tensor", "str"]),
+    ],
+)
+@pytest.mark.parametrize(
+    "method", ["gradient", "integrated_gradients", "smoothgrad", "beta_smooth"]
+)
+def test_bad_target(net, x, target, error, fragments, method):
+    _raises(error, fragments, net, x, method, target)
+
+
+def test_unknown_method(net, x):
+    _raises(ValueError, ["unknown method 'saliency'", "gradient", "smoothgrad"], net, x, "saliency")
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "fragments"),
+    [
+        ("gradient", {"steps": 3}, TypeError, ["unknown option 'steps'", "'gradient'"]),
+        ("integrated_gradients", {"step": 3}, TypeError, ["unknown option 'step'", "steps"]),
+        ("integrated_gradients", {"steps": -3}, ValueError, ["steps must be an integer >= 2"]),
+        ("integrated_gradients", {"steps": 1}, ValueError, ["steps must be an integer >= 2"]),
+        ("integrated_gradients", {"steps": 2.5}, TypeError, ["steps must be an integer", "2.5"]),
+        ("integrated_gradients", {"rule": "simpson"}, ValueError,
+         ["unknown rule 'simpson'", "gausslegendre", "riemann_left"]),
+        ("integrated_gradients", {"baseline": torch.zeros(3, 16, 16)}, ValueError,
+         ["baseline of shape (3, 16, 16) does not broadcast", "(1, 16, 16)"]),
+        ("integrated_gradients", {"baseline": torch.tensor(float("nan"))}, ValueError,
+         ["baseline contains NaN", "finite"]),
+        ("integrated_gradients", {"baseline": "black"}, TypeError,
+         ["baseline must be None, a number or a tensor", "str"]),
+        ("integrated_gradients", {"chunk": 0}, ValueError, ["chunk must be an integer >= 1"]),
+        ("smoothgrad", {"sigma": 0.0}, ValueError, ["sigma must be a positive", "0.0"]),
+        ("smoothgrad", {"sigma": -0.1}, ValueError, ["sigma must be a positive"]),
+        ("smoothgrad", {"sigma": "big"}, TypeError, ["sigma must be a positive number"]),
+        ("smoothgrad", {"n": 0}, ValueError, ["n must be an integer >= 1", "0"]),
+        ("smoothgrad", {"noise": "uniform"}, ValueError,
+         ["unknown noise 'uniform'", "gaussian, logistic"]),
+        ("smoothgrad", {"input_range": 0}, ValueError, ["input_range must be a positive"]),
+        ("smoothgrad", {"seed": -1}, ValueError, ["seed must be an integer >= 0"]),
+        ("smoothgrad", {"base": "saliency"}, ValueError,
+         ["unknown base method 'saliency' for smoothgrad", "gradient", "integrated_gradients"]),
+        ("smoothgrad", {"base": "beta_smooth"}, ValueError, ["unknown base method 'beta_smooth'"]),
+        ("smoothgrad", {"base_options": {"beta": 1.0}}, TypeError,
+         ["unknown option 'beta' for method 'gradient'"]),
+        ("smoothgrad", {"base_options": [("steps", 3)]}, TypeError,
+         ["base_options must be a dict", "list"]),
+        ("beta_smooth", {"beta": 0}, ValueError, ["beta must be a positive", "0"]),
+        ("beta_smooth", {"beta": float("inf")}, ValueError, ["beta must be a positive finite"]),
+        ("beta_smooth", {"base": "smoothgrad"}, ValueError,
+         ["unknown base method 'smoothgrad' for beta_smooth", "input_x_gradient"]),
+        ("beta_smooth", {"base": "integrated_gradients", "base_options": {"rule": "x"}},
+         ValueError, ["unknown rule 'x'"]),
+    ],
+)  # fmt: skip
+def test_bad_option(net, x, method, options, error, fragments):
+    _raises(error, fragments, net, x, method, **options)
+
+
+@pytest.mark.parametrize(
+    "method", ["gradient", "integrated_gradients", "smoothgrad", "beta_smooth"]
+)
+def test_mode_is_restored_and_eval_is_used(x, method):
+    # Dropout makes a training-mode forward random; explain must use eval mode.
+    net = plain_cnn().train()
+    options = {"seed": 0, "n": 3} if method == "smoothgrad" else {}
+    ours = bs.explain(net, x, method, 1, **options)
+    assert net.training and all(m.training for m in net.modules())
+    torch.testing.assert_close(ours, bs.explain(plain_cnn().eval(), x, method, 1, **options))
+    evaluated = residual_net().eval()
+    bs.explain(evaluated, x, method, 1, **options)
+    assert not any(m.training for m in evaluated.modules())
+
+
+def test_mode_and_relu_are_restored_when_the_method_raises(x):
+    net = residual_net()
+    before = net(x)
+    net.train()
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):
+        bs.explain(net, x, "beta_smooth", base="integrated_gradients", base_options={"steps": 0})
+    assert net.training
+    torch.testing.assert_close(net.eval()(x), before, rtol=0, atol=0)
