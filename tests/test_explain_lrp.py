@@ -60,6 +60,23 @@ def mlp() -> nn.Module:
     )
 
 
+def signed_conv_input() -> nn.Module:
+    """The second convolution sees negative inputs: both halves of the z+ rule count."""
+    torch.manual_seed(4)
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64, 5),
+        )
+        .double()
+        .eval()
+    )
+
+
 @pytest.mark.parametrize(
     ("build", "low", "high", "epsilon"),
     [
@@ -67,8 +84,9 @@ def mlp() -> nn.Module:
         (lambda: vgg_small().double(), -0.5, 1.5, 0.1),
         (lambda: vgg_small(channels=3).double(), "per-channel", None, 1e-6),
         (mlp, 0.0, 1.0, 1e-3),
+        (signed_conv_input, 0.0, 1.0, 1e-6),
     ],
-    ids=["vgg", "vgg-bounds-eps", "vgg-rgb-tensor-bounds", "mlp-first-linear"],
+    ids=["vgg", "vgg-bounds-eps", "vgg-rgb-tensor-bounds", "mlp-first-linear", "signed-zplus"],
 )
 def test_lrp_matches_zennit(build, low, high, epsilon):
     net = build()
@@ -170,6 +188,15 @@ def test_lrp_on_smoothed_model_explains_the_softplus_forward():
     torch.testing.assert_close(
         bs.explain(net, x, "lrp", target, epsilon=0.0).sum((1, 2, 3)), relu_logit, rtol=1e-4, atol=0
     )
+
+
+def test_beta_smooth_over_lrp_is_lrp_of_the_smoothed_model():
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = net(x).argmax(1)
+    ours = bs.explain(net, x, "beta_smooth", base="lrp", beta=3.0)
+    torch.testing.assert_close(ours, bs.explain(bs.smooth(net, 3.0), x, "lrp", target))
+    assert not torch.allclose(ours, bs.explain(net, x, "lrp", target))
 
 
 def _relu_pattern(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

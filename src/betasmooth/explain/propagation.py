@@ -246,8 +246,15 @@ def _negative_part(t: torch.Tensor | None) -> torch.Tensor | None:
 def _zplus(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
     """z+ rule (zennit ``ZPlus``: alpha 1, beta 0; positive bias kept in the denominator)."""
     layer, a = step.layer, step.args[0]
+    w_pos = layer.weight.clamp(min=0)
+    if not bool(a.lt(0).any()):
+        # The usual case after a ReLU or softplus: the negative half is zero,
+        # and skipping it halves the cost.
+        z = layer.fn(a, w_pos, _positive_part(layer.bias))
+        s = relevance / stabilize(z, STABILIZER)
+        return _first_arg(step, a * _vjp(lambda t: layer.fn(t, w_pos, None), a, s))
     a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
-    w_pos, w_neg = layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+    w_neg = layer.weight.clamp(max=0)
     z = layer.fn(a_pos, w_pos, _positive_part(layer.bias)) + layer.fn(a_neg, w_neg, None)
     s = relevance / stabilize(z, STABILIZER)
     r_pos = a_pos * _vjp(lambda t: layer.fn(t, w_pos, None), a, s)
