@@ -222,10 +222,10 @@ def test_compare_never_nan_on_constant_maps():
 
 
 @pytest.mark.parametrize("fn", [mse, pcc, ssim])
-@pytest.mark.parametrize("shape", [(6, 6), (12, 13)])
-def test_gradients_match_finite_differences(fn, shape):
-    a = torch.rand(2, *shape, dtype=torch.float64, requires_grad=True)
-    b = torch.rand(2, *shape, dtype=torch.float64)
+@pytest.mark.parametrize(("batch", "shape"), [(2, (6, 6)), (1, (12, 11))])
+def test_gradients_match_finite_differences(fn, batch, shape):
+    a = torch.rand(batch, *shape, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(batch, *shape, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: fn(x, b), (a,), eps=1e-6, atol=1e-5)
     assert torch.autograd.gradcheck(lambda y: fn(b.detach(), y), (a,), eps=1e-6, atol=1e-5)
 

@@ -175,22 +175,30 @@ def _gaussian_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
-    # scipy.ndimage mode "reflect" (d c b a | a b c d | d c b a), repeated for
-    # any radius, also one larger than the map.
-    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
-    return torch.where(i >= n, 2 * n - 1 - i, i)
+def _filter_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` matrix of the 1-D Gaussian filter with scipy.ndimage's ``reflect`` border.
+
+    Row ``i`` holds the taps around ``i``; taps that fall outside the map are
+    folded back (d c b a | a b c d | d c b a), repeatedly for maps narrower
+    than the window. One matrix product per axis is faster than a padded
+    convolution on CPU, float64 included.
+    """
+    taps = _gaussian_taps(torch.float64, torch.device("cpu"))
+    radius = (taps.numel() - 1) // 2
+    source = torch.arange(n).unsqueeze(1) + torch.arange(-radius, radius + 1)
+    source = source % (2 * n)
+    source = torch.where(source >= n, 2 * n - 1 - source, source)
+    rows = torch.arange(n).unsqueeze(1).expand_as(source)
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    matrix.index_put_((rows.reshape(-1), source.reshape(-1)), taps.repeat(n), accumulate=True)
+    return matrix.to(dtype=dtype, device=device)
 
 
 def _gaussian_filter(x: torch.Tensor) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(sigma=1.5, truncate=3.5, mode="reflect")`` over (N, H, W)."""
-    taps = _gaussian_taps(x.dtype, x.device)
-    radius = (taps.numel() - 1) // 2
-    n, h, w = x.shape
-    y = x[:, _reflect_index(h, radius, x.device), :].unsqueeze(1)
-    y = torch.nn.functional.conv2d(y, taps.view(1, 1, -1, 1))
-    y = y[..., _reflect_index(w, radius, x.device)]
-    return torch.nn.functional.conv2d(y, taps.view(1, 1, 1, -1)).squeeze(1)
+    rows = _filter_matrix(x.shape[1], x.dtype, x.device)
+    cols = _filter_matrix(x.shape[2], x.dtype, x.device)
+    return rows @ x @ cols.T
 
 
 def ssim_window(height: int, width: int) -> int:
@@ -348,11 +356,15 @@ def default_k(height: int, width: int) -> int:
 
 
 def _topk_mask(m: torch.Tensor, k: int) -> torch.Tensor:
-    # A stable descending sort keeps equal values in index order, so ties go
-    # to the lower flat (row-major) index, the same for every device.
-    order = m.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros(m.shape[0], m[0].numel(), dtype=torch.bool, device=m.device)
-    return mask.scatter_(1, order, True)
+    # torch.topk breaks ties in no documented order; only the k-th largest
+    # value is well defined. Everything above it is in; of the pixels equal to
+    # it, the lowest row-major indices fill the remaining places.
+    flat = m.flatten(1)
+    kth = flat.topk(k, dim=1).values[:, -1:]
+    above = flat > kth
+    at = flat == kth
+    places = k - above.sum(1, keepdim=True)
+    return above | (at & (at.cumsum(1) <= places))
 
 
 @register_metric("topk")
