@@ -1,0 +1,226 @@
+"""Manipulation attacks on the built-in digits-cnn, and beta-smoothing as the defense.
+
+Default mode: on ``--n`` test images, target = the map of another random test
+image; per method and attack variant the medians of PCC and SSIM to the target
+before and after the attack, input MSE and PCC, labels kept, then the same
+after beta-smoothing (and SmoothGrad at the matched noise scale) for each
+beta. The bars of the paper's claim are checked and printed.
+
+``--compare-loop``: the batched attack against the same attack one image at a
+time on ``--loop-n`` images (throughput ratio), and the attack's time per step
+against bare double backprop (forward, gradient with create_graph, backward)
+on the same batch.
+
+    python benchmarks/attack.py --n 16 --methods gradient,lrp --json out.jsonl
+    python benchmarks/attack.py --compare-loop --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import betasmooth as bs
+from betasmooth.attack import ATTACK_DEFAULTS, random_targets
+
+# Attack variants measured side by side on the same images and targets.
+VARIANTS = {
+    "paper": {},
+    "pcc+eps": {"loss": "pcc", "eps": 0.03},
+}
+
+
+def median(values) -> float:
+    return float(statistics.median([float(v) for v in values]))
+
+
+def emit(path, row) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def sample(args):
+    model = bs.load_model("digits-cnn").to(args.device)
+    x, _ = bs.load_data("digits", split="test")
+    g = torch.Generator().manual_seed(args.seed)
+    pick = torch.randperm(x.shape[0], generator=g)
+    return model, x, pick, g
+
+
+def attack_table(args) -> None:
+    model, x_all, pick, g = sample(args)
+    x = x_all[pick[: args.n]].to(args.device)
+    # Targets: maps of other random test images.
+    others = x_all[pick[args.n : 2 * args.n]].to(args.device)
+    betas = [float(b) for b in args.betas.split(",")]
+    for method in args.methods.split(","):
+        pool = bs.heatmap(bs.explain(model, torch.cat([x, others]), method))
+        target = pool[args.n :]
+        before = bs.compare(bs.heatmap(bs.explain(model, x, method)), target)
+        for variant in args.variants.split(","):
+            config = dict(VARIANTS[variant])
+            start = time.perf_counter()
+            result = bs.manipulate(
+                model, x, target, method, steps=args.steps, progress=args.progress, **config
+            )
+            seconds = time.perf_counter() - start
+            m = result.metrics
+            row = {
+                "benchmark": "attack",
+                "method": method,
+                "variant": variant,
+                "n": args.n,
+                "steps": args.steps or ATTACK_DEFAULTS[method]["steps"],
+                "seconds": seconds,
+                "pcc_before": median(before["pcc"]),
+                "pcc_after": median(m["expl_pcc_target"]),
+                "ssim_before": median(before["ssim"]),
+                "ssim_after": median(m["expl_ssim_target"]),
+                "input_mse": median(m["input_mse"]),
+                "input_mse_max": float(m["input_mse"].max()),
+                "input_pcc": median(m["input_pcc"]),
+                "labels_kept": int(result.label_kept.sum()),
+                "unchanged": int((result.x_adv == result.x).flatten(1).all(1).sum()),
+            }
+            gain = row["pcc_after"] - row["pcc_before"]
+            print(
+                f"\n{method} [{variant}] {row['steps']} steps, {seconds:.0f} s: "
+                f"PCC to target {row['pcc_before']:.3f} -> {row['pcc_after']:.3f} "
+                f"(gain {gain:+.3f}), SSIM {row['ssim_before']:.3f} -> {row['ssim_after']:.3f}, "
+                f"input MSE {row['input_mse']:.2e} (max {row['input_mse_max']:.2e}), "
+                f"input PCC {row['input_pcc']:.4f}, labels kept {row['labels_kept']}/{args.n}, "
+                f"x_adv == x for {row['unchanged']}"
+            )
+            sweep = bs.defense_sweep(
+                model, x, result.x_adv.to(args.device), target, method, betas, smoothgrad_n=20
+            )
+            print(
+                f"  {'defense':12s} {'beta':>5s} {'sigma':>6s} {'adv>tgt PCC':>11s} "
+                f"{'gain left':>9s} {'adv>orig PCC':>12s} {'adv>orig SSIM':>13s} "
+                f"{'clean>orig PCC':>14s} {'s/img':>7s}"
+            )
+            row["sweep"] = sweep.medians()
+            for med in row["sweep"]:
+                left = med["adv_vs_target_pcc"] - row["pcc_before"]
+                med["gain_left"] = left / gain if gain > 0 else float("nan")
+                sigma = f"{med['sigma']:.2f}" if med["sigma"] is not None else "-"
+                print(
+                    f"  {med['defense']:12s} {med['beta']:5.1f} {sigma:>6s} "
+                    f"{med['adv_vs_target_pcc']:11.3f} {med['gain_left']:9.2f} "
+                    f"{med['adv_vs_orig_pcc']:12.3f} {med['adv_vs_orig_ssim']:13.3f} "
+                    f"{med['clean_vs_orig_pcc']:14.3f} {med['seconds']:7.4f}"
+                )
+            at_one = [s for s in row["sweep"] if s["defense"] == "beta_smooth" and s["beta"] == 1.0]
+            bars = {
+                "every label kept": row["labels_kept"] == args.n,
+                "PCC gain >= 0.3": gain >= 0.3,
+                "input MSE <= 1e-3": row["input_mse"] <= 1e-3,
+                "half the gain gone at beta=1": bool(at_one)
+                and gain > 0
+                and at_one[0]["gain_left"] <= 0.5,
+            }
+            row["bars"] = bars
+            print("  bars: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in bars.items()))
+            emit(args.json, row)
+            sys.stdout.flush()
+
+
+def bare_double_backprop(model, x, target, label, beta, steps) -> float:
+    x = x.clone().requires_grad_(True)
+    with bs.smoothed(model, beta):
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits = model(x)
+            (grad,) = torch.autograd.grad(
+                logits.gather(1, label[:, None]).sum(), x, create_graph=True
+            )
+            loss = (bs.heatmap(grad) - target).square().mean()
+            (step,) = torch.autograd.grad(loss, x)
+    return (time.perf_counter() - start) / steps
+
+
+def compare_loop(args) -> None:
+    model, x_all, pick, g = sample(args)
+    n, steps, method = args.loop_n, args.steps or 50, args.methods.split(",")[0]
+    x = x_all[pick[:n]].to(args.device)
+    maps = bs.heatmap(bs.explain(model, x, method))
+    target = random_targets(maps, g)
+    label = model(x).argmax(1)
+
+    def timed(fn):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    batched, result = timed(lambda: bs.manipulate(model, x, target, method, steps=steps))
+    final_only, _ = timed(
+        lambda: bs.manipulate(model, x, target, method, steps=steps, check_every=steps)
+    )
+    looped, _ = timed(
+        lambda: [
+            bs.manipulate(model, x[i : i + 1], target[i : i + 1], method, steps=steps)
+            for i in range(n)
+        ]
+    )
+    bare = bare_double_backprop(model, x, target, label, 10.0, steps)
+    row = {
+        "benchmark": "attack-compare-loop",
+        "device": args.device,
+        "method": method,
+        "n": n,
+        "steps": steps,
+        "threads": torch.get_num_threads(),
+        "batched_s": batched,
+        "looped_s": looped,
+        "throughput_ratio": looped / batched,
+        "step_s": batched / steps,
+        "step_final_check_only_s": final_only / steps,
+        "bare_double_backprop_s": bare,
+        "step_over_bare": batched / steps / bare,
+        "step_over_bare_final_check_only": final_only / steps / bare,
+    }
+    print(
+        f"{method}, {n} images, {steps} steps, {args.device}, {row['threads']} threads\n"
+        f"  batched {batched:.1f} s, one image at a time {looped:.1f} s: "
+        f"throughput ratio {row['throughput_ratio']:.2f}\n"
+        f"  per step: attack {row['step_s'] * 1e3:.1f} ms (scored on the original network "
+        f"every step), {row['step_final_check_only_s'] * 1e3:.1f} ms (scored once); "
+        f"bare double backprop {bare * 1e3:.1f} ms; ratio {row['step_over_bare']:.2f} / "
+        f"{row['step_over_bare_final_check_only']:.2f}"
+    )
+    emit(args.json, row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--methods", default="gradient,lrp")
+    parser.add_argument("--variants", default="paper", help=f"some of {','.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=None, help="default: the paper's budget")
+    parser.add_argument("--betas", default="0.5,1,2,5")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="append a JSON line per result")
+    parser.add_argument("--compare-loop", action="store_true")
+    parser.add_argument("--loop-n", type=int, default=64)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    if args.compare_loop:
+        compare_loop(args)
+    else:
+        attack_table(args)
+
+
+if __name__ == "__main__":
+    main()
