@@ -258,6 +258,15 @@ def test_lrp_graph_is_traced_once_per_model():
     torch.testing.assert_close(
         after, zennit_lrp(net, x, torch.tensor([0, 0])), rtol=1e-10, atol=1e-14
     )
+    # A replaced submodule is seen: the graph is traced again.
+    net[-1] = nn.Linear(32, 5).double()
+    torch.testing.assert_close(
+        bs.explain(net, x, "lrp", 0),
+        zennit_lrp(net, x, torch.tensor([0, 0])),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+    assert lrp_graph(net) is not graph
 
 
 class DataDependent(nn.Module):

@@ -446,7 +446,8 @@ class LRPGraph:
     """A traced model with a rule for each node that carries relevance.
 
     Built once per model by :func:`lrp_graph`; parameters are read at each
-    call, so the graph stays valid while the weights change.
+    call, so the graph stays valid while the weights change, and it is built
+    again when a submodule is replaced.
     """
 
     module: fx.GraphModule
@@ -521,7 +522,7 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     3
     """
     cached = _GRAPHS.get(model)
-    if cached is not None:
+    if cached is not None and _same_modules(cached, model):
         return cached
     try:
         gm = fx.symbolic_trace(model)
@@ -534,6 +535,15 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     graph = _assign_rules(gm)
     _GRAPHS[model] = graph
     return graph
+
+
+def _same_modules(graph: LRPGraph, model: nn.Module) -> bool:
+    modules = dict(model.named_modules())
+    return all(
+        modules.get(node.target) is graph.module.get_submodule(node.target)
+        for node in graph.module.graph.nodes
+        if node.op == "call_module"
+    )
 
 
 def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
