@@ -9,13 +9,14 @@ from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
+from zennit.layer import Sum
 from zennit.rules import Epsilon, ZBox, ZPlus
 from zennit.types import Convolution
 
 import betasmooth as bs
 from betasmooth.explain.propagation import lrp_graph
 from betasmooth.validate import InputError
-from nets import ResidualNet, vgg_small
+from nets import ResidualNet, residual_net, vgg_small
 
 
 def zennit_lrp(net, x, target, low=0.0, high=1.0, epsilon=1e-6, canonizers=None):
@@ -128,6 +129,37 @@ def test_lrp_batchnorm_default_eps_within_zennit_identity_error():
     theirs = zennit_lrp(net, x, target, canonizers=[SequentialMergeBatchNorm()])
     # Two merged BatchNorms each scale by 1 / sqrt(1 + 1e-5) in zennit.
     torch.testing.assert_close(ours, theirs, rtol=0, atol=3e-5 * theirs.abs().max().item())
+
+
+class ZennitResidual(ResidualNet):
+    """:class:`ResidualNet` with module ReLUs and zennit's ``Sum`` for the residual addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.sum = Sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu1(self.bn1(self.conv1(x)))
+        b = self.relu2(self.bn2(self.conv2(a)))
+        return self.head(self.relu3(self.pool(self.sum(torch.stack([a, b], dim=-1)))))
+
+
+def test_lrp_on_residual_net_matches_zennit():
+    # F.relu, torch.relu, Tensor.relu and `a + b` in forward code against the
+    # same weights written with modules that zennit can hook.
+    net = residual_net().double()
+    for bn in (net.bn1, net.bn2):
+        bn.eps = 1e-12
+    twin = ZennitResidual().double().eval()
+    twin.load_state_dict(net.state_dict())
+    for bn in (twin.bn1, twin.bn2):
+        bn.eps = 1e-12
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target, canonizers=[SequentialMergeBatchNorm()])
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
 
 
 def test_lrp_float32_matches_zennit():
