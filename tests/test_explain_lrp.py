@@ -162,6 +162,44 @@ def test_lrp_on_residual_net_matches_zennit():
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
 
 
+def test_lrp_standalone_batchnorm_by_hand():
+    # A BatchNorm after a ReLU cannot be folded: it gets the epsilon rule of
+    # its affine map y = a * scale + shift (stabiliser 1e-6).
+    torch.manual_seed(5)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2)
+    ).double()
+    bn = net[3]
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    x = torch.rand(3, 1, 2, 2, dtype=torch.float64)
+    target = torch.tensor([0, 1, 1])
+
+    def stab(z, eps):
+        return z + eps * torch.where(z >= 0, 1.0, -1.0).double()
+
+    w1, b1, w2, b2 = net[1].weight, net[1].bias, net[4].weight, net[4].bias
+    with torch.no_grad():
+        x0 = x.flatten(1)
+        a = (x0 @ w1.T + b1).clamp(min=0)
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        y = a * scale + bn.bias - bn.running_mean * scale
+        z2 = y @ w2.T + b2
+        r2 = F.one_hot(target, 2) * z2
+        r_y = y * ((r2 / stab(z2, 0.01)) @ w2)
+        r_a = a * scale * r_y / stab(y, 1e-6)
+        low, high = torch.zeros_like(x0), torch.ones_like(x0)
+        wp, wn, bp, bn_ = w1.clamp(min=0), w1.clamp(max=0), b1.clamp(min=0), b1.clamp(max=0)
+        z1 = (x0 @ w1.T + b1) - (low @ wp.T + bp) - (high @ wn.T + bn_)
+        s1 = r_a / stab(z1, 1e-6)
+        expected = x0 * (s1 @ w1) - low * (s1 @ wp) - high * (s1 @ wn)
+    ours = bs.explain(net, x, "lrp", target, epsilon=0.01)
+    torch.testing.assert_close(ours, expected.view_as(x), rtol=1e-12, atol=1e-15)
+
+
 def test_lrp_float32_matches_zennit():
     net = vgg_small()
     x = torch.rand(2, 1, 16, 16)
