@@ -1,0 +1,194 @@
+"""Theorem 2 and the 1-D identity against scipy oracles and closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, optimize, special, stats
+
+from betasmooth import theory
+
+
+def scipy_bias_limit() -> float:
+    sd = math.pi / math.sqrt(3)
+    gap = optimize.minimize_scalar(
+        lambda z: -abs(stats.logistic.cdf(z) - stats.norm.cdf(z / sd)),
+        bounds=(0, 5),
+        method="bounded",
+        options={"xatol": 1e-12},
+    )
+    return -gap.fun
+
+
+def scipy_cdf_2d(u: np.ndarray, z: float) -> float:
+    """P(u1 e1 + u2 e2 < z) for standard logistic e1, e2, by one-dimensional convolution."""
+    u = u / np.linalg.norm(u)
+
+    def integrand(e1: float) -> float:
+        return 0.25 / math.cosh(e1 / 2) ** 2 * special.expit((z - u[0] * e1) / u[1])
+
+    return integrate.quad(integrand, -60, 60, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(beta=st.floats(0.05, 200.0))
+def test_identity_1d_to_1e6(beta):
+    out = theory.identity_1d(torch.linspace(-5, 5, 101, dtype=torch.float64), [beta])
+    assert (out["expectation"] - out["softplus"]).abs().max() < 1e-6
+    assert (out["cdf"] - out["derivative"]).abs().max() < 1e-6
+    # and both against scipy's logistic distribution
+    x = np.linspace(-5, 5, 101)
+    np.testing.assert_allclose(out["cdf"][0], stats.logistic.cdf(beta * x), atol=1e-12)
+    np.testing.assert_allclose(
+        out["softplus"][0], np.logaddexp(0, beta * x) / beta, rtol=1e-12, atol=1e-300
+    )
+
+
+def test_identity_1d_several_betas():
+    betas = [0.5, 1.0, 2.0, 5.0, 10.0, 100.0]
+    out = theory.identity_1d(torch.linspace(-5, 5, 201), betas)
+    assert out["expectation"].shape == (6, 201)
+    assert (out["expectation"] - out["softplus"]).abs().max() < 1e-12
+    assert (out["cdf"] - out["derivative"]).abs().max() < 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(angle=st.floats(0.05, math.pi / 2 - 0.05), z=st.floats(-6, 6))
+def test_iid_cdf_against_convolution(angle, z):
+    u = np.array([math.cos(angle), math.sin(angle)])
+    got = theory.iid_cdf(torch.tensor(u), torch.tensor([z], dtype=torch.float64))
+    assert got.item() == pytest.approx(scipy_cdf_2d(u, z), abs=1e-11)
+
+
+@settings(max_examples=15, deadline=None)
+@given(d=st.integers(1, 50), index=st.integers(0, 49), sign=st.sampled_from([-1.0, 1.0]))
+def test_axis_aligned_is_exact(d, index, sign):
+    u = torch.zeros(d, dtype=torch.float64)
+    u[index % d] = sign * 3.0
+    z = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    torch.testing.assert_close(theory.iid_cdf(u, z), torch.sigmoid(z), atol=1e-12, rtol=0)
+    assert theory.iid_bias(u) < 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(d=st.integers(2, 200), seed=st.integers(0, 2**16))
+def test_iid_bias_is_positive_and_small(d, seed):
+    w = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    bias = float(theory.iid_bias(w))
+    assert 1e-4 < bias < 0.03
+    # the same variance: the gap vanishes at the centre and in the tails
+    z = torch.tensor([0.0, -30.0, 30.0], dtype=torch.float64)
+    torch.testing.assert_close(theory.iid_cdf(w, z), torch.sigmoid(z), atol=1e-10, rtol=0)
+
+
+def test_bias_limit_against_scipy():
+    limit, at = theory.bias_limit()
+    assert limit == pytest.approx(scipy_bias_limit(), abs=1e-10)
+    sd = math.pi / math.sqrt(3)
+    assert abs(stats.logistic.cdf(at) - stats.norm.cdf(at / sd)) == pytest.approx(limit, abs=1e-12)
+    # w spread evenly over many components: the weighted sum is nearly normal
+    assert float(theory.iid_bias(torch.ones(4096))) == pytest.approx(limit, abs=2e-5)
+    assert float(theory.iid_bias(torch.ones(2))) < float(theory.iid_bias(torch.ones(16))) < limit
+
+
+def points_along(w: torch.Tensor, z: torch.Tensor, beta: float, seed: int) -> torch.Tensor:
+    u = w / w.norm()
+    other = torch.randn(len(z), len(w), generator=torch.Generator().manual_seed(seed)).double()
+    return z[:, None] / beta * u + other - (other @ u)[:, None] * u
+
+
+def test_projected_noise_inside_confidence_interval():
+    w = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    out = theory.theorem2_monte_carlo(w, points_along(w, z, 2.0, 1), 2.0, 40_000, "projected")
+    torch.testing.assert_close(out["closed_form"], torch.sigmoid(z))
+    assert out["error"].max() <= out["simultaneous_half_width"]
+    # the iid estimate matches the exact iid cdf, not sigmoid: the bias is real
+    iid = theory.theorem2_monte_carlo(w, points_along(w, z, 2.0, 1), 2.0, 40_000, "iid", seed=1)
+    exact = theory.iid_cdf(w, z)
+    assert (iid["estimate"] - exact).abs().max() <= iid["simultaneous_half_width"]
+    assert iid["error"].max() > iid["simultaneous_half_width"]
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    beta=st.floats(0.2, 20.0),
+    d=st.integers(1, 40),
+    seed=st.integers(0, 1000),
+)
+def test_projected_noise_is_exact_for_any_w(beta, d, seed):
+    w = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    out = theory.theorem2_monte_carlo(
+        w, points_along(w, z, beta, seed), beta, 5000, "projected", seed=seed, level=0.9999
+    )
+    assert out["error"].max() <= out["simultaneous_half_width"]
+
+
+def test_monte_carlo_checkpoints_shrink():
+    w = torch.ones(8, dtype=torch.float64)
+    z = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    out = theory.theorem2_monte_carlo(
+        w, points_along(w, z, 1.0, 0), 1.0, 10_000, "projected", checkpoints=[100, 10_000]
+    )
+    half = out["checkpoint_half_width"]
+    assert half[0].item() == pytest.approx(10 * half[1].item())
+    assert out["checkpoint_error"][1] == out["error"].max()
+
+
+def test_unknown_noise_model():
+    with pytest.raises(ValueError, match="projected"):
+        theory.theorem2_monte_carlo(torch.ones(2), torch.ones(1, 2), 1.0, 10, "uniform")
+
+
+@pytest.fixture(scope="module")
+def quick_run():
+    return theory.run(quick=True)
+
+
+def test_run_summary(quick_run):
+    out = quick_run
+    json.dumps(out)
+    assert out["identity_1d_max_error"] < 1e-12
+    assert out["sigmoid_derivative_max_error"] < 1e-12
+    lo, hi = out["theorem2_projected_ci"]
+    assert lo == 0.0 and out["theorem2_projected_max_error"] <= hi
+    assert hi == pytest.approx(
+        stats.norm.ppf(1 - 0.05 / 50) * 0.5 / math.sqrt(out["theorem2_setup"]["n"])
+    )
+    assert 0 < out["theorem2_iid_bias"] < out["theorem2_iid_bias_limit"]
+    assert out["theorem2_iid_bias_axis_aligned"] < 1e-12
+    assert out["theorem2_iid_bias_limit"] == pytest.approx(scipy_bias_limit(), abs=1e-10)
+    assert out["theorem2_iid_max_error"] > hi
+    for values in out["smoothing_vs_smoothgrad_pcc"].values():
+        assert set(values) == {"logistic", "gaussian"}
+        assert all(-1 <= v <= 1 for v in values.values())
+    relu = out["curvature_by_beta"]["relu"]
+    assert relu["hessian_norm"] == 0.0 and relu["principal_curvature"] == 0.0
+
+
+def test_run_curves(quick_run):
+    curves = quick_run["curves"]
+    soft = curves["softplus"]
+    assert soft["betas"] == [0.5, 1.0, 2.0, 5.0, 10.0]
+    x = np.array(soft["x"])
+    for beta, y in zip(soft["betas"], soft["y"]):
+        np.testing.assert_allclose(y, np.logaddexp(0, beta * x) / beta, rtol=1e-12)
+    np.testing.assert_allclose(soft["relu"], np.maximum(x, 0))
+    dens = curves["density"]
+    sd = math.pi / math.sqrt(3) / dens["beta"]
+    np.testing.assert_allclose(
+        dens["logistic"], stats.logistic.pdf(dens["x"], scale=1 / dens["beta"])
+    )
+    np.testing.assert_allclose(dens["normal"], stats.norm.pdf(dens["x"], scale=sd))
+    mc = curves["mc_error"]
+    assert len(mc["n"]) == len(mc["projected"]) == len(mc["projected_ci"]) == len(mc["iid"])
+    for key in ("smoothing_vs_smoothgrad", "curvature"):
+        lengths = {len(v) for v in curves[key].values()}
+        assert lengths == {len(curves[key]["beta"])}
