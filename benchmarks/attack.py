@@ -214,7 +214,12 @@ def main() -> None:
     parser.add_argument("--compare-loop", action="store_true")
     parser.add_argument("--loop-n", type=int, default=64)
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.compare_loop:
         compare_loop(args)

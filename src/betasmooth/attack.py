@@ -3,7 +3,7 @@
 Targeted attack (Dombrowski et al. 2019): move ``x`` so that its explanation
 map approaches a target map while the output stays put,
 
-    loss = w_e * MSE(heatmap(x_adv), target) + w_o * MSE(logits(x_adv), logits(x)),
+    loss = w_e * MSE(heatmap(x_adv), target) + w_o * MSE(softmax(x_adv), softmax(x)),
 
 minimised by Adam on ``x_adv``, clamped to the data range after each step.
 The second derivative of a ReLU network is zero almost everywhere, so during
@@ -35,7 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .explain import explain, method_options
+from .explain import explain
+from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
 from .smooth import replace_relu, softplus
@@ -104,7 +105,7 @@ def default_weights(height: int, width: int) -> tuple[float, float]:
     Maps sum to 1, so a pixel holds about ``1 / (H W)`` and the mean squared
     difference of two maps scales like ``1 / (H W)^2``. Scaling the paper's
     ``w_e = 1e11`` (224 x 224) by ``(H W / 224^2)^2`` keeps the balance of the
-    two loss terms at any size; the logits do not depend on the map size, so
+    two loss terms at any size; the softmax outputs do not depend on the map size, so
     ``w_o = 1e6`` stays.
 
     Parameters
@@ -184,6 +185,74 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "pcc": _pcc_loss,
     "ssim": _ssim_loss,
 }
+
+
+@dataclass
+class ManipulationResult:
+    """What :func:`manipulate` returns; tensors on the CPU, batched over dim 0.
+
+    Attributes
+    ----------
+    x, x_adv : torch.Tensor
+        Input and manipulated input, ``(B, C, H, W)``.
+    map_orig, map_adv, map_target : torch.Tensor
+        Heatmaps ``(B, H, W)`` of ``x`` and ``x_adv`` on the original network,
+        and the target (for untargeted goals the original map).
+    label, label_adv : torch.Tensor
+        Prediction on ``x`` and on ``x_adv``, ``(B,)``.
+    label_kept : torch.Tensor
+        ``label_adv == label``, ``(B,)`` bool.
+    metrics : dict of str to torch.Tensor
+        ``(B,)`` each: ``expl_<m>_target`` and ``expl_<m>_orig`` for every
+        metric ``m`` of :func:`betasmooth.compare` (the map of ``x_adv``
+        against the target and against the map of ``x``); ``input_mse`` and
+        ``input_pcc`` (``x_adv`` against ``x``); ``output_change``, the mean
+        squared change of the softmax probabilities (the loss's output term).
+    history : torch.Tensor
+        ``(steps * (restarts + 1), B)``: the attack loss at each step, on the
+        surrogate network.
+    method, goal : str
+        As passed to :func:`manipulate`.
+    """
+
+    x: torch.Tensor
+    x_adv: torch.Tensor
+    map_orig: torch.Tensor
+    map_adv: torch.Tensor
+    map_target: torch.Tensor
+    label: torch.Tensor
+    label_adv: torch.Tensor
+    label_kept: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    history: torch.Tensor
+    method: str = ""
+    goal: str = "targeted"
+
+    def records(self) -> list[dict[str, object]]:
+        """One flat dict per image: method, goal, labels and every metric as a float.
+
+        Examples
+        --------
+        >>> sorted(result.records()[0])[:3]  # doctest: +SKIP
+        ['expl_com_shift_orig', 'expl_com_shift_target', 'expl_mse_orig']
+        """
+        rows = []
+        for i in range(self.x.shape[0]):
+            row: dict[str, object] = {
+                "method": self.method,
+                "goal": self.goal,
+                "label": int(self.label[i]),
+                "label_adv": int(self.label_adv[i]),
+                "label_kept": bool(self.label_kept[i]),
+            }
+            row.update({name: float(v[i]) for name, v in self.metrics.items()})
+            rows.append(row)
+        return rows
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Inputs, maps and labels as numpy arrays, e.g. for ``np.savez``."""
+        names = ("x", "x_adv", "map_orig", "map_adv", "map_target", "label", "label_adv")
+        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
 
 
 # ------------------------------------------------------------------ goals
@@ -266,7 +335,10 @@ def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) ->
 
 
 def _output_change(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean squared change of the softmax probabilities per item, as in the reference code."""
+    """Mean squared change of the softmax probabilities per item.
+
+    The reference code of Dombrowski et al. compares softmax outputs, not logits.
+    """
     return (logits.softmax(1) - reference.softmax(1)).square().mean(1)
 
 
@@ -472,7 +544,7 @@ def manipulate(
     """Manipulate the explanations of a batch while keeping the predicted labels.
 
     ``goal="targeted"`` (Dombrowski et al. 2019) minimises, per image,
-    ``w_e * L(heatmap(x_adv), target_map) + w_o * MSE(logits(x_adv), logits(x))``
+    ``w_e * L(heatmap(x_adv), target_map) + w_o * MSE(softmax(x_adv), softmax(x))``
     with Adam, clamping to ``data_range`` after each step (and to the L-inf
     ball ``eps`` if given). ``goal="topk"`` and ``goal="center"`` (Ghorbani et
     al. 2019) take signed steps of size ``step`` inside the L-inf ball ``eps``
@@ -572,7 +644,7 @@ def manipulate(
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
     options = {**defaults.get("options", {}), **(method_options or {})}
-    known = method_options_of(method)
+    known = options_of(method)
     options = {n: v for n, v in options.items() if n in known or n in (method_options or {})}
     if eot and "seed" not in known:
         raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
@@ -689,79 +761,6 @@ def manipulate(
         method=method,
         goal=goal_name,
     )
-
-
-def method_options_of(method: str) -> dict[str, object]:
-    """The options of an explanation method (InputError for an unknown name)."""
-    return method_options(method)
-
-
-@dataclass
-class ManipulationResult:
-    """What :func:`manipulate` returns; tensors on the CPU, batched over dim 0.
-
-    Attributes
-    ----------
-    x, x_adv : torch.Tensor
-        Input and manipulated input, ``(B, C, H, W)``.
-    map_orig, map_adv, map_target : torch.Tensor
-        Heatmaps ``(B, H, W)`` of ``x`` and ``x_adv`` on the original network,
-        and the target (for untargeted goals the original map).
-    label, label_adv : torch.Tensor
-        Prediction on ``x`` and on ``x_adv``, ``(B,)``.
-    label_kept : torch.Tensor
-        ``label_adv == label``, ``(B,)`` bool.
-    metrics : dict of str to torch.Tensor
-        ``(B,)`` each: ``expl_<m>_target`` and ``expl_<m>_orig`` for every
-        metric ``m`` of :func:`betasmooth.compare` (the map of ``x_adv``
-        against the target and against the map of ``x``); ``input_mse`` and
-        ``input_pcc`` (``x_adv`` against ``x``); ``output_change``, the mean
-        squared change of the logits.
-    history : torch.Tensor
-        ``(steps * (restarts + 1), B)``: the attack loss at each step, on the
-        surrogate network.
-    method, goal : str
-        As passed to :func:`manipulate`.
-    """
-
-    x: torch.Tensor
-    x_adv: torch.Tensor
-    map_orig: torch.Tensor
-    map_adv: torch.Tensor
-    map_target: torch.Tensor
-    label: torch.Tensor
-    label_adv: torch.Tensor
-    label_kept: torch.Tensor
-    metrics: dict[str, torch.Tensor]
-    history: torch.Tensor
-    method: str = ""
-    goal: str = "targeted"
-
-    def records(self) -> list[dict[str, object]]:
-        """One flat dict per image: method, goal, labels and every metric as a float.
-
-        Examples
-        --------
-        >>> sorted(result.records()[0])[:3]  # doctest: +SKIP
-        ['expl_com_shift_orig', 'expl_com_shift_target', 'expl_mse_orig']
-        """
-        rows = []
-        for i in range(self.x.shape[0]):
-            row: dict[str, object] = {
-                "method": self.method,
-                "goal": self.goal,
-                "label": int(self.label[i]),
-                "label_adv": int(self.label_adv[i]),
-                "label_kept": bool(self.label_kept[i]),
-            }
-            row.update({name: float(v[i]) for name, v in self.metrics.items()})
-            rows.append(row)
-        return rows
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Inputs, maps and labels as numpy arrays, e.g. for ``np.savez``."""
-        names = ("x", "x_adv", "map_orig", "map_adv", "map_target", "label", "label_adv")
-        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
 
 
 def random_targets(maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
