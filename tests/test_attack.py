@@ -253,3 +253,20 @@ def test_bad_input_is_refused(small):
         bs.manipulate(net, x, None, "gradient", steps=1)
     with pytest.raises(bs.InputError, match="seed option"):
         bs.manipulate(net, x, good, "gradient", steps=1, eot=True)
+
+
+@pytest.mark.parametrize("loss", ["mse", "pcc", "ssim"])
+def test_restarts_never_do_worse_and_respect_the_budget(small, loss):
+    net, x = small
+    target = _targets(net, x)
+    config = {"steps": 4, "lr": 1e-2, "eps": 0.02, "loss": loss}
+    once = bs.manipulate(net, x, target, "gradient", **config)
+    twice = bs.manipulate(net, x, target, "gradient", restarts=1, **config)
+    assert twice.history.shape == (8, 4)
+    # The first run of the restarts is the run without restarts.
+    torch.testing.assert_close(twice.history[:4], once.history)
+    key = {"mse": "expl_mse_target", "pcc": "expl_pcc_target", "ssim": "expl_ssim_target"}[loss]
+    sign = 1 if loss == "mse" else -1
+    assert bool((sign * twice.metrics[key] <= sign * once.metrics[key] + 1e-7).all())
+    for result in (once, twice):
+        assert float((result.x_adv - x).abs().max()) <= 0.02 + 1e-7
