@@ -236,7 +236,8 @@ class _ReluHooks:
     def install(self) -> _ReluHooks:
         self.handles = [
             self.model.register_forward_pre_hook(self._enter),
-            self.model.register_forward_hook(self._leave, always_call=True),
+            # prepend: hooks installed later leave first, so stacked overrides unwind in order.
+            self.model.register_forward_hook(self._leave, always_call=True, prepend=True),
         ]
         return self
 
