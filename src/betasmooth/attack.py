@@ -715,7 +715,14 @@ def manipulate(
         best, best_score = x.clone(), _evaluate(p, the_goal, x)[0]
         generator = torch.Generator().manual_seed(seed)
         radius = eps_value if eps_value is not None else 0.01 * (high - low)
-        with replace_relu(model, p.surrogate, warn=schedule != "none"):
+        # Without a schedule the network is attacked as it is, and the
+        # override (which sees every torch call in forward) is left out.
+        surrogate = (
+            contextlib.nullcontext()
+            if schedule == "none"
+            else replace_relu(model, p.surrogate, warn=True)
+        )
+        with surrogate:
             for r in range(restarts + 1):
                 start = x
                 if r:
