@@ -338,7 +338,16 @@ def test_explain_only_run(tmp_path):
             x=rng.random((3, 1, H, H)),
             map=_maps(rng, 3),
         )
+    records = [
+        {"index": i, "method": m, "label": 1, "map_max": float(rng.random()), "seconds": 0.1}
+        for m in ("gradient", "lrp")
+        for i in range(3)
+    ]
+    (tmp_path / "explain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     page = parse(build_report(tmp_path))
+    got = column(page.tables["explain-medians"], "lrp")
+    assert got["map_max"] == np.median([r["map_max"] for r in records if r["method"] == "lrp"])
+    assert "label" not in got
     assert [img["alt"] for img in page.images] == ["explanation grid"]
     with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
         assert im.size == figures.grid_size(3, 3)

@@ -144,6 +144,7 @@ def _draw_grid(
     images = [c[2] for c in columns if c[1] == "image"]
     maps = [c[2] for c in columns if c[1] == "map"]
     vmax = np.ones(rows)
+    pixels = np.asarray(maps[0][0]).size if maps else 1
     for r in range(rows):
         if images:
             row_images = np.concatenate([np.ravel(s[r]) for s in images])
@@ -198,14 +199,22 @@ def _draw_grid(
                         inner / height,
                     ]
                 )
+                # Labelled in multiples of the uniform share 1 / (H W): small plain
+                # numbers, comparable across image sizes, and no exponent text to collide.
                 mappable = matplotlib.cm.ScalarMappable(
-                    matplotlib.colors.Normalize(0.0, vmax[r]), cmap
+                    matplotlib.colors.Normalize(0.0, vmax[r] * pixels), cmap
                 )
                 bar = fig.colorbar(mappable, cax=cax)
-                bar.ax.tick_params(labelsize=6)
-                bar.formatter.set_powerlimits((-2, 2))
-                bar.ax.yaxis.get_offset_text().set_fontsize(6)
-                bar.update_ticks()
+                bar.ax.tick_params(labelsize=6, length=2, pad=1)
+        if maps:
+            fig.text(
+                grid_w + 0.05 * CBAR_W * DPI / width,
+                foot + grid_h + 0.08 * TITLE_H * DPI / height,
+                "× 1/(HW)",
+                ha="left",
+                va="bottom",
+                fontsize=6,
+            )
         if title:
             fig.text(0.01, 1.0 - 0.04 * TITLE_H * DPI / height, title, va="top", fontsize=9)
         return _save(fig, path)
@@ -231,6 +240,8 @@ def method_grid(
     Maps are drawn with :data:`MAP_CMAP` on one colour scale per row (from 0
     to the row's 99.5th percentile, shown by the colour bar); the two images
     of a row share one grey scale, so the attack's change is not exaggerated.
+    The colour bar counts in multiples of the uniform share ``1 / (H W)`` of a
+    map that sums to 1.
 
     Parameters
     ----------

@@ -31,20 +31,21 @@ __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
 
 # Result fields in the order the medians table shows them; other numeric
 # fields follow alphabetically.
-METRIC_ORDER = (
-    "expl_pcc_target",
-    "expl_ssim_target",
-    "expl_mse_target",
-    "expl_pcc_orig",
-    "expl_ssim_orig",
-    "expl_mse_orig",
-    "input_mse",
-    "input_pcc",
-    "output_change",
-    "seconds",
-)
+METRIC_ORDER = tuple(
+    f"expl_{m}_{ref}"
+    for ref in ("target", "orig")
+    for m in ("pcc", "ssim", "mse", "spearman", "topk", "com_shift")
+) + ("input_mse", "input_pcc", "output_change", "seconds")
 # Fields that identify a record rather than measure it.
-_ID_FIELDS = {"index", "label", "label_adv", "label_kept", "target_index", "first"}
+_ID_FIELDS = {
+    "index",
+    "label",
+    "label_adv",
+    "label_kept",
+    "true_label",
+    "target_index",
+    "first",
+}
 SWEEP_METRICS = (
     "adv_vs_orig_pcc",
     "adv_vs_orig_ssim",
@@ -79,7 +80,8 @@ th,td{border:1px solid #d0d0d0;padding:2px 7px;text-align:right;vertical-align:t
 th{background:#f2f2f2}td.k,th.k{text-align:left}code{font-size:12px}
 img{max-width:100%;height:auto;display:block;margin:.4em 0}
 p.note{color:#666;font-style:italic}figure{margin:.8em 0}figcaption{font-size:12px;color:#444}
-nav a{margin-right:1em}
+nav a{margin-right:1em}.row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
+.figs{display:flex;flex-wrap:wrap;gap:0 1.5em}.figs figure{max-width:570px}
 """
 
 
@@ -93,6 +95,7 @@ class _Run:
     path: Path
     config: dict = field(default_factory=dict)
     results: list = field(default_factory=list)
+    explain: list = field(default_factory=list)
     sweep: list = field(default_factory=list)
     theory: dict | None = None
 
@@ -117,6 +120,7 @@ def _read(run_dir: Path) -> _Run:
         path=run_dir,
         config=_read_json(run_dir / "config.json") or {},
         results=read_jsonl(run_dir / "results.jsonl"),
+        explain=read_jsonl(run_dir / "explain.jsonl"),
         sweep=read_jsonl(run_dir / "sweep.jsonl"),
         theory=_read_json(run_dir / "theory.json"),
     )
@@ -415,7 +419,9 @@ def _section_methods(run: _Run) -> str:
     for method, files in batches.items():
         data = _load(files)
         need = ("x", "x_adv", "map_orig", "map_adv", "map_target")
-        out.append(f"<h3 id='method-{_e(_slug(method))}'>{_e(method)}</h3>")
+        goal = goals.get(method)
+        heading = method + (f" (goal: {goal})" if goal else "")
+        out.append(f"<h3 id='method-{_e(_slug(method))}'>{_e(heading)}</h3>")
         if not all(k in data for k in need):
             out.append(_note(f"The arrays of {method} lack {', '.join(need)}; no grid."))
             continue
@@ -427,8 +433,6 @@ def _section_methods(run: _Run) -> str:
         n = min(GRID_ROWS, len(data["x"]))
         index = data["index"][:n] if "index" in data else np.arange(n)
         swept = _sweep_maps(run, method, index)
-        goal = goals.get(method)
-        title = f"{method}" + (f", goal {goal}" if goal else "")
         path = figures.method_grid(
             data["x"][:n],
             data["map_orig"][:n],
@@ -439,7 +443,6 @@ def _section_methods(run: _Run) -> str:
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
             row_labels=_row_labels(data, n),
-            title=title,
         )
         caption = (
             f"First {n} of {len(data['x'])} images (row label: index, label before → after). "
@@ -471,13 +474,22 @@ def _section_explain(run: _Run) -> str:
         maps,
         run.figures / "explain.png",
         row_labels=_row_labels({"index": first["index"]} if "index" in first else {}, n),
-        title="explanations",
     )
-    return "<h2 id='explain'>Explanations</h2>" + _img(
+    out = "<h2 id='explain'>Explanations</h2>" + _img(
         path,
         "explanation grid",
         f"First {n} images; maps in {figures.MAP_CMAP}, one colour scale per row.",
     )
+    if run.explain:
+        keys = _metric_keys(run.explain)
+        groups = _groups(run.explain, ("method",))
+        columns = sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k))
+        stats = {c: medians(groups[c], keys) for c in columns}
+        rows = [["images"] + [len(groups[c]) for c in columns]]
+        rows += [[k] + [stats[c][k] for c in columns] for k in keys]
+        header = ["median over images"] + [c[0] for c in columns]
+        out += _table("explain-medians", header, rows)
+    return out
 
 
 def _sweep_label(key: Mapping[str, object]) -> str:
@@ -619,20 +631,22 @@ def _section_theory(run: _Run) -> str:
         for k, v in sorted(t.items())
         if k not in _THEORY_SCALARS and (_is_number(v) or isinstance(v, (str, bool)))
     ]
+    tables = []
     if scalars:
-        out.append(_table("theory-numbers", ["quantity", "value"], scalars))
+        tables.append("<div>" + _table("theory-numbers", ["quantity", "value"], scalars) + "</div>")
     for key in sorted(t):
         value = t[key]
         if key == "curves" or not isinstance(value, Mapping) or not value:
             continue
         inner = [v for v in value.values() if isinstance(v, Mapping)]
-        if len(inner) != len(value):
-            rows = [(k, value[k]) for k in value]
-            out.append(f"<h3>{_e(key)}</h3>" + _table(f"theory-{_slug(key)}", ["", key], rows))
-            continue
-        columns = sorted({c for v in inner for c in v})
-        rows = [[k] + [value[k].get(c) for c in columns] for k in value]
-        out.append(f"<h3>{_e(key)}</h3>" + _table(f"theory-{_slug(key)}", [""] + columns, rows))
+        if len(inner) == len(value):
+            columns = sorted({c for v in inner for c in v})
+            rows = [[k] + [value[k].get(c) for c in columns] for k in value]
+        else:
+            columns, rows = [key], [(k, value[k]) for k in value]
+        table = _table(f"theory-{_slug(key)}", [""] + columns, rows)
+        tables.append(f"<div><h3>{_e(key)}</h3>{table}</div>")
+    out.append(f"<div class='row'>{''.join(tables)}</div>")
     paths = figures.theorem_figures(t, run.figures)
     captions = {
         "theorem_softplus": "softplus_β against ReLU.",
@@ -645,8 +659,11 @@ def _section_theory(run: _Run) -> str:
         "theorem_smoothing_vs_smoothgrad": "PCC of the β-smoothed gradient with SmoothGrad.",
         "theorem_curvature": "Curvature of the β-smoothed network against β.",
     }
-    for p in paths:
-        out.append(_img(p, p.stem, captions.get(p.stem, "")))
+    out.append(
+        "<div class='figs'>"
+        + "".join(_img(p, p.stem, captions.get(p.stem, "")) for p in paths)
+        + "</div>"
+    )
     if not paths:
         out.append(_note("theory.json holds no curves to draw."))
     return "".join(out)
