@@ -473,6 +473,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
             theorem2_iid_mc_vs_exact       max |MC - exact iid cdf| (sampling only)
             theorem2_iid_bias              sup_x |P(u.e < t) - sigmoid(beta t)|, exact (by cf
                                            inversion), for the random Gaussian w in R^d
+            theorem2_iid_bias_at_points    the same, over the evaluation points only
             theorem2_iid_bias_axis_aligned the same for w = e_1 (0 up to quadrature error)
             theorem2_iid_bias_limit        max_z |sigmoid(z) - Phi(z sqrt(3)/pi)|  (d -> inf)
             theorem2_iid_bias_limit_at     its argmax z = beta t > 0
