@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import shutil
 from html.parser import HTMLParser
@@ -83,7 +84,7 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
         for method in METHODS:
             for i in range(N):
                 settings = [("beta_smooth", b, None) for b in BETAS]
-                settings += [("smoothgrad", None, 0.15)]
+                settings += [("smoothgrad", b, math.pi / (math.sqrt(3) * b)) for b in BETAS]
                 for defense, beta, sigma in settings:
                     rec = {"index": i, "method": method, "defense": defense}
                     rec |= {"beta": beta, "sigma": sigma, "seconds": float(rng.random())}
@@ -250,8 +251,13 @@ def test_defense_tables_equal_numpy(full_run):
                     if r["method"] == method and r["defense"] == "beta_smooth" and r["beta"] == beta
                 ]
                 assert got[f"β-smoothing β={beta:g}"] == np.median(want)
-            want = [r[key] for r in sweep if r["method"] == method and r["defense"] == "smoothgrad"]
-            assert got["SmoothGrad σ=0.15"] == np.median(want)
+                want = [
+                    r[key]
+                    for r in sweep
+                    if r["method"] == method and r["defense"] == "smoothgrad" and r["beta"] == beta
+                ]
+                sigma = math.pi / (math.sqrt(3) * beta)
+                assert got[f"SmoothGrad σ={sigma:.3g}, matched to β={beta:g}"] == np.median(want)
 
 
 def test_theory_numbers_in_page(full_run):
@@ -289,6 +295,9 @@ def test_images_are_embedded_pngs_of_the_expected_size(full_run):
         # original, its map, attacked, its map, target, then one map per beta
         assert sizes[f"{method} grid"] == figures.grid_size(rows, 5 + len(BETAS))
         assert sizes[f"{method} quality against time"] == plot
+        assert sizes[f"{method} defense curves"] == tuple(
+            round(v * figures.DPI) for v in figures.DEFENSE_SIZE
+        )
     for name in ("softplus", "density", "mc_error", "smoothing_vs_smoothgrad", "curvature"):
         assert sizes[f"theorem_{name}"] == plot
     assert len(page.images) == 3 * len(METHODS) + 5

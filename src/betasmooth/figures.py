@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.lines
+import matplotlib.ticker
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -330,9 +332,22 @@ def explain_grid(
     return _draw_grid(columns, path, title, row_labels)
 
 
+def _plain_log(axis: object) -> None:
+    """Label a log axis with plain numbers (0.5, 1, 10) rather than powers of ten."""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def _log_axis(ax: object, values: np.ndarray) -> None:
     if values.size and np.all(values > 0) and values.max() / values.min() >= 10:
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
+        ticks = np.unique(values)
+        if ticks.size <= 8:
+            ax.set_xticks(ticks)
+
+
+DEFENSE_SIZE = (9.0, 4.3)
 
 
 def defense_curves(
@@ -340,11 +355,16 @@ def defense_curves(
     curves: Mapping[str, Sequence[float]],
     path: str | Path,
     *,
-    smoothgrad: Mapping[str, Mapping[str, float]] | None = None,
+    smoothgrad_betas: Sequence[float] | None = None,
+    smoothgrad: Mapping[str, Sequence[float]] | None = None,
     undefended: Mapping[str, float] | None = None,
     title: str | None = None,
 ) -> Path:
     """Defense curves against beta: similarity of the defended maps, PCC and SSIM.
+
+    Colour tells the comparison (attacked map vs original, vs target, clean
+    map vs original), line style the defense: solid for beta-smoothing,
+    dotted for SmoothGrad at the matched noise level, grey for no defense.
 
     Parameters
     ----------
@@ -356,9 +376,11 @@ def defense_curves(
         The PCC keys are drawn on the left panel, the SSIM keys on the right.
     path : str or Path
         Where to write the PNG.
-    smoothgrad : mapping, optional
-        Label (e.g. ``"SmoothGrad σ=0.15"``) -> the same keys -> median; drawn
-        as horizontal dotted lines in the colour of the matching curve.
+    smoothgrad_betas : sequence of float, optional
+        The beta each SmoothGrad setting is matched to (its noise has the
+        variance of p_beta).
+    smoothgrad : mapping of str to sequence of float, optional
+        The same keys for SmoothGrad, one median per ``smoothgrad_betas``.
     undefended : mapping of str to float, optional
         The same keys for the ReLU network without defense, drawn as grey
         horizontal lines (e.g. ``adv_vs_orig_pcc`` = median ``expl_pcc_orig``).
@@ -368,7 +390,7 @@ def defense_curves(
     Returns
     -------
     Path
-        The PNG written.
+        The PNG written, of ``DEFENSE_SIZE`` inches at ``DPI``.
 
     Examples
     --------
@@ -380,45 +402,64 @@ def defense_curves(
     """
     betas = np.asarray(betas, dtype=np.float64)
     order = np.argsort(betas)
-    styles = {
-        "adv_vs_orig": ("attacked vs original", "C0", "-"),
-        "adv_vs_target": ("attacked vs target", "C3", "--"),
-        "clean_vs_orig": ("clean vs original", "C2", "-."),
+    sg_betas = np.asarray(smoothgrad_betas if smoothgrad_betas is not None else [], float)
+    sg_order = np.argsort(sg_betas)
+    comparisons = {
+        "adv_vs_orig": ("attacked vs original", "C0"),
+        "adv_vs_target": ("attacked vs target", "C3"),
+        "clean_vs_orig": ("clean vs original", "C2"),
     }
+    smoothgrad = smoothgrad or {}
+    undefended = undefended or {}
     with matplotlib.rc_context(_STYLE):
-        fig = _figure((2 * PLOT_SIZE[0] * 0.8, PLOT_SIZE[1]))
+        fig = _figure(DEFENSE_SIZE)
         axes = fig.subplots(
-            1, 2, gridspec_kw={"wspace": 0.28, "left": 0.07, "right": 0.98, "bottom": 0.15}
+            1,
+            2,
+            gridspec_kw={"wspace": 0.22, "left": 0.07, "right": 0.98, "bottom": 0.25},
         )
+        used = set()
         for ax, metric in zip(axes, ("pcc", "ssim")):
-            for stem, (label, colour, style) in styles.items():
+            for stem, (_, colour) in comparisons.items():
                 key = f"{stem}_{metric}"
                 if key in curves:
                     y = np.asarray(curves[key], dtype=np.float64)[order]
-                    ax.plot(betas[order], y, style, color=colour, marker="o", ms=3, label=label)
-                for values in (smoothgrad or {}).values():
-                    if key in values:
-                        ax.axhline(values[key], color=colour, ls=":", lw=1.2)
-                if undefended and key in undefended:
-                    ax.axhline(undefended[key], color="0.5", ls=(0, (1, 3)), lw=1.0)
-            sg_labels = [
-                k for k, v in (smoothgrad or {}).items() if any(m.endswith(metric) for m in v)
-            ]
-            if sg_labels:
-                ax.plot([], [], ":", color="0.3", lw=1.2, label=", ".join(sg_labels))
-            if undefended and any(k.endswith(metric) for k in undefended):
-                ax.plot([], [], ls=(0, (1, 3)), color="0.5", label="no defense (ReLU)")
-            _log_axis(ax, betas)
-            ax.set_xlabel("β (softplus_β replaces ReLU)")
+                    ax.plot(betas[order], y, "-", color=colour, marker="o", ms=3)
+                    used |= {stem, "beta"}
+                if key in smoothgrad and sg_betas.size:
+                    y = np.asarray(smoothgrad[key], dtype=np.float64)[sg_order]
+                    ax.plot(sg_betas[sg_order], y, ":", color=colour, marker="s", ms=3)
+                    used |= {stem, "smoothgrad"}
+                if key in undefended:
+                    ax.axhline(undefended[key], color=colour, alpha=0.5, ls=(0, (1, 3)), lw=1.2)
+                    used |= {"none"}
+            _log_axis(ax, np.concatenate([betas, sg_betas]))
+            ax.set_xlabel("β")
             ax.set_ylabel(metric.upper())
             ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(loc="best")
         axes[0].set_title("PCC of maps", loc="left")
         axes[1].set_title("SSIM of maps", loc="left")
+        handles = [
+            matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
+            for stem, (label, colour) in comparisons.items()
+            if stem in used
+        ]
+        for name, label, style, marker in (
+            ("beta", "β-smoothing", "-", "o"),
+            ("smoothgrad", "SmoothGrad", ":", "s"),
+            ("none", "no defense (ReLU)", (0, (1, 3)), None),
+        ):
+            if name in used:
+                handles.append(
+                    matplotlib.lines.Line2D(
+                        [], [], color="0.3", ls=style, marker=marker, label=label
+                    )
+                )
+        if handles:
+            fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
         if title:
             fig.suptitle(title, x=0.01, ha="left", fontsize=10)
-            fig.subplots_adjust(top=0.85)
+            fig.subplots_adjust(top=0.86)
         return _save(fig, path)
 
 
@@ -476,7 +517,8 @@ def cost_quality(
                     str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
                 )
         seconds = np.asarray(seconds)
-        if seconds.size and np.all(seconds > 0):
+        # SmoothGrad costs N passes: the spread is usually a decade or more.
+        if seconds.size and np.all(seconds > 0) and seconds.max() / seconds.min() >= 10:
             ax.set_xscale("log")
         ax.margins(x=0.25, y=0.12)
         ax.set_xlabel("median seconds per image")

@@ -498,13 +498,25 @@ def _sweep_label(key: Mapping[str, object]) -> str:
         parts.append(f"{key['attack']} attack")
     if key.get("defense") == "smoothgrad":
         if _is_number(key.get("sigma")):
-            parts.append(f"σ={float(key['sigma']):g}")
+            parts.append(f"σ={float(key['sigma']):.3g}")
+        if _is_number(key.get("beta")):
+            parts.append(f"matched to β={float(key['beta']):g}")
         for k in ("samples", "n_samples"):
             if _is_number(key.get(k)):
                 parts.append(f"N={key[k]}")
     elif _is_number(key.get("beta")):
         parts.append(f"β={float(key['beta']):g}")
     return ", ".join(parts)
+
+
+def _matched_beta(key: Mapping[str, object]) -> float | None:
+    """The beta of a sweep setting; for SmoothGrad without one, the beta whose p_beta has
+    the variance of its noise (sigma = pi / (sqrt(3) beta))."""
+    if _is_number(key.get("beta")) and math.isfinite(float(key["beta"])):
+        return float(key["beta"])
+    if key.get("defense") == "smoothgrad" and _is_number(key.get("sigma")) and key["sigma"] > 0:
+        return math.pi / (math.sqrt(3) * float(key["sigma"]))
+    return None
 
 
 def _defense_groups(records: Sequence[Mapping]) -> list[tuple[dict, list[Mapping]]]:
@@ -531,7 +543,7 @@ def _section_defense(run: _Run) -> str:
         mine = [r for r in run.sweep if str(r.get("method")) == method]
         keys = [k for k in SWEEP_METRICS if any(_is_number(r.get(k)) for r in mine)]
         groups = _defense_groups(mine)
-        rows, betas, curves, smoothgrad = [], [], {}, {}
+        rows, betas, curves, sg_betas, smoothgrad = [], [], {}, [], {}
         for key, recs in groups:
             stats = medians(recs, keys)
             label = _sweep_label(key)
@@ -540,23 +552,18 @@ def _section_defense(run: _Run) -> str:
             rows.append([f"{name} {label}".strip(), len(recs)] + [stats[k] for k in keys])
             if key.get("attack"):
                 continue
-            if defense == "beta_smooth" and _is_number(key.get("beta")):
-                if math.isfinite(float(key["beta"])):
-                    betas.append(float(key["beta"]))
-                    for k in keys:
-                        curves.setdefault(k, []).append(
-                            stats[k] if stats[k] is not None else np.nan
-                        )
-            elif defense == "smoothgrad":
-                smoothgrad[f"SmoothGrad {label}".strip()] = {
-                    k: v for k, v in stats.items() if v is not None
-                }
+            beta = _matched_beta(key)
+            if beta is not None:
+                target = (betas, curves) if defense == "beta_smooth" else (sg_betas, smoothgrad)
+                target[0].append(beta)
+                for k in keys:
+                    target[1].setdefault(k, []).append(np.nan if stats[k] is None else stats[k])
             if "seconds" in stats and stats["seconds"] and "adv_vs_orig_pcc" in stats:
                 points.append(
                     {
                         "method": method,
                         "defense": defense,
-                        "label": label,
+                        "label": label if beta is None else f"β={beta:g}",
                         "seconds": stats["seconds"],
                         "metric": stats["adv_vs_orig_pcc"],
                     }
@@ -581,7 +588,8 @@ def _section_defense(run: _Run) -> str:
                 betas,
                 {k: v for k, v in curves.items() if k != "seconds"},
                 run.figures / f"defense_{_slug(method)}.png",
-                smoothgrad=smoothgrad or None,
+                smoothgrad_betas=sg_betas,
+                smoothgrad=smoothgrad,
                 undefended=undefended or None,
                 title=f"{method}: defended maps against β",
             )
@@ -589,9 +597,10 @@ def _section_defense(run: _Run) -> str:
                 _img(
                     path,
                     f"{method} defense curves",
-                    "Solid: attacked map vs original; dashed: vs target; dash-dot: clean map "
-                    "vs original (what the defense costs without attack); dotted: SmoothGrad; "
-                    "grey: no defense.",
+                    "Blue: attacked map vs original map (high is good); red: attacked map vs "
+                    "target map (low is good); green: clean map vs original (what the defense "
+                    "costs without attack). Solid: β-smoothing; dotted: SmoothGrad with noise "
+                    "of the same variance; faint: no defense.",
                 )
             )
         out.append(_table(f"defense-{_slug(method)}", ["setting", "records"] + keys, rows))
