@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize, special, stats
 
-from betasmooth import theory
+from betasmooth import InputError, theory
 
 
 def scipy_bias_limit() -> float:
@@ -143,7 +143,7 @@ def test_monte_carlo_checkpoints_shrink():
 
 
 def test_unknown_noise_model():
-    with pytest.raises(ValueError, match="projected"):
+    with pytest.raises(InputError, match="projected"):
         theory.theorem2_monte_carlo(torch.ones(2), torch.ones(1, 2), 1.0, 10, "uniform")
 
 

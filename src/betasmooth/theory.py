@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .smooth import LogisticNoise, softplus
+from .validate import InputError
 
 __all__ = [
     "NOISE_MODELS",
@@ -54,7 +55,9 @@ __all__ = [
 _TAIL = 45.0
 
 
-def _gauss_legendre(lo: torch.Tensor, hi: torch.Tensor, panels: int, order: int = 16):  # noqa: ANN202
+def _gauss_legendre(
+    lo: torch.Tensor, hi: torch.Tensor, panels: int, order: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes and weights of composite Gauss-Legendre quadrature on ``[lo, hi]`` (broadcast)."""
     nodes, weights = np.polynomial.legendre.leggauss(order)
     nodes = torch.as_tensor(nodes, dtype=torch.float64)
@@ -300,7 +303,9 @@ def theorem2_monte_carlo(
     True
     """
     if noise not in NOISE_MODELS:
-        raise ValueError(f"unknown noise model {noise!r}; expected one of {sorted(NOISE_MODELS)}")
+        raise InputError(
+            f"unknown noise model {noise!r}; expected one of: {', '.join(NOISE_MODELS)}"
+        )
     w = torch.as_tensor(w, dtype=torch.float64)
     x = torch.as_tensor(x, dtype=torch.float64)
     u = w / w.norm()
