@@ -106,7 +106,15 @@ def input_gradient(
 def gradient(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, create_graph: bool = False
 ) -> torch.Tensor:
-    """Saliency: the gradient of the target logit (Simonyan et al. 2014)."""
+    """Saliency: the gradient of the target logit (Simonyan et al. 2014).
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> h = bs.explain(model, x[:4], "gradient")
+    """
     return input_gradient(model, x, target, create_graph)
 
 
@@ -114,12 +122,30 @@ def gradient(
 def input_x_gradient(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, create_graph: bool = False
 ) -> torch.Tensor:
-    """Input times gradient (Shrikumar et al. 2016)."""
+    """Input times gradient (Shrikumar et al. 2016).
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> h = bs.explain(model, x[:4], "input_x_gradient")
+    """
     return x * input_gradient(model, x, target, create_graph)
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """Check that the option ``name`` is an integer ``>= minimum``."""
+    """Check that the option ``name`` is an integer ``>= minimum``.
+
+    Examples
+    --------
+    >>> check_count("steps", 32, 2)
+    32
+    >>> check_count("steps", 1, 2)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: steps must be an integer >= 2; got 1
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if value < minimum:
@@ -128,14 +154,28 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
 
 
 def check_choice(name: str, value: object, choices: object) -> str:
-    """Check that the option ``name`` is one of ``choices`` (names)."""
+    """Check that the option ``name`` is one of ``choices`` (names).
+
+    Examples
+    --------
+    >>> check_choice("noise", "gaussian", {"gaussian", "logistic"})
+    'gaussian'
+    """
     if not isinstance(value, str) or value not in choices:
         raise InputError(f"unknown {name} {value!r}; expected one of: {', '.join(sorted(choices))}")
     return value
 
 
 def auto_chunk(chunk: int | None, total: int, batch: int) -> int:
-    """Points per forward pass: ``chunk``, or about :data:`ITEMS_PER_PASS` items when ``None``."""
+    """Points per forward pass: ``chunk``, or about :data:`ITEMS_PER_PASS` items when ``None``.
+
+    Examples
+    --------
+    >>> auto_chunk(None, total=50, batch=64)
+    4
+    >>> auto_chunk(100, total=50, batch=64)
+    50
+    """
     if chunk is None:
         return max(1, min(total, ITEMS_PER_PASS // batch))
     return min(check_count("chunk", chunk), total)
