@@ -270,3 +270,20 @@ def test_restarts_never_do_worse_and_respect_the_budget(small, loss):
     assert bool((sign * twice.metrics[key] <= sign * once.metrics[key] + 1e-7).all())
     for result in (once, twice):
         assert float((result.x_adv - x).abs().max()) <= 0.02 + 1e-7
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "integrated_gradients"])
+def test_output_term_is_the_softmax_change_on_the_surrogate(small, method):
+    net, x = small
+    target = _targets(net, x, method)
+    result = bs.manipulate(
+        net, x, target, method, steps=2, lr=1e-2, weights=(0.0, 1.0), beta0=10.0, beta_end=20.0
+    )
+    # At step 0, x_adv = x: the loss is the change of the softmax between the
+    # network with softplus_10 and the ReLU network, whichever way the method
+    # reaches the logits.
+    with torch.no_grad():
+        relu = net(x).softmax(1)
+        with bs.smoothed(net, 10.0):
+            soft = net(x).softmax(1)
+    torch.testing.assert_close(result.history[0], (soft - relu).square().mean(1))

@@ -88,9 +88,18 @@ ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
 }
 _FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"}
 
+#: Methods whose map comes from one plain forward pass of the model on ``x``
+#: itself: the attack's output term reuses its logits instead of a second
+#: forward. Others (noisy or scaled copies, modified or smoothed ReLUs, LRP's
+#: own pass) leave the output term to a forward of its own.
+OWN_FORWARD = frozenset({"gradient", "input_x_gradient"})
+
 #: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps.
 PAPER_WEIGHTS = (1e11, 1e6)
 PAPER_PIXELS = 224 * 224
+
+#: Steps between scorings of the targeted attack's iterates on the original network.
+CHECK_EVERY = 10
 
 #: Untargeted attacks: steps, and the L-inf budget as a fraction of the data range.
 UNTARGETED_STEPS = 100
@@ -286,13 +295,33 @@ class _Problem:
     progress: bool
     surrogate: _Surrogate = field(default_factory=_Surrogate)
     history: list[torch.Tensor] = field(default_factory=list)
+    seen_logits: torch.Tensor | None = None
 
     def maps(self, x: torch.Tensor, step: int | None = None, graph: bool = False) -> torch.Tensor:
         options = dict(self.options)
         if self.eot and step is not None:
             options["seed"] = self.seed + 1 + step
-        h = explain(self.model, x, self.method, self.explained, create_graph=graph, **options)
+        self.seen_logits = None
+        handle = None
+        if graph and self.method in OWN_FORWARD:
+            handle = self.model.register_forward_hook(self._see(x))
+        try:
+            h = explain(self.model, x, self.method, self.explained, create_graph=graph, **options)
+        finally:
+            if handle is not None:
+                handle.remove()
         return heatmap(h)
+
+    def _see(self, x: torch.Tensor) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if args and args[0] is x:
+                self.seen_logits = output
+
+        return hook
+
+    def output(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x_adv`` on the surrogate; from the explanation's forward where it had one."""
+        return self.model(x_adv) if self.seen_logits is None else self.seen_logits
 
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
         if self.eps is not None:
@@ -328,9 +357,7 @@ def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) ->
     w_e, w_o = p.weights
     loss = w_e * LOSSES[p.loss](maps, p.map_target)
     if w_o:
-        # The model runs a second time for the output term: explanation
-        # methods return maps only, and w_o = 0 skips it.
-        loss = loss + w_o * _output_change(p.model(x_adv), p.logits)
+        loss = loss + w_o * _output_change(p.output(x_adv), p.logits)
     return loss
 
 
@@ -603,8 +630,8 @@ def manipulate(
         Further runs from ``x`` plus uniform noise (of ``eps``, or 1 % of the
         data range), each image keeping its best iterate over all runs.
     check_every : int, optional
-        Steps between scorings on the original network (targeted); default
-        ``steps // 100`` (at least 1).
+        Steps between scorings on the original network (targeted), which
+        also scores the last step; default :data:`CHECK_EVERY` (10).
     method_options : dict, optional
         Options of the method, e.g. ``{"beta": 0.8}`` for beta_smooth or
         ``{"n": 10, "seed": 0}`` for smoothgrad (fixed draws per step).
@@ -676,7 +703,7 @@ def manipulate(
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
         raise InputError(f"restarts must be an int >= 0; got {restarts!r}")
     if check_every is None:
-        check_every = max(1, n_steps // 100)
+        check_every = CHECK_EVERY
 
     was_training = model.training
     model.eval()
