@@ -46,7 +46,7 @@ DPI = 100
 MAP_CMAP = "magma"
 # Inches per grid cell, and the strips for the column titles and colour bar.
 CELL = 1.35
-TITLE_H = 0.45
+TITLE_H = 0.3
 CBAR_W = 0.55
 FOOT_H = 0.1
 PLOT_SIZE = (5.6, 3.8)
@@ -100,7 +100,7 @@ def grid_size(rows: int, cols: int) -> tuple[int, int]:
     Examples
     --------
     >>> grid_size(2, 5)
-    (730, 325)
+    (730, 310)
     """
     width = CELL * cols + CBAR_W
     height = CELL * rows + TITLE_H + FOOT_H
@@ -127,7 +127,6 @@ def _fit(panel: np.ndarray, size: int) -> np.ndarray:
 def _draw_grid(
     columns: Sequence[tuple[str, str, np.ndarray]],
     path: str | Path,
-    title: str | None,
     row_labels: Sequence[str] | None,
 ) -> Path:
     """Draw ``columns`` of (title, kind, stack); kind is "image" or "map".
@@ -217,8 +216,6 @@ def _draw_grid(
                 va="bottom",
                 fontsize=6,
             )
-        if title:
-            fig.text(0.01, 1.0 - 0.04 * TITLE_H * DPI / height, title, va="top", fontsize=9)
         return _save(fig, path)
 
 
@@ -233,7 +230,6 @@ def method_grid(
     maps_beta: np.ndarray | None = None,
     betas: Sequence[float] | None = None,
     row_labels: Sequence[str] | None = None,
-    title: str | None = None,
 ) -> Path:
     """Grid of an attack: one row per image.
 
@@ -259,8 +255,6 @@ def method_grid(
         The betas of ``maps_beta``.
     row_labels : sequence of str, optional
         A short label per row (e.g. index and labels), drawn on the first image.
-    title : str, optional
-        Title above the grid.
 
     Returns
     -------
@@ -287,7 +281,7 @@ def method_grid(
         maps_beta = np.asarray(maps_beta)
         for k, beta in enumerate(betas):
             columns.append((f"attacked, β={beta:g}", "map", maps_beta[:, k]))
-    return _draw_grid(columns, path, title, row_labels)
+    return _draw_grid(columns, path, row_labels)
 
 
 def explain_grid(
@@ -296,7 +290,6 @@ def explain_grid(
     path: str | Path,
     *,
     row_labels: Sequence[str] | None = None,
-    title: str | None = None,
 ) -> Path:
     """Grid of explanations: one row per image, the image then one map per method.
 
@@ -310,8 +303,6 @@ def explain_grid(
         Where to write the PNG.
     row_labels : sequence of str, optional
         A short label per row.
-    title : str, optional
-        Title above the grid.
 
     Returns
     -------
@@ -329,7 +320,7 @@ def explain_grid(
     """
     columns = [("image", "image", np.asarray(x))]
     columns += [(name, "map", np.asarray(m)) for name, m in maps.items()]
-    return _draw_grid(columns, path, title, row_labels)
+    return _draw_grid(columns, path, row_labels)
 
 
 def _plain_log(axis: object) -> None:
@@ -512,9 +503,18 @@ def cost_quality(
             ys = np.array([float(p["metric"]) for p in pts])
             seconds.extend(xs.tolist())
             ax.plot(xs, ys, marker, color=colour, ms=6, label=label)
+            # β-smoothing labels to the left, SmoothGrad to the right: equal betas of the
+            # two often land close together.
+            left = defense == "beta_smooth"
             for p, x, y in zip(pts, xs, ys):
                 ax.annotate(
-                    str(p["label"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7
+                    str(p["label"]),
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(-5 if left else 5, 3),
+                    ha="right" if left else "left",
+                    fontsize=7,
+                    color=colour,
                 )
         seconds = np.asarray(seconds)
         # SmoothGrad costs N passes: the spread is usually a decade or more.
