@@ -1,0 +1,5 @@
+"""``python -m betasmooth`` and ``torchrun -m betasmooth``: the command line."""
+
+from .cli import main
+
+raise SystemExit(main())
