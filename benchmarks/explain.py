@@ -14,7 +14,7 @@ then the best of ``--repeats`` timings of each method on the same batch.
 - peak memory of integrated_gradients and smoothgrad with the default chunk
   and without chunking (all points in one pass): on CUDA
   ``torch.cuda.max_memory_allocated``, on CPU the growth of the peak resident
-  set (``ru_maxrss``) in a fresh process per configuration.
+  set (``VmHWM``, reset first) in a fresh process per configuration.
 
 Examples
 --------
@@ -118,9 +118,33 @@ def memory_child(device, batch_file, label):
         run[method](**options)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _reset_peak_rss()
     run[method](**options)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**10
+    return (_peak_rss() - base) / 2**10
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _reset_peak_rss():
+    """The resident set now, in KiB, after resetting the peak where Linux allows it."""
+    # ru_maxrss survives exec (a child starts with its parent's peak), so the
+    # peak is read from /proc and reset there.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kib("VmRSS:")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss():
+    try:
+        return _status_kib("VmHWM:")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak_memory(args, x, target):
@@ -235,7 +259,7 @@ def report(r):
             f"plain gradient {b['pcc_plain_gradient']:.3f})"
         )
     if "peak_mib" in r:
-        unit = "max_memory_allocated" if r["device"] == "cuda" else "ru_maxrss growth"
+        unit = "max_memory_allocated" if r["device"] == "cuda" else "peak RSS growth"
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
         print(f"peak memory MiB ({unit}): {peaks}")
 
