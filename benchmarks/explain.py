@@ -10,7 +10,9 @@ then the best of ``--repeats`` timings of each method on the same batch.
 - integrated_gradients (steps=50) against Captum ``IntegratedGradients``
   (n_steps=50, gausslegendre): maximum absolute difference of the maps;
 - beta_smooth against smoothgrad n=50 with logistic noise of the matched
-  standard deviation ``pi / (sqrt(3) beta)``: time ratio and PCC;
+  standard deviation ``pi / (sqrt(3) beta)``, i.e. scale ``1 / beta`` (Theorem 2
+  matches ``1 / (beta |w|)``; deep networks have no single ``|w|``): time
+  ratio and PCC, beside the PCC of two SmoothGrad runs with other draws;
 - peak memory of integrated_gradients and smoothgrad with the default chunk
   and without chunking (all points in one pass): on CUDA
   ``torch.cuda.max_memory_allocated``, on CPU the growth of the peak resident

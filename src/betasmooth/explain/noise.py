@@ -2,9 +2,10 @@
 
 SmoothGrad averages a base map over noisy copies of the input; beta_smooth
 computes the base map on the model with every ReLU replaced by
-``softplus_beta``, which for a one-layer network equals SmoothGrad with
-logistic noise of scale ``1 / beta`` exactly (Theorem 2), at the cost of one
-map instead of ``n``.
+``softplus_beta``. For a one-layer network ``relu(w.x)`` the gradient of the
+smoothed model is the expected SmoothGrad map under logistic noise whose
+component along ``w`` has scale ``1 / (beta |w|)`` (Theorem 2): one map
+instead of ``n``.
 """
 
 from __future__ import annotations
@@ -230,9 +231,10 @@ def beta_smooth(
 ) -> torch.Tensor:
     """The base map of the model with every ReLU replaced by ``softplus_beta``.
 
-    For one layer this equals SmoothGrad with logistic noise of scale
-    ``1 / beta`` (standard deviation ``pi / (sqrt(3) beta)``) in the limit of
-    infinitely many samples, at the cost of a single map. The target defaults
+    For one layer ``relu(w.x)`` the gradient map equals the expected SmoothGrad
+    map under logistic noise whose component along ``w`` has scale
+    ``1 / (beta |w|)`` (Theorem 2), at the cost of a single map; for deeper
+    networks the correspondence is approximate. The target defaults
     to the prediction of the original model at ``x``: the map explains the
     class the user sees, even where smoothing would change the argmax.
 
