@@ -1,0 +1,183 @@
+"""Run directory: durable results, atomic arrays, resume, sharding and out-of-memory halving."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from betasmooth.runs import (
+    Dist,
+    RunDir,
+    Unit,
+    append_jsonl,
+    derangement,
+    execute,
+    plan,
+    read_jsonl,
+    unit_seed,
+    write_npz,
+)
+from betasmooth.validate import InputError
+
+
+def _square(unit: Unit) -> tuple[list[dict], dict]:
+    # A deterministic stand-in for an attack: value = index squared, plus a method offset.
+    offset = {"a": 0.0, "b": 0.5}[unit.method]
+    records = [{"index": i, "method": unit.method, "value": i * i + offset} for i in unit.indices]
+    return records, {
+        "index": np.asarray(unit.indices),
+        "value": np.asarray([r["value"] for r in records]),
+    }
+
+
+def test_partial_last_line_is_ignored_and_terminated(tmp_path):
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, [{"index": 0, "method": "a"}, {"index": 1, "method": "a"}])
+    with open(path, "a") as f:  # a writer killed in the middle of a line
+        f.write('{"index": 2, "meth')
+    assert [r["index"] for r in read_jsonl(path)] == [0, 1]
+    append_jsonl(path, [{"index": 3, "method": "a"}])
+    assert [r["index"] for r in read_jsonl(path)] == [0, 1, 3]
+    assert path.read_text().count("\n") == 4
+
+
+def test_npz_write_is_atomic(tmp_path):
+    path = tmp_path / "a.npz"
+    write_npz(path, {"x": np.arange(3)})
+
+    class Broken:
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        write_npz(path, {"x": np.arange(5), "y": Broken()})
+    with np.load(path) as data:
+        np.testing.assert_array_equal(data["x"], np.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["a.npz"]
+
+
+def test_derangement_is_one_cycle_without_fixed_points():
+    for n in (2, 3, 10, 57):
+        p = derangement(n, seed=3)
+        assert sorted(p.tolist()) == list(range(n))
+        assert bool((p != torch.arange(n)).all())
+        # Following the map from 0 visits every item before returning: one cycle.
+        seen, i = set(), 0
+        while i not in seen:
+            seen.add(i)
+            i = int(p[i])
+        assert len(seen) == n
+    assert torch.equal(derangement(20, 1), derangement(20, 1))
+    assert not torch.equal(derangement(20, 1), derangement(20, 2))
+    with pytest.raises(InputError, match="at least 2 images"):
+        derangement(1, 0)
+
+
+def test_plan_and_unit_seed():
+    units = plan(["a", "b"], range(5), 2)
+    assert [(u.method, u.indices) for u in units] == [
+        ("a", (0, 1)),
+        ("a", (2, 3)),
+        ("a", (4,)),
+        ("b", (0, 1)),
+        ("b", (2, 3)),
+        ("b", (4,)),
+    ]
+    assert unit_seed(0, "a", 2) == unit_seed(0, "a", 2)
+    assert len({unit_seed(0, m, i) for m in "ab" for i in range(50)}) == 100
+
+
+def test_resume_skips_done_work_and_sorts(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test", "seed": 0})
+    calls = []
+
+    def work(unit):
+        calls.append(unit)
+        return _square(unit)
+
+    units = plan(["b", "a"], range(5), 2)
+    append_jsonl(run.results, [{"index": 2, "method": "a", "value": -1.0}])
+    records = execute(run, units, work, progress=False)
+    # (2, "a") was done before: its batch only does index 3, and its old value stays.
+    assert Unit("a", (3,)) in calls and all(2 not in u.indices for u in calls if u.method == "a")
+    assert [(r["index"], r["method"]) for r in records] == sorted(
+        (i, m) for i in range(5) for m in "ab"
+    )
+    assert {(r["index"], r["method"]): r["value"] for r in records}[(2, "a")] == -1.0
+    assert read_jsonl(run.results) == records
+    calls.clear()
+    assert execute(run, units, work, progress=False) == records
+    assert calls == []
+
+
+def test_ranks_write_their_shards_and_rank0_merges_like_one_process(tmp_path):
+    units = plan(["a", "b"], range(7), 2)
+    single = RunDir.create(tmp_path / "one", {"command": "test"})
+    expected = execute(single, units, _square, progress=False)
+    run = RunDir.create(tmp_path / "two", {"command": "test"})
+    # The ranks of a torchrun job, one after the other (barriers are no-ops here).
+    rank1 = RunDir(run.path, 1, 2)
+    assert execute(rank1, units, _square, dist=Dist(1, 2), progress=False) == []
+    shard = read_jsonl(run.path / "results-rank1.jsonl")
+    # Units a:(0,1) a:(2,3) a:(4,5) a:(6,) b:(0,1) ...; rank 1 takes every second one.
+    assert sorted({r["index"] for r in shard if r["method"] == "a"}) == [2, 3, 6]
+    merged = execute(RunDir(run.path, 0, 2), units, _square, dist=Dist(0, 2), progress=False)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in merged]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in expected]
+    assert not list(run.path.glob("results-rank*.jsonl"))
+    names = sorted(p.name for p in run.arrays.iterdir())
+    assert names == sorted(p.name for p in single.arrays.iterdir())
+
+
+def test_out_of_memory_halves_the_batch(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    sizes, messages = [], []
+
+    def work(unit):
+        sizes.append(len(unit.indices))
+        if len(unit.indices) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return _square(unit)
+
+    records = execute(run, plan(["a"], range(10), 8), work, progress=False, message=messages.append)
+    assert [r["index"] for r in records] == list(range(10))
+    assert sizes == [8, 4, 2, 2, 2, 2, 2]
+    assert messages == [
+        "betasmooth: out of memory with a batch of 8; retrying with batches of 4",
+        "betasmooth: out of memory with a batch of 4; retrying with batches of 2",
+    ]
+    assert sorted(int(p.stem.split("-")[1]) for p in run.arrays.iterdir()) == [0, 2, 4, 6, 8]
+    with np.load(run.arrays / "a-4.npz") as data:
+        np.testing.assert_array_equal(data["value"], [16.0, 25.0])
+
+
+def test_other_errors_are_not_retried(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+
+    def work(unit):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        execute(run, plan(["a"], range(4), 4), work, progress=False)
+
+
+def test_directory_checks(tmp_path):
+    config = {"command": "attack", "steps": 10, "seed": 0, "argv": ["x"]}
+    run = RunDir.create(tmp_path / "run", config)
+    stored = json.loads(run.config_path.read_text())
+    assert stored["steps"] == 10 and stored["world_size"] == 1
+    assert stored["versions"]["torch"] == torch.__version__
+    with pytest.raises(InputError, match="is not empty; pass --resume"):
+        RunDir.create(run.path, config)
+    with pytest.raises(InputError, match="steps is 10 .* but 20 now"):
+        RunDir.create(run.path, {**config, "steps": 20}, resume=True)
+    # Where and how it runs may change between a run and its resumption.
+    RunDir.create(run.path, {**config, "argv": ["y"], "device": "cuda"}, resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no config.json"):
+        RunDir.create(tmp_path / "other", config, resume=True)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
