@@ -77,10 +77,11 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px soli
 margin-top:1.8em}h3{font-size:1.05em;margin-top:1.3em}
 table{border-collapse:collapse;margin:.6em 0;font-size:12.5px}
 th,td{border:1px solid #d0d0d0;padding:2px 7px;text-align:right;vertical-align:top}
-th{background:#f2f2f2}td.k,th.k{text-align:left}code{font-size:12px}
+th{background:#f2f2f2}td.k,th.k{text-align:left;white-space:nowrap}code{font-size:12px}
 img{max-width:100%;height:auto;display:block;margin:.4em 0}
 p.note{color:#666;font-style:italic}figure{margin:.8em 0}figcaption{font-size:12px;color:#444}
-nav a{margin-right:1em}.row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
+nav a{margin-right:1em}.wide{overflow-x:auto}
+.row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
 .figs{display:flex;flex-wrap:wrap;gap:0 1.5em}.figs figure{max-width:570px}
 """
 
@@ -265,8 +266,8 @@ def _table(table_id: str, header: Sequence[str], rows: Sequence[Sequence[object]
         cells = f'<th class="k">{_e(_fmt(row[0]))}</th>' + "".join(_cell(v) for v in row[1:])
         body.append(f"<tr>{cells}</tr>")
     return (
-        f'<table id="{_e(table_id)}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table>"
+        f'<div class="wide"><table id="{_e(table_id)}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
     )
 
 
@@ -603,7 +604,11 @@ def _section_defense(run: _Run) -> str:
                     "of the same variance; faint: no defense.",
                 )
             )
-        out.append(_table(f"defense-{_slug(method)}", ["setting", "records"] + keys, rows))
+        # One column per setting: a dozen metrics fit down the page, not across it.
+        header = ["median over images"] + [r[0] for r in rows]
+        columns = [["records"] + [r[1] for r in rows]]
+        columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
+        out.append(_table(f"defense-{_slug(method)}", header, columns))
     if points:
         out.append("<h2 id='cost'>SmoothGrad against beta-smoothing: quality and time</h2>")
         for method in sorted({p["method"] for p in points}):
