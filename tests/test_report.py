@@ -384,3 +384,21 @@ def test_grid_rows_share_one_colour_scale(tmp_path):
     # Same data, lower share of the colour scale: the original map gets darker.
     assert b[orig_map].mean() < 0.5 * a[orig_map].mean()
     assert a.shape[1] == width
+
+
+def test_curvature_run_medians(tmp_path):
+    """A run without arrays (as `betasmooth curvature` writes it): one column per network."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "config.json").write_text(json.dumps({"command": "curvature", "seed": 1}))
+    records = [
+        {"index": i, "method": net, "beta": beta, "true_label": 2, "hessian_norm": float(h)}
+        for net, beta in (("relu", None), ("beta=1", 1.0))
+        for i, h in enumerate(rng.random(5))
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    page = parse(build_report(tmp_path))
+    got = column(page.tables["medians"], "beta=1")
+    want = np.median([r["hessian_norm"] for r in records if r["method"] == "beta=1"])
+    assert got["hessian_norm"] == want
+    assert sorted(got) == ["hessian_norm", "images"]
+    assert page.images == []

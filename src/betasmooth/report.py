@@ -45,6 +45,7 @@ _ID_FIELDS = {
     "true_label",
     "target_index",
     "first",
+    "beta",
 }
 SWEEP_METRICS = (
     "adv_vs_orig_pcc",
@@ -132,9 +133,8 @@ def _batches(arrays: Path, prefix: str) -> dict[str, list[Path]]:
     found: dict[str, list[tuple[int, Path]]] = {}
     for f in sorted(arrays.glob(f"{prefix}*.npz")) if arrays.is_dir() else []:
         name, _, first = f.stem[len(prefix) :].rpartition("-")
-        if not name or not first.isdigit():
-            continue
-        if prefix == "" and name.startswith(("sweep-", "explain-")):
+        # Other kinds of arrays are named <kind>-<method>-<first>; method names have no "-".
+        if not name or not first.isdigit() or "-" in name:
             continue
         found.setdefault(name, []).append((int(first), f))
     return {name: [f for _, f in sorted(files)] for name, files in sorted(found.items())}
@@ -361,10 +361,12 @@ def _section_results(run: _Run) -> str:
         "worked); expl_*_orig: attacked map vs original map; input_*: attacked vs original "
         "image; output_change: change of the model's output; seconds: per image."
     )
+    attack = any(k.startswith("expl_") for k in keys)
+    title = "Attack results" if attack else "Results"
     return (
-        "<h2 id='results'>Attack results: medians over images</h2>"
+        f"<h2 id='results'>{title}: medians over images</h2>"
         + _table("medians", header, rows)
-        + f"<p>{_e(legend)}</p>"
+        + (f"<p>{_e(legend)}</p>" if attack else "")
     )
 
 
