@@ -312,6 +312,9 @@ class RunDir:
         """Create the directory and write ``config.json`` with the run's provenance."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.arrays.mkdir(exist_ok=True)
+        # Temporary files of a batch whose process was killed while writing it.
+        for stale in [*self.path.glob(".*.tmp"), *self.arrays.glob(".*.npz")]:
+            stale.unlink(missing_ok=True)
         full = dict(config)
         full.setdefault("argv", list(sys.argv))
         full["versions"] = versions()

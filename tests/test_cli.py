@@ -1,0 +1,317 @@
+"""The betasmooth command: demo, attack with kill -9 and resume, sweep, theorem, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import pearsonr
+
+import betasmooth as bs
+from betasmooth.cli import main
+from betasmooth.runs import derangement, read_jsonl
+
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+RESULT_FIELDS = {
+    "index",
+    "method",
+    "label",
+    "label_adv",
+    "label_kept",
+    "expl_mse_target",
+    "expl_ssim_target",
+    "expl_pcc_target",
+    "expl_mse_orig",
+    "expl_ssim_orig",
+    "expl_pcc_orig",
+    "input_mse",
+    "input_pcc",
+    "output_change",
+    "seconds",
+}
+ATTACK = ["attack", "--model", "digits-cnn", "--data", "digits", "--no-progress"]
+
+
+def _saliency(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """|d logit_pred / dx| normalised to sum 1, by plain autograd."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    picked = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+    (g,) = torch.autograd.grad(picked, x)
+    h = g.abs().sum(1)
+    return (h / h.sum(dim=(1, 2), keepdim=True)).numpy()
+
+
+def _softplus_twin(beta: float) -> torch.nn.Module:
+    """digits-cnn with every nn.ReLU module swapped for torch's own Softplus(beta)."""
+    model = bs.load_model("digits-cnn")
+    for name, module in model.named_children():
+        if isinstance(module, torch.nn.ReLU):
+            setattr(model, name, torch.nn.Softplus(beta=beta))
+    return model
+
+
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    argv = ["demo", "--out", str(out), "--quick", "--n", "4", "--steps", "5", "--no-progress"]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def attack_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("attack") / "run"
+    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2"]
+    assert main([*argv, "--steps", "10", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_demo_writes_every_file_with_the_documented_fields(demo_dir, capsys):
+    config = json.loads((demo_dir / "config.json").read_text())
+    assert config["command"] == "demo" and config["seed"] == 0 and config["world_size"] == 1
+    assert {"torch", "numpy", "python", "betasmooth"} <= set(config["versions"])
+    assert config["argv"][:2] == ["betasmooth", "demo"]
+
+    methods = sorted(bs.attack.ATTACK_DEFAULTS)
+    results = read_jsonl(demo_dir / "results.jsonl")
+    keys = [(r["index"], r["method"]) for r in results]
+    assert keys == sorted((i, m) for i in range(4) for m in methods)
+    for r in results:
+        assert RESULT_FIELDS <= set(r)
+        assert r["label_kept"] == (r["label"] == r["label_adv"])
+    explained = read_jsonl(demo_dir / "explain.jsonl")
+    assert sorted((r["index"], r["method"]) for r in explained) == sorted(
+        (i, m) for i in range(4) for m in bs.METHODS
+    )
+    sweep = read_jsonl(demo_dir / "sweep.jsonl")
+    assert len(sweep) == 4 * len(methods) * 3 * 2
+    theory = json.loads((demo_dir / "theory.json").read_text())
+    assert "curves" in theory
+    assert (demo_dir / "report.html").stat().st_size > 10_000
+    assert all(p.stat().st_size > 1000 for p in (demo_dir / "figures").glob("*.png"))
+    for m in methods:
+        assert (demo_dir / "arrays" / f"{m}-0.npz").exists()
+        assert (demo_dir / "arrays" / f"sweep-{m}-0.npz").exists()
+
+
+@pytest.mark.slow
+def test_demo_values_match_their_arrays_and_hand_computation(demo_dir):
+    model = bs.load_model("digits-cnn")
+    x, _ = bs.load_data("digits")
+    results = {(r["index"], r["method"]): r for r in read_jsonl(demo_dir / "results.jsonl")}
+    with np.load(demo_dir / "arrays" / "gradient-0.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    targets = derangement(4, 0).numpy()
+    np.testing.assert_array_equal(arrays["index"], np.arange(4))
+    np.testing.assert_array_equal(arrays["target_index"], targets)
+    # The target of image i is the saliency map of image targets[i].
+    np.testing.assert_allclose(arrays["map_target"], _saliency(model, x[targets]), atol=1e-6)
+    np.testing.assert_allclose(arrays["map_orig"], _saliency(model, x[:4]), atol=1e-6)
+    for i in range(4):
+        r = results[(i, "gradient")]
+        assert r["target_index"] == targets[i]
+        assert r["label_adv"] == arrays["label_adv"][i]
+        diff = arrays["map_adv"][i] - arrays["map_target"][i]
+        assert r["expl_mse_target"] == pytest.approx(np.mean(diff**2), rel=1e-4)
+        assert r["expl_pcc_orig"] == pytest.approx(
+            pearsonr(arrays["map_adv"][i].ravel(), arrays["map_orig"][i].ravel())[0], abs=1e-4
+        )
+        dx = arrays["x_adv"][i] - arrays["x"][i]
+        assert r["input_mse"] == pytest.approx(np.mean(dx**2), rel=1e-4)
+
+    # The sweep's beta-smoothed map of x_adv against the original map, by torch's Softplus.
+    sweep = read_jsonl(demo_dir / "sweep.jsonl")
+    row = next(
+        s
+        for s in sweep
+        if s["method"] == "gradient"
+        and s["defense"] == "beta_smooth"
+        and s["beta"] == 5.0
+        and s["index"] == 2
+    )
+    smoothed = _softplus_twin(5.0)
+    x_adv = torch.from_numpy(arrays["x_adv"][2:3])
+    with torch.no_grad():
+        label = model(x[2:3]).argmax(1)
+    xg = x_adv.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(smoothed(xg)[0, label[0]], xg)
+    h = g.abs().sum(1)[0]
+    h = (h / h.sum()).numpy()
+    assert row["adv_vs_orig_pcc"] == pytest.approx(
+        pearsonr(h.ravel(), arrays["map_orig"][2].ravel())[0], abs=1e-3
+    )
+    with np.load(demo_dir / "arrays" / "sweep-gradient-0.npz") as data:
+        np.testing.assert_array_equal(data["betas"], [1.0, 5.0, 20.0])
+        np.testing.assert_allclose(data["maps_beta"][2, 1], h, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_attack_killed_then_resumed_has_every_item_once(tmp_path):
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient,input_x_gradient", "--n", "8", "--batch-size", "1"]
+    argv += ["--steps", "40", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "betasmooth", *argv], env=ENV, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not read_jsonl(out / "results.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    before = read_jsonl(out / "results.jsonl")
+    assert 1 <= len(before) < 16, "the run must be killed in the middle"
+    assert main([*argv, "--resume"]) == 0
+    after = read_jsonl(out / "results.jsonl")
+    keys = [(r["index"], r["method"]) for r in after]
+    assert keys == sorted((i, m) for i in range(8) for m in ("gradient", "input_x_gradient"))
+    by_key = {(r["index"], r["method"]): r for r in after}
+    for r in before:
+        assert by_key[(r["index"], r["method"])] == r
+    assert sorted(p.name for p in (out / "arrays").iterdir()) == sorted(
+        f"{m}-{i}.npz" for i in range(8) for m in ("gradient", "input_x_gradient")
+    )
+
+
+def test_non_empty_directory_is_refused(attack_dir, capsys):
+    before = _snapshot(attack_dir)
+    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2", "--steps", "10"]
+    assert main([*argv, "--out", str(attack_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "is not empty; pass --resume" in err
+    assert main([*argv[:-1], "20", "--out", str(attack_dir), "--resume"]) == 2
+    assert "steps is 10" in capsys.readouterr().err
+    assert _snapshot(attack_dir) == before
+
+
+def test_resume_of_a_finished_run_changes_nothing(attack_dir):
+    before = _snapshot(attack_dir)
+    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2", "--steps", "10"]
+    assert main([*argv, "--out", str(attack_dir), "--resume"]) == 0
+    after = _snapshot(attack_dir)
+    assert {k: v for k, v in after.items() if k != "config.json"} == {
+        k: v for k, v in before.items() if k != "config.json"
+    }
+
+
+def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    assert main(["sweep", str(run), "--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]) == 0
+    first = (run / "sweep.jsonl").read_bytes()
+    rows = read_jsonl(run / "sweep.jsonl")
+    assert len(rows) == 6 * 2 * 2 * 2
+    assert sorted({(r["index"], r["method"]) for r in rows}) == sorted(
+        (i, m) for i in range(6) for m in ("gradient", "lrp")
+    )
+    assert main(["sweep", str(run), "--betas", "2,10", "--smoothgrad-n", "4"]) == 0
+    assert (run / "sweep.jsonl").read_bytes() == first
+    # clean_vs_orig compares the smoothed map of x with the original one: for item 3
+    # under beta = 10, by torch's Softplus and scipy.
+    model = bs.load_model("digits-cnn")
+    x, _ = bs.load_data("digits")
+    row = next(
+        r
+        for r in rows
+        if (r["index"], r["method"], r["defense"], r["beta"]) == (3, "gradient", "beta_smooth", 10)
+    )
+    with torch.no_grad():
+        label = model(x[3:4]).argmax(1)
+    xg = x[3:4].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_softplus_twin(10.0)(xg)[0, label[0]], xg)
+    assert row["clean_vs_orig_pcc"] == pytest.approx(
+        pearsonr(g.abs().ravel().numpy(), _saliency(model, x[3:4]).ravel())[0], abs=1e-3
+    )
+    assert main(["sweep", str(run), "--betas", "1"]) == 2
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bad")
+    torch.save({"w": [1, 2]}, d / "not_state_dict.pt")
+    torch.save(bs.load_model("digits-cnn"), d / "pickled_module.pt")
+    (d / "images" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(d / "images" / "a" / "ok.png")
+    (d / "images" / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    np.savez(d / "small.npz", x=np.zeros((4, 1, 20, 20), np.float32))
+    x = np.zeros((4, 1, 32, 32), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    np.savez(d / "nan.npz", x=x)
+    return d
+
+
+BAD = {
+    "unknown model": (["--model", "no-such-net", "--data", "digits"], "unknown model spec"),
+    "missing weights": (
+        ["--model", "digits-cnn", "--weights", "{d}/missing.pt", "--data", "digits"],
+        "does not exist",
+    ),
+    "not a state dict": (
+        ["--model", "digits-cnn", "--weights", "{d}/not_state_dict.pt", "--data", "digits"],
+        "not a state dict",
+    ),
+    "pickled module": (
+        ["--model", "digits-cnn", "--weights", "{d}/pickled_module.pt", "--data", "digits"],
+        "not a state dict",
+    ),
+    "corrupt image": (["--model", "digits-cnn", "--data", "{d}/images"], "corrupt.png"),
+    "wrong size": (["--model", "digits-cnn", "--data", "{d}/small.npz"], "(1, 20, 20)"),
+    "nan": (["--model", "digits-cnn", "--data", "{d}/nan.npz"], "NaN"),
+    "no cuda": (["--model", "digits-cnn", "--data", "digits", "--device", "cuda"], "CUDA"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_exits_2_with_one_line_and_keeps_the_run(case, bad_files, attack_dir, capsys):
+    args, expected = BAD[case]
+    args = [a.format(d=bad_files) for a in args]
+    before = _snapshot(attack_dir)
+    argv = ["attack", *args, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2"]
+    assert main([*argv, "--steps", "10", "--out", str(attack_dir), "--resume"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("betasmooth: error: ") and err.count("\n") == 1
+    assert expected in err
+    assert "Traceback" not in err + out
+    assert _snapshot(attack_dir) == before
+
+
+def test_bad_input_through_the_installed_command(bad_files, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    argv = ["attack", "--model", "digits-cnn", "--data", f"{bad_files}/nan.npz"]
+    argv += ["--method", "gradient", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "betasmooth", *argv], env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"betasmooth: error: array x in {bad_files}/nan.npz contains NaN or inf (first at item 1)"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):
+    assert main(["theorem", "--out", str(tmp_path / "t"), "--quick", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((tmp_path / "t" / "theory.json").read_text())
+    assert "curves" not in printed and "curves" in stored
+    assert printed == {k: v for k, v in stored.items() if k != "curves"}
+    assert list((tmp_path / "t" / "figures").glob("*.png"))
