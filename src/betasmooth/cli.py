@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import runs
+from .figures import theorem_figures
 from .report import build_report
 from .runs import RunDir
 from .validate import InputError
@@ -54,7 +55,7 @@ SWEEP_COLUMNS = (
 DEMO_SIZES: dict[str, dict[str, object]] = {
     "default": {
         "n": 32,
-        "steps": 300,
+        "steps": 200,
         "batch_size": 16,
         "betas": [0.5, 1.0, 2.0, 5.0, 10.0, 20.0],
         "smoothgrad_n": 16,
@@ -135,7 +136,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--n", type=_positive, default=n, help=f"number of test images (default {n})")
+    # -n is the spelling to use under torchrun, whose own parser takes --n for an
+    # abbreviation of its --nnodes / --nproc-per-node.
+    p.add_argument(
+        "-n", "--n", type=_positive, default=n, help=f"number of test images (default {n})"
+    )
     p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -497,7 +502,6 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
     from . import theory
-    from .figures import theorem_figures
 
     summary = theory.run(
         quick=quick,
@@ -505,7 +509,6 @@ def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
         progress=bool(progress if progress is not None else sys.stderr.isatty()),
     )
     runs.write_json(run.theory, summary)
-    theorem_figures(summary, run.figures)
     return summary
 
 
@@ -520,6 +523,7 @@ def cmd_theorem(args: argparse.Namespace) -> int:
     }
     run = RunDir.create(args.out, config, resume=args.resume)
     summary = _theory(run, args.quick, args.seed, args.progress)
+    theorem_figures(summary, run.figures)
     if args.json:
         import json
 
@@ -537,6 +541,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise InputError(f"{args.dir} is not a directory; expected a betasmooth run directory")
     _say(f"report: {build_report(args.dir)}")
     return 0
+
+
+def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
+    """Steps per method: ``budget`` for the longest, the others in the paper's proportions."""
+    from .attack import ATTACK_DEFAULTS
+
+    paper = {m: int(ATTACK_DEFAULTS[m]["steps"]) for m in methods}
+    longest = max(paper.values())
+    return {m: max(1, round(budget * s / longest)) for m, s in paper.items()}
 
 
 @command("demo")

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -806,7 +806,7 @@ def attack_run(
     y: torch.Tensor,
     methods: Sequence[str],
     *,
-    steps: int | None = None,
+    steps: int | Mapping[str, int] | None = None,
     batch_size: int = 16,
     goal: str = "targeted",
     seed: int = 0,
@@ -824,7 +824,8 @@ def attack_run(
     :meth:`betasmooth.attack.ManipulationResult.records` plus ``index``,
     ``target_index``, ``true_label`` and ``seconds``; the arrays of a batch are
     those of :meth:`~betasmooth.attack.ManipulationResult.arrays` plus
-    ``index`` and ``target_index``.
+    ``index`` and ``target_index``. ``steps`` is one budget for all methods,
+    one per method, or ``None`` for the attack's defaults.
 
     Returns
     -------
@@ -862,7 +863,7 @@ def attack_run(
             target_map,
             unit.method,
             goal=goal,
-            steps=steps,
+            steps=steps.get(unit.method) if isinstance(steps, Mapping) else steps,
             data_range=data_range,
             method_options=options,
             check_every=check_every,

@@ -1,0 +1,112 @@
+"""torchrun: two gloo ranks write what one process writes; a killed rank is finished by --resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from betasmooth.cli import main
+from betasmooth.runs import read_jsonl
+
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+ARGS = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", "gradient,lrp"]
+ARGS += ["--no-progress"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _torchrun(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*TORCHRUN, "-m", "betasmooth", *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            children = (task / "children").read_text().split()
+            found += [int(c) for c in children]
+            todo += [int(c) for c in children]
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in _descendants(launcher):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    return None
+
+
+def _values(records: list[dict]) -> dict[tuple, dict]:
+    return {
+        (r["index"], r["method"]): {k: v for k, v in r.items() if k != "seconds"} for r in records
+    }
+
+
+@pytest.mark.slow
+def test_two_ranks_write_what_one_process_writes(tmp_path):
+    argv = [*ARGS, "-n", "6", "--batch-size", "2", "--steps", "10"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    proc = _torchrun([*argv, "--out", str(tmp_path / "two")])
+    assert proc.wait(timeout=300) == 0
+    one = read_jsonl(tmp_path / "one" / "results.jsonl")
+    two = read_jsonl(tmp_path / "two" / "results.jsonl")
+    assert [(r["index"], r["method"]) for r in two] == [(r["index"], r["method"]) for r in one]
+    a, b = _values(one), _values(two)
+    for key, row in a.items():
+        assert b[key].keys() == row.keys()
+        for field, value in row.items():
+            if isinstance(value, float):
+                assert b[key][field] == pytest.approx(value, rel=1e-4, abs=1e-7), (key, field)
+            else:
+                assert b[key][field] == value, (key, field)
+    assert not list((tmp_path / "two").glob("results-rank*.jsonl"))
+    names = sorted(p.name for p in (tmp_path / "two" / "arrays").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "one" / "arrays").iterdir())
+
+
+@pytest.mark.slow
+def test_killed_rank_then_resume_has_every_item_once(tmp_path):
+    out = tmp_path / "run"
+    argv = [*ARGS, "-n", "6", "--batch-size", "1", "--steps", "30", "--out", str(out)]
+    proc = _torchrun(argv)
+    try:
+        deadline = time.monotonic() + 180
+        while not read_jsonl(out / "results-rank1.jsonl") and time.monotonic() < deadline:
+            assert proc.poll() is None, "torchrun ended before rank 1 wrote a batch"
+            time.sleep(0.02)
+        victim = _rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    survivors = read_jsonl(out / "results-rank0.jsonl") + read_jsonl(out / "results-rank1.jsonl")
+    assert 1 <= len(survivors) < 12, "rank 1 must die in the middle of the run"
+    assert not (out / "results.jsonl").exists()
+    assert main([*argv, "--resume"]) == 0
+    after = read_jsonl(out / "results.jsonl")
+    assert [(r["index"], r["method"]) for r in after] == sorted(
+        (i, m) for i in range(6) for m in ("gradient", "lrp")
+    )
+    by_key = {(r["index"], r["method"]): r for r in after}
+    for r in survivors:
+        assert by_key[(r["index"], r["method"])] == r
+    assert not list(out.glob("results-rank*.jsonl"))
