@@ -1,0 +1,105 @@
+"""Throughput of `betasmooth attack` with 1 and 2 processes under torchrun.
+
+Runs the same attack three ways on the same cores and prints images per
+second and the ratios:
+
+- one process, one thread (the baseline);
+- one process, two threads (intra-op parallelism);
+- two processes under torchrun (gloo), one thread each (sharded work units).
+
+Each mode is timed twice, a full run and a minimal one (2 images, 1 step),
+and throughput is (n - 2) / (t_full - t_minimal), so that interpreter start,
+imports and process-group set-up do not count.
+
+Usage::
+
+    python benchmarks/scale.py [--n 32] [--steps 50] [--method gradient]
+                               [--batch-size 8] [--device cpu] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _command(mode: str, args: argparse.Namespace, n: int, steps: int, out: str) -> list[str]:
+    attack = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", args.method]
+    attack += ["-n", str(n), "--steps", str(steps), "--batch-size", str(args.batch_size)]
+    attack += ["--device", args.device, "--no-progress", "--out", out]
+    if mode == "2 processes x 1 thread":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        return [*launcher, "--nproc-per-node", "2", "-m", "betasmooth", *attack]
+    return [sys.executable, "-m", "betasmooth", *attack]
+
+
+THREADS = {
+    "1 process x 1 thread": "1",
+    "1 process x 2 threads": "2",
+    "2 processes x 1 thread": "1",
+}
+
+
+def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS[mode]}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = _command(mode, args, n, steps, os.path.join(tmp, "run"))
+        start = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--method", default="gradient")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    args = parser.parse_args()
+
+    rates = {}
+    for mode in THREADS:
+        base = _time(mode, args, 2, 1)
+        full = _time(mode, args, args.n, args.steps)
+        rates[mode] = (args.n - 2) / max(full - base, 1e-9)
+        print(f"{mode:24s} {rates[mode]:8.2f} images/s  (run {full:.1f} s, start-up {base:.1f} s)")
+    one = rates["1 process x 1 thread"]
+    two_threads = rates["1 process x 2 threads"]
+    two_procs = rates["2 processes x 1 thread"]
+    print(f"2 threads in 1 process / 1 thread:     {two_threads / one:.2f}")
+    print(f"2 processes x 1 thread / 1 thread:     {two_procs / one:.2f}")
+    print(f"2 processes x 1 thread / 2 threads:    {two_procs / two_threads:.2f}")
+    if args.json:
+        line = {
+            "benchmark": "scale",
+            "n": args.n,
+            "steps": args.steps,
+            "method": args.method,
+            "batch_size": args.batch_size,
+            "device": args.device,
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "images_per_s": rates,
+            "ratio_2threads_vs_1": two_threads / one,
+            "ratio_2procs_vs_1": two_procs / one,
+            "ratio_2procs_vs_2threads": two_procs / two_threads,
+        }
+        with open(args.json, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
