@@ -61,7 +61,6 @@ DEMO_SIZES: dict[str, dict[str, object]] = {
         "smoothgrad_n": 16,
         "smoothgrad_attack_n": 8,
         "ig_steps": 16,
-        "check_every": 10,
         "quick_theory": False,
     },
     "quick": {
@@ -72,7 +71,6 @@ DEMO_SIZES: dict[str, dict[str, object]] = {
         "smoothgrad_n": 8,
         "smoothgrad_attack_n": 4,
         "ig_steps": 8,
-        "check_every": 10,
         "quick_theory": True,
     },
 }
@@ -599,14 +597,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=progress,
     )
     methods = runs.attack_methods("all")
-    _say(f"attacking them with {len(methods)} methods, {sizes['steps']} steps each")
+    steps = _demo_steps(methods, int(sizes["steps"]))
+    _say(f"attacking them with {len(methods)} methods, up to {max(steps.values())} steps")
     records = runs.attack_run(
         run,
         model,
         x,
         y,
         methods,
-        steps=int(sizes["steps"]),
+        steps=steps,
         batch_size=int(sizes["batch_size"]),
         seed=args.seed,
         method_options=options,
