@@ -315,3 +315,46 @@ def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):
     assert "curves" not in printed and "curves" in stored
     assert printed == {k: v for k, v in stored.items() if k != "curves"}
     assert list((tmp_path / "t" / "figures").glob("*.png"))
+
+
+def test_explain_records_the_prediction_and_map_statistics(tmp_path):
+    out = tmp_path / "maps"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    assert main([*argv, "-n", "3", "--out", str(out), "--no-progress"]) == 0
+    model = bs.load_model("digits-cnn")
+    x, y = bs.load_data("digits")
+    rows = read_jsonl(out / "results.jsonl")
+    with torch.no_grad():
+        logits = model(x[:3])
+    maps = _saliency(model, x[:3])
+    for i, r in enumerate(rows):
+        assert (r["index"], r["method"], r["true_label"]) == (i, "gradient", int(y[i]))
+        assert r["label"] == int(logits[i].argmax())
+        assert r["logit"] == pytest.approx(float(logits[i].max()), rel=1e-5)
+        flat = np.sort(maps[i].ravel())[::-1]
+        assert r["map_max"] == pytest.approx(flat[0], rel=1e-4)
+        assert r["map_top10_mass"] == pytest.approx(flat[: flat.size // 10].sum(), rel=1e-4)
+        nz = flat[flat > 0]
+        assert r["map_entropy"] == pytest.approx(-(nz * np.log(nz)).sum(), rel=1e-4)
+    with np.load(out / "arrays" / "gradient-0.npz") as data:
+        np.testing.assert_allclose(data["map"], maps, atol=1e-6)
+
+
+def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path):
+    out = tmp_path / "curv"
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", "relu,5"]
+    assert main([*argv, "-n", "2", "--iterations", "5", "--out", str(out)]) == 0
+    rows = {(r["index"], r["method"]): r for r in read_jsonl(out / "results.jsonl")}
+    assert sorted(rows) == [(0, "beta=5"), (0, "relu"), (1, "beta=5"), (1, "relu")]
+    model = bs.load_model("digits-cnn")
+    x, _ = bs.load_data("digits")
+    for i in range(2):
+        # A ReLU network is piecewise linear: no curvature at all.
+        assert rows[(i, "relu")]["hessian_norm"] == 0.0
+        assert rows[(i, "beta=5")]["hessian_norm"] > 0.0
+        with torch.no_grad():
+            label = model(x[i : i + 1]).argmax(1)
+        xg = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(_softplus_twin(5.0)(xg)[0, label[0]], xg)
+        assert rows[(i, "beta=5")]["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-4)
+        assert rows[(i, "beta=5")]["beta"] == 5.0 and rows[(i, "relu")]["beta"] is None
