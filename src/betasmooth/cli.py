@@ -36,17 +36,17 @@ COMMANDS: dict[str, Command] = {}
 # Columns of the summary table of an attack run: (field, header).
 ATTACK_COLUMNS = (
     ("label_kept", "kept"),
-    ("expl_pcc_target", "pcc→tgt"),
-    ("expl_ssim_target", "ssim→tgt"),
-    ("expl_pcc_orig", "pcc→orig"),
+    ("expl_pcc_target", "pcc tgt"),
+    ("expl_ssim_target", "ssim tgt"),
+    ("expl_pcc_orig", "pcc orig"),
     ("input_mse", "input mse"),
-    ("output_change", "Δ output"),
+    ("output_change", "d output"),
     ("seconds", "s/img"),
 )
 SWEEP_COLUMNS = (
-    ("adv_vs_orig_pcc", "adv~orig pcc"),
-    ("adv_vs_target_pcc", "adv~tgt pcc"),
-    ("clean_vs_orig_pcc", "clean~orig pcc"),
+    ("adv_vs_orig_pcc", "pcc adv/orig"),
+    ("adv_vs_target_pcc", "pcc adv/tgt"),
+    ("clean_vs_orig_pcc", "pcc clean/orig"),
     ("seconds", "s/img"),
 )
 
@@ -625,10 +625,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _theory(run, bool(sizes["quick_theory"]), args.seed, progress)
     report = build_report(run.path)
     _say()
-    _say("attacks (medians over images; kept = fraction of labels kept)")
+    _say("attacks: medians over images; kept = fraction of labels kept; pcc/ssim tgt, orig =")
+    _say("similarity of the attacked map to the target map, to the original map")
     _say(summary_table(records, ATTACK_COLUMNS))
     _say()
-    _say("defenses against the attacks (medians over images and attacked methods)")
+    _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
+    _say("of the attacked image against the original map (higher: the defense holds)")
     _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
     _say()
     _say(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
