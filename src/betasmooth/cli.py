@@ -294,8 +294,8 @@ def summary_table(
     Examples
     --------
     >>> print(summary_table([{"method": "gradient", "seconds": 0.5}], [("seconds", "s")]))
-    method     n      s
-    gradient   1  0.500
+    method      n        s
+    gradient    1    0.500
     """
     groups: dict[tuple, list[Mapping[str, object]]] = {}
     for r in records:
