@@ -58,16 +58,25 @@ __all__ = [
     "RunDir",
     "Unit",
     "append_jsonl",
+    "attack_methods",
+    "attack_run",
+    "curvature_run",
     "derangement",
+    "distributed",
     "execute",
+    "explain_methods",
+    "explain_run",
     "init_distributed",
     "is_oom",
+    "load_inputs",
     "plan",
     "read_jsonl",
     "resolve_device",
     "shutdown_distributed",
+    "sweep_run",
     "unit_seed",
     "versions",
+    "write_json",
     "write_jsonl",
     "write_npz",
 ]
@@ -623,14 +632,6 @@ class Dist:
         """Wait for every rank (nothing to wait for in one process)."""
         if self.active:
             torch.distributed.barrier()
-
-    def broadcast(self, obj: object) -> object:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.active:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def launched() -> bool:
