@@ -281,6 +281,11 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:.3f}".rjust(width)
 
 
+def _order(key: tuple) -> tuple:
+    # Numbers in numeric order, before names in alphabetical order.
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
+
+
 def summary_table(
     records: Sequence[Mapping[str, object]],
     columns: Sequence[tuple[str, str]],
@@ -300,7 +305,11 @@ def summary_table(
     groups: dict[tuple, list[Mapping[str, object]]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(g) for g in group), []).append(r)
-    names = [" ".join("-" if v is None else str(v) for v in key) for key in groups]
+    groups = {key: groups[key] for key in sorted(groups, key=_order)}
+    names = [
+        " ".join("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in key)
+        for key in groups
+    ]
     first = max([len(" ".join(group)), *map(len, names)]) + 2
     widths = [max(len(h), 7) + 2 for _, h in columns]
     lines = [
