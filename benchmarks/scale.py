@@ -13,7 +13,7 @@ imports and process-group set-up do not count.
 
 Usage::
 
-    python benchmarks/scale.py [--n 32] [--steps 50] [--method gradient]
+    python benchmarks/scale.py [--n 32] [--steps 200] [--method gradient]
                                [--batch-size 8] [--device cpu] [--json FILE]
 """
 
@@ -62,7 +62,7 @@ def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--method", default="gradient")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
