@@ -581,6 +581,10 @@ def execute(
             except Exception as exc:
                 if not is_oom(exc) or len(unit.indices) == 1:
                     raise
+                records = None
+            if records is None:
+                # Outside the except block, so that the failed batch's tensors,
+                # held by the traceback, are freed before the cache is emptied.
                 limit = max(1, len(unit.indices) // 2)
                 say(
                     f"betasmooth: out of memory with a batch of {len(unit.indices)}; "
