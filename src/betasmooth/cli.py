@@ -426,6 +426,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not run.results.exists() and not list(run.path.glob("results-rank*.jsonl")):
         raise InputError(f"{args.dir} holds no results.jsonl; run betasmooth attack into it first")
     device = runs.resolve_device(args.device)
+    bad = [b for b in args.betas if not (0 < b < float("inf"))]
+    if bad:
+        raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
     stored = config.get("sweep")
     if stored not in (None, settings) and run.read("sweep"):
