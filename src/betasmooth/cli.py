@@ -416,6 +416,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_betas(betas: Sequence[float | None]) -> None:
+    bad = [b for b in betas if b is not None and not (0 < b < float("inf"))]
+    if bad:
+        raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
+
+
 @command("sweep")
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Defense sweep over ``--betas`` on the attacked batches of a run directory."""
@@ -426,9 +432,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not run.results.exists() and not list(run.path.glob("results-rank*.jsonl")):
         raise InputError(f"{args.dir} holds no results.jsonl; run betasmooth attack into it first")
     device = runs.resolve_device(args.device)
-    bad = [b for b in args.betas if not (0 < b < float("inf"))]
-    if bad:
-        raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
+    _check_betas(args.betas)
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
     stored = config.get("sweep")
     if stored not in (None, settings) and run.read("sweep"):
@@ -471,6 +475,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 @command("curvature")
 def cmd_curvature(args: argparse.Namespace) -> int:
     """Curvature of the model and its beta-smoothed versions at ``--n`` test images."""
+    _check_betas(args.betas)
     device = runs.resolve_device(args.device)
     model, x, y = _load(args)
     config = {
