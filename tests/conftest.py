@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(1)
@@ -32,3 +33,8 @@ def digits_cnn() -> torch.nn.Module:
     import betasmooth as bs
 
     return bs.load_model("digits-cnn")
+
+
+# Property tests draw the same examples on every run.
+settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("deterministic")
