@@ -15,13 +15,15 @@ All maps of one grid row share one colour scale.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 import matplotlib.lines
 import matplotlib.ticker
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -81,6 +83,22 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI, metadata=_PNG_METADATA)
     return path
+
+
+@contextlib.contextmanager
+def _line_plot(
+    path: str | Path, xlabel: str, ylabel: str, title: str, legend: str = "best"
+) -> Iterator[Axes]:
+    # One frame for every line plot: the body draws, the frame labels and saves.
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure(PLOT_SIZE)
+        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(loc=legend)
+        ax.set_title(title, loc="left")
+        _save(fig, path)
 
 
 def grid_size(rows: int, cols: int) -> tuple[int, int]:
@@ -555,17 +573,12 @@ def softplus_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     x = np.asarray(curve["x"], dtype=np.float64)
     betas = list(curve["betas"])
     colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, max(len(betas), 1)))
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.11, 0.13, 0.85, 0.77])
+    ylabel = "softplus_β(x) = log(1 + exp(βx)) / β"
+    with _line_plot(path, "x", ylabel, "softplus_β tends to ReLU as β grows", "upper left") as ax:
         for beta, y, colour in zip(betas, curve["y"], colours):
             ax.plot(x, np.asarray(y, dtype=np.float64), color=colour, label=f"β={float(beta):g}")
         ax.plot(x, np.asarray(curve["relu"], dtype=np.float64), "k--", lw=1.2, label="ReLU")
-        ax.set_xlabel("x")
-        ax.set_ylabel("softplus_β(x) = log(1 + exp(βx)) / β")
-        ax.legend(loc="upper left")
-        ax.set_title("softplus_β tends to ReLU as β grows", loc="left")
-        return _save(fig, path)
+    return Path(path)
 
 
 def density_figure(curve: Mapping[str, object], path: str | Path) -> Path:
@@ -594,21 +607,12 @@ def density_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     """
     x = np.asarray(curve["x"], dtype=np.float64)
     beta = float(curve["beta"])
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.11, 0.13, 0.85, 0.77])
+    title = "Logistic noise has heavier tails than normal noise"
+    with _line_plot(path, "ε", "density", title, "upper right") as ax:
         ax.plot(x, np.asarray(curve["logistic"], dtype=np.float64), "C0", label=f"p_β, β={beta:g}")
-        ax.plot(
-            x,
-            np.asarray(curve["normal"], dtype=np.float64),
-            "C1--",
-            label="normal, same variance π²/(3β²)",
-        )
-        ax.set_xlabel("ε")
-        ax.set_ylabel("density")
-        ax.legend(loc="upper right")
-        ax.set_title("Logistic noise has heavier tails than normal noise", loc="left")
-        return _save(fig, path)
+        normal = np.asarray(curve["normal"], dtype=np.float64)
+        ax.plot(x, normal, "C1--", label="normal, same variance π²/(3β²)")
+    return Path(path)
 
 
 def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
@@ -643,12 +647,14 @@ def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     n = np.asarray(curve["n"], dtype=np.float64)
     projected = np.asarray(curve["projected"], dtype=np.float64)
     iid = np.asarray(curve["iid"], dtype=np.float64)
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+    positive = np.concatenate([projected[projected > 0], iid[iid > 0]])
+    # Zero errors cannot be drawn on a log axis: they sit a decade below the rest.
+    floor = float(positive.min()) / 10 if positive.size else 1e-6
+    title = "Theorem 2: error falls as 1/√N only with projected noise"
+    with _line_plot(
+        path, "Monte Carlo samples N", "max error of E[∇g(x − ε)]", title, "lower left"
+    ) as ax:
         ci = curve.get("projected_ci")
-        positive = np.concatenate([projected[projected > 0], iid[iid > 0]])
-        floor = float(positive.min()) / 10 if positive.size else 1e-6
         if ci is not None:
             ci = np.asarray(ci, dtype=np.float64)
             if ci.ndim == 2:
@@ -663,11 +669,7 @@ def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
             ax.axhline(float(bias), color="C3", ls=":", lw=1.2, label=f"iid bias {float(bias):.3g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("Monte Carlo samples N")
-        ax.set_ylabel("max error of E[∇g(x − ε)]")
-        ax.legend(loc="lower left")
-        ax.set_title("Theorem 2: error falls as 1/√N only with projected noise", loc="left")
-        return _save(fig, path)
+    return Path(path)
 
 
 def iid_bias_figure(curve: Mapping[str, object], path: str | Path) -> Path:
@@ -695,19 +697,16 @@ def iid_bias_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     'bias.png'
     """
     d = np.asarray(curve["d"], dtype=np.float64)
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
+    xlabel = "dimension d (w = (1, …, 1))"
+    ylabel = "sup |P(u·ε < t) − sigmoid(βt)|"
+    title = "iid noise: Theorem 2 is off by this much"
+    with _line_plot(path, xlabel, ylabel, title, "lower right") as ax:
         ax.plot(d, np.asarray(curve["bias"], dtype=np.float64), "C3o-", ms=3, label="iid bias")
         if curve.get("limit") is not None:
             limit = float(curve["limit"])
             ax.axhline(limit, color="0.3", ls="--", lw=1.2, label=f"limit d → ∞: {limit:.4f}")
         ax.set_xscale("log")
-        ax.set_xlabel("dimension d (w = (1, …, 1))")
-        ax.set_ylabel("sup |P(u·ε < t) − sigmoid(βt)|")
-        ax.legend(loc="lower right")
-        ax.set_title("iid noise: Theorem 2 is off by this much", loc="left")
-        return _save(fig, path)
+    return Path(path)
 
 
 def smoothgrad_pcc_figure(curve: Mapping[str, object], path: str | Path) -> Path:
@@ -733,24 +732,12 @@ def smoothgrad_pcc_figure(curve: Mapping[str, object], path: str | Path) -> Path
     >>> smoothgrad_pcc_figure(c, tmp / "pcc.png").name
     'pcc.png'
     """
-    beta = np.asarray(curve["beta"], dtype=np.float64)
-    order = np.argsort(beta)
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
-        for key, style, label in (
-            ("logistic", "C0o-", "SmoothGrad, logistic noise (scale 1/β)"),
-            ("gaussian", "C1s--", "SmoothGrad, Gaussian noise (same variance)"),
-        ):
-            if key in curve:
-                y = np.asarray(curve[key], dtype=np.float64)[order]
-                ax.plot(beta[order], y, style, ms=3, label=label)
-        _log_axis(ax, beta)
-        ax.set_xlabel("β")
-        ax.set_ylabel("PCC with the β-smoothed gradient")
-        ax.legend(loc="best")
-        ax.set_title("β-smoothing against SmoothGrad on a deep network", loc="left")
-        return _save(fig, path)
+    series = (
+        ("logistic", "C0o-", "SmoothGrad, logistic noise (scale 1/β)"),
+        ("gaussian", "C1s--", "SmoothGrad, Gaussian noise (same variance)"),
+    )
+    title = "β-smoothing against SmoothGrad on a deep network"
+    return _against_beta(curve, series, path, "PCC with the β-smoothed gradient", title)
 
 
 def curvature_figure(curve: Mapping[str, object], path: str | Path) -> Path:
@@ -776,28 +763,38 @@ def curvature_figure(curve: Mapping[str, object], path: str | Path) -> Path:
     >>> curvature_figure(c, tmp / "curv.png").name
     'curv.png'
     """
+    series = (
+        ("hessian_norm", "C0o-", "Hessian spectral norm"),
+        ("principal_curvature", "C3s--", "largest principal curvature"),
+    )
+    title = "Curvature grows with β (ReLU: β → ∞)"
+    return _against_beta(curve, series, path, "median over images", title, log_y=True)
+
+
+def _against_beta(
+    curve: Mapping[str, object],
+    series: tuple[tuple[str, str, str], ...],
+    path: str | Path,
+    ylabel: str,
+    title: str,
+    log_y: bool = False,
+) -> Path:
+    # Curves of the entries ``key`` of ``curve`` against its ``beta``, log y
+    # only where every value is positive.
     beta = np.asarray(curve["beta"], dtype=np.float64)
     order = np.argsort(beta)
-    values = []
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure(PLOT_SIZE)
-        ax = fig.add_axes([0.12, 0.13, 0.84, 0.77])
-        for key, style, label in (
-            ("hessian_norm", "C0o-", "Hessian spectral norm"),
-            ("principal_curvature", "C3s--", "largest principal curvature"),
-        ):
-            if key in curve:
-                y = np.asarray(curve[key], dtype=np.float64)[order]
-                values.append(y)
-                ax.plot(beta[order], y, style, ms=3, label=label)
+    drawn = [
+        (np.asarray(curve[key], dtype=np.float64)[order], style, label)
+        for key, style, label in series
+        if key in curve
+    ]
+    with _line_plot(path, "β", ylabel, title) as ax:
+        for y, style, label in drawn:
+            ax.plot(beta[order], y, style, ms=3, label=label)
         _log_axis(ax, beta)
-        if values and np.all(np.concatenate(values) > 0):
+        if log_y and drawn and np.all(np.concatenate([y for y, _, _ in drawn]) > 0):
             ax.set_yscale("log")
-        ax.set_xlabel("β")
-        ax.set_ylabel("median over images")
-        ax.legend(loc="best")
-        ax.set_title("Curvature grows with β (ReLU: β → ∞)", loc="left")
-        return _save(fig, path)
+    return Path(path)
 
 
 _THEOREM_FIGURES = {
