@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .explain.gradient import select_logit
+from .explain.gradient import check_count, select_logit
 from .smooth import smooth
 from .validate import InputError, InputTypeError, check_batch, check_target
 
@@ -51,13 +51,16 @@ class _Hessian:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor | None) -> None:
-        self.shape = x.shape
         self.x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            self.logit, self.target = select_logit(model(self.x), target)
+            self.logit, _ = select_logit(model(self.x), target)
             (grad,) = torch.autograd.grad(self.logit.sum(), self.x, create_graph=True)
         self.grad = grad.flatten(1)
         self.gradient_norm = self.grad.detach().norm(dim=1)
+        norm = self.gradient_norm[:, None]
+        # Unit normal of the level set; zero where the gradient vanishes, as
+        # the level set has no normal there.
+        self.normal = torch.where(norm > 0, self.grad.detach() / norm.clamp_min(1e-300), 0.0)
         # A gradient that does not depend on x (an affine model) has no graph:
         # its Hessian is zero.
         self.linear = not self.grad.requires_grad
@@ -71,23 +74,17 @@ class _Hessian:
             )
         return torch.zeros_like(v) if hv is None else hv.flatten(1)
 
-    def normal(self) -> torch.Tensor:
-        """Unit normal of the level set, ``(B, D)``; zero where the gradient is zero."""
-        norm = self.gradient_norm[:, None]
-        return torch.where(norm > 0, self.grad.detach() / norm.clamp_min(1e-300), 0.0)
+    def tangent(self, v: torch.Tensor) -> torch.Tensor:
+        """``P v``: ``v`` without its component along the normal."""
+        return v - (v * self.normal).sum(1, keepdim=True) * self.normal
 
     def tangent_operator(self) -> Operator:
         """``v -> P H P v / |grad g|``, the shape operator of the level set."""
-        n = self.normal()
         norm = self.gradient_norm[:, None]
-        # Zero where the gradient vanishes: the level set has no normal there.
         inverse = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0)
 
-        def project(v: torch.Tensor) -> torch.Tensor:
-            return v - (v * n).sum(1, keepdim=True) * n
-
         def apply(v: torch.Tensor) -> torch.Tensor:
-            return project(self.hvp(project(v))) * inverse
+            return self.tangent(self.hvp(self.tangent(v))) * inverse
 
         return apply
 
@@ -140,14 +137,6 @@ def _lanczos(
     return estimate
 
 
-def _check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputTypeError(f"{name} must be a positive integer; got {value!r}")
-    if value < 1:
-        raise InputError(f"{name} must be a positive integer; got {value}")
-    return value
-
-
 def _check_inputs(model: object, x: object, target: object) -> torch.Tensor | None:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -165,7 +154,7 @@ def _curvature(
     generator: torch.Generator,
     probes: int,
     progress: bool,
-) -> tuple[dict[str, torch.Tensor], _Hessian]:
+) -> dict[str, torch.Tensor]:
     hessian = _Hessian(model, x, target)
     flat = hessian.grad.shape
     start = torch.randn(flat, generator=generator, dtype=x.dtype).to(x.device)
@@ -181,7 +170,7 @@ def _curvature(
         squares = squares + hessian.hvp(v).square().sum(1)
     result["hessian_frobenius"] = (squares / probes).sqrt()
     result["gradient_norm"] = hessian.gradient_norm
-    return {k: v.detach() for k, v in result.items()}, hessian
+    return {k: v.detach() for k, v in result.items()}
 
 
 def curvature(
@@ -237,8 +226,8 @@ def curvature(
     torch.Size([4])
     """
     target_t = _check_inputs(model, x, target)
-    _check_positive_int(iterations, "iterations")
-    _check_positive_int(probes, "probes")
+    check_count("iterations", iterations)
+    check_count("probes", probes)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -247,7 +236,7 @@ def curvature(
     was_training = model.training
     model.eval()
     try:
-        result, _ = _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
+        result = _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
     finally:
         model.train(was_training)
     return result
@@ -340,9 +329,8 @@ def theorem1_check(
         raise InputError(
             f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
         )
-    if _check_positive_int(samples, "samples") < 2:
-        raise InputError(f"samples must be at least 2 (both ends of the segment); got {samples}")
-    _check_positive_int(iterations, "iterations")
+    check_count("samples", samples, 2)
+    check_count("iterations", iterations)
     if beta is not None:
         model = smooth(model, beta)
     generator = torch.Generator().manual_seed(seed)
@@ -361,12 +349,10 @@ def theorem1_check(
             hessian = _Hessian(model, point, target_t)
             start = torch.randn(hessian.grad.shape, generator=generator, dtype=x.dtype)
             kappa.append(_lanczos(hessian.tangent_operator(), start.to(x.device), iterations, 1e-4))
-            n = hessian.normal()
-            hu = hessian.hvp(unit)
-            speed.append((hu - (hu * n).sum(1, keepdim=True) * n).norm(dim=1))
-            speed[-1] = speed[-1] / hessian.gradient_norm
+            tangent_speed = hessian.tangent(hessian.hvp(unit)).norm(dim=1)
+            speed.append(tangent_speed / hessian.gradient_norm)
             if t in (0.0, 1.0):
-                ends.append((n, hessian.logit.detach()))
+                ends.append((hessian.normal, hessian.logit.detach()))
     finally:
         model.train(was_training)
     (n0, g0), (n1, g1) = ends
