@@ -36,8 +36,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .smooth import LogisticNoise, softplus
-from .validate import InputError
+from .attack import matched_sigma
+from .explain import explain
+from .explain.gradient import check_choice
+from .geometry import curvature
+from .metrics import heatmap, pcc
+from .smooth import LogisticNoise, smooth, softplus
+from .zoo import load_data, load_model
 
 __all__ = [
     "NOISE_MODELS",
@@ -53,6 +58,8 @@ __all__ = [
 
 # Half-width of p_beta, in units of 1/beta, beyond which its mass is below 1e-19.
 _TAIL = 45.0
+# Standard deviation of the standard logistic distribution (beta = 1).
+_LOGISTIC_SD = math.pi / math.sqrt(3)
 
 
 def _gauss_legendre(
@@ -208,10 +215,9 @@ def bias_limit(grid: int = 200001) -> tuple[float, float]:
     >>> round(bias_limit()[0], 6)
     0.022663
     """
-    sd = math.pi / math.sqrt(3)
 
     def gap(z: torch.Tensor) -> torch.Tensor:
-        return (torch.sigmoid(z) - torch.special.ndtr(z / sd)).abs()
+        return (torch.sigmoid(z) - torch.special.ndtr(z / _LOGISTIC_SD)).abs()
 
     z = torch.linspace(0, 10, grid, dtype=torch.float64)
     i = int(gap(z).argmax())
@@ -302,10 +308,7 @@ def theorem2_monte_carlo(
     >>> bool(out["error"][0] <= out["simultaneous_half_width"])
     True
     """
-    if noise not in NOISE_MODELS:
-        raise InputError(
-            f"unknown noise model {noise!r}; expected one of: {', '.join(NOISE_MODELS)}"
-        )
+    check_choice("noise model", noise, NOISE_MODELS)
     w = torch.as_tensor(w, dtype=torch.float64)
     x = torch.as_tensor(x, dtype=torch.float64)
     u = w / w.norm()
@@ -380,13 +383,10 @@ def smoothing_vs_smoothgrad(
     >>> sorted(out["1.0"])
     ['gaussian', 'logistic']
     """
-    from .explain import explain
-    from .metrics import heatmap, pcc
-
     result = {}
     for beta in tqdm(list(betas), desc="smoothgrad", disable=not progress, leave=False):
         reference = heatmap(explain(model, x, "beta_smooth", beta=float(beta)))
-        sigma = math.pi / (math.sqrt(3) * float(beta)) / input_range
+        sigma = matched_sigma(float(beta)) / input_range
         options = {"sigma": sigma, "n": samples, "seed": seed, "input_range": input_range}
         result[str(float(beta))] = {
             noise: float(
@@ -420,8 +420,6 @@ def curvature_by_beta(
     >>> curvature_by_beta(model, x[:2], [1.0])["relu"]["hessian_norm"]
     0.0
     """
-    from .geometry import curvature
-    from .smooth import smooth
 
     def medians(m: torch.nn.Module) -> dict[str, float]:
         out = curvature(m, x, iterations=iterations, seed=seed, probes=1)
@@ -537,13 +535,11 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     by_d = {str(k): float(iid_bias(torch.ones(k))) for k in dims}
     seconds["theorem2"] = time.perf_counter() - start
 
-    from .zoo import load_data, load_model
-
     model = load_model("digits-cnn")
     images, _ = load_data("digits")
     images = images[: config["images"]]
     start = time.perf_counter()
-    pcc = smoothing_vs_smoothgrad(
+    smoothgrad_pcc = smoothing_vs_smoothgrad(
         model, images, config["betas"], samples=config["samples"], seed=seed, progress=progress
     )
     seconds["smoothgrad"] = time.perf_counter() - start
@@ -556,7 +552,6 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     curve_x = torch.linspace(-3, 3, 301, dtype=torch.float64)
     curve_betas = [0.5, 1.0, 2.0, 5.0, 10.0]
     density_x = torch.linspace(-8, 8, 401, dtype=torch.float64)
-    sd = math.pi / math.sqrt(3)
     beta_keys = [str(float(b)) for b in config["betas"]]
     return {
         "identity_1d_max_error": float(
@@ -578,7 +573,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
         "theorem2_iid_bias_limit": limit,
         "theorem2_iid_bias_limit_at": limit_at,
         "theorem2_iid_bias_by_d": by_d,
-        "smoothing_vs_smoothgrad_pcc": pcc,
+        "smoothing_vs_smoothgrad_pcc": smoothgrad_pcc,
         "curvature_by_beta": curv,
         "seconds": seconds,
         "curves": {
@@ -595,7 +590,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
                 .exp()
                 .tolist(),
                 "normal": (
-                    torch.exp(-0.5 * (density_x / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+                    torch.exp(-0.5 * (density_x / _LOGISTIC_SD) ** 2)
+                    / (_LOGISTIC_SD * math.sqrt(2 * math.pi))
                 ).tolist(),
                 "beta": 1.0,
             },
@@ -609,8 +605,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
             "iid_bias": {"d": dims, "bias": list(by_d.values()), "limit": limit},
             "smoothing_vs_smoothgrad": {
                 "beta": [float(b) for b in config["betas"]],
-                "logistic": [pcc[k]["logistic"] for k in beta_keys],
-                "gaussian": [pcc[k]["gaussian"] for k in beta_keys],
+                "logistic": [smoothgrad_pcc[k]["logistic"] for k in beta_keys],
+                "gaussian": [smoothgrad_pcc[k]["gaussian"] for k in beta_keys],
             },
             "curvature": {
                 "beta": [float(b) for b in config["betas"]],
