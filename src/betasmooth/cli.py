@@ -14,17 +14,18 @@ Examples
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+# Not imported here: report and figures, which load matplotlib. The functions
+# that use them import them, so that `betasmooth --help` and a failed input
+# check answer without that wait.
 from . import runs
-from .figures import theorem_figures
-from .report import build_report
 from .runs import RunDir
 from .validate import InputError
 
@@ -132,6 +133,16 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", type=float, nargs="+", help="normalisation std (one or per channel)")
 
 
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no progress bars (default: shown on a terminal)",
+    )
+
+
 def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     p.add_argument("--out", required=True, help="run directory")
     # -n is the spelling to use under torchrun, whose own parser takes --n for an
@@ -143,13 +154,7 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="no progress bars (default: shown on a terminal)",
-    )
+    _add_progress(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a first look in under a minute")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the demo in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
     p.add_argument("--n", type=_positive, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=_positive, help=argparse.SUPPRESS)
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--betas", type=_floats, default=[0.5, 1.0, 2.0, 5.0], help="e.g. 0.5,1,2,5")
     p.add_argument("--smoothgrad-n", type=_positive, default=20, help="SmoothGrad samples")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_progress(p)
 
     p = sub.add_parser("explain", help="explanation maps of a model's inputs")
     _add_inputs(p)
@@ -195,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the summary (without curves)")
     p.add_argument("--resume", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_progress(p)
 
     p = sub.add_parser("curvature", help="curvature of the model and its beta-smoothed versions")
     _add_inputs(p)
@@ -233,28 +238,45 @@ def _absolute(spec: str | None) -> str | None:
     return spec
 
 
-def _input_settings(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "model": _absolute(args.model),
-        "weights": _absolute(args.weights),
-        "data": _absolute(args.data),
-        "image_size": args.image_size,
-        "channels": args.channels,
-        "mean": args.mean,
-        "std": args.std,
-    }
+def _config(args: argparse.Namespace, **settings: object) -> dict[str, object]:
+    """The config of a command: its name, its settings and the command line."""
+    return {"command": args.command, **settings, "argv": ["betasmooth", *args.argv]}
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    return runs.load_inputs(
-        args.model,
-        args.data,
-        weights=args.weights,
-        n=args.n,
+def _run_config(
+    args: argparse.Namespace, device: torch.device, **settings: object
+) -> dict[str, object]:
+    """The config of a command that works on ``--n`` images of ``--model`` and ``--data``."""
+    return _config(
+        args,
+        model=_absolute(args.model),
+        weights=_absolute(args.weights),
+        data=_absolute(args.data),
         image_size=args.image_size,
         channels=args.channels,
         mean=args.mean,
         std=args.std,
+        **settings,
+        n=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=str(device),
+    )
+
+
+def _load(
+    settings: Mapping[str, object], n: int | None
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Model and data as named by the arguments (``vars(args)``) or by a stored config."""
+    return runs.load_inputs(
+        settings["model"],
+        settings["data"],
+        weights=settings.get("weights"),
+        n=n,
+        image_size=settings.get("image_size"),
+        channels=settings.get("channels"),
+        mean=settings.get("mean"),
+        std=settings.get("std"),
     )
 
 
@@ -266,11 +288,6 @@ def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _median(values: Sequence[object]) -> float | None:
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and v is not None]
-    return float(np.median(numbers)) if numbers else None
 
 
 def _cell(value: float | None, width: int) -> str:
@@ -294,7 +311,8 @@ def summary_table(
     """Medians of ``columns`` per group of records, as a plain-text table.
 
     Booleans (such as ``label_kept``) count as 0/1, so their median column is
-    replaced by the mean: the fraction of items where it holds.
+    replaced by the mean: the fraction of items where it holds (as in
+    :func:`betasmooth.report.medians`).
 
     Examples
     --------
@@ -302,6 +320,8 @@ def summary_table(
     method      n        s
     gradient    1    0.500
     """
+    from .report import medians
+
     groups: dict[tuple, list[Mapping[str, object]]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(g) for g in group), []).append(r)
@@ -318,14 +338,9 @@ def summary_table(
         + "".join(h.rjust(w) for (_, h), w in zip(columns, widths))
     ]
     for name, rows in zip(names, groups.values()):
-        cells = []
-        for (field, _), w in zip(columns, widths):
-            values = [r.get(field) for r in rows]
-            if values and all(isinstance(v, bool) for v in values):
-                cells.append(_cell(float(np.mean(values)), w))
-            else:
-                cells.append(_cell(_median(values), w))
-        lines.append(name.ljust(first) + str(len(rows)).rjust(3) + "".join(cells))
+        stats = medians(rows, [field for field, _ in columns])
+        cells = "".join(_cell(stats[field], w) for (field, _), w in zip(columns, widths))
+        lines.append(name.ljust(first) + str(len(rows)).rjust(3) + cells)
     return "\n".join(lines)
 
 
@@ -337,19 +352,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``--n`` test images by every ``--method``."""
     methods = runs.attack_methods(args.method)
     device = runs.resolve_device(args.device)
-    model, x, y = _load(args)
-    config = {
-        "command": "attack",
-        **_input_settings(args),
-        "methods": methods,
-        "n": args.n,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "goal": args.goal,
-        "seed": args.seed,
-        "device": str(device),
-        "argv": ["betasmooth", *args.argv],
-    }
+    model, x, y = _load(vars(args), args.n)
+    config = _run_config(args, device, methods=methods, steps=args.steps, goal=args.goal)
     low_high = _data_range(config)
     with runs.distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -379,17 +383,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``--n`` test images by every ``--method``."""
     methods = runs.explain_methods(args.method)
     device = runs.resolve_device(args.device)
-    model, x, y = _load(args)
-    config = {
-        "command": "explain",
-        **_input_settings(args),
-        "methods": methods,
-        "n": args.n,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "device": str(device),
-        "argv": ["betasmooth", *args.argv],
-    }
+    model, x, y = _load(vars(args), args.n)
+    config = _run_config(args, device, methods=methods)
     with runs.distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
@@ -440,16 +435,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{args.dir}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
             "settings, or delete sweep.jsonl to start a new one"
         )
-    model = runs.load_inputs(
-        config["model"],
-        config["data"],
-        weights=config.get("weights"),
-        n=1,
-        image_size=config.get("image_size"),
-        channels=config.get("channels"),
-        mean=config.get("mean"),
-        std=config.get("std"),
-    )[0]
+    model = _load(config, 1)[0]
     with runs.distributed(device) as (dist, dev):
         if dist.rank == 0 and stored != settings:
             runs.write_json(run.config_path, {**config, "sweep": settings})
@@ -477,18 +463,8 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     """Curvature of the model and its beta-smoothed versions at ``--n`` test images."""
     _check_betas(args.betas)
     device = runs.resolve_device(args.device)
-    model, x, y = _load(args)
-    config = {
-        "command": "curvature",
-        **_input_settings(args),
-        "betas": args.betas,
-        "iterations": args.iterations,
-        "n": args.n,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "device": str(device),
-        "argv": ["betasmooth", *args.argv],
-    }
+    model, x, y = _load(vars(args), args.n)
+    config = _run_config(args, device, betas=args.betas, iterations=args.iterations)
     with runs.distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.curvature_run(
@@ -530,18 +506,13 @@ def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
 @command("theorem")
 def cmd_theorem(args: argparse.Namespace) -> int:
     """Numerical checks of the 1-D identity and Theorem 2, with figures."""
-    config = {
-        "command": "theorem",
-        "quick": args.quick,
-        "seed": args.seed,
-        "argv": ["betasmooth", *args.argv],
-    }
+    from .figures import theorem_figures
+
+    config = _config(args, quick=args.quick, seed=args.seed)
     run = RunDir.create(args.out, config, resume=args.resume)
     summary = _theory(run, args.quick, args.seed, args.progress)
     theorem_figures(summary, run.figures)
     if args.json:
-        import json
-
         print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2))
     else:
         _say(f"theory: {run.theory}")
@@ -552,6 +523,8 @@ def cmd_theorem(args: argparse.Namespace) -> int:
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild ``report.html`` from a run directory."""
+    from .report import build_report
+
     if not Path(args.dir).is_dir():
         raise InputError(f"{args.dir} is not a directory; expected a betasmooth run directory")
     _say(f"report: {build_report(args.dir)}")
@@ -571,21 +544,16 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on the built-in digits; write a report."""
     from .explain import METHODS
+    from .report import build_report
 
     sizes = dict(DEMO_SIZES["quick" if args.quick else "default"])
     if args.n is not None:
         sizes["n"] = args.n
     if args.steps is not None:
         sizes["steps"] = args.steps
-    config = {
-        "command": "demo",
-        "model": "digits-cnn",
-        "data": "digits",
-        "quick": args.quick,
-        "seed": args.seed,
-        **sizes,
-        "argv": ["betasmooth", *args.argv],
-    }
+    config = _config(
+        args, model="digits-cnn", data="digits", quick=args.quick, seed=args.seed, **sizes
+    )
     start = time.perf_counter()
     # The demo's tensors are small: one thread computes them about as fast as
     # several, and does not stall when other processes hold the cores.
