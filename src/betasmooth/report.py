@@ -209,19 +209,20 @@ def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
     return ordered + sorted(present - set(ordered))
 
 
-def _groups(records: Iterable[Mapping], keys: Sequence[str]) -> dict[tuple, list[Mapping]]:
-    out: dict[tuple, list[Mapping]] = {}
-    for r in records:
-        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    return out
-
-
 def _sort_key(value: object) -> tuple:
     if value is None:
         return (0, 0.0, "")
     if _is_number(value):
         return (1, float(value), "")
     return (2, 0.0, str(value))
+
+
+def _groups(records: Iterable[Mapping], keys: Sequence[str]) -> dict[tuple, list[Mapping]]:
+    """Records grouped by their values of ``keys``: None first, then numbers, then names."""
+    out: dict[tuple, list[Mapping]] = {}
+    for r in records:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return {g: out[g] for g in sorted(out, key=lambda g: tuple(_sort_key(v) for v in g))}
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -334,10 +335,6 @@ def _section_run(run: _Run) -> str:
     return "".join(out)
 
 
-def _method_key(r: Mapping) -> tuple:
-    return (str(r.get("method")), str(r.get("goal") or ""))
-
-
 def _section_results(run: _Run) -> str:
     if not run.results:
         return "<h2 id='results'>Attack results</h2>" + _note(
@@ -346,7 +343,7 @@ def _section_results(run: _Run) -> str:
     keys = _metric_keys(run.results)
     kept = any(isinstance(r.get("label_kept"), bool) for r in run.results)
     groups = _groups(run.results, ("method", "goal"))
-    columns = sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k))
+    columns = list(groups)
     header = ["median over images"] + [m if not g else f"{m} ({g})" for m, g in columns]
     rows = [["images"] + [len({r.get("index") for r in groups[c]}) for c in columns]]
     if kept:
@@ -486,7 +483,7 @@ def _section_explain(run: _Run) -> str:
     if run.explain:
         keys = _metric_keys(run.explain)
         groups = _groups(run.explain, ("method",))
-        columns = sorted(groups, key=lambda k: tuple(_sort_key(v) for v in k))
+        columns = list(groups)
         stats = {c: medians(groups[c], keys) for c in columns}
         rows = [["images"] + [len(groups[c]) for c in columns]]
         rows += [[k] + [stats[c][k] for c in columns] for k in keys]
@@ -524,9 +521,7 @@ def _matched_beta(key: Mapping[str, object]) -> float | None:
 
 def _defense_groups(records: Sequence[Mapping]) -> list[tuple[dict, list[Mapping]]]:
     keys = [k for k in _SWEEP_GROUP if any(k in r for r in records)]
-    groups = _groups(records, keys)
-    ordered = sorted(groups, key=lambda g: tuple(_sort_key(v) for v in g))
-    return [(dict(zip(keys, g)), groups[g]) for g in ordered]
+    return [(dict(zip(keys, g)), recs) for g, recs in _groups(records, keys).items()]
 
 
 def _section_defense(run: _Run) -> str:
