@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .explain import explain
 from .explain import method_options as options_of
-from .explain.gradient import predict
+from .explain.gradient import check_choice, check_count, predict
 from .metrics import heatmap
 from .smooth import replace_relu, softplus
 from .validate import InputError, InputTypeError, check_batch, check_target
@@ -176,23 +176,28 @@ class _Surrogate:
 # ------------------------------------------------------------------ losses
 
 
-def _pcc_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # For two maps of equal mean and variance v, MSE = 2 v (1 - PCC): in these
-    # units w_e means the same for every loss.
-    scale = 2 * target.flatten(1).var(1, unbiased=False).detach()
-    return scale * (1 - metrics.pcc(maps, target))
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _ssim_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    scale = 2 * target.flatten(1).var(1, unbiased=False).detach()
-    return scale * (1 - metrics.ssim(maps, target))
+def _in_mse_units(similarity: Loss) -> Loss:
+    """The loss ``2 var(target) (1 - similarity)`` of a similarity that is 1 at equal maps.
+
+    For two maps of equal mean and variance ``v``, ``MSE = 2 v (1 - PCC)``: in
+    these units ``w_e`` means the same for every loss.
+    """
+
+    def loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        scale = 2 * target.flatten(1).var(1, unbiased=False).detach()
+        return scale * (1 - similarity(maps, target))
+
+    return loss
 
 
 #: Explanation losses of the targeted attack, per image, in units of the MSE.
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+LOSSES: dict[str, Loss] = {
     "mse": metrics.mse,
-    "pcc": _pcc_loss,
-    "ssim": _ssim_loss,
+    "pcc": _in_mse_units(metrics.pcc),
+    "ssim": _in_mse_units(metrics.ssim),
 }
 
 
@@ -517,12 +522,6 @@ def _check_schedule(schedule: object) -> str | float:
     )
 
 
-def _choice(name: str, value: object, registry: dict) -> str:
-    if not isinstance(value, str) or value not in registry:
-        raise InputError(f"unknown {name} {value!r}; expected one of: {', '.join(registry)}")
-    return value
-
-
 def _range(data_range: object, x: torch.Tensor) -> tuple[float, float]:
     if data_range is None:
         return float(x.min()), float(x.max())
@@ -659,14 +658,14 @@ def manipulate(
     >>> result.label_kept.all()
     tensor(True)
     """
-    goal_name = _choice("goal", goal, GOALS)
+    goal_name = check_choice("goal", goal, GOALS)
     the_goal = GOALS[goal_name]
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:
         raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
-    _choice("loss", loss, LOSSES)
+    check_choice("loss", loss, LOSSES)
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
@@ -687,8 +686,7 @@ def manipulate(
     else:
         n_steps = UNTARGETED_STEPS if steps is None else steps
         eps_value = _check_number("eps", eps) or UNTARGETED_EPS * (high - low)
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise InputError(f"steps must be a positive int; got {n_steps!r}")
+    n_steps = check_count("steps", n_steps)
     lr_value = _check_number("lr", lr) or float(defaults["lr"])
     step_value = _check_number("step", step) or UNTARGETED_STEP * (eps_value or 0.0)
     schedule = _check_schedule(
@@ -700,10 +698,8 @@ def manipulate(
         isinstance(w, (int, float)) and w >= 0 and math.isfinite(w) for w in weights
     ):
         raise InputError(f"weights must be (w_e, w_o), two numbers >= 0; got {weights!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
-        raise InputError(f"restarts must be an int >= 0; got {restarts!r}")
-    if check_every is None:
-        check_every = CHECK_EVERY
+    check_count("restarts", restarts, 0)
+    check_every = check_count("check_every", CHECK_EVERY if check_every is None else check_every)
 
     was_training = model.training
     model.eval()
@@ -1024,7 +1020,7 @@ def defense_sweep(
                 f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
             )
     for d in defenses:
-        _choice("defense", d, DEFENSES)
+        check_choice("defense", d, DEFENSES)
     input_range = None if data_range is None else float(data_range[1] - data_range[0])
 
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
