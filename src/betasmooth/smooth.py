@@ -80,18 +80,31 @@ def _check_beta(beta: float | torch.Tensor) -> None:
         raise InputError(f"beta must be a positive finite number; got {beta!r}")
 
 
+def _threshold(dtype: torch.dtype) -> float:
+    # Above beta x = -log(eps), log1p(exp(-beta x)) / beta is below half an ulp
+    # of x, so returning x is exact.
+    return -math.log(torch.finfo(dtype).eps)
+
+
 class _Softplus(torch.autograd.Function):
-    # relu(x) + log1p(exp(-beta |x|)) / beta never overflows; the explicit
-    # backward gives exactly sigmoid(beta x) (also at x = 0, where |x| has no
-    # derivative) and is itself differentiable, so double backprop works.
+    # A float beta uses torch's fused softplus; a tensor beta computes
+    # relu(x) + log1p(exp(-beta |x|)) / beta, which never overflows either.
+    # The explicit backward gives exactly sigmoid(beta x) (also at x = 0,
+    # where |x| has no derivative) and is itself differentiable, so double
+    # backprop works.
     @staticmethod
-    def forward(ctx, x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, beta)
-        return x.clamp(min=0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
+    def forward(ctx, x: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        if isinstance(beta, torch.Tensor):
+            ctx.save_for_backward(x, beta)
+            return x.clamp(min=0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
+        ctx.save_for_backward(x)
+        ctx.beta = beta
+        return F.softplus(x, beta, _threshold(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
-        x, beta = ctx.saved_tensors
+        x, *saved = ctx.saved_tensors
+        beta = saved[0] if saved else ctx.beta
         grad_beta = None
         if ctx.needs_input_grad[1]:
             # d/dbeta = (z sigmoid(z) - log1p(exp(z))) / beta^2 with z = beta x,
@@ -125,8 +138,9 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     tensor([0.0000e+00, 6.9315e-01, 1.0000e+04])
     """
     _check_beta(beta)
-    beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
-    return _Softplus.apply(x, beta_t)
+    if isinstance(beta, torch.Tensor):
+        return _Softplus.apply(x, beta.to(dtype=x.dtype, device=x.device))
+    return _Softplus.apply(x, float(beta))
 
 
 class LogisticNoise(Distribution):
