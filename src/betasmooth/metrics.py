@@ -16,6 +16,7 @@ Constant maps (all pixels equal) get defined values, never NaN:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -47,6 +48,7 @@ METRICS: dict[str, Metric] = {}
 # Wang et al. 2004, as in skimage.metrics.structural_similarity(gaussian_weights=True).
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
+SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
@@ -168,36 +170,32 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).square().flatten(1).mean(1)
 
 
-def _gaussian_taps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
-    return (w / w.sum()).to(dtype=dtype, device=device)
-
-
-def _filter_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(n, n)`` matrix of the 1-D Gaussian filter with scipy.ndimage's ``reflect`` border.
+# Cached: an attack with the SSIM loss filters maps of one size at every step.
+@functools.lru_cache(maxsize=16)
+def _filter_matrix(n: int) -> torch.Tensor:
+    """``(n, n)`` float64 matrix of the 1-D Gaussian filter with scipy.ndimage's ``reflect`` border.
 
     Row ``i`` holds the taps around ``i``; taps that fall outside the map are
     folded back (d c b a | a b c d | d c b a), repeatedly for maps narrower
     than the window. One matrix product per axis is faster than a padded
     convolution on CPU, float64 included.
     """
-    taps = _gaussian_taps(torch.float64, torch.device("cpu"))
-    radius = (taps.numel() - 1) // 2
-    source = torch.arange(n).unsqueeze(1) + torch.arange(-radius, radius + 1)
+    offsets = torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1)
+    taps = torch.exp(-0.5 * (offsets.double() / SSIM_SIGMA) ** 2)
+    taps = taps / taps.sum()
+    source = torch.arange(n).unsqueeze(1) + offsets
     source = source % (2 * n)
     source = torch.where(source >= n, 2 * n - 1 - source, source)
     rows = torch.arange(n).unsqueeze(1).expand_as(source)
     matrix = torch.zeros(n, n, dtype=torch.float64)
     matrix.index_put_((rows.reshape(-1), source.reshape(-1)), taps.repeat(n), accumulate=True)
-    return matrix.to(dtype=dtype, device=device)
+    return matrix
 
 
 def _gaussian_filter(x: torch.Tensor) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(sigma=1.5, truncate=3.5, mode="reflect")`` over (N, H, W)."""
-    rows = _filter_matrix(x.shape[1], x.dtype, x.device)
-    cols = _filter_matrix(x.shape[2], x.dtype, x.device)
+    rows = _filter_matrix(x.shape[1]).to(dtype=x.dtype, device=x.device)
+    cols = _filter_matrix(x.shape[2]).to(dtype=x.dtype, device=x.device)
     return rows @ x @ cols.T
 
 
@@ -213,8 +211,7 @@ def ssim_window(height: int, width: int) -> int:
     >>> ssim_window(32, 32), ssim_window(7, 9)
     (11, 7)
     """
-    full = 2 * int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5) + 1
-    side = min(height, width, full)
+    side = min(height, width, 2 * SSIM_RADIUS + 1)
     return side if side % 2 == 1 else side - 1
 
 
