@@ -66,8 +66,6 @@ KINKED_FUNCTIONS = frozenset(
         F.hardsigmoid,
         F.hardshrink,
         F.softshrink,
-        torch.Tensor.clamp,
-        torch.clamp,
     }
 )
 
@@ -231,7 +229,7 @@ class _ReluOverride(TorchFunctionMode):
         if func in RELU_FUNCTIONS:
             self.replaced += 1
             return self.fn(args[0])
-        if func in KINKED_FUNCTIONS and func not in (torch.clamp, torch.Tensor.clamp):
+        if func in KINKED_FUNCTIONS:
             self.kinked.add(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
 
@@ -271,11 +269,11 @@ class _ReluHooks:
             return
         mode = self.active.pop()
         mode.__exit__(None, None, None)
-        if self.warn and not self.done:
-            _warn_coverage(self.model, mode)
         # Only the first pass is kept: enough for the warning and for tests,
         # and a long attack does not grow a list.
         if not self.done:
+            if self.warn:
+                _warn_coverage(self.model, mode)
             self.done.append(mode)
 
 
