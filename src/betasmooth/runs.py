@@ -51,7 +51,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .attack import ATTACK_DEFAULTS, defense_sweep, manipulate
+from .explain import METHODS, explain
+from .explain import method_options as options_of
+from .geometry import curvature
+from .metrics import heatmap
+from .smooth import smooth
 from .validate import InputError
+from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
     "Dist",
@@ -127,13 +134,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 
 
 def _json_default(value: object) -> object:
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, (np.floating,)):
+    if isinstance(value, np.floating):
         return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (np.ndarray, torch.Tensor)):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -569,7 +574,7 @@ def execute(
     hide = True if dist.rank != 0 else (None if progress is None else not progress)
     bar = tqdm(total=sum(len(u.indices) for u in todo), desc=desc, unit="item", disable=hide)
     with bar:
-        queue = [part for u in todo for part in _split(u, limit)]
+        queue = list(todo)
         while queue:
             unit = queue.pop(0)
             if len(unit.indices) > limit:
@@ -750,8 +755,6 @@ def load_inputs(
     >>> tuple(x.shape)
     (4, 1, 32, 32)
     """
-    from .zoo import check_compatible, load_data, load_model
-
     if n is not None and n < 1:
         raise InputError(f"--n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
@@ -784,23 +787,25 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
     >>> attack_methods("gradient,lrp")
     ['gradient', 'lrp']
     """
-    from .attack import ATTACK_DEFAULTS
-
     return _split_methods(methods, list(ATTACK_DEFAULTS))
 
 
 def explain_methods(methods: str | Sequence[str]) -> list[str]:
     """Check a method list (a comma list or ``all``) against the registered methods."""
-    from .explain import METHODS
-
     return _split_methods(methods, list(METHODS))
 
 
-def _options(method: str, given: dict[str, dict[str, object]] | None) -> dict[str, object]:
-    from .attack import ATTACK_DEFAULTS
-
-    options = dict(ATTACK_DEFAULTS.get(method, {}).get("options", {}))
-    options.update((given or {}).get(method, {}))
+def _options(
+    unit: Unit,
+    given: dict[str, dict[str, object]] | None,
+    seed: int,
+    defaults: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """Options of the unit's method: ``defaults``, those ``given``, and the unit's seed
+    for a method that draws noise and has been given no seed."""
+    options = {**(defaults or {}), **(given or {}).get(unit.method, {})}
+    if "seed" in options_of(unit.method):
+        options.setdefault("seed", unit_seed(seed, unit.method, unit.indices[0]))
     return options
 
 
@@ -843,10 +848,6 @@ def attack_run(
     >>> run = RunDir.create("/tmp/attack", {"command": "attack"})  # doctest: +SKIP
     >>> records = attack_run(run, model, x, y, ["gradient"], steps=20)  # doctest: +SKIP
     """
-    from .attack import manipulate
-    from .explain import explain
-    from .metrics import heatmap
-
     device = torch.device(device)
     model = model.to(device)
     targets = derangement(x.shape[0], seed) if goal == "targeted" else None
@@ -854,9 +855,8 @@ def attack_run(
     def work(unit: Unit) -> tuple[list[Record], Arrays]:
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
-        options = _options(unit.method, method_options)
-        if "seed" in _method_options(unit.method):
-            options.setdefault("seed", s)
+        defaults = ATTACK_DEFAULTS.get(unit.method, {}).get("options")
+        options = _options(unit, method_options, seed, defaults)
         xb = x[idx].to(device)
         target_map = None
         if targets is not None:
@@ -891,12 +891,6 @@ def attack_run(
     return execute(run, units, work, dist=dist, progress=progress, desc="attack")
 
 
-def _method_options(method: str) -> dict[str, object]:
-    from .explain import method_options
-
-    return method_options(method)
-
-
 def explain_run(
     run: RunDir,
     model: torch.nn.Module,
@@ -924,18 +918,13 @@ def explain_run(
     --------
     >>> records = explain_run(run, model, x, y, ["gradient", "lrp"])  # doctest: +SKIP
     """
-    from .explain import explain
-    from .metrics import heatmap
-
     device = torch.device(device)
     model = model.to(device)
 
     def work(unit: Unit) -> tuple[list[Record], Arrays]:
         idx = torch.tensor(unit.indices)
         xb = x[idx].to(device)
-        options = dict((method_options or {}).get(unit.method, {}))
-        if "seed" in _method_options(unit.method):
-            options.setdefault("seed", unit_seed(seed, unit.method, unit.indices[0]))
+        options = _options(unit, method_options, seed)
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)
@@ -1001,8 +990,6 @@ def sweep_run(
     --------
     >>> sweep_run(RunDir("/tmp/attack"), model, [0.5, 1, 2, 5])  # doctest: +SKIP
     """
-    from .attack import defense_sweep
-
     device = torch.device(device)
     model = model.to(device)
     if methods is None:
@@ -1076,9 +1063,6 @@ def curvature_run(
     --------
     >>> curvature_run(run, model, x, y, [None, 1.0, 5.0])  # doctest: +SKIP
     """
-    from .geometry import curvature
-    from .smooth import smooth
-
     device = torch.device(device)
     model = model.to(device)
     nets = {_beta_label(b): (b, model if b is None else smooth(model, b)) for b in betas}
