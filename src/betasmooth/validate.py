@@ -7,9 +7,22 @@ command line turns both into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Collection
+
 import torch
 
-__all__ = ["InputError", "InputTypeError", "check_batch", "check_classes", "check_target"]
+__all__ = [
+    "InputError",
+    "InputTypeError",
+    "check_batch",
+    "check_choice",
+    "check_classes",
+    "check_count",
+    "check_positive",
+    "check_target",
+]
 
 
 class InputError(ValueError):
@@ -109,3 +122,56 @@ def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
             f"the model has {n_classes} outputs (classes 0 to {n_classes - 1})"
         )
     return target
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """Check that the option ``name`` is an integer ``>= minimum``.
+
+    Examples
+    --------
+    >>> check_count("steps", 32, 2)
+    32
+    >>> check_count("steps", 1, 2)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: steps must be an integer >= 2; got 1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    if value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value: object, choices: Collection[str]) -> str:
+    """Check that the option ``name`` is one of ``choices`` (names).
+
+    Examples
+    --------
+    >>> check_choice("noise", "gaussian", {"gaussian", "logistic"})
+    'gaussian'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"unknown {name} {value!r}; expected one of: {', '.join(sorted(choices))}")
+    return value
+
+
+def check_positive(name: str, value: object, optional: bool = False) -> float | None:
+    """Check that the option ``name`` is a positive finite number (or ``None`` if ``optional``).
+
+    Examples
+    --------
+    >>> check_positive("sigma", 0.15)
+    0.15
+    >>> check_positive("sigma", 0.0)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: sigma must be a positive finite number; got 0.0
+    """
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a positive number; got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise InputError(f"{name} must be a positive finite number; got {value!r}")
+    return float(value)

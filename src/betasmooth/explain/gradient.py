@@ -9,15 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..validate import InputError, InputTypeError, check_classes
+from ..validate import InputError, InputTypeError, check_choice, check_classes, check_count
 from . import register
 
 __all__ = [
     "ITEMS_PER_PASS",
     "QUADRATURE_RULES",
     "auto_chunk",
-    "check_choice",
-    "check_count",
     "input_gradient",
     "predict",
     "quadrature",
@@ -132,38 +130,6 @@ def input_x_gradient(
     >>> h = bs.explain(model, x[:4], "input_x_gradient")
     """
     return x * input_gradient(model, x, target, create_graph)
-
-
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """Check that the option ``name`` is an integer ``>= minimum``.
-
-    Examples
-    --------
-    >>> check_count("steps", 32, 2)
-    32
-    >>> check_count("steps", 1, 2)
-    Traceback (most recent call last):
-    ...
-    betasmooth.validate.InputError: steps must be an integer >= 2; got 1
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    if value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}; got {value}")
-    return int(value)
-
-
-def check_choice(name: str, value: object, choices: object) -> str:
-    """Check that the option ``name`` is one of ``choices`` (names).
-
-    Examples
-    --------
-    >>> check_choice("noise", "gaussian", {"gaussian", "logistic"})
-    'gaussian'
-    """
-    if not isinstance(value, str) or value not in choices:
-        raise InputError(f"unknown {name} {value!r}; expected one of: {', '.join(sorted(choices))}")
-    return value
 
 
 def auto_chunk(chunk: int | None, total: int, batch: int) -> int:

@@ -11,16 +11,15 @@ instead of ``n``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..smooth import LogisticNoise, smoothed
-from ..validate import InputError, InputTypeError
+from ..validate import InputError, InputTypeError, check_choice, check_count, check_positive
 from . import METHODS, _check_options, register
-from .gradient import auto_chunk, check_choice, check_count, predict
+from .gradient import auto_chunk, predict
 
 __all__ = ["NOISE_METHODS", "NOISES", "noise_scale", "standard_noise"]
 
@@ -114,15 +113,6 @@ def noise_scale(x: torch.Tensor, sigma: float, input_range: float | None = None)
     return (sigma * spread).view(-1, *(1,) * (x.dim() - 1))
 
 
-def _check_positive(name: str, value: object, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputTypeError(f"{name} must be a positive number; got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise InputError(f"{name} must be a positive finite number; got {value!r}")
-
-
 def _base(method: str, base: object, base_options: object) -> tuple[Callable, dict]:
     if not isinstance(base, str) or base not in METHODS or base in NOISE_METHODS:
         usable = sorted(set(METHODS) - NOISE_METHODS)
@@ -193,16 +183,14 @@ def smoothgrad(
     """
     fn, options = _base("smoothgrad", base, base_options)
     n = check_count("n", n)
-    _check_positive("sigma", sigma)
-    _check_positive("input_range", input_range, optional=True)
-    check_choice("noise", noise, NOISES)
-    if seed is not None:
-        check_count("seed", seed, 0)
-    chunk = auto_chunk(chunk, n, x.shape[0])
-
+    check_positive("sigma", sigma)
+    check_positive("input_range", input_range, optional=True)
+    draw = NOISES[check_choice("noise", noise, NOISES)]
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(int(seed))
+        generator = torch.Generator(device=x.device).manual_seed(check_count("seed", seed, 0))
+    chunk = auto_chunk(chunk, n, x.shape[0])
+
     if target is None:
         target = predict(model, x)
     x_in = x if create_graph and x.requires_grad else x.detach()
@@ -211,7 +199,7 @@ def smoothgrad(
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         # One draw per copy, so that the draws do not depend on the chunk size.
-        eps = torch.stack([standard_noise(noise, x.shape, generator, x) for _ in range(k)])
+        eps = torch.stack([draw(x.shape, generator, x) for _ in range(k)])
         noisy = (x_in + scale * eps).flatten(0, 1)
         maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **options)
         total = total + maps.view(k, *x.shape).sum(0)
@@ -257,7 +245,7 @@ def beta_smooth(
     >>> h = bs.explain(model, x[:4], "beta_smooth", beta=10.0)
     """
     fn, options = _base("beta_smooth", base, base_options)
-    _check_positive("beta", beta)
+    check_positive("beta", beta)
     if target is None:
         target = predict(model, x)
     with smoothed(model, beta):
