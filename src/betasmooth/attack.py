@@ -247,7 +247,12 @@ class ManipulationResult:
 
         Examples
         --------
-        >>> sorted(result.records()[0])[:3]  # doctest: +SKIP
+        >>> import betasmooth as bs
+        >>> model = bs.load_model("digits-cnn")
+        >>> x = bs.load_data("digits")[0][:2]
+        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
+        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
+        >>> sorted(result.records()[0])[:3]
         ['expl_com_shift_orig', 'expl_com_shift_target', 'expl_mse_orig']
         """
         rows = []
@@ -866,8 +871,14 @@ class SweepResult:
 
         Examples
         --------
-        >>> sweep.medians()[0]["adv_vs_orig_pcc"]  # doctest: +SKIP
-        0.91
+        >>> import betasmooth as bs
+        >>> model = bs.load_model("digits-cnn")
+        >>> x = bs.load_data("digits")[0][:2]
+        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
+        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
+        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
+        >>> [(row["defense"], row["beta"]) for row in sweep.medians()]
+        [('beta_smooth', 1.0), ('smoothgrad', 1.0)]
         """
         groups: dict[tuple[str, float], list[dict[str, object]]] = {}
         for row in self.rows:
@@ -997,9 +1008,14 @@ def defense_sweep(
 
     Examples
     --------
-    >>> sweep = bs.defense_sweep(model, x, result.x_adv, result.map_target,
-    ...                          "gradient", [0.5, 1.0, 2.0])  # doctest: +SKIP
-    >>> sweep.medians()  # doctest: +SKIP
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x = bs.load_data("digits")[0][:2]
+    >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
+    >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [0.5, 1.0])
+    >>> len(sweep.records())  # 2 images x 2 defenses x 2 betas
+    8
     """
     check_batch(x, "x", min_dim=4)
     check_batch(x_adv, "x_adv", min_dim=4)
