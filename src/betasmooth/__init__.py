@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 from .explain import METHODS, explain, register
-from .metrics import heatmap
+from .metrics import compare, heatmap
 from .smooth import LogisticNoise, smooth, smoothed, softplus
 from .validate import InputError, InputTypeError
 
@@ -26,7 +26,6 @@ __version__ = "0.1.0"
 
 # Heavier parts load on first use, so that `import betasmooth` stays quick.
 _LAZY = {
-    "compare": "metrics",
     "load_data": "zoo",
     "load_model": "zoo",
     "manipulate": "attack",
