@@ -30,26 +30,27 @@ import time
 
 import torch
 
+# Mode -> (processes, threads per process).
+MODES = {
+    "1 process x 1 thread": (1, 1),
+    "1 process x 2 threads": (1, 2),
+    "2 processes x 1 thread": (2, 1),
+}
+
 
 def _command(mode: str, args: argparse.Namespace, n: int, steps: int, out: str) -> list[str]:
     attack = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", args.method]
     attack += ["-n", str(n), "--steps", str(steps), "--batch-size", str(args.batch_size)]
     attack += ["--device", args.device, "--no-progress", "--out", out]
-    if mode == "2 processes x 1 thread":
+    processes = MODES[mode][0]
+    if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        return [*launcher, "--nproc-per-node", "2", "-m", "betasmooth", *attack]
+        return [*launcher, "--nproc-per-node", str(processes), "-m", "betasmooth", *attack]
     return [sys.executable, "-m", "betasmooth", *attack]
 
 
-THREADS = {
-    "1 process x 1 thread": "1",
-    "1 process x 2 threads": "2",
-    "2 processes x 1 thread": "1",
-}
-
-
 def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS[mode]}
+    env = {**os.environ, "OMP_NUM_THREADS": str(MODES[mode][1])}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rates = {}
-    for mode in THREADS:
+    for mode in MODES:
         base = _time(mode, args, 2, 1)
         full = _time(mode, args, args.n, args.steps)
         rates[mode] = (args.n - 2) / max(full - base, 1e-9)
