@@ -171,7 +171,7 @@ class LogisticNoise(Distribution):
 
     def expand(
         self, batch_shape: torch.Size, _instance: LogisticNoise | None = None
-    ) -> LogisticNoise:  # noqa: E501
+    ) -> LogisticNoise:
         new = self._get_checked_instance(LogisticNoise, _instance)
         new.beta = self.beta.expand(batch_shape)
         Distribution.__init__(new, torch.Size(batch_shape), validate_args=False)
@@ -225,7 +225,7 @@ class _ReluOverride(TorchFunctionMode):
         self.replaced = 0
         self.kinked: set[str] = set()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func in RELU_FUNCTIONS:
             self.replaced += 1
             return self.fn(args[0])

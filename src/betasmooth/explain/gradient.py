@@ -30,7 +30,7 @@ ITEMS_PER_PASS = 256
 
 def select_logit(
     logits: torch.Tensor, target: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E501
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The logit of ``target`` per item, and the target (the argmax where ``None``).
 
     Parameters

@@ -526,7 +526,7 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
         return cached
     try:
         gm = fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure is the user's model
+    except Exception as exc:  # any tracing failure is the user's model
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
             f"lrp needs a model that torch.fx.symbolic_trace can trace (no control flow on "
