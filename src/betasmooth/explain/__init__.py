@@ -44,7 +44,13 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 def method_options(method: str) -> dict[str, object]:
-    """The options of ``method`` with their defaults."""
+    """The options of ``method`` with their defaults.
+
+    Examples
+    --------
+    >>> method_options("beta_smooth")
+    {'base': 'gradient', 'base_options': None, 'beta': 1.0}
+    """
     fn = _lookup(method)
     return {
         p.name: p.default

@@ -645,7 +645,7 @@ def _load(arg: object, values: dict[fx.Node, object]) -> object:
     return fx.node.map_arg(arg, lambda n: values[n])
 
 
-def _check_options(low: object, high: object, epsilon: object) -> None:
+def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
             raise InputTypeError(
@@ -709,7 +709,7 @@ def lrp(
     >>> h.shape
     torch.Size([2, 1, 4, 4])
     """
-    _check_options(low, high, epsilon)
+    _check_lrp_options(low, high, epsilon)
     graph = lrp_graph(model)
     options = {"low": low, "high": high, "epsilon": float(epsilon)}
     modules = dict(graph.module.named_modules())
