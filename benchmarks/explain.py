@@ -46,7 +46,7 @@ from betasmooth.metrics import pcc
 SIGMA = 0.15  # SmoothGrad noise level, fraction of the [0, 1] input range
 BETAS = (3.0, 10.0, 30.0)
 
-# Memory configurations: (label, method, options); chunk=50 puts all 50
+# Memory configurations: label -> (method, options); chunk=50 puts all 50
 # interpolation points or noisy copies into one pass, as Captum does by default.
 MEMORY = {
     "ig_chunked": ("integrated_gradients", {"steps": 50}),
@@ -92,7 +92,7 @@ def setup(device, batch):
 
 
 def runners(model, x, target):
-    """The methods compared, each a function of no arguments returning a map."""
+    """The methods compared, each returning a map; ours take the method's options as keywords."""
     saliency = NoiseTunnel(Saliency(model))
     ig = IntegratedGradients(model)
     return {
