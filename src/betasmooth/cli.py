@@ -25,9 +25,11 @@ import torch
 # Not imported here: report and figures, which load matplotlib. The functions
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
-from . import runs
+from . import runs, theory
+from .attack import ATTACK_DEFAULTS
 from .runs import RunDir
 from .validate import InputError
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_range
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -226,8 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _absolute(spec: str | None) -> str | None:
     """A spec naming a file, made absolute, so that the run can be reopened from elsewhere."""
-    from .zoo import BUILTIN_DATA, BUILTIN_MODELS
-
     if spec is None or spec in BUILTIN_DATA or spec in BUILTIN_MODELS:
         return spec
     path, sep, factory = spec.rpartition(":")
@@ -281,8 +281,6 @@ def _load(
 
 
 def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
-    from .zoo import data_range
-
     return data_range(settings["data"], mean=settings.get("mean"), std=settings.get("std"))
 
 
@@ -492,8 +490,6 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
-    from . import theory
-
     summary = theory.run(
         quick=quick,
         seed=seed,
@@ -533,8 +529,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
     """Steps per method: ``budget`` for the longest, the others in the paper's proportions."""
-    from .attack import ATTACK_DEFAULTS
-
     paper = {m: int(ATTACK_DEFAULTS[m]["steps"]) for m in methods}
     longest = max(paper.values())
     return {m: max(1, round(budget * s / longest)) for m, s in paper.items()}
@@ -543,7 +537,6 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on the built-in digits; write a report."""
-    from .explain import METHODS
     from .report import build_report
 
     sizes = dict(DEMO_SIZES["quick" if args.quick else "default"])
@@ -561,7 +554,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model, x, y = runs.load_inputs("digits-cnn", "digits", n=int(sizes["n"]))
     run = RunDir.create(args.out, config, resume=args.resume)
     progress = args.progress
-    explain_methods = [m for m in runs.explain_methods("all") if m in METHODS]
+    explain_methods = runs.explain_methods("all")
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
     options = {
