@@ -586,18 +586,24 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         rules[node] = rule
         if all(n in raw for n in inputs if n not in shape):
             raw.add(node)
-        source_node = node.args[0]
-        if (
-            isinstance(module, BATCHNORMS)
-            and isinstance(source_node, fx.Node)
-            and source_node.op == "call_module"
-            and _layer_kind(gm.get_submodule(source_node.target)) is not None
-            and len(source_node.users) == 1
-        ):
-            folded[source_node] = node.target
+        if _folds(node, module, gm):
+            folded[node.args[0]] = node.target
             rules[node] = _pass
     snapshot = frozenset(n for n in gm.graph.nodes if any(_inplace(user, gm) for user in n.users))
     return LRPGraph(gm, source, outputs[0].args[0], rules, folded, snapshot)
+
+
+def _folds(node: fx.Node, module: nn.Module | None, gm: fx.GraphModule) -> bool:
+    # Folding treats the Conv/Linear and the BatchNorm after it as one layer,
+    # which is right only when the BatchNorm is the only reader of its output.
+    source = node.args[0]
+    return (
+        isinstance(module, BATCHNORMS)
+        and isinstance(source, fx.Node)
+        and source.op == "call_module"
+        and _layer_kind(gm.get_submodule(source.target)) is not None
+        and len(source.users) == 1
+    )
 
 
 def _lookup_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
