@@ -7,6 +7,8 @@ A run directory holds everything a command produced::
     DIR/results-rank<r>.jsonl  a rank's results while a torchrun job is running
     DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...)
     DIR/sweep.jsonl          defense sweep records, each with its index and method
+    DIR/explain.jsonl        the demo's explanation records
+    DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches
     DIR/theory.json          Theorem 2 checks
     DIR/figures/*.png, DIR/report.html
 
@@ -522,7 +524,8 @@ def execute(
     ``work(unit)`` returns the unit's records (one per index, each with
     ``index`` and ``method``) and its arrays (or ``None``). Records get a
     ``seconds`` field (the batch time per item) when they have none; arrays
-    are written to ``arrays/<method>-<first index>.npz``.
+    are written to ``arrays/<method>-<first index>.npz``, with a ``<name>-``
+    prefix for records other than ``results``.
 
     A batch that runs out of memory is retried in halves, and later batches
     keep the smaller size.
@@ -536,7 +539,7 @@ def execute(
     work : callable
         ``work(unit) -> (records, arrays)``.
     name : str
-        Records go to ``name.jsonl`` (``results`` or ``sweep``).
+        Records go to ``name.jsonl`` (``results``, ``sweep`` or ``explain``).
     dist : Dist, optional
         The torchrun job; ``None`` for one process.
     progress : bool or None
