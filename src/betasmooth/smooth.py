@@ -406,10 +406,10 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     >>> bool(soft(torch.zeros(1, 2)).gt(0).all())
     True
     """
-    _check_beta(beta)
+    handle = SmoothingHandle(beta)  # checks beta before the copy is made
     copied = copy.deepcopy(model)
     # The hooks hold the handle, and the model holds the hooks: they live as
     # long as the copy does.
-    _ReluHooks(copied, SmoothingHandle(beta), warn=True).install()
-    copied.betasmooth_beta = float(beta)
+    _ReluHooks(copied, handle, warn=True).install()
+    copied.betasmooth_beta = handle.beta
     return copied

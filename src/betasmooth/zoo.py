@@ -701,7 +701,7 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     >>> check_compatible(load_model("digits-cnn"), torch.zeros(3, 1, 32, 32)).shape
     torch.Size([1, 10])
     """
-    check_batch(x, "x", min_dim=2)
+    check_batch(x)
     item = tuple(x.shape[1:])
     training = model.training
     model.eval()
