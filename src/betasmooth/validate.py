@@ -91,6 +91,11 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     torch.Tensor or None
         Class indices of shape ``(batch,)``, not yet checked against the
         number of classes (see :func:`check_classes`).
+
+    Examples
+    --------
+    >>> check_target(3, batch=2)
+    tensor([3, 3])
     """
     if target is None:
         return None
@@ -115,7 +120,13 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
 
 
 def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Check that every class index is below the model's number of outputs."""
+    """Check that every class index is below the model's number of outputs.
+
+    Examples
+    --------
+    >>> check_classes(torch.tensor([3, 9]), 10)
+    tensor([3, 9])
+    """
     if bool((target >= n_classes).any()):
         raise InputError(
             f"target class {target.max().item()} is out of range; "

@@ -44,6 +44,11 @@ def select_logit(
     -------
     tuple of torch.Tensor
         ``(logit, target)``, both of shape ``(B,)``.
+
+    Examples
+    --------
+    >>> select_logit(torch.tensor([[1.0, 3.0], [2.0, 0.5]]), None)
+    (tensor([3., 2.]), tensor([1, 0]))
     """
     if logits.dim() != 2:
         raise ValueError(
