@@ -524,6 +524,23 @@ def _defense_groups(records: Sequence[Mapping]) -> list[tuple[dict, list[Mapping
     return [(dict(zip(keys, g)), recs) for g, recs in _groups(records, keys).items()]
 
 
+# Sweep keys and the attack result fields that measure the same without a defense.
+_UNDEFENDED = {
+    "adv_vs_orig_pcc": "expl_pcc_orig",
+    "adv_vs_target_pcc": "expl_pcc_target",
+    "adv_vs_orig_ssim": "expl_ssim_orig",
+    "adv_vs_target_ssim": "expl_ssim_target",
+}
+
+
+def _undefended(results: Sequence[Mapping], method: str) -> dict[str, float] | None:
+    """Medians of the attack results of ``method``, named as the sweep names them."""
+    mine = [r for r in results if str(r.get("method")) == method]
+    stats = medians(mine, list(_UNDEFENDED.values()))
+    found = {k: stats[v] for k, v in _UNDEFENDED.items() if stats[v] is not None}
+    return found or None
+
+
 def _section_defense(run: _Run) -> str:
     if not run.sweep:
         return "<h2 id='defense'>Defense: beta-smoothing and SmoothGrad</h2>" + _note(
@@ -567,20 +584,6 @@ def _section_defense(run: _Run) -> str:
                     }
                 )
         out.append(f"<h3 id='defense-{_e(_slug(method))}'>{_e(method)}</h3>")
-        mine_results = [r for r in run.results if str(r.get("method")) == method]
-        undefended = None
-        if mine_results:
-            base = medians(
-                mine_results,
-                ["expl_pcc_orig", "expl_pcc_target", "expl_ssim_orig", "expl_ssim_target"],
-            )
-            undefended = {
-                "adv_vs_orig_pcc": base["expl_pcc_orig"],
-                "adv_vs_target_pcc": base["expl_pcc_target"],
-                "adv_vs_orig_ssim": base["expl_ssim_orig"],
-                "adv_vs_target_ssim": base["expl_ssim_target"],
-            }
-            undefended = {k: v for k, v in undefended.items() if v is not None}
         if betas:
             path = figures.defense_curves(
                 betas,
@@ -588,7 +591,7 @@ def _section_defense(run: _Run) -> str:
                 run.figures / f"defense_{_slug(method)}.png",
                 smoothgrad_betas=sg_betas,
                 smoothgrad=smoothgrad,
-                undefended=undefended or None,
+                undefended=_undefended(run.results, method),
                 title=f"{method}: defended maps against β",
             )
             out.append(
