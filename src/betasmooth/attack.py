@@ -37,10 +37,18 @@ from tqdm.auto import tqdm
 from . import metrics
 from .explain import explain
 from .explain import method_options as options_of
-from .explain.gradient import check_choice, check_count, predict
+from .explain.gradient import predict
 from .metrics import heatmap
 from .smooth import replace_relu, softplus
-from .validate import InputError, InputTypeError, check_batch, check_target
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_batch,
+    check_choice,
+    check_count,
+    check_positive,
+    check_target,
+)
 
 __all__ = [
     "ATTACK_DEFAULTS",
@@ -507,21 +515,11 @@ def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
     return target_map.to(device=x.device, dtype=x.dtype)
 
 
-def _check_number(name: str, value: object, optional: bool = True) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InputTypeError(f"{name} must be a positive number; got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise InputError(f"{name} must be a positive finite number; got {value!r}")
-    return float(value)
-
-
 def _check_schedule(schedule: object) -> str | float:
     if isinstance(schedule, str) and schedule in ("geometric", "none"):
         return schedule
     if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-        return _check_number("beta_schedule", schedule)
+        return check_positive("beta_schedule", schedule)
     raise InputError(
         f"beta_schedule must be 'geometric', 'none' or a positive number; got {schedule!r}"
     )
@@ -687,13 +685,13 @@ def manipulate(
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
         map_target = _check_target_map(target_map, x)
         n_steps = defaults["steps"] if steps is None else steps
-        eps_value = _check_number("eps", eps)
+        eps_value = check_positive("eps", eps, optional=True)
     else:
         n_steps = UNTARGETED_STEPS if steps is None else steps
-        eps_value = _check_number("eps", eps) or UNTARGETED_EPS * (high - low)
+        eps_value = check_positive("eps", eps, optional=True) or UNTARGETED_EPS * (high - low)
     n_steps = check_count("steps", n_steps)
-    lr_value = _check_number("lr", lr) or float(defaults["lr"])
-    step_value = _check_number("step", step) or UNTARGETED_STEP * (eps_value or 0.0)
+    lr_value = check_positive("lr", lr, optional=True) or float(defaults["lr"])
+    step_value = check_positive("step", step, optional=True) or UNTARGETED_STEP * (eps_value or 0.0)
     schedule = _check_schedule(
         defaults["beta_schedule"] if beta_schedule is None else beta_schedule
     )
@@ -1024,13 +1022,13 @@ def defense_sweep(
             f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
         )
     target_map = _check_target_map(target_map, x)
-    betas = [_check_number("beta", b, optional=False) for b in betas]
+    betas = [check_positive("beta", b) for b in betas]
     if not betas:
         raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
     if smoothgrad_sigmas is None:
         sigmas = [matched_sigma(b) for b in betas]
     else:
-        sigmas = [_check_number("smoothgrad_sigmas", s, optional=False) for s in smoothgrad_sigmas]
+        sigmas = [check_positive("smoothgrad_sigmas", s) for s in smoothgrad_sigmas]
         if len(sigmas) != len(betas):
             raise InputError(
                 f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"

@@ -35,9 +35,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .explain.gradient import check_count, select_logit
+from .explain.gradient import select_logit
 from .smooth import smooth
-from .validate import InputError, InputTypeError, check_batch, check_target
+from .validate import InputError, InputTypeError, check_batch, check_count, check_target
 
 __all__ = ["curvature", "theorem1_check"]
 

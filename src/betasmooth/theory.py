@@ -38,10 +38,10 @@ from tqdm.auto import tqdm
 
 from .attack import matched_sigma
 from .explain import explain
-from .explain.gradient import check_choice
 from .geometry import curvature
 from .metrics import heatmap, pcc
 from .smooth import LogisticNoise, smooth, softplus
+from .validate import check_choice
 from .zoo import load_data, load_model
 
 __all__ = [
