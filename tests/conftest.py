@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from nets import CAPTUM_NETS
+
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(1)
 
@@ -17,6 +19,18 @@ torch.set_num_threads(1)
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(params=sorted(CAPTUM_NETS))
+def net(request) -> torch.nn.Module:
+    """Each architecture on which the methods are checked against Captum, in float64."""
+    return CAPTUM_NETS[request.param]().double()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    """A float64 batch of 4 inputs in [0, 1) for those architectures."""
+    return torch.rand(4, 1, 16, 16, dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,9 @@ def vgg_small(seed: int = 0, channels: int = 1, classes: int = 5, bias: bool = T
         nn.ReLU(),
         nn.Linear(32, classes, bias=bias),
     ).eval()
+
+
+# The two architectures on which every method is checked against Captum, and a
+# target per item of a batch of 4.
+CAPTUM_NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
+TARGET = torch.tensor([0, 3, 1, 4])

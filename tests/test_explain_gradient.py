@@ -10,20 +10,8 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 
 import betasmooth as bs
 from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature
-from nets import plain_cnn, residual_net
-
-NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
-TARGET = torch.tensor([0, 3, 1, 4])
-
-
-@pytest.fixture(params=sorted(NETS))
-def net(request):
-    return NETS[request.param]().double()
-
-
-@pytest.fixture
-def x():
-    return torch.rand(4, 1, 16, 16, dtype=torch.float64)
+from nets import CAPTUM_NETS as NETS
+from nets import TARGET, residual_net
 
 
 def test_gradient_is_captum_saliency(net, x):

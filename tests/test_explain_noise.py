@@ -11,20 +11,7 @@ from captum.attr import IntegratedGradients, Saliency
 
 import betasmooth as bs
 from betasmooth.explain.noise import standard_noise
-from nets import plain_cnn, residual_net
-
-NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
-TARGET = torch.tensor([0, 3, 1, 4])
-
-
-@pytest.fixture(params=sorted(NETS))
-def net(request):
-    return NETS[request.param]().double()
-
-
-@pytest.fixture
-def x():
-    return torch.rand(4, 1, 16, 16, dtype=torch.float64)
+from nets import TARGET, plain_cnn, residual_net
 
 
 def _hand_noise(x, n, sigma, noise, seed, input_range=None):
