@@ -35,7 +35,10 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
     (path / "arrays").mkdir(parents=True)
     config = {
         "command": "attack",
-        "settings": {"model": "digits-cnn", "data": "digits", "n": N, "steps": 3},
+        "model": "digits-cnn",
+        "data": "digits",
+        "n": N,
+        "steps": 3,
         "seed": 7,
         "versions": {"betasmooth": "0.1.0", "torch": "2.x"},
         "methods": list(METHODS),

@@ -300,16 +300,11 @@ def _slug(text: str) -> str:
 
 def _section_run(run: _Run) -> str:
     c = run.config
-    settings = c.get("settings") if isinstance(c.get("settings"), Mapping) else {}
 
     def pick(*keys: str) -> object:
-        for k in keys:
-            for source in (c, settings):
-                if k in source:
-                    return source[k]
-        return None
+        return next((c[k] for k in keys if k in c), None)
 
-    command = pick("command_line", "argv", "command")
+    command = pick("argv", "command")
     if isinstance(command, (list, tuple)):
         command = " ".join(str(a) for a in command)
     methods = pick("methods", "method")
@@ -323,7 +318,7 @@ def _section_run(run: _Run) -> str:
         ("images (n)", pick("n") if pick("n") is not None else len(indices) or None),
         ("results lines", len(run.results)),
         ("seed", pick("seed")),
-        ("date", pick("date", "created")),
+        ("date", pick("created")),
     ]
     rows = [r for r in rows if r[1] is not None]
     out = ["<h2 id='run'>What was run</h2>", _table("run-table", ["", "value"], rows)]
@@ -684,12 +679,8 @@ def _section_theory(run: _Run) -> str:
 
 
 def _section_settings(run: _Run) -> str:
-    settings = run.config.get("settings")
-    rest = {k: v for k, v in run.config.items() if k not in ("settings", "versions")}
-    rows = []
-    if isinstance(settings, Mapping):
-        rows += [(k, settings[k]) for k in sorted(settings)]
-    rows += [(k, rest[k]) for k in sorted(rest)]
+    rest = {k: v for k, v in run.config.items() if k != "versions"}
+    rows = [(k, rest[k]) for k in sorted(rest)]
     if not rows:
         return "<h2 id='settings'>Settings</h2>" + _note("No config.json in this run.")
     return "<h2 id='settings'>Settings</h2>" + _table("settings", ["setting", "value"], rows)
