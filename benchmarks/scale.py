@@ -69,12 +69,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
+    if args.n <= 2:
+        parser.error("--n must exceed 2: the start-up run already takes 2 images")
 
     rates = {}
     for mode in MODES:
         base = _time(mode, args, 2, 1)
         full = _time(mode, args, args.n, args.steps)
-        rates[mode] = (args.n - 2) / max(full - base, 1e-9)
+        if full <= base:
+            raise SystemExit(
+                f"{mode}: the full run ({full:.1f} s) was no slower than start-up ({base:.1f} s); "
+                "raise --n or --steps so that the attack dominates"
+            )
+        rates[mode] = (args.n - 2) / (full - base)
         print(f"{mode:24s} {rates[mode]:8.2f} images/s  (run {full:.1f} s, start-up {base:.1f} s)")
     one = rates["1 process x 1 thread"]
     two_threads = rates["1 process x 2 threads"]
