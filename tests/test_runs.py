@@ -181,3 +181,24 @@ def test_directory_checks(tmp_path):
     with pytest.raises(InputError, match="no config.json"):
         RunDir.create(tmp_path / "other", config, resume=True)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_smoothgrad_results_do_not_depend_on_the_batch_size(tmp_path, digits, digits_cnn):
+    # SmoothGrad draws per item from a seed of (run seed, method, index): the same
+    # image gets the same noise, and so the same attack, in any batch.
+    from betasmooth.runs import attack_run, explain_run
+
+    x, y = digits[0][:5], digits[1][:5]
+    out = {}
+    for size in (2, 5):
+        run = RunDir.create(tmp_path / f"b{size}", {"command": "test"})
+        out[size] = (
+            attack_run(run, digits_cnn, x, y, ["smoothgrad"], steps=3, batch_size=size, seed=1),
+            explain_run(run, digits_cnn, x, y, ["smoothgrad"], batch_size=size, name="explain"),
+        )
+    for records_a, records_b in zip(out[2], out[5]):
+        assert [r["index"] for r in records_a] == [r["index"] for r in records_b] == list(range(5))
+        for a, b in zip(records_a, records_b):
+            for key, value in a.items():
+                if isinstance(value, float) and key != "seconds":
+                    assert value == pytest.approx(b[key], rel=1e-4, abs=1e-6), key

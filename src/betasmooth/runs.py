@@ -804,11 +804,13 @@ def _options(
     seed: int,
     defaults: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """Options of the unit's method: ``defaults``, those ``given``, and the unit's seed
-    for a method that draws noise and has been given no seed."""
+    """Options of the unit's method: ``defaults``, those ``given``, and, for a method
+    that draws noise, one seed per item, derived from the item's index and the run's
+    seed (or the seed given), so that no draw depends on the batch or the rank."""
     options = {**(defaults or {}), **(given or {}).get(unit.method, {})}
     if "seed" in options_of(unit.method):
-        options.setdefault("seed", unit_seed(seed, unit.method, unit.indices[0]))
+        base = seed if options.get("seed") is None else int(options["seed"])
+        options["seed"] = [unit_seed(base, unit.method, i) for i in unit.indices]
     return options
 
 

@@ -11,7 +11,7 @@ instead of ``n``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -21,7 +21,11 @@ from ..validate import InputError, InputTypeError, check_choice, check_count, ch
 from . import METHODS, _check_options, register
 from .gradient import auto_chunk, predict
 
-__all__ = ["NOISE_METHODS", "NOISES", "noise_scale", "standard_noise"]
+__all__ = ["NOISE_METHODS", "NOISES", "Seed", "noise_scale", "standard_noise"]
+
+#: One seed for the batch, or one per item (so that an item's draws do not
+#: depend on the batch it is explained in).
+Seed = int | Sequence[int] | torch.Tensor | None
 
 # Methods that smooth another one; they cannot serve as a base.
 NOISE_METHODS = frozenset({"smoothgrad", "beta_smooth"})
@@ -129,6 +133,30 @@ def _base(method: str, base: object, base_options: object) -> tuple[Callable, di
     return METHODS[base], base_options
 
 
+def _generators(seed: Seed, x: torch.Tensor) -> torch.Generator | list[torch.Generator] | None:
+    """No generator, one for the batch, or one per item of ``x``."""
+    if seed is None:
+        return None
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.Generator(device=x.device).manual_seed(check_count("seed", seed, 0))
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist() if seed.dim() == 1 and not seed.is_floating_point() else [seed]
+    if not isinstance(seed, Sequence) or isinstance(seed, str) or len(seed) != x.shape[0]:
+        raise InputError(f"seed must be an int or one int per item ({x.shape[0]}); got {seed!r}")
+    return [torch.Generator(device=x.device).manual_seed(check_count("seed", s, 0)) for s in seed]
+
+
+def _draw_batch(
+    draw: Callable[[torch.Size, torch.Generator | None, torch.Tensor], torch.Tensor],
+    generators: torch.Generator | list[torch.Generator] | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """Standard draws shaped like ``x``, per item where each item has its own generator."""
+    if isinstance(generators, list):
+        return torch.stack([draw(x.shape[1:], g, x) for g in generators])
+    return draw(x.shape, generators, x)
+
+
 @register("smoothgrad")
 def smoothgrad(
     model: nn.Module,
@@ -142,7 +170,7 @@ def smoothgrad(
     sigma: float = 0.15,
     noise: str = "gaussian",
     input_range: float | None = None,
-    seed: int | None = None,
+    seed: Seed = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the base map averaged over ``n`` noisy copies of ``x``.
@@ -167,9 +195,10 @@ def smoothgrad(
         ``sigma * range * sqrt(3) / pi``), the density of Theorem 2.
     input_range : float or None
         A fixed input range, e.g. 1.0 for images in [0, 1].
-    seed : int or None
-        Fixes the draws (a ``torch.Generator`` seeded with it), e.g. to keep
-        them equal over the steps of an attack; ``None`` uses the global generator.
+    seed : int, sequence of int, (B,) integer tensor or None
+        Fixes the draws, e.g. to keep them equal over the steps of an attack:
+        one ``torch.Generator`` for the batch, or one per item, so that an
+        item's map is the same in any batch; ``None`` uses the global generator.
     chunk : int or None
         Copies per forward pass (each pass holds ``chunk * B`` items);
         ``None`` picks about :data:`~betasmooth.explain.gradient.ITEMS_PER_PASS` items.
@@ -179,16 +208,17 @@ def smoothgrad(
     >>> import betasmooth as bs
     >>> model = bs.load_model("digits-cnn")
     >>> x, _ = bs.load_data("digits")
-    >>> h = bs.explain(model, x[:4], "smoothgrad", n=20, sigma=0.1, seed=0)
+    >>> h = bs.explain(model, x[:4], "smoothgrad", n=20, sigma=0.1, seed=[0, 1, 2, 3])
+    >>> h1 = bs.explain(model, x[1:2], "smoothgrad", n=20, sigma=0.1, seed=[1])
+    >>> torch.allclose(h[1:2], h1, atol=1e-6)
+    True
     """
     fn, options = _base("smoothgrad", base, base_options)
     n = check_count("n", n)
     check_positive("sigma", sigma)
     check_positive("input_range", input_range, optional=True)
     draw = NOISES[check_choice("noise", noise, NOISES)]
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=x.device).manual_seed(check_count("seed", seed, 0))
+    generators = _generators(seed, x)
     chunk = auto_chunk(chunk, n, x.shape[0])
 
     if target is None:
@@ -199,7 +229,7 @@ def smoothgrad(
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         # One draw per copy, so that the draws do not depend on the chunk size.
-        eps = torch.stack([draw(x.shape, generator, x) for _ in range(k)])
+        eps = torch.stack([_draw_batch(draw, generators, x) for _ in range(k)])
         noisy = (x_in + scale * eps).flatten(0, 1)
         maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **options)
         total = total + maps.view(k, *x.shape).sum(0)
