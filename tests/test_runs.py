@@ -99,6 +99,7 @@ def test_resume_skips_done_work_and_sorts(tmp_path):
         return _square(unit)
 
     units = plan(["b", "a"], range(5), 2)
+    write_npz(run.arrays / "a-2.npz", {"index": np.asarray([2]), "value": np.asarray([-1.0])})
     append_jsonl(run.results, [{"index": 2, "method": "a", "value": -1.0}])
     records = execute(run, units, work, progress=False)
     # (2, "a") was done before: its batch only does index 3, and its old value stays.
@@ -170,6 +171,13 @@ def test_directory_checks(tmp_path):
     stored = json.loads(run.config_path.read_text())
     assert stored["steps"] == 10 and stored["world_size"] == 1
     assert stored["versions"]["torch"] == torch.__version__
+    # A run that failed before its first result is started again, with any settings.
+    assert not run.started()
+    RunDir.create(run.path, {**config, "steps": 30})
+    assert json.loads(run.config_path.read_text())["steps"] == 30
+    RunDir.create(run.path, config)
+    run.append([{"index": 0, "method": "gradient"}])
+    assert run.started()
     with pytest.raises(InputError, match="is not empty; pass --resume"):
         RunDir.create(run.path, config)
     with pytest.raises(InputError, match="steps is 10 .* but 20 now"):

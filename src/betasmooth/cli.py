@@ -421,9 +421,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run = RunDir(args.dir)
     if not Path(args.dir).is_dir():
         raise InputError(f"{args.dir} is not a directory; expected the --out of an attack run")
-    config = run.config()
-    if not run.results.exists() and not list(run.path.glob("results-rank*.jsonl")):
-        raise InputError(f"{args.dir} holds no results.jsonl; run betasmooth attack into it first")
+    config = run.check_attacked()
     device = runs.resolve_device(args.device)
     _check_betas(args.betas)
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
@@ -637,13 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.run(args)
-    except (
-        InputError,
-        FileNotFoundError,
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
-    ) as err:
+    except (InputError, OSError) as err:
+        # OSError: no space left, a read-only folder, a missing file. What was
+        # written before stays intact: results are appended and arrays renamed whole.
         print(f"betasmooth: error: {_one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import figures
 from .runs import read_jsonl
+from .validate import InputError
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
 
@@ -723,6 +724,8 @@ def build_report(run_dir: str | Path) -> Path:
     ------
     FileNotFoundError
         If ``run_dir`` is not a directory.
+    InputError
+        If it is not a run directory (it has no ``config.json``).
 
     Examples
     --------
@@ -732,6 +735,11 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
+    if not (run_dir / "config.json").is_file():
+        raise InputError(
+            f"{run_dir} has no config.json; expected a directory written by betasmooth demo, "
+            "attack, explain, sweep, curvature or theorem"
+        )
     run = _read(run_dir)
     run.figures.mkdir(exist_ok=True)
     body = [section(run) for section in SECTIONS.values()]

@@ -121,18 +121,21 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     >>> read_jsonl("/nonexistent.jsonl")
     []
     """
-    path = Path(path)
+    return [obj for _, obj in _numbered_lines(Path(path))]
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) of every complete line that parses."""
     if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines(keepends=True):
+        return
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
         if not line.endswith("\n") or not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            # A line cut by a kill and then terminated by the next append does not parse.
+            yield number, json.loads(line)
         except json.JSONDecodeError:
             continue
-    return records
 
 
 def _json_default(value: object) -> object:
@@ -168,18 +171,35 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
     text = "".join(_line(r) for r in records).encode()
     if not text:
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    with _naming(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                text = b"\n" + text
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised while writing ``path`` (no space, read-only) that path's name."""
     try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            text = b"\n" + text
-        os.write(fd, text)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def _replace_atomically(path: Path, write: Callable[[object], None], suffix: str) -> None:
+    with _naming(path):
+        _replace(path, write, suffix)
+
+
+def _replace(path: Path, write: Callable[[object], None], suffix: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
@@ -288,10 +308,40 @@ class RunDir:
         return self.path / f"{name}.jsonl"
 
     def config(self) -> dict[str, object]:
-        """The stored configuration."""
-        if not self.config_path.exists():
+        """The stored configuration.
+
+        Raises
+        ------
+        InputError
+            The directory has no ``config.json``, or one that is not a JSON object.
+        """
+        if not self.config_path.is_file():
             raise InputError(f"{self.path} has no config.json; expected a betasmooth run directory")
-        return json.loads(self.config_path.read_text())
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            where = f" (line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
+            raise InputError(
+                f"{self.config_path} is corrupt{where}; expected the JSON object a betasmooth run "
+                "writes: restore it, or start the run again in a new --out"
+            ) from err
+        if not isinstance(config, dict):
+            raise InputError(f"{self.config_path} holds no JSON object; expected a run's settings")
+        return config
+
+    def started(self) -> bool:
+        """Whether the directory holds anything but what :meth:`create` writes first.
+
+        A run that failed before its first result leaves only ``config.json``
+        and an empty ``arrays/``: such a directory is started afresh without
+        ``--resume``, whatever its settings.
+        """
+        if not self.path.is_dir():
+            return False
+        first = {self.config_path.name, self.arrays.name}
+        if any(p.name not in first and not _temporary(p) for p in self.path.iterdir()):
+            return True
+        return self.arrays.is_dir() and any(not _temporary(p) for p in self.arrays.iterdir())
 
     # -- validation and creation
 
@@ -306,7 +356,7 @@ class RunDir:
         """
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file; expected a directory for --out")
-        if not self.path.exists() or not any(self.path.iterdir()):
+        if not self.started():
             return
         if not resume:
             raise InputError(
@@ -329,17 +379,17 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.arrays.mkdir(exist_ok=True)
         # Temporary files of a batch whose process was killed while writing it.
-        for stale in [*self.path.glob(".*.tmp"), *self.arrays.glob(".*.npz")]:
-            stale.unlink(missing_ok=True)
+        for stale in [*self.path.iterdir(), *self.arrays.iterdir()]:
+            if _temporary(stale):
+                stale.unlink(missing_ok=True)
         full = dict(config)
         full.setdefault("argv", list(sys.argv))
         full["versions"] = versions()
         full["world_size"] = self.world_size
         full["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        if self.config_path.exists():
+        if self.started():
             # A resumed run keeps its original creation record.
-            old = json.loads(self.config_path.read_text())
-            full["created"] = old.get("created", full["created"])
+            full["created"] = self.config().get("created", full["created"])
         write_json(self.config_path, full)
 
     @classmethod
@@ -372,12 +422,19 @@ class RunDir:
 
     def read(self, name: str = "results") -> list[Record]:
         """Every record of ``name``: the merged file and all ranks' files, deduplicated."""
-        files = [self.path / f"{name}.jsonl", *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
         seen: dict[tuple, Record] = {}
-        for f in files:
-            for r in read_jsonl(f):
+        for f in self._files(name):
+            for number, r in _numbered_lines(f):
+                if not (isinstance(r, dict) and isinstance(r.get("index"), int) and "method" in r):
+                    raise InputError(
+                        f"{f}, line {number}, is not a betasmooth record; expected a JSON object "
+                        "with index and method: remove that line, or start a new --out"
+                    )
                 seen.setdefault(_key(r), r)
         return sorted(seen.values(), key=_key)
+
+    def _files(self, name: str) -> list[Path]:
+        return [self.path / f"{name}.jsonl", *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
 
     def done(self, name: str = "results") -> set[tuple[int, str]]:
         """The (index, method) pairs already written."""
@@ -405,6 +462,75 @@ class RunDir:
         write_npz(path, arrays)
         return path
 
+    def covered(self, name: str = "results") -> set[tuple[int, str]]:
+        """The (index, method) pairs that a sound arrays file of ``name`` holds.
+
+        A file is sound when it loads whole (every array, so that its
+        checksums are read), has an integer ``index`` and no per-item array of
+        another length. Files that are not sound are deleted.
+        """
+        prefix = "" if name == "results" else f"{name}-"
+        found: set[tuple[int, str]] = set()
+        for f in self.arrays.glob(f"{prefix}*.npz") if self.arrays.is_dir() else []:
+            method, _, first = f.stem[len(prefix) :].rpartition("-")
+            if not method or not first.isdigit():
+                continue
+            index = _sound_index(f)
+            if index is None:
+                f.unlink(missing_ok=True)
+                continue
+            found.update((int(i), method) for i in index)
+        return found
+
+    def repair(self, name: str = "results", say: Callable[[str], None] = print) -> int:
+        """Forget the records of ``name`` whose arrays file is missing or corrupt.
+
+        They are then computed again by a resumed run. Returns how many
+        (index, method) pairs were forgotten.
+        """
+        records = self.read(name)
+        covered = self.covered(name)
+        lost = {(int(r["index"]), str(r["method"])) for r in records} - covered
+        if not lost:
+            return 0
+        for f in self._files(name):
+            if f.exists():
+                kept = [r for r in read_jsonl(f) if (r["index"], r["method"]) not in lost]
+                write_jsonl(f, kept)
+        methods = ", ".join(sorted({m for _, m in lost}))
+        say(
+            f"betasmooth: {len(lost)} finished items of {methods} have a missing or corrupt "
+            f"arrays file in {self.arrays}; computing them again"
+        )
+        return len(lost)
+
+    def check_attacked(self) -> dict[str, object]:
+        """The config of a finished attack, or one line saying why a sweep cannot use the run.
+
+        Raises
+        ------
+        InputError
+            The directory is not a run, is a run of another command, or its
+            attack has not finished every (index, method).
+        """
+        config = self.config()
+        command = config.get("command")
+        if command not in ("attack", "demo"):
+            raise InputError(
+                f"{self.path} holds the output of betasmooth {command}; a sweep needs the --out "
+                "of betasmooth attack (or demo)"
+            )
+        done = self.read()
+        wanted = int(config.get("n") or 0) * len(config.get("methods") or ())
+        # Rank files remain until the last rank of a torchrun job has finished.
+        ranks = any(self.path.glob("results-rank*.jsonl"))
+        if not done or len(done) < wanted or ranks:
+            raise InputError(
+                f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
+                "finish it with the same betasmooth attack command and --resume, then sweep"
+            )
+        return config
+
     def batches(self, method: str) -> list[Path]:
         """The arrays files ``arrays/<method>-<first index>.npz``, by first index."""
         found = []
@@ -421,6 +547,29 @@ class RunDir:
             with np.load(f) as data:
                 out.append({k: data[k] for k in data.files})
         return out
+
+
+def _temporary(path: Path) -> bool:
+    """A temporary file of a write that a kill interrupted (see :func:`write_npz`)."""
+    return path.name.startswith(".") and path.suffix in (".tmp", ".npz")
+
+
+#: Arrays that hold one value per run, not one per item.
+RUN_ARRAYS = frozenset({"betas"})
+
+
+def _sound_index(path: Path) -> np.ndarray | None:
+    """The ``index`` array of a batch's arrays file, or ``None`` if the file is not sound."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception:
+        return None
+    index = arrays.get("index")
+    if index is None or index.ndim != 1 or index.dtype.kind not in "iu":
+        return None
+    lengths = {len(v) for k, v in arrays.items() if v.ndim and k not in RUN_ARRAYS}
+    return index if lengths == {len(index)} else None
 
 
 def _key(record: Record) -> tuple:
@@ -518,6 +667,7 @@ def execute(
     progress: bool | None = None,
     desc: str = "batches",
     message: Callable[[str], None] | None = None,
+    keeps_arrays: bool = True,
 ) -> list[Record]:
     """Do this rank's share of ``units``, skip what is done, and merge at the end.
 
@@ -548,6 +698,9 @@ def execute(
         Label of the progress bar.
     message : callable, optional
         Where one-line notices (such as a halved batch) go; stderr by default.
+    keeps_arrays : bool
+        Whether ``work`` returns arrays. Then a finished item whose arrays
+        file is missing or corrupt is computed again (see :meth:`RunDir.repair`).
 
     Returns
     -------
@@ -563,6 +716,9 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
+    if keeps_arrays and dist.rank == 0:
+        run.repair(name, say)
+    dist.barrier()
     done = run.done(name)
     mine = [u for k, u in enumerate(units) if k % dist.world_size == dist.rank]
     todo = []
@@ -1089,7 +1245,9 @@ def curvature_run(
         return records, None
 
     units = plan(list(nets), range(x.shape[0]), batch_size)
-    return execute(run, units, work, dist=dist, progress=progress, desc="curvature")
+    return execute(
+        run, units, work, dist=dist, progress=progress, desc="curvature", keeps_arrays=False
+    )
 
 
 def _beta_label(beta: float | None) -> str:

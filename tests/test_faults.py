@@ -1,0 +1,141 @@
+"""Faults a run survives: lost or corrupt files, a full disk, a read-only folder, a failed start."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from betasmooth import runs
+from betasmooth.cli import main
+from betasmooth.runs import read_jsonl
+
+ATTACK = ["attack", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--steps", "3"]
+ARGS = ["--method", "gradient", "--n", "6", "--batch-size", "2", "--seed", "0"]
+
+
+def _keys(records: list[dict]) -> list[tuple[int, str]]:
+    return [(r["index"], r["method"]) for r in records]
+
+
+def _values(records: list[dict]) -> dict[tuple[int, str], float]:
+    return {(r["index"], r["method"]): r["expl_pcc_target"] for r in records}
+
+
+def _error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("faults") / "run"
+    assert main([*ATTACK, *ARGS, "--out", str(out)]) == 0
+    return out, read_jsonl(out / "results.jsonl")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_corrupt_arrays_are_computed_again(finished, tmp_path, capsys):
+    run, expected = _copy(finished[0], tmp_path / "run"), finished[1]
+    (run / "arrays" / "gradient-2.npz").unlink()
+    corrupt = run / "arrays" / "gradient-4.npz"
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    untouched = (run / "arrays" / "gradient-0.npz").read_bytes()
+    assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 0
+    assert "4 finished items of gradient" in capsys.readouterr().err
+    records = read_jsonl(run / "results.jsonl")
+    assert _keys(records) == _keys(expected) == [(i, "gradient") for i in range(6)]
+    # Per-item seeds and a deterministic attack give the same numbers again.
+    assert _values(records) == pytest.approx(_values(expected), abs=1e-6)
+    assert (run / "arrays" / "gradient-0.npz").read_bytes() == untouched
+    for first in (2, 4):
+        with np.load(run / "arrays" / f"gradient-{first}.npz") as data:
+            assert data["index"].tolist() == [first, first + 1]
+
+
+def test_corrupt_config_and_foreign_results_line_are_named(finished, tmp_path, capsys):
+    run = _copy(finished[0], tmp_path / "run")
+    with open(run / "results.jsonl", "a") as f:
+        f.write('{"note": "added by hand"}\n')
+    assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 2
+    line = _error_line(capsys)
+    assert f"{run / 'results.jsonl'}, line 7, is not a betasmooth record" in line
+    (run / "config.json").write_text('{"command": "attack",\n "seed": ')
+    assert main(["sweep", str(run), "--betas", "1", "--no-progress"]) == 2
+    assert f"{run / 'config.json'} is corrupt (line 2)" in _error_line(capsys)
+
+
+def test_full_disk_ends_with_one_line_and_resume_finishes(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real = np.savez_compressed
+    calls = []
+
+    def filling(file, **arrays):
+        calls.append(file)
+        if len(calls) == 2:  # the disk fills while the second batch is written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(file, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", filling)
+    assert main([*ATTACK, *ARGS, "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert (
+        line == f"betasmooth: error: No space left on device: {out / 'arrays' / 'gradient-2.npz'}"
+    )
+    assert _keys(read_jsonl(out / "results.jsonl")) == [(0, "gradient"), (1, "gradient")]
+    assert sorted(p.name for p in (out / "arrays").iterdir()) == ["gradient-0.npz"]
+    monkeypatch.setattr(np, "savez_compressed", real)
+    assert main([*ATTACK, *ARGS, "--out", str(out), "--resume"]) == 0
+    assert _keys(read_jsonl(out / "results.jsonl")) == [(i, "gradient") for i in range(6)]
+
+
+def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(runs.tempfile, "mkstemp", read_only)
+    assert main([*ATTACK, *ARGS, "--out", str(out)]) == 2
+    assert _error_line(capsys) == (
+        f"betasmooth: error: Read-only file system: {out / 'config.json'}"
+    )
+
+
+def test_a_run_that_fails_before_its_first_result_can_be_started_again(tmp_path, capsys):
+    out = tmp_path / "run"
+    # One image cannot be attacked (its target map is another image's).
+    assert main([*ATTACK, "--method", "gradient", "--n", "1", "--out", str(out)]) == 2
+    assert "at least 2 images" in _error_line(capsys)
+    assert main([*ATTACK, *ARGS, "--out", str(out)]) == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 6
+    assert json.loads((out / "config.json").read_text())["n"] == 6
+
+
+def test_report_and_sweep_refuse_what_they_cannot_use(finished, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    assert main(["report", str(folder)]) == 2
+    assert "has no config.json" in _error_line(capsys)
+    assert list(folder.iterdir()) == []
+    explained = tmp_path / "explained"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress"]
+    assert main([*argv, "--method", "gradient", "--n", "2", "--out", str(explained)]) == 0
+    capsys.readouterr()
+    assert main(["sweep", str(explained), "--betas", "1", "--no-progress"]) == 2
+    assert "holds the output of betasmooth explain; a sweep needs" in _error_line(capsys)
+    unfinished = _copy(finished[0], tmp_path / "unfinished")
+    lines = (unfinished / "results.jsonl").read_text().splitlines(keepends=True)
+    (unfinished / "results.jsonl").write_text("".join(lines[:4]))
+    assert main(["sweep", str(unfinished), "--betas", "1", "--no-progress"]) == 2
+    assert "is unfinished (4 of 6 items)" in _error_line(capsys)
