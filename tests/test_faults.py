@@ -139,3 +139,18 @@ def test_report_and_sweep_refuse_what_they_cannot_use(finished, tmp_path, capsys
     (unfinished / "results.jsonl").write_text("".join(lines[:4]))
     assert main(["sweep", str(unfinished), "--betas", "1", "--no-progress"]) == 2
     assert "is unfinished (4 of 6 items)" in _error_line(capsys)
+
+
+def test_attack_and_explain_runs_write_a_report_with_their_maps(finished, tmp_path):
+    from betasmooth.report import build_report
+
+    html = (finished[0] / "report.html").read_text()
+    assert "id='method-gradient'" in html and "grid_gradient.png" not in html  # embedded
+    out = tmp_path / "explained"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--n", "3"]
+    assert main([*argv, "--method", "gradient,lrp", "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "<h2 id='explain'>Explanations</h2>" in html and "Attack results" not in html
+    assert "First 3 images" in html and "explain-medians" in html
+    assert "<th>gradient</th>" in html and "<th>lrp</th>" in html
+    assert build_report(out).read_text() == html

@@ -284,6 +284,12 @@ def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
     return data_range(settings["data"], mean=settings.get("mean"), std=settings.get("std"))
 
 
+def _report(run: RunDir) -> Path:
+    from .report import build_report
+
+    return build_report(run.path)
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -373,6 +379,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if dist.rank == 0:
         _say(summary_table(records, ATTACK_COLUMNS))
         _say(f"results: {run.results}")
+        _say(f"report: {_report(run)}")
     return 0
 
 
@@ -406,6 +413,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         _say(summary_table(records, columns))
         _say(f"results: {run.results}")
+        _say(f"report: {_report(run)}")
     return 0
 
 

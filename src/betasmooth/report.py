@@ -101,6 +101,8 @@ class _Run:
     explain: list = field(default_factory=list)
     sweep: list = field(default_factory=list)
     theory: dict | None = None
+    #: Name prefix of the explanation arrays: the demo's, or none in an explain run.
+    explain_prefix: str = "explain-"
 
     @property
     def figures(self) -> Path:
@@ -119,7 +121,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _read(run_dir: Path) -> _Run:
-    return _Run(
+    run = _Run(
         path=run_dir,
         config=_read_json(run_dir / "config.json") or {},
         results=read_jsonl(run_dir / "results.jsonl"),
@@ -127,6 +129,10 @@ def _read(run_dir: Path) -> _Run:
         sweep=read_jsonl(run_dir / "sweep.jsonl"),
         theory=_read_json(run_dir / "theory.json"),
     )
+    if run.config.get("command") == "explain":
+        # An explain run's results and arrays are explanations, not attacks.
+        run.explain, run.results, run.explain_prefix = run.results, [], ""
+    return run
 
 
 def _batches(arrays: Path, prefix: str) -> dict[str, list[Path]]:
@@ -332,6 +338,8 @@ def _section_run(run: _Run) -> str:
 
 
 def _section_results(run: _Run) -> str:
+    if not run.results and not run.explain_prefix:
+        return ""
     if not run.results:
         return "<h2 id='results'>Attack results</h2>" + _note(
             "No attack results in this run (results.jsonl is missing or empty)."
@@ -407,7 +415,7 @@ def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _section_methods(run: _Run) -> str:
-    batches = _batches(run.arrays, "")
+    batches = _batches(run.arrays, "") if run.explain_prefix else {}
     if not batches:
         return ""
     goals = {str(r.get("method")): r.get("goal") for r in run.results}
@@ -456,7 +464,7 @@ def _section_methods(run: _Run) -> str:
 
 
 def _section_explain(run: _Run) -> str:
-    batches = _batches(run.arrays, "explain-")
+    batches = _batches(run.arrays, run.explain_prefix)
     if not batches:
         return ""
     loaded = {m: _load(files) for m, files in batches.items()}
