@@ -18,7 +18,8 @@ from scipy.stats import pearsonr
 
 import betasmooth as bs
 from betasmooth.cli import main
-from betasmooth.runs import derangement, read_jsonl
+from betasmooth.store import read_jsonl
+from betasmooth.units import derangement
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 RESULT_FIELDS = {

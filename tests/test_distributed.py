@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from betasmooth.cli import main
-from betasmooth.runs import read_jsonl
+from betasmooth.store import read_jsonl
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 ARGS = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", "gradient,lrp"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from betasmooth import runs
+from betasmooth import store
 from betasmooth.cli import main
-from betasmooth.runs import read_jsonl
+from betasmooth.store import read_jsonl
 
 ATTACK = ["attack", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--steps", "3"]
 ARGS = ["--method", "gradient", "--n", "6", "--batch-size", "2", "--seed", "0"]
@@ -105,7 +105,7 @@ def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(runs.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(store.tempfile, "mkstemp", read_only)
     assert main([*ATTACK, *ARGS, "--out", str(out)]) == 2
     assert _error_line(capsys) == (
         f"betasmooth: error: Read-only file system: {out / 'config.json'}"

@@ -8,18 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from betasmooth.runs import (
-    Dist,
-    RunDir,
-    Unit,
-    append_jsonl,
-    derangement,
-    execute,
-    plan,
-    read_jsonl,
-    unit_seed,
-    write_npz,
-)
+from betasmooth.distributed import Dist
+from betasmooth.store import RunDir, append_jsonl, read_jsonl, write_npz
+from betasmooth.units import Unit, derangement, execute, plan, unit_seed
 from betasmooth.validate import InputError
 
 

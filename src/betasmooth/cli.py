@@ -27,7 +27,8 @@ import torch
 # check answer without that wait.
 from . import runs, theory
 from .attack import ATTACK_DEFAULTS
-from .runs import RunDir
+from .distributed import distributed, resolve_device
+from .store import RunDir
 from .validate import InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_range
 
@@ -355,11 +356,11 @@ def summary_table(
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``--n`` test images by every ``--method``."""
     methods = runs.attack_methods(args.method)
-    device = runs.resolve_device(args.device)
+    device = resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
     config = _run_config(args, device, methods=methods, steps=args.steps, goal=args.goal)
     low_high = _data_range(config)
-    with runs.distributed(device) as (dist, dev):
+    with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
             run,
@@ -387,10 +388,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``--n`` test images by every ``--method``."""
     methods = runs.explain_methods(args.method)
-    device = runs.resolve_device(args.device)
+    device = resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
     config = _run_config(args, device, methods=methods)
-    with runs.distributed(device) as (dist, dev):
+    with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
             run,
@@ -430,7 +431,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.dir).is_dir():
         raise InputError(f"{args.dir} is not a directory; expected the --out of an attack run")
     config = run.check_attacked()
-    device = runs.resolve_device(args.device)
+    device = resolve_device(args.device)
     _check_betas(args.betas)
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
     stored = config.get("sweep")
@@ -440,9 +441,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "settings, or delete sweep.jsonl to start a new one"
         )
     model = _load(config, 1)[0]
-    with runs.distributed(device) as (dist, dev):
+    with distributed(device) as (dist, dev):
         if dist.rank == 0 and stored != settings:
-            runs.write_json(run.config_path, {**config, "sweep": settings})
+            run.update_config(sweep=settings)
         dist.barrier()
         run = RunDir(args.dir, dist.rank, dist.world_size)
         records = runs.sweep_run(
@@ -466,10 +467,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_curvature(args: argparse.Namespace) -> int:
     """Curvature of the model and its beta-smoothed versions at ``--n`` test images."""
     _check_betas(args.betas)
-    device = runs.resolve_device(args.device)
+    device = resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
     config = _run_config(args, device, betas=args.betas, iterations=args.iterations)
-    with runs.distributed(device) as (dist, dev):
+    with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.curvature_run(
             run,
@@ -501,7 +502,7 @@ def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
         seed=seed,
         progress=bool(progress if progress is not None else sys.stderr.isatty()),
     )
-    runs.write_json(run.theory, summary)
+    run.write_theory(summary)
     return summary
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .runs import read_jsonl
+from .store import read_jsonl
 from .validate import InputError
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]

@@ -1,0 +1,129 @@
+"""torchrun: joining the job, the device of each rank, and barriers.
+
+Under ``torchrun`` every rank joins one process group (gloo on CPU, nccl
+with one GPU per rank); :class:`Dist` tells a rank where it stands, and a
+single process is rank 0 of 1, so the same code serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .validate import InputError
+
+__all__ = [
+    "Dist",
+    "distributed",
+    "init_distributed",
+    "launched",
+    "resolve_device",
+    "shutdown_distributed",
+]
+
+
+@dataclasses.dataclass
+class Dist:
+    """Where this process stands in a torchrun job (one process: rank 0 of 1).
+
+    Examples
+    --------
+    >>> Dist().world_size
+    1
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    active: bool = False
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
+        if self.active:
+            torch.distributed.barrier()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting RANK)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device named on the command line; ``None`` picks CPU.
+
+    Raises
+    ------
+    InputError
+        For an unknown device name, or CUDA where there is no GPU.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    name = device or "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"CUDA is not available on this machine (--device {name}); use --device cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported device {name!r}; expected cpu or cuda")
+    return dev
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the torchrun job if there is one: gloo on CPU, nccl with one GPU per rank.
+
+    Returns
+    -------
+    tuple
+        The :class:`Dist` of this process and the device it computes on
+        (``cuda:LOCAL_RANK`` for a CUDA job).
+
+    Examples
+    --------
+    >>> dist, dev = init_distributed(torch.device("cpu"))  # doctest: +SKIP
+    """
+    if not launched() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return Dist(), device
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        torch.distributed.init_process_group(backend, **kwargs)
+    return Dist(rank, world, local, active=True), device
+
+
+def shutdown_distributed(dist: Dist) -> None:
+    """Leave the torchrun job."""
+    if dist.active and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
+    """Context manager around :func:`init_distributed` and :func:`shutdown_distributed`."""
+    dist, dev = init_distributed(device)
+    try:
+        yield dist, dev
+    finally:
+        shutdown_distributed(dist)

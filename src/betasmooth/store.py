@@ -1,0 +1,571 @@
+"""The run directory: its layout, durable writes, and reading it back.
+
+A run directory holds everything a command produced::
+
+    DIR/config.json          every setting, the seed, package versions, command line, world size
+    DIR/results.jsonl        one JSON object per (index, method), sorted by (index, method)
+    DIR/results-rank<r>.jsonl  a rank's results while a torchrun job is running
+    DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...)
+    DIR/sweep.jsonl          defense sweep records, each with its index and method
+    DIR/explain.jsonl        the demo's explanation records
+    DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches
+    DIR/theory.json          Theorem 2 checks
+    DIR/figures/*.png, DIR/report.html
+
+Results of a batch are appended with a flush and an fsync once the batch is
+finished, and its arrays are written to a temporary file that is then
+renamed, so a run killed at any moment loses at most the batch in flight;
+:func:`read_jsonl` ignores a partial last line. A write that fails (no space,
+a read-only folder) raises an ``OSError`` that names the file, and leaves
+what was written before intact. On ``--resume`` a finished item whose arrays
+file is missing or corrupt is forgotten and computed again
+(:meth:`RunDir.repair`).
+
+Examples
+--------
+>>> import tempfile
+>>> run = RunDir.create(tempfile.mkdtemp() + "/run", {"command": "attack", "seed": 0})
+>>> run.append([{"index": 0, "method": "gradient", "label": 3}])
+>>> run.read()
+[{'index': 0, 'method': 'gradient', 'label': 3}]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .distributed import Dist
+from .validate import InputError
+
+__all__ = [
+    "RUN_ARRAYS",
+    "VOLATILE",
+    "Arrays",
+    "Record",
+    "RunDir",
+    "append_jsonl",
+    "read_jsonl",
+    "versions",
+    "write_json",
+    "write_jsonl",
+    "write_npz",
+]
+
+Record = dict[str, object]
+Arrays = dict[str, np.ndarray]
+# Settings that describe where and how a run was executed, not what it computes:
+# they may change between a run and its resumption.
+VOLATILE = ("argv", "versions", "world_size", "device", "created", "resume")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Record]:
+    """Read a JSON-lines file, ignoring a partial last line.
+
+    A line counts only when it ends with a newline and parses, so a writer
+    killed in the middle of a line leaves no trace.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File to read; a missing file reads as empty.
+
+    Returns
+    -------
+    list of dict
+        One dict per complete line.
+
+    Examples
+    --------
+    >>> read_jsonl("/nonexistent.jsonl")
+    []
+    """
+    return [obj for _, obj in _numbered_lines(Path(path))]
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) of every complete line that parses."""
+    if not path.exists():
+        return
+    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+        if not line.endswith("\n") or not line.strip():
+            continue
+        try:
+            # A line cut by a kill and then terminated by the next append does not parse.
+            yield number, json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _line(record: Record) -> str:
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
+    return json.dumps(clean, default=_json_default, allow_nan=False) + "\n"
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Append records to a JSON-lines file and make them durable (fsync).
+
+    The records go out in one ``write`` call, so a kill leaves either all of
+    them or a partial last line; a partial line left by an earlier crash is
+    first terminated, so that the new records start on a line of their own.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "r.jsonl")
+    >>> append_jsonl(path, [{"index": 0}])
+    >>> read_jsonl(path)
+    [{'index': 0}]
+    """
+    text = "".join(_line(r) for r in records).encode()
+    if not text:
+        return
+    with _naming(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                text = b"\n" + text
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised while writing ``path`` (no space, read-only) that path's name."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
+def _replace_atomically(path: Path, write: Callable[[object], None], suffix: str) -> None:
+    with _naming(path):
+        _replace(path, write, suffix)
+
+
+def _replace(path: Path, write: Callable[[object], None], suffix: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        # mkstemp makes the file private; a run's files get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    """Write a JSON-lines file atomically (temporary file, then rename)."""
+    text = "".join(_line(r) for r in records).encode()
+    _replace_atomically(Path(path), lambda f: f.write(text), ".tmp")
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write a JSON file atomically."""
+    text = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
+    _replace_atomically(Path(path), lambda f: f.write(text), ".tmp")
+
+
+def write_npz(path: str | os.PathLike, arrays: Arrays) -> None:
+    """Write an ``.npz`` atomically, so that a kill never leaves half a file.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.npz")
+    >>> write_npz(path, {"x": np.zeros(3)})
+    >>> np.load(path)["x"].shape
+    (3,)
+    """
+    _replace_atomically(Path(path), lambda f: np.savez_compressed(f, **arrays), ".npz")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the packages that shape the results."""
+    from . import __version__
+
+    found = {"python": platform.python_version(), "platform": platform.platform()}
+    found["betasmooth"] = __version__
+    found["torch"] = torch.__version__
+    found["numpy"] = np.__version__
+    return found
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class RunDir:
+    """A run directory: config, results, arrays, sweep, theory and report files.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The directory.
+    rank, world_size : int
+        Position of this process in a torchrun job; each rank appends to its
+        own results file while more than one process works.
+
+    Examples
+    --------
+    >>> run = RunDir("/tmp/run")
+    >>> run.results.name
+    'results.jsonl'
+    """
+
+    def __init__(self, path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
+        self.path = Path(path)
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.jsonl"
+
+    @property
+    def arrays(self) -> Path:
+        return self.path / "arrays"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def theory(self) -> Path:
+        return self.path / "theory.json"
+
+    def file(self, name: str = "results") -> Path:
+        """The JSON-lines file this rank appends ``name`` records to."""
+        if self.world_size > 1:
+            return self.path / f"{name}-rank{self.rank}.jsonl"
+        return self.path / f"{name}.jsonl"
+
+    def config(self) -> dict[str, object]:
+        """The stored configuration.
+
+        Raises
+        ------
+        InputError
+            The directory has no ``config.json``, or one that is not a JSON object.
+        """
+        if not self.config_path.is_file():
+            raise InputError(f"{self.path} has no config.json; expected a betasmooth run directory")
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            where = f" (line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
+            raise InputError(
+                f"{self.config_path} is corrupt{where}; expected the JSON object a betasmooth run "
+                "writes: restore it, or start the run again in a new --out"
+            ) from err
+        if not isinstance(config, dict):
+            raise InputError(f"{self.config_path} holds no JSON object; expected a run's settings")
+        return config
+
+    def started(self) -> bool:
+        """Whether the directory holds anything but what :meth:`create` writes first.
+
+        A run that failed before its first result leaves only ``config.json``
+        and an empty ``arrays/``: such a directory is started afresh without
+        ``--resume``, whatever its settings.
+        """
+        if not self.path.is_dir():
+            return False
+        first = {self.config_path.name, self.arrays.name}
+        if any(p.name not in first and not _temporary(p) for p in self.path.iterdir()):
+            return True
+        return self.arrays.is_dir() and any(not _temporary(p) for p in self.arrays.iterdir())
+
+    # -- validation and creation
+
+    def check(self, config: dict[str, object], resume: bool) -> None:
+        """Refuse to start where it would mix runs.
+
+        Raises
+        ------
+        InputError
+            Without ``resume`` when the directory is not empty; with
+            ``resume`` when its config differs in a setting.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"{self.path} is a file; expected a directory for --out")
+        if not self.started():
+            return
+        if not resume:
+            raise InputError(
+                f"{self.path} is not empty; pass --resume to continue the run in it, "
+                "or choose a new --out"
+            )
+        stored = self.config()
+        for key in config:
+            if key in VOLATILE:
+                continue
+            if stored.get(key) != config.get(key):
+                raise InputError(
+                    f"--resume with a different setting: {key} is {stored.get(key)!r} in "
+                    f"{self.config_path} but {config.get(key)!r} now; use the same settings "
+                    "or choose a new --out"
+                )
+
+    def write_config(self, config: dict[str, object]) -> None:
+        """Create the directory and write ``config.json`` with the run's provenance."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.arrays.mkdir(exist_ok=True)
+        # Temporary files of a batch whose process was killed while writing it.
+        for stale in [*self.path.iterdir(), *self.arrays.iterdir()]:
+            if _temporary(stale):
+                stale.unlink(missing_ok=True)
+        full = dict(config)
+        full.setdefault("argv", list(sys.argv))
+        full["versions"] = versions()
+        full["world_size"] = self.world_size
+        full["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        if self.started():
+            # A resumed run keeps its original creation record.
+            full["created"] = self.config().get("created", full["created"])
+        write_json(self.config_path, full)
+
+    def update_config(self, **settings: object) -> None:
+        """Add or replace settings in ``config.json`` (e.g. those of a later sweep)."""
+        write_json(self.config_path, {**self.config(), **settings})
+
+    def write_theory(self, summary: Mapping[str, object]) -> None:
+        """Write the Theorem 2 checks to ``theory.json``."""
+        write_json(self.theory, summary)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        config: dict[str, object],
+        *,
+        resume: bool = False,
+        dist: Dist | None = None,
+    ) -> RunDir:
+        """Check the directory, then write its config (rank 0).
+
+        Every rank checks before any rank writes, so all ranks agree.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> run = RunDir.create(tempfile.mkdtemp() + "/new", {"command": "demo", "seed": 0})
+        >>> run.config()["seed"], run.started()
+        (0, False)
+        """
+        dist = dist or Dist()
+        run = cls(path, dist.rank, dist.world_size)
+        run.check(config, resume)
+        dist.barrier()
+        if dist.rank == 0:
+            run.write_config(config)
+        dist.barrier()
+        return run
+
+    # -- results
+
+    def read(self, name: str = "results") -> list[Record]:
+        """Every record of ``name``: the merged file and all ranks' files, deduplicated."""
+        seen: dict[tuple, Record] = {}
+        for f in self._files(name):
+            for number, r in _numbered_lines(f):
+                if not (isinstance(r, dict) and isinstance(r.get("index"), int) and "method" in r):
+                    raise InputError(
+                        f"{f}, line {number}, is not a betasmooth record; expected a JSON object "
+                        "with index and method: remove that line, or start a new --out"
+                    )
+                seen.setdefault(_key(r), r)
+        return sorted(seen.values(), key=_key)
+
+    def _files(self, name: str) -> list[Path]:
+        return [self.path / f"{name}.jsonl", *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
+
+    def done(self, name: str = "results") -> set[tuple[int, str]]:
+        """The (index, method) pairs already written."""
+        return {(int(r["index"]), str(r["method"])) for r in self.read(name)}
+
+    def append(self, records: Sequence[Record], name: str = "results") -> None:
+        """Append finished records of this rank, durably."""
+        append_jsonl(self.file(name), records)
+
+    def merge(self, name: str = "results") -> list[Record]:
+        """Merge every rank's records into ``name.jsonl``, sorted by (index, method).
+
+        Called by rank 0 after the barrier that ends a run, and by a single
+        process at the end, so both write the same file.
+        """
+        records = self.read(name)
+        write_jsonl(self.path / f"{name}.jsonl", records)
+        for f in self.path.glob(f"{name}-rank*.jsonl"):
+            f.unlink()
+        return records
+
+    def save_arrays(self, method: str, first: int, arrays: Arrays) -> Path:
+        """Write a batch's arrays to ``arrays/<method>-<first index>.npz``."""
+        path = self.arrays / f"{method}-{first}.npz"
+        write_npz(path, arrays)
+        return path
+
+    def covered(self, name: str = "results") -> set[tuple[int, str]]:
+        """The (index, method) pairs that a sound arrays file of ``name`` holds.
+
+        A file is sound when it loads whole (every array, so that its
+        checksums are read), has an integer ``index`` and no per-item array of
+        another length. Files that are not sound are deleted.
+        """
+        prefix = "" if name == "results" else f"{name}-"
+        found: set[tuple[int, str]] = set()
+        for f in self.arrays.glob(f"{prefix}*.npz") if self.arrays.is_dir() else []:
+            method, _, first = f.stem[len(prefix) :].rpartition("-")
+            if not method or not first.isdigit():
+                continue
+            index = _sound_index(f)
+            if index is None:
+                f.unlink(missing_ok=True)
+                continue
+            found.update((int(i), method) for i in index)
+        return found
+
+    def repair(self, name: str = "results", say: Callable[[str], None] = print) -> int:
+        """Forget the records of ``name`` whose arrays file is missing or corrupt.
+
+        They are then computed again by a resumed run. Returns how many
+        (index, method) pairs were forgotten.
+        """
+        records = self.read(name)
+        covered = self.covered(name)
+        lost = {(int(r["index"]), str(r["method"])) for r in records} - covered
+        if not lost:
+            return 0
+        for f in self._files(name):
+            if f.exists():
+                kept = [r for r in read_jsonl(f) if (r["index"], r["method"]) not in lost]
+                write_jsonl(f, kept)
+        methods = ", ".join(sorted({m for _, m in lost}))
+        say(
+            f"betasmooth: {len(lost)} finished items of {methods} have a missing or corrupt "
+            f"arrays file in {self.arrays}; computing them again"
+        )
+        return len(lost)
+
+    def check_attacked(self) -> dict[str, object]:
+        """The config of a finished attack, or one line saying why a sweep cannot use the run.
+
+        Raises
+        ------
+        InputError
+            The directory is not a run, is a run of another command, or its
+            attack has not finished every (index, method).
+        """
+        config = self.config()
+        command = config.get("command")
+        if command not in ("attack", "demo"):
+            raise InputError(
+                f"{self.path} holds the output of betasmooth {command}; a sweep needs the --out "
+                "of betasmooth attack (or demo)"
+            )
+        done = self.read()
+        wanted = int(config.get("n") or 0) * len(config.get("methods") or ())
+        # Rank files remain until the last rank of a torchrun job has finished.
+        ranks = any(self.path.glob("results-rank*.jsonl"))
+        if not done or len(done) < wanted or ranks:
+            raise InputError(
+                f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
+                "finish it with the same betasmooth attack command and --resume, then sweep"
+            )
+        return config
+
+    def batches(self, method: str) -> list[Path]:
+        """The arrays files ``arrays/<method>-<first index>.npz``, by first index."""
+        found = []
+        for f in self.arrays.glob(f"{method}-*.npz"):
+            head, _, first = f.stem.rpartition("-")
+            if head == method and first.isdigit():
+                found.append((int(first), f))
+        return [f for _, f in sorted(found)]
+
+    def load_arrays(self, method: str) -> list[Arrays]:
+        """Every batch's arrays of ``method``, by first index."""
+        out = []
+        for f in self.batches(method):
+            with np.load(f) as data:
+                out.append({k: data[k] for k in data.files})
+        return out
+
+
+def _temporary(path: Path) -> bool:
+    """A temporary file of a write that a kill interrupted (see :func:`write_npz`)."""
+    return path.name.startswith(".") and path.suffix in (".tmp", ".npz")
+
+
+#: Arrays that hold one value per run, not one per item.
+RUN_ARRAYS = frozenset({"betas"})
+
+
+def _sound_index(path: Path) -> np.ndarray | None:
+    """The ``index`` array of a batch's arrays file, or ``None`` if the file is not sound."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception:
+        return None
+    index = arrays.get("index")
+    if index is None or index.ndim != 1 or index.dtype.kind not in "iu":
+        return None
+    lengths = {len(v) for k, v in arrays.items() if v.ndim and k not in RUN_ARRAYS}
+    return index if lengths == {len(index)} else None
+
+
+def _key(record: Record) -> tuple:
+    return (int(record["index"]), str(record["method"]), *_extra_key(record))
+
+
+def _extra_key(record: Record) -> tuple:
+    # Sweep and curvature records hold several rows per (index, method), one per beta
+    # and defense; they are told apart by those fields.
+    return tuple(str(record.get(k)) for k in ("defense", "beta") if k in record)

@@ -1,0 +1,230 @@
+"""Work units: batches of one method's items, run with resume, sharding and memory care.
+
+The unit of work is one batch of indices for one method. :func:`execute`
+runs a rank's share of the units (every ``world_size``-th one under
+torchrun), skips what the run directory already holds, retries a batch that
+runs out of memory in halves, and lets rank 0 merge every rank's records at
+the end. Each item draws its randomness from the seed and its own index
+(:func:`unit_seed`), and the attack target of image ``i`` comes from a
+derangement of the whole index set, so the values do not depend on how the
+work is split into batches or ranks.
+
+Examples
+--------
+>>> [u.indices for u in plan(["gradient"], range(5), 2)]
+[(0, 1), (2, 3), (4,)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import Dist
+from .store import Arrays, Record, RunDir
+from .validate import InputError
+
+__all__ = ["Unit", "derangement", "execute", "is_oom", "plan", "unit_seed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One batch of work: a method (or label) and the indices it covers."""
+
+    method: str
+    indices: tuple[int, ...]
+
+
+def plan(methods: Sequence[str], indices: Sequence[int], batch_size: int) -> list[Unit]:
+    """Split the work into units: for each method, consecutive batches of indices.
+
+    Examples
+    --------
+    >>> [u.indices for u in plan(["gradient"], range(5), 2)]
+    [(0, 1), (2, 3), (4,)]
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be a positive integer; got {batch_size}")
+    indices = list(indices)
+    return [
+        Unit(m, tuple(indices[i : i + batch_size]))
+        for m in methods
+        for i in range(0, len(indices), batch_size)
+    ]
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded permutation of ``range(n)`` without fixed points.
+
+    Item ``i`` is sent to the next item on one random cycle through all ``n``,
+    so it never maps to itself and the result depends only on ``n`` and
+    ``seed``, not on batches or ranks.
+
+    Examples
+    --------
+    >>> p = derangement(5, seed=0)
+    >>> bool((p != torch.arange(5)).all())
+    True
+    """
+    if n < 2:
+        raise InputError(
+            f"an attack needs at least 2 images, one to attack and one for the target map; got {n}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = order.roll(-1)
+    return out
+
+
+def unit_seed(seed: int, method: str, first: int) -> int:
+    """Seed of the batch starting at index ``first``: independent of the shard.
+
+    Examples
+    --------
+    >>> unit_seed(0, "gradient", 4) == unit_seed(0, "gradient", 4)
+    True
+    """
+    return (seed * 1_000_003 + zlib.crc32(method.encode()) * 7919 + first) % (2**31 - 1)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of torch."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    if oom and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+Work = Callable[[Unit], tuple[list[Record], Arrays | None]]
+
+
+def execute(
+    run: RunDir,
+    units: Sequence[Unit],
+    work: Work,
+    *,
+    name: str = "results",
+    dist: Dist | None = None,
+    progress: bool | None = None,
+    desc: str = "batches",
+    message: Callable[[str], None] | None = None,
+    keeps_arrays: bool = True,
+) -> list[Record]:
+    """Do this rank's share of ``units``, skip what is done, and merge at the end.
+
+    ``work(unit)`` returns the unit's records (one per index, each with
+    ``index`` and ``method``) and its arrays (or ``None``). Records get a
+    ``seconds`` field (the batch time per item) when they have none; arrays
+    are written to ``arrays/<method>-<first index>.npz``, with a ``<name>-``
+    prefix for records other than ``results``.
+
+    A batch that runs out of memory is retried in halves, and later batches
+    keep the smaller size.
+
+    Parameters
+    ----------
+    run : RunDir
+        The run directory (already created).
+    units : sequence of Unit
+        All the work of the run, in the same order on every rank.
+    work : callable
+        ``work(unit) -> (records, arrays)``.
+    name : str
+        Records go to ``name.jsonl`` (``results``, ``sweep`` or ``explain``).
+    dist : Dist, optional
+        The torchrun job; ``None`` for one process.
+    progress : bool or None
+        Progress bar: ``None`` shows it only on a terminal.
+    desc : str
+        Label of the progress bar.
+    message : callable, optional
+        Where one-line notices (such as a halved batch) go; stderr by default.
+    keeps_arrays : bool
+        Whether ``work`` returns arrays. Then a finished item whose arrays
+        file is missing or corrupt is computed again (see :meth:`RunDir.repair`).
+
+    Returns
+    -------
+    list of dict
+        On rank 0, every record of the run, sorted by (index, method); on
+        other ranks, an empty list.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> run = RunDir.create(tempfile.mkdtemp() + "/run", {"command": "test"})
+    >>> def work(unit):
+    ...     return [{"index": i, "method": unit.method} for i in unit.indices], None
+    >>> records = execute(run, plan(["a"], range(3), 2), work, keeps_arrays=False)
+    >>> [(r["index"], r["method"]) for r in records]
+    [(0, 'a'), (1, 'a'), (2, 'a')]
+    """
+    dist = dist or Dist()
+    say = message or (lambda text: print(text, file=sys.stderr, flush=True))
+    if keeps_arrays and dist.rank == 0:
+        run.repair(name, say)
+    dist.barrier()
+    done = run.done(name)
+    mine = [u for k, u in enumerate(units) if k % dist.world_size == dist.rank]
+    todo = []
+    for u in mine:
+        left = tuple(i for i in u.indices if (i, u.method) not in done)
+        if left:
+            todo.append(Unit(u.method, left))
+    # Every rank must have read the finished work before any rank adds to it.
+    dist.barrier()
+    limit = max((len(u.indices) for u in todo), default=1)
+    # One bar per job, shown by rank 0 only and, by default, only on a terminal.
+    hide = True if dist.rank != 0 else (None if progress is None else not progress)
+    bar = tqdm(total=sum(len(u.indices) for u in todo), desc=desc, unit="item", disable=hide)
+    with bar:
+        queue = list(todo)
+        while queue:
+            unit = queue.pop(0)
+            if len(unit.indices) > limit:
+                queue[:0] = _split(unit, limit)
+                continue
+            start = time.perf_counter()
+            try:
+                records, arrays = work(unit)
+            except Exception as exc:
+                if not is_oom(exc) or len(unit.indices) == 1:
+                    raise
+                records = None
+            if records is None:
+                # Outside the except block, so that the failed batch's tensors,
+                # held by the traceback, are freed before the cache is emptied.
+                limit = max(1, len(unit.indices) // 2)
+                say(
+                    f"betasmooth: out of memory with a batch of {len(unit.indices)}; "
+                    f"retrying with batches of {limit}"
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                queue[:0] = _split(unit, limit)
+                continue
+            per_item = (time.perf_counter() - start) / len(unit.indices)
+            for r in records:
+                r.setdefault("seconds", per_item)
+            if arrays is not None:
+                prefix = "" if name == "results" else f"{name}-"
+                run.save_arrays(prefix + unit.method, unit.indices[0], arrays)
+            run.append(records, name)
+            bar.update(len(unit.indices))
+    dist.barrier()
+    merged = run.merge(name) if dist.rank == 0 else []
+    dist.barrier()
+    return merged
+
+
+def _split(unit: Unit, size: int) -> list[Unit]:
+    return [
+        Unit(unit.method, unit.indices[i : i + size]) for i in range(0, len(unit.indices), size)
+    ]
