@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .store import read_jsonl
+from .store import RunDir, load_npz, read_jsonl
 from .validate import InputError
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
@@ -101,8 +101,8 @@ class _Run:
     explain: list = field(default_factory=list)
     sweep: list = field(default_factory=list)
     theory: dict | None = None
-    #: Name prefix of the explanation arrays: the demo's, or none in an explain run.
-    explain_prefix: str = "explain-"
+    #: The records that hold explanations: the demo's ``explain``, or an explain run's results.
+    explain_name: str = "explain"
 
     @property
     def figures(self) -> Path:
@@ -131,29 +131,21 @@ def _read(run_dir: Path) -> _Run:
     )
     if run.config.get("command") == "explain":
         # An explain run's results and arrays are explanations, not attacks.
-        run.explain, run.results, run.explain_prefix = run.results, [], ""
+        run.explain, run.results, run.explain_name = run.results, [], "results"
     return run
 
 
-def _batches(arrays: Path, prefix: str) -> dict[str, list[Path]]:
-    """``arrays/<prefix><name>-<first>.npz`` grouped by name, each by first index."""
-    found: dict[str, list[tuple[int, Path]]] = {}
-    for f in sorted(arrays.glob(f"{prefix}*.npz")) if arrays.is_dir() else []:
-        name, _, first = f.stem[len(prefix) :].rpartition("-")
-        # Other kinds of arrays are named <kind>-<method>-<first>; method names have no "-".
-        if not name or not first.isdigit() or "-" in name:
-            continue
-        found.setdefault(name, []).append((int(first), f))
-    return {name: [f for _, f in sorted(files)] for name, files in sorted(found.items())}
+def _batches(run: _Run, name: str) -> dict[str, list[Path]]:
+    """The arrays files of the records ``name``, grouped by method, each by first index."""
+    return {m: list(f.values()) for m, f in RunDir(run.path).batch_files(name).items()}
 
 
 def _load(files: Sequence[Path]) -> dict[str, np.ndarray]:
     """Concatenate the batches of one method along dim 0 (per-run scalars kept once)."""
     parts: dict[str, list[np.ndarray]] = {}
     for f in files:
-        with np.load(f, allow_pickle=False) as data:
-            for key in data.files:
-                parts.setdefault(key, []).append(data[key])
+        for key, array in load_npz(f).items():
+            parts.setdefault(key, []).append(array)
     out = {}
     for key, arrays in parts.items():
         if arrays[0].ndim == 0 or key == "betas":
@@ -338,7 +330,7 @@ def _section_run(run: _Run) -> str:
 
 
 def _section_results(run: _Run) -> str:
-    if not run.results and not run.explain_prefix:
+    if not run.results and run.explain_name == "results":
         return ""
     if not run.results:
         return "<h2 id='results'>Attack results</h2>" + _note(
@@ -383,7 +375,7 @@ def _row_labels(data: Mapping[str, np.ndarray], n: int) -> list[str]:
 
 def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, list] | None:
     """Beta-smoothed maps of the attacked images, aligned with ``index``, and their betas."""
-    files = _batches(run.arrays, "sweep-").get(method)
+    files = _batches(run, "sweep").get(method)
     if not files:
         return None
     data = _load(files)
@@ -415,7 +407,7 @@ def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _section_methods(run: _Run) -> str:
-    batches = _batches(run.arrays, "") if run.explain_prefix else {}
+    batches = _batches(run, "results") if run.explain_name == "explain" else {}
     if not batches:
         return ""
     goals = {str(r.get("method")): r.get("goal") for r in run.results}
@@ -464,7 +456,7 @@ def _section_methods(run: _Run) -> str:
 
 
 def _section_explain(run: _Run) -> str:
-    batches = _batches(run.arrays, run.explain_prefix)
+    batches = _batches(run, run.explain_name)
     if not batches:
         return ""
     loaded = {m: _load(files) for m, files in batches.items()}

@@ -25,7 +25,7 @@ from .explain import method_options as options_of
 from .geometry import curvature
 from .metrics import heatmap
 from .smooth import smooth
-from .store import Arrays, Record, RunDir, read_jsonl
+from .store import Arrays, Record, RunDir, load_npz, read_jsonl
 from .units import Unit, derangement, execute, plan, unit_seed
 from .validate import InputError
 from .zoo import check_compatible, load_data, load_model
@@ -324,11 +324,9 @@ def sweep_run(
     model = model.to(device)
     if methods is None:
         methods = sorted({r["method"] for r in read_jsonl(run.results)})
-    files = {(m, int(f.stem.rpartition("-")[2])): f for m in methods for f in run.batches(m)}
-    units = []
-    for (m, _), f in sorted(files.items()):
-        with np.load(f) as data:
-            units.append(Unit(m, tuple(int(i) for i in data["index"])))
+    batches = run.batch_files()
+    files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
+    units = [Unit(m, tuple(int(i) for i in load_npz(f)["index"])) for (m, _), f in files.items()]
 
     def work(unit: Unit) -> tuple[list[Record], Arrays]:
         with np.load(files[(unit.method, unit.indices[0])]) as data:

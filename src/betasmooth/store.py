@@ -56,6 +56,7 @@ __all__ = [
     "Record",
     "RunDir",
     "append_jsonl",
+    "load_npz",
     "read_jsonl",
     "versions",
     "write_json",
@@ -445,9 +446,33 @@ class RunDir:
             f.unlink()
         return records
 
-    def save_arrays(self, method: str, first: int, arrays: Arrays) -> Path:
-        """Write a batch's arrays to ``arrays/<method>-<first index>.npz``."""
-        path = self.arrays / f"{method}-{first}.npz"
+    def arrays_file(self, method: str, first: int, name: str = "results") -> Path:
+        """The arrays file of the batch of ``method`` from index ``first``.
+
+        ``arrays/<method>-<first>.npz`` for results, ``arrays/<name>-<method>-<first>.npz``
+        for the records ``name`` (``sweep``, ``explain``).
+
+        Examples
+        --------
+        >>> RunDir("run").arrays_file("lrp", 16, "sweep").as_posix()
+        'run/arrays/sweep-lrp-16.npz'
+        """
+        return self.arrays / f"{_arrays_prefix(name)}{method}-{first}.npz"
+
+    def batch_files(self, name: str = "results") -> dict[str, dict[int, Path]]:
+        """The arrays files of the records ``name``: ``{method: {first index: path}}``."""
+        prefix = _arrays_prefix(name)
+        found: dict[str, dict[int, Path]] = {}
+        for f in sorted(self.arrays.glob(f"{prefix}*.npz")) if self.arrays.is_dir() else []:
+            method, _, first = f.stem[len(prefix) :].rpartition("-")
+            # Method names have no "-"; a longer head is another kind's file (sweep-lrp-0).
+            if method and "-" not in method and first.isdigit():
+                found.setdefault(method, {})[int(first)] = f
+        return {m: dict(sorted(files.items())) for m, files in sorted(found.items())}
+
+    def save_arrays(self, method: str, first: int, arrays: Arrays, name: str = "results") -> Path:
+        """Write a batch's arrays, atomically, to :meth:`arrays_file`."""
+        path = self.arrays_file(method, first, name)
         write_npz(path, arrays)
         return path
 
@@ -458,17 +483,14 @@ class RunDir:
         checksums are read), has an integer ``index`` and no per-item array of
         another length. Files that are not sound are deleted.
         """
-        prefix = "" if name == "results" else f"{name}-"
         found: set[tuple[int, str]] = set()
-        for f in self.arrays.glob(f"{prefix}*.npz") if self.arrays.is_dir() else []:
-            method, _, first = f.stem[len(prefix) :].rpartition("-")
-            if not method or not first.isdigit():
-                continue
-            index = _sound_index(f)
-            if index is None:
-                f.unlink(missing_ok=True)
-                continue
-            found.update((int(i), method) for i in index)
+        for method, files in self.batch_files(name).items():
+            for f in files.values():
+                index = _sound_index(f)
+                if index is None:
+                    f.unlink(missing_ok=True)
+                    continue
+                found.update((int(i), method) for i in index)
         return found
 
     def repair(self, name: str = "results", say: Callable[[str], None] = print) -> int:
@@ -520,22 +542,19 @@ class RunDir:
             )
         return config
 
-    def batches(self, method: str) -> list[Path]:
-        """The arrays files ``arrays/<method>-<first index>.npz``, by first index."""
-        found = []
-        for f in self.arrays.glob(f"{method}-*.npz"):
-            head, _, first = f.stem.rpartition("-")
-            if head == method and first.isdigit():
-                found.append((int(first), f))
-        return [f for _, f in sorted(found)]
+    def load_arrays(self, method: str, name: str = "results") -> list[Arrays]:
+        """Every batch's arrays of ``method`` in the records ``name``, by first index."""
+        return [load_npz(f) for f in self.batch_files(name).get(method, {}).values()]
 
-    def load_arrays(self, method: str) -> list[Arrays]:
-        """Every batch's arrays of ``method``, by first index."""
-        out = []
-        for f in self.batches(method):
-            with np.load(f) as data:
-                out.append({k: data[k] for k in data.files})
-        return out
+
+def _arrays_prefix(name: str) -> str:
+    return "" if name == "results" else f"{name}-"
+
+
+def load_npz(path: str | os.PathLike) -> Arrays:
+    """Every array of an ``.npz`` file, read whole (no pickled objects)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
 def _temporary(path: Path) -> bool:
@@ -550,8 +569,7 @@ RUN_ARRAYS = frozenset({"betas"})
 def _sound_index(path: Path) -> np.ndarray | None:
     """The ``index`` array of a batch's arrays file, or ``None`` if the file is not sound."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = load_npz(path)
     except Exception:
         return None
     index = arrays.get("index")

@@ -28,9 +28,10 @@ characteristic function; :func:`run` gathers all checks (the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -505,16 +506,91 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     True
     """
     config = _CONFIG[bool(quick)]
-    seconds = {}
-    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "identity"):
+        identity = _identity_part()
+    with _timed(seconds, "theorem2"):
+        theorem2 = _theorem2_part(config["n"], seed)
+    model = load_model("digits-cnn")
+    images = load_data("digits")[0][: config["images"]]
+    betas = config["betas"]
+    with _timed(seconds, "smoothgrad"):
+        smoothgrad_pcc = smoothing_vs_smoothgrad(
+            model, images, betas, samples=config["samples"], seed=seed, progress=progress
+        )
+    with _timed(seconds, "curvature"):
+        curv = curvature_by_beta(model, images, betas, seed=seed, progress=progress)
+    keys = [str(float(b)) for b in betas]
+    curves = {
+        **identity.pop("curves"),
+        **theorem2.pop("curves"),
+        "smoothing_vs_smoothgrad": _by_beta(betas, smoothgrad_pcc, keys, ("logistic", "gaussian")),
+        "curvature": _by_beta(betas, curv, keys, ("hessian_norm", "principal_curvature")),
+    }
+    return {
+        **identity,
+        **theorem2,
+        "smoothing_vs_smoothgrad_pcc": smoothgrad_pcc,
+        "curvature_by_beta": curv,
+        "seconds": seconds,
+        "curves": curves,
+    }
 
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
+def _by_beta(
+    betas: Sequence[float], table: Mapping[str, Mapping[str, float]], keys: list[str], fields: tuple
+) -> dict[str, list[float]]:
+    """Columns of a ``{str(beta): {field: value}}`` table, for a curve against beta."""
+    return {"beta": [float(b) for b in betas], **{f: [table[k][f] for k in keys] for f in fields}}
+
+
+def _identity_part() -> dict:
+    """The 1-D identity and the derivative of softplus, with the softplus and density curves."""
     x_grid = torch.linspace(-5, 5, 201, dtype=torch.float64)
-    identity_betas = [0.5, 1.0, 2.0, 5.0, 10.0, 100.0]
-    identity = identity_1d(x_grid, identity_betas)
-    seconds["identity"] = time.perf_counter() - start
+    betas = [0.5, 1.0, 2.0, 5.0, 10.0, 100.0]
+    identity = identity_1d(x_grid, betas)
+    curve_x = torch.linspace(-3, 3, 301, dtype=torch.float64)
+    curve_betas = [0.5, 1.0, 2.0, 5.0, 10.0]
+    density_x = torch.linspace(-8, 8, 401, dtype=torch.float64)
+    logistic = LogisticNoise(torch.tensor(1.0, dtype=torch.float64)).log_prob(density_x).exp()
+    normal = torch.exp(-0.5 * (density_x / _LOGISTIC_SD) ** 2) / (
+        _LOGISTIC_SD * math.sqrt(2 * math.pi)
+    )
+    return {
+        "identity_1d_max_error": float(
+            (identity["expectation"] - identity["softplus"]).abs().max()
+        ),
+        "sigmoid_derivative_max_error": float(
+            (identity["cdf"] - identity["derivative"]).abs().max()
+        ),
+        "identity_1d_betas": betas,
+        "curves": {
+            "softplus": {
+                "x": curve_x.tolist(),
+                "betas": curve_betas,
+                "y": [softplus(curve_x, b).tolist() for b in curve_betas],
+                "relu": curve_x.clamp_min(0).tolist(),
+            },
+            "density": {
+                "x": density_x.tolist(),
+                "logistic": logistic.tolist(),
+                "normal": normal.tolist(),
+                "beta": 1.0,
+            },
+        },
+    }
 
-    start = time.perf_counter()
-    d, beta, n = 64, 1.0, config["n"]
+
+def _theorem2_part(n: int, seed: int) -> dict:
+    """Theorem 2 by Monte Carlo under projected and iid noise, and the exact iid bias."""
+    d, beta = 64, 1.0
     generator = torch.Generator().manual_seed(seed)
     w = torch.randn(d, generator=generator, dtype=torch.float64)
     u = w / w.norm()
@@ -529,72 +605,25 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     }
     exact_iid = iid_cdf(u, z)
     bias_at_points = float((exact_iid - torch.sigmoid(z)).abs().max())
-    bias = float(iid_bias(u))
     limit, limit_at = bias_limit()
     dims = [1, 2, 3, 4, 8, 16, 64, 256, 4096]
     by_d = {str(k): float(iid_bias(torch.ones(k))) for k in dims}
-    seconds["theorem2"] = time.perf_counter() - start
-
-    model = load_model("digits-cnn")
-    images, _ = load_data("digits")
-    images = images[: config["images"]]
-    start = time.perf_counter()
-    smoothgrad_pcc = smoothing_vs_smoothgrad(
-        model, images, config["betas"], samples=config["samples"], seed=seed, progress=progress
-    )
-    seconds["smoothgrad"] = time.perf_counter() - start
-    start = time.perf_counter()
-    curv = curvature_by_beta(model, images, config["betas"], seed=seed, progress=progress)
-    seconds["curvature"] = time.perf_counter() - start
-
     projected = mc["projected"]
     h = float(projected["simultaneous_half_width"])
-    curve_x = torch.linspace(-3, 3, 301, dtype=torch.float64)
-    curve_betas = [0.5, 1.0, 2.0, 5.0, 10.0]
-    density_x = torch.linspace(-8, 8, 401, dtype=torch.float64)
-    beta_keys = [str(float(b)) for b in config["betas"]]
     return {
-        "identity_1d_max_error": float(
-            (identity["expectation"] - identity["softplus"]).abs().max()
-        ),
-        "sigmoid_derivative_max_error": float(
-            (identity["cdf"] - identity["derivative"]).abs().max()
-        ),
-        "identity_1d_betas": identity_betas,
         "theorem2_setup": {"d": d, "beta": beta, "n": n, "points": len(z), "level": 0.95},
         "theorem2_projected_max_error": float(projected["error"].max()),
         "theorem2_projected_ci": [0.0, h],
         "theorem2_projected_within_ci": bool(projected["error"].max() <= h),
         "theorem2_iid_max_error": float(mc["iid"]["error"].max()),
         "theorem2_iid_mc_vs_exact": float((mc["iid"]["estimate"] - exact_iid).abs().max()),
-        "theorem2_iid_bias": bias,
+        "theorem2_iid_bias": float(iid_bias(u)),
         "theorem2_iid_bias_at_points": bias_at_points,
         "theorem2_iid_bias_axis_aligned": float(iid_bias(torch.eye(d, dtype=torch.float64)[0])),
         "theorem2_iid_bias_limit": limit,
         "theorem2_iid_bias_limit_at": limit_at,
         "theorem2_iid_bias_by_d": by_d,
-        "smoothing_vs_smoothgrad_pcc": smoothgrad_pcc,
-        "curvature_by_beta": curv,
-        "seconds": seconds,
         "curves": {
-            "softplus": {
-                "x": curve_x.tolist(),
-                "betas": curve_betas,
-                "y": [softplus(curve_x, b).tolist() for b in curve_betas],
-                "relu": curve_x.clamp_min(0).tolist(),
-            },
-            "density": {
-                "x": density_x.tolist(),
-                "logistic": LogisticNoise(torch.tensor(1.0, dtype=torch.float64))
-                .log_prob(density_x)
-                .exp()
-                .tolist(),
-                "normal": (
-                    torch.exp(-0.5 * (density_x / _LOGISTIC_SD) ** 2)
-                    / (_LOGISTIC_SD * math.sqrt(2 * math.pi))
-                ).tolist(),
-                "beta": 1.0,
-            },
             "mc_error": {
                 "n": checkpoints,
                 "projected": projected["checkpoint_error"].tolist(),
@@ -603,15 +632,5 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
                 "iid_bias": bias_at_points,
             },
             "iid_bias": {"d": dims, "bias": list(by_d.values()), "limit": limit},
-            "smoothing_vs_smoothgrad": {
-                "beta": [float(b) for b in config["betas"]],
-                "logistic": [smoothgrad_pcc[k]["logistic"] for k in beta_keys],
-                "gaussian": [smoothgrad_pcc[k]["gaussian"] for k in beta_keys],
-            },
-            "curvature": {
-                "beta": [float(b) for b in config["betas"]],
-                "hessian_norm": [curv[k]["hessian_norm"] for k in beta_keys],
-                "principal_curvature": [curv[k]["principal_curvature"] for k in beta_keys],
-            },
         },
     }

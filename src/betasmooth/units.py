@@ -21,7 +21,7 @@ import dataclasses
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -168,6 +168,31 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
+    todo = _todo(run, units, name, dist, say, keeps_arrays)
+    # One bar per job, shown by rank 0 only and, by default, only on a terminal.
+    hide = True if dist.rank != 0 else (None if progress is None else not progress)
+    total = sum(len(u.indices) for u in todo)
+    with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
+        for unit, records, arrays in _finished(todo, work, say):
+            if arrays is not None:
+                run.save_arrays(unit.method, unit.indices[0], arrays, name)
+            run.append(records, name)
+            bar.update(len(unit.indices))
+    dist.barrier()
+    merged = run.merge(name) if dist.rank == 0 else []
+    dist.barrier()
+    return merged
+
+
+def _todo(
+    run: RunDir,
+    units: Sequence[Unit],
+    name: str,
+    dist: Dist,
+    say: Callable[[str], None],
+    keeps_arrays: bool,
+) -> list[Unit]:
+    """This rank's units, less the items already finished (after repairing lost arrays)."""
     if keeps_arrays and dist.rank == 0:
         run.repair(name, say)
     dist.barrier()
@@ -180,48 +205,43 @@ def execute(
             todo.append(Unit(u.method, left))
     # Every rank must have read the finished work before any rank adds to it.
     dist.barrier()
+    return todo
+
+
+def _finished(
+    todo: Sequence[Unit], work: Work, say: Callable[[str], None]
+) -> Iterator[tuple[Unit, list[Record], Arrays | None]]:
+    """Work through the units, halving the batches after an out-of-memory error."""
     limit = max((len(u.indices) for u in todo), default=1)
-    # One bar per job, shown by rank 0 only and, by default, only on a terminal.
-    hide = True if dist.rank != 0 else (None if progress is None else not progress)
-    bar = tqdm(total=sum(len(u.indices) for u in todo), desc=desc, unit="item", disable=hide)
-    with bar:
-        queue = list(todo)
-        while queue:
-            unit = queue.pop(0)
-            if len(unit.indices) > limit:
-                queue[:0] = _split(unit, limit)
-                continue
-            start = time.perf_counter()
-            try:
-                records, arrays = work(unit)
-            except Exception as exc:
-                if not is_oom(exc) or len(unit.indices) == 1:
-                    raise
-                records = None
-            if records is None:
-                # Outside the except block, so that the failed batch's tensors,
-                # held by the traceback, are freed before the cache is emptied.
-                limit = max(1, len(unit.indices) // 2)
-                say(
-                    f"betasmooth: out of memory with a batch of {len(unit.indices)}; "
-                    f"retrying with batches of {limit}"
-                )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                queue[:0] = _split(unit, limit)
-                continue
-            per_item = (time.perf_counter() - start) / len(unit.indices)
-            for r in records:
-                r.setdefault("seconds", per_item)
-            if arrays is not None:
-                prefix = "" if name == "results" else f"{name}-"
-                run.save_arrays(prefix + unit.method, unit.indices[0], arrays)
-            run.append(records, name)
-            bar.update(len(unit.indices))
-    dist.barrier()
-    merged = run.merge(name) if dist.rank == 0 else []
-    dist.barrier()
-    return merged
+    queue = list(todo)
+    while queue:
+        unit = queue.pop(0)
+        if len(unit.indices) > limit:
+            queue[:0] = _split(unit, limit)
+            continue
+        start = time.perf_counter()
+        try:
+            records, arrays = work(unit)
+        except Exception as exc:
+            if not is_oom(exc) or len(unit.indices) == 1:
+                raise
+            records = None
+        if records is None:
+            # Outside the except block, so that the failed batch's tensors,
+            # held by the traceback, are freed before the cache is emptied.
+            limit = max(1, len(unit.indices) // 2)
+            say(
+                f"betasmooth: out of memory with a batch of {len(unit.indices)}; "
+                f"retrying with batches of {limit}"
+            )
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            queue[:0] = _split(unit, limit)
+            continue
+        per_item = (time.perf_counter() - start) / len(unit.indices)
+        for r in records:
+            r.setdefault("seconds", per_item)
+        yield unit, records, arrays
 
 
 def _split(unit: Unit, size: int) -> list[Unit]:
