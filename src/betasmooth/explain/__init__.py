@@ -192,4 +192,4 @@ def explain(
 
 
 # Importing the families fills the registry.
-from . import captum, gradient, noise, propagation  # noqa: E402, F401
+from . import captum, composites, gradient, noise, propagation  # noqa: E402, F401
