@@ -5,7 +5,8 @@ A run directory holds everything a command produced::
     DIR/config.json          every setting, the seed, package versions, command line, world size
     DIR/results.jsonl        one JSON object per (index, method), sorted by (index, method)
     DIR/results-rank<r>.jsonl  a rank's results while a torchrun job is running
-    DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...)
+    DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...;
+                             with save_attributions also the signed attributions)
     DIR/sweep.jsonl          defense sweep records, each with its index and method
     DIR/explain.jsonl        the demo's explanation records
     DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches
@@ -829,6 +830,7 @@ def attack_run(
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
+    save_attributions: bool = False,
 ) -> list[Record]:
     """Attack every item of ``x`` with every method, batch by batch, into ``run``.
 
@@ -837,7 +839,10 @@ def attack_run(
     :meth:`betasmooth.attack.ManipulationResult.records` plus ``index``,
     ``target_index``, ``true_label`` and ``seconds``; the arrays of a batch are
     those of :meth:`~betasmooth.attack.ManipulationResult.arrays` plus
-    ``index`` and ``target_index``. ``steps`` is one budget for all methods,
+    ``index`` and ``target_index``; with ``save_attributions`` also
+    ``attr_orig`` and ``attr_adv``, the signed explanations ``(B, C, H, W)``
+    of ``x`` and ``x_adv`` on the original network (of the label of ``x``),
+    whose heatmaps are the maps. ``steps`` is one budget for all methods,
     one per method, or ``None`` for the attack's defaults.
 
     Returns
@@ -888,6 +893,11 @@ def attack_run(
         arrays["index"] = np.asarray(unit.indices)
         if targets is not None:
             arrays["target_index"] = targets[idx].numpy()
+        if save_attributions:
+            label = result.label.to(device)
+            for name, xs in (("attr_orig", xb), ("attr_adv", result.x_adv.to(device))):
+                h = explain(model, xs, unit.method, label, **options)
+                arrays[name] = h.detach().cpu().numpy()
         return records, arrays
 
     units = plan(methods, range(x.shape[0]), batch_size)
@@ -908,6 +918,7 @@ def explain_run(
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
+    save_attributions: bool = False,
 ) -> list[Record]:
     """Explain every item with every method; one record per (index, method).
 
@@ -915,7 +926,8 @@ def explain_run(
     predicted class, which is explained), ``logit`` and statistics of the
     heatmap: ``map_max``, ``map_entropy`` (in nats, of the map as a
     distribution over pixels) and ``map_top10_mass`` (mass on the top 10 % of
-    pixels). Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``.
+    pixels). Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
+    ``save_attributions`` the signed explanation ``attribution`` ``(B, C, H, W)``.
 
     Examples
     --------
@@ -931,7 +943,8 @@ def explain_run(
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)
-        maps = heatmap(explain(model, xb, unit.method, label, **options)).detach()
+        attribution = explain(model, xb, unit.method, label, **options).detach()
+        maps = heatmap(attribution)
         flat = maps.flatten(1)
         k = max(1, flat.shape[1] // 10)
         entropy = -(flat * flat.clamp_min(1e-30).log()).sum(1)
@@ -954,6 +967,8 @@ def explain_run(
             "x": xb.cpu().numpy(),
             "map": maps.cpu().numpy(),
         }
+        if save_attributions:
+            arrays["attribution"] = attribution.cpu().numpy()
         return records, arrays
 
     units = plan(methods, range(x.shape[0]), batch_size)
