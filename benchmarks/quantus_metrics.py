@@ -4,7 +4,7 @@ Quantus' robustness metrics (MaxSensitivity, LocalLipschitzEstimate,
 RelativeInputStability; lower is more robust) and FaithfulnessCorrelation
 (higher is more faithful) on the built-in digits-cnn and digits test images,
 for gradient, smoothgrad (n=50), beta_smooth, lrp and lrp under
-beta-smoothing, each called by Quantus through ``bs.quantus_explain``. The
+beta-smoothing (beta 1 and 10), each called by Quantus through ``bs.quantus_explain``. The
 metrics run with Quantus' defaults except the number of samples (``--samples``
 perturbations per image, ``--runs`` subsets for FaithfulnessCorrelation), each
 with numpy seeded alike. Each cell is the median over the images (NaN where
@@ -41,6 +41,9 @@ METHODS = {
     f"beta_smooth beta={BETA:g}": {"method": "beta_smooth", "beta": BETA},
     "lrp": {"method": "lrp"},
     f"lrp + beta_smooth beta={BETA:g}": {"method": "beta_smooth", "beta": BETA, "base": "lrp"},
+    # LRP's rules divide by pre-activations; softplus keeps units near z = 0
+    # alive, so LRP needs a larger beta than the gradient.
+    "lrp + beta_smooth beta=10": {"method": "beta_smooth", "beta": 10.0, "base": "lrp"},
 }
 
 
