@@ -77,6 +77,12 @@ def test_quantus_explain_bad_input(kwargs, error, fragment):
         bs.quantus_explain(plain_cnn(), x, np.array([0, 1]), **kwargs)
 
 
+def test_quantus_explain_one_target_for_all():
+    net, x = plain_cnn(), torch.rand(3, 1, 16, 16)
+    expected = bs.explain(net, x, "gradient", 2).numpy()
+    np.testing.assert_allclose(bs.quantus_explain(net, x.numpy(), 2), expected, rtol=1e-6)
+
+
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))

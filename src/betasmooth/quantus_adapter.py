@@ -127,6 +127,8 @@ def quantus_explain(
     dtype = torch.get_default_dtype() if parameter is None else parameter.dtype
     x = _as_tensor(inputs, "inputs", dtype, place)
     target = _as_tensor(targets, "targets", torch.long, place).reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(x.shape[0])
     first = _channel_first(x, channel_first)
     if not first:
         x = x.movedim(-1, 1)

@@ -150,7 +150,8 @@ def explain(
         Floating batch, e.g. ``(B, C, H, W)``.
     method : str
         One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
-        ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``.
+        ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``, or
+        ``captum:NAME`` for any Captum method.
     target : None, int or torch.Tensor
         Class to explain: ``None`` for the predicted class, an int for all
         items, or a ``(B,)`` tensor.
