@@ -438,6 +438,8 @@ METHOD_RULES: dict[str, Rule] = {
 }
 """Rules of tensor methods called in forward code."""
 
+LayerTypes = type[nn.Module] | tuple[type[nn.Module], ...]
+
 RULES: dict[str, Rule] = {"epsilon": _epsilon, "zplus": _zplus, "zbox": _zbox}
 """Rules of layers with weights by name, for :class:`Composite`."""
 
@@ -461,8 +463,8 @@ class Composite:
     torch.Size([1, 1, 4, 4])
     """
 
-    layers: dict[type[nn.Module], str | Rule]
-    first: dict[type[nn.Module], str | Rule] = field(default_factory=dict)
+    layers: dict[LayerTypes, str | Rule]
+    first: dict[LayerTypes, str | Rule] = field(default_factory=dict)
 
     def rule(self, module: nn.Module, first: bool) -> Rule:
         """The rule of ``module``; ``first`` when the input feeds it."""
