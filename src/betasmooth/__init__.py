@@ -31,6 +31,7 @@ _LAZY = {
     "manipulate": "attack",
     "defense_sweep": "attack",
     "curvature": "geometry",
+    "quantus_explain": "quantus_adapter",
 }
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "load_data",
     "load_model",
     "manipulate",
+    "quantus_explain",
     "theory",
     "InputError",
     "InputTypeError",

@@ -160,6 +160,14 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     _add_progress(p)
 
 
+def _add_save_attributions(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--save-attributions",
+        action="store_true",
+        help="also keep the signed attributions (B, C, H, W) in arrays/ (large)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``betasmooth`` command."""
     parser = argparse.ArgumentParser(
@@ -183,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="comma list of methods, or all")
     p.add_argument("--steps", type=_positive, help="attack steps (default: per method)")
     p.add_argument("--goal", choices=("targeted", "topk", "center"), default="targeted")
+    _add_save_attributions(p)
     _add_run(p)
 
     p = sub.add_parser("sweep", help="defense sweep over beta on a finished attack run")
@@ -195,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="explanation maps of a model's inputs")
     _add_inputs(p)
     p.add_argument("--method", required=True, help="comma list of methods, or all")
+    _add_save_attributions(p)
     _add_run(p)
 
     p = sub.add_parser("theorem", help="check softplus = E[relu] and Theorem 2 numerically")
@@ -358,7 +368,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     methods = runs.attack_methods(args.method)
     device = resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
-    config = _run_config(args, device, methods=methods, steps=args.steps, goal=args.goal)
+    config = _run_config(
+        args,
+        device,
+        methods=methods,
+        steps=args.steps,
+        goal=args.goal,
+        save_attributions=args.save_attributions,
+    )
     low_high = _data_range(config)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -376,6 +393,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             device=dev,
             dist=dist,
             progress=args.progress,
+            save_attributions=args.save_attributions,
         )
     if dist.rank == 0:
         _say(summary_table(records, ATTACK_COLUMNS))
@@ -390,7 +408,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     methods = runs.explain_methods(args.method)
     device = resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
-    config = _run_config(args, device, methods=methods)
+    config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
@@ -404,6 +422,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             device=dev,
             dist=dist,
             progress=args.progress,
+            save_attributions=args.save_attributions,
         )
     if dist.rank == 0:
         columns = (

@@ -23,10 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from .validate import InputError, InputTypeError, check_batch
+from .validate import InputError, InputTypeError, check_batch, check_choice
 
 __all__ = [
     "METRICS",
+    "REDUCTIONS",
     "center_of_mass",
     "com_shift",
     "compare",
@@ -76,10 +77,31 @@ def register_metric(name: str) -> Callable[[Metric], Metric]:
     return add
 
 
-def heatmap(explanation: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Absolute relevance summed over channels, each map normalised to sum 1.
+REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "abs_sum": lambda h: h.abs().sum(1),
+    "sum": lambda h: h.sum(1),
+    "pos": lambda h: h.sum(1).clamp(min=0),
+    "l2": lambda h: h.square().sum(1).sqrt(),
+}
+"""Reductions of ``(B, C, H, W)`` explanations over channels to ``(B, H, W)`` maps."""
 
-    Differentiable, so that it can serve in an attack loss.
+
+def heatmap(
+    explanation: torch.Tensor, eps: float = 1e-12, *, reduction: str = "abs_sum"
+) -> torch.Tensor:
+    """Relevance reduced over channels, each map normalised so that its absolute values sum to 1.
+
+    The reductions (:data:`REDUCTIONS`) of an explanation ``h``:
+
+    - ``abs_sum`` (default, as Dombrowski et al. 2019): ``sum_c |h_c|``;
+    - ``sum``: ``sum_c h_c``, signed (Captum's ``visualize_image_attr`` sums the same way);
+    - ``pos``: the positive part of ``sum_c h_c`` (Captum's ``sign="positive"``);
+    - ``l2``: ``sqrt(sum_c h_c^2)``, the Euclidean norm over channels.
+
+    Each map is divided by the sum of its absolute values, so the
+    non-negative maps sum to 1 and a signed map keeps its signs. The
+    ``abs_sum`` map is differentiable, so that it can serve in an attack loss
+    (``l2`` is not differentiable where all channels are zero).
 
     Parameters
     ----------
@@ -87,24 +109,35 @@ def heatmap(explanation: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         Explanation of shape ``(B, C, H, W)``.
     eps : float
         Guards an all-zero map, which stays all zero.
+    reduction : str
+        ``abs_sum``, ``sum``, ``pos`` or ``l2``.
 
     Returns
     -------
     torch.Tensor
-        Maps of shape ``(B, H, W)``, each summing to 1.
+        Maps of shape ``(B, H, W)``, each of absolute sum 1.
 
     Examples
     --------
     >>> heatmap(torch.ones(2, 3, 4, 4)).sum(dim=(1, 2))
     tensor([1., 1.])
+    >>> h = torch.tensor([[[[1.0, -3.0]], [[1.0, 1.0]]]])
+    >>> heatmap(h, reduction="sum")
+    tensor([[[ 0.5000, -0.5000]]])
+    >>> heatmap(h, reduction="pos")
+    tensor([[[1., 0.]]])
     """
+    reduce = REDUCTIONS[check_choice("reduction", reduction, REDUCTIONS)]
     check_batch(explanation, "explanation", min_dim=4)
     if explanation.dim() != 4:
         raise InputError(
             f"explanation must have shape (B, C, H, W); got {tuple(explanation.shape)}"
         )
-    h = explanation.abs().sum(1)
-    return h / (h.sum(dim=(1, 2), keepdim=True) + eps)
+    h = reduce(explanation)
+    # Only the signed reduction needs |.|; the others keep the plain sum, whose
+    # derivative the attack has always used.
+    total = (h.abs() if reduction == "sum" else h).sum(dim=(1, 2), keepdim=True)
+    return h / (total + eps)
 
 
 def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:

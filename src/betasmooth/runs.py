@@ -142,6 +142,7 @@ def attack_run(
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
+    save_attributions: bool = False,
 ) -> list[Record]:
     """Attack every item of ``x`` with every method, batch by batch, into ``run``.
 
@@ -150,7 +151,10 @@ def attack_run(
     :meth:`betasmooth.attack.ManipulationResult.records` plus ``index``,
     ``target_index``, ``true_label`` and ``seconds``; the arrays of a batch are
     those of :meth:`~betasmooth.attack.ManipulationResult.arrays` plus
-    ``index`` and ``target_index``. ``steps`` is one budget for all methods,
+    ``index`` and ``target_index``; with ``save_attributions`` also
+    ``attr_orig`` and ``attr_adv``, the signed explanations ``(B, C, H, W)``
+    of ``x`` and ``x_adv`` on the original network (of the label of ``x``),
+    whose heatmaps are the maps. ``steps`` is one budget for all methods,
     one per method, or ``None`` for the attack's defaults.
 
     Returns
@@ -204,6 +208,11 @@ def attack_run(
         arrays["index"] = np.asarray(unit.indices)
         if targets is not None:
             arrays["target_index"] = targets[idx].numpy()
+        if save_attributions:
+            label = result.label.to(device)
+            for name, xs in (("attr_orig", xb), ("attr_adv", result.x_adv.to(device))):
+                h = explain(model, xs, unit.method, label, **options)
+                arrays[name] = h.detach().cpu().numpy()
         return records, arrays
 
     units = plan(methods, range(x.shape[0]), batch_size)
@@ -224,6 +233,7 @@ def explain_run(
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
+    save_attributions: bool = False,
 ) -> list[Record]:
     """Explain every item with every method; one record per (index, method).
 
@@ -231,7 +241,8 @@ def explain_run(
     predicted class, which is explained), ``logit`` and statistics of the
     heatmap: ``map_max``, ``map_entropy`` (in nats, of the map as a
     distribution over pixels) and ``map_top10_mass`` (mass on the top 10 % of
-    pixels). Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``.
+    pixels). Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
+    ``save_attributions`` the signed explanation ``attribution`` ``(B, C, H, W)``.
 
     Examples
     --------
@@ -252,7 +263,8 @@ def explain_run(
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)
-        maps = heatmap(explain(model, xb, unit.method, label, **options)).detach()
+        attribution = explain(model, xb, unit.method, label, **options).detach()
+        maps = heatmap(attribution)
         flat = maps.flatten(1)
         k = max(1, flat.shape[1] // 10)
         entropy = -(flat * flat.clamp_min(1e-30).log()).sum(1)
@@ -275,6 +287,8 @@ def explain_run(
             "x": xb.cpu().numpy(),
             "map": maps.cpu().numpy(),
         }
+        if save_attributions:
+            arrays["attribution"] = attribution.cpu().numpy()
         return records, arrays
 
     units = plan(methods, range(x.shape[0]), batch_size)

@@ -5,7 +5,8 @@ A run directory holds everything a command produced::
     DIR/config.json          every setting, the seed, package versions, command line, world size
     DIR/results.jsonl        one JSON object per (index, method), sorted by (index, method)
     DIR/results-rank<r>.jsonl  a rank's results while a torchrun job is running
-    DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...)
+    DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...;
+                             with save_attributions also the signed attributions)
     DIR/sweep.jsonl          defense sweep records, each with its index and method
     DIR/explain.jsonl        the demo's explanation records
     DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches

@@ -7,6 +7,10 @@ target and checks the options against the method's signature; the method
 returns a tensor shaped like ``x``. Methods live in one file per family:
 ``gradient`` (gradient, input_x_gradient, integrated_gradients),
 ``propagation`` (guided_backprop, lrp) and ``noise`` (smoothgrad, beta_smooth).
+
+Names of the form ``prefix:name`` are resolved by a function registered for
+the prefix with :func:`register_prefix`: ``captum:DeepLift`` is any class of
+``captum.attr`` (``captum`` module).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from torch import nn
 
 from ..validate import InputError, InputTypeError, check_batch, check_target
 
-__all__ = ["METHODS", "explain", "register"]
+__all__ = ["METHODS", "PREFIXES", "explain", "register", "register_prefix"]
 
 Method = Callable[..., torch.Tensor]
 METHODS: dict[str, Method] = {}
+PREFIXES: dict[str, Callable[[str], Method]] = {}
 _RESERVED = ("model", "x", "target", "create_graph")
 
 
@@ -43,6 +48,43 @@ def register(name: str) -> Callable[[Method], Method]:
     return decorate
 
 
+def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:
+    """Register ``resolve(name) -> method`` for the method names ``prefix:name``.
+
+    A method that takes ``**options`` checks its options itself.
+
+    Examples
+    --------
+    >>> @register_prefix("scaled")
+    ... def scaled(name):
+    ...     def method(model, x, target, *, create_graph=False):
+    ...         return float(name) * x
+    ...     return method
+    >>> explain(torch.nn.Flatten(), torch.ones(1, 2), "scaled:3", target=0)
+    tensor([[3., 3.]])
+    >>> del PREFIXES["scaled"]
+    """
+
+    def decorate(resolve: Callable[[str], Method]) -> Callable[[str], Method]:
+        PREFIXES[prefix] = resolve
+        return resolve
+
+    return decorate
+
+
+def is_method(method: object) -> bool:
+    """Whether ``method`` is a registered name or has a registered prefix.
+
+    Examples
+    --------
+    >>> is_method("gradient"), is_method("captum:Saliency"), is_method("saliency")
+    (True, True, False)
+    """
+    if not isinstance(method, str):
+        return False
+    return method in METHODS or (":" in method and method.split(":", 1)[0] in PREFIXES)
+
+
 def method_options(method: str) -> dict[str, object]:
     """The options of ``method`` with their defaults.
 
@@ -60,14 +102,25 @@ def method_options(method: str) -> dict[str, object]:
 
 
 def _lookup(method: str) -> Method:
-    if not isinstance(method, str) or method not in METHODS:
+    if not is_method(method):
+        prefixed = ", ".join(f"{prefix}:NAME" for prefix in sorted(PREFIXES))
         raise InputError(
             f"unknown method {method!r}; expected one of: {', '.join(sorted(METHODS))}"
+            + (f", or {prefixed}" if prefixed else "")
         )
-    return METHODS[method]
+    if method in METHODS:
+        return METHODS[method]
+    prefix, name = method.split(":", 1)
+    return PREFIXES[prefix](name)
+
+
+def _takes_any(fn: Method) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
 def _check_options(method: str, options: dict[str, object]) -> None:
+    if _takes_any(_lookup(method)):
+        return
     known = method_options(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -97,7 +150,8 @@ def explain(
         Floating batch, e.g. ``(B, C, H, W)``.
     method : str
         One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
-        ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``.
+        ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``, or
+        ``captum:NAME`` for any Captum method.
     target : None, int or torch.Tensor
         Class to explain: ``None`` for the predicted class, an int for all
         items, or a ``(B,)`` tensor.
@@ -139,4 +193,4 @@ def explain(
 
 
 # Importing the families fills the registry.
-from . import gradient, noise, propagation  # noqa: E402, F401
+from . import captum, composites, gradient, noise, propagation  # noqa: E402, F401

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..smooth import LogisticNoise, smoothed
 from ..validate import InputError, InputTypeError, check_choice, check_count, check_positive
-from . import METHODS, _check_options, register
+from . import METHODS, _check_options, _lookup, is_method, register
 from .gradient import auto_chunk, predict
 
 __all__ = ["NOISE_METHODS", "NOISES", "Seed", "noise_scale", "standard_noise"]
@@ -117,11 +117,12 @@ def noise_scale(x: torch.Tensor, sigma: float, input_range: float | None = None)
     return (sigma * spread).view(-1, *(1,) * (x.dim() - 1))
 
 
-def _base(method: str, base: object, base_options: object) -> tuple[Callable, dict]:
-    if not isinstance(base, str) or base not in METHODS or base in NOISE_METHODS:
+def _base(method: str, base: object, base_options: object, extra: dict) -> tuple[Callable, dict]:
+    if not is_method(base) or base in NOISE_METHODS:
         usable = sorted(set(METHODS) - NOISE_METHODS)
         raise InputError(
             f"unknown base method {base!r} for {method}; expected one of: {', '.join(usable)}"
+            ", or captum:NAME"
         )
     if base_options is None:
         base_options = {}
@@ -129,8 +130,10 @@ def _base(method: str, base: object, base_options: object) -> tuple[Callable, di
         raise InputTypeError(
             f"base_options must be a dict of options of {base!r}; got {type(base_options).__name__}"
         )
+    # Options that are not the smoothing method's own belong to the base.
+    base_options = {**base_options, **extra}
     _check_options(base, base_options)
-    return METHODS[base], base_options
+    return _lookup(base), base_options
 
 
 def _generators(seed: Seed, x: torch.Tensor) -> torch.Generator | list[torch.Generator] | None:
@@ -172,6 +175,7 @@ def smoothgrad(
     input_range: float | None = None,
     seed: Seed = None,
     chunk: int | None = None,
+    **options: object,
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the base map averaged over ``n`` noisy copies of ``x``.
 
@@ -184,7 +188,7 @@ def smoothgrad(
     base : str
         Method to average, any registered one except smoothgrad and beta_smooth.
     base_options : dict or None
-        Options of the base method.
+        Options of the base method; further keyword options are added to them.
     n : int
         Number of noisy copies.
     sigma : float
@@ -213,7 +217,7 @@ def smoothgrad(
     >>> torch.allclose(h[1:2], h1, atol=1e-6)
     True
     """
-    fn, options = _base("smoothgrad", base, base_options)
+    fn, options = _base("smoothgrad", base, base_options, options)
     n = check_count("n", n)
     check_positive("sigma", sigma)
     check_positive("input_range", input_range, optional=True)
@@ -246,6 +250,7 @@ def beta_smooth(
     base: str = "gradient",
     base_options: dict | None = None,
     beta: float = 1.0,
+    **options: object,
 ) -> torch.Tensor:
     """The base map of the model with every ReLU replaced by ``softplus_beta``.
 
@@ -260,9 +265,9 @@ def beta_smooth(
     ----------
     base : str
         Method computed on the smoothed model, any registered one except
-        smoothgrad and beta_smooth.
+        smoothgrad and beta_smooth, or any Captum method (``captum:NAME``).
     base_options : dict or None
-        Options of the base method.
+        Options of the base method; further keyword options are added to them.
     beta : float
         Sharpness of softplus, > 0; small values smooth more, ``beta -> inf``
         gives the base map of the original model.
@@ -273,8 +278,9 @@ def beta_smooth(
     >>> model = bs.load_model("digits-cnn")
     >>> x, _ = bs.load_data("digits")
     >>> h = bs.explain(model, x[:4], "beta_smooth", beta=10.0)
+    >>> h = bs.explain(model, x[:4], "beta_smooth", beta=1.0, base="integrated_gradients", steps=8)
     """
-    fn, options = _base("beta_smooth", base, base_options)
+    fn, options = _base("beta_smooth", base, base_options, options)
     check_positive("beta", beta)
     if target is None:
         target = predict(model, x)

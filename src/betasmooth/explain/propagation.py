@@ -26,6 +26,13 @@ Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
 ReLU, Softplus, other activations      relevance passes unchanged   ``Pass()``
 =====================================  ===========================  =========================
 
+The table is the default composite, ``epsilon_plus_box``. A composite
+(:class:`Composite`, option ``composite`` of :func:`lrp`) chooses the rule of
+each layer with weights by its type, with a separate choice for the first
+layer; :mod:`~betasmooth.explain.composites` adds Zennit's named composites
+(``epsilon_gamma_box``, ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``, ...)
+and their rules.
+
 The relevance that enters the graph is the one-hot target times its logit,
 ``R_out = onehot(target) * logits``; zennit's attributor called with
 ``attr_output = onehot * output`` gives the same map. For a bias-free network
@@ -48,7 +55,16 @@ from ..validate import InputError, InputTypeError
 from . import register
 from .gradient import input_gradient, select_logit
 
-__all__ = ["STABILIZER", "guided_backprop", "lrp", "lrp_graph", "stabilize"]
+__all__ = [
+    "COMPOSITES",
+    "RULES",
+    "STABILIZER",
+    "Composite",
+    "guided_backprop",
+    "lrp",
+    "lrp_graph",
+    "stabilize",
+]
 
 # zennit's default stabiliser for the rules that have no epsilon option.
 STABILIZER = 1e-6
@@ -422,6 +438,55 @@ METHOD_RULES: dict[str, Rule] = {
 }
 """Rules of tensor methods called in forward code."""
 
+LayerTypes = type[nn.Module] | tuple[type[nn.Module], ...]
+
+RULES: dict[str, Rule] = {"epsilon": _epsilon, "zplus": _zplus, "zbox": _zbox}
+"""Rules of layers with weights by name, for :class:`Composite`."""
+
+
+@dataclass(frozen=True)
+class Composite:
+    """The rule of each layer with weights, by layer type (checked with ``isinstance``, in order).
+
+    ``first`` applies to the layers fed by the input, ``layers`` to all other
+    ones (and to first layers of a type ``first`` does not name). A rule is a
+    name from :data:`RULES` or a rule function.
+
+    Examples
+    --------
+    >>> gamma_plus = Composite(
+    ...     layers={nn.Conv2d: "gamma", nn.Linear: "epsilon"}, first={nn.Conv2d: "flat"}
+    ... )
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    >>> import betasmooth as bs
+    >>> bs.explain(net, torch.rand(1, 1, 4, 4), "lrp", composite=gamma_plus).shape
+    torch.Size([1, 1, 4, 4])
+    """
+
+    layers: dict[LayerTypes, str | Rule]
+    first: dict[LayerTypes, str | Rule] = field(default_factory=dict)
+
+    def rule(self, module: nn.Module, first: bool) -> Rule:
+        """The rule of ``module``; ``first`` when the input feeds it."""
+        maps = (self.first, self.layers) if first else (self.layers,)
+        for mapping in maps:
+            for kind, rule in mapping.items():
+                if isinstance(module, kind):
+                    return RULES[rule] if isinstance(rule, str) else rule
+        raise InputError(
+            f"the lrp composite has no rule for {type(module).__name__}; expected a composite "
+            f"whose layers name it, e.g. {{nn.{type(module).__name__}: 'epsilon'}}"
+        )
+
+
+COMPOSITES: dict[str, Composite] = {
+    "epsilon_plus_box": Composite(
+        layers={kind: rule for kind, (_, rule) in LAYERS.items()},
+        first=dict.fromkeys(LAYERS, FIRST_RULE),
+    )
+}
+"""Named composites; :mod:`~betasmooth.explain.composites` adds Zennit's."""
+
 # Nodes that compute shapes, not activations: they carry no relevance.
 _SHAPE_METHODS = frozenset({"size", "dim"})
 _SHAPE_FUNCTIONS = frozenset({getattr})
@@ -456,6 +521,7 @@ class LRPGraph:
     rules: dict[fx.Node, Rule]
     folded: dict[fx.Node, str] = field(default_factory=dict)
     snapshot: frozenset[fx.Node] = frozenset()
+    first: frozenset[fx.Node] = frozenset()
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, LRPGraph] = weakref.WeakKeyDictionary()
@@ -557,6 +623,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     raw: set[fx.Node] = {source}
     rules: dict[fx.Node, Rule] = {}
     folded: dict[fx.Node, str] = {}
+    firsts: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -576,6 +643,8 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if layer_kind is not None:
             first = node.args[0] in raw
             rules[node] = FIRST_RULE if first else LAYERS[layer_kind][1]
+            if first:
+                firsts.add(node)
             continue
         rule = _lookup_rule(node, module)
         if rule is None:
@@ -590,7 +659,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             folded[node.args[0]] = node.target
             rules[node] = _pass
     snapshot = frozenset(n for n in gm.graph.nodes if any(_inplace(user, gm) for user in n.users))
-    return LRPGraph(gm, source, outputs[0].args[0], rules, folded, snapshot)
+    return LRPGraph(gm, source, outputs[0].args[0], rules, folded, snapshot, frozenset(firsts))
 
 
 def _folds(node: fx.Node, module: nn.Module | None, gm: fx.GraphModule) -> bool:
@@ -662,6 +731,19 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
 
 
+def _composite(composite: object, gamma: object) -> Composite:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+        raise InputError(f"lrp option 'gamma' must be a float >= 0; got {gamma!r}")
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str) and composite in COMPOSITES:
+        return COMPOSITES[composite]
+    raise InputError(
+        f"unknown lrp composite {composite!r}; expected a Composite or one of: "
+        f"{', '.join(sorted(COMPOSITES))}"
+    )
+
+
 @register("lrp")
 def lrp(
     model: nn.Module,
@@ -672,6 +754,8 @@ def lrp(
     low: float | torch.Tensor = 0.0,
     high: float | torch.Tensor = 1.0,
     epsilon: float = 1e-6,
+    composite: str | Composite = "epsilon_plus_box",
+    gamma: float = 0.25,
 ) -> torch.Tensor:
     """Layer-wise relevance propagation: z^B first layer, z+ convolutions, epsilon dense layers.
 
@@ -696,6 +780,13 @@ def lrp(
         Bounds of the input domain for the z^B rule, e.g. ``(1, C, 1, 1)`` tensors.
     epsilon : float
         Stabiliser of the epsilon rule for dense layers.
+    composite : str or Composite
+        The rule of each layer with weights: ``epsilon_plus_box`` (the rules
+        above, the default), Zennit's ``epsilon_gamma_box``,
+        ``epsilon_plus_flat``, ``epsilon_alpha2_beta1``, ``epsilon_plus``,
+        ``epsilon_alpha2_beta1_flat`` (:data:`COMPOSITES`), or a :class:`Composite`.
+    gamma : float
+        Weight of the positive part in the gamma rule.
 
     Returns
     -------
@@ -714,10 +805,12 @@ def lrp(
     >>> h = bs.explain(net, torch.rand(2, 1, 4, 4), "lrp", epsilon=1e-3)
     >>> h.shape
     torch.Size([2, 1, 4, 4])
+    >>> h = bs.explain(net, torch.rand(2, 1, 4, 4), "lrp", composite="epsilon_gamma_box")
     """
     _check_lrp_options(low, high, epsilon)
+    chosen = _composite(composite, gamma)
     graph = lrp_graph(model)
-    options = {"low": low, "high": high, "epsilon": float(epsilon)}
+    options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
         values = _record(model, graph, x if create_graph else x.detach())
@@ -733,16 +826,17 @@ def lrp(
                     return r if r is not None else torch.zeros_like(x)
                 continue
             module = modules[node.target] if node.op == "call_module" else None
-            layer = None
+            layer, rule = None, graph.rules[node]
             kind = _layer_kind(module)
             if kind is not None:
+                rule = chosen.rule(module, node in graph.first)
                 layer = LAYERS[kind][0](module)
                 if node in graph.folded:
                     layer = _folded(layer, modules[graph.folded[node]])
             step = _Step(
                 node, module, _load(node.args, values), _load(node.kwargs, values), layer, options
             )
-            for source, r_in in graph.rules[node](step, r):
+            for source, r_in in rule(step, r):
                 if source in relevance:
                     relevance[source] = relevance[source] + r_in
                 else:

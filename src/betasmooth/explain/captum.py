@@ -1,0 +1,160 @@
+"""Any Captum attribution method by name: ``captum:DeepLift``, ``captum:LayerGradCam``, ...
+
+``bs.explain(model, x, "captum:NAME", **options)`` builds ``captum.attr.NAME``
+on the model and calls its ``attribute(x, target=target, **options)``. Options
+named in the class's constructor (``multiply_by_inputs``, ``eps``, ...) go to
+the constructor; ``layer`` names the layer of layer methods (``LayerGradCam``,
+``GuidedGradCam``, ...) as in ``model.named_modules()``, e.g. ``"features.28"``.
+Because beta-smoothing acts on the model, every Captum method works under it:
+``bs.explain(model, x, "beta_smooth", beta=2.0, base="captum:Occlusion", ...)``.
+Captum is optional (``pip install 'betasmooth[captum]'``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..validate import InputError, InputTypeError
+from . import Method, register_prefix
+from .gradient import predict
+
+__all__ = ["captum_method", "resolve_layer"]
+
+# Constructor parameters that explain fills itself.
+_MODEL_PARAMETERS = ("forward_func", "model")
+_FILLED = frozenset({"self", "layer", *_MODEL_PARAMETERS})
+_LISTING = "python -c 'import captum.attr; print(captum.attr.__all__)'"
+
+
+def _captum_attr() -> ModuleType:
+    try:
+        return importlib.import_module("captum.attr")
+    except ImportError:
+        raise InputError(
+            "captum: methods need Captum; install the extra: pip install 'betasmooth[captum]'"
+        ) from None
+
+
+def _attribution_class(name: str) -> type:
+    cls = getattr(_captum_attr(), name, None)
+    attribute = getattr(cls, "attribute", None)
+    if not inspect.isclass(cls) or attribute is None:
+        raise InputError(
+            f"unknown Captum method {name!r}; expected a class of captum.attr such as "
+            f"captum:DeepLift or captum:Occlusion (list them with: {_LISTING})"
+        )
+    init = list(inspect.signature(cls.__init__).parameters)[1:2]
+    if init[:1] != ["forward_func"] and init[:1] != ["model"]:
+        raise InputError(
+            f"captum:{name} is built from {init[0] if init else 'nothing'!r}, not from a model; "
+            "expected a method whose constructor takes the model (smoothgrad replaces NoiseTunnel)"
+        )
+    if "target" not in inspect.signature(attribute).parameters:
+        raise InputError(f"captum:{name}.attribute takes no target; expected a class-wise method")
+    return cls
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module | None, method: str) -> nn.Module:
+    """The submodule ``layer`` of ``model``, named as in ``model.named_modules()``.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    >>> resolve_layer(net, "0", "captum:LayerGradCam")
+    Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1))
+    """
+    if isinstance(layer, nn.Module):
+        return layer
+    if not isinstance(layer, str):
+        raise InputTypeError(
+            f"{method} needs the option layer, a submodule name of the model such as "
+            f"'features.28'; got {type(layer).__name__}"
+        )
+    try:
+        return model.get_submodule(layer)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name][:8]
+        raise InputError(
+            f"{method}: the model has no submodule {layer!r}; expected a name from "
+            f"model.named_modules(), e.g. {', '.join(names)}"
+        ) from None
+
+
+def _build(cls: type, model: nn.Module, layer: object, options: dict) -> tuple[object, dict]:
+    parameters = inspect.signature(cls.__init__).parameters
+    method = f"captum:{cls.__name__}"
+    constructor = {k: v for k, v in options.items() if k in parameters and k not in _FILLED}
+    args: list[object] = [model]
+    if "layer" in parameters:
+        args.append(resolve_layer(model, layer, method))
+    elif layer is not None:
+        raise InputError(f"{method} has no layer; expected the option layer only for layer methods")
+    attribute = {k: v for k, v in options.items() if k not in constructor}
+    return cls(*args, **constructor), attribute
+
+
+@register_prefix("captum")
+@functools.cache
+def captum_method(name: str) -> Method:
+    """The explanation method ``captum:NAME``: ``captum.attr.NAME`` built on the model.
+
+    Parameters
+    ----------
+    name : str
+        A class of ``captum.attr`` whose ``attribute`` takes ``target``.
+
+    Returns
+    -------
+    Callable
+        ``method(model, x, target, *, create_graph=False, layer=None, **options)``.
+        Options in the class's constructor go to it, the rest to ``attribute``.
+        Layer methods return what Captum returns (the layer's shape).
+
+    Raises
+    ------
+    InputError
+        If Captum is not installed or ``name`` is not such a class.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> x = torch.rand(2, 1, 2, 2)
+    >>> bs.explain(net, x, "captum:DeepLift", baselines=0.0).shape
+    torch.Size([2, 1, 2, 2])
+    >>> h = bs.explain(net, x, "beta_smooth", beta=2.0, base="captum:Occlusion",
+    ...                sliding_window_shapes=(1, 1, 1))
+    """
+    cls = _attribution_class(name)
+
+    def method(
+        model: nn.Module,
+        x: torch.Tensor,
+        target: torch.Tensor | None,
+        *,
+        create_graph: bool = False,
+        layer: str | nn.Module | None = None,
+        **options: object,
+    ) -> torch.Tensor:
+        if create_graph:
+            raise InputError(
+                f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
+            )
+        if target is None:
+            target = predict(model, x)
+        explainer, options = _build(cls, model, layer, options)
+        with torch.enable_grad():
+            attribution = explainer.attribute(
+                x.detach().requires_grad_(True), target=target, **options
+            )
+        return attribution.detach()
+
+    method.__name__ = f"captum_{name}"
+    method.__doc__ = f"captum.attr.{name} on the model; options go to its constructor or attribute."
+    return method

@@ -1,0 +1,144 @@
+"""Quantus' ``explain_func`` for every betasmooth method: :func:`quantus_explain`.
+
+Quantus (Hedström et al. 2023) evaluates explanations with metrics that call
+``explain_func(model=model, inputs=x, targets=y, **explain_func_kwargs)`` on
+numpy batches and expect a numpy array back. :func:`quantus_explain` is such a
+function: pass it unchanged, with the betasmooth method and its options in
+``explain_func_kwargs``::
+
+    metric(model=model, x_batch=x, y_batch=y, explain_func=bs.quantus_explain,
+           explain_func_kwargs={"method": "beta_smooth", "beta": 1.0})
+
+As Quantus' own ``quantus.explain``, the attribution is summed over the
+channel axis by default (``reduce_axes=(1,)``, ``keepdims=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .explain import explain
+from .validate import InputError, InputTypeError
+
+__all__ = ["quantus_explain"]
+
+
+def _channel_first(x: torch.Tensor, channel_first: bool | None) -> bool:
+    if channel_first is not None or x.dim() != 4:
+        return True if channel_first is None else bool(channel_first)
+    c_first, c_last = x.shape[1], x.shape[3]
+    if c_first < min(x.shape[2], c_last):
+        return True
+    if c_last < min(x.shape[1], x.shape[2]):
+        return False
+    raise InputError(
+        f"cannot tell the channel axis of inputs of shape {tuple(x.shape)}; "
+        "expected channel_first=True or False in explain_func_kwargs"
+    )
+
+
+def _as_tensor(value: object, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=dtype)
+    if isinstance(value, (np.ndarray, list, tuple, int, np.integer)):
+        return torch.as_tensor(np.asarray(value), device=device).to(dtype)
+    raise InputTypeError(
+        f"quantus_explain {name} must be a numpy array or a torch tensor; "
+        f"got {type(value).__name__}"
+    )
+
+
+def _model_place(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        # Quantus' own explain puts the model on the requested device too.
+        model.to(device)
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def quantus_explain(
+    model: nn.Module,
+    inputs: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor | int,
+    *,
+    method: str = "gradient",
+    device: str | torch.device | None = None,
+    channel_first: bool | None = None,
+    softmax: bool | None = None,
+    reduce_axes: Sequence[int] = (1,),
+    keepdims: bool = True,
+    **options: object,
+) -> np.ndarray:
+    """Explain ``inputs`` with a betasmooth method, as Quantus' ``explain_func``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier returning logits; the logit of each target is explained.
+    inputs : numpy.ndarray or torch.Tensor
+        Batch, channel-first ``(B, C, H, W)`` or channel-last ``(B, H, W, C)``.
+    targets : numpy.ndarray, torch.Tensor or int
+        Class per item.
+    method : str
+        Any :func:`~betasmooth.explain` method, e.g. ``beta_smooth``, ``lrp``,
+        ``smoothgrad`` or ``captum:DeepLift``.
+    device : str or None
+        Where the model and the inputs go (as in Quantus); ``None`` keeps the model's.
+    channel_first : bool or None
+        Layout of ``inputs`` (and of the result); ``None`` infers it as Quantus does.
+    softmax : bool or None
+        Quantus' switch for the output activation. betasmooth explains logits:
+        ``None`` and ``False`` are accepted, ``True`` is refused.
+    reduce_axes : sequence of int
+        Axes of the (channel-first) attribution summed, as in ``quantus.explain``;
+        ``()`` keeps the channels.
+    keepdims : bool
+        Keep the reduced axes with size 1.
+    **options
+        Options of ``method``, e.g. ``beta=1.0`` or ``n=50, sigma=0.15``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The attributions, float, in the layout of ``inputs``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, y = bs.load_data("digits")
+    >>> a = bs.quantus_explain(model, x[:4].numpy(), y[:4].numpy(), method="beta_smooth", beta=1.0)
+    >>> a.shape, a.dtype
+    ((4, 1, 32, 32), dtype('float32'))
+    """
+    if softmax:
+        raise InputError(
+            "quantus_explain explains logits (pre-softmax); expected softmax=None or False"
+        )
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    place = _model_place(model, device)
+    parameter = next(model.parameters(), None)
+    dtype = torch.get_default_dtype() if parameter is None else parameter.dtype
+    x = _as_tensor(inputs, "inputs", dtype, place)
+    target = _as_tensor(targets, "targets", torch.long, place).reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(x.shape[0])
+    first = _channel_first(x, channel_first)
+    if not first:
+        x = x.movedim(-1, 1)
+    attribution = explain(model, x, method, target, **options).detach()
+    if reduce_axes:
+        if 0 in tuple(reduce_axes):
+            raise InputError(
+                "quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)"
+            )
+        attribution = attribution.sum(dim=tuple(reduce_axes), keepdim=keepdims)
+    if not first and attribution.dim() == 4:
+        attribution = attribution.movedim(1, -1)
+    return attribution.cpu().numpy()

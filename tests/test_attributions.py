@@ -1,0 +1,81 @@
+"""Signed attributions kept in run directories, and the channel reductions of bs.heatmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import betasmooth as bs
+from betasmooth.cli import main
+from betasmooth.runs import RunDir
+
+INPUTS = ["--model", "digits-cnn", "--data", "digits", "--no-progress"]
+
+
+def _arrays(out, method):
+    batches = RunDir(out).load_arrays(method)
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp"])
+def test_explain_attributions_round_trip(tmp_path, digits, digits_cnn, method):
+    out = tmp_path / "run"
+    argv = ["explain", *INPUTS, "--method", method, "--n", "3", "--batch-size", "2"]
+    assert main([*argv, "--save-attributions", "--out", str(out)]) == 0
+    arrays = _arrays(out, method)
+    x = digits[0][:3]
+    expected = bs.explain(digits_cnn, x, method)
+    assert arrays["attribution"].shape == tuple(x.shape)
+    np.testing.assert_allclose(arrays["attribution"], expected.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        arrays["map"], bs.heatmap(torch.from_numpy(arrays["attribution"])).numpy(), rtol=1e-6
+    )
+    plain = tmp_path / "plain"
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert "attribution" not in _arrays(plain, method)
+
+
+def test_attack_attributions_round_trip(tmp_path, digits_cnn):
+    out = tmp_path / "attack"
+    argv = ["attack", *INPUTS, "--method", "gradient", "--n", "2", "--steps", "3"]
+    assert main([*argv, "--save-attributions", "--out", str(out)]) == 0
+    arrays = _arrays(out, "gradient")
+    label = torch.from_numpy(arrays["label"])
+    for attr, x, heat in (("attr_orig", "x", "map_orig"), ("attr_adv", "x_adv", "map_adv")):
+        xs = torch.from_numpy(arrays[x])
+        expected = bs.explain(digits_cnn, xs, "gradient", label)
+        assert arrays[attr].shape == tuple(xs.shape)
+        np.testing.assert_allclose(arrays[attr], expected.numpy(), rtol=1e-5, atol=1e-7)
+        heat_of_attr = bs.heatmap(torch.from_numpy(arrays[attr])).numpy()
+        np.testing.assert_allclose(arrays[heat], heat_of_attr, rtol=1e-5, atol=1e-9)
+    assert not np.array_equal(arrays["attr_orig"], arrays["attr_adv"])
+
+
+def test_heatmap_reductions_by_hand():
+    # Channels (2, 1, 2): pixel values per channel written out.
+    e = torch.tensor([[[[3.0, -1.0]], [[-4.0, 1.0]]]], dtype=torch.float64)
+    hand = {
+        "abs_sum": [7.0, 2.0],  # |3| + |-4|, |-1| + |1|
+        "sum": [-1.0, 0.0],
+        "pos": [0.0, 0.0],
+        "l2": [5.0, 2**0.5],
+    }
+    for reduction, values in hand.items():
+        raw = torch.tensor([[values]], dtype=torch.float64)
+        total = raw.abs().sum()
+        expected = raw / total if total > 0 else raw
+        torch.testing.assert_close(bs.heatmap(e, reduction=reduction), expected)
+    f = torch.tensor([[[[2.0, -1.0, 0.5]], [[1.0, -1.0, 0.5]]]], dtype=torch.float64)
+    torch.testing.assert_close(
+        bs.heatmap(f, reduction="sum"), torch.tensor([[[3.0, -2.0, 1.0]]]).double() / 6
+    )
+    torch.testing.assert_close(
+        bs.heatmap(f, reduction="pos"), torch.tensor([[[3.0, 0.0, 1.0]]]).double() / 4
+    )
+    assert torch.equal(bs.heatmap(f), bs.heatmap(f, reduction="abs_sum"))
+
+
+def test_heatmap_unknown_reduction():
+    with pytest.raises(ValueError, match="unknown reduction 'max'.*abs_sum"):
+        bs.heatmap(torch.rand(1, 1, 2, 2), reduction="max")

@@ -1,0 +1,143 @@
+"""Captum methods by name, under beta-smoothing, against Captum on a hand-built softplus copy."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import DeepLift, GradientShap, IntegratedGradients, LayerGradCam, Occlusion
+from torch import nn
+
+import betasmooth as bs
+from nets import TARGET, ResidualNet, plain_cnn, residual_net
+
+# Above beta x = 40 float64 softplus is x to the last bit, as in bs.softplus.
+THRESHOLD = 40.0
+
+
+class SoftplusResidualNet(ResidualNet):
+    """ResidualNet with its functional ReLUs written as F.softplus(beta)."""
+
+    def __init__(self, net: ResidualNet, beta: float) -> None:
+        super().__init__()
+        self.load_state_dict(net.state_dict())
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def act(t):
+            return F.softplus(t, self.beta, THRESHOLD)
+
+        a = act(self.bn1(self.conv1(x)))
+        b = act(self.bn2(self.conv2(a)))
+        return self.head(act(self.pool(a + b)))
+
+
+def softplus_copy(net: nn.Module, beta: float) -> nn.Module:
+    if isinstance(net, ResidualNet):
+        return SoftplusResidualNet(net, beta).double().eval()
+    twin = copy.deepcopy(net)
+    for i, m in enumerate(twin):
+        if isinstance(m, nn.ReLU):
+            twin[i] = nn.Softplus(beta, THRESHOLD)
+    return twin.eval()
+
+
+NETS = {"plain_cnn": (plain_cnn, "3"), "residual_net": (residual_net, "conv2")}
+
+
+def _case(name, layer, x):
+    """(Captum class, constructor args after the model, attribute options) per method."""
+    baselines = torch.rand(
+        3, *x.shape[1:], dtype=x.dtype, generator=torch.Generator().manual_seed(1)
+    )
+    return {
+        "DeepLift": (DeepLift, {}, {"baselines": 0.1}),
+        "GradientShap": (GradientShap, {}, {"baselines": baselines, "n_samples": 4}),
+        "Occlusion": (Occlusion, {}, {"sliding_window_shapes": (1, 4, 4), "strides": 2}),
+        "LayerGradCam": (LayerGradCam, {"layer": layer}, {}),
+        "IntegratedGradients": (IntegratedGradients, {}, {"n_steps": 8}),
+    }[name]
+
+
+def _seed():
+    # GradientShap draws baselines and alphas from numpy, its noise from torch.
+    torch.manual_seed(7)
+    np.random.seed(7)
+
+
+def _captum(cls, model, layer, options, x, target):
+    args = (model.get_submodule(layer),) if layer else ()
+    _seed()
+    return cls(model, *args).attribute(x, target=target, **options)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("arch", sorted(NETS))
+@pytest.mark.parametrize(
+    "name", ["DeepLift", "GradientShap", "Occlusion", "LayerGradCam", "IntegratedGradients"]
+)
+@pytest.mark.parametrize("beta", [0.5, 3.0])
+def test_beta_smooth_captum_equals_captum_on_softplus_copy(arch, name, beta, x):
+    factory, layer_name = NETS[arch]
+    net = factory().double()
+    cls, ctor, options = _case(name, layer_name, x)
+    _seed()
+    ours = bs.explain(net, x, "beta_smooth", TARGET, beta=beta, base=f"captum:{name}",
+                      **ctor, **options)  # fmt: skip
+    twin = softplus_copy(net, beta)
+    theirs = _captum(cls, twin, ctor.get("layer"), options, x, TARGET)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+    # The smoothed map differs from the unsmoothed one: the model was really smoothed.
+    plain = _captum(cls, net, ctor.get("layer"), options, x, TARGET)
+    assert (ours - plain).abs().max() > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_captum_method_passes_options_and_defaults_target_to_prediction(x):
+    net = plain_cnn().double()
+    ours = bs.explain(net, x, "captum:DeepLift", baselines=0.2, multiply_by_inputs=False)
+    theirs = DeepLift(net, multiply_by_inputs=False).attribute(
+        x, target=net(x).argmax(1), baselines=0.2
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    layer = bs.explain(net, x, "captum:LayerGradCam", TARGET, layer=net[3])
+    theirs = LayerGradCam(net, net[3]).attribute(x, target=TARGET)
+    torch.testing.assert_close(layer, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "fragments"),
+    [
+        ("captum:Saliencey", {}, ValueError, ["unknown Captum method 'Saliencey'", "captum.attr"]),
+        ("captum:NoiseTunnel", {}, ValueError, ["not from a model", "smoothgrad"]),
+        ("captum:LayerGradCam", {}, TypeError, ["needs the option layer", "'features.28'"]),
+        ("captum:LayerGradCam", {"layer": "conv9"}, ValueError,
+         ["no submodule 'conv9'", "named_modules"]),
+        ("captum:Saliency", {"layer": "0"}, ValueError, ["captum:Saliency has no layer"]),
+        ("captum:Saliency", {"create_graph": True}, ValueError, ["not differentiable"]),
+        ("sal:Saliency", {}, ValueError, ["unknown method 'sal:Saliency'", "captum:NAME"]),
+    ],
+)  # fmt: skip
+def test_bad_captum_method(x, method, options, error, fragments):
+    with pytest.raises(error) as info:
+        bs.explain(plain_cnn().double(), x, method, TARGET, **options)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_captum_names_the_extra(x, monkeypatch):
+    import sys
+
+    from betasmooth.explain.captum import captum_method
+
+    captum_method.cache_clear()
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    with pytest.raises(ValueError, match=r"pip install 'betasmooth\[captum\]'"):
+        bs.explain(plain_cnn().double(), x, "captum:Saliency", TARGET)
+    captum_method.cache_clear()

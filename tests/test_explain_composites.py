@@ -1,0 +1,160 @@
+"""LRP composites against Zennit's composites of the same name, and their input derivative."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.composites import (
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    SpecialFirstLayerMapComposite,
+    layer_map_base,
+)
+from zennit.rules import Epsilon, Gamma, WSquare, ZPlus
+from zennit.types import Convolution
+
+import betasmooth as bs
+from betasmooth.explain.composites import alpha_beta
+from betasmooth.explain.propagation import Composite
+from nets import plain_cnn, residual_net, vgg_small
+from test_explain_lrp import ZennitResidual, _relu_pattern, signed_conv_input, with_batchnorm
+
+ZENNIT = {
+    "epsilon_gamma_box": lambda: EpsilonGammaBox(low=0.0, high=1.0, canonizers=_canon()),
+    "epsilon_plus": lambda: EpsilonPlus(canonizers=_canon()),
+    "epsilon_plus_flat": lambda: EpsilonPlusFlat(canonizers=_canon()),
+    "epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(canonizers=_canon()),
+    "epsilon_alpha2_beta1_flat": lambda: EpsilonAlpha2Beta1Flat(canonizers=_canon()),
+}
+
+
+def _canon():
+    return [SequentialMergeBatchNorm()]
+
+
+def _residual():
+    """The residual net and a twin zennit can hook; tiny BatchNorm eps, as in test_explain_lrp."""
+    net = residual_net().double()
+    twin = ZennitResidual().double().eval()
+    twin.load_state_dict(net.state_dict())
+    for bn in (net.bn1, net.bn2, twin.bn1, twin.bn2):
+        bn.eps = 1e-12
+    return net, twin
+
+
+def _same(build):
+    def pair():
+        net = build()
+        return net, net
+
+    return pair
+
+
+NETS = {
+    "plain": _same(lambda: plain_cnn().double()),
+    "batchnorm": _same(lambda: with_batchnorm(bn_eps=1e-12)),
+    "residual": _residual,
+    "signed": _same(signed_conv_input),
+}
+
+
+def zennit_map(net, composite, x, target):
+    with Gradient(net, composite) as attributor:
+        _, relevance = attributor(x, lambda out: F.one_hot(target, out.shape[1]) * out)
+    return relevance
+
+
+@pytest.mark.parametrize("arch", sorted(NETS))
+@pytest.mark.parametrize("name", sorted(ZENNIT))
+def test_composite_equals_zennit(arch, name):
+    net, twin = NETS[arch]()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4])
+    ours = bs.explain(net, x, "lrp", target, composite=name)
+    theirs = zennit_map(twin, ZENNIT[name](), x, target)
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_composites_differ_from_each_other():
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    maps = [bs.explain(net, x, "lrp", 1, composite=name) for name in (*ZENNIT, "epsilon_plus_box")]
+    for i, a in enumerate(maps):
+        for b in maps[i + 1 :]:
+            assert (a - b).abs().max() > 1e-6 * a.abs().max()
+
+
+def test_custom_composite_with_gamma_and_w_square_equals_zennit():
+    net = vgg_small().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 0, 3])
+    ours = bs.explain(
+        net, x, "lrp", target, gamma=0.5, epsilon=0.01,
+        composite=Composite({nn.Conv2d: "gamma", nn.Linear: "epsilon"}, {nn.Conv2d: "w_square"}),
+    )  # fmt: skip
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=layer_map_base() + [(Convolution, Gamma(0.5)), (nn.Linear, Epsilon(0.01))],
+        first_map=[(Convolution, WSquare())],
+    )
+    torch.testing.assert_close(ours, zennit_map(net, composite, x, target), rtol=1e-9, atol=1e-12)
+
+
+def test_alpha1_beta0_is_zplus():
+    net = signed_conv_input()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    ab = Composite({nn.Conv2d: alpha_beta(1.0, 0.0), nn.Linear: "epsilon"})
+    plus = bs.explain(net, x, "lrp", 1, composite="epsilon_plus")
+    torch.testing.assert_close(bs.explain(net, x, "lrp", 1, composite=ab), plus)
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=layer_map_base() + [(Convolution, ZPlus()), (nn.Linear, Epsilon())], first_map=[]
+    )
+    torch.testing.assert_close(plus, zennit_map(net, composite, x, torch.tensor([1, 1])))
+
+
+@pytest.mark.parametrize("name", ["epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat"])
+def test_composite_input_derivative_matches_finite_difference(name):
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    v, u = torch.randn_like(x), torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "lrp", target, create_graph=True, composite=name, epsilon=1e-3)
+    (grad,) = torch.autograd.grad((h * v).sum(), xg)
+    step = 1e-6
+    pattern = _relu_pattern(net, x)
+    for sign in (1, -1):
+        flipped = _relu_pattern(net, x + sign * step * u)
+        assert all(torch.equal(a, b) for a, b in zip(pattern, flipped))
+
+    def f(z):
+        return (bs.explain(net, z, "lrp", target, composite=name, epsilon=1e-3) * v).sum()
+
+    numeric = (f(x + step * u) - f(x - step * u)) / (2 * step)
+    analytic = (grad * u).sum()
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "fragments"),
+    [
+        ({"composite": "epsilon_gamma"}, ValueError,
+         ["unknown lrp composite 'epsilon_gamma'", "epsilon_gamma_box", "epsilon_plus_flat"]),
+        ({"composite": Composite({nn.Linear: "epsilon"})}, ValueError,
+         ["no rule for Conv2d", "nn.Conv2d"]),
+        ({"gamma": -1.0}, ValueError, ["'gamma' must be a float >= 0"]),
+    ],
+)  # fmt: skip
+def test_bad_composite(options, error, fragments):
+    with pytest.raises(error) as info:
+        bs.explain(vgg_small().double(), torch.rand(1, 1, 16, 16).double(), "lrp", 0, **options)
+    for fragment in fragments:
+        assert fragment in str(info.value)

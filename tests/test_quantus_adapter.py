@@ -1,0 +1,88 @@
+"""bs.quantus_explain as Quantus' explain_func, against Quantus' own explain and bs.explain."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import quantus
+import torch
+
+import betasmooth as bs
+from nets import TARGET, plain_cnn
+
+
+def _max_sensitivity(net, x, y, explain_func, kwargs):
+    np.random.seed(0)
+    metric = quantus.MaxSensitivity(
+        nr_samples=3, lower_bound=0.1, abs=True, normalise=True, disable_warnings=True
+    )
+    scores = metric(
+        model=net, x_batch=x, y_batch=y, a_batch=None, device="cpu",
+        explain_func=explain_func, explain_func_kwargs=kwargs,
+    )  # fmt: skip
+    return np.asarray(scores)
+
+
+def test_max_sensitivity_with_quantus_explain_equals_quantus_own_saliency():
+    # Quantus' Saliency is |gradient|; on one channel, after Quantus' abs, it is
+    # betasmooth's gradient summed over channels.
+    net = plain_cnn()
+    x, y = torch.rand(4, 1, 16, 16).numpy(), TARGET.numpy()
+    theirs = _max_sensitivity(net, x, y, quantus.explain, {"method": "Saliency"})
+    ours = _max_sensitivity(net, x, y, bs.quantus_explain, {"method": "gradient"})
+    assert np.all(theirs > 0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    smooth = _max_sensitivity(
+        net, x, y, bs.quantus_explain, {"method": "beta_smooth", "beta": 1.0, "softmax": False}
+    )
+    assert np.all(np.abs(smooth - theirs) > 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("beta_smooth", {"beta": 2.0, "base": "lrp", "composite": "epsilon_plus_flat"}),
+        ("smoothgrad", {"n": 4, "seed": 1}),
+        ("captum:DeepLift", {"baselines": 0.0}),
+    ],
+)
+def test_quantus_explain_equals_explain(method, options):
+    net = plain_cnn(channels=3)
+    x = torch.rand(4, 3, 16, 16)
+    expected = bs.explain(net, x, method, TARGET, **options)
+    summed = bs.quantus_explain(net, x.numpy(), TARGET.numpy(), method=method, **options)
+    assert isinstance(summed, np.ndarray) and summed.shape == (4, 1, 16, 16)
+    np.testing.assert_allclose(summed, expected.sum(1, keepdim=True).numpy(), rtol=1e-6, atol=1e-7)
+    full = bs.quantus_explain(
+        net, x.permute(0, 2, 3, 1), TARGET, method=method, reduce_axes=(), device="cpu", **options
+    )
+    assert full.shape == (4, 16, 16, 3)
+    np.testing.assert_allclose(full, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"softmax": True}, ValueError, "explains logits (pre-softmax)"),
+        ({"method": "saliency"}, ValueError, "unknown method 'saliency'"),
+        ({"reduce_axes": (0,)}, ValueError, "batch axis 0"),
+        ({"xai_lib": "captum"}, TypeError, "unknown option 'xai_lib'"),
+    ],
+)
+def test_quantus_explain_bad_input(kwargs, error, fragment):
+    x = torch.rand(2, 1, 16, 16).numpy()
+    with pytest.raises(error, match=re.escape(fragment)):
+        bs.quantus_explain(plain_cnn(), x, np.array([0, 1]), **kwargs)
+
+
+def test_quantus_explain_one_target_for_all():
+    net, x = plain_cnn(), torch.rand(3, 1, 16, 16)
+    expected = bs.explain(net, x, "gradient", 2).numpy()
+    np.testing.assert_allclose(bs.quantus_explain(net, x.numpy(), 2), expected, rtol=1e-6)
+
+
+def test_quantus_explain_refuses_ambiguous_layout():
+    with pytest.raises(ValueError, match="channel_first=True or False"):
+        bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))
