@@ -46,6 +46,8 @@ from .validate import (
     check_batch,
     check_choice,
     check_count,
+    check_in_range,
+    check_input,
     check_positive,
     check_target,
 )
@@ -595,7 +597,8 @@ def manipulate(
     model : nn.Module
         Classifier returning logits; it is not changed.
     x : torch.Tensor
-        Input batch ``(B, C, H, W)`` inside ``data_range``.
+        Input batch ``(B, C, H, W)`` inside ``data_range`` (values outside it raise
+        :class:`~betasmooth.validate.InputError`), on the model's device.
     target_map : torch.Tensor or None
         Target heatmaps ``(B, H, W)`` (e.g. :func:`random_targets`); ignored,
         and may be ``None``, for untargeted goals.
@@ -668,6 +671,7 @@ def manipulate(
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:
         raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    x = check_input(model, x)
     check_choice("loss", loss, LOSSES)
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
@@ -680,6 +684,7 @@ def manipulate(
 
     x = x.detach()
     low, high = _range(data_range, x)
+    check_in_range(x, low, high)
     if goal_name == "targeted":
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
@@ -744,9 +749,7 @@ def manipulate(
         # Without a schedule the network is attacked as it is, and the
         # override (which sees every torch call in forward) is left out.
         surrogate = (
-            contextlib.nullcontext()
-            if schedule == "none"
-            else replace_relu(model, p.surrogate, warn=True)
+            contextlib.nullcontext() if schedule == "none" else replace_relu(model, p.surrogate)
         )
         with surrogate:
             for r in range(restarts + 1):

@@ -115,7 +115,7 @@ def guided_backprop(
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        with replace_relu(model, _guided_relus(handles)):
+        with replace_relu(model, _guided_relus(handles), warn="guided_backprop"):
             return input_gradient(model, x, target, create_graph)
     finally:
         for handle in handles:
@@ -660,6 +660,11 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
             )
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
+    if bool((torch.as_tensor(low) >= torch.as_tensor(high)).any()):
+        raise InputError(
+            f"lrp options must have low < high (the bounds of the input domain); "
+            f"got low={low!r}, high={high!r}"
+        )
 
 
 @register("lrp")
