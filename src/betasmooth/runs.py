@@ -759,7 +759,7 @@ def load_inputs(
     (4, 1, 32, 32)
     """
     if n is not None and n < 1:
-        raise InputError(f"--n must be a positive number of images; got {n}")
+        raise InputError(f"-n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
     x, y = load_data(data, "test", image_size=image_size, channels=channels, mean=mean, std=std)
     if n is not None:
