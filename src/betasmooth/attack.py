@@ -480,7 +480,8 @@ def _run(
     optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=lr)
     step_size = torch.full((x_adv.shape[0],), step, dtype=x_adv.dtype, device=x_adv.device)
     shape = (-1,) + (1,) * (x_adv.dim() - 1)
-    for i in tqdm(range(p.steps), desc=desc, disable=not p.progress, leave=False):
+    bar = tqdm(range(p.steps), desc=desc, unit="step", disable=not p.progress, leave=False)
+    for i in bar:
         p.surrogate.beta = beta_at(p.schedule, i, p.steps, p.beta0, p.beta_end)
         with torch.enable_grad():
             loss = goal.objective(p, p.maps(x_adv, i, graph=True), x_adv)
@@ -497,6 +498,8 @@ def _run(
         if optimizer is None or (i + 1) % check_every == 0 or i + 1 == p.steps:
             score, kept = _evaluate(p, goal, x_adv)
             best, best_score = keep_best(best, best_score, x_adv.detach(), score, kept)
+            # Only at scorings, which wait for the device anyway.
+            bar.set_postfix(loss=f"{float(loss.mean()):.4g}", refresh=False)
             if optimizer is None:
                 # A step that flips the label is undone and that image's step
                 # halved, so that it keeps moving inside the label's region.
@@ -644,7 +647,8 @@ def manipulate(
         Expectation over transformations: fresh draws each step (the
         method's ``seed`` option set to ``seed + 1 + step``).
     progress : bool
-        Show a progress bar.
+        Show a progress bar on stderr: one tick per step, the mean loss at each
+        scoring, elapsed and remaining time.
     seed : int
         Seeds the restarts' noise and the draws of ``eot``.
 

@@ -854,6 +854,10 @@ def attack_run(
     device = torch.device(device)
     model = model.to(device)
     targets = derangement(x.shape[0], seed) if goal == "targeted" else None
+    # Each batch's steps get a bar of their own below the batches' bar.
+    steps_bar = (dist is None or dist.rank == 0) and (
+        sys.stderr.isatty() if progress is None else progress
+    )
 
     def work(unit: Unit) -> tuple[list[Record], Arrays]:
         idx = torch.tensor(unit.indices)
@@ -875,6 +879,7 @@ def attack_run(
             data_range=data_range,
             method_options=options,
             check_every=check_every,
+            progress=steps_bar,
             seed=s,
         )
         records = []
