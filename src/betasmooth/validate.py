@@ -320,12 +320,31 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
                 f"{dtype}, float32 or float64 (cast with {name}.to({dtype}))"
             )
         x = x.to(dtype)
+    _check_dims(model, x, name)
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     seen = _CHECKED.setdefault(model, set())
     if key not in seen:
         _probe(model, x[:1], name, tuple(x.shape))
         seen.add(key)
     return x
+
+
+_CONVOLUTIONS = {nn.Conv1d: "(B, C, L)", nn.Conv2d: "(B, C, H, W)", nn.Conv3d: "(B, C, D, H, W)"}
+
+
+def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    # A convolution also takes an unbatched item, which would turn a single
+    # image into a batch of its channels: the first layer tells the layout.
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, *_CONVOLUTIONS))), None)
+    layout = next((v for k, v in _CONVOLUTIONS.items() if isinstance(first, k)), None)
+    if layout is not None and x.dim() != layout.count(",") + 1:
+        hint = (
+            f"; add the batch dimension with {name}[None]" if x.dim() == layout.count(",") else ""
+        )
+        raise InputError(
+            f"{name} has shape {tuple(x.shape)} but the model's first layer "
+            f"{type(first).__name__} takes {layout}{hint}"
+        )
 
 
 def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
@@ -338,12 +357,9 @@ def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ..
         raise
     except Exception as err:
         reason = " ".join(str(err).split()) or type(err).__name__
-        hint = ""
-        if len(shape) == 3:
-            hint = f"; a single (C, H, W) image needs a batch dimension: {name}[None]"
         raise InputError(
             f"model does not accept input of shape {shape[1:]} (one item of {name}, whose "
-            f"shape is {shape}): {reason[:300]}{hint}"
+            f"shape is {shape}): {reason[:300]}"
         ) from None
     finally:
         model.train(training)
