@@ -101,7 +101,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputTypeError,
         r"x has dtype torch.float16 but the model's parameters are torch.float32; expected",
     ),
-    "integer x": (_explain(plain_cnn, X.long()), InputTypeError, r"floating tensor .*; got dtype torch.int64"),
+    "integer x": (
+        _explain(plain_cnn, X.long()),
+        InputTypeError,
+        r"floating tensor .*; got dtype torch.int64",
+    ),
     "meta-device x": (
         _explain(plain_cnn, torch.empty(2, 1, 16, 16, device="meta")),
         InputError,

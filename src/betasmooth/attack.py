@@ -499,7 +499,7 @@ def _run(
             score, kept = _evaluate(p, goal, x_adv)
             best, best_score = keep_best(best, best_score, x_adv.detach(), score, kept)
             # Only at scorings, which wait for the device anyway.
-            bar.set_postfix(loss=f"{float(loss.mean()):.4g}", refresh=False)
+            bar.set_postfix(loss=f"{float(loss.detach().mean()):.4g}")
             if optimizer is None:
                 # A step that flips the label is undone and that image's step
                 # halved, so that it keeps moving inside the label's region.
