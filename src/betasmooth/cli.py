@@ -208,7 +208,9 @@ def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False)
 
 
 def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
-    p.add_argument("--out", required=True, help="run directory (created; must be new or empty)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
+    )
     _add_images(p, n)
     p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -224,7 +226,7 @@ def _subcommand(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
     return sub.add_parser(
         name,
         help=text["help"],
-        description=textwrap.fill(text["description"], 79),
+        description=textwrap.fill(text["description"], 79, break_on_hyphens=False),
         epilog="examples:\n" + "\n".join(f"  {e}" for e in text["examples"]),
         formatter_class=_Formatter,
         allow_abbrev=False,
@@ -341,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _subcommand(sub, "demo")
-    p.add_argument("--out", required=True, help="run directory (created; must be new or empty)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
+    )
     p.add_argument(
         "--quick", action="store_true", help="a first look in about a minute (default: off)"
     )
@@ -390,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(p)
 
     p = _subcommand(sub, "theorem")
-    p.add_argument("--out", required=True, help="directory for theory.json and figures")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for theory.json and figures"
+    )
     p.add_argument("--quick", action="store_true", help="fewer samples (default: off)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument(
