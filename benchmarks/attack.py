@@ -1,6 +1,6 @@
 """Manipulation attacks on the built-in digits-cnn, and beta-smoothing as the defense.
 
-Default mode: on ``--n`` test images, target = the map of another random test
+Default mode: on ``-n`` test images, target = the map of another random test
 image; per method and attack variant the medians of PCC and SSIM to the target
 before and after the attack, input MSE and PCC, labels kept, then the same
 after beta-smoothing (and SmoothGrad at the matched noise scale) for each
@@ -11,7 +11,7 @@ time on ``--loop-n`` images (throughput ratio), and the attack's time per step
 against bare double backprop (forward, gradient with create_graph, backward)
 on the same batch.
 
-    python benchmarks/attack.py --n 16 --methods gradient,lrp --json out.jsonl
+    python benchmarks/attack.py -n 16 --methods gradient,lrp --json out.jsonl
     python benchmarks/attack.py --compare-loop --steps 50
 """
 
@@ -225,7 +225,7 @@ def compare_loop(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("-n", "--images", dest="n", type=int, default=16)
     parser.add_argument("--methods", default="gradient,lrp")
     parser.add_argument("--variants", default="paper", help=f"some of {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=None, help="default: the paper's budget")

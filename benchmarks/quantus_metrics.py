@@ -15,7 +15,7 @@ s" is the time of the four metrics.
 
 Examples
 --------
-    python benchmarks/quantus_metrics.py --n 32 --samples 10 --threads 1
+    python benchmarks/quantus_metrics.py -n 32 --samples 10 --threads 1
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32, help="test images")
+    parser.add_argument("-n", "--images", dest="n", type=int, default=32, help="test images")
     parser.add_argument("--samples", type=int, default=10, help="perturbations per image")
     parser.add_argument("--runs", type=int, default=50, help="FaithfulnessCorrelation runs")
     parser.add_argument("--seed", type=int, default=0)

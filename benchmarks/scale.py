@@ -13,7 +13,7 @@ imports and process-group set-up do not count.
 
 Usage::
 
-    python benchmarks/scale.py [--n 32] [--steps 200] [--method gradient]
+    python benchmarks/scale.py [-n 32] [--steps 200] [--method gradient]
                                [--batch-size 8] [--device cpu] [--json FILE]
 """
 
@@ -62,7 +62,7 @@ def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("-n", "--images", dest="n", type=int, default=32)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--method", default="gradient")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
     if args.n <= 2:
-        parser.error("--n must exceed 2: the start-up run already takes 2 images")
+        parser.error("-n must exceed 2: the start-up run already takes 2 images")
 
     rates = {}
     for mode in MODES:
@@ -79,7 +79,7 @@ def main() -> None:
         if full <= base:
             raise SystemExit(
                 f"{mode}: the full run ({full:.1f} s) was no slower than start-up ({base:.1f} s); "
-                "raise --n or --steps so that the attack dominates"
+                "raise -n or --steps so that the attack dominates"
             )
         rates[mode] = (args.n - 2) / (full - base)
         print(f"{mode:24s} {rates[mode]:8.2f} images/s  (run {full:.1f} s, start-up {base:.1f} s)")

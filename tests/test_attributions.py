@@ -21,7 +21,7 @@ def _arrays(out, method):
 @pytest.mark.parametrize("method", ["gradient", "lrp"])
 def test_explain_attributions_round_trip(tmp_path, digits, digits_cnn, method):
     out = tmp_path / "run"
-    argv = ["explain", *INPUTS, "--method", method, "--n", "3", "--batch-size", "2"]
+    argv = ["explain", *INPUTS, "--method", method, "-n", "3", "--batch-size", "2"]
     assert main([*argv, "--save-attributions", "--out", str(out)]) == 0
     arrays = _arrays(out, method)
     x = digits[0][:3]
@@ -38,7 +38,7 @@ def test_explain_attributions_round_trip(tmp_path, digits, digits_cnn, method):
 
 def test_attack_attributions_round_trip(tmp_path, digits_cnn):
     out = tmp_path / "attack"
-    argv = ["attack", *INPUTS, "--method", "gradient", "--n", "2", "--steps", "3"]
+    argv = ["attack", *INPUTS, "--method", "gradient", "-n", "2", "--steps", "3"]
     assert main([*argv, "--save-attributions", "--out", str(out)]) == 0
     arrays = _arrays(out, "gradient")
     label = torch.from_numpy(arrays["label"])

@@ -68,7 +68,7 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
-    argv = ["demo", "--out", str(out), "--quick", "--n", "4", "--steps", "5", "--no-progress"]
+    argv = ["demo", "--out", str(out), "--quick", "-n", "4", "--steps", "5", "--no-progress"]
     assert main(argv) == 0
     return out
 
@@ -76,7 +76,7 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def attack_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("attack") / "run"
-    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2"]
+    argv = [*ATTACK, "--method", "gradient,lrp", "-n", "6", "--batch-size", "2"]
     assert main([*argv, "--steps", "10", "--out", str(out)]) == 0
     return out
 
@@ -164,7 +164,7 @@ def test_demo_values_match_their_arrays_and_hand_computation(demo_dir):
 @pytest.mark.slow
 def test_attack_killed_then_resumed_has_every_item_once(tmp_path):
     out = tmp_path / "run"
-    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "5", "--batch-size", "1"]
+    argv = [*ATTACK, "--method", "gradient,lrp", "-n", "5", "--batch-size", "1"]
     argv += ["--steps", "30", "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "betasmooth", *argv], env=ENV, stderr=subprocess.DEVNULL
@@ -192,7 +192,7 @@ def test_attack_killed_then_resumed_has_every_item_once(tmp_path):
 
 def test_non_empty_directory_is_refused(attack_dir, capsys):
     before = _snapshot(attack_dir)
-    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2", "--steps", "10"]
+    argv = [*ATTACK, "--method", "gradient,lrp", "-n", "6", "--batch-size", "2", "--steps", "10"]
     assert main([*argv, "--out", str(attack_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -204,7 +204,7 @@ def test_non_empty_directory_is_refused(attack_dir, capsys):
 
 def test_resume_of_a_finished_run_changes_nothing(attack_dir):
     before = _snapshot(attack_dir)
-    argv = [*ATTACK, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2", "--steps", "10"]
+    argv = [*ATTACK, "--method", "gradient,lrp", "-n", "6", "--batch-size", "2", "--steps", "10"]
     assert main([*argv, "--out", str(attack_dir), "--resume"]) == 0
     after = _snapshot(attack_dir)
     # config.json and the report built from it record the new command line.
@@ -288,7 +288,7 @@ def test_bad_input_exits_2_with_one_line_and_keeps_the_run(case, bad_files, atta
     args, expected = BAD[case]
     args = [a.format(d=bad_files) for a in args]
     before = _snapshot(attack_dir)
-    argv = ["attack", *args, "--method", "gradient,lrp", "--n", "6", "--batch-size", "2"]
+    argv = ["attack", *args, "--method", "gradient,lrp", "-n", "6", "--batch-size", "2"]
     assert main([*argv, "--steps", "10", "--out", str(attack_dir), "--resume"]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("betasmooth: error: ") and err.count("\n") == 1

@@ -357,8 +357,56 @@ def test_untraceable_model_is_an_input_error():
 
 def test_unsupported_layer_is_named():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 2, 2]), nn.Flatten(), nn.Linear(8, 2))
-    with pytest.raises(InputError, match="LayerNorm.*supported: modules Conv1d"):
+    with pytest.raises(InputError, match=r"module LayerNorm \(1\).*supported: Conv") as err:
         bs.explain(net, torch.rand(2, 1, 4, 4), "lrp")
+    assert len(str(err.value)) < 250 and "\n" not in str(err.value)
+
+
+class _Cumulative(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x, 1)
+
+
+def test_unsupported_function_names_its_module_path():
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Sequential(nn.ReLU(), _Cumulative()), nn.Flatten(), nn.Linear(8, 2)
+    )
+    with pytest.raises(InputError, match=r"function cumsum in module 1\.1 \(_Cumulative\)") as e:
+        bs.explain(net, torch.rand(2, 1, 4, 4), "lrp")
+    assert len(str(e.value)) < 250
+
+
+class _MeanPooled(nn.Module):
+    """A small CNN with global average pooling as ``Tensor.mean``, ``torch.mean`` or modules."""
+
+    def __init__(self, pooling: str) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()
+        )
+        self.pooling = pooling
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if self.pooling == "method":
+            return self.fc(h.mean((2, 3)))
+        if self.pooling == "function":
+            return self.fc(torch.mean(h, dim=(2, 3), keepdim=True).flatten(1))
+        return self.fc(self.pool(h))
+
+
+@pytest.mark.parametrize("pooling", ["method", "function"])
+def test_lrp_of_mean_equals_zennit_on_adaptive_avg_pool(pooling):
+    net, twin = _MeanPooled(pooling).double().eval(), _MeanPooled("modules").double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 3])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
 
 
 def test_unsupported_function_is_named():

@@ -14,7 +14,7 @@ from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
 ATTACK = ["attack", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--steps", "3"]
-ARGS = ["--method", "gradient", "--n", "6", "--batch-size", "2", "--seed", "0"]
+ARGS = ["--method", "gradient", "-n", "6", "--batch-size", "2", "--seed", "0"]
 
 
 def _keys(records: list[dict]) -> list[tuple[int, str]]:
@@ -115,7 +115,7 @@ def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
 def test_a_run_that_fails_before_its_first_result_can_be_started_again(tmp_path, capsys):
     out = tmp_path / "run"
     # One image cannot be attacked (its target map is another image's).
-    assert main([*ATTACK, "--method", "gradient", "--n", "1", "--out", str(out)]) == 2
+    assert main([*ATTACK, "--method", "gradient", "-n", "1", "--out", str(out)]) == 2
     assert "at least 2 images" in _error_line(capsys)
     assert main([*ATTACK, *ARGS, "--out", str(out)]) == 0
     assert len(read_jsonl(out / "results.jsonl")) == 6
@@ -130,7 +130,7 @@ def test_report_and_sweep_refuse_what_they_cannot_use(finished, tmp_path, capsys
     assert list(folder.iterdir()) == []
     explained = tmp_path / "explained"
     argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress"]
-    assert main([*argv, "--method", "gradient", "--n", "2", "--out", str(explained)]) == 0
+    assert main([*argv, "--method", "gradient", "-n", "2", "--out", str(explained)]) == 0
     capsys.readouterr()
     assert main(["sweep", str(explained), "--betas", "1", "--no-progress"]) == 2
     assert "holds the output of betasmooth explain; a sweep needs" in _error_line(capsys)
@@ -147,7 +147,7 @@ def test_attack_and_explain_runs_write_a_report_with_their_maps(finished, tmp_pa
     html = (finished[0] / "report.html").read_text()
     assert "id='method-gradient'" in html and "grid_gradient.png" not in html  # embedded
     out = tmp_path / "explained"
-    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--n", "3"]
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress", "-n", "3"]
     assert main([*argv, "--method", "gradient,lrp", "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
     assert "<h2 id='explain'>Explanations</h2>" in html and "Attack results" not in html

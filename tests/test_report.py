@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from betasmooth import figures
-from betasmooth.report import GRID_ROWS, build_report
+from betasmooth.report import GRID_ROWS, THEORY_TERMS, build_report
 
 METHODS = ("gradient", "lrp")
 BETAS = (0.5, 1.0, 5.0)
@@ -266,12 +266,26 @@ def test_theory_numbers_in_page(full_run):
     run, _, _ = full_run
     page = parse(run / "report.html")
     theory = json.loads((run / "theory.json").read_text())
-    got = column(page.tables["theory-numbers"], "value")
+    numbers = page.tables["theory-numbers"]
+    got = column(numbers, "value")
     for key in ("identity_1d_max_error", "theorem2_iid_bias", "theorem2_iid_bias_limit"):
-        assert got[key] == theory[key]
+        assert got[THEORY_TERMS[key][0]] == theory[key]
+    units = {row[0][0]: row[2][0] for row in numbers[1:]}
+    assert units[THEORY_TERMS["theorem2_iid_bias"][0]] == "probability"
     pcc = page.tables["theory-smoothing-vs-smoothgrad-pcc"]
-    assert column(pcc, "gaussian")["5.0"] == pytest.approx(0.9)
-    assert column(page.tables["theory-curvature-by-beta"], "hessian_norm")["10.0"] == 1.0
+    assert column(pcc, "Gaussian noise")["5.0"] == pytest.approx(0.9)
+    curvature = page.tables["theory-curvature-by-beta"]
+    assert column(curvature, "largest Hessian eigenvalue (logit per input²)")["10.0"] == 1.0
+
+
+def test_theory_section_speaks_plain_words(full_run):
+    run, _, _ = full_run
+    text = (run / "report.html").read_text()
+    section = text[text.index("id='theory'") : text.index("id='settings'")]
+    theory = json.loads((run / "theory.json").read_text())
+    shown = re.sub(r"<[^>]+>", " ", section)
+    leaked = [key for key in theory if key != "curves" and key in shown]
+    assert leaked == []
 
 
 def _decode(src: str) -> bytes:

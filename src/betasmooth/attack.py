@@ -46,6 +46,8 @@ from .validate import (
     check_batch,
     check_choice,
     check_count,
+    check_in_range,
+    check_input,
     check_positive,
     check_target,
 )
@@ -478,7 +480,8 @@ def _run(
     optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=lr)
     step_size = torch.full((x_adv.shape[0],), step, dtype=x_adv.dtype, device=x_adv.device)
     shape = (-1,) + (1,) * (x_adv.dim() - 1)
-    for i in tqdm(range(p.steps), desc=desc, disable=not p.progress, leave=False):
+    bar = tqdm(range(p.steps), desc=desc, unit="step", disable=not p.progress, leave=False)
+    for i in bar:
         p.surrogate.beta = beta_at(p.schedule, i, p.steps, p.beta0, p.beta_end)
         with torch.enable_grad():
             loss = goal.objective(p, p.maps(x_adv, i, graph=True), x_adv)
@@ -495,6 +498,8 @@ def _run(
         if optimizer is None or (i + 1) % check_every == 0 or i + 1 == p.steps:
             score, kept = _evaluate(p, goal, x_adv)
             best, best_score = keep_best(best, best_score, x_adv.detach(), score, kept)
+            # Only at scorings, which wait for the device anyway.
+            bar.set_postfix(loss=f"{float(loss.detach().mean()):.4g}")
             if optimizer is None:
                 # A step that flips the label is undone and that image's step
                 # halved, so that it keeps moving inside the label's region.
@@ -595,7 +600,8 @@ def manipulate(
     model : nn.Module
         Classifier returning logits; it is not changed.
     x : torch.Tensor
-        Input batch ``(B, C, H, W)`` inside ``data_range``.
+        Input batch ``(B, C, H, W)`` inside ``data_range`` (values outside it raise
+        :class:`~betasmooth.validate.InputError`), on the model's device.
     target_map : torch.Tensor or None
         Target heatmaps ``(B, H, W)`` (e.g. :func:`random_targets`); ignored,
         and may be ``None``, for untargeted goals.
@@ -641,7 +647,8 @@ def manipulate(
         Expectation over transformations: fresh draws each step (the
         method's ``seed`` option set to ``seed + 1 + step``).
     progress : bool
-        Show a progress bar.
+        Show a progress bar on stderr: one tick per step, the mean loss at each
+        scoring, elapsed and remaining time.
     seed : int
         Seeds the restarts' noise and the draws of ``eot``.
 
@@ -668,6 +675,7 @@ def manipulate(
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:
         raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    x = check_input(model, x)
     check_choice("loss", loss, LOSSES)
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
@@ -680,6 +688,7 @@ def manipulate(
 
     x = x.detach()
     low, high = _range(data_range, x)
+    check_in_range(x, low, high)
     if goal_name == "targeted":
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
@@ -744,9 +753,7 @@ def manipulate(
         # Without a schedule the network is attacked as it is, and the
         # override (which sees every torch call in forward) is left out.
         surrogate = (
-            contextlib.nullcontext()
-            if schedule == "none"
-            else replace_relu(model, p.surrogate, warn=True)
+            contextlib.nullcontext() if schedule == "none" else replace_relu(model, p.surrogate)
         )
         with surrogate:
             for r in range(restarts + 1):

@@ -16,18 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 # Not imported here: report and figures, which load matplotlib. The functions
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
-from . import runs, theory
-from .attack import ATTACK_DEFAULTS
+from . import __version__, runs, theory
+from .attack import ATTACK_DEFAULTS, GOALS
 from .distributed import distributed, resolve_device
+from .explain import METHODS
 from .store import RunDir
 from .validate import InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_range
@@ -120,20 +123,65 @@ def _positive(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``PROG: error: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        if "--n" in text.split():
+            text += "; the number of images is -n or --images"
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's paragraphs and the examples' lines as written."""
+
+
+def _steps_help() -> str:
+    per_method = ", ".join(f"{m} {int(d['steps'])}" for m, d in ATTACK_DEFAULTS.items())
+    return f"attack steps per image (default per method: {per_method})"
+
+
+def _choices_help(choices: Sequence[str]) -> str:
+    return f"comma list of {', '.join(choices)}, or all"
+
+
 def _add_inputs(p: argparse.ArgumentParser) -> None:
+    models = ", ".join(BUILTIN_MODELS)
     p.add_argument(
-        "--model", required=True, help="digits-cnn, path/to/file.py:factory or pkg.mod:factory"
+        "--model",
+        required=True,
+        help=f"{models} (built in), path/to/file.py:factory or pkg.mod:factory",
     )
     p.add_argument(
-        "--weights", help="state dict file for the model (loaded with weights_only=True)"
+        "--weights",
+        help="state dict file for the model, loaded with weights_only=True "
+        "(default: the built-in model's own weights, or the factory's)",
+    )
+    data = ", ".join(BUILTIN_DATA)
+    p.add_argument(
+        "--data",
+        required=True,
+        help=f"{data} (built in), a folder of images or an .npz with x (and y)",
     )
     p.add_argument(
-        "--data", required=True, help="digits, a folder of images or an .npz with x (and y)"
+        "--image-size", type=_positive, help="resize images to this size (default: as stored)"
     )
-    p.add_argument("--image-size", type=_positive, help="resize images to this size")
-    p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB)")
-    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (one or per channel)")
-    p.add_argument("--std", type=float, nargs="+", help="normalisation std (one or per channel)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="1 (grey) or 3 (RGB) (default: as stored)",
+    )
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="normalisation mean, one or per channel (default: none)",
+    )
+    p.add_argument(
+        "--std", type=float, nargs="+", help="normalisation std, one or per channel (default: none)"
+    )
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -142,21 +190,35 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
         dest="progress",
         action="store_false",
         default=None,
-        help="no progress bars (default: shown on a terminal)",
+        help="no progress bars (default: shown on stderr when it is a terminal)",
+    )
+
+
+def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False) -> None:
+    # Not --n: torchrun's own parser takes --n for an abbreviation of its
+    # --nnodes / --nproc-per-node.
+    p.add_argument(
+        "-n",
+        "--images",
+        dest="n",
+        type=_positive,
+        default=n,
+        metavar="N",
+        help=argparse.SUPPRESS if hidden else f"number of test images (default {n})",
     )
 
 
 def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
-    p.add_argument("--out", required=True, help="run directory")
-    # -n is the spelling to use under torchrun, whose own parser takes --n for an
-    # abbreviation of its --nnodes / --nproc-per-node.
     p.add_argument(
-        "-n", "--n", type=_positive, default=n, help=f"number of test images (default {n})"
+        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
     )
+    _add_images(p, n)
     p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out (default: a new run)"
+    )
     _add_progress(p)
 
 
@@ -164,58 +226,199 @@ def _add_save_attributions(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--save-attributions",
         action="store_true",
-        help="also keep the signed attributions (B, C, H, W) in arrays/ (large)",
+        help="also keep the signed attributions (B, C, H, W) in arrays/ (large; default: off)",
     )
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    text = HELP[name]
+    return sub.add_parser(
+        name,
+        help=text["help"],
+        description=textwrap.fill(text["description"], 79, break_on_hyphens=False),
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in text["examples"]),
+        formatter_class=_Formatter,
+        allow_abbrev=False,
+    )
+
+
+#: Per subcommand: the one-line help, a paragraph that says what it does, two examples.
+HELP: dict[str, dict[str, object]] = {
+    "demo": {
+        "help": "the whole pipeline on built-in digits, with a report",
+        "description": "Explain test digits with every method, attack the explanations, test "
+        "beta-smoothing and SmoothGrad as defenses, check the theory, and write "
+        "DIR/report.html. The default run takes at most 10 minutes on 2 CPU cores, --quick "
+        "about a minute. Nothing is downloaded.",
+        "examples": [
+            "betasmooth demo --out runs/demo --quick",
+            "betasmooth demo --out runs/demo --seed 1",
+        ],
+    },
+    "attack": {
+        "help": "manipulate explanations of a model's inputs",
+        "description": "Change each test image, invisibly and without changing its label, so "
+        "that its explanation map moves towards a target (goal targeted: the map of another "
+        "image, Dombrowski et al. 2019) or away from the original (goals topk and center, "
+        "Ghorbani et al. 2019). Writes results.jsonl, one line per image and method, and the "
+        "attacked images and maps under DIR/arrays; --resume continues a killed run. Under "
+        "torchrun each process takes a share of the images.",
+        "examples": [
+            "betasmooth attack --model digits-cnn --data digits --method gradient,lrp "
+            "-n 16 --steps 200 --out runs/attack",
+            "torchrun --nproc-per-node 2 -m betasmooth attack --model digits-cnn --data digits "
+            "--method all -n 64 --out runs/attack-all",
+        ],
+    },
+    "sweep": {
+        "help": "defense sweep over beta on a finished attack run",
+        "description": "Re-explain the original and attacked images of an attack run with "
+        "beta-smoothing at each beta of --betas and with SmoothGrad of matched noise, and "
+        "record how close each defended map of the attacked image stays to the original map "
+        "(robustness) and how close the defended map of the clean image stays to the "
+        "undefended one (fidelity). Writes DIR/sweep.jsonl and adds the settings to "
+        "DIR/config.json.",
+        "examples": [
+            "betasmooth sweep runs/attack",
+            "betasmooth sweep runs/attack --betas 0.5,1,2,5,10 --smoothgrad-n 50",
+        ],
+    },
+    "explain": {
+        "help": "explanation maps of a model's inputs",
+        "description": "Explain the target logit (by default the predicted class) of each "
+        "test image with every --method, and record the prediction and statistics of each "
+        "map (largest value, entropy, mass of the top 10 % of pixels). The maps go to "
+        "DIR/arrays, the records to DIR/results.jsonl.",
+        "examples": [
+            "betasmooth explain --model digits-cnn --data digits --method all -n 32 "
+            "--out runs/maps",
+            "betasmooth explain --model net.py:build --weights net.pt --data images/ "
+            "--image-size 224 --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 "
+            "--method lrp --out runs/maps-lrp",
+        ],
+    },
+    "theorem": {
+        "help": "check softplus = E[relu] and Theorem 2 numerically",
+        "description": "Check numerically that softplus_beta is ReLU averaged over logistic "
+        "noise, and Theorem 2: the gradient of the beta-smoothed one-layer network is "
+        "SmoothGrad with logistic noise, exactly for noise along w and approximately for iid "
+        "noise (the gap is measured). Writes DIR/theory.json and figures.",
+        "examples": [
+            "betasmooth theorem --out runs/theory --quick --json",
+            "betasmooth theorem --out runs/theory --seed 1",
+        ],
+    },
+    "curvature": {
+        "help": "curvature of the model and its beta-smoothed versions",
+        "description": "Estimate, at each test image, the largest Hessian eigenvalue of the "
+        "explained logit (Lanczos), the principal curvature of the output manifold, the "
+        "Hessian's Frobenius norm and the gradient norm, for the network itself ('relu') and "
+        "its beta-smoothed versions. A ReLU network has zero Hessian almost everywhere; "
+        "smoothing makes its curvature finite and measurable.",
+        "examples": [
+            "betasmooth curvature --model digits-cnn --data digits -n 16 --out runs/curv",
+            "betasmooth curvature --model digits-cnn --data digits --betas relu,1,5,20 "
+            "--iterations 30 --out runs/curv2",
+        ],
+    },
+    "report": {
+        "help": "(re)build report.html of a run directory",
+        "description": "Build DIR/report.html from what the run directory holds: maps, "
+        "medians, defense curves, theory figures and settings. The page is self-contained "
+        "and the same directory always gives the same bytes.",
+        "examples": [
+            "betasmooth report runs/demo",
+            "betasmooth report runs/attack",
+        ],
+    },
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``betasmooth`` command."""
-    parser = argparse.ArgumentParser(
+    """The argument parser of the ``betasmooth`` command.
+
+    Examples
+    --------
+    >>> build_parser().parse_args(["report", "runs/demo"]).dir
+    'runs/demo'
+    """
+    parser = OneLineParser(
         prog="betasmooth",
-        description="Explain, attack and defend explanation maps of PyTorch models.",
+        description="Explain, attack and defend explanation maps of PyTorch models. "
+        "Run 'betasmooth COMMAND --help' for the options and examples of a command.",
+        allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"betasmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the whole pipeline on built-in digits, with a report")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--quick", action="store_true", help="a first look in under a minute")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue the demo in --out")
+    p = _subcommand(sub, "demo")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a first look in about a minute (default: off)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the demo in --out (default: a new run)"
+    )
     _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
-    p.add_argument("--n", type=_positive, help=argparse.SUPPRESS)
+    _add_images(p, None, hidden=True)
     p.add_argument("--steps", type=_positive, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("attack", help="manipulate explanations of a model's inputs")
+    p = _subcommand(sub, "attack")
     _add_inputs(p)
-    p.add_argument("--method", required=True, help="comma list of methods, or all")
-    p.add_argument("--steps", type=_positive, help="attack steps (default: per method)")
-    p.add_argument("--goal", choices=("targeted", "topk", "center"), default="targeted")
+    p.add_argument("--method", required=True, help=_choices_help(list(ATTACK_DEFAULTS)))
+    p.add_argument("--steps", type=_positive, help=_steps_help())
+    p.add_argument(
+        "--goal",
+        choices=tuple(GOALS),
+        default="targeted",
+        help="targeted: towards the map of another image; topk: move the map off its top "
+        "10%% pixels; center: move its centre of mass (default targeted)",
+    )
     _add_save_attributions(p)
     _add_run(p)
 
-    p = sub.add_parser("sweep", help="defense sweep over beta on a finished attack run")
+    p = _subcommand(sub, "sweep")
     p.add_argument("dir", help="run directory of an attack")
-    p.add_argument("--betas", type=_floats, default=[0.5, 1.0, 2.0, 5.0], help="e.g. 0.5,1,2,5")
-    p.add_argument("--smoothgrad-n", type=_positive, default=20, help="SmoothGrad samples")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--betas",
+        type=_floats,
+        default=[0.5, 1.0, 2.0, 5.0],
+        help="comma list of beta values (default 0.5,1,2,5)",
+    )
+    p.add_argument(
+        "--smoothgrad-n",
+        type=_positive,
+        default=20,
+        help="SmoothGrad samples per image (default 20)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_progress(p)
 
-    p = sub.add_parser("explain", help="explanation maps of a model's inputs")
+    p = _subcommand(sub, "explain")
     _add_inputs(p)
-    p.add_argument("--method", required=True, help="comma list of methods, or all")
+    p.add_argument("--method", required=True, help=_choices_help(list(METHODS)))
     _add_save_attributions(p)
     _add_run(p)
 
-    p = sub.add_parser("theorem", help="check softplus = E[relu] and Theorem 2 numerically")
-    p.add_argument("--out", required=True, help="directory for theory.json and figures")
-    p.add_argument("--quick", action="store_true", help="fewer samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the summary (without curves)")
-    p.add_argument("--resume", action="store_true", help="write into a non-empty --out")
+    p = _subcommand(sub, "theorem")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for theory.json and figures"
+    )
+    p.add_argument("--quick", action="store_true", help="fewer samples (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument(
+        "--json", action="store_true", help="print the summary without curves (default: off)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="write into a non-empty --out (default: off)"
+    )
     _add_progress(p)
 
-    p = sub.add_parser("curvature", help="curvature of the model and its beta-smoothed versions")
+    p = _subcommand(sub, "curvature")
     _add_inputs(p)
     p.add_argument(
         "--betas",
@@ -223,10 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1.0, 2.0, 5.0, 10.0, 20.0],
         help="comma list, 'relu' for the network itself (default 1,2,5,10,20)",
     )
-    p.add_argument("--iterations", type=_positive, default=20, help="Lanczos iterations")
+    p.add_argument(
+        "--iterations", type=_positive, default=20, help="Lanczos iterations (default 20)"
+    )
     _add_run(p)
 
-    p = sub.add_parser("report", help="(re)build report.html of a run directory")
+    p = _subcommand(sub, "report")
     p.add_argument("dir", help="run directory")
 
     for name, p in sub.choices.items():
@@ -257,7 +462,7 @@ def _config(args: argparse.Namespace, **settings: object) -> dict[str, object]:
 def _run_config(
     args: argparse.Namespace, device: torch.device, **settings: object
 ) -> dict[str, object]:
-    """The config of a command that works on ``--n`` images of ``--model`` and ``--data``."""
+    """The config of a command that works on ``-n`` images of ``--model`` and ``--data``."""
     return _config(
         args,
         model=_absolute(args.model),
@@ -289,6 +494,20 @@ def _load(
         mean=settings.get("mean"),
         std=settings.get("std"),
     )
+
+
+def _load_images(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Model and the first ``-n`` images; fewer images than asked are said and recorded."""
+    model, x, y = _load(vars(args), args.n)
+    if args.n is not None and len(x) < args.n:
+        print(
+            f"betasmooth {args.command}: {args.data} holds only {len(x)} images; "
+            f"using all {len(x)} (asked for {args.n})",
+            file=sys.stderr,
+            flush=True,
+        )
+        args.n = len(x)
+    return model, x, y
 
 
 def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
@@ -364,10 +583,10 @@ def summary_table(
 
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
-    """Attack the explanations of ``--n`` test images by every ``--method``."""
+    """Attack the explanations of ``-n`` test images by every ``--method``."""
     methods = runs.attack_methods(args.method)
     device = resolve_device(args.device)
-    model, x, y = _load(vars(args), args.n)
+    model, x, y = _load_images(args)
     config = _run_config(
         args,
         device,
@@ -404,10 +623,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Explain ``--n`` test images by every ``--method``."""
+    """Explain ``-n`` test images by every ``--method``."""
     methods = runs.explain_methods(args.method)
     device = resolve_device(args.device)
-    model, x, y = _load(vars(args), args.n)
+    model, x, y = _load_images(args)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -484,10 +703,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 @command("curvature")
 def cmd_curvature(args: argparse.Namespace) -> int:
-    """Curvature of the model and its beta-smoothed versions at ``--n`` test images."""
+    """Curvature of the model and its beta-smoothed versions at ``-n`` test images."""
     _check_betas(args.betas)
     device = resolve_device(args.device)
-    model, x, y = _load(vars(args), args.n)
+    model, x, y = _load_images(args)
     config = _run_config(args, device, betas=args.betas, iterations=args.iterations)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)

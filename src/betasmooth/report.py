@@ -62,14 +62,87 @@ SWEEP_METRICS = (
 )
 # Sweep fields that tell one defense setting from another.
 _SWEEP_GROUP = ("attack", "defense", "beta", "sigma", "samples", "n_samples")
-_THEORY_SCALARS = (
-    "identity_1d_max_error",
-    "sigmoid_derivative_max_error",
-    "theorem2_projected_max_error",
-    "theorem2_projected_ci",
-    "theorem2_iid_bias",
-    "theorem2_iid_bias_limit",
-)
+#: The theory's numbers in plain words: key of theory.json -> (what it is, unit).
+THEORY_TERMS: dict[str, tuple[str, str]] = {
+    "identity_1d_max_error": (
+        "Largest gap between ReLU averaged over logistic noise and softplus_β (x in [−5, 5])",
+        "output units",
+    ),
+    "sigmoid_derivative_max_error": (
+        "Largest gap between the noise-averaged ReLU slope and sigmoid(βx)",
+        "slope (0 to 1)",
+    ),
+    "theorem2_projected_max_error": (
+        "Theorem 2, noise along w: largest Monte Carlo error of the averaged gradient",
+        "gradient along w, per |w|",
+    ),
+    "theorem2_projected_ci": (
+        "Theorem 2, noise along w: 95 % bound on that error if the theorem holds",
+        "gradient along w, per |w|",
+    ),
+    "theorem2_projected_within_ci": ("Theorem 2, noise along w: the error is inside the bound", ""),
+    "theorem2_iid_max_error": (
+        "Theorem 2, iid noise: largest error of the averaged gradient (bias and sampling)",
+        "gradient along w, per |w|",
+    ),
+    "theorem2_iid_mc_vs_exact": (
+        "Theorem 2, iid noise: sampling error alone (Monte Carlo against the exact value)",
+        "gradient along w, per |w|",
+    ),
+    "theorem2_iid_bias": (
+        "Theorem 2, iid noise: exact bias (largest gap of the noise's law along w to p_β)",
+        "probability",
+    ),
+    "theorem2_iid_bias_at_points": (
+        "Theorem 2, iid noise: exact bias at the evaluation points",
+        "probability",
+    ),
+    "theorem2_iid_bias_axis_aligned": (
+        "Theorem 2, iid noise, w along an axis: bias (zero in theory)",
+        "probability",
+    ),
+    "theorem2_iid_bias_limit": (
+        "Theorem 2, iid noise: limit of the bias in high dimension (logistic vs normal)",
+        "probability",
+    ),
+    "theorem2_iid_bias_limit_at": ("Where that limit's largest gap lies", "β·t, no unit"),
+}
+#: Tables of the theory: key -> (title, header of the row labels, {column key: header}).
+THEORY_TABLES: dict[str, tuple[str, str, dict[str, str]]] = {
+    "theorem2_setup": (
+        "Setup of the Theorem 2 check",
+        "setting",
+        {"value": "value"},
+    ),
+    "theorem2_iid_bias_by_d": (
+        "Bias of iid noise against the input dimension d, for w = (1, …, 1)",
+        "dimension d",
+        {"value": "bias (probability)"},
+    ),
+    "smoothing_vs_smoothgrad_pcc": (
+        "β-smoothed gradient against SmoothGrad: Pearson correlation of the maps (−1 to 1)",
+        "β",
+        {"logistic": "logistic noise", "gaussian": "Gaussian noise"},
+    ),
+    "curvature_by_beta": (
+        "Curvature of the β-smoothed network, medians over images (relu: the network itself)",
+        "β",
+        {
+            "hessian_norm": "largest Hessian eigenvalue (logit per input²)",
+            "principal_curvature": "principal curvature (per input unit)",
+            "hessian_frobenius": "Hessian Frobenius norm (logit per input²)",
+            "gradient_norm": "gradient norm (logit per input unit)",
+        },
+    ),
+    "seconds": ("Time per check", "check", {"value": "time (s)"}),
+}
+_SETUP_WORDS = {
+    "d": "input dimension d",
+    "beta": "β",
+    "n": "Monte Carlo samples per point",
+    "points": "evaluation points",
+    "level": "confidence level of the bound",
+}
 GRID_ROWS = 4
 
 _CSS = """
@@ -629,33 +702,58 @@ def _section_defense(run: _Run) -> str:
     return "".join(out)
 
 
+def _theory_scalar(value: object) -> bool:
+    two = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value))
+    return _is_number(value) or isinstance(value, (str, bool)) or two
+
+
+def _theory_mapping(key: str, value: object) -> bool:
+    return key != "curves" and isinstance(value, Mapping) and bool(value)
+
+
+def _words(key: str) -> tuple[str, str]:
+    return THEORY_TERMS.get(key, (key.replace("_", " "), ""))
+
+
+def _theory_numbers(t: Mapping[str, object]) -> str:
+    """The theory's single numbers, in plain words with units (a bound [0, h] shows h)."""
+    keys = [k for k in THEORY_TERMS if k in t] + sorted(k for k in t if k not in THEORY_TERMS)
+    rows = []
+    for key in keys:
+        value = t[key]
+        if not _theory_scalar(value):
+            continue
+        words, unit = _words(key)
+        rows.append((words, value[-1] if isinstance(value, (list, tuple)) else value, unit))
+    return "<div>" + _table("theory-numbers", ["quantity", "value", "unit"], rows) + "</div>"
+
+
+def _theory_table(key: str, value: Mapping[str, object]) -> str:
+    title, label, columns = THEORY_TABLES.get(key, (key.replace("_", " "), "", {}))
+    inner = [v for v in value.values() if isinstance(v, Mapping)]
+    if len(inner) == len(value):
+        order = list(columns)
+        found = sorted(
+            {c for v in inner for c in v},
+            key=lambda c: (order.index(c) if c in columns else len(order), c),
+        )
+        header = [columns.get(c, c.replace("_", " ")) for c in found]
+        rows = [[k] + [value[k].get(c) for c in found] for k in value]
+    else:
+        header = [columns.get("value", "value")]
+        rows = [(_SETUP_WORDS.get(k, k) if key == "theorem2_setup" else k, value[k]) for k in value]
+    table = _table(f"theory-{_slug(key)}", [label, *header], rows)
+    return f"<div><h3>{_e(title)}</h3>{table}</div>"
+
+
 def _section_theory(run: _Run) -> str:
     title = "<h2 id='theory'>Theory: softplus<sub>β</sub> and Theorem 2</h2>"
     if not run.theory:
         return title + _note("No theory checks in this run (theory.json is missing).")
     t = run.theory
     out = [title]
-    scalars = [(k, t[k]) for k in _THEORY_SCALARS if k in t]
-    scalars += [
-        (k, v)
-        for k, v in sorted(t.items())
-        if k not in _THEORY_SCALARS and (_is_number(v) or isinstance(v, (str, bool)))
-    ]
-    tables = []
-    if scalars:
-        tables.append("<div>" + _table("theory-numbers", ["quantity", "value"], scalars) + "</div>")
-    for key in sorted(t):
-        value = t[key]
-        if key == "curves" or not isinstance(value, Mapping) or not value:
-            continue
-        inner = [v for v in value.values() if isinstance(v, Mapping)]
-        if len(inner) == len(value):
-            columns = sorted({c for v in inner for c in v})
-            rows = [[k] + [value[k].get(c) for c in columns] for k in value]
-        else:
-            columns, rows = [key], [(k, value[k]) for k in value]
-        table = _table(f"theory-{_slug(key)}", [""] + columns, rows)
-        tables.append(f"<div><h3>{_e(key)}</h3>{table}</div>")
+    tables = [_theory_numbers(t)] if any(_theory_scalar(v) for v in t.values()) else []
+    tables += [_theory_table(key, t[key]) for key in sorted(t) if _theory_mapping(key, t[key])]
     out.append(f"<div class='row'>{''.join(tables)}</div>")
     paths = figures.theorem_figures(t, run.figures)
     captions = {

@@ -13,6 +13,7 @@ Examples
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -70,7 +71,7 @@ def load_inputs(
     (4, 1, 32, 32)
     """
     if n is not None and n < 1:
-        raise InputError(f"--n must be a positive number of images; got {n}")
+        raise InputError(f"-n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
     x, y = load_data(data, "test", image_size=image_size, channels=channels, mean=mean, std=std)
     if n is not None:
@@ -174,6 +175,10 @@ def attack_run(
     device = torch.device(device)
     model = model.to(device)
     targets = derangement(x.shape[0], seed) if goal == "targeted" else None
+    # Each batch's steps get a bar of their own below the batches' bar.
+    steps_bar = (dist is None or dist.rank == 0) and (
+        sys.stderr.isatty() if progress is None else progress
+    )
 
     def work(unit: Unit) -> tuple[list[Record], Arrays]:
         idx = torch.tensor(unit.indices)
@@ -195,6 +200,7 @@ def attack_run(
             data_range=data_range,
             method_options=options,
             check_every=check_every,
+            progress=steps_bar,
             seed=s,
         )
         records = []

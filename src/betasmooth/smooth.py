@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,7 +24,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError
+from .validate import InputError, check_instance, warn_user
 
 __all__ = [
     "LogisticNoise",
@@ -53,6 +52,22 @@ KINKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardsigmoid,
     nn.Hardshrink,
     nn.Softshrink,
+)
+# Smooth activations: a network built from them alone has no ReLU to replace,
+# so beta-smoothing and guided backprop change nothing; named in that warning.
+SMOOTH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Sigmoid,
+)
+SMOOTH_FUNCTIONS = frozenset(
+    {F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, torch.tanh, torch.sigmoid}
 )
 KINKED_FUNCTIONS = frozenset(
     {
@@ -224,6 +239,7 @@ class _ReluOverride(TorchFunctionMode):
         self.fn = fn
         self.replaced = 0
         self.kinked: set[str] = set()
+        self.smooth: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func in RELU_FUNCTIONS:
@@ -231,6 +247,8 @@ class _ReluOverride(TorchFunctionMode):
             return self.fn(args[0])
         if func in KINKED_FUNCTIONS:
             self.kinked.add(getattr(func, "__name__", str(func)))
+        elif func in SMOOTH_FUNCTIONS:
+            self.smooth.add(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
 
 
@@ -238,7 +256,7 @@ class _ReluHooks:
     """A forward pre-hook and an always-called forward hook that override ReLU during forward."""
 
     def __init__(
-        self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], warn: bool
+        self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], warn: bool | str
     ) -> None:
         self.model, self.fn, self.warn = model, fn, warn
         self.active: list[_ReluOverride] = []
@@ -273,13 +291,13 @@ class _ReluHooks:
         # and a long attack does not grow a list.
         if not self.done:
             if self.warn:
-                _warn_coverage(self.model, mode)
+                _warn_coverage(self.model, mode, self.warn)
             self.done.append(mode)
 
 
 @contextlib.contextmanager
 def replace_relu(
-    model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *, warn: bool = False
+    model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *, warn: bool | str = False
 ) -> Iterator[list[_ReluOverride]]:
     """While active, every ReLU inside ``model.forward`` computes ``fn`` instead.
 
@@ -294,9 +312,12 @@ def replace_relu(
         The model; modified only while the context is active.
     fn : callable
         Replacement, ``Tensor -> Tensor``.
-    warn : bool
+    warn : bool or str
         Warn after the first forward pass if it called no ReLU, or if it
-        called other piecewise-linear activations, which ``fn`` does not replace.
+        called other piecewise-linear activations, which ``fn`` does not
+        replace. A string names what then changes nothing (default
+        ``"beta-smoothing"``) and leaves out the piecewise-linear warning.
+        Each warning is given once per model and points at the user's call.
 
     Yields
     ------
@@ -316,22 +337,25 @@ def replace_relu(
         hooks.remove()
 
 
-def _warn_coverage(model: nn.Module, mode: _ReluOverride) -> None:
+def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> None:
+    what = warn if isinstance(warn, str) else "beta-smoothing"
+    name = type(model).__name__
     if mode.replaced == 0:
-        warnings.warn(
-            f"{type(model).__name__}: no ReLU was called in forward; "
-            "beta-smoothing changed nothing",
-            stacklevel=4,
-        )
+        smooth = {type(m).__name__ for m in model.modules() if isinstance(m, SMOOTH_MODULES)}
+        smooth |= {n for n in mode.smooth if n.replace("_", "") not in {s.lower() for s in smooth}}
+        found = f" (its activations: {', '.join(sorted(smooth))})" if smooth else ""
+        warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
+    if not isinstance(warn, bool):
+        return
     names = {type(m).__name__ for m in model.modules() if isinstance(m, KINKED_MODULES)}
     seen = {n.lower() for n in names}
     names |= {n for n in mode.kinked if n.replace("_", "") not in seen}
     kinked = sorted(names)
     if kinked:
-        warnings.warn(
-            f"{type(model).__name__}: beta-smoothing replaces ReLU only; these piecewise-linear "
+        warn_user(
+            f"{name}: beta-smoothing replaces ReLU only; these piecewise-linear "
             f"activations stay non-smooth: {', '.join(kinked)}",
-            stacklevel=4,
+            model,
         )
 
 
@@ -376,6 +400,7 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
     ...     y = net(torch.zeros(1, 2))
     ...     handle.beta = 4.0
     """
+    check_instance("model", model, nn.Module, "a torch.nn.Module")
     handle = SmoothingHandle(beta)
     with replace_relu(model, handle, warn=True):
         yield handle
@@ -406,6 +431,7 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     >>> bool(soft(torch.zeros(1, 2)).gt(0).all())
     True
     """
+    check_instance("model", model, nn.Module, "a torch.nn.Module")
     handle = SmoothingHandle(beta)  # checks beta before the copy is made
     copied = copy.deepcopy(model)
     # The hooks hold the handle, and the model holds the hooks: they live as

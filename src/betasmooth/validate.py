@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import warnings
+import weakref
 from collections.abc import Collection
+from pathlib import Path
 
 import torch
+from torch import nn
 
 __all__ = [
     "InputError",
@@ -20,8 +25,13 @@ __all__ = [
     "check_choice",
     "check_classes",
     "check_count",
+    "check_in_range",
+    "check_input",
+    "check_instance",
+    "check_logits",
     "check_positive",
     "check_target",
+    "warn_user",
 ]
 
 
@@ -71,6 +81,11 @@ def check_batch(x: object, name: str = "x", min_dim: int = 2) -> torch.Tensor:
         )
     if x.shape[0] == 0:
         raise InputError(f"{name} is an empty batch; expected at least one item in dim 0")
+    if x.is_meta:
+        raise InputError(
+            f"{name} is on the meta device and holds no values; expected a tensor on the "
+            "model's device (cpu or cuda)"
+        )
     if not bool(torch.isfinite(x).all()):
         raise InputError(f"{name} contains NaN or inf; expected finite values")
     return x
@@ -186,3 +201,247 @@ def check_positive(name: str, value: object, optional: bool = False) -> float | 
     if not (value > 0 and math.isfinite(value)):
         raise InputError(f"{name} must be a positive finite number; got {value!r}")
     return float(value)
+
+
+def check_instance(name: str, value: object, kinds: type | tuple[type, ...], expected: str) -> None:
+    """Check that the option ``name`` is an instance of ``kinds`` (``bool`` never counts as int).
+
+    Examples
+    --------
+    >>> check_instance("weights", 123, (str, Path), "a path to a state dict file")
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputTypeError: weights must be a path to a state dict file; got int 123
+    """
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise InputTypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
+
+
+def check_in_range(
+    x: torch.Tensor,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+    name: str = "x",
+    tolerance: float = 1e-4,
+) -> torch.Tensor:
+    """Check that every value of ``x`` lies in ``[low, high]``.
+
+    ``low`` and ``high`` are numbers or tensors that broadcast against ``x``,
+    e.g. per-channel bounds of shape ``(1, C, 1, 1)``. Values outside by less
+    than ``tolerance`` times the width of the range are accepted, so that
+    rounding in a normalisation does not count.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` itself.
+
+    Examples
+    --------
+    >>> check_in_range(torch.full((1, 1, 2, 2), 0.5), 0.0, 1.0).shape
+    torch.Size([1, 1, 2, 2])
+    >>> check_in_range(torch.full((1, 1, 2, 2), 5.0), 0.0, 1.0)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: x has values in [5, 5], outside data_range [0, 1]; \
+expected inputs inside the data range (pass data_range=None to use the batch's own min and max)
+    """
+    lo = torch.as_tensor(low, dtype=x.dtype, device=x.device)
+    hi = torch.as_tensor(high, dtype=x.dtype, device=x.device)
+    if bool((lo >= hi).any()):
+        raise InputError(f"data_range must have low < high; got low {_show(lo)}, high {_show(hi)}")
+    slack = tolerance * (hi - lo)
+    if bool(((x < lo - slack) | (x > hi + slack)).any()):
+        raise InputError(
+            f"{name} has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside "
+            f"data_range [{_show(lo)}, {_show(hi)}]; expected inputs inside the data range "
+            "(pass data_range=None to use the batch's own min and max)"
+        )
+    return x
+
+
+def _show(t: torch.Tensor) -> str:
+    values = t.flatten().tolist()
+    return (
+        f"{values[0]:g}"
+        if len(set(values)) == 1
+        else "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    )
+
+
+def _model_place(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    first = next(model.parameters(), None)
+    if first is None:
+        first = next(model.buffers(), None)
+    return (None, None) if first is None else (first.dtype, first.device)
+
+
+#: Input kinds already checked per model, so that an attack loop checks once.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[tuple]] = weakref.WeakKeyDictionary()
+_CASTABLE = (torch.float32, torch.float64)
+
+
+def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
+    """Check ``x`` against ``model`` and return it in the model's dtype.
+
+    ``x`` must be a finite floating batch on the model's device. float32 and
+    float64 inputs are cast to the dtype of the model's parameters; other
+    dtypes (float16, bfloat16) must equal it. The first time a model meets an
+    input of a given item shape, dtype and device, one item is run through it:
+    an error in its forward is reported with the shape it was given, and the
+    output must be floating logits of shape ``(1, classes)`` (see
+    :func:`check_logits`).
+
+    Returns
+    -------
+    torch.Tensor
+        ``x``, cast to the model's dtype where needed (the graph is kept).
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    >>> check_input(net, torch.zeros(2, 1, 2, 2, dtype=torch.float64)).dtype
+    torch.float32
+    """
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    x = check_batch(x, name)
+    dtype, device = _model_place(model)
+    if device is not None and x.device != device:
+        raise InputError(
+            f"{name} is on {x.device} but the model is on {device}; expected both on one "
+            f"device, e.g. {name}.to('{device}')"
+        )
+    if dtype is not None and x.dtype != dtype:
+        if x.dtype not in _CASTABLE or not dtype.is_floating_point:
+            raise InputTypeError(
+                f"{name} has dtype {x.dtype} but the model's parameters are {dtype}; expected "
+                f"{dtype}, float32 or float64 (cast with {name}.to({dtype}))"
+            )
+        x = x.to(dtype)
+    _check_dims(model, x, name)
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    seen = _CHECKED.setdefault(model, set())
+    if key not in seen:
+        _probe(model, x[:1], name, tuple(x.shape))
+        seen.add(key)
+    return x
+
+
+_CONVOLUTIONS = {nn.Conv1d: "(B, C, L)", nn.Conv2d: "(B, C, H, W)", nn.Conv3d: "(B, C, D, H, W)"}
+
+
+def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    # A convolution also takes an unbatched item, which would turn a single
+    # image into a batch of its channels: the first layer tells the layout.
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, *_CONVOLUTIONS))), None)
+    layout = next((v for k, v in _CONVOLUTIONS.items() if isinstance(first, k)), None)
+    if layout is not None and x.dim() != layout.count(",") + 1:
+        hint = (
+            f"; add the batch dimension with {name}[None]" if x.dim() == layout.count(",") else ""
+        )
+        raise InputError(
+            f"{name} has shape {tuple(x.shape)} but the model's first layer "
+            f"{type(first).__name__} takes {layout}{hint}"
+        )
+
+
+def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(item.detach())
+    except InputError:
+        raise
+    except Exception as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise InputError(
+            f"model does not accept input of shape {shape[1:]} (one item of {name}, whose "
+            f"shape is {shape}): {reason[:300]}"
+        ) from None
+    finally:
+        model.train(training)
+    check_logits(out, 1, model)
+
+
+def check_logits(out: object, batch: int, model: nn.Module | None = None) -> torch.Tensor:
+    """Check that a model output is floating logits of shape ``(batch, classes)``.
+
+    Rows that are non-negative and sum to one look like probabilities: a
+    warning (once per model) says that the explanations then explain the
+    probabilities, not the logits.
+
+    Examples
+    --------
+    >>> check_logits(torch.zeros(2, 10), 2).shape
+    torch.Size([2, 10])
+    >>> check_logits((torch.zeros(2, 10),), 2)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputTypeError: the model returned a tuple; expected one tensor of logits \
+of shape (B, classes), e.g. a wrapper whose forward returns only the logits
+    """
+    if not isinstance(out, torch.Tensor):
+        raise InputTypeError(
+            f"the model returned a {type(out).__name__}; expected one tensor of logits of shape "
+            "(B, classes), e.g. a wrapper whose forward returns only the logits"
+        )
+    if not out.is_floating_point():
+        raise InputTypeError(
+            f"the model returned a tensor of dtype {out.dtype}; expected floating logits of "
+            "shape (B, classes), not class indices"
+        )
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise InputError(
+            f"the model returned shape {tuple(out.shape)} for {batch} input item(s); expected "
+            f"logits of shape ({batch}, classes)"
+        )
+    looks_normalised = bool((out >= 0).all()) and bool(
+        torch.allclose(out.sum(1), torch.ones_like(out[:, 0]), atol=1e-4)
+    )
+    if looks_normalised and out.shape[1] > 1:
+        warn_user(
+            "the model's outputs are non-negative and sum to 1: it seems to return "
+            "probabilities; the explanations are of the logits it returns, so remove a final "
+            "softmax to explain the logits",
+            model,
+        )
+    return out
+
+
+_WARNED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+_INTERNAL = (
+    str(Path(__file__).resolve().parent),
+    str(Path(torch.__file__).resolve().parent),
+    str(Path(warnings.__file__).resolve().parent / "contextlib.py"),
+)
+
+
+def warn_user(message: str, model: nn.Module | None = None) -> None:
+    """Warn once per ``model`` (every time without one), pointing at the user's call.
+
+    The warning's location is the first frame of the call stack outside
+    betasmooth, torch and contextlib: the line of the user's code that led here.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     warn_user("look here")
+    >>> str(seen[0].message)
+    'look here'
+    """
+    if model is not None:
+        seen = _WARNED.setdefault(model, set())
+        if message in seen:
+            return
+        seen.add(message)
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+        _INTERNAL
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

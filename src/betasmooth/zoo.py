@@ -19,8 +19,11 @@ Data specs
         65535). The whole folder is returned whatever ``split`` says.
     a ``.npz`` file
         Array ``x`` of shape ``(N, C, H, W)`` or ``(N, H, W)`` and optionally
-        integer labels ``y`` of shape ``(N,)`` (-1 where absent). ``uint8``
-        arrays are divided by 255. Read with ``allow_pickle=False``.
+        integer labels ``y`` of shape ``(N,)`` (-1 where absent). Integer
+        pixels are scaled to [0, 1] like images: ``uint8`` by 255, ``uint16``
+        by 65535; other integer types by 255 when their largest value is at
+        most 255 and by 65535 when it is at most 65535 (larger or negative
+        values are refused). Floats are kept. Read with ``allow_pickle=False``.
 
 Model specs
     ``"digits-cnn"``
@@ -53,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validate import InputError, InputTypeError, check_batch
+from .validate import InputError, InputTypeError, check_input, check_instance
 
 __all__ = [
     "BUILTIN_DATA",
@@ -175,9 +178,14 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int]]:
 def _pair(size: Size | None) -> tuple[int, int] | None:
     if size is None:
         return None
+    expected = "a positive int or (height, width) of ints"
+    if isinstance(size, (bool, float, str)) or not isinstance(size, (int, tuple, list)):
+        raise InputTypeError(f"image_size must be {expected}; got {type(size).__name__} {size!r}")
     pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, int) and s > 0 for s in pair):
-        raise InputError(f"image_size must be a positive int or (height, width); got {size!r}")
+    if len(pair) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair
+    ):
+        raise InputError(f"image_size must be {expected}; got {size!r}")
     return pair
 
 
@@ -226,11 +234,34 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise InputError(
             f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W) with N > 0"
         )
-    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    x = _scaled(x, path)
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise InputError(f"array x in {path} contains NaN or inf (first at item {bad})")
     return torch.from_numpy(x), _labels(arrays.get("y"), len(x), path)
+
+
+#: Integer arrays of an .npz file: the divisor that maps their values to [0, 1].
+_INTEGER_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def _scaled(x: np.ndarray, path: Path) -> np.ndarray:
+    # Unsigned 8 and 16 bit arrays are scaled like 8 and 16 bit images; other
+    # integer types carry no bit depth, so their largest value picks it.
+    if x.dtype.kind == "f":
+        return x.astype(np.float32)
+    if x.dtype.kind == "b":
+        return x.astype(np.float32)
+    scale = _INTEGER_SCALES.get(x.dtype)
+    if scale is None:
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high > 65535:
+            raise InputError(
+                f"array x in {path} has {x.dtype} values in [{low}, {high}]; expected integer "
+                "pixel values in [0, 255] or [0, 65535], or floats"
+            )
+        scale = 255.0 if high <= 255 else 65535.0
+    return x.astype(np.float32) / np.float32(scale)
 
 
 def _labels(y: np.ndarray | None, n: int, path: Path) -> torch.Tensor:
@@ -666,6 +697,8 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     """
     if not isinstance(spec, str):
         raise InputTypeError(f"model spec must be a string; got {type(spec).__name__}")
+    if weights is not None:
+        check_instance("weights", weights, (str, Path), "None or the path of a state dict file")
     builtin = BUILTIN_MODELS.get(spec)
     model = builtin() if builtin is not None else _user_model(spec)
     if weights is not None:
@@ -694,30 +727,19 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises
     ------
     InputError
-        The forward pass fails, or its output is not of shape ``(1, classes)``.
+        The forward pass fails, or its output is not floating logits of
+        shape ``(1, classes)`` (see :func:`betasmooth.validate.check_input`).
 
     Examples
     --------
     >>> check_compatible(load_model("digits-cnn"), torch.zeros(3, 1, 32, 32)).shape
     torch.Size([1, 10])
     """
-    check_batch(x)
-    item = tuple(x.shape[1:])
+    x = check_input(model, x)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[:1])
-    except Exception as err:
-        raise InputError(
-            f"model does not accept input of shape {item} (channels, height, width): {_reason(err)}"
-        ) from err
+            return model(x[:1])
     finally:
         model.train(training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(
-            f"model does not accept input of shape {item}: it returned {shape} for one item; "
-            "expected logits of shape (1, classes)"
-        )
-    return out

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..validate import InputError, InputTypeError, check_batch, check_target
+from ..validate import InputError, InputTypeError, check_input, check_target
 
 __all__ = ["METHODS", "PREFIXES", "explain", "register", "register_prefix"]
 
@@ -147,7 +147,9 @@ def explain(
         Classifier returning logits of shape ``(B, classes)``. It is run in
         evaluation mode; its mode is restored afterwards.
     x : torch.Tensor
-        Floating batch, e.g. ``(B, C, H, W)``.
+        Floating batch, e.g. ``(B, C, H, W)``, on the model's device; float32
+        and float64 are cast to the model's dtype (the map comes back in
+        ``x``'s dtype). Checked by :func:`betasmooth.validate.check_input`.
     method : str
         One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
         ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``, or
@@ -180,14 +182,15 @@ def explain(
     _check_options(method, options)
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    check_batch(x)
+    given = x
+    x = check_input(model, x)
     target_t = check_target(target, x.shape[0])
     if target_t is not None:
         target_t = target_t.to(x.device)
     was_training = model.training
     model.eval()
     try:
-        return fn(model, x, target_t, create_graph=create_graph, **options)
+        return fn(model, x, target_t, create_graph=create_graph, **options).to(given.dtype)
     finally:
         model.train(was_training)
 

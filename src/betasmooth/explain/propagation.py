@@ -17,7 +17,7 @@ layer                                  rule                         zennit
 first Conv/Linear (fed by the input)   z^B, bounds ``low``/``high``  ``ZBox(low, high)``
 Conv1d/2d/3d                           z+                           ``ZPlus()``
 Linear                                 epsilon (``epsilon``)        ``Epsilon(epsilon)``
-AvgPool, AdaptiveAvgPool               proportional to inputs       ``Norm()``
+AvgPool, AdaptiveAvgPool, ``mean``     proportional to inputs       ``Norm()``
 ``x + y`` (residual)                   proportional to summands     ``Norm()`` on ``Sum``
 BatchNorm after Conv/Linear            folded into that layer       ``SequentialMergeBatchNorm``
 BatchNorm elsewhere                    epsilon rule, eps 1e-6       (``Pass``)
@@ -131,7 +131,7 @@ def guided_backprop(
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        with replace_relu(model, _guided_relus(handles)):
+        with replace_relu(model, _guided_relus(handles), warn="guided_backprop"):
             return input_gradient(model, x, target, create_graph)
     finally:
         for handle in handles:
@@ -406,6 +406,7 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     F.max_pool2d: _gradient,
     F.avg_pool2d: _norm,
     F.adaptive_avg_pool2d: _norm,
+    torch.mean: _norm,
     **{
         fn: _pass
         for fn in (
@@ -427,6 +428,7 @@ FUNCTION_RULES: dict[Callable, Rule] = {
 
 METHOD_RULES: dict[str, Rule] = {
     "add": _sum,
+    "mean": _norm,
     "view": _gradient,
     "reshape": _gradient,
     "flatten": _gradient,
@@ -493,14 +495,21 @@ _SHAPE_FUNCTIONS = frozenset({getattr})
 _INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
 
 
-def _supported() -> str:
-    modules = [k.__name__ for k in LAYERS] + [k.__name__ for k in MODULE_RULES]
-    functions = sorted({getattr(f, "__name__", str(f)) for f in FUNCTION_RULES})
-    methods = sorted(METHOD_RULES)
-    return (
-        f"modules {', '.join(modules)}; functions {', '.join(functions)}; "
-        f"methods {', '.join(methods)}"
-    )
+#: What the error for a node without a rule names as supported.
+SUPPORTED = (
+    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, mean and reshapes "
+    "(the table in betasmooth.explain.propagation)"
+)
+
+
+def _where(node: fx.Node) -> str:
+    """The module path whose forward made ``node``, from the trace's module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "in the model's own forward"
+    path, kind = list(stack.values())[-1]
+    name = getattr(kind, "__name__", str(kind).rsplit(".", 1)[-1].rstrip("'>"))
+    return f"in module {path} ({name})"
 
 
 # --------------------------------------------------------------------------- LRP: the graph
@@ -648,9 +657,10 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             continue
         rule = _lookup_rule(node, module)
         if rule is None:
+            where = "" if node.op == "call_module" else f" {_where(node)}"
             raise InputError(
-                f"lrp has no rule for {_describe(node, module)} at node {node.name!r}; "
-                f"supported: {_supported()}"
+                f"lrp has no rule for {_describe(node, module)}{where} (node {node.name!r}); "
+                f"supported: {SUPPORTED}"
             )
         rules[node] = rule
         if all(n in raw for n in inputs if n not in shape):
@@ -729,6 +739,17 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
             )
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
+    if bool((torch.as_tensor(low) >= torch.as_tensor(high)).any()):
+        raise InputError(
+            f"lrp options must have low < high (the bounds of the input domain); "
+            f"got low={_brief(low)}, high={_brief(high)}"
+        )
+
+
+def _brief(value: object) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(float(value)) if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _composite(composite: object, gamma: object) -> Composite:

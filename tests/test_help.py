@@ -1,0 +1,68 @@
+"""Every subcommand's help teaches: a description, every option's default and choices, two
+examples; and the version."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+import betasmooth as bs
+from betasmooth.attack import ATTACK_DEFAULTS, GOALS
+from betasmooth.cli import build_parser, main
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+SUBCOMMANDS = sorted(_subparsers())
+
+
+def test_every_command_is_covered() -> None:
+    assert SUBCOMMANDS == sorted(
+        ["attack", "curvature", "demo", "explain", "report", "sweep", "theorem"]
+    )
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_help_has_description_defaults_and_two_examples(name) -> None:
+    p = _subparsers()[name]
+    text = p.format_help()
+    # A description of at least one full sentence, above the options.
+    description = p.description or ""
+    assert len(description.split()) >= 20 and description.rstrip().endswith(".")
+    assert description.split()[0] in text
+    examples = re.findall(
+        rf"^  (?:torchrun .* -m )?betasmooth {name}\b.*$", text.split("examples:")[1], re.M
+    )
+    assert len(examples) == 2, text
+    for action in p._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        if action.required or not action.option_strings:
+            continue
+        assert "default" in action.help, f"{name} {action.option_strings}: {action.help}"
+        for choice in action.choices or ():
+            assert str(choice) in action.help or str(choice) in text
+
+
+def test_attack_help_lists_methods_goals_and_per_method_steps() -> None:
+    text = " ".join(_subparsers()["attack"].format_help().split())
+    for method, defaults in ATTACK_DEFAULTS.items():
+        assert f"{method} {defaults['steps']}" in text
+    for goal in GOALS:
+        assert goal in text
+    explain_text = " ".join(_subparsers()["explain"].format_help().split())
+    for method in bs.METHODS:
+        assert method in explain_text
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"betasmooth {bs.__version__}\n"

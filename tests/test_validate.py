@@ -1,0 +1,166 @@
+"""The input-checking layer: dtype casts, data ranges, model outputs, warnings at the
+user's call, integer .npz scaling, the image-count notice and the attack's progress."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import betasmooth as bs
+from betasmooth.attack import random_targets
+from betasmooth.cli import main
+from betasmooth.validate import InputError, check_in_range
+from nets import plain_cnn
+
+
+def _gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    model(x).gather(1, target[:, None]).sum().backward()
+    return x.grad
+
+
+def test_float64_input_on_float32_model_is_cast_and_comes_back_float64() -> None:
+    net, x = plain_cnn(), torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    h = bs.explain(net, x, "gradient", target)
+    assert h.dtype == torch.float64
+    torch.testing.assert_close(h, _gradient(net, x.float(), target).double())
+
+
+def test_float32_input_on_float64_model_is_cast_to_float64() -> None:
+    net, x = plain_cnn().double(), torch.rand(3, 1, 16, 16)
+    target = torch.tensor([4, 3, 2])
+    h = bs.explain(net, x, "gradient", target)
+    assert h.dtype == torch.float32
+    expected = _gradient(net, x.double(), target)
+    torch.testing.assert_close(h, expected.float(), rtol=0, atol=0)
+
+
+def test_per_channel_range() -> None:
+    low = torch.tensor([0.0, -1.0]).view(1, 2, 1, 1)
+    high = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    x = torch.stack([torch.full((4, 4), 0.5), torch.full((4, 4), -0.5)])[None]
+    assert check_in_range(x, low, high) is x
+    with pytest.raises(InputError, match=r"outside data_range \[\(0, -1\), \(1, 0\)\]"):
+        check_in_range(x.flip(1), low, high)
+
+
+def _first_user_warning(record: list[warnings.WarningMessage]) -> warnings.WarningMessage:
+    mine = [w for w in record if issubclass(w.category, UserWarning)]
+    assert len(mine) == 1, [str(w.message) for w in mine]
+    return mine[0]
+
+
+def test_probabilities_warn_once_per_model_at_the_users_line() -> None:
+    net = nn.Sequential(plain_cnn(), nn.Softmax(1)).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        h = bs.explain(net, x, "gradient")
+        bs.explain(net, x, "gradient")
+        bs.explain(net, torch.rand(2, 1, 16, 16), "input_x_gradient")
+    w = _first_user_warning(record)
+    assert "seems to return probabilities" in str(w.message)
+    assert w.filename == __file__
+    # The map is still the gradient of what the model returns.
+    torch.testing.assert_close(h, _gradient(net, x, net(x).argmax(1)))
+
+
+class SmoothActivations(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.silu(self.act(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("method", "says"),
+    [("guided_backprop", "guided_backprop changed nothing"), ("beta_smooth", "beta-smoothing")],
+)
+def test_no_relu_network_warns_that_the_method_changes_nothing(method, says) -> None:
+    net, x = SmoothActivations().double(), torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        h = bs.explain(net, x, method)
+        bs.explain(net, x, method)
+    w = _first_user_warning(record)
+    assert str(w.message) == (
+        f"SmoothActivations: no ReLU was called in forward (its activations: GELU, silu); "
+        f"{says.split(' changed')[0]} changed nothing"
+    )
+    assert w.filename == __file__
+    torch.testing.assert_close(h, _gradient(net, x, net(x).argmax(1)))
+
+
+def test_attack_warns_nothing_where_no_smoothing_was_asked_for() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)
+    ).eval()
+    x = torch.rand(2, 1, 8, 8)
+    target = random_targets(bs.heatmap(bs.explain(net, x, "gradient")))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.manipulate(net, x, target, "gradient", steps=3)
+    assert [str(w.message) for w in record if issubclass(w.category, UserWarning)] == []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.explain(net, x, "beta_smooth")
+    assert sorted(str(w.message) for w in record) == [
+        "Sequential: beta-smoothing replaces ReLU only; these piecewise-linear activations "
+        "stay non-smooth: LeakyReLU",
+        "Sequential: no ReLU was called in forward; beta-smoothing changed nothing",
+    ]
+    assert {w.filename for w in record} == {__file__}
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "scale"),
+    [
+        ([0, 100, 65535], np.uint16, 65535),
+        ([0, 7, 200], np.uint16, 65535),
+        ([0, 7, 200], np.uint8, 255),
+        ([0, 7, 255], np.int64, 255),
+        ([0, 7, 1000], np.int64, 65535),
+        ([0, 3, 60000], np.int32, 65535),
+    ],
+)
+def test_integer_npz_scaled_like_images(tmp_path, values, dtype, scale) -> None:
+    raw = np.array(values, dtype=dtype).reshape(3, 1, 1, 1).repeat(2, 2).repeat(2, 3)
+    np.savez(tmp_path / "x.npz", x=raw)
+    x, _ = bs.load_data(str(tmp_path / "x.npz"))
+    np.testing.assert_array_equal(x.numpy(), raw.astype(np.float32) / np.float32(scale))
+
+
+def test_fewer_images_than_asked_are_said_and_recorded(tmp_path, capsys) -> None:
+    np.savez(tmp_path / "three.npz", x=np.random.rand(3, 1, 32, 32).astype(np.float32))
+    argv = ["explain", "--model", "digits-cnn", "--data", str(tmp_path / "three.npz")]
+    argv += ["--method", "gradient", "-n", "100000", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "three.npz holds only 3 images; using all 3 (asked for 100000)" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n"] == 3
+    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_attack_progress_shows_steps_and_loss_on_stderr(capsys) -> None:
+    net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
+    target = random_targets(bs.heatmap(bs.explain(net, x, "gradient")))
+    result = bs.manipulate(net, x, target, "gradient", steps=4, check_every=2, progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "/4 [" in err and "step/s" in err
+    shown = float(err.rsplit("loss=", 1)[1].split("]")[0])
+    assert shown == pytest.approx(float(result.history[-1].mean()), rel=1e-3)
+    bs.manipulate(net, x, target, "gradient", steps=4, progress=False)
+    assert capsys.readouterr().err == ""
