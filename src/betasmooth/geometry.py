@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 
 from .explain.gradient import select_logit
 from .smooth import smooth
-from .validate import InputError, InputTypeError, check_batch, check_count, check_target
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_batch,
+    check_count,
+    check_model,
+    check_target,
+    evaluating,
+)
 
 __all__ = ["curvature", "theorem1_check"]
 
@@ -138,8 +146,7 @@ def _lanczos(
 
 
 def _check_inputs(model: object, x: object, target: object) -> torch.Tensor | None:
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_model(model)
     check_batch(x)
     target_t = check_target(target, x.shape[0])
     return None if target_t is None else target_t.to(x.device)
@@ -233,13 +240,8 @@ def curvature(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputTypeError(f"seed must be an integer; got {seed!r}")
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        result = _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
-    finally:
-        model.train(was_training)
-    return result
+    with evaluating(model):
+        return _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
 
 
 def theorem1_check(
@@ -334,9 +336,7 @@ def theorem1_check(
     if beta is not None:
         model = smooth(model, beta)
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if target_t is None:
             with torch.no_grad():
                 target_t = model(x).argmax(1)
@@ -353,8 +353,6 @@ def theorem1_check(
             speed.append(tangent_speed / hessian.gradient_norm)
             if t in (0.0, 1.0):
                 ends.append((hessian.normal, hessian.logit.detach()))
-    finally:
-        model.train(was_training)
     (n0, g0), (n1, g1) = ends
     normal_change = (n1 - n0).norm(dim=1)
     max_kappa = torch.stack(kappa).amax(0)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .explain import explain
-from .validate import InputError, InputTypeError
+from .validate import InputError, InputTypeError, check_model
 
 __all__ = ["quantus_explain"]
 
@@ -120,8 +120,7 @@ def quantus_explain(
         raise InputError(
             "quantus_explain explains logits (pre-softmax); expected softmax=None or False"
         )
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_model(model)
     place = _model_place(model, device)
     parameter = next(model.parameters(), None)
     dtype = torch.get_default_dtype() if parameter is None else parameter.dtype

@@ -7,12 +7,13 @@ command line turns both into one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
 import warnings
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -218,6 +219,41 @@ def check_instance(name: str, value: object, kinds: type | tuple[type, ...], exp
         raise InputTypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
 
 
+def check_model(model: object) -> nn.Module:
+    """Check that ``model`` is a ``torch.nn.Module``.
+
+    Examples
+    --------
+    >>> check_model(None)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputTypeError: model must be a torch.nn.Module; got NoneType None
+    """
+    check_instance("model", model, nn.Module, "a torch.nn.Module")
+    return model
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in evaluation mode for the block, and restore its mode afterwards.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Dropout()).train()
+    >>> with evaluating(net):
+    ...     net.training
+    False
+    >>> net.training
+    True
+    """
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
 def check_in_range(
     x: torch.Tensor,
     low: float | torch.Tensor,
@@ -304,8 +340,7 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     >>> check_input(net, torch.zeros(2, 1, 2, 2, dtype=torch.float64)).dtype
     torch.float32
     """
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_model(model)
     x = check_batch(x, name)
     dtype, device = _model_place(model)
     if device is not None and x.device != device:
@@ -348,10 +383,8 @@ def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
 
 
 def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
-    training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             out = model(item.detach())
     except InputError:
         raise
@@ -361,8 +394,6 @@ def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ..
             f"model does not accept input of shape {shape[1:]} (one item of {name}, whose "
             f"shape is {shape}): {reason[:300]}"
         ) from None
-    finally:
-        model.train(training)
     check_logits(out, 1, model)
 
 

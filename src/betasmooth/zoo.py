@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validate import InputError, InputTypeError, check_input, check_instance
+from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
 
 __all__ = [
     "BUILTIN_DATA",
@@ -736,10 +736,5 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch.Size([1, 10])
     """
     x = check_input(model, x)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(x[:1])
-    finally:
-        model.train(training)
+    with evaluating(model), torch.no_grad():
+        return model(x[:1])

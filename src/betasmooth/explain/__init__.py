@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..validate import InputError, InputTypeError, check_input, check_target
+from ..validate import InputError, InputTypeError, check_input, check_target, evaluating
 
 __all__ = ["METHODS", "PREFIXES", "explain", "register", "register_prefix"]
 
@@ -180,19 +180,13 @@ def explain(
     """
     fn = _lookup(method)
     _check_options(method, options)
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     given = x
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])
     if target_t is not None:
         target_t = target_t.to(x.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return fn(model, x, target_t, create_graph=create_graph, **options).to(given.dtype)
-    finally:
-        model.train(was_training)
 
 
 # Importing the families fills the registry.
