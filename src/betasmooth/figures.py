@@ -152,25 +152,54 @@ def _draw_grid(
     The panels are composed into one RGB array drawn pixel for pixel by a
     single axes: dozens of separate axes would make drawing ten times slower.
     """
-    rows = len(columns[0][2])
-    cols = len(columns)
+    rows, cols = len(columns[0][2]), len(columns)
     width, height = grid_size(rows, cols)
-    cell = round(CELL * DPI)
-    gap = 4
-    inner = cell - gap
-    canvas = np.ones((rows * cell, cols * cell, 3))
+    canvas, vmax = _compose(columns)
+    maps = [c[2] for c in columns if c[1] == "map"]
+    with matplotlib.rc_context(_STYLE):
+        fig = _figure((width / DPI, height / DPI))
+        grid_w, grid_h = cols * _CELL_PX / width, rows * _CELL_PX / height
+        foot = FOOT_H * DPI / height
+        ax = fig.add_axes([0.0, foot, grid_w, grid_h])
+        ax.imshow(canvas, interpolation="nearest", aspect="auto")
+        ax.set_axis_off()
+        title_y = foot + grid_h + 0.08 * TITLE_H * DPI / height
+        for c, (name, _, _) in enumerate(columns):
+            fig.text(
+                (c + 0.5) * _CELL_PX / width, title_y, name, ha="center", va="bottom", fontsize=8
+            )
+        for r in range(rows):
+            y1 = 1.0 - (TITLE_H * DPI + r * _CELL_PX + _GAP_PX) / height
+            if row_labels is not None:
+                _row_label(fig, row_labels[r], (_GAP_PX + 2) / width, y1)
+            if maps:
+                pixels = np.asarray(maps[0][0]).size
+                _colour_bar(fig, (grid_w, y1), (width, height), vmax[r] * pixels)
+        if maps:
+            x_unit = grid_w + 0.05 * CBAR_W * DPI / width
+            fig.text(x_unit, title_y, "× 1/(HW)", ha="left", va="bottom", fontsize=6)
+        return _save(fig, path)
+
+
+_CELL_PX = round(CELL * DPI)
+_GAP_PX = 4
+
+
+def _compose(columns: Sequence[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's panels as one RGB canvas, and the colour-scale top of each row's maps."""
+    rows, cols = len(columns[0][2]), len(columns)
+    inner = _CELL_PX - _GAP_PX
+    canvas = np.ones((rows * _CELL_PX, cols * _CELL_PX, 3))
     cmap = matplotlib.colormaps[MAP_CMAP]
     images = [c[2] for c in columns if c[1] == "image"]
     maps = [c[2] for c in columns if c[1] == "map"]
     vmax = np.ones(rows)
-    pixels = np.asarray(maps[0][0]).size if maps else 1
     for r in range(rows):
         if images:
             row_images = np.concatenate([np.ravel(s[r]) for s in images])
             lo, hi = float(row_images.min()), float(row_images.max())
         if maps:
-            row_maps = np.concatenate([np.ravel(s[r]) for s in maps])
-            top = float(np.percentile(row_maps, MAP_QUANTILE))
+            top = float(np.percentile(np.concatenate([np.ravel(s[r]) for s in maps]), MAP_QUANTILE))
             vmax[r] = top if top > 0 else 1.0
         for c, (_, kind, stack) in enumerate(columns):
             if kind == "image":
@@ -178,63 +207,30 @@ def _draw_grid(
             else:
                 panel = cmap(np.clip(np.asarray(stack[r], dtype=np.float64) / vmax[r], 0, 1))
                 panel = panel[..., :3]
-            y, x = r * cell + gap // 2, c * cell + gap // 2
+            y, x = r * _CELL_PX + _GAP_PX // 2, c * _CELL_PX + _GAP_PX // 2
             canvas[y : y + inner, x : x + inner] = _fit(panel, inner)
-    with matplotlib.rc_context(_STYLE):
-        fig = _figure((width / DPI, height / DPI))
-        grid_w, grid_h = cols * cell / width, rows * cell / height
-        foot = FOOT_H * DPI / height
-        ax = fig.add_axes([0.0, foot, grid_w, grid_h])
-        ax.imshow(canvas, interpolation="nearest", aspect="auto")
-        ax.set_axis_off()
-        for c, (name, _, _) in enumerate(columns):
-            fig.text(
-                (c + 0.5) * cell / width,
-                foot + grid_h + 0.08 * TITLE_H * DPI / height,
-                name,
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        for r in range(rows):
-            y1 = 1.0 - (TITLE_H * DPI + r * cell + gap) / height
-            if row_labels is not None:
-                fig.text(
-                    (gap + 2) / width,
-                    y1,
-                    row_labels[r],
-                    va="top",
-                    ha="left",
-                    fontsize=7,
-                    color="white",
-                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0},
-                )
-            if maps:
-                cax = fig.add_axes(
-                    [
-                        grid_w + 0.1 * CBAR_W * DPI / width,
-                        y1 - inner / height,
-                        0.12 * CBAR_W * DPI / width,
-                        inner / height,
-                    ]
-                )
-                # Labelled in multiples of the uniform share 1 / (H W): small plain
-                # numbers, comparable across image sizes, and no exponent text to collide.
-                mappable = matplotlib.cm.ScalarMappable(
-                    matplotlib.colors.Normalize(0.0, vmax[r] * pixels), cmap
-                )
-                bar = fig.colorbar(mappable, cax=cax)
-                bar.ax.tick_params(labelsize=6, length=2, pad=1)
-        if maps:
-            fig.text(
-                grid_w + 0.05 * CBAR_W * DPI / width,
-                foot + grid_h + 0.08 * TITLE_H * DPI / height,
-                "× 1/(HW)",
-                ha="left",
-                va="bottom",
-                fontsize=6,
-            )
-        return _save(fig, path)
+    return canvas, vmax
+
+
+def _row_label(fig: object, text: str, x: float, y: float) -> None:
+    box = {"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0}
+    fig.text(x, y, text, va="top", ha="left", fontsize=7, color="white", bbox=box)
+
+
+def _colour_bar(fig: object, at: tuple[float, float], size: tuple[int, int], top: float) -> None:
+    """A row's colour bar right of the grid, from 0 to ``top``."""
+    (grid_w, y1), (width, height) = at, size
+    inner = _CELL_PX - _GAP_PX
+    cax = fig.add_axes(
+        [grid_w + 0.1 * CBAR_W * DPI / width, y1 - inner / height, 0.12 * CBAR_W * DPI / width,
+         inner / height]
+    )  # fmt: skip
+    # Labelled in multiples of the uniform share 1 / (H W): small plain
+    # numbers, comparable across image sizes, and no exponent text to collide.
+    cmap = matplotlib.colormaps[MAP_CMAP]
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0.0, top), cmap)
+    bar = fig.colorbar(mappable, cax=cax)
+    bar.ax.tick_params(labelsize=6, length=2, pad=1)
 
 
 def method_grid(
@@ -410,16 +406,11 @@ def defense_curves(
     'defense.png'
     """
     betas = np.asarray(betas, dtype=np.float64)
-    order = np.argsort(betas)
     sg_betas = np.asarray(smoothgrad_betas if smoothgrad_betas is not None else [], float)
-    sg_order = np.argsort(sg_betas)
-    comparisons = {
-        "adv_vs_orig": ("attacked vs original", "C0"),
-        "adv_vs_target": ("attacked vs target", "C3"),
-        "clean_vs_orig": ("clean vs original", "C2"),
-    }
-    smoothgrad = smoothgrad or {}
-    undefended = undefended or {}
+    series = (
+        ("beta", betas, curves, "-", "o"),
+        ("smoothgrad", sg_betas, smoothgrad or {}, ":", "s"),
+    )
     with matplotlib.rc_context(_STYLE):
         fig = _figure(DEFENSE_SIZE)
         axes = fig.subplots(
@@ -427,49 +418,67 @@ def defense_curves(
             2,
             gridspec_kw={"wspace": 0.22, "left": 0.07, "right": 0.98, "bottom": 0.25},
         )
-        used = set()
+        used: set[str] = set()
         for ax, metric in zip(axes, ("pcc", "ssim")):
-            for stem, (_, colour) in comparisons.items():
-                key = f"{stem}_{metric}"
-                if key in curves:
-                    y = np.asarray(curves[key], dtype=np.float64)[order]
-                    ax.plot(betas[order], y, "-", color=colour, marker="o", ms=3)
-                    used |= {stem, "beta"}
-                if key in smoothgrad and sg_betas.size:
-                    y = np.asarray(smoothgrad[key], dtype=np.float64)[sg_order]
-                    ax.plot(sg_betas[sg_order], y, ":", color=colour, marker="s", ms=3)
-                    used |= {stem, "smoothgrad"}
-                if key in undefended:
-                    ax.axhline(undefended[key], color=colour, alpha=0.5, ls=(0, (1, 3)), lw=1.2)
-                    used |= {"none"}
+            used |= _defense_panel(ax, metric, series, undefended or {})
             _log_axis(ax, np.concatenate([betas, sg_betas]))
             ax.set_xlabel("β")
             ax.set_ylabel(metric.upper())
             ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
         axes[0].set_title("PCC of maps", loc="left")
         axes[1].set_title("SSIM of maps", loc="left")
-        handles = [
-            matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
-            for stem, (label, colour) in comparisons.items()
-            if stem in used
-        ]
-        for name, label, style, marker in (
-            ("beta", "β-smoothing", "-", "o"),
-            ("smoothgrad", "SmoothGrad", ":", "s"),
-            ("none", "no defense (ReLU)", (0, (1, 3)), None),
-        ):
-            if name in used:
-                handles.append(
-                    matplotlib.lines.Line2D(
-                        [], [], color="0.3", ls=style, marker=marker, label=label
-                    )
-                )
+        handles = _defense_legend(used)
         if handles:
             fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
         if title:
             fig.suptitle(title, x=0.01, ha="left", fontsize=10)
             fig.subplots_adjust(top=0.86)
         return _save(fig, path)
+
+
+#: The comparisons of a defense sweep: key stem -> (legend label, colour).
+_COMPARISONS = {
+    "adv_vs_orig": ("attacked vs original", "C0"),
+    "adv_vs_target": ("attacked vs target", "C3"),
+    "clean_vs_orig": ("clean vs original", "C2"),
+}
+
+
+def _defense_panel(
+    ax: object, metric: str, series: Sequence[tuple], undefended: Mapping[str, float]
+) -> set[str]:
+    """One metric's curves per comparison and defense; returns what was drawn, for the legend."""
+    used = set()
+    for stem, (_, colour) in _COMPARISONS.items():
+        key = f"{stem}_{metric}"
+        for name, x, values, style, marker in series:
+            if key in values and x.size:
+                order = np.argsort(x)
+                y = np.asarray(values[key], dtype=np.float64)[order]
+                ax.plot(x[order], y, style, color=colour, marker=marker, ms=3)
+                used |= {stem, name}
+        if key in undefended:
+            ax.axhline(undefended[key], color=colour, alpha=0.5, ls=(0, (1, 3)), lw=1.2)
+            used |= {"none"}
+    return used
+
+
+def _defense_legend(used: set[str]) -> list:
+    handles = [
+        matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
+        for stem, (label, colour) in _COMPARISONS.items()
+        if stem in used
+    ]
+    for name, label, style, marker in (
+        ("beta", "β-smoothing", "-", "o"),
+        ("smoothgrad", "SmoothGrad", ":", "s"),
+        ("none", "no defense (ReLU)", (0, (1, 3)), None),
+    ):
+        if name in used:
+            handles.append(
+                matplotlib.lines.Line2D([], [], color="0.3", ls=style, marker=marker, label=label)
+            )
+    return handles
 
 
 def cost_quality(
