@@ -27,9 +27,11 @@ import torch
 # check answer without that wait.
 from . import runs, theory
 from .attack import ATTACK_DEFAULTS
+from .pretrained import categories, is_pretrained, preprocessing
+from .recommend import MIN_FIDELITY, format_summary
 from .runs import RunDir
 from .validate import InputError
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_range
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -121,7 +123,9 @@ def _positive(text: str) -> int:
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", required=True, help="digits-cnn, path/to/file.py:factory or pkg.mod:factory"
+        "--model",
+        required=True,
+        help="digits-cnn, path/to/file.py:factory, pkg.mod:factory or torchvision:NAME[:WEIGHTS]",
     )
     p.add_argument(
         "--weights", help="state dict file for the model (loaded with weights_only=True)"
@@ -129,10 +133,24 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", required=True, help="digits, a folder of images or an .npz with x (and y)"
     )
-    p.add_argument("--image-size", type=_positive, help="resize images to this size")
+    p.add_argument(
+        "--image-size",
+        type=_positive,
+        help="resize images to this size (instead of a torchvision model's resize and crop)",
+    )
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB)")
-    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean (one or per channel)")
-    p.add_argument("--std", type=float, nargs="+", help="normalisation std (one or per channel)")
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        help="normalisation mean (one or per channel; default a torchvision model's own)",
+    )
+    p.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        help="normalisation std (one or per channel; default a torchvision model's own)",
+    )
 
 
 def _add_progress(p: argparse.ArgumentParser) -> None:
@@ -188,12 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="run directory of an attack")
     p.add_argument("--betas", type=_floats, default=[0.5, 1.0, 2.0, 5.0], help="e.g. 0.5,1,2,5")
     p.add_argument("--smoothgrad-n", type=_positive, default=20, help="SmoothGrad samples")
+    p.add_argument(
+        "--min-fidelity",
+        type=float,
+        default=MIN_FIDELITY,
+        help="least median fidelity (PCC) of a recommended beta (default 0.9)",
+    )
     p.add_argument("--device", default="cpu")
     _add_progress(p)
 
     p = sub.add_parser("explain", help="explanation maps of a model's inputs")
     _add_inputs(p)
     p.add_argument("--method", required=True, help="comma list of methods, or all")
+    p.add_argument(
+        "--beta",
+        type=_beta_option,
+        help="beta of beta_smooth, or auto: calibrated on a few held-out images",
+    )
     _add_run(p)
 
     p = sub.add_parser("theorem", help="check softplus = E[relu] and Theorem 2 numerically")
@@ -256,6 +285,7 @@ def _run_config(
         channels=args.channels,
         mean=args.mean,
         std=args.std,
+        preset=args.preset,
         **settings,
         n=args.n,
         batch_size=args.batch_size,
@@ -277,11 +307,42 @@ def _load(
         channels=settings.get("channels"),
         mean=settings.get("mean"),
         std=settings.get("std"),
+        preset=settings.get("preset"),
     )
 
 
-def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
-    return data_range(settings["data"], mean=settings.get("mean"), std=settings.get("std"))
+def _apply_preset(args: argparse.Namespace) -> None:
+    """A torchvision model brings its preprocessing: mean and std unless given."""
+    args.preset = None
+    if is_pretrained(getattr(args, "model", None)):
+        prep = preprocessing(args.model)
+        args.preset = args.model
+        args.mean = list(prep.mean) if args.mean is None else args.mean
+        args.std = list(prep.std) if args.std is None else args.std
+
+
+def _bounds(settings: Mapping[str, object], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds of the inputs, ``(1, C, 1, 1)`` each."""
+    return data_bounds(
+        settings["data"], mean=settings.get("mean"), std=settings.get("std"), channels=x.shape[1]
+    )
+
+
+def _classes(settings: Mapping[str, object]) -> list[str] | None:
+    model = settings.get("model")
+    return categories(model) if is_pretrained(model) else None
+
+
+def _beta_option(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto; got {text!r}")
+    return value
 
 
 def _say(text: str = "") -> None:
@@ -352,7 +413,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     device = runs.resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
     config = _run_config(args, device, methods=methods, steps=args.steps, goal=args.goal)
-    low_high = _data_range(config)
+    bounds = _bounds(config, x)
     with runs.distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -365,10 +426,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             goal=args.goal,
             seed=args.seed,
-            data_range=low_high,
+            data_range=bounds,
+            method_options=runs.range_options(*bounds),
             device=dev,
             dist=dist,
             progress=args.progress,
+            classes=_classes(config),
         )
     if dist.rank == 0:
         _say(summary_table(records, ATTACK_COLUMNS))
@@ -383,6 +446,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = runs.resolve_device(args.device)
     model, x, y = _load(vars(args), args.n)
     config = _run_config(args, device, methods=methods)
+    bounds = _bounds(config, x)
+    options = runs.range_options(*bounds)
+    if args.beta is not None:
+        if "beta_smooth" not in methods:
+            raise InputError("--beta applies to --method beta_smooth; add it to --method")
+        beta, config["beta"] = _explain_beta(args, model, bounds, options), args.beta
+        if args.beta == "auto":
+            config["beta_auto"] = beta.record()
+            beta = beta.beta
+        config["beta_smooth_beta"] = beta
+        options["beta_smooth"] = {"beta": beta}
     with runs.distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
@@ -393,9 +467,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
             methods,
             batch_size=args.batch_size,
             seed=args.seed,
+            method_options=options,
             device=dev,
             dist=dist,
             progress=args.progress,
+            classes=_classes(config),
         )
     if dist.rank == 0:
         columns = (
@@ -407,6 +483,60 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _say(summary_table(records, columns))
         _say(f"results: {run.results}")
     return 0
+
+
+# Size of the calibration behind --beta auto: held-out images and attack steps.
+CALIBRATION = {"n": 8, "steps": 100}
+
+
+def _held_out(args: argparse.Namespace, k: int) -> torch.Tensor:
+    """``k`` images that are not explained: the training split of built-in data, else
+    the images after the first ``--n`` (the last ``k`` when there are too few)."""
+    from .zoo import load_data
+
+    settings = vars(args)
+    split = "train" if args.data in BUILTIN_DATA else "all"
+    x = load_data(
+        args.data,
+        split,
+        image_size=args.image_size,
+        channels=args.channels,
+        mean=args.mean,
+        std=args.std,
+        preset=args.preset,
+    )[0]
+    if split == "train" or len(x) < 2:
+        return x[:k]
+    first = settings["n"] if len(x) >= settings["n"] + 2 else max(0, len(x) - k)
+    return x[first : first + k]
+
+
+def _explain_beta(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    options: Mapping[str, Mapping[str, object]],
+) -> object:
+    """``--beta`` as given, or the calibration that ``--beta auto`` asks for."""
+    from .calibrate import calibrate_beta
+
+    if args.beta != "auto":
+        return args.beta
+    x = _held_out(args, CALIBRATION["n"])
+    _say(f"calibrating beta on {len(x)} held-out images")
+    found = calibrate_beta(
+        model,
+        x,
+        "gradient",
+        steps=CALIBRATION["steps"],
+        data_range=bounds,
+        seed=args.seed,
+    )
+    verdict = (
+        "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
+    )
+    _say(f"beta = {found.beta:g} ({verdict})")
+    return found
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
@@ -433,7 +563,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{args.dir}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
             "settings, or delete sweep.jsonl to start a new one"
         )
-    model = _load(config, 1)[0]
+    model, x, _ = _load(config, 1)
+    bounds = _bounds(config, x)
     with runs.distributed(device) as (dist, dev):
         if dist.rank == 0 and stored != settings:
             runs.write_json(run.config_path, {**config, "sweep": settings})
@@ -445,13 +576,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             args.betas,
             smoothgrad_n=args.smoothgrad_n,
             seed=int(config.get("seed", 0)),
-            data_range=_data_range(config),
+            data_range=bounds,
+            method_options=runs.range_options(*bounds),
+            min_fidelity=args.min_fidelity,
             device=dev,
             dist=dist,
             progress=args.progress,
         )
     if dist.rank == 0:
         _say(summary_table(records, SWEEP_COLUMNS, ("defense", "beta")))
+        _say()
+        _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
+        _say("of x vs undefended map of x; medians over images; * recommended beta")
+        _say(format_summary(json.loads((run.path / runs.SUMMARY).read_text())))
         _say(f"sweep: {run.path / 'sweep.jsonl'}")
     return 0
 
@@ -636,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        _apply_preset(args)
         return args.run(args)
     except (
         InputError,
