@@ -112,6 +112,8 @@ def sweep_summary(
     """
     groups: dict[str, dict[tuple[str, float], list[Mapping[str, object]]]] = {}
     for r in records:
+        if not isinstance(r.get("beta"), (int, float)) or "defense" not in r:
+            continue
         method = str(r.get("method", "method"))
         groups.setdefault(method, {}).setdefault((str(r["defense"]), float(r["beta"])), []).append(
             r
