@@ -190,11 +190,11 @@ def test_short_attack_stays_in_the_per_channel_box(hub, name):
     x = normalised(2, 32, seed=2)
     maps = bs.heatmap(bs.explain(net, x, "gradient"))
     result = bs.manipulate(
-        net, x, maps.flip(0), "gradient", steps=2, lr=1.0, data_range=(LOW, HIGH), check_every=1
+        net, x, maps.flip(0), "gradient", steps=2, lr=0.05, data_range=(LOW, HIGH), check_every=1
     )
     assert bool(result.label_kept.all())
     assert bool((result.x_adv >= LOW).all()) and bool((result.x_adv <= HIGH).all())
-    # Steps of size 1 push pixels past every bound: each channel stops at its own.
+    # Adam steps of about 0.05 push the pixels near a bound past it: each channel stops at its own.
     assert not torch.equal(result.x_adv, x)
     for c in range(3):
         channel = result.x_adv[:, c]
