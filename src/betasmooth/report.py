@@ -363,14 +363,27 @@ def _section_results(run: _Run) -> str:
     )
 
 
-def _row_labels(data: Mapping[str, np.ndarray], n: int) -> list[str]:
+def _row_labels(
+    data: Mapping[str, np.ndarray], n: int, names: Mapping[int, str] | None = None
+) -> list[str]:
     labels = []
     for i in range(n):
         text = f"#{int(data['index'][i])}" if "index" in data else f"{i}"
         if "label" in data and "label_adv" in data:
             text += f" {int(data['label'][i])}→{int(data['label_adv'][i])}"
+        if names and "index" in data and int(data["index"][i]) in names:
+            # The class name of the prediction, cut to fit the panel.
+            text += f" {names[int(data['index'][i])][:16]}"
         labels.append(text)
     return labels
+
+
+def _class_names(records: Sequence[Mapping], method: str | None = None) -> dict[int, str]:
+    return {
+        int(r["index"]): str(r["label_name"])
+        for r in records
+        if "label_name" in r and (method is None or r.get("method") == method)
+    }
 
 
 def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, list] | None:
@@ -438,7 +451,7 @@ def _section_methods(run: _Run) -> str:
             run.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
-            row_labels=_row_labels(data, n),
+            row_labels=_row_labels(data, n, _class_names(run.results, method)),
         )
         caption = (
             f"First {n} of {len(data['x'])} images (row label: index, label before → after). "
@@ -469,7 +482,11 @@ def _section_explain(run: _Run) -> str:
         _shown(run, first["x"][:n]),
         maps,
         run.figures / "explain.png",
-        row_labels=_row_labels({"index": first["index"]} if "index" in first else {}, n),
+        row_labels=_row_labels(
+            {"index": first["index"]} if "index" in first else {},
+            n,
+            _class_names(run.explain or run.results),
+        ),
     )
     out = "<h2 id='explain'>Explanations</h2>" + _img(
         path,
