@@ -151,11 +151,17 @@ def test_cli_sweep_writes_the_summary_of_its_records(tmp_path, capsys):
     assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.5)
     verdict = [line for line in printed.splitlines() if line.startswith("gradient: ")]
     rec = summary["recommended_beta"]
-    assert verdict == [
-        f"gradient: recommended beta {rec:g} (most robust with median fidelity >= 0.5)"
-        if rec is not None
-        else "gradient: no beta in the sweep has median fidelity >= 0.5; none recommended"
-    ]
+    if rec is None:
+        assert verdict == [
+            "gradient: no beta in the sweep has median fidelity >= 0.5; none recommended"
+        ]
+    else:
+        robust = summary["betas"][f"{rec:g}"]["robustness_pcc"]
+        plain = summary["undefended"]["robustness_pcc"]
+        assert len(verdict) == 1 and verdict[0].startswith(
+            f"gradient: recommended beta {rec:g} (most robust with median fidelity >= 0.5): "
+            f"robustness {robust:.3f} vs {plain:.3f} undefended, "
+        )
 
 
 def test_explain_beta_auto_records_the_calibrated_beta(tmp_path):

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["MIN_FIDELITY", "format_summary", "recommend_beta", "sweep_summary"]
+__all__ = ["MIN_FIDELITY", "format_summary", "recommend_beta", "sweep_summary", "verdict"]
 
 #: Least median fidelity (PCC) of a beta that can be recommended.
 MIN_FIDELITY = 0.9
@@ -139,6 +139,41 @@ def sweep_summary(
     return out
 
 
+#: Differences of median PCC below this are reported as "about as robust".
+SAME_PCC = 0.01
+
+
+def verdict(summary: Mapping[str, object]) -> str:
+    """One sentence on one method's summary: the recommended beta against no defense.
+
+    Examples
+    --------
+    >>> s = {"recommended_beta": 5.0, "min_fidelity": 0.9,
+    ...      "undefended": {"robustness_pcc": 0.72}, "betas": {"5": {"robustness_pcc": 0.80}}}
+    >>> print(verdict(s))  # doctest: +NORMALIZE_WHITESPACE
+    recommended beta 5 (most robust with median fidelity >= 0.9):
+    robustness 0.800 vs 0.720 undefended, more robust
+    """
+    threshold = f"median fidelity >= {float(summary.get('min_fidelity', MIN_FIDELITY)):g}"
+    rec = summary.get("recommended_beta")
+    if rec is None:
+        return f"no beta in the sweep has {threshold}; none recommended"
+    ours = summary["betas"][f"{rec:g}"].get("robustness_pcc")
+    plain = summary["undefended"].get("robustness_pcc")
+    text = f"recommended beta {rec:g} (most robust with {threshold})"
+    if ours is None or plain is None:
+        return text
+    gain = ours - plain
+    word = (
+        "more robust"
+        if gain > SAME_PCC
+        else "less robust"
+        if gain < -SAME_PCC
+        else f"about as robust (within {SAME_PCC:g})"
+    )
+    return f"{text}: robustness {ours:.3f} vs {plain:.3f} undefended, {word}"
+
+
 def _num(value: object) -> str:
     return "-" if value is None else f"{float(value):.3f}"
 
@@ -152,11 +187,12 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
     ...     {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8,
     ...      "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
     ... ]
-    >>> print(format_summary(sweep_summary(rows)))
+    >>> print(format_summary(sweep_summary(rows)))  # doctest: +NORMALIZE_WHITESPACE
     method  defense         beta    n  robust pcc  robust ssim  fidel pcc  fidel ssim
     method  undefended         -    1       0.300            -      1.000       1.000
     method  beta_smooth      1 *    1       0.800            -      0.950           -
-    method: recommended beta 1 (most robust with median fidelity >= 0.9)
+    method: recommended beta 1 (most robust with median fidelity >= 0.9):
+    robustness 0.800 vs 0.300 undefended, more robust
     """
     head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim")
     keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
@@ -177,10 +213,5 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
             line += str(cell.get("n", "")).rjust(5)
             line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
             lines.append(line)
-        threshold = f"median fidelity >= {float(s.get('min_fidelity', MIN_FIDELITY)):g}"
-        verdicts.append(
-            f"{method}: recommended beta {rec:g} (most robust with {threshold})"
-            if rec is not None
-            else f"{method}: no beta in the sweep has {threshold}; none recommended"
-        )
+        verdicts.append(f"{method}: {verdict(s)}")
     return "\n".join(lines + verdicts)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .recommend import MIN_FIDELITY, sweep_summary
+from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .runs import SUMMARY, read_jsonl
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
@@ -592,19 +592,7 @@ def _recommendation(run: _Run) -> str:
         header += ["fidelity PCC", "fidelity SSIM"]
         out.append(f"<h4>{_e(method)}</h4>")
         out.append(_table(f"choice-{_slug(method)}", header, rows))
-        threshold = float(s.get("min_fidelity", MIN_FIDELITY))
-        if rec is None:
-            verdict = f"No beta in the sweep has median fidelity ≥ {threshold:g}: none recommended."
-        else:
-            better = (s["betas"][f"{rec:g}"]["robustness_pcc"] or 0) > (
-                s["undefended"]["robustness_pcc"] or 0
-            )
-            verdict = (
-                f"Recommended β = {rec:g} (median fidelity ≥ {threshold:g}); its defended maps "
-                + ("are more" if better else "are not more")
-                + " robust than the undefended ones."
-            )
-        out.append(f"<p><b>{_e(verdict)}</b></p>")
+        out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
     return "".join(out)
 
 
