@@ -31,6 +31,8 @@ _LAZY = {
     "manipulate": "attack",
     "defense_sweep": "attack",
     "curvature": "geometry",
+    "calibrate_beta": "calibrate",
+    "ImageData": "zoo",
     "quantus_explain": "quantus_adapter",
 }
 
@@ -45,6 +47,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "METHODS",
+    "ImageData",
+    "calibrate_beta",
     "compare",
     "curvature",
     "defense_sweep",

@@ -39,6 +39,7 @@ from .explain import explain
 from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
+from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import replace_relu, softplus
 from .validate import (
     InputError,
@@ -304,8 +305,8 @@ class _Problem:
     schedule: str | float
     beta0: float
     beta_end: float
-    low: float
-    high: float
+    low: float | torch.Tensor
+    high: float | torch.Tensor
     eps: float | None
     loss: str
     weights: tuple[float, float]
@@ -530,9 +531,29 @@ def _check_schedule(schedule: object) -> str | float:
     )
 
 
-def _range(data_range: object, x: torch.Tensor) -> tuple[float, float]:
+Bound = float | torch.Tensor
+
+
+def _tensor_range(data_range: Sequence[object], x: torch.Tensor) -> tuple[Bound, Bound]:
+    low, high = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in data_range)
+    try:
+        torch.broadcast_shapes(low.shape, high.shape, x.shape[1:] if low.dim() < 4 else x.shape)
+    except RuntimeError:
+        raise InputError(
+            f"data_range bounds of shapes {tuple(low.shape)}, {tuple(high.shape)} do not "
+            f"broadcast to x of shape {tuple(x.shape)}; expected e.g. (1, C, 1, 1) tensors"
+        ) from None
+    if not bool((low < high).all()):
+        raise InputError("data_range must have low < high in every channel")
+    return low, high
+
+
+def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     if data_range is None:
         return float(x.min()), float(x.max())
+    if isinstance(data_range, (tuple, list)) and len(data_range) == 2:
+        if any(torch.is_tensor(v) for v in data_range):
+            return _tensor_range(data_range, x)
     if (
         not isinstance(data_range, (tuple, list))
         or len(data_range) != 2
@@ -621,8 +642,10 @@ def manipulate(
         beta; default per method (``"none"`` for LRP and beta_smooth).
     beta0, beta_end : float
         Ends of the geometric schedule.
-    data_range : tuple of float or None
-        ``(low, high)`` to clamp to; ``None`` uses the batch's min and max.
+    data_range : tuple of float or torch.Tensor, or None
+        ``(low, high)`` to clamp to, numbers or per-channel tensors such as
+        ``(1, C, 1, 1)`` (``ImageData.bounds`` of normalised data); ``None``
+        uses the batch's min and max.
     loss : str
         Explanation loss ``L``: ``mse`` (the paper), or ``pcc`` / ``ssim``,
         ``2 var(target) (1 - PCC or SSIM)``, which equals the MSE for maps of
@@ -689,6 +712,8 @@ def manipulate(
     x = x.detach()
     low, high = _range(data_range, x)
     check_in_range(x, low, high)
+    # One number for the budgets that scale with the range; the clamp stays per channel.
+    span = float(torch.as_tensor(high - low).mean())
     if goal_name == "targeted":
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
@@ -697,7 +722,7 @@ def manipulate(
         eps_value = check_positive("eps", eps, optional=True)
     else:
         n_steps = UNTARGETED_STEPS if steps is None else steps
-        eps_value = check_positive("eps", eps, optional=True) or UNTARGETED_EPS * (high - low)
+        eps_value = check_positive("eps", eps, optional=True) or UNTARGETED_EPS * span
     n_steps = check_count("steps", n_steps)
     lr_value = check_positive("lr", lr, optional=True) or float(defaults["lr"])
     step_value = check_positive("step", step, optional=True) or UNTARGETED_STEP * (eps_value or 0.0)
@@ -749,7 +774,7 @@ def manipulate(
         p.map_target = map_target if goal_name == "targeted" else p.map_orig
         best, best_score = x.clone(), _evaluate(p, the_goal, x)[0]
         generator = torch.Generator().manual_seed(seed)
-        radius = eps_value if eps_value is not None else 0.01 * (high - low)
+        radius = eps_value if eps_value is not None else 0.01 * span
         # Without a schedule the network is attacked as it is, and the
         # override (which sees every torch call in forward) is left out.
         surrogate = (
@@ -864,12 +889,36 @@ class SweepResult:
 
         Keys: ``index``, ``defense`` (``beta_smooth`` or ``smoothgrad``),
         ``beta``, ``sigma`` (SmoothGrad's noise standard deviation, ``None``
-        for beta_smooth), ``adv_vs_orig_<m>``, ``adv_vs_target_<m>`` and
-        ``clean_vs_orig_<m>`` for every metric ``m`` of
+        for beta_smooth), ``adv_vs_orig_<m>``, ``adv_vs_target_<m>``,
+        ``adv_vs_clean_<m>`` (robustness: defended map of ``x_adv`` against
+        the defended map of ``x``) and ``clean_vs_orig_<m>`` (fidelity: the
+        defended map of ``x`` against the undefended one) and
+        ``undefended_<m>`` (the undefended map of ``x_adv`` against the map of
+        ``x``, the same in every row of an image) for every metric ``m`` of
         :func:`betasmooth.compare`, and ``seconds``: the time per image for
         both maps (of ``x_adv`` and ``x``).
         """
         return list(self.rows)
+
+    def summary(self, min_fidelity: float = MIN_FIDELITY) -> dict[str, object]:
+        """Median robustness and fidelity per defense and beta, and the recommended beta.
+
+        See :func:`betasmooth.recommend.sweep_summary`: ``{"undefended": ...,
+        "betas": {beta: ...}, "smoothgrad": {beta: ...}, "recommended_beta":
+        float or None, "min_fidelity": ...}``.
+
+        Examples
+        --------
+        >>> import betasmooth as bs
+        >>> model = bs.load_model("digits-cnn")
+        >>> x = bs.load_data("digits")[0][:2]
+        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
+        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
+        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
+        >>> sorted(sweep.summary()["betas"]["1"])
+        ['fidelity_pcc', 'fidelity_ssim', 'n', 'robustness_pcc', 'robustness_ssim']
+        """
+        return sweep_summary(self.rows, min_fidelity)["method"]
 
     def medians(self) -> list[dict[str, object]]:
         """Median of every number over the images, one dict per (defense, beta).
@@ -901,9 +950,17 @@ class SweepResult:
 
 
 def _beta_smooth_maps(
-    model: nn.Module, xs: torch.Tensor, method: str, label: torch.Tensor, beta: float, **_: object
+    model: nn.Module,
+    xs: torch.Tensor,
+    method: str,
+    label: torch.Tensor,
+    beta: float,
+    base_options: dict[str, object] | None = None,
+    **_: object,
 ) -> torch.Tensor:
-    return heatmap(explain(model, xs, "beta_smooth", label, base=method, beta=beta))
+    return heatmap(
+        explain(model, xs, "beta_smooth", label, base=method, beta=beta, base_options=base_options)
+    )
 
 
 def _smoothgrad_maps(
@@ -917,6 +974,7 @@ def _smoothgrad_maps(
     n: int,
     seed: int,
     input_range: float,
+    base_options: dict[str, object] | None = None,
 ) -> torch.Tensor:
     return heatmap(
         explain(
@@ -925,6 +983,7 @@ def _smoothgrad_maps(
             "smoothgrad",
             label,
             base=method,
+            base_options=base_options,
             n=n,
             sigma=sigma,
             noise="logistic",
@@ -967,6 +1026,7 @@ def defense_sweep(
     smoothgrad_n: int = 20,
     defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
     data_range: tuple[float, float] | None = (0.0, 1.0),
+    method_options: dict[str, object] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> SweepResult:
@@ -999,8 +1059,14 @@ def defense_sweep(
         SmoothGrad samples.
     defenses : sequence of str
         Subset of ``beta_smooth`` and ``smoothgrad``.
-    data_range : tuple of float or None
-        Input range for SmoothGrad's noise; ``None`` per image.
+    data_range : tuple of float or torch.Tensor, or None
+        Input range for SmoothGrad's noise given by ``smoothgrad_sigmas``
+        (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The
+        matched noise (the default) has the standard deviation of
+        ``p_beta`` in the units of the model's input, whatever the range.
+    method_options : dict, optional
+        Options of the base method, e.g. ``{"low": low, "high": high}`` for
+        LRP on normalised data; used for every map.
     seed : int
         Fixes SmoothGrad's draws.
     progress : bool
@@ -1042,11 +1108,14 @@ def defense_sweep(
             )
     for d in defenses:
         check_choice("defense", d, DEFENSES)
-    input_range = None if data_range is None else float(data_range[1] - data_range[0])
+    input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
 
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
     label = predict(model, x)
-    map_orig = heatmap(explain(model, x, method, label)).detach()
+    options = dict(method_options or {})
+    map_orig = heatmap(explain(model, x, method, label, **options)).detach()
+    map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
+    plain = metrics.compare(map_plain, map_orig)
     both = torch.cat([x_adv, x])
     rows: list[dict[str, object]] = []
     kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -1063,6 +1132,7 @@ def defense_sweep(
             n=smoothgrad_n,
             seed=seed,
             input_range=input_range,
+            base_options=options,
         ).detach()
         seconds = (time.perf_counter() - start) / x.shape[0]
         adv, clean = maps.chunk(2)
@@ -1070,6 +1140,7 @@ def defense_sweep(
         parts = {
             "adv_vs_orig": metrics.compare(adv, map_orig),
             "adv_vs_target": metrics.compare(adv, target_map),
+            "adv_vs_clean": metrics.compare(adv, clean),
             "clean_vs_orig": metrics.compare(clean, map_orig),
         }
         for i in range(x.shape[0]):
@@ -1081,6 +1152,15 @@ def defense_sweep(
             }
             for prefix, values in parts.items():
                 row.update({f"{prefix}_{m}": float(v[i]) for m, v in values.items()})
+            row.update({f"undefended_{m}": float(v[i]) for m, v in plain.items()})
             row["seconds"] = seconds
             rows.append(row)
     return SweepResult(rows, kept_maps)
+
+
+def _input_range(data_range: object, x: torch.Tensor) -> float | torch.Tensor | None:
+    if data_range is None:
+        return None
+    low, high = _range(data_range, x)
+    span = high - low
+    return span if torch.is_tensor(span) else float(span)

@@ -31,9 +31,11 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS
 from .distributed import distributed, resolve_device
 from .explain import METHODS
+from .pretrained import categories, is_pretrained, preprocessing
+from .recommend import MIN_FIDELITY, format_summary
 from .store import RunDir
 from .validate import InputError
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_range
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -151,7 +153,8 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
-        help=f"{models} (built in), path/to/file.py:factory or pkg.mod:factory",
+        help=f"{models} (built in), path/to/file.py:factory, pkg.mod:factory or "
+        "torchvision:NAME[:WEIGHTS] (pretrained, from the torch hub cache)",
     )
     p.add_argument(
         "--weights",
@@ -165,7 +168,10 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
         help=f"{data} (built in), a folder of images or an .npz with x (and y)",
     )
     p.add_argument(
-        "--image-size", type=_positive, help="resize images to this size (default: as stored)"
+        "--image-size",
+        type=_positive,
+        help="resize images to this size (default: as stored, or a torchvision model's resize "
+        "and crop)",
     )
     p.add_argument(
         "--channels",
@@ -177,10 +183,13 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
         "--mean",
         type=float,
         nargs="+",
-        help="normalisation mean, one or per channel (default: none)",
+        help="normalisation mean, one or per channel (default: none, or a torchvision model's own)",
     )
     p.add_argument(
-        "--std", type=float, nargs="+", help="normalisation std, one or per channel (default: none)"
+        "--std",
+        type=float,
+        nargs="+",
+        help="normalisation std, one or per channel (default: none, or a torchvision model's own)",
     )
 
 
@@ -395,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="SmoothGrad samples per image (default 20)",
     )
+    p.add_argument(
+        "--min-fidelity",
+        type=float,
+        default=MIN_FIDELITY,
+        help="least median fidelity (PCC) of a recommended beta (default 0.9)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_progress(p)
 
@@ -402,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(p)
     p.add_argument("--method", required=True, help=_choices_help(list(METHODS)))
     _add_save_attributions(p)
+    p.add_argument(
+        "--beta",
+        type=_beta_option,
+        help="beta of beta_smooth, or auto: calibrated on a few held-out images "
+        "(default: the method's own, 1.0)",
+    )
     _add_run(p)
 
     p = _subcommand(sub, "theorem")
@@ -472,6 +493,7 @@ def _run_config(
         channels=args.channels,
         mean=args.mean,
         std=args.std,
+        preset=args.preset,
         **settings,
         n=args.n,
         batch_size=args.batch_size,
@@ -493,6 +515,7 @@ def _load(
         channels=settings.get("channels"),
         mean=settings.get("mean"),
         std=settings.get("std"),
+        preset=settings.get("preset"),
     )
 
 
@@ -510,8 +533,38 @@ def _load_images(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tenso
     return model, x, y
 
 
-def _data_range(settings: Mapping[str, object]) -> tuple[float, float]:
-    return data_range(settings["data"], mean=settings.get("mean"), std=settings.get("std"))
+def _apply_preset(args: argparse.Namespace) -> None:
+    """A torchvision model brings its preprocessing: mean and std unless given."""
+    args.preset = None
+    if is_pretrained(getattr(args, "model", None)):
+        prep = preprocessing(args.model)
+        args.preset = args.model
+        args.mean = list(prep.mean) if args.mean is None else args.mean
+        args.std = list(prep.std) if args.std is None else args.std
+
+
+def _bounds(settings: Mapping[str, object], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds of the inputs, ``(1, C, 1, 1)`` each."""
+    return data_bounds(
+        settings["data"], mean=settings.get("mean"), std=settings.get("std"), channels=x.shape[1]
+    )
+
+
+def _classes(settings: Mapping[str, object]) -> list[str] | None:
+    model = settings.get("model")
+    return categories(model) if is_pretrained(model) else None
+
+
+def _beta_option(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto; got {text!r}")
+    return value
 
 
 def _report(run: RunDir) -> Path:
@@ -595,7 +648,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         goal=args.goal,
         save_attributions=args.save_attributions,
     )
-    low_high = _data_range(config)
+    bounds = _bounds(config, x)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -608,11 +661,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             goal=args.goal,
             seed=args.seed,
-            data_range=low_high,
+            data_range=bounds,
+            method_options=runs.range_options(*bounds),
             device=dev,
             dist=dist,
             progress=args.progress,
             save_attributions=args.save_attributions,
+            classes=_classes(config),
         )
     if dist.rank == 0:
         _say(summary_table(records, ATTACK_COLUMNS))
@@ -628,6 +683,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, x, y = _load_images(args)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
+    bounds = _bounds(config, x)
+    options = runs.range_options(*bounds)
+    if args.beta is not None:
+        if "beta_smooth" not in methods:
+            raise InputError("--beta applies to --method beta_smooth; add it to --method")
+        beta, config["beta"] = _explain_beta(args, model, bounds, options), args.beta
+        if args.beta == "auto":
+            config["beta_auto"] = beta.record()
+            beta = beta.beta
+        config["beta_smooth_beta"] = beta
+        options["beta_smooth"] = {"beta": beta}
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
@@ -638,10 +704,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
             methods,
             batch_size=args.batch_size,
             seed=args.seed,
+            method_options=options,
             device=dev,
             dist=dist,
             progress=args.progress,
             save_attributions=args.save_attributions,
+            classes=_classes(config),
         )
     if dist.rank == 0:
         columns = (
@@ -654,6 +722,60 @@ def cmd_explain(args: argparse.Namespace) -> int:
         _say(f"results: {run.results}")
         _say(f"report: {_report(run)}")
     return 0
+
+
+# Size of the calibration behind --beta auto: held-out images and attack steps.
+CALIBRATION = {"n": 8, "steps": 100}
+
+
+def _held_out(args: argparse.Namespace, k: int) -> torch.Tensor:
+    """``k`` images that are not explained: the training split of built-in data, else
+    the images after the first ``--n`` (the last ``k`` when there are too few)."""
+    from .zoo import load_data
+
+    settings = vars(args)
+    split = "train" if args.data in BUILTIN_DATA else "all"
+    x = load_data(
+        args.data,
+        split,
+        image_size=args.image_size,
+        channels=args.channels,
+        mean=args.mean,
+        std=args.std,
+        preset=args.preset,
+    )[0]
+    if split == "train" or len(x) < 2:
+        return x[:k]
+    first = settings["n"] if len(x) >= settings["n"] + 2 else max(0, len(x) - k)
+    return x[first : first + k]
+
+
+def _explain_beta(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    options: Mapping[str, Mapping[str, object]],
+) -> object:
+    """``--beta`` as given, or the calibration that ``--beta auto`` asks for."""
+    from .calibrate import calibrate_beta
+
+    if args.beta != "auto":
+        return args.beta
+    x = _held_out(args, CALIBRATION["n"])
+    _say(f"calibrating beta on {len(x)} held-out images")
+    found = calibrate_beta(
+        model,
+        x,
+        "gradient",
+        steps=CALIBRATION["steps"],
+        data_range=bounds,
+        seed=args.seed,
+    )
+    verdict = (
+        "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
+    )
+    _say(f"beta = {found.beta:g} ({verdict})")
+    return found
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
@@ -678,7 +800,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{args.dir}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
             "settings, or delete sweep.jsonl to start a new one"
         )
-    model = _load(config, 1)[0]
+    model, x, _ = _load(config, 1)
+    bounds = _bounds(config, x)
     with distributed(device) as (dist, dev):
         if dist.rank == 0 and stored != settings:
             run.update_config(sweep=settings)
@@ -690,13 +813,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             args.betas,
             smoothgrad_n=args.smoothgrad_n,
             seed=int(config.get("seed", 0)),
-            data_range=_data_range(config),
+            data_range=bounds,
+            method_options=runs.range_options(*bounds),
+            min_fidelity=args.min_fidelity,
             device=dev,
             dist=dist,
             progress=args.progress,
         )
     if dist.rank == 0:
         _say(summary_table(records, SWEEP_COLUMNS, ("defense", "beta")))
+        _say()
+        _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
+        _say("of x vs undefended map of x; medians over images; * recommended beta")
+        _say(format_summary(run.read_sweep_summary()))
         _say(f"sweep: {run.path / 'sweep.jsonl'}")
     return 0
 
@@ -881,6 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        _apply_preset(args)
         return args.run(args)
     except (InputError, OSError) as err:
         # OSError: no space left, a read-only folder, a missing file. What was

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
+from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .store import RunDir, load_npz, read_jsonl
 from .validate import InputError
 
@@ -436,14 +437,27 @@ def _section_results(run: _Run) -> str:
     )
 
 
-def _row_labels(data: Mapping[str, np.ndarray], n: int) -> list[str]:
+def _row_labels(
+    data: Mapping[str, np.ndarray], n: int, names: Mapping[int, str] | None = None
+) -> list[str]:
     labels = []
     for i in range(n):
         text = f"#{int(data['index'][i])}" if "index" in data else f"{i}"
         if "label" in data and "label_adv" in data:
             text += f" {int(data['label'][i])}→{int(data['label_adv'][i])}"
+        if names and "index" in data and int(data["index"][i]) in names:
+            # The class name of the prediction, cut to fit the panel.
+            text += f" {names[int(data['index'][i])][:16]}"
         labels.append(text)
     return labels
+
+
+def _class_names(records: Sequence[Mapping], method: str | None = None) -> dict[int, str]:
+    return {
+        int(r["index"]): str(r["label_name"])
+        for r in records
+        if "label_name" in r and (method is None or r.get("method") == method)
+    }
 
 
 def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, list] | None:
@@ -503,15 +517,15 @@ def _section_methods(run: _Run) -> str:
         index = data["index"][:n] if "index" in data else np.arange(n)
         swept = _sweep_maps(run, method, index)
         path = figures.method_grid(
-            data["x"][:n],
+            _shown(run, data["x"][:n]),
             data["map_orig"][:n],
-            data["x_adv"][:n],
+            _shown(run, data["x_adv"][:n]),
             data["map_adv"][:n],
             data["map_target"][:n],
             run.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
-            row_labels=_row_labels(data, n),
+            row_labels=_row_labels(data, n, _class_names(run.results, method)),
         )
         caption = (
             f"First {n} of {len(data['x'])} images (row label: index, label before → after). "
@@ -539,10 +553,14 @@ def _section_explain(run: _Run) -> str:
     n = min(GRID_ROWS, len(first["x"]))
     maps = {m: d["map"][:n] for m, d in loaded.items() if "map" in d and len(d["map"]) >= n}
     path = figures.explain_grid(
-        first["x"][:n],
+        _shown(run, first["x"][:n]),
         maps,
         run.figures / "explain.png",
-        row_labels=_row_labels({"index": first["index"]} if "index" in first else {}, n),
+        row_labels=_row_labels(
+            {"index": first["index"]} if "index" in first else {},
+            n,
+            _class_names(run.explain or run.results),
+        ),
     )
     out = "<h2 id='explain'>Explanations</h2>" + _img(
         path,
@@ -610,12 +628,55 @@ def _undefended(results: Sequence[Mapping], method: str) -> dict[str, float] | N
     return found or None
 
 
+def _shown(run: _Run, x: np.ndarray) -> np.ndarray:
+    """Inputs as the eye should see them: normalised data back in [0, 1]."""
+    mean, std = run.config.get("mean"), run.config.get("std")
+    if mean is None and std is None:
+        return x
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    scale = np.ones(1) if std is None else np.asarray(std, dtype=np.float64)
+    shift = np.zeros(1) if mean is None else np.asarray(mean, dtype=np.float64)
+    return np.asarray(x, dtype=np.float64) * scale.reshape(shape) + shift.reshape(shape)
+
+
+def _summary(run: _Run) -> dict:
+    stored = RunDir(run.path).read_sweep_summary()
+    return stored if stored is not None else sweep_summary(run.sweep, MIN_FIDELITY)
+
+
+def _recommendation(run: _Run) -> str:
+    """Undefended, robustness and fidelity per beta, and the recommended beta, per method."""
+    out = [
+        "<h3 id='defense-choice'>Which beta: robustness and fidelity</h3>",
+        "<p>Robustness: defended map of the attacked image against the defended map of the "
+        "original (high: the attack no longer moves the map). Fidelity: defended map of the "
+        "original against the undefended one (high: the defense still explains the "
+        "network). The recommended beta (marked ★) is the most robust one whose median "
+        "fidelity (PCC) reaches the threshold. Medians over images.</p>",
+    ]
+    keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
+    for method, s in sorted(_summary(run).items()):
+        rec = s.get("recommended_beta")
+        rows = [["undefended", s["undefended"].get("n")] + [s["undefended"].get(k) for k in keys]]
+        for name, cells in (("β-smoothing", s["betas"]), ("SmoothGrad, matched", s["smoothgrad"])):
+            for beta, cell in cells.items():
+                star = " ★" if name == "β-smoothing" and rec == float(beta) else ""
+                rows.append([f"{name} β={beta}{star}", cell.get("n")] + [cell.get(k) for k in keys])
+        header = ["setting", "images", "robustness PCC", "robustness SSIM"]
+        header += ["fidelity PCC", "fidelity SSIM"]
+        out.append(f"<h4>{_e(method)}</h4>")
+        out.append(_table(f"choice-{_slug(method)}", header, rows))
+        out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
+    return "".join(out)
+
+
 def _section_defense(run: _Run) -> str:
     if not run.sweep:
         return "<h2 id='defense'>Defense: beta-smoothing and SmoothGrad</h2>" + _note(
             "No defense sweep in this run (sweep.jsonl is missing or empty)."
         )
     out = ["<h2 id='defense'>Defense: beta-smoothing and SmoothGrad</h2>"]
+    out.append(_recommendation(run))
     out.append(
         "<p>Each attacked image is explained again by the defended network "
         "(ReLU → softplus<sub>β</sub>) or by SmoothGrad, and the map is compared with the "

@@ -25,6 +25,7 @@ from .explain import METHODS, explain
 from .explain import method_options as options_of
 from .geometry import curvature
 from .metrics import heatmap
+from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import smooth
 from .store import Arrays, Record, RunDir, load_npz, read_jsonl
 from .units import Unit, derangement, execute, plan, unit_seed
@@ -53,8 +54,12 @@ def load_inputs(
     channels: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    preset: str | None = None,
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """Load a model and the first ``n`` test items, and check that they fit together.
+
+    ``preset`` (a ``torchvision:...`` model spec) prepares the images as those
+    weights require; see :func:`betasmooth.zoo.load_data`.
 
     Everything that can be wrong with user input fails here, before a run
     directory is touched.
@@ -73,7 +78,9 @@ def load_inputs(
     if n is not None and n < 1:
         raise InputError(f"-n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
-    x, y = load_data(data, "test", image_size=image_size, channels=channels, mean=mean, std=std)
+    x, y = load_data(
+        data, "test", image_size=image_size, channels=channels, mean=mean, std=std, preset=preset
+    )
     if n is not None:
         x, y = x[:n], y[:n]
     check_compatible(net, x)
@@ -110,6 +117,33 @@ def explain_methods(methods: str | Sequence[str]) -> list[str]:
     return _split_methods(methods, list(METHODS))
 
 
+def range_options(
+    low: torch.Tensor | float, high: torch.Tensor | float
+) -> dict[str, dict[str, object]]:
+    """Options that make the methods respect the data's range ``[low, high]`` (per channel).
+
+    LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
+    ``high - low``. Pass the result as ``method_options`` of the runs.
+
+    Examples
+    --------
+    >>> opts = range_options(torch.tensor([-2.0]).view(1, 1, 1, 1), 2.0)
+    >>> sorted(opts), float(opts["smoothgrad"]["input_range"])
+    (['lrp', 'smoothgrad'], 4.0)
+    """
+    span = high - low
+    return {"lrp": {"low": low, "high": high}, "smoothgrad": {"input_range": span}}
+
+
+def _named(record: Record, classes: Sequence[str] | None) -> Record:
+    """The record with the class names of its predicted labels, where the model has them."""
+    if classes:
+        for key in ("label", "label_adv"):
+            if isinstance(record.get(key), int) and 0 <= record[key] < len(classes):
+                record[f"{key}_name"] = classes[record[key]]
+    return record
+
+
 def _options(
     unit: Unit,
     given: dict[str, dict[str, object]] | None,
@@ -144,6 +178,7 @@ def attack_run(
     dist: Dist | None = None,
     progress: bool | None = None,
     save_attributions: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> list[Record]:
     """Attack every item of ``x`` with every method, batch by batch, into ``run``.
 
@@ -156,7 +191,9 @@ def attack_run(
     ``attr_orig`` and ``attr_adv``, the signed explanations ``(B, C, H, W)``
     of ``x`` and ``x_adv`` on the original network (of the label of ``x``),
     whose heatmaps are the maps. ``steps`` is one budget for all methods,
-    one per method, or ``None`` for the attack's defaults.
+    one per method, or ``None`` for the attack's defaults. With ``classes``
+    (the model's class names) records also hold ``label_name`` and
+    ``label_adv_name``.
 
     Returns
     -------
@@ -209,7 +246,8 @@ def attack_run(
             if targets is not None:
                 head["target_index"] = int(targets[i])
             head["true_label"] = int(y[i])
-            records.append({**head, **{key: v for key, v in r.items() if key not in head}})
+            row = {**head, **{key: v for key, v in r.items() if key not in head}}
+            records.append(_named(row, classes))
         arrays = result.arrays()
         arrays["index"] = np.asarray(unit.indices)
         if targets is not None:
@@ -240,6 +278,7 @@ def explain_run(
     dist: Dist | None = None,
     progress: bool | None = None,
     save_attributions: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> list[Record]:
     """Explain every item with every method; one record per (index, method).
 
@@ -247,7 +286,8 @@ def explain_run(
     predicted class, which is explained), ``logit`` and statistics of the
     heatmap: ``map_max``, ``map_entropy`` (in nats, of the map as a
     distribution over pixels) and ``map_top10_mass`` (mass on the top 10 % of
-    pixels). Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
+    pixels); with ``classes`` (the model's class names) also ``label_name``.
+    Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
     ``save_attributions`` the signed explanation ``attribution`` ``(B, C, H, W)``.
 
     Examples
@@ -276,16 +316,19 @@ def explain_run(
         entropy = -(flat * flat.clamp_min(1e-30).log()).sum(1)
         top = flat.topk(k, dim=1).values.sum(1)
         records = [
-            {
-                "index": i,
-                "method": unit.method,
-                "true_label": int(y[i]),
-                "label": int(label[j]),
-                "logit": float(logits[j, label[j]]),
-                "map_max": float(flat[j].max()),
-                "map_entropy": float(entropy[j]),
-                "map_top10_mass": float(top[j]),
-            }
+            _named(
+                {
+                    "index": i,
+                    "method": unit.method,
+                    "true_label": int(y[i]),
+                    "label": int(label[j]),
+                    "logit": float(logits[j, label[j]]),
+                    "map_max": float(flat[j].max()),
+                    "map_entropy": float(entropy[j]),
+                    "map_top10_mass": float(top[j]),
+                },
+                classes,
+            )
             for j, i in enumerate(unit.indices)
         ]
         arrays = {
@@ -315,6 +358,8 @@ def sweep_run(
     smoothgrad_n: int = 20,
     seed: int = 0,
     data_range: tuple[float, float] | None = (0.0, 1.0),
+    method_options: dict[str, dict[str, object]] | None = None,
+    min_fidelity: float = MIN_FIDELITY,
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
@@ -329,6 +374,10 @@ def sweep_run(
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
     each ``(B, len(betas), H, W)``. Batches already in ``sweep.jsonl`` are
     skipped, so the sweep is resumable and running it twice adds nothing.
+    ``method_options`` holds the options of each base method (e.g. LRP's
+    bounds, :func:`range_options`). Rank 0 writes ``sweep_summary.json``:
+    median robustness and fidelity per method, defense and beta and the
+    recommended beta (:func:`betasmooth.recommend.sweep_summary`).
 
     Examples
     --------
@@ -365,6 +414,7 @@ def sweep_run(
             betas,
             smoothgrad_n=smoothgrad_n,
             data_range=data_range,
+            method_options=(method_options or {}).get(base),
             seed=unit_seed(seed, unit.method, unit.indices[0]),
         )
         records = [
@@ -383,7 +433,10 @@ def sweep_run(
                 arrays[key] = torch.stack(maps, 1).numpy()
         return records, arrays
 
-    return execute(run, units, work, name="sweep", dist=dist, progress=progress, desc="sweep")
+    records = execute(run, units, work, name="sweep", dist=dist, progress=progress, desc="sweep")
+    if records:
+        run.write_sweep_summary(sweep_summary(records, min_fidelity))
+    return records
 
 
 def curvature_run(

@@ -8,6 +8,7 @@ A run directory holds everything a command produced::
     DIR/arrays/<method>-<first index>.npz   arrays of one batch (x, x_adv, maps, ...;
                              with save_attributions also the signed attributions)
     DIR/sweep.jsonl          defense sweep records, each with its index and method
+    DIR/sweep_summary.json   median robustness and fidelity per beta, the recommended beta
     DIR/explain.jsonl        the demo's explanation records
     DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches
     DIR/theory.json          Theorem 2 checks
@@ -280,6 +281,21 @@ class RunDir:
     @property
     def theory(self) -> Path:
         return self.path / "theory.json"
+
+    @property
+    def sweep_summary(self) -> Path:
+        """Medians of the sweep per beta and the recommended beta, beside ``sweep.jsonl``."""
+        return self.path / "sweep_summary.json"
+
+    def write_sweep_summary(self, summary: Mapping[str, object]) -> None:
+        """Write :attr:`sweep_summary` atomically."""
+        write_json(self.sweep_summary, summary)
+
+    def read_sweep_summary(self) -> dict | None:
+        """The stored sweep summary, or ``None`` where the run has none."""
+        if not self.sweep_summary.is_file():
+            return None
+        return json.loads(self.sweep_summary.read_text())
 
     def file(self, name: str = "results") -> Path:
         """The JSON-lines file this rank appends ``name`` records to."""

@@ -32,6 +32,17 @@ Model specs
     ``"path/to/file.py:factory"`` or ``"package.module:factory"``
         ``factory()`` is called without arguments and must return an
         ``nn.Module``.
+    ``"torchvision:NAME[:WEIGHTS]"``
+        A pretrained torchvision classifier, e.g. ``"torchvision:vgg16"`` or
+        ``"torchvision:resnet50:IMAGENET1K_V2"``, through torchvision's
+        weights API and the torch hub cache; see :mod:`betasmooth.pretrained`.
+
+Normalised data
+    ``load_data`` returns an :class:`ImageData`: it unpacks as ``x, y`` and
+    carries the value range of ``x`` per channel, ``low = (0 - mean) / std``
+    and ``high = (1 - mean) / std`` for images in [0, 1], as ``(1, C, 1, 1)``
+    tensors ready for LRP's z^B rule (``low=``, ``high=``), the attack's
+    clamp (``data_range=data.bounds``) and SmoothGrad's noise level.
 
 Weights are only ever read with ``torch.load(..., weights_only=True)``, which
 restores tensors and plain containers and refuses to unpickle anything else,
@@ -63,7 +74,10 @@ __all__ = [
     "BUILTIN_MODELS",
     "DATA_RANGE",
     "IMAGE_SUFFIXES",
+    "MODEL_SCHEMES",
+    "ImageData",
     "check_compatible",
+    "data_bounds",
     "data_range",
     "digits_cnn",
     "load_data",
@@ -190,16 +204,20 @@ def _pair(size: Size | None) -> tuple[int, int] | None:
 
 
 def _folder(
-    folder: Path, size: tuple[int, int] | None, channels: int | None
+    folder: Path,
+    size: tuple[int, int] | None,
+    channels: int | None,
+    fit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     files, labels = _folder_files(folder)
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise InputError(f"data folder {folder} holds no images; expected files ending {suffixes}")
-    first = _read_image(files[0], channels, size)
+    fit = fit or (lambda image: image)
+    first = fit(_read_image(files[0], channels, size))
     images = [first]
     for path in files[1:]:
-        image = _read_image(path, first.shape[0], size)
+        image = fit(_read_image(path, first.shape[0], size))
         if image.shape != first.shape:
             raise InputError(
                 f"image {path} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
@@ -306,6 +324,103 @@ def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def resize_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """Resize the shorter side to ``resize`` (bilinear, antialiased), then crop the centre.
+
+    The preprocessing of torchvision's image classifiers
+    (``Resize(resize)`` then ``CenterCrop(crop)``), on a batch ``(N, C, H, W)``.
+
+    Examples
+    --------
+    >>> resize_crop(torch.rand(2, 3, 40, 60), 32, 28).shape
+    torch.Size([2, 3, 28, 28])
+    """
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    other = int(resize * long / short)
+    size = (resize, other) if h <= w else (other, resize)
+    x = _resize(x, size)
+    top = int(round((size[0] - crop) / 2.0))
+    left = int(round((size[1] - crop) / 2.0))
+    if top < 0 or left < 0:
+        raise InputError(
+            f"crop {crop} is larger than the resized image {size}; expected crop <= {resize}"
+        )
+    return x[..., top : top + crop, left : left + crop]
+
+
+class ImageData(tuple):
+    """``(x, y)`` as :func:`load_data` returns them, with the value range of ``x`` per channel.
+
+    Unpacks like a pair (``x, y = data``). ``low`` and ``high`` are
+    ``(1, C, 1, 1)`` tensors: the range of the raw values (``[0, 1]`` for
+    images) mapped through the normalisation, ``(0 - mean) / std`` and
+    ``(1 - mean) / std``. Pass them to LRP (``low=data.low, high=data.high``),
+    to :func:`betasmooth.manipulate` and :func:`betasmooth.defense_sweep`
+    (``data_range=data.bounds``); :meth:`denormalise` undoes the
+    normalisation for display.
+
+    Attributes
+    ----------
+    x, y : torch.Tensor
+        Inputs ``(N, C, H, W)`` and labels ``(N,)``.
+    low, high : torch.Tensor
+        Per-channel bounds of ``x``, shape ``(1, C, 1, 1)``.
+    mean, std : torch.Tensor
+        The normalisation, shape ``(1, C, 1, 1)`` (zeros and ones without one).
+
+    Examples
+    --------
+    >>> data = load_data("digits", mean=0.5, std=0.25)
+    >>> x, y = data
+    >>> data.low.flatten().tolist(), data.high.flatten().tolist()
+    ([-2.0], [2.0])
+    """
+
+    def __new__(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+    ) -> ImageData:
+        data = super().__new__(cls, (x, y))
+        data.low, data.high, data.mean, data.std = low, high, mean, std
+        return data
+
+    def __reduce__(self) -> tuple:
+        return (ImageData, (*self, self.low, self.high, self.mean, self.std))
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(low, high)``, each ``(1, C, 1, 1)``."""
+        return self.low, self.high
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * std + mean``: inputs back in the raw value range, e.g. for display."""
+        return x * self.std.to(x) + self.mean.to(x)
+
+
+def _normalisation(
+    mean: Stats | None, std: Stats | None, channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shift = torch.zeros(1, channels, 1, 1) if mean is None else _stats(mean, "mean", channels)
+    scale = torch.ones(1, channels, 1, 1) if std is None else _stats(std, "std", channels)
+    if not bool((scale > 0).all()):
+        raise InputError(f"std must be > 0; got {std!r}")
+    return shift, scale
+
+
 def _source(spec: str) -> str:
     if spec in BUILTIN_DATA:
         return "builtin"
@@ -334,7 +449,8 @@ def load_data(
     channels: int | None = None,
     mean: Stats | None = None,
     std: Stats | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    preset: str | None = None,
+) -> ImageData:
     """Load images and labels by a spec string.
 
     Parameters
@@ -355,12 +471,18 @@ def load_data(
     mean, std : float or sequence of float, optional
         Normalise to ``(x - mean) / std`` after scaling to [0, 1]; one value
         or one per channel.
+    preset : str, optional
+        A model spec ``"torchvision:NAME[:WEIGHTS]"``: prepare the images as
+        those weights require (RGB, shorter side resized, centre crop, mean
+        and std). ``image_size`` replaces its resize and crop by a plain
+        resize, ``mean`` and ``std`` replace its own.
 
     Returns
     -------
-    tuple of torch.Tensor
-        ``x`` float32 of shape ``(N, C, H, W)`` and ``y`` long of shape
-        ``(N,)``, -1 where a label is unknown.
+    ImageData
+        A pair ``(x, y)``: ``x`` float32 of shape ``(N, C, H, W)`` and ``y``
+        long of shape ``(N,)``, -1 where a label is unknown; with the
+        per-channel bounds of ``x`` as ``.low``, ``.high`` (``.bounds``).
 
     Raises
     ------
@@ -375,6 +497,9 @@ def load_data(
     ((450, 1, 32, 32), (450,))
     >>> float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     True
+    >>> data = load_data("digits", mean=0.5, std=0.5)
+    >>> [t.flatten().tolist() for t in data.bounds]
+    [[-1.0], [1.0]]
     """
     if not isinstance(spec, (str, Path)):
         raise InputTypeError(f"data spec must be a string; got {type(spec).__name__}")
@@ -384,22 +509,83 @@ def load_data(
         raise InputError(f"channels must be 1 or 3; got {channels!r}")
     spec = str(spec)
     size = _pair(image_size)
+    fit = None
+    if preset is not None:
+        prep = _preprocessing(preset)
+        channels = 3
+        mean = prep.mean if mean is None else mean
+        std = prep.std if std is None else std
+        if size is None:
+
+            def fit(image: np.ndarray) -> np.ndarray:
+                return resize_crop(torch.from_numpy(image)[None], prep.resize, prep.crop)[0].numpy()
+
     source = _source(spec)
     if source == "builtin":
         x, y = BUILTIN_DATA[spec](split)
     elif source == "folder":
-        x, y = _folder(Path(spec), size, channels)
+        x, y = _folder(Path(spec), size, channels, fit)
     else:
         x, y = _npz(Path(spec))
-    x = _resize(_to_channels(x, channels), size)
-    if mean is not None:
-        x = x - _stats(mean, "mean", x.shape[1])
-    if std is not None:
-        scale = _stats(std, "std", x.shape[1])
-        if not bool((scale > 0).all()):
-            raise InputError(f"std must be > 0; got {std!r}")
-        x = x / scale
-    return x, y
+    x = _to_channels(x, channels)
+    if fit is not None and source != "folder":
+        x = resize_crop(x, prep.resize, prep.crop)
+    x = _resize(x, size)
+    raw_low, raw_high = _raw_range(source, x)
+    shift, scale = _normalisation(mean, std, x.shape[1])
+    x = (x - shift) / scale
+    low = (torch.full_like(shift, raw_low) - shift) / scale
+    high = (torch.full_like(shift, raw_high) - shift) / scale
+    return ImageData(x, y, low, high, shift, scale)
+
+
+def _preprocessing(preset: str) -> object:
+    from .pretrained import is_pretrained, preprocessing
+
+    if not is_pretrained(preset):
+        raise InputError(
+            f"preset must be a torchvision model spec such as 'torchvision:vgg16'; got {preset!r}"
+        )
+    return preprocessing(preset)
+
+
+def _raw_range(source: str, x: torch.Tensor) -> tuple[float, float]:
+    # Images are [0, 1] by construction; an .npz may hold anything, so its own
+    # extremes widen the interval.
+    if source != "npz":
+        return DATA_RANGE
+    return min(DATA_RANGE[0], float(x.min())), max(DATA_RANGE[1], float(x.max()))
+
+
+def data_bounds(
+    spec: str,
+    *,
+    mean: Stats | None = None,
+    std: Stats | None = None,
+    channels: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel bounds ``(low, high)`` of the inputs of a data spec, each ``(1, C, 1, 1)``.
+
+    The bounds :func:`load_data` attaches to its result, without loading a
+    folder of images: ``(0 - mean) / std`` and ``(1 - mean) / std`` for
+    built-in data and images; an ``.npz`` file is read for its own extremes.
+
+    Examples
+    --------
+    >>> low, high = data_bounds("digits", mean=[0.5, 0.4, 0.3], std=0.5, channels=3)
+    >>> [round(v, 2) for v in low.flatten().tolist()]
+    [-1.0, -0.8, -0.6]
+    """
+    source = _source(str(spec))
+    if source == "npz":
+        data = load_data(spec, channels=channels, mean=mean, std=std)
+        return data.low, data.high
+    n = channels or max(
+        [torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None]
+        + [1 if source == "builtin" else 3]
+    )
+    shift, scale = _normalisation(mean, std, n)
+    return (DATA_RANGE[0] - shift) / scale, (DATA_RANGE[1] - shift) / scale
 
 
 def data_range(
@@ -505,6 +691,18 @@ def _trained_digits_cnn() -> nn.Module:
 #: Built-in models: name -> ``factory() -> nn.Module`` (trained).
 BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
     "digits-cnn": _trained_digits_cnn,
+}
+
+
+def _pretrained(spec: str) -> nn.Module:
+    from .pretrained import load_pretrained
+
+    return load_pretrained(spec)
+
+
+#: Model spec prefixes: ``"prefix:..."`` -> ``loader(spec) -> nn.Module`` (trained).
+MODEL_SCHEMES: dict[str, Callable[[str], nn.Module]] = {
+    "torchvision": _pretrained,
 }
 
 
@@ -669,7 +867,9 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     spec : str
         A built-in name (``"digits-cnn"``), ``"path/to/file.py:factory"`` or
         ``"package.module:factory"``; ``factory()`` is called without
-        arguments and must return an ``nn.Module``.
+        arguments and must return an ``nn.Module``. ``"torchvision:vgg16"``
+        or ``"torchvision:resnet50:IMAGENET1K_V2"`` load a pretrained
+        torchvision classifier (:mod:`betasmooth.pretrained`).
     weights : str or Path, optional
         A state dict file to load into the model (also into a built-in one),
         read with ``torch.load(weights_only=True, map_location="cpu")``: no
@@ -700,7 +900,11 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     if weights is not None:
         check_instance("weights", weights, (str, Path), "None or the path of a state dict file")
     builtin = BUILTIN_MODELS.get(spec)
-    model = builtin() if builtin is not None else _user_model(spec)
+    scheme = MODEL_SCHEMES.get(spec.partition(":")[0])
+    if builtin is not None:
+        model = builtin()
+    else:
+        model = scheme(spec) if scheme is not None else _user_model(spec)
     if weights is not None:
         _apply_weights(model, weights)
     return model.eval()

@@ -92,16 +92,21 @@ def standard_noise(
     return NOISES[check_choice("noise", noise, NOISES)](torch.Size(shape), generator, like)
 
 
-def noise_scale(x: torch.Tensor, sigma: float, input_range: float | None = None) -> torch.Tensor:
+def noise_scale(
+    x: torch.Tensor, sigma: float, input_range: float | torch.Tensor | None = None
+) -> torch.Tensor:
     """Standard deviation of the noise per item: ``sigma`` times the input range.
 
     The range is ``x.max() - x.min()`` of each item (Smilkov et al. 2017)
-    unless ``input_range`` fixes it, e.g. 1.0 for images in [0, 1].
+    unless ``input_range`` fixes it, e.g. 1.0 for images in [0, 1], or a
+    tensor of one range per channel, ``(1, C, 1, 1)``, for normalised data
+    (``high - low`` of :class:`betasmooth.zoo.ImageData`).
 
     Returns
     -------
     torch.Tensor
-        Shape ``(B, 1, ..., 1)``, broadcastable to ``x``.
+        Shape ``(B, 1, ..., 1)``, or the shape of a tensor ``input_range``;
+        broadcastable to ``x``.
 
     Examples
     --------
@@ -109,6 +114,8 @@ def noise_scale(x: torch.Tensor, sigma: float, input_range: float | None = None)
     tensor([[0.2000],
             [0.0500]])
     """
+    if torch.is_tensor(input_range):
+        return sigma * input_range.to(x)
     if input_range is None:
         flat = x.flatten(1)
         spread = flat.amax(1) - flat.amin(1)
@@ -172,7 +179,7 @@ def smoothgrad(
     n: int = 50,
     sigma: float = 0.15,
     noise: str = "gaussian",
-    input_range: float | None = None,
+    input_range: float | torch.Tensor | None = None,
     seed: Seed = None,
     chunk: int | None = None,
     **options: object,
@@ -197,8 +204,9 @@ def smoothgrad(
     noise : str
         ``gaussian``, or ``logistic`` with the same standard deviation (scale
         ``sigma * range * sqrt(3) / pi``), the density of Theorem 2.
-    input_range : float or None
-        A fixed input range, e.g. 1.0 for images in [0, 1].
+    input_range : float, torch.Tensor or None
+        A fixed input range, e.g. 1.0 for images in [0, 1], or one per
+        channel as a ``(1, C, 1, 1)`` tensor.
     seed : int, sequence of int, (B,) integer tensor or None
         Fixes the draws, e.g. to keep them equal over the steps of an attack:
         one ``torch.Generator`` for the batch, or one per item, so that an
@@ -220,7 +228,11 @@ def smoothgrad(
     fn, options = _base("smoothgrad", base, base_options, options)
     n = check_count("n", n)
     check_positive("sigma", sigma)
-    check_positive("input_range", input_range, optional=True)
+    if torch.is_tensor(input_range):
+        if not bool((input_range > 0).all()) or not bool(torch.isfinite(input_range).all()):
+            raise InputError("input_range must be positive and finite in every channel")
+    else:
+        check_positive("input_range", input_range, optional=True)
     draw = NOISES[check_choice("noise", noise, NOISES)]
     generators = _generators(seed, x)
     chunk = auto_chunk(chunk, n, x.shape[0])

@@ -1,0 +1,150 @@
+"""Choose beta for a model: attack a few held-out images briefly, sweep, recommend.
+
+:func:`calibrate_beta` is what ``betasmooth explain --method beta_smooth
+--beta auto`` runs: a short targeted attack on the base method of a few
+images that are not explained afterwards, a defense sweep over candidate
+betas, and the recommendation of :func:`betasmooth.recommend.recommend_beta`
+(the most robust beta whose median fidelity is at least ``min_fidelity``).
+When no candidate is faithful enough, the most faithful one is taken and the
+result says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attack import defense_sweep, manipulate, random_targets
+from .explain import explain
+from .metrics import heatmap
+from .recommend import MIN_FIDELITY
+from .validate import InputError
+
+__all__ = ["CANDIDATE_BETAS", "Calibration", "calibrate_beta"]
+
+#: Betas tried by :func:`calibrate_beta` unless told otherwise.
+CANDIDATE_BETAS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate_beta` found.
+
+    Attributes
+    ----------
+    beta : float
+        The chosen beta.
+    recommended : bool
+        ``True`` when ``beta`` met the fidelity threshold (the recommended
+        beta); ``False`` when none did and the most faithful one was taken.
+    summary : dict
+        The sweep's summary (:meth:`betasmooth.attack.SweepResult.summary`).
+    """
+
+    beta: float
+    recommended: bool
+    summary: dict[str, object]
+
+    def record(self) -> dict[str, object]:
+        """A JSON-ready account of the choice, e.g. for ``config.json``."""
+        return {
+            "beta": self.beta,
+            "recommended": self.recommended,
+            "min_fidelity": self.summary["min_fidelity"],
+            "undefended": self.summary["undefended"],
+            "betas": self.summary["betas"],
+        }
+
+
+def calibrate_beta(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str = "gradient",
+    *,
+    betas: Sequence[float] = CANDIDATE_BETAS,
+    steps: int = 100,
+    min_fidelity: float = MIN_FIDELITY,
+    data_range: tuple[float, float] | tuple[torch.Tensor, torch.Tensor] | None = (0.0, 1.0),
+    method_options: dict[str, object] | None = None,
+    seed: int = 0,
+) -> Calibration:
+    """Beta for beta-smoothing ``method``, calibrated on the images ``x``.
+
+    Each image is attacked (targeted, towards another image's map, ``steps``
+    Adam steps) and the defense sweep measures, per beta, robustness
+    (defended map of ``x_adv`` against the defended map of ``x``) and
+    fidelity (defended map of ``x`` against the undefended one).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Classifier.
+    x : torch.Tensor
+        At least two held-out images ``(B, C, H, W)``, not those to be explained.
+    method : str
+        The base method that beta_smooth will smooth.
+    betas : sequence of float
+        Candidates.
+    steps : int
+        Attack steps per image.
+    min_fidelity : float
+        Least median fidelity (PCC) of a recommended beta.
+    data_range : tuple, optional
+        Bounds of the inputs (floats or per-channel tensors) for the attack's clamp.
+    method_options : dict, optional
+        Options of ``method`` (e.g. LRP's ``low`` / ``high``).
+    seed : int
+        Seeds the targets and the attack.
+
+    Returns
+    -------
+    Calibration
+        The chosen beta, whether it was recommended, and the summary.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x = bs.load_data("digits", split="train")[0][:4]
+    >>> found = calibrate_beta(model, x, betas=[1.0, 20.0], steps=10)
+    >>> found.beta in (1.0, 20.0)
+    True
+    """
+    if x.shape[0] < 2:
+        raise InputError(f"calibrating beta needs at least 2 images; got {x.shape[0]}")
+    options = dict(method_options or {})
+    maps = heatmap(explain(model, x, method, **options)).detach()
+    targets = random_targets(maps, torch.Generator().manual_seed(seed)).to(x.device)
+    attacked = manipulate(
+        model,
+        x,
+        targets,
+        method,
+        steps=steps,
+        data_range=data_range,
+        method_options=options,
+        seed=seed,
+    )
+    sweep = defense_sweep(
+        model,
+        x,
+        attacked.x_adv.to(x.device),
+        targets,
+        method,
+        list(betas),
+        defenses=("beta_smooth",),
+        data_range=data_range,
+        method_options=options,
+        seed=seed,
+    )
+    summary = sweep.summary(min_fidelity)
+    best = summary["recommended_beta"]
+    if best is not None:
+        return Calibration(float(best), True, summary)
+    faithful = max(
+        summary["betas"].items(), key=lambda kv: (kv[1]["fidelity_pcc"] or -1.0, float(kv[0]))
+    )
+    return Calibration(float(faithful[0]), False, summary)

@@ -1,0 +1,232 @@
+"""Pretrained torchvision classifiers by spec: ``torchvision:NAME[:WEIGHTS]``.
+
+``torchvision:vgg16`` is VGG-16 with its ``DEFAULT`` weights,
+``torchvision:resnet50:IMAGENET1K_V2`` names a member of the weights enum.
+Names and weights are torchvision's own (:func:`torchvision.models.get_model`,
+:func:`torchvision.models.get_model_weights`). The weights file is the one
+torchvision downloads into the torch hub cache,
+``torch.hub.get_dir()/checkpoints/<file name of weights.url>`` (``TORCH_HOME``
+moves it): a cached file is read with ``torch.load(weights_only=True)`` into
+the architecture built without weights; a missing one is downloaded once, and
+without network the error says which file is missing, where it is expected
+and how to get it.
+
+The weights come with their preprocessing (resize of the shorter side, centre
+crop, mean, std) and class names: :func:`preprocessing` and
+:func:`categories` give them, and ``load_data(..., preset=spec)`` prepares
+images as the weights require.
+
+torchvision is an optional dependency: ``pip install -e ".[vision]"``.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .validate import InputError
+
+__all__ = [
+    "PREFIX",
+    "Preprocessing",
+    "categories",
+    "checkpoint_path",
+    "download",
+    "is_pretrained",
+    "load_pretrained",
+    "preprocessing",
+    "weights_of",
+]
+
+#: Spec prefix of the pretrained torchvision models.
+PREFIX = "torchvision"
+EXTRA = 'pip install -e ".[vision]"'
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model's weights expect its input: resize, crop, then normalise.
+
+    Attributes
+    ----------
+    resize : int
+        Length the shorter image side is resized to (bilinear, antialiased).
+    crop : int
+        Side of the centre crop taken after resizing.
+    mean, std : tuple of float
+        Per-channel normalisation ``(x - mean) / std`` of images in [0, 1].
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def is_pretrained(spec: object) -> bool:
+    """Whether ``spec`` names a torchvision model (``torchvision:NAME[:WEIGHTS]``).
+
+    Examples
+    --------
+    >>> is_pretrained("torchvision:vgg16"), is_pretrained("digits-cnn")
+    (True, False)
+    """
+    return isinstance(spec, str) and spec.partition(":")[0] == PREFIX
+
+
+def _torchvision() -> types.ModuleType:
+    try:
+        import torchvision.models
+    except ImportError as err:
+        raise InputError(
+            f"torchvision models need the optional torchvision package ({err}); "
+            f"install the extra with {EXTRA}"
+        ) from err
+    return torchvision.models
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != PREFIX or not all(parts[1:]):
+        raise InputError(
+            f"model spec {spec!r} is malformed; expected torchvision:NAME or "
+            "torchvision:NAME:WEIGHTS, e.g. torchvision:vgg16 or torchvision:resnet50:IMAGENET1K_V2"
+        )
+    return parts[1], parts[2] if len(parts) == 3 else "DEFAULT"
+
+
+def weights_of(spec: str) -> object:
+    """The torchvision weights enum member that ``spec`` names.
+
+    Raises
+    ------
+    InputError
+        torchvision is missing, or the model or weights name is unknown.
+
+    Examples
+    --------
+    >>> weights_of("torchvision:vgg16").name
+    'IMAGENET1K_V1'
+    """
+    models = _torchvision()
+    name, member = _parse(spec)
+    if name not in models.list_models():
+        raise InputError(
+            f"unknown torchvision model {name!r}; expected a name from "
+            "torchvision.models.list_models(), e.g. vgg16, resnet50"
+        )
+    enum = models.get_model_weights(name)
+    if member == "DEFAULT":
+        return enum.DEFAULT
+    if member not in enum.__members__:
+        known = ", ".join(["DEFAULT", *enum.__members__])
+        raise InputError(f"unknown weights {member!r} for {name}; expected one of {known}")
+    return enum[member]
+
+
+def checkpoint_path(spec: str) -> Path:
+    """Where torchvision keeps the weights file of ``spec``: the torch hub cache.
+
+    Examples
+    --------
+    >>> checkpoint_path("torchvision:vgg16").name
+    'vgg16-397923af.pth'
+    """
+    url = weights_of(spec).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch ``url`` into ``path`` (the hub cache) as torchvision itself would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(path), progress=True)
+
+
+def _fetch(spec: str, path: Path) -> None:
+    name = _parse(spec)[0]
+    try:
+        download(weights_of(spec).url, path)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InputError(
+            f"the weights of {spec} are not cached and could not be downloaded ({err}): "
+            f"expected the file {path.name} in {path.parent} (torch hub cache, moved by "
+            'TORCH_HOME); run once with network, or python -c "import torchvision; '
+            f"torchvision.models.get_model('{name}', weights='DEFAULT')\", or copy the file there"
+        ) from err
+
+
+def load_pretrained(spec: str) -> nn.Module:
+    """The torchvision model of ``spec`` with its pretrained weights, on the CPU.
+
+    The architecture is built with ``weights=None`` and the cached state dict
+    loaded into it with ``torch.load(weights_only=True)``; a missing file is
+    downloaded into the hub cache first.
+
+    Raises
+    ------
+    InputError
+        torchvision is missing, the spec is unknown, or the file is neither
+        cached nor downloadable (the message names the file and where it is
+        expected).
+
+    Examples
+    --------
+    >>> model = load_pretrained("torchvision:vgg16")  # doctest: +SKIP
+    """
+    from .zoo import load_state_dict
+
+    weights = weights_of(spec)
+    path = checkpoint_path(spec)
+    if not path.is_file():
+        _fetch(spec, path)
+    model = _torchvision().get_model(_parse(spec)[0], weights=None)
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(
+            f"{path} does not hold the weights {weights} ({str(err).splitlines()[0]}); "
+            "delete it so that it is downloaded again"
+        ) from err
+    return model.eval()
+
+
+def preprocessing(spec: str) -> Preprocessing:
+    """Resize, crop, mean and std that the weights of ``spec`` expect.
+
+    Read from ``weights.transforms()``.
+
+    Examples
+    --------
+    >>> preprocessing("torchvision:vgg16")
+    Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    """
+    t = weights_of(spec).transforms()
+    if not all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
+        raise InputError(
+            f"the weights of {spec} have no image-classification preprocessing; "
+            "expected an image classifier from torchvision.models"
+        )
+    return Preprocessing(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(float(m) for m in t.mean),
+        std=tuple(float(s) for s in t.std),
+    )
+
+
+def categories(spec: str) -> list[str] | None:
+    """The class names of the weights of ``spec``, by class index (``None`` if unnamed).
+
+    Examples
+    --------
+    >>> categories("torchvision:vgg16")[:2]
+    ['tench', 'goldfish']
+    """
+    names = weights_of(spec).meta.get("categories")
+    return list(names) if names else None

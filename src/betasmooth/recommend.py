@@ -1,0 +1,217 @@
+"""Robustness and fidelity of a defense sweep, and the beta to recommend.
+
+For one explanation method and one attack:
+
+robustness
+    the defended map of ``x_adv`` against the defended map of ``x``
+    (``adv_vs_clean_<m>`` in the sweep's records): does the defense keep the
+    attack from moving the map?
+fidelity
+    the defended map of ``x`` against the undefended map of ``x``
+    (``clean_vs_orig_<m>``): does the defense still explain what the network
+    does?
+undefended
+    the map of ``x_adv`` against the map of ``x`` without defense
+    (``adv_vs_orig_<m>``): what the attack achieved.
+
+The recommended beta is the most robust (median PCC) among the betas whose
+median fidelity (PCC) is at least ``min_fidelity``; ``None`` when no beta
+qualifies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["MIN_FIDELITY", "format_summary", "recommend_beta", "sweep_summary", "verdict"]
+
+#: Least median fidelity (PCC) of a beta that can be recommended.
+MIN_FIDELITY = 0.9
+METRICS = ("pcc", "ssim")
+
+
+def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.median(values)) if values else None
+
+
+def _cell(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    cell: dict[str, object] = {"n": len(rows)}
+    for m in METRICS:
+        cell[f"robustness_{m}"] = _median(rows, f"adv_vs_clean_{m}")
+        cell[f"fidelity_{m}"] = _median(rows, f"clean_vs_orig_{m}")
+    return cell
+
+
+def recommend_beta(
+    betas: Mapping[str, Mapping[str, object]], min_fidelity: float = MIN_FIDELITY
+) -> float | None:
+    """The most robust beta (median PCC) among those of median fidelity >= ``min_fidelity``.
+
+    Examples
+    --------
+    >>> cells = {
+    ...     "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5},
+    ...     "5": {"robustness_pcc": 0.7, "fidelity_pcc": 0.95},
+    ...     "20": {"robustness_pcc": 0.4, "fidelity_pcc": 0.99},
+    ... }
+    >>> recommend_beta(cells)
+    5.0
+    >>> recommend_beta(cells, min_fidelity=0.999) is None
+    True
+    """
+    fit = [
+        (float(cell["robustness_pcc"]), float(beta))
+        for beta, cell in betas.items()
+        if cell.get("fidelity_pcc") is not None
+        and cell.get("robustness_pcc") is not None
+        and float(cell["fidelity_pcc"]) >= min_fidelity
+    ]
+    # Among equally robust betas the larger one, which changes the network less.
+    return max(fit)[1] if fit else None
+
+
+def sweep_summary(
+    records: Iterable[Mapping[str, object]],
+    min_fidelity: float = MIN_FIDELITY,
+) -> dict[str, dict[str, object]]:
+    """Median robustness and fidelity per method, defense and beta, and the recommended beta.
+
+    Parameters
+    ----------
+    records : iterable of dict
+        Sweep records with ``method`` (default ``"method"`` when absent),
+        ``defense``, ``beta``, ``adv_vs_clean_<m>``, ``clean_vs_orig_<m>`` and
+        ``undefended_pcc`` / ``undefended_ssim`` (the undefended map of
+        ``x_adv`` against the map of ``x``; one per image is used).
+    min_fidelity : float
+        Least median fidelity (PCC) of a recommended beta.
+
+    Returns
+    -------
+    dict
+        ``{method: {"undefended": {...}, "betas": {beta: {...}},
+        "smoothgrad": {beta: {...}}, "recommended_beta": float | None,
+        "min_fidelity": float}}``; each ``{...}`` holds ``n`` and the medians
+        ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
+        ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1).
+        Betas are keyed by ``f"{beta:g}"``.
+
+    Examples
+    --------
+    >>> rows = [
+    ...     {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8,
+    ...      "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
+    ... ]
+    >>> s = sweep_summary(rows)["method"]
+    >>> s["recommended_beta"], s["undefended"]["robustness_pcc"], s["betas"]["1"]["n"]
+    (1.0, 0.3, 1)
+    """
+    groups: dict[str, dict[tuple[str, float], list[Mapping[str, object]]]] = {}
+    for r in records:
+        if not isinstance(r.get("beta"), (int, float)) or "defense" not in r:
+            continue
+        method = str(r.get("method", "method"))
+        groups.setdefault(method, {}).setdefault((str(r["defense"]), float(r["beta"])), []).append(
+            r
+        )
+    out: dict[str, dict[str, object]] = {}
+    for method, cells in groups.items():
+        table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
+        for (defense, beta), rows in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            table.setdefault(defense, {})[f"{beta:g}"] = _cell(rows)
+        first = min(cells, key=lambda k: (k[0] != "beta_smooth", k[1]))
+        rows = cells[first]
+        undefended = {"n": len(rows)}
+        for m in METRICS:
+            undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
+            undefended[f"fidelity_{m}"] = 1.0
+        out[method] = {
+            "undefended": undefended,
+            "betas": table["beta_smooth"],
+            "smoothgrad": table["smoothgrad"],
+            "recommended_beta": recommend_beta(table["beta_smooth"], min_fidelity),
+            "min_fidelity": float(min_fidelity),
+        }
+    return out
+
+
+#: Differences of median PCC below this are reported as "about as robust".
+SAME_PCC = 0.01
+
+
+def verdict(summary: Mapping[str, object]) -> str:
+    """One sentence on one method's summary: the recommended beta against no defense.
+
+    Examples
+    --------
+    >>> s = {"recommended_beta": 5.0, "min_fidelity": 0.9,
+    ...      "undefended": {"robustness_pcc": 0.72}, "betas": {"5": {"robustness_pcc": 0.80}}}
+    >>> print(verdict(s))  # doctest: +NORMALIZE_WHITESPACE
+    recommended beta 5 (most robust with median fidelity >= 0.9):
+    robustness 0.800 vs 0.720 undefended, more robust
+    """
+    threshold = f"median fidelity >= {float(summary.get('min_fidelity', MIN_FIDELITY)):g}"
+    rec = summary.get("recommended_beta")
+    if rec is None:
+        return f"no beta in the sweep has {threshold}; none recommended"
+    ours = summary["betas"][f"{rec:g}"].get("robustness_pcc")
+    plain = summary["undefended"].get("robustness_pcc")
+    text = f"recommended beta {rec:g} (most robust with {threshold})"
+    if ours is None or plain is None:
+        return text
+    gain = ours - plain
+    word = (
+        "more robust"
+        if gain > SAME_PCC
+        else "less robust"
+        if gain < -SAME_PCC
+        else f"about as robust (within {SAME_PCC:g})"
+    )
+    return f"{text}: robustness {ours:.3f} vs {plain:.3f} undefended, {word}"
+
+
+def _num(value: object) -> str:
+    return "-" if value is None else f"{float(value):.3f}"
+
+
+def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
+    """The summary as a plain-text table, the recommended beta marked with ``*``.
+
+    Examples
+    --------
+    >>> rows = [
+    ...     {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8,
+    ...      "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
+    ... ]
+    >>> print(format_summary(sweep_summary(rows)))  # doctest: +NORMALIZE_WHITESPACE
+    method  defense         beta    n  robust pcc  robust ssim  fidel pcc  fidel ssim
+    method  undefended         -    1       0.300            -      1.000       1.000
+    method  beta_smooth      1 *    1       0.800            -      0.950           -
+    method: recommended beta 1 (most robust with median fidelity >= 0.9):
+    robustness 0.800 vs 0.300 undefended, more robust
+    """
+    head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim")
+    keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
+    width = max([len("method"), *map(len, summary)]) + 2
+    lines = ["method".ljust(width) + "defense".ljust(14) + "beta".rjust(6) + "n".rjust(5)]
+    lines[0] += "".join(h.rjust(w + 2) for h, w in zip(head, map(len, head)))
+    verdicts = []
+    for method, s in summary.items():
+        rec = s.get("recommended_beta")
+        rows = [("undefended", "-", s["undefended"])]
+        rows += [("beta_smooth", b, c) for b, c in s["betas"].items()]
+        rows += [("smoothgrad", b, c) for b, c in s["smoothgrad"].items()]
+        for defense, beta, cell in rows:
+            mark = (
+                " *" if defense == "beta_smooth" and rec is not None and float(beta) == rec else ""
+            )
+            line = method.ljust(width) + defense.ljust(14) + f"{beta}{mark}".rjust(6)
+            line += str(cell.get("n", "")).rjust(5)
+            line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
+            lines.append(line)
+        verdicts.append(f"{method}: {verdict(s)}")
+    return "\n".join(lines + verdicts)

@@ -1,0 +1,182 @@
+"""Normalised data carry their bounds; the sweep's robustness, fidelity and recommended beta."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import betasmooth as bs
+from betasmooth.cli import main
+from betasmooth.recommend import recommend_beta
+from betasmooth.runs import read_jsonl
+from test_explain_lrp import zennit_lrp
+
+MEAN = [0.5, 0.4, 0.3]
+STD = [0.2, 0.25, 0.3]
+FACTORY = """
+import torch
+from torch import nn
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 5),
+    )
+"""
+
+
+def box():
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return mean, std, (0 - mean) / std, (1 - mean) / std
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    (tmp_path / "model.py").write_text(FACTORY)
+    raw = np.random.default_rng(0).random((4, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=raw)
+    return tmp_path / "model.py", tmp_path / "data.npz", torch.from_numpy(raw)
+
+
+def test_load_data_carries_per_channel_bounds(user_files):
+    _, data_file, raw = user_files
+    mean, std, low, high = box()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, y = data
+    torch.testing.assert_close(x, (raw - mean) / std)
+    torch.testing.assert_close(data.low, low)
+    torch.testing.assert_close(data.high, high)
+    torch.testing.assert_close(data.denormalise(x), raw)
+    again = pickle.loads(pickle.dumps(data))
+    torch.testing.assert_close(again.bounds[1], high)
+    plain = bs.load_data("digits")
+    assert plain.low.flatten().tolist() == [0.0] and plain.high.flatten().tolist() == [1.0]
+
+
+def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x = data.x.double()
+    target = net(x).argmax(1)
+    ours = bs.explain(net, x, "lrp", target, low=data.low.double(), high=data.high.double())
+    low, high = data.low.double().expand_as(x), data.high.double().expand_as(x)
+    theirs = zennit_lrp(net, x.clone(), target, low, high)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
+    # The map with [0, 1] bounds, what a normalised run used to get, is another map.
+    assert not torch.allclose(bs.explain(net, x, "lrp", target), theirs, rtol=1e-3)
+
+
+def test_cli_explain_lrp_with_mean_std_is_zennit(user_files, tmp_path):
+    model_file, data_file, raw = user_files
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", "lrp"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    mean, std, low, high = box()
+    with np.load(out / "arrays" / "lrp-0.npz") as saved:
+        x, saved_map = torch.from_numpy(saved["x"]), torch.from_numpy(saved["map"])
+    torch.testing.assert_close(x, (raw - mean) / std)
+    net = bs.load_model(f"{model_file}:net").double()
+    x = x.double()
+    target = net(x).argmax(1)
+    r = zennit_lrp(net, x.clone(), target, low.double().expand_as(x), high.double().expand_as(x))
+    expected = r.abs().sum(1) / r.abs().sum((1, 2, 3)).view(-1, 1, 1)
+    torch.testing.assert_close(saved_map.double(), expected, rtol=1e-5, atol=1e-8)
+
+
+def _pcc(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return [scipy.stats.pearsonr(u.ravel(), v.ravel())[0] for u, v in zip(a, b)]
+
+
+def test_sweep_summary_is_robustness_fidelity_and_the_rule(digits, digits_cnn):
+    x = digits[0][:4]
+    maps = bs.heatmap(bs.explain(digits_cnn, x, "gradient"))
+    targets = maps.roll(1, 0)
+    attacked = bs.manipulate(digits_cnn, x, targets, "gradient", steps=20)
+    betas = [1.0, 5.0, 20.0]
+    sweep = bs.defense_sweep(digits_cnn, x, attacked.x_adv, targets, "gradient", betas)
+    summary = sweep.summary(min_fidelity=0.9)
+    label = digits_cnn(x).argmax(1)
+    plain = bs.heatmap(bs.explain(digits_cnn, attacked.x_adv, "gradient", label)).detach()
+    assert summary["undefended"]["robustness_pcc"] == pytest.approx(
+        np.median(_pcc(plain, maps)), abs=1e-5
+    )
+    cells = {}
+    for beta in betas:
+        adv, clean = sweep.maps[("beta_smooth", beta)]
+        cell = summary["betas"][f"{beta:g}"]
+        assert cell["robustness_pcc"] == pytest.approx(np.median(_pcc(adv, clean)), abs=1e-5)
+        assert cell["fidelity_pcc"] == pytest.approx(np.median(_pcc(clean, maps)), abs=1e-5)
+        cells[beta] = cell
+    faithful = [b for b, c in cells.items() if c["fidelity_pcc"] >= 0.9]
+    expected = max(faithful, key=lambda b: (cells[b]["robustness_pcc"], b)) if faithful else None
+    assert summary["recommended_beta"] == expected
+    assert sweep.summary(min_fidelity=1.01)["recommended_beta"] is None
+
+
+def test_cli_sweep_writes_the_summary_of_its_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    assert main([*argv, "-n", "4", "--steps", "10", "--out", str(out), "--no-progress"]) == 0
+    sweep = ["sweep", str(out), "--betas", "1,20", "--smoothgrad-n", "2", "--no-progress"]
+    assert main([*sweep, "--min-fidelity", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "sweep_summary.json").read_text())["gradient"]
+    records = read_jsonl(out / "sweep.jsonl")
+    for defense, key in (("beta_smooth", "betas"), ("smoothgrad", "smoothgrad")):
+        for beta in (1.0, 20.0):
+            mine = [r for r in records if r["defense"] == defense and r["beta"] == beta]
+            cell = summary[key][f"{beta:g}"]
+            for m in ("pcc", "ssim"):
+                robust = np.median([r[f"adv_vs_clean_{m}"] for r in mine])
+                assert cell[f"robustness_{m}"] == pytest.approx(robust)
+                assert cell[f"fidelity_{m}"] == pytest.approx(
+                    np.median([r[f"clean_vs_orig_{m}"] for r in mine])
+                )
+    attack = read_jsonl(out / "results.jsonl")
+    # The sweep's undefended row is the attack's own result: attacked map vs original map.
+    assert summary["undefended"]["robustness_pcc"] == pytest.approx(
+        np.median([r["expl_pcc_orig"] for r in attack]), abs=1e-5
+    )
+    assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.5)
+    verdict = [line for line in printed.splitlines() if line.startswith("gradient: ")]
+    rec = summary["recommended_beta"]
+    if rec is None:
+        assert verdict == [
+            "gradient: no beta in the sweep has median fidelity >= 0.5; none recommended"
+        ]
+    else:
+        robust = summary["betas"][f"{rec:g}"]["robustness_pcc"]
+        plain = summary["undefended"]["robustness_pcc"]
+        assert len(verdict) == 1 and verdict[0].startswith(
+            f"gradient: recommended beta {rec:g} (most robust with median fidelity >= 0.5): "
+            f"robustness {robust:.3f} vs {plain:.3f} undefended, "
+        )
+
+
+def test_explain_beta_auto_records_the_calibrated_beta(tmp_path):
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "beta_smooth"]
+    assert main([*argv, "--beta", "auto", "-n", "2", "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    found = config["beta_auto"]
+    chosen = config["beta_smooth_beta"]
+    assert config["beta"] == "auto" and chosen == found["beta"]
+    if found["recommended"]:
+        assert chosen == recommend_beta(found["betas"], found["min_fidelity"])
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits")[0][:2]
+    with np.load(out / "arrays" / "beta_smooth-0.npz") as saved:
+        saved_map = torch.from_numpy(saved["map"])
+    expected = bs.heatmap(bs.explain(model, x, "beta_smooth", beta=chosen))
+    torch.testing.assert_close(saved_map, expected)

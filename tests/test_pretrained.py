@@ -1,0 +1,235 @@
+"""torchvision models by spec, from a hub cache seeded with random weights: no network."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from captum.attr import GuidedBackprop, InputXGradient, IntegratedGradients, Saliency
+from PIL import Image
+from torch import nn
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+import betasmooth as bs
+from betasmooth import pretrained
+from betasmooth.cli import main
+from betasmooth.runs import read_jsonl
+from betasmooth.validate import InputError
+from test_explain_lrp import zennit_lrp
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum.*")
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+LOW, HIGH = (0 - MEAN) / STD, (1 - MEAN) / STD
+SPECS = {"vgg11": "torchvision:vgg11", "resnet18": "torchvision:resnet18"}
+CANONIZERS = {"vgg11": VGGCanonizer, "resnet18": ResNetCanonizer}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds random weights under torchvision's file names."""
+    home = tmp_path_factory.mktemp("torch_home")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCH_HOME", str(home))
+    saved = {}
+    for seed, (name, spec) in enumerate(SPECS.items()):
+        torch.manual_seed(seed)
+        net = torchvision.models.get_model(name, weights=None).eval()
+        path = pretrained.checkpoint_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+        saved[name] = net
+    yield saved
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Any download is a failure: the cache must be used, and a missing file reported."""
+
+    def refuse(url, path):
+        raise OSError(f"no network for {url}")
+
+    monkeypatch.setattr(pretrained, "download", refuse)
+
+
+def normalised(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g) - MEAN) / STD
+
+
+def test_cached_weights_are_loaded_into_the_architecture(hub):
+    for name, spec in SPECS.items():
+        ours = bs.load_model(spec)
+        assert type(ours) is type(hub[name]) and not ours.training
+        theirs = hub[name].state_dict()
+        assert ours.state_dict().keys() == theirs.keys()
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+    named = bs.load_model("torchvision:resnet18:IMAGENET1K_V1")
+    assert torch.equal(named.fc.weight, hub["resnet18"].fc.weight)
+
+
+def test_unknown_name_and_weights_are_one_line_errors(hub):
+    with pytest.raises(InputError, match="unknown torchvision model 'vgg99'"):
+        bs.load_model("torchvision:vgg99")
+    with pytest.raises(InputError, match="unknown weights 'V9' for resnet18; expected one of"):
+        bs.load_model("torchvision:resnet18:V9")
+
+
+def test_missing_cache_names_the_file_and_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(InputError) as err:
+        bs.load_model("torchvision:vgg11")
+    text = str(err.value)
+    assert "vgg11-8a719046.pth" in text and str(tmp_path / "empty" / "hub" / "checkpoints") in text
+    assert "get_model('vgg11', weights='DEFAULT')" in text
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((2, 3, 32, 32), np.float32))
+    argv = ["explain", "--model", "torchvision:vgg11", "--data", str(data), "--method", "gradient"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "vgg11-8a719046.pth" in err_lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_torchvision_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    with pytest.raises(InputError, match=r'pip install -e "\.\[vision\]"'):
+        bs.load_model("torchvision:vgg16")
+    argv = ["attack", "--model", "torchvision:vgg16", "--data", "digits", "--method", "gradient"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and '".[vision]"' in err_lines[0]
+
+
+def test_preset_prepares_images_as_torchvision_transforms_do(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = [(300, 260), (250, 340)]
+    for k, (w, h) in enumerate(sizes):
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{k}.png")
+    data = bs.load_data(str(tmp_path), preset="torchvision:vgg16")
+    transform = torchvision.models.VGG16_Weights.DEFAULT.transforms()
+    for k in range(len(sizes)):
+        raw = np.asarray(Image.open(tmp_path / f"{k}.png"), dtype=np.float32) / 255
+        expected = transform(torch.from_numpy(raw).permute(2, 0, 1))
+        torch.testing.assert_close(data.x[k], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(data.low, LOW)
+    torch.testing.assert_close(data.high, HIGH)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18"])
+def test_lrp_with_the_data_bounds_is_zennit_zbox(hub, name):
+    net = bs.load_model(SPECS[name]).double()
+    # zennit's merged BatchNorm still divides by sqrt(1 + eps); a tiny eps makes
+    # that identity exact, so the comparison can be tight.
+    for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.eps = 1e-12
+    x = normalised(2, 32).double()
+    target = net(x).argmax(1)
+    ours = bs.explain(net, x, "lrp", target, low=LOW.double(), high=HIGH.double())
+    low, high = LOW.double().expand_as(x), HIGH.double().expand_as(x)
+    theirs = zennit_lrp(net, x.clone(), target, low, high, canonizers=[CANONIZERS[name]()])
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9 * float(theirs.abs().max()))
+
+
+def _softplus_copy(spec, beta, dtype):
+    twin = bs.load_model(spec).to(dtype)
+    for parent in twin.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(parent, child_name, nn.Softplus(beta))
+    return twin
+
+
+@pytest.mark.parametrize(
+    "name, dtype, tol",
+    [("resnet18", torch.float64, 1e-7), ("vgg11", torch.float32, 1e-4)],
+)
+def test_every_method_against_its_oracle(hub, name, dtype, tol):
+    net = bs.load_model(SPECS[name]).to(dtype)
+    x = normalised(2, 32, seed=1).to(dtype)
+    t = net(x).argmax(1)
+    scale = float(Saliency(net).attribute(x, target=t).abs().max())
+    checks = {
+        "gradient": ({}, Saliency(net).attribute(x, target=t, abs=False)),
+        "input_x_gradient": ({}, InputXGradient(net).attribute(x, target=t)),
+        "integrated_gradients": (
+            {"steps": 6},
+            IntegratedGradients(net).attribute(x, target=t, n_steps=6),
+        ),
+        "guided_backprop": ({}, GuidedBackprop(net).attribute(x, target=t)),
+    }
+    for method, (options, theirs) in checks.items():
+        ours = bs.explain(net, x, method, t, **options)
+        atol = tol * scale * (x.abs().max() if method != "gradient" else 1)
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=float(atol), msg=method)
+    twin = _softplus_copy(SPECS[name], 3.0, dtype)
+    smooth = Saliency(twin).attribute(x, target=t, abs=False)
+    ours = bs.explain(net, x, "beta_smooth", t, beta=3.0)
+    torch.testing.assert_close(ours, smooth, rtol=tol, atol=tol * float(smooth.abs().max()))
+    # SmoothGrad with one noise range per channel: the same seeded draws, scaled per channel.
+    span = (HIGH - LOW).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    draws = [0.1 * span * torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(3)]
+    hand = torch.stack([Saliency(net).attribute(x + e, target=t, abs=False) for e in draws])
+    sg = bs.explain(net, x, "smoothgrad", t, n=3, sigma=0.1, input_range=span, seed=5)
+    torch.testing.assert_close(sg, hand.mean(0), rtol=tol, atol=tol * float(hand.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18"])
+def test_short_attack_stays_in_the_per_channel_box(hub, name):
+    net = bs.load_model(SPECS[name])
+    x = normalised(2, 32, seed=2)
+    maps = bs.heatmap(bs.explain(net, x, "gradient"))
+    result = bs.manipulate(
+        net, x, maps.flip(0), "gradient", steps=2, lr=0.05, data_range=(LOW, HIGH), check_every=1
+    )
+    assert bool(result.label_kept.all())
+    assert bool((result.x_adv >= LOW).all()) and bool((result.x_adv <= HIGH).all())
+    # Adam steps of about 0.05 push the pixels near a bound past it: each channel stops at its own.
+    assert not torch.equal(result.x_adv, x)
+    for c in range(3):
+        channel = result.x_adv[:, c]
+        assert bool(channel.eq(HIGH[0, c]).any() or channel.eq(LOW[0, c]).any())
+
+
+def test_cli_explain_lrp_on_a_torchvision_preset_is_zennit(hub, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    out = tmp_path / "run"
+    argv = ["explain", "--model", SPECS["resnet18"], "--data", str(folder), "--method", "lrp"]
+    assert main([*argv, "--image-size", "32", "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mean"] == pytest.approx(MEAN.flatten().tolist())
+    assert config["std"] == pytest.approx(STD.flatten().tolist())
+    with np.load(out / "arrays" / "lrp-0.npz") as saved:
+        x, saved_map = torch.from_numpy(saved["x"]).double(), torch.from_numpy(saved["map"])
+    # --image-size replaces the preset's resize and crop; mean and std stay the weights' own.
+    resized = [
+        Image.open(folder / f"{k}.png").resize((32, 32), Image.Resampling.BILINEAR)
+        for k in range(2)
+    ]
+    raw = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 255 for im in resized]))
+    expected_x = (raw.permute(0, 3, 1, 2) - MEAN) / STD
+    torch.testing.assert_close(x.float(), expected_x, rtol=1e-5, atol=1e-5)
+    net = bs.load_model(SPECS["resnet18"]).double()
+    target = net(x).argmax(1)
+    # zennit's merged BatchNorm divides by sqrt(1 + eps) more: 1e-5 relative per layer.
+    low, high = LOW.double().expand_as(x), HIGH.double().expand_as(x)
+    r = zennit_lrp(net, x.clone(), target, low, high, canonizers=[ResNetCanonizer()])
+    expected = r.abs().sum(1) / r.abs().sum((1, 2, 3)).view(-1, 1, 1)
+    torch.testing.assert_close(saved_map.double(), expected, rtol=1e-4, atol=1e-7)
+    records = read_jsonl(out / "results.jsonl")
+    names = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    assert [r["label_name"] for r in records] == [names[r["label"]] for r in records]
