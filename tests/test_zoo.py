@@ -15,8 +15,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import betasmooth as bs
+from betasmooth.checkpoint import load_state_dict
 from betasmooth.validate import InputError
-from betasmooth.zoo import check_compatible, data_range, load_state_dict
+from betasmooth.zoo import check_compatible, data_range
 
 # ----------------------------------------------------------------------- digits
 

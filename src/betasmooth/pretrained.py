@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .checkpoint import load_state_dict
 from .validate import InputError
 
 __all__ = [
@@ -178,7 +179,6 @@ def load_pretrained(spec: str) -> nn.Module:
     --------
     >>> model = load_pretrained("torchvision:vgg16")  # doctest: +SKIP
     """
-    from .zoo import load_state_dict
 
     weights = weights_of(spec)
     path = checkpoint_path(spec)

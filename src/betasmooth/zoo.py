@@ -56,9 +56,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import pickle
-import re
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -67,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import apply_weights, load_state_dict, reason
 from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
 
 __all__ = [
@@ -82,7 +81,6 @@ __all__ = [
     "digits_cnn",
     "load_data",
     "load_model",
-    "load_state_dict",
 ]
 
 #: Value range of the built-in data and of images read from a folder.
@@ -709,7 +707,6 @@ MODEL_SCHEMES: dict[str, Callable[[str], nn.Module]] = {
 # ------------------------------------------------------------------ user models
 
 MODEL_FORMS = "'path/to/file.py:factory' or 'package.module:factory'"
-STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
 
 
 def _import_file(path: Path) -> object:
@@ -726,7 +723,7 @@ def _import_file(path: Path) -> object:
         module_spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[name]
-        raise InputError(f"importing {path} failed: {_reason(err)}") from err
+        raise InputError(f"importing {path} failed: {reason(err)}") from err
     return module
 
 
@@ -739,14 +736,7 @@ def _import_module(name: str) -> object:
             "from the current environment"
         ) from err
     except Exception as err:
-        raise InputError(f"importing module {name!r} failed: {_reason(err)}") from err
-
-
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= 200 else line[:197] + "..."
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+        raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
 
 
 def _user_model(spec: str) -> nn.Module:
@@ -765,98 +755,12 @@ def _user_model(spec: str) -> nn.Module:
     try:
         model = factory()
     except Exception as err:
-        raise InputError(f"{attr}() from {where} failed: {_reason(err)}") from err
+        raise InputError(f"{attr}() from {where} failed: {reason(err)}") from err
     if not isinstance(model, nn.Module):
         raise InputError(
             f"{attr}() from {where} returned {type(model).__name__}; expected an nn.Module"
         )
     return model
-
-
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict with ``torch.load(weights_only=True)`` onto the CPU.
-
-    Parameters
-    ----------
-    path : str or Path
-        A file written by ``torch.save(model.state_dict(), path)``.
-
-    Returns
-    -------
-    dict of str to torch.Tensor
-        The state dict.
-
-    Raises
-    ------
-    InputError
-        The file is missing, unreadable, or holds anything but a mapping from
-        names to tensors (pickled objects are refused, never run).
-
-    Examples
-    --------
-    >>> import tempfile, os
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
-    >>> torch.save(nn.Linear(2, 1).state_dict(), path)
-    >>> sorted(load_state_dict(path))
-    ['bias', 'weight']
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {path} does not exist; {STATE_DICT_HINT}")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about the pickle protocol of foreign files before refusing them.
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = f"the pickled object {found.group(1)}" if found else "its content"
-        raise InputError(
-            f"{path} is not a state dict (torch.load with weights_only=True refused {what} "
-            f"unrun; {STATE_DICT_HINT})"
-        ) from err
-    except Exception as err:
-        raise InputError(f"cannot read weights file {path}: {_reason(err)}") from err
-    if not isinstance(state, Mapping):
-        raise InputError(
-            f"{path} is not a state dict (it holds a {type(state).__name__}; {STATE_DICT_HINT})"
-        )
-    wrong = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
-    if wrong:
-        nested = [k for k in ("state_dict", "model_state_dict", "model") if k in state]
-        hint = f"; the model's weights may be under key {nested[0]!r}" if nested else ""
-        raise InputError(
-            f"{path} is not a state dict (entry {wrong[0]!r} is not a tensor{hint}; "
-            f"{STATE_DICT_HINT})"
-        )
-    return dict(state)
-
-
-def _apply_weights(model: nn.Module, path: str | Path) -> None:
-    state = load_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatch", shapes),
-        )
-        if items
-    ]
-    if problems:
-        raise InputError(
-            f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
-            "state dict of the same architecture"
-        )
-    model.load_state_dict(state)
 
 
 def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
@@ -906,7 +810,7 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     else:
         model = scheme(spec) if scheme is not None else _user_model(spec)
     if weights is not None:
-        _apply_weights(model, weights)
+        apply_weights(model, weights)
     return model.eval()
 
 

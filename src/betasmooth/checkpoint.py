@@ -1,0 +1,118 @@
+"""State dicts: weights files read safely and fitted to a model.
+
+Weights are only ever read with ``torch.load(..., weights_only=True)``, which
+restores tensors and plain containers and refuses to unpickle anything else,
+so a weights file cannot run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .validate import InputError
+
+__all__ = ["STATE_DICT_HINT", "apply_weights", "load_state_dict", "reason"]
+
+STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an error, with its type, for a one-line message."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file written by ``torch.save(model.state_dict(), path)``.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The state dict.
+
+    Raises
+    ------
+    InputError
+        The file is missing, unreadable, or holds anything but a mapping from
+        names to tensors (pickled objects are refused, never run).
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save(nn.Linear(2, 1).state_dict(), path)
+    >>> sorted(load_state_dict(path))
+    ['bias', 'weight']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file {path} does not exist; {STATE_DICT_HINT}")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of foreign files before refusing them.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f"the pickled object {found.group(1)}" if found else "its content"
+        raise InputError(
+            f"{path} is not a state dict (torch.load with weights_only=True refused {what} "
+            f"unrun; {STATE_DICT_HINT})"
+        ) from err
+    except Exception as err:
+        raise InputError(f"cannot read weights file {path}: {reason(err)}") from err
+    if not isinstance(state, Mapping):
+        raise InputError(
+            f"{path} is not a state dict (it holds a {type(state).__name__}; {STATE_DICT_HINT})"
+        )
+    wrong = [k for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if wrong:
+        nested = [k for k in ("state_dict", "model_state_dict", "model") if k in state]
+        hint = f"; the model's weights may be under key {nested[0]!r}" if nested else ""
+        raise InputError(
+            f"{path} is not a state dict (entry {wrong[0]!r} is not a tensor{hint}; "
+            f"{STATE_DICT_HINT})"
+        )
+    return dict(state)
+
+
+def apply_weights(model: nn.Module, path: str | Path) -> None:
+    """Load the state dict at ``path`` into ``model``; keys and shapes must match exactly."""
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch", shapes),
+        )
+        if items
+    ]
+    if problems:
+        raise InputError(
+            f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
+            "state dict of the same architecture"
+        )
+    model.load_state_dict(state)
