@@ -78,10 +78,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per-photo", type=int, default=None, help="training crops per photo")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    model = train(args.epochs, seed=args.seed, threads=args.threads)
+    model = train(args.epochs, per_photo=args.per_photo, seed=args.seed, threads=args.threads)
     seconds = time.perf_counter() - start
     x, y, _ = photo_crops("train")
     x_test, y_test, _ = photo_crops("test")

@@ -19,12 +19,11 @@ class                  source              what it shows
 =====================  ==================  ==============================================
 
 The task is to tell which photograph a random square crop comes from. Each
-photograph is cut into a 3 x 3 grid of cells; three of them, one in every row
-and every column (top middle, middle right, bottom left), are its test region.
-Test crops lie wholly inside one test cell, training crops wholly outside all
-of them, so no test pixel is ever seen in training, and the test region
-samples every part of the photograph. A crop has a side of 20, 25 or 30 % of
-the photograph's shorter side (at most a cell for test crops), is flipped left-right with
+photograph is cut into a 4 x 4 checkerboard of cells: training crops lie
+wholly inside one "white" cell, test crops wholly inside one "black" cell, so
+no test pixel is ever seen in training, while both splits sample every part of
+the photograph. A crop has a side of 15, 20 or 25 % of the photograph's
+shorter side (at most one cell), is flipped left-right with
 probability one half and is resized to ``size x size`` pixels (bilinear,
 antialiased); crops of almost uniform colour (standard deviation below 0.02
 after resizing, such as the black border of the retina) are drawn again, as they show nothing
@@ -67,7 +66,7 @@ __all__ = [
     "photo_crops",
     "photos",
     "photos_cnn",
-    "test_cells",
+    "split_cells",
     "trained_photos_cnn",
 ]
 
@@ -75,11 +74,10 @@ __all__ = [
 SIZE = 64
 #: Crops per photograph in each split.
 COUNTS = {"train": 300, "test": 50}
-#: Each photograph is cut into GRID x GRID cells; these (row, column) cells hold the test crops.
-GRID = 3
-TEST_CELLS = ((0, 1), (1, 2), (2, 0))
+#: Each photograph is cut into a GRID x GRID checkerboard of training and test cells.
+GRID = 4
 #: Crop sides as fractions of the photograph's shorter side.
-SCALES = (0.2, 0.25, 0.3)
+SCALES = (0.15, 0.2, 0.25)
 #: Crops whose standard deviation is below this are drawn again.
 MIN_STD = 0.02
 SEEDS = {"train": 0, "test": 1}
@@ -132,43 +130,49 @@ def _photographs() -> tuple[torch.Tensor, ...]:
     )
 
 
-def test_cells(height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """The test regions of a photograph: ``(top, left, bottom, right)`` of each, bottom and
-    right exclusive.
+def split_cells(height: int, width: int, split: str) -> list[tuple[int, int, int, int]]:
+    """The cells of a photograph that a split's crops come from.
 
-    The photograph is cut into a 3 x 3 grid; :data:`TEST_CELLS` (one cell in
-    every row and every column) hold the test crops, the rest the training crops.
+    The photograph is cut into a :data:`GRID` x :data:`GRID` checkerboard;
+    training crops lie in the cells with an even ``row + column``, test crops
+    in those with an odd one.
+
+    Parameters
+    ----------
+    height, width : int
+        Size of the photograph in pixels.
+    split : str
+        ``"train"`` or ``"test"``.
+
+    Returns
+    -------
+    list of tuple of int
+        ``(top, left, bottom, right)`` of each cell, bottom and right exclusive.
 
     Examples
     --------
-    >>> test_cells(300, 451)
-    [(0, 150, 100, 301), (100, 301, 200, 451), (200, 0, 300, 150)]
+    >>> split_cells(300, 451, "test")[:2]
+    [(0, 113, 75, 226), (0, 338, 75, 451)]
     """
     rows = [round(k * height / GRID) for k in range(GRID + 1)]
     cols = [round(k * width / GRID) for k in range(GRID + 1)]
-    return [(rows[r], cols[c], rows[r + 1], cols[c + 1]) for r, c in TEST_CELLS]
-
-
-def _overlaps(box: tuple[int, int, int, int], cell: tuple[int, int, int, int]) -> bool:
-    top, left, side = box[0], box[1], box[2]
-    return top < cell[2] and cell[0] < top + side and left < cell[3] and cell[1] < left + side
+    parity = 0 if split == "train" else 1
+    return [
+        (rows[r], cols[c], rows[r + 1], cols[c + 1])
+        for r in range(GRID)
+        for c in range(GRID)
+        if (r + c) % 2 == parity
+    ]
 
 
 def _place(height: int, width: int, split: str, rng: np.random.Generator) -> tuple[int, int, int]:
-    """Top, left and side of a square crop wholly in the split's region."""
-    cells = test_cells(height, width)
-    while True:
-        side = round(rng.choice(SCALES) * min(height, width))
-        if split == "test":
-            top0, left0, bottom, right = cells[int(rng.integers(len(cells)))]
-            side = min(side, bottom - top0, right - left0)
-            top = int(rng.integers(top0, bottom - side + 1))
-            left = int(rng.integers(left0, right - side + 1))
-            return top, left, side
-        top = int(rng.integers(0, height - side + 1))
-        left = int(rng.integers(0, width - side + 1))
-        if not any(_overlaps((top, left, side), cell) for cell in cells):
-            return top, left, side
+    """Top, left and side of a square crop wholly inside one cell of the split."""
+    cells = split_cells(height, width, split)
+    top0, left0, bottom, right = cells[int(rng.integers(len(cells)))]
+    side = min(round(rng.choice(SCALES) * min(height, width)), bottom - top0, right - left0)
+    top = int(rng.integers(top0, bottom - side + 1))
+    left = int(rng.integers(left0, right - side + 1))
+    return top, left, side
 
 
 def _draw(
