@@ -69,7 +69,7 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
     argv = ["demo", "--out", str(out), "--quick", "-n", "4", "--steps", "5", "--no-progress"]
-    assert main(argv) == 0
+    assert main([*argv, "--model", "digits-cnn", "--data", "digits"]) == 0
     return out
 
 

@@ -230,8 +230,11 @@ class ManipulationResult:
     metrics : dict of str to torch.Tensor
         ``(B,)`` each: ``expl_<m>_target`` and ``expl_<m>_orig`` for every
         metric ``m`` of :func:`betasmooth.compare` (the map of ``x_adv``
-        against the target and against the map of ``x``); ``input_mse`` and
-        ``input_pcc`` (``x_adv`` against ``x``); ``output_change``, the mean
+        against the target and against the map of ``x``);
+        ``expl_<m>_target_before`` for ``m`` in pcc, ssim, mse (the map of
+        ``x`` against the target, before the attack); ``input_mse``,
+        ``input_pcc`` and ``input_max_change``, the largest change of one
+        pixel value (``x_adv`` against ``x``); ``output_change``, the mean
         squared change of the softmax probabilities (the loss's output term).
     history : torch.Tensor
         ``(steps * (restarts + 1), B)``: the attack loss at each step, on the
@@ -809,7 +812,11 @@ def manipulate(
         scores[f"expl_{name}_target"] = value
     for name, value in metrics.compare(map_adv, p.map_orig, k=p.k).items():
         scores[f"expl_{name}_orig"] = value
+    before = metrics.compare(p.map_orig, p.map_target, k=p.k)
+    for name in ("pcc", "ssim", "mse"):
+        scores[f"expl_{name}_target_before"] = before[name]
     scores["input_mse"] = (best - x).square().flatten(1).mean(1)
+    scores["input_max_change"] = (best - x).abs().flatten(1).amax(1)
     scores["input_pcc"] = _input_pcc(best, x)
     scores["output_change"] = _output_change(logits_adv, logits)
     return ManipulationResult(

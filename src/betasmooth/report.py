@@ -35,9 +35,9 @@ __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
 # fields follow alphabetically.
 METRIC_ORDER = tuple(
     f"expl_{m}_{ref}"
-    for ref in ("target", "orig")
+    for ref in ("target_before", "target", "orig")
     for m in ("pcc", "ssim", "mse", "spearman", "topk", "com_shift")
-) + ("input_mse", "input_pcc", "output_change", "seconds")
+) + ("input_mse", "input_max_change", "input_pcc", "output_change", "seconds")
 # Fields that identify a record rather than measure it.
 _ID_FIELDS = {
     "index",
@@ -425,8 +425,10 @@ def _section_results(run: _Run) -> str:
     rows += [[k] + [stats[c][k] for c in columns] for k in keys]
     legend = (
         "expl_*_target: attacked map vs target map (high PCC/SSIM, low MSE = the attack "
-        "worked); expl_*_orig: attacked map vs original map; input_*: attacked vs original "
-        "image; output_change: change of the model's output; seconds: per image."
+        "worked); expl_*_target_before: original map vs target map, before the attack; "
+        "expl_*_orig: attacked map vs original map; input_*: attacked vs original "
+        "image (input_max_change: the largest change of one pixel value); output_change: "
+        "change of the model's output; seconds: per image."
     )
     attack = any(k.startswith("expl_") for k in keys)
     title = "Attack results" if attack else "Results"

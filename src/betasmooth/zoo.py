@@ -10,6 +10,10 @@ Data specs
         split is fixed: ``train_test_split`` stratified by label with
         ``test_size=0.25, random_state=0`` gives 1347 training and 450 test
         images; ``"all"`` is every image in the original order.
+    ``"photos"``
+        Crops of ten photographs that ship with scikit-image and scikit-learn,
+        labelled by the photograph they come from, ``(N, 3, 64, 64)``; see
+        :mod:`betasmooth.photos`.
     a folder of images
         PNG, JPEG or BMP files read with Pillow. With class subfolders the label
         of an image is the index of its subfolder among the sorted subfolder
@@ -29,6 +33,9 @@ Model specs
     ``"digits-cnn"``
         A small ReLU CNN trained on the digits training split; its weights ship
         with the package (retrain with ``scripts/train_digits_cnn.py``).
+    ``"photos-cnn"``
+        A VGG-style ReLU network trained on ``"photos"``; see
+        :mod:`betasmooth.photos`.
     ``"path/to/file.py:factory"`` or ``"package.module:factory"``
         ``factory()`` is called without arguments and must return an
         ``nn.Module``.
@@ -66,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import apply_weights, load_state_dict, reason
+from .photos import photos, trained_photos_cnn
 from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
 
 __all__ = [
@@ -130,6 +138,7 @@ def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 #: Built-in data sets: name -> ``loader(split) -> (x, y)``.
 BUILTIN_DATA: dict[str, Callable[[str], tuple[torch.Tensor, torch.Tensor]]] = {
     "digits": _digits,
+    "photos": photos,
 }
 
 
@@ -689,6 +698,7 @@ def _trained_digits_cnn() -> nn.Module:
 #: Built-in models: name -> ``factory() -> nn.Module`` (trained).
 BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
     "digits-cnn": _trained_digits_cnn,
+    "photos-cnn": trained_photos_cnn,
 }
 
 

@@ -1,0 +1,187 @@
+"""How the manipulation of explanations grows with the input size.
+
+The same architecture family (:func:`betasmooth.photos.photos_cnn`, VGG-style
+ReLU) is trained on the built-in photographs cropped at several sizes, by the
+same recipe (``scripts/train_photos_cnn.py``: plain cross-entropy, seeded),
+and attacked on the first ``--n`` test crops, the target of each being the
+map of another test crop. Two attacks per method:
+
+- ``paper``: the paper's recipe (:data:`betasmooth.attack.ATTACK_DEFAULTS`:
+  its weights, learning rate and number of steps, no budget);
+- ``eps``: the same with a fixed budget on the largest change of one pixel
+  value, ``--eps`` (default 8/255), the same for every size.
+
+Per size, method and attack: the median PCC of the map to the target before
+and after, its gain, the median input MSE, the median largest pixel change and
+the labels kept. Trained models are cached in ``--cache`` (one file per size
+and training setting), so a second run only attacks. Prints the table, writes
+it as JSON lines and a plot.
+
+    python benchmarks/dimension.py                 # 32, 64, 128 px on the CPU
+    python benchmarks/dimension.py --quick         # 32 and 64 px, fewer steps: a few minutes
+    python benchmarks/dimension.py --device cuda   # adds 224 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import betasmooth as bs
+from betasmooth.attack import ATTACK_DEFAULTS
+from betasmooth.photos import COUNTS, SIZE, photo_crops, photos_cnn
+from betasmooth.zoo import load_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from train_photos_cnn import accuracy, train  # noqa: E402
+
+# Settings of a full run and of --quick: sizes, training and attack.
+MODES = {
+    "full": {"sizes": [32, 64, 128], "epochs": 12, "per_photo": 300, "n": 8, "steps": None},
+    "quick": {"sizes": [32, 64], "epochs": 4, "per_photo": 100, "n": 4, "steps": 100},
+}
+
+
+def median(values: torch.Tensor) -> float:
+    return float(statistics.median(float(v) for v in values))
+
+
+def trained(size: int, epochs: int, per_photo: int, cache: Path) -> torch.nn.Module:
+    """The model for ``size`` pixels, from the cache or trained (and cached)."""
+    if (size, epochs, per_photo) == (SIZE, 12, COUNTS["train"]):
+        # The shipped photos-cnn: trained by the same script with these settings.
+        return bs.load_model("photos-cnn")
+    path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp.pt"
+    model = photos_cnn(size)
+    if path.is_file():
+        model.load_state_dict(load_state_dict(path))
+        return model.eval()
+    start = time.perf_counter()
+    model = train(epochs, size=size, per_photo=per_photo, threads=torch.get_num_threads())
+    print(f"trained {size} px in {time.perf_counter() - start:.0f} s", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model
+
+
+def attack_row(model, x, target, method, attack, options, steps) -> dict[str, object]:
+    """One attack on ``x``: medians of its effect."""
+    before = bs.compare(bs.heatmap(bs.explain(model, x, method)), target)
+    start = time.perf_counter()
+    result = bs.manipulate(model, x, target, method, steps=steps, **options)
+    m = result.metrics
+    pcc_before, pcc_after = median(before["pcc"]), median(m["expl_pcc_target"])
+    return {
+        "method": method,
+        "attack": attack,
+        "steps": steps or ATTACK_DEFAULTS[method]["steps"],
+        "pcc_before": pcc_before,
+        "pcc_after": pcc_after,
+        "pcc_gain": pcc_after - pcc_before,
+        "input_mse": median(m["input_mse"]),
+        "input_max_change": median(m["input_max_change"]),
+        "labels_kept": f"{int(result.label_kept.sum())}/{len(x)}",
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def measure(size: int, settings: dict, args: argparse.Namespace) -> list[dict[str, object]]:
+    """Train or load the model for ``size`` pixels and attack it."""
+    model = trained(size, settings["epochs"], settings["per_photo"], args.cache)
+    model = model.to(args.device)
+    x_test, y_test, _ = photo_crops("test", size=size)
+    acc = accuracy(model, x_test.to(args.device), y_test.to(args.device))
+    n = settings["n"]
+    x, others = x_test[:n].to(args.device), x_test[n : 2 * n].to(args.device)
+    rows = []
+    for method in args.methods.split(","):
+        target = bs.heatmap(bs.explain(model, others, method))
+        for attack, options in (("paper", {}), ("eps", {"eps": args.eps})):
+            row = attack_row(model, x, target, method, attack, options, settings["steps"])
+            rows.append({"size": size, "inputs": 3 * size * size, "accuracy": acc, **row})
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'size':>5} {'acc':>6} {'method':>9} {'attack':>6} {'steps':>6} {'pcc before':>10} "
+    f"{'pcc after':>9} {'gain':>7} {'input mse':>10} {'max |dx|':>9} {'kept':>6} {'s':>6}"
+)
+
+
+def format_row(r: dict[str, object]) -> str:
+    return (
+        f"{r['size']:>5} {r['accuracy']:6.3f} {r['method']:>9} {r['attack']:>6} {r['steps']:>6} "
+        f"{r['pcc_before']:10.3f} {r['pcc_after']:9.3f} {r['pcc_gain']:+7.3f} "
+        f"{r['input_mse']:10.2e} {r['input_max_change']:9.3f} {r['labels_kept']:>6} "
+        f"{r['seconds']:6.0f}"
+    )
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    """PCC gain and input MSE against the input size, one line per method and attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key in sorted({(r["method"], r["attack"]) for r in rows}):
+        mine = [r for r in rows if (r["method"], r["attack"]) == key]
+        sizes = [r["size"] for r in mine]
+        label = f"{key[0]} ({key[1]})"
+        axes[0].plot(sizes, [r["pcc_gain"] for r in mine], "o-", label=label)
+        axes[1].plot(sizes, [r["input_mse"] for r in mine], "o-", label=label)
+    axes[0].set(xlabel="input size (px)", ylabel="median PCC gain to target", xscale="log")
+    axes[1].set(xlabel="input size (px)", ylabel="median input MSE", xscale="log", yscale="log")
+    for ax in axes:
+        ax.set_xticks(
+            sorted({r["size"] for r in rows}), [str(s) for s in sorted({r["size"] for r in rows})]
+        )
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32 and 64 px, short training")
+    parser.add_argument("--sizes", help="comma list of sizes, multiples of 16")
+    parser.add_argument("--methods", default="gradient,lrp")
+    parser.add_argument("-n", "--images", dest="n", type=int, help="images attacked per size")
+    parser.add_argument("--steps", type=int, help="attack steps (default: the paper's)")
+    parser.add_argument("--eps", type=float, default=8 / 255, help="budget of the eps attack")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "dimension-cache")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dimension")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    settings = dict(MODES["quick" if args.quick else "full"])
+    if args.device == "cuda" and not args.quick:
+        settings["sizes"] = [*settings["sizes"], 224]
+    for key in ("n", "steps"):
+        settings[key] = getattr(args, key) or settings[key]
+    if args.sizes:
+        settings["sizes"] = [int(s) for s in args.sizes.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(HEADER, flush=True)
+    rows = [row for size in settings["sizes"] for row in measure(size, settings, args)]
+    print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows))
+    with open(args.out / "dimension.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    plot(rows, args.out / "dimension.png")
+    print(f"wrote {args.out / 'dimension.jsonl'} and {args.out / 'dimension.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Retrain the built-in ``photos-cnn`` and write its weights.
+
+Reproducible: seeded, deterministic algorithms, a fixed number of CPU threads.
+Trains with plain cross-entropy on the training crops of the built-in
+photographs (outside their test cells), then prints the accuracy on the test
+crops (inside them), which are never used for training or selection.
+
+    python scripts/train_photos_cnn.py [--out src/betasmooth/weights/photos_cnn.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from betasmooth.photos import SIZE, photo_crops, photos_cnn
+
+OUT = Path(__file__).resolve().parents[1] / "src" / "betasmooth" / "weights" / "photos_cnn.pt"
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` that ``model`` classifies as ``y``."""
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(b).argmax(1) == t).sum()) for b, t in zip(x.split(250), y.split(250)))
+    return hits / len(y)
+
+
+def train(
+    epochs: int = 12,
+    *,
+    size: int = SIZE,
+    per_photo: int | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    threads: int = 1,
+) -> nn.Module:
+    """Train :func:`photos_cnn` for ``size`` pixels; the same arguments give the same weights.
+
+    ``max_steps`` stops after that many batches (for checks of determinism).
+    """
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x, y, _ = photo_crops("train", size=size, per_photo=per_photo)
+    model = photos_cnn(size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    total = epochs * -(-len(x) // 64)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=total)
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x), generator=generator).split(64):
+            # A random left-right flip: the crops already come at several scales.
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], x[batch].flip(-1), x[batch])
+            loss = F.cross_entropy(model(images), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                return model.eval()
+        print(f"epoch {epoch + 1}: train loss {loss.item():.4f}", flush=True)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per-photo", type=int, default=None, help="training crops per photo")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    model = train(args.epochs, per_photo=args.per_photo, seed=args.seed, threads=args.threads)
+    seconds = time.perf_counter() - start
+    x, y, _ = photo_crops("train")
+    x_test, y_test, _ = photo_crops("test")
+    print(f"train accuracy {accuracy(model, x, y):.4f}")
+    print(f"test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)")
+    print(f"trained in {seconds:.1f} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The built-in photographs and photos-cnn: offline, disjoint regions, accuracy, determinism."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from scipy.stats import pearsonr
+from skimage.transform import resize
+from sklearn.datasets import load_sample_image
+
+import betasmooth as bs
+from betasmooth import photos
+from betasmooth.cli import main
+from betasmooth.runs import read_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from train_photos_cnn import train  # noqa: E402
+
+# The photographs as their packages give them, in class order.
+SOURCES = {
+    "astronaut": skimage.data.astronaut,
+    "chelsea": skimage.data.chelsea,
+    "china": lambda: load_sample_image("china.jpg"),
+    "coffee": skimage.data.coffee,
+    "flower": lambda: load_sample_image("flower.jpg"),
+    "hubble_deep_field": skimage.data.hubble_deep_field,
+    "immunohistochemistry": skimage.data.immunohistochemistry,
+    "motorcycle": lambda: skimage.data.stereo_motorcycle()[0],
+    "retina": skimage.data.retina,
+    "rocket": skimage.data.rocket,
+}
+
+
+@pytest.fixture(scope="module")
+def test_split(monkeypatch_module):
+    """The test split, built from scratch with every network connection refused."""
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in a test")
+
+    monkeypatch_module.setattr(socket.socket, "connect", refuse)
+    photos._photographs.cache_clear()
+    photos._crops.cache_clear()
+    return bs.load_data("photos", split="test")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_photos_load_offline_with_fixed_shapes_range_and_labels(test_split):
+    x, y = test_split
+    assert x.shape == (500, 3, 64, 64) and x.dtype == torch.float32
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    # Ten photographs, 50 crops each, in turns.
+    np.testing.assert_array_equal(y.numpy(), np.tile(np.arange(10), 50))
+    assert list(photos.PHOTOS) == list(SOURCES)
+    x_again, _ = bs.load_data("photos", split="test")
+    torch.testing.assert_close(x_again, x, rtol=0, atol=0)
+
+
+def test_crops_show_their_box_of_the_photograph(test_split):
+    x, y = test_split
+    _, _, boxes = photos.photo_crops("test")
+    # Independent oracle: skimage's own antialiased resize of the box cut from the package's image.
+    for i in range(0, 500, 37):
+        top, left, height, width, flip = boxes[i]
+        photo = SOURCES[list(SOURCES)[int(y[i])]]()[..., :3] / 255.0
+        region = photo[top : top + height, left : left + width]
+        expected = resize(region, (64, 64), order=1, anti_aliasing=True).transpose(2, 0, 1)
+        expected = expected[:, :, ::-1] if flip else expected
+        crop = x[i].numpy()
+        assert np.abs(crop - expected).mean() < 0.03, i
+        assert abs(crop.mean() - region.mean()) < 0.01, i
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_train_and_test_crops_come_from_disjoint_regions(split):
+    _, y, boxes = photos.photo_crops(split, size=16, per_photo=200 if split == "train" else 50)
+    for label, name in enumerate(SOURCES):
+        height, width = SOURCES[name]().shape[:2]
+        # The 4 x 4 checkerboard by hand: test cells where row + column is odd.
+        rows = np.round(np.arange(5) * height / 4).astype(int)
+        cols = np.round(np.arange(5) * width / 4).astype(int)
+        cell_of_row = np.searchsorted(rows, np.arange(height), side="right") - 1
+        cell_of_col = np.searchsorted(cols, np.arange(width), side="right") - 1
+        is_test = (cell_of_row[:, None] + cell_of_col[None, :]) % 2 == 1
+        cell_id = cell_of_row[:, None] * 4 + cell_of_col[None, :]
+        for top, left, h, w, _ in boxes[y.numpy() == label]:
+            assert h == w and 0.15 * min(height, width) - 1 <= h <= 0.25 * min(height, width) + 1
+            assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+            inside = is_test[top : top + h, left : left + w]
+            assert (inside if split == "test" else ~inside).all(), (name, top, left, h)
+            assert len(np.unique(cell_id[top : top + h, left : left + w])) == 1
+
+
+def test_photos_cnn_test_accuracy_is_the_documented_one(test_split):
+    x, y = test_split
+    model = bs.load_model("photos-cnn")
+    with torch.no_grad():
+        predicted = torch.cat([model(b).argmax(1) for b in x.split(100)])
+    # 398 of 500, as printed by scripts/train_photos_cnn.py and stated in the README.
+    assert int((predicted == y).sum()) == 398
+
+
+def test_training_script_is_deterministic():
+    def weights(seed):
+        model = train(1, size=16, per_photo=6, max_steps=3, seed=seed, threads=1)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        first, second, other = weights(0), weights(0), weights(1)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(1)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.slow
+def test_quick_demo_on_photos_writes_every_file_with_before_and_after(tmp_path):
+    out = tmp_path / "run"
+    argv = ["demo", "--out", str(out), "--quick", "-n", "2", "--steps", "3", "--no-progress"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["data"]) == ("photos-cnn", "photos")
+    methods = sorted(bs.attack.ATTACK_DEFAULTS)
+    results = read_jsonl(out / "results.jsonl")
+    assert sorted((r["index"], r["method"]) for r in results) == [
+        (i, m) for i in range(2) for m in methods
+    ]
+    for m in methods:
+        with np.load(out / "arrays" / f"{m}-0.npz") as data:
+            arrays = {k: data[k] for k in data.files}
+        assert arrays["x"].shape == (2, 3, 64, 64)
+        assert (out / "arrays" / f"sweep-{m}-0.npz").exists()
+        for r in (r for r in results if r["method"] == m):
+            i = r["index"]
+            before = pearsonr(arrays["map_orig"][i].ravel(), arrays["map_target"][i].ravel())[0]
+            assert r["expl_pcc_target_before"] == pytest.approx(before, abs=1e-4)
+            change = np.abs(arrays["x_adv"][i] - arrays["x"][i]).max()
+            assert r["input_max_change"] == pytest.approx(change, rel=1e-5, abs=1e-7)
+    assert len(read_jsonl(out / "explain.jsonl")) == 2 * len(bs.METHODS)
+    assert len(read_jsonl(out / "sweep.jsonl")) == 2 * len(methods) * 3 * 2
+    assert "curves" in json.loads((out / "theory.json").read_text())
+    html = (out / "report.html").read_text()
+    assert "expl_pcc_target_before" in html and "input_max_change" in html
+    assert all(p.stat().st_size > 1000 for p in (out / "figures").glob("*.png"))
