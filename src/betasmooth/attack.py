@@ -49,8 +49,10 @@ from .validate import (
     check_count,
     check_in_range,
     check_input,
+    check_model,
     check_positive,
     check_target,
+    evaluating,
 )
 
 __all__ = [
@@ -291,50 +293,74 @@ class ManipulationResult:
 # ------------------------------------------------------------------ goals
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """Every option of an attack, checked and resolved to its value."""
+
+    goal: str
+    method: str
+    options: dict[str, object]
+    steps: int
+    lr: float
+    step: float
+    schedule: str | float
+    beta0: float
+    beta_end: float
+    low: float | torch.Tensor
+    high: float | torch.Tensor
+    span: float
+    eps: float | None
+    loss: str
+    weights: tuple[float, float]
+    k: int | None
+    restarts: int
+    check_every: int
+    eot: bool
+    seed: int
+    progress: bool
+
+
+def _heatmaps(
+    model: nn.Module,
+    x: torch.Tensor,
+    s: _Settings,
+    explained: torch.Tensor,
+    step: int | None = None,
+    graph: bool = False,
+) -> torch.Tensor:
+    """Maps of ``x`` by the attacked method; fresh draws at each step under ``eot``."""
+    options = dict(s.options)
+    if s.eot and step is not None:
+        options["seed"] = s.seed + 1 + step
+    return heatmap(explain(model, x, s.method, explained, create_graph=graph, **options))
+
+
 @dataclass
 class _Problem:
     """An attack on one batch, fixed before the first step."""
 
     model: nn.Module
     x: torch.Tensor
+    s: _Settings
     explained: torch.Tensor
     label: torch.Tensor
     logits: torch.Tensor
     map_orig: torch.Tensor
     map_target: torch.Tensor
-    method: str
-    options: dict[str, object]
-    steps: int
-    schedule: str | float
-    beta0: float
-    beta_end: float
-    low: float | torch.Tensor
-    high: float | torch.Tensor
-    eps: float | None
-    loss: str
-    weights: tuple[float, float]
-    k: int
-    eot: bool
-    seed: int
-    progress: bool
     surrogate: _Surrogate = field(default_factory=_Surrogate)
     history: list[torch.Tensor] = field(default_factory=list)
     seen_logits: torch.Tensor | None = None
 
     def maps(self, x: torch.Tensor, step: int | None = None, graph: bool = False) -> torch.Tensor:
-        options = dict(self.options)
-        if self.eot and step is not None:
-            options["seed"] = self.seed + 1 + step
         self.seen_logits = None
         handle = None
-        if graph and self.method in OWN_FORWARD:
+        if graph and self.s.method in OWN_FORWARD:
             handle = self.model.register_forward_hook(self._see(x))
         try:
-            h = explain(self.model, x, self.method, self.explained, create_graph=graph, **options)
+            return _heatmaps(self.model, x, self.s, self.explained, step, graph)
         finally:
             if handle is not None:
                 handle.remove()
-        return heatmap(h)
 
     def _see(self, x: torch.Tensor) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -348,9 +374,10 @@ class _Problem:
         return self.model(x_adv) if self.seen_logits is None else self.seen_logits
 
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
-        if self.eps is not None:
-            x_adv = torch.minimum(torch.maximum(x_adv, self.x - self.eps), self.x + self.eps)
-        return x_adv.clamp(self.low, self.high)
+        eps = self.s.eps
+        if eps is not None:
+            x_adv = torch.minimum(torch.maximum(x_adv, self.x - eps), self.x + eps)
+        return x_adv.clamp(self.s.low, self.s.high)
 
     @contextlib.contextmanager
     def original(self) -> Iterator[None]:
@@ -378,8 +405,8 @@ class Goal:
 
 
 def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
-    w_e, w_o = p.weights
-    loss = w_e * LOSSES[p.loss](maps, p.map_target)
+    w_e, w_o = p.s.weights
+    loss = w_e * LOSSES[p.s.loss](maps, p.map_target)
     if w_o:
         loss = loss + w_o * _output_change(p.output(x_adv), p.logits)
     return loss
@@ -394,12 +421,13 @@ def _output_change(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 
 
 def _targeted_score(p: _Problem, maps: torch.Tensor) -> torch.Tensor:
-    return LOSSES[p.loss](maps, p.map_target)
+    return LOSSES[p.s.loss](maps, p.map_target)
 
 
 def _topk_mass(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor | None = None) -> torch.Tensor:
     # Ranked as in betasmooth.compare: a stable sort sends ties to the lower index.
-    order = p.map_orig.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, : p.k]
+    k = metrics.default_k(*maps.shape[1:]) if p.s.k is None else p.s.k
+    order = p.map_orig.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, :k]
     return maps.flatten(1).gather(1, order).sum(1)
 
 
@@ -473,20 +501,18 @@ def _run(
     p: _Problem,
     goal: Goal,
     start: torch.Tensor,
-    lr: float,
-    step: float,
-    check_every: int,
     best: torch.Tensor,
     best_score: torch.Tensor,
-    desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    s = p.s
     x_adv = start.detach().clone().requires_grad_(True)
-    optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=lr)
-    step_size = torch.full((x_adv.shape[0],), step, dtype=x_adv.dtype, device=x_adv.device)
+    optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=s.lr)
+    step_size = torch.full((x_adv.shape[0],), s.step, dtype=x_adv.dtype, device=x_adv.device)
     shape = (-1,) + (1,) * (x_adv.dim() - 1)
-    bar = tqdm(range(p.steps), desc=desc, unit="step", disable=not p.progress, leave=False)
+    desc = f"{s.method} {s.goal}"
+    bar = tqdm(range(s.steps), desc=desc, unit="step", disable=not s.progress, leave=False)
     for i in bar:
-        p.surrogate.beta = beta_at(p.schedule, i, p.steps, p.beta0, p.beta_end)
+        p.surrogate.beta = beta_at(s.schedule, i, s.steps, s.beta0, s.beta_end)
         with torch.enable_grad():
             loss = goal.objective(p, p.maps(x_adv, i, graph=True), x_adv)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
@@ -499,7 +525,7 @@ def _run(
                 x_adv.grad = grad
                 optimizer.step()
                 x_adv.copy_(p.project(x_adv))
-        if optimizer is None or (i + 1) % check_every == 0 or i + 1 == p.steps:
+        if optimizer is None or (i + 1) % s.check_every == 0 or i + 1 == s.steps:
             score, kept = _evaluate(p, goal, x_adv)
             best, best_score = keep_best(best, best_score, x_adv.detach(), score, kept)
             # Only at scorings, which wait for the device anyway.
@@ -694,144 +720,189 @@ def manipulate(
     >>> result.label_kept.all()
     tensor(True)
     """
-    goal_name = check_choice("goal", goal, GOALS)
-    the_goal = GOALS[goal_name]
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    check_batch(x, "x", min_dim=4)
-    if x.dim() != 4:
-        raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
-    x = check_input(model, x)
-    check_choice("loss", loss, LOSSES)
-    if not isinstance(method, str):
-        raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
-    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
-    options = {**defaults.get("options", {}), **(method_options or {})}
-    known = options_of(method)
-    options = {n: v for n, v in options.items() if n in known or n in (method_options or {})}
-    if eot and "seed" not in known:
-        raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
-
-    x = x.detach()
-    low, high = _range(data_range, x)
-    check_in_range(x, low, high)
-    # One number for the budgets that scale with the range; the clamp stays per channel.
-    span = float(torch.as_tensor(high - low).mean())
-    if goal_name == "targeted":
+    x = _checked_input(model, x)
+    settings = _resolve(
+        x,
+        method,
+        goal=goal,
+        steps=steps,
+        lr=lr,
+        weights=weights,
+        beta_schedule=beta_schedule,
+        beta0=beta0,
+        beta_end=beta_end,
+        data_range=data_range,
+        loss=loss,
+        eps=eps,
+        step=step,
+        k=k,
+        restarts=restarts,
+        check_every=check_every,
+        method_options=method_options,
+        eot=eot,
+        progress=progress,
+        seed=seed,
+    )
+    map_target = None
+    if settings.goal == "targeted":
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
         map_target = _check_target_map(target_map, x)
-        n_steps = defaults["steps"] if steps is None else steps
-        eps_value = check_positive("eps", eps, optional=True)
+    with evaluating(model):
+        p = _problem(model, x, target, map_target, settings)
+        best = _search(p)
+        map_adv = p.maps(best).detach()
+        with torch.no_grad():
+            logits_adv = model(best)
+    return _result(p, best, map_adv, logits_adv)
+
+
+def _checked_input(model: object, x: object) -> torch.Tensor:
+    check_model(model)
+    check_batch(x, "x", min_dim=4)
+    if x.dim() != 4:
+        raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
+    return check_input(model, x).detach()
+
+
+def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
+    """Check every option of :func:`manipulate` and resolve the defaults of the method."""
+    goal = check_choice("goal", given["goal"], GOALS)
+    check_choice("loss", given["loss"], LOSSES)
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
+    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
+    extra = given["method_options"] or {}
+    known = options_of(method)
+    options = {**defaults.get("options", {}), **extra}
+    options = {n: v for n, v in options.items() if n in known or n in extra}
+    if given["eot"] and "seed" not in known:
+        raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
+    low, high = _range(given["data_range"], x)
+    check_in_range(x, low, high)
+    # One number for the budgets that scale with the range; the clamp stays per channel.
+    span = float(torch.as_tensor(high - low).mean())
+    eps = check_positive("eps", given["eps"], optional=True)
+    if goal == "targeted":
+        steps = defaults["steps"] if given["steps"] is None else given["steps"]
     else:
-        n_steps = UNTARGETED_STEPS if steps is None else steps
-        eps_value = check_positive("eps", eps, optional=True) or UNTARGETED_EPS * span
-    n_steps = check_count("steps", n_steps)
-    lr_value = check_positive("lr", lr, optional=True) or float(defaults["lr"])
-    step_value = check_positive("step", step, optional=True) or UNTARGETED_STEP * (eps_value or 0.0)
-    schedule = _check_schedule(
-        defaults["beta_schedule"] if beta_schedule is None else beta_schedule
+        steps = UNTARGETED_STEPS if given["steps"] is None else given["steps"]
+        eps = eps or UNTARGETED_EPS * span
+    schedule = given["beta_schedule"]
+    check_every = given["check_every"]
+    return _Settings(
+        goal=goal,
+        method=method,
+        options=options,
+        steps=check_count("steps", steps),
+        lr=check_positive("lr", given["lr"], optional=True) or float(defaults["lr"]),
+        step=check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0),
+        schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
+        beta0=given["beta0"],
+        beta_end=given["beta_end"],
+        low=low,
+        high=high,
+        span=span,
+        eps=eps,
+        loss=given["loss"],
+        weights=_check_weights(given["weights"], x),
+        k=given["k"],
+        restarts=check_count("restarts", given["restarts"], 0),
+        check_every=check_count("check_every", CHECK_EVERY if check_every is None else check_every),
+        eot=given["eot"],
+        seed=given["seed"],
+        progress=given["progress"],
     )
+
+
+def _check_weights(weights: object, x: torch.Tensor) -> tuple[float, float]:
     if weights is None:
-        weights = default_weights(x.shape[2], x.shape[3])
+        return default_weights(x.shape[2], x.shape[3])
     if len(weights) != 2 or not all(
         isinstance(w, (int, float)) and w >= 0 and math.isfinite(w) for w in weights
     ):
         raise InputError(f"weights must be (w_e, w_o), two numbers >= 0; got {weights!r}")
-    check_count("restarts", restarts, 0)
-    check_every = check_count("check_every", CHECK_EVERY if check_every is None else check_every)
+    return float(weights[0]), float(weights[1])
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-        label = logits.argmax(1)
-        explained = check_target(target, x.shape[0])
-        explained = label if explained is None else explained.to(x.device)
-        p = _Problem(
-            model=model,
-            x=x,
-            explained=explained,
-            label=label,
-            logits=logits,
-            map_orig=torch.empty(0),
-            map_target=torch.empty(0),
-            method=method,
-            options=options,
-            steps=n_steps,
-            schedule=schedule,
-            beta0=beta0,
-            beta_end=beta_end,
-            low=low,
-            high=high,
-            eps=eps_value,
-            loss=loss,
-            weights=(float(weights[0]), float(weights[1])),
-            k=metrics.default_k(*x.shape[2:]) if k is None else k,
-            eot=eot,
-            seed=seed,
-            progress=progress,
-        )
-        p.map_orig = p.maps(x).detach()
-        p.map_target = map_target if goal_name == "targeted" else p.map_orig
-        best, best_score = x.clone(), _evaluate(p, the_goal, x)[0]
-        generator = torch.Generator().manual_seed(seed)
-        radius = eps_value if eps_value is not None else 0.01 * span
-        # Without a schedule the network is attacked as it is, and the
-        # override (which sees every torch call in forward) is left out.
-        surrogate = (
-            contextlib.nullcontext() if schedule == "none" else replace_relu(model, p.surrogate)
-        )
-        with surrogate:
-            for r in range(restarts + 1):
-                start = x
-                if r:
-                    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
-                    start = p.project(x + radius * (2 * noise.to(x.device) - 1))
-                best, best_score = _run(
-                    p,
-                    the_goal,
-                    start,
-                    lr_value,
-                    step_value,
-                    check_every,
-                    best,
-                    best_score,
-                    f"{method} {goal_name}",
-                )
-        map_adv = p.maps(best).detach()
-        with torch.no_grad():
-            logits_adv = model(best)
-    finally:
-        model.train(was_training)
 
+def _problem(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: object,
+    map_target: torch.Tensor | None,
+    s: _Settings,
+) -> _Problem:
+    """The attack on ``x``: its labels, logits and original maps, on the ReLU network."""
+    with torch.no_grad():
+        logits = model(x)
+    label = logits.argmax(1)
+    explained = check_target(target, x.shape[0])
+    explained = label if explained is None else explained.to(x.device)
+    map_orig = _heatmaps(model, x, s, explained).detach()
+    return _Problem(
+        model=model,
+        x=x,
+        s=s,
+        explained=explained,
+        label=label,
+        logits=logits,
+        map_orig=map_orig,
+        map_target=map_orig if map_target is None else map_target,
+    )
+
+
+def _search(p: _Problem) -> torch.Tensor:
+    """The best iterate per image over the runs from ``x`` and the restarts."""
+    s, x, goal = p.s, p.x, GOALS[p.s.goal]
+    best, best_score = x.clone(), _evaluate(p, goal, x)[0]
+    generator = torch.Generator().manual_seed(s.seed)
+    radius = s.eps if s.eps is not None else 0.01 * s.span
+    # Without a schedule the network is attacked as it is, and the
+    # override (which sees every torch call in forward) is left out.
+    surrogate = (
+        contextlib.nullcontext() if s.schedule == "none" else replace_relu(p.model, p.surrogate)
+    )
+    with surrogate:
+        for r in range(s.restarts + 1):
+            start = x
+            if r:
+                noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+                start = p.project(x + radius * (2 * noise.to(x.device) - 1))
+            best, best_score = _run(p, goal, start, best, best_score)
+    return best
+
+
+def _result(
+    p: _Problem, best: torch.Tensor, map_adv: torch.Tensor, logits_adv: torch.Tensor
+) -> ManipulationResult:
+    """Scores of the best iterates against the target, the original map and the input."""
+    x, k = p.x, p.s.k
     label_adv = logits_adv.argmax(1)
     scores: dict[str, torch.Tensor] = {}
-    for name, value in metrics.compare(map_adv, p.map_target, k=p.k).items():
+    for name, value in metrics.compare(map_adv, p.map_target, k=k).items():
         scores[f"expl_{name}_target"] = value
-    for name, value in metrics.compare(map_adv, p.map_orig, k=p.k).items():
+    for name, value in metrics.compare(map_adv, p.map_orig, k=k).items():
         scores[f"expl_{name}_orig"] = value
-    before = metrics.compare(p.map_orig, p.map_target, k=p.k)
+    before = metrics.compare(p.map_orig, p.map_target, k=k)
     for name in ("pcc", "ssim", "mse"):
         scores[f"expl_{name}_target_before"] = before[name]
     scores["input_mse"] = (best - x).square().flatten(1).mean(1)
     scores["input_max_change"] = (best - x).abs().flatten(1).amax(1)
     scores["input_pcc"] = _input_pcc(best, x)
-    scores["output_change"] = _output_change(logits_adv, logits)
+    scores["output_change"] = _output_change(logits_adv, p.logits)
     return ManipulationResult(
         x=x.cpu(),
         x_adv=best.detach().cpu(),
         map_orig=p.map_orig.cpu(),
         map_adv=map_adv.cpu(),
         map_target=p.map_target.detach().cpu(),
-        label=label.cpu(),
+        label=p.label.cpu(),
         label_adv=label_adv.cpu(),
-        label_kept=(label_adv == label).cpu(),
+        label_kept=(label_adv == p.label).cpu(),
         metrics={name: v.detach().cpu() for name, v in scores.items()},
         history=torch.stack(p.history).cpu(),
-        method=method,
-        goal=goal_name,
+        method=p.s.method,
+        goal=p.s.goal,
     )
 
 
