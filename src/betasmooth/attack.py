@@ -1166,24 +1166,8 @@ def defense_sweep(
     >>> len(sweep.records())  # 2 images x 2 defenses x 2 betas
     8
     """
-    check_batch(x, "x", min_dim=4)
-    check_batch(x_adv, "x_adv", min_dim=4)
-    if x_adv.shape != x.shape:
-        raise InputError(
-            f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
-        )
-    target_map = _check_target_map(target_map, x)
-    betas = [check_positive("beta", b) for b in betas]
-    if not betas:
-        raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
-    if smoothgrad_sigmas is None:
-        sigmas = [matched_sigma(b) for b in betas]
-    else:
-        sigmas = [check_positive("smoothgrad_sigmas", s) for s in smoothgrad_sigmas]
-        if len(sigmas) != len(betas):
-            raise InputError(
-                f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
-            )
+    target_map = _check_sweep_inputs(x, x_adv, target_map)
+    betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
     for d in defenses:
         check_choice("defense", d, DEFENSES)
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
@@ -1193,7 +1177,7 @@ def defense_sweep(
     options = dict(method_options or {})
     map_orig = heatmap(explain(model, x, method, label, **options)).detach()
     map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
-    plain = metrics.compare(map_plain, map_orig)
+    undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
     both = torch.cat([x_adv, x])
     rows: list[dict[str, object]] = []
     kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -1215,25 +1199,63 @@ def defense_sweep(
         seconds = (time.perf_counter() - start) / x.shape[0]
         adv, clean = maps.chunk(2)
         kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
-        parts = {
-            "adv_vs_orig": metrics.compare(adv, map_orig),
-            "adv_vs_target": metrics.compare(adv, target_map),
-            "adv_vs_clean": metrics.compare(adv, clean),
-            "clean_vs_orig": metrics.compare(clean, map_orig),
+        head = {
+            "defense": defense,
+            "beta": beta,
+            "sigma": sigma if defense == "smoothgrad" else None,
         }
-        for i in range(x.shape[0]):
-            row: dict[str, object] = {
-                "index": i,
-                "defense": defense,
-                "beta": beta,
-                "sigma": sigma if defense == "smoothgrad" else None,
-            }
-            for prefix, values in parts.items():
-                row.update({f"{prefix}_{m}": float(v[i]) for m, v in values.items()})
-            row.update({f"undefended_{m}": float(v[i]) for m, v in plain.items()})
-            row["seconds"] = seconds
-            rows.append(row)
+        scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
+        rows += [
+            {"index": i, **head, **{k: float(v[i]) for k, v in scores.items()}, "seconds": seconds}
+            for i in range(x.shape[0])
+        ]
     return SweepResult(rows, kept_maps)
+
+
+def _check_sweep_inputs(
+    x: torch.Tensor, x_adv: torch.Tensor, target_map: torch.Tensor
+) -> torch.Tensor:
+    check_batch(x, "x", min_dim=4)
+    check_batch(x_adv, "x_adv", min_dim=4)
+    if x_adv.shape != x.shape:
+        raise InputError(
+            f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
+        )
+    return _check_target_map(target_map, x)
+
+
+def _sweep_scales(
+    betas: Sequence[float], smoothgrad_sigmas: Sequence[float] | None
+) -> tuple[list[float], list[float]]:
+    """The betas, and SmoothGrad's noise level for each: given, or matched to beta."""
+    betas = [check_positive("beta", b) for b in betas]
+    if not betas:
+        raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
+    if smoothgrad_sigmas is None:
+        return betas, [matched_sigma(b) for b in betas]
+    sigmas = [check_positive("smoothgrad_sigmas", s) for s in smoothgrad_sigmas]
+    if len(sigmas) != len(betas):
+        raise InputError(
+            f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
+        )
+    return betas, sigmas
+
+
+def _defense_scores(
+    adv: torch.Tensor, clean: torch.Tensor, map_orig: torch.Tensor, target_map: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Defended maps of ``x_adv`` and ``x`` against the original map, the target and each other."""
+    parts = {
+        "adv_vs_orig": (adv, map_orig),
+        "adv_vs_target": (adv, target_map),
+        "adv_vs_clean": (adv, clean),
+        "clean_vs_orig": (clean, map_orig),
+    }
+    return {
+        f"{prefix}_{m}": v
+        for prefix, (a, b) in parts.items()
+        for m, v in metrics.compare(a, b).items()
+    }
 
 
 def _input_range(data_range: object, x: torch.Tensor) -> float | torch.Tensor | None:
