@@ -371,13 +371,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"betasmooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in OPTIONS.items():
+        p = _subcommand(sub, name)
+        add(p)
+        p.set_defaults(run=COMMANDS[name])
+    return parser
 
-    p = _subcommand(sub, "demo")
+
+#: The options of each subcommand, added to its parser in this order.
+OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def options(name: str) -> Callable[[Callable], Callable]:
+    """Register the function that adds the options of the subcommand ``name``."""
+
+    def decorate(fn: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        OPTIONS[name] = fn
+        return fn
+
+    return decorate
+
+
+@options("demo")
+def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
     )
     p.add_argument(
-        "--quick", action="store_true", help="a first look in about a minute (default: off)"
+        "--quick", action="store_true", help="a first look in at most 90 seconds (default: off)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument(
@@ -394,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_images(p, None, hidden=True)
     p.add_argument("--steps", type=_positive, help=argparse.SUPPRESS)
 
-    p = _subcommand(sub, "attack")
+
+@options("attack")
+def _attack_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
     p.add_argument("--method", required=True, help=_choices_help(list(ATTACK_DEFAULTS)))
     p.add_argument("--steps", type=_positive, help=_steps_help())
@@ -408,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_save_attributions(p)
     _add_run(p)
 
-    p = _subcommand(sub, "sweep")
+
+@options("sweep")
+def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="run directory of an attack")
     p.add_argument(
         "--betas",
@@ -431,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_progress(p)
 
-    p = _subcommand(sub, "explain")
+
+@options("explain")
+def _explain_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
     p.add_argument("--method", required=True, help=_choices_help(list(METHODS)))
     _add_save_attributions(p)
@@ -443,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run(p)
 
-    p = _subcommand(sub, "theorem")
+
+@options("theorem")
+def _theorem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, metavar="DIR", help="directory for theory.json and figures"
     )
@@ -457,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_progress(p)
 
-    p = _subcommand(sub, "curvature")
+
+@options("curvature")
+def _curvature_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
     p.add_argument(
         "--betas",
@@ -470,12 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run(p)
 
-    p = _subcommand(sub, "report")
-    p.add_argument("dir", help="run directory")
 
-    for name, p in sub.choices.items():
-        p.set_defaults(run=COMMANDS[name])
-    return parser
+@options("report")
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="run directory")
 
 
 # ----------------------------------------------------------------------------- helpers
