@@ -687,81 +687,93 @@ def _section_defense(run: _Run) -> str:
     )
     points = []
     for method in sorted({str(r.get("method")) for r in run.sweep}):
-        mine = [r for r in run.sweep if str(r.get("method")) == method]
-        keys = [k for k in SWEEP_METRICS if any(_is_number(r.get(k)) for r in mine)]
-        groups = _defense_groups(mine)
-        rows, betas, curves, sg_betas, smoothgrad = [], [], {}, [], {}
-        for key, recs in groups:
-            stats = medians(recs, keys)
-            label = _sweep_label(key)
-            defense = key.get("defense", "")
-            name = "β-smoothing" if defense == "beta_smooth" else "SmoothGrad"
-            rows.append([f"{name} {label}".strip(), len(recs)] + [stats[k] for k in keys])
-            if key.get("attack"):
-                continue
-            beta = _matched_beta(key)
-            if beta is not None:
-                target = (betas, curves) if defense == "beta_smooth" else (sg_betas, smoothgrad)
-                target[0].append(beta)
-                for k in keys:
-                    target[1].setdefault(k, []).append(np.nan if stats[k] is None else stats[k])
-            if "seconds" in stats and stats["seconds"] and "adv_vs_orig_pcc" in stats:
-                points.append(
-                    {
-                        "method": method,
-                        "defense": defense,
-                        "label": label if beta is None else f"β={beta:g}",
-                        "seconds": stats["seconds"],
-                        "metric": stats["adv_vs_orig_pcc"],
-                    }
-                )
-        out.append(f"<h3 id='defense-{_e(_slug(method))}'>{_e(method)}</h3>")
-        if betas:
-            path = figures.defense_curves(
-                betas,
-                {k: v for k, v in curves.items() if k != "seconds"},
-                run.figures / f"defense_{_slug(method)}.png",
-                smoothgrad_betas=sg_betas,
-                smoothgrad=smoothgrad,
-                undefended=_undefended(run.results, method),
-                title=f"{method}: defended maps against β",
+        html, found = _defense_of(run, method)
+        out.append(html)
+        points += found
+    return "".join(out) + _section_cost(run, points)
+
+
+def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
+    """A method's defense curves and table, and its (seconds, quality) points."""
+    mine = [r for r in run.sweep if str(r.get("method")) == method]
+    keys = [k for k in SWEEP_METRICS if any(_is_number(r.get(k)) for r in mine)]
+    rows, points = [], []
+    series: dict[str, tuple[list, dict]] = {"beta_smooth": ([], {}), "smoothgrad": ([], {})}
+    for key, recs in _defense_groups(mine):
+        stats = medians(recs, keys)
+        label = _sweep_label(key)
+        defense = key.get("defense", "")
+        name = "β-smoothing" if defense == "beta_smooth" else "SmoothGrad"
+        rows.append([f"{name} {label}".strip(), len(recs)] + [stats[k] for k in keys])
+        if key.get("attack"):
+            continue
+        beta = _matched_beta(key)
+        if beta is not None:
+            betas, curves = series["beta_smooth" if defense == "beta_smooth" else "smoothgrad"]
+            betas.append(beta)
+            for k in keys:
+                curves.setdefault(k, []).append(np.nan if stats[k] is None else stats[k])
+        if "seconds" in stats and stats["seconds"] and "adv_vs_orig_pcc" in stats:
+            shown = label if beta is None else f"β={beta:g}"
+            points.append(
+                {"method": method, "defense": defense, "label": shown}
+                | {"seconds": stats["seconds"], "metric": stats["adv_vs_orig_pcc"]}
             )
-            out.append(
-                _img(
-                    path,
-                    f"{method} defense curves",
-                    "Blue: attacked map vs original map (high is good); red: attacked map vs "
-                    "target map (low is good); green: clean map vs original (what the defense "
-                    "costs without attack). Solid: β-smoothing; dotted: SmoothGrad with noise "
-                    "of the same variance; faint: no defense.",
-                )
+    out = [f"<h3 id='defense-{_e(_slug(method))}'>{_e(method)}</h3>"]
+    if series["beta_smooth"][0]:
+        out.append(_defense_figure(run, method, series))
+    # One column per setting: a dozen metrics fit down the page, not across it.
+    header = ["median over images"] + [r[0] for r in rows]
+    columns = [["records"] + [r[1] for r in rows]]
+    columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
+    out.append(_table(f"defense-{_slug(method)}", header, columns))
+    return "".join(out), points
+
+
+def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dict]]) -> str:
+    (betas, curves), (sg_betas, smoothgrad) = series["beta_smooth"], series["smoothgrad"]
+    path = figures.defense_curves(
+        betas,
+        {k: v for k, v in curves.items() if k != "seconds"},
+        run.figures / f"defense_{_slug(method)}.png",
+        smoothgrad_betas=sg_betas,
+        smoothgrad=smoothgrad,
+        undefended=_undefended(run.results, method),
+        title=f"{method}: defended maps against β",
+    )
+    return _img(
+        path,
+        f"{method} defense curves",
+        "Blue: attacked map vs original map (high is good); red: attacked map vs "
+        "target map (low is good); green: clean map vs original (what the defense "
+        "costs without attack). Solid: β-smoothing; dotted: SmoothGrad with noise "
+        "of the same variance; faint: no defense.",
+    )
+
+
+def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
+    if not points:
+        return ""
+    out = ["<h2 id='cost'>SmoothGrad against beta-smoothing: quality and time</h2>"]
+    for method in sorted({p["method"] for p in points}):
+        mine = [p for p in points if p["method"] == method]
+        if not {p["defense"] for p in mine} >= {"beta_smooth"}:
+            continue
+        path = figures.cost_quality(
+            mine,
+            run.figures / f"cost_{_slug(method)}.png",
+            metric="PCC attacked vs original map",
+            title=f"{method}: quality against cost",
+        )
+        out.append(
+            _img(
+                path,
+                f"{method} quality against time",
+                "Each point: one setting; x: median seconds per image to compute the "
+                "defended map, y: median PCC of the defended attacked map with the "
+                "original map.",
             )
-        # One column per setting: a dozen metrics fit down the page, not across it.
-        header = ["median over images"] + [r[0] for r in rows]
-        columns = [["records"] + [r[1] for r in rows]]
-        columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
-        out.append(_table(f"defense-{_slug(method)}", header, columns))
-    if points:
-        out.append("<h2 id='cost'>SmoothGrad against beta-smoothing: quality and time</h2>")
-        for method in sorted({p["method"] for p in points}):
-            mine = [p for p in points if p["method"] == method]
-            if not {p["defense"] for p in mine} >= {"beta_smooth"}:
-                continue
-            path = figures.cost_quality(
-                mine,
-                run.figures / f"cost_{_slug(method)}.png",
-                metric="PCC attacked vs original map",
-                title=f"{method}: quality against cost",
-            )
-            out.append(
-                _img(
-                    path,
-                    f"{method} quality against time",
-                    "Each point: one setting; x: median seconds per image to compute the "
-                    "defended map, y: median PCC of the defended attacked map with the "
-                    "original map.",
-                )
-            )
+        )
     return "".join(out)
 
 
