@@ -960,12 +960,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on a built-in model; write a report."""
     from .report import build_report
 
-    table = DEMO_SIZES_BY_DATA.get(args.data, PHOTO_DEMO_SIZES)
-    sizes = dict(table["quick" if args.quick else "default"])
-    if args.n is not None:
-        sizes["n"] = args.n
-    if args.steps is not None:
-        sizes["steps"] = args.steps
+    sizes = _demo_sizes(args)
     config = _config(
         args, model=args.model, data=args.data, quick=args.quick, seed=args.seed, **sizes
     )
@@ -975,42 +970,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     model, x, y = runs.load_inputs(args.model, args.data, n=int(sizes["n"]))
     run = RunDir.create(args.out, config, resume=args.resume)
-    progress = args.progress
-    explain_methods = runs.explain_methods("all")
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
     options = {
         "smoothgrad": {"n": sizes["smoothgrad_attack_n"]},
         "integrated_gradients": {"steps": sizes["ig_steps"]},
     }
+    common = {
+        "batch_size": int(sizes["batch_size"]),
+        "seed": args.seed,
+        "method_options": options,
+        "progress": args.progress,
+    }
+    explain_methods = runs.explain_methods("all")
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")
-    runs.explain_run(
-        run,
-        model,
-        x,
-        y,
-        explain_methods,
-        batch_size=int(sizes["batch_size"]),
-        seed=args.seed,
-        method_options=options,
-        name="explain",
-        progress=progress,
-    )
+    runs.explain_run(run, model, x, y, explain_methods, name="explain", **common)
     methods = runs.attack_methods("all")
     steps = _demo_steps(methods, int(sizes["steps"]))
     _say(f"attacking them with {len(methods)} methods, up to {max(steps.values())} steps")
-    records = runs.attack_run(
-        run,
-        model,
-        x,
-        y,
-        methods,
-        steps=steps,
-        batch_size=int(sizes["batch_size"]),
-        seed=args.seed,
-        method_options=options,
-        progress=progress,
-    )
+    records = runs.attack_run(run, model, x, y, methods, steps=steps, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
     sweep = runs.sweep_run(
         run,
@@ -1018,23 +996,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sizes["betas"],
         smoothgrad_n=int(sizes["smoothgrad_n"]),
         seed=args.seed,
-        progress=progress,
+        progress=args.progress,
     )
     if not run.theory.exists():
         _say("checking the theory")
-        _theory(run, bool(sizes["quick_theory"]), args.seed, progress)
+        _theory(run, bool(sizes["quick_theory"]), args.seed, args.progress)
     report = build_report(run.path)
+    _demo_summary(run, records, sweep)
+    _say(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+def _demo_sizes(args: argparse.Namespace) -> dict[str, object]:
+    """The demo's sizes for its data, quick or not, with -n and --steps applied."""
+    table = DEMO_SIZES_BY_DATA.get(args.data, PHOTO_DEMO_SIZES)
+    sizes = dict(table["quick" if args.quick else "default"])
+    if args.n is not None:
+        sizes["n"] = args.n
+    if args.steps is not None:
+        sizes["steps"] = args.steps
+    return sizes
+
+
+def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mapping]) -> None:
     _say()
-    _say("attacks: medians over images; kept = fraction of labels kept; pcc/ssim tgt, orig =")
-    _say("similarity of the attacked map to the target map, to the original map")
+    _say("attacks: medians over images; kept = fraction of labels kept; pcc/ssim tgt0, tgt =")
+    _say("similarity of the original map and of the attacked map to the target map; pcc orig =")
+    _say("attacked map vs original map; max |dx| = largest change of one pixel value")
     _say(summary_table(records, ATTACK_COLUMNS))
     _say()
     _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds)")
     _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
+    summary = run.read_sweep_summary()
+    if summary:
+        _say()
+        _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
+        _say("of x vs undefended map of x; medians over images; * recommended beta")
+        _say(format_summary(summary))
     _say()
-    _say(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
-    return 0
 
 
 # ----------------------------------------------------------------------------- entry point
