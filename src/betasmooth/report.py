@@ -26,7 +26,7 @@ import numpy as np
 
 from . import figures
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
-from .store import RunDir, load_npz, read_jsonl
+from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, read_jsonl
 from .validate import InputError
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
@@ -209,23 +209,18 @@ def _read(run_dir: Path) -> _Run:
     return run
 
 
-def _batches(run: _Run, name: str) -> dict[str, list[Path]]:
-    """The arrays files of the records ``name``, grouped by method, each by first index."""
-    return {m: list(f.values()) for m, f in RunDir(run.path).batch_files(name).items()}
+def _arrays(run: _Run, name: str, kind: type[Batch]) -> dict[str, Batch]:
+    """Each method's batches of the records ``name`` joined and read as ``kind``.
 
-
-def _load(files: Sequence[Path]) -> dict[str, np.ndarray]:
-    """Concatenate the batches of one method along dim 0 (per-run scalars kept once)."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for f in files:
-        for key, array in load_npz(f).items():
-            parts.setdefault(key, []).append(array)
+    A method whose arrays are not of that kind (e.g. written by hand) is left out.
+    """
+    store = RunDir(run.path)
     out = {}
-    for key, arrays in parts.items():
-        if arrays[0].ndim == 0 or key == "betas":
-            out[key] = arrays[0]
-        else:
-            out[key] = np.concatenate(arrays)
+    for method in store.batch_files(name):
+        try:
+            out[method] = kind.from_npz(store.read_arrays(method, name))
+        except InputError:
+            continue
     return out
 
 
@@ -439,17 +434,16 @@ def _section_results(run: _Run) -> str:
     )
 
 
-def _row_labels(
-    data: Mapping[str, np.ndarray], n: int, names: Mapping[int, str] | None = None
-) -> list[str]:
+def _row_labels(batch: Batch, n: int, names: Mapping[int, str] | None = None) -> list[str]:
     labels = []
     for i in range(n):
-        text = f"#{int(data['index'][i])}" if "index" in data else f"{i}"
-        if "label" in data and "label_adv" in data:
-            text += f" {int(data['label'][i])}→{int(data['label_adv'][i])}"
-        if names and "index" in data and int(data["index"][i]) in names:
+        index = int(batch.index[i])
+        text = f"#{index}"
+        if isinstance(batch, AttackBatch):
+            text += f" {int(batch.label[i])}→{int(batch.label_adv[i])}"
+        if names and index in names:
             # The class name of the prediction, cut to fit the panel.
-            text += f" {names[int(data['index'][i])][:16]}"
+            text += f" {names[index][:16]}"
         labels.append(text)
     return labels
 
@@ -462,75 +456,45 @@ def _class_names(records: Sequence[Mapping], method: str | None = None) -> dict[
     }
 
 
-def _sweep_maps(run: _Run, method: str, index: np.ndarray) -> tuple[np.ndarray, list] | None:
+def _sweep_maps(
+    swept: SweepBatch | None, index: np.ndarray
+) -> tuple[np.ndarray, list[float]] | None:
     """Beta-smoothed maps of the attacked images, aligned with ``index``, and their betas."""
-    files = _batches(run, "sweep").get(method)
-    if not files:
+    if swept is None or swept.maps_beta is None:
         return None
-    data = _load(files)
-    if "maps_beta" not in data:
+    betas = [float(b) for b in np.ravel(swept.betas)]
+    where = {int(i): k for k, i in enumerate(swept.index)}
+    if len(betas) != swept.maps_beta.shape[1] or not all(int(i) in where for i in index):
         return None
-    if "betas" in data:
-        betas = [float(b) for b in np.ravel(data["betas"])]
-    else:
-        betas = sorted(
-            {
-                float(r["beta"])
-                for r in run.sweep
-                if r.get("method") == method
-                and r.get("defense") == "beta_smooth"
-                and _is_number(r.get("beta"))
-            }
-        )
-    maps = data["maps_beta"]
-    if len(betas) != maps.shape[1]:
-        return None
-    if "index" in data:
-        where = {int(i): k for k, i in enumerate(data["index"])}
-        if not all(int(i) in where for i in index):
-            return None
-        maps = maps[[where[int(i)] for i in index]]
-    else:
-        maps = maps[: len(index)]
-    return maps, betas
+    return swept.maps_beta[[where[int(i)] for i in index]], betas
 
 
 def _section_methods(run: _Run) -> str:
-    batches = _batches(run, "results") if run.explain_name == "explain" else {}
+    batches = _arrays(run, "results", AttackBatch) if run.explain_name == "explain" else {}
     if not batches:
         return ""
+    sweeps = _arrays(run, "sweep", SweepBatch)
     goals = {str(r.get("method")): r.get("goal") for r in run.results}
     out = ["<h2 id='methods'>Maps before and after the attack</h2>"]
-    for method, files in batches.items():
-        data = _load(files)
-        need = ("x", "x_adv", "map_orig", "map_adv", "map_target")
+    for method, batch in batches.items():
         goal = goals.get(method)
         heading = method + (f" (goal: {goal})" if goal else "")
         out.append(f"<h3 id='method-{_e(_slug(method))}'>{_e(heading)}</h3>")
-        if not all(k in data for k in need):
-            out.append(_note(f"The arrays of {method} lack {', '.join(need)}; no grid."))
-            continue
-        order = np.argsort(data["index"], kind="stable") if "index" in data else None
-        if order is not None:
-            data = {
-                k: (v[order] if v.ndim and len(v) == len(order) else v) for k, v in data.items()
-            }
-        n = min(GRID_ROWS, len(data["x"]))
-        index = data["index"][:n] if "index" in data else np.arange(n)
-        swept = _sweep_maps(run, method, index)
+        n = min(GRID_ROWS, len(batch.x))
+        swept = _sweep_maps(sweeps.get(method), batch.index[:n])
         path = figures.method_grid(
-            _shown(run, data["x"][:n]),
-            data["map_orig"][:n],
-            _shown(run, data["x_adv"][:n]),
-            data["map_adv"][:n],
-            data["map_target"][:n],
+            _shown(run, batch.x[:n]),
+            batch.map_orig[:n],
+            _shown(run, batch.x_adv[:n]),
+            batch.map_adv[:n],
+            batch.map_target[:n],
             run.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
-            row_labels=_row_labels(data, n, _class_names(run.results, method)),
+            row_labels=_row_labels(batch, n, _class_names(run.results, method)),
         )
         caption = (
-            f"First {n} of {len(data['x'])} images (row label: index, label before → after). "
+            f"First {n} of {len(batch.x)} images (row label: index, label before → after). "
             f"Maps in {figures.MAP_CMAP}, one colour scale per row (colour bar)."
         )
         if swept is None:
@@ -545,24 +509,17 @@ def _section_methods(run: _Run) -> str:
 
 
 def _section_explain(run: _Run) -> str:
-    batches = _batches(run, run.explain_name)
-    if not batches:
+    loaded = _arrays(run, run.explain_name, ExplainBatch)
+    if not loaded:
         return ""
-    loaded = {m: _load(files) for m, files in batches.items()}
     first = next(iter(loaded.values()))
-    if "x" not in first:
-        return "<h2 id='explain'>Explanations</h2>" + _note("Explain arrays without inputs.")
-    n = min(GRID_ROWS, len(first["x"]))
-    maps = {m: d["map"][:n] for m, d in loaded.items() if "map" in d and len(d["map"]) >= n}
+    n = min(GRID_ROWS, len(first.x))
+    maps = {m: b.map[:n] for m, b in loaded.items() if len(b.map) >= n}
     path = figures.explain_grid(
-        _shown(run, first["x"][:n]),
+        _shown(run, first.x[:n]),
         maps,
         run.figures / "explain.png",
-        row_labels=_row_labels(
-            {"index": first["index"]} if "index" in first else {},
-            n,
-            _class_names(run.explain or run.results),
-        ),
+        row_labels=_row_labels(first, n, _class_names(run.explain or run.results)),
     )
     out = "<h2 id='explain'>Explanations</h2>" + _img(
         path,

@@ -27,7 +27,7 @@ from .geometry import curvature
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import smooth
-from .store import Arrays, Record, RunDir, load_npz, read_jsonl
+from .store import AttackBatch, ExplainBatch, Record, RunDir, SweepBatch, load_npz, read_jsonl
 from .units import Unit, derangement, execute, plan, unit_seed
 from .validate import InputError
 from .zoo import check_compatible, load_data, load_model
@@ -217,7 +217,7 @@ def attack_run(
         sys.stderr.isatty() if progress is None else progress
     )
 
-    def work(unit: Unit) -> tuple[list[Record], Arrays]:
+    def work(unit: Unit) -> tuple[list[Record], AttackBatch]:
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
         defaults = ATTACK_DEFAULTS.get(unit.method, {}).get("options")
@@ -248,16 +248,16 @@ def attack_run(
             head["true_label"] = int(y[i])
             row = {**head, **{key: v for key, v in r.items() if key not in head}}
             records.append(_named(row, classes))
-        arrays = result.arrays()
-        arrays["index"] = np.asarray(unit.indices)
+        batch = AttackBatch(index=np.asarray(unit.indices), **result.arrays())
         if targets is not None:
-            arrays["target_index"] = targets[idx].numpy()
+            batch.target_index = targets[idx].numpy()
         if save_attributions:
             label = result.label.to(device)
-            for name, xs in (("attr_orig", xb), ("attr_adv", result.x_adv.to(device))):
-                h = explain(model, xs, unit.method, label, **options)
-                arrays[name] = h.detach().cpu().numpy()
-        return records, arrays
+            batch.attr_orig, batch.attr_adv = (
+                explain(model, xs, unit.method, label, **options).detach().cpu().numpy()
+                for xs in (xb, result.x_adv.to(device))
+            )
+        return records, batch
 
     units = plan(methods, range(x.shape[0]), batch_size)
     return execute(run, units, work, dist=dist, progress=progress, desc="attack")
@@ -302,7 +302,7 @@ def explain_run(
     device = torch.device(device)
     model = model.to(device)
 
-    def work(unit: Unit) -> tuple[list[Record], Arrays]:
+    def work(unit: Unit) -> tuple[list[Record], ExplainBatch]:
         idx = torch.tensor(unit.indices)
         xb = x[idx].to(device)
         options = _options(unit, method_options, seed)
@@ -331,14 +331,13 @@ def explain_run(
             )
             for j, i in enumerate(unit.indices)
         ]
-        arrays = {
-            "index": np.asarray(unit.indices),
-            "x": xb.cpu().numpy(),
-            "map": maps.cpu().numpy(),
-        }
-        if save_attributions:
-            arrays["attribution"] = attribution.cpu().numpy()
-        return records, arrays
+        batch = ExplainBatch(
+            index=np.asarray(unit.indices),
+            x=xb.cpu().numpy(),
+            map=maps.cpu().numpy(),
+            attribution=attribution.cpu().numpy() if save_attributions else None,
+        )
+        return records, batch
 
     units = plan(methods, range(x.shape[0]), batch_size)
     return execute(run, units, work, name=name, dist=dist, progress=progress, desc="explain")
@@ -395,15 +394,15 @@ def sweep_run(
         methods = sorted({r["method"] for r in read_jsonl(run.results)})
     batches = run.batch_files()
     files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
-    units = [Unit(m, tuple(int(i) for i in load_npz(f)["index"])) for (m, _), f in files.items()]
+    attacked = {key: AttackBatch.from_npz(load_npz(f), f) for key, f in files.items()}
+    units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
-    def work(unit: Unit) -> tuple[list[Record], Arrays]:
-        with np.load(files[(unit.method, unit.indices[0])]) as data:
-            index = [int(i) for i in data["index"]]
-            rows = [index.index(i) for i in unit.indices]
-            x = torch.from_numpy(data["x"][rows]).to(device)
-            x_adv = torch.from_numpy(data["x_adv"][rows]).to(device)
-            target_map = torch.from_numpy(data["map_target"][rows]).to(device)
+    def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
+        batch = attacked[(unit.method, unit.indices[0])]
+        rows = [[int(i) for i in batch.index].index(i) for i in unit.indices]
+        x, x_adv, target_map = (
+            torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
+        )
         base = "gradient" if unit.method in NOISE_METHODS else unit.method
         result = defense_sweep(
             model,
@@ -422,21 +421,27 @@ def sweep_run(
             | {k: v for k, v in r.items() if k != "index"}
             for r in result.records()
         ]
-        arrays: Arrays = {"index": np.asarray(unit.indices), "betas": np.asarray(betas, float)}
-        for defense, key in (("beta_smooth", "maps_beta"), ("smoothgrad", "maps_smoothgrad")):
-            maps = [
-                result.maps[(defense, float(b))][0]
-                for b in betas
-                if (defense, float(b)) in result.maps
-            ]
-            if maps:
-                arrays[key] = torch.stack(maps, 1).numpy()
-        return records, arrays
+        return records, SweepBatch(
+            index=np.asarray(unit.indices),
+            betas=np.asarray(betas, float),
+            maps_beta=_defended(result.maps, "beta_smooth", betas),
+            maps_smoothgrad=_defended(result.maps, "smoothgrad", betas),
+        )
 
     records = execute(run, units, work, name="sweep", dist=dist, progress=progress, desc="sweep")
     if records:
         run.write_sweep_summary(sweep_summary(records, min_fidelity))
     return records
+
+
+def _defended(
+    maps: Mapping[tuple[str, float], tuple[torch.Tensor, torch.Tensor]],
+    defense: str,
+    betas: Sequence[float],
+) -> np.ndarray | None:
+    """The defended maps of the attacked images, ``(B, len(betas), H, W)``, or ``None``."""
+    found = [maps[(defense, float(b))][0] for b in betas if (defense, float(b)) in maps]
+    return torch.stack(found, 1).numpy() if found else None
 
 
 def curvature_run(

@@ -35,6 +35,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -57,6 +58,10 @@ __all__ = [
     "Arrays",
     "Record",
     "RunDir",
+    "AttackBatch",
+    "Batch",
+    "ExplainBatch",
+    "SweepBatch",
     "append_jsonl",
     "load_npz",
     "read_jsonl",
@@ -487,10 +492,12 @@ class RunDir:
                 found.setdefault(method, {})[int(first)] = f
         return {m: dict(sorted(files.items())) for m, files in sorted(found.items())}
 
-    def save_arrays(self, method: str, first: int, arrays: Arrays, name: str = "results") -> Path:
+    def save_arrays(
+        self, method: str, first: int, arrays: Batch | Arrays, name: str = "results"
+    ) -> Path:
         """Write a batch's arrays, atomically, to :meth:`arrays_file`."""
         path = self.arrays_file(method, first, name)
-        write_npz(path, arrays)
+        write_npz(path, arrays.to_npz() if isinstance(arrays, Batch) else arrays)
         return path
 
     def covered(self, name: str = "results") -> set[tuple[int, str]]:
@@ -562,6 +569,100 @@ class RunDir:
     def load_arrays(self, method: str, name: str = "results") -> list[Arrays]:
         """Every batch's arrays of ``method`` in the records ``name``, by first index."""
         return [load_npz(f) for f in self.batch_files(name).get(method, {}).values()]
+
+    def read_arrays(self, method: str, name: str = "results") -> Arrays:
+        """The batches of ``method`` joined along the items, sorted by index.
+
+        Arrays of one value per run (:data:`RUN_ARRAYS`) and scalars are kept once.
+        """
+        parts: dict[str, list[np.ndarray]] = {}
+        for arrays in self.load_arrays(method, name):
+            for key, array in arrays.items():
+                parts.setdefault(key, []).append(array)
+        out = {
+            k: v[0] if v[0].ndim == 0 or k in RUN_ARRAYS else np.concatenate(v)
+            for k, v in parts.items()
+        }
+        if "index" in out:
+            order = np.argsort(out["index"], kind="stable")
+            n = len(order)
+            out = {k: v[order] if v.ndim and len(v) == n and k not in RUN_ARRAYS else v
+                   for k, v in out.items()}  # fmt: skip
+        return out
+
+
+@dataclasses.dataclass
+class Batch:
+    """The arrays of one batch, as its arrays file holds them: one row per item.
+
+    Subclasses name the arrays of each kind of run; :meth:`to_npz` and
+    :meth:`from_npz` are the only places where those names become file keys.
+    """
+
+    index: np.ndarray
+
+    def to_npz(self) -> Arrays:
+        """The arrays by name, leaving out those that are ``None``."""
+        return {
+            f.name: np.asarray(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+
+    @classmethod
+    def from_npz(cls, arrays: Mapping[str, np.ndarray], source: object = "arrays") -> Batch:
+        """The batch held by ``arrays``; one line naming what is missing otherwise.
+
+        Examples
+        --------
+        >>> b = ExplainBatch(np.arange(2), np.zeros((2, 1, 4, 4)), np.zeros((2, 4, 4)))
+        >>> ExplainBatch.from_npz(b.to_npz()).map.shape
+        (2, 4, 4)
+        """
+        fields = dataclasses.fields(cls)
+        missing = [
+            f.name for f in fields if f.default is dataclasses.MISSING and f.name not in arrays
+        ]
+        if missing:
+            raise InputError(
+                f"{source} lacks {', '.join(missing)}; expected the arrays of a betasmooth "
+                f"{cls.__name__}"
+            )
+        return cls(**{f.name: arrays[f.name] for f in fields if f.name in arrays})
+
+
+@dataclasses.dataclass
+class AttackBatch(Batch):
+    """An attacked batch: inputs, maps and labels before and after the attack."""
+
+    x: np.ndarray
+    x_adv: np.ndarray
+    map_orig: np.ndarray
+    map_adv: np.ndarray
+    map_target: np.ndarray
+    label: np.ndarray
+    label_adv: np.ndarray
+    target_index: np.ndarray | None = None
+    attr_orig: np.ndarray | None = None
+    attr_adv: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class ExplainBatch(Batch):
+    """An explained batch: inputs, maps and, if kept, the signed attributions."""
+
+    x: np.ndarray
+    map: np.ndarray
+    attribution: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class SweepBatch(Batch):
+    """The defended maps of the attacked images, ``(B, len(betas), H, W)`` per defense."""
+
+    betas: np.ndarray
+    maps_beta: np.ndarray | None = None
+    maps_smoothgrad: np.ndarray | None = None
 
 
 def _arrays_prefix(name: str) -> str:

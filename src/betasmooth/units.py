@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import Dist
-from .store import Arrays, Record, RunDir
+from .store import Arrays, Batch, Record, RunDir
 from .validate import InputError
 
 __all__ = ["Unit", "derangement", "execute", "is_oom", "plan", "unit_seed"]
@@ -102,7 +102,7 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-Work = Callable[[Unit], tuple[list[Record], Arrays | None]]
+Work = Callable[[Unit], tuple[list[Record], Batch | Arrays | None]]
 
 
 def execute(
@@ -210,7 +210,7 @@ def _todo(
 
 def _finished(
     todo: Sequence[Unit], work: Work, say: Callable[[str], None]
-) -> Iterator[tuple[Unit, list[Record], Arrays | None]]:
+) -> Iterator[tuple[Unit, list[Record], Batch | Arrays | None]]:
     """Work through the units, halving the batches after an out-of-memory error."""
     limit = max((len(u.indices) for u in todo), default=1)
     queue = list(todo)
