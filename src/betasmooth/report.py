@@ -26,7 +26,7 @@ import numpy as np
 
 from . import figures
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
-from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, read_jsonl
+from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
 from .validate import InputError
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
@@ -187,21 +187,15 @@ class _Run:
         return self.path / "arrays"
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _read(run_dir: Path) -> _Run:
+    store = RunDir(run_dir)
     run = _Run(
         path=run_dir,
-        config=_read_json(run_dir / "config.json") or {},
-        results=read_jsonl(run_dir / "results.jsonl"),
-        explain=read_jsonl(run_dir / "explain.jsonl"),
-        sweep=read_jsonl(run_dir / "sweep.jsonl"),
-        theory=_read_json(run_dir / "theory.json"),
+        config=store.config(),
+        results=store.read("results"),
+        explain=store.read("explain"),
+        sweep=store.read("sweep"),
+        theory=store.read_theory(),
     )
     if run.config.get("command") == "explain":
         # An explain run's results and arrays are explanations, not attacks.
@@ -865,11 +859,6 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
-    if not (run_dir / "config.json").is_file():
-        raise InputError(
-            f"{run_dir} has no config.json; expected a directory written by betasmooth demo, "
-            "attack, explain, sweep, curvature or theorem"
-        )
     run = _read(run_dir)
     run.figures.mkdir(exist_ok=True)
     body = [section(run) for section in SECTIONS.values()]

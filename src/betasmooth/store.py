@@ -317,7 +317,10 @@ class RunDir:
             The directory has no ``config.json``, or one that is not a JSON object.
         """
         if not self.config_path.is_file():
-            raise InputError(f"{self.path} has no config.json; expected a betasmooth run directory")
+            raise InputError(
+                f"{self.path} has no config.json; expected a directory written by betasmooth "
+                "demo, attack, explain, sweep, curvature or theorem"
+            )
         try:
             config = json.loads(self.config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -400,6 +403,10 @@ class RunDir:
     def write_theory(self, summary: Mapping[str, object]) -> None:
         """Write the Theorem 2 checks to ``theory.json``."""
         write_json(self.theory, summary)
+
+    def read_theory(self) -> dict | None:
+        """The stored Theorem 2 checks, or ``None`` where the run has none."""
+        return json.loads(self.theory.read_text()) if self.theory.is_file() else None
 
     @classmethod
     def create(
