@@ -17,6 +17,7 @@ from PIL import Image
 
 from betasmooth import figures
 from betasmooth.report import GRID_ROWS, THEORY_TERMS, build_report
+from betasmooth.store import AttackBatch, ExplainBatch, RunDir, SweepBatch
 
 METHODS = ("gradient", "lrp")
 BETAS = (0.5, 1.0, 5.0)
@@ -32,7 +33,6 @@ def _maps(rng, *shape):
 def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
     """A run directory with the documented files, filled with seeded random numbers."""
     rng = np.random.default_rng(0)
-    (path / "arrays").mkdir(parents=True)
     config = {
         "command": "attack",
         "model": "digits-cnn",
@@ -43,14 +43,13 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
         "versions": {"betasmooth": "0.1.0", "torch": "2.x"},
         "methods": list(METHODS),
     }
-    (path / "config.json").write_text(json.dumps(config))
+    run = RunDir.create(path, config)
     lines = []
     for method in METHODS:
         for first in range(0, N, BATCH):
             idx = np.arange(first, min(first + BATCH, N))
             b = len(idx)
-            np.savez(
-                path / "arrays" / f"{method}-{first}.npz",
+            batch = AttackBatch(
                 index=idx,
                 x=rng.random((b, 1, H, H)),
                 x_adv=rng.random((b, 1, H, H)),
@@ -60,13 +59,10 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
                 label=rng.integers(0, 10, b),
                 label_adv=rng.integers(0, 10, b),
             )
+            run.save_arrays(method, first, batch)
             if sweep:
-                np.savez(
-                    path / "arrays" / f"sweep-{method}-{first}.npz",
-                    index=idx,
-                    maps_beta=_maps(rng, b, len(BETAS)),
-                    betas=np.array(BETAS),
-                )
+                swept = SweepBatch(idx, np.array(BETAS), maps_beta=_maps(rng, b, len(BETAS)))
+                run.save_arrays(method, first, swept, "sweep")
         for i in range(N):
             label = int(rng.integers(0, 10))
             kept = bool(rng.random() < 0.7)
@@ -95,7 +91,7 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
                         for m in ("pcc", "ssim", "mse"):
                             rec[f"{a}_{m}"] = float(rng.random())
                     recs.append(rec)
-        (path / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        run.append(recs, "sweep")
     if theory:
         x = np.linspace(-2.0, 2.0, 41)
         bs = [0.5, 1.0, 2.0, 5.0, 10.0]
@@ -145,7 +141,7 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
                 },
             },
         }
-        (path / "theory.json").write_text(json.dumps(summary))
+        run.write_theory(summary)
     return path
 
 
@@ -354,21 +350,17 @@ def test_run_without_sweep_or_theory_still_builds(tmp_path):
 
 def test_explain_only_run(tmp_path):
     rng = np.random.default_rng(1)
-    (tmp_path / "arrays").mkdir()
-    (tmp_path / "config.json").write_text(json.dumps({"command": "explain", "seed": 0}))
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
     for method in ("gradient", "lrp"):
-        np.savez(
-            tmp_path / "arrays" / f"{method}-0.npz",
-            index=np.arange(3),
-            x=rng.random((3, 1, H, H)),
-            map=_maps(rng, 3),
+        run.save_arrays(
+            method, 0, ExplainBatch(np.arange(3), rng.random((3, 1, H, H)), _maps(rng, 3))
         )
     records = [
         {"index": i, "method": m, "label": 1, "map_max": float(rng.random()), "seconds": 0.1}
         for m in ("gradient", "lrp")
         for i in range(3)
     ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.append(records)
     page = parse(build_report(tmp_path))
     got = column(page.tables["explain-medians"], "lrp")
     assert got["map_max"] == np.median([r["map_max"] for r in records if r["method"] == "lrp"])
