@@ -40,7 +40,7 @@ from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
-from .smooth import replace_relu, softplus
+from .smooth import logistic_std, replace_relu, softplus
 from .validate import (
     InputError,
     InputTypeError,
@@ -1089,7 +1089,7 @@ def matched_sigma(beta: float) -> float:
     >>> round(matched_sigma(1.0), 4)
     1.8138
     """
-    return math.pi / (math.sqrt(3) * beta)
+    return logistic_std(beta)
 
 
 def defense_sweep(

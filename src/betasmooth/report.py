@@ -26,6 +26,7 @@ import numpy as np
 
 from . import figures
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
+from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
 from .validate import InputError
 
@@ -551,11 +552,11 @@ def _sweep_label(key: Mapping[str, object]) -> str:
 
 def _matched_beta(key: Mapping[str, object]) -> float | None:
     """The beta of a sweep setting; for SmoothGrad without one, the beta whose p_beta has
-    the variance of its noise (sigma = pi / (sqrt(3) beta))."""
+    the standard deviation of its noise."""
     if _is_number(key.get("beta")) and math.isfinite(float(key["beta"])):
         return float(key["beta"])
     if key.get("defense") == "smoothgrad" and _is_number(key.get("sigma")) and key["sigma"] > 0:
-        return math.pi / (math.sqrt(3) * float(key["sigma"]))
+        return logistic_std(float(key["sigma"]))
     return None
 
 

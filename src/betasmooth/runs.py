@@ -23,6 +23,7 @@ from .attack import ATTACK_DEFAULTS, defense_sweep, manipulate
 from .distributed import Dist
 from .explain import METHODS, explain
 from .explain import method_options as options_of
+from .explain.noise import NOISE_METHODS
 from .geometry import curvature
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
@@ -33,7 +34,6 @@ from .validate import InputError
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
-    "NOISE_METHODS",
     "attack_methods",
     "attack_run",
     "curvature_run",
@@ -343,11 +343,6 @@ def explain_run(
     return execute(run, units, work, name=name, dist=dist, progress=progress, desc="explain")
 
 
-# Methods that are themselves defenses: their attacks are the adaptive ones, and
-# their sweep runs the defenses on the method they smooth.
-NOISE_METHODS = ("smoothgrad", "beta_smooth")
-
-
 def sweep_run(
     run: RunDir,
     model: torch.nn.Module,
@@ -403,6 +398,7 @@ def sweep_run(
         x, x_adv, target_map = (
             torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
         )
+        # A defense attacked adaptively is swept on the method it smooths.
         base = "gradient" if unit.method in NOISE_METHODS else unit.method
         result = defense_sweep(
             model,

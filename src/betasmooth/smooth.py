@@ -29,6 +29,7 @@ from .validate import InputError, check_instance, warn_user
 __all__ = [
     "LogisticNoise",
     "SmoothingHandle",
+    "logistic_std",
     "replace_relu",
     "smooth",
     "smoothed",
@@ -156,6 +157,20 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     return _Softplus.apply(x, float(beta))
 
 
+def logistic_std(beta: float | torch.Tensor) -> float | torch.Tensor:
+    """Standard deviation of ``p_beta``: ``pi / (sqrt(3) beta)``.
+
+    The map is its own inverse: ``logistic_std(sigma)`` is also the beta whose
+    ``p_beta`` has standard deviation ``sigma``.
+
+    Examples
+    --------
+    >>> round(logistic_std(1.0), 4), round(logistic_std(logistic_std(2.0)), 12)
+    (1.8138, 2.0)
+    """
+    return math.pi / (math.sqrt(3) * beta)
+
+
 class LogisticNoise(Distribution):
     """The logistic density ``p_beta(e) = beta / (exp(beta e / 2) + exp(-beta e / 2))^2``.
 
@@ -203,11 +218,11 @@ class LogisticNoise(Distribution):
 
     @property
     def variance(self) -> torch.Tensor:
-        return (math.pi**2 / 3) / self.beta**2
+        return self.stddev**2
 
     @property
     def stddev(self) -> torch.Tensor:
-        return math.pi / (math.sqrt(3) * self.beta)
+        return logistic_std(self.beta)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         shape = self._extended_shape(torch.Size(sample_shape))

@@ -41,7 +41,7 @@ from .attack import matched_sigma
 from .explain import explain
 from .geometry import curvature
 from .metrics import heatmap, pcc
-from .smooth import LogisticNoise, smooth, softplus
+from .smooth import LogisticNoise, logistic_std, smooth, softplus
 from .validate import check_choice
 from .zoo import load_data, load_model
 
@@ -60,7 +60,7 @@ __all__ = [
 # Half-width of p_beta, in units of 1/beta, beyond which its mass is below 1e-19.
 _TAIL = 45.0
 # Standard deviation of the standard logistic distribution (beta = 1).
-_LOGISTIC_SD = math.pi / math.sqrt(3)
+_LOGISTIC_SD = logistic_std(1.0)
 
 
 def _gauss_legendre(

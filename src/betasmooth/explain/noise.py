@@ -10,13 +10,12 @@ instead of ``n``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ..smooth import LogisticNoise, smoothed
+from ..smooth import LogisticNoise, logistic_std, smoothed
 from ..validate import InputError, InputTypeError, check_choice, check_count, check_positive
 from . import METHODS, _check_options, _lookup, is_method, register
 from .gradient import auto_chunk, predict
@@ -37,8 +36,8 @@ def _gaussian(
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
 
 
-# The logistic density of standard deviation 1 has beta = pi / sqrt(3).
-_UNIT_LOGISTIC = math.pi / math.sqrt(3)
+# The logistic density of standard deviation 1.
+_UNIT_LOGISTIC = logistic_std(1.0)
 
 
 def _logistic(
