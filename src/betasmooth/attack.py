@@ -947,6 +947,10 @@ def random_targets(maps: torch.Tensor, generator: torch.Generator | None = None)
 # ------------------------------------------------------------------ defense sweep
 
 
+# Fields that name a sweep row rather than measure it.
+_SWEEP_IDS = ("defense", "beta", "index", "sigma")
+
+
 @dataclass
 class SweepResult:
     """What :func:`defense_sweep` returns.
@@ -1017,13 +1021,9 @@ class SweepResult:
             groups.setdefault((row["defense"], row["beta"]), []).append(row)
         out = []
         for (defense, beta), rows in groups.items():
-            med: dict[str, object] = {"defense": defense, "beta": beta, "n": len(rows)}
-            for key, value in rows[0].items():
-                if key in ("defense", "beta", "index") or not isinstance(value, float):
-                    continue
-                med[key] = float(np.median([r[key] for r in rows]))
-            med["sigma"] = rows[0]["sigma"]
-            out.append(med)
+            keys = [k for k, v in rows[0].items() if k not in _SWEEP_IDS and isinstance(v, float)]
+            head = {"defense": defense, "beta": beta, "n": len(rows)}
+            out.append({**head, **metrics.medians(rows, keys), "sigma": rows[0]["sigma"]})
         return out
 
 

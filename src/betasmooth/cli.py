@@ -31,6 +31,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS
 from .distributed import distributed, resolve_device
 from .explain import METHODS
+from .metrics import medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .store import RunDir
@@ -646,7 +647,7 @@ def summary_table(
 
     Booleans (such as ``label_kept``) count as 0/1, so their median column is
     replaced by the mean: the fraction of items where it holds (as in
-    :func:`betasmooth.report.medians`).
+    :func:`betasmooth.metrics.medians`).
 
     Examples
     --------
@@ -654,7 +655,6 @@ def summary_table(
     method      n        s
     gradient    1    0.500
     """
-    from .report import medians
 
     groups: dict[tuple, list[Mapping[str, object]]] = {}
     for r in records:

@@ -19,14 +19,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .validate import InputError, InputTypeError, check_batch, check_choice
 
 __all__ = [
     "METRICS",
+    "medians",
     "REDUCTIONS",
     "center_of_mass",
     "com_shift",
@@ -544,3 +546,49 @@ def max_com_shift(height: int, width: int) -> float:
     4.242640687119285
     """
     return math.hypot(height - 1, width - 1)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _finite(values: Iterable[object]) -> np.ndarray:
+    x = np.array(
+        [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)],
+        dtype=np.float64,
+    )
+    return x[np.isfinite(x)]
+
+
+def medians(
+    records: Sequence[Mapping[str, object]], keys: Sequence[str]
+) -> dict[str, float | None]:
+    """Median of each key over the records (finite numbers only; None when there are none).
+
+    Boolean keys give the fraction of True.
+
+    Parameters
+    ----------
+    records : sequence of mapping
+        Result or sweep records.
+    keys : sequence of str
+        The fields to summarise.
+
+    Returns
+    -------
+    dict
+        Key -> median (or fraction), ``None`` where no record has a number.
+
+    Examples
+    --------
+    >>> medians([{"pcc": 0.1, "kept": True}, {"pcc": 0.3, "kept": False}], ["pcc", "kept"])
+    {'pcc': 0.2, 'kept': 0.5}
+    """
+    out: dict[str, float | None] = {}
+    for key in keys:
+        flags = [r[key] for r in records if isinstance(r.get(key), bool)]
+        if flags:
+            out[key] = float(np.mean(flags))
+            continue
+        x = _finite(r.get(key) for r in records)
+        out[key] = float(np.median(x)) if x.size else None
+    return out

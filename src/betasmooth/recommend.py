@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-import numpy as np
+from .metrics import medians
 
 __all__ = ["MIN_FIDELITY", "format_summary", "recommend_beta", "sweep_summary", "verdict"]
 
@@ -33,9 +33,7 @@ METRICS = ("pcc", "ssim")
 
 
 def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
-    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    values = [v for v in values if np.isfinite(v)]
-    return float(np.median(values)) if values else None
+    return medians(rows, [key])[key]
 
 
 def _cell(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
+from .metrics import medians
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
@@ -224,46 +225,6 @@ def _arrays(run: _Run, name: str, kind: type[Batch]) -> dict[str, Batch]:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(values: Iterable[object]) -> np.ndarray:
-    x = np.array([float(v) for v in values if _is_number(v)], dtype=np.float64)
-    return x[np.isfinite(x)]
-
-
-def medians(
-    records: Sequence[Mapping[str, object]], keys: Sequence[str]
-) -> dict[str, float | None]:
-    """Median of each key over the records (finite numbers only; None when there are none).
-
-    Boolean keys give the fraction of True.
-
-    Parameters
-    ----------
-    records : sequence of mapping
-        Result or sweep records.
-    keys : sequence of str
-        The fields to summarise.
-
-    Returns
-    -------
-    dict
-        Key -> median (or fraction), ``None`` where no record has a number.
-
-    Examples
-    --------
-    >>> medians([{"pcc": 0.1, "kept": True}, {"pcc": 0.3, "kept": False}], ["pcc", "kept"])
-    {'pcc': 0.2, 'kept': 0.5}
-    """
-    out: dict[str, float | None] = {}
-    for key in keys:
-        flags = [r[key] for r in records if isinstance(r.get(key), bool)]
-        if flags:
-            out[key] = float(np.mean(flags))
-            continue
-        x = _finite(r.get(key) for r in records)
-        out[key] = float(np.median(x)) if x.size else None
-    return out
 
 
 def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
