@@ -17,9 +17,9 @@ from PIL import Image
 from scipy.stats import pearsonr
 
 import betasmooth as bs
+from betasmooth.attack import derangement
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
-from betasmooth.units import derangement
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 RESULT_FIELDS = {

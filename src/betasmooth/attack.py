@@ -66,6 +66,7 @@ __all__ = [
     "defense_sweep",
     "keep_best",
     "manipulate",
+    "derangement",
     "random_targets",
 ]
 
@@ -938,10 +939,39 @@ def random_targets(maps: torch.Tensor, generator: torch.Generator | None = None)
             "random_targets needs maps of at least 2 images, so that each gets another's map; "
             f"got a batch of {maps.shape[0]}"
         )
-    order = torch.randperm(maps.shape[0], generator=generator).to(maps.device)
-    perm = torch.empty_like(order)
-    perm[order] = order.roll(-1)
-    return maps[perm]
+    return maps[derangement(maps.shape[0], generator).to(maps.device)]
+
+
+def derangement(n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """A random permutation of ``range(n)`` without fixed points.
+
+    Item ``i`` is sent to the next item on one random cycle through all ``n``,
+    so it never maps to itself; with a seed the result depends only on ``n``
+    and the seed, not on batches or ranks.
+
+    Parameters
+    ----------
+    n : int
+        Number of items, at least 2.
+    generator : torch.Generator, int or None
+        Source of randomness, or a seed for one.
+
+    Examples
+    --------
+    >>> p = derangement(5, 0)
+    >>> bool((p != torch.arange(5)).all())
+    True
+    """
+    if n < 2:
+        raise InputError(
+            f"an attack needs at least 2 images, one to attack and one for the target map; got {n}"
+        )
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    order = torch.randperm(n, generator=generator)
+    out = torch.empty(n, dtype=torch.long)
+    out[order] = order.roll(-1)
+    return out
 
 
 # ------------------------------------------------------------------ defense sweep

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .attack import ATTACK_DEFAULTS, defense_sweep, manipulate
+from .attack import ATTACK_DEFAULTS, defense_sweep, derangement, manipulate
 from .distributed import Dist
 from .explain import METHODS, explain
 from .explain import method_options as options_of
@@ -29,7 +29,7 @@ from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import smooth
 from .store import AttackBatch, ExplainBatch, Record, RunDir, SweepBatch, load_npz, read_jsonl
-from .units import Unit, derangement, execute, plan, unit_seed
+from .units import Unit, execute, plan, unit_seed
 from .validate import InputError
 from .zoo import check_compatible, load_data, load_model
 

@@ -30,7 +30,7 @@ from .distributed import Dist
 from .store import Arrays, Batch, Record, RunDir
 from .validate import InputError
 
-__all__ = ["Unit", "derangement", "execute", "is_oom", "plan", "unit_seed"]
+__all__ = ["Unit", "execute", "is_oom", "plan", "unit_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,30 +57,6 @@ def plan(methods: Sequence[str], indices: Sequence[int], batch_size: int) -> lis
         for m in methods
         for i in range(0, len(indices), batch_size)
     ]
-
-
-def derangement(n: int, seed: int) -> torch.Tensor:
-    """A seeded permutation of ``range(n)`` without fixed points.
-
-    Item ``i`` is sent to the next item on one random cycle through all ``n``,
-    so it never maps to itself and the result depends only on ``n`` and
-    ``seed``, not on batches or ranks.
-
-    Examples
-    --------
-    >>> p = derangement(5, seed=0)
-    >>> bool((p != torch.arange(5)).all())
-    True
-    """
-    if n < 2:
-        raise InputError(
-            f"an attack needs at least 2 images, one to attack and one for the target map; got {n}"
-        )
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    out = torch.empty(n, dtype=torch.long)
-    out[order] = order.roll(-1)
-    return out
 
 
 def unit_seed(seed: int, method: str, first: int) -> int:
