@@ -144,6 +144,24 @@ def _named(record: Record, classes: Sequence[str] | None) -> Record:
     return record
 
 
+def _attack_records(
+    unit: Unit,
+    rows: Sequence[Record],
+    targets: torch.Tensor | None,
+    y: torch.Tensor,
+    classes: Sequence[str] | None,
+) -> list[Record]:
+    """The attack's rows, each headed by its index, method, target index and true label."""
+    records = []
+    for i, r in zip(unit.indices, rows):
+        head: Record = {"index": i, "method": unit.method}
+        if targets is not None:
+            head["target_index"] = int(targets[i])
+        head["true_label"] = int(y[i])
+        records.append(_named({**head, **{k: v for k, v in r.items() if k not in head}}, classes))
+    return records
+
+
 def _options(
     unit: Unit,
     given: dict[str, dict[str, object]] | None,
@@ -240,14 +258,7 @@ def attack_run(
             progress=steps_bar,
             seed=s,
         )
-        records = []
-        for i, r in zip(unit.indices, result.records()):
-            head = {"index": i, "method": unit.method}
-            if targets is not None:
-                head["target_index"] = int(targets[i])
-            head["true_label"] = int(y[i])
-            row = {**head, **{key: v for key, v in r.items() if key not in head}}
-            records.append(_named(row, classes))
+        records = _attack_records(unit, result.records(), targets, y, classes)
         batch = AttackBatch(index=np.asarray(unit.indices), **result.arrays())
         if targets is not None:
             batch.target_index = targets[idx].numpy()
