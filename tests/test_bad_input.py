@@ -348,9 +348,18 @@ CLI: dict[str, tuple[list[str], str]] = {
         + ["--out", "{d}/run"],
         r"^betasmooth: error: array x in .*wide.npz has int64 values in \[70000, 70000\]",
     ),
+    "--device cuda:7 without a GPU": (
+        [*ATTACK, "--device", "cuda:7"],
+        r"^betasmooth: error: CUDA is not available on this machine",
+    ),
     "report of a file": (["report", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
     "sweep of a file": (["sweep", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
 }
+if not torch.backends.mps.is_available():
+    CLI["--device mps without MPS"] = (
+        [*ATTACK, "--device", "mps"],
+        r"^betasmooth: error: MPS is not available on this machine \(--device mps\)",
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CLI))

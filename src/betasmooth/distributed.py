@@ -80,6 +80,10 @@ def resolve_device(device: str | None) -> torch.device:
         )
     if dev.type not in ("cpu", "cuda", "mps"):
         raise InputError(f"unsupported device {name!r}; expected cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(
+            f"MPS is not available on this machine (--device {name}); use --device cpu"
+        )
     return dev
 
 
