@@ -296,10 +296,11 @@ HELP: dict[str, dict[str, object]] = {
         "help": "defense sweep over beta on a finished attack run",
         "description": "Re-explain the original and attacked images of an attack run with "
         "beta-smoothing at each beta of --betas and with SmoothGrad of matched noise, and "
-        "record how close each defended map of the attacked image stays to the original map "
-        "(robustness) and how close the defended map of the clean image stays to the "
-        "undefended one (fidelity). Writes DIR/sweep.jsonl and adds the settings to "
-        "DIR/config.json.",
+        "record how close the defended map of each attacked image stays to the defended map "
+        "of its clean image (robustness) and how close that stays to the undefended map "
+        "(fidelity), beside the undefended maps; names the recommended beta, the most robust "
+        "with median fidelity of at least --min-fidelity. Writes DIR/sweep.jsonl, "
+        "DIR/sweep_summary.json and DIR/report.html, and adds the settings to DIR/config.json.",
         "examples": [
             "betasmooth sweep runs/attack",
             "betasmooth sweep runs/attack --betas 0.5,1,2,5,10 --smoothgrad-n 50",
@@ -873,7 +874,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
         _say("of x vs undefended map of x; medians over images; * recommended beta")
         _say(format_summary(run.read_sweep_summary()))
-        _say(f"sweep: {run.path / 'sweep.jsonl'}")
+        _say(f"sweep: {run.merged('sweep')}")
+        _say(f"report: {_report(run)}")
     return 0
 
 

@@ -269,7 +269,7 @@ class RunDir:
 
     @property
     def results(self) -> Path:
-        return self.path / "results.jsonl"
+        return self.merged("results")
 
     @property
     def arrays(self) -> Path:
@@ -306,6 +306,10 @@ class RunDir:
         """The JSON-lines file this rank appends ``name`` records to."""
         if self.world_size > 1:
             return self.path / f"{name}-rank{self.rank}.jsonl"
+        return self.merged(name)
+
+    def merged(self, name: str = "results") -> Path:
+        """The JSON-lines file of every record of ``name``, once a run has finished."""
         return self.path / f"{name}.jsonl"
 
     def config(self) -> dict[str, object]:
@@ -453,7 +457,7 @@ class RunDir:
         return sorted(seen.values(), key=_key)
 
     def _files(self, name: str) -> list[Path]:
-        return [self.path / f"{name}.jsonl", *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
+        return [self.merged(name), *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
 
     def done(self, name: str = "results") -> set[tuple[int, str]]:
         """The (index, method) pairs already written."""
@@ -470,7 +474,7 @@ class RunDir:
         process at the end, so both write the same file.
         """
         records = self.read(name)
-        write_jsonl(self.path / f"{name}.jsonl", records)
+        write_jsonl(self.merged(name), records)
         for f in self.path.glob(f"{name}-rank*.jsonl"):
             f.unlink()
         return records
