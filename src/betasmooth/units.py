@@ -144,12 +144,12 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
-    todo = _todo(run, units, name, dist, say, keeps_arrays)
+    left_units = _unfinished(run, units, name, dist, say, keeps_arrays)
     # One bar per job, shown by rank 0 only and, by default, only on a terminal.
     hide = True if dist.rank != 0 else (None if progress is None else not progress)
-    total = sum(len(u.indices) for u in todo)
+    total = sum(len(u.indices) for u in left_units)
     with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
-        for unit, records, arrays in _finished(todo, work, say):
+        for unit, records, arrays in _finished(left_units, work, say):
             if arrays is not None:
                 run.save_arrays(unit.method, unit.indices[0], arrays, name)
             run.append(records, name)
@@ -160,7 +160,7 @@ def execute(
     return merged
 
 
-def _todo(
+def _unfinished(
     run: RunDir,
     units: Sequence[Unit],
     name: str,
@@ -174,22 +174,22 @@ def _todo(
     dist.barrier()
     done = run.done(name)
     mine = [u for k, u in enumerate(units) if k % dist.world_size == dist.rank]
-    todo = []
+    left_units = []
     for u in mine:
         left = tuple(i for i in u.indices if (i, u.method) not in done)
         if left:
-            todo.append(Unit(u.method, left))
+            left_units.append(Unit(u.method, left))
     # Every rank must have read the finished work before any rank adds to it.
     dist.barrier()
-    return todo
+    return left_units
 
 
 def _finished(
-    todo: Sequence[Unit], work: Work, say: Callable[[str], None]
+    left_units: Sequence[Unit], work: Work, say: Callable[[str], None]
 ) -> Iterator[tuple[Unit, list[Record], Batch | Arrays | None]]:
     """Work through the units, halving the batches after an out-of-memory error."""
-    limit = max((len(u.indices) for u in todo), default=1)
-    queue = list(todo)
+    limit = max((len(u.indices) for u in left_units), default=1)
+    queue = list(left_units)
     while queue:
         unit = queue.pop(0)
         if len(unit.indices) > limit:
