@@ -45,7 +45,7 @@ from train_photos_cnn import accuracy, train  # noqa: E402
 # Settings of a full run and of --quick: sizes, training and attack.
 MODES = {
     "full": {"sizes": [32, 64, 128], "epochs": 12, "per_photo": 300, "n": 8, "steps": None},
-    "quick": {"sizes": [32, 64], "epochs": 4, "per_photo": 100, "n": 4, "steps": 100},
+    "quick": {"sizes": [32, 64], "epochs": 10, "per_photo": 150, "n": 4, "steps": 100},
 }
 
 

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--model", default="photos-cnn", help="model (default photos-cnn)")
     p.add_argument("--data", default="photos", help="its data (default photos; digits-cnn: digits)")
-    p.add_argument("--quick", action="store_true", help="a first look in under a minute")
+    p.add_argument("--quick", action="store_true", help="a first look in about 90 s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue the demo in --out")
     _add_progress(p)
