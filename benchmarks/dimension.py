@@ -141,10 +141,10 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
         axes[1].plot(sizes, [r["input_mse"] for r in mine], "o-", label=label)
     axes[0].set(xlabel="input size (px)", ylabel="median PCC gain to target", xscale="log")
     axes[1].set(xlabel="input size (px)", ylabel="median input MSE", xscale="log", yscale="log")
+    sizes = sorted({r["size"] for r in rows})
     for ax in axes:
-        ax.set_xticks(
-            sorted({r["size"] for r in rows}), [str(s) for s in sorted({r["size"] for r in rows})]
-        )
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [str(s) for s in sizes])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
