@@ -314,7 +314,9 @@ def test_npz_bad_input(tmp_path) -> None:
 
 
 def test_unknown_data_spec_and_split() -> None:
-    with pytest.raises(InputError, match="unknown data spec 'mnist'; expected 'digits' or 'photos', a folder"):
+    with pytest.raises(
+        InputError, match="unknown data spec 'mnist'; expected 'digits' or 'photos', a folder"
+    ):
         bs.load_data("mnist")
     with pytest.raises(InputError, match="unknown split 'val'"):
         bs.load_data("digits", split="val")
