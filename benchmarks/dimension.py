@@ -45,7 +45,7 @@ from train_photos_cnn import accuracy, train  # noqa: E402
 # Settings of a full run and of --quick: sizes, training and attack.
 MODES = {
     "full": {"sizes": [32, 64, 128], "epochs": 12, "per_photo": 300, "n": 8, "steps": None},
-    "quick": {"sizes": [32, 64], "epochs": 4, "per_photo": 100, "n": 4, "steps": 100},
+    "quick": {"sizes": [32, 64], "epochs": 10, "per_photo": 150, "n": 4, "steps": 100},
 }
 
 
@@ -141,10 +141,10 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
         axes[1].plot(sizes, [r["input_mse"] for r in mine], "o-", label=label)
     axes[0].set(xlabel="input size (px)", ylabel="median PCC gain to target", xscale="log")
     axes[1].set(xlabel="input size (px)", ylabel="median input MSE", xscale="log", yscale="log")
+    sizes = sorted({r["size"] for r in rows})
     for ax in axes:
-        ax.set_xticks(
-            sorted({r["size"] for r in rows}), [str(s) for s in sorted({r["size"] for r in rows})]
-        )
+        ax.minorticks_off()
+        ax.set_xticks(sizes, [str(s) for s in sizes])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

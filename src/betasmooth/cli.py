@@ -90,7 +90,7 @@ DEMO_SIZES: dict[str, dict[str, object]] = {
 # The photographs are larger (3 x 64 x 64) and photos-cnn is deeper: fewer
 # images and steps keep the default under 15 minutes and --quick under 90 s.
 PHOTO_DEMO_SIZES: dict[str, dict[str, object]] = {
-    "default": {**DEMO_SIZES["default"], "n": 16, "steps": 200, "batch_size": 16},
+    "default": {**DEMO_SIZES["default"], "n": 8, "steps": 200, "batch_size": 8, "smoothgrad_n": 8},
     "quick": {**DEMO_SIZES["quick"], "n": 4, "steps": 30, "batch_size": 4},
 }
 # Demo sizes by data; any other data takes those of the photographs.
