@@ -23,7 +23,7 @@ both parametrisations.
 
 Usage::
 
-    python benchmarks/relative_beta.py [-n 8] [--steps 150] [--std-images 64]
+    python benchmarks/relative_beta.py [-n 8] [--steps 100] [--std-images 64]
 """
 
 from __future__ import annotations
@@ -159,12 +159,11 @@ def print_model(name: str, r: dict[str, object]) -> None:
     stds = ", ".join(f"{s:.3g}" for s in r["stds"])
     print(f"\n{name}: pre-activation std per ReLU: {stds}")
     print(f"undefended robustness (median PCC): {r['undefended']:.3f}")
-    print(f"{'beta':>6}  {'abs robust':>10} {'abs fidel':>10}  {'rel robust':>10} {'rel fidel':>10}")
+    head = ("abs robust", "abs fidel", "rel robust", "rel fidel")
+    print(f"{'beta':>6}  {head[0]:>10} {head[1]:>10}  {head[2]:>10} {head[3]:>10}")
     for beta in BETAS:
         a, b = r["absolute"][f"{beta:g}"], r["relative"][f"{beta:g}"]
-        marks = [
-            "*" if r[f"rec_{kind}"] == beta else " " for kind in ("absolute", "relative")
-        ]
+        marks = ["*" if r[f"rec_{kind}"] == beta else " " for kind in ("absolute", "relative")]
         print(
             f"{beta:>6g}  {a['robustness_pcc']:>10.3f} {a['fidelity_pcc']:>9.3f}{marks[0]}"
             f"  {b['robustness_pcc']:>10.3f} {b['fidelity_pcc']:>9.3f}{marks[1]}"
@@ -182,7 +181,7 @@ def spread(values: list[float | None]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-n", type=int, default=8, help="attacked test images per model")
-    parser.add_argument("--steps", type=int, default=150, help="attack steps")
+    parser.add_argument("--steps", type=int, default=100, help="attack steps")
     parser.add_argument("--std-images", type=int, default=64, help="training images for the stds")
     args = parser.parse_args()
     torch.manual_seed(0)
