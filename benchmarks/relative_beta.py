@@ -24,12 +24,14 @@ both parametrisations.
 Usage::
 
     python benchmarks/relative_beta.py [-n 8] [--steps 100] [--std-images 64]
+                                       [--device cpu] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import time
@@ -120,14 +122,15 @@ def relative_cells(
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     spec, data_spec, options = MODELS[name]
-    model = bs.load_model(spec).eval()
+    model = bs.load_model(spec).eval().to(args.device)
     train = bs.load_data(data_spec, "train", **options)
     test = bs.load_data(data_spec, "test", **options)
-    stds = preactivation_stds(model, train.x[: args.std_images])
-    x = test.x[: args.n]
-    maps = bs.heatmap(bs.explain(model, test.x[: 2 * args.n], "gradient")).detach()
+    stds = preactivation_stds(model, train.x[: args.std_images].to(args.device))
+    images = test.x[: 2 * args.n].to(args.device)
+    x = images[: args.n]
+    maps = bs.heatmap(bs.explain(model, images, "gradient")).detach()
     targets = random_targets(maps, torch.Generator().manual_seed(0))[: args.n]
-    bounds = (test.low, test.high)
+    bounds = (test.low.to(args.device), test.high.to(args.device))
     start = time.perf_counter()
     attacked = bs.manipulate(
         model, x, targets, "gradient", steps=args.steps, data_range=bounds, progress=True
@@ -183,9 +186,15 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=8, help="attacked test images per model")
     parser.add_argument("--steps", type=int, default=100, help="attack steps")
     parser.add_argument("--std-images", type=int, default=64, help="training images for the stds")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {name: measure(name, args) for name in MODELS}
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"benchmark": "relative_beta", **vars(args), "results": results}))
+            f.write("\n")
     for name, r in results.items():
         print_model(name, r)
     print(f"\n{args.n} images, {args.steps} steps, gradient; * = recommended (fidelity >= 0.9)")
