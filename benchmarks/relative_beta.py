@@ -24,7 +24,7 @@ both parametrisations.
 Usage::
 
     python benchmarks/relative_beta.py [-n 8] [--steps 100] [--std-images 64]
-                                       [--device cpu] [--json FILE]
+                                       [--device cpu] [--json FILE] [--no-progress]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import copy
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -133,7 +134,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     bounds = (test.low.to(args.device), test.high.to(args.device))
     start = time.perf_counter()
     attacked = bs.manipulate(
-        model, x, targets, "gradient", steps=args.steps, data_range=bounds, progress=True
+        model, x, targets, "gradient", steps=args.steps, data_range=bounds, progress=args.progress
     )
     sweep = bs.defense_sweep(
         model, x, attacked.x_adv, targets, "gradient", list(BETAS), defenses=("beta_smooth",)
@@ -188,7 +189,9 @@ def main() -> None:
     parser.add_argument("--std-images", type=int, default=64, help="training images for the stds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
+    args.progress = not args.no_progress and sys.stderr.isatty()
     torch.manual_seed(0)
     results = {name: measure(name, args) for name in MODELS}
     if args.json:
