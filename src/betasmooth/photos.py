@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_state_dict
+
 __all__ = [
     "PHOTOS",
     "SIZE",
@@ -335,8 +337,6 @@ def trained_photos_cnn() -> nn.Module:
     >>> bool((trained_photos_cnn()(x[:50]).argmax(1) == y[:50]).float().mean() > 0.5)
     True
     """
-    # Imported here: zoo registers this module's loaders, so it imports this module first.
-    from .zoo import load_state_dict
 
     path = weights_path()
     if not path.is_file():
