@@ -457,7 +457,11 @@ class RunDir:
         return sorted(seen.values(), key=_key)
 
     def _files(self, name: str) -> list[Path]:
-        return [self.merged(name), *sorted(self.path.glob(f"{name}-rank*.jsonl"))]
+        return [self.merged(name), *self.rank_files(name)]
+
+    def rank_files(self, name: str = "results") -> list[Path]:
+        """The files of ``name`` that ranks of a torchrun job write until it has finished."""
+        return sorted(self.path.glob(f"{name}-rank*.jsonl"))
 
     def done(self, name: str = "results") -> set[tuple[int, str]]:
         """The (index, method) pairs already written."""
@@ -475,7 +479,7 @@ class RunDir:
         """
         records = self.read(name)
         write_jsonl(self.merged(name), records)
-        for f in self.path.glob(f"{name}-rank*.jsonl"):
+        for f in self.rank_files(name):
             f.unlink()
         return records
 
@@ -569,7 +573,7 @@ class RunDir:
         done = self.read()
         wanted = int(config.get("n") or 0) * len(config.get("methods") or ())
         # Rank files remain until the last rank of a torchrun job has finished.
-        ranks = any(self.path.glob("results-rank*.jsonl"))
+        ranks = bool(self.rank_files())
         if not done or len(done) < wanted or ranks:
             raise InputError(
                 f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
