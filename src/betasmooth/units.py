@@ -60,7 +60,10 @@ def plan(methods: Sequence[str], indices: Sequence[int], batch_size: int) -> lis
 
 
 def unit_seed(seed: int, method: str, first: int) -> int:
-    """Seed of the batch starting at index ``first``: independent of the shard.
+    """Seed of the item at index ``first``, or of the batch it starts: independent of the shard.
+
+    The jobs seed SmoothGrad's draws per item with it, and the attack's
+    restarts per batch.
 
     Examples
     --------
