@@ -736,11 +736,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
-        beta, config["beta"] = _explain_beta(args, model, bounds, options), args.beta
-        if args.beta == "auto":
-            config["beta_auto"] = beta.record()
-            beta = beta.beta
-        config["beta_smooth_beta"] = beta
+        beta, calibration = _explain_beta(args, model, bounds)
+        config.update(beta=args.beta, beta_smooth_beta=beta)
+        if calibration is not None:
+            config["beta_auto"] = calibration
         options["beta_smooth"] = {"beta": beta}
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -799,16 +798,13 @@ def _held_out(args: argparse.Namespace, k: int) -> torch.Tensor:
 
 
 def _explain_beta(
-    args: argparse.Namespace,
-    model: torch.nn.Module,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-    options: Mapping[str, Mapping[str, object]],
-) -> object:
-    """``--beta`` as given, or the calibration that ``--beta auto`` asks for."""
+    args: argparse.Namespace, model: torch.nn.Module, bounds: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[float, dict[str, object] | None]:
+    """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's record."""
     from .calibrate import calibrate_beta
 
     if args.beta != "auto":
-        return args.beta
+        return args.beta, None
     x = _held_out(args, CALIBRATION["n"])
     _say(f"calibrating beta on {len(x)} held-out images")
     found = calibrate_beta(
@@ -823,7 +819,7 @@ def _explain_beta(
         "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
     )
     _say(f"beta = {found.beta:g} ({verdict})")
-    return found
+    return found.beta, found.record()
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
@@ -871,9 +867,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if dist.rank == 0:
         _say(summary_table(records, SWEEP_COLUMNS, ("defense", "beta")))
         _say()
-        _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
-        _say("of x vs undefended map of x; medians over images; * recommended beta")
-        _say(format_summary(run.read_sweep_summary()))
+        _say_recommendation(run)
         _say(f"sweep: {run.merged('sweep')}")
         _say(f"report: {_report(run)}")
     return 0
@@ -1030,13 +1024,18 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds)")
     _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
+    _say()
+    _say_recommendation(run)
+    _say()
+
+
+def _say_recommendation(run: RunDir) -> None:
+    """Robustness and fidelity per beta of the run's sweep, the recommended beta marked."""
     summary = run.read_sweep_summary()
     if summary:
-        _say()
         _say("robustness: defended map of x_adv vs defended map of x; fidelity: defended map")
         _say("of x vs undefended map of x; medians over images; * recommended beta")
         _say(format_summary(summary))
-    _say()
 
 
 # ----------------------------------------------------------------------------- entry point
