@@ -74,6 +74,7 @@ from torch import nn
 
 from .checkpoint import apply_weights, load_state_dict, reason
 from .photos import photos, trained_photos_cnn
+from .pretrained import is_pretrained, load_pretrained, preprocessing
 from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
 
 __all__ = [
@@ -273,9 +274,7 @@ _INTEGER_SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 def _scaled(x: np.ndarray, path: Path) -> np.ndarray:
     # Unsigned 8 and 16 bit arrays are scaled like 8 and 16 bit images; other
     # integer types carry no bit depth, so their largest value picks it.
-    if x.dtype.kind == "f":
-        return x.astype(np.float32)
-    if x.dtype.kind == "b":
+    if x.dtype.kind in "fb":
         return x.astype(np.float32)
     scale = _INTEGER_SCALES.get(x.dtype)
     if scale is None:
@@ -547,8 +546,6 @@ def load_data(
 
 
 def _preprocessing(preset: str) -> object:
-    from .pretrained import is_pretrained, preprocessing
-
     if not is_pretrained(preset):
         raise InputError(
             f"preset must be a torchvision model spec such as 'torchvision:vgg16'; got {preset!r}"
@@ -624,21 +621,8 @@ def data_range(
     >>> data_range("digits", mean=0.5, std=0.5)
     (-1.0, 1.0)
     """
-    if _source(str(spec)) == "npz":
-        x, _ = _npz(Path(spec))
-        low, high = min(0.0, float(x.min())), max(1.0, float(x.max()))
-    else:
-        low, high = DATA_RANGE
-    bounds = torch.tensor([[low], [high]])
-    if mean is not None or std is not None:
-        channels = max(
-            torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None
-        )
-        if mean is not None:
-            bounds = bounds - _stats(mean, "mean", channels).flatten()
-        if std is not None:
-            bounds = bounds / _stats(std, "std", channels).flatten()
-    return float(bounds.min()), float(bounds.max())
+    low, high = data_bounds(spec, mean=mean, std=std)
+    return float(low.min()), float(high.max())
 
 
 # -------------------------------------------------------------- built-in models
@@ -702,15 +686,9 @@ BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _pretrained(spec: str) -> nn.Module:
-    from .pretrained import load_pretrained
-
-    return load_pretrained(spec)
-
-
 #: Model spec prefixes: ``"prefix:..."`` -> ``loader(spec) -> nn.Module`` (trained).
 MODEL_SCHEMES: dict[str, Callable[[str], nn.Module]] = {
-    "torchvision": _pretrained,
+    "torchvision": load_pretrained,
 }
 
 
