@@ -125,7 +125,8 @@ def weights_of(spec: str) -> object:
     if member == "DEFAULT":
         return enum.DEFAULT
     if member not in enum.__members__:
-        known = ", ".join(["DEFAULT", *enum.__members__])
+        # The enum lists DEFAULT among its members already (an alias of one of them).
+        known = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))
         raise InputError(f"unknown weights {member!r} for {name}; expected one of {known}")
     return enum[member]
 
