@@ -10,6 +10,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import (
+    PAPER_SPAN,
     PAPER_WEIGHTS,
     beta_at,
     default_weights,
@@ -59,7 +60,9 @@ def _assert_fields_recomputed(model, result, method, **options):
 def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     x = digits[0][:4]
     target = _targets(digits_cnn, x)
-    result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20)
+    # A step size that moves within 20 steps (the default is the paper's
+    # 1500-step budget in [0, 1] units, about 2.3e-4).
+    result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20, lr=1e-3)
     assert result.history.shape == (20, 4)
     assert bool((result.history[-1] < result.history[0]).all())
     assert bool(result.label_kept.all())
@@ -221,6 +224,50 @@ def test_weights_scale_with_the_square_of_the_map_area():
     assert w_o == 1e6
     # Doubling the side multiplies the pixel count by 4 and w_e by 16.
     assert default_weights(64, 64)[0] == pytest.approx(16 * w_e)
+
+
+def test_output_weight_keeps_the_papers_balance_for_any_number_of_classes():
+    # The same move of probability, 0.1 from one class to another, costs
+    # w_o * 2 * 0.01 / classes: equal to the paper's cost (1000 classes)
+    # for 10 classes as well.
+    for classes in (2, 10, 1000):
+        w_o = default_weights(32, 32, classes)[1]
+        assert w_o * 2 * 0.1**2 / classes == pytest.approx(1e6 * 2 * 0.1**2 / 1000)
+
+
+def test_default_loss_weighs_the_output_by_the_number_of_classes(small):
+    net, x = small
+    target = _targets(net, x)
+    classes = net(x).shape[1]
+    w_e = default_weights(16, 16)[0]
+    runs = {
+        name: bs.manipulate(net, x, target, "gradient", steps=1, weights=weights).history[0]
+        for name, weights in {
+            "default": None,
+            "explicit": (w_e, 1e6 * classes / 1000),
+            "maps": (w_e, 0.0),
+            "output": (0.0, 1.0),
+        }.items()
+    }
+    torch.testing.assert_close(runs["default"], runs["explicit"])
+    hand = runs["maps"] + 1e6 * classes / 1000 * runs["output"]
+    torch.testing.assert_close(runs["default"], hand)
+
+
+def test_default_lr_is_the_papers_step_relative_to_the_data_range(small):
+    net, x = small
+    target = _targets(net, x)
+
+    def attack(**kw):
+        return bs.manipulate(net, x, target, "gradient", steps=3, check_every=1, **kw).history
+
+    # On [0, 1] pixels the paper's 1e-3 (ImageNet-normalised units) is 1e-3 / 4.43 ...
+    torch.testing.assert_close(attack(), attack(lr=1e-3 / PAPER_SPAN))
+    assert not torch.equal(attack(), attack(lr=1e-3))
+    # ... and on a range as wide as the paper's it is the paper's 1e-3.
+    wide = {"data_range": (0.0, PAPER_SPAN)}
+    torch.testing.assert_close(attack(**wide), attack(lr=1e-3, **wide))
+    assert PAPER_SPAN == pytest.approx(np.mean(1 / np.array([0.229, 0.224, 0.225])))
 
 
 def test_beta_schedule_closed_form():

@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -108,9 +108,13 @@ _FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geo
 #: own pass) leave the output term to a forward of its own.
 OWN_FORWARD = frozenset({"gradient", "input_x_gradient"})
 
-#: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps.
+#: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps and 1000 classes.
 PAPER_WEIGHTS = (1e11, 1e6)
 PAPER_PIXELS = 224 * 224
+PAPER_CLASSES = 1000
+#: Width of the paper's input range: ImageNet-normalised pixels span 1 / std
+#: per channel (mean over RGB), and its learning rates are steps in those units.
+PAPER_SPAN = (1 / 0.229 + 1 / 0.224 + 1 / 0.225) / 3
 
 #: Steps between scorings of the targeted attack's iterates on the original network.
 CHECK_EVERY = 10
@@ -122,19 +126,24 @@ UNTARGETED_EPS = 8 / 255
 UNTARGETED_STEP = 0.1
 
 
-def default_weights(height: int, width: int) -> tuple[float, float]:
+def default_weights(height: int, width: int, classes: int = PAPER_CLASSES) -> tuple[float, float]:
     """The loss prefactors ``(w_e, w_o)`` for maps of ``height x width`` pixels.
 
     Maps sum to 1, so a pixel holds about ``1 / (H W)`` and the mean squared
     difference of two maps scales like ``1 / (H W)^2``. Scaling the paper's
     ``w_e = 1e11`` (224 x 224) by ``(H W / 224^2)^2`` keeps the balance of the
-    two loss terms at any size; the softmax outputs do not depend on the map size, so
-    ``w_o = 1e6`` stays.
+    two loss terms at any size. The output term is a mean over the classes of
+    the squared change of the softmax probabilities; a change moves a few
+    probabilities whatever the number of classes, so that mean grows like
+    ``1 / classes`` and the paper's ``w_o = 1e6`` (1000 ImageNet classes)
+    becomes ``1e6 * classes / 1000``.
 
     Parameters
     ----------
     height, width : int
         Map size in pixels.
+    classes : int
+        Number of logits.
 
     Returns
     -------
@@ -145,11 +154,12 @@ def default_weights(height: int, width: int) -> tuple[float, float]:
     --------
     >>> default_weights(224, 224)
     (100000000000.0, 1000000.0)
-    >>> f"{default_weights(32, 32)[0]:.3g}"
-    '4.16e+07'
+    >>> w_e, w_o = default_weights(32, 32, classes=10)
+    >>> f"{w_e:.3g} {w_o:.3g}"
+    '4.16e+07 1e+04'
     """
     w_e = PAPER_WEIGHTS[0] * (height * width / PAPER_PIXELS) ** 2
-    return w_e, PAPER_WEIGHTS[1]
+    return w_e, PAPER_WEIGHTS[1] * classes / PAPER_CLASSES
 
 
 def beta_at(
@@ -312,7 +322,8 @@ class _Settings:
     span: float
     eps: float | None
     loss: str
-    weights: tuple[float, float]
+    #: None until the problem knows the number of classes (:func:`default_weights`).
+    weights: tuple[float, float] | None
     k: int | None
     restarts: int
     check_every: int
@@ -664,9 +675,15 @@ def manipulate(
         Class to explain; default the prediction on ``x``.
     steps, lr : int, float, optional
         Budget; default :data:`ATTACK_DEFAULTS` of the method (targeted) or
-        :data:`UNTARGETED_STEPS` (untargeted).
+        :data:`UNTARGETED_STEPS` (untargeted). The default ``lr`` is the
+        paper's, whose steps are in ImageNet-normalised units, times the
+        width of ``data_range`` over :data:`PAPER_SPAN` (about 4.4): the
+        paper's step relative to the data range (``2.26e-4`` for gradient on
+        [0, 1] pixels; unchanged on ImageNet-normalised inputs). A given
+        ``lr`` is used as it is.
     weights : tuple of float, optional
-        ``(w_e, w_o)``; default :func:`default_weights` for the map size.
+        ``(w_e, w_o)``; default :func:`default_weights` for the map size and
+        the number of classes.
     beta_schedule : str or float, optional
         ``"geometric"`` (``beta0`` -> ``beta_end``), ``"none"`` or a fixed
         beta; default per method (``"none"`` for LRP and beta_smooth).
@@ -796,7 +813,10 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         method=method,
         options=options,
         steps=check_count("steps", steps),
-        lr=check_positive("lr", given["lr"], optional=True) or float(defaults["lr"]),
+        # The paper's steps are in ImageNet-normalised units: the same step
+        # relative to the data range on any input scale.
+        lr=check_positive("lr", given["lr"], optional=True)
+        or float(defaults["lr"]) * span / PAPER_SPAN,
         step=check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0),
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
         beta0=given["beta0"],
@@ -806,7 +826,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         span=span,
         eps=eps,
         loss=given["loss"],
-        weights=_check_weights(given["weights"], x),
+        weights=_check_weights(given["weights"]),
         k=given["k"],
         restarts=check_count("restarts", given["restarts"], 0),
         check_every=check_count("check_every", CHECK_EVERY if check_every is None else check_every),
@@ -816,9 +836,9 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     )
 
 
-def _check_weights(weights: object, x: torch.Tensor) -> tuple[float, float]:
+def _check_weights(weights: object) -> tuple[float, float] | None:
     if weights is None:
-        return default_weights(x.shape[2], x.shape[3])
+        return None
     if len(weights) != 2 or not all(
         isinstance(w, (int, float)) and w >= 0 and math.isfinite(w) for w in weights
     ):
@@ -837,6 +857,8 @@ def _problem(
     with torch.no_grad():
         logits = model(x)
     label = logits.argmax(1)
+    if s.weights is None:
+        s = replace(s, weights=default_weights(x.shape[2], x.shape[3], logits.shape[1]))
     explained = check_target(target, x.shape[0])
     explained = label if explained is None else explained.to(x.device)
     map_orig = _heatmaps(model, x, s, explained).detach()
