@@ -17,7 +17,7 @@ from PIL import Image
 from scipy.stats import pearsonr
 
 import betasmooth as bs
-from betasmooth.attack import derangement
+from betasmooth.attack import PAPER_SPAN, derangement
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
@@ -134,6 +134,17 @@ def test_demo_values_match_their_arrays_and_hand_computation(demo_dir):
         )
         dx = arrays["x_adv"][i] - arrays["x"][i]
         assert r["input_mse"] == pytest.approx(np.mean(dx**2), rel=1e-4)
+
+    # The demo's 5 steps cover the paper's 1500 of lr 1e-3 (normalised units,
+    # 1e-3 / 4.43 on [0, 1] pixels): 5 steps of 300 times that lr.
+    config = json.loads((demo_dir / "config.json").read_text())
+    lr = 1e-3 / PAPER_SPAN * 1500 / 5
+    assert config["lr"]["gradient"] == pytest.approx(lr)
+    target = torch.from_numpy(arrays["map_target"])
+    again = bs.manipulate(model, x[:4], target, "gradient", steps=5, lr=lr)
+    np.testing.assert_allclose(again.x_adv.numpy(), arrays["x_adv"], atol=1e-6)
+    paper_lr = bs.manipulate(model, x[:4], target, "gradient", steps=5)
+    assert not np.allclose(paper_lr.x_adv.numpy(), arrays["x_adv"], atol=1e-6)
 
     # The sweep's beta-smoothed map of x_adv against the original map, by torch's Softplus.
     sweep = read_jsonl(demo_dir / "sweep.jsonl")

@@ -62,6 +62,7 @@ __all__ = [
     "ManipulationResult",
     "SweepResult",
     "beta_at",
+    "default_lr",
     "default_weights",
     "defense_sweep",
     "keep_best",
@@ -160,6 +161,36 @@ def default_weights(height: int, width: int, classes: int = PAPER_CLASSES) -> tu
     """
     w_e = PAPER_WEIGHTS[0] * (height * width / PAPER_PIXELS) ** 2
     return w_e, PAPER_WEIGHTS[1] * classes / PAPER_CLASSES
+
+
+def default_lr(method: str, span: float = PAPER_SPAN) -> float:
+    """The default Adam step of the targeted attack on ``method``'s maps.
+
+    The paper's learning rates (:data:`ATTACK_DEFAULTS`) are steps on
+    ImageNet-normalised inputs, whose range is :data:`PAPER_SPAN` wide; the
+    same step relative to an input range ``span`` wide is ``lr * span /
+    PAPER_SPAN``.
+
+    Parameters
+    ----------
+    method : str
+        The attacked method.
+    span : float
+        Width of the input range (mean over channels).
+
+    Returns
+    -------
+    float
+        The learning rate.
+
+    Examples
+    --------
+    >>> default_lr("gradient")
+    0.001
+    >>> f"{default_lr('gradient', span=1.0):.3g}"
+    '0.000226'
+    """
+    return float(ATTACK_DEFAULTS.get(method, _FALLBACK)["lr"]) * span / PAPER_SPAN
 
 
 def beta_at(
@@ -813,10 +844,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         method=method,
         options=options,
         steps=check_count("steps", steps),
-        # The paper's steps are in ImageNet-normalised units: the same step
-        # relative to the data range on any input scale.
-        lr=check_positive("lr", given["lr"], optional=True)
-        or float(defaults["lr"]) * span / PAPER_SPAN,
+        lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span),
         step=check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0),
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
         beta0=given["beta0"],
