@@ -7,7 +7,10 @@ and attacked on the first ``--n`` test crops, the target of each being the
 map of another test crop. Two attacks per method:
 
 - ``paper``: the paper's recipe (:data:`betasmooth.attack.ATTACK_DEFAULTS`:
-  its weights, learning rate and number of steps, no budget);
+  its weights, learning rate and number of steps, no budget); with ``--steps``
+  below the paper's, each step is longer by the paper's steps over
+  ``--steps``, so that the shorter run covers the paper's path, as the demo
+  does (the ``lr`` column);
 - ``eps``: the same with a fixed budget on the largest change of one pixel
   value, ``--eps`` (default 8/255), the same for every size.
 
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 
 import betasmooth as bs
-from betasmooth.attack import ATTACK_DEFAULTS
+from betasmooth.attack import ATTACK_DEFAULTS, default_lr
 from betasmooth.photos import COUNTS, SIZE, photo_crops, photos_cnn
 from betasmooth.zoo import load_state_dict
 
@@ -74,14 +77,19 @@ def trained(size: int, epochs: int, per_photo: int, cache: Path) -> torch.nn.Mod
 def attack_row(model, x, target, method, attack, options, steps) -> dict[str, object]:
     """One attack on ``x``: medians of its effect."""
     before = bs.compare(bs.heatmap(bs.explain(model, x, method)), target)
+    paper_steps = int(ATTACK_DEFAULTS[method]["steps"])
+    steps = steps or paper_steps
+    # Inputs in [0, 1]: the paper's path in ``steps`` steps.
+    lr = default_lr(method, span=1.0) * paper_steps / steps
     start = time.perf_counter()
-    result = bs.manipulate(model, x, target, method, steps=steps, **options)
+    result = bs.manipulate(model, x, target, method, steps=steps, lr=lr, **options)
     m = result.metrics
     pcc_before, pcc_after = median(before["pcc"]), median(m["expl_pcc_target"])
     return {
         "method": method,
         "attack": attack,
-        "steps": steps or ATTACK_DEFAULTS[method]["steps"],
+        "steps": steps,
+        "lr": lr,
         "pcc_before": pcc_before,
         "pcc_after": pcc_after,
         "pcc_gain": pcc_after - pcc_before,
@@ -111,7 +119,7 @@ def measure(size: int, settings: dict, args: argparse.Namespace) -> list[dict[st
 
 
 HEADER = (
-    f"{'size':>5} {'acc':>6} {'method':>9} {'attack':>6} {'steps':>6} {'pcc before':>10} "
+    f"{'size':>5} {'acc':>6} {'method':>9} {'attack':>6} {'steps':>6} {'lr':>8} {'pcc before':>10} "
     f"{'pcc after':>9} {'gain':>7} {'input mse':>10} {'max |dx|':>9} {'kept':>6} {'s':>6}"
 )
 
@@ -119,6 +127,7 @@ HEADER = (
 def format_row(r: dict[str, object]) -> str:
     return (
         f"{r['size']:>5} {r['accuracy']:6.3f} {r['method']:>9} {r['attack']:>6} {r['steps']:>6} "
+        f"{r['lr']:8.2e} "
         f"{r['pcc_before']:10.3f} {r['pcc_after']:9.3f} {r['pcc_gain']:+7.3f} "
         f"{r['input_mse']:10.2e} {r['input_max_change']:9.3f} {r['labels_kept']:>6} "
         f"{r['seconds']:6.0f}"
