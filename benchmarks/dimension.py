@@ -9,8 +9,7 @@ map of another test crop. Two attacks per method:
 - ``paper``: the paper's recipe (:data:`betasmooth.attack.ATTACK_DEFAULTS`:
   its weights, learning rate and number of steps, no budget); with ``--steps``
   below the paper's, each step is longer by the paper's steps over
-  ``--steps``, so that the shorter run covers the paper's path, as the demo
-  does (the ``lr`` column);
+  ``--steps`` (:func:`betasmooth.attack.default_lr`, the ``lr`` column);
 - ``eps``: the same with a fixed budget on the largest change of one pixel
   value, ``--eps`` (default 8/255), the same for every size.
 
@@ -77,19 +76,17 @@ def trained(size: int, epochs: int, per_photo: int, cache: Path) -> torch.nn.Mod
 def attack_row(model, x, target, method, attack, options, steps) -> dict[str, object]:
     """One attack on ``x``: medians of its effect."""
     before = bs.compare(bs.heatmap(bs.explain(model, x, method)), target)
-    paper_steps = int(ATTACK_DEFAULTS[method]["steps"])
-    steps = steps or paper_steps
-    # Inputs in [0, 1]: the paper's path in ``steps`` steps.
-    lr = default_lr(method, span=1.0) * paper_steps / steps
+    steps = steps or int(ATTACK_DEFAULTS[method]["steps"])
     start = time.perf_counter()
-    result = bs.manipulate(model, x, target, method, steps=steps, lr=lr, **options)
+    result = bs.manipulate(model, x, target, method, steps=steps, **options)
     m = result.metrics
     pcc_before, pcc_after = median(before["pcc"]), median(m["expl_pcc_target"])
     return {
         "method": method,
         "attack": attack,
         "steps": steps,
-        "lr": lr,
+        # The attack's default on [0, 1] inputs: the paper's path in ``steps`` steps.
+        "lr": default_lr(method, span=1.0, steps=steps),
         "pcc_before": pcc_before,
         "pcc_after": pcc_after,
         "pcc_gain": pcc_after - pcc_before,

@@ -13,6 +13,7 @@ from betasmooth.attack import (
     PAPER_SPAN,
     PAPER_WEIGHTS,
     beta_at,
+    default_lr,
     default_weights,
     keep_best,
     matched_sigma,
@@ -60,9 +61,7 @@ def _assert_fields_recomputed(model, result, method, **options):
 def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     x = digits[0][:4]
     target = _targets(digits_cnn, x)
-    # A step size that moves within 20 steps (the default is the paper's
-    # 1500-step budget in [0, 1] units, about 2.3e-4).
-    result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20, lr=1e-3)
+    result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20)
     assert result.history.shape == (20, 4)
     assert bool((result.history[-1] < result.history[0]).all())
     assert bool(result.label_kept.all())
@@ -259,14 +258,17 @@ def test_default_lr_is_the_papers_step_relative_to_the_data_range(small):
     target = _targets(net, x)
 
     def attack(**kw):
-        return bs.manipulate(net, x, target, "gradient", steps=3, check_every=1, **kw).history
+        return bs.manipulate(net, x, target, "gradient", check_every=1, **kw).history
 
-    # On [0, 1] pixels the paper's 1e-3 (ImageNet-normalised units) is 1e-3 / 4.43 ...
-    torch.testing.assert_close(attack(), attack(lr=1e-3 / PAPER_SPAN))
-    assert not torch.equal(attack(), attack(lr=1e-3))
-    # ... and on a range as wide as the paper's it is the paper's 1e-3.
+    # On [0, 1] pixels the paper's 1e-3 (ImageNet-normalised units) is 1e-3 / 4.43;
+    # 3 steps instead of 1500 take steps 500 times as long ...
+    torch.testing.assert_close(attack(steps=3), attack(steps=3, lr=1e-3 / PAPER_SPAN * 500))
+    assert not torch.equal(attack(steps=3), attack(steps=3, lr=1e-3 / PAPER_SPAN))
+    # ... and on a range as wide as the paper's it is the paper's 1e-3 per 1500 steps.
     wide = {"data_range": (0.0, PAPER_SPAN)}
-    torch.testing.assert_close(attack(**wide), attack(lr=1e-3, **wide))
+    torch.testing.assert_close(attack(steps=3, **wide), attack(steps=3, lr=0.5, **wide))
+    assert default_lr("gradient", PAPER_SPAN) == pytest.approx(1e-3)
+    assert default_lr("lrp", 1.0, steps=1500) == pytest.approx(2e-4 / PAPER_SPAN)
     assert PAPER_SPAN == pytest.approx(np.mean(1 / np.array([0.229, 0.224, 0.225])))
 
 

@@ -163,13 +163,15 @@ def default_weights(height: int, width: int, classes: int = PAPER_CLASSES) -> tu
     return w_e, PAPER_WEIGHTS[1] * classes / PAPER_CLASSES
 
 
-def default_lr(method: str, span: float = PAPER_SPAN) -> float:
+def default_lr(method: str, span: float = PAPER_SPAN, steps: int | None = None) -> float:
     """The default Adam step of the targeted attack on ``method``'s maps.
 
     The paper's learning rates (:data:`ATTACK_DEFAULTS`) are steps on
     ImageNet-normalised inputs, whose range is :data:`PAPER_SPAN` wide; the
     same step relative to an input range ``span`` wide is ``lr * span /
-    PAPER_SPAN``.
+    PAPER_SPAN``. Adam moves each pixel by about ``lr`` per step, so a budget
+    of ``steps`` instead of the paper's takes steps longer by ``paper steps /
+    steps``: it can move the input as far as the paper's budget could.
 
     Parameters
     ----------
@@ -177,6 +179,8 @@ def default_lr(method: str, span: float = PAPER_SPAN) -> float:
         The attacked method.
     span : float
         Width of the input range (mean over channels).
+    steps : int, optional
+        The budget; default the paper's.
 
     Returns
     -------
@@ -187,10 +191,12 @@ def default_lr(method: str, span: float = PAPER_SPAN) -> float:
     --------
     >>> default_lr("gradient")
     0.001
-    >>> f"{default_lr('gradient', span=1.0):.3g}"
-    '0.000226'
+    >>> f"{default_lr('gradient', span=1.0):.3g} {default_lr('gradient', span=1.0, steps=150):.3g}"
+    '0.000226 0.00226'
     """
-    return float(ATTACK_DEFAULTS.get(method, _FALLBACK)["lr"]) * span / PAPER_SPAN
+    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
+    paper_steps = int(defaults["steps"])
+    return float(defaults["lr"]) * span / PAPER_SPAN * paper_steps / (steps or paper_steps)
 
 
 def beta_at(
@@ -706,12 +712,14 @@ def manipulate(
         Class to explain; default the prediction on ``x``.
     steps, lr : int, float, optional
         Budget; default :data:`ATTACK_DEFAULTS` of the method (targeted) or
-        :data:`UNTARGETED_STEPS` (untargeted). The default ``lr`` is the
-        paper's, whose steps are in ImageNet-normalised units, times the
-        width of ``data_range`` over :data:`PAPER_SPAN` (about 4.4): the
-        paper's step relative to the data range (``2.26e-4`` for gradient on
-        [0, 1] pixels; unchanged on ImageNet-normalised inputs). A given
-        ``lr`` is used as it is.
+        :data:`UNTARGETED_STEPS` (untargeted). The default ``lr``
+        (:func:`default_lr`) is the paper's, whose steps are in
+        ImageNet-normalised units, times the width of ``data_range`` over
+        :data:`PAPER_SPAN` (about 4.4), and times the paper's steps over
+        ``steps``: the paper's step relative to the data range (``2.26e-4``
+        for gradient on [0, 1] pixels, the paper's own on ImageNet-normalised
+        inputs), lengthened in a shorter budget so that it reaches as far. A
+        given ``lr`` is used as it is.
     weights : tuple of float, optional
         ``(w_e, w_o)``; default :func:`default_weights` for the map size and
         the number of classes.
@@ -844,7 +852,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         method=method,
         options=options,
         steps=check_count("steps", steps),
-        lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span),
+        lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span, steps),
         step=check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0),
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
         beta0=given["beta0"],

@@ -28,7 +28,7 @@ import torch
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
 from . import __version__, runs, theory
-from .attack import ATTACK_DEFAULTS, GOALS, default_lr
+from .attack import ATTACK_DEFAULTS, GOALS
 from .distributed import distributed, resolve_device
 from .explain import METHODS
 from .metrics import medians
@@ -951,33 +951,20 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
     return {m: max(1, round(budget * s / longest)) for m, s in paper.items()}
 
 
-def _demo_lr(steps: Mapping[str, int], span: float) -> dict[str, float]:
-    """Learning rates that cover the paper's path in the demo's fewer steps.
-
-    Adam moves each pixel by about ``lr`` per step, so ``steps`` steps of the
-    paper's ``lr`` times ``paper steps / steps`` travel as far as its full budget.
-    """
-    return {m: default_lr(m, span) * int(ATTACK_DEFAULTS[m]["steps"]) / n for m, n in steps.items()}
-
-
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on a built-in model; write a report."""
     from .report import build_report
 
     sizes = _demo_sizes(args)
+    config = _config(
+        args, model=args.model, data=args.data, quick=args.quick, seed=args.seed, **sizes
+    )
     start = time.perf_counter()
     # The demo's tensors are small: one thread computes them about as fast as
     # several, and does not stall when other processes hold the cores.
     torch.set_num_threads(1)
     model, x, y = runs.load_inputs(args.model, args.data, n=int(sizes["n"]))
-    methods = runs.attack_methods("all")
-    steps = _demo_steps(methods, int(sizes["steps"]))
-    low, high = data_bounds(args.data, channels=x.shape[1])
-    lr = _demo_lr(steps, float((high - low).mean()))
-    config = _config(
-        args, model=args.model, data=args.data, quick=args.quick, seed=args.seed, **sizes, lr=lr
-    )
     run = RunDir.create(args.out, config, resume=args.resume)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
@@ -994,11 +981,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     explain_methods = runs.explain_methods("all")
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")
     runs.explain_run(run, model, x, y, explain_methods, name="explain", **common)
+    methods = runs.attack_methods("all")
+    steps = _demo_steps(methods, int(sizes["steps"]))
     _say(
         f"attacking them with {len(methods)} methods, up to {max(steps.values())} steps "
         "(the paper's budget in fewer, longer steps)"
     )
-    records = runs.attack_run(run, model, x, y, methods, steps=steps, lr=lr, **common)
+    records = runs.attack_run(run, model, x, y, methods, steps=steps, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
     sweep = runs.sweep_run(
         run,
