@@ -152,7 +152,11 @@ def test_quick_demo_on_photos_writes_every_file_with_before_and_after(tmp_path):
             change = np.abs(arrays["x_adv"][i] - arrays["x"][i]).max()
             assert r["input_max_change"] == pytest.approx(change, rel=1e-5, abs=1e-7)
     assert len(read_jsonl(out / "explain.jsonl")) == 2 * len(bs.METHODS)
-    assert len(read_jsonl(out / "sweep.jsonl")) == 2 * len(methods) * 3 * 2
+    # photos-cnn's maps stay faithful only at large beta: the quick sweep reaches 50.
+    assert config["betas"] == [1.0, 5.0, 20.0, 50.0]
+    sweep = read_jsonl(out / "sweep.jsonl")
+    assert sorted({r["beta"] for r in sweep}) == config["betas"]
+    assert len(sweep) == 2 * len(methods) * 4 * 2
     assert "curves" in json.loads((out / "theory.json").read_text())
     html = (out / "report.html").read_text()
     assert "expl_pcc_target_before" in html and "input_max_change" in html
