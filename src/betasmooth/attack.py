@@ -6,6 +6,10 @@ map approaches a target map while the output stays put,
     loss = w_e * MSE(heatmap(x_adv), target) + w_o * MSE(softmax(x_adv), softmax(x)),
 
 minimised by Adam on ``x_adv``, clamped to the data range after each step.
+The paper's settings are for VGG16 on ImageNet-normalised 224 x 224 inputs
+and 1000 classes; :func:`default_lr` and :func:`default_weights` keep its
+step relative to the data range, its reach in a shorter budget and the
+balance of the two terms for any input range, map size and class count.
 The second derivative of a ReLU network is zero almost everywhere, so during
 the attack every ReLU computes ``softplus_beta`` with ``beta`` growing
 geometrically (10 -> 100 by default); the final maps come from the original
@@ -72,8 +76,9 @@ __all__ = [
 ]
 
 # The paper's budget per method (Dombrowski et al. 2019, VGG16): steps, Adam
-# learning rate, beta schedule during the attack and method options. LRP's
-# rules make its map differentiable on the ReLU network itself.
+# learning rate (in ImageNet-normalised units; default_lr translates it to
+# other data ranges and budgets), beta schedule during the attack and method
+# options. LRP's rules make its map differentiable on the ReLU network itself.
 ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
     "gradient": {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"},
     "input_x_gradient": {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"},

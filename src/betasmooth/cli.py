@@ -29,6 +29,7 @@ import torch
 # check answer without that wait.
 from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS
+from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, resolve_device
 from .explain import METHODS
 from .metrics import medians
@@ -168,7 +169,10 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _steps_help() -> str:
     per_method = ", ".join(f"{m} {int(d['steps'])}" for m, d in ATTACK_DEFAULTS.items())
-    return f"attack steps per image (default per method: {per_method})"
+    return (
+        f"attack steps per image (default per method: {per_method}); "
+        "a shorter budget takes proportionally longer steps"
+    )
 
 
 def _choices_help(choices: Sequence[str]) -> str:
@@ -455,8 +459,8 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--betas",
         type=_floats,
-        default=[0.5, 1.0, 2.0, 5.0],
-        help="comma list of beta values (default 0.5,1,2,5)",
+        default=list(CANDIDATE_BETAS),
+        help=f"comma list of beta values (default {','.join(f'{b:g}' for b in CANDIDATE_BETAS)})",
     )
     p.add_argument(
         "--smoothgrad-n",
@@ -816,8 +820,6 @@ def _explain_beta(
     args: argparse.Namespace, model: torch.nn.Module, bounds: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[float, dict[str, object] | None]:
     """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's record."""
-    from .calibrate import calibrate_beta
-
     if args.beta != "auto":
         return args.beta, None
     x = _held_out(args, CALIBRATION["n"])
