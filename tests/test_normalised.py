@@ -11,9 +11,11 @@ import scipy.stats
 import torch
 
 import betasmooth as bs
+from betasmooth.attack import default_weights
 from betasmooth.cli import main
 from betasmooth.recommend import recommend_beta
 from betasmooth.runs import read_jsonl
+from nets import plain_cnn
 from test_explain_lrp import zennit_lrp
 
 MEAN = [0.5, 0.4, 0.3]
@@ -180,3 +182,24 @@ def test_explain_beta_auto_records_the_calibrated_beta(tmp_path):
         saved_map = torch.from_numpy(saved["map"])
     expected = bs.heatmap(bs.explain(model, x, "beta_smooth", beta=chosen))
     torch.testing.assert_close(saved_map, expected)
+
+
+def test_attack_on_imagenet_normalised_inputs_takes_the_papers_steps_and_weights():
+    # On the ImageNet box ((0 - mean) / std, (1 - mean) / std) per channel and
+    # with 1000 classes the defaults are the paper's own: lr 1e-3 per 1500
+    # gradient steps (3 steps: 500 times as long) and w_o = 1e6.
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    box = ((0 - mean) / std, (1 - mean) / std)
+    net = plain_cnn(seed=5, channels=3, classes=1000)
+    x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) - mean) / std
+    target = bs.heatmap(bs.explain(net, x, "gradient")).flip(0)
+
+    def history(**kw):
+        return bs.manipulate(
+            net, x, target, "gradient", data_range=box, steps=3, check_every=1, **kw
+        ).history
+
+    paper = {"lr": 1e-3 * 1500 / 3, "weights": (default_weights(16, 16)[0], 1e6)}
+    torch.testing.assert_close(history(), history(**paper))
+    assert not torch.equal(history(), history(lr=1e-3 / 3))
