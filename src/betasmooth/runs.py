@@ -186,6 +186,7 @@ def attack_run(
     methods: Sequence[str],
     *,
     steps: int | Mapping[str, int] | None = None,
+    lr: float | Mapping[str, float] | None = None,
     batch_size: int = 16,
     goal: str = "targeted",
     seed: int = 0,
@@ -208,8 +209,8 @@ def attack_run(
     ``index`` and ``target_index``; with ``save_attributions`` also
     ``attr_orig`` and ``attr_adv``, the signed explanations ``(B, C, H, W)``
     of ``x`` and ``x_adv`` on the original network (of the label of ``x``),
-    whose heatmaps are the maps. ``steps`` is one budget for all methods,
-    one per method, or ``None`` for the attack's defaults. With ``classes``
+    whose heatmaps are the maps. ``steps`` and ``lr`` are one value for all
+    methods, one per method, or ``None`` for the attack's defaults. With ``classes``
     (the model's class names) records also hold ``label_name`` and
     ``label_adv_name``.
 
@@ -252,6 +253,7 @@ def attack_run(
             unit.method,
             goal=goal,
             steps=steps.get(unit.method) if isinstance(steps, Mapping) else steps,
+            lr=lr.get(unit.method) if isinstance(lr, Mapping) else lr,
             data_range=data_range,
             method_options=options,
             check_every=check_every,
