@@ -38,6 +38,9 @@ VARIANTS = {
     "eps": {"eps": 0.03},
     "pcc+eps": {"loss": "pcc", "eps": 0.03},
     "pcc+eps0.1": {"loss": "pcc", "eps": 0.1},
+    # A sharper surrogate than the paper's 10 -> 100: the attack then never
+    # passes through the softplus networks that a defense at beta 20 to 50 uses.
+    "sharp": {"beta0": 100.0, "beta_end": 1000.0},
 }
 
 
@@ -261,6 +264,9 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; expected some of {','.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
