@@ -336,3 +336,36 @@ def test_output_term_is_the_softmax_change_on_the_surrogate(small, method):
         with bs.smoothed(net, 10.0):
             soft = net(x).softmax(1)
     torch.testing.assert_close(result.history[0], (soft - relu).square().mean(1))
+
+
+def test_sweep_with_a_seed_per_image_gives_each_image_its_own_draws(small):
+    net, x = small
+    target = _targets(net, x)
+    x_adv = (x + 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
+    seeds = [11, 12, 13, 14]
+    whole = bs.defense_sweep(net, x, x_adv, target, "gradient", [2.0], smoothgrad_n=3, seed=seeds)
+    alone = bs.defense_sweep(
+        net, x[2:3], x_adv[2:3], target[2:3], "gradient", [2.0], smoothgrad_n=3, seed=seeds[2:3]
+    )
+    for defense in ("beta_smooth", "smoothgrad"):
+        torch.testing.assert_close(
+            whole.maps[(defense, 2.0)][0][2:3], alone.maps[(defense, 2.0)][0]
+        )
+        torch.testing.assert_close(
+            whole.maps[(defense, 2.0)][1][2:3], alone.maps[(defense, 2.0)][1]
+        )
+    # The image and its attacked copy share their draws: SmoothGrad of x by hand.
+    clean = bs.heatmap(
+        bs.explain(
+            net,
+            x[2:3],
+            "smoothgrad",
+            predict(net, x[2:3]),
+            n=3,
+            noise="logistic",
+            sigma=matched_sigma(2.0),
+            input_range=1.0,
+            seed=[13],
+        )
+    )
+    torch.testing.assert_close(alone.maps[("smoothgrad", 2.0)][1], clean)

@@ -1143,7 +1143,7 @@ def _smoothgrad_maps(
     *,
     sigma: float,
     n: int,
-    seed: int,
+    seed: int | list[int],
     input_range: float,
     base_options: dict[str, object] | None = None,
 ) -> torch.Tensor:
@@ -1198,7 +1198,7 @@ def defense_sweep(
     defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
     data_range: tuple[float, float] | None = (0.0, 1.0),
     method_options: dict[str, object] | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     progress: bool = False,
 ) -> SweepResult:
     """How much of a manipulation survives beta-smoothing, and SmoothGrad, at each beta.
@@ -1238,8 +1238,10 @@ def defense_sweep(
     method_options : dict, optional
         Options of the base method, e.g. ``{"low": low, "high": high}`` for
         LRP on normalised data; used for every map.
-    seed : int
-        Fixes SmoothGrad's draws.
+    seed : int or sequence of int
+        Fixes SmoothGrad's draws: one seed for the batch, or one per image,
+        whose draws then do not depend on the batch it is in (an image and
+        its attacked copy share them).
     progress : bool
         Show a progress bar.
 
@@ -1266,6 +1268,8 @@ def defense_sweep(
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
 
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
+    # The defenses see x_adv and x as one batch of 2B images.
+    seeds = seed if isinstance(seed, int) else [*seed, *seed]
     label = predict(model, x)
     options = dict(method_options or {})
     map_orig = heatmap(explain(model, x, method, label, **options)).detach()
@@ -1285,7 +1289,7 @@ def defense_sweep(
             beta,
             sigma=sigma,
             n=smoothgrad_n,
-            seed=seed,
+            seed=seeds,
             input_range=input_range,
             base_options=options,
         ).detach()

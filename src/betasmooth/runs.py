@@ -385,6 +385,8 @@ def sweep_run(
     bounds, :func:`range_options`). Rank 0 writes ``sweep_summary.json``:
     median robustness and fidelity per method, defense and beta and the
     recommended beta (:func:`betasmooth.recommend.sweep_summary`).
+    SmoothGrad draws per image from a seed of (``seed``, method, index), so
+    the records do not depend on the attack's batch size or on the ranks.
 
     Examples
     --------
@@ -423,7 +425,7 @@ def sweep_run(
             smoothgrad_n=smoothgrad_n,
             data_range=data_range,
             method_options=(method_options or {}).get(base),
-            seed=unit_seed(seed, unit.method, unit.indices[0]),
+            seed=[unit_seed(seed, unit.method, i) for i in unit.indices],
         )
         records = [
             {"index": unit.indices[r["index"]], "method": unit.method, "base": base}
