@@ -140,7 +140,7 @@ def default_weights(height: int, width: int, classes: int = PAPER_CLASSES) -> tu
     ``w_e = 1e11`` (224 x 224) by ``(H W / 224^2)^2`` keeps the balance of the
     two loss terms at any size. The output term is a mean over the classes of
     the squared change of the softmax probabilities; a change moves a few
-    probabilities whatever the number of classes, so that mean grows like
+    probabilities whatever the number of classes, so that mean scales like
     ``1 / classes`` and the paper's ``w_o = 1e6`` (1000 ImageNet classes)
     becomes ``1e6 * classes / 1000``.
 
