@@ -42,7 +42,8 @@ from betasmooth.zoo import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_photos_cnn import accuracy, train  # noqa: E402
+from train_photos_cnn import train  # noqa: E402
+from training import accuracy  # noqa: E402
 
 # Settings of a full run and of --quick: sizes, training and attack.
 MODES = {

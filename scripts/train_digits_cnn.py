@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from training import report_and_save
 
 from betasmooth.zoo import digits_cnn, load_data
 
@@ -29,11 +30,6 @@ def shift(x, generator, pixels=2):
     return torch.stack(
         [padded[i, :, r : r + size, c : c + size] for i, (r, c) in enumerate(offsets.tolist())]
     )
-
-
-def accuracy(model, x, y):
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
 
 
 def main():
@@ -68,13 +64,7 @@ def main():
             print(f"epoch {epoch + 1}: train loss {loss.item():.4f}")
     model.eval()
     seconds = time.perf_counter() - start
-    print(f"train accuracy {accuracy(model, x, y):.4f}")
-    print(f"test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)")
-    print(f"trained in {seconds:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    report_and_save(model, (x, y), (x_test, y_test), seconds, args.out)
 
 
 if __name__ == "__main__":

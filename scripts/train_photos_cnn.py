@@ -17,18 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training import report_and_save
 
 from betasmooth.photos import SIZE, photo_crops, photos_cnn
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "betasmooth" / "weights" / "photos_cnn.pt"
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` that ``model`` classifies as ``y``."""
-    model.eval()
-    with torch.no_grad():
-        hits = sum(int((model(b).argmax(1) == t).sum()) for b, t in zip(x.split(250), y.split(250)))
-    return hits / len(y)
 
 
 def train(
@@ -84,15 +77,7 @@ def main() -> None:
     start = time.perf_counter()
     model = train(args.epochs, per_photo=args.per_photo, seed=args.seed, threads=args.threads)
     seconds = time.perf_counter() - start
-    x, y, _ = photo_crops("train")
-    x_test, y_test, _ = photo_crops("test")
-    print(f"train accuracy {accuracy(model, x, y):.4f}")
-    print(f"test accuracy {accuracy(model, x_test, y_test):.4f} ({len(y_test)} images)")
-    print(f"trained in {seconds:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB)")
+    report_and_save(model, photo_crops("train")[:2], photo_crops("test")[:2], seconds, args.out)
 
 
 if __name__ == "__main__":

@@ -181,12 +181,9 @@ class _Run:
     explain_name: str = "explain"
 
     @property
-    def figures(self) -> Path:
-        return self.path / "figures"
-
-    @property
-    def arrays(self) -> Path:
-        return self.path / "arrays"
+    def store(self) -> RunDir:
+        """The run directory, which names its files."""
+        return RunDir(self.path)
 
 
 def _read(run_dir: Path) -> _Run:
@@ -210,7 +207,7 @@ def _arrays(run: _Run, name: str, kind: type[Batch]) -> dict[str, Batch]:
 
     A method whose arrays are not of that kind (e.g. written by hand) is left out.
     """
-    store = RunDir(run.path)
+    store = run.store
     out = {}
     for method in store.batch_files(name):
         try:
@@ -444,7 +441,7 @@ def _section_methods(run: _Run) -> str:
             _shown(run, batch.x_adv[:n]),
             batch.map_adv[:n],
             batch.map_target[:n],
-            run.figures / f"grid_{_slug(method)}.png",
+            run.store.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
             row_labels=_row_labels(batch, n, _class_names(run.results, method)),
@@ -474,7 +471,7 @@ def _section_explain(run: _Run) -> str:
     path = figures.explain_grid(
         _shown(run, first.x[:n]),
         maps,
-        run.figures / "explain.png",
+        run.store.figures / "explain.png",
         row_labels=_row_labels(first, n, _class_names(run.explain or run.results)),
     )
     out = "<h2 id='explain'>Explanations</h2>" + _img(
@@ -555,7 +552,7 @@ def _shown(run: _Run, x: np.ndarray) -> np.ndarray:
 
 
 def _summary(run: _Run) -> dict:
-    stored = RunDir(run.path).read_sweep_summary()
+    stored = run.store.read_sweep_summary()
     return stored if stored is not None else sweep_summary(run.sweep, MIN_FIDELITY)
 
 
@@ -648,7 +645,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
     path = figures.defense_curves(
         betas,
         {k: v for k, v in curves.items() if k != "seconds"},
-        run.figures / f"defense_{_slug(method)}.png",
+        run.store.figures / f"defense_{_slug(method)}.png",
         smoothgrad_betas=sg_betas,
         smoothgrad=smoothgrad,
         undefended=_undefended(run.results, method),
@@ -674,7 +671,7 @@ def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
             continue
         path = figures.cost_quality(
             mine,
-            run.figures / f"cost_{_slug(method)}.png",
+            run.store.figures / f"cost_{_slug(method)}.png",
             metric="PCC attacked vs original map",
             title=f"{method}: quality against cost",
         )
@@ -743,7 +740,7 @@ def _section_theory(run: _Run) -> str:
     tables = [_theory_numbers(t)] if any(_theory_scalar(v) for v in t.values()) else []
     tables += [_theory_table(key, t[key]) for key in sorted(t) if _theory_mapping(key, t[key])]
     out.append(f"<div class='row'>{''.join(tables)}</div>")
-    paths = figures.theorem_figures(t, run.figures)
+    paths = figures.theorem_figures(t, run.store.figures)
     captions = {
         "theorem_softplus": "softplus_β against ReLU.",
         "theorem_density": "The logistic density p_β against the normal density of the same "
@@ -822,7 +819,7 @@ def build_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     run = _read(run_dir)
-    run.figures.mkdir(exist_ok=True)
+    run.store.figures.mkdir(exist_ok=True)
     body = [section(run) for section in SECTIONS.values()]
     nav = "".join(f'<a href="#{name}">{name}</a>' for name, part in zip(SECTIONS, body) if part)
     page = (
