@@ -12,6 +12,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import default_weights
+from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
 from betasmooth.recommend import recommend_beta
 from betasmooth.runs import read_jsonl
@@ -203,3 +204,89 @@ def test_attack_on_imagenet_normalised_inputs_takes_the_papers_steps_and_weights
     paper = {"lr": 1e-3 * 1500 / 3, "weights": (default_weights(16, 16)[0], 1e6)}
     torch.testing.assert_close(history(), history(**paper))
     assert not torch.equal(history(), history(lr=1e-3 / 3))
+
+
+class _Normalise(torch.nn.Module):
+    def __init__(self, mean: torch.Tensor, std: float):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+@pytest.mark.parametrize("goal", ["topk", "center"])
+def test_untargeted_attack_on_normalised_inputs_is_the_attack_on_pixels(goal):
+    # With one std for all channels the maps of the normalised model and of
+    # the same model on [0, 1] pixels differ by a constant factor, and signed
+    # steps do not see it: eps = 8/255 of each channel's range must give the
+    # same pixels, and the input change must be reported in pixel units.
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), 0.25
+    net = plain_cnn(seed=3, channels=3)
+    on_pixels = torch.nn.Sequential(_Normalise(mean, std), net)
+    raw = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    box = ((0 - mean) / std, (1 - mean) / std)
+    options = {"goal": goal, "eps": 8 / 255, "steps": 12}
+    pixels = bs.manipulate(on_pixels, raw, None, "gradient", **options)
+    normalised = bs.manipulate(net, (raw - mean) / std, None, "gradient", data_range=box, **options)
+    torch.testing.assert_close(normalised.x_adv * std + mean, pixels.x_adv, atol=1e-5, rtol=0)
+    change = (pixels.x_adv - raw).flatten(1)
+    for result in (pixels, normalised):
+        torch.testing.assert_close(result.metrics["input_mse"], change.square().mean(1))
+        torch.testing.assert_close(result.metrics["input_max_change"], change.abs().amax(1))
+    assert float(change.abs().max()) <= 8 / 255 + 1e-6
+    assert float(change.abs().max()) > 4 / 255
+
+
+def test_targeted_attack_reports_the_input_change_in_pixel_units():
+    mean, std, low, high = box()
+    net = plain_cnn(seed=4, channels=3)
+    x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) - mean) / std
+    target = bs.heatmap(bs.explain(net, x, "gradient")).flip(0)
+    result = bs.manipulate(net, x, target, "gradient", data_range=(low, high), steps=5)
+    change = ((result.x_adv - x) * std).flatten(1)
+    torch.testing.assert_close(result.metrics["input_mse"], change.square().mean(1))
+    torch.testing.assert_close(result.metrics["input_max_change"], change.abs().amax(1))
+
+
+def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path):
+    # The demo takes --mean/--std like attack: LRP's z^B rule gets the true
+    # box (Zennit's map) and the attack clamps every channel to its interval.
+    model_file, data_file, raw = user_files
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", f"{model_file}:net", "--data", str(data_file), "--quick"]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "-n", "2", "--steps", "2"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    mean, std, low, high = box()
+    with np.load(out / "arrays" / "explain-lrp-0.npz") as saved:
+        x, saved_map = torch.from_numpy(saved["x"]).double(), torch.from_numpy(saved["map"])
+    torch.testing.assert_close(x.float(), (raw[:2] - mean) / std)
+    net = bs.load_model(f"{model_file}:net").double()
+    target = net(x).argmax(1)
+    r = zennit_lrp(net, x.clone(), target, low.double().expand_as(x), high.double().expand_as(x))
+    expected = r.abs().sum(1) / r.abs().sum((1, 2, 3)).view(-1, 1, 1)
+    torch.testing.assert_close(saved_map.double(), expected, rtol=1e-5, atol=1e-8)
+    with np.load(out / "arrays" / "gradient-0.npz") as saved:
+        pixels = torch.from_numpy(saved["x_adv"]) * std + mean
+    assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
+    config = json.loads((out / "config.json").read_text())
+    assert (config["mean"], config["std"]) == (MEAN, STD)
+
+
+def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(
+    user_files, tmp_path, capsys
+):
+    # Four images, all explained: nothing is held out, and the run must say
+    # that the calibration saw the explained images.
+    model_file, data_file, raw = user_files
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file), "-n", "4"]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", "beta_smooth"]
+    assert main([*argv, "--beta", "auto", "--out", str(out), "--no-progress"]) == 0
+    assert "calibrating beta on 4 images that are also explained" in capsys.readouterr().out
+    found = json.loads((out / "config.json").read_text())["beta_auto"]
+    assert "also explained" in found.pop("images")
+    mean, std, low, high = box()
+    net = bs.load_model(f"{model_file}:net")
+    expected = calibrate_beta(net, (raw - mean) / std, "gradient", steps=100, data_range=(low, high))
+    assert found == json.loads(json.dumps(expected.record()))

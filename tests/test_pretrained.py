@@ -109,6 +109,16 @@ def test_missing_torchvision_names_the_extra(monkeypatch, capsys, tmp_path):
     assert len(err_lines) == 1 and '".[vision]"' in err_lines[0]
 
 
+def test_grey_channels_with_an_rgb_preset_is_a_one_line_error(hub, tmp_path, capsys):
+    with pytest.raises(InputError, match="channels=1 does not fit torchvision:resnet18"):
+        bs.load_data("digits", preset="torchvision:resnet18", channels=1)
+    argv = ["explain", "--model", SPECS["resnet18"], "--data", "digits", "--channels", "1"]
+    assert main([*argv, "--method", "gradient", "--out", str(tmp_path / "run")]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "takes RGB images" in err_lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_preset_prepares_images_as_torchvision_transforms_do(tmp_path):
     rng = np.random.default_rng(0)
     sizes = [(300, 260), (250, 340)]

@@ -369,6 +369,8 @@ def test_explain_only_run(tmp_path):
     with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
         assert im.size == figures.grid_size(3, 3)
     assert "Attack results" not in (tmp_path / "report.html").read_text()
+    what = {row[0][0]: row[1][0] for row in page.tables["run-table"][1:]}
+    assert what["results lines"] == "6" and what["images (n)"] == "3"
 
 
 def test_missing_run_dir(tmp_path):

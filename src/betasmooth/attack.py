@@ -287,9 +287,11 @@ class ManipulationResult:
         metric ``m`` of :func:`betasmooth.compare` (the map of ``x_adv``
         against the target and against the map of ``x``);
         ``expl_<m>_target_before`` for ``m`` in pcc, ssim, mse (the map of
-        ``x`` against the target, before the attack); ``input_mse``,
-        ``input_pcc`` and ``input_max_change``, the largest change of one
-        pixel value (``x_adv`` against ``x``); ``output_change``, the mean
+        ``x`` against the target, before the attack); ``input_mse`` and
+        ``input_max_change``, the largest change of one pixel value, both in
+        units of the data range of each channel (so in [0, 1] pixel values
+        for normalised images too), and ``input_pcc`` (``x_adv`` against
+        ``x``); ``output_change``, the mean
         squared change of the softmax probabilities (the loss's output term).
     history : torch.Tensor
         ``(steps * (restarts + 1), B)``: the attack loss at each step, on the
@@ -355,14 +357,15 @@ class _Settings:
     options: dict[str, object]
     steps: int
     lr: float
-    step: float
+    #: Absolute, per channel where the data range is: ``eps`` and ``step`` times the range.
+    step: float | torch.Tensor
     schedule: str | float
     beta0: float
     beta_end: float
     low: float | torch.Tensor
     high: float | torch.Tensor
     span: float
-    eps: float | None
+    eps: float | torch.Tensor | None
     loss: str
     #: None until the problem knows the number of classes (:func:`default_weights`).
     weights: tuple[float, float] | None
@@ -561,7 +564,8 @@ def _run(
     s = p.s
     x_adv = start.detach().clone().requires_grad_(True)
     optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=s.lr)
-    step_size = torch.full((x_adv.shape[0],), s.step, dtype=x_adv.dtype, device=x_adv.device)
+    # Per image: a step that flips the label halves that image's step.
+    step_size = torch.ones(x_adv.shape[0], dtype=x_adv.dtype, device=x_adv.device)
     shape = (-1,) + (1,) * (x_adv.dim() - 1)
     desc = f"{s.method} {s.goal}"
     bar = tqdm(range(s.steps), desc=desc, unit="step", disable=not s.progress, leave=False)
@@ -574,7 +578,7 @@ def _run(
         with torch.no_grad():
             if optimizer is None:
                 previous = x_adv.detach().clone()
-                x_adv.copy_(p.project(x_adv - step_size.view(shape) * grad.sign()))
+                x_adv.copy_(p.project(x_adv - step_size.view(shape) * s.step * grad.sign()))
             else:
                 x_adv.grad = grad
                 optimizer.step()
@@ -742,9 +746,12 @@ def manipulate(
         ``2 var(target) (1 - PCC or SSIM)``, which equals the MSE for maps of
         equal variance, so ``w_e`` keeps its meaning.
     eps : float, optional
-        L-inf budget (absolute); untargeted default ``8/255`` of the data range.
+        L-inf budget as a fraction of the data range of each channel (so
+        ``8 / 255`` is 8 levels of an 8-bit pixel, whether or not the inputs
+        are normalised); untargeted default ``8 / 255``.
     step : float, optional
-        Signed step of the untargeted goals; default ``eps / 10``.
+        Signed step of the untargeted goals, as a fraction of the data range;
+        default ``eps / 10``.
     k : int, optional
         Top-k size of ``goal="topk"``; default 10 % of the pixels, as in
         :func:`betasmooth.compare`.
@@ -842,14 +849,16 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
     low, high = _range(given["data_range"], x)
     check_in_range(x, low, high)
-    # One number for the budgets that scale with the range; the clamp stays per channel.
+    # Adam's learning rate is one number (its steps are per element anyway);
+    # the L-inf budget and the signed step follow each channel's range.
     span = float(torch.as_tensor(high - low).mean())
     eps = check_positive("eps", given["eps"], optional=True)
     if goal == "targeted":
         steps = defaults["steps"] if given["steps"] is None else given["steps"]
     else:
         steps = UNTARGETED_STEPS if given["steps"] is None else given["steps"]
-        eps = eps or UNTARGETED_EPS * span
+        eps = eps or UNTARGETED_EPS
+    step = check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0)
     schedule = given["beta_schedule"]
     check_every = given["check_every"]
     return _Settings(
@@ -858,14 +867,14 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         options=options,
         steps=check_count("steps", steps),
         lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span, steps),
-        step=check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0),
+        step=step * (high - low),
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
         beta0=given["beta0"],
         beta_end=given["beta_end"],
         low=low,
         high=high,
         span=span,
-        eps=eps,
+        eps=None if eps is None else eps * (high - low),
         loss=given["loss"],
         weights=_check_weights(given["weights"]),
         k=given["k"],
@@ -920,7 +929,7 @@ def _search(p: _Problem) -> torch.Tensor:
     s, x, goal = p.s, p.x, GOALS[p.s.goal]
     best, best_score = x.clone(), _evaluate(p, goal, x)[0]
     generator = torch.Generator().manual_seed(s.seed)
-    radius = s.eps if s.eps is not None else 0.01 * s.span
+    radius = s.eps if s.eps is not None else 0.01 * (s.high - s.low)
     # Without a schedule the network is attacked as it is, and the
     # override (which sees every torch call in forward) is left out.
     surrogate = (
@@ -950,8 +959,11 @@ def _result(
     before = metrics.compare(p.map_orig, p.map_target, k=k)
     for name in ("pcc", "ssim", "mse"):
         scores[f"expl_{name}_target_before"] = before[name]
-    scores["input_mse"] = (best - x).square().flatten(1).mean(1)
-    scores["input_max_change"] = (best - x).abs().flatten(1).amax(1)
+    # In units of the data range, per channel: pixel values in [0, 1] whether
+    # or not the model's inputs are normalised, so sizes compare across models.
+    change = (best - x) / (p.s.high - p.s.low)
+    scores["input_mse"] = change.square().flatten(1).mean(1)
+    scores["input_max_change"] = change.abs().flatten(1).amax(1)
     scores["input_pcc"] = _input_pcc(best, x)
     scores["output_change"] = _output_change(logits_adv, p.logits)
     return ManipulationResult(

@@ -179,24 +179,30 @@ def _choices_help(choices: Sequence[str]) -> str:
     return f"comma list of {', '.join(choices)}, or all"
 
 
-def _add_inputs(p: argparse.ArgumentParser) -> None:
+def _add_inputs(
+    p: argparse.ArgumentParser, model: str | None = None, data: str | None = None
+) -> None:
+    """Model, weights, data and their preparation; ``model`` and ``data`` are defaults."""
     models = ", ".join(BUILTIN_MODELS)
     p.add_argument(
         "--model",
-        required=True,
+        required=model is None,
+        default=model,
         help=f"{models} (built in), path/to/file.py:factory, pkg.mod:factory or "
-        "torchvision:NAME[:WEIGHTS] (pretrained, from the torch hub cache)",
+        "torchvision:NAME[:WEIGHTS] (pretrained, from the torch hub cache)"
+        + ("" if model is None else f" (default {model})"),
     )
     p.add_argument(
         "--weights",
         help="state dict file for the model, loaded with weights_only=True "
         "(default: the built-in model's own weights, or the factory's)",
     )
-    data = ", ".join(BUILTIN_DATA)
     p.add_argument(
         "--data",
-        required=True,
-        help=f"{data} (built in), a folder of images or an .npz with x (and y)",
+        required=data is None,
+        default=data,
+        help=f"{', '.join(BUILTIN_DATA)} (built in), a folder of images or an .npz with x (and y)"
+        + ("" if data is None else f" (default {data})"),
     )
     p.add_argument(
         "--image-size",
@@ -290,7 +296,9 @@ HELP: dict[str, dict[str, object]] = {
         "(photos-cnn, a VGG-style network), attack the explanations, test beta-smoothing and "
         "SmoothGrad as defenses, check the theory, and write DIR/report.html. The default run "
         "takes at most 15 minutes on 2 CPU cores, --quick at most 90 seconds; --model "
-        "digits-cnn --data digits runs the same on the built-in digits. Nothing is downloaded.",
+        "digits-cnn --data digits runs the same on the built-in digits. Nothing is downloaded. "
+        "Your own model and data work as in attack (--model, --data, --mean/--std; a "
+        "torchvision model brings its preprocessing); the time budget is the built-in models'.",
         "examples": [
             "betasmooth demo --out runs/demo --quick",
             "betasmooth demo --out runs/digits --model digits-cnn --data digits",
@@ -425,12 +433,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the demo in --out (default: a new run)"
     )
-    p.add_argument(
-        "--model", default="photos-cnn", help="the model (default photos-cnn; or digits-cnn)"
-    )
-    p.add_argument(
-        "--data", default="photos", help="its data (default photos; for digits-cnn: digits)"
-    )
+    _add_inputs(p, model="photos-cnn", data="photos")
     _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
     _add_images(p, None, hidden=True)
@@ -794,9 +797,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 CALIBRATION = {"n": 8, "steps": 100}
 
 
-def _held_out(args: argparse.Namespace, k: int) -> torch.Tensor:
-    """``k`` images that are not explained: the training split of built-in data, else
-    the images after the first ``--n`` (the last ``k`` when there are too few)."""
+def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
+    """``k`` images for the calibration, and what they are: the training split of
+    built-in data, else the images after the first ``--n``; when there are none,
+    the last ``k``, which are explained too."""
     from .zoo import load_data
 
     settings = vars(args)
@@ -810,10 +814,14 @@ def _held_out(args: argparse.Namespace, k: int) -> torch.Tensor:
         std=args.std,
         preset=args.preset,
     )[0]
-    if split == "train" or len(x) < 2:
-        return x[:k]
-    first = settings["n"] if len(x) >= settings["n"] + 2 else max(0, len(x) - k)
-    return x[first : first + k]
+    if split == "train":
+        return x[:k], "held-out images (the training split)"
+    if len(x) >= settings["n"] + 2:
+        return x[settings["n"] : settings["n"] + k], "held-out images (after the first -n)"
+    return x[-k:], (
+        f"images that are also explained: {args.data} has no two images after the first -n "
+        f"to hold out"
+    )
 
 
 def _explain_beta(
@@ -822,8 +830,8 @@ def _explain_beta(
     """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's record."""
     if args.beta != "auto":
         return args.beta, None
-    x = _held_out(args, CALIBRATION["n"])
-    _say(f"calibrating beta on {len(x)} held-out images")
+    x, which = _held_out(args, CALIBRATION["n"])
+    _say(f"calibrating beta on {len(x)} {which}")
     found = calibrate_beta(
         model,
         x,
@@ -836,7 +844,7 @@ def _explain_beta(
         "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
     )
     _say(f"beta = {found.beta:g} ({verdict})")
-    return found.beta, found.record()
+    return found.beta, {**found.record(), "images": which}
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
@@ -974,26 +982,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import build_report
 
     sizes = _demo_sizes(args)
-    config = _config(
-        args, model=args.model, data=args.data, quick=args.quick, seed=args.seed, **sizes
-    )
     start = time.perf_counter()
     # The demo's tensors are small: one thread computes them about as fast as
     # several, and does not stall when other processes hold the cores.
     torch.set_num_threads(1)
-    model, x, y = runs.load_inputs(args.model, args.data, n=int(sizes["n"]))
+    model, x, y = _load(vars(args), int(sizes["n"]))
+    config = _config(
+        args,
+        model=_absolute(args.model),
+        weights=_absolute(args.weights),
+        data=_absolute(args.data),
+        image_size=args.image_size,
+        channels=args.channels,
+        mean=args.mean,
+        std=args.std,
+        preset=args.preset,
+        quick=args.quick,
+        seed=args.seed,
+        **sizes,
+    )
+    bounds = _bounds(config, x)
     run = RunDir.create(args.out, config, resume=args.resume)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
-    options = {
-        "smoothgrad": {"n": sizes["smoothgrad_attack_n"]},
-        "integrated_gradients": {"steps": sizes["ig_steps"]},
-    }
+    options = runs.range_options(*bounds)
+    options["smoothgrad"]["n"] = sizes["smoothgrad_attack_n"]
+    options["integrated_gradients"] = {"steps": sizes["ig_steps"]}
     common = {
         "batch_size": int(sizes["batch_size"]),
         "seed": args.seed,
         "method_options": options,
         "progress": args.progress,
+        "classes": _classes(config),
     }
     explain_methods = runs.explain_methods("all")
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")
@@ -1004,7 +1024,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"attacking them with {len(methods)} methods, up to {max(steps.values())} steps "
         "(the paper's budget in fewer, longer steps)"
     )
-    records = runs.attack_run(run, model, x, y, methods, steps=steps, **common)
+    records = runs.attack_run(run, model, x, y, methods, steps=steps, data_range=bounds, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
     sweep = runs.sweep_run(
         run,
@@ -1012,6 +1032,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sizes["betas"],
         smoothgrad_n=int(sizes["smoothgrad_n"]),
         seed=args.seed,
+        data_range=bounds,
+        method_options=runs.range_options(*bounds),
         progress=args.progress,
     )
     if not run.theory.exists():
@@ -1038,7 +1060,8 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say()
     _say("attacks: medians over images; kept = fraction of labels kept; pcc/ssim tgt0, tgt =")
     _say("similarity of the original map and of the attacked map to the target map; pcc orig =")
-    _say("attacked map vs original map; max |dx| = largest change of one pixel value")
+    _say("attacked map vs original map; input mse and max |dx| (the largest change of one")
+    _say("pixel value) are in units of each channel's data range, as pixels in [0, 1]")
     _say(summary_table(records, ATTACK_COLUMNS))
     _say()
     _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")

@@ -329,7 +329,9 @@ def _section_run(run: _Run) -> str:
     if isinstance(command, (list, tuple)):
         command = " ".join(str(a) for a in command)
     methods = pick("methods", "method")
-    indices = {r.get("index") for r in run.results}
+    # An explain run's results.jsonl was read into run.explain.
+    lines = run.explain if run.explain_name == "results" else run.results
+    indices = {r.get("index") for r in lines}
     rows = [
         ("command", command),
         ("model", pick("model")),
@@ -337,7 +339,7 @@ def _section_run(run: _Run) -> str:
         ("methods", ", ".join(methods) if isinstance(methods, list) else methods),
         ("goal", pick("goal")),
         ("images (n)", pick("n") if pick("n") is not None else len(indices) or None),
-        ("results lines", len(run.results)),
+        ("results lines", len(lines)),
         ("seed", pick("seed")),
         ("date", pick("created")),
     ]
@@ -375,7 +377,8 @@ def _section_results(run: _Run) -> str:
         "expl_*_target: attacked map vs target map (high PCC/SSIM, low MSE = the attack "
         "worked); expl_*_target_before: original map vs target map, before the attack; "
         "expl_*_orig: attacked map vs original map; input_*: attacked vs original "
-        "image (input_max_change: the largest change of one pixel value); output_change: "
+        "image, in units of each channel's data range (input_max_change: the largest "
+        "change of one pixel value); output_change: "
         "change of the model's output; seconds: per image."
     )
     attack = any(k.startswith("expl_") for k in keys)

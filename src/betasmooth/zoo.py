@@ -518,6 +518,11 @@ def load_data(
     fit = None
     if preset is not None:
         prep = _preprocessing(preset)
+        if channels not in (None, 3):
+            raise InputError(
+                f"channels={channels} does not fit {preset}, which takes RGB images; "
+                "leave channels unset (grey images are repeated to 3 channels)"
+            )
         channels = 3
         mean = prep.mean if mean is None else mean
         std = prep.std if std is None else std
