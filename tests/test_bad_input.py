@@ -298,7 +298,21 @@ def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli-bad")
     np.savez(d / "wide.npz", x=np.full((2, 1, 32, 32), 70000, np.int64))
     (d / "notadir.txt").write_text("x")
+    (d / "normed.py").write_text(NORMED)
     return d
+
+
+# LRP has no rule for LayerNorm: a run with gradient first must still fail before it starts.
+NORMED = """
+from torch import nn
+
+
+def net():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 32, 32]), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 32 * 32, 10),
+    )
+"""
 
 
 INPUTS = ["--model", "digits-cnn", "--data", "digits"]
@@ -351,6 +365,16 @@ CLI: dict[str, tuple[list[str], str]] = {
     "--device cuda:7 without a GPU": (
         [*ATTACK, "--device", "cuda:7"],
         r"^betasmooth: error: CUDA is not available on this machine",
+    ),
+    "lrp on a model it has no rule for, after gradient": (
+        ["explain", "--model", "{d}/normed.py:net", "--data", "digits"]
+        + ["--method", "gradient,lrp", "--out", "{d}/run"],
+        r"^betasmooth: error: lrp has no rule for module LayerNorm \(1\)",
+    ),
+    "lrp on such a model, in an attack": (
+        ["attack", "--model", "{d}/normed.py:net", "--data", "digits"]
+        + ["--method", "gradient,lrp", "-n", "2", "--steps", "2", "--out", "{d}/run"],
+        r"^betasmooth: error: lrp has no rule for module LayerNorm",
     ),
     "report of a file": (["report", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
     "sweep of a file": (["sweep", "{d}/notadir.txt"], r"notadir.txt is not a directory"),

@@ -433,3 +433,31 @@ def test_unsupported_function_is_named():
 def test_bad_lrp_options(options, message):
     with pytest.raises(InputError, match=message):
         bs.explain(vgg_small(), torch.rand(2, 1, 16, 16), "lrp", **options)
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Hardswish])
+def test_lrp_passes_relevance_through_other_activations_like_zennit(activation):
+    torch.manual_seed(8)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), activation(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), activation(), nn.Flatten(), nn.Linear(8 * 8 * 8, 5),
+    ).double().eval()  # fmt: skip
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 4, 0])
+    ours = bs.explain(net, x, "lrp", target)
+    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_on_squeezenet_concatenations_matches_zennit():
+    # SqueezeNet's Fire modules join two branches with torch.cat; zennit lets
+    # autograd route the relevance, which gives each branch its own slice.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(9)
+    net = torchvision.models.squeezenet1_1(num_classes=10).double().eval()
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([3, 7])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(net, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-13)
+    assert ours.abs().sum() > 0

@@ -719,6 +719,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
     )
     bounds = _bounds(config, x)
+    runs.check_methods(model, methods, runs.range_options(*bounds))
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -763,6 +764,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if calibration is not None:
             config["beta_auto"] = calibration
         options["beta_smooth"] = {"beta": beta}
+    runs.check_methods(model, methods, options)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
@@ -1002,6 +1004,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         **sizes,
     )
     bounds = _bounds(config, x)
+    explain_methods = runs.explain_methods("all")
+    methods = runs.attack_methods("all")
+    runs.check_methods(model, [*explain_methods, *methods], runs.range_options(*bounds))
     run = RunDir.create(args.out, config, resume=args.resume)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
@@ -1015,10 +1020,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "progress": args.progress,
         "classes": _classes(config),
     }
-    explain_methods = runs.explain_methods("all")
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")
     runs.explain_run(run, model, x, y, explain_methods, name="explain", **common)
-    methods = runs.attack_methods("all")
     steps = _demo_steps(methods, int(sizes["steps"]))
     _say(
         f"attacking them with {len(methods)} methods, up to {max(steps.values())} steps "

@@ -21,7 +21,7 @@ import torch
 
 from .attack import ATTACK_DEFAULTS, defense_sweep, derangement, manipulate
 from .distributed import Dist
-from .explain import METHODS, explain
+from .explain import METHODS, check_model, explain
 from .explain import method_options as options_of
 from .explain.noise import NOISE_METHODS
 from .geometry import curvature
@@ -115,6 +115,28 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
 def explain_methods(methods: str | Sequence[str]) -> list[str]:
     """Check a method list (a comma list or ``all``) against the registered methods."""
     return _split_methods(methods, list(METHODS))
+
+
+def check_methods(
+    model: torch.nn.Module,
+    methods: Sequence[str],
+    method_options: Mapping[str, Mapping[str, object]] | None = None,
+) -> None:
+    """Check before a run that every method can explain ``model`` (see :func:`check_model`).
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Softmax(1))
+    >>> check_methods(net, ["gradient", "lrp"])
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: lrp has no rule for module Softmax (2) ...
+    """
+    options = method_options or {}
+    for method in methods:
+        known = options_of(method)
+        given = {k: v for k, v in options.get(method, {}).items() if k in known}
+        check_model(model, method, **given)
 
 
 def range_options(

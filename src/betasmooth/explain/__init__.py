@@ -23,11 +23,23 @@ from torch import nn
 
 from ..validate import InputError, InputTypeError, check_input, check_target, evaluating
 
-__all__ = ["METHODS", "PREFIXES", "explain", "register", "register_prefix"]
+__all__ = [
+    "CHECKS",
+    "METHODS",
+    "PREFIXES",
+    "check_model",
+    "explain",
+    "register",
+    "register_check",
+    "register_prefix",
+]
 
 Method = Callable[..., torch.Tensor]
 METHODS: dict[str, Method] = {}
 PREFIXES: dict[str, Callable[[str], Method]] = {}
+#: Structural checks by method name, ``check(model, **options)``: what can be
+#: known to fail before any map is computed (e.g. a layer LRP has no rule for).
+CHECKS: dict[str, Callable[..., None]] = {}
 _RESERVED = ("model", "x", "target", "create_graph")
 
 
@@ -46,6 +58,50 @@ def register(name: str) -> Callable[[Method], Method]:
         return fn
 
     return decorate
+
+
+def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``check(model, **options)``, which raises if method ``name`` cannot explain a model.
+
+    Examples
+    --------
+    >>> @register_check("my_gradient")
+    ... def needs_linear_head(model, **options):
+    ...     if not isinstance(list(model.children())[-1], torch.nn.Linear):
+    ...         raise InputError("my_gradient needs a Linear head")
+    >>> del CHECKS["my_gradient"]
+    """
+
+    def decorate(check: Callable[..., None]) -> Callable[..., None]:
+        CHECKS[name] = check
+        return check
+
+    return decorate
+
+
+def check_model(model: nn.Module, method: str, **options: object) -> None:
+    """Check, without computing a map, that ``method`` with ``options`` can explain ``model``.
+
+    Catches what the structure of the model decides (LRP traces the model and
+    needs a rule for every layer and function on the way), so that a long
+    run fails at its start rather than after the other methods.
+
+    Raises
+    ------
+    InputError
+        Naming the method and what it cannot handle.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU6(), torch.nn.Linear(3, 2))
+    >>> check_model(net, "lrp")
+    >>> check_model(net, "beta_smooth", base="lrp", beta=2.0)
+    """
+    _lookup(method)
+    _check_options(method, options)
+    check = CHECKS.get(method)
+    if check is not None:
+        check(model, **options)
 
 
 def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..smooth import LogisticNoise, logistic_std, smoothed
 from ..validate import InputError, InputTypeError, check_choice, check_count, check_positive
-from . import METHODS, _check_options, _lookup, is_method, register
+from . import METHODS, _check_options, _lookup, check_model, is_method, register, register_check
 from .gradient import auto_chunk, predict
 
 __all__ = ["NOISE_METHODS", "NOISES", "Seed", "noise_scale", "standard_noise"]
@@ -249,6 +249,15 @@ def smoothgrad(
         maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **options)
         total = total + maps.view(k, *x.shape).sum(0)
     return total / n
+
+
+@register_check("smoothgrad")
+@register_check("beta_smooth")
+def _check_base(
+    model: nn.Module, *, base: str = "gradient", base_options: dict | None = None, **options: object
+) -> None:
+    # The smoothing itself fits any model; only the base method can fail on one.
+    check_model(model, base, **(base_options or {}))
 
 
 @register("beta_smooth")

@@ -52,7 +52,7 @@ from torch import fx, nn
 
 from ..smooth import replace_relu
 from ..validate import InputError, InputTypeError
-from . import register
+from . import register, register_check
 from .gradient import input_gradient, select_logit
 
 __all__ = [
@@ -237,6 +237,16 @@ def _sum(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tens
     ]
 
 
+def _cat(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """``torch.cat``: each input gets its own slice, as the gradient routes it (zennit too)."""
+    parts = step.args[0]
+    dim = step.kwargs.get("dim", step.args[1] if len(step.args) > 1 else 0)
+    pieces = relevance.split([p.shape[dim] for p in parts], dim)
+    return [
+        (node, piece) for node, piece in zip(step.node.args[0], pieces) if isinstance(node, fx.Node)
+    ]
+
+
 def _epsilon_of(
     layer: _Layer, a: torch.Tensor, relevance: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
@@ -385,11 +395,19 @@ MODULE_RULES: dict[type[nn.Module], Rule] = {
         kind: _pass
         for kind in (
             nn.ReLU,
+            nn.ReLU6,
+            nn.Hardtanh,
             nn.Softplus,
             nn.LeakyReLU,
+            nn.PReLU,
             nn.ELU,
+            nn.CELU,
+            nn.SELU,
             nn.GELU,
             nn.SiLU,
+            nn.Mish,
+            nn.Hardswish,
+            nn.Hardsigmoid,
             nn.Tanh,
             nn.Sigmoid,
         )
@@ -407,6 +425,8 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     F.avg_pool2d: _norm,
     F.adaptive_avg_pool2d: _norm,
     torch.mean: _norm,
+    torch.cat: _cat,
+    torch.concat: _cat,
     **{
         fn: _pass
         for fn in (
@@ -414,11 +434,18 @@ FUNCTION_RULES: dict[Callable, Rule] = {
             F.relu_,
             torch.relu,
             torch.relu_,
+            F.relu6,
+            F.hardtanh,
             F.softplus,
             F.leaky_relu,
             F.elu,
+            F.celu,
+            F.selu,
             F.gelu,
             F.silu,
+            F.mish,
+            F.hardswish,
+            F.hardsigmoid,
             torch.tanh,
             torch.sigmoid,
         )
@@ -497,7 +524,7 @@ _INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
 
 #: What the error for a node without a rule names as supported.
 SUPPORTED = (
-    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, mean and reshapes "
+    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, cat, mean and reshapes "
     "(the table in betasmooth.explain.propagation)"
 )
 
@@ -567,6 +594,11 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
     return node.target in (F.relu_, torch.relu_)
+
+
+@register_check("lrp")
+def _check_lrp(model: nn.Module, **options: object) -> None:
+    lrp_graph(model)
 
 
 def lrp_graph(model: nn.Module) -> LRPGraph:
