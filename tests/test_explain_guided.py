@@ -28,6 +28,19 @@ def test_guided_backprop_matches_captum(build):
     assert not torch.allclose(ours, bs.explain(net, x, "gradient", target))
 
 
+def test_guided_backprop_leaves_relu6_alone_like_captum():
+    # Captum's rule applies to ReLU modules only; ReLU6 passes the gradient.
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 16 * 16, 3),
+    ).double().eval()  # fmt: skip
+    x = 4 * torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(net, x, "guided_backprop", target)
+    torch.testing.assert_close(ours, captum_guided(net, x, target), rtol=1e-12, atol=1e-15)
+
+
 class ModuleReluResidual(ResidualNet):
     """:class:`ResidualNet` with its three functional ReLUs as ``nn.ReLU`` modules."""
 

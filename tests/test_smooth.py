@@ -17,7 +17,7 @@ from scipy import stats as sps
 from torch import nn
 
 import betasmooth as bs
-from betasmooth.smooth import LogisticNoise, smooth, smoothed, softplus
+from betasmooth.smooth import LogisticNoise, replace_relu, smooth, smoothed, softplus
 from nets import plain_cnn, vgg_small
 
 LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
@@ -372,15 +372,70 @@ def test_warning_names_other_kinked_activations():
     class Kinked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(), nn.ReLU6(), nn.ReLU())
+            self.body = nn.Sequential(nn.Linear(3, 3), nn.Hardswish(), nn.ReLU6(), nn.ReLU())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.hardtanh(self.body(x))
+            return F.hardshrink(F.leaky_relu(self.body(x)))
 
     net = Kinked()
     with pytest.warns(UserWarning, match="stay non-smooth") as record, smoothed(net, 1.0):
         net(torch.ones(1, 3))
     message = " ".join(str(w.message) for w in record)
-    for name in ("LeakyReLU", "ReLU6", "hardtanh"):
+    for name in ("Hardswish", "hardshrink"):
         assert name in message
+    # Written through ReLU, hence smoothed: not named.
+    for name in ("ReLU6", "leaky_relu"):
+        assert name not in message
     assert "no ReLU" not in message
+
+
+THROUGH_RELU_ACTIVATIONS = {
+    "ReLU6": nn.ReLU6(),
+    "ReLU6 in place": nn.ReLU6(inplace=True),
+    "Hardtanh(-2, 0.5)": nn.Hardtanh(-2.0, 0.5),
+    "LeakyReLU(0.2)": nn.LeakyReLU(0.2),
+    "PReLU per channel": nn.PReLU(3, init=0.3),
+    "Hardsigmoid": nn.Hardsigmoid(),
+    "F.relu6": lambda x: F.relu6(x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(THROUGH_RELU_ACTIVATIONS))
+def test_activations_through_relu_are_exact_and_smoothed_by_their_logistic_mean(name):
+    activation = THROUGH_RELU_ACTIVATIONS[name]
+    if isinstance(activation, nn.PReLU):
+        with torch.no_grad():
+            activation.weight.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    net = nn.Sequential(nn.Identity(), activation) if isinstance(activation, nn.Module) else None
+    net = (net or _Calls(activation)).double()
+    x = torch.linspace(-9, 9, 3 * 37, dtype=torch.float64).view(1, 3, 37)
+    plain = net(x.clone())
+    # With ReLU itself the rewriting is the activation.
+    with replace_relu(net, F.relu):
+        torch.testing.assert_close(net(x.clone()), plain, rtol=0, atol=1e-12)
+    # With softplus_beta it is the activation's mean under logistic noise of
+    # scale 1/beta (numerical integration of the activation itself).
+    beta = 1.5
+    with smoothed(net, beta), torch.no_grad():
+        ours = net(x.clone())
+    scale = 1 / beta
+    for c, i in [(0, 0), (0, 18), (1, 5), (1, 20), (2, 30), (2, 36)]:
+
+        def integrand(e, c=c, i=i):
+            point = x.clone()
+            point[0, c, i] += e
+            with torch.no_grad():
+                value = float(net(point)[0, c, i])
+            return value * sps.logistic.pdf(e, scale=scale)
+
+        expected, _ = integrate.quad(integrand, -60 * scale, 60 * scale, limit=200)
+        assert float(ours[0, c, i]) == pytest.approx(expected, rel=1e-7, abs=1e-9)
+
+
+class _Calls(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

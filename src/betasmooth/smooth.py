@@ -8,6 +8,12 @@ Every ReLU of a model is found by one mechanism: a
 :class:`torch.overrides.TorchFunctionMode` that is active while the model's
 ``forward`` runs and that intercepts ``nn.ReLU``, ``F.relu``, ``torch.relu``
 and ``Tensor.relu`` (in-place variants too) wherever they are called.
+
+The piecewise-linear activations that are sums of shifted ReLUs and a linear
+term (:data:`THROUGH_RELU`: ``ReLU6``, ``Hardtanh``, ``LeakyReLU``, ``PReLU``,
+``Hardsigmoid``) are written that way and each ReLU replaced, so they too
+become their exact convolution with ``p_beta``: ``ReLU6(x) = relu(x) -
+relu(x - 6)`` becomes ``softplus_beta(x) - softplus_beta(x - 6)``.
 """
 
 from __future__ import annotations
@@ -43,14 +49,9 @@ RELU_FUNCTIONS = frozenset(
 # Piecewise-linear activations that beta-smoothing does not replace; named in a
 # warning because they keep the output manifold curved.
 KINKED_MODULES: tuple[type[nn.Module], ...] = (
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.PReLU,
     nn.RReLU,
     nn.Threshold,
     nn.Hardswish,
-    nn.Hardsigmoid,
     nn.Hardshrink,
     nn.Softshrink,
 )
@@ -70,20 +71,47 @@ SMOOTH_MODULES: tuple[type[nn.Module], ...] = (
 SMOOTH_FUNCTIONS = frozenset(
     {F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, torch.tanh, torch.sigmoid}
 )
-KINKED_FUNCTIONS = frozenset(
-    {
-        F.leaky_relu,
-        F.relu6,
-        F.hardtanh,
-        F.prelu,
-        F.rrelu,
-        F.threshold,
-        F.hardswish,
-        F.hardsigmoid,
-        F.hardshrink,
-        F.softshrink,
-    }
-)
+KINKED_FUNCTIONS = frozenset({F.rrelu, F.threshold, F.hardswish, F.hardshrink, F.softshrink})
+
+Relu = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _hardtanh(
+    relu: Relu, x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
+) -> torch.Tensor:
+    return min_val + relu(x - min_val) - relu(x - max_val)
+
+
+def _relu6(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return relu(x) - relu(x - 6.0)
+
+
+def _leaky_relu(
+    relu: Relu, x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
+) -> torch.Tensor:
+    return negative_slope * x + (1 - negative_slope) * relu(x)
+
+
+def _prelu(relu: Relu, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # One slope, or one per channel (dimension 1), as torch.prelu broadcasts it.
+    if weight.numel() > 1:
+        weight = weight.view(1, -1, *([1] * (x.dim() - 2)))
+    return weight * x + (1 - weight) * relu(x)
+
+
+def _hardsigmoid(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return (relu(x + 3.0) - relu(x - 3.0)) / 6.0
+
+
+#: Activations written as shifted ReLUs plus a linear term, ``(relu, *args) -> Tensor``;
+#: replacing each ReLU smooths them exactly as it smooths ReLU.
+THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
+    F.hardtanh: _hardtanh,
+    F.relu6: _relu6,
+    F.leaky_relu: _leaky_relu,
+    F.prelu: _prelu,
+    F.hardsigmoid: _hardsigmoid,
+}
 
 
 def _check_beta(beta: float | torch.Tensor) -> None:
@@ -249,9 +277,10 @@ class LogisticNoise(Distribution):
 class _ReluOverride(TorchFunctionMode):
     """Routes every ReLU call to ``fn``; counts the calls and notes kinked activations."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], through: bool = True) -> None:
         super().__init__()
         self.fn = fn
+        self.through = through
         self.replaced = 0
         self.kinked: set[str] = set()
         self.smooth: set[str] = set()
@@ -260,6 +289,9 @@ class _ReluOverride(TorchFunctionMode):
         if func in RELU_FUNCTIONS:
             self.replaced += 1
             return self.fn(args[0])
+        if self.through and func in THROUGH_RELU:
+            self.replaced += 1
+            return THROUGH_RELU[func](self.fn, *args, **(kwargs or {}))
         if func in KINKED_FUNCTIONS:
             self.kinked.add(getattr(func, "__name__", str(func)))
         elif func in SMOOTH_FUNCTIONS:
@@ -271,9 +303,13 @@ class _ReluHooks:
     """A forward pre-hook and an always-called forward hook that override ReLU during forward."""
 
     def __init__(
-        self, model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], warn: bool | str
+        self,
+        model: nn.Module,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        warn: bool | str,
+        through: bool = True,
     ) -> None:
-        self.model, self.fn, self.warn = model, fn, warn
+        self.model, self.fn, self.warn, self.through = model, fn, warn, through
         self.active: list[_ReluOverride] = []
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -293,7 +329,7 @@ class _ReluHooks:
             self.active.pop().__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        mode = _ReluOverride(self.fn)
+        mode = _ReluOverride(self.fn, self.through)
         self.active.append(mode)
         mode.__enter__()
 
@@ -312,7 +348,11 @@ class _ReluHooks:
 
 @contextlib.contextmanager
 def replace_relu(
-    model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], *, warn: bool | str = False
+    model: nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    warn: bool | str = False,
+    through: bool = True,
 ) -> Iterator[list[_ReluOverride]]:
     """While active, every ReLU inside ``model.forward`` computes ``fn`` instead.
 
@@ -333,6 +373,9 @@ def replace_relu(
         replace. A string names what then changes nothing (default
         ``"beta-smoothing"``) and leaves out the piecewise-linear warning.
         Each warning is given once per model and points at the user's call.
+    through : bool
+        Also rewrite the activations of :data:`THROUGH_RELU` (ReLU6, ...) as
+        sums of ReLUs, so that ``fn`` replaces those ReLUs too.
 
     Yields
     ------
@@ -345,7 +388,7 @@ def replace_relu(
     >>> with replace_relu(net, torch.tanh):
     ...     y = net(torch.ones(1, 2))
     """
-    hooks = _ReluHooks(model, fn, warn).install()
+    hooks = _ReluHooks(model, fn, warn, through).install()
     try:
         yield hooks.done
     finally:
@@ -368,8 +411,8 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
     kinked = sorted(names)
     if kinked:
         warn_user(
-            f"{name}: beta-smoothing replaces ReLU only; these piecewise-linear "
-            f"activations stay non-smooth: {', '.join(kinked)}",
+            f"{name}: beta-smoothing replaces ReLU and the activations made of it; these "
+            f"piecewise-linear activations stay non-smooth: {', '.join(kinked)}",
             model,
         )
 

@@ -131,7 +131,8 @@ def guided_backprop(
     """
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        with replace_relu(model, _guided_relus(handles), warn="guided_backprop"):
+        # ReLU only: guided backprop's rule is defined for ReLU, as in Captum.
+        with replace_relu(model, _guided_relus(handles), warn="guided_backprop", through=False):
             return input_gradient(model, x, target, create_graph)
     finally:
         for handle in handles:
