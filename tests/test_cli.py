@@ -266,6 +266,51 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
     assert main(["sweep", str(run), "--betas", "1"]) == 2
 
 
+def _no_model(run: Path) -> None:
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _seed_text(run: Path) -> None:
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "seed": "x"}))
+
+
+def _no_lrp_arrays(run: Path) -> None:
+    for path in (run / "arrays").glob("lrp-*.npz"):
+        path.unlink()
+
+
+def _damaged_arrays(run: Path) -> None:
+    path = run / "arrays" / "gradient-2.npz"
+    path.write_bytes(path.read_bytes()[:200])
+
+
+DAMAGED_RUNS = {
+    "config without model": (_no_model, r"config.json has model = None; expected the str"),
+    "seed that is no int": (_seed_text, r"config.json has seed = 'x'; expected the int"),
+    "arrays deleted": (_no_lrp_arrays, r"has results but no arrays of lrp in .*arrays"),
+    "arrays truncated": (_damaged_arrays, r"gradient-2.npz is a damaged .npz archive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_RUNS))
+def test_sweep_of_a_damaged_run_is_one_line(case, attack_dir, tmp_path, capsys):
+    import re
+    import shutil
+
+    damage, pattern = DAMAGED_RUNS[case]
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    damage(run)
+    assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("betasmooth: error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert not (run / "sweep.jsonl").exists() or not (run / "sweep.jsonl").read_text()
+
+
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad")
@@ -278,7 +323,17 @@ def bad_files(tmp_path_factory) -> Path:
     x = np.zeros((4, 1, 32, 32), np.float32)
     x[1, 0, 3, 3] = np.nan
     np.savez(d / "nan.npz", x=x)
+    np.savez(d / "whole.npz", x=np.zeros((4, 1, 32, 32), np.float32))
+    (d / "truncated.npz").write_bytes((d / "whole.npz").read_bytes()[:300])
+    np.savez(d / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+    np.savez(d / "label50.npz", x=np.zeros((4, 1, 32, 32), np.float32), y=np.array([0, 1, 50, 2]))
+    nan_weights = {k: torch.full_like(v, float("nan")) for k, v in _digits_state().items()}
+    torch.save(nan_weights, d / "nan_weights.pt")
     return d
+
+
+def _digits_state() -> dict[str, torch.Tensor]:
+    return bs.load_model("digits-cnn").state_dict()
 
 
 BAD = {
@@ -298,6 +353,22 @@ BAD = {
     "corrupt image": (["--model", "digits-cnn", "--data", "{d}/images"], "corrupt.png"),
     "wrong size": (["--model", "digits-cnn", "--data", "{d}/small.npz"], "(1, 20, 20)"),
     "nan": (["--model", "digits-cnn", "--data", "{d}/nan.npz"], "NaN"),
+    "truncated npz": (
+        ["--model", "digits-cnn", "--data", "{d}/truncated.npz"],
+        "truncated.npz is a damaged .npz archive",
+    ),
+    "npz of objects": (
+        ["--model", "digits-cnn", "--data", "{d}/objects.npz"],
+        "objects.npz holds pickled objects, which are never loaded",
+    ),
+    "label beyond the classes": (
+        ["--model", "digits-cnn", "--data", "{d}/label50.npz"],
+        "has label 50, but the model has 10 classes; expected labels 0 to 9",
+    ),
+    "weights that give NaN": (
+        ["--model", "digits-cnn", "--weights", "{d}/nan_weights.pt", "--data", "digits"],
+        "returns NaN or inf on the first item",
+    ),
     "no cuda": (["--model", "digits-cnn", "--data", "digits", "--device", "cuda"], "CUDA"),
 }
 
@@ -380,3 +451,19 @@ def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path):
         (g,) = torch.autograd.grad(_softplus_twin(5.0)(xg)[0, label[0]], xg)
         assert rows[(i, "beta=5")]["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-4)
         assert rows[(i, "beta=5")]["beta"] == 5.0 and rows[(i, "relu")]["beta"] is None
+
+
+def test_a_float64_model_is_explained_in_float64(tmp_path):
+    # The runs call the model directly: the inputs must take its dtype.
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef net():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(1024, 10)).double()\n"
+    )
+    argv = ["explain", "--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--method", "gradient", "--out", str(tmp_path / "run")]) == 0
+    with np.load(tmp_path / "run" / "arrays" / "gradient-0.npz") as saved:
+        x, saved_map = torch.from_numpy(saved["x"]), torch.from_numpy(saved["map"])
+    assert x.dtype == torch.float64
+    net = bs.load_model(f"{tmp_path}/net.py:net")
+    expected = bs.heatmap(bs.explain(net, bs.load_data("digits")[0][:2].double(), "gradient"))
+    torch.testing.assert_close(saved_map.double(), expected, rtol=1e-6, atol=1e-9)

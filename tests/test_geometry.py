@@ -230,3 +230,12 @@ def test_theorem1_bad_input():
         theorem1_check(net, x, x[:1])
     with pytest.raises(bs.InputError, match="samples"):
         theorem1_check(net, x, x, samples=1)
+
+
+def test_curvature_casts_float64_inputs_to_the_model_dtype():
+    net = bs.smooth(plain_cnn(seed=2), 10.0)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    ours = curvature(net, x.double(), iterations=5)
+    expected = curvature(net, x, iterations=5)
+    for key in ("hessian_norm", "principal_curvature"):
+        torch.testing.assert_close(ours[key], expected[key])

@@ -1,24 +1,28 @@
-"""State dicts: weights files read safely and fitted to a model.
+"""Files read safely: state dicts fitted to a model, and arrays of ``.npz`` archives.
 
 Weights are only ever read with ``torch.load(..., weights_only=True)``, which
 restores tensors and plain containers and refuses to unpickle anything else,
-so a weights file cannot run code.
+so a weights file cannot run code; ``.npz`` archives are read with
+``allow_pickle=False`` for the same reason.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .validate import InputError
 
-__all__ = ["STATE_DICT_HINT", "apply_weights", "load_state_dict", "reason"]
+__all__ = ["STATE_DICT_HINT", "apply_weights", "load_state_dict", "read_npz", "reason"]
 
 STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
 
@@ -116,3 +120,44 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
             "state dict of the same architecture"
         )
     model.load_state_dict(state)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive, read whole, never unpickling objects.
+
+    Raises
+    ------
+    InputError
+        One line naming the file and what is wrong with it: missing, not an
+        archive, damaged (e.g. truncated), or holding pickled objects.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = tempfile.mkdtemp() + "/a.npz"
+    >>> np.savez(path, x=np.zeros(3))
+    >>> {k: v.shape for k, v in read_npz(path).items()}
+    {'x': (3,)}
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise InputError(f"{path} holds a single .npy array; expected an .npz (np.savez)")
+        with archive:
+            return {key: archive[key] for key in archive.files}
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist; expected an .npz file (np.savez)") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a directory; expected an .npz file (np.savez)") from None
+    except (zipfile.BadZipFile, EOFError) as err:
+        raise InputError(f"{path} is a damaged .npz archive ({reason(err)})") from None
+    except (ValueError, OSError, pickle.UnpicklingError) as err:
+        if "allow_pickle" in str(err) and zipfile.is_zipfile(path):
+            problem = "holds pickled objects, which are never loaded; expected numeric arrays"
+        elif not zipfile.is_zipfile(path):
+            problem = "is not an .npz archive; expected a file written by np.savez"
+        else:
+            problem = f"cannot be read ({reason(err)}); expected numeric arrays (np.savez)"
+        raise InputError(f"{path} {problem}") from None

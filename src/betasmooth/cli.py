@@ -28,7 +28,7 @@ import torch
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
 from . import __version__, runs, theory
-from .attack import ATTACK_DEFAULTS, GOALS
+from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, resolve_device
 from .explain import METHODS
@@ -126,30 +126,60 @@ def command(name: str) -> Callable[[Command], Command]:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, words: Mapping[str, None] | None = None) -> list[float | None]:
+    """A comma list of numbers (and of ``words``, which stand for their values)."""
+    words = words or {}
+    items = [t.strip() for t in text.split(",")]
     try:
-        values = [float(t) for t in text.split(",") if t.strip()]
+        if not all(items):
+            raise ValueError(text)
+        return [words[t] if t in words else float(t) for t in items]
     except ValueError:
+        example = "0.5,1,2,5" + (f" or {','.join(words)},1,2" if words else "")
         raise argparse.ArgumentTypeError(
-            f"expected a comma list of numbers, e.g. 0.5,1,2,5; got {text!r}"
+            f"expected a comma list of numbers, e.g. {example}; got {text!r}"
         ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number, e.g. 0.5,1,2,5")
-    return values
 
 
 def _betas(text: str) -> list[float | None]:
     # "relu" stands for the network itself (beta = infinity).
-    return [None if t.strip() == "relu" else _floats(t)[0] for t in text.split(",") if t.strip()]
+    return _floats(text, {"relu": None})
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, low: int, high: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    # Bounded so that a typo fails here and not as an overflow deep in torch.
+    return _integer(text, 1, 2**31 - 1, "a positive integer below 2**31")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
+
+
+#: Largest --image-size: 16 times ImageNet's 224, far beyond what any explanation needs.
+MAX_IMAGE_SIZE = 4096
+
+
+def _image_size(text: str) -> int:
+    return _integer(text, 1, MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1; got {text!r}")
     return value
 
 
@@ -206,7 +236,7 @@ def _add_inputs(
     )
     p.add_argument(
         "--image-size",
-        type=_positive,
+        type=_image_size,
         help="resize images to this size (default: as stored, or a torchvision model's resize "
         "and crop)",
     )
@@ -260,7 +290,7 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     )
     _add_images(p, n)
     p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out (default: a new run)"
@@ -429,7 +459,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="a first look in at most 90 seconds (default: off)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument(
         "--resume", action="store_true", help="continue the demo in --out (default: a new run)"
     )
@@ -473,7 +503,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--min-fidelity",
-        type=float,
+        type=_fraction,
         default=MIN_FIDELITY,
         help="least median fidelity (PCC) of a recommended beta (default 0.9)",
     )
@@ -501,7 +531,7 @@ def _theorem_options(p: argparse.ArgumentParser) -> None:
         "--out", required=True, metavar="DIR", help="directory for theory.json and figures"
     )
     p.add_argument("--quick", action="store_true", help="fewer samples (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument(
         "--json", action="store_true", help="print the summary without curves (default: off)"
     )
@@ -720,6 +750,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     bounds = _bounds(config, x)
     runs.check_methods(model, methods, runs.range_options(*bounds))
+    if args.goal == "targeted":
+        derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -1007,6 +1039,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
     runs.check_methods(model, [*explain_methods, *methods], runs.range_options(*bounds))
+    derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.

@@ -40,8 +40,8 @@ from .smooth import smooth
 from .validate import (
     InputError,
     InputTypeError,
-    check_batch,
     check_count,
+    check_input,
     check_model,
     check_target,
     evaluating,
@@ -145,11 +145,14 @@ def _lanczos(
     return estimate
 
 
-def _check_inputs(model: object, x: object, target: object) -> torch.Tensor | None:
+def _check_inputs(
+    model: object, x: object, target: object
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` checked against the model and in its dtype, and the target on its device."""
     check_model(model)
-    check_batch(x)
+    x = check_input(model, x)
     target_t = check_target(target, x.shape[0])
-    return None if target_t is None else target_t.to(x.device)
+    return x, None if target_t is None else target_t.to(x.device)
 
 
 def _curvature(
@@ -232,13 +235,13 @@ def curvature(
     >>> bs.curvature(bs.smooth(model, 10.0), x[:4])["principal_curvature"].shape
     torch.Size([4])
     """
-    target_t = _check_inputs(model, x, target)
+    x, target_t = _check_inputs(model, x, target)
     check_count("iterations", iterations)
     check_count("probes", probes)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputTypeError(f"seed must be an integer; got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputTypeError(f"seed must be an integer from 0 to 2**63 - 1; got {seed!r}")
     generator = torch.Generator().manual_seed(seed)
     with evaluating(model):
         return _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
@@ -325,8 +328,8 @@ def theorem1_check(
     >>> bool((check["normal_change"] <= 1.01 * check["segment_bound"]).all())
     True
     """
-    target_t = _check_inputs(model, x, target)
-    check_batch(x_adv, "x_adv")
+    x, target_t = _check_inputs(model, x, target)
+    x_adv = check_input(model, x_adv, "x_adv")
     if x_adv.shape != x.shape:
         raise InputError(
             f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"

@@ -30,7 +30,7 @@ from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import smooth
 from .store import AttackBatch, ExplainBatch, Record, RunDir, SweepBatch, load_npz, read_jsonl
 from .units import Unit, execute, plan, unit_seed
-from .validate import InputError
+from .validate import InputError, check_input
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
@@ -83,8 +83,16 @@ def load_inputs(
     )
     if n is not None:
         x, y = x[:n], y[:n]
-    check_compatible(net, x)
-    return net, x, y
+    classes = check_compatible(net, x).shape[1]
+    known = y[y >= 0]
+    if (y < -1).any() or (known >= classes).any():
+        bad = int(y[(y < -1) | (y >= classes)][0])
+        raise InputError(
+            f"{data} has label {bad}, but the model has {classes} classes; expected labels "
+            f"0 to {classes - 1} (or -1 for unknown)"
+        )
+    # The runs call the model directly: the inputs take its dtype (a float64 model).
+    return net, check_input(net, x), y
 
 
 def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list[str]:

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import read_npz
 from .distributed import Dist
 from .validate import InputError
 
@@ -570,14 +571,28 @@ class RunDir:
                 f"{self.path} holds the output of betasmooth {command}; a sweep needs the --out "
                 "of betasmooth attack (or demo)"
             )
+        for key, kind in (("model", str), ("data", str), ("seed", int), ("n", int)):
+            value = config.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise InputError(
+                    f"{self.config_path} has {key} = {value!r}; expected the {kind.__name__} "
+                    "that betasmooth attack wrote there"
+                )
         done = self.read()
-        wanted = int(config.get("n") or 0) * len(config.get("methods") or ())
+        wanted = config["n"] * len(config.get("methods") or ())
         # Rank files remain until the last rank of a torchrun job has finished.
         ranks = bool(self.rank_files())
         if not done or len(done) < wanted or ranks:
             raise InputError(
                 f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
                 "finish it with the same betasmooth attack command and --resume, then sweep"
+            )
+        files = self.batch_files()
+        missing = sorted({str(r.get("method")) for r in done} - set(files))
+        if missing:
+            raise InputError(
+                f"{self.path} has results but no arrays of {missing[0]} in {self.arrays}; "
+                f"expected the files {missing[0]}-<first index>.npz that its attack wrote"
             )
         return config
 
@@ -685,9 +700,8 @@ def _arrays_prefix(name: str) -> str:
 
 
 def load_npz(path: str | os.PathLike) -> Arrays:
-    """Every array of an ``.npz`` file, read whole (no pickled objects)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """Every array of an ``.npz`` file, read whole (no pickled objects); one-line errors."""
+    return read_npz(path)
 
 
 def _temporary(path: Path) -> bool:

@@ -62,7 +62,6 @@ import functools
 import importlib
 import importlib.resources
 import importlib.util
-import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -72,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import apply_weights, load_state_dict, reason
+from .checkpoint import apply_weights, load_state_dict, read_npz, reason
 from .photos import photos, trained_photos_cnn
 from .pretrained import is_pretrained, load_pretrained, preprocessing
 from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
@@ -237,15 +236,7 @@ def _folder(
 
 
 def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except ValueError as err:
-        raise InputError(
-            f"cannot read {path}: {err}; expected numeric arrays saved with np.savez"
-        ) from err
-    except (OSError, EOFError, pickle.UnpicklingError) as err:
-        raise InputError(f"cannot read {path}: {err}; expected an .npz file (np.savez)") from err
+    arrays = read_npz(path)
     if "x" not in arrays:
         raise InputError(
             f"{path} has no array 'x' (found {sorted(arrays) or 'no arrays'}); "
@@ -828,8 +819,8 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Raises
     ------
     InputError
-        The forward pass fails, or its output is not floating logits of
-        shape ``(1, classes)`` (see :func:`betasmooth.validate.check_input`).
+        The forward pass fails, or its output is not finite floating logits
+        of shape ``(1, classes)`` (see :func:`betasmooth.validate.check_input`).
 
     Examples
     --------
@@ -838,4 +829,10 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     x = check_input(model, x)
     with evaluating(model), torch.no_grad():
-        return model(x[:1])
+        logits = model(x[:1])
+    if not torch.isfinite(logits).all():
+        raise InputError(
+            f"{type(model).__name__} returns NaN or inf on the first item; expected finite "
+            "logits (are the weights finite, and the inputs prepared as in training?)"
+        )
+    return logits
