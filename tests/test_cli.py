@@ -467,3 +467,35 @@ def test_a_float64_model_is_explained_in_float64(tmp_path):
     net = bs.load_model(f"{tmp_path}/net.py:net")
     expected = bs.heatmap(bs.explain(net, bs.load_data("digits")[0][:2].double(), "gradient"))
     torch.testing.assert_close(saved_map.double(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_warnings_are_one_line_about_the_run(tmp_path, capsys):
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Conv2d(1, 2, 3, "
+        "padding=1), nn.Hardswish(), nn.Flatten(), nn.Linear(2048, 10))\n"
+    )
+    argv = ["explain", "--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "1"]
+    assert main([*argv, "--method", "beta_smooth", "--out", str(tmp_path / "run")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned == [
+        "betasmooth: warning: Sequential: no ReLU was called in forward; beta-smoothing "
+        "changed nothing",
+        "betasmooth: warning: Sequential: beta-smoothing replaces ReLU and the activations made "
+        "of it; these piecewise-linear activations stay non-smooth: Hardswish",
+    ]
+
+
+def test_a_reader_that_goes_away_is_no_error(tmp_path):
+    # `betasmooth theorem --json | head -1`: the pipe closes before the summary is printed.
+    argv = ["theorem", "--quick", "--json", "--no-progress", "--out", str(tmp_path / "t")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "betasmooth", *argv],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    assert proc.stderr.read() == ""
+    assert json.loads((tmp_path / "t" / "theory.json").read_text())

@@ -334,6 +334,16 @@ def test_settings_and_run_tables(full_run):
     assert what["seed"] == "7" and what["images (n)"] == str(N)
 
 
+def test_settings_keep_the_order_of_numeric_keys(tmp_path):
+    betas = {str(b): {"robustness": b / 100} for b in (0.5, 1, 2, 5, 10, 20, 50)}
+    run = RunDir.create(tmp_path, {"command": "explain", "beta_auto": {"betas": betas}})
+    run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
+    page = parse(build_report(tmp_path))
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    shown = json.loads(settings["beta_auto"])["betas"]
+    assert list(shown) == ["0.5", "1", "2", "5", "10", "20", "50"]
+
+
 def test_run_without_sweep_or_theory_still_builds(tmp_path):
     run = make_run(tmp_path / "bare", sweep=False, theory=False)
     page = parse(build_report(run))

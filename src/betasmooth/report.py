@@ -268,7 +268,8 @@ def _fmt(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return json.dumps(value, sort_keys=True, default=str)
+        # In the order written, so that numeric keys (betas) stay in numeric order.
+        return json.dumps(value, default=str)
     return str(value)
 
 
