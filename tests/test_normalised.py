@@ -290,3 +290,25 @@ def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(
     net = bs.load_model(f"{model_file}:net")
     expected = calibrate_beta(net, (raw - mean) / std, "gradient", steps=100, data_range=(low, high))
     assert found == json.loads(json.dumps(expected.record()))
+
+
+def test_cli_integrated_gradients_start_from_black_on_normalised_data(user_files, tmp_path):
+    # Zero in normalised units is the mean colour; the run starts from the
+    # black image (0 in pixels), as it does on [0, 1] data. Oracle: Captum.
+    from captum.attr import IntegratedGradients
+
+    model_file, data_file, raw = user_files
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", "integrated_gradients"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    mean, std, low, high = box()
+    net = bs.load_model(f"{model_file}:net").double()
+    x = ((raw - mean) / std).double()
+    target = net(x).argmax(1)
+    black = low.double().expand_as(x)
+    attribution = IntegratedGradients(net).attribute(x, black, target=target, n_steps=50)
+    expected = attribution.abs().sum(1) / attribution.abs().sum((1, 2, 3)).view(-1, 1, 1)
+    with np.load(out / "arrays" / "integrated_gradients-0.npz") as saved:
+        saved_map = torch.from_numpy(saved["map"]).double()
+    torch.testing.assert_close(saved_map, expected, rtol=1e-4, atol=1e-6)

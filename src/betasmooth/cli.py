@@ -1047,7 +1047,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # points of integrated gradients: fewer of both keep the demo in budget.
     options = runs.range_options(*bounds)
     options["smoothgrad"]["n"] = sizes["smoothgrad_attack_n"]
-    options["integrated_gradients"] = {"steps": sizes["ig_steps"]}
+    options["integrated_gradients"]["steps"] = sizes["ig_steps"]
     common = {
         "batch_size": int(sizes["batch_size"]),
         "seed": args.seed,

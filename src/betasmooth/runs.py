@@ -153,16 +153,22 @@ def range_options(
     """Options that make the methods respect the data's range ``[low, high]`` (per channel).
 
     LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
-    ``high - low``. Pass the result as ``method_options`` of the runs.
+    ``high - low``, and integrated gradients starts from ``low``: the black
+    image, as zero is on [0, 1] data (on normalised data zero is the mean
+    colour). Pass the result as ``method_options`` of the runs.
 
     Examples
     --------
     >>> opts = range_options(torch.tensor([-2.0]).view(1, 1, 1, 1), 2.0)
     >>> sorted(opts), float(opts["smoothgrad"]["input_range"])
-    (['lrp', 'smoothgrad'], 4.0)
+    (['integrated_gradients', 'lrp', 'smoothgrad'], 4.0)
     """
     span = high - low
-    return {"lrp": {"low": low, "high": high}, "smoothgrad": {"input_range": span}}
+    return {
+        "lrp": {"low": low, "high": high},
+        "smoothgrad": {"input_range": span},
+        "integrated_gradients": {"baseline": low},
+    }
 
 
 def _named(record: Record, classes: Sequence[str] | None) -> Record:
