@@ -408,6 +408,12 @@ def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):
     assert "curves" not in printed and "curves" in stored
     assert printed == {k: v for k, v in stored.items() if k != "curves"}
     assert list((tmp_path / "t" / "figures").glob("*.png"))
+    # The report is built too, with the numbers of theory.json.
+    from betasmooth.report import build_report
+
+    first = (tmp_path / "t" / "report.html").read_bytes()
+    assert build_report(tmp_path / "t").read_bytes() == first
+    assert f"{stored['identity_1d_max_error']:.4g}".encode() in first
 
 
 def test_explain_records_the_prediction_and_map_statistics(tmp_path):
@@ -451,6 +457,9 @@ def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path):
         (g,) = torch.autograd.grad(_softplus_twin(5.0)(xg)[0, label[0]], xg)
         assert rows[(i, "beta=5")]["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-4)
         assert rows[(i, "beta=5")]["beta"] == 5.0 and rows[(i, "relu")]["beta"] is None
+        assert rows[(i, "relu")]["label"] == rows[(i, "beta=5")]["label"] == int(label[0])
+    html = (out / "report.html").read_text()
+    assert "principal_curvature" in html and "hessian_norm" in html
 
 
 def test_a_float64_model_is_explained_in_float64(tmp_path):

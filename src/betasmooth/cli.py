@@ -955,6 +955,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             device=dev,
             dist=dist,
             progress=args.progress,
+            classes=_classes(config),
         )
     if dist.rank == 0:
         keys = [
@@ -964,6 +965,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
         ]
         _say(summary_table(records, [(k, k.replace("_", " ")) for k in keys]))
         _say(f"results: {run.results}")
+        _say(f"report: {_report(run)}")
     return 0
 
 
@@ -988,9 +990,11 @@ def cmd_theorem(args: argparse.Namespace) -> int:
     theorem_figures(summary, run.figures)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=2))
+        _report(run)
     else:
         _say(f"theory: {run.theory}")
         _say(f"figures: {run.figures}")
+        _say(f"report: {_report(run)}")
     return 0
 
 

@@ -504,13 +504,15 @@ def curvature_run(
     device: torch.device | str = "cpu",
     dist: Dist | None = None,
     progress: bool | None = None,
+    classes: Sequence[str] | None = None,
 ) -> list[Record]:
     """Curvature of the model and its beta-smoothed versions at every item.
 
     ``None`` in ``betas`` stands for the original ReLU network. One record
     per (index, beta): ``index``, ``method`` (``relu`` or ``beta=<b>``),
-    ``beta``, ``true_label`` and every estimate of
-    :func:`betasmooth.geometry.curvature`.
+    ``beta``, ``label`` (the class whose logit is measured: the original
+    network's prediction; ``label_name`` where ``classes`` name it),
+    ``true_label`` and every estimate of :func:`betasmooth.geometry.curvature`.
 
     Examples
     --------
@@ -536,7 +538,9 @@ def curvature_run(
         records = []
         for j, i in enumerate(unit.indices):
             row: Record = {"index": i, "method": unit.method, "beta": beta}
+            row["label"] = int(label[j])
             row["true_label"] = int(y[i])
+            row = _named(row, classes)
             row.update({k: float(v[j]) for k, v in found.items() if torch.is_tensor(v)})
             records.append(row)
         return records, None
