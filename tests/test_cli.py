@@ -508,3 +508,19 @@ def test_a_reader_that_goes_away_is_no_error(tmp_path):
     assert proc.wait(timeout=300) == 0
     assert proc.stderr.read() == ""
     assert json.loads((tmp_path / "t" / "theory.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("goal", "column", "field"),
+    [("topk", "top-k kept", "expl_topk_orig"), ("center", "com shift", "expl_com_shift_orig")],
+)
+def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field, tmp_path, capsys):
+    argv = [*ATTACK, "--method", "gradient", "--goal", goal, "-n", "3", "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("method"))
+    assert column in header and "pcc tgt" not in header
+    row = next(line for line in lines if line.startswith("gradient")).split()
+    records = read_jsonl(tmp_path / "run" / "results.jsonl")
+    position = header.split().index(column.split()[0])
+    assert float(row[position]) == pytest.approx(np.median([r[field] for r in records]), abs=6e-4)

@@ -59,6 +59,22 @@ ATTACK_COLUMNS = (
     ("output_change", "d output"),
     ("seconds", "s/img"),
 )
+#: The summary of an attack by goal: untargeted goals have no target map.
+GOAL_COLUMNS = {
+    "targeted": ATTACK_COLUMNS,
+    "topk": (
+        ("label_kept", "kept"),
+        ("expl_topk_orig", "top-k kept"),
+        ("expl_pcc_orig", "pcc orig"),
+        *ATTACK_COLUMNS[6:],
+    ),
+    "center": (
+        ("label_kept", "kept"),
+        ("expl_com_shift_orig", "com shift"),
+        ("expl_pcc_orig", "pcc orig"),
+        *ATTACK_COLUMNS[6:],
+    ),
+}
 SWEEP_COLUMNS = (
     ("adv_vs_orig_pcc", "pcc adv/orig"),
     ("adv_vs_target_pcc", "pcc adv/tgt"),
@@ -775,7 +791,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             classes=_classes(config),
         )
     if dist.rank == 0:
-        _say(summary_table(records, ATTACK_COLUMNS))
+        _say(summary_table(records, GOAL_COLUMNS[args.goal]))
         _say(f"results: {run.results}")
         _say(f"report: {_report(run)}")
     return 0
