@@ -353,6 +353,11 @@ BAD = {
     "corrupt image": (["--model", "digits-cnn", "--data", "{d}/images"], "corrupt.png"),
     "wrong size": (["--model", "digits-cnn", "--data", "{d}/small.npz"], "(1, 20, 20)"),
     "nan": (["--model", "digits-cnn", "--data", "{d}/nan.npz"], "NaN"),
+    "missing folder": (["--model", "digits-cnn", "--data", "{d}/photos/"], "photos/ does not"),
+    "weights a directory": (
+        ["--model", "digits-cnn", "--weights", "{d}/images", "--data", "digits"],
+        "images is a directory; expected a file written by torch.save",
+    ),
     "truncated npz": (
         ["--model", "digits-cnn", "--data", "{d}/truncated.npz"],
         "truncated.npz is a damaged .npz archive",

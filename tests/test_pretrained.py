@@ -98,6 +98,26 @@ def test_missing_cache_names_the_file_and_how_to_get_it(tmp_path, monkeypatch, c
     assert not (tmp_path / "run").exists()
 
 
+def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    torch.manual_seed(3)
+    mine = torchvision.models.resnet18()
+    torch.save(mine.state_dict(), tmp_path / "mine.pt")
+    model = bs.load_model("torchvision:resnet18", weights=str(tmp_path / "mine.pt"))
+    for key, value in mine.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained.checkpoint_path(SPECS["resnet18"])
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage")
+    with pytest.raises(InputError, match=r"resnet18-f37072fd.pth .*delete it so that it is down"):
+        bs.load_model(SPECS["resnet18"])
+
+
 def test_missing_torchvision_names_the_extra(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.setitem(sys.modules, "torchvision.models", None)

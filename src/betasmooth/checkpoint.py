@@ -64,7 +64,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"weights file {path} does not exist; {STATE_DICT_HINT}")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise InputError(f"weights file {path} {problem}; {STATE_DICT_HINT}")
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of foreign files before refusing them.

@@ -162,12 +162,13 @@ def _fetch(spec: str, path: Path) -> None:
         ) from err
 
 
-def load_pretrained(spec: str) -> nn.Module:
+def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     """The torchvision model of ``spec`` with its pretrained weights, on the CPU.
 
     The architecture is built with ``weights=None`` and the cached state dict
     loaded into it with ``torch.load(weights_only=True)``; a missing file is
-    downloaded into the hub cache first.
+    downloaded into the hub cache first. ``pretrained=False`` returns the
+    architecture alone, for weights of one's own (nothing is read or fetched).
 
     Raises
     ------
@@ -182,11 +183,16 @@ def load_pretrained(spec: str) -> nn.Module:
     """
 
     weights = weights_of(spec)
+    model = _torchvision().get_model(_parse(spec)[0], weights=None)
+    if not pretrained:
+        return model.eval()
     path = checkpoint_path(spec)
     if not path.is_file():
         _fetch(spec, path)
-    model = _torchvision().get_model(_parse(spec)[0], weights=None)
-    state = load_state_dict(path)
+    try:
+        state = load_state_dict(path)
+    except InputError as err:
+        raise InputError(f"{err}; delete it so that it is downloaded again") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -428,6 +428,8 @@ def _source(spec: str) -> str:
         if not path.is_file():
             raise InputError(f"data file {spec} does not exist; expected an existing .npz file")
         return "npz"
+    if spec.endswith(("/", "\\")) or len(path.parts) > 1:
+        raise InputError(f"data folder {spec} does not exist; expected a folder of images")
     raise InputError(
         f"unknown data spec {spec!r}; expected {_names(BUILTIN_DATA)}, a folder of images "
         "or an .npz file"
@@ -457,7 +459,7 @@ def load_data(
         ``.npz`` file with ``x`` and optional ``y``; see the module docstring.
     split : str
         ``"train"``, ``"test"`` or ``"all"`` for built-in data; a folder or an
-        ``.npz`` file is returned whole.
+        ``.npz`` file is returned whole (``"train"`` is refused for them).
     image_size : int or tuple of int, optional
         Resize every image to ``(size, size)`` or ``(height, width)``
         (bilinear, antialiased). Required for a folder of images of
@@ -502,6 +504,13 @@ def load_data(
         raise InputTypeError(f"data spec must be a string; got {type(spec).__name__}")
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if not str(spec).strip():
+        raise InputError(f"data spec is empty; expected {_names(BUILTIN_DATA)}, a folder, an .npz")
+    if split == "train" and str(spec) not in BUILTIN_DATA:
+        raise InputError(
+            f"split 'train' exists for the built-in data only; {spec} is used whole "
+            "(split 'test' or 'all')"
+        )
     if channels not in (None, 1, 3):
         raise InputError(f"channels must be 1 or 3; got {channels!r}")
     spec = str(spec)
@@ -682,8 +691,9 @@ BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-#: Model spec prefixes: ``"prefix:..."`` -> ``loader(spec) -> nn.Module`` (trained).
-MODEL_SCHEMES: dict[str, Callable[[str], nn.Module]] = {
+#: Model spec prefixes: ``"prefix:..."`` -> ``loader(spec, pretrained) -> nn.Module``;
+#: ``pretrained=False`` when the user brings weights, so that none are fetched.
+MODEL_SCHEMES: dict[str, Callable[[str, bool], nn.Module]] = {
     "torchvision": load_pretrained,
 }
 
@@ -792,7 +802,7 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     if builtin is not None:
         model = builtin()
     else:
-        model = scheme(spec) if scheme is not None else _user_model(spec)
+        model = scheme(spec, weights is None) if scheme is not None else _user_model(spec)
     if weights is not None:
         apply_weights(model, weights)
     return model.eval()
