@@ -100,6 +100,8 @@ def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list
     names = [m.strip() for m in names if m.strip()]
     if names == ["all"]:
         return list(choices)
+    if "all" in names:
+        raise InputError(f"method 'all' stands alone; got {','.join(names)}")
     unknown = [m for m in names if m not in choices]
     if unknown or not names:
         raise InputError(
