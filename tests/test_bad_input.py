@@ -73,6 +73,13 @@ def _explain(model: object, x: object, method: str = "gradient", **kw: object) -
     return lambda tmp: bs.explain(model() if callable(model) else model, x, method, **kw)
 
 
+def _sweep(betas: object = (1.0,), x: torch.Tensor = X, **kw: object) -> Callable:
+    return lambda tmp: bs.defense_sweep(plain_cnn(), x, x, _targets(X), "gradient", betas, **kw)
+
+
+BETA_RANGE = r"between 1.175e-38 and 3.403e\+38 \(the normal range of float32"
+
+
 # name: (call(tmp_path), exception class, pattern of the one-line message)
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "x of one (C, H, W) image": (
@@ -188,6 +195,72 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"beta must be a positive finite number; got -1.0",
     ),
+    "lrp low nan": (
+        _explain(plain_cnn, X, "lrp", low=float("nan")),
+        InputError,
+        r"lrp option 'low' must be finite \(a bound of the input domain\); got nan$",
+    ),
+    "lrp high an inf tensor": (
+        _explain(plain_cnn, X, "lrp", high=torch.tensor([1.0, float("inf")]).view(1, 2, 1, 1)),
+        InputError,
+        r"lrp option 'high' must be finite .*; got a tensor of shape \(1, 2, 1, 1\) holding NaN",
+    ),
+    "beta_smooth beta above float32": (
+        _explain(plain_cnn, X, "beta_smooth", beta=1e39),
+        InputError,
+        rf"beta must be {BETA_RANGE}.*; got 1e\+39$",
+    ),
+    "smooth beta below float32's normal numbers": (
+        lambda tmp: bs.smooth(plain_cnn(), 1e-40),
+        InputError,
+        rf"beta must be {BETA_RANGE}.*; got 1e-40$",
+    ),
+    "softplus of an integer tensor": (
+        lambda tmp: bs.softplus(torch.arange(3), 1.0),
+        InputTypeError,
+        r"x must be a floating tensor \(e.g. float32 or float64\); got dtype torch.int64",
+    ),
+    "softplus of a list": (
+        lambda tmp: bs.softplus([1.0], 1.0),
+        InputTypeError,
+        r"x must be a floating torch.Tensor; got list",
+    ),
+    "softplus beta that does not broadcast": (
+        lambda tmp: bs.softplus(torch.rand(3), torch.ones(2)),
+        InputError,
+        r"beta of shape \(2,\) does not broadcast against x of shape \(3,\)",
+    ),
+    "smoothgrad input_range of 3 channels for 1": (
+        _explain(plain_cnn, X, "smoothgrad", n=2, input_range=torch.ones(1, 3, 1, 1)),
+        InputError,
+        r"input_range of shape \(1, 3, 1, 1\) does not broadcast to x of shape \(2, 1, 16, 16\); "
+        r"expected a number or a \(1, 1, 1, 1\) tensor",
+    ),
+    "smoothgrad seed 2**70": (
+        _explain(plain_cnn, X, "smoothgrad", n=2, seed=2**70),
+        InputError,
+        r"seed must be an integer >= 0 and <= 18446744073709551615; got 1180591620717411303424",
+    ),
+    "create_graph a string": (
+        _explain(plain_cnn, X, create_graph="yes"),
+        InputTypeError,
+        r"create_graph must be True or False; got str 'yes'",
+    ),
+    "captum method with an unknown option": (
+        _explain(plain_cnn, X, "captum:Saliency", zzz=1),
+        InputTypeError,
+        r"unknown option 'zzz' for method 'captum:Saliency'; expected some of: abs, ",
+    ),
+    "pcc of 2-D maps": (
+        lambda tmp: bs.metrics.pcc(torch.rand(4, 4), torch.rand(4, 4)),
+        InputError,
+        r"map a must have shape \(B, H, W\), one map per batch item; got shape \(4, 4\)$",
+    ),
+    "compare of empty maps": (
+        lambda tmp: bs.compare(torch.rand(2, 0, 4), torch.rand(2, 0, 4)),
+        InputError,
+        r"map a holds empty maps, shape \(2, 0, 4\); expected \(B, H, W\) with H, W >= 1",
+    ),
     "smooth(None, 1.0)": (
         lambda tmp: bs.smooth(None, 1.0),
         InputTypeError,
@@ -233,6 +306,16 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"unknown split 'val'; expected one of",
     ),
+    "load_data of an empty spec": (
+        lambda tmp: bs.load_data(""),
+        InputError,
+        r"data spec is empty; expected 'digits' or 'photos'",
+    ),
+    "load_data split train of an npz": (
+        lambda tmp: bs.load_data(_npz(tmp, np.zeros((2, 1, 4, 4), np.float32)), split="train"),
+        InputError,
+        r"split 'train' exists for the built-in data only; .*data.npz is used whole",
+    ),
     "load_data channels 2": (
         lambda tmp: bs.load_data("digits", channels=2),
         InputError,
@@ -273,6 +356,82 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         _manipulate(X.half()),
         InputTypeError,
         r"x has dtype torch.float16 but the model's parameters are torch.float32",
+    ),
+    "manipulate beta0 0": (
+        _manipulate(X, beta0=0.0),
+        InputError,
+        r"beta0 must be a positive finite number; got 0.0",
+    ),
+    "manipulate beta_end above float32": (
+        _manipulate(X, beta_end=1e300),
+        InputError,
+        rf"beta_end must be {BETA_RANGE}.*; got 1e\+300$",
+    ),
+    "manipulate weights 5": (
+        _manipulate(X, weights=5),
+        InputTypeError,
+        r"weights must be None or \(w_e, w_o\), two numbers >= 0; got int 5",
+    ),
+    "manipulate method_options 5": (
+        _manipulate(X, method_options=5),
+        InputTypeError,
+        r"method_options must be a dict of options of 'gradient', .*; got int 5",
+    ),
+    "manipulate seed 1.5": (
+        _manipulate(X, seed=1.5),
+        InputTypeError,
+        r"seed must be an integer >= 0; got 1.5",
+    ),
+    "manipulate seed 2**70": (
+        _manipulate(X, seed=2**70),
+        InputError,
+        r"seed must be an integer >= 0 and <= 18446744073709551615; got 1180591620717411303424",
+    ),
+    "manipulate data_range of 3 channels for 1": (
+        _manipulate(X, data_range=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))),
+        InputError,
+        r"data_range bounds of shapes \(1, 3, 1, 1\), \(1, 3, 1, 1\) do not broadcast to x of "
+        r"shape \(2, 1, 16, 16\); expected numbers or \(1, 1, 1, 1\) tensors",
+    ),
+    "manipulate data_range to inf": (
+        _manipulate(X, data_range=(0.0, float("inf"))),
+        InputError,
+        r"data_range must be None or \(low, high\) with low < high, both finite; got \(0.0, inf\)",
+    ),
+    "defense_sweep betas a number": (
+        _sweep(1.0),
+        InputTypeError,
+        r"betas must be a sequence of positive numbers, e.g. \[0.5, 1, 2, 5\]; got float 1.0",
+    ),
+    "defense_sweep beta below float32's normal numbers": (
+        _sweep([1.0, 1e-40]),
+        InputError,
+        rf"beta must be {BETA_RANGE}.*; got 1e-40$",
+    ),
+    "defense_sweep no defenses": (
+        _sweep(defenses=[]),
+        InputError,
+        r"defenses must name at least one of: beta_smooth, smoothgrad; got none",
+    ),
+    "defense_sweep defenses a string": (
+        _sweep(defenses="beta_smooth"),
+        InputTypeError,
+        r"defenses must be a sequence of names, .*; got str 'beta_smooth'",
+    ),
+    "defense_sweep a seed per image, but 3 for 2": (
+        _sweep(seed=[1, 2, 3]),
+        InputError,
+        r"seed must be an int or one int per image of x \(2\); got 3: \[1, 2, 3\]$",
+    ),
+    "defense_sweep data_range reversed": (
+        _sweep(data_range=(1.0, 0.0)),
+        InputError,
+        r"data_range must be None or \(low, high\) with low < high",
+    ),
+    "defense_sweep x outside the data range": (
+        _sweep(x=X * 5),
+        InputError,
+        r"x has values in \[.*\], outside data_range \[0, 1\]; expected inputs inside",
     ),
     "manipulate target map of the wrong size": (
         lambda tmp: bs.manipulate(plain_cnn(), X, torch.rand(2, 8, 8), "gradient", steps=2),
@@ -324,13 +483,36 @@ CLI: dict[str, tuple[list[str], str]] = {
     "-n 0": ([*ATTACK, "-n", "0"], r"^betasmooth attack: error: argument -n/--images: expected a"),
     "--images abc": ([*EXPLAIN, "--images", "abc"], r"argument -n/--images: .* got 'abc'"),
     "--n (taken by torchrun)": ([*ATTACK, "--n", "4"], r"unrecognized .*--n.* -n or --images"),
-    "--steps -5": ([*ATTACK, "--steps", "-5"], r"argument --steps: .*positive integer; got '-5'"),
+    "--steps -5": (
+        [*ATTACK, "--steps", "-5"],
+        r"argument --steps: .*positive integer below 2\*\*31; got '-5'",
+    ),
     "--batch-size 0": ([*ATTACK, "--batch-size", "0"], r"argument --batch-size: expected a"),
     "--goal away": ([*ATTACK, "--goal", "away"], r"argument --goal: invalid choice: 'away'"),
     "--channels 2": ([*ATTACK, "--channels", "2"], r"argument --channels: invalid choice: 2"),
     "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected a pos"),
     "--mean abc": ([*ATTACK, "--mean", "abc"], r"argument --mean: invalid float value: 'abc'"),
-    "--seed x": ([*ATTACK, "--seed", "x"], r"argument --seed: invalid int value: 'x'"),
+    "--seed x": ([*ATTACK, "--seed", "x"], r"argument --seed: expected an integer from 0 to 2"),
+    "theorem --seed -1": (
+        ["theorem", "--quick", "--seed", "-1", "--out", "{d}/run"],
+        r"^betasmooth theorem: error: argument --seed: expected an integer from 0 to 2\*\*64 - 1",
+    ),
+    "--seed 2**64": ([*ATTACK, "--seed", str(2**64)], r"argument --seed: expected an integer"),
+    "--steps 1e20": ([*ATTACK, "--steps", "1" + "0" * 20], r"positive integer below 2\*\*31"),
+    "--image-size 100000": ([*ATTACK, "--image-size", "100000"], r"integer up to 4096"),
+    "--method all,gradient": (
+        [*ATTACK[:5], "--method", "all,gradient", "--out", "{d}/run"],
+        r"^betasmooth: error: method 'all' stands alone; got all,gradient",
+    ),
+    "sweep --betas 1,,2": (["sweep", "{d}", "--betas", "1,,2"], r"comma list of numbers"),
+    "sweep --min-fidelity 2": (
+        ["sweep", "{d}", "--min-fidelity", "2"],
+        r"argument --min-fidelity: expected a number from 0 to 1; got '2'",
+    ),
+    "curvature --betas ,": (
+        ["curvature", *INPUTS, "--betas", ",", "--out", "{d}/run"],
+        r"argument --betas: expected a comma list of numbers, e.g. .* relu",
+    ),
     "missing --model": (
         ["attack", "--data", "digits", "--method", "gradient", "--out", "{d}/r"],
         r"^betasmooth attack: error: the following arguments are required: --model",

@@ -112,6 +112,44 @@ def test_pcc_equals_scipy_pearsonr(shape):
     assert ours[5].item() == 1.0  # two constant maps
 
 
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float32, s) for s in (1e-30, 1e-10, 1.0, 1e12, 1e30)]
+    + [(torch.float64, s) for s in (1e-160, 1e160)],
+)
+def test_pcc_equals_scipy_at_any_scale(dtype, scale):
+    # Heatmaps sum to 1; scaled, their squares and products flush to zero or overflow.
+    a, b = _pairs((16, 16))
+    a, b = heatmap(a[:4, None]), heatmap(b[:4, None])
+    a, b = (scale * a).to(dtype), (scale * b).to(dtype)
+    ours = pcc(a, b)
+    for i in range(4):
+        u, v = a[i].double().numpy().ravel(), b[i].double().numpy().ravel()
+        ref = stats.pearsonr(u, v).statistic
+        assert ours[i].item() == pytest.approx(ref, abs=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (torch.float32, 1e-30),
+        (torch.float32, 1e30),
+        (torch.float64, 1e-160),
+        (torch.float64, 1e160),
+    ],
+)
+def test_pcc_gradient_does_not_depend_on_the_scale(dtype, scale):
+    # pcc(s a, b) = pcc(a, b), so its gradient in a is the same at every s > 0:
+    # the float64 gradient at s = 1 (checked by gradcheck below) is the oracle.
+    a, b = _pairs((6, 6))
+    a64 = a[:3].clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(pcc(a64, b[:3]).sum(), a64)
+    a = a[:3].to(dtype).requires_grad_(True)
+    (scaled,) = torch.autograd.grad(pcc(scale * a, b[:3].to(dtype)).sum(), a)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(scaled.double(), plain, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shape", SIZES)
 def test_spearman_equals_scipy_with_ties(shape):
     a, b = _pairs(shape)
@@ -246,7 +284,24 @@ def test_heatmap_by_hand():
     ("a", "b", "error", "message"),
     [
         (torch.rand(2, 8, 8), torch.rand(2, 8, 9), InputError, r"same shape .* \(2, 8, 9\)"),
-        (torch.rand(8, 8), torch.rand(8, 8), InputError, "at least 3 dimensions"),
+        (
+            torch.rand(8, 8),
+            torch.rand(8, 8),
+            InputError,
+            r"map a must have shape \(B, H, W\), one map per batch item; got shape \(8, 8\)$",
+        ),
+        (
+            torch.rand(2, 0, 8),
+            torch.rand(2, 0, 8),
+            InputError,
+            r"map a holds empty maps, shape \(2, 0, 8\); expected \(B, H, W\) with H, W >= 1",
+        ),
+        (
+            torch.rand(2, 8, 8),
+            torch.rand(2, 8, 0),
+            InputError,
+            r"map b holds empty maps, shape \(2, 8, 0\)",
+        ),
         (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), InputError, r"shape \(B, H, W\)"),
         (
             torch.rand(2, 8, 8),

@@ -288,7 +288,9 @@ def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(
     assert "also explained" in found.pop("images")
     mean, std, low, high = box()
     net = bs.load_model(f"{model_file}:net")
-    expected = calibrate_beta(net, (raw - mean) / std, "gradient", steps=100, data_range=(low, high))
+    expected = calibrate_beta(
+        net, (raw - mean) / std, "gradient", steps=100, data_range=(low, high)
+    )
     assert found == json.loads(json.dumps(expected.record()))
 
 

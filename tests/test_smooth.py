@@ -122,6 +122,12 @@ def test_softplus_tensor_beta_broadcasts_and_has_gradient():
         torch.tensor([1.0, 0.0]),
         torch.tensor(-2.0),
         torch.tensor(math.nan),
+        # Outside float32's normal numbers: 1 / beta overflows, or beta does not fit.
+        1e-40,
+        1e39,
+        1e300,
+        torch.tensor([1.0, 1e-40], dtype=torch.float64),
+        torch.tensor(1e39, dtype=torch.float64),
     ],
 )
 def test_bad_beta(beta):
@@ -133,6 +139,24 @@ def test_bad_beta(beta):
         pass
     with pytest.raises(ValueError, match="beta must be"):
         smooth(nn.ReLU(), beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("end", [0, 1])
+def test_beta_range_is_float32_normal_numbers(dtype, end):
+    info = np.finfo(np.float32)
+    inside = float(info.tiny if end == 0 else info.max)
+    outside = float(np.nextafter(inside, 0.0 if end == 0 else math.inf))  # float64 neighbour
+    # beta x in [-3, 3]: at the smallest beta, x itself is near the float32 maximum.
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0], dtype=torch.float64).div(inside).to(dtype)
+    y = softplus(x, inside)
+    xs = x.numpy()
+    ref = _oracle_softplus(xs, inside)
+    err = np.abs(y.numpy().astype(LD) - ref)
+    assert bool(torch.isfinite(y).all())
+    assert bool((err <= _tolerance(LD(inside) * xs.astype(LD), dtype, inside, ref)).all())
+    with pytest.raises(bs.InputError, match=r"^beta must be between 1.175e-38 and 3.403e\+38"):
+        softplus(x, outside)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 7.0])

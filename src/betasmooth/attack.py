@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -44,8 +45,9 @@ from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
-from .smooth import logistic_std, replace_relu, softplus
+from .smooth import check_beta, logistic_std, replace_relu, softplus
 from .validate import (
+    MAX_SEED,
     InputError,
     InputTypeError,
     check_batch,
@@ -53,8 +55,10 @@ from .validate import (
     check_count,
     check_in_range,
     check_input,
+    check_map_batch,
     check_model,
     check_positive,
+    check_seed,
     check_target,
     evaluating,
 )
@@ -599,7 +603,7 @@ def _run(
 
 def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
     expected = (x.shape[0], *x.shape[2:])
-    check_batch(target_map, "target_map", min_dim=3)
+    check_map_batch(target_map, "target_map")
     if tuple(target_map.shape) != expected:
         raise InputError(
             f"target_map must have shape (B, H, W) = {expected} to match x of shape "
@@ -612,7 +616,9 @@ def _check_schedule(schedule: object) -> str | float:
     if isinstance(schedule, str) and schedule in ("geometric", "none"):
         return schedule
     if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
-        return check_positive("beta_schedule", schedule)
+        beta = check_positive("beta_schedule", schedule)
+        check_beta(beta, "beta_schedule")
+        return beta
     raise InputError(
         f"beta_schedule must be 'geometric', 'none' or a positive number; got {schedule!r}"
     )
@@ -623,13 +629,20 @@ Bound = float | torch.Tensor
 
 def _tensor_range(data_range: Sequence[object], x: torch.Tensor) -> tuple[Bound, Bound]:
     low, high = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in data_range)
+    # The bounds must keep x's shape: (1, 3, 1, 1) bounds would broadcast a
+    # 1-channel x to 3 channels, which the model cannot take.
     try:
-        torch.broadcast_shapes(low.shape, high.shape, x.shape[1:] if low.dim() < 4 else x.shape)
+        fits = torch.broadcast_shapes(low.shape, high.shape, x.shape) == x.shape
     except RuntimeError:
+        fits = False
+    if not fits:
         raise InputError(
             f"data_range bounds of shapes {tuple(low.shape)}, {tuple(high.shape)} do not "
-            f"broadcast to x of shape {tuple(x.shape)}; expected e.g. (1, C, 1, 1) tensors"
-        ) from None
+            f"broadcast to x of shape {tuple(x.shape)}; expected numbers or "
+            f"(1, {x.shape[1]}, 1, 1) tensors, one bound per channel"
+        )
+    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise InputError("data_range bounds must be finite; got NaN or inf in low or high")
     if not bool((low < high).all()):
         raise InputError("data_range must have low < high in every channel")
     return low, high
@@ -644,13 +657,31 @@ def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     if (
         not isinstance(data_range, (tuple, list))
         or len(data_range) != 2
-        or not all(isinstance(v, (int, float)) for v in data_range)
+        or not all(_is_number(v) and math.isfinite(v) for v in data_range)
         or not data_range[0] < data_range[1]
     ):
+        # Without the finiteness check an infinite bound gives an infinite
+        # learning rate, and the NaN iterates are blamed on x.
         raise InputError(
-            f"data_range must be None or (low, high) with low < high; got {data_range!r}"
+            f"data_range must be None or (low, high) with low < high, both finite; "
+            f"got {data_range!r}"
         )
     return float(data_range[0]), float(data_range[1])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_method_options(method_options: object, method: str) -> dict[str, object]:
+    if method_options is None:
+        return {}
+    if not isinstance(method_options, Mapping):
+        raise InputTypeError(
+            f"method_options must be a dict of options of {method!r}, e.g. {{'beta': 0.8}}; "
+            f"got {type(method_options).__name__} {method_options!r}"
+        )
+    return dict(method_options)
 
 
 def _input_pcc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -736,7 +767,7 @@ def manipulate(
         ``"geometric"`` (``beta0`` -> ``beta_end``), ``"none"`` or a fixed
         beta; default per method (``"none"`` for LRP and beta_smooth).
     beta0, beta_end : float
-        Ends of the geometric schedule.
+        Ends of the geometric schedule, in :data:`~betasmooth.smooth.BETA_RANGE`.
     data_range : tuple of float or torch.Tensor, or None
         ``(low, high)`` to clamp to, numbers or per-channel tensors such as
         ``(1, C, 1, 1)`` (``ImageData.bounds`` of normalised data); ``None``
@@ -771,7 +802,8 @@ def manipulate(
         Show a progress bar on stderr: one tick per step, the mean loss at each
         scoring, elapsed and remaining time.
     seed : int
-        Seeds the restarts' noise and the draws of ``eot``.
+        Seeds the restarts' noise and the draws of ``eot``; from 0 to ``2**64 - 1``
+        (less ``steps`` under ``eot``), the range of ``torch.Generator``.
 
     Returns
     -------
@@ -841,7 +873,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
-    extra = given["method_options"] or {}
+    extra = _check_method_options(given["method_options"], method)
     known = options_of(method)
     options = {**defaults.get("options", {}), **extra}
     options = {n: v for n, v in options.items() if n in known or n in extra}
@@ -861,16 +893,22 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     step = check_positive("step", given["step"], optional=True) or UNTARGETED_STEP * (eps or 0.0)
     schedule = given["beta_schedule"]
     check_every = given["check_every"]
+    steps = check_count("steps", steps)
+    for name in ("beta0", "beta_end"):
+        check_beta(given[name], name)
+    # Under eot the method's draws are seeded with seed + 1 + step: they too
+    # must fit torch's generator.
+    seed = check_seed("seed", given["seed"], MAX_SEED - steps if given["eot"] else MAX_SEED)
     return _Settings(
         goal=goal,
         method=method,
         options=options,
-        steps=check_count("steps", steps),
+        steps=steps,
         lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span, steps),
         step=step * (high - low),
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
-        beta0=given["beta0"],
-        beta_end=given["beta_end"],
+        beta0=float(given["beta0"]),
+        beta_end=float(given["beta_end"]),
         low=low,
         high=high,
         span=span,
@@ -881,7 +919,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         restarts=check_count("restarts", given["restarts"], 0),
         check_every=check_count("check_every", CHECK_EVERY if check_every is None else check_every),
         eot=given["eot"],
-        seed=given["seed"],
+        seed=seed,
         progress=given["progress"],
     )
 
@@ -889,11 +927,15 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
 def _check_weights(weights: object) -> tuple[float, float] | None:
     if weights is None:
         return None
-    if len(weights) != 2 or not all(
-        isinstance(w, (int, float)) and w >= 0 and math.isfinite(w) for w in weights
-    ):
-        raise InputError(f"weights must be (w_e, w_o), two numbers >= 0; got {weights!r}")
-    return float(weights[0]), float(weights[1])
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+        raise InputTypeError(
+            f"weights must be None or (w_e, w_o), two numbers >= 0; "
+            f"got {type(weights).__name__} {weights!r}"
+        )
+    values = list(weights)
+    if len(values) != 2 or not all(_is_number(w) and w >= 0 and math.isfinite(w) for w in values):
+        raise InputError(f"weights must be None or (w_e, w_o), two numbers >= 0; got {weights!r}")
+    return float(values[0]), float(values[1])
 
 
 def _problem(
@@ -1235,18 +1277,19 @@ def defense_sweep(
     method : str
         Base explanation method, e.g. ``gradient`` or ``lrp``.
     betas : sequence of float
-        Sharpness values, > 0.
+        Sharpness values, > 0, in :data:`~betasmooth.smooth.BETA_RANGE`.
     smoothgrad_sigmas : sequence of float, optional
         SmoothGrad noise scales, one per beta; default :func:`matched_sigma`.
     smoothgrad_n : int
         SmoothGrad samples.
     defenses : sequence of str
-        Subset of ``beta_smooth`` and ``smoothgrad``.
+        Non-empty subset of ``beta_smooth`` and ``smoothgrad``.
     data_range : tuple of float or torch.Tensor, or None
         Input range for SmoothGrad's noise given by ``smoothgrad_sigmas``
         (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The
         matched noise (the default) has the standard deviation of
         ``p_beta`` in the units of the model's input, whatever the range.
+        As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it.
     method_options : dict, optional
         Options of the base method, e.g. ``{"low": low, "high": high}`` for
         LRP on normalised data; used for every map.
@@ -1275,15 +1318,18 @@ def defense_sweep(
     """
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
-    for d in defenses:
-        check_choice("defense", d, DEFENSES)
-    input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
-
+    defenses = _check_defenses(defenses)
+    options = _check_method_options(method_options, method)
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
-    # The defenses see x_adv and x as one batch of 2B images.
-    seeds = seed if isinstance(seed, int) else [*seed, *seed]
+    # The same checks as manipulate's: the range is valid and holds both batches.
+    if data_range is not None:
+        low, high = _range(data_range, x)
+        check_in_range(x, low, high)
+        check_in_range(x_adv, low, high, "x_adv")
+    input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
+    seeds = _sweep_seeds(seed, x.shape[0])
+
     label = predict(model, x)
-    options = dict(method_options or {})
     map_orig = heatmap(explain(model, x, method, label, **options)).detach()
     map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
     undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
@@ -1333,21 +1379,66 @@ def _check_sweep_inputs(
     return _check_target_map(target_map, x)
 
 
+def _sequence(name: str, values: object, what: str, example: str) -> list[object]:
+    """``values`` as a list; a string or a single number is refused, not iterated."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InputTypeError(
+            f"{name} must be a sequence of {what}, e.g. {example}; "
+            f"got {type(values).__name__} {values!r}"
+        )
+    return list(values)
+
+
 def _sweep_scales(
     betas: Sequence[float], smoothgrad_sigmas: Sequence[float] | None
 ) -> tuple[list[float], list[float]]:
     """The betas, and SmoothGrad's noise level for each: given, or matched to beta."""
-    betas = [check_positive("beta", b) for b in betas]
+    betas = [
+        check_positive("beta", b)
+        for b in _sequence("betas", betas, "positive numbers", "[0.5, 1, 2, 5]")
+    ]
     if not betas:
         raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
+    for beta in betas:
+        check_beta(beta)
     if smoothgrad_sigmas is None:
         return betas, [matched_sigma(b) for b in betas]
-    sigmas = [check_positive("smoothgrad_sigmas", s) for s in smoothgrad_sigmas]
+    sigmas = _sequence("smoothgrad_sigmas", smoothgrad_sigmas, "positive numbers", "[0.1, 0.2]")
+    sigmas = [check_positive("smoothgrad_sigmas", s) for s in sigmas]
     if len(sigmas) != len(betas):
         raise InputError(
             f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
         )
     return betas, sigmas
+
+
+def _check_defenses(defenses: object) -> list[str]:
+    names = _sequence("defenses", defenses, "names", "['beta_smooth', 'smoothgrad']")
+    if not names:
+        raise InputError(
+            f"defenses must name at least one of: {', '.join(sorted(DEFENSES))}; got none"
+        )
+    return [check_choice("defense", d, DEFENSES) for d in names]
+
+
+def _sweep_seeds(seed: object, batch: int) -> int | list[int]:
+    """SmoothGrad's seeds for the batch of ``x_adv`` and ``x``: one, or each image's twice."""
+    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.is_floating_point():
+        seed = seed.tolist()
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return check_seed("seed", seed)
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise InputTypeError(
+            f"seed must be an int or one int per image of x ({batch}); "
+            f"got {type(seed).__name__} {seed!r}"
+        )
+    if len(seed) != batch:
+        raise InputError(
+            f"seed must be an int or one int per image of x ({batch}); got {len(seed)}: {seed!r}"
+        )
+    seeds = [check_seed("seed", s) for s in seed]
+    # x_adv and x go through the defenses as one batch; each image's copies share its draws.
+    return [*seeds, *seeds]
 
 
 def _defense_scores(

@@ -38,7 +38,7 @@ from .metrics import medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .store import RunDir
-from .validate import InputError
+from .validate import MAX_SEED, InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
@@ -180,7 +180,7 @@ def _positive(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    return _integer(text, 0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
+    return _integer(text, 0, MAX_SEED, "an integer from 0 to 2**64 - 1")
 
 
 #: Largest --image-size: 16 times ImageNet's 224, far beyond what any explanation needs.

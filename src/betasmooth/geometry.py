@@ -39,10 +39,10 @@ from .explain.gradient import select_logit
 from .smooth import smooth
 from .validate import (
     InputError,
-    InputTypeError,
     check_count,
     check_input,
     check_model,
+    check_seed,
     check_target,
     evaluating,
 )
@@ -240,8 +240,7 @@ def curvature(
     check_count("probes", probes)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InputTypeError(f"seed must be an integer from 0 to 2**63 - 1; got {seed!r}")
+    check_seed("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     with evaluating(model):
         return _curvature(model, x, target_t, iterations, tol, generator, probes, progress)

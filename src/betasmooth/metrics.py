@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .validate import InputError, InputTypeError, check_batch, check_choice
+from .validate import InputError, InputTypeError, check_batch, check_choice, check_map_batch
 
 __all__ = [
     "METRICS",
@@ -144,12 +144,7 @@ def heatmap(
 
 def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
     for name, m in (("a", a), ("b", b)):
-        check_batch(m, f"map {name}", min_dim=3)
-        if m.dim() != 3:
-            raise InputError(
-                f"map {name} must have shape (B, H, W), one map per batch item; "
-                f"got shape {tuple(m.shape)}"
-            )
+        check_map_batch(m, f"map {name}")
     if a.shape != b.shape:
         raise InputError(
             f"maps must have the same shape (B, H, W); got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -169,8 +164,7 @@ def _is_constant(m: torch.Tensor) -> torch.Tensor:
 def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation per row of ``(B, N)`` tensors, with the constant-map convention."""
     const_a, const_b = _is_constant(a), _is_constant(b)
-    da = a - a.mean(1, keepdim=True)
-    db = b - b.mean(1, keepdim=True)
+    da, db = _centred_unit(a), _centred_unit(b)
     # Rows with a constant map get a unit denominator; their value is set below.
     denom = torch.where(
         const_a | const_b,
@@ -180,6 +174,26 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     r = ((da * db).sum(1) / denom).clamp(-1, 1)
     r = torch.where(const_a | const_b, torch.zeros_like(r), r)
     return torch.where(const_a & const_b, torch.ones_like(r), r)
+
+
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """Each row of ``x`` divided by its largest absolute value; all-zero rows stay zero."""
+    peak = x.detach().abs().amax(1, keepdim=True)
+    return x / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _centred_unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` minus their mean, scaled so that the largest absolute value is 1.
+
+    Pearson's r does not change with the scale of either map, but its sums of
+    squares and products do: at 1e-25 they flush to zero and at 1e25 they
+    overflow in float32 (1e-160 and 1e160 in float64). Scaling before the mean
+    keeps the sum finite, and scaling the centred row again keeps the products
+    of order 1 whatever the spread left after centring. The scales are
+    detached: r is invariant to them, so its gradient is unchanged.
+    """
+    x = _unit_scale(x)
+    return _unit_scale(x - x.mean(1, keepdim=True))
 
 
 @register_metric("mse")
@@ -308,6 +322,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @register_metric("pcc")
 def pcc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of the pixel values, per map.
+
+    Equal to ``scipy.stats.pearsonr(a.ravel(), b.ravel()).statistic`` for each
+    pair, at any scale of the maps: each map is centred and divided by its
+    largest absolute value before the sums, which neither flush to zero nor
+    overflow, in float32 as in float64.
 
     Parameters
     ----------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -30,11 +31,13 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, check_instance, warn_user
+from .validate import InputError, InputTypeError, check_instance, warn_user
 
 __all__ = [
+    "BETA_RANGE",
     "LogisticNoise",
     "SmoothingHandle",
+    "check_beta",
     "logistic_std",
     "replace_relu",
     "smooth",
@@ -114,12 +117,51 @@ THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
 }
 
 
-def _check_beta(beta: float | torch.Tensor) -> None:
+#: The betas softplus takes: float32's normal numbers. Below the smallest,
+#: ``1 / beta`` overflows and the maps are inf or NaN; above the largest,
+#: beta does not fit the float32 scalar of torch's softplus.
+BETA_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
+
+
+def check_beta(beta: object, name: str = "beta") -> None:
+    """Check that ``beta`` (a number, or every value of a tensor) lies in :data:`BETA_RANGE`.
+
+    Parameters
+    ----------
+    beta : object
+        The sharpness to check.
+    name : str
+        Name used in the error message, e.g. ``beta0``.
+
+    Raises
+    ------
+    InputError
+        Naming ``name``, the value and the range.
+
+    Examples
+    --------
+    >>> check_beta(2.0)
+    >>> check_beta(1e39)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: beta must be between 1.175e-38 and 3.403e+38 (the normal \
+range of float32, where softplus_beta is finite); got 1e+39
+    """
     if isinstance(beta, torch.Tensor):
-        if not bool((beta > 0).all()):
-            raise InputError(f"beta must be > 0; got {beta.min().item()}")
-    elif not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-        raise InputError(f"beta must be a positive finite number; got {beta!r}")
+        values = beta.detach()
+        inside = (values >= BETA_RANGE[0]) & (values <= BETA_RANGE[1])  # False at NaN
+        if bool(inside.all()):
+            return
+        beta = values[~inside].flatten()[0].item()  # the first bad value, for the message
+    elif isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise InputTypeError(f"{name} must be a positive number; got {beta!r}")
+    if not (beta > 0 and math.isfinite(beta)):
+        raise InputError(f"{name} must be a positive finite number; got {beta!r}")
+    if not BETA_RANGE[0] <= beta <= BETA_RANGE[1]:
+        raise InputError(
+            f"{name} must be between {BETA_RANGE[0]:.4g} and {BETA_RANGE[1]:.4g} (the normal "
+            f"range of float32, where softplus_beta is finite); got {beta!r}"
+        )
 
 
 def _threshold(dtype: torch.dtype) -> float:
@@ -165,9 +207,10 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     Parameters
     ----------
     x : torch.Tensor
-        Input.
+        Floating input.
     beta : float or torch.Tensor
-        Sharpness, > 0; a tensor broadcasts against ``x``. ``beta -> inf`` gives ReLU.
+        Sharpness in :data:`BETA_RANGE` (float32's normal numbers); a tensor
+        broadcasts against ``x``. ``beta -> inf`` gives ReLU.
 
     Returns
     -------
@@ -179,8 +222,21 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
     >>> softplus(torch.tensor([-1e4, 0.0, 1e4]), beta=1.0)
     tensor([0.0000e+00, 6.9315e-01, 1.0000e+04])
     """
-    _check_beta(beta)
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(f"x must be a floating torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputTypeError(
+            f"x must be a floating tensor (e.g. float32 or float64); got dtype {x.dtype}"
+        )
+    check_beta(beta)
     if isinstance(beta, torch.Tensor):
+        try:
+            torch.broadcast_shapes(x.shape, beta.shape)
+        except RuntimeError:
+            raise InputError(
+                f"beta of shape {tuple(beta.shape)} does not broadcast against x of shape "
+                f"{tuple(x.shape)}; expected a number or a tensor that broadcasts against x"
+            ) from None
         return _Softplus.apply(x, beta.to(dtype=x.dtype, device=x.device))
     return _Softplus.apply(x, float(beta))
 
@@ -223,7 +279,7 @@ class LogisticNoise(Distribution):
     has_rsample = True
 
     def __init__(self, beta: float | torch.Tensor, validate_args: bool | None = None) -> None:
-        _check_beta(beta)
+        check_beta(beta)
         (self.beta,) = broadcast_all(beta)
         super().__init__(self.beta.shape, validate_args=validate_args)
 
@@ -429,7 +485,7 @@ class SmoothingHandle:
 
     @beta.setter
     def beta(self, value: float) -> None:
-        _check_beta(value)
+        check_beta(value)
         self._beta = float(value)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,9 @@ __all__ = [
     "check_input",
     "check_instance",
     "check_logits",
+    "check_map_batch",
     "check_positive",
+    "check_seed",
     "check_target",
     "warn_user",
 ]
@@ -170,6 +172,31 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     return int(value)
 
 
+#: Largest seed that ``torch.Generator.manual_seed`` takes.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(name: str, value: object, maximum: int = MAX_SEED) -> int:
+    """Check that the option ``name`` is an integer seed in ``[0, maximum]``.
+
+    ``torch.Generator.manual_seed`` refuses floats and overflows above ``2**64 - 1``.
+
+    Examples
+    --------
+    >>> check_seed("seed", 7)
+    7
+    >>> check_seed("seed", 2**70)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: seed must be an integer >= 0 and <= 18446744073709551615; \
+got 1180591620717411303424
+    """
+    value = check_count(name, value, 0)
+    if value > maximum:
+        raise InputError(f"{name} must be an integer >= 0 and <= {maximum}; got {value}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
     """Check that the option ``name`` is one of ``choices`` (names).
 
@@ -295,6 +322,32 @@ expected inputs inside the data range (pass data_range=None to use the batch's o
             "(pass data_range=None to use the batch's own min and max)"
         )
     return x
+
+
+def check_map_batch(m: object, name: str) -> torch.Tensor:
+    """Check that ``m`` is a finite floating batch of maps ``(B, H, W)``, none of them empty.
+
+    Examples
+    --------
+    >>> check_map_batch(torch.zeros(2, 4, 4), "map a").shape
+    torch.Size([2, 4, 4])
+    >>> check_map_batch(torch.zeros(4, 4), "map a")
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: map a must have shape (B, H, W), one map per batch item; \
+got shape (4, 4)
+    """
+    # The shape first: check_batch's hint names the (B, C, H, W) of inputs.
+    if isinstance(m, torch.Tensor) and m.dim() != 3:
+        raise InputError(
+            f"{name} must have shape (B, H, W), one map per batch item; got shape {tuple(m.shape)}"
+        )
+    check_batch(m, name, min_dim=3)
+    if 0 in m.shape[1:]:
+        raise InputError(
+            f"{name} holds empty maps, shape {tuple(m.shape)}; expected (B, H, W) with H, W >= 1"
+        )
+    return m
 
 
 def _show(t: torch.Tensor) -> str:

@@ -21,7 +21,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..validate import InputError, InputTypeError, check_input, check_target, evaluating
+from ..validate import (
+    InputError,
+    InputTypeError,
+    check_input,
+    check_instance,
+    check_target,
+    evaluating,
+)
 
 __all__ = [
     "CHECKS",
@@ -107,7 +114,9 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
 def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:
     """Register ``resolve(name) -> method`` for the method names ``prefix:name``.
 
-    A method that takes ``**options`` checks its options itself.
+    A method that takes ``**options`` checks its options itself, or lists
+    the names it accepts in its attribute ``accepted_options`` (a set), which
+    :func:`explain` then checks.
 
     Examples
     --------
@@ -175,9 +184,15 @@ def _takes_any(fn: Method) -> bool:
 
 
 def _check_options(method: str, options: dict[str, object]) -> None:
-    if _takes_any(_lookup(method)):
-        return
-    known = method_options(method)
+    fn = _lookup(method)
+    if _takes_any(fn):
+        # Such a method checks its options itself, unless it lists them (as
+        # captum:NAME does), so that a typo is named before any work.
+        known = getattr(fn, "accepted_options", None)
+        if known is None:
+            return
+    else:
+        known = method_options(method)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise InputTypeError(
@@ -236,6 +251,7 @@ def explain(
     """
     fn = _lookup(method)
     _check_options(method, options)
+    check_instance("create_graph", create_graph, bool, "True or False")
     given = x
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])

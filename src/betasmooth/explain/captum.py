@@ -60,6 +60,21 @@ def _attribution_class(name: str) -> type:
     return cls
 
 
+def _accepted_options(cls: type) -> frozenset[str] | None:
+    """The options of ``captum:NAME``: its constructor's and ``attribute``'s, and ``layer``.
+
+    ``None`` where either takes ``**kwargs``: then Captum alone knows.
+    """
+    init = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    # attribute(self, inputs, ...): inputs is x itself, and explain passes target.
+    attribute = list(inspect.signature(cls.attribute).parameters.values())[2:]
+    if any(p.kind is p.VAR_KEYWORD for p in init + attribute):
+        return None
+    names = {p.name for p in init + attribute if p.kind is not p.VAR_POSITIONAL}
+    # layer stays known, so that a method without one says so (see _build).
+    return frozenset((names - _FILLED - {"target"}) | {"layer"})
+
+
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None, method: str) -> nn.Module:
     """The submodule ``layer`` of ``model``, named as in ``model.named_modules()``.
 
@@ -155,6 +170,7 @@ def captum_method(name: str) -> Method:
             )
         return attribution.detach()
 
+    method.accepted_options = _accepted_options(cls)
     method.__name__ = f"captum_{name}"
     method.__doc__ = f"captum.attr.{name} on the model; options go to its constructor or attribute."
     return method

@@ -15,8 +15,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..smooth import LogisticNoise, logistic_std, smoothed
-from ..validate import InputError, InputTypeError, check_choice, check_count, check_positive
+from ..smooth import LogisticNoise, check_beta, logistic_std, smoothed
+from ..validate import (
+    InputError,
+    InputTypeError,
+    check_choice,
+    check_count,
+    check_positive,
+    check_seed,
+)
 from . import METHODS, _check_options, _lookup, check_model, is_method, register, register_check
 from .gradient import auto_chunk, predict
 
@@ -147,12 +154,12 @@ def _generators(seed: Seed, x: torch.Tensor) -> torch.Generator | list[torch.Gen
     if seed is None:
         return None
     if isinstance(seed, int) and not isinstance(seed, bool):
-        return torch.Generator(device=x.device).manual_seed(check_count("seed", seed, 0))
+        return torch.Generator(device=x.device).manual_seed(check_seed("seed", seed))
     if isinstance(seed, torch.Tensor):
         seed = seed.tolist() if seed.dim() == 1 and not seed.is_floating_point() else [seed]
     if not isinstance(seed, Sequence) or isinstance(seed, str) or len(seed) != x.shape[0]:
         raise InputError(f"seed must be an int or one int per item ({x.shape[0]}); got {seed!r}")
-    return [torch.Generator(device=x.device).manual_seed(check_count("seed", s, 0)) for s in seed]
+    return [torch.Generator(device=x.device).manual_seed(check_seed("seed", s)) for s in seed]
 
 
 def _draw_batch(
@@ -230,6 +237,19 @@ def smoothgrad(
     if torch.is_tensor(input_range):
         if not bool((input_range > 0).all()) or not bool(torch.isfinite(input_range).all()):
             raise InputError("input_range must be positive and finite in every channel")
+        # A range that broadcasts x to more channels would reach the model as
+        # a batch it cannot take, with an error that does not name the range.
+        try:
+            fits = torch.broadcast_shapes(input_range.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            per_channel = (1, x.shape[1], *(1,) * (x.dim() - 2))
+            raise InputError(
+                f"input_range of shape {tuple(input_range.shape)} does not broadcast to x of "
+                f"shape {tuple(x.shape)}; expected a number or a {per_channel} tensor, one range "
+                "per channel"
+            )
     else:
         check_positive("input_range", input_range, optional=True)
     draw = NOISES[check_choice("noise", noise, NOISES)]
@@ -302,6 +322,7 @@ def beta_smooth(
     """
     fn, options = _base("beta_smooth", base, base_options, options)
     check_positive("beta", beta)
+    check_beta(beta)  # also its range, before the first map
     if target is None:
         target = predict(model, x)
     with smoothed(model, beta):

@@ -770,6 +770,14 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
                 f"lrp option {name!r} must be a float or a tensor broadcastable to x; "
                 f"got {type(value).__name__}"
             )
+        # The z^B rule multiplies the weights by the bounds: NaN or inf there
+        # would make the whole map NaN without an error.
+        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            raise InputError(
+                f"lrp option {name!r} must be finite (a bound of the input domain); "
+                f"got {_brief(value)}"
+                + (" holding NaN or inf" if torch.is_tensor(value) and value.numel() > 1 else "")
+            )
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
     if bool((torch.as_tensor(low) >= torch.as_tensor(high)).any()):
