@@ -461,3 +461,19 @@ def test_lrp_on_squeezenet_concatenations_matches_zennit():
     theirs = zennit_lrp(net, x, target)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-13)
     assert ours.abs().sum() > 0
+
+
+def test_per_channel_bounds_reach_a_first_dense_layer_flattened_like_zennit():
+    # An MLP on images: the first layer sees x flattened, so (1, C, 1, 1)
+    # bounds (a normalised data set's) must be spelled out per pixel.
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 12), nn.ReLU(), nn.Linear(12, 4))
+    net = net.double().eval()
+    low = torch.tensor([-2.0, -1.5, -1.0], dtype=torch.float64).view(1, 3, 1, 1)
+    high = torch.tensor([2.5, 2.0, 1.5], dtype=torch.float64).view(1, 3, 1, 1)
+    x = low + (high - low) * torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    ours = bs.explain(net, x, "lrp", target, low=low, high=high)
+    flat_low, flat_high = low.expand_as(x).flatten(1), high.expand_as(x).flatten(1)
+    theirs = zennit_lrp(net, x, target, flat_low, flat_high).view_as(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)

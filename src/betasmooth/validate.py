@@ -308,7 +308,8 @@ def check_in_range(
     Traceback (most recent call last):
     ...
     betasmooth.validate.InputError: x has values in [5, 5], outside data_range [0, 1]; \
-expected inputs inside the data range (pass data_range=None to use the batch's own min and max)
+expected inputs inside the data range (normalised images: pass data_range=data.bounds of \
+bs.load_data's result)
     """
     lo = torch.as_tensor(low, dtype=x.dtype, device=x.device)
     hi = torch.as_tensor(high, dtype=x.dtype, device=x.device)
@@ -319,7 +320,7 @@ expected inputs inside the data range (pass data_range=None to use the batch's o
         raise InputError(
             f"{name} has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside "
             f"data_range [{_show(lo)}, {_show(hi)}]; expected inputs inside the data range "
-            "(pass data_range=None to use the batch's own min and max)"
+            "(normalised images: pass data_range=data.bounds of bs.load_data's result)"
         )
     return x
 

@@ -289,8 +289,25 @@ def _zplus(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Te
     return _first_arg(step, r_pos + r_neg)
 
 
+def _input_bound(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """A bound given per channel of ``x``, e.g. ``(1, C, 1, 1)``, spelled out per pixel of ``x``.
+
+    The first layer may see ``x`` flattened (an MLP on images); a bound per
+    pixel is then reshaped along with it in :func:`_bound`.
+    """
+    if not torch.is_tensor(value) or value.dim() != x.dim():
+        return value
+    try:
+        return value.to(x).expand(x.shape)
+    except RuntimeError:
+        return value
+
+
 def _bound(value: float | torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
     bound = torch.as_tensor(value).to(a)
+    if bound.shape != a.shape and bound.numel() == a.numel() and bound.shape[0] == a.shape[0]:
+        # Per-pixel bounds of the input, which reached the first layer reshaped.
+        return bound.reshape(a.shape)
     try:
         return torch.broadcast_to(bound, a.shape)
     except RuntimeError:
@@ -839,7 +856,12 @@ def lrp(
         Keep the graph: the map is then differentiable w.r.t. ``x`` through the
         rules' ratios, also on a plain ReLU network.
     low, high : float or torch.Tensor
-        Bounds of the input domain for the z^B rule, e.g. ``(1, C, 1, 1)`` tensors.
+        Bounds of the input domain for the z^B rule, e.g. ``(1, C, 1, 1)``
+        tensors; the defaults 0 and 1 are those of [0, 1] images, and
+        normalised images need their own (``data.low``, ``data.high`` of
+        :func:`betasmooth.load_data`), which the command line passes itself.
+        Per-channel bounds also reach a first dense layer that sees ``x``
+        flattened.
     epsilon : float
         Stabiliser of the epsilon rule for dense layers.
     composite : str or Composite
@@ -872,6 +894,7 @@ def lrp(
     _check_lrp_options(low, high, epsilon)
     chosen = _composite(composite, gamma)
     graph = lrp_graph(model)
+    low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
