@@ -17,7 +17,7 @@ from PIL import Image
 from scipy.stats import pearsonr
 
 import betasmooth as bs
-from betasmooth.attack import PAPER_SPAN, derangement
+from betasmooth.attack import PAPER_SPAN, default_lr, default_weights, derangement
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
@@ -529,3 +529,28 @@ def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field
     records = read_jsonl(tmp_path / "run" / "results.jsonl")
     position = header.split().index(column.split()[0])
     assert float(row[position]) == pytest.approx(np.median([r[field] for r in records]), abs=6e-4)
+
+
+def test_attack_beta_sets_the_attacked_defense_and_records_every_setting(tmp_path):
+    argv = [*ATTACK, "--method", "beta_smooth,gradient", "--beta", "2", "-n", "2", "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    rows = {(r["method"], r["index"]): r for r in read_jsonl(tmp_path / "run" / "results.jsonl")}
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits")[0][:2]
+    with np.load(tmp_path / "run" / "arrays" / "beta_smooth-0.npz") as saved:
+        target, x_adv = torch.from_numpy(saved["map_target"]), torch.from_numpy(saved["x_adv"])
+    again = bs.manipulate(model, x, target, "beta_smooth", steps=3, method_options={"beta": 2.0})
+    torch.testing.assert_close(x_adv, again.x_adv)
+    w_e, w_o = default_weights(32, 32, 10)
+    for method in ("beta_smooth", "gradient"):
+        row = rows[(method, 0)]
+        assert row["attack_lr"] == pytest.approx(default_lr(method, 1.0, 3))
+        assert (row["attack_w_e"], row["attack_w_o"], row["attack_steps"]) == (w_e, w_o, 3)
+    assert (
+        rows[("beta_smooth", 0)]["attack_beta"] == 2.0
+        and "attack_beta" not in rows[("gradient", 0)]
+    )
+    html = (tmp_path / "run" / "report.html").read_text()
+    medians = html[html.index('id="medians"') : html.index("</table>", html.index('id="medians"'))]
+    assert "attack_" not in medians and 'id="attack-settings"' in html
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["beta"] == 2.0

@@ -302,6 +302,12 @@ class ManipulationResult:
         surrogate network.
     method, goal : str
         As passed to :func:`manipulate`.
+    settings : dict
+        What the attack used where defaults filled in: ``steps``, ``lr``,
+        ``w_e`` and ``w_o`` (targeted), ``eps`` and ``step`` as fractions of
+        the data range (untargeted), ``beta_schedule``, ``beta0``,
+        ``beta_end`` and the method's numeric options; in :meth:`records`
+        under ``attack_<name>``.
     """
 
     x: torch.Tensor
@@ -316,9 +322,10 @@ class ManipulationResult:
     history: torch.Tensor
     method: str = ""
     goal: str = "targeted"
+    settings: dict[str, object] = field(default_factory=dict)
 
     def records(self) -> list[dict[str, object]]:
-        """One flat dict per image: method, goal, labels and every metric as a float.
+        """One flat dict per image: method, goal, labels, every metric as a float, settings.
 
         Examples
         --------
@@ -340,6 +347,7 @@ class ManipulationResult:
                 "label_kept": bool(self.label_kept[i]),
             }
             row.update({name: float(v[i]) for name, v in self.metrics.items()})
+            row.update({f"attack_{name}": v for name, v in self.settings.items()})
             rows.append(row)
         return rows
 
@@ -370,6 +378,9 @@ class _Settings:
     high: float | torch.Tensor
     span: float
     eps: float | torch.Tensor | None
+    #: ``eps`` and ``step`` as given: fractions of the data range.
+    eps_fraction: float | None
+    step_fraction: float
     loss: str
     #: None until the problem knows the number of classes (:func:`default_weights`).
     weights: tuple[float, float] | None
@@ -913,6 +924,8 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         high=high,
         span=span,
         eps=None if eps is None else eps * (high - low),
+        eps_fraction=eps,
+        step_fraction=step,
         loss=given["loss"],
         weights=_check_weights(given["weights"]),
         k=given["k"],
@@ -1021,7 +1034,23 @@ def _result(
         history=torch.stack(p.history).cpu(),
         method=p.s.method,
         goal=p.s.goal,
+        settings=_settings_record(p.s),
     )
+
+
+def _settings_record(s: _Settings) -> dict[str, object]:
+    """The resolved settings as JSON numbers and names, for the records."""
+    out: dict[str, object] = {"steps": s.steps}
+    if s.goal == "targeted":
+        out |= {"lr": s.lr, "w_e": s.weights[0], "w_o": s.weights[1]}
+    else:
+        # eps and step are stored absolute (per channel); report the fractions given.
+        out |= {"eps": s.eps_fraction, "step": s.step_fraction}
+    out |= {"beta_schedule": s.schedule, "beta0": s.beta0, "beta_end": s.beta_end}
+    for name, value in s.options.items():
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            out[name] = value
+    return out
 
 
 def random_targets(maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -37,6 +37,7 @@ from .explain import METHODS
 from .metrics import medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
+from .smooth import BETA_RANGE
 from .store import RunDir
 from .validate import MAX_SEED, InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
@@ -493,6 +494,12 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
     p.add_argument("--method", required=True, help=_choices_help(list(ATTACK_DEFAULTS)))
     p.add_argument("--steps", type=_positive, help=_steps_help())
+    beta = ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
+    p.add_argument(
+        "--beta",
+        type=_beta_value,
+        help=f"beta of the attacked beta_smooth (adaptive attack on the defense; default {beta})",
+    )
     p.add_argument(
         "--goal",
         choices=tuple(GOALS),
@@ -674,16 +681,21 @@ def _classes(settings: Mapping[str, object]) -> list[str] | None:
     return categories(model) if is_pretrained(model) else None
 
 
-def _beta_option(text: str) -> float | str:
-    if text == "auto":
+def _beta_value(text: str, auto: bool = False) -> float | str:
+    if auto and text == "auto":
         return text
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number or auto; got {text!r}")
+    if not BETA_RANGE[0] <= value <= BETA_RANGE[1]:
+        what = "a positive number" + (" or auto" if auto else "")
+        raise argparse.ArgumentTypeError(f"expected {what} (a float32 beta); got {text!r}")
     return value
+
+
+def _beta_option(text: str) -> float | str:
+    return _beta_value(text, auto=True)
 
 
 def _report(run: RunDir) -> Path:
@@ -764,10 +776,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         methods=methods,
         steps=args.steps,
         goal=args.goal,
+        beta=args.beta,
         save_attributions=args.save_attributions,
     )
     bounds = _bounds(config, x)
-    runs.check_methods(model, methods, runs.range_options(*bounds))
+    options = runs.range_options(*bounds)
+    if args.beta is not None:
+        if "beta_smooth" not in methods:
+            raise InputError("--beta applies to --method beta_smooth; add it to --method")
+        options["beta_smooth"] = {"beta": args.beta}
+    runs.check_methods(model, methods, options)
     if args.goal == "targeted":
         derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     with distributed(device) as (dist, dev):
@@ -783,7 +801,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             goal=args.goal,
             seed=args.seed,
             data_range=bounds,
-            method_options=runs.range_options(*bounds),
+            method_options=options,
             device=dev,
             dist=dist,
             progress=args.progress,
@@ -900,7 +918,7 @@ def _explain_beta(
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
-    bad = [b for b in betas if b is not None and not (0 < b < float("inf"))]
+    bad = [b for b in betas if b is not None and not BETA_RANGE[0] <= b <= BETA_RANGE[1]]
     if bad:
         raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
 

@@ -224,8 +224,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: Prefix of the settings an attack resolved (lr, weights, ...): shown as settings, not medians.
+SETTING_PREFIX = "attack_"
+
+
 def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
-    present = {k for r in records for k, v in r.items() if _is_number(v)} - _ID_FIELDS
+    present = {
+        k
+        for r in records
+        for k, v in r.items()
+        if _is_number(v) and not k.startswith(SETTING_PREFIX)
+    } - _ID_FIELDS
     ordered = [k for k in METRIC_ORDER if k in present]
     return ordered + sorted(present - set(ordered))
 
@@ -388,7 +397,20 @@ def _section_results(run: _Run) -> str:
         f"<h2 id='results'>{title}: medians over images</h2>"
         + _table("medians", header, rows)
         + (f"<p>{_e(legend)}</p>" if attack else "")
+        + _attack_settings(groups)
     )
+
+
+def _attack_settings(groups: Mapping[tuple, Sequence[Mapping[str, object]]]) -> str:
+    """The settings each attack resolved (one per method and goal), from its first record."""
+    first = {c: rows[0] for c, rows in groups.items() if rows}
+    names = sorted({k for r in first.values() for k in r if k.startswith(SETTING_PREFIX)})
+    if not names:
+        return ""
+    columns = list(first)
+    header = ["attack setting"] + [m if not g else f"{m} ({g})" for m, g in columns]
+    rows = [[n.removeprefix(SETTING_PREFIX)] + [first[c].get(n) for c in columns] for n in names]
+    return _table("attack-settings", header, rows)
 
 
 def _row_labels(batch: Batch, n: int, names: Mapping[int, str] | None = None) -> list[str]:
