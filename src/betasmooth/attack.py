@@ -334,8 +334,9 @@ class ManipulationResult:
         >>> x = bs.load_data("digits")[0][:2]
         >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
         >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-        >>> sorted(result.records()[0])[:3]
-        ['expl_com_shift_orig', 'expl_com_shift_target', 'expl_mse_orig']
+        >>> row = result.records()[0]
+        >>> row["method"], row["attack_steps"], sorted(k for k in row if k.startswith("expl_"))[:2]
+        ('gradient', 5, ['expl_com_shift_orig', 'expl_com_shift_target'])
         """
         rows = []
         for i in range(self.x.shape[0]):
