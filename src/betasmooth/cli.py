@@ -606,20 +606,27 @@ def _config(args: argparse.Namespace, **settings: object) -> dict[str, object]:
     return {"command": args.command, **settings, "argv": ["betasmooth", *args.argv]}
 
 
+def _inputs_config(args: argparse.Namespace) -> dict[str, object]:
+    """Model, data and their preparation as given (files made absolute)."""
+    return {
+        "model": _absolute(args.model),
+        "weights": _absolute(args.weights),
+        "data": _absolute(args.data),
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "mean": args.mean,
+        "std": args.std,
+        "preset": args.preset,
+    }
+
+
 def _run_config(
     args: argparse.Namespace, device: torch.device, **settings: object
 ) -> dict[str, object]:
     """The config of a command that works on ``-n`` images of ``--model`` and ``--data``."""
     return _config(
         args,
-        model=_absolute(args.model),
-        weights=_absolute(args.weights),
-        data=_absolute(args.data),
-        image_size=args.image_size,
-        channels=args.channels,
-        mean=args.mean,
-        std=args.std,
-        preset=args.preset,
+        **_inputs_config(args),
         **settings,
         n=args.n,
         batch_size=args.batch_size,
@@ -1061,20 +1068,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # several, and does not stall when other processes hold the cores.
     torch.set_num_threads(1)
     model, x, y = _load(vars(args), int(sizes["n"]))
-    config = _config(
-        args,
-        model=_absolute(args.model),
-        weights=_absolute(args.weights),
-        data=_absolute(args.data),
-        image_size=args.image_size,
-        channels=args.channels,
-        mean=args.mean,
-        std=args.std,
-        preset=args.preset,
-        quick=args.quick,
-        seed=args.seed,
-        **sizes,
-    )
+    config = _config(args, **_inputs_config(args), quick=args.quick, seed=args.seed, **sizes)
     bounds = _bounds(config, x)
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
