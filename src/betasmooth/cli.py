@@ -483,6 +483,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the demo in --out (default: a new run)"
     )
     _add_inputs(p, model="photos-cnn", data="photos")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
     _add_images(p, None, hidden=True)
@@ -1063,12 +1064,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import build_report
 
     sizes = _demo_sizes(args)
+    device = resolve_device(args.device)
     start = time.perf_counter()
-    # The demo's tensors are small: one thread computes them about as fast as
-    # several, and does not stall when other processes hold the cores.
-    torch.set_num_threads(1)
+    if args.model in BUILTIN_MODELS:
+        # The built-in models' tensors are small: one thread computes them about
+        # as fast as several, and does not stall when other processes hold the cores.
+        torch.set_num_threads(1)
     model, x, y = _load(vars(args), int(sizes["n"]))
-    config = _config(args, **_inputs_config(args), quick=args.quick, seed=args.seed, **sizes)
+    config = _config(
+        args, **_inputs_config(args), quick=args.quick, seed=args.seed, device=str(device), **sizes
+    )
     bounds = _bounds(config, x)
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
@@ -1086,6 +1091,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "method_options": options,
         "progress": args.progress,
         "classes": _classes(config),
+        "device": device,
     }
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")
     runs.explain_run(run, model, x, y, explain_methods, name="explain", **common)
@@ -1104,6 +1110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_range=bounds,
         method_options=runs.range_options(*bounds),
+        device=device,
         progress=args.progress,
     )
     if not run.theory.exists():
