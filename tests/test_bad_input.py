@@ -544,6 +544,10 @@ CLI: dict[str, tuple[list[str], str]] = {
         + ["--out", "{d}/run"],
         r"^betasmooth: error: array x in .*wide.npz has int64 values in \[70000, 70000\]",
     ),
+    "--out ''": (
+        ["explain", *INPUTS, "--method", "gradient", "--out", ""],
+        r"argument --out: expected a directory name; got an empty one",
+    ),
     "demo --device cuda:7 without a GPU": (
         ["demo", "--quick", "--device", "cuda:7", "--out", "{d}/run"],
         r"^betasmooth: error: CUDA is not available on this machine",

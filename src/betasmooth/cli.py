@@ -192,6 +192,13 @@ def _image_size(text: str) -> int:
     return _integer(text, 1, MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}")
 
 
+def _directory(text: str) -> str:
+    # An empty name would mean the current directory, which is never what was meant.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory name; got an empty one")
+    return text
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -305,7 +312,11 @@ def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False)
 
 def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
+        "--out",
+        required=True,
+        type=_directory,
+        metavar="DIR",
+        help="run directory (created; must be new or empty)",
     )
     _add_images(p, n)
     p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
@@ -473,7 +484,11 @@ def options(name: str) -> Callable[[Callable], Callable]:
 @options("demo")
 def _demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="run directory (created; must be new or empty)"
+        "--out",
+        required=True,
+        type=_directory,
+        metavar="DIR",
+        help="run directory (created; must be new or empty)",
     )
     p.add_argument(
         "--quick", action="store_true", help="a first look in at most 90 seconds (default: off)"
@@ -554,7 +569,11 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
 @options("theorem")
 def _theorem_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--out", required=True, metavar="DIR", help="directory for theory.json and figures"
+        "--out",
+        required=True,
+        type=_directory,
+        metavar="DIR",
+        help="directory for theory.json and figures",
     )
     p.add_argument("--quick", action="store_true", help="fewer samples (default: off)")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
