@@ -48,6 +48,13 @@ Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
 
 # Columns of the summary table of an attack run: (field, header).
+#: How large the change of the input was, and what it cost.
+INPUT_COLUMNS = (
+    ("input_mse", "input mse"),
+    ("input_max_change", "max |dx|"),
+    ("output_change", "d output"),
+    ("seconds", "s/img"),
+)
 ATTACK_COLUMNS = (
     ("label_kept", "kept"),
     ("expl_pcc_target_before", "pcc tgt0"),
@@ -55,10 +62,7 @@ ATTACK_COLUMNS = (
     ("expl_ssim_target_before", "ssim tgt0"),
     ("expl_ssim_target", "ssim tgt"),
     ("expl_pcc_orig", "pcc orig"),
-    ("input_mse", "input mse"),
-    ("input_max_change", "max |dx|"),
-    ("output_change", "d output"),
-    ("seconds", "s/img"),
+    *INPUT_COLUMNS,
 )
 #: The summary of an attack by goal: untargeted goals have no target map.
 GOAL_COLUMNS = {
@@ -67,13 +71,13 @@ GOAL_COLUMNS = {
         ("label_kept", "kept"),
         ("expl_topk_orig", "top-k kept"),
         ("expl_pcc_orig", "pcc orig"),
-        *ATTACK_COLUMNS[6:],
+        *INPUT_COLUMNS,
     ),
     "center": (
         ("label_kept", "kept"),
         ("expl_com_shift_orig", "com shift"),
         ("expl_pcc_orig", "pcc orig"),
-        *ATTACK_COLUMNS[6:],
+        *INPUT_COLUMNS,
     ),
 }
 SWEEP_COLUMNS = (
@@ -1079,7 +1083,7 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Explain, attack, defend and check the theory on a built-in model; write a report."""
+    """Explain, attack, defend and check the theory on a model (built-in by default); report."""
     from .report import build_report
 
     sizes = _demo_sizes(args)
