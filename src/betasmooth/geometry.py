@@ -17,7 +17,8 @@ all three curvatures are 0, while its gradient jumps on the boundaries between
 linear regions. Its curvature is measured through its beta-smoothed versions
 ``smooth(model, beta)``, which approach it as ``beta`` grows (Dombrowski et
 al. 2019 bound the principal curvatures of a softplus_beta network by
-``beta C``). Beta-smoothing replaces ReLU only: max-pooling stays piecewise
+``beta C``). Beta-smoothing replaces ReLU (and the activations made of
+it) only: max-pooling stays piecewise
 linear, so a smoothed network with max-pooling is smooth only between changes
 of a pooling winner, and the curvature measured at a point says nothing about
 those kinks.
