@@ -17,7 +17,7 @@ from PIL import Image
 from scipy.stats import pearsonr
 
 import betasmooth as bs
-from betasmooth.attack import PAPER_SPAN, default_lr, default_weights, derangement
+from betasmooth.attack import ATTACK_DEFAULTS, PAPER_SPAN, default_lr, default_weights, derangement
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
@@ -547,10 +547,19 @@ def test_attack_beta_sets_the_attacked_defense_and_records_every_setting(tmp_pat
         assert row["attack_lr"] == pytest.approx(default_lr(method, 1.0, 3))
         assert (row["attack_w_e"], row["attack_w_o"], row["attack_steps"]) == (w_e, w_o, 3)
     assert (
-        rows[("beta_smooth", 0)]["attack_beta"] == 2.0
-        and "attack_beta" not in rows[("gradient", 0)]
+        rows[("beta_smooth", 0)]["attack_method_beta"] == 2.0
+        and "attack_method_beta" not in rows[("gradient", 0)]
     )
     html = (tmp_path / "run" / "report.html").read_text()
     medians = html[html.index('id="medians"') : html.index("</table>", html.index('id="medians"'))]
     assert "attack_" not in medians and 'id="attack-settings"' in html
     assert json.loads((tmp_path / "run" / "config.json").read_text())["beta"] == 2.0
+
+
+def test_integrated_gradients_records_its_own_steps_apart_from_the_attacks(tmp_path):
+    argv = [*ATTACK, "--method", "integrated_gradients", "-n", "2", "--steps", "3"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    row = read_jsonl(tmp_path / "run" / "results.jsonl")[0]
+    assert row["attack_steps"] == 3
+    assert row["attack_method_steps"] == ATTACK_DEFAULTS["integrated_gradients"]["options"]["steps"]
+    assert row["attack_lr"] == pytest.approx(default_lr("integrated_gradients", 1.0, 3))

@@ -306,8 +306,8 @@ class ManipulationResult:
         What the attack used where defaults filled in: ``steps``, ``lr``,
         ``w_e`` and ``w_o`` (targeted), ``eps`` and ``step`` as fractions of
         the data range (untargeted), ``beta_schedule``, ``beta0``,
-        ``beta_end`` and the method's numeric options; in :meth:`records`
-        under ``attack_<name>``.
+        ``beta_end`` and the method's numeric options as ``method_<option>``;
+        in :meth:`records` under ``attack_<name>``.
     """
 
     x: torch.Tensor
@@ -1049,8 +1049,9 @@ def _settings_record(s: _Settings) -> dict[str, object]:
         out |= {"eps": s.eps_fraction, "step": s.step_fraction}
     out |= {"beta_schedule": s.schedule, "beta0": s.beta0, "beta_end": s.beta_end}
     for name, value in s.options.items():
+        # Prefixed: a method's own steps (integrated gradients) are not the attack's.
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            out[name] = value
+            out[f"method_{name}"] = value
     return out
 
 
