@@ -287,7 +287,24 @@ def _damaged_arrays(run: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])
 
 
+def _altered_index(run: Path) -> None:
+    path = run / "arrays" / "gradient-2.npz"
+    with np.load(path) as saved:
+        arrays = dict(saved)
+    arrays["index"] = arrays["index"] + 1
+    np.savez(path, **arrays)
+
+
+def _binary_results(run: Path) -> None:
+    (run / "results.jsonl").write_bytes(b"\xe8\xff not text\n")
+
+
 DAMAGED_RUNS = {
+    "arrays of other items": (
+        _altered_index,
+        r"gradient-2.npz holds items \[3, 4\]\.\.\., not from 2",
+    ),
+    "results not text": (_binary_results, r"is unfinished \(0 of 12 items\)"),
     "config without model": (_no_model, r"config.json has model = None; expected the str"),
     "seed that is no int": (_seed_text, r"config.json has seed = 'x'; expected the int"),
     "arrays deleted": (_no_lrp_arrays, r"has results but no arrays of lrp in .*arrays"),

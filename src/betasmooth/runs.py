@@ -443,6 +443,13 @@ def sweep_run(
     batches = run.batch_files()
     files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
     attacked = {key: AttackBatch.from_npz(load_npz(f), f) for key, f in files.items()}
+    for key, batch in attacked.items():
+        # The file is named by its first index: a mismatch means it was altered.
+        if not len(batch.index) or int(batch.index[0]) != key[1]:
+            raise InputError(
+                f"{files[key]} holds items {batch.index.tolist()[:3]}..., not from "
+                f"{key[1]} as its name says; expected the arrays its attack wrote"
+            )
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:

@@ -107,7 +107,7 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed object) of every complete line that parses."""
     if not path.exists():
         return
-    for number, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(keepends=True), 1):
         if not line.endswith("\n") or not line.strip():
             continue
         try:
