@@ -81,7 +81,25 @@ BETA_RANGE = r"between 1.175e-38 and 3.403e\+38 \(the normal range of float32"
 
 
 # name: (call(tmp_path), exception class, pattern of the one-line message)
+def _nan_weights() -> torch.nn.Module:
+    net = plain_cnn()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.fill_(float("nan"))
+    return net
+
+
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "explain with NaN weights": (
+        lambda tmp: bs.explain(_nan_weights(), X, "gradient"),
+        InputError,
+        r"Sequential returns NaN or inf on one item of x; expected finite logits",
+    ),
+    "curvature with NaN weights": (
+        lambda tmp: bs.curvature(_nan_weights(), X, iterations=2),
+        InputError,
+        r"returns NaN or inf on one item of x",
+    ),
     "x of one (C, H, W) image": (
         _explain(plain_cnn, X[0]),
         InputError,

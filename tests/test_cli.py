@@ -389,7 +389,7 @@ BAD = {
     ),
     "weights that give NaN": (
         ["--model", "digits-cnn", "--weights", "{d}/nan_weights.pt", "--data", "digits"],
-        "returns NaN or inf on the first item",
+        "returns NaN or inf on one item of x",
     ),
     "no cuda": (["--model", "digits-cnn", "--data", "digits", "--device", "cuda"], "CUDA"),
 }

@@ -449,6 +449,12 @@ def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ..
             f"shape is {shape}): {reason[:300]}"
         ) from None
     check_logits(out, 1, model)
+    if not bool(torch.isfinite(out).all()):
+        # NaN weights would otherwise surface as NaN maps, far from their cause.
+        raise InputError(
+            f"{type(model).__name__} returns NaN or inf on one item of {name}; expected finite "
+            "logits (are the weights finite, and the inputs prepared as in training?)"
+        )
 
 
 def check_logits(out: object, batch: int, model: nn.Module | None = None) -> torch.Tensor:

@@ -839,10 +839,4 @@ def check_compatible(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     x = check_input(model, x)
     with evaluating(model), torch.no_grad():
-        logits = model(x[:1])
-    if not torch.isfinite(logits).all():
-        raise InputError(
-            f"{type(model).__name__} returns NaN or inf on the first item; expected finite "
-            "logits (are the weights finite, and the inputs prepared as in training?)"
-        )
-    return logits
+        return model(x[:1])
