@@ -476,8 +476,16 @@ def files(tmp_path_factory) -> Path:
     np.savez(d / "wide.npz", x=np.full((2, 1, 32, 32), 70000, np.int64))
     (d / "notadir.txt").write_text("x")
     (d / "normed.py").write_text(NORMED)
+    (d / "exits.py").write_text(EXITS)
     return d
 
+
+# A model file written as a script: its sys.exit() must not end the command silently.
+EXITS = """
+import sys
+
+sys.exit(0)
+"""
 
 # LRP has no rule for LayerNorm: a run with gradient first must still fail before it starts.
 NORMED = """
@@ -573,6 +581,11 @@ CLI: dict[str, tuple[list[str], str]] = {
     "--device cuda:7 without a GPU": (
         [*ATTACK, "--device", "cuda:7"],
         r"^betasmooth: error: CUDA is not available on this machine",
+    ),
+    "model file that calls sys.exit": (
+        ["explain", "--model", "{d}/exits.py:net", "--data", "digits"]
+        + ["--method", "gradient", "--out", "{d}/run"],
+        r"^betasmooth: error: importing .*exits.py failed: SystemExit: 0",
     ),
     "lrp on a model it has no rule for, after gradient": (
         ["explain", "--model", "{d}/normed.py:net", "--data", "digits"]

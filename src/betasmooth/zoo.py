@@ -715,7 +715,7 @@ def _import_file(path: Path) -> object:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:
+    except (Exception, SystemExit) as err:  # a script's sys.exit() must not end the caller
         del sys.modules[name]
         raise InputError(f"importing {path} failed: {reason(err)}") from err
     return module
@@ -729,7 +729,7 @@ def _import_module(name: str) -> object:
             f"cannot import module {name!r} ({err}); expected {MODEL_FORMS} importable "
             "from the current environment"
         ) from err
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
 
 
@@ -748,7 +748,7 @@ def _user_model(spec: str) -> nn.Module:
         raise InputError(f"{attr!r} in {where} {found}; expected a function returning nn.Module")
     try:
         model = factory()
-    except Exception as err:
+    except (Exception, SystemExit) as err:
         raise InputError(f"{attr}() from {where} failed: {reason(err)}") from err
     if not isinstance(model, nn.Module):
         raise InputError(
