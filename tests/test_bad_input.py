@@ -90,6 +90,11 @@ def _nan_weights() -> torch.nn.Module:
 
 
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "manipulate steps 10**30": (
+        _manipulate(X, steps=10**30),
+        InputError,
+        r"steps must be an integer from 1 to 2147483647; got 1000000000000000000000000000000",
+    ),
     "explain with NaN weights": (
         lambda tmp: bs.explain(_nan_weights(), X, "gradient"),
         InputError,
@@ -257,7 +262,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "smoothgrad seed 2**70": (
         _explain(plain_cnn, X, "smoothgrad", n=2, seed=2**70),
         InputError,
-        r"seed must be an integer >= 0 and <= 18446744073709551615; got 1180591620717411303424",
+        r"seed must be an integer from 0 to 18446744073709551615; got 1180591620717411303424",
     ),
     "create_graph a string": (
         _explain(plain_cnn, X, create_graph="yes"),
@@ -403,7 +408,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "manipulate seed 2**70": (
         _manipulate(X, seed=2**70),
         InputError,
-        r"seed must be an integer >= 0 and <= 18446744073709551615; got 1180591620717411303424",
+        r"seed must be an integer from 0 to 18446744073709551615; got 1180591620717411303424",
     ),
     "manipulate data_range of 3 channels for 1": (
         _manipulate(X, data_range=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))),

@@ -153,8 +153,12 @@ def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
     return target
 
 
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """Check that the option ``name`` is an integer ``>= minimum``.
+#: Largest count an option takes: beyond it torch and tqdm overflow, and no run would end.
+MAX_COUNT = 2**31 - 1
+
+
+def check_count(name: str, value: object, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
+    """Check that the option ``name`` is an integer ``>= minimum`` (and at most ``maximum``).
 
     Examples
     --------
@@ -169,6 +173,8 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
         raise InputTypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
     if value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}; got {value}")
+    if value > maximum:
+        raise InputError(f"{name} must be an integer from {minimum} to {maximum}; got {value}")
     return int(value)
 
 
@@ -188,13 +194,10 @@ def check_seed(name: str, value: object, maximum: int = MAX_SEED) -> int:
     >>> check_seed("seed", 2**70)
     Traceback (most recent call last):
     ...
-    betasmooth.validate.InputError: seed must be an integer >= 0 and <= 18446744073709551615; \
+    betasmooth.validate.InputError: seed must be an integer from 0 to 18446744073709551615; \
 got 1180591620717411303424
     """
-    value = check_count(name, value, 0)
-    if value > maximum:
-        raise InputError(f"{name} must be an integer >= 0 and <= {maximum}; got {value}")
-    return value
+    return check_count(name, value, 0, maximum)
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
