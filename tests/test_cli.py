@@ -580,3 +580,20 @@ def test_integrated_gradients_records_its_own_steps_apart_from_the_attacks(tmp_p
     assert row["attack_steps"] == 3
     assert row["attack_method_steps"] == ATTACK_DEFAULTS["integrated_gradients"]["options"]["steps"]
     assert row["attack_lr"] == pytest.approx(default_lr("integrated_gradients", 1.0, 3))
+
+
+def test_an_attack_that_changes_nothing_says_so(tmp_path, capsys):
+    # A linear model's gradient map does not depend on x: no step can move it.
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef net():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(1024, 10))\n"
+    )
+    argv = ["attack", "--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--method", "gradient", "--steps", "3", "--out", str(tmp_path / "r")]) == 0
+    records = read_jsonl(tmp_path / "r" / "results.jsonl")
+    assert all(r["input_max_change"] == 0 for r in records)
+    out = capsys.readouterr().out
+    assert "gradient: no image changed (no step improved the map and kept the label)" in out
+    assert main([*ATTACK, "--method", "gradient", "-n", "2", "--steps", "3", "--out",
+                 str(tmp_path / "moved")]) == 0  # fmt: skip
+    assert "no image changed" not in capsys.readouterr().out

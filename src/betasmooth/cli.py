@@ -841,6 +841,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         )
     if dist.rank == 0:
         _say(summary_table(records, GOAL_COLUMNS[args.goal]))
+        _say_unmoved(records)
         _say(f"results: {run.results}")
         _say(f"report: {_report(run)}")
     return 0
@@ -1163,6 +1164,7 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say("attacked map vs original map; input mse and max |dx| (the largest change of one")
     _say("pixel value) are in units of each channel's data range, as pixels in [0, 1]")
     _say(summary_table(records, ATTACK_COLUMNS))
+    _say_unmoved(records)
     _say()
     _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds)")
@@ -1170,6 +1172,18 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say()
     _say_recommendation(run)
     _say()
+
+
+def _say_unmoved(records: Sequence[Mapping]) -> None:
+    """Name the methods whose attack changed no image: their rows measure nothing."""
+    methods = sorted({str(r.get("method")) for r in records})
+    for method in methods:
+        changes = [r.get("input_max_change") for r in records if r.get("method") == method]
+        if changes and all(c == 0 for c in changes):
+            _say(
+                f"{method}: no image changed (no step improved the map and kept the label); "
+                "more --steps may move it, and defenses against it measure nothing"
+            )
 
 
 def _say_recommendation(run: RunDir) -> None:
