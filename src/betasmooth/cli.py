@@ -427,8 +427,8 @@ HELP: dict[str, dict[str, object]] = {
         "description": "Estimate, at each test image, the largest Hessian eigenvalue of the "
         "explained logit (Lanczos), the principal curvature of the output manifold, the "
         "Hessian's Frobenius norm and the gradient norm, for its beta-smoothed versions and, "
-        "with 'relu' in --betas, the network itself. A ReLU network has zero Hessian almost everywhere; "
-        "smoothing makes its curvature finite and measurable.",
+        "with 'relu' in --betas, the network itself. A ReLU network has zero Hessian almost "
+        "everywhere; smoothing makes its curvature finite and measurable.",
         "examples": [
             "betasmooth curvature --model digits-cnn --data digits -n 16 --out runs/curv",
             "betasmooth curvature --model digits-cnn --data digits --betas relu,1,5,20 "
