@@ -61,6 +61,7 @@ from .validate import (
     check_seed,
     check_target,
     evaluating,
+    is_number,
 )
 
 __all__ = [
@@ -370,18 +371,15 @@ class _Settings:
     options: dict[str, object]
     steps: int
     lr: float
-    #: Absolute, per channel where the data range is: ``eps`` and ``step`` times the range.
-    step: float | torch.Tensor
+    #: ``step`` and ``eps`` are fractions of the data range, as given.
+    step: float
     schedule: str | float
     beta0: float
     beta_end: float
     low: float | torch.Tensor
     high: float | torch.Tensor
     span: float
-    eps: float | torch.Tensor | None
-    #: ``eps`` and ``step`` as given: fractions of the data range.
-    eps_fraction: float | None
-    step_fraction: float
+    eps: float | None
     loss: str
     #: None until the problem knows the number of classes (:func:`default_weights`).
     weights: tuple[float, float] | None
@@ -391,6 +389,16 @@ class _Settings:
     eot: bool
     seed: int
     progress: bool
+
+    @property
+    def step_input(self) -> float | torch.Tensor:
+        """The signed step in the model's input units, per channel."""
+        return self.step * (self.high - self.low)
+
+    @property
+    def eps_input(self) -> float | torch.Tensor | None:
+        """The L-inf budget in the model's input units, per channel."""
+        return None if self.eps is None else self.eps * (self.high - self.low)
 
 
 def _heatmaps(
@@ -447,7 +455,7 @@ class _Problem:
         return self.model(x_adv) if self.seen_logits is None else self.seen_logits
 
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
-        eps = self.s.eps
+        eps = self.s.eps_input
         if eps is not None:
             x_adv = torch.minimum(torch.maximum(x_adv, self.x - eps), self.x + eps)
         return x_adv.clamp(self.s.low, self.s.high)
@@ -582,6 +590,7 @@ def _run(
     optimizer = None if goal.signed else torch.optim.Adam([x_adv], lr=s.lr)
     # Per image: a step that flips the label halves that image's step.
     step_size = torch.ones(x_adv.shape[0], dtype=x_adv.dtype, device=x_adv.device)
+    step = s.step_input
     shape = (-1,) + (1,) * (x_adv.dim() - 1)
     desc = f"{s.method} {s.goal}"
     bar = tqdm(range(s.steps), desc=desc, unit="step", disable=not s.progress, leave=False)
@@ -594,7 +603,7 @@ def _run(
         with torch.no_grad():
             if optimizer is None:
                 previous = x_adv.detach().clone()
-                x_adv.copy_(p.project(x_adv - step_size.view(shape) * s.step * grad.sign()))
+                x_adv.copy_(p.project(x_adv - step_size.view(shape) * step * grad.sign()))
             else:
                 x_adv.grad = grad
                 optimizer.step()
@@ -669,7 +678,7 @@ def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     if (
         not isinstance(data_range, (tuple, list))
         or len(data_range) != 2
-        or not all(_is_number(v) and math.isfinite(v) for v in data_range)
+        or not all(is_number(v) and math.isfinite(v) for v in data_range)
         or not data_range[0] < data_range[1]
     ):
         # Without the finiteness check an infinite bound gives an infinite
@@ -679,10 +688,6 @@ def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
             f"got {data_range!r}"
         )
     return float(data_range[0]), float(data_range[1])
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_method_options(method_options: object, method: str) -> dict[str, object]:
@@ -917,16 +922,14 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         options=options,
         steps=steps,
         lr=check_positive("lr", given["lr"], optional=True) or default_lr(method, span, steps),
-        step=step * (high - low),
+        step=step,
         schedule=_check_schedule(defaults["beta_schedule"] if schedule is None else schedule),
         beta0=float(given["beta0"]),
         beta_end=float(given["beta_end"]),
         low=low,
         high=high,
         span=span,
-        eps=None if eps is None else eps * (high - low),
-        eps_fraction=eps,
-        step_fraction=step,
+        eps=eps,
         loss=given["loss"],
         weights=_check_weights(given["weights"]),
         k=given["k"],
@@ -947,7 +950,7 @@ def _check_weights(weights: object) -> tuple[float, float] | None:
             f"got {type(weights).__name__} {weights!r}"
         )
     values = list(weights)
-    if len(values) != 2 or not all(_is_number(w) and w >= 0 and math.isfinite(w) for w in values):
+    if len(values) != 2 or not all(is_number(w) and w >= 0 and math.isfinite(w) for w in values):
         raise InputError(f"weights must be None or (w_e, w_o), two numbers >= 0; got {weights!r}")
     return float(values[0]), float(values[1])
 
@@ -985,7 +988,7 @@ def _search(p: _Problem) -> torch.Tensor:
     s, x, goal = p.s, p.x, GOALS[p.s.goal]
     best, best_score = x.clone(), _evaluate(p, goal, x)[0]
     generator = torch.Generator().manual_seed(s.seed)
-    radius = s.eps if s.eps is not None else 0.01 * (s.high - s.low)
+    radius = s.eps_input if s.eps is not None else 0.01 * (s.high - s.low)
     # Without a schedule the network is attacked as it is, and the
     # override (which sees every torch call in forward) is left out.
     surrogate = (
@@ -1045,8 +1048,7 @@ def _settings_record(s: _Settings) -> dict[str, object]:
     if s.goal == "targeted":
         out |= {"lr": s.lr, "w_e": s.weights[0], "w_o": s.weights[1]}
     else:
-        # eps and step are stored absolute (per channel); report the fractions given.
-        out |= {"eps": s.eps_fraction, "step": s.step_fraction}
+        out |= {"eps": s.eps, "step": s.step}
     out |= {"beta_schedule": s.schedule, "beta0": s.beta0, "beta_end": s.beta_end}
     for name, value in s.options.items():
         # Prefixed: a method's own steps (integrated gradients) are not the attack's.

@@ -1101,14 +1101,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bounds = _bounds(config, x)
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
-    runs.check_methods(model, [*explain_methods, *methods], runs.range_options(*bounds))
-    derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
-    run = RunDir.create(args.out, config, resume=args.resume)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: fewer of both keep the demo in budget.
     options = runs.range_options(*bounds)
     options["smoothgrad"]["n"] = sizes["smoothgrad_attack_n"]
     options["integrated_gradients"]["steps"] = sizes["ig_steps"]
+    runs.check_methods(model, [*explain_methods, *methods], options)
+    derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
+    run = RunDir.create(args.out, config, resume=args.resume)
     common = {
         "batch_size": int(sizes["batch_size"]),
         "seed": args.seed,

@@ -29,7 +29,7 @@ from .metrics import medians
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
-from .validate import InputError
+from .validate import InputError, is_number
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
 
@@ -220,10 +220,6 @@ def _arrays(run: _Run, name: str, kind: type[Batch]) -> dict[str, Batch]:
 # ----------------------------------------------------------------------------- numbers
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 #: Prefix of the settings an attack resolved (lr, weights, ...): shown as settings, not medians.
 SETTING_PREFIX = "attack_"
 
@@ -233,7 +229,7 @@ def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
         k
         for r in records
         for k, v in r.items()
-        if _is_number(v) and not k.startswith(SETTING_PREFIX)
+        if is_number(v) and not k.startswith(SETTING_PREFIX)
     } - _ID_FIELDS
     ordered = [k for k in METRIC_ORDER if k in present]
     return ordered + sorted(present - set(ordered))
@@ -242,7 +238,7 @@ def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
 def _sort_key(value: object) -> tuple:
     if value is None:
         return (0, 0.0, "")
-    if _is_number(value):
+    if is_number(value):
         return (1, float(value), "")
     return (2, 0.0, str(value))
 
@@ -267,7 +263,7 @@ def _fmt(value: object) -> str:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if _is_number(value):
+    if is_number(value):
         v = float(value)
         if not math.isfinite(v):
             return str(v)
@@ -284,7 +280,7 @@ def _fmt(value: object) -> str:
 
 def _cell(value: object, cls: str = "") -> str:
     attrs = f' class="{cls}"' if cls else ""
-    if _is_number(value):
+    if is_number(value):
         attrs += f' data-value="{float(value)!r}"'
     return f"<td{attrs}>{_e(_fmt(value))}</td>"
 
@@ -522,14 +518,14 @@ def _sweep_label(key: Mapping[str, object]) -> str:
     if key.get("attack"):
         parts.append(f"{key['attack']} attack")
     if key.get("defense") == "smoothgrad":
-        if _is_number(key.get("sigma")):
+        if is_number(key.get("sigma")):
             parts.append(f"σ={float(key['sigma']):.3g}")
-        if _is_number(key.get("beta")):
+        if is_number(key.get("beta")):
             parts.append(f"matched to β={float(key['beta']):g}")
         for k in ("samples", "n_samples"):
-            if _is_number(key.get(k)):
+            if is_number(key.get(k)):
                 parts.append(f"N={key[k]}")
-    elif _is_number(key.get("beta")):
+    elif is_number(key.get("beta")):
         parts.append(f"β={float(key['beta']):g}")
     return ", ".join(parts)
 
@@ -537,9 +533,9 @@ def _sweep_label(key: Mapping[str, object]) -> str:
 def _matched_beta(key: Mapping[str, object]) -> float | None:
     """The beta of a sweep setting; for SmoothGrad without one, the beta whose p_beta has
     the standard deviation of its noise."""
-    if _is_number(key.get("beta")) and math.isfinite(float(key["beta"])):
+    if is_number(key.get("beta")) and math.isfinite(float(key["beta"])):
         return float(key["beta"])
-    if key.get("defense") == "smoothgrad" and _is_number(key.get("sigma")) and key["sigma"] > 0:
+    if key.get("defense") == "smoothgrad" and is_number(key.get("sigma")) and key["sigma"] > 0:
         return logistic_std(float(key["sigma"]))
     return None
 
@@ -632,7 +628,7 @@ def _section_defense(run: _Run) -> str:
 def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     """A method's defense curves and table, and its (seconds, quality) points."""
     mine = [r for r in run.sweep if str(r.get("method")) == method]
-    keys = [k for k in SWEEP_METRICS if any(_is_number(r.get(k)) for r in mine)]
+    keys = [k for k in SWEEP_METRICS if any(is_number(r.get(k)) for r in mine)]
     rows, points = [], []
     series: dict[str, tuple[list, dict]] = {"beta_smooth": ([], {}), "smoothgrad": ([], {})}
     for key, recs in _defense_groups(mine):
@@ -714,8 +710,8 @@ def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
 
 
 def _theory_scalar(value: object) -> bool:
-    two = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value))
-    return _is_number(value) or isinstance(value, (str, bool)) or two
+    two = isinstance(value, (list, tuple)) and len(value) == 2 and all(map(is_number, value))
+    return is_number(value) or isinstance(value, (str, bool)) or two
 
 
 def _theory_mapping(key: str, value: object) -> bool:

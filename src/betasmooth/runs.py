@@ -83,16 +83,16 @@ def load_inputs(
     )
     if n is not None:
         x, y = x[:n], y[:n]
-    classes = check_compatible(net, x).shape[1]
-    known = y[y >= 0]
-    if (y < -1).any() or (known >= classes).any():
-        bad = int(y[(y < -1) | (y >= classes)][0])
-        raise InputError(
-            f"{data} has label {bad}, but the model has {classes} classes; expected labels "
-            f"0 to {classes - 1} (or -1 for unknown)"
-        )
     # The runs call the model directly: the inputs take its dtype (a float64 model).
-    return net, check_input(net, x), y
+    x = check_input(net, x)
+    classes = check_compatible(net, x).shape[1]
+    wrong = (y < -1) | (y >= classes)
+    if wrong.any():
+        raise InputError(
+            f"{data} has label {int(y[wrong][0])}, but the model has {classes} classes; "
+            f"expected labels 0 to {classes - 1} (or -1 for unknown)"
+        )
+    return net, x, y
 
 
 def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -31,7 +30,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, InputTypeError, check_instance, warn_user
+from .validate import InputError, InputTypeError, check_instance, is_number, warn_user
 
 __all__ = [
     "BETA_RANGE",
@@ -153,7 +152,7 @@ range of float32, where softplus_beta is finite); got 1e+39
         if bool(inside.all()):
             return
         beta = values[~inside].flatten()[0].item()  # the first bad value, for the message
-    elif isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+    elif not is_number(beta):
         raise InputTypeError(f"{name} must be a positive number; got {beta!r}")
     if not (beta > 0 and math.isfinite(beta)):
         raise InputError(f"{name} must be a positive finite number; got {beta!r}")

@@ -227,11 +227,22 @@ def check_positive(name: str, value: object, optional: bool = False) -> float | 
     """
     if optional and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise InputTypeError(f"{name} must be a positive number; got {value!r}")
     if not (value > 0 and math.isfinite(value)):
         raise InputError(f"{name} must be a positive finite number; got {value!r}")
     return float(value)
+
+
+def is_number(value: object) -> bool:
+    """A real number that is not a bool (``True`` is an int to Python, never to an option).
+
+    Examples
+    --------
+    >>> is_number(0.5), is_number(True), is_number("1")
+    (True, False, False)
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_instance(name: str, value: object, kinds: type | tuple[type, ...], expected: str) -> None:
