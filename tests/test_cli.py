@@ -461,12 +461,15 @@ def test_explain_records_the_prediction_and_map_statistics(tmp_path):
         np.testing.assert_allclose(data["map"], maps, atol=1e-6)
 
 
-def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path):
+def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path, capsys):
     out = tmp_path / "curv"
-    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", "relu,5"]
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", "relu,10,5"]
     assert main([*argv, "-n", "2", "--iterations", "5", "--out", str(out)]) == 0
+    # The console lists the networks in order of beta.
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[1:4]] == ["beta=5", "beta=10", "relu"]
     rows = {(r["index"], r["method"]): r for r in read_jsonl(out / "results.jsonl")}
-    assert sorted(rows) == [(0, "beta=5"), (0, "relu"), (1, "beta=5"), (1, "relu")]
+    assert sorted(rows) == [(i, m) for i in (0, 1) for m in ("beta=10", "beta=5", "relu")]
     model = bs.load_model("digits-cnn")
     x, _ = bs.load_data("digits")
     for i in range(2):

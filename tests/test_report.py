@@ -413,7 +413,7 @@ def test_curvature_run_medians(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"command": "curvature", "seed": 1}))
     records = [
         {"index": i, "method": net, "beta": beta, "true_label": 2, "hessian_norm": float(h)}
-        for net, beta in (("relu", None), ("beta=1", 1.0))
+        for net, beta in (("relu", None), ("beta=10", 10.0), ("beta=1", 1.0), ("beta=2", 2.0))
         for i, h in enumerate(rng.random(5))
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -422,4 +422,7 @@ def test_curvature_run_medians(tmp_path):
     want = np.median([r["hessian_norm"] for r in records if r["method"] == "beta=1"])
     assert got["hessian_norm"] == want
     assert sorted(got) == ["hessian_norm", "images"]
+    # Networks in order of beta, not of their names' characters.
+    header = [c[0] for c in page.tables["medians"][0]][1:]
+    assert header == ["beta=1", "beta=2", "beta=10", "relu"]
     assert page.images == []

@@ -34,7 +34,7 @@ from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, resolve_device
 from .explain import METHODS
-from .metrics import medians
+from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE
@@ -747,11 +747,6 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:.3f}".rjust(width)
 
 
-def _order(key: tuple) -> tuple:
-    # Numbers in numeric order, before names in alphabetical order.
-    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
-
-
 def summary_table(
     records: Sequence[Mapping[str, object]],
     columns: Sequence[tuple[str, str]],
@@ -770,10 +765,7 @@ def summary_table(
     gradient    1    0.500
     """
 
-    groups: dict[tuple, list[Mapping[str, object]]] = {}
-    for r in records:
-        groups.setdefault(tuple(r.get(g) for g in group), []).append(r)
-    groups = {key: groups[key] for key in sorted(groups, key=_order)}
+    groups = group_records(records, group)
     names = [
         " ".join("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in key)
         for key in groups

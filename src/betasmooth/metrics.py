@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ from .validate import InputError, InputTypeError, check_batch, check_choice, che
 __all__ = [
     "METRICS",
     "medians",
+    "group_records",
     "REDUCTIONS",
     "center_of_mass",
     "com_shift",
@@ -611,3 +613,45 @@ def medians(
         x = _finite(r.get(key) for r in records)
         out[key] = float(np.median(x)) if x.size else None
     return out
+
+
+def _natural(value: object) -> tuple:
+    # None first, then numbers, then names with their digits read as numbers (beta=2 < beta=10).
+    if value is None:
+        return (0, ())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, (float(value),))
+    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    return (2, tuple((1, float(p), "") if i % 2 else (0, 0.0, p) for i, p in enumerate(parts)))
+
+
+def group_records(
+    records: Iterable[Mapping[str, object]], keys: Sequence[str]
+) -> dict[tuple, list[Mapping[str, object]]]:
+    """Records grouped by their values of ``keys``, in natural order.
+
+    Groups come in order of their key values: missing values first, then
+    numbers, then names, whose digits compare as numbers.
+
+    Parameters
+    ----------
+    records : iterable of mapping
+        Result or sweep records.
+    keys : sequence of str
+        The fields that define a group.
+
+    Returns
+    -------
+    dict
+        Tuple of key values -> the records with those values, in their order.
+
+    Examples
+    --------
+    >>> rows = [{"method": "beta=10"}, {"method": "relu"}, {"method": "beta=2"}]
+    >>> list(group_records(rows, ["method"]))
+    [('beta=2',), ('beta=10',), ('relu',)]
+    """
+    out: dict[tuple, list[Mapping[str, object]]] = {}
+    for r in records:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return {g: out[g] for g in sorted(out, key=lambda g: tuple(_natural(v) for v in g))}

@@ -18,14 +18,14 @@ import html
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import figures
-from .metrics import medians
+from .metrics import group_records, medians
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
@@ -235,22 +235,6 @@ def _metric_keys(records: Sequence[Mapping[str, object]]) -> list[str]:
     return ordered + sorted(present - set(ordered))
 
 
-def _sort_key(value: object) -> tuple:
-    if value is None:
-        return (0, 0.0, "")
-    if is_number(value):
-        return (1, float(value), "")
-    return (2, 0.0, str(value))
-
-
-def _groups(records: Iterable[Mapping], keys: Sequence[str]) -> dict[tuple, list[Mapping]]:
-    """Records grouped by their values of ``keys``: None first, then numbers, then names."""
-    out: dict[tuple, list[Mapping]] = {}
-    for r in records:
-        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
-    return {g: out[g] for g in sorted(out, key=lambda g: tuple(_sort_key(v) for v in g))}
-
-
 # ----------------------------------------------------------------------------- HTML
 
 
@@ -368,7 +352,7 @@ def _section_results(run: _Run) -> str:
         )
     keys = _metric_keys(run.results)
     kept = any(isinstance(r.get("label_kept"), bool) for r in run.results)
-    groups = _groups(run.results, ("method", "goal"))
+    groups = group_records(run.results, ("method", "goal"))
     columns = list(groups)
     header = ["median over images"] + [m if not g else f"{m} ({g})" for m, g in columns]
     rows = [["images"] + [len({r.get("index") for r in groups[c]}) for c in columns]]
@@ -503,7 +487,7 @@ def _section_explain(run: _Run) -> str:
     )
     if run.explain:
         keys = _metric_keys(run.explain)
-        groups = _groups(run.explain, ("method",))
+        groups = group_records(run.explain, ("method",))
         columns = list(groups)
         stats = {c: medians(groups[c], keys) for c in columns}
         rows = [["images"] + [len(groups[c]) for c in columns]]
@@ -540,9 +524,9 @@ def _matched_beta(key: Mapping[str, object]) -> float | None:
     return None
 
 
-def _defense_groups(records: Sequence[Mapping]) -> list[tuple[dict, list[Mapping]]]:
+def _defensegroup_records(records: Sequence[Mapping]) -> list[tuple[dict, list[Mapping]]]:
     keys = [k for k in _SWEEP_GROUP if any(k in r for r in records)]
-    return [(dict(zip(keys, g)), recs) for g, recs in _groups(records, keys).items()]
+    return [(dict(zip(keys, g)), recs) for g, recs in group_records(records, keys).items()]
 
 
 # Sweep keys and the attack result fields that measure the same without a defense.
@@ -631,7 +615,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     keys = [k for k in SWEEP_METRICS if any(is_number(r.get(k)) for r in mine)]
     rows, points = [], []
     series: dict[str, tuple[list, dict]] = {"beta_smooth": ([], {}), "smoothgrad": ([], {})}
-    for key, recs in _defense_groups(mine):
+    for key, recs in _defensegroup_records(mine):
         stats = medians(recs, keys)
         label = _sweep_label(key)
         defense = key.get("defense", "")
