@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, add in OPTIONS.items():
         p = _subcommand(sub, name)
         add(p)
-        p.set_defaults(run=COMMANDS[name])
+        p.set_defaults(run=COMMANDS[name], parser=p)
     return parser
 
 
@@ -1217,7 +1217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        # The command's own parser names the command and points to its --help.
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
         with warnings.catch_warnings():
