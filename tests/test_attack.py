@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import betasmooth as bs
 from betasmooth.attack import (
@@ -163,7 +164,8 @@ def test_defense_sweep_equals_recomputation(small):
         0, 1
     )
     betas = [0.5, 2.0]
-    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", betas, smoothgrad_n=3, seed=7)
+    seeds = [7, 8, 9, 10]
+    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", betas, smoothgrad_n=3, seed=seeds)
     rows = sweep.records()
     assert len(rows) == 2 * len(betas) * x.shape[0]
     label = net(x).argmax(1)
@@ -181,7 +183,7 @@ def test_defense_sweep_equals_recomputation(small):
             sigma=sigma,
             noise="logistic",
             input_range=1.0,
-            seed=7,
+            seed=seeds + seeds,
         )
         for defense, maps in (("beta_smooth", smooth), ("smoothgrad", noisy)):
             adv, clean = maps.chunk(2)
@@ -205,6 +207,57 @@ def test_defense_sweep_equals_recomputation(small):
         assert med["adv_vs_orig_pcc"] == pytest.approx(
             np.median([r["adv_vs_orig_pcc"] for r in group])
         )
+
+
+def test_sweep_with_one_seed_gives_an_image_and_its_copy_the_same_draws(small):
+    # An unchanged image is not an attack: every defense must see no change at all.
+    net, x = small
+    target = _targets(net, x)
+    sweep = bs.defense_sweep(net, x, x.clone(), target, "gradient", [2.0], smoothgrad_n=3, seed=0)
+    for row in sweep.records():
+        assert row["adv_vs_clean_pcc"] == pytest.approx(1.0, abs=1e-6), row["defense"]
+        assert row["adv_vs_clean_mse"] == 0.0
+    adv, clean = sweep.maps[("smoothgrad", 2.0)]
+    torch.testing.assert_close(adv, clean, rtol=0, atol=0)
+    # Each image still gets its own draws: SmoothGrad with the noise of image 0 for all
+    # images would give the same maps for two equal images; the sweep does not.
+    twins = x[:1].expand(2, -1, -1, -1).contiguous()
+    twin = bs.defense_sweep(net, twins, twins, target[:2], "gradient", [2.0], smoothgrad_n=3)
+    first, second = twin.maps[("smoothgrad", 2.0)][1]
+    assert not torch.allclose(first, second)
+    # The same seed gives the same records.
+    again = bs.defense_sweep(net, x, x.clone(), target, "gradient", [2.0], smoothgrad_n=3, seed=0)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sweep.records()]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in again.records()]
+
+
+def test_sweep_of_a_model_in_training_mode_explains_the_deployed_model(small):
+    # BatchNorm in training mode predicts from batch statistics and updates its
+    # running ones; the sweep must use and leave the model as deployed.
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 16 * 16, 10),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    x = small[1]
+    target = _targets(net.eval(), x)
+    kept = {k: v.clone() for k, v in net.state_dict().items()}
+    eval_rows = bs.defense_sweep(net, x, x, target, "gradient", [2.0], smoothgrad_n=2).records()
+    net.train()
+    train_rows = bs.defense_sweep(net, x, x, target, "gradient", [2.0], smoothgrad_n=2).records()
+    assert net.training
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, kept[name], rtol=0, atol=0, msg=name)
+    for a, b in zip(eval_rows, train_rows):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5, 8])

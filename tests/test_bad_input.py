@@ -129,7 +129,8 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "float16 x": (
         _explain(plain_cnn, X.half()),
         InputTypeError,
-        r"x has dtype torch.float16 but the model's parameters are torch.float32; expected",
+        r"x has dtype torch.float16 but the model's parameters are torch.float32; expected "
+        r"float32 or float64 \(cast with x.to\(torch.float32\)\)$",
     ),
     "integer x": (
         _explain(plain_cnn, X.long()),
@@ -171,7 +172,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "target a float": (
         _explain(plain_cnn, X, target=1.5),
         InputTypeError,
-        r"target must be None, an int or a \(B,\) integer tensor; got float",
+        r"target must be None, an int or a \(B,\) integer tensor or array; got float",
     ),
     "target out of range": (
         _explain(plain_cnn, X, target=7),
@@ -375,6 +376,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         r"unknown goal 'away'; expected one of: center, targeted, topk",
     ),
     "manipulate steps 0": (_manipulate(X, steps=0), InputError, r"steps must be an integer >= 1"),
+    "manipulate eps in 8-bit levels": (
+        _manipulate(X, eps=8),
+        InputError,
+        r"^eps must be at most 1: it is a fraction of each channel's data range .*; got 8$",
+    ),
     "manipulate float16 x": (
         _manipulate(X.half()),
         InputTypeError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,12 @@ def test_non_finite_x(net, x, value, method):
         (torch.zeros(4, 1, dtype=torch.long), ValueError, ["shape (4,)", "(4, 1)"]),
         (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, ["integer class indices", "float32"]),
         ("cat", TypeError, ["target must be None, an int or a (B,) integer tensor", "str"]),
+        (
+            np.array([0.0, 1.0, 2.0, 3.0]),
+            TypeError,
+            ["tensor or array", "ndarray of dtype float64"],
+        ),
+        (np.array([0, 1, 9, 2]), ValueError, ["out of range", "0 to 4"]),
     ],
 )
 @pytest.mark.parametrize(
@@ -68,6 +75,21 @@ def test_non_finite_x(net, x, value, method):
 )
 def test_bad_target(net, x, target, error, fragments, method):
     _raises(error, fragments, net, x, method, target)
+
+
+@pytest.mark.parametrize(
+    ("given", "same"),
+    [
+        (np.int64(3), 3),
+        (np.array([0, 3, 1, 2], dtype=np.int32), torch.tensor([0, 3, 1, 2])),
+        (np.uint8(2), torch.tensor(2)),
+    ],
+)
+def test_numpy_targets_are_the_same_classes(net, x, given, same):
+    # Labels from a numpy pipeline explain the same classes as ints and tensors.
+    torch.testing.assert_close(
+        bs.explain(net, x, "gradient", given), bs.explain(net, x, "gradient", same), rtol=0, atol=0
+    )
 
 
 def test_unknown_method(net, x):
@@ -103,7 +125,12 @@ def test_unknown_method(net, x):
          ["unknown base method 'saliency' for smoothgrad", "gradient", "integrated_gradients"]),
         ("smoothgrad", {"base": "beta_smooth"}, ValueError, ["unknown base method 'beta_smooth'"]),
         ("smoothgrad", {"base_options": {"beta": 1.0}}, TypeError,
-         ["unknown option 'beta' for method 'gradient'"]),
+         ["unknown option 'beta' for method 'smoothgrad'", "or of its base 'gradient' (none)"]),
+        ("smoothgrad", {"sigmaa": 0.1}, TypeError,
+         ["unknown option 'sigmaa' for method 'smoothgrad'", "own (", "sigma)", "'gradient'"]),
+        ("beta_smooth", {"base": "integrated_gradients", "step": 3}, TypeError,
+         ["unknown option 'step' for method 'beta_smooth'", "own (base, base_options, beta)",
+          "base 'integrated_gradients' (", "steps"]),
         ("smoothgrad", {"base_options": [("steps", 3)]}, TypeError,
          ["base_options must be a dict", "list"]),
         ("beta_smooth", {"beta": 0}, ValueError, ["beta must be a positive", "0"]),

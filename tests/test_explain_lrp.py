@@ -103,6 +103,19 @@ def test_lrp_matches_zennit(build, low, high, epsilon):
     assert ours.abs().sum() > 0
 
 
+def test_lrp_takes_a_perturbed_copy_just_outside_its_box():
+    # Robustness metrics (Quantus) explain copies of x with small noise, which
+    # may leave [low, high] by a little: still z^B, as Zennit computes it.
+    net = vgg_small().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=g)
+    x = x + 0.05 * torch.randn(x.shape, dtype=torch.float64, generator=g)
+    assert x.min() < 0 and x.max() > 1
+    target = torch.tensor([0, 1])
+    theirs = zennit_lrp(net, x, target)
+    torch.testing.assert_close(bs.explain(net, x, "lrp", target), theirs, rtol=1e-10, atol=1e-14)
+
+
 def test_lrp_predicted_class_is_default():
     net = vgg_small().double()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)

@@ -16,6 +16,7 @@ from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
 from betasmooth.recommend import recommend_beta
 from betasmooth.runs import read_jsonl
+from betasmooth.validate import InputError
 from nets import plain_cnn
 from test_explain_lrp import zennit_lrp
 
@@ -74,8 +75,15 @@ def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
     low, high = data.low.double().expand_as(x), data.high.double().expand_as(x)
     theirs = zennit_lrp(net, x.clone(), target, low, high)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
-    # The map with [0, 1] bounds, what a normalised run used to get, is another map.
-    assert not torch.allclose(bs.explain(net, x, "lrp", target), theirs, rtol=1e-3)
+    # The default box [0, 1] on these inputs would be another map: it is refused.
+    with pytest.raises(InputError, match=r"outside the lrp input box \[0.0, 1.0\].*data.low"):
+        bs.explain(net, x, "lrp", target)
+    for method, options in (("beta_smooth", {"base": "lrp"}), ("smoothgrad", {"base": "lrp"})):
+        with pytest.raises(InputError, match="outside the lrp input box"):
+            bs.explain(net, x, method, target, **options)
+    # A composite without the box needs none; SmoothGrad's noisy copies may leave the box.
+    bs.explain(net, x, "lrp", target, composite="epsilon_plus_flat")
+    bs.explain(net, x, "smoothgrad", target, base="lrp", low=data.low, high=data.high, n=2)
 
 
 def test_cli_explain_lrp_with_mean_std_is_zennit(user_files, tmp_path):

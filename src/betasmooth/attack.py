@@ -902,6 +902,12 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     # the L-inf budget and the signed step follow each channel's range.
     span = float(torch.as_tensor(high - low).mean())
     eps = check_positive("eps", given["eps"], optional=True)
+    if eps is not None and eps > 1:
+        # A budget beyond the whole range is none; most likely meant in 8-bit levels.
+        raise InputError(
+            f"eps must be at most 1: it is a fraction of each channel's data range "
+            f"(8/255 = 0.031 is 8 levels of an 8-bit pixel); got {eps:g}"
+        )
     if goal == "targeted":
         steps = defaults["steps"] if given["steps"] is None else given["steps"]
     else:
@@ -1327,9 +1333,10 @@ def defense_sweep(
         Options of the base method, e.g. ``{"low": low, "high": high}`` for
         LRP on normalised data; used for every map.
     seed : int or sequence of int
-        Fixes SmoothGrad's draws: one seed for the batch, or one per image,
-        whose draws then do not depend on the batch it is in (an image and
-        its attacked copy share them).
+        Fixes SmoothGrad's draws: one seed, from which each image's seed is
+        drawn, or one seed per image, whose draws then do not depend on the
+        batch it is in. Either way an image and its attacked copy share their
+        draws, so that the sampling noise does not count as a change of the map.
     progress : bool
         Show a progress bar.
 
@@ -1362,41 +1369,49 @@ def defense_sweep(
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
     seeds = _sweep_seeds(seed, x.shape[0])
 
-    label = predict(model, x)
-    map_orig = heatmap(explain(model, x, method, label, **options)).detach()
-    map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
-    undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
-    both = torch.cat([x_adv, x])
-    rows: list[dict[str, object]] = []
-    kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
-    jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
-    for defense, beta, sigma in tqdm(jobs, desc="defense sweep", disable=not progress):
-        start = time.perf_counter()
-        maps = DEFENSES[defense](
-            model,
-            both,
-            method,
-            label.repeat(2),
-            beta,
-            sigma=sigma,
-            n=smoothgrad_n,
-            seed=seeds,
-            input_range=input_range,
-            base_options=options,
-        ).detach()
-        seconds = (time.perf_counter() - start) / x.shape[0]
-        adv, clean = maps.chunk(2)
-        kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
-        head = {
-            "defense": defense,
-            "beta": beta,
-            "sigma": sigma if defense == "smoothgrad" else None,
-        }
-        scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
-        rows += [
-            {"index": i, **head, **{k: float(v[i]) for k, v in scores.items()}, "seconds": seconds}
-            for i in range(x.shape[0])
-        ]
+    # In evaluation mode, as explain and manipulate: the labels and maps of the
+    # deployed model, and no update of its BatchNorm statistics.
+    with evaluating(model):
+        label = predict(model, x)
+        map_orig = heatmap(explain(model, x, method, label, **options)).detach()
+        map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
+        undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
+        both = torch.cat([x_adv, x])
+        rows: list[dict[str, object]] = []
+        kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
+        for defense, beta, sigma in tqdm(jobs, desc="defense sweep", disable=not progress):
+            start = time.perf_counter()
+            maps = DEFENSES[defense](
+                model,
+                both,
+                method,
+                label.repeat(2),
+                beta,
+                sigma=sigma,
+                n=smoothgrad_n,
+                seed=seeds,
+                input_range=input_range,
+                base_options=options,
+            ).detach()
+            seconds = (time.perf_counter() - start) / x.shape[0]
+            adv, clean = maps.chunk(2)
+            kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
+            head = {
+                "defense": defense,
+                "beta": beta,
+                "sigma": sigma if defense == "smoothgrad" else None,
+            }
+            scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
+            rows += [
+                {
+                    "index": i,
+                    **head,
+                    **{k: float(v[i]) for k, v in scores.items()},
+                    "seconds": seconds,
+                }
+                for i in range(x.shape[0])
+            ]
     return SweepResult(rows, kept_maps)
 
 
@@ -1454,12 +1469,13 @@ def _check_defenses(defenses: object) -> list[str]:
     return [check_choice("defense", d, DEFENSES) for d in names]
 
 
-def _sweep_seeds(seed: object, batch: int) -> int | list[int]:
-    """SmoothGrad's seeds for the batch of ``x_adv`` and ``x``: one, or each image's twice."""
+def _sweep_seeds(seed: object, batch: int) -> list[int]:
+    """SmoothGrad's seeds for the batch of ``x_adv`` and ``x``: each image's twice."""
     if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.is_floating_point():
         seed = seed.tolist()
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        return check_seed("seed", seed)
+        generator = torch.Generator().manual_seed(check_seed("seed", seed))
+        seed = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
         raise InputTypeError(
             f"seed must be an int or one int per image of x ({batch}); "

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,8 +100,9 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
 
     Parameters
     ----------
-    target : None, int or torch.Tensor
-        ``None`` (the predicted class), one class for the whole batch, or one per item.
+    target : None, int, torch.Tensor or numpy.ndarray
+        ``None`` (the predicted class), one class for the whole batch, or one
+        per item (integers, e.g. ``np.int64`` labels).
     batch : int
         Batch size.
 
@@ -117,12 +119,18 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     """
     if target is None:
         return None
-    if isinstance(target, bool) or not isinstance(target, (int, torch.Tensor)):
+    if isinstance(target, np.ndarray) and target.dtype.kind in "iu":
+        # Labels of a numpy pipeline (np.int64 scalars become ints below).
+        target = torch.from_numpy(target)
+    if isinstance(target, bool) or not isinstance(target, (numbers.Integral, torch.Tensor)):
+        kind = type(target).__name__
+        if isinstance(target, np.ndarray):
+            kind += f" of dtype {target.dtype}"
         raise InputTypeError(
-            f"target must be None, an int or a (B,) integer tensor; got {type(target).__name__}"
+            f"target must be None, an int or a (B,) integer tensor or array; got {kind}"
         )
-    if isinstance(target, int):
-        target = torch.full((batch,), target, dtype=torch.long)
+    if isinstance(target, numbers.Integral):
+        target = torch.full((batch,), int(target), dtype=torch.long)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise InputTypeError(f"target must hold integer class indices; got dtype {target.dtype}")
     if target.dim() == 0:
@@ -418,9 +426,10 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
         )
     if dtype is not None and x.dtype != dtype:
         if x.dtype not in _CASTABLE or not dtype.is_floating_point:
+            usable = sorted({str(t).removeprefix("torch.") for t in (dtype, *_CASTABLE)})
             raise InputTypeError(
                 f"{name} has dtype {x.dtype} but the model's parameters are {dtype}; expected "
-                f"{dtype}, float32 or float64 (cast with {name}.to({dtype}))"
+                f"{' or '.join(usable)} (cast with {name}.to({dtype}))"
             )
         x = x.to(dtype)
     _check_dims(model, x, name)

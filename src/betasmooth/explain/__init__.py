@@ -32,12 +32,14 @@ from ..validate import (
 
 __all__ = [
     "CHECKS",
+    "INPUT_CHECKS",
     "METHODS",
     "PREFIXES",
     "check_model",
     "explain",
     "register",
     "register_check",
+    "register_input_check",
     "register_prefix",
 ]
 
@@ -47,6 +49,10 @@ PREFIXES: dict[str, Callable[[str], Method]] = {}
 #: Structural checks by method name, ``check(model, **options)``: what can be
 #: known to fail before any map is computed (e.g. a layer LRP has no rule for).
 CHECKS: dict[str, Callable[..., None]] = {}
+#: Checks of the input by method name, ``check(x, **options)``, run by
+#: :func:`explain` on the ``x`` it is given (not on the noisy copies that
+#: smoothgrad passes to its base, which may leave the data's range).
+INPUT_CHECKS: dict[str, Callable[..., None]] = {}
 _RESERVED = ("model", "x", "target", "create_graph")
 
 
@@ -81,6 +87,25 @@ def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., N
 
     def decorate(check: Callable[..., None]) -> Callable[..., None]:
         CHECKS[name] = check
+        return check
+
+    return decorate
+
+
+def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``check(x, **options)``, which raises if ``x`` is no valid input of method ``name``.
+
+    Examples
+    --------
+    >>> @register_input_check("my_gradient")
+    ... def needs_images(x, **options):
+    ...     if x.dim() != 4:
+    ...         raise InputError("my_gradient needs images (B, C, H, W)")
+    >>> del INPUT_CHECKS["my_gradient"]
+    """
+
+    def decorate(check: Callable[..., None]) -> Callable[..., None]:
+        INPUT_CHECKS[name] = check
         return check
 
     return decorate
@@ -183,7 +208,9 @@ def _takes_any(fn: Method) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
 
 
-def _check_options(method: str, options: dict[str, object]) -> None:
+def _check_options(method: str, options: dict[str, object], owner: str | None = None) -> None:
+    # ``owner``: the smoothing method (smoothgrad, beta_smooth) that passes on to
+    # its base ``method`` the options it does not take itself.
     fn = _lookup(method)
     if _takes_any(fn):
         # Such a method checks its options itself, unless it lists them (as
@@ -194,11 +221,18 @@ def _check_options(method: str, options: dict[str, object]) -> None:
     else:
         known = method_options(method)
     unknown = sorted(set(options) - set(known))
-    if unknown:
+    if not unknown:
+        return
+    expected = ", ".join(sorted(known)) or "(none)"
+    if owner is None:
         raise InputTypeError(
-            f"unknown option {unknown[0]!r} for method {method!r}; "
-            f"expected some of: {', '.join(sorted(known)) or '(none)'}"
+            f"unknown option {unknown[0]!r} for method {method!r}; expected some of: {expected}"
         )
+    own = ", ".join(sorted(method_options(owner)))
+    raise InputTypeError(
+        f"unknown option {unknown[0]!r} for method {owner!r}; expected some of its own "
+        f"({own}) or of its base {method!r} ({expected.strip('()')})"
+    )
 
 
 def explain(
@@ -225,9 +259,9 @@ def explain(
         One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
         ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``, or
         ``captum:NAME`` for any Captum method.
-    target : None, int or torch.Tensor
+    target : None, int, torch.Tensor or numpy.ndarray
         Class to explain: ``None`` for the predicted class, an int for all
-        items, or a ``(B,)`` tensor.
+        items, or ``(B,)`` integers.
     create_graph : bool
         Keep the graph so that the map is differentiable w.r.t. ``x`` (pass
         an ``x`` that requires grad).
@@ -257,6 +291,9 @@ def explain(
     target_t = check_target(target, x.shape[0])
     if target_t is not None:
         target_t = target_t.to(x.device)
+    check_x = INPUT_CHECKS.get(method)
+    if check_x is not None:
+        check_x(x, **options)
     with evaluating(model):
         return fn(model, x, target_t, create_graph=create_graph, **options).to(given.dtype)
 

@@ -24,7 +24,18 @@ from ..validate import (
     check_positive,
     check_seed,
 )
-from . import METHODS, _check_options, _lookup, check_model, is_method, register, register_check
+from . import (
+    INPUT_CHECKS,
+    METHODS,
+    _check_options,
+    _lookup,
+    check_model,
+    is_method,
+    method_options,
+    register,
+    register_check,
+    register_input_check,
+)
 from .gradient import auto_chunk, predict
 
 __all__ = ["NOISE_METHODS", "NOISES", "Seed", "noise_scale", "standard_noise"]
@@ -145,7 +156,7 @@ def _base(method: str, base: object, base_options: object, extra: dict) -> tuple
         )
     # Options that are not the smoothing method's own belong to the base.
     base_options = {**base_options, **extra}
-    _check_options(base, base_options)
+    _check_options(base, base_options, owner=method)
     return _lookup(base), base_options
 
 
@@ -327,3 +338,23 @@ def beta_smooth(
         target = predict(model, x)
     with smoothed(model, beta):
         return fn(model, x, target, create_graph=create_graph, **options)
+
+
+def _base_input_check(method: str) -> Callable[..., None]:
+    own = set(method_options(method))
+
+    def check(x: torch.Tensor, **options: object) -> None:
+        # The clean x must suit the base method (e.g. lie in LRP's box); the
+        # noisy copies of smoothgrad need not.
+        base = options.get("base", "gradient")
+        extra = {k: v for k, v in options.items() if k not in own}
+        _, base_options = _base(method, base, options.get("base_options"), extra)
+        base_check = INPUT_CHECKS.get(str(base))
+        if base_check is not None:
+            base_check(x, **base_options)
+
+    return check
+
+
+for _name in sorted(NOISE_METHODS):
+    register_input_check(_name)(_base_input_check(_name))

@@ -52,7 +52,7 @@ from torch import fx, nn
 
 from ..smooth import replace_relu
 from ..validate import InputError, InputTypeError
-from . import register, register_check
+from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
 
 __all__ = [
@@ -488,6 +488,9 @@ METHOD_RULES: dict[str, Rule] = {
 LayerTypes = type[nn.Module] | tuple[type[nn.Module], ...]
 
 RULES: dict[str, Rule] = {"epsilon": _epsilon, "zplus": _zplus, "zbox": _zbox}
+#: How far, in units of the box's width, an input may lie outside LRP's z^B
+#: box before it counts as data of another range.
+BOX_SLACK = 0.25
 """Rules of layers with weights by name, for :class:`Composite`."""
 
 
@@ -617,6 +620,43 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
 @register_check("lrp")
 def _check_lrp(model: nn.Module, **options: object) -> None:
     lrp_graph(model)
+
+
+@register_input_check("lrp")
+def _check_box(
+    x: torch.Tensor,
+    *,
+    low: object = 0.0,
+    high: object = 1.0,
+    epsilon: object = 1e-6,
+    composite: object = "epsilon_plus_box",
+    gamma: object = 0.25,
+) -> None:
+    """Refuse an ``x`` far outside the z^B rule's box: the bounds of other data.
+
+    The usual cause is normalised images with the default box [0, 1]. A small
+    excursion (a perturbed copy, float rounding) is allowed: the rule stays
+    defined there.
+    """
+    _check_lrp_options(low, high, epsilon)
+    chosen = _composite(composite, gamma)
+    rules = [*chosen.first.values(), *chosen.layers.values()]
+    if not any((RULES.get(r) if isinstance(r, str) else r) is _zbox for r in rules):
+        return
+    try:
+        lo = torch.broadcast_to(torch.as_tensor(low).to(x), x.shape)
+        hi = torch.broadcast_to(torch.as_tensor(high).to(x), x.shape)
+    except (RuntimeError, TypeError, ValueError):
+        return  # lrp itself names bounds of the wrong shape
+    slack = BOX_SLACK * (hi - lo).abs()
+    if bool(((x < lo - slack) | (x > hi + slack)).any()):
+        shown = "per channel" if torch.is_tensor(low) and low.numel() > 1 else f"[{low}, {high}]"
+        raise InputError(
+            f"x lies outside the lrp input box {shown} of the z^B rule (x from "
+            f"{float(x.min()):.3g} to {float(x.max()):.3g}); pass low= and high=, the bounds "
+            "of the data (data.low and data.high of bs.load_data for normalised images), "
+            "or a composite without a box such as epsilon_plus_flat"
+        )
 
 
 def lrp_graph(model: nn.Module) -> LRPGraph:
@@ -861,7 +901,9 @@ def lrp(
         normalised images need their own (``data.low``, ``data.high`` of
         :func:`betasmooth.load_data`), which the command line passes itself.
         Per-channel bounds also reach a first dense layer that sees ``x``
-        flattened.
+        flattened. :func:`~betasmooth.explain` refuses an ``x`` that lies
+        more than a quarter of the box's width outside it (:data:`BOX_SLACK`):
+        data of another range, most often normalised images with the default box.
     epsilon : float
         Stabiliser of the epsilon rule for dense layers.
     composite : str or Composite
