@@ -221,6 +221,19 @@ def test_non_empty_directory_is_refused(attack_dir, capsys):
     assert _snapshot(attack_dir) == before
 
 
+def test_resume_without_the_beta_of_the_run_is_refused(tmp_path, capsys):
+    # Leaving --beta out would explain the remaining images at the default beta.
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "beta_smooth"]
+    argv += ["-n", "2", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--beta", "5"]) == 0
+    before = (tmp_path / "run" / "results.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "--resume with a different setting: beta is 5.0" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.jsonl").read_text() == before
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["beta"] == 5.0
+
+
 def test_resume_of_a_finished_run_changes_nothing(attack_dir):
     before = _snapshot(attack_dir)
     argv = [*ATTACK, "--method", "gradient,lrp", "-n", "6", "--batch-size", "2", "--steps", "10"]

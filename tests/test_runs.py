@@ -174,7 +174,12 @@ def test_directory_checks(tmp_path):
         RunDir.create(run.path, config)
     with pytest.raises(InputError, match="steps is 10 .* but 20 now"):
         RunDir.create(run.path, {**config, "steps": 20}, resume=True)
-    # Where and how it runs may change between a run and its resumption.
+    # A setting the run was made with and the resumed command leaves out differs too.
+    with pytest.raises(InputError, match="seed is 0 .* but None now"):
+        RunDir.create(run.path, {k: v for k, v in config.items() if k != "seed"}, resume=True)
+    # Where and how it runs may change between a run and its resumption, and
+    # a later sweep's settings belong to the sweep.
+    run.update_config(sweep={"betas": [1.0]})
     RunDir.create(run.path, {**config, "argv": ["y"], "device": "cuda"}, resume=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

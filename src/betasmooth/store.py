@@ -77,6 +77,8 @@ Arrays = dict[str, np.ndarray]
 # Settings that describe where and how a run was executed, not what it computes:
 # they may change between a run and its resumption.
 VOLATILE = ("argv", "versions", "world_size", "device", "created", "resume")
+# Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
+LATER = ("sweep",)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
@@ -373,7 +375,9 @@ class RunDir:
                 "or choose a new --out"
             )
         stored = self.config()
-        for key in config:
+        # Both ways: a setting the run was made with and the command now omits
+        # (an option left out on --resume) differs as much as a changed one.
+        for key in [*config, *(k for k in stored if k not in config and k not in LATER)]:
             if key in VOLATILE:
                 continue
             if stored.get(key) != config.get(key):
