@@ -500,6 +500,22 @@ def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path, 
     assert "principal_curvature" in html and "hessian_norm" in html
 
 
+def test_curvature_records_do_not_depend_on_the_batch_size(tmp_path):
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", "1,5", "-n", "3"]
+    rows = {}
+    for size in (1, 3):
+        out = tmp_path / f"b{size}"
+        assert main([*argv, "--iterations", "6", "--batch-size", str(size), "--out", str(out)]) == 0
+        rows[size] = {
+            (r["index"], r["method"]): {k: v for k, v in r.items() if k != "seconds"}
+            for r in read_jsonl(out / "results.jsonl")
+        }
+    assert rows[1].keys() == rows[3].keys() and len(rows[1]) == 6
+    for key, row in rows[1].items():
+        for field, value in row.items():
+            assert rows[3][key][field] == pytest.approx(value, rel=1e-5), (key, field)
+
+
 def test_a_float64_model_is_explained_in_float64(tmp_path):
     # The runs call the model directly: the inputs must take its dtype.
     (tmp_path / "net.py").write_text(

@@ -145,6 +145,26 @@ def test_batch_items_are_independent():
             assert batched[key][i].item() == pytest.approx(single[key][0].item(), rel=1e-6), key
 
 
+def test_an_item_gets_the_numbers_it_gets_alone():
+    # Own seed, own stopping step: with the default tolerance (items stop at
+    # different Lanczos steps) and few probes, every number of an item equals
+    # its number measured alone, so that runs do not depend on --batch-size.
+    net = bs.smooth(residual_net().double(), 5.0)
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([1, 0, 4, 2])
+    seeds = [11, 12, 13, 14]
+    batched = curvature(net, x, target, seed=seeds, probes=3)
+    for i in range(4):
+        alone = curvature(net, x[i : i + 1], target[i : i + 1], seed=seeds[i : i + 1], probes=3)
+        for key, value in alone.items():
+            assert batched[key][i].item() == pytest.approx(value[0].item(), rel=1e-12), key
+    # One seed: the first items of a larger batch get the numbers of a smaller one.
+    four = curvature(net, x, target, seed=5, probes=3)
+    two = curvature(net, x[:2], target[:2], seed=5, probes=3)
+    for key, value in two.items():
+        torch.testing.assert_close(four[key][:2], value, rtol=1e-12, atol=0)
+
+
 def test_curvature_restores_training_mode():
     net = plain_cnn().train()
     curvature(net, torch.rand(2, 1, 16, 16))

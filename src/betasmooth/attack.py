@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,6 +61,7 @@ from .validate import (
     check_target,
     evaluating,
     is_number,
+    item_seeds,
 )
 
 __all__ = [
@@ -1471,21 +1471,7 @@ def _check_defenses(defenses: object) -> list[str]:
 
 def _sweep_seeds(seed: object, batch: int) -> list[int]:
     """SmoothGrad's seeds for the batch of ``x_adv`` and ``x``: each image's twice."""
-    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.is_floating_point():
-        seed = seed.tolist()
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
-        generator = torch.Generator().manual_seed(check_seed("seed", seed))
-        seed = torch.randint(0, 2**62, (batch,), generator=generator).tolist()
-    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise InputTypeError(
-            f"seed must be an int or one int per image of x ({batch}); "
-            f"got {type(seed).__name__} {seed!r}"
-        )
-    if len(seed) != batch:
-        raise InputError(
-            f"seed must be an int or one int per image of x ({batch}); got {len(seed)}: {seed!r}"
-        )
-    seeds = [check_seed("seed", s) for s in seed]
+    seeds = item_seeds(seed, batch)
     # x_adv and x go through the defenses as one batch; each image's copies share its draws.
     return [*seeds, *seeds]
 

@@ -30,7 +30,7 @@ independent, so the Hessian of the summed logit is block diagonal.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,9 +43,9 @@ from .validate import (
     check_count,
     check_input,
     check_model,
-    check_seed,
     check_target,
     evaluating,
+    item_seeds,
 )
 
 __all__ = ["curvature", "theorem1_check"]
@@ -118,6 +118,9 @@ def _lanczos(
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
     estimate = torch.zeros(batch, dtype=start.dtype, device=start.device)
+    # An item keeps the estimate at which it stopped, as if measured alone:
+    # its number does not depend on the other items of the batch.
+    done = torch.zeros(batch, dtype=torch.bool, device=start.device)
     for _ in tqdm(range(iterations), desc="lanczos", disable=not progress, leave=False):
         w = op(q)
         alphas.append((w * q).sum(1))
@@ -133,12 +136,13 @@ def _lanczos(
             off = torch.stack(betas, 1)
             tri = tri + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
         previous = estimate
-        estimate = torch.linalg.eigvalsh(tri).abs().amax(1)
+        estimate = torch.where(done, previous, torch.linalg.eigvalsh(tri).abs().amax(1))
         scale = torch.maximum(estimate, alphas[0].abs()).clamp_min(torch.finfo(w.dtype).tiny)
         # An invariant subspace (beta ~ 0) has been found: the estimate is exact.
         exhausted = beta <= 1e3 * torch.finfo(w.dtype).eps * scale
         converged = (estimate - previous).abs() <= tol * estimate
-        if bool(exhausted.all()) or (k > 1 and bool((exhausted | converged).all())):
+        done = done | exhausted | (converged if k > 1 else False)
+        if bool(done.all()):
             break
         q = torch.where(exhausted[:, None], 0.0, w / beta[:, None].clamp_min(1e-300))
         basis.append(q)
@@ -162,13 +166,18 @@ def _curvature(
     target: torch.Tensor | None,
     iterations: int,
     tol: float,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     probes: int,
     progress: bool,
 ) -> dict[str, torch.Tensor]:
     hessian = _Hessian(model, x, target)
     flat = hessian.grad.shape
-    start = torch.randn(flat, generator=generator, dtype=x.dtype).to(x.device)
+
+    def draw(sample: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+        # Each item from its own generator: its numbers do not depend on the batch.
+        return torch.stack([sample(g) for g in generators]).to(device=x.device, dtype=x.dtype)
+
+    start = draw(lambda g: torch.randn(flat[1:], generator=g, dtype=x.dtype))
     result = {"hessian_norm": _lanczos(hessian.hvp, start, iterations, tol, progress)}
     result["principal_curvature"] = torch.where(
         hessian.gradient_norm > 0,
@@ -177,7 +186,7 @@ def _curvature(
     )
     squares = torch.zeros(flat[0], dtype=x.dtype, device=x.device)
     for _ in range(probes):
-        v = torch.randint(0, 2, flat, generator=generator).to(x) * 2 - 1
+        v = draw(lambda g: torch.randint(0, 2, flat[1:], generator=g)) * 2 - 1
         squares = squares + hessian.hvp(v).square().sum(1)
     result["hessian_frobenius"] = (squares / probes).sqrt()
     result["gradient_norm"] = hessian.gradient_norm
@@ -191,7 +200,7 @@ def curvature(
     *,
     iterations: int = 20,
     tol: float = 1e-3,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     probes: int = 10,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -213,8 +222,11 @@ def curvature(
         Most Lanczos steps (Hessian-vector products) per estimate.
     tol : float
         Stop when every estimate changes by at most this fraction in a step.
-    seed : int
-        Seed of the start vector and of the Hutchinson probes.
+    seed : int or sequence of int
+        Seed of the start vectors and of the Hutchinson probes: one, from
+        which each item's seed is drawn, or one per item. Each item draws
+        from its own seed and stops its Lanczos steps on its own, so its
+        numbers do not depend on the batch it is measured in.
     probes : int
         Rademacher probes of the Frobenius estimate.
     progress : bool
@@ -241,10 +253,9 @@ def curvature(
     check_count("probes", probes)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
-    check_seed("seed", seed)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(s) for s in item_seeds(seed, x.shape[0])]
     with evaluating(model):
-        return _curvature(model, x, target_t, iterations, tol, generator, probes, progress)
+        return _curvature(model, x, target_t, iterations, tol, generators, probes, progress)
 
 
 def theorem1_check(

@@ -542,8 +542,8 @@ def curvature_run(
         with torch.no_grad():
             # Every version explains the class the original network predicts.
             label = model(xb).argmax(1)
-        s = unit_seed(seed, unit.method, unit.indices[0])
-        found = curvature(net, xb, label, seed=s, **(options or {}))
+        seeds = [unit_seed(seed, unit.method, i) for i in unit.indices]
+        found = curvature(net, xb, label, seed=seeds, **(options or {}))
         records = []
         for j, i in enumerate(unit.indices):
             row: Record = {"index": i, "method": unit.method, "beta": beta}

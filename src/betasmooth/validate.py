@@ -13,7 +13,7 @@ import numbers
 import sys
 import warnings
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +206,37 @@ def check_seed(name: str, value: object, maximum: int = MAX_SEED) -> int:
 got 1180591620717411303424
     """
     return check_count(name, value, 0, maximum)
+
+
+def item_seeds(seed: object, batch: int, name: str = "seed") -> list[int]:
+    """One seed per item of a batch: from one seed, or checked when given per item.
+
+    An int seeds a generator that draws the items' seeds, so that item ``i``
+    gets the same seed in any batch of at least ``i + 1`` items; a sequence
+    (or 1-D integer tensor) gives each item its own.
+
+    Examples
+    --------
+    >>> item_seeds([3, 4], 2)
+    [3, 4]
+    >>> item_seeds(0, 3)[:2] == item_seeds(0, 2)
+    True
+    """
+    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.is_floating_point():
+        seed = seed.tolist()
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        generator = torch.Generator().manual_seed(check_seed(name, seed))
+        return torch.randint(0, 2**62, (batch,), generator=generator).tolist()
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+        raise InputTypeError(
+            f"{name} must be an int or one int per item ({batch}); "
+            f"got {type(seed).__name__} {seed!r}"
+        )
+    if len(seed) != batch:
+        raise InputError(
+            f"{name} must be an int or one int per item ({batch}); got {len(seed)}: {seed!r}"
+        )
+    return [check_seed(name, s) for s in seed]
 
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> str:
