@@ -279,6 +279,39 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
     assert main(["sweep", str(run), "--betas", "1"]) == 2
 
 
+def test_sweep_cut_by_a_kill_is_completed_once(attack_dir, tmp_path):
+    # A kill can cut the write of a batch's sweep rows after some of its lines,
+    # and leave the temporary file of an arrays write. The resumed sweep adds
+    # exactly the missing rows, keeps one arrays file per batch, and removes the
+    # temporary file.
+    import shutil
+
+    argv = ["--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    shutil.copytree(attack_dir, whole)
+    assert main(["sweep", str(whole), *argv]) == 0
+    shutil.copytree(attack_dir, cut)
+    assert main(["sweep", str(cut), *argv]) == 0
+    lines = (cut / "sweep.jsonl").read_text().splitlines(keepends=True)
+    last = [
+        i for i, r in enumerate(map(json.loads, lines)) if (r["method"], r["index"]) == ("lrp", 5)
+    ]
+    # Rows of lrp item 5 (the last batch) after the third are lost, the fourth half written.
+    kept = [line for i, line in enumerate(lines) if i not in last[3:]]
+    (cut / "sweep.jsonl").write_text("".join(kept) + lines[last[3]][:40])
+    (cut / "arrays" / ".sweep-lrp-4.npz.x1y2.npz").write_bytes(b"partial")
+    assert main(["sweep", str(cut), *argv]) == 0
+
+    def rows(run):
+        return [
+            {k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(run / "sweep.jsonl")
+        ]
+
+    assert rows(cut) == rows(whole) and len(rows(whole)) == 6 * 2 * 2 * 2
+    names = sorted(p.name for p in (cut / "arrays").iterdir())
+    assert names == sorted(p.name for p in (whole / "arrays").iterdir())
+
+
 def _no_model(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     del config["model"]
@@ -308,6 +341,10 @@ def _altered_index(run: Path) -> None:
     np.savez(path, **arrays)
 
 
+def _one_batch_lost(run: Path) -> None:
+    (run / "arrays" / "lrp-4.npz").unlink()
+
+
 def _binary_results(run: Path) -> None:
     (run / "results.jsonl").write_bytes(b"\xe8\xff not text\n")
 
@@ -322,6 +359,11 @@ DAMAGED_RUNS = {
     "seed that is no int": (_seed_text, r"config.json has seed = 'x'; expected the int"),
     "arrays deleted": (_no_lrp_arrays, r"has results but no arrays of lrp in .*arrays"),
     "arrays truncated": (_damaged_arrays, r"gradient-2.npz is a damaged .npz archive"),
+    "arrays of one batch deleted": (
+        _one_batch_lost,
+        r"the arrays of 2 finished items .* missing or damaged \(e.g. lrp item 4\); run the "
+        r"same betasmooth attack command with --resume",
+    ),
 }
 
 

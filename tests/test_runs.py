@@ -10,7 +10,7 @@ import torch
 
 from betasmooth.attack import derangement
 from betasmooth.distributed import Dist
-from betasmooth.store import RunDir, append_jsonl, read_jsonl, write_npz
+from betasmooth.store import RunDir, append_jsonl, load_npz, read_jsonl, write_npz
 from betasmooth.units import Unit, execute, plan, unit_seed
 from betasmooth.validate import InputError
 
@@ -94,8 +94,13 @@ def test_resume_skips_done_work_and_sorts(tmp_path):
     write_npz(run.arrays / "a-2.npz", {"index": np.asarray([2]), "value": np.asarray([-1.0])})
     append_jsonl(run.results, [{"index": 2, "method": "a", "value": -1.0}])
     records = execute(run, units, work, progress=False)
-    # (2, "a") was done before: its batch only does index 3, and its old value stays.
-    assert Unit("a", (3,)) in calls and all(2 not in u.indices for u in calls if u.method == "a")
+    # (2, "a") was done before, (3, "a") of its batch not: a kill cut the batch's
+    # write. The batch is computed again whole, so that its arrays stay one file,
+    # and only the missing record is added: the old value stays, written once.
+    assert Unit("a", (2, 3)) in calls
+    assert load_npz(run.arrays / "a-2.npz")["index"].tolist() == [2, 3]
+    lines = [r for r in map(json.loads, run.results.read_text().splitlines())]
+    assert [r["value"] for r in lines if (r["index"], r["method"]) == (2, "a")] == [-1.0]
     assert [(r["index"], r["method"]) for r in records] == sorted(
         (i, m) for i in range(5) for m in "ab"
     )

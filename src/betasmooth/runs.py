@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .attack import ATTACK_DEFAULTS, defense_sweep, derangement, manipulate
+from .attack import ATTACK_DEFAULTS, DEFENSES, defense_sweep, derangement, manipulate
 from .distributed import Dist
 from .explain import METHODS, check_model, explain
 from .explain import method_options as options_of
@@ -28,7 +28,16 @@ from .geometry import curvature
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import smooth
-from .store import AttackBatch, ExplainBatch, Record, RunDir, SweepBatch, load_npz, read_jsonl
+from .store import (
+    AttackBatch,
+    ExplainBatch,
+    Record,
+    RunDir,
+    SweepBatch,
+    check_batch_file,
+    load_npz,
+    read_jsonl,
+)
 from .units import Unit, execute, plan, unit_seed
 from .validate import InputError, check_input
 from .zoo import check_compatible, load_data, load_model
@@ -444,12 +453,7 @@ def sweep_run(
     files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
     attacked = {key: AttackBatch.from_npz(load_npz(f), f) for key, f in files.items()}
     for key, batch in attacked.items():
-        # The file is named by its first index: a mismatch means it was altered.
-        if not len(batch.index) or int(batch.index[0]) != key[1]:
-            raise InputError(
-                f"{files[key]} holds items {batch.index.tolist()[:3]}..., not from "
-                f"{key[1]} as its name says; expected the arrays its attack wrote"
-            )
+        check_batch_file(files[key], key[1], batch.index)
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
@@ -484,7 +488,16 @@ def sweep_run(
             maps_smoothgrad=_defended(result.maps, "smoothgrad", betas),
         )
 
-    records = execute(run, units, work, name="sweep", dist=dist, progress=progress, desc="sweep")
+    records = execute(
+        run,
+        units,
+        work,
+        name="sweep",
+        dist=dist,
+        progress=progress,
+        desc="sweep",
+        rows_per_item=len(DEFENSES) * len({float(b) for b in betas}),
+    )
     if records:
         run.write_sweep_summary(sweep_summary(records, min_fidelity))
     return records

@@ -64,8 +64,10 @@ __all__ = [
     "ExplainBatch",
     "SweepBatch",
     "append_jsonl",
+    "check_batch_file",
     "load_npz",
     "read_jsonl",
+    "record_key",
     "versions",
     "write_json",
     "write_jsonl",
@@ -391,10 +393,7 @@ class RunDir:
         """Create the directory and write ``config.json`` with the run's provenance."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.arrays.mkdir(exist_ok=True)
-        # Temporary files of a batch whose process was killed while writing it.
-        for stale in [*self.path.iterdir(), *self.arrays.iterdir()]:
-            if _temporary(stale):
-                stale.unlink(missing_ok=True)
+        self.remove_temporary()
         full = dict(config)
         full.setdefault("argv", list(sys.argv))
         full["versions"] = versions()
@@ -404,6 +403,16 @@ class RunDir:
             # A resumed run keeps its original creation record.
             full["created"] = self.config().get("created", full["created"])
         write_json(self.config_path, full)
+
+    def remove_temporary(self) -> None:
+        """Delete the temporary files of writes that a kill interrupted.
+
+        Only while no other process writes to the run: before its work starts.
+        """
+        folders = [f for f in (self.path, self.arrays) if f.is_dir()]
+        for stale in [p for folder in folders for p in folder.iterdir()]:
+            if _temporary(stale):
+                stale.unlink(missing_ok=True)
 
     def update_config(self, **settings: object) -> None:
         """Add or replace settings in ``config.json`` (e.g. those of a later sweep)."""
@@ -458,8 +467,8 @@ class RunDir:
                         f"{f}, line {number}, is not a betasmooth record; expected a JSON object "
                         "with index and method: remove that line, or start a new --out"
                     )
-                seen.setdefault(_key(r), r)
-        return sorted(seen.values(), key=_key)
+                seen.setdefault(record_key(r), r)
+        return sorted(seen.values(), key=record_key)
 
     def _files(self, name: str) -> list[Path]:
         return [self.merged(name), *self.rank_files(name)]
@@ -513,11 +522,24 @@ class RunDir:
         return {m: dict(sorted(files.items())) for m, files in sorted(found.items())}
 
     def save_arrays(
-        self, method: str, first: int, arrays: Batch | Arrays, name: str = "results"
+        self,
+        method: str,
+        first: int,
+        arrays: Batch | Arrays,
+        name: str = "results",
+        indices: Sequence[int] = (),
     ) -> Path:
-        """Write a batch's arrays, atomically, to :meth:`arrays_file`."""
+        """Write a batch's arrays, atomically, to :meth:`arrays_file`.
+
+        Files of the same kind whose first index is another of this batch's
+        ``indices`` are removed afterwards (the halves of a batch that is
+        computed again whole): each item stays in one file.
+        """
         path = self.arrays_file(method, first, name)
         write_npz(path, arrays.to_npz() if isinstance(arrays, Batch) else arrays)
+        for other in indices:
+            if other != first:
+                self.arrays_file(method, other, name).unlink(missing_ok=True)
         return path
 
     def covered(self, name: str = "results") -> set[tuple[int, str]]:
@@ -597,6 +619,19 @@ class RunDir:
             raise InputError(
                 f"{self.path} has results but no arrays of {missing[0]} in {self.arrays}; "
                 f"expected the files {missing[0]}-<first index>.npz that its attack wrote"
+            )
+        held = {
+            (int(i), method)
+            for method, by_first in files.items()
+            for first, f in by_first.items()
+            for i in check_batch_file(f, first, load_npz(f).get("index"))
+        }
+        lost = sorted({(int(r["index"]), str(r["method"])) for r in done} - held)
+        if lost:
+            raise InputError(
+                f"the arrays of {len(lost)} finished items of the attack in {self.path} are "
+                f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
+                "betasmooth attack command with --resume, which computes them again, then sweep"
             )
         return config
 
@@ -730,7 +765,31 @@ def _sound_index(path: Path) -> np.ndarray | None:
     return index if lengths == {len(index)} else None
 
 
-def _key(record: Record) -> tuple:
+def check_batch_file(path: Path, first: int, index: np.ndarray | None) -> list[int]:
+    """The items of a batch's arrays file, checked against its name ``<method>-<first>.npz``.
+
+    Raises
+    ------
+    InputError
+        When the file holds no items or items from another first index: it was altered.
+    """
+    items = [] if index is None else np.asarray(index).ravel().tolist()
+    if not items or int(items[0]) != first:
+        raise InputError(
+            f"{path} holds items {items[:3]}..., not from {first} as its name says; "
+            "expected the arrays its attack wrote"
+        )
+    return [int(i) for i in items]
+
+
+def record_key(record: Record) -> tuple:
+    """What tells a record apart: (index, method) and, for sweep rows, defense and beta.
+
+    Examples
+    --------
+    >>> record_key({"index": 2, "method": "lrp", "defense": "smoothgrad", "beta": 1.0})
+    (2, 'lrp', 'smoothgrad', '1.0')
+    """
     return (int(record["index"]), str(record["method"]), *_extra_key(record))
 
 

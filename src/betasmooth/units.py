@@ -21,13 +21,14 @@ import dataclasses
 import sys
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .distributed import Dist
-from .store import Arrays, Batch, Record, RunDir
+from .store import Arrays, Batch, Record, RunDir, record_key
 from .validate import InputError
 
 __all__ = ["Unit", "execute", "is_oom", "plan", "unit_seed"]
@@ -95,6 +96,7 @@ def execute(
     desc: str = "batches",
     message: Callable[[str], None] | None = None,
     keeps_arrays: bool = True,
+    rows_per_item: int = 1,
 ) -> list[Record]:
     """Do this rank's share of ``units``, skip what is done, and merge at the end.
 
@@ -128,6 +130,13 @@ def execute(
     keeps_arrays : bool
         Whether ``work`` returns arrays. Then a finished item whose arrays
         file is missing or corrupt is computed again (see :meth:`RunDir.repair`).
+    rows_per_item : int
+        Records per (index, method) (a sweep writes one per defense and beta).
+        A unit counts as done when every item has them all; otherwise it is
+        computed again whole (a kill can cut the write of a batch's records
+        after some of its lines), and only the records still missing are
+        added, so that every record is written once and the arrays of the
+        unit stay in one file.
 
     Returns
     -------
@@ -147,15 +156,15 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
-    left_units = _unfinished(run, units, name, dist, say, keeps_arrays)
+    left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)
     # One bar per job, shown by rank 0 only and, by default, only on a terminal.
     hide = True if dist.rank != 0 else (None if progress is None else not progress)
     total = sum(len(u.indices) for u in left_units)
     with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
         for unit, records, arrays in _finished(left_units, work, say):
             if arrays is not None:
-                run.save_arrays(unit.method, unit.indices[0], arrays, name)
-            run.append(records, name)
+                run.save_arrays(unit.method, unit.indices[0], arrays, name, unit.indices)
+            run.append([r for r in records if record_key(r) not in written], name)
             bar.update(len(unit.indices))
     dist.barrier()
     merged = run.merge(name) if dist.rank == 0 else []
@@ -170,21 +179,22 @@ def _unfinished(
     dist: Dist,
     say: Callable[[str], None],
     keeps_arrays: bool,
-) -> list[Unit]:
-    """This rank's units, less the items already finished (after repairing lost arrays)."""
+    rows_per_item: int,
+) -> tuple[list[Unit], set[tuple]]:
+    """This rank's units not yet done (after repairing lost arrays), and the records' keys."""
+    if dist.rank == 0:
+        # A sweep adds to a finished run without writing its config again.
+        run.remove_temporary()
     if keeps_arrays and dist.rank == 0:
         run.repair(name, say)
     dist.barrier()
-    done = run.done(name)
+    records = run.read(name)
+    rows = Counter((int(r["index"]), str(r["method"])) for r in records)
     mine = [u for k, u in enumerate(units) if k % dist.world_size == dist.rank]
-    left_units = []
-    for u in mine:
-        left = tuple(i for i in u.indices if (i, u.method) not in done)
-        if left:
-            left_units.append(Unit(u.method, left))
+    left_units = [u for u in mine if any(rows[(i, u.method)] < rows_per_item for i in u.indices)]
     # Every rank must have read the finished work before any rank adds to it.
     dist.barrier()
-    return left_units
+    return left_units, {record_key(r) for r in records}
 
 
 def _finished(
