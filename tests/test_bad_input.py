@@ -450,7 +450,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "defense_sweep a seed per image, but 3 for 2": (
         _sweep(seed=[1, 2, 3]),
         InputError,
-        r"seed must be an int or one int per image of x \(2\); got 3: \[1, 2, 3\]$",
+        r"seed must be an int or one int per item of x \(2\); got 3: \[1, 2, 3\]$",
     ),
     "defense_sweep data_range reversed": (
         _sweep(data_range=(1.0, 0.0)),

@@ -110,3 +110,24 @@ def test_killed_rank_then_resume_has_every_item_once(tmp_path):
     for r in survivors:
         assert by_key[(r["index"], r["method"])] == r
     assert not list(out.glob("results-rank*.jsonl"))
+
+
+@pytest.mark.parametrize("command", ["demo", "theorem", "report"])
+def test_one_process_commands_refuse_torchrun(command, tmp_path, monkeypatch, capsys):
+    # Each rank would do the whole job into the same directory.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"demo": ["--out", str(tmp_path / "d")], "theorem": ["--out", str(tmp_path / "t")]}
+    assert main([command, *argv.get(command, [str(tmp_path)])]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"betasmooth: error: betasmooth {command} runs in one process; start it without "
+        "torchrun (attack, explain, sweep, curvature share their work among torchrun's "
+        "processes)\n"
+    )
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()
+    # One process of its own is no torchrun job.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    if command == "theorem":
+        assert main([command, "--out", str(tmp_path / "t"), "--quick"]) == 0

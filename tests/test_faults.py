@@ -112,6 +112,63 @@ def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(
+    finished, tmp_path, monkeypatch, capsys
+):
+    # The page and the figures are written to a temporary file first: a full
+    # disk (or a kill) while rebuilding leaves the previous report as it was.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    before = {p: p.read_bytes() for p in [run / "report.html", *(run / "figures").iterdir()]}
+    real = store.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "fsync", full)
+    assert main(["report", str(run)]) == 2
+    assert _error_line(capsys).startswith("betasmooth: error: No space left on device: ")
+    monkeypatch.setattr(store.os, "fsync", real)
+    assert {p: p.read_bytes() for p in before} == before
+    leftovers = [p.name for p in [*run.iterdir(), *(run / "figures").iterdir()]]
+    assert not [name for name in leftovers if name.startswith(".")]
+
+
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_a_second_process_writing_the_same_run_is_refused(finished, tmp_path, capsys):
+    # Another process holds the directory (a run still working, or its orphaned
+    # torchrun workers): attack --resume and sweep are refused and write nothing.
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        expected = (
+            f"betasmooth: error: another betasmooth process is writing to {run}; wait until it "
+            "has finished (or stop it), then run again with --resume, or choose a new --out"
+        )
+        assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 2
+        assert _error_line(capsys) == expected
+        assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2"]) == 2
+        assert _error_line(capsys) == expected
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+    finally:
+        holder.communicate("")
+    # Once it has exited (even killed), the run is free.
+    assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+
+
 def test_a_run_that_fails_before_its_first_result_can_be_started_again(tmp_path, capsys):
     out = tmp_path / "run"
     # One image cannot be attacked (its target map is another image's).

@@ -32,13 +32,13 @@ import torch
 from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
-from .distributed import distributed, resolve_device
+from .distributed import distributed, launched, resolve_device
 from .explain import METHODS
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE
-from .store import RunDir
+from .store import RunDir, release_locks
 from .validate import MAX_SEED, InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
 
@@ -46,6 +46,8 @@ __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
+#: Commands that run in one process (not under torchrun).
+ONE_PROCESS: set[str] = set()
 
 # Columns of the summary table of an attack run: (field, header).
 #: How large the change of the input was, and what it cost.
@@ -136,11 +138,17 @@ PHOTO_DEMO_SIZES: dict[str, dict[str, object]] = {
 DEMO_SIZES_BY_DATA = {"digits": DEMO_SIZES, "photos": PHOTO_DEMO_SIZES}
 
 
-def command(name: str) -> Callable[[Command], Command]:
-    """Register a subcommand function under ``name``."""
+def command(name: str, sharded: bool = True) -> Callable[[Command], Command]:
+    """Register a subcommand function under ``name``.
+
+    ``sharded``: the command shares its work among the processes of a
+    torchrun job; the others run in one process and refuse torchrun.
+    """
 
     def decorate(fn: Command) -> Command:
         COMMANDS[name] = fn
+        if not sharded:
+            ONE_PROCESS.add(name)
         return fn
 
     return decorate
@@ -966,6 +974,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, x, _ = _load(config, 1)
     bounds = _bounds(config, x)
     with distributed(device) as (dist, dev):
+        if dist.rank == 0:
+            run.lock()
         if dist.rank == 0 and stored != settings:
             run.update_config(sweep=settings)
         dist.barrier()
@@ -1037,7 +1047,7 @@ def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:
     return summary
 
 
-@command("theorem")
+@command("theorem", sharded=False)
 def cmd_theorem(args: argparse.Namespace) -> int:
     """Numerical checks of the 1-D identity and Theorem 2, with figures."""
     from .figures import theorem_figures
@@ -1056,7 +1066,7 @@ def cmd_theorem(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("report")
+@command("report", sharded=False)
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild ``report.html`` from a run directory."""
     from .report import build_report
@@ -1074,7 +1084,7 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
     return {m: max(1, round(budget * s / longest)) for m, s in paper.items()}
 
 
-@command("demo")
+@command("demo", sharded=False)
 def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on a model (built-in by default); report."""
     from .report import build_report
@@ -1208,6 +1218,16 @@ def _show_warning(
     print(f"betasmooth: warning: {message}", file=sys.stderr, flush=True)
 
 
+def _check_processes(name: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1) if launched() else 1
+    if name in ONE_PROCESS and world > 1:
+        sharded = ", ".join(c for c in COMMANDS if c not in ONE_PROCESS)
+        raise InputError(
+            f"betasmooth {name} runs in one process; start it without torchrun "
+            f"({sharded} share their work among torchrun's processes)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``betasmooth`` command; returns the exit status.
 
@@ -1225,6 +1245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            _check_processes(args.command)
             _apply_preset(args)
             return args.run(args)
     except BrokenPipeError:
@@ -1239,6 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("betasmooth: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        release_locks()
 
 
 if __name__ == "__main__":  # pragma: no cover

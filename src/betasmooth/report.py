@@ -28,7 +28,7 @@ from . import figures
 from .metrics import group_records, medians
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
-from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch
+from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, write_bytes
 from .validate import InputError, is_number
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
@@ -836,5 +836,5 @@ def build_report(run_dir: str | Path) -> Path:
         f"<h1>betasmooth report</h1><nav>{nav}</nav>" + "".join(body) + "</body></html>\n"
     )
     path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    write_bytes(path, page.encode("utf-8"))
     return path

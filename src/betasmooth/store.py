@@ -49,6 +49,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 from .checkpoint import read_npz
 from .distributed import Dist
 from .validate import InputError
@@ -67,8 +72,10 @@ __all__ = [
     "check_batch_file",
     "load_npz",
     "read_jsonl",
+    "release_locks",
     "record_key",
     "versions",
+    "write_bytes",
     "write_json",
     "write_jsonl",
     "write_npz",
@@ -81,6 +88,16 @@ Arrays = dict[str, np.ndarray]
 VOLATILE = ("argv", "versions", "world_size", "device", "created", "resume")
 # Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
 LATER = ("sweep",)
+
+
+# Run directories this process holds (see RunDir.lock): resolved path -> descriptor.
+_LOCKS: dict[Path, int] = {}
+
+
+def release_locks() -> None:
+    """Let other processes write to the run directories this process holds."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
@@ -209,6 +226,11 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
     """Write a JSON-lines file atomically (temporary file, then rename)."""
     text = "".join(_line(r) for r in records).encode()
     _replace_atomically(Path(path), lambda f: f.write(text), ".tmp")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically: a kill leaves the old file or the new one, never half of one."""
+    _replace_atomically(Path(path), lambda f: f.write(data), ".tmp")
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
@@ -342,6 +364,35 @@ class RunDir:
             raise InputError(f"{self.config_path} holds no JSON object; expected a run's settings")
         return config
 
+    def lock(self) -> None:
+        """Hold the directory for this process until it exits (or :func:`release_locks`).
+
+        A second betasmooth process that would write into the same directory at
+        the same time (two commands with one ``--out``, or a ``--resume``
+        started while the first run still works) is refused; a killed process
+        holds nothing. Uses ``flock`` on the directory; without ``fcntl``
+        (Windows) it does nothing.
+
+        Raises
+        ------
+        InputError
+            When another process holds the directory.
+        """
+        key = self.path.resolve()
+        if fcntl is None or key in _LOCKS:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise InputError(
+                f"another betasmooth process is writing to {self.path}; wait until it has "
+                "finished (or stop it), then run again with --resume, or choose a new --out"
+            ) from None
+        _LOCKS[key] = fd
+
     def started(self) -> bool:
         """Whether the directory holds anything but what :meth:`create` writes first.
 
@@ -409,7 +460,7 @@ class RunDir:
 
         Only while no other process writes to the run: before its work starts.
         """
-        folders = [f for f in (self.path, self.arrays) if f.is_dir()]
+        folders = [f for f in (self.path, self.arrays, self.figures) if f.is_dir()]
         for stale in [p for folder in folders for p in folder.iterdir()]:
             if _temporary(stale):
                 stale.unlink(missing_ok=True)
@@ -451,6 +502,7 @@ class RunDir:
         run.check(config, resume)
         dist.barrier()
         if dist.rank == 0:
+            run.lock()
             run.write_config(config)
         dist.barrier()
         return run

@@ -229,12 +229,12 @@ def item_seeds(seed: object, batch: int, name: str = "seed") -> list[int]:
         return torch.randint(0, 2**62, (batch,), generator=generator).tolist()
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
         raise InputTypeError(
-            f"{name} must be an int or one int per item ({batch}); "
+            f"{name} must be an int or one int per item of x ({batch}); "
             f"got {type(seed).__name__} {seed!r}"
         )
     if len(seed) != batch:
         raise InputError(
-            f"{name} must be an int or one int per item ({batch}); got {len(seed)}: {seed!r}"
+            f"{name} must be an int or one int per item of x ({batch}); got {len(seed)}: {seed!r}"
         )
     return [check_seed(name, s) for s in seed]
 
