@@ -169,6 +169,27 @@ def test_a_second_process_writing_the_same_run_is_refused(finished, tmp_path, ca
     assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
 
 
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_the_python_api_holds_a_run_only_while_it_works(tmp_path):
+    # A notebook that made a run must not keep a command in a terminal from sweeping it.
+    import subprocess
+    import sys
+
+    from betasmooth.runs import attack_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=2)
+    run = store.RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
+    attack_run(run, model, x, y, ["gradient"], steps=2)
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(run.path)], capture_output=True, text=True
+    )
+    assert done.stdout == "free\n", done.stderr
+
+
 def test_a_run_that_fails_before_its_first_result_can_be_started_again(tmp_path, capsys):
     out = tmp_path / "run"
     # One image cannot be attacked (its target map is another image's).

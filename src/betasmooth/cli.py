@@ -38,7 +38,7 @@ from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE
-from .store import RunDir, release_locks
+from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
 
@@ -1243,7 +1243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), holding_locks():
             warnings.showwarning = _show_warning
             _check_processes(args.command)
             _apply_preset(args)
@@ -1260,8 +1260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("betasmooth: interrupted; run again with --resume to continue", file=sys.stderr)
         return 130
-    finally:
-        release_locks()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,7 @@ __all__ = [
     "append_jsonl",
     "check_batch_file",
     "load_npz",
+    "holding_locks",
     "read_jsonl",
     "release_locks",
     "record_key",
@@ -92,12 +93,28 @@ LATER = ("sweep",)
 
 # Run directories this process holds (see RunDir.lock): resolved path -> descriptor.
 _LOCKS: dict[Path, int] = {}
+# Inside holding_locks(): a run stays held after its work, until the block ends.
+_HOLDING = [False]
 
 
 def release_locks() -> None:
     """Let other processes write to the run directories this process holds."""
     while _LOCKS:
         os.close(_LOCKS.popitem()[1])
+
+
+@contextlib.contextmanager
+def holding_locks() -> Iterator[None]:
+    """Keep every run directory locked in the block until its end (a whole command).
+
+    Outside such a block (the Python API) a run is held only while its work runs.
+    """
+    _HOLDING[0] = True
+    try:
+        yield
+    finally:
+        _HOLDING[0] = False
+        release_locks()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
@@ -365,13 +382,13 @@ class RunDir:
         return config
 
     def lock(self) -> None:
-        """Hold the directory for this process until it exits (or :func:`release_locks`).
+        """Hold the directory for this process, until :meth:`unlock`.
 
         A second betasmooth process that would write into the same directory at
         the same time (two commands with one ``--out``, or a ``--resume``
         started while the first run still works) is refused; a killed process
         holds nothing. Uses ``flock`` on the directory; without ``fcntl``
-        (Windows) it does nothing.
+        (Windows) it does nothing. Holding it again in the same process is a no-op.
 
         Raises
         ------
@@ -392,6 +409,24 @@ class RunDir:
                 "finished (or stop it), then run again with --resume, or choose a new --out"
             ) from None
         _LOCKS[key] = fd
+
+    def unlock(self) -> None:
+        """Let other processes write here, unless a command holds it (:func:`holding_locks`)."""
+        fd = None if _HOLDING[0] else _LOCKS.pop(self.path.resolve(), None)
+        if fd is not None:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def held(self, active: bool = True) -> Iterator[None]:
+        """:meth:`lock` for the block (when ``active``), then :meth:`unlock`."""
+        if not active:
+            yield
+            return
+        self.lock()
+        try:
+            yield
+        finally:
+            self.unlock()
 
     def started(self) -> bool:
         """Whether the directory holds anything but what :meth:`create` writes first.
@@ -502,8 +537,8 @@ class RunDir:
         run.check(config, resume)
         dist.barrier()
         if dist.rank == 0:
-            run.lock()
-            run.write_config(config)
+            with run.held():
+                run.write_config(config)
         dist.barrier()
         return run
 

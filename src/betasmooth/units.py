@@ -156,20 +156,22 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
-    left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)
-    # One bar per job, shown by rank 0 only and, by default, only on a terminal.
-    hide = True if dist.rank != 0 else (None if progress is None else not progress)
-    total = sum(len(u.indices) for u in left_units)
-    with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
-        for unit, records, arrays in _finished(left_units, work, say):
-            if arrays is not None:
-                run.save_arrays(unit.method, unit.indices[0], arrays, name, unit.indices)
-            run.append([r for r in records if record_key(r) not in written], name)
-            bar.update(len(unit.indices))
-    dist.barrier()
-    merged = run.merge(name) if dist.rank == 0 else []
-    dist.barrier()
-    return merged
+    # Rank 0 holds the directory while the work runs (a whole command holds it longer).
+    with run.held(dist.rank == 0):
+        left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)
+        # One bar per job, shown by rank 0 only and, by default, only on a terminal.
+        hide = True if dist.rank != 0 else (None if progress is None else not progress)
+        total = sum(len(u.indices) for u in left_units)
+        with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
+            for unit, records, arrays in _finished(left_units, work, say):
+                if arrays is not None:
+                    run.save_arrays(unit.method, unit.indices[0], arrays, name, unit.indices)
+                run.append([r for r in records if record_key(r) not in written], name)
+                bar.update(len(unit.indices))
+        dist.barrier()
+        merged = run.merge(name) if dist.rank == 0 else []
+        dist.barrier()
+        return merged
 
 
 def _unfinished(
