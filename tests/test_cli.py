@@ -558,6 +558,30 @@ def test_curvature_records_do_not_depend_on_the_batch_size(tmp_path):
             assert rows[3][key][field] == pytest.approx(value, rel=1e-5), (key, field)
 
 
+def test_records_and_report_name_the_file_and_class_of_each_image(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("zebra/b.png", "zebra/a.png", "Apple/x.png"):
+        (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+            tmp_path / "imgs" / name
+        )
+    common = ["--model", "digits-cnn", "--data", str(tmp_path / "imgs"), "--method", "gradient"]
+    for command, extra in (("explain", []), ("attack", ["--steps", "2"])):
+        out = tmp_path / command
+        assert main([command, *common, *extra, "--out", str(out), "--no-progress"]) == 0
+        name = "explain.jsonl" if (out / "explain.jsonl").exists() else "results.jsonl"
+        rows = sorted(read_jsonl(out / name), key=lambda r: r["index"])
+        assert [(r["file"], r["true_label"], r["true_label_name"]) for r in rows] == [
+            ("Apple/x.png", 0, "Apple"),
+            ("zebra/a.png", 1, "zebra"),
+            ("zebra/b.png", 1, "zebra"),
+        ]
+        html = (out / "report.html").read_text()
+        assert "Files: #0 Apple/x.png, #1 zebra/a.png, #2 zebra/b.png." in html
+
+
 def test_a_float64_model_is_explained_in_float64(tmp_path):
     # The runs call the model directly: the inputs must take its dtype.
     (tmp_path / "net.py").write_text(

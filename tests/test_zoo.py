@@ -191,6 +191,35 @@ def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
         bs.load_model(f"{factory_file}:make", weights=path)
 
 
+def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
+    # As nn.Module.load_state_dict(strict=True): an older BatchNorm state dict
+    # without num_batches_tracked loads; so do the keys of a DataParallel model.
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\n\n\ndef make():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())\n"
+    )
+    torch.manual_seed(0)
+    trained = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+    with torch.no_grad():
+        trained[1].running_mean.uniform_()
+    x = torch.rand(2, 1, 5, 5)
+    expected = trained.eval()(x)
+    old = {k: v for k, v in trained.state_dict().items() if "num_batches_tracked" not in k}
+    wrapped = {f"module.{k}": v for k, v in trained.state_dict().items()}
+    for name, state in (("old.pt", old), ("dp.pt", wrapped)):
+        torch.save(state, tmp_path / name)
+        model = bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / name)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # Other missing keys are still named.
+    torch.save({k: v for k, v in old.items() if k != "1.running_var"}, tmp_path / "bad.pt")
+    with pytest.raises(InputError, match=r"\(missing keys: 1\.running_var\);"):
+        bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / "bad.pt")
+    # An .npz given as weights is named as such.
+    np.savez(tmp_path / "w.npz", x=np.zeros(3))
+    with pytest.raises(InputError, match=r"w\.npz: it is a NumPy \.npz archive, not a file of"):
+        bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / "w.npz")
+
+
 def test_unknown_model_specs(tmp_path) -> None:
     with pytest.raises(
         InputError, match="unknown model spec 'resnet'.*'digits-cnn'.*file.py:factory"
@@ -248,15 +277,49 @@ def test_flat_folder_rgb_to_grey_and_resize(tmp_path) -> None:
     _png(tmp_path / "grey.png", np.full((8, 8), 100), "L")
     with pytest.raises(InputError, match=r"image .*red.png is 10x6 but .*grey.png is 8x8"):
         bs.load_data(str(tmp_path))
-    # Channels follow the first file in name order, grey.png.
+    # One colour image makes the folder RGB, though the grey one comes first by name;
+    # grey repeats to three channels, as Pillow's convert("RGB").
     x, y = bs.load_data(str(tmp_path), image_size=(4, 5))
-    assert x.shape == (2, 1, 4, 5) and y.tolist() == [-1, -1]
-    torch.testing.assert_close(x[0], torch.full((1, 4, 5), 100 / 255))
+    assert x.shape == (2, 3, 4, 5) and y.tolist() == [-1, -1]
+    torch.testing.assert_close(x[0], torch.full((3, 4, 5), 100 / 255))
+    torch.testing.assert_close(x[1], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 4, 5))
     # Pillow's RGB -> L: (299 R + 587 G + 114 B) / 1000, rounded down: 76 for pure red.
-    torch.testing.assert_close(x[1], torch.full((1, 4, 5), 76 / 255))
-    rgb, _ = bs.load_data(str(tmp_path), image_size=4, channels=3)
-    assert rgb.shape == (2, 3, 4, 4)
-    torch.testing.assert_close(rgb[1], torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 4, 4))
+    grey, _ = bs.load_data(str(tmp_path), image_size=4, channels=1)
+    assert grey.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(grey[1], torch.full((1, 4, 4), 76 / 255))
+    # Only grey images: grey.
+    (tmp_path / "red.png").unlink()
+    assert bs.load_data(str(tmp_path)).x.shape == (1, 1, 8, 8)
+
+
+def test_folder_names_its_classes_and_files(tmp_path) -> None:
+    _png(tmp_path / "zebra" / "b.png", np.zeros((4, 4)), "L")
+    _png(tmp_path / "zebra" / "a.png", np.zeros((4, 4)), "L")
+    _png(tmp_path / "Apple" / "x.png", np.zeros((4, 4)), "L")
+    data = bs.load_data(str(tmp_path))
+    # Sorted as torchvision's ImageFolder sorts: upper case first.
+    assert data.classes == ["Apple", "zebra"] and data.y.tolist() == [0, 1, 1]
+    assert data.files == ["Apple/x.png", "zebra/a.png", "zebra/b.png"]
+    assert data.about(2) == {"file": "zebra/b.png", "true_label_name": "zebra"}
+    again = pickle.loads(pickle.dumps(data))
+    assert again.classes == data.classes and again.files == data.files
+    assert bs.load_data("digits").about(0) == {} and bs.load_data("digits").files is None
+
+
+def test_folder_layouts_that_would_mislabel_are_named(tmp_path) -> None:
+    _png(tmp_path / "c" / "a" / "0.png", np.zeros((4, 4)), "L")
+    _png(tmp_path / "c" / "c" / "0.png", np.zeros((4, 4)), "L")
+    (tmp_path / "c" / "b").mkdir()
+    with pytest.raises(InputError, match=r"class folder .*c/b holds no images; expected images"):
+        bs.load_data(str(tmp_path / "c"))
+    _png(tmp_path / "s" / "train" / "cat" / "0.png", np.zeros((4, 4)), "L")
+    _png(tmp_path / "s" / "val" / "cat" / "0.png", np.zeros((4, 4)), "L")
+    with pytest.raises(InputError, match=r"has images only in deeper folders .* point the data"):
+        bs.load_data(str(tmp_path / "s"))
+    _png(tmp_path / "n" / "a" / "0.png", np.zeros((4, 4)), "L")
+    _png(tmp_path / "n" / "a" / "more" / "1.png", np.zeros((4, 4)), "L")
+    with pytest.warns(UserWarning, match=r"1 images in folders below the class folders"):
+        assert len(bs.load_data(str(tmp_path / "n")).x) == 1
 
 
 def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:
@@ -295,6 +358,11 @@ def test_npz(tmp_path) -> None:
     x, y = bs.load_data(str(path))
     assert x.dtype == torch.float32 and float(x.sum()) == 2.0 * 96 and y.tolist() == [-1, -1]
     assert data_range(str(path)) == (0.0, 2.0)
+    # 8-bit levels stored as floats, normalised as if they were [0, 1] pixels: said.
+    np.savez(path, x=np.full((2, 3, 4, 4), 200.0))
+    with pytest.warns(UserWarning, match=r"holds values up to 200; mean and std apply to pixels"):
+        normalised = bs.load_data(str(path), mean=0.5, std=0.25).x
+    torch.testing.assert_close(normalised, torch.full((2, 3, 4, 4), (200.0 - 0.5) / 0.25))
 
 
 def test_npz_bad_input(tmp_path) -> None:
@@ -309,6 +377,10 @@ def test_npz_bad_input(tmp_path) -> None:
         bs.load_data(str(path))
     np.savez(path, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(InputError, match="d.npz holds pickled objects, which are never loaded"):
+        bs.load_data(str(path))
+    np.savez(path, x=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    nhwc = r"shape \(2, 8, 8, 3\), channel-last .*x\.transpose\(0, 3, 1, 2\)"
+    with pytest.raises(InputError, match=nhwc):
         bs.load_data(str(path))
     with pytest.raises(InputError, match="data file .*missing.npz does not exist"):
         bs.load_data(str(tmp_path / "missing.npz"))

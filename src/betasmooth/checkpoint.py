@@ -79,7 +79,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"unrun; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
-        raise InputError(f"cannot read weights file {path}: {reason(err)}") from err
+        what = reason(err)
+        if zipfile.is_zipfile(path) and all(
+            n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()
+        ):
+            what = "it is a NumPy .npz archive, not a file of torch.save"
+        raise InputError(f"cannot read weights file {path}: {what}; {STATE_DICT_HINT}") from err
     if not isinstance(state, Mapping):
         raise InputError(
             f"{path} is not a state dict (it holds a {type(state).__name__}; {STATE_DICT_HINT})"
@@ -96,10 +101,18 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_weights(model: nn.Module, path: str | Path) -> None:
-    """Load the state dict at ``path`` into ``model``; keys and shapes must match exactly."""
+    """Load the state dict at ``path`` into ``model``; keys and shapes must match exactly.
+
+    As ``nn.Module.load_state_dict`` does, BatchNorm's ``num_batches_tracked``
+    may be absent (older checkpoints). Weights saved from a model wrapped in
+    ``DataParallel`` (every key prefixed ``module.``) are read without the prefix.
+    """
     state = load_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state) and not any(k in own for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [
         f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"

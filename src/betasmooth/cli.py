@@ -667,9 +667,7 @@ def _run_config(
     )
 
 
-def _load(
-    settings: Mapping[str, object], n: int | None
-) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
     """Model and data as named by the arguments (``vars(args)``) or by a stored config."""
     return runs.load_inputs(
         settings["model"],
@@ -684,9 +682,10 @@ def _load(
     )
 
 
-def _load_images(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def _load_images(args: argparse.Namespace) -> runs.Inputs:
     """Model and the first ``-n`` images; fewer images than asked are said and recorded."""
-    model, x, y = _load(vars(args), args.n)
+    inputs = _load(vars(args), args.n)
+    x = inputs[1]
     if args.n is not None and len(x) < args.n:
         print(
             f"betasmooth {args.command}: {args.data} holds only {len(x)} images; "
@@ -695,7 +694,7 @@ def _load_images(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tenso
             flush=True,
         )
         args.n = len(x)
-    return model, x, y
+    return inputs
 
 
 def _apply_preset(args: argparse.Namespace) -> None:
@@ -800,7 +799,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
     methods = runs.attack_methods(args.method)
     device = resolve_device(args.device)
-    model, x, y = _load_images(args)
+    model, x, y = inputs = _load_images(args)
     config = _run_config(
         args,
         device,
@@ -838,6 +837,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             progress=args.progress,
             save_attributions=args.save_attributions,
             classes=_classes(config),
+            about=inputs.about,
         )
     if dist.rank == 0:
         _say(summary_table(records, GOAL_COLUMNS[args.goal]))
@@ -852,7 +852,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
     methods = runs.explain_methods(args.method)
     device = resolve_device(args.device)
-    model, x, y = _load_images(args)
+    model, x, y = inputs = _load_images(args)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     bounds = _bounds(config, x)
     options = runs.range_options(*bounds)
@@ -881,6 +881,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             progress=args.progress,
             save_attributions=args.save_attributions,
             classes=_classes(config),
+            about=inputs.about,
         )
     if dist.rank == 0:
         columns = (
@@ -1007,7 +1008,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     """Curvature of the model and its beta-smoothed versions at ``-n`` test images."""
     _check_betas(args.betas)
     device = resolve_device(args.device)
-    model, x, y = _load_images(args)
+    model, x, y = inputs = _load_images(args)
     config = _run_config(args, device, betas=args.betas, iterations=args.iterations)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -1024,6 +1025,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             dist=dist,
             progress=args.progress,
             classes=_classes(config),
+            about=inputs.about,
         )
     if dist.rank == 0:
         keys = [
@@ -1096,7 +1098,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # The built-in models' tensors are small: one thread computes them about
         # as fast as several, and does not stall when other processes hold the cores.
         torch.set_num_threads(1)
-    model, x, y = _load(vars(args), int(sizes["n"]))
+    model, x, y = inputs = _load(vars(args), int(sizes["n"]))
     config = _config(
         args, **_inputs_config(args), quick=args.quick, seed=args.seed, device=str(device), **sizes
     )
@@ -1117,6 +1119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "method_options": options,
         "progress": args.progress,
         "classes": _classes(config),
+        "about": inputs.about,
         "device": device,
     }
     _say(f"explaining {len(x)} images of {args.data} with {len(explain_methods)} methods")

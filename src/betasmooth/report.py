@@ -18,7 +18,7 @@ import html
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,11 +408,23 @@ def _row_labels(batch: Batch, n: int, names: Mapping[int, str] | None = None) ->
 
 
 def _class_names(records: Sequence[Mapping], method: str | None = None) -> dict[int, str]:
-    return {
-        int(r["index"]): str(r["label_name"])
-        for r in records
-        if "label_name" in r and (method is None or r.get("method") == method)
-    }
+    # The predicted class's name where the model has names, else the true class's
+    # (a class folder's name), marked as such.
+    names = {}
+    for r in records:
+        if method is None or r.get("method") == method:
+            if "label_name" in r:
+                names[int(r["index"])] = str(r["label_name"])
+            elif "true_label_name" in r:
+                names[int(r["index"])] = f"true {r['true_label_name']}"
+    return names
+
+
+def _files(records: Sequence[Mapping], index: Iterable[int]) -> str:
+    """`` Files: #0 a.png, #1 b.png.`` for the shown rows whose records name a file."""
+    named = {int(r["index"]): str(r["file"]) for r in records if "file" in r}
+    shown = [f"#{int(i)} {named[int(i)]}" for i in index if int(i) in named]
+    return f" Files: {', '.join(shown)}." if shown else ""
 
 
 def _sweep_maps(
@@ -456,6 +468,7 @@ def _section_methods(run: _Run) -> str:
             f"First {n} of {len(batch.x)} images (row label: index, label before → after). "
             f"Maps in {figures.MAP_CMAP}, one colour scale per row (colour bar)."
         )
+        caption += _files(run.results, batch.index[:n])
         if swept is None:
             caption += " No beta-smoothed maps stored for this method."
         out.append(_img(path, f"{method} grid", caption))
@@ -483,7 +496,8 @@ def _section_explain(run: _Run) -> str:
     out = "<h2 id='explain'>Explanations</h2>" + _img(
         path,
         "explanation grid",
-        f"First {n} images; maps in {figures.MAP_CMAP}, one colour scale per row.",
+        f"First {n} images; maps in {figures.MAP_CMAP}, one colour scale per row."
+        + _files(run.explain or run.results, first.index[:n]),
     )
     if run.explain:
         keys = _metric_keys(run.explain)

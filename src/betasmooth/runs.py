@@ -53,6 +53,26 @@ __all__ = [
 ]
 
 
+class Inputs(tuple):
+    """``(model, x, y)`` as :func:`load_inputs` returns them, with what the data say of each item.
+
+    Unpacks like a triple. ``about[i]`` holds the fields that the records of
+    item ``i`` carry besides its label: for a folder of images its ``file``
+    and ``true_label_name`` (the name of its class folder); empty otherwise.
+    """
+
+    def __new__(
+        cls,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        about: Sequence[Mapping[str, object]],
+    ) -> Inputs:
+        inputs = super().__new__(cls, (model, x, y))
+        inputs.about = list(about)
+        return inputs
+
+
 def load_inputs(
     model: str,
     data: str,
@@ -64,7 +84,7 @@ def load_inputs(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     preset: str | None = None,
-) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+) -> Inputs:
     """Load a model and the first ``n`` test items, and check that they fit together.
 
     ``preset`` (a ``torchvision:...`` model spec) prepares the images as those
@@ -75,8 +95,9 @@ def load_inputs(
 
     Returns
     -------
-    tuple
-        ``(model, x, y)``; ``y`` is -1 where the label is unknown.
+    Inputs
+        ``(model, x, y)``; ``y`` is -1 where the label is unknown; ``.about``
+        the file and class name of each item where the data have them.
 
     Examples
     --------
@@ -87,11 +108,13 @@ def load_inputs(
     if n is not None and n < 1:
         raise InputError(f"-n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
-    x, y = load_data(
+    loaded = load_data(
         data, "test", image_size=image_size, channels=channels, mean=mean, std=std, preset=preset
     )
+    x, y = loaded
     if n is not None:
         x, y = x[:n], y[:n]
+    about = [loaded.about(i) for i in range(len(x))]
     # The runs call the model directly: the inputs take its dtype (a float64 model).
     x = check_input(net, x)
     classes = check_compatible(net, x).shape[1]
@@ -101,7 +124,7 @@ def load_inputs(
             f"{data} has label {int(y[wrong][0])}, but the model has {classes} classes; "
             f"expected labels 0 to {classes - 1} (or -1 for unknown)"
         )
-    return net, x, y
+    return Inputs(net, x, y, about)
 
 
 def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list[str]:
@@ -182,8 +205,14 @@ def range_options(
     }
 
 
-def _named(record: Record, classes: Sequence[str] | None) -> Record:
-    """The record with the class names of its predicted labels, where the model has them."""
+def _named(
+    record: Record,
+    classes: Sequence[str] | None,
+    about: Sequence[Mapping[str, object]] | None = None,
+) -> Record:
+    """The record with its labels' class names (``classes``) and its item's file and class."""
+    if about is not None:
+        record.update(about[int(record["index"])])
     if classes:
         for key in ("label", "label_adv"):
             if isinstance(record.get(key), int) and 0 <= record[key] < len(classes):
@@ -197,6 +226,7 @@ def _attack_records(
     targets: torch.Tensor | None,
     y: torch.Tensor,
     classes: Sequence[str] | None,
+    about: Sequence[Mapping[str, object]] | None,
 ) -> list[Record]:
     """The attack's rows, each headed by its index, method, target index and true label."""
     records = []
@@ -205,7 +235,8 @@ def _attack_records(
         if targets is not None:
             head["target_index"] = int(targets[i])
         head["true_label"] = int(y[i])
-        records.append(_named({**head, **{k: v for k, v in r.items() if k not in head}}, classes))
+        row = {**head, **{k: v for k, v in r.items() if k not in head}}
+        records.append(_named(row, classes, about))
     return records
 
 
@@ -245,6 +276,7 @@ def attack_run(
     progress: bool | None = None,
     save_attributions: bool = False,
     classes: Sequence[str] | None = None,
+    about: Sequence[Mapping[str, object]] | None = None,
 ) -> list[Record]:
     """Attack every item of ``x`` with every method, batch by batch, into ``run``.
 
@@ -259,7 +291,8 @@ def attack_run(
     whose heatmaps are the maps. ``steps`` and ``lr`` are one value for all
     methods, one per method, or ``None`` for the attack's defaults. With ``classes``
     (the model's class names) records also hold ``label_name`` and
-    ``label_adv_name``.
+    ``label_adv_name``; with ``about`` (:attr:`Inputs.about`) the file and
+    class name of each item.
 
     Returns
     -------
@@ -307,7 +340,7 @@ def attack_run(
             progress=steps_bar,
             seed=s,
         )
-        records = _attack_records(unit, result.records(), targets, y, classes)
+        records = _attack_records(unit, result.records(), targets, y, classes, about)
         batch = AttackBatch(index=np.asarray(unit.indices), **result.arrays())
         if targets is not None:
             batch.target_index = targets[idx].numpy()
@@ -339,6 +372,7 @@ def explain_run(
     progress: bool | None = None,
     save_attributions: bool = False,
     classes: Sequence[str] | None = None,
+    about: Sequence[Mapping[str, object]] | None = None,
 ) -> list[Record]:
     """Explain every item with every method; one record per (index, method).
 
@@ -346,7 +380,8 @@ def explain_run(
     predicted class, which is explained), ``logit`` and statistics of the
     heatmap: ``map_max``, ``map_entropy`` (in nats, of the map as a
     distribution over pixels) and ``map_top10_mass`` (mass on the top 10 % of
-    pixels); with ``classes`` (the model's class names) also ``label_name``.
+    pixels); with ``classes`` (the model's class names) also ``label_name``;
+    with ``about`` (:attr:`Inputs.about`) the file and class name of each item.
     Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
     ``save_attributions`` the signed explanation ``attribution`` ``(B, C, H, W)``.
 
@@ -388,6 +423,7 @@ def explain_run(
                     "map_top10_mass": float(top[j]),
                 },
                 classes,
+                about,
             )
             for j, i in enumerate(unit.indices)
         ]
@@ -527,6 +563,7 @@ def curvature_run(
     dist: Dist | None = None,
     progress: bool | None = None,
     classes: Sequence[str] | None = None,
+    about: Sequence[Mapping[str, object]] | None = None,
 ) -> list[Record]:
     """Curvature of the model and its beta-smoothed versions at every item.
 
@@ -534,7 +571,8 @@ def curvature_run(
     per (index, beta): ``index``, ``method`` (``relu`` or ``beta=<b>``),
     ``beta``, ``label`` (the class whose logit is measured: the original
     network's prediction; ``label_name`` where ``classes`` name it),
-    ``true_label`` and every estimate of :func:`betasmooth.geometry.curvature`.
+    ``true_label`` (with ``about``, :attr:`Inputs.about`, the file and class
+    name of each item) and every estimate of :func:`betasmooth.geometry.curvature`.
 
     Examples
     --------
@@ -562,7 +600,7 @@ def curvature_run(
             row: Record = {"index": i, "method": unit.method, "beta": beta}
             row["label"] = int(label[j])
             row["true_label"] = int(y[i])
-            row = _named(row, classes)
+            row = _named(row, classes, about)
             row.update({k: float(v[j]) for k, v in found.items() if torch.is_tensor(v)})
             records.append(row)
         return records, None

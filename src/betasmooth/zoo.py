@@ -19,15 +19,23 @@ Data specs
         of an image is the index of its subfolder among the sorted subfolder
         names; a flat folder has no labels (every label is -1). Images are
         converted to grey (``channels=1``) or RGB (``channels=3``, alpha
-        dropped) and scaled to [0, 1] (8-bit values by 255, 16-bit grey by
-        65535). The whole folder is returned whatever ``split`` says.
+        dropped; the default when any image has colour) and scaled to [0, 1]
+        (8-bit values by 255, 16-bit grey by 65535). The class names and the
+        file of each image (relative to the folder) come with the images
+        (``ImageData.classes``, ``.files``). Images in deeper folders are
+        not read (a warning says how many); an empty class folder is refused,
+        as torchvision's ``ImageFolder`` does. The whole folder is returned,
+        in the order of its sorted class folders and file names, whatever
+        ``split`` says.
     a ``.npz`` file
         Array ``x`` of shape ``(N, C, H, W)`` or ``(N, H, W)`` and optionally
         integer labels ``y`` of shape ``(N,)`` (-1 where absent). Integer
         pixels are scaled to [0, 1] like images: ``uint8`` by 255, ``uint16``
         by 65535; other integer types by 255 when their largest value is at
         most 255 and by 65535 when it is at most 65535 (larger or negative
-        values are refused). Floats are kept. Read with ``allow_pickle=False``.
+        values are refused). Floats are kept. An ``x`` laid out channel-last,
+        ``(N, H, W, C)`` with 1, 3 or 4 channels, is refused with the transpose
+        that fixes it. Read with ``allow_pickle=False``.
 
 Model specs
     ``"digits-cnn"``
@@ -63,6 +71,7 @@ import importlib
 import importlib.resources
 import importlib.util
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -178,22 +187,56 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _folder_files(folder: Path) -> tuple[list[Path], list[int]]:
+def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None]:
+    """The images of a folder, their labels and the class names (``None`` for a flat folder)."""
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     loose = sorted(p for p in folder.iterdir() if _is_image(p))
     if not subfolders:
-        return loose, [-1] * len(loose)
+        return loose, [-1] * len(loose), None
     if loose:
         raise InputError(
             f"data folder {folder} mixes images ({loose[0].name}) with class subfolders; "
             "expected either one subfolder per class or images only"
         )
-    files, labels = [], []
+    files, labels, deeper = [], [], 0
     for label, sub in enumerate(subfolders):
         found = sorted(p for p in sub.iterdir() if _is_image(p))
+        below = sum(1 for p in sub.rglob("*") if _is_image(p) and p.parent != sub)
+        deeper += below
+        if not found and not below:
+            raise InputError(
+                f"class folder {sub} holds no images; expected images in every class folder "
+                "(the labels are the indices of the sorted folder names), or remove it"
+            )
         files += found
         labels += [label] * len(found)
-    return files, labels
+    if not files:
+        raise InputError(
+            f"data folder {folder} has images only in deeper folders (e.g. train/ and val/ "
+            "with class folders each); point the data spec at the folder whose subfolders "
+            "are the classes"
+        )
+    if deeper:
+        warnings.warn(
+            f"{deeper} images in folders below the class folders of {folder} are not read; "
+            "expected the images of each class directly in its folder",
+            stacklevel=3,
+        )
+    return files, labels, [p.name for p in subfolders]
+
+
+def _folder_channels(files: Sequence[Path]) -> int:
+    """3 when any image has colour (only the headers are read), else 1."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if _channels_of(image.mode) == 3:
+                    return 3
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # named by _read_image
+    return 1
 
 
 def _pair(size: Size | None) -> tuple[int, int] | None:
@@ -215,13 +258,13 @@ def _folder(
     size: tuple[int, int] | None,
     channels: int | None,
     fit: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    files, labels = _folder_files(folder)
+) -> tuple[torch.Tensor, torch.Tensor, list[str] | None, list[str]]:
+    files, labels, classes = _folder_files(folder)
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise InputError(f"data folder {folder} holds no images; expected files ending {suffixes}")
     fit = fit or (lambda image: image)
-    first = fit(_read_image(files[0], channels, size))
+    first = fit(_read_image(files[0], channels or _folder_channels(files), size))
     images = [first]
     for path in files[1:]:
         image = fit(_read_image(path, first.shape[0], size))
@@ -232,7 +275,13 @@ def _folder(
                 "all images to one size"
             )
         images.append(image)
-    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)
+    names = [p.relative_to(folder).as_posix() for p in files]
+    return (
+        torch.from_numpy(np.stack(images)),
+        torch.tensor(labels, dtype=torch.long),
+        classes,
+        names,
+    )
 
 
 def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +296,11 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise InputError(f"array x in {path} has dtype {x.dtype}; expected a numeric array")
     if x.ndim == 3:
         x = x[:, None]
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        raise InputError(
+            f"array x in {path} has shape {x.shape}, channel-last (N, H, W, C); expected "
+            "(N, C, H, W): save x.transpose(0, 3, 1, 2)"
+        )
     if x.ndim != 4 or x.shape[0] == 0:
         raise InputError(
             f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W) with N > 0"
@@ -365,6 +419,11 @@ class ImageData(tuple):
         Per-channel bounds of ``x``, shape ``(1, C, 1, 1)``.
     mean, std : torch.Tensor
         The normalisation, shape ``(1, C, 1, 1)`` (zeros and ones without one).
+    classes : list of str or None
+        The name of each label (a folder's class folders); ``None`` where unknown.
+    files : list of str or None
+        The file of each image, relative to the data folder; ``None`` where
+        the images come from no files.
 
     Examples
     --------
@@ -382,13 +441,34 @@ class ImageData(tuple):
         high: torch.Tensor,
         mean: torch.Tensor,
         std: torch.Tensor,
+        classes: Sequence[str] | None = None,
+        files: Sequence[str] | None = None,
     ) -> ImageData:
         data = super().__new__(cls, (x, y))
         data.low, data.high, data.mean, data.std = low, high, mean, std
+        data.classes = None if classes is None else list(classes)
+        data.files = None if files is None else list(files)
         return data
 
     def __reduce__(self) -> tuple:
-        return (ImageData, (*self, self.low, self.high, self.mean, self.std))
+        extra = (self.low, self.high, self.mean, self.std, self.classes, self.files)
+        return (ImageData, (*self, *extra))
+
+    def about(self, index: int) -> dict[str, str]:
+        """What the data say of item ``index`` besides its label: its file and class name.
+
+        Examples
+        --------
+        >>> load_data("digits").about(0)
+        {}
+        """
+        out = {}
+        if self.files is not None:
+            out["file"] = self.files[index]
+        label = int(self.y[index])
+        if self.classes is not None and 0 <= label < len(self.classes):
+            out["true_label_name"] = self.classes[label]
+        return out
 
     @property
     def x(self) -> torch.Tensor:
@@ -532,10 +612,11 @@ def load_data(
                 return resize_crop(torch.from_numpy(image)[None], prep.resize, prep.crop)[0].numpy()
 
     source = _source(spec)
+    classes = files = None
     if source == "builtin":
         x, y = BUILTIN_DATA[spec](split)
     elif source == "folder":
-        x, y = _folder(Path(spec), size, channels, fit)
+        x, y, classes, files = _folder(Path(spec), size, channels, fit)
     else:
         x, y = _npz(Path(spec))
     x = _to_channels(x, channels)
@@ -543,11 +624,17 @@ def load_data(
         x = resize_crop(x, prep.resize, prep.crop)
     x = _resize(x, size)
     raw_low, raw_high = _raw_range(source, x)
+    if (mean is not None or std is not None) and raw_high > 2.0:
+        warnings.warn(
+            f"x in {spec} holds values up to {raw_high:g}; mean and std apply to pixels in "
+            "[0, 1]: divide x by 255 first if it holds 8-bit levels",
+            stacklevel=2,
+        )
     shift, scale = _normalisation(mean, std, x.shape[1])
     x = (x - shift) / scale
     low = (torch.full_like(shift, raw_low) - shift) / scale
     high = (torch.full_like(shift, raw_high) - shift) / scale
-    return ImageData(x, y, low, high, shift, scale)
+    return ImageData(x, y, low, high, shift, scale, classes, files)
 
 
 def _preprocessing(preset: str) -> object:
