@@ -426,3 +426,22 @@ def test_curvature_run_medians(tmp_path):
     header = [c[0] for c in page.tables["medians"][0]][1:]
     assert header == ["beta=1", "beta=2", "beta=10", "relu"]
     assert page.images == []
+
+
+def test_images_in_zero_one_keep_their_brightness():
+    # A dark photograph stays dark in the grid; values of another range are
+    # stretched to fit the panel.
+    from betasmooth.figures import _compose
+
+    dark = np.full((1, 3, 4, 4), 0.2)
+    dark[0, 0, 0, 0] = 0.3
+    levels = np.linspace(0.0, 255.0, 48).reshape(1, 3, 4, 4)
+    canvas, _ = _compose([("x", "image", np.concatenate([dark, levels]))])
+    cell = canvas.shape[0] // 2
+    first, second = canvas[:cell], canvas[cell:]
+    # The panel's colours are the pixels: 0.2 and 0.3 (background is 1).
+    assert set(np.round(np.unique(first[first < 1.0]), 6)) == {0.2, 0.3}
+    # The levels 0 to 255 fill the panel's whole range, from black to white.
+    assert second.min() == 0.0 and second[second < 1.0].max() > 0.95
+        second[second < 1.0].max(), 1.0 - 1 / 47 * 0, atol=0.05
+    )

@@ -139,6 +139,13 @@ def _image(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+def _display_range(values: np.ndarray) -> tuple[float, float]:
+    """Pixels in [0, 1] as they are (a dark photo stays dark); other ranges stretched to fit."""
+    lo, hi = float(values.min()), float(values.max())
+    slack = 1e-3  # float rounding of de-normalised pixels
+    return (0.0, 1.0) if lo >= -slack and hi <= 1.0 + slack else (lo, hi)
+
+
 def _fit(panel: np.ndarray, size: int) -> np.ndarray:
     """Nearest-neighbour resize of an (H, W, 3) panel to (size, size, 3): pixels stay pixels."""
     rows = np.arange(size) * panel.shape[0] // size
@@ -200,8 +207,7 @@ def _compose(columns: Sequence[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray
     vmax = np.ones(rows)
     for r in range(rows):
         if images:
-            row_images = np.concatenate([np.ravel(s[r]) for s in images])
-            lo, hi = float(row_images.min()), float(row_images.max())
+            lo, hi = _display_range(np.concatenate([np.ravel(s[r]) for s in images]))
         if maps:
             top = float(np.percentile(np.concatenate([np.ravel(s[r]) for s in maps]), MAP_QUANTILE))
             vmax[r] = top if top > 0 else 1.0
