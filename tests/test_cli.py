@@ -82,6 +82,24 @@ def attack_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_a_sweep_of_a_demo_with_other_betas_is_refused(demo_dir, tmp_path, capsys):
+    # The demo records its sweep: another sweep with other betas would add rows
+    # that its summary and the recorded settings do not describe.
+    import shutil
+
+    config = json.loads((demo_dir / "config.json").read_text())
+    swept = sorted({float(r["beta"]) for r in read_jsonl(demo_dir / "sweep.jsonl")})
+    assert config["sweep"]["betas"] == swept
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    before = (run / "sweep.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["sweep", str(run), "--betas", "2,7", "--no-progress"]) == 2
+    assert "holds a sweep with {'betas': " in capsys.readouterr().err
+    assert (run / "sweep.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
 def test_demo_writes_every_file_with_the_documented_fields(demo_dir, capsys):
     config = json.loads((demo_dir / "config.json").read_text())
     assert config["command"] == "demo" and config["seed"] == 0 and config["world_size"] == 1

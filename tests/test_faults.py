@@ -156,7 +156,7 @@ def test_a_second_process_writing_the_same_run_is_refused(finished, tmp_path, ca
         assert holder.stdout.readline() == "held\n"
         expected = (
             f"betasmooth: error: another betasmooth process is writing to {run}; wait until it "
-            "has finished (or stop it), then run again with --resume, or choose a new --out"
+            "has finished, or stop it, and run the command again"
         )
         assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 2
         assert _error_line(capsys) == expected
@@ -167,6 +167,55 @@ def test_a_second_process_writing_the_same_run_is_refused(finished, tmp_path, ca
         holder.communicate("")
     # Once it has exited (even killed), the run is free.
     assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+
+
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_a_surviving_rank_of_a_torchrun_job_holds_the_run(finished, tmp_path, capsys):
+    # The ranks after 0 hold arrays/ shared: a rank whose rank 0 was killed
+    # still writes there, and a --resume must wait for it.
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()",
+         str(run / "arrays")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 2
+        assert "another betasmooth process is writing to" in _error_line(capsys)
+    finally:
+        holder.communicate("")
+    assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 0
+
+
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_holding_a_run_twice_in_one_process_counts(tmp_path):
+    import subprocess
+    import sys
+
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+        "except OSError:\n    print('held')"
+    )
+
+    def state(path):
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True)
+        return done.stdout.decode().strip()
+
+    run = store.RunDir(tmp_path / "run")
+    with run.held():
+        with run.held():
+            assert state(run.path) == "held"
+        # The inner block's end does not free what the outer one holds.
+        assert state(run.path) == "held"
+    assert state(run.path) == "free"
 
 
 @pytest.mark.skipif(store.fcntl is None, reason="needs flock")
@@ -188,6 +237,19 @@ def test_the_python_api_holds_a_run_only_while_it_works(tmp_path):
         [sys.executable, "-c", probe, str(run.path)], capture_output=True, text=True
     )
     assert done.stdout == "free\n", done.stderr
+
+
+def test_report_removes_the_temporary_files_of_a_killed_report(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    stale = [run / ".report.html.x1.tmp", run / "figures" / ".grid_gradient.png.y2.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    assert main(["report", str(run)]) == 0
+    assert not any(p.exists() for p in stale)
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_a_run_that_fails_before_its_first_result_can_be_started_again(tmp_path, capsys):

@@ -968,18 +968,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
     stored = config.get("sweep")
     if stored not in (None, settings) and run.read("sweep"):
-        raise InputError(
-            f"{args.dir}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
-            "settings, or delete sweep.jsonl to start a new one"
-        )
+        run.start_sweep(settings)  # names the sweep it holds, before the model is loaded
     model, x, _ = _load(config, 1)
     bounds = _bounds(config, x)
     with distributed(device) as (dist, dev):
-        if dist.rank == 0:
-            run.lock()
-        if dist.rank == 0 and stored != settings:
-            run.update_config(sweep=settings)
-        dist.barrier()
+        run.lock(dist)
+        run.start_sweep(settings, dist)
         run = RunDir(args.dir, dist.rank, dist.world_size)
         records = runs.sweep_run(
             run,
@@ -1075,6 +1069,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not Path(args.dir).is_dir():
         raise InputError(f"{args.dir} is not a directory; expected a betasmooth run directory")
+    run = RunDir(args.dir)
+    if run.config_path.is_file() and run.arrays.is_dir():
+        try:
+            run.lock()
+        except InputError:
+            pass  # a run still writes here: the report is a look at it, its files are its own
+        else:
+            run.remove_temporary()  # of writes, a report's own too, that a kill cut
     _say(f"report: {build_report(args.dir)}")
     return 0
 
@@ -1131,6 +1133,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     records = runs.attack_run(run, model, x, y, methods, steps=steps, data_range=bounds, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
+    run.start_sweep({"betas": list(sizes["betas"]), "smoothgrad_n": int(sizes["smoothgrad_n"])})
     sweep = runs.sweep_run(
         run,
         model,

@@ -46,6 +46,16 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank; every rank must call it (one process: ``flag``)."""
+        if not self.active:
+            return bool(flag)
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
+        value = torch.tensor([int(bool(flag))], device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting RANK)."""

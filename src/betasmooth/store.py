@@ -91,8 +91,8 @@ VOLATILE = ("argv", "versions", "world_size", "device", "created", "resume")
 LATER = ("sweep",)
 
 
-# Run directories this process holds (see RunDir.lock): resolved path -> descriptor.
-_LOCKS: dict[Path, int] = {}
+# Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].
+_LOCKS: dict[Path, list[int]] = {}
 # Inside holding_locks(): a run stays held after its work, until the block ends.
 _HOLDING = [False]
 
@@ -100,7 +100,7 @@ _HOLDING = [False]
 def release_locks() -> None:
     """Let other processes write to the run directories this process holds."""
     while _LOCKS:
-        os.close(_LOCKS.popitem()[1])
+        os.close(_LOCKS.popitem()[1][0])
 
 
 @contextlib.contextmanager
@@ -381,48 +381,68 @@ class RunDir:
             raise InputError(f"{self.config_path} holds no JSON object; expected a run's settings")
         return config
 
-    def lock(self) -> None:
-        """Hold the directory for this process, until :meth:`unlock`.
+    def lock(self, dist: Dist | None = None) -> None:
+        """Hold the directory for this job, until as many :meth:`unlock` calls.
 
         A second betasmooth process that would write into the same directory at
-        the same time (two commands with one ``--out``, or a ``--resume``
-        started while the first run still works) is refused; a killed process
-        holds nothing. Uses ``flock`` on the directory; without ``fcntl``
-        (Windows) it does nothing. Holding it again in the same process is a no-op.
+        the same time (two commands with one ``--out``, a ``--resume`` started
+        while the first run, or a surviving rank of its torchrun job, still
+        works) is refused on every rank; a killed process holds nothing. Rank
+        0 (or the one process) holds an exclusive ``flock`` on the directory,
+        the other ranks a shared one on its ``arrays/``, which rank 0 of a new
+        job must also get alone; without ``fcntl`` (Windows) nothing is
+        locked. Every rank must call it. Holding it again in one process only
+        counts.
 
         Raises
         ------
         InputError
             When another process holds the directory.
         """
+        dist = dist or Dist()
         key = self.path.resolve()
-        if fcntl is None or key in _LOCKS:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+        mine = _LOCKS.get(key)
+        taken = False
+        if fcntl is not None and mine is None and dist.rank == 0:
+            self.arrays.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)
+            ranks = os.open(self.arrays, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # No rank of an earlier job holds arrays/ either.
+                fcntl.flock(ranks, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = _LOCKS[key] = [fd, 0]
+            except OSError:
+                os.close(fd)
+                taken = True
+            finally:
+                os.close(ranks)
+        if dist.any(taken):
             raise InputError(
                 f"another betasmooth process is writing to {self.path}; wait until it has "
-                "finished (or stop it), then run again with --resume, or choose a new --out"
-            ) from None
-        _LOCKS[key] = fd
+                "finished, or stop it, and run the command again"
+            )
+        if fcntl is not None and mine is None:
+            fd = os.open(self.arrays, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            mine = _LOCKS[key] = [fd, 0]
+        if mine is not None:
+            mine[1] += 1
 
     def unlock(self) -> None:
-        """Let other processes write here, unless a command holds it (:func:`holding_locks`)."""
-        fd = None if _HOLDING[0] else _LOCKS.pop(self.path.resolve(), None)
-        if fd is not None:
-            os.close(fd)
+        """Undo one :meth:`lock`; the last lets others write (see :func:`holding_locks`)."""
+        key = self.path.resolve()
+        mine = _LOCKS.get(key)
+        if mine is None:
+            return
+        mine[1] -= 1
+        if mine[1] <= 0 and not _HOLDING[0]:
+            os.close(_LOCKS.pop(key)[0])
 
     @contextlib.contextmanager
-    def held(self, active: bool = True) -> Iterator[None]:
-        """:meth:`lock` for the block (when ``active``), then :meth:`unlock`."""
-        if not active:
-            yield
-            return
-        self.lock()
+    def held(self, dist: Dist | None = None) -> Iterator[None]:
+        """:meth:`lock` for the block (every rank of ``dist``), then :meth:`unlock`."""
+        self.lock(dist)
         try:
             yield
         finally:
@@ -500,6 +520,26 @@ class RunDir:
             if _temporary(stale):
                 stale.unlink(missing_ok=True)
 
+    def start_sweep(self, settings: dict[str, object], dist: Dist | None = None) -> None:
+        """Record the settings of a defense sweep in ``config.json`` (rank 0).
+
+        Raises
+        ------
+        InputError
+            When the run already holds sweep rows made with other settings:
+            one sweep per run, so that its rows and summary agree.
+        """
+        dist = dist or Dist()
+        stored = self.config().get("sweep")
+        if stored not in (None, settings) and self.read("sweep"):
+            raise InputError(
+                f"{self.path}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
+                "settings, or delete sweep.jsonl to start a new one"
+            )
+        if dist.rank == 0 and stored != settings:
+            self.update_config(sweep=settings)
+        dist.barrier()
+
     def update_config(self, **settings: object) -> None:
         """Add or replace settings in ``config.json`` (e.g. those of a later sweep)."""
         write_json(self.config_path, {**self.config(), **settings})
@@ -536,8 +576,8 @@ class RunDir:
         run = cls(path, dist.rank, dist.world_size)
         run.check(config, resume)
         dist.barrier()
-        if dist.rank == 0:
-            with run.held():
+        with run.held(dist):
+            if dist.rank == 0:
                 run.write_config(config)
         dist.barrier()
         return run
@@ -619,14 +659,16 @@ class RunDir:
         """Write a batch's arrays, atomically, to :meth:`arrays_file`.
 
         Files of the same kind whose first index is another of this batch's
-        ``indices`` are removed afterwards (the halves of a batch that is
-        computed again whole): each item stays in one file.
+        ``indices`` are removed first (the halves of a batch that is computed
+        again whole): each item stays in one file.
         """
-        path = self.arrays_file(method, first, name)
-        write_npz(path, arrays.to_npz() if isinstance(arrays, Batch) else arrays)
+        # Halves first: a kill in between leaves items without arrays, which a
+        # resumed run computes again (never an item in two files).
         for other in indices:
             if other != first:
                 self.arrays_file(method, other, name).unlink(missing_ok=True)
+        path = self.arrays_file(method, first, name)
+        write_npz(path, arrays.to_npz() if isinstance(arrays, Batch) else arrays)
         return path
 
     def covered(self, name: str = "results") -> set[tuple[int, str]]:

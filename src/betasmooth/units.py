@@ -156,8 +156,8 @@ def execute(
     """
     dist = dist or Dist()
     say = message or (lambda text: print(text, file=sys.stderr, flush=True))
-    # Rank 0 holds the directory while the work runs (a whole command holds it longer).
-    with run.held(dist.rank == 0):
+    # The job holds the directory while the work runs (a whole command holds it longer).
+    with run.held(dist):
         left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)
         # One bar per job, shown by rank 0 only and, by default, only on a terminal.
         hide = True if dist.rank != 0 else (None if progress is None else not progress)
