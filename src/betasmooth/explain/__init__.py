@@ -64,6 +64,7 @@ def register(name: str) -> Callable[[Method], Method]:
     >>> @register("my_gradient")
     ... def my_gradient(model, x, target, *, create_graph=False):
     ...     ...
+    >>> del METHODS["my_gradient"]
     """
 
     def decorate(fn: Method) -> Method:
@@ -84,12 +85,7 @@ def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., N
     ...         raise InputError("my_gradient needs a Linear head")
     >>> del CHECKS["my_gradient"]
     """
-
-    def decorate(check: Callable[..., None]) -> Callable[..., None]:
-        CHECKS[name] = check
-        return check
-
-    return decorate
+    return _into(CHECKS, name)
 
 
 def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -103,9 +99,14 @@ def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[
     ...         raise InputError("my_gradient needs images (B, C, H, W)")
     >>> del INPUT_CHECKS["my_gradient"]
     """
+    return _into(INPUT_CHECKS, name)
 
+
+def _into(
+    table: dict[str, Callable[..., None]], name: str
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def decorate(check: Callable[..., None]) -> Callable[..., None]:
-        INPUT_CHECKS[name] = check
+        table[name] = check
         return check
 
     return decorate
