@@ -966,9 +966,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     _check_betas(args.betas)
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
-    stored = config.get("sweep")
-    if stored not in (None, settings) and run.read("sweep"):
-        run.start_sweep(settings)  # names the sweep it holds, before the model is loaded
+    run.check_sweep(settings)  # before the model is loaded
     model, x, _ = _load(config, 1)
     bounds = _bounds(config, x)
     with distributed(device) as (dist, dev):

@@ -530,15 +530,19 @@ class RunDir:
             one sweep per run, so that its rows and summary agree.
         """
         dist = dist or Dist()
+        self.check_sweep(settings)
+        if dist.rank == 0 and self.config().get("sweep") != settings:
+            self.update_config(sweep=settings)
+        dist.barrier()
+
+    def check_sweep(self, settings: dict[str, object]) -> None:
+        """Refuse a sweep with ``settings`` where the run holds sweep rows of other settings."""
         stored = self.config().get("sweep")
         if stored not in (None, settings) and self.read("sweep"):
             raise InputError(
                 f"{self.path}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
                 "settings, or delete sweep.jsonl to start a new one"
             )
-        if dist.rank == 0 and stored != settings:
-            self.update_config(sweep=settings)
-        dist.barrier()
 
     def update_config(self, **settings: object) -> None:
         """Add or replace settings in ``config.json`` (e.g. those of a later sweep)."""
