@@ -225,6 +225,16 @@ def test_sweep_with_one_seed_gives_an_image_and_its_copy_the_same_draws(small):
     twin = bs.defense_sweep(net, twins, twins, target[:2], "gradient", [2.0], smoothgrad_n=3)
     first, second = twin.maps[("smoothgrad", 2.0)][1]
     assert not torch.allclose(first, second)
+    # Seeds per image as a numpy array are the same seeds as a list.
+    as_list = bs.defense_sweep(
+        net, x, x, target, "gradient", [2.0], smoothgrad_n=3, seed=[4, 5, 6, 7]
+    )
+    as_array = bs.defense_sweep(
+        net, x, x, target, "gradient", [2.0], smoothgrad_n=3, seed=np.arange(4, 8)
+    )
+    torch.testing.assert_close(
+        as_array.maps[("smoothgrad", 2.0)], as_list.maps[("smoothgrad", 2.0)]
+    )
     # The same seed gives the same records.
     again = bs.defense_sweep(net, x, x.clone(), target, "gradient", [2.0], smoothgrad_n=3, seed=0)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sweep.records()]

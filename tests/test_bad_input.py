@@ -520,6 +520,10 @@ CLI: dict[str, tuple[list[str], str]] = {
     "-n 0": ([*ATTACK, "-n", "0"], r"^betasmooth attack: error: argument -n/--images: expected a"),
     "--images abc": ([*EXPLAIN, "--images", "abc"], r"argument -n/--images: .* got 'abc'"),
     "--n (taken by torchrun)": ([*ATTACK, "--n", "4"], r"unrecognized .*--n.* -n or --images"),
+    "unknown option before the command": (
+        ["--foo", *EXPLAIN],
+        r"^betasmooth: error: unrecognized arguments: --foo \(see betasmooth --help\)$",
+    ),
     "unknown option": (
         [*EXPLAIN, "--foo", "1"],
         r"^betasmooth explain: error: unrecognized arguments: --foo 1 \(see betasmooth explain",

@@ -278,6 +278,9 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
     )
     assert main(["sweep", str(run), "--betas", "2,10", "--smoothgrad-n", "4"]) == 0
     assert (run / "sweep.jsonl").read_bytes() == first
+    # The same betas in another order are the same sweep.
+    assert main(["sweep", str(run), "--betas", "10,2", "--smoothgrad-n", "4"]) == 0
+    assert (run / "sweep.jsonl").read_bytes() == first
     # clean_vs_orig compares the smoothed map of x with the original one: for item 3
     # under beta = 10, by torch's Softplus and scipy.
     model = bs.load_model("digits-cnn")

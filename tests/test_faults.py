@@ -213,7 +213,10 @@ def test_holding_a_run_twice_in_one_process_counts(tmp_path):
     with run.held():
         with run.held():
             assert state(run.path) == "held"
-        # The inner block's end does not free what the outer one holds.
+        # The inner block's end does not free what the outer one holds, nor does
+        # a command that ends in the block.
+        assert state(run.path) == "held"
+        assert main(["theorem", "--out", str(tmp_path / "t"), "--quick"]) == 0
         assert state(run.path) == "held"
     assert state(run.path) == "free"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,20 +307,28 @@ def test_folder_names_its_classes_and_files(tmp_path) -> None:
     assert bs.load_data("digits").about(0) == {} and bs.load_data("digits").files is None
 
 
-def test_folder_layouts_that_would_mislabel_are_named(tmp_path) -> None:
+def test_folder_reads_classes_as_torchvision_image_folder(tmp_path) -> None:
+    # The oracle: torchvision's ImageFolder, nested folders and their order included.
+    from torchvision.datasets import ImageFolder
+
+    for name in ("b/z.png", "b/sub/y.png", "b/sub/deeper/x.png", "a/q.png", "a/a1/p.png"):
+        _png(tmp_path / "n" / name, np.zeros((4, 4)), "L")
+    data = bs.load_data(str(tmp_path / "n"))
+    theirs = ImageFolder(str(tmp_path / "n"))
+    assert data.files == [Path(p).relative_to(tmp_path / "n").as_posix() for p, _ in theirs.samples]
+    assert data.y.tolist() == [label for _, label in theirs.samples]
+    assert data.classes == theirs.classes
+    # An empty class folder is refused, as ImageFolder refuses it.
     _png(tmp_path / "c" / "a" / "0.png", np.zeros((4, 4)), "L")
     _png(tmp_path / "c" / "c" / "0.png", np.zeros((4, 4)), "L")
     (tmp_path / "c" / "b").mkdir()
     with pytest.raises(InputError, match=r"class folder .*c/b holds no images; expected images"):
         bs.load_data(str(tmp_path / "c"))
+    # Splits taken for classes: read, and said.
     _png(tmp_path / "s" / "train" / "cat" / "0.png", np.zeros((4, 4)), "L")
     _png(tmp_path / "s" / "val" / "cat" / "0.png", np.zeros((4, 4)), "L")
-    with pytest.raises(InputError, match=r"has images only in deeper folders .* point the data"):
-        bs.load_data(str(tmp_path / "s"))
-    _png(tmp_path / "n" / "a" / "0.png", np.zeros((4, 4)), "L")
-    _png(tmp_path / "n" / "a" / "more" / "1.png", np.zeros((4, 4)), "L")
-    with pytest.warns(UserWarning, match=r"1 images in folders below the class folders"):
-        assert len(bs.load_data(str(tmp_path / "n")).x) == 1
+    with pytest.warns(UserWarning, match=r"\(train, val\) hold their images only in subfolders"):
+        assert bs.load_data(str(tmp_path / "s")).classes == ["train", "val"]
 
 
 def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:

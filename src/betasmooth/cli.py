@@ -1241,10 +1241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     0
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
-        # The command's own parser names the command and points to its --help.
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # Named by the parser they were given to: before the command, the top one.
+        before = argv[: argv.index(args.command)] if args.command in argv else []
+        owner = parser if any(u in before for u in unknown) else args.parser
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
         with warnings.catch_warnings(), holding_locks():

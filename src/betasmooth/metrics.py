@@ -621,7 +621,7 @@ def _natural(value: object) -> tuple:
         return (0, ())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (1, (float(value),))
-    parts = re.split(r"(\d+(?:\.\d+)?)", str(value))
+    parts = re.split(r"(\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)", str(value))
     return (2, tuple((1, float(p), "") if i % 2 else (0, 0.0, p) for i, p in enumerate(parts)))
 
 
@@ -648,8 +648,9 @@ def group_records(
     Examples
     --------
     >>> rows = [{"method": "beta=10"}, {"method": "relu"}, {"method": "beta=2"}]
+    >>> rows.append({"method": "beta=1e-05"})
     >>> list(group_records(rows, ["method"]))
-    [('beta=2',), ('beta=10',), ('relu',)]
+    [('beta=1e-05',), ('beta=2',), ('beta=10',), ('relu',)]
     """
     out: dict[tuple, list[Mapping[str, object]]] = {}
     for r in records:

@@ -109,12 +109,15 @@ def holding_locks() -> Iterator[None]:
 
     Outside such a block (the Python API) a run is held only while its work runs.
     """
+    before, previous = set(_LOCKS), _HOLDING[0]
     _HOLDING[0] = True
     try:
         yield
     finally:
-        _HOLDING[0] = False
-        release_locks()
+        _HOLDING[0] = previous
+        # Only what the block took: locks held before it stay with their holders.
+        for key in [k for k in _LOCKS if k not in before]:
+            os.close(_LOCKS.pop(key)[0])
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
@@ -531,14 +534,14 @@ class RunDir:
         """
         dist = dist or Dist()
         self.check_sweep(settings)
-        if dist.rank == 0 and self.config().get("sweep") != settings:
+        if dist.rank == 0 and _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
             self.update_config(sweep=settings)
         dist.barrier()
 
     def check_sweep(self, settings: dict[str, object]) -> None:
         """Refuse a sweep with ``settings`` where the run holds sweep rows of other settings."""
         stored = self.config().get("sweep")
-        if stored not in (None, settings) and self.read("sweep"):
+        if stored is not None and _sweep_key(stored) != _sweep_key(settings) and self.read("sweep"):
             raise InputError(
                 f"{self.path}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
                 "settings, or delete sweep.jsonl to start a new one"
@@ -744,7 +747,8 @@ class RunDir:
         if not done or len(done) < wanted or ranks:
             raise InputError(
                 f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
-                "finish it with the same betasmooth attack command and --resume, then sweep"
+                "let it finish, or finish it with the same betasmooth attack command and "
+                "--resume, then sweep"
             )
         files = self.batch_files()
         missing = sorted({str(r.get("method")) for r in done} - set(files))
@@ -896,6 +900,13 @@ def _sound_index(path: Path) -> np.ndarray | None:
         return None
     lengths = {len(v) for k, v in arrays.items() if v.ndim and k not in RUN_ARRAYS}
     return index if lengths == {len(index)} else None
+
+
+def _sweep_key(settings: object) -> object:
+    # The betas of a sweep as a set: --betas 10,1 is the sweep --betas 1,10.
+    if isinstance(settings, dict) and isinstance(settings.get("betas"), list):
+        return {**settings, "betas": sorted(set(settings["betas"]), key=float)}
+    return settings
 
 
 def check_batch_file(path: Path, first: int, index: np.ndarray | None) -> list[int]:

@@ -22,10 +22,12 @@ Data specs
         dropped; the default when any image has colour) and scaled to [0, 1]
         (8-bit values by 255, 16-bit grey by 65535). The class names and the
         file of each image (relative to the folder) come with the images
-        (``ImageData.classes``, ``.files``). Images in deeper folders are
-        not read (a warning says how many); an empty class folder is refused,
-        as torchvision's ``ImageFolder`` does. The whole folder is returned,
-        in the order of its sorted class folders and file names, whatever
+        (``ImageData.classes``, ``.files``). As torchvision's ``ImageFolder``,
+        a class folder's images are read from its subfolders too, in
+        ``os.walk`` order, and an empty class folder is refused (a warning
+        says when every class folder holds its images in subfolders only, as
+        a folder of train/ and val/ splits does). The whole folder is
+        returned, in the order of its sorted class folders, whatever
         ``split`` says.
     a ``.npz`` file
         Array ``x`` of shape ``(N, C, H, W)`` or ``(N, H, W)`` and optionally
@@ -70,6 +72,7 @@ import functools
 import importlib
 import importlib.resources
 import importlib.util
+import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -198,29 +201,30 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
             f"data folder {folder} mixes images ({loose[0].name}) with class subfolders; "
             "expected either one subfolder per class or images only"
         )
-    files, labels, deeper = [], [], 0
+    files, labels, nested_only = [], [], True
     for label, sub in enumerate(subfolders):
-        found = sorted(p for p in sub.iterdir() if _is_image(p))
-        below = sum(1 for p in sub.rglob("*") if _is_image(p) and p.parent != sub)
-        deeper += below
-        if not found and not below:
+        # As torchvision's ImageFolder: every image below the class folder, in
+        # the order of os.walk's sorted folders, then sorted file names.
+        found = [
+            Path(root) / name
+            for root, _, names in sorted(os.walk(sub, followlinks=True))
+            for name in sorted(names)
+            if _is_image(Path(root) / name)
+        ]
+        if not found:
             raise InputError(
                 f"class folder {sub} holds no images; expected images in every class folder "
                 "(the labels are the indices of the sorted folder names), or remove it"
             )
+        nested_only = nested_only and all(p.parent != sub for p in found)
         files += found
         labels += [label] * len(found)
-    if not files:
-        raise InputError(
-            f"data folder {folder} has images only in deeper folders (e.g. train/ and val/ "
-            "with class folders each); point the data spec at the folder whose subfolders "
-            "are the classes"
-        )
-    if deeper:
+    if nested_only:
         warnings.warn(
-            f"{deeper} images in folders below the class folders of {folder} are not read; "
-            "expected the images of each class directly in its folder",
-            stacklevel=3,
+            f"the class folders of {folder} ({', '.join(p.name for p in subfolders[:3])}) hold "
+            "their images only in subfolders; if they are splits such as train/ and val/, "
+            "point the data spec at one of them",
+            stacklevel=4,
         )
     return files, labels, [p.name for p in subfolders]
 
