@@ -15,7 +15,7 @@ from betasmooth.attack import default_weights
 from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
 from betasmooth.recommend import recommend_beta
-from betasmooth.runs import read_jsonl
+from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError
 from nets import plain_cnn
 from test_explain_lrp import zennit_lrp
@@ -86,12 +86,16 @@ def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
     bs.explain(net, x, "smoothgrad", target, base="lrp", low=data.low, high=data.high, n=2)
 
 
+def _explain_normalised(model_file, data_file, method: str, out) -> None:
+    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", method]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+
+
 def test_cli_explain_lrp_with_mean_std_is_zennit(user_files, tmp_path):
     model_file, data_file, raw = user_files
     out = tmp_path / "run"
-    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
-    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", "lrp"]
-    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    _explain_normalised(model_file, data_file, "lrp", out)
     mean, std, low, high = box()
     with np.load(out / "arrays" / "lrp-0.npz") as saved:
         x, saved_map = torch.from_numpy(saved["x"]), torch.from_numpy(saved["map"])
@@ -309,9 +313,7 @@ def test_cli_integrated_gradients_start_from_black_on_normalised_data(user_files
 
     model_file, data_file, raw = user_files
     out = tmp_path / "run"
-    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
-    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", "integrated_gradients"]
-    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    _explain_normalised(model_file, data_file, "integrated_gradients", out)
     mean, std, low, high = box()
     net = bs.load_model(f"{model_file}:net").double()
     x = ((raw - mean) / std).double()

@@ -18,7 +18,7 @@ from sklearn.datasets import load_sample_image
 import betasmooth as bs
 from betasmooth import photos
 from betasmooth.cli import main
-from betasmooth.runs import read_jsonl
+from betasmooth.store import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_photos_cnn import train  # noqa: E402

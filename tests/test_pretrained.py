@@ -17,7 +17,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 import betasmooth as bs
 from betasmooth import pretrained
 from betasmooth.cli import main
-from betasmooth.runs import read_jsonl
+from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError
 from test_explain_lrp import zennit_lrp
 

@@ -36,7 +36,6 @@ from .store import (
     SweepBatch,
     check_batch_file,
     load_npz,
-    read_jsonl,
 )
 from .units import Unit, execute, plan, unit_seed
 from .validate import InputError, check_input
@@ -483,13 +482,24 @@ def sweep_run(
     """
     device = torch.device(device)
     model = model.to(device)
+    finished = {(int(r["index"]), str(r["method"])) for r in run.read()}
     if methods is None:
-        methods = sorted({r["method"] for r in read_jsonl(run.results)})
+        methods = sorted({m for _, m in finished})
     batches = run.batch_files()
     files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
     attacked = {key: AttackBatch.from_npz(load_npz(f), f) for key, f in files.items()}
-    for key, batch in attacked.items():
-        check_batch_file(files[key], key[1], batch.index)
+    held = {
+        (i, key[0])
+        for key, batch in attacked.items()
+        for i in check_batch_file(files[key], key[1], batch.index)
+    }
+    lost = sorted(item for item in finished - held if item[1] in methods)
+    if lost:
+        raise InputError(
+            f"the arrays of {len(lost)} finished items of the attack in {run.path} are "
+            f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
+            "betasmooth attack command with --resume, which computes them again, then sweep"
+        )
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:

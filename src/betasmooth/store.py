@@ -611,10 +611,6 @@ class RunDir:
         """The files of ``name`` that ranks of a torchrun job write until it has finished."""
         return sorted(self.path.glob(f"{name}-rank*.jsonl"))
 
-    def done(self, name: str = "results") -> set[tuple[int, str]]:
-        """The (index, method) pairs already written."""
-        return {(int(r["index"]), str(r["method"])) for r in self.read(name)}
-
     def append(self, records: Sequence[Record], name: str = "results") -> None:
         """Append finished records of this rank, durably."""
         append_jsonl(self.file(name), records)
@@ -756,19 +752,6 @@ class RunDir:
             raise InputError(
                 f"{self.path} has results but no arrays of {missing[0]} in {self.arrays}; "
                 f"expected the files {missing[0]}-<first index>.npz that its attack wrote"
-            )
-        held = {
-            (int(i), method)
-            for method, by_first in files.items()
-            for first, f in by_first.items()
-            for i in check_batch_file(f, first, load_npz(f).get("index"))
-        }
-        lost = sorted({(int(r["index"]), str(r["method"])) for r in done} - held)
-        if lost:
-            raise InputError(
-                f"the arrays of {len(lost)} finished items of the attack in {self.path} are "
-                f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
-                "betasmooth attack command with --resume, which computes them again, then sweep"
             )
         return config
 

@@ -222,11 +222,11 @@ def item_seeds(seed: object, batch: int, name: str = "seed") -> list[int]:
     >>> item_seeds(0, 3)[:2] == item_seeds(0, 2)
     True
     """
-    if isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim == 1:
-        if isinstance(seed, torch.Tensor) and not seed.is_floating_point():
-            seed = seed.tolist()
-        elif isinstance(seed, np.ndarray) and seed.dtype.kind in "iu":
-            seed = seed.tolist()
+    integers = (isinstance(seed, torch.Tensor) and not seed.is_floating_point()) or (
+        isinstance(seed, np.ndarray) and seed.dtype.kind in "iu"
+    )
+    if integers and seed.ndim == 1:
+        seed = seed.tolist()
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         generator = torch.Generator().manual_seed(check_seed(name, int(seed)))
         return torch.randint(0, 2**62, (batch,), generator=generator).tolist()
