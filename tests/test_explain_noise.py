@@ -11,6 +11,7 @@ from captum.attr import IntegratedGradients, Saliency
 
 import betasmooth as bs
 from betasmooth.explain.noise import standard_noise
+from betasmooth.smooth import LogisticNoise
 from nets import TARGET, plain_cnn, residual_net
 
 
@@ -178,3 +179,20 @@ def test_smoothgrad_derivative_is_finite_difference(x, options):
     fd = (plus - minus) / (2 * step)
     torch.testing.assert_close((d * u).sum(), fd, rtol=1e-5, atol=1e-8)
     assert fd.abs() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logistic_tails_end_symmetrically(dtype):
+    # torch.rand gives k * 2**-mantissa for k = 0 ... 2**mantissa - 1: an exact 0
+    # must land as far out as the largest draw, logit(1 - 2**-mantissa).
+    step = torch.finfo(dtype).eps / 2
+    u = torch.tensor([0.0, step, 0.5, 1 - step], dtype=dtype)
+    ends = LogisticNoise(torch.tensor(2.0, dtype=dtype)).from_uniform(u)
+    edge = math.log((1 - step) / step) / 2.0
+    torch.testing.assert_close(ends, torch.tensor([-edge, -edge, 0.0, edge], dtype=dtype))
+    # The drawn standard noise takes the same path: logistic of std 1 from the generator's rand.
+    g = torch.Generator().manual_seed(5)
+    draws = standard_noise("logistic", (1000,), g, torch.zeros((), dtype=dtype))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    expected = torch.logit(u.clamp(step, 1 - step)) * math.sqrt(3) / math.pi
+    torch.testing.assert_close(draws, expected)

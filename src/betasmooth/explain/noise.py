@@ -61,9 +61,8 @@ _UNIT_LOGISTIC = logistic_std(1.0)
 def _logistic(
     shape: torch.Size, generator: torch.Generator | None, like: torch.Tensor
 ) -> torch.Tensor:
-    finfo = torch.finfo(like.dtype)
     u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
-    return LogisticNoise(_UNIT_LOGISTIC).icdf(u.clamp(finfo.tiny, 1 - finfo.eps))
+    return LogisticNoise(_UNIT_LOGISTIC).from_uniform(u)
 
 
 NOISES: dict[str, Callable[[torch.Size, torch.Generator | None, torch.Tensor], torch.Tensor]] = {
