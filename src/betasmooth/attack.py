@@ -1301,9 +1301,11 @@ def defense_sweep(
     defended map of ``x`` against the original map (Dombrowski et al. 2019,
     Fig. 4 and 7). ``beta_smooth`` is the method on the model with
     ``softplus_beta``; ``smoothgrad`` averages the method over
-    ``smoothgrad_n`` logistic draws of standard deviation ``sigma`` times the
-    data range, ``sigma = pi / (sqrt(3) beta)`` unless given. Every map
-    explains the prediction on ``x``.
+    ``smoothgrad_n`` logistic draws: by default of the standard deviation of
+    ``p_beta``, ``pi / (sqrt(3) beta)`` in the units of the model's input
+    (Theorem 2's noise); with ``smoothgrad_sigmas`` given, of standard
+    deviation ``sigma`` times ``data_range``. Every map explains the
+    prediction on ``x``.
 
     Parameters
     ----------
