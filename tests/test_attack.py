@@ -367,6 +367,20 @@ def test_bad_input_is_refused(small):
         bs.manipulate(net, x, good, "gradient", steps=1, eot=True)
 
 
+@pytest.mark.parametrize("k", [0, 16 * 16 + 1, 2.5, "10"])
+def test_topk_size_is_refused_before_any_step(small, k):
+    net, x = small
+    calls = []
+    hook = net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(bs.InputError, match=r"^k must be an int between 1 and H \* W = 256"):
+            bs.manipulate(net, x, None, "gradient", goal="topk", k=k, steps=50)
+    finally:
+        hook.remove()
+    # The input check, the clean prediction and the original maps; not 50 steps.
+    assert len(calls) <= 3
+
+
 @pytest.mark.parametrize("loss", ["mse", "pcc", "ssim"])
 def test_restarts_never_do_worse_and_respect_the_budget(small, loss):
     net, x = small

@@ -280,6 +280,24 @@ def test_heatmap_by_hand():
     torch.testing.assert_close(heatmap(torch.zeros(1, 1, 2, 2)), torch.zeros(1, 2, 2))
 
 
+@pytest.mark.parametrize("scale", [1e-14, 1e-30, 1e30])
+def test_heatmap_of_tiny_or_huge_values_sums_to_one(scale):
+    # Gradients of a logit near 0 can be this small; the map is still a map.
+    e = torch.rand(2, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    maps = heatmap(e * scale)
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(maps, heatmap(e))
+
+
+def test_heatmap_derivative_at_an_all_zero_map_is_zero():
+    # The attack differentiates through heatmap: an all-zero map must not give 0 / 0.
+    zero = torch.zeros(1, 3, 4, 4, requires_grad=True)
+    heatmap(zero).sum().backward()
+    assert torch.equal(zero.grad, torch.zeros_like(zero))
+    e = torch.rand(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: heatmap(h, reduction="sum"), (e - 0.5,))
+
+
 @pytest.mark.parametrize(
     ("a", "b", "error", "message"),
     [

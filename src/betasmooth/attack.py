@@ -507,8 +507,7 @@ def _targeted_score(p: _Problem, maps: torch.Tensor) -> torch.Tensor:
 
 def _topk_mass(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor | None = None) -> torch.Tensor:
     # Ranked as in betasmooth.compare: a stable sort sends ties to the lower index.
-    k = metrics.default_k(*maps.shape[1:]) if p.s.k is None else p.s.k
-    order = p.map_orig.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    order = p.map_orig.flatten(1).sort(dim=1, descending=True, stable=True).indices[:, : p.s.k]
     return maps.flatten(1).gather(1, order).sum(1)
 
 
@@ -977,6 +976,8 @@ def _problem(
     explained = check_target(target, x.shape[0])
     explained = label if explained is None else explained.to(x.device)
     map_orig = _heatmaps(model, x, s, explained).detach()
+    # Checked against the maps (a layer method's are the layer's size) before any step.
+    s = replace(s, k=metrics.resolve_k(s.k, *map_orig.shape[1:]))
     return _Problem(
         model=model,
         x=x,

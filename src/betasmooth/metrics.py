@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -41,6 +42,7 @@ __all__ = [
     "mse",
     "pcc",
     "register_metric",
+    "resolve_k",
     "spearman",
     "ssim",
     "ssim_window",
@@ -91,7 +93,7 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def heatmap(
-    explanation: torch.Tensor, eps: float = 1e-12, *, reduction: str = "abs_sum"
+    explanation: torch.Tensor, eps: float = 0.0, *, reduction: str = "abs_sum"
 ) -> torch.Tensor:
     """Relevance reduced over channels, each map normalised so that its absolute values sum to 1.
 
@@ -112,7 +114,9 @@ def heatmap(
     explanation : torch.Tensor
         Explanation of shape ``(B, C, H, W)``.
     eps : float
-        Guards an all-zero map, which stays all zero.
+        A map whose absolute values sum to at most ``eps`` becomes all zero
+        (default 0: only an all-zero map, which stays all zero); any other
+        map sums to 1 however small its values.
     reduction : str
         ``abs_sum``, ``sum``, ``pos`` or ``l2``.
 
@@ -141,7 +145,10 @@ def heatmap(
     # Only the signed reduction needs |.|; the others keep the plain sum, whose
     # derivative the attack has always used.
     total = (h.abs() if reduction == "sum" else h).sum(dim=(1, 2), keepdim=True)
-    return h / (total + eps)
+    # Divide only where the sum is positive, so that neither the map nor its
+    # derivative sees 0 / 0, and a map of tiny values still sums to 1.
+    kept = total > eps
+    return torch.where(kept, h / torch.where(kept, total, torch.ones_like(total)), 0.0)
 
 
 def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,6 +415,27 @@ def default_k(height: int, width: int) -> int:
     return max(1, int(TOPK_FRACTION * height * width))
 
 
+def resolve_k(k: object, height: int, width: int) -> int:
+    """The top-k size for maps of ``height x width``: ``k`` checked, or :func:`default_k`.
+
+    Raises
+    ------
+    InputError
+        Unless ``k`` is None or an integer from 1 to ``height * width``.
+
+    Examples
+    --------
+    >>> resolve_k(None, 32, 32), resolve_k(5, 32, 32)
+    (102, 5)
+    """
+    if k is None:
+        return default_k(height, width)
+    n = height * width
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        raise InputError(f"k must be an int between 1 and H * W = {n}; got {k!r}")
+    return int(k)
+
+
 def _topk_mask(m: torch.Tensor, k: int) -> torch.Tensor:
     # torch.topk breaks ties in no documented order; only the k-th largest
     # value is well defined. Everything above it is in; of the pixels equal to
@@ -447,10 +475,7 @@ def topk_intersection(a: torch.Tensor, b: torch.Tensor, k: int | None = None) ->
     tensor([1.])
     """
     a, b = _check_maps(a, b)
-    n = a[0].numel()
-    k = default_k(*a.shape[1:]) if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise InputError(f"k must be an int between 1 and H * W = {n}; got {k!r}")
+    k = resolve_k(k, *a.shape[1:])
     with torch.no_grad():
         both = _topk_mask(a, k) & _topk_mask(b, k)
         return both.sum(1).to(a.dtype) / k
