@@ -126,6 +126,29 @@ def test_demo_writes_every_file_with_the_documented_fields(demo_dir, capsys):
     for m in methods:
         assert (demo_dir / "arrays" / f"{m}-0.npz").exists()
         assert (demo_dir / "arrays" / f"sweep-{m}-0.npz").exists()
+    _assert_sweep_starts_from_the_attacked_maps(results, sweep)
+
+
+def _assert_sweep_starts_from_the_attacked_maps(results, sweep):
+    # The sweep's undefended map is the map the attack moved (same options, e.g.
+    # integrated gradients' points), except for the adaptive attacks on the
+    # defenses, which are swept on their base method.
+    attacked = {(r["index"], r["method"]): r["expl_pcc_orig"] for r in results}
+    checked = 0
+    for row in sweep:
+        if row["base"] == row["method"]:
+            assert row["undefended_pcc"] == pytest.approx(attacked[row["index"], row["method"]])
+            checked += 1
+    assert checked > 0
+
+
+def test_sweep_of_an_attack_explains_with_the_attacks_options(tmp_path):
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "integrated_gradients,gradient", "-n", "2", "--steps", "5"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    results, sweep = read_jsonl(out / "results.jsonl"), read_jsonl(out / "sweep.jsonl")
+    _assert_sweep_starts_from_the_attacked_maps(results, sweep)
 
 
 @pytest.mark.slow

@@ -889,11 +889,8 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
-    extra = _check_method_options(given["method_options"], method)
-    known = options_of(method)
-    options = {**defaults.get("options", {}), **extra}
-    options = {n: v for n, v in options.items() if n in known or n in extra}
-    if given["eot"] and "seed" not in known:
+    options = _attacked_options(method, _check_method_options(given["method_options"], method))
+    if given["eot"] and "seed" not in options_of(method):
         raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
     low, high = _range(given["data_range"], x)
     check_in_range(x, low, high)
@@ -944,6 +941,13 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
         seed=seed,
         progress=given["progress"],
     )
+
+
+def _attacked_options(method: str, given: Mapping[str, object]) -> dict[str, object]:
+    """The options of the map an attack attacks: ``given``, else the method's attack defaults."""
+    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK).get("options", {})
+    known = options_of(method)
+    return {**{n: v for n, v in defaults.items() if n in known}, **given}
 
 
 def _check_weights(weights: object) -> tuple[float, float] | None:
@@ -1334,7 +1338,10 @@ def defense_sweep(
         As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it.
     method_options : dict, optional
         Options of the base method, e.g. ``{"low": low, "high": high}`` for
-        LRP on normalised data; used for every map.
+        LRP on normalised data; used for every map. Options left out take
+        the values :func:`manipulate` attacks by default
+        (:data:`ATTACK_DEFAULTS`: integrated gradients with 30 points), so
+        that the undefended maps are the maps the attack moved.
     seed : int or sequence of int
         Fixes SmoothGrad's draws: one seed, from which each image's seed is
         drawn, or one seed per image, whose draws then do not depend on the
@@ -1362,7 +1369,7 @@ def defense_sweep(
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
     defenses = _check_defenses(defenses)
-    options = _check_method_options(method_options, method)
+    options = _attacked_options(method, _check_method_options(method_options, method))
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
     # The same checks as manipulate's: the range is valid and holds both batches.
     if data_range is not None:

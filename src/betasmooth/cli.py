@@ -956,6 +956,21 @@ def _check_betas(betas: Sequence[float | None]) -> None:
         raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
 
 
+def _attack_options(
+    config: Mapping[str, object], bounds: tuple[torch.Tensor, torch.Tensor]
+) -> dict[str, dict[str, object]]:
+    """The method options a run attacked with: the data's range, and the demo's smaller sizes."""
+    options = runs.range_options(*bounds)
+    # Inside an attack every step pays for all samples of SmoothGrad and all
+    # points of integrated gradients: the demo takes fewer of both, and its
+    # sweep must explain with the same.
+    if "smoothgrad_attack_n" in config:
+        options["smoothgrad"]["n"] = int(config["smoothgrad_attack_n"])
+    if "ig_steps" in config:
+        options["integrated_gradients"]["steps"] = int(config["ig_steps"])
+    return options
+
+
 @command("sweep")
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Defense sweep over ``--betas`` on the attacked batches of a run directory."""
@@ -980,7 +995,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             smoothgrad_n=args.smoothgrad_n,
             seed=int(config.get("seed", 0)),
             data_range=bounds,
-            method_options=runs.range_options(*bounds),
+            method_options=_attack_options(config, bounds),
             min_fidelity=args.min_fidelity,
             device=dev,
             dist=dist,
@@ -1105,11 +1120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bounds = _bounds(config, x)
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
-    # Inside an attack every step pays for all samples of SmoothGrad and all
-    # points of integrated gradients: fewer of both keep the demo in budget.
-    options = runs.range_options(*bounds)
-    options["smoothgrad"]["n"] = sizes["smoothgrad_attack_n"]
-    options["integrated_gradients"]["steps"] = sizes["ig_steps"]
+    options = _attack_options(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options)
     derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)
@@ -1139,7 +1150,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         smoothgrad_n=int(sizes["smoothgrad_n"]),
         seed=args.seed,
         data_range=bounds,
-        method_options=runs.range_options(*bounds),
+        method_options=options,
         device=device,
         progress=args.progress,
     )
