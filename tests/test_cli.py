@@ -19,6 +19,7 @@ from scipy.stats import pearsonr
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, PAPER_SPAN, default_lr, default_weights, derangement
 from betasmooth.cli import main
+from betasmooth.explain.noise import NOISE_METHODS
 from betasmooth.store import read_jsonl
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -127,6 +128,27 @@ def test_demo_writes_every_file_with_the_documented_fields(demo_dir, capsys):
         assert (demo_dir / "arrays" / f"{m}-0.npz").exists()
         assert (demo_dir / "arrays" / f"sweep-{m}-0.npz").exists()
     _assert_sweep_starts_from_the_attacked_maps(results, sweep)
+    _assert_adaptive_attacks_say_what_their_sweep_measures(demo_dir)
+
+
+def _assert_adaptive_attacks_say_what_their_sweep_measures(run):
+    # beta_smooth and smoothgrad are attacked through their own maps and swept on
+    # gradient: their undefended row is the plain gradient, and the faint lines
+    # of their figures are the attacked defended map; both must say so.
+    summary = json.loads((run / "sweep_summary.json").read_text())
+    assert {m: s["base"] for m, s in summary.items()} == {
+        m: "gradient" if m in NOISE_METHODS else m for m in summary
+    }
+    sweep = read_jsonl(run / "sweep.jsonl")
+    for method in ("beta_smooth", "smoothgrad"):
+        # One value per image: every (defense, beta) row of an image repeats it.
+        plain = {r["index"]: r["undefended_pcc"] for r in sweep if r["method"] == method}
+        expected = np.median(list(plain.values()))
+        assert summary[method]["undefended"]["robustness_pcc"] == pytest.approx(expected)
+    html = (run / "report.html").read_text()
+    assert html.count("undefended: plain gradient") == 2
+    assert "faint: the attacked beta_smooth map, no further defense" in html
+    assert "faint: no defense (ReLU)" in html  # the other methods
 
 
 def _assert_sweep_starts_from_the_attacked_maps(results, sweep):

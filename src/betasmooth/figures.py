@@ -373,6 +373,7 @@ def defense_curves(
     smoothgrad_betas: Sequence[float] | None = None,
     smoothgrad: Mapping[str, Sequence[float]] | None = None,
     undefended: Mapping[str, float] | None = None,
+    undefended_label: str = "no defense (ReLU)",
     title: str | None = None,
 ) -> Path:
     """Defense curves against beta: similarity of the defended maps, PCC and SSIM.
@@ -399,6 +400,9 @@ def defense_curves(
     undefended : mapping of str to float, optional
         The same keys for the ReLU network without defense, drawn as grey
         horizontal lines (e.g. ``adv_vs_orig_pcc`` = median ``expl_pcc_orig``).
+    undefended_label : str
+        Legend entry of those lines: what they measure (for an adaptive attack
+        on a defense, the defended map the attack moved).
     title : str, optional
         Figure title.
 
@@ -437,7 +441,7 @@ def defense_curves(
             ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
         axes[0].set_title("PCC of maps", loc="left")
         axes[1].set_title("SSIM of maps", loc="left")
-        handles = _defense_legend(used)
+        handles = _defense_legend(used, undefended_label)
         if handles:
             fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
         if title:
@@ -473,7 +477,7 @@ def _defense_panel(
     return used
 
 
-def _defense_legend(used: set[str]) -> list:
+def _defense_legend(used: set[str], undefended_label: str) -> list:
     handles = [
         matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
         for stem, (label, colour) in _COMPARISONS.items()
@@ -482,7 +486,7 @@ def _defense_legend(used: set[str]) -> list:
     for name, label, style, marker in (
         ("beta", "β-smoothing", "-", "o"),
         ("smoothgrad", "SmoothGrad", ":", "s"),
-        ("none", "no defense (ReLU)", (0, (1, 3)), None),
+        ("none", undefended_label, (0, (1, 3)), None),
     ):
         if name in used:
             handles.append(

@@ -589,7 +589,9 @@ def _recommendation(run: _Run) -> str:
     keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
     for method, s in sorted(_summary(run).items()):
         rec = s.get("recommended_beta")
-        rows = [["undefended", s["undefended"].get("n")] + [s["undefended"].get(k) for k in keys]]
+        base = str(s.get("base", method))
+        plain = "undefended" if base == method else f"undefended: plain {base}"
+        rows = [[plain, s["undefended"].get("n")] + [s["undefended"].get(k) for k in keys]]
         for name, cells in (("β-smoothing", s["betas"]), ("SmoothGrad, matched", s["smoothgrad"])):
             for beta, cell in cells.items():
                 star = " ★" if name == "β-smoothing" and rec == float(beta) else ""
@@ -597,6 +599,13 @@ def _recommendation(run: _Run) -> str:
         header = ["setting", "images", "robustness PCC", "robustness SSIM"]
         header += ["fidelity PCC", "fidelity SSIM"]
         out.append(f"<h4>{_e(method)}</h4>")
+        if base != method:
+            out.append(
+                f"<p>{_e(method)} was attacked through its own map (an adaptive attack on "
+                f"that defense); the sweep explains the attacked images with {_e(base)} under "
+                f"each defense, so its undefended row is the plain {_e(base)} map, not the "
+                f"{_e(method)} map the attack moved (that one is in the attack table).</p>"
+            )
         out.append(_table(f"choice-{_slug(method)}", header, rows))
         out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
     return "".join(out)
@@ -662,6 +671,11 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
 
 def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dict]]) -> str:
     (betas, curves), (sg_betas, smoothgrad) = series["beta_smooth"], series["smoothgrad"]
+    # The faint lines are the attack's own numbers: for an adaptive attack on
+    # a defense they measure that defended map, not the plain network.
+    bases = {str(r.get("base", method)) for r in run.sweep if str(r.get("method")) == method}
+    adaptive = bases not in (set(), {method})
+    faint = f"the attacked {method} map, no further defense" if adaptive else "no defense (ReLU)"
     path = figures.defense_curves(
         betas,
         {k: v for k, v in curves.items() if k != "seconds"},
@@ -669,6 +683,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         smoothgrad_betas=sg_betas,
         smoothgrad=smoothgrad,
         undefended=_undefended(run.results, method),
+        undefended_label=faint,
         title=f"{method}: defended maps against β",
     )
     return _img(
@@ -677,7 +692,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         "Blue: attacked map vs original map (high is good); red: attacked map vs "
         "target map (low is good); green: clean map vs original (what the defense "
         "costs without attack). Solid: β-smoothing; dotted: SmoothGrad with noise "
-        "of the same variance; faint: no defense.",
+        f"of the same variance; faint: {faint}.",
     )
 
 
