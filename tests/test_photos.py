@@ -160,4 +160,6 @@ def test_quick_demo_on_photos_writes_every_file_with_before_and_after(tmp_path):
     assert "curves" in json.loads((out / "theory.json").read_text())
     html = (out / "report.html").read_text()
     assert "expl_pcc_target_before" in html and "input_max_change" in html
+    # The theory's network checks run on digits-cnn: the report says so on a photos run.
+    assert "not this run&#x27;s model (photos-cnn)" in html
     assert all(p.stat().st_size > 1000 for p in (out / "figures").glob("*.png"))

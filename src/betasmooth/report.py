@@ -123,12 +123,13 @@ THEORY_TABLES: dict[str, tuple[str, str, dict[str, str]]] = {
         {"value": "bias (probability)"},
     ),
     "smoothing_vs_smoothgrad_pcc": (
-        "β-smoothed gradient against SmoothGrad: Pearson correlation of the maps (−1 to 1)",
+        "β-smoothed gradient against SmoothGrad on the built-in digits-cnn: Pearson "
+        "correlation of the maps (−1 to 1)",
         "β",
         {"logistic": "logistic noise", "gaussian": "Gaussian noise"},
     ),
     "curvature_by_beta": (
-        "Curvature of the β-smoothed network, medians over images (relu: the network itself)",
+        "Curvature of the β-smoothed digits-cnn, medians over images (relu: the network itself)",
         "β",
         {
             "hessian_norm": "largest Hessian eigenvalue (logit per input²)",
@@ -772,6 +773,15 @@ def _section_theory(run: _Run) -> str:
         return title + _note("No theory checks in this run (theory.json is missing).")
     t = run.theory
     out = [title]
+    model = run.config.get("model")
+    if model not in (None, "digits-cnn"):
+        out.append(
+            _note(
+                f"The SmoothGrad and curvature checks of the theory use the built-in digits-cnn "
+                f"on its first test digits, not this run's model ({model}): they check the "
+                "theory, whatever the run."
+            )
+        )
     tables = [_theory_numbers(t)] if any(_theory_scalar(v) for v in t.values()) else []
     tables += [_theory_table(key, t[key]) for key in sorted(t) if _theory_mapping(key, t[key])]
     out.append(f"<div class='row'>{''.join(tables)}</div>")
@@ -784,8 +794,9 @@ def _section_theory(run: _Run) -> str:
         "∇softplus_{β/|w|}(w·x): projected noise (exact identity) and iid noise (biased).",
         "theorem_iid_bias": "The bias that iid logistic noise leaves in Theorem 2, against the "
         "dimension, and its limit.",
-        "theorem_smoothing_vs_smoothgrad": "PCC of the β-smoothed gradient with SmoothGrad.",
-        "theorem_curvature": "Curvature of the β-smoothed network against β.",
+        "theorem_smoothing_vs_smoothgrad": "PCC of the β-smoothed gradient with SmoothGrad "
+        "(digits-cnn).",
+        "theorem_curvature": "Curvature of the β-smoothed digits-cnn against β.",
     }
     out.append(
         "<div class='figs'>"
