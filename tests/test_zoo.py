@@ -222,9 +222,8 @@ def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
 
 
 def test_unknown_model_specs(tmp_path) -> None:
-    with pytest.raises(
-        InputError, match="unknown model spec 'resnet'.*'digits-cnn'.*file.py:factory"
-    ):
+    forms = r"'digits-cnn'.*'torchvision:NAME\[:WEIGHTS\]'.*file.py:factory"
+    with pytest.raises(InputError, match=f"unknown model spec 'resnet'.*{forms}"):
         bs.load_model("resnet")
     with pytest.raises(InputError, match="model file .*absent.py does not exist"):
         bs.load_model(f"{tmp_path / 'absent.py'}:make")

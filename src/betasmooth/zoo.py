@@ -828,8 +828,8 @@ def _user_model(spec: str) -> nn.Module:
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
         raise InputError(
-            f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}) "
-            f"or {MODEL_FORMS}"
+            f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}), "
+            f"'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
         )
     is_file = where.endswith(".py") or "/" in where or "\\" in where
     module = _import_file(Path(where)) if is_file else _import_module(where)
