@@ -82,6 +82,15 @@ def test_unknown_name_and_weights_are_one_line_errors(hub):
         bs.load_model("torchvision:resnet18:V9")
 
 
+@pytest.mark.parametrize("name", ["fcn_resnet50", "raft_small", "quantized_resnet18", "r3d_18"])
+def test_a_torchvision_model_that_is_no_image_classifier_is_refused(name, tmp_path, monkeypatch):
+    # Refused by name, before torchvision builds it (fcn_resnet50 would fetch a backbone).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(InputError, match=f"^torchvision model '{name}' is not an image classifier"):
+        bs.load_model(f"torchvision:{name}")
+    assert not any(tmp_path.rglob("*.pth"))
+
+
 def test_missing_cache_names_the_file_and_how_to_get_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(InputError) as err:

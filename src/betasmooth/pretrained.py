@@ -118,8 +118,15 @@ def weights_of(spec: str) -> object:
     name, member = _parse(spec)
     if name not in models.list_models():
         raise InputError(
-            f"unknown torchvision model {name!r}; expected a name from "
-            "torchvision.models.list_models(), e.g. vgg16, resnet50"
+            f"unknown torchvision model {name!r}; expected an image classifier from "
+            "torchvision.models.list_models(module=torchvision.models), e.g. vgg16, resnet50"
+        )
+    # Detection, segmentation, video, optical flow and quantized (int8, not
+    # differentiable) models take other inputs or give no class logits.
+    if name not in models.list_models(module=models):
+        raise InputError(
+            f"torchvision model {name!r} is not an image classifier; expected one from "
+            "torchvision.models.list_models(module=torchvision.models), e.g. vgg16, resnet50"
         )
     enum = models.get_model_weights(name)
     if member == "DEFAULT":
