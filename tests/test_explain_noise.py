@@ -7,7 +7,7 @@ import math
 import pytest
 import scipy.stats
 import torch
-from captum.attr import IntegratedGradients, Saliency
+from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 
 import betasmooth as bs
 from betasmooth.explain.noise import standard_noise
@@ -66,6 +66,26 @@ def test_smoothgrad_base_options_and_input_range(x):
         for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
     ]
     torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
+
+
+def test_smoothgrad_of_a_layer_method_averages_the_layers_maps(x):
+    # A layer method's map has the layer's shape (here 8 x 8 x 8), not the input's.
+    net = plain_cnn().double()
+    ours = bs.explain(
+        net,
+        x,
+        "smoothgrad",
+        TARGET,
+        base="captum:LayerGradCam",
+        base_options={"layer": "3"},
+        n=3,
+        sigma=0.1,
+        seed=4,
+    )
+    cam = LayerGradCam(net, net[3])
+    maps = [cam.attribute(x + e, target=TARGET) for e in _hand_noise(x, 3, 0.1, "gaussian", 4)]
+    assert ours.shape == (4, 1, 8, 8)
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-10, atol=1e-13)
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "logistic"])

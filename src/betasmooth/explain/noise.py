@@ -270,14 +270,15 @@ def smoothgrad(
         target = predict(model, x)
     x_in = x if create_graph and x.requires_grad else x.detach()
     scale = noise_scale(x_in, sigma, input_range)
-    total = torch.zeros_like(x_in)
+    # A layer method's maps have the layer's shape, not the input's.
+    total: torch.Tensor | float = 0.0
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         # One draw per copy, so that the draws do not depend on the chunk size.
         eps = torch.stack([_draw_batch(draw, generators, x) for _ in range(k)])
         noisy = (x_in + scale * eps).flatten(0, 1)
         maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **options)
-        total = total + maps.view(k, *x.shape).sum(0)
+        total = total + maps.unflatten(0, (k, x.shape[0])).sum(0)
     return total / n
 
 
