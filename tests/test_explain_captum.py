@@ -110,6 +110,30 @@ def test_captum_method_passes_options_and_defaults_target_to_prediction(x):
     torch.testing.assert_close(layer, theirs, rtol=1e-12, atol=1e-12)
 
 
+def test_captums_method_option_is_given_as_rule(x):
+    # explain's third argument is the explanation method, so Captum's quadrature
+    # option ``method`` is named ``rule``, as for the built-in integrated_gradients.
+    net = plain_cnn().double()
+    ours = bs.explain(net, x, "captum:IntegratedGradients", TARGET, n_steps=7, rule="gausslegendre")
+    theirs = IntegratedGradients(net).attribute(x, target=TARGET, n_steps=7, method="gausslegendre")
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    native = bs.explain(net, x, "integrated_gradients", TARGET, steps=7, rule="riemann_trapezoid")
+    theirs = IntegratedGradients(net).attribute(
+        x, target=TARGET, n_steps=7, method="riemann_trapezoid"
+    )
+    torch.testing.assert_close(native, theirs, rtol=1e-6, atol=1e-9)
+    through = bs.explain(
+        net,
+        x,
+        "beta_smooth",
+        TARGET,
+        beta=1e6,
+        base="captum:IntegratedGradients",
+        base_options={"n_steps": 7, "rule": "gausslegendre"},
+    )
+    torch.testing.assert_close(through, ours, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("method", "options", "error", "fragments"),
     [

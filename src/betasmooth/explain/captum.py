@@ -5,6 +5,9 @@ on the model and calls its ``attribute(x, target=target, **options)``. Options
 named in the class's constructor (``multiply_by_inputs``, ``eps``, ...) go to
 the constructor; ``layer`` names the layer of layer methods (``LayerGradCam``,
 ``GuidedGradCam``, ...) as in ``model.named_modules()``, e.g. ``"features.28"``.
+Captum's own ``method`` option (the quadrature of ``IntegratedGradients``,
+``LayerConductance``, ...) is given as ``rule``, as for the built-in
+``integrated_gradients``: ``method`` names the explanation method itself.
 Because beta-smoothing acts on the model, every Captum method works under it:
 ``bs.explain(model, x, "beta_smooth", beta=2.0, base="captum:Occlusion", ...)``.
 Captum is optional (``pip install 'betasmooth[captum]'``).
@@ -28,6 +31,8 @@ __all__ = ["captum_method", "resolve_layer"]
 
 # Constructor parameters that explain fills itself.
 _MODEL_PARAMETERS = ("forward_func", "model")
+# Captum's option -> its name here, where ``method`` is taken by explain's own argument.
+_RENAMED = {"method": "rule"}
 _FILLED = frozenset({"self", "layer", *_MODEL_PARAMETERS})
 _LISTING = "python -c 'import captum.attr; print(captum.attr.__all__)'"
 
@@ -70,7 +75,9 @@ def _accepted_options(cls: type) -> frozenset[str] | None:
     attribute = list(inspect.signature(cls.attribute).parameters.values())[2:]
     if any(p.kind is p.VAR_KEYWORD for p in init + attribute):
         return None
-    names = {p.name for p in init + attribute if p.kind is not p.VAR_POSITIONAL}
+    names = {
+        _RENAMED.get(p.name, p.name) for p in init + attribute if p.kind is not p.VAR_POSITIONAL
+    }
     # layer stays known, so that a method without one says so (see _build).
     return frozenset((names - _FILLED - {"target"}) | {"layer"})
 
@@ -104,6 +111,8 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None, method: str) 
 def _build(cls: type, model: nn.Module, layer: object, options: dict) -> tuple[object, dict]:
     parameters = inspect.signature(cls.__init__).parameters
     method = f"captum:{cls.__name__}"
+    captum_names = {ours: theirs for theirs, ours in _RENAMED.items()}
+    options = {captum_names.get(k, k): v for k, v in options.items()}
     constructor = {k: v for k, v in options.items() if k in parameters and k not in _FILLED}
     args: list[object] = [model]
     if "layer" in parameters:
