@@ -40,6 +40,25 @@ def test_max_sensitivity_with_quantus_explain_equals_quantus_own_saliency():
     assert np.all(np.abs(smooth - theirs) > 1e-3)
 
 
+def test_gradient_is_quantus_own_signed_gradient_on_colour_images():
+    # Quantus' "Gradient" is the signed gradient summed over channels, as
+    # quantus_explain's gradient; its "Saliency" is the absolute gradient.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 14 * 14, 3),
+    )
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()
+    y = np.array([0, 1, 2, 0])
+    ours = bs.quantus_explain(net, x, y, method="gradient")
+    theirs = quantus.explain(net, x, y, method="Gradient")
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+    saliency = quantus.explain(net, x, y, method="Saliency")
+    assert np.abs(ours - saliency).max() > 1e-3 * np.abs(saliency).max()
+
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [
