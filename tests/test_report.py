@@ -410,7 +410,8 @@ def test_grid_rows_share_one_colour_scale(tmp_path):
 def test_curvature_run_medians(tmp_path):
     """A run without arrays (as `betasmooth curvature` writes it): one column per network."""
     rng = np.random.default_rng(3)
-    (tmp_path / "config.json").write_text(json.dumps({"command": "curvature", "seed": 1}))
+    config = {"command": "curvature", "seed": 1, "betas": [None, 1.0, 2.0, 10.0]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     records = [
         {"index": i, "method": net, "beta": beta, "true_label": 2, "hessian_norm": float(h)}
         for net, beta in (("relu", None), ("beta=10", 10.0), ("beta=1", 1.0), ("beta=2", 2.0))
@@ -426,6 +427,9 @@ def test_curvature_run_medians(tmp_path):
     header = [c[0] for c in page.tables["medians"][0]][1:]
     assert header == ["beta=1", "beta=2", "beta=10", "relu"]
     assert page.images == []
+    # The settings name the ReLU network, which config.json stores as a beta of null.
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    assert settings["betas"] == "[relu, 1, 2, 10]"
 
 
 def test_images_in_zero_one_keep_their_brightness():

@@ -810,6 +810,9 @@ def _section_theory(run: _Run) -> str:
 
 def _section_settings(run: _Run) -> str:
     rest = {k: v for k, v in run.config.items() if k != "versions"}
+    if isinstance(rest.get("betas"), list):
+        # A beta of None is the ReLU network itself (curvature's "relu").
+        rest["betas"] = ["relu" if b is None else b for b in rest["betas"]]
     rows = [(k, rest[k]) for k in sorted(rest)]
     if not rows:
         return "<h2 id='settings'>Settings</h2>" + _note("No config.json in this run.")
