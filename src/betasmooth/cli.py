@@ -378,7 +378,7 @@ HELP: dict[str, dict[str, object]] = {
     },
     "attack": {
         "help": "manipulate explanations of a model's inputs",
-        "description": "Change each test image, invisibly and without changing its label, so "
+        "description": "Change each test image slightly and without changing its label, so "
         "that its explanation map moves towards a target (goal targeted: the map of another "
         "image, Dombrowski et al. 2019) or away from the original (goals topk and center, "
         "Ghorbani et al. 2019). Writes results.jsonl, one line per image and method, and the "

@@ -118,7 +118,9 @@ THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
 
 #: The betas softplus takes: float32's normal numbers. Below the smallest,
 #: ``1 / beta`` overflows and the maps are inf or NaN; above the largest,
-#: beta does not fit the float32 scalar of torch's softplus.
+#: beta does not fit the float32 scalar of torch's softplus. Inside the range,
+#: float32 maps lose precision below about beta 1e-3 (``log(2) / beta``
+#: swamps ``x / 2``): use float64 there.
 BETA_RANGE = (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max)
 
 
