@@ -447,3 +447,23 @@ def test_images_in_zero_one_keep_their_brightness():
     assert set(np.round(np.unique(first[first < 1.0]), 6)) == {0.2, 0.3}
     # The levels 0 to 255 fill the panel's whole range, from black to white.
     assert second.min() == 0.0 and second[second < 1.0].max() > 0.95
+
+
+def test_cost_figure_joins_the_labels_of_points_that_coincide():
+    # beta 20 and 50 often cost the same and defend alike: one label for both,
+    # the others apart. Positions are shares of the plot's spans (log seconds).
+    from betasmooth.figures import CLOSE, _joined_labels
+
+    pts = [
+        {"label": "β=1", "seconds": 0.010, "metric": 0.50},
+        {"label": "β=20", "seconds": 0.011, "metric": 0.90},
+        {"label": "β=50", "seconds": 0.011, "metric": 0.90 + CLOSE / 4},
+        {"label": "β=100", "seconds": 0.011, "metric": 0.90 + 2 * CLOSE},
+    ]
+    where = np.array([[np.log10(p["seconds"]), p["metric"]] for p in pts])
+    joined = _joined_labels(pts, where, np.ones(2))
+    assert joined == [
+        ("β=1", 0.010, 0.50),
+        ("β=20, β=50", 0.011, 0.90),
+        ("β=100", 0.011, 0.90 + 2 * CLOSE),
+    ]

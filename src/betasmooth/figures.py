@@ -535,21 +535,28 @@ def cost_quality(
     with matplotlib.rc_context(_STYLE):
         fig = _figure(PLOT_SIZE)
         ax = fig.add_axes([0.13, 0.14, 0.83, 0.74])
-        seconds = []
+        seconds = np.array([float(p["seconds"]) for p in points])
+        # SmoothGrad costs N passes: the spread is usually a decade or more.
+        log = bool(seconds.size and np.all(seconds > 0) and seconds.max() / seconds.min() >= 10)
+        where = np.array(
+            [[np.log10(s) if log else s, float(p["metric"])] for s, p in zip(seconds, points)]
+        ).reshape(-1, 2)
+        span = np.ptp(where, axis=0) if len(where) else np.ones(2)
+        span = np.where(span > 0, span, 1.0)
         for defense, (label, colour, marker) in styles.items():
-            pts = [p for p in points if p["defense"] == defense]
+            mine = [i for i, p in enumerate(points) if p["defense"] == defense]
+            pts = [points[i] for i in mine]
             if not pts:
                 continue
             xs = np.array([float(p["seconds"]) for p in pts])
             ys = np.array([float(p["metric"]) for p in pts])
-            seconds.extend(xs.tolist())
             ax.plot(xs, ys, marker, color=colour, ms=6, label=label)
             # β-smoothing labels to the left, SmoothGrad to the right: equal betas of the
             # two often land close together.
             left = defense == "beta_smooth"
-            for p, x, y in zip(pts, xs, ys):
+            for text, x, y in _joined_labels(pts, where[mine], span):
                 ax.annotate(
-                    str(p["label"]),
+                    text,
                     (x, y),
                     textcoords="offset points",
                     xytext=(-5 if left else 5, 3),
@@ -557,9 +564,7 @@ def cost_quality(
                     fontsize=7,
                     color=colour,
                 )
-        seconds = np.asarray(seconds)
-        # SmoothGrad costs N passes: the spread is usually a decade or more.
-        if seconds.size and np.all(seconds > 0) and seconds.max() / seconds.min() >= 10:
+        if log:
             ax.set_xscale("log")
         ax.margins(x=0.25, y=0.12)
         ax.set_xlabel("median seconds per image")
@@ -567,6 +572,29 @@ def cost_quality(
         ax.legend(loc="best")
         ax.set_title(title or "Quality against cost", loc="left")
         return _save(fig, path)
+
+
+#: Points of one defense closer than this share of the plot's spans share one label.
+CLOSE = 0.04
+
+
+def _joined_labels(
+    pts: Sequence[Mapping[str, object]], where: np.ndarray, span: np.ndarray
+) -> list[tuple[str, float, float]]:
+    """The labels of ``pts`` (plot positions ``where``), those of nearby points joined.
+
+    Two points of one defense at almost the same cost and quality (beta 20 and
+    50 often are) would print their labels on top of each other; they get one
+    label, ``"β=20, β=50"``, at the first of them.
+    """
+    groups: list[tuple[list[str], np.ndarray, tuple[float, float]]] = []
+    for p, at in zip(pts, where / span):
+        near = next((g for g in groups if np.all(np.abs(g[1] - at) < CLOSE)), None)
+        if near is None:
+            groups.append(([str(p["label"])], at, (float(p["seconds"]), float(p["metric"]))))
+        else:
+            near[0].append(str(p["label"]))
+    return [(", ".join(names), x, y) for names, _, (x, y) in groups]
 
 
 def softplus_figure(curve: Mapping[str, object], path: str | Path) -> Path:
