@@ -463,3 +463,69 @@ class _Calls(nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+class _InPlace(nn.Module):
+    """An activation applied in place as a statement, its result dropped."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        if self.how == "Tensor.relu_":
+            h.relu_()
+        elif self.how == "nn.ReLU(inplace=True)":
+            self.relu(h)
+        elif self.how == "F.relu(h, True)":
+            F.relu(h, True)
+        elif self.how == "F.relu6(inplace=True)":
+            F.relu6(h, inplace=True)
+        elif self.how == "F.hardtanh(h, -0.5, 2.0, True)":
+            F.hardtanh(h, -0.5, 2.0, True)
+        elif self.how == "assigned":
+            h = self.relu(h)
+        return self.l2(h)
+
+
+def _softplus_copy(model: _InPlace, x: torch.Tensor, beta: float) -> torch.Tensor:
+    h = model.l1(x)
+    if "relu6" in model.how:
+        h = F.softplus(h, beta) - F.softplus(h - 6, beta)
+    elif "hardtanh" in model.how:
+        h = -0.5 + F.softplus(h + 0.5, beta) - F.softplus(h - 2.0, beta)
+    else:
+        h = F.softplus(h, beta)
+    return model.l2(h)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "Tensor.relu_",
+        "nn.ReLU(inplace=True)",
+        "F.relu(h, True)",
+        "F.relu6(inplace=True)",
+        "F.hardtanh(h, -0.5, 2.0, True)",
+        "assigned",
+    ],
+)
+def test_an_in_place_activation_whose_result_is_dropped_is_smoothed(how):
+    # Its caller reads the input afterwards: the smoothed value must be written there.
+    model = _InPlace(how).double()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    ours, theirs = smooth(model, 3.0)(x), _softplus_copy(model, x, 3.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(ours[:, 0].sum(), x)
+    (g_theirs,) = torch.autograd.grad(theirs[:, 0].sum(), x)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
+    if "relu6" not in how and "hardtanh" not in how:
+        # Guided backprop overrides the same calls: the statement is the assigned form.
+        assigned = _InPlace("assigned").double()
+        guided = bs.explain(model, x.detach(), "guided_backprop", 0)
+        torch.testing.assert_close(guided, bs.explain(assigned, x.detach(), "guided_backprop", 0))

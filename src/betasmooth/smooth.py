@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 from collections.abc import Callable, Iterator
 
@@ -47,6 +48,8 @@ __all__ = [
 RELU_FUNCTIONS = frozenset(
     {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 )
+# The ReLU functions that always write into their input; the others do with inplace=True.
+IN_PLACE_FUNCTIONS = frozenset({F.relu_, torch.relu_, torch.Tensor.relu_})
 
 # Piecewise-linear activations that beta-smoothing does not replace; named in a
 # warning because they keep the output manifold curved.
@@ -76,6 +79,10 @@ SMOOTH_FUNCTIONS = frozenset(
 KINKED_FUNCTIONS = frozenset({F.rrelu, F.threshold, F.hardswish, F.hardshrink, F.softshrink})
 
 Relu = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _relu(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return relu(x)
 
 
 def _hardtanh(
@@ -358,17 +365,31 @@ class _ReluOverride(TorchFunctionMode):
         self.smooth: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
         if func in RELU_FUNCTIONS:
-            self.replaced += 1
-            return self.fn(args[0])
-        if self.through and func in THROUGH_RELU:
-            self.replaced += 1
-            return THROUGH_RELU[func](self.fn, *args, **(kwargs or {}))
-        if func in KINKED_FUNCTIONS:
-            self.kinked.add(getattr(func, "__name__", str(func)))
-        elif func in SMOOTH_FUNCTIONS:
-            self.smooth.add(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
+            replacement = _relu
+        elif self.through and func in THROUGH_RELU:
+            replacement = THROUGH_RELU[func]
+        else:
+            if func in KINKED_FUNCTIONS:
+                self.kinked.add(getattr(func, "__name__", str(func)))
+            elif func in SMOOTH_FUNCTIONS:
+                self.smooth.add(getattr(func, "__name__", str(func)))
+            return func(*args, **kwargs)
+        self.replaced += 1
+        if func in IN_PLACE_FUNCTIONS or _writes_in_place(replacement, args, kwargs):
+            # The caller may drop the result (``h.relu_()`` as a statement), so it
+            # goes into the input, as the activation's own would; computed from a
+            # copy, so that the replacement's backward keeps the input it saw.
+            x = args[0]
+            return x.copy_(replacement(self.fn, x.clone(), *args[1:], **kwargs))
+        return replacement(self.fn, *args, **kwargs)
+
+
+def _writes_in_place(replacement: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether the call asks for ``inplace=True``, by keyword or by position."""
+    bound = inspect.signature(replacement).bind(None, *args, **kwargs)
+    return bool(bound.arguments.get("inplace", False))
 
 
 class _ReluHooks:
