@@ -367,6 +367,24 @@ def test_bad_input_is_refused(small):
         bs.manipulate(net, x, good, "gradient", steps=1, eot=True)
 
 
+@pytest.mark.parametrize("goal", ["targeted", "topk"])
+def test_a_method_whose_map_has_no_graph_is_refused_before_it_moves_x(small, goal):
+    # Its map would stay put while the output term moved x: no attack, yet no error.
+    from betasmooth.explain import METHODS, register
+
+    @register("detached")
+    def detached(model, x, target, *, create_graph=False):
+        return bs.explain(model, x, "gradient", target).detach()
+
+    net, x = small
+    targets = _targets(net, x) if goal == "targeted" else None
+    try:
+        with pytest.raises(bs.InputError, match="^the maps of method 'detached' do not depend"):
+            bs.manipulate(net, x, targets, "detached", goal=goal, steps=5)
+    finally:
+        del METHODS["detached"]
+
+
 @pytest.mark.parametrize("k", [0, 16 * 16 + 1, 2.5, "10"])
 def test_topk_size_is_refused_before_any_step(small, k):
     net, x = small

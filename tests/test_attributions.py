@@ -79,3 +79,42 @@ def test_heatmap_reductions_by_hand():
 def test_heatmap_unknown_reduction():
     with pytest.raises(ValueError, match="unknown reduction 'max'.*abs_sum"):
         bs.heatmap(torch.rand(1, 1, 2, 2), reduction="max")
+
+
+def test_registering_a_taken_method_name_is_refused_and_replace_restores_it():
+    from betasmooth.explain import METHODS, register
+
+    builtin = METHODS["gradient"]
+    try:
+        with pytest.raises(
+            bs.InputError, match=r"^explanation method 'gradient' is registered already"
+        ):
+            register("gradient")(lambda model, x, target, *, create_graph=False: x)
+        assert METHODS["gradient"] is builtin
+        register("gradient", replace=True)(lambda model, x, target, *, create_graph=False: x)
+        x = torch.rand(2, 1, 4, 4)
+        assert torch.equal(bs.explain(torch.nn.Flatten(), x, "gradient", 0), x)
+    finally:
+        METHODS["gradient"] = builtin
+
+
+@pytest.mark.parametrize(
+    ("result", "got"),
+    [
+        (lambda x: x[:1], r"shape \(1, 1, 4, 4\)"),
+        (lambda x: None, "NoneType"),
+        (lambda x: x.numpy(), "ndarray"),
+        (lambda x: x.flatten(), r"shape \(32,\)"),
+    ],
+)
+def test_a_method_that_returns_no_batch_is_named(result, got):
+    from betasmooth.explain import METHODS, register
+
+    register("returns_wrong")(lambda model, x, target, *, create_graph=False: result(x))
+    try:
+        with pytest.raises(
+            bs.InputError, match=rf"^method 'returns_wrong' returned {got}; expected"
+        ):
+            bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "returns_wrong", 0)
+    finally:
+        del METHODS["returns_wrong"]

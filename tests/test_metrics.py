@@ -20,6 +20,7 @@ from betasmooth.metrics import (
     heatmap,
     mse,
     pcc,
+    register_metric,
     spearman,
     ssim,
     ssim_window,
@@ -386,3 +387,19 @@ def test_symmetry_and_range(a, seed):
     for name in ("ssim", "pcc", "spearman"):
         assert bool((ab[name].abs() <= 1 + 1e-12).all())
     assert bool(((ab["topk"] >= 0) & (ab["topk"] <= 1)).all())
+
+
+@pytest.mark.parametrize(
+    ("value", "got"), [(lambda a: a.sum(), r"shape \(\)"), (lambda a: [0.0] * len(a), "list")]
+)
+def test_a_metric_that_gives_no_number_per_map_is_named(value, got):
+    register_metric("per_batch")(lambda a, b: value(a))
+    try:
+        with pytest.raises(
+            InputError, match=rf"^metric 'per_batch' returned {got}; expected .*\(3,\)"
+        ):
+            compare(torch.rand(3, 4, 4), torch.rand(3, 4, 4))
+    finally:
+        del METRICS["per_batch"]
+    with pytest.raises(InputError, match="metric 'pcc' is registered already"):
+        register_metric("pcc")(lambda a, b: a.sum((1, 2)))

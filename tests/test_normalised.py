@@ -14,7 +14,7 @@ import betasmooth as bs
 from betasmooth.attack import default_weights
 from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
-from betasmooth.recommend import recommend_beta
+from betasmooth.recommend import format_summary, recommend_beta
 from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError
 from nets import plain_cnn
@@ -137,6 +137,10 @@ def test_sweep_summary_is_robustness_fidelity_and_the_rule(digits, digits_cnn):
     expected = max(faithful, key=lambda b: (cells[b]["robustness_pcc"], b)) if faithful else None
     assert summary["recommended_beta"] == expected
     assert sweep.summary(min_fidelity=1.01)["recommended_beta"] is None
+    # Rows of the library carry no base: the table adds no line about one.
+    assert summary["base"] is None
+    table = format_summary({"gradient": summary}).splitlines()
+    assert len(table) == 1 + 1 + 2 * len(betas) + 1 and "swept on" not in table[-1]
 
 
 def test_cli_sweep_writes_the_summary_of_its_records(tmp_path, capsys):

@@ -14,7 +14,7 @@ from torch import nn
 import betasmooth as bs
 from betasmooth.attack import random_targets
 from betasmooth.cli import main
-from betasmooth.validate import InputError, check_in_range
+from betasmooth.validate import InputError, InputTypeError, check_in_range
 from nets import plain_cnn
 
 
@@ -164,3 +164,21 @@ def test_attack_progress_shows_steps_and_loss_on_stderr(capsys) -> None:
     assert shown == pytest.approx(float(result.history[-1].mean()), rel=1e-3)
     bs.manipulate(net, x, target, "gradient", steps=4, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_registrar_refuses_bad_names_taken_names_and_non_callables():
+    from betasmooth.validate import registrar
+
+    table = {}
+    registrar(table, "my-method_2", "example")(abs)
+    assert table == {"my-method_2": abs}
+    for name in ["a,b", "all", "", "2x", 3, "captum:X"]:
+        with pytest.raises(InputError, match=r"^example name"):
+            registrar(table, name, "example")
+    with pytest.raises(InputError, match=r"^example 'my-method_2' is registered already"):
+        registrar(table, "my-method_2", "example")
+    registrar(table, "my-method_2", "example", replace=True)(round)
+    assert table == {"my-method_2": round}
+    with pytest.raises(InputTypeError, match=r"^example 'n' must be callable; got int"):
+        registrar(table, "n", "example")(42)
+    assert "n" not in table

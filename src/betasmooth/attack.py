@@ -596,7 +596,15 @@ def _run(
     for i in bar:
         p.surrogate.beta = beta_at(s.schedule, i, s.steps, s.beta0, s.beta_end)
         with torch.enable_grad():
-            loss = goal.objective(p, p.maps(x_adv, i, graph=True), x_adv)
+            maps = p.maps(x_adv, i, graph=True)
+            if not maps.requires_grad:
+                # Else only the output term would move x, and the map would stay put.
+                raise InputError(
+                    f"the maps of method {s.method!r} do not depend on x differentiably: it "
+                    "returned them without a graph under create_graph=True; expected a method "
+                    "that builds its map with torch.autograd.grad(..., create_graph=True)"
+                )
+            loss = goal.objective(p, maps, x_adv)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         p.history.append(loss.detach())
         with torch.no_grad():

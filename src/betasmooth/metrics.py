@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .validate import InputError, InputTypeError, check_batch, check_choice, check_map_batch
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_batch,
+    check_choice,
+    check_map_batch,
+    registrar,
+)
 
 __all__ = [
     "METRICS",
@@ -62,11 +69,13 @@ SSIM_K2 = 0.03
 TOPK_FRACTION = 0.1
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
+def register_metric(name: str, *, replace: bool = False) -> Callable[[Metric], Metric]:
     """Add a map similarity ``fn(a, b, **options) -> (B,)`` to :data:`METRICS` under ``name``.
 
-    :func:`compare` evaluates every registered metric and passes each the
-    keyword options its signature names.
+    :func:`compare` evaluates every registered metric, passes each the
+    keyword options its signature names, and checks that it gives one number
+    per map. A taken name is refused unless ``replace`` (the attack's losses
+    keep the built-in ``pcc`` and ``ssim`` either way).
 
     Examples
     --------
@@ -75,12 +84,7 @@ def register_metric(name: str) -> Callable[[Metric], Metric]:
     ...     return (a - b).abs().flatten(1).mean(1)
     >>> del METRICS["l1"]
     """
-
-    def add(fn: Metric) -> Metric:
-        METRICS[name] = fn
-        return fn
-
-    return add
+    return registrar(METRICS, name, "metric", replace=replace)
 
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -115,8 +119,10 @@ def heatmap(
         Explanation of shape ``(B, C, H, W)``.
     eps : float
         A map whose absolute values sum to at most ``eps`` becomes all zero
-        (default 0: only an all-zero map, which stays all zero); any other
-        map sums to 1 however small its values.
+        (default 0: an all-zero map stays all zero, and so does a map whose
+        sum is below the dtype's smallest normal number, 1.2e-38 in float32,
+        whose reciprocal would overflow); any other map sums to 1 however
+        small its values.
     reduction : str
         ``abs_sum``, ``sum``, ``pos`` or ``l2``.
 
@@ -147,7 +153,7 @@ def heatmap(
     total = (h.abs() if reduction == "sum" else h).sum(dim=(1, 2), keepdim=True)
     # Divide only where the sum is positive, so that neither the map nor its
     # derivative sees 0 / 0, and a map of tiny values still sums to 1.
-    kept = total > eps
+    kept = total > max(eps, torch.finfo(total.dtype).tiny)
     return torch.where(kept, h / torch.where(kept, total, torch.ones_like(total)), 0.0)
 
 
@@ -580,7 +586,18 @@ def compare(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str,
     """
     a, b = _check_maps(a, b)
     options = {"k": k}
-    return {name: fn(a, b, **_options_for(fn, options)) for name, fn in METRICS.items()}
+    return {
+        name: _one_per_map(name, fn(a, b, **_options_for(fn, options)), a.shape[0])
+        for name, fn in METRICS.items()
+    }
+
+
+def _one_per_map(name: str, value: object, maps: int) -> torch.Tensor:
+    """A metric's value, refused in one line unless it is one number per map, ``(B,)``."""
+    if isinstance(value, torch.Tensor) and tuple(value.shape) == (maps,):
+        return value
+    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise InputError(f"metric {name!r} returned {got}; expected a tensor of shape ({maps},)")
 
 
 def max_com_shift(height: int, width: int) -> float:

@@ -91,12 +91,13 @@ def sweep_summary(
     Returns
     -------
     dict
-        ``{method: {"base": str, "undefended": {...}, "betas": {beta: {...}},
+        ``{method: {"base": str | None, "undefended": {...}, "betas": {beta: {...}},
         "smoothgrad": {beta: {...}}, "recommended_beta": float | None,
-        "min_fidelity": float}}``; ``base`` is the method the defenses
-        smooth (the records' ``base``: ``gradient`` for the adaptive attacks
-        on ``beta_smooth`` and ``smoothgrad``, whose undefended row is then
-        the plain gradient map); each ``{...}`` holds ``n`` and the medians
+        "min_fidelity": float}}``; ``base`` is the records' ``base``, the
+        method the defenses smooth (``gradient`` for the adaptive attacks on
+        ``beta_smooth`` and ``smoothgrad``, whose undefended row is then the
+        plain gradient map; ``None`` when the records name none); each
+        ``{...}`` holds ``n`` and the medians
         ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
         ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1).
         Betas are keyed by ``f"{beta:g}"``.
@@ -131,7 +132,7 @@ def sweep_summary(
             undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
         out[method] = {
-            "base": str(rows[0].get("base", method)),
+            "base": rows[0].get("base"),
             "undefended": undefended,
             "betas": table["beta_smooth"],
             "smoothgrad": table["smoothgrad"],
@@ -216,8 +217,8 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
             line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
             lines.append(line)
         verdicts.append(f"{method}: {verdict(s)}")
-        base = s.get("base", method)
-        if base != method:
+        base = s.get("base")
+        if base not in (None, method):
             verdicts.append(
                 f"{method}: attacked through its own map, swept on {base}: "
                 f"undefended is the plain {base} map of the attacked image"

@@ -590,7 +590,7 @@ def _recommendation(run: _Run) -> str:
     keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
     for method, s in sorted(_summary(run).items()):
         rec = s.get("recommended_beta")
-        base = str(s.get("base", method))
+        base = _base(run, method)
         plain = "undefended" if base == method else f"undefended: plain {base}"
         rows = [[plain, s["undefended"].get("n")] + [s["undefended"].get(k) for k in keys]]
         for name, cells in (("β-smoothing", s["betas"]), ("SmoothGrad, matched", s["smoothgrad"])):
@@ -670,13 +670,19 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     return "".join(out), points
 
 
+def _base(run: _Run, method: str) -> str:
+    """The method a sweep's defenses smooth for ``method``: its records' ``base``, else itself."""
+    bases = {str(r["base"]) for r in run.sweep if r.get("method") == method and r.get("base")}
+    return bases.pop() if len(bases) == 1 else method
+
+
 def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dict]]) -> str:
     (betas, curves), (sg_betas, smoothgrad) = series["beta_smooth"], series["smoothgrad"]
     # The faint lines are the attack's own numbers: for an adaptive attack on
     # a defense they measure that defended map, not the plain network.
-    bases = {str(r.get("base", method)) for r in run.sweep if str(r.get("method")) == method}
-    adaptive = bases not in (set(), {method})
-    faint = f"the attacked {method} map, no further defense" if adaptive else "no defense (ReLU)"
+    adaptive = _base(run, method) != method
+    legend = f"as attacked ({method})" if adaptive else "no defense (ReLU)"
+    faint = f"the attacked {method} map, no further defense" if adaptive else "no defense"
     path = figures.defense_curves(
         betas,
         {k: v for k, v in curves.items() if k != "seconds"},
@@ -684,7 +690,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         smoothgrad_betas=sg_betas,
         smoothgrad=smoothgrad,
         undefended=_undefended(run.results, method),
-        undefended_label=faint,
+        undefended_label=legend,
         title=f"{method}: defended maps against β",
     )
     return _img(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import re
 import sys
 import warnings
 import weakref
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "check_positive",
     "check_seed",
     "check_target",
+    "registrar",
     "warn_user",
 ]
 
@@ -593,3 +595,43 @@ def warn_user(message: str, model: nn.Module | None = None) -> None:
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def registrar(
+    table: dict[str, Callable[..., object]], name: object, what: str, *, replace: bool = False
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """A decorator that enters a function into ``table`` under ``name``, checked first.
+
+    A name is letters, digits, ``_`` and ``-`` (it is written in comma lists on
+    the command line), not ``all``; a taken name is refused unless
+    ``replace``, so that a built-in is not shadowed by accident; the entry
+    must be callable. ``what`` names the kind of entry in the errors.
+
+    Examples
+    --------
+    >>> table = {}
+    >>> registrar(table, "double", "example")(lambda v: 2 * v)(3)
+    6
+    >>> "double" in table
+    True
+    """
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+        raise InputError(
+            f"{what} names are letters, digits, '_' and '-', starting with a letter or '_' "
+            f"(they are written in comma lists on the command line); got {name!r}"
+        )
+    if name == "all":
+        raise InputError(f"{what} name 'all' is taken by the command line; expected another")
+    if not replace and name in table:
+        raise InputError(
+            f"{what} {name!r} is registered already; expected a new name, or replace=True "
+            "to replace it"
+        )
+
+    def enter(fn: Callable[..., object]) -> Callable[..., object]:
+        if not callable(fn):
+            raise InputTypeError(f"{what} {name!r} must be callable; got {type(fn).__name__}")
+        table[name] = fn
+        return fn
+
+    return enter

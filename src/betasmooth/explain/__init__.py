@@ -28,6 +28,7 @@ from ..validate import (
     check_instance,
     check_target,
     evaluating,
+    registrar,
 )
 
 __all__ = [
@@ -56,8 +57,28 @@ INPUT_CHECKS: dict[str, Callable[..., None]] = {}
 _RESERVED = ("model", "x", "target", "create_graph")
 
 
-def register(name: str) -> Callable[[Method], Method]:
+def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     """Register ``fn`` as the explanation method ``name``.
+
+    ``fn(model, x, target, *, create_graph=False, **options)`` returns the
+    explanation of ``target``'s logit (``target`` a ``(B,)`` tensor, or
+    ``None`` for the prediction) shaped like ``x``; with ``create_graph`` it
+    must keep the graph (``torch.autograd.grad(..., create_graph=True)``),
+    else attacks cannot move its map. Its keyword options are what
+    :func:`explain` accepts for it.
+
+    Parameters
+    ----------
+    name : str
+        Letters, digits, ``_`` and ``-``, as on the command line's ``--method``.
+    replace : bool
+        Replace a method of that name; without it a taken name is refused, so
+        that a built-in is not shadowed by accident.
+
+    Raises
+    ------
+    InputError
+        The name is malformed or taken, or ``fn`` is not callable.
 
     Examples
     --------
@@ -66,12 +87,7 @@ def register(name: str) -> Callable[[Method], Method]:
     ...     ...
     >>> del METHODS["my_gradient"]
     """
-
-    def decorate(fn: Method) -> Method:
-        METHODS[name] = fn
-        return fn
-
-    return decorate
+    return _into(METHODS, name, replace, "explanation method")
 
 
 def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -103,13 +119,12 @@ def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[
 
 
 def _into(
-    table: dict[str, Callable[..., None]], name: str
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    def decorate(check: Callable[..., None]) -> Callable[..., None]:
-        table[name] = check
-        return check
-
-    return decorate
+    table: dict[str, Callable[..., object]],
+    name: str,
+    replace: bool = True,
+    what: str = "check",
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    return registrar(table, name, what, replace=replace)
 
 
 def check_model(model: nn.Module, method: str, **options: object) -> None:
@@ -225,14 +240,17 @@ def _check_options(method: str, options: dict[str, object], owner: str | None = 
     if not unknown:
         return
     expected = ", ".join(sorted(known)) or "(none)"
+    # explain's own argument is called method: Captum's option of that name is rule here.
+    hint = " (Captum's option method is written rule)" if unknown[0] == "method" else ""
     if owner is None:
         raise InputTypeError(
-            f"unknown option {unknown[0]!r} for method {method!r}; expected some of: {expected}"
+            f"unknown option {unknown[0]!r} for method {method!r}; expected some of: "
+            f"{expected}{hint}"
         )
     own = ", ".join(sorted(method_options(owner)))
     raise InputTypeError(
         f"unknown option {unknown[0]!r} for method {owner!r}; expected some of its own "
-        f"({own}) or of its base {method!r} ({expected.strip('()')})"
+        f"({own}) or of its base {method!r} ({expected.strip('()')}){hint}"
     )
 
 
@@ -296,7 +314,19 @@ def explain(
     if check_x is not None:
         check_x(x, **options)
     with evaluating(model):
-        return fn(model, x, target_t, create_graph=create_graph, **options).to(given.dtype)
+        out = fn(model, x, target_t, create_graph=create_graph, **options)
+    return _checked_output(out, method, x).to(given.dtype)
+
+
+def _checked_output(out: object, method: str, x: torch.Tensor) -> torch.Tensor:
+    """A method's result, refused in one line unless it is a batch of ``x``'s size."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[0] == x.shape[0]:
+        return out
+    got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+    raise InputError(
+        f"method {method!r} returned {got}; expected a tensor shaped like x "
+        f"{tuple(x.shape)} (a layer method: one map per item, shaped like the layer's output)"
+    )
 
 
 # Importing the families fills the registry.
