@@ -36,6 +36,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,13 +47,19 @@ from betasmooth.explain.gradient import predict
 from betasmooth.recommend import MIN_FIDELITY, recommend_beta
 from betasmooth.smooth import softplus
 
+ROOT = Path(__file__).resolve().parents[1]
 BETAS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 IMAGENET = {"channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 # Model name -> (model spec, data spec, load_data options).
 MODELS = {
     "digits-cnn": ("digits-cnn", "digits", {}),
     "photos-cnn": ("photos-cnn", "photos", {}),
-    "normalised-digits": ("scripts/normalised_digits_cnn.py:model", "digits", IMAGENET),
+    # Found from the repository root, wherever the script is run from.
+    "normalised-digits": (
+        f"{ROOT / 'scripts' / 'normalised_digits_cnn.py'}:model",
+        "digits",
+        IMAGENET,
+    ),
 }
 
 
@@ -137,7 +144,14 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
         model, x, targets, "gradient", steps=args.steps, data_range=bounds, progress=args.progress
     )
     sweep = bs.defense_sweep(
-        model, x, attacked.x_adv, targets, "gradient", list(BETAS), defenses=("beta_smooth",)
+        model,
+        x,
+        attacked.x_adv,
+        targets,
+        "gradient",
+        list(BETAS),
+        defenses=("beta_smooth",),
+        data_range=bounds,
     )
     summary = sweep.summary(min_fidelity=MIN_FIDELITY)
     absolute = {k: dict(v) for k, v in summary["betas"].items()}
