@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "dimension-cache")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dimension")
+    parser.add_argument("--json", type=Path, help="append one JSON line per row to this file")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -186,6 +187,9 @@ def main() -> None:
     print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows))
     with open(args.out / "dimension.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps({"benchmark": "dimension", **r}) + "\n" for r in rows)
     plot(rows, args.out / "dimension.png")
     print(f"wrote {args.out / 'dimension.jsonl'} and {args.out / 'dimension.png'}")
 
