@@ -771,3 +771,57 @@ def test_an_attack_that_changes_nothing_says_so(tmp_path, capsys):
     assert main([*ATTACK, "--method", "gradient", "-n", "2", "--steps", "3", "--out",
                  str(tmp_path / "moved")]) == 0  # fmt: skip
     assert "no image changed" not in capsys.readouterr().out
+
+
+MODEL_WITH_METHOD = """
+import betasmooth as bs
+from betasmooth.explain import register
+
+
+@register("gradient_x_sign")
+def gradient_x_sign(model, x, target, *, create_graph=False):
+    return bs.explain(model, x, "gradient", target, create_graph=create_graph) * x.sign()
+
+
+def build():
+    return bs.load_model("digits-cnn")
+"""
+
+
+def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_command_line(tmp_path):
+    # The model file is imported once, before --method is checked: what it
+    # registers is a method of explain, attack and the sweep that loads it again.
+    path = tmp_path / "mynet.py"
+    path.write_text(MODEL_WITH_METHOD)
+    model = ["--model", f"{path}:build", "--data", "digits", "-n", "2", "--no-progress"]
+    out = tmp_path / "explain"
+    methods = "gradient_x_sign,captum:Saliency"
+    assert main(["explain", *model, "--method", methods, "--out", str(out)]) == 0
+    net = bs.load_model("digits-cnn").double()
+    with np.load(out / "arrays" / "gradient_x_sign-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]).double(), saved["map"]
+    x.requires_grad_(True)
+    logits = net(x)
+    (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), x)
+    hand = (grad * x.sign()).abs().sum(1)
+    hand = hand / hand.sum((1, 2), keepdim=True)
+    np.testing.assert_allclose(stored, hand.detach().numpy(), rtol=1e-4, atol=1e-7)
+    with np.load(out / "arrays" / "captum:Saliency-0.npz") as saved:
+        saliency = saved["map"]
+    hand = grad.abs().sum(1)
+    hand = (hand / hand.sum((1, 2), keepdim=True)).numpy()
+    np.testing.assert_allclose(saliency, hand, rtol=1e-4, atol=1e-7)  # a float32 run
+    attacked = tmp_path / "attack"
+    argv = ["attack", *model, "--method", "gradient_x_sign", "--steps", "5"]
+    assert main([*argv, "--out", str(attacked)]) == 0
+    sweep = ["sweep", str(attacked), "--betas", "5", "--smoothgrad-n", "2", "--no-progress"]
+    assert main(sweep) == 0
+    rows = read_jsonl(attacked / "sweep.jsonl")
+    assert {(r["method"], r["base"]) for r in rows} == {("gradient_x_sign", "gradient_x_sign")}
+
+
+def test_captum_maps_cannot_be_attacked_on_the_command_line(tmp_path, capsys):
+    argv = [*ATTACK, "--method", "captum:Saliency", "-n", "2", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "unknown method 'captum:Saliency'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -797,9 +797,10 @@ def summary_table(
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
-    methods = runs.attack_methods(args.method)
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
+    # After the model: a --model file may register methods of its own.
+    methods = runs.attack_methods(args.method)
     config = _run_config(
         args,
         device,
@@ -850,9 +851,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
-    methods = runs.explain_methods(args.method)
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
+    # After the model: a --model file may register methods of its own.
+    methods = runs.explain_methods(args.method)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     bounds = _bounds(config, x)
     options = runs.range_options(*bounds)

@@ -14,14 +14,14 @@ Examples
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .attack import ATTACK_DEFAULTS, DEFENSES, defense_sweep, derangement, manipulate
 from .distributed import Dist
-from .explain import METHODS, check_model, explain
+from .explain import METHODS, PREFIXES, check_model, explain, is_method
 from .explain import method_options as options_of
 from .explain.noise import NOISE_METHODS
 from .geometry import curvature
@@ -126,18 +126,20 @@ def load_inputs(
     return Inputs(net, x, y, about)
 
 
-def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list[str]:
+def _split_methods(
+    methods: str | Sequence[str], choices: Sequence[str], known: Callable[[str], bool], what: str
+) -> list[str]:
     names = methods.split(",") if isinstance(methods, str) else list(methods)
     names = [m.strip() for m in names if m.strip()]
     if names == ["all"]:
         return list(choices)
     if "all" in names:
         raise InputError(f"method 'all' stands alone; got {','.join(names)}")
-    unknown = [m for m in names if m not in choices]
+    unknown = [m for m in names if not known(m)]
     if unknown or not names:
         raise InputError(
             f"unknown method {(unknown or [''])[0]!r}; expected a comma list of "
-            f"{', '.join(choices)}, or all"
+            f"{', '.join(choices)}, {what}or all"
         )
     return list(dict.fromkeys(names))
 
@@ -145,17 +147,33 @@ def _split_methods(methods: str | Sequence[str], choices: Sequence[str]) -> list
 def attack_methods(methods: str | Sequence[str]) -> list[str]:
     """Check a method list (a comma list or ``all``) against the attackable methods.
 
+    ``all`` is the methods with the paper's budgets (:data:`ATTACK_DEFAULTS`);
+    any other registered method is attacked with the gradient's budget.
+    ``captum:NAME`` maps are not differentiable, so they cannot be attacked.
+
     Examples
     --------
     >>> attack_methods("gradient,lrp")
     ['gradient', 'lrp']
     """
-    return _split_methods(methods, list(ATTACK_DEFAULTS))
+    return _split_methods(
+        methods, list(ATTACK_DEFAULTS), lambda m: m in METHODS, "a registered method, "
+    )
 
 
 def explain_methods(methods: str | Sequence[str]) -> list[str]:
-    """Check a method list (a comma list or ``all``) against the registered methods."""
-    return _split_methods(methods, list(METHODS))
+    """Check a method list (a comma list or ``all``) against the registered methods.
+
+    Names with a registered prefix (``captum:NAME``) are methods too; ``all``
+    is every registered method.
+
+    Examples
+    --------
+    >>> explain_methods("gradient,captum:Saliency")
+    ['gradient', 'captum:Saliency']
+    """
+    prefixed = "".join(f"{p}:NAME, " for p in sorted(PREFIXES))
+    return _split_methods(methods, list(METHODS), is_method, prefixed)
 
 
 def check_methods(

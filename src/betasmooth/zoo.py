@@ -797,7 +797,14 @@ MODEL_FORMS = "'path/to/file.py:factory' or 'package.module:factory'"
 def _import_file(path: Path) -> object:
     if not path.is_file():
         raise InputError(f"model file {path} does not exist; expected {MODEL_FORMS}")
-    name = f"_betasmooth_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    # One module per file and version: loading the same file again (the sweep
+    # of a run, a resumed command) does not run it twice, so that what it
+    # registers is registered once.
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    name = f"_betasmooth_user_{path.stem}_{abs(hash(key))}"
+    if name in sys.modules:
+        return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
         raise InputError(f"cannot import {path}; expected a Python source file ending .py")
