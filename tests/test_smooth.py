@@ -489,6 +489,8 @@ class _InPlace(nn.Module):
             F.hardtanh(h, -0.5, 2.0, True)
         elif self.how == "assigned":
             h = self.relu(h)
+        elif self.how == "F.relu(input=h)":
+            h = F.relu(input=h)
         return self.l2(h)
 
 
@@ -512,6 +514,7 @@ def _softplus_copy(model: _InPlace, x: torch.Tensor, beta: float) -> torch.Tenso
         "F.relu6(inplace=True)",
         "F.hardtanh(h, -0.5, 2.0, True)",
         "assigned",
+        "F.relu(input=h)",
     ],
 )
 def test_an_in_place_activation_whose_result_is_dropped_is_smoothed(how):

@@ -377,6 +377,8 @@ class _ReluOverride(TorchFunctionMode):
                 self.smooth.add(getattr(func, "__name__", str(func)))
             return func(*args, **kwargs)
         self.replaced += 1
+        if not args:  # F.relu(input=h)
+            args = (kwargs.pop("input"),)
         if func in IN_PLACE_FUNCTIONS or _writes_in_place(replacement, args, kwargs):
             # The caller may drop the result (``h.relu_()`` as a statement), so it
             # goes into the input, as the activation's own would; computed from a

@@ -87,7 +87,7 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     ...     ...
     >>> del METHODS["my_gradient"]
     """
-    return _into(METHODS, name, replace, "explanation method")
+    return registrar(METHODS, name, "explanation method", replace=replace)
 
 
 def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -101,7 +101,7 @@ def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., N
     ...         raise InputError("my_gradient needs a Linear head")
     >>> del CHECKS["my_gradient"]
     """
-    return _into(CHECKS, name)
+    return registrar(CHECKS, name, "check", replace=True)
 
 
 def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -115,16 +115,7 @@ def register_input_check(name: str) -> Callable[[Callable[..., None]], Callable[
     ...         raise InputError("my_gradient needs images (B, C, H, W)")
     >>> del INPUT_CHECKS["my_gradient"]
     """
-    return _into(INPUT_CHECKS, name)
-
-
-def _into(
-    table: dict[str, Callable[..., object]],
-    name: str,
-    replace: bool = True,
-    what: str = "check",
-) -> Callable[[Callable[..., object]], Callable[..., object]]:
-    return registrar(table, name, what, replace=replace)
+    return registrar(INPUT_CHECKS, name, "input check", replace=True)
 
 
 def check_model(model: nn.Module, method: str, **options: object) -> None:
