@@ -454,16 +454,17 @@ def test_cost_figure_joins_the_labels_of_points_that_coincide():
     # the others apart. Positions are shares of the plot's spans (log seconds).
     from betasmooth.figures import CLOSE, _joined_labels
 
+    near, apart = CLOSE[1] / 2, 2 * CLOSE[1]
     pts = [
         {"label": "β=1", "seconds": 0.010, "metric": 0.50},
         {"label": "β=20", "seconds": 0.011, "metric": 0.90},
-        {"label": "β=50", "seconds": 0.011, "metric": 0.90 + CLOSE / 4},
-        {"label": "β=100", "seconds": 0.011, "metric": 0.90 + 2 * CLOSE},
+        {"label": "β=50", "seconds": 0.011, "metric": 0.90 + near},
+        {"label": "β=100", "seconds": 0.011, "metric": 0.90 + apart},
     ]
     where = np.array([[np.log10(p["seconds"]), p["metric"]] for p in pts])
     joined = _joined_labels(pts, where, np.ones(2))
     assert joined == [
         ("β=1", 0.010, 0.50),
         ("β=20, β=50", 0.011, 0.90),
-        ("β=100", 0.011, 0.90 + 2 * CLOSE),
+        ("β=100", 0.011, 0.90 + apart),
     ]

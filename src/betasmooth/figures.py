@@ -574,8 +574,9 @@ def cost_quality(
         return _save(fig, path)
 
 
-#: Points of one defense closer than this share of the plot's spans share one label.
-CLOSE = 0.04
+#: Points of one defense closer than these shares of the plot's spans (x, y) share
+#: one label: a 7-point label is about a tenth of the plot wide, a twentieth high.
+CLOSE = (0.1, 0.06)
 
 
 def _joined_labels(
@@ -589,7 +590,7 @@ def _joined_labels(
     """
     groups: list[tuple[list[str], np.ndarray, tuple[float, float]]] = []
     for p, at in zip(pts, where / span):
-        near = next((g for g in groups if np.all(np.abs(g[1] - at) < CLOSE)), None)
+        near = next((g for g in groups if np.all(np.abs(g[1] - at) < np.array(CLOSE))), None)
         if near is None:
             groups.append(([str(p["label"])], at, (float(p["seconds"]), float(p["metric"]))))
         else:
