@@ -823,5 +823,7 @@ def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_comman
 def test_captum_maps_cannot_be_attacked_on_the_command_line(tmp_path, capsys):
     argv = [*ATTACK, "--method", "captum:Saliency", "-n", "2", "--out", str(tmp_path / "run")]
     assert main(argv) == 2
-    assert "unknown method 'captum:Saliency'" in capsys.readouterr().err
+    assert "captum:Saliency cannot be attacked: its maps are not differentiable" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()

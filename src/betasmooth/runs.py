@@ -156,6 +156,13 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
     >>> attack_methods("gradient,lrp")
     ['gradient', 'lrp']
     """
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    prefixed = [m.strip() for m in names if ":" in m and is_method(m.strip())]
+    if prefixed:
+        raise InputError(
+            f"{prefixed[0]} cannot be attacked: its maps are not differentiable w.r.t. x; "
+            "expected a registered method such as gradient or lrp"
+        )
     return _split_methods(
         methods, list(ATTACK_DEFAULTS), lambda m: m in METHODS, "a registered method, "
     )
