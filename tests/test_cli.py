@@ -818,6 +818,11 @@ def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_comman
     assert main(sweep) == 0
     rows = read_jsonl(attacked / "sweep.jsonl")
     assert {(r["method"], r["base"]) for r in rows} == {("gradient_x_sign", "gradient_x_sign")}
+    # Edited (or imported as a module too), the file defines its method again: no refusal.
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert (
+        main(["explain", *model, "--method", "gradient_x_sign", "--out", str(tmp_path / "e2")]) == 0
+    )
 
 
 def test_captum_maps_cannot_be_attacked_on_the_command_line(tmp_path, capsys):

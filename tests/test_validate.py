@@ -176,9 +176,29 @@ def test_registrar_refuses_bad_names_taken_names_and_non_callables():
         with pytest.raises(InputError, match=r"^example name"):
             registrar(table, name, "example")
     with pytest.raises(InputError, match=r"^example 'my-method_2' is registered already"):
-        registrar(table, "my-method_2", "example")
+        registrar(table, "my-method_2", "example")(round)
+    # The same definition run again (a module reloaded) takes its own place back.
+    registrar(table, "my-method_2", "example")(abs)
     registrar(table, "my-method_2", "example", replace=True)(round)
     assert table == {"my-method_2": round}
     with pytest.raises(InputTypeError, match=r"^example 'n' must be callable; got int"):
         registrar(table, "n", "example")(42)
     assert "n" not in table
+
+
+def test_built_in_registries_survive_a_reload():
+    # Notebooks reload modules (autoreload): their methods define themselves again.
+    # In a process of its own, so that the reloaded modules stay out of the other tests.
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, torch, betasmooth as bs\n"
+        "for name in ('gradient', 'noise', 'propagation', 'composites', 'captum'):\n"
+        "    importlib.reload(importlib.import_module('betasmooth.explain.' + name))\n"
+        "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()\n"
+        "h = bs.explain(net, torch.rand(2, 1, 4, 4, dtype=torch.float64), 'beta_smooth', 1)\n"
+        "assert torch.equal(h[0].flatten(), net[1].weight[1]), h\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -62,6 +62,7 @@ from .validate import (
     evaluating,
     is_number,
     item_seeds,
+    warn_user,
 )
 
 __all__ = [
@@ -597,14 +598,18 @@ def _run(
         p.surrogate.beta = beta_at(s.schedule, i, s.steps, s.beta0, s.beta_end)
         with torch.enable_grad():
             maps = p.maps(x_adv, i, graph=True)
-            if not maps.requires_grad:
-                # Else only the output term would move x, and the map would stay put.
-                raise InputError(
-                    f"the maps of method {s.method!r} do not depend on x differentiably: it "
-                    "returned them without a graph under create_graph=True; expected a method "
-                    "that builds its map with torch.autograd.grad(..., create_graph=True)"
-                )
+            no_graph = (
+                f"the maps of method {s.method!r} come without a graph under "
+                "create_graph=True, so the attack cannot move them: the method ignores "
+                "create_graph, or its map does not depend on x (e.g. a linear model with "
+                "frozen weights)"
+            )
             loss = goal.objective(p, maps, x_adv)
+            if not loss.requires_grad:
+                raise InputError(no_graph)
+            if i == 0 and not maps.requires_grad:
+                # Only the targeted goal's output term moves x then; the map stays put.
+                warn_user(no_graph, p.model)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         p.history.append(loss.detach())
         with torch.no_grad():

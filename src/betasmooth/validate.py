@@ -604,8 +604,10 @@ def registrar(
 
     A name is letters, digits, ``_`` and ``-`` (it is written in comma lists on
     the command line), not ``all``; a taken name is refused unless
-    ``replace``, so that a built-in is not shadowed by accident; the entry
-    must be callable. ``what`` names the kind of entry in the errors.
+    ``replace``, so that a built-in is not shadowed by accident, except by
+    the same definition run again (a module reloaded, a model file imported
+    twice); the entry must be callable. ``what`` names the kind of entry in
+    the errors.
 
     Examples
     --------
@@ -622,16 +624,28 @@ def registrar(
         )
     if name == "all":
         raise InputError(f"{what} name 'all' is taken by the command line; expected another")
-    if not replace and name in table:
-        raise InputError(
-            f"{what} {name!r} is registered already; expected a new name, or replace=True "
-            "to replace it"
-        )
 
     def enter(fn: Callable[..., object]) -> Callable[..., object]:
         if not callable(fn):
             raise InputTypeError(f"{what} {name!r} must be callable; got {type(fn).__name__}")
+        if not replace and name in table and _origin(table[name]) != _origin(fn):
+            raise InputError(
+                f"{what} {name!r} is registered already; expected a new name, or "
+                "replace=True to replace it"
+            )
         table[name] = fn
         return fn
 
     return enter
+
+
+def _origin(fn: Callable[..., object]) -> tuple[object, object]:
+    """Where ``fn`` is defined: its source file and name, the same when that runs again.
+
+    A module reloaded, or a model file imported both as a module and by
+    :func:`betasmooth.load_model` (under another module name), defines its
+    functions again in the same file.
+    """
+    code = getattr(fn, "__code__", None)
+    where = code.co_filename if code is not None else getattr(fn, "__module__", None)
+    return where, getattr(fn, "__qualname__", None)
