@@ -794,9 +794,16 @@ def summary_table(
 # ----------------------------------------------------------------------------- commands
 
 
+def _may_register(model: str) -> bool:
+    """Whether loading ``model`` runs the user's code, which may register methods."""
+    return not (model in BUILTIN_MODELS or is_pretrained(model))
+
+
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
+    if not _may_register(args.model):
+        runs.attack_methods(args.method)  # a typo is named before a long load
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
     # After the model: a --model file may register methods of its own.
@@ -851,6 +858,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
+    if not _may_register(args.model):
+        runs.explain_methods(args.method)  # a typo is named before a long load
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
     # After the model: a --model file may register methods of its own.
