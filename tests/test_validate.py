@@ -3,6 +3,7 @@ user's call, integer .npz scaling, the image-count notice and the attack's progr
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -177,13 +178,25 @@ def test_registrar_refuses_bad_names_taken_names_and_non_callables():
             registrar(table, name, "example")
     with pytest.raises(InputError, match=r"^example 'my-method_2' is registered already"):
         registrar(table, "my-method_2", "example")(round)
-    # The same definition run again (a module reloaded) takes its own place back.
+    # The same definition run again (a module reloaded) takes its own place back;
+    # another lambda of the same file, or another partial, is another definition.
     registrar(table, "my-method_2", "example")(abs)
+    registrar(table, "lam", "example")(lambda v: v)
+    with pytest.raises(InputError, match="^example 'lam' is registered already"):
+        registrar(table, "lam", "example")(lambda v: -v)
+    registrar(table, "part", "example")(functools.partial(round, ndigits=1))
+    with pytest.raises(InputError, match="^example 'part' is registered already"):
+        registrar(table, "part", "example")(functools.partial(round, ndigits=2))
     registrar(table, "my-method_2", "example", replace=True)(round)
-    assert table == {"my-method_2": round}
+    assert table["my-method_2"] is round
     with pytest.raises(InputTypeError, match=r"^example 'n' must be callable; got int"):
         registrar(table, "n", "example")(42)
     assert "n" not in table
+    from betasmooth.explain import PREFIXES, register_prefix
+
+    with pytest.raises(InputError, match="^method prefix 'captum' is registered already"):
+        register_prefix("captum")(lambda name: None)
+    assert PREFIXES["captum"] is not None
 
 
 def test_built_in_registries_survive_a_reload():

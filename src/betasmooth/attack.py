@@ -600,9 +600,9 @@ def _run(
             maps = p.maps(x_adv, i, graph=True)
             no_graph = (
                 f"the maps of method {s.method!r} come without a graph under "
-                "create_graph=True, so the attack cannot move them: the method ignores "
-                "create_graph, or its map does not depend on x (e.g. a linear model with "
-                "frozen weights)"
+                "create_graph=True, so the attack's map term cannot steer x (only the output "
+                "term moves it, where the goal has one): the method ignores create_graph, or "
+                "its map does not depend on x (e.g. a linear model with frozen weights)"
             )
             loss = goal.objective(p, maps, x_adv)
             if not loss.requires_grad:

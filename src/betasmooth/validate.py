@@ -8,6 +8,7 @@ command line turns both into one line on stderr and exit status 2.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import re
@@ -639,13 +640,19 @@ def registrar(
     return enter
 
 
-def _origin(fn: Callable[..., object]) -> tuple[object, object]:
-    """Where ``fn`` is defined: its source file and name, the same when that runs again.
+def _origin(fn: Callable[..., object]) -> tuple[object, ...]:
+    """Where ``fn`` is defined: the same when that definition runs again.
 
     A module reloaded, or a model file imported both as a module and by
     :func:`betasmooth.load_model` (under another module name), defines its
-    functions again in the same file.
+    functions again in the same file under the same name. A lambda or a
+    local function is known by its line too (two in one file are two
+    definitions); anything without code of its own (a partial, an
+    instance) only by itself.
     """
-    code = getattr(fn, "__code__", None)
-    where = code.co_filename if code is not None else getattr(fn, "__module__", None)
-    return where, getattr(fn, "__qualname__", None)
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return (id(fn),)
+    name = getattr(fn, "__qualname__", code.co_name)
+    line = code.co_firstlineno if "<" in name else None
+    return code.co_filename, name, line

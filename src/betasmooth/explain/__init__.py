@@ -150,6 +150,11 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     the names it accepts in its attribute ``accepted_options`` (a set), which
     :func:`explain` then checks.
 
+    Raises
+    ------
+    InputError
+        As :func:`register`: a malformed or taken prefix, or ``resolve`` not callable.
+
     Examples
     --------
     >>> @register_prefix("scaled")
@@ -161,12 +166,7 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     tensor([[3., 3.]])
     >>> del PREFIXES["scaled"]
     """
-
-    def decorate(resolve: Callable[[str], Method]) -> Callable[[str], Method]:
-        PREFIXES[prefix] = resolve
-        return resolve
-
-    return decorate
+    return registrar(PREFIXES, prefix, "method prefix")
 
 
 def is_method(method: object) -> bool:
