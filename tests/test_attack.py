@@ -12,6 +12,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth.attack import (
+    ATTACK_DEFAULTS,
     PAPER_SPAN,
     PAPER_WEIGHTS,
     beta_at,
@@ -120,14 +121,17 @@ def test_keep_best_by_hand():
     assert score.tolist() == [0.5, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("method", ["gradient", "lrp", "beta_smooth"])
 @pytest.mark.parametrize("goal", ["topk", "center"])
-def test_untargeted_attacks_respect_eps_and_move_the_map(small, goal):
+def test_untargeted_attacks_respect_eps_and_move_the_map(small, goal, method):
+    # lrp and beta_smooth are attacked without a surrogate: their first map is the
+    # original, where the centre distance alone has a zero gradient.
     net, x = small
     eps = 0.05
-    result = bs.manipulate(net, x, None, "gradient", goal=goal, eps=eps, steps=15)
+    result = bs.manipulate(net, x, None, method, goal=goal, eps=eps, steps=15)
     assert float((result.x_adv - x).abs().max()) <= eps + 1e-7
     assert bool(result.label_kept.all())
-    _assert_fields_recomputed(net, result, "gradient")
+    _assert_fields_recomputed(net, result, method, **ATTACK_DEFAULTS[method].get("options", {}))
     # x itself scores topk 1 and com_shift 0 against its own map.
     if goal == "topk":
         assert float(result.metrics["expl_topk_orig"].mean()) < 1.0

@@ -520,11 +520,35 @@ def _com_distance(
     return -(shift.square().sum(1) + 1e-12).sqrt()
 
 
+#: Length in pixels of the nudge that gives the centre attack a direction at zero shift.
+CENTER_NUDGE = 1e-3
+
+
+def _com_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """The centre distance, nudged so that its gradient at zero shift is not zero.
+
+    Where the attacked map equals the original (every step of a method
+    attacked without a surrogate, such as LRP, starts there) the distance has
+    a zero gradient and signed steps never leave ``x``. A shift of
+    :data:`CENTER_NUDGE` pixels, away from the grid's centre along the line
+    through the original centre of mass, gives those steps a direction; once
+    the centre has moved, the nudge is negligible.
+    """
+    origin = metrics.center_of_mass(p.map_orig)
+    middle = origin.new_tensor([(maps.shape[1] - 1) / 2, (maps.shape[2] - 1) / 2])
+    outward = origin - middle
+    length = outward.norm(dim=1, keepdim=True)
+    fallback = outward.new_tensor([1.0, 0.0]).expand_as(outward)
+    direction = torch.where(length > 0, outward / length.clamp(min=1e-12), fallback)
+    shift = metrics.center_of_mass(maps) - origin + CENTER_NUDGE * direction
+    return -shift.norm(dim=1)
+
+
 #: Attack goals: ``targeted`` (Dombrowski et al.), ``topk`` and ``center`` (Ghorbani et al.).
 GOALS: dict[str, Goal] = {
     "targeted": Goal(_targeted_objective, _targeted_score, signed=False),
     "topk": Goal(_topk_mass, _topk_mass, signed=True),
-    "center": Goal(_com_distance, _com_distance, signed=True),
+    "center": Goal(_com_objective, _com_distance, signed=True),
 }
 
 
