@@ -622,18 +622,12 @@ def _run(
         p.surrogate.beta = beta_at(s.schedule, i, s.steps, s.beta0, s.beta_end)
         with torch.enable_grad():
             maps = p.maps(x_adv, i, graph=True)
-            no_graph = (
-                f"the maps of method {s.method!r} come without a graph under "
-                "create_graph=True, so the attack's map term cannot steer x (only the output "
-                "term moves it, where the goal has one): the method ignores create_graph, or "
-                "its map does not depend on x (e.g. a linear model with frozen weights)"
-            )
             loss = goal.objective(p, maps, x_adv)
             if not loss.requires_grad:
-                raise InputError(no_graph)
+                raise InputError(_no_graph(s.method))
             if i == 0 and not maps.requires_grad:
                 # Only the targeted goal's output term moves x then; the map stays put.
-                warn_user(no_graph, p.model)
+                warn_user(_no_graph(s.method), p.model)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         p.history.append(loss.detach())
         with torch.no_grad():
@@ -656,6 +650,15 @@ def _run(
                     x_adv.copy_(torch.where(kept.view(shape), x_adv, previous))
                 step_size = torch.where(kept, step_size, step_size / 2)
     return best, best_score
+
+
+def _no_graph(method: str) -> str:
+    return (
+        f"the maps of method {method!r} come without a graph under create_graph=True, so the "
+        "attack's map term cannot steer x (only the output term moves it, where the goal has "
+        "one): the method ignores create_graph, or its map does not depend on x (e.g. a "
+        "linear model with frozen weights)"
+    )
 
 
 def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:

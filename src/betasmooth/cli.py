@@ -802,12 +802,13 @@ def _may_register(model: str) -> bool:
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
-    if not _may_register(args.model):
-        runs.attack_methods(args.method)  # a typo is named before a long load
+    # A typo is named before a long load, unless the --model file may register
+    # methods of its own: then after it.
+    early = not _may_register(args.model)
+    methods = runs.attack_methods(args.method) if early else []
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
-    # After the model: a --model file may register methods of its own.
-    methods = runs.attack_methods(args.method)
+    methods = methods or runs.attack_methods(args.method)
     config = _run_config(
         args,
         device,
@@ -858,12 +859,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
-    if not _may_register(args.model):
-        runs.explain_methods(args.method)  # a typo is named before a long load
+    # A typo is named before a long load, unless the --model file may register
+    # methods of its own: then after it.
+    early = not _may_register(args.model)
+    methods = runs.explain_methods(args.method) if early else []
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
-    # After the model: a --model file may register methods of its own.
-    methods = runs.explain_methods(args.method)
+    methods = methods or runs.explain_methods(args.method)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     bounds = _bounds(config, x)
     options = runs.range_options(*bounds)

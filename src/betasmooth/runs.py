@@ -156,16 +156,16 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
     >>> attack_methods("gradient,lrp")
     ['gradient', 'lrp']
     """
-    names = methods.split(",") if isinstance(methods, str) else list(methods)
-    prefixed = [m.strip() for m in names if ":" in m and is_method(m.strip())]
-    if prefixed:
-        raise InputError(
-            f"{prefixed[0]} cannot be attacked: its maps are not differentiable w.r.t. x; "
-            "expected a registered method such as gradient or lrp"
-        )
-    return _split_methods(
-        methods, list(ATTACK_DEFAULTS), lambda m: m in METHODS, "a registered method, "
-    )
+
+    def attackable(name: str) -> bool:
+        if ":" in name and is_method(name):
+            raise InputError(
+                f"{name} cannot be attacked: its maps are not differentiable w.r.t. x; "
+                "expected a registered method such as gradient or lrp"
+            )
+        return name in METHODS
+
+    return _split_methods(methods, list(ATTACK_DEFAULTS), attackable, "a registered method, ")
 
 
 def explain_methods(methods: str | Sequence[str]) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -390,8 +391,12 @@ class _ReluOverride(TorchFunctionMode):
 
 def _writes_in_place(replacement: Callable, args: tuple, kwargs: dict) -> bool:
     """Whether the call asks for ``inplace=True``, by keyword or by position."""
-    bound = inspect.signature(replacement).bind(None, *args, **kwargs)
+    bound = _signature(replacement).bind(None, *args, **kwargs)
     return bool(bound.arguments.get("inplace", False))
+
+
+# Every ReLU call of every forward asks: the signature is read once per replacement.
+_signature = functools.cache(inspect.signature)
 
 
 class _ReluHooks:

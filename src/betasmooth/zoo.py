@@ -798,8 +798,8 @@ def _import_file(path: Path) -> object:
     if not path.is_file():
         raise InputError(f"model file {path} does not exist; expected {MODEL_FORMS}")
     # One module per file and version: loading the same file again (the sweep
-    # of a run, a resumed command) does not run it twice, so that what it
-    # registers is registered once.
+    # of a run, a resumed command) does not run the user's code twice, whose
+    # side effects (a partial or an instance it registers) may not repeat.
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     name = f"_betasmooth_user_{path.stem}_{abs(hash(key))}"
