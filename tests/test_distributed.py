@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,8 @@ def test_two_ranks_write_what_one_process_writes(tmp_path):
             else:
                 assert b[key][field] == value, (key, field)
     assert not list((tmp_path / "two").glob("results-rank*.jsonl"))
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
+    assert [(c["world_size"], c["process_group"]) for c in configs] == [(1, None), (2, "gloo")]
     names = sorted(p.name for p in (tmp_path / "two" / "arrays").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "one" / "arrays").iterdir())
 

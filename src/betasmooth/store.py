@@ -86,7 +86,7 @@ Record = dict[str, object]
 Arrays = dict[str, np.ndarray]
 # Settings that describe where and how a run was executed, not what it computes:
 # they may change between a run and its resumption.
-VOLATILE = ("argv", "versions", "world_size", "device", "created", "resume")
+VOLATILE = ("argv", "versions", "world_size", "process_group", "device", "created", "resume")
 # Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
 LATER = ("sweep",)
 
@@ -271,6 +271,12 @@ def write_npz(path: str | os.PathLike, arrays: Arrays) -> None:
     (3,)
     """
     _replace_atomically(Path(path), lambda f: np.savez_compressed(f, **arrays), ".npz")
+
+
+def _process_group() -> str | None:
+    """The torch.distributed backend the run's ranks share (gloo, nccl), or None."""
+    dist = torch.distributed
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
 def versions() -> dict[str, str]:
@@ -507,6 +513,7 @@ class RunDir:
         full.setdefault("argv", list(sys.argv))
         full["versions"] = versions()
         full["world_size"] = self.world_size
+        full["process_group"] = _process_group()
         full["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if self.started():
             # A resumed run keeps its original creation record.
