@@ -16,6 +16,8 @@ on the same batch.
     python benchmarks/attack.py -n 16 --methods gradient,lrp --json out.jsonl
     python benchmarks/attack.py --model photos-cnn --data photos -n 16
     python benchmarks/attack.py --compare-loop --steps 50
+    python benchmarks/attack.py --compare-loop --model torchvision:vgg16 --data photos/ \
+        --loop-n 8 --device cuda        # a folder of photographs, ImageNet preprocessing
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
+from betasmooth.pretrained import is_pretrained
 
 # Attack variants measured side by side on the same images and targets.
 VARIANTS = {
@@ -55,11 +58,15 @@ def emit(path, row) -> None:
 
 
 def sample(args):
+    """The model, the data (a torchvision model's preprocessing applied), a permutation."""
     model = bs.load_model(args.model).to(args.device)
-    x, _ = bs.load_data(args.data, split="test")
+    preset = args.model if is_pretrained(args.model) else None
+    data = bs.load_data(args.data, split="test", preset=preset)
+    # Clamp to the data's own box: normalised inputs have per-channel bounds.
+    args.data_range = tuple(b.to(args.device) for b in data.bounds)
     g = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(x.shape[0], generator=g)
-    return model, x, pick, g
+    pick = torch.randperm(data.x.shape[0], generator=g)
+    return model, data.x, pick, g
 
 
 def attack_table(args) -> None:
@@ -76,7 +83,14 @@ def attack_table(args) -> None:
             config = dict(VARIANTS[variant])
             start = time.perf_counter()
             result = bs.manipulate(
-                model, x, target, method, steps=args.steps, progress=args.progress, **config
+                model,
+                x,
+                target,
+                method,
+                steps=args.steps,
+                progress=args.progress,
+                data_range=args.data_range,
+                **config,
             )
             seconds = time.perf_counter() - start
             m = result.metrics
@@ -168,38 +182,42 @@ def bare_double_backprop(model, x, target, label, beta, steps) -> float:
 
 def compare_loop(args) -> None:
     model, x_all, pick, g = sample(args)
-    n, steps, method = args.loop_n, args.steps or 50, args.methods.split(",")[0]
+    n, steps, method = min(args.loop_n, len(pick)), args.steps or 50, args.methods.split(",")[0]
     x = x_all[pick[:n]].to(args.device)
     maps = bs.heatmap(bs.explain(model, x, method))
     target = random_targets(maps, g)
     label = model(x).argmax(1)
 
+    def attack(images, maps, **options):
+        return bs.manipulate(model, images, maps, method, data_range=args.data_range, **options)
+
     def timed(fn):
         if args.device == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = fn()
         if args.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
+    def peak_gib():
+        return torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+
     # Warm-up, then the batched and the looped attack one after the other.
-    bs.manipulate(model, x, target, method, steps=2)
-    batched, _ = timed(lambda: bs.manipulate(model, x, target, method, steps=steps))
+    attack(x, target, steps=2)
+    batched, _ = timed(lambda: attack(x, target, steps=steps))
+    batched_peak = peak_gib()
     looped, _ = timed(
-        lambda: [
-            bs.manipulate(model, x[i : i + 1], target[i : i + 1], method, steps=steps)
-            for i in range(n)
-        ]
+        lambda: [attack(x[i : i + 1], target[i : i + 1], steps=steps) for i in range(n)]
     )
+    looped_peak = peak_gib()
 
     # Per-step cost against bare double backprop: runs of 10 and 30 steps
     # taken in turns, the fastest of each kind; the difference of the two
     # lengths removes the fixed cost (maps of x and of the result, metrics).
     def run_time(length, check_every):
-        return timed(
-            lambda: bs.manipulate(model, x, target, method, steps=length, check_every=check_every)
-        )[0]
+        return timed(lambda: attack(x, target, steps=length, check_every=check_every))[0]
 
     times = {key: [] for key in ("10", "30", "10f", "30f")}
     bare = []
@@ -224,6 +242,10 @@ def compare_loop(args) -> None:
         "batched_s": batched,
         "looped_s": looped,
         "throughput_ratio": looped / batched,
+        "batched_s_per_image": batched / n,
+        "looped_s_per_image": looped / n,
+        "batched_peak_gib": batched_peak,
+        "looped_peak_gib": looped_peak,
         "step_s": attack_step,
         "step_final_check_only_s": final_only,
         "bare_double_backprop_s": bare,
@@ -236,10 +258,16 @@ def compare_loop(args) -> None:
         if bare
         else "no ratio to bare double backprop, which is the gradient's (--methods gradient)"
     )
+    memory = (
+        f"; peak GPU memory {batched_peak:.2f} GiB batched, {looped_peak:.2f} GiB one at a time"
+        if batched_peak is not None
+        else ""
+    )
     print(
         f"{method}, {n} images, {steps} steps, {args.device}, {row['threads']} threads\n"
         f"  batched {batched:.1f} s, one image at a time {looped:.1f} s: "
-        f"throughput ratio {row['throughput_ratio']:.2f}\n"
+        f"throughput ratio {row['throughput_ratio']:.2f}; per image {batched / n:.3f} s "
+        f"against {looped / n:.3f} s{memory}\n"
         f"  per step (30 - 10 steps, fastest of {args.repeats}): attack "
         f"{row['step_s'] * 1e3:.1f} ms (scored on the original network every 10 steps), "
         f"{row['step_final_check_only_s'] * 1e3:.1f} ms (scored at the end only); {against}"

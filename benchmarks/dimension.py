@@ -56,19 +56,23 @@ def median(values: torch.Tensor) -> float:
     return float(statistics.median(float(v) for v in values))
 
 
-def trained(size: int, epochs: int, per_photo: int, cache: Path) -> torch.nn.Module:
-    """The model for ``size`` pixels, from the cache or trained (and cached)."""
+def trained(size: int, epochs: int, per_photo: int, cache: Path, device: str) -> torch.nn.Module:
+    """The model for ``size`` pixels, from the cache or trained on ``device`` (and cached)."""
     if (size, epochs, per_photo) == (SIZE, 12, COUNTS["train"]):
         # The shipped photos-cnn: trained by the same script with these settings.
         return bs.load_model("photos-cnn")
-    path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp.pt"
+    # Trained on a GPU the weights differ from the CPU's (see train): cached apart.
+    where = "" if device == "cpu" else f"_{device}"
+    path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp{where}.pt"
     model = photos_cnn(size)
     if path.is_file():
         model.load_state_dict(load_state_dict(path))
         return model.eval()
     start = time.perf_counter()
-    model = train(epochs, size=size, per_photo=per_photo, threads=torch.get_num_threads())
-    print(f"trained {size} px in {time.perf_counter() - start:.0f} s", flush=True)
+    model = train(
+        epochs, size=size, per_photo=per_photo, threads=torch.get_num_threads(), device=device
+    )
+    print(f"trained {size} px on {device} in {time.perf_counter() - start:.0f} s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return model
@@ -100,7 +104,7 @@ def attack_row(model, x, target, method, attack, options, steps) -> dict[str, ob
 
 def measure(size: int, settings: dict, args: argparse.Namespace) -> list[dict[str, object]]:
     """Train or load the model for ``size`` pixels and attack it."""
-    model = trained(size, settings["epochs"], settings["per_photo"], args.cache)
+    model = trained(size, settings["epochs"], settings["per_photo"], args.cache, args.device)
     model = model.to(args.device)
     x_test, y_test, _ = photo_crops("test", size=size)
     acc = accuracy(model, x_test.to(args.device), y_test.to(args.device))

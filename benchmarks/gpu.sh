@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README's GPU table, in one run.
+#
+#   bash benchmarks/gpu.sh [OUT]            # on a machine with a CUDA GPU
+#   DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh /tmp/gpu-dry   # the same steps, small, on the CPU
+#
+# QUICK takes ResNet-18 for VGG16 (VGG16 on a CPU is too slow even for a dry run)
+# and a few steps everywhere; MODEL names another torchvision classifier.
+#
+# Sections, most wanted first, each under its own time limit so that one that
+# fails or hangs does not cost the others; everything printed goes to
+# OUT/gpu.log, the benchmarks' JSON lines to OUT/gpu.jsonl:
+#   1. the batched attack against one image at a time (digits-cnn, gradient)
+#   2. the paper's model: VGG16 at 224 px (torchvision architecture; ImageNet
+#      weights where torchvision's cache holds them, else random weights, which
+#      cost the same), batched against one image at a time, peak GPU memory
+#   3. the paper's experiment through the command line: VGG16, 224 px, the
+#      gradient attack with the paper's 1500 steps on 4 of the built-in
+#      photographs (scikit-image's and scikit-learn's, written to a folder as a
+#      user's would be); about 2 minutes on an H200
+#   4. a one-rank torchrun attack (nccl on a GPU)
+#   5. explanation speed against Captum
+#   6. benchmarks/dimension.py, which adds 224 px on a GPU
+# Sections 1 to 5 take about 5 minutes on an H200, section 6 (four sizes, the
+# paper's 1500 steps, training included) longer.
+# Needs the package (or PYTHONPATH=src), torchvision and captum; no network.
+set -u
+out=${1:-runs/gpu}
+device=${DEVICE:-cuda}
+quick=${QUICK:-}
+if [ -n "$quick" ]; then default_model=torchvision:resnet18; else default_model=torchvision:vgg16; fi
+model=${MODEL:-$default_model}
+py=${PYTHON:-python}
+mkdir -p "$out"
+work=$(mktemp -d)
+log="$out/gpu.log"
+json="$out/gpu.jsonl"
+export PYTHONUNBUFFERED=1
+
+run() { # run LIMIT_SECONDS COMMAND...: one section, its time and exit status logged
+    local limit=$1 start=$SECONDS
+    shift
+    echo "\$ $*"
+    timeout "$limit" "$@"
+    echo "[exit $? after $((SECONDS - start)) s]"
+}
+
+# Small settings for a dry run on the CPU; the measured ones on a GPU.
+if [ -n "$quick" ]; then
+    loop="--loop-n 4 --steps 2 --repeats 1"
+    big_loop="--loop-n 2 --steps 2 --repeats 1"
+    paper="-n 2 --steps 2 --method gradient"
+    dimension="--quick --sizes 32 -n 2 --steps 5"
+    explain="--batch 8 --repeats 1 --no-memory"
+else
+    loop=""
+    big_loop="--loop-n 8 --steps 20 --repeats 2"
+    paper="-n 4 --method gradient"
+    dimension=""
+    explain=""
+fi
+
+{
+    echo "== device"
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+    echo "== 1. batched attack against one image at a time (digits-cnn, gradient)"
+    # shellcheck disable=SC2086
+    run 100 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods gradient \
+        $loop --json "$json"
+
+    echo "== 2. $model at 224 px: batched against one image at a time"
+    "$py" benchmarks/photo_folder.py "$work/photos" --weights "$model"
+    # shellcheck disable=SC2086
+    run 120 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods gradient \
+        --model "$model" --data "$work/photos" $big_loop --json "$json"
+
+    echo "== 3. the paper's experiment: $model, 224 px, the paper's steps"
+    # shellcheck disable=SC2086
+    run 240 "$py" -m betasmooth attack --model "$model" --data "$work/photos" \
+        $paper --batch-size 4 --device "$device" --no-progress --out "$work/paper"
+
+    echo "== 4. one-rank torchrun attack"
+    run 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m betasmooth attack \
+        --model digits-cnn --data digits --method gradient -n 64 --steps 200 \
+        --device "$device" --out "$work/torchrun"
+
+    echo "== 5. explanation speed against Captum"
+    # shellcheck disable=SC2086
+    run 60 "$py" benchmarks/explain.py --device "$device" $explain --json "$json"
+
+    echo "== 6. attack strength against input size"
+    # shellcheck disable=SC2086
+    run 900 "$py" benchmarks/dimension.py --device "$device" $dimension \
+        --cache "$work/dimension-cache" --out "$out" --json "$json"
+    echo "== done"
+    date -u
+} 2>&1 | tee "$log"
