@@ -123,7 +123,14 @@ def attack_table(args) -> None:
                 f"x_adv == x for {row['unchanged']}"
             )
             sweep = bs.defense_sweep(
-                model, x, result.x_adv.to(args.device), target, method, betas, smoothgrad_n=20
+                model,
+                x,
+                result.x_adv.to(args.device),
+                target,
+                method,
+                betas,
+                smoothgrad_n=20,
+                data_range=args.data_range,
             )
             print(
                 f"  {'defense':12s} {'beta':>5s} {'sigma':>6s} {'adv>tgt PCC':>11s} "
