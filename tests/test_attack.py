@@ -474,3 +474,32 @@ def test_sweep_with_a_seed_per_image_gives_each_image_its_own_draws(small):
         )
     )
     torch.testing.assert_close(alone.maps[("smoothgrad", 2.0)][1], clean)
+
+
+class _FlushSpy(nn.Module):
+    """Records at every forward whether subnormal floats count as zero."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(float(torch.tensor([1e-39]) * 1.0) == 0.0)
+        return self.net(x)
+
+
+def test_attack_and_sweep_flush_subnormals_then_restore(small):
+    # The surrogate's and the defense's large beta make subnormal derivatives,
+    # on which CPUs are up to 100x slower: both run with them flushed.
+    net, x = small
+    spy = _FlushSpy(net)
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    result = bs.manipulate(spy, x, _targets(net, x), "gradient", steps=3)
+    assert sum(spy.seen) >= 3  # every step's forward (the input check before them need not)
+    assert float(torch.tensor([1e-39]) * 1.0) > 0
+    spy.seen.clear()
+    bs.defense_sweep(spy, x, result.x_adv, result.map_target, "gradient", [5.0, 50.0])
+    assert len(spy.seen) >= 2 and all(spy.seen)  # the labels and maps of x and x_adv
+    assert float(torch.tensor([1e-39]) * 1.0) > 0

@@ -17,7 +17,14 @@ from scipy import stats as sps
 from torch import nn
 
 import betasmooth as bs
-from betasmooth.smooth import LogisticNoise, replace_relu, smooth, smoothed, softplus
+from betasmooth.smooth import (
+    LogisticNoise,
+    flush_denormals,
+    replace_relu,
+    smooth,
+    smoothed,
+    softplus,
+)
 from nets import plain_cnn, vgg_small
 
 LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
@@ -532,3 +539,18 @@ def test_an_in_place_activation_whose_result_is_dropped_is_smoothed(how):
         assigned = _InPlace("assigned").double()
         guided = bs.explain(model, x.detach(), "guided_backprop", 0)
         torch.testing.assert_close(guided, bs.explain(assigned, x.detach(), "guided_backprop", 0))
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_flush_denormals_zeroes_subnormals_then_restores_the_state(start):
+    tiny = torch.tensor([1e-39])  # below float32's smallest normal, 1.18e-38
+    assert float(tiny) > 0
+    if not torch.set_flush_denormal(start):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        with flush_denormals():
+            assert float(tiny * 1.0) == 0.0
+            assert float(torch.tensor([1e-37]) * 1.0) == pytest.approx(1e-37)  # normal: kept
+        assert (float(tiny * 1.0) == 0.0) is start
+    finally:
+        torch.set_flush_denormal(False)

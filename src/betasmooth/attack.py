@@ -44,7 +44,7 @@ from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
-from .smooth import check_beta, logistic_std, replace_relu, softplus
+from .smooth import check_beta, flush_denormals, logistic_std, replace_relu, softplus
 from .validate import (
     MAX_SEED,
     InputError,
@@ -905,7 +905,7 @@ def manipulate(
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
         map_target = _check_target_map(target_map, x)
-    with evaluating(model):
+    with evaluating(model), flush_denormals():
         p = _problem(model, x, target, map_target, settings)
         best = _search(p)
         map_adv = p.maps(best).detach()
@@ -1421,7 +1421,7 @@ def defense_sweep(
 
     # In evaluation mode, as explain and manipulate: the labels and maps of the
     # deployed model, and no update of its BatchNorm statistics.
-    with evaluating(model):
+    with evaluating(model), flush_denormals():
         label = predict(model, x)
         map_orig = heatmap(explain(model, x, method, label, **options)).detach()
         map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()

@@ -37,7 +37,7 @@ from .explain import METHODS
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
-from .smooth import BETA_RANGE
+from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
@@ -1274,7 +1274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     try:
-        with warnings.catch_warnings(), holding_locks():
+        # Flushing before the first parallel operation reaches torch's CPU
+        # worker threads too, which copy the state of the thread that starts them.
+        with warnings.catch_warnings(), holding_locks(), flush_denormals():
             warnings.showwarning = _show_warning
             _check_processes(args.command)
             _apply_preset(args)

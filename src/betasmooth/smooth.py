@@ -39,6 +39,7 @@ __all__ = [
     "LogisticNoise",
     "SmoothingHandle",
     "check_beta",
+    "flush_denormals",
     "logistic_std",
     "replace_relu",
     "smooth",
@@ -534,6 +535,45 @@ class SmoothingHandle:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return softplus(x, self._beta)
+
+
+# A float32 subnormal: under flushing, arithmetic on it gives 0.
+_SUBNORMAL = 1e-39
+
+
+def _flushing() -> bool:
+    """Whether the CPU treats subnormal floats as zero now (torch has no getter)."""
+    return bool((torch.tensor([_SUBNORMAL]) * 1.0 == 0).item())
+
+
+@contextlib.contextmanager
+def flush_denormals() -> Iterator[None]:
+    """While active, subnormal floats count as zero on the CPU; the previous state returns.
+
+    Softplus at a large beta, as the attack's surrogate (beta up to 100) and
+    the defense at beta 20 to 50 use, makes ``sigmoid(beta x)`` and its
+    derivatives subnormal (below 1.2e-38 in float32) over most of the
+    inactive units, and CPUs compute on subnormals up to a hundred times more
+    slowly: unflushed, an attack step on ResNet-18 at 224 px cost 3.4 bare
+    double backprops instead of 1.0. Flushing changes only values below the
+    smallest normal float. Where the CPU cannot flush, nothing changes; GPUs
+    compute subnormals at full speed.
+
+    Examples
+    --------
+    >>> tiny = torch.tensor([1e-39])
+    >>> with flush_denormals():
+    ...     float(tiny * 1.0)
+    0.0
+    >>> float(tiny * 1.0) > 0
+    True
+    """
+    before = _flushing()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 @contextlib.contextmanager
