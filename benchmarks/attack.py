@@ -58,19 +58,20 @@ def emit(path, row) -> None:
 
 
 def sample(args):
-    """The model, the data (a torchvision model's preprocessing applied), a permutation."""
+    """The model, the images (a torchvision model's preprocessing applied), their
+    per-channel bounds, a permutation of them and its generator."""
     model = bs.load_model(args.model).to(args.device)
     preset = args.model if is_pretrained(args.model) else None
     data = bs.load_data(args.data, split="test", preset=preset)
-    # Clamp to the data's own box: normalised inputs have per-channel bounds.
-    args.data_range = tuple(b.to(args.device) for b in data.bounds)
+    # The attack clamps to the data's own box: normalised inputs have per-channel bounds.
+    bounds = tuple(b.to(args.device) for b in data.bounds)
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(data.x.shape[0], generator=g)
-    return model, data.x, pick, g
+    return model, data.x, bounds, pick, g
 
 
 def attack_table(args) -> None:
-    model, x_all, pick, g = sample(args)
+    model, x_all, bounds, pick, g = sample(args)
     x = x_all[pick[: args.n]].to(args.device)
     # Targets: maps of other random test images.
     others = x_all[pick[args.n : 2 * args.n]].to(args.device)
@@ -89,7 +90,7 @@ def attack_table(args) -> None:
                 method,
                 steps=args.steps,
                 progress=args.progress,
-                data_range=args.data_range,
+                data_range=bounds,
                 **config,
             )
             seconds = time.perf_counter() - start
@@ -130,7 +131,7 @@ def attack_table(args) -> None:
                 method,
                 betas,
                 smoothgrad_n=20,
-                data_range=args.data_range,
+                data_range=bounds,
             )
             print(
                 f"  {'defense':12s} {'beta':>5s} {'sigma':>6s} {'adv>tgt PCC':>11s} "
@@ -188,7 +189,7 @@ def bare_double_backprop(model, x, target, label, beta, steps) -> float:
 
 
 def compare_loop(args) -> None:
-    model, x_all, pick, g = sample(args)
+    model, x_all, bounds, pick, g = sample(args)
     n, steps, method = min(args.loop_n, len(pick)), args.steps or 50, args.methods.split(",")[0]
     x = x_all[pick[:n]].to(args.device)
     maps = bs.heatmap(bs.explain(model, x, method))
@@ -196,7 +197,7 @@ def compare_loop(args) -> None:
     label = model(x).argmax(1)
 
     def attack(images, maps, **options):
-        return bs.manipulate(model, images, maps, method, data_range=args.data_range, **options)
+        return bs.manipulate(model, images, maps, method, data_range=bounds, **options)
 
     def timed(fn):
         if args.device == "cuda":
