@@ -81,6 +81,20 @@ BETA_RANGE = r"between 1.175e-38 and 3.403e\+38 \(the normal range of float32"
 
 
 # name: (call(tmp_path), exception class, pattern of the one-line message)
+class _Folds(torch.nn.Module):
+    """Flattens with x.view(1, -1): right for one item, wrong for a batch."""
+
+    def __init__(self, rows: int = 0) -> None:
+        super().__init__()
+        self.rows = rows
+        self.linear = torch.nn.Linear(256, 5)
+
+    def forward(self, x):
+        h = x.view(1, -1)
+        # rows=1: the items averaged into one row of logits (the shape check's case).
+        return self.linear(h.view(len(x), -1).mean(0, keepdim=True) if self.rows else h)
+
+
 def _nan_weights() -> torch.nn.Module:
     net = plain_cnn()
     with torch.no_grad():
@@ -98,12 +112,24 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "explain with NaN weights": (
         lambda tmp: bs.explain(_nan_weights(), X, "gradient"),
         InputError,
-        r"Sequential returns NaN or inf on one item of x; expected finite logits",
+        r"Sequential returns NaN or inf on 2 items of x; expected finite logits",
     ),
     "curvature with NaN weights": (
         lambda tmp: bs.curvature(_nan_weights(), X, iterations=2),
         InputError,
-        r"returns NaN or inf on one item of x",
+        r"returns NaN or inf on (2 items|one item) of x",
+    ),
+    "model that folds the batch into one row": (
+        _explain(lambda: _Folds(), X),
+        InputError,
+        r"model does not accept input of shape \(1, 16, 16\) \(2 items of x, whose shape is "
+        r"\(2, 1, 16, 16\)\): mat1 and mat2 shapes cannot be multiplied \(1x512 and 256x5\)",
+    ),
+    "model that returns one row for a batch": (
+        _explain(lambda: _Folds(rows=1), X),
+        InputError,
+        r"the model returned shape \(1, 5\) for 2 input item\(s\); expected logits of shape "
+        r"\(2, classes\)",
     ),
     "x of one (C, H, W) image": (
         _explain(plain_cnn, X[0]),
@@ -192,7 +218,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "model returns one number per item": (
         _explain(FlatOut, X),
         InputError,
-        r"the model returned shape \(1,\) for 1 input item\(s\); expected logits of shape \(1, ",
+        r"the model returned shape \(2,\) for 2 input item\(s\); expected logits of shape \(2, ",
     ),
     "lrp low >= high": (
         _explain(plain_cnn, X, "lrp", low=1.0, high=0.0),
@@ -488,6 +514,7 @@ def files(tmp_path_factory) -> Path:
     (d / "notadir.txt").write_text("x")
     (d / "normed.py").write_text(NORMED)
     (d / "exits.py").write_text(EXITS)
+    (d / "folds.py").write_text(FOLDS)
     return d
 
 
@@ -496,6 +523,24 @@ EXITS = """
 import sys
 
 sys.exit(0)
+"""
+
+# Right for one image, wrong for a batch: refused before the first batch, in one line.
+FOLDS = """
+from torch import nn
+
+
+class Folds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(32 * 32, 10)
+
+    def forward(self, x):
+        return self.linear(x.view(1, -1))
+
+
+def net():
+    return Folds()
 """
 
 # LRP has no rule for LayerNorm: a run with gradient first must still fail before it starts.
@@ -615,6 +660,11 @@ CLI: dict[str, tuple[list[str], str]] = {
         ["attack", "--model", "{d}/normed.py:net", "--data", "digits"]
         + ["--method", "gradient,lrp", "-n", "2", "--steps", "2", "--out", "{d}/run"],
         r"^betasmooth: error: lrp has no rule for module LayerNorm",
+    ),
+    "model file whose forward folds the batch": (
+        ["attack", "--model", "{d}/folds.py:net", "--data", "digits"]
+        + ["--method", "gradient", "-n", "4", "--steps", "2", "--out", "{d}/run"],
+        r"^betasmooth: error: model does not accept input of shape \(1, 32, 32\) \(2 items of x",
     ),
     "report of a file": (["report", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
     "sweep of a file": (["sweep", "{d}/notadir.txt"], r"notadir.txt is not a directory"),

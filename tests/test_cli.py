@@ -520,7 +520,7 @@ BAD = {
     ),
     "weights that give NaN": (
         ["--model", "digits-cnn", "--weights", "{d}/nan_weights.pt", "--data", "digits"],
-        "returns NaN or inf on one item of x",
+        "returns NaN or inf on 2 items of x",
     ),
     "no cuda": (["--model", "digits-cnn", "--data", "digits", "--device", "cuda"], "CUDA"),
 }

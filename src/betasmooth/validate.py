@@ -437,10 +437,10 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     ``x`` must be a finite floating batch on the model's device. float32 and
     float64 inputs are cast to the dtype of the model's parameters; other
     dtypes (float16, bfloat16) must equal it. The first time a model meets an
-    input of a given item shape, dtype and device, one item is run through it:
-    an error in its forward is reported with the shape it was given, and the
-    output must be floating logits of shape ``(1, classes)`` (see
-    :func:`check_logits`).
+    input of a given item shape, dtype and device, the first two items (one
+    where there is one) are run through it: an error in its forward is
+    reported with the shape it was given, and the output must be finite
+    floating logits of shape ``(2, classes)`` (see :func:`check_logits`).
 
     Returns
     -------
@@ -473,7 +473,9 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     seen = _CHECKED.setdefault(model, set())
     if key not in seen:
-        _probe(model, x[:1], name, tuple(x.shape))
+        # Two items where there are two: a forward that folds the batch into
+        # one row (x.view(1, -1)) passes with one item and fails only later.
+        _probe(model, x[:2], name, tuple(x.shape))
         seen.add(key)
     return x
 
@@ -496,23 +498,24 @@ def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
         )
 
 
-def _probe(model: nn.Module, item: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    what = "one item" if len(items) == 1 else f"{len(items)} items"
     try:
         with evaluating(model), torch.no_grad():
-            out = model(item.detach())
+            out = model(items.detach())
     except InputError:
         raise
     except Exception as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise InputError(
-            f"model does not accept input of shape {shape[1:]} (one item of {name}, whose "
+            f"model does not accept input of shape {shape[1:]} ({what} of {name}, whose "
             f"shape is {shape}): {reason[:300]}"
         ) from None
-    check_logits(out, 1, model)
+    check_logits(out, len(items), model)
     if not bool(torch.isfinite(out).all()):
         # NaN weights would otherwise surface as NaN maps, far from their cause.
         raise InputError(
-            f"{type(model).__name__} returns NaN or inf on one item of {name}; expected finite "
+            f"{type(model).__name__} returns NaN or inf on {what} of {name}; expected finite "
             "logits (are the weights finite, and the inputs prepared as in training?)"
         )
 
