@@ -3,6 +3,7 @@ user's call, integer .npz scaling, the image-count notice and the attack's progr
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import warnings
@@ -10,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import betasmooth as bs
@@ -123,6 +125,62 @@ def test_attack_warns_nothing_where_no_smoothing_was_asked_for() -> None:
         "Sequential: no ReLU was called in forward; beta-smoothing changed nothing",
     ]
     assert {w.filename for w in record} == {__file__}
+
+
+class _Clamped(nn.Module):
+    """A ReLU written as a clamp at 0, beside a clamp that is no activation."""
+
+    def __init__(self, spelling) -> None:
+        super().__init__()
+        self.conv, self.linear, self.spelling = (
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.Linear(256, 3),
+            spelling,
+        )
+
+    def forward(self, x):
+        h = self.spelling(self.conv(x)).clamp(-5.0, 5.0)
+        return self.linear(torch.relu(h).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda h: h.clamp(min=0),
+        lambda h: torch.clamp(h, 0),
+        lambda h: h.clamp_min(0.0),
+        lambda h: torch.clip(h, min=0),
+        lambda h: h.clone().clamp_(0),
+    ],
+)
+def test_beta_smoothing_names_a_relu_written_as_a_clamp(spelling) -> None:
+    torch.manual_seed(0)
+    net, x = _Clamped(spelling).eval(), torch.rand(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        smoothed_map = bs.explain(net, x, "beta_smooth", beta=2.0)
+    assert [str(w.message) for w in record] == [
+        "_Clamped: beta-smoothing replaces ReLU and the activations made of it; these "
+        "piecewise-linear activations stay non-smooth: clamp(min=0)"
+    ]
+    # The clamp stays a clamp: only the ReLU after it is smoothed.
+    manual = copy.deepcopy(net)
+    manual.spelling = spelling
+    xg = x.clone().requires_grad_(True)
+    h = spelling(manual.conv(xg)).clamp(-5.0, 5.0)
+    logits = manual.linear(F.softplus(h, beta=2.0).flatten(1))
+    label = net(x).argmax(1)
+    (grad,) = torch.autograd.grad(logits.gather(1, label[:, None]).sum(), xg)
+    torch.testing.assert_close(smoothed_map, grad, rtol=1e-5, atol=1e-7)
+
+
+def test_beta_smoothing_is_silent_about_clamps_that_are_no_relu() -> None:
+    torch.manual_seed(0)
+    net, x = _Clamped(lambda h: torch.relu(h).clamp(0, 1)).eval(), torch.rand(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.explain(net, x, "beta_smooth", beta=2.0)
+    assert [str(w.message) for w in record] == []
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,14 @@ SMOOTH_FUNCTIONS = frozenset(
     {F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, torch.tanh, torch.sigmoid}
 )
 KINKED_FUNCTIONS = frozenset({F.rrelu, F.threshold, F.hardswish, F.hardshrink, F.softshrink})
+# Clamps: ``clamp(min=0)`` is a ReLU by another name, which beta-smoothing does
+# not replace (a clamp at 0 may be no activation); named in the same warning.
+CLAMP_FUNCTIONS = frozenset(
+    getattr(owner, name)
+    for owner in (torch, torch.Tensor)
+    for name in ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
+    if hasattr(owner, name)
+)
 
 Relu = Callable[[torch.Tensor], torch.Tensor]
 
@@ -375,6 +383,8 @@ class _ReluOverride(TorchFunctionMode):
         else:
             if func in KINKED_FUNCTIONS:
                 self.kinked.add(getattr(func, "__name__", str(func)))
+            elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
+                self.kinked.add("clamp(min=0)")
             elif func in SMOOTH_FUNCTIONS:
                 self.smooth.add(getattr(func, "__name__", str(func)))
             return func(*args, **kwargs)
@@ -388,6 +398,13 @@ class _ReluOverride(TorchFunctionMode):
             x = args[0]
             return x.copy_(replacement(self.fn, x.clone(), *args[1:], **kwargs))
         return replacement(self.fn, *args, **kwargs)
+
+
+def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
+    """Whether a clamp call is ``clamp(x, min=0)`` with no upper bound: a ReLU."""
+    low = args[1] if len(args) > 1 else kwargs.get("min")
+    high = args[2] if len(args) > 2 else kwargs.get("max")
+    return isinstance(low, (int, float)) and low == 0 and high is None
 
 
 def _writes_in_place(replacement: Callable, args: tuple, kwargs: dict) -> bool:
