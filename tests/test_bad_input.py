@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import betasmooth as bs
@@ -515,6 +516,9 @@ def files(tmp_path_factory) -> Path:
     (d / "normed.py").write_text(NORMED)
     (d / "exits.py").write_text(EXITS)
     (d / "folds.py").write_text(FOLDS)
+    (d / "mixed").mkdir()
+    for name, size in (("a.png", (20, 10)), ("b.png", (16, 16))):
+        Image.fromarray(np.zeros(size[::-1], np.uint8)).save(d / "mixed" / name)
     return d
 
 
@@ -665,6 +669,12 @@ CLI: dict[str, tuple[list[str], str]] = {
         ["attack", "--model", "{d}/folds.py:net", "--data", "digits"]
         + ["--method", "gradient", "-n", "4", "--steps", "2", "--out", "{d}/run"],
         r"^betasmooth: error: model does not accept input of shape \(1, 32, 32\) \(2 items of x",
+    ),
+    "images of different sizes": (
+        ["attack", "--model", "digits-cnn", "--data", "{d}/mixed", "--method", "gradient"]
+        + ["--out", "{d}/run"],
+        r"^betasmooth: error: image .*b.png is 16x16 but .*a.png is 20x10 \(width x height\); "
+        r"pass image_size \(--image-size on the command line\) to resize all images",
     ),
     "report of a file": (["report", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
     "sweep of a file": (["sweep", "{d}/notadir.txt"], r"notadir.txt is not a directory"),

@@ -275,8 +275,8 @@ def _folder(
         if image.shape != first.shape:
             raise InputError(
                 f"image {path} is {image.shape[2]}x{image.shape[1]} but {files[0]} is "
-                f"{first.shape[2]}x{first.shape[1]} (width x height); pass image_size to resize "
-                "all images to one size"
+                f"{first.shape[2]}x{first.shape[1]} (width x height); pass image_size "
+                "(--image-size on the command line) to resize all images to one size"
             )
         images.append(image)
     names = [p.relative_to(folder).as_posix() for p in files]
