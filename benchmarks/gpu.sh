@@ -86,6 +86,8 @@ fi
     run 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m betasmooth attack \
         --model digits-cnn --data digits --method gradient -n 64 --steps 200 \
         --device "$device" --out "$work/torchrun"
+    "$py" -c "import json, sys; print('process group:', json.load(open(sys.argv[1]))['process_group'])" \
+        "$work/torchrun/config.json"
 
     echo "== 5. explanation speed against Captum"
     # shellcheck disable=SC2086
