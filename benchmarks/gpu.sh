@@ -18,7 +18,7 @@
 #      gradient attack with the paper's 1500 steps on 4 of the built-in
 #      photographs (scikit-image's and scikit-learn's, written to a folder as a
 #      user's would be); about 2 minutes on an H200
-#   4. a one-rank torchrun attack (nccl on a GPU)
+#   4. a one-rank torchrun attack (one process, no process group: nccl needs a GPU per rank)
 #   5. explanation speed against Captum
 #   6. benchmarks/dimension.py, which adds 224 px on a GPU
 # Sections 1 to 5 take about 5 minutes on an H200, section 6 (four sizes, the
