@@ -78,3 +78,16 @@ def vgg_small(seed: int = 0, channels: int = 1, classes: int = 5, bias: bool = T
 # target per item of a batch of 4.
 CAPTUM_NETS = {"plain_cnn": plain_cnn, "residual_net": residual_net}
 TARGET = torch.tensor([0, 3, 1, 4])
+
+
+class FlushSpy(nn.Module):
+    """Records at every forward whether subnormal floats count as zero."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(float(torch.tensor([1e-39]) * 1.0) == 0.0)
+        return self.net(x)

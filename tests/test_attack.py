@@ -23,7 +23,7 @@ from betasmooth.attack import (
     random_targets,
 )
 from betasmooth.explain.gradient import predict
-from nets import plain_cnn
+from nets import FlushSpy, plain_cnn
 
 
 def _maps(model, x, method="gradient", **options):
@@ -476,24 +476,11 @@ def test_sweep_with_a_seed_per_image_gives_each_image_its_own_draws(small):
     torch.testing.assert_close(alone.maps[("smoothgrad", 2.0)][1], clean)
 
 
-class _FlushSpy(nn.Module):
-    """Records at every forward whether subnormal floats count as zero."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.seen: list[bool] = []
-
-    def forward(self, x):
-        self.seen.append(float(torch.tensor([1e-39]) * 1.0) == 0.0)
-        return self.net(x)
-
-
 def test_attack_and_sweep_flush_subnormals_then_restore(small):
     # The surrogate's and the defense's large beta make subnormal derivatives,
     # on which CPUs are up to 100x slower: both run with them flushed.
     net, x = small
-    spy = _FlushSpy(net)
+    spy = FlushSpy(net)
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
     result = bs.manipulate(spy, x, _targets(net, x), "gradient", steps=3)

@@ -25,7 +25,7 @@ from betasmooth.smooth import (
     smoothed,
     softplus,
 )
-from nets import plain_cnn, vgg_small
+from nets import FlushSpy, plain_cnn, vgg_small
 
 LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
 
@@ -554,3 +554,16 @@ def test_flush_denormals_zeroes_subnormals_then_restores_the_state(start):
         assert (float(tiny * 1.0) == 0.0) is start
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("method", ["beta_smooth", "gradient", "smoothgrad"])
+def test_explain_flushes_subnormals_then_restores(method):
+    spy = FlushSpy(plain_cnn(seed=1))
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    options = {"beta": 50.0} if method == "beta_smooth" else {}
+    bs.explain(spy, x, method, **options)
+    # The first forward is the input check; every forward of the method is flushed.
+    assert len(spy.seen) >= 2 and all(spy.seen[1:])
+    assert float(torch.tensor([1e-39]) * 1.0) > 0

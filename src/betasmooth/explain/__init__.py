@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..smooth import flush_denormals
 from ..validate import (
     InputError,
     InputTypeError,
@@ -304,7 +305,9 @@ def explain(
     check_x = INPUT_CHECKS.get(method)
     if check_x is not None:
         check_x(x, **options)
-    with evaluating(model):
+    # Subnormal floats flushed: beta_smooth at beta 50 makes them, and the CPU is
+    # slow on them (see flush_denormals).
+    with evaluating(model), flush_denormals():
         out = fn(model, x, target_t, create_graph=create_graph, **options)
     return _checked_output(out, method, x).to(given.dtype)
 
