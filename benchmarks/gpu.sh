@@ -72,6 +72,12 @@ fi
         $loop --json "$json"
 
     echo "== 2. $model at 224 px: batched against one image at a time"
+    # Random weights, where none are cached, go into a cache of this run's own:
+    # a later load from the user's cache would take them for the pretrained ones.
+    if ! "$py" -c "import sys; from betasmooth.pretrained import checkpoint_path as c; \
+sys.exit(not c(sys.argv[1]).is_file())" "$model"; then
+        export TORCH_HOME="$work/torch"
+    fi
     "$py" benchmarks/photo_folder.py "$work/photos" --weights "$model"
     # shellcheck disable=SC2086
     run 120 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods gradient \

@@ -5,14 +5,19 @@ through the same path as a user's folder: resize, centre crop and the
 weights' normalisation. Without network access, ``--weights`` puts random
 weights where torchvision's cache expects that model's file, unless the file
 is there already; the cost of an attack does not depend on the weights'
-values, its maps do.
+values, its maps do. Since every later load would take those random weights
+for the pretrained ones, it writes them only into a cache named by
+``TORCH_HOME``, to be kept apart from the one real experiments use.
 
-    python benchmarks/photo_folder.py photos/ --weights torchvision:vgg16
+    TORCH_HOME=/tmp/random-weights python benchmarks/photo_folder.py photos/ \
+        --weights torchvision:vgg16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +41,11 @@ def seed_weights(spec: str) -> None:
     if path.is_file():
         print(f"{spec}: weights from {path}")
         return
+    if not os.environ.get("TORCH_HOME"):
+        sys.exit(
+            f"{spec}: no cached weights in {path.parent}; random weights go only into a cache "
+            "of their own: set TORCH_HOME to a folder that real experiments do not use"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.save(get_model(spec.split(":")[1]).state_dict(), path)

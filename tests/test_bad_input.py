@@ -123,8 +123,10 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "model that folds the batch into one row": (
         _explain(lambda: _Folds(), X),
         InputError,
-        r"model does not accept input of shape \(1, 16, 16\) \(2 items of x, whose shape is "
-        r"\(2, 1, 16, 16\)\): mat1 and mat2 shapes cannot be multiplied \(1x512 and 256x5\)",
+        r"model takes one item of shape \(1, 16, 16\) but fails on a batch of 2 \(x has shape "
+        r"\(2, 1, 16, 16\)\): mat1 and mat2 shapes cannot be multiplied \(1x512 and 256x5\); "
+        r"expected a forward that keeps the batch dimension \(x.flatten\(1\), not "
+        r"x.view\(1, -1\)\)",
     ),
     "model that returns one row for a batch": (
         _explain(lambda: _Folds(rows=1), X),
@@ -668,7 +670,8 @@ CLI: dict[str, tuple[list[str], str]] = {
     "model file whose forward folds the batch": (
         ["attack", "--model", "{d}/folds.py:net", "--data", "digits"]
         + ["--method", "gradient", "-n", "4", "--steps", "2", "--out", "{d}/run"],
-        r"^betasmooth: error: model does not accept input of shape \(1, 32, 32\) \(2 items of x",
+        r"^betasmooth: error: model takes one item of shape \(1, 32, 32\) but fails on a "
+        r"batch of 2",
     ),
     "images of different sizes": (
         ["attack", "--model", "digits-cnn", "--data", "{d}/mixed", "--method", "gradient"]

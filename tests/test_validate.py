@@ -151,6 +151,10 @@ class _Clamped(nn.Module):
         lambda h: h.clamp_min(0.0),
         lambda h: torch.clip(h, min=0),
         lambda h: h.clone().clamp_(0),
+        lambda h: h.clamp(min=torch.tensor(0.0)),
+        lambda h: torch.clamp_min(h, torch.tensor(0.0)),
+        lambda h: h.clamp(min=np.float32(0)),
+        lambda h: h.clamp(min=0, max=float("inf")),
     ],
 )
 def test_beta_smoothing_names_a_relu_written_as_a_clamp(spelling) -> None:

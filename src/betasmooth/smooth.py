@@ -404,7 +404,19 @@ def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
     """Whether a clamp call is ``clamp(x, min=0)`` with no upper bound: a ReLU."""
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
-    return isinstance(low, (int, float)) and low == 0 and high is None
+    return _number(low) == 0 and (high is None or _number(high) == math.inf)
+
+
+def _number(value: object) -> float | None:
+    """A bound as a number: int, float, numpy scalar or one-element tensor; else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _writes_in_place(replacement: Callable, args: tuple, kwargs: dict) -> bool:
@@ -565,7 +577,7 @@ def _flushing() -> bool:
 
 @contextlib.contextmanager
 def flush_denormals() -> Iterator[None]:
-    """While active, subnormal floats count as zero on the CPU; the previous state returns.
+    """While active, the calling thread counts subnormal floats as zero; its state returns after.
 
     Softplus at a large beta, as the attack's surrogate (beta up to 100) and
     the defense at beta 20 to 50 use, makes ``sigmoid(beta x)`` and its
@@ -573,7 +585,10 @@ def flush_denormals() -> Iterator[None]:
     inactive units, and CPUs compute on subnormals up to a hundred times more
     slowly: unflushed, an attack step on ResNet-18 at 224 px cost 3.4 bare
     double backprops instead of 1.0. Flushing changes only values below the
-    smallest normal float. Where the CPU cannot flush, nothing changes; GPUs
+    smallest normal float. The flag belongs to each thread: torch's CPU worker
+    threads keep the state of the thread that started them, so those started
+    inside the context go on flushing after it, and those started before it
+    do not flush in it. Where the CPU cannot flush, nothing changes; GPUs
     compute subnormals at full speed.
 
     Examples

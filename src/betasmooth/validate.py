@@ -507,6 +507,12 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
         raise
     except Exception as err:
         reason = " ".join(str(err).split()) or type(err).__name__
+        if len(items) > 1 and _accepts(model, items[:1]):
+            raise InputError(
+                f"model takes one item of shape {shape[1:]} but fails on a batch of "
+                f"{len(items)} ({name} has shape {shape}): {reason[:300]}; expected a forward "
+                "that keeps the batch dimension (x.flatten(1), not x.view(1, -1))"
+            ) from None
         raise InputError(
             f"model does not accept input of shape {shape[1:]} ({what} of {name}, whose "
             f"shape is {shape}): {reason[:300]}"
@@ -518,6 +524,16 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
             f"{type(model).__name__} returns NaN or inf on {what} of {name}; expected finite "
             "logits (are the weights finite, and the inputs prepared as in training?)"
         )
+
+
+def _accepts(model: nn.Module, item: torch.Tensor) -> bool:
+    """Whether ``model`` runs on ``item`` without an error."""
+    try:
+        with evaluating(model), torch.no_grad():
+            model(item.detach())
+    except Exception:
+        return False
+    return True
 
 
 def check_logits(out: object, batch: int, model: nn.Module | None = None) -> torch.Tensor:
