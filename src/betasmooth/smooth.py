@@ -409,9 +409,7 @@ def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
 
 def _number(value: object) -> float | None:
     """A bound as a number: int, float, numpy scalar or one-element tensor; else None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, torch.Tensor) and value.numel() != 1:
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.numel() != 1):
         return None
     try:
         return float(value)

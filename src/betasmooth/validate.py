@@ -501,8 +501,7 @@ def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
 def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
     what = "one item" if len(items) == 1 else f"{len(items)} items"
     try:
-        with evaluating(model), torch.no_grad():
-            out = model(items.detach())
+        out = _forward(model, items)
     except InputError:
         raise
     except Exception as err:
@@ -526,11 +525,16 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
         )
 
 
+def _forward(model: nn.Module, items: torch.Tensor) -> object:
+    """The model's output on ``items`` in evaluation mode, without a graph."""
+    with evaluating(model), torch.no_grad():
+        return model(items.detach())
+
+
 def _accepts(model: nn.Module, item: torch.Tensor) -> bool:
     """Whether ``model`` runs on ``item`` without an error."""
     try:
-        with evaluating(model), torch.no_grad():
-            model(item.detach())
+        _forward(model, item)
     except Exception:
         return False
     return True
