@@ -41,8 +41,25 @@ def train(
     the same as on the CPU, but the weights are not bit-reproducible: max
     pooling has no deterministic backward pass on CUDA.
     """
+    # The caller's settings come back afterwards: a script that trains and then
+    # attacks (benchmarks/dimension.py) must not attack in deterministic mode.
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
+    try:
+        return _train(epochs, size, per_photo, max_steps, seed, device)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+def _train(
+    epochs: int, size: int, per_photo: int | None, max_steps: int | None, seed: int, device: str
+) -> nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x, y, _ = photo_crops("train", size=size, per_photo=per_photo)
@@ -78,6 +95,7 @@ def main() -> None:
     parser.add_argument("--per-photo", type=int, default=None, help="training crops per photo")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = train(args.epochs, per_photo=args.per_photo, seed=args.seed, threads=args.threads)
     seconds = time.perf_counter() - start

@@ -117,15 +117,32 @@ def test_training_script_is_deterministic():
         model = train(1, size=16, per_photo=6, max_steps=3, seed=seed, threads=1)
         return {k: v.clone() for k, v in model.state_dict().items()}
 
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        first, second, other = weights(0), weights(0), weights(1)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(1)
+    first, second, other = weights(0), weights(0), weights(1)
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("mode", [(False, False), (True, True)])
+def test_training_gives_back_the_callers_deterministic_mode_and_threads(mode):
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+    torch.set_num_threads(2)
+    try:
+        train(1, size=16, per_photo=6, max_steps=1, threads=1)
+        after = (
+            torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+    assert after == (2, *mode)
 
 
 @pytest.mark.slow
