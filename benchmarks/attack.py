@@ -33,6 +33,7 @@ import torch
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
 from betasmooth.pretrained import is_pretrained
+from betasmooth.runs import range_options
 from betasmooth.smooth import flush_denormals
 
 # Attack variants measured side by side on the same images and targets.
@@ -71,6 +72,15 @@ def sample(args):
     return model, data.x, bounds, pick, g
 
 
+def options_for(method: str, bounds) -> dict[str, object]:
+    """The options that make ``method`` respect the data's range ``bounds``.
+
+    On normalised data LRP's z^B rule needs the data's box, SmoothGrad's noise
+    level its width and integrated gradients its black image as the baseline.
+    """
+    return range_options(*bounds).get(method, {})
+
+
 def attack_table(args) -> None:
     model, x_all, bounds, pick, g = sample(args)
     x = x_all[pick[: args.n]].to(args.device)
@@ -78,9 +88,10 @@ def attack_table(args) -> None:
     others = x_all[pick[args.n : 2 * args.n]].to(args.device)
     betas = [float(b) for b in args.betas.split(",")]
     for method in args.methods.split(","):
-        pool = bs.heatmap(bs.explain(model, torch.cat([x, others]), method))
+        options = options_for(method, bounds)
+        pool = bs.heatmap(bs.explain(model, torch.cat([x, others]), method, **options))
         target = pool[args.n :]
-        before = bs.compare(bs.heatmap(bs.explain(model, x, method)), target)
+        before = bs.compare(bs.heatmap(bs.explain(model, x, method, **options)), target)
         for variant in args.variants.split(","):
             config = dict(VARIANTS[variant])
             start = time.perf_counter()
@@ -92,6 +103,7 @@ def attack_table(args) -> None:
                 steps=args.steps,
                 progress=args.progress,
                 data_range=bounds,
+                method_options=options,
                 **config,
             )
             seconds = time.perf_counter() - start
@@ -133,6 +145,7 @@ def attack_table(args) -> None:
                 betas,
                 smoothgrad_n=20,
                 data_range=bounds,
+                method_options=options,
             )
             print(
                 f"  {'defense':12s} {'beta':>5s} {'sigma':>6s} {'adv>tgt PCC':>11s} "
@@ -194,12 +207,15 @@ def compare_loop(args) -> None:
     model, x_all, bounds, pick, g = sample(args)
     n, steps, method = min(args.loop_n, len(pick)), args.steps or 50, args.methods.split(",")[0]
     x = x_all[pick[:n]].to(args.device)
-    maps = bs.heatmap(bs.explain(model, x, method))
+    options = options_for(method, bounds)
+    maps = bs.heatmap(bs.explain(model, x, method, **options))
     target = random_targets(maps, g)
     label = model(x).argmax(1)
 
-    def attack(images, maps, **options):
-        return bs.manipulate(model, images, maps, method, data_range=bounds, **options)
+    def attack(images, maps, **settings):
+        return bs.manipulate(
+            model, images, maps, method, data_range=bounds, method_options=options, **settings
+        )
 
     def timed(fn):
         if args.device == "cuda":

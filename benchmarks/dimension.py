@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -102,22 +103,19 @@ def attack_row(model, x, target, method, attack, options, steps) -> dict[str, ob
     }
 
 
-def measure(size: int, settings: dict, args: argparse.Namespace) -> list[dict[str, object]]:
-    """Train or load the model for ``size`` pixels and attack it."""
+def measure(size: int, settings: dict, args: argparse.Namespace) -> Iterator[dict[str, object]]:
+    """Train or load the model for ``size`` pixels and attack it, one row at a time."""
     model = trained(size, settings["epochs"], settings["per_photo"], args.cache, args.device)
     model = model.to(args.device)
     x_test, y_test, _ = photo_crops("test", size=size)
     acc = accuracy(model, x_test.to(args.device), y_test.to(args.device))
     n = settings["n"]
     x, others = x_test[:n].to(args.device), x_test[n : 2 * n].to(args.device)
-    rows = []
     for method in args.methods.split(","):
         target = bs.heatmap(bs.explain(model, others, method))
         for attack, options in (("paper", {}), ("eps", {"eps": args.eps})):
             row = attack_row(model, x, target, method, attack, options, settings["steps"])
-            rows.append({"size": size, "inputs": 3 * size * size, "accuracy": acc, **row})
-            print(format_row(rows[-1]), flush=True)
-    return rows
+            yield {"size": size, "inputs": 3 * size * size, "accuracy": acc, **row}
 
 
 HEADER = (
@@ -187,13 +185,19 @@ def main() -> None:
         settings["sizes"] = [int(s) for s in args.sizes.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
-    rows = [row for size in settings["sizes"] for row in measure(size, settings, args)]
-    print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows))
+    rows = []
+    # Each row is written as soon as it is measured: a run cut short keeps its rows.
     with open(args.out / "dimension.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    if args.json:
-        with open(args.json, "a") as f:
-            f.writelines(json.dumps({"benchmark": "dimension", **r}) + "\n" for r in rows)
+        for size in settings["sizes"]:
+            for row in measure(size, settings, args):
+                rows.append(row)
+                print(format_row(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                if args.json:
+                    with open(args.json, "a") as g:
+                        g.write(json.dumps({"benchmark": "dimension", **row}) + "\n")
+    print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows))
     plot(rows, args.out / "dimension.png")
     print(f"wrote {args.out / 'dimension.jsonl'} and {args.out / 'dimension.png'}")
 

@@ -13,7 +13,8 @@
 #   1. the batched attack against one image at a time (digits-cnn, gradient)
 #   2. the paper's model: VGG16 at 224 px (torchvision architecture; ImageNet
 #      weights where torchvision's cache holds them, else random weights, which
-#      cost the same), batched against one image at a time, peak GPU memory
+#      cost the same), batched against one image at a time, peak GPU memory,
+#      for the gradient and the LRP attack
 #   3. the paper's experiment through the command line: VGG16, 224 px, the
 #      gradient attack with the paper's 1500 steps on 4 of the built-in
 #      photographs (scikit-image's and scikit-learn's, written to a folder as a
@@ -21,7 +22,7 @@
 #   4. a one-rank torchrun attack (one process, no process group: nccl needs a GPU per rank)
 #   5. explanation speed against Captum
 #   6. benchmarks/dimension.py, which adds 224 px on a GPU
-# Sections 1 to 5 take about 5 minutes on an H200, section 6 (four sizes, the
+# Sections 1 to 5 take about 6 minutes on an H200, section 6 (four sizes, the
 # paper's 1500 steps, training included) longer.
 # Needs the package (or PYTHONPATH=src), torchvision and captum; no network.
 set -u
@@ -49,12 +50,14 @@ run() { # run LIMIT_SECONDS COMMAND...: one section, its time and exit status lo
 if [ -n "$quick" ]; then
     loop="--loop-n 4 --steps 2 --repeats 1"
     big_loop="--loop-n 2 --steps 2 --repeats 1"
+    lrp_loop=$big_loop
     paper="-n 2 --steps 2 --method gradient"
     dimension="--quick --sizes 32 -n 2 --steps 5"
     explain="--batch 8 --repeats 1 --no-memory"
 else
     loop=""
     big_loop="--loop-n 8 --steps 20 --repeats 2"
+    lrp_loop="--loop-n 4 --steps 20 --repeats 1"
     paper="-n 4 --method gradient"
     dimension=""
     explain=""
@@ -82,6 +85,9 @@ sys.exit(not c(sys.argv[1]).is_file())" "$model"; then
     # shellcheck disable=SC2086
     run 120 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods gradient \
         --model "$model" --data "$work/photos" $big_loop --json "$json"
+    # shellcheck disable=SC2086
+    run 90 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods lrp \
+        --model "$model" --data "$work/photos" $lrp_loop --json "$json"
 
     echo "== 3. the paper's experiment: $model, 224 px, the paper's steps"
     # shellcheck disable=SC2086
