@@ -86,6 +86,63 @@ def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
     bs.explain(net, x, "smoothgrad", target, base="lrp", low=data.low, high=data.high, n=2)
 
 
+def test_attack_and_sweep_give_lrp_their_data_range_as_its_box(user_files):
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    target = net(x).argmax(1)
+    target_map = bs.heatmap(
+        zennit_lrp(net, x.roll(1, 0), target, low.expand_as(x), high.expand_as(x))
+    )
+    attack = dict(steps=3, data_range=(low, high))
+    result = bs.manipulate(net, x, target_map, "lrp", **attack)
+    # The map attacked is zennit's with the data's box; the attack is the one
+    # given that box by hand.
+    theirs = zennit_lrp(net, x.clone(), target, low.expand_as(x), high.expand_as(x))
+    torch.testing.assert_close(result.map_orig, bs.heatmap(theirs), rtol=1e-9, atol=1e-14)
+    by_hand = bs.manipulate(
+        net, x, target_map, "lrp", method_options={"low": low, "high": high}, **attack
+    )
+    torch.testing.assert_close(result.x_adv, by_hand.x_adv, rtol=0, atol=0)
+    # A box of the caller's own wins: its map is zennit's with that box.
+    wide = {"low": low - 1, "high": high + 1}
+    other = bs.manipulate(net, x, target_map, "lrp", method_options=wide, **attack)
+    theirs = zennit_lrp(net, x.clone(), target, (low - 1).expand_as(x), (high + 1).expand_as(x))
+    torch.testing.assert_close(other.map_orig, bs.heatmap(theirs), rtol=1e-9, atol=1e-14)
+    assert not torch.allclose(other.map_orig, result.map_orig)
+    # The sweep too: its undefended map of x is the same map as the attack's.
+    sweep = bs.defense_sweep(net, x, result.x_adv, target_map, "lrp", [1.0], data_range=(low, high))
+    plain = bs.heatmap(bs.explain(net, result.x_adv, "lrp", target, low=low, high=high))
+    expected = bs.compare(plain, result.map_orig)["pcc"]
+    got = torch.tensor(
+        [r["undefended_pcc"] for r in sweep.records() if r["defense"] == "beta_smooth"]
+    )
+    # The records hold float32 numbers.
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("beta_smooth", {"base": "lrp"}), ("smoothgrad", {"base": "lrp", "n": 2, "seed": 0})],
+)
+def test_attack_gives_a_wrapped_lrp_the_data_range_as_its_box(user_files, method, options):
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "lrp", low=low, high=high))
+    attack = dict(steps=2, data_range=(low, high))
+    result = bs.manipulate(net, x, target_map, method, method_options=options, **attack)
+    boxed = {**options, "base_options": {"low": low, "high": high}}
+    by_hand = bs.manipulate(net, x, target_map, method, method_options=boxed, **attack)
+    torch.testing.assert_close(result.map_orig, by_hand.map_orig, rtol=0, atol=0)
+    torch.testing.assert_close(result.x_adv, by_hand.x_adv, rtol=0, atol=0)
+    # Without the data's range the default box [0, 1] is refused for these x.
+    with pytest.raises(InputError, match="outside the lrp input box"):
+        bs.manipulate(net, x, target_map, method, method_options=options, steps=2, data_range=None)
+
+
 def _explain_normalised(model_file, data_file, method: str, out) -> None:
     argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
     argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", method]

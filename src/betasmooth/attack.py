@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .explain import explain
+from .explain import METHODS, explain
 from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
@@ -827,7 +827,8 @@ def manipulate(
     data_range : tuple of float or torch.Tensor, or None
         ``(low, high)`` to clamp to, numbers or per-channel tensors such as
         ``(1, C, 1, 1)`` (``ImageData.bounds`` of normalised data); ``None``
-        uses the batch's min and max.
+        uses the batch's min and max. Also LRP's z^B box (``low``, ``high``)
+        unless ``method_options`` gives one.
     loss : str
         Explanation loss ``L``: ``mse`` (the paper), or ``pcc`` / ``ssim``,
         ``2 var(target) (1 - PCC or SSIM)``, which equals the MSE for maps of
@@ -929,11 +930,13 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
-    options = _attacked_options(method, _check_method_options(given["method_options"], method))
-    if given["eot"] and "seed" not in options_of(method):
-        raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
     low, high = _range(given["data_range"], x)
     check_in_range(x, low, high)
+    box = None if given["data_range"] is None else (low, high)
+    options = _check_method_options(given["method_options"], method)
+    options = _attacked_options(method, options, box)
+    if given["eot"] and "seed" not in options_of(method):
+        raise InputError(f"eot=True needs a method with a seed option; {method!r} has none")
     # Adam's learning rate is one number (its steps are per element anyway);
     # the L-inf budget and the signed step follow each channel's range.
     span = float(torch.as_tensor(high - low).mean())
@@ -983,11 +986,36 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     )
 
 
-def _attacked_options(method: str, given: Mapping[str, object]) -> dict[str, object]:
-    """The options of the map an attack attacks: ``given``, else the method's attack defaults."""
+def _attacked_options(
+    method: str, given: Mapping[str, object], box: tuple[Bound, Bound] | None = None
+) -> dict[str, object]:
+    """The options of the map an attack attacks: ``given``, else the method's attack defaults.
+
+    A method with an input box (LRP's z^B rule: ``low``, ``high``), or a
+    wrapper of one (SmoothGrad or beta_smooth of LRP), takes the data's range
+    ``box`` unless a bound is given: the box is the range the inputs live in,
+    which the attack already knows.
+    """
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK).get("options", {})
     known = options_of(method)
-    return {**{n: v for n, v in defaults.items() if n in known}, **given}
+    options = {**{n: v for n, v in defaults.items() if n in known}, **given}
+    return options if box is None else _boxed(method, options, box)
+
+
+def _boxed(method: str, options: dict[str, object], box: tuple[Bound, Bound]) -> dict[str, object]:
+    """``options`` with ``box`` as the input box of ``method``, or of its base method."""
+    bounds = {"low", "high"}
+    known = options_of(method)
+    if bounds <= set(known):
+        return options if bounds & set(options) else {**options, "low": box[0], "high": box[1]}
+    base = options.get("base", known.get("base"))
+    if not (isinstance(base, str) and base in METHODS and bounds <= set(options_of(base))):
+        return options
+    # A wrapper adds its further keyword options to base_options.
+    inner = dict(options.get("base_options") or {})
+    if bounds & (set(inner) | set(options)):
+        return options
+    return {**options, "base_options": {**inner, "low": box[0], "high": box[1]}}
 
 
 def _check_weights(weights: object) -> tuple[float, float] | None:
@@ -1375,10 +1403,11 @@ def defense_sweep(
         (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The
         matched noise (the default) has the standard deviation of
         ``p_beta`` in the units of the model's input, whatever the range.
-        As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it.
+        As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it,
+        and it is LRP's z^B box unless ``method_options`` gives one.
     method_options : dict, optional
-        Options of the base method, e.g. ``{"low": low, "high": high}`` for
-        LRP on normalised data; used for every map. Options left out take
+        Options of the base method, e.g. ``{"composite": "epsilon_plus_flat"}``
+        for LRP; used for every map. Options left out take
         the values :func:`manipulate` attacks by default
         (:data:`ATTACK_DEFAULTS`: integrated gradients with 30 points), so
         that the undefended maps are the maps the attack moved.
@@ -1409,13 +1438,14 @@ def defense_sweep(
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
     defenses = _check_defenses(defenses)
-    options = _attacked_options(method, _check_method_options(method_options, method))
     x_adv = x_adv.to(device=x.device, dtype=x.dtype)
     # The same checks as manipulate's: the range is valid and holds both batches.
+    box = None
     if data_range is not None:
-        low, high = _range(data_range, x)
-        check_in_range(x, low, high)
-        check_in_range(x_adv, low, high, "x_adv")
+        box = _range(data_range, x)
+        check_in_range(x, *box)
+        check_in_range(x_adv, *box, "x_adv")
+    options = _attacked_options(method, _check_method_options(method_options, method), box)
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
     seeds = _sweep_seeds(seed, x.shape[0])
 
