@@ -298,6 +298,11 @@ def compare_loop(args) -> None:
         f"{row['step_s'] * 1e3:.1f} ms (scored on the original network every 10 steps), "
         f"{row['step_final_check_only_s'] * 1e3:.1f} ms (scored at the end only); {against}"
     )
+    if min(attack_step, final_only) <= 0:
+        print(
+            "  the per-step times are not measured: the 30-step runs were no slower than the "
+            "10-step runs (timing noise larger than 20 steps); rerun with more --repeats"
+        )
     emit(args.json, row)
 
 
