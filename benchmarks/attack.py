@@ -32,8 +32,8 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
+from betasmooth.explain import range_options
 from betasmooth.pretrained import is_pretrained
-from betasmooth.runs import range_options
 from betasmooth.smooth import flush_denormals
 
 # Attack variants measured side by side on the same images and targets.

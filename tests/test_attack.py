@@ -490,3 +490,14 @@ def test_attack_and_sweep_flush_subnormals_then_restore(small):
     bs.defense_sweep(spy, x, result.x_adv, result.map_target, "gradient", [5.0, 50.0])
     assert len(spy.seen) >= 2 and all(spy.seen)  # the labels and maps of x and x_adv
     assert float(torch.tensor([1e-39]) * 1.0) > 0
+
+
+def test_a_targeted_attack_under_a_budget_records_it(small):
+    net, x = small
+    target = _targets(net, x)
+    budgeted = bs.manipulate(net, x, target, "gradient", steps=2, eps=8 / 255).records()
+    assert {r["attack_eps"] for r in budgeted} == {8 / 255}
+    # The budget holds: no pixel moved further.
+    assert max(r["input_max_change"] for r in budgeted) <= 8 / 255 + 1e-6
+    free = bs.manipulate(net, x, target, "gradient", steps=2).records()
+    assert all("attack_eps" not in r for r in free)

@@ -105,6 +105,31 @@ def _nan_weights() -> torch.nn.Module:
 
 
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "manipulate a Captum method": (
+        lambda tmp: bs.manipulate(plain_cnn(), X, _targets(X), "captum:Saliency", steps=2),
+        InputError,
+        r"captum:Saliency cannot be attacked: .*not differentiable.*such as gradient or lrp",
+    ),
+    "manipulate with create_graph in method_options": (
+        _manipulate(X, method_options={"create_graph": False}),
+        InputError,
+        r"method_options may not set create_graph",
+    ),
+    "defense sweep of a defense": (
+        lambda tmp: bs.defense_sweep(plain_cnn(), X, X, _targets(X), "smoothgrad", [1.0]),
+        InputError,
+        r"smoothgrad is itself a smoothing .*expected the base method, such as gradient",
+    ),
+    "calibrate beta of a defense": (
+        lambda tmp: bs.calibrate_beta(plain_cnn(), X, "beta_smooth", betas=[1.0], steps=1),
+        InputError,
+        r"beta_smooth is itself a smoothing .*expected the base method",
+    ),
+    "lrp outside its box inside manipulate": (
+        lambda tmp: bs.manipulate(plain_cnn(), X * 9 - 4, _targets(X), "lrp", data_range=None),
+        InputError,
+        r"outside the lrp input box.*data_range=data.bounds",
+    ),
     "manipulate steps 10**30": (
         _manipulate(X, steps=10**30),
         InputError,

@@ -143,6 +143,54 @@ def test_attack_gives_a_wrapped_lrp_the_data_range_as_its_box(user_files, method
         bs.manipulate(net, x, target_map, method, method_options=options, steps=2, data_range=None)
 
 
+def test_attack_starts_integrated_gradients_from_the_data_ranges_black(user_files):
+    from captum.attr import IntegratedGradients
+
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    target = net(x).argmax(1)
+    target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "gradient"))
+    attack = dict(steps=2, data_range=(low, high))
+    # Integrated gradients from the black image (data.low), not from 0, the mean colour:
+    # Captum's with the attack's 30 points.
+    result = bs.manipulate(net, x, target_map, "integrated_gradients", **attack)
+    steps = bs.attack.ATTACK_DEFAULTS["integrated_gradients"]["options"]["steps"]
+    ig = IntegratedGradients(net).attribute(
+        x, baselines=low.expand_as(x), target=target, n_steps=steps, method="gausslegendre"
+    )
+    # Captum's quadrature weights are rounded to float32: 4e-8 relative.
+    torch.testing.assert_close(result.map_orig, bs.heatmap(ig), rtol=1e-6, atol=1e-9)
+
+
+def test_one_bound_of_the_lrp_box_takes_the_other_from_the_data_range(user_files):
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    target = net(x).argmax(1)
+    target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "lrp", low=low, high=high))
+    result = bs.manipulate(
+        net, x, target_map, "lrp", steps=1, data_range=(low, high), method_options={"low": low - 1}
+    )
+    theirs = zennit_lrp(net, x.clone(), target, (low - 1).expand_as(x), high.expand_as(x))
+    torch.testing.assert_close(result.map_orig, bs.heatmap(theirs), rtol=1e-9, atol=1e-14)
+
+
+def test_calibrate_beta_gives_lrp_the_data_range(user_files):
+    model_file, data_file, _ = user_files
+    net = bs.load_model(f"{model_file}:net").double()
+    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
+    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    settings = dict(betas=[1.0, 5.0], steps=2, data_range=(low, high))
+    found = calibrate_beta(net, x, "lrp", **settings)
+    by_hand = calibrate_beta(net, x, "lrp", method_options={"low": low, "high": high}, **settings)
+    assert found.summary == by_hand.summary and found.beta == by_hand.beta
+    with pytest.raises(InputError, match="outside the lrp input box"):
+        calibrate_beta(net, x, "lrp", **{**settings, "data_range": None})
+
+
 def _explain_normalised(model_file, data_file, method: str, out) -> None:
     argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file)]
     argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--method", method]

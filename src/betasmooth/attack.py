@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .explain import METHODS, explain
+from .explain import METHODS, explain, is_method, range_options
 from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
@@ -729,6 +729,42 @@ def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     return float(data_range[0]), float(data_range[1])
 
 
+def check_method_name(method: object) -> None:
+    """Refuse a method that is not a registered name (the registry's own message)."""
+    if not isinstance(method, str):
+        raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
+    options_of(method)
+
+
+def check_attackable(method: object) -> None:
+    """Refuse a method whose maps the attack cannot differentiate (``captum:NAME``).
+
+    Examples
+    --------
+    >>> check_attackable("captum:Saliency")
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: captum:Saliency cannot be attacked: ...
+    """
+    check_method_name(method)
+    if method not in METHODS and is_method(method):
+        raise InputError(
+            f"{method} cannot be attacked: its maps are not differentiable w.r.t. x; "
+            "expected a registered method such as gradient or lrp"
+        )
+
+
+def check_defendable(method: object) -> None:
+    """Refuse a method that is itself a defense (it wraps a base method)."""
+    check_method_name(method)
+    if "base" in options_of(method):
+        raise InputError(
+            f"{method} is itself a smoothing of a base method, which the defenses wrap; "
+            "expected the base method, such as gradient or lrp (the command line's sweep "
+            "sweeps such runs on it)"
+        )
+
+
 def _check_method_options(method_options: object, method: str) -> dict[str, object]:
     if method_options is None:
         return {}
@@ -736,6 +772,13 @@ def _check_method_options(method_options: object, method: str) -> dict[str, obje
         raise InputTypeError(
             f"method_options must be a dict of options of {method!r}, e.g. {{'beta': 0.8}}; "
             f"got {type(method_options).__name__} {method_options!r}"
+        )
+    reserved = sorted(set(method_options) & {"create_graph", "target", "model", "x"})
+    if reserved:
+        raise InputError(
+            f"method_options may not set {', '.join(reserved)}: the attack sets them itself; "
+            f"expected options of {method!r} such as those of "
+            f"betasmooth.explain.method_options({method!r})"
         )
     return dict(method_options)
 
@@ -927,8 +970,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     """Check every option of :func:`manipulate` and resolve the defaults of the method."""
     goal = check_choice("goal", given["goal"], GOALS)
     check_choice("loss", given["loss"], LOSSES)
-    if not isinstance(method, str):
-        raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
+    check_attackable(method)
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
     low, high = _range(given["data_range"], x)
     check_in_range(x, low, high)
@@ -986,36 +1028,63 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     )
 
 
+#: Methods that take the data's range from ``data_range`` (:func:`attack_options`).
+_RANGED = ("lrp", "integrated_gradients")
+
+
+def attack_options(
+    method: str,
+    x: torch.Tensor,
+    *,
+    data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
+    method_options: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """The options of the map :func:`manipulate` attacks (and :func:`defense_sweep` defends).
+
+    The options given, then the method's attack defaults
+    (:data:`ATTACK_DEFAULTS`), then, where ``data_range`` is given, LRP's
+    z^B box and the black baseline of integrated gradients from it
+    (:func:`~betasmooth.explain.range_options`), also for the base method of
+    ``smoothgrad`` and ``beta_smooth`` (in ``base_options``). An option given,
+    or one bound of LRP's box, is never overridden. On [0, 1] data these
+    are the methods' own defaults; SmoothGrad's noise level stays its own
+    (each item's range; the command line passes each channel's range).
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.zeros(1, 3, 8, 8)
+    >>> low, high = -torch.ones(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    >>> options = attack_options("integrated_gradients", x, data_range=(low, high))
+    >>> options["steps"], float(options["baseline"].min())
+    (30, -1.0)
+    """
+    check_method_name(method)
+    box = None if data_range is None else _range(data_range, x)
+    return _attacked_options(method, _check_method_options(method_options, method), box)
+
+
 def _attacked_options(
     method: str, given: Mapping[str, object], box: tuple[Bound, Bound] | None = None
 ) -> dict[str, object]:
-    """The options of the map an attack attacks: ``given``, else the method's attack defaults.
-
-    A method with an input box (LRP's z^B rule: ``low``, ``high``), or a
-    wrapper of one (SmoothGrad or beta_smooth of LRP), takes the data's range
-    ``box`` unless a bound is given: the box is the range the inputs live in,
-    which the attack already knows.
-    """
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK).get("options", {})
     known = options_of(method)
     options = {**{n: v for n, v in defaults.items() if n in known}, **given}
-    return options if box is None else _boxed(method, options, box)
-
-
-def _boxed(method: str, options: dict[str, object], box: tuple[Bound, Bound]) -> dict[str, object]:
-    """``options`` with ``box`` as the input box of ``method``, or of its base method."""
-    bounds = {"low", "high"}
-    known = options_of(method)
-    if bounds <= set(known):
-        return options if bounds & set(options) else {**options, "low": box[0], "high": box[1]}
+    if box is None:
+        return options
+    # SmoothGrad keeps explain's own noise level (each item's range): on [0, 1]
+    # data the map attacked is then explain's with the same options, as LRP's
+    # box and the integrated-gradients baseline of [0, 1] are explain's defaults.
+    ranged = {m: o for m, o in range_options(*box).items() if m in _RANGED}
+    options = {**ranged.get(method, {}), **options}
     base = options.get("base", known.get("base"))
-    if not (isinstance(base, str) and base in METHODS and bounds <= set(options_of(base))):
-        return options
-    # A wrapper adds its further keyword options to base_options.
-    inner = dict(options.get("base_options") or {})
-    if bounds & (set(inner) | set(options)):
-        return options
-    return {**options, "base_options": {**inner, "low": box[0], "high": box[1]}}
+    if isinstance(base, str) and base in ranged:
+        # A wrapper adds its further keyword options to base_options.
+        inner = dict(options.get("base_options") or {})
+        fill = {k: v for k, v in ranged[base].items() if k not in inner and k not in options}
+        if fill:
+            options["base_options"] = {**inner, **fill}
+    return options
 
 
 def _check_weights(weights: object) -> tuple[float, float] | None:
@@ -1126,6 +1195,8 @@ def _settings_record(s: _Settings) -> dict[str, object]:
     out: dict[str, object] = {"steps": s.steps}
     if s.goal == "targeted":
         out |= {"lr": s.lr, "w_e": s.weights[0], "w_o": s.weights[1]}
+        if s.eps is not None:
+            out["eps"] = s.eps
     else:
         out |= {"eps": s.eps, "step": s.step}
     out |= {"beta_schedule": s.schedule, "beta0": s.beta0, "beta_end": s.beta_end}
@@ -1435,6 +1506,7 @@ def defense_sweep(
     >>> len(sweep.records())  # 2 images x 2 defenses x 2 betas
     8
     """
+    check_defendable(method)
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
     defenses = _check_defenses(defenses)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attack import defense_sweep, manipulate, random_targets
+from .attack import (
+    attack_options,
+    check_defendable,
+    defense_sweep,
+    manipulate,
+    random_targets,
+)
 from .explain import explain
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY
@@ -95,7 +101,9 @@ def calibrate_beta(
     min_fidelity : float
         Least median fidelity (PCC) of a recommended beta.
     data_range : tuple, optional
-        Bounds of the inputs (floats or per-channel tensors) for the attack's clamp.
+        Bounds of the inputs (floats or per-channel tensors): the attack's
+        clamp, and the method's range (LRP's box, ...), as in
+        :func:`~betasmooth.attack.attack_options`.
     method_options : dict, optional
         Options of ``method`` (e.g. LRP's ``low`` / ``high``).
     seed : int
@@ -117,7 +125,9 @@ def calibrate_beta(
     """
     if x.shape[0] < 2:
         raise InputError(f"calibrating beta needs at least 2 images; got {x.shape[0]}")
-    options = dict(method_options or {})
+    check_defendable(method)
+    # The map the attack and the sweep see: the attack's defaults, the data's range.
+    options = attack_options(method, x, data_range=data_range, method_options=method_options)
     maps = heatmap(explain(model, x, method, **options)).detach()
     targets = random_targets(maps, torch.Generator().manual_seed(seed)).to(x.device)
     attacked = manipulate(

@@ -33,7 +33,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, resolve_device
-from .explain import METHODS
+from .explain import METHODS, range_options
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
@@ -819,7 +819,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
     )
     bounds = _bounds(config, x)
-    options = runs.range_options(*bounds)
+    options = range_options(*bounds)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
@@ -868,7 +868,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     methods = methods or runs.explain_methods(args.method)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     bounds = _bounds(config, x)
-    options = runs.range_options(*bounds)
+    options = range_options(*bounds)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
@@ -973,7 +973,7 @@ def _attack_options(
     config: Mapping[str, object], bounds: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, dict[str, object]]:
     """The method options a run attacked with: the data's range, and the demo's smaller sizes."""
-    options = runs.range_options(*bounds)
+    options = range_options(*bounds)
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: the demo takes fewer of both, and its
     # sweep must explain with the same.

@@ -19,7 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .attack import ATTACK_DEFAULTS, DEFENSES, defense_sweep, derangement, manipulate
+from .attack import (
+    ATTACK_DEFAULTS,
+    DEFENSES,
+    check_attackable,
+    defense_sweep,
+    derangement,
+    manipulate,
+)
 from .distributed import Dist
 from .explain import METHODS, PREFIXES, check_model, explain, is_method
 from .explain import method_options as options_of
@@ -158,11 +165,8 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
     """
 
     def attackable(name: str) -> bool:
-        if ":" in name and is_method(name):
-            raise InputError(
-                f"{name} cannot be attacked: its maps are not differentiable w.r.t. x; "
-                "expected a registered method such as gradient or lrp"
-            )
+        if is_method(name):
+            check_attackable(name)
         return name in METHODS
 
     return _split_methods(methods, list(ATTACK_DEFAULTS), attackable, "a registered method, ")
@@ -203,30 +207,6 @@ def check_methods(
         known = options_of(method)
         given = {k: v for k, v in options.get(method, {}).items() if k in known}
         check_model(model, method, **given)
-
-
-def range_options(
-    low: torch.Tensor | float, high: torch.Tensor | float
-) -> dict[str, dict[str, object]]:
-    """Options that make the methods respect the data's range ``[low, high]`` (per channel).
-
-    LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
-    ``high - low``, and integrated gradients starts from ``low``: the black
-    image, as zero is on [0, 1] data (on normalised data zero is the mean
-    colour). Pass the result as ``method_options`` of the runs.
-
-    Examples
-    --------
-    >>> opts = range_options(torch.tensor([-2.0]).view(1, 1, 1, 1), 2.0)
-    >>> sorted(opts), float(opts["smoothgrad"]["input_range"])
-    (['integrated_gradients', 'lrp', 'smoothgrad'], 4.0)
-    """
-    span = high - low
-    return {
-        "lrp": {"low": low, "high": high},
-        "smoothgrad": {"input_range": span},
-        "integrated_gradients": {"baseline": low},
-    }
 
 
 def _named(
@@ -489,7 +469,7 @@ def sweep_run(
     each ``(B, len(betas), H, W)``. Batches already in ``sweep.jsonl`` are
     skipped, so the sweep is resumable and running it twice adds nothing.
     ``method_options`` holds the options of each base method (e.g. LRP's
-    bounds, :func:`range_options`). Rank 0 writes ``sweep_summary.json``:
+    bounds, :func:`~betasmooth.explain.range_options`). Rank 0 writes ``sweep_summary.json``:
     median robustness and fidelity per method, defense and beta and the
     recommended beta (:func:`betasmooth.recommend.sweep_summary`).
     SmoothGrad draws per image from a seed of (``seed``, method, index), so

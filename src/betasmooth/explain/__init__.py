@@ -39,6 +39,7 @@ __all__ = [
     "PREFIXES",
     "check_model",
     "explain",
+    "range_options",
     "register",
     "register_check",
     "register_input_check",
@@ -196,6 +197,32 @@ def method_options(method: str) -> dict[str, object]:
         p.name: p.default
         for p in inspect.signature(fn).parameters.values()
         if p.kind is p.KEYWORD_ONLY and p.name not in _RESERVED
+    }
+
+
+def range_options(
+    low: torch.Tensor | float, high: torch.Tensor | float
+) -> dict[str, dict[str, object]]:
+    """Options that make the methods respect the data's range ``[low, high]`` (per channel).
+
+    LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
+    ``high - low``, and integrated gradients starts from ``low``: the black
+    image, as zero is on [0, 1] data (on normalised data zero is the mean
+    colour). :func:`~betasmooth.manipulate`, :func:`~betasmooth.defense_sweep`
+    and :func:`~betasmooth.calibrate_beta` take them from their ``data_range``;
+    the runs of :mod:`betasmooth.runs` take them as ``method_options``.
+
+    Examples
+    --------
+    >>> opts = range_options(torch.tensor([-2.0]).view(1, 1, 1, 1), 2.0)
+    >>> sorted(opts), float(opts["smoothgrad"]["input_range"])
+    (['integrated_gradients', 'lrp', 'smoothgrad'], 4.0)
+    """
+    span = high - low
+    return {
+        "lrp": {"low": low, "high": high},
+        "smoothgrad": {"input_range": span},
+        "integrated_gradients": {"baseline": low},
     }
 
 

@@ -656,7 +656,8 @@ def _check_box(
         raise InputError(
             f"x lies outside the lrp input box {shown} of the z^B rule (x from "
             f"{float(x.min()):.3g} to {float(x.max()):.3g}); pass low= and high=, the bounds "
-            "of the data (data.low and data.high of bs.load_data for normalised images), "
+            "of the data (data.low and data.high of bs.load_data for normalised images; to "
+            "manipulate, defense_sweep and calibrate_beta, data_range=data.bounds), "
             "or a composite without a box such as epsilon_plus_flat"
         )
 
