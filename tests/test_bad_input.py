@@ -104,7 +104,24 @@ def _nan_weights() -> torch.nn.Module:
     return net
 
 
+class ReluTwice(nn.Module):
+    """One ReLU module used twice in forward, as torchvision's ResNets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()
+        self.head = nn.Linear(2 * 16 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.relu(self.conv(x))).flatten(1))
+
+
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "Captum method that refuses the model": (
+        _explain(ReluTwice, X, "captum:DeepLift"),
+        InputError,
+        r"captum:DeepLift failed on this model: A Module ReLU\(\) was detected",
+    ),
     "manipulate a Captum method": (
         lambda tmp: bs.manipulate(plain_cnn(), X, _targets(X), "captum:Saliency", steps=2),
         InputError,

@@ -174,9 +174,18 @@ def captum_method(name: str) -> Method:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
         with torch.enable_grad():
-            attribution = explainer.attribute(
-                x.detach().requires_grad_(True), target=target, **options
-            )
+            try:
+                attribution = explainer.attribute(
+                    x.detach().requires_grad_(True), target=target, **options
+                )
+            except (RuntimeError, AssertionError) as err:
+                # Captum refuses models it cannot handle (DeepLift: a module used
+                # twice) with these; out of memory stays itself, for the runs' retry.
+                text = str(err).strip()
+                if "out of memory" in text.lower():
+                    raise
+                first = text.splitlines()[0] if text else type(err).__name__
+                raise InputError(f"captum:{name} failed on this model: {first}") from err
         return attribution.detach()
 
     method.accepted_options = _accepted_options(cls)
