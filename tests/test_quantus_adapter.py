@@ -81,6 +81,23 @@ def test_quantus_explain_equals_explain(method, options):
     np.testing.assert_allclose(full, expected.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-7)
 
 
+def test_quantus_explain_takes_numpy_bounds_and_seeds():
+    # Quantus users hold numpy arrays: LRP's per-channel box of normalised data, seeds.
+    net = plain_cnn(channels=3)
+    gen = torch.Generator().manual_seed(0)
+    low, high = -torch.tensor([2.0, 1.5, 1.0]).view(1, 3, 1, 1), torch.full((1, 3, 1, 1), 2.0)
+    x = low + (high - low) * torch.rand(4, 3, 16, 16, generator=gen)
+    expected = bs.explain(net, x, "lrp", TARGET, low=low, high=high)
+    got = bs.quantus_explain(
+        net, x.numpy(), TARGET.numpy(), method="lrp", low=low.numpy(), high=high.numpy()
+    )
+    np.testing.assert_allclose(got, expected.sum(1, keepdim=True).numpy(), rtol=1e-6, atol=1e-7)
+    seeds = np.arange(4)
+    expected = bs.explain(net, x, "smoothgrad", TARGET, n=2, seed=torch.arange(4))
+    got = bs.quantus_explain(net, x.numpy(), TARGET.numpy(), method="smoothgrad", n=2, seed=seeds)
+    np.testing.assert_allclose(got, expected.sum(1, keepdim=True).numpy(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "fragment"),
     [

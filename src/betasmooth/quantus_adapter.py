@@ -52,6 +52,13 @@ def _as_tensor(value: object, name: str, dtype: torch.dtype, device: torch.devic
     )
 
 
+def _option_tensor(value: object, dtype: torch.dtype, device: torch.device) -> object:
+    if not isinstance(value, np.ndarray):
+        return value
+    tensor = torch.as_tensor(value, device=device)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def _model_place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         # Quantus' own explain puts the model on the requested device too.
@@ -131,6 +138,8 @@ def quantus_explain(
     first = _channel_first(x, channel_first)
     if not first:
         x = x.movedim(-1, 1)
+    # Quantus works in numpy: array options (LRP's bounds, a baseline) become tensors.
+    options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
     attribution = explain(model, x, method, target, **options).detach()
     if reduce_axes:
         if 0 in tuple(reduce_axes):
