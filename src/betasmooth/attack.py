@@ -870,8 +870,9 @@ def manipulate(
     data_range : tuple of float or torch.Tensor, or None
         ``(low, high)`` to clamp to, numbers or per-channel tensors such as
         ``(1, C, 1, 1)`` (``ImageData.bounds`` of normalised data); ``None``
-        uses the batch's min and max. Also LRP's z^B box (``low``, ``high``)
-        unless ``method_options`` gives one.
+        uses the batch's min and max. Also LRP's z^B box and the baseline of
+        integrated gradients, unless ``method_options`` gives them
+        (:func:`attack_options`).
     loss : str
         Explanation loss ``L``: ``mse`` (the paper), or ``pcc`` / ``ssim``,
         ``2 var(target) (1 - PCC or SSIM)``, which equals the MSE for maps of
@@ -1475,7 +1476,8 @@ def defense_sweep(
         matched noise (the default) has the standard deviation of
         ``p_beta`` in the units of the model's input, whatever the range.
         As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it,
-        and it is LRP's z^B box unless ``method_options`` gives one.
+        and it gives LRP's z^B box and the baseline of integrated gradients
+        unless ``method_options`` does (:func:`attack_options`).
     method_options : dict, optional
         Options of the base method, e.g. ``{"composite": "epsilon_plus_flat"}``
         for LRP; used for every map. Options left out take

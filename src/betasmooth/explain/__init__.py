@@ -208,9 +208,10 @@ def range_options(
     LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
     ``high - low``, and integrated gradients starts from ``low``: the black
     image, as zero is on [0, 1] data (on normalised data zero is the mean
-    colour). :func:`~betasmooth.manipulate`, :func:`~betasmooth.defense_sweep`
-    and :func:`~betasmooth.calibrate_beta` take them from their ``data_range``;
-    the runs of :mod:`betasmooth.runs` take them as ``method_options``.
+    colour). The runs of :mod:`betasmooth.runs` (the command line) take them
+    all as ``method_options``; :func:`~betasmooth.manipulate`,
+    :func:`~betasmooth.defense_sweep` and :func:`~betasmooth.calibrate_beta`
+    take LRP's and integrated gradients' from their ``data_range``.
 
     Examples
     --------
