@@ -86,11 +86,16 @@ def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
     bs.explain(net, x, "smoothgrad", target, base="lrp", low=data.low, high=data.high, n=2)
 
 
-def test_attack_and_sweep_give_lrp_their_data_range_as_its_box(user_files):
+def _normalised_double(user_files):
+    """The user's net and data, normalised, in float64, with the data's bounds."""
     model_file, data_file, _ = user_files
     net = bs.load_model(f"{model_file}:net").double()
     data = bs.load_data(str(data_file), mean=MEAN, std=STD)
-    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    return net, data.x.double(), data.low.double(), data.high.double()
+
+
+def test_attack_and_sweep_give_lrp_their_data_range_as_its_box(user_files):
+    net, x, low, high = _normalised_double(user_files)
     target = net(x).argmax(1)
     target_map = bs.heatmap(
         zennit_lrp(net, x.roll(1, 0), target, low.expand_as(x), high.expand_as(x))
@@ -127,10 +132,7 @@ def test_attack_and_sweep_give_lrp_their_data_range_as_its_box(user_files):
     [("beta_smooth", {"base": "lrp"}), ("smoothgrad", {"base": "lrp", "n": 2, "seed": 0})],
 )
 def test_attack_gives_a_wrapped_lrp_the_data_range_as_its_box(user_files, method, options):
-    model_file, data_file, _ = user_files
-    net = bs.load_model(f"{model_file}:net").double()
-    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
-    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    net, x, low, high = _normalised_double(user_files)
     target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "lrp", low=low, high=high))
     attack = dict(steps=2, data_range=(low, high))
     result = bs.manipulate(net, x, target_map, method, method_options=options, **attack)
@@ -146,10 +148,7 @@ def test_attack_gives_a_wrapped_lrp_the_data_range_as_its_box(user_files, method
 def test_attack_starts_integrated_gradients_from_the_data_ranges_black(user_files):
     from captum.attr import IntegratedGradients
 
-    model_file, data_file, _ = user_files
-    net = bs.load_model(f"{model_file}:net").double()
-    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
-    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    net, x, low, high = _normalised_double(user_files)
     target = net(x).argmax(1)
     target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "gradient"))
     attack = dict(steps=2, data_range=(low, high))
@@ -165,10 +164,7 @@ def test_attack_starts_integrated_gradients_from_the_data_ranges_black(user_file
 
 
 def test_one_bound_of_the_lrp_box_takes_the_other_from_the_data_range(user_files):
-    model_file, data_file, _ = user_files
-    net = bs.load_model(f"{model_file}:net").double()
-    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
-    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    net, x, low, high = _normalised_double(user_files)
     target = net(x).argmax(1)
     target_map = bs.heatmap(bs.explain(net, x.roll(1, 0), "lrp", low=low, high=high))
     result = bs.manipulate(
@@ -179,10 +175,7 @@ def test_one_bound_of_the_lrp_box_takes_the_other_from_the_data_range(user_files
 
 
 def test_calibrate_beta_gives_lrp_the_data_range(user_files):
-    model_file, data_file, _ = user_files
-    net = bs.load_model(f"{model_file}:net").double()
-    data = bs.load_data(str(data_file), mean=MEAN, std=STD)
-    x, low, high = data.x.double(), data.low.double(), data.high.double()
+    net, x, low, high = _normalised_double(user_files)
     settings = dict(betas=[1.0, 5.0], steps=2, data_range=(low, high))
     found = calibrate_beta(net, x, "lrp", **settings)
     by_hand = calibrate_beta(net, x, "lrp", method_options={"low": low, "high": high}, **settings)
