@@ -125,20 +125,19 @@ def test_training_script_is_deterministic():
 
 @pytest.mark.parametrize("mode", [(False, False), (True, True)])
 def test_training_gives_back_the_callers_deterministic_mode_and_threads(mode):
-    saved = (
-        torch.get_num_threads(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
-    torch.set_num_threads(2)
-    try:
-        train(1, size=16, per_photo=6, max_steps=1, threads=1)
-        after = (
+    def state():
+        return (
             torch.get_num_threads(),
             torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
         )
+
+    saved = state()
+    torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+    torch.set_num_threads(2)
+    try:
+        train(1, size=16, per_photo=6, max_steps=1, threads=1)
+        after = state()
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
