@@ -62,7 +62,7 @@ def emit(path, row) -> None:
 def sample(args):
     """The model, the images (a torchvision model's preprocessing applied), their
     per-channel bounds, a permutation of them and its generator."""
-    model = bs.load_model(args.model).to(args.device)
+    model = bs.load_model(args.model, weights=args.weights).to(args.device)
     preset = args.model if is_pretrained(args.model) else None
     data = bs.load_data(args.data, split="test", preset=preset)
     # The attack clamps to the data's own box: normalised inputs have per-channel bounds.
@@ -309,6 +309,7 @@ def compare_loop(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits-cnn", help="a built-in model or a spec")
+    parser.add_argument("--weights", default=None, help="state dict for --model (default: its own)")
     parser.add_argument("--data", default="digits", help="its data (test split)")
     parser.add_argument("-n", "--images", dest="n", type=int, default=16)
     parser.add_argument("--methods", default="gradient,lrp")

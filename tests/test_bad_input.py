@@ -346,6 +346,12 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputTypeError,
         r"unknown option 'zzz' for method 'captum:Saliency'; expected some of: abs, ",
     ),
+    "captum method without an option Captum requires": (
+        _explain(plain_cnn, X, "captum:Occlusion"),
+        InputError,
+        r"^captum:Occlusion needs the option sliding_window_shapes \(Captum requires it\); "
+        r"expected bs.explain\(model, x, 'captum:Occlusion', sliding_window_shapes=...\)",
+    ),
     "pcc of 2-D maps": (
         lambda tmp: bs.metrics.pcc(torch.rand(4, 4), torch.rand(4, 4)),
         InputError,

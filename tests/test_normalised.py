@@ -426,3 +426,46 @@ def test_cli_integrated_gradients_start_from_black_on_normalised_data(user_files
     with np.load(out / "arrays" / "integrated_gradients-0.npz") as saved:
         saved_map = torch.from_numpy(saved["map"]).double()
     torch.testing.assert_close(saved_map, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_path):
+    # Captum's default baseline 0 is the mean colour of normalised data; the
+    # command line gives its methods the black image, as integrated_gradients.
+    from captum.attr import IntegratedGradients
+
+    model_file, data_file, _ = user_files
+    out = tmp_path / "run"
+    methods = ["integrated_gradients", "captum:IntegratedGradients"]
+    _explain_normalised(model_file, data_file, ",".join(methods), out)
+    maps = {}
+    for method in methods:
+        with np.load(out / "arrays" / f"{method}-0.npz") as saved:
+            maps[method], x = saved["map"], torch.from_numpy(saved["x"]).double()
+    net = bs.load_model(f"{model_file}:net").double()
+    target = net(x).argmax(1)
+    _, _, low, _ = box()
+
+    def stored(baselines):
+        a = IntegratedGradients(net).attribute(x, baselines=baselines, target=target, n_steps=50)
+        return (a.abs().sum(1) / a.abs().sum((1, 2, 3)).view(-1, 1, 1)).detach().numpy()
+
+    black = stored(low.double().expand(1, *x.shape[1:]))
+    np.testing.assert_allclose(maps["captum:IntegratedGradients"], black, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(maps["integrated_gradients"], black, rtol=1e-4, atol=1e-7)
+    assert np.abs(stored(0.0) - black).max() > 1e-2  # the mean colour: another map
+
+
+def test_captum_takes_one_baseline_colour_per_channel(user_files):
+    # GradientShap draws from its baselines and wants their item shape exactly;
+    # it draws with numpy's and torch's generators.
+    from captum.attr import GradientShap
+
+    net, x, low, _ = _normalised_double(user_files)
+    target = net(x).argmax(1)
+    torch.manual_seed(0), np.random.seed(0)
+    ours = bs.explain(net, x, "captum:GradientShap", target, baselines=low, n_samples=3)
+    torch.manual_seed(0), np.random.seed(0)
+    theirs = GradientShap(net).attribute(
+        x, baselines=low.expand(1, *x.shape[1:]), target=target, n_samples=3
+    )
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-14)

@@ -868,7 +868,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     methods = methods or runs.explain_methods(args.method)
     config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
     bounds = _bounds(config, x)
-    options = range_options(*bounds)
+    options = range_options(*bounds, methods=methods)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")

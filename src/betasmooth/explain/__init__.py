@@ -16,7 +16,7 @@ the prefix with :func:`register_prefix`: ``captum:DeepLift`` is any class of
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -201,15 +201,18 @@ def method_options(method: str) -> dict[str, object]:
 
 
 def range_options(
-    low: torch.Tensor | float, high: torch.Tensor | float
+    low: torch.Tensor | float, high: torch.Tensor | float, methods: Iterable[str] = ()
 ) -> dict[str, dict[str, object]]:
     """Options that make the methods respect the data's range ``[low, high]`` (per channel).
 
     LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
     ``high - low``, and integrated gradients starts from ``low``: the black
     image, as zero is on [0, 1] data (on normalised data zero is the mean
-    colour). The runs of :mod:`betasmooth.runs` (the command line) take them
-    all as ``method_options``; :func:`~betasmooth.manipulate`,
+    colour). So does every ``captum:NAME`` among ``methods`` whose
+    ``attribute`` takes ``baselines`` (``IntegratedGradients``, ``DeepLift``,
+    ``GradientShap``, ``Occlusion``, ...), whose default baseline is 0 too.
+    The runs of :mod:`betasmooth.runs` (the command line) take them all as
+    ``method_options``; :func:`~betasmooth.manipulate`,
     :func:`~betasmooth.defense_sweep` and :func:`~betasmooth.calibrate_beta`
     take LRP's and integrated gradients' from their ``data_range``.
 
@@ -220,11 +223,15 @@ def range_options(
     (['integrated_gradients', 'lrp', 'smoothgrad'], 4.0)
     """
     span = high - low
-    return {
+    options: dict[str, dict[str, object]] = {
         "lrp": {"low": low, "high": high},
         "smoothgrad": {"input_range": span},
         "integrated_gradients": {"baseline": low},
     }
+    for method in methods:
+        if "baselines" in (getattr(_lookup(method), "accepted_options", None) or ()):
+            options[method] = {"baselines": low}
+    return options
 
 
 def _lookup(method: str) -> Method:

@@ -82,6 +82,19 @@ def _accepted_options(cls: type) -> frozenset[str] | None:
     return frozenset((names - _FILLED - {"target"}) | {"layer"})
 
 
+def _required(cls: type) -> list[str]:
+    """Options without a default in ``cls``'s constructor or ``attribute``, but those filled."""
+    init = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    attribute = list(inspect.signature(cls.attribute).parameters.values())[2:]
+    return [
+        _RENAMED.get(p.name, p.name)
+        for p in init + attribute
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in _FILLED | {"target"}
+    ]
+
+
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None, method: str) -> nn.Module:
     """The submodule ``layer`` of ``model``, named as in ``model.named_modules()``.
 
@@ -123,6 +136,23 @@ def _build(cls: type, model: nn.Module, layer: object, options: dict) -> tuple[o
     return cls(*args, **constructor), attribute
 
 
+def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``baselines`` with ``x``'s item shape, e.g. one colour per channel ``(1, C, 1, 1)``.
+
+    Captum broadcasts such a baseline for most methods but wants the item
+    shape exactly where it draws from a distribution of baselines
+    (``GradientShap``, ``DeepLiftShap``); a baseline that does not broadcast
+    is left for Captum to name.
+    """
+    if baselines.dim() != x.dim():
+        return baselines
+    try:
+        expanded = baselines.expand(baselines.shape[0], *x.shape[1:])
+    except RuntimeError:
+        return baselines
+    return expanded.to(device=x.device, dtype=x.dtype)
+
+
 @register_prefix("captum")
 @functools.cache
 def captum_method(name: str) -> Method:
@@ -156,6 +186,7 @@ def captum_method(name: str) -> Method:
     ...                sliding_window_shapes=(1, 1, 1))
     """
     cls = _attribution_class(name)
+    required = _required(cls)
 
     def method(
         model: nn.Module,
@@ -170,9 +201,18 @@ def captum_method(name: str) -> Method:
             raise InputError(
                 f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
             )
+        missing = [name for name in required if name not in options]
+        if missing:
+            raise InputError(
+                f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
+                f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python: the "
+                "command line passes no options to Captum"
+            )
         if target is None:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
+        if isinstance(options.get("baselines"), torch.Tensor):
+            options["baselines"] = _broadcast(options["baselines"], x)
         with torch.enable_grad():
             try:
                 attribution = explainer.attribute(
