@@ -232,6 +232,20 @@ def test_theorem1_segment_bound_is_guaranteed_for_softplus():
     torch.testing.assert_close(out["normal_change"], (normals[1] - normals[0]).norm(dim=1))
 
 
+def test_theorem1_of_an_unmoved_float32_image_is_zero():
+    # An attack can leave an image where it was; float32 cannot hold 1e-300.
+    torch.manual_seed(5)
+    net = neurons(torch.randn(3, 4), torch.randn(3))
+    x = torch.randn(2, 4)
+    x_adv = torch.cat([x[:1], x[1:] + 0.3 * torch.randn(1, 4)])
+    out = theorem1_check(net, x, x_adv, beta=2.0, samples=9)
+    alone = theorem1_check(net, x[1:], x_adv[1:], beta=2.0, samples=9)
+    for key in ("normal_change", "distance", "ratio", "segment_bound", "output_change"):
+        assert out[key][0].item() == 0.0, key
+        torch.testing.assert_close(out[key][1:], alone[key], rtol=1e-5, atol=1e-7)
+    assert bool(out["holds"][0]) and 0 < alone["ratio"].item() < float("inf")
+
+
 def test_theorem1_fails_for_relu():
     """Piecewise linear: zero curvature, yet the normal jumps between linear regions."""
     w = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)

@@ -104,6 +104,8 @@ def test_quantus_explain_takes_numpy_bounds_and_seeds():
         ({"softmax": True}, ValueError, "explains logits (pre-softmax)"),
         ({"method": "saliency"}, ValueError, "unknown method 'saliency'"),
         ({"reduce_axes": (0,)}, ValueError, "batch axis 0"),
+        ({"reduce_axes": (-4,)}, ValueError, "batch axis 0"),
+        ({"reduce_axes": (1, 5)}, ValueError, "axis 5, outside the 4 axes of the attributions"),
         ({"xai_lib": "captum"}, TypeError, "unknown option 'xai_lib'"),
     ],
 )

@@ -69,7 +69,7 @@ class _Hessian:
         norm = self.gradient_norm[:, None]
         # Unit normal of the level set; zero where the gradient vanishes, as
         # the level set has no normal there.
-        self.normal = torch.where(norm > 0, self.grad.detach() / norm.clamp_min(1e-300), 0.0)
+        self.normal = torch.where(norm > 0, self.grad.detach() / _nonzero(norm), 0.0)
         # A gradient that does not depend on x (an affine model) has no graph:
         # its Hessian is zero.
         self.linear = not self.grad.requires_grad
@@ -90,12 +90,17 @@ class _Hessian:
     def tangent_operator(self) -> Operator:
         """``v -> P H P v / |grad g|``, the shape operator of the level set."""
         norm = self.gradient_norm[:, None]
-        inverse = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0)
+        inverse = torch.where(norm > 0, 1 / _nonzero(norm), 0.0)
 
         def apply(v: torch.Tensor) -> torch.Tensor:
             return self.tangent(self.hvp(self.tangent(v))) * inverse
 
         return apply
+
+
+def _nonzero(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with zeros raised to the dtype's smallest normal number, to divide by."""
+    return t.clamp_min(torch.finfo(t.dtype).tiny)
 
 
 def _lanczos(
@@ -113,7 +118,7 @@ def _lanczos(
     e.g. after ``rank(H)`` steps.
     """
     batch = start.shape[0]
-    q = start / start.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    q = start / _nonzero(start.norm(dim=1, keepdim=True))
     basis = [q]
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
@@ -144,7 +149,7 @@ def _lanczos(
         done = done | exhausted | (converged if k > 1 else False)
         if bool(done.all()):
             break
-        q = torch.where(exhausted[:, None], 0.0, w / beta[:, None].clamp_min(1e-300))
+        q = torch.where(exhausted[:, None], 0.0, w / _nonzero(beta[:, None]))
         basis.append(q)
         betas.append(torch.where(exhausted, 0.0, beta))
     return estimate
@@ -203,6 +208,7 @@ def curvature(
     seed: int | Sequence[int] = 0,
     probes: int = 10,
     progress: bool = False,
+    data_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Hessian norms and the largest principal curvature of the target logit, batched.
 
@@ -231,6 +237,13 @@ def curvature(
         Rademacher probes of the Frobenius estimate.
     progress : bool
         Show a progress bar over the Lanczos steps.
+    data_range : tuple, optional
+        ``(low, high)`` of the data, per channel (``data.bounds``): measure
+        per unit of each channel's range, as the attack reports its input
+        change, i.e. per pixel value in [0, 1] on normalised data. By default
+        per unit of the model's input, which on normalised data is 1 / std
+        pixel values (gradients then come out std times, Hessians std^2
+        times those per pixel value).
 
     Returns
     -------
@@ -254,8 +267,35 @@ def curvature(
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
     generators = [torch.Generator().manual_seed(s) for s in item_seeds(seed, x.shape[0])]
+    if data_range is not None:
+        model, x = _in_range_units(model, x, data_range)
     with evaluating(model):
         return _curvature(model, x, target_t, iterations, tol, generators, probes, progress)
+
+
+class _FromRange(nn.Module):
+    """``model`` on inputs in units of each channel's range: ``model(low + p * span)``."""
+
+    def __init__(self, model: nn.Module, low: torch.Tensor, span: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.low, self.span = model, low, span
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return self.model(self.low + p * self.span)
+
+
+def _in_range_units(
+    model: nn.Module, x: torch.Tensor, data_range: tuple[object, object]
+) -> tuple[nn.Module, torch.Tensor]:
+    if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
+        raise InputError(
+            f"data_range must be (low, high), e.g. data.bounds; got {type(data_range).__name__}"
+        )
+    low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in data_range)
+    span = high - low
+    if not bool((span > 0).all()):
+        raise InputError("data_range must have high > low in every channel; e.g. data.bounds")
+    return _FromRange(model, low, span), (x - low) / span
 
 
 def theorem1_check(
@@ -356,7 +396,7 @@ def theorem1_check(
                 target_t = model(x).argmax(1)
         direction = (x_adv - x).detach()
         distance = direction.flatten(1).norm(dim=1)
-        unit = direction.flatten(1) / distance[:, None].clamp_min(1e-300)
+        unit = direction.flatten(1) / _nonzero(distance[:, None])
         kappa, speed, ends = [], [], []
         for t in torch.linspace(0, 1, samples, dtype=x.dtype).tolist():
             point = x + t * direction
@@ -376,7 +416,12 @@ def theorem1_check(
         "distance": distance,
         "max_principal_curvature": max_kappa,
         "bound": bound,
-        "ratio": normal_change / bound,
+        # x_adv == x (an attack that did not move an image) changes nothing: ratio 0.
+        "ratio": torch.where(
+            bound > 0,
+            normal_change / _nonzero(bound),
+            torch.where(normal_change > 0, torch.inf, 0.0),
+        ),
         "holds": normal_change <= bound,
         "segment_bound": distance * torch.stack(speed).amax(0),
         "output_change": (g1 - g0).abs(),

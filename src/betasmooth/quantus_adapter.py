@@ -142,11 +142,20 @@ def quantus_explain(
     options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
     attribution = explain(model, x, method, target, **options).detach()
     if reduce_axes:
-        if 0 in tuple(reduce_axes):
+        rank = attribution.dim()
+        axes = tuple(int(a) for a in reduce_axes)
+        outside = [a for a in axes if not -rank <= a < rank]
+        if outside:
+            raise InputError(
+                f"quantus_explain: reduce_axes has axis {outside[0]}, outside the "
+                f"{rank} axes of the attributions; expected axes from 1 to {rank - 1}, e.g. (1,)"
+            )
+        if any(a % rank == 0 for a in axes):
+            # -rank is the batch axis too: summing over it would mix the images.
             raise InputError(
                 "quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)"
             )
-        attribution = attribution.sum(dim=tuple(reduce_axes), keepdim=keepdims)
+        attribution = attribution.sum(dim=axes, keepdim=keepdims)
     if not first and attribution.dim() == 4:
         attribution = attribution.movedim(1, -1)
     return attribution.cpu().numpy()
