@@ -2,9 +2,11 @@
 
 The same architecture family (:func:`betasmooth.photos.photos_cnn`, VGG-style
 ReLU) is trained on the built-in photographs cropped at several sizes, by the
-same recipe (``scripts/train_photos_cnn.py``: plain cross-entropy, seeded),
-and attacked on the first ``--n`` test crops, the target of each being the
-map of another test crop. Two attacks per method:
+same recipe (``scripts/train_photos_cnn.py``'s ``train``: plain cross-entropy,
+seeded; 12 epochs on the data set's 300 crops per photograph, the shipped
+photos-cnn's first recipe, unless ``MODES`` says otherwise), and attacked on
+the first ``--n`` test crops, the target of each being the map of another
+test crop. Two attacks per method:
 
 - ``paper``: the paper's recipe (:data:`betasmooth.attack.ATTACK_DEFAULTS`:
   its weights, learning rate and number of steps, no budget); with ``--steps``
@@ -38,12 +40,12 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
-from betasmooth.photos import COUNTS, SIZE, photo_crops, photos_cnn
+from betasmooth.photos import SIZE, photo_crops, photos_cnn
 from betasmooth.zoo import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_photos_cnn import train  # noqa: E402
+from train_photos_cnn import EPOCHS, PER_PHOTO, train  # noqa: E402
 from training import accuracy  # noqa: E402
 
 # Settings of a full run and of --quick: sizes, training and attack.
@@ -59,7 +61,7 @@ def median(values: torch.Tensor) -> float:
 
 def trained(size: int, epochs: int, per_photo: int, cache: Path, device: str) -> torch.nn.Module:
     """The model for ``size`` pixels, from the cache or trained on ``device`` (and cached)."""
-    if (size, epochs, per_photo) == (SIZE, 12, COUNTS["train"]):
+    if (size, epochs, per_photo) == (SIZE, EPOCHS, PER_PHOTO):
         # The shipped photos-cnn: trained by the same script with these settings.
         return bs.load_model("photos-cnn")
     # Trained on a GPU the weights differ from the CPU's (see train): cached apart.

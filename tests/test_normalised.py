@@ -469,3 +469,30 @@ def test_captum_takes_one_baseline_colour_per_channel(user_files):
         x, baselines=low.expand(1, *x.shape[1:]), target=target, n_samples=3
     )
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_curvature_with_the_data_range_is_per_pixel_value(user_files, tmp_path):
+    net, x, low, high = _normalised_double(user_files)
+    mean, std, _, _ = box()
+    pixels = x * std.double() + mean.double()
+    smoothed = bs.smooth(net, 5.0)
+    ours = bs.curvature(smoothed, x, data_range=(low, high), seed=[0, 1, 2, 3])
+    by_hand = bs.curvature(
+        bs.smooth(torch.nn.Sequential(_Normalise(mean.double(), std.double()), net), 5.0),
+        pixels,
+        seed=[0, 1, 2, 3],
+    )
+    for key in ours:
+        torch.testing.assert_close(ours[key], by_hand[key], rtol=1e-7, atol=1e-12)
+    model_units = bs.curvature(smoothed, x, seed=[0, 1, 2, 3])
+    assert (model_units["gradient_norm"] < 0.5 * ours["gradient_norm"]).all()  # std <= 0.3
+    # The command line measures the same way.
+    model_file, data_file, _ = user_files
+    argv = ["curvature", "--model", f"{model_file}:net", "--data", str(data_file)]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--betas", "5", "-n", "4"]
+    assert main([*argv, "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["units"].startswith("per pixel value in [0, 1]")
+    rows = sorted(read_jsonl(tmp_path / "c" / "results.jsonl"), key=lambda r: r["index"])
+    stored = torch.tensor([r["gradient_norm"] for r in rows], dtype=torch.float64)
+    torch.testing.assert_close(stored, by_hand["gradient_norm"], rtol=1e-4, atol=0)

@@ -271,7 +271,7 @@ def test_theory_numbers_in_page(full_run):
     pcc = page.tables["theory-smoothing-vs-smoothgrad-pcc"]
     assert column(pcc, "Gaussian noise")["5.0"] == pytest.approx(0.9)
     curvature = page.tables["theory-curvature-by-beta"]
-    assert column(curvature, "largest Hessian eigenvalue (logit per input²)")["10.0"] == 1.0
+    assert column(curvature, "largest |Hessian eigenvalue| (logit per input²)")["10.0"] == 1.0
 
 
 def test_theory_section_speaks_plain_words(full_run):

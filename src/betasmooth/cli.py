@@ -1029,7 +1029,13 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     _check_betas(args.betas)
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
-    config = _run_config(args, device, betas=args.betas, iterations=args.iterations)
+    config = _run_config(
+        args,
+        device,
+        betas=args.betas,
+        iterations=args.iterations,
+        units="per pixel value in [0, 1] (per unit of each channel's data range)",
+    )
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.curvature_run(
@@ -1040,7 +1046,9 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             args.betas,
             batch_size=args.batch_size,
             seed=args.seed,
-            options={"iterations": args.iterations},
+            # The attack's unit of input change: on normalised data the
+            # model's own unit is 1 / std pixel values.
+            options={"iterations": args.iterations, "data_range": _bounds(config, x)},
             device=dev,
             dist=dist,
             progress=args.progress,

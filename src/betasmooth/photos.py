@@ -44,8 +44,10 @@ network has not seen must be recognised from colour and texture.
 centimetres away, and no crop could tell the two apart.)
 
 The model ``"photos-cnn"`` (:func:`photos_cnn`) is a VGG-style ReLU network
-trained on the training crops by ``scripts/train_photos_cnn.py`` with plain
-cross-entropy; its weights ship with the package.
+trained by ``scripts/train_photos_cnn.py`` with plain cross-entropy on 2000
+crops per photograph drawn from the training cells as above (the ``"train"``
+split's 300 per photograph are a smaller draw from the same cells); its
+weights ship with the package. Test accuracy 85.8 %.
 """
 
 from __future__ import annotations

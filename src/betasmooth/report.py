@@ -132,7 +132,7 @@ THEORY_TABLES: dict[str, tuple[str, str, dict[str, str]]] = {
         "Curvature of the β-smoothed digits-cnn, medians over images (relu: the network itself)",
         "β",
         {
-            "hessian_norm": "largest Hessian eigenvalue (logit per input²)",
+            "hessian_norm": "largest |Hessian eigenvalue| (logit per input²)",
             "principal_curvature": "principal curvature (per input unit)",
             "hessian_frobenius": "Hessian Frobenius norm (logit per input²)",
             "gradient_norm": "gradient norm (logit per input unit)",
