@@ -122,6 +122,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"captum:DeepLift failed on this model: A Module ReLU\(\) was detected",
     ),
+    "Captum error that prints a tensor": (
+        _explain(plain_cnn, X, "captum:DeepLiftShap", baselines=torch.zeros(1, 1, 16, 16)),
+        InputError,
+        r"^captum:DeepLiftShap failed on this model: Baselines .* found: tensor\(\.\.\.\)$",
+    ),
     "manipulate a Captum method": (
         lambda tmp: bs.manipulate(plain_cnn(), X, _targets(X), "captum:Saliency", steps=2),
         InputError,

@@ -225,6 +225,11 @@ def captum_method(name: str) -> Method:
                 if "out of memory" in text.lower():
                     raise
                 first = text.splitlines()[0] if text else type(err).__name__
+                # Captum prints whole tensors into some messages.
+                if "tensor(" in first:
+                    first = first[: first.index("tensor(")] + "tensor(...)"
+                if len(first) > 240:
+                    first = first[:240].rstrip() + " ..."
                 raise InputError(f"captum:{name} failed on this model: {first}") from err
         return attribution.detach()
 
