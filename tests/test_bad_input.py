@@ -162,6 +162,16 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"Sequential returns NaN or inf on 2 items of x; expected finite logits",
     ),
+    "curvature with one bound as data_range": (
+        lambda tmp: bs.curvature(plain_cnn(), X, data_range=(1.0,)),
+        InputError,
+        r"^data_range must be \(low, high\), e.g. data.bounds; got tuple \(1.0,\)$",
+    ),
+    "curvature with high below low": (
+        lambda tmp: bs.curvature(plain_cnn(), X, data_range=(1.0, 0.0)),
+        InputError,
+        r"^data_range must have high > low in every channel",
+    ),
     "curvature with NaN weights": (
         lambda tmp: bs.curvature(_nan_weights(), X, iterations=2),
         InputError,

@@ -289,7 +289,8 @@ def _in_range_units(
 ) -> tuple[nn.Module, torch.Tensor]:
     if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
         raise InputError(
-            f"data_range must be (low, high), e.g. data.bounds; got {type(data_range).__name__}"
+            f"data_range must be (low, high), e.g. data.bounds; got {type(data_range).__name__} "
+            f"{repr(data_range)[:60]}"
         )
     low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in data_range)
     span = high - low
