@@ -165,10 +165,12 @@ def test_an_item_gets_the_numbers_it_gets_alone():
         torch.testing.assert_close(four[key][:2], value, rtol=1e-12, atol=0)
 
 
-def test_curvature_restores_training_mode():
-    net = plain_cnn().train()
-    curvature(net, torch.rand(2, 1, 16, 16))
-    assert net.training
+@pytest.mark.parametrize("data_range", [None, (0.0, 1.0)])
+@pytest.mark.parametrize("training", [True, False])
+def test_curvature_restores_training_mode(training, data_range):
+    net = plain_cnn().train(training)
+    curvature(net, torch.rand(2, 1, 16, 16), data_range=data_range)
+    assert all(m.training == training for m in net.modules())
 
 
 @pytest.mark.parametrize(

@@ -201,7 +201,7 @@ def captum_method(name: str) -> Method:
             raise InputError(
                 f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
             )
-        missing = [name for name in required if name not in options]
+        missing = [option for option in required if option not in options]
         if missing:
             raise InputError(
                 f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
