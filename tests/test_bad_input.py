@@ -167,6 +167,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"^data_range must be \(low, high\), e.g. data.bounds; got tuple \(1.0,\)$",
     ),
+    "curvature with per-channel bounds as a vector": (
+        lambda tmp: bs.curvature(plain_cnn(), X, data_range=(torch.zeros(1), torch.ones(1))),
+        InputError,
+        r"^data_range bounds must be numbers or shaped like data.bounds, \(1, C, 1, 1\); got",
+    ),
     "curvature with high below low": (
         lambda tmp: bs.curvature(plain_cnn(), X, data_range=(1.0, 0.0)),
         InputError,

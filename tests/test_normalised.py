@@ -14,6 +14,7 @@ import betasmooth as bs
 from betasmooth.attack import default_weights
 from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
+from betasmooth.explain import range_options
 from betasmooth.recommend import format_summary, recommend_beta
 from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError
@@ -431,11 +432,11 @@ def test_cli_integrated_gradients_start_from_black_on_normalised_data(user_files
 def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_path):
     # Captum's default baseline 0 is the mean colour of normalised data; the
     # command line gives its methods the black image, as integrated_gradients.
-    from captum.attr import IntegratedGradients
+    from captum.attr import FeatureAblation, IntegratedGradients
 
     model_file, data_file, _ = user_files
     out = tmp_path / "run"
-    methods = ["integrated_gradients", "captum:IntegratedGradients"]
+    methods = ["integrated_gradients", "captum:IntegratedGradients", "captum:FeatureAblation"]
     _explain_normalised(model_file, data_file, ",".join(methods), out)
     maps = {}
     for method in methods:
@@ -445,14 +446,25 @@ def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_
     target = net(x).argmax(1)
     _, _, low, _ = box()
 
-    def stored(baselines):
-        a = IntegratedGradients(net).attribute(x, baselines=baselines, target=target, n_steps=50)
+    def stored(baselines, explainer=IntegratedGradients, **options):
+        a = explainer(net).attribute(x, baselines=baselines, target=target, **options)
         return (a.abs().sum(1) / a.abs().sum((1, 2, 3)).view(-1, 1, 1)).detach().numpy()
 
-    black = stored(low.double().expand(1, *x.shape[1:]))
+    black = stored(low.double().expand(1, *x.shape[1:]), n_steps=50)
     np.testing.assert_allclose(maps["captum:IntegratedGradients"], black, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(maps["integrated_gradients"], black, rtol=1e-4, atol=1e-7)
-    assert np.abs(stored(0.0) - black).max() > 1e-2  # the mean colour: another map
+    assert np.abs(stored(0.0, n_steps=50) - black).max() > 1e-2  # the mean colour: another map
+    # FeatureAblation takes **kwargs too, so its options are not listed: still black.
+    ablated = stored(low.double().expand(1, *x.shape[1:]), FeatureAblation)
+    np.testing.assert_allclose(maps["captum:FeatureAblation"], ablated, rtol=1e-4, atol=1e-7)
+    assert np.abs(stored(0.0, FeatureAblation) - ablated).max() > 1e-2
+    # Only methods that take baselines get them.
+    assert set(range_options(low, 1.0, ["gradient", "lrp", "captum:Saliency", *methods])) == {
+        "lrp",
+        "smoothgrad",
+        "integrated_gradients",
+        *methods[1:],
+    }
 
 
 def test_captum_takes_one_baseline_colour_per_channel(user_files):
@@ -463,7 +475,8 @@ def test_captum_takes_one_baseline_colour_per_channel(user_files):
     net, x, low, _ = _normalised_double(user_files)
     target = net(x).argmax(1)
     torch.manual_seed(0), np.random.seed(0)
-    ours = bs.explain(net, x, "captum:GradientShap", target, baselines=low, n_samples=3)
+    # (C, 1, 1) in float32 on float64 images: one item, in the images' dtype.
+    ours = bs.explain(net, x, "captum:GradientShap", target, baselines=low[0].float(), n_samples=3)
     torch.manual_seed(0), np.random.seed(0)
     theirs = GradientShap(net).attribute(
         x, baselines=low.expand(1, *x.shape[1:]), target=target, n_samples=3
@@ -484,6 +497,18 @@ def test_curvature_with_the_data_range_is_per_pixel_value(user_files, tmp_path):
     )
     for key in ours:
         torch.testing.assert_close(ours[key], by_hand[key], rtol=1e-7, atol=1e-12)
+    # Theorem 1's check measures the same way, distances included.
+    from betasmooth.geometry import theorem1_check
+
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    x_adv = x + 0.05 * noise
+    check = theorem1_check(net, x, x_adv, beta=5.0, samples=3, data_range=(low, high))
+    pixel_net = torch.nn.Sequential(_Normalise(mean.double(), std.double()), net)
+    expected = theorem1_check(
+        pixel_net, pixels, x_adv * std.double() + mean.double(), beta=5.0, samples=3
+    )
+    for key in check:
+        torch.testing.assert_close(check[key], expected[key], rtol=1e-7, atol=1e-12)
     model_units = bs.curvature(smoothed, x, seed=[0, 1, 2, 3])
     assert (model_units["gradient_norm"] < 0.5 * ours["gradient_norm"]).all()  # std <= 0.3
     # The command line measures the same way.

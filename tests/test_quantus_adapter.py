@@ -106,6 +106,8 @@ def test_quantus_explain_takes_numpy_bounds_and_seeds():
         ({"reduce_axes": (0,)}, ValueError, "batch axis 0"),
         ({"reduce_axes": (-4,)}, ValueError, "batch axis 0"),
         ({"reduce_axes": (1, 5)}, ValueError, "axis 5, outside the 4 axes of the attributions"),
+        ({"reduce_axes": (1, -3)}, ValueError, "names an axis twice: (1, -3)"),
+        ({"reduce_axes": (1.5,)}, TypeError, "reduce_axes must hold integers, e.g. (1,); got"),
         ({"xai_lib": "captum"}, TypeError, "unknown option 'xai_lib'"),
     ],
 )

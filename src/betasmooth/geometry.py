@@ -268,7 +268,7 @@ def curvature(
         raise InputError(f"tol must be a number >= 0; got {tol!r}")
     generators = [torch.Generator().manual_seed(s) for s in item_seeds(seed, x.shape[0])]
     if data_range is not None:
-        model, x = _in_range_units(model, x, data_range)
+        model, x = _in_range_units(model, data_range, x)
     with evaluating(model):
         return _curvature(model, x, target_t, iterations, tol, generators, probes, progress)
 
@@ -287,18 +287,25 @@ class _FromRange(nn.Module):
 
 
 def _in_range_units(
-    model: nn.Module, x: torch.Tensor, data_range: tuple[object, object]
-) -> tuple[nn.Module, torch.Tensor]:
+    model: nn.Module, data_range: tuple[object, object], x: torch.Tensor, *more: torch.Tensor
+) -> tuple[nn.Module, ...]:
+    """The model on inputs per unit of each channel's range, and ``x`` (and ``more``) in them."""
     if not isinstance(data_range, (tuple, list)) or len(data_range) != 2:
         raise InputError(
             f"data_range must be (low, high), e.g. data.bounds; got {type(data_range).__name__} "
             f"{repr(data_range)[:60]}"
         )
     low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in data_range)
+    if any(b.dim() not in (0, x.dim()) for b in (low, high)):
+        # A (C,) vector would meet the last axis, the width, not the channels.
+        raise InputError(
+            f"data_range bounds must be numbers or shaped like data.bounds, (1, C, 1, 1); got "
+            f"shapes {tuple(low.shape)} and {tuple(high.shape)}"
+        )
     span = high - low
     if not bool((span > 0).all()):
         raise InputError("data_range must have high > low in every channel; e.g. data.bounds")
-    return _FromRange(model, low, span), (x - low) / span
+    return (_FromRange(model, low, span), *((v - low) / span for v in (x, *more)))
 
 
 def theorem1_check(
@@ -311,6 +318,7 @@ def theorem1_check(
     samples: int = 8,
     iterations: int = 20,
     seed: int = 0,
+    data_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Check the curvature bound on the change of the normalised gradient, on pairs.
 
@@ -365,6 +373,9 @@ def theorem1_check(
         Lanczos steps per curvature estimate.
     seed : int
         Seed of the Lanczos start vectors.
+    data_range : tuple, optional
+        ``(low, high)`` of the data (``data.bounds``): distances and
+        curvatures per unit of each channel's range, as :func:`curvature`.
 
     Returns
     -------
@@ -392,6 +403,8 @@ def theorem1_check(
     check_count("iterations", iterations)
     if beta is not None:
         model = smooth(model, beta)
+    if data_range is not None:
+        model, x, x_adv = _in_range_units(model, data_range, x, x_adv)
     generator = torch.Generator().manual_seed(seed)
     with evaluating(model):
         if target_t is None:

@@ -143,6 +143,12 @@ def quantus_explain(
     attribution = explain(model, x, method, target, **options).detach()
     if reduce_axes:
         rank = attribution.dim()
+        if not all(isinstance(a, (int, np.integer)) for a in reduce_axes) or any(
+            isinstance(a, bool) for a in reduce_axes
+        ):
+            raise InputTypeError(
+                f"quantus_explain: reduce_axes must hold integers, e.g. (1,); got {reduce_axes!r}"
+            )
         axes = tuple(int(a) for a in reduce_axes)
         outside = [a for a in axes if not -rank <= a < rank]
         if outside:
@@ -154,6 +160,10 @@ def quantus_explain(
             # -rank is the batch axis too: summing over it would mix the images.
             raise InputError(
                 "quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)"
+            )
+        if len({a % rank for a in axes}) < len(axes):
+            raise InputError(
+                f"quantus_explain: reduce_axes names an axis twice: {axes}; expected e.g. (1,)"
             )
         attribution = attribution.sum(dim=axes, keepdim=keepdims)
     if not first and attribution.dim() == 4:

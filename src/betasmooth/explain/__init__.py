@@ -208,9 +208,10 @@ def range_options(
     LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
     ``high - low``, and integrated gradients starts from ``low``: the black
     image, as zero is on [0, 1] data (on normalised data zero is the mean
-    colour). So does every ``captum:NAME`` among ``methods`` whose
-    ``attribute`` takes ``baselines`` (``IntegratedGradients``, ``DeepLift``,
-    ``GradientShap``, ``Occlusion``, ...), whose default baseline is 0 too.
+    colour). So does every method among ``methods`` whose attribute
+    ``takes_baselines`` is true: each ``captum:NAME`` whose ``attribute``
+    takes ``baselines`` (``IntegratedGradients``, ``DeepLift``,
+    ``GradientShap``, ``FeatureAblation``, ...), whose default baseline is 0 too.
     The runs of :mod:`betasmooth.runs` (the command line) take them all as
     ``method_options``; :func:`~betasmooth.manipulate`,
     :func:`~betasmooth.defense_sweep` and :func:`~betasmooth.calibrate_beta`
@@ -229,7 +230,7 @@ def range_options(
         "integrated_gradients": {"baseline": low},
     }
     for method in methods:
-        if "baselines" in (getattr(_lookup(method), "accepted_options", None) or ()):
+        if getattr(_lookup(method), "takes_baselines", False):
             options[method] = {"baselines": low}
     return options
 

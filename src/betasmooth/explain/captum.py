@@ -137,20 +137,23 @@ def _build(cls: type, model: nn.Module, layer: object, options: dict) -> tuple[o
 
 
 def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``baselines`` with ``x``'s item shape, e.g. one colour per channel ``(1, C, 1, 1)``.
+    """``baselines`` on ``x``'s device and dtype, with its item shape.
 
-    Captum broadcasts such a baseline for most methods but wants the item
-    shape exactly where it draws from a distribution of baselines
-    (``GradientShap``, ``DeepLiftShap``); a baseline that does not broadcast
-    is left for Captum to name.
+    One colour per channel, ``(1, C, 1, 1)`` or ``(C, 1, 1)``, becomes
+    ``(1, C, H, W)``: Captum broadcasts such a baseline for most methods but
+    wants the item shape exactly where it draws from a distribution of
+    baselines (``GradientShap``, ``DeepLiftShap``). A baseline that does not
+    broadcast is left for Captum to name.
     """
+    baselines = baselines.to(device=x.device, dtype=x.dtype)
+    if 0 < baselines.dim() < x.dim():
+        baselines = baselines.reshape(1, *baselines.shape)
     if baselines.dim() != x.dim():
         return baselines
     try:
-        expanded = baselines.expand(baselines.shape[0], *x.shape[1:])
+        return baselines.expand(baselines.shape[0], *x.shape[1:])
     except RuntimeError:
         return baselines
-    return expanded.to(device=x.device, dtype=x.dtype)
 
 
 @register_prefix("captum")
@@ -206,7 +209,7 @@ def captum_method(name: str) -> Method:
             raise InputError(
                 f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
                 f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python: the "
-                "command line passes no options to Captum"
+                "command line passes Captum only baselines"
             )
         if target is None:
             target = predict(model, x)
@@ -234,6 +237,8 @@ def captum_method(name: str) -> Method:
         return attribution.detach()
 
     method.accepted_options = _accepted_options(cls)
+    # Input-space baselines (default 0): range_options gives them the data's black.
+    method.takes_baselines = "baselines" in inspect.signature(cls.attribute).parameters
     method.__name__ = f"captum_{name}"
     method.__doc__ = f"captum.attr.{name} on the model; options go to its constructor or attribute."
     return method
