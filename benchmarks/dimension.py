@@ -40,12 +40,12 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
-from betasmooth.photos import SIZE, photo_crops, photos_cnn
+from betasmooth.photos import photo_crops, photos_cnn
 from betasmooth.zoo import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_photos_cnn import EPOCHS, PER_PHOTO, train  # noqa: E402
+from train_photos_cnn import train  # noqa: E402
 from training import accuracy  # noqa: E402
 
 # Settings of a full run and of --quick: sizes, training and attack.
@@ -61,9 +61,6 @@ def median(values: torch.Tensor) -> float:
 
 def trained(size: int, epochs: int, per_photo: int, cache: Path, device: str) -> torch.nn.Module:
     """The model for ``size`` pixels, from the cache or trained on ``device`` (and cached)."""
-    if (size, epochs, per_photo) == (SIZE, EPOCHS, PER_PHOTO):
-        # The shipped photos-cnn: trained by the same script with these settings.
-        return bs.load_model("photos-cnn")
     # Trained on a GPU the weights differ from the CPU's (see train): cached apart.
     where = "" if device == "cpu" else f"_{device}"
     path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp{where}.pt"
