@@ -59,6 +59,32 @@ def _option_tensor(value: object, dtype: torch.dtype, device: torch.device) -> o
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def _reduce_axes(reduce_axes: Sequence[object], rank: int) -> tuple[int, ...]:
+    """``reduce_axes`` checked against attributions of ``rank`` axes: integers, each once,
+    inside them and never the batch axis (0, or ``-rank``, which would mix the images)."""
+    if not all(isinstance(a, (int, np.integer)) for a in reduce_axes) or any(
+        isinstance(a, bool) for a in reduce_axes
+    ):
+        raise InputTypeError(
+            f"quantus_explain: reduce_axes must hold integers, e.g. (1,); got {reduce_axes!r}"
+        )
+    axes = tuple(int(a) for a in reduce_axes)
+    outside = [a for a in axes if not -rank <= a < rank]
+    if outside:
+        raise InputError(
+            f"quantus_explain: reduce_axes has axis {outside[0]}, outside the "
+            f"{rank} axes of the attributions; expected axes from 1 to {rank - 1}, e.g. (1,)"
+        )
+    positive = [a % rank for a in axes]
+    if 0 in positive:
+        raise InputError("quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)")
+    if len(set(positive)) < len(axes):
+        raise InputError(
+            f"quantus_explain: reduce_axes names an axis twice: {axes}; expected e.g. (1,)"
+        )
+    return axes
+
+
 def _model_place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         # Quantus' own explain puts the model on the requested device too.
@@ -142,29 +168,7 @@ def quantus_explain(
     options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
     attribution = explain(model, x, method, target, **options).detach()
     if reduce_axes:
-        rank = attribution.dim()
-        if not all(isinstance(a, (int, np.integer)) for a in reduce_axes) or any(
-            isinstance(a, bool) for a in reduce_axes
-        ):
-            raise InputTypeError(
-                f"quantus_explain: reduce_axes must hold integers, e.g. (1,); got {reduce_axes!r}"
-            )
-        axes = tuple(int(a) for a in reduce_axes)
-        outside = [a for a in axes if not -rank <= a < rank]
-        if outside:
-            raise InputError(
-                f"quantus_explain: reduce_axes has axis {outside[0]}, outside the "
-                f"{rank} axes of the attributions; expected axes from 1 to {rank - 1}, e.g. (1,)"
-            )
-        if any(a % rank == 0 for a in axes):
-            # -rank is the batch axis too: summing over it would mix the images.
-            raise InputError(
-                "quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)"
-            )
-        if len({a % rank for a in axes}) < len(axes):
-            raise InputError(
-                f"quantus_explain: reduce_axes names an axis twice: {axes}; expected e.g. (1,)"
-            )
+        axes = _reduce_axes(reduce_axes, attribution.dim())
         attribution = attribution.sum(dim=axes, keepdim=keepdims)
     if not first and attribution.dim() == 4:
         attribution = attribution.movedim(1, -1)
