@@ -853,3 +853,83 @@ def test_a_captum_method_missing_an_option_ends_in_one_line_and_keeps_finished_m
     expected = (ig.abs().sum(1) / ig.abs().sum((1, 2, 3)).view(-1, 1, 1)).numpy()
     # A float32 run of 50 gradients against float64: 1e-4 of the map's largest value.
     np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-4 * expected.max())
+
+
+EXPLAIN = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+
+
+def test_option_gives_captum_its_options_and_resume_compares_them(tmp_path, capsys):
+    from captum.attr import Occlusion
+
+    out = tmp_path / "run"
+    given = ["--option", "captum:Occlusion.sliding_window_shapes=(1,8,8)"]
+    given += ["--option", "captum:Occlusion.strides=4"]
+    argv = [*EXPLAIN, "--method", "captum:Occlusion", *given, "--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["options"] == {
+        "captum:Occlusion": {"sliding_window_shapes": [1, 8, 8], "strides": 4}
+    }
+    with np.load(out / "arrays" / "captum:Occlusion-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["map"]
+    net = bs.load_model("digits-cnn")
+    occ = Occlusion(net).attribute(
+        x, target=net(x).argmax(1), sliding_window_shapes=(1, 8, 8), strides=4
+    )
+    expected = (occ.abs().sum(1) / occ.abs().sum((1, 2, 3)).view(-1, 1, 1)).numpy()
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-6 * expected.max())
+    # The stored lists equal the tuples given again; another value is another run.
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    argv[argv.index("captum:Occlusion.strides=4")] = "captum:Occlusion.strides=2"
+    assert main([*argv, "--resume"]) == 2
+    assert "--resume with a different setting: options is" in capsys.readouterr().err
+
+
+def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
+    from betasmooth.cli import _attack_options
+
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "integrated_gradients", "-n", "2", "--steps", "2"]
+    assert main([*argv, "--option", "integrated_gradients.steps=4", "--out", str(out)]) == 0
+    with np.load(out / "arrays" / "integrated_gradients-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["map_orig"]
+    net = bs.load_model("digits-cnn")
+    four, default = (
+        bs.heatmap(bs.explain(net, x, "integrated_gradients", steps=s)).numpy() for s in (4, 30)
+    )
+    np.testing.assert_allclose(stored, four, rtol=0, atol=1e-7)
+    assert np.abs(stored - default).max() > 1e-4
+    # The sweep explains with the options the run attacked with.
+    config = json.loads((out / "config.json").read_text())
+    bounds = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    assert _attack_options(config, bounds)["integrated_gradients"]["steps"] == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "message"),
+    [
+        ("gradient", "gradient", r"argument --option: expected METHOD.NAME=VALUE, e.g. "),
+        ("gradient", "gradient.x y=1", r"expected METHOD.NAME=VALUE"),
+        ("gradient", "gradient.abs=(1,", r"expected VALUE to be a number, a word, True/False"),
+        ("gradient", "gradient.zzz=1", r"unknown option 'zzz' for method 'gradient'"),
+        ("gradient", "lrp.composite=epsilon_plus", r"lrp is not among --method \(gradient\)"),
+        ("lrp", "lrp.composite=nonsense", r"unknown lrp composite 'nonsense'"),
+        ("beta_smooth", "beta_smooth.beta=1|--beta|2", r"--beta and --option beta_smooth.beta"),
+        ("gradient", "gradient.zzz=1|--option|gradient.zzz=2", r"gradient.zzz is given twice"),
+    ],
+)
+def test_a_bad_option_is_one_line_before_any_run(tmp_path, capsys, method, option, message):
+    import re
+
+    out = tmp_path / "run"
+    first, *more = option.split("|")
+    try:
+        status = main([*EXPLAIN, "--method", method, "--option", first, *more, "--out", str(out)])
+    except SystemExit as stop:  # argparse's own errors
+        status = stop.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not out.exists()

@@ -14,8 +14,10 @@ Examples
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -33,7 +35,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, resolve_device
-from .explain import METHODS, range_options
+from .explain import METHODS, check_model, range_options
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
@@ -221,6 +223,38 @@ def _fraction(text: str) -> float:
     return value
 
 
+OPTION_FORM = "METHOD.NAME=VALUE, e.g. captum:Occlusion.sliding_window_shapes=(3,8,8)"
+
+
+def _option(text: str) -> tuple[str, str, object]:
+    """``METHOD.NAME=VALUE``: one option of one method; VALUE a Python literal or a word."""
+    key, equals, value = text.partition("=")
+    method, dot, name = key.strip().rpartition(".")
+    if not (equals and dot and method and name.isidentifier() and value.strip()):
+        raise argparse.ArgumentTypeError(f"expected {OPTION_FORM}; got {text!r}")
+    try:
+        parsed = _plain(ast.literal_eval(value.strip()))
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        # A bare word is a name (composite=epsilon_plus, base=captum:Saliency);
+        # anything with brackets or quotes was meant as a literal.
+        if re.fullmatch(r"[\w:.+-]+", value.strip()) is None:
+            raise argparse.ArgumentTypeError(
+                f"expected VALUE to be a number, a word, True/False/None or a tuple of "
+                f"numbers; got {value.strip()!r} in {text!r}"
+            ) from None
+        parsed = value.strip()
+    return method, name, parsed
+
+
+def _plain(value: object) -> object:
+    """``value`` if JSON can hold it, with every list a tuple (as Captum wants shapes)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    raise TypeError(value)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, ``PROG: error: ...``, and exit status 2."""
 
@@ -338,6 +372,18 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
         "--resume", action="store_true", help="continue the run in --out (default: a new run)"
     )
     _add_progress(p)
+
+
+def _add_method_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        metavar="METHOD.NAME=VALUE",
+        help="an option of one --method, as in Python: integrated_gradients.steps=100, "
+        "captum:Occlusion.sliding_window_shapes=(3,8,8), lrp.composite=epsilon_plus "
+        "(repeatable; default: the method's own)",
+    )
 
 
 def _add_save_attributions(p: argparse.ArgumentParser) -> None:
@@ -535,6 +581,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
         help="targeted: towards the map of another image; topk: move the map off its top "
         "10%% pixels; center: move its centre of mass (default targeted)",
     )
+    _add_method_option(p)
     _add_save_attributions(p)
     _add_run(p)
 
@@ -575,6 +622,7 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
         help="beta of beta_smooth, or auto: calibrated on a few held-out images "
         "(default: the method's own, 1.0)",
     )
+    _add_method_option(p)
     _add_run(p)
 
 
@@ -719,6 +767,52 @@ def _classes(settings: Mapping[str, object]) -> list[str] | None:
     return categories(model) if is_pretrained(model) else None
 
 
+def _given_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """``--option`` as ``{method: {name: value}}``; an option given twice is refused."""
+    given: dict[str, dict[str, object]] = {}
+    for method, name, value in args.option or ():
+        if name in given.setdefault(method, {}):
+            raise InputError(f"--option {method}.{name} is given twice; expected each option once")
+        given[method][name] = value
+    if getattr(args, "beta", None) is not None and "beta" in given.get("beta_smooth", {}):
+        raise InputError(
+            "--beta and --option beta_smooth.beta both give beta_smooth's beta; expected one"
+        )
+    return given
+
+
+def _stored(given: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]] | None:
+    """``given`` as ``config.json`` holds it (tuples as lists), so that --resume compares alike."""
+    return json.loads(json.dumps(given)) if given else None
+
+
+def _with_given(
+    options: dict[str, dict[str, object]],
+    given: Mapping[str, Mapping[str, object]] | None,
+    methods: Sequence[str],
+) -> dict[str, dict[str, object]]:
+    """``options`` with the options given on the command line (or stored) put over them."""
+    for method, chosen in (given or {}).items():
+        if method not in methods:
+            raise InputError(
+                f"--option {method}.{next(iter(chosen))}: {method} is not among --method "
+                f"({', '.join(methods)}); expected an option of one of them"
+            )
+        options[method] = {**options.get(method, {}), **{k: _plain(v) for k, v in chosen.items()}}
+    return options
+
+
+def _set_beta(options: dict[str, dict[str, object]], beta: float) -> None:
+    """Put ``--beta`` into beta_smooth's options, next to those ``--option`` gives."""
+    options["beta_smooth"] = {**options.get("beta_smooth", {}), "beta": beta}
+
+
+def _check_given(model: torch.nn.Module, given: Mapping[str, Mapping[str, object]]) -> None:
+    """Name an option no method takes before any work (a run filters its options later)."""
+    for method, chosen in given.items():
+        check_model(model, method, **chosen)
+
+
 def _beta_value(text: str, auto: bool = False) -> float | str:
     if auto and text == "auto":
         return text
@@ -809,6 +903,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
     methods = methods or runs.attack_methods(args.method)
+    given = _given_options(args)
     config = _run_config(
         args,
         device,
@@ -817,13 +912,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
         goal=args.goal,
         beta=args.beta,
         save_attributions=args.save_attributions,
+        options=_stored(given),
     )
     bounds = _bounds(config, x)
-    options = range_options(*bounds)
+    options = _with_given(range_options(*bounds), given, methods)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
-        options["beta_smooth"] = {"beta": args.beta}
+        _set_beta(options, args.beta)
+    _check_given(model, given)
     runs.check_methods(model, methods, options)
     if args.goal == "targeted":
         derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
@@ -866,9 +963,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, x, y = inputs = _load_images(args)
     methods = methods or runs.explain_methods(args.method)
-    config = _run_config(args, device, methods=methods, save_attributions=args.save_attributions)
+    given = _given_options(args)
+    config = _run_config(
+        args,
+        device,
+        methods=methods,
+        save_attributions=args.save_attributions,
+        options=_stored(given),
+    )
     bounds = _bounds(config, x)
-    options = range_options(*bounds, methods=methods)
+    options = _with_given(range_options(*bounds, methods=methods), given, methods)
+    _check_given(model, given)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
@@ -876,7 +981,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         config.update(beta=args.beta, beta_smooth_beta=beta)
         if calibration is not None:
             config["beta_auto"] = calibration
-        options["beta_smooth"] = {"beta": beta}
+        _set_beta(options, beta)
     runs.check_methods(model, methods, options)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -972,8 +1077,9 @@ def _check_betas(betas: Sequence[float | None]) -> None:
 def _attack_options(
     config: Mapping[str, object], bounds: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, dict[str, object]]:
-    """The method options a run attacked with: the data's range, and the demo's smaller sizes."""
-    options = range_options(*bounds)
+    """The method options a run attacked with: the data's range, its --option, and the demo's
+    smaller sizes."""
+    options = _with_given(range_options(*bounds), config.get("options"), config.get("methods", ()))
     # Inside an attack every step pays for all samples of SmoothGrad and all
     # points of integrated gradients: the demo takes fewer of both, and its
     # sweep must explain with the same.

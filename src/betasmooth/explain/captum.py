@@ -208,8 +208,8 @@ def captum_method(name: str) -> Method:
         if missing:
             raise InputError(
                 f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
-                f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python: the "
-                "command line passes Captum only baselines"
+                f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python, or "
+                f"--option captum:{name}.{missing[0]}=... on the command line"
             )
         if target is None:
             target = predict(model, x)

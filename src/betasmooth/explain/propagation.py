@@ -620,7 +620,14 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 @register_check("lrp")
-def _check_lrp(model: nn.Module, **options: object) -> None:
+def _check_lrp(
+    model: nn.Module,
+    *,
+    composite: object = "epsilon_plus_box",
+    gamma: object = 0.25,
+    **options: object,
+) -> None:
+    _composite(composite, gamma)
     lrp_graph(model)
 
 
