@@ -26,6 +26,39 @@ def test_input_x_gradient_is_captum(net, x):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
 
 
+def test_input_x_gradient_without_create_graph_is_a_value_like_every_map(x):
+    # On an x that requires grad, a map with half its graph (x's, not the
+    # gradient's) would give a wrong derivative without a word: it has none.
+    net = _smooth_net()
+    x = x.clone().requires_grad_(True)
+    for method in ("gradient", "input_x_gradient"):
+        assert not bs.explain(net, x, method, TARGET).requires_grad
+    # With create_graph, its derivative is the whole one: finite differences.
+    point = x[:1].detach()
+    h = 1e-6
+    direction = torch.randn(
+        point.shape, dtype=point.dtype, generator=torch.Generator().manual_seed(0)
+    )
+
+    def total(p: torch.Tensor) -> torch.Tensor:
+        return bs.explain(net, p, "input_x_gradient", 3, create_graph=True).sum()
+
+    p = point.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(total(p), p)
+    numeric = (total(point + h * direction) - total(point - h * direction)) / (2 * h)
+    torch.testing.assert_close((grad * direction).sum(), numeric, rtol=1e-6, atol=1e-9)
+
+
+def _smooth_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 16, 6),
+        torch.nn.Softplus(2.0),
+        torch.nn.Linear(6, 5),
+    ).double()
+
+
 @pytest.mark.parametrize("rule", sorted(QUADRATURE_RULES))
 def test_quadrature_is_captum(rule):
     weights, alphas = approximation_parameters(rule)

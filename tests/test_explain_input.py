@@ -160,6 +160,22 @@ def test_mode_is_restored_and_eval_is_used(x, method):
     assert not any(m.training for m in evaluated.modules())
 
 
+def test_each_module_gets_its_own_mode_back(x):
+    # Fine-tuning freezes BatchNorm (eval) inside a model in training: it stays frozen.
+    net = residual_net().train()
+    frozen = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert frozen
+    for module in frozen:
+        module.eval()
+    modes = {name: m.training for name, m in net.named_modules()}
+    bs.explain(net, x, "lrp", 1)
+    bs.manipulate(
+        net, x, bs.heatmap(bs.explain(net, x.flip(0), "gradient", 1)), "gradient", steps=1
+    )
+    bs.curvature(net, x[:1], 1, iterations=1)
+    assert {name: m.training for name, m in net.named_modules()} == modes
+
+
 def test_mode_and_relu_are_restored_when_the_method_raises(x):
     net = residual_net()
     before = net(x)

@@ -290,6 +290,31 @@ def test_heatmap_of_tiny_or_huge_values_sums_to_one(scale):
     torch.testing.assert_close(maps, heatmap(e))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "value", "reduction"),
+    [
+        (torch.float16, 1.0, "abs_sum"),  # sums to 150528 > 65504 at 224 px
+        (torch.bfloat16, 1.0, "abs_sum"),
+        (torch.float32, 1e36, "abs_sum"),
+        (torch.float32, 3e38, "abs_sum"),  # the channel sum itself overflows
+        (torch.float32, 1e20, "l2"),  # the squares overflow
+        (torch.float32, 1e36, "sum"),
+    ],
+)
+def test_heatmap_near_the_dtype_largest_value_is_still_the_map(dtype, value, reduction):
+    e = torch.rand(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    e[1] = 1.0  # the uniform map: 1 / 50176 in every pixel
+    expected = heatmap(e, reduction=reduction)
+    maps = heatmap((e * value).to(dtype), reduction=reduction)
+    assert maps.dtype == dtype
+    # float16 keeps 11 bits: the values 1e-5 are held to about 1e-8.
+    atol = {torch.float16: 2e-8, torch.bfloat16: 2e-7}.get(dtype, 1e-11)
+    torch.testing.assert_close(maps.double(), expected, rtol=1e-2, atol=atol)
+    torch.testing.assert_close(
+        maps[1].double().sum(), torch.tensor(1.0).double(), rtol=1e-2, atol=0
+    )
+
+
 def test_heatmap_derivative_at_an_all_zero_map_is_zero():
     # The attack differentiates through heatmap: an all-zero map must not give 0 / 0.
     zero = torch.zeros(1, 3, 4, 4, requires_grad=True)

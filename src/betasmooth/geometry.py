@@ -279,7 +279,7 @@ class _FromRange(nn.Module):
     def __init__(self, model: nn.Module, low: torch.Tensor, span: torch.Tensor) -> None:
         super().__init__()
         self.model, self.low, self.span = model, low, span
-        # evaluating() gives the wrapper's mode back to the model afterwards.
+        # evaluating() gives every module, the wrapper included, its own mode back.
         self.training = model.training
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:

@@ -147,14 +147,30 @@ def heatmap(
         raise InputError(
             f"explanation must have shape (B, C, H, W); got {tuple(explanation.shape)}"
         )
-    h = reduce(explanation)
-    # Only the signed reduction needs |.|; the others keep the plain sum, whose
-    # derivative the attack has always used.
-    total = (h.abs() if reduction == "sum" else h).sum(dim=(1, 2), keepdim=True)
+    dtype = explanation.dtype
+    if torch.finfo(dtype).bits < 32:
+        # float16 overflows at 65504: the sum of an ordinary 224 x 224 map.
+        explanation = explanation.float()
+    h, total = _reduced(explanation, reduce, reduction)
+    if not bool(torch.isfinite(total).all()):
+        # Values near the dtype's largest overflow in the sum (or l2's squares);
+        # the map does not depend on the scale, so it is taken from the largest value.
+        peak = explanation.abs().amax(dim=(1, 2, 3), keepdim=True)
+        h, total = _reduced(explanation / torch.where(peak > 0, peak, 1.0), reduce, reduction)
     # Divide only where the sum is positive, so that neither the map nor its
     # derivative sees 0 / 0, and a map of tiny values still sums to 1.
     kept = total > max(eps, torch.finfo(total.dtype).tiny)
-    return torch.where(kept, h / torch.where(kept, total, torch.ones_like(total)), 0.0)
+    return torch.where(kept, h / torch.where(kept, total, torch.ones_like(total)), 0.0).to(dtype)
+
+
+def _reduced(
+    explanation: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor], reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map reduced over channels, and the sum that normalises it."""
+    h = reduce(explanation)
+    # Only the signed reduction needs |.|; the others keep the plain sum, whose
+    # derivative the attack has always used.
+    return h, (h.abs() if reduction == "sum" else h).sum(dim=(1, 2), keepdim=True)
 
 
 def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:

@@ -321,23 +321,28 @@ def check_model(model: object) -> nn.Module:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in evaluation mode for the block, and restore its mode afterwards.
+    """Put ``model`` in evaluation mode for the block, and restore every module's mode afterwards.
+
+    Each submodule gets its own mode back: a model in training with frozen
+    BatchNorm layers (in evaluation mode) keeps them frozen.
 
     Examples
     --------
-    >>> net = nn.Sequential(nn.Dropout()).train()
+    >>> net = nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2)).train()
+    >>> _ = net[1].eval()
     >>> with evaluating(net):
-    ...     net.training
-    False
-    >>> net.training
-    True
+    ...     net.training, net[1].training
+    (False, False)
+    >>> net.training, net[0].training, net[1].training
+    (True, True, False)
     """
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
 
 
 def check_in_range(

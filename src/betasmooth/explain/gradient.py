@@ -134,7 +134,9 @@ def input_x_gradient(
     >>> x, _ = bs.load_data("digits")
     >>> h = bs.explain(model, x[:4], "input_x_gradient")
     """
-    return x * input_gradient(model, x, target, create_graph)
+    gradient = input_gradient(model, x, target, create_graph)
+    # Without create_graph the map is a value: x's graph would make it half a derivative.
+    return (x if create_graph else x.detach()) * gradient
 
 
 def auto_chunk(chunk: int | None, total: int, batch: int) -> int:
