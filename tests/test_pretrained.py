@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -272,3 +273,32 @@ def test_cli_explain_lrp_on_a_torchvision_preset_is_zennit(hub, tmp_path):
     records = read_jsonl(out / "results.jsonl")
     names = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
     assert [r["label_name"] for r in records] == [names[r["label"]] for r in records]
+
+
+def test_the_model_is_the_one_torchvision_builds_with_its_weights(tmp_path, monkeypatch):
+    # GoogLeNet takes ImageNet-normalised input and re-normalises it itself
+    # (transform_input) only when built with weights; DenseNet's published
+    # files hold older key names that its builder renames. Both are as
+    # torchvision's own get_model(name, weights=...) makes them from the same file.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    x = normalised(2, 96)
+    for seed, name in enumerate(["googlenet", "densenet121"]):
+        torch.manual_seed(seed)
+        state = torchvision.models.get_model(name, weights=None).state_dict()
+        if name == "densenet121":
+            # The published file predates BatchNorm's num_batches_tracked.
+            state = {
+                re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+                for k, v in state.items()
+                if not k.endswith("num_batches_tracked")
+            }
+            assert any(".norm.1." in k for k in state)
+        spec = f"torchvision:{name}"
+        path = pretrained.checkpoint_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+        ours = bs.load_model(spec)
+        theirs = torchvision.models.get_model(name, weights="DEFAULT").eval()
+        assert getattr(ours, "transform_input", None) == getattr(theirs, "transform_input", None)
+        with torch.no_grad():
+            assert torch.equal(ours(x), theirs(x)), name

@@ -21,7 +21,9 @@ torchvision is an optional dependency: ``pip install -e ".[vision]"``.
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -190,9 +192,9 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     """
 
     weights = weights_of(spec)
-    model = _torchvision().get_model(_parse(spec)[0], weights=None)
+    name = _parse(spec)[0]
     if not pretrained:
-        return model.eval()
+        return _torchvision().get_model(name, weights=None).eval()
     path = checkpoint_path(spec)
     if not path.is_file():
         _fetch(spec, path)
@@ -201,13 +203,37 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     except InputError as err:
         raise InputError(f"{err}; delete it so that it is downloaded again") from None
     try:
-        model.load_state_dict(state)
+        # torchvision's own builder, so that the model is the one its weights
+        # make (GoogLeNet's transform_input, DenseNet's renamed keys, a ViT's
+        # image size), fed the state dict read with weights_only.
+        with _serving(weights, state):
+            model = _torchvision().get_model(name, weights=weights)
     except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
         raise InputError(
-            f"{path} does not hold the weights {weights} ({str(err).splitlines()[0]}); "
+            f"{path} does not hold the weights {weights} ({_brief(detail)}); "
             "delete it so that it is downloaded again"
         ) from err
     return model.eval()
+
+
+@contextlib.contextmanager
+def _serving(weights: object, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make ``weights.get_state_dict()`` return ``state`` instead of unpickling its file."""
+    cls = type(weights)
+    own = cls.__dict__.get("get_state_dict")
+    cls.get_state_dict = lambda self, *args, **kwargs: state
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.get_state_dict
+        else:
+            cls.get_state_dict = own
+
+
+def _brief(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[:limit].rstrip() + " ..."
 
 
 def preprocessing(spec: str) -> Preprocessing:

@@ -79,7 +79,7 @@ def check_batch(x: object, name: str = "x", min_dim: int = 2) -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise InputTypeError(
-            f"{name} must be a floating tensor (float32 or float64); got dtype {x.dtype}"
+            f"{name} must be a floating tensor (float16 to float64); got dtype {x.dtype}"
         )
     if x.dim() < min_dim:
         raise InputError(
