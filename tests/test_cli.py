@@ -933,3 +933,35 @@ def test_a_bad_option_is_one_line_before_any_run(tmp_path, capsys, method, optio
     assert err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_resume_refuses_other_images_labels_or_weights_under_the_same_names(tmp_path, capsys):
+    x, y = bs.load_data("digits")
+    data, weights = tmp_path / "d.npz", tmp_path / "w.pt"
+    np.savez(data, x=x[:4].numpy(), y=y[:4].numpy())
+    torch.save(bs.load_model("digits-cnn").state_dict(), weights)
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--weights", str(weights), "--data", str(data)]
+    argv += ["--method", "gradient", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0  # the same contents
+    config = json.loads((out / "config.json").read_text())
+    del config["inputs_sha256"]  # as a run of 0.6.0 recorded it: resumed as before
+    (out / "config.json").write_text(json.dumps(config))
+    assert main([*argv, "--resume"]) == 0
+    assert main([*argv[:-1], str(tmp_path / "run2")]) == 0
+    changes = {
+        "images": lambda: np.savez(data, x=x[4:8].numpy(), y=y[:4].numpy()),
+        "labels": lambda: np.savez(data, x=x[:4].numpy(), y=y[4:8].numpy()),
+        "weights": lambda: torch.save(
+            {k: v + 1e-3 for k, v in bs.load_model("digits-cnn").state_dict().items()}, weights
+        ),
+    }
+    for change in changes.values():
+        np.savez(data, x=x[:4].numpy(), y=y[:4].numpy())
+        torch.save(bs.load_model("digits-cnn").state_dict(), weights)
+        change()
+        capsys.readouterr()
+        assert main([*argv[:-1], str(tmp_path / "run2"), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "--resume with other inputs: the images, labels or weights file differ" in err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import re
@@ -701,7 +702,7 @@ def _inputs_config(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _run_config(
-    args: argparse.Namespace, device: torch.device, **settings: object
+    args: argparse.Namespace, device: torch.device, inputs: runs.Inputs, **settings: object
 ) -> dict[str, object]:
     """The config of a command that works on ``-n`` images of ``--model`` and ``--data``."""
     return _config(
@@ -712,7 +713,22 @@ def _run_config(
         batch_size=args.batch_size,
         seed=args.seed,
         device=str(device),
+        inputs_sha256=_fingerprint(inputs[1], inputs[2], args.weights),
     )
+
+
+def _fingerprint(x: torch.Tensor, y: torch.Tensor, weights: str | None) -> str:
+    """SHA-256 of the images, labels and weights file: --resume refuses other contents
+    under the same names (a folder with one image more, a rewritten file)."""
+    digest = hashlib.sha256()
+    for tensor in (x, y):
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if weights is not None and Path(weights).is_file():
+        with open(weights, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
@@ -907,6 +923,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     config = _run_config(
         args,
         device,
+        inputs,
         methods=methods,
         steps=args.steps,
         goal=args.goal,
@@ -967,6 +984,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     config = _run_config(
         args,
         device,
+        inputs,
         methods=methods,
         save_attributions=args.save_attributions,
         options=_stored(given),
@@ -1138,6 +1156,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     config = _run_config(
         args,
         device,
+        inputs,
         betas=args.betas,
         iterations=args.iterations,
         units="per pixel value in [0, 1] (per unit of each channel's data range)",

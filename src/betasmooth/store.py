@@ -89,6 +89,8 @@ Arrays = dict[str, np.ndarray]
 VOLATILE = ("argv", "versions", "world_size", "process_group", "device", "created", "resume")
 # Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
 LATER = ("sweep",)
+#: Settings that runs made by older versions lack: compared only where recorded.
+NEWER = ("inputs_sha256",)
 
 
 # Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].
@@ -495,8 +497,14 @@ class RunDir:
         # Both ways: a setting the run was made with and the command now omits
         # (an option left out on --resume) differs as much as a changed one.
         for key in [*config, *(k for k in stored if k not in config and k not in LATER)]:
-            if key in VOLATILE:
+            if key in VOLATILE or (key in NEWER and key not in stored):
                 continue
+            if key == "inputs_sha256" and stored[key] != config.get(key):
+                raise InputError(
+                    f"--resume with other inputs: the images, labels or weights file differ from "
+                    f"those the run in {self.path} was made with (inputs_sha256 in "
+                    f"{self.config_path}); use the same data and weights or choose a new --out"
+                )
             if stored.get(key) != config.get(key):
                 raise InputError(
                     f"--resume with a different setting: {key} is {stored.get(key)!r} in "
