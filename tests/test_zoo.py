@@ -330,6 +330,30 @@ def test_folder_reads_classes_as_torchvision_image_folder(tmp_path) -> None:
         assert bs.load_data(str(tmp_path / "s")).classes == ["train", "val"]
 
 
+def test_folder_skips_hidden_files_and_folders_and_run_directories(tmp_path, capsys) -> None:
+    from betasmooth.cli import main
+
+    for name in ("cat/0.png", "dog/1.png"):
+        _png(tmp_path / "n" / name, np.zeros((4, 4)), "L")
+    # A notebook's checkpoints, macOS's resource forks (no images at all) and a
+    # hidden class folder.
+    _png(tmp_path / "n" / "dog" / ".ipynb_checkpoints" / "1-checkpoint.png", np.zeros((4, 4)), "L")
+    (tmp_path / "n" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    _png(tmp_path / "n" / ".trash" / "2.png", np.zeros((4, 4)), "L")
+    # A run written into the data folder, with its report's figures (PNG images).
+    argv = ["explain", "--model", "digits-cnn", "--data", str(tmp_path / "n"), "--channels", "1"]
+    argv += ["--image-size", "32", "--method", "gradient", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "n" / "00run")]) == 0
+    assert list((tmp_path / "n" / "00run").rglob("*.png"))
+    data = bs.load_data(str(tmp_path / "n"))
+    assert data.files == ["cat/0.png", "dog/1.png"] and data.classes == ["cat", "dog"]
+    flat = tmp_path / "flat"
+    _png(flat / "a.png", np.zeros((4, 4)), "L")
+    _png(flat / ".thumb.png", np.ones((4, 4)), "L")
+    (flat / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    assert bs.load_data(str(flat)).files == ["a.png"]
+
+
 def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:
     deep = np.array([[0, 4000], [30000, 65535]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "a.png")

@@ -26,7 +26,9 @@ Data specs
         a class folder's images are read from its subfolders too, in
         ``os.walk`` order, and an empty class folder is refused (a warning
         says when every class folder holds its images in subfolders only, as
-        a folder of train/ and val/ splits does). The whole folder is
+        a folder of train/ and val/ splits does). Hidden files and folders
+        (``.ipynb_checkpoints``, macOS's ``._*``) and betasmooth run
+        directories inside the folder are skipped. The whole folder is
         returned, in the order of its sorted class folders, whatever
         ``split`` says.
     a ``.npz`` file
@@ -75,7 +77,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -187,12 +189,23 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    # Hidden files are a system's, not data: macOS's ._a.png is no image at all.
+    return (
+        not path.name.startswith(".") and path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _is_data_folder(path: Path) -> bool:
+    """A folder that may hold data: not hidden (.ipynb_checkpoints), not a run directory
+    (one written into the data folder would otherwise become a class of its own)."""
+    if path.name.startswith(".") or not path.is_dir():
+        return False
+    return not ((path / "config.json").is_file() and (path / "arrays").is_dir())
 
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None]:
     """The images of a folder, their labels and the class names (``None`` for a flat folder)."""
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subfolders = sorted(p for p in folder.iterdir() if _is_data_folder(p))
     loose = sorted(p for p in folder.iterdir() if _is_image(p))
     if not subfolders:
         return loose, [-1] * len(loose), None
@@ -207,7 +220,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
         # the order of os.walk's sorted folders, then sorted file names.
         found = [
             Path(root) / name
-            for root, _, names in sorted(os.walk(sub, followlinks=True))
+            for root, _, names in sorted(_walk(sub))
             for name in sorted(names)
             if _is_image(Path(root) / name)
         ]
@@ -227,6 +240,13 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
             stacklevel=4,
         )
     return files, labels, [p.name for p in subfolders]
+
+
+def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of ``folder``, into data folders only (see :func:`_is_data_folder`)."""
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if _is_data_folder(Path(root) / d)]
+        yield root, dirs, names
 
 
 def _folder_channels(files: Sequence[Path]) -> int:
