@@ -395,6 +395,25 @@ def test_npz(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"holds values up to 200; mean and std apply to pixels"):
         normalised = bs.load_data(str(path), mean=0.5, std=0.25).x
     torch.testing.assert_close(normalised, torch.full((2, 3, 4, 4), (200.0 - 0.5) / 0.25))
+    # ... and without mean and std too: the range the attack and LRP take is said.
+    with pytest.warns(UserWarning, match=r"up to 200; \[0, 200\] is taken for the pixel range"):
+        plain = bs.load_data(str(path))
+    assert float(plain.low.min()) == 0.0 and float(plain.high.max()) == 200.0
+
+
+@pytest.mark.parametrize("mean", [127.5, -0.5, [0.485, 116.3, 0.406]])
+def test_a_mean_outside_the_pixels_range_is_refused(tmp_path, capsys, mean) -> None:
+    # Caffe's statistics in 0-255 levels would turn every [0, 1] image into about -2.
+    with pytest.raises(InputError, match=r"mean must lie in \[0, 1\], the range of the pixels"):
+        bs.load_data("photos", mean=mean, std=0.25)
+    from betasmooth.cli import main
+
+    means = [str(m) for m in (mean if isinstance(mean, list) else [mean] * 3)]
+    argv = ["explain", "--model", "photos-cnn", "--data", "photos", "--method", "gradient"]
+    assert main([*argv, "--mean", *means, "--std", "0.25", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mean must lie in [0, 1]" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_npz_bad_input(tmp_path) -> None:

@@ -648,13 +648,26 @@ def load_data(
         x = resize_crop(x, prep.resize, prep.crop)
     x = _resize(x, size)
     raw_low, raw_high = _raw_range(source, x)
-    if (mean is not None or std is not None) and raw_high > 2.0:
+    normalised = mean is not None or std is not None
+    if raw_high > 2.0:
+        said = (
+            "mean and std apply to pixels in [0, 1]"
+            if normalised
+            else f"[{raw_low:g}, {raw_high:g}] is taken for the pixel range (the attack's "
+            "budget, LRP's box, the black baseline)"
+        )
         warnings.warn(
-            f"x in {spec} holds values up to {raw_high:g}; mean and std apply to pixels in "
-            "[0, 1]: divide x by 255 first if it holds 8-bit levels",
+            f"x in {spec} holds values up to {raw_high:g}; {said}: divide x by 255 first if "
+            "it holds 8-bit levels",
             stacklevel=2,
         )
     shift, scale = _normalisation(mean, std, x.shape[1])
+    if raw_high <= 2.0 and not bool(((shift >= 0) & (shift <= 1)).all()):
+        raise InputError(
+            f"mean must lie in [0, 1], the range of the pixels it is the mean of; got "
+            f"{mean!r}: divide statistics of 0-255 levels by 255 (ImageNet's 123.7, 116.3, "
+            "103.5 are 0.485, 0.456, 0.406)"
+        )
     x = (x - shift) / scale
     low = (torch.full_like(shift, raw_low) - shift) / scale
     high = (torch.full_like(shift, raw_high) - shift) / scale
