@@ -567,3 +567,55 @@ def test_explain_flushes_subnormals_then_restores(method):
     # The first forward is the input check; every forward of the method is flushed.
     assert len(spy.seen) >= 2 and all(spy.seen[1:])
     assert float(torch.tensor([1e-39]) * 1.0) > 0
+
+
+class _Checkpointed(torch.nn.Module):
+    """Linear, ReLU, linear; the first two under torch.utils.checkpoint (or offloading)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.how = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3), how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def block(h: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.a(h))
+
+        if self.how == "offloaded":
+            with torch.autograd.graph.save_on_cpu():
+                return self.b(block(x))
+        reentrant = self.how == "reentrant"
+        return self.b(torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant))
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant"])
+def test_beta_smoothing_refuses_activation_checkpointing(how):
+    # Backward recomputes a checkpointed block after the smoothing has ended:
+    # softplus forward, ReLU backward, a map that is neither.
+    x = torch.rand(2, 4, dtype=torch.float64)
+    net = _Checkpointed(how).double()
+    with pytest.raises(bs.InputError, match=r"cannot reach a ReLU under activation checkpointing"):
+        bs.explain(net, x, "beta_smooth", beta=2.0)
+    with pytest.raises(bs.InputError, match=r"activation checkpointing"):
+        bs.smooth(net, 2.0)(x.clone().requires_grad_(True))
+
+
+def test_beta_smoothing_of_an_offloading_model_is_the_softplus_model():
+    # save_on_cpu hooks saved tensors too, but recomputes nothing: not refused.
+    x = torch.rand(2, 4, dtype=torch.float64)
+    net = _Checkpointed("offloaded").double()
+    twin = torch.nn.Sequential(net.a, torch.nn.Softplus(2.0), net.b)
+    expected = bs.explain(twin, x, "gradient", 1)
+    torch.testing.assert_close(bs.explain(net, x, "beta_smooth", 1, beta=2.0), expected)
+
+
+def test_torchvision_memory_efficient_densenet_is_refused_and_the_plain_one_smoothed():
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.rand(1, 3, 32, 32)
+    torch.manual_seed(0)
+    efficient = torchvision.models.densenet121(memory_efficient=True).eval()
+    with pytest.raises(bs.InputError, match=r"densenet121\(memory_efficient=False\)"):
+        bs.explain(efficient, x, "beta_smooth", beta=2.0)
+    plain = torchvision.models.densenet121(memory_efficient=False).eval()
+    plain.load_state_dict(efficient.state_dict())
+    assert torch.isfinite(bs.explain(plain, x, "beta_smooth", beta=2.0)).all()

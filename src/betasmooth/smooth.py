@@ -373,6 +373,10 @@ class _ReluOverride(TorchFunctionMode):
         self.replaced = 0
         self.kinked: set[str] = set()
         self.smooth: set[str] = set()
+        # The forward starts here: a ReLU that runs without gradients inside it
+        # runs inside a reentrant checkpoint.
+        self.grad_enabled = torch.is_grad_enabled()
+        self.failed = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -388,6 +392,9 @@ class _ReluOverride(TorchFunctionMode):
             elif func in SMOOTH_FUNCTIONS:
                 self.smooth.add(getattr(func, "__name__", str(func)))
             return func(*args, **kwargs)
+        if self.grad_enabled and (not torch.is_grad_enabled() or _checkpointing()):
+            self.failed = True
+            raise InputError(CHECKPOINTED)
         self.replaced += 1
         if not args:  # F.relu(input=h)
             args = (kwargs.pop("input"),)
@@ -398,6 +405,22 @@ class _ReluOverride(TorchFunctionMode):
             x = args[0]
             return x.copy_(replacement(self.fn, x.clone(), *args[1:], **kwargs))
         return replacement(self.fn, *args, **kwargs)
+
+
+#: Activation checkpointing recomputes its block in backward, after the smoothing
+#: has ended: the gradient would mix softplus forward with ReLU backward.
+CHECKPOINTED = (
+    "beta-smoothing cannot reach a ReLU under activation checkpointing (torch.utils.checkpoint), "
+    "which backward recomputes unsmoothed; expected a model without it, e.g. torchvision's "
+    "densenet121(memory_efficient=False)"
+)
+
+
+def _checkpointing() -> bool:
+    """Whether torch.utils.checkpoint's (non-reentrant) saved-tensor hooks are active."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "")
 
 
 def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
@@ -468,7 +491,7 @@ class _ReluHooks:
         mode.__exit__(None, None, None)
         # Only the first pass is kept: enough for the warning and for tests,
         # and a long attack does not grow a list.
-        if not self.done:
+        if not self.done and not mode.failed:
             if self.warn:
                 _warn_coverage(self.model, mode, self.warn)
             self.done.append(mode)
