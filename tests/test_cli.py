@@ -634,6 +634,30 @@ def test_curvature_records_do_not_depend_on_the_batch_size(tmp_path):
             assert rows[3][key][field] == pytest.approx(value, rel=1e-5), (key, field)
 
 
+def test_curvature_draws_the_same_probes_for_every_beta(tmp_path, capsys):
+    # A network without ReLU is the same network at every beta: identical rows.
+    weights = tmp_path / "tanh.pt"
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(32 * 32, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)
+    )
+    torch.save(net.state_dict(), weights)
+    (tmp_path / "tanh_net.py").write_text(
+        "import torch\n\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+        "torch.nn.Linear(32 * 32, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))\n"
+    )
+    out = tmp_path / "curv"
+    argv = ["curvature", "--model", f"{tmp_path / 'tanh_net.py'}:build", "--weights", str(weights)]
+    argv += ["--data", "digits", "--betas", "relu,1,5", "-n", "2", "--iterations", "4"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    assert "no ReLU was called" in capsys.readouterr().err  # smoothing changes nothing, as said
+    rows = read_jsonl(out / "results.jsonl")
+    fields = ("hessian_norm", "principal_curvature", "hessian_frobenius", "gradient_norm")
+    for i in (0, 1):
+        mine = [r for r in rows if r["index"] == i]
+        assert len(mine) == 3 and mine[0]["hessian_frobenius"] > 0
+        assert all(r[f] == mine[0][f] for r in mine for f in fields), mine
+
+
 def test_records_and_report_name_the_file_and_class_of_each_image(tmp_path):
     from PIL import Image
 

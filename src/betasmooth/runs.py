@@ -608,7 +608,9 @@ def curvature_run(
         with torch.no_grad():
             # Every version explains the class the original network predicts.
             label = model(xb).argmax(1)
-        seeds = [unit_seed(seed, unit.method, i) for i in unit.indices]
+        # The same probes and start vectors for every beta: the rows of one
+        # image differ by the network, not by the draw.
+        seeds = [unit_seed(seed, "curvature", i) for i in unit.indices]
         found = curvature(net, xb, label, seed=seeds, **(options or {}))
         records = []
         for j, i in enumerate(unit.indices):
