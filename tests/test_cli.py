@@ -989,3 +989,22 @@ def test_resume_refuses_other_images_labels_or_weights_under_the_same_names(tmp_
         assert main([*argv[:-1], str(tmp_path / "run2"), "--resume"]) == 2
         err = capsys.readouterr().err
         assert "--resume with other inputs: the images, labels or weights file differ" in err
+
+
+def test_an_interrupt_says_how_to_continue_each_command(attack_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from betasmooth import runs
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    monkeypatch.setattr(runs, "sweep_run", interrupt)
+    monkeypatch.setattr(runs, "attack_run", interrupt)
+    # sweep has no --resume: it continues by itself when run again.
+    assert main(["sweep", str(run), "--betas", "1", "--no-progress"]) == 130
+    assert capsys.readouterr().err == "betasmooth: interrupted; run again to continue\n"
+    assert main([*ATTACK, "--method", "gradient", "-n", "2", "--out", str(tmp_path / "a")]) == 130
+    assert "interrupted; run again with --resume to continue" in capsys.readouterr().err

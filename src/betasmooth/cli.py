@@ -1424,7 +1424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"betasmooth: error: {_one_line(err)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print("betasmooth: interrupted; run again with --resume to continue", file=sys.stderr)
+        # Commands without --resume (sweep) continue where they stopped when run again.
+        how = " with --resume" if "resume" in vars(args) else ""
+        print(f"betasmooth: interrupted; run again{how} to continue", file=sys.stderr)
         return 130
 
 
