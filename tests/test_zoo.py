@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +400,17 @@ def test_npz(tmp_path) -> None:
     with pytest.warns(UserWarning, match=r"up to 200; \[0, 200\] is taken for the pixel range"):
         plain = bs.load_data(str(path))
     assert float(plain.low.min()) == 0.0 and float(plain.high.max()) == 200.0
+
+
+def test_npz_labels_under_another_name_are_said(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 1, 4, 4), dtype=np.float32), labels=np.array([3, 1]))
+    with pytest.warns(UserWarning, match=r"has no array 'y' \(found labels besides x\); every"):
+        assert bs.load_data(str(path)).y.tolist() == [-1, -1]
+    np.savez(path, x=np.zeros((2, 1, 4, 4), dtype=np.float32), y=np.array([3, 1]), z=np.ones(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bs.load_data(str(path)).y.tolist() == [3, 1]
 
 
 @pytest.mark.parametrize("mean", [127.5, -0.5, [0.485, 116.3, 0.406]])

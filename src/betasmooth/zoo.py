@@ -333,6 +333,13 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise InputError(f"array x in {path} contains NaN or inf (first at item {bad})")
+    others = sorted(set(arrays) - {"x"})
+    if "y" not in arrays and others:
+        warnings.warn(
+            f"{path} has no array 'y' (found {', '.join(others)} besides x); every label is "
+            "-1 (unknown): save the labels as y",
+            stacklevel=3,
+        )
     return torch.from_numpy(x), _labels(arrays.get("y"), len(x), path)
 
 
