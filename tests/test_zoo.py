@@ -193,6 +193,21 @@ def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
         bs.load_model(f"{factory_file}:make", weights=path)
 
 
+def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(nn.Linear(50, 50).state_dict(), path)
+    whole = path.read_bytes()
+    cases = {
+        whole[: len(whole) // 2]: r"it is damaged or cut short \(a zip archive without its end\)",
+        b"": r"the file is empty",
+        b"hello world\n": r"it is not a file written by torch.save \(it starts with b'hell'\)",
+    }
+    for content, message in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(InputError, match=rf"cannot read weights file .*w.pt: {message}; "):
+            bs.load_model(f"{factory_file}:make", weights=path)
+
+
 def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
     # As nn.Module.load_state_dict(strict=True): an older BatchNorm state dict
     # without num_batches_tracked loads; so do the keys of a DataParallel model.

@@ -35,6 +35,24 @@ def reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
+def _unreadable(path: Path, err: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in the file's terms where they are clear."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if not head:
+        return "the file is empty"
+    if zipfile.is_zipfile(path):
+        if all(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
+            return "it is a NumPy .npz archive, not a file of torch.save"
+        return reason(err)
+    if head == b"PK\x03\x04":
+        # torch.save writes a zip archive; one without its end was cut short.
+        return "it is damaged or cut short (a zip archive without its end)"
+    if head[:1] != b"\x80":  # every pickle of protocol 2 or later starts so
+        return f"it is not a file written by torch.save (it starts with {head!r})"
+    return reason(err)
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict with ``torch.load(weights_only=True)`` onto the CPU.
 
@@ -79,12 +97,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"unrun; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
-        what = reason(err)
-        if zipfile.is_zipfile(path) and all(
-            n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()
-        ):
-            what = "it is a NumPy .npz archive, not a file of torch.save"
-        raise InputError(f"cannot read weights file {path}: {what}; {STATE_DICT_HINT}") from err
+        raise InputError(
+            f"cannot read weights file {path}: {_unreadable(path, err)}; {STATE_DICT_HINT}"
+        ) from err
     if not isinstance(state, Mapping):
         raise InputError(
             f"{path} is not a state dict (it holds a {type(state).__name__}; {STATE_DICT_HINT})"
