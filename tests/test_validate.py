@@ -277,3 +277,24 @@ def test_built_in_registries_survive_a_reload():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_images_of_other_channels_or_too_small_say_what_fits(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, size in (("colour", 32), ("tiny", 4)):
+        for i in range(2):
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                tmp_path / name / f"{i}.png"
+            )
+    argv = ["explain", "--model", "digits-cnn", "--method", "gradient", "--no-progress"]
+    assert main([*argv, "--data", str(tmp_path / "colour"), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "the model's first convolution takes 1 channel: load the images with --channels 1" in err
+    tiny = ["--data", str(tmp_path / "tiny"), "--channels", "1", "--out", str(tmp_path / "b")]
+    assert main([*argv, *tiny]) == 2
+    assert "too small for the model: give a larger --image-size" in capsys.readouterr().err
+    # With what the hints say, the same images run.
+    assert main([*argv, *tiny[:-1], str(tmp_path / "c"), "--image-size", "32"]) == 0

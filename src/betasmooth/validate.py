@@ -519,7 +519,7 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
             ) from None
         raise InputError(
             f"model does not accept input of shape {shape[1:]} ({what} of {name}, whose "
-            f"shape is {shape}): {reason[:300]}"
+            f"shape is {shape}): {reason[:300]}{_input_hint(model, shape, reason)}"
         ) from None
     check_logits(out, len(items), model)
     if not bool(torch.isfinite(out).all()):
@@ -528,6 +528,20 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
             f"{type(model).__name__} returns NaN or inf on {what} of {name}; expected finite "
             "logits (are the weights finite, and the inputs prepared as in training?)"
         )
+
+
+def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
+    """What would fit the model where its error says it plainly: channels, or a larger size."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if len(shape) == 4 and first is not None and first.in_channels != shape[1]:
+        return (
+            f"; the model's first convolution takes {first.in_channels} "
+            f"channel{'s' if first.in_channels != 1 else ''}: load the "
+            f"images with --channels {first.in_channels} (channels= of bs.load_data)"
+        )
+    if "too small" in reason:
+        return "; the images are too small for the model: give a larger --image-size (image_size=)"
+    return ""
 
 
 def _forward(model: nn.Module, items: torch.Tensor) -> object:
