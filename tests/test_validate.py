@@ -67,6 +67,11 @@ def test_probabilities_warn_once_per_model_at_the_users_line() -> None:
         h = bs.explain(net, x, "gradient")
         bs.explain(net, x, "gradient")
         bs.explain(net, torch.rand(2, 1, 16, 16), "input_x_gradient")
+        # Its smoothed copies are the same model (betasmooth curvature makes one per beta).
+        bs.explain(bs.smooth(net, 1.0), x, "gradient")
+        bs.explain(bs.smooth(net, 5.0), x, "gradient")
+    said = [w for w in record if "seems to return probabilities" in str(w.message)]
+    assert len(said) == 1
     w = _first_user_warning(record)
     assert "seems to return probabilities" in str(w.message)
     assert w.filename == __file__

@@ -23,6 +23,7 @@ import copy
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,7 +33,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, InputTypeError, check_instance, is_number, warn_user
+from .validate import InputError, InputTypeError, check_instance, is_number, origin, warn_user
 
 __all__ = [
     "BETA_RANGE",
@@ -688,4 +689,6 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     # long as the copy does.
     _ReluHooks(copied, handle, warn=True).install()
     copied.betasmooth_beta = handle.beta
+    # Warnings about the model are given once for it and all its smoothed copies.
+    copied.betasmooth_origin = weakref.ref(origin(model))
     return copied

@@ -612,6 +612,13 @@ _INTERNAL = (
 )
 
 
+def origin(model: nn.Module) -> nn.Module:
+    """The model that ``model`` is a smoothed copy of (:func:`betasmooth.smooth`), else itself."""
+    ref = getattr(model, "betasmooth_origin", None)
+    found = ref() if callable(ref) else None
+    return found if isinstance(found, nn.Module) else model
+
+
 def warn_user(message: str, model: nn.Module | None = None) -> None:
     """Warn once per ``model`` (every time without one), pointing at the user's call.
 
@@ -628,7 +635,7 @@ def warn_user(message: str, model: nn.Module | None = None) -> None:
     'look here'
     """
     if model is not None:
-        seen = _WARNED.setdefault(model, set())
+        seen = _WARNED.setdefault(origin(model), set())
         if message in seen:
             return
         seen.add(message)
