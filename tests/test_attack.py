@@ -370,6 +370,17 @@ def test_bad_input_is_refused(small):
         bs.manipulate(net, x, None, "gradient", steps=1)
     with pytest.raises(bs.InputError, match="seed option"):
         bs.manipulate(net, x, good, "gradient", steps=1, eot=True)
+    # heatmap(x_adv) sums to 1: a target of another scale or sign cannot be reached.
+    signed = 2 * good - good.mean(dim=(1, 2), keepdim=True)  # sums to 1, partly negative
+    assert bool((signed < 0).any())
+    for bad, says in (
+        (good * 100, r"map 0 sums to 100 "),
+        (signed, r"sums to 1 with least value -"),
+    ):
+        with pytest.raises(
+            bs.InputError, match=r"target_map must hold heatmaps, each >= 0 .*" + says
+        ):
+            bs.manipulate(net, x, bad, "gradient", steps=1)
 
 
 @pytest.mark.parametrize("goal", ["targeted", "topk"])

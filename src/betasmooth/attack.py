@@ -669,6 +669,18 @@ def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
             f"target_map must have shape (B, H, W) = {expected} to match x of shape "
             f"{tuple(x.shape)}; got {tuple(target_map.shape)}"
         )
+    # The attack moves heatmap(x_adv), which is >= 0 and sums to 1, towards the
+    # target: a target of another scale cannot be reached, however strong the attack.
+    sums = target_map.double().sum(dim=(1, 2))
+    far = ((sums - 1).abs() > 1e-3) | (target_map < 0).flatten(1).any(1)
+    if bool(far.any()):
+        i = int(far.nonzero()[0])
+        raise InputError(
+            f"target_map must hold heatmaps, each >= 0 and summing to 1 (as bs.heatmap and "
+            f"random_targets make them); map {i} sums to {float(sums[i]):.4g} with least value "
+            f"{float(target_map[i].min()):.3g}: use t.clamp(min=0) / t.clamp(min=0).sum((1, 2), "
+            "keepdim=True)"
+        )
     return target_map.to(device=x.device, dtype=x.dtype)
 
 
@@ -841,8 +853,9 @@ def manipulate(
         Input batch ``(B, C, H, W)`` inside ``data_range`` (values outside it raise
         :class:`~betasmooth.validate.InputError`), on the model's device.
     target_map : torch.Tensor or None
-        Target heatmaps ``(B, H, W)`` (e.g. :func:`random_targets`); ignored,
-        and may be ``None``, for untargeted goals.
+        Target heatmaps ``(B, H, W)``, each >= 0 and summing to 1 (e.g.
+        :func:`random_targets`, or :func:`~betasmooth.metrics.heatmap` of
+        other images); ignored, and may be ``None``, for untargeted goals.
     method : str
         Explanation method to attack (any registered one).
     goal : str
