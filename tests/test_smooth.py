@@ -410,14 +410,15 @@ def test_warning_names_other_kinked_activations():
             self.body = nn.Sequential(nn.Linear(3, 3), nn.Hardswish(), nn.ReLU6(), nn.ReLU())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.hardshrink(F.leaky_relu(self.body(x)))
+            return F.threshold(F.hardshrink(F.leaky_relu(self.body(x))), 0.1, 0.0)
 
     net = Kinked()
     with pytest.warns(UserWarning, match="stay non-smooth") as record, smoothed(net, 1.0):
         net(torch.ones(1, 3))
     message = " ".join(str(w.message) for w in record)
-    for name in ("Hardswish", "hardshrink"):
+    for name in ("Hardswish", "hardshrink", " threshold"):
         assert name in message
+    assert "_threshold" not in message
     # Written through ReLU, hence smoothed: not named.
     for name in ("ReLU6", "leaky_relu"):
         assert name not in message

@@ -387,7 +387,8 @@ class _ReluOverride(TorchFunctionMode):
             replacement = THROUGH_RELU[func]
         else:
             if func in KINKED_FUNCTIONS:
-                self.kinked.add(getattr(func, "__name__", str(func)))
+                # F.threshold's function is called _threshold.
+                self.kinked.add(getattr(func, "__name__", str(func)).lstrip("_"))
             elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
                 self.kinked.add("clamp(min=0)")
             elif func in SMOOTH_FUNCTIONS:
