@@ -176,6 +176,26 @@ def test_each_module_gets_its_own_mode_back(x):
     assert {name: m.training for name, m in net.named_modules()} == modes
 
 
+def test_a_modules_own_train_runs_when_its_mode_comes_back(x):
+    # A train() that keeps other state in step with the mode.
+    class Switching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = residual_net()
+            self.drop_p = 0.5
+
+        def train(self, mode: bool = True) -> Switching:
+            self.drop_p = 0.5 if mode else 0.0
+            return super().train(mode)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.nn.functional.dropout(x, self.drop_p, self.training))
+
+    net = Switching().train()
+    bs.explain(net, x, "gradient", 1)
+    assert net.training and net.drop_p == 0.5
+
+
 def test_mode_and_relu_are_restored_when_the_method_raises(x):
     net = residual_net()
     before = net(x)

@@ -403,6 +403,19 @@ def test_warning_for_model_without_relu():
         smooth(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), 1.0)(torch.ones(1, 3))
 
 
+def test_a_smoothed_copy_pickles_and_computes_the_same():
+    # As torch.save(model) and multiprocessing pickle it.
+    import pickle
+
+    torch.manual_seed(0)
+    soft = smooth(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), 2.0)
+    x = torch.rand(5, 3)
+    again = pickle.loads(pickle.dumps(soft))
+    torch.testing.assert_close(again(x), soft(x), rtol=0, atol=0)
+    expected = F.softplus(soft[0](x), beta=2.0) @ soft[2].weight.T + soft[2].bias
+    torch.testing.assert_close(again(x), expected)
+
+
 def test_warning_names_other_kinked_activations():
     class Kinked(nn.Module):
         def __init__(self) -> None:
@@ -603,6 +616,29 @@ def test_beta_smoothing_refuses_activation_checkpointing(how):
         bs.explain(net, x, "beta_smooth", beta=2.0)
     with pytest.raises(bs.InputError, match=r"activation checkpointing"):
         bs.smooth(net, 2.0)(x.clone().requires_grad_(True))
+
+
+def test_a_relu_under_no_grad_is_no_checkpoint():
+    # A stop-gradient gate: its ReLU runs without gradients, outside any checkpoint.
+    class Gated(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(4, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                gate = torch.relu(x - 0.5).gt(0).to(x.dtype).sum(1, keepdim=True)
+            return self.b(torch.relu(self.a(x)) * gate)
+
+    x = torch.rand(2, 4, dtype=torch.float64)
+    net = Gated().double()
+    # Smoothed as every ReLU in forward: softplus > 0 everywhere.
+    gate = F.softplus(x - 0.5, beta=2.0).gt(0).to(x.dtype).sum(1, keepdim=True)
+    twin = torch.nn.Sequential(net.a, torch.nn.Softplus(2.0))
+    xg = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(net.b(twin(xg) * gate)[:, 1].sum(), xg)
+    torch.testing.assert_close(bs.explain(net, x, "beta_smooth", 1, beta=2.0), expected)
 
 
 def test_beta_smoothing_of_an_offloading_model_is_the_softplus_model():

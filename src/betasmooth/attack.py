@@ -669,10 +669,19 @@ def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
             f"target_map must have shape (B, H, W) = {expected} to match x of shape "
             f"{tuple(x.shape)}; got {tuple(target_map.shape)}"
         )
-    # The attack moves heatmap(x_adv), which is >= 0 and sums to 1, towards the
-    # target: a target of another scale cannot be reached, however strong the attack.
+    return target_map.to(device=x.device, dtype=x.dtype)
+
+
+def _check_heatmaps(target_map: torch.Tensor) -> None:
+    """Refuse targets that heatmap(x_adv), >= 0 and summing to 1, can never reach.
+
+    An all-zero map (heatmap of a zero explanation) is a heatmap too; the sums
+    of low-precision maps are off by their rounding (bfloat16: 2e-3).
+    """
     sums = target_map.double().sum(dim=(1, 2))
-    far = ((sums - 1).abs() > 1e-3) | (target_map < 0).flatten(1).any(1)
+    tolerance = max(1e-3, 4 * torch.finfo(target_map.dtype).eps)
+    scaled = ((sums - 1).abs() > tolerance) & (sums != 0)
+    far = scaled | (target_map < 0).flatten(1).any(1)
     if bool(far.any()):
         i = int(far.nonzero()[0])
         raise InputError(
@@ -681,7 +690,6 @@ def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
             f"{float(target_map[i].min()):.3g}: use t.clamp(min=0) / t.clamp(min=0).sum((1, 2), "
             "keepdim=True)"
         )
-    return target_map.to(device=x.device, dtype=x.dtype)
 
 
 def _check_schedule(schedule: object) -> str | float:
@@ -963,6 +971,7 @@ def manipulate(
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
         map_target = _check_target_map(target_map, x)
+        _check_heatmaps(target_map)  # in its own dtype, whose rounding its sums carry
     with evaluating(model), flush_denormals():
         p = _problem(model, x, target, map_target, settings)
         best = _search(p)

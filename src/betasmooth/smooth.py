@@ -23,17 +23,18 @@ import copy
 import functools
 import inspect
 import math
-import weakref
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, InputTypeError, check_instance, is_number, origin, warn_user
+from .validate import InputError, InputTypeError, check_instance, is_number, set_origin, warn_user
 
 __all__ = [
     "BETA_RANGE",
@@ -394,7 +395,7 @@ class _ReluOverride(TorchFunctionMode):
             elif func in SMOOTH_FUNCTIONS:
                 self.smooth.add(getattr(func, "__name__", str(func)))
             return func(*args, **kwargs)
-        if self.grad_enabled and (not torch.is_grad_enabled() or _checkpointing()):
+        if self.grad_enabled and _checkpointing():
             self.failed = True
             raise InputError(CHECKPOINTED)
         self.replaced += 1
@@ -419,10 +420,27 @@ CHECKPOINTED = (
 
 
 def _checkpointing() -> bool:
-    """Whether torch.utils.checkpoint's (non-reentrant) saved-tensor hooks are active."""
+    """Whether the caller runs inside torch.utils.checkpoint.
+
+    The cheap signs first: the non-reentrant form installs saved-tensor hooks,
+    the reentrant one turns gradients off; only then is the stack searched for
+    the checkpoint's own frame (a plain ``torch.no_grad()`` block is no checkpoint).
+    """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     hooks = top(False) if top is not None else None
-    return hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "")
+    if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+        return True
+    if torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename == _CHECKPOINT_FILE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 
 def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
@@ -690,6 +708,5 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     # long as the copy does.
     _ReluHooks(copied, handle, warn=True).install()
     copied.betasmooth_beta = handle.beta
-    # Warnings about the model are given once for it and all its smoothed copies.
-    copied.betasmooth_origin = weakref.ref(origin(model))
+    set_origin(copied, model)
     return copied

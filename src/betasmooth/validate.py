@@ -341,8 +341,10 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        # Parents first (modules() is pre-order), so that each module's own
+        # train() runs last for it: a train() that keeps other state in step does so.
         for module, training in modes:
-            module.training = training
+            module.train(training)
 
 
 def check_in_range(
@@ -613,10 +615,19 @@ _INTERNAL = (
 
 
 def origin(model: nn.Module) -> nn.Module:
-    """The model that ``model`` is a smoothed copy of (:func:`betasmooth.smooth`), else itself."""
-    ref = getattr(model, "betasmooth_origin", None)
-    found = ref() if callable(ref) else None
-    return found if isinstance(found, nn.Module) else model
+    """The model that ``model`` is a copy of (see :func:`set_origin`), else itself."""
+    ref = _ORIGINS.get(model)
+    found = ref() if ref is not None else None
+    return model if found is None else found
+
+
+def set_origin(copy: nn.Module, model: nn.Module) -> None:
+    """Record that ``copy`` (e.g. :func:`betasmooth.smooth`'s) is ``model``: warnings about
+    the one are given once for both. Weak both ways, and outside the copy, which pickles."""
+    _ORIGINS[copy] = weakref.ref(origin(model))
+
+
+_ORIGINS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 def warn_user(message: str, model: nn.Module | None = None) -> None:
