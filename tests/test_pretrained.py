@@ -302,3 +302,6 @@ def test_the_model_is_the_one_torchvision_builds_with_its_weights(tmp_path, monk
         assert getattr(ours, "transform_input", None) == getattr(theirs, "transform_input", None)
         with torch.no_grad():
             assert torch.equal(ours(x), theirs(x)), name
+        # torchvision's own loading is left as it was (their model above read the file).
+        weights = pretrained.weights_of(spec)
+        assert "get_state_dict" not in vars(weights) and "get_state_dict" not in vars(type(weights))

@@ -22,6 +22,7 @@ torchvision is an optional dependency: ``pip install -e ".[vision]"``.
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -174,10 +175,13 @@ def _fetch(spec: str, path: Path) -> None:
 def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     """The torchvision model of ``spec`` with its pretrained weights, on the CPU.
 
-    The architecture is built with ``weights=None`` and the cached state dict
-    loaded into it with ``torch.load(weights_only=True)``; a missing file is
-    downloaded into the hub cache first. ``pretrained=False`` returns the
-    architecture alone, for weights of one's own (nothing is read or fetched).
+    The cached state dict is read with ``torch.load(weights_only=True)`` (a
+    missing file is downloaded into the hub cache first) and handed to
+    torchvision's own builder, ``get_model(name, weights=...)``: the model is
+    the one torchvision makes with these weights (GoogLeNet's
+    ``transform_input``, DenseNet's renamed keys, a ViT's image size).
+    ``pretrained=False`` returns the architecture alone (``weights=None``), for
+    weights of one's own (nothing is read or fetched).
 
     Raises
     ------
@@ -219,17 +223,20 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
 
 @contextlib.contextmanager
 def _serving(weights: object, state: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Make ``weights.get_state_dict()`` return ``state`` instead of unpickling its file."""
-    cls = type(weights)
-    own = cls.__dict__.get("get_state_dict")
-    cls.get_state_dict = lambda self, *args, **kwargs: state
-    try:
-        yield
-    finally:
-        if own is None:
-            del cls.get_state_dict
-        else:
-            cls.get_state_dict = own
+    """Make ``weights.get_state_dict()`` return ``state`` instead of unpickling its file.
+
+    Only this member of the weights enum is changed, and one load at a time:
+    another thread's load of other weights of the class is not affected.
+    """
+    with _SERVING:
+        vars(weights)["get_state_dict"] = lambda *args, **kwargs: state
+        try:
+            yield
+        finally:
+            del vars(weights)["get_state_dict"]
+
+
+_SERVING = threading.Lock()
 
 
 def _brief(text: str, limit: int = 240) -> str:
