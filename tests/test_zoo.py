@@ -428,6 +428,17 @@ def test_npz_labels_under_another_name_are_said(tmp_path) -> None:
         assert bs.load_data(str(path)).y.tolist() == [3, 1]
 
 
+def test_a_mean_is_checked_against_the_datas_own_range(tmp_path) -> None:
+    # Float .npz data keep their range: here [-1, 1], whose pixels may have mean -0.1.
+    path = tmp_path / "signed.npz"
+    x = np.linspace(-1, 1, 2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
+    np.savez(path, x=x)
+    data = bs.load_data(str(path), mean=-0.1, std=0.5)
+    torch.testing.assert_close(data.x, torch.from_numpy((x + 0.1) / 0.5))
+    with pytest.raises(InputError, match=r"mean must lie in \[-1, 1\], the range of the pixels"):
+        bs.load_data(str(path), mean=-2.0, std=0.5)
+
+
 @pytest.mark.parametrize("mean", [127.5, -0.5, [0.485, 116.3, 0.406]])
 def test_a_mean_outside_the_pixels_range_is_refused(tmp_path, capsys, mean) -> None:
     # Caffe's statistics in 0-255 levels would turn every [0, 1] image into about -2.

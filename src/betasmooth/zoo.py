@@ -669,11 +669,11 @@ def load_data(
             stacklevel=2,
         )
     shift, scale = _normalisation(mean, std, x.shape[1])
-    if raw_high <= 2.0 and not bool(((shift >= 0) & (shift <= 1)).all()):
+    if not bool(((shift >= raw_low) & (shift <= raw_high)).all()):
         raise InputError(
-            f"mean must lie in [0, 1], the range of the pixels it is the mean of; got "
-            f"{mean!r}: divide statistics of 0-255 levels by 255 (ImageNet's 123.7, 116.3, "
-            "103.5 are 0.485, 0.456, 0.406)"
+            f"mean must lie in [{raw_low:g}, {raw_high:g}], the range of the pixels it is the "
+            f"mean of; got {mean!r}: divide statistics of 0-255 levels by 255 (ImageNet's "
+            "123.7, 116.3, 103.5 are 0.485, 0.456, 0.406)"
         )
     x = (x - shift) / scale
     low = (torch.full_like(shift, raw_low) - shift) / scale
