@@ -656,6 +656,13 @@ def test_curvature_draws_the_same_probes_for_every_beta(tmp_path, capsys):
         mine = [r for r in rows if r["index"] == i]
         assert len(mine) == 3 and mine[0]["hessian_frobenius"] > 0
         assert all(r[f] == mine[0][f] for r in mine for f in fields), mine
+    # A run of 0.6.0 drew per beta: resuming it would mix the two draws.
+    config = json.loads((out / "config.json").read_text())
+    del config["probes"]
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--no-progress", "--resume"]) == 2
+    assert "--resume with a different setting: probes is None" in capsys.readouterr().err
 
 
 def test_records_and_report_name_the_file_and_class_of_each_image(tmp_path):
@@ -910,6 +917,19 @@ def test_option_gives_captum_its_options_and_resume_compares_them(tmp_path, caps
     assert "--resume with a different setting: options is" in capsys.readouterr().err
 
 
+def test_option_values_as_a_shell_user_writes_them(tmp_path):
+    # false is False (a string 'false' would be true): Captum's Saliency keeps the sign.
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "captum:Saliency", "--save-attributions", "--out", str(out)]
+    assert main([*argv, "--option", "captum:Saliency.abs=false"]) == 0
+    with np.load(out / "arrays" / "captum:Saliency-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["attribution"]
+    net = bs.load_model("digits-cnn")
+    expected = bs.explain(net, x, "gradient").numpy()
+    assert stored.min() < 0
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-7)
+
+
 def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
     from betasmooth.cli import _attack_options
 
@@ -941,6 +961,11 @@ def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
         ("lrp", "lrp.composite=nonsense", r"unknown lrp composite 'nonsense'"),
         ("beta_smooth", "beta_smooth.beta=1|--beta|2", r"--beta and --option beta_smooth.beta"),
         ("gradient", "gradient.zzz=1|--option|gradient.zzz=2", r"gradient.zzz is given twice"),
+        ("gradient", "gradient.abs=1e400", r"expected VALUE to be a finite number"),
+        # Options a wrapper passes on to its base, and values: named before the run too.
+        ("beta_smooth", "beta_smooth.bogus=1", r"unknown option 'bogus' for method 'beta_smooth'"),
+        ("smoothgrad", "smoothgrad.seed=abc", r"--option smoothgrad: seed must be"),
+        ("integrated_gradients", "integrated_gradients.steps=abc", r"steps must be an integer"),
     ],
 )
 def test_a_bad_option_is_one_line_before_any_run(tmp_path, capsys, method, option, message):

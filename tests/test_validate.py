@@ -303,3 +303,7 @@ def test_images_of_other_channels_or_too_small_say_what_fits(tmp_path, capsys) -
     assert "too small for the model: give a larger --image-size" in capsys.readouterr().err
     # With what the hints say, the same images run.
     assert main([*argv, *tiny[:-1], str(tmp_path / "c"), "--image-size", "32"]) == 0
+    # A kernel larger than the image, and a grey-taking model that fails on size alone.
+    wide = nn.Sequential(nn.Conv2d(3, 2, 7), nn.Flatten(), nn.Linear(2, 3))
+    with pytest.raises(InputError, match=r"too small for the model: give a larger --image-size"):
+        bs.explain(wide, torch.rand(2, 3, 5, 5), "gradient")

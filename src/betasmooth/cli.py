@@ -17,6 +17,7 @@ import argparse
 import ast
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -36,7 +37,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, resolve_device
-from .explain import METHODS, check_model, range_options
+from .explain import METHODS, explain, range_options
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
@@ -231,24 +232,38 @@ def _option(text: str) -> tuple[str, str, object]:
     """``METHOD.NAME=VALUE``: one option of one method; VALUE a Python literal or a word."""
     key, equals, value = text.partition("=")
     method, dot, name = key.strip().rpartition(".")
-    if not (equals and dot and method and name.isidentifier() and value.strip()):
+    value = value.strip()
+    if not (equals and dot and method and name.isidentifier() and value):
         raise argparse.ArgumentTypeError(f"expected {OPTION_FORM}; got {text!r}")
+    if value.lower() in _WORDS:  # true and false as a shell user writes them
+        return method, name, _WORDS[value.lower()]
     try:
-        parsed = _plain(ast.literal_eval(value.strip()))
+        literal = ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         # A bare word is a name (composite=epsilon_plus, base=captum:Saliency);
         # anything with brackets or quotes was meant as a literal.
-        if re.fullmatch(r"[\w:.+-]+", value.strip()) is None:
+        if re.fullmatch(r"[\w:.+-]+", value) is None:
             raise argparse.ArgumentTypeError(
                 f"expected VALUE to be a number, a word, True/False/None or a tuple of "
-                f"numbers; got {value.strip()!r} in {text!r}"
+                f"numbers; got {value!r} in {text!r}"
             ) from None
-        parsed = value.strip()
-    return method, name, parsed
+        return method, name, value
+    try:
+        return method, name, _plain(literal)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected VALUE to be a finite number, a word, True/False/None or a tuple of "
+            f"them; got {value!r} in {text!r}"
+        ) from None
+
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
 
 
 def _plain(value: object) -> object:
     """``value`` if JSON can hold it, with every list a tuple (as Captum wants shapes)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(value)  # JSON has no inf or nan, and nan != nan on --resume
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (tuple, list)):
@@ -823,10 +838,21 @@ def _set_beta(options: dict[str, dict[str, object]], beta: float) -> None:
     options["beta_smooth"] = {**options.get("beta_smooth", {}), "beta": beta}
 
 
-def _check_given(model: torch.nn.Module, given: Mapping[str, Mapping[str, object]]) -> None:
-    """Name an option no method takes before any work (a run filters its options later)."""
-    for method, chosen in given.items():
-        check_model(model, method, **chosen)
+def _check_given(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    given: Mapping[str, Mapping[str, object]],
+    options: Mapping[str, Mapping[str, object]],
+) -> None:
+    """Explain one image with each method that ``--option`` gives options to: a name or a
+    value the method does not take is named before anything is written."""
+    for method in given:
+        try:
+            explain(model, x[:1], method, **options.get(method, {}))
+        except InputError as err:
+            raise InputError(f"--option {method}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise InputError(f"--option {method}: {method} refused its options: {err}") from None
 
 
 def _beta_value(text: str, auto: bool = False) -> float | str:
@@ -937,7 +963,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
         _set_beta(options, args.beta)
-    _check_given(model, given)
+    _check_given(model, x, given, options)
     runs.check_methods(model, methods, options)
     if args.goal == "targeted":
         derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
@@ -991,7 +1017,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     bounds = _bounds(config, x)
     options = _with_given(range_options(*bounds, methods=methods), given, methods)
-    _check_given(model, given)
+    _check_given(model, x, given, options)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
@@ -1159,6 +1185,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
         inputs,
         betas=args.betas,
         iterations=args.iterations,
+        probes="the same for every beta",
         units="per pixel value in [0, 1] (per unit of each channel's data range)",
     )
     with distributed(device) as (dist, dev):
@@ -1261,7 +1288,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
     model, x, y = inputs = _load(vars(args), int(sizes["n"]))
     config = _config(
-        args, **_inputs_config(args), quick=args.quick, seed=args.seed, device=str(device), **sizes
+        args,
+        **_inputs_config(args),
+        quick=args.quick,
+        seed=args.seed,
+        device=str(device),
+        inputs_sha256=_fingerprint(x, y, args.weights),
+        **sizes,
     )
     bounds = _bounds(config, x)
     explain_methods = runs.explain_methods("all")

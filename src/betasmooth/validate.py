@@ -535,13 +535,14 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
 def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
     """What would fit the model where its error says it plainly: channels, or a larger size."""
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if len(shape) == 4 and first is not None and first.in_channels != shape[1]:
+    said = "channels" in reason  # torch: "expected input ... to have 1 channels"
+    if said and len(shape) == 4 and first is not None and first.in_channels != shape[1]:
         return (
             f"; the model's first convolution takes {first.in_channels} "
             f"channel{'s' if first.in_channels != 1 else ''}: load the "
             f"images with --channels {first.in_channels} (channels= of bs.load_data)"
         )
-    if "too small" in reason:
+    if "too small" in reason or "can't be greater than actual input size" in reason:
         return "; the images are too small for the model: give a larger --image-size (image_size=)"
     return ""
 
