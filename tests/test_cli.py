@@ -804,6 +804,18 @@ def test_an_attack_that_changes_nothing_says_so(tmp_path, capsys):
     assert "no image changed" not in capsys.readouterr().out
 
 
+def test_an_attack_that_changes_some_images_says_how_many(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["attack", "--model", "photos-cnn", "--data", "photos", "--method", "gradient"]
+    assert main([*argv, "-n", "4", "--steps", "30", "--no-progress", "--out", str(out)]) == 0
+    unmoved = sum(r["input_max_change"] == 0 for r in read_jsonl(out / "results.jsonl"))
+    said = capsys.readouterr().out
+    if 0 < unmoved < 4:
+        assert f"gradient: {unmoved} of 4 images unchanged (no step improved the map" in said
+    else:
+        assert "images unchanged" not in said
+
+
 MODEL_WITH_METHOD = """
 import betasmooth as bs
 from betasmooth.explain import register

@@ -133,7 +133,8 @@ PHOTO_DEMO_SIZES: dict[str, dict[str, object]] = {
     "quick": {
         **DEMO_SIZES["quick"],
         "n": 4,
-        "steps": 30,
+        # At 30 steps the gradient attack moved 1 photograph of 4; at 45, 3.
+        "steps": 45,
         "batch_size": 4,
         "betas": [1.0, 5.0, 20.0, 50.0],
     },
@@ -1375,10 +1376,16 @@ def _say_unmoved(records: Sequence[Mapping]) -> None:
     methods = sorted({str(r.get("method")) for r in records})
     for method in methods:
         changes = [r.get("input_max_change") for r in records if r.get("method") == method]
-        if changes and all(c == 0 for c in changes):
+        unmoved = sum(c == 0 for c in changes)
+        if changes and unmoved == len(changes):
             _say(
                 f"{method}: no image changed (no step improved the map and kept the label); "
                 "more --steps may move it, and defenses against it measure nothing"
+            )
+        elif unmoved:
+            _say(
+                f"{method}: {unmoved} of {len(changes)} images unchanged (no step improved the "
+                "map and kept the label); more --steps may move them"
             )
 
 
