@@ -259,6 +259,8 @@ def _option(text: str) -> tuple[str, str, object]:
 
 
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
+#: bs.explain's own arguments: the command sets them (the target is the predicted class).
+_OWN = ("model", "x", "method", "target", "create_graph")
 
 
 def _plain(value: object) -> object:
@@ -803,6 +805,12 @@ def _given_options(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """``--option`` as ``{method: {name: value}}``; an option given twice is refused."""
     given: dict[str, dict[str, object]] = {}
     for method, name, value in args.option or ():
+        if name in _OWN:
+            hint = " (Captum's option method is written rule)" if name == "method" else ""
+            raise InputError(
+                f"--option {method}.{name}: {name} is set by the command, not an option of "
+                f"a method{hint}; expected one of the method's own options"
+            )
         if name in given.setdefault(method, {}):
             raise InputError(f"--option {method}.{name} is given twice; expected each option once")
         given[method][name] = value

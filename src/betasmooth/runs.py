@@ -204,9 +204,7 @@ def check_methods(
     """
     options = method_options or {}
     for method in methods:
-        known = options_of(method)
-        given = {k: v for k, v in options.get(method, {}).items() if k in known}
-        check_model(model, method, **given)
+        check_model(model, method, **options.get(method, {}))
 
 
 def _named(

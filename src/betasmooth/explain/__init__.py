@@ -138,9 +138,10 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
     >>> check_model(net, "lrp")
     >>> check_model(net, "beta_smooth", base="lrp", beta=2.0)
     """
-    _lookup(method)
+    fn = _lookup(method)
     _check_options(method, options)
-    check = CHECKS.get(method)
+    # A method made on demand (captum:NAME) carries its own check.
+    check = CHECKS.get(method) or getattr(fn, "check", None)
     if check is not None:
         check(model, **options)
 

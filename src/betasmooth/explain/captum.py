@@ -191,6 +191,16 @@ def captum_method(name: str) -> Method:
     cls = _attribution_class(name)
     required = _required(cls)
 
+    def check(model: nn.Module, **options: object) -> None:
+        """Refuse, before any work, a call without an option that Captum requires."""
+        missing = [option for option in required if option not in options]
+        if missing:
+            raise InputError(
+                f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
+                f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python, or "
+                f"--option captum:{name}.{missing[0]}=... on the command line"
+            )
+
     def method(
         model: nn.Module,
         x: torch.Tensor,
@@ -204,13 +214,7 @@ def captum_method(name: str) -> Method:
             raise InputError(
                 f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
             )
-        missing = [option for option in required if option not in options]
-        if missing:
-            raise InputError(
-                f"captum:{name} needs the option {missing[0]} (Captum requires it); expected "
-                f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python, or "
-                f"--option captum:{name}.{missing[0]}=... on the command line"
-            )
+        check(model, **options)
         if target is None:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
@@ -237,6 +241,7 @@ def captum_method(name: str) -> Method:
         return attribution.detach()
 
     method.accepted_options = _accepted_options(cls)
+    method.check = check  # check_model's, for a method that no CHECKS entry names
     # Input-space baselines (default 0): range_options gives them the data's black.
     method.takes_baselines = "baselines" in inspect.signature(cls.attribute).parameters
     method.__name__ = f"captum_{name}"
