@@ -1039,3 +1039,12 @@ def test_an_interrupt_says_how_to_continue_each_command(attack_dir, tmp_path, mo
     assert capsys.readouterr().err == "betasmooth: interrupted; run again to continue\n"
     assert main([*ATTACK, "--method", "gradient", "-n", "2", "--out", str(tmp_path / "a")]) == 130
     assert "interrupted; run again with --resume to continue" in capsys.readouterr().err
+
+
+def test_what_an_npz_holds_is_said_once(tmp_path, capsys):
+    x, y = bs.load_data("digits")
+    np.savez(tmp_path / "big.npz", x=x[:4].numpy() * 255, labels=y[:4].numpy())
+    argv = ["attack", "--model", "digits-cnn", "--data", str(tmp_path / "big.npz"), "-n", "2"]
+    assert main([*argv, "--method", "gradient", "--steps", "2", "--out", str(tmp_path / "r")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("holds values up to 255") == 1 and err.count("has no array 'y'") == 1

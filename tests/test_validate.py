@@ -303,6 +303,11 @@ def test_images_of_other_channels_or_too_small_say_what_fits(tmp_path, capsys) -
     assert "too small for the model: give a larger --image-size" in capsys.readouterr().err
     # With what the hints say, the same images run.
     assert main([*argv, *tiny[:-1], str(tmp_path / "c"), "--image-size", "32"]) == 0
+    # A dense layer after the convolutions: photos-cnn at 32 px instead of 64.
+    small = ["--model", "photos-cnn", "--data", "photos", "--image-size", "32", "-n", "2"]
+    plain = ["explain", "--method", "gradient", "--no-progress", *small]
+    assert main([*plain, "--out", str(tmp_path / "d")]) == 2
+    assert "give the size it was trained on with --image-size" in capsys.readouterr().err
     # A kernel larger than the image, and a grey-taking model that fails on size alone.
     wide = nn.Sequential(nn.Conv2d(3, 2, 7), nn.Flatten(), nn.Linear(2, 3))
     with pytest.raises(InputError, match=r"too small for the model: give a larger --image-size"):

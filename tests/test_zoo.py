@@ -437,6 +437,11 @@ def test_a_mean_is_checked_against_the_datas_own_range(tmp_path) -> None:
     torch.testing.assert_close(data.x, torch.from_numpy((x + 0.1) / 0.5))
     with pytest.raises(InputError, match=r"mean must lie in \[-1, 1\], the range of the pixels"):
         bs.load_data(str(path), mean=-2.0, std=0.5)
+    # A std wider than the pixels' range is one of 0-255 levels; 1 (none) is allowed.
+    with pytest.raises(InputError, match=r"std must be at most 1, the width of the pixels' range"):
+        bs.load_data("photos", mean=[0.485, 0.456, 0.406], std=[58.4, 57.1, 57.4])
+    plain = bs.load_data("photos").x
+    torch.testing.assert_close(bs.load_data("photos", mean=0.5, std=1.0).x, plain - 0.5)
 
 
 @pytest.mark.parametrize("mean", [127.5, -0.5, [0.485, 116.3, 0.406]])

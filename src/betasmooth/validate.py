@@ -544,6 +544,12 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
         )
     if "too small" in reason or "can't be greater than actual input size" in reason:
         return "; the images are too small for the model: give a larger --image-size (image_size=)"
+    if "mat1 and mat2 shapes cannot be multiplied" in reason and len(shape) == 4:
+        # A dense layer after the convolutions fixes the image size it takes.
+        return (
+            "; a dense layer of the model takes features of images of another size: give the "
+            "size it was trained on with --image-size (image_size=)"
+        )
     return ""
 
 

@@ -669,6 +669,12 @@ def load_data(
             stacklevel=2,
         )
     shift, scale = _normalisation(mean, std, x.shape[1])
+    if normalised and bool((scale > raw_high - raw_low).any()):
+        raise InputError(
+            f"std must be at most {raw_high - raw_low:g}, the width of the pixels' range "
+            f"[{raw_low:g}, {raw_high:g}]; got {std!r}: divide statistics of 0-255 levels by "
+            "255 (ImageNet's 58.4, 57.1, 57.4 are 0.229, 0.224, 0.225)"
+        )
     if not bool(((shift >= raw_low) & (shift <= raw_high)).all()):
         raise InputError(
             f"mean must lie in [{raw_low:g}, {raw_high:g}], the range of the pixels it is the "
@@ -718,7 +724,10 @@ def data_bounds(
     """
     source = _source(str(spec))
     if source == "npz":
-        data = load_data(spec, channels=channels, mean=mean, std=std)
+        # What the file holds is said once, by load_data of the images themselves.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            data = load_data(spec, channels=channels, mean=mean, std=std)
         return data.low, data.high
     n = channels or max(
         [torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None]
