@@ -849,7 +849,7 @@ def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_comman
     hand = (grad * x.sign()).abs().sum(1)
     hand = hand / hand.sum((1, 2), keepdim=True)
     np.testing.assert_allclose(stored, hand.detach().numpy(), rtol=1e-4, atol=1e-7)
-    with np.load(out / "arrays" / "captum:Saliency-0.npz") as saved:
+    with np.load(out / "arrays" / "captum~Saliency-0.npz") as saved:
         saliency = saved["map"]
     hand = grad.abs().sum(1)
     hand = (hand / hand.sum((1, 2), keepdim=True)).numpy()
@@ -904,7 +904,7 @@ def test_option_gives_captum_its_options_and_resume_compares_them(tmp_path, caps
     assert config["options"] == {
         "captum:Occlusion": {"sliding_window_shapes": [1, 8, 8], "strides": 4}
     }
-    with np.load(out / "arrays" / "captum:Occlusion-0.npz") as saved:
+    with np.load(out / "arrays" / "captum~Occlusion-0.npz") as saved:
         x, stored = torch.from_numpy(saved["x"]), saved["map"]
     net = bs.load_model("digits-cnn")
     occ = Occlusion(net).attribute(
@@ -925,7 +925,7 @@ def test_option_values_as_a_shell_user_writes_them(tmp_path):
     out = tmp_path / "run"
     argv = [*EXPLAIN, "--method", "captum:Saliency", "--save-attributions", "--out", str(out)]
     assert main([*argv, "--option", "captum:Saliency.abs=false"]) == 0
-    with np.load(out / "arrays" / "captum:Saliency-0.npz") as saved:
+    with np.load(out / "arrays" / "captum~Saliency-0.npz") as saved:
         x, stored = torch.from_numpy(saved["x"]), saved["attribution"]
     net = bs.load_model("digits-cnn")
     expected = bs.explain(net, x, "gradient").numpy()

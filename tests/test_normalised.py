@@ -16,7 +16,7 @@ from betasmooth.calibrate import calibrate_beta
 from betasmooth.cli import main
 from betasmooth.explain import range_options
 from betasmooth.recommend import format_summary, recommend_beta
-from betasmooth.store import read_jsonl
+from betasmooth.store import RunDir, read_jsonl
 from betasmooth.validate import InputError
 from nets import plain_cnn
 from test_explain_lrp import zennit_lrp
@@ -440,7 +440,7 @@ def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_
     _explain_normalised(model_file, data_file, ",".join(methods), out)
     maps = {}
     for method in methods:
-        with np.load(out / "arrays" / f"{method}-0.npz") as saved:
+        with np.load(RunDir(out).arrays_file(method, 0)) as saved:
             maps[method], x = saved["map"], torch.from_numpy(saved["x"]).double()
     net = bs.load_model(f"{model_file}:net").double()
     target = net(x).argmax(1)

@@ -239,3 +239,18 @@ def test_smoothgrad_results_do_not_depend_on_the_batch_size(tmp_path, digits, di
             for key, value in a.items():
                 if isinstance(value, float) and key != "seconds":
                     assert value == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_arrays_files_of_captum_methods_have_no_colon_and_old_names_are_read(tmp_path):
+    # Windows allows no ":" in a file name; runs of earlier versions wrote it.
+    run = RunDir(tmp_path / "run")
+    run.arrays.mkdir(parents=True)
+    batch = {"index": np.array([0, 1]), "map": np.zeros((2, 4, 4), dtype=np.float32)}
+    path = run.save_arrays("captum:Saliency", 0, batch)
+    assert path.name == "captum~Saliency-0.npz"
+    write_npz(run.arrays / "captum:Occlusion-2.npz", {**batch, "index": np.array([2, 3])})
+    files = run.batch_files()
+    assert sorted(files) == ["captum:Occlusion", "captum:Saliency"]
+    assert files["captum:Saliency"] == {0: path}
+    assert run.covered() == {(0, "captum:Saliency"), (1, "captum:Saliency"),
+                             (2, "captum:Occlusion"), (3, "captum:Occlusion")}  # fmt: skip

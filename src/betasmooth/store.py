@@ -646,21 +646,23 @@ class RunDir:
         """The arrays file of the batch of ``method`` from index ``first``.
 
         ``arrays/<method>-<first>.npz`` for results, ``arrays/<name>-<method>-<first>.npz``
-        for the records ``name`` (``sweep``, ``explain``).
+        for the records ``name`` (``sweep``, ``explain``); a ``:`` in the method's
+        name is written ``~`` (``captum~Occlusion-0.npz``).
 
         Examples
         --------
         >>> RunDir("run").arrays_file("lrp", 16, "sweep").as_posix()
         'run/arrays/sweep-lrp-16.npz'
         """
-        return self.arrays / f"{_arrays_prefix(name)}{method}-{first}.npz"
+        return self.arrays / f"{_arrays_prefix(name)}{_in_file_name(method)}-{first}.npz"
 
     def batch_files(self, name: str = "results") -> dict[str, dict[int, Path]]:
         """The arrays files of the records ``name``: ``{method: {first index: path}}``."""
         prefix = _arrays_prefix(name)
         found: dict[str, dict[int, Path]] = {}
         for f in sorted(self.arrays.glob(f"{prefix}*.npz")) if self.arrays.is_dir() else []:
-            method, _, first = f.stem[len(prefix) :].rpartition("-")
+            stem, _, first = f.stem[len(prefix) :].rpartition("-")
+            method = _from_file_name(stem)
             # Method names have no "-"; a longer head is another kind's file (sweep-lrp-0).
             if method and "-" not in method and first.isdigit():
                 found.setdefault(method, {})[int(first)] = f
@@ -867,6 +869,16 @@ class SweepBatch(Batch):
     betas: np.ndarray
     maps_beta: np.ndarray | None = None
     maps_smoothgrad: np.ndarray | None = None
+
+
+def _in_file_name(method: str) -> str:
+    # Windows allows no ":" in a file name (captum:NAME); "~" is in no method's name.
+    return method.replace(":", "~")
+
+
+def _from_file_name(stem: str) -> str:
+    # Runs before 0.7.0 wrote the ":" itself: both read back.
+    return stem.replace("~", ":")
 
 
 def _arrays_prefix(name: str) -> str:
