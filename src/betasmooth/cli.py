@@ -944,17 +944,24 @@ def _may_register(model: str) -> bool:
     return not (model in BUILTIN_MODELS or is_pretrained(model))
 
 
-@command("attack")
-def cmd_attack(args: argparse.Namespace) -> int:
-    """Attack the explanations of ``-n`` test images by every ``--method``."""
+def _command_inputs(
+    args: argparse.Namespace, parse: Callable[[str], list[str]]
+) -> tuple[list[str], torch.device, runs.Inputs, dict[str, dict[str, object]]]:
+    """The methods, device, model and images, and ``--option`` of attack and explain."""
     # A typo is named before a long load, unless the --model file may register
     # methods of its own: then after it.
     early = not _may_register(args.model)
-    methods = runs.attack_methods(args.method) if early else []
+    methods = parse(args.method) if early else []
     device = resolve_device(args.device)
-    model, x, y = inputs = _load_images(args)
-    methods = methods or runs.attack_methods(args.method)
-    given = _given_options(args)
+    inputs = _load_images(args)
+    return methods or parse(args.method), device, inputs, _given_options(args)
+
+
+@command("attack")
+def cmd_attack(args: argparse.Namespace) -> int:
+    """Attack the explanations of ``-n`` test images by every ``--method``."""
+    methods, device, inputs, given = _command_inputs(args, runs.attack_methods)
+    model, x, y = inputs
     config = _run_config(
         args,
         device,
@@ -1008,14 +1015,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
-    # A typo is named before a long load, unless the --model file may register
-    # methods of its own: then after it.
-    early = not _may_register(args.model)
-    methods = runs.explain_methods(args.method) if early else []
-    device = resolve_device(args.device)
-    model, x, y = inputs = _load_images(args)
-    methods = methods or runs.explain_methods(args.method)
-    given = _given_options(args)
+    methods, device, inputs, given = _command_inputs(args, runs.explain_methods)
+    model, x, y = inputs
     config = _run_config(
         args,
         device,
