@@ -166,3 +166,14 @@ def test_missing_captum_names_the_extra(x, monkeypatch):
     with pytest.raises(ValueError, match=r"pip install 'betasmooth\[captum\]'"):
         bs.explain(plain_cnn().double(), x, "captum:Saliency", TARGET)
     captum_method.cache_clear()
+
+
+@pytest.mark.parametrize("wrapper", ["beta_smooth", "smoothgrad"])
+def test_check_model_passes_a_wrappers_options_on_to_its_captum_base(wrapper):
+    # As the call does: options that are not the smoothing's own go to the base.
+    from betasmooth.explain import check_model
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    check_model(net, wrapper, base="captum:Occlusion", sliding_window_shapes=(1, 1, 1))
+    with pytest.raises(bs.InputError, match=r"captum:Occlusion needs the option sliding_window"):
+        check_model(net, wrapper, base="captum:Occlusion")

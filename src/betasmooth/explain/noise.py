@@ -282,15 +282,6 @@ def smoothgrad(
     return total / n
 
 
-@register_check("smoothgrad")
-@register_check("beta_smooth")
-def _check_base(
-    model: nn.Module, *, base: str = "gradient", base_options: dict | None = None, **options: object
-) -> None:
-    # The smoothing itself fits any model; only the base method can fail on one.
-    check_model(model, base, **(base_options or {}))
-
-
 @register("beta_smooth")
 def beta_smooth(
     model: nn.Module,
@@ -356,5 +347,21 @@ def _base_input_check(method: str) -> Callable[..., None]:
     return check
 
 
+def _base_check(method: str) -> Callable[..., None]:
+    own = set(method_options(method))
+
+    def check(model: nn.Module, **options: object) -> None:
+        # The smoothing itself fits any model; only the base method can fail on
+        # one, with the options it gets: base_options and the others not the
+        # smoothing's own (as the call passes them).
+        base = options.get("base", "gradient")
+        extra = {k: v for k, v in options.items() if k not in own}
+        _, base_options = _base(method, base, options.get("base_options"), extra)
+        check_model(model, str(base), **base_options)
+
+    return check
+
+
 for _name in sorted(NOISE_METHODS):
     register_input_check(_name)(_base_input_check(_name))
+    register_check(_name)(_base_check(_name))
