@@ -521,3 +521,31 @@ def test_curvature_with_the_data_range_is_per_pixel_value(user_files, tmp_path):
     rows = sorted(read_jsonl(tmp_path / "c" / "results.jsonl"), key=lambda r: r["index"])
     stored = torch.tensor([r["gradient_norm"] for r in rows], dtype=torch.float64)
     torch.testing.assert_close(stored, by_hand["gradient_norm"], rtol=1e-4, atol=0)
+
+
+def test_a_base_lrp_of_beta_smooth_gets_the_datas_box_in_runs(tmp_path):
+    # explain's map and the attack's target map: both with the box of the data.
+    from betasmooth.attack import ATTACK_DEFAULTS
+
+    data = bs.load_data("digits", mean=0.5, std=0.5)
+    model = bs.load_model("digits-cnn")
+    common = ["--model", "digits-cnn", "--data", "digits", "-n", "2", "--mean", "0.5"]
+    common += ["--std", "0.5", "--method", "beta_smooth", "--option", "beta_smooth.base=lrp"]
+    assert main(["explain", *common, "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    assert (
+        main(["attack", *common, "--steps", "1", "--out", str(tmp_path / "a"), "--no-progress"])
+        == 0
+    )
+    box = {"low": data.low, "high": data.high}
+    with np.load(RunDir(tmp_path / "e").arrays_file("beta_smooth", 0)) as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["map"]
+    expected = bs.heatmap(bs.explain(model, x, "beta_smooth", base="lrp", **box)).numpy()
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-6)
+    beta = ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
+    with np.load(RunDir(tmp_path / "a").arrays_file("beta_smooth", 0)) as saved:
+        xt = torch.from_numpy(saved["x"])[torch.from_numpy(saved["target_index"]).long()]
+        target = saved["map_target"]
+    expected = bs.explain(model, xt, "beta_smooth", base="lrp", beta=beta, **box)
+    np.testing.assert_allclose(target, bs.heatmap(expected).numpy(), rtol=0, atol=1e-6)
+    default = bs.heatmap(bs.explain(model, xt, "beta_smooth", base="lrp", beta=beta)).numpy()
+    assert np.abs(target - default).max() > 1e-3  # the box matters here

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .explain import METHODS, explain, is_method, range_options
+from .explain import METHODS, explain, is_method, range_options, with_base_range
 from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
@@ -1100,14 +1100,8 @@ def _attacked_options(
     # box and the integrated-gradients baseline of [0, 1] are explain's defaults.
     ranged = {m: o for m, o in range_options(*box).items() if m in _RANGED}
     options = {**ranged.get(method, {}), **options}
-    base = options.get("base", known.get("base"))
-    if isinstance(base, str) and base in ranged:
-        # A wrapper adds its further keyword options to base_options.
-        inner = dict(options.get("base_options") or {})
-        fill = {k: v for k, v in ranged[base].items() if k not in inner and k not in options}
-        if fill:
-            options["base_options"] = {**inner, **fill}
-    return options
+    # A wrapper adds its further keyword options to base_options.
+    return with_base_range(method, options, *box)
 
 
 def _check_weights(weights: object) -> tuple[float, float] | None:

@@ -37,7 +37,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, resolve_device
-from .explain import METHODS, explain, range_options
+from .explain import METHODS, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
@@ -1027,6 +1027,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     bounds = _bounds(config, x)
     options = _with_given(range_options(*bounds, methods=methods), given, methods)
+    for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
+        options[method] = with_base_range(method, options.get(method, {}), *bounds)
     _check_given(model, x, given, options)
     if args.beta is not None:
         if "beta_smooth" not in methods:

@@ -22,6 +22,7 @@ import torch
 from .attack import (
     ATTACK_DEFAULTS,
     DEFENSES,
+    attack_options,
     check_attackable,
     defense_sweep,
     derangement,
@@ -327,7 +328,11 @@ def attack_run(
         target_map = None
         if targets is not None:
             xt = x[targets[idx]].to(device)
-            target_map = heatmap(explain(model, xt, unit.method, **options)).detach()
+            # The map the attack moves, of another image: with the attack's options.
+            attacked = attack_options(
+                unit.method, xt, data_range=data_range, method_options=options
+            )
+            target_map = heatmap(explain(model, xt, unit.method, **attacked)).detach()
         result = manipulate(
             model,
             xb,

@@ -16,7 +16,7 @@ the prefix with :func:`register_prefix`: ``captum:DeepLift`` is any class of
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ __all__ = [
     "register_check",
     "register_input_check",
     "register_prefix",
+    "with_base_range",
 ]
 
 Method = Callable[..., torch.Tensor]
@@ -233,6 +234,37 @@ def range_options(
     for method in methods:
         if getattr(_lookup(method), "takes_baselines", False):
             options[method] = {"baselines": low}
+    return options
+
+
+def with_base_range(
+    method: str,
+    options: Mapping[str, object],
+    low: torch.Tensor | float,
+    high: torch.Tensor | float,
+) -> dict[str, object]:
+    """``options`` of ``method`` with the range options of its base method put into
+    ``base_options``: the box of a base ``lrp``, the black baseline of a base
+    ``integrated_gradients`` (``base`` of ``smoothgrad`` and ``beta_smooth``).
+
+    An option already given, in ``base_options`` or among ``options``, wins.
+
+    Examples
+    --------
+    >>> opts = with_base_range("beta_smooth", {"base": "lrp"}, -1.0, 1.0)
+    >>> opts["base_options"]
+    {'low': -1.0, 'high': 1.0}
+    """
+    options = dict(options)
+    known = method_options(method)
+    base = options.get("base", known.get("base")) if "base" in known else None
+    if not isinstance(base, str) or not is_method(base):
+        return options
+    ranged = range_options(low, high, methods=[base]).get(base, {})
+    inner = dict(options.get("base_options") or {})
+    fill = {k: v for k, v in ranged.items() if k not in inner and k not in options}
+    if fill:
+        options["base_options"] = {**inner, **fill}
     return options
 
 
