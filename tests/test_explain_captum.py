@@ -108,6 +108,9 @@ def test_captum_method_passes_options_and_defaults_target_to_prediction(x):
     layer = bs.explain(net, x, "captum:LayerGradCam", TARGET, layer=net[3])
     theirs = LayerGradCam(net, net[3]).attribute(x, target=TARGET)
     torch.testing.assert_close(layer, theirs, rtol=1e-12, atol=1e-12)
+    # A Sequential's layer by its index, as the command line's --option layer=3 gives it.
+    by_index = bs.explain(net, x, "captum:LayerGradCam", TARGET, layer=3)
+    torch.testing.assert_close(by_index, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_captums_method_option_is_given_as_rule(x):

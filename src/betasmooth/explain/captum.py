@@ -103,9 +103,13 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module | None, method: str) 
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     >>> resolve_layer(net, "0", "captum:LayerGradCam")
     Conv2d(1, 2, kernel_size=(3, 3), stride=(1, 1))
+    >>> resolve_layer(net, 1, "captum:LayerGradCam")  # an index, as --option layer=1 gives it
+    ReLU()
     """
     if isinstance(layer, nn.Module):
         return layer
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        layer = str(layer)  # nn.Sequential's layers are named by their index
     if not isinstance(layer, str):
         raise InputTypeError(
             f"{method} needs the option layer, a submodule name of the model such as "
