@@ -381,6 +381,17 @@ def test_bad_input_is_refused(small):
             bs.InputError, match=r"target_map must hold heatmaps, each >= 0 .*" + says
         ):
             bs.manipulate(net, x, bad, "gradient", steps=1)
+    # What heatmap makes is taken: an all-zero map (of a zero explanation), a bfloat16 map.
+    zero = good.clone()
+    zero[0] = bs.heatmap(torch.zeros(1, *x.shape[1:]))[0]
+    low = bs.heatmap(torch.rand(x.shape, generator=torch.Generator().manual_seed(0)).bfloat16())
+    assert float(low.double().sum(dim=(1, 2)).sub(1).abs().max()) > 1e-3
+    for target in (zero, low):
+        assert bs.manipulate(net, x, target, "gradient", steps=1).x_adv.shape == x.shape
+    # float16: the loss and Adam's eps underflow, and x_adv would become NaN.
+    half = copy.deepcopy(net).half()
+    with pytest.raises(bs.InputError, match=r"a float16 model cannot be attacked .*bfloat16"):
+        bs.manipulate(half, x.half(), good.half(), "gradient", steps=1)
 
 
 @pytest.mark.parametrize("goal", ["targeted", "topk"])

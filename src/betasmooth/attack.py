@@ -986,7 +986,15 @@ def _checked_input(model: object, x: object) -> torch.Tensor:
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:
         raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")
-    return check_input(model, x).detach()
+    x = check_input(model, x).detach()
+    if x.dtype == torch.float16:
+        # The maps' MSE underflows and Adam's eps (1e-8) is 0 in float16: the
+        # attack would end in NaN; bfloat16 has float32's range.
+        raise InputError(
+            "a float16 model cannot be attacked (its loss and Adam's steps underflow); "
+            "expected model.float() or model.bfloat16()"
+        )
+    return x
 
 
 def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
