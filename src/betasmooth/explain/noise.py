@@ -331,16 +331,21 @@ def beta_smooth(
         return fn(model, x, target, create_graph=create_graph, **options)
 
 
-def _base_input_check(method: str) -> Callable[..., None]:
+def _base_call(method: str, options: dict[str, object]) -> tuple[str, dict[str, object]]:
+    """The base method of a call of ``method`` and the options it gets there:
+    ``base_options`` and the others that are not the smoothing's own."""
     own = set(method_options(method))
+    base = options.get("base", "gradient")
+    extra = {k: v for k, v in options.items() if k not in own}
+    return str(base), _base(method, base, options.get("base_options"), extra)[1]
 
+
+def _base_input_check(method: str) -> Callable[..., None]:
     def check(x: torch.Tensor, **options: object) -> None:
         # The clean x must suit the base method (e.g. lie in LRP's box); the
         # noisy copies of smoothgrad need not.
-        base = options.get("base", "gradient")
-        extra = {k: v for k, v in options.items() if k not in own}
-        _, base_options = _base(method, base, options.get("base_options"), extra)
-        base_check = INPUT_CHECKS.get(str(base))
+        base, base_options = _base_call(method, options)
+        base_check = INPUT_CHECKS.get(base)
         if base_check is not None:
             base_check(x, **base_options)
 
@@ -348,16 +353,10 @@ def _base_input_check(method: str) -> Callable[..., None]:
 
 
 def _base_check(method: str) -> Callable[..., None]:
-    own = set(method_options(method))
-
     def check(model: nn.Module, **options: object) -> None:
-        # The smoothing itself fits any model; only the base method can fail on
-        # one, with the options it gets: base_options and the others not the
-        # smoothing's own (as the call passes them).
-        base = options.get("base", "gradient")
-        extra = {k: v for k, v in options.items() if k not in own}
-        _, base_options = _base(method, base, options.get("base_options"), extra)
-        check_model(model, str(base), **base_options)
+        # The smoothing itself fits any model; only its base method can fail on one.
+        base, base_options = _base_call(method, options)
+        check_model(model, base, **base_options)
 
     return check
 
