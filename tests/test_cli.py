@@ -968,6 +968,11 @@ def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
         ("gradient", "gradient.method=riemann_left", r"method is set by the command, .*rule"),
         ("smoothgrad", "smoothgrad.target=1", r"target is set by the command, not an option"),
         ("lrp", "lrp.model=foo", r"model is set by the command"),
+        (
+            "beta_smooth",
+            "beta_smooth.base=lrp|--option|beta_smooth.base_options=(1,2)",
+            r"base_options must be a dict of options of 'lrp'; got tuple",
+        ),  # fmt: skip
         # Options a wrapper passes on to its base, and values: named before the run too.
         ("beta_smooth", "beta_smooth.bogus=1", r"unknown option 'bogus' for method 'beta_smooth'"),
         ("smoothgrad", "smoothgrad.seed=abc", r"--option smoothgrad: seed must be"),

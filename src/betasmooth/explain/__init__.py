@@ -261,7 +261,10 @@ def with_base_range(
     if not isinstance(base, str) or not is_method(base):
         return options
     ranged = range_options(low, high, methods=[base]).get(base, {})
-    inner = dict(options.get("base_options") or {})
+    given = options.get("base_options")
+    if not ranged or (given is not None and not isinstance(given, dict)):
+        return options  # nothing to fill; the method itself names a wrong base_options
+    inner = dict(given or {})
     fill = {k: v for k, v in ranged.items() if k not in inner and k not in options}
     if fill:
         options["base_options"] = {**inner, **fill}
