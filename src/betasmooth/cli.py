@@ -44,7 +44,7 @@ from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, data_bounds
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -789,13 +789,6 @@ def _apply_preset(args: argparse.Namespace) -> None:
         args.std = list(prep.std) if args.std is None else args.std
 
 
-def _bounds(settings: Mapping[str, object], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel bounds of the inputs, ``(1, C, 1, 1)`` each."""
-    return data_bounds(
-        settings["data"], mean=settings.get("mean"), std=settings.get("std"), channels=x.shape[1]
-    )
-
-
 def _classes(settings: Mapping[str, object]) -> list[str] | None:
     model = settings.get("model")
     return categories(model) if is_pretrained(model) else None
@@ -973,7 +966,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
         options=_stored(given),
     )
-    bounds = _bounds(config, x)
+    bounds = inputs.bounds
     options = _with_given(range_options(*bounds), given, methods)
     if args.beta is not None:
         if "beta_smooth" not in methods:
@@ -1025,7 +1018,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
         options=_stored(given),
     )
-    bounds = _bounds(config, x)
+    bounds = inputs.bounds
     options = _with_given(range_options(*bounds, methods=methods), given, methods)
     for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
         options[method] = with_base_range(method, options.get(method, {}), *bounds)
@@ -1157,8 +1150,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_betas(args.betas)
     settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
     run.check_sweep(settings)  # before the model is loaded
-    model, x, _ = _load(config, 1)
-    bounds = _bounds(config, x)
+    inputs = _load(config, 1)
+    model, x, _ = inputs
+    bounds = inputs.bounds
     with distributed(device) as (dist, dev):
         run.lock(dist)
         run.start_sweep(settings, dist)
@@ -1212,7 +1206,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             seed=args.seed,
             # The attack's unit of input change: on normalised data the
             # model's own unit is 1 / std pixel values.
-            options={"iterations": args.iterations, "data_range": _bounds(config, x)},
+            options={"iterations": args.iterations, "data_range": inputs.bounds},
             device=dev,
             dist=dist,
             progress=args.progress,
@@ -1308,7 +1302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         inputs_sha256=_fingerprint(x, y, args.weights),
         **sizes,
     )
-    bounds = _bounds(config, x)
+    bounds = inputs.bounds
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
     options = _attack_options(config, bounds)

@@ -66,6 +66,7 @@ class Inputs(tuple):
     Unpacks like a triple. ``about[i]`` holds the fields that the records of
     item ``i`` carry besides its label: for a folder of images its ``file``
     and ``true_label_name`` (the name of its class folder); empty otherwise.
+    ``bounds`` are the data's per-channel ``(low, high)``, ``(1, C, 1, 1)`` each.
     """
 
     def __new__(
@@ -74,9 +75,11 @@ class Inputs(tuple):
         x: torch.Tensor,
         y: torch.Tensor,
         about: Sequence[Mapping[str, object]],
+        bounds: tuple[torch.Tensor, torch.Tensor],
     ) -> Inputs:
         inputs = super().__new__(cls, (model, x, y))
         inputs.about = list(about)
+        inputs.bounds = bounds
         return inputs
 
 
@@ -131,7 +134,7 @@ def load_inputs(
             f"{data} has label {int(y[wrong][0])}, but the model has {classes} classes; "
             f"expected labels 0 to {classes - 1} (or -1 for unknown)"
         )
-    return Inputs(net, x, y, about)
+    return Inputs(net, x, y, about, loaded.bounds)
 
 
 def _split_methods(
