@@ -183,6 +183,44 @@ def test_beta_smoothing_names_a_relu_written_as_a_clamp(spelling) -> None:
     torch.testing.assert_close(smoothed_map, grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda h: torch.maximum(h, torch.zeros_like(h)),
+        lambda h: h.maximum(torch.tensor(0.0)),
+        lambda h: torch.fmax(torch.zeros_like(h), h),
+        lambda h: torch.max(h, torch.zeros(1)),
+    ],
+)
+def test_beta_smoothing_names_a_relu_written_as_a_maximum_with_zero(spelling) -> None:
+    torch.manual_seed(0)
+    net, x = _Clamped(spelling).eval(), torch.rand(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.explain(net, x, "beta_smooth", beta=2.0)
+    assert [str(w.message) for w in record] == [
+        "_Clamped: beta-smoothing replaces ReLU and the activations made of it; these "
+        "piecewise-linear activations stay non-smooth: maximum(x, 0)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda h: torch.maximum(h, torch.ones_like(h)),
+        lambda h: h + h.max() * 0,
+        lambda h: h + torch.max(h, 1, keepdim=True)[0] * 0,
+    ],
+)
+def test_beta_smoothing_is_silent_about_maxima_that_are_no_relu(spelling) -> None:
+    torch.manual_seed(0)
+    net, x = _Clamped(spelling).eval(), torch.rand(2, 1, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.explain(net, x, "beta_smooth", beta=2.0)
+    assert [str(w.message) for w in record] == []
+
+
 def test_beta_smoothing_is_silent_about_clamps_that_are_no_relu() -> None:
     torch.manual_seed(0)
     net, x = _Clamped(lambda h: torch.relu(h).clamp(0, 1)).eval(), torch.rand(2, 1, 8, 8)

@@ -89,6 +89,13 @@ CLAMP_FUNCTIONS = frozenset(
     for name in ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
     if hasattr(owner, name)
 )
+# ``maximum(x, 0)`` is one more: named when one operand is all zeros.
+MAX_FUNCTIONS = frozenset(
+    getattr(owner, name)
+    for owner in (torch, torch.Tensor)
+    for name in ("maximum", "fmax", "max")
+    if hasattr(owner, name)
+)
 
 Relu = Callable[[torch.Tensor], torch.Tensor]
 
@@ -392,6 +399,8 @@ class _ReluOverride(TorchFunctionMode):
                 self.kinked.add(getattr(func, "__name__", str(func)).lstrip("_"))
             elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
                 self.kinked.add("clamp(min=0)")
+            elif func in MAX_FUNCTIONS and _maxes_with_zero(args, kwargs):
+                self.kinked.add("maximum(x, 0)")
             elif func in SMOOTH_FUNCTIONS:
                 self.smooth.add(getattr(func, "__name__", str(func)))
             return func(*args, **kwargs)
@@ -448,6 +457,19 @@ def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
     return _number(low) == 0 and (high is None or _number(high) == math.inf)
+
+
+def _maxes_with_zero(args: tuple, kwargs: dict) -> bool:
+    """Whether a two-tensor maximum has one operand all zeros: a ReLU.
+
+    ``torch.max(x)`` and ``torch.max(x, dim)`` reduce and are no ReLU.
+    """
+    operands = [*args[:2], kwargs.get("other")]
+    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+    if len(tensors) != 2:
+        return False
+    with torch.no_grad():
+        return any(t.numel() > 0 and not t.is_complex() and bool((t == 0).all()) for t in tensors)
 
 
 def _number(value: object) -> float | None:
