@@ -221,6 +221,27 @@ def test_center_of_mass_equals_scipy(shape):
         assert shift[i].item() == pytest.approx(np.linalg.norm(ca - cb), abs=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_maps_of_224_px_match_scipy(dtype):
+    # float16's sums of squares pass 65504 and bfloat16 rounds a centre near
+    # row 111 to 111.5, unless the metrics work in float32.
+    g = torch.Generator().manual_seed(0)
+    e = torch.rand(2, 1, 224, 224, generator=g) ** 4
+    a = heatmap(e).to(dtype)
+    b = heatmap(e + 0.3 * torch.rand(e.shape, generator=g) ** 4).to(dtype)
+    u, v = a.double().numpy(), b.double().numpy()
+    ours = compare(a, b)
+    for i in range(2):
+        ref = stats.pearsonr(u[i].ravel(), v[i].ravel()).statistic
+        assert ours["pcc"][i].item() == pytest.approx(ref, abs=1e-5)
+        centres = [np.array(ndimage.center_of_mass(m[i])) for m in (u, v)]
+        np.testing.assert_allclose(center_of_mass(a)[i].numpy(), centres[0], atol=1e-3)
+        assert ours["com_shift"][i].item() == pytest.approx(
+            np.linalg.norm(centres[0] - centres[1]), abs=1e-3
+        )
+        assert ours["mse"][i].item() == pytest.approx(((u[i] - v[i]) ** 2).mean(), rel=1e-4)
+
+
 def test_center_of_mass_of_zero_map_is_grid_centre():
     m = torch.zeros(2, 7, 9)
     m[1, 6, 8] = 2.0

@@ -183,6 +183,10 @@ def _check_maps(a: object, b: object) -> tuple[torch.Tensor, torch.Tensor]:
     if a.device != b.device:
         raise InputTypeError(f"maps must be on the same device; got {a.device} and {b.device}")
     dtype = torch.promote_types(a.dtype, b.dtype)
+    if torch.finfo(dtype).bits < 32:
+        # float16's sums of squares overflow at 65504 (a 32 x 32 map's), and
+        # 8 bits of bfloat16 put a 224 px centre of mass on a half-pixel grid.
+        dtype = torch.float32
     return a.to(dtype), b.to(dtype)
 
 
@@ -590,6 +594,8 @@ def compare(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str,
     dict of str to torch.Tensor
         ``mse``, ``ssim``, ``pcc``, ``spearman``, ``topk``, ``com_shift`` (and
         any metric added with :func:`register_metric`), each of shape ``(B,)``.
+        Maps of fewer than 32 bits (float16, bfloat16) are compared in float32,
+        and their scores are float32.
 
     Examples
     --------
