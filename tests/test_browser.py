@@ -83,7 +83,13 @@ def test_dom_holds_every_section(report, tmp_path):
     dom = done.stdout
     for section in ("run", "results", "methods", "defense", "cost", "theory", "settings"):
         assert re.search(rf'<h2 id="{section}"', dom), section
-    for table in ("medians", "defense-gradient", "defense-lrp", "theory-numbers", "settings"):
+    for table in (
+        "medians",
+        "defense-gradient-table",
+        "defense-lrp-table",
+        "theory-numbers",
+        "settings-table",
+    ):
         assert f'<table id="{table}"' in dom
     html = page.read_text()
     assert dom.count("<img ") == html.count("<img ") == 11

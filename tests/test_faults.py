@@ -75,6 +75,44 @@ def test_corrupt_config_and_foreign_results_line_are_named(finished, tmp_path, c
     assert f"{run / 'config.json'} is corrupt (line 2)" in _error_line(capsys)
 
 
+def test_attack_resume_keeps_the_sweep_settings_a_later_sweep_is_checked_against(
+    finished, tmp_path, capsys
+):
+    run = _copy(finished[0], tmp_path / "run")
+    sweep = ["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]
+    assert main(sweep) == 0
+    rows = read_jsonl(run / "sweep.jsonl")
+    assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 0
+    capsys.readouterr()
+    config = json.loads((run / "config.json").read_text())
+    assert config["sweep"] == {"betas": [1.0], "smoothgrad_n": 2}
+    assert main([*sweep[:-2], "3", "--no-progress"]) == 2
+    assert "holds a sweep with {'betas': [1.0], 'smoothgrad_n': 2}" in _error_line(capsys)
+    assert read_jsonl(run / "sweep.jsonl") == rows
+
+
+@pytest.mark.parametrize(
+    ("name", "remedy"),
+    [
+        ("sweep_summary.json", "delete it and run betasmooth sweep again"),
+        ("theory.json", "delete it and run the command that wrote it again"),
+    ],
+)
+def test_a_damaged_summary_is_named_in_one_line(finished, tmp_path, capsys, name, remedy):
+    run = _copy(finished[0], tmp_path / "run")
+    assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    (run / name).write_text('{"betas": [1.0,\n')
+    assert main(["report", str(run)]) == 2
+    assert _error_line(capsys) == (
+        f"betasmooth: error: {run / name} is corrupt (line 2); expected the JSON object a "
+        f"betasmooth run writes: {remedy}"
+    )
+    (run / name).write_text("[1, 2]\n")
+    assert main(["report", str(run)]) == 2
+    assert f"{run / name} holds no JSON object" in _error_line(capsys)
+
+
 def test_full_disk_ends_with_one_line_and_resume_finishes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real = np.savez_compressed

@@ -30,7 +30,9 @@ def _maps(rng, *shape):
     return m / m.sum(axis=(-2, -1), keepdims=True)
 
 
-def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
+def make_run(
+    path: Path, *, sweep: bool = True, theory: bool = True, goal: str = "targeted"
+) -> Path:
     """A run directory with the documented files, filled with seeded random numbers."""
     rng = np.random.default_rng(0)
     config = {
@@ -66,7 +68,7 @@ def make_run(path: Path, *, sweep: bool = True, theory: bool = True) -> Path:
         for i in range(N):
             label = int(rng.integers(0, 10))
             kept = bool(rng.random() < 0.7)
-            rec = {"index": i, "method": method, "goal": "targeted", "label": label}
+            rec = {"index": i, "method": method, "goal": goal, "label": label}
             rec |= {"label_adv": label if kept else (label + 1) % 10, "label_kept": kept}
             for m in ("mse", "ssim", "pcc"):
                 rec[f"expl_{m}_target"] = float(rng.random())
@@ -150,13 +152,13 @@ class _Page(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tables, self.images, self.links, self.ids = {}, [], [], set()
+        self.tables, self.images, self.links, self.ids = {}, [], [], []
         self._table = self._row = self._cell = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if "id" in a:
-            self.ids.add(a["id"])
+            self.ids.append(a["id"])
         self.links += [a[k] for k in ("src", "href") if k in a]
         if tag == "table":
             self._table = self.tables.setdefault(a.get("id"), [])
@@ -240,7 +242,7 @@ def test_defense_tables_equal_numpy(full_run):
     page = parse(run / "report.html")
     sweep = read_lines(run / "sweep.jsonl")
     for method in METHODS:
-        table = page.tables[f"defense-{method}"]
+        table = page.tables[f"defense-{method}-table"]
         for defense, beta in [(d, b) for d in ("beta_smooth", "smoothgrad") for b in BETAS]:
             if defense == "beta_smooth":
                 setting = f"β-smoothing β={beta:g}"
@@ -322,13 +324,15 @@ def test_no_external_resources(full_run):
     assert all(link.startswith(("data:", "#")) for link in page.links)
     assert "<script" not in text.lower()
     assert not re.search(r"url\(|@import|https?://", text)
-    assert {"run", "results", "methods", "defense", "cost", "theory", "settings"} <= page.ids
+    assert {"run", "results", "methods", "defense", "cost", "theory", "settings"} <= set(page.ids)
+    # Every link target once: a heading and its table used to share an id.
+    assert sorted(page.ids) == sorted(set(page.ids))
 
 
 def test_settings_and_run_tables(full_run):
     run, _, _ = full_run
     page = parse(run / "report.html")
-    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings-table"][1:]}
     assert settings["model"] == "digits-cnn" and settings["steps"] == "3"
     what = {row[0][0]: row[1][0] for row in page.tables["run-table"][1:]}
     assert what["seed"] == "7" and what["images (n)"] == str(N)
@@ -339,7 +343,7 @@ def test_settings_keep_the_order_of_numeric_keys(tmp_path):
     run = RunDir.create(tmp_path, {"command": "explain", "beta_auto": {"betas": betas}})
     run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
     page = parse(build_report(tmp_path))
-    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings-table"][1:]}
     shown = json.loads(settings["beta_auto"])["betas"]
     assert list(shown) == ["0.5", "1", "2", "5", "10", "20", "50"]
 
@@ -381,6 +385,58 @@ def test_explain_only_run(tmp_path):
     assert "Attack results" not in (tmp_path / "report.html").read_text()
     what = {row[0][0]: row[1][0] for row in page.tables["run-table"][1:]}
     assert what["results lines"] == "6" and what["images (n)"] == "3"
+
+
+def test_explain_grid_leaves_out_a_method_whose_maps_of_the_rows_are_lost(tmp_path):
+    rng = np.random.default_rng(3)
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
+    n = GRID_ROWS
+    x = rng.random((2 * n, 1, H, H))
+    for first in (0, n):
+        idx = np.arange(first, first + n)
+        run.save_arrays("gradient", first, ExplainBatch(idx, x[idx], _maps(rng, n)))
+    # lrp's arrays of the first rows' images are lost: its maps of the next
+    # images, as many as there are rows, must not fill those rows.
+    run.save_arrays("lrp", n, ExplainBatch(np.arange(n, 2 * n), x[n:], _maps(rng, n)))
+    records = [
+        {"index": i, "method": m, "label": 1, "map_max": 1.0, "seconds": 0.1}
+        for m in ("gradient", "lrp")
+        for i in range(2 * n)
+    ]
+    run.append(records)
+    page = parse(build_report(tmp_path))
+    with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
+        assert im.size == figures.grid_size(n, 2)
+    text = (tmp_path / "report.html").read_text()
+    assert "Not shown, their maps of these images are not stored: lrp." in text
+
+
+@pytest.mark.parametrize("goal", ["topk", "center"])
+def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal):
+    run = make_run(tmp_path, sweep=False, theory=False, goal=goal)
+    page = parse(build_report(run))
+    rows = [row[0][0] for row in page.tables["medians"][1:]]
+    assert "expl_pcc_orig" in rows
+    assert not [r for r in rows if "_target" in r]
+    expected = [r for r in read_lines(run / "results.jsonl") if r["method"] == "lrp"]
+    got = column(page.tables["medians"], f"lrp ({goal})")
+    assert got["expl_ssim_orig"] == np.median([r["expl_ssim_orig"] for r in expected])
+    text = (run / "report.html").read_text()
+    assert "expl_*_target" not in text and "The topk and center goals have no target map" in text
+    grids = [img for img in page.images if img["alt"].endswith(" grid")]
+    assert len(grids) == len(METHODS)
+    for img in grids:
+        with Image.open(io.BytesIO(_decode(img["src"]))) as im:
+            assert im.size == figures.grid_size(min(GRID_ROWS, N), 4)
+
+
+def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):
+    # A class folder named "$a^^b$" is no TeX: as maths it failed to parse.
+    rng = np.random.default_rng(4)
+    x, m = rng.random((2, 1, H, H)), _maps(rng, 2)
+    path = figures.explain_grid(x, {"gradient": m}, tmp_path / "g.png", row_labels=["$a^^b$", "$"])
+    with Image.open(path) as im:
+        assert im.size == figures.grid_size(2, 2)
 
 
 def test_missing_run_dir(tmp_path):
@@ -428,7 +484,7 @@ def test_curvature_run_medians(tmp_path):
     assert header == ["beta=1", "beta=2", "beta=10", "relu"]
     assert page.images == []
     # The settings name the ReLU network, which config.json stores as a beta of null.
-    settings = {row[0][0]: row[1][0] for row in page.tables["settings"][1:]}
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings-table"][1:]}
     assert settings["betas"] == "[relu, 1, 2, 10]"
 
 

@@ -479,11 +479,16 @@ class Goal:
     differentiable maps of ``x_adv``; ``score(problem, maps)`` the ``(B,)``
     criterion on the original network that picks the best iterate (lower is
     better); ``signed`` selects signed steps in the L-inf ball instead of Adam.
+    ``targeted`` tells whether the goal steers to a target map (an untargeted
+    one pushes away from the original map, its "target"); ``measure`` names
+    the record that says how far it got, in the attacked map's words.
     """
 
     objective: Callable[[_Problem, torch.Tensor, torch.Tensor], torch.Tensor]
     score: Callable[[_Problem, torch.Tensor], torch.Tensor]
     signed: bool
+    targeted: bool = True
+    measure: str = "expl_pcc_target"
 
 
 def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
@@ -547,8 +552,10 @@ def _com_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torc
 #: Attack goals: ``targeted`` (Dombrowski et al.), ``topk`` and ``center`` (Ghorbani et al.).
 GOALS: dict[str, Goal] = {
     "targeted": Goal(_targeted_objective, _targeted_score, signed=False),
-    "topk": Goal(_topk_mass, _topk_mass, signed=True),
-    "center": Goal(_com_objective, _com_distance, signed=True),
+    "topk": Goal(_topk_mass, _topk_mass, True, targeted=False, measure="expl_topk_orig"),
+    "center": Goal(
+        _com_objective, _com_distance, True, targeted=False, measure="expl_com_shift_orig"
+    ),
 }
 
 

@@ -71,6 +71,8 @@ _STYLE = {
     "grid.alpha": 0.3,
     "lines.linewidth": 1.6,
     "image.interpolation": "nearest",
+    # Labels carry user text (class folders, method names): "$" is a dollar.
+    "text.parse_math": False,
 }
 _PNG_METADATA = {"Software": None}
 
@@ -248,7 +250,7 @@ def method_grid(
     map_orig: np.ndarray,
     x_adv: np.ndarray,
     map_adv: np.ndarray,
-    map_target: np.ndarray,
+    map_target: np.ndarray | None,
     path: str | Path,
     *,
     maps_beta: np.ndarray | None = None,
@@ -257,8 +259,9 @@ def method_grid(
 ) -> Path:
     """Grid of an attack: one row per image.
 
-    Columns: original image, its map, attacked image, its map, target map,
-    then one beta-smoothed map of the attacked image per beta when given.
+    Columns: original image, its map, attacked image, its map, target map
+    (unless ``None``: an untargeted attack has none), then one beta-smoothed
+    map of the attacked image per beta when given.
     Maps are drawn with :data:`MAP_CMAP` on one colour scale per row (from 0
     to the row's 99.5th percentile, shown by the colour bar); the two images
     of a row share one grey scale, so the attack's change is not exaggerated.
@@ -269,8 +272,10 @@ def method_grid(
     ----------
     x, x_adv : numpy.ndarray
         Original and attacked inputs, ``(B, C, H, W)``.
-    map_orig, map_adv, map_target : numpy.ndarray
+    map_orig, map_adv : numpy.ndarray
         Maps ``(B, H, W)``.
+    map_target : numpy.ndarray or None
+        Target maps ``(B, H, W)``, or ``None`` to leave their column out.
     path : str or Path
         Where to write the PNG.
     maps_beta : numpy.ndarray, optional
@@ -283,7 +288,8 @@ def method_grid(
     Returns
     -------
     Path
-        The PNG written, of pixel size ``grid_size(B, 5 + len(betas))``.
+        The PNG written, of pixel size ``grid_size(B, 5 + len(betas))`` (one
+        column less without ``map_target``).
 
     Examples
     --------
@@ -299,8 +305,9 @@ def method_grid(
         ("original map", "map", np.asarray(map_orig)),
         ("attacked", "image", np.asarray(x_adv)),
         ("attacked map", "map", np.asarray(map_adv)),
-        ("target map", "map", np.asarray(map_target)),
     ]
+    if map_target is not None:
+        columns.append(("target map", "map", np.asarray(map_target)))
     if maps_beta is not None and betas is not None:
         maps_beta = np.asarray(maps_beta)
         for k, beta in enumerate(betas):

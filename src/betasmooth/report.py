@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
+from .attack import GOALS
 from .metrics import group_records, medians
 from .recommend import MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
@@ -363,15 +364,38 @@ def _section_results(run: _Run) -> str:
             + [medians(groups[c], ["label_kept"])["label_kept"] for c in columns]
         )
     stats = {c: medians(groups[c], keys) for c in columns}
-    rows += [[k] + [stats[c][k] for c in columns] for k in keys]
-    legend = (
-        "expl_*_target: attacked map vs target map (high PCC/SSIM, low MSE = the attack "
-        "worked); expl_*_target_before: original map vs target map, before the attack; "
+    for method, goal in columns:
+        if _untargeted(goal):
+            # Its "target" is the original map: the target rows would repeat
+            # the orig rows under a name that reads the other way round.
+            stats[method, goal] = {
+                k: None if "_target" in k else v for k, v in stats[method, goal].items()
+            }
+    rows += [
+        [k] + [stats[c][k] for c in columns]
+        for k in keys
+        if any(stats[c][k] is not None for c in columns)
+    ]
+    targeted = (
+        ""
+        if all(_untargeted(g) for _, g in columns)
+        else (
+            "expl_*_target: attacked map vs target map (high PCC/SSIM, low MSE = the attack "
+            "worked); expl_*_target_before: original map vs target map, before the attack; "
+        )
+    )
+    legend = targeted + (
         "expl_*_orig: attacked map vs original map; input_*: attacked vs original "
         "image, in units of each channel's data range (input_max_change: the largest "
         "change of one pixel value); output_change: "
         "change of the model's output; seconds: per image."
     )
+    if any(_untargeted(g) for _, g in columns):
+        legend += (
+            " The topk and center goals have no target map: they push the map away from the "
+            "original, so there low expl_topk_orig (top-k pixels still in the original's top-k) "
+            "and high expl_com_shift_orig (pixels the centre of mass moved) = the attack worked."
+        )
     attack = any(k.startswith("expl_") for k in keys)
     title = "Attack results" if attack else "Results"
     return (
@@ -380,6 +404,11 @@ def _section_results(run: _Run) -> str:
         + (f"<p>{_e(legend)}</p>" if attack else "")
         + _attack_settings(groups)
     )
+
+
+def _untargeted(goal: object) -> bool:
+    """Whether an attack's goal has no target map (Ghorbani et al.'s topk and center)."""
+    return goal in GOALS and not GOALS[goal].targeted
 
 
 def _attack_settings(groups: Mapping[tuple, Sequence[Mapping[str, object]]]) -> str:
@@ -459,7 +488,7 @@ def _section_methods(run: _Run) -> str:
             batch.map_orig[:n],
             _shown(run, batch.x_adv[:n]),
             batch.map_adv[:n],
-            batch.map_target[:n],
+            None if _untargeted(goal) else batch.map_target[:n],
             run.store.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
@@ -475,7 +504,8 @@ def _section_methods(run: _Run) -> str:
         out.append(_img(path, f"{method} grid", caption))
         mine = [r for r in run.results if r.get("method") == method]
         if mine:
-            m = medians(mine, ["label_kept", "expl_pcc_target", "expl_pcc_orig"])
+            measure = GOALS[goal].measure if goal in GOALS else "expl_pcc_target"
+            m = medians(mine, list(dict.fromkeys(["label_kept", measure, "expl_pcc_orig"])))
             parts = [f"{k} {_fmt(v)}" for k, v in m.items() if v is not None]
             out.append(f"<p>Medians over {len(mine)} images: {_e('; '.join(parts))}.</p>")
     return "".join(out)
@@ -487,18 +517,27 @@ def _section_explain(run: _Run) -> str:
         return ""
     first = next(iter(loaded.values()))
     n = min(GRID_ROWS, len(first.x))
-    maps = {m: b.map[:n] for m, b in loaded.items() if len(b.map) >= n}
+    shown = [int(i) for i in first.index[:n]]
+    maps, missing = {}, []
+    for method, batch in loaded.items():
+        # Rows by image index: a method whose arrays were lost for some images
+        # (to be computed again by --resume) must not lend its maps to others.
+        where = {int(i): k for k, i in enumerate(batch.index)}
+        if all(i in where for i in shown):
+            maps[method] = batch.map[[where[i] for i in shown]]
+        else:
+            missing.append(method)
     path = figures.explain_grid(
         _shown(run, first.x[:n]),
         maps,
         run.store.figures / "explain.png",
         row_labels=_row_labels(first, n, _class_names(run.explain or run.results)),
     )
+    caption = f"First {n} images; maps in {figures.MAP_CMAP}, one colour scale per row."
+    if missing:
+        caption += f" Not shown, their maps of these images are not stored: {', '.join(missing)}."
     out = "<h2 id='explain'>Explanations</h2>" + _img(
-        path,
-        "explanation grid",
-        f"First {n} images; maps in {figures.MAP_CMAP}, one colour scale per row."
-        + _files(run.explain or run.results, first.index[:n]),
+        path, "explanation grid", caption + _files(run.explain or run.results, first.index[:n])
     )
     if run.explain:
         keys = _metric_keys(run.explain)
@@ -666,7 +705,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     header = ["median over images"] + [r[0] for r in rows]
     columns = [["records"] + [r[1] for r in rows]]
     columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
-    out.append(_table(f"defense-{_slug(method)}", header, columns))
+    out.append(_table(f"defense-{_slug(method)}-table", header, columns))
     return "".join(out), points
 
 
@@ -822,7 +861,7 @@ def _section_settings(run: _Run) -> str:
     rows = [(k, rest[k]) for k in sorted(rest)]
     if not rows:
         return "<h2 id='settings'>Settings</h2>" + _note("No config.json in this run.")
-    return "<h2 id='settings'>Settings</h2>" + _table("settings", ["setting", "value"], rows)
+    return "<h2 id='settings'>Settings</h2>" + _table("settings-table", ["setting", "value"], rows)
 
 
 SECTIONS: dict[str, Callable[[_Run], str]] = {

@@ -122,6 +122,20 @@ def holding_locks() -> Iterator[None]:
             os.close(_LOCKS.pop(key)[0])
 
 
+def _read_object(path: Path, remedy: str, what: str) -> dict:
+    """The JSON object in ``path``; one line naming the file where it is damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" (line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise InputError(
+            f"{path} is corrupt{where}; expected the JSON object a betasmooth run writes: {remedy}"
+        ) from err
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds no JSON object; expected {what}")
+    return value
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Record]:
     """Read a JSON-lines file, ignoring a partial last line.
 
@@ -355,7 +369,9 @@ class RunDir:
         """The stored sweep summary, or ``None`` where the run has none."""
         if not self.sweep_summary.is_file():
             return None
-        return json.loads(self.sweep_summary.read_text())
+        return _read_object(
+            self.sweep_summary, "delete it and run betasmooth sweep again", "the sweep's summary"
+        )
 
     def file(self, name: str = "results") -> Path:
         """The JSON-lines file this rank appends ``name`` records to."""
@@ -380,17 +396,8 @@ class RunDir:
                 f"{self.path} has no config.json; expected a directory written by betasmooth "
                 "demo, attack, explain, sweep, curvature or theorem"
             )
-        try:
-            config = json.loads(self.config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            where = f" (line {err.lineno})" if isinstance(err, json.JSONDecodeError) else ""
-            raise InputError(
-                f"{self.config_path} is corrupt{where}; expected the JSON object a betasmooth run "
-                "writes: restore it, or start the run again in a new --out"
-            ) from err
-        if not isinstance(config, dict):
-            raise InputError(f"{self.config_path} holds no JSON object; expected a run's settings")
-        return config
+        remedy = "restore it, or start the run again in a new --out"
+        return _read_object(self.config_path, remedy, "a run's settings")
 
     def lock(self, dist: Dist | None = None) -> None:
         """Hold the directory for this job, until as many :meth:`unlock` calls.
@@ -524,8 +531,11 @@ class RunDir:
         full["process_group"] = _process_group()
         full["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if self.started():
-            # A resumed run keeps its original creation record.
-            full["created"] = self.config().get("created", full["created"])
+            # A resumed run keeps its original creation record, and the settings
+            # of what was added to it later (a sweep), which a later call checks.
+            stored = self.config()
+            full["created"] = stored.get("created", full["created"])
+            full.update({k: stored[k] for k in LATER if k in stored and k not in config})
         write_json(self.config_path, full)
 
     def remove_temporary(self) -> None:
@@ -572,7 +582,11 @@ class RunDir:
 
     def read_theory(self) -> dict | None:
         """The stored Theorem 2 checks, or ``None`` where the run has none."""
-        return json.loads(self.theory.read_text()) if self.theory.is_file() else None
+        if not self.theory.is_file():
+            return None
+        return _read_object(
+            self.theory, "delete it and run the command that wrote it again", "Theorem 2's checks"
+        )
 
     @classmethod
     def create(
