@@ -192,3 +192,12 @@ def test_run_curves(quick_run):
     for key in ("smoothing_vs_smoothgrad", "curvature"):
         lengths = {len(v) for v in curves[key].values()}
         assert lengths == {len(curves[key]["beta"])}
+
+
+@pytest.mark.parametrize("w", [torch.zeros(4), torch.tensor([1.0, float("nan"), 0.0, 0.0])])
+def test_a_weight_without_direction_is_refused(w):
+    # u = w / |w| is 0/0 here: iid_bias gave 0.54 and the Monte Carlo NaN.
+    with pytest.raises(InputError, match="u must be a finite vector with a nonzero entry"):
+        theory.iid_bias(w)
+    with pytest.raises(InputError, match="w must be a finite vector with a nonzero entry"):
+        theory.theorem2_monte_carlo(w, torch.zeros(1, 4), 1.0, 100)

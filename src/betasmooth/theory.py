@@ -42,7 +42,7 @@ from .explain import explain
 from .geometry import curvature
 from .metrics import heatmap, pcc
 from .smooth import LogisticNoise, logistic_std, smooth, softplus
-from .validate import check_choice
+from .validate import InputError, check_choice
 from .zoo import load_data, load_model
 
 __all__ = [
@@ -169,8 +169,7 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
     >>> bool(torch.allclose(iid_cdf(torch.tensor([0.0, 1.0]), z), torch.sigmoid(z.double())))
     True
     """
-    u = torch.as_tensor(u, dtype=torch.float64).flatten()
-    u = u / u.norm()
+    u = _direction(torch.as_tensor(u, dtype=torch.float64).flatten(), "u")
     z = torch.as_tensor(z, dtype=torch.float64)
     s, weight = _gauss_legendre(torch.tensor(0.0), torch.tensor(15.0), panels)
     # Equal weights share one factor: evenly spread w of any length costs one power.
@@ -181,6 +180,17 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
             log_cf = log_cf + count * torch.log(_logistic_cf(value * s))
     kernel = log_cf.exp() * weight / s
     return 0.5 + (torch.sin(z.flatten()[:, None] * s) * kernel).sum(1).reshape(z.shape) / math.pi
+
+
+def _direction(w: torch.Tensor, name: str) -> torch.Tensor:
+    """``w / |w|``, refused in one line where it has no direction."""
+    length = float(w.norm())
+    if not math.isfinite(length) or length == 0:
+        raise InputError(
+            f"{name} must be a finite vector with a nonzero entry (the noise is projected on its "
+            f"direction); got {'a zero vector' if length == 0 else 'a non-finite value'}"
+        )
+    return w / length
 
 
 def iid_bias(u: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -312,7 +322,7 @@ def theorem2_monte_carlo(
     check_choice("noise model", noise, NOISE_MODELS)
     w = torch.as_tensor(w, dtype=torch.float64)
     x = torch.as_tensor(x, dtype=torch.float64)
-    u = w / w.norm()
+    u = _direction(w, "w")
     generator = torch.Generator().manual_seed(seed)
     e = NOISE_MODELS[noise](u, beta, n, generator)
     # grad relu(w.(x - e)) = 1{w.(x - e) > 0} w
