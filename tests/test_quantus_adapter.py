@@ -123,6 +123,24 @@ def test_quantus_explain_one_target_for_all():
     np.testing.assert_allclose(bs.quantus_explain(net, x.numpy(), 2), expected, rtol=1e-6)
 
 
+def test_signals_in_either_layout_match_quantus_own_gradient():
+    # (B, C, L) and (B, L, C): channels are the shorter axis, as Quantus infers.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(56, 3)
+    ).eval()
+    x = torch.rand(4, 2, 16, generator=torch.Generator().manual_seed(1)).numpy()
+    y = np.array([0, 1, 2, 0])
+    theirs = quantus.explain(net, x, y, method="Gradient")
+    np.testing.assert_allclose(bs.quantus_explain(net, x, y), theirs, rtol=1e-6, atol=1e-9)
+    last = bs.quantus_explain(net, np.moveaxis(x, 1, -1), y)
+    assert last.shape == (4, 16, 1)
+    np.testing.assert_allclose(np.moveaxis(last, -1, 1), theirs, rtol=1e-6, atol=1e-9)
+    kept = bs.quantus_explain(net, np.moveaxis(x, 1, -1), y, reduce_axes=())
+    expected = bs.explain(net, torch.from_numpy(x), "gradient", torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(kept, np.moveaxis(expected, 1, -1), rtol=1e-6)
+
+
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))

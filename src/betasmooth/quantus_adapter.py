@@ -28,12 +28,15 @@ __all__ = ["quantus_explain"]
 
 
 def _channel_first(x: torch.Tensor, channel_first: bool | None) -> bool:
-    if channel_first is not None or x.dim() != 4:
-        return True if channel_first is None else bool(channel_first)
-    c_first, c_last = x.shape[1], x.shape[3]
-    if c_first < min(x.shape[2], c_last):
+    """The layout as Quantus' ``infer_channel_first`` reads it: channels are the shorter axis."""
+    if channel_first is not None:
+        return bool(channel_first)
+    if x.dim() not in (3, 4):
         return True
-    if c_last < min(x.shape[1], x.shape[2]):
+    c_first, c_last, inner = x.shape[1], x.shape[-1], x.shape[2:-1]
+    if c_first < min((c_last, *inner)):
+        return True
+    if c_last < min((c_first, *inner)):
         return False
     raise InputError(
         f"cannot tell the channel axis of inputs of shape {tuple(x.shape)}; "
@@ -114,7 +117,8 @@ def quantus_explain(
     model : nn.Module
         Classifier returning logits; the logit of each target is explained.
     inputs : numpy.ndarray or torch.Tensor
-        Batch, channel-first ``(B, C, H, W)`` or channel-last ``(B, H, W, C)``.
+        Batch, channel-first ``(B, C, H, W)`` or channel-last ``(B, H, W, C)``;
+        signals ``(B, C, L)`` or ``(B, L, C)``.
     targets : numpy.ndarray, torch.Tensor or int
         Class per item.
     method : str
@@ -170,6 +174,6 @@ def quantus_explain(
     if reduce_axes:
         axes = _reduce_axes(reduce_axes, attribution.dim())
         attribution = attribution.sum(dim=axes, keepdim=keepdims)
-    if not first and attribution.dim() == 4:
+    if not first:
         attribution = attribution.movedim(1, -1)
     return attribution.cpu().numpy()
