@@ -118,3 +118,13 @@ def test_a_method_that_returns_no_batch_is_named(result, got):
             bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "returns_wrong", 0)
     finally:
         del METHODS["returns_wrong"]
+
+
+@pytest.mark.parametrize("how", ["method", "prefix"])
+def test_a_method_name_with_a_dash_is_refused(how):
+    # Its arrays file my-grad-0.npz would read back as method "my" of batch "grad-0".
+    from betasmooth.explain import METHODS, PREFIXES, register, register_prefix
+
+    with pytest.raises(bs.InputError, match=r"names are letters, digits and '_'.*'my_grad'"):
+        (register if how == "method" else register_prefix)("my-grad")(lambda *a, **k: None)
+    assert "my-grad" not in METHODS and "my-grad" not in PREFIXES

@@ -73,7 +73,7 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     Parameters
     ----------
     name : str
-        Letters, digits, ``_`` and ``-``, as on the command line's ``--method``.
+        Letters, digits and ``_``, as on the command line's ``--method``.
     replace : bool
         Replace a method of that name; without it a taken name is refused, so
         that a built-in is not shadowed by accident.
@@ -90,7 +90,18 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     ...     ...
     >>> del METHODS["my_gradient"]
     """
+    _check_no_dash(name, "explanation method")
     return registrar(METHODS, name, "explanation method", replace=replace)
+
+
+def _check_no_dash(name: object, what: str) -> None:
+    """Refuse a '-' in a method's name: arrays files are ``[sweep-]<method>-<index>.npz``."""
+    if isinstance(name, str) and "-" in name:
+        raise InputError(
+            f"{what} names are letters, digits and '_', starting with a letter or '_' (run "
+            f"directories name files <method>-<index>); got {name!r}, expected e.g. "
+            f"{name.replace('-', '_')!r}"
+        )
 
 
 def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -170,6 +181,7 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     tensor([[3., 3.]])
     >>> del PREFIXES["scaled"]
     """
+    _check_no_dash(prefix, "method prefix")
     return registrar(PREFIXES, prefix, "method prefix")
 
 
