@@ -934,7 +934,7 @@ def test_option_values_as_a_shell_user_writes_them(tmp_path):
 
 
 def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
-    from betasmooth.cli import _attack_options
+    from betasmooth.cli import _attacked_with
 
     out = tmp_path / "run"
     argv = [*ATTACK, "--method", "integrated_gradients", "-n", "2", "--steps", "2"]
@@ -950,7 +950,24 @@ def test_option_reaches_the_attacked_map_and_the_sweep(tmp_path):
     # The sweep explains with the options the run attacked with.
     config = json.loads((out / "config.json").read_text())
     bounds = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
-    assert _attack_options(config, bounds)["integrated_gradients"]["steps"] == 4
+    assert _attacked_with(config, bounds)["integrated_gradients"]["steps"] == 4
+
+
+def test_sweep_of_a_smoothing_attacked_on_another_base_sweeps_on_that_base(tmp_path):
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "beta_smooth", "-n", "2", "--steps", "2", "--out", str(out)]
+    assert main([*argv, "--option", "beta_smooth.base=lrp"]) == 0
+    assert main(["sweep", str(out), "--betas", "5", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    assert {r["base"] for r in read_jsonl(out / "sweep.jsonl")} == {"lrp"}
+    with np.load(out / "arrays" / "beta_smooth-0.npz") as saved:
+        x_adv = torch.from_numpy(saved["x_adv"])
+    with np.load(out / "arrays" / "sweep-beta_smooth-0.npz") as swept:
+        stored = swept["maps_beta"][:, 0]
+    net = bs.load_model("digits-cnn")
+    expected = bs.heatmap(bs.explain(net, x_adv, "beta_smooth", beta=5.0, base="lrp")).numpy()
+    gradient = bs.heatmap(bs.explain(net, x_adv, "beta_smooth", beta=5.0)).numpy()
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-6)
+    assert np.abs(stored - gradient).max() > 1e-3
 
 
 @pytest.mark.parametrize(

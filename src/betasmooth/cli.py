@@ -1123,7 +1123,7 @@ def _check_betas(betas: Sequence[float | None]) -> None:
         raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
 
 
-def _attack_options(
+def _attacked_with(
     config: Mapping[str, object], bounds: tuple[torch.Tensor, torch.Tensor]
 ) -> dict[str, dict[str, object]]:
     """The method options a run attacked with: the data's range, its --option, and the demo's
@@ -1164,7 +1164,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             smoothgrad_n=args.smoothgrad_n,
             seed=int(config.get("seed", 0)),
             data_range=bounds,
-            method_options=_attack_options(config, bounds),
+            method_options=_attacked_with(config, bounds),
             min_fidelity=args.min_fidelity,
             device=dev,
             dist=dist,
@@ -1305,7 +1305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bounds = inputs.bounds
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
-    options = _attack_options(config, bounds)
+    options = _attacked_with(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options)
     derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)

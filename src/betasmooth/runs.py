@@ -31,7 +31,7 @@ from .attack import (
 from .distributed import Dist
 from .explain import METHODS, PREFIXES, check_model, explain, is_method
 from .explain import method_options as options_of
-from .explain.noise import NOISE_METHODS
+from .explain.noise import NOISE_METHODS, base_call
 from .geometry import curvature
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
@@ -520,7 +520,11 @@ def sweep_run(
             torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
         )
         # A defense attacked adaptively is swept on the method it smooths.
-        base = "gradient" if unit.method in NOISE_METHODS else unit.method
+        given = (method_options or {}).get(unit.method) or {}
+        if unit.method in NOISE_METHODS:
+            base, base_options = base_call(unit.method, given)
+        else:
+            base, base_options = unit.method, given
         result = defense_sweep(
             model,
             x,
@@ -530,7 +534,7 @@ def sweep_run(
             betas,
             smoothgrad_n=smoothgrad_n,
             data_range=data_range,
-            method_options=(method_options or {}).get(base),
+            method_options=base_options or None,
             seed=[unit_seed(seed, unit.method, i) for i in unit.indices],
         )
         records = [

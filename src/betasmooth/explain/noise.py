@@ -10,7 +10,7 @@ instead of ``n``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from . import (
 )
 from .gradient import auto_chunk, predict
 
-__all__ = ["NOISE_METHODS", "NOISES", "Seed", "noise_scale", "standard_noise"]
+__all__ = ["NOISE_METHODS", "NOISES", "Seed", "base_call", "noise_scale", "standard_noise"]
 
 #: One seed for the batch, or one per item (so that an item's draws do not
 #: depend on the batch it is explained in).
@@ -331,9 +331,15 @@ def beta_smooth(
         return fn(model, x, target, create_graph=create_graph, **options)
 
 
-def _base_call(method: str, options: dict[str, object]) -> tuple[str, dict[str, object]]:
+def base_call(method: str, options: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     """The base method of a call of ``method`` and the options it gets there:
-    ``base_options`` and the others that are not the smoothing's own."""
+    ``base_options`` and the others that are not the smoothing's own.
+
+    Examples
+    --------
+    >>> base_call("beta_smooth", {"beta": 2.0, "base": "lrp", "base_options": {"epsilon": 0.1}})
+    ('lrp', {'epsilon': 0.1})
+    """
     own = set(method_options(method))
     base = options.get("base", "gradient")
     extra = {k: v for k, v in options.items() if k not in own}
@@ -344,7 +350,7 @@ def _base_input_check(method: str) -> Callable[..., None]:
     def check(x: torch.Tensor, **options: object) -> None:
         # The clean x must suit the base method (e.g. lie in LRP's box); the
         # noisy copies of smoothgrad need not.
-        base, base_options = _base_call(method, options)
+        base, base_options = base_call(method, options)
         base_check = INPUT_CHECKS.get(base)
         if base_check is not None:
             base_check(x, **base_options)
@@ -355,7 +361,7 @@ def _base_input_check(method: str) -> Callable[..., None]:
 def _base_check(method: str) -> Callable[..., None]:
     def check(model: nn.Module, **options: object) -> None:
         # The smoothing itself fits any model; only its base method can fail on one.
-        base, base_options = _base_call(method, options)
+        base, base_options = base_call(method, options)
         check_model(model, base, **base_options)
 
     return check
