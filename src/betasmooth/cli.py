@@ -296,8 +296,11 @@ def _steps_help() -> str:
     )
 
 
-def _choices_help(choices: Sequence[str]) -> str:
-    return f"comma list of {', '.join(choices)}, or all"
+def _choices_help(choices: Sequence[str], all_means: str) -> str:
+    return (
+        f"comma list of {', '.join(choices)}, captum:NAME or a method registered in a model "
+        f"file; or all ({all_means})"
+    )
 
 
 def _add_inputs(
@@ -585,7 +588,11 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
 @options("attack")
 def _attack_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
-    p.add_argument("--method", required=True, help=_choices_help(list(ATTACK_DEFAULTS)))
+    p.add_argument(
+        "--method",
+        required=True,
+        help=_choices_help(list(ATTACK_DEFAULTS), "these, with the paper's budgets"),
+    )
     p.add_argument("--steps", type=_positive, help=_steps_help())
     beta = ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
     p.add_argument(
@@ -633,7 +640,9 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
 @options("explain")
 def _explain_options(p: argparse.ArgumentParser) -> None:
     _add_inputs(p)
-    p.add_argument("--method", required=True, help=_choices_help(list(METHODS)))
+    p.add_argument(
+        "--method", required=True, help=_choices_help(list(METHODS), "every registered method")
+    )
     _add_save_attributions(p)
     p.add_argument(
         "--beta",

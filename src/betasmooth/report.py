@@ -305,7 +305,8 @@ def _note(text: str) -> str:
 
 
 def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(text).lower()).strip("-")
+    # Case kept: methods MyGrad and mygrad get figures and ids of their own.
+    return "".join(c if c.isalnum() else "-" for c in str(text)).strip("-")
 
 
 # ----------------------------------------------------------------------------- sections
