@@ -34,7 +34,15 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, InputTypeError, check_instance, is_number, set_origin, warn_user
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_eager,
+    check_instance,
+    is_number,
+    set_origin,
+    warn_user,
+)
 
 __all__ = [
     "BETA_RANGE",
@@ -508,6 +516,7 @@ class _ReluHooks:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> _ReluHooks:
+        check_eager(self.model, self.warn if isinstance(self.warn, str) else "beta-smoothing")
         self.handles = [
             self.model.register_forward_pre_hook(self._enter),
             # prepend: hooks installed later leave first, so stacked overrides unwind in order.

@@ -28,6 +28,7 @@ __all__ = [
     "check_batch",
     "check_choice",
     "check_classes",
+    "check_eager",
     "check_count",
     "check_in_range",
     "check_input",
@@ -72,9 +73,10 @@ def check_batch(x: object, name: str = "x", min_dim: int = 2) -> torch.Tensor:
     >>> check_batch(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 1, 8, 8])
     """
+    example = "(B, H, W)" if min_dim == 3 else "(B, C, H, W)"
     if not isinstance(x, torch.Tensor):
         raise InputTypeError(
-            f"{name} must be a torch.Tensor batched over dim 0, e.g. shape (B, C, H, W); "
+            f"{name} must be a torch.Tensor batched over dim 0, e.g. shape {example}; "
             f"got {type(x).__name__}"
         )
     if not x.is_floating_point():
@@ -84,7 +86,7 @@ def check_batch(x: object, name: str = "x", min_dim: int = 2) -> torch.Tensor:
     if x.dim() < min_dim:
         raise InputError(
             f"{name} must have at least {min_dim} dimensions with the batch first, "
-            f"e.g. (B, C, H, W); got shape {tuple(x.shape)}"
+            f"e.g. {example}; got shape {tuple(x.shape)}"
         )
     if x.shape[0] == 0:
         raise InputError(f"{name} is an empty batch; expected at least one item in dim 0")
@@ -319,6 +321,42 @@ def check_model(model: object) -> nn.Module:
     return model
 
 
+def check_eager(model: nn.Module, need: str, *, compiled: bool = False) -> None:
+    """Refuse a model whose forward ``need`` cannot reach: TorchScript, or compiled.
+
+    A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) runs its
+    own graph, where no Python sees a ReLU: beta-smoothing and guided
+    backprop would change nothing, silently. With ``compiled``, a module made
+    by ``torch.compile`` is refused too: its graphs cannot be differentiated a
+    second time (a map under ``create_graph``, an attack, a curvature) or
+    traced for LRP. Submodules count as the model does.
+
+    Examples
+    --------
+    >>> net = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    >>> try:
+    ...     check_eager(net, "beta-smoothing")
+    ... except InputError as err:
+    ...     print(str(err)[:74])
+    beta-smoothing needs the model's Python forward, but RecursiveScriptModule
+    """
+    check_model(model)
+    for module in model.modules():
+        name = type(module).__name__
+        if isinstance(module, torch.jit.ScriptModule):
+            raise InputError(
+                f"{need} needs the model's Python forward, but {name} is a TorchScript module "
+                "(torch.jit.script or torch.jit.trace), which runs its own graph; expected the "
+                "nn.Module it was made from"
+            )
+        # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
+        if compiled and name == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            raise InputError(
+                f"{need} does not work through a graph made by torch.compile; expected the "
+                "module itself, model._orig_mod (the same weights)"
+            )
+
+
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in evaluation mode for the block, and restore every module's mode afterwards.
@@ -463,6 +501,12 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     check_model(model)
     x = check_batch(x, name)
     dtype, device = _model_place(model)
+    if device is not None and device.type == "meta":
+        raise InputError(
+            f"{type(model).__name__}'s parameters are on the meta device and hold no values; "
+            "expected a model with its weights (model.to_empty(device='cpu'), then "
+            "load_state_dict)"
+        )
     if device is not None and x.device != device:
         raise InputError(
             f"{name} is on {x.device} but the model is on {device}; expected both on one "

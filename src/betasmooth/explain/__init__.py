@@ -25,6 +25,7 @@ from ..smooth import flush_denormals
 from ..validate import (
     InputError,
     InputTypeError,
+    check_eager,
     check_input,
     check_instance,
     check_target,
@@ -381,6 +382,8 @@ def explain(
     fn = _lookup(method)
     _check_options(method, options)
     check_instance("create_graph", create_graph, bool, "True or False")
+    if create_graph:
+        check_eager(model, "create_graph=True", compiled=True)
     given = x
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])

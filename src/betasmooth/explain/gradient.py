@@ -51,8 +51,9 @@ def select_logit(
     (tensor([3., 2.]), tensor([1, 0]))
     """
     if logits.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"the model must return logits of shape (B, classes); got {tuple(logits.shape)}"
+            + (" (a squeeze() in forward drops the batch of one)" if logits.dim() == 1 else "")
         )
     if target is None:
         target = logits.detach().argmax(1)
@@ -101,7 +102,17 @@ def input_gradient(
     xg = _leaf(x, create_graph)
     with torch.enable_grad():
         logit, _ = select_logit(model(xg), target)
-        (grad,) = torch.autograd.grad(logit.sum(), xg, create_graph=create_graph)
+        if not logit.requires_grad:
+            grad = None
+        else:
+            (grad,) = torch.autograd.grad(
+                logit.sum(), xg, create_graph=create_graph, allow_unused=True
+            )
+    if grad is None:
+        raise InputError(
+            f"{type(model).__name__}'s output does not depend on x: its forward detaches the "
+            "input or runs under torch.no_grad(); expected a forward that keeps x in the graph"
+        )
     return grad
 
 
