@@ -85,8 +85,8 @@ def test_dom_holds_every_section(report, tmp_path):
         assert re.search(rf'<h2 id="{section}"', dom), section
     for table in (
         "medians",
-        "defense-gradient-table",
-        "defense-lrp-table",
+        "defense-table_gradient",
+        "defense-table_lrp",
         "theory-numbers",
         "settings-table",
     ):

@@ -91,6 +91,48 @@ def test_attack_resume_keeps_the_sweep_settings_a_later_sweep_is_checked_against
     assert read_jsonl(run / "sweep.jsonl") == rows
 
 
+def test_results_and_sweep_rows_left_in_rank_files_are_named_as_such(finished, tmp_path, capsys):
+    # What a torchrun job killed before rank 0 merged its files leaves behind.
+    run = _copy(finished[0], tmp_path / "run")
+    lines = (run / "results.jsonl").read_text().splitlines(keepends=True)
+    (run / "results-rank0.jsonl").write_text("".join(lines[::2]))
+    (run / "results-rank1.jsonl").write_text("".join(lines[1::2]))
+    (run / "results.jsonl").unlink()
+    sweep = ["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]
+    assert main(sweep) == 2
+    assert "is finished, but its processes' results are not merged yet; " in _error_line(capsys)
+    assert main([*ATTACK, *ARGS, "--out", str(run), "--resume"]) == 0
+    assert main(sweep) == 0
+    (run / "sweep.jsonl").rename(run / "sweep-rank0.jsonl")
+    capsys.readouterr()
+    assert main([*sweep[:-2], "3", "--no-progress"]) == 2
+    assert _error_line(capsys).endswith(
+        "in sweep-rank0.jsonl; sweep again with those settings, or delete sweep-rank0.jsonl "
+        "to start a new one"
+    )
+
+
+def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
+    # print() writes a line and its newline apart: two ranks' lines ran together.
+    import io
+    import sys
+
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return len(text)
+
+    stream = Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert main(["report", "/nonexistent/run"]) == 2
+    assert len(stream.calls) == 1 and stream.calls[0].startswith("betasmooth: error: ")
+    assert stream.calls[0].endswith("\n") and stream.calls[0].count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("name", "remedy"),
     [
@@ -326,7 +368,7 @@ def test_attack_and_explain_runs_write_a_report_with_their_maps(finished, tmp_pa
     from betasmooth.report import build_report
 
     html = (finished[0] / "report.html").read_text()
-    assert "id='method-gradient'" in html and "grid_gradient.png" not in html  # embedded
+    assert "id='method_gradient'" in html and "grid_gradient.png" not in html  # embedded
     out = tmp_path / "explained"
     argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--no-progress", "-n", "3"]
     assert main([*argv, "--method", "gradient,lrp", "--out", str(out)]) == 0

@@ -59,6 +59,13 @@ def test_attack_help_lists_methods_goals_and_per_method_steps() -> None:
     explain_text = " ".join(_subparsers()["explain"].format_help().split())
     for method in bs.METHODS:
         assert method in explain_text
+    # What each --method takes, as runs.attack_methods and explain_methods check it.
+    assert "captum:NAME or a method registered in a model file; or all (every" in explain_text
+    method_help = text[text.index("--method METHOD comma") : text.index("--steps STEPS attack")]
+    assert method_help.endswith(
+        ", a method registered in a model file; or all (these, with the paper's budgets) "
+    )
+    assert "captum:" not in method_help  # Captum's maps are not differentiable: not attacked
 
 
 def test_version(capsys) -> None:

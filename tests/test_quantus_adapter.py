@@ -141,6 +141,14 @@ def test_signals_in_either_layout_match_quantus_own_gradient():
     np.testing.assert_allclose(kept, np.moveaxis(expected, 1, -1), rtol=1e-6)
 
 
+def test_channel_last_maps_without_kept_axes_are_not_transposed():
+    net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
+    first = bs.quantus_explain(net, x.numpy(), np.array([0, 1]), keepdims=False)
+    last = bs.quantus_explain(net, x.permute(0, 2, 3, 1).numpy(), np.array([0, 1]), keepdims=False)
+    assert first.shape == last.shape == (2, 16, 16)
+    np.testing.assert_array_equal(first, last)
+
+
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))

@@ -31,7 +31,12 @@ def _maps(rng, *shape):
 
 
 def make_run(
-    path: Path, *, sweep: bool = True, theory: bool = True, goal: str = "targeted"
+    path: Path,
+    *,
+    sweep: bool = True,
+    theory: bool = True,
+    goal: str = "targeted",
+    methods: tuple[str, ...] = METHODS,
 ) -> Path:
     """A run directory with the documented files, filled with seeded random numbers."""
     rng = np.random.default_rng(0)
@@ -43,11 +48,11 @@ def make_run(
         "steps": 3,
         "seed": 7,
         "versions": {"betasmooth": "0.1.0", "torch": "2.x"},
-        "methods": list(METHODS),
+        "methods": list(methods),
     }
     run = RunDir.create(path, config)
     lines = []
-    for method in METHODS:
+    for method in methods:
         for first in range(0, N, BATCH):
             idx = np.arange(first, min(first + BATCH, N))
             b = len(idx)
@@ -82,7 +87,7 @@ def make_run(
     (path / "results.jsonl").write_text(text)
     if sweep:
         recs = []
-        for method in METHODS:
+        for method in methods:
             for i in range(N):
                 settings = [("beta_smooth", b, None) for b in BETAS]
                 settings += [("smoothgrad", b, math.pi / (math.sqrt(3) * b)) for b in BETAS]
@@ -242,7 +247,7 @@ def test_defense_tables_equal_numpy(full_run):
     page = parse(run / "report.html")
     sweep = read_lines(run / "sweep.jsonl")
     for method in METHODS:
-        table = page.tables[f"defense-{method}-table"]
+        table = page.tables[f"defense-table_{method}"]
         for defense, beta in [(d, b) for d in ("beta_smooth", "smoothgrad") for b in BETAS]:
             if defense == "beta_smooth":
                 setting = f"β-smoothing β={beta:g}"
@@ -270,9 +275,9 @@ def test_theory_numbers_in_page(full_run):
         assert got[THEORY_TERMS[key][0]] == theory[key]
     units = {row[0][0]: row[2][0] for row in numbers[1:]}
     assert units[THEORY_TERMS["theorem2_iid_bias"][0]] == "probability"
-    pcc = page.tables["theory-smoothing-vs-smoothgrad-pcc"]
+    pcc = page.tables["theory_smoothing-vs-smoothgrad-pcc"]
     assert column(pcc, "Gaussian noise")["5.0"] == pytest.approx(0.9)
-    curvature = page.tables["theory-curvature-by-beta"]
+    curvature = page.tables["theory_curvature-by-beta"]
     assert column(curvature, "largest |Hessian eigenvalue| (logit per input²)")["10.0"] == 1.0
 
 
@@ -327,6 +332,13 @@ def test_no_external_resources(full_run):
     assert {"run", "results", "methods", "defense", "cost", "theory", "settings"} <= set(page.ids)
     # Every link target once: a heading and its table used to share an id.
     assert sorted(page.ids) == sorted(set(page.ids))
+
+
+def test_ids_stay_unique_whatever_the_methods_are_called(tmp_path):
+    # Methods named like the report's own parts: "choice" met "defense-choice".
+    run = make_run(tmp_path, methods=("choice", "table", "Gradient", "gradient"))
+    ids = parse(build_report(run)).ids
+    assert len(ids) == len(set(ids)) > 10
 
 
 def test_settings_and_run_tables(full_run):
@@ -413,7 +425,7 @@ def test_explain_grid_leaves_out_a_method_whose_maps_of_the_rows_are_lost(tmp_pa
 
 @pytest.mark.parametrize("goal", ["topk", "center"])
 def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal):
-    run = make_run(tmp_path, sweep=False, theory=False, goal=goal)
+    run = make_run(tmp_path, theory=False, goal=goal)
     page = parse(build_report(run))
     rows = [row[0][0] for row in page.tables["medians"][1:]]
     assert "expl_pcc_orig" in rows
@@ -423,11 +435,15 @@ def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal):
     assert got["expl_ssim_orig"] == np.median([r["expl_ssim_orig"] for r in expected])
     text = (run / "report.html").read_text()
     assert "expl_*_target" not in text and "The topk and center goals have no target map" in text
+    assert "vs target" not in text
     grids = [img for img in page.images if img["alt"].endswith(" grid")]
     assert len(grids) == len(METHODS)
     for img in grids:
         with Image.open(io.BytesIO(_decode(img["src"]))) as im:
-            assert im.size == figures.grid_size(min(GRID_ROWS, N), 4)
+            assert im.size == figures.grid_size(min(GRID_ROWS, N), 4 + len(BETAS))
+    for method in METHODS:
+        rows = [row[0][0] for row in page.tables[f"defense-table_{method}"][1:]]
+        assert "adv_vs_orig_pcc" in rows and not [r for r in rows if "_vs_target_" in r]
 
 
 def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):

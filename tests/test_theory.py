@@ -201,3 +201,10 @@ def test_a_weight_without_direction_is_refused(w):
         theory.iid_bias(w)
     with pytest.raises(InputError, match="w must be a finite vector with a nonzero entry"):
         theory.theorem2_monte_carlo(w, torch.zeros(1, 4), 1.0, 100)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_a_weight_of_extreme_scale_keeps_its_direction(scale):
+    # Its norm flushes to 0 or overflows in float64 unless w is scaled first.
+    w = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    assert float(theory.iid_bias(scale * w)) == float(theory.iid_bias(w))

@@ -190,6 +190,7 @@ def test_beta_smoothing_names_a_relu_written_as_a_clamp(spelling) -> None:
         lambda h: h.maximum(torch.tensor(0.0)),
         lambda h: torch.fmax(torch.zeros_like(h), h),
         lambda h: torch.max(h, torch.zeros(1)),
+        lambda h: torch.maximum(input=h, other=torch.zeros_like(h)),
     ],
 )
 def test_beta_smoothing_names_a_relu_written_as_a_maximum_with_zero(spelling) -> None:
@@ -210,6 +211,10 @@ def test_beta_smoothing_names_a_relu_written_as_a_maximum_with_zero(spelling) ->
         lambda h: torch.maximum(h, torch.ones_like(h)),
         lambda h: h + h.max() * 0,
         lambda h: h + torch.max(h, 1, keepdim=True)[0] * 0,
+        # Indices and masks: integer and bool maxima and clamps are no activations.
+        lambda h: h[:, torch.maximum(torch.arange(4), torch.zeros(4, dtype=torch.long))],
+        lambda h: h * torch.maximum(h > 0.5, torch.zeros_like(h, dtype=torch.bool)),
+        lambda h: h[:, torch.arange(4).clamp(min=0)],
     ],
 )
 def test_beta_smoothing_is_silent_about_maxima_that_are_no_relu(spelling) -> None:

@@ -43,7 +43,7 @@ from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
-from .validate import MAX_SEED, InputError
+from .validate import MAX_SEED, InputError, tell
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
@@ -296,10 +296,11 @@ def _steps_help() -> str:
     )
 
 
-def _choices_help(choices: Sequence[str], all_means: str) -> str:
+def _choices_help(choices: Sequence[str], all_means: str, prefixed: bool = True) -> str:
+    others = "captum:NAME or a method" if prefixed else "a method"
     return (
-        f"comma list of {', '.join(choices)}, captum:NAME or a method registered in a model "
-        f"file; or all ({all_means})"
+        f"comma list of {', '.join(choices)}, {others} registered in a model file; "
+        f"or all ({all_means})"
     )
 
 
@@ -591,7 +592,9 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         required=True,
-        help=_choices_help(list(ATTACK_DEFAULTS), "these, with the paper's budgets"),
+        help=_choices_help(
+            list(ATTACK_DEFAULTS), "these, with the paper's budgets", prefixed=False
+        ),
     )
     p.add_argument("--steps", type=_positive, help=_steps_help())
     beta = ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
@@ -778,12 +781,11 @@ def _load_images(args: argparse.Namespace) -> runs.Inputs:
     inputs = _load(vars(args), args.n)
     x = inputs[1]
     if args.n is not None and len(x) < args.n:
-        print(
-            f"betasmooth {args.command}: {args.data} holds only {len(x)} images; "
-            f"using all {len(x)} (asked for {args.n})",
-            file=sys.stderr,
-            flush=True,
-        )
+        if _first_rank():
+            tell(
+                f"betasmooth {args.command}: {args.data} holds only {len(x)} images; "
+                f"using all {len(x)} (asked for {args.n})"
+            )
         args.n = len(x)
     return inputs
 
@@ -1103,6 +1105,11 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
     )
 
 
+def _first_rank() -> bool:
+    """Whether this process says what all say alike: one process, or rank 0 of torchrun's."""
+    return not launched() or os.environ.get("RANK") == "0"
+
+
 def _explain_beta(
     args: argparse.Namespace, model: torch.nn.Module, bounds: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[float, dict[str, object] | None]:
@@ -1110,7 +1117,8 @@ def _explain_beta(
     if args.beta != "auto":
         return args.beta, None
     x, which = _held_out(args, CALIBRATION["n"])
-    _say(f"calibrating beta on {len(x)} {which}")
+    if _first_rank():  # every rank calibrates, before the job's processes join
+        _say(f"calibrating beta on {len(x)} {which}")
     found = calibrate_beta(
         model,
         x,
@@ -1122,7 +1130,8 @@ def _explain_beta(
     verdict = (
         "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
     )
-    _say(f"beta = {found.beta:g} ({verdict})")
+    if _first_rank():
+        _say(f"beta = {found.beta:g} ({verdict})")
     return found.beta, {**found.record(), "images": which}
 
 
@@ -1430,7 +1439,7 @@ def _show_warning(
     line: str | None = None,
 ) -> None:
     # On the command line the warning is about the run, not about a source line.
-    print(f"betasmooth: warning: {message}", file=sys.stderr, flush=True)
+    tell(f"betasmooth: warning: {message}")
 
 
 def _check_processes(name: str) -> None:
@@ -1475,12 +1484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, OSError) as err:
         # OSError: no space left, a read-only folder, a missing file. What was
         # written before stays intact: results are appended and arrays renamed whole.
-        print(f"betasmooth: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        tell(f"betasmooth: error: {_one_line(err)}")
         return 2
     except KeyboardInterrupt:
         # Commands without --resume (sweep) continue where they stopped when run again.
         how = " with --resume" if "resume" in vars(args) else ""
-        print(f"betasmooth: interrupted; run again{how} to continue", file=sys.stderr)
+        tell(f"betasmooth: interrupted; run again{how} to continue")
         return 130
 
 

@@ -174,6 +174,7 @@ def quantus_explain(
     if reduce_axes:
         axes = _reduce_axes(reduce_axes, attribution.dim())
         attribution = attribution.sum(dim=axes, keepdim=keepdims)
-    if not first:
+    if not first and attribution.dim() == x.dim():
+        # Only where a channel axis is left (keepdims, or none reduced).
         attribution = attribution.movedim(1, -1)
     return attribution.cpu().numpy()

@@ -305,7 +305,8 @@ def _note(text: str) -> str:
 
 
 def _slug(text: str) -> str:
-    # Case kept: methods MyGrad and mygrad get figures and ids of their own.
+    # Case kept: methods MyGrad and mygrad get figures and ids of their own. No
+    # slug holds '_', so ids "<kind>_<slug>" never meet the report's fixed ids.
     return "".join(c if c.isalnum() else "-" for c in str(text)).strip("-")
 
 
@@ -481,7 +482,7 @@ def _section_methods(run: _Run) -> str:
     for method, batch in batches.items():
         goal = goals.get(method)
         heading = method + (f" (goal: {goal})" if goal else "")
-        out.append(f"<h3 id='method-{_e(_slug(method))}'>{_e(heading)}</h3>")
+        out.append(f"<h3 id='method_{_e(_slug(method))}'>{_e(heading)}</h3>")
         n = min(GRID_ROWS, len(batch.x))
         swept = _sweep_maps(sweeps.get(method), batch.index[:n])
         path = figures.method_grid(
@@ -647,7 +648,7 @@ def _recommendation(run: _Run) -> str:
                 f"each defense, so its undefended row is the plain {_e(base)} map, not the "
                 f"{_e(method)} map the attack moved (that one is in the attack table).</p>"
             )
-        out.append(_table(f"choice-{_slug(method)}", header, rows))
+        out.append(_table(f"choice_{_slug(method)}", header, rows))
         out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
     return "".join(out)
 
@@ -662,8 +663,8 @@ def _section_defense(run: _Run) -> str:
     out.append(
         "<p>Each attacked image is explained again by the defended network "
         "(ReLU → softplus<sub>β</sub>) or by SmoothGrad, and the map is compared with the "
-        "original map (should be high) and with the attack's target (should be low). "
-        "Medians over images.</p>"
+        "original map (should be high) and, after a targeted attack, with its target "
+        "(should be low). Medians over images.</p>"
     )
     points = []
     for method in sorted({str(r.get("method")) for r in run.sweep}):
@@ -677,6 +678,9 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     """A method's defense curves and table, and its (seconds, quality) points."""
     mine = [r for r in run.sweep if str(r.get("method")) == method]
     keys = [k for k in SWEEP_METRICS if any(is_number(r.get(k)) for r in mine)]
+    if _untargeted(_goal(run, method)):
+        # Its "target" is the original map: those rows would repeat adv_vs_orig.
+        keys = [k for k in keys if "_vs_target_" not in k]
     rows, points = [], []
     series: dict[str, tuple[list, dict]] = {"beta_smooth": ([], {}), "smoothgrad": ([], {})}
     for key, recs in _defensegroup_records(mine):
@@ -699,14 +703,14 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
                 {"method": method, "defense": defense, "label": shown}
                 | {"seconds": stats["seconds"], "metric": stats["adv_vs_orig_pcc"]}
             )
-    out = [f"<h3 id='defense-{_e(_slug(method))}'>{_e(method)}</h3>"]
+    out = [f"<h3 id='defense_{_e(_slug(method))}'>{_e(method)}</h3>"]
     if series["beta_smooth"][0]:
         out.append(_defense_figure(run, method, series))
     # One column per setting: a dozen metrics fit down the page, not across it.
     header = ["median over images"] + [r[0] for r in rows]
     columns = [["records"] + [r[1] for r in rows]]
     columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
-    out.append(_table(f"defense-{_slug(method)}-table", header, columns))
+    out.append(_table(f"defense-table_{_slug(method)}", header, columns))
     return "".join(out), points
 
 
@@ -733,14 +737,21 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         undefended_label=legend,
         title=f"{method}: defended maps against β",
     )
+    red = (
+        "" if _untargeted(_goal(run, method)) else "red: attacked map vs target map (low is good); "
+    )
     return _img(
         path,
         f"{method} defense curves",
-        "Blue: attacked map vs original map (high is good); red: attacked map vs "
-        "target map (low is good); green: clean map vs original (what the defense "
-        "costs without attack). Solid: β-smoothing; dotted: SmoothGrad with noise "
-        f"of the same variance; faint: {faint}.",
+        f"Blue: attacked map vs original map (high is good); {red}green: clean map vs "
+        "original (what the defense costs without attack). Solid: β-smoothing; dotted: "
+        f"SmoothGrad with noise of the same variance; faint: {faint}.",
     )
+
+
+def _goal(run: _Run, method: str) -> object:
+    """The goal ``method`` was attacked with (its records' ``goal``), or None."""
+    return next((r.get("goal") for r in run.results if r.get("method") == method), None)
 
 
 def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
@@ -809,7 +820,7 @@ def _theory_table(key: str, value: Mapping[str, object]) -> str:
     else:
         header = [columns.get("value", "value")]
         rows = [(_SETUP_WORDS.get(k, k) if key == "theorem2_setup" else k, value[k]) for k in value]
-    table = _table(f"theory-{_slug(key)}", [label, *header], rows)
+    table = _table(f"theory_{_slug(key)}", [label, *header], rows)
     return f"<div><h3>{_e(title)}</h3>{table}</div>"
 
 

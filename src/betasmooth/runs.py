@@ -474,8 +474,11 @@ def sweep_run(
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
     each ``(B, len(betas), H, W)``. Batches already in ``sweep.jsonl`` are
     skipped, so the sweep is resumable and running it twice adds nothing.
-    ``method_options`` holds the options of each base method (e.g. LRP's
-    bounds, :func:`~betasmooth.explain.range_options`). Rank 0 writes ``sweep_summary.json``:
+    ``method_options`` holds the options each method was attacked with (e.g.
+    LRP's bounds, :func:`~betasmooth.explain.range_options`); an attacked
+    ``beta_smooth`` or ``smoothgrad`` is swept on its ``base`` with the options
+    its own entry gives that base (``base_options`` and the options that are
+    not its own, :func:`~betasmooth.explain.noise.base_call`). Rank 0 writes ``sweep_summary.json``:
     median robustness and fidelity per method, defense and beta and the
     recommended beta (:func:`betasmooth.recommend.sweep_summary`).
     SmoothGrad draws per image from a seed of (``seed``, method, index), so

@@ -383,10 +383,17 @@ class LogisticNoise(Distribution):
 class _ReluOverride(TorchFunctionMode):
     """Routes every ReLU call to ``fn``; counts the calls and notes kinked activations."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], through: bool = True) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        through: bool = True,
+        inspect: bool = True,
+    ) -> None:
         super().__init__()
         self.fn = fn
         self.through = through
+        # Only the first pass feeds the warning: later ones skip the bookkeeping.
+        self.inspect = inspect
         self.replaced = 0
         self.kinked: set[str] = set()
         self.smooth: set[str] = set()
@@ -395,6 +402,22 @@ class _ReluOverride(TorchFunctionMode):
         self.grad_enabled = torch.is_grad_enabled()
         self.failed = False
 
+    def _note(self, func: Callable, args: tuple, kwargs: dict) -> None:
+        """Note an activation that is not replaced, for the warning after the pass."""
+        if func in KINKED_FUNCTIONS:
+            # F.threshold's function is called _threshold.
+            self.kinked.add(getattr(func, "__name__", str(func)).lstrip("_"))
+        elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
+            self.kinked.add("clamp(min=0)")
+        elif (
+            func in MAX_FUNCTIONS
+            and "maximum(x, 0)" not in self.kinked
+            and _maxes_with_zero(args, kwargs)
+        ):
+            self.kinked.add("maximum(x, 0)")
+        elif func in SMOOTH_FUNCTIONS:
+            self.smooth.add(getattr(func, "__name__", str(func)))
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         if func in RELU_FUNCTIONS:
@@ -402,15 +425,8 @@ class _ReluOverride(TorchFunctionMode):
         elif self.through and func in THROUGH_RELU:
             replacement = THROUGH_RELU[func]
         else:
-            if func in KINKED_FUNCTIONS:
-                # F.threshold's function is called _threshold.
-                self.kinked.add(getattr(func, "__name__", str(func)).lstrip("_"))
-            elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
-                self.kinked.add("clamp(min=0)")
-            elif func in MAX_FUNCTIONS and _maxes_with_zero(args, kwargs):
-                self.kinked.add("maximum(x, 0)")
-            elif func in SMOOTH_FUNCTIONS:
-                self.smooth.add(getattr(func, "__name__", str(func)))
+            if self.inspect:
+                self._note(func, args, kwargs)
             return func(*args, **kwargs)
         if self.grad_enabled and _checkpointing():
             self.failed = True
@@ -462,6 +478,9 @@ _CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 def _clamps_at_zero(args: tuple, kwargs: dict) -> bool:
     """Whether a clamp call is ``clamp(x, min=0)`` with no upper bound: a ReLU."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False  # a clamp of indices is no activation
     low = args[1] if len(args) > 1 else kwargs.get("min")
     high = args[2] if len(args) > 2 else kwargs.get("max")
     return _number(low) == 0 and (high is None or _number(high) == math.inf)
@@ -472,12 +491,13 @@ def _maxes_with_zero(args: tuple, kwargs: dict) -> bool:
 
     ``torch.max(x)`` and ``torch.max(x, dim)`` reduce and are no ReLU.
     """
-    operands = [*args[:2], kwargs.get("other")]
+    operands = [*args[:2], kwargs.get("input"), kwargs.get("other")]
     tensors = [t for t in operands if isinstance(t, torch.Tensor)]
-    if len(tensors) != 2:
+    # Integer and bool maxima are indices and masks, not activations.
+    if len(tensors) != 2 or not all(t.is_floating_point() for t in tensors):
         return False
     with torch.no_grad():
-        return any(t.numel() > 0 and not t.is_complex() and bool((t == 0).all()) for t in tensors)
+        return any(t.numel() > 0 and bool((t == 0).all()) for t in tensors)
 
 
 def _number(value: object) -> float | None:
@@ -531,7 +551,7 @@ class _ReluHooks:
             self.active.pop().__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        mode = _ReluOverride(self.fn, self.through)
+        mode = _ReluOverride(self.fn, self.through, inspect=not self.done)
         self.active.append(mode)
         mode.__enter__()
 

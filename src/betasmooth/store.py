@@ -567,9 +567,11 @@ class RunDir:
         """Refuse a sweep with ``settings`` where the run holds sweep rows of other settings."""
         stored = self.config().get("sweep")
         if stored is not None and _sweep_key(stored) != _sweep_key(settings) and self.read("sweep"):
+            # A killed torchrun sweep leaves its rows in the rank files.
+            held = [p.name for p in [self.merged("sweep"), *self.rank_files("sweep")] if p.exists()]
             raise InputError(
-                f"{self.path}/sweep.jsonl holds a sweep with {stored}; sweep again with those "
-                "settings, or delete sweep.jsonl to start a new one"
+                f"{self.path} holds a sweep with {stored} in {', '.join(held)}; sweep again with "
+                f"those settings, or delete {' and '.join(held)} to start a new one"
             )
 
     def update_config(self, **settings: object) -> None:
@@ -772,10 +774,14 @@ class RunDir:
         # Rank files remain until the last rank of a torchrun job has finished.
         ranks = bool(self.rank_files())
         if not done or len(done) < wanted or ranks:
+            state = (
+                f"unfinished ({len(done)} of {wanted or '?'} items)"
+                if not done or len(done) < wanted
+                else "finished, but its processes' results are not merged yet"
+            )
             raise InputError(
-                f"the attack in {self.path} is unfinished ({len(done)} of {wanted or '?'} items); "
-                "let it finish, or finish it with the same betasmooth attack command and "
-                "--resume, then sweep"
+                f"the attack in {self.path} is {state}; let it finish, or finish it with the "
+                "same betasmooth attack command and --resume, then sweep"
             )
         files = self.batch_files()
         missing = sorted({str(r.get("method")) for r in done} - set(files))

@@ -184,13 +184,15 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
 
 def _direction(w: torch.Tensor, name: str) -> torch.Tensor:
     """``w / |w|``, refused in one line where it has no direction."""
-    length = float(w.norm())
-    if not math.isfinite(length) or length == 0:
+    peak = float(w.abs().max()) if w.numel() else 0.0
+    if not math.isfinite(peak) or peak == 0:
         raise InputError(
             f"{name} must be a finite vector with a nonzero entry (the noise is projected on its "
-            f"direction); got {'a zero vector' if length == 0 else 'a non-finite value'}"
+            f"direction); got {'a zero vector' if peak == 0 else 'a non-finite value'}"
         )
-    return w / length
+    # Scaled first: the norm of 1e200 or 1e-200 entries overflows or flushes to 0.
+    w = w / peak
+    return w / w.norm()
 
 
 def iid_bias(u: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:

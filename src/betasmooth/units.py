@@ -18,7 +18,6 @@ Examples
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 import zlib
 from collections import Counter
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .distributed import Dist
 from .store import Arrays, Batch, Record, RunDir, record_key
-from .validate import InputError
+from .validate import InputError, tell
 
 __all__ = ["Unit", "execute", "is_oom", "plan", "unit_seed"]
 
@@ -155,7 +154,7 @@ def execute(
     [(0, 'a'), (1, 'a'), (2, 'a')]
     """
     dist = dist or Dist()
-    say = message or (lambda text: print(text, file=sys.stderr, flush=True))
+    say = message or tell
     # The job holds the directory while the work runs (a whole command holds it longer).
     with run.held(dist):
         left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)

@@ -39,6 +39,7 @@ __all__ = [
     "check_seed",
     "check_target",
     "registrar",
+    "tell",
     "warn_user",
 ]
 
@@ -319,6 +320,16 @@ def check_model(model: object) -> nn.Module:
     """
     check_instance("model", model, nn.Module, "a torch.nn.Module")
     return model
+
+
+def tell(text: str) -> None:
+    """Write a line to stderr in one write, so that the lines of torchrun's ranks stay whole.
+
+    ``print`` writes the text and its newline in two calls, which another
+    rank's line can come between.
+    """
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
 
 
 def check_eager(model: nn.Module, need: str, *, compiled: bool = False) -> None:
