@@ -233,10 +233,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"x is on the meta device and holds no values",
     ),
-    "x on another device than the model": (
+    "model on the meta device": (
         _explain(lambda: plain_cnn().to("meta"), X),
         InputError,
-        r"x is on cpu but the model is on meta; expected both on one device",
+        r"Sequential's parameters are on the meta device and hold no values; expected a model "
+        r"with its weights",
     ),
     "NaN in x": (
         _explain(plain_cnn, torch.full((2, 1, 16, 16), float("nan"))),

@@ -400,33 +400,26 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
         curvature(compiled, x)
 
 
+class _Wrapped(nn.Module):
+    """The tiny network, called by ``call(net, x)`` in forward."""
+
+    def __init__(self, call) -> None:
+        super().__init__()
+        self.net, self.call = _tiny(), call
+
+    def forward(self, x):
+        return self.call(self.net, x)
+
+
 def test_a_forward_that_cuts_x_out_of_the_graph_is_named():
-    class Detached(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _tiny()
-
-        def forward(self, x):
-            return self.net(x.detach())
-
-    x = torch.rand(2, 1, 8, 8)
+    x, detached = torch.rand(2, 1, 8, 8), _Wrapped(lambda net, x: net(x.detach()))
     for method in ("gradient", "integrated_gradients", "beta_smooth", "guided_backprop"):
-        with pytest.raises(
-            InputError, match="^Detached's output does not depend on x: its forward"
-        ):
-            bs.explain(Detached(), x, method)
+        with pytest.raises(InputError, match="^_Wrapped's output does not depend on x: its"):
+            bs.explain(detached, x, method)
 
 
 def test_messages_name_the_right_form_for_maps_squeezed_outputs_and_meta_models():
-    class Squeezed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _tiny()
-
-        def forward(self, x):
-            return self.net(x).squeeze()
-
-    net, x = Squeezed(), torch.rand(3, 1, 8, 8)
+    net, x = _Wrapped(lambda net, x: net(x).squeeze()), torch.rand(3, 1, 8, 8)
     bs.explain(net, x, "gradient")  # the probe of this item shape passes with 3 items
     with pytest.raises(InputError, match=r"got \(3,\) \(a squeeze\(\) in forward drops"):
         bs.explain(net, x[:1], "gradient")
