@@ -112,6 +112,14 @@ def test_results_and_sweep_rows_left_in_rank_files_are_named_as_such(finished, t
     )
 
 
+def test_an_error_line_without_stderr_goes_to_stdout(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", None)  # pythonw, a detached service
+    assert main(["report", "/nonexistent/run"]) == 2
+    assert capsys.readouterr().out.startswith("betasmooth: error: /nonexistent/run is not a")
+
+
 def test_an_error_line_is_written_whole_in_one_write(monkeypatch):
     # print() writes a line and its newline apart: two ranks' lines ran together.
     import io

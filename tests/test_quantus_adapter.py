@@ -149,6 +149,23 @@ def test_channel_last_maps_without_kept_axes_are_not_transposed():
     np.testing.assert_array_equal(first, last)
 
 
+def test_channel_last_maps_summed_over_space_keep_the_channel_last():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 5, 3),
+    ).eval()
+    x, y = torch.rand(2, 3, 6, 5), np.array([0, 1])
+    first = bs.quantus_explain(net, x.numpy(), y, reduce_axes=(3,), keepdims=False)
+    last = bs.quantus_explain(
+        net, x.permute(0, 2, 3, 1).numpy(), y, reduce_axes=(-1,), keepdims=False
+    )
+    assert first.shape == (2, 3, 6) and last.shape == (2, 6, 3)
+    np.testing.assert_array_equal(np.moveaxis(first, 1, -1), last)
+
+
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))

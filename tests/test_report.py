@@ -424,9 +424,21 @@ def test_explain_grid_leaves_out_a_method_whose_maps_of_the_rows_are_lost(tmp_pa
 
 
 @pytest.mark.parametrize("goal", ["topk", "center"])
-def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal):
+def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal, monkeypatch):
     run = make_run(tmp_path, theory=False, goal=goal)
+    drawn = []
+    real = figures.defense_curves
+
+    def spy(betas, curves, path, **kwargs):
+        drawn.append({*curves, *(kwargs.get("undefended") or {})})
+        return real(betas, curves, path, **kwargs)
+
+    monkeypatch.setattr(figures, "defense_curves", spy)
     page = parse(build_report(run))
+    assert len(drawn) == len(METHODS)
+    assert all(
+        "adv_vs_orig_pcc" in keys and not any("_vs_target_" in k for k in keys) for keys in drawn
+    )
     rows = [row[0][0] for row in page.tables["medians"][1:]]
     assert "expl_pcc_orig" in rows
     assert not [r for r in rows if "_target" in r]

@@ -191,6 +191,7 @@ def test_beta_smoothing_names_a_relu_written_as_a_clamp(spelling) -> None:
         lambda h: torch.fmax(torch.zeros_like(h), h),
         lambda h: torch.max(h, torch.zeros(1)),
         lambda h: torch.maximum(input=h, other=torch.zeros_like(h)),
+        lambda h: torch.maximum(h, torch.tensor(0)),  # an integer zero
     ],
 )
 def test_beta_smoothing_names_a_relu_written_as_a_maximum_with_zero(spelling) -> None:
@@ -364,13 +365,20 @@ def _tiny() -> nn.Module:
     ).eval()
 
 
+class _Normalise(nn.Module):
+    """A preprocessing step without a ReLU, scripted on its own."""
+
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
 @pytest.mark.parametrize("how", ["script", "trace"])
 def test_torchscript_is_refused_where_no_relu_can_be_reached(how):
     # A traced model's beta_smooth map was the plain gradient, and its attack
     # never moved x, both without a word.
     net, x = _tiny(), torch.rand(2, 1, 8, 8)
     ts = torch.jit.script(net) if how == "script" else torch.jit.trace(net, x)
-    message = r"needs the model's Python forward, but \w+ is a TorchScript module"
+    message = r"cannot reach the ReLUs of (\w+|its submodule 0), a TorchScript module"
     for call in (
         lambda: bs.explain(ts, x, "beta_smooth", beta=2.0),
         lambda: bs.explain(ts, x, "guided_backprop"),
@@ -380,8 +388,22 @@ def test_torchscript_is_refused_where_no_relu_can_be_reached(how):
     ):
         with pytest.raises(InputError, match=message):
             call()
-    # The plain gradient needs no hook: it stays the eager model's.
+    # The methods that need no hook stay the eager model's, differentiable too.
     torch.testing.assert_close(bs.explain(ts, x, "gradient"), bs.explain(net, x, "gradient"))
+    xg = x.clone().requires_grad_(True)
+    (second,) = torch.autograd.grad(
+        bs.explain(ts, xg, "gradient", create_graph=True).square().sum(), xg
+    )
+    (expected,) = torch.autograd.grad(
+        bs.explain(net, xg, "gradient", create_graph=True).square().sum(), xg
+    )
+    torch.testing.assert_close(second, expected)
+    # A scripted part without a ReLU leaves the eager ReLUs to smooth.
+    both = nn.Sequential(torch.jit.script(_Normalise()), net).eval()
+    plain = nn.Sequential(_Normalise(), net).eval()
+    torch.testing.assert_close(
+        bs.explain(both, x, "beta_smooth", beta=2.0), bs.explain(plain, x, "beta_smooth", beta=2.0)
+    )
 
 
 def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
@@ -398,6 +420,14 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
         bs.manipulate(compiled, x, target, "gradient", steps=1)
     with pytest.raises(InputError, match="curvature " + fix):
         curvature(compiled, x)
+    # A compiled part is named by its path.
+    with pytest.raises(InputError, match=r"model\.1\._orig_mod \(the same weights\)"):
+        bs.manipulate(nn.Sequential(nn.Identity(), compiled), x, target, "gradient", steps=1)
+
+
+def test_explain_under_inference_mode_names_the_caller_not_the_model():
+    with torch.inference_mode(), pytest.raises(InputError, match=r"^explain runs under torch"):
+        bs.explain(_tiny(), torch.rand(2, 1, 8, 8), "gradient")
 
 
 class _Wrapped(nn.Module):

@@ -52,7 +52,6 @@ from .validate import (
     check_batch,
     check_choice,
     check_count,
-    check_eager,
     check_in_range,
     check_input,
     check_map_batch,
@@ -60,6 +59,7 @@ from .validate import (
     check_positive,
     check_seed,
     check_target,
+    check_uncompiled,
     evaluating,
     is_number,
     item_seeds,
@@ -991,7 +991,7 @@ def manipulate(
 
 def _checked_input(model: object, x: object) -> torch.Tensor:
     check_model(model)
-    check_eager(model, "the attack", compiled=True)
+    check_uncompiled(model, "the attack")
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:
         raise InputError(f"x must have shape (B, C, H, W); got {tuple(x.shape)}")

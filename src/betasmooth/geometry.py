@@ -41,10 +41,10 @@ from .smooth import smooth
 from .validate import (
     InputError,
     check_count,
-    check_eager,
     check_input,
     check_model,
     check_target,
+    check_uncompiled,
     evaluating,
     item_seeds,
 )
@@ -161,7 +161,7 @@ def _check_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` checked against the model and in its dtype, and the target on its device."""
     check_model(model)
-    check_eager(model, "curvature", compiled=True)
+    check_uncompiled(model, "curvature")
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])
     return x, None if target_t is None else target_t.to(x.device)

@@ -171,10 +171,13 @@ def quantus_explain(
     # Quantus works in numpy: array options (LRP's bounds, a baseline) become tensors.
     options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
     attribution = explain(model, x, method, target, **options).detach()
+    channels_left = True
     if reduce_axes:
-        axes = _reduce_axes(reduce_axes, attribution.dim())
+        rank = attribution.dim()
+        axes = _reduce_axes(reduce_axes, rank)
         attribution = attribution.sum(dim=axes, keepdim=keepdims)
-    if not first and attribution.dim() == x.dim():
-        # Only where a channel axis is left (keepdims, or none reduced).
+        channels_left = keepdims or 1 not in {a % rank for a in axes}
+    if not first and channels_left:
+        # Back to the inputs' layout, where a channel axis is left to move.
         attribution = attribution.movedim(1, -1)
     return attribution.cpu().numpy()

@@ -599,6 +599,8 @@ def _undefended(results: Sequence[Mapping], method: str) -> dict[str, float] | N
     mine = [r for r in results if str(r.get("method")) == method]
     stats = medians(mine, list(_UNDEFENDED.values()))
     found = {k: stats[v] for k, v in _UNDEFENDED.items() if stats[v] is not None}
+    if mine and _untargeted(mine[0].get("goal")):
+        found = {k: v for k, v in found.items() if "_vs_target_" not in k}
     return found or None
 
 

@@ -23,6 +23,7 @@ import copy
 import functools
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 
@@ -37,7 +38,6 @@ from torch.overrides import TorchFunctionMode
 from .validate import (
     InputError,
     InputTypeError,
-    check_eager,
     check_instance,
     is_number,
     set_origin,
@@ -493,8 +493,9 @@ def _maxes_with_zero(args: tuple, kwargs: dict) -> bool:
     """
     operands = [*args[:2], kwargs.get("input"), kwargs.get("other")]
     tensors = [t for t in operands if isinstance(t, torch.Tensor)]
-    # Integer and bool maxima are indices and masks, not activations.
-    if len(tensors) != 2 or not all(t.is_floating_point() for t in tensors):
+    # Integer and bool maxima are indices and masks, not activations; a float
+    # activation may meet an integer zero (torch.maximum(h, torch.tensor(0))).
+    if len(tensors) != 2 or not any(t.is_floating_point() for t in tensors):
         return False
     with torch.no_grad():
         return any(t.numel() > 0 and bool((t == 0).all()) for t in tensors)
@@ -520,6 +521,24 @@ def _writes_in_place(replacement: Callable, args: tuple, kwargs: dict) -> bool:
 _signature = functools.cache(inspect.signature)
 
 
+# The ReLU family as TorchScript writes it in a graph.
+_SCRIPTED_RELUS = re.compile(r"aten::(relu|relu6|hardtanh|leaky_relu|prelu|hardsigmoid)_?\b")
+
+
+def _check_scripted(model: nn.Module, what: str) -> None:
+    """Refuse a TorchScript module that holds a ReLU: its graph runs where no override sees it."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule) and _SCRIPTED_RELUS.search(
+            str(module.inlined_graph)
+        ):
+            name = type(module).__name__ if not path else f"its submodule {path}"
+            raise InputError(
+                f"{what} cannot reach the ReLUs of {name}, a TorchScript module (torch.jit.script "
+                "or torch.jit.trace) that runs its own graph; expected the nn.Module it was "
+                "made from"
+            )
+
+
 class _ReluHooks:
     """A forward pre-hook and an always-called forward hook that override ReLU during forward."""
 
@@ -536,7 +555,7 @@ class _ReluHooks:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> _ReluHooks:
-        check_eager(self.model, self.warn if isinstance(self.warn, str) else "beta-smoothing")
+        _check_scripted(self.model, self.warn if isinstance(self.warn, str) else "beta-smoothing")
         self.handles = [
             self.model.register_forward_pre_hook(self._enter),
             # prepend: hooks installed later leave first, so stacked overrides unwind in order.

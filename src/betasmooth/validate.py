@@ -28,7 +28,7 @@ __all__ = [
     "check_batch",
     "check_choice",
     "check_classes",
-    "check_eager",
+    "check_uncompiled",
     "check_count",
     "check_in_range",
     "check_input",
@@ -328,43 +328,31 @@ def tell(text: str) -> None:
     ``print`` writes the text and its newline in two calls, which another
     rank's line can come between.
     """
-    sys.stderr.write(f"{text}\n")
-    sys.stderr.flush()
+    stream = sys.stderr or sys.stdout  # None under pythonw, as print falls back
+    if stream is not None:
+        stream.write(f"{text}\n")
+        stream.flush()
 
 
-def check_eager(model: nn.Module, need: str, *, compiled: bool = False) -> None:
-    """Refuse a model whose forward ``need`` cannot reach: TorchScript, or compiled.
+def check_uncompiled(model: nn.Module, need: str) -> None:
+    """Refuse a model made (in whole or in part) by ``torch.compile`` where ``need`` cannot use it.
 
-    A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) runs its
-    own graph, where no Python sees a ReLU: beta-smoothing and guided
-    backprop would change nothing, silently. With ``compiled``, a module made
-    by ``torch.compile`` is refused too: its graphs cannot be differentiated a
-    second time (a map under ``create_graph``, an attack, a curvature) or
-    traced for LRP. Submodules count as the model does.
+    Its graphs cannot be differentiated a second time (a map under
+    ``create_graph``, an attack, a curvature) or traced for LRP. The message
+    names the compiled module's own ``_orig_mod``, which holds the same weights.
 
     Examples
     --------
-    >>> net = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-    >>> try:
-    ...     check_eager(net, "beta-smoothing")
-    ... except InputError as err:
-    ...     print(str(err)[:74])
-    beta-smoothing needs the model's Python forward, but RecursiveScriptModule
+    >>> check_uncompiled(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "the attack")
     """
     check_model(model)
-    for module in model.modules():
-        name = type(module).__name__
-        if isinstance(module, torch.jit.ScriptModule):
-            raise InputError(
-                f"{need} needs the model's Python forward, but {name} is a TorchScript module "
-                "(torch.jit.script or torch.jit.trace), which runs its own graph; expected the "
-                "nn.Module it was made from"
-            )
+    for path, module in model.named_modules():
         # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
-        if compiled and name == "OptimizedModule" and hasattr(module, "_orig_mod"):
+        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            where = "model" if not path else f"model.{path}"
             raise InputError(
                 f"{need} does not work through a graph made by torch.compile; expected the "
-                "module itself, model._orig_mod (the same weights)"
+                f"module itself, {where}._orig_mod (the same weights)"
             )
 
 

@@ -25,10 +25,10 @@ from ..smooth import flush_denormals
 from ..validate import (
     InputError,
     InputTypeError,
-    check_eager,
     check_input,
     check_instance,
     check_target,
+    check_uncompiled,
     evaluating,
     registrar,
 )
@@ -383,7 +383,7 @@ def explain(
     _check_options(method, options)
     check_instance("create_graph", create_graph, bool, "True or False")
     if create_graph:
-        check_eager(model, "create_graph=True", compiled=True)
+        check_uncompiled(model, "create_graph=True")
     given = x
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])

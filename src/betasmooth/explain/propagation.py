@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..smooth import replace_relu
-from ..validate import InputError, InputTypeError, check_eager
+from ..validate import InputError, InputTypeError, check_uncompiled
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
 
@@ -699,7 +699,7 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     cached = _GRAPHS.get(model)
     if cached is not None and _same_modules(cached, model):
         return cached
-    check_eager(model, "lrp", compiled=True)
+    check_uncompiled(model, "lrp")
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure is the user's model
