@@ -654,6 +654,15 @@ CLI: dict[str, tuple[list[str], str]] = {
     ),
     "--batch-size 0": ([*ATTACK, "--batch-size", "0"], r"argument --batch-size: expected a"),
     "--goal away": ([*ATTACK, "--goal", "away"], r"argument --goal: invalid choice: 'away'"),
+    "--out under a file": (
+        [*EXPLAIN, "--out", "{d}/notadir.txt/run"],
+        r"argument --out: .*notadir.txt is a file, so .*/run cannot be a directory; expected a",
+    ),
+    "--option of a method without options": (
+        [*ATTACK[:5], "--method", "gradient", "--option", "gradient.foo=1", "--out", "{d}/r"],
+        r"^betasmooth: error: --option gradient: unknown option 'foo': method 'gradient' takes "
+        r"no options$",
+    ),
     "--channels 2": ([*ATTACK, "--channels", "2"], r"argument --channels: invalid choice: 2"),
     "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected a pos"),
     "--mean abc": ([*ATTACK, "--mean", "abc"], r"argument --mean: invalid float value: 'abc'"),

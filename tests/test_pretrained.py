@@ -149,6 +149,18 @@ def test_grey_channels_with_an_rgb_preset_is_a_one_line_error(hub, tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("given", [["--mean", "0.5"], ["--std", "0.2"]])
+def test_one_of_mean_and_std_next_to_a_preset_is_refused(hub, tmp_path, capsys, given):
+    # It would pair the user's mean with the weights' std, or the other way round.
+    argv = ["explain", "--model", SPECS["resnet18"], "--data", "digits", "--image-size", "32"]
+    out = tmp_path / "run"
+    assert main([*argv, *given, "--method", "gradient", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{given[0]} without --" in err[0]
+    assert "expected both --mean and --std, or neither" in err[0]
+    assert not out.exists()
+
+
 def test_preset_prepares_images_as_torchvision_transforms_do(tmp_path):
     rng = np.random.default_rng(0)
     sizes = [(300, 260), (250, 340)]

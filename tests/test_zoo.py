@@ -201,6 +201,8 @@ def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_pa
         whole[: len(whole) // 2]: r"it is damaged or cut short \(a zip archive without its end\)",
         b"": r"the file is empty",
         b"hello world\n": r"it is not a file written by torch.save \(it starts with b'hell'\)",
+        # torch's unpickler refuses this one, which is no pickled object either.
+        b"weights\n": r"it is not a file written by torch.save \(it starts with b'weig'\)",
     }
     for content, message in cases.items():
         path.write_bytes(content)
@@ -487,3 +489,12 @@ def test_unknown_data_spec_and_split() -> None:
         bs.load_data("mnist")
     with pytest.raises(InputError, match="unknown split 'val'"):
         bs.load_data("digits", split="val")
+
+
+def test_a_folder_named_like_built_in_data_is_named_in_a_warning(tmp_path, monkeypatch):
+    # "--data photos" with a photos/ folder here reads the built-in set, silently before.
+    (tmp_path / "digits").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"'digits' is the built-in data set, not the digits"):
+        x, _ = bs.load_data("digits")
+    assert x.shape[1:] == (1, 32, 32)

@@ -213,6 +213,13 @@ def _directory(text: str) -> str:
     # An empty name would mean the current directory, which is never what was meant.
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory name; got an empty one")
+    # A file on the way would only be met when the run writes its first file.
+    blocking = next((p for p in Path(text).parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(
+            f"{blocking} is a file, so {text} cannot be a directory; expected a path whose "
+            "existing parts are directories"
+        )
     return text
 
 
@@ -783,7 +790,8 @@ def _load_images(args: argparse.Namespace) -> runs.Inputs:
     if args.n is not None and len(x) < args.n:
         if _first_rank():
             tell(
-                f"betasmooth {args.command}: {args.data} holds only {len(x)} images; "
+                f"betasmooth {args.command}: {args.data} holds only {len(x)} "
+                f"image{'s' if len(x) != 1 else ''}; "
                 f"using all {len(x)} (asked for {args.n})"
             )
         args.n = len(x)
@@ -795,6 +803,13 @@ def _apply_preset(args: argparse.Namespace) -> None:
     args.preset = None
     if is_pretrained(getattr(args, "model", None)):
         prep = preprocessing(args.model)
+        if (args.mean is None) != (args.std is None):
+            given, other = ("--mean", "--std") if args.std is None else ("--std", "--mean")
+            raise InputError(
+                f"{given} without {other}: {args.model} brings its own mean and std, and one of "
+                "each would mix two normalisations; expected both --mean and --std, or "
+                "neither (the model's own)"
+            )
         args.preset = args.model
         args.mean = list(prep.mean) if args.mean is None else args.mean
         args.std = list(prep.std) if args.std is None else args.std

@@ -88,7 +88,14 @@ from torch import nn
 from .checkpoint import apply_weights, load_state_dict, read_npz, reason
 from .photos import photos, trained_photos_cnn
 from .pretrained import is_pretrained, load_pretrained, preprocessing
-from .validate import InputError, InputTypeError, check_input, check_instance, evaluating
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_input,
+    check_instance,
+    evaluating,
+    warn_user,
+)
 
 __all__ = [
     "BUILTIN_DATA",
@@ -645,6 +652,11 @@ def load_data(
     source = _source(spec)
     classes = files = None
     if source == "builtin":
+        if Path(spec).exists():
+            warn_user(
+                f"data {spec!r} is the built-in data set, not the {spec} in this folder; "
+                f"write ./{spec} to read that one"
+            )
         x, y = BUILTIN_DATA[spec](split)
     elif source == "folder":
         x, y, classes, files = _folder(Path(spec), size, channels, fit)
