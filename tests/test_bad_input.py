@@ -660,8 +660,8 @@ CLI: dict[str, tuple[list[str], str]] = {
     ),
     "--option of a method without options": (
         [*ATTACK[:5], "--method", "gradient", "--option", "gradient.foo=1", "--out", "{d}/r"],
-        r"^betasmooth: error: --option gradient: unknown option 'foo': method 'gradient' takes "
-        r"no options$",
+        r"^betasmooth: error: --option gradient: unknown option 'foo' for method 'gradient', "
+        r"which takes no options$",
     ),
     "--channels 2": ([*ATTACK, "--channels", "2"], r"argument --channels: invalid choice: 2"),
     "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected a pos"),

@@ -124,7 +124,7 @@ def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):
     path = pretrained.checkpoint_path(SPECS["resnet18"])
     path.parent.mkdir(parents=True)
     path.write_bytes(b"garbage")
-    with pytest.raises(InputError, match=r"resnet18-f37072fd.pth .*delete it so that it is down"):
+    with pytest.raises(InputError, match=r"resnet18-f37072fd.pth.*delete it so that it is down"):
         bs.load_model(SPECS["resnet18"])
 
 

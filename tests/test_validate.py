@@ -378,7 +378,7 @@ def test_torchscript_is_refused_where_no_relu_can_be_reached(how):
     # never moved x, both without a word.
     net, x = _tiny(), torch.rand(2, 1, 8, 8)
     ts = torch.jit.script(net) if how == "script" else torch.jit.trace(net, x)
-    message = r"cannot reach the ReLUs of (\w+|its submodule 0), a TorchScript module"
+    message = r"(cannot work on \w+|cannot reach the ReLUs of its submodule 0), a TorchScript mod"
     for call in (
         lambda: bs.explain(ts, x, "beta_smooth", beta=2.0),
         lambda: bs.explain(ts, x, "guided_backprop"),
@@ -425,9 +425,54 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
         bs.manipulate(nn.Sequential(nn.Identity(), compiled), x, target, "gradient", steps=1)
 
 
-def test_explain_under_inference_mode_names_the_caller_not_the_model():
-    with torch.inference_mode(), pytest.raises(InputError, match=r"^explain runs under torch"):
-        bs.explain(_tiny(), torch.rand(2, 1, 8, 8), "gradient")
+def test_a_call_under_inference_mode_names_the_caller_not_the_model():
+    from betasmooth.geometry import curvature
+
+    x, target = torch.rand(2, 1, 8, 8), bs.heatmap(torch.rand(2, 1, 8, 8))
+    for call in (
+        lambda: bs.explain(_tiny(), x, "gradient"),
+        lambda: bs.explain(_tiny(), x, "lrp"),
+        lambda: bs.manipulate(_tiny(), x, target, "gradient", steps=1),
+        lambda: curvature(_tiny(), x),
+    ):
+        with torch.inference_mode(), pytest.raises(InputError, match=r"^betasmooth was called "):
+            call()
+
+
+class _Gelu(nn.Module):
+    """A network without a ReLU, scripted whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.linear(torch.nn.functional.gelu(x.flatten(1)))
+
+
+class _Parts(nn.Module):
+    """A scripted ModuleList: TorchScript gives it no forward graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList([nn.Identity()])
+
+    def forward(self, x):
+        for part in self.parts:
+            x = part(x)
+        return x
+
+
+def test_torchscript_without_relu_is_named_or_passed_through():
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(InputError, match=r"cannot work on RecursiveScriptModule, a TorchScript"):
+        bs.smooth(torch.jit.script(_Gelu()), 1.0)
+    # A scripted part whose ModuleList has no forward graph of its own: no ReLU to miss.
+    net = nn.Sequential(torch.jit.script(_Parts()), _tiny())
+    torch.testing.assert_close(
+        bs.explain(net, x, "beta_smooth", beta=2.0),
+        bs.explain(nn.Sequential(_tiny()), x, "beta_smooth", beta=2.0),
+    )
 
 
 class _Wrapped(nn.Module):

@@ -91,14 +91,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        if found is None:
-            # No pickled object: a text file or another format, not an unsafe pickle.
+        with open(path, "rb") as file:
+            pickled = file.read(1) == b"\x80" or zipfile.is_zipfile(path)
+        if found is None and not pickled:
+            # No pickle at all (a text file, another format): nothing unsafe was refused.
             raise InputError(
                 f"cannot read weights file {path}: {_unreadable(path, err)}; {STATE_DICT_HINT}"
             ) from err
+        what = f"the pickled object {found.group(1)}" if found else "its content"
         raise InputError(
-            f"{path} is not a state dict (torch.load with weights_only=True refused the pickled "
-            f"object {found.group(1)} unrun; {STATE_DICT_HINT})"
+            f"{path} is not a state dict (torch.load with weights_only=True refused {what} "
+            f"unrun; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
         raise InputError(

@@ -214,13 +214,21 @@ def _directory(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a directory name; got an empty one")
     # A file on the way would only be met when the run writes its first file.
-    blocking = next((p for p in Path(text).parents if p.exists() and not p.is_dir()), None)
+    blocking = next((p for p in Path(text).parents if _is_file(p)), None)
     if blocking is not None:
         raise argparse.ArgumentTypeError(
             f"{blocking} is a file, so {text} cannot be a directory; expected a path whose "
             "existing parts are directories"
         )
     return text
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is there and no directory; False where it cannot be looked at."""
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:  # a name too long, a folder not to be entered: said when it is written
+        return False
 
 
 def _fraction(text: str) -> float:

@@ -526,17 +526,32 @@ _SCRIPTED_RELUS = re.compile(r"aten::(relu|relu6|hardtanh|leaky_relu|prelu|hards
 
 
 def _check_scripted(model: nn.Module, what: str) -> None:
-    """Refuse a TorchScript module that holds a ReLU: its graph runs where no override sees it."""
+    """Refuse a TorchScript model, which takes no forward hooks, and a TorchScript part
+    that holds a ReLU: its graph runs where no override sees it."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(
+            f"{what} cannot work on {type(model).__name__}, a TorchScript module (torch.jit.script "
+            "or torch.jit.trace) that runs its own graph and takes no forward hooks; expected "
+            "the nn.Module it was made from"
+        )
     for path, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule) and _SCRIPTED_RELUS.search(
-            str(module.inlined_graph)
+            _scripted_graph(module)
         ):
-            name = type(module).__name__ if not path else f"its submodule {path}"
             raise InputError(
-                f"{what} cannot reach the ReLUs of {name}, a TorchScript module (torch.jit.script "
-                "or torch.jit.trace) that runs its own graph; expected the nn.Module it was "
-                "made from"
+                f"{what} cannot reach the ReLUs of its submodule {path}, a TorchScript module "
+                "(torch.jit.script or torch.jit.trace) that runs its own graph; expected the "
+                "nn.Module it was made from"
             )
+
+
+def _scripted_graph(module: torch.jit.ScriptModule) -> str:
+    """The forward graph of a TorchScript module as text; empty where it has no forward
+    (a scripted ModuleList, a module used through its exported methods)."""
+    try:
+        return str(module.inlined_graph)
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 class _ReluHooks:

@@ -498,6 +498,12 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     torch.float32
     """
     check_model(model)
+    if torch.is_inference_mode_enabled():
+        # Its tensors never take a gradient: every map, attack and curvature needs one.
+        raise InputError(
+            "betasmooth was called under torch.inference_mode(), where no gradient can be "
+            "taken; expected a call outside it"
+        )
     x = check_batch(x, name)
     dtype, device = _model_place(model)
     if device is not None and device.type == "meta":

@@ -320,7 +320,9 @@ def _check_options(method: str, options: dict[str, object], owner: str | None = 
     # explain's own argument is called method: Captum's option of that name is rule here.
     hint = " (Captum's option method is written rule)" if unknown[0] == "method" else ""
     if owner is None and not known:
-        raise InputTypeError(f"unknown option {unknown[0]!r}: method {method!r} takes no options")
+        raise InputTypeError(
+            f"unknown option {unknown[0]!r} for method {method!r}, which takes no options"
+        )
     if owner is None:
         raise InputTypeError(
             f"unknown option {unknown[0]!r} for method {method!r}; expected some of: "

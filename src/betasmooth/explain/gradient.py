@@ -108,11 +108,6 @@ def input_gradient(
             (grad,) = torch.autograd.grad(
                 logit.sum(), xg, create_graph=create_graph, allow_unused=True
             )
-    if grad is None and torch.is_inference_mode_enabled():
-        raise InputError(
-            "explain runs under torch.inference_mode(), where no gradient can be taken; "
-            "expected a call outside it"
-        )
     if grad is None:
         raise InputError(
             f"{type(model).__name__}'s output does not depend on x: its forward detaches the "
