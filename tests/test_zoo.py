@@ -498,3 +498,16 @@ def test_a_folder_named_like_built_in_data_is_named_in_a_warning(tmp_path, monke
     with pytest.warns(UserWarning, match=r"'digits' is the built-in data set, not the digits"):
         x, _ = bs.load_data("digits")
     assert x.shape[1:] == (1, 32, 32)
+
+
+def test_the_folder_warning_comes_only_where_the_user_named_the_data(tmp_path, monkeypatch, capsys):
+    from betasmooth.cli import main
+
+    (tmp_path / "digits").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["explain", "--model", "digits-cnn", "-n", "1", "--method", "gradient"]
+    assert main([*argv, "--data", "digits", "--out", "named", "--no-progress"]) == 0
+    assert "warning: data 'digits' is the built-in data set" in capsys.readouterr().err
+    # theorem takes the built-in digits itself: the folder here is none of its business.
+    assert main(["theorem", "--quick", "--out", "theory"]) == 0
+    assert "warning" not in capsys.readouterr().err

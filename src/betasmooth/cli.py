@@ -778,17 +778,22 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, weights: str | None) -> str:
 
 def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
     """Model and data as named by the arguments (``vars(args)``) or by a stored config."""
-    return runs.load_inputs(
-        settings["model"],
-        settings["data"],
-        weights=settings.get("weights"),
-        n=n,
-        image_size=settings.get("image_size"),
-        channels=settings.get("channels"),
-        mean=settings.get("mean"),
-        std=settings.get("std"),
-        preset=settings.get("preset"),
-    )
+    with warnings.catch_warnings():
+        if "--data" not in str(settings.get("argv", "")):
+            # A default (the demo's photos) or a stored config: the user named no
+            # data here, so a folder of the built-in's name is no mistake of theirs.
+            warnings.filterwarnings("ignore", message=r"data '.*' is the built-in data set")
+        return runs.load_inputs(
+            settings["model"],
+            settings["data"],
+            weights=settings.get("weights"),
+            n=n,
+            image_size=settings.get("image_size"),
+            channels=settings.get("channels"),
+            mean=settings.get("mean"),
+            std=settings.get("std"),
+            preset=settings.get("preset"),
+        )
 
 
 def _load_images(args: argparse.Namespace) -> runs.Inputs:

@@ -43,7 +43,7 @@ from .geometry import curvature
 from .metrics import heatmap, pcc
 from .smooth import LogisticNoise, logistic_std, smooth, softplus
 from .validate import InputError, check_choice
-from .zoo import load_data, load_model
+from .zoo import BUILTIN_DATA, load_model
 
 __all__ = [
     "NOISE_MODELS",
@@ -524,7 +524,8 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     with _timed(seconds, "theorem2"):
         theorem2 = _theorem2_part(config["n"], seed)
     model = load_model("digits-cnn")
-    images = load_data("digits")[0][: config["images"]]
+    # The built-in set itself: a digits/ folder where the command runs is not meant.
+    images = BUILTIN_DATA["digits"]("test")[0][: config["images"]]
     betas = config["betas"]
     with _timed(seconds, "smoothgrad"):
         smoothgrad_pcc = smoothing_vs_smoothgrad(
