@@ -35,14 +35,7 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import (
-    InputError,
-    InputTypeError,
-    check_instance,
-    is_number,
-    set_origin,
-    warn_user,
-)
+from .validate import InputError, InputTypeError, check_instance, is_number, set_origin, warn_user
 
 __all__ = [
     "BETA_RANGE",
