@@ -46,8 +46,10 @@ centimetres away, and no crop could tell the two apart.)
 The model ``"photos-cnn"`` (:func:`photos_cnn`) is a VGG-style ReLU network
 trained by ``scripts/train_photos_cnn.py`` with plain cross-entropy on 2000
 crops per photograph drawn from the training cells as above (the ``"train"``
-split's 300 per photograph are a smaller draw from the same cells); its
-weights ship with the package. Test accuracy 85.8 %.
+split's 300 per photograph are a smaller draw from the same cells), with
+BatchNorm after each convolution during training, folded into the
+convolutions afterwards; its weights ship with the package. Test accuracy
+91.6 %.
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ __all__ = [
 
 #: Side in pixels of the built-in crops.
 SIZE = 64
-#: Crops per photograph in each split.
-COUNTS = {"train": 300, "test": 50}
+#: Crops per photograph in each split. ``"fit"`` and ``"validation"`` divide
+#: the training cells, for choosing a training recipe without the test cells.
+COUNTS = {"train": 300, "test": 50, "fit": 300, "validation": 50}
 #: Each photograph is cut into a GRID x GRID checkerboard of training and test cells.
 GRID = 4
 #: Crop sides as fractions of the photograph's shorter side.
 SCALES = (0.15, 0.2, 0.25)
 #: Crops whose standard deviation is below this are drawn again.
 MIN_STD = 0.02
-SEEDS = {"train": 0, "test": 1}
+SEEDS = {"train": 0, "test": 1, "fit": 0, "validation": 1}
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -134,19 +137,25 @@ def _photographs() -> tuple[torch.Tensor, ...]:
     )
 
 
+def _check_split(split: str) -> None:
+    if split not in COUNTS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(COUNTS)}")
+
+
 def split_cells(height: int, width: int, split: str) -> list[tuple[int, int, int, int]]:
     """The cells of a photograph that a split's crops come from.
 
     The photograph is cut into a :data:`GRID` x :data:`GRID` checkerboard;
     training crops lie in the cells with an even ``row + column``, test crops
-    in those with an odd one.
+    in those with an odd one. ``"validation"`` takes every fourth training
+    cell (row by row), ``"fit"`` the other training cells.
 
     Parameters
     ----------
     height, width : int
         Size of the photograph in pixels.
     split : str
-        ``"train"`` or ``"test"``.
+        ``"train"``, ``"test"``, ``"fit"`` or ``"validation"``.
 
     Returns
     -------
@@ -158,6 +167,10 @@ def split_cells(height: int, width: int, split: str) -> list[tuple[int, int, int
     >>> split_cells(300, 451, "test")[:2]
     [(0, 113, 75, 226), (0, 338, 75, 451)]
     """
+    _check_split(split)
+    if split in ("fit", "validation"):
+        train = split_cells(height, width, "train")
+        return [c for k, c in enumerate(train) if (k % 4 == 3) == (split == "validation")]
     rows = [round(k * height / GRID) for k in range(GRID + 1)]
     cols = [round(k * width / GRID) for k in range(GRID + 1)]
     parity = 0 if split == "train" else 1
@@ -224,11 +237,13 @@ def photo_crops(
     Parameters
     ----------
     split : str
-        ``"train"`` or ``"test"``.
+        ``"train"`` or ``"test"``; ``"fit"`` and ``"validation"`` divide the
+        training cells (see :func:`split_cells`).
     size : int
         Side of the returned crops in pixels.
     per_photo : int, optional
-        Crops per photograph (default 300 for training, 50 for test).
+        Crops per photograph (default 300 for training and fit, 50 for test
+        and validation).
 
     Returns
     -------
@@ -244,6 +259,7 @@ def photo_crops(
     >>> tuple(x.shape), y.tolist()[:4], boxes.shape
     ((20, 3, 32, 32), [0, 1, 2, 3], (20, 5))
     """
+    _check_split(split)
     count = COUNTS[split] if per_photo is None else per_photo
     x, y, boxes = _crops(split, size, count)
     return x.clone(), y.clone(), boxes.copy()
