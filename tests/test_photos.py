@@ -21,6 +21,7 @@ from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import train_photos_cnn  # noqa: E402
 from train_photos_cnn import fold_batch_norm, train, with_batch_norm  # noqa: E402
 
 # The photographs as their packages give them, in class order.
@@ -150,7 +151,46 @@ def test_folded_batch_norm_computes_the_trained_network_in_the_plain_architectur
     plain.load_state_dict(folded.state_dict())  # strict: the shipped layout, no BatchNorm left
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-6, atol=1e-6)
+
+
+def test_training_takes_its_recipe_and_split():
+    def weights(**kwargs):
+        model = train(1, size=16, per_photo=6, max_steps=2, threads=1, **kwargs)
+        return model.state_dict()
+
+    plain, normed = weights(batch_norm=False), weights()
+    fit, again = weights(split="fit"), weights(split="fit")
+    assert list(plain) == list(normed) == list(fit)  # always the plain layout
+    for key in ("0.weight", "13.weight"):
+        assert not torch.equal(plain[key], normed[key])
+        assert not torch.equal(normed[key], fit[key])
+        torch.testing.assert_close(fit[key], again[key], rtol=0, atol=0)
+
+
+def test_validation_run_prints_the_held_out_accuracy_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "weights.pt"
+    argv = ["train_photos_cnn.py", "--validation", "--epochs", "1", "--per-photo", "6"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        train_photos_cnn.main()  # sets one thread for the whole process, as a script may
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    model = train(1, per_photo=6, split="fit", threads=1)
+    x, y, _ = photos.photo_crops("validation")
+    with torch.no_grad():
+        hits = int((model(x).argmax(1) == y).sum())
+    assert f"validation accuracy {hits / 500:.4f} (500 images)" in printed
+    assert "test accuracy" not in printed and not out.exists()
+
+
+def test_photos_refuses_a_split_it_does_not_serve():
+    with pytest.raises(ValueError, match="unknown split 'fit'; expected train, test or all"):
+        photos.photos("fit")
 
 
 @pytest.mark.parametrize("mode", [(False, False), (True, True)])

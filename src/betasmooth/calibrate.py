@@ -32,8 +32,8 @@ from .validate import InputError
 __all__ = ["CANDIDATE_BETAS", "Calibration", "calibrate_beta"]
 
 #: Betas tried by :func:`calibrate_beta` unless told otherwise. The built-in
-#: models reach a median fidelity of 0.9 at 2 to 5 (digits-cnn) and only at 50
-#: (photos-cnn, whose first layers see small pre-activations).
+#: models reach a median fidelity of 0.9 at 2 to 10; a network whose layers
+#: see small pre-activations may need 50 (photos-cnn up to 0.7.0).
 CANDIDATE_BETAS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
 

@@ -31,7 +31,9 @@ of their photograph. Seeds are fixed per split, so the crops are the same on
 every machine. The split ``"train"`` has 300 crops per photograph, ``"test"``
 50 and ``"all"`` both; the images are RGB in [0, 1], shape ``(N, 3, 64, 64)``,
 in turns over the photographs (labels 0, 1, ..., 9, 0, 1, ...), so that the
-first ten test images show all ten.
+first ten test images show all ten. For choosing a training recipe without
+the test cells, :func:`photo_crops` also serves ``"fit"`` and
+``"validation"``, which divide the training cells (every fourth held out).
 
 Why it serves: the manipulation of explanations is a claim about natural
 images of many pixels, and the built-in digits (8 x 8 pixels upsampled) are
@@ -284,6 +286,8 @@ def photos(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     >>> tuple(x.shape), int(y.max())
     ((500, 3, 64, 64), 9)
     """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}; expected train, test or all")
     if split == "all":
         parts = [photos("train"), photos("test")]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
