@@ -4,7 +4,9 @@ The same architecture family (:func:`betasmooth.photos.photos_cnn`, VGG-style
 ReLU) is trained on the built-in photographs cropped at several sizes, by the
 same recipe (``scripts/train_photos_cnn.py``'s ``train``: plain cross-entropy,
 seeded; 12 epochs on the data set's 300 crops per photograph, the shipped
-photos-cnn's first recipe, unless ``MODES`` says otherwise), and attacked on
+photos-cnn's first recipe, unless ``MODES`` says otherwise; with
+``--batch-norm`` trained as the shipped photos-cnn is, BatchNorm folded
+afterwards), and attacked on
 the first ``--n`` test crops, the target of each being the map of another
 test crop. Two attacks per method:
 
@@ -24,6 +26,7 @@ it as JSON lines and a plot.
     python benchmarks/dimension.py                 # 32, 64, 128 px on the CPU
     python benchmarks/dimension.py --quick         # 32 and 64 px, fewer steps: a few minutes
     python benchmarks/dimension.py --device cuda   # adds 224 px
+    python benchmarks/dimension.py --batch-norm    # the family trained as photos-cnn 0.8.0
 """
 
 from __future__ import annotations
@@ -59,24 +62,26 @@ def median(values: torch.Tensor) -> float:
     return float(statistics.median(float(v) for v in values))
 
 
-def trained(size: int, epochs: int, per_photo: int, cache: Path, device: str) -> torch.nn.Module:
+def trained(
+    size: int, epochs: int, per_photo: int, cache: Path, device: str, batch_norm: bool = False
+) -> torch.nn.Module:
     """The model for ``size`` pixels, from the cache or trained on ``device`` (and cached)."""
     # Trained on a GPU the weights differ from the CPU's (see train): cached apart.
     where = "" if device == "cpu" else f"_{device}"
-    path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp{where}.pt"
+    recipe = "_bn" if batch_norm else ""
+    path = cache / f"photos_cnn_{size}px_{epochs}ep_{per_photo}pp{recipe}{where}.pt"
     model = photos_cnn(size)
     if path.is_file():
         model.load_state_dict(load_state_dict(path))
         return model.eval()
     start = time.perf_counter()
-    # The plain network, as the table in the README was measured.
     model = train(
         epochs,
         size=size,
         per_photo=per_photo,
         threads=torch.get_num_threads(),
         device=device,
-        batch_norm=False,
+        batch_norm=batch_norm,
     )
     print(f"trained {size} px on {device} in {time.perf_counter() - start:.0f} s", flush=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,9 @@ def attack_row(model, x, target, method, attack, options, steps) -> dict[str, ob
 
 def measure(size: int, settings: dict, args: argparse.Namespace) -> Iterator[dict[str, object]]:
     """Train or load the model for ``size`` pixels and attack it, one row at a time."""
-    model = trained(size, settings["epochs"], settings["per_photo"], args.cache, args.device)
+    model = trained(
+        size, settings["epochs"], settings["per_photo"], args.cache, args.device, args.batch_norm
+    )
     model = model.to(args.device)
     x_test, y_test, _ = photo_crops("test", size=size)
     acc = accuracy(model, x_test.to(args.device), y_test.to(args.device))
@@ -120,7 +127,13 @@ def measure(size: int, settings: dict, args: argparse.Namespace) -> Iterator[dic
         target = bs.heatmap(bs.explain(model, others, method))
         for attack, options in (("paper", {}), ("eps", {"eps": args.eps})):
             row = attack_row(model, x, target, method, attack, options, settings["steps"])
-            yield {"size": size, "inputs": 3 * size * size, "accuracy": acc, **row}
+            yield {
+                "size": size,
+                "inputs": 3 * size * size,
+                "accuracy": acc,
+                "batch_norm": args.batch_norm,
+                **row,
+            }
 
 
 HEADER = (
@@ -178,6 +191,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "dimension-cache")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dimension")
     parser.add_argument("--json", type=Path, help="append one JSON line per row to this file")
+    parser.add_argument(
+        "--batch-norm",
+        action="store_true",
+        help="train with BatchNorm, folded afterwards, as the shipped photos-cnn (default: "
+        "the plain network of the README's table)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
