@@ -171,6 +171,20 @@ def test_training_takes_its_recipe_and_split():
 def test_validation_run_prints_the_held_out_accuracy_and_writes_nothing(
     tmp_path, monkeypatch, capsys
 ):
+    trained, scored = [], []
+
+    def recorded_train(*args, **kwargs):
+        trained.append(kwargs)
+        model = train(*args, **kwargs)
+        trained.append(model)
+        return model
+
+    def recorded_crops(split, *args, **kwargs):
+        scored.append(split)
+        return photos.photo_crops(split, *args, **kwargs)
+
+    monkeypatch.setattr(train_photos_cnn, "train", recorded_train)
+    monkeypatch.setattr(train_photos_cnn, "photo_crops", recorded_crops)
     out = tmp_path / "weights.pt"
     argv = ["train_photos_cnn.py", "--validation", "--epochs", "1", "--per-photo", "6"]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
@@ -180,10 +194,11 @@ def test_validation_run_prints_the_held_out_accuracy_and_writes_nothing(
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    model = train(1, per_photo=6, split="fit", threads=1)
+    assert trained[0]["split"] == "fit" and trained[0]["batch_norm"] is True
+    assert "validation" in scored and "test" not in scored and "train" not in scored
     x, y, _ = photos.photo_crops("validation")
     with torch.no_grad():
-        hits = int((model(x).argmax(1) == y).sum())
+        hits = int((trained[1](x).argmax(1) == y).sum())
     assert f"validation accuracy {hits / 500:.4f} (500 images)" in printed
     assert "test accuracy" not in printed and not out.exists()
 
