@@ -47,7 +47,8 @@ def with_batch_norm(model: nn.Sequential) -> nn.Sequential:
 
 
 def fold_batch_norm(model: nn.Sequential) -> nn.Sequential:
-    """The eval-mode ``model`` with each BatchNorm folded into the convolution before it."""
+    """The eval-mode ``model`` with each BatchNorm folded into the convolution before it
+    (a model without BatchNorm comes back with the same layers)."""
     model = model.eval()
     layers: list[nn.Module] = []
     for layer in model:
@@ -131,9 +132,9 @@ def _train(
             scheduler.step()
             step += 1
             if max_steps is not None and step >= max_steps:
-                return fold_batch_norm(model) if batch_norm else model.eval()
+                return fold_batch_norm(model)
         print(f"epoch {epoch + 1}: train loss {loss.item():.4f}", flush=True)
-    return fold_batch_norm(model) if batch_norm else model.eval()
+    return fold_batch_norm(model)
 
 
 def main() -> None:
