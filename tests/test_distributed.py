@@ -134,3 +134,51 @@ def test_one_process_commands_refuse_torchrun(command, tmp_path, monkeypatch, ca
     monkeypatch.setenv("RANK", "0")
     if command == "theorem":
         assert main([command, "--out", str(tmp_path / "t"), "--quick"]) == 0
+
+
+FAKE_CALIBRATION = """
+import json, os, sys
+from pathlib import Path
+
+import betasmooth.cli as cli
+from betasmooth.calibrate import Calibration
+
+def calibrate_beta(model, x, method, **kwargs):
+    rank = os.environ["RANK"]
+    Path(sys.argv[1], f"calibrated-rank{rank}").write_text(str(x.device))
+    # Ranks that chose alone could choose differently: each rank would smooth its own way.
+    beta = {"0": 2.0, "1": 50.0}[rank]
+    summary = {"min_fidelity": 0.9, "undefended": {}, "betas": {str(beta): {}}}
+    return Calibration(beta, True, summary)
+
+cli.calibrate_beta = calibrate_beta
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_beta_auto_is_calibrated_by_rank_0_for_every_rank(tmp_path):
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "beta_smooth"]
+    argv += ["-n", "4", "--batch-size", "1", "--no-progress"]
+    assert main([*argv, "--beta", "2", "--out", str(tmp_path / "one")]) == 0
+    script = tmp_path / "fake.py"
+    script.write_text(FAKE_CALIBRATION)
+    proc = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path), *argv, "--beta", "auto"]
+        + ["--out", str(tmp_path / "two")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("calibrated-rank*")) == ["calibrated-rank0"]
+    assert proc.stdout.count("calibrating beta on 8 held-out images") == 1
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["beta_smooth_beta"] == 2.0 and config["beta_auto"]["beta"] == 2.0
+    one = _values(read_jsonl(tmp_path / "one" / "results.jsonl"))
+    two = _values(read_jsonl(tmp_path / "two" / "results.jsonl"))
+    assert one.keys() == two.keys() == {(i, "beta_smooth") for i in range(4)}
+    for key, row in one.items():  # rank 1's items too were smoothed with rank 0's beta
+        for field in ("map_max", "map_entropy", "map_top10_mass"):
+            assert two[key][field] == pytest.approx(row[field], rel=1e-5), (key, field)

@@ -36,7 +36,7 @@ import torch
 from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
-from .distributed import distributed, launched, resolve_device
+from .distributed import Dist, distributed, launched, resolve_device
 from .explain import METHODS, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
@@ -1062,16 +1062,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
         options[method] = with_base_range(method, options.get(method, {}), *bounds)
     _check_given(model, x, given, options)
-    if args.beta is not None:
-        if "beta_smooth" not in methods:
-            raise InputError("--beta applies to --method beta_smooth; add it to --method")
-        beta, calibration = _explain_beta(args, model, bounds)
-        config.update(beta=args.beta, beta_smooth_beta=beta)
-        if calibration is not None:
-            config["beta_auto"] = calibration
-        _set_beta(options, beta)
+    if args.beta is not None and "beta_smooth" not in methods:
+        raise InputError("--beta applies to --method beta_smooth; add it to --method")
+    if args.beta is not None and args.beta != "auto":
+        _set_beta(options, args.beta)
     runs.check_methods(model, methods, options)
+    held_out = _held_out(args, CALIBRATION["n"]) if args.beta == "auto" else None
     with distributed(device) as (dist, dev):
+        if args.beta is not None:
+            beta, calibration = _explain_beta(args, model, bounds, held_out, dev, dist)
+            config.update(beta=args.beta, beta_smooth_beta=beta)
+            if calibration is not None:
+                config["beta_auto"] = calibration
+            _set_beta(options, beta)
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.explain_run(
             run,
@@ -1139,28 +1142,42 @@ def _first_rank() -> bool:
 
 
 def _explain_beta(
-    args: argparse.Namespace, model: torch.nn.Module, bounds: tuple[torch.Tensor, torch.Tensor]
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    held_out: tuple[torch.Tensor, str] | None,
+    device: torch.device,
+    dist: Dist,
 ) -> tuple[float, dict[str, object] | None]:
-    """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's record."""
-    if args.beta != "auto":
+    """``--beta`` as given, or the one ``--beta auto`` calibrates on ``held_out`` (images and
+    what they are), with the calibration's record.
+
+    Rank 0 calibrates on its device and every rank takes its choice: each rank
+    calibrating alone would pay the attack once per rank, and on a GPU could
+    choose differently."""
+    if args.beta != "auto" or held_out is None:
         return args.beta, None
-    x, which = _held_out(args, CALIBRATION["n"])
-    if _first_rank():  # every rank calibrates, before the job's processes join
+    found = None
+    if dist.rank == 0:
+        x, which = held_out
         _say(f"calibrating beta on {len(x)} {which}")
-    found = calibrate_beta(
-        model,
-        x,
-        "gradient",
-        steps=CALIBRATION["steps"],
-        data_range=bounds,
-        seed=args.seed,
-    )
-    verdict = (
-        "recommended" if found.recommended else "no beta met the fidelity threshold; most faithful"
-    )
-    if _first_rank():
-        _say(f"beta = {found.beta:g} ({verdict})")
-    return found.beta, {**found.record(), "images": which}
+        calibration = calibrate_beta(
+            model.to(device),
+            x.to(device),
+            "gradient",
+            steps=CALIBRATION["steps"],
+            data_range=bounds,
+            seed=args.seed,
+        )
+        verdict = (
+            "recommended"
+            if calibration.recommended
+            else "no beta met the fidelity threshold; most faithful"
+        )
+        _say(f"beta = {calibration.beta:g} ({verdict})")
+        found = (calibration.beta, {**calibration.record(), "images": which})
+    beta, record = dist.broadcast(found)
+    return float(beta), record
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator
 
@@ -45,6 +46,31 @@ class Dist:
         """Wait for every rank (nothing to wait for in one process)."""
         if self.active:
             torch.distributed.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's JSON-ready ``value`` on every rank, as JSON gives it back (tuples become
+        lists), rank 0 included, so that all ranks hold the same; every rank must call it.
+
+        Other ranks may pass anything (``None``). JSON, not pickle: nothing a rank
+        receives is unpickled.
+
+        Examples
+        --------
+        >>> Dist().broadcast({"beta": 10.0, "betas": (1.0, 10.0)})
+        {'beta': 10.0, 'betas': [1.0, 10.0]}
+        """
+        if not self.active:
+            return json.loads(json.dumps(value))
+        nccl = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
+        data = json.dumps(value).encode() if self.rank == 0 else b""
+        size = torch.tensor([len(data)], device=device)
+        torch.distributed.broadcast(size, src=0)
+        buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+        if self.rank == 0:
+            buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        torch.distributed.broadcast(buffer, src=0)
+        return json.loads(bytes(buffer.cpu().numpy()))
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank; every rank must call it (one process: ``flag``)."""
