@@ -32,6 +32,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
+from betasmooth.distributed import device_argument
 from betasmooth.explain import range_options
 from betasmooth.pretrained import is_pretrained
 from betasmooth.smooth import flush_denormals
@@ -211,6 +212,7 @@ def compare_loop(args) -> None:
     maps = bs.heatmap(bs.explain(model, x, method, **options))
     target = random_targets(maps, g)
     label = model(x).argmax(1)
+    cuda = torch.device(args.device).type == "cuda"
 
     def attack(images, maps, **settings):
         return bs.manipulate(
@@ -218,17 +220,17 @@ def compare_loop(args) -> None:
         )
 
     def timed(fn):
-        if args.device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         out = fn()
-        if args.device == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start, out
 
     def peak_gib():
-        return torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
     # Warm-up, then the batched and the looped attack one after the other.
     attack(x, target, steps=2)
@@ -319,7 +321,7 @@ def main() -> None:
     parser.add_argument(
         "--min-fidelity", type=float, default=0.9, help="fidelity the recommended beta must reach"
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="append a JSON line per result")
     parser.add_argument("--compare-loop", action="store_true")

@@ -43,6 +43,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
+from betasmooth.distributed import device_argument
 from betasmooth.photos import photo_crops, photos_cnn
 from betasmooth.zoo import load_state_dict
 
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("-n", "--images", dest="n", type=int, help="images attacked per size")
     parser.add_argument("--steps", type=int, help="attack steps (default: the paper's)")
     parser.add_argument("--eps", type=float, default=8 / 255, help="budget of the eps attack")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "dimension-cache")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dimension")
@@ -201,7 +202,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     settings = dict(MODES["quick" if args.quick else "full"])
-    if args.device == "cuda" and not args.quick:
+    if torch.device(args.device).type == "cuda" and not args.quick:
         settings["sizes"] = [*settings["sizes"], 224]
     for key in ("n", "steps"):
         settings[key] = getattr(args, key) or settings[key]

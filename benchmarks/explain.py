@@ -41,6 +41,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import betasmooth as bs
+from betasmooth.distributed import device_argument
 from betasmooth.metrics import pcc
 
 SIGMA = 0.15  # SmoothGrad noise level, fraction of the [0, 1] input range
@@ -168,7 +169,7 @@ def peak_memory(args, x, target):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

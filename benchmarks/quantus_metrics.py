@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 import betasmooth as bs
+from betasmooth.distributed import device_argument
 
 BETA = 1.0  # the beta that undoes the attacks on digits-cnn (README, attack table)
 METHODS = {
@@ -101,7 +102,7 @@ def main():
     parser.add_argument("--samples", type=int, default=10, help="perturbations per image")
     parser.add_argument("--runs", type=int, default=50, help="FaithfulnessCorrelation runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-progress", action="store_true")

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from betasmooth.distributed import device_argument
+
 # Mode -> (processes, threads per process).
 MODES = {
     "1 process x 1 thread": (1, 1),
@@ -51,7 +53,7 @@ def _command(mode: str, args: argparse.Namespace, n: int, steps: int, out: str) 
 
 def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(MODES[mode][1])}
-    if args.device == "cpu":
+    if torch.device(args.device).type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = _command(mode, args, n, steps, os.path.join(tmp, "run"))
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--method", default="gradient")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     args = parser.parse_args()
     if args.n <= 2:

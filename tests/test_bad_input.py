@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -784,3 +787,26 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
 
 def test_table_has_forty_cases() -> None:
     assert len(API) + len(CLI) >= 40 and len(API) >= 20 and len(CLI) >= 20
+
+
+# The benchmark scripts that take --device.
+BENCHMARKS = sorted(
+    p.name
+    for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")
+    if '"--device"' in p.read_text()
+)
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_benchmark_names_a_device_it_cannot_use_in_one_line(script):
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, str(path), "--device", "cuda:7"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"usage: {script}") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{script}: error: argument --device: CUDA is not available on this machine "
+        "(--device cuda:7); use --device cpu"
+    )

@@ -7,6 +7,7 @@ single process is rank 0 of 1, so the same code serves both.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -19,6 +20,7 @@ from .validate import InputError
 
 __all__ = [
     "Dist",
+    "device_argument",
     "distributed",
     "init_distributed",
     "launched",
@@ -121,6 +123,24 @@ def resolve_device(device: str | None) -> torch.device:
             f"MPS is not available on this machine (--device {name}); use --device cpu"
         )
     return dev
+
+
+def device_argument(name: str) -> str:
+    """``type=`` of an argparse ``--device`` option: the name when :func:`resolve_device`
+    takes it, else argparse's one-line usage error with the reason.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser()
+    >>> parser.add_argument("--device", type=device_argument, default="cpu").dest
+    'device'
+    >>> parser.parse_args(["--device", "cpu"]).device
+    'cpu'
+    """
+    try:
+        return str(resolve_device(name))
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
