@@ -508,6 +508,14 @@ def test_the_folder_warning_comes_only_where_the_user_named_the_data(tmp_path, m
     argv = ["explain", "--model", "digits-cnn", "-n", "1", "--method", "gradient"]
     assert main([*argv, "--data", "digits", "--out", "named", "--no-progress"]) == 0
     assert "warning: data 'digits' is the built-in data set" in capsys.readouterr().err
+    assert main([*argv, "--data=digits", "--out", "spelt", "--no-progress"]) == 0
+    assert "warning: data 'digits' is the built-in data set" in capsys.readouterr().err
+    # The run's own settings, read back by the next command, were warned about already.
+    attack = ["attack", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    assert main([*attack, "-n", "2", "--steps", "2", "--out", "run", "--no-progress"]) == 0
+    assert "warning: data 'digits'" in capsys.readouterr().err
+    assert main(["sweep", "run", "--betas", "5", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
     # theorem takes the built-in digits itself: the folder here is none of its business.
     assert main(["theorem", "--quick", "--out", "theory"]) == 0
     assert "warning" not in capsys.readouterr().err

@@ -319,6 +319,21 @@ def _choices_help(choices: Sequence[str], all_means: str, prefixed: bool = True)
     )
 
 
+class _Named(argparse.Action):
+    """Store the value, and that the user named it (``data_named``): a default or a
+    stored config is named by no one."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_named", True)
+
+
 def _add_inputs(
     p: argparse.ArgumentParser, model: str | None = None, data: str | None = None
 ) -> None:
@@ -339,6 +354,7 @@ def _add_inputs(
     )
     p.add_argument(
         "--data",
+        action=_Named,
         required=data is None,
         default=data,
         help=f"{', '.join(BUILTIN_DATA)} (built in), a folder of images or an .npz with x (and y)"
@@ -779,7 +795,7 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, weights: str | None) -> str:
 def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
     """Model and data as named by the arguments (``vars(args)``) or by a stored config."""
     with warnings.catch_warnings():
-        if "--data" not in str(settings.get("argv", "")):
+        if not settings.get("data_named"):
             # A default (the demo's photos) or a stored config: the user named no
             # data here, so a folder of the built-in's name is no mistake of theirs.
             warnings.filterwarnings("ignore", message=r"data '.*' is the built-in data set")
