@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import betasmooth as bs
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
 
@@ -182,3 +184,43 @@ def test_beta_auto_is_calibrated_by_rank_0_for_every_rank(tmp_path):
     for key, row in one.items():  # rank 1's items too were smoothed with rank 0's beta
         for field in ("map_max", "map_entropy", "map_top10_mass"):
             assert two[key][field] == pytest.approx(row[field], rel=1e-5), (key, field)
+
+
+def _rank_logs(log_dir: Path) -> dict[int, str]:
+    """Each rank's stderr, as torchrun's --log-dir --redirects 3 keeps it."""
+    return {int(p.parent.name): p.read_text() for p in log_dir.glob("*/attempt_0/*/stderr.log")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["calibration", "foreign line"])
+def test_what_rank_0_alone_refuses_every_rank_says_in_one_line(case, tmp_path):
+    # Rank 0 alone calibrates, repairs and merges: the others must not wait for a rank
+    # that is gone, and end with its line and status 2 (a traceback, status 1, before).
+    if case == "calibration":
+        x, y = bs.load_data("digits")
+        np.savez(tmp_path / "one.npz", x=x[:1].numpy(), y=y[:1].numpy())
+        argv = ["explain", "--model", "digits-cnn", "--data", str(tmp_path / "one.npz")]
+        argv += ["--method", "beta_smooth", "--beta", "auto", "-n", "1"]
+        argv += ["--out", str(tmp_path / "r")]
+        said = "betasmooth: error: calibrating beta needs at least 2 images; got 1\n"
+    else:
+        argv = [*ARGS, "-n", "4", "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "r")]
+        assert main(argv) == 0
+        with open(tmp_path / "r" / "results.jsonl", "a") as file:
+            file.write('{"foo": 1}\n')
+        argv += ["--resume"]
+        said = f"betasmooth: error: {tmp_path / 'r' / 'results.jsonl'}, line 9, is not a betasmooth"
+    proc = subprocess.run(
+        [*TORCHRUN, "--log-dir", str(tmp_path / "logs"), "--redirects", "3"]
+        + ["-m", "betasmooth", *argv, "--no-progress"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]
+    logs = _rank_logs(tmp_path / "logs")
+    assert sorted(logs) == [0, 1]
+    for log in logs.values():
+        assert log.startswith(said) and log.count("\n") == 1, log[-2000:]

@@ -1173,11 +1173,11 @@ def _explain_beta(
     choose differently."""
     if args.beta != "auto" or held_out is None:
         return args.beta, None
-    found = None
-    if dist.rank == 0:
-        x, which = held_out
+    x, which = held_out
+
+    def calibrate() -> tuple[float, dict[str, object]]:
         _say(f"calibrating beta on {len(x)} {which}")
-        calibration = calibrate_beta(
+        found = calibrate_beta(
             model.to(device),
             x.to(device),
             "gradient",
@@ -1185,14 +1185,13 @@ def _explain_beta(
             data_range=bounds,
             seed=args.seed,
         )
-        verdict = (
-            "recommended"
-            if calibration.recommended
-            else "no beta met the fidelity threshold; most faithful"
-        )
-        _say(f"beta = {calibration.beta:g} ({verdict})")
-        found = (calibration.beta, {**calibration.record(), "images": which})
-    beta, record = dist.broadcast(found)
+        verdict = "recommended"
+        if not found.recommended:
+            verdict = "no beta met the fidelity threshold; most faithful"
+        _say(f"beta = {found.beta:g} ({verdict})")
+        return found.beta, {**found.record(), "images": which}
+
+    beta, record = dist.broadcast(dist.first(calibrate))
     return float(beta), record
 
 

@@ -12,11 +12,14 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
 from .validate import InputError
+
+T = TypeVar("T")
 
 __all__ = [
     "Dist",
@@ -73,6 +76,38 @@ class Dist:
             buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         torch.distributed.broadcast(buffer, src=0)
         return json.loads(bytes(buffer.cpu().numpy()))
+
+    def first(self, work: Callable[[], T]) -> T | None:
+        """Run ``work`` on rank 0 alone while the other ranks wait, and return what it
+        returns there (``None`` on other ranks); every rank must call it.
+
+        When ``work`` fails on what it was given (an ``InputError``, or an
+        ``OSError`` such as a read-only folder), every rank raises that error's
+        message, so that each ends with one line instead of waiting for a rank
+        that is gone. In one process this is ``work()``.
+
+        Examples
+        --------
+        >>> Dist().first(lambda: 42)
+        42
+        """
+        if not self.active:
+            return work() if self.rank == 0 else None
+        value, failure = None, None
+        if self.rank == 0:
+            try:
+                value = work()
+            except (InputError, OSError) as err:
+                failure = err
+        said = self.broadcast(
+            None if failure is None else [isinstance(failure, InputError), str(failure)]
+        )
+        if failure is not None:
+            raise failure
+        if said is not None:
+            is_input, message = said
+            raise (InputError if is_input else OSError)(message)
+        return value
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank; every rank must call it (one process: ``flag``)."""

@@ -559,9 +559,8 @@ class RunDir:
         """
         dist = dist or Dist()
         self.check_sweep(settings)
-        if dist.rank == 0 and _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
-            self.update_config(sweep=settings)
-        dist.barrier()
+        if _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
+            dist.first(lambda: self.update_config(sweep=settings))
 
     def check_sweep(self, settings: dict[str, object]) -> None:
         """Refuse a sweep with ``settings`` where the run holds sweep rows of other settings."""
@@ -615,9 +614,7 @@ class RunDir:
         run.check(config, resume)
         dist.barrier()
         with run.held(dist):
-            if dist.rank == 0:
-                run.write_config(config)
-        dist.barrier()
+            dist.first(lambda: run.write_config(config))
         return run
 
     # -- results

@@ -168,9 +168,7 @@ def execute(
                 run.append([r for r in records if record_key(r) not in written], name)
                 bar.update(len(unit.indices))
         dist.barrier()
-        merged = run.merge(name) if dist.rank == 0 else []
-        dist.barrier()
-        return merged
+        return dist.first(lambda: run.merge(name)) or []
 
 
 def _unfinished(
@@ -183,12 +181,14 @@ def _unfinished(
     rows_per_item: int,
 ) -> tuple[list[Unit], set[tuple]]:
     """This rank's units not yet done (after repairing lost arrays), and the records' keys."""
-    if dist.rank == 0:
+
+    def tidy() -> None:
         # A sweep adds to a finished run without writing its config again.
         run.remove_temporary()
-    if keeps_arrays and dist.rank == 0:
-        run.repair(name, say)
-    dist.barrier()
+        if keeps_arrays:
+            run.repair(name, say)
+
+    dist.first(tidy)
     records = run.read(name)
     rows = Counter((int(r["index"]), str(r["method"])) for r in records)
     mine = [u for k, u in enumerate(units) if k % dist.world_size == dist.rank]
