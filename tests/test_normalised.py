@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -549,3 +550,34 @@ def test_a_base_lrp_of_beta_smooth_gets_the_datas_box_in_runs(tmp_path):
     np.testing.assert_allclose(target, bs.heatmap(expected).numpy(), rtol=0, atol=1e-6)
     default = bs.heatmap(bs.explain(model, xt, "beta_smooth", base="lrp", beta=beta)).numpy()
     assert np.abs(target - default).max() > 1e-3  # the box matters here
+
+
+def test_resume_of_a_beta_auto_run_keeps_its_beta_without_calibrating(tmp_path, monkeypatch):
+    x, y = bs.load_data("digits")
+    np.savez(tmp_path / "six.npz", x=x[:6].numpy(), y=y[:6].numpy())
+    monkeypatch.chdir(tmp_path)
+    argv = ["explain", "--model", "digits-cnn", "--method", "beta_smooth", "--beta", "auto"]
+    argv += ["-n", "5", "--batch-size", "2", "--out", "run", "--no-progress"]
+    assert main([*argv, "--data", "six.npz"]) == 0
+    config = json.loads(Path("run/config.json").read_text())
+    done = Path("run/results.jsonl").read_text().splitlines()
+    maps = {}
+    for start in (0, 2, 4):
+        with np.load(f"run/arrays/beta_smooth-{start}.npz") as saved:
+            maps[start] = saved["map"]
+    # Killed after its first batch: the rest must be smoothed with the same beta.
+    Path("run/results.jsonl").write_text("\n".join(done[:2]) + "\n")
+    for start in (2, 4):
+        Path(f"run/arrays/beta_smooth-{start}.npz").unlink()
+
+    def calibrate_beta(*args, **kwargs):
+        raise AssertionError("a resumed run must not calibrate again")
+
+    monkeypatch.setattr("betasmooth.cli.calibrate_beta", calibrate_beta)
+    # The same file, spelt another way: its calibration record named the spelling.
+    assert main([*argv, "--data", "./six.npz", "--resume"]) == 0
+    assert json.loads(Path("run/config.json").read_text())["beta_auto"] == config["beta_auto"]
+    assert Path("run/results.jsonl").read_text().count("\n") == 5
+    for start, expected in maps.items():
+        with np.load(f"run/arrays/beta_smooth-{start}.npz") as saved:
+            np.testing.assert_array_equal(saved["map"], expected)

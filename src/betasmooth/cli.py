@@ -43,7 +43,7 @@ from .pretrained import categories, is_pretrained, preprocessing
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
-from .validate import MAX_SEED, InputError, tell
+from .validate import MAX_SEED, InputError, is_number, tell
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
@@ -1083,10 +1083,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.beta is not None and args.beta != "auto":
         _set_beta(options, args.beta)
     runs.check_methods(model, methods, options)
-    held_out = _held_out(args, CALIBRATION["n"]) if args.beta == "auto" else None
+    calibrated = _calibrated(args) if args.beta == "auto" else None
+    held_out = None
+    if args.beta == "auto" and calibrated is None:
+        held_out = _held_out(args, CALIBRATION["n"])
     with distributed(device) as (dist, dev):
         if args.beta is not None:
-            beta, calibration = _explain_beta(args, model, bounds, held_out, dev, dist)
+            beta, calibration = calibrated or _explain_beta(
+                args, model, bounds, held_out, dev, dist
+            )
             config.update(beta=args.beta, beta_smooth_beta=beta)
             if calibration is not None:
                 config["beta_auto"] = calibration
@@ -1150,6 +1155,23 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
         f"images that are also explained: {args.data} has no two images after the first -n "
         f"to hold out"
     )
+
+
+def _calibrated(args: argparse.Namespace) -> tuple[float, dict[str, object]] | None:
+    """The beta and record of the ``--beta auto`` run that ``--resume`` continues: its
+    finished maps were smoothed with that beta, which a new calibration could miss."""
+    run = RunDir(args.out)
+    if not (args.resume and run.started()):
+        return None
+    stored = run.config()
+    beta = stored.get("beta_smooth_beta")
+    if stored.get("beta") != "auto" or not isinstance(stored.get("beta_auto"), dict):
+        return None  # resuming with other settings is refused by the run's own check
+    if not is_number(beta):
+        return None
+    if _first_rank():
+        _say(f"beta = {beta:g} (calibrated when the run began)")
+    return float(beta), stored["beta_auto"]
 
 
 def _first_rank() -> bool:
