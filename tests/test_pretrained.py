@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -317,3 +318,35 @@ def test_the_model_is_the_one_torchvision_builds_with_its_weights(tmp_path, monk
         # torchvision's own loading is left as it was (their model above read the file).
         weights = pretrained.weights_of(spec)
         assert "get_state_dict" not in vars(weights) and "get_state_dict" not in vars(type(weights))
+
+
+def test_resume_and_sweep_refuse_a_checkpoint_changed_under_its_name(tmp_path, monkeypatch, capsys):
+    # torchvision's file name stays when the weights change (random for real ones, a
+    # fine-tuned file): a run must not mix two networks under one name.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    path = pretrained.checkpoint_path(SPECS["resnet18"])
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    first = path.read_bytes()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    out = tmp_path / "run"
+    argv = ["attack", "--model", SPECS["resnet18"], "--data", str(folder), "--image-size", "32"]
+    argv += ["--method", "gradient", "-n", "2", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["weights_sha256"] == hashlib.sha256(first).hexdigest()
+    torch.manual_seed(5)
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    capsys.readouterr()
+    for command in (["sweep", str(out), "--betas", "5"], [*argv, "--resume"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "with another model: its weights file differs" in err[0]
+    assert not (out / "sweep.jsonl").exists()
+    path.write_bytes(first)
+    assert main(["sweep", str(out), "--betas", "5", "--no-progress"]) == 0

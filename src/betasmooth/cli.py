@@ -24,7 +24,7 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,7 +44,7 @@ from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError, is_number, tell
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, weights_file
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -775,6 +775,7 @@ def _run_config(
         seed=args.seed,
         device=str(device),
         inputs_sha256=_fingerprint(inputs[1], inputs[2], args.weights),
+        weights_sha256=_weights_sha256(args.model, args.weights),
     )
 
 
@@ -785,11 +786,31 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, weights: str | None) -> str:
     for tensor in (x, y):
         digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    if weights is not None and Path(weights).is_file():
-        with open(weights, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
+    if weights is not None:
+        for block in _blocks(Path(weights)):
+            digest.update(block)
     return digest.hexdigest()
+
+
+def _weights_sha256(model: str, weights: str | None) -> str | None:
+    """SHA-256 of the file the model's weights are read from (``--weights``, a built-in
+    model's, a torchvision checkpoint in the hub cache): a later sweep or --resume
+    refuses a model whose file changed under the same name. ``None`` for a factory
+    that makes its own weights."""
+    path = weights_file(model, weights)
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    for block in _blocks(path):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of ``path`` in blocks of 1 MiB; none where it is no file."""
+    if path.is_file():
+        with open(path, "rb") as file:
+            yield from iter(lambda: file.read(1 << 20), b"")
 
 
 def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
@@ -1252,6 +1273,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     run.check_sweep(settings)  # before the model is loaded
     inputs = _load(config, 1)
     model, x, _ = inputs
+    made_with = config.get("weights_sha256", "not recorded")  # runs of older versions
+    if made_with not in ("not recorded", _weights_sha256(config["model"], config.get("weights"))):
+        raise InputError(run.other_weights("sweep"))
     bounds = inputs.bounds
     with distributed(device) as (dist, dev):
         run.lock(dist)
@@ -1400,6 +1424,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=str(device),
         inputs_sha256=_fingerprint(x, y, args.weights),
+        weights_sha256=_weights_sha256(args.model, args.weights),
         **sizes,
     )
     bounds = inputs.bounds

@@ -90,7 +90,7 @@ VOLATILE = ("argv", "versions", "world_size", "process_group", "device", "create
 # Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
 LATER = ("sweep",)
 #: Settings that runs made by older versions lack: compared only where recorded.
-NEWER = ("inputs_sha256",)
+NEWER = ("inputs_sha256", "weights_sha256")
 
 
 # Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].
@@ -512,12 +512,22 @@ class RunDir:
                     f"those the run in {self.path} was made with (inputs_sha256 in "
                     f"{self.config_path}); use the same data and weights or choose a new --out"
                 )
+            if key == "weights_sha256" and stored[key] != config.get(key):
+                raise InputError(self.other_weights("--resume"))
             if stored.get(key) != config.get(key):
                 raise InputError(
                     f"--resume with a different setting: {key} is {stored.get(key)!r} in "
                     f"{self.config_path} but {config.get(key)!r} now; use the same settings "
                     "or choose a new --out"
                 )
+
+    def other_weights(self, command: str) -> str:
+        """What a ``command`` on this run says when the model's weights file has changed."""
+        return (
+            f"{command} with another model: its weights file differs from the one the run in "
+            f"{self.path} was made with (weights_sha256 in {self.config_path}); put that file "
+            "back, or run the attack again with a new --out"
+        )
 
     def write_config(self, config: dict[str, object]) -> None:
         """Create the directory and write ``config.json`` with the run's provenance."""

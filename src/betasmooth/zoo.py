@@ -87,7 +87,8 @@ from torch import nn
 
 from .checkpoint import apply_weights, load_state_dict, read_npz, reason
 from .photos import photos, trained_photos_cnn
-from .pretrained import is_pretrained, load_pretrained, preprocessing
+from .photos import weights_path as photos_weights
+from .pretrained import checkpoint_path, is_pretrained, load_pretrained, preprocessing
 from .validate import (
     InputError,
     InputTypeError,
@@ -848,6 +849,42 @@ BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
 MODEL_SCHEMES: dict[str, Callable[[str, bool], nn.Module]] = {
     "torchvision": load_pretrained,
 }
+
+
+#: Where a scheme's models are read from: ``"prefix"`` -> ``file(spec) -> Path``.
+SCHEME_WEIGHTS: dict[str, Callable[[str], Path]] = {
+    "torchvision": checkpoint_path,
+}
+
+#: The weights files that ship with the built-in models.
+BUILTIN_WEIGHTS: dict[str, Callable[[], Path]] = {
+    "digits-cnn": lambda: _builtin_weights("digits_cnn.pt"),
+    "photos-cnn": photos_weights,
+}
+
+
+def weights_file(spec: str, weights: str | Path | None = None) -> Path | None:
+    """The file :func:`load_model` reads the weights of ``spec`` from.
+
+    ``weights`` where given; else a built-in model's shipped file or a
+    pretrained model's checkpoint in the torch hub cache; ``None`` for a
+    factory that makes its own.
+
+    Examples
+    --------
+    >>> weights_file("digits-cnn").name
+    'digits_cnn.pt'
+    >>> weights_file("net.py:build", "net.pt").name
+    'net.pt'
+    >>> weights_file("net.py:build") is None
+    True
+    """
+    if weights is not None:
+        return Path(weights)
+    if spec in BUILTIN_WEIGHTS:
+        return BUILTIN_WEIGHTS[spec]()
+    scheme = SCHEME_WEIGHTS.get(spec.partition(":")[0])
+    return scheme(spec) if scheme is not None else None
 
 
 # ------------------------------------------------------------------ user models
