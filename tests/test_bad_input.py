@@ -175,10 +175,18 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"^data_range bounds must be numbers or shaped like data.bounds, \(1, C, 1, 1\); got",
     ),
+    "curvature with bounds of 3 channels for 1": (
+        lambda tmp: bs.curvature(
+            plain_cnn(), X, data_range=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
+        ),
+        InputError,
+        r"^data_range bounds of shapes \(1, 3, 1, 1\), \(1, 3, 1, 1\) do not broadcast to x of "
+        r"shape \(2, 1, 16, 16\); expected numbers or \(1, 1, 1, 1\) tensors",
+    ),
     "curvature with high below low": (
         lambda tmp: bs.curvature(plain_cnn(), X, data_range=(1.0, 0.0)),
         InputError,
-        r"^data_range must have high > low in every channel",
+        r"^data_range must have low < high in every channel$",
     ),
     "curvature with NaN weights": (
         lambda tmp: bs.curvature(_nan_weights(), X, iterations=2),

@@ -50,6 +50,7 @@ from .validate import (
     InputError,
     InputTypeError,
     check_batch,
+    check_bounds,
     check_choice,
     check_count,
     check_in_range,
@@ -715,33 +716,12 @@ def _check_schedule(schedule: object) -> str | float:
 Bound = float | torch.Tensor
 
 
-def _tensor_range(data_range: Sequence[object], x: torch.Tensor) -> tuple[Bound, Bound]:
-    low, high = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in data_range)
-    # The bounds must keep x's shape: (1, 3, 1, 1) bounds would broadcast a
-    # 1-channel x to 3 channels, which the model cannot take.
-    try:
-        fits = torch.broadcast_shapes(low.shape, high.shape, x.shape) == x.shape
-    except RuntimeError:
-        fits = False
-    if not fits:
-        raise InputError(
-            f"data_range bounds of shapes {tuple(low.shape)}, {tuple(high.shape)} do not "
-            f"broadcast to x of shape {tuple(x.shape)}; expected numbers or "
-            f"(1, {x.shape[1]}, 1, 1) tensors, one bound per channel"
-        )
-    if not bool(torch.isfinite(low).all() and torch.isfinite(high).all()):
-        raise InputError("data_range bounds must be finite; got NaN or inf in low or high")
-    if not bool((low < high).all()):
-        raise InputError("data_range must have low < high in every channel")
-    return low, high
-
-
 def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     if data_range is None:
         return float(x.min()), float(x.max())
     if isinstance(data_range, (tuple, list)) and len(data_range) == 2:
         if any(torch.is_tensor(v) for v in data_range):
-            return _tensor_range(data_range, x)
+            return check_bounds(*data_range, x)
     if (
         not isinstance(data_range, (tuple, list))
         or len(data_range) != 2

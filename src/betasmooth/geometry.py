@@ -40,6 +40,7 @@ from .explain.gradient import select_logit
 from .smooth import smooth
 from .validate import (
     InputError,
+    check_bounds,
     check_count,
     check_input,
     check_model,
@@ -304,9 +305,8 @@ def _in_range_units(
             f"data_range bounds must be numbers or shaped like data.bounds, (1, C, 1, 1); got "
             f"shapes {tuple(low.shape)} and {tuple(high.shape)}"
         )
+    low, high = check_bounds(low, high, x)
     span = high - low
-    if not bool((span > 0).all()):
-        raise InputError("data_range must have high > low in every channel; e.g. data.bounds")
     return (_FromRange(model, low, span), *((v - low) / span for v in (x, *more)))
 
 

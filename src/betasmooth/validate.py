@@ -26,6 +26,7 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "check_batch",
+    "check_bounds",
     "check_choice",
     "check_classes",
     "check_count",
@@ -426,6 +427,45 @@ bs.load_data's result)
             "(normalised images: pass data_range=data.bounds of bs.load_data's result)"
         )
     return x
+
+
+def check_bounds(low: object, high: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of the data range as tensors on ``x``'s dtype and device, checked.
+
+    ``low`` and ``high`` are numbers or tensors that broadcast to ``x``'s shape
+    without changing it, e.g. per-channel bounds ``(1, C, 1, 1)``; finite,
+    with ``low < high`` everywhere.
+
+    Examples
+    --------
+    >>> low, high = check_bounds(0.0, torch.ones(1, 3, 1, 1), torch.zeros(2, 3, 4, 4))
+    >>> low.shape, high.shape
+    (torch.Size([]), torch.Size([1, 3, 1, 1]))
+    >>> check_bounds(torch.zeros(1, 3, 1, 1), 1.0, torch.zeros(2, 1, 4, 4))
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: data_range bounds of shapes (1, 3, 1, 1), () do not \
+broadcast to x of shape (2, 1, 4, 4); expected numbers or (1, 1, 1, 1) tensors, one bound \
+per channel
+    """
+    lo, hi = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (low, high))
+    # The bounds must keep x's shape: (1, 3, 1, 1) bounds would broadcast a
+    # 1-channel x to 3 channels, which the model cannot take.
+    try:
+        fits = torch.broadcast_shapes(lo.shape, hi.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise InputError(
+            f"data_range bounds of shapes {tuple(lo.shape)}, {tuple(hi.shape)} do not "
+            f"broadcast to x of shape {tuple(x.shape)}; expected numbers or "
+            f"(1, {x.shape[1]}, 1, 1) tensors, one bound per channel"
+        )
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise InputError("data_range bounds must be finite; got NaN or inf in low or high")
+    if not bool((lo < hi).all()):
+        raise InputError("data_range must have low < high in every channel")
+    return lo, hi
 
 
 def check_map_batch(m: object, name: str) -> torch.Tensor:
