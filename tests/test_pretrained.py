@@ -162,6 +162,17 @@ def test_one_of_mean_and_std_next_to_a_preset_is_refused(hub, tmp_path, capsys, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("given", ["mean", "std"])
+def test_one_of_mean_and_std_next_to_a_preset_is_refused_in_python_too(hub, given):
+    other = {"mean": "std", "std": "mean"}[given]
+    with pytest.raises(InputError, match=rf"^{given} without {other}: torchvision:resnet18 brings"):
+        bs.load_data("digits", preset=SPECS["resnet18"], image_size=32, **{given: [0.5] * 3})
+    both = bs.load_data(
+        "digits", preset=SPECS["resnet18"], image_size=32, mean=[0.5] * 3, std=[0.25] * 3
+    )
+    assert both.mean.flatten().tolist() == [0.5] * 3 and both.std.flatten().tolist() == [0.25] * 3
+
+
 def test_preset_prepares_images_as_torchvision_transforms_do(tmp_path):
     rng = np.random.default_rng(0)
     sizes = [(300, 260), (250, 340)]

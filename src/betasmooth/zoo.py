@@ -593,7 +593,7 @@ def load_data(
         A model spec ``"torchvision:NAME[:WEIGHTS]"``: prepare the images as
         those weights require (RGB, shorter side resized, centre crop, mean
         and std). ``image_size`` replaces its resize and crop by a plain
-        resize, ``mean`` and ``std`` replace its own.
+        resize, ``mean`` and ``std`` (both or neither) replace its own.
 
     Returns
     -------
@@ -643,6 +643,13 @@ def load_data(
                 "leave channels unset (grey images are repeated to 3 channels)"
             )
         channels = 3
+        if (mean is None) != (std is None):
+            given, other = ("mean", "std") if std is None else ("std", "mean")
+            raise InputError(
+                f"{given} without {other}: {preset} brings its own mean and std, and one of "
+                f"each would mix two normalisations; expected both mean and std, or neither "
+                "(the preset's own)"
+            )
         mean = prep.mean if mean is None else mean
         std = prep.std if std is None else std
         if size is None:
