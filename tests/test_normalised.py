@@ -283,6 +283,17 @@ def test_cli_sweep_writes_the_summary_of_its_records(tmp_path, capsys):
         )
 
 
+@pytest.mark.parametrize("shown", [True, False])
+def test_calibrate_beta_shows_its_progress_when_asked(shown, capsys):
+    x = bs.load_data("digits", split="train")[0][:2]
+    model = bs.load_model("digits-cnn")
+    calibrate_beta(model, x, betas=[1.0, 5.0], steps=3, progress=shown)
+    err = capsys.readouterr().err
+    # tqdm's own bars: the attack's steps, then one tick per beta of the sweep.
+    assert ("gradient targeted:" in err and "defense sweep: 100%" in err and "2/2" in err) == shown
+    assert bool(err) == shown
+
+
 def test_explain_beta_auto_records_the_calibrated_beta(tmp_path):
     out = tmp_path / "run"
     argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "beta_smooth"]

@@ -78,6 +78,7 @@ def calibrate_beta(
     data_range: tuple[float, float] | tuple[torch.Tensor, torch.Tensor] | None = (0.0, 1.0),
     method_options: dict[str, object] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> Calibration:
     """Beta for beta-smoothing ``method``, calibrated on the images ``x``.
 
@@ -108,6 +109,8 @@ def calibrate_beta(
         Options of ``method`` (e.g. LRP's ``low`` / ``high``).
     seed : int
         Seeds the targets and the attack.
+    progress : bool
+        Show progress bars on stderr: the attack's steps, then the sweep's betas.
 
     Returns
     -------
@@ -139,6 +142,7 @@ def calibrate_beta(
         data_range=data_range,
         method_options=options,
         seed=seed,
+        progress=progress,
     )
     sweep = defense_sweep(
         model,
@@ -151,6 +155,7 @@ def calibrate_beta(
         data_range=data_range,
         method_options=options,
         seed=seed,
+        progress=progress,
     )
     summary = sweep.summary(min_fidelity)
     best = summary["recommended_beta"]

@@ -1227,6 +1227,7 @@ def _explain_beta(
             steps=CALIBRATION["steps"],
             data_range=bounds,
             seed=args.seed,
+            progress=sys.stderr.isatty() if args.progress is None else args.progress,
         )
         verdict = "recommended"
         if not found.recommended:
