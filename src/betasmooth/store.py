@@ -569,8 +569,13 @@ class RunDir:
         """
         dist = dist or Dist()
         self.check_sweep(settings)
-        if _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
-            dist.first(lambda: self.update_config(sweep=settings))
+
+        def record() -> None:
+            if _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
+                self.update_config(sweep=settings)
+
+        # Every rank waits for rank 0, whatever config.json says when it looks.
+        dist.first(record)
 
     def check_sweep(self, settings: dict[str, object]) -> None:
         """Refuse a sweep with ``settings`` where the run holds sweep rows of other settings."""
