@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,44 @@ def test_what_rank_0_alone_refuses_every_rank_says_in_one_line(case, tmp_path):
     assert any(logs.values())
     for log in logs.values():
         assert not log or (log.startswith(said) and log.count("\n") == 1), log[-2000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
+    attacked = tmp_path / "attacked"
+    assert main([*ARGS, "-n", "4", "--steps", "5", "--out", str(attacked)]) == 0
+    for name in ("one", "two"):
+        shutil.copytree(attacked, tmp_path / name)
+    sweep = ["--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]
+    curvature = ["curvature", "--model", "digits-cnn", "--data", "digits", "-n", "3"]
+    curvature += ["--betas", "relu,5", "--no-progress"]
+    assert main(["sweep", str(tmp_path / "one"), *sweep]) == 0
+    assert main([*curvature, "--out", str(tmp_path / "curv-one")]) == 0
+    for argv in (
+        ["sweep", str(tmp_path / "two"), *sweep],
+        [*curvature, "--out", str(tmp_path / "curv-two")],
+    ):
+        proc = subprocess.run(
+            [*TORCHRUN, "-m", "betasmooth", *argv], env=ENV, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    pairs = {"sweep.jsonl": ("one", "two"), "results.jsonl": ("curv-one", "curv-two")}
+    for name, dirs in pairs.items():
+        one, two = (read_jsonl(tmp_path / d / name) for d in dirs)
+        assert len(one) == len(two) > 0
+        for a, b in zip(one, two):
+            assert a.keys() == b.keys()
+            for key, value in a.items():
+                if isinstance(value, float) and key != "seconds":
+                    assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (name, key)
+                elif key != "seconds":
+                    assert b[key] == value, (name, key)
+    one, two = (
+        json.loads((tmp_path / d / "sweep_summary.json").read_text()) for d in pairs["sweep.jsonl"]
+    )
+    for method in ("gradient", "lrp"):
+        assert two[method]["betas"].keys() == one[method]["betas"].keys() == {"2", "10"}
+        for beta, medians in one[method]["betas"].items():
+            assert two[method]["betas"][beta] == pytest.approx(medians), (method, beta)
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
+    assert configs[0]["sweep"] == configs[1]["sweep"] == {"betas": [2.0, 10.0], "smoothgrad_n": 4}
