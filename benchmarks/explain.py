@@ -262,7 +262,8 @@ def report(r):
             f"plain gradient {b['pcc_plain_gradient']:.3f})"
         )
     if "peak_mib" in r:
-        unit = "max_memory_allocated" if r["device"] == "cuda" else "peak RSS growth"
+        cuda = torch.device(r["device"]).type == "cuda"
+        unit = "max_memory_allocated" if cuda else "peak RSS growth"
         peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
         print(f"peak memory MiB ({unit}): {peaks}")
 

@@ -161,7 +161,7 @@ sys.exit(cli.main(sys.argv[2:]))
 
 
 @pytest.mark.slow
-def test_beta_auto_is_calibrated_by_rank_0_for_every_rank(tmp_path):
+def test_beta_auto_smooths_every_rank_with_rank_0s_beta(tmp_path):
     argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "beta_smooth"]
     argv += ["-n", "4", "--batch-size", "1", "--no-progress"]
     assert main([*argv, "--beta", "2", "--out", str(tmp_path / "one")]) == 0
@@ -176,7 +176,10 @@ def test_beta_auto_is_calibrated_by_rank_0_for_every_rank(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.glob("calibrated-rank*")) == ["calibrated-rank0"]
+    # Each rank calibrates on its own device before the job starts (rank 0 alone would
+    # keep the others at a collective that can time out), and takes rank 0's choice.
+    calibrated = sorted(p.name for p in tmp_path.glob("calibrated-rank*"))
+    assert calibrated == ["calibrated-rank0", "calibrated-rank1"]
     assert proc.stdout.count("calibrating beta on 8 held-out images") == 1
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["beta_smooth_beta"] == 2.0 and config["beta_auto"]["beta"] == 2.0
@@ -195,9 +198,10 @@ def _rank_logs(log_dir: Path) -> dict[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["calibration", "foreign line"])
-def test_what_rank_0_alone_refuses_every_rank_says_in_one_line(case, tmp_path):
-    # Rank 0 alone calibrates, repairs and merges: the others must not wait for a rank
-    # that is gone, and end with its line and status 2 (a traceback, status 1, before).
+def test_what_one_rank_refuses_every_rank_says_in_one_line(case, tmp_path):
+    # Rank 0 alone repairs and merges: the others must not wait for a rank that is gone,
+    # and end with its line and status 2 (a traceback, status 1, before). A calibration
+    # that cannot run fails on every rank before the job's processes join.
     if case == "calibration":
         x, y = bs.load_data("digits")
         np.savez(tmp_path / "one.npz", x=x[:1].numpy(), y=y[:1].numpy())
@@ -270,3 +274,33 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
             assert two[method]["betas"][beta] == pytest.approx(medians), (method, beta)
     configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
     assert configs[0]["sweep"] == configs[1]["sweep"] == {"betas": [2.0, 10.0], "smoothgrad_n": 4}
+
+
+FIRST_FAILS = """
+import os, sys
+from pathlib import Path
+
+import torch
+
+from betasmooth.cli import _one_line
+from betasmooth.distributed import distributed
+
+out = Path(sys.argv[1])
+with distributed(torch.device("cpu")) as (dist, _):
+    try:
+        dist.first(lambda: open(out / "missing" / "file.json", "w"))
+    except OSError as err:
+        (out / f"said-rank{dist.rank}").write_text(f"{type(err).__name__}: {_one_line(err)}")
+"""
+
+
+def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(tmp_path):
+    script = tmp_path / "first.py"
+    script.write_text(FIRST_FAILS)
+    proc = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [(tmp_path / f"said-rank{rank}").read_text() for rank in (0, 1)]
+    missing = tmp_path / "missing" / "file.json"
+    assert said == [f"FileNotFoundError: No such file or directory: {missing}"] * 2

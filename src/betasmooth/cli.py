@@ -36,7 +36,7 @@ import torch
 from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
-from .distributed import Dist, distributed, launched, resolve_device
+from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained, preprocessing
@@ -1104,15 +1104,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.beta is not None and args.beta != "auto":
         _set_beta(options, args.beta)
     runs.check_methods(model, methods, options)
-    calibrated = _calibrated(args) if args.beta == "auto" else None
-    held_out = None
-    if args.beta == "auto" and calibrated is None:
-        held_out = _held_out(args, CALIBRATION["n"])
+    chosen = _explain_beta(args, model, bounds, rank_device(device))
     with distributed(device) as (dist, dev):
-        if args.beta is not None:
-            beta, calibration = calibrated or _explain_beta(
-                args, model, bounds, held_out, dev, dist
-            )
+        if chosen is not None:
+            # Calibrations on different GPUs may differ: every rank takes rank 0's.
+            beta, calibration = dist.broadcast(chosen)
             config.update(beta=args.beta, beta_smooth_beta=beta)
             if calibration is not None:
                 config["beta_auto"] = calibration
@@ -1204,39 +1200,40 @@ def _explain_beta(
     args: argparse.Namespace,
     model: torch.nn.Module,
     bounds: tuple[torch.Tensor, torch.Tensor],
-    held_out: tuple[torch.Tensor, str] | None,
     device: torch.device,
-    dist: Dist,
-) -> tuple[float, dict[str, object] | None]:
-    """``--beta`` as given, or the one ``--beta auto`` calibrates on ``held_out`` (images and
-    what they are), with the calibration's record.
+) -> tuple[float, dict[str, object] | None] | None:
+    """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's
+    record; ``None`` without ``--beta``.
 
-    Rank 0 calibrates on its device and every rank takes its choice: each rank
-    calibrating alone would pay the attack once per rank, and on a GPU could
-    choose differently."""
-    if args.beta != "auto" or held_out is None:
+    Under torchrun every rank calibrates on its own device before the job's processes
+    join: rank 0 alone would keep the others waiting at a collective, which may time
+    out on a large model. A resumed run keeps the beta it was calibrated to."""
+    if args.beta is None:
+        return None
+    if args.beta != "auto":
         return args.beta, None
-    x, which = held_out
-
-    def calibrate() -> tuple[float, dict[str, object]]:
+    resumed = _calibrated(args)
+    if resumed is not None:
+        return resumed
+    x, which = _held_out(args, CALIBRATION["n"])
+    shown = sys.stderr.isatty() if args.progress is None else args.progress
+    if _first_rank():
         _say(f"calibrating beta on {len(x)} {which}")
-        found = calibrate_beta(
-            model.to(device),
-            x.to(device),
-            "gradient",
-            steps=CALIBRATION["steps"],
-            data_range=bounds,
-            seed=args.seed,
-            progress=sys.stderr.isatty() if args.progress is None else args.progress,
-        )
-        verdict = "recommended"
-        if not found.recommended:
-            verdict = "no beta met the fidelity threshold; most faithful"
+    found = calibrate_beta(
+        model.to(device),
+        x.to(device),
+        "gradient",
+        steps=CALIBRATION["steps"],
+        data_range=bounds,
+        seed=args.seed,
+        progress=shown and _first_rank(),
+    )
+    verdict = "recommended"
+    if not found.recommended:
+        verdict = "no beta met the fidelity threshold; most faithful"
+    if _first_rank():
         _say(f"beta = {found.beta:g} ({verdict})")
-        return found.beta, {**found.record(), "images": which}
-
-    beta, record = dist.broadcast(dist.first(calibrate))
-    return float(beta), record
+    return found.beta, {**found.record(), "images": which}
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:

@@ -27,6 +27,7 @@ __all__ = [
     "distributed",
     "init_distributed",
     "launched",
+    "rank_device",
     "resolve_device",
     "shutdown_distributed",
 ]
@@ -99,14 +100,12 @@ class Dist:
                 value = work()
             except (InputError, OSError) as err:
                 failure = err
-        said = self.broadcast(
-            None if failure is None else [isinstance(failure, InputError), str(failure)]
-        )
+        said = self.broadcast(None if failure is None else _said(failure))
         if failure is not None:
             raise failure
         if said is not None:
-            is_input, message = said
-            raise (InputError if is_input else OSError)(message)
+            kind, *args = said
+            raise InputError(*args) if kind == "input" else OSError(*args)
         return value
 
     def any(self, flag: bool) -> bool:
@@ -118,6 +117,17 @@ class Dist:
         value = torch.tensor([int(bool(flag))], device=device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
+
+
+def _said(err: Exception) -> list[object]:
+    """What another rank needs to raise ``err`` as this one does: an ``OSError`` keeps its
+    number, reason and file, which the one-line message names."""
+    if isinstance(err, InputError):
+        return ["input", str(err)]
+    if isinstance(err, OSError) and err.errno is not None:
+        named = [] if err.filename is None else [str(err.filename)]
+        return ["os", err.errno, err.strerror, *named]
+    return ["os", str(err)]
 
 
 def launched() -> bool:
@@ -178,6 +188,20 @@ def device_argument(name: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def rank_device(device: torch.device) -> torch.device:
+    """The device this process computes on: ``cuda:LOCAL_RANK`` for a CUDA torchrun job,
+    else ``device``; known before the job's processes join.
+
+    Examples
+    --------
+    >>> rank_device(torch.device("cpu"))
+    device(type='cpu')
+    """
+    if device.type != "cuda" or not launched() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the torchrun job if there is one: gloo on CPU, nccl with one GPU per rank.
 
@@ -196,8 +220,8 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
+    device = rank_device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
