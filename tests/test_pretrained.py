@@ -60,6 +60,15 @@ def offline(monkeypatch):
     monkeypatch.setattr(pretrained, "download", refuse)
 
 
+def _photo_folder(folder, seed):
+    """Two random 48 x 40 RGB photographs, as a user's folder holds them."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return folder
+
+
 def normalised(n, size, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(n, 3, size, size, generator=g) - MEAN) / STD
@@ -266,11 +275,7 @@ def test_short_attack_stays_in_the_per_channel_box(hub, name):
 
 
 def test_cli_explain_lrp_on_a_torchvision_preset_is_zennit(hub, tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for k in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    folder = _photo_folder(tmp_path / "photos", seed=1)
     out = tmp_path / "run"
     argv = ["explain", "--model", SPECS["resnet18"], "--data", str(folder), "--method", "lrp"]
     assert main([*argv, "--image-size", "32", "--out", str(out), "--no-progress"]) == 0
@@ -340,11 +345,7 @@ def test_resume_and_sweep_refuse_a_checkpoint_changed_under_its_name(tmp_path, m
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), path)
     first = path.read_bytes()
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for k in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    folder = _photo_folder(tmp_path / "photos", seed=2)
     out = tmp_path / "run"
     argv = ["attack", "--model", SPECS["resnet18"], "--data", str(folder), "--image-size", "32"]
     argv += ["--method", "gradient", "-n", "2", "--steps", "2", "--out", str(out), "--no-progress"]
