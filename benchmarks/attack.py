@@ -65,7 +65,7 @@ def sample(args):
     per-channel bounds, a permutation of them and its generator."""
     model = bs.load_model(args.model, weights=args.weights).to(args.device)
     preset = args.model if is_pretrained(args.model) else None
-    data = bs.load_data(args.data, split="test", preset=preset)
+    data = bs.load_data(args.data, split="test", preset=preset, image_size=args.image_size)
     # The attack clamps to the data's own box: normalised inputs have per-channel bounds.
     bounds = tuple(b.to(args.device) for b in data.bounds)
     g = torch.Generator().manual_seed(args.seed)
@@ -314,6 +314,12 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="state dict for --model (default: its own)")
     parser.add_argument("--data", default="digits", help="its data (test split)")
     parser.add_argument("-n", "--images", dest="n", type=int, default=16)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize the images (default: as stored, or a torchvision model's resize and crop)",
+    )
     parser.add_argument("--methods", default="gradient,lrp")
     parser.add_argument("--variants", default="paper", help=f"some of {','.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=None, help="default: the paper's budget")

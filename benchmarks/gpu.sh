@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu.sh [OUT]            # on a machine with a CUDA GPU
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh /tmp/gpu-dry   # the same steps, small, on the CPU
 #
-# QUICK takes ResNet-18 for VGG16 (VGG16 on a CPU is too slow even for a dry run)
-# and a few steps everywhere; MODEL names another torchvision classifier.
+# QUICK takes ResNet-18 for VGG16 (VGG16 on a CPU is too slow even for a dry run),
+# 64 px for 224 and a few steps everywhere; MODEL names another torchvision classifier.
 #
 # Sections, most wanted first, each under its own time limit so that one that
 # fails or hangs does not cost the others; everything printed goes to
@@ -48,13 +48,15 @@ run() { # run LIMIT_SECONDS COMMAND...: one section, its time and exit status lo
 
 # Small settings for a dry run on the CPU; the measured ones on a GPU.
 if [ -n "$quick" ]; then
+    size=64
     loop="--loop-n 4 --steps 2 --repeats 1"
-    big_loop="--loop-n 2 --steps 2 --repeats 1"
+    big_loop="--loop-n 2 --steps 2 --repeats 1 --image-size $size"
     lrp_loop=$big_loop
-    paper="-n 2 --steps 2 --method gradient"
+    paper="-n 2 --steps 2 --method gradient --image-size $size"
     dimension="--quick --sizes 32 -n 2 --steps 5"
     explain="--batch 8 --repeats 1 --no-memory"
 else
+    size=224
     loop=""
     big_loop="--loop-n 8 --steps 20 --repeats 2"
     lrp_loop="--loop-n 4 --steps 20 --repeats 1"
@@ -74,7 +76,7 @@ fi
     run 100 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods gradient \
         $loop --json "$json"
 
-    echo "== 2. $model at 224 px: batched against one image at a time"
+    echo "== 2. $model at $size px: batched against one image at a time"
     # Random weights, where none are cached, go into a cache of this run's own:
     # a later load from the user's cache would take them for the pretrained ones.
     if ! "$py" -c "import sys; from betasmooth.pretrained import checkpoint_path as c; \
@@ -89,7 +91,7 @@ sys.exit(not c(sys.argv[1]).is_file())" "$model"; then
     run 90 "$py" benchmarks/attack.py --compare-loop --device "$device" --methods lrp \
         --model "$model" --data "$work/photos" $lrp_loop --json "$json"
 
-    echo "== 3. the paper's experiment: $model, 224 px, the paper's steps"
+    echo "== 3. the paper's experiment: $model, $size px, the paper's steps"
     # shellcheck disable=SC2086
     run 240 "$py" -m betasmooth attack --model "$model" --data "$work/photos" \
         $paper --batch-size 4 --device "$device" --no-progress --out "$work/paper"
