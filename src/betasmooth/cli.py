@@ -39,12 +39,12 @@ from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, explain, range_options, with_base_range
 from .metrics import group_records, medians
-from .pretrained import categories, is_pretrained, preprocessing
+from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError, is_number, tell
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, weights_file
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, preset_mean_std, weights_file
 
 __all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
 
@@ -774,36 +774,36 @@ def _run_config(
         batch_size=args.batch_size,
         seed=args.seed,
         device=str(device),
-        inputs_sha256=_fingerprint(inputs[1], inputs[2], args.weights),
-        weights_sha256=_weights_sha256(args.model, args.weights),
+        **_fingerprints(inputs[1], inputs[2], args.model, args.weights),
     )
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, weights: str | None) -> str:
-    """SHA-256 of the images, labels and weights file: --resume refuses other contents
-    under the same names (a folder with one image more, a rewritten file)."""
-    digest = hashlib.sha256()
+def _fingerprints(
+    x: torch.Tensor, y: torch.Tensor, model: str, weights: str | None
+) -> dict[str, str | None]:
+    """``inputs_sha256`` and ``weights_sha256`` of a run, reading the weights file once.
+
+    ``inputs_sha256`` hashes the images, labels and ``--weights`` file: --resume
+    refuses other contents under the same names (a folder with one image more, a
+    rewritten file). ``weights_sha256`` hashes the file the model's weights are
+    read from (:func:`~betasmooth.zoo.weights_file`: ``--weights``, a built-in
+    model's, a torchvision checkpoint in the hub cache), which a later sweep
+    checks too; ``None`` for a factory that makes its own weights.
+    """
+    inputs = hashlib.sha256()
     for tensor in (x, y):
-        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    if weights is not None:
-        for block in _blocks(Path(weights)):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _weights_sha256(model: str, weights: str | None) -> str | None:
-    """SHA-256 of the file the model's weights are read from (``--weights``, a built-in
-    model's, a torchvision checkpoint in the hub cache): a later sweep or --resume
-    refuses a model whose file changed under the same name. ``None`` for a factory
-    that makes its own weights."""
+        inputs.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        inputs.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     path = weights_file(model, weights)
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    for block in _blocks(path):
-        digest.update(block)
-    return digest.hexdigest()
+    file = None if path is None else hashlib.sha256()
+    for block in () if path is None else _blocks(path):
+        file.update(block)
+        if weights is not None:  # the --weights file is part of the inputs
+            inputs.update(block)
+    return {
+        "inputs_sha256": inputs.hexdigest(),
+        "weights_sha256": None if file is None else file.hexdigest(),
+    }
 
 
 def _blocks(path: Path) -> Iterator[bytes]:
@@ -852,17 +852,8 @@ def _apply_preset(args: argparse.Namespace) -> None:
     """A torchvision model brings its preprocessing: mean and std unless given."""
     args.preset = None
     if is_pretrained(getattr(args, "model", None)):
-        prep = preprocessing(args.model)
-        if (args.mean is None) != (args.std is None):
-            given, other = ("--mean", "--std") if args.std is None else ("--std", "--mean")
-            raise InputError(
-                f"{given} without {other}: {args.model} brings its own mean and std, and one of "
-                "each would mix two normalisations; expected both --mean and --std, or "
-                "neither (the model's own)"
-            )
+        args.mean, args.std = preset_mean_std(args.model, args.mean, args.std, ("--mean", "--std"))
         args.preset = args.model
-        args.mean = list(prep.mean) if args.mean is None else args.mean
-        args.std = list(prep.std) if args.std is None else args.std
 
 
 def _classes(settings: Mapping[str, object]) -> list[str] | None:
@@ -1272,7 +1263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     inputs = _load(config, 1)
     model, x, _ = inputs
     made_with = config.get("weights_sha256", "not recorded")  # runs of older versions
-    if made_with not in ("not recorded", _weights_sha256(config["model"], config.get("weights"))):
+    now = _fingerprints(*inputs[1:], config["model"], config.get("weights"))["weights_sha256"]
+    if made_with not in ("not recorded", now):
         raise InputError(run.other_weights("sweep"))
     bounds = inputs.bounds
     with distributed(device) as (dist, dev):
@@ -1421,8 +1413,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         seed=args.seed,
         device=str(device),
-        inputs_sha256=_fingerprint(x, y, args.weights),
-        weights_sha256=_weights_sha256(args.model, args.weights),
+        **_fingerprints(x, y, args.model, args.weights),
         **sizes,
     )
     bounds = inputs.bounds

@@ -559,6 +559,33 @@ def _names(registry: Mapping[str, object]) -> str:
     return " or ".join(repr(name) for name in sorted(registry))
 
 
+def preset_mean_std(
+    preset: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    names: tuple[str, str] = ("mean", "std"),
+) -> tuple[Sequence[float], Sequence[float]]:
+    """The mean and std of data prepared for ``preset``: both given, or the preset's own.
+
+    One alone is refused, with the options called ``names``: it would pair a
+    given mean with the preset's std, or the other way round.
+
+    Examples
+    --------
+    >>> preset_mean_std("torchvision:resnet18", None, None)
+    ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    """
+    if (mean is None) != (std is None):
+        given, other = names if std is None else names[::-1]
+        raise InputError(
+            f"{given} without {other}: {preset} brings its own mean and std, and one of each "
+            f"would mix two normalisations; expected both {names[0]} and {names[1]}, or neither "
+            "(the model's own)"
+        )
+    prep = _preprocessing(preset)
+    return (list(prep.mean), list(prep.std)) if mean is None else (mean, std)
+
+
 def load_data(
     spec: str,
     split: str = "test",
@@ -643,15 +670,7 @@ def load_data(
                 "leave channels unset (grey images are repeated to 3 channels)"
             )
         channels = 3
-        if (mean is None) != (std is None):
-            given, other = ("mean", "std") if std is None else ("std", "mean")
-            raise InputError(
-                f"{given} without {other}: {preset} brings its own mean and std, and one of "
-                f"each would mix two normalisations; expected both mean and std, or neither "
-                "(the preset's own)"
-            )
-        mean = prep.mean if mean is None else mean
-        std = prep.std if std is None else std
+        mean, std = preset_mean_std(preset, mean, std)
         if size is None:
 
             def fit(image: np.ndarray) -> np.ndarray:
