@@ -552,3 +552,61 @@ def test_cost_figure_joins_the_labels_of_points_that_coincide():
         ("β=20, β=50", 0.011, 0.90),
         ("β=100", 0.011, 0.90 + apart),
     ]
+
+
+LOG_FIGURES = {
+    "mc_error": lambda p: figures.mc_error_figure(
+        {
+            "n": [10, 100, 1000],
+            "projected": [0.3, 0.1, 0.03],
+            "projected_ci": [0.6, 0.2, 0.06],
+            "iid": [0.3, 0.1, 0.04],
+            "iid_bias": 0.01,
+        },
+        p,
+    ),
+    "iid_bias": lambda p: figures.iid_bias_figure(
+        {"d": [1, 10, 100, 1000], "bias": [0.0, 0.01, 0.02, 0.022], "limit": 0.0227}, p
+    ),
+    "curvature": lambda p: figures.curvature_figure(
+        {"beta": [1, 10, 100], "hessian_norm": [0.5, 5, 40], "principal_curvature": [0.1, 1, 9]},
+        p,
+    ),
+    "cost": lambda p: figures.cost_quality(
+        [
+            {"defense": "beta_smooth", "label": "β=1", "seconds": 0.01, "metric": 0.5},
+            {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 0.6},
+        ],
+        p,
+    ),
+    "short_log_range": lambda p: figures.curvature_figure(
+        {
+            "beta": [1, 2, 5],
+            "hessian_norm": [0.2, 0.3, 0.5],
+            "principal_curvature": [0.25, 0.3, 0.4],
+        },
+        p,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOG_FIGURES))
+def test_log_axes_are_labelled_with_the_numbers_at_their_ticks(name, tmp_path, monkeypatch):
+    # The style leaves mathtext unparsed (user labels may hold "$"), so a log
+    # axis must not fall back to matplotlib's "$\mathdefault{10^{-1}}$" labels.
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    LOG_FIGURES[name](tmp_path / "f.png")
+    (fig,) = drawn
+    logs = [axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) if axis.get_scale() == "log"]
+    assert logs
+    for axis in logs:
+        labelled = 0
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+            text = tick.label1.get_text()
+            lo, hi = sorted(axis.get_view_interval())
+            if text and lo <= tick.get_loc() <= hi:
+                assert float(text) == pytest.approx(tick.get_loc(), rel=1e-6), text
+                labelled += 1
+        assert labelled >= 2

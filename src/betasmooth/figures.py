@@ -354,16 +354,29 @@ def explain_grid(
     return _draw_grid(columns, path, row_labels)
 
 
-def _plain_log(axis: object) -> None:
-    """Label a log axis with plain numbers (0.5, 1, 10) rather than powers of ten."""
-    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
+    """Log-axis labels as plain numbers (0.5, 10, 1e-05).
+
+    Matplotlib's default log labels are mathtext (``$10^{-1}$``), which the
+    figures' style leaves unparsed so that user text may hold dollars; this
+    formatter keeps the default's choice of which ticks to label.
+    """
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _log_scale(ax: Axes, which: str = "x") -> None:
+    """Put the ``which`` axis of ``ax`` on a log scale with plain-number labels."""
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
 
 
 def _log_axis(ax: object, values: np.ndarray) -> None:
     if values.size and np.all(values > 0) and values.max() / values.min() >= 10:
-        ax.set_xscale("log")
-        _plain_log(ax.xaxis)
+        _log_scale(ax, "x")
         ticks = np.unique(values)
         if ticks.size <= 8:
             ax.set_xticks(ticks)
@@ -572,7 +585,7 @@ def cost_quality(
                     color=colour,
                 )
         if log:
-            ax.set_xscale("log")
+            _log_scale(ax, "x")
         ax.margins(x=0.25, y=0.12)
         ax.set_xlabel("median seconds per image")
         ax.set_ylabel(f"median {metric}")
@@ -726,8 +739,8 @@ def mc_error_figure(curve: Mapping[str, object], path: str | Path) -> Path:
         bias = curve.get("iid_bias")
         if bias is not None and float(bias) > 0:
             ax.axhline(float(bias), color="C3", ls=":", lw=1.2, label=f"iid bias {float(bias):.3g}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log_scale(ax, "x")
+        _log_scale(ax, "y")
     return Path(path)
 
 
@@ -764,7 +777,7 @@ def iid_bias_figure(curve: Mapping[str, object], path: str | Path) -> Path:
         if curve.get("limit") is not None:
             limit = float(curve["limit"])
             ax.axhline(limit, color="0.3", ls="--", lw=1.2, label=f"limit d → ∞: {limit:.4f}")
-        ax.set_xscale("log")
+        _log_scale(ax, "x")
     return Path(path)
 
 
@@ -852,7 +865,7 @@ def _against_beta(
             ax.plot(beta[order], y, style, ms=3, label=label)
         _log_axis(ax, beta)
         if log_y and drawn and np.all(np.concatenate([y for y, _, _ in drawn]) > 0):
-            ax.set_yscale("log")
+            _log_scale(ax, "y")
     return Path(path)
 
 
