@@ -102,6 +102,21 @@ def test_ssim_one_constant_map_is_finite_and_matches_skimage():
     assert ssim(a, b).item() == pytest.approx(ref, abs=1e-10)
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30, 1.7e38])
+def test_ssim_and_centre_of_mass_of_float32_maps_at_any_scale(scale):
+    # Near float32's largest value the joint range and the sum of a map
+    # overflow; both measures are unchanged by a common scale.
+    a, b = _pairs((16, 16))
+    a, b = a[:4] - 0.5, b[:4] - 0.5  # signed: the range spans twice the largest value
+    ours = ssim((scale * a).float(), (scale * b).float())
+    centres = center_of_mass((scale * a).float())
+    for i in range(4):
+        ref = _skimage_ssim(a[i].numpy(), b[i].numpy())
+        assert ours[i].item() == pytest.approx(ref, abs=1e-4)
+        ref = ndimage.center_of_mass(np.abs(a[i].numpy()))
+        np.testing.assert_allclose(centres[i].double().numpy(), ref, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", SIZES)
 def test_pcc_equals_scipy_pearsonr(shape):
     a, b = _pairs(shape)
@@ -288,6 +303,26 @@ def test_gradients_match_finite_differences(fn, batch, shape):
     b = torch.rand(batch, *shape, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: fn(x, b), (a,), eps=1e-6, atol=1e-5)
     assert torch.autograd.gradcheck(lambda y: fn(b.detach(), y), (a,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcc_gradient_is_zero_at_constant_maps_and_unchanged_elsewhere(dtype):
+    # pcc is 0 near a map with one constant side and 1 with both: constant in
+    # the other map, so its gradient there is zero; other rows keep theirs.
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 5, 6, generator=gen, dtype=dtype)
+    b = torch.rand(3, 5, 6, generator=gen, dtype=dtype)
+    a[0] = 0.5
+    a[1], b[1] = 0.25, 0.0
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    pcc(a, b).sum().backward()
+    alone_a = a[2:].detach().clone().requires_grad_(True)
+    alone_b = b[2:].detach().clone().requires_grad_(True)
+    pcc(alone_a, alone_b).sum().backward()
+    for grad, alone in ((a.grad, alone_a.grad), (b.grad, alone_b.grad)):
+        assert torch.equal(grad[:2], torch.zeros_like(grad[:2]))
+        torch.testing.assert_close(grad[2:], alone)
 
 
 def test_center_of_mass_gradient_matches_finite_differences():

@@ -201,14 +201,22 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     const_a, const_b = _is_constant(a), _is_constant(b)
     da, db = _centred_unit(a), _centred_unit(b)
     # Rows with a constant map get a unit denominator; their value is set below.
+    # The square root is taken after the choice: sqrt(0) in the branch not
+    # chosen would still send 0 * inf = NaN into the gradient.
     denom = torch.where(
         const_a | const_b,
         torch.ones_like(da[:, 0]),
-        (da.square().sum(1) * db.square().sum(1)).sqrt(),
-    )
+        da.square().sum(1) * db.square().sum(1),
+    ).sqrt()
     r = ((da * db).sum(1) / denom).clamp(-1, 1)
     r = torch.where(const_a | const_b, torch.zeros_like(r), r)
     return torch.where(const_a & const_b, torch.ones_like(r), r)
+
+
+def _peak(m: torch.Tensor) -> torch.Tensor:
+    """Largest absolute value of each map ``(B, H, W)``, detached, ``(B, 1, 1)``; 1 if all zero."""
+    peak = m.detach().abs().flatten(1).amax(1).view(-1, 1, 1)
+    return torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def _unit_scale(x: torch.Tensor) -> torch.Tensor:
@@ -328,6 +336,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     tensor([1., 1.])
     """
     a, b = _check_maps(a, b)
+    # First a common, detached scale: max - min of maps near float32's largest
+    # value overflows to inf (SSIM, unchanged by a common scale, keeps its gradient).
+    peak = torch.maximum(_peak(a), _peak(b))
+    a, b = a / peak, b / peak
     lo = torch.minimum(a.flatten(1).amin(1), b.flatten(1).amin(1))
     hi = torch.maximum(a.flatten(1).amax(1), b.flatten(1).amax(1))
     data_range = hi - lo
@@ -533,7 +545,9 @@ def center_of_mass(m: torch.Tensor) -> torch.Tensor:
     tensor([[2., 4.]])
     """
     m, _ = _check_maps(m, m)
-    w = m.abs()
+    # The centre does not change with the scale of the map; the sum of a map
+    # near float32's largest value does, to inf.
+    w = m.abs() / _peak(m)
     h_idx = torch.arange(m.shape[1], dtype=m.dtype, device=m.device)
     w_idx = torch.arange(m.shape[2], dtype=m.dtype, device=m.device)
     total = w.sum(dim=(1, 2))
