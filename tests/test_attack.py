@@ -523,3 +523,37 @@ def test_a_targeted_attack_under_a_budget_records_it(small):
     assert max(r["input_max_change"] for r in budgeted) <= 8 / 255 + 1e-6
     free = bs.manipulate(net, x, target, "gradient", steps=2).records()
     assert all("attack_eps" not in r for r in free)
+
+
+def test_pcc_loss_towards_a_uniform_target_leaves_x_where_it_is(small):
+    # PCC to a constant map is 0 whatever the map, and the output term starts
+    # at its minimum: the loss has zero gradient at x, so Adam never moves.
+    net, x = small
+    uniform = torch.full((4, 16, 16), 1 / 256)
+    result = bs.manipulate(net, x, uniform, "gradient", loss="pcc", steps=4)
+    assert torch.equal(result.x_adv, x)
+    torch.testing.assert_close(result.metrics["expl_pcc_target"], torch.zeros(4))
+
+
+class _KinkedPower(nn.Module):
+    """A linear score plus |x - 0.5|^1.5: a finite map whose own derivative is infinite at 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16 * 16, 3)
+        torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bump = (x - 0.5).abs().pow(1.5).flatten(1).sum(1, keepdim=True)
+        return self.linear(x.flatten(1)) + bump
+
+
+def test_a_non_finite_attack_gradient_names_the_step_and_images_not_x(small):
+    _, x = small
+    x = x.clone()
+    x[2, 0, 3, 4] = 0.5  # d2/dx2 |x - 0.5|^1.5 = 0.75 |x - 0.5|^-0.5 is infinite here
+    model = _KinkedPower().eval()
+    target = bs.heatmap(torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
+    said = r"NaN or inf at step 0 for images \[2\] \(method 'gradient'"
+    with pytest.raises(bs.InputError, match=said):
+        bs.manipulate(model, x, target, "gradient", steps=2)

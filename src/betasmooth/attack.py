@@ -638,6 +638,7 @@ def _run(
                 # Only the targeted goal's output term moves x then; the map stays put.
                 warn_user(_no_graph(s.method), p.model)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        _check_finite_gradient(grad, s, i)
         p.history.append(loss.detach())
         with torch.no_grad():
             if optimizer is None:
@@ -659,6 +660,19 @@ def _run(
                     x_adv.copy_(torch.where(kept.view(shape), x_adv, previous))
                 step_size = torch.where(kept, step_size, step_size / 2)
     return best, best_score
+
+
+def _check_finite_gradient(grad: torch.Tensor, s: _Settings, step: int) -> None:
+    # A NaN step would reach the next explanation as a NaN input, whose error
+    # blames x; the fault is in the loss or the model's backward pass.
+    finite = torch.isfinite(grad.flatten(1)).all(1)
+    if not bool(finite.all()):
+        images = (~finite).nonzero().flatten().tolist()
+        raise InputError(
+            f"the attack's gradient is NaN or inf at step {step} for images {images} (method "
+            f"{s.method!r}, loss {s.loss!r}): the model's backward pass or the loss is not "
+            "finite there, not the images; check the model on these inputs"
+        )
 
 
 def _no_graph(method: str) -> str:
