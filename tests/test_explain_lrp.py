@@ -14,6 +14,7 @@ from zennit.rules import Epsilon, ZBox, ZPlus
 from zennit.types import Convolution
 
 import betasmooth as bs
+from betasmooth.explain import check_model
 from betasmooth.explain.propagation import lrp_graph
 from betasmooth.validate import InputError
 from nets import ResidualNet, residual_net, vgg_small
@@ -492,3 +493,51 @@ def test_per_channel_bounds_reach_a_first_dense_layer_flattened_like_zennit():
     flat_low, flat_high = low.expand_as(x).flatten(1), high.expand_as(x).flatten(1)
     theirs = zennit_lrp(net, x, target, flat_low, flat_high).view_as(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+
+
+class _WithDropout(nn.Module):
+    """vgg_small with functional dropout before its head and an auxiliary output in training."""
+
+    def __init__(self, aux: bool) -> None:
+        super().__init__()
+        self.net = vgg_small().double()
+        self.body, self.head, self.aux = self.net[:-1], self.net[-1], aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        out = self.head(F.dropout(h, 0.5, training=self.training))
+        if self.training and self.aux:
+            return out, h.mean(1)
+        return out
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_lrp_checked_in_training_mode_explains_the_deployed_model(aux):
+    # check_model in training mode (as the command line's pre-flight check may
+    # meet a model) once traced the training branch: random dropout masks, and
+    # a tuple output that no rule takes, were kept for every later map.
+    model = _WithDropout(aux).train()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    check_model(model, "lrp")
+    assert model.training
+    model.eval()
+    first, second = bs.explain(model, x, "lrp", target), bs.explain(model, x, "lrp", target)
+    expected = zennit_lrp(model.net, x, target)
+    torch.testing.assert_close(first, expected, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(second, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_lrp_keeps_its_graph_under_no_grad_when_asked():
+    # As the gradient methods: create_graph=True is a request, whatever the caller's mode.
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    with torch.no_grad():
+        inside = bs.explain(net, x, "lrp", target, create_graph=True)
+    outside = bs.explain(net, x, "lrp", target, create_graph=True)
+    (expected,) = torch.autograd.grad((outside * v).sum(), x)
+    (got,) = torch.autograd.grad((inside * v).sum(), x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    assert expected.abs().max() > 0

@@ -156,7 +156,9 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
     # A method made on demand (captum:NAME) carries its own check.
     check = CHECKS.get(method) or getattr(fn, "check", None)
     if check is not None:
-        check(model, **options)
+        # Checked as explained: in evaluation mode (a trace fixes self.training).
+        with evaluating(model):
+            check(model, **options)
 
 
 def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..smooth import replace_relu
-from ..validate import InputError, InputTypeError, check_uncompiled
+from ..validate import InputError, InputTypeError, check_uncompiled, evaluating
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
 
@@ -701,7 +701,10 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
         return cached
     check_uncompiled(model, "lrp")
     try:
-        gm = fx.symbolic_trace(model)
+        # Tracing fixes every branch on self.training (dropout, auxiliary
+        # outputs); maps are of the deployed model, so the trace is too.
+        with evaluating(model):
+            gm = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure is the user's model
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
@@ -950,7 +953,8 @@ def lrp(
     low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())
-    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+    # As the gradient methods: create_graph keeps the graph also under torch.no_grad().
+    with torch.set_grad_enabled(create_graph):
         values = _record(model, graph, x if create_graph else x.detach())
         logits = values[graph.output]
         logit, target = select_logit(logits, target)
