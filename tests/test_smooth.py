@@ -612,8 +612,15 @@ def test_beta_smoothing_refuses_activation_checkpointing(how):
     # softplus forward, ReLU backward, a map that is neither.
     x = torch.rand(2, 4, dtype=torch.float64)
     net = _Checkpointed(how).double()
-    with pytest.raises(bs.InputError, match=r"cannot reach a ReLU under activation checkpointing"):
+    with pytest.raises(
+        bs.InputError, match=r"^beta-smoothing cannot reach a ReLU under activation"
+    ):
         bs.explain(net, x, "beta_smooth", beta=2.0)
+    # Guided backprop replaces the ReLUs by the same mechanism, and says so in its own name.
+    with pytest.raises(
+        bs.InputError, match=r"^guided_backprop cannot reach a ReLU under activation"
+    ):
+        bs.explain(net, x, "guided_backprop")
     with pytest.raises(bs.InputError, match=r"activation checkpointing"):
         bs.smooth(net, 2.0)(x.clone().requires_grad_(True))
 

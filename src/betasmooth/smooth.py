@@ -381,10 +381,12 @@ class _ReluOverride(TorchFunctionMode):
         fn: Callable[[torch.Tensor], torch.Tensor],
         through: bool = True,
         inspect: bool = True,
+        what: str = "beta-smoothing",
     ) -> None:
         super().__init__()
         self.fn = fn
         self.through = through
+        self.what = what
         # Only the first pass feeds the warning: later ones skip the bookkeeping.
         self.inspect = inspect
         self.replaced = 0
@@ -423,7 +425,7 @@ class _ReluOverride(TorchFunctionMode):
             return func(*args, **kwargs)
         if self.grad_enabled and _checkpointing():
             self.failed = True
-            raise InputError(CHECKPOINTED)
+            raise InputError(checkpointed(self.what))
         self.replaced += 1
         if not args:  # F.relu(input=h)
             args = (kwargs.pop("input"),)
@@ -436,13 +438,18 @@ class _ReluOverride(TorchFunctionMode):
         return replacement(self.fn, *args, **kwargs)
 
 
-#: Activation checkpointing recomputes its block in backward, after the smoothing
-#: has ended: the gradient would mix softplus forward with ReLU backward.
-CHECKPOINTED = (
-    "beta-smoothing cannot reach a ReLU under activation checkpointing (torch.utils.checkpoint), "
-    "which backward recomputes unsmoothed; expected a model without it, e.g. torchvision's "
-    "densenet121(memory_efficient=False)"
-)
+def checkpointed(what: str) -> str:
+    """The refusal of a ReLU under activation checkpointing, naming ``what`` replaces it.
+
+    Activation checkpointing recomputes its block in backward, after the
+    replacement has ended: the gradient would mix the replaced forward with
+    the ReLU's backward.
+    """
+    return (
+        f"{what} cannot reach a ReLU under activation checkpointing (torch.utils.checkpoint), "
+        "which backward recomputes with the plain ReLU; expected a model without it, e.g. "
+        "torchvision's densenet121(memory_efficient=False)"
+    )
 
 
 def _checkpointing() -> bool:
@@ -558,12 +565,13 @@ class _ReluHooks:
         through: bool = True,
     ) -> None:
         self.model, self.fn, self.warn, self.through = model, fn, warn, through
+        self.what = warn if isinstance(warn, str) else "beta-smoothing"
         self.active: list[_ReluOverride] = []
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> _ReluHooks:
-        _check_scripted(self.model, self.warn if isinstance(self.warn, str) else "beta-smoothing")
+        _check_scripted(self.model, self.what)
         self.handles = [
             self.model.register_forward_pre_hook(self._enter),
             # prepend: hooks installed later leave first, so stacked overrides unwind in order.
@@ -578,7 +586,7 @@ class _ReluHooks:
             self.active.pop().__exit__(None, None, None)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        mode = _ReluOverride(self.fn, self.through, inspect=not self.done)
+        mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
         self.active.append(mode)
         mode.__enter__()
 
