@@ -275,7 +275,7 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "target a float": (
         _explain(plain_cnn, X, target=1.5),
         InputTypeError,
-        r"target must be None, an int or a \(B,\) integer tensor or array; got float",
+        r"target must be None, an int or a \(B,\) integer tensor, array or list; got float",
     ),
     "target out of range": (
         _explain(plain_cnn, X, target=7),

@@ -65,9 +65,12 @@ def test_non_finite_x(net, x, value, method):
         (
             np.array([0.0, 1.0, 2.0, 3.0]),
             TypeError,
-            ["tensor or array", "ndarray of dtype float64"],
+            ["tensor, array or list", "ndarray of dtype float64"],
         ),
         (np.array([0, 1, 9, 2]), ValueError, ["out of range", "0 to 4"]),
+        ([0, 1, 9, 2], ValueError, ["out of range", "0 to 4"]),
+        ([0, 1, 2.0, 3], TypeError, ["tensor, array or list", "got list"]),
+        ([0, 1], ValueError, ["shape (4,)", "(2,)"]),
     ],
 )
 @pytest.mark.parametrize(
@@ -83,10 +86,13 @@ def test_bad_target(net, x, target, error, fragments, method):
         (np.int64(3), 3),
         (np.array([0, 3, 1, 2], dtype=np.int32), torch.tensor([0, 3, 1, 2])),
         (np.uint8(2), torch.tensor(2)),
+        ([0, 3, 1, 2], torch.tensor([0, 3, 1, 2])),
+        ((0, 3, np.int64(1), 2), torch.tensor([0, 3, 1, 2])),
     ],
 )
 def test_numpy_targets_are_the_same_classes(net, x, given, same):
-    # Labels from a numpy pipeline explain the same classes as ints and tensors.
+    # Labels from a numpy pipeline, or a list as Captum takes, explain the same
+    # classes as ints and tensors.
     torch.testing.assert_close(
         bs.explain(net, x, "gradient", given), bs.explain(net, x, "gradient", same), rtol=0, atol=0
     )

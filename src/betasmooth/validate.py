@@ -107,9 +107,9 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
 
     Parameters
     ----------
-    target : None, int, torch.Tensor or numpy.ndarray
+    target : None, int, sequence of int, torch.Tensor or numpy.ndarray
         ``None`` (the predicted class), one class for the whole batch, or one
-        per item (integers, e.g. ``np.int64`` labels).
+        per item (integers, e.g. ``np.int64`` labels, or a list as Captum takes).
     batch : int
         Batch size.
 
@@ -123,9 +123,15 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     --------
     >>> check_target(3, batch=2)
     tensor([3, 3])
+    >>> check_target([0, 4], batch=2)
+    tensor([0, 4])
     """
     if target is None:
         return None
+    if isinstance(target, (list, tuple)) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
+    ):
+        target = torch.tensor([int(t) for t in target], dtype=torch.long)
     if isinstance(target, np.ndarray) and target.dtype.kind in "iu":
         # Labels of a numpy pipeline (np.int64 scalars become ints below).
         target = torch.from_numpy(target)
@@ -134,7 +140,7 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
         if isinstance(target, np.ndarray):
             kind += f" of dtype {target.dtype}"
         raise InputTypeError(
-            f"target must be None, an int or a (B,) integer tensor or array; got {kind}"
+            f"target must be None, an int or a (B,) integer tensor, array or list; got {kind}"
         )
     if isinstance(target, numbers.Integral):
         target = torch.full((batch,), int(target), dtype=torch.long)

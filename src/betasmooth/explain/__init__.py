@@ -361,9 +361,9 @@ def explain(
         One of ``gradient``, ``input_x_gradient``, ``integrated_gradients``,
         ``guided_backprop``, ``lrp``, ``smoothgrad``, ``beta_smooth``, or
         ``captum:NAME`` for any Captum method.
-    target : None, int, torch.Tensor or numpy.ndarray
+    target : None, int, sequence of int, torch.Tensor or numpy.ndarray
         Class to explain: ``None`` for the predicted class, an int for all
-        items, or ``(B,)`` integers.
+        items, or ``(B,)`` integers (a tensor, an array or a list).
     create_graph : bool
         Keep the graph so that the map is differentiable w.r.t. ``x`` (pass
         an ``x`` that requires grad).
