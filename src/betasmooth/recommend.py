@@ -11,8 +11,8 @@ fidelity
     (``clean_vs_orig_<m>``): does the defense still explain what the network
     does?
 undefended
-    the map of ``x_adv`` against the map of ``x`` without defense
-    (``adv_vs_orig_<m>``): what the attack achieved.
+    the map of ``x_adv`` against the map of ``x``, both without defense
+    (``undefended_<m>``): what the attack achieved.
 
 The recommended beta is the most robust (median PCC) among the betas whose
 median fidelity (PCC) is at least ``min_fidelity``; ``None`` when no beta
