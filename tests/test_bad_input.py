@@ -648,9 +648,12 @@ EXPLAIN = ["explain", *INPUTS, "--method", "gradient", "--out", "{d}/run"]
 
 # name: (argv, pattern of the one line on stderr)
 CLI: dict[str, tuple[list[str], str]] = {
-    "-n 0": ([*ATTACK, "-n", "0"], r"^betasmooth attack: error: argument -n/--images: expected a"),
-    "--images abc": ([*EXPLAIN, "--images", "abc"], r"argument -n/--images: .* got 'abc'"),
-    "--n (taken by torchrun)": ([*ATTACK, "--n", "4"], r"unrecognized .*--n.* -n or --images"),
+    "-n 0": (
+        [*ATTACK, "-n", "0"],
+        r"^betasmooth attack: error: argument -n/--images/--n: expected a",
+    ),
+    "--images abc": ([*EXPLAIN, "--images", "abc"], r"argument -n/--images/--n: .* got 'abc'"),
+    "--n -1": ([*ATTACK, "--n", "-1"], r"argument -n/--images/--n: expected a"),
     "unknown option before the command": (
         ["--foo", *EXPLAIN],
         r"^betasmooth: error: unrecognized arguments: --foo \(see betasmooth --help\)$",

@@ -73,3 +73,16 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert exit.value.code == 0
     assert capsys.readouterr().out == f"betasmooth {bs.__version__}\n"
+
+
+@pytest.mark.parametrize("name", ["attack", "explain", "curvature"])
+@pytest.mark.parametrize("spelling", ["-n", "--images", "--n"])
+def test_every_spelling_of_the_image_count_is_the_same_option(name, spelling) -> None:
+    # --n is the spelling of the command-line contract; -n the one torchrun lets through.
+    inputs = ["--model", "digits-cnn", "--data", "digits", "--out", "run"]
+    head = {
+        "attack": [*inputs, "--method", "gradient"],
+        "explain": [*inputs, "--method", "gradient"],
+        "curvature": inputs,
+    }[name]
+    assert build_parser().parse_args([name, *head, spelling, "7"]).n == 7

@@ -294,8 +294,6 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         text = " ".join(message.split())
-        if "--n" in text.split():
-            text += "; the number of images is -n or --images"
         self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
@@ -397,11 +395,12 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
 
 
 def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False) -> None:
-    # Not --n: torchrun's own parser takes --n for an abbreviation of its
-    # --nnodes / --nproc-per-node.
+    # --n is the documented spelling; torchrun's own parser refuses it (an
+    # ambiguous abbreviation of its --nnodes ...), so -n and --images come first.
     p.add_argument(
         "-n",
         "--images",
+        "--n",
         dest="n",
         type=_positive,
         default=n,
