@@ -969,7 +969,7 @@ def manipulate(
         seed=seed,
     )
     map_target = None
-    if settings.goal == "targeted":
+    if GOALS[settings.goal].targeted:
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
         map_target = _check_target_map(target_map, x)
@@ -1023,7 +1023,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
             f"eps must be at most 1: it is a fraction of each channel's data range "
             f"(8/255 = 0.031 is 8 levels of an 8-bit pixel); got {eps:g}"
         )
-    if goal == "targeted":
+    if GOALS[goal].targeted:
         steps = defaults["steps"] if given["steps"] is None else given["steps"]
     else:
         steps = UNTARGETED_STEPS if given["steps"] is None else given["steps"]
@@ -1221,7 +1221,7 @@ def _result(
 def _settings_record(s: _Settings) -> dict[str, object]:
     """The resolved settings as JSON numbers and names, for the records."""
     out: dict[str, object] = {"steps": s.steps}
-    if s.goal == "targeted":
+    if GOALS[s.goal].targeted:
         out |= {"lr": s.lr, "w_e": s.weights[0], "w_o": s.weights[1]}
         if s.eps is not None:
             out["eps"] = s.eps

@@ -70,22 +70,29 @@ ATTACK_COLUMNS = (
     ("expl_pcc_orig", "pcc orig"),
     *INPUT_COLUMNS,
 )
-#: The summary of an attack by goal: untargeted goals have no target map.
-GOAL_COLUMNS = {
-    "targeted": ATTACK_COLUMNS,
-    "topk": (
+#: Column titles of the records that untargeted goals name as their measure.
+MEASURE_TITLES = {"expl_topk_orig": "top-k kept", "expl_com_shift_orig": "com shift"}
+
+
+def goal_columns(goal: str) -> tuple[tuple[str, str], ...]:
+    """The summary table's columns for an attack of ``goal``: an untargeted goal has no target.
+
+    Examples
+    --------
+    >>> [key for key, _ in goal_columns("topk")][:3]
+    ['label_kept', 'expl_topk_orig', 'expl_pcc_orig']
+    """
+    if GOALS[goal].targeted:
+        return ATTACK_COLUMNS
+    measure = GOALS[goal].measure
+    return (
         ("label_kept", "kept"),
-        ("expl_topk_orig", "top-k kept"),
+        (measure, MEASURE_TITLES.get(measure, measure)),
         ("expl_pcc_orig", "pcc orig"),
         *INPUT_COLUMNS,
-    ),
-    "center": (
-        ("label_kept", "kept"),
-        ("expl_com_shift_orig", "com shift"),
-        ("expl_pcc_orig", "pcc orig"),
-        *INPUT_COLUMNS,
-    ),
-}
+    )
+
+
 SWEEP_COLUMNS = (
     ("adv_vs_orig_pcc", "pcc adv/orig"),
     ("adv_vs_target_pcc", "pcc adv/tgt"),
@@ -1040,7 +1047,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _set_beta(options, args.beta)
     _check_given(model, x, given, options)
     runs.check_methods(model, methods, options)
-    if args.goal == "targeted":
+    if GOALS[args.goal].targeted:
         derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -1064,7 +1071,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             about=inputs.about,
         )
     if dist.rank == 0:
-        _say(summary_table(records, GOAL_COLUMNS[args.goal]))
+        _say(summary_table(records, goal_columns(args.goal)))
         _say_unmoved(records)
         _say(f"results: {run.results}")
         _say(f"report: {_report(run)}")

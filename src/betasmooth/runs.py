@@ -22,6 +22,7 @@ import torch
 from .attack import (
     ATTACK_DEFAULTS,
     DEFENSES,
+    GOALS,
     attack_options,
     check_attackable,
     defense_sweep,
@@ -46,7 +47,7 @@ from .store import (
     load_npz,
 )
 from .units import Unit, execute, plan, unit_seed
-from .validate import InputError, check_input
+from .validate import InputError, check_choice, check_input
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
@@ -316,7 +317,8 @@ def attack_run(
     """
     device = torch.device(device)
     model = model.to(device)
-    targets = derangement(x.shape[0], seed) if goal == "targeted" else None
+    targeted = GOALS[check_choice("goal", goal, GOALS)].targeted
+    targets = derangement(x.shape[0], seed) if targeted else None
     # Each batch's steps get a bar of their own below the batches' bar.
     steps_bar = (dist is None or dist.rank == 0) and (
         sys.stderr.isatty() if progress is None else progress
