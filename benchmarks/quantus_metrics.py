@@ -6,7 +6,8 @@ RelativeInputStability; lower is more robust) and FaithfulnessCorrelation
 for gradient, smoothgrad (n=50), beta_smooth, lrp and lrp under
 beta-smoothing (beta 1 and 10), each called by Quantus through ``bs.quantus_explain``. The
 metrics run with Quantus' defaults except the number of samples (``--samples``
-perturbations per image, ``--runs`` subsets for FaithfulnessCorrelation), each
+perturbations per image, ``--runs`` subsets for FaithfulnessCorrelation) and
+FaithfulnessCorrelation's subset of 128 pixels (Quantus' default is 224), each
 with numpy seeded alike. Each cell is the median over the images (NaN where
 Quantus returns NaN, e.g. RelativeInputStability when the prediction flips,
 left out). "explain s" is one explanation of the batch (best of 3) and

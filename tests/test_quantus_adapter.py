@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -99,9 +100,43 @@ def test_quantus_explain_takes_numpy_bounds_and_seeds():
 
 
 @pytest.mark.parametrize(
+    ("method", "numpy_options", "options"),
+    [
+        ({"method": "smoothgrad", "n": 2}, {"seed": np.int64(3)}, {"seed": 3}),
+        ({"method": "smoothgrad", "n": 2}, {"seed": np.array(3)}, {"seed": 3}),
+        ({"method": "beta_smooth"}, {"beta": np.array(2.0)}, {"beta": 2.0}),
+        ({}, {"reduce_axes": 1, "keepdims": 0}, {"reduce_axes": (1,), "keepdims": False}),
+    ],
+)
+def test_numpy_scalars_are_the_numbers_they_hold(method, numpy_options, options):
+    # Quantus users hold numpy numbers: np.int64 seeds, 0-d arrays, numpy's 0 for False.
+    net, x = plain_cnn(), torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    expected = bs.quantus_explain(net, x.numpy(), TARGET.numpy(), **method, **options)
+    got = bs.quantus_explain(net, x.numpy(), TARGET.numpy(), **method, **numpy_options)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_read_only_inputs_give_no_warning():
+    # Arrays that Quantus or a memory map hand over read-only are read, not shared.
+    net = plain_cnn()
+    x, y = torch.rand(2, 1, 16, 16).numpy(), np.array([0, 1])
+    x.setflags(write=False)
+    y.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = bs.quantus_explain(net, x, y)
+    np.testing.assert_array_equal(
+        got, bs.explain(net, torch.from_numpy(x.copy()), "gradient", torch.tensor([0, 1])).numpy()
+    )
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "fragment"),
     [
         ({"softmax": True}, ValueError, "explains logits (pre-softmax)"),
+        ({"keepdims": None}, TypeError, "keepdims must be True or False; got None"),
+        ({"keepdims": 2}, TypeError, "keepdims must be True or False; got 2"),
+        ({"reduce_axes": "1"}, TypeError, "reduce_axes must be an int or a sequence of ints"),
         ({"method": "saliency"}, ValueError, "unknown method 'saliency'"),
         ({"reduce_axes": (0,)}, ValueError, "batch axis 0"),
         ({"reduce_axes": (-4,)}, ValueError, "batch axis 0"),

@@ -48,7 +48,11 @@ def _as_tensor(value: object, name: str, dtype: torch.dtype, device: torch.devic
     if isinstance(value, torch.Tensor):
         return value.detach().to(device=device, dtype=dtype)
     if isinstance(value, (np.ndarray, list, tuple, int, np.integer)):
-        return torch.as_tensor(np.asarray(value), device=device).to(dtype)
+        array = np.asarray(value)
+        if not array.flags.writeable:
+            # torch would share the memory of an array it may not write, and warn.
+            array = array.copy()
+        return torch.as_tensor(array, device=device).to(dtype)
     raise InputTypeError(
         f"quantus_explain {name} must be a numpy array or a torch tensor; "
         f"got {type(value).__name__}"
@@ -58,6 +62,8 @@ def _as_tensor(value: object, name: str, dtype: torch.dtype, device: torch.devic
 def _option_tensor(value: object, dtype: torch.dtype, device: torch.device) -> object:
     if not isinstance(value, np.ndarray):
         return value
+    if value.ndim == 0:
+        return value.item()  # a number (beta, a seed) stays a number
     tensor = torch.as_tensor(value, device=device)
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
@@ -88,6 +94,14 @@ def _reduce_axes(reduce_axes: Sequence[object], rank: int) -> tuple[int, ...]:
     return axes
 
 
+def _keepdims(keepdims: object) -> bool:
+    if isinstance(keepdims, (bool, np.bool_)) or (
+        isinstance(keepdims, (int, np.integer)) and keepdims in (0, 1)
+    ):
+        return bool(keepdims)
+    raise InputTypeError(f"quantus_explain: keepdims must be True or False; got {keepdims!r}")
+
+
 def _model_place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
         # Quantus' own explain puts the model on the requested device too.
@@ -106,8 +120,8 @@ def quantus_explain(
     device: str | torch.device | None = None,
     channel_first: bool | None = None,
     softmax: bool | None = None,
-    reduce_axes: Sequence[int] = (1,),
-    keepdims: bool = True,
+    reduce_axes: int | Sequence[int] = (1,),
+    keepdims: bool | int = True,
     **options: object,
 ) -> np.ndarray:
     """Explain ``inputs`` with a betasmooth method, as Quantus' ``explain_func``.
@@ -131,11 +145,11 @@ def quantus_explain(
     softmax : bool or None
         Quantus' switch for the output activation. betasmooth explains logits:
         ``None`` and ``False`` are accepted, ``True`` is refused.
-    reduce_axes : sequence of int
+    reduce_axes : int or sequence of int
         Axes of the (channel-first) attribution summed, as in ``quantus.explain``;
         ``()`` keeps the channels.
-    keepdims : bool
-        Keep the reduced axes with size 1.
+    keepdims : bool or int
+        Keep the reduced axes with size 1 (0 and 1 as numpy takes them).
     **options
         Options of ``method``, e.g. ``beta=1.0`` or ``n=50, sigma=0.15``.
 
@@ -172,6 +186,14 @@ def quantus_explain(
     options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
     attribution = explain(model, x, method, target, **options).detach()
     channels_left = True
+    keepdims = _keepdims(keepdims)
+    if isinstance(reduce_axes, (int, np.integer)) and not isinstance(reduce_axes, bool):
+        reduce_axes = (reduce_axes,)  # numpy's sum takes one axis as an int
+    if not isinstance(reduce_axes, Sequence) or isinstance(reduce_axes, str):
+        raise InputTypeError(
+            f"quantus_explain: reduce_axes must be an int or a sequence of ints, e.g. (1,); "
+            f"got {reduce_axes!r}"
+        )
     if reduce_axes:
         rank = attribution.dim()
         axes = _reduce_axes(reduce_axes, rank)

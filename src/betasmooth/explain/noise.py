@@ -10,6 +10,7 @@ instead of ``n``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -163,8 +164,11 @@ def _generators(seed: Seed, x: torch.Tensor) -> torch.Generator | list[torch.Gen
     """No generator, one for the batch, or one per item of ``x``."""
     if seed is None:
         return None
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return torch.Generator(device=x.device).manual_seed(check_seed("seed", seed))
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not seed.is_floating_point():
+        seed = seed.item()
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        # np.int64 too: the seed of a numpy pipeline is the same seed.
+        return torch.Generator(device=x.device).manual_seed(check_seed("seed", int(seed)))
     if isinstance(seed, torch.Tensor):
         seed = seed.tolist() if seed.dim() == 1 and not seed.is_floating_point() else [seed]
     if not isinstance(seed, Sequence) or isinstance(seed, str) or len(seed) != x.shape[0]:
