@@ -183,6 +183,8 @@ def test_curvature_restores_training_mode(training, data_range):
         ({"probes": 1.5}, bs.InputTypeError),
         ({"tol": -1.0}, bs.InputError),
         ({"target": 7}, bs.InputError),
+        ({"data_range": (None, 1.0)}, bs.InputTypeError),
+        ({"data_range": ("a", "b")}, bs.InputTypeError),
     ],
 )
 def test_bad_input(kwargs, error):
@@ -266,6 +268,23 @@ def test_theorem1_bad_input():
         theorem1_check(net, x, x[:1])
     with pytest.raises(bs.InputError, match="samples"):
         theorem1_check(net, x, x, samples=1)
+    for seed, error in (([1, 2], bs.InputTypeError), (1.5, bs.InputTypeError), (-1, bs.InputError)):
+        with pytest.raises(error, match="seed must be an integer"):
+            theorem1_check(net, x, x + 0.1, seed=seed)
+    with pytest.raises(bs.InputError, match="seed must be an integer from 0 to"):
+        theorem1_check(net, x, x + 0.1, seed=2**70)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_before_lanczos(dtype):
+    # Lanczos on float16 Hessian-vector products misses the largest eigenvalue
+    # by far; eigvalsh has no kernel for them either.
+    net = bs.smooth(neurons(torch.ones(2, 3)), 2.0).to(dtype)
+    x = torch.ones(2, 3, dtype=dtype)
+    with pytest.raises(bs.InputTypeError, match=r"^curvature needs a float32 or float64 model"):
+        curvature(net, x)
+    with pytest.raises(bs.InputTypeError, match=r"^theorem1_check needs a float32 or float64"):
+        theorem1_check(net, x, x + 0.1)
 
 
 def test_curvature_casts_float64_inputs_to_the_model_dtype():

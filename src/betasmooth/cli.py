@@ -1324,8 +1324,8 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             args.betas,
             batch_size=args.batch_size,
             seed=args.seed,
-            # The attack's unit of input change: on normalised data the
-            # model's own unit is 1 / std pixel values.
+            # The attack's unit of input change: on normalised data one unit
+            # of the model's own input is std pixel values.
             options={"iterations": args.iterations, "data_range": inputs.bounds},
             device=dev,
             dist=dist,

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "InputError",
     "InputTypeError",
+    "as_bound",
     "check_batch",
     "check_bounds",
     "check_choice",
@@ -435,6 +436,28 @@ bs.load_data's result)
     return x
 
 
+def as_bound(value: object, x: torch.Tensor) -> torch.Tensor:
+    """One bound of a data range as a tensor in ``x``'s dtype and on its device.
+
+    Examples
+    --------
+    >>> as_bound(0.5, torch.zeros(1, 3, 2, 2))
+    tensor(0.5000)
+    >>> as_bound(None, torch.zeros(1))
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputTypeError: data_range bounds must be numbers or tensors (e.g. \
+data.bounds); got NoneType
+    """
+    try:
+        return torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(
+            "data_range bounds must be numbers or tensors (e.g. data.bounds); got "
+            f"{type(value).__name__}"
+        ) from None
+
+
 def check_bounds(low: object, high: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of the data range as tensors on ``x``'s dtype and device, checked.
 
@@ -454,7 +477,7 @@ def check_bounds(low: object, high: object, x: torch.Tensor) -> tuple[torch.Tens
 broadcast to x of shape (2, 1, 4, 4); expected numbers or (1, 1, 1, 1) tensors, one bound \
 per channel
     """
-    lo, hi = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (low, high))
+    lo, hi = as_bound(low, x), as_bound(high, x)
     # The bounds must keep x's shape: (1, 3, 1, 1) bounds would broadcast a
     # 1-channel x to 3 channels, which the model cannot take.
     try:
