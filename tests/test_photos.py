@@ -113,7 +113,9 @@ def test_train_and_test_crops_come_from_disjoint_regions(split):
 
 
 def test_an_unknown_split_is_refused_by_name():
-    with pytest.raises(ValueError, match="unknown split 'val'; expected one of train, test, fit"):
+    with pytest.raises(
+        bs.InputError, match="unknown split 'val'; expected one of train, test, fit"
+    ):
         photos.photo_crops("val", per_photo=1)
 
 
@@ -204,7 +206,7 @@ def test_validation_run_prints_the_held_out_accuracy_and_writes_nothing(
 
 
 def test_photos_refuses_a_split_it_does_not_serve():
-    with pytest.raises(ValueError, match="unknown split 'fit'; expected train, test or all"):
+    with pytest.raises(bs.InputError, match="unknown split 'fit'; expected train, test or all"):
         photos.photos("fit")
 
 

@@ -8,6 +8,7 @@ so a weights file cannot run code; ``.npz`` archives are read with
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import pickle
 import re
@@ -22,7 +23,15 @@ from torch import nn
 
 from .validate import InputError
 
-__all__ = ["STATE_DICT_HINT", "apply_weights", "load_state_dict", "read_npz", "reason"]
+__all__ = [
+    "STATE_DICT_HINT",
+    "apply_weights",
+    "load_shipped",
+    "load_state_dict",
+    "read_npz",
+    "reason",
+    "shipped_file",
+]
 
 STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
 
@@ -120,6 +129,37 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"{STATE_DICT_HINT})"
         )
     return dict(state)
+
+
+def shipped_file(name: str) -> Path:
+    """The weights file ``name`` that ships inside the package (``betasmooth/weights``).
+
+    Examples
+    --------
+    >>> shipped_file("digits_cnn.pt").name
+    'digits_cnn.pt'
+    """
+    return Path(str(importlib.resources.files(__package__) / "weights" / name))
+
+
+def load_shipped(model: nn.Module, name: str, script: str) -> nn.Module:
+    """``model`` in evaluation mode with the shipped weights ``name``.
+
+    A missing file names ``script``, the training script that recreates it.
+
+    Examples
+    --------
+    >>> from betasmooth.zoo import digits_cnn
+    >>> load_shipped(digits_cnn(), "digits_cnn.pt", "scripts/train_digits_cnn.py").training
+    False
+    """
+    path = shipped_file(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the weights {name} are missing at {path}; recreate them with python {script}"
+        )
+    model.load_state_dict(load_state_dict(path))
+    return model.eval()
 
 
 def apply_weights(model: nn.Module, path: str | Path) -> None:

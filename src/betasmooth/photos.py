@@ -57,7 +57,6 @@ convolutions afterwards; its weights ship with the package. Test accuracy
 from __future__ import annotations
 
 import functools
-import importlib.resources
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_state_dict
+from .checkpoint import load_shipped, shipped_file
+from .validate import InputError
 
 __all__ = [
     "PHOTOS",
@@ -141,7 +141,7 @@ def _photographs() -> tuple[torch.Tensor, ...]:
 
 def _check_split(split: str) -> None:
     if split not in COUNTS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(COUNTS)}")
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(COUNTS)}")
 
 
 def split_cells(height: int, width: int, split: str) -> list[tuple[int, int, int, int]]:
@@ -287,7 +287,7 @@ def photos(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     ((500, 3, 64, 64), 9)
     """
     if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split {split!r}; expected train, test or all")
+        raise InputError(f"unknown split {split!r}; expected train, test or all")
     if split == "all":
         parts = [photos("train"), photos("test")]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -347,7 +347,7 @@ def photos_cnn(size: int = SIZE, classes: int = len(PHOTOS)) -> nn.Sequential:
 
 def weights_path() -> Path:
     """Where the weights of ``"photos-cnn"`` ship."""
-    return Path(str(importlib.resources.files(__package__) / "weights" / "photos_cnn.pt"))
+    return shipped_file("photos_cnn.pt")
 
 
 def trained_photos_cnn() -> nn.Module:
@@ -359,13 +359,4 @@ def trained_photos_cnn() -> nn.Module:
     >>> bool((trained_photos_cnn()(x[:50]).argmax(1) == y[:50]).float().mean() > 0.5)
     True
     """
-
-    path = weights_path()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the photos-cnn weights are missing at {path}; recreate them with "
-            "python scripts/train_photos_cnn.py"
-        )
-    model = photos_cnn()
-    model.load_state_dict(load_state_dict(path))
-    return model.eval()
+    return load_shipped(photos_cnn(), "photos_cnn.pt", "scripts/train_photos_cnn.py")

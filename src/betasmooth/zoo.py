@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import apply_weights, load_state_dict, read_npz, reason
+from .checkpoint import apply_weights, load_shipped, read_npz, reason, shipped_file
 from .photos import photos, trained_photos_cnn
 from .photos import weights_path as photos_weights
 from .pretrained import checkpoint_path, is_pretrained, load_pretrained, preprocessing
@@ -847,20 +847,8 @@ def digits_cnn() -> nn.Sequential:
     )
 
 
-def _builtin_weights(name: str) -> Path:
-    return Path(str(importlib.resources.files(__package__) / "weights" / name))
-
-
 def _trained_digits_cnn() -> nn.Module:
-    model = digits_cnn()
-    path = _builtin_weights("digits_cnn.pt")
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"the digits-cnn weights are missing at {path}; recreate them with "
-            "python scripts/train_digits_cnn.py"
-        )
-    model.load_state_dict(load_state_dict(path))
-    return model
+    return load_shipped(digits_cnn(), "digits_cnn.pt", "scripts/train_digits_cnn.py")
 
 
 #: Built-in models: name -> ``factory() -> nn.Module`` (trained).
@@ -884,7 +872,7 @@ SCHEME_WEIGHTS: dict[str, Callable[[str], Path]] = {
 
 #: The weights files that ship with the built-in models.
 BUILTIN_WEIGHTS: dict[str, Callable[[], Path]] = {
-    "digits-cnn": lambda: _builtin_weights("digits_cnn.pt"),
+    "digits-cnn": lambda: shipped_file("digits_cnn.pt"),
     "photos-cnn": photos_weights,
 }
 
