@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from betasmooth.attack import derangement
+from betasmooth.checkpoint import read_npz
 from betasmooth.distributed import Dist
-from betasmooth.store import RunDir, append_jsonl, load_npz, read_jsonl, write_npz
+from betasmooth.store import RunDir, append_jsonl, read_jsonl, write_npz
 from betasmooth.units import Unit, execute, plan, unit_seed
 from betasmooth.validate import InputError
 
@@ -99,7 +100,7 @@ def test_resume_skips_done_work_and_sorts(tmp_path):
     # write. The batch is computed again whole, so that its arrays stay one file,
     # and only the missing record is added: the old value stays, written once.
     assert Unit("a", (2, 3)) in calls
-    assert load_npz(run.arrays / "a-2.npz")["index"].tolist() == [2, 3]
+    assert read_npz(run.arrays / "a-2.npz")["index"].tolist() == [2, 3]
     lines = [r for r in map(json.loads, run.results.read_text().splitlines())]
     assert [r["value"] for r in lines if (r["index"], r["method"]) == (2, "a")] == [-1.0]
     assert [(r["index"], r["method"]) for r in records] == sorted(

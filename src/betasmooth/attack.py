@@ -39,7 +39,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics
-from .explain import METHODS, explain, is_method, range_options, with_base_range
+from .explain import (
+    METHODS,
+    RESERVED,
+    explain,
+    is_method,
+    range_options,
+    with_base_range,
+    wraps_base,
+)
 from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
@@ -779,7 +787,7 @@ def check_attackable(method: object) -> None:
 def check_defendable(method: object) -> None:
     """Refuse a method that is itself a defense (it wraps a base method)."""
     check_method_name(method)
-    if "base" in options_of(method):
+    if wraps_base(method):
         raise InputError(
             f"{method} is itself a smoothing of a base method, which the defenses wrap; "
             "expected the base method, such as gradient or lrp (the command line's sweep "
@@ -795,7 +803,7 @@ def _check_method_options(method_options: object, method: str) -> dict[str, obje
             f"method_options must be a dict of options of {method!r}, e.g. {{'beta': 0.8}}; "
             f"got {type(method_options).__name__} {method_options!r}"
         )
-    reserved = sorted(set(method_options) & {"create_graph", "target", "model", "x"})
+    reserved = sorted(set(method_options) & set(RESERVED))
     if reserved:
         raise InputError(
             f"method_options may not set {', '.join(reserved)}: the attack sets them itself; "

@@ -37,7 +37,7 @@ from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, rank_device, resolve_device
-from .explain import METHODS, explain, range_options, with_base_range
+from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary
@@ -126,8 +126,8 @@ DEMO_SIZES: dict[str, dict[str, object]] = {
 }
 # The photographs are larger (3 x 64 x 64) and photos-cnn is deeper: fewer
 # images and steps keep the default under 15 minutes and --quick under 90 s.
-# The sweep reaches 50: a photos model trained without BatchNorm keeps its
-# maps faithful only from there on.
+# The default sweep is sweep's own (0.5 to 50): where a model's faithful betas
+# lie depends on its training (photos-cnn without BatchNorm: 50 and above).
 PHOTO_DEMO_SIZES: dict[str, dict[str, object]] = {
     "default": {
         **DEMO_SIZES["default"],
@@ -135,7 +135,7 @@ PHOTO_DEMO_SIZES: dict[str, dict[str, object]] = {
         "steps": 200,
         "batch_size": 8,
         "smoothgrad_n": 8,
-        "betas": [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0],
+        "betas": list(CANDIDATE_BETAS),
     },
     "quick": {
         **DEMO_SIZES["quick"],
@@ -282,7 +282,7 @@ def _option(text: str) -> tuple[str, str, object]:
 
 _WORDS = {"true": True, "false": False, "none": None, "null": None}
 #: bs.explain's own arguments: the command sets them (the target is the predicted class).
-_OWN = ("model", "x", "method", "target", "create_graph")
+_OWN = (*RESERVED, "method")
 
 
 def _plain(value: object) -> object:

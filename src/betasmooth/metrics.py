@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,7 +44,6 @@ __all__ = [
     "compare",
     "default_k",
     "heatmap",
-    "max_com_shift",
     "mse",
     "pcc",
     "register_metric",
@@ -634,17 +632,6 @@ def _one_per_map(name: str, value: object, maps: int) -> torch.Tensor:
         return value
     got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
     raise InputError(f"metric {name!r} returned {got}; expected a tensor of shape ({maps},)")
-
-
-def max_com_shift(height: int, width: int) -> float:
-    """Diagonal of an ``height x width`` grid, the largest possible :func:`com_shift`.
-
-    Examples
-    --------
-    >>> max_com_shift(4, 4)
-    4.242640687119285
-    """
-    return math.hypot(height - 1, width - 1)
 
 
 # ----------------------------------------------------------------------------- records

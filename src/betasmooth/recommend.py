@@ -25,11 +25,20 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from .metrics import medians
 
-__all__ = ["MIN_FIDELITY", "format_summary", "recommend_beta", "sweep_summary", "verdict"]
+__all__ = [
+    "CELL_KEYS",
+    "MIN_FIDELITY",
+    "format_summary",
+    "recommend_beta",
+    "sweep_summary",
+    "verdict",
+]
 
 #: Least median fidelity (PCC) of a beta that can be recommended.
 MIN_FIDELITY = 0.9
 METRICS = ("pcc", "ssim")
+#: The medians of a summary cell, in the order the tables show them.
+CELL_KEYS = tuple(f"{kind}_{m}" for kind in ("robustness", "fidelity") for m in METRICS)
 
 
 def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
@@ -198,7 +207,7 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
     robustness 0.800 vs 0.300 undefended, more robust
     """
     head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim")
-    keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
+    keys = CELL_KEYS
     width = max([len("method"), *map(len, summary)]) + 2
     lines = ["method".ljust(width) + "defense".ljust(14) + "beta".rjust(6) + "n".rjust(5)]
     lines[0] += "".join(h.rjust(w + 2) for h, w in zip(head, map(len, head)))

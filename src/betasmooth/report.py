@@ -27,7 +27,7 @@ import numpy as np
 from . import figures
 from .attack import GOALS
 from .metrics import group_records, medians
-from .recommend import MIN_FIDELITY, sweep_summary, verdict
+from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, write_bytes
 from .validate import InputError, is_number
@@ -630,7 +630,7 @@ def _recommendation(run: _Run) -> str:
         "network). The recommended beta (marked ★) is the most robust one whose median "
         "fidelity (PCC) reaches the threshold. Medians over images.</p>",
     ]
-    keys = ("robustness_pcc", "robustness_ssim", "fidelity_pcc", "fidelity_ssim")
+    keys = CELL_KEYS
     for method, s in sorted(_summary(run).items()):
         rec = s.get("recommended_beta")
         base = _base(run, method)

@@ -29,10 +29,11 @@ from .attack import (
     derangement,
     manipulate,
 )
+from .checkpoint import read_npz
 from .distributed import Dist
-from .explain import METHODS, PREFIXES, check_model, explain, is_method
+from .explain import METHODS, PREFIXES, check_model, explain, is_method, wraps_base
 from .explain import method_options as options_of
-from .explain.noise import NOISE_METHODS, base_call
+from .explain.noise import base_call
 from .geometry import curvature
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
@@ -44,7 +45,6 @@ from .store import (
     RunDir,
     SweepBatch,
     check_batch_file,
-    load_npz,
 )
 from .units import Unit, execute, plan, unit_seed
 from .validate import InputError, check_choice, check_input
@@ -503,7 +503,7 @@ def sweep_run(
         methods = sorted({m for _, m in finished})
     batches = run.batch_files()
     files = {(m, first): f for m in methods for first, f in batches.get(m, {}).items()}
-    attacked = {key: AttackBatch.from_npz(load_npz(f), f) for key, f in files.items()}
+    attacked = {key: AttackBatch.from_npz(read_npz(f), f) for key, f in files.items()}
     held = {
         (i, key[0])
         for key, batch in attacked.items()
@@ -526,7 +526,7 @@ def sweep_run(
         )
         # A defense attacked adaptively is swept on the method it smooths.
         given = (method_options or {}).get(unit.method) or {}
-        if unit.method in NOISE_METHODS:
+        if wraps_base(unit.method):
             base, base_options = base_call(unit.method, given)
         else:
             base, base_options = unit.method, given

@@ -70,10 +70,8 @@ __all__ = [
     "SweepBatch",
     "append_jsonl",
     "check_batch_file",
-    "load_npz",
     "holding_locks",
     "read_jsonl",
-    "release_locks",
     "record_key",
     "versions",
     "write_bytes",
@@ -97,12 +95,6 @@ NEWER = ("inputs_sha256", "weights_sha256")
 _LOCKS: dict[Path, list[int]] = {}
 # Inside holding_locks(): a run stays held after its work, until the block ends.
 _HOLDING = [False]
-
-
-def release_locks() -> None:
-    """Let other processes write to the run directories this process holds."""
-    while _LOCKS:
-        os.close(_LOCKS.popitem()[1][0])
 
 
 @contextlib.contextmanager
@@ -806,7 +798,7 @@ class RunDir:
 
     def load_arrays(self, method: str, name: str = "results") -> list[Arrays]:
         """Every batch's arrays of ``method`` in the records ``name``, by first index."""
-        return [load_npz(f) for f in self.batch_files(name).get(method, {}).values()]
+        return [read_npz(f) for f in self.batch_files(name).get(method, {}).values()]
 
     def read_arrays(self, method: str, name: str = "results") -> Arrays:
         """The batches of ``method`` joined along the items, sorted by index.
@@ -917,11 +909,6 @@ def _arrays_prefix(name: str) -> str:
     return "" if name == "results" else f"{name}-"
 
 
-def load_npz(path: str | os.PathLike) -> Arrays:
-    """Every array of an ``.npz`` file, read whole (no pickled objects); one-line errors."""
-    return read_npz(path)
-
-
 def _temporary(path: Path) -> bool:
     """A temporary file of a write that a kill interrupted (see :func:`write_npz`)."""
     return path.name.startswith(".") and path.suffix in (".tmp", ".npz")
@@ -934,7 +921,7 @@ RUN_ARRAYS = frozenset({"betas"})
 def _sound_index(path: Path) -> np.ndarray | None:
     """The ``index`` array of a batch's arrays file, or ``None`` if the file is not sound."""
     try:
-        arrays = load_npz(path)
+        arrays = read_npz(path)
     except Exception:
         return None
     index = arrays.get("index")

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .attack import matched_sigma
 from .explain import explain
 from .geometry import curvature
 from .metrics import heatmap, pcc
@@ -399,7 +398,7 @@ def smoothing_vs_smoothgrad(
     result = {}
     for beta in tqdm(list(betas), desc="smoothgrad", disable=not progress, leave=False):
         reference = heatmap(explain(model, x, "beta_smooth", beta=float(beta)))
-        sigma = matched_sigma(float(beta)) / input_range
+        sigma = logistic_std(float(beta)) / input_range
         options = {"sigma": sigma, "n": samples, "seed": seed, "input_range": input_range}
         result[str(float(beta))] = {
             noise: float(

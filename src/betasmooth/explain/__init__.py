@@ -38,6 +38,7 @@ __all__ = [
     "INPUT_CHECKS",
     "METHODS",
     "PREFIXES",
+    "RESERVED",
     "check_model",
     "explain",
     "range_options",
@@ -46,6 +47,7 @@ __all__ = [
     "register_input_check",
     "register_prefix",
     "with_base_range",
+    "wraps_base",
 ]
 
 Method = Callable[..., torch.Tensor]
@@ -58,7 +60,8 @@ CHECKS: dict[str, Callable[..., None]] = {}
 #: :func:`explain` on the ``x`` it is given (not on the noisy copies that
 #: smoothgrad passes to its base, which may leave the data's range).
 INPUT_CHECKS: dict[str, Callable[..., None]] = {}
-_RESERVED = ("model", "x", "target", "create_graph")
+#: Arguments that :func:`explain` passes to every method itself: never a method's option.
+RESERVED = ("model", "x", "target", "create_graph")
 
 
 def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
@@ -213,8 +216,20 @@ def method_options(method: str) -> dict[str, object]:
     return {
         p.name: p.default
         for p in inspect.signature(fn).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name not in _RESERVED
+        if p.kind is p.KEYWORD_ONLY and p.name not in RESERVED
     }
+
+
+def wraps_base(method: str) -> bool:
+    """Whether ``method`` smooths a base method (it has the option ``base``), as
+    ``smoothgrad`` and ``beta_smooth`` do: a defense, attacked adaptively and swept on its base.
+
+    Examples
+    --------
+    >>> wraps_base("smoothgrad"), wraps_base("lrp")
+    (True, False)
+    """
+    return "base" in method_options(method)
 
 
 def range_options(
