@@ -77,17 +77,23 @@ from .validate import (
 
 __all__ = [
     "ATTACK_DEFAULTS",
+    "DEFENSES",
     "GOALS",
     "LOSSES",
+    "Goal",
     "ManipulationResult",
     "SweepResult",
+    "attack_options",
     "beta_at",
+    "check_attackable",
+    "check_defendable",
     "default_lr",
     "default_weights",
     "defense_sweep",
+    "derangement",
     "keep_best",
     "manipulate",
-    "derangement",
+    "matched_sigma",
     "random_targets",
 ]
 

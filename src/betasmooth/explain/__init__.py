@@ -41,6 +41,8 @@ __all__ = [
     "RESERVED",
     "check_model",
     "explain",
+    "is_method",
+    "method_options",
     "range_options",
     "register",
     "register_check",
