@@ -32,6 +32,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
+from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.explain import range_options
 from betasmooth.pretrained import is_pretrained
@@ -95,6 +96,11 @@ def attack_table(args) -> None:
         before = bs.compare(bs.heatmap(bs.explain(model, x, method, **options)), target)
         for variant in args.variants.split(","):
             config = dict(VARIANTS[variant])
+            if "beta0" in config and ATTACK_DEFAULTS.get(method, {}).get("beta_schedule") == "none":
+                # A method attacked without a surrogate (LRP) has no sharpness to change:
+                # the row would repeat the paper's.
+                print(f"{method} [{variant}]: no surrogate to sharpen; see [paper]", flush=True)
+                continue
             start = time.perf_counter()
             result = bs.manipulate(
                 model,
@@ -191,16 +197,25 @@ def attack_table(args) -> None:
 
 def bare_double_backprop(model, x, target, label, beta, steps) -> float:
     x = x.clone().requires_grad_(True)
+    cuda = x.device.type == "cuda"
+
+    def step() -> None:
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits.gather(1, label[:, None]).sum(), x, create_graph=True)
+        loss = (bs.heatmap(grad) - target).square().mean()
+        torch.autograd.grad(loss, x)
+
     # Subnormals flushed as in the attack, so that the two do the same arithmetic.
     with bs.smoothed(model, beta), flush_denormals():
+        step()  # warm-up, as the attack's runs have
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            logits = model(x)
-            (grad,) = torch.autograd.grad(
-                logits.gather(1, label[:, None]).sum(), x, create_graph=True
-            )
-            loss = (bs.heatmap(grad) - target).square().mean()
-            (step,) = torch.autograd.grad(loss, x)
+            step()
+        if cuda:
+            # Kernels still queued belong to these steps: the attack's times wait for them too.
+            torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
 
 
@@ -313,27 +328,47 @@ def main() -> None:
     parser.add_argument("--model", default="digits-cnn", help="a built-in model or a spec")
     parser.add_argument("--weights", default=None, help="state dict for --model (default: its own)")
     parser.add_argument("--data", default="digits", help="its data (test split)")
-    parser.add_argument("-n", "--images", dest="n", type=int, default=16)
+    parser.add_argument(
+        "-n",
+        "--images",
+        dest="n",
+        type=positive_integer,
+        default=16,
+        help="test images (default 16)",
+    )
     parser.add_argument(
         "--image-size",
         type=int,
         default=None,
         help="resize the images (default: as stored, or a torchvision model's resize and crop)",
     )
-    parser.add_argument("--methods", default="gradient,lrp")
+    parser.add_argument("--methods", default="gradient,lrp", help="comma list of attacked methods")
     parser.add_argument("--variants", default="paper", help=f"some of {','.join(VARIANTS)}")
-    parser.add_argument("--steps", type=int, default=None, help="default: the paper's budget")
-    parser.add_argument("--betas", default="0.5,1,2,5,10,20,50")
+    parser.add_argument(
+        "--steps", type=positive_integer, default=None, help="default: the paper's budget"
+    )
+    parser.add_argument(
+        "--betas", default="0.5,1,2,5,10,20,50", help="comma list of the defense sweep's betas"
+    )
     parser.add_argument(
         "--min-fidelity", type=float, default=0.9, help="fidelity the recommended beta must reach"
     )
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and targets")
     parser.add_argument("--json", default=None, help="append a JSON line per result")
-    parser.add_argument("--compare-loop", action="store_true")
-    parser.add_argument("--loop-n", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--compare-loop",
+        action="store_true",
+        help="time the batched attack against one image at a time and against bare double "
+        "backprop, instead of the table",
+    )
+    parser.add_argument(
+        "--loop-n", type=positive_integer, default=64, help="images of --compare-loop (default 64)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_integer, default=3, help="timings per kind, the fastest kept"
+    )
+    parser.add_argument("--progress", action="store_true", help="show the attacks' progress bars")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
@@ -344,10 +379,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.compare_loop:
-        compare_loop(args)
-    else:
-        attack_table(args)
+    try:
+        if args.compare_loop:
+            compare_loop(args)
+        else:
+            attack_table(args)
+    except bs.InputError as err:  # a model, data or method that betasmooth refuses
+        parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ import torch
 
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
+from betasmooth.checkpoint import load_state_dict
+from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.photos import photo_crops, photos_cnn
-from betasmooth.zoo import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -179,18 +180,45 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
+def _sizes(text: str) -> list[int]:
+    """``type=`` of --sizes: positive multiples of 16 (photos_cnn halves the side four times)."""
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s <= 0 or s % 16 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected positive multiples of 16, e.g. 32,64; got {text!r}"
+        )
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 and 64 px, short training")
-    parser.add_argument("--sizes", help="comma list of sizes, multiples of 16")
-    parser.add_argument("--methods", default="gradient,lrp")
-    parser.add_argument("-n", "--images", dest="n", type=int, help="images attacked per size")
-    parser.add_argument("--steps", type=int, help="attack steps (default: the paper's)")
+    parser.add_argument("--sizes", type=_sizes, help="comma list of sizes, multiples of 16")
+    parser.add_argument("--methods", default="gradient,lrp", help="comma list of attacked methods")
+    parser.add_argument(
+        "-n", "--images", dest="n", type=positive_integer, help="images attacked per size"
+    )
+    parser.add_argument(
+        "--steps", type=positive_integer, help="attack steps (default: the paper's)"
+    )
     parser.add_argument("--eps", type=float, default=8 / 255, help="budget of the eps attack")
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "dimension-cache")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "dimension")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "runs" / "dimension-cache",
+        help="trained models, reused by later runs (default: runs/dimension-cache)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "runs" / "dimension",
+        help="the table, its JSON lines and the plot (default: runs/dimension)",
+    )
     parser.add_argument("--json", type=Path, help="append one JSON line per row to this file")
     parser.add_argument(
         "--batch-norm",
@@ -205,9 +233,10 @@ def main() -> None:
     if torch.device(args.device).type == "cuda" and not args.quick:
         settings["sizes"] = [*settings["sizes"], 224]
     for key in ("n", "steps"):
-        settings[key] = getattr(args, key) or settings[key]
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     if args.sizes:
-        settings["sizes"] = [int(s) for s in args.sizes.split(",")]
+        settings["sizes"] = args.sizes
     args.out.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
     rows = []

@@ -41,6 +41,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import betasmooth as bs
+from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.metrics import pcc
 
@@ -170,8 +171,12 @@ def peak_memory(args, x, target):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batch", type=positive_integer, default=64, help="images per batch (default 64)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_integer, default=3, help="timings per method, the fastest kept"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")

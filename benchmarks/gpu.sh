@@ -25,7 +25,18 @@
 # Sections 1 to 5 take about 6 minutes on an H200, section 6 (four sizes, the
 # paper's 1500 steps, training included) longer.
 # Needs the package (or PYTHONPATH=src), torchvision and captum; no network.
+# Exits 1 when a section failed or ran past its limit (the log names it).
 set -u
+case "${1:-}" in
+-h | --help)
+    sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+    exit 0
+    ;;
+-*)
+    echo "gpu.sh: error: unknown option $1; expected [OUT] (see bash benchmarks/gpu.sh --help)" >&2
+    exit 2
+    ;;
+esac
 out=${1:-runs/gpu}
 device=${DEVICE:-cuda}
 quick=${QUICK:-}
@@ -34,6 +45,7 @@ model=${MODEL:-$default_model}
 py=${PYTHON:-python}
 mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 log="$out/gpu.log"
 json="$out/gpu.jsonl"
 export PYTHONUNBUFFERED=1
@@ -43,7 +55,9 @@ run() { # run LIMIT_SECONDS COMMAND...: one section, its time and exit status lo
     shift
     echo "\$ $*"
     timeout "$limit" "$@"
-    echo "[exit $? after $((SECONDS - start)) s]"
+    local status=$?
+    echo "[exit $status after $((SECONDS - start)) s]"
+    if [ "$status" -ne 0 ]; then echo "$*" >>"$work/failed"; fi
 }
 
 # Small settings for a dry run on the CPU; the measured ones on a GPU.
@@ -55,6 +69,7 @@ if [ -n "$quick" ]; then
     paper="-n 2 --steps 2 --method gradient --image-size $size"
     dimension="--quick --sizes 32 -n 2 --steps 5"
     explain="--batch 8 --repeats 1 --no-memory"
+    torchrun="-n 8 --steps 5"
 else
     size=224
     loop=""
@@ -63,6 +78,7 @@ else
     paper="-n 4 --method gradient"
     dimension=""
     explain=""
+    torchrun="-n 64 --steps 200"
 fi
 
 {
@@ -97,8 +113,9 @@ sys.exit(not c(sys.argv[1]).is_file())" "$model"; then
         $paper --batch-size 4 --device "$device" --no-progress --out "$work/paper"
 
     echo "== 4. one-rank torchrun attack"
+    # shellcheck disable=SC2086
     run 60 "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m betasmooth attack \
-        --model digits-cnn --data digits --method gradient -n 64 --steps 200 \
+        --model digits-cnn --data digits --method gradient $torchrun \
         --device "$device" --out "$work/torchrun"
     "$py" -c "import json, sys; print('process group:', json.load(open(sys.argv[1]))['process_group'])" \
         "$work/torchrun/config.json"
@@ -114,3 +131,8 @@ sys.exit(not c(sys.argv[1]).is_file())" "$model"; then
     echo "== done"
     date -u
 } 2>&1 | tee "$log"
+if [ -s "$work/failed" ]; then
+    echo "sections that failed or ran past their limit:" | tee -a "$log"
+    sed 's/^/  /' "$work/failed" | tee -a "$log"
+    exit 1
+fi

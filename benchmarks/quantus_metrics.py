@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import betasmooth as bs
+from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 
 BETA = 1.0  # the beta that undoes the attacks on digits-cnn (README, attack table)
@@ -99,14 +100,20 @@ def table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", "--images", dest="n", type=int, default=32, help="test images")
-    parser.add_argument("--samples", type=int, default=10, help="perturbations per image")
-    parser.add_argument("--runs", type=int, default=50, help="FaithfulnessCorrelation runs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "-n", "--images", dest="n", type=positive_integer, default=32, help="test images"
+    )
+    parser.add_argument(
+        "--samples", type=positive_integer, default=10, help="perturbations per image"
+    )
+    parser.add_argument(
+        "--runs", type=positive_integer, default=50, help="FaithfulnessCorrelation runs"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="numpy's seed for every metric")
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,6 +43,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth.attack import random_targets
+from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.explain.gradient import predict
 from betasmooth.recommend import MIN_FIDELITY, recommend_beta
@@ -199,9 +200,13 @@ def spread(values: list[float | None]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-n", type=int, default=8, help="attacked test images per model")
-    parser.add_argument("--steps", type=int, default=100, help="attack steps")
-    parser.add_argument("--std-images", type=int, default=64, help="training images for the stds")
+    parser.add_argument(
+        "-n", type=positive_integer, default=8, help="attacked test images per model"
+    )
+    parser.add_argument("--steps", type=positive_integer, default=100, help="attack steps")
+    parser.add_argument(
+        "--std-images", type=positive_integer, default=64, help="training images for the stds"
+    )
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -821,3 +821,28 @@ def test_benchmark_names_a_device_it_cannot_use_in_one_line(script):
         f"{script}: error: argument --device: CUDA is not available on this machine "
         "(--device cuda:7); use --device cpu"
     )
+
+
+# Each benchmark's count of images or batch size, refused at 0 by argparse's type.
+BENCHMARK_COUNTS = {
+    "attack.py": "-n",
+    "dimension.py": "-n",
+    "explain.py": "--batch",
+    "quantus_metrics.py": "-n",
+    "relative_beta.py": "-n",
+    "scale.py": "-n",
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK_COUNTS))
+def test_benchmark_refuses_a_count_of_zero_in_one_line(script):
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    option = BENCHMARK_COUNTS[script]
+    proc = subprocess.run([sys.executable, str(path), option, "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"{script}: error: argument {option}\S*: expected a positive integer below 2\*\*31; "
+        r"got '0'",
+        last,
+    ), last

@@ -46,7 +46,7 @@ from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError, is_number, tell
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, preset_mean_std, weights_file
 
-__all__ = ["COMMANDS", "build_parser", "main", "summary_table"]
+__all__ = ["COMMANDS", "build_parser", "goal_columns", "main", "positive_integer", "summary_table"]
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, Command] = {}
@@ -199,7 +199,14 @@ def _integer(text: str, low: int, high: int, expected: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_integer(text: str) -> int:
+    """``type=`` of an argparse count: an integer from 1 to 2**31 - 1, else a one-line usage error.
+
+    Examples
+    --------
+    >>> positive_integer("8")
+    8
+    """
     # Bounded so that a typo fails here and not as an overflow deep in torch.
     return _integer(text, 1, 2**31 - 1, "a positive integer below 2**31")
 
@@ -409,7 +416,7 @@ def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False)
         "--images",
         "--n",
         dest="n",
-        type=_positive,
+        type=positive_integer,
         default=n,
         metavar="N",
         help=argparse.SUPPRESS if hidden else f"number of test images (default {n})",
@@ -425,7 +432,9 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
         help="run directory (created; must be new or empty)",
     )
     _add_images(p, n)
-    p.add_argument("--batch-size", type=_positive, default=16, help="images per batch (default 16)")
+    p.add_argument(
+        "--batch-size", type=positive_integer, default=16, help="images per batch (default 16)"
+    )
     p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument(
@@ -620,7 +629,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
     _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
     _add_images(p, None, hidden=True)
-    p.add_argument("--steps", type=_positive, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=positive_integer, help=argparse.SUPPRESS)
 
 
 @options("attack")
@@ -633,7 +642,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
             list(ATTACK_DEFAULTS), "these, with the paper's budgets", prefixed=False
         ),
     )
-    p.add_argument("--steps", type=_positive, help=_steps_help())
+    p.add_argument("--steps", type=positive_integer, help=_steps_help())
     beta = ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
     p.add_argument(
         "--beta",
@@ -663,7 +672,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--smoothgrad-n",
-        type=_positive,
+        type=positive_integer,
         default=20,
         help="SmoothGrad samples per image (default 20)",
     )
@@ -724,7 +733,7 @@ def _curvature_options(p: argparse.ArgumentParser) -> None:
         help="comma list, 'relu' for the network itself (default 1,2,5,10,20)",
     )
     p.add_argument(
-        "--iterations", type=_positive, default=20, help="Lanczos iterations (default 20)"
+        "--iterations", type=positive_integer, default=20, help="Lanczos iterations (default 20)"
     )
     _add_run(p)
 

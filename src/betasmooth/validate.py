@@ -3,6 +3,11 @@
 Every problem with what a user passed in raises :class:`InputError` (a
 ``ValueError``) or :class:`InputTypeError` (also a ``TypeError``); the
 command line turns both into one line on stderr and exit status 2.
+
+The module also holds what every other module needs when it meets a user:
+the registries' mechanism (:func:`registrar`, which refuses a name that is
+taken), warnings that point at the user's own call (:func:`warn_user`), and
+:func:`evaluating`, the evaluation mode that every map is computed in.
 """
 
 from __future__ import annotations
