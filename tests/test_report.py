@@ -554,6 +554,7 @@ def test_cost_figure_joins_the_labels_of_points_that_coincide():
     ]
 
 
+SWEEP_BETAS = [0.5, 1, 2, 5, 10, 20, 50]
 LOG_FIGURES = {
     "mc_error": lambda p: figures.mc_error_figure(
         {
@@ -578,6 +579,14 @@ LOG_FIGURES = {
             {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 0.6},
         ],
         p,
+    ),
+    "defense_betas": lambda p: figures.defense_curves(
+        SWEEP_BETAS,
+        {"adv_vs_orig_pcc": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "clean_vs_orig_ssim": [0.5] * 7},
+        p,
+    ),
+    "curvature_betas": lambda p: figures.curvature_figure(
+        {"beta": SWEEP_BETAS, "hessian_norm": [0.5] * 7, "principal_curvature": [0.1] * 7}, p
     ),
     "short_log_range": lambda p: figures.curvature_figure(
         {
@@ -610,3 +619,7 @@ def test_log_axes_are_labelled_with_the_numbers_at_their_ticks(name, tmp_path, m
                 assert float(text) == pytest.approx(tick.get_loc(), rel=1e-6), text
                 labelled += 1
         assert labelled >= 2
+        if axis is fig.axes[0].xaxis and name.endswith("_betas"):
+            # A sweep's betas are the ticks, and every one of them is labelled.
+            shown = [t.label1.get_text() for t in axis.get_major_ticks() if t.label1.get_text()]
+            assert shown == [f"{b:g}" for b in SWEEP_BETAS]

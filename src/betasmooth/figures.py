@@ -379,7 +379,11 @@ def _log_axis(ax: object, values: np.ndarray) -> None:
         _log_scale(ax, "x")
         ticks = np.unique(values)
         if ticks.size <= 8:
+            # Ticks at the betas themselves, each labelled (a log formatter
+            # labels only the powers of ten across decades).
             ax.set_xticks(ticks)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 DEFENSE_SIZE = (9.0, 4.3)
