@@ -188,7 +188,10 @@ def test_a_registered_smoothing_is_swept_on_its_base(tmp_path, monkeypatch):
     # adaptive attack is swept on its base, as smoothgrad's and beta_smooth's are.
     from betasmooth.explain import METHODS, register
 
-    def doubled(model, x, target, *, create_graph=False, base="gradient", base_options=None):
+    # Its own default base, not smoothgrad's: the sweep must take the one it smooths.
+    def doubled(
+        model, x, target, *, create_graph=False, base="input_x_gradient", base_options=None
+    ):
         return 2 * bs.explain(model, x, base, target, create_graph=create_graph)
 
     monkeypatch.setitem(METHODS, "doubled", doubled)  # so that the test's end removes it
@@ -197,14 +200,14 @@ def test_a_registered_smoothing_is_swept_on_its_base(tmp_path, monkeypatch):
     assert main([*ATTACK, "--method", "doubled", "-n", "2", "--steps", "3", "--out", str(out)]) == 0
     assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
     summary = json.loads((out / "sweep_summary.json").read_text())
-    assert summary["doubled"]["base"] == "gradient"
+    assert summary["doubled"]["base"] == "input_x_gradient"
     model = bs.load_model("digits-cnn")
     with np.load(out / "arrays" / "doubled-0.npz") as saved:
         x, x_adv = torch.from_numpy(saved["x"]), torch.from_numpy(saved["x_adv"])
     label = model(x).argmax(1)
     plain = bs.compare(
-        bs.heatmap(bs.explain(model, x_adv, "gradient", label)),
-        bs.heatmap(bs.explain(model, x, "gradient", label)),
+        bs.heatmap(bs.explain(model, x_adv, "input_x_gradient", label)),
+        bs.heatmap(bs.explain(model, x, "input_x_gradient", label)),
     )["pcc"]
     rows = {r["index"]: r["undefended_pcc"] for r in read_jsonl(out / "sweep.jsonl")}
     np.testing.assert_allclose([rows[0], rows[1]], plain.numpy(), rtol=1e-5)

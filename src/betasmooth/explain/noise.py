@@ -344,8 +344,8 @@ def base_call(method: str, options: Mapping[str, object]) -> tuple[str, dict[str
     >>> base_call("beta_smooth", {"beta": 2.0, "base": "lrp", "base_options": {"epsilon": 0.1}})
     ('lrp', {'epsilon': 0.1})
     """
-    own = set(method_options(method))
-    base = options.get("base", "gradient")
+    own = method_options(method)
+    base = options.get("base", own["base"])
     extra = {k: v for k, v in options.items() if k not in own}
     return str(base), _base(method, base, options.get("base_options"), extra)[1]
 
