@@ -210,3 +210,11 @@ def test_mode_and_relu_are_restored_when_the_method_raises(x):
         bs.explain(net, x, "beta_smooth", base="integrated_gradients", base_options={"steps": 0})
     assert net.training
     torch.testing.assert_close(net.eval()(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lrp", "smoothgrad", "gradient"])
+def test_check_model_names_a_model_that_is_no_module(method):
+    from betasmooth.explain import check_model
+
+    with pytest.raises(bs.InputTypeError, match="^model must be a torch.nn.Module; got function"):
+        check_model(lambda x: x, method)

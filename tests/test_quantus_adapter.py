@@ -106,6 +106,8 @@ def test_quantus_explain_takes_numpy_bounds_and_seeds():
         ({"method": "smoothgrad", "n": 2}, {"seed": np.array(3)}, {"seed": 3}),
         ({"method": "beta_smooth"}, {"beta": np.array(2.0)}, {"beta": 2.0}),
         ({}, {"reduce_axes": 1, "keepdims": 0}, {"reduce_axes": (1,), "keepdims": False}),
+        ({}, {"reduce_axes": np.array([1])}, {"reduce_axes": (1,)}),
+        ({}, {"reduce_axes": np.array([2, 3])}, {"reduce_axes": (2, 3)}),
     ],
 )
 def test_numpy_scalars_are_the_numbers_they_hold(method, numpy_options, options):

@@ -187,6 +187,8 @@ def quantus_explain(
     attribution = explain(model, x, method, target, **options).detach()
     channels_left = True
     keepdims = _keepdims(keepdims)
+    if isinstance(reduce_axes, np.ndarray):
+        reduce_axes = reduce_axes.tolist()  # as Quantus takes them; a 0-d array is one axis
     if isinstance(reduce_axes, (int, np.integer)) and not isinstance(reduce_axes, bool):
         reduce_axes = (reduce_axes,)  # numpy's sum takes one axis as an int
     if not isinstance(reduce_axes, Sequence) or isinstance(reduce_axes, str):

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.resources
 import importlib.util
 import os
 import sys

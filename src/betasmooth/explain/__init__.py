@@ -156,6 +156,7 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
     >>> check_model(net, "lrp")
     >>> check_model(net, "beta_smooth", base="lrp", beta=2.0)
     """
+    check_instance("model", model, nn.Module, "a torch.nn.Module")
     fn = _lookup(method)
     _check_options(method, options)
     # A method made on demand (captum:NAME) carries its own check.
