@@ -370,7 +370,7 @@ def main() -> None:
     )
     parser.add_argument("--progress", action="store_true", help="show the attacks' progress bars")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

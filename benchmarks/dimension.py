@@ -206,7 +206,9 @@ def main() -> None:
     )
     parser.add_argument("--eps", type=float, default=8 / 255, help="budget of the eps attack")
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument(
+        "--threads", type=positive_integer, default=1, help="torch threads on the CPU (default 1)"
+    )
     parser.add_argument(
         "--cache",
         type=Path,

@@ -161,7 +161,7 @@ def peak_memory(args, x, target):
         for label in MEMORY:
             out = subprocess.run(
                 [sys.executable, __file__, "--device", args.device, "--threads",
-                 str(args.threads), "--memory-child", label, "--batch-file", batch_file],
+                 str(torch.get_num_threads()), "--memory-child", label, "--batch-file", batch_file],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             peaks[label] = float(out.stdout.strip().splitlines()[-1])
@@ -177,7 +177,9 @@ def main():
     parser.add_argument(
         "--repeats", type=positive_integer, default=3, help="timings per method, the fastest kept"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)

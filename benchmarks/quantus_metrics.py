@@ -111,7 +111,9 @@ def main():
     )
     parser.add_argument("--seed", type=int, default=0, help="numpy's seed for every metric")
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
