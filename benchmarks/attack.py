@@ -338,7 +338,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--image-size",
-        type=int,
+        type=positive_integer,
         default=None,
         help="resize the images (default: as stored, or a torchvision model's resize and crop)",
     )

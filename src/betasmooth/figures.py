@@ -366,24 +366,27 @@ class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
         return f"{x:g}" if super().__call__(x, pos) else ""
 
 
-def _log_scale(ax: Axes, which: str = "x") -> None:
-    """Put the ``which`` axis of ``ax`` on a log scale with plain-number labels."""
+def _log_scale(ax: Axes, which: str = "x", ticks: np.ndarray | None = None) -> None:
+    """Put the ``which`` axis of ``ax`` on a log scale with plain-number labels.
+
+    With ``ticks``, the ticks are those values, each labelled (a log formatter
+    labels only the powers of ten of an axis across decades).
+    """
     getattr(ax, f"set_{which}scale")("log")
     axis = getattr(ax, f"{which}axis")
-    axis.set_major_formatter(_PlainLogFormatter())
-    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    if ticks is None:
+        axis.set_major_formatter(_PlainLogFormatter())
+        axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
+        return
+    axis.set_ticks(ticks)
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def _log_axis(ax: object, values: np.ndarray) -> None:
     if values.size and np.all(values > 0) and values.max() / values.min() >= 10:
-        _log_scale(ax, "x")
         ticks = np.unique(values)
-        if ticks.size <= 8:
-            # Ticks at the betas themselves, each labelled (a log formatter
-            # labels only the powers of ten across decades).
-            ax.set_xticks(ticks)
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _log_scale(ax, "x", ticks if ticks.size <= 8 else None)
 
 
 DEFENSE_SIZE = (9.0, 4.3)

@@ -165,7 +165,7 @@ def _check_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` checked against the model and in its dtype, and the target on its device."""
     check_model(model)
-    check_uncompiled(model, "curvature")
+    check_uncompiled(model, what)
     x = check_input(model, x)
     if x.dtype in (torch.float16, torch.bfloat16):
         # Measured: Lanczos on their Hessian-vector products misses the largest

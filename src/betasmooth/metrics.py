@@ -211,16 +211,15 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(const_a & const_b, torch.ones_like(r), r)
 
 
-def _peak(m: torch.Tensor) -> torch.Tensor:
-    """Largest absolute value of each map ``(B, H, W)``, detached, ``(B, 1, 1)``; 1 if all zero."""
-    peak = m.detach().abs().flatten(1).amax(1).view(-1, 1, 1)
+def _peak(x: torch.Tensor) -> torch.Tensor:
+    """Largest absolute value of each item of ``x``, detached, shaped to divide it; 1 if zero."""
+    peak = x.detach().abs().flatten(1).amax(1).view(-1, *(1,) * (x.dim() - 1))
     return torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 def _unit_scale(x: torch.Tensor) -> torch.Tensor:
-    """Each row of ``x`` divided by its largest absolute value; all-zero rows stay zero."""
-    peak = x.detach().abs().amax(1, keepdim=True)
-    return x / torch.where(peak > 0, peak, torch.ones_like(peak))
+    """Each item of ``x`` divided by its largest absolute value; all-zero items stay zero."""
+    return x / _peak(x)
 
 
 def _centred_unit(x: torch.Tensor) -> torch.Tensor:
@@ -545,7 +544,7 @@ def center_of_mass(m: torch.Tensor) -> torch.Tensor:
     m, _ = _check_maps(m, m)
     # The centre does not change with the scale of the map; the sum of a map
     # near float32's largest value does, to inf.
-    w = m.abs() / _peak(m)
+    w = _unit_scale(m.abs())
     h_idx = torch.arange(m.shape[1], dtype=m.dtype, device=m.device)
     w_idx = torch.arange(m.shape[2], dtype=m.dtype, device=m.device)
     total = w.sum(dim=(1, 2))

@@ -94,6 +94,20 @@ def _reduce_axes(reduce_axes: Sequence[object], rank: int) -> tuple[int, ...]:
     return axes
 
 
+def _axes_given(reduce_axes: object) -> Sequence[object]:
+    """``reduce_axes`` as a sequence: one int, or a numpy array, as numpy and Quantus take them."""
+    if isinstance(reduce_axes, np.ndarray):
+        reduce_axes = reduce_axes.tolist()  # a 0-d array is one axis
+    if isinstance(reduce_axes, (int, np.integer)) and not isinstance(reduce_axes, bool):
+        return (reduce_axes,)
+    if not isinstance(reduce_axes, Sequence) or isinstance(reduce_axes, str):
+        raise InputTypeError(
+            f"quantus_explain: reduce_axes must be an int or a sequence of ints, e.g. (1,); "
+            f"got {reduce_axes!r}"
+        )
+    return reduce_axes
+
+
 def _keepdims(keepdims: object) -> bool:
     if isinstance(keepdims, (bool, np.bool_)) or (
         isinstance(keepdims, (int, np.integer)) and keepdims in (0, 1)
@@ -187,15 +201,7 @@ def quantus_explain(
     attribution = explain(model, x, method, target, **options).detach()
     channels_left = True
     keepdims = _keepdims(keepdims)
-    if isinstance(reduce_axes, np.ndarray):
-        reduce_axes = reduce_axes.tolist()  # as Quantus takes them; a 0-d array is one axis
-    if isinstance(reduce_axes, (int, np.integer)) and not isinstance(reduce_axes, bool):
-        reduce_axes = (reduce_axes,)  # numpy's sum takes one axis as an int
-    if not isinstance(reduce_axes, Sequence) or isinstance(reduce_axes, str):
-        raise InputTypeError(
-            f"quantus_explain: reduce_axes must be an int or a sequence of ints, e.g. (1,); "
-            f"got {reduce_axes!r}"
-        )
+    reduce_axes = _axes_given(reduce_axes)
     if reduce_axes:
         rank = attribution.dim()
         axes = _reduce_axes(reduce_axes, rank)
