@@ -86,3 +86,13 @@ def test_every_spelling_of_the_image_count_is_the_same_option(name, spelling) ->
         "curvature": inputs,
     }[name]
     assert build_parser().parse_args([name, *head, spelling, "7"]).n == 7
+
+
+@pytest.mark.parametrize(
+    "words", [["0.485", "0.456", "0.406"], ["0.485,0.456,0.406"], ["0.485,0.456", "0.406"]]
+)
+def test_mean_and_std_take_spaces_or_commas_as_other_lists_do(words) -> None:
+    # --betas and --method are comma lists; a per-channel mean written so is the same mean.
+    head = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    args = build_parser().parse_args([*head, "--out", "x", "--mean", *words, "--std", *words])
+    assert args.mean == args.std == [0.485, 0.456, 0.406]

@@ -331,6 +331,29 @@ def _choices_help(choices: Sequence[str], all_means: str, prefixed: bool = True)
     )
 
 
+def _numbers(text: str) -> list[float]:
+    """One or more numbers, e.g. ``0.485`` or ``0.485,0.456,0.406`` (as --betas takes a list)."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers, e.g. 0.485 0.456 0.406 or 0.485,0.456,0.406; got {text!r}"
+        ) from None
+
+
+class _Flat(argparse.Action):
+    """Store the numbers of every word as one list: spaces and commas both separate them."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, [v for word in values for v in word])
+
+
 class _Named(argparse.Action):
     """Store the value, and that the user named it (``data_named``): a default or a
     stored config is named by no one."""
@@ -386,14 +409,16 @@ def _add_inputs(
     )
     p.add_argument(
         "--mean",
-        type=float,
+        type=_numbers,
         nargs="+",
+        action=_Flat,
         help="normalisation mean, one or per channel (default: none, or a torchvision model's own)",
     )
     p.add_argument(
         "--std",
-        type=float,
+        type=_numbers,
         nargs="+",
+        action=_Flat,
         help="normalisation std, one or per channel (default: none, or a torchvision model's own)",
     )
 
