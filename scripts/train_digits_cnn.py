@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from training import report_and_save
+from training import output_file, report_and_save
 
+from betasmooth.cli import positive_integer
 from betasmooth.zoo import digits_cnn, load_data
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "betasmooth" / "weights" / "digits_cnn.pt"
@@ -34,8 +35,8 @@ def shift(x, generator, pixels=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--out", type=output_file, default=OUT)
+    parser.add_argument("--epochs", type=positive_integer, default=40)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

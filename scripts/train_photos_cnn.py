@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from training import accuracy, report_and_save
+from training import accuracy, output_file, report_and_save
 
+from betasmooth.cli import positive_integer
 from betasmooth.photos import SIZE, photo_crops, photos_cnn
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "betasmooth" / "weights" / "photos_cnn.pt"
@@ -139,12 +140,15 @@ def _train(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--out", type=output_file, default=OUT)
+    parser.add_argument("--epochs", type=positive_integer, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_integer, default=1)
     parser.add_argument(
-        "--per-photo", type=int, default=PER_PHOTO, help="training crops per photograph"
+        "--per-photo",
+        type=positive_integer,
+        default=PER_PHOTO,
+        help="training crops per photograph",
     )
     parser.add_argument(
         "--no-batch-norm",

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+def output_file(text: str) -> Path:
+    """``type=`` of ``--out``: a file path whose folder can be written, checked before training.
+
+    A wrong path found only when the weights are saved would lose the whole run.
+    """
+    path = Path(text)
+    expected = "expected a file path in a writable folder, such as weights/model.pt"
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; {expected}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder; {expected}") from None
+    except OSError as error:
+        problem = f"cannot create the folder {path.parent} ({error.strerror})"
+        raise argparse.ArgumentTypeError(f"{problem}; {expected}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written; {expected}")
+    return path
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

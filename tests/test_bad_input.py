@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -846,3 +847,56 @@ def test_benchmark_refuses_a_count_of_zero_in_one_line(script):
         r"got '0'",
         last,
     ), last
+
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def _run_script(name: str, argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run a training script's main() in this process (no interpreter start-up per case)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    module = importlib.import_module(name.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    out, err = capsys.readouterr()
+    return stop.value.code, out, err
+
+
+@pytest.mark.parametrize(
+    "script, option",
+    [
+        ("train_digits_cnn.py", "--epochs"),
+        ("train_photos_cnn.py", "--epochs"),
+        ("train_photos_cnn.py", "--threads"),
+        ("train_photos_cnn.py", "--per-photo"),
+    ],
+)
+def test_training_script_refuses_a_count_of_zero_before_training(
+    script, option, tmp_path, monkeypatch, capsys
+):
+    # --epochs 0 used to train nothing and write an untrained model over the shipped one.
+    out = tmp_path / "model.pt"
+    code, printed, err = _run_script(script, [option, "0", "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and not printed
+    assert err.strip().splitlines()[-1] == (
+        f"{script}: error: argument {option}: expected a positive integer below 2**31; got '0'"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train_digits_cnn.py", "train_photos_cnn.py"])
+@pytest.mark.parametrize("where", ["folder", "below a file"])
+def test_training_script_checks_its_output_path_before_training(
+    script, where, tmp_path, monkeypatch, capsys
+):
+    # A path found wrong only at torch.save lost the whole training run.
+    (tmp_path / "file").write_text("")
+    out, problem = {
+        "folder": (tmp_path, f"{tmp_path} is a folder"),
+        "below a file": (tmp_path / "file" / "model.pt", f"{tmp_path / 'file'} is not a folder"),
+    }[where]
+    code, printed, err = _run_script(script, ["--out", str(out)], monkeypatch, capsys)
+    expected = "expected a file path in a writable folder, such as weights/model.pt"
+    assert code == 2 and "Traceback" not in err and not printed
+    assert err.strip().splitlines()[-1] == f"{script}: error: argument --out: {problem}; {expected}"

@@ -6,10 +6,11 @@ Names and weights are torchvision's own (:func:`torchvision.models.get_model`,
 :func:`torchvision.models.get_model_weights`). The weights file is the one
 torchvision downloads into the torch hub cache,
 ``torch.hub.get_dir()/checkpoints/<file name of weights.url>`` (``TORCH_HOME``
-moves it): a cached file is read with ``torch.load(weights_only=True)`` into
-the architecture built without weights; a missing one is downloaded once, and
-without network the error says which file is missing, where it is expected
-and how to get it.
+moves it): a cached file is read with ``torch.load(weights_only=True)`` and
+the state dict handed to torchvision's own builder,
+``get_model(name, weights=...)``, in place of its unpickling load; a
+missing one is downloaded once, and without network the error says which
+file is missing, where it is expected and how to get it.
 
 The weights come with their preprocessing (resize of the shorter side, centre
 crop, mean, std) and class names: :func:`preprocessing` and
