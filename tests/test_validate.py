@@ -395,6 +395,69 @@ def test_torchscript_is_refused_where_no_relu_can_be_reached(how):
     )
 
 
+def test_torchscript_is_refused_by_the_checks_that_run_before_any_map():
+    # check_model passed a scripted model that beta_smooth and guided_backprop
+    # then refused at their first map, after the command line had written results.
+    from betasmooth.attack import check_attack_model
+    from betasmooth.explain import check_model
+
+    net, x = _tiny(), torch.rand(2, 1, 8, 8)
+    ts = torch.jit.trace(net, x)
+    for method, what in [("beta_smooth", "beta-smoothing"), ("guided_backprop", "guided_backprop")]:
+        with pytest.raises(
+            InputError, match=rf"^{what} cannot work on TopLevelTracedModule, a Tor"
+        ):
+            check_model(ts, method)
+    with pytest.raises(InputError, match=r"^the attack's softplus surrogate cannot work on Top"):
+        check_attack_model(ts, ["lrp", "gradient"])
+    # What needs no override takes the scripted model, as explain and manipulate do.
+    check_model(ts, "gradient")
+    check_model(ts, "smoothgrad")
+    check_attack_model(ts, ["lrp"])
+    check_attack_model(net, ["gradient"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["attack", "--method", "gradient", "--steps", "2"],
+        ["explain", "--method", "gradient,beta_smooth"],
+        ["explain", "--method", "guided_backprop"],
+        ["curvature", "--betas", "1", "--iterations", "2"],
+    ],
+)
+def test_command_line_refuses_torchscript_before_writing(command, tmp_path, capsys):
+    spec = tmp_path / "scripted.py"
+    spec.write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = nn.Sequential(\n"
+        "        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(1800, 10)\n"
+        "    )\n"
+        "    return torch.jit.trace(net.eval(), torch.zeros(1, 1, 32, 32))\n"
+    )
+    out = tmp_path / "run"
+    argv = [*command, "--model", f"{spec}:build", "--data", "digits", "-n", "2", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "a TorchScript module" in err[-1] and err[-1].startswith("betasmooth: error: ")
+    assert not out.exists()
+
+
+def test_curvature_names_a_forward_that_detaches_x():
+    # The Hessian's autograd call raised torch's "appears to not have been used in the graph".
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny()
+
+        def forward(self, x):
+            return self.net(x.detach())
+
+    with pytest.raises(InputError, match=r"^Detaching's output does not depend on x: its forward"):
+        bs.curvature(Detaching().eval(), torch.rand(2, 1, 8, 8), iterations=2)
+
+
 def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
     # torch.compile's graphs give no second derivative: the attack's maps
     # stayed without one (PCC to the target 0.48 against 0.88 uncompiled).

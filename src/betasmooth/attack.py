@@ -52,7 +52,14 @@ from .explain import method_options as options_of
 from .explain.gradient import predict
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, sweep_summary
-from .smooth import check_beta, flush_denormals, logistic_std, replace_relu, softplus
+from .smooth import (
+    check_beta,
+    check_overridable,
+    flush_denormals,
+    logistic_std,
+    replace_relu,
+    softplus,
+)
 from .validate import (
     MAX_SEED,
     InputError,
@@ -85,6 +92,7 @@ __all__ = [
     "SweepResult",
     "attack_options",
     "beta_at",
+    "check_attack_model",
     "check_attackable",
     "check_defendable",
     "default_lr",
@@ -790,6 +798,34 @@ def check_attackable(method: object) -> None:
         )
 
 
+#: What overrides the model's ReLUs while a method is attacked with a beta schedule.
+SURROGATE = "the attack's softplus surrogate"
+
+
+def check_attack_model(model: nn.Module, methods: Iterable[str]) -> None:
+    """Check before a run that the attack can differentiate ``model`` for ``methods``.
+
+    The attack differentiates the maps once more, which a graph made by
+    ``torch.compile`` does not allow; and a method attacked with its default
+    beta schedule (:data:`ATTACK_DEFAULTS`) differentiates through softplus
+    in place of every ReLU, which a TorchScript model does not let through
+    (:func:`~betasmooth.smooth.check_overridable`).
+
+    Raises
+    ------
+    InputError
+        Naming what cannot work and the expected form.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.ReLU())
+    >>> check_attack_model(net, ["gradient", "lrp"])
+    """
+    check_uncompiled(model, "the attack")
+    if any(ATTACK_DEFAULTS.get(m, _FALLBACK)["beta_schedule"] != "none" for m in methods):
+        check_overridable(model, SURROGATE)
+
+
 def check_defendable(method: object) -> None:
     """Refuse a method that is itself a defense (it wraps a base method)."""
     check_method_name(method)
@@ -1181,6 +1217,8 @@ def _search(p: _Problem) -> torch.Tensor:
     radius = s.eps_input if s.eps is not None else 0.01 * (s.high - s.low)
     # Without a schedule the network is attacked as it is, and the
     # override (which sees every torch call in forward) is left out.
+    if s.schedule != "none":
+        check_overridable(p.model, SURROGATE)
     surrogate = (
         contextlib.nullcontext() if s.schedule == "none" else replace_relu(p.model, p.surrogate)
     )

@@ -34,16 +34,16 @@ import torch
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
 from . import __version__, runs, theory
-from .attack import ATTACK_DEFAULTS, GOALS, derangement
+from .attack import ATTACK_DEFAULTS, GOALS, check_attack_model, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta
 from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary
-from .smooth import BETA_RANGE, flush_denormals
+from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
-from .validate import MAX_SEED, InputError, is_number, tell
+from .validate import MAX_SEED, InputError, check_uncompiled, is_number, tell
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, preset_mean_std, weights_file
 
 __all__ = ["COMMANDS", "build_parser", "goal_columns", "main", "positive_integer", "summary_table"]
@@ -1081,6 +1081,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _set_beta(options, args.beta)
     _check_given(model, x, given, options)
     runs.check_methods(model, methods, options)
+    check_attack_model(model, methods)
     if GOALS[args.goal].targeted:
         derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     with distributed(device) as (dist, dev):
@@ -1348,6 +1349,8 @@ def cmd_curvature(args: argparse.Namespace) -> int:
         probes="the same for every beta",
         units="per pixel value in [0, 1] (per unit of each channel's data range)",
     )
+    check_uncompiled(model, "curvature")
+    check_overridable(model, "beta-smoothing")
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.curvature_run(
@@ -1461,6 +1464,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = runs.attack_methods("all")
     options = _attacked_with(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options)
+    check_attack_model(model, methods)
     derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)
     common = {

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .explain.gradient import select_logit
+from .explain.gradient import input_gradient, select_logit
 from .smooth import smooth
 from .validate import (
     InputError,
@@ -176,7 +176,11 @@ def _check_inputs(
             "x.float()"
         )
     target_t = check_target(target, x.shape[0])
-    return x, None if target_t is None else target_t.to(x.device)
+    target_t = None if target_t is None else target_t.to(x.device)
+    # One item's gradient names a forward that leaves x out of the graph,
+    # which the Hessian's own autograd call would meet as a raw error.
+    input_gradient(model, x[:1], None if target_t is None else target_t[:1])
+    return x, target_t
 
 
 def _curvature(

@@ -42,6 +42,7 @@ __all__ = [
     "LogisticNoise",
     "SmoothingHandle",
     "check_beta",
+    "check_overridable",
     "flush_denormals",
     "logistic_std",
     "replace_relu",
@@ -525,9 +526,36 @@ _signature = functools.cache(inspect.signature)
 _SCRIPTED_RELUS = re.compile(r"aten::(relu|relu6|hardtanh|leaky_relu|prelu|hardsigmoid)_?\b")
 
 
-def _check_scripted(model: nn.Module, what: str) -> None:
-    """Refuse a TorchScript model, which takes no forward hooks, and a TorchScript part
-    that holds a ReLU: its graph runs where no override sees it."""
+def check_overridable(model: nn.Module, what: str = "beta-smoothing") -> None:
+    """Check, without running it, that a ReLU override can reach the ReLUs of ``model``.
+
+    The override (:func:`replace_relu`, used by beta-smoothing, guided
+    backprop and the attack's softplus surrogate) lives in forward hooks and
+    torch function calls, which a TorchScript module does not take: a
+    scripted or traced model is refused, and so is a scripted part that holds
+    a ReLU, since its graph runs where no override sees it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to check.
+    what : str
+        What needs the override, named in the error.
+
+    Raises
+    ------
+    InputError
+        Naming ``what``, the TorchScript module and the expected form.
+
+    Examples
+    --------
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> check_overridable(net)
+    >>> check_overridable(torch.jit.trace(net, torch.zeros(1, 2)), "guided_backprop")
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: guided_backprop cannot work on TopLevelTracedModule, ...
+    """
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError(
             f"{what} cannot work on {type(model).__name__}, a TorchScript module (torch.jit.script "
@@ -571,7 +599,7 @@ class _ReluHooks:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> _ReluHooks:
-        _check_scripted(self.model, self.what)
+        check_overridable(self.model, self.what)
         self.handles = [
             self.model.register_forward_pre_hook(self._enter),
             # prepend: hooks installed later leave first, so stacked overrides unwind in order.

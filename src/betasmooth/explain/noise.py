@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..smooth import LogisticNoise, check_beta, logistic_std, smoothed
+from ..smooth import LogisticNoise, check_beta, check_overridable, logistic_std, smoothed
 from ..validate import (
     InputError,
     InputTypeError,
@@ -362,9 +362,16 @@ def _base_input_check(method: str) -> Callable[..., None]:
     return check
 
 
+# What overrides the model's ReLUs, by smoothing method: named when it cannot.
+_OVERRIDES = {"beta_smooth": "beta-smoothing"}
+
+
 def _base_check(method: str) -> Callable[..., None]:
     def check(model: nn.Module, **options: object) -> None:
-        # The smoothing itself fits any model; only its base method can fail on one.
+        # Beyond its base method, only a smoothing that overrides ReLUs can fail
+        # on a model: on a TorchScript one, which no override reaches.
+        if method in _OVERRIDES:
+            check_overridable(model, _OVERRIDES[method])
         base, base_options = base_call(method, options)
         check_model(model, base, **base_options)
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..smooth import replace_relu
+from ..smooth import check_overridable, replace_relu
 from ..validate import InputError, InputTypeError, check_uncompiled, evaluating
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
@@ -617,6 +617,12 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return bool(getattr(gm.get_submodule(node.target), "inplace", False))
     return node.target in (F.relu_, torch.relu_)
+
+
+@register_check("guided_backprop")
+def _check_guided(model: nn.Module, **options: object) -> None:
+    # Its ReLUs are overridden: a TorchScript model would fail only at its first map.
+    check_overridable(model, "guided_backprop")
 
 
 @register_check("lrp")
