@@ -214,6 +214,26 @@ def test_defense_sweep_equals_recomputation(small):
         )
 
 
+def test_defense_sweep_takes_float64_images_as_explain_does(small):
+    # float64 x on a float32 model ended in torch's "Input type (double) and
+    # bias type (float) should be the same".
+    net, x = small
+    target = _targets(net, x)
+    x_adv = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(
+        0, 1
+    )
+    run = {"smoothgrad_n": 2, "seed": 3}
+    single = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0], **run).records()
+    double = bs.defense_sweep(
+        net, x.double(), x_adv.double(), target, "gradient", [1.0], **run
+    ).records()
+    # The same maps: only the comparison with the target (kept in its own dtype) rounds apart.
+    for a, b in zip(single, double):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"seconds"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
 def test_sweep_with_one_seed_gives_an_image_and_its_copy_the_same_draws(small):
     # An unchanged image is not an attack: every defense must see no change at all.
     net, x = small

@@ -718,7 +718,29 @@ CLI: dict[str, tuple[list[str], str]] = {
     ),
     "curvature --betas -1": (
         ["curvature", *INPUTS, "--betas", "-1", "--out", "{d}/c"],
-        r"^betasmooth: error: --betas must be positive finite numbers.*got -1",
+        r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 to 3.4e\+38 "
+        r"\(float32's normal range\), e\.g\. 0\.5,1,2,5; got -1$",
+    ),
+    "curvature --betas 1e-50": (
+        # Positive and finite, but below float32's normal numbers: the message said "finite".
+        ["curvature", *INPUTS, "--betas", "1e-50", "--out", "{d}/c"],
+        r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 .*got 1e-50$",
+    ),
+    "data is a file, not .npz": (
+        # Named as a data folder that "does not exist".
+        [
+            "explain",
+            "--model",
+            "digits-cnn",
+            "--data",
+            __file__,
+            "--method",
+            "gradient",
+            "--out",
+            "{d}/r",
+        ],
+        r"^betasmooth: error: data \S+test_bad_input\.py is a file but not an \.npz file; "
+        r"expected a folder of images or an \.npz file",
     ),
     "unknown method": (
         [*ATTACK[:5], "--method", "saliency", "--out", "{d}/run"],

@@ -667,3 +667,28 @@ def test_torchvision_memory_efficient_densenet_is_refused_and_the_plain_one_smoo
     plain = torchvision.models.densenet121(memory_efficient=False).eval()
     plain.load_state_dict(efficient.state_dict())
     assert torch.isfinite(bs.explain(plain, x, "beta_smooth", beta=2.0)).all()
+
+
+def test_a_relu_of_integers_in_forward_is_left_alone():
+    # Integer bookkeeping through torch.relu was handed to softplus, which
+    # blamed the (floating) input x.
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+
+    class Counting(nn.Module):
+        def __init__(self, activation):
+            super().__init__()
+            self.linear, self.activation = linear, activation
+
+        def forward(self, x):
+            k = torch.relu(torch.tensor(x.shape[1] - 2))  # 2, an integer
+            return self.activation(self.linear(x)) * k
+
+    x = torch.rand(5, 4, dtype=torch.float64)
+    beta = 3.0
+    hand = Counting(lambda h: F.softplus(h, beta=beta)).double()
+    target = torch.tensor([0, 1, 2, 0, 1])
+    expected = bs.explain(hand, x, "gradient", target=target)
+    got = bs.explain(Counting(torch.relu).double(), x, "beta_smooth", target=target, beta=beta)
+    torch.testing.assert_close(got, expected)
+    assert bs.smooth(Counting(torch.relu).double(), beta)(x).equal(hand(x))

@@ -208,3 +208,16 @@ def test_a_weight_of_extreme_scale_keeps_its_direction(scale):
     # Its norm flushes to 0 or overflows in float64 unless w is scaled first.
     w = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     assert float(theory.iid_bias(scale * w)) == float(theory.iid_bias(w))
+
+
+def test_theorem2_takes_the_largest_seed_a_user_may_give():
+    # The second noise model's seed + 1 overflowed torch's generator, and
+    # `betasmooth theorem --seed 18446744073709551615` (and the demo) crashed.
+    from betasmooth.theory import _theorem2_part
+    from betasmooth.validate import MAX_SEED
+
+    part = _theorem2_part(300, MAX_SEED)
+    assert part["theorem2_projected_within_ci"]
+    # The iid draws (seed wrapped to 0) agree with the exact iid probability
+    # within four binomial standard deviations at n = 300.
+    assert part["theorem2_iid_mc_vs_exact"] < 4 * 0.5 / 300**0.5

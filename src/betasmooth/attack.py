@@ -1591,7 +1591,10 @@ def defense_sweep(
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
     defenses = _check_defenses(defenses)
-    x_adv = x_adv.to(device=x.device, dtype=x.dtype)
+    # In the model's dtype, as explain and manipulate take them (float64 on a
+    # float32 model met the model's weights as a raw dtype error).
+    x = check_input(model, x)
+    x_adv = check_input(model, x_adv.to(device=x.device), "x_adv")
     # The same checks as manipulate's: the range is valid and holds both batches.
     box = None
     if data_range is not None:

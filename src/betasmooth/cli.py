@@ -1271,7 +1271,10 @@ def _explain_beta(
 def _check_betas(betas: Sequence[float | None]) -> None:
     bad = [b for b in betas if b is not None and not BETA_RANGE[0] <= b <= BETA_RANGE[1]]
     if bad:
-        raise InputError(f"--betas must be positive finite numbers, e.g. 0.5,1,2,5; got {bad[0]:g}")
+        raise InputError(
+            f"--betas must be positive numbers from {BETA_RANGE[0]:.3g} to {BETA_RANGE[1]:.3g} "
+            f"(float32's normal range), e.g. 0.5,1,2,5; got {bad[0]:g}"
+        )
 
 
 def _attacked_with(

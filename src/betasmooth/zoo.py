@@ -546,6 +546,11 @@ def _source(spec: str) -> str:
         if not path.is_file():
             raise InputError(f"data file {spec} does not exist; expected an existing .npz file")
         return "npz"
+    if path.is_file():
+        raise InputError(
+            f"data {spec} is a file but not an .npz file; expected a folder of images or an .npz "
+            "file (images x, labels y)"
+        )
     if spec.endswith(("/", "\\")) or len(path.parts) > 1:
         raise InputError(f"data folder {spec} does not exist; expected a folder of images")
     raise InputError(
