@@ -623,3 +623,30 @@ def test_log_axes_are_labelled_with_the_numbers_at_their_ticks(name, tmp_path, m
             # A sweep's betas are the ticks, and every one of them is labelled.
             shown = [t.label1.get_text() for t in axis.get_major_ticks() if t.label1.get_text()]
             assert shown == [f"{b:g}" for b in SWEEP_BETAS]
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_an_unfinished_run_says_what_it_lacks(tmp_path):
+    # A killed run's report dropped a method without a word, beside "images (n) 6".
+    run = make_run(tmp_path / "part")
+    config = json.loads((run / "config.json").read_text())
+    config["sweep"] = {"betas": list(BETAS), "smoothgrad_n": 2}
+    (run / "config.json").write_text(json.dumps(config))
+    assert "not finished" not in build_report(run).read_text()
+    results = read_lines(run / "results.jsonl")
+    # lrp stopped after its first 4 images (one batch), gradient's sweep lacks one row of image 2.
+    _rewrite(
+        run / "results.jsonl", [r for r in results if r["method"] == "gradient" or r["index"] < 4]
+    )
+    sweep = read_lines(run / "sweep.jsonl")
+    dropped = next(
+        r for r in sweep if (r["method"], r["index"], r["defense"]) == ("gradient", 2, "smoothgrad")
+    )
+    _rewrite(run / "sweep.jsonl", [r for r in sweep if r is not dropped])
+    text = build_report(run).read_text()
+    notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text).group(1)
+    # lrp's sweep holds every image lrp finished: nothing lacks there.
+    assert notice == f"lrp 4 of {N} images, sweep of gradient {N - 1} of {N} images"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .attack import GOALS
+from .attack import DEFENSES, GOALS
 from .metrics import group_records, medians
 from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
@@ -339,12 +339,48 @@ def _section_run(run: _Run) -> str:
     ]
     rows = [r for r in rows if r[1] is not None]
     out = ["<h2 id='run'>What was run</h2>", _table("run-table", ["", "value"], rows)]
+    unfinished = _unfinished(run, methods if isinstance(methods, list) else [], lines)
+    if unfinished:
+        out.append(
+            f"<p><strong>This run is not finished</strong>: {_e(unfinished)}. The tables and "
+            "figures below show the finished images only; run the same command again with "
+            "--resume to finish it.</p>"
+        )
     versions = c.get("versions")
     if isinstance(versions, Mapping) and versions:
         out.append(
             _table("versions", ["package", "version"], [(k, versions[k]) for k in sorted(versions)])
         )
     return "".join(out)
+
+
+def _unfinished(run: _Run, methods: Sequence[str], lines: Sequence[Mapping]) -> str:
+    """What a stopped or running run still lacks, per method: "lrp 0 of 4 images", or ""."""
+    n = run.config.get("n")
+    if not isinstance(n, int) or isinstance(n, bool):
+        return ""
+    done: dict[str, set] = {}
+    for r in lines:
+        done.setdefault(str(r.get("method")), set()).add(r.get("index"))
+    missing = [
+        f"{m} {len(done.get(m, ()))} of {n} images"
+        for m in dict.fromkeys([*methods, *sorted(done)])
+        if len(done.get(m, ())) < n
+    ]
+    sweep = run.config.get("sweep")
+    betas = sweep.get("betas") if isinstance(sweep, Mapping) else None
+    if run.results and isinstance(betas, list) and betas:
+        # A defended image has a row per defense and beta.
+        rows: dict[tuple, int] = {}
+        for r in run.sweep:
+            key = (str(r.get("method")), r.get("index"))
+            rows[key] = rows.get(key, 0) + 1
+        for m in dict.fromkeys(str(r.get("method")) for r in run.results):
+            attacked = {r.get("index") for r in run.results if str(r.get("method")) == m}
+            defended = sum(rows.get((m, i), 0) >= len(betas) * len(DEFENSES) for i in attacked)
+            if defended < len(attacked):
+                missing.append(f"sweep of {m} {defended} of {len(attacked)} images")
+    return ", ".join(missing)
 
 
 def _section_results(run: _Run) -> str:
