@@ -148,6 +148,16 @@ def test_captums_method_option_is_given_as_rule(x):
         ("captum:Saliency", {"layer": "0"}, ValueError, ["captum:Saliency has no layer"]),
         ("captum:Saliency", {"create_graph": True}, ValueError, ["not differentiable"]),
         ("sal:Saliency", {}, ValueError, ["unknown method 'sal:Saliency'", "captum:NAME"]),
+        # Captum's own refusals by TypeError and AttributeError were raw tracebacks.
+        ("captum:LRP", {}, ValueError,
+         ["captum:LRP failed on this model: Module of type", "Flatten", "has no rule"]),
+        ("captum:KernelShap", {"feature_mask": (1, 2), "n_samples": 4}, ValueError,
+         ["captum:KernelShap failed on this model: 'int' object has no attribute 'numel'"]),
+        # Its attribute(**kwargs) ignores what lands there: a misspelt option vanished.
+        ("captum:FeatureAblation", {"feature_maks": None}, ValueError,
+         ["unknown option 'feature_maks'", "feature_mask, layer, perturbations_per_eval"]),
+        ("captum:FeaturePermutation", {"perturbation_per_eval": 4}, ValueError,
+         ["unknown option 'perturbation_per_eval'", "perturbations_per_eval"]),
     ],
 )  # fmt: skip
 def test_bad_captum_method(x, method, options, error, fragments):
@@ -157,6 +167,32 @@ def test_bad_captum_method(x, method, options, error, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_check_model_names_a_layer_method_without_its_layer():
+    # Found only at the first map, after the command line had written its run directory.
+    from betasmooth.explain import check_model
+
+    net = plain_cnn()
+    with pytest.raises(bs.InputError, match=r"^captum:LayerGradCam needs the option layer, a sub"):
+        check_model(net, "captum:LayerGradCam")
+    check_model(net, "captum:LayerGradCam", layer=next(n for n, _ in net.named_modules() if n))
+
+
+def test_command_line_tries_a_captum_method_before_writing(tmp_path, capsys):
+    from betasmooth.cli import main
+
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--method", "gradient,captum:LRP", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "betasmooth: error: captum:LRP failed on this model: Module of type <class "
+        "'torch.nn.modules.flatten.Flatten'> has no rule defined and nodefault rule exists for "
+        "this module type. Please, set a ruleexplicitly for this module and assure that it is "
+        "appropriatefor this type of layer."
+    ]
+    assert not out.exists()
 
 
 def test_missing_captum_names_the_extra(x, monkeypatch):

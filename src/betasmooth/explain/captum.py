@@ -34,6 +34,9 @@ _MODEL_PARAMETERS = ("forward_func", "model")
 # Captum's option -> its name here, where ``method`` is taken by explain's own argument.
 _RENAMED = {"method": "rule"}
 _FILLED = frozenset({"self", "layer", *_MODEL_PARAMETERS})
+# Captum documents the **kwargs of their attribute as ignored ("used by child
+# classes such as Occlusion"): a misspelt option would vanish there unnamed.
+_KWARGS_FOR_SUBCLASSES = frozenset({"FeatureAblation", "FeaturePermutation"})
 _LISTING = "python -c 'import captum.attr; print(captum.attr.__all__)'"
 
 
@@ -68,11 +71,13 @@ def _attribution_class(name: str) -> type:
 def _accepted_options(cls: type) -> frozenset[str] | None:
     """The options of ``captum:NAME``: its constructor's and ``attribute``'s, and ``layer``.
 
-    ``None`` where either takes ``**kwargs``: then Captum alone knows.
+    ``None`` where either takes ``**kwargs`` that it uses: then Captum alone knows.
     """
     init = list(inspect.signature(cls.__init__).parameters.values())[1:]
     # attribute(self, inputs, ...): inputs is x itself, and explain passes target.
     attribute = list(inspect.signature(cls.attribute).parameters.values())[2:]
+    if cls.__name__ in _KWARGS_FOR_SUBCLASSES:
+        attribute = [p for p in attribute if p.kind is not p.VAR_KEYWORD]
     if any(p.kind is p.VAR_KEYWORD for p in init + attribute):
         return None
     names = {
@@ -194,6 +199,7 @@ def captum_method(name: str) -> Method:
     """
     cls = _attribution_class(name)
     required = _required(cls)
+    layered = "layer" in inspect.signature(cls.__init__).parameters
 
     def check(model: nn.Module, **options: object) -> None:
         """Refuse, before any work, a call without an option that Captum requires."""
@@ -204,6 +210,8 @@ def captum_method(name: str) -> Method:
                 f"bs.explain(model, x, 'captum:{name}', {missing[0]}=...) in Python, or "
                 f"--option captum:{name}.{missing[0]}=... on the command line"
             )
+        if layered:
+            resolve_layer(model, options.get("layer"), f"captum:{name}")
 
     def method(
         model: nn.Module,
@@ -218,7 +226,7 @@ def captum_method(name: str) -> Method:
             raise InputError(
                 f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
             )
-        check(model, **options)
+        check(model, layer=layer, **options)
         if target is None:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
@@ -229,9 +237,11 @@ def captum_method(name: str) -> Method:
                 attribution = explainer.attribute(
                     x.detach().requires_grad_(True), target=target, **options
                 )
-            except (RuntimeError, AssertionError) as err:
+            except (RuntimeError, AssertionError, TypeError, AttributeError, ValueError) as err:
                 # Captum refuses models it cannot handle (DeepLift: a module used
-                # twice) with these; out of memory stays itself, for the runs' retry.
+                # twice; LRP: a layer without a rule) and option values it cannot
+                # use (a feature_mask that is no tensor) with these; out of memory
+                # stays itself, for the runs' retry.
                 text = str(err).strip()
                 if "out of memory" in text.lower():
                     raise
