@@ -366,6 +366,15 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
     # The same betas in another order are the same sweep.
     assert main(["sweep", str(run), "--betas", "10,2", "--smoothgrad-n", "4"]) == 0
     assert (run / "sweep.jsonl").read_bytes() == first
+    # Another --min-fidelity chooses again from the same rows, and config.json
+    # records it (it recorded no min_fidelity, which decides the recommendation).
+    argv = ["sweep", str(run), "--betas", "2,10", "--smoothgrad-n", "4", "--min-fidelity", "0.5"]
+    assert main(argv) == 0
+    assert (run / "sweep.jsonl").read_bytes() == first
+    config = json.loads((run / "config.json").read_text())
+    assert config["sweep"] == {"betas": [2.0, 10.0], "smoothgrad_n": 4, "min_fidelity": 0.5}
+    summary = json.loads((run / "sweep_summary.json").read_text())
+    assert {s["min_fidelity"] for s in summary.values()} == {0.5}
     # clean_vs_orig compares the smoothed map of x with the original one: for item 3
     # under beta = 10, by torch's Softplus and scipy.
     model = bs.load_model("digits-cnn")

@@ -952,16 +952,19 @@ def _check_given(
     x: torch.Tensor,
     given: Mapping[str, Mapping[str, object]],
     options: Mapping[str, Mapping[str, object]],
+    methods: Sequence[str] = (),
 ) -> None:
-    """Explain one image with each method that ``--option`` gives options to: a name or a
-    value the method does not take is named before anything is written."""
-    for method in given:
+    """Explain one image with each method that ``--option`` gives options to, and with each
+    Captum method (which only Captum can check, by running): a name or a value the method
+    does not take, or a model it refuses, is named before anything is written."""
+    for method in dict.fromkeys([*given, *(m for m in methods if m not in METHODS)]):
+        where = f"--option {method}: " if method in given else ""
         try:
             explain(model, x[:1], method, **options.get(method, {}))
         except InputError as err:
-            raise InputError(f"--option {method}: {err}") from None
+            raise InputError(f"{where}{err}") from None
         except (TypeError, ValueError) as err:
-            raise InputError(f"--option {method}: {method} refused its options: {err}") from None
+            raise InputError(f"{where}{method} refused its options: {err}") from None
 
 
 def _beta_value(text: str, auto: bool = False) -> float | str:
@@ -1130,7 +1133,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     options = _with_given(range_options(*bounds, methods=methods), given, methods)
     for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
         options[method] = with_base_range(method, options.get(method, {}), *bounds)
-    _check_given(model, x, given, options)
+    _check_given(model, x, given, options, methods)
     if args.beta is not None and "beta_smooth" not in methods:
         raise InputError("--beta applies to --method beta_smooth; add it to --method")
     if args.beta is not None and args.beta != "auto":
@@ -1302,7 +1305,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = run.check_attacked()
     device = resolve_device(args.device)
     _check_betas(args.betas)
-    settings = {"betas": args.betas, "smoothgrad_n": args.smoothgrad_n}
+    settings = {
+        "betas": args.betas,
+        "smoothgrad_n": args.smoothgrad_n,
+        "min_fidelity": args.min_fidelity,
+    }
     run.check_sweep(settings)  # before the model is loaded
     inputs = _load(config, 1)
     model, x, _ = inputs
@@ -1488,7 +1495,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     records = runs.attack_run(run, model, x, y, methods, steps=steps, data_range=bounds, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
-    run.start_sweep({"betas": list(sizes["betas"]), "smoothgrad_n": int(sizes["smoothgrad_n"])})
+    run.start_sweep(
+        {
+            "betas": list(sizes["betas"]),
+            "smoothgrad_n": int(sizes["smoothgrad_n"]),
+            "min_fidelity": MIN_FIDELITY,
+        }
+    )
     sweep = runs.sweep_run(
         run,
         model,

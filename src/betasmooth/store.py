@@ -563,7 +563,7 @@ class RunDir:
         self.check_sweep(settings)
 
         def record() -> None:
-            if _sweep_key(self.config().get("sweep")) != _sweep_key(settings):
+            if self.config().get("sweep") != settings:
                 self.update_config(sweep=settings)
 
         # Every rank waits for rank 0, whatever config.json says when it looks.
@@ -932,9 +932,11 @@ def _sound_index(path: Path) -> np.ndarray | None:
 
 
 def _sweep_key(settings: object) -> object:
-    # The betas of a sweep as a set: --betas 10,1 is the sweep --betas 1,10.
+    # What the sweep's rows depend on. The betas as a set: --betas 10,1 is the
+    # sweep --betas 1,10; min_fidelity picks the summary's beta, not the rows.
     if isinstance(settings, dict) and isinstance(settings.get("betas"), list):
-        return {**settings, "betas": sorted(set(settings["betas"]), key=float)}
+        rows = {k: v for k, v in settings.items() if k != "min_fidelity"}
+        return {**rows, "betas": sorted(set(settings["betas"]), key=float)}
     return settings
 
 
