@@ -577,3 +577,14 @@ def test_a_non_finite_attack_gradient_names_the_step_and_images_not_x(small):
     said = r"NaN or inf at step 0 for images \[2\] \(method 'gradient'"
     with pytest.raises(bs.InputError, match=said):
         bs.manipulate(model, x, target, "gradient", steps=2)
+
+
+def test_result_maps_name_the_three_heatmaps(small):
+    # DESIGN's result "with x_adv, maps, metrics, history": there was no maps.
+    net, x = small
+    target = _targets(net, x)
+    result = bs.manipulate(net, x, target, "gradient", steps=2)
+    assert list(result.maps) == ["orig", "adv", "target"]
+    assert result.maps["orig"] is result.map_orig and result.maps["adv"] is result.map_adv
+    torch.testing.assert_close(result.maps["target"], target)
+    torch.testing.assert_close(result.maps["orig"], bs.heatmap(bs.explain(net, x, "gradient")))

@@ -307,7 +307,8 @@ class ManipulationResult:
         Input and manipulated input, ``(B, C, H, W)``.
     map_orig, map_adv, map_target : torch.Tensor
         Heatmaps ``(B, H, W)`` of ``x`` and ``x_adv`` on the original network,
-        and the target (for untargeted goals the original map).
+        and the target (for untargeted goals the original map); also as the
+        dict :attr:`maps`.
     label, label_adv : torch.Tensor
         Prediction on ``x`` and on ``x_adv``, ``(B,)``.
     label_kept : torch.Tensor
@@ -349,6 +350,22 @@ class ManipulationResult:
     method: str = ""
     goal: str = "targeted"
     settings: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def maps(self) -> dict[str, torch.Tensor]:
+        """The three heatmaps by name: ``orig``, ``adv`` and ``target`` (``map_<name>``).
+
+        Examples
+        --------
+        >>> import betasmooth as bs
+        >>> model = bs.load_model("digits-cnn")
+        >>> x = bs.load_data("digits")[0][:2]
+        >>> target = bs.heatmap(bs.explain(model, x.flip(0), "gradient"))
+        >>> result = bs.manipulate(model, x, target, "gradient", steps=2)
+        >>> {name: tuple(m.shape) for name, m in result.maps.items()}
+        {'orig': (2, 32, 32), 'adv': (2, 32, 32), 'target': (2, 32, 32)}
+        """
+        return {"orig": self.map_orig, "adv": self.map_adv, "target": self.map_target}
 
     def records(self) -> list[dict[str, object]]:
         """One flat dict per image: method, goal, labels, every metric as a float, settings.
