@@ -273,7 +273,8 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
         for beta, medians in one[method]["betas"].items():
             assert two[method]["betas"][beta] == pytest.approx(medians), (method, beta)
     configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("one", "two")]
-    assert configs[0]["sweep"] == configs[1]["sweep"] == {"betas": [2.0, 10.0], "smoothgrad_n": 4}
+    sweep = {"betas": [2.0, 10.0], "smoothgrad_n": 4, "min_fidelity": 0.9}
+    assert configs[0]["sweep"] == configs[1]["sweep"] == sweep
 
 
 FIRST_FAILS = """

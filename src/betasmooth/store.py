@@ -576,8 +576,9 @@ class RunDir:
             # A killed torchrun sweep leaves its rows in the rank files.
             held = [p.name for p in [self.merged("sweep"), *self.rank_files("sweep")] if p.exists()]
             raise InputError(
-                f"{self.path} holds a sweep with {stored} in {', '.join(held)}; sweep again with "
-                f"those settings, or delete {' and '.join(held)} to start a new one"
+                f"{self.path} holds a sweep with {_sweep_key(stored)} in {', '.join(held)}; "
+                f"sweep again with those settings, or delete {' and '.join(held)} to start a new "
+                "one"
             )
 
     def update_config(self, **settings: object) -> None:
