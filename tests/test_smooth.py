@@ -625,6 +625,18 @@ def test_beta_smoothing_refuses_activation_checkpointing(how):
         bs.smooth(net, 2.0)(x.clone().requires_grad_(True))
 
 
+def test_beta_smoothing_of_a_captum_method_names_checkpointing_in_its_own_words():
+    # The refusal from inside Captum's forward came back as "captum:Saliency
+    # failed on this model: beta-smoothing cannot ...".
+    x = torch.rand(2, 4, dtype=torch.float64)
+    with pytest.raises(
+        bs.InputError, match=r"^beta-smoothing cannot reach a ReLU under activation"
+    ):
+        bs.explain(
+            _Checkpointed("non-reentrant").double(), x, "beta_smooth", base="captum:Saliency"
+        )
+
+
 def test_a_relu_under_no_grad_is_no_checkpoint():
     # A stop-gradient gate: its ReLU runs without gradients, outside any checkpoint.
     class Gated(torch.nn.Module):

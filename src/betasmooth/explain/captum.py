@@ -237,6 +237,8 @@ def captum_method(name: str) -> Method:
                 attribution = explainer.attribute(
                     x.detach().requires_grad_(True), target=target, **options
                 )
+            except InputError:
+                raise  # betasmooth's own, from inside the forward (a smoothing's override)
             except (RuntimeError, AssertionError, TypeError, AttributeError, ValueError) as err:
                 # Captum refuses models it cannot handle (DeepLift: a module used
                 # twice; LRP: a layer without a rule) and option values it cannot
