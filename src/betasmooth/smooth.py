@@ -416,10 +416,6 @@ class _ReluOverride(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        first = args[0] if args else kwargs.get("input")
-        if isinstance(first, torch.Tensor) and not first.is_floating_point():
-            # Integer bookkeeping (a relu of counts or indices) is no activation.
-            return func(*args, **kwargs)
         if func in RELU_FUNCTIONS:
             replacement = _relu
         elif self.through and func in THROUGH_RELU:
@@ -427,6 +423,10 @@ class _ReluOverride(TorchFunctionMode):
         else:
             if self.inspect:
                 self._note(func, args, kwargs)
+            return func(*args, **kwargs)
+        first = args[0] if args else kwargs.get("input")
+        if isinstance(first, torch.Tensor) and not first.is_floating_point():
+            # Integer bookkeeping (a relu of counts or indices) is no activation.
             return func(*args, **kwargs)
         if self.grad_enabled and _checkpointing():
             self.failed = True
