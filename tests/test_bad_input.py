@@ -595,6 +595,7 @@ def test_api_bad_input_raises_one_line(case, tmp_path):
 def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli-bad")
     np.savez(d / "wide.npz", x=np.full((2, 1, 32, 32), 70000, np.int64))
+    np.savez(d / "one.npz", x=np.zeros((1, 1, 32, 32), np.float32))
     (d / "notadir.txt").write_text("x")
     (d / "normed.py").write_text(NORMED)
     (d / "exits.py").write_text(EXITS)
@@ -794,6 +795,24 @@ CLI: dict[str, tuple[list[str], str]] = {
         r"^betasmooth: error: image .*b.png is 16x16 but .*a.png is 20x10 \(width x height\); "
         r"pass image_size \(--image-size on the command line\) to resize all images",
     ),
+    # Fewer images than asked is said in a line of its own, but not before an error:
+    # bad input stays one line.
+    "one image to attack, more asked": (
+        ["attack", "--model", "digits-cnn", "--data", "{d}/one.npz", "-n", "3"]
+        + ["--method", "gradient", "--out", "{d}/run"],
+        r"^betasmooth: error: an attack needs at least 2 images, one to attack and one for "
+        r"the target map; got 1$",
+    ),
+    "--beta auto on one image, more asked": (
+        ["explain", "--model", "digits-cnn", "--data", "{d}/one.npz", "-n", "3"]
+        + ["--method", "beta_smooth", "--beta", "auto", "--out", "{d}/run"],
+        r"^betasmooth: error: calibrating beta needs at least 2 images; got 1$",
+    ),
+    "--beta auto on one image": (
+        ["explain", "--model", "digits-cnn", "--data", "{d}/one.npz", "-n", "1"]
+        + ["--method", "beta_smooth", "--beta", "auto", "--out", "{d}/run"],
+        r"^betasmooth: error: calibrating beta needs at least 2 images; got 1$",
+    ),
     "report of a file": (["report", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
     "sweep of a file": (["sweep", "{d}/notadir.txt"], r"notadir.txt is not a directory"),
 }
@@ -816,6 +835,7 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
     assert err.count("\n") == 1 and err.endswith("\n"), err
     assert re.search(pattern, err), err
     assert "Traceback" not in out + err and "usage:" not in err
+    assert out == ""
     assert not (files / "run").exists()
 
 

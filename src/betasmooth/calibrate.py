@@ -29,12 +29,24 @@ from .metrics import heatmap
 from .recommend import MIN_FIDELITY
 from .validate import InputError
 
-__all__ = ["CANDIDATE_BETAS", "Calibration", "calibrate_beta"]
+__all__ = ["CANDIDATE_BETAS", "Calibration", "calibrate_beta", "check_calibration_count"]
 
 #: Betas tried by :func:`calibrate_beta` unless told otherwise. The built-in
 #: models reach a median fidelity of 0.9 at 2 to 10; a network whose layers
 #: see small pre-activations may need 50 (photos-cnn up to 0.7.0).
 CANDIDATE_BETAS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+
+
+def check_calibration_count(n: int) -> None:
+    """Refuse fewer than the 2 images a calibration needs: each image's target map
+    is another image's map.
+
+    Examples
+    --------
+    >>> check_calibration_count(2)
+    """
+    if n < 2:
+        raise InputError(f"calibrating beta needs at least 2 images; got {n}")
 
 
 @dataclass
@@ -126,8 +138,7 @@ def calibrate_beta(
     >>> found.beta in (1.0, 20.0)
     True
     """
-    if x.shape[0] < 2:
-        raise InputError(f"calibrating beta needs at least 2 images; got {x.shape[0]}")
+    check_calibration_count(x.shape[0])
     check_defendable(method)
     # The map the attack and the sweep see: the attack's defaults, the data's range.
     options = attack_options(method, x, data_range=data_range, method_options=method_options)

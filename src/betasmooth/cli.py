@@ -35,7 +35,7 @@ import torch
 # check answer without that wait.
 from . import __version__, runs, theory
 from .attack import ATTACK_DEFAULTS, GOALS, check_attack_model, derangement
-from .calibrate import CANDIDATE_BETAS, calibrate_beta
+from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
@@ -873,10 +873,18 @@ def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
         )
 
 
-def _load_images(args: argparse.Namespace) -> runs.Inputs:
-    """Model and the first ``-n`` images; fewer images than asked are said and recorded."""
+def _load_images(
+    args: argparse.Namespace, check_count: Callable[[int], object] | None = None
+) -> runs.Inputs:
+    """Model and the first ``-n`` images; fewer images than asked are said and recorded.
+
+    ``check_count(len(x))`` refuses too few images before that is said, so that
+    bad input stays one line.
+    """
     inputs = _load(vars(args), args.n)
     x = inputs[1]
+    if check_count is not None:
+        check_count(len(x))
     if args.n is not None and len(x) < args.n:
         if _first_rank():
             tell(
@@ -1048,7 +1056,9 @@ def _may_register(model: str) -> bool:
 
 
 def _command_inputs(
-    args: argparse.Namespace, parse: Callable[[str], list[str]]
+    args: argparse.Namespace,
+    parse: Callable[[str], list[str]],
+    check_count: Callable[[int], object] | None = None,
 ) -> tuple[list[str], torch.device, runs.Inputs, dict[str, dict[str, object]]]:
     """The methods, device, model and images, and ``--option`` of attack and explain."""
     # A typo is named before a long load, unless the --model file may register
@@ -1056,14 +1066,16 @@ def _command_inputs(
     early = not _may_register(args.model)
     methods = parse(args.method) if early else []
     device = resolve_device(args.device)
-    inputs = _load_images(args)
+    inputs = _load_images(args, check_count)
     return methods or parse(args.method), device, inputs, _given_options(args)
 
 
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
-    methods, device, inputs, given = _command_inputs(args, runs.attack_methods)
+    # A target map is another image's map: fewer than 2 images fail before any writing.
+    pairs = (lambda n: derangement(n, args.seed)) if GOALS[args.goal].targeted else None
+    methods, device, inputs, given = _command_inputs(args, runs.attack_methods, pairs)
     model, x, y = inputs
     config = _run_config(
         args,
@@ -1085,8 +1097,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     _check_given(model, x, given, options)
     runs.check_methods(model, methods, options)
     check_attack_model(model, methods)
-    if GOALS[args.goal].targeted:
-        derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -1119,7 +1129,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
 @command("explain")
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain ``-n`` test images by every ``--method``."""
-    methods, device, inputs, given = _command_inputs(args, runs.explain_methods)
+    methods, device, inputs, given = _command_inputs(
+        args, runs.explain_methods, _calibration_count(args)
+    )
     model, x, y = inputs
     config = _run_config(
         args,
@@ -1209,6 +1221,19 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
     )
 
 
+def _calibration_count(args: argparse.Namespace) -> Callable[[int], None] | None:
+    """For ``--beta auto`` on the user's data: a check that it holds the 2 images a
+    calibration needs, given the first ``-n`` (all of them where fewer came)."""
+    if args.beta != "auto" or args.data in BUILTIN_DATA:
+        return None
+
+    def check(n: int) -> None:
+        if args.n is None or n < args.n:
+            check_calibration_count(n)
+
+    return check
+
+
 def _calibrated(args: argparse.Namespace) -> tuple[float, dict[str, object]] | None:
     """The beta and record of the ``--beta auto`` run that ``--resume`` continues: its
     finished maps were smoothed with that beta, which a new calibration could miss."""
@@ -1251,6 +1276,7 @@ def _explain_beta(
     if resumed is not None:
         return resumed
     x, which = _held_out(args, CALIBRATION["n"])
+    check_calibration_count(len(x))
     shown = sys.stderr.isatty() if args.progress is None else args.progress
     if _first_rank():
         _say(f"calibrating beta on {len(x)} {which}")
