@@ -491,11 +491,14 @@ def test_sweep_of_a_damaged_run_is_one_line(case, attack_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(attack_dir, run)
     damage(run)
+    config = (run / "config.json").read_bytes()
     assert main(["sweep", str(run), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("betasmooth: error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
     assert not (run / "sweep.jsonl").exists() or not (run / "sweep.jsonl").read_text()
+    # No sweep settings are recorded for a sweep that did not start.
+    assert (run / "config.json").read_bytes() == config
 
 
 @pytest.fixture(scope="module")

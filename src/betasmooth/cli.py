@@ -1346,7 +1346,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     bounds = inputs.bounds
     with distributed(device) as (dist, dev):
         run.lock(dist)
-        run.start_sweep(settings, dist)
         run = RunDir(args.dir, dist.rank, dist.world_size)
         records = runs.sweep_run(
             run,
@@ -1521,13 +1520,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     records = runs.attack_run(run, model, x, y, methods, steps=steps, data_range=bounds, **common)
     _say(f"defense sweep over beta = {', '.join(f'{b:g}' for b in sizes['betas'])}")
-    run.start_sweep(
-        {
-            "betas": list(sizes["betas"]),
-            "smoothgrad_n": int(sizes["smoothgrad_n"]),
-            "min_fidelity": MIN_FIDELITY,
-        }
-    )
     sweep = runs.sweep_run(
         run,
         model,

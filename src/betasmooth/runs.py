@@ -475,7 +475,11 @@ def sweep_run(
     Arrays ``arrays/sweep-<method>-<first>.npz`` hold ``index``, ``betas`` and
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
     each ``(B, len(betas), H, W)``. Batches already in ``sweep.jsonl`` are
-    skipped, so the sweep is resumable and running it twice adds nothing.
+    skipped, so the sweep is resumable and running it twice adds nothing;
+    its settings (``betas``, ``smoothgrad_n``, ``min_fidelity``) are recorded as
+    ``sweep`` in ``config.json`` once the attack's arrays are read, and a run
+    that holds sweep rows of other settings is refused
+    (:meth:`~betasmooth.store.RunDir.start_sweep`).
     ``method_options`` holds the options each method was attacked with (e.g.
     LRP's bounds, :func:`~betasmooth.explain.range_options`); an attacked
     ``beta_smooth`` or ``smoothgrad`` is swept on its ``base`` with the options
@@ -516,6 +520,14 @@ def sweep_run(
             f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
             "betasmooth attack command with --resume, which computes them again, then sweep"
         )
+    # Recorded once the arrays are known to be whole: a sweep that cannot start
+    # leaves config.json as it was.
+    settings = {
+        "betas": [float(b) for b in betas],
+        "smoothgrad_n": smoothgrad_n,
+        "min_fidelity": min_fidelity,
+    }
+    run.start_sweep(settings, dist)
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
