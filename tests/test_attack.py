@@ -437,6 +437,32 @@ def test_a_method_whose_map_has_no_graph_is_named(small, goal):
         del METHODS["detached"]
 
 
+def test_a_prefix_method_with_a_graph_is_attacked_as_any_method(small):
+    # A family of names (as captum:NAME) whose maps keep their graph: scaled:K is K times
+    # the gradient, so its heatmap, and with it every step of the attack, is the gradient's.
+    from betasmooth.explain import PREFIXES, register_prefix
+
+    @register_prefix("scaled")
+    def scaled(name):
+        def method(model, x, target, *, create_graph=False):
+            grad = bs.explain(model, x, "gradient", target, create_graph=create_graph)
+            return float(name) * grad
+
+        return method
+
+    net, x = small
+    target = _targets(net, x)
+    try:
+        found = bs.manipulate(net, x, target, "scaled:4", steps=5, lr=1e-2)
+    finally:
+        del PREFIXES["scaled"]
+    plain = bs.manipulate(net, x, target, "gradient", steps=5, lr=1e-2)
+    assert float((plain.x_adv - x).abs().max()) > 1e-3  # the attack moved x
+    torch.testing.assert_close(found.x_adv, plain.x_adv, rtol=0, atol=1e-5)
+    with pytest.raises(bs.InputError, match=r"^captum:Saliency cannot be attacked"):
+        bs.manipulate(net, x, target, "captum:Saliency", steps=1)
+
+
 @pytest.mark.parametrize("k", [0, 16 * 16 + 1, 2.5, "10"])
 def test_topk_size_is_refused_before_any_step(small, k):
     net, x = small

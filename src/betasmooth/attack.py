@@ -40,10 +40,9 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .explain import (
-    METHODS,
     RESERVED,
     explain,
-    is_method,
+    is_differentiable,
     range_options,
     with_base_range,
     wraps_base,
@@ -798,7 +797,8 @@ def check_method_name(method: object) -> None:
 
 
 def check_attackable(method: object) -> None:
-    """Refuse a method whose maps the attack cannot differentiate (``captum:NAME``).
+    """Refuse a method whose maps the attack cannot differentiate (``captum:NAME``,
+    :func:`~betasmooth.explain.is_differentiable`).
 
     Examples
     --------
@@ -808,10 +808,10 @@ def check_attackable(method: object) -> None:
     betasmooth.validate.InputError: captum:Saliency cannot be attacked: ...
     """
     check_method_name(method)
-    if method not in METHODS and is_method(method):
+    if not is_differentiable(method):
         raise InputError(
             f"{method} cannot be attacked: its maps are not differentiable w.r.t. x; "
-            "expected a registered method such as gradient or lrp"
+            "expected a method such as gradient or lrp"
         )
 
 

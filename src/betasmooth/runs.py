@@ -172,7 +172,8 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
     def attackable(name: str) -> bool:
         if is_method(name):
             check_attackable(name)
-        return name in METHODS
+            return True
+        return False
 
     return _split_methods(methods, list(ATTACK_DEFAULTS), attackable, "a registered method, ")
 

@@ -41,6 +41,7 @@ __all__ = [
     "RESERVED",
     "check_model",
     "explain",
+    "is_differentiable",
     "is_method",
     "method_options",
     "range_options",
@@ -172,7 +173,9 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
 
     A method that takes ``**options`` checks its options itself, or lists
     the names it accepts in its attribute ``accepted_options`` (a set), which
-    :func:`explain` then checks.
+    :func:`explain` then checks. A method whose maps come back detached sets
+    ``differentiable = False``, so that the attack refuses it by name
+    (:func:`is_differentiable`); every other one can be attacked.
 
     Raises
     ------
@@ -205,6 +208,19 @@ def is_method(method: object) -> bool:
     if not isinstance(method, str):
         return False
     return method in METHODS or (":" in method and method.split(":", 1)[0] in PREFIXES)
+
+
+def is_differentiable(method: str) -> bool:
+    """Whether the maps of ``method`` can be differentiated w.r.t. the input, so that
+    it can be attacked: every method but one whose function sets the attribute
+    ``differentiable = False`` (as ``captum:NAME`` does, whose maps are detached).
+
+    Examples
+    --------
+    >>> is_differentiable("lrp"), is_differentiable("captum:Saliency")
+    (True, False)
+    """
+    return bool(getattr(_lookup(method), "differentiable", True))
 
 
 def method_options(method: str) -> dict[str, object]:

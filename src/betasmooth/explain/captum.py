@@ -257,6 +257,7 @@ def captum_method(name: str) -> Method:
         return attribution.detach()
 
     method.accepted_options = _accepted_options(cls)
+    method.differentiable = False  # Captum's attributions are computed without a graph
     method.check = check  # check_model's, for a method that no CHECKS entry names
     # Input-space baselines (default 0): range_options gives them the data's black.
     method.takes_baselines = "baselines" in inspect.signature(cls.attribute).parameters
