@@ -128,3 +128,25 @@ def test_a_method_name_with_a_dash_is_refused(how):
     with pytest.raises(bs.InputError, match=r"names are letters, digits and '_'.*'my_grad'"):
         (register if how == "method" else register_prefix)("my-grad")(lambda *a, **k: None)
     assert "my-grad" not in METHODS and "my-grad" not in PREFIXES
+    # A comma is refused too, and the message no longer offers '-' for a method's name.
+    with pytest.raises(bs.InputError, match=r"names are letters, digits and '_', .*got 'a,b'$"):
+        (register if how == "method" else register_prefix)("a,b")(lambda *a, **k: None)
+
+
+def test_a_prefixed_name_with_a_dash_is_refused_before_it_names_a_file(tmp_path):
+    # scaled:-3 would be written arrays/scaled~-3-0.npz, which reads back as no method:
+    # its arrays were lost to the figures, the report and --resume.
+    from betasmooth.explain import PREFIXES, register_prefix
+
+    @register_prefix("scaled")
+    def scaled(name):
+        return lambda model, x, target, *, create_graph=False: float(name) * x
+
+    try:
+        assert bs.explain(torch.nn.Flatten(), torch.ones(1, 2), "scaled:3", 0).tolist() == [
+            [3.0, 3.0]
+        ]
+        with pytest.raises(bs.InputError, match=r"^method names have no '-' .*'scaled:_3'$"):
+            bs.explain(torch.nn.Flatten(), torch.ones(1, 2), "scaled:-3", 0)
+    finally:
+        del PREFIXES["scaled"]

@@ -935,6 +935,69 @@ def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_comman
     )
 
 
+MODEL_WITH_CHECKS = """
+import os
+
+import betasmooth as bs
+from betasmooth.explain import register, register_check, register_input_check
+from betasmooth.validate import InputError
+
+
+@register("checked_gradient")
+def checked_gradient(model, x, target, *, create_graph=False):
+    return bs.explain(model, x, "gradient", target, create_graph=create_graph)
+
+
+@register_check("checked_gradient")
+def model_check(model, **options):
+    if os.environ.get("REFUSE") == "model":
+        raise InputError("checked_gradient refuses this model")
+
+
+@register_input_check("checked_gradient")
+def input_check(x, **options):
+    if os.environ.get("REFUSE") == "input":
+        raise InputError("checked_gradient refuses these images")
+
+
+def build():
+    return bs.load_model("digits-cnn")
+"""
+
+
+def test_the_checks_a_model_file_registers_run_before_any_command_writes(
+    tmp_path, capsys, monkeypatch
+):
+    # A method's checks refuse before a run writes: its input check too (it ran only
+    # inside explain, after the first method's batch was written), and in the sweep,
+    # whose defenses explain the attacked method (it ran none of them).
+    path = tmp_path / "checked.py"
+    path.write_text(MODEL_WITH_CHECKS)
+    model = ["--model", f"{path}:build", "--data", "digits", "-n", "2", "--no-progress"]
+    explained = tmp_path / "explain"
+    monkeypatch.setenv("REFUSE", "input")
+    argv = ["explain", *model, "--method", "gradient,checked_gradient", "--out", str(explained)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "betasmooth: error: checked_gradient refuses these images\n"
+    assert not explained.exists()
+    monkeypatch.delenv("REFUSE")
+    attacked = tmp_path / "attack"
+    argv = ["attack", *model, "--method", "checked_gradient", "--steps", "2"]
+    assert main([*argv, "--out", str(attacked)]) == 0
+    capsys.readouterr()
+    config = (attacked / "config.json").read_bytes()
+    sweep = ["sweep", str(attacked), "--betas", "5", "--smoothgrad-n", "2", "--no-progress"]
+    for refused, said in (("model", "this model"), ("input", "these images")):
+        monkeypatch.setenv("REFUSE", refused)
+        assert main(sweep) == 2
+        assert capsys.readouterr().err == f"betasmooth: error: checked_gradient refuses {said}\n"
+        assert not (attacked / "sweep.jsonl").exists()
+        assert (attacked / "config.json").read_bytes() == config
+    monkeypatch.delenv("REFUSE")
+    assert main(sweep) == 0
+    assert len(read_jsonl(attacked / "sweep.jsonl")) == 2 * 2
+
+
 def test_captum_maps_cannot_be_attacked_on_the_command_line(tmp_path, capsys):
     argv = [*ATTACK, "--method", "captum:Saliency", "-n", "2", "--out", str(tmp_path / "run")]
     assert main(argv) == 2

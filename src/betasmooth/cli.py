@@ -1095,7 +1095,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
         _set_beta(options, args.beta)
     _check_given(model, x, given, options)
-    runs.check_methods(model, methods, options)
+    runs.check_methods(model, methods, options, x)
     check_attack_model(model, methods)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
@@ -1150,7 +1150,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise InputError("--beta applies to --method beta_smooth; add it to --method")
     if args.beta is not None and args.beta != "auto":
         _set_beta(options, args.beta)
-    runs.check_methods(model, methods, options)
+    runs.check_methods(model, methods, options, x)
     chosen = _explain_beta(args, model, bounds, rank_device(device))
     with distributed(device) as (dist, dev):
         if chosen is not None:
@@ -1498,7 +1498,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     explain_methods = runs.explain_methods("all")
     methods = runs.attack_methods("all")
     options = _attacked_with(config, bounds)
-    runs.check_methods(model, [*explain_methods, *methods], options)
+    runs.check_methods(model, [*explain_methods, *methods], options, x)
     check_attack_model(model, methods)
     derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)

@@ -31,7 +31,15 @@ from .attack import (
 )
 from .checkpoint import read_npz
 from .distributed import Dist
-from .explain import METHODS, PREFIXES, check_model, explain, is_method, wraps_base
+from .explain import (
+    METHODS,
+    PREFIXES,
+    check_method_input,
+    check_model,
+    explain,
+    is_method,
+    wraps_base,
+)
 from .explain import method_options as options_of
 from .explain.noise import base_call
 from .geometry import curvature
@@ -197,8 +205,10 @@ def check_methods(
     model: torch.nn.Module,
     methods: Sequence[str],
     method_options: Mapping[str, Mapping[str, object]] | None = None,
+    x: torch.Tensor | None = None,
 ) -> None:
-    """Check before a run that every method can explain ``model`` (see :func:`check_model`).
+    """Check before a run that every method can explain ``model`` (see :func:`check_model`),
+    and ``x`` where given (see :func:`~betasmooth.explain.check_method_input`).
 
     Examples
     --------
@@ -211,6 +221,8 @@ def check_methods(
     options = method_options or {}
     for method in methods:
         check_model(model, method, **options.get(method, {}))
+        if x is not None:
+            check_method_input(x, method, **options.get(method, {}))
 
 
 def _named(
@@ -521,8 +533,10 @@ def sweep_run(
             f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
             "betasmooth attack command with --resume, which computes them again, then sweep"
         )
-    # Recorded once the arrays are known to be whole: a sweep that cannot start
-    # leaves config.json as it was.
+    for method in dict.fromkeys(m for m, _ in attacked):
+        _check_defenses(model, *_swept_base(method, method_options), attacked, method)
+    # Recorded once the arrays are known to be whole and the defenses can explain
+    # them: a sweep that cannot start leaves config.json as it was.
     settings = {
         "betas": [float(b) for b in betas],
         "smoothgrad_n": smoothgrad_n,
@@ -537,12 +551,7 @@ def sweep_run(
         x, x_adv, target_map = (
             torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
         )
-        # A defense attacked adaptively is swept on the method it smooths.
-        given = (method_options or {}).get(unit.method) or {}
-        if wraps_base(unit.method):
-            base, base_options = base_call(unit.method, given)
-        else:
-            base, base_options = unit.method, given
+        base, base_options = _swept_base(unit.method, method_options)
         result = defense_sweep(
             model,
             x,
@@ -580,6 +589,34 @@ def sweep_run(
     if records:
         run.write_sweep_summary(sweep_summary(records, min_fidelity))
     return records
+
+
+def _swept_base(
+    method: str, method_options: Mapping[str, Mapping[str, object]] | None
+) -> tuple[str, dict[str, object]]:
+    """The method the sweep's defenses smooth for an attacked ``method``, and its options:
+    a defense attacked adaptively is swept on the method it smooths."""
+    given = dict((method_options or {}).get(method) or {})
+    return base_call(method, given) if wraps_base(method) else (method, given)
+
+
+def _check_defenses(
+    model: torch.nn.Module,
+    base: str,
+    base_options: Mapping[str, object],
+    attacked: Mapping[tuple[str, int], AttackBatch],
+    method: str,
+) -> None:
+    """Check that each defense that is a smoothing method can explain ``model`` on ``base``,
+    and the attacked images of ``method``, before the sweep writes anything."""
+    smoothing = [d for d in DEFENSES if is_method(d) and wraps_base(d)]
+    options = {d: {"base": base, "base_options": dict(base_options) or None} for d in smoothing}
+    check_methods(model, smoothing, options)
+    for (name, _), batch in attacked.items():
+        if name == method:
+            for images in (batch.x, batch.x_adv):
+                for defense in smoothing:
+                    check_method_input(torch.from_numpy(images), defense, **options[defense])
 
 
 def _defended(

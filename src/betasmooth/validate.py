@@ -789,12 +789,19 @@ def warn_user(message: str, model: nn.Module | None = None) -> None:
 
 
 def registrar(
-    table: dict[str, Callable[..., object]], name: object, what: str, *, replace: bool = False
+    table: dict[str, Callable[..., object]],
+    name: object,
+    what: str,
+    *,
+    replace: bool = False,
+    dash: bool = True,
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
     """A decorator that enters a function into ``table`` under ``name``, checked first.
 
-    A name is letters, digits, ``_`` and ``-`` (it is written in comma lists on
-    the command line), not ``all``; a taken name is refused unless
+    A name is letters, digits, ``_`` and, unless ``dash`` is false (a method's
+    name, which run directories write in file names ``<method>-<index>``),
+    ``-``: it is written in comma lists on the command line; not ``all``. A
+    taken name is refused unless
     ``replace``, so that a built-in is not shadowed by accident, except by
     the same definition run again (a module reloaded, a model file imported
     twice); the entry must be callable. ``what`` names the kind of entry in
@@ -808,10 +815,15 @@ def registrar(
     >>> "double" in table
     True
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
+    pattern = r"[A-Za-z_][A-Za-z0-9_\-]*" if dash else r"[A-Za-z_][A-Za-z0-9_]*"
+    if not isinstance(name, str) or not re.fullmatch(pattern, name):
+        chars = "letters, digits, '_' and '-'" if dash else "letters, digits and '_'"
+        where = "comma lists on the command line" + ("" if dash else " and in file names")
+        fixed = name.replace("-", "_") if isinstance(name, str) else ""
+        hint = f", expected e.g. {fixed!r}" if re.fullmatch(pattern, fixed) else ""
         raise InputError(
-            f"{what} names are letters, digits, '_' and '-', starting with a letter or '_' "
-            f"(they are written in comma lists on the command line); got {name!r}"
+            f"{what} names are {chars}, starting with a letter or '_' (they are written "
+            f"in {where}); got {name!r}{hint}"
         )
     if name == "all":
         raise InputError(f"{what} name 'all' is taken by the command line; expected another")

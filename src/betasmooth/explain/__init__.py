@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "PREFIXES",
     "RESERVED",
+    "check_method_input",
     "check_model",
     "explain",
     "is_differentiable",
@@ -97,18 +98,7 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     ...     ...
     >>> del METHODS["my_gradient"]
     """
-    _check_no_dash(name, "explanation method")
-    return registrar(METHODS, name, "explanation method", replace=replace)
-
-
-def _check_no_dash(name: object, what: str) -> None:
-    """Refuse a '-' in a method's name: arrays files are ``[sweep-]<method>-<index>.npz``."""
-    if isinstance(name, str) and "-" in name:
-        raise InputError(
-            f"{what} names are letters, digits and '_', starting with a letter or '_' (run "
-            f"directories name files <method>-<index>); got {name!r}, expected e.g. "
-            f"{name.replace('-', '_')!r}"
-        )
+    return registrar(METHODS, name, "explanation method", replace=replace, dash=False)
 
 
 def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -168,12 +158,31 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
             check(model, **options)
 
 
+def check_method_input(x: torch.Tensor, method: str, **options: object) -> None:
+    """Check, without computing a map, that ``x`` is an input ``method`` with ``options``
+    can explain: the input check registered for it (:func:`register_input_check`),
+    which :func:`explain` runs on every call.
+
+    Examples
+    --------
+    >>> check_method_input(torch.rand(2, 1, 8, 8), "lrp", low=0.0, high=1.0)
+    >>> check_method_input(torch.full((2, 1, 8, 8), 5.0), "lrp", low=0.0, high=1.0)
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: x lies outside the lrp input box [0.0, 1.0] ...
+    """
+    check = INPUT_CHECKS.get(method)
+    if check is not None:
+        check(x, **options)
+
+
 def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:
     """Register ``resolve(name) -> method`` for the method names ``prefix:name``.
 
     A method that takes ``**options`` checks its options itself, or lists
     the names it accepts in its attribute ``accepted_options`` (a set), which
-    :func:`explain` then checks. A method whose maps come back detached sets
+    :func:`explain` then checks. The name after the prefix has no ``-``
+    (refused when it is resolved), as a registered name. A method whose maps come back detached sets
     ``differentiable = False``, so that the attack refuses it by name
     (:func:`is_differentiable`); every other one can be attacked.
 
@@ -193,8 +202,7 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     tensor([[3., 3.]])
     >>> del PREFIXES["scaled"]
     """
-    _check_no_dash(prefix, "method prefix")
-    return registrar(PREFIXES, prefix, "method prefix")
+    return registrar(PREFIXES, prefix, "method prefix", dash=False)
 
 
 def is_method(method: object) -> bool:
@@ -329,6 +337,13 @@ def _lookup(method: str) -> Method:
         )
     if method in METHODS:
         return METHODS[method]
+    if "-" in method:
+        # The name after a prefix goes into file names as a registered name does:
+        # arrays files are [sweep-]<method>-<index>.npz.
+        raise InputError(
+            f"method names have no '-' (run directories name files <method>-<index>); "
+            f"got {method!r}, expected e.g. {method.replace('-', '_')!r}"
+        )
     prefix, name = method.split(":", 1)
     return PREFIXES[prefix](name)
 
@@ -429,9 +444,7 @@ def explain(
     target_t = check_target(target, x.shape[0])
     if target_t is not None:
         target_t = target_t.to(x.device)
-    check_x = INPUT_CHECKS.get(method)
-    if check_x is not None:
-        check_x(x, **options)
+    check_method_input(x, method, **options)
     # Subnormal floats flushed: beta_smooth at beta 50 makes them, and the CPU is
     # slow on them (see flush_denormals).
     with evaluating(model), flush_denormals():
