@@ -669,7 +669,10 @@ CLI: dict[str, tuple[list[str], str]] = {
         r"argument --steps: .*positive integer below 2\*\*31; got '-5'",
     ),
     "--batch-size 0": ([*ATTACK, "--batch-size", "0"], r"argument --batch-size: expected a"),
-    "--goal away": ([*ATTACK, "--goal", "away"], r"argument --goal: invalid choice: 'away'"),
+    "--goal away": (
+        [*ATTACK, "--goal", "away"],
+        r"^betasmooth: error: unknown --goal 'away'; expected one of: center, targeted, topk$",
+    ),
     "--out under a file": (
         [*EXPLAIN, "--out", "{d}/notadir.txt/run"],
         r"argument --out: .*notadir.txt is a file, so .*/run cannot be a directory; expected a",

@@ -820,6 +820,104 @@ def test_a_registered_goal_runs_from_the_command_line(tmp_path, capsys, monkeypa
     assert float(row[header.index("expl_mse_orig")]) == pytest.approx(expected, rel=5e-3)
 
 
+MODEL_WITH_GOAL = """
+import betasmooth as bs
+from betasmooth.attack import GOALS, Goal
+
+
+def away(p, maps, x_adv=None):
+    return -bs.compare(maps, p.map_orig)["mse"]
+
+
+GOALS["away_from_file"] = Goal(away, away, True, False, "expl_mse_orig")
+
+
+def build():
+    return bs.load_model("digits-cnn")
+"""
+
+
+def test_a_goal_the_model_file_registers_is_a_goal_of_the_command_line(tmp_path, capsys):
+    # --goal is checked once the model file is imported: argparse's fixed choices refused it.
+    from betasmooth.attack import GOALS
+
+    path = tmp_path / "goal.py"
+    path.write_text(MODEL_WITH_GOAL)
+    argv = ["attack", "--model", f"{path}:build", "--data", "digits", "--no-progress"]
+    argv += ["--method", "gradient", "-n", "2", "--steps", "2"]
+    try:
+        assert main([*argv, "--goal", "away_from_fil", "--out", str(tmp_path / "typo")]) == 2
+        assert capsys.readouterr().err == (
+            "betasmooth: error: unknown --goal 'away_from_fil'; expected one of: "
+            "away_from_file, center, targeted, topk\n"
+        )
+        assert not (tmp_path / "typo").exists()
+        assert main([*argv, "--goal", "away_from_file", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        GOALS.pop("away_from_file", None)
+    records = read_jsonl(tmp_path / "run" / "results.jsonl")
+    assert {r["goal"] for r in records} == {"away_from_file"} and len(records) == 2
+    assert "target_index" not in records[0] and "expl_mse_orig" in records[0]
+    # betasmooth report imports no model file: the goal is read from the run, and the
+    # report comes out as the attack wrote it (before, as a targeted attack's).
+    report = tmp_path / "run" / "report.html"
+    written = report.read_bytes()
+    assert b"expl_mse_orig" in written and b"expl_pcc_target" not in written
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert report.read_bytes() == written
+
+
+MODEL_WITH_SECTION = """
+import betasmooth as bs
+from betasmooth.report import SECTIONS
+
+
+def images(run):
+    return f"<h2 id='own'>Own section</h2><p>{len(run.explain)} explained images</p>"
+
+
+SECTIONS["own_section"] = images
+
+
+def build():
+    return bs.load_model("digits-cnn")
+"""
+
+
+def test_report_rebuilds_the_sections_the_run_s_model_file_registers(tmp_path):
+    # betasmooth report imports the model file, as the run's commands did: the rebuilt
+    # report is the one they wrote (before, without the file's section). In a process of
+    # its own, where nothing is imported yet.
+    from betasmooth.report import SECTIONS
+
+    path = tmp_path / "own.py"
+    path.write_text(MODEL_WITH_SECTION)
+    run = tmp_path / "run"
+    argv = ["explain", "--model", f"{path}:build", "--data", "digits", "-n", "3"]
+    try:
+        assert main([*argv, "--method", "gradient", "--no-progress", "--out", str(run)]) == 0
+    finally:
+        SECTIONS.pop("own_section", None)
+    written = (run / "report.html").read_bytes()
+    assert b"<p>3 explained images</p>" in written
+    (run / "report.html").unlink()
+    command = [sys.executable, "-m", "betasmooth", "report", str(run)]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (run / "report.html").read_bytes() == written
+    # A model file that is gone: said in one line, and the report holds the rest.
+    path.unlink()
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0
+    assert done.stderr == (
+        f"betasmooth report: model file {path} does not exist; expected "
+        "'path/to/file.py:factory' or 'package.module:factory'; the report holds only what "
+        "betasmooth registers\n"
+    )
+    rebuilt = (run / "report.html").read_bytes()
+    assert b"explained images" not in rebuilt and b"id='explain'" in rebuilt
+
+
 def test_attack_beta_sets_the_attacked_defense_and_records_every_setting(tmp_path):
     argv = [*ATTACK, "--method", "beta_smooth,gradient", "--beta", "2", "-n", "2", "--steps", "3"]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0

@@ -34,7 +34,7 @@ import torch
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
 from . import __version__, runs, theory
-from .attack import ATTACK_DEFAULTS, GOALS, check_attack_model, derangement
+from .attack import ATTACK_DEFAULTS, GOALS, Goal, check_attack_model, derangement
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
@@ -43,8 +43,8 @@ from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
-from .validate import MAX_SEED, InputError, check_uncompiled, is_number, tell
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, preset_mean_std, weights_file
+from .validate import MAX_SEED, InputError, check_choice, check_uncompiled, is_number, tell
+from .zoo import BUILTIN_DATA, BUILTIN_MODELS, import_model_code, preset_mean_std, weights_file
 
 __all__ = ["COMMANDS", "build_parser", "goal_columns", "main", "positive_integer", "summary_table"]
 
@@ -676,10 +676,11 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--goal",
-        choices=tuple(GOALS),
         default="targeted",
+        metavar="GOAL",
         help="targeted: towards the map of another image; topk: move the map off its top "
-        "10%% pixels; center: move its centre of mass (default targeted)",
+        "10%% pixels; center: move its centre of mass; or a goal that the --model file "
+        "registers (default targeted)",
     )
     _add_method_option(p)
     _add_save_attributions(p)
@@ -1070,11 +1071,23 @@ def _command_inputs(
     return methods or parse(args.method), device, inputs, _given_options(args)
 
 
+def _goal(args: argparse.Namespace) -> Goal:
+    """The entry of ``--goal`` in :data:`~betasmooth.attack.GOALS` (a model file may add to it)."""
+    return GOALS[check_choice("--goal", args.goal, GOALS)]
+
+
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
-    # A target map is another image's map: fewer than 2 images fail before any writing.
-    pairs = (lambda n: derangement(n, args.seed)) if GOALS[args.goal].targeted else None
+
+    def pairs(n: int) -> None:
+        # After the model file is imported, which may register the goal. A target map
+        # is another image's map: fewer than 2 images fail before any writing.
+        if _goal(args).targeted:
+            derangement(n, args.seed)
+
+    if not _may_register(args.model):
+        _goal(args)  # a typo is named before a long load
     methods, device, inputs, given = _command_inputs(args, runs.attack_methods, pairs)
     model, x, y = inputs
     config = _run_config(
@@ -1084,6 +1097,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         methods=methods,
         steps=args.steps,
         goal=args.goal,
+        # What the report needs of the goal, which a model file may have registered.
+        goal_targeted=_goal(args).targeted,
+        goal_measure=_goal(args).measure,
         beta=args.beta,
         save_attributions=args.save_attributions,
         options=_stored(given),
@@ -1446,6 +1462,22 @@ def cmd_theorem(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_run_code(run: RunDir) -> None:
+    """Import the model file of ``run``, as its other commands did: the report sections
+    and goals it registers are in the rebuilt report too. One that cannot be imported
+    now is said, and the report holds what betasmooth itself registers."""
+    try:
+        model = run.config().get("model")
+    except InputError:
+        return  # build_report names what is wrong with the run
+    if not isinstance(model, str):
+        return
+    try:
+        import_model_code(model)
+    except InputError as err:
+        tell(f"betasmooth report: {err}; the report holds only what betasmooth registers")
+
+
 @command("report", sharded=False)
 def cmd_report(args: argparse.Namespace) -> int:
     """Rebuild ``report.html`` from a run directory."""
@@ -1461,6 +1493,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             pass  # a run still writes here: the report is a look at it, its files are its own
         else:
             run.remove_temporary()  # of writes, a report's own too, that a kill cut
+    _import_run_code(run)
     _say(f"report: {build_report(args.dir)}")
     return 0
 

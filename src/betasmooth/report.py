@@ -403,7 +403,7 @@ def _section_results(run: _Run) -> str:
         )
     stats = {c: medians(groups[c], keys) for c in columns}
     for method, goal in columns:
-        if _untargeted(goal):
+        if _untargeted(run, goal):
             # Its "target" is the original map: the target rows would repeat
             # the orig rows under a name that reads the other way round.
             stats[method, goal] = {
@@ -416,7 +416,7 @@ def _section_results(run: _Run) -> str:
     ]
     targeted = (
         ""
-        if all(_untargeted(g) for _, g in columns)
+        if all(_untargeted(run, g) for _, g in columns)
         else (
             "expl_*_target: attacked map vs target map (high PCC/SSIM, low MSE = the attack "
             "worked); expl_*_target_before: original map vs target map, before the attack; "
@@ -428,7 +428,7 @@ def _section_results(run: _Run) -> str:
         "change of one pixel value); output_change: "
         "change of the model's output; seconds: per image."
     )
-    if any(_untargeted(g) for _, g in columns):
+    if any(_untargeted(run, g) for _, g in columns):
         legend += (
             " The topk and center goals have no target map: they push the map away from the "
             "original, so there low expl_topk_orig (top-k pixels still in the original's top-k) "
@@ -444,9 +444,23 @@ def _section_results(run: _Run) -> str:
     )
 
 
-def _untargeted(goal: object) -> bool:
+def _goal_spec(run: _Run, goal: object) -> tuple[bool, str]:
+    """Whether ``goal`` has a target map, and the record that measures it: as the run
+    recorded them (a goal that a model file registered is not registered here), else as
+    :data:`~betasmooth.attack.GOALS` has them (runs of older versions)."""
+    c = run.config
+    targeted, measure = c.get("goal_targeted"), c.get("goal_measure")
+    if goal is not None and c.get("goal") == goal and isinstance(targeted, bool):
+        if isinstance(measure, str):
+            return targeted, measure
+    if isinstance(goal, str) and goal in GOALS:
+        return GOALS[goal].targeted, GOALS[goal].measure
+    return True, "expl_pcc_target"
+
+
+def _untargeted(run: _Run, goal: object) -> bool:
     """Whether an attack's goal has no target map (Ghorbani et al.'s topk and center)."""
-    return goal in GOALS and not GOALS[goal].targeted
+    return not _goal_spec(run, goal)[0]
 
 
 def _attack_settings(groups: Mapping[tuple, Sequence[Mapping[str, object]]]) -> str:
@@ -526,7 +540,7 @@ def _section_methods(run: _Run) -> str:
             batch.map_orig[:n],
             _shown(run, batch.x_adv[:n]),
             batch.map_adv[:n],
-            None if _untargeted(goal) else batch.map_target[:n],
+            None if _untargeted(run, goal) else batch.map_target[:n],
             run.store.figures / f"grid_{_slug(method)}.png",
             maps_beta=swept[0] if swept else None,
             betas=swept[1] if swept else None,
@@ -542,7 +556,7 @@ def _section_methods(run: _Run) -> str:
         out.append(_img(path, f"{method} grid", caption))
         mine = [r for r in run.results if r.get("method") == method]
         if mine:
-            measure = GOALS[goal].measure if goal in GOALS else "expl_pcc_target"
+            measure = _goal_spec(run, goal)[1]
             m = medians(mine, list(dict.fromkeys(["label_kept", measure, "expl_pcc_orig"])))
             parts = [f"{k} {_fmt(v)}" for k, v in m.items() if v is not None]
             out.append(f"<p>Medians over {len(mine)} images: {_e('; '.join(parts))}.</p>")
@@ -630,12 +644,12 @@ _UNDEFENDED = {
 }
 
 
-def _undefended(results: Sequence[Mapping], method: str) -> dict[str, float] | None:
+def _undefended(run: _Run, method: str) -> dict[str, float] | None:
     """Medians of the attack results of ``method``, named as the sweep names them."""
-    mine = [r for r in results if str(r.get("method")) == method]
+    mine = [r for r in run.results if str(r.get("method")) == method]
     stats = medians(mine, list(_UNDEFENDED.values()))
     found = {k: stats[v] for k, v in _UNDEFENDED.items() if stats[v] is not None}
-    if mine and _untargeted(mine[0].get("goal")):
+    if mine and _untargeted(run, mine[0].get("goal")):
         found = {k: v for k, v in found.items() if "_vs_target_" not in k}
     return found or None
 
@@ -716,7 +730,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     """A method's defense curves and table, and its (seconds, quality) points."""
     mine = [r for r in run.sweep if str(r.get("method")) == method]
     keys = [k for k in SWEEP_METRICS if any(is_number(r.get(k)) for r in mine)]
-    if _untargeted(_goal(run, method)):
+    if _untargeted(run, _goal(run, method)):
         # Its "target" is the original map: those rows would repeat adv_vs_orig.
         keys = [k for k in keys if "_vs_target_" not in k]
     rows, points = [], []
@@ -771,12 +785,14 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         run.store.figures / f"defense_{_slug(method)}.png",
         smoothgrad_betas=sg_betas,
         smoothgrad=smoothgrad,
-        undefended=_undefended(run.results, method),
+        undefended=_undefended(run, method),
         undefended_label=legend,
         title=f"{method}: defended maps against β",
     )
     red = (
-        "" if _untargeted(_goal(run, method)) else "red: attacked map vs target map (low is good); "
+        ""
+        if _untargeted(run, _goal(run, method))
+        else "red: attacked map vs target map (low is good); "
     )
     return _img(
         path,

@@ -88,7 +88,7 @@ VOLATILE = ("argv", "versions", "world_size", "process_group", "device", "create
 # Settings that a later step adds to a run (betasmooth sweep), which checks them itself.
 LATER = ("sweep",)
 #: Settings that runs made by older versions lack: compared only where recorded.
-NEWER = ("inputs_sha256", "weights_sha256")
+NEWER = ("inputs_sha256", "weights_sha256", "goal_targeted", "goal_measure")
 
 
 # Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].

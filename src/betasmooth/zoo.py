@@ -108,6 +108,7 @@ __all__ = [
     "data_bounds",
     "data_range",
     "digits_cnn",
+    "import_model_code",
     "load_data",
     "load_model",
 ]
@@ -947,7 +948,8 @@ def _import_module(name: str) -> object:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
 
 
-def _user_model(spec: str) -> nn.Module:
+def _user_module(spec: str) -> tuple[object, str, str]:
+    """The imported file or module of a user's model spec, where it is, and the factory's name."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
         raise InputError(
@@ -955,7 +957,32 @@ def _user_model(spec: str) -> nn.Module:
             f"'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
         )
     is_file = where.endswith(".py") or "/" in where or "\\" in where
-    module = _import_file(Path(where)) if is_file else _import_module(where)
+    return (_import_file(Path(where)) if is_file else _import_module(where)), where, attr
+
+
+def import_model_code(spec: str) -> bool:
+    """Import the file or module that a user's model spec names, without building the
+    model: what it registers (methods, goals, metrics, report sections) is then known,
+    as when the model was loaded. Nothing for a built-in or ``scheme:`` spec.
+
+    Returns
+    -------
+    bool
+        Whether the spec named user code, which was imported.
+
+    Examples
+    --------
+    >>> import_model_code("digits-cnn"), import_model_code("torchvision:resnet18")
+    (False, False)
+    """
+    if spec in BUILTIN_MODELS or spec.partition(":")[0] in MODEL_SCHEMES:
+        return False
+    _user_module(spec)
+    return True
+
+
+def _user_model(spec: str) -> nn.Module:
+    module, where, attr = _user_module(spec)
     factory = getattr(module, attr, None)
     if not callable(factory):
         found = "is not callable" if factory is not None else "is not defined"
