@@ -438,6 +438,29 @@ def test_warning_names_other_kinked_activations():
     assert "no ReLU" not in message
 
 
+def test_an_activation_added_through_relu_is_smoothed_and_not_named(monkeypatch):
+    # hardswish(x) = x relu6(x + 3) / 6, written with relu: smoothed exactly, its module
+    # too, so the warning that it stays non-smooth was false.
+    import warnings
+
+    from betasmooth.smooth import THROUGH_RELU
+
+    def hardswish(relu, x, inplace=False):
+        return x * (relu(x + 3.0) - relu(x - 3.0)) / 6.0
+
+    monkeypatch.setitem(THROUGH_RELU, F.hardswish, hardswish)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Hardswish(), nn.Linear(4, 2)).double()
+    x = 4 * torch.randn(5, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with smoothed(net, 2.0):
+            out = net(x)
+    h = net[0](x)
+    soft = h * (F.softplus(h + 3.0, beta=2.0) - F.softplus(h - 3.0, beta=2.0)) / 6.0
+    torch.testing.assert_close(out, net[2](soft))
+
+
 THROUGH_RELU_ACTIVATIONS = {
     "ReLU6": nn.ReLU6(),
     "ReLU6 in place": nn.ReLU6(inplace=True),

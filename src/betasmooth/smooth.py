@@ -694,10 +694,13 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
         warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
     if not isinstance(warn, bool):
         return
-    names = {type(m).__name__ for m in model.modules() if isinstance(m, KINKED_MODULES)}
+    # Named as the module where one ran it, else as the function; only what ran
+    # unreplaced (an entry added to THROUGH_RELU smooths its module too).
+    ran = {n.replace("_", "") for n in mode.kinked}
+    modules = {type(m).__name__ for m in model.modules() if isinstance(m, KINKED_MODULES)}
+    names = {n for n in modules if n.lower() in ran}
     seen = {n.lower() for n in names}
-    names |= {n for n in mode.kinked if n.replace("_", "") not in seen}
-    kinked = sorted(names)
+    kinked = sorted(names | {n for n in mode.kinked if n.replace("_", "") not in seen})
     if kinked:
         warn_user(
             f"{name}: beta-smoothing replaces ReLU and the activations made of it; these "
