@@ -11,6 +11,7 @@ import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -489,6 +490,67 @@ def test_grid_rows_share_one_colour_scale(tmp_path):
     # Same data, lower share of the colour scale: the original map gets darker.
     assert b[orig_map].mean() < 0.5 * a[orig_map].mean()
     assert a.shape[1] == width
+
+
+def test_a_map_on_few_pixels_is_scaled_to_its_largest_value():
+    # Ten hot pixels of 64 x 64 lie above the 99.5th percentile, which is 0: the scale
+    # fell back to 1 (the whole mass on one pixel) and the row was drawn black.
+    from betasmooth.figures import MAP_CMAP, _compose
+
+    sparse = np.zeros((1, 64, 64))
+    sparse[0, 3, :10] = 0.1
+    assert np.percentile(sparse, 99.5) == 0.0
+    canvas, vmax = _compose([("map", "map", sparse)])
+    assert vmax.tolist() == [0.1]
+    top = np.asarray(matplotlib.colormaps[MAP_CMAP](1.0)[:3])
+    assert np.isclose(canvas, top).all(axis=-1).any()  # the hot pixels in the top colour
+    # An all-zero map keeps the scale of 1: black, with nothing to show.
+    assert _compose([("map", "map", np.zeros((1, 8, 8)))])[1].tolist() == [1.0]
+
+
+def test_panels_keep_the_aspect_ratio_of_the_images():
+    # A 2 x 6 image in a 12 x 12 cell: 4 x 12, centred, with white bars (it was
+    # stretched to 12 x 12).
+    from betasmooth.figures import _fit
+
+    panel = np.arange(12.0).reshape(2, 6, 1).repeat(3, -1)
+    cell = _fit(panel, 12)
+    assert cell.shape == (12, 12, 3)
+    assert (cell[:4] == 1.0).all() and (cell[8:] == 1.0).all()
+    np.testing.assert_array_equal(
+        cell[4:8, :, 0], panel[[0, 0, 1, 1]][:, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], 0]
+    )
+    tall = _fit(panel.transpose(1, 0, 2), 12)
+    assert (tall[:, :4] == 1.0).all() and (tall[:, 8:] == 1.0).all()
+    # A square image fills its cell, pixel for pixel.
+    square = np.random.default_rng(0).random((4, 4, 3))
+    np.testing.assert_array_equal(_fit(square, 8), square.repeat(2, 0).repeat(2, 1))
+
+
+def test_a_row_label_with_a_class_name_stays_on_the_image_panel(tmp_path):
+    # "#0 381→381 spider monkey" on one line ran into the original map's panel: the
+    # class name goes on a second line, and that panel is drawn as without a label.
+    from betasmooth.report import _row_labels
+
+    rng = np.random.default_rng(4)
+    x, m = rng.random((1, 3, H, H)), _maps(rng, 1)
+    batch = AttackBatch(np.array([0]), x, x, m, m, m, np.array([381]), np.array([381]))
+    labels = _row_labels(batch, 1, {0: "spider monkey, and more"})
+    assert labels == ["#0 381→381\nspider monkey, a"]
+    drawn = [
+        np.asarray(
+            Image.open(
+                figures.method_grid(x, m, x, m, m, tmp_path / f"{i}.png", row_labels=rows)
+            ).convert("RGB")
+        )
+        for i, rows in enumerate((None, labels))
+    ]
+    cell = round(figures.CELL * figures.DPI)
+    top = round(figures.TITLE_H * figures.DPI)
+    label_box = (slice(top, top + cell), slice(0, cell))
+    assert (drawn[0][label_box] != drawn[1][label_box]).any()  # the label is drawn
+    rest = (slice(top, top + cell), slice(cell, None))
+    np.testing.assert_array_equal(drawn[0][rest], drawn[1][rest])
 
 
 def test_curvature_run_medians(tmp_path):

@@ -149,10 +149,18 @@ def _display_range(values: np.ndarray) -> tuple[float, float]:
 
 
 def _fit(panel: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of an (H, W, 3) panel to (size, size, 3): pixels stay pixels."""
-    rows = np.arange(size) * panel.shape[0] // size
-    cols = np.arange(size) * panel.shape[1] // size
-    return panel[rows][:, cols]
+    """Nearest-neighbour resize of an (H, W, 3) panel into a (size, size, 3) cell, pixels
+    kept as pixels and the aspect ratio as it is: a wide image gets white bars above and
+    below, as a tall one left and right."""
+    height, width = panel.shape[:2]
+    h = max(1, round(size * height / max(height, width)))
+    w = max(1, round(size * width / max(height, width)))
+    cell = np.ones((size, size, panel.shape[2]))
+    top, left = (size - h) // 2, (size - w) // 2
+    cell[top : top + h, left : left + w] = panel[np.arange(h) * height // h][
+        :, np.arange(w) * width // w
+    ]
+    return cell
 
 
 def _draw_grid(
@@ -211,7 +219,11 @@ def _compose(columns: Sequence[tuple[str, str, np.ndarray]]) -> tuple[np.ndarray
         if images:
             lo, hi = _display_range(np.concatenate([np.ravel(s[r]) for s in images]))
         if maps:
-            top = float(np.percentile(np.concatenate([np.ravel(s[r]) for s in maps]), MAP_QUANTILE))
+            values = np.concatenate([np.ravel(s[r]) for s in maps])
+            top = float(np.percentile(values, MAP_QUANTILE))
+            # A map on fewer pixels than the quantile leaves out has a top of 0:
+            # then its largest value, so that those pixels show.
+            top = top if top > 0 else float(values.max())
             vmax[r] = top if top > 0 else 1.0
         for c, (_, kind, stack) in enumerate(columns):
             if kind == "image":

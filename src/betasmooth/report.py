@@ -483,8 +483,9 @@ def _row_labels(batch: Batch, n: int, names: Mapping[int, str] | None = None) ->
         if isinstance(batch, AttackBatch):
             text += f" {int(batch.label[i])}→{int(batch.label_adv[i])}"
         if names and index in names:
-            # The class name of the prediction, cut to fit the panel.
-            text += f" {names[index][:16]}"
+            # The class name of the prediction, on a line of its own and cut to fit
+            # the panel: beside the labels it ran into the next panel.
+            text += f"\n{names[index][:16]}"
         labels.append(text)
     return labels
 
