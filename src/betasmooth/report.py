@@ -450,9 +450,9 @@ def _goal_spec(run: _Run, goal: object) -> tuple[bool, str]:
     :data:`~betasmooth.attack.GOALS` has them (runs of older versions)."""
     c = run.config
     targeted, measure = c.get("goal_targeted"), c.get("goal_measure")
-    if goal is not None and c.get("goal") == goal and isinstance(targeted, bool):
-        if isinstance(measure, str):
-            return targeted, measure
+    recorded = isinstance(targeted, bool) and isinstance(measure, str)
+    if goal is not None and c.get("goal") == goal and recorded:
+        return targeted, measure
     if isinstance(goal, str) and goal in GOALS:
         return GOALS[goal].targeted, GOALS[goal].measure
     return True, "expl_pcc_target"

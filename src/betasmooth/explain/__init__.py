@@ -181,10 +181,10 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
 
     A method that takes ``**options`` checks its options itself, or lists
     the names it accepts in its attribute ``accepted_options`` (a set), which
-    :func:`explain` then checks. The name after the prefix has no ``-``
-    (refused when it is resolved), as a registered name. A method whose maps come back detached sets
-    ``differentiable = False``, so that the attack refuses it by name
-    (:func:`is_differentiable`); every other one can be attacked.
+    :func:`explain` then checks. The name after the prefix has no ``-``, as
+    a registered name (refused when it is resolved). A method whose maps come
+    back detached sets ``differentiable = False``, so that the attack refuses
+    it by name (:func:`is_differentiable`); every other one can be attacked.
 
     Raises
     ------
