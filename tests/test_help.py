@@ -9,7 +9,7 @@ import re
 import pytest
 
 import betasmooth as bs
-from betasmooth.attack import ATTACK_DEFAULTS, GOALS
+from betasmooth.attack import ATTACK_DEFAULTS, GOALS, UNTARGETED_STEPS
 from betasmooth.cli import build_parser, main
 
 
@@ -54,6 +54,8 @@ def test_attack_help_lists_methods_goals_and_per_method_steps() -> None:
     text = " ".join(_subparsers()["attack"].format_help().split())
     for method, defaults in ATTACK_DEFAULTS.items():
         assert f"{method} {defaults['steps']}" in text
+    # The untargeted goals' own default, which the help gave as the per-method one.
+    assert f"; {UNTARGETED_STEPS} for the untargeted goals topk and center)" in text
     for goal in GOALS:
         assert goal in text
     explain_text = " ".join(_subparsers()["explain"].format_help().split())

@@ -89,6 +89,7 @@ __all__ = [
     "Goal",
     "ManipulationResult",
     "SweepResult",
+    "UNTARGETED_STEPS",
     "attack_options",
     "beta_at",
     "check_attack_model",

@@ -34,7 +34,14 @@ import torch
 # that use them import them, so that `betasmooth --help` and a failed input
 # check answer without that wait.
 from . import __version__, runs, theory
-from .attack import ATTACK_DEFAULTS, GOALS, Goal, check_attack_model, derangement
+from .attack import (
+    ATTACK_DEFAULTS,
+    GOALS,
+    UNTARGETED_STEPS,
+    Goal,
+    check_attack_model,
+    derangement,
+)
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
@@ -318,7 +325,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _steps_help() -> str:
     per_method = ", ".join(f"{m} {int(d['steps'])}" for m, d in ATTACK_DEFAULTS.items())
     return (
-        f"attack steps per image (default per method: {per_method}); "
+        f"attack steps per image (default per method: {per_method}; "
+        f"{UNTARGETED_STEPS} for the untargeted goals topk and center); "
         "a shorter budget takes proportionally longer steps"
     )
 
