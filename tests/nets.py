@@ -91,3 +91,27 @@ class FlushSpy(nn.Module):
     def forward(self, x):
         self.seen.append(float(torch.tensor([1e-39]) * 1.0) == 0.0)
         return self.net(x)
+
+
+class PatchAttention(nn.Module):
+    """Patches, one self-attention layer and a ReLU head, as a small ViT: attention by
+    ``F.scaled_dot_product_attention`` (fused kernels on CPU and GPU), or written out
+    by hand with ``by_hand``."""
+
+    def __init__(self, seed: int = 0, channels: int = 1, classes: int = 5, by_hand: bool = False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.patch = nn.Conv2d(channels, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, classes)
+        self.by_hand = by_hand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        q, k, v = (t.unsqueeze(1) for t in self.qkv(tokens).chunk(3, dim=-1))
+        if self.by_hand:
+            weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+            mixed = weights @ v
+        else:
+            mixed = F.scaled_dot_product_attention(q, k, v)
+        return self.head(F.relu(tokens + mixed.squeeze(1)).mean(1))

@@ -463,6 +463,28 @@ def test_a_prefix_method_with_a_graph_is_attacked_as_any_method(small):
         bs.manipulate(net, x, target, "captum:Saliency", steps=1)
 
 
+def test_a_model_with_fused_attention_is_attacked_as_one_with_attention_by_hand():
+    # The fused kernels of F.scaled_dot_product_attention have no second derivative
+    # (torch's "derivative ... is not implemented", a traceback of attack): a map made
+    # with a graph runs attention's math kernel, as the attention written by hand.
+    from nets import PatchAttention
+
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    fused, by_hand = PatchAttention(), PatchAttention(by_hand=True)
+    fused.load_state_dict(by_hand.state_dict())
+    grads = []
+    for net in (fused, by_hand):
+        xg = x.clone().requires_grad_(True)
+        maps = bs.explain(net, xg, "beta_smooth", 0, create_graph=True, beta=2.0)
+        (grad,) = torch.autograd.grad(maps.square().sum(), xg)
+        grads.append(grad)
+    assert float(grads[1].abs().max()) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    target = bs.heatmap(bs.explain(by_hand, x, "gradient", 0)).flip(0)
+    found = [bs.manipulate(net, x, target, "gradient", steps=3) for net in (fused, by_hand)]
+    torch.testing.assert_close(found[0].x_adv, found[1].x_adv, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [0, 16 * 16 + 1, 2.5, "10"])
 def test_topk_size_is_refused_before_any_step(small, k):
     net, x = small

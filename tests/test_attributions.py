@@ -150,3 +150,25 @@ def test_a_prefixed_name_with_a_dash_is_refused_before_it_names_a_file(tmp_path)
             bs.explain(torch.nn.Flatten(), torch.ones(1, 2), "scaled:-3", 0)
     finally:
         del PREFIXES["scaled"]
+
+
+def test_a_map_that_is_zero_everywhere_is_said_once_per_model():
+    # A zero-initialised head (torchvision's ViT at random weights): every map is 0,
+    # and the attack and the sweep then scored PCC 1, perfect agreement, unsaid.
+    import warnings
+
+    from nets import plain_cnn
+
+    net = plain_cnn()
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        live = bs.explain(net, x, "gradient")
+    assert float(live.abs().amax((1, 2, 3)).min()) > 0 and record == []
+    torch.nn.init.zeros_(net[-1].weight)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert bs.explain(net, x, "gradient").abs().max() == 0
+    said = [str(w.message) for w in record]
+    assert len(said) == 1 and said[0].startswith("gradient gave a map that is zero everywhere")

@@ -13,7 +13,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth.geometry import curvature, theorem1_check
-from nets import plain_cnn, residual_net
+from nets import PatchAttention, plain_cnn, residual_net
 
 
 def neurons(w: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
@@ -294,3 +294,14 @@ def test_curvature_casts_float64_inputs_to_the_model_dtype():
     expected = curvature(net, x, iterations=5)
     for key in ("hessian_norm", "principal_curvature"):
         torch.testing.assert_close(ours[key], expected[key])
+
+
+def test_curvature_of_a_model_with_fused_attention_equals_attention_by_hand():
+    # Hessian-vector products differentiate the gradient again, which the fused
+    # attention kernels cannot (a traceback of betasmooth curvature).
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    fused, by_hand = PatchAttention(seed=2), PatchAttention(seed=2, by_hand=True)
+    got, want = (curvature(bs.smooth(net, 2.0), x, iterations=6) for net in (fused, by_hand))
+    assert float(want["hessian_norm"].min()) > 0
+    for key in ("hessian_norm", "hessian_frobenius", "gradient_norm"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-6)

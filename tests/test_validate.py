@@ -213,7 +213,10 @@ def test_beta_smoothing_names_a_relu_written_as_a_maximum_with_zero(spelling, wa
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         bs.explain(net, x, "beta_smooth", beta=2.0)
-    assert [str(w.message) for w in record] == ([MAXIMUM_WARNING] if warned else [])
+    # maximum(h, 1) is 1 wherever h < 1, so that map is zero, and said to be: here only
+    # the activations' warning is looked at.
+    said = [str(w.message) for w in record if "zero everywhere" not in str(w.message)]
+    assert said == ([MAXIMUM_WARNING] if warned else [])
 
 
 def test_beta_smoothing_is_silent_about_clamps_that_are_no_relu() -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "check_overridable",
     "flush_denormals",
     "logistic_std",
+    "math_attention",
     "replace_relu",
     "smooth",
     "smoothed",
@@ -735,6 +736,37 @@ _SUBNORMAL = 1e-39
 def _flushing() -> bool:
     """Whether the CPU treats subnormal floats as zero now (torch has no getter)."""
     return bool((torch.tensor([_SUBNORMAL]) * 1.0 == 0).item())
+
+
+@contextlib.contextmanager
+def math_attention(active: bool = True) -> Iterator[None]:
+    """While active, attention (``F.scaled_dot_product_attention``, which
+    ``nn.MultiheadAttention`` and torchvision's ViT and Swin call) runs its plain
+    math kernel, whose backward can be differentiated again.
+
+    The fused kernels (flash, memory-efficient) have a first derivative but no
+    second, which the attack (a derivative of the map, itself a derivative)
+    and the curvature (Hessian-vector products) take: without this, they end
+    in torch's "derivative ... is not implemented". The math kernel computes
+    the same attention, with more memory.
+
+    Examples
+    --------
+    >>> q = torch.rand(1, 2, 3, 4, requires_grad=True)
+    >>> with math_attention():
+    ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    ...     (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    ...     (h,) = torch.autograd.grad(g.sum(), q)
+    >>> h.shape
+    torch.Size([1, 2, 3, 4])
+    """
+    if not active:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..smooth import flush_denormals
+from ..smooth import flush_denormals, math_attention
 from ..validate import (
     InputError,
     InputTypeError,
@@ -31,6 +31,7 @@ from ..validate import (
     check_uncompiled,
     evaluating,
     registrar,
+    warn_user,
 )
 
 __all__ = [
@@ -447,9 +448,27 @@ def explain(
     check_method_input(x, method, **options)
     # Subnormal floats flushed: beta_smooth at beta 50 makes them, and the CPU is
     # slow on them (see flush_denormals).
-    with evaluating(model), flush_denormals():
+    # A map with a graph is differentiated again (the attack): attention then
+    # runs its math kernel, whose backward has a derivative.
+    with evaluating(model), flush_denormals(), math_attention(create_graph):
         out = fn(model, x, target_t, create_graph=create_graph, **options)
-    return _checked_output(out, method, x).to(given.dtype)
+    out = _checked_output(out, method, x)
+    if not create_graph:  # the attack's steps: their maps were checked before it
+        _warn_if_zero(out, method, model)
+    return out.to(given.dtype)
+
+
+def _warn_if_zero(out: torch.Tensor, method: str, model: nn.Module) -> None:
+    """Say once per model and method that a map is zero everywhere: compared with
+    another (a target, a defended map), it scores as perfect agreement."""
+    if bool((out.detach().flatten(1) == 0).all(1).any()):
+        warn_user(
+            f"{method} gave a map that is zero everywhere: nothing in x moves the explained "
+            "logit (an untrained or zero-initialised classifier head, every unit off) or "
+            "x is the method's baseline; a comparison of such maps says nothing (two "
+            "constant maps have PCC 1)",
+            model,
+        )
 
 
 def _checked_output(out: object, method: str, x: torch.Tensor) -> torch.Tensor:
