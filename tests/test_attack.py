@@ -23,6 +23,7 @@ from betasmooth.attack import (
     random_targets,
 )
 from betasmooth.explain.gradient import predict
+from betasmooth.recommend import verdict
 from nets import FlushSpy, plain_cnn
 
 
@@ -212,6 +213,35 @@ def test_defense_sweep_equals_recomputation(small):
         assert med["adv_vs_orig_pcc"] == pytest.approx(
             np.median([r["adv_vs_orig_pcc"] for r in group])
         )
+
+
+def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small):
+    # A GELU network has no ReLU to replace: every beta gives the undefended maps back,
+    # which the sweep recommended (beta 5, "about as robust") as a defense.
+    import warnings
+
+    net, x = small
+    gelu = copy.deepcopy(net)
+    for i, layer in enumerate(gelu):
+        if isinstance(layer, nn.ReLU):
+            gelu[i] = nn.GELU()
+    target = _targets(gelu, x)
+    x_adv = bs.manipulate(gelu, x, target, "gradient", steps=3).x_adv
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # beta-smoothing changed nothing: said, and tested
+        sweep = bs.defense_sweep(gelu, x, x_adv, target, "gradient", [1.0, 5.0], smoothgrad_n=2)
+    rows = sweep.records()
+    plain = bs.heatmap(bs.explain(gelu, x, "gradient"))
+    for beta in (1.0, 5.0):
+        torch.testing.assert_close(sweep.maps[("beta_smooth", beta)][1], plain, rtol=0, atol=0)
+    assert {r["changed"] for r in rows if r["defense"] == "beta_smooth"} == {False}
+    assert {r["changed"] for r in rows if r["defense"] == "smoothgrad"} == {True}
+    summary = sweep.summary()
+    assert summary["recommended_beta"] is None
+    assert verdict(summary).startswith("beta-smoothing changed no map at any beta")
+    # On the ReLU network every beta changes the maps, and one is recommended.
+    relu = bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [5.0], smoothgrad_n=2)
+    assert {r["changed"] for r in relu.records()} == {True}
 
 
 def test_defense_sweep_takes_float64_images_as_explain_does(small):

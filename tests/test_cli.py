@@ -918,6 +918,40 @@ def test_report_rebuilds_the_sections_the_run_s_model_file_registers(tmp_path):
     assert b"explained images" not in rebuilt and b"id='explain'" in rebuilt
 
 
+GELU_MODEL = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GELU(), nn.MaxPool2d(4), nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+"""
+
+
+def test_beta_auto_on_a_network_without_relu_says_that_no_beta_changes_a_map(tmp_path, capsys):
+    # Every beta gives the plain maps back: the calibration said "no beta met the
+    # fidelity threshold" of betas whose fidelity is 1.
+    path = tmp_path / "gelu.py"
+    path.write_text(GELU_MODEL)
+    argv = ["explain", "--model", f"{path}:build", "--data", "digits", "-n", "2"]
+    argv += ["--method", "beta_smooth", "--beta", "auto", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "no ReLU was called in forward (its activations: GELU)" in err
+    said = out.splitlines()[1]
+    assert said == (
+        "beta = 50 (beta-smoothing changed no map at any beta (the model calls no ReLU "
+        "that it replaces); none recommended: the most faithful)"
+    )
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    cells = config["beta_auto"]["betas"].values()
+    assert {c["changed"] for c in cells} == {False} and {c["fidelity_pcc"] for c in cells} == {1.0}
+
+
 def test_attack_beta_sets_the_attacked_defense_and_records_every_setting(tmp_path):
     argv = [*ATTACK, "--method", "beta_smooth,gradient", "--beta", "2", "-n", "2", "--steps", "3"]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0

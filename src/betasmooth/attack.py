@@ -1405,8 +1405,10 @@ class SweepResult:
         defended map of ``x`` against the undefended one) and
         ``undefended_<m>`` (the undefended map of ``x_adv`` against the map of
         ``x``, the same in every row of an image) for every metric ``m`` of
-        :func:`betasmooth.compare`, and ``seconds``: the time per image for
-        both maps (of ``x_adv`` and ``x``).
+        :func:`betasmooth.compare`; ``changed``, whether the defense changed
+        the map of ``x`` or of ``x_adv`` at all (not where beta-smoothing finds
+        no ReLU to replace); and ``seconds``: the time per image for both maps
+        (of ``x_adv`` and ``x``).
         """
         return list(self.rows)
 
@@ -1426,7 +1428,7 @@ class SweepResult:
         >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
         >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
         >>> sorted(sweep.summary()["betas"]["1"])
-        ['fidelity_pcc', 'fidelity_ssim', 'n', 'robustness_pcc', 'robustness_ssim']
+        ['changed', 'fidelity_pcc', 'fidelity_ssim', 'n', 'robustness_pcc', 'robustness_ssim']
         """
         return sweep_summary(self.rows, min_fidelity)["method"]
 
@@ -1657,11 +1659,18 @@ def defense_sweep(
                 "sigma": sigma if defense == "smoothgrad" else None,
             }
             scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
+            # A network whose ReLUs beta-smoothing cannot reach (GELU, attention)
+            # gets the undefended maps back: no beta of it is a defense.
+            same = [
+                torch.equal(clean[i], map_orig[i]) and torch.equal(adv[i], map_plain[i])
+                for i in range(x.shape[0])
+            ]
             rows += [
                 {
                     "index": i,
                     **head,
                     **{k: float(v[i]) for k, v in scores.items()},
+                    "changed": not same[i],
                     "seconds": seconds,
                 }
                 for i in range(x.shape[0])

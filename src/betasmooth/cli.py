@@ -47,7 +47,7 @@ from .distributed import distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained
-from .recommend import MIN_FIDELITY, format_summary
+from .recommend import MIN_FIDELITY, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import MAX_SEED, InputError, check_choice, check_uncompiled, is_number, tell
@@ -1313,11 +1313,11 @@ def _explain_beta(
         seed=args.seed,
         progress=shown and _first_rank(),
     )
-    verdict = "recommended"
+    said = "recommended"
     if not found.recommended:
-        verdict = "no beta met the fidelity threshold; most faithful"
+        said = f"{verdict(found.summary)}: the most faithful"
     if _first_rank():
-        _say(f"beta = {found.beta:g} ({verdict})")
+        _say(f"beta = {found.beta:g} ({said})")
     return found.beta, {**found.record(), "images": which}
 
 

@@ -50,13 +50,16 @@ def _cell(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
     for m in METRICS:
         cell[f"robustness_{m}"] = _median(rows, f"adv_vs_clean_{m}")
         cell[f"fidelity_{m}"] = _median(rows, f"clean_vs_orig_{m}")
+    # Records of older versions do not say: taken as changed.
+    cell["changed"] = any(r.get("changed", True) is not False for r in rows)
     return cell
 
 
 def recommend_beta(
     betas: Mapping[str, Mapping[str, object]], min_fidelity: float = MIN_FIDELITY
 ) -> float | None:
-    """The most robust beta (median PCC) among those of median fidelity >= ``min_fidelity``.
+    """The most robust beta (median PCC) among those of median fidelity >= ``min_fidelity``
+    that changed a map (a cell whose ``changed`` is false defends nothing).
 
     Examples
     --------
@@ -76,6 +79,7 @@ def recommend_beta(
         if cell.get("fidelity_pcc") is not None
         and cell.get("robustness_pcc") is not None
         and float(cell["fidelity_pcc"]) >= min_fidelity
+        and cell.get("changed", True) is not False
     ]
     # Among equally robust betas the larger one, which changes the network less.
     return max(fit)[1] if fit else None
@@ -108,7 +112,8 @@ def sweep_summary(
         plain gradient map; ``None`` when the records name none); each
         ``{...}`` holds ``n`` and the medians
         ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
-        ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1).
+        ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1);
+        a defense's also ``changed``, whether it changed any map.
         Betas are keyed by ``f"{beta:g}"``.
 
     Examples
@@ -168,6 +173,12 @@ def verdict(summary: Mapping[str, object]) -> str:
     """
     threshold = f"median fidelity >= {float(summary.get('min_fidelity', MIN_FIDELITY)):g}"
     rec = summary.get("recommended_beta")
+    betas = summary.get("betas") or {}
+    if rec is None and betas and all(c.get("changed", True) is False for c in betas.values()):
+        return (
+            "beta-smoothing changed no map at any beta (the model calls no ReLU that it "
+            "replaces); none recommended"
+        )
     if rec is None:
         return f"no beta in the sweep has {threshold}; none recommended"
     ours = summary["betas"][f"{rec:g}"].get("robustness_pcc")
