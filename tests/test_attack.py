@@ -23,7 +23,7 @@ from betasmooth.attack import (
     random_targets,
 )
 from betasmooth.explain.gradient import predict
-from betasmooth.recommend import verdict
+from betasmooth.recommend import recommend_beta, verdict
 from nets import FlushSpy, plain_cnn
 
 
@@ -242,6 +242,22 @@ def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small):
     # On the ReLU network every beta changes the maps, and one is recommended.
     relu = bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [5.0], smoothgrad_n=2)
     assert {r["changed"] for r in relu.records()} == {True}
+
+
+def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
+    # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
+    # "no beta in the sweep has median fidelity >= 0.9", false of that beta.
+    cells = {
+        "0.5": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5, "changed": True},
+        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
+    }
+    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
+    assert verdict(summary) == (
+        "no beta that changed a map has median fidelity >= 0.9 (beta 1e+09 changed none); "
+        "none recommended"
+    )
+    cells["0.5"]["fidelity_pcc"] = 0.95
+    assert recommend_beta(cells) == 0.5
 
 
 def test_defense_sweep_takes_float64_images_as_explain_does(small):

@@ -129,6 +129,28 @@ def test_attack_and_sweep_give_lrp_their_data_range_as_its_box(user_files):
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-6, atol=1e-6)
 
 
+def test_sweep_run_checks_its_defenses_with_the_box_of_the_data_range(user_files, tmp_path):
+    # The check before a sweep gave the defended LRP the default box [0, 1], and refused
+    # normalised x that the sweep itself explains with data_range's box.
+    from betasmooth.runs import attack_run, sweep_run
+
+    net, x, low, high = _normalised_double(user_files)
+    y = torch.zeros(len(x), dtype=torch.long)
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, net, x, y, ["lrp"], steps=2, data_range=(low, high))
+    rows = sweep_run(run, net, [1.0], smoothgrad_n=2, data_range=(low, high))
+    with np.load(tmp_path / "run" / "arrays" / "lrp-0.npz") as saved:
+        x_adv, target = (torch.from_numpy(saved[k]) for k in ("x_adv", "map_target"))
+    direct = bs.defense_sweep(
+        net, x, x_adv, target, "lrp", [1.0], defenses=("beta_smooth",), data_range=(low, high)
+    )
+    got = {r["index"]: r["adv_vs_clean_pcc"] for r in rows if r["defense"] == "beta_smooth"}
+    want = {r["index"]: r["adv_vs_clean_pcc"] for r in direct.records()}
+    assert sorted(got) == sorted(want) == list(range(len(x)))
+    for i in want:
+        assert got[i] == pytest.approx(want[i], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "method, options",
     [("beta_smooth", {"base": "lrp"}), ("smoothgrad", {"base": "lrp", "n": 2, "seed": 0})],
@@ -206,6 +228,28 @@ def test_cli_explain_lrp_with_mean_std_is_zennit(user_files, tmp_path):
     r = zennit_lrp(net, x.clone(), target, low.double().expand_as(x), high.double().expand_as(x))
     expected = r.abs().sum(1) / r.abs().sum((1, 2, 3)).view(-1, 1, 1)
     torch.testing.assert_close(saved_map.double(), expected, rtol=1e-5, atol=1e-8)
+
+
+def test_cli_attack_of_a_smoothing_of_lrp_gives_its_base_the_data_range(user_files, tmp_path):
+    # attack gave the base LRP of --option beta_smooth.base=lrp the default box [0, 1] in
+    # its checks, and refused normalised data that the attack itself boxes right (explain
+    # did not). The stored original map is LRP of the smoothed network with the data's box.
+    model_file, data_file, raw = user_files
+    out = tmp_path / "run"
+    argv = ["attack", "--model", f"{model_file}:net", "--data", str(data_file), "-n", "2"]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "--no-progress"]
+    argv += ["--method", "beta_smooth", "--option", "beta_smooth.base=lrp", "--steps", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    _, _, low, high = box()
+    net = bs.load_model(f"{model_file}:net").double()
+    with np.load(out / "arrays" / "beta_smooth-0.npz") as saved:
+        x, map_orig = torch.from_numpy(saved["x"]).double(), torch.from_numpy(saved["map_orig"])
+    beta = bs.attack.ATTACK_DEFAULTS["beta_smooth"]["options"]["beta"]
+    smoothed = bs.explain(
+        net, x, "beta_smooth", base="lrp", beta=beta,
+        base_options={"low": low.double(), "high": high.double()},
+    )  # fmt: skip
+    torch.testing.assert_close(map_orig.double(), bs.heatmap(smoothed), rtol=1e-4, atol=1e-7)
 
 
 def _pcc(a, b):

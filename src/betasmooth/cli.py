@@ -1114,6 +1114,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     )
     bounds = inputs.bounds
     options = _with_given(range_options(*bounds), given, methods)
+    for method in methods:  # a base lrp of a smoothing method too, as the attack gives it
+        options[method] = with_base_range(method, options.get(method, {}), *bounds)
     if args.beta is not None:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")

@@ -174,10 +174,16 @@ def verdict(summary: Mapping[str, object]) -> str:
     threshold = f"median fidelity >= {float(summary.get('min_fidelity', MIN_FIDELITY)):g}"
     rec = summary.get("recommended_beta")
     betas = summary.get("betas") or {}
-    if rec is None and betas and all(c.get("changed", True) is False for c in betas.values()):
+    unchanged = [b for b, c in betas.items() if c.get("changed", True) is False]
+    if rec is None and betas and len(unchanged) == len(betas):
         return (
             "beta-smoothing changed no map at any beta (the model calls no ReLU that it "
             "replaces); none recommended"
+        )
+    if rec is None and unchanged:
+        return (
+            f"no beta that changed a map has {threshold} (beta {', '.join(unchanged)} "
+            "changed none); none recommended"
         )
     if rec is None:
         return f"no beta in the sweep has {threshold}; none recommended"

@@ -534,7 +534,8 @@ def sweep_run(
             "betasmooth attack command with --resume, which computes them again, then sweep"
         )
     for method in dict.fromkeys(m for m, _ in attacked):
-        _check_defenses(model, *_swept_base(method, method_options), attacked, method)
+        base, base_options = _swept_base(method, method_options)
+        _check_defenses(model, base, base_options, attacked, method, data_range)
     # Recorded once the arrays are known to be whole and the defenses can explain
     # them: a sweep that cannot start leaves config.json as it was.
     settings = {
@@ -606,17 +607,29 @@ def _check_defenses(
     base_options: Mapping[str, object],
     attacked: Mapping[tuple[str, int], AttackBatch],
     method: str,
+    data_range: tuple[float, float] | None,
 ) -> None:
     """Check that each defense that is a smoothing method can explain ``model`` on ``base``,
-    and the attacked images of ``method``, before the sweep writes anything."""
+    and the attacked images of ``method``, before the sweep writes anything: with the
+    base's options as :func:`~betasmooth.attack.defense_sweep` gives them (LRP's box
+    from ``data_range``)."""
     smoothing = [d for d in DEFENSES if is_method(d) and wraps_base(d)]
-    options = {d: {"base": base, "base_options": dict(base_options) or None} for d in smoothing}
-    check_methods(model, smoothing, options)
+    options: dict[str, dict[str, object]] | None = None
     for (name, _), batch in attacked.items():
-        if name == method:
-            for images in (batch.x, batch.x_adv):
-                for defense in smoothing:
-                    check_method_input(torch.from_numpy(images), defense, **options[defense])
+        if name != method:
+            continue
+        if options is None:
+            given = attack_options(
+                base,
+                torch.from_numpy(batch.x),
+                data_range=data_range,
+                method_options=dict(base_options),
+            )
+            options = {d: {"base": base, "base_options": given or None} for d in smoothing}
+            check_methods(model, smoothing, options)
+        for images in (batch.x, batch.x_adv):
+            for defense in smoothing:
+                check_method_input(torch.from_numpy(images), defense, **options[defense])
 
 
 def _defended(
