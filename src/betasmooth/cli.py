@@ -1098,6 +1098,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _goal(args)  # a typo is named before a long load
     methods, device, inputs, given = _command_inputs(args, runs.attack_methods, pairs)
     model, x, y = inputs
+    goal = _goal(args)
     config = _run_config(
         args,
         device,
@@ -1106,8 +1107,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         steps=args.steps,
         goal=args.goal,
         # What the report needs of the goal, which a model file may have registered.
-        goal_targeted=_goal(args).targeted,
-        goal_measure=_goal(args).measure,
+        goal_targeted=goal.targeted,
+        goal_measure=goal.measure,
         beta=args.beta,
         save_attributions=args.save_attributions,
         options=_stored(given),
