@@ -310,6 +310,20 @@ def test_flat_folder_rgb_to_grey_and_resize(tmp_path) -> None:
     assert bs.load_data(str(tmp_path)).x.shape == (1, 1, 8, 8)
 
 
+def test_folder_images_are_laid_out_as_the_arrays_a_run_reads_back(tmp_path) -> None:
+    # The oracle: torchvision's PIL-to-tensor, then the contiguous copy a run stores in x.npz.
+    # A channels-last batch gives other float32 maps on some convolution kernels.
+    from torchvision.transforms.functional import pil_to_tensor
+
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        _png(tmp_path / name, rng.integers(0, 256, (5, 7, 3)), "RGB")
+    x = bs.load_data(str(tmp_path), mean=0.5, std=0.25).x
+    expected = torch.stack([pil_to_tensor(Image.open(tmp_path / n)) for n in ("a.png", "b.png")])
+    torch.testing.assert_close(x, (expected / 255 - 0.5) / 0.25)
+    assert x.stride() == x.contiguous().stride()
+
+
 def test_folder_names_its_classes_and_files(tmp_path) -> None:
     _png(tmp_path / "zebra" / "b.png", np.zeros((4, 4)), "L")
     _png(tmp_path / "zebra" / "a.png", np.zeros((4, 4)), "L")

@@ -192,7 +192,10 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
         raise InputError(
             f"cannot read image {path}: {err}; expected a PNG, JPEG or BMP file"
         ) from err
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    # Copied, not viewed: a transposed view would be stacked channels-last, and some
+    # convolution kernels round differently on that layout than on the contiguous arrays
+    # a run stores and reads back.
+    array = array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
     return np.repeat(array, channels, axis=0) if array.shape[0] != channels else array
 
 
