@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from betasmooth.calibrate import CANDIDATE_BETAS
 from betasmooth.report import build_report
 from test_report import make_run
 
@@ -93,3 +95,30 @@ def test_dom_holds_every_section(report, tmp_path):
         assert f'<table id="{table}"' in dom
     html = page.read_text()
     assert dom.count("<img ") == html.count("<img ") == 11
+
+
+def test_every_table_fits_a_printed_landscape_page(tmp_path):
+    # Printed, a table wider than the page is cut. Chromium's command line lays pages out
+    # for the screen only, so the report's print rules are applied as screen rules, at the
+    # width an A4 landscape page leaves inside Chromium's default margins (1123 - 2 x 38 px),
+    # to a run with the default seven betas: fifteen columns in each defense table.
+    browser = _browser()
+    run = make_run(tmp_path / "run", betas=CANDIDATE_BETAS)
+    html = build_report(run).read_text(encoding="utf-8")
+    css = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+    assert re.search(r"@page\{size:landscape\}", css)
+    rules = re.search(r"@media print\{(.*)\}\s*$", css, re.S).group(1)
+    measure = (
+        "<script>document.body.setAttribute('data-over', JSON.stringify("
+        "[...document.querySelectorAll('table')].filter("
+        "t => t.scrollWidth > t.parentElement.clientWidth).map(t => t.id)))</script>"
+    )
+    page = tmp_path / "print.html"
+    page.write_text(
+        html.replace("</style>", rules + "</style>").replace("</body>", measure + "</body>"),
+        encoding="utf-8",
+    )
+    done = _chromium(browser, tmp_path, "--window-size=1047,2000", "--dump-dom", page.as_uri())
+    assert done.returncode == 0, done.stderr[-2000:]
+    over = re.search(r'data-over="([^"]*)"', done.stdout).group(1).replace("&quot;", '"')
+    assert json.loads(over) == []

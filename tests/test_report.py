@@ -38,6 +38,7 @@ def make_run(
     theory: bool = True,
     goal: str = "targeted",
     methods: tuple[str, ...] = METHODS,
+    betas: tuple[float, ...] = BETAS,
 ) -> Path:
     """A run directory with the documented files, filled with seeded random numbers."""
     rng = np.random.default_rng(0)
@@ -69,7 +70,7 @@ def make_run(
             )
             run.save_arrays(method, first, batch)
             if sweep:
-                swept = SweepBatch(idx, np.array(BETAS), maps_beta=_maps(rng, b, len(BETAS)))
+                swept = SweepBatch(idx, np.array(betas), maps_beta=_maps(rng, b, len(betas)))
                 run.save_arrays(method, first, swept, "sweep")
         for i in range(N):
             label = int(rng.integers(0, 10))
@@ -90,14 +91,16 @@ def make_run(
         recs = []
         for method in methods:
             for i in range(N):
-                settings = [("beta_smooth", b, None) for b in BETAS]
-                settings += [("smoothgrad", b, math.pi / (math.sqrt(3) * b)) for b in BETAS]
+                settings = [("beta_smooth", b, None) for b in betas]
+                settings += [("smoothgrad", b, math.pi / (math.sqrt(3) * b)) for b in betas]
                 for defense, beta, sigma in settings:
                     rec = {"index": i, "method": method, "defense": defense}
                     rec |= {"beta": beta, "sigma": sigma, "seconds": float(rng.random())}
                     for a in ("adv_vs_orig", "adv_vs_target", "clean_vs_orig"):
                         for m in ("pcc", "ssim", "mse"):
-                            rec[f"{a}_{m}"] = float(rng.random())
+                            # Maps' MSEs are small: their numbers are written as 4.3e-08.
+                            scale = 1e-7 if m == "mse" else 1.0
+                            rec[f"{a}_{m}"] = float(rng.random()) * scale
                     recs.append(rec)
         run.append(recs, "sweep")
     if theory:
@@ -173,7 +176,8 @@ class _Page(HTMLParser):
             self._table.append(self._row)
         elif tag in ("td", "th") and self._row is not None:
             self._cell = ["", a.get("data-value")]
-            self._row.append(self._cell)
+            # A cell that spans columns heads each of them.
+            self._row.extend([self._cell] * int(a.get("colspan", 1)))
         elif tag == "img":
             self.images.append(a)
 
@@ -194,10 +198,14 @@ def parse(path: Path) -> _Page:
     return page
 
 
-def column(table, header: str) -> dict[str, float]:
-    """Row label -> data-value of the column headed ``header``."""
-    j = [c[0] for c in table[0]].index(header)
-    return {row[0][0]: (None if row[j][1] is None else float(row[j][1])) for row in table[1:]}
+def column(table, header: str, head_rows: int = 1) -> dict[str, float]:
+    """Row label -> data-value of the column headed ``header``: the texts of its
+    ``head_rows`` header cells, top to bottom, joined by a space."""
+    heads = [" ".join(filter(None, (c[0] for c in cells))) for cells in zip(*table[:head_rows])]
+    j = heads.index(header)
+    return {
+        row[0][0]: (None if row[j][1] is None else float(row[j][1])) for row in table[head_rows:]
+    }
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -255,7 +263,7 @@ def test_defense_tables_equal_numpy(full_run):
             else:
                 sigma = math.pi / (math.sqrt(3) * beta)
                 setting = f"SmoothGrad σ={sigma:.3g}, matched to β={beta:g}"
-            got = column(table, setting)
+            got = column(table, setting, head_rows=2)
             mine = [
                 r
                 for r in sweep
@@ -455,7 +463,7 @@ def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal, monk
         with Image.open(io.BytesIO(_decode(img["src"]))) as im:
             assert im.size == figures.grid_size(min(GRID_ROWS, N), 4 + len(BETAS))
     for method in METHODS:
-        rows = [row[0][0] for row in page.tables[f"defense-table_{method}"][1:]]
+        rows = [row[0][0] for row in page.tables[f"defense-table_{method}"][2:]]
         assert "adv_vs_orig_pcc" in rows and not [r for r in rows if "_vs_target_" in r]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import math
 import struct
@@ -157,12 +158,17 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px soli
 margin-top:1.8em}h3{font-size:1.05em;margin-top:1.3em}
 table{border-collapse:collapse;margin:.6em 0;font-size:12.5px}
 th,td{border:1px solid #d0d0d0;padding:2px 7px;text-align:right;vertical-align:top}
+td{white-space:nowrap}
 th{background:#f2f2f2}td.k,th.k{text-align:left;white-space:nowrap}code{font-size:12px}
 img{max-width:100%;height:auto;display:block;margin:.4em 0}
 p.note{color:#666;font-style:italic}figure{margin:.8em 0}figcaption{font-size:12px;color:#444}
-nav a{margin-right:1em}.wide{overflow-x:auto}
+nav a{margin-right:1em}.wide{overflow-x:auto}th[colspan]{text-align:center}
 .row{display:flex;flex-wrap:wrap;gap:0 2em;align-items:flex-start}
 .figs{display:flex;flex-wrap:wrap;gap:0 1.5em}.figs figure{max-width:570px}
+@page{size:landscape}
+@media print{body{max-width:none;margin:0;padding:0;font-size:11px}nav{display:none}
+.wide{overflow:visible}table{font-size:9px}th,td{padding:1px 3px}code{font-size:9px}
+figure,tr{break-inside:avoid}h2,h3{break-after:avoid}}
 """
 
 
@@ -271,10 +277,26 @@ def _cell(value: object, cls: str = "") -> str:
     return f"<td{attrs}>{_e(_fmt(value))}</td>"
 
 
-def _table(table_id: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A table; the first column is a row label, the other cells carry data-value."""
+def _table(
+    table_id: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    groups: Sequence[str] | None = None,
+) -> str:
+    """A table; the first column is a row label, the other cells carry data-value.
+
+    ``groups`` names a group for each column after the first; runs of equal names share
+    one cell in a header row above ``header``, so that the column heads stay short.
+    """
     head = "".join(f'<th class="k">{_e(header[0])}</th>' if header else "")
     head += "".join(f"<th>{_e(h)}</th>" for h in header[1:])
+    if groups:
+        spans = [(name, len(list(run))) for name, run in itertools.groupby(groups)]
+        top = '<th class="k"></th>' + "".join(
+            f'<th colspan="{n}">{_e(name)}</th>' if n > 1 else f"<th>{_e(name)}</th>"
+            for name, n in spans
+        )
+        head = f"{top}</tr><tr>{head}"
     body = []
     for row in rows:
         cells = f'<th class="k">{_e(_fmt(row[0]))}</th>' + "".join(_cell(v) for v in row[1:])
@@ -604,10 +626,15 @@ def _section_explain(run: _Run) -> str:
     return out
 
 
+def _sweep_group(key: Mapping[str, object]) -> str:
+    """The defense of a sweep setting, and the adaptive attack it met, if any."""
+    name = "β-smoothing" if key.get("defense") == "beta_smooth" else "SmoothGrad"
+    return f"{name}, {key['attack']} attack" if key.get("attack") else name
+
+
 def _sweep_label(key: Mapping[str, object]) -> str:
+    """A sweep setting within its group (:func:`_sweep_group`)."""
     parts = []
-    if key.get("attack"):
-        parts.append(f"{key['attack']} attack")
     if key.get("defense") == "smoothgrad":
         if is_number(key.get("sigma")):
             parts.append(f"σ={float(key['sigma']):.3g}")
@@ -740,8 +767,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
         stats = medians(recs, keys)
         label = _sweep_label(key)
         defense = key.get("defense", "")
-        name = "β-smoothing" if defense == "beta_smooth" else "SmoothGrad"
-        rows.append([f"{name} {label}".strip(), len(recs)] + [stats[k] for k in keys])
+        rows.append([_sweep_group(key), label, len(recs)] + [stats[k] for k in keys])
         if key.get("attack"):
             continue
         beta = _matched_beta(key)
@@ -759,11 +785,13 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
     out = [f"<h3 id='defense_{_e(_slug(method))}'>{_e(method)}</h3>"]
     if series["beta_smooth"][0]:
         out.append(_defense_figure(run, method, series))
-    # One column per setting: a dozen metrics fit down the page, not across it.
-    header = ["median over images"] + [r[0] for r in rows]
-    columns = [["records"] + [r[1] for r in rows]]
-    columns += [[k] + [r[2 + j] for r in rows] for j, k in enumerate(keys)]
-    out.append(_table(f"defense-table_{_slug(method)}", header, columns))
+    # One column per setting: a dozen metrics fit down the page, not across it; the
+    # defense heads a group of columns, so that each column's head stays a short setting.
+    header = ["median over images"] + [r[1] for r in rows]
+    columns = [["records"] + [r[2] for r in rows]]
+    columns += [[k] + [r[3 + j] for r in rows] for j, k in enumerate(keys)]
+    groups = [r[0] for r in rows]
+    out.append(_table(f"defense-table_{_slug(method)}", header, columns, groups))
     return "".join(out), points
 
 
