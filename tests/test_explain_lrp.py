@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,6 +355,48 @@ def test_lrp_graph_is_traced_once_per_model():
         atol=1e-14,
     )
     assert lrp_graph(net) is not graph
+
+
+class Shifted(nn.Module):
+    """vgg_small on ``x + shift``: a tensor attribute of the root that the trace reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = vgg_small().double()
+        self.register_buffer("shift", torch.zeros(1, 1, 16, 16, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.shift)
+
+
+def test_a_replaced_tensor_attribute_is_traced_again():
+    # The oracle: the map of a copy, which has never been traced.
+    model = Shifted()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    bs.explain(model, x, "lrp", 0, low=-1.0, high=1.0)
+    model.shift = torch.full((1, 1, 16, 16), 0.3, dtype=torch.float64)
+    fresh = copy.deepcopy(model)
+    expected = bs.explain(fresh, x, "lrp", 0, low=-1.0, high=1.0)
+    got = bs.explain(model, x, "lrp", 0, low=-1.0, high=1.0)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_a_forward_set_on_the_instance_is_refused():
+    # torch.fx traces the class's forward: the map would be of the skipped-over function.
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    bs.explain(net, x, "lrp", 0)
+    net.forward = lambda z: nn.Sequential.forward(net, z) * 2
+    with pytest.raises(InputError, match=r"forward set on the instance \(model.forward = ...\)"):
+        bs.explain(net, x, "lrp", 0)
+    # A smoothed copy runs its class's forward, smoothed as the model is inside smoothed().
+    del net.forward
+    with bs.smoothed(net, 2.0):
+        expected = bs.explain(net, x, "lrp", 0)
+    got = bs.explain(bs.smooth(net, 2.0), x, "lrp", 0)
+    assert not torch.allclose(expected, bs.explain(net, x, "lrp", 0))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
 class DataDependent(nn.Module):

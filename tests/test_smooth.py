@@ -727,3 +727,30 @@ def test_a_relu_of_integers_in_forward_is_left_alone():
     got = bs.explain(Counting(torch.relu).double(), x, "beta_smooth", target=target, beta=beta)
     torch.testing.assert_close(got, expected)
     assert bs.smooth(Counting(torch.relu).double(), beta)(x).equal(hand(x))
+
+
+def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was():
+    # KeyboardInterrupt is no Exception: torch skips the always-called hook that leaves the
+    # override, which then smoothed every ReLU in the process.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    soft = smooth(net, 2.0)
+    x = torch.randn(5, 3)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = soft[2].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        soft(x)
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.relu(torch.tensor(-1.0)).item() == 0.0
+    torch.testing.assert_close(
+        net(x), F.relu(F.relu(x @ net[0].weight.T + net[0].bias) @ net[2].weight.T + net[2].bias)
+    )
+    # The copy still smooths: softplus_2 after both layers.
+    hidden = F.softplus(x @ net[0].weight.T + net[0].bias, beta=2.0)
+    torch.testing.assert_close(
+        soft(x), F.softplus(hidden @ net[2].weight.T + net[2].bias, beta=2.0)
+    )

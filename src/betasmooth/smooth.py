@@ -44,9 +44,11 @@ __all__ = [
     "check_beta",
     "check_overridable",
     "flush_denormals",
+    "instance_forward",
     "logistic_std",
     "math_attention",
     "replace_relu",
+    "running_as_forward",
     "smooth",
     "smoothed",
     "softplus",
@@ -602,6 +604,8 @@ class _ReluHooks:
         self.active: list[_ReluOverride] = []
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        # The override the last pre-hook entered, until a _GuardedForward claims it.
+        self.entered: _ReluOverride | None = None
 
     def install(self) -> _ReluHooks:
         check_overridable(self.model, self.what)
@@ -622,6 +626,12 @@ class _ReluHooks:
         mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
         self.active.append(mode)
         mode.__enter__()
+        self.entered = mode
+
+    def unwind(self, mode: _ReluOverride) -> None:
+        """Leave ``mode`` and the overrides entered after it."""
+        while mode in self.active:
+            self.active.pop().__exit__(None, None, None)
 
     def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self.active:
@@ -634,6 +644,78 @@ class _ReluHooks:
             if self.warn:
                 _warn_coverage(self.model, mode, self.warn)
             self.done.append(mode)
+
+
+class _GuardedForward:
+    """The forward of a smoothed copy, which leaves its override when interrupted.
+
+    Torch runs an always-called forward hook after an ``Exception`` only; on a
+    ``KeyboardInterrupt`` the override would stay on torch's stack of function modes,
+    and every ReLU in the process would go on computing softplus.
+    """
+
+    def __init__(self, hooks: _ReluHooks, inner: Callable | None) -> None:
+        # inner: a forward set on the instance before it was smoothed, else the class's.
+        self.hooks, self.inner = hooks, inner
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        mode, self.hooks.entered = self.hooks.entered, None
+        model = self.hooks.model
+        forward = self.inner if self.inner is not None else type(model).forward.__get__(model)
+        try:
+            return forward(*args, **kwargs)
+        except BaseException as err:
+            if mode is not None and not isinstance(err, Exception):
+                self.hooks.unwind(mode)
+            raise
+
+
+def instance_forward(model: nn.Module) -> Callable | None:
+    """The forward set on ``model`` itself rather than by its class, or ``None``.
+
+    A copy made by :func:`smooth` runs its class's forward unless the model it was made
+    from had one of its own.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> instance_forward(smooth(net, 1.0)) is None
+    True
+    """
+    own = model.__dict__.get("forward")
+    return own.inner if isinstance(own, _GuardedForward) else own
+
+
+@contextlib.contextmanager
+def running_as_forward(model: nn.Module, fn: Callable) -> Iterator[None]:
+    """While active, ``model(x)`` runs ``fn(x)`` in place of ``model.forward(x)``.
+
+    ``fn`` runs inside the model's hooks, and inside the override of a copy made by
+    :func:`smooth`, as its forward would.
+
+    Examples
+    --------
+    >>> net = smooth(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), 1.0)
+    >>> with running_as_forward(net, lambda x: torch.relu(-x)):
+    ...     net(torch.zeros(1, 2))
+    tensor([[0.6931, 0.6931]])
+    """
+    own = model.__dict__.get("forward")
+    if isinstance(own, _GuardedForward):
+        inner, own.inner = own.inner, fn
+        try:
+            yield
+        finally:
+            own.inner = inner
+        return
+    object.__setattr__(model, "forward", fn)
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.__dict__["forward"]
+        else:
+            object.__setattr__(model, "forward", own)
 
 
 @contextlib.contextmanager
@@ -859,7 +941,8 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     copied = copy.deepcopy(model)
     # The hooks hold the handle, and the model holds the hooks: they live as
     # long as the copy does.
-    _ReluHooks(copied, handle, warn=True).install()
+    hooks = _ReluHooks(copied, handle, warn=True).install()
+    object.__setattr__(copied, "forward", _GuardedForward(hooks, copied.__dict__.get("forward")))
     copied.betasmooth_beta = handle.beta
     set_origin(copied, model)
     return copied

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..smooth import check_overridable, replace_relu
+from ..smooth import check_overridable, instance_forward, replace_relu, running_as_forward
 from ..validate import InputError, InputTypeError, check_uncompiled, evaluating
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
@@ -702,6 +702,13 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     >>> len(lrp_graph(net).rules)
     3
     """
+    if instance_forward(model) is not None:
+        # torch.fx traces the class's forward: the map would be of another function.
+        raise InputError(
+            f"lrp traces the forward of the class {type(model).__name__}, but this model has "
+            "a forward set on the instance (model.forward = ...), which it would not "
+            "explain; expected a module whose class defines the forward it runs"
+        )
     cached = _GRAPHS.get(model)
     if cached is not None and _same_modules(cached, model):
         return cached
@@ -723,12 +730,17 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
 
 
 def _same_modules(graph: LRPGraph, model: nn.Module) -> bool:
-    modules = dict(model.named_modules())
-    return all(
-        modules.get(node.target) is graph.module.get_submodule(node.target)
-        for node in graph.module.graph.nodes
-        if node.op == "call_module"
-    )
+    """Whether the traced graph still calls the model's modules and reads its tensors:
+    a module or a tensor attribute replaced since the trace needs a new one."""
+    for node in graph.module.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            get = operator.attrgetter(node.target)
+            try:
+                if get(model) is not get(graph.module):
+                    return False
+            except AttributeError:
+                return False
+    return True
 
 
 def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
@@ -824,15 +836,8 @@ def _record(model: nn.Module, graph: LRPGraph, x: torch.Tensor) -> dict[fx.Node,
     recorder = _Recorder(graph)
     # The traced graph runs as the model's own forward, so that hooks on the
     # model (a beta-smoothing override among them) act as in model(x).
-    own = model.__dict__.get("forward")
-    object.__setattr__(model, "forward", recorder.run)
-    try:
+    with running_as_forward(model, recorder.run):
         model(x)
-    finally:
-        if own is None:
-            del model.__dict__["forward"]
-        else:
-            object.__setattr__(model, "forward", own)
     return recorder.values
 
 
