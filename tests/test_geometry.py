@@ -173,6 +173,30 @@ def test_curvature_restores_training_mode(training, data_range):
     assert all(m.training == training for m in net.modules())
 
 
+def test_curvature_of_a_model_in_training_mode_is_that_of_evaluation_mode():
+    # The oracle: the same numbers of the model in evaluation mode. Its one-item check ran
+    # in training mode: BatchNorm moved its running statistics (BatchNorm1d refused the
+    # single item with torch's error).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    net = net.double().eval()
+    expected = curvature(net, x, probes=2)
+    bound = theorem1_check(net, x, x + 0.1, samples=3)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    got = curvature(net, x, probes=2)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-10, atol=0)
+    for key, value in theorem1_check(net, x, x + 0.1, samples=3).items():
+        torch.testing.assert_close(value, bound[key], rtol=1e-10, atol=0)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert net.training
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [

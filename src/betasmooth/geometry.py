@@ -179,8 +179,10 @@ def _check_inputs(
     target_t = check_target(target, x.shape[0])
     target_t = None if target_t is None else target_t.to(x.device)
     # One item's gradient names a forward that leaves x out of the graph,
-    # which the Hessian's own autograd call would meet as a raw error.
-    input_gradient(model, x[:1], None if target_t is None else target_t[:1])
+    # which the Hessian's own autograd call would meet as a raw error; in evaluation
+    # mode, as what it checks, so that BatchNorm's running statistics are not moved.
+    with evaluating(model):
+        input_gradient(model, x[:1], None if target_t is None else target_t[:1])
     return x, target_t
 
 
