@@ -206,3 +206,13 @@ def test_channel_last_maps_summed_over_space_keep_the_channel_last():
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))
+
+
+def test_a_bfloat16_model_gives_its_maps_as_float32():
+    # numpy has no bfloat16: the map, computed in bfloat16, comes back widened exactly.
+    net = plain_cnn(channels=3).to(torch.bfloat16)
+    x = torch.rand(2, 3, 16, 16)
+    expected = bs.explain(net, x.to(torch.bfloat16), "gradient", TARGET[:2]).sum(1, keepdim=True)
+    got = bs.quantus_explain(net, x.numpy(), TARGET[:2].numpy(), method="gradient")
+    assert got.dtype == np.float32 and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, expected.float().numpy())

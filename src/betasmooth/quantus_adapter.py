@@ -210,4 +210,6 @@ def quantus_explain(
     if not first and channels_left:
         # Back to the inputs' layout, where a channel axis is left to move.
         attribution = attribution.movedim(1, -1)
+    if attribution.dtype == torch.bfloat16:
+        attribution = attribution.float()  # numpy has no bfloat16
     return attribution.cpu().numpy()
