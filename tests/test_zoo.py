@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import warnings
@@ -324,6 +325,24 @@ def test_folder_images_are_laid_out_as_the_arrays_a_run_reads_back(tmp_path) -> 
     assert x.stride() == x.contiguous().stride()
 
 
+def test_names_that_are_not_utf8_are_written_with_the_replacement_character(tmp_path) -> None:
+    # A Latin-1 name from an old archive: its bytes decode as Python's own "replace" decodes
+    # them, so that the report, the figures and stdout can write it.
+    folder = os.fsencode(tmp_path / "d")
+    try:
+        os.makedirs(os.path.join(folder, b"c\xfels"))
+    except OSError:
+        pytest.skip("this file system takes UTF-8 names only")
+    Image.new("L", (4, 4)).save(os.path.join(folder, b"c\xfels", b"caf\xe9.png"))
+    _png(tmp_path / "d" / "ok" / "b.png", np.zeros((4, 4)), "L")
+    data = bs.load_data(str(tmp_path / "d"))
+    name = b"c\xfels".decode("utf-8", "replace")
+    assert data.classes == [name, "ok"]
+    file = b"caf\xe9.png".decode("utf-8", "replace")
+    assert data.files == [f"{name}/{file}", "ok/b.png"]
+    assert all(n.encode("utf-8") for n in data.files + data.classes)
+
+
 def test_folder_names_its_classes_and_files(tmp_path) -> None:
     _png(tmp_path / "zebra" / "b.png", np.zeros((4, 4)), "L")
     _png(tmp_path / "zebra" / "a.png", np.zeros((4, 4)), "L")
@@ -494,6 +513,11 @@ def test_npz_bad_input(tmp_path) -> None:
         bs.load_data(str(path))
     with pytest.raises(InputError, match="data file .*missing.npz does not exist"):
         bs.load_data(str(tmp_path / "missing.npz"))
+    # An empty side, in floats and in integers, as an empty batch.
+    for shape, dtype in [((2, 3, 0, 4), np.float32), ((2, 3, 4, 0), np.int32), ((0, 8, 8), bool)]:
+        np.savez(path, x=np.zeros(shape, dtype=dtype))
+        with pytest.raises(InputError, match=rf"shape \({shape[0]}, .*none of them 0"):
+            bs.load_data(str(path))
 
 
 def test_unknown_data_spec_and_split() -> None:

@@ -19,8 +19,10 @@ Data specs
         of an image is the index of its subfolder among the sorted subfolder
         names; a flat folder has no labels (every label is -1). Images are
         converted to grey (``channels=1``) or RGB (``channels=3``, alpha
-        dropped; the default when any image has colour) and scaled to [0, 1]
-        (8-bit values by 255, 16-bit grey by 65535). The class names and the
+        dropped; the default when any image is stored in a colour mode: RGB,
+        RGBA, CMYK or a palette, even one of greys) and scaled to [0, 1]
+        (8-bit values by 255, 16-bit grey by 65535; Pillow reads a 16-bit grey
+        PNG with alpha as 8-bit RGBA). The class names and the
         file of each image (relative to the folder) come with the images
         (``ImageData.classes``, ``.files``). As torchvision's ``ImageFolder``,
         a class folder's images are read from its subfolders too, in
@@ -250,7 +252,13 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
             "point the data spec at one of them",
             stacklevel=4,
         )
-    return files, labels, [p.name for p in subfolders]
+    return files, labels, [_readable(p.name) for p in subfolders]
+
+
+def _readable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (a Latin-1 name from an old archive)
+    become U+FFFD, which reports, figures and JSON can write."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -310,7 +318,7 @@ def _folder(
                 "(--image-size on the command line) to resize all images to one size"
             )
         images.append(image)
-    names = [p.relative_to(folder).as_posix() for p in files]
+    names = [_readable(p.relative_to(folder).as_posix()) for p in files]
     return (
         torch.from_numpy(np.stack(images)),
         torch.tensor(labels, dtype=torch.long),
@@ -336,9 +344,10 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             f"array x in {path} has shape {x.shape}, channel-last (N, H, W, C); expected "
             "(N, C, H, W): save x.transpose(0, 3, 1, 2)"
         )
-    if x.ndim != 4 or x.shape[0] == 0:
+    if x.ndim != 4 or 0 in x.shape:
         raise InputError(
-            f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W) with N > 0"
+            f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W), "
+            "none of them 0"
         )
     x = _scaled(x, path)
     if not np.isfinite(x).all():
