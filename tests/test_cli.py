@@ -793,6 +793,18 @@ def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field
     records = read_jsonl(tmp_path / "run" / "results.jsonl")
     position = header.split().index(column.split()[0])
     assert float(row[position]) == pytest.approx(np.median([r[field] for r in records]), abs=6e-4)
+    # Its sweep has no target column either: the "target" is the original map, and the
+    # column repeated pcc adv/orig.
+    assert main(["sweep", str(tmp_path / "run"), "--betas", "2", "--smoothgrad-n", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("defense"))
+    assert "pcc adv/orig" in header and "tgt" not in header
+    row = next(line for line in lines if line.startswith("beta_smooth")).split()
+    sweep = [
+        r for r in read_jsonl(tmp_path / "run" / "sweep.jsonl") if r["defense"] == "beta_smooth"
+    ]
+    expected = np.median([r["adv_vs_orig_pcc"] for r in sweep])
+    assert float(row[3]) == pytest.approx(expected, abs=6e-4)
 
 
 def _away_from_the_original(p, maps, x_adv=None):

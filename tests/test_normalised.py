@@ -444,6 +444,22 @@ def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path):
     assert (config["mean"], config["std"]) == (MEAN, STD)
 
 
+def test_a_demo_on_fewer_images_than_its_n_says_so_and_records_them(user_files, tmp_path, capsys):
+    # As attack and explain: one notice, the number used in config.json, and a report that
+    # holds a finished run (it compared 3 results per method with the asked-for 6).
+    model_file, data_file, _ = user_files
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", f"{model_file}:net", "--data", str(data_file), "--quick"]
+    argv += ["-n", "6", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"betasmooth demo: {data_file} holds only 4 images; using all 4 (asked for 6)" in err
+    assert json.loads((out / "config.json").read_text())["n"] == 4
+    assert "not finished" not in (out / "report.html").read_text()
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["index"] for r in results}) == [0, 1, 2, 3]
+
+
 def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(
     user_files, tmp_path, capsys
 ):

@@ -107,6 +107,25 @@ SWEEP_COLUMNS = (
     ("seconds", "s/img"),
 )
 
+
+def sweep_columns(config: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+    """The sweep table's columns after the attack that ``config`` records: an untargeted
+    goal has no target map, so its "target" column would repeat the original's.
+
+    Examples
+    --------
+    >>> [key for key, _ in sweep_columns({"goal": "topk"})]
+    ['adv_vs_orig_pcc', 'clean_vs_orig_pcc', 'seconds']
+    """
+    targeted = config.get("goal_targeted")
+    if not isinstance(targeted, bool):  # recorded since 0.8.4
+        goal = config.get("goal", "targeted")
+        targeted = GOALS[goal].targeted if goal in GOALS else True
+    if targeted:
+        return SWEEP_COLUMNS
+    return tuple(c for c in SWEEP_COLUMNS if "_vs_target_" not in c[0])
+
+
 # Sizes of the demo: every loop is bounded so that the default run on digits
 # takes at most 10 minutes and --quick at most one minute on 2 CPU cores.
 DEMO_SIZES: dict[str, dict[str, object]] = {
@@ -1388,7 +1407,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     if dist.rank == 0:
-        _say(summary_table(records, SWEEP_COLUMNS, ("defense", "beta")))
+        _say(summary_table(records, sweep_columns(config), ("defense", "beta")))
         _say()
         _say_recommendation(run)
         _say(f"sweep: {run.merged('sweep')}")
@@ -1528,7 +1547,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # The built-in models' tensors are small: one thread computes them about
         # as fast as several, and does not stall when other processes hold the cores.
         torch.set_num_threads(1)
-    model, x, y = inputs = _load(vars(args), int(sizes["n"]))
+    args.n = int(sizes["n"])
+    # Fewer than 2 images fail the derangement, before the notice of fewer images.
+    model, x, y = inputs = _load_images(args, lambda count: derangement(count, args.seed))
+    sizes["n"] = args.n
     config = _config(
         args,
         **_inputs_config(args),
@@ -1544,7 +1566,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = _attacked_with(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options, x)
     check_attack_model(model, methods)
-    derangement(len(x), args.seed)  # fewer than 2 images fail here, before any writing
     run = RunDir.create(args.out, config, resume=args.resume)
     common = {
         "batch_size": int(sizes["batch_size"]),
