@@ -606,7 +606,7 @@ def cost_quality(
         if log:
             _log_scale(ax, "x")
         ax.margins(x=0.25, y=0.12)
-        ax.set_xlabel("median seconds per image")
+        ax.set_xlabel("median seconds per image (its attacked and clean maps)")
         ax.set_ylabel(f"median {metric}")
         ax.legend(loc="best")
         ax.set_title(title or "Quality against cost", loc="left")

@@ -144,6 +144,7 @@ THEORY_TABLES: dict[str, tuple[str, str, dict[str, str]]] = {
 }
 _SETUP_WORDS = {
     "d": "input dimension d",
+    "w": "weight vector w",
     "beta": "β",
     "n": "Monte Carlo samples per point",
     "points": "evaluation points",
@@ -855,9 +856,9 @@ def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
             _img(
                 path,
                 f"{method} quality against time",
-                "Each point: one setting; x: median seconds per image to compute the "
-                "defended map, y: median PCC of the defended attacked map with the "
-                "original map.",
+                "Each point: one setting; x: median seconds per image to compute its "
+                "two defended maps (of the attacked and of the clean image), y: median "
+                "PCC of the defended attacked map with the original map.",
             )
         )
     return "".join(out)

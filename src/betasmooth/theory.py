@@ -478,7 +478,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
             identity_1d_max_error          max |E[relu(x - e)] - softplus_beta(x)| (quadrature)
             sigmoid_derivative_max_error   max |E[1{e < x}] - d/dx softplus_beta(x)| (autograd)
             identity_1d_betas              the betas of both checks (x in [-5, 5])
-            theorem2_setup                 {"d", "beta", "n", "points", "level"}
+            theorem2_setup                 {"d", "w", "beta", "n", "points", "level"}
             theorem2_projected_max_error   max over points, projected noise, N = n
             theorem2_projected_ci          [0, h]: h the simultaneous (Bonferroni) 95%
                                            half-width; the max error lies inside with
@@ -626,7 +626,14 @@ def _theorem2_part(n: int, seed: int) -> dict:
     projected = mc["projected"]
     h = float(projected["simultaneous_half_width"])
     return {
-        "theorem2_setup": {"d": d, "beta": beta, "n": n, "points": len(z), "level": 0.95},
+        "theorem2_setup": {
+            "d": d,
+            "w": "standard Gaussian in R^d",
+            "beta": beta,
+            "n": n,
+            "points": len(z),
+            "level": 0.95,
+        },
         "theorem2_projected_max_error": float(projected["error"].max()),
         "theorem2_projected_ci": [0.0, h],
         "theorem2_projected_within_ci": bool(projected["error"].max() <= h),
