@@ -729,28 +729,34 @@ def test_a_relu_of_integers_in_forward_is_left_alone():
     assert bs.smooth(Counting(torch.relu).double(), beta)(x).equal(hand(x))
 
 
-def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was():
+def _interrupt(*args: object) -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["submodule", "pre-hook", "backward"])
+def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was(where):
     # KeyboardInterrupt is no Exception: torch skips the always-called hook that leaves the
-    # override, which then smoothed every ReLU in the process.
+    # override, which then smoothed every ReLU in the process, the original model's too.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
     soft = smooth(net, 2.0)
-    x = torch.randn(5, 3)
-
-    def interrupt(module, args, output):
-        raise KeyboardInterrupt
-
-    handle = soft[2].register_forward_hook(interrupt)
+    x = torch.randn(5, 3, requires_grad=True)
+    if where == "submodule":
+        handle = soft[2].register_forward_hook(_interrupt)
+    elif where == "pre-hook":  # a user's hook on the copy, after the one that smooths
+        handle = soft.register_forward_pre_hook(_interrupt)
+    else:
+        handle = soft[2].register_full_backward_hook(_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        soft(x)
+        bs.explain(soft, x, "gradient", 0)
     handle.remove()
-    assert torch._C._len_torch_function_stack() == 0
     assert torch.relu(torch.tensor(-1.0)).item() == 0.0
-    torch.testing.assert_close(
-        net(x), F.relu(F.relu(x @ net[0].weight.T + net[0].bias) @ net[2].weight.T + net[2].bias)
-    )
-    # The copy still smooths: softplus_2 after both layers.
+    relu_net = F.relu(F.relu(x @ net[0].weight.T + net[0].bias) @ net[2].weight.T + net[2].bias)
+    torch.testing.assert_close(net(x), relu_net)
+    # The copy still smooths (softplus_2 after both layers), and its next forward leaves
+    # no override behind.
     hidden = F.softplus(x @ net[0].weight.T + net[0].bias, beta=2.0)
     torch.testing.assert_close(
         soft(x), F.softplus(hidden @ net[2].weight.T + net[2].bias, beta=2.0)
     )
+    assert torch._C._len_torch_function_stack() == 0

@@ -25,6 +25,7 @@ import inspect
 import math
 import re
 import sys
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -44,11 +45,9 @@ __all__ = [
     "check_beta",
     "check_overridable",
     "flush_denormals",
-    "instance_forward",
     "logistic_std",
     "math_attention",
     "replace_relu",
-    "running_as_forward",
     "smooth",
     "smoothed",
     "softplus",
@@ -400,6 +399,32 @@ class _ReluOverride(TorchFunctionMode):
         # runs inside a reentrant checkpoint.
         self.grad_enabled = torch.is_grad_enabled()
         self.failed = False
+        # The frame of the forward call that entered this mode (see _ReluHooks._enter).
+        self.owner: types.FrameType | None = None
+        self.stale = self.left = False
+
+    def leave(self) -> None:
+        """Leave this mode, once: a stale one may be left before its hooks' cleanup."""
+        if not self.left:
+            self.left, self.owner = True, None  # the frame holds the forward's inputs
+            self.__exit__(None, None, None)
+
+    def _owner_returned(self) -> bool:
+        """Whether the forward call that entered this mode has ended without leaving it.
+
+        Torch runs an always-called forward hook after an ``Exception`` only: a
+        ``KeyboardInterrupt`` (Ctrl-C) skips the hook that leaves the mode, which would
+        then go on replacing every ReLU of the process.
+        """
+        if self.owner is None:
+            return False
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame is self.owner:
+                return False
+            frame = frame.f_back
+        self.stale, self.owner = True, None
+        return True
 
     def _note(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """Note an activation that is not replaced, for the warning after the pass."""
@@ -419,6 +444,8 @@ class _ReluOverride(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if self.stale:
+            return func(*args, **kwargs)
         if func in RELU_FUNCTIONS:
             replacement = _relu
         elif self.through and func in THROUGH_RELU:
@@ -426,6 +453,8 @@ class _ReluOverride(TorchFunctionMode):
         else:
             if self.inspect:
                 self._note(func, args, kwargs)
+            return func(*args, **kwargs)
+        if self._owner_returned():
             return func(*args, **kwargs)
         first = args[0] if args else kwargs.get("input")
         if isinstance(first, torch.Tensor) and not first.is_floating_point():
@@ -589,6 +618,16 @@ def _scripted_graph(module: torch.jit.ScriptModule) -> str:
         return ""
 
 
+def _drop_stale_modes() -> None:
+    """Leave the overrides whose forward was interrupted, from the top of torch's stack
+    of function modes; one lower down passes every call through until it is on top."""
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        if not (isinstance(top, _ReluOverride) and (top.stale or top._owner_returned())):
+            return
+        top.leave()
+
+
 class _ReluHooks:
     """A forward pre-hook and an always-called forward hook that override ReLU during forward."""
 
@@ -604,8 +643,6 @@ class _ReluHooks:
         self.active: list[_ReluOverride] = []
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        # The override the last pre-hook entered, until a _GuardedForward claims it.
-        self.entered: _ReluOverride | None = None
 
     def install(self) -> _ReluHooks:
         check_overridable(self.model, self.what)
@@ -620,102 +657,29 @@ class _ReluHooks:
         for handle in self.handles:
             handle.remove()
         while self.active:  # a forward interrupted before its hook could run
-            self.active.pop().__exit__(None, None, None)
+            self.active.pop().leave()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
+        _drop_stale_modes()
+        self.active = [m for m in self.active if not m.left]
         mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
+        # The caller is torch's Module._call_impl of this forward: once it is off the
+        # stack, the forward has ended, whether or not _leave ran.
+        mode.owner = sys._getframe(1)
         self.active.append(mode)
         mode.__enter__()
-        self.entered = mode
-
-    def unwind(self, mode: _ReluOverride) -> None:
-        """Leave ``mode`` and the overrides entered after it."""
-        while mode in self.active:
-            self.active.pop().__exit__(None, None, None)
 
     def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self.active:
             return
         mode = self.active.pop()
-        mode.__exit__(None, None, None)
+        mode.leave()
         # Only the first pass is kept: enough for the warning and for tests,
         # and a long attack does not grow a list.
         if not self.done and not mode.failed:
             if self.warn:
                 _warn_coverage(self.model, mode, self.warn)
             self.done.append(mode)
-
-
-class _GuardedForward:
-    """The forward of a smoothed copy, which leaves its override when interrupted.
-
-    Torch runs an always-called forward hook after an ``Exception`` only; on a
-    ``KeyboardInterrupt`` the override would stay on torch's stack of function modes,
-    and every ReLU in the process would go on computing softplus.
-    """
-
-    def __init__(self, hooks: _ReluHooks, inner: Callable | None) -> None:
-        # inner: a forward set on the instance before it was smoothed, else the class's.
-        self.hooks, self.inner = hooks, inner
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        mode, self.hooks.entered = self.hooks.entered, None
-        model = self.hooks.model
-        forward = self.inner if self.inner is not None else type(model).forward.__get__(model)
-        try:
-            return forward(*args, **kwargs)
-        except BaseException as err:
-            if mode is not None and not isinstance(err, Exception):
-                self.hooks.unwind(mode)
-            raise
-
-
-def instance_forward(model: nn.Module) -> Callable | None:
-    """The forward set on ``model`` itself rather than by its class, or ``None``.
-
-    A copy made by :func:`smooth` runs its class's forward unless the model it was made
-    from had one of its own.
-
-    Examples
-    --------
-    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    >>> instance_forward(smooth(net, 1.0)) is None
-    True
-    """
-    own = model.__dict__.get("forward")
-    return own.inner if isinstance(own, _GuardedForward) else own
-
-
-@contextlib.contextmanager
-def running_as_forward(model: nn.Module, fn: Callable) -> Iterator[None]:
-    """While active, ``model(x)`` runs ``fn(x)`` in place of ``model.forward(x)``.
-
-    ``fn`` runs inside the model's hooks, and inside the override of a copy made by
-    :func:`smooth`, as its forward would.
-
-    Examples
-    --------
-    >>> net = smooth(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), 1.0)
-    >>> with running_as_forward(net, lambda x: torch.relu(-x)):
-    ...     net(torch.zeros(1, 2))
-    tensor([[0.6931, 0.6931]])
-    """
-    own = model.__dict__.get("forward")
-    if isinstance(own, _GuardedForward):
-        inner, own.inner = own.inner, fn
-        try:
-            yield
-        finally:
-            own.inner = inner
-        return
-    object.__setattr__(model, "forward", fn)
-    try:
-        yield
-    finally:
-        if own is None:
-            del model.__dict__["forward"]
-        else:
-            object.__setattr__(model, "forward", own)
 
 
 @contextlib.contextmanager
@@ -941,8 +905,7 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     copied = copy.deepcopy(model)
     # The hooks hold the handle, and the model holds the hooks: they live as
     # long as the copy does.
-    hooks = _ReluHooks(copied, handle, warn=True).install()
-    object.__setattr__(copied, "forward", _GuardedForward(hooks, copied.__dict__.get("forward")))
+    _ReluHooks(copied, handle, warn=True).install()
     copied.betasmooth_beta = handle.beta
     set_origin(copied, model)
     return copied

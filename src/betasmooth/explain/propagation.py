@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..smooth import check_overridable, instance_forward, replace_relu, running_as_forward
+from ..smooth import check_overridable, replace_relu
 from ..validate import InputError, InputTypeError, check_uncompiled, evaluating
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
@@ -702,7 +702,7 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     >>> len(lrp_graph(net).rules)
     3
     """
-    if instance_forward(model) is not None:
+    if "forward" in model.__dict__:
         # torch.fx traces the class's forward: the map would be of another function.
         raise InputError(
             f"lrp traces the forward of the class {type(model).__name__}, but this model has "
@@ -836,8 +836,15 @@ def _record(model: nn.Module, graph: LRPGraph, x: torch.Tensor) -> dict[fx.Node,
     recorder = _Recorder(graph)
     # The traced graph runs as the model's own forward, so that hooks on the
     # model (a beta-smoothing override among them) act as in model(x).
-    with running_as_forward(model, recorder.run):
+    own = model.__dict__.get("forward")
+    object.__setattr__(model, "forward", recorder.run)
+    try:
         model(x)
+    finally:
+        if own is None:
+            del model.__dict__["forward"]
+        else:
+            object.__setattr__(model, "forward", own)
     return recorder.values
 
 
