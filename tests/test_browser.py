@@ -104,6 +104,11 @@ def test_every_table_fits_a_printed_landscape_page(tmp_path):
     # to a run with the default seven betas: fifteen columns in each defense table.
     browser = _browser()
     run = make_run(tmp_path / "run", betas=CANDIDATE_BETAS)
+    # A long command line, as a user's paths make it, wraps in its cell.
+    config = json.loads((run / "config.json").read_text())
+    config["argv"] = ["betasmooth", "attack", "--data", "/data/" + "sub/" * 30 + "val.npz"]
+    config["argv"] += ["--method", "gradient,input_x_gradient,lrp", "--out", "/runs/" * 12]
+    (run / "config.json").write_text(json.dumps(config))
     html = build_report(run).read_text(encoding="utf-8")
     css = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
     assert re.search(r"@page\{size:landscape\}", css)

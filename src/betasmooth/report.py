@@ -159,7 +159,7 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px soli
 margin-top:1.8em}h3{font-size:1.05em;margin-top:1.3em}
 table{border-collapse:collapse;margin:.6em 0;font-size:12.5px}
 th,td{border:1px solid #d0d0d0;padding:2px 7px;text-align:right;vertical-align:top}
-td{white-space:nowrap}
+td[data-value]{white-space:nowrap}
 th{background:#f2f2f2}td.k,th.k{text-align:left;white-space:nowrap}code{font-size:12px}
 img{max-width:100%;height:auto;display:block;margin:.4em 0}
 p.note{color:#666;font-style:italic}figure{margin:.8em 0}figcaption{font-size:12px;color:#444}
