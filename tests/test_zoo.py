@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -514,9 +515,9 @@ def test_npz_bad_input(tmp_path) -> None:
     with pytest.raises(InputError, match="data file .*missing.npz does not exist"):
         bs.load_data(str(tmp_path / "missing.npz"))
     # An empty side, in floats and in integers, as an empty batch.
-    for shape, dtype in [((2, 3, 0, 4), np.float32), ((2, 3, 4, 0), np.int32), ((0, 8, 8), bool)]:
+    for shape, dtype in [((2, 3, 0, 4), np.float32), ((2, 3, 4, 0), np.int32), ((3, 0, 8), bool)]:
         np.savez(path, x=np.zeros(shape, dtype=dtype))
-        with pytest.raises(InputError, match=rf"shape \({shape[0]}, .*none of them 0"):
+        with pytest.raises(InputError, match=rf"shape {re.escape(str(shape))}; .*none of them 0"):
             bs.load_data(str(path))
 
 

@@ -337,6 +337,7 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     x = arrays["x"]
     if x.dtype.kind not in "biuf":
         raise InputError(f"array x in {path} has dtype {x.dtype}; expected a numeric array")
+    saved = x.shape
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
@@ -346,7 +347,7 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if x.ndim != 4 or 0 in x.shape:
         raise InputError(
-            f"array x in {path} has shape {x.shape}; expected (N, C, H, W) or (N, H, W), "
+            f"array x in {path} has shape {saved}; expected (N, C, H, W) or (N, H, W), "
             "none of them 0"
         )
     x = _scaled(x, path)
