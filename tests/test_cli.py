@@ -321,6 +321,11 @@ def test_non_empty_directory_is_refused(attack_dir, capsys):
     assert "is not empty; pass --resume" in err
     assert main([*argv[:-1], "20", "--out", str(attack_dir), "--resume"]) == 2
     assert "steps is 10" in capsys.readouterr().err
+    # Said before the data load, whose notice of fewer images made it two lines.
+    more = [*ATTACK, "--method", "gradient", "-n", "100000", "--out", str(attack_dir)]
+    assert main(more) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty; pass --resume" in err
     assert _snapshot(attack_dir) == before
 
 
@@ -583,17 +588,33 @@ def test_bad_input_exits_2_with_one_line_and_keeps_the_run(case, bad_files, atta
 
 
 def test_bad_input_through_the_installed_command(bad_files, tmp_path):
-    (tmp_path / "keep.txt").write_text("mine")
     argv = ["attack", "--model", "digits-cnn", "--data", f"{bad_files}/nan.npz"]
-    argv += ["--method", "gradient", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "betasmooth", *argv], env=ENV, capture_output=True, text=True
-    )
+    argv += ["--method", "gradient", "--out"]
+
+    def run(out):
+        return subprocess.run(
+            [sys.executable, "-m", "betasmooth", *argv, str(out)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+
+    proc = run(tmp_path / "new")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         f"betasmooth: error: array x in {bad_files}/nan.npz contains NaN or inf (first at item 1)"
     ]
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "new").exists() or not list((tmp_path / "new").iterdir())
+    # A folder that holds files of the user's is named first: the run could not go there.
+    (tmp_path / "mine" / "keep.txt").parent.mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    proc = run(tmp_path / "mine")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"betasmooth: error: {tmp_path / 'mine'} is not empty; pass --resume to continue the "
+        "run in it, or choose a new --out"
+    ]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
 
 
 def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):

@@ -1715,6 +1715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             _check_processes(args.command)
             _apply_preset(args)
+            if getattr(args, "out", None) is not None:
+                # Before the model and data load, whose notices would come first.
+                RunDir(args.out).check_out(getattr(args, "resume", False))
             return args.run(args)
     except BrokenPipeError:
         # The reader (e.g. head) has gone: nothing more to say to it, and no error of ours.

@@ -474,6 +474,24 @@ class RunDir:
 
     # -- validation and creation
 
+    def check_out(self, resume: bool) -> None:
+        """Refuse a file, and without ``resume`` a directory that holds a run: what
+        :meth:`check` refuses before it reads the config, so that a command can say it
+        before it loads a model and data.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> RunDir(tempfile.mkdtemp()).check_out(resume=False)
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"{self.path} is a file; expected a directory for --out")
+        if self.started() and not resume:
+            raise InputError(
+                f"{self.path} is not empty; pass --resume to continue the run in it, "
+                "or choose a new --out"
+            )
+
     def check(self, config: dict[str, object], resume: bool) -> None:
         """Refuse to start where it would mix runs.
 
@@ -483,15 +501,9 @@ class RunDir:
             Without ``resume`` when the directory is not empty; with
             ``resume`` when its config differs in a setting.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"{self.path} is a file; expected a directory for --out")
+        self.check_out(resume)
         if not self.started():
             return
-        if not resume:
-            raise InputError(
-                f"{self.path} is not empty; pass --resume to continue the run in it, "
-                "or choose a new --out"
-            )
         stored = self.config()
         # Both ways: a setting the run was made with and the command now omits
         # (an option left out on --resume) differs as much as a changed one.
