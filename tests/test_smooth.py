@@ -760,3 +760,20 @@ def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was(where):
         soft(x), F.softplus(hidden @ net[2].weight.T + net[2].bias, beta=2.0)
     )
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_an_interrupt_inside_a_smoothed_copy_within_smoothed_leaves_no_override():
+    # The context's own override is left, not the stale one the interrupt left above it
+    # (TorchFunctionMode.__exit__ pops whatever is on top).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    holder = nn.Sequential(nn.Identity(), smooth(net, 2.0))
+    x = torch.randn(5, 3)
+    handle = holder[1][2].register_forward_hook(_interrupt)
+    with pytest.raises(KeyboardInterrupt), smoothed(holder, 5.0):
+        holder(x)
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.relu(torch.tensor(-1.0)).item() == 0.0
+    relu_net = F.relu(F.relu(x @ net[0].weight.T + net[0].bias) @ net[2].weight.T + net[2].bias)
+    torch.testing.assert_close(net(x), relu_net)

@@ -404,10 +404,26 @@ class _ReluOverride(TorchFunctionMode):
         self.stale = self.left = False
 
     def leave(self) -> None:
-        """Leave this mode, once: a stale one may be left before its hooks' cleanup."""
-        if not self.left:
-            self.left, self.owner = True, None  # the frame holds the forward's inputs
-            self.__exit__(None, None, None)
+        """Take this mode off torch's stack, once, with the dead overrides above it.
+
+        ``__exit__`` would pop whatever is on top: an override an interrupt left above
+        this one, while this one stayed on.
+        """
+        if self.left:
+            return
+        self.left, self.owner = True, None  # the frame holds the forward's inputs
+        if not any(m is self for m in _function_modes()):
+            return
+        kept = []
+        while (top := torch._C._pop_torch_function_stack()) is not self:
+            if not _dead(top):
+                kept.append(top)
+        for mode in reversed(kept):
+            torch._C._push_on_torch_function_stack(mode)
+
+    def dead(self) -> bool:
+        """Whether this mode has been left, or its forward has ended (see _owner_returned)."""
+        return self.left or self.stale or self._owner_returned()
 
     def _owner_returned(self) -> bool:
         """Whether the forward call that entered this mode has ended without leaving it.
@@ -418,7 +434,7 @@ class _ReluOverride(TorchFunctionMode):
         """
         if self.owner is None:
             return False
-        frame = sys._getframe(2)
+        frame = sys._getframe(1)
         while frame is not None:
             if frame is self.owner:
                 return False
@@ -618,14 +634,34 @@ def _scripted_graph(module: torch.jit.ScriptModule) -> str:
         return ""
 
 
+# Torch's Module._call_impl and the functions nested in it (its inner() runs the hooks
+# and the forward in torch 2.x): the frames that call a forward pre-hook.
+_CALL_IMPL = frozenset(
+    {
+        nn.Module._call_impl.__code__,
+        *(c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)),
+    }
+)
+
+
+def _function_modes() -> list[TorchFunctionMode]:
+    """Torch's stack of function modes, bottom first."""
+    return [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+
+
+def _dead(mode: object) -> bool:
+    return isinstance(mode, _ReluOverride) and mode.dead()
+
+
 def _drop_stale_modes() -> None:
-    """Leave the overrides whose forward was interrupted, from the top of torch's stack
-    of function modes; one lower down passes every call through until it is on top."""
+    """Take the overrides whose forward was interrupted off the top of torch's stack of
+    function modes; one lower down passes every call through until it is on top."""
     while torch._C._len_torch_function_stack() > 0:
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
-        if not (isinstance(top, _ReluOverride) and (top.stale or top._owner_returned())):
+        if not _dead(top):
             return
-        top.leave()
+        torch._C._pop_torch_function_stack()
+        top.left, top.owner = True, None
 
 
 class _ReluHooks:
@@ -661,11 +697,17 @@ class _ReluHooks:
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         _drop_stale_modes()
-        self.active = [m for m in self.active if not m.left]
+        # An interrupted pass's mode that is no longer on torch's stack (another mode's
+        # exit popped it) can never be left, only forgotten.
+        stack = _function_modes()
+        self.active = [m for m in self.active if not m.left and any(m is s for s in stack)]
         mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
         # The caller is torch's Module._call_impl of this forward: once it is off the
-        # stack, the forward has ended, whether or not _leave ran.
-        mode.owner = sys._getframe(1)
+        # stack, the forward has ended, whether or not _leave ran. Where another caller
+        # runs the hook (torch.compile resumes it after a graph break), the mode is only
+        # left by the hooks.
+        caller = sys._getframe(1)
+        mode.owner = caller if caller.f_code in _CALL_IMPL else None
         self.active.append(mode)
         mode.__enter__()
 
