@@ -777,3 +777,40 @@ def test_an_interrupt_inside_a_smoothed_copy_within_smoothed_leaves_no_override(
     assert torch.relu(torch.tensor(-1.0)).item() == 0.0
     relu_net = F.relu(F.relu(x @ net[0].weight.T + net[0].bias) @ net[2].weight.T + net[2].bias)
     torch.testing.assert_close(net(x), relu_net)
+
+
+def test_threads_sharing_a_smoothed_copy_smooth_only_inside_its_forward():
+    # Torch's stack of function modes is per thread; DataParallel's replicas share their
+    # hooks. A thread must not leave another thread's override, nor keep its own.
+    import sys
+    import threading
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())])
+    soft = smooth(net, 2.0)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected_soft, expected_net = soft(x), net(x)
+    failures: list[str] = []
+
+    def work() -> None:
+        with torch.no_grad():
+            for i in range(40):
+                if not torch.equal(soft(x), expected_soft):
+                    failures.append(f"soft {i}")
+                if not torch.equal(net(x), expected_net):
+                    failures.append(f"net {i}")
+        if torch.relu(torch.tensor(-1.0)).item() != 0.0:
+            failures.append("relu left smoothed")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -25,6 +25,7 @@ import inspect
 import math
 import re
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 
@@ -460,7 +461,7 @@ class _ReluOverride(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if self.stale:
+        if self.stale or self.left:
             return func(*args, **kwargs)
         if func in RELU_FUNCTIONS:
             replacement = _relu
@@ -676,7 +677,9 @@ class _ReluHooks:
     ) -> None:
         self.model, self.fn, self.warn, self.through = model, fn, warn, through
         self.what = warn if isinstance(warn, str) else "beta-smoothing"
-        self.active: list[_ReluOverride] = []
+        # The modes of the passes under way, by thread: torch's stack of function modes
+        # is per thread, and threads may share a copy's hooks (DataParallel's replicas do).
+        self.active: dict[int, list[_ReluOverride]] = {}
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -692,15 +695,18 @@ class _ReluHooks:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        while self.active:  # a forward interrupted before its hook could run
-            self.active.pop().leave()
+        for modes in list(self.active.values()):
+            while modes:  # a forward interrupted before its hook could run
+                modes.pop().leave()
+        self.active.clear()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         _drop_stale_modes()
         # An interrupted pass's mode that is no longer on torch's stack (another mode's
         # exit popped it) can never be left, only forgotten.
         stack = _function_modes()
-        self.active = [m for m in self.active if not m.left and any(m is s for s in stack)]
+        mine = self.active.setdefault(threading.get_ident(), [])
+        mine[:] = [m for m in mine if not m.left and any(m is s for s in stack)]
         mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
         # The caller is torch's Module._call_impl of this forward: once it is off the
         # stack, the forward has ended, whether or not _leave ran. Where another caller
@@ -708,13 +714,14 @@ class _ReluHooks:
         # left by the hooks.
         caller = sys._getframe(1)
         mode.owner = caller if caller.f_code in _CALL_IMPL else None
-        self.active.append(mode)
+        mine.append(mode)
         mode.__enter__()
 
     def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
-        if not self.active:
+        mine = self.active.get(threading.get_ident())
+        if not mine:
             return
-        mode = self.active.pop()
+        mode = mine.pop()
         mode.leave()
         # Only the first pass is kept: enough for the warning and for tests,
         # and a long attack does not grow a list.
