@@ -255,6 +255,10 @@ def test_fewer_images_than_asked_are_said_and_recorded(tmp_path, capsys) -> None
     assert "three.npz holds only 3 images; using all 3 (asked for 100000)" in err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n"] == 3
     assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 3
+    # Without -n nothing was asked for: the notice names the default (explain's is 16).
+    assert main([*argv[:-4], "--out", str(tmp_path / "default"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "three.npz holds only 3 images; using all 3 (-n defaults to 16)" in err
 
 
 def test_attack_progress_shows_steps_and_loss_on_stderr(capsys) -> None:

@@ -460,6 +460,14 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Given(argparse.Action):
+    """Store the value, and that it was given (``<dest>_given``), as the default was not."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False) -> None:
     # --n is the documented spelling; torchrun's own parser refuses it (an
     # ambiguous abbreviation of its --nnodes ...), so -n and --images come first.
@@ -468,6 +476,7 @@ def _add_images(p: argparse.ArgumentParser, n: int | None, hidden: bool = False)
         "--images",
         "--n",
         dest="n",
+        action=_Given,
         type=positive_integer,
         default=n,
         metavar="N",
@@ -918,7 +927,12 @@ def _load_images(
             tell(
                 f"betasmooth {args.command}: {args.data} holds only {len(x)} "
                 f"image{'s' if len(x) != 1 else ''}; "
-                f"using all {len(x)} (asked for {args.n})"
+                f"using all {len(x)} "
+                + (
+                    f"(asked for {args.n})"
+                    if getattr(args, "n_given", False)
+                    else f"(-n defaults to {args.n})"
+                )
             )
         args.n = len(x)
     return inputs
