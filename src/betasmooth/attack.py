@@ -103,6 +103,7 @@ __all__ = [
     "manipulate",
     "matched_sigma",
     "random_targets",
+    "recorded_goal",
 ]
 
 # The paper's budget per method (Dombrowski et al. 2019, VGG16): steps, Adam
@@ -598,6 +599,26 @@ GOALS: dict[str, Goal] = {
         _com_objective, _com_distance, True, targeted=False, measure="expl_com_shift_orig"
     ),
 }
+
+
+def recorded_goal(config: Mapping[str, object], goal: object = None) -> tuple[bool, str]:
+    """Whether ``goal`` (default: the run's) has a target map, and the record that
+    measures it: as a run's ``config`` recorded them (a goal that a model file registered
+    need not be registered here), else as :data:`GOALS` has them (runs of versions before
+    0.8.4), else those of the targeted goal.
+
+    Examples
+    --------
+    >>> recorded_goal({"goal": "topk"})
+    (False, 'expl_topk_orig')
+    """
+    goal = config.get("goal") if goal is None else goal
+    targeted, measure = config.get("goal_targeted"), config.get("goal_measure")
+    if config.get("goal") == goal and isinstance(targeted, bool) and isinstance(measure, str):
+        return targeted, measure
+    if isinstance(goal, str) and goal in GOALS:
+        return GOALS[goal].targeted, GOALS[goal].measure
+    return True, "expl_pcc_target"
 
 
 # ------------------------------------------------------------------ engine

@@ -41,6 +41,7 @@ from .attack import (
     Goal,
     check_attack_model,
     derangement,
+    recorded_goal,
 )
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .distributed import distributed, launched, rank_device, resolve_device
@@ -117,11 +118,7 @@ def sweep_columns(config: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
     >>> [key for key, _ in sweep_columns({"goal": "topk"})]
     ['adv_vs_orig_pcc', 'clean_vs_orig_pcc', 'seconds']
     """
-    targeted = config.get("goal_targeted")
-    if not isinstance(targeted, bool):  # recorded since 0.8.4
-        goal = config.get("goal", "targeted")
-        targeted = GOALS[goal].targeted if goal in GOALS else True
-    if targeted:
+    if recorded_goal(config)[0]:
         return SWEEP_COLUMNS
     return tuple(c for c in SWEEP_COLUMNS if "_vs_target_" not in c[0])
 

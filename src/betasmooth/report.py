@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .attack import DEFENSES, GOALS
+from .attack import DEFENSES, recorded_goal
 from .metrics import group_records, medians
 from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
@@ -467,23 +467,9 @@ def _section_results(run: _Run) -> str:
     )
 
 
-def _goal_spec(run: _Run, goal: object) -> tuple[bool, str]:
-    """Whether ``goal`` has a target map, and the record that measures it: as the run
-    recorded them (a goal that a model file registered is not registered here), else as
-    :data:`~betasmooth.attack.GOALS` has them (runs of older versions)."""
-    c = run.config
-    targeted, measure = c.get("goal_targeted"), c.get("goal_measure")
-    recorded = isinstance(targeted, bool) and isinstance(measure, str)
-    if goal is not None and c.get("goal") == goal and recorded:
-        return targeted, measure
-    if isinstance(goal, str) and goal in GOALS:
-        return GOALS[goal].targeted, GOALS[goal].measure
-    return True, "expl_pcc_target"
-
-
 def _untargeted(run: _Run, goal: object) -> bool:
     """Whether an attack's goal has no target map (Ghorbani et al.'s topk and center)."""
-    return not _goal_spec(run, goal)[0]
+    return not recorded_goal(run.config, goal)[0]
 
 
 def _attack_settings(groups: Mapping[tuple, Sequence[Mapping[str, object]]]) -> str:
@@ -580,7 +566,7 @@ def _section_methods(run: _Run) -> str:
         out.append(_img(path, f"{method} grid", caption))
         mine = [r for r in run.results if r.get("method") == method]
         if mine:
-            measure = _goal_spec(run, goal)[1]
+            measure = recorded_goal(run.config, goal)[1]
             m = medians(mine, list(dict.fromkeys(["label_kept", measure, "expl_pcc_orig"])))
             parts = [f"{k} {_fmt(v)}" for k, v in m.items() if v is not None]
             out.append(f"<p>Medians over {len(mine)} images: {_e('; '.join(parts))}.</p>")
