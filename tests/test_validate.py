@@ -484,6 +484,37 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
         bs.manipulate(nn.Sequential(nn.Identity(), compiled), x, target, "gradient", steps=1)
 
 
+def test_a_compiled_graph_around_a_smoothed_module_is_refused():
+    # torch's compiled graphs skip a module's hooks when one was compiled before
+    # for its class: the smoothed copy computed the ReLU network, silently.
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(3, 4)
+    by_hand = nn.Sequential(net[0], nn.Softplus(beta=5.0), net[2])
+    torch.compile(net, backend="eager")(x)
+    compiled = torch.compile(bs.smooth(net, 5.0), backend="eager")
+    assert torch.allclose(compiled(x), net(x))  # what torch does: the hooks are skipped
+    refusal = (
+        r"^model is a torch\.compile graph around a beta-.*; expected model\._orig_mod, "
+        r"or the compiled module smoothed: bs\.smooth\(torch\.compile"
+    )
+    for method in ("gradient", "guided_backprop", "beta_smooth"):
+        with pytest.raises(InputError, match=refusal):
+            bs.explain(compiled, x, method)
+    with pytest.raises(InputError, match=r"^model\.1 is a torch\.compile graph"):
+        bs.explain(nn.Sequential(nn.Identity(), compiled), x, "gradient")
+    plain = torch.compile(net, backend="eager")
+    with bs.smoothed(net, 5.0), pytest.raises(InputError, match="around a beta-smoothed module"):
+        bs.explain(plain, x, "gradient")
+    # Smoothing the compiled module keeps the hooks outside its graph: the softplus network.
+    smoothed = bs.smooth(plain, 5.0)
+    assert torch.allclose(smoothed(x), by_hand(x), atol=1e-6)
+    for method in ("gradient", "beta_smooth"):
+        options = {"beta": 2.0} if method == "beta_smooth" else {}
+        expected = bs.explain(bs.smooth(net, 5.0), x, method, target=0, **options)
+        got = bs.explain(smoothed, x, method, target=0, **options)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
 def test_a_call_under_inference_mode_names_the_caller_not_the_model():
     from betasmooth.geometry import curvature
 

@@ -45,6 +45,7 @@ __all__ = [
     "SmoothingHandle",
     "check_beta",
     "check_overridable",
+    "check_smoothing_uncompiled",
     "flush_denormals",
     "logistic_std",
     "math_attention",
@@ -624,6 +625,53 @@ def check_overridable(model: nn.Module, what: str = "beta-smoothing") -> None:
                 "(torch.jit.script or torch.jit.trace) that runs its own graph; expected the "
                 "nn.Module it was made from"
             )
+
+
+def check_smoothing_uncompiled(model: nn.Module) -> None:
+    """Refuse a ``torch.compile`` graph around a module whose ReLUs are overridden.
+
+    The override of :func:`smooth`'s copies and of :func:`smoothed` lives in
+    forward hooks, and torch's compiled graphs do not check a module's hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``): a graph compiled
+    earlier for the same class runs in their place, ReLUs and all, and the map
+    is silently the ReLU network's. Compiling first and smoothing the compiled
+    module, ``smooth(torch.compile(m), beta)``, keeps the hooks outside the
+    graph.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to check.
+
+    Raises
+    ------
+    InputError
+        Naming the compiled submodule and the expected form.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> check_smoothing_uncompiled(smooth(net, 2.0))
+    """
+    for path, compiled in model.named_modules():
+        # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
+        inner = getattr(compiled, "_orig_mod", None)
+        if type(compiled).__name__ != "OptimizedModule" or not isinstance(inner, nn.Module):
+            continue
+        if any(_overridden(m) for m in inner.modules()):
+            where = "model" if not path else f"model.{path}"
+            raise InputError(
+                f"{where} is a torch.compile graph around a beta-smoothed module (bs.smooth's "
+                "copy, or one inside bs.smoothed), whose smoothing the graph can skip; "
+                f"expected {where}._orig_mod, or the compiled module smoothed: "
+                "bs.smooth(torch.compile(m), beta)"
+            )
+
+
+def _overridden(module: nn.Module) -> bool:
+    """Whether ``module`` holds the hooks of a ReLU override (see _ReluHooks)."""
+    hooks = module._forward_pre_hooks.values()
+    return any(isinstance(getattr(h, "__self__", None), _ReluHooks) for h in hooks)
 
 
 def _scripted_graph(module: torch.jit.ScriptModule) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..smooth import flush_denormals, math_attention
+from ..smooth import check_smoothing_uncompiled, flush_denormals, math_attention
 from ..validate import (
     InputError,
     InputTypeError,
@@ -440,6 +440,7 @@ def explain(
     check_instance("create_graph", create_graph, bool, "True or False")
     if create_graph:
         check_uncompiled(model, "create_graph=True")
+    check_smoothing_uncompiled(model)
     given = x
     x = check_input(model, x)
     target_t = check_target(target, x.shape[0])
