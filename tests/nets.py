@@ -115,3 +115,24 @@ class PatchAttention(nn.Module):
         else:
             mixed = F.scaled_dot_product_attention(q, k, v)
         return self.head(F.relu(tokens + mixed.squeeze(1)).mean(1))
+
+
+class SqueezeExcite(nn.Module):
+    """A ReLU network with MobileNetV3's squeeze-excitation gate, ``nn.Hardsigmoid`` (whose
+    torch backward has no derivative), or the same gate written out as ``relu6(z + 3) / 6``
+    with ``by_hand``."""
+
+    def __init__(self, seed: int = 0, classes: int = 5, by_hand: bool = False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.squeeze, self.excite = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.gate = nn.Hardsigmoid(inplace=True)
+        self.head = nn.Linear(8 * 8 * 8, classes)
+        self.by_hand = by_hand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        z = self.excite(F.relu(self.squeeze(h.mean((2, 3)))))
+        gate = F.relu6(z + 3) / 6 if self.by_hand else self.gate(z)
+        return self.head(F.max_pool2d(h * gate[..., None, None], 2).flatten(1))

@@ -531,6 +531,30 @@ def test_a_model_with_fused_attention_is_attacked_as_one_with_attention_by_hand(
     torch.testing.assert_close(found[0].x_adv, found[1].x_adv, rtol=0, atol=1e-5)
 
 
+def test_a_model_with_hardsigmoid_is_attacked_as_one_with_the_gate_by_hand():
+    # nn.Hardsigmoid (MobileNetV3's gate) has no second derivative in torch: the
+    # attack without its surrogate ended in "derivative for aten::hardsigmoid_backward".
+    from nets import SqueezeExcite
+
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    gated, by_hand = SqueezeExcite(), SqueezeExcite(by_hand=True)
+    grads = []
+    for net in (gated, by_hand):
+        xg = x.clone().requires_grad_(True)
+        maps = bs.explain(net, xg, "gradient", 0, create_graph=True)
+        (grad,) = torch.autograd.grad(maps.square().sum(), xg)
+        grads.append(grad)
+    assert float(grads[1].abs().max()) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    target = bs.heatmap(bs.explain(by_hand, x, "gradient", 0)).flip(0)
+    found = [
+        bs.manipulate(net, x, target, "gradient", steps=3, beta_schedule="none")
+        for net in (gated, by_hand)
+    ]
+    assert float((found[1].x_adv - x).abs().max()) > 1e-4  # the attack moved x
+    torch.testing.assert_close(found[0].x_adv, found[1].x_adv, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("k", [0, 16 * 16 + 1, 2.5, "10"])
 def test_topk_size_is_refused_before_any_step(small, k):
     net, x = small

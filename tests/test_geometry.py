@@ -13,7 +13,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth.geometry import curvature, theorem1_check
-from nets import PatchAttention, plain_cnn, residual_net
+from nets import PatchAttention, SqueezeExcite, plain_cnn, residual_net
 
 
 def neurons(w: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
@@ -329,3 +329,20 @@ def test_curvature_of_a_model_with_fused_attention_equals_attention_by_hand():
     assert float(want["hessian_norm"].min()) > 0
     for key in ("hessian_norm", "hessian_frobenius", "gradient_norm"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-6)
+
+
+def test_curvature_of_a_model_with_hardsigmoid_equals_the_gate_by_hand():
+    # nn.Hardsigmoid's backward has no derivative in torch: curvature and theorem1_check
+    # ended in torch's "derivative for aten::hardsigmoid_backward is not implemented".
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    gated, by_hand = SqueezeExcite(), SqueezeExcite(by_hand=True)
+    got, want = (curvature(net, x, iterations=6) for net in (gated, by_hand))
+    # The gate multiplies two piecewise-linear paths: the ReLU network is curved.
+    assert float(want["hessian_norm"].min()) > 0
+    for key in ("hessian_norm", "hessian_frobenius", "gradient_norm"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-7)
+    x_adv = (x + 0.01).clamp(0, 1)
+    got, want = (theorem1_check(net, x, x_adv, iterations=4) for net in (gated, by_hand))
+    assert float(want["max_principal_curvature"].min()) > 0
+    for key in ("normal_change", "max_principal_curvature", "segment_bound"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-7)

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .explain.gradient import input_gradient, select_logit
-from .smooth import math_attention, smooth
+from .smooth import second_order, smooth
 from .validate import (
     InputError,
     InputTypeError,
@@ -66,8 +66,8 @@ class _Hessian:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor | None) -> None:
         self.x = x.detach().clone().requires_grad_(True)
-        # The products differentiate the gradient again: attention's math kernel.
-        with torch.enable_grad(), math_attention():
+        # The products differentiate the gradient again.
+        with torch.enable_grad(), second_order():
             self.logit, _ = select_logit(model(self.x), target)
             (grad,) = torch.autograd.grad(self.logit.sum(), self.x, create_graph=True)
         self.grad = grad.flatten(1)

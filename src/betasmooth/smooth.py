@@ -50,6 +50,7 @@ __all__ = [
     "logistic_std",
     "math_attention",
     "replace_relu",
+    "second_order",
     "smooth",
     "smoothed",
     "softplus",
@@ -909,6 +910,56 @@ def math_attention(active: bool = True) -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+#: Activations whose torch backward cannot be differentiated again, by a form
+#: (``(relu, *args) -> Tensor`` as in :data:`THROUGH_RELU`) with the same values
+#: whose backward can.
+SECOND_ORDER_FORMS: dict[Callable, Callable[..., torch.Tensor]] = {F.hardsigmoid: _hardsigmoid}
+
+
+class _SecondOrderForms(TorchFunctionMode):
+    """Computes each activation of :data:`SECOND_ORDER_FORMS` by its form."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        form = SECOND_ORDER_FORMS.get(func)
+        if form is None:
+            return func(*args, **kwargs)
+        if not args:
+            args = (kwargs.pop("input"),)
+        if _writes_in_place(form, args, kwargs):
+            x = args[0]
+            return x.copy_(form(torch.relu, x.clone(), *args[1:], **kwargs))
+        return form(torch.relu, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def second_order(active: bool = True) -> Iterator[None]:
+    """While active, every forward computed can be differentiated twice.
+
+    The attack (a derivative of the map, itself a derivative) and the
+    curvature (Hessian-vector products) take second derivatives, which some
+    of torch's kernels lack: they would end in torch's "derivative for ... is
+    not implemented". Inside, attention runs its math kernel
+    (:func:`math_attention`) and the activations of :data:`SECOND_ORDER_FORMS`
+    (``Hardsigmoid``, the gate of MobileNetV3's squeeze-excitation blocks)
+    compute the same values by a form whose backward has a derivative.
+
+    Examples
+    --------
+    >>> x = torch.tensor([0.75, 1.5], requires_grad=True)
+    >>> with second_order():  # hardsigmoid(x^2) = x^2 / 6 + 1 / 2 for x^2 < 3
+    ...     (g,) = torch.autograd.grad(F.hardsigmoid(x * x).sum(), x, create_graph=True)
+    ...     (h,) = torch.autograd.grad(g.sum(), x)
+    >>> g.tolist(), h.tolist()
+    ([0.25, 0.5], [0.3333333432674408, 0.3333333432674408])
+    """
+    if not active:
+        yield
+        return
+    with math_attention(), _SecondOrderForms():
         yield
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..smooth import check_smoothing_uncompiled, flush_denormals, math_attention
+from ..smooth import check_smoothing_uncompiled, flush_denormals, second_order
 from ..validate import (
     InputError,
     InputTypeError,
@@ -449,9 +449,8 @@ def explain(
     check_method_input(x, method, **options)
     # Subnormal floats flushed: beta_smooth at beta 50 makes them, and the CPU is
     # slow on them (see flush_denormals).
-    # A map with a graph is differentiated again (the attack): attention then
-    # runs its math kernel, whose backward has a derivative.
-    with evaluating(model), flush_denormals(), math_attention(create_graph):
+    # A map with a graph is differentiated again (the attack).
+    with evaluating(model), flush_denormals(), second_order(create_graph):
         out = fn(model, x, target_t, create_graph=create_graph, **options)
     out = _checked_output(out, method, x)
     if not create_graph:  # the attack's steps: their maps were checked before it
