@@ -504,7 +504,8 @@ def checkpointed(what: str) -> str:
     return (
         f"{what} cannot reach a ReLU under activation checkpointing (torch.utils.checkpoint), "
         "which backward recomputes with the plain ReLU; expected a model without it, e.g. "
-        "torchvision's densenet121(memory_efficient=False)"
+        "torchvision's densenet121(memory_efficient=False), or a timm model after "
+        "set_grad_checkpointing(False)"
     )
 
 
