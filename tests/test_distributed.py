@@ -251,7 +251,11 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
         [*curvature, "--out", str(tmp_path / "curv-two")],
     ):
         proc = subprocess.run(
-            [*TORCHRUN, "-m", "betasmooth", *argv], env=ENV, capture_output=True, text=True
+            [*TORCHRUN, "-m", "betasmooth", *argv],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,  # torch before 2.8 can hang as gloo shuts down
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
     pairs = {"sweep.jsonl": ("one", "two"), "results.jsonl": ("curv-one", "curv-two")}
@@ -299,7 +303,11 @@ def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(tmp_path):
     script = tmp_path / "first.py"
     script.write_text(FIRST_FAILS)
     proc = subprocess.run(
-        [*TORCHRUN, str(script), str(tmp_path)], env=ENV, capture_output=True, text=True
+        [*TORCHRUN, str(script), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [(tmp_path / f"said-rank{rank}").read_text() for rank in (0, 1)]

@@ -491,8 +491,8 @@ def test_a_compiled_graph_around_a_smoothed_module_is_refused():
     net, x = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval(), torch.randn(3, 4)
     by_hand = nn.Sequential(net[0], nn.Softplus(beta=5.0), net[2])
     torch.compile(net, backend="eager")(x)
+    # Called, it gives the ReLU network's output on torch 2.14 (and fails on 2.3).
     compiled = torch.compile(bs.smooth(net, 5.0), backend="eager")
-    assert torch.allclose(compiled(x), net(x))  # what torch does: the hooks are skipped
     refusal = (
         r"^model is a torch\.compile graph around a beta-.*; expected model\._orig_mod, "
         r"or the compiled module smoothed: bs\.smooth\(torch\.compile"

@@ -178,7 +178,9 @@ def _draw_grid(
     canvas, vmax = _compose(columns)
     maps = [c[2] for c in columns if c[1] == "map"]
     with matplotlib.rc_context(_STYLE):
-        fig = _figure((width / DPI, height / DPI))
+        # Inches a hair over the pixels: matplotlib before 3.11 truncates
+        # 4.6 * 100 = 459.99999999999994 to 459 pixels.
+        fig = _figure(((width + 1e-6) / DPI, (height + 1e-6) / DPI))
         grid_w, grid_h = cols * _CELL_PX / width, rows * _CELL_PX / height
         foot = FOOT_H * DPI / height
         ax = fig.add_axes([0.0, foot, grid_w, grid_h])

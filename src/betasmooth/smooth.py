@@ -29,6 +29,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -515,13 +516,16 @@ def _checkpointing() -> bool:
     The cheap signs first: the non-reentrant form installs saved-tensor hooks,
     the reentrant one turns gradients off; only then is the stack searched for
     the checkpoint's own frame (a plain ``torch.no_grad()`` block is no checkpoint).
+    Torch before 2.8 has no getter of the saved-tensor hooks: there, the stack
+    is searched at every call.
     """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
-    if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
-        return True
-    if torch.is_grad_enabled():
-        return False
+    if top is not None:
+        hooks = top(False)
+        if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+            return True
+        if torch.is_grad_enabled():
+            return False
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_filename == _CHECKPOINT_FILE:
@@ -989,6 +993,11 @@ def flush_denormals() -> Iterator[None]:
     True
     """
     before = _flushing()
+    # numpy reads each float type's limits once, on first use; read under flushing,
+    # the smallest subnormal is 0 and numpy 1 and 2 (before 2.4) warn. scipy and
+    # scikit-learn ask for them as they are imported, which may happen inside.
+    for dtype in (np.half, np.single, np.double, np.longdouble):
+        np.finfo(dtype)
     torch.set_flush_denormal(True)
     try:
         yield
