@@ -762,6 +762,34 @@ def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was(where):
     assert torch._C._len_torch_function_stack() == 0
 
 
+@pytest.mark.parametrize("call", ["create_graph", "curvature"])
+def test_an_interrupt_inside_a_smoothed_copy_under_second_order_leaves_no_mode(call):
+    # second_order's own mode is taken off, not the stale override the interrupt left
+    # above it: Hardsigmoid stayed rewritten, and every torch call went through a mode.
+    from betasmooth.geometry import curvature
+    from betasmooth.smooth import _function_modes, _SecondOrderForms
+
+    def interrupt_under_second_order(*args: object) -> None:
+        # Not in the checks' forward before second_order begins.
+        if any(isinstance(mode, _SecondOrderForms) for mode in _function_modes()):
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    soft = smooth(net, 2.0)
+    x = torch.randn(5, 3, requires_grad=True)
+    handle = soft[2].register_forward_hook(interrupt_under_second_order)
+    with pytest.raises(KeyboardInterrupt):
+        if call == "create_graph":
+            bs.explain(soft, x, "gradient", 0, create_graph=True)
+        else:
+            curvature(soft, x.detach(), 0, iterations=2)
+    handle.remove()
+    assert torch._C._len_torch_function_stack() == 0
+    z = torch.zeros(1, requires_grad=True)
+    assert type(F.hardsigmoid(z).grad_fn).__name__ == "HardsigmoidBackward0"
+
+
 def test_an_interrupt_inside_a_smoothed_copy_within_smoothed_leaves_no_override():
     # The context's own override is left, not the stale one the interrupt left above it
     # (TorchFunctionMode.__exit__ pops whatever is on top).

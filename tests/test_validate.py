@@ -482,6 +482,15 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
     # A compiled part is named by its path.
     with pytest.raises(InputError, match=r"model\.1\._orig_mod \(the same weights\)"):
         bs.manipulate(nn.Sequential(nn.Identity(), compiled), x, target, "gradient", steps=1)
+    # nn.Module.compile compiles in place, with no wrapper to see: the double backward
+    # ended in torch's own error (inductor) or lost a smoothed copy's smoothing (eager).
+    in_place = _tiny()
+    in_place.compile(backend="eager")
+    in_place_fix = fix + r"model not compiled in place by nn\.Module\.compile"
+    with pytest.raises(InputError, match="the attack " + in_place_fix):
+        bs.manipulate(in_place, x, target, "gradient", steps=1)
+    with pytest.raises(InputError, match="curvature " + in_place_fix):
+        curvature(in_place, x)
 
 
 def test_a_compiled_graph_around_a_smoothed_module_is_refused():
@@ -494,7 +503,8 @@ def test_a_compiled_graph_around_a_smoothed_module_is_refused():
     # Called, it gives the ReLU network's output on torch 2.14 (and fails on 2.3).
     compiled = torch.compile(bs.smooth(net, 5.0), backend="eager")
     refusal = (
-        r"^model is a torch\.compile graph around a beta-.*; expected model\._orig_mod, "
+        r"^model is a torch\.compile graph around a beta-.*; expected model\._orig_mod \(the "
+        r"same weights\), "
         r"or the compiled module smoothed: bs\.smooth\(torch\.compile"
     )
     for method in ("gradient", "guided_backprop", "beta_smooth"):
@@ -502,6 +512,11 @@ def test_a_compiled_graph_around_a_smoothed_module_is_refused():
             bs.explain(compiled, x, method)
     with pytest.raises(InputError, match=r"^model\.1 is a torch\.compile graph"):
         bs.explain(nn.Sequential(nn.Identity(), compiled), x, "gradient")
+    # nn.Module.compile compiles in place, with no wrapper.
+    in_place = nn.Sequential(bs.smooth(net, 5.0))
+    in_place.compile(backend="eager")
+    with pytest.raises(InputError, match=r"expected model not compiled in place by nn\.Module"):
+        bs.explain(in_place, x, "gradient")
     plain = torch.compile(net, backend="eager")
     with bs.smoothed(net, 5.0), pytest.raises(InputError, match="around a beta-smoothed module"):
         bs.explain(plain, x, "gradient")

@@ -38,7 +38,15 @@ from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 from torch.overrides import TorchFunctionMode
 
-from .validate import InputError, InputTypeError, check_instance, is_number, set_origin, warn_user
+from .validate import (
+    InputError,
+    InputTypeError,
+    check_instance,
+    compiled_parts,
+    is_number,
+    set_origin,
+    warn_user,
+)
 
 __all__ = [
     "BETA_RANGE",
@@ -416,14 +424,7 @@ class _ReluOverride(TorchFunctionMode):
         if self.left:
             return
         self.left, self.owner = True, None  # the frame holds the forward's inputs
-        if not any(m is self for m in _function_modes()):
-            return
-        kept = []
-        while (top := torch._C._pop_torch_function_stack()) is not self:
-            if not _dead(top):
-                kept.append(top)
-        for mode in reversed(kept):
-            torch._C._push_on_torch_function_stack(mode)
+        _take_off(self)
 
     def dead(self) -> bool:
         """Whether this mode has been left, or its forward has ended (see _owner_returned)."""
@@ -659,17 +660,12 @@ def check_smoothing_uncompiled(model: nn.Module) -> None:
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     >>> check_smoothing_uncompiled(smooth(net, 2.0))
     """
-    for path, compiled in model.named_modules():
-        # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
-        inner = getattr(compiled, "_orig_mod", None)
-        if type(compiled).__name__ != "OptimizedModule" or not isinstance(inner, nn.Module):
-            continue
-        if any(_overridden(m) for m in inner.modules()):
-            where = "model" if not path else f"model.{path}"
+    for where, compiled, original in compiled_parts(model):
+        if any(_overridden(m) for m in compiled.modules()):
             raise InputError(
                 f"{where} is a torch.compile graph around a beta-smoothed module (bs.smooth's "
                 "copy, or one inside bs.smoothed), whose smoothing the graph can skip; "
-                f"expected {where}._orig_mod, or the compiled module smoothed: "
+                f"expected {original}, or the compiled module smoothed: "
                 "bs.smooth(torch.compile(m), beta)"
             )
 
@@ -706,6 +702,22 @@ def _function_modes() -> list[TorchFunctionMode]:
 
 def _dead(mode: object) -> bool:
     return isinstance(mode, _ReluOverride) and mode.dead()
+
+
+def _take_off(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off torch's stack of function modes, with the dead overrides above it.
+
+    ``__exit__`` would pop whatever is on top: an override that an interrupt left
+    above ``mode``, while ``mode`` stayed on.
+    """
+    if not any(m is mode for m in _function_modes()):
+        return
+    kept = []
+    while (top := torch._C._pop_torch_function_stack()) is not mode:
+        if not _dead(top):
+            kept.append(top)
+    for above in reversed(kept):
+        torch._C._push_on_torch_function_stack(above)
 
 
 def _drop_stale_modes() -> None:
@@ -964,8 +976,13 @@ def second_order(active: bool = True) -> Iterator[None]:
     if not active:
         yield
         return
-    with math_attention(), _SecondOrderForms():
-        yield
+    mode = _SecondOrderForms()
+    with math_attention():
+        mode.__enter__()
+        try:
+            yield
+        finally:
+            _take_off(mode)
 
 
 @contextlib.contextmanager

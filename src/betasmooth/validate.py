@@ -45,6 +45,7 @@ __all__ = [
     "check_seed",
     "check_target",
     "check_uncompiled",
+    "compiled_parts",
     "registrar",
     "tell",
     "warn_user",
@@ -347,26 +348,58 @@ def tell(text: str) -> None:
         stream.flush()
 
 
+def compiled_parts(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """The parts of ``model`` that ``torch.compile`` runs as graphs.
+
+    Yields
+    ------
+    tuple of (str, nn.Module, str)
+        Where the part is (``model.path``), the module its graph runs, and the
+        uncompiled form to name in an error: a wrapper made by ``torch.compile(m)``
+        holds ``m`` as ``_orig_mod``; ``m.compile()`` (``nn.Module.compile``)
+        compiles ``m`` in place.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> list(compiled_parts(net))
+    []
+    """
+    for path, module in model.named_modules():
+        where = "model" if not path else f"model.{path}"
+        # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
+        inner = getattr(module, "_orig_mod", None)
+        if type(module).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            yield where, inner, f"{where}._orig_mod (the same weights)"
+        elif getattr(module, "_compiled_call_impl", None) is not None:
+            yield (
+                where,
+                module,
+                (
+                    f"{where} not compiled in place by nn.Module.compile "
+                    "(torch.compile(m) keeps m itself as ._orig_mod)"
+                ),
+            )
+
+
 def check_uncompiled(model: nn.Module, need: str) -> None:
     """Refuse a model made (in whole or in part) by ``torch.compile`` where ``need`` cannot use it.
 
     Its graphs cannot be differentiated a second time (a map under
     ``create_graph``, an attack, a curvature) or traced for LRP. The message
-    names the compiled module's own ``_orig_mod``, which holds the same weights.
+    names the uncompiled form: the compiled module's own ``_orig_mod``, which
+    holds the same weights, or the module without ``nn.Module.compile``.
 
     Examples
     --------
     >>> check_uncompiled(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "the attack")
     """
     check_model(model)
-    for path, module in model.named_modules():
-        # torch._dynamo's OptimizedModule, named so that torch._dynamo need not load.
-        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
-            where = "model" if not path else f"model.{path}"
-            raise InputError(
-                f"{need} does not work through a graph made by torch.compile; expected the "
-                f"module itself, {where}._orig_mod (the same weights)"
-            )
+    for _, _, original in compiled_parts(model):
+        raise InputError(
+            f"{need} does not work through a graph made by torch.compile; expected the "
+            f"module itself, {original}"
+        )
 
 
 @contextlib.contextmanager
