@@ -25,14 +25,16 @@ ARGS += ["--no-progress"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def _torchrun(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*TORCHRUN, "-m", "betasmooth", *argv],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+def _torchrun(argv: list[str], stderr: Path | None = None) -> subprocess.Popen:
+    """torchrun in its own session; its stderr into the file ``stderr`` where one is given."""
+    with open(stderr or os.devnull, "wb") as err:
+        return subprocess.Popen(
+            [*TORCHRUN, "-m", "betasmooth", *argv],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
 
 
 def _descendants(pid: int) -> list[int]:
@@ -67,8 +69,8 @@ def _values(records: list[dict]) -> dict[tuple, dict]:
 def test_two_ranks_write_what_one_process_writes(tmp_path):
     argv = [*ARGS, "-n", "6", "--batch-size", "2", "--steps", "10"]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    proc = _torchrun([*argv, "--out", str(tmp_path / "two")])
-    assert proc.wait(timeout=300) == 0
+    proc = _torchrun([*argv, "--out", str(tmp_path / "two")], stderr=tmp_path / "stderr")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]
     one = read_jsonl(tmp_path / "one" / "results.jsonl")
     two = read_jsonl(tmp_path / "two" / "results.jsonl")
     assert [(r["index"], r["method"]) for r in two] == [(r["index"], r["method"]) for r in one]
