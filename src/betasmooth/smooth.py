@@ -660,6 +660,7 @@ def check_smoothing_uncompiled(model: nn.Module) -> None:
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     >>> check_smoothing_uncompiled(smooth(net, 2.0))
     """
+    check_instance("model", model, nn.Module, "a torch.nn.Module")
     for where, compiled, original in compiled_parts(model):
         if any(_overridden(m) for m in compiled.modules()):
             raise InputError(

@@ -440,9 +440,10 @@ def explain(
     check_instance("create_graph", create_graph, bool, "True or False")
     if create_graph:
         check_uncompiled(model, "create_graph=True")
+    # Before check_input, which runs the model once.
+    check_smoothing_uncompiled(model)
     given = x
     x = check_input(model, x)
-    check_smoothing_uncompiled(model)
     target_t = check_target(target, x.shape[0])
     if target_t is not None:
         target_t = target_t.to(x.device)
