@@ -485,15 +485,26 @@ class _ReluOverride(TorchFunctionMode):
             self.failed = True
             raise InputError(checkpointed(self.what))
         self.replaced += 1
-        if not args:  # F.relu(input=h)
-            args = (kwargs.pop("input"),)
-        if func in IN_PLACE_FUNCTIONS or _writes_in_place(replacement, args, kwargs):
-            # The caller may drop the result (``h.relu_()`` as a statement), so it
-            # goes into the input, as the activation's own would; computed from a
-            # copy, so that the replacement's backward keeps the input it saw.
-            x = args[0]
-            return x.copy_(replacement(self.fn, x.clone(), *args[1:], **kwargs))
-        return replacement(self.fn, *args, **kwargs)
+        return _by_form(replacement, self.fn, args, kwargs, func in IN_PLACE_FUNCTIONS)
+
+
+def _by_form(
+    form: Callable[..., torch.Tensor],
+    relu: Relu,
+    args: tuple,
+    kwargs: dict,
+    in_place: bool = False,
+) -> torch.Tensor:
+    """An activation's call computed by ``form`` (as in :data:`THROUGH_RELU`) with ``relu``."""
+    if not args:  # F.relu(input=h)
+        args = (kwargs.pop("input"),)
+    if in_place or _writes_in_place(form, args, kwargs):
+        # The caller may drop the result (``h.relu_()`` as a statement), so it goes
+        # into the input, as the activation's own would; computed from a copy, so
+        # that the form's backward keeps the input it saw.
+        x = args[0]
+        return x.copy_(form(relu, x.clone(), *args[1:], **kwargs))
+    return form(relu, *args, **kwargs)
 
 
 def checkpointed(what: str) -> str:
@@ -945,12 +956,7 @@ class _SecondOrderForms(TorchFunctionMode):
         form = SECOND_ORDER_FORMS.get(func)
         if form is None:
             return func(*args, **kwargs)
-        if not args:
-            args = (kwargs.pop("input"),)
-        if _writes_in_place(form, args, kwargs):
-            x = args[0]
-            return x.copy_(form(torch.relu, x.clone(), *args[1:], **kwargs))
-        return form(torch.relu, *args, **kwargs)
+        return _by_form(form, torch.relu, args, kwargs)
 
 
 @contextlib.contextmanager
