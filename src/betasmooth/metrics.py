@@ -350,9 +350,15 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     c1, c2 = c1.view(-1, 1, 1), c2.view(-1, 1, 1)
 
     batch = x.shape[0]
-    moments = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))
+    # (Co)variances do not change with a shift: taken about each map's mean, they
+    # keep the digits that G(x^2) - G(x)^2 of a nearly flat map cancels in float32.
+    # The reflecting filter keeps constants, so the local means are G(x - m) + m.
+    mx, my = x.mean((1, 2), keepdim=True).detach(), y.mean((1, 2), keepdim=True).detach()
+    xc, yc = x - mx, y - my
+    moments = _gaussian_filter(torch.cat([xc, yc, xc * xc, yc * yc, xc * yc]))
     ux, uy, uxx, uyy, uxy = moments.split(batch)
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    ux, uy = ux + mx, uy + my
     num = (2 * ux * uy + c1) * (2 * vxy + c2)
     den = (ux.square() + uy.square() + c1) * (vx + vy + c2)
     s = num / torch.where(flat.view(-1, 1, 1), torch.ones_like(den), den)
