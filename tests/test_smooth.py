@@ -25,6 +25,7 @@ from betasmooth.smooth import (
     smoothed,
     softplus,
 )
+from betasmooth.validate import InputTypeError
 from nets import FlushSpy, plain_cnn, vgg_small
 
 LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
@@ -117,6 +118,30 @@ def test_softplus_tensor_beta_broadcasts_and_has_gradient():
         np.testing.assert_allclose(y[i].detach().numpy(), ref, rtol=1e-14)
     assert torch.autograd.gradcheck(lambda b: softplus(x, b), (beta,))
     assert torch.autograd.gradgradcheck(lambda b: softplus(x, b), (beta,))
+
+
+@pytest.mark.parametrize("beta", [1e5, 1e30, 1e-3])
+def test_softplus_float16_with_a_tensor_beta_equals_the_float_beta(beta):
+    # A tensor beta past 65504 was cast to float16's inf: inf * 0 gave NaN at x = 0.
+    x = torch.tensor([-1.0, -1e-3, 0.0, 1e-3, 1.0], dtype=torch.float16, requires_grad=True)
+    y = softplus(x, torch.tensor(beta))
+    assert y.dtype == torch.float16
+    ref = _oracle_softplus(x.detach().double().numpy(), beta).astype(np.float64)
+    np.testing.assert_allclose(y.detach().double().numpy(), ref, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(y, softplus(x, beta), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    with np.errstate(over="ignore", invalid="ignore"):  # np.where computes both sides
+        ref_grad = _oracle_sigmoid(x.detach().double().numpy(), beta).astype(np.float64)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-3, atol=1e-7)
+
+
+def test_smoothing_takes_one_beta():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    for make in (bs.smooth, lambda m, b: bs.smoothed(m, b).__enter__()):
+        with pytest.raises(InputTypeError, match=r"^beta must be one number, .* shape \(2,\)$"):
+            make(net, torch.tensor([1.0, 2.0]))
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bs.smooth(net, torch.tensor(2.0))(x), bs.smooth(net, 2.0)(x))
 
 
 @pytest.mark.parametrize(

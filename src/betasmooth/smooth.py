@@ -280,7 +280,11 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
                 f"beta of shape {tuple(beta.shape)} does not broadcast against x of shape "
                 f"{tuple(x.shape)}; expected a number or a tensor that broadcasts against x"
             ) from None
-        return _Softplus.apply(x, beta.to(dtype=x.dtype, device=x.device))
+        # A beta past float16's 65504 would be inf there, and inf * 0 NaN: float16
+        # is computed in float32 and given back in float16.
+        work = torch.float32 if x.dtype == torch.float16 else x.dtype
+        out = _Softplus.apply(x.to(work), beta.to(dtype=work, device=x.device))
+        return out.to(x.dtype)
     return _Softplus.apply(x, float(beta))
 
 
@@ -895,6 +899,11 @@ class SmoothingHandle:
 
     @beta.setter
     def beta(self, value: float) -> None:
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise InputTypeError(
+                f"beta must be one number, which every ReLU takes; got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
         check_beta(value)
         self._beta = float(value)
 
