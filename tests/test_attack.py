@@ -16,6 +16,7 @@ from betasmooth.attack import (
     PAPER_SPAN,
     PAPER_WEIGHTS,
     beta_at,
+    check_attack_model,
     default_lr,
     default_weights,
     keep_best,
@@ -462,6 +463,48 @@ def test_bad_input_is_refused(small):
     half = copy.deepcopy(net).half()
     with pytest.raises(bs.InputError, match=r"a float16 model cannot be attacked .*bfloat16"):
         bs.manipulate(half, x.half(), good.half(), "gradient", steps=1)
+
+
+def test_a_bfloat16_attack_stays_inside_its_budget(small):
+    # x +- eps rounded to the nearest bfloat16 (8 bits) can lie outside the ball.
+    net, x = small
+    eps = 8 / 255
+    result = bs.manipulate(
+        copy.deepcopy(net).bfloat16(), x.bfloat16(), None, "gradient", goal="topk", steps=20
+    )
+    change = (result.x_adv.double() - result.x.double()).abs().flatten(1).amax(1)
+    assert float(change.max()) <= eps
+    assert float(change.max()) > 0.9 * eps  # the signed steps reach the ball's edge
+    # The measure is the change itself, not its difference rounded in bfloat16.
+    torch.testing.assert_close(result.metrics["input_max_change"].double(), change)
+
+
+def test_a_model_with_one_logit_is_refused_before_any_step(small):
+    # argmax of one column is 0 whatever its sign: a flipped decision would pass as kept.
+    net, x = small
+    one = nn.Sequential(*net[:-1], nn.Linear(16, 1)).eval()
+    with pytest.raises(bs.InputError, match=r"two or more logits .* shape \(B, 1\)"):
+        bs.manipulate(one, x, None, "gradient", goal="topk", steps=1)
+    with pytest.raises(bs.InputError, match=r"two or more logits"):
+        check_attack_model(one, ["gradient"], x)
+    check_attack_model(net, ["gradient"], x)
+
+    # Its two-logit form, which the message names, is attacked.
+    class Binary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = one
+
+        def forward(self, x):
+            z = self.net(x)
+            return torch.cat([-z, z], 1) / 2
+
+    two = Binary()
+    torch.testing.assert_close(
+        two(x).softmax(1)[:, 1], torch.sigmoid(one(x)[:, 0]), rtol=1e-6, atol=1e-7
+    )
+    result = bs.manipulate(two, x, None, "gradient", goal="topk", steps=3)
+    torch.testing.assert_close(result.label, (one(x)[:, 0] > 0).long())
 
 
 @pytest.mark.parametrize("goal", ["targeted", "topk"])

@@ -596,10 +596,15 @@ def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli-bad")
     np.savez(d / "wide.npz", x=np.full((2, 1, 32, 32), 70000, np.int64))
     np.savez(d / "one.npz", x=np.zeros((1, 1, 32, 32), np.float32))
+    np.savez(d / "two.npz", x=np.random.default_rng(0).random((2, 1, 32, 32), np.float32))
     (d / "notadir.txt").write_text("x")
     (d / "normed.py").write_text(NORMED)
     (d / "exits.py").write_text(EXITS)
     (d / "folds.py").write_text(FOLDS)
+    (d / "binary.py").write_text(
+        "from torch import nn\n\n\ndef net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 1))\n"
+    )
     (d / "mixed").mkdir()
     for name, size in (("a.png", (20, 10)), ("b.png", (16, 16))):
         Image.fromarray(np.zeros(size[::-1], np.uint8)).save(d / "mixed" / name)
@@ -791,6 +796,13 @@ CLI: dict[str, tuple[list[str], str]] = {
         + ["--method", "gradient", "-n", "4", "--steps", "2", "--out", "{d}/run"],
         r"^betasmooth: error: model takes one item of shape \(1, 32, 32\) but fails on a "
         r"batch of 2",
+    ),
+    "model with one logit, in an attack": (
+        # Its argmax is 0 whatever the logit's sign: every label would read as kept.
+        ["attack", "--model", "{d}/binary.py:net", "--data", "{d}/two.npz"]
+        + ["--method", "gradient", "-n", "2", "--steps", "2", "--out", "{d}/run"],
+        r"^betasmooth: error: the attack needs two or more logits per item, but the model "
+        r"returns one, of shape \(B, 1\); expected a binary classifier's two logits",
     ),
     "images of different sizes": (
         ["attack", "--model", "digits-cnn", "--data", "{d}/mixed", "--method", "gradient"]

@@ -28,6 +28,7 @@ and SmoothGrad at the matched noise scale, over a range of ``beta``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -500,8 +501,21 @@ class _Problem:
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
         eps = self.s.eps_input
         if eps is not None:
-            x_adv = torch.minimum(torch.maximum(x_adv, self.x - eps), self.x + eps)
+            x_adv = torch.minimum(torch.maximum(x_adv, self.ball[0]), self.ball[1])
         return x_adv.clamp(self.s.low, self.s.high)
+
+    @functools.cached_property
+    def ball(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The L-inf budget's bounds around ``x`` in its dtype, each rounded towards ``x``:
+        rounded to the nearest (bfloat16 keeps 8 bits) they can lie outside the budget."""
+        exact = self.x.double()
+        eps = torch.as_tensor(self.s.eps_input, dtype=torch.float64, device=self.x.device)
+        bounds = []
+        for edge in (exact - eps, exact + eps):
+            near = edge.to(self.x.dtype)
+            outside = (near.double() - exact).abs() > eps
+            bounds.append(torch.where(outside, torch.nextafter(near, self.x), near))
+        return bounds[0], bounds[1]
 
     @contextlib.contextmanager
     def original(self) -> Iterator[None]:
@@ -841,14 +855,18 @@ def check_attackable(method: object) -> None:
 SURROGATE = "the attack's softplus surrogate"
 
 
-def check_attack_model(model: nn.Module, methods: Iterable[str]) -> None:
+def check_attack_model(
+    model: nn.Module, methods: Iterable[str], x: torch.Tensor | None = None
+) -> None:
     """Check before a run that the attack can differentiate ``model`` for ``methods``.
 
     The attack differentiates the maps once more, which a graph made by
     ``torch.compile`` does not allow; and a method attacked with its default
     beta schedule (:data:`ATTACK_DEFAULTS`) differentiates through softplus
     in place of every ReLU, which a TorchScript model does not let through
-    (:func:`~betasmooth.smooth.check_overridable`).
+    (:func:`~betasmooth.smooth.check_overridable`). Where ``x`` is given, the
+    model's output on its first item must have two or more logits: the attack
+    keeps the label, the argmax, which one logit never changes.
 
     Raises
     ------
@@ -863,6 +881,20 @@ def check_attack_model(model: nn.Module, methods: Iterable[str]) -> None:
     check_uncompiled(model, "the attack")
     if any(ATTACK_DEFAULTS.get(m, _FALLBACK)["beta_schedule"] != "none" for m in methods):
         check_overridable(model, SURROGATE)
+    if x is not None:
+        with evaluating(model), torch.no_grad():
+            _check_classes(model(x[:1]))
+
+
+def _check_classes(logits: torch.Tensor) -> None:
+    if logits.shape[1] < 2:
+        # argmax of one column is always 0: a decision that flips would pass as kept.
+        raise InputError(
+            "the attack needs two or more logits per item, but the model returns one, of "
+            f"shape (B, {logits.shape[1]}); expected a binary classifier's two logits, e.g. a "
+            "forward returning torch.cat([-z, z], 1) / 2 for its one logit z (softmax then "
+            "equals sigmoid(z))"
+        )
 
 
 def check_defendable(method: object) -> None:
@@ -1228,6 +1260,7 @@ def _problem(
     """The attack on ``x``: its labels, logits and original maps, on the ReLU network."""
     with torch.no_grad():
         logits = model(x)
+    _check_classes(logits)
     label = logits.argmax(1)
     if s.weights is None:
         s = replace(s, weights=default_weights(x.shape[2], x.shape[3], logits.shape[1]))
@@ -1287,7 +1320,9 @@ def _result(
         scores[f"expl_{name}_target_before"] = before[name]
     # In units of the data range, per channel: pixel values in [0, 1] whether
     # or not the model's inputs are normalised, so sizes compare across models.
-    change = (best - x) / (p.s.high - p.s.low)
+    # In float32 at least, as compare's measures: a bfloat16 difference rounds to 8 bits.
+    wide = torch.promote_types(x.dtype, torch.float32)
+    change = (best.to(wide) - x.to(wide)) / (p.s.high - p.s.low)
     scores["input_mse"] = change.square().flatten(1).mean(1)
     scores["input_max_change"] = change.abs().flatten(1).amax(1)
     scores["input_pcc"] = _input_pcc(best, x)

@@ -1153,7 +1153,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         _set_beta(options, args.beta)
     _check_given(model, x, given, options)
     runs.check_methods(model, methods, options, x)
-    check_attack_model(model, methods)
+    check_attack_model(model, methods, x)
     with distributed(device) as (dist, dev):
         run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
         records = runs.attack_run(
@@ -1576,7 +1576,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = runs.attack_methods("all")
     options = _attacked_with(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options, x)
-    check_attack_model(model, methods)
+    check_attack_model(model, methods, x)
     run = RunDir.create(args.out, config, resume=args.resume)
     common = {
         "batch_size": int(sizes["batch_size"]),
