@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -304,6 +305,16 @@ def test_registrar_refuses_bad_names_taken_names_and_non_callables():
     with pytest.raises(InputError, match="^method prefix 'captum' is registered already"):
         register_prefix("captum")(lambda name: None)
     assert PREFIXES["captum"] is not None
+    # The error's own advice, replace=True, is an option of register_prefix too.
+    captum = PREFIXES["captum"]
+    try:
+        register_prefix("captum", replace=True)(lambda name: lambda m, x, t, **k: 2 * x)
+        x = torch.ones(1, 3)
+        assert torch.equal(bs.explain(nn.Flatten(), x, "captum:Saliency", 0), 2 * x)
+    finally:
+        PREFIXES["captum"] = captum
+    saliency = bs.explain(nn.Flatten(), x, "captum:Saliency", 0)
+    assert torch.equal(saliency, bs.explain(nn.Flatten(), x, "gradient", 0))
 
 
 def test_built_in_registries_survive_a_reload():
@@ -610,3 +621,37 @@ def test_messages_name_the_right_form_for_maps_squeezed_outputs_and_meta_models(
         meta = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     with pytest.raises(InputError, match="parameters are on the meta device and hold no values"):
         bs.explain(meta, x, "gradient")
+
+
+def test_an_input_beyond_a_float16_models_range_is_refused_also_after_a_first_call():
+    # 7e4 is a finite float32 but inf in float16; a cached probe skipped the check.
+    net = plain_cnn(seed=1).half()
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(bs.explain(net, x, "gradient", 0)).all())
+    big = x * 7e4
+    with pytest.raises(InputError, match=r"^x has values beyond the range of float16, .*65504"):
+        bs.explain(net, big, "gradient", 0)
+    assert bool(torch.isfinite(bs.explain(net, big / 2, "gradient", 0)).all())  # below 65504
+
+
+def test_a_float16_map_with_nan_or_inf_is_refused_naming_its_items(monkeypatch):
+    # LRP's stabiliser 1e-6 divides float16 relevances past 65504: NaN maps, no error.
+    model, (x, y) = bs.load_model("digits-cnn").half(), bs.load_data("digits")
+    x, y = x[:8], y[:8]
+    options = {"beta": 0.1, "base": "lrp"}
+    with pytest.raises(InputError) as refused:
+        bs.explain(model, x, "beta_smooth", y, **options)
+    monkeypatch.setattr(sys.modules["betasmooth.explain"], "_check_finite", lambda out, m: None)
+    raw = bs.explain(model, x, "beta_smooth", y, **options)
+    bad = (~torch.isfinite(raw)).flatten(1).any(1).nonzero().flatten().tolist()
+    assert 0 < len(bad) < 8
+    named = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+    assert str(refused.value) == (
+        f"beta_smooth gave NaN or inf in the map of {len(bad)} of 8 item(s) (index {named}) in "
+        "float16; float16's largest value, 65504, is too small for the method's arithmetic: "
+        "expected model.float() or model.bfloat16()"
+    )
+    # The same model in float32 and bfloat16 (float32's range) gives finite maps.
+    for dtype in (torch.float32, torch.bfloat16):
+        maps = bs.explain(model.to(dtype), x, "beta_smooth", y, **options)
+        assert bool(torch.isfinite(maps).all())

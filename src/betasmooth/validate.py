@@ -631,7 +631,15 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
                 f"{name} has dtype {x.dtype} but the model's parameters are {dtype}; expected "
                 f"{' or '.join(usable)} (cast with {name}.to({dtype}))"
             )
-        x = x.to(dtype)
+        x, given = x.to(dtype), x
+        if not bool(torch.isfinite(x).all()):
+            # Finite as given, but beyond the model's dtype (float16 ends at 65504).
+            kind = str(dtype).removeprefix("torch.")
+            raise InputError(
+                f"{name} has values beyond the range of {kind}, in which the model computes "
+                f"(largest |{name}| {float(given.abs().max()):.4g}); expected values within "
+                f"+-{torch.finfo(dtype).max:.6g}"
+            )
     _check_dims(model, x, name)
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     seen = _CHECKED.setdefault(model, set())

@@ -4,7 +4,8 @@ A method is a function ``fn(model, x, target, *, create_graph, **options)``
 registered under its name with :func:`register`. :func:`explain` checks the
 input, puts the model in evaluation mode (and restores it), normalises the
 target and checks the options against the method's signature; the method
-returns a tensor shaped like ``x``. Methods live in one file per family:
+returns a tensor shaped like ``x`` (a layer method of Captum: like the
+layer's output). Methods live in one file per family:
 ``gradient`` (gradient, input_x_gradient, integrated_gradients),
 ``propagation`` (guided_backprop, lrp) and ``noise`` (smoothgrad, beta_smooth).
 
@@ -168,6 +169,7 @@ def check_method_input(x: torch.Tensor, method: str, **options: object) -> None:
     --------
     >>> check_method_input(torch.rand(2, 1, 8, 8), "lrp", low=0.0, high=1.0)
     >>> check_method_input(torch.full((2, 1, 8, 8), 5.0), "lrp", low=0.0, high=1.0)
+    ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     betasmooth.validate.InputError: x lies outside the lrp input box [0.0, 1.0] ...
@@ -177,7 +179,9 @@ def check_method_input(x: torch.Tensor, method: str, **options: object) -> None:
         check(x, **options)
 
 
-def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:
+def register_prefix(
+    prefix: str, *, replace: bool = False
+) -> Callable[[Callable[[str], Method]], Callable[[str], Method]]:
     """Register ``resolve(name) -> method`` for the method names ``prefix:name``.
 
     A method that takes ``**options`` checks its options itself, or lists
@@ -186,6 +190,14 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     a registered name (refused when it is resolved). A method whose maps come
     back detached sets ``differentiable = False``, so that the attack refuses
     it by name (:func:`is_differentiable`); every other one can be attacked.
+
+    Parameters
+    ----------
+    prefix : str
+        The part before ``:``.
+    replace : bool
+        Replace the resolver of that prefix (``captum``'s, say); without it a
+        taken prefix is refused.
 
     Raises
     ------
@@ -203,7 +215,7 @@ def register_prefix(prefix: str) -> Callable[[Callable[[str], Method]], Callable
     tensor([[3., 3.]])
     >>> del PREFIXES["scaled"]
     """
-    return registrar(PREFIXES, prefix, "method prefix", dash=False)
+    return registrar(PREFIXES, prefix, "method prefix", replace=replace, dash=False)
 
 
 def is_method(method: object) -> bool:
@@ -424,7 +436,8 @@ def explain(
     Returns
     -------
     torch.Tensor
-        The explanation, shaped like ``x``.
+        The explanation, shaped like ``x``; a Captum layer method's
+        (``captum:LayerGradCam``) is shaped like the layer's output.
 
     Examples
     --------
@@ -455,8 +468,28 @@ def explain(
         out = fn(model, x, target_t, create_graph=create_graph, **options)
     out = _checked_output(out, method, x)
     if not create_graph:  # the attack's steps: their maps were checked before it
+        _check_finite(out, method)
         _warn_if_zero(out, method, model)
     return out.to(given.dtype)
+
+
+def _check_finite(out: torch.Tensor, method: str) -> None:
+    """Refuse a map with NaN or inf, which every comparison would carry on silently."""
+    bad = ~torch.isfinite(out.detach()).flatten(1).all(1)
+    if not bool(bad.any()):
+        return
+    items = bad.nonzero().flatten().tolist()
+    named = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
+    hint = (
+        "float16's largest value, 65504, is too small for the method's arithmetic: "
+        "expected model.float() or model.bfloat16()"
+        if out.dtype == torch.float16
+        else "expected a model whose outputs and gradients are finite on x"
+    )
+    raise InputError(
+        f"{method} gave NaN or inf in the map of {len(items)} of {len(out)} item(s) "
+        f"(index {named}) in {str(out.dtype).removeprefix('torch.')}; {hint}"
+    )
 
 
 def _warn_if_zero(out: torch.Tensor, method: str, model: nn.Module) -> None:
