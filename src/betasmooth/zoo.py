@@ -630,7 +630,8 @@ def load_data(
         different sizes.
     channels : int, optional
         1 (grey) or 3 (RGB); by default the built-in data has 1, a folder
-        takes the mode of its first image and an ``.npz`` file keeps its own.
+        has 3 when any of its images is stored in a colour mode (else 1) and
+        an ``.npz`` file keeps its own.
     mean, std : float or sequence of float, optional
         Normalise to ``(x - mean) / std`` after scaling to [0, 1]; one value
         or one per channel.
