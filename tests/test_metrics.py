@@ -78,14 +78,14 @@ def test_ssim_float32_and_small_heatmaps_match_skimage():
         assert ours[i].item() == pytest.approx(_skimage_ssim(a[i].numpy(), b[i].numpy()), abs=1e-4)
 
 
-@pytest.mark.parametrize("spread", [1e-2, 1e-3, 1e-4])
-def test_ssim_float32_of_nearly_flat_maps_matches_skimage(spread):
+@pytest.mark.parametrize(("offset", "spread"), [(1, 1e-2), (1, 1e-3), (1, 1e-4), (1000, 1e-5)])
+def test_ssim_float32_of_nearly_flat_maps_matches_skimage(offset, spread):
     # An offset far above the spread: G(x^2) - G(x)^2 would cancel every digit
-    # of the local variance in float32.
+    # of the local variance in float32, and so would rounding each value.
     gen = torch.Generator().manual_seed(7)
-    a = 1 + spread * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64)
-    b = 1 + spread * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64)
-    b[1] = a[1] + 0.3 * (b[1] - 1)  # correlated, for an SSIM well above 0
+    a = offset * (1 + spread * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64))
+    b = offset * (1 + spread * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64))
+    b[1] = a[1] + 0.3 * (b[1] - offset)  # correlated, for an SSIM well above 0
     ours = ssim(a.float(), b.float())
     for i in range(3):
         ref = _skimage_ssim(a[i].float().double().numpy(), b[i].float().double().numpy())

@@ -335,7 +335,9 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = _check_maps(a, b)
     # First a common, detached scale: max - min of maps near float32's largest
     # value overflows to inf (SSIM, unchanged by a common scale, keeps its gradient).
-    peak = torch.maximum(_peak(a), _peak(b))
+    # A power of two, which rounds no value: a nearly flat map keeps its digits.
+    _, exponent = torch.frexp(torch.maximum(_peak(a), _peak(b)))
+    peak = torch.ldexp(torch.ones_like(a[:, :1, :1]), exponent - 1)  # within 2x below the peak
     a, b = a / peak, b / peak
     lo = torch.minimum(a.flatten(1).amin(1), b.flatten(1).amin(1))
     hi = torch.maximum(a.flatten(1).amax(1), b.flatten(1).amax(1))
@@ -344,21 +346,21 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # SSIM is invariant to a common scale (C1, C2 scale with R^2); working at
     # R = 1 keeps float32 variances of maps that sum to 1 well above rounding.
     scale = torch.where(flat, torch.ones_like(data_range), data_range).view(-1, 1, 1)
-    x, y = a / scale, b / scale
     c1 = torch.where(flat, torch.zeros_like(data_range), torch.full_like(data_range, SSIM_K1**2))
     c2 = torch.where(flat, torch.zeros_like(data_range), torch.full_like(data_range, SSIM_K2**2))
     c1, c2 = c1.view(-1, 1, 1), c2.view(-1, 1, 1)
 
-    batch = x.shape[0]
-    # (Co)variances do not change with a shift: taken about each map's mean, they
-    # keep the digits that G(x^2) - G(x)^2 of a nearly flat map cancels in float32.
+    batch = a.shape[0]
+    # (Co)variances do not change with a shift: taken about each map's mean (a
+    # subtraction that rounds little before the division by R), they keep the
+    # digits that G(x^2) - G(x)^2 of a nearly flat map cancels in float32.
     # The reflecting filter keeps constants, so the local means are G(x - m) + m.
-    mx, my = x.mean((1, 2), keepdim=True).detach(), y.mean((1, 2), keepdim=True).detach()
-    xc, yc = x - mx, y - my
-    moments = _gaussian_filter(torch.cat([xc, yc, xc * xc, yc * yc, xc * yc]))
+    ma, mb = a.mean((1, 2), keepdim=True).detach(), b.mean((1, 2), keepdim=True).detach()
+    x, y = (a - ma) / scale, (b - mb) / scale
+    moments = _gaussian_filter(torch.cat([x, y, x * x, y * y, x * y]))
     ux, uy, uxx, uyy, uxy = moments.split(batch)
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    ux, uy = ux + mx, uy + my
+    ux, uy = ux + ma / scale, uy + mb / scale
     num = (2 * ux * uy + c1) * (2 * vxy + c2)
     den = (ux.square() + uy.square() + c1) * (vx + vy + c2)
     s = num / torch.where(flat.view(-1, 1, 1), torch.ones_like(den), den)
