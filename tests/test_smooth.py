@@ -120,19 +120,37 @@ def test_softplus_tensor_beta_broadcasts_and_has_gradient():
     assert torch.autograd.gradgradcheck(lambda b: softplus(x, b), (beta,))
 
 
-@pytest.mark.parametrize("beta", [1e5, 1e30, 1e-3])
-def test_softplus_float16_with_a_tensor_beta_equals_the_float_beta(beta):
-    # A tensor beta past 65504 was cast to float16's inf: inf * 0 gave NaN at x = 0.
-    x = torch.tensor([-1.0, -1e-3, 0.0, 1e-3, 1.0], dtype=torch.float16, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("beta", [1e5, 1e30, 1e-3, 1.7, 10.0])
+def test_softplus_half_with_a_tensor_beta_equals_the_float_beta(dtype, beta):
+    # A tensor beta past 65504 was cast to float16's inf: inf * 0 gave NaN at x = 0;
+    # bfloat16 rounded beta to 8 bits (1.5 % off at beta 1.7, x = -4).
+    x = torch.tensor([-4.0, -1.0, -1e-3, 0.0, 1e-3, 1.0], dtype=dtype, requires_grad=True)
     y = softplus(x, torch.tensor(beta))
-    assert y.dtype == torch.float16
+    assert y.dtype == dtype
     ref = _oracle_softplus(x.detach().double().numpy(), beta).astype(np.float64)
-    np.testing.assert_allclose(y.detach().double().numpy(), ref, rtol=1e-3, atol=1e-7)
+    rtol = float(torch.finfo(dtype).eps)  # rounded once, to half an ulp
+    np.testing.assert_allclose(y.detach().double().numpy(), ref, rtol=rtol, atol=1e-7)
     torch.testing.assert_close(y, softplus(x, beta), rtol=0, atol=0)
     (grad,) = torch.autograd.grad(y.sum(), x)
     with np.errstate(over="ignore", invalid="ignore"):  # np.where computes both sides
         ref_grad = _oracle_sigmoid(x.detach().double().numpy(), beta).astype(np.float64)
-    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, rtol=rtol, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_gradient_in_beta_where_beta_x_overflows(dtype):
+    # d/dbeta = -(z sigmoid(-z) + log1p(exp(-z))) / beta^2 with z = beta |x|, which
+    # tends to 0; at z = inf it computed inf * 0 = NaN.
+    x = torch.tensor([-100.0, 0.0, 100.0], dtype=dtype)
+    beta = torch.tensor(1e37, dtype=dtype, requires_grad=True)
+    (grad,) = torch.autograd.grad(softplus(x, beta).sum(), beta, create_graph=True)
+    b, xs = 1e37, x.double().numpy()
+    z = np.abs(b * xs)
+    ref = -(np.log(2) / b**2 + 2 * (z[0] * np.exp(-z[0]) + np.exp(-z[0])) / b**2)
+    torch.testing.assert_close(grad.double(), torch.tensor(ref, dtype=torch.float64))
+    (second,) = torch.autograd.grad(grad, beta)
+    assert bool(torch.isfinite(second))
 
 
 def test_smoothing_takes_one_beta():

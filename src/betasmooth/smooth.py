@@ -237,7 +237,12 @@ class _Softplus(torch.autograd.Function):
             # d/dbeta = (z sigmoid(z) - log1p(exp(z))) / beta^2 with z = beta x,
             # written in |z| so that no two large terms cancel.
             z = (beta * x).abs()
-            grad_beta = -grad * (z * torch.sigmoid(-z) + torch.log1p(torch.exp(-z))) / beta**2
+            # z sigmoid(-z) -> 0 as z -> inf, where it would compute inf * 0 (also
+            # in the second derivative: inf is kept out of the product itself).
+            big = torch.isinf(z)
+            finite = torch.where(big, 0.0, z)
+            tail = torch.where(big, 0.0, finite * torch.sigmoid(-finite))
+            grad_beta = -grad * (tail + torch.log1p(torch.exp(-z))) / beta**2
         return grad * torch.sigmoid(beta * x), grad_beta
 
 
@@ -280,9 +285,10 @@ def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
                 f"beta of shape {tuple(beta.shape)} does not broadcast against x of shape "
                 f"{tuple(x.shape)}; expected a number or a tensor that broadcasts against x"
             ) from None
-        # A beta past float16's 65504 would be inf there, and inf * 0 NaN: float16
-        # is computed in float32 and given back in float16.
-        work = torch.float32 if x.dtype == torch.float16 else x.dtype
+        # A beta past float16's 65504 would be inf there (and inf * 0 NaN), and
+        # bfloat16 keeps 8 bits of beta: both are computed in float32, as torch's
+        # fused softplus of a float beta does, and given back in x's dtype.
+        work = torch.promote_types(x.dtype, torch.float32)
         out = _Softplus.apply(x.to(work), beta.to(dtype=work, device=x.device))
         return out.to(x.dtype)
     return _Softplus.apply(x, float(beta))
