@@ -152,3 +152,24 @@ def _directional_check(model, x, method, **options):
 def test_integrated_gradients_derivative_is_finite_difference(net_name, x):
     model = bs.smooth(NETS[net_name]().double(), 3.0)
     _directional_check(model, x, "integrated_gradients", steps=8, baseline=0.2)
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad"])
+def test_passes_of_large_inputs_hold_a_bounded_number_of_values(method):
+    # 256 items of 3 x 224 x 224 are 38.5 M input values (VGG16: about 20 GB);
+    # the default bounds a pass by 256 RGB images of 64 px, 20 items here.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 3, stride=8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(3),
+    )
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    net(x)
+    passes = []
+    net.register_forward_pre_hook(lambda m, args: passes.append(len(args[0])))
+    options = {"steps": 50} if method == "integrated_gradients" else {"n": 50, "seed": 0}
+    default = bs.explain(net, x, method, 0, **options)
+    assert max(passes) == 3 * 64 * 64 * 256 // (3 * 224 * 224) // 2 * 2  # 20
+    torch.testing.assert_close(default, bs.explain(net, x, method, 0, chunk=50, **options))

@@ -154,6 +154,33 @@ def test_out_of_memory_halves_the_batch(tmp_path):
         np.testing.assert_array_equal(data["value"], [16.0, 25.0])
 
 
+def test_a_cpu_allocation_failure_halves_the_batch_and_ends_in_one_line(tmp_path):
+    # The CPU allocator's error does not say "out of memory": it was raised as is.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    sizes, messages = [], []
+
+    def work(unit):
+        sizes.append(len(unit.indices))
+        if len(unit.indices) > 2:
+            torch.empty(2**62, dtype=torch.uint8)  # torch's own error, on any machine
+        return _square(unit)
+
+    records = execute(run, plan(["a"], range(6), 4), work, progress=False, message=messages.append)
+    assert [r["index"] for r in records] == list(range(6))
+    assert sizes == [4, 2, 2, 2]
+    assert messages == ["betasmooth: out of memory with a batch of 4; retrying with batches of 2"]
+
+    def never(unit):
+        torch.empty(2**62, dtype=torch.uint8)
+
+    other = RunDir.create(tmp_path / "other", {"command": "test"})
+    with pytest.raises(InputError) as refused:
+        execute(other, plan(["a"], range(2), 2), never, progress=False, message=messages.append)
+    assert str(refused.value).startswith("out of memory with a batch of 1 (")
+    assert "can't allocate memory" in str(refused.value) and "\n" not in str(refused.value)
+    assert str(refused.value).endswith("(--option METHOD.chunk=1)")
+
+
 def test_other_errors_are_not_retried(tmp_path):
     run = RunDir.create(tmp_path / "run", {"command": "test"})
 

@@ -74,11 +74,25 @@ def unit_seed(seed: int, method: str, first: int) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error of torch."""
+    """Whether ``exc`` is an out-of-memory error of torch, on a GPU or on the CPU.
+
+    Examples
+    --------
+    >>> try:
+    ...     torch.empty(2**62, dtype=torch.uint8)
+    ... except RuntimeError as err:
+    ...     is_oom(err)
+    True
+    """
     oom = getattr(torch.cuda, "OutOfMemoryError", ())
     if oom and isinstance(exc, oom):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # The CPU allocator says "DefaultCPUAllocator: can't allocate memory".
+    return isinstance(exc, RuntimeError) and any(s in text for s in _OOM_SAYS)
+
+
+_OOM_SAYS = ("out of memory", "can't allocate memory")
 
 
 Work = Callable[[Unit], tuple[list[Record], Batch | Arrays | None]]
@@ -213,8 +227,15 @@ def _finished(
         try:
             records, arrays = work(unit)
         except Exception as exc:
-            if not is_oom(exc) or len(unit.indices) == 1:
+            if not is_oom(exc):
                 raise
+            if len(unit.indices) == 1:
+                reason = " ".join(str(exc).split())[:200]
+                raise InputError(
+                    f"out of memory with a batch of 1 ({reason}); expected smaller inputs "
+                    "(--image-size) or, for integrated_gradients and smoothgrad, fewer "
+                    "points per pass (--option METHOD.chunk=1)"
+                ) from None
             records = None
         if records is None:
             # Outside the except block, so that the failed batch's tensors,

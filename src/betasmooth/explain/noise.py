@@ -233,7 +233,8 @@ def smoothgrad(
         item's map is the same in any batch; ``None`` uses the global generator.
     chunk : int or None
         Copies per forward pass (each pass holds ``chunk * B`` items);
-        ``None`` picks about :data:`~betasmooth.explain.gradient.ITEMS_PER_PASS` items.
+        ``None`` picks about :data:`~betasmooth.explain.gradient.ITEMS_PER_PASS` items,
+        fewer for large inputs (:func:`~betasmooth.explain.gradient.auto_chunk`).
 
     Examples
     --------
@@ -268,7 +269,7 @@ def smoothgrad(
         check_positive("input_range", input_range, optional=True)
     draw = NOISES[check_choice("noise", noise, NOISES)]
     generators = _generators(seed, x)
-    chunk = auto_chunk(chunk, n, x.shape[0])
+    chunk = auto_chunk(chunk, n, x.shape[0], x[0].numel())
 
     if target is None:
         target = predict(model, x)
