@@ -465,14 +465,28 @@ def test_bad_input_is_refused(small):
         bs.manipulate(half, x.half(), good.half(), "gradient", steps=1)
 
 
-def test_a_bfloat16_attack_stays_inside_its_budget(small):
-    # x +- eps rounded to the nearest bfloat16 (8 bits) can lie outside the ball.
+@pytest.mark.parametrize("normalised", [False, True])
+def test_a_bfloat16_attack_stays_inside_its_budget(small, normalised):
+    # x +- eps rounded to the nearest bfloat16 (8 bits) can lie outside the ball,
+    # and so can eps * (high - low) subtracted in bfloat16.
     net, x = small
+    low, high = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    if normalised:
+        low, high = (low - 0.485) / 0.229, (high - 0.485) / 0.229
+    x = (low + (high - low) * x).bfloat16()
+    low, high = low.bfloat16(), high.bfloat16()  # the bounds in x's dtype, as the attack's
     eps = 8 / 255
     result = bs.manipulate(
-        copy.deepcopy(net).bfloat16(), x.bfloat16(), None, "gradient", goal="topk", steps=20
+        copy.deepcopy(net).bfloat16(),
+        x,
+        None,
+        "gradient",
+        goal="topk",
+        steps=20,
+        data_range=(low, high),
     )
-    change = (result.x_adv.double() - result.x.double()).abs().flatten(1).amax(1)
+    width = high.double() - low.double()
+    change = ((result.x_adv.double() - result.x.double()).abs() / width).flatten(1).amax(1)
     assert float(change.max()) <= eps
     assert float(change.max()) > 0.9 * eps  # the signed steps reach the ball's edge
     # The measure is the change itself, not its difference rounded in bfloat16.
@@ -488,6 +502,10 @@ def test_a_model_with_one_logit_is_refused_before_any_step(small):
     with pytest.raises(bs.InputError, match=r"two or more logits"):
         check_attack_model(one, ["gradient"], x)
     check_attack_model(net, ["gradient"], x)
+    # x is checked as manipulate checks it: cast to a float64 model, refused unbatched.
+    check_attack_model(copy.deepcopy(net).double(), ["gradient"], x)
+    with pytest.raises(bs.InputError, match=r"add the batch dimension with x\[None\]"):
+        check_attack_model(net, ["gradient"], x[0])
 
     # Its two-logit form, which the message names, is attacked.
     class Binary(nn.Module):

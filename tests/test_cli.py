@@ -770,6 +770,33 @@ def test_a_float64_model_is_explained_in_float64(tmp_path):
     torch.testing.assert_close(saved_map.double(), expected, rtol=1e-6, atol=1e-9)
 
 
+def test_a_bfloat16_model_runs_from_the_command_line(tmp_path):
+    # numpy has no bfloat16: writing the arrays of a run ended in a TypeError.
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef net():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(4096, 10)).bfloat16()\n"
+    )
+    common = ["--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "2", "--no-progress"]
+    argv = ["explain", *common, "--method", "gradient", "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    with np.load(tmp_path / "e" / "arrays" / "gradient-0.npz") as saved:
+        x, saved_map = torch.from_numpy(saved["x"]), torch.from_numpy(saved["map"])
+    assert x.dtype == saved_map.dtype == torch.float32
+    net = bs.load_model(f"{tmp_path}/net.py:net")
+    images = bs.load_data("digits")[0][:2]
+    torch.testing.assert_close(x, images.bfloat16().float(), rtol=0, atol=0)
+    expected = bs.heatmap(bs.explain(net, images.bfloat16(), "gradient")).float()
+    torch.testing.assert_close(saved_map, expected, rtol=0, atol=0)
+    attack = tmp_path / "a"
+    argv = ["attack", *common, "--method", "gradient", "--steps", "2", "--out", str(attack)]
+    assert main(argv) == 0
+    with np.load(attack / "arrays" / "gradient-0.npz") as saved:
+        assert saved["x_adv"].dtype == np.float32 and np.isfinite(saved["map_adv"]).all()
+    assert main(["sweep", str(attack), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    assert len(read_jsonl(attack / "sweep.jsonl")) > 0
+
+
 def test_warnings_are_one_line_about_the_run(tmp_path, capsys):
     (tmp_path / "net.py").write_text(
         "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Conv2d(1, 2, 3, "

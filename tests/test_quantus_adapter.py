@@ -216,3 +216,16 @@ def test_a_bfloat16_model_gives_its_maps_as_float32():
     got = bs.quantus_explain(net, x.numpy(), TARGET[:2].numpy(), method="gradient")
     assert got.dtype == np.float32 and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, expected.float().numpy())
+
+
+def test_a_float16_model_names_inputs_beyond_its_range_and_keeps_its_dtype():
+    # The numpy inputs were cast to float16 before explain: 7e4 arrived as inf,
+    # named "NaN or inf" though the inputs were finite.
+    net = plain_cnn(channels=3).half()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match=r"^x has values beyond the range of float16"):
+        bs.quantus_explain(net, 7e4 * x.numpy(), TARGET[:2].numpy(), method="gradient")
+    expected = bs.explain(net, x.half(), "gradient", TARGET[:2]).sum(1, keepdim=True)
+    got = bs.quantus_explain(net, x.numpy(), TARGET[:2].numpy(), method="gradient")
+    assert got.dtype == np.float16 and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, expected.numpy())

@@ -79,6 +79,7 @@ from .validate import (
     evaluating,
     is_number,
     item_seeds,
+    to_numpy,
     warn_user,
 )
 
@@ -400,7 +401,7 @@ class ManipulationResult:
     def arrays(self) -> dict[str, np.ndarray]:
         """Inputs, maps and labels as numpy arrays, e.g. for ``np.savez``."""
         names = ("x", "x_adv", "map_orig", "map_adv", "map_target", "label", "label_adv")
-        return {n: getattr(self, n).detach().cpu().numpy() for n in names}
+        return {n: to_numpy(getattr(self, n)) for n in names}
 
 
 # ------------------------------------------------------------------ goals
@@ -443,6 +444,11 @@ class _Settings:
     def eps_input(self) -> float | torch.Tensor | None:
         """The L-inf budget in the model's input units, per channel."""
         return None if self.eps is None else self.eps * (self.high - self.low)
+
+    def width(self, dtype: torch.dtype) -> torch.Tensor:
+        """``high - low`` per channel, subtracted in ``dtype``: bounds held in a bfloat16
+        ``x``'s dtype round their difference there to 8 bits."""
+        return torch.as_tensor(self.high, dtype=dtype) - torch.as_tensor(self.low, dtype=dtype)
 
 
 def _heatmaps(
@@ -509,7 +515,7 @@ class _Problem:
         """The L-inf budget's bounds around ``x`` in its dtype, each rounded towards ``x``:
         rounded to the nearest (bfloat16 keeps 8 bits) they can lie outside the budget."""
         exact = self.x.double()
-        eps = torch.as_tensor(self.s.eps_input, dtype=torch.float64, device=self.x.device)
+        eps = (self.s.eps * self.s.width(torch.float64)).to(self.x.device)
         bounds = []
         for edge in (exact - eps, exact + eps):
             near = edge.to(self.x.dtype)
@@ -882,6 +888,7 @@ def check_attack_model(
     if any(ATTACK_DEFAULTS.get(m, _FALLBACK)["beta_schedule"] != "none" for m in methods):
         check_overridable(model, SURROGATE)
     if x is not None:
+        x = check_input(model, x)
         with evaluating(model), torch.no_grad():
             _check_classes(model(x[:1]))
 
@@ -1322,7 +1329,7 @@ def _result(
     # or not the model's inputs are normalised, so sizes compare across models.
     # In float32 at least, as compare's measures: a bfloat16 difference rounds to 8 bits.
     wide = torch.promote_types(x.dtype, torch.float32)
-    change = (best.to(wide) - x.to(wide)) / (p.s.high - p.s.low)
+    change = (best.to(wide) - x.to(wide)) / p.s.width(wide).to(x.device)
     scores["input_mse"] = change.square().flatten(1).mean(1)
     scores["input_max_change"] = change.abs().flatten(1).amax(1)
     scores["input_pcc"] = _input_pcc(best, x)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .explain import explain
-from .validate import InputError, InputTypeError, check_model
+from .validate import InputError, InputTypeError, check_model, to_numpy
 
 __all__ = ["quantus_explain"]
 
@@ -189,7 +189,9 @@ def quantus_explain(
     place = _model_place(model, device)
     parameter = next(model.parameters(), None)
     dtype = torch.get_default_dtype() if parameter is None else parameter.dtype
-    x = _as_tensor(inputs, "inputs", dtype, place)
+    # In float32 at least: explain casts to a float16 model's dtype, and names
+    # values that the cast makes inf.
+    x = _as_tensor(inputs, "inputs", torch.promote_types(dtype, torch.float32), place)
     target = _as_tensor(targets, "targets", torch.long, place).reshape(-1)
     if target.numel() == 1:
         target = target.expand(x.shape[0])
@@ -198,7 +200,7 @@ def quantus_explain(
         x = x.movedim(-1, 1)
     # Quantus works in numpy: array options (LRP's bounds, a baseline) become tensors.
     options = {k: _option_tensor(v, dtype, place) for k, v in options.items()}
-    attribution = explain(model, x, method, target, **options).detach()
+    attribution = explain(model, x, method, target, **options).detach().to(dtype)
     channels_left = True
     keepdims = _keepdims(keepdims)
     reduce_axes = _axes_given(reduce_axes)
@@ -210,6 +212,4 @@ def quantus_explain(
     if not first and channels_left:
         # Back to the inputs' layout, where a channel axis is left to move.
         attribution = attribution.movedim(1, -1)
-    if attribution.dtype == torch.bfloat16:
-        attribution = attribution.float()  # numpy has no bfloat16
-    return attribution.cpu().numpy()
+    return to_numpy(attribution)

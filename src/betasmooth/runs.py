@@ -55,7 +55,7 @@ from .store import (
     check_batch_file,
 )
 from .units import Unit, execute, plan, unit_seed
-from .validate import InputError, check_choice, check_input
+from .validate import InputError, check_choice, check_input, to_numpy
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
@@ -372,7 +372,7 @@ def attack_run(
         if save_attributions:
             label = result.label.to(device)
             batch.attr_orig, batch.attr_adv = (
-                explain(model, xs, unit.method, label, **options).detach().cpu().numpy()
+                to_numpy(explain(model, xs, unit.method, label, **options))
                 for xs in (xb, result.x_adv.to(device))
             )
         return records, batch
@@ -454,9 +454,9 @@ def explain_run(
         ]
         batch = ExplainBatch(
             index=np.asarray(unit.indices),
-            x=xb.cpu().numpy(),
-            map=maps.cpu().numpy(),
-            attribution=attribution.cpu().numpy() if save_attributions else None,
+            x=to_numpy(xb),
+            map=to_numpy(maps),
+            attribution=to_numpy(attribution) if save_attributions else None,
         )
         return records, batch
 
@@ -639,7 +639,7 @@ def _defended(
 ) -> np.ndarray | None:
     """The defended maps of the attacked images, ``(B, len(betas), H, W)``, or ``None``."""
     found = [maps[(defense, float(b))][0] for b in betas if (defense, float(b)) in maps]
-    return torch.stack(found, 1).numpy() if found else None
+    return to_numpy(torch.stack(found, 1)) if found else None
 
 
 def curvature_run(

@@ -48,6 +48,7 @@ __all__ = [
     "compiled_parts",
     "registrar",
     "tell",
+    "to_numpy",
     "warn_user",
 ]
 
@@ -400,6 +401,19 @@ def check_uncompiled(model: nn.Module, need: str) -> None:
             f"{need} does not work through a graph made by torch.compile; expected the "
             f"module itself, {original}"
         )
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` detached, on the CPU, as a numpy array; bfloat16, which numpy lacks, is
+    widened to float32 (exactly).
+
+    Examples
+    --------
+    >>> to_numpy(torch.tensor([0.5, 1.5], dtype=torch.bfloat16)).dtype
+    dtype('float32')
+    """
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @contextlib.contextmanager
