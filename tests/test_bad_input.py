@@ -601,6 +601,7 @@ def files(tmp_path_factory) -> Path:
     (d / "normed.py").write_text(NORMED)
     (d / "exits.py").write_text(EXITS)
     (d / "folds.py").write_text(FOLDS)
+    (d / "hungry.py").write_text(HUNGRY)
     (d / "binary.py").write_text(
         "from torch import nn\n\n\ndef net():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 1))\n"
@@ -619,6 +620,24 @@ sys.exit(0)
 """
 
 # Right for one image, wrong for a batch: refused before the first batch, in one line.
+# Runs out of memory in a gradient's forward (torch's own CPU allocator error),
+# after the no-grad probe of check_input.
+HUNGRY = """
+import torch
+from torch import nn
+
+
+class Hungry(nn.Sequential):
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            torch.empty(2**62, dtype=torch.uint8)
+        return super().forward(x)
+
+
+def net():
+    return Hungry(nn.Flatten(), nn.Linear(32 * 32, 10))
+"""
+
 FOLDS = """
 from torch import nn
 
@@ -796,6 +815,14 @@ CLI: dict[str, tuple[list[str], str]] = {
         + ["--method", "gradient", "-n", "4", "--steps", "2", "--out", "{d}/run"],
         r"^betasmooth: error: model takes one item of shape \(1, 32, 32\) but fails on a "
         r"batch of 2",
+    ),
+    "out of memory in the checks before a run": (
+        ["explain", "--model", "{d}/hungry.py:net", "--data", "digits"]
+        + ["--method", "integrated_gradients", "--option", "integrated_gradients.steps=2"]
+        + ["--out", "{d}/run"],
+        r"^betasmooth: error: out of memory \(.*DefaultCPUAllocator: can't allocate memory.*\); "
+        r"expected smaller inputs \(--image-size\) or, for integrated_gradients and "
+        r"smoothgrad, fewer points per pass \(--option METHOD.chunk=1\)$",
     ),
     "model with one logit, in an attack": (
         # Its argmax is 0 whatever the logit's sign: every label would read as kept.

@@ -51,6 +51,7 @@ from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
+from .units import is_oom, out_of_memory
 from .validate import MAX_SEED, InputError, check_choice, check_uncompiled, is_number, tell
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, import_model_code, preset_mean_std, weights_file
 
@@ -1738,6 +1739,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: no space left, a read-only folder, a missing file. What was
         # written before stays intact: results are appended and arrays renamed whole.
         tell(f"betasmooth: error: {_one_line(err)}")
+        return 2
+    except RuntimeError as err:
+        # Outside a run's batches (which retry in halves): the checks before it.
+        if not is_oom(err):
+            raise
+        tell(f"betasmooth: error: {out_of_memory(err)}")
         return 2
     except KeyboardInterrupt:
         # Commands without --resume (sweep) continue where they stopped when run again.

@@ -30,7 +30,7 @@ from .distributed import Dist
 from .store import Arrays, Batch, Record, RunDir, record_key
 from .validate import InputError, tell
 
-__all__ = ["Unit", "execute", "is_oom", "plan", "unit_seed"]
+__all__ = ["Unit", "execute", "is_oom", "out_of_memory", "plan", "unit_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,21 @@ def is_oom(exc: BaseException) -> bool:
 
 
 _OOM_SAYS = ("out of memory", "can't allocate memory")
+
+
+def out_of_memory(exc: BaseException, where: str = "") -> InputError:
+    """The one-line error for an out-of-memory ``exc`` that no smaller batch avoids.
+
+    Examples
+    --------
+    >>> str(out_of_memory(RuntimeError("CUDA out of memory."), "with a batch of 1 "))[:45]
+    'out of memory with a batch of 1 (CUDA out of '
+    """
+    reason = " ".join(str(exc).split())[:200]
+    return InputError(
+        f"out of memory {where}({reason}); expected smaller inputs (--image-size) or, for "
+        "integrated_gradients and smoothgrad, fewer points per pass (--option METHOD.chunk=1)"
+    )
 
 
 Work = Callable[[Unit], tuple[list[Record], Batch | Arrays | None]]
@@ -230,12 +245,7 @@ def _finished(
             if not is_oom(exc):
                 raise
             if len(unit.indices) == 1:
-                reason = " ".join(str(exc).split())[:200]
-                raise InputError(
-                    f"out of memory with a batch of 1 ({reason}); expected smaller inputs "
-                    "(--image-size) or, for integrated_gradients and smoothgrad, fewer "
-                    "points per pass (--option METHOD.chunk=1)"
-                ) from None
+                raise out_of_memory(exc, "with a batch of 1 ") from None
             records = None
         if records is None:
             # Outside the except block, so that the failed batch's tensors,
