@@ -881,6 +881,20 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
     assert not (files / "run").exists()
 
 
+def test_out_of_memory_at_a_batch_of_1_names_what_to_try(files, capsys):
+    argv = ["explain", "--model", f"{files}/hungry.py:net", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--method", "gradient", "--out", f"{files}/run"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "betasmooth: out of memory with a batch of 2; retrying with batches of 1"
+    assert re.fullmatch(
+        r"betasmooth: error: out of memory with a batch of 1 \(.*can't allocate memory.*\); "
+        r"expected smaller inputs \(--image-size\) or, for integrated_gradients and "
+        r"smoothgrad, fewer points per pass \(--option METHOD.chunk=1\)",
+        lines[1],
+    )
+    assert len(lines) == 2
+
+
 def test_table_has_forty_cases() -> None:
     assert len(API) + len(CLI) >= 40 and len(API) >= 20 and len(CLI) >= 20
 

@@ -20,7 +20,7 @@ import betasmooth as bs
 from betasmooth import pretrained
 from betasmooth.cli import main
 from betasmooth.store import read_jsonl
-from betasmooth.validate import InputError
+from betasmooth.validate import InputError, OutOfMemory
 from test_explain_lrp import zennit_lrp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum.*")
@@ -364,3 +364,21 @@ def test_resume_and_sweep_refuse_a_checkpoint_changed_under_its_name(tmp_path, m
     assert not (out / "sweep.jsonl").exists()
     path.write_bytes(first)
     assert main(["sweep", str(out), "--betas", "5", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("where", ["torch.load", "get_model"])
+def test_out_of_memory_while_loading_does_not_blame_the_cache_file(hub, monkeypatch, where):
+    # Both were named a damaged file, "delete it so that it is downloaded again":
+    # advice that loses good weights, offline for good.
+    def hungry(*args, **kwargs):
+        torch.empty(2**62, dtype=torch.uint8)  # torch's own CPU allocator error
+
+    owner = torch if where == "torch.load" else torchvision.models
+    monkeypatch.setattr(owner, where.split(".")[-1], hungry)
+    with pytest.raises(OutOfMemory) as refused:
+        bs.load_model(SPECS["resnet18"])
+    message = str(refused.value)
+    assert message.startswith("out of memory ") and "can't allocate memory" in message
+    assert message.endswith("; expected more free memory: the model's weights alone do not fit")
+    assert "delete" not in message
+    assert pretrained.checkpoint_path(SPECS["resnet18"]).exists()

@@ -14,7 +14,7 @@ from betasmooth.checkpoint import read_npz
 from betasmooth.distributed import Dist
 from betasmooth.store import RunDir, append_jsonl, read_jsonl, write_npz
 from betasmooth.units import Unit, execute, plan, unit_seed
-from betasmooth.validate import InputError
+from betasmooth.validate import InputError, OutOfMemory
 
 
 def _square(unit: Unit) -> tuple[list[dict], dict]:
@@ -174,11 +174,11 @@ def test_a_cpu_allocation_failure_halves_the_batch_and_ends_in_one_line(tmp_path
         torch.empty(2**62, dtype=torch.uint8)
 
     other = RunDir.create(tmp_path / "other", {"command": "test"})
-    with pytest.raises(InputError) as refused:
+    with pytest.raises(OutOfMemory) as refused:
         execute(other, plan(["a"], range(2), 2), never, progress=False, message=messages.append)
     assert str(refused.value).startswith("out of memory with a batch of 1 (")
     assert "can't allocate memory" in str(refused.value) and "\n" not in str(refused.value)
-    assert str(refused.value).endswith("(--option METHOD.chunk=1)")
+    assert str(refused.value).endswith("fewer points per pass (chunk=)")
 
 
 def test_other_errors_are_not_retried(tmp_path):

@@ -18,7 +18,7 @@ from torch import nn
 import betasmooth as bs
 from betasmooth.attack import random_targets
 from betasmooth.cli import main
-from betasmooth.validate import InputError, InputTypeError, check_in_range
+from betasmooth.validate import InputError, InputTypeError, OutOfMemory, check_in_range
 from nets import plain_cnn
 
 
@@ -655,3 +655,20 @@ def test_a_float16_map_with_nan_or_inf_is_refused_naming_its_items(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         maps = bs.explain(model.to(dtype), x, "beta_smooth", y, **options)
         assert bool(torch.isfinite(maps).all())
+
+
+def test_out_of_memory_in_the_first_forward_is_named_as_such():
+    # The probe of two items blamed a forward that folds the batch.
+    class Hungry(nn.Sequential):
+        def forward(self, x):
+            if len(x) > 1:
+                torch.empty(2**62, dtype=torch.uint8)  # torch's own CPU allocator error
+            return super().forward(x)
+
+    net = Hungry(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(OutOfMemory) as refused:
+        bs.explain(net, torch.rand(2, 1, 4, 4), "gradient")
+    assert str(refused.value).startswith(
+        "out of memory in the model's forward of 2 items of x ([enforce fail"
+    )
+    assert "can't allocate memory" in str(refused.value)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .validate import InputError
+from .validate import InputError, OutOfMemory, is_oom
 
 __all__ = [
+    "LOADING",
     "STATE_DICT_HINT",
     "apply_weights",
     "load_shipped",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 STATE_DICT_HINT = "expected a file written by torch.save(model.state_dict(), ...)"
+#: What to try when a model's weights do not fit in memory.
+LOADING = "expected more free memory: the model's weights alone do not fit"
 
 
 def reason(err: BaseException) -> str:
@@ -113,6 +116,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"unrun; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
+        if is_oom(err):
+            raise OutOfMemory(err, f"reading weights file {path}", LOADING) from None
         raise InputError(
             f"cannot read weights file {path}: {_unreadable(path, err)}; {STATE_DICT_HINT}"
         ) from err

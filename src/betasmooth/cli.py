@@ -51,8 +51,16 @@ from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
-from .units import is_oom, out_of_memory
-from .validate import MAX_SEED, InputError, check_choice, check_uncompiled, is_number, tell
+from .validate import (
+    MAX_SEED,
+    InputError,
+    OutOfMemory,
+    check_choice,
+    check_uncompiled,
+    is_number,
+    is_oom,
+    tell,
+)
 from .zoo import BUILTIN_DATA, BUILTIN_MODELS, import_model_code, preset_mean_std, weights_file
 
 __all__ = ["COMMANDS", "build_parser", "goal_columns", "main", "positive_integer", "summary_table"]
@@ -1703,6 +1711,23 @@ def _check_processes(name: str) -> None:
         )
 
 
+#: What to try when memory runs out at a batch of 1, in each command's own options.
+_MEMORY_HINT = (
+    "expected smaller inputs (--image-size) or, for integrated_gradients and smoothgrad, "
+    "fewer points per pass (--option METHOD.chunk=1)"
+)
+_MEMORY_HINTS = {
+    "sweep": "expected a smaller --smoothgrad-n, or an attack run on smaller images",
+    "curvature": "expected smaller inputs (--image-size)",
+    "demo": "expected smaller inputs (--image-size)",
+}
+
+
+def _memory_error(command: str, err: OutOfMemory) -> str:
+    hint = err.hint or _MEMORY_HINTS.get(command, _MEMORY_HINT)
+    return f"betasmooth: error: {err.what}; {hint}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``betasmooth`` command; returns the exit status.
 
@@ -1735,16 +1760,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (e.g. head) has gone: nothing more to say to it, and no error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OutOfMemory as err:
+        tell(_memory_error(args.command, err))
+        return 2
     except (InputError, OSError) as err:
         # OSError: no space left, a read-only folder, a missing file. What was
         # written before stays intact: results are appended and arrays renamed whole.
         tell(f"betasmooth: error: {_one_line(err)}")
         return 2
-    except RuntimeError as err:
-        # Outside a run's batches (which retry in halves): the checks before it.
+    except (RuntimeError, MemoryError) as err:
+        # Outside a run's batches, which retry in halves: loading, or a check before the run.
         if not is_oom(err):
             raise
-        tell(f"betasmooth: error: {out_of_memory(err)}")
+        tell(_memory_error(args.command, OutOfMemory(err)))
         return 2
     except KeyboardInterrupt:
         # Commands without --resume (sweep) continue where they stopped when run again.

@@ -33,8 +33,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .checkpoint import load_state_dict
-from .validate import InputError
+from .checkpoint import LOADING, load_state_dict
+from .validate import InputError, OutOfMemory, is_oom
 
 __all__ = [
     "PREFIX",
@@ -205,6 +205,8 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
         _fetch(spec, path)
     try:
         state = load_state_dict(path)
+    except OutOfMemory:
+        raise  # not the file's fault
     except InputError as err:
         raise InputError(f"{err}; delete it so that it is downloaded again") from None
     try:
@@ -214,6 +216,8 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
         with _serving(weights, state):
             model = _torchvision().get_model(name, weights=weights)
     except RuntimeError as err:
+        if is_oom(err):  # not the file's fault: deleting it would lose good weights
+            raise OutOfMemory(err, f"building {name} with the weights {weights}", LOADING) from None
         detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
         raise InputError(
             f"{path} does not hold the weights {weights} ({_brief(detail)}); "

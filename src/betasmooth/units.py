@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from .distributed import Dist
 from .store import Arrays, Batch, Record, RunDir, record_key
-from .validate import InputError, tell
+from .validate import InputError, OutOfMemory, is_oom, tell
 
-__all__ = ["Unit", "execute", "is_oom", "out_of_memory", "plan", "unit_seed"]
+__all__ = ["Unit", "execute", "plan", "unit_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,43 +71,6 @@ def unit_seed(seed: int, method: str, first: int) -> int:
     True
     """
     return (seed * 1_000_003 + zlib.crc32(method.encode()) * 7919 + first) % (2**31 - 1)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error of torch, on a GPU or on the CPU.
-
-    Examples
-    --------
-    >>> try:
-    ...     torch.empty(2**62, dtype=torch.uint8)
-    ... except RuntimeError as err:
-    ...     is_oom(err)
-    True
-    """
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    if oom and isinstance(exc, oom):
-        return True
-    text = str(exc).lower()
-    # The CPU allocator says "DefaultCPUAllocator: can't allocate memory".
-    return isinstance(exc, RuntimeError) and any(s in text for s in _OOM_SAYS)
-
-
-_OOM_SAYS = ("out of memory", "can't allocate memory")
-
-
-def out_of_memory(exc: BaseException, where: str = "") -> InputError:
-    """The one-line error for an out-of-memory ``exc`` that no smaller batch avoids.
-
-    Examples
-    --------
-    >>> str(out_of_memory(RuntimeError("CUDA out of memory."), "with a batch of 1 "))[:45]
-    'out of memory with a batch of 1 (CUDA out of '
-    """
-    reason = " ".join(str(exc).split())[:200]
-    return InputError(
-        f"out of memory {where}({reason}); expected smaller inputs (--image-size) or, for "
-        "integrated_gradients and smoothgrad, fewer points per pass (--option METHOD.chunk=1)"
-    )
 
 
 Work = Callable[[Unit], tuple[list[Record], Batch | Arrays | None]]
@@ -245,7 +208,7 @@ def _finished(
             if not is_oom(exc):
                 raise
             if len(unit.indices) == 1:
-                raise out_of_memory(exc, "with a batch of 1 ") from None
+                raise OutOfMemory(exc, "with a batch of 1") from None
             records = None
         if records is None:
             # Outside the except block, so that the failed batch's tensors,

@@ -30,6 +30,7 @@ from torch import nn
 __all__ = [
     "InputError",
     "InputTypeError",
+    "OutOfMemory",
     "as_bound",
     "check_batch",
     "check_bounds",
@@ -46,6 +47,7 @@ __all__ = [
     "check_target",
     "check_uncompiled",
     "compiled_parts",
+    "is_oom",
     "registrar",
     "tell",
     "to_numpy",
@@ -59,6 +61,56 @@ class InputError(ValueError):
 
 class InputTypeError(InputError, TypeError):
     """User input of the wrong type."""
+
+
+class OutOfMemory(InputError):
+    """Out of memory where no smaller batch helps: inputs too large for the machine.
+
+    ``what`` says where and why; the message adds what to try: ``hint``
+    where given (loading a model, which smaller inputs do not help), else
+    smaller inputs, which the command line words for each command.
+
+    Examples
+    --------
+    >>> str(OutOfMemory(RuntimeError("CUDA out of memory."), "with a batch of 1"))[:46]
+    'out of memory with a batch of 1 (CUDA out of m'
+    """
+
+    def __init__(self, exc: BaseException, where: str = "", hint: str | None = None) -> None:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        self.what = f"out of memory {where} ({reason})".replace("  ", " ")
+        self.hint = hint
+        super().__init__(
+            f"{self.what}; "
+            + (
+                hint
+                or "expected smaller inputs or, for integrated_gradients and smoothgrad, "
+                "fewer points per pass (chunk=)"
+            )
+        )
+
+
+#: What torch's allocators say: CUDA and MPS "out of memory", the CPU's
+#: DefaultCPUAllocator "can't allocate memory".
+_OOM_SAYS = ("out of memory", "can't allocate memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error of torch (GPU or CPU) or of numpy.
+
+    Examples
+    --------
+    >>> try:
+    ...     torch.empty(2**62, dtype=torch.uint8)
+    ... except RuntimeError as err:
+    ...     is_oom(err)
+    True
+    """
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in _OOM_SAYS)
 
 
 def check_batch(x: object, name: str = "x", min_dim: int = 2) -> torch.Tensor:
@@ -690,6 +742,8 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
     except InputError:
         raise
     except Exception as err:
+        if is_oom(err):
+            raise OutOfMemory(err, f"in the model's forward of {what} of {name}") from None
         reason = " ".join(str(err).split()) or type(err).__name__
         if len(items) > 1 and _accepts(model, items[:1]):
             raise InputError(
