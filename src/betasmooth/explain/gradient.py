@@ -156,7 +156,8 @@ def input_x_gradient(
 
 def auto_chunk(chunk: int | None, total: int, batch: int, item_values: int = 1) -> int:
     """Points per forward pass: ``chunk``, or when ``None`` about :data:`ITEMS_PER_PASS`
-    items of ``item_values`` input values each, and at most :data:`VALUES_PER_PASS` values.
+    items of ``item_values`` input values each, and about :data:`VALUES_PER_PASS` values
+    at most, but never fewer than one point per item of the batch.
 
     Examples
     --------
