@@ -505,8 +505,7 @@ class _Problem:
         return self.model(x_adv) if self.seen_logits is None else self.seen_logits
 
     def project(self, x_adv: torch.Tensor) -> torch.Tensor:
-        eps = self.s.eps_input
-        if eps is not None:
+        if self.s.eps is not None:
             x_adv = torch.minimum(torch.maximum(x_adv, self.ball[0]), self.ball[1])
         return x_adv.clamp(self.s.low, self.s.high)
 

@@ -78,7 +78,7 @@ class OutOfMemory(InputError):
 
     def __init__(self, exc: BaseException, where: str = "", hint: str | None = None) -> None:
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        self.what = f"out of memory {where} ({reason})".replace("  ", " ")
+        self.what = " ".join(filter(None, ("out of memory", where, f"({reason})")))
         self.hint = hint
         super().__init__(
             f"{self.what}; "
