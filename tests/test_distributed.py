@@ -315,3 +315,53 @@ def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(tmp_path):
     said = [(tmp_path / f"said-rank{rank}").read_text() for rank in (0, 1)]
     missing = tmp_path / "missing" / "file.json"
     assert said == [f"FileNotFoundError: No such file or directory: {missing}"] * 2
+
+
+RANK_1_FAILS = """
+import os, sys, time
+
+import betasmooth.cli as cli
+import betasmooth.runs as runs
+
+explain = runs.explain
+
+def failing(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        time.sleep(2)  # rank 0 is at the barrier by then
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return explain(*args, **kwargs)
+
+runs.explain = failing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_in_its_batches_leaves_the_others_one_line(tmp_path):
+    # The rank that waits at the barrier for a rank that has gone ended with gloo's
+    # traceback and status 1, which torchrun could name the root cause.
+    script = tmp_path / "fails.py"
+    script.write_text(RANK_1_FAILS)
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    argv += ["-n", "4", "--batch-size", "1", "--no-progress", "--out", str(tmp_path / "r")]
+    proc = subprocess.run(
+        [*TORCHRUN, "--log-dir", str(tmp_path / "logs"), "--redirects", "3", str(script), *argv],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
+    assert proc.returncode != 0 and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr.split("Root Cause")[1], proc.stderr[-3000:]
+    logs = _rank_logs(tmp_path / "logs")
+    assert logs[1].endswith(
+        "betasmooth: error: out of memory with a batch of 1 (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB); expected smaller inputs (--image-size) or, for "
+        "integrated_gradients and smoothgrad, fewer points per pass (--option METHOD.chunk=1)\n"
+    )
+    assert re.fullmatch(
+        r"betasmooth: error: rank 0 lost another rank of the torchrun job \(Connection closed "
+        r"by peer [^)]*\); the rank that stopped first says why\n",
+        logs[0],
+    ), logs[0]

@@ -44,7 +44,7 @@ from .attack import (
     recorded_goal,
 )
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
-from .distributed import distributed, launched, rank_device, resolve_device
+from .distributed import RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained
@@ -1763,7 +1763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutOfMemory as err:
         tell(_memory_error(args.command, err))
         return 2
-    except (InputError, OSError) as err:
+    except (InputError, OSError, RankLost) as err:
+        # RankLost: another torchrun rank failed and says why; this one only says so.
         # OSError: no space left, a read-only folder, a missing file. What was
         # written before stays intact: results are appended and arrays renamed whole.
         tell(f"betasmooth: error: {_one_line(err)}")

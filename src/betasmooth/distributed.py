@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -23,6 +24,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Dist",
+    "RankLost",
     "device_argument",
     "distributed",
     "init_distributed",
@@ -31,6 +33,39 @@ __all__ = [
     "resolve_device",
     "shutdown_distributed",
 ]
+
+
+class RankLost(RuntimeError):
+    """Another rank of the torchrun job stopped while this one waited for it.
+
+    That rank says why in its own line; this one names what it lost, so that
+    every rank ends with one line instead of a collective's traceback.
+
+    Examples
+    --------
+    >>> err = RuntimeError("[pair.cc:561] Connection closed by peer. Check the logs.")
+    >>> print(RankLost(0, err))  # doctest: +NORMALIZE_WHITESPACE
+    rank 0 lost another rank of the torchrun job (Connection closed by peer); the rank that
+    stopped first says why
+    """
+
+    def __init__(self, rank: int, err: BaseException) -> None:
+        # gloo and nccl start with the C++ source line and add advice: the first sentence
+        # after them is what happened.
+        said = re.sub(r"^\s*\[[^\]]*\]\s*", "", str(err)).split(". ")[0].strip().rstrip(".")
+        super().__init__(
+            f"rank {rank} lost another rank of the torchrun job ({said or type(err).__name__}); "
+            "the rank that stopped first says why"
+        )
+
+
+@contextlib.contextmanager
+def _collective(rank: int) -> Iterator[None]:
+    """Turn the failure of a collective (a rank gone, a timeout) into :class:`RankLost`."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise RankLost(rank, err) from err
 
 
 @dataclasses.dataclass
@@ -51,7 +86,8 @@ class Dist:
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for in one process)."""
         if self.active:
-            torch.distributed.barrier()
+            with _collective(self.rank):
+                torch.distributed.barrier()
 
     def broadcast(self, value: object) -> object:
         """Rank 0's JSON-ready ``value`` on every rank, as JSON gives it back (tuples become
@@ -67,6 +103,10 @@ class Dist:
         """
         if not self.active:
             return json.loads(json.dumps(value))
+        with _collective(self.rank):
+            return self._broadcast(value)
+
+    def _broadcast(self, value: object) -> object:
         nccl = torch.distributed.get_backend() == "nccl"
         device = torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
         data = json.dumps(value).encode() if self.rank == 0 else b""
@@ -115,7 +155,8 @@ class Dist:
         nccl = torch.distributed.get_backend() == "nccl"
         device = torch.device("cuda", self.local_rank) if nccl else torch.device("cpu")
         value = torch.tensor([int(bool(flag))], device=device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        with _collective(self.rank):
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
 
 
