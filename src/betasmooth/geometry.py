@@ -34,9 +34,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .explain.gradient import input_gradient, select_logit
+from .progress import passes
 from .smooth import second_order, smooth
 from .validate import (
     InputError,
@@ -132,7 +132,7 @@ def _lanczos(
     # An item keeps the estimate at which it stopped, as if measured alone:
     # its number does not depend on the other items of the batch.
     done = torch.zeros(batch, dtype=torch.bool, device=start.device)
-    for _ in tqdm(range(iterations), desc="lanczos", disable=not progress, leave=False):
+    for _ in passes(range(iterations), "lanczos", show=progress or None):
         w = op(q)
         alphas.append((w * q).sum(1))
         stacked = torch.stack(basis, 1)

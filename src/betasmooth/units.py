@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import Dist
+from .progress import shown
 from .store import Arrays, Batch, Record, RunDir, record_key
 from .validate import InputError, OutOfMemory, is_oom, tell
 
@@ -150,10 +151,11 @@ def execute(
     # The job holds the directory while the work runs (a whole command holds it longer).
     with run.held(dist):
         left_units, written = _unfinished(run, units, name, dist, say, keeps_arrays, rows_per_item)
-        # One bar per job, shown by rank 0 only and, by default, only on a terminal.
+        # One bar per job, shown by rank 0 only and, by default, only on a terminal; the
+        # passes inside a long batch get transient bars below it (progress.passes).
         hide = True if dist.rank != 0 else (None if progress is None else not progress)
         total = sum(len(u.indices) for u in left_units)
-        with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar:
+        with tqdm(total=total, desc=desc, unit="item", disable=hide) as bar, shown(not bar.disable):
             for unit, records, arrays in _finished(left_units, work, say):
                 if arrays is not None:
                     run.save_arrays(unit.method, unit.indices[0], arrays, name, unit.indices)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import passes
 from ..validate import InputError, InputTypeError, check_choice, check_classes, check_count
 from . import register
 
@@ -319,7 +320,7 @@ def integrated_gradients(
     delta = x_in - x0
     span = (-1,) + (1,) * x.dim()
     total = torch.zeros_like(delta)
-    for start in range(0, steps, chunk):
+    for start in passes(range(0, steps, chunk), "integrated_gradients"):
         a = alphas[start : start + chunk].view(span)
         w = weights[start : start + chunk].view(span)
         points = (x0 + a * delta).flatten(0, 1)

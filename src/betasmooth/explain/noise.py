@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..progress import passes
 from ..smooth import LogisticNoise, check_beta, check_overridable, logistic_std, smoothed
 from ..validate import (
     InputError,
@@ -277,7 +278,7 @@ def smoothgrad(
     scale = noise_scale(x_in, sigma, input_range)
     # A layer method's maps have the layer's shape, not the input's.
     total: torch.Tensor | float = 0.0
-    for start in range(0, n, chunk):
+    for start in passes(range(0, n, chunk), "smoothgrad"):
         k = min(chunk, n - start)
         # One draw per copy, so that the draws do not depend on the chunk size.
         eps = torch.stack([_draw_batch(draw, generators, x) for _ in range(k)])

@@ -1,0 +1,101 @@
+"""The passes inside a batch: a bar of their own while a job shows its bar."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import betasmooth as bs
+import betasmooth.progress as progress
+from betasmooth.runs import curvature_run, explain_run
+from betasmooth.store import RunDir
+
+
+class Recorder:
+    """Stands in for tqdm: what each bar was told and how far it went."""
+
+    bars: list[Recorder] = []
+
+    def __init__(self, iterable, desc, total, unit, leave, delay):
+        self.iterable, self.desc, self.leave, self.delay = iterable, desc, leave, delay
+        self.total = len(iterable) if total is None else total
+        self.done = 0
+        Recorder.bars.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.done += 1
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    Recorder.bars = []
+    monkeypatch.setattr(progress, "tqdm", Recorder)
+    return Recorder.bars
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "desc", "count"),
+    [
+        ("integrated_gradients", {"steps": 20, "chunk": 6}, "integrated_gradients", 20),
+        ("smoothgrad", {"n": 10, "chunk": 4, "seed": 0}, "smoothgrad", 10),
+    ],
+)
+def test_each_pass_of_a_long_method_ticks_a_bar_inside_a_shown_block(
+    bars, digits, digits_cnn, method, options, desc, count
+):
+    x = digits[0][:2]
+    expected = bs.explain(digits_cnn, x, method, **options)
+    assert bars == []  # outside a shown block: no bar, the loop as it is
+    with progress.shown():
+        h = bs.explain(digits_cnn, x, method, **options)
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)
+    passes = math.ceil(count / options["chunk"])
+    assert [(b.desc, b.total, b.done, b.leave) for b in bars] == [(desc, passes, passes, False)]
+    # Shown only once a loop has run that long, so that fast batches do not flicker.
+    assert bars[0].delay == progress.DELAY > 0
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_a_job_shows_the_passes_of_its_batches_when_it_shows_its_own_bar(
+    bars, tmp_path, digits, digits_cnn, shown
+):
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    explain_run(
+        run,
+        digits_cnn,
+        x,
+        y,
+        ["integrated_gradients"],
+        batch_size=2,
+        method_options={"integrated_gradients": {"steps": 8, "chunk": 4}},
+        progress=shown,
+    )
+    # Two batches (2 and 1 items) of 8 / 4 = 2 passes each.
+    found = [(b.desc, b.total, b.done) for b in bars]
+    assert found == ([("integrated_gradients", 2, 2)] * 2 if shown else [])
+
+
+def test_curvature_asked_for_progress_shows_lanczos_at_once_and_a_job_after_a_delay(
+    bars, tmp_path, digits, digits_cnn
+):
+    x, model = digits[0][:1].double(), copy.deepcopy(digits_cnn).double()
+    bs.curvature(model, x, iterations=3, probes=2, progress=True)
+    assert {(b.desc, b.delay) for b in bars} == {("lanczos", 0.0)}
+    bars.clear()
+    run = RunDir.create(tmp_path / "run", {"command": "curvature"})
+    curvature_run(
+        run,
+        model,
+        x,
+        digits[1][:1],
+        [None],
+        progress=True,
+        options={"iterations": 3, "probes": 2},
+    )
+    assert bars and {(b.desc, b.delay) for b in bars} == {("lanczos", progress.DELAY)}
