@@ -548,6 +548,45 @@ def test_a_method_whose_map_has_no_graph_is_named(small, goal):
         del METHODS["detached"]
 
 
+@pytest.mark.parametrize("goal", ["targeted", "topk", "center"])
+def test_a_map_with_a_graph_through_the_weights_only_is_named(small, goal):
+    # A linear model's gradient is its weight row: a graph, but none that reaches x. The
+    # untargeted goals ended in autograd's traceback, the targeted one moved x silently.
+    _, x = small
+    net = nn.Sequential(nn.Flatten(), nn.Linear(256, 3))
+    message = "^the maps of method 'gradient' come without a graph"
+    if goal == "targeted":
+        with pytest.warns(UserWarning, match=message[1:]):
+            bs.manipulate(net, x, _targets(net, x), "gradient", steps=2)
+    else:
+        with pytest.raises(bs.InputError, match=message):
+            bs.manipulate(net, x, None, "gradient", goal=goal, steps=2)
+
+
+@pytest.mark.parametrize("how", ["copy", "context"])
+def test_a_smoothed_model_is_attacked_as_it_is_not_through_the_surrogate(small, how):
+    # The surrogate's softplus (beta 10 -> 100) took the place of the model's own
+    # softplus_0.5 during the steps: a different network was attacked. The oracle is
+    # the network built by hand with torch's Softplus, which has no ReLU to replace.
+    net, x = small
+    by_hand = copy.deepcopy(net)
+    for i, layer in enumerate(by_hand):
+        if isinstance(layer, nn.ReLU):
+            by_hand[i] = nn.Softplus(beta=0.5)
+    target = _targets(by_hand, x)
+    kwargs = {"steps": 6, "lr": 1e-2, "check_every": 3}
+    expected = bs.manipulate(by_hand, x, target, "gradient", beta_schedule="none", **kwargs)
+    if how == "copy":
+        found = bs.manipulate(bs.smooth(net, 0.5), x, target, "gradient", **kwargs)
+    else:
+        with bs.smoothed(net, 0.5):
+            found = bs.manipulate(net, x, target, "gradient", **kwargs)
+    assert float((expected.x_adv - x).abs().max()) > 1e-3
+    torch.testing.assert_close(found.x_adv, expected.x_adv, rtol=0, atol=1e-5)
+    torch.testing.assert_close(found.map_adv, expected.map_adv, rtol=1e-4, atol=1e-7)
+    assert found.settings["beta_schedule"] == "none"
+
+
 def test_a_prefix_method_with_a_graph_is_attacked_as_any_method(small):
     # A family of names (as captum:NAME) whose maps keep their graph: scaled:K is K times
     # the gradient, so its heatmap, and with it every step of the attack, is the gradient's.

@@ -56,6 +56,7 @@ from .smooth import (
     check_beta,
     check_overridable,
     flush_denormals,
+    is_smoothed,
     logistic_std,
     replace_relu,
     softplus,
@@ -713,10 +714,12 @@ def _run(
             loss = goal.objective(p, maps, x_adv)
             if not loss.requires_grad:
                 raise InputError(_no_graph(s.method))
-            if i == 0 and not maps.requires_grad:
+            if i == 0 and not _depends_on(maps, x_adv):
                 # Only the targeted goal's output term moves x then; the map stays put.
                 warn_user(_no_graph(s.method), p.model)
-            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv, allow_unused=True)
+            if grad is None:  # the loss has a graph, through the weights only
+                raise InputError(_no_graph(s.method))
         _check_finite_gradient(grad, s, i)
         p.history.append(loss.detach())
         with torch.no_grad():
@@ -754,12 +757,19 @@ def _check_finite_gradient(grad: torch.Tensor, s: _Settings, step: int) -> None:
         )
 
 
+def _depends_on(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``y``'s graph reaches ``x`` (a graph through the weights alone does not)."""
+    if not y.requires_grad:
+        return False
+    return torch.autograd.grad(y.sum(), x, retain_graph=True, allow_unused=True)[0] is not None
+
+
 def _no_graph(method: str) -> str:
     return (
         f"the maps of method {method!r} come without a graph under create_graph=True, so the "
         "attack's map term cannot steer x (only the output term moves it, where the goal has "
         "one): the method ignores create_graph, or its map does not depend on x (e.g. a "
-        "linear model with frozen weights)"
+        "linear model's gradient)"
     )
 
 
@@ -1014,7 +1024,12 @@ def manipulate(
         the number of classes.
     beta_schedule : str or float, optional
         ``"geometric"`` (``beta0`` -> ``beta_end``), ``"none"`` or a fixed
-        beta; default per method (``"none"`` for LRP and beta_smooth).
+        beta; default per method (``"none"`` for LRP and beta_smooth), and
+        ``"none"`` for a model that is already smoothed (a copy made by
+        :func:`~betasmooth.smooth.smooth`, or a model inside
+        :func:`~betasmooth.smooth.smoothed`), whose own softplus is attacked;
+        a schedule given for such a model replaces its softplus during the
+        steps, while scores and maps come from the model itself.
     beta0, beta_end : float
         Ends of the geometric schedule, in :data:`~betasmooth.smooth.BETA_RANGE`.
     data_range : tuple of float or torch.Tensor, or None
@@ -1073,6 +1088,9 @@ def manipulate(
     tensor(True)
     """
     x = _checked_input(model, x)
+    if beta_schedule is None and is_smoothed(model):
+        # Its own softplus is the network to attack: a surrogate would take its place.
+        beta_schedule = "none"
     settings = _resolve(
         x,
         method,

@@ -56,6 +56,7 @@ __all__ = [
     "check_overridable",
     "check_smoothing_uncompiled",
     "flush_denormals",
+    "is_smoothed",
     "logistic_std",
     "math_attention",
     "replace_relu",
@@ -690,6 +691,19 @@ def check_smoothing_uncompiled(model: nn.Module) -> None:
                 f"expected {original}, or the compiled module smoothed: "
                 "bs.smooth(torch.compile(m), beta)"
             )
+
+
+def is_smoothed(model: nn.Module) -> bool:
+    """Whether ``model`` computes softplus in place of its ReLUs by itself: it is a copy
+    made by :func:`smooth`, or it runs inside :func:`smoothed`.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    >>> is_smoothed(net), is_smoothed(smooth(net, 2.0))
+    (False, True)
+    """
+    return _overridden(model)
 
 
 def _overridden(module: nn.Module) -> bool:
