@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import betasmooth as bs
 from betasmooth.attack import derangement
 from betasmooth.checkpoint import read_npz
 from betasmooth.distributed import Dist
@@ -282,3 +283,20 @@ def test_arrays_files_of_captum_methods_have_no_colon_and_old_names_are_read(tmp
     assert files["captum:Saliency"] == {0: path}
     assert run.covered() == {(0, "captum:Saliency"), (1, "captum:Saliency"),
                              (2, "captum:Occlusion"), (3, "captum:Occlusion")}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_run_seed_draws_the_noise_of_the_attacked_smoothgrad(
+    tmp_path, digits, digits_cnn, seed
+):
+    # The attack's default options carry seed 0, which took the place of the run's seed:
+    # every --seed attacked SmoothGrad with the same draws.
+    from betasmooth.runs import attack_run
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["smoothgrad"], steps=1, batch_size=3, seed=seed)
+    drawn = [unit_seed(seed, "smoothgrad", i) for i in range(3)]
+    expected = bs.heatmap(bs.explain(digits_cnn, x, "smoothgrad", n=10, seed=drawn))
+    found = run.read_arrays("smoothgrad")["map_orig"]
+    np.testing.assert_allclose(found, expected.numpy(), rtol=1e-5, atol=1e-7)

@@ -268,10 +268,12 @@ def _options(
 ) -> dict[str, object]:
     """Options of the unit's method: ``defaults``, those ``given``, and, for a method
     that draws noise, one seed per item, derived from the item's index and the run's
-    seed (or the seed given), so that no draw depends on the batch or the rank."""
-    options = {**(defaults or {}), **(given or {}).get(unit.method, {})}
+    seed (or the seed given), so that no draw depends on the batch or the rank; a
+    seed among ``defaults`` gives way to the run's."""
+    mine = (given or {}).get(unit.method, {})
+    options = {**(defaults or {}), **mine}
     if "seed" in options_of(unit.method):
-        base = seed if options.get("seed") is None else int(options["seed"])
+        base = seed if mine.get("seed") is None else int(mine["seed"])
         options["seed"] = [unit_seed(base, unit.method, i) for i in unit.indices]
     return options
 
