@@ -435,6 +435,15 @@ def test_warning_for_model_without_relu():
     net = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
     with pytest.warns(UserWarning, match="no ReLU was called"), smoothed(net, 1.0):
         net(torch.ones(1, 3))
+
+    # In place, a smooth activation is named as the activation.
+    class InPlaceElu(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.elu_(super().forward(x))
+
+    net = InPlaceElu(3, 3)
+    with pytest.warns(UserWarning, match=r"\(its activations: elu\); beta"), smoothed(net, 1.0):
+        net(torch.ones(1, 3))
     # Once per model: its smoothed copies are the same model.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -466,15 +475,16 @@ def test_warning_names_other_kinked_activations():
             self.body = nn.Sequential(nn.Linear(3, 3), nn.Hardswish(), nn.ReLU6(), nn.ReLU())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.threshold(F.hardshrink(F.leaky_relu(self.body(x))), 0.1, 0.0)
+            h = F.threshold(F.hardshrink(F.leaky_relu(self.body(x))), 0.1, 0.0)
+            return F.rrelu_(F.threshold_(F.leaky_relu_(h), 0.2, 0.0), training=False)
 
     net = Kinked()
     with pytest.warns(UserWarning, match="stay non-smooth") as record, smoothed(net, 1.0):
         net(torch.ones(1, 3))
     message = " ".join(str(w.message) for w in record)
-    for name in ("Hardswish", "hardshrink", " threshold"):
+    for name in ("Hardswish", "hardshrink", " threshold", "rrelu"):
         assert name in message
-    assert "_threshold" not in message
+    assert "_threshold" not in message and "threshold_" not in message
     # Written through ReLU, hence smoothed: not named.
     for name in ("ReLU6", "leaky_relu"):
         assert name not in message
@@ -578,6 +588,10 @@ class _InPlace(nn.Module):
             F.relu6(h, inplace=True)
         elif self.how == "F.hardtanh(h, -0.5, 2.0, True)":
             F.hardtanh(h, -0.5, 2.0, True)
+        elif self.how == "F.hardtanh_(h, -0.5, 2.0)":
+            F.hardtanh_(h, -0.5, 2.0)
+        elif self.how == "F.leaky_relu_(h, 0.2)":
+            F.leaky_relu_(h, 0.2)
         elif self.how == "assigned":
             h = self.relu(h)
         elif self.how == "F.relu(input=h)":
@@ -591,6 +605,8 @@ def _softplus_copy(model: _InPlace, x: torch.Tensor, beta: float) -> torch.Tenso
         h = F.softplus(h, beta) - F.softplus(h - 6, beta)
     elif "hardtanh" in model.how:
         h = -0.5 + F.softplus(h + 0.5, beta) - F.softplus(h - 2.0, beta)
+    elif "leaky" in model.how:
+        h = 0.2 * h + 0.8 * F.softplus(h, beta)
     else:
         h = F.softplus(h, beta)
     return model.l2(h)
@@ -604,6 +620,8 @@ def _softplus_copy(model: _InPlace, x: torch.Tensor, beta: float) -> torch.Tenso
         "F.relu(h, True)",
         "F.relu6(inplace=True)",
         "F.hardtanh(h, -0.5, 2.0, True)",
+        "F.hardtanh_(h, -0.5, 2.0)",
+        "F.leaky_relu_(h, 0.2)",
         "assigned",
         "F.relu(input=h)",
     ],
@@ -618,7 +636,7 @@ def test_an_in_place_activation_whose_result_is_dropped_is_smoothed(how):
     (g_ours,) = torch.autograd.grad(ours[:, 0].sum(), x)
     (g_theirs,) = torch.autograd.grad(theirs[:, 0].sum(), x)
     torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-12)
-    if "relu6" not in how and "hardtanh" not in how:
+    if "relu6" not in how and "hardtanh" not in how and "leaky" not in how:
         # Guided backprop overrides the same calls: the statement is the assigned form.
         assigned = _InPlace("assigned").double()
         guided = bs.explain(model, x.detach(), "guided_backprop", 0)
@@ -885,3 +903,30 @@ def test_threads_sharing_a_smoothed_copy_smooth_only_inside_its_forward():
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+def test_torch_func_transforms_run_through_a_smoothed_model():
+    # vmap/jacrev/hessian raised in the autograd.Function without setup_context and jvp.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    soft = smooth(net, 2.0)
+    x = torch.randn(4, 5, dtype=torch.float64)
+
+    def by_hand(v: torch.Tensor) -> torch.Tensor:
+        return net[2](F.softplus(net[0](v), 2.0))
+
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: soft(v[None])[0]))(x)
+    expected = torch.func.vmap(torch.func.jacrev(lambda v: by_hand(v[None])[0]))(x)
+    torch.testing.assert_close(jac, expected, rtol=1e-12, atol=1e-15)
+    hess = torch.func.hessian(lambda v: soft(v[None])[0, 0])(x[0])
+    expected = torch.func.hessian(lambda v: by_hand(v[None])[0, 0])(x[0])
+    assert float(expected.abs().max()) > 1e-3
+    torch.testing.assert_close(hess, expected, rtol=1e-10, atol=1e-15)
+    # Forward mode in a tensor beta: the closed form's derivative, as reverse mode gives it.
+    beta = torch.tensor(2.0, dtype=torch.float64)
+    forward = torch.func.jacfwd(lambda b: softplus(x, b).sum())(beta)
+    reverse = torch.func.grad(lambda b: softplus(x, b).sum())(beta)
+    z = 2.0 * x
+    closed = ((z * torch.sigmoid(z) - F.softplus(z)) / 4.0).sum()
+    torch.testing.assert_close(forward, closed, rtol=1e-12, atol=0)
+    torch.testing.assert_close(reverse, closed, rtol=1e-12, atol=0)

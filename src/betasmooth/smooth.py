@@ -69,8 +69,10 @@ __all__ = [
 RELU_FUNCTIONS = frozenset(
     {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 )
-# The ReLU functions that always write into their input; the others do with inplace=True.
-IN_PLACE_FUNCTIONS = frozenset({F.relu_, torch.relu_, torch.Tensor.relu_})
+# The functions that always write into their input; the others do with inplace=True.
+IN_PLACE_FUNCTIONS = frozenset(
+    {F.relu_, torch.relu_, torch.Tensor.relu_, F.hardtanh_, F.leaky_relu_}
+)
 
 # Piecewise-linear activations that beta-smoothing does not replace; named in a
 # warning because they keep the output manifold curved.
@@ -95,9 +97,12 @@ SMOOTH_MODULES: tuple[type[nn.Module], ...] = (
     nn.Sigmoid,
 )
 SMOOTH_FUNCTIONS = frozenset(
-    {F.gelu, F.silu, F.mish, F.elu, F.celu, F.selu, F.softplus, torch.tanh, torch.sigmoid}
+    {F.gelu, F.silu, F.mish, F.elu, F.elu_, F.celu, F.celu_, F.selu, F.selu_, F.softplus}
+    | {torch.tanh, torch.sigmoid}
 )
-KINKED_FUNCTIONS = frozenset({F.rrelu, F.threshold, F.hardswish, F.hardshrink, F.softshrink})
+KINKED_FUNCTIONS = frozenset(
+    {F.rrelu, F.rrelu_, F.threshold, F.threshold_, F.hardswish, F.hardshrink, F.softshrink}
+)
 # Clamps: ``clamp(min=0)`` is a ReLU by another name, which beta-smoothing does
 # not replace (a clamp at 0 may be no activation); named in the same warning.
 CLAMP_FUNCTIONS = frozenset(
@@ -152,8 +157,10 @@ def _hardsigmoid(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Te
 #: replacing each ReLU smooths them exactly as it smooths ReLU.
 THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
     F.hardtanh: _hardtanh,
+    F.hardtanh_: _hardtanh,
     F.relu6: _relu6,
     F.leaky_relu: _leaky_relu,
+    F.leaky_relu_: _leaky_relu,
     F.prelu: _prelu,
     F.hardsigmoid: _hardsigmoid,
 }
@@ -219,32 +226,52 @@ class _Softplus(torch.autograd.Function):
     # relu(x) + log1p(exp(-beta |x|)) / beta, which never overflows either.
     # The explicit backward gives exactly sigmoid(beta x) (also at x = 0,
     # where |x| has no derivative) and is itself differentiable, so double
-    # backprop works.
+    # backprop works. forward apart from setup_context, and the generated vmap
+    # rule, let torch.func transforms (vmap, grad, jacrev) run through it.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(x: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
         if isinstance(beta, torch.Tensor):
-            ctx.save_for_backward(x, beta)
             return x.clamp(min=0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
-        ctx.save_for_backward(x)
-        ctx.beta = beta
         return F.softplus(x, beta, _threshold(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:  # noqa: ANN001
+        x, beta = inputs
+        saved = (x, beta) if isinstance(beta, torch.Tensor) else (x,)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.beta = beta
+
+    @staticmethod
+    def jvp(ctx, x_t: torch.Tensor | None, beta_t: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        x, *saved = ctx.saved_tensors
+        beta = saved[0] if saved else ctx.beta
+        out = torch.zeros_like(x) if x_t is None else x_t * torch.sigmoid(beta * x)
+        if saved and beta_t is not None:
+            out = out + beta_t * _d_beta(x, beta)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # noqa: ANN001
         x, *saved = ctx.saved_tensors
         beta = saved[0] if saved else ctx.beta
-        grad_beta = None
-        if ctx.needs_input_grad[1]:
-            # d/dbeta = (z sigmoid(z) - log1p(exp(z))) / beta^2 with z = beta x,
-            # written in |z| so that no two large terms cancel.
-            z = (beta * x).abs()
-            # z sigmoid(-z) -> 0 as z -> inf, where it would compute inf * 0 (also
-            # in the second derivative: inf is kept out of the product itself).
-            big = torch.isinf(z)
-            finite = torch.where(big, 0.0, z)
-            tail = torch.where(big, 0.0, finite * torch.sigmoid(-finite))
-            grad_beta = -grad * (tail + torch.log1p(torch.exp(-z))) / beta**2
+        grad_beta = grad * _d_beta(x, beta) if ctx.needs_input_grad[1] else None
         return grad * torch.sigmoid(beta * x), grad_beta
+
+
+def _d_beta(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The derivative of softplus_beta(x) in a tensor ``beta``."""
+    # d/dbeta = (z sigmoid(z) - log1p(exp(z))) / beta^2 with z = beta x,
+    # written in |z| so that no two large terms cancel.
+    z = (beta * x).abs()
+    # z sigmoid(-z) -> 0 as z -> inf, where it would compute inf * 0 (also
+    # in the second derivative: inf is kept out of the product itself).
+    big = torch.isinf(z)
+    finite = torch.where(big, 0.0, z)
+    tail = torch.where(big, 0.0, finite * torch.sigmoid(-finite))
+    return -(tail + torch.log1p(torch.exp(-z))) / beta**2
 
 
 def softplus(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -461,8 +488,8 @@ class _ReluOverride(TorchFunctionMode):
     def _note(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """Note an activation that is not replaced, for the warning after the pass."""
         if func in KINKED_FUNCTIONS:
-            # F.threshold's function is called _threshold.
-            self.kinked.add(getattr(func, "__name__", str(func)).lstrip("_"))
+            # F.threshold's function is called _threshold, F.threshold_'s threshold_.
+            self.kinked.add(getattr(func, "__name__", str(func)).strip("_"))
         elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
             self.kinked.add("clamp(min=0)")
         elif (
@@ -472,7 +499,7 @@ class _ReluOverride(TorchFunctionMode):
         ):
             self.kinked.add("maximum(x, 0)")
         elif func in SMOOTH_FUNCTIONS:
-            self.smooth.add(getattr(func, "__name__", str(func)))
+            self.smooth.add(getattr(func, "__name__", str(func)).strip("_"))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
