@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +39,26 @@ def test_partial_last_line_is_ignored_and_terminated(tmp_path):
     append_jsonl(path, [{"index": 3, "method": "a"}])
     assert [r["index"] for r in read_jsonl(path)] == [0, 1, 3]
     assert path.read_text().count("\n") == 4
+
+
+def test_an_append_cut_by_a_file_size_limit_raises_naming_the_file(tmp_path):
+    # At the limit, write() wrote part of the records and said so by its count alone:
+    # the lost records went unnoticed, and the run ended with status 0.
+    code = (
+        "import resource, sys\n"
+        "from betasmooth.store import append_jsonl\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    append_jsonl(sys.argv[1], [{'index': i, 'pad': 'x' * 80} for i in range(20)])\n"
+        "except OSError as err:\n"
+        "    print(err.strerror, err.filename)\n"
+    )
+    path = tmp_path / "r.jsonl"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"File too large {path}\n"
+    assert path.stat().st_size == 1000
+    assert [r["index"] for r in read_jsonl(path)] == list(range(9))  # the partial line dropped
 
 
 def test_npz_write_is_atomic(tmp_path):

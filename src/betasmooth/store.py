@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
@@ -209,10 +210,21 @@ def append_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 text = b"\n" + text
-            os.write(fd, text)
+            _write_all(fd, text)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: at a file-size limit (``ulimit -f``) or a full quota, ``write``
+    writes a part and says so by its count alone; the next call then raises the error."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 @contextlib.contextmanager
