@@ -419,7 +419,7 @@ def test_sweep_cut_by_a_kill_is_completed_once(attack_dir, tmp_path):
     # Rows of lrp item 5 (the last batch) after the third are lost, the fourth half written.
     kept = [line for i, line in enumerate(lines) if i not in last[3:]]
     (cut / "sweep.jsonl").write_text("".join(kept) + lines[last[3]][:40])
-    (cut / "arrays" / ".sweep-lrp-4.npz.x1y2.npz").write_bytes(b"partial")
+    (cut / "arrays" / ".sweep-lrp-4.npz.x1y2z3w4.npz").write_bytes(b"partial")
     assert main(["sweep", str(cut), *argv]) == 0
 
     def rows(run):

@@ -335,7 +335,7 @@ def test_report_removes_the_temporary_files_of_a_killed_report(finished, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(finished[0], run)
-    stale = [run / ".report.html.x1.tmp", run / "figures" / ".grid_gradient.png.y2.tmp"]
+    stale = [run / ".report.html.x1abcdef.tmp", run / "figures" / ".grid_gradient.png.y2abcdef.tmp"]
     for path in stale:
         path.write_bytes(b"half")
     assert main(["report", str(run)]) == 0

@@ -245,6 +245,38 @@ def test_directory_checks(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("text", ["my notes", '{"lr": 0.1}', '{"versions": "1.0"}'])
+def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path, text):
+    # It was taken for a run that failed before its first result and overwritten.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    with pytest.raises(InputError, match="is not empty; pass --resume"):
+        RunDir.create(folder, {"command": "attack"})
+    with pytest.raises(InputError, match="config.json (was not written by betasmooth|is corrupt)"):
+        RunDir.create(folder, {"command": "attack"}, resume=True)
+    assert (folder / "config.json").read_text() == text
+
+
+def test_hidden_files_that_are_no_temporary_file_of_ours_are_kept(tmp_path):
+    # Any hidden .tmp or .npz was taken for a write cut by a kill: deleted, and the
+    # folder counted as empty.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / ".backup.tmp").write_text("keep")
+    (folder / ".old.npz").write_text("keep")
+    with pytest.raises(InputError, match="is not empty"):
+        RunDir.create(folder, {"command": "attack"})
+    assert sorted(p.name for p in folder.iterdir()) == [".backup.tmp", ".old.npz"]
+    # A write that a kill cut, named as mkstemp names it, is removed on the next start.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    cut = run.arrays / ".gradient-0.npz.k2j4x_9q.npz"
+    cut.write_bytes(b"half")
+    assert not run.started()
+    RunDir.create(run.path, {"command": "attack"})
+    assert not cut.exists()
+
+
 def test_sweep_records_do_not_depend_on_the_attack_batch_size(tmp_path, digits, digits_cnn):
     # The sweep's SmoothGrad draws per image from (run seed, method, index), so an
     # attack run in batches of 2 and one in a batch of 5 sweep to the same numbers.

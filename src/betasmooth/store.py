@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -401,7 +402,13 @@ class RunDir:
                 "demo, attack, explain, sweep, curvature or theorem"
             )
         remedy = "restore it, or start the run again in a new --out"
-        return _read_object(self.config_path, remedy, "a run's settings")
+        stored = _read_object(self.config_path, remedy, "a run's settings")
+        if not _written_here(self.config_path):
+            raise InputError(
+                f"{self.config_path} was not written by betasmooth (it names no betasmooth "
+                "version); expected a run directory, or choose a new --out"
+            )
+        return stored
 
     def lock(self, dist: Dist | None = None) -> None:
         """Hold the directory for this job, until as many :meth:`unlock` calls.
@@ -482,6 +489,8 @@ class RunDir:
         first = {self.config_path.name, self.arrays.name}
         if any(p.name not in first and not _temporary(p) for p in self.path.iterdir()):
             return True
+        if self.config_path.exists() and not _written_here(self.config_path):
+            return True  # someone's own config.json: their folder, not a run that failed early
         return self.arrays.is_dir() and any(not _temporary(p) for p in self.arrays.iterdir())
 
     # -- validation and creation
@@ -934,9 +943,24 @@ def _arrays_prefix(name: str) -> str:
     return "" if name == "results" else f"{name}-"
 
 
+#: The temporary file of an atomic write of NAME, as :func:`tempfile.mkstemp` names it
+#: (``.NAME.`` + 8 random characters + the suffix): another hidden file is not ours.
+_TEMPORARY = re.compile(r"\.[^/]+\.[a-z0-9_]{8}\.(tmp|npz)")
+
+
 def _temporary(path: Path) -> bool:
     """A temporary file of a write that a kill interrupted (see :func:`write_npz`)."""
-    return path.name.startswith(".") and path.suffix in (".tmp", ".npz")
+    return _TEMPORARY.fullmatch(path.name) is not None
+
+
+def _written_here(config: Path) -> bool:
+    """Whether ``config`` is a run's ``config.json``: every version has named itself there."""
+    try:
+        stored = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    versions = stored.get("versions") if isinstance(stored, dict) else None
+    return isinstance(versions, dict) and "betasmooth" in versions
 
 
 #: Arrays that hold one value per run, not one per item.
