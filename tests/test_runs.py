@@ -258,6 +258,13 @@ def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path
     assert (folder / "config.json").read_text() == text
 
 
+def test_a_broken_link_as_out_is_named_as_such(tmp_path):
+    # Said "File exists: <link>" before.
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(InputError, match=r"out is a link to .*gone, which does not exist; expe"):
+        RunDir.create(tmp_path / "out", {"command": "attack"})
+
+
 def test_hidden_files_that_are_no_temporary_file_of_ours_are_kept(tmp_path):
     # Any hidden .tmp or .npz was taken for a write cut by a kill: deleted, and the
     # folder counted as empty.

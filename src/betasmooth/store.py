@@ -505,6 +505,11 @@ class RunDir:
         >>> import tempfile
         >>> RunDir(tempfile.mkdtemp()).check_out(resume=False)
         """
+        if self.path.is_symlink() and not self.path.exists():
+            raise InputError(
+                f"{self.path} is a link to {os.readlink(self.path)}, which does not exist; "
+                "expected a directory for --out"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file; expected a directory for --out")
         if self.started() and not resume:
