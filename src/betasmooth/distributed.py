@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from .validate import InputError
+from .validate import InputError, is_oom
 
 T = TypeVar("T")
 
@@ -65,6 +65,8 @@ def _collective(rank: int) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
+        if is_oom(err):  # this rank's own failure, said as such
+            raise
         raise RankLost(rank, err) from err
 
 
