@@ -239,7 +239,10 @@ def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small):
     assert {r["changed"] for r in rows if r["defense"] == "smoothgrad"} == {True}
     summary = sweep.summary()
     assert summary["recommended_beta"] is None
-    assert verdict(summary).startswith("beta-smoothing changed no map at any beta")
+    assert verdict(summary) == (
+        "beta-smoothing changed no map at any beta (the model calls no ReLU that it replaces, or "
+        "each beta is so large that softplus rounds to ReLU); none recommended"
+    )
     # On the ReLU network every beta changes the maps, and one is recommended.
     relu = bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [5.0], smoothgrad_n=2)
     assert {r["changed"] for r in relu.records()} == {True}
@@ -259,6 +262,52 @@ def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
     )
     cells["0.5"]["fidelity_pcc"] = 0.95
     assert recommend_beta(cells) == 0.5
+
+
+def test_betas_that_six_digits_do_not_hold_keep_their_own_cells():
+    # Keyed by f"{beta:g}", two betas shared one cell and the recommended beta was
+    # 3.14159, which no sweep had run.
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {"method": "gradient", "defense": "beta_smooth", "beta": beta, "changed": True}
+        | {"adv_vs_clean_pcc": robust, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for beta, robust in [(0.1234561, 0.5), (0.1234562, 0.6), (3.14159265, 0.7)]
+        for _ in range(2)
+    ]
+    summary = sweep_summary(rows)["gradient"]
+    assert sorted(summary["betas"]) == ["0.1234561", "0.1234562", "3.14159265"]
+    assert [c["n"] for c in summary["betas"].values()] == [2, 2, 2]
+    assert summary["recommended_beta"] == 3.14159265
+    assert verdict(summary).startswith("recommended beta 3.14159 ")
+
+
+def test_a_sweep_refuses_a_beta_given_twice(small):
+    # Its images were counted twice in that beta's medians.
+    net, x = small
+    with pytest.raises(bs.InputError, match="^betas must differ; 1 given more than once$"):
+        bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [1.0, 10.0, 1], smoothgrad_n=2)
+
+
+def test_calibration_without_a_faithful_beta_takes_a_fidelity_of_zero_over_a_negative_one(
+    monkeypatch,
+):
+    # A median fidelity of exactly 0 was ranked as -1, below -0.3.
+    import betasmooth.calibrate as calibrate
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            cells = {"0.5": 0.0, "1": -0.3, "2": None}
+            return {
+                "min_fidelity": min_fidelity,
+                "recommended_beta": None,
+                "betas": {b: {"fidelity_pcc": f, "robustness_pcc": 0.5} for b, f in cells.items()},
+            }
+
+    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
+    x = bs.load_data("digits", split="train")[0][:2]
+    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 1.0, 2.0], steps=1)
+    assert (found.beta, found.recommended) == (0.5, False)
 
 
 def test_defense_sweep_takes_float64_images_as_explain_does(small):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -847,14 +848,14 @@ def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field
     # column repeated pcc adv/orig.
     assert main(["sweep", str(tmp_path / "run"), "--betas", "2", "--smoothgrad-n", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if line.startswith("defense"))
+    header = next(line for line in lines if line.startswith("method defense beta"))
     assert "pcc adv/orig" in header and "tgt" not in header
-    row = next(line for line in lines if line.startswith("beta_smooth")).split()
+    row = next(line for line in lines if line.startswith("gradient beta_smooth")).split()
     sweep = [
         r for r in read_jsonl(tmp_path / "run" / "sweep.jsonl") if r["defense"] == "beta_smooth"
     ]
     expected = np.median([r["adv_vs_orig_pcc"] for r in sweep])
-    assert float(row[3]) == pytest.approx(expected, abs=6e-4)
+    assert float(row[4]) == pytest.approx(expected, abs=6e-4)
 
 
 def _away_from_the_original(p, maps, x_adv=None):
@@ -1394,3 +1395,42 @@ def test_what_an_npz_holds_is_said_once(tmp_path, capsys):
     assert main([*argv, "--method", "gradient", "--steps", "2", "--out", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert err.count("holds values up to 255") == 1 and err.count("has no array 'y'") == 1
+
+
+def test_sweep_table_report_and_betas_of_a_run_with_two_methods(tmp_path, capsys):
+    from betasmooth.recommend import sweep_summary, verdict
+
+    run = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient,lrp", "-n", "3", "--steps", "2", "--out", str(run)]
+    assert main(argv) == 0
+    # A beta given twice counted its images twice in that beta's medians.
+    capsys.readouterr()
+    assert main(["sweep", str(run), "--betas", "10,1,10"]) == 2
+    assert capsys.readouterr().err == (
+        "betasmooth: error: --betas must differ; 10 is given more than once\n"
+    )
+    sweep = ["sweep", str(run), "--betas", "1,10", "--smoothgrad-n", "2", "--no-progress"]
+    assert main([*sweep, "--min-fidelity", "0.9999"]) == 0
+    # One row per method: the table pooled both methods' records under one name.
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("method defense beta"))
+    records = read_jsonl(run / "sweep.jsonl")
+    assert header.split()[4:6] == ["pcc", "adv/orig"]
+    for method in ("gradient", "lrp"):
+        row = next(line for line in lines if line.startswith(f"{method} beta_smooth 10")).split()
+        mine = [
+            r
+            for r in records
+            if r["method"] == method and r["defense"] == "beta_smooth" and r["beta"] == 10
+        ]
+        assert int(row[3]) == len(mine) == 3
+        assert float(row[4]) == pytest.approx(
+            np.median([r["adv_vs_orig_pcc"] for r in mine]), abs=6e-4
+        )
+    # A sweep cut before its summary: the report recommends under the run's own floor.
+    (run / "sweep_summary.json").unlink()
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    for method, summary in sweep_summary(records, 0.9999).items():
+        assert html.escape(verdict(summary)) in page, method
+    assert "median fidelity &gt;= 0.9)" not in page

@@ -1792,6 +1792,12 @@ def _sweep_scales(
         raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
     for beta in betas:
         check_beta(beta)
+    if len(set(map(float, betas))) < len(betas):
+        # Each would add the same images again to its beta's medians.
+        twice = sorted({float(b) for b in betas if betas.count(b) > 1})
+        raise InputError(
+            f"betas must differ; {', '.join(f'{b:g}' for b in twice)} given more than once"
+        )
     if smoothgrad_sigmas is None:
         return betas, [matched_sigma(b) for b in betas]
     sigmas = _sequence("smoothgrad_sigmas", smoothgrad_sigmas, "positive numbers", "[0.1, 0.2]")

@@ -11,6 +11,7 @@ result says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,7 +173,10 @@ def calibrate_beta(
     best = summary["recommended_beta"]
     if best is not None:
         return Calibration(float(best), True, summary)
-    faithful = max(
-        summary["betas"].items(), key=lambda kv: (kv[1]["fidelity_pcc"] or -1.0, float(kv[0]))
-    )
+
+    def fidelity(cell: dict) -> float:
+        # A median of exactly 0 is a fidelity like any other; only a missing one ranks last.
+        return -math.inf if cell["fidelity_pcc"] is None else float(cell["fidelity_pcc"])
+
+    faithful = max(summary["betas"].items(), key=lambda kv: (fidelity(kv[1]), float(kv[0])))
     return Calibration(float(faithful[0]), False, summary)

@@ -48,7 +48,7 @@ from .distributed import RankLost, distributed, launched, rank_device, resolve_d
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, medians
 from .pretrained import categories, is_pretrained
-from .recommend import MIN_FIDELITY, format_summary, verdict
+from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
 from .store import RunDir, holding_locks
 from .validate import (
@@ -1078,7 +1078,7 @@ def summary_table(
 
     groups = group_records(records, group)
     names = [
-        " ".join("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in key)
+        " ".join("-" if v is None else beta_key(v) if isinstance(v, float) else str(v) for v in key)
         for key in groups
     ]
     first = max([len(" ".join(group)), *map(len, names)]) + 2
@@ -1370,6 +1370,11 @@ def _check_betas(betas: Sequence[float | None]) -> None:
             f"--betas must be positive numbers from {BETA_RANGE[0]:.3g} to {BETA_RANGE[1]:.3g} "
             f"(float32's normal range), e.g. 0.5,1,2,5; got {bad[0]:g}"
         )
+    twice = [b for i, b in enumerate(betas) if b in betas[:i]]
+    if twice:
+        # A beta given twice would count its images twice in that beta's medians.
+        name = "relu" if twice[0] is None else f"{twice[0]:g}"
+        raise InputError(f"--betas must differ; {name} is given more than once")
 
 
 def _attacked_with(
@@ -1427,7 +1432,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     if dist.rank == 0:
-        _say(summary_table(records, sweep_columns(config), ("defense", "beta")))
+        _say(summary_table(records, sweep_columns(config), ("method", "defense", "beta")))
         _say()
         _say_recommendation(run)
         _say(f"sweep: {run.merged('sweep')}")
@@ -1645,9 +1650,9 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say(summary_table(records, ATTACK_COLUMNS))
     _say_unmoved(records)
     _say()
-    _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
+    _say("defenses: medians over images, per attacked method; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds)")
-    _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
+    _say(summary_table(sweep, SWEEP_COLUMNS, ("method", "defense", "beta")))
     _say()
     _say_recommendation(run)
     _say()

@@ -85,6 +85,19 @@ def recommend_beta(
     return max(fit)[1] if fit else None
 
 
+def beta_key(beta: float) -> str:
+    """``beta`` as a short text that reads back as the same number: ``f"{beta:g}"``
+    where six digits hold it, else every digit it needs.
+
+    Examples
+    --------
+    >>> beta_key(10.0), beta_key(0.5), beta_key(3.14159265)
+    ('10', '0.5', '3.14159265')
+    """
+    text = f"{beta:g}"
+    return text if float(text) == float(beta) else repr(float(beta))
+
+
 def sweep_summary(
     records: Iterable[Mapping[str, object]],
     min_fidelity: float = MIN_FIDELITY,
@@ -114,7 +127,7 @@ def sweep_summary(
         ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
         ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1);
         a defense's also ``changed``, whether it changed any map.
-        Betas are keyed by ``f"{beta:g}"``.
+        Betas are keyed by :func:`beta_key`.
 
     Examples
     --------
@@ -138,7 +151,7 @@ def sweep_summary(
     for method, cells in groups.items():
         table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
         for (defense, beta), rows in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            table.setdefault(defense, {})[f"{beta:g}"] = _cell(rows)
+            table.setdefault(defense, {})[beta_key(beta)] = _cell(rows)
         first = min(cells, key=lambda k: (k[0] != "beta_smooth", k[1]))
         rows = cells[first]
         undefended = {"n": len(rows)}
@@ -178,7 +191,7 @@ def verdict(summary: Mapping[str, object]) -> str:
     if rec is None and betas and len(unchanged) == len(betas):
         return (
             "beta-smoothing changed no map at any beta (the model calls no ReLU that it "
-            "replaces); none recommended"
+            "replaces, or each beta is so large that softplus rounds to ReLU); none recommended"
         )
     if rec is None and unchanged:
         return (
@@ -187,7 +200,7 @@ def verdict(summary: Mapping[str, object]) -> str:
         )
     if rec is None:
         return f"no beta in the sweep has {threshold}; none recommended"
-    ours = summary["betas"][f"{rec:g}"].get("robustness_pcc")
+    ours = summary["betas"][beta_key(rec)].get("robustness_pcc")
     plain = summary["undefended"].get("robustness_pcc")
     text = f"recommended beta {rec:g} (most robust with {threshold})"
     if ours is None or plain is None:

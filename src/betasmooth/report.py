@@ -682,7 +682,12 @@ def _shown(run: _Run, x: np.ndarray) -> np.ndarray:
 
 def _summary(run: _Run) -> dict:
     stored = run.store.read_sweep_summary()
-    return stored if stored is not None else sweep_summary(run.sweep, MIN_FIDELITY)
+    if stored is not None:
+        return stored
+    # A sweep cut before its summary was written: the floor it was run with.
+    settings = run.config.get("sweep")
+    floor = settings.get("min_fidelity") if isinstance(settings, dict) else None
+    return sweep_summary(run.sweep, MIN_FIDELITY if floor is None else float(floor))
 
 
 def _recommendation(run: _Run) -> str:
