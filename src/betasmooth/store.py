@@ -402,13 +402,7 @@ class RunDir:
                 "demo, attack, explain, sweep, curvature or theorem"
             )
         remedy = "restore it, or start the run again in a new --out"
-        stored = _read_object(self.config_path, remedy, "a run's settings")
-        if not _written_here(self.config_path):
-            raise InputError(
-                f"{self.config_path} was not written by betasmooth (it names no betasmooth "
-                "version); expected a run directory, or choose a new --out"
-            )
-        return stored
+        return _read_object(self.config_path, remedy, "a run's settings")
 
     def lock(self, dist: Dist | None = None) -> None:
         """Hold the directory for this job, until as many :meth:`unlock` calls.
@@ -531,6 +525,11 @@ class RunDir:
         if not self.started():
             return
         stored = self.config()
+        if not _written_here(self.config_path):
+            raise InputError(
+                f"{self.config_path} was not written by betasmooth (it names no betasmooth "
+                "version); expected a run directory, or choose a new --out"
+            )
         # Both ways: a setting the run was made with and the command now omits
         # (an option left out on --resume) differs as much as a changed one.
         for key in [*config, *(k for k in stored if k not in config and k not in LATER)]:
