@@ -490,6 +490,9 @@ def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
         bs.manipulate(compiled, x, target, "gradient", steps=1)
     with pytest.raises(InputError, match="curvature " + fix):
         curvature(compiled, x)
+    # The wrapper sets a forward on itself, which was named instead.
+    with pytest.raises(InputError, match="^lrp " + fix + r"model\._orig_mod"):
+        bs.explain(compiled, x, "lrp")
     # A compiled part is named by its path.
     with pytest.raises(InputError, match=r"model\.1\._orig_mod \(the same weights\)"):
         bs.manipulate(nn.Sequential(nn.Identity(), compiled), x, target, "gradient", steps=1)

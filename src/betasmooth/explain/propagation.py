@@ -702,6 +702,8 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     >>> len(lrp_graph(net).rules)
     3
     """
+    # Before the forward on the instance: torch.compile's wrapper sets one there too.
+    check_uncompiled(model, "lrp")
     if "forward" in model.__dict__:
         # torch.fx traces the class's forward: the map would be of another function.
         raise InputError(
@@ -712,7 +714,6 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     cached = _GRAPHS.get(model)
     if cached is not None and _same_modules(cached, model):
         return cached
-    check_uncompiled(model, "lrp")
     try:
         # Tracing fixes every branch on self.training (dropout, auxiliary
         # outputs); maps are of the deployed model, so the trace is too.
