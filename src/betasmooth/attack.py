@@ -80,6 +80,7 @@ from .validate import (
     evaluating,
     is_number,
     item_seeds,
+    one_at_a_time,
     to_numpy,
     warn_user,
 )
@@ -946,6 +947,7 @@ def _input_pcc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return metrics.pcc(a.flatten(1)[:, None], b.flatten(1)[:, None])
 
 
+@one_at_a_time
 def manipulate(
     model: nn.Module,
     x: torch.Tensor,
@@ -1602,6 +1604,7 @@ def matched_sigma(beta: float) -> float:
     return logistic_std(beta)
 
 
+@one_at_a_time
 def defense_sweep(
     model: nn.Module,
     x: torch.Tensor,

@@ -51,6 +51,7 @@ from .validate import (
     check_uncompiled,
     evaluating,
     item_seeds,
+    one_at_a_time,
 )
 
 __all__ = ["curvature", "theorem1_check"]
@@ -219,6 +220,7 @@ def _curvature(
     return {k: v.detach() for k, v in result.items()}
 
 
+@one_at_a_time
 def curvature(
     model: nn.Module,
     x: torch.Tensor,

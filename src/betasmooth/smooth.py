@@ -44,6 +44,7 @@ from .validate import (
     check_instance,
     compiled_parts,
     is_number,
+    one_at_a_time,
     set_origin,
     warn_user,
 )
@@ -811,6 +812,7 @@ class _ReluHooks:
         self.active: dict[int, list[_ReluOverride]] = {}
         self.done: list[_ReluOverride] = []
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.removed = False
 
     def install(self) -> _ReluHooks:
         check_overridable(self.model, self.what)
@@ -822,12 +824,20 @@ class _ReluHooks:
         return self
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        for modes in list(self.active.values()):
-            while modes:  # a forward interrupted before its hook could run
-                modes.pop().leave()
-        self.active.clear()
+        """Take the hooks off. A forward that another thread runs meanwhile keeps its
+        override until it ends: only that thread can take it off its own stack of
+        function modes, which its leave hook, kept until then, does."""
+        if not self.handles:
+            return
+        enter, leave = self.handles
+        enter.remove()
+        modes = self.active.pop(threading.get_ident(), [])
+        while modes:  # a forward interrupted before its hook could run
+            modes.pop().leave()
+        self.removed = True
+        if not any(self.active.values()):
+            leave.remove()
+            self.active.clear()
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
         _drop_stale_modes()
@@ -852,6 +862,8 @@ class _ReluHooks:
             return
         mode = mine.pop()
         mode.leave()
+        if self.removed and not any(self.active.values()):
+            self.handles[1].remove()  # the last forward that ran on after remove()
         # Only the first pass is kept: enough for the warning and for tests,
         # and a long attack does not grow a list.
         if not self.done and not mode.failed:
@@ -1113,6 +1125,7 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
         yield handle
 
 
+@one_at_a_time
 def smooth(model: nn.Module, beta: float) -> nn.Module:
     """A copy of ``model`` in which every ReLU computes ``softplus_beta``.
 

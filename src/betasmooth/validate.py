@@ -13,15 +13,18 @@ taken), warnings that point at the user's own call (:func:`warn_user`), and
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import numbers
 import re
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +51,7 @@ __all__ = [
     "check_uncompiled",
     "compiled_parts",
     "is_oom",
+    "one_at_a_time",
     "registrar",
     "tell",
     "to_numpy",
@@ -466,6 +470,45 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     """
     t = t.detach().cpu()
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+_HELD: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_HELD_LOCK = threading.Lock()
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def one_at_a_time(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn(model, ...)`` while no other thread runs such a call on the same ``model``.
+
+    Explaining, attacking and smoothing change the model while they run (ReLU
+    overrides in its hooks, LRP's recording forward, evaluation mode), so two
+    such calls on one model object from two threads would mix their states:
+    they take turns instead. A call inside another on the same thread (the
+    attack explains) goes on. A plain ``model(x)`` from another thread is not
+    held back and sees those changes while they last.
+
+    Examples
+    --------
+    >>> @one_at_a_time
+    ... def forward(model, x):
+    ...     return model(x)
+    >>> forward(nn.Identity(), 3)
+    3
+    """
+
+    @functools.wraps(fn)
+    def held(*args: P.args, **kwargs: P.kwargs) -> R:
+        model = args[0] if args else kwargs.get("model")
+        if not isinstance(model, nn.Module):
+            return fn(*args, **kwargs)
+        with _HELD_LOCK:
+            lock = _HELD.setdefault(model, threading.RLock())
+        with lock:
+            return fn(*args, **kwargs)
+
+    return held
 
 
 @contextlib.contextmanager

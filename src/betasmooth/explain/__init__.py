@@ -31,6 +31,7 @@ from ..validate import (
     check_target,
     check_uncompiled,
     evaluating,
+    one_at_a_time,
     registrar,
     warn_user,
 )
@@ -399,6 +400,7 @@ def _check_options(method: str, options: dict[str, object], owner: str | None = 
     )
 
 
+@one_at_a_time
 def explain(
     model: nn.Module,
     x: torch.Tensor,

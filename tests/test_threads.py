@@ -1,0 +1,116 @@
+"""Calls on one model object from several threads: each as if made alone."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import nn
+
+import betasmooth as bs
+from nets import plain_cnn
+
+
+@pytest.fixture
+def switching():
+    # Threads switch after every few bytecodes, as under load.
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+CALLS = [
+    ("lrp", {"low": 0.0, "high": 1.0}),
+    ("beta_smooth", {"beta": 1.0}),
+    ("guided_backprop", {}),
+    ("gradient", {}),
+    ("beta_smooth", {"beta": 5.0}),
+    ("smoothgrad", {"n": 4, "seed": 0}),
+]
+
+
+def test_explanations_of_one_model_in_several_threads_equal_those_made_alone(switching):
+    # Each call put its override in the model's hooks (lrp its recording forward) for
+    # every thread: maps of another method's model, KeyErrors from lrp's graph.
+    model = plain_cnn(seed=1)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    alone = [bs.explain(model, x, method, **options) for method, options in CALLS]
+
+    def run(k: int) -> float:
+        method, options = CALLS[k % len(CALLS)]
+        found = bs.explain(model, x, method, **options)
+        return float((found - alone[k % len(CALLS)]).abs().max())
+
+    with ThreadPoolExecutor(4) as pool:
+        worst = max(pool.map(run, range(12 * len(CALLS))))
+    assert worst == 0.0
+    # Nothing of the calls is left on the model.
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert "forward" not in model.__dict__
+
+
+def test_a_model_in_training_gets_its_mode_back_from_explanations_in_two_threads(switching):
+    # The second call saved the first one's temporary evaluation mode as the model's own.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x = torch.rand(2, 1, 4, 4)
+    for _ in range(20):
+        model.train()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda _: bs.explain(model, x, "gradient"), range(2)))
+        assert model.training and model[2].training
+
+
+def test_a_forward_running_in_another_thread_keeps_its_override_until_it_ends():
+    # The context's exit took the override off its own thread's stack of function modes
+    # only: the other thread kept it on its stack for good.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = net[2](torch.nn.functional.softplus(net[0](x), 2.0))
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold(module, args, output):
+        inside.set()
+        leave.wait(10)
+
+    handle = net[2].register_forward_hook(hold)
+    found: dict[str, object] = {}
+
+    def other() -> None:
+        with torch.no_grad():
+            found["output"] = net(x)
+        found["modes"] = torch._C._len_torch_function_stack()
+
+    thread = threading.Thread(target=other)
+    with bs.smoothed(net, 2.0):
+        thread.start()
+        assert inside.wait(10)
+    handle.remove()
+    leave.set()
+    thread.join(10)
+    assert found["modes"] == 0
+    torch.testing.assert_close(found["output"], expected)  # begun smoothed, ended so
+    assert not net._forward_pre_hooks and not net._forward_hooks
+
+
+def test_attacks_on_one_model_in_two_threads_equal_those_made_alone(switching):
+    # The surrogate of one attack replaced the ReLUs of the other's forward passes.
+    model = plain_cnn(seed=2)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    settings = [("gradient", maps.flip(0)), ("lrp", maps.roll(1, dims=1))]
+
+    def attack(k: int) -> torch.Tensor:
+        method, target = settings[k % 2]
+        return bs.manipulate(model, x, target, method, steps=4, lr=1e-2).x_adv
+
+    alone = [attack(k) for k in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        found = list(pool.map(attack, range(4)))
+    for k, x_adv in enumerate(found):
+        torch.testing.assert_close(x_adv, alone[k % 2], rtol=0, atol=0)
