@@ -279,7 +279,7 @@ def test_betas_that_six_digits_do_not_hold_keep_their_own_cells():
     assert sorted(summary["betas"]) == ["0.1234561", "0.1234562", "3.14159265"]
     assert [c["n"] for c in summary["betas"].values()] == [2, 2, 2]
     assert summary["recommended_beta"] == 3.14159265
-    assert verdict(summary).startswith("recommended beta 3.14159 ")
+    assert verdict(summary).startswith("recommended beta 3.14159265 ")
 
 
 def test_a_sweep_refuses_a_beta_given_twice(small):

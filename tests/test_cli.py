@@ -1435,3 +1435,25 @@ def test_sweep_table_report_and_betas_of_a_run_with_two_methods(tmp_path, capsys
     for method, summary in sweep_summary(records, 0.9999).items():
         assert html.escape(verdict(summary)) in page, method
     assert "median fidelity &gt;= 0.9)" not in page
+
+
+def test_resume_of_a_run_whose_attacked_smoothgrad_drew_from_seed_0_refuses_another_seed(
+    tmp_path, capsys
+):
+    # Before 0.8.8 the attacked SmoothGrad drew from seed 0 whatever --seed said: a
+    # resumed run mixed both draws. Such a run's config lacks smoothgrad_seed.
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "smoothgrad", "-n", "2", "--steps", "1", "--out", str(out)]
+    assert main([*argv, "--seed", "5"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["smoothgrad_seed"] == 5
+    del config["smoothgrad_seed"]
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main([*argv, "--seed", "5", "--resume"]) == 2
+    assert "smoothgrad_seed is None in" in capsys.readouterr().err
+    # Seed 0 drew as it always did: nothing recorded, and a run of then resumes.
+    zero = tmp_path / "zero"
+    assert main([*argv[:-1], str(zero)]) == 0
+    assert "smoothgrad_seed" not in json.loads((zero / "config.json").read_text())
+    assert main([*argv[:-1], str(zero), "--resume"]) == 0

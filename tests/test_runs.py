@@ -251,10 +251,9 @@ def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "config.json").write_text(text)
-    with pytest.raises(InputError, match="is not empty; pass --resume"):
-        RunDir.create(folder, {"command": "attack"})
-    with pytest.raises(InputError, match="config.json (was not written by betasmooth|is corrupt)"):
-        RunDir.create(folder, {"command": "attack"}, resume=True)
+    for resume in (False, True):
+        with pytest.raises(InputError, match="config.json was not written by betasmooth"):
+            RunDir.create(folder, {"command": "attack"}, resume=resume)
     assert (folder / "config.json").read_text() == text
 
 

@@ -114,3 +114,33 @@ def test_attacks_on_one_model_in_two_threads_equal_those_made_alone(switching):
         found = list(pool.map(attack, range(4)))
     for k, x_adv in enumerate(found):
         torch.testing.assert_close(x_adv, alone[k % 2], rtol=0, atol=0)
+
+
+def test_a_call_that_waits_long_for_its_turn_says_why(monkeypatch):
+    # A method that explained its own model from worker threads waited for itself,
+    # without a word.
+    from betasmooth import validate
+
+    monkeypatch.setattr(validate, "WAIT_NOTICE", 0.05)
+    model = nn.Linear(2, 2)
+    started, release = threading.Event(), threading.Event()
+
+    @validate.one_at_a_time
+    def hold(model: nn.Module) -> None:
+        started.set()
+        release.wait(10)
+
+    @validate.one_at_a_time
+    def turn(model: nn.Module) -> str:
+        return "done"
+
+    holder = threading.Thread(target=hold, args=(model,))
+    holder.start()
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    with pytest.warns(UserWarning, match="waiting for another thread's betasmooth call on this "
+                      "Linear .* give the workers copy.deepcopy.model.") as said:  # fmt: skip
+        assert turn(model) == "done"
+    holder.join(10)
+    assert len(said) == 1
+    assert turn(nn.Linear(2, 2)) == "done"  # another model: no wait

@@ -861,6 +861,15 @@ def _run_config(
     )
 
 
+def _smoothgrad_draws(methods: Sequence[str], seed: int) -> dict[str, int]:
+    """``smoothgrad_seed``, where an attacked SmoothGrad draws from a seed other than 0.
+
+    Before 0.8.8 its draws came from seed 0 whatever ``--seed`` said: a run of
+    then lacks the key, and ``--resume`` refuses to add draws of another seed to it.
+    """
+    return {"smoothgrad_seed": seed} if "smoothgrad" in methods and seed != 0 else {}
+
+
 def _fingerprints(
     x: torch.Tensor, y: torch.Tensor, model: str, weights: str | None
 ) -> dict[str, str | None]:
@@ -1151,6 +1160,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         beta=args.beta,
         save_attributions=args.save_attributions,
         options=_stored(given),
+        **_smoothgrad_draws(methods, args.seed),
     )
     bounds = inputs.bounds
     options = _with_given(range_options(*bounds), given, methods)
@@ -1584,6 +1594,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         device=str(device),
         **_fingerprints(x, y, args.model, args.weights),
         **sizes,
+        **_smoothgrad_draws(runs.attack_methods("all"), args.seed),
     )
     bounds = inputs.bounds
     explain_methods = runs.explain_methods("all")

@@ -202,7 +202,7 @@ def verdict(summary: Mapping[str, object]) -> str:
         return f"no beta in the sweep has {threshold}; none recommended"
     ours = summary["betas"][beta_key(rec)].get("robustness_pcc")
     plain = summary["undefended"].get("robustness_pcc")
-    text = f"recommended beta {rec:g} (most robust with {threshold})"
+    text = f"recommended beta {beta_key(rec)} (most robust with {threshold})"
     if ours is None or plain is None:
         return text
     gain = ours - plain

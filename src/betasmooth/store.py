@@ -506,6 +506,11 @@ class RunDir:
             )
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file; expected a directory for --out")
+        if self.config_path.exists() and not _written_here(self.config_path):
+            raise InputError(
+                f"{self.config_path} was not written by betasmooth (it names no betasmooth "
+                "version); expected a run directory, or choose a new --out"
+            )
         if self.started() and not resume:
             raise InputError(
                 f"{self.path} is not empty; pass --resume to continue the run in it, "

@@ -475,6 +475,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 _HELD: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _HELD_LOCK = threading.Lock()
 
+#: Seconds a call waits for its turn on a model before it says that it waits.
+WAIT_NOTICE = 30.0
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -505,8 +508,21 @@ def one_at_a_time(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         with _HELD_LOCK:
             lock = _HELD.setdefault(model, threading.RLock())
-        with lock:
+        if not lock.acquire(timeout=WAIT_NOTICE):
+            # A long wait is another call's turn, or a call that waits for its own
+            # workers, which would wait for ever: said once, then waited for.
+            warn_user(
+                f"waiting for another thread's betasmooth call on this {type(model).__name__} "
+                "to end (calls on one model take turns); a method that calls betasmooth on "
+                "the same model from worker threads of its own waits for itself: give the "
+                "workers copy.deepcopy(model)",
+                model,
+            )
+            lock.acquire()
+        try:
             return fn(*args, **kwargs)
+        finally:
+            lock.release()
 
     return held
 
