@@ -1661,9 +1661,10 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     _say(summary_table(records, ATTACK_COLUMNS))
     _say_unmoved(records)
     _say()
-    _say("defenses: medians over images, per attacked method; pcc adv/orig = defended map")
+    # Pooled over the seven methods, and said so: the tables per method follow.
+    _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds)")
-    _say(summary_table(sweep, SWEEP_COLUMNS, ("method", "defense", "beta")))
+    _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
     _say()
     _say_recommendation(run)
     _say()
