@@ -483,8 +483,6 @@ class RunDir:
         first = {self.config_path.name, self.arrays.name}
         if any(p.name not in first and not _temporary(p) for p in self.path.iterdir()):
             return True
-        if self.config_path.exists() and not _written_here(self.config_path):
-            return True  # someone's own config.json: their folder, not a run that failed early
         return self.arrays.is_dir() and any(not _temporary(p) for p in self.arrays.iterdir())
 
     # -- validation and creation
@@ -507,6 +505,7 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file; expected a directory for --out")
         if self.config_path.exists() and not _written_here(self.config_path):
+            # Someone's own folder: not a run that failed early, to start afresh over it.
             raise InputError(
                 f"{self.config_path} was not written by betasmooth (it names no betasmooth "
                 "version); expected a run directory, or choose a new --out"
@@ -530,11 +529,6 @@ class RunDir:
         if not self.started():
             return
         stored = self.config()
-        if not _written_here(self.config_path):
-            raise InputError(
-                f"{self.config_path} was not written by betasmooth (it names no betasmooth "
-                "version); expected a run directory, or choose a new --out"
-            )
         # Both ways: a setting the run was made with and the command now omits
         # (an option left out on --resume) differs as much as a changed one.
         for key in [*config, *(k for k in stored if k not in config and k not in LATER)]:
