@@ -8,13 +8,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 import betasmooth as bs
 from betasmooth.attack import (
     ATTACK_DEFAULTS,
+    LOSSES,
     PAPER_SPAN,
     PAPER_WEIGHTS,
+    UNTARGETED_EPS,
     beta_at,
     check_attack_model,
     default_lr,
@@ -53,6 +56,16 @@ def _assert_fields_recomputed(model, result, method, **options):
     for name in ("mse", "ssim", "pcc", "spearman", "topk", "com_shift"):
         torch.testing.assert_close(result.metrics[f"expl_{name}_target"], to_target[name])
         torch.testing.assert_close(result.metrics[f"expl_{name}_orig"], to_orig[name])
+    # Before the attack: the original map against the target, by scipy and numpy.
+    orig, target = result.map_orig.flatten(1).double(), result.map_target.flatten(1).double()
+    before = [stats.pearsonr(u.numpy(), v.numpy())[0] for u, v in zip(orig, target)]
+    np.testing.assert_allclose(result.metrics["expl_pcc_target_before"].numpy(), before, atol=1e-5)
+    mse = (orig - target).square().mean(1)
+    np.testing.assert_allclose(result.metrics["expl_mse_target_before"].numpy(), mse, rtol=1e-5)
+    torch.testing.assert_close(
+        result.metrics["expl_ssim_target_before"],
+        bs.compare(result.map_orig, result.map_target)["ssim"],
+    )
     diff = (result.x_adv - result.x).flatten(1)
     torch.testing.assert_close(result.metrics["input_mse"], diff.square().mean(1))
     a, b = result.x_adv.flatten(1).double().numpy(), result.x.flatten(1).double().numpy()
@@ -289,15 +302,20 @@ def test_a_sweep_refuses_a_beta_given_twice(small):
         bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [1.0, 10.0, 1], smoothgrad_n=2)
 
 
-def test_calibration_without_a_faithful_beta_takes_a_fidelity_of_zero_over_a_negative_one(
-    monkeypatch,
-):
-    # A median fidelity of exactly 0 was ranked as -1, below -0.3.
+@pytest.mark.parametrize(
+    ("cells", "chosen"),
+    [
+        # A median fidelity of exactly 0 was ranked as -1, below -0.3.
+        ({"0.5": 0.0, "1": -0.3, "2": None}, 0.5),
+        # Equally faithful: the larger beta, which changes the network less.
+        ({"0.5": 0.2, "1": 0.2, "2": None}, 1.0),
+    ],
+)
+def test_calibration_without_a_faithful_beta_takes_the_most_faithful(monkeypatch, cells, chosen):
     import betasmooth.calibrate as calibrate
 
     class Sweep:
         def summary(self, min_fidelity):
-            cells = {"0.5": 0.0, "1": -0.3, "2": None}
             return {
                 "min_fidelity": min_fidelity,
                 "recommended_beta": None,
@@ -307,7 +325,7 @@ def test_calibration_without_a_faithful_beta_takes_a_fidelity_of_zero_over_a_neg
     monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
     x = bs.load_data("digits", split="train")[0][:2]
     found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 1.0, 2.0], steps=1)
-    assert (found.beta, found.recommended) == (0.5, False)
+    assert (found.beta, found.recommended) == (chosen, False)
 
 
 def test_defense_sweep_takes_float64_images_as_explain_does(small):
@@ -859,3 +877,133 @@ def test_result_maps_name_the_three_heatmaps(small):
     assert result.maps["orig"] is result.map_orig and result.maps["adv"] is result.map_adv
     torch.testing.assert_close(result.maps["target"], target)
     torch.testing.assert_close(result.maps["orig"], bs.heatmap(bs.explain(net, x, "gradient")))
+
+
+def test_a_map_of_another_class_is_attacked_while_the_predicted_label_is_kept(small):
+    # The label to keep is the prediction, not the class whose map is steered:
+    # compared with the explained class, no iterate counted as kept and x came back.
+    net, x = small
+    label = predict(net, x)
+    other = (label + 1) % 5
+    target = _targets(net, x, target=other)
+    result = bs.manipulate(net, x, target, "gradient", target=other, steps=10, lr=1e-2)
+    torch.testing.assert_close(result.label, label)
+    assert bool(result.label_kept.all()) and torch.equal(result.label_adv, label)
+    assert float(result.metrics["input_max_change"].min()) > 0
+    assert bool(
+        (result.metrics["expl_mse_target"] < result.metrics["expl_mse_target_before"]).all()
+    )
+    torch.testing.assert_close(result.map_orig, _maps(net, x, target=other))
+    torch.testing.assert_close(result.map_adv, _maps(net, result.x_adv, target=other))
+
+
+def test_eot_draws_afresh_at_every_step(small, monkeypatch):
+    # The documented seeds, seed + 1 + step: one seed for all steps would attack
+    # a fixed noise, and make SmoothGrad look more robust than it is.
+    import betasmooth.attack as attack
+
+    net, x = small
+    seeds = []
+    explain = attack.explain
+
+    def spy(model, x, method, *args, **options):
+        if options.get("create_graph"):
+            seeds.append(options["seed"])
+        return explain(model, x, method, *args, **options)
+
+    monkeypatch.setattr(attack, "explain", spy)
+    target = _targets(net, x, "smoothgrad", n=2)
+    options = {"n": 2}
+    bs.manipulate(net, x, target, "smoothgrad", steps=4, eot=True, seed=7, method_options=options)
+    assert seeds == [7 + 1 + step for step in range(4)]
+
+
+@pytest.mark.parametrize(("eps", "step"), [(None, UNTARGETED_EPS / 10), (0.05, 0.005)])
+def test_untargeted_default_step_is_a_tenth_of_the_budget(small, eps, step):
+    net, x = small
+    result = bs.manipulate(net, x, None, "gradient", goal="topk", steps=1, eps=eps)
+    assert [r["attack_step"] for r in result.records()] == [pytest.approx(step)] * 4
+    # One signed step moves no pixel further than the step, in units of the range [0, 1].
+    assert float((result.x_adv - x).abs().max()) <= step + 1e-7
+
+
+def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
+    import betasmooth.attack as attack
+
+    net, x = small
+    starts = []
+    run = attack._run
+
+    def spy(p, goal, start, best, best_score):
+        starts.append(start - x)
+        return run(p, goal, start, best, best_score)
+
+    monkeypatch.setattr(attack, "_run", spy)
+    eps = 0.05
+    bs.manipulate(net, x, _targets(net, x), "gradient", steps=1, restarts=3, eps=eps)
+    assert len(starts) == 4 and torch.equal(starts[0], torch.zeros_like(x))
+    for shift in starts[1:]:
+        inside = shift[(x > eps) & (x < 1 - eps)]  # where no clamp to [0, 1] cuts the draw
+        assert float(shift.abs().max()) <= eps + 1e-7
+        # Uniform on [-eps, eps]: mean 0 with standard error eps / sqrt(3 n).
+        assert abs(float(inside.mean())) < 4 * eps / math.sqrt(3 * inside.numel())
+        assert float(inside.std()) == pytest.approx(eps / math.sqrt(3), rel=0.1)
+
+
+def test_pcc_loss_is_the_mse_of_maps_of_equal_mean_and_variance():
+    # MSE = 2 v (1 - PCC) for maps of equal mean and (population) variance v.
+    g = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(3, 8, 8, generator=g, dtype=torch.float64),
+        torch.randn(3, 8, 8, generator=g, dtype=torch.float64),
+    )
+    a = (a - a.mean((1, 2), keepdim=True)) / a.flatten(1).std(1, unbiased=False)[:, None, None]
+    b = (b - b.mean((1, 2), keepdim=True)) / b.flatten(1).std(1, unbiased=False)[:, None, None]
+    a, b = 0.3 * a + 1.0, 0.3 * b + 1.0
+    torch.testing.assert_close(LOSSES["pcc"](a, b), (a - b).square().mean((1, 2)))
+
+
+def test_recommended_beta_by_hand():
+    # Fidelity exactly at the threshold counts ("median fidelity >= min_fidelity").
+    cells = {
+        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.9},
+        "8": {"robustness_pcc": 0.5, "fidelity_pcc": 0.99},
+    }
+    assert recommend_beta(cells, min_fidelity=0.9) == 1.0
+    # Equally robust betas: the larger one, which changes the network less.
+    tied = {
+        "1": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+        "5": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+    }
+    assert recommend_beta(tied) == 5.0
+
+
+def test_a_beta_that_changed_some_maps_is_a_defense():
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {"method": "gradient", "defense": "beta_smooth", "beta": 2.0, "changed": changed}
+        | {"adv_vs_clean_pcc": 0.8, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for changed in (True, False)
+    ]
+    summary = sweep_summary(rows)["gradient"]
+    assert summary["betas"]["2"]["changed"] is True
+    assert summary["recommended_beta"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("ours", "word"),
+    [(0.505, "about as robust (within 0.01)"), (0.52, "more robust"), (0.48, "less robust")],
+)
+def test_verdict_words_by_hand(ours, word):
+    summary = {
+        "betas": {"4": {"robustness_pcc": ours, "fidelity_pcc": 0.95, "changed": True}},
+        "undefended": {"robustness_pcc": 0.5},
+        "recommended_beta": 4.0,
+        "min_fidelity": 0.9,
+    }
+    assert verdict(summary) == (
+        f"recommended beta 4 (most robust with median fidelity >= 0.9): "
+        f"robustness {ours:.3f} vs 0.500 undefended, {word}"
+    )

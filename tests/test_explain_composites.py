@@ -158,3 +158,45 @@ def test_bad_composite(options, error, fragments):
         bs.explain(vgg_small().double(), torch.rand(1, 1, 16, 16).double(), "lrp", 0, **options)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_epsilon_gamma_box_on_a_first_dense_layer_is_zennits():
+    # Zennit gives the box rule to a first convolution only; a first Linear keeps epsilon.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    with Gradient(net, EpsilonGammaBox(low=0.0, high=1.0)) as attributor:
+        _, theirs = attributor(x.clone().requires_grad_(True), lambda y: F.one_hot(target, 3) * y)
+    ours = bs.explain(net, x, "lrp", target, composite="epsilon_gamma_box")
+    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-10)
+
+
+class _AddWithAlpha(nn.Module):
+    """ReLU branches summed by ``torch.add(a, b, alpha=alpha)``; branch b scaled by ``scale``."""
+
+    def __init__(self, alpha: float = 1.0, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.alpha = alpha
+        with torch.no_grad():
+            self.b.weight.mul_(scale)
+            self.b.bias.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.a(x)), torch.relu(self.b(x))
+        return self.out(torch.add(a, b, alpha=self.alpha))
+
+
+def test_lrp_splits_a_sum_with_alpha_as_the_sum_of_the_scaled_branch():
+    x = torch.rand(4, 6, dtype=torch.float64)
+    with_alpha, scaled = _AddWithAlpha(alpha=2.0).double(), _AddWithAlpha(scale=2.0).double()
+    torch.testing.assert_close(with_alpha(x), scaled(x))
+    options = {"composite": "epsilon_plus", "epsilon": 0.0}
+    torch.testing.assert_close(
+        bs.explain(with_alpha, x, "lrp", 0, **options),
+        bs.explain(scaled, x, "lrp", 0, **options),
+        rtol=1e-5,
+        atol=1e-8,
+    )

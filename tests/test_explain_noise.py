@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 import torch
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+from torch import nn
 
 import betasmooth as bs
 from betasmooth.explain.noise import standard_noise
@@ -216,3 +217,54 @@ def test_logistic_tails_end_symmetrically(dtype):
     u = torch.rand(1000, generator=torch.Generator().manual_seed(5), dtype=dtype)
     expected = torch.logit(u.clamp(step, 1 - step)) * math.sqrt(3) / math.pi
     torch.testing.assert_close(draws, expected)
+
+
+class _FlipsWhenSmoothed(nn.Module):
+    """Logits ``[relu(x), 0.1 + 0.01 x]``: at x = -1 class 1; with softplus_1, class 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x), 0.1 + 0.01 * x], 1)
+
+
+def test_beta_smooth_explains_the_class_the_original_model_predicts():
+    # The test above holds whichever class is explained where smoothing keeps the prediction.
+    model, x = _FlipsWhenSmoothed(), torch.tensor([[-1.0]], dtype=torch.float64)
+    assert int(model(x).argmax(1)) == 1 and int(bs.smooth(model, 1.0)(x).argmax(1)) == 0
+    expected = torch.tensor([[0.01]], dtype=torch.float64)  # d/dx (0.1 + 0.01 x)
+    torch.testing.assert_close(bs.explain(model, x, "beta_smooth", beta=1.0), expected)
+
+
+def test_smoothgrad_seeds_per_item_give_each_item_its_own_draws():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.rand(1, 1, 4, 4, dtype=torch.float64).repeat(2, 1, 1, 1)
+    both = bs.explain(net, x, "smoothgrad", 0, n=4, sigma=0.3, seed=[11, 12])
+    for i, seed in enumerate((11, 12)):
+        alone = bs.explain(net, x[:1], "smoothgrad", 0, n=4, sigma=0.3, seed=seed)
+        torch.testing.assert_close(both[i : i + 1], alone, rtol=0, atol=0)
+    assert not torch.allclose(both[0], both[1])
+
+
+def test_smoothgrad_noise_per_channel_is_sigma_times_the_channel_range():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    span = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
+    generator = torch.Generator().manual_seed(5)
+    by_hand = []
+    for _ in range(3):
+        noisy = x + 0.1 * span * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        noisy.requires_grad_(True)
+        by_hand.append(torch.autograd.grad(net(noisy)[:, 1].sum(), noisy)[0])
+    ours = bs.explain(net, x, "smoothgrad", 1, n=3, sigma=0.1, input_range=span, seed=5, chunk=1)
+    torch.testing.assert_close(ours, torch.stack(by_hand).mean(0), rtol=1e-12, atol=1e-14)
+
+
+def test_range_options_give_smoothgrad_the_span_of_each_channel():
+    from betasmooth.explain import range_options
+
+    low = torch.tensor([-2.0, -1.0, -1.5]).view(1, 3, 1, 1)
+    high = torch.tensor([2.0, 1.5, 2.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(range_options(low, high)["smoothgrad"]["input_range"], high - low)

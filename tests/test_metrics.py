@@ -352,6 +352,23 @@ def test_heatmap_by_hand():
     torch.testing.assert_close(heatmap(torch.zeros(1, 1, 2, 2)), torch.zeros(1, 2, 2))
 
 
+@pytest.mark.parametrize(
+    ("reduction", "reduce"),
+    [
+        ("abs_sum", lambda h: np.abs(h).sum(1)),
+        ("sum", lambda h: h.sum(1)),
+        ("pos", lambda h: np.maximum(h.sum(1), 0)),
+        ("l2", lambda h: np.sqrt(np.square(h).sum(1))),
+    ],
+)
+def test_heatmap_reductions_against_numpy(reduction, reduce):
+    h = np.random.default_rng(0).normal(size=(3, 3, 5, 6))
+    expected = reduce(h)
+    expected /= np.abs(expected).sum((1, 2), keepdims=True)
+    maps = heatmap(torch.from_numpy(h), reduction=reduction)
+    np.testing.assert_allclose(maps.numpy(), expected, rtol=1e-12)
+
+
 @pytest.mark.parametrize("scale", [1e-14, 1e-30, 1e30])
 def test_heatmap_of_tiny_or_huge_values_sums_to_one(scale):
     # Gradients of a logit near 0 can be this small; the map is still a map.

@@ -908,12 +908,15 @@ def test_threads_sharing_a_smoothed_copy_smooth_only_inside_its_forward():
 def test_torch_func_transforms_run_through_a_smoothed_model():
     # vmap/jacrev/hessian raised in the autograd.Function without setup_context and jvp.
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    # Two smoothed layers: the Hessian then takes the forward tangent of the first.
+    net = nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)
+    ).double()
     soft = smooth(net, 2.0)
     x = torch.randn(4, 5, dtype=torch.float64)
 
     def by_hand(v: torch.Tensor) -> torch.Tensor:
-        return net[2](F.softplus(net[0](v), 2.0))
+        return net[4](F.softplus(net[2](F.softplus(net[0](v), 2.0)), 2.0))
 
     jac = torch.func.vmap(torch.func.jacrev(lambda v: soft(v[None])[0]))(x)
     expected = torch.func.vmap(torch.func.jacrev(lambda v: by_hand(v[None])[0]))(x)
@@ -922,6 +925,10 @@ def test_torch_func_transforms_run_through_a_smoothed_model():
     expected = torch.func.hessian(lambda v: by_hand(v[None])[0, 0])(x[0])
     assert float(expected.abs().max()) > 1e-3
     torch.testing.assert_close(hess, expected, rtol=1e-10, atol=1e-15)
+    # Forward mode in x: sigmoid(beta x), in closed form.
+    for b in (0.5, 4.0):
+        _, tangent = torch.func.jvp(lambda v, b=b: softplus(v, b), (x,), (torch.ones_like(x),))
+        torch.testing.assert_close(tangent, torch.sigmoid(b * x), rtol=1e-14, atol=0)
     # Forward mode in a tensor beta: the closed form's derivative, as reverse mode gives it.
     beta = torch.tensor(2.0, dtype=torch.float64)
     forward = torch.func.jacfwd(lambda b: softplus(x, b).sum())(beta)
@@ -930,3 +937,15 @@ def test_torch_func_transforms_run_through_a_smoothed_model():
     closed = ((z * torch.sigmoid(z) - F.softplus(z)) / 4.0).sum()
     torch.testing.assert_close(forward, closed, rtol=1e-12, atol=0)
     torch.testing.assert_close(reverse, closed, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("z", [17.0, 25.0, 35.0])
+@pytest.mark.parametrize("beta", [1.0, 1e-2])
+def test_float64_softplus_is_exact_where_float32_would_return_x(z, beta):
+    # Between float32's cut-over (beta x > ~16) and float64's (~36) the
+    # log1p(exp(-z)) term still counts in float64.
+    x = torch.tensor([z / beta], dtype=torch.float64)
+    exact = (z + math.log1p(math.exp(-z))) / beta
+    torch.testing.assert_close(
+        softplus(x, beta), torch.tensor([exact], dtype=torch.float64), rtol=4e-16, atol=0
+    )

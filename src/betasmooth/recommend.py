@@ -61,6 +61,8 @@ def recommend_beta(
     """The most robust beta (median PCC) among those of median fidelity >= ``min_fidelity``
     that changed a map (a cell whose ``changed`` is false defends nothing).
 
+    Among equally robust betas the larger one, which changes the network less.
+
     Examples
     --------
     >>> cells = {
@@ -81,7 +83,6 @@ def recommend_beta(
         and float(cell["fidelity_pcc"]) >= min_fidelity
         and cell.get("changed", True) is not False
     ]
-    # Among equally robust betas the larger one, which changes the network less.
     return max(fit)[1] if fit else None
 
 
