@@ -1007,3 +1007,23 @@ def test_verdict_words_by_hand(ours, word):
         f"recommended beta 4 (most robust with median fidelity >= 0.9): "
         f"robustness {ours:.3f} vs 0.500 undefended, {word}"
     )
+
+
+def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
+    # The record written to config.json says whether the sweep recommended the beta.
+    import betasmooth.calibrate as calibrate
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            return {
+                "min_fidelity": min_fidelity,
+                "recommended_beta": 2.0,
+                "undefended": {},
+                "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
+            }
+
+    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
+    x = bs.load_data("digits", split="train")[0][:2]
+    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
+    assert (found.beta, found.recommended) == (2.0, True)
+    assert found.record()["recommended"] is True

@@ -346,3 +346,68 @@ def test_curvature_of_a_model_with_hardsigmoid_equals_the_gate_by_hand():
     assert float(want["max_principal_curvature"].min()) > 0
     for key in ("normal_change", "max_principal_curvature", "segment_bound"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-7)
+
+
+class _Square(nn.Module):
+    """g(x) = |x|^2: level sets are spheres about 0, normals radial."""
+
+    def forward(self, x):
+        return x.square().sum(1, keepdim=True)
+
+
+def test_segment_bound_is_zero_along_the_normal():
+    # Moving along the normal of a sphere
+    # leaves the normal unchanged, and the rate |P H u| / |grad g| is 0 there
+    # (closed form), whereas |H u| / |grad g| = 1 / |x|.
+    x = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.float64)
+    x_adv = torch.tensor([[3.0, 0.0, 0.0]], dtype=torch.float64)
+    out = theorem1_check(_Square(), x, x_adv, samples=5)
+    assert out["normal_change"].item() == pytest.approx(0.0, abs=1e-12)
+    assert out["segment_bound"].item() == pytest.approx(0.0, abs=1e-12)
+    # and a general chord: rate r_perp-component by hand, (t from 0 to 1 on x + t d)
+    x = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    x_adv = torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    out = theorem1_check(_Square(), x, x_adv, samples=101)
+    d = (x_adv - x)[0].numpy()
+    u = d / np.linalg.norm(d)
+    rates = []
+    for t in np.linspace(0, 1, 101):
+        p = x[0].numpy() + t * d
+        n = p / np.linalg.norm(p)
+        # H = 2 I, |grad g| = 2 |p|: rate = |u - (u.n) n| / |p|
+        rates.append(np.linalg.norm(u - (u @ n) * n) / np.linalg.norm(p))
+    assert out["segment_bound"].item() == pytest.approx(np.linalg.norm(d) * max(rates), rel=1e-9)
+
+
+def test_principal_curvature_is_nan_where_the_gradient_vanishes():
+    # At the centre of g = |x|^2 the gradient is 0 and the level set
+    # has no normal: principal_curvature is NaN (documented), the Hessian 2 I
+    # has norm 2 (closed form); elsewhere the curvature is 1/r.
+    x = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    out = bs.curvature(_Square(), x, iterations=5)
+    assert torch.isnan(out["principal_curvature"][0])
+    assert out["principal_curvature"][1].item() == pytest.approx(0.5, rel=1e-9)
+    torch.testing.assert_close(out["hessian_norm"], torch.tensor([2.0, 2.0], dtype=torch.float64))
+    assert out["gradient_norm"][0].item() == 0.0
+
+
+class _TwoSpheres(nn.Module):
+    """Logit 0: |x|^2 (spheres about 0); logit 1: |x - c|^2 (spheres about c)."""
+
+    def forward(self, x):
+        c = torch.tensor([4.0, 0.0], dtype=x.dtype)
+        return torch.stack([x.square().sum(1), (x - c).square().sum(1)], 1)
+
+
+def test_theorem1_explains_the_class_predicted_at_x_also_at_x_adv():
+    # The class predicted at x is followed to x_adv: x = (3, 1) predicts logit 0, x_adv = (1, 2)
+    # logit 1. The normal change of logit 0's level sets is |n(x_adv) - n(x)|
+    # with n(p) = p / |p| (closed form).
+    x = torch.tensor([[3.0, 1.0]], dtype=torch.float64)
+    x_adv = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    net = _TwoSpheres()
+    assert net(x).argmax(1).item() == 0 and net(x_adv).argmax(1).item() == 1
+    out = theorem1_check(net, x, x_adv, samples=3)
+    n0, n1 = x[0] / x[0].norm(), x_adv[0] / x_adv[0].norm()
+    assert out["normal_change"].item() == pytest.approx((n1 - n0).norm().item(), rel=1e-9)
+    assert out["output_change"].item() == pytest.approx(abs(5.0 - 10.0), rel=1e-9)

@@ -266,3 +266,15 @@ def test_quick_demo_on_photos_writes_every_file_with_before_and_after(tmp_path):
     # The theory's network checks run on digits-cnn: the report says so on a photos run.
     assert "not this run&#x27;s model (photos-cnn)" in html
     assert all(p.stat().st_size > 1000 for p in (out / "figures").glob("*.png"))
+
+
+def test_photos_all_is_training_then_test():
+    # The documented order of split "all" (training first), which
+    # a user slicing x[3000:] for held-out crops relies on.
+    x_all, y_all = photos.photos("all")
+    x_tr, y_tr = photos.photos("train")
+    x_te, y_te = photos.photos("test")
+    assert x_all.shape[0] == len(x_tr) + len(x_te)
+    torch.testing.assert_close(x_all[: len(x_tr)], x_tr, rtol=0, atol=0)
+    torch.testing.assert_close(x_all[len(x_tr) :], x_te, rtol=0, atol=0)
+    assert torch.equal(y_all, torch.cat([y_tr, y_te]))

@@ -11,8 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, optimize, special, stats
+from torch import nn
 
+import betasmooth as bs
 from betasmooth import InputError, theory
+from betasmooth.metrics import pcc
 
 
 def scipy_bias_limit() -> float:
@@ -221,3 +224,108 @@ def test_theorem2_takes_the_largest_seed_a_user_may_give():
     # The iid draws (seed wrapped to 0) agree with the exact iid probability
     # within four binomial standard deviations at n = 300.
     assert part["theorem2_iid_mc_vs_exact"] < 4 * 0.5 / 300**0.5
+
+
+def _points(w, z, beta, seed):
+    u = w / w.norm()
+    other = torch.randn(len(z), len(w), generator=torch.Generator().manual_seed(seed)).double()
+    return z[:, None] / beta * u + other - (other @ u)[:, None] * u
+
+
+def test_theorem2_half_widths_are_the_normal_quantiles():
+    # Per point the two-sided normal quantile; over the checkpoints the
+    # Bonferroni one, by scipy.
+    w = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    n, level, m = 4000, 0.9, 5
+    out = theory.theorem2_monte_carlo(
+        w, _points(w, z, 1.0, 0), 1.0, n, "projected", level=level, checkpoints=[100, 4000]
+    )
+    p = special.expit(z.numpy())
+    per_point = stats.norm.ppf(1 - (1 - level) / 2) * np.sqrt(p * (1 - p) / n)
+    np.testing.assert_allclose(out["half_width"].numpy(), per_point, rtol=1e-10)
+    bonf = stats.norm.ppf(1 - (1 - level) / (2 * m))
+    np.testing.assert_allclose(
+        out["checkpoint_half_width"].numpy(),
+        bonf * np.sqrt((p * (1 - p)).max() / np.array([100, 4000])),
+        rtol=1e-10,
+    )
+    assert float(out["simultaneous_half_width"]) == pytest.approx(
+        bonf * math.sqrt((p * (1 - p)).max() / n), rel=1e-10
+    )
+
+
+def test_iid_monte_carlo_agrees_with_the_exact_iid_cdf_in_the_summary():
+    # theorem2_iid_mc_vs_exact measures the iid samples, which lie
+    # within the Bonferroni 95% band of the exact iid probability, unlike the
+    # projected ones (off by the iid bias, ~0.01 here).
+    part = theory._theorem2_part(100_000, 0)
+    h = part["theorem2_projected_ci"][1]
+    assert part["theorem2_iid_mc_vs_exact"] <= h
+    assert part["theorem2_iid_bias_at_points"] > 2 * h  # the check has power
+    # the curve plots the bias at the points the errors are measured at
+    assert part["curves"]["mc_error"]["iid_bias"] == part["theorem2_iid_bias_at_points"]
+
+
+def _scipy_cdf_2d(u, z):
+    u = u / np.linalg.norm(u)
+
+    def density_times_cdf(e1: float) -> float:
+        return 0.25 / math.cosh(e1 / 2) ** 2 * special.expit((z - u[0] * e1) / u[1])
+
+    return integrate.quad(density_times_cdf, -60, 60, epsabs=1e-13, epsrel=1e-13, limit=200)[0]
+
+
+def test_iid_bias_by_d_is_keyed_by_the_dimension():
+    # The d = 1 entry is one logistic variable (bias 0), the d = 2
+    # entry the convolution of two (scipy).
+    part = theory._theorem2_part(300, 0)
+    by_d = part["theorem2_iid_bias_by_d"]
+    assert by_d["1"] < 1e-12
+    z = np.linspace(-10, 10, 2001)
+    gap = max(abs(_scipy_cdf_2d(np.array([1.0, 1.0]), zi) - special.expit(zi)) for zi in z[::10])
+    assert by_d["2"] == pytest.approx(gap, abs=2e-4)
+    assert part["curves"]["iid_bias"]["bias"] == list(by_d.values())
+
+
+def test_smoothing_vs_smoothgrad_uses_the_logistic_std_and_both_noises():
+    # SmoothGrad's sigma is the logistic std (not its scale 1/beta), by scipy,
+    # and each column draws its own kind of noise.
+    model = bs.load_model("digits-cnn")
+    x, _ = bs.load_data("digits")
+    x = x[:3]
+    beta, samples = 2.0, 8
+    out = theory.smoothing_vs_smoothgrad(model, x, [beta], samples=samples, seed=3)
+    sigma = stats.logistic.std(scale=1 / beta)
+    assert sigma == pytest.approx(math.pi / (math.sqrt(3) * beta))
+    reference = bs.heatmap(bs.explain(model, x, "beta_smooth", beta=beta))
+    for noise in ("logistic", "gaussian"):
+        sg = bs.explain(
+            model, x, "smoothgrad", noise=noise, sigma=sigma, n=samples, seed=3, input_range=1.0
+        )
+        want = float(pcc(reference, bs.heatmap(sg)).median())
+        assert out[str(beta)][noise] == pytest.approx(want, abs=1e-6), noise
+
+
+def test_curvature_by_beta_is_the_dense_hessian_of_the_softplus_net():
+    # Each beta's medians are of smooth(model, beta), against the dense
+    # autograd Hessian of an explicit Softplus(beta) copy, numpy eigenvalues.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out = theory.curvature_by_beta(net, x, [0.5, 4.0], iterations=20)
+    for beta in (0.5, 4.0):
+        twin = nn.Sequential(net[0], nn.Softplus(beta), net[2])
+        cls = twin(x).argmax(1)
+        norms, grads = [], []
+        for i in range(3):
+
+            def f(v, twin=twin, c=int(cls[i])):
+                return twin(v[None])[0, c]
+
+            h = torch.autograd.functional.hessian(f, x[i]).numpy()
+            norms.append(np.abs(np.linalg.eigvalsh(h)).max())
+            grads.append(torch.autograd.functional.jacobian(f, x[i]).norm().item())
+        got = out[str(beta)]
+        assert got["hessian_norm"] == pytest.approx(np.median(norms), rel=1e-6)
+        assert got["gradient_norm"] == pytest.approx(np.median(grads), rel=1e-6)

@@ -675,3 +675,54 @@ def test_out_of_memory_in_the_first_forward_is_named_as_such():
         "out of memory in the model's forward of 2 items of x ([enforce fail"
     )
     assert "can't allocate memory" in str(refused.value)
+
+
+def test_a_zero_width_data_range_is_refused():
+    # A channel with low == high has span 0,
+    # and measuring per unit of it divides by zero.
+    from betasmooth.validate import check_bounds
+
+    x = torch.zeros(1, 2, 3, 3)
+    with pytest.raises(bs.InputError, match="low < high in every channel"):
+        check_bounds(torch.zeros(1, 2, 1, 1), torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), x)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(bs.InputError, match="low < high in every channel"):
+        bs.curvature(net, torch.full((1, 1, 2, 2), 0.5), data_range=(0.5, 0.5))
+
+
+def test_in_range_tolerance_is_1e4_of_the_width():
+    # The slack is the documented 1e-4 of the range's width.
+    from betasmooth.validate import check_in_range
+
+    ok = torch.full((1, 1, 2, 2), 2.0 + 0.5e-4 * 2)
+    assert check_in_range(ok, 0.0, 2.0) is ok
+    with pytest.raises(bs.InputError, match="outside data_range"):
+        check_in_range(torch.full((1, 1, 2, 2), 2.0 + 3e-4 * 2), 0.0, 2.0)
+    with pytest.raises(bs.InputError, match="outside data_range"):
+        check_in_range(torch.full((1, 1, 2, 2), -0.002), 0.0, 2.0)
+
+
+@pytest.mark.parametrize("beta", [float("inf"), float("nan")])
+def test_an_infinite_or_nan_beta_or_sigma_is_refused(beta):
+    # An infinite sigma would give SmoothGrad a finite, meaningless map.
+    from betasmooth.validate import check_positive
+
+    with pytest.raises(bs.InputError, match="positive finite number"):
+        check_positive("beta", beta)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    with pytest.raises(bs.InputError, match="sigma must be a positive finite number"):
+        bs.explain(net, torch.rand(2, 1, 2, 2), "smoothgrad", sigma=beta, n=2)
+
+
+def test_counts_and_seeds_beyond_their_maximum_are_refused():
+    # torch's generator takes
+    # seeds up to 2**64 - 1 only (oracle: torch itself), counts stop at 2**31 - 1.
+    from betasmooth.validate import MAX_COUNT, MAX_SEED, check_count, check_seed
+
+    torch.Generator().manual_seed(MAX_SEED)
+    with pytest.raises((RuntimeError, ValueError, OverflowError)):
+        torch.Generator().manual_seed(MAX_SEED + 1)
+    with pytest.raises(bs.InputError, match="seed must be an integer from 0 to"):
+        check_seed("seed", MAX_SEED + 1)
+    with pytest.raises(bs.InputError, match="steps must be an integer from 1 to"):
+        check_count("steps", MAX_COUNT + 1)

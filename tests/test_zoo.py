@@ -560,3 +560,97 @@ def test_the_folder_warning_comes_only_where_the_user_named_the_data(tmp_path, m
     # theorem takes the built-in digits itself: the folder here is none of its business.
     assert main(["theorem", "--quick", "--out", "theory"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_preset_matches_torchvision_when_the_long_side_rounds_up(tmp_path):
+    # The long side is truncated as torchvision truncates it. Oracle:
+    # torchvision's own transforms. 256 * 300 / 257 = 298.8: torchvision makes 298.
+    torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (257, 300, 3), dtype=np.uint8)  # h, w
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    data = bs.load_data(str(tmp_path), preset="torchvision:vgg16")
+    raw = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)
+    expected = torchvision.models.VGG16_Weights.DEFAULT.transforms()(raw)
+    torch.testing.assert_close(data.x[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rgb_to_grey_of_arrays_is_pils_luma(tmp_path):
+    # An .npz of RGB images loaded with
+    # channels=1 must be what PIL's convert("L") (ITU-R 601-2) makes of them.
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", x=pixels.transpose(0, 3, 1, 2))
+    x, _ = bs.load_data(str(tmp_path / "rgb.npz"), channels=1)
+    for k in range(2):
+        grey = np.asarray(Image.fromarray(pixels[k]).convert("L"), dtype=np.float32) / 255
+        np.testing.assert_allclose(x[k, 0].numpy(), grey, atol=0.6 / 255)
+
+
+def test_preset_prepares_built_in_data_as_torchvision_does():
+    # A preset resizes and centre-crops built-in data too (grey
+    # digits repeated to RGB). Oracle: torchvision's transforms of the raw images.
+    torchvision = pytest.importorskip("torchvision")
+    raw, _ = bs.load_data("digits")
+    data = bs.load_data("digits", preset="torchvision:vgg16")
+    assert tuple(data.x.shape[1:]) == (3, 224, 224)
+    transform = torchvision.models.VGG16_Weights.DEFAULT.transforms()
+    for k in (0, 1):
+        expected = transform(raw[k].expand(3, -1, -1))
+        torch.testing.assert_close(data.x[k], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("std", [0.0, [0.2, 0.0, 0.2]])
+def test_a_zero_std_is_refused(std):
+    # (x - mean) / 0 is inf or NaN in every pixel.
+    with pytest.raises(bs.InputError, match="std must be > 0"):
+        bs.load_data("digits", channels=3, mean=0.5, std=std)
+    with pytest.raises(bs.InputError, match="std must be > 0"):
+        data_range("digits", mean=0.5, std=std)
+
+
+def test_folder_image_size_is_height_then_width(tmp_path):
+    # --image-size is height then width, where PIL takes width then height;
+    # oracle: PIL's own bilinear resize.
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    x, _ = bs.load_data(str(tmp_path), image_size=(12, 20))
+    assert tuple(x.shape) == (1, 3, 12, 20)
+    want = (
+        np.asarray(
+            Image.fromarray(pixels).resize((20, 12), Image.Resampling.BILINEAR), dtype=np.float32
+        )
+        / 255
+    )
+    np.testing.assert_allclose(x[0].numpy(), want.transpose(2, 0, 1), atol=1e-6)
+
+
+def test_grey_images_with_alpha_load_as_one_channel(tmp_path):
+    # A folder of grey PNGs with an alpha
+    # channel is grey, as PIL's convert("L") reads it.
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    grey = rng.integers(0, 256, (9, 7), dtype=np.uint8)
+    alpha = np.full((9, 7), 255, dtype=np.uint8)
+    Image.fromarray(np.stack([grey, alpha], -1), mode="LA").save(tmp_path / "a.png")
+    x, _ = bs.load_data(str(tmp_path))
+    assert tuple(x.shape) == (1, 1, 9, 7)
+    np.testing.assert_allclose(x[0, 0].numpy(), grey / 255, atol=1e-7)
+
+
+def test_float_labels_must_be_whole_numbers(tmp_path):
+    # y = 1.5 would be truncated to class 1 without a word; whole floats are classes.
+    x = np.random.default_rng(0).random((2, 1, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "half.npz", x=x, y=np.array([0.0, 1.5]))
+    with pytest.raises(bs.InputError, match="non-integer values"):
+        bs.load_data(str(tmp_path / "half.npz"))
+    np.savez(tmp_path / "whole.npz", x=x, y=np.array([0.0, 2.0]))
+    assert bs.load_data(str(tmp_path / "whole.npz"))[1].tolist() == [0, 2]
