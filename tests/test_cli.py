@@ -22,7 +22,7 @@ from betasmooth.attack import ATTACK_DEFAULTS, PAPER_SPAN, default_lr, default_w
 from betasmooth.cli import main
 from betasmooth.explain.noise import NOISE_METHODS
 from betasmooth.report import build_report
-from betasmooth.store import read_jsonl
+from betasmooth.store import RunDir, read_jsonl
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 RESULT_FIELDS = {
@@ -69,11 +69,22 @@ def _snapshot(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """A quick digits demo: its directory and what it printed."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("demo") / "run"
     argv = ["demo", "--out", str(out), "--quick", "-n", "4", "--steps", "5", "--no-progress"]
-    assert main([*argv, "--model", "digits-cnn", "--data", "digits"]) == 0
-    return out
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--model", "digits-cnn", "--data", "digits"]) == 0
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run) -> Path:
+    return demo_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -1457,3 +1468,200 @@ def test_resume_of_a_run_whose_attacked_smoothgrad_drew_from_seed_0_refuses_anot
     assert main([*argv[:-1], str(zero)]) == 0
     assert "smoothgrad_seed" not in json.loads((zero / "config.json").read_text())
     assert main([*argv[:-1], str(zero), "--resume"]) == 0
+
+
+def _table(lines, head):
+    header = next(i for i, line in enumerate(lines) if line.startswith(head))
+    return lines[header], lines[header + 1 :]
+
+
+def test_targeted_attack_summary_table_is_the_median_of_each_column(tmp_path, capsys):
+    from betasmooth.cli import ATTACK_COLUMNS, main
+    from betasmooth.store import read_jsonl
+
+    out = tmp_path / "run"
+    assert (
+        main([*ATTACK, "--method", "gradient", "-n", "4", "--steps", "20", "--out", str(out)]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    header, rows = _table(lines, "method")
+    row = next(r for r in rows if r.startswith("gradient")).split()
+    records = read_jsonl(out / "results.jsonl")
+    assert int(row[1]) == len(records) == 4
+    expected = {
+        "kept": np.mean([r["label_kept"] for r in records]),
+        "pcc tgt0": np.median([r["expl_pcc_target_before"] for r in records]),
+        "pcc tgt": np.median([r["expl_pcc_target"] for r in records]),
+        "ssim tgt0": np.median([r["expl_ssim_target_before"] for r in records]),
+        "ssim tgt": np.median([r["expl_ssim_target"] for r in records]),
+        "pcc orig": np.median([r["expl_pcc_orig"] for r in records]),
+    }
+    # The before and after columns must differ for the check to bite.
+    assert abs(expected["pcc tgt"] - expected["pcc tgt0"]) > 0.01
+    titles = [t for _, t in ATTACK_COLUMNS]
+    for title, value in expected.items():
+        cell = row[2 + titles.index(title)]
+        assert float(cell) == pytest.approx(value, abs=6e-4), title
+
+
+def test_cli_sweep_draws_smoothgrad_from_the_runs_seed(tmp_path, capsys):
+    import shutil
+
+    from betasmooth.cli import _attacked_with, main
+    from betasmooth.runs import load_inputs, sweep_run
+    from betasmooth.store import read_jsonl
+
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient", "-n", "3", "--steps", "3", "--seed", "5"]
+    assert main([*argv, "--out", str(out)]) == 0
+    for seed in (5, 0):
+        shutil.copytree(out, tmp_path / f"api{seed}")
+    assert main(["sweep", str(out), "--betas", "2", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    cli = {(r["index"], r["defense"]): r for r in read_jsonl(out / "sweep.jsonl")}
+    inputs = load_inputs("digits-cnn", "digits", n=1)
+    config = RunDir(out).config()
+    api = {}
+    for seed in (5, 0):
+        rows = sweep_run(
+            RunDir(tmp_path / f"api{seed}"),
+            inputs[0],
+            [2.0],
+            smoothgrad_n=2,
+            seed=seed,
+            data_range=inputs.bounds,
+            method_options=_attacked_with(config, inputs.bounds),
+        )
+        api[seed] = {(r["index"], r["defense"]): r for r in rows}
+    key = "adv_vs_orig_pcc"
+    smooth = [k for k in cli if k[1] == "smoothgrad"]
+    assert len(smooth) == 3
+    for k in smooth:
+        assert cli[k][key] == pytest.approx(api[5][k][key], rel=1e-6, abs=1e-9)
+    # The seed matters, so the check bites.
+    assert any(abs(api[0][k][key] - api[5][k][key]) > 1e-4 for k in smooth)
+
+
+def test_demo_explains_integrated_gradients_with_the_steps_it_records(demo_run):
+    from betasmooth.explain import range_options
+    from betasmooth.runs import load_inputs
+
+    out, _ = demo_run
+    config = RunDir(out).config()
+    inputs = load_inputs("digits-cnn", "digits", n=config["n"])
+    model, x, _ = inputs
+    label = model(x).argmax(1)
+    options = {**range_options(*inputs.bounds).get("integrated_gradients", {})}
+    found = RunDir(out).read_arrays("integrated_gradients", "explain")["map"]
+    for steps, close in ((config["ig_steps"], True), (30, False)):
+        expected = bs.heatmap(
+            bs.explain(model, x, "integrated_gradients", label, **options, steps=steps)
+        )
+        same = np.allclose(found, expected.detach().numpy(), rtol=1e-4, atol=1e-7)
+        assert same == close, steps
+
+
+def test_demo_defense_table_rows_are_medians_per_defense_and_beta(demo_run):
+    from betasmooth.explain import range_options
+    from betasmooth.runs import load_inputs
+    from betasmooth.units import unit_seed
+
+    out, printed = demo_run
+    _, rows = _table(printed.splitlines(), "defense beta")
+    sweep = read_jsonl(out / "sweep.jsonl")
+    config = RunDir(out).config()
+    keys = sorted({(r["defense"], r["beta"]) for r in sweep})
+    assert len(keys) == 2 * len(config["sweep"]["betas"])
+    for defense, beta in keys:
+        row = next(r for r in rows if r.split()[:2] == [defense, f"{beta:g}"]).split()
+        mine = [r for r in sweep if r["defense"] == defense and r["beta"] == beta]
+        assert int(row[2]) == len(mine)
+        median = np.median([r["adv_vs_orig_pcc"] for r in mine])
+        assert float(row[3]) == pytest.approx(median, abs=6e-4)
+    # The explained SmoothGrad draws the smoothgrad_attack_n samples the config records.
+    inputs = load_inputs("digits-cnn", "digits", n=config["n"])
+    model, x, _ = inputs
+    label = model(x).argmax(1)
+    drawn = [unit_seed(0, "smoothgrad", i) for i in range(len(x))]
+    found = RunDir(out).read_arrays("smoothgrad", "explain")["map"]
+    given = range_options(*inputs.bounds)["smoothgrad"]
+    for n, close in ((config["smoothgrad_attack_n"], True), (10, False)):
+        expected = bs.heatmap(bs.explain(model, x, "smoothgrad", label, n=n, seed=drawn, **given))
+        same = np.allclose(found, expected.detach().numpy(), rtol=1e-4, atol=1e-7)
+        assert same == close, n
+
+
+def test_the_defaults_the_help_states_are_the_parsers_defaults():
+    import argparse
+    import re
+
+    from betasmooth.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = []
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            said = re.search(r"\(default ([-0-9.e,]+)\)", action.help or "")
+            if not said or action.default is None:
+                continue
+            stated = [float(v) for v in said.group(1).split(",")]
+            value = action.default if isinstance(action.default, list) else [action.default]
+            assert [float(v) for v in value] == stated, (name, action.dest)
+            checked.append((name, action.dest))
+    # The defaults that change what a run computes are among them.
+    for dest in [
+        ("sweep", "smoothgrad_n"),
+        ("attack", "batch_size"),
+        ("curvature", "iterations"),
+        ("sweep", "min_fidelity"),
+        ("attack", "seed"),
+        ("curvature", "betas"),
+    ]:
+        assert dest in checked, dest
+
+
+@pytest.mark.parametrize("extra", [2, 1])
+def test_beta_auto_holds_out_the_images_after_the_first_n(tmp_path, capsys, monkeypatch, extra):
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    x, y = bs.load_data("digits")
+    n = 4
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[: n + extra].numpy(), y=y[: n + extra].numpy())
+    seen = []
+
+    def fake(model, images, method, **kwargs):
+        seen.append(images.clone())
+        return Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {"2": {}}})
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "-n", str(n)]
+    argv += [
+        "--method",
+        "beta_smooth",
+        "--beta",
+        "auto",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert cli.main(argv) == 0
+    said = capsys.readouterr().out
+    if extra == 2:
+        # Hand computation: images n and n + 1 are the held-out ones.
+        torch.testing.assert_close(seen[0], x[n : n + 2])
+        assert "calibrating beta on 2 held-out images (after the first -n)" in said
+    else:
+        # One image past -n is too few to hold out: all five are used, and said so.
+        torch.testing.assert_close(seen[0], x[: n + extra])
+        assert "images that are also explained" in said
+
+
+def test_the_bounds_of_the_beta_range_are_betas():
+    from betasmooth.cli import BETA_RANGE, _check_betas
+
+    _check_betas([BETA_RANGE[0], BETA_RANGE[1], None])  # raises where a bound is refused
+    for outside in (BETA_RANGE[0] / 2, BETA_RANGE[1] * 2):
+        with pytest.raises(bs.InputError):
+            _check_betas([outside])

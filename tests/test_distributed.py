@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import betasmooth as bs
 from betasmooth.cli import main
@@ -365,3 +366,48 @@ def test_a_rank_that_fails_in_its_batches_leaves_the_others_one_line(tmp_path):
         r"by peer [^)]*\); the rank that stopped first says why\n",
         logs[0],
     ), logs[0]
+
+
+def test_rank_device_is_the_local_rank_not_the_global_rank(monkeypatch):
+    from betasmooth.distributed import rank_device
+
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # second node, 4 GPUs per node
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")  # a launcher that sets no LOCAL_RANK: one node
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 5)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+ANY_SCRIPT = """
+import json, sys
+import torch
+from betasmooth.distributed import init_distributed
+dist, _ = init_distributed(torch.device("cpu"))
+found = [dist.any(dist.rank == 0), dist.any(dist.rank == 1), dist.any(False), dist.any(True)]
+open(sys.argv[1] + f"/any-{dist.rank}.json", "w").write(json.dumps(found))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_any_is_the_or_of_every_ranks_flag_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "any.py"
+    script.write_text(ANY_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    subprocess.run(
+        [*run, str(script), str(tmp_path)],
+        env=env,
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"any-{rank}.json").read_text())
+        assert found == [True, True, False, True], rank

@@ -11,7 +11,8 @@ import pytest
 
 from betasmooth import store
 from betasmooth.cli import main
-from betasmooth.store import read_jsonl
+from betasmooth.store import RunDir, read_jsonl
+from betasmooth.validate import InputError
 
 ATTACK = ["attack", "--model", "digits-cnn", "--data", "digits", "--no-progress", "--steps", "3"]
 ARGS = ["--method", "gradient", "-n", "6", "--batch-size", "2", "--seed", "0"]
@@ -385,3 +386,81 @@ def test_attack_and_explain_runs_write_a_report_with_their_maps(finished, tmp_pa
     assert "First 3 images" in html and "explain-medians" in html
     assert "<th>gradient</th>" in html and "<th>lrp</th>" in html
     assert build_report(out).read_text() == html
+
+
+def test_a_run_with_arrays_but_no_records_yet_is_not_started_over(tmp_path):
+
+    config = {"command": "attack", "steps": 10, "seed": 0}
+    run = RunDir.create(tmp_path / "run", config)
+    # execute() writes a batch's arrays before its records: a kill in between leaves this.
+    run.save_arrays("gradient", 0, {"index": np.arange(2), "value": np.zeros(2)})
+    assert run.started()
+    with pytest.raises(InputError, match="is not empty; pass --resume"):
+        RunDir.create(run.path, {**config, "steps": 30})
+    # Only a temporary file of an interrupted write does not count.
+    (run.arrays / "gradient-0.npz").unlink()
+    (run.arrays / ".gradient-2.npz.abcd1234.npz").write_bytes(b"")
+    assert not run.started()
+
+
+@pytest.mark.parametrize("left", ["rank file", "theory"])
+def test_a_run_without_results_jsonl_yet_is_still_refused_without_resume(tmp_path, left):
+
+    config = {"command": "attack", "steps": 10, "seed": 0}
+    run = RunDir.create(tmp_path / "run", config)
+    if left == "rank file":
+        RunDir(run.path, rank=1, world_size=2).append([{"index": 1, "method": "gradient"}])
+    else:
+        run.write_theory({"checks": []})
+    assert not run.results.exists() and run.started()
+    with pytest.raises(InputError, match="is not empty; pass --resume"):
+        RunDir.create(run.path, {**config, "steps": 30})
+
+
+def test_an_arrays_file_with_a_short_per_item_array_is_repaired(tmp_path):
+    from betasmooth.store import write_npz
+
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    run.append([{"index": 0, "method": "a"}, {"index": 1, "method": "a"}])
+    write_npz(run.arrays_file("a", 0), {"index": np.arange(2), "value": np.zeros(1)})
+    said = []
+    assert run.covered() == set()
+    assert not run.arrays_file("a", 0).exists()
+    write_npz(run.arrays_file("a", 0), {"index": np.arange(2), "value": np.zeros(1)})
+    assert run.repair(say=said.append) == 2
+    assert run.read() == [] and len(said) == 1
+
+
+def _attack_dir(tmp_path, n, indices, methods=("gradient",)):
+    config = {
+        "command": "attack",
+        "model": "digits-cnn",
+        "data": "digits",
+        "seed": 0,
+        "n": n,
+        "methods": list(methods),
+    }
+    run = RunDir.create(tmp_path / "run", config)
+    run.append([{"index": i, "method": m} for m in methods for i in indices])
+    for m in methods:
+        run.save_arrays(m, 0, {"index": np.asarray(indices)})
+    return run
+
+
+def test_check_attacked_counts_every_item_of_every_method(tmp_path):
+
+    run = _attack_dir(tmp_path, 3, [0, 1])
+    with pytest.raises(InputError, match=r"unfinished \(2 of 3 items\)"):
+        run.check_attacked()
+    run.append([{"index": 2, "method": "gradient"}])
+    run.save_arrays("gradient", 0, {"index": np.arange(3)})
+    assert run.check_attacked()["n"] == 3
+
+
+def test_resume_keeps_the_creation_record(tmp_path):
+    config = {"command": "attack", "seed": 0}
+    run = RunDir.create(tmp_path / "run", config)
+    run.append([{"index": 0, "method": "gradient"}])
+    run.update_config(created="2020-01-01T00:00:00+00:00")
+    RunDir.create(run.path, config, resume=True)
+    assert run.config()["created"] == "2020-01-01T00:00:00+00:00"

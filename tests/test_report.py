@@ -720,3 +720,81 @@ def test_an_unfinished_run_says_what_it_lacks(tmp_path):
     notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text).group(1)
     # lrp's sweep holds every image lrp finished: nothing lacks there.
     assert notice == f"lrp 4 of {N} images, sweep of gradient {N - 1} of {N} images"
+
+
+def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(tmp_path, monkeypatch):
+    from betasmooth import figures, report
+    from betasmooth.runs import attack_run, load_inputs, sweep_run
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 3, "methods": ["gradient"]})
+    records = attack_run(run, model, x, y, ["gradient"], steps=5, seed=0)
+    sweep_run(run, model, [2.0], smoothgrad_n=2)
+    drawn = {}
+    real = figures.defense_curves
+
+    def spy(*args, **kwargs):
+        drawn.update(kwargs.get("undefended") or {})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "defense_curves", spy)
+    report.build_report(run.path)
+    for sweep_key, field in (
+        ("adv_vs_orig_pcc", "expl_pcc_orig"),
+        ("adv_vs_target_pcc", "expl_pcc_target"),
+        ("adv_vs_orig_ssim", "expl_ssim_orig"),
+        ("adv_vs_target_ssim", "expl_ssim_target"),
+    ):
+        assert drawn[sweep_key] == pytest.approx(np.median([r[field] for r in records])), sweep_key
+
+
+def test_the_report_shows_normalised_images_denormalised():
+    from types import SimpleNamespace
+
+    from betasmooth.report import _shown
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2) / 24
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    found = _shown(SimpleNamespace(config={"mean": mean, "std": std}), x)
+    for c in range(3):
+        np.testing.assert_allclose(found[:, c], x[:, c] * std[c] + mean[c], rtol=1e-6)
+
+
+def test_the_report_names_a_method_that_lacks_one_image(tmp_path):
+    import re
+
+    from betasmooth.report import build_report
+    from betasmooth.runs import attack_run, load_inputs
+    from betasmooth.store import read_jsonl, write_jsonl
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 3, "methods": ["gradient"]})
+    attack_run(run, model, x, y, ["gradient"], steps=1)
+    assert "not finished" not in build_report(run.path).read_text()
+    write_jsonl(run.results, [r for r in read_jsonl(run.results) if r["index"] != 2])
+    text = build_report(run.path).read_text()
+    notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text)
+    assert notice is not None and notice.group(1) == "gradient 2 of 3 images"
+
+
+def test_the_report_of_a_cut_sweep_uses_the_recorded_min_fidelity(tmp_path, monkeypatch):
+    from betasmooth import report
+    from betasmooth.runs import attack_run, load_inputs, sweep_run
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 3, "methods": ["gradient"]})
+    attack_run(run, model, x, y, ["gradient"], steps=1)
+    sweep_run(run, model, [2.0, 50.0], smoothgrad_n=2, min_fidelity=0.25)
+    stored = run.read_sweep_summary()
+    run.sweep_summary.unlink()  # as a kill before the summary leaves it
+    floors = []
+    real = report.sweep_summary
+    monkeypatch.setattr(
+        report, "sweep_summary", lambda records, floor: floors.append(floor) or real(records, floor)
+    )
+    report.build_report(run.path)
+    assert floors and set(floors) == {0.25}
+    assert (
+        real(run.read("sweep"), 0.25)["gradient"]["recommended_beta"]
+        == stored["gradient"]["recommended_beta"]
+    )

@@ -360,3 +360,133 @@ def test_the_run_seed_draws_the_noise_of_the_attacked_smoothgrad(
     expected = bs.heatmap(bs.explain(digits_cnn, x, "smoothgrad", n=10, seed=drawn))
     found = run.read_arrays("smoothgrad")["map_orig"]
     np.testing.assert_allclose(found, expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_seconds_is_the_batch_time_divided_by_its_items(tmp_path, monkeypatch):
+    # A clock that advances 0.8 s per batch: 0.2 s per item in batches of 4.
+    from types import SimpleNamespace
+
+    import betasmooth.units as units
+
+    ticks = iter([0.0, 0.8, 10.0, 10.8])
+    monkeypatch.setattr(units, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    records = execute(run, plan(["a"], range(8), 4), _square, progress=False)
+    assert [r["seconds"] for r in records] == [pytest.approx(0.2)] * 8
+
+
+def test_an_odd_batch_that_runs_out_of_memory_is_halved_down(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    sizes, messages = [], []
+
+    def work(unit):
+        sizes.append(len(unit.indices))
+        if len(unit.indices) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return _square(unit)
+
+    records = execute(run, plan(["a"], range(5), 5), work, progress=False, message=messages.append)
+    assert [r["index"] for r in records] == list(range(5))
+    # Hand computation: 5 // 2 = 2, so the halves are (0, 1), (2, 3), (4,).
+    assert sizes == [5, 2, 2, 1]
+    assert messages == ["betasmooth: out of memory with a batch of 5; retrying with batches of 2"]
+
+
+def test_a_halved_batch_computed_again_whole_keeps_each_item_in_one_file(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    done = []
+
+    def first(unit):
+        if len(unit.indices) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        if len(done) == 2:
+            raise KeyboardInterrupt  # killed after two halves
+        done.append(unit.indices)
+        return _square(unit)
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(run, plan(["a"], range(8), 8), first, progress=False, message=lambda s: None)
+    assert sorted(p.name for p in run.arrays.glob("*.npz")) == ["a-0.npz", "a-2.npz"]
+    records = execute(run, plan(["a"], range(8), 8), _square, progress=False)
+    assert [r["index"] for r in records] == list(range(8))
+    files = sorted(p.name for p in run.arrays.glob("*.npz"))
+    assert files == ["a-0.npz"]
+    np.testing.assert_array_equal(run.read_arrays("a")["index"], np.arange(8))
+
+
+def test_records_of_every_batch_carry_their_items_target_and_labels(tmp_path):
+    from betasmooth.attack import derangement
+    from betasmooth.runs import attack_run, curvature_run, explain_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=5)
+    assert len(set(y.tolist())) > 2  # labels differ, so a wrong item shows
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    records = attack_run(run, model, x, y, ["gradient"], steps=1, batch_size=2, seed=3)
+    targets = derangement(5, 3).tolist()
+    assert [r["target_index"] for r in records] == targets
+    assert [r["true_label"] for r in records] == y.tolist()
+    np.testing.assert_array_equal(run.read_arrays("gradient")["target_index"], targets)
+    explained = explain_run(run, model, x, y, ["gradient"], batch_size=2, name="explain")
+    assert [r["true_label"] for r in explained] == y.tolist()
+    assert [r["label"] for r in explained] == model(x).argmax(1).tolist()
+    other = RunDir.create(tmp_path / "curv", {"command": "curvature"})
+    rows = curvature_run(
+        other, model, x, y, [None], batch_size=2, options={"iterations": 2, "probes": 1}
+    )
+    assert [r["true_label"] for r in rows] == y.tolist()
+
+
+def test_curvature_rows_measure_the_original_networks_class(tmp_path):
+    from betasmooth.runs import curvature_run, load_inputs
+    from betasmooth.smooth import smooth
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=16)
+    beta = 0.2
+    original = model(x).argmax(1)
+    smoothed = smooth(model, beta)(x).argmax(1)
+    assert (original != smoothed).any()  # so the check bites
+    run = RunDir.create(tmp_path / "curv", {"command": "curvature"})
+    rows = curvature_run(
+        run, model, x, y, [None, beta], batch_size=8, options={"iterations": 2, "probes": 1}
+    )
+    for name in ("relu", f"beta={beta:g}"):
+        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["index"])
+        assert [r["label"] for r in mine] == original.tolist(), name
+
+
+def test_a_seed_given_as_an_option_draws_the_noise(tmp_path):
+    from betasmooth.runs import explain_run, load_inputs
+    from betasmooth.units import unit_seed
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    label = model(x).argmax(1)
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    explain_run(
+        run,
+        model,
+        x,
+        y,
+        ["smoothgrad"],
+        seed=0,
+        batch_size=2,
+        method_options={"smoothgrad": {"seed": 7, "n": 4}},
+    )
+    found = run.read_arrays("smoothgrad")["map"]
+    for base, close in ((7, True), (0, False)):
+        drawn = [unit_seed(base, "smoothgrad", i) for i in range(3)]
+        expected = bs.heatmap(bs.explain(model, x, "smoothgrad", label, n=4, seed=drawn))
+        same = np.allclose(found, expected.detach().numpy(), rtol=1e-5, atol=1e-7)
+        assert same == close, base
+
+
+def test_read_arrays_of_a_sweep_keeps_its_betas_once(tmp_path):
+    from betasmooth.runs import attack_run, load_inputs, sweep_run
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, model, x, y, ["gradient"], steps=1, batch_size=2)
+    sweep_run(run, model, [1.0, 5.0], smoothgrad_n=2)
+    arrays = run.read_arrays("gradient", "sweep")
+    np.testing.assert_array_equal(arrays["betas"], [1.0, 5.0])
+    np.testing.assert_array_equal(arrays["index"], [0, 1, 2])
+    assert arrays["maps_beta"].shape[:2] == (3, 2)
