@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from scipy import stats
 from torch import nn
 
 import betasmooth as bs
+from betasmooth import attack
 from betasmooth.attack import (
     ATTACK_DEFAULTS,
     LOSSES,
@@ -1027,3 +1029,173 @@ def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
     found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
     assert (found.beta, found.recommended) == (2.0, True)
     assert found.record()["recommended"] is True
+
+
+def _point_map(r, c, n=8):
+    m = torch.zeros(1, n, n, dtype=torch.float64)
+    m[0, r, c] = 1.0
+    return m
+
+
+def test_center_nudge_points_away_from_the_grid_centre():
+    # Original centre (2, 2) on an 8x8 grid, middle (3.5, 3.5): the nudge of length
+    # CENTER_NUDGE points outward along the diagonal (docstring of _com_objective), so
+    # the objective (minimised) is -(|shift| + nudge) outward and -(|shift| - nudge) inward.
+    p = SimpleNamespace(map_orig=_point_map(2, 2))
+    nu = attack.CENTER_NUDGE
+    outward = attack._com_objective(p, _point_map(1, 1), None)
+    inward = attack._com_objective(p, _point_map(3, 3), None)
+    assert float(outward) == pytest.approx(-(math.sqrt(2) + nu), abs=1e-9)
+    assert float(inward) == pytest.approx(-(math.sqrt(2) - nu), abs=1e-9)
+    # At zero shift the objective's value is the nudge's length whichever way it points.
+    assert float(attack._com_objective(p, _point_map(2, 2), None)) == pytest.approx(-nu, abs=1e-12)
+
+
+def test_center_nudge_at_the_grid_centre_still_has_its_length():
+    # A map centred on the middle of the grid has no outward direction: the documented
+    # fallback still nudges by CENTER_NUDGE pixels, so the attack can leave x.
+    m = torch.zeros(1, 5, 5, dtype=torch.float64)
+    m[0, 2, 2] = 1.0
+    p = SimpleNamespace(map_orig=m)
+    got = attack._com_objective(p, m.clone(), None)
+    assert float(got) == pytest.approx(-attack.CENTER_NUDGE, abs=1e-12)
+
+
+def _two_logits(b):
+    # logit 0 = sum of the 4 pixels (its input_x_gradient map is x), logit 1 = 2 (x2 + x3) + b.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0] * 4, [0.0, 0.0, 2.0, 2.0]]))
+        net[1].bias.copy_(torch.tensor([0.0, b]))
+    return net
+
+
+def test_a_signed_step_that_flips_the_label_is_undone_and_halved():
+    # topk with k=2 keeps the original top pixels 0 and 1 (ties: the lower index):
+    # their share x0 + x1 of the normalised map falls as x0, x1 go down and x2, x3 up,
+    # by the signed step 0.1. From 0.5 everywhere, a full step gives logit 1 =
+    # 2 * 1.2 - 0.3 = 2.1 > 2 = logit 0: flipped, undone, halved to 0.05. The next step
+    # reaches 0.45 / 0.55 (logit 1 = 1.9, kept): the best iterate.
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    r = bs.manipulate(
+        _two_logits(-0.3),
+        x,
+        None,
+        "input_x_gradient",
+        goal="topk",
+        k=2,
+        eps=0.2,
+        step=0.1,
+        steps=2,
+        beta_schedule="none",
+    )
+    expected = torch.tensor([0.45, 0.45, 0.55, 0.55], dtype=torch.float64).view(1, 1, 2, 2)
+    torch.testing.assert_close(r.x_adv, expected)
+    assert bool(r.label_kept.all())
+
+
+def test_a_targeted_attack_scores_every_check_every_steps_and_the_last(monkeypatch):
+    # Documented: "Every check_every steps ... and after the last": with 4 steps and
+    # check_every=2 the iterates after steps 2 and 4 are scored, no others.
+    scored = []
+    real = attack.keep_best
+
+    def spy(best, best_score, candidate, score, kept):
+        scored.append(candidate.clone())
+        return real(best, best_score, candidate, score, kept)
+
+    monkeypatch.setattr(attack, "keep_best", spy)
+    iterates = []
+    real_project = attack._Problem.project
+
+    def project(self, x_adv):
+        out = real_project(self, x_adv)
+        iterates.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(attack._Problem, "project", project)
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    target = torch.tensor([[[0.7, 0.1], [0.1, 0.1]]], dtype=torch.float64)
+    bs.manipulate(
+        _two_logits(-10.0),
+        x,
+        target,
+        "input_x_gradient",
+        steps=4,
+        check_every=2,
+        lr=0.01,
+        beta_schedule="none",
+    )
+    assert len(iterates) == 4 and len(scored) == 2
+    torch.testing.assert_close(scored[0], iterates[1])
+    torch.testing.assert_close(scored[1], iterates[3])
+
+
+def test_check_attack_model_refuses_torchscript_when_any_method_needs_the_surrogate():
+    # gradient's default schedule ("geometric") puts softplus in place of every ReLU,
+    # which a traced model does not let through; lrp's ("none") needs no override.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.ReLU())
+    traced = torch.jit.trace(net, torch.zeros(1, 4))
+    attack.check_attack_model(traced, ["lrp"])
+    with pytest.raises(bs.validate.InputError):
+        attack.check_attack_model(traced, ["lrp", "gradient"])
+    with pytest.raises(bs.validate.InputError):
+        attack.check_attack_model(traced, ["gradient", "lrp"])
+
+
+def test_a_map_that_ignores_x_is_named_at_the_first_step_even_of_one_step():
+    # A linear model's gradient does not depend on x: the map term cannot steer the attack.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]))
+        net[1].bias.zero_()
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    target = torch.full((1, 2, 2), 0.25, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="come without a graph"):
+        bs.manipulate(net, x, target, "gradient", steps=1, beta_schedule="none")
+
+
+def test_topk_objective_is_each_images_mass_on_its_original_top_pixels():
+    # Recomputed with numpy: per image, the mass of `maps` on the k largest pixels of
+    # map_orig (ties to the lower index, as a stable descending sort).
+    g = torch.Generator().manual_seed(0)
+    orig = torch.rand(3, 4, 5, generator=g, dtype=torch.float64)
+    maps = torch.rand(3, 4, 5, generator=g, dtype=torch.float64)
+    p = SimpleNamespace(map_orig=orig, s=SimpleNamespace(k=6))
+    got = attack._topk_mass(p, maps)
+    o, m = orig.flatten(1).numpy(), maps.flatten(1).numpy()
+    expected = [m[i, np.argsort(-o[i], kind="stable")[:6]].sum() for i in range(3)]
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_derangement_and_random_targets_follow_the_given_seed():
+    # Documented construction: item order[i] goes to order[i + 1] of a random order
+    # drawn by torch.randperm from the seeded generator.
+    for n, seed in ((5, 3), (7, 11)):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        expected = torch.empty(n, dtype=torch.long)
+        expected[order] = order.roll(-1)
+        assert attack.derangement(n, seed).tolist() == expected.tolist()
+        maps = torch.arange(float(n)).view(n, 1, 1).expand(n, 2, 2)
+        got = attack.random_targets(maps, torch.Generator().manual_seed(seed))
+        assert got[:, 0, 0].tolist() == expected.double().tolist()
+
+
+def test_an_untargeted_attack_records_its_step_as_a_fraction_of_the_range():
+    # step and eps are recorded as given: fractions of the data range, here (-1, 1).
+    net = _two_logits(-10.0)
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    r = bs.manipulate(
+        net,
+        x,
+        None,
+        "input_x_gradient",
+        goal="center",
+        eps=0.1,
+        step=0.02,
+        steps=1,
+        data_range=(-1.0, 1.0),
+        beta_schedule="none",
+    )
+    assert r.settings["step"] == 0.02 and r.settings["eps"] == 0.1

@@ -7,6 +7,7 @@ import pytest
 import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from captum.attr._utils.approximation_methods import approximation_parameters
+from torch import nn
 
 import betasmooth as bs
 from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature
@@ -173,3 +174,32 @@ def test_passes_of_large_inputs_hold_a_bounded_number_of_values(method):
     default = bs.explain(net, x, method, 0, **options)
     assert max(passes) == 3 * 64 * 64 * 256 // (3 * 224 * 224) // 2 * 2  # 20
     torch.testing.assert_close(default, bs.explain(net, x, method, 0, chunk=50, **options))
+
+
+def test_a_float64_batch_on_a_float32_model_gets_its_map_back_in_float64():
+    # Documented: x is cast to the model's dtype, the map comes back in x's dtype.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    got = bs.explain(net, x, "gradient", 0)
+    assert got.dtype == torch.float64
+    xf = x.float().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net(xf)[:, 0].sum(), xf)
+    torch.testing.assert_close(got, grad.double())
+
+
+def test_a_zero_map_of_one_item_of_the_batch_is_warned_about():
+    # Item 1 switches every hidden unit off (relu(-x) of a positive x): its gradient is 0,
+    # item 0's is not (recomputed by autograd below).
+    class OneOff(nn.Module):
+        def forward(self, x):
+            h = torch.relu(x.flatten(1) * torch.tensor([[1.0], [-1.0]]))
+            return torch.stack([h.sum(1), -h.sum(1)], 1)
+
+    net, x = OneOff(), torch.rand(2, 1, 2, 2) + 0.1
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net(xg)[:, 0].sum(), xg)
+    assert bool((grad[1] == 0).all()) and bool((grad[0] != 0).all())
+    with pytest.warns(UserWarning, match="zero everywhere"):
+        got = bs.explain(net, x, "gradient", 0)
+    torch.testing.assert_close(got, grad)

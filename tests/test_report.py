@@ -798,3 +798,132 @@ def test_the_report_of_a_cut_sweep_uses_the_recorded_min_fidelity(tmp_path, monk
         real(run.read("sweep"), 0.25)["gradient"]["recommended_beta"]
         == stored["gradient"]["recommended_beta"]
     )
+
+
+def _spy_plots(monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        lines = real(self, *args, **kwargs)
+        drawn.append((self, lines[0]))
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    return drawn
+
+
+def test_defense_curves_draw_each_median_at_its_own_beta_on_its_metrics_panel(
+    tmp_path, monkeypatch
+):
+    from betasmooth import figures
+
+    drawn = _spy_plots(monkeypatch)
+    betas = [4.0, 0.5, 2.0]  # unsorted, as a sweep's settings may come
+    curves = {"adv_vs_orig_pcc": [0.9, 0.1, 0.6], "adv_vs_orig_ssim": [0.3, 0.2, 0.25]}
+    sg = {"adv_vs_orig_pcc": [0.7, 0.4]}
+    figures.defense_curves(
+        betas, curves, tmp_path / "d.png", smoothgrad_betas=[1.0, 0.25], smoothgrad=sg
+    )
+    got = {}
+    for ax, line in drawn:
+        pairs = dict(zip(line.get_xdata().tolist(), line.get_ydata().tolist()))
+        # The panel's title and its y label name the same metric.
+        assert ax.get_title(loc="left") == f"{ax.get_ylabel()} of maps"
+        got[(ax.get_ylabel(), line.get_linestyle())] = pairs
+    assert got[("PCC", "-")] == dict(zip(betas, curves["adv_vs_orig_pcc"]))
+    assert got[("SSIM", "-")] == dict(zip(betas, curves["adv_vs_orig_ssim"]))
+    assert got[("PCC", ":")] == {1.0: 0.7, 0.25: 0.4}
+
+
+def test_curves_against_beta_keep_each_value_at_its_beta(tmp_path, monkeypatch):
+    from betasmooth import figures
+
+    drawn = _spy_plots(monkeypatch)
+    curve = {
+        "beta": [10.0, 1.0, 3.0],
+        "hessian_norm": [5.0, 0.5, 2.0],
+        "principal_curvature": [1.0, 0.1, 0.3],
+    }
+    figures.curvature_figure(curve, tmp_path / "c.png")
+    assert len(drawn) == 2
+    for (_, line), key in zip(drawn, ("hessian_norm", "principal_curvature")):
+        pairs = dict(zip(line.get_xdata().tolist(), line.get_ydata().tolist()))
+        assert pairs == dict(zip(curve["beta"], curve[key]))
+
+
+@pytest.fixture(scope="module")
+def _swept_run(tmp_path_factory):
+    from betasmooth.runs import attack_run, load_inputs, sweep_run
+    from betasmooth.store import RunDir
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(
+        tmp_path_factory.mktemp("run") / "run",
+        {"command": "attack", "n": 3, "methods": ["gradient"]},
+    )
+    attack_run(run, model, x, y, ["gradient"], steps=3, seed=0)
+    sweep_run(run, model, [4.0, 0.5], smoothgrad_n=2)
+    rows = [json.loads(line) for line in (run.path / "sweep.jsonl").read_text().splitlines()]
+    return run, rows
+
+
+def _median_of(rows, defense, beta, key):
+    values = [r[key] for r in rows if r["defense"] == defense and r["beta"] == beta]
+    assert values
+    return float(np.median(values))
+
+
+def test_the_report_draws_each_defenses_medians_as_its_own_series(_swept_run, monkeypatch):
+    from betasmooth import figures, report
+
+    run, rows = _swept_run
+    calls = []
+    real = figures.defense_curves
+
+    def spy(betas, curves, path, **kwargs):
+        calls.append((list(betas), curves, kwargs))
+        return real(betas, curves, path, **kwargs)
+
+    monkeypatch.setattr(figures, "defense_curves", spy)
+    report.build_report(run.path)
+    ((betas, curves, kwargs),) = calls
+    for defense, bs_, series in (
+        ("beta_smooth", betas, curves),
+        ("smoothgrad", kwargs["smoothgrad_betas"], kwargs["smoothgrad"]),
+    ):
+        assert sorted(bs_) == [0.5, 4.0], defense
+        for key in ("adv_vs_orig_pcc", "clean_vs_orig_pcc"):
+            for beta, value in zip(bs_, series[key]):
+                assert value == pytest.approx(_median_of(rows, defense, beta, key)), (defense, key)
+
+
+def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept_run, monkeypatch):
+    from betasmooth import figures, report
+
+    run, rows = _swept_run
+    drawn = _spy_plots(monkeypatch)
+    real = figures.cost_quality
+    seen = []
+
+    def spy(points, path, **kwargs):
+        seen.append(list(points))
+        return real(points, path, **kwargs)
+
+    monkeypatch.setattr(figures, "cost_quality", spy)
+    report.build_report(run.path)
+    (points,) = seen
+    assert len(points) == 4
+    expected = {}
+    for p in points:
+        beta = 4.0 if "4" in p["label"] else 0.5
+        seconds = _median_of(rows, p["defense"], beta, "seconds")
+        metric = _median_of(rows, p["defense"], beta, "adv_vs_orig_pcc")
+        assert p["seconds"] == pytest.approx(seconds) and p["metric"] == pytest.approx(metric)
+        expected[seconds] = metric
+    # The cost figure's markers: x the seconds, y the quality.
+    cost = [line for ax, line in drawn if "cost" in ax.get_xlabel() or "seconds" in ax.get_xlabel()]
+    got = {x: y for line in cost for x, y in zip(line.get_xdata(), line.get_ydata())}
+    assert got == pytest.approx(expected)

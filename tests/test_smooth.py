@@ -19,6 +19,7 @@ from torch import nn
 import betasmooth as bs
 from betasmooth.smooth import (
     LogisticNoise,
+    check_overridable,
     flush_denormals,
     replace_relu,
     smooth,
@@ -949,3 +950,71 @@ def test_float64_softplus_is_exact_where_float32_would_return_x(z, beta):
     torch.testing.assert_close(
         softplus(x, beta), torch.tensor([exact], dtype=torch.float64), rtol=4e-16, atol=0
     )
+
+
+class _DefaultInPlace(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        h = x * 3.0
+        if self.how == "leaky_relu_":
+            F.leaky_relu_(h)  # default negative_slope 0.01
+        elif self.how == "hardtanh_":
+            F.hardtanh_(h)  # default bounds -1, 1
+        return h
+
+
+@pytest.mark.parametrize("how", ["leaky_relu_", "hardtanh_"])
+def test_in_place_forms_with_default_arguments_keep_torchs_defaults(how):
+    # With the ReLU itself as the replacement the rewritten activation must equal
+    # torch's own, default constants included.
+    net = _DefaultInPlace(how)
+    x = torch.linspace(-2, 2, 41, dtype=torch.float64).view(1, -1)
+    expected = net(x)
+    with replace_relu(net, torch.relu) as done:
+        got = net(x)
+    assert done[0].replaced > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+
+
+def test_a_scripted_part_with_relu6_is_refused():
+    class Part(nn.Module):
+        def forward(self, x):
+            return F.relu6(x)
+
+    net = nn.Sequential(nn.Linear(2, 2), torch.jit.script(Part()))
+    with pytest.raises(bs.validate.InputError, match="TorchScript"):
+        check_overridable(net)
+
+
+def test_replace_relu_counts_every_relu_call_of_the_first_pass():
+    class Three(nn.Module):
+        def forward(self, x):
+            return torch.relu(F.relu(x) - 0.5).relu() + nn.functional.relu6(x)
+
+    net = Three()
+    with replace_relu(net, torch.relu) as done:
+        net(torch.randn(2, 3))
+    # One per activation call replaced: relu, F.relu, Tensor.relu and relu6.
+    assert done[0].replaced == 4
+
+
+def test_guided_backprop_does_not_name_kinked_activations_but_beta_smoothing_does():
+    # replace_relu(warn="<what>") leaves out the piecewise-linear warning (docstring).
+    import warnings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Hardshrink(0.1), nn.Linear(3, 2)
+    )
+    x = torch.rand(2, 1, 2, 2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        bs.explain(net, x, "guided_backprop", 0)
+    assert not [w for w in record if "piecewise-linear" in str(w.message)]
+    with pytest.warns(
+        UserWarning, match="piecewise-linear activations stay non-smooth: Hardshrink"
+    ):
+        bs.explain(net, x, "beta_smooth", 0, beta=2.0)
