@@ -1476,8 +1476,7 @@ def _table(lines, head):
 
 
 def test_targeted_attack_summary_table_is_the_median_of_each_column(tmp_path, capsys):
-    from betasmooth.cli import ATTACK_COLUMNS, main
-    from betasmooth.store import read_jsonl
+    from betasmooth.cli import ATTACK_COLUMNS
 
     out = tmp_path / "run"
     assert (
@@ -1507,9 +1506,8 @@ def test_targeted_attack_summary_table_is_the_median_of_each_column(tmp_path, ca
 def test_cli_sweep_draws_smoothgrad_from_the_runs_seed(tmp_path, capsys):
     import shutil
 
-    from betasmooth.cli import _attacked_with, main
+    from betasmooth.cli import _attacked_with
     from betasmooth.runs import load_inputs, sweep_run
-    from betasmooth.store import read_jsonl
 
     out = tmp_path / "run"
     argv = [*ATTACK, "--method", "gradient", "-n", "3", "--steps", "3", "--seed", "5"]

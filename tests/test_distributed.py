@@ -392,9 +392,6 @@ torch.distributed.destroy_process_group()
 
 
 def test_any_is_the_or_of_every_ranks_flag_under_torchrun(tmp_path):
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "any.py"
     script.write_text(ANY_SCRIPT)

@@ -722,14 +722,32 @@ def test_an_unfinished_run_says_what_it_lacks(tmp_path):
     assert notice == f"lrp 4 of {N} images, sweep of gradient {N - 1} of {N} images"
 
 
-def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(tmp_path, monkeypatch):
-    from betasmooth import figures, report
+@pytest.fixture(scope="module")
+def _swept_run(tmp_path_factory):
+    """An attack of three digits and its sweep over beta 4 and 0.5, with the sweep's records."""
     from betasmooth.runs import attack_run, load_inputs, sweep_run
 
     model, x, y = load_inputs("digits-cnn", "digits", n=3)
-    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 3, "methods": ["gradient"]})
-    records = attack_run(run, model, x, y, ["gradient"], steps=5, seed=0)
-    sweep_run(run, model, [2.0], smoothgrad_n=2)
+    run = RunDir.create(
+        tmp_path_factory.mktemp("run") / "run",
+        {"command": "attack", "n": 3, "methods": ["gradient"]},
+    )
+    attack_run(run, model, x, y, ["gradient"], steps=3, seed=0)
+    sweep_run(run, model, [4.0, 0.5], smoothgrad_n=2)
+    return run, run.read("sweep")
+
+
+def _median_of(rows, defense, beta, key):
+    values = [r[key] for r in rows if r["defense"] == defense and r["beta"] == beta]
+    assert values
+    return float(np.median(values))
+
+
+def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(_swept_run, monkeypatch):
+    from betasmooth import report
+
+    run, _ = _swept_run
+    records = run.read()
     drawn = {}
     real = figures.defense_curves
 
@@ -761,9 +779,6 @@ def test_the_report_shows_normalised_images_denormalised():
 
 
 def test_the_report_names_a_method_that_lacks_one_image(tmp_path):
-    import re
-
-    from betasmooth.report import build_report
     from betasmooth.runs import attack_run, load_inputs
     from betasmooth.store import read_jsonl, write_jsonl
 
@@ -818,8 +833,6 @@ def _spy_plots(monkeypatch):
 def test_defense_curves_draw_each_median_at_its_own_beta_on_its_metrics_panel(
     tmp_path, monkeypatch
 ):
-    from betasmooth import figures
-
     drawn = _spy_plots(monkeypatch)
     betas = [4.0, 0.5, 2.0]  # unsorted, as a sweep's settings may come
     curves = {"adv_vs_orig_pcc": [0.9, 0.1, 0.6], "adv_vs_orig_ssim": [0.3, 0.2, 0.25]}
@@ -839,8 +852,6 @@ def test_defense_curves_draw_each_median_at_its_own_beta_on_its_metrics_panel(
 
 
 def test_curves_against_beta_keep_each_value_at_its_beta(tmp_path, monkeypatch):
-    from betasmooth import figures
-
     drawn = _spy_plots(monkeypatch)
     curve = {
         "beta": [10.0, 1.0, 3.0],
@@ -854,30 +865,8 @@ def test_curves_against_beta_keep_each_value_at_its_beta(tmp_path, monkeypatch):
         assert pairs == dict(zip(curve["beta"], curve[key]))
 
 
-@pytest.fixture(scope="module")
-def _swept_run(tmp_path_factory):
-    from betasmooth.runs import attack_run, load_inputs, sweep_run
-    from betasmooth.store import RunDir
-
-    model, x, y = load_inputs("digits-cnn", "digits", n=3)
-    run = RunDir.create(
-        tmp_path_factory.mktemp("run") / "run",
-        {"command": "attack", "n": 3, "methods": ["gradient"]},
-    )
-    attack_run(run, model, x, y, ["gradient"], steps=3, seed=0)
-    sweep_run(run, model, [4.0, 0.5], smoothgrad_n=2)
-    rows = [json.loads(line) for line in (run.path / "sweep.jsonl").read_text().splitlines()]
-    return run, rows
-
-
-def _median_of(rows, defense, beta, key):
-    values = [r[key] for r in rows if r["defense"] == defense and r["beta"] == beta]
-    assert values
-    return float(np.median(values))
-
-
 def test_the_report_draws_each_defenses_medians_as_its_own_series(_swept_run, monkeypatch):
-    from betasmooth import figures, report
+    from betasmooth import report
 
     run, rows = _swept_run
     calls = []
@@ -901,7 +890,7 @@ def test_the_report_draws_each_defenses_medians_as_its_own_series(_swept_run, mo
 
 
 def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept_run, monkeypatch):
-    from betasmooth import figures, report
+    from betasmooth import report
 
     run, rows = _swept_run
     drawn = _spy_plots(monkeypatch)

@@ -415,7 +415,6 @@ def test_a_halved_batch_computed_again_whole_keeps_each_item_in_one_file(tmp_pat
 
 
 def test_records_of_every_batch_carry_their_items_target_and_labels(tmp_path):
-    from betasmooth.attack import derangement
     from betasmooth.runs import attack_run, curvature_run, explain_run, load_inputs
 
     model, x, y = load_inputs("digits-cnn", "digits", n=5)
@@ -456,7 +455,6 @@ def test_curvature_rows_measure_the_original_networks_class(tmp_path):
 
 def test_a_seed_given_as_an_option_draws_the_noise(tmp_path):
     from betasmooth.runs import explain_run, load_inputs
-    from betasmooth.units import unit_seed
 
     model, x, y = load_inputs("digits-cnn", "digits", n=3)
     label = model(x).argmax(1)

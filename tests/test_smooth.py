@@ -1003,7 +1003,6 @@ def test_replace_relu_counts_every_relu_call_of_the_first_pass():
 
 def test_guided_backprop_does_not_name_kinked_activations_but_beta_smoothing_does():
     # replace_relu(warn="<what>") leaves out the piecewise-linear warning (docstring).
-    import warnings
 
     torch.manual_seed(0)
     net = nn.Sequential(

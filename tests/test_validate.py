@@ -692,7 +692,6 @@ def test_a_zero_width_data_range_is_refused():
 
 def test_in_range_tolerance_is_1e4_of_the_width():
     # The slack is the documented 1e-4 of the range's width.
-    from betasmooth.validate import check_in_range
 
     ok = torch.full((1, 1, 2, 2), 2.0 + 0.5e-4 * 2)
     assert check_in_range(ok, 0.0, 2.0) is ok

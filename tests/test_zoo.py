@@ -566,7 +566,6 @@ def test_preset_matches_torchvision_when_the_long_side_rounds_up(tmp_path):
     # The long side is truncated as torchvision truncates it. Oracle:
     # torchvision's own transforms. 256 * 300 / 257 = 298.8: torchvision makes 298.
     torchvision = pytest.importorskip("torchvision")
-    from PIL import Image
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (257, 300, 3), dtype=np.uint8)  # h, w
@@ -580,7 +579,6 @@ def test_preset_matches_torchvision_when_the_long_side_rounds_up(tmp_path):
 def test_rgb_to_grey_of_arrays_is_pils_luma(tmp_path):
     # An .npz of RGB images loaded with
     # channels=1 must be what PIL's convert("L") (ITU-R 601-2) makes of them.
-    from PIL import Image
 
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
@@ -616,7 +614,6 @@ def test_a_zero_std_is_refused(std):
 def test_folder_image_size_is_height_then_width(tmp_path):
     # --image-size is height then width, where PIL takes width then height;
     # oracle: PIL's own bilinear resize.
-    from PIL import Image
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
@@ -635,7 +632,6 @@ def test_folder_image_size_is_height_then_width(tmp_path):
 def test_grey_images_with_alpha_load_as_one_channel(tmp_path):
     # A folder of grey PNGs with an alpha
     # channel is grey, as PIL's convert("L") reads it.
-    from PIL import Image
 
     rng = np.random.default_rng(4)
     grey = rng.integers(0, 256, (9, 7), dtype=np.uint8)
