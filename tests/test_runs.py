@@ -155,8 +155,9 @@ def test_ranks_write_their_shards_and_rank0_merges_like_one_process(tmp_path):
     assert names == sorted(p.name for p in single.arrays.iterdir())
 
 
-def test_out_of_memory_halves_the_batch(tmp_path):
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
+def _halved(path, n: int, batch: int) -> tuple[RunDir, list[dict], list[int], list[str]]:
+    """Items 0..n-1 in batches of ``batch``, on a device that holds at most 2 per batch."""
+    run = RunDir.create(path, {"command": "test"})
     sizes, messages = [], []
 
     def work(unit):
@@ -165,7 +166,14 @@ def test_out_of_memory_halves_the_batch(tmp_path):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return _square(unit)
 
-    records = execute(run, plan(["a"], range(10), 8), work, progress=False, message=messages.append)
+    records = execute(
+        run, plan(["a"], range(n), batch), work, progress=False, message=messages.append
+    )
+    return run, records, sizes, messages
+
+
+def test_out_of_memory_halves_the_batch(tmp_path):
+    run, records, sizes, messages = _halved(tmp_path / "run", 10, 8)
     assert [r["index"] for r in records] == list(range(10))
     assert sizes == [8, 4, 2, 2, 2, 2, 2]
     assert messages == [
@@ -376,16 +384,7 @@ def test_seconds_is_the_batch_time_divided_by_its_items(tmp_path, monkeypatch):
 
 
 def test_an_odd_batch_that_runs_out_of_memory_is_halved_down(tmp_path):
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
-    sizes, messages = [], []
-
-    def work(unit):
-        sizes.append(len(unit.indices))
-        if len(unit.indices) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
-        return _square(unit)
-
-    records = execute(run, plan(["a"], range(5), 5), work, progress=False, message=messages.append)
+    _, records, sizes, messages = _halved(tmp_path / "run", 5, 5)
     assert [r["index"] for r in records] == list(range(5))
     # Hand computation: 5 // 2 = 2, so the halves are (0, 1), (2, 3), (4,).
     assert sizes == [5, 2, 2, 1]

@@ -226,12 +226,6 @@ def test_theorem2_takes_the_largest_seed_a_user_may_give():
     assert part["theorem2_iid_mc_vs_exact"] < 4 * 0.5 / 300**0.5
 
 
-def _points(w, z, beta, seed):
-    u = w / w.norm()
-    other = torch.randn(len(z), len(w), generator=torch.Generator().manual_seed(seed)).double()
-    return z[:, None] / beta * u + other - (other @ u)[:, None] * u
-
-
 def test_theorem2_half_widths_are_the_normal_quantiles():
     # Per point the two-sided normal quantile; over the checkpoints the
     # Bonferroni one, by scipy.
@@ -239,7 +233,7 @@ def test_theorem2_half_widths_are_the_normal_quantiles():
     z = torch.linspace(-2, 2, 5, dtype=torch.float64)
     n, level, m = 4000, 0.9, 5
     out = theory.theorem2_monte_carlo(
-        w, _points(w, z, 1.0, 0), 1.0, n, "projected", level=level, checkpoints=[100, 4000]
+        w, points_along(w, z, 1.0, 0), 1.0, n, "projected", level=level, checkpoints=[100, 4000]
     )
     p = special.expit(z.numpy())
     per_point = stats.norm.ppf(1 - (1 - level) / 2) * np.sqrt(p * (1 - p) / n)
