@@ -26,7 +26,7 @@ from betasmooth.smooth import (
     smoothed,
     softplus,
 )
-from betasmooth.validate import InputTypeError
+from betasmooth.validate import InputError, InputTypeError
 from nets import FlushSpy, plain_cnn, vgg_small
 
 LD = np.longdouble  # 64-bit mantissa: the oracle carries 11 more bits than float64
@@ -938,6 +938,72 @@ def test_torch_func_transforms_run_through_a_smoothed_model():
     closed = ((z * torch.sigmoid(z) - F.softplus(z)) / 4.0).sum()
     torch.testing.assert_close(forward, closed, rtol=1e-12, atol=0)
     torch.testing.assert_close(reverse, closed, rtol=1e-12, atol=0)
+
+
+def test_vmap_over_betas_gives_each_beta_as_a_loop_would():
+    # check_beta branched on the values of a vmapped beta, which vmap refuses.
+    torch.manual_seed(0)
+    x = torch.randn(6, dtype=torch.float64)
+    betas = torch.tensor([0.5, 4.0, 30.0], dtype=torch.float64)
+    values = torch.func.vmap(lambda b: softplus(x, b))(betas)
+    closed = torch.log1p(torch.exp(betas[:, None] * x)) / betas[:, None]
+    torch.testing.assert_close(values, closed, rtol=1e-12, atol=0)
+    grads = torch.func.vmap(lambda b: torch.func.grad(lambda v: softplus(v, b).sum())(x))(betas)
+    torch.testing.assert_close(grads, torch.sigmoid(betas[:, None] * x), rtol=1e-14, atol=0)
+    cdf = torch.func.vmap(lambda b: LogisticNoise(b).cdf(x))(betas)
+    torch.testing.assert_close(cdf, torch.sigmoid(betas[:, None] * x), rtol=1e-14, atol=0)
+    # Every batch entry is checked, not only the first.
+    with pytest.raises(InputError, match="got -2.0"):
+        torch.func.vmap(lambda b: softplus(x, b))(torch.tensor([1.0, -2.0]))
+
+
+def test_vmap_over_betas_runs_a_smoothed_model_once_for_all_betas():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    betas = torch.tensor([1.0, 5.0, 20.0], dtype=torch.float64)
+
+    def by_hand(b: float, v: torch.Tensor = x) -> torch.Tensor:
+        h = F.softplus(net[0](v), b)
+        return net[4](net[3](F.softplus(h, b) - F.softplus(h - 6, b)))
+
+    def logits(b: torch.Tensor) -> torch.Tensor:
+        with smoothed(net, b):
+            return net(x)
+
+    batched = torch.func.vmap(logits)(betas)
+    torch.testing.assert_close(batched, torch.stack([by_hand(float(b)) for b in betas]))
+    grads = torch.func.vmap(lambda b: torch.func.grad(lambda v: smooth(net, b)(v)[:, 0].sum())(x))(
+        betas
+    )
+    for b, grad in zip(betas, grads):
+        expected = torch.func.grad(lambda v, b=float(b): by_hand(b, v)[:, 0].sum())(x)
+        torch.testing.assert_close(grad, expected)
+
+
+def test_vmap_over_betas_on_a_torchvision_resnet_names_its_in_place_relus():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    betas = torch.tensor([2.0, 10.0])
+
+    def logits(b: torch.Tensor) -> torch.Tensor:
+        with smoothed(net, b):
+            return net(x)
+
+    with pytest.raises(InputError, match=r"in-place ReLU .* set to inplace=False$"):
+        torch.func.vmap(logits)(betas)
+    for module in net.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    with torch.no_grad():
+        batched = torch.func.vmap(logits)(betas)
+        loop = torch.stack([smooth(net, float(b))(x) for b in betas])
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-5)
+    assert float((loop[0] - loop[1]).abs().max()) > 1e-3  # the betas differ
 
 
 @pytest.mark.parametrize("z", [17.0, 25.0, 35.0])

@@ -200,7 +200,7 @@ def check_beta(beta: object, name: str = "beta") -> None:
 range of float32, where softplus_beta is finite); got 1e+39
     """
     if isinstance(beta, torch.Tensor):
-        values = beta.detach()
+        values = _physical(beta.detach())
         inside = (values >= BETA_RANGE[0]) & (values <= BETA_RANGE[1])  # False at NaN
         if bool(inside.all()):
             return
@@ -220,6 +220,16 @@ def _threshold(dtype: torch.dtype) -> float:
     # Above beta x = -log(eps), log1p(exp(-beta x)) / beta is below half an ulp
     # of x, so returning x is exact.
     return -math.log(torch.finfo(dtype).eps)
+
+
+def _physical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with torch.func's wrappers removed: under ``vmap`` the values of
+    every batch entry, which can be compared without data-dependent control
+    flow inside the transform."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 class _Softplus(torch.autograd.Function):
@@ -542,7 +552,19 @@ def _by_form(
         # into the input, as the activation's own would; computed from a copy, so
         # that the form's backward keeps the input it saw.
         x = args[0]
-        return x.copy_(form(relu, x.clone(), *args[1:], **kwargs))
+        out = form(relu, x.clone(), *args[1:], **kwargs)
+        try:
+            return x.copy_(out)
+        except RuntimeError:
+            beta = getattr(relu, "beta", None)
+            if not (isinstance(beta, torch.Tensor) and _physical(beta) is not beta):
+                raise
+            # vmap cannot write one result per beta into an input that has one.
+            raise InputError(
+                "an in-place ReLU (e.g. nn.ReLU(inplace=True)) cannot take betas batched by "
+                "torch.func.vmap when its input does not depend on beta; expected a loop over "
+                "betas, or the model's ReLUs set to inplace=False"
+            ) from None
     return form(relu, *args, **kwargs)
 
 
@@ -964,7 +986,10 @@ class SmoothingHandle:
                 f"{tuple(value.shape)}"
             )
         check_beta(value)
-        self._beta = float(value)
+        # Under torch.func.vmap over betas, beta is one number per batch entry
+        # that has no float: it stays a tensor, which softplus broadcasts.
+        wrapped = isinstance(value, torch.Tensor) and _physical(value) is not value
+        self._beta = value.reshape(()) if wrapped else float(value)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return softplus(x, self._beta)
@@ -1110,7 +1135,8 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
     model : nn.Module
         Any model; its parameters and modules are not changed.
     beta : float
-        Sharpness, > 0.
+        Sharpness, > 0; under ``torch.func.vmap`` over betas, the 0-d tensor
+        that vmap gives (all betas in one forward).
 
     Examples
     --------
@@ -1138,6 +1164,7 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
         Any model.
     beta : float
         Sharpness, > 0. Around 1 for inputs in [0, 1] is a strong defense.
+        Under ``torch.func.vmap`` over betas, the 0-d tensor that vmap gives.
 
     Returns
     -------
