@@ -278,3 +278,35 @@ def test_photos_all_is_training_then_test():
     torch.testing.assert_close(x_all[: len(x_tr)], x_tr, rtol=0, atol=0)
     torch.testing.assert_close(x_all[len(x_tr) :], x_te, rtol=0, atol=0)
     assert torch.equal(y_all, torch.cat([y_tr, y_te]))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_each_split_draws_from_every_one_of_its_cells(split):
+    # "both splits sample every part of the photograph": all 8 cells of the
+    # split's half of the 4 x 4 checkerboard (by hand, as above) give crops.
+    _, y, boxes = photos.photo_crops(split, size=16, per_photo=100)
+    for label, name in enumerate(SOURCES):
+        height, width = SOURCES[name]().shape[:2]
+        rows = np.round(np.arange(5) * height / 4).astype(int)
+        cols = np.round(np.arange(5) * width / 4).astype(int)
+        cells = {
+            (np.searchsorted(rows, top, side="right") - 1) * 4
+            + np.searchsorted(cols, left, side="right")
+            - 1
+            for top, left, *_ in boxes[y.numpy() == label]
+        }
+        parity = 0 if split == "train" else 1
+        assert cells == {r * 4 + c for r in range(4) for c in range(4) if (r + c) % 2 == parity}
+
+
+def test_editing_returned_crops_in_place_leaves_the_next_call_unchanged():
+    # The crops are cached: each call must hand out copies.
+    x, y, boxes = photos.photo_crops("test", size=16, per_photo=2)
+    kept = x.clone(), y.clone(), boxes.copy()
+    x.mul_(0.0)
+    y.fill_(-1)
+    boxes[:] = 0
+    again = photos.photo_crops("test", size=16, per_photo=2)
+    torch.testing.assert_close(again[0], kept[0], rtol=0, atol=0)
+    assert torch.equal(again[1], kept[1])
+    np.testing.assert_array_equal(again[2], kept[2])

@@ -725,3 +725,65 @@ def test_counts_and_seeds_beyond_their_maximum_are_refused():
         check_seed("seed", MAX_SEED + 1)
     with pytest.raises(bs.InputError, match="steps must be an integer from 1 to"):
         check_count("steps", MAX_COUNT + 1)
+
+
+def test_an_infinite_input_is_named_as_nan_or_inf_before_the_model_runs():
+    # inf, not only NaN, is refused by the batch check itself.
+    from betasmooth.validate import check_batch
+
+    x = torch.zeros(2, 1, 4, 4)
+    x[1, 0, 2, 3] = float("inf")
+    for bad in (x, -x):
+        with pytest.raises(InputError, match="x contains NaN or inf; expected finite values"):
+            check_batch(bad)
+
+
+def test_a_zero_dimensional_tensor_target_is_one_class_for_the_whole_batch():
+    # A 0-d tensor (y[0] of a label tensor) is taken as the int it holds.
+    from betasmooth.validate import check_target
+
+    assert check_target(torch.tensor(3), batch=2).tolist() == [3, 3]
+    net = plain_cnn()
+    x = torch.rand(3, 1, 16, 16)
+    expected = _gradient(net, x, torch.full((3,), 2))
+    got = bs.explain(net, x, "gradient", torch.tensor(2))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_seeds_per_item_as_an_integer_tensor_or_array_are_the_list_they_hold():
+    # Documented: a sequence, or a 1-D integer tensor, gives each item its own seed.
+    from betasmooth.validate import item_seeds
+
+    for seeds in (torch.tensor([3, 4, 2**40]), np.array([3, 4, 2**40], dtype=np.uint64)):
+        assert item_seeds(seeds, 3) == [3, 4, 2**40]
+    # The curvature's random probes are drawn from these seeds: the same draws either way.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    listed = bs.curvature(net, x, target=0, seed=[5, 6], iterations=2, probes=2)
+    tensor = bs.curvature(net, x, target=0, seed=torch.tensor([5, 6]), iterations=2, probes=2)
+    torch.testing.assert_close(tensor, listed, rtol=0, atol=0)
+
+
+def test_in_range_refuses_a_range_of_zero_width_even_where_x_lies_on_it():
+    # x equal to both bounds is inside [low, high], but low == high is no range.
+    x = torch.full((1, 2, 2, 2), 0.5)
+    with pytest.raises(bs.InputError, match="data_range must have low < high; got low 0.5"):
+        check_in_range(x, 0.5, 0.5)
+    low = torch.tensor([0.0, 0.5]).view(1, 2, 1, 1)
+    with pytest.raises(bs.InputError, match="low < high"):
+        check_in_range(x, low, torch.full((1, 2, 1, 1), 0.5))
+
+
+@pytest.mark.parametrize("bad", ["low", "high"])
+def test_check_bounds_refuses_one_infinite_bound(bad):
+    # One bound finite does not make the other one so.
+    from betasmooth.validate import check_bounds
+
+    x = torch.zeros(1, 2, 3, 3)
+    low, high = torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)
+    if bad == "low":
+        low[0, 1] = -float("inf")
+    else:
+        high[0, 0] = float("inf")
+    with pytest.raises(bs.InputError, match="data_range bounds must be finite"):
+        check_bounds(low, high, x)

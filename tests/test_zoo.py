@@ -650,3 +650,44 @@ def test_float_labels_must_be_whole_numbers(tmp_path):
         bs.load_data(str(tmp_path / "half.npz"))
     np.savez(tmp_path / "whole.npz", x=x, y=np.array([0.0, 2.0]))
     assert bs.load_data(str(tmp_path / "whole.npz"))[1].tolist() == [0, 2]
+
+
+def test_digits_splits_are_sklearns_documented_split_in_the_original_order():
+    # Oracle: the documented train_test_split(test_size=0.25, stratify=y,
+    # random_state=0), each split in the order of "all".
+    from sklearn.model_selection import train_test_split
+
+    x_all, y_all = bs.load_data("digits", split="all")
+    train, test = train_test_split(
+        np.arange(1797), test_size=0.25, stratify=y_all.numpy(), random_state=0
+    )
+    for split, rows in (("train", np.sort(train)), ("test", np.sort(test))):
+        x, y = bs.load_data("digits", split=split)
+        assert torch.equal(x, x_all[rows]) and torch.equal(y, y_all[rows]), split
+
+
+def test_npz_of_booleans_is_black_and_white(tmp_path):
+    # A boolean mask is taken as the values it holds, 0 and 1, not as 8-bit levels.
+    mask = np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) % 3 == 0
+    np.savez(tmp_path / "m.npz", x=mask)
+    data = bs.load_data(str(tmp_path / "m.npz"))
+    np.testing.assert_array_equal(data.x.numpy(), mask.astype(np.float32))
+    assert (float(data.low), float(data.high)) == (0.0, 1.0)
+
+
+def test_data_range_of_per_channel_statistics_is_the_hull_over_channels():
+    # Documented: the hull over channels of [(0 - mean) / std, (1 - mean) / std].
+    mean, std = np.array([0.2, 0.6, 0.5]), np.array([0.5, 0.25, 0.125])
+    low, high = data_range("digits", mean=mean.tolist(), std=std.tolist())
+    assert low == pytest.approx(float((-mean / std).min()))
+    assert high == pytest.approx(float(((1 - mean) / std).max()))
+
+
+def test_pickled_image_data_keeps_its_normalisation():
+    # A DataLoader worker or a saved copy gets the same mean, std and bounds back.
+    data = bs.load_data("digits", mean=[0.2], std=[0.5])
+    back = pickle.loads(pickle.dumps(data))
+    for name in ("low", "high", "mean", "std"):
+        torch.testing.assert_close(getattr(back, name), getattr(data, name), rtol=0, atol=0)
+    raw, _ = bs.load_data("digits")
+    torch.testing.assert_close(back.denormalise(back.x), raw)
