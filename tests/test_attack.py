@@ -952,6 +952,28 @@ def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
         assert float(inside.std()) == pytest.approx(eps / math.sqrt(3), rel=0.1)
 
 
+@pytest.mark.parametrize("eps", [0.05, None])
+def test_restarts_draw_in_units_of_the_data_range(small, monkeypatch, eps):
+    # A range 4 wide: the budget eps (or 1 % without one) is 4 eps in the model's units.
+    import betasmooth.attack as attack
+
+    net, x = small
+    starts = []
+    run = attack._run
+
+    def spy(p, goal, start, best, best_score):
+        starts.append(start - x)
+        return run(p, goal, start, best, best_score)
+
+    monkeypatch.setattr(attack, "_run", spy)
+    targets = _targets(net, x)
+    bs.manipulate(net, x, targets, "gradient", steps=1, restarts=2, eps=eps, data_range=(-1.0, 3.0))
+    radius = 4 * (0.01 if eps is None else eps)  # x in [0, 1]: no clamp to [-1, 3] cuts a draw
+    for shift in starts[1:]:
+        assert float(shift.abs().max()) <= radius * (1 + 1e-6)
+        assert float(shift.std()) == pytest.approx(radius / math.sqrt(3), rel=0.1)
+
+
 def test_pcc_loss_is_the_mse_of_maps_of_equal_mean_and_variance():
     # MSE = 2 v (1 - PCC) for maps of equal mean and (population) variance v.
     g = torch.Generator().manual_seed(0)
@@ -979,6 +1001,22 @@ def test_recommended_beta_by_hand():
         "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
     }
     assert recommend_beta(tied) == 5.0
+
+
+def test_sweep_summary_lists_the_betas_in_increasing_order():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    rows = [
+        {"defense": d, "beta": b, "adv_vs_clean_pcc": 0.5, "clean_vs_orig_pcc": 0.95}
+        | {"undefended_pcc": 0.2}
+        for d in ("smoothgrad", "beta_smooth")
+        for b in (10.0, 2.0, 0.5)
+    ]
+    s = sweep_summary(rows)["method"]
+    assert list(s["betas"]) == list(s["smoothgrad"]) == ["0.5", "2", "10"]
+    table = format_summary({"method": s}).splitlines()[2:8]  # below the undefended row
+    cells = [line.split()[1:3] for line in table]
+    assert cells == [[d, b] for d in ("beta_smooth", "smoothgrad") for b in ("0.5", "2", "10")]
 
 
 def test_a_beta_that_changed_some_maps_is_a_defense():
@@ -1029,6 +1067,23 @@ def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
     found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
     assert (found.beta, found.recommended) == (2.0, True)
     assert found.record()["recommended"] is True
+
+
+def test_calibration_is_the_sweep_of_its_own_attack_recomputed():
+    # calibrate_beta = targets drawn with the seed, the attack, the sweep of x against x_adv.
+    from betasmooth.calibrate import calibrate_beta
+
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:3]
+    seed, betas = 3, [1.0, 20.0]
+    found = calibrate_beta(model, x, betas=betas, steps=5, seed=seed)
+    maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    targets = attack.random_targets(maps, torch.Generator().manual_seed(seed))
+    result = bs.manipulate(model, x, targets, "gradient", steps=5, seed=seed)
+    sweep = bs.defense_sweep(
+        model, x, result.x_adv, targets, "gradient", betas, defenses=("beta_smooth",), seed=seed
+    )
+    assert found.summary == sweep.summary()
 
 
 def _point_map(r, c, n=8):

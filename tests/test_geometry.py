@@ -283,6 +283,8 @@ def test_theorem1_fails_for_relu():
     assert out["normal_change"].item() == pytest.approx(math.sqrt(2 - math.sqrt(2)))
     assert out["bound"].item() == 0.0
     assert not bool(out["holds"])
+    # A change with a zero bound is infinitely far beyond it.
+    assert out["ratio"].item() == math.inf
 
 
 def test_theorem1_bad_input():
@@ -411,3 +413,12 @@ def test_theorem1_explains_the_class_predicted_at_x_also_at_x_adv():
     n0, n1 = x[0] / x[0].norm(), x_adv[0] / x_adv[0].norm()
     assert out["normal_change"].item() == pytest.approx((n1 - n0).norm().item(), rel=1e-9)
     assert out["output_change"].item() == pytest.approx(abs(5.0 - 10.0), rel=1e-9)
+
+
+@pytest.mark.parametrize("probes", [1, 3])
+def test_hutchinson_of_a_multiple_of_the_identity_is_exact(probes):
+    # H = 2 I in R^3: |H v|^2 = 4 * 3 for every Rademacher v, so the estimate is
+    # |H|_F = 2 sqrt(3) whatever the number of probes (closed form).
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    out = bs.curvature(_Square(), x, iterations=3, probes=probes)
+    assert out["hessian_frobenius"].item() == pytest.approx(2 * math.sqrt(3), rel=1e-12)

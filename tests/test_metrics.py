@@ -17,10 +17,13 @@ from betasmooth.metrics import (
     com_shift,
     compare,
     default_k,
+    group_records,
     heatmap,
+    medians,
     mse,
     pcc,
     register_metric,
+    resolve_k,
     spearman,
     ssim,
     ssim_window,
@@ -160,6 +163,27 @@ def test_pcc_equals_scipy_at_any_scale(dtype, scale):
         assert ours[i].item() == pytest.approx(ref, abs=1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_pcc_of_float32_maps_near_the_largest_value_equals_scipy():
+    # Values near float32's largest (3.4e38): their plain sum, and so their mean, is inf.
+    a, b = _pairs((16, 16))
+    a, b = (3e38 * a[:3] / a[:3].amax((1, 2), keepdim=True)).float(), b[:3].float()
+    assert not bool(torch.isfinite(a.flatten(1).sum(1)).all())
+    ours = pcc(a, b)
+    for i in range(3):
+        u, v = a[i].double().numpy().ravel(), b[i].double().numpy().ravel()
+        assert ours[i].item() == pytest.approx(stats.pearsonr(u, v).statistic, abs=1e-5)
+
+
+def test_pcc_of_affinely_related_float32_maps_is_at_most_one():
+    # r(a, c a + d) = 1 exactly; float32 rounding of its sums alone gives up to 1 + 1.2e-7
+    # (0.7 a of seed 0, 1.1 a + 0.01 of seed 2, exp(log(a)) of seed 1, ...).
+    a = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for b in (0.7 * a, 1.1 * a + 0.01, a.exp().log(), 3 * a + 1):
+        r = pcc(a, b)
+        assert bool((r <= 1.0).all())
+        torch.testing.assert_close(r, torch.ones(4), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("dtype", "scale"),
     [
@@ -234,6 +258,13 @@ def test_topk_by_hand_and_default_k():
 def test_topk_bad_k(k):
     with pytest.raises(InputError, match="k must be an int between 1 and H \\* W = 16"):
         topk_intersection(torch.rand(1, 4, 4), torch.rand(1, 4, 4), k=k)
+
+
+def test_topk_of_every_pixel_is_allowed_and_counts_all_of_them():
+    # k = H * W is the largest k the docstring allows: every pixel is in both sets.
+    a, b = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert resolve_k(16, 4, 4) == 16
+    assert topk_intersection(a, b, k=16).tolist() == [1.0]
 
 
 @pytest.mark.parametrize("shape", SIZES)
@@ -367,6 +398,15 @@ def test_heatmap_reductions_against_numpy(reduction, reduce):
     expected /= np.abs(expected).sum((1, 2), keepdims=True)
     maps = heatmap(torch.from_numpy(h), reduction=reduction)
     np.testing.assert_allclose(maps.numpy(), expected, rtol=1e-12)
+
+
+def test_heatmap_eps_zeroes_only_the_maps_of_small_total():
+    # Item 0: |values| sum to 0.5 <= eps, the map becomes all zero; item 1: sum 4 > eps.
+    e = torch.tensor([[[[0.1, -0.1], [0.2, 0.1]]], [[[1.0, -1.0], [1.0, 1.0]]]])
+    maps = heatmap(e, eps=1.0)
+    torch.testing.assert_close(maps[0], torch.zeros(2, 2))
+    torch.testing.assert_close(maps[1], torch.full((2, 2), 0.25))
+    torch.testing.assert_close(heatmap(e)[0], torch.tensor([[0.2, 0.2], [0.4, 0.2]]))
 
 
 @pytest.mark.parametrize("scale", [1e-14, 1e-30, 1e30])
@@ -516,3 +556,21 @@ def test_a_metric_that_gives_no_number_per_map_is_named(value, got):
         del METRICS["per_batch"]
     with pytest.raises(InputError, match="metric 'pcc' is registered already"):
         register_metric("pcc")(lambda a, b: a.sum((1, 2)))
+
+
+def test_medians_of_flags_are_the_fraction_true_and_skip_non_finite_numbers():
+    rows = [
+        {"kept": True, "pcc": float("nan")},
+        {"kept": True, "pcc": 0.2},
+        {"kept": False, "pcc": 0.4},
+        {"kept": True, "pcc": float("inf")},
+    ]
+    out = medians(rows, ["kept", "pcc", "none"])
+    assert out["kept"] == pytest.approx(3 / 4)  # np.mean of the flags; their median is 1
+    assert out["pcc"] == pytest.approx(float(np.median([0.2, 0.4])))
+    assert out["none"] is None
+
+
+def test_group_records_puts_missing_values_first():
+    rows = [{"beta": 2.0}, {"method": "x"}, {"beta": 1.0}]
+    assert list(group_records(rows, ["beta"])) == [(None,), (1.0,), (2.0,)]
