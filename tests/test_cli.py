@@ -1090,6 +1090,22 @@ def test_an_attack_that_changes_some_images_says_how_many(tmp_path, capsys):
         assert "images unchanged" not in said
 
 
+def test_the_count_of_unchanged_images_is_said_per_method(capsys):
+    from betasmooth.cli import _say_unmoved
+
+    changes = {"gradient": [0.0, 0.2, 0.0], "lrp": [0.0, 0.0], "smoothgrad": [0.1]}
+    records = [
+        {"index": i, "method": m, "input_max_change": c}
+        for m, cs in changes.items()
+        for i, c in enumerate(cs)
+    ]
+    _say_unmoved(records)
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 2
+    assert said[0].startswith("gradient: 2 of 3 images unchanged (no step improved the map")
+    assert said[1].startswith("lrp: no image changed (no step improved the map and kept the label)")
+
+
 MODEL_WITH_METHOD = """
 import betasmooth as bs
 from betasmooth.explain import register
@@ -1503,6 +1519,30 @@ def test_targeted_attack_summary_table_is_the_median_of_each_column(tmp_path, ca
         assert float(cell) == pytest.approx(value, abs=6e-4), title
 
 
+def test_summary_table_keeps_three_digits_of_small_and_large_medians():
+    from betasmooth.cli import summary_table
+
+    mse, seconds = [2.5e-4, 3.5e-4, 4.5e-4], [2e4, 3e4, 4e4]
+    records = [{"method": "gradient", "input_mse": m, "seconds": s} for m, s in zip(mse, seconds)]
+    table = summary_table(records, [("input_mse", "input mse"), ("seconds", "s")])
+    row = table.splitlines()[1].split()
+    assert row[:2] == ["gradient", "3"]
+    # A median of 3.5e-4 written as 0.000 (or 30000 as 30000.000) reads as another number.
+    assert float(row[2]) == pytest.approx(np.median(mse), rel=1e-2)
+    assert float(row[3]) == pytest.approx(np.median(seconds), rel=1e-2)
+    assert len(row[2]) == len(row[3]) == len("3.50e-04")
+
+
+def test_demo_steps_keep_the_papers_proportions_rounded():
+    from betasmooth.cli import _demo_steps
+
+    paper = {m: ATTACK_DEFAULTS[m]["steps"] for m in ("gradient", "integrated_gradients")}
+    assert paper == {"gradient": 1500, "integrated_gradients": 500}
+    # 20 steps for the longest; a third of them, 6.67, rounds to 7.
+    assert _demo_steps(list(paper), 20) == {"gradient": 20, "integrated_gradients": 7}
+    assert _demo_steps(list(paper), 2) == {"gradient": 2, "integrated_gradients": 1}
+
+
 def test_cli_sweep_draws_smoothgrad_from_the_runs_seed(tmp_path, capsys):
     import shutil
 
@@ -1663,3 +1703,17 @@ def test_the_bounds_of_the_beta_range_are_betas():
     for outside in (BETA_RANGE[0] / 2, BETA_RANGE[1] * 2):
         with pytest.raises(bs.InputError):
             _check_betas([outside])
+
+
+def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
+    from betasmooth.cli import build_parser
+
+    parser = build_parser()
+    for text in ("0", "1", "0.5"):
+        assert parser.parse_args(["sweep", "run", "--min-fidelity", text]).min_fidelity == float(
+            text
+        )
+    for text in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["sweep", "run", "--min-fidelity", text])
+    assert "--min-fidelity" in capsys.readouterr().err

@@ -431,6 +431,20 @@ def test_an_arrays_file_with_a_short_per_item_array_is_repaired(tmp_path):
     assert run.read() == [] and len(said) == 1
 
 
+def test_repair_forgets_only_the_items_of_a_lost_arrays_file_and_counts_them(tmp_path):
+    from betasmooth.store import write_npz
+
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    run.append([{"index": i, "method": m} for i in range(3) for m in ("a", "b")])
+    write_npz(run.arrays_file("a", 0), {"index": np.arange(3), "value": np.zeros(3)})
+    write_npz(run.arrays_file("b", 0), {"index": np.arange(3), "value": np.zeros(3)})
+    run.arrays_file("b", 0).unlink()  # the arrays of b's three items are lost
+    said = []
+    assert run.repair(say=said.append) == 3
+    assert [(r["index"], r["method"]) for r in run.read()] == [(0, "a"), (1, "a"), (2, "a")]
+    assert said[0].startswith("betasmooth: 3 finished items of b have a missing or corrupt")
+
+
 def _attack_dir(tmp_path, n, indices, methods=("gradient",)):
     config = {
         "command": "attack",

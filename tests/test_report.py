@@ -251,6 +251,21 @@ def test_medians_table_equals_numpy(full_run):
         assert got["images"] == N
 
 
+def test_the_numbers_a_reader_sees_are_the_values_to_four_digits(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    checked = 0
+    for name in ("medians", *(t for t in page.tables if t.startswith("defense-table"))):
+        for row in page.tables[name]:
+            for text, value in row[1:]:
+                if value is None or not math.isfinite(float(value)) or float(value) == 0:
+                    continue
+                # Rounded to 4 significant digits: off by at most half a unit of the 4th.
+                assert abs(float(text) - float(value)) <= 5e-4 * abs(float(value)), (name, text)
+                checked += 1
+    assert checked > 50
+
+
 def test_defense_tables_equal_numpy(full_run):
     run, _, _ = full_run
     page = parse(run / "report.html")
@@ -288,6 +303,15 @@ def test_theory_numbers_in_page(full_run):
     assert column(pcc, "Gaussian noise")["5.0"] == pytest.approx(0.9)
     curvature = page.tables["theory_curvature-by-beta"]
     assert column(curvature, "largest |Hessian eigenvalue| (logit per input²)")["10.0"] == 1.0
+
+
+def test_a_theory_bound_from_0_to_h_shows_h(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "theorem"})
+    run.write_theory({"theorem2_projected_ci": [0.0, 0.006], "theorem2_iid_bias": 0.012})
+    page = parse(build_report(run.path))
+    got = column(page.tables["theory-numbers"], "value")
+    assert got[THEORY_TERMS["theorem2_projected_ci"][0]] == 0.006
+    assert got[THEORY_TERMS["theorem2_iid_bias"][0]] == 0.012
 
 
 def test_theory_section_speaks_plain_words(full_run):
@@ -586,6 +610,13 @@ def test_curvature_run_medians(tmp_path):
     assert settings["betas"] == "[relu, 1, 2, 10]"
 
 
+def test_an_image_of_two_channels_is_drawn_as_their_mean_in_grey():
+    from betasmooth.figures import _image
+
+    x = np.stack([np.zeros((2, 3)), np.full((2, 3), 0.8)])  # (C=2, H, W)
+    np.testing.assert_allclose(_image(x, 0.0, 1.0), np.full((2, 3, 3), 0.4))
+
+
 def test_images_in_zero_one_keep_their_brightness():
     # A dark photograph stays dark in the grid; values of another range are
     # stretched to fit the panel.
@@ -792,6 +823,43 @@ def test_the_report_names_a_method_that_lacks_one_image(tmp_path):
     assert notice is not None and notice.group(1) == "gradient 2 of 3 images"
 
 
+def test_the_settings_an_attack_resolved_are_shown_as_settings_not_as_medians(tmp_path):
+    from betasmooth.runs import attack_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=2)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 2, "methods": ["gradient"]})
+    records = attack_run(run, model, x, y, ["gradient"], steps=2)
+    resolved = {
+        k.removeprefix("attack_"): v
+        for k, v in records[0].items()
+        if k.startswith("attack_") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    assert resolved  # the attack's lr, steps, ...
+    page = parse(build_report(run.path))
+    medians = [row[0][0] for row in page.tables["medians"]]
+    assert "expl_pcc_orig" in medians
+    assert not [name for name in medians if name.startswith("attack_")]
+    shown = {row[0][0]: row[1][1] for row in page.tables["attack-settings"][1:]}
+    assert {k: float(shown[k]) for k in resolved} == pytest.approx(resolved)
+
+
+def test_only_the_recommended_beta_smoothing_row_is_starred(_swept_run, tmp_path):
+    import shutil
+
+    from betasmooth.recommend import sweep_summary
+
+    swept, records = _swept_run
+    run = RunDir(shutil.copytree(swept.path, tmp_path / "run"))
+    # A floor of 0: some beta is recommended, and SmoothGrad has rows of the same betas.
+    summary = sweep_summary(records, 0.0)
+    run.write_sweep_summary(summary)
+    best = summary["gradient"]["recommended_beta"]
+    assert best in (4.0, 0.5)
+    labels = [row[0][0] for row in parse(build_report(run.path)).tables["choice_gradient"]]
+    assert any(label.startswith(f"SmoothGrad, matched β={best:g}") for label in labels)
+    assert [label for label in labels if "★" in label] == [f"β-smoothing β={best:g} ★"]
+
+
 def test_the_report_of_a_cut_sweep_uses_the_recorded_min_fidelity(tmp_path, monkeypatch):
     from betasmooth import report
     from betasmooth.runs import attack_run, load_inputs, sweep_run
@@ -916,3 +984,13 @@ def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept
     cost = [line for ax, line in drawn if "cost" in ax.get_xlabel() or "seconds" in ax.get_xlabel()]
     got = {x: y for line in cost for x, y in zip(line.get_xdata(), line.get_ydata())}
     assert got == pytest.approx(expected)
+
+
+def test_smoothgrad_rows_without_a_beta_are_drawn_at_the_beta_their_sigma_matches():
+    from betasmooth.attack import matched_sigma
+    from betasmooth.report import _matched_beta
+
+    for sigma in (0.05, 0.3, 1.2):
+        beta = _matched_beta({"defense": "smoothgrad", "sigma": sigma})
+        assert matched_sigma(beta) == pytest.approx(sigma, rel=1e-9)
+    assert _matched_beta({"defense": "smoothgrad", "sigma": 0.3, "beta": 2.0}) == 2.0

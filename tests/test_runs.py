@@ -41,6 +41,16 @@ def test_partial_last_line_is_ignored_and_terminated(tmp_path):
     assert path.read_text().count("\n") == 4
 
 
+def test_records_keep_numpy_numbers_and_write_non_finite_floats_as_null(tmp_path):
+    path = tmp_path / "r.jsonl"
+    record = {"index": np.int64(3), "method": "a", "pcc": np.float32(0.25)}
+    record |= {"up": float("inf"), "down": float("-inf"), "none": float("nan")}
+    append_jsonl(path, [record])
+    (back,) = read_jsonl(path)
+    assert back == {"index": 3, "method": "a", "pcc": 0.25, "up": None, "down": None, "none": None}
+    assert isinstance(back["pcc"], float)
+
+
 def test_an_append_cut_by_a_file_size_limit_raises_naming_the_file(tmp_path):
     # At the limit, write() wrote part of the records and said so by its count alone:
     # the lost records went unnoticed, and the run ended with status 0.
@@ -59,6 +69,22 @@ def test_an_append_cut_by_a_file_size_limit_raises_naming_the_file(tmp_path):
     assert done.stdout == f"File too large {path}\n"
     assert path.stat().st_size == 1000
     assert [r["index"] for r in read_jsonl(path)] == list(range(9))  # the partial line dropped
+
+
+def test_files_of_a_run_get_the_permissions_of_the_umask(tmp_path):
+    import os
+
+    from betasmooth.store import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "config.json", {"seed": 0})
+        write_npz(tmp_path / "a.npz", {"x": np.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("config.json", "a.npz"):
+        # Not the private 0o600 of a temporary file: as open() would create it.
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~0o027, name
 
 
 def test_npz_write_is_atomic(tmp_path):
@@ -313,6 +339,46 @@ def test_sweep_records_do_not_depend_on_the_attack_batch_size(tmp_path, digits, 
                 assert value == pytest.approx(rows[5][key][name], rel=1e-9, abs=1e-12), (key, name)
 
 
+def test_swept_maps_are_the_defended_maps_of_the_attacked_images(tmp_path, digits, digits_cnn):
+    from scipy.stats import pearsonr
+
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1, batch_size=2)
+    betas = [2.0, 10.0]
+    rows = sweep_run(run, digits_cnn, betas, smoothgrad_n=2)
+    target = run.read_arrays("gradient")["map_target"]
+    swept = run.read_arrays("gradient", "sweep")
+    assert swept["maps_beta"].shape == swept["maps_smoothgrad"].shape == (3, 2, 32, 32)
+    # Each stored map is the one the row measured: the defended map of x_adv, whose PCC
+    # with the target map is adv_vs_target_pcc (that of the clean image's is not).
+    for r in rows:
+        key = "maps_beta" if r["defense"] == "beta_smooth" else "maps_smoothgrad"
+        stored = swept[key][r["index"], betas.index(r["beta"])]
+        pcc = pearsonr(stored.ravel(), target[r["index"]].ravel())[0]
+        assert pcc == pytest.approx(r["adv_vs_target_pcc"], abs=1e-4), (r["index"], key)
+
+
+def test_the_target_map_is_explained_with_the_attacks_box_of_the_data(tmp_path, digits, digits_cnn):
+    from betasmooth.attack import attack_options
+    from betasmooth.metrics import heatmap
+    from betasmooth.runs import attack_run
+
+    # Data in [-1, 1]: LRP's z^B box is the data's, not explain's default [0, 1].
+    x, y = digits[0][:3] * 2 - 1, digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1, seed=2, data_range=(-1.0, 1.0))
+    xt = x[derangement(3, 2)]
+    boxed = attack_options("lrp", xt, data_range=(-1.0, 1.0))
+    expected = heatmap(bs.explain(digits_cnn, xt, "lrp", **boxed)).detach().numpy()
+    plain = heatmap(bs.explain(digits_cnn, xt, "lrp")).detach().numpy()
+    assert np.abs(expected - plain).max() > 1e-3  # the box changes the map
+    target = run.read_arrays("lrp")["map_target"]
+    np.testing.assert_allclose(target, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_smoothgrad_results_do_not_depend_on_the_batch_size(tmp_path, digits, digits_cnn):
     # SmoothGrad draws per item from a seed of (run seed, method, index): the same
     # image gets the same noise, and so the same attack, in any batch.
@@ -432,6 +498,66 @@ def test_records_of_every_batch_carry_their_items_target_and_labels(tmp_path):
         other, model, x, y, [None], batch_size=2, options={"iterations": 2, "probes": 1}
     )
     assert [r["true_label"] for r in rows] == y.tolist()
+
+
+def test_explain_records_and_maps_are_of_the_predicted_class_not_the_true_one(tmp_path):
+    from betasmooth.metrics import heatmap
+    from betasmooth.runs import explain_run, load_inputs
+
+    model, x, _ = load_inputs("digits-cnn", "digits", n=3)
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    wrong = (predicted + 1) % 10  # true labels that the model does not predict
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    records = explain_run(run, model, x, wrong, ["gradient"])
+    assert [r["label"] for r in records] == predicted.tolist()
+    assert [r["true_label"] for r in records] == wrong.tolist()
+    expected = heatmap(bs.explain(model, x, "gradient", predicted)).detach().numpy()
+    np.testing.assert_allclose(run.read_arrays("gradient")["map"], expected, atol=1e-6)
+
+
+def test_class_names_of_the_prediction_before_and_after_the_attack(tmp_path):
+    from betasmooth.runs import attack_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=20)
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    # Class 0 among the items: its name is classes[0], as every other class's.
+    keep = [int(torch.nonzero(predicted == 0)[0]), int(torch.nonzero(predicted != 0)[0])]
+    classes = [f"class {k}" for k in range(10)]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    records = attack_run(run, model, x[keep], y[keep], ["gradient"], steps=2, classes=classes)
+    assert sorted(r["label"] for r in records) == sorted(predicted[keep].tolist())
+    for r in records:
+        assert r["label_name"] == classes[r["label"]]
+        assert r["label_adv_name"] == classes[r["label_adv"]]
+
+
+def test_labels_from_minus_one_to_the_last_class_are_taken_and_no_other(tmp_path, digits):
+    from betasmooth.runs import load_inputs
+
+    x = digits[0][:2].numpy()
+    np.savez(tmp_path / "ok.npz", x=x, y=np.array([9, -1]))
+    assert load_inputs("digits-cnn", str(tmp_path / "ok.npz"))[2].tolist() == [9, -1]
+    # digits-cnn has 10 classes: 0 to 9.
+    np.savez(tmp_path / "ten.npz", x=x, y=np.array([9, 10]))
+    with pytest.raises(InputError, match="has label 10, but the model has 10 classes"):
+        load_inputs("digits-cnn", str(tmp_path / "ten.npz"))
+
+
+def test_load_inputs_refuses_a_count_of_zero_images():
+    from betasmooth.runs import load_inputs
+
+    assert len(load_inputs("digits-cnn", "digits", n=1)[1]) == 1
+    with pytest.raises(InputError, match="-n must be a positive number of images; got 0"):
+        load_inputs("digits-cnn", "digits", n=0)
+
+
+def test_a_method_named_twice_is_run_once():
+    from betasmooth.runs import attack_methods, explain_methods
+
+    assert attack_methods("gradient,lrp,gradient") == ["gradient", "lrp"]
+    assert explain_methods(["lrp", "gradient", "lrp"]) == ["lrp", "gradient"]
 
 
 def test_curvature_rows_measure_the_original_networks_class(tmp_path):

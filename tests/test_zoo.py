@@ -183,6 +183,17 @@ def test_pickled_objects_are_refused_unrun(factory_file, tmp_path) -> None:
         load_state_dict(checkpoint)
 
 
+def test_weights_of_the_same_size_but_another_shape_are_refused(tmp_path) -> None:
+    from betasmooth.checkpoint import apply_weights
+
+    model = nn.Linear(4, 2)
+    path = tmp_path / "transposed.pt"
+    state = model.state_dict()
+    torch.save({"weight": state["weight"].T.contiguous(), "bias": state["bias"]}, path)
+    with pytest.raises(InputError, match=r"shape mismatch: weight \(4, 2\) vs model \(2, 4\)"):
+        apply_weights(model, path)
+
+
 def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
     with pytest.raises(InputError, match="weights file .*nope.pt does not exist"):
         bs.load_model(f"{factory_file}:make", weights=tmp_path / "nope.pt")
