@@ -823,6 +823,35 @@ def test_the_report_names_a_method_that_lacks_one_image(tmp_path):
     assert notice is not None and notice.group(1) == "gradient 2 of 3 images"
 
 
+def test_the_report_names_unfinished_methods_that_its_config_does_not_list(tmp_path):
+    from betasmooth.runs import attack_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": 3, "methods": ["gradient"]})
+    attack_run(run, model, x, y, ["gradient"], steps=1)
+    attack_run(run, model, x[:2], y[:2], ["lrp"], steps=1)  # 2 of 3, and not in the config
+    for config in ({"methods": ["gradient"]}, {"methods": None}):
+        run.update_config(**config)
+        text = build_report(run.path).read_text()
+        notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text)
+        assert notice is not None and notice.group(1) == "lrp 2 of 3 images", config
+
+
+def test_the_grid_caption_names_the_files_of_the_rows_shown_only(tmp_path):
+    from betasmooth.report import GRID_ROWS
+    from betasmooth.runs import attack_run, load_inputs
+    from betasmooth.store import read_jsonl, write_jsonl
+
+    n = GRID_ROWS + 2
+    model, x, y = load_inputs("digits-cnn", "digits", n=n)
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "n": n, "methods": ["gradient"]})
+    attack_run(run, model, x, y, ["gradient"], steps=1)
+    write_jsonl(run.results, [r | {"file": f"p{r['index']}.png"} for r in read_jsonl(run.results)])
+    text = build_report(run.path).read_text()
+    (files,) = re.findall(r"Files: (.*?)\.[ <]", text)
+    assert files == ", ".join(f"#{i} p{i}.png" for i in range(GRID_ROWS))
+
+
 def test_the_settings_an_attack_resolved_are_shown_as_settings_not_as_medians(tmp_path):
     from betasmooth.runs import attack_run, load_inputs
 
