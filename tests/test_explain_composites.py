@@ -24,7 +24,13 @@ import betasmooth as bs
 from betasmooth.explain.composites import alpha_beta
 from betasmooth.explain.propagation import Composite
 from nets import plain_cnn, residual_net, vgg_small
-from test_explain_lrp import ZennitResidual, _relu_pattern, signed_conv_input, with_batchnorm
+from test_explain_lrp import (
+    ZennitResidual,
+    _relu_pattern,
+    mlp,
+    signed_conv_input,
+    with_batchnorm,
+)
 
 ZENNIT = {
     "epsilon_gamma_box": lambda: EpsilonGammaBox(low=0.0, high=1.0, canonizers=_canon()),
@@ -57,11 +63,34 @@ def _same(build):
     return pair
 
 
+def signed_middle() -> nn.Module:
+    """A convolution after the first that feeds another one directly: its negative
+    outputs get relevance (a ReLU after it would give them none)."""
+    torch.manual_seed(6)
+    return (
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64, 5),
+        )
+        .double()
+        .eval()
+    )
+
+
 NETS = {
     "plain": _same(lambda: plain_cnn().double()),
     "batchnorm": _same(lambda: with_batchnorm(bn_eps=1e-12)),
     "residual": _residual,
     "signed": _same(signed_conv_input),
+    "signed-middle": _same(signed_middle),
+    # A first layer that is dense: the flat composites make it flat too.
+    "mlp": _same(mlp),
 }
 
 

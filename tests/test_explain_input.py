@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,10 @@ def test_unknown_method(net, x):
     _raises(ValueError, ["unknown method 'saliency'", "gradient", "smoothgrad"], net, x, "saliency")
 
 
+# A baseline with one inf pixel among finite ones.
+ONE_INF_PIXEL = torch.zeros(1, 16, 16).index_put((torch.tensor([0]),) * 3, torch.tensor(math.inf))
+
+
 @pytest.mark.parametrize(
     ("method", "options", "error", "fragments"),
     [
@@ -116,6 +122,8 @@ def test_unknown_method(net, x):
          ["baseline of shape (3, 16, 16) does not broadcast", "(1, 16, 16)"]),
         ("integrated_gradients", {"baseline": torch.tensor(float("nan"))}, ValueError,
          ["baseline contains NaN", "finite"]),
+        ("integrated_gradients", {"baseline": ONE_INF_PIXEL}, ValueError,
+         ["baseline contains NaN or inf", "finite"]),
         ("integrated_gradients", {"baseline": "black"}, TypeError,
          ["baseline must be None, a number or a tensor", "str"]),
         ("integrated_gradients", {"chunk": 0}, ValueError, ["chunk must be an integer >= 1"]),

@@ -16,7 +16,7 @@ from zennit.rules import Epsilon, ZBox, ZPlus
 from zennit.types import Convolution
 
 import betasmooth as bs
-from betasmooth.explain import check_model
+from betasmooth.explain import check_method_input, check_model
 from betasmooth.explain.propagation import lrp_graph
 from betasmooth.validate import InputError
 from nets import ResidualNet, residual_net, vgg_small
@@ -119,6 +119,21 @@ def test_lrp_takes_a_perturbed_copy_just_outside_its_box():
     target = torch.tensor([0, 1, 2, 3])
     theirs = zennit_lrp(net, x, target)
     torch.testing.assert_close(bs.explain(net, x, "lrp", target), theirs, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lrp_box_slack_is_one_box_width(per_channel):
+    # BOX_SLACK counts in widths of the box: [-2, 2] lets x reach 2 + 4 = 6 on
+    # either side, so that noisy copies of normalised images pass.
+    low, high = -2.0, 2.0
+    if per_channel:
+        low, high = torch.tensor([low]).view(1, 1, 1, 1), torch.tensor([high]).view(1, 1, 1, 1)
+    x = torch.zeros(2, 1, 4, 4)
+    x[0, 0, 0, 0], x[1, 0, 1, 1] = 5.9, -5.9
+    check_method_input(x, "lrp", low=low, high=high)
+    x[1, 0, 1, 1] = -6.1
+    with pytest.raises(InputError, match="outside the lrp input box"):
+        check_method_input(x, "lrp", low=low, high=high)
 
 
 def test_lrp_predicted_class_is_default():
@@ -495,6 +510,15 @@ def test_bad_lrp_options(options, message):
         bs.explain(vgg_small(), torch.rand(2, 1, 16, 16), "lrp", **options)
 
 
+def test_lrp_refuses_bounds_with_one_empty_channel():
+    # Per-channel bounds: one channel of three with low == high is refused.
+    low = torch.tensor([0.0, 0.5, 0.0]).view(1, 3, 1, 1)
+    high = torch.tensor([1.0, 0.5, 1.0]).view(1, 3, 1, 1)
+    x = torch.full((2, 3, 16, 16), 0.5)
+    with pytest.raises(InputError, match="lrp options must have low < high"):
+        bs.explain(vgg_small(channels=3), x, "lrp", low=low, high=high)
+
+
 @pytest.mark.parametrize("activation", [nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.Hardswish])
 def test_lrp_passes_relevance_through_other_activations_like_zennit(activation):
     torch.manual_seed(8)
@@ -585,3 +609,199 @@ def test_lrp_keeps_its_graph_under_no_grad_when_asked():
     (got,) = torch.autograd.grad((inside * v).sum(), x)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     assert expected.abs().max() > 0
+
+
+class _ReadBeforeInplace(nn.Module):
+    """``conv2`` reads ``h`` before a ReLU overwrites it in place (``inplace``), or
+    with module ReLUs and zennit's ``Sum`` for zennit (``"zennit"``)."""
+
+    def __init__(self, inplace: str) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=inplace == "module")
+        self.relu2 = nn.ReLU()
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16, 3))
+        self.sum = Sum()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        g = self.conv2(h)  # signed input: the z+ rule's negative half counts
+        if self.inplace == "method":
+            a = h.relu_()
+        elif self.inplace == "function":
+            a = torch.relu_(h)
+        elif self.inplace == "keyword":
+            a = F.relu(h, inplace=True)
+        else:
+            a = self.relu1(h)
+        if self.inplace == "zennit":
+            return self.head(self.relu2(self.sum(torch.stack([g, self.conv3(a)], dim=-1))))
+        return self.head(self.relu2(g + self.conv3(a)))
+
+
+@pytest.mark.parametrize("inplace", ["method", "function", "keyword", "module"])
+def test_lrp_reads_the_values_before_an_inplace_relu_like_zennit(inplace):
+    # The relevance of conv2 needs h as it was made, before the ReLU wrote into it.
+    net = _ReadBeforeInplace(inplace).double().eval()
+    twin = _ReadBeforeInplace("zennit").double().eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _BroadcastSum(nn.Module):
+    """``h + mean(h)`` over the pixels: a sum whose summands have different shapes."""
+
+    def __init__(self, zennit: bool) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16, 3))
+        self.sum = Sum()
+        self.zennit = zennit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu1(self.conv1(x))
+        if self.zennit:
+            s = self.sum(torch.stack([h, self.gap(h).expand_as(h)], dim=-1))
+        else:
+            s = h + self.gap(h)
+        return self.head(self.relu2(self.conv2(s)))
+
+
+def test_lrp_of_a_broadcast_sum_matches_zennit():
+    # The broadcast summand's share is summed back to its own shape, as the
+    # gradient of zennit's expand does.
+    net, twin = _BroadcastSum(False).double().eval(), _BroadcastSum(True).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([2, 0, 1])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _SkipFromInput(nn.Module):
+    """``x + relu(conv1(x))`` feeds conv2, which is therefore no first layer."""
+
+    def __init__(self, zennit: bool) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.conv1 = nn.Conv2d(1, 1, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16, 3))
+        self.sum = Sum()
+        self.zennit = zennit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.relu1(self.conv1(x))
+        s = self.sum(torch.stack([x, r], dim=-1)) if self.zennit else x + r
+        return self.head(self.relu2(self.conv2(s)))
+
+
+def test_lrp_first_layer_is_only_the_one_fed_by_the_input_alone():
+    # conv2 sees x plus an activation: z+, as in zennit, not the z^B rule.
+    net, twin = _SkipFromInput(False).double().eval(), _SkipFromInput(True).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 2, 0])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _UnevenCat(nn.Module):
+    """Two branches of 3 and 5 channels joined with ``torch.cat``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.left = nn.Sequential(nn.Conv2d(4, 3, 1), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(32, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(torch.cat([self.left(h), self.right(h)], 1))
+
+
+def test_lrp_of_an_uneven_concatenation_matches_zennit():
+    net = _UnevenCat().double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(net, x, "lrp", target)
+    theirs = zennit_lrp(net, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _SharedConvOutput(nn.Module):
+    """A BatchNorm that is not its convolution's only reader (``tap`` adds an Identity)."""
+
+    def __init__(self, tap: bool) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.tap = nn.Identity() if tap else None
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16, 3))
+        self.bn.running_mean.uniform_(-0.2, 0.2)
+        self.bn.running_var.uniform_(0.5, 1.5)
+        self.bn.weight.data.uniform_(0.5, 1.5)
+        self.bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x)
+        b = self.bn(self.tap(h) if self.tap is not None else h)
+        return self.head(self.relu2(self.conv2(self.relu1(b) + self.relu1(h))))
+
+
+def test_lrp_does_not_fold_a_batchnorm_whose_convolution_has_another_reader():
+    # Folded, conv1 would pass the other reader's relevance through the BatchNorm
+    # too; unfolded it equals the same net with an Identity before the BatchNorm,
+    # whose source is then no Conv (the standalone rule, checked by hand above).
+    net = _SharedConvOutput(False).double().eval()
+    twin = _SharedConvOutput(True).double().eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([2, 1, 0])
+    ours = bs.explain(net, x, "lrp", target)
+    expected = bs.explain(twin, x, "lrp", target)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-15)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_gives_torchs_subclasses_of_linear_the_linear_rules_like_zennit():
+    # nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear, a
+    # subclass of Linear that torch.fx keeps as a module.
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    torch.manual_seed(16)
+    net = nn.Sequential(
+        nn.Flatten(),
+        NonDynamicallyQuantizableLinear(64, 12),
+        nn.ReLU(),
+        NonDynamicallyQuantizableLinear(12, 3),
+    )
+    net = net.double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([2, 0, 1])
+    ours = bs.explain(net, x, "lrp", target, epsilon=0.01)
+    theirs = zennit_lrp(net, x, target, epsilon=0.01)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0

@@ -268,3 +268,23 @@ def test_range_options_give_smoothgrad_the_span_of_each_channel():
     low = torch.tensor([-2.0, -1.0, -1.5]).view(1, 3, 1, 1)
     high = torch.tensor([2.0, 1.5, 2.5]).view(1, 3, 1, 1)
     torch.testing.assert_close(range_options(low, high)["smoothgrad"]["input_range"], high - low)
+
+
+def test_smoothgrad_takes_a_0d_integer_tensor_seed_as_that_int(net, x):
+    # One generator for the batch, as seed=7: a 0-d tensor is no seed per item.
+    ours = bs.explain(net, x, "smoothgrad", TARGET, n=3, sigma=0.2, seed=torch.tensor(7))
+    saliency = Saliency(net)
+    maps = [
+        saliency.attribute(x + e, target=TARGET, abs=False)
+        for e in _hand_noise(x, 3, 0.2, "gaussian", 7)
+    ]
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-10, atol=1e-13)
+
+
+def test_smoothgrad_refuses_an_input_range_with_one_bad_channel():
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.rand(2, 3, 6, 6)
+    for bad in (0.0, -1.0, math.inf):
+        span = torch.tensor([1.0, bad, 1.0]).view(1, 3, 1, 1)
+        with pytest.raises(ValueError, match="input_range must be positive and finite in every"):
+            bs.explain(net, x, "smoothgrad", n=2, input_range=span, seed=0)

@@ -224,6 +224,7 @@ def test_logistic_density_integrates_to_one_and_equals_scipy(beta):
     torch.testing.assert_close(noise.cdf(e), torch.sigmoid(beta * e), rtol=0, atol=0)
     assert noise.stddev.item() == pytest.approx(math.pi / (math.sqrt(3) * beta), rel=1e-15)
     assert noise.stddev.item() == pytest.approx(ref.std(), rel=1e-12)
+    assert noise.variance.item() == pytest.approx(ref.var(), rel=1e-12)
     assert noise.entropy().item() == pytest.approx(ref.entropy(), rel=1e-12)
     assert noise.mean.item() == 0.0
 
