@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ from betasmooth.attack import (
 )
 from betasmooth.explain.gradient import predict
 from betasmooth.recommend import recommend_beta, verdict
+from betasmooth.validate import item_seeds
 from nets import FlushSpy, plain_cnn
 
 
@@ -94,6 +96,121 @@ def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     _assert_fields_recomputed(digits_cnn, result, "gradient")
     torch.testing.assert_close(result.map_orig, _maps(digits_cnn, x))
     torch.testing.assert_close(result.map_target, target)
+
+
+def test_topk_scores_use_the_attacks_k(small):
+    # The top-k overlap with the original map and with the target is measured
+    # at the k the attack was given (not compare's default), as by compare itself.
+    net, x = small
+    target = _targets(net, x)
+    result = bs.manipulate(net, x, target, "gradient", steps=3, k=7)
+    for against, ref in (("orig", result.map_orig), ("target", result.map_target)):
+        want = bs.compare(result.map_adv, ref, k=7)["topk"]
+        torch.testing.assert_close(result.metrics[f"expl_topk_{against}"], want)
+        assert not torch.equal(want, bs.compare(result.map_adv, ref)["topk"])
+
+
+def test_records_report_the_label_after_the_attack(small):
+    # records() copies label_adv and label_kept per image, also where they differ
+    # from the label (a result whose second image changed its class).
+    net, x = small
+    result = bs.manipulate(net, x, _targets(net, x), "gradient", steps=2)
+    flipped = result.label_adv.clone()
+    flipped[1] = (flipped[1] + 1) % 5
+    changed = dataclasses.replace(result, label_adv=flipped, label_kept=flipped == result.label)
+    rows = changed.records()
+    assert [row["label_adv"] for row in rows] == flipped.tolist()
+    assert [row["label"] for row in rows] == result.label.tolist()
+    assert [row["label_kept"] for row in rows] == [True, False, True, True]
+
+
+def test_undefended_scores_explain_the_label_at_x(digits_cnn, digits):
+    # x_adv of other predicted classes (the batch reversed): the undefended map
+    # explains the label predicted at x, as the defended maps do, not the class
+    # predicted at x_adv; recomputed with explain and compare.
+    net, x = digits_cnn, digits[0][:4]
+    x_adv = x.flip(0)
+    label = predict(net, x)
+    assert not torch.equal(predict(net, x_adv), label)
+    sweep = bs.defense_sweep(net, x, x_adv, _targets(net, x), "gradient", [2.0], smoothgrad_n=2)
+    plain = bs.heatmap(bs.explain(net, x_adv, "gradient", label))
+    want = bs.compare(plain, bs.heatmap(bs.explain(net, x, "gradient", label)))
+    for row in sweep.rows:
+        for m in ("pcc", "mse", "topk"):
+            assert row[f"undefended_{m}"] == pytest.approx(float(want[m][row["index"]]), abs=1e-6)
+
+
+def test_matched_smoothgrad_noise_does_not_depend_on_the_data_range(small):
+    # Without smoothgrad_sigmas, SmoothGrad's noise is matched to beta in input
+    # units (sigma = pi / (sqrt(3) beta)): the gradient's sweep is the same for
+    # any data range that holds the images.
+    net, x = small
+    target = _targets(net, x)
+
+    def rows(data_range):
+        sweep = bs.defense_sweep(
+            net, x, x.flip(0), target, "gradient", [2.0], smoothgrad_n=3, data_range=data_range
+        )
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in sweep.rows]
+
+    assert rows((-1.0, 2.0)) == rows((0.0, 1.0))
+
+
+def test_smoothgrad_sigmas_are_fractions_of_each_channels_range():
+    # Given sigmas are fractions of each channel's range (1, 2 and 4 wide here), as
+    # explain's smoothgrad takes a per-channel input_range; the clean map of each
+    # image is explain's with the image's own seed (item_seeds), recomputed.
+    net = plain_cnn(seed=4, channels=3)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    box = (torch.zeros(1, 3, 1, 1), torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1))
+    label = predict(net, x)
+    target = _targets(net, x)
+    sweep = bs.defense_sweep(
+        net,
+        x,
+        x.flip(0),
+        target,
+        "gradient",
+        [1.0],
+        smoothgrad_sigmas=[0.3],
+        smoothgrad_n=4,
+        defenses=["smoothgrad"],
+        data_range=box,
+        seed=7,
+    )
+    clean = bs.heatmap(
+        bs.explain(
+            net,
+            x,
+            "smoothgrad",
+            label,
+            base="gradient",
+            n=4,
+            sigma=0.3,
+            noise="logistic",
+            input_range=box[1] - box[0],
+            seed=item_seeds(7, 2),
+        )
+    )
+    want = bs.compare(clean, bs.heatmap(bs.explain(net, x, "gradient", label)))
+    for row in sweep.rows:
+        assert row["clean_vs_orig_pcc"] == pytest.approx(float(want["pcc"][row["index"]]), abs=1e-5)
+        assert row["clean_vs_orig_mse"] == pytest.approx(float(want["mse"][row["index"]]), rel=1e-4)
+
+
+def test_recorded_goal_of_another_goal_than_the_runs():
+    # A run's recorded goal_targeted/goal_measure describe its own goal only; asked
+    # about another goal, GOALS answers for a registered one and the targeted
+    # goal's record for an unknown one.
+    config = {"goal": "mine", "goal_targeted": False, "goal_measure": "expl_mine"}
+    assert attack.recorded_goal(config) == (False, "expl_mine")
+    assert attack.recorded_goal(config, "mine") == (False, "expl_mine")
+    for goal in ("targeted", "topk", "center"):
+        assert attack.recorded_goal(config, goal) == (
+            attack.GOALS[goal].targeted,
+            attack.GOALS[goal].measure,
+        )
+    assert attack.recorded_goal(config, "theirs") == (True, "expl_pcc_target")
 
 
 def test_records_and_arrays_hold_the_result(small):
@@ -489,6 +606,17 @@ def test_beta_schedule_closed_form():
     assert matched_sigma(2.0) == pytest.approx(math.pi / (2 * math.sqrt(3)))
 
 
+def test_a_float32_target_off_by_its_rounding_is_taken(small):
+    # A float32 target whose sum is 1 + 5e-4 (a map rounded on its way, e.g. through
+    # an 8-bit image) is within the 1e-3 tolerance: it is attacked as given.
+    net, x = small
+    target = _targets(net, x) * (1 + 5e-4)
+    result = bs.manipulate(net, x, target, "gradient", steps=1)
+    torch.testing.assert_close(result.map_target, target, rtol=0, atol=0)
+    with pytest.raises(bs.InputError, match="sums to 1.002"):
+        bs.manipulate(net, x, target * (1 + 2e-3) / (1 + 5e-4), "gradient", steps=1)
+
+
 def test_bad_input_is_refused(small):
     net, x = small
     good = _targets(net, x)
@@ -654,6 +782,37 @@ def test_a_smoothed_model_is_attacked_as_it_is_not_through_the_surrogate(small, 
     torch.testing.assert_close(found.x_adv, expected.x_adv, rtol=0, atol=1e-5)
     torch.testing.assert_close(found.map_adv, expected.map_adv, rtol=1e-4, atol=1e-7)
     assert found.settings["beta_schedule"] == "none"
+
+
+def test_a_schedule_given_for_a_smoothed_model_is_kept(small):
+    # beta_schedule=5.0 given for smooth(net, 0.5) is not overridden by the default
+    # "none" of smoothed models: the steps attack softplus_5, so the loss of the first
+    # step (at x) is that of the network built by hand with torch's Softplus(beta=5),
+    # explaining the class that the model itself (softplus_0.5) predicts.
+    net, x = small
+
+    def by_hand(beta: float) -> nn.Module:
+        soft = copy.deepcopy(net)
+        for i, layer in enumerate(soft):
+            if isinstance(layer, nn.ReLU):
+                soft[i] = nn.Softplus(beta=beta)
+        return soft
+
+    model = bs.smooth(net, 0.5)
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    assert not torch.equal(predicted, by_hand(5.0)(x).argmax(1))  # the class matters here
+    target = _targets(by_hand(0.5), x)
+    # The map term alone: the output term compares with the model's own logits.
+    kwargs = {"steps": 1, "lr": 1e-2, "weights": (1.0, 0.0)}
+    found = bs.manipulate(model, x, target, "gradient", beta_schedule=5.0, **kwargs)
+    five = bs.manipulate(
+        by_hand(5.0), x, target, "gradient", target=predicted, beta_schedule="none", **kwargs
+    )
+    half = bs.manipulate(by_hand(0.5), x, target, "gradient", beta_schedule="none", **kwargs)
+    assert found.settings["beta_schedule"] == 5.0
+    torch.testing.assert_close(found.history[0], five.history[0], rtol=1e-5, atol=0)
+    assert not torch.allclose(found.history[0], half.history[0], rtol=1e-2, atol=0)
 
 
 def test_a_prefix_method_with_a_graph_is_attacked_as_any_method(small):
@@ -1104,6 +1263,16 @@ def test_center_nudge_points_away_from_the_grid_centre():
     assert float(inward) == pytest.approx(-(math.sqrt(2) - nu), abs=1e-9)
     # At zero shift the objective's value is the nudge's length whichever way it points.
     assert float(attack._com_objective(p, _point_map(2, 2), None)) == pytest.approx(-nu, abs=1e-12)
+
+
+def test_center_nudge_points_away_from_the_pixel_centre_of_the_grid():
+    # Pixel centres 0..7: the grid's middle is (3.5, 3.5). From the original centre
+    # (2, 5) the outward direction is (-1, 1) / sqrt(2), so a shift by (-1, 1) adds
+    # the nudge's full length (a middle at (4, 4) would point along (-2, 1)).
+    p = SimpleNamespace(map_orig=_point_map(2, 5))
+    nu = attack.CENTER_NUDGE
+    outward = attack._com_objective(p, _point_map(1, 6), None)
+    assert float(outward) == pytest.approx(-(math.sqrt(2) + nu), abs=1e-9)
 
 
 def test_center_nudge_at_the_grid_centre_still_has_its_length():

@@ -422,3 +422,51 @@ def test_hutchinson_of_a_multiple_of_the_identity_is_exact(probes):
     x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
     out = bs.curvature(_Square(), x, iterations=3, probes=probes)
     assert out["hessian_frobenius"].item() == pytest.approx(2 * math.sqrt(3), rel=1e-12)
+
+
+def test_a_frozen_affine_model_has_zero_curvature():
+    # Weights without requires_grad (a frozen model): the gradient W[target] has
+    # no graph at all, so every Hessian-vector product is 0 (closed form) and the
+    # normal never changes; the gradient norm is |W[target]|.
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3).double().eval().requires_grad_(False)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    out = curvature(lin, x, 1)
+    for key in ("hessian_norm", "principal_curvature", "hessian_frobenius"):
+        assert out[key].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(out["gradient_norm"], lin.weight[1].norm().expand(2))
+    check = theorem1_check(lin, x, x + 0.1, target=1)
+    assert check["normal_change"].tolist() == [0.0, 0.0]
+    assert check["segment_bound"].tolist() == [0.0, 0.0]
+    want = abs(0.1 * lin.weight[1].sum().item())
+    assert check["output_change"].tolist() == pytest.approx([want, want], rel=1e-12)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, model: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.model(x) * self.factor
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6])
+def test_lanczos_stops_at_a_relative_tolerance(factor):
+    # Scaling the logit by c scales H and grad g by c: the Hessian norm scales by
+    # c and the principal curvature (P H P / |grad g|) does not change. With the
+    # default tolerance, relative to the estimate, Lanczos then takes the same
+    # steps at every scale, so the numbers agree to rounding.
+    torch.manual_seed(3)
+    d = 24
+    net = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    soft = bs.smooth(net.double().eval(), 4.0)
+    x = torch.randn(3, d, dtype=torch.float64)
+    base = curvature(soft, x, 0)
+    scaled = curvature(_Scaled(soft, factor), x, 0)
+    torch.testing.assert_close(
+        scaled["hessian_norm"] / factor, base["hessian_norm"], rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(
+        scaled["principal_curvature"], base["principal_curvature"], rtol=1e-9, atol=0
+    )

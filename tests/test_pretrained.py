@@ -93,6 +93,17 @@ def test_unknown_name_and_weights_are_one_line_errors(hub):
         bs.load_model("torchvision:resnet18:V9")
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["torchvision:resnet18:IMAGENET1K_V1:extra", "torchvision:", "torchvision:resnet18:"],
+)
+def test_a_malformed_torchvision_spec_is_refused_not_read_in_part(spec):
+    # A fourth part is no weights name to drop: DEFAULT in its place would be another network.
+    with pytest.raises(InputError, match=f"^model spec '{spec}' is malformed; expected"):
+        pretrained.weights_of(spec)
+    assert pretrained.weights_of("torchvision:resnet18:IMAGENET1K_V1").name == "IMAGENET1K_V1"
+
+
 @pytest.mark.parametrize("name", ["fcn_resnet50", "raft_small", "quantized_resnet18", "r3d_18"])
 def test_a_torchvision_model_that_is_no_image_classifier_is_refused(name, tmp_path, monkeypatch):
     # Refused by name, before torchvision builds it (fcn_resnet50 would fetch a backbone).

@@ -90,6 +90,17 @@ def test_iid_bias_is_positive_and_small(d, seed):
     torch.testing.assert_close(theory.iid_cdf(w, z), torch.sigmoid(z), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("tiny", [1e-12, 1e-30])
+def test_iid_cdf_with_a_negligible_component_is_the_logistic_cdf(tiny):
+    # u = (1, tiny): u.e = e1 + tiny e2 differs from e1 by O(tiny), so its cdf
+    # is sigmoid to float64 precision (closed form); the characteristic
+    # function of the tiny component is 1 to rounding, also where pi s tiny
+    # underflows its sinh formula.
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    got = theory.iid_cdf(torch.tensor([1.0, tiny], dtype=torch.float64), z)
+    torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-12, rtol=0)
+
+
 def test_bias_limit_against_scipy():
     limit, at = theory.bias_limit()
     assert limit == pytest.approx(scipy_bias_limit(), abs=1e-10)
@@ -98,6 +109,23 @@ def test_bias_limit_against_scipy():
     # w spread evenly over many components: the weighted sum is nearly normal
     assert float(theory.iid_bias(torch.ones(4096))) == pytest.approx(limit, abs=2e-5)
     assert float(theory.iid_bias(torch.ones(2))) < float(theory.iid_bias(torch.ones(16))) < limit
+
+
+@pytest.mark.parametrize("grid", [3, 5, 200001])
+def test_bias_limit_argmax_against_scipy(grid):
+    # The refinement searches both grid cells next to the coarse argmax: the
+    # maximiser is found whichever side of the best grid point it lies, even on
+    # a grid of 3 points [0, 5, 10] (scipy's bounded search as the oracle).
+    sd = math.pi / math.sqrt(3)
+    found = optimize.minimize_scalar(
+        lambda z: -abs(stats.logistic.cdf(z) - stats.norm.cdf(z / sd)),
+        bounds=(0, 5),
+        method="bounded",
+        options={"xatol": 1e-12},
+    )
+    limit, at = theory.bias_limit(grid)
+    assert limit == pytest.approx(-found.fun, abs=1e-12)
+    assert at == pytest.approx(found.x, abs=1e-6)
 
 
 def points_along(w: torch.Tensor, z: torch.Tensor, beta: float, seed: int) -> torch.Tensor:
@@ -195,6 +223,19 @@ def test_run_curves(quick_run):
     for key in ("smoothing_vs_smoothgrad", "curvature"):
         lengths = {len(v) for v in curves[key].values()}
         assert lengths == {len(curves[key]["beta"])}
+
+
+def test_run_error_curve_ends_at_n(quick_run):
+    # The quick run draws n = 10000 samples: every checkpoint up to and including
+    # n is on the curve, and the last point is the error of all n samples, the
+    # summary's maximum error.
+    mc = quick_run["curves"]["mc_error"]
+    n = quick_run["theorem2_setup"]["n"]
+    assert n == 10_000
+    assert mc["n"] == [100, 300, 1000, 3000, 10_000]
+    assert mc["projected"][-1] == quick_run["theorem2_projected_max_error"]
+    assert mc["iid"][-1] == quick_run["theorem2_iid_max_error"]
+    assert mc["projected_ci"][-1] == pytest.approx(quick_run["theorem2_projected_ci"][1], rel=1e-12)
 
 
 @pytest.mark.parametrize("w", [torch.zeros(4), torch.tensor([1.0, float("nan"), 0.0, 0.0])])

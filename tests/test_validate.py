@@ -238,6 +238,7 @@ def test_beta_smoothing_is_silent_about_clamps_that_are_no_relu() -> None:
         ([0, 7, 255], np.int64, 255),
         ([0, 7, 1000], np.int64, 65535),
         ([0, 3, 60000], np.int32, 65535),
+        ([0, 3, 65535], np.int32, 65535),
     ],
 )
 def test_integer_npz_scaled_like_images(tmp_path, values, dtype, scale) -> None:
@@ -787,3 +788,17 @@ def test_check_bounds_refuses_one_infinite_bound(bad):
         high[0, 0] = float("inf")
     with pytest.raises(bs.InputError, match="data_range bounds must be finite"):
         check_bounds(low, high, x)
+
+
+def test_a_new_item_shape_is_probed_again_after_a_first_call():
+    # The probe's cache is per item shape: a model that took 8 x 8 items is still
+    # asked about 6 x 6 ones, and the error names their shape.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert bs.explain(net, x, "gradient", 0).shape == (2, 1, 8, 8)
+    with pytest.raises(
+        InputError,
+        match=r"^model does not accept input of shape \(1, 6, 6\) \(2 items of x, whose shape "
+        r"is \(2, 1, 6, 6\)\): mat1 and mat2",
+    ):
+        bs.explain(net, x[..., :6, :6], "gradient", 0)

@@ -475,6 +475,11 @@ def test_npz_labels_under_another_name_are_said(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bs.load_data(str(path)).y.tolist() == [3, 1]
+    # x alone holds no labels under another name: nothing to say.
+    np.savez(path, x=np.zeros((2, 1, 4, 4), dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bs.load_data(str(path)).y.tolist() == [-1, -1]
 
 
 def test_a_mean_is_checked_against_the_datas_own_range(tmp_path) -> None:
@@ -527,6 +532,12 @@ def test_npz_bad_input(tmp_path) -> None:
         bs.load_data(str(path))
     with pytest.raises(InputError, match="data file .*missing.npz does not exist"):
         bs.load_data(str(tmp_path / "missing.npz"))
+    # Labels of another length or shape than the images.
+    for y in (np.arange(4), np.arange(3)[:, None]):
+        np.savez(path, x=np.zeros((3, 1, 4, 4), dtype=np.float32), y=y)
+        shape = re.escape(str(y.shape))
+        with pytest.raises(InputError, match=rf"array y in .*d.npz has shape {shape}, dtype"):
+            bs.load_data(str(path))
     # An empty side, in floats and in integers, as an empty batch.
     for shape, dtype in [((2, 3, 0, 4), np.float32), ((2, 3, 4, 0), np.int32), ((3, 0, 8), bool)]:
         np.savez(path, x=np.zeros(shape, dtype=dtype))
@@ -583,6 +594,13 @@ def test_preset_matches_torchvision_when_the_long_side_rounds_up(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "a.png")
     data = bs.load_data(str(tmp_path), preset="torchvision:vgg16")
     raw = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)
+    expected = torchvision.models.VGG16_Weights.DEFAULT.transforms()(raw)
+    torch.testing.assert_close(data.x[0], expected, rtol=1e-5, atol=1e-5)
+    # A tall image whose crop starts half a pixel off: (259 - 224) / 2 = 17.5 rounds to 18.
+    tall = rng.integers(0, 256, (259, 256, 3), dtype=np.uint8)
+    Image.fromarray(tall).save(tmp_path / "a.png")
+    data = bs.load_data(str(tmp_path), preset="torchvision:vgg16")
+    raw = torch.from_numpy(tall.astype(np.float32) / 255).permute(2, 0, 1)
     expected = torchvision.models.VGG16_Weights.DEFAULT.transforms()(raw)
     torch.testing.assert_close(data.x[0], expected, rtol=1e-5, atol=1e-5)
 
@@ -702,3 +720,87 @@ def test_pickled_image_data_keeps_its_normalisation():
         torch.testing.assert_close(getattr(back, name), getattr(data, name), rtol=0, atol=0)
     raw, _ = bs.load_data("digits")
     torch.testing.assert_close(back.denormalise(back.x), raw)
+
+
+def test_folder_takes_upper_case_suffixes_and_class_folders_holding_a_config_json(tmp_path):
+    # The oracle: torchvision's ImageFolder, which reads suffixes in any case and takes
+    # every folder as a class; only a run directory (config.json and arrays/) is skipped.
+    from torchvision.datasets import ImageFolder
+
+    rng = np.random.default_rng(3)
+    for name in ("a/0.PNG", "a/1.png", "b/2.Png", "b/3.BMP"):
+        _png(tmp_path / "n" / name, rng.integers(0, 256, (4, 4)), "L")
+    (tmp_path / "n" / "b" / "config.json").write_text("{}")
+    data = bs.load_data(str(tmp_path / "n"))
+    theirs = ImageFolder(str(tmp_path / "n"))
+    assert data.files == [Path(p).relative_to(tmp_path / "n").as_posix() for p, _ in theirs.samples]
+    assert data.classes == theirs.classes == ["a", "b"]
+    assert data.y.tolist() == [label for _, label in theirs.samples] == [0, 0, 1, 1]
+    pixels = [
+        np.asarray(theirs.loader(p).convert("L"), dtype=np.float32) / 255 for p, _ in theirs.samples
+    ]
+    torch.testing.assert_close(data.x[:, 0], torch.from_numpy(np.stack(pixels)))
+
+
+def test_class_folders_with_images_of_their_own_and_in_subfolders_are_no_splits(tmp_path):
+    # Only class folders whose images all lie deeper look like train/ and val/ splits.
+    for name in ("a/0.png", "a/deep/1.png", "b/2.png", "b/deep/3.png"):
+        _png(tmp_path / name, np.zeros((4, 4)), "L")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data = bs.load_data(str(tmp_path))
+    assert data.files == ["a/0.png", "a/deep/1.png", "b/2.png", "b/deep/3.png"]
+    assert [str(w.message) for w in seen if "subfolders" in str(w.message)] == []
+
+
+def test_data_bounds_of_an_npz_are_those_of_its_loaded_data_with_the_channels_asked(tmp_path):
+    # Grey images taken as RGB with one mean per channel: the oracle is load_data's own bounds.
+    path = tmp_path / "grey.npz"
+    np.savez(path, x=np.linspace(0, 1, 2 * 16, dtype=np.float32).reshape(2, 1, 4, 4))
+    mean, std = [0.5, 0.4, 0.3], [0.25, 0.5, 0.2]
+    data = bs.load_data(str(path), channels=3, mean=mean, std=std)
+    low, high = bs.zoo.data_bounds(str(path), channels=3, mean=mean, std=std)
+    expected = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(low, (0 - expected[0]) / expected[1])
+    torch.testing.assert_close(high, (1 - expected[0]) / expected[1])
+    torch.testing.assert_close((low, high), (data.low, data.high))
+
+
+def test_a_model_file_changed_on_disk_is_imported_again(factory_file):
+    # The cache of imported model files is keyed by the file's time and size as well.
+    first = bs.load_model(f"{factory_file}:make")
+    torch.testing.assert_close(first(torch.zeros(1, 3)), torch.tensor([[0.5, -0.5]]))
+    factory_file.write_text(FACTORY.replace("[0.5, -0.5]", "[1.25, -2.75]"))
+    stat = factory_file.stat()
+    os.utime(factory_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    again = bs.load_model(f"{factory_file}:make")
+    torch.testing.assert_close(again(torch.zeros(1, 3)), torch.tensor([[1.25, -2.75]]))
+
+
+def test_normalisation_statistics_are_checked_one_by_one():
+    # One std alone is a normalisation too: wider than the pixels' [0, 1], refused.
+    with pytest.raises(InputError, match=r"^std must be at most 1, the width of the pixels"):
+        bs.load_data("digits", std=2.0)
+    torch.testing.assert_close(bs.load_data("digits", std=0.5).x, bs.load_data("digits").x / 0.5)
+    with pytest.raises(InputError, match=r"^mean has 2 values but the images have 3 channels"):
+        bs.load_data("photos", mean=[0.5, 0.4], std=0.25)
+    with pytest.raises(InputError, match=r"^mean must be finite; got nan"):
+        data_range("digits", mean=float("nan"), std=0.5)
+    with pytest.raises(InputError, match=r"^std must be finite; got \[0.5, inf, 0.5\]"):
+        data_range("photos", mean=0.5, std=[0.5, float("inf"), 0.5])
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 40, 60), (1, 3, 60, 40)])
+def test_a_crop_larger_than_the_resized_image_is_refused_wide_or_tall(shape):
+    # The short side is resized to 32: a crop of 36 fits neither image across it.
+    size = (32, 48) if shape[2] < shape[3] else (48, 32)
+    with pytest.raises(
+        InputError, match=rf"^crop 36 is larger than the resized image {re.escape(str(size))}"
+    ):
+        bs.zoo.resize_crop(torch.rand(shape), 32, 36)
+    # Fits: the centre, as torchvision's Resize then CenterCrop (the oracle).
+    from torchvision.transforms import v2
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    expected = v2.CenterCrop(28)(v2.Resize(32, antialias=True)(x))
+    torch.testing.assert_close(bs.zoo.resize_crop(x, 32, 28), expected, rtol=1e-5, atol=1e-5)
