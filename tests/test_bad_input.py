@@ -895,6 +895,26 @@ def test_out_of_memory_at_a_batch_of_1_names_what_to_try(files, capsys):
     assert len(lines) == 2
 
 
+def test_out_of_memory_reading_the_weights_names_its_own_remedy(tmp_path, monkeypatch, capsys):
+    # Smaller images do not help weights that do not fit: the line says what does.
+    def hungry(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")
+
+    weights = tmp_path / "w.pt"
+    torch.save(bs.load_model("digits-cnn").state_dict(), weights)
+    monkeypatch.setattr(torch, "load", hungry)
+    argv = ["explain", "--model", "digits-cnn", "--weights", str(weights), "--data", "digits"]
+    assert main([*argv, "--method", "gradient", "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r"betasmooth: error: out of memory reading weights file \S+ \(.*can't allocate memory.*\); "
+        r"expected more free memory: the model's weights alone do not fit",
+        lines[0],
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_table_has_forty_cases() -> None:
     assert len(API) + len(CLI) >= 40 and len(API) >= 20 and len(CLI) >= 20
 

@@ -644,7 +644,7 @@ def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):
     assert f"{stored['identity_1d_max_error']:.4g}".encode() in first
 
 
-def test_explain_records_the_prediction_and_map_statistics(tmp_path):
+def test_explain_records_the_prediction_and_map_statistics(tmp_path, capsys):
     out = tmp_path / "maps"
     argv = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
     assert main([*argv, "-n", "3", "--out", str(out), "--no-progress"]) == 0
@@ -665,6 +665,16 @@ def test_explain_records_the_prediction_and_map_statistics(tmp_path):
         assert r["map_entropy"] == pytest.approx(-(nz * np.log(nz)).sum(), rel=1e-4)
     with np.load(out / "arrays" / "gradient-0.npz") as data:
         np.testing.assert_allclose(data["map"], maps, atol=1e-6)
+    # The console's table: medians of the hand-computed statistics, each in its column.
+    header, *table = capsys.readouterr().out.splitlines()
+    assert header.split() == ["method", "n", "max", "entropy", "top10%", "s/img"]
+    cells = table[0].split()
+    assert cells[:2] == ["gradient", "3"]
+    flat = np.sort(maps.reshape(3, -1), axis=1)[:, ::-1]
+    logs = np.log(np.where(flat > 0, flat, 1.0))
+    expected = [flat[:, 0], -(flat * logs).sum(1), flat[:, : flat.shape[1] // 10].sum(1)]
+    for cell, values in zip(cells[2:5], expected):
+        assert float(cell) == pytest.approx(np.median(values), abs=6e-4)
 
 
 def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path, capsys):
@@ -1093,7 +1103,12 @@ def test_an_attack_that_changes_some_images_says_how_many(tmp_path, capsys):
 def test_the_count_of_unchanged_images_is_said_per_method(capsys):
     from betasmooth.cli import _say_unmoved
 
-    changes = {"gradient": [0.0, 0.2, 0.0], "lrp": [0.0, 0.0], "smoothgrad": [0.1]}
+    changes = {
+        "gradient": [0.0, 0.2, 0.0],
+        "guided_backprop": [0.3, 0.0, 0.1],
+        "lrp": [0.0, 0.0],
+        "smoothgrad": [0.1],
+    }
     records = [
         {"index": i, "method": m, "input_max_change": c}
         for m, cs in changes.items()
@@ -1101,9 +1116,11 @@ def test_the_count_of_unchanged_images_is_said_per_method(capsys):
     ]
     _say_unmoved(records)
     said = capsys.readouterr().out.splitlines()
-    assert len(said) == 2
+    assert len(said) == 3
     assert said[0].startswith("gradient: 2 of 3 images unchanged (no step improved the map")
-    assert said[1].startswith("lrp: no image changed (no step improved the map and kept the label)")
+    # One unchanged image is said too.
+    assert said[1].startswith("guided_backprop: 1 of 3 images unchanged (no step improved")
+    assert said[2].startswith("lrp: no image changed (no step improved the map and kept the label)")
 
 
 MODEL_WITH_METHOD = """
@@ -1239,6 +1256,35 @@ def test_a_captum_method_missing_an_option_ends_in_one_line_before_any_run(tmp_p
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "captum:Occlusion needs the option sliding_window_shapes" in err
     assert "--option captum:Occlusion.sliding_window_shapes=... on the command line" in err
+    assert not out.exists()
+
+
+def test_a_captum_method_the_model_fails_ends_in_one_line_before_any_run(tmp_path, capsys):
+    # Captum's LRP has no rule for Flatten: only running it tells, and that is done on
+    # one image before the run directory is made, with no --option given.
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+    assert main([*argv, "--method", "captum:LRP", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("betasmooth: error: captum:LRP failed on this model: ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["attack", "explain"])
+def test_beta_without_beta_smooth_among_the_methods_is_one_line_before_any_run(
+    command, tmp_path, capsys
+):
+    # A --beta that no method takes would be recorded and silently do nothing.
+    out = tmp_path / "run"
+    argv = [command, "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+    argv += ["--method", "gradient", "--beta", "2"]
+    argv += ["--steps", "1"] if command == "attack" else []
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "betasmooth: error: --beta applies to --method beta_smooth; add it to --method\n"
+    )
     assert not out.exists()
 
 
@@ -1543,6 +1589,24 @@ def test_demo_steps_keep_the_papers_proportions_rounded():
     assert _demo_steps(list(paper), 2) == {"gradient": 2, "integrated_gradients": 1}
 
 
+@pytest.mark.parametrize(("data", "table"), [("digits", "DEMO_SIZES"), ("photos", "PHOTO")])
+def test_demo_sizes_by_data_and_those_of_other_data_are_the_photographs(data, table, tmp_path):
+    # Any data but the built-in digits are images such as the photographs: their
+    # smaller sizes (fewer images, longer sweep), not the digits' 32 images.
+    import argparse
+
+    from betasmooth.cli import DEMO_SIZES, PHOTO_DEMO_SIZES, _demo_sizes
+
+    sizes = {"DEMO_SIZES": DEMO_SIZES, "PHOTO": PHOTO_DEMO_SIZES}[table]
+    for name in (data, str(tmp_path / "my_images")) if table == "PHOTO" else (data,):
+        for quick in (False, True):
+            args = argparse.Namespace(data=name, quick=quick, n=None, steps=None)
+            assert _demo_sizes(args) == sizes["quick" if quick else "default"]
+        args = argparse.Namespace(data=name, quick=False, n=3, steps=7)
+        assert _demo_sizes(args) == {**sizes["default"], "n": 3, "steps": 7}
+    assert PHOTO_DEMO_SIZES["default"]["n"] == 8 and DEMO_SIZES["default"]["n"] == 32
+
+
 def test_cli_sweep_draws_smoothgrad_from_the_runs_seed(tmp_path, capsys):
     import shutil
 
@@ -1713,7 +1777,40 @@ def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
         assert parser.parse_args(["sweep", "run", "--min-fidelity", text]).min_fidelity == float(
             text
         )
-    for text in ("-0.1", "1.5"):
+    # A word is no number: it must not pass as 0 (a floor that every beta meets).
+    for text in ("-0.1", "1.5", "abc"):
         with pytest.raises(SystemExit):
             parser.parse_args(["sweep", "run", "--min-fidelity", text])
     assert "--min-fidelity" in capsys.readouterr().err
+
+
+def test_seed_image_size_and_out_take_their_bounds_and_nothing_outside(capsys):
+    from betasmooth.cli import MAX_IMAGE_SIZE, MAX_SEED, build_parser
+
+    parser = build_parser()
+    out = ["--out", "run"]
+    for seed in (0, MAX_SEED):
+        assert parser.parse_args(["theorem", "--seed", str(seed), *out]).seed == seed
+    size = ["explain", "--model", "m", "--data", "d", "--method", "gradient", *out]
+    assert parser.parse_args([*size, "--image-size", str(MAX_IMAGE_SIZE)]).image_size == 4096
+    # A name of blanks is no directory name, as the empty one is not.
+    for argv in (["theorem", "--seed", "-1", *out], [*size, "--image-size", "4097"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["theorem", "--out", "  "])
+    assert "expected a directory name; got an empty one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("TRUE", True), ("False", False), ("FALSE", False), ("NONE", None)]
+    + [("Null", None), ("3", 3), ("(3,8,8)", (3, 8, 8)), ("epsilon_plus", "epsilon_plus")],
+)
+def test_option_words_are_taken_in_any_case(text, value):
+    # A shell user writes TRUE or FALSE too; the string 'FALSE' would be true.
+    from betasmooth.cli import build_parser
+
+    argv = ["explain", "--model", "m", "--data", "d", "--method", "lrp", "--out", "run"]
+    args = build_parser().parse_args([*argv, "--option", f"lrp.x={text}"])
+    assert args.option == [("lrp", "x", value)]

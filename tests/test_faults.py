@@ -201,6 +201,20 @@ def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_an_os_error_of_no_file_is_said_as_the_system_says_it(tmp_path, monkeypatch, capsys):
+    # No file to name: the line is the error itself, not "...: None".
+    from betasmooth import runs
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(runs, "load_inputs", failing)
+    out = tmp_path / "run"
+    assert main([*ATTACK, *ARGS, "--out", str(out)]) == 2
+    assert _error_line(capsys) == "betasmooth: error: [Errno 5] Input/output error"
+    assert not out.exists()
+
+
 def test_a_report_that_cannot_be_written_leaves_the_old_one_whole(
     finished, tmp_path, monkeypatch, capsys
 ):

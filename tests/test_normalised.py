@@ -501,6 +501,29 @@ def test_cli_integrated_gradients_start_from_black_on_normalised_data(user_files
     torch.testing.assert_close(saved_map, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_an_option_given_to_integrated_gradients_keeps_its_black_start(user_files, tmp_path):
+    # --option integrated_gradients.steps=... is put over the data's options, not in
+    # their place: the path still starts from black, not from the mean colour (0).
+    model_file, data_file, raw = user_files
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{model_file}:net", "--data", str(data_file), "--no-progress"]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD)]
+    argv += ["--method", "integrated_gradients", "--option", "integrated_gradients.steps=8"]
+    assert main([*argv, "--out", str(out)]) == 0
+    mean, std, low, _ = box()
+    net = bs.load_model(f"{model_file}:net").double()
+    x = ((raw - mean) / std).double()
+    target = net(x).argmax(1)
+    black, grey = (
+        bs.heatmap(bs.explain(net, x, "integrated_gradients", target, steps=8, baseline=b))
+        for b in (low.double(), None)
+    )
+    with np.load(out / "arrays" / "integrated_gradients-0.npz") as saved:
+        saved_map = torch.from_numpy(saved["map"]).double()
+    torch.testing.assert_close(saved_map, black, rtol=1e-4, atol=1e-6)
+    assert (saved_map - grey).abs().max() > 1e-3
+
+
 def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_path):
     # Captum's default baseline 0 is the mean colour of normalised data; the
     # command line gives its methods the black image, as integrated_gradients.

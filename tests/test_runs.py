@@ -339,6 +339,20 @@ def test_sweep_records_do_not_depend_on_the_attack_batch_size(tmp_path, digits, 
                 assert value == pytest.approx(rows[5][key][name], rel=1e-9, abs=1e-12), (key, name)
 
 
+def test_a_sweep_of_some_methods_needs_only_their_arrays(tmp_path, digits, digits_cnn):
+    # Lost arrays of a method not swept do not stop the sweep of the others.
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["gradient", "input_x_gradient"], steps=1)
+    (run.arrays / "input_x_gradient-0.npz").unlink()
+    rows = sweep_run(run, digits_cnn, [1.0], methods=["gradient"], smoothgrad_n=2)
+    assert sorted({(r["index"], r["method"]) for r in rows}) == [(0, "gradient"), (1, "gradient")]
+    with pytest.raises(InputError, match=r"^the arrays of 2 finished items .* input_x_gradient"):
+        sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2)
+
+
 def test_swept_maps_are_the_defended_maps_of_the_attacked_images(tmp_path, digits, digits_cnn):
     from scipy.stats import pearsonr
 
@@ -479,6 +493,21 @@ def test_a_halved_batch_computed_again_whole_keeps_each_item_in_one_file(tmp_pat
     np.testing.assert_array_equal(run.read_arrays("a")["index"], np.arange(8))
 
 
+def test_attack_run_takes_steps_and_lr_as_one_value_or_one_per_method(tmp_path):
+    from betasmooth.runs import attack_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=2)
+    methods = ["gradient", "input_x_gradient"]
+    for k, (steps, lr) in enumerate([(2, 0.0123), ({"gradient": 1, "input_x_gradient": 3}, None)]):
+        if lr is None:
+            lr = {"gradient": 0.02, "input_x_gradient": 0.005}
+        run = RunDir.create(tmp_path / f"run{k}", {"command": "attack"})
+        for r in attack_run(run, model, x, y, methods, steps=steps, lr=lr):
+            m = r["method"]
+            assert r["attack_steps"] == (steps[m] if isinstance(steps, dict) else steps)
+            assert r["attack_lr"] == pytest.approx(lr[m] if isinstance(lr, dict) else lr)
+
+
 def test_records_of_every_batch_carry_their_items_target_and_labels(tmp_path):
     from betasmooth.runs import attack_run, curvature_run, explain_run, load_inputs
 
@@ -558,6 +587,33 @@ def test_a_method_named_twice_is_run_once():
 
     assert attack_methods("gradient,lrp,gradient") == ["gradient", "lrp"]
     assert explain_methods(["lrp", "gradient", "lrp"]) == ["lrp", "gradient"]
+
+
+def test_method_lists_take_spaces_around_names_and_refuse_an_empty_list():
+    from betasmooth.runs import attack_methods, explain_methods
+
+    # As a shell user writes a list: "gradient, lrp".
+    assert attack_methods("gradient, lrp") == ["gradient", "lrp"]
+    assert explain_methods([" gradient ", "captum:Saliency "]) == ["gradient", "captum:Saliency"]
+    assert explain_methods(" all ") == list(bs.METHODS)
+    # No name at all runs nothing: refused, not a run without work.
+    for empty in ("", ",", " , ", []):
+        for parse in (attack_methods, explain_methods):
+            with pytest.raises(InputError, match=r"^unknown method ''; expected a comma list"):
+                parse(empty)
+
+
+def test_check_methods_checks_the_images_against_each_methods_options():
+    # Before a run: images outside LRP's box are refused, with x given, not at a batch.
+    from betasmooth.runs import check_methods, load_inputs
+
+    model, x, _ = load_inputs("digits-cnn", "digits", n=4)
+    # Beyond the box's slack (its own width) past 0.2: so the check bites.
+    assert float(x.max()) > 0.4
+    check_methods(model, ["gradient", "lrp"], {"lrp": {"low": 0.0, "high": 1.0}}, x)
+    check_methods(model, ["lrp"], {"lrp": {"low": 0.0, "high": 0.2}})  # no images, no check
+    with pytest.raises(InputError, match=r"^x lies outside the lrp input box \[0.0, 0.2\]"):
+        check_methods(model, ["gradient", "lrp"], {"lrp": {"low": 0.0, "high": 0.2}}, x)
 
 
 def test_curvature_rows_measure_the_original_networks_class(tmp_path):
