@@ -288,3 +288,31 @@ def test_smoothgrad_refuses_an_input_range_with_one_bad_channel():
         span = torch.tensor([1.0, bad, 1.0]).view(1, 3, 1, 1)
         with pytest.raises(ValueError, match="input_range must be positive and finite in every"):
             bs.explain(net, x, "smoothgrad", n=2, input_range=span, seed=0)
+
+
+@pytest.mark.parametrize("seed", [[1, 2, 3], [1], True], ids=["3 for 2", "1 for 2", "bool"])
+def test_smoothgrad_refuses_a_seed_that_is_no_int_nor_one_int_per_item(net, x, seed):
+    # Three seeds for two items would draw from the first two; True is no seed.
+    with pytest.raises(bs.InputError, match=r"seed must be an int or one int per item"):
+        bs.explain(net, x[:2], "smoothgrad", 0, n=2, seed=seed)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (1, 1, 3, 1, 1)])
+def test_smoothgrad_refuses_an_input_range_that_broadcasts_x_to_a_larger_shape(shape):
+    # It broadcasts against x, but to more items or more dimensions than x has.
+    net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = torch.rand(1, 3, 6, 6)
+    span = torch.ones(shape)
+    with pytest.raises(bs.InputError, match=r"input_range of shape .* does not broadcast to x"):
+        bs.explain(net, x, "smoothgrad", 0, n=2, input_range=span, seed=0)
+
+
+def test_a_keyword_option_is_added_to_base_options_over_the_same_one_there(net, x):
+    # "further keyword options are added to them": the keyword's steps, not base_options'.
+    common = dict(beta=2.0, base="integrated_gradients")
+    both = bs.explain(net, x, "beta_smooth", TARGET, base_options={"steps": 2}, steps=8, **common)
+    alone = bs.explain(net, x, "beta_smooth", TARGET, base_options={"steps": 8}, **common)
+    torch.testing.assert_close(both, alone, rtol=0, atol=0)
+    assert not torch.allclose(
+        alone, bs.explain(net, x, "beta_smooth", TARGET, base_options={"steps": 2}, **common)
+    )

@@ -711,6 +711,31 @@ def test_beta_smoothing_refuses_activation_checkpointing(how):
         bs.smooth(net, 2.0)(x.clone().requires_grad_(True))
 
 
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant"])
+def test_a_refused_checkpointed_pass_does_not_also_warn_that_no_relu_ran(how):
+    # The refusal is the whole message: the failed pass replaced nothing, which
+    # is no model without ReLU.
+    x = torch.rand(2, 4, dtype=torch.float64)
+    net = _Checkpointed(how).double()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(bs.InputError, match=r"activation checkpointing"):
+            bs.explain(net, x, "beta_smooth", beta=2.0)
+    assert not [str(w.message) for w in seen if "ReLU" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["reentrant", "non-reentrant"])
+def test_a_checkpointed_model_smoothed_without_gradients_is_the_softplus_model(how):
+    # Without gradients, backward recomputes nothing: the forward is the softplus network's.
+    torch.manual_seed(0)
+    x = torch.rand(3, 4, dtype=torch.float64)
+    net = _Checkpointed(how).double()
+    with torch.no_grad():
+        out = bs.smooth(net, 2.0)(x)
+        expected = net.b(F.softplus(net.a(x), beta=2.0))
+    torch.testing.assert_close(out, expected)
+
+
 def test_beta_smoothing_of_a_captum_method_names_checkpointing_in_its_own_words():
     # The refusal from inside Captum's forward came back as "captum:Saliency
     # failed on this model: beta-smoothing cannot ...".
@@ -767,9 +792,14 @@ def test_torchvision_memory_efficient_densenet_is_refused_and_the_plain_one_smoo
     assert torch.isfinite(bs.explain(plain, x, "beta_smooth", beta=2.0)).all()
 
 
-def test_a_relu_of_integers_in_forward_is_left_alone():
+@pytest.mark.parametrize(
+    "count",
+    [lambda n: torch.relu(torch.tensor(n)), lambda n: torch.relu(input=torch.tensor(n))],
+    ids=["positional", "keyword"],
+)
+def test_a_relu_of_integers_in_forward_is_left_alone(count):
     # Integer bookkeeping through torch.relu was handed to softplus, which
-    # blamed the (floating) input x.
+    # blamed the (floating) input x; also when the input is passed by keyword.
     torch.manual_seed(0)
     linear = nn.Linear(4, 3)
 
@@ -779,7 +809,7 @@ def test_a_relu_of_integers_in_forward_is_left_alone():
             self.linear, self.activation = linear, activation
 
         def forward(self, x):
-            k = torch.relu(torch.tensor(x.shape[1] - 2))  # 2, an integer
+            k = count(x.shape[1] - 2)  # 2, an integer
             return self.activation(self.linear(x)) * k
 
     x = torch.rand(5, 4, dtype=torch.float64)
@@ -790,6 +820,44 @@ def test_a_relu_of_integers_in_forward_is_left_alone():
     got = bs.explain(Counting(torch.relu).double(), x, "beta_smooth", target=target, beta=beta)
     torch.testing.assert_close(got, expected)
     assert bs.smooth(Counting(torch.relu).double(), beta)(x).equal(hand(x))
+
+
+def _sp(h):
+    return F.softplus(h, beta=2.0)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "by_hand"),
+    [
+        (lambda h: torch.relu(h), _sp),
+        (lambda h: torch.relu(input=h), _sp),
+        (lambda h: F.relu(h), _sp),
+        (lambda h: F.leaky_relu(h, 0.1), lambda h: 0.1 * h + 0.9 * _sp(h)),
+        (lambda h: F.hardtanh(h, -0.5, 0.5), lambda h: -0.5 + _sp(h + 0.5) - _sp(h - 0.5)),
+    ],
+    ids=["relu", "relu-keyword", "F.relu", "leaky_relu", "hardtanh"],
+)
+def test_an_activation_that_is_not_in_place_leaves_its_input_for_a_skip(spelling, by_hand):
+    # The pre-activation h also feeds a skip connection: smoothing must not write into it.
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+
+    class Skip(nn.Module):
+        def __init__(self, activation):
+            super().__init__()
+            self.a, self.b, self.activation = a, b, activation
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(self.activation(h) + h)
+
+    x = torch.rand(6, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = bs.explain(Skip(by_hand), x, "gradient", target=target)
+    got = bs.explain(Skip(spelling), x, "beta_smooth", target=target, beta=2.0)
+    torch.testing.assert_close(got, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(bs.smooth(Skip(spelling), 2.0)(x), Skip(by_hand)(x))
 
 
 def _interrupt(*args: object) -> None:

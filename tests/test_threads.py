@@ -98,6 +98,47 @@ def test_a_forward_running_in_another_thread_keeps_its_override_until_it_ends():
     assert not net._forward_pre_hooks and not net._forward_hooks
 
 
+def test_two_forwards_running_on_after_the_context_each_leave_their_own_override():
+    # The first of two forwards to end after the context's exit took the leave hook off:
+    # the second kept its override on its thread's stack of function modes for good.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = net[2](torch.nn.functional.softplus(net[0](x), 2.0))
+    names = ("first", "second")
+    inside = {n: threading.Event() for n in names}
+    leave = {n: threading.Event() for n in names}
+
+    def hold(module, args, output):
+        name = threading.current_thread().name
+        inside[name].set()
+        leave[name].wait(10)
+
+    handle = net[2].register_forward_hook(hold)
+    found: dict[str, dict[str, object]] = {n: {} for n in names}
+
+    def other() -> None:
+        mine = found[threading.current_thread().name]
+        with torch.no_grad():
+            mine["output"] = net(x)
+        mine["modes"] = torch._C._len_torch_function_stack()
+
+    threads = [threading.Thread(target=other, name=n) for n in names]
+    with bs.smoothed(net, 2.0):
+        for t in threads:
+            t.start()
+        assert all(inside[n].wait(10) for n in names)
+    handle.remove()
+    for n, t in zip(names, threads):
+        leave[n].set()
+        t.join(10)
+    assert [found[n]["modes"] for n in names] == [0, 0]
+    for n in names:
+        torch.testing.assert_close(found[n]["output"], expected)
+    assert not net._forward_pre_hooks and not net._forward_hooks
+
+
 def test_attacks_on_one_model_in_two_threads_equal_those_made_alone(switching):
     # The surrogate of one attack replaced the ReLUs of the other's forward passes.
     model = plain_cnn(seed=2)

@@ -661,6 +661,26 @@ def test_a_float16_map_with_nan_or_inf_is_refused_naming_its_items(monkeypatch):
         assert bool(torch.isfinite(maps).all())
 
 
+class _Sqrt(nn.Module):
+    def forward(self, x):
+        return x.sqrt()
+
+
+@pytest.mark.parametrize(("bad", "named"), [(5, "0, 1, 2, 3, 4"), (6, "0, 1, 2, 3, 4, ...")])
+def test_a_map_with_inf_names_five_items_and_marks_more(bad, named):
+    # d sqrt(x) / dx is inf at 0: the items holding a 0 have inf maps.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), _Sqrt(), nn.Linear(4, 2))
+    x = torch.rand(7, 4) + 0.5
+    x[:bad, 0] = 0.0
+    with pytest.raises(InputError) as refused:
+        bs.explain(net, x, "gradient", 0)
+    assert str(refused.value) == (
+        f"gradient gave NaN or inf in the map of {bad} of 7 item(s) (index {named}) in "
+        "float32; expected a model whose outputs and gradients are finite on x"
+    )
+
+
 def test_out_of_memory_in_the_first_forward_is_named_as_such():
     # The probe of two items blamed a forward that folds the batch.
     class Hungry(nn.Sequential):

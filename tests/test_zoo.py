@@ -419,11 +419,42 @@ def test_folder_skips_hidden_files_and_folders_and_run_directories(tmp_path, cap
     assert bs.load_data(str(flat)).files == ["a.png"]
 
 
+def test_folder_order_is_sorted_for_loose_images_and_sibling_subfolders(tmp_path) -> None:
+    # The oracle: torchvision's ImageFolder (sorted os.walk) for the class folder, and
+    # sorted names for a flat folder, whatever order the file system lists them in.
+    from torchvision.datasets import ImageFolder
+
+    names = ["q", "c", "x", "a", "m", "z", "f", "k"]
+    for i, name in enumerate(names):
+        _png(tmp_path / "flat" / f"{name}.png", np.full((2, 2), i), "L")
+        _png(tmp_path / "n" / "cls" / name / "0.png", np.full((2, 2), i), "L")
+    _png(tmp_path / "n" / "cls" / "top.png", np.zeros((2, 2)), "L")
+    flat = bs.load_data(str(tmp_path / "flat"))
+    assert flat.files == [f"{name}.png" for name in sorted(names)]
+    values = [names.index(name) / 255 for name in sorted(names)]
+    torch.testing.assert_close(flat.x[:, 0, 0, 0], torch.tensor(values))
+    data = bs.load_data(str(tmp_path / "n"))
+    theirs = ImageFolder(str(tmp_path / "n"))
+    assert data.files == [Path(p).relative_to(tmp_path / "n").as_posix() for p, _ in theirs.samples]
+    assert data.files == ["cls/top.png"] + [f"cls/{name}/0.png" for name in sorted(names)]
+
+
+def test_an_npz_file_with_an_upper_case_suffix_is_read(tmp_path) -> None:
+    x = np.random.default_rng(0).random((3, 1, 4, 4)).astype(np.float32)
+    path = tmp_path / "data.NPZ"
+    with path.open("wb") as f:
+        np.savez(f, x=x, y=np.array([2, 0, 1]))
+    data = bs.load_data(str(path))
+    torch.testing.assert_close(data.x, torch.from_numpy(x))
+    assert data.y.tolist() == [2, 0, 1]
+
+
 def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:
     deep = np.array([[0, 4000], [30000, 65535]], dtype=np.uint16)
     Image.fromarray(deep).save(tmp_path / "a.png")
     _png(tmp_path / "b.bmp", [[0, 51], [102, 255]], "L")
     x, _ = bs.load_data(str(tmp_path))
+    assert x.shape == (2, 1, 2, 2)  # 16-bit grey is grey: no colour image in the folder
     torch.testing.assert_close(x[0, 0], torch.from_numpy(deep / 65535).float())
     torch.testing.assert_close(x[1, 0], torch.tensor([[0.0, 0.2], [0.4, 1.0]]))
     x3, _ = bs.load_data(str(tmp_path), channels=3)
@@ -804,3 +835,11 @@ def test_a_crop_larger_than_the_resized_image_is_refused_wide_or_tall(shape):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     expected = v2.CenterCrop(28)(v2.Resize(32, antialias=True)(x))
     torch.testing.assert_close(bs.zoo.resize_crop(x, 32, 28), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [0, 2, 4])
+def test_channels_other_than_one_or_three_are_refused(tmp_path, channels) -> None:
+    _png(tmp_path / "a.png", np.zeros((4, 4)), "L")
+    for spec in ("digits", str(tmp_path)):
+        with pytest.raises(bs.InputError, match=rf"^channels must be 1 or 3; got {channels}$"):
+            bs.load_data(spec, channels=channels)
