@@ -492,3 +492,12 @@ def test_resume_keeps_the_creation_record(tmp_path):
     run.update_config(created="2020-01-01T00:00:00+00:00")
     RunDir.create(run.path, config, resume=True)
     assert run.config()["created"] == "2020-01-01T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("key", ["seed", "n"])
+def test_a_sweep_refuses_a_run_whose_integer_setting_is_a_boolean(tmp_path, key):
+    # JSON true is no seed nor count of images, though Python takes it for the int 1.
+    config = {"command": "attack", "model": "digits-cnn", "data": "digits", "seed": 0, "n": 1}
+    run = RunDir.create(tmp_path / "run", config | {key: True})
+    with pytest.raises(InputError, match=f"has {key} = True; expected the int"):
+        run.check_attacked()

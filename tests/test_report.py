@@ -424,6 +424,7 @@ def test_explain_only_run(tmp_path):
     got = column(page.tables["explain-medians"], "lrp")
     assert got["map_max"] == np.median([r["map_max"] for r in records if r["method"] == "lrp"])
     assert "label" not in got
+    assert got["images"] == 3
     assert [img["alt"] for img in page.images] == ["explanation grid"]
     with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
         assert im.size == figures.grid_size(3, 3)
@@ -1023,3 +1024,290 @@ def test_smoothgrad_rows_without_a_beta_are_drawn_at_the_beta_their_sigma_matche
         beta = _matched_beta({"defense": "smoothgrad", "sigma": sigma})
         assert matched_sigma(beta) == pytest.approx(sigma, rel=1e-9)
     assert _matched_beta({"defense": "smoothgrad", "sigma": 0.3, "beta": 2.0}) == 2.0
+
+
+def test_a_metric_that_one_method_lacks_keeps_its_row(tmp_path):
+    # Methods of one run may measure different fields (another goal, a newer version):
+    # the field's row stays, with a median under the method that has it.
+    run = make_run(tmp_path / "run", sweep=False, theory=False)
+    records = read_lines(run / "results.jsonl")
+    rng = np.random.default_rng(5)
+    for r in records:
+        if r["method"] == "lrp":
+            r["map_entropy"] = float(rng.random())
+    _rewrite(run / "results.jsonl", records)
+    page = parse(build_report(run))
+    lrp = column(page.tables["medians"], "lrp (targeted)")
+    gradient = column(page.tables["medians"], "gradient (targeted)")
+    want = np.median([r["map_entropy"] for r in records if r["method"] == "lrp"])
+    assert lrp["map_entropy"] == want
+    assert gradient["map_entropy"] is None
+
+
+def test_row_labels_read_the_label_before_then_after_the_attack():
+    from betasmooth.report import _row_labels
+
+    rng = np.random.default_rng(6)
+    x, m = rng.random((2, 1, H, H)), _maps(rng, 2)
+    batch = AttackBatch(np.array([4, 9]), x, x, m, m, m, np.array([3, 7]), np.array([5, 7]))
+    assert _row_labels(batch, 2) == ["#4 3→5", "#9 7→7"]
+    assert _row_labels(batch, 1, {9: "nine"}) == ["#4 3→5"]
+
+
+def test_the_grid_takes_the_beta_smoothed_maps_of_the_images_it_shows():
+    # The sweep may hold more images than the rows shown (or others first): each row
+    # gets the maps of its own image, found by index.
+    from betasmooth.report import _sweep_maps
+
+    rng = np.random.default_rng(7)
+    maps = rng.random((4, 2, H, H))
+    swept = SweepBatch(np.array([0, 1, 2, 3]), np.array([0.5, 4.0]), maps_beta=maps)
+    got, betas = _sweep_maps(swept, np.array([2, 3]))
+    np.testing.assert_array_equal(got, maps[[2, 3]])
+    assert betas == [0.5, 4.0]
+    got, _ = _sweep_maps(swept, np.array([3, 0]))
+    np.testing.assert_array_equal(got, maps[[3, 0]])
+    assert _sweep_maps(swept, np.array([3, 4])) is None  # image 4 has no sweep maps
+
+
+def test_the_cost_figure_labels_every_setting_by_its_beta(_swept_run, monkeypatch):
+    from betasmooth import report
+
+    run, _ = _swept_run
+    seen = []
+    real = figures.cost_quality
+    monkeypatch.setattr(
+        figures,
+        "cost_quality",
+        lambda points, path, **kw: seen.append(points) or real(points, path, **kw),
+    )
+    report.build_report(run.path)
+    ((points),) = seen
+    by_defense = {}
+    for p in points:
+        by_defense.setdefault(p["defense"], []).append(p["label"])
+    assert {d: sorted(v) for d, v in by_defense.items()} == {
+        "beta_smooth": ["β=0.5", "β=4"],
+        "smoothgrad": ["β=0.5", "β=4"],
+    }
+
+
+def test_a_method_without_beta_smoothing_rows_gets_no_cost_figure(tmp_path):
+    run = make_run(tmp_path / "run", theory=False)
+    sweep = read_lines(run / "sweep.jsonl")
+    kept = [r for r in sweep if not (r["method"] == "lrp" and r["defense"] == "beta_smooth")]
+    _rewrite(run / "sweep.jsonl", kept)
+    alts = [img["alt"] for img in parse(build_report(run)).images]
+    assert "gradient quality against time" in alts
+    assert not [a for a in alts if a.startswith("lrp") and a != "lrp grid"]
+
+
+def test_theory_tables_show_their_columns_in_the_documented_order(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    head = [c[0] for c in page.tables["theory_smoothing-vs-smoothgrad-pcc"][0]]
+    assert head == ["β", "logistic noise", "Gaussian noise"]
+
+
+def test_the_theorem_setup_names_its_settings_in_words(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "theorem", "model": "digits-cnn"})
+    setup = {"d": 10, "beta": 2.0, "n": 1000, "level": 0.95}
+    run.write_theory({"theorem2_setup": setup, "theorem2_iid_bias": 0.012})
+    text = build_report(run.path).read_text()
+    page = parse(run.path / "report.html")
+    got = column(page.tables["theory_theorem2-setup"], "value")
+    assert got == {
+        "input dimension d": 10.0,
+        "β": 2.0,
+        "Monte Carlo samples per point": 1000.0,
+        "confidence level of the bound": 0.95,
+    }
+    assert "not this run&#x27;s model" not in text  # the theory's own model
+
+
+def test_the_theory_of_a_run_of_another_model_says_whose_model_it_checks(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "demo", "model": "resnet18"})
+    run.write_theory({"theorem2_iid_bias": 0.012})
+    text = build_report(run.path).read_text()
+    assert "not this run&#x27;s model (resnet18)" in text
+
+
+def test_every_link_of_the_page_leads_to_a_part_of_it(tmp_path):
+    # An explain run has no attack results and no grids of attacks: no links to them.
+    rng = np.random.default_rng(8)
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
+    run.save_arrays(
+        "gradient", 0, ExplainBatch(np.arange(2), rng.random((2, 1, H, H)), _maps(rng, 2))
+    )
+    run.append([{"index": i, "method": "gradient", "label": 1, "seconds": 0.1} for i in range(2)])
+    page = parse(build_report(tmp_path))
+    targets = [link[1:] for link in page.links if link.startswith("#")]
+    assert "explain" in targets and "results" not in targets and "methods" not in targets
+    assert set(targets) <= set(page.ids)
+
+
+def test_the_grid_names_the_median_of_the_measure_its_goal_optimised(tmp_path):
+    from betasmooth.attack import GOALS
+
+    run = make_run(tmp_path / "run", sweep=False, theory=False)
+    records = [r for r in read_lines(run / "results.jsonl") if r["method"] == "gradient"]
+    text = build_report(run).read_text()
+    said = re.findall(r"<p>Medians over (\d+) images: (.*?)\.</p>", text)[0]
+    assert said[0] == str(N)
+    shown = dict(part.rsplit(" ", 1) for part in said[1].split("; "))
+    measure = GOALS["targeted"].measure
+    assert list(shown) == ["label_kept", measure, "expl_pcc_orig"]
+    for key in (measure, "expl_pcc_orig"):
+        assert float(shown[key]) == pytest.approx(np.median([r[key] for r in records]), rel=5e-4)
+
+
+def test_yes_and_no_stand_for_true_and_false(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "theorem", "quick": True})
+    run.write_theory({"theorem2_projected_within_ci": True, "theorem2_iid_bias": 0.012})
+    page = parse(build_report(run.path))
+    within = THEORY_TERMS["theorem2_projected_within_ci"][0]
+    numbers = {row[0][0]: row[1][0] for row in page.tables["theory-numbers"][1:]}
+    assert numbers[within] == "yes"
+    settings = {row[0][0]: row[1][0] for row in page.tables["settings-table"][1:]}
+    assert settings["quick"] == "yes"
+
+
+def test_a_colour_image_is_drawn_with_its_rows_and_columns_as_they_are():
+    from betasmooth.figures import _image
+
+    x = np.random.default_rng(9).random((3, 2, 5))  # (C, H, W), not square
+    np.testing.assert_allclose(_image(x, 0.0, 1.0), x.transpose(1, 2, 0))
+
+
+def test_an_image_is_scaled_from_the_bottom_to_the_top_of_its_range():
+    from betasmooth.figures import _image
+
+    x = np.array([[[2.0, 3.0, 4.0]]])  # (C=1, H=1, W=3), range [2, 4]
+    np.testing.assert_allclose(_image(x, 2.0, 4.0)[0, :, 0], [0.0, 0.5, 1.0])
+
+
+def test_a_beta_smoothing_row_without_a_beta_has_no_matched_beta():
+    from betasmooth.report import _matched_beta
+
+    # Only SmoothGrad's sigma stands for a beta.
+    assert _matched_beta({"defense": "beta_smooth", "sigma": 0.3}) is None
+    assert _matched_beta({"defense": "beta_smooth", "beta": 3.0}) == 3.0
+
+
+def test_de_normalised_pixels_a_rounding_error_outside_zero_one_keep_their_brightness():
+    # x * std + mean lands a hair below 0 or above 1: that is still a [0, 1] image.
+    from betasmooth.figures import _display_range
+
+    assert _display_range(np.array([-1e-4, 0.2, 1.0 + 1e-4])) == (0.0, 1.0)
+    assert _display_range(np.array([-0.1, 0.5])) == (-0.1, 0.5)
+
+
+def test_each_beta_column_of_the_grid_draws_the_maps_of_its_beta(tmp_path, monkeypatch):
+    rng = np.random.default_rng(10)
+    x, m = rng.random((2, 1, H, H)), _maps(rng, 2)
+    maps_beta = _maps(rng, 2, 3)
+    composed, bars = [], []
+    compose, bar = figures._compose, figures._colour_bar
+    monkeypatch.setattr(figures, "_compose", lambda cols: composed.append(cols) or compose(cols))
+    monkeypatch.setattr(
+        figures,
+        "_colour_bar",
+        lambda fig, at, size, top: bars.append(top) or bar(fig, at, size, top),
+    )
+    figures.method_grid(x, m, x, m, m, tmp_path / "g.png", maps_beta=maps_beta, betas=[0.5, 1, 4])
+    (columns,) = composed
+    assert [c[0] for c in columns[5:]] == ["attacked, β=0.5", "attacked, β=1", "attacked, β=4"]
+    for k in range(3):
+        np.testing.assert_array_equal(columns[5 + k][2], maps_beta[:, k])
+    # The colour bar counts in multiples of 1 / (H W): the row's 99.5th percentile times H W.
+    for r in range(2):
+        row = np.concatenate([np.ravel(m[r])] * 3 + [np.ravel(maps_beta[r])])
+        assert bars[r] == pytest.approx(np.percentile(row, 99.5) * H * H)
+
+
+def _drawn_figures(monkeypatch):
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
+    return drawn
+
+
+def test_betas_that_span_exactly_a_decade_get_a_log_axis(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    figures.defense_curves([1.0, 10.0], {"adv_vs_orig_pcc": [0.2, 0.8]}, tmp_path / "d.png")
+    figures.curvature_figure({"beta": [1.0, 10.0], "hessian_norm": [0.5, 5.0]}, tmp_path / "c.png")
+    figures.curvature_figure({"beta": [1.0, 9.0], "hessian_norm": [0.5, 5.0]}, tmp_path / "e.png")
+    scales = [fig.axes[0].get_xscale() for fig in drawn]
+    assert scales == ["log", "log", "linear"]
+
+
+def test_defense_panels_show_negative_correlations(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    curves = {"adv_vs_orig_pcc": [-0.6, 0.8], "adv_vs_orig_ssim": [0.2, 0.3]}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png")
+    (fig,) = drawn
+    pcc, ssim = fig.axes[:2]
+    low, high = pcc.get_ylim()
+    assert low <= -0.6 and high == 1.02
+    assert ssim.get_ylim() == (-0.05, 1.02)
+
+
+def test_cost_labels_are_joined_by_their_distance_on_the_log_axis(tmp_path, monkeypatch):
+    # Seconds 0.01 and 0.02 lie 0.3 of 2 decades apart (15 % of the x span): two labels,
+    # though in plain seconds they are 1 % of the span apart.
+    drawn = _drawn_figures(monkeypatch)
+    points = [
+        {"defense": "beta_smooth", "label": "β=1", "seconds": 0.01, "metric": 0.5},
+        {"defense": "beta_smooth", "label": "β=2", "seconds": 0.02, "metric": 0.5},
+        {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 0.6},
+    ]
+    figures.cost_quality(points, tmp_path / "c.png")
+    (fig,) = drawn
+    assert fig.axes[0].get_xscale() == "log"
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
+
+
+def test_cost_labels_join_within_a_tenth_across_and_a_twentieth_up():
+    from betasmooth.figures import CLOSE, _joined_labels
+
+    assert CLOSE == (0.1, 0.06)
+    pts = [{"label": n, "seconds": 1.0, "metric": 0.5} for n in ("a", "b")]
+    across = _joined_labels(pts, np.array([[0.0, 0.5], [0.08, 0.5]]), np.ones(2))
+    assert [t for t, _, _ in across] == ["a, b"]
+    up = _joined_labels(pts, np.array([[0.0, 0.5], [0.0, 0.58]]), np.ones(2))
+    assert [t for t, _, _ in up] == ["a", "b"]
+
+
+def test_a_zero_monte_carlo_error_is_drawn_a_decade_below_the_smallest(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    curve = {"n": [10, 100, 1000], "projected": [0.1, 0.02, 0.0], "iid": [0.3, 0.1, 0.05]}
+    figures.mc_error_figure(curve, tmp_path / "mc.png")
+    projected, iid = (line.get_ydata().tolist() for _, line in drawn)
+    assert projected == pytest.approx([0.1, 0.02, 0.002])
+    assert iid == pytest.approx([0.3, 0.1, 0.05])
+
+
+def test_a_confidence_interval_given_as_pairs_is_drawn_from_its_low_end(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    bands = []
+    real = matplotlib.axes.Axes.fill_between
+
+    def spy(self, x, low, high, **kwargs):
+        bands.append((np.asarray(low).tolist(), np.asarray(high).tolist()))
+        return real(self, x, low, high, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
+    ci = [[0.05, 0.2], [0.01, 0.06], [0.0005, 0.02]]
+    curve = {"n": [10, 100, 1000], "projected": [0.1, 0.03, 0.01], "iid": [0.1, 0.04, 0.02]}
+    figures.mc_error_figure(curve | {"projected_ci": ci}, tmp_path / "mc.png")
+    # The low ends, each at least the floor a decade below the smallest error (0.001).
+    assert bands == [(pytest.approx([0.05, 0.01, 0.001]), pytest.approx([0.2, 0.06, 0.02]))]
+
+
+def test_curvature_gets_a_log_y_axis_only_where_every_value_is_positive(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    for k, values in enumerate(([0.5, 5.0, 40.0], [0.0, 5.0, 40.0])):
+        curve = {"beta": [1, 10, 100], "hessian_norm": values, "principal_curvature": [1, 2, 3]}
+        figures.curvature_figure(curve, tmp_path / f"{k}.png")
+    assert [fig.axes[0].get_yscale() for fig in drawn] == ["log", "linear"]

@@ -843,3 +843,10 @@ def test_channels_other_than_one_or_three_are_refused(tmp_path, channels) -> Non
     for spec in ("digits", str(tmp_path)):
         with pytest.raises(bs.InputError, match=rf"^channels must be 1 or 3; got {channels}$"):
             bs.load_data(spec, channels=channels)
+
+
+def test_a_weights_path_that_is_a_directory_is_named_as_such(tmp_path):
+    with pytest.raises(InputError, match="is a directory"):
+        load_state_dict(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        load_state_dict(tmp_path / "none.pt")
