@@ -1088,18 +1088,24 @@ def test_untargeted_default_step_is_a_tenth_of_the_budget(small, eps, step):
     assert float((result.x_adv - x).abs().max()) <= step + 1e-7
 
 
-def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
+def _restart_shifts(monkeypatch, x):
+    """The start of each restart minus ``x``, as the attack's runs receive them."""
     import betasmooth.attack as attack
 
-    net, x = small
-    starts = []
+    shifts = []
     run = attack._run
 
     def spy(p, goal, start, best, best_score):
-        starts.append(start - x)
+        shifts.append(start - x)
         return run(p, goal, start, best, best_score)
 
     monkeypatch.setattr(attack, "_run", spy)
+    return shifts
+
+
+def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
+    net, x = small
+    starts = _restart_shifts(monkeypatch, x)
     eps = 0.05
     bs.manipulate(net, x, _targets(net, x), "gradient", steps=1, restarts=3, eps=eps)
     assert len(starts) == 4 and torch.equal(starts[0], torch.zeros_like(x))
@@ -1114,17 +1120,8 @@ def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
 @pytest.mark.parametrize("eps", [0.05, None])
 def test_restarts_draw_in_units_of_the_data_range(small, monkeypatch, eps):
     # A range 4 wide: the budget eps (or 1 % without one) is 4 eps in the model's units.
-    import betasmooth.attack as attack
-
     net, x = small
-    starts = []
-    run = attack._run
-
-    def spy(p, goal, start, best, best_score):
-        starts.append(start - x)
-        return run(p, goal, start, best, best_score)
-
-    monkeypatch.setattr(attack, "_run", spy)
+    starts = _restart_shifts(monkeypatch, x)
     targets = _targets(net, x)
     bs.manipulate(net, x, targets, "gradient", steps=1, restarts=2, eps=eps, data_range=(-1.0, 3.0))
     radius = 4 * (0.01 if eps is None else eps)  # x in [0, 1]: no clamp to [-1, 3] cuts a draw
