@@ -66,7 +66,7 @@ SWEEP_METRICS = (
     "seconds",
 )
 # Sweep fields that tell one defense setting from another.
-_SWEEP_GROUP = ("attack", "defense", "beta", "sigma", "samples", "n_samples")
+_SWEEP_GROUP = ("defense", "beta", "sigma")
 #: The theory's numbers in plain words: key of theory.json -> (what it is, unit).
 THEORY_TERMS: dict[str, tuple[str, str]] = {
     "identity_1d_max_error": (
@@ -614,9 +614,8 @@ def _section_explain(run: _Run) -> str:
 
 
 def _sweep_group(key: Mapping[str, object]) -> str:
-    """The defense of a sweep setting, and the adaptive attack it met, if any."""
-    name = "β-smoothing" if key.get("defense") == "beta_smooth" else "SmoothGrad"
-    return f"{name}, {key['attack']} attack" if key.get("attack") else name
+    """The defense of a sweep setting."""
+    return "β-smoothing" if key.get("defense") == "beta_smooth" else "SmoothGrad"
 
 
 def _sweep_label(key: Mapping[str, object]) -> str:
@@ -627,9 +626,6 @@ def _sweep_label(key: Mapping[str, object]) -> str:
             parts.append(f"σ={float(key['sigma']):.3g}")
         if is_number(key.get("beta")):
             parts.append(f"matched to β={float(key['beta']):g}")
-        for k in ("samples", "n_samples"):
-            if is_number(key.get(k)):
-                parts.append(f"N={key[k]}")
     elif is_number(key.get("beta")):
         parts.append(f"β={float(key['beta']):g}")
     return ", ".join(parts)
@@ -760,8 +756,6 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
         label = _sweep_label(key)
         defense = key.get("defense", "")
         rows.append([_sweep_group(key), label, len(recs)] + [stats[k] for k in keys])
-        if key.get("attack"):
-            continue
         beta = _matched_beta(key)
         if beta is not None:
             betas, curves = series["beta_smooth" if defense == "beta_smooth" else "smoothgrad"]
