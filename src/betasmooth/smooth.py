@@ -232,6 +232,12 @@ def _physical(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _transformed(value: object) -> bool:
+    """Whether ``value`` is a tensor wrapped by a torch.func transform (one beta per
+    vmap entry), which has no single float."""
+    return isinstance(value, torch.Tensor) and _physical(value) is not value
+
+
 class _Softplus(torch.autograd.Function):
     # A float beta uses torch's fused softplus; a tensor beta computes
     # relu(x) + log1p(exp(-beta |x|)) / beta, which never overflows either.
@@ -556,8 +562,7 @@ def _by_form(
         try:
             return x.copy_(out)
         except RuntimeError:
-            beta = getattr(relu, "beta", None)
-            if not (isinstance(beta, torch.Tensor) and _physical(beta) is not beta):
+            if not _transformed(getattr(relu, "beta", None)):
                 raise
             # vmap cannot write one result per beta into an input that has one.
             raise InputError(
@@ -988,8 +993,7 @@ class SmoothingHandle:
         check_beta(value)
         # Under torch.func.vmap over betas, beta is one number per batch entry
         # that has no float: it stays a tensor, which softplus broadcasts.
-        wrapped = isinstance(value, torch.Tensor) and _physical(value) is not value
-        self._beta = value.reshape(()) if wrapped else float(value)
+        self._beta = value.reshape(()) if _transformed(value) else float(value)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return softplus(x, self._beta)
