@@ -1061,8 +1061,6 @@ def test_a_map_of_another_class_is_attacked_while_the_predicted_label_is_kept(sm
 def test_eot_draws_afresh_at_every_step(small, monkeypatch):
     # The documented seeds, seed + 1 + step: one seed for all steps would attack
     # a fixed noise, and make SmoothGrad look more robust than it is.
-    import betasmooth.attack as attack
-
     net, x = small
     seeds = []
     explain = attack.explain
@@ -1090,8 +1088,6 @@ def test_untargeted_default_step_is_a_tenth_of_the_budget(small, eps, step):
 
 def _restart_shifts(monkeypatch, x):
     """The start of each restart minus ``x``, as the attack's runs receive them."""
-    import betasmooth.attack as attack
-
     shifts = []
     run = attack._run
 

@@ -637,8 +637,6 @@ def test_theorem_json_prints_the_summary_without_curves(tmp_path, capsys):
     assert printed == {k: v for k, v in stored.items() if k != "curves"}
     assert list((tmp_path / "t" / "figures").glob("*.png"))
     # The report is built too, with the numbers of theory.json.
-    from betasmooth.report import build_report
-
     first = (tmp_path / "t" / "report.html").read_bytes()
     assert build_report(tmp_path / "t").read_bytes() == first
     assert f"{stored['identity_1d_max_error']:.4g}".encode() in first
@@ -753,8 +751,6 @@ def test_curvature_draws_the_same_probes_for_every_beta(tmp_path, capsys):
 
 
 def test_records_and_report_name_the_file_and_class_of_each_image(tmp_path):
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     for name in ("zebra/b.png", "zebra/a.png", "Apple/x.png"):
         (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -839,7 +839,6 @@ def test_the_report_names_unfinished_methods_that_its_config_does_not_list(tmp_p
 
 
 def test_the_grid_caption_names_the_files_of_the_rows_shown_only(tmp_path):
-    from betasmooth.report import GRID_ROWS
     from betasmooth.runs import attack_run, load_inputs
     from betasmooth.store import read_jsonl, write_jsonl
 
@@ -874,8 +873,6 @@ def test_the_settings_an_attack_resolved_are_shown_as_settings_not_as_medians(tm
 
 
 def test_only_the_recommended_beta_smoothing_row_is_starred(_swept_run, tmp_path):
-    import shutil
-
     from betasmooth.recommend import sweep_summary
 
     swept, records = _swept_run

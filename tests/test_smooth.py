@@ -496,8 +496,6 @@ def test_warning_names_other_kinked_activations():
 def test_an_activation_added_through_relu_is_smoothed_and_not_named(monkeypatch):
     # hardswish(x) = x relu6(x + 3) / 6, written with relu: smoothed exactly, its module
     # too, so the warning that it stays non-smooth was false.
-    import warnings
-
     from betasmooth.smooth import THROUGH_RELU
 
     def hardswish(relu, x, inplace=False):

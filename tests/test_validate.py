@@ -322,7 +322,6 @@ def test_built_in_registries_survive_a_reload():
     # Notebooks reload modules (autoreload): their methods define themselves again.
     # In a process of its own, so that the reloaded modules stay out of the other tests.
     import subprocess
-    import sys
 
     code = (
         "import importlib, torch, betasmooth as bs\n"
