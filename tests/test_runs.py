@@ -339,6 +339,33 @@ def test_sweep_records_do_not_depend_on_the_attack_batch_size(tmp_path, digits, 
                 assert value == pytest.approx(rows[5][key][name], rel=1e-9, abs=1e-12), (key, name)
 
 
+def test_the_sweep_of_an_attacked_smoothgrad_draws_from_the_attacked_methods_name(
+    tmp_path, digits, digits_cnn
+):
+    # The sweep smooths the base (gradient) of an attacked smoothgrad, but seeds its
+    # draws with the attacked method's name, the record's "method": the seed of
+    # (run seed, "smoothgrad", index), not of (run seed, "gradient", index).
+    from betasmooth.attack import defense_sweep
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["smoothgrad"], steps=1, batch_size=2)
+    rows = sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2, seed=3)
+    assert {(r["method"], r["base"]) for r in rows} == {("smoothgrad", "gradient")}
+    attacked = run.read_arrays("smoothgrad")
+    found = run.read_arrays("smoothgrad", "sweep")["maps_smoothgrad"][:, 0]
+    x_adv, target = (torch.from_numpy(attacked[k]) for k in ("x_adv", "map_target"))
+    for name, close in (("smoothgrad", True), ("gradient", False)):
+        drawn = [unit_seed(3, name, i) for i in range(2)]
+        result = defense_sweep(
+            digits_cnn, x, x_adv, target, "gradient", [2.0], smoothgrad_n=2,
+            defenses=["smoothgrad"], data_range=(0.0, 1.0), seed=drawn,
+        )  # fmt: skip
+        expected = result.maps[("smoothgrad", 2.0)][0].numpy()
+        assert np.allclose(found, expected, rtol=1e-5, atol=1e-7) == close, name
+
+
 def test_a_sweep_of_some_methods_needs_only_their_arrays(tmp_path, digits, digits_cnn):
     # Lost arrays of a method not swept do not stop the sweep of the others.
     from betasmooth.runs import attack_run, sweep_run

@@ -502,8 +502,10 @@ def sweep_run(
     not its own, :func:`~betasmooth.explain.noise.base_call`). Rank 0 writes ``sweep_summary.json``:
     median robustness and fidelity per method, defense and beta and the
     recommended beta (:func:`betasmooth.recommend.sweep_summary`).
-    SmoothGrad draws per image from a seed of (``seed``, method, index), so
-    the records do not depend on the attack's batch size or on the ranks.
+    SmoothGrad draws per image from a seed of (``seed``, attacked method,
+    index), so the records do not depend on the attack's batch size or on
+    the ranks; an attacked ``smoothgrad`` draws with its own name, not its
+    base's, as the ``method`` of its records says.
 
     Examples
     --------
