@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +173,17 @@ def test_pickled_objects_are_refused_unrun(factory_file, tmp_path) -> None:
     trap.write_bytes(pickle.dumps(_Trap(marker)))
     whole = tmp_path / "module.pt"
     torch.save(nn.Linear(3, 2), whole)
-    for path in (trap, whole):
+    # torch.save's own archive whose pickle calls print by an opcode (INST) that
+    # torch's unpickler refuses without naming a global.
+    archive = tmp_path / "inst.pt"
+    torch.save(nn.Linear(3, 2).state_dict(), archive)
+    with zipfile.ZipFile(archive) as source:
+        parts = {n: source.read(n) for n in source.namelist()}
+    with zipfile.ZipFile(archive, "w") as target:
+        for name, data in parts.items():
+            hostile = f"(ibuiltins\nprint\n{marker}\n.".encode()
+            target.writestr(name, b"\x80\x02" + hostile if name.endswith("data.pkl") else data)
+    for path in (trap, whole, archive):
         with pytest.raises(
             InputError, match=r"is not a state dict .*torch\.save\(model\.state_dict"
         ):
@@ -206,6 +218,14 @@ def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
         bs.load_model(f"{factory_file}:make", weights=path)
 
 
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
 def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_path) -> None:
     path = tmp_path / "w.pt"
     torch.save(nn.Linear(50, 50).state_dict(), path)
@@ -216,6 +236,8 @@ def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_pa
         b"hello world\n": r"it is not a file written by torch.save \(it starts with b'hell'\)",
         # torch's unpickler refuses this one, which is no pickled object either.
         b"weights\n": r"it is not a file written by torch.save \(it starts with b'weig'\)",
+        # A zip that holds an .npy among other files is no .npz: torch's own reason.
+        _zip({"a.npy": b"", "notes.txt": b"hi"}): r"RuntimeError: .*not in a subdirectory: a.npy",
     }
     for content, message in cases.items():
         path.write_bytes(content)
