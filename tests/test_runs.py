@@ -308,6 +308,13 @@ def test_hidden_files_that_are_no_temporary_file_of_ours_are_kept(tmp_path):
     with pytest.raises(InputError, match="is not empty"):
         RunDir.create(folder, {"command": "attack"})
     assert sorted(p.name for p in folder.iterdir()) == [".backup.tmp", ".old.npz"]
+    # mkstemp's names carry exactly 8 random characters; this one has 10.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / ".notes.final_copy.tmp").write_text("keep")
+    with pytest.raises(InputError, match="is not empty"):
+        RunDir.create(alone, {"command": "attack"})
+    assert (alone / ".notes.final_copy.tmp").read_text() == "keep"
     # A write that a kill cut, named as mkstemp names it, is removed on the next start.
     run = RunDir.create(tmp_path / "run", {"command": "attack"})
     cut = run.arrays / ".gradient-0.npz.k2j4x_9q.npz"
