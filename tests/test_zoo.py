@@ -190,9 +190,10 @@ def test_pickled_objects_are_refused_unrun(factory_file, tmp_path) -> None:
             bs.load_model(f"{factory_file}:make", weights=path)
     assert not marker.exists()
     checkpoint = tmp_path / "checkpoint.pt"
-    torch.save({"state_dict": nn.Linear(3, 2).state_dict(), "epoch": 3}, checkpoint)
-    with pytest.raises(InputError, match="not a state dict .*under key 'state_dict'"):
-        load_state_dict(checkpoint)
+    for key in ("state_dict", "model_state_dict", "model"):
+        torch.save({key: nn.Linear(3, 2).state_dict(), "epoch": 3}, checkpoint)
+        with pytest.raises(InputError, match=f"not a state dict .*under key '{key}'"):
+            load_state_dict(checkpoint)
 
 
 def test_weights_of_the_same_size_but_another_shape_are_refused(tmp_path) -> None:
@@ -216,6 +217,13 @@ def test_missing_or_mismatched_weights(factory_file, tmp_path) -> None:
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(InputError, match="missing keys: weight, bias; unexpected keys: w"):
         bs.load_model(f"{factory_file}:make", weights=path)
+    # Three names in full; a fourth and more only as "...".
+    for n, shown in ((3, "a, b, c)"), (4, "a, b, c ...)")):
+        torch.save(
+            {**nn.Linear(3, 2).state_dict(), **{k: torch.zeros(1) for k in "abcd"[:n]}}, path
+        )
+        with pytest.raises(InputError, match=f"unexpected keys: {re.escape(shown)}"):
+            bs.load_model(f"{factory_file}:make", weights=path)
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
