@@ -587,6 +587,13 @@ def test_npz_bad_input(tmp_path) -> None:
     np.savez(path, x=np.array([{"a": 1}], dtype=object))
     with pytest.raises(InputError, match="d.npz holds pickled objects, which are never loaded"):
         bs.load_data(str(path))
+    # An archive whose array has a broken header holds no pickled object.
+    path.write_bytes(_zip({"x.npy": b"\x93NUMPY\x01\x00broken"}))
+    with pytest.raises(InputError, match=r"d.npz cannot be read \(ValueError: .*header"):
+        bs.load_data(str(path))
+    path.write_text("hello")
+    with pytest.raises(InputError, match="d.npz is not an .npz archive; expected a file written"):
+        bs.load_data(str(path))
     np.savez(path, x=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     nhwc = r"shape \(2, 8, 8, 3\), channel-last .*x\.transpose\(0, 3, 1, 2\)"
     with pytest.raises(InputError, match=nhwc):
