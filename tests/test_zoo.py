@@ -234,6 +234,14 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def test_an_error_is_told_in_one_line_of_at_most_200_characters() -> None:
+    from betasmooth.checkpoint import reason
+
+    assert reason(ValueError("y" * 200 + "\nsecond line")) == "ValueError: " + "y" * 200
+    assert reason(ValueError("x" * 201)) == "ValueError: " + "x" * 197 + "..."
+    assert reason(EOFError()) == "EOFError"
+
+
 def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_path) -> None:
     path = tmp_path / "w.pt"
     torch.save(nn.Linear(50, 50).state_dict(), path)
