@@ -343,9 +343,104 @@ def test_defense_sweep_equals_recomputation(small):
                         )
     for med in sweep.medians():
         group = [r for r in rows if r["defense"] == med["defense"] and r["beta"] == med["beta"]]
+        assert med["n"] == len(group) == x.shape[0]
         assert med["adv_vs_orig_pcc"] == pytest.approx(
             np.median([r["adv_vs_orig_pcc"] for r in group])
         )
+
+
+def test_each_image_of_a_sweep_is_explained_by_its_own_prediction(digits, digits_cnn):
+    # x_adv and x go through the defenses as one batch with the labels repeated;
+    # the small net predicts one class everywhere, so a mix-up of labels went unseen.
+    x = digits[0][:4]
+    label = predict(digits_cnn, x)
+    assert len(set(label.tolist())) == 4
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    x_adv = (x + 0.02 * noise).clamp(0, 1)
+    seeds = [3, 4, 5, 6]
+    target = _targets(digits_cnn, x)
+    sweep = bs.defense_sweep(
+        digits_cnn, x, x_adv, target, "gradient", [2.0], smoothgrad_n=2, seed=seeds
+    )
+    sigma = math.pi / (math.sqrt(3) * 2.0)
+    for i in range(4):
+        one = {"target": label[i : i + 1]}
+        smooth = [
+            _maps(digits_cnn, v[i : i + 1], "beta_smooth", beta=2.0, **one) for v in (x_adv, x)
+        ]
+        noisy = [
+            _maps(
+                digits_cnn,
+                v[i : i + 1],
+                "smoothgrad",
+                n=2,
+                sigma=sigma,
+                noise="logistic",
+                input_range=1.0,
+                seed=seeds[i],
+                **one,
+            )
+            for v in (x_adv, x)
+        ]
+        for defense, expected in (("beta_smooth", smooth), ("smoothgrad", noisy)):
+            for got, want in zip(sweep.maps[(defense, 2.0)], expected):
+                torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-7)
+
+
+def test_given_smoothgrad_sigmas_are_fractions_of_the_whole_data_range(small):
+    # The noise of a given sigma is sigma * (high - low); a range whose low end is not 0
+    # tells the width from the high end.
+    net, x = small
+    x_adv = (x + 0.05).clamp(0, 1)
+    seeds = [1, 2, 3, 4]
+    sweep = bs.defense_sweep(
+        net,
+        x,
+        x_adv,
+        _targets(net, x),
+        "gradient",
+        [1.0],
+        smoothgrad_sigmas=[0.1],
+        smoothgrad_n=3,
+        defenses=["smoothgrad"],
+        data_range=(-1.0, 2.0),
+        seed=seeds,
+    )
+    label = net(x).argmax(1)
+    for got, v in zip(sweep.maps[("smoothgrad", 1.0)], (x_adv, x)):
+        want = _maps(
+            net,
+            v,
+            "smoothgrad",
+            target=label,
+            n=3,
+            sigma=0.1,
+            noise="logistic",
+            input_range=3.0,
+            seed=seeds,
+        )
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert {r["sigma"] for r in sweep.records()} == {0.1}
+
+
+def test_a_restart_starts_from_noise_drawn_from_the_seed(small):
+    # The first loss of a restart is the surrogate's loss at x plus uniform noise of 1 %
+    # of the range, drawn from the attack's seed.
+    net, x = small
+    target = _targets(net, x)
+    surrogate = bs.smooth(net, 10.0)
+    w_e, w_o = default_weights(16, 16, classes=5)
+    for seed in (0, 7):
+        result = bs.manipulate(
+            net, x, target, "gradient", steps=2, restarts=1, seed=seed, beta_schedule=10.0
+        )
+        noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
+        start = (x + 0.01 * (2 * noise - 1)).clamp(0, 1)
+        with torch.no_grad():
+            change = (surrogate(start).softmax(1) - net(x).softmax(1)).square().mean(1)
+        maps = _maps(surrogate, start, target=result.label)
+        expected = w_e * bs.metrics.mse(maps, target) + w_o * change
+        torch.testing.assert_close(result.history[2], expected, rtol=1e-4, atol=0)
 
 
 def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small):
@@ -1084,6 +1179,14 @@ def test_untargeted_default_step_is_a_tenth_of_the_budget(small, eps, step):
     assert [r["attack_step"] for r in result.records()] == [pytest.approx(step)] * 4
     # One signed step moves no pixel further than the step, in units of the range [0, 1].
     assert float((result.x_adv - x).abs().max()) <= step + 1e-7
+
+
+def test_a_budget_of_the_whole_data_range_is_accepted_and_no_more(small):
+    net, x = small
+    result = bs.manipulate(net, x, None, "gradient", goal="topk", steps=1, eps=1.0)
+    assert [(r["attack_eps"], r["attack_step"]) for r in result.records()] == [(1.0, 0.1)] * 4
+    with pytest.raises(bs.InputError, match="^eps must be at most 1: .*; got 1.001$"):
+        bs.manipulate(net, x, None, "gradient", goal="topk", steps=1, eps=1.001)
 
 
 def _restart_shifts(monkeypatch, x):

@@ -242,6 +242,8 @@ def test_theorem1_on_a_sphere(radius, angle, d):
     assert out["max_principal_curvature"].item() == pytest.approx(kappa, rel=1e-9)
     assert out["bound"].item() == pytest.approx(2 * math.tan(half), rel=1e-9)
     assert out["segment_bound"].item() == pytest.approx(2 * math.tan(half), rel=1e-9)
+    # normal_change / bound = 2 sin(a/2) / (2 tan(a/2))
+    assert out["ratio"].item() == pytest.approx(math.cos(half), rel=1e-9)
     assert bool(out["holds"])
     assert out["output_change"].item() == pytest.approx(0, abs=1e-9 * radius**2)
 

@@ -251,7 +251,18 @@ def test_topk_by_hand_and_default_k():
     # ties: the lower index wins, so the two all-tied maps pick the same pixels
     tied = torch.ones(1, 2, 3)
     assert topk_intersection(tied, a, k=2).item() == 1.0
-    assert (default_k(32, 32), default_k(7, 9), default_k(2, 2)) == (102, 6, 1)
+    # ties at the k-th value behind a larger one: only k - 1 of them are in.
+    # top-2 of c: {0, 1}; of b: {0, 2} -> 1 shared
+    c = torch.tensor([[[5.0, 4.0, 4.0], [4.0, 0.0, 0.0]]])
+    assert topk_intersection(c, b, k=2).item() == 0.5
+    assert topk_intersection(b, c, k=2).item() == 0.5
+    # 10 % of the pixels, rounded down (4.9 -> 4)
+    assert (default_k(32, 32), default_k(7, 9), default_k(7, 7), default_k(2, 2)) == (
+        102,
+        6,
+        4,
+        1,
+    )
 
 
 @pytest.mark.parametrize("k", [0, 17, 2.5, True])
@@ -443,6 +454,15 @@ def test_heatmap_near_the_dtype_largest_value_is_still_the_map(dtype, value, red
     )
 
 
+def test_heatmap_of_an_overflowing_sum_keeps_the_scales_of_the_channels():
+    # The rescue from overflow divides the whole explanation by one number: channels
+    # 10x and 100x smaller than the first keep their share of each pixel.
+    e = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    e = e * torch.tensor([1.0, 0.1, 0.01], dtype=torch.float64).view(1, 3, 1, 1)
+    maps = heatmap((3e38 * e).float())
+    torch.testing.assert_close(maps.double(), heatmap(e), rtol=1e-5, atol=1e-9)
+
+
 def test_heatmap_derivative_at_an_all_zero_map_is_zero():
     # The attack differentiates through heatmap: an all-zero map must not give 0 / 0.
     zero = torch.zeros(1, 3, 4, 4, requires_grad=True)
@@ -574,3 +594,14 @@ def test_medians_of_flags_are_the_fraction_true_and_skip_non_finite_numbers():
 def test_group_records_puts_missing_values_first():
     rows = [{"beta": 2.0}, {"method": "x"}, {"beta": 1.0}]
     assert list(group_records(rows, ["beta"])) == [(None,), (1.0,), (2.0,)]
+
+
+def test_group_records_reads_a_name_s_exponent_as_part_of_its_number():
+    # beta=5e-01 is 0.5: before beta=1, not after beta=2 as a 5 followed by "e-01" would sort.
+    rows = [{"method": m} for m in ("beta=2", "beta=5e-01", "beta=1", "beta=1.5E+00")]
+    assert [g[0] for g in group_records(rows, ["method"])] == [
+        "beta=5e-01",
+        "beta=1",
+        "beta=1.5E+00",
+        "beta=2",
+    ]
