@@ -1258,6 +1258,27 @@ def test_recommended_beta_by_hand():
     assert recommend_beta(tied) == 5.0
 
 
+def test_sweep_summary_leaves_out_records_without_a_defense_or_a_numeric_beta():
+    # Only a record with both is a sweep cell; the others (an attack's records,
+    # a damaged one) leave the summary as it is without them.
+    from betasmooth.recommend import sweep_summary
+
+    row = {
+        "defense": "beta_smooth",
+        "beta": 2.0,
+        "adv_vs_clean_pcc": 0.7,
+        "clean_vs_orig_pcc": 0.95,
+        "undefended_pcc": 0.2,
+    }
+    others = [
+        {**row, "beta": None},
+        {**row, "beta": "2"},
+        {k: v for k, v in row.items() if k != "defense"},
+    ]
+    assert sweep_summary([row, *others]) == sweep_summary([row])
+    assert sweep_summary([row])["method"]["betas"]["2"]["n"] == 1
+
+
 def test_sweep_summary_lists_the_betas_in_increasing_order():
     from betasmooth.recommend import format_summary, sweep_summary
 

@@ -562,6 +562,20 @@ def test_cli_captum_methods_start_from_black_on_normalised_data(user_files, tmp_
     }
 
 
+def test_a_smoothing_of_a_captum_base_gets_the_data_range_as_its_baselines():
+    # with_base_range fills the base's range option as range_options gives it to
+    # the base itself: a Captum base that takes baselines gets the low corner.
+    from betasmooth.explain import with_base_range
+
+    low = torch.tensor([-1.0, -2.0, 0.5]).view(1, 3, 1, 1)
+    high = low + 2.0
+    for method in ("smoothgrad", "beta_smooth"):
+        options = with_base_range(method, {"base": "captum:IntegratedGradients"}, low, high)
+        assert options["base_options"].keys() == {"baselines"}
+        assert options["base_options"]["baselines"] is low
+        assert "base_options" not in with_base_range(method, {"base": "captum:Saliency"}, low, high)
+
+
 def test_captum_takes_one_baseline_colour_per_channel(user_files):
     # GradientShap draws from its baselines and wants their item shape exactly;
     # it draws with numpy's and torch's generators.

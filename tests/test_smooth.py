@@ -254,6 +254,20 @@ def test_samples_have_the_right_moments(beta):
     assert ks.pvalue > 1e-3
 
 
+def test_expand_gives_beta_and_every_statistic_the_new_batch_shape():
+    # Distribution.expand's contract: the statistics take the new batch shape,
+    # with beta's values broadcast (scipy's logistic of scale 1 / beta as the oracle).
+    beta = torch.tensor([[0.5], [4.0]], dtype=torch.float64)
+    noise = LogisticNoise(beta).expand((2, 3))
+    assert noise.batch_shape == (2, 3)
+    assert noise.beta.shape == noise.mean.shape == noise.entropy().shape == (2, 3)
+    ref = sps.logistic(scale=1 / beta.expand(2, 3).numpy())
+    np.testing.assert_allclose(noise.stddev.numpy(), ref.std(), rtol=1e-12)
+    np.testing.assert_allclose(noise.entropy().numpy(), ref.entropy(), rtol=1e-12)
+    e = torch.tensor([-1.0, 0.0, 2.0], dtype=torch.float64)
+    np.testing.assert_allclose(noise.log_prob(e).numpy(), ref.logpdf(e.numpy()), rtol=1e-12)
+
+
 def test_rsample_is_differentiable_in_beta_and_beta_broadcasts():
     beta = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64, requires_grad=True)
     noise = LogisticNoise(beta)

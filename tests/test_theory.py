@@ -111,11 +111,13 @@ def test_bias_limit_against_scipy():
     assert float(theory.iid_bias(torch.ones(2))) < float(theory.iid_bias(torch.ones(16))) < limit
 
 
-@pytest.mark.parametrize("grid", [3, 5, 200001])
+@pytest.mark.parametrize("grid", [3, 5, 101, 200001])
 def test_bias_limit_argmax_against_scipy(grid):
     # The refinement searches both grid cells next to the coarse argmax: the
     # maximiser is found whichever side of the best grid point it lies, even on
-    # a grid of 3 points [0, 5, 10] (scipy's bounded search as the oracle).
+    # a grid of 3 points [0, 5, 10] (scipy's bounded search as the oracle). On
+    # 101 points the best one, 1.2, lies left of the maximiser 1.2384, on the
+    # others right of it.
     sd = math.pi / math.sqrt(3)
     found = optimize.minimize_scalar(
         lambda z: -abs(stats.logistic.cdf(z) - stats.norm.cdf(z / sd)),
@@ -171,6 +173,24 @@ def test_monte_carlo_checkpoints_shrink():
     half = out["checkpoint_half_width"]
     assert half[0].item() == pytest.approx(10 * half[1].item())
     assert out["checkpoint_error"][1] == out["error"].max()
+
+
+def test_monte_carlo_estimates_are_the_fractions_of_active_samples():
+    # The running estimate after c samples is the fraction of the first c
+    # draws with w.(x - e) > 0: recomputed from the same draws of the public
+    # noise model (the seed makes them the same).
+    w = torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    z = torch.linspace(-2, 2, 5, dtype=torch.float64)
+    x = points_along(w, z, 2.0, 3)
+    n, checkpoints = 400, [1, 2, 7, 400]
+    out = theory.theorem2_monte_carlo(w, x, 2.0, n, "iid", seed=5, checkpoints=checkpoints)
+    u = w / w.norm()
+    e = theory.NOISE_MODELS["iid"](u, 2.0, n, torch.Generator().manual_seed(5))
+    active = ((x @ w)[None, :] > (e @ w)[:, None]).numpy()
+    closed = special.expit(2.0 * (x @ u).numpy())
+    np.testing.assert_allclose(out["estimate"].numpy(), active.mean(0), rtol=0, atol=1e-15)
+    expected = [np.abs(active[:c].mean(0) - closed).max() for c in checkpoints]
+    np.testing.assert_allclose(out["checkpoint_error"].numpy(), expected, rtol=0, atol=1e-15)
 
 
 def test_unknown_noise_model():
