@@ -58,13 +58,14 @@ def test_smoothgrad_base_options_and_input_range(x):
         base_options={"steps": 4, "rule": "riemann_middle"},
         n=3,
         sigma=0.1,
-        input_range=1.0,
+        input_range=2.5,
         seed=3,
     )
+    # A range other than 1 scales the noise: sigma * 2.5.
     ig = IntegratedGradients(net)
     maps = [
         ig.attribute(x + e, target=TARGET, n_steps=4, method="riemann_middle")
-        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
+        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=2.5)
     ]
     torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
 
