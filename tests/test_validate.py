@@ -610,6 +610,13 @@ def test_a_forward_that_cuts_x_out_of_the_graph_is_named():
     for method in ("gradient", "integrated_gradients", "beta_smooth", "guided_backprop"):
         with pytest.raises(InputError, match="^_Wrapped's output does not depend on x: its"):
             bs.explain(detached, x, method)
+    # Frozen weights (a pretrained model's usual state) leave an output without a
+    # graph at all, as does a forward under torch.no_grad().
+    frozen = _Wrapped(lambda net, x: net(x.detach())).requires_grad_(False)
+    silent = _Wrapped(lambda net, x: torch.no_grad()(net)(x))
+    for model in (frozen, silent):
+        with pytest.raises(InputError, match="^_Wrapped's output does not depend on x: its"):
+            bs.explain(model, x, "gradient")
 
 
 def test_messages_name_the_right_form_for_maps_squeezed_outputs_and_meta_models():
