@@ -1279,6 +1279,29 @@ def test_sweep_summary_leaves_out_records_without_a_defense_or_a_numeric_beta():
     assert sweep_summary([row])["method"]["betas"]["2"]["n"] == 1
 
 
+def test_sweep_summary_counts_the_images_of_the_undefended_column():
+    # Three images, each in four cells (two defenses, two betas): n is 3, not 4 or 12.
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {
+            "defense": d,
+            "beta": b,
+            "index": i,
+            "adv_vs_clean_pcc": 0.5,
+            "clean_vs_orig_pcc": 0.9,
+            "undefended_pcc": 0.1 * i,
+        }
+        for d in ("beta_smooth", "smoothgrad")
+        for b in (1.0, 5.0)
+        for i in range(3)
+    ]
+    summary = sweep_summary(rows)["method"]
+    assert summary["undefended"]["n"] == 3
+    assert summary["undefended"]["robustness_pcc"] == pytest.approx(0.1)
+    assert summary["betas"]["5"]["n"] == summary["smoothgrad"]["1"]["n"] == 3
+
+
 def test_sweep_summary_lists_the_betas_in_increasing_order():
     from betasmooth.recommend import format_summary, sweep_summary
 
