@@ -1357,7 +1357,7 @@ def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
             return {
                 "min_fidelity": min_fidelity,
                 "recommended_beta": 2.0,
-                "undefended": {},
+                "undefended": {"robustness_pcc": 0.4},
                 "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
             }
 
@@ -1365,7 +1365,13 @@ def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
     x = bs.load_data("digits", split="train")[0][:2]
     found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
     assert (found.beta, found.recommended) == (2.0, True)
-    assert found.record()["recommended"] is True
+    assert found.record() == {
+        "beta": 2.0,
+        "recommended": True,
+        "min_fidelity": 0.9,
+        "undefended": {"robustness_pcc": 0.4},
+        "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
+    }
 
 
 def test_calibration_is_the_sweep_of_its_own_attack_recomputed():
