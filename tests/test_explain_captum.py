@@ -216,3 +216,24 @@ def test_check_model_passes_a_wrappers_options_on_to_its_captum_base(wrapper):
     check_model(net, wrapper, base="captum:Occlusion", sliding_window_shapes=(1, 1, 1))
     with pytest.raises(bs.InputError, match=r"captum:Occlusion needs the option sliding_window"):
         check_model(net, wrapper, base="captum:Occlusion")
+
+
+class _OutOfMemoryInCaptum(nn.Module):
+    """plain_cnn that runs out of memory on the input Captum differentiates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn().double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and x.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)
+
+
+def test_out_of_memory_inside_captum_is_not_called_a_failure_of_the_model(x):
+    # The runs halve the batch on out of memory: it must stay itself, not become
+    # "captum:NAME failed on this model".
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        bs.explain(_OutOfMemoryInCaptum(), x, "captum:Saliency", TARGET)
+    assert "failed on this model" not in str(info.value)

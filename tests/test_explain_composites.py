@@ -121,16 +121,18 @@ def test_composites_differ_from_each_other():
             assert (a - b).abs().max() > 1e-6 * a.abs().max()
 
 
-def test_custom_composite_with_gamma_and_w_square_equals_zennit():
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_custom_composite_with_gamma_and_w_square_equals_zennit(gamma):
+    # gamma 0 is allowed: the gamma rule is then LRP-0 (zennit's Gamma(0.0)).
     net = vgg_small().double()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     target = torch.tensor([1, 0, 3])
     ours = bs.explain(
-        net, x, "lrp", target, gamma=0.5, epsilon=0.01,
+        net, x, "lrp", target, gamma=gamma, epsilon=0.01,
         composite=Composite({nn.Conv2d: "gamma", nn.Linear: "epsilon"}, {nn.Conv2d: "w_square"}),
     )  # fmt: skip
     composite = SpecialFirstLayerMapComposite(
-        layer_map=layer_map_base() + [(Convolution, Gamma(0.5)), (nn.Linear, Epsilon(0.01))],
+        layer_map=layer_map_base() + [(Convolution, Gamma(gamma)), (nn.Linear, Epsilon(0.01))],
         first_map=[(Convolution, WSquare())],
     )
     torch.testing.assert_close(ours, zennit_map(net, composite, x, target), rtol=1e-9, atol=1e-12)

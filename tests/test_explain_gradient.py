@@ -32,7 +32,7 @@ def test_input_x_gradient_without_create_graph_is_a_value_like_every_map(x):
     # gradient's) would give a wrong derivative without a word: it has none.
     net = _smooth_net()
     x = x.clone().requires_grad_(True)
-    for method in ("gradient", "input_x_gradient"):
+    for method in ("gradient", "input_x_gradient", "integrated_gradients"):
         assert not bs.explain(net, x, method, TARGET).requires_grad
     # With create_graph, its derivative is the whole one: finite differences.
     point = x[:1].detach()
@@ -91,6 +91,12 @@ def test_integrated_gradients_default_baseline_and_scalar(net, x):
         rtol=1e-6,
         atol=1e-9,
     )
+
+
+def test_a_bool_baseline_is_refused(net, x):
+    # bool is a numbers.Real: True would silently have been the baseline 1.0.
+    with pytest.raises(TypeError, match=r"^baseline must be None, a number or a tensor"):
+        bs.explain(net, x, "integrated_gradients", TARGET, steps=4, baseline=True)
 
 
 def test_integrated_gradients_completeness(net, x):

@@ -452,7 +452,8 @@ def test_unsupported_function_names_its_module_path():
 
 
 class _MeanPooled(nn.Module):
-    """A small CNN with global average pooling as ``Tensor.mean``, ``torch.mean`` or modules."""
+    """A small CNN with global average pooling as ``Tensor.mean``, ``torch.mean``, ``F``'s pools
+    or modules."""
 
     def __init__(self, pooling: str) -> None:
         super().__init__()
@@ -470,10 +471,14 @@ class _MeanPooled(nn.Module):
             return self.fc(h.mean((2, 3)))
         if self.pooling == "function":
             return self.fc(torch.mean(h, dim=(2, 3), keepdim=True).flatten(1))
+        if self.pooling == "avg_pool2d":
+            return self.fc(F.avg_pool2d(h, 8).flatten(1))
+        if self.pooling == "adaptive_avg_pool2d":
+            return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
         return self.fc(self.pool(h))
 
 
-@pytest.mark.parametrize("pooling", ["method", "function"])
+@pytest.mark.parametrize("pooling", ["method", "function", "avg_pool2d", "adaptive_avg_pool2d"])
 def test_lrp_of_mean_equals_zennit_on_adaptive_avg_pool(pooling):
     net, twin = _MeanPooled(pooling).double().eval(), _MeanPooled("modules").double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
@@ -805,3 +810,76 @@ def test_lrp_gives_torchs_subclasses_of_linear_the_linear_rules_like_zennit():
     theirs = zennit_lrp(net, x, target, epsilon=0.01)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
     assert ours.abs().sum() > 0
+
+
+def test_lrp_of_one_dimensional_convolutions_matches_zennit():
+    # Conv1d layers take the rules of Conv2d: z^B first, z+ after (zennit's Convolution).
+    torch.manual_seed(13)
+    net = (
+        nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(4, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64, 3),
+        )
+        .double()
+        .eval()
+    )
+    x = torch.rand(3, 2, 16, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    ours = bs.explain(net, x, "lrp", target)
+    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _SizedView(nn.Module):
+    """vgg_small's body, then ``h.view(h.size(0), -1)``: a reshape fed by x and by a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = vgg_small().double()
+        self.body, self.head = self.net[:8], self.net[9:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.head(h.view(h.size(0), -1))
+
+
+def test_lrp_routes_relevance_through_a_view_sized_by_the_batch_like_zennit():
+    net = _SizedView().eval()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([4, 0, 2])
+    ours = bs.explain(net, x, "lrp", target)
+    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_lrp_graph_traced_in_training_mode_is_of_the_deployed_model(aux):
+    # lrp_graph (public) on a model in training mode traces, and caches, the
+    # deployed branch: no auxiliary output, no random dropout.
+    model = _WithDropout(aux).train()
+    lrp_graph(model)
+    assert model.training
+    model.eval()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    ours = bs.explain(model, x, "lrp", target)
+    torch.testing.assert_close(ours, zennit_lrp(model.net, x, target), rtol=1e-10, atol=1e-14)
+
+
+def test_lrp_does_not_run_forward_hooks_again_while_it_sends_relevance_back():
+    # The rules re-evaluate pools and reshapes with forward, not __call__: a
+    # user's hook sees the model run as often as for the gradient (one map, one forward).
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    calls = {}
+    for method in ("gradient", "lrp"):
+        net = vgg_small().double()
+        calls[method] = []
+        for m in net.modules():
+            if isinstance(m, (nn.MaxPool2d, nn.Flatten)):
+                m.register_forward_hook(lambda module, i, o, seen=calls[method]: seen.append(1))
+        bs.explain(net, x, method, torch.tensor([1, 3]))
+    assert len(calls["lrp"]) == len(calls["gradient"]) > 0
