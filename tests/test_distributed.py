@@ -380,6 +380,23 @@ def test_rank_device_is_the_local_rank_not_the_global_rank(monkeypatch):
     assert rank_device(torch.device("cpu")) == torch.device("cpu")
 
 
+def test_a_job_of_one_rank_computes_on_the_device_it_was_given(monkeypatch):
+    # torchrun --nproc-per-node 1 ... --device cuda:1 is one process: no rank to place.
+    from betasmooth.distributed import rank_device
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+def test_no_device_is_the_cpu_and_a_device_that_computes_nothing_is_refused():
+    from betasmooth.distributed import resolve_device
+
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(bs.InputError, match=r"^unsupported device 'meta'; expected cpu or cuda$"):
+        resolve_device("meta")
+
+
 ANY_SCRIPT = """
 import json, sys
 import torch

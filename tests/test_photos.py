@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from PIL import Image
 from scipy.stats import pearsonr
 from skimage.transform import resize
 from sklearn.datasets import load_sample_image
@@ -310,3 +311,47 @@ def test_editing_returned_crops_in_place_leaves_the_next_call_unchanged():
     torch.testing.assert_close(again[0], kept[0], rtol=0, atol=0)
     assert torch.equal(again[1], kept[1])
     np.testing.assert_array_equal(again[2], kept[2])
+
+
+def test_crops_are_the_antialiased_bilinear_resize_of_their_box(test_split):
+    # Oracle: PIL's bilinear resize of each channel (a triangle filter widened by the
+    # scale, i.e. antialiased), flipped left-right where the box says so.
+    x, y = test_split
+    _, _, boxes = photos.photo_crops("test")
+    for i in range(0, 500, 23):
+        top, left, height, width, flip = boxes[i]
+        photo = SOURCES[list(SOURCES)[int(y[i])]]()[..., :3].astype(np.float32) / 255.0
+        region = photo[top : top + height, left : left + width]
+        expected = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(np.ascontiguousarray(region[..., c]), mode="F").resize(
+                        (64, 64), Image.Resampling.BILINEAR
+                    )
+                )
+                for c in range(3)
+            ]
+        )
+        expected = expected[:, :, ::-1] if flip else expected
+        np.testing.assert_allclose(x[i].numpy(), expected, rtol=0, atol=1e-5, err_msg=str(i))
+
+
+def test_crop_sides_are_the_documented_fractions_of_the_shorter_side(test_split):
+    # 15, 20 or 25 % of the shorter side, rounded, each of them used; at most one cell.
+    _, y, boxes = photos.photo_crops("test")
+    for label, name in enumerate(SOURCES):
+        height, width = SOURCES[name]().shape[:2]
+        scaled = {round(s * min(height, width)) for s in (0.15, 0.2, 0.25)}
+        cells = {int(d) for n in (height, width) for d in np.diff(np.round(np.arange(5) * n / 4))}
+        sides = set(boxes[y.numpy() == label][:, 2].tolist())
+        assert sides <= scaled | cells, (name, sorted(sides))
+        assert sorted(scaled)[:2] == sorted(sides)[:2], (name, sorted(sides))
+
+
+def test_half_the_crops_are_flipped_and_none_is_almost_uniform(test_split):
+    x, _ = test_split
+    _, _, boxes = photos.photo_crops("test")
+    # Flipped with probability one half: 500 draws, a binomial's sd is 0.022.
+    assert 0.4 <= boxes[:, 4].mean() <= 0.6
+    # Crops of standard deviation below 0.02 (the black of the retina and the sky) are drawn again.
+    assert np.std(x.numpy().reshape(500, -1), axis=1, ddof=1).min() >= 0.02

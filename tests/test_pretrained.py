@@ -393,3 +393,23 @@ def test_out_of_memory_while_loading_does_not_blame_the_cache_file(hub, monkeypa
     assert message.endswith("; expected more free memory: the model's weights alone do not fit")
     assert "delete" not in message
     assert pretrained.checkpoint_path(SPECS["resnet18"]).exists()
+
+
+def test_a_spec_without_weights_is_torchvisions_default_not_the_first_weights():
+    # resnet50's DEFAULT is IMAGENET1K_V2, with its own file and preprocessing (resize 232).
+    expected = torchvision.models.get_model_weights("resnet50").DEFAULT
+    assert expected.name == "IMAGENET1K_V2"
+    assert pretrained.weights_of("torchvision:resnet50") is expected
+    assert pretrained.checkpoint_path("torchvision:resnet50").name == expected.url.rsplit("/", 1)[1]
+    prep = pretrained.preprocessing("torchvision:resnet50")
+    assert (prep.resize, prep.crop) == (expected.transforms().resize_size[0], 224) == (232, 224)
+
+
+def test_load_pretrained_gives_the_model_in_evaluation_mode(hub):
+    # As torchvision's weights are meant to be used: BatchNorm on its running statistics.
+    for weights in (False, True):
+        model = pretrained.load_pretrained(SPECS["resnet18"], pretrained=weights)
+        assert not any(m.training for m in model.modules()), weights
+    x = normalised(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hub["resnet18"](x), rtol=0, atol=0)

@@ -229,3 +229,19 @@ def test_a_float16_model_names_inputs_beyond_its_range_and_keeps_its_dtype():
     got = bs.quantus_explain(net, x.numpy(), TARGET[:2].numpy(), method="gradient")
     assert got.dtype == np.float16 and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, expected.numpy())
+
+
+def test_volumes_are_taken_channel_first_as_given():
+    # Quantus infers the layout of signals and images only; a volume (B, C, D, H, W) is
+    # explained as given. Oracle: autograd's gradient summed over the channels.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(96, 3)
+    ).eval()
+    x = torch.rand(2, 2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    y = np.array([0, 2])
+    leaf = x.clone().requires_grad_(True)
+    net(leaf).gather(1, torch.from_numpy(y)[:, None]).sum().backward()
+    got = bs.quantus_explain(net, x.numpy(), y)
+    assert got.shape == (2, 1, 4, 6, 6)
+    np.testing.assert_allclose(got, leaf.grad.sum(1, keepdim=True).numpy(), rtol=1e-6, atol=1e-9)

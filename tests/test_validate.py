@@ -828,3 +828,77 @@ def test_a_new_item_shape_is_probed_again_after_a_first_call():
         r"is \(2, 1, 6, 6\)\): mat1 and mat2",
     ):
         bs.explain(net, x[..., :6, :6], "gradient", 0)
+
+
+def test_labels_of_any_integer_dtype_become_long_class_indices():
+    # Documented: a (batch,) long tensor, from int or unsigned labels (uint8 as images store them).
+    from betasmooth.validate import check_target
+
+    for labels in (
+        np.array([0, 4], dtype=np.uint8),
+        torch.tensor([0, 4], dtype=torch.int32),
+        torch.tensor([0, 4], dtype=torch.uint8),
+    ):
+        got = check_target(labels, batch=2)
+        assert got.dtype == torch.long and got.tolist() == [0, 4], labels
+
+
+def test_target_errors_name_the_class_that_is_out_of_range():
+    # The message names the offending class, not the first or the smallest of the batch.
+    from betasmooth.validate import check_classes, check_target
+
+    with pytest.raises(InputError, match=r"^target class must be >= 0; got -2$"):
+        check_target([3, -2, 1], batch=3)
+    with pytest.raises(
+        InputError, match=r"^target class 7 is out of range; the model has 5 outputs \(classes 0"
+    ):
+        check_classes(torch.tensor([0, 7, 2]), 5)
+
+
+def test_negative_seeds_are_refused_whole_or_per_item():
+    # torch's manual_seed takes -1 (as 2**64 - 1) silently; the documented range is 0 to 2**64 - 1.
+    from betasmooth.validate import item_seeds
+
+    torch.Generator().manual_seed(-1)
+    with pytest.raises(InputError, match=r"^seed must be an integer >= 0; got -1$"):
+        item_seeds(-1, 2)
+    with pytest.raises(InputError, match=r"^seed must be an integer >= 0; got -3$"):
+        item_seeds([4, -3], 2)
+    with pytest.raises(InputError, match="seed must be an integer >= 0"):
+        bs.explain(plain_cnn(), torch.rand(2, 1, 16, 16), "smoothgrad", 0, n=2, seed=[1, -1])
+
+
+def test_out_of_range_values_are_named_lowest_first():
+    x = torch.zeros(2, 1, 2, 2)
+    x[0, 0, 1, 1], x[1, 0, 0, 0] = -0.5, 2.0
+    named = r"^x has values in \[-0\.5, 2\], outside data_range \[0, 1\]"
+    with pytest.raises(InputError, match=named):
+        check_in_range(x, 0.0, 1.0)
+
+
+def test_a_model_with_buffers_only_takes_inputs_in_their_dtype():
+    # Frozen weights kept as buffers: the model has no parameters, its buffers give its dtype.
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.register_buffer("weight", torch.randn(3, 4, generator=gen, dtype=torch.float64))
+
+        def forward(self, x):
+            return x.flatten(1) @ self.weight.T
+
+    model, x = Frozen(), torch.rand(2, 1, 2, 2)
+    got = bs.explain(model, x, "gradient", torch.tensor([0, 2]))
+    # The gradient of a linear map is its weight row (closed form), in float64.
+    assert got.dtype == torch.float32
+    expected = model.weight[[0, 2]].view(2, 1, 2, 2).float()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_an_input_beyond_a_float16_models_range_names_its_largest_finite_value():
+    # The largest |x| as given (7e4), not as the cast to float16 made it (inf).
+    net = plain_cnn(seed=1).half()
+    big = torch.zeros(2, 1, 16, 16)
+    big[1, 0, 3, 4] = -7e4
+    with pytest.raises(InputError, match=r"\(largest \|x\| 7e\+04\); expected values within"):
+        bs.explain(net, big, "gradient", 0)
