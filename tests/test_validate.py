@@ -836,6 +836,8 @@ def test_labels_of_any_integer_dtype_become_long_class_indices():
 
     for labels in (
         np.array([0, 4], dtype=np.uint8),
+        np.array([0, 4], dtype=np.uint16),
+        np.array([0, 4], dtype=np.uint64),
         torch.tensor([0, 4], dtype=torch.int32),
         torch.tensor([0, 4], dtype=torch.uint8),
     ):

@@ -217,9 +217,11 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
             f"target must be an int or have shape ({batch},) to match the batch; "
             f"got shape {tuple(target.shape)}"
         )
+    # As int64 first: torch compares no uint16, uint32 or uint64 tensor (numpy labels of them).
+    target = target.long()
     if bool((target < 0).any()):
         raise InputError(f"target class must be >= 0; got {target.min().item()}")
-    return target.long()
+    return target
 
 
 def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
