@@ -227,6 +227,7 @@ def test_logistic_density_integrates_to_one_and_equals_scipy(beta):
     assert noise.variance.item() == pytest.approx(ref.var(), rel=1e-12)
     assert noise.entropy().item() == pytest.approx(ref.entropy(), rel=1e-12)
     assert noise.mean.item() == 0.0
+    assert noise.mode.item() == 0.0  # the logistic density peaks at its location
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -252,6 +253,18 @@ def test_samples_have_the_right_moments(beta):
     assert abs(e.std().item() - sigma) <= 4 * sigma * math.sqrt((1.2 + 2) / (4 * n))
     ks = sps.kstest(e[:20_000].numpy(), sps.logistic(scale=1 / beta).cdf)
     assert ks.pvalue > 1e-3
+
+
+def test_samples_of_a_float64_beta_come_from_float64_uniforms():
+    # The draws are icdf(u) for u of beta's dtype: float32 uniforms would put
+    # float64 draws on float32's grid, with tails cut at 9 standard deviations.
+    beta = torch.tensor(2.0, dtype=torch.float64)
+    torch.manual_seed(3)
+    e = LogisticNoise(beta).sample((1000,))
+    torch.manual_seed(3)
+    u = torch.rand(1000, dtype=torch.float64)
+    assert e.dtype == torch.float64
+    torch.testing.assert_close(e, torch.logit(u) / beta, rtol=1e-15, atol=0)
 
 
 def test_expand_gives_beta_and_every_statistic_the_new_batch_shape():

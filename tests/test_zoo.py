@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -304,6 +305,19 @@ def test_unknown_model_specs(tmp_path) -> None:
         bs.load_model(f"{broken}:make")
 
 
+def test_a_model_file_whose_import_failed_is_run_again_not_half_loaded(tmp_path) -> None:
+    # The module of a failed import is forgotten: loading the file again runs it again
+    # (and fails again), rather than taking the factory it defined before it failed.
+    path = tmp_path / "half.py"
+    path.write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Linear(2, 2)\n\n"
+        "raise RuntimeError('needs a GPU')\n"
+    )
+    for _ in range(2):
+        with pytest.raises(InputError, match=r"importing .*half.py failed: RuntimeError"):
+            bs.load_model(f"{path}:make")
+
+
 def test_check_compatible(digits_cnn) -> None:
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
@@ -314,6 +328,24 @@ def test_check_compatible(digits_cnn) -> None:
     with pytest.raises(InputError, match=r"model does not accept input of shape \(3, 32, 32\)"):
         check_compatible(digits_cnn, torch.rand(2, 3, 32, 32))
     assert not digits_cnn.training
+
+
+def test_check_compatible_runs_a_training_model_in_evaluation_mode() -> None:
+    # Batch norm's running statistics and dropout act as in eval(); the model's
+    # mode and buffers come back unchanged. Oracle: a deep copy put in eval().
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5)]
+    net = nn.Sequential(*layers, nn.Linear(3 * 6 * 6, 4))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(net).eval()
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = reference(x[:1])
+    torch.testing.assert_close(check_compatible(net, x), expected)
+    assert net.training
+    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------- user data
@@ -359,6 +391,19 @@ def test_flat_folder_rgb_to_grey_and_resize(tmp_path) -> None:
     # Only grey images: grey.
     (tmp_path / "red.png").unlink()
     assert bs.load_data(str(tmp_path)).x.shape == (1, 1, 8, 8)
+
+
+def test_a_grey_image_after_a_colour_one_takes_the_folders_three_channels(tmp_path) -> None:
+    # Every image is read with the folder's channels, not with its own mode:
+    # a grey image sorted after a colour one repeats to RGB, as Pillow's convert("RGB").
+    rng = np.random.default_rng(5)
+    colour = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (4, 5), dtype=np.uint8)
+    _png(tmp_path / "a.png", colour, "RGB")
+    _png(tmp_path / "b.png", grey, "L")
+    x, _ = bs.load_data(str(tmp_path))
+    expected = np.stack([colour, np.asarray(Image.open(tmp_path / "b.png").convert("RGB"))])
+    np.testing.assert_allclose(x.numpy(), expected.transpose(0, 3, 1, 2) / 255, atol=1e-7)
 
 
 def test_folder_images_are_laid_out_as_the_arrays_a_run_reads_back(tmp_path) -> None:
@@ -707,9 +752,24 @@ def test_preset_prepares_built_in_data_as_torchvision_does():
         torch.testing.assert_close(data.x[k], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("std", [0.0, [0.2, 0.0, 0.2]])
+def test_a_preset_with_image_size_resizes_without_the_presets_crop():
+    # image_size replaces the preset's resize and centre crop by one plain resize;
+    # the preset's mean and std stay. Oracle: torchvision's Resize of the raw digits.
+    torchvision = pytest.importorskip("torchvision")
+    raw, _ = bs.load_data("digits")
+    data = bs.load_data("digits", preset="torchvision:vgg16", image_size=(20, 24))
+    assert tuple(data.x.shape[1:]) == (3, 20, 24)
+    transform = torchvision.models.VGG16_Weights.DEFAULT.transforms()
+    resize = torchvision.transforms.Resize((20, 24), antialias=True)
+    mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
+    for k in (0, 1):
+        expected = (resize(raw[k].expand(3, -1, -1)) - mean[:, None, None]) / std[:, None, None]
+        torch.testing.assert_close(data.x[k], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("std", [0.0, [0.2, 0.0, 0.2], [0.2, -0.25, 0.2]])
 def test_a_zero_std_is_refused(std):
-    # (x - mean) / 0 is inf or NaN in every pixel.
+    # (x - mean) / 0 is inf or NaN in every pixel; a negative std would flip a channel.
     with pytest.raises(bs.InputError, match="std must be > 0"):
         bs.load_data("digits", channels=3, mean=0.5, std=std)
     with pytest.raises(bs.InputError, match="std must be > 0"):
