@@ -1810,3 +1810,28 @@ def test_option_words_are_taken_in_any_case(text, value):
     argv = ["explain", "--model", "m", "--data", "d", "--method", "lrp", "--out", "run"]
     args = build_parser().parse_args([*argv, "--option", f"lrp.x={text}"])
     assert args.option == [("lrp", "x", value)]
+
+
+def test_counts_take_2_to_the_31_minus_1_and_nothing_above():
+    import argparse
+
+    from betasmooth.cli import positive_integer
+
+    assert positive_integer(str(2**31 - 1)) == 2**31 - 1
+    for text in (str(2**31), "0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="below 2"):
+            positive_integer(text)
+
+
+def test_the_demo_attacks_smoothgrad_and_integrated_gradients_with_its_smaller_sizes():
+    # Every attack step pays for all samples: the demo attacks SmoothGrad with 8 of them,
+    # and sweeps with 16 (its own --smoothgrad-n), not the other way round.
+    import torch
+
+    from betasmooth.cli import DEMO_SIZES, _attacked_with
+
+    sizes = DEMO_SIZES["default"]
+    config = {"methods": ["smoothgrad", "integrated_gradients"], **sizes}
+    options = _attacked_with(config, (torch.zeros(1, 1, 1), torch.ones(1, 1, 1)))
+    assert options["smoothgrad"]["n"] == sizes["smoothgrad_attack_n"] == 8 != sizes["smoothgrad_n"]
+    assert options["integrated_gradients"]["steps"] == sizes["ig_steps"]

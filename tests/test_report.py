@@ -460,6 +460,9 @@ def test_explain_grid_leaves_out_a_method_whose_maps_of_the_rows_are_lost(tmp_pa
 @pytest.mark.parametrize("goal", ["topk", "center"])
 def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal, monkeypatch):
     run = make_run(tmp_path, theory=False, goal=goal)
+    # As the attack records them: its "target" is the original map, so these are 1.
+    before = {f"expl_{m}_target_before": 1.0 for m in ("pcc", "ssim", "mse")}
+    _rewrite(run / "results.jsonl", [r | before for r in read_lines(run / "results.jsonl")])
     drawn = []
     real = figures.defense_curves
 
@@ -747,7 +750,10 @@ def test_an_unfinished_run_says_what_it_lacks(tmp_path):
     dropped = next(
         r for r in sweep if (r["method"], r["index"], r["defense"]) == ("gradient", 2, "smoothgrad")
     )
-    _rewrite(run / "sweep.jsonl", [r for r in sweep if r is not dropped])
+    # The sweep of lrp saw only the 4 images lrp finished.
+    lost = [r for r in sweep if r["method"] == "lrp" and r["index"] >= 4]
+    kept = [r for r in sweep if r is not dropped and r not in lost]
+    _rewrite(run / "sweep.jsonl", kept)
     text = build_report(run).read_text()
     notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text).group(1)
     # lrp's sweep holds every image lrp finished: nothing lacks there.
@@ -850,6 +856,7 @@ def test_the_grid_caption_names_the_files_of_the_rows_shown_only(tmp_path):
     text = build_report(run.path).read_text()
     (files,) = re.findall(r"Files: (.*?)\.[ <]", text)
     assert files == ", ".join(f"#{i} p{i}.png" for i in range(GRID_ROWS))
+    assert f"First {GRID_ROWS} of {n} images" in text
 
 
 def test_the_settings_an_attack_resolved_are_shown_as_settings_not_as_medians(tmp_path):
@@ -1308,3 +1315,207 @@ def test_curvature_gets_a_log_y_axis_only_where_every_value_is_positive(tmp_path
         curve = {"beta": [1, 10, 100], "hessian_norm": values, "principal_curvature": [1, 2, 3]}
         figures.curvature_figure(curve, tmp_path / f"{k}.png")
     assert [fig.axes[0].get_yscale() for fig in drawn] == ["log", "linear"]
+
+
+def test_the_run_table_counts_the_images_asked_for_and_the_lines_written(tmp_path):
+    # A cut run: its -n, not the images finished so far (the notice names those).
+    run = make_run(tmp_path / "run", sweep=False, theory=False)
+    results = read_lines(run / "results.jsonl")
+    _rewrite(run / "results.jsonl", [r for r in results if r["index"] < 2])
+    what = {row[0][0]: row[1][0] for row in parse(build_report(run)).tables["run-table"][1:]}
+    assert what["images (n)"] == str(N)
+    assert what["results lines"] == str(2 * len(METHODS))
+
+
+def test_integers_are_shown_whole(tmp_path):
+    seed = 2**40 + 1
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": seed, "n": 12345})
+    run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
+    what = {row[0][0]: row[1][0] for row in parse(build_report(tmp_path)).tables["run-table"][1:]}
+    assert what["seed"] == str(seed) and what["images (n)"] == "12345"
+
+
+def test_the_beta_choice_table_shows_the_medians_of_the_sweep(_swept_run, tmp_path):
+    swept, records = _swept_run
+    run = RunDir(shutil.copytree(swept.path, tmp_path / "run"))
+    # Cut before beta 4 smoothed image 0 and the summary was written: cells of other sizes.
+    cut = ("beta_smooth", 4.0, 0)
+    records = [r for r in records if (r["defense"], r["beta"], r["index"]) != cut]
+    _rewrite(run.merged("sweep"), records)
+    run.sweep_summary.unlink()
+    table = parse(build_report(run.path)).tables["choice_gradient"]
+    assert [c[0] for c in table[0]][1:] == [
+        "images",
+        "robustness PCC",
+        "robustness SSIM",
+        "fidelity PCC",
+        "fidelity SSIM",
+    ]
+    rows = {row[0][0].removesuffix(" ★"): [float(v) for _, v in row[1:]] for row in table[1:]}
+    keys = ("adv_vs_clean_pcc", "adv_vs_clean_ssim", "clean_vs_orig_pcc", "clean_vs_orig_ssim")
+    for defense, name in (("beta_smooth", "β-smoothing"), ("smoothgrad", "SmoothGrad, matched")):
+        for beta in (4.0, 0.5):
+            mine = [r for r in records if r["defense"] == defense and r["beta"] == beta]
+            want = [len(mine)] + [np.median([r[k] for r in mine]) for k in keys]
+            assert rows[f"{name} β={beta:g}"] == pytest.approx(want), (name, beta)
+    # Undefended: the attacked map against the original, both plain; fidelity 1 by definition.
+    mine = [r for r in records if r["defense"] == "beta_smooth" and r["beta"] == 0.5]
+    want = [len(mine), np.median([r["undefended_pcc"] for r in mine])]
+    want += [np.median([r["undefended_ssim"] for r in mine]), 1.0, 1.0]
+    assert rows["undefended"] == pytest.approx(want)
+
+
+def test_each_row_of_a_grid_is_drawn_on_its_own_colour_scale():
+    # Row 1 holds row 0's maps times 10: on a scale of its own it looks the same.
+    from betasmooth.figures import _compose
+
+    rng = np.random.default_rng(3)
+    m = _maps(rng, 1)
+    stack = np.concatenate([m, 10 * m])
+    canvas, vmax = _compose([("map", "map", stack)])
+    assert vmax == pytest.approx([np.percentile(m, 99.5), np.percentile(10 * m, 99.5)])
+    cell = round(figures.CELL * figures.DPI)
+    np.testing.assert_allclose(canvas[:cell], canvas[cell : 2 * cell], atol=1e-12)
+    assert canvas[:cell].std() > 0.1
+
+
+def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(tmp_path, monkeypatch):
+    # 0.1 apart in PCC is a quarter of the PCC span: two labels, though the seconds
+    # span 4 (a quarter of the PCC span is under a fortieth of that).
+    drawn = _drawn_figures(monkeypatch)
+    points = [
+        {"defense": "beta_smooth", "label": "β=1", "seconds": 1.0, "metric": 0.5},
+        {"defense": "beta_smooth", "label": "β=2", "seconds": 1.0, "metric": 0.6},
+        {"defense": "smoothgrad", "label": "σ=1", "seconds": 5.0, "metric": 0.9},
+    ]
+    figures.cost_quality(points, tmp_path / "c.png")
+    (fig,) = drawn
+    assert fig.axes[0].get_xscale() == "linear"
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
+
+
+def test_the_undefended_lines_of_each_panel_are_at_that_panel_s_medians(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    curves = {"adv_vs_orig_pcc": [0.5, 0.8], "adv_vs_orig_ssim": [0.4, 0.6]}
+    undefended = {"adv_vs_orig_pcc": 0.3, "adv_vs_orig_ssim": 0.7}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", undefended=undefended)
+    (fig,) = drawn
+    flat = [
+        [float(line.get_ydata()[0]) for line in ax.lines if line.get_alpha() == 0.5]
+        for ax in fig.axes[:2]
+    ]
+    assert flat == [[0.3], [0.7]]
+
+
+def test_the_iid_bias_is_drawn_against_its_dimension_and_named_in_the_legend(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    figures.iid_bias_figure({"d": [1, 4, 64], "bias": [0.0, 0.015, 0.022]}, tmp_path / "b.png")
+    ((_, line),) = drawn
+    assert line.get_xdata().tolist() == [1, 4, 64]
+    assert line.get_ydata().tolist() == [0.0, 0.015, 0.022]
+    figs = _drawn_figures(monkeypatch)
+    curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04], "iid_bias": 0.01234}
+    figures.mc_error_figure(curve, tmp_path / "mc.png")
+    (fig,) = figs
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "iid bias 0.0123" in labels
+
+
+def test_each_colour_bar_runs_from_zero_to_its_row_s_top(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(11)
+    x, m = rng.random((2, 1, H, H)), _maps(rng, 2)
+    figures.explain_grid(x, {"gradient": m}, tmp_path / "e.png")
+    (fig,) = drawn
+    bars = fig.axes[1:]
+    assert len(bars) == 2
+    for r, cax in enumerate(bars):
+        assert cax.get_ylim() == pytest.approx((0.0, np.percentile(m[r], 99.5) * H * H))
+
+
+def test_a_confidence_half_width_is_drawn_up_to_itself(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    bands = []
+    real = matplotlib.axes.Axes.fill_between
+
+    def spy(self, x, low, high, **kwargs):
+        bands.append(np.asarray(high).tolist())
+        return real(self, x, low, high, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
+    curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04]}
+    figures.mc_error_figure(curve | {"projected_ci": [0.2, 0.06]}, tmp_path / "mc.png")
+    assert bands == [pytest.approx([0.2, 0.06])]
+
+
+def test_the_density_figure_draws_each_density_as_given(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    x = np.linspace(-3, 3, 7)
+    logistic, normal = np.exp(-np.abs(x)), np.exp(-(x**2))
+    curve = {"x": x, "logistic": logistic, "normal": normal, "beta": 2.0}
+    figures.density_figure(curve, tmp_path / "d.png")
+    got = {line.get_label(): line.get_ydata() for _, line in drawn}
+    np.testing.assert_array_equal(got["p_β, β=2"], logistic)
+    np.testing.assert_array_equal(got["normal, same variance π²/(3β²)"], normal)
+
+
+def test_up_to_eight_betas_are_each_a_labelled_tick(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    eight = [0.5, 1, 2, 4, 8, 16, 32, 64]
+    for betas in (eight, [*eight, 128]):
+        figures.defense_curves(betas, {"adv_vs_orig_pcc": [0.5] * len(betas)}, tmp_path / "d.png")
+    ticks = [[t.get_loc() for t in fig.axes[0].xaxis.get_major_ticks()] for fig in drawn]
+    assert ticks[0] == eight
+    assert ticks[1] != [*eight, 128]
+
+
+def test_the_two_images_of_a_row_share_one_grey_scale():
+    # Pixels in [-1, 0] before, one pushed to 2 by the attack: on the row's scale
+    # [-1, 2] the original's brightest pixel is a third grey, not white.
+    from betasmooth.figures import _compose
+
+    x = np.full((1, 1, 4, 4), -1.0)
+    x[..., 0, 0] = 0.0
+    x_adv = x.copy()
+    x_adv[..., 1, 1] = 2.0
+    canvas, _ = _compose([("original", "image", x), ("attacked", "image", x_adv)])
+    cell = round(figures.CELL * figures.DPI)
+    first, second = canvas[:, :cell], canvas[:, cell:]
+    assert np.isclose(first, 1 / 3).any() and np.isclose(second, 1 / 3).any()
+    assert np.isclose(second, 1.0).all(axis=-1).sum() > np.isclose(first, 1.0).all(axis=-1).sum()
+
+
+def test_a_row_label_names_a_true_class_as_the_true_one():
+    # A class folder's name is the image's true class, not the model's prediction.
+    from betasmooth.report import _class_names
+
+    records = [
+        {"index": 0, "method": "gradient", "label_name": "tabby"},
+        {"index": 1, "method": "gradient", "true_label_name": "cats"},
+        {"index": 2, "method": "lrp", "label_name": "dog"},
+    ]
+    assert _class_names(records, "gradient") == {0: "tabby", 1: "true cats"}
+
+
+def test_a_sweep_on_another_base_names_that_base(tmp_path, monkeypatch):
+    # lrp attacked through its own map, swept with gradient under each defense: its
+    # undefended row and faint lines are the attacked lrp map, not a plain gradient one.
+    run = make_run(tmp_path / "run", theory=False)
+    sweep = read_lines(run / "sweep.jsonl")
+    _rewrite(
+        run / "sweep.jsonl",
+        [r | {"base": "gradient"} if r["method"] == "lrp" else r for r in sweep],
+    )
+    legends = []
+    real = figures.defense_curves
+
+    def spy(*args, **kwargs):
+        legends.append(kwargs["undefended_label"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "defense_curves", spy)
+    page = parse(build_report(run))
+    assert legends == ["no defense (ReLU)", "as attacked (lrp)"]
+    assert page.tables["choice_gradient"][1][0][0] == "undefended"
+    assert page.tables["choice_lrp"][1][0][0] == "undefended: plain gradient"
