@@ -1256,18 +1256,32 @@ def test_defense_panels_show_negative_correlations(tmp_path, monkeypatch):
     assert ssim.get_ylim() == (-0.05, 1.02)
 
 
-def test_cost_labels_are_joined_by_their_distance_on_the_log_axis(tmp_path, monkeypatch):
-    # Seconds 0.01 and 0.02 lie 0.3 of 2 decades apart (15 % of the x span): two labels,
-    # though in plain seconds they are 1 % of the span apart.
-    drawn = _drawn_figures(monkeypatch)
-    points = [
-        {"defense": "beta_smooth", "label": "β=1", "seconds": 0.01, "metric": 0.5},
-        {"defense": "beta_smooth", "label": "β=2", "seconds": 0.02, "metric": 0.5},
-        {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 0.6},
+def _cost_points(seconds: list[float], metric: list[float]) -> list[dict[str, object]]:
+    labels = [("beta_smooth", "β=1"), ("beta_smooth", "β=2"), ("smoothgrad", "σ=1")]
+    return [
+        {"defense": d, "label": label, "seconds": t, "metric": m}
+        for (d, label), t, m in zip(labels, seconds, metric)
     ]
-    figures.cost_quality(points, tmp_path / "c.png")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "metric", "scale"),
+    [
+        # Seconds 0.01 and 0.02 lie 0.3 of 2 decades apart (15 % of the x span): two
+        # labels, though in plain seconds they are 1 % of the span apart.
+        ([0.01, 0.02, 1.0], [0.5, 0.5, 0.6], "log"),
+        # 0.1 apart in PCC is a quarter of the PCC span: two labels, though the seconds
+        # span 4 (a quarter of the PCC span is under a fortieth of that).
+        ([1.0, 1.0, 5.0], [0.5, 0.6, 0.9], "linear"),
+    ],
+)
+def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(
+    tmp_path, monkeypatch, seconds, metric, scale
+):
+    drawn = _drawn_figures(monkeypatch)
+    figures.cost_quality(_cost_points(seconds, metric), tmp_path / "c.png")
     (fig,) = drawn
-    assert fig.axes[0].get_xscale() == "log"
+    assert fig.axes[0].get_xscale() == scale
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
 
 
@@ -1377,21 +1391,6 @@ def test_each_row_of_a_grid_is_drawn_on_its_own_colour_scale():
     cell = round(figures.CELL * figures.DPI)
     np.testing.assert_allclose(canvas[:cell], canvas[cell : 2 * cell], atol=1e-12)
     assert canvas[:cell].std() > 0.1
-
-
-def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(tmp_path, monkeypatch):
-    # 0.1 apart in PCC is a quarter of the PCC span: two labels, though the seconds
-    # span 4 (a quarter of the PCC span is under a fortieth of that).
-    drawn = _drawn_figures(monkeypatch)
-    points = [
-        {"defense": "beta_smooth", "label": "β=1", "seconds": 1.0, "metric": 0.5},
-        {"defense": "beta_smooth", "label": "β=2", "seconds": 1.0, "metric": 0.6},
-        {"defense": "smoothgrad", "label": "σ=1", "seconds": 5.0, "metric": 0.9},
-    ]
-    figures.cost_quality(points, tmp_path / "c.png")
-    (fig,) = drawn
-    assert fig.axes[0].get_xscale() == "linear"
-    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
 
 
 def test_the_undefended_lines_of_each_panel_are_at_that_panel_s_medians(tmp_path, monkeypatch):
