@@ -237,3 +237,38 @@ def test_out_of_memory_inside_captum_is_not_called_a_failure_of_the_model(x):
     with pytest.raises(RuntimeError, match="out of memory") as info:
         bs.explain(_OutOfMemoryInCaptum(), x, "captum:Saliency", TARGET)
     assert "failed on this model" not in str(info.value)
+
+
+def test_options_for_the_keyword_arguments_of_a_captum_attribute_reach_it():
+    # LimeBase.attribute takes **kwargs and hands them to its perturbation and
+    # transform functions: feature_mask, baselines and num_interp_features are no
+    # option betasmooth knows by name, and must reach Captum, not be refused.
+    from captum._utils.models.linear_model import SkLearnLinearRegression
+    from captum.attr import LimeBase
+    from captum.attr._core.lime import (
+        default_from_interp_rep_transform,
+        default_perturb_func,
+        get_exp_kernel_similarity_function,
+    )
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    x = torch.rand(1, 1, 2, 2, dtype=torch.float64)
+    built = {
+        "interpretable_model": SkLearnLinearRegression(),
+        "similarity_func": get_exp_kernel_similarity_function(),
+        "perturb_func": default_perturb_func,
+        "perturb_interpretable_space": True,
+        "from_interp_rep_transform": default_from_interp_rep_transform,
+        "to_interp_rep_transform": None,
+    }
+    passed = {"feature_mask": torch.arange(4).view(1, 1, 2, 2), "baselines": 0.0}
+    passed["num_interp_features"] = 4
+    torch.manual_seed(1)
+    ours = bs.explain(net, x, "captum:LimeBase", 2, n_samples=40, **built, **passed)
+    torch.manual_seed(1)
+    expected = LimeBase(net, **built).attribute(x, target=2, n_samples=40, **passed)
+    torch.testing.assert_close(ours, expected.to(ours.dtype), rtol=1e-5, atol=1e-6)
+    # A linear model with the features switched off to 0: Lime's linear fit is w * x exactly.
+    w = net[1].weight[2].detach()
+    torch.testing.assert_close(ours.flatten(), w * x.flatten(), rtol=1e-4, atol=1e-5)
