@@ -34,6 +34,14 @@ def zennit_lrp(net, x, target, low=0.0, high=1.0, epsilon=1e-6, canonizers=None)
     return relevance
 
 
+def assert_lrp_is_zennits(net, x, target, twin=None, **options):
+    """betasmooth's LRP of ``net`` equals zennit_lrp of ``twin`` (default ``net``) and is not 0."""
+    ours = bs.explain(net, x, "lrp", target, **options)
+    theirs = zennit_lrp(net if twin is None else twin, x, target, **options)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
 def with_batchnorm(bn_eps: float) -> nn.Module:
     torch.manual_seed(1)
     net = nn.Sequential(
@@ -100,10 +108,7 @@ def test_lrp_matches_zennit(build, low, high, epsilon):
         high = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
     x = torch.rand(4, channels, 16, 16, dtype=torch.float64)
     target = torch.tensor([0, 1, 2, 3])
-    ours = bs.explain(net, x, "lrp", target, low=low, high=high, epsilon=epsilon)
-    theirs = zennit_lrp(net, x, target, low, high, epsilon)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, low=low, high=high, epsilon=epsilon)
 
 
 def test_lrp_takes_a_perturbed_copy_just_outside_its_box():
@@ -483,10 +488,7 @@ def test_lrp_of_mean_equals_zennit_on_adaptive_avg_pool(pooling):
     net, twin = _MeanPooled(pooling).double().eval(), _MeanPooled("modules").double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 2, 3])
-    ours = bs.explain(net, x, "lrp", target)
-    theirs = zennit_lrp(twin, x, target)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, twin=twin)
 
 
 def test_unsupported_function_is_named():
@@ -533,9 +535,7 @@ def test_lrp_passes_relevance_through_other_activations_like_zennit(activation):
     ).double().eval()  # fmt: skip
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     target = torch.tensor([1, 4, 0])
-    ours = bs.explain(net, x, "lrp", target)
-    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target)
 
 
 def test_lrp_on_squeezenet_concatenations_matches_zennit():
@@ -656,10 +656,7 @@ def test_lrp_reads_the_values_before_an_inplace_relu_like_zennit(inplace):
     twin.load_state_dict(net.state_dict())
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 2, 1])
-    ours = bs.explain(net, x, "lrp", target)
-    theirs = zennit_lrp(twin, x, target)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, twin=twin)
 
 
 class _BroadcastSum(nn.Module):
@@ -691,10 +688,7 @@ def test_lrp_of_a_broadcast_sum_matches_zennit():
     net, twin = _BroadcastSum(False).double().eval(), _BroadcastSum(True).double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([2, 0, 1])
-    ours = bs.explain(net, x, "lrp", target)
-    theirs = zennit_lrp(twin, x, target)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, twin=twin)
 
 
 class _SkipFromInput(nn.Module):
@@ -721,10 +715,7 @@ def test_lrp_first_layer_is_only_the_one_fed_by_the_input_alone():
     net, twin = _SkipFromInput(False).double().eval(), _SkipFromInput(True).double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([1, 2, 0])
-    ours = bs.explain(net, x, "lrp", target)
-    theirs = zennit_lrp(twin, x, target)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, twin=twin)
 
 
 class _UnevenCat(nn.Module):
@@ -747,10 +738,7 @@ def test_lrp_of_an_uneven_concatenation_matches_zennit():
     net = _UnevenCat().double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 1, 2])
-    ours = bs.explain(net, x, "lrp", target)
-    theirs = zennit_lrp(net, x, target)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target)
 
 
 class _SharedConvOutput(nn.Module):
@@ -806,10 +794,7 @@ def test_lrp_gives_torchs_subclasses_of_linear_the_linear_rules_like_zennit():
     net = net.double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([2, 0, 1])
-    ours = bs.explain(net, x, "lrp", target, epsilon=0.01)
-    theirs = zennit_lrp(net, x, target, epsilon=0.01)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target, epsilon=0.01)
 
 
 def test_lrp_of_one_dimensional_convolutions_matches_zennit():
@@ -829,9 +814,7 @@ def test_lrp_of_one_dimensional_convolutions_matches_zennit():
     )
     x = torch.rand(3, 2, 16, dtype=torch.float64)
     target = torch.tensor([0, 2, 1])
-    ours = bs.explain(net, x, "lrp", target)
-    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target)
 
 
 class _SizedView(nn.Module):
@@ -851,9 +834,7 @@ def test_lrp_routes_relevance_through_a_view_sized_by_the_batch_like_zennit():
     net = _SizedView().eval()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     target = torch.tensor([4, 0, 2])
-    ours = bs.explain(net, x, "lrp", target)
-    torch.testing.assert_close(ours, zennit_lrp(net, x, target), rtol=1e-10, atol=1e-14)
-    assert ours.abs().sum() > 0
+    assert_lrp_is_zennits(net, x, target)
 
 
 @pytest.mark.parametrize("aux", [False, True])

@@ -18,15 +18,19 @@ from betasmooth import InputError, theory
 from betasmooth.metrics import pcc
 
 
-def scipy_bias_limit() -> float:
+def scipy_bias_search() -> optimize.OptimizeResult:
+    """scipy's bounded search for the largest gap between the logistic and the normal cdf."""
     sd = math.pi / math.sqrt(3)
-    gap = optimize.minimize_scalar(
+    return optimize.minimize_scalar(
         lambda z: -abs(stats.logistic.cdf(z) - stats.norm.cdf(z / sd)),
         bounds=(0, 5),
         method="bounded",
         options={"xatol": 1e-12},
     )
-    return -gap.fun
+
+
+def scipy_bias_limit() -> float:
+    return -scipy_bias_search().fun
 
 
 def scipy_cdf_2d(u: np.ndarray, z: float) -> float:
@@ -118,13 +122,7 @@ def test_bias_limit_argmax_against_scipy(grid):
     # a grid of 3 points [0, 5, 10] (scipy's bounded search as the oracle). On
     # 101 points the best one, 1.2, lies left of the maximiser 1.2384, on the
     # others right of it.
-    sd = math.pi / math.sqrt(3)
-    found = optimize.minimize_scalar(
-        lambda z: -abs(stats.logistic.cdf(z) - stats.norm.cdf(z / sd)),
-        bounds=(0, 5),
-        method="bounded",
-        options={"xatol": 1e-12},
-    )
+    found = scipy_bias_search()
     limit, at = theory.bias_limit(grid)
     assert limit == pytest.approx(-found.fun, abs=1e-12)
     assert at == pytest.approx(found.x, abs=1e-6)

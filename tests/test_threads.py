@@ -64,14 +64,20 @@ def test_a_model_in_training_gets_its_mode_back_from_explanations_in_two_threads
         assert model.training and model[2].training
 
 
-def test_a_forward_running_in_another_thread_keeps_its_override_until_it_ends():
-    # The context's exit took the override off its own thread's stack of function modes
-    # only: the other thread kept it on its stack for good.
+def _net_and_its_softplus_output() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A ReLU net, an input, and its output with softplus of beta 2 for the ReLU (by hand)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(5, 3)
     with torch.no_grad():
         expected = net[2](torch.nn.functional.softplus(net[0](x), 2.0))
+    return net, x, expected
+
+
+def test_a_forward_running_in_another_thread_keeps_its_override_until_it_ends():
+    # The context's exit took the override off its own thread's stack of function modes
+    # only: the other thread kept it on its stack for good.
+    net, x, expected = _net_and_its_softplus_output()
     inside, leave = threading.Event(), threading.Event()
 
     def hold(module, args, output):
@@ -101,11 +107,7 @@ def test_a_forward_running_in_another_thread_keeps_its_override_until_it_ends():
 def test_two_forwards_running_on_after_the_context_each_leave_their_own_override():
     # The first of two forwards to end after the context's exit took the leave hook off:
     # the second kept its override on its thread's stack of function modes for good.
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    x = torch.randn(5, 3)
-    with torch.no_grad():
-        expected = net[2](torch.nn.functional.softplus(net[0](x), 2.0))
+    net, x, expected = _net_and_its_softplus_output()
     names = ("first", "second")
     inside = {n: threading.Event() for n in names}
     leave = {n: threading.Event() for n in names}
