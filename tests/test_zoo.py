@@ -545,6 +545,53 @@ def test_sixteen_bit_grey_and_bmp(tmp_path) -> None:
     torch.testing.assert_close(x3, x.expand(-1, 3, -1, -1))
 
 
+def test_folder_reads_every_format_torchvision_image_folder_reads(tmp_path) -> None:
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    assert {s.lower() for s in IMG_EXTENSIONS} == set(bs.zoo.IMAGE_SUFFIXES)
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    # Lossless formats only, so that the pixels read back are the pixels written.
+    saved = {"a.ppm": rgb, "b.pgm": grey, "c.tif": rgb, "d.TIFF": grey, "e.webp": rgb}
+    for name, pixels in saved.items():
+        path = tmp_path / "k" / name
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(path, **({"lossless": True} if name.endswith("webp") else {}))
+    data = bs.load_data(str(tmp_path))
+    theirs = ImageFolder(str(tmp_path))
+    assert data.files == [Path(p).relative_to(tmp_path).as_posix() for p, _ in theirs.samples]
+    for image, name in zip(data.x, data.files, strict=True):
+        pixels = saved[name.split("/")[1]]
+        expected = (
+            np.broadcast_to(pixels[..., None], (*pixels.shape[:2], 3))
+            if pixels.ndim == 2
+            else pixels
+        )
+        torch.testing.assert_close(
+            image, torch.from_numpy(expected.transpose(2, 0, 1) / 255.0).float()
+        )
+
+
+def test_float_images_are_read_as_they_are_and_must_lie_in_zero_one(tmp_path) -> None:
+    real = np.array([[0.0, 0.125], [0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(real).save(tmp_path / "a.tif")  # Pillow mode F: 32-bit float
+    _png(tmp_path / "b.png", [[0, 51], [102, 255]], "L")
+    x, _ = bs.load_data(str(tmp_path))
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(real))
+    torch.testing.assert_close(x[1, 0], torch.tensor([[0.0, 0.2], [0.4, 1.0]]))
+    # Next to a colour image the float grey becomes three equal channels, still unscaled.
+    Image.fromarray(np.full((2, 2, 3), 255, dtype=np.uint8)).save(tmp_path / "c.png")
+    torch.testing.assert_close(
+        bs.load_data(str(tmp_path)).x[0], torch.from_numpy(real).expand(3, 2, 2)
+    )
+    Image.fromarray(real * 255).save(tmp_path / "d.tif")
+    with pytest.raises(
+        InputError, match=r"float image .*d\.tif holds values in \[0, 255\]; expected"
+    ):
+        bs.load_data(str(tmp_path))
+
+
 def test_folder_with_corrupt_file_names_it(tmp_path) -> None:
     _png(tmp_path / "good.png", np.zeros((4, 4)), "L")
     (tmp_path / "bad.png").write_bytes(b"this is not a png")

@@ -15,14 +15,16 @@ Data specs
         labelled by the photograph they come from, ``(N, 3, 64, 64)``; see
         :mod:`betasmooth.photos`.
     a folder of images
-        PNG, JPEG or BMP files read with Pillow. With class subfolders the label
+        PNG, JPEG, BMP, PPM/PGM, TIFF or WebP files (the suffixes torchvision's
+        ``ImageFolder`` reads) read with Pillow. With class subfolders the label
         of an image is the index of its subfolder among the sorted subfolder
         names; a flat folder has no labels (every label is -1). Images are
         converted to grey (``channels=1``) or RGB (``channels=3``, alpha
         dropped; the default when any image is stored in a colour mode: RGB,
         RGBA, CMYK or a palette, even one of greys) and scaled to [0, 1]
         (8-bit values by 255, 16-bit grey by 65535; Pillow reads a 16-bit grey
-        PNG with alpha as 8-bit RGBA). The class names and the
+        PNG with alpha as 8-bit RGBA; a float image, such as a 32-bit TIFF, is
+        read as it is and must lie in [0, 1]). The class names and the
         file of each image (relative to the folder) come with the images
         (``ImageData.classes``, ``.files``). As torchvision's ``ImageFolder``,
         a class folder's images are read from its subfolders too, in
@@ -118,8 +120,11 @@ __all__ = [
 #: Value range of the built-in data and of images read from a folder.
 DATA_RANGE: tuple[float, float] = (0.0, 1.0)
 
-#: File name endings read as images from a data folder (case-insensitive).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
+#: File name endings read as images from a data folder (case-insensitive): those of
+#: torchvision's ``ImageFolder``, so that a folder it reads is read whole here too.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+)
 
 SPLITS = ("train", "test", "all")
 DIGITS_SIZE = 32
@@ -184,16 +189,24 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
         with Image.open(path) as image:
             image.load()
             channels = channels or _channels_of(image.mode)
-            # 16-bit grey would be clipped, not scaled, by Pillow's conversion to 8 bits.
-            deep = image.mode.startswith("I")
-            image = image.convert("F" if deep else _image_mode(channels))
+            # 16-bit grey would be clipped, not scaled, by Pillow's conversion to 8 bits,
+            # and a float image (a 32-bit TIFF) rounded to 0 or 1 of 255.
+            deep, real = image.mode.startswith("I"), image.mode == "F"
+            image = image.convert("F" if deep or real else _image_mode(channels))
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / (65535.0 if deep else 255.0)
+            scale = 1.0 if real else 65535.0 if deep else 255.0
+            array = np.asarray(image, dtype=np.float32) / scale
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(
-            f"cannot read image {path}: {err}; expected a PNG, JPEG or BMP file"
+            f"cannot read image {path}: {err}; expected a PNG, JPEG, BMP, PPM/PGM, TIFF "
+            "or WebP file"
         ) from err
+    if real and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+        raise InputError(
+            f"float image {path} holds values in [{array.min():.4g}, {array.max():.4g}]; "
+            "expected values in [0, 1] (float images are read as they are, not scaled)"
+        )
     # Copied, not viewed: a transposed view would be stacked channels-last, and some
     # convolution kernels round differently on that layout than on the contiguous arrays
     # a run stores and reads back.
