@@ -222,6 +222,19 @@ def test_run_summary(quick_run):
     assert relu["hessian_norm"] == 0.0 and relu["principal_curvature"] == 0.0
 
 
+def test_run_identity_errors_are_the_largest_over_the_grid(quick_run):
+    # The summary's errors recomputed with the public identity_1d on x in [-5, 5]:
+    # the largest absolute differences, not a mean or a signed maximum.
+    x = torch.linspace(-5, 5, 201, dtype=torch.float64)
+    ident = theory.identity_1d(x, quick_run["identity_1d_betas"])
+    errors = {
+        "identity_1d_max_error": ident["expectation"] - ident["softplus"],
+        "sigmoid_derivative_max_error": ident["cdf"] - ident["derivative"],
+    }
+    for key, error in errors.items():
+        assert quick_run[key] == float(error.abs().max()), key
+
+
 def test_run_draws_every_random_part_from_its_seed(quick_run):
     # The model parts recomputed with the public functions at the run's seed: the
     # curvature probes and SmoothGrad's draws follow --seed, not a fixed 0.

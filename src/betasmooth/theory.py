@@ -477,7 +477,7 @@ def run(quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
 
             identity_1d_max_error          max |E[relu(x - e)] - softplus_beta(x)| (quadrature)
             sigmoid_derivative_max_error   max |E[1{e < x}] - d/dx softplus_beta(x)| (autograd)
-            identity_1d_betas              the betas of both checks (x in [-5, 5])
+            identity_1d_betas              the betas of both checks (201 points of x in [-5, 5])
             theorem2_setup                 {"d", "w", "beta", "n", "points", "level"}
             theorem2_projected_max_error   max over points, projected noise, N = n
             theorem2_projected_ci          [0, h]: h the simultaneous (Bonferroni) 95%
