@@ -352,6 +352,43 @@ def test_lrp_input_derivative_matches_finite_difference_on_relu_net():
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 
+def test_lrp_input_derivative_matches_finite_difference_through_pools_and_sums():
+    # The rules of the average pools and of the residual sum divide by their
+    # outputs: with create_graph the map is differentiated through those ratios.
+    net = residual_net().double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, generator=gen, dtype=torch.float64)
+    v, u = torch.randn(2, 2, 1, 16, 16, generator=gen, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "lrp", target, create_graph=True, epsilon=1e-3)
+    (grad,) = torch.autograd.grad((h * v).sum(), xg)
+    step = 1e-6
+
+    def signs(z):
+        # The inputs of the model's three ReLUs (F.relu, torch.relu, Tensor.relu).
+        seen = []
+        hooks = [
+            m.register_forward_hook(lambda m, i, o: seen.append(o > 0))
+            for m in (net.bn1, net.bn2, net.pool)
+        ]
+        net(z)
+        for hook in hooks:
+            hook.remove()
+        return seen
+
+    for sign in (1, -1):
+        assert all(map(torch.equal, signs(x), signs(x + sign * step * u))), "a ReLU flipped"
+
+    def f(z):
+        return (bs.explain(net, z, "lrp", target, epsilon=1e-3) * v).sum()
+
+    numeric = (f(x + step * u) - f(x - step * u)) / (2 * step)
+    analytic = (grad * u).sum()
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
 def test_lrp_graph_is_traced_once_per_model():
     net = vgg_small().double()
     graph = lrp_graph(net)

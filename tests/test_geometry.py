@@ -95,6 +95,28 @@ def test_two_neurons_hand_computed():
         )
 
 
+def test_principal_curvature_of_a_float32_logit_with_a_tiny_gradient():
+    # Scaling the logit by c scales its gradient and Hessian by c and leaves the
+    # principal curvature unchanged; at c = 1e-9 the float32 gradient norm lies
+    # far below float32's eps (1.2e-7) but far above its smallest normal number.
+    torch.manual_seed(2)
+    d, beta, c = 6, 2.0, 1e-9
+    w = torch.randn(2, d, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64) * 0.2
+    x = 0.4 * torch.randn(4, d, dtype=torch.float64)
+    net = neurons(w, b)
+    with torch.no_grad():
+        net[2].weight.fill_(c)
+    out = curvature(bs.smooth(net.float(), beta), x.float(), tol=0)
+    for i in range(x.shape[0]):
+        exact = exact_softplus_geometry(w.numpy(), b.numpy(), x[i].numpy(), beta)
+        assert out["principal_curvature"][i].item() == pytest.approx(
+            exact["principal_curvature"], rel=1e-4
+        )
+        for key in ("hessian_norm", "gradient_norm"):
+            assert out[key][i].item() == pytest.approx(c * exact[key], rel=1e-4), key
+
+
 def test_dense_hessian_of_a_smoothed_mlp():
     torch.manual_seed(3)
     d = 8

@@ -163,10 +163,12 @@ def test_pcc_equals_scipy_at_any_scale(dtype, scale):
         assert ours[i].item() == pytest.approx(ref, abs=1e-5 if dtype == torch.float32 else 1e-12)
 
 
-def test_pcc_of_float32_maps_near_the_largest_value_equals_scipy():
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_pcc_of_float32_maps_near_the_largest_value_equals_scipy(sign):
     # Values near float32's largest (3.4e38): their plain sum, and so their mean, is inf.
+    # Negative too (signed maps, reduction="sum"): the scale is the largest |value|.
     a, b = _pairs((16, 16))
-    a, b = (3e38 * a[:3] / a[:3].amax((1, 2), keepdim=True)).float(), b[:3].float()
+    a, b = (sign * 3e38 * a[:3] / a[:3].amax((1, 2), keepdim=True)).float(), b[:3].float()
     assert not bool(torch.isfinite(a.flatten(1).sum(1)).all())
     ours = pcc(a, b)
     for i in range(3):
@@ -380,6 +382,18 @@ def test_pcc_gradient_is_zero_at_constant_maps_and_unchanged_elsewhere(dtype):
     for grad, alone in ((a.grad, alone_a.grad), (b.grad, alone_b.grad)):
         assert torch.equal(grad[:2], torch.zeros_like(grad[:2]))
         torch.testing.assert_close(grad[2:], alone)
+
+
+def test_ssim_and_centre_of_mass_gradients_at_their_conventions_are_zero():
+    # SSIM of two equal constant maps is 1, its largest value, and the centre of
+    # an all-zero map is the grid centre: defined values, whose gradients are 0,
+    # not the NaN of a 0 / 0 in the branch that torch.where leaves out.
+    a = torch.full((2, 8, 8), 0.25, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(ssim(a, torch.full((2, 8, 8), 0.25)).sum(), a)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    m = torch.zeros(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(center_of_mass(m).sum(), m)
+    assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_center_of_mass_gradient_matches_finite_differences():
