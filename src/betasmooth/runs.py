@@ -489,11 +489,12 @@ def sweep_run(
     the attacked ``method`` and the ``base`` method the defenses smooth.
     Arrays ``arrays/sweep-<method>-<first>.npz`` hold ``index``, ``betas`` and
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
-    each ``(B, len(betas), H, W)``. Batches already in ``sweep.jsonl`` are
-    skipped, so the sweep is resumable and running it twice adds nothing;
-    its settings (``betas``, ``smoothgrad_n``, ``min_fidelity``) are recorded as
-    ``sweep`` in ``config.json`` once the attack's arrays are read, and a run
-    that holds sweep rows of other settings is refused
+    each ``(B, len(betas), H, W)``, the betas in increasing order. Batches
+    already in ``sweep.jsonl`` are skipped, so the sweep is resumable and
+    running it twice adds nothing; its settings (``betas``, ``smoothgrad_n``,
+    ``min_fidelity``) are recorded as ``sweep`` in ``config.json`` once the
+    attack's arrays are read, and a run that holds sweep rows of other settings
+    is refused
     (:meth:`~betasmooth.store.RunDir.start_sweep`).
     ``method_options`` holds the options each method was attacked with (e.g.
     LRP's bounds, :func:`~betasmooth.explain.range_options`); an attacked
@@ -548,6 +549,9 @@ def sweep_run(
         "min_fidelity": min_fidelity,
     }
     run.start_sweep(settings, dist)
+    # The arrays hold the betas in increasing order: a sweep resumed with --betas in
+    # another order (the same sweep) adds batches whose columns agree with the others'.
+    stored = sorted(float(b) for b in betas)
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
@@ -576,9 +580,9 @@ def sweep_run(
         ]
         return records, SweepBatch(
             index=np.asarray(unit.indices),
-            betas=np.asarray(betas, float),
-            maps_beta=_defended(result.maps, "beta_smooth", betas),
-            maps_smoothgrad=_defended(result.maps, "smoothgrad", betas),
+            betas=np.asarray(stored, float),
+            maps_beta=_defended(result.maps, "beta_smooth", stored),
+            maps_smoothgrad=_defended(result.maps, "smoothgrad", stored),
         )
 
     records = execute(

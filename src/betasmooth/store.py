@@ -840,12 +840,23 @@ class RunDir:
     def read_arrays(self, method: str, name: str = "results") -> Arrays:
         """The batches of ``method`` joined along the items, sorted by index.
 
-        Arrays of one value per run (:data:`RUN_ARRAYS`) and scalars are kept once.
+        Arrays of one value per run (:data:`RUN_ARRAYS`) and scalars are kept once;
+        batches that disagree on one of the former are refused.
         """
         parts: dict[str, list[np.ndarray]] = {}
         for arrays in self.load_arrays(method, name):
             for key, array in arrays.items():
                 parts.setdefault(key, []).append(array)
+        for key in RUN_ARRAYS & parts.keys():
+            other = next((a for a in parts[key] if not np.array_equal(a, parts[key][0])), None)
+            if other is not None:
+                # Columns follow these values: joined, they would sit under the wrong ones.
+                raise InputError(
+                    f"the {name} arrays of {method} in {self.path} hold {key} "
+                    f"{np.ravel(parts[key][0]).tolist()} in one batch and "
+                    f"{np.ravel(other).tolist()} in another; expected the same {key} in "
+                    "every batch (rerun into a new directory)"
+                )
         out = {
             k: v[0] if v[0].ndim == 0 or k in RUN_ARRAYS else np.concatenate(v)
             for k, v in parts.items()
