@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -703,3 +704,124 @@ def test_read_arrays_of_a_sweep_keeps_its_betas_once(tmp_path):
     np.testing.assert_array_equal(arrays["betas"], [1.0, 5.0])
     np.testing.assert_array_equal(arrays["index"], [0, 1, 2])
     assert arrays["maps_beta"].shape[:2] == (3, 2)
+
+
+def test_read_arrays_refuses_batches_whose_betas_disagree(tmp_path):
+    # Columns follow the betas: batches that name them in other orders cannot be joined.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    for first, betas in ((0, [1.0, 5.0]), (2, [5.0, 1.0])):
+        maps = np.zeros((2, 2, 4, 4))
+        arrays = {"index": np.arange(first, first + 2), "betas": np.array(betas), "maps_beta": maps}
+        run.save_arrays("gradient", first, arrays, "sweep")
+    with pytest.raises(InputError, match=r"hold betas \[1.0, 5.0\] in one batch and \[5.0, 1.0\]"):
+        run.read_arrays("gradient", "sweep")
+    run.save_arrays("gradient", 2, {**arrays, "betas": np.array([1.0, 5.0])}, "sweep")
+    assert run.read_arrays("gradient", "sweep")["maps_beta"].shape == (4, 2, 4, 4)
+
+
+def test_the_bar_of_a_resumed_run_counts_the_items_still_to_do(tmp_path, capsys):
+    # 2 methods x 5 items in batches of 2; a:(0,1) and b:(2,3) are done, so 6 of the
+    # 10 items are left (a:2,3,4 and b:0,1,4), and the bar goes from 0 to 6 of 6.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    done = [Unit("a", (0, 1)), Unit("b", (2, 3))]
+    for unit in done:
+        records, arrays = _square(unit)
+        run.save_arrays(unit.method, unit.indices[0], arrays)
+        run.append(records)
+    capsys.readouterr()
+    execute(run, plan(["a", "b"], range(5), 2), _square, progress=True, desc="batches")
+    counts = re.findall(r"batches: +\d+%\|[^|]*\| *(\d+)/(\d+)", capsys.readouterr().err)
+    assert counts and counts[-1] == ("6", "6")
+
+
+def test_a_sweep_resumed_with_its_betas_in_another_order_keeps_each_map_under_its_beta(
+    tmp_path, digits, digits_cnn
+):
+    # --betas 10,2 is the sweep --betas 2,10 (it may resume it), so a batch computed
+    # on resumption stores its maps in the order of the betas the arrays name.
+    from scipy.stats import pearsonr
+
+    from betasmooth.runs import attack_run, sweep_run
+    from betasmooth.store import write_jsonl
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1, batch_size=2)
+    sweep_run(run, digits_cnn, [2.0, 10.0], smoothgrad_n=2)
+    # A kill after the first batch of the sweep: the second one left nothing.
+    kept = [r for r in read_jsonl(run.merged("sweep")) if r["index"] < 2]
+    write_jsonl(run.merged("sweep"), kept)
+    run.arrays_file("gradient", 2, "sweep").unlink()
+    rows = sweep_run(run, digits_cnn, [10.0, 2.0], smoothgrad_n=2)
+    target = run.read_arrays("gradient")["map_target"]
+    swept = run.read_arrays("gradient", "sweep")
+    betas = [float(b) for b in swept["betas"]]
+    assert sorted(betas) == [2.0, 10.0] and len(rows) == 3 * 2 * 2
+    for r in rows:
+        key = "maps_beta" if r["defense"] == "beta_smooth" else "maps_smoothgrad"
+        stored = swept[key][r["index"], betas.index(r["beta"])]
+        pcc = pearsonr(stored.ravel(), target[r["index"]].ravel())[0]
+        assert pcc == pytest.approx(r["adv_vs_target_pcc"], abs=1e-4), (r["index"], key, r["beta"])
+
+
+def test_only_rank_0_of_a_torchrun_job_shows_the_bar(tmp_path, capsys):
+    # Rank 1 works on its share in silence, even when asked for progress: one bar per job.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    units = plan(["a"], range(4), 2)
+    capsys.readouterr()
+    execute(RunDir(run.path, 1, 2), units, _square, dist=Dist(1, 2), progress=True, desc="batches")
+    assert "batches" not in capsys.readouterr().err
+    execute(RunDir(run.path, 0, 2), units, _square, dist=Dist(0, 2), progress=True, desc="batches")
+    counts = re.findall(r"batches: +\d+%\|[^|]*\| *(\d+)/(\d+)", capsys.readouterr().err)
+    assert counts and counts[-1] == ("2", "2")
+
+
+def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
+    # Sweep-like records, one per (index, method, defense): a unit counts as done
+    # once every item has its rows_per_item rows, and a second run computes nothing.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    calls = []
+
+    def work(unit):
+        calls.append(unit)
+        rows = [
+            {"index": i, "method": unit.method, "defense": d, "value": i + k}
+            for i in unit.indices
+            for k, d in enumerate(("p", "q"))
+        ]
+        return rows, None
+
+    units = plan(["a"], range(3), 2)
+    first = execute(run, units, work, name="sweep", keeps_arrays=False, rows_per_item=2)
+    assert len(first) == 6 and calls == units
+    calls.clear()
+    assert execute(run, units, work, name="sweep", keeps_arrays=False, rows_per_item=2) == first
+    assert calls == []
+
+
+def test_the_sweep_explains_with_the_options_the_method_was_attacked_with(
+    tmp_path, digits, digits_cnn
+):
+    # LRP attacked with epsilon = 0.5 is swept with it: the stored defended maps are
+    # defense_sweep's with those options (and differ from those of the default epsilon).
+    from betasmooth.attack import defense_sweep
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    given = {"lrp": {"epsilon": 0.5}}
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1, method_options=given)
+    sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2, seed=1, method_options=given)
+    attacked = run.read_arrays("lrp")
+    found = run.read_arrays("lrp", "sweep")["maps_beta"][:, 0]
+    x_adv, target = (torch.from_numpy(attacked[k]) for k in ("x_adv", "map_target"))
+    seeds = [unit_seed(1, "lrp", i) for i in range(2)]
+    maps = {}
+    for options in (given["lrp"], None):
+        result = defense_sweep(
+            digits_cnn, x, x_adv, target, "lrp", [2.0], smoothgrad_n=2,
+            defenses=["beta_smooth"], data_range=(0.0, 1.0), method_options=options, seed=seeds,
+        )  # fmt: skip
+        maps[options is None] = result.maps[("beta_smooth", 2.0)][0].numpy()
+    assert np.abs(maps[True] - maps[False]).max() > 1e-4  # epsilon changes the map
+    np.testing.assert_allclose(found, maps[False], rtol=1e-5, atol=1e-7)
