@@ -7,7 +7,9 @@ runs out of memory in halves, and lets rank 0 merge every rank's records at
 the end. Each item draws its randomness from the seed and its own index
 (:func:`unit_seed`), and the attack target of image ``i`` comes from a
 derangement of the whole index set, so the values do not depend on how the
-work is split into batches or ranks.
+work is split into ranks. The attack's own draws (restarts, EOT) are the
+exception: one per batch, from its first index, so they follow the batch size,
+and the halves of a batch that ran out of memory draw anew.
 
 Examples
 --------
