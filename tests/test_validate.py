@@ -845,6 +845,22 @@ def test_labels_of_any_integer_dtype_become_long_class_indices():
         assert got.dtype == torch.long and got.tolist() == [0, 4], labels
 
 
+def test_targets_beyond_int64_are_named_not_wrapped_or_raised_by_torch():
+    # uint64 labels of 2**63 or more would wrap round to negative classes in the cast
+    # to int64, and Python ints beyond int64 overflow inside torch: one line each.
+    from betasmooth.validate import check_target
+
+    big = 2**63 + 5
+    for target in (np.array([1, big], dtype=np.uint64), big, [1, 2**64], np.uint64(big)):
+        value = int(np.max(target))
+        with pytest.raises(InputError, match=rf"^target class {value} is out of range; expected"):
+            check_target(target, batch=2)
+    with pytest.raises(InputError, match=rf"^target class must be >= 0; got {-(2**70)}$"):
+        check_target([1, -(2**70)], batch=2)
+    top = np.array([2**63 - 1, 0], dtype=np.uint64)  # the largest that int64 holds
+    assert check_target(top, batch=2).tolist() == [2**63 - 1, 0]
+
+
 def test_target_errors_name_the_class_that_is_out_of_range():
     # The message names the offending class, not the first or the smallest of the batch.
     from betasmooth.validate import check_classes, check_target

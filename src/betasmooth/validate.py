@@ -195,7 +195,7 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     if isinstance(target, (list, tuple)) and all(
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target
     ):
-        target = torch.tensor([int(t) for t in target], dtype=torch.long)
+        target = torch.tensor([_class_index(t) for t in target], dtype=torch.long)
     if isinstance(target, np.ndarray) and target.dtype.kind in "iu":
         # Labels of a numpy pipeline (np.int64 scalars become ints below).
         target = torch.from_numpy(target)
@@ -207,7 +207,7 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
             f"target must be None, an int or a (B,) integer tensor, array or list; got {kind}"
         )
     if isinstance(target, numbers.Integral):
-        target = torch.full((batch,), int(target), dtype=torch.long)
+        target = torch.full((batch,), _class_index(target), dtype=torch.long)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise InputTypeError(f"target must hold integer class indices; got dtype {target.dtype}")
     if target.dim() == 0:
@@ -218,10 +218,30 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
             f"got shape {tuple(target.shape)}"
         )
     # As int64 first: torch compares no uint16, uint32 or uint64 tensor (numpy labels of them).
+    unsigned = not target.dtype.is_signed
     target = target.long()
     if bool((target < 0).any()):
+        if unsigned:  # a uint64 of 2**63 or more, wrapped round by the cast
+            raise _out_of_range(target.min().item() + 2**64)
         raise InputError(f"target class must be >= 0; got {target.min().item()}")
     return target
+
+
+def _class_index(value: numbers.Integral) -> int:
+    """``value`` as an int that int64 holds; one line naming it otherwise."""
+    value = int(value)
+    if value < 0:
+        raise InputError(f"target class must be >= 0; got {value}")
+    if value >= 2**63:
+        raise _out_of_range(value)
+    return value
+
+
+def _out_of_range(value: int) -> InputError:
+    return InputError(
+        f"target class {value} is out of range; expected a class index below the model's "
+        "number of outputs"
+    )
 
 
 def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
