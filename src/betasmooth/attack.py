@@ -338,8 +338,9 @@ class ManipulationResult:
         What the attack used where defaults filled in: ``steps``, ``lr``,
         ``w_e`` and ``w_o`` (targeted), ``eps`` and ``step`` as fractions of
         the data range (untargeted), ``beta_schedule``, ``beta0``,
-        ``beta_end`` and the method's numeric options as ``method_<option>``;
-        in :meth:`records` under ``attack_<name>``.
+        ``beta_end`` and the method's options that are numbers or names (a
+        rule, a composite) as ``method_<option>``; in :meth:`records` under
+        ``attack_<name>``.
     """
 
     x: torch.Tensor
