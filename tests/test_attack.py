@@ -1569,3 +1569,130 @@ def test_an_untargeted_attack_records_its_step_as_a_fraction_of_the_range():
         beta_schedule="none",
     )
     assert r.settings["step"] == 0.02 and r.settings["eps"] == 0.1
+
+
+def test_the_geometric_schedule_runs_from_beta0_at_the_first_step_to_beta_end_at_the_last(
+    small, monkeypatch
+):
+    # Documented (beta_at): beta0 * (beta_end / beta0) ** (step / (steps - 1)), so with
+    # 3 steps the surrogate's softplus takes beta0, sqrt(beta0 beta_end) and beta_end.
+    net, x = small
+    target = _targets(net, x)
+    betas = []
+    real = attack.softplus
+
+    def spy(t, beta):
+        if not betas or betas[-1] != beta:
+            betas.append(beta)
+        return real(t, beta)
+
+    monkeypatch.setattr(attack, "softplus", spy)
+    result = bs.manipulate(net, x, target, "gradient", steps=3, beta0=5.0, beta_end=45.0)
+    np.testing.assert_allclose(betas, [5.0, 15.0, 45.0])
+    assert (result.settings["beta0"], result.settings["beta_end"]) == (5.0, 45.0)
+
+
+def test_a_targeted_attack_scores_every_ten_steps_by_default(small, monkeypatch):
+    # Documented: check_every defaults to CHECK_EVERY (10): 12 steps are scored
+    # after steps 10 and 12 (the last), no others.
+    net, x = small
+    target = _targets(net, x)
+    scored = []
+    real = attack.keep_best
+
+    def spy(best, best_score, candidate, score, kept):
+        scored.append(candidate.clone())
+        return real(best, best_score, candidate, score, kept)
+
+    monkeypatch.setattr(attack, "keep_best", spy)
+    iterates = []
+    real_project = attack._Problem.project
+
+    def project(self, x_adv):
+        out = real_project(self, x_adv)
+        iterates.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(attack._Problem, "project", project)
+    bs.manipulate(net, x, target, "gradient", steps=12)
+    assert attack.CHECK_EVERY == 10
+    assert len(iterates) == 12 and len(scored) == 2
+    torch.testing.assert_close(scored[0], iterates[9])
+    torch.testing.assert_close(scored[1], iterates[11])
+
+
+def test_default_weights_follow_the_height_and_width_of_a_non_square_map():
+    # w_e scales with the map's area: 16 x 8 pixels, not 16 x 16.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+    x = torch.rand(2, 1, 16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = _targets(net, x)
+    result = bs.manipulate(net, x, target, "gradient", steps=1)
+    w_e, w_o = default_weights(16, 8, 3)
+    assert result.settings["w_e"] == pytest.approx(1e11 * (16 * 8 / 224**2) ** 2)
+    assert (result.settings["w_e"], result.settings["w_o"]) == (w_e, w_o)
+
+
+def test_integrated_gradients_is_attacked_for_the_papers_500_steps_by_default():
+    # ATTACK_DEFAULTS: the paper's budget for integrated gradients is 500 steps
+    # (1500 for the others), with its learning rate 5e-3 scaled to the data range.
+    x = torch.full((2, 1, 2, 2), 0.5, dtype=torch.float64)
+    x[1] = torch.tensor([[0.2, 0.4], [0.6, 0.3]])
+    target = torch.tensor([[[0.7, 0.1], [0.1, 0.1]], [[0.1, 0.1], [0.1, 0.7]]], dtype=torch.float64)
+    result = bs.manipulate(_two_logits(-10.0), x, target, "integrated_gradients")
+    assert result.settings["steps"] == ATTACK_DEFAULTS["integrated_gradients"]["steps"] == 500
+    assert result.history.shape == (500, 2)
+    assert result.settings["lr"] == pytest.approx(5e-3 / PAPER_SPAN)
+
+
+def test_a_step_halved_after_a_later_flip_is_halved_once():
+    # As test_a_signed_step_that_flips_the_label_is_undone_and_halved, with b = -0.7:
+    # step 1 (0.1) is kept (logit 1 = 2.4 - 0.7 < 2), step 2 flips (2.8 - 0.7 > 2), is
+    # undone and halved to 0.05 (not quartered), and step 3 reaches 0.35 / 0.65
+    # (logit 1 = 2.6 - 0.7 = 1.9, kept).
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    r = bs.manipulate(
+        _two_logits(-0.7),
+        x,
+        None,
+        "input_x_gradient",
+        goal="topk",
+        k=2,
+        eps=0.2,
+        step=0.1,
+        steps=3,
+        beta_schedule="none",
+    )
+    expected = torch.tensor([0.35, 0.35, 0.65, 0.65], dtype=torch.float64).view(1, 1, 2, 2)
+    torch.testing.assert_close(r.x_adv, expected)
+    assert bool(r.label_kept.all())
+
+
+def test_records_name_the_attacked_methods_options_numbers_and_names(small):
+    # settings (and records, as attack_method_<option>) hold the method's options that
+    # a run needs to be repeated: the number of integrated-gradient points and its rule.
+    net, x = small
+    target = _targets(net, x, "integrated_gradients")
+    options = {"rule": "riemann_middle"}
+    result = bs.manipulate(net, x, target, "integrated_gradients", steps=1, method_options=options)
+    assert result.settings["method_steps"] == 30
+    assert result.settings["method_rule"] == "riemann_middle"
+    row = result.records()[0]
+    assert (row["attack_method_steps"], row["attack_method_rule"]) == (30, "riemann_middle")
+
+
+def test_a_torchscript_model_is_refused_naming_the_attacks_surrogate(small):
+    # The default schedule of gradient puts the attack's softplus in place of every
+    # ReLU, which a traced model does not let through: the error names the surrogate,
+    # not beta-smoothing, which the attack was not asked for.
+    net, x = small
+    traced = torch.jit.trace(net, x)
+    target = _targets(net, x)
+    with pytest.raises(bs.InputError, match=r"^the attack's softplus surrogate cannot work on"):
+        bs.manipulate(traced, x, target, "gradient", steps=1)

@@ -526,6 +526,20 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"seed must be an integer from 0 to 18446744073709551615; got 1180591620717411303424",
     ),
+    "manipulate eot seed whose draws pass 2**64 - 1": (
+        lambda tmp: bs.manipulate(
+            plain_cnn(),
+            X,
+            _targets(X),
+            "smoothgrad",
+            steps=2,
+            eot=True,
+            seed=2**64 - 1,
+            method_options={"n": 2},
+        ),
+        InputError,
+        r"^seed must be an integer from 0 to 18446744073709551613; got 18446744073709551615$",
+    ),
     "manipulate data_range of 3 channels for 1": (
         _manipulate(X, data_range=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))),
         InputError,

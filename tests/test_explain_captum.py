@@ -272,3 +272,15 @@ def test_options_for_the_keyword_arguments_of_a_captum_attribute_reach_it():
     # A linear model with the features switched off to 0: Lime's linear fit is w * x exactly.
     w = net[1].weight[2].detach()
     torch.testing.assert_close(ours.flatten(), w * x.flatten(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_float64_baseline_of_a_float32_model_is_taken_in_the_models_dtype():
+    # A baseline array made by numpy is float64: it is cast to x's dtype, and the
+    # map equals Captum's own with the float32 baseline.
+    net = plain_cnn(seed=1)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    base = torch.full((1, 1, 16, 16), 0.25, dtype=torch.float64)
+    ours = bs.explain(net, x, "captum:IntegratedGradients", baselines=base)
+    theirs = IntegratedGradients(net).attribute(x, target=net(x).argmax(1), baselines=base.float())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.detach())

@@ -418,6 +418,10 @@ def test_targeted_attack_reports_the_input_change_in_pixel_units():
     change = ((result.x_adv - x) * std).flatten(1)
     torch.testing.assert_close(result.metrics["input_mse"], change.square().mean(1))
     torch.testing.assert_close(result.metrics["input_max_change"], change.abs().amax(1))
+    # input_pcc: x_adv against x over every value of all three channels, by numpy.
+    a, b = result.x_adv.flatten(1).double().numpy(), x.flatten(1).double().numpy()
+    pcc = [np.corrcoef(u, v)[0, 1] for u, v in zip(a, b)]
+    np.testing.assert_allclose(result.metrics["input_pcc"].numpy(), pcc, atol=1e-5)
 
 
 def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path):
