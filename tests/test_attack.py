@@ -1391,6 +1391,25 @@ def test_calibration_is_the_sweep_of_its_own_attack_recomputed():
     assert found.summary == sweep.summary()
 
 
+def test_calibration_record_keeps_the_min_fidelity_it_was_given():
+    # The record written to config.json says the threshold the choice was made at, so
+    # that recommend_beta of its own cells and threshold gives its choice back. At
+    # 0.999 no beta is faithful enough (beta 20's median fidelity is about 0.991), though
+    # at the default 0.9 beta 20 would be recommended.
+    from betasmooth.calibrate import calibrate_beta
+
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:2]
+    betas = [1.0, 20.0]
+    found = calibrate_beta(model, x, betas=betas, steps=2, min_fidelity=0.999)
+    record = found.record()
+    assert record["min_fidelity"] == 0.999 == found.summary["min_fidelity"]
+    assert record["betas"] == found.summary["betas"]
+    assert not found.recommended
+    assert recommend_beta(record["betas"], record["min_fidelity"]) is None
+    assert recommend_beta(record["betas"]) == 20.0
+
+
 def _point_map(r, c, n=8):
     m = torch.zeros(1, n, n, dtype=torch.float64)
     m[0, r, c] = 1.0
