@@ -22,8 +22,9 @@ Data specs
         converted to grey (``channels=1``) or RGB (``channels=3``, alpha
         dropped; the default when any image is stored in a colour mode: RGB,
         RGBA, CMYK or a palette, even one of greys) and scaled to [0, 1]
-        (8-bit values by 255, 16-bit grey by 65535; Pillow reads a 16-bit grey
-        PNG with alpha as 8-bit RGBA; a float image, such as a 32-bit TIFF, is
+        (8-bit values by 255, 16-bit grey by 65535, and an integer image with
+        values outside [0, 65535] is refused; Pillow reads a 16-bit grey PNG
+        with alpha as 8-bit RGBA; a float image, such as a 32-bit TIFF, is
         read as it is and must lie in [0, 1]). The class names and the
         file of each image (relative to the folder) come with the images
         (``ImageData.classes``, ``.files``). As torchvision's ``ImageFolder``,
@@ -202,6 +203,11 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
             f"cannot read image {path}: {err}; expected a PNG, JPEG, BMP, PPM/PGM, TIFF "
             "or WebP file"
         ) from err
+    if deep and not (array.min() >= 0.0 and array.max() <= 1.0):
+        raise InputError(
+            f"integer image {path} holds values in [{array.min() * 65535:.0f}, "
+            f"{array.max() * 65535:.0f}]; expected 16-bit values in [0, 65535]"
+        )
     if real and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
         raise InputError(
             f"float image {path} holds values in [{array.min():.4g}, {array.max():.4g}]; "
