@@ -435,6 +435,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"image_size must be a positive int or \(height, width\) of ints; got 0",
     ),
+    "load_data image_size=(32,)": (
+        lambda tmp: bs.load_data("digits", image_size=(32,)),
+        InputError,
+        r"image_size must be a positive int or \(height, width\) of ints; got \(32,\)",
+    ),
     "load_data unknown split": (
         lambda tmp: bs.load_data("digits", split="val"),
         InputError,

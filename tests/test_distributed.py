@@ -397,6 +397,19 @@ def test_no_device_is_the_cpu_and_a_device_that_computes_nothing_is_refused():
         resolve_device("meta")
 
 
+def test_a_cuda_index_past_the_last_gpu_is_refused_by_the_count(monkeypatch):
+    # On a machine with 2 GPUs, cuda:0 and cuda:1 exist and cuda:2 does not; the message
+    # names the count. torch.device itself builds cuda:N without asking for a GPU.
+    from betasmooth.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(bs.InputError, match=r"^--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
 ANY_SCRIPT = """
 import json, sys
 import torch

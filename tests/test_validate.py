@@ -722,6 +722,9 @@ def test_in_range_tolerance_is_1e4_of_the_width():
 
     ok = torch.full((1, 1, 2, 2), 2.0 + 0.5e-4 * 2)
     assert check_in_range(ok, 0.0, 2.0) is ok
+    # Relative, not absolute: on a range 100 wide, 0.005 beyond the top is within it.
+    wide = torch.full((1, 1, 2, 2), 100.0 + 0.5e-4 * 100)
+    assert check_in_range(wide, 0.0, 100.0) is wide
     with pytest.raises(bs.InputError, match="outside data_range"):
         check_in_range(torch.full((1, 1, 2, 2), 2.0 + 3e-4 * 2), 0.0, 2.0)
     with pytest.raises(bs.InputError, match="outside data_range"):
@@ -752,6 +755,9 @@ def test_counts_and_seeds_beyond_their_maximum_are_refused():
         check_seed("seed", MAX_SEED + 1)
     with pytest.raises(bs.InputError, match="steps must be an integer from 1 to"):
         check_count("steps", MAX_COUNT + 1)
+    # The maximum itself is taken.
+    assert check_seed("seed", MAX_SEED) == MAX_SEED
+    assert check_count("steps", MAX_COUNT) == MAX_COUNT
 
 
 def test_an_infinite_input_is_named_as_nan_or_inf_before_the_model_runs():
@@ -851,12 +857,17 @@ def test_targets_beyond_int64_are_named_not_wrapped_or_raised_by_torch():
     from betasmooth.validate import check_target
 
     big = 2**63 + 5
-    for target in (np.array([1, big], dtype=np.uint64), big, [1, 2**64], np.uint64(big)):
+    many = np.array([2**63 + 1, big], dtype=np.uint64)  # the largest is named
+    for target in (np.array([1, big], dtype=np.uint64), big, [1, 2**64], np.uint64(big), many):
         value = int(np.max(target))
         with pytest.raises(InputError, match=rf"^target class {value} is out of range; expected"):
             check_target(target, batch=2)
     with pytest.raises(InputError, match=rf"^target class must be >= 0; got {-(2**70)}$"):
         check_target([1, -(2**70)], batch=2)
+    # 2**63 itself is the first class that int64 does not hold.
+    for target in (2**63, [0, 2**63]):
+        with pytest.raises(InputError, match=rf"^target class {2**63} is out of range; expected"):
+            check_target(target, batch=2)
     top = np.array([2**63 - 1, 0], dtype=np.uint64)  # the largest that int64 holds
     assert check_target(top, batch=2).tolist() == [2**63 - 1, 0]
 

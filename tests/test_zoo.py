@@ -578,6 +578,7 @@ def test_float_images_are_read_as_they_are_and_must_lie_in_zero_one(tmp_path) ->
     Image.fromarray(real).save(tmp_path / "a.tif")  # Pillow mode F: 32-bit float
     _png(tmp_path / "b.png", [[0, 51], [102, 255]], "L")
     x, _ = bs.load_data(str(tmp_path))
+    assert x.shape == (2, 1, 2, 2)  # a float image is grey: no colour image in the folder
     torch.testing.assert_close(x[0, 0], torch.from_numpy(real))
     torch.testing.assert_close(x[1, 0], torch.tensor([[0.0, 0.2], [0.4, 1.0]]))
     # Next to a colour image the float grey becomes three equal channels, still unscaled.
@@ -588,6 +589,26 @@ def test_float_images_are_read_as_they_are_and_must_lie_in_zero_one(tmp_path) ->
     Image.fromarray(real * 255).save(tmp_path / "d.tif")
     with pytest.raises(
         InputError, match=r"float image .*d\.tif holds values in \[0, 255\]; expected"
+    ):
+        bs.load_data(str(tmp_path))
+    # Below 0 is outside [0, 1] as well.
+    (tmp_path / "d.tif").unlink()
+    Image.fromarray(real - 0.5).save(tmp_path / "e.tif")
+    with pytest.raises(
+        InputError, match=r"float image .*e\.tif holds values in \[-0\.5, 0\.5\]; expected"
+    ):
+        bs.load_data(str(tmp_path))
+
+
+def test_integer_images_beyond_sixteen_bits_are_refused_not_scaled_past_one(tmp_path) -> None:
+    # Pillow opens a 32-bit integer TIFF in mode I; by 65535 its values would leave [0, 1].
+    Image.fromarray(np.array([[0, 4000], [30000, 65535]], dtype=np.int32)).save(tmp_path / "a.tif")
+    x, _ = bs.load_data(str(tmp_path))
+    torch.testing.assert_close(x[0, 0], torch.tensor([[0, 4000], [30000, 65535]]) / 65535.0)
+    wide = np.array([[-5, 4000], [30000, 200000]], dtype=np.int32)
+    Image.fromarray(wide).save(tmp_path / "b.tif")
+    with pytest.raises(
+        InputError, match=r"integer image .*b\.tif holds values in \[-5, 200000\]; expected 16-bit"
     ):
         bs.load_data(str(tmp_path))
 
@@ -860,6 +881,10 @@ def test_float_labels_must_be_whole_numbers(tmp_path):
     np.savez(tmp_path / "half.npz", x=x, y=np.array([0.0, 1.5]))
     with pytest.raises(bs.InputError, match="non-integer values"):
         bs.load_data(str(tmp_path / "half.npz"))
+    # An infinite label is no class either (it would become int64's smallest).
+    np.savez(tmp_path / "inf.npz", x=x, y=np.array([0.0, np.inf]))
+    with pytest.raises(bs.InputError, match="non-integer values"):
+        bs.load_data(str(tmp_path / "inf.npz"))
     np.savez(tmp_path / "whole.npz", x=x, y=np.array([0.0, 2.0]))
     assert bs.load_data(str(tmp_path / "whole.npz"))[1].tolist() == [0, 2]
 
@@ -947,6 +972,16 @@ def test_data_bounds_of_an_npz_are_those_of_its_loaded_data_with_the_channels_as
     torch.testing.assert_close(low, (0 - expected[0]) / expected[1])
     torch.testing.assert_close(high, (1 - expected[0]) / expected[1])
     torch.testing.assert_close((low, high), (data.low, data.high))
+
+
+def test_data_bounds_take_the_channels_asked_with_one_mean_and_std_for_all():
+    # Built-in grey digits as RGB with one number each: three channels, not the digits' one.
+    # Oracle: load_data's own bounds, and (0 - 0.5) / 0.25 = -2, (1 - 0.5) / 0.25 = 2.
+    data = bs.load_data("digits", channels=3, mean=0.5, std=0.25)
+    low, high = bs.zoo.data_bounds("digits", channels=3, mean=0.5, std=0.25)
+    assert low.shape == high.shape == (1, 3, 1, 1)
+    torch.testing.assert_close((low, high), (data.low, data.high))
+    torch.testing.assert_close(high, torch.full((1, 3, 1, 1), 2.0))
 
 
 def test_a_model_file_changed_on_disk_is_imported_again(factory_file):
