@@ -60,17 +60,21 @@ class Preprocessing:
     Attributes
     ----------
     resize : int
-        Length the shorter image side is resized to (bilinear, antialiased).
+        Length the shorter image side is resized to (antialiased).
     crop : int
         Side of the centre crop taken after resizing.
     mean, std : tuple of float
         Per-channel normalisation ``(x - mean) / std`` of images in [0, 1].
+    interpolation : str
+        ``"bilinear"`` or ``"bicubic"`` (Swin, EfficientNet, ViT and others):
+        the resize of the weights' ``transforms()``.
     """
 
     resize: int
     crop: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
 
 def is_pretrained(spec: object) -> bool:
@@ -249,14 +253,17 @@ def _brief(text: str, limit: int = 240) -> str:
 
 
 def preprocessing(spec: str) -> Preprocessing:
-    """Resize, crop, mean and std that the weights of ``spec`` expect.
+    """Resize, crop, mean, std and interpolation that the weights of ``spec`` expect.
 
     Read from ``weights.transforms()``.
 
     Examples
     --------
-    >>> preprocessing("torchvision:vgg16")
-    Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    >>> preprocessing("torchvision:vgg16")  # doctest: +NORMALIZE_WHITESPACE
+    Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406),
+                  std=(0.229, 0.224, 0.225), interpolation='bilinear')
+    >>> preprocessing("torchvision:swin_t").interpolation
+    'bicubic'
     """
     t = weights_of(spec).transforms()
     if not all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
@@ -269,6 +276,7 @@ def preprocessing(spec: str) -> Preprocessing:
         crop=int(t.crop_size[0]),
         mean=tuple(float(m) for m in t.mean),
         std=tuple(float(s) for s in t.std),
+        interpolation=str(getattr(t.interpolation, "value", t.interpolation)),
     )
 
 

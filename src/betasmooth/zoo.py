@@ -440,28 +440,41 @@ def _to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
     raise InputError(f"cannot convert {x.shape[1]} channels to {channels}; expected 1 or 3")
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:
     if size is None or tuple(x.shape[-2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    if mode != "bicubic":
+        return out
+    # Bicubic weights go below 0, so the result may leave [0, 1], which the data bounds
+    # promise: clipped there, as Pillow's 8-bit bicubic resize clips.
+    return out.clamp(min(0.0, float(x.min())), max(1.0, float(x.max())))
 
 
-def resize_crop(x: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
-    """Resize the shorter side to ``resize`` (bilinear, antialiased), then crop the centre.
+def resize_crop(
+    x: torch.Tensor, resize: int, crop: int, interpolation: str = "bilinear"
+) -> torch.Tensor:
+    """Resize the shorter side to ``resize`` (antialiased), then crop the centre.
 
     The preprocessing of torchvision's image classifiers
     (``Resize(resize)`` then ``CenterCrop(crop)``), on a batch ``(N, C, H, W)``.
+    ``interpolation`` is ``"bilinear"`` or ``"bicubic"``; a bicubic result is
+    clipped to [0, 1] (or to the range of ``x`` where that is wider).
 
     Examples
     --------
     >>> resize_crop(torch.rand(2, 3, 40, 60), 32, 28).shape
     torch.Size([2, 3, 28, 28])
     """
+    if interpolation not in ("bilinear", "bicubic"):
+        raise InputError(
+            f"interpolation {interpolation!r} is unknown; expected bilinear or bicubic"
+        )
     h, w = x.shape[-2:]
     short, long = (h, w) if h <= w else (w, h)
     other = int(resize * long / short)
     size = (resize, other) if h <= w else (other, resize)
-    x = _resize(x, size)
+    x = _resize(x, size, interpolation)
     top = int(round((size[0] - crop) / 2.0))
     left = int(round((size[1] - crop) / 2.0))
     if top < 0 or left < 0:
@@ -712,7 +725,8 @@ def load_data(
         if size is None:
 
             def fit(image: np.ndarray) -> np.ndarray:
-                return resize_crop(torch.from_numpy(image)[None], prep.resize, prep.crop)[0].numpy()
+                image = torch.from_numpy(image)[None]
+                return resize_crop(image, prep.resize, prep.crop, prep.interpolation)[0].numpy()
 
     source = _source(spec)
     classes = files = None
@@ -729,7 +743,7 @@ def load_data(
         x, y = _npz(Path(spec))
     x = _to_channels(x, channels)
     if fit is not None and source != "folder":
-        x = resize_crop(x, prep.resize, prep.crop)
+        x = resize_crop(x, prep.resize, prep.crop, prep.interpolation)
     x = _resize(x, size)
     raw_low, raw_high = _raw_range(source, x)
     normalised = mean is not None or std is not None
