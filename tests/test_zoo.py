@@ -794,6 +794,32 @@ def test_preset_matches_torchvision_when_the_long_side_rounds_up(tmp_path):
     torch.testing.assert_close(data.x[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_bicubic_preset_resizes_as_its_torchvision_transforms_do(tmp_path):
+    # Swin's weights resize bicubically. Oracle: torchvision's resize and centre crop
+    # with the weights' own interpolation, clipped to [0, 1] (the data bounds; Pillow's
+    # 8-bit bicubic clips too), then normalised: transforms() wherever it stays in [0, 1].
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.transforms import functional as TF
+
+    weights = torchvision.models.Swin_T_Weights.DEFAULT
+    t = weights.transforms()
+    assert t.interpolation == TF.InterpolationMode.BICUBIC
+    pixels = np.random.default_rng(3).integers(0, 256, (257, 300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    data = bs.load_data(str(tmp_path), preset="torchvision:swin_t")
+    raw = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)
+    resized = TF.center_crop(TF.resize(raw, t.resize_size, t.interpolation, antialias=True), 224)
+    expected = TF.normalize(resized.clamp(0, 1), t.mean, t.std)
+    torch.testing.assert_close(data.x[0], expected, rtol=1e-5, atol=1e-5)
+    inside = (resized >= 0) & (resized <= 1)
+    assert 0.9 < inside.float().mean() < 1.0  # random pixels overshoot in places
+    torch.testing.assert_close(data.x[0][inside], t(raw)[inside], rtol=1e-5, atol=1e-5)
+    assert bool((data.x >= data.low).all() and (data.x <= data.high).all())
+    # The old bilinear resize is far from it.
+    bilinear = TF.normalize(bs.zoo.resize_crop(raw[None], 232, 224)[0], t.mean, t.std)
+    assert (bilinear - expected).abs().max() > 0.05
+
+
 def test_rgb_to_grey_of_arrays_is_pils_luma(tmp_path):
     # An .npz of RGB images loaded with
     # channels=1 must be what PIL's convert("L") (ITU-R 601-2) makes of them.
