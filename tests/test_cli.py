@@ -1756,13 +1756,23 @@ def test_beta_auto_holds_out_the_images_after_the_first_n(tmp_path, capsys, monk
         assert "images that are also explained" in said
 
 
-def test_the_bounds_of_the_beta_range_are_betas():
-    from betasmooth.cli import BETA_RANGE, _check_betas
+def test_the_bounds_of_the_beta_range_are_betas(capsys):
+    from betasmooth.cli import BETA_RANGE, _check_betas, build_parser
 
     _check_betas([BETA_RANGE[0], BETA_RANGE[1], None])  # raises where a bound is refused
     for outside in (BETA_RANGE[0] / 2, BETA_RANGE[1] * 2):
         with pytest.raises(bs.InputError):
             _check_betas([outside])
+    # --beta of attack and explain takes the same bounds, as Python writes them.
+    parser = build_parser()
+    for command in ("attack", "explain"):
+        argv = [command, "--model", "m", "--data", "d", "--method", "beta_smooth", "--out", "r"]
+        for bound in BETA_RANGE:
+            assert parser.parse_args([*argv, "--beta", repr(bound)]).beta == bound
+        for outside in (BETA_RANGE[0] / 2, BETA_RANGE[1] * 2, 0.0):
+            with pytest.raises(SystemExit):
+                parser.parse_args([*argv, "--beta", repr(outside)])
+    assert "expected a positive number" in capsys.readouterr().err
 
 
 def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
@@ -1835,3 +1845,105 @@ def test_the_demo_attacks_smoothgrad_and_integrated_gradients_with_its_smaller_s
     options = _attacked_with(config, (torch.zeros(1, 1, 1), torch.ones(1, 1, 1)))
     assert options["smoothgrad"]["n"] == sizes["smoothgrad_attack_n"] == 8 != sizes["smoothgrad_n"]
     assert options["integrated_gradients"]["steps"] == sizes["ig_steps"]
+
+
+def test_beta_auto_is_a_usage_error_of_the_attack(tmp_path, capsys):
+    # Only explain calibrates: the attack's --beta auto is refused as it is parsed.
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "beta_smooth", "-n", "2", "--steps", "1", "--beta", "auto"]
+    with pytest.raises(SystemExit) as end:
+        main([*argv, "--out", str(out)])
+    assert end.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "argument --beta: expected a positive number (a float32 beta); got 'auto'" in err
+    assert not out.exists()
+
+
+def test_beta_goes_next_to_the_other_options_of_beta_smooth(tmp_path):
+    # --beta 2 with --option beta_smooth.base=...: the map is that base's at beta 2.
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "2", "--out", str(out)]
+    assert main([*argv, "--option", "beta_smooth.base=input_x_gradient"]) == 0
+    with np.load(out / "arrays" / "beta_smooth-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["map"]
+    net = bs.load_model("digits-cnn")
+    expected = bs.heatmap(bs.explain(net, x, "beta_smooth", beta=2.0, base="input_x_gradient"))
+    gradient = bs.heatmap(bs.explain(net, x, "beta_smooth", beta=2.0))
+    np.testing.assert_allclose(stored, expected.numpy(), rtol=0, atol=1e-7)
+    assert np.abs(stored - gradient.numpy()).max() > 1e-3
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta"] == 2.0
+    assert config["options"] == {"beta_smooth": {"base": "input_x_gradient"}}
+
+
+def test_beta_auto_calibrates_on_the_training_split_with_the_run_s_seed(tmp_path, monkeypatch):
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    seen = []
+
+    def fake(model, images, method, **kwargs):
+        seen.append((images.clone(), method, kwargs))
+        return Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {"2": {}}})
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto", "--seed", "5"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r")]) == 0
+    ((images, method, kwargs),) = seen
+    # Built-in data holds out its training split: no image the run explains.
+    train = bs.load_data("digits", "train")[0]
+    torch.testing.assert_close(images, train[: cli.CALIBRATION["n"]])
+    assert method == "gradient"
+    assert (kwargs["seed"], kwargs["steps"]) == (5, cli.CALIBRATION["steps"])
+
+
+def test_resume_with_another_image_count_is_refused(tmp_path, capsys):
+    # The run records -n: more images under --resume would be another run's.
+    out = tmp_path / "run"
+    argv = [*EXPLAIN[:-3], "--method", "gradient", "--no-progress", "--out", str(out)]
+    assert main([*argv, "-n", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["n"] == 2
+    before = (out / "results.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "-n", "3", "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: --resume with a different setting: n is 2 in {out / 'config.json'} "
+        "but 3 now; use the same settings or choose a new --out\n"
+    )
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_curvature_refuses_a_torchscript_model_before_the_run_directory_is_made(tmp_path, capsys):
+    model = tmp_path / "scripted.py"
+    model.write_text(
+        "import torch\n\n\ndef build():\n"
+        "    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10), "
+        "torch.nn.ReLU())\n"
+        "    return torch.jit.script(net)\n"
+    )
+    out = tmp_path / "run"
+    argv = ["curvature", "--model", f"{model}:build", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--no-progress", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "betasmooth: error: beta-smoothing cannot work on RecursiveScriptModule, a TorchScript "
+        "module (torch.jit.script or torch.jit.trace) that runs its own graph and takes no "
+        "forward hooks; expected the nn.Module it was made from"
+    )
+    assert not out.exists()
+
+
+def test_demo_records_the_fingerprints_of_its_images_and_weights(demo_dir):
+    # As attack and explain do: --resume and a later sweep check them.
+    import hashlib
+
+    from betasmooth.zoo import weights_file
+
+    config = json.loads((demo_dir / "config.json").read_text())
+    x, y = bs.load_data("digits")
+    inputs = hashlib.sha256()
+    for tensor in (x[:4], y[:4]):
+        inputs.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        inputs.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    weights = hashlib.sha256(weights_file("digits-cnn", None).read_bytes()).hexdigest()
+    assert (config["inputs_sha256"], config["weights_sha256"]) == (inputs.hexdigest(), weights)

@@ -1518,3 +1518,154 @@ def test_a_sweep_on_another_base_names_that_base(tmp_path, monkeypatch):
     assert legends == ["no defense (ReLU)", "as attacked (lrp)"]
     assert page.tables["choice_gradient"][1][0][0] == "undefended"
     assert page.tables["choice_lrp"][1][0][0] == "undefended: plain gradient"
+
+
+def _composed(monkeypatch):
+    composed = []
+    compose = figures._compose
+    monkeypatch.setattr(figures, "_compose", lambda cols: composed.append(cols) or compose(cols))
+    return composed
+
+
+def test_the_grid_of_a_normalised_run_draws_each_panel_from_its_own_array(tmp_path, monkeypatch):
+    # Both images de-normalised (x * std + mean), each map in its own column.
+    rng = np.random.default_rng(11)
+    mean, std = 0.5, 0.25
+    config = {"command": "attack", "n": 2, "methods": ["gradient"], "mean": [mean], "std": [std]}
+    run = RunDir.create(tmp_path, config)
+    batch = AttackBatch(
+        index=np.arange(2),
+        x=rng.standard_normal((2, 1, H, H)),
+        x_adv=rng.standard_normal((2, 1, H, H)),
+        map_orig=_maps(rng, 2),
+        map_adv=_maps(rng, 2),
+        map_target=_maps(rng, 2),
+        label=np.array([1, 2]),
+        label_adv=np.array([1, 2]),
+    )
+    run.save_arrays("gradient", 0, batch)
+    rec = {"method": "gradient", "goal": "targeted", "label_kept": True, "expl_pcc_orig": 0.5}
+    run.append([{"index": i, **rec} for i in range(2)])
+    composed = _composed(monkeypatch)
+    build_report(tmp_path)
+    (columns,) = composed
+    drawn = {name: stack for name, _, stack in columns}
+    assert list(drawn) == ["original", "original map", "attacked", "attacked map", "target map"]
+    np.testing.assert_allclose(drawn["original"], batch.x * std + mean, rtol=1e-6)
+    np.testing.assert_allclose(drawn["attacked"], batch.x_adv * std + mean, rtol=1e-6)
+    for name, maps in [
+        ("original map", batch.map_orig),
+        ("attacked map", batch.map_adv),
+        ("target map", batch.map_target),
+    ]:
+        np.testing.assert_allclose(drawn[name], maps, rtol=1e-6)
+
+
+def test_the_explain_grid_draws_each_method_s_map_of_the_row_s_image(tmp_path, monkeypatch):
+    # gradient's arrays of the first two images are lost: the rows show images 2, 3, ...,
+    # and lrp, which holds every image, must give its maps of those, not of 0, 1, ...
+    rng = np.random.default_rng(12)
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
+    n = GRID_ROWS
+    x, grad, lrp = rng.random((n + 2, 1, H, H)), _maps(rng, n + 2), _maps(rng, n + 2)
+    kept = np.arange(2, n + 2)
+    run.save_arrays("gradient", 2, ExplainBatch(kept, x[kept], grad[kept]))
+    run.save_arrays("lrp", 0, ExplainBatch(np.arange(n + 2), x, lrp))
+    rec = {"label": 1, "map_max": 1.0, "seconds": 0.1}
+    run.append([{"index": i, "method": m, **rec} for m in ("gradient", "lrp") for i in kept])
+    composed = _composed(monkeypatch)
+    build_report(tmp_path)
+    (columns,) = composed
+    drawn = {name: stack for name, _, stack in columns}
+    np.testing.assert_allclose(drawn["image"], x[kept], rtol=1e-6)
+    np.testing.assert_allclose(drawn["gradient"], grad[kept], rtol=1e-6)
+    np.testing.assert_allclose(drawn["lrp"], lrp[kept], rtol=1e-6)
+
+
+def test_the_attack_settings_table_shows_each_method_s_own_settings(tmp_path):
+    run = RunDir.create(tmp_path, {"command": "attack", "n": 2, "methods": ["gradient", "lrp"]})
+    own = {
+        "gradient": {"attack_lr": 0.5, "attack_steps": 3},
+        "lrp": {"attack_lr": 2.0, "attack_steps": 7},
+    }
+    rec = {"goal": "targeted", "label_kept": True, "expl_pcc_orig": 0.5}
+    run.append([{"index": i, "method": m, **rec, **own[m]} for m in own for i in range(2)])
+    page = parse(build_report(tmp_path))
+    table = page.tables["attack-settings"]
+    heads = [cell[0] for cell in table[0]]
+    for method, settings in own.items():
+        j = heads.index(f"{method} (targeted)")
+        shown = {row[0][0]: float(row[j][1]) for row in table[1:]}
+        assert shown == pytest.approx({k.removeprefix("attack_"): v for k, v in settings.items()})
+
+
+def test_the_defense_table_counts_the_records_of_each_setting(tmp_path):
+    # Two betas, four settings, six images: each column counts its own six records.
+    run = make_run(tmp_path, theory=False, methods=("gradient",), betas=(1.0, 5.0))
+    page = parse(build_report(run))
+    sweep = read_lines(run / "sweep.jsonl")
+    table = page.tables["defense-table_gradient"]
+    for beta in (1.0, 5.0):
+        sigma = math.pi / (math.sqrt(3) * beta)
+        for defense, setting in [
+            ("beta_smooth", f"β-smoothing β={beta:g}"),
+            ("smoothgrad", f"SmoothGrad σ={sigma:.3g}, matched to β={beta:g}"),
+        ]:
+            mine = [r for r in sweep if r["defense"] == defense and r["beta"] == beta]
+            assert column(table, setting, head_rows=2)["records"] == len(mine) == N
+
+
+def test_the_grid_rows_of_a_method_name_the_class_of_each_image(tmp_path, monkeypatch):
+    # A pretrained model's records name each image's class; the grid's row labels say it.
+    rng = np.random.default_rng(13)
+    run = RunDir.create(tmp_path, {"command": "attack", "n": 2, "methods": ["gradient"]})
+    x = rng.random((2, 1, H, H))
+    batch = AttackBatch(
+        np.arange(2), x, x, _maps(rng, 2), _maps(rng, 2), _maps(rng, 2),
+        np.array([3, 7]), np.array([3, 5]),
+    )  # fmt: skip
+    run.save_arrays("gradient", 0, batch)
+    names = {0: "tabby cat", 1: "goldfish"}
+    rec = {"method": "gradient", "goal": "targeted", "label_kept": True, "expl_pcc_orig": 0.5}
+    run.append([{"index": i, **rec, "label_name": names[i]} for i in range(2)])
+    labels = []
+    grid = figures.method_grid
+
+    def spy(*args, **kwargs):
+        labels.append(kwargs["row_labels"])
+        return grid(*args, **kwargs)
+
+    monkeypatch.setattr(figures, "method_grid", spy)
+    build_report(tmp_path)
+    assert labels == [["#0 3→3\ntabby cat", "#1 7→5\ngoldfish"]]
+
+
+def test_the_iid_bias_figure_draws_its_limit_and_names_it(tmp_path, monkeypatch):
+    figs = _drawn_figures(monkeypatch)
+    curve = {"d": [1, 4, 64], "bias": [0.0, 0.015, 0.022], "limit": 0.02283}
+    figures.iid_bias_figure(curve, tmp_path / "b.png")
+    (fig,) = figs
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["iid bias", "limit d → ∞: 0.0228"]
+    flat = [line for line in ax.get_lines() if line.get_label().startswith("limit")]
+    assert [list(line.get_ydata()) for line in flat] == [[0.02283, 0.02283]]
+
+
+def test_maps_that_do_not_sum_to_one_are_scaled_to_their_own_top(tmp_path, monkeypatch):
+    # Signed attributions or raw saliency reach far above 1: the scale still ends at the
+    # row's 99.5th percentile, not at 1.
+    rng = np.random.default_rng(14)
+    x, m = rng.random((1, 1, H, H)), 40 * rng.random((1, H, H))
+    bars = []
+    bar = figures._colour_bar
+    monkeypatch.setattr(
+        figures,
+        "_colour_bar",
+        lambda fig, at, size, top: bars.append(top) or bar(fig, at, size, top),
+    )
+    figures.method_grid(x, m, x, m, m, tmp_path / "g.png")
+    top = np.percentile(np.concatenate([m.ravel()] * 3), 99.5)
+    assert bars == [pytest.approx(top * H * H)]
+    _, vmax = figures._compose([("map", "map", m)])
+    assert vmax.tolist() == pytest.approx([np.percentile(m, 99.5)])
