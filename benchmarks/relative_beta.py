@@ -208,9 +208,14 @@ def main() -> None:
         "--std-images", type=positive_integer, default=64, help="training images for the stds"
     )
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
+    parser.add_argument(
+        "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--json", help="append the results as one JSON line to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.progress = not args.no_progress and sys.stderr.isatty()
     torch.manual_seed(0)
     results = {name: measure(name, args) for name in MODELS}

@@ -113,13 +113,29 @@ def test_a_torchvision_model_that_is_no_image_classifier_is_refused(name, tmp_pa
     assert not any(tmp_path.rglob("*.pth"))
 
 
+def test_the_fetch_hint_names_the_weights_asked_for_not_the_default(tmp_path, monkeypatch):
+    # resnet50's DEFAULT is IMAGENET1K_V2: a hint that fetched it would leave V1's file missing.
+    import torchvision
+
+    def offline(url, path):
+        raise OSError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(pretrained, "download", offline)
+    with pytest.raises(InputError) as err:
+        bs.load_model("torchvision:resnet50:IMAGENET1K_V1")
+    file = torchvision.models.get_model_weights("resnet50")["IMAGENET1K_V1"].url.rsplit("/", 1)[1]
+    assert f"expected the file {file} in" in str(err.value)
+    assert "get_model('resnet50', weights='IMAGENET1K_V1')" in str(err.value)
+
+
 def test_missing_cache_names_the_file_and_how_to_get_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(InputError) as err:
         bs.load_model("torchvision:vgg11")
     text = str(err.value)
     assert "vgg11-8a719046.pth" in text and str(tmp_path / "empty" / "hub" / "checkpoints") in text
-    assert "get_model('vgg11', weights='DEFAULT')" in text
+    assert "get_model('vgg11', weights='IMAGENET1K_V1')" in text
     data = tmp_path / "d.npz"
     np.savez(data, x=np.zeros((2, 3, 32, 32), np.float32))
     argv = ["explain", "--model", "torchvision:vgg11", "--data", str(data), "--method", "gradient"]

@@ -66,8 +66,9 @@ class Preprocessing:
     mean, std : tuple of float
         Per-channel normalisation ``(x - mean) / std`` of images in [0, 1].
     interpolation : str
-        ``"bilinear"`` or ``"bicubic"`` (Swin, EfficientNet, ViT and others):
-        the resize of the weights' ``transforms()``.
+        ``"bilinear"``, or ``"bicubic"`` where the weights ask for it (Swin,
+        most EfficientNets, MaxViT, ``vit_h_14``): the resize of the weights'
+        ``transforms()``.
     """
 
     resize: int
@@ -173,7 +174,8 @@ def _fetch(spec: str, path: Path) -> None:
             f"the weights of {spec} are not cached and could not be downloaded ({err}): "
             f"expected the file {path.name} in {path.parent} (torch hub cache, moved by "
             'TORCH_HOME); run once with network, or python -c "import torchvision; '
-            f"torchvision.models.get_model('{name}', weights='DEFAULT')\", or copy the file there"
+            f"torchvision.models.get_model('{name}', weights='{weights_of(spec).name}')\", "
+            "or copy the file there"
         ) from err
 
 
