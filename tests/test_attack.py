@@ -1459,15 +1459,18 @@ def _two_logits(b):
     return net
 
 
-def test_a_signed_step_that_flips_the_label_is_undone_and_halved():
+@pytest.mark.parametrize(("b", "steps", "low"), [(-0.3, 2, 0.45), (-0.7, 3, 0.35)])
+def test_a_signed_step_that_flips_the_label_is_undone_and_halved_once(b, steps, low):
     # topk with k=2 keeps the original top pixels 0 and 1 (ties: the lower index):
     # their share x0 + x1 of the normalised map falls as x0, x1 go down and x2, x3 up,
-    # by the signed step 0.1. From 0.5 everywhere, a full step gives logit 1 =
-    # 2 * 1.2 - 0.3 = 2.1 > 2 = logit 0: flipped, undone, halved to 0.05. The next step
-    # reaches 0.45 / 0.55 (logit 1 = 1.9, kept): the best iterate.
+    # by the signed step 0.1; logit 1 = 2 * (x2 + x3) + b against logit 0 = 2.
+    # b = -0.3: from 0.5 everywhere a full step gives 2.4 - 0.3 = 2.1 > 2: flipped,
+    # undone, halved to 0.05; the next step reaches 0.45 / 0.55 (1.9, kept).
+    # b = -0.7: step 1 is kept (2.4 - 0.7 < 2), step 2 flips (2.8 - 0.7 > 2), is undone
+    # and halved to 0.05 (not quartered), and step 3 reaches 0.35 / 0.65 (1.9, kept).
     x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
     r = bs.manipulate(
-        _two_logits(-0.3),
+        _two_logits(b),
         x,
         None,
         "input_x_gradient",
@@ -1475,10 +1478,10 @@ def test_a_signed_step_that_flips_the_label_is_undone_and_halved():
         k=2,
         eps=0.2,
         step=0.1,
-        steps=2,
+        steps=steps,
         beta_schedule="none",
     )
-    expected = torch.tensor([0.45, 0.45, 0.55, 0.55], dtype=torch.float64).view(1, 1, 2, 2)
+    expected = torch.tensor([low, low, 1 - low, 1 - low], dtype=torch.float64).view(1, 1, 2, 2)
     torch.testing.assert_close(r.x_adv, expected)
     assert bool(r.label_kept.all())
 
@@ -1668,29 +1671,6 @@ def test_integrated_gradients_is_attacked_for_the_papers_500_steps_by_default():
     assert result.settings["steps"] == ATTACK_DEFAULTS["integrated_gradients"]["steps"] == 500
     assert result.history.shape == (500, 2)
     assert result.settings["lr"] == pytest.approx(5e-3 / PAPER_SPAN)
-
-
-def test_a_step_halved_after_a_later_flip_is_halved_once():
-    # As test_a_signed_step_that_flips_the_label_is_undone_and_halved, with b = -0.7:
-    # step 1 (0.1) is kept (logit 1 = 2.4 - 0.7 < 2), step 2 flips (2.8 - 0.7 > 2), is
-    # undone and halved to 0.05 (not quartered), and step 3 reaches 0.35 / 0.65
-    # (logit 1 = 2.6 - 0.7 = 1.9, kept).
-    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
-    r = bs.manipulate(
-        _two_logits(-0.7),
-        x,
-        None,
-        "input_x_gradient",
-        goal="topk",
-        k=2,
-        eps=0.2,
-        step=0.1,
-        steps=3,
-        beta_schedule="none",
-    )
-    expected = torch.tensor([0.35, 0.35, 0.65, 0.65], dtype=torch.float64).view(1, 1, 2, 2)
-    torch.testing.assert_close(r.x_adv, expected)
-    assert bool(r.label_kept.all())
 
 
 def test_records_name_the_attacked_methods_options_numbers_and_names(small):
