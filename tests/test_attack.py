@@ -1486,26 +1486,29 @@ def test_a_signed_step_that_flips_the_label_is_undone_and_halved_once(b, steps, 
     assert bool(r.label_kept.all())
 
 
-def test_a_targeted_attack_scores_every_check_every_steps_and_the_last(monkeypatch):
-    # Documented: "Every check_every steps ... and after the last": with 4 steps and
-    # check_every=2 the iterates after steps 2 and 4 are scored, no others.
-    scored = []
-    real = attack.keep_best
+def _spy_on_scoring(monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Lists that fill with the iterates scored (keep_best) and with every iterate."""
+    scored, iterates = [], []
+    real, real_project = attack.keep_best, attack._Problem.project
 
     def spy(best, best_score, candidate, score, kept):
         scored.append(candidate.clone())
         return real(best, best_score, candidate, score, kept)
-
-    monkeypatch.setattr(attack, "keep_best", spy)
-    iterates = []
-    real_project = attack._Problem.project
 
     def project(self, x_adv):
         out = real_project(self, x_adv)
         iterates.append(out.detach().clone())
         return out
 
+    monkeypatch.setattr(attack, "keep_best", spy)
     monkeypatch.setattr(attack._Problem, "project", project)
+    return scored, iterates
+
+
+def test_a_targeted_attack_scores_every_check_every_steps_and_the_last(monkeypatch):
+    # Documented: "Every check_every steps ... and after the last": with 4 steps and
+    # check_every=2 the iterates after steps 2 and 4 are scored, no others.
+    scored, iterates = _spy_on_scoring(monkeypatch)
     x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
     target = torch.tensor([[[0.7, 0.1], [0.1, 0.1]]], dtype=torch.float64)
     bs.manipulate(
@@ -1619,23 +1622,7 @@ def test_a_targeted_attack_scores_every_ten_steps_by_default(small, monkeypatch)
     # after steps 10 and 12 (the last), no others.
     net, x = small
     target = _targets(net, x)
-    scored = []
-    real = attack.keep_best
-
-    def spy(best, best_score, candidate, score, kept):
-        scored.append(candidate.clone())
-        return real(best, best_score, candidate, score, kept)
-
-    monkeypatch.setattr(attack, "keep_best", spy)
-    iterates = []
-    real_project = attack._Problem.project
-
-    def project(self, x_adv):
-        out = real_project(self, x_adv)
-        iterates.append(out.detach().clone())
-        return out
-
-    monkeypatch.setattr(attack._Problem, "project", project)
+    scored, iterates = _spy_on_scoring(monkeypatch)
     bs.manipulate(net, x, target, "gradient", steps=12)
     assert attack.CHECK_EVERY == 10
     assert len(iterates) == 12 and len(scored) == 2
