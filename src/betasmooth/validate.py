@@ -222,7 +222,7 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     target = target.long()
     if bool((target < 0).any()):
         if unsigned:  # a uint64 of 2**63 or more, wrapped round by the cast
-            raise _out_of_range(target.min().item() + 2**64)
+            raise _out_of_range(target[target < 0].max().item() + 2**64)
         raise InputError(f"target class must be >= 0; got {target.min().item()}")
     return target
 
@@ -850,6 +850,12 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     said = "channels" in reason  # torch: "expected input ... to have 1 channels"
     if said and len(shape) == 4 and first is not None and first.in_channels != shape[1]:
+        if shape[-1] == first.in_channels:
+            # (B, H, W, C), as PIL, numpy and TensorFlow lay images out.
+            return (
+                f"; x looks channels-last (B, H, W, C) with C = {shape[-1]}; expected "
+                f"(B, C, H, W): x.permute(0, 3, 1, 2)"
+            )
         return (
             f"; the model's first convolution takes {first.in_channels} "
             f"channel{'s' if first.in_channels != 1 else ''}: load the "
