@@ -825,7 +825,8 @@ def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
     if data_range is None:
         return float(x.min()), float(x.max())
     if isinstance(data_range, (tuple, list)) and len(data_range) == 2:
-        if any(torch.is_tensor(v) for v in data_range):
+        # Per-channel bounds: tensors such as data.bounds, or their numpy copies.
+        if any(torch.is_tensor(v) or isinstance(v, np.ndarray) for v in data_range):
             return check_bounds(*data_range, x)
     if (
         not isinstance(data_range, (tuple, list))
@@ -1693,7 +1694,7 @@ def defense_sweep(
     """
     check_defendable(method)
     target_map = _check_sweep_inputs(x, x_adv, target_map)
-    betas, sigmas = _sweep_scales(betas, smoothgrad_sigmas)
+    betas, sigmas = sweep_scales(betas, smoothgrad_sigmas)
     defenses = _check_defenses(defenses)
     # In the model's dtype, as explain and manipulate take them (float64 on a
     # float32 model met the model's weights as a raw dtype error).
@@ -1784,7 +1785,7 @@ def _sequence(name: str, values: object, what: str, example: str) -> list[object
     return list(values)
 
 
-def _sweep_scales(
+def sweep_scales(
     betas: Sequence[float], smoothgrad_sigmas: Sequence[float] | None
 ) -> tuple[list[float], list[float]]:
     """The betas, and SmoothGrad's noise level for each: given, or matched to beta."""

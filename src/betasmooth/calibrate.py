@@ -24,11 +24,12 @@ from .attack import (
     defense_sweep,
     manipulate,
     random_targets,
+    sweep_scales,
 )
 from .explain import explain
 from .metrics import heatmap
-from .recommend import MIN_FIDELITY
-from .validate import InputError
+from .recommend import MIN_FIDELITY, check_min_fidelity
+from .validate import InputError, check_input
 
 __all__ = ["CANDIDATE_BETAS", "Calibration", "calibrate_beta", "check_calibration_count"]
 
@@ -139,8 +140,12 @@ def calibrate_beta(
     >>> found.beta in (1.0, 20.0)
     True
     """
+    # Everything the sweep and the summary take is checked before the attack runs.
+    x = check_input(model, x)
     check_calibration_count(x.shape[0])
     check_defendable(method)
+    betas, _ = sweep_scales(betas, None)
+    check_min_fidelity(min_fidelity)
     # The map the attack and the sweep see: the attack's defaults, the data's range.
     options = attack_options(method, x, data_range=data_range, method_options=method_options)
     maps = heatmap(explain(model, x, method, **options)).detach()

@@ -24,10 +24,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .metrics import medians
+from .validate import InputError, is_number
 
 __all__ = [
     "CELL_KEYS",
     "MIN_FIDELITY",
+    "check_min_fidelity",
     "format_summary",
     "recommend_beta",
     "sweep_summary",
@@ -99,6 +101,19 @@ def beta_key(beta: float) -> str:
     return text if float(text) == float(beta) else repr(float(beta))
 
 
+def check_min_fidelity(value: object) -> float:
+    """``value`` as the least median fidelity (PCC) of a recommended beta, in [0, 1].
+
+    Examples
+    --------
+    >>> check_min_fidelity(0.9)
+    0.9
+    """
+    if not is_number(value) or not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"min_fidelity must be a number from 0 to 1 (a median PCC); got {value!r}")
+    return float(value)
+
+
 def sweep_summary(
     records: Iterable[Mapping[str, object]],
     min_fidelity: float = MIN_FIDELITY,
@@ -140,6 +155,7 @@ def sweep_summary(
     >>> s["recommended_beta"], s["undefended"]["robustness_pcc"], s["betas"]["1"]["n"]
     (1.0, 0.3, 1)
     """
+    min_fidelity = check_min_fidelity(min_fidelity)
     groups: dict[str, dict[tuple[str, float], list[Mapping[str, object]]]] = {}
     for r in records:
         if not isinstance(r.get("beta"), (int, float)) or "defense" not in r:

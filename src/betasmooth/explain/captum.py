@@ -227,6 +227,13 @@ def captum_method(name: str) -> Method:
                 f"captum:{name} maps are not differentiable w.r.t. x; expected create_graph=False"
             )
         check(model, layer=layer, **options)
+        if options.get("return_convergence_delta"):
+            # attribute would return (attributions, delta), and explain returns one map.
+            raise InputError(
+                f"captum:{name}: return_convergence_delta=True is not supported; expected it "
+                "unset (explain returns the attributions only; Captum's "
+                "compute_convergence_delta gives the delta)"
+            )
         if target is None:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
