@@ -1037,3 +1037,72 @@ def test_training_script_checks_its_output_path_before_training(
     expected = "expected a file path in a writable folder, such as weights/model.pt"
     assert code == 2 and "Traceback" not in err and not printed
     assert err.strip().splitlines()[-1] == f"{script}: error: argument --out: {problem}; {expected}"
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"betas": "auto"}, "betas must be a sequence"),
+        ({"betas": [0.0, 1.0]}, "beta must be a positive finite number; got 0"),
+        ({"min_fidelity": "0.9"}, "min_fidelity must be a number from 0 to 1"),
+        ({"min_fidelity": float("nan")}, "min_fidelity must be a number from 0 to 1"),
+        ({"min_fidelity": 2.0}, "min_fidelity must be a number from 0 to 1"),
+        ({"min_fidelity": -0.5}, "min_fidelity must be a number from 0 to 1"),
+    ],
+)
+def test_calibrate_beta_checks_its_arguments_before_the_attack(monkeypatch, options, named) -> None:
+    from betasmooth import calibrate
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("the attack ran before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "manipulate", no_attack)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises((InputError, InputTypeError), match=named):
+        calibrate.calibrate_beta(plain_cnn(), x, steps=1, **options)
+
+
+def test_a_sweep_summary_refuses_a_min_fidelity_that_is_no_fraction() -> None:
+    from betasmooth.recommend import sweep_summary
+
+    rows = [{"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8,
+             "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}]  # fmt: skip
+    for bad in ("0.9", float("nan"), 1.5):
+        with pytest.raises(InputError, match=r"^min_fidelity must be a number from 0 to 1"):
+            sweep_summary(rows, min_fidelity=bad)
+    assert sweep_summary(rows, min_fidelity=0.96)["method"]["recommended_beta"] is None
+    assert sweep_summary(rows, min_fidelity=0.95)["method"]["recommended_beta"] == 1.0
+
+
+def test_numpy_bounds_are_taken_as_the_tensors_they_copy() -> None:
+    # data.bounds as numpy arrays (a user who saved them) bound the attack as the tensors do.
+    model = plain_cnn(channels=3)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    low, high = torch.zeros(1, 3, 1, 1), torch.tensor([1.0, 0.9, 0.95]).view(1, 3, 1, 1)
+    x = x.clamp(max=high)
+    results = [
+        bs.manipulate(model, x, None, "gradient", goal="topk", steps=3, data_range=bounds)
+        for bounds in ((low, high), (low.numpy(), high.numpy()))
+    ]
+    torch.testing.assert_close(results[0].x_adv, results[1].x_adv)
+    assert bool((results[1].x_adv <= high).all())
+
+
+def test_calibrate_beta_names_a_missing_batch_dimension_not_data_range() -> None:
+    x = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match=r"add the batch dimension with x\[None\]"):
+        bs.calibrate_beta(plain_cnn(), x, steps=1)
+
+
+def test_channels_last_images_are_named_as_such() -> None:
+    model = plain_cnn(channels=3)
+    x = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match=r"channels-last .*x\.permute\(0, 3, 1, 2\)") as info:
+        bs.explain(model, x, "gradient")
+    assert "--channels" not in str(info.value)
+    # The hint is right: the permuted batch is explained as the channel-first one.
+    permuted = bs.explain(model, x.permute(0, 3, 1, 2), "gradient")
+    xg = x.permute(0, 3, 1, 2).clone().requires_grad_(True)
+    out = model(xg)
+    (expected,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xg)
+    torch.testing.assert_close(permuted, expected)

@@ -284,3 +284,16 @@ def test_a_float64_baseline_of_a_float32_model_is_taken_in_the_models_dtype():
     theirs = IntegratedGradients(net).attribute(x, target=net(x).argmax(1), baselines=base.float())
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs.detach())
+
+
+def test_return_convergence_delta_is_one_line() -> None:
+    model = plain_cnn()
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match="return_convergence_delta=True is not supported"):
+        bs.explain(model, x, "captum:IntegratedGradients", n_steps=4, return_convergence_delta=True)
+    # False is Captum's default and keeps working: Captum's own map.
+    ours = bs.explain(
+        model, x, "captum:IntegratedGradients", TARGET, n_steps=4, return_convergence_delta=False
+    )
+    theirs = IntegratedGradients(model).attribute(x, target=TARGET, n_steps=4)
+    torch.testing.assert_close(ours, theirs)
