@@ -487,7 +487,8 @@ def resize_crop(
 class ImageData(tuple):
     """``(x, y)`` as :func:`load_data` returns them, with the value range of ``x`` per channel.
 
-    Unpacks like a pair (``x, y = data``). ``low`` and ``high`` are
+    Unpacks like a pair (``x, y = data``; a slice such as ``data[:4]`` is refused:
+    take ``data.x[:4]``). ``low`` and ``high`` are
     ``(1, C, 1, 1)`` tensors: the range of the raw values (``[0, 1]`` for
     images) mapped through the normalisation, ``(0 - mean) / std`` and
     ``(1 - mean) / std``. Pass them to LRP (``low=data.low, high=data.high``),
@@ -537,6 +538,15 @@ class ImageData(tuple):
     def __reduce__(self) -> tuple:
         extra = (self.low, self.high, self.mean, self.std, self.classes, self.files)
         return (ImageData, (*self, *extra))
+
+    def __getitem__(self, key: object) -> object:
+        # data[:4] reads as "four images" but would slice the pair (x, y) itself.
+        if isinstance(key, slice):
+            raise InputError(
+                "ImageData is the pair (x, y), so a slice of it is no set of images; "
+                "expected data.x[a:b] and data.y[a:b] (or x, y = data, then x[a:b])"
+            )
+        return super().__getitem__(key)
 
     def about(self, index: int) -> dict[str, str]:
         """What the data say of item ``index`` besides its label: its file and class name.
