@@ -820,6 +820,16 @@ def test_a_bicubic_preset_resizes_as_its_torchvision_transforms_do(tmp_path):
     assert (bilinear - expected).abs().max() > 0.05
 
 
+def test_a_slice_of_image_data_is_refused_not_the_pair_itself():
+    # x, y = data[:4] would unpack the whole pair: every image, not four.
+    data = bs.load_data("digits")
+    with pytest.raises(InputError, match=r"expected data\.x\[a:b\] and data\.y\[a:b\]"):
+        data[:4]
+    x, y = data
+    assert data[0] is x and data[-1] is y and len(data) == 2
+    assert torch.equal(data.x[:4], x[:4]) and pickle.loads(pickle.dumps(data)).x.shape == x.shape
+
+
 def test_rgb_to_grey_of_arrays_is_pils_luma(tmp_path):
     # An .npz of RGB images loaded with
     # channels=1 must be what PIL's convert("L") (ITU-R 601-2) makes of them.
