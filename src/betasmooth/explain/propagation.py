@@ -968,6 +968,9 @@ def lrp(
     """
     _check_lrp_options(low, high, epsilon)
     chosen = _composite(composite, gamma)
+    # A data-parallel wrapper runs its module on the inputs' device: the trace is the module's.
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
     graph = lrp_graph(model)
     low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
