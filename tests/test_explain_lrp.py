@@ -379,6 +379,14 @@ def test_lrp_input_derivative_matches_finite_difference_through_pools_and_sums()
     _check_lrp_derivative(net, x, v, u, signs)
 
 
+def test_lrp_of_a_data_parallel_model_is_lrp_of_its_module():
+    # torch.fx cannot trace DataParallel's forward; on one device it runs its module.
+    net = vgg_small().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = bs.explain(nn.DataParallel(net), x, "lrp", epsilon=1e-3)
+    torch.testing.assert_close(ours, bs.explain(net, x, "lrp", epsilon=1e-3), rtol=0, atol=0)
+
+
 def test_lrp_graph_is_traced_once_per_model():
     net = vgg_small().double()
     graph = lrp_graph(net)
