@@ -634,7 +634,15 @@ def _check_lrp(
     **options: object,
 ) -> None:
     _composite(composite, gamma)
-    lrp_graph(model)
+    lrp_graph(_unwrapped(model))
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module of a data-parallel wrapper, which torch.fx cannot trace; on one device
+    the wrapper runs its module on the inputs."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
 
 
 @register_input_check("lrp")
@@ -968,9 +976,7 @@ def lrp(
     """
     _check_lrp_options(low, high, epsilon)
     chosen = _composite(composite, gamma)
-    # A data-parallel wrapper runs its module on the inputs' device: the trace is the module's.
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
+    model = _unwrapped(model)
     graph = lrp_graph(model)
     low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
