@@ -385,6 +385,10 @@ def test_lrp_of_a_data_parallel_model_is_lrp_of_its_module():
     x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ours = bs.explain(nn.DataParallel(net), x, "lrp", epsilon=1e-3)
     torch.testing.assert_close(ours, bs.explain(net, x, "lrp", epsilon=1e-3), rtol=0, atol=0)
+    # The checks before a run (the command line's, the attack's) take it too.
+    from betasmooth.explain import check_model
+
+    check_model(nn.DataParallel(net), "lrp")
 
 
 def test_lrp_graph_is_traced_once_per_model():
