@@ -155,7 +155,10 @@ def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     broadcast is left for Captum to name.
     """
     baselines = baselines.to(device=x.device, dtype=x.dtype)
-    if 0 < baselines.dim() < x.dim():
+    if baselines.dim() == 0:
+        # One number for every pixel; Captum fails on a 0-d tensor (IndexError).
+        return baselines.expand(1, *x.shape[1:])
+    if baselines.dim() < x.dim():
         baselines = baselines.reshape(1, *baselines.shape)
     if baselines.dim() != x.dim():
         return baselines
