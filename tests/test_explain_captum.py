@@ -146,6 +146,10 @@ def test_captums_method_option_is_given_as_rule(x):
         ("captum:LayerGradCam", {"layer": "conv9"}, ValueError,
          ["no submodule 'conv9'", "named_modules"]),
         ("captum:Saliency", {"layer": "0"}, ValueError, ["captum:Saliency has no layer"]),
+        ("captum:LayerGradCam", {"layer": True}, TypeError, ["needs the option layer", "got bool"]),
+        # A neuron-wise method: its attribute takes no target, named before any work.
+        ("captum:LayerActivation", {"layer": "0"}, ValueError,
+         ["captum:LayerActivation.attribute takes no target", "class-wise"]),
         ("captum:Saliency", {"create_graph": True}, ValueError, ["not differentiable"]),
         ("sal:Saliency", {}, ValueError, ["unknown method 'sal:Saliency'", "captum:NAME"]),
         # Captum's own refusals by TypeError and AttributeError were raw tracebacks.
@@ -297,3 +301,30 @@ def test_return_convergence_delta_is_one_line() -> None:
     )
     theirs = IntegratedGradients(model).attribute(x, target=TARGET, n_steps=4)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_a_baseline_of_one_colour_per_channel_is_captums_own_in_the_item_shape():
+    # (C, 1, 1) is one colour per channel; GradientShap draws from baselines of
+    # the item shape (C, H, W) only, so explain gives it them so.
+    net = plain_cnn(channels=3).double()
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2])
+    colour = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    full = colour[None, :, None, None].expand(1, 3, 16, 16)
+    _seed()
+    theirs = GradientShap(net).attribute(x, target=target, baselines=full, n_samples=4)
+    for given in (colour[:, None, None], colour[None, :, None, None]):
+        _seed()
+        ours = bs.explain(net, x, "captum:GradientShap", target, baselines=given, n_samples=4)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_baseline_given_as_a_0d_tensor_is_that_number_for_every_pixel():
+    # Captum itself fails on a 0-d tensor (IndexError, a raw traceback before).
+    net = plain_cnn().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2])
+    zero_d = torch.tensor(0.25)
+    ours = bs.explain(net, x, "captum:IntegratedGradients", target, baselines=zero_d)
+    theirs = IntegratedGradients(net).attribute(x, target=target, baselines=0.25)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

@@ -231,3 +231,28 @@ def test_lrp_splits_a_sum_with_alpha_as_the_sum_of_the_scaled_branch():
         rtol=1e-5,
         atol=1e-8,
     )
+
+
+def _conv_nd(dims: int, side: int) -> nn.Module:
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.MaxPool1d, 3: nn.MaxPool3d}[dims]
+    torch.manual_seed(dims)
+    return nn.Sequential(
+        conv(2, 3, 3, padding=1), nn.ReLU(), conv(3, 3, 3, padding=1), nn.ReLU(), pool(2),
+        nn.Flatten(), nn.Linear(3 * (side // 2) ** dims, 4),
+    ).double().eval()  # fmt: skip
+
+
+@pytest.mark.parametrize(("dims", "side"), [(1, 16), (3, 4)])
+@pytest.mark.parametrize("name", sorted(ZENNIT))
+def test_composites_on_signals_and_volumes_equal_zennit(dims, side, name):
+    # Zennit's composites give Conv1d and Conv3d the rules of Conv2d.
+    net = _conv_nd(dims, side)
+    x = torch.rand(
+        2, 2, *[side] * dims, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    target = torch.tensor([0, 3])
+    ours = bs.explain(net, x, "lrp", target, composite=name)
+    assert (ours.flatten(1).abs().sum(1) > 0).all()
+    theirs = zennit_map(net, ZENNIT[name](), x, target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -146,12 +146,14 @@ def test_read_only_inputs_give_no_warning():
         ({"reduce_axes": (1, -3)}, ValueError, "names an axis twice: (1, -3)"),
         ({"reduce_axes": (1.5,)}, TypeError, "reduce_axes must hold integers, e.g. (1,); got"),
         ({"xai_lib": "captum"}, TypeError, "unknown option 'xai_lib'"),
+        ({"model": None}, TypeError, "model must be a torch.nn.Module; got NoneType"),
     ],
 )
 def test_quantus_explain_bad_input(kwargs, error, fragment):
     x = torch.rand(2, 1, 16, 16).numpy()
+    kwargs = {"model": plain_cnn(), **kwargs}
     with pytest.raises(error, match=re.escape(fragment)):
-        bs.quantus_explain(plain_cnn(), x, np.array([0, 1]), **kwargs)
+        bs.quantus_explain(inputs=x, targets=np.array([0, 1]), **kwargs)
 
 
 def test_quantus_explain_one_target_for_all():
@@ -206,6 +208,27 @@ def test_channel_last_maps_summed_over_space_keep_the_channel_last():
 def test_quantus_explain_refuses_ambiguous_layout():
     with pytest.raises(ValueError, match="channel_first=True or False"):
         bs.quantus_explain(plain_cnn(), np.zeros((2, 16, 16, 16), np.float32), np.array([0, 1]))
+
+
+def test_a_layout_given_is_taken_where_quantus_could_not_infer_it():
+    # (B, 3, 5, 3): channels could be the first axis or the last; the caller says which.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(45, 4), torch.nn.Tanh()).eval()
+    x, y = torch.rand(2, 3, 5, 3), np.array([1, 3])
+    for first, as_nchw in ((True, x), (False, x.movedim(-1, 1))):
+        got = bs.quantus_explain(net, x.numpy(), y, channel_first=first, reduce_axes=())
+        expected = bs.explain(net, as_nchw, "gradient", torch.from_numpy(y))
+        np.testing.assert_array_equal(got, (expected if first else expected.movedim(1, -1)).numpy())
+
+
+def test_float64_inputs_of_a_float64_model_are_explained_in_float64():
+    # Quantus' arrays are float64: a float64 model must see them to the last bit.
+    net = plain_cnn().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = bs.quantus_explain(net, x.numpy(), np.array([0, 1]), method="integrated_gradients")
+    expected = bs.explain(net, x, "integrated_gradients", torch.tensor([0, 1]))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, expected.sum(1, keepdim=True).numpy(), rtol=1e-13, atol=1e-15)
 
 
 def test_a_bfloat16_model_gives_its_maps_as_float32():

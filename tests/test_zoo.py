@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import betasmooth as bs
-from betasmooth.checkpoint import load_state_dict
+from betasmooth.checkpoint import load_state_dict, read_npz
 from betasmooth.validate import InputError
 from betasmooth.zoo import check_compatible, data_range
 
@@ -693,6 +693,15 @@ def test_a_mean_outside_the_pixels_range_is_refused(tmp_path, capsys, mean) -> N
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mean must lie in [0, 1]" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_npy_array_or_an_empty_file_given_as_an_npz_is_named_in_one_line(tmp_path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    with pytest.raises(InputError, match=r"a\.npy holds a single \.npy array; expected an \.npz"):
+        read_npz(tmp_path / "a.npy")
+    (tmp_path / "e.npz").write_bytes(b"")
+    with pytest.raises(InputError, match=r"e\.npz is a damaged \.npz archive \(EOFError"):
+        read_npz(tmp_path / "e.npz")
 
 
 def test_npz_bad_input(tmp_path) -> None:
