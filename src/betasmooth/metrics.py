@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,7 @@ from .validate import (
     check_batch,
     check_choice,
     check_map_batch,
+    is_number,
     registrar,
 )
 
@@ -140,6 +142,8 @@ def heatmap(
     tensor([[[1., 0.]]])
     """
     reduce = REDUCTIONS[check_choice("reduction", reduction, REDUCTIONS)]
+    if not is_number(eps) or not 0.0 <= float(eps) < math.inf:
+        raise InputError(f"eps must be a finite number >= 0; got {eps!r}")
     check_batch(explanation, "explanation", min_dim=4)
     if explanation.dim() != 4:
         raise InputError(
