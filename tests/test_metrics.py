@@ -528,6 +528,13 @@ def test_bad_input(a, b, error, message):
 def test_heatmap_bad_input():
     with pytest.raises(InputError, match=r"shape \(B, C, H, W\)"):
         heatmap(torch.rand(1, 1, 2, 2, 2))
+    # eps is a threshold on a map's total: a number, at least 0 and finite.
+    for eps in ("1", -0.1, float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match=r"^eps must be a finite number >= 0; got"):
+            heatmap(torch.rand(1, 1, 2, 2), eps)
+    h = torch.tensor([[[[1.0, 3.0]]]])
+    torch.testing.assert_close(heatmap(h, 4.0), torch.zeros(1, 1, 2))  # total 4 is not > 4
+    torch.testing.assert_close(heatmap(h, 3.9), torch.tensor([[[0.25, 0.75]]]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
