@@ -44,15 +44,16 @@ def _channel_first(x: torch.Tensor, channel_first: bool | None) -> bool:
     )
 
 
-def _as_tensor(value: object, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _as_tensor(value: object, name: str, device: torch.device) -> torch.Tensor:
+    """``value`` as a tensor on ``device``, in its own dtype."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device=device, dtype=dtype)
+        return value.detach().to(device=device)
     if isinstance(value, (np.ndarray, list, tuple, int, np.integer)):
         array = np.asarray(value)
         if not array.flags.writeable:
             # torch would share the memory of an array it may not write, and warn.
             array = array.copy()
-        return torch.as_tensor(array, device=device).to(dtype)
+        return torch.as_tensor(array, device=device)
     raise InputTypeError(
         f"quantus_explain {name} must be a numpy array or a torch tensor; "
         f"got {type(value).__name__}"
@@ -191,8 +192,22 @@ def quantus_explain(
     dtype = torch.get_default_dtype() if parameter is None else parameter.dtype
     # In float32 at least: explain casts to a float16 model's dtype, and names
     # values that the cast makes inf.
-    x = _as_tensor(inputs, "inputs", torch.promote_types(dtype, torch.float32), place)
-    target = _as_tensor(targets, "targets", torch.long, place).reshape(-1)
+    x = _as_tensor(inputs, "inputs", place)
+    if not x.is_floating_point():
+        # As explain: 0-255 levels are no model's inputs, and a cast would hide them.
+        raise InputTypeError(
+            f"quantus_explain inputs must be floating point; got {x.dtype} (scale the "
+            "images as the model expects them, e.g. to [0, 1])"
+        )
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    target = _as_tensor(targets, "targets", place).reshape(-1)
+    if target.is_floating_point():
+        # Quantus may hand labels over as floats; a cast would truncate 3.7 to class 3.
+        if not bool((torch.isfinite(target) & (target == target.round())).all()):
+            raise InputError(
+                f"quantus_explain targets must be class indices; got {target.tolist()[:8]}"
+            )
+        target = target.long()
     if target.numel() == 1:
         target = target.expand(x.shape[0])
     first = _channel_first(x, channel_first)
