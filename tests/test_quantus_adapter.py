@@ -156,6 +156,20 @@ def test_quantus_explain_bad_input(kwargs, error, fragment):
         bs.quantus_explain(inputs=x, targets=np.array([0, 1]), **kwargs)
 
 
+def test_integer_inputs_and_fractional_targets_are_refused_whole_float_targets_taken():
+    net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
+    levels = (x * 255).round().to(torch.uint8).numpy()
+    with pytest.raises(TypeError, match=r"^quantus_explain inputs must be floating point; got"):
+        bs.quantus_explain(net, levels, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"targets must be class indices; got \[0.0, 3.7\]"):
+        bs.quantus_explain(net, x.numpy(), np.array([0.0, 3.7]))
+    # Labels handed over as whole floats are those classes, as ints are.
+    expected = bs.explain(net, x, "gradient", torch.tensor([0, 3])).numpy()
+    np.testing.assert_array_equal(
+        bs.quantus_explain(net, x.numpy(), np.array([0.0, 3.0])), expected
+    )
+
+
 def test_quantus_explain_one_target_for_all():
     net, x = plain_cnn(), torch.rand(3, 1, 16, 16)
     expected = bs.explain(net, x, "gradient", 2).numpy()
