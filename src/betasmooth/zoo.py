@@ -203,15 +203,17 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
             f"cannot read image {path}: {err}; expected a PNG, JPEG, BMP, PPM/PGM, TIFF "
             "or WebP file"
         ) from err
-    if deep and not (array.min() >= 0.0 and array.max() <= 1.0):
-        raise InputError(
-            f"integer image {path} holds values in [{array.min() * 65535:.0f}, "
-            f"{array.max() * 65535:.0f}]; expected 16-bit values in [0, 65535]"
+    if (deep or real) and not (
+        np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0
+    ):
+        kind, expected = (
+            ("integer", "16-bit values in [0, 65535]")
+            if deep
+            else ("float", "values in [0, 1] (float images are read as they are, not scaled)")
         )
-    if real and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
         raise InputError(
-            f"float image {path} holds values in [{array.min():.4g}, {array.max():.4g}]; "
-            "expected values in [0, 1] (float images are read as they are, not scaled)"
+            f"{kind} image {path} holds values in [{array.min() * scale:.6g}, "
+            f"{array.max() * scale:.6g}]; expected {expected}"
         )
     # Copied, not viewed: a transposed view would be stacked channels-last, and some
     # convolution kernels round differently on that layout than on the contiguous arrays
