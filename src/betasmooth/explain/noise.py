@@ -216,7 +216,8 @@ def smoothgrad(
     base : str
         Method to average, any registered one except smoothgrad and beta_smooth.
     base_options : dict or None
-        Options of the base method; further keyword options are added to them.
+        Options of the base method; further keyword options are added to them,
+        and one given in both places takes the keyword's value.
     n : int
         Number of noisy copies.
     sigma : float
@@ -315,7 +316,8 @@ def beta_smooth(
         Method computed on the smoothed model, any registered one except
         smoothgrad and beta_smooth, or any Captum method (``captum:NAME``).
     base_options : dict or None
-        Options of the base method; further keyword options are added to them.
+        Options of the base method; further keyword options are added to them,
+        and one given in both places takes the keyword's value.
     beta : float
         Sharpness of softplus, > 0; small values smooth more, ``beta -> inf``
         gives the base map of the original model.
