@@ -1575,6 +1575,16 @@ def test_summary_table_keeps_three_digits_of_small_and_large_medians():
     assert len(row[2]) == len(row[3]) == len("3.50e-04")
 
 
+@pytest.mark.parametrize("values", [[1.2e-3, 1.4e-3, 1.9e-3], [-6.3e-3, -5.6e-3, -4e-3]])
+def test_summary_table_keeps_three_digits_below_one_hundredth(values):
+    # Three decimals would show an input MSE of 1.4e-3 as 0.001 and of 1.9e-3 as 0.002.
+    from betasmooth.cli import summary_table
+
+    records = [{"method": "lrp", "input_mse": v} for v in values]
+    row = summary_table(records, [("input_mse", "input mse")]).splitlines()[1].split()
+    assert float(row[2]) == pytest.approx(np.median(values), rel=5e-3)
+
+
 def test_demo_steps_keep_the_papers_proportions_rounded():
     from betasmooth.cli import _demo_steps
 

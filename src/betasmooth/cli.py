@@ -1062,7 +1062,9 @@ def _say(text: str = "") -> None:
 def _cell(value: float | None, width: int) -> str:
     if value is None:
         return "-".rjust(width)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+    # Below 0.01, three decimals keep one digit: an input MSE of 1.4e-3 and one of
+    # 0.9e-3 would both read 0.001, beside a budget of 2e-3.
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
         return f"{value:.2e}".rjust(width)
     return f"{value:.3f}".rjust(width)
 
