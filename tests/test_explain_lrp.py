@@ -869,6 +869,30 @@ class _SizedView(nn.Module):
         return self.head(h.view(h.size(0), -1))
 
 
+class _SizedInputView(nn.Module):
+    """mlp() with x flattened by ``x.view(x.size(0), -1)``: the first Linear is still first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.head = self.net[1:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.view(x.size(0), -1))
+
+
+def test_lrp_first_dense_layer_fed_by_a_view_sized_by_the_batch_takes_the_box_rule():
+    # The view reads x and x.size(0), a shape: the Linear it feeds is the first
+    # layer (z^B), as Zennit's first layer and as with nn.Flatten.
+    net = _SizedInputView().eval()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([4, 0, 2])
+    assert_lrp_is_zennits(net, x, target, epsilon=1e-3)
+    torch.testing.assert_close(
+        bs.explain(net, x, "lrp", target), bs.explain(net.net, x, "lrp", target), rtol=0, atol=0
+    )
+
+
 def test_lrp_routes_relevance_through_a_view_sized_by_the_batch_like_zennit():
     net = _SizedView().eval()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)

@@ -490,6 +490,8 @@ def test_heatmap_derivative_at_an_all_zero_map_is_zero():
     ("a", "b", "error", "message"),
     [
         (torch.rand(2, 8, 8), torch.rand(2, 8, 9), InputError, r"same shape .* \(2, 8, 9\)"),
+        # Batches of 2 and 1 maps would broadcast to 2 scores without a word.
+        (torch.rand(2, 8, 8), torch.rand(1, 8, 8), InputError, r"same shape .* \(1, 8, 8\)"),
         (
             torch.rand(8, 8),
             torch.rand(8, 8),
@@ -610,6 +612,25 @@ def test_medians_of_flags_are_the_fraction_true_and_skip_non_finite_numbers():
     assert out["kept"] == pytest.approx(3 / 4)  # np.mean of the flags; their median is 1
     assert out["pcc"] == pytest.approx(float(np.median([0.2, 0.4])))
     assert out["none"] is None
+
+
+def test_medians_of_integer_counts_are_medians_not_fractions():
+    # Only booleans are flags: an int field (a count of steps, of pixels) is a number.
+    rows = [{"steps": 1, "kept": True}, {"steps": 2, "kept": False}, {"steps": 10, "kept": True}]
+    out = medians(rows, ["steps", "kept"])
+    assert out["steps"] == float(np.median([1, 2, 10])) == 2.0
+    assert out["kept"] == pytest.approx(2 / 3)
+
+
+def test_maps_of_mixed_precision_are_compared_in_the_wider_dtype():
+    # float32 against float64: every score is the float64 one of the float32
+    # map's exact values, not a float32 rounding of it.
+    a, b = _pairs((16, 16))
+    a32 = a.float()
+    mixed, wide = compare(a32, b), compare(a32.double(), b)
+    for name in wide:
+        assert mixed[name].dtype == torch.float64, name
+        torch.testing.assert_close(mixed[name], wide[name], rtol=1e-12, atol=1e-12)
 
 
 def test_group_records_puts_missing_values_first():
