@@ -330,6 +330,7 @@ def test_defense_sweep_equals_recomputation(small):
                 "adv_vs_orig": bs.compare(adv, orig),
                 "adv_vs_target": bs.compare(adv, target),
                 "clean_vs_orig": bs.compare(clean, orig),
+                "clean_vs_target": bs.compare(clean, target),
             }
             mine = [r for r in rows if r["defense"] == defense and r["beta"] == beta]
             assert [r["index"] for r in mine] == [0, 1, 2, 3]

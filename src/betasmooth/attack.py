@@ -1485,8 +1485,10 @@ class SweepResult:
         ``beta``, ``sigma`` (SmoothGrad's noise standard deviation, ``None``
         for beta_smooth), ``adv_vs_orig_<m>``, ``adv_vs_target_<m>``,
         ``adv_vs_clean_<m>`` (robustness: defended map of ``x_adv`` against
-        the defended map of ``x``) and ``clean_vs_orig_<m>`` (fidelity: the
-        defended map of ``x`` against the undefended one) and
+        the defended map of ``x``), ``clean_vs_orig_<m>`` (fidelity: the
+        defended map of ``x`` against the undefended one),
+        ``clean_vs_target_<m>`` (the defended map of ``x`` against the target:
+        the attack's gain under the defense is ``adv_vs_target`` less this) and
         ``undefended_<m>`` (the undefended map of ``x_adv`` against the map of
         ``x``, the same in every row of an image) for every metric ``m`` of
         :func:`betasmooth.compare`; ``changed``, whether the defense changed
@@ -1839,6 +1841,9 @@ def _defense_scores(
         "adv_vs_target": (adv, target_map),
         "adv_vs_clean": (adv, clean),
         "clean_vs_orig": (clean, map_orig),
+        # The baseline of adv_vs_target: the defense alone moves the map of x
+        # too, so the attack's gain under it starts from here.
+        "clean_vs_target": (clean, target_map),
     }
     return {
         f"{prefix}_{m}": v
