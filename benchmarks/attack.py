@@ -32,6 +32,7 @@ import time
 import torch
 
 import betasmooth as bs
+from arguments import json_lines
 from betasmooth.attack import ATTACK_DEFAULTS, random_targets
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
@@ -367,7 +368,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and targets")
-    parser.add_argument("--json", default=None, help="append a JSON line per result")
+    parser.add_argument("--json", type=json_lines, help="append a JSON line per result")
     parser.add_argument(
         "--compare-loop",
         action="store_true",
@@ -385,6 +386,10 @@ def main() -> None:
         "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args()
+    try:
+        [float(b) for b in args.betas.split(",")]
+    except ValueError:
+        parser.error(f"--betas: expected a comma list of numbers; got {args.betas!r}")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant {unknown[0]!r}; expected some of {','.join(VARIANTS)}")

@@ -42,11 +42,14 @@ from pathlib import Path
 import torch
 
 import betasmooth as bs
+from arguments import json_lines
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
 from betasmooth.checkpoint import load_state_dict
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
+from betasmooth.explain import method_options
 from betasmooth.photos import photo_crops, photos_cnn
+from betasmooth.validate import check_positive
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -221,7 +224,7 @@ def main() -> None:
         default=ROOT / "runs" / "dimension",
         help="the table, its JSON lines and the plot (default: runs/dimension)",
     )
-    parser.add_argument("--json", type=Path, help="append one JSON line per row to this file")
+    parser.add_argument("--json", type=json_lines, help="append one JSON line per row to this file")
     parser.add_argument(
         "--batch-norm",
         action="store_true",
@@ -239,7 +242,19 @@ def main() -> None:
             settings[key] = getattr(args, key)
     if args.sizes:
         settings["sizes"] = args.sizes
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for method in args.methods.split(","):
+            method_options(method)  # a misspelt method fails before minutes of training
+        check_positive("eps", args.eps)
+        args.out.mkdir(parents=True, exist_ok=True)
+        run(args, settings)
+    except bs.InputError as err:
+        parser.error(str(err))
+    except OSError as err:
+        parser.error(f"{err.filename}: {err.strerror}")
+
+
+def run(args: argparse.Namespace, settings: dict) -> None:
     print(HEADER, flush=True)
     rows = []
     # Each row is written as soon as it is measured: a run cut short keeps its rows.

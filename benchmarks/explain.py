@@ -41,6 +41,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import betasmooth as bs
+from arguments import json_lines
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.metrics import pcc
@@ -180,7 +181,7 @@ def main():
     parser.add_argument(
         "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument("--json", type=json_lines, help="append the results as a JSON line to FILE")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", help=argparse.SUPPRESS)
@@ -197,7 +198,8 @@ def main():
     run = runners(model, x, target)
     k = args.repeats
     sg = {"n": 50, "sigma": SIGMA, "input_range": 1.0}
-    res = {"device": args.device, "batch": args.batch, "threads": torch.get_num_threads()}
+    # The data set may hold fewer images than --batch: report the batch measured.
+    res = {"device": args.device, "batch": len(x), "threads": torch.get_num_threads()}
     ig_ours = partial(run["integrated_gradients"], steps=50)
     sg_ours = partial(run["smoothgrad"], **sg, seed=0)
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import betasmooth as bs
+from arguments import json_lines
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 
@@ -114,7 +115,7 @@ def main():
     parser.add_argument(
         "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument("--json", type=json_lines, help="append the results as a JSON line to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if args.threads:
@@ -123,6 +124,7 @@ def main():
     model = bs.load_model("digits-cnn").to(args.device)
     x, y = bs.load_data("digits")
     x, y = x[: args.n].numpy(), y[: args.n].numpy()
+    args.n = len(x)  # the data set may hold fewer than -n images: report those measured
     rows = {}
     quiet = args.no_progress or not sys.stderr.isatty()
     for method, kwargs in tqdm(METHODS.items(), desc="methods", disable=quiet):

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import betasmooth as bs
+from arguments import json_lines
 from betasmooth.attack import random_targets
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=positive_integer, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument("--json", type=json_lines, help="append the results as a JSON line to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.threads:
@@ -219,16 +220,16 @@ def main() -> None:
     args.progress = not args.no_progress and sys.stderr.isatty()
     torch.manual_seed(0)
     results = {name: measure(name, args) for name in MODELS}
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"benchmark": "relative_beta", **vars(args), "results": results}))
-            f.write("\n")
     for name, r in results.items():
         print_model(name, r)
     print(f"\n{args.n} images, {args.steps} steps, gradient; * = recommended (fidelity >= 0.9)")
     for kind in ("absolute", "relative"):
         recs = [r[f"rec_{kind}"] for r in results.values()]
         print(f"{kind:>8}: recommended {recs}; spread of log10 beta {spread(recs)}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"benchmark": "relative_beta", **vars(args), "results": results}))
+            f.write("\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from arguments import json_lines
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 
@@ -64,7 +65,12 @@ def _time(mode: str, args: argparse.Namespace, n: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = _command(mode, args, n, steps, os.path.join(tmp, "run"))
         start = time.perf_counter()
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        status = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode
+        if status:
+            # betasmooth has printed why (e.g. an unknown --method); no traceback on top.
+            message = f"scale.py: error: {mode}: betasmooth attack exited with status {status}"
+            print(message, file=sys.stderr)
+            sys.exit(status)
         return time.perf_counter() - start
 
 
@@ -81,7 +87,7 @@ def main() -> None:
         "--batch-size", type=positive_integer, default=8, help="images per batch (default 8)"
     )
     parser.add_argument("--device", default="cpu", type=device_argument, help="cpu or cuda")
-    parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument("--json", type=json_lines, help="append the results as a JSON line to FILE")
     args = parser.parse_args()
     if args.n <= 2:
         parser.error("-n must exceed 2: the start-up run already takes 2 images")

@@ -1106,3 +1106,54 @@ def test_channels_last_images_are_named_as_such() -> None:
     out = model(xg)
     (expected,) = torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xg)
     torch.testing.assert_close(permuted, expected)
+
+
+@pytest.mark.parametrize("script", sorted(BENCHMARK_COUNTS))
+def test_benchmark_refuses_an_unwritable_json_before_measuring(script, tmp_path):
+    # The folder does not exist, so the results could never be recorded: refused
+    # when parsing (a timeout of 120 s fails a script that measures first).
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    target = tmp_path / "missing" / "out.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(path), "--json", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{script}: error: argument --json: cannot append to {target}: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "nosuch"], "unknown method 'nosuch'"),
+        (["--eps", "-1"], "eps must be a positive"),
+    ],
+)
+def test_dimension_refuses_bad_input_before_training(argv, message, tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "dimension.py"
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(path), *argv, "--cache", str(cache), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dimension.py: error: ") and message in last, last
+    assert not cache.exists()  # nothing was trained
+
+
+def test_attack_benchmark_refuses_betas_that_are_not_numbers():
+    path = Path(__file__).parents[1] / "benchmarks" / "attack.py"
+    proc = subprocess.run(
+        [sys.executable, str(path), "--betas", "a,b"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "attack.py: error: --betas: expected a comma list of numbers; got 'a,b'"
+    )
