@@ -1280,6 +1280,84 @@ def test_sweep_summary_leaves_out_records_without_a_defense_or_a_numeric_beta():
     assert sweep_summary([row])["method"]["betas"]["2"]["n"] == 1
 
 
+def test_an_integer_beta_is_the_beta_of_its_float():
+    # A record written by hand or by another tool may hold "beta": 2; it is a numeric
+    # beta like 2.0, in the same cell.
+    from betasmooth.recommend import sweep_summary
+
+    row = {"defense": "beta_smooth", "adv_vs_clean_pcc": 0.7, "clean_vs_orig_pcc": 0.95}
+    row |= {"undefended_pcc": 0.2}
+    rows = [{**row, "beta": 2, "index": 0}, {**row, "beta": 2.0, "index": 1}]
+    summary = sweep_summary(rows)["method"]
+    assert list(summary["betas"]) == ["2"] and summary["betas"]["2"]["n"] == 2
+    assert summary["recommended_beta"] == 2.0
+
+
+def test_cells_of_older_records_without_changed_are_taken_as_changed():
+    # Records of versions before "changed" do not say; they count as defenses, so no
+    # beta is named as one that changed nothing.
+    cells = {
+        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5},
+        "5": {"robustness_pcc": 0.7, "fidelity_pcc": 0.6},
+    }
+    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
+    assert verdict(summary) == "no beta in the sweep has median fidelity >= 0.9; none recommended"
+
+
+def test_a_recommended_beta_is_recommended_beside_a_beta_that_changed_nothing():
+    cells = {
+        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95, "changed": True},
+        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
+    }
+    summary = {"betas": cells, "undefended": {"robustness_pcc": 0.3}, "min_fidelity": 0.9}
+    summary["recommended_beta"] = recommend_beta(cells)
+    assert summary["recommended_beta"] == 2.0
+    assert verdict(summary) == (
+        "recommended beta 2 (most robust with median fidelity >= 0.9): "
+        "robustness 0.800 vs 0.300 undefended, more robust"
+    )
+
+
+def test_the_summary_table_keeps_a_long_method_name_apart_from_its_defense():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    rows = [
+        {"method": m, "defense": "beta_smooth", "beta": 2.0, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for m in ("lrp", "integrated_gradients")
+    ]
+    table = format_summary(sweep_summary(rows)).splitlines()
+    cells = [line.split()[:3] for line in table[1:5]]
+    assert cells == [
+        [m, d, b]
+        for m in ("lrp", "integrated_gradients")
+        for d, b in [("undefended", "-"), ("beta_smooth", "2")]
+    ]
+    # Each column starts where its heading does.
+    for line in table[1:5]:
+        assert line.index(line.split()[1]) == table[0].index("defense")
+
+
+def test_the_summary_table_counts_the_records_of_each_row():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    counts = {("beta_smooth", 1.0): 1, ("beta_smooth", 2.0): 3, ("smoothgrad", 1.0): 2}
+    rows = [
+        {"defense": d, "beta": b, "index": i, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for (d, b), n in counts.items()
+        for i in range(n)
+    ]
+    table = format_summary(sweep_summary(rows)).splitlines()[1:]
+    shown = {tuple(line.replace(" *", "").split()[1:4]) for line in table[:4]}
+    assert shown == {
+        ("undefended", "-", "1"),
+        ("beta_smooth", "1", "1"),
+        ("beta_smooth", "2", "3"),
+        ("smoothgrad", "1", "2"),
+    }
+
+
 def test_sweep_summary_counts_the_images_of_the_undefended_column():
     # Three images, each in four cells (two defenses, two betas): n is 3, not 4 or 12.
     from betasmooth.recommend import sweep_summary

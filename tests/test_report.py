@@ -1273,6 +1273,8 @@ def _cost_points(seconds: list[float], metric: list[float]) -> list[dict[str, ob
         # 0.1 apart in PCC is a quarter of the PCC span: two labels, though the seconds
         # span 4 (a quarter of the PCC span is under a fortieth of that).
         ([1.0, 1.0, 5.0], [0.5, 0.6, 0.9], "linear"),
+        # Seconds spanning exactly a decade are drawn on a log axis.
+        ([0.1, 0.2, 1.0], [0.5, 0.5, 0.6], "log"),
     ],
 )
 def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(
@@ -1283,6 +1285,21 @@ def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(
     (fig,) = drawn
     assert fig.axes[0].get_xscale() == scale
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
+
+
+def test_cost_labels_of_a_defense_are_joined_by_that_defense_s_own_points(tmp_path, monkeypatch):
+    # SmoothGrad first: beta 1 coincides with it, beta 2 lies far off; the betas keep
+    # a label each, though beta 2 sits where beta 1 would in the list of all points.
+    drawn = _drawn_figures(monkeypatch)
+    points = [
+        {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 0.5},
+        {"defense": "beta_smooth", "label": "β=1", "seconds": 1.0, "metric": 0.5},
+        {"defense": "beta_smooth", "label": "β=2", "seconds": 5.0, "metric": 0.9},
+    ]
+    figures.cost_quality(points, tmp_path / "c.png")
+    (fig,) = drawn
+    texts = {t.get_text(): t.xy for t in fig.axes[0].texts}
+    assert texts == {"σ=1": (1.0, 0.5), "β=1": (1.0, 0.5), "β=2": (5.0, 0.9)}
 
 
 def test_cost_labels_join_within_a_tenth_across_and_a_twentieth_up():
@@ -1303,6 +1320,29 @@ def test_a_zero_monte_carlo_error_is_drawn_a_decade_below_the_smallest(tmp_path,
     projected, iid = (line.get_ydata().tolist() for _, line in drawn)
     assert projected == pytest.approx([0.1, 0.02, 0.002])
     assert iid == pytest.approx([0.3, 0.1, 0.05])
+
+
+def test_a_zero_iid_error_is_drawn_a_decade_below_the_smallest_of_either_curve(
+    tmp_path, monkeypatch
+):
+    # The smallest error (0.005) is the iid curve's: the floor is 0.0005 for both curves.
+    drawn = _spy_plots(monkeypatch)
+    curve = {"n": [10, 100, 1000], "projected": [0.1, 0.02, 0.01], "iid": [0.3, 0.005, 0.0]}
+    figures.mc_error_figure(curve, tmp_path / "mc.png")
+    projected, iid = (line.get_ydata().tolist() for _, line in drawn)
+    assert projected == pytest.approx([0.1, 0.02, 0.01])
+    assert iid == pytest.approx([0.3, 0.005, 0.0005])
+
+
+@pytest.mark.parametrize(("bias", "named"), [(0.01, ["iid bias 0.01"]), (0.0, [])])
+def test_the_iid_bias_line_is_drawn_only_for_a_positive_bias(tmp_path, monkeypatch, bias, named):
+    # A bias of 0 has no place on the log axis: no line, and no legend entry for one.
+    drawn = _drawn_figures(monkeypatch)
+    curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04], "iid_bias": bias}
+    figures.mc_error_figure(curve, tmp_path / "mc.png")
+    (fig,) = drawn
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [t for t in texts if t.startswith("iid bias")] == named
 
 
 def test_a_confidence_interval_given_as_pairs_is_drawn_from_its_low_end(tmp_path, monkeypatch):

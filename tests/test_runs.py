@@ -42,6 +42,22 @@ def test_partial_last_line_is_ignored_and_terminated(tmp_path):
     assert path.read_text().count("\n") == 4
 
 
+def test_appends_write_one_line_per_record_and_no_blank_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    first, second = [{"index": 0, "method": "a"}], [{"index": 1, "method": "a", "pcc": 0.5}]
+    append_jsonl(path, first)
+    append_jsonl(path, second)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in first + second)
+
+
+def test_appending_no_records_leaves_no_file_and_the_run_unstarted(tmp_path):
+    # A run whose config alone was written is started afresh without --resume.
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
+    run.append([])
+    assert not run.results.exists() and not run.started()
+    RunDir.create(run.path, {"command": "attack", "seed": 1})
+
+
 def test_records_keep_numpy_numbers_and_write_non_finite_floats_as_null(tmp_path):
     path = tmp_path / "r.jsonl"
     record = {"index": np.int64(3), "method": "a", "pcc": np.float32(0.25)}
@@ -280,7 +296,9 @@ def test_directory_checks(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("text", ["my notes", '{"lr": 0.1}', '{"versions": "1.0"}'])
+@pytest.mark.parametrize(
+    "text", ["my notes", '{"lr": 0.1}', '{"versions": "1.0"}', '{"versions": {"torch": "2.3"}}']
+)
 def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path, text):
     # It was taken for a run that failed before its first result and overwritten.
     folder = tmp_path / "mine"
@@ -717,6 +735,53 @@ def test_read_arrays_refuses_batches_whose_betas_disagree(tmp_path):
         run.read_arrays("gradient", "sweep")
     run.save_arrays("gradient", 2, {**arrays, "betas": np.array([1.0, 5.0])}, "sweep")
     assert run.read_arrays("gradient", "sweep")["maps_beta"].shape == (4, 2, 4, 4)
+
+
+def test_read_arrays_sorts_the_items_and_keeps_the_betas_as_they_are(tmp_path):
+    # A resumed run's batch may hold items that are not contiguous (1 and 3); the items
+    # are put in order, the betas (one per run, here as many as the items) are not.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    betas = np.array([1.0, 2.0, 5.0, 10.0])
+    for first, index in ((0, [0, 2]), (1, [1, 3])):
+        maps = np.stack([np.full((4, 3, 3), float(i)) for i in index])
+        run.save_arrays(
+            "gradient",
+            first,
+            {"index": np.array(index), "betas": betas, "maps_beta": maps},
+            "sweep",
+        )
+    arrays = run.read_arrays("gradient", "sweep")
+    np.testing.assert_array_equal(arrays["index"], [0, 1, 2, 3])
+    np.testing.assert_array_equal(arrays["betas"], betas)
+    np.testing.assert_array_equal(arrays["maps_beta"][:, 0, 0, 0], [0.0, 1.0, 2.0, 3.0])
+
+
+def test_a_sweep_of_other_settings_is_refused_only_while_sweep_rows_are_kept(tmp_path):
+    # The refusal says to delete sweep.jsonl to start a new sweep: once it is gone, the
+    # new settings are taken and recorded.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    run.start_sweep({"betas": [1.0], "smoothgrad_n": 2})
+    run.append([{"index": 0, "method": "gradient", "defense": "beta_smooth", "beta": 1.0}], "sweep")
+    with pytest.raises(InputError, match="holds a sweep with .* in sweep.jsonl"):
+        run.start_sweep({"betas": [2.0], "smoothgrad_n": 2})
+    run.merged("sweep").unlink()
+    run.start_sweep({"betas": [2.0], "smoothgrad_n": 2})
+    assert run.config()["sweep"] == {"betas": [2.0], "smoothgrad_n": 2}
+
+
+def test_a_sweep_arrays_file_with_more_betas_than_items_is_sound(tmp_path):
+    # betas holds one value per beta, not one per item: a batch of two items swept at
+    # three betas is whole, and resuming the sweep keeps it.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    arrays = {"index": np.arange(2), "betas": np.array([1.0, 5.0, 10.0])}
+    path = run.save_arrays("gradient", 0, {**arrays, "maps_beta": np.zeros((2, 3, 4, 4))}, "sweep")
+    rows = [
+        {"index": i, "method": "gradient", "defense": "beta_smooth", "beta": 1.0} for i in (0, 1)
+    ]
+    run.append(rows, "sweep")
+    said = []
+    assert run.repair("sweep", said.append) == 0 and said == []
+    assert run.covered("sweep") == {(0, "gradient"), (1, "gradient")} and path.exists()
 
 
 def test_the_bar_of_a_resumed_run_counts_the_items_still_to_do(tmp_path, capsys):
