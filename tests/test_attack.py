@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -1761,3 +1763,22 @@ def test_a_torchscript_model_is_refused_naming_the_attacks_surrogate(small):
     target = _targets(net, x)
     with pytest.raises(bs.InputError, match=r"^the attack's softplus surrogate cannot work on"):
         bs.manipulate(traced, x, target, "gradient", steps=1)
+
+
+def test_the_attack_benchmark_leaves_no_gain_where_the_attack_changed_nothing(small, monkeypatch):
+    # benchmarks/attack.py's "gain left" (the bar: half the gain gone at the
+    # recommended beta) is what the attack moved in the defended map. With x_adv = x
+    # it moved nothing: 0 at every defense, though smoothing alone moves the map of
+    # x with respect to the target (measured from the undefended map, it was not 0).
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("benchmark_attack", benchmarks / "attack.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    net, x = small
+    target = _targets(net, x)
+    sweep = bs.defense_sweep(net, x, x, target, "gradient", [0.5, 2.0], smoothgrad_n=3)
+    before = float(bs.compare(_maps(net, x), target)["pcc"].median())
+    meds = sweep.medians()
+    assert [script.gain_left(med, 0.5) for med in meds] == [0.0] * len(meds)
+    assert any(med["clean_vs_target_pcc"] != pytest.approx(before, abs=1e-3) for med in meds)
