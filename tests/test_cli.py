@@ -411,6 +411,31 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
     assert main(["sweep", str(run), "--betas", "1"]) == 2
 
 
+def test_sweep_table_shows_the_defended_clean_maps_similarity_to_the_target(
+    attack_dir, tmp_path, capsys
+):
+    # pcc adv/tgt alone mixes what the attack moved with what smoothing moves: the
+    # table shows the defended map of x against the target beside it, as recorded.
+    import shutil
+
+    from betasmooth.cli import SWEEP_COLUMNS
+
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    argv = ["sweep", str(run), "--betas", "2", "--smoothgrad-n", "2", "--no-progress"]
+    assert main(argv) == 0
+    rows = read_jsonl(run / "sweep.jsonl")
+    header, lines = _table(capsys.readouterr().out.splitlines(), "method")
+    titles = [t for _, t in SWEEP_COLUMNS]
+    for method in ("gradient", "lrp"):
+        mine = [r for r in rows if (r["method"], r["defense"]) == (method, "beta_smooth")]
+        row = next(line for line in lines if line.startswith(f"{method} beta_smooth 2")).split()
+        cell = row[4 + titles.index("pcc clean/tgt")]
+        expected = np.median([r["clean_vs_target_pcc"] for r in mine])
+        assert float(cell) == pytest.approx(expected, abs=6e-4)
+        assert "pcc clean/tgt" in header
+
+
 def test_sweep_cut_by_a_kill_is_completed_once(attack_dir, tmp_path):
     # A kill can cut the write of a batch's sweep rows after some of its lines,
     # and leave the temporary file of an arrays write. The resumed sweep adds

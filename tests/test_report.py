@@ -96,7 +96,7 @@ def make_run(
                 for defense, beta, sigma in settings:
                     rec = {"index": i, "method": method, "defense": defense}
                     rec |= {"beta": beta, "sigma": sigma, "seconds": float(rng.random())}
-                    for a in ("adv_vs_orig", "adv_vs_target", "clean_vs_orig"):
+                    for a in ("adv_vs_orig", "adv_vs_target", "clean_vs_target", "clean_vs_orig"):
                         for m in ("pcc", "ssim", "mse"):
                             # Maps' MSEs are small: their numbers are written as 4.3e-08.
                             scale = 1e-7 if m == "mse" else 1.0
@@ -285,7 +285,13 @@ def test_defense_tables_equal_numpy(full_run):
                 if r["method"] == method and r["defense"] == defense and r["beta"] == beta
             ]
             assert got["records"] == len(mine) == N
-            for key in ("adv_vs_orig_pcc", "adv_vs_target_ssim", "clean_vs_orig_mse", "seconds"):
+            for key in (
+                "adv_vs_orig_pcc",
+                "adv_vs_target_ssim",
+                "clean_vs_target_pcc",
+                "clean_vs_orig_mse",
+                "seconds",
+            ):
                 assert got[key] == np.median([r[key] for r in mine])
 
 

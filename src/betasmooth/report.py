@@ -58,6 +58,7 @@ SWEEP_METRICS = (
     "adv_vs_orig_ssim",
     "adv_vs_target_pcc",
     "adv_vs_target_ssim",
+    "clean_vs_target_pcc",
     "clean_vs_orig_pcc",
     "clean_vs_orig_ssim",
     "adv_vs_orig_mse",
@@ -732,7 +733,8 @@ def _section_defense(run: _Run) -> str:
         "<p>Each attacked image is explained again by the defended network "
         "(ReLU → softplus<sub>β</sub>) or by SmoothGrad, and the map is compared with the "
         "original map (should be high) and, after a targeted attack, with its target "
-        "(should be low). Medians over images.</p>"
+        "(should be low: near clean_vs_target, the defended map of the clean image "
+        "against the target, since smoothing moves that map too). Medians over images.</p>"
     )
     points = []
     for method in sorted({str(r.get("method")) for r in run.sweep}):
