@@ -1319,25 +1319,23 @@ def test_cost_labels_join_within_a_tenth_across_and_a_twentieth_up():
     assert [t for t, _, _ in up] == ["a", "b"]
 
 
-def test_a_zero_monte_carlo_error_is_drawn_a_decade_below_the_smallest(tmp_path, monkeypatch):
-    drawn = _spy_plots(monkeypatch)
-    curve = {"n": [10, 100, 1000], "projected": [0.1, 0.02, 0.0], "iid": [0.3, 0.1, 0.05]}
-    figures.mc_error_figure(curve, tmp_path / "mc.png")
-    projected, iid = (line.get_ydata().tolist() for _, line in drawn)
-    assert projected == pytest.approx([0.1, 0.02, 0.002])
-    assert iid == pytest.approx([0.3, 0.1, 0.05])
-
-
-def test_a_zero_iid_error_is_drawn_a_decade_below_the_smallest_of_either_curve(
-    tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    ("projected", "iid", "floored"),
+    [
+        # The zero is the projected curve's; the floor, a decade below 0.02.
+        ([0.1, 0.02, 0.0], [0.3, 0.1, 0.05], ([0.1, 0.02, 0.002], [0.3, 0.1, 0.05])),
+        # The smallest error (0.005) is the iid curve's: the floor is 0.0005 for both.
+        ([0.1, 0.02, 0.01], [0.3, 0.005, 0.0], ([0.1, 0.02, 0.01], [0.3, 0.005, 0.0005])),
+    ],
+)
+def test_a_zero_monte_carlo_error_is_drawn_a_decade_below_the_smallest_of_either_curve(
+    tmp_path, monkeypatch, projected, iid, floored
 ):
-    # The smallest error (0.005) is the iid curve's: the floor is 0.0005 for both curves.
     drawn = _spy_plots(monkeypatch)
-    curve = {"n": [10, 100, 1000], "projected": [0.1, 0.02, 0.01], "iid": [0.3, 0.005, 0.0]}
+    curve = {"n": [10, 100, 1000], "projected": projected, "iid": iid}
     figures.mc_error_figure(curve, tmp_path / "mc.png")
-    projected, iid = (line.get_ydata().tolist() for _, line in drawn)
-    assert projected == pytest.approx([0.1, 0.02, 0.01])
-    assert iid == pytest.approx([0.3, 0.005, 0.0005])
+    got = tuple(line.get_ydata().tolist() for _, line in drawn)
+    assert got[0] == pytest.approx(floored[0]) and got[1] == pytest.approx(floored[1])
 
 
 @pytest.mark.parametrize(("bias", "named"), [(0.01, ["iid bias 0.01"]), (0.0, [])])
