@@ -251,7 +251,7 @@ def main() -> None:
     except bs.InputError as err:
         parser.error(str(err))
     except OSError as err:
-        parser.error(f"{err.filename}: {err.strerror}")
+        parser.error(f"{err.filename}: {err.strerror}" if err.filename else str(err))
 
 
 def run(args: argparse.Namespace, settings: dict) -> None:

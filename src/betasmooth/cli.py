@@ -1064,8 +1064,8 @@ def _say(text: str = "") -> None:
 def _cell(value: float | None, width: int) -> str:
     if value is None:
         return "-".rjust(width)
-    # Below 0.01, three decimals keep one digit: an input MSE of 1.4e-3 and one of
-    # 0.9e-3 would both read 0.001, beside a budget of 2e-3.
+    # Below 0.01, three decimals keep one digit: input MSEs of 1.4e-3 and 1.9e-3
+    # would read 0.001 and 0.002, beside a budget of 2e-3.
     if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
         return f"{value:.2e}".rjust(width)
     return f"{value:.3f}".rjust(width)
@@ -1668,7 +1668,7 @@ def _demo_summary(run: RunDir, records: Sequence[Mapping], sweep: Sequence[Mappi
     # Pooled over the seven methods, and said so: the tables per method follow.
     _say("defenses: medians over images and attacked methods; pcc adv/orig = defended map")
     _say("of the attacked image against the original map (higher: the defense holds);")
-    _say("pcc adv/tgt less pcc clean/tgt = what the attack moved the defended map")
+    _say("pcc adv/tgt less pcc clean/tgt = how far the attack moved the defended map")
     _say(summary_table(sweep, SWEEP_COLUMNS, ("defense", "beta")))
     _say()
     _say_recommendation(run)
