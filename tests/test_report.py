@@ -790,13 +790,14 @@ def _median_of(rows, defense, beta, key):
 def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(_swept_run, monkeypatch):
     from betasmooth import report
 
-    run, _ = _swept_run
+    run, rows = _swept_run
     records = run.read()
-    drawn = {}
+    drawn, curves = {}, {}
     real = figures.defense_curves
 
     def spy(*args, **kwargs):
         drawn.update(kwargs.get("undefended") or {})
+        curves[tuple(args[0])] = args[1]
         return real(*args, **kwargs)
 
     monkeypatch.setattr(figures, "defense_curves", spy)
@@ -804,10 +805,16 @@ def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(_swept_r
     for sweep_key, field in (
         ("adv_vs_orig_pcc", "expl_pcc_orig"),
         ("adv_vs_target_pcc", "expl_pcc_target"),
+        # Without a defense the clean map against the target is the attack's "before".
+        ("clean_vs_target_pcc", "expl_pcc_target_before"),
         ("adv_vs_orig_ssim", "expl_ssim_orig"),
         ("adv_vs_target_ssim", "expl_ssim_target"),
     ):
         assert drawn[sweep_key] == pytest.approx(np.median([r[field] for r in records])), sweep_key
+    # The defended clean map against the target, per beta, beside the attacked map's.
+    ((betas, drawn_curves),) = curves.items()
+    for beta, value in zip(betas, drawn_curves["clean_vs_target_pcc"]):
+        assert value == pytest.approx(_median_of(rows, "beta_smooth", beta, "clean_vs_target_pcc"))
 
 
 def test_the_report_shows_normalised_images_denormalised():
@@ -1240,6 +1247,35 @@ def _drawn_figures(monkeypatch):
     save = figures._save
     monkeypatch.setattr(figures, "_save", lambda fig, path: (drawn.append(fig), save(fig, path))[1])
     return drawn
+
+
+def test_the_defense_legend_names_every_comparison_and_defense_inside_the_figure(
+    tmp_path, monkeypatch
+):
+    # Seven entries in one row ran off both sides of the figure once a fourth
+    # comparison joined: colours and line styles now take a row each.
+    drawn = _drawn_figures(monkeypatch)
+    stems = ("adv_vs_orig", "adv_vs_target", "clean_vs_target", "clean_vs_orig")
+    curves = {f"{stem}_{m}": [0.2, 0.6] for stem in stems for m in ("pcc", "ssim")}
+    figures.defense_curves(
+        [1.0, 10.0],
+        curves,
+        tmp_path / "d.png",
+        smoothgrad_betas=[1.0, 10.0],
+        smoothgrad=curves,
+        undefended={"adv_vs_orig_pcc": 0.4},
+    )
+    (fig,) = drawn
+    texts = [[t.get_text() for t in legend.get_texts()] for legend in fig.legends]
+    assert texts == [
+        ["attacked vs original", "attacked vs target", "clean vs target", "clean vs original"],
+        ["β-smoothing", "SmoothGrad", "no defense (ReLU)"],
+    ]
+    fig.canvas.draw()
+    frame = fig.bbox
+    for legend in fig.legends:
+        box = legend.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0, box
 
 
 def test_betas_that_span_exactly_a_decade_get_a_log_axis(tmp_path, monkeypatch):

@@ -420,7 +420,7 @@ def defense_curves(
     """Defense curves against beta: similarity of the defended maps, PCC and SSIM.
 
     Colour tells the comparison (attacked map vs original, vs target, clean
-    map vs original), line style the defense: solid for beta-smoothing,
+    map vs target, vs original), line style the defense: solid for beta-smoothing,
     dotted for SmoothGrad at the matched noise level, grey for no defense.
 
     Parameters
@@ -429,7 +429,8 @@ def defense_curves(
         The betas of the sweep (x axis, log scale when it spans a decade).
     curves : mapping of str to sequence of float
         Sweep keys (``adv_vs_orig_pcc``, ``adv_vs_target_pcc``,
-        ``clean_vs_orig_pcc``, and the ``_ssim`` variants) -> median per beta.
+        ``clean_vs_target_pcc``, ``clean_vs_orig_pcc``, and the ``_ssim``
+        variants) -> median per beta.
         The PCC keys are drawn on the left panel, the SSIM keys on the right.
     path : str or Path
         Where to write the PNG.
@@ -471,7 +472,7 @@ def defense_curves(
         axes = fig.subplots(
             1,
             2,
-            gridspec_kw={"wspace": 0.22, "left": 0.07, "right": 0.98, "bottom": 0.25},
+            gridspec_kw={"wspace": 0.22, "left": 0.07, "right": 0.98, "bottom": 0.3},
         )
         used: set[str] = set()
         for ax, metric in zip(axes, ("pcc", "ssim")):
@@ -482,9 +483,18 @@ def defense_curves(
             ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
         axes[0].set_title("PCC of maps", loc="left")
         axes[1].set_title("SSIM of maps", loc="left")
-        handles = _defense_legend(used, undefended_label)
-        if handles:
-            fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+        # Two rows, colours (the comparisons) above line styles (the defenses):
+        # seven entries in one row run off a figure of this width.
+        for row, handles in enumerate(_defense_legend(used, undefended_label)):
+            if handles:
+                where = (0.5, 0.06 - 0.06 * row)
+                fig.legend(
+                    handles=handles,
+                    loc="lower center",
+                    bbox_to_anchor=where,
+                    ncol=len(handles),
+                    frameon=False,
+                )
         if title:
             fig.suptitle(title, x=0.01, ha="left", fontsize=10)
             fig.subplots_adjust(top=0.86)
@@ -495,6 +505,8 @@ def defense_curves(
 _COMPARISONS = {
     "adv_vs_orig": ("attacked vs original", "C0"),
     "adv_vs_target": ("attacked vs target", "C3"),
+    # The attacked map's distance above this one is what the attack moved.
+    "clean_vs_target": ("clean vs target", "C1"),
     "clean_vs_orig": ("clean vs original", "C2"),
 }
 
@@ -518,22 +530,24 @@ def _defense_panel(
     return used
 
 
-def _defense_legend(used: set[str], undefended_label: str) -> list:
-    handles = [
+def _defense_legend(used: set[str], undefended_label: str) -> tuple[list, list]:
+    """The legend's entries: the comparisons' colours, and the defenses' line styles."""
+    colours = [
         matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
         for stem, (label, colour) in _COMPARISONS.items()
         if stem in used
     ]
+    styles = []
     for name, label, style, marker in (
         ("beta", "β-smoothing", "-", "o"),
         ("smoothgrad", "SmoothGrad", ":", "s"),
         ("none", undefended_label, (0, (1, 3)), None),
     ):
         if name in used:
-            handles.append(
+            styles.append(
                 matplotlib.lines.Line2D([], [], color="0.3", ls=style, marker=marker, label=label)
             )
-    return handles
+    return colours, styles
 
 
 def cost_quality(

@@ -651,6 +651,7 @@ def _defensegroup_records(records: Sequence[Mapping]) -> list[tuple[dict, list[M
 _UNDEFENDED = {
     "adv_vs_orig_pcc": "expl_pcc_orig",
     "adv_vs_target_pcc": "expl_pcc_target",
+    "clean_vs_target_pcc": "expl_pcc_target_before",
     "adv_vs_orig_ssim": "expl_ssim_orig",
     "adv_vs_target_ssim": "expl_ssim_target",
 }
