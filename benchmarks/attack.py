@@ -98,6 +98,11 @@ def gain_left(med: dict, gain: float) -> float:
 
 def attack_table(args) -> None:
     model, x_all, bounds, pick, g = sample(args)
+    if 2 * args.n > len(pick):
+        raise bs.InputError(
+            f"-n {args.n} needs {2 * args.n} test images ({args.n} attacked, {args.n} whose "
+            f"maps are the targets); {args.data} has {len(pick)}"
+        )
     x = x_all[pick[: args.n]].to(args.device)
     # Targets: maps of other random test images.
     others = x_all[pick[args.n : 2 * args.n]].to(args.device)

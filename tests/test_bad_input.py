@@ -1157,3 +1157,19 @@ def test_attack_benchmark_refuses_betas_that_are_not_numbers():
     assert proc.stderr.strip().splitlines()[-1] == (
         "attack.py: error: --betas: expected a comma list of numbers; got 'a,b'"
     )
+
+
+def test_attack_benchmark_names_the_images_a_count_needs():
+    # Each attacked image takes another's map as its target: -n 300 needs 600 of
+    # the 450 digits, which failed as a shape mismatch deep in the metrics.
+    count = bs.load_data("digits", split="test").x.shape[0]
+    path = Path(__file__).parents[1] / "benchmarks" / "attack.py"
+    n = count // 2 + 1
+    proc = subprocess.run(
+        [sys.executable, str(path), "-n", str(n)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"attack.py: error: -n {n} needs {2 * n} test images ({n} attacked, {n} whose maps "
+        f"are the targets); digits has {count}"
+    )
