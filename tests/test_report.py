@@ -469,15 +469,9 @@ def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal, monk
     # As the attack records them: its "target" is the original map, so these are 1.
     before = {f"expl_{m}_target_before": 1.0 for m in ("pcc", "ssim", "mse")}
     _rewrite(run / "results.jsonl", [r | before for r in read_lines(run / "results.jsonl")])
-    drawn = []
-    real = figures.defense_curves
-
-    def spy(betas, curves, path, **kwargs):
-        drawn.append({*curves, *(kwargs.get("undefended") or {})})
-        return real(betas, curves, path, **kwargs)
-
-    monkeypatch.setattr(figures, "defense_curves", spy)
+    calls = _calls(monkeypatch, "defense_curves")
     page = parse(build_report(run))
+    drawn = [{*args[1], *(kwargs.get("undefended") or {})} for args, kwargs in calls]
     assert len(drawn) == len(METHODS)
     assert all(
         "adv_vs_orig_pcc" in keys and not any("_vs_target_" in k for k in keys) for keys in drawn
@@ -792,16 +786,10 @@ def test_the_defense_figure_draws_the_attacks_own_medians_as_undefended(_swept_r
 
     run, rows = _swept_run
     records = run.read()
-    drawn, curves = {}, {}
-    real = figures.defense_curves
-
-    def spy(*args, **kwargs):
-        drawn.update(kwargs.get("undefended") or {})
-        curves[tuple(args[0])] = args[1]
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(figures, "defense_curves", spy)
+    calls = _calls(monkeypatch, "defense_curves")
     report.build_report(run.path)
+    ((args, kwargs),) = calls
+    drawn, curves = kwargs.get("undefended") or {}, {tuple(args[0]): args[1]}
     for sweep_key, field in (
         ("adv_vs_orig_pcc", "expl_pcc_orig"),
         ("adv_vs_target_pcc", "expl_pcc_target"),
@@ -984,16 +972,10 @@ def test_the_report_draws_each_defenses_medians_as_its_own_series(_swept_run, mo
     from betasmooth import report
 
     run, rows = _swept_run
-    calls = []
-    real = figures.defense_curves
-
-    def spy(betas, curves, path, **kwargs):
-        calls.append((list(betas), curves, kwargs))
-        return real(betas, curves, path, **kwargs)
-
-    monkeypatch.setattr(figures, "defense_curves", spy)
+    calls = _calls(monkeypatch, "defense_curves")
     report.build_report(run.path)
-    ((betas, curves, kwargs),) = calls
+    (((betas, curves, _), kwargs),) = calls
+    betas = list(betas)
     for defense, bs_, series in (
         ("beta_smooth", betas, curves),
         ("smoothgrad", kwargs["smoothgrad_betas"], kwargs["smoothgrad"]),
@@ -1009,16 +991,10 @@ def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept
 
     run, rows = _swept_run
     drawn = _spy_plots(monkeypatch)
-    real = figures.cost_quality
-    seen = []
-
-    def spy(points, path, **kwargs):
-        seen.append(list(points))
-        return real(points, path, **kwargs)
-
-    monkeypatch.setattr(figures, "cost_quality", spy)
+    calls = _calls(monkeypatch, "cost_quality")
     report.build_report(run.path)
-    (points,) = seen
+    (((points, _), _),) = calls
+    points = list(points)
     assert len(points) == 4
     expected = {}
     for p in points:
@@ -1240,6 +1216,19 @@ def test_each_beta_column_of_the_grid_draws_the_maps_of_its_beta(tmp_path, monke
     for r in range(2):
         row = np.concatenate([np.ravel(m[r])] * 3 + [np.ravel(maps_beta[r])])
         assert bars[r] == pytest.approx(np.percentile(row, 99.5) * H * H)
+
+
+def _calls(monkeypatch, name):
+    """The calls of ``figures.<name>``, which still draws: ``(args, kwargs)`` each."""
+    calls = []
+    real = getattr(figures, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(figures, name, spy)
+    return calls
 
 
 def _drawn_figures(monkeypatch):
@@ -1586,16 +1575,12 @@ def test_a_sweep_on_another_base_names_that_base(tmp_path, monkeypatch):
         run / "sweep.jsonl",
         [r | {"base": "gradient"} if r["method"] == "lrp" else r for r in sweep],
     )
-    legends = []
-    real = figures.defense_curves
-
-    def spy(*args, **kwargs):
-        legends.append(kwargs["undefended_label"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(figures, "defense_curves", spy)
+    calls = _calls(monkeypatch, "defense_curves")
     page = parse(build_report(run))
-    assert legends == ["no defense (ReLU)", "as attacked (lrp)"]
+    assert [kwargs["undefended_label"] for _, kwargs in calls] == [
+        "no defense (ReLU)",
+        "as attacked (lrp)",
+    ]
     assert page.tables["choice_gradient"][1][0][0] == "undefended"
     assert page.tables["choice_lrp"][1][0][0] == "undefended: plain gradient"
 
@@ -1708,15 +1693,9 @@ def test_the_grid_rows_of_a_method_name_the_class_of_each_image(tmp_path, monkey
     names = {0: "tabby cat", 1: "goldfish"}
     rec = {"method": "gradient", "goal": "targeted", "label_kept": True, "expl_pcc_orig": 0.5}
     run.append([{"index": i, **rec, "label_name": names[i]} for i in range(2)])
-    labels = []
-    grid = figures.method_grid
-
-    def spy(*args, **kwargs):
-        labels.append(kwargs["row_labels"])
-        return grid(*args, **kwargs)
-
-    monkeypatch.setattr(figures, "method_grid", spy)
+    calls = _calls(monkeypatch, "method_grid")
     build_report(tmp_path)
+    labels = [kwargs["row_labels"] for _, kwargs in calls]
     assert labels == [["#0 3→3\ntabby cat", "#1 7→5\ngoldfish"]]
 
 
