@@ -1,8 +1,13 @@
-"""Command-line argument types shared by the benchmark scripts."""
+"""Command-line argument types and the JSON output shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+
+import torch
 
 
 def json_lines(text: str) -> str:
@@ -25,3 +30,38 @@ def json_lines(text: str) -> str:
     except OSError as err:
         raise argparse.ArgumentTypeError(f"cannot append to {text}: {err.strerror}") from None
     return text
+
+
+def machine(device: str) -> dict[str, object]:
+    """Where a measurement ran, so that JSON lines from different machines are told apart.
+
+    Examples
+    --------
+    >>> facts = machine("cpu")
+    >>> facts["device"], facts["threads"] == torch.get_num_threads()
+    ('cpu', True)
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    return {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev)
+        if cuda
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def append_json(path: str | None, record: dict[str, object], device: str) -> None:
+    """Append ``record`` and the :func:`machine` it ran on as one JSON line to ``path``.
+
+    Nothing is written when ``path`` is ``None`` (no ``--json`` given). The
+    machine's facts sit under ``"machine"``, apart from the record's own keys.
+    """
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({**record, "machine": machine(device)}) + "\n")

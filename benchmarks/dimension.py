@@ -42,13 +42,13 @@ from pathlib import Path
 import torch
 
 import betasmooth as bs
-from arguments import json_lines
+from arguments import append_json, json_lines
 from betasmooth.attack import ATTACK_DEFAULTS, default_lr
 from betasmooth.checkpoint import load_state_dict
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 from betasmooth.explain import method_options
-from betasmooth.photos import photo_crops, photos_cnn
+from betasmooth.photos import COUNTS, PHOTOS, photo_crops, photos_cnn
 from betasmooth.validate import check_positive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,6 +246,13 @@ def main() -> None:
         for method in args.methods.split(","):
             method_options(method)  # a misspelt method fails before minutes of training
         check_positive("eps", args.eps)
+        # Each attacked crop takes another's map as its target: found out after training.
+        crops = COUNTS["test"] * len(PHOTOS)
+        if 2 * settings["n"] > crops:
+            raise bs.InputError(
+                f"-n {settings['n']} needs {2 * settings['n']} test crops ({settings['n']} "
+                f"attacked, {settings['n']} whose maps are the targets); photos has {crops}"
+            )
         args.out.mkdir(parents=True, exist_ok=True)
         run(args, settings)
     except bs.InputError as err:
@@ -265,9 +272,7 @@ def run(args: argparse.Namespace, settings: dict) -> None:
                 print(format_row(row), flush=True)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                if args.json:
-                    with open(args.json, "a") as g:
-                        g.write(json.dumps({"benchmark": "dimension", **row}) + "\n")
+                append_json(args.json, {"benchmark": "dimension", **row}, args.device)
     print("\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows))
     plot(rows, args.out / "dimension.png")
     print(f"wrote {args.out / 'dimension.jsonl'} and {args.out / 'dimension.png'}")

@@ -22,8 +22,6 @@ Examples
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 import warnings
@@ -34,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import betasmooth as bs
-from arguments import json_lines
+from arguments import append_json, json_lines
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 
@@ -142,11 +140,9 @@ def main():
         f"{args.runs} faithfulness runs, {args.device}, torch threads {torch.get_num_threads()}"
     )
     print(table(rows))
-    if args.json:
-        record = {"benchmark": "quantus", "args": vars(args), "rows": rows,
-                  "python": platform.python_version(), "quantus": quantus.__version__}  # fmt: skip
-        with open(args.json, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    record = {"benchmark": "quantus", "args": vars(args), "rows": rows,
+              "quantus": quantus.__version__}  # fmt: skip
+    append_json(args.json, record, args.device)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 import betasmooth as bs
-from arguments import json_lines
+from arguments import append_json, json_lines
 from betasmooth.attack import random_targets
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
@@ -226,10 +225,8 @@ def main() -> None:
     for kind in ("absolute", "relative"):
         recs = [r[f"rec_{kind}"] for r in results.values()]
         print(f"{kind:>8}: recommended {recs}; spread of log10 beta {spread(recs)}")
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({"benchmark": "relative_beta", **vars(args), "results": results}))
-            f.write("\n")
+    record = {"benchmark": "relative_beta", **vars(args), "results": results}
+    append_json(args.json, record, args.device)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,7 +33,7 @@ import time
 
 import torch
 
-from arguments import json_lines
+from arguments import append_json, json_lines
 from betasmooth.cli import positive_integer
 from betasmooth.distributed import device_argument
 
@@ -109,24 +107,21 @@ def main() -> None:
     print(f"2 threads in 1 process / 1 thread:     {two_threads / one:.2f}")
     print(f"2 processes x 1 thread / 1 thread:     {two_procs / one:.2f}")
     print(f"2 processes x 1 thread / 2 threads:    {two_procs / two_threads:.2f}")
-    if args.json:
-        line = {
+    append_json(
+        args.json,
+        {
             "benchmark": "scale",
             "n": args.n,
             "steps": args.steps,
             "method": args.method,
             "batch_size": args.batch_size,
-            "device": args.device,
-            "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "platform": platform.platform(),
             "images_per_s": rates,
             "ratio_2threads_vs_1": two_threads / one,
             "ratio_2procs_vs_1": two_procs / one,
             "ratio_2procs_vs_2threads": two_procs / two_threads,
-        }
-        with open(args.json, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        },
+        args.device,
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import json
 import math
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1782,3 +1787,30 @@ def test_the_attack_benchmark_leaves_no_gain_where_the_attack_changed_nothing(sm
     meds = sweep.medians()
     assert [script.gain_left(med, 0.5) for med in meds] == [0.0] * len(meds)
     assert any(med["clean_vs_target_pcc"] != pytest.approx(before, abs=1e-3) for med in meds)
+
+
+def test_the_compare_loop_benchmark_measures_every_method_and_names_its_machine(tmp_path):
+    # --compare-loop measured only the first of --methods; its JSON lines (and
+    # the attack table's) did not say on which device or how many threads.
+    out = tmp_path / "loop.jsonl"
+    script = Path(__file__).parents[1] / "benchmarks" / "attack.py"
+    argv = ["--compare-loop", "--methods", "gradient,lrp", "--loop-n", "2", "--steps", "2"]
+    argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["n"], r["steps"]) for r in rows] == [("gradient", 2, 2), ("lrp", 2, 2)]
+    # The bare double backprop is the gradient attack's own work: no ratio for LRP.
+    assert rows[0]["bare_double_backprop_s"] > 0 and rows[1]["bare_double_backprop_s"] is None
+    machine = {
+        "device": "cpu",
+        "threads": 1,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for r in rows:
+        assert {k: r["machine"][k] for k in machine} == machine

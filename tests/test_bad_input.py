@@ -1148,6 +1148,26 @@ def test_dimension_refuses_bad_input_before_training(argv, message, tmp_path):
     assert not cache.exists()  # nothing was trained
 
 
+def test_dimension_names_the_crops_a_count_needs_before_training(tmp_path):
+    # -n above half the test crops failed as a shape mismatch after training.
+    count = bs.load_data("photos", split="test").x.shape[0]
+    n = count // 2 + 1
+    path = Path(__file__).parents[1] / "benchmarks" / "dimension.py"
+    cache = tmp_path / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(path), "-n", str(n), "--cache", str(cache), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"dimension.py: error: -n {n} needs {2 * n} test crops ({n} attacked, {n} whose maps "
+        f"are the targets); photos has {count}"
+    )
+    assert not cache.exists()  # nothing was trained
+
+
 def test_attack_benchmark_refuses_betas_that_are_not_numbers():
     path = Path(__file__).parents[1] / "benchmarks" / "attack.py"
     proc = subprocess.run(
