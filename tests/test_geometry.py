@@ -325,6 +325,30 @@ def test_theorem1_bad_input():
         theorem1_check(net, x, x + 0.1, seed=2**70)
 
 
+def test_theorem1_refuses_what_would_broadcast_or_measure_nothing():
+    # An adaptively pooling CNN takes x_adv of another height, which x_adv - x cannot meet;
+    # zero Lanczos steps would give curvature 0 and a bound of 0.
+    net = residual_net(channels=3).double().eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(bs.InputError, match="x_adv must have the shape"):
+        theorem1_check(net, x, x[:, :, :4], beta=2.0)
+    with pytest.raises(bs.InputError, match="iterations"):
+        theorem1_check(net, x, x + 0.1, beta=2.0, iterations=0)
+
+
+@pytest.mark.parametrize("check", ["curvature", "theorem1"])
+def test_a_vector_of_channel_bounds_is_refused_also_where_it_fits_the_width(check):
+    # (C,) bounds on (B, C, H, W) with W == C would broadcast against the width.
+    net = residual_net(channels=3).double().eval()
+    x = torch.rand(2, 3, 3, 3, dtype=torch.float64)
+    bounds = (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(bs.InputError, match="shaped like data.bounds"):
+        if check == "curvature":
+            curvature(net, x, data_range=bounds)
+        else:
+            theorem1_check(net, x, x + 0.01, beta=2.0, data_range=bounds)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_is_refused_before_lanczos(dtype):
     # Lanczos on float16 Hessian-vector products misses the largest eigenvalue

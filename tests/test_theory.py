@@ -105,6 +105,30 @@ def test_iid_cdf_with_a_negligible_component_is_the_logistic_cdf(tiny):
     torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-12, rtol=0)
 
 
+def test_iid_cdf_of_a_million_equal_small_weights_is_the_normal_limit():
+    # u = (1, ..., 1) / 1000 in R^(10^6): every weight is 1e-3, none negligible;
+    # u.e is a sum of 10^6 logistic terms, normal with the logistic variance up
+    # to an excess kurtosis of 1.2e-6 (closed form: Phi(z sqrt(3) / pi)).
+    z = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    got = theory.iid_cdf(torch.ones(10**6, dtype=torch.float64), z)
+    expected = special.ndtr(z.numpy() * math.sqrt(3) / math.pi)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-6, rtol=0)
+
+
+def test_iid_bias_on_either_half_of_the_axis_is_the_largest_absolute_gap():
+    # F(-z) = 1 - F(z) and sigmoid(-z) = 1 - sigmoid(z): the gap is odd, so its
+    # largest absolute value is the same on z <= 0 and on z >= 0, though its
+    # sign is not (positive on one half, negative on the other).
+    u = torch.randn(16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = torch.linspace(0, 10, 1001, dtype=torch.float64)
+    gap = theory.iid_cdf(u, z) - torch.sigmoid(z)
+    expected = float(gap.abs().max())
+    assert float(gap.max()) < expected / 2  # the half where the gap is negative
+    assert float(theory.iid_bias(u, z)) == pytest.approx(expected, rel=1e-12)
+    assert float(theory.iid_bias(u, -z)) == pytest.approx(expected, rel=1e-12)
+    assert float(theory.iid_bias(u)) == pytest.approx(expected, rel=1e-9)
+
+
 def test_bias_limit_against_scipy():
     limit, at = theory.bias_limit()
     assert limit == pytest.approx(scipy_bias_limit(), abs=1e-10)
