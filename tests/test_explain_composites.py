@@ -28,6 +28,7 @@ from test_explain_lrp import (
     ZennitResidual,
     _relu_pattern,
     mlp,
+    preactivation,
     signed_conv_input,
     with_batchnorm,
 )
@@ -86,6 +87,8 @@ def signed_middle() -> nn.Module:
 NETS = {
     "plain": _same(lambda: plain_cnn().double()),
     "batchnorm": _same(lambda: with_batchnorm(bn_eps=1e-12)),
+    # A BatchNorm after a ReLU, not foldable: zennit's Pass.
+    "preactivation": _same(preactivation),
     "residual": _residual,
     "signed": _same(signed_conv_input),
     "signed-middle": _same(signed_middle),

@@ -201,8 +201,8 @@ def test_lrp_on_residual_net_matches_zennit():
 
 
 def test_lrp_standalone_batchnorm_by_hand():
-    # A BatchNorm after a ReLU cannot be folded: it gets the epsilon rule of
-    # its affine map y = a * scale + shift (stabiliser 1e-6).
+    # A BatchNorm after a ReLU cannot be folded: relevance passes through it
+    # unchanged (zennit's Pass), while the next layer sees its output y.
     torch.manual_seed(5)
     net = nn.Sequential(
         nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3), nn.Linear(3, 2)
@@ -227,8 +227,7 @@ def test_lrp_standalone_batchnorm_by_hand():
         y = a * scale + bn.bias - bn.running_mean * scale
         z2 = y @ w2.T + b2
         r2 = F.one_hot(target, 2) * z2
-        r_y = y * ((r2 / stab(z2, 0.01)) @ w2)
-        r_a = a * scale * r_y / stab(y, 1e-6)
+        r_a = y * ((r2 / stab(z2, 0.01)) @ w2)
         low, high = torch.zeros_like(x0), torch.ones_like(x0)
         wp, wn, bp, bn_ = w1.clamp(min=0), w1.clamp(max=0), b1.clamp(min=0), b1.clamp(max=0)
         z1 = (x0 @ w1.T + b1) - (low @ wp.T + bp) - (high @ wn.T + bn_)
@@ -236,6 +235,39 @@ def test_lrp_standalone_batchnorm_by_hand():
         expected = x0 * (s1 @ w1) - low * (s1 @ wp) - high * (s1 @ wn)
     ours = bs.explain(net, x, "lrp", target, epsilon=0.01)
     torch.testing.assert_close(ours, expected.view_as(x), rtol=1e-12, atol=1e-15)
+
+
+def preactivation() -> nn.Module:
+    """BatchNorm after a ReLU (DenseNet's after each cat, pre-activation ResNets): not foldable.
+
+    The shift is large against the scaled input, as in trained networks, where
+    it nearly cancels the mean: an epsilon rule on the BatchNorm's affine map
+    would then multiply the relevance.
+    """
+    torch.manual_seed(9)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 5),
+    )
+    bn = net[2]
+    bn.running_mean.uniform_(0.2, 0.6)
+    bn.running_var.uniform_(0.05, 0.2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.5, 0.5)
+    return net.double().eval()
+
+
+def test_lrp_passes_relevance_through_an_unfolded_batchnorm_as_zennit():
+    net = preactivation()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    assert_lrp_is_zennits(net, x, torch.tensor([0, 2, 4]))
 
 
 def test_lrp_float32_matches_zennit():

@@ -20,7 +20,7 @@ Linear                                 epsilon (``epsilon``)        ``Epsilon(ep
 AvgPool, AdaptiveAvgPool, ``mean``     proportional to inputs       ``Norm()``
 ``x + y`` (residual)                   proportional to summands     ``Norm()`` on ``Sum``
 BatchNorm after Conv/Linear            folded into that layer       ``SequentialMergeBatchNorm``
-BatchNorm elsewhere                    epsilon rule, eps 1e-6       (``Pass``)
+BatchNorm elsewhere                    relevance passes unchanged   ``Pass()``
 MaxPool                                winner takes all (gradient)  (gradient)
 Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
 ReLU, Softplus, other activations      relevance passes unchanged   ``Pass()``
@@ -209,7 +209,7 @@ def _first_arg(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torc
 
 
 def _pass(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-    """Element-wise activation: relevance passes unchanged (zennit ``Pass``)."""
+    """Element-wise activation, unfolded BatchNorm: relevance passes unchanged (zennit ``Pass``)."""
     return _first_arg(step, relevance)
 
 
@@ -337,16 +337,6 @@ def _zbox(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Ten
     return _first_arg(step, r)
 
 
-def _batchnorm(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-    """A BatchNorm not preceded by a Conv/Linear: epsilon rule of its affine map."""
-    scale, shift = _bn_affine(step.module)
-    shape = (-1,) + (1,) * (step.args[0].dim() - 2)
-    layer = _Layer(
-        lambda t, w, b: t * w.view(shape) + (0 if b is None else b.view(shape)), scale, shift
-    )
-    return _first_arg(step, _epsilon_of(layer, step.args[0], relevance, STABILIZER))
-
-
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if bn.running_var is None:
         raise InputError(
@@ -393,7 +383,11 @@ FIRST_RULE: Rule = _zbox
 BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 MODULE_RULES: dict[type[nn.Module], Rule] = {
-    **{kind: _batchnorm for kind in BATCHNORMS},
+    # A BatchNorm that follows no Conv/Linear (DenseNet's after each cat, a
+    # pre-activation network's) passes relevance as zennit's composites do: the
+    # epsilon rule of its affine map would let the shift, which nearly cancels
+    # the scaled input, multiply the relevance (5x the logit on DenseNet-121).
+    **{kind: _pass for kind in BATCHNORMS},
     nn.MaxPool1d: _gradient,
     nn.MaxPool2d: _gradient,
     nn.MaxPool3d: _gradient,
