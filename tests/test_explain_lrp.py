@@ -959,3 +959,104 @@ def test_lrp_does_not_run_forward_hooks_again_while_it_sends_relevance_back():
                 m.register_forward_hook(lambda module, i, o, seen=calls[method]: seen.append(1))
         bs.explain(net, x, method, torch.tensor([1, 3]))
     assert len(calls["lrp"]) == len(calls["gradient"]) > 0
+
+
+class NormalisedInside(nn.Module):
+    """``net`` on ``(x - mean) / std``: the normalisation inside forward, on [0, 1] images."""
+
+    def __init__(self, net: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+@pytest.mark.parametrize(
+    "composite", ["epsilon_plus_box", "epsilon_gamma_box", "epsilon_plus_flat"]
+)
+def test_lrp_of_a_model_that_normalises_inside_is_lrp_of_normalised_data(composite):
+    # A change of coordinates moves no relevance; the z^B box [0, 1] of the raw
+    # image is the box [(0 - mean) / std, (1 - mean) / std] of what the first
+    # convolution sees (zennit on the normalised data is the oracle).
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 4),
+    ).double().eval()  # fmt: skip
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1])
+    inside = bs.explain(NormalisedInside(net, mean, std), x, "lrp", target, composite=composite)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    outside = bs.explain(
+        net, (x - mean) / std, "lrp", target, low=low, high=high, composite=composite
+    )
+    torch.testing.assert_close(inside, outside, rtol=1e-10, atol=1e-14)
+    assert inside.abs().sum() > 0
+    if composite == "epsilon_plus_box":
+        theirs = zennit_lrp(net, (x - mean) / std, target, low=low, high=high)
+        torch.testing.assert_close(inside, theirs, rtol=1e-10, atol=1e-14)
+
+
+def test_lrp_through_torchvisions_normalize_module_is_lrp_of_normalised_data():
+    # nn.Sequential(T.Normalize(mean, std), net), the usual way to fold ImageNet
+    # preprocessing into a model: T.Normalize cannot be traced by torch.fx.
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(4)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).double().eval()  # fmt: skip
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    model = nn.Sequential(tv.transforms.Normalize(mean, std), net).eval()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    m = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    target = torch.tensor([2, 0])
+    ours = bs.explain(model, x, "lrp", target)
+    theirs = zennit_lrp(net, (x - m) / s, target, low=(0 - m) / s, high=(1 - m) / s)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_of_googlenet_with_transform_input_is_lrp_of_its_own_coordinates():
+    # torchvision's pretrained GoogLeNet maps ImageNet-normalised input to
+    # (raw - 0.5) / 0.5 inside forward (transform_input=True), with indexing,
+    # unsqueeze, * and + before its first convolution. The twin without the
+    # transform, fed (raw - 0.5) / 0.5 with the box [-1, 1], is the same LRP.
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = tv.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    net = net.double().eval()
+    twin = copy.deepcopy(net)
+    net.transform_input, twin.transform_input = True, False
+    raw = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    target = net((raw - mean) / std).argmax(1)
+    ours = bs.explain(
+        net, (raw - mean) / std, "lrp", target, low=(0 - mean) / std, high=(1 - mean) / std
+    )
+    expected = bs.explain(twin, (raw - 0.5) / 0.5, "lrp", target, low=-1.0, high=1.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-12 * expected.abs().max())
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_still_refuses_a_product_of_two_activations():
+    # x * c before the first layer is a change of coordinates; a gate (x * sigmoid(x))
+    # multiplies two things that depend on the input and has no rule.
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 14 * 14, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x)
+            return self.head(h * torch.sigmoid(h))
+
+    with pytest.raises(InputError, match=r"lrp has no rule for function mul .*\(node 'mul'\)"):
+        bs.explain(Gated(), torch.rand(1, 1, 16, 16), "lrp")

@@ -23,6 +23,10 @@ BatchNorm after Conv/Linear            folded into that layer       ``Sequential
 BatchNorm elsewhere                    relevance passes unchanged   ``Pass()``
 MaxPool                                winner takes all (gradient)  (gradient)
 Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
+indexing, unsqueeze, permute           gradient (routing)           (gradient)
+x * c, x / c, x + c, x - c before the  relevance passes unchanged;  (a canonizer's job)
+first layer (normalisation inside      the z^B box is mapped
+forward, GoogLeNet's transform_input)  through them
 ReLU, Softplus, other activations      relevance passes unchanged   ``Pass()``
 =====================================  ===========================  =========================
 
@@ -41,6 +45,7 @@ with ``epsilon -> 0`` the input relevances then sum to the target logit.
 
 from __future__ import annotations
 
+import functools
 import operator
 import weakref
 from collections.abc import Callable
@@ -216,6 +221,16 @@ def _pass(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Ten
 def _gradient(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
     """Reshapes, identity and max-pool: route relevance like the gradient (winner takes all)."""
     return _first_arg(step, _vjp(step.call, step.args[0], relevance))
+
+
+def _to_arg(index: int, step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """``x * c``, ``x + c``, ... on the input before the first layer: relevance passes to ``x``.
+
+    An element-wise change of coordinates of the input (a normalisation inside
+    forward) moves no relevance; a constant that broadcasts ``x`` up sums it back.
+    """
+    a = step.args[index]
+    return [(step.node.args[index], relevance.sum_to_size(a.shape))]
 
 
 def _norm(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
@@ -432,6 +447,11 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     torch.add: _sum,
     torch.flatten: _gradient,
     torch.reshape: _gradient,
+    operator.getitem: _gradient,
+    torch.unsqueeze: _gradient,
+    torch.squeeze: _gradient,
+    torch.permute: _gradient,
+    torch.transpose: _gradient,
     F.dropout: _gradient,
     F.max_pool2d: _gradient,
     F.avg_pool2d: _norm,
@@ -472,12 +492,26 @@ METHOD_RULES: dict[str, Rule] = {
     "reshape": _gradient,
     "flatten": _gradient,
     "contiguous": _gradient,
+    "unsqueeze": _gradient,
+    "squeeze": _gradient,
+    "permute": _gradient,
+    "transpose": _gradient,
     "relu": _pass,
     "relu_": _pass,
     "tanh": _pass,
     "sigmoid": _pass,
 }
 """Rules of tensor methods called in forward code."""
+
+#: Element-wise maps by a constant, allowed between the input and the first
+#: layer (normalisation inside forward): relevance passes, the box is mapped.
+INPUT_MAPS: frozenset[object] = frozenset(
+    {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+     torch.mul, torch.div, "add", "sub", "mul", "div"}
+)  # fmt: skip
+#: Module classes (``module.qualname``) that normalise the input element-wise by
+#: constants, traced as one node: as :data:`INPUT_MAPS` before the first layer.
+INPUT_MODULES: frozenset[str] = frozenset({"torchvision.transforms.transforms.Normalize"})
 
 LayerTypes = type[nn.Module] | tuple[type[nn.Module], ...]
 
@@ -541,8 +575,8 @@ _INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
 
 #: What the error for a node without a rule names as supported.
 SUPPORTED = (
-    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, cat, mean and reshapes "
-    "(the table in betasmooth.explain.propagation)"
+    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, cat, mean, reshapes, "
+    "indexing, normalising the input (table in betasmooth.explain.propagation)"
 )
 
 
@@ -575,6 +609,10 @@ class LRPGraph:
     folded: dict[fx.Node, str] = field(default_factory=dict)
     snapshot: frozenset[fx.Node] = frozenset()
     first: frozenset[fx.Node] = frozenset()
+    #: Nodes computed from the input alone before the first layers, and among
+    #: them the element-wise maps by a constant (:data:`INPUT_MAPS`).
+    raw: frozenset[fx.Node] = frozenset()
+    maps: frozenset[fx.Node] = frozenset()
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, LRPGraph] = weakref.WeakKeyDictionary()
@@ -720,7 +758,9 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
         # Tracing fixes every branch on self.training (dropout, auxiliary
         # outputs); maps are of the deployed model, so the trace is too.
         with evaluating(model):
-            gm = fx.symbolic_trace(model)
+            tracer = _Tracer()
+            traced = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, traced, type(model).__name__)
     except Exception as exc:  # any tracing failure is the user's model
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(
@@ -730,6 +770,20 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     graph = _assign_rules(gm)
     _GRAPHS[model] = graph
     return graph
+
+
+def _input_module(module: nn.Module | None) -> bool:
+    return module is not None and any(
+        f"{kind.__module__}.{kind.__qualname__}" in INPUT_MODULES for kind in type(module).__mro__
+    )
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, keeping :data:`INPUT_MODULES` whole (their forward checks types
+    that a traced proxy fails)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _input_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _same_modules(graph: LRPGraph, model: nn.Module) -> bool:
@@ -758,6 +812,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     rules: dict[fx.Node, Rule] = {}
     folded: dict[fx.Node, str] = {}
     firsts: set[fx.Node] = set()
+    maps: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -780,6 +835,12 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             if first:
                 firsts.add(node)
             continue
+        index = _input_map(node, module, depends, raw)
+        if index is not None:
+            rules[node] = functools.partial(_to_arg, index)
+            raw.add(node)
+            maps.add(node)
+            continue
         rule = _lookup_rule(node, module)
         if rule is None:
             where = "" if node.op == "call_module" else f" {_where(node)}"
@@ -794,7 +855,40 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             folded[node.args[0]] = node.target
             rules[node] = _pass
     snapshot = frozenset(n for n in gm.graph.nodes if any(_inplace(user, gm) for user in n.users))
-    return LRPGraph(gm, source, outputs[0].args[0], rules, folded, snapshot, frozenset(firsts))
+    return LRPGraph(
+        gm,
+        source,
+        outputs[0].args[0],
+        rules,
+        folded,
+        snapshot,
+        frozenset(firsts),
+        frozenset(raw),
+        frozenset(maps),
+    )
+
+
+def _input_map(
+    node: fx.Node, module: nn.Module | None, depends: set[fx.Node], raw: set[fx.Node]
+) -> int | None:
+    """Which argument of ``node`` is the input, where ``node`` maps the input by a constant.
+
+    ``None`` unless ``node`` is one of :data:`INPUT_MAPS`, with exactly one
+    argument that depends on the input, computed from the input alone (before
+    any layer); the others are constants (numbers, buffers). A divisor that
+    depends on the input is no change of coordinates.
+    """
+    if _input_module(module):
+        return 0 if node.args and node.args[0] in raw else None
+    if node.op not in ("call_function", "call_method") or node.target not in INPUT_MAPS:
+        return None
+    dependent = [n for n in node.all_input_nodes if n in depends]
+    indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in depends]
+    if len(dependent) != 1 or len(indices) != 1 or dependent[0] not in raw:
+        return None
+    if indices[0] != 0 and node.target in (operator.truediv, torch.div, "div"):
+        return None
+    return indices[0]
 
 
 def _folds(node: fx.Node, module: nn.Module | None, gm: fx.GraphModule) -> bool:
@@ -849,6 +943,54 @@ def _record(model: nn.Module, graph: LRPGraph, x: torch.Tensor) -> dict[fx.Node,
         else:
             object.__setattr__(model, "forward", own)
     return recorder.values
+
+
+def _mapped_boxes(
+    graph: LRPGraph, values: dict[fx.Node, object], options: dict, x: torch.Tensor
+) -> dict[fx.Node, dict]:
+    """The options of each first layer, with the z^B box mapped as the input was before it.
+
+    The nodes before the first layers run on the box's corners in place of
+    ``x``; each map there (normalisation, activation) is element-wise and
+    monotone, so the two images bound what the layer sees.
+    """
+    try:
+        corners = [
+            torch.broadcast_to(torch.as_tensor(options[k]).to(x), x.shape) for k in ("low", "high")
+        ]
+    except RuntimeError:
+        return {}  # _bound names bounds of the wrong shape
+    images = []
+    with torch.no_grad():
+        for corner in corners:
+            env: dict[fx.Node, object] = {graph.input: corner}
+            for node in graph.module.graph.nodes:
+                if node in graph.raw and node not in env:
+                    env[node] = _evaluate(graph, node, env, values)
+            images.append(env)
+    boxes = {}
+    for node in graph.first:
+        source = node.args[0]
+        if source is graph.input or source not in images[0]:
+            continue
+        lo, hi = images[0][source], images[1][source]
+        boxes[node] = {**options, "low": torch.minimum(lo, hi), "high": torch.maximum(lo, hi)}
+    return boxes
+
+
+def _evaluate(
+    graph: LRPGraph, node: fx.Node, env: dict[fx.Node, object], values: dict[fx.Node, object]
+) -> object:
+    """``node`` on the values of ``env`` where it has them, else on the recorded ones."""
+    args, kwargs = (
+        fx.node.map_arg(a, lambda n: env[n] if n in env else values[n])
+        for a in (node.args, node.kwargs)
+    )
+    if node.op == "call_module":
+        return graph.module.get_submodule(node.target).forward(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 def _load(arg: object, values: dict[fx.Node, object]) -> object:
@@ -979,6 +1121,7 @@ def lrp(
     with torch.set_grad_enabled(create_graph):
         values = _record(model, graph, x if create_graph else x.detach())
         logits = values[graph.output]
+        boxes = _mapped_boxes(graph, values, options, x) if graph.maps else {}
         logit, target = select_logit(logits, target)
         relevance = {
             graph.output: torch.zeros_like(logits).scatter(1, target[:, None], logit[:, None])
@@ -997,8 +1140,9 @@ def lrp(
                 layer = LAYERS[kind][0](module)
                 if node in graph.folded:
                     layer = _folded(layer, modules[graph.folded[node]])
+            here = boxes.get(node, options)
             step = _Step(
-                node, module, _load(node.args, values), _load(node.kwargs, values), layer, options
+                node, module, _load(node.args, values), _load(node.kwargs, values), layer, here
             )
             for source, r_in in rule(step, r):
                 if source in relevance:
