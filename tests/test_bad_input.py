@@ -900,6 +900,22 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
     assert not (files / "run").exists()
 
 
+def test_method_all_on_a_model_lrp_cannot_explain_names_the_methods_that_can(files, capsys):
+    # Transformer-style torchvision models (LayerNorm, attention) refuse LRP: `all`
+    # failed on it alone without saying that every other method would run.
+    from betasmooth.runs import explain_methods
+
+    argv = ["explain", "--model", f"{files}/normed.py:net", "--data", "digits", "-n", "2"]
+    assert main([*argv, "--method", "all", "--out", f"{files}/run"]) == 2
+    err = capsys.readouterr().err
+    others = ",".join(m for m in explain_methods("all") if m != "lrp")
+    assert err.startswith("betasmooth: error: lrp has no rule for module LayerNorm (1)")
+    assert err.endswith(f"; of the methods asked for, {others} can run\n") and err.count("\n") == 1
+    assert not (files / "run").exists()
+    # The list is right: those methods run on that model.
+    assert main([*argv, "--method", others, "--out", f"{files}/run2", "--no-progress"]) == 0
+
+
 def test_out_of_memory_at_a_batch_of_1_names_what_to_try(files, capsys):
     argv = ["explain", "--model", f"{files}/hungry.py:net", "--data", "digits", "-n", "2"]
     assert main([*argv, "--method", "gradient", "--out", f"{files}/run"]) == 2

@@ -1239,7 +1239,10 @@ def test_the_checks_a_model_file_registers_run_before_any_command_writes(
     monkeypatch.setenv("REFUSE", "input")
     argv = ["explain", *model, "--method", "gradient,checked_gradient", "--out", str(explained)]
     assert main(argv) == 2
-    assert capsys.readouterr().err == "betasmooth: error: checked_gradient refuses these images\n"
+    assert capsys.readouterr().err == (
+        "betasmooth: error: checked_gradient refuses these images; of the methods asked for, "
+        "gradient can run\n"
+    )
     assert not explained.exists()
     monkeypatch.delenv("REFUSE")
     attacked = tmp_path / "attack"

@@ -216,13 +216,24 @@ def check_methods(
     >>> check_methods(net, ["gradient", "lrp"])
     Traceback (most recent call last):
     ...
-    betasmooth.validate.InputError: lrp has no rule for module Softmax (2) ...
+    betasmooth.validate.InputError: lrp has no rule for module Softmax (2) ...gradient can run
     """
     options = method_options or {}
+    failed: dict[str, InputError] = {}
     for method in methods:
-        check_model(model, method, **options.get(method, {}))
-        if x is not None:
-            check_method_input(x, method, **options.get(method, {}))
+        try:
+            check_model(model, method, **options.get(method, {}))
+            if x is not None:
+                check_method_input(x, method, **options.get(method, {}))
+        except InputError as err:
+            failed.setdefault(method, err)
+    if failed:
+        err = next(iter(failed.values()))
+        # With many methods (``all``) one that cannot would hide those that can.
+        fine = [m for m in methods if m not in failed]
+        if not fine:
+            raise err
+        raise type(err)(f"{err}; of the methods asked for, {','.join(fine)} can run") from None
 
 
 def _named(
