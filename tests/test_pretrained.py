@@ -156,6 +156,28 @@ def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
     assert not (tmp_path / "empty").exists()
 
 
+@pytest.mark.parametrize(("name", "size"), [("googlenet", 64), ("inception_v3", 80)])
+def test_own_weights_fine_tuned_from_the_pretrained_model_compute_what_it_computed(
+    name, size, tmp_path, monkeypatch
+):
+    # Fine-tuned from get_model(name, weights="DEFAULT"), the model re-normalises
+    # its input (transform_input) and has no auxiliary heads. --weights built
+    # the bare architecture, without the transform: the same state dict
+    # computed another function (a first convolution's input off by up to 2.5).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    torch.manual_seed(5)
+    mine = torchvision.models.get_model(
+        name, weights=None, transform_input=True, aux_logits=False, init_weights=False
+    ).eval()
+    torch.save(mine.state_dict(), tmp_path / "mine.pt")
+    model = bs.load_model(f"torchvision:{name}", weights=str(tmp_path / "mine.pt"))
+    assert model.transform_input is True
+    x = normalised(2, size)
+    with torch.no_grad():
+        assert torch.equal(model(x), mine(x))
+    assert not (tmp_path / "empty").exists()
+
+
 def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path = pretrained.checkpoint_path(SPECS["resnet18"])

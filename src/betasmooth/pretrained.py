@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,6 +37,7 @@ from .checkpoint import LOADING, load_state_dict
 from .validate import InputError, OutOfMemory, is_oom
 
 __all__ = [
+    "BUILT_WITH_WEIGHTS",
     "PREFIX",
     "Preprocessing",
     "categories",
@@ -179,6 +180,25 @@ def _fetch(spec: str, path: Path) -> None:
         ) from err
 
 
+def _vit_size(weights: object) -> dict[str, object]:
+    return {"image_size": weights.meta["min_size"][0]}
+
+
+#: What torchvision's builders set from their weights, ``get_model(name,
+#: weights=...)``, beyond the class count: a model built for weights of one's
+#: own (``pretrained=False``) is built the same way, so that a state dict
+#: fine-tuned from the pretrained model computes the same function. GoogLeNet's
+#: and Inception v3's weights expect inputs in [-1, 1], which
+#: ``transform_input`` makes of ImageNet-normalised ones; their auxiliary heads
+#: (training only) are dropped, as the builder drops them after loading.
+BUILT_WITH_WEIGHTS: dict[str, Callable[[object], dict[str, object]]] = {
+    "googlenet": lambda w: {"transform_input": True, "aux_logits": False, "init_weights": False},
+    "inception_v3": lambda w: {"transform_input": True, "aux_logits": False, "init_weights": False},
+    "maxvit_t": lambda w: {"input_size": tuple(w.meta["min_size"])},
+    **dict.fromkeys(["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"], _vit_size),
+}
+
+
 def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     """The torchvision model of ``spec`` with its pretrained weights, on the CPU.
 
@@ -187,8 +207,10 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     torchvision's own builder, ``get_model(name, weights=...)``: the model is
     the one torchvision makes with these weights (GoogLeNet's
     ``transform_input``, DenseNet's renamed keys, a ViT's image size).
-    ``pretrained=False`` returns the architecture alone (``weights=None``), for
-    weights of one's own (nothing is read or fetched).
+    ``pretrained=False`` returns the architecture alone, built as for these
+    weights (:data:`BUILT_WITH_WEIGHTS`: GoogLeNet's ``transform_input``, a
+    ViT's image size) but initialised at random, for weights of one's own
+    fine-tuned from them (nothing is read or fetched).
 
     Raises
     ------
@@ -205,7 +227,8 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     weights = weights_of(spec)
     name = _parse(spec)[0]
     if not pretrained:
-        return _torchvision().get_model(name, weights=None).eval()
+        built = BUILT_WITH_WEIGHTS.get(name, lambda w: {})(weights)
+        return _torchvision().get_model(name, weights=None, **built).eval()
     path = checkpoint_path(spec)
     if not path.is_file():
         _fetch(spec, path)
