@@ -23,6 +23,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth.checkpoint import load_state_dict, read_npz
+from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError
 from betasmooth.zoo import check_compatible, data_range
 
@@ -624,6 +625,49 @@ def test_folder_with_corrupt_file_names_it(tmp_path) -> None:
         bs.load_data(str(empty))
     with pytest.raises(InputError, match="mixes images .* with class subfolders"):
         bs.load_data(str(tmp_path))
+
+
+def test_the_first_n_images_of_a_folder_are_read_alone(tmp_path, monkeypatch) -> None:
+    # -n 1 read and decoded the whole folder: a bad file anywhere failed it, and the
+    # time and memory grew with the folder. The channels stay the whole folder's.
+    from betasmooth import zoo
+
+    rng = np.random.default_rng(8)
+    grey = [rng.integers(0, 256, (4, 5), dtype=np.uint8) for _ in range(2)]
+    _png(tmp_path / "a.png", grey[0], "L")
+    _png(tmp_path / "b.png", grey[1], "L")
+    _png(tmp_path / "c.png", rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), "RGB")
+    whole = bs.load_data(str(tmp_path))
+    (tmp_path / "d.png").write_bytes(b"<html>404</html>")
+    read, real = [], zoo._read_image
+    monkeypatch.setattr(zoo, "_read_image", lambda p, *a: read.append(p.name) or real(p, *a))
+    first = bs.load_data(str(tmp_path), n=2)
+    assert read == ["a.png", "b.png"]
+    assert first.files == ["a.png", "b.png"] and first.y.tolist() == [-1, -1]
+    torch.testing.assert_close(first.x, whole.x[:2], rtol=0, atol=0)
+    assert first.x.shape[1] == 3  # c.png has colour
+    with pytest.raises(InputError, match=r"cannot read image .*d\.png"):
+        bs.load_data(str(tmp_path), n=4)
+    # An .npz is cut after loading: its bounds are the whole file's.
+    np.savez(tmp_path / "x.npz", x=np.stack([np.full((1, 2, 2), v) for v in (0.5, 0.0, 3.0)]))
+    cut = bs.load_data(str(tmp_path / "x.npz"), n=1)
+    full = bs.load_data(str(tmp_path / "x.npz"))
+    assert cut.x.shape[0] == 1 and float(cut.high) == float(full.high) == 3.0
+
+
+def test_the_cli_reads_only_the_images_a_run_uses(tmp_path, capsys) -> None:
+    from betasmooth.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        _png(data / name, np.random.default_rng(1).integers(0, 256, (32, 32)), "L")
+    (data / "z.jpg").write_bytes(b"<html>404</html>")  # a download that failed
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "--method", "gradient"]
+    assert main([*argv, "-n", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert [r["file"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")] == ["a.png", "b.png"]
+    assert main([*argv, "--out", str(tmp_path / "all"), "--no-progress"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
 
 
 def test_npz(tmp_path) -> None:

@@ -1290,6 +1290,8 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
         mean=args.mean,
         std=args.std,
         preset=args.preset,
+        # Of the user's data only the first -n and the k after them are read.
+        n=k if split == "train" else settings["n"] + k,
     )[0]
     if split == "train":
         return x[:k], "held-out images (the training split)"

@@ -128,11 +128,16 @@ def load_inputs(
         raise InputError(f"-n must be a positive number of images; got {n}")
     net = load_model(model, weights=weights)
     loaded = load_data(
-        data, "test", image_size=image_size, channels=channels, mean=mean, std=std, preset=preset
+        data,
+        "test",
+        image_size=image_size,
+        channels=channels,
+        mean=mean,
+        std=std,
+        preset=preset,
+        n=n,
     )
     x, y = loaded
-    if n is not None:
-        x, y = x[:n], y[:n]
     about = [loaded.about(i) for i in range(len(x))]
     # The runs call the model directly: the inputs take its dtype (a float64 model).
     x = check_input(net, x)

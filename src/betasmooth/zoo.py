@@ -96,6 +96,7 @@ from .pretrained import checkpoint_path, is_pretrained, load_pretrained, preproc
 from .validate import (
     InputError,
     InputTypeError,
+    check_count,
     check_input,
     check_instance,
     evaluating,
@@ -239,8 +240,9 @@ def _is_data_folder(path: Path) -> bool:
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None]:
     """The images of a folder, their labels and the class names (``None`` for a flat folder)."""
-    subfolders = sorted(p for p in folder.iterdir() if _is_data_folder(p))
-    loose = sorted(p for p in folder.iterdir() if _is_image(p))
+    # By name, as ImageFolder sorts: Windows' paths compare without case.
+    subfolders = sorted((p for p in folder.iterdir() if _is_data_folder(p)), key=_name)
+    loose = sorted((p for p in folder.iterdir() if _is_image(p)), key=_name)
     if not subfolders:
         return loose, [-1] * len(loose), None
     if loose:
@@ -274,6 +276,10 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
             stacklevel=4,
         )
     return files, labels, [_readable(p.name) for p in subfolders]
+
+
+def _name(path: Path) -> str:
+    return path.name
 
 
 def _readable(name: str) -> str:
@@ -322,13 +328,18 @@ def _folder(
     size: tuple[int, int] | None,
     channels: int | None,
     fit: Callable[[np.ndarray], np.ndarray] | None = None,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None, list[str]]:
     files, labels, classes = _folder_files(folder)
     if not files:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise InputError(f"data folder {folder} holds no images; expected files ending {suffixes}")
     fit = fit or (lambda image: image)
-    first = fit(_read_image(files[0], channels or _folder_channels(files), size))
+    # The channels are the whole folder's (headers only), so that the first n
+    # images are the same tensors whatever n.
+    channels = channels or _folder_channels(files)
+    files, labels = files[:limit], labels[:limit]
+    first = fit(_read_image(files[0], channels, size))
     images = [first]
     for path in files[1:]:
         image = fit(_read_image(path, first.shape[0], size))
@@ -657,6 +668,7 @@ def load_data(
     mean: Stats | None = None,
     std: Stats | None = None,
     preset: str | None = None,
+    n: int | None = None,
 ) -> ImageData:
     """Load images and labels by a spec string.
 
@@ -684,6 +696,10 @@ def load_data(
         those weights require (RGB, shorter side resized, centre crop, mean
         and std). ``image_size`` replaces its resize and crop by a plain
         resize, ``mean`` and ``std`` (both or neither) replace its own.
+    n : int, optional
+        Only the first ``n`` items: of a folder only their files are read
+        (the channels are still the whole folder's); an ``.npz`` file or
+        built-in data are cut after loading, their bounds those of the whole.
 
     Returns
     -------
@@ -722,6 +738,8 @@ def load_data(
         )
     if channels not in (None, 1, 3):
         raise InputError(f"channels must be 1 or 3; got {channels!r}")
+    if n is not None:
+        n = check_count("n", n)
     spec = str(spec)
     size = _pair(image_size)
     fit = None
@@ -750,7 +768,7 @@ def load_data(
             )
         x, y = BUILTIN_DATA[spec](split)
     elif source == "folder":
-        x, y, classes, files = _folder(Path(spec), size, channels, fit)
+        x, y, classes, files = _folder(Path(spec), size, channels, fit, n)
     else:
         x, y = _npz(Path(spec))
     x = _to_channels(x, channels)
@@ -785,6 +803,7 @@ def load_data(
             "123.7, 116.3, 103.5 are 0.485, 0.456, 0.406)"
         )
     x = (x - shift) / scale
+    x, y = x[:n], y[:n]
     low = (torch.full_like(shift, raw_low) - shift) / scale
     high = (torch.full_like(shift, raw_high) - shift) / scale
     return ImageData(x, y, low, high, shift, scale, classes, files)
