@@ -257,10 +257,21 @@ def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_pa
         # A zip that holds an .npy among other files is no .npz: torch's own reason.
         _zip({"a.npy": b"", "notes.txt": b"hi"}): r"RuntimeError: .*not in a subdirectory: a.npy",
     }
+    # safetensors: the length of its JSON header (8 bytes, little-endian), then the header.
+    header = b'{"weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    cases[len(header).to_bytes(8, "little") + header + bytes(4)] = (
+        r"it is a safetensors file; save its tensors with "
+        r"torch\.save\(safetensors\.torch\.load_file\(path\), 'weights\.pt'\)"
+    )
     for content, message in cases.items():
         path.write_bytes(content)
         with pytest.raises(InputError, match=rf"cannot read weights file .*w.pt: {message}; "):
             bs.load_model(f"{factory_file}:make", weights=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still written
+        torch.jit.save(torch.jit.trace(nn.Linear(3, 2), torch.rand(1, 3)), path)
+    with pytest.raises(InputError, match=r"w\.pt: it is a TorchScript archive \(torch\.jit\.save"):
+        bs.load_model(f"{factory_file}:make", weights=path)
 
 
 def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
@@ -277,11 +288,20 @@ def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
     x = torch.rand(2, 1, 5, 5)
     expected = trained.eval()(x)
     old = {k: v for k, v in trained.state_dict().items() if "num_batches_tracked" not in k}
-    wrapped = {f"module.{k}": v for k, v in trained.state_dict().items()}
-    for name, state in (("old.pt", old), ("dp.pt", wrapped)):
+    # Prefixes of DataParallel, torch.compile, a Lightning module holding self.model,
+    # and both of the last two: every key shares them.
+    wrapped = [
+        {f"{prefix}{k}": v for k, v in trained.state_dict().items()}
+        for prefix in ("module.", "_orig_mod.", "model.", "model._orig_mod.")
+    ]
+    for name, state in (("old.pt", old), *((f"wrapped{i}.pt", w) for i, w in enumerate(wrapped))):
         torch.save(state, tmp_path / name)
         model = bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / name)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    # A prefix that leaves no key of the model is not stripped: the keys are named as found.
+    torch.save({f"model.{k}x": v for k, v in old.items()}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match=r"\(missing keys: 0\.weight, .*unexpected keys: model\."):
+        bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / "other.pt")
     # Other missing keys are still named.
     torch.save({k: v for k, v in old.items() if k != "1.running_var"}, tmp_path / "bad.pt")
     with pytest.raises(InputError, match=r"\(missing keys: 1\.running_var\);"):

@@ -50,13 +50,26 @@ def reason(err: BaseException) -> str:
 def _unreadable(path: Path, err: BaseException) -> str:
     """Why ``torch.load`` could not read ``path``, in the file's terms where they are clear."""
     with open(path, "rb") as file:
-        head = file.read(4)
+        start = file.read(9)
+    head = start[:4]
     if not head:
         return "the file is empty"
     if zipfile.is_zipfile(path):
-        if all(n.endswith(".npy") for n in zipfile.ZipFile(path).namelist()):
+        names = zipfile.ZipFile(path).namelist()
+        if all(n.endswith(".npy") for n in names):
             return "it is a NumPy .npz archive, not a file of torch.save"
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return (
+                "it is a TorchScript archive (torch.jit.save), which holds code; save its "
+                "weights with torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"
+            )
         return reason(err)
+    if len(start) == 9 and start[8:] == b"{":
+        # safetensors: an 8-byte little-endian header length, then the JSON header.
+        return (
+            "it is a safetensors file; save its tensors with "
+            "torch.save(safetensors.torch.load_file(path), 'weights.pt')"
+        )
     if head == b"PK\x03\x04":
         # torch.save writes a zip archive; one without its end was cut short.
         return "it is damaged or cut short (a zip archive without its end)"
@@ -167,18 +180,33 @@ def load_shipped(model: nn.Module, name: str, script: str) -> nn.Module:
     return model.eval()
 
 
+def _unprefixed(
+    state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state`` without the first name that every key shares, as often as that makes
+    keys of ``own`` of them (a wrapper's prefix); else ``state`` as it is."""
+    stripped = state
+    for _ in range(3):
+        if not stripped or any(k in own for k in stripped):
+            break
+        heads = {k.partition(".")[0] for k in stripped}
+        if len(heads) != 1 or not all("." in k for k in stripped):
+            break
+        stripped = {k.partition(".")[2]: v for k, v in stripped.items()}
+    return stripped if any(k in own for k in stripped) else state
+
+
 def apply_weights(model: nn.Module, path: str | Path) -> None:
     """Load the state dict at ``path`` into ``model``; keys and shapes must match exactly.
 
     As ``nn.Module.load_state_dict`` does, BatchNorm's ``num_batches_tracked``
     may be absent (older checkpoints). Weights saved from a model wrapped in
-    ``DataParallel`` (every key prefixed ``module.``) are read without the prefix.
+    ``DataParallel`` (every key prefixed ``module.``), ``torch.compile``
+    (``_orig_mod.``) or held by a training framework's module (``model.`` in a
+    Lightning checkpoint's ``state_dict``) are read without that prefix.
     """
-    state = load_state_dict(path)
+    state = _unprefixed(load_state_dict(path), model.state_dict())
     own = model.state_dict()
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state) and not any(k in own for k in state):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [
