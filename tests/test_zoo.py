@@ -690,6 +690,34 @@ def test_the_cli_reads_only_the_images_a_run_uses(tmp_path, capsys) -> None:
     assert "cannot read image" in capsys.readouterr().err
 
 
+def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning(tmp_path):
+    # A .gif among .png files was left out without a word: the run held fewer images.
+    _png(tmp_path / "a.png", np.zeros((4, 4)), "L")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "b.gif")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "c.GIF")
+    (tmp_path / "d.heic").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image, not counted")
+    (tmp_path / "e.png").symlink_to(tmp_path / "gone.png")
+    with pytest.warns(UserWarning) as caught:
+        data = bs.load_data(str(tmp_path))
+    assert data.files == ["a.png"]
+    [message] = [str(w.message) for w in caught]
+    assert message == (
+        f"data folder {tmp_path}: skipped 4 files (.gif 2, .heic 1, broken links 1); read are "
+        "files ending .bmp, .jpeg, .jpg, .pgm, .png, .ppm, .tif, .tiff, .webp"
+    )
+
+
+def test_a_link_to_a_folder_above_is_read_once(tmp_path) -> None:
+    # os.walk follows links: cat/self -> cat repeated cat's images (4 became 84).
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        _png(tmp_path / name / "a.png", np.zeros((4, 4)), "L")
+    (tmp_path / "cat" / "self").symlink_to(tmp_path / "cat")
+    data = bs.load_data(str(tmp_path))
+    assert data.files == ["cat/a.png", "dog/a.png"] and data.y.tolist() == [0, 1]
+
+
 def test_npz(tmp_path) -> None:
     images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
     path = tmp_path / "d.npz"

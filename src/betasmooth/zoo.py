@@ -33,7 +33,10 @@ Data specs
         says when every class folder holds its images in subfolders only, as
         a folder of train/ and val/ splits does). Hidden files and folders
         (``.ipynb_checkpoints``, macOS's ``._*``) and betasmooth run
-        directories inside the folder are skipped. The whole folder is
+        directories inside the folder are skipped; images of suffixes that
+        are not read (GIF, HEIC, ...) and broken links are skipped with a
+        warning that counts them; a folder reached twice through links is
+        read once. The whole folder is
         returned, in the order of its sorted class folders, whatever
         ``split`` says.
     a ``.npz`` file
@@ -223,6 +226,32 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
     return np.repeat(array, channels, axis=0) if array.shape[0] != channels else array
 
 
+#: Suffixes of images that a folder's reading skips, as torchvision's
+#: ``ImageFolder`` does: a warning names them, since they look like data.
+SKIPPED_IMAGE_SUFFIXES = frozenset(
+    {".gif", ".jfif", ".heic", ".heif", ".avif", ".jp2", ".ico", ".tga", ".svg"}
+)
+
+
+def _skipped(folder: Path, paths: Sequence[Path]) -> None:
+    """Warn about images of a suffix that is not read, and links that lead nowhere."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        if path.name.startswith("."):
+            continue
+        suffix = path.suffix.lower()
+        if path.is_symlink() and not path.exists():
+            counts["broken links"] = counts.get("broken links", 0) + 1
+        elif suffix in SKIPPED_IMAGE_SUFFIXES:
+            counts[suffix] = counts.get(suffix, 0) + 1
+    if counts:
+        said = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
+        warn_user(
+            f"data folder {folder}: skipped {sum(counts.values())} files ({said}); read are "
+            f"files ending {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+
+
 def _is_image(path: Path) -> bool:
     # Hidden files are a system's, not data: macOS's ._a.png is no image at all.
     return (
@@ -244,6 +273,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
     subfolders = sorted((p for p in folder.iterdir() if _is_data_folder(p)), key=_name)
     loose = sorted((p for p in folder.iterdir() if _is_image(p)), key=_name)
     if not subfolders:
+        _skipped(folder, list(folder.iterdir()))
         return loose, [-1] * len(loose), None
     if loose:
         raise InputError(
@@ -254,12 +284,11 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
     for label, sub in enumerate(subfolders):
         # As torchvision's ImageFolder: every image below the class folder, in
         # the order of os.walk's sorted folders, then sorted file names.
-        found = [
-            Path(root) / name
-            for root, _, names in sorted(_walk(sub))
-            for name in sorted(names)
-            if _is_image(Path(root) / name)
+        every = [
+            Path(root) / name for root, _, names in sorted(_walk(sub)) for name in sorted(names)
         ]
+        _skipped(sub, every)
+        found = [path for path in every if _is_image(path)]
         if not found:
             raise InputError(
                 f"class folder {sub} holds no images; expected images in every class folder "
@@ -289,8 +318,15 @@ def _readable(name: str) -> str:
 
 
 def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk`` of ``folder``, into data folders only (see :func:`_is_data_folder`)."""
+    """``os.walk`` of ``folder``, into data folders only (see :func:`_is_data_folder`), each
+    folder once: a link to a folder above would repeat its images without end."""
+    seen = set()
     for root, dirs, names in os.walk(folder, followlinks=True):
+        info = os.stat(root)
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirs[:] = [d for d in dirs if _is_data_folder(Path(root) / d)]
         yield root, dirs, names
 
