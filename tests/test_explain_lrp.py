@@ -527,6 +527,19 @@ def test_unsupported_function_names_its_module_path():
     assert len(str(e.value)) < 250
 
 
+def test_every_kind_of_layer_without_a_rule_is_named_not_only_the_first():
+    # A ViT stops at LayerNorm, but attention would stop it next: both are named.
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.LayerNorm([2, 2, 2]), _Cumulative(), nn.LayerNorm([2, 2, 2]),
+        nn.Flatten(), nn.Linear(8, 2),
+    )  # fmt: skip
+    with pytest.raises(InputError) as err:
+        bs.explain(net, torch.rand(2, 1, 4, 4), "lrp")
+    assert str(err.value).startswith(
+        "lrp has no rule for module LayerNorm (1) (node '_1') (also function cumsum); supported:"
+    )
+
+
 class _MeanPooled(nn.Module):
     """A small CNN with global average pooling as ``Tensor.mean``, ``torch.mean``, ``F``'s pools
     or modules."""

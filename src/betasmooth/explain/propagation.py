@@ -641,6 +641,13 @@ def _describe(node: fx.Node, module: nn.Module | None) -> str:
     return f"{node.op} {node.target}"
 
 
+def _kind(node: fx.Node, module: nn.Module | None) -> str:
+    """What ``node`` calls, without where: ``module LayerNorm``, ``function mul``."""
+    if node.op == "call_module":
+        return f"module {type(module).__name__}"
+    return _describe(node, module)
+
+
 def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.kwargs.get("inplace", False):
         return True
@@ -813,6 +820,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     folded: dict[fx.Node, str] = {}
     firsts: set[fx.Node] = set()
     maps: set[fx.Node] = set()
+    missing: list[tuple[fx.Node, nn.Module | None]] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
@@ -843,17 +851,27 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             continue
         rule = _lookup_rule(node, module)
         if rule is None:
-            where = "" if node.op == "call_module" else f" {_where(node)}"
-            raise InputError(
-                f"lrp has no rule for {_describe(node, module)}{where} (node {node.name!r}); "
-                f"supported: {SUPPORTED}"
-            )
+            # The first is named in full; the kinds of the others follow, so that a
+            # user sees every blocker, not the first of several (a ViT has many).
+            missing.append((node, module))
+            continue
         rules[node] = rule
         if all(n in raw for n in inputs if n not in shape):
             raw.add(node)
         if _folds(node, module, gm):
             folded[node.args[0]] = node.target
             rules[node] = _pass
+    if missing:
+        node, module = missing[0]
+        where = "" if node.op == "call_module" else f" {_where(node)}"
+        first = _kind(node, module)
+        others = [k for k in dict.fromkeys(_kind(n, m) for n, m in missing[1:]) if k != first]
+        more = " ..." if len(others) > 3 else ""
+        also = f" (also {', '.join(others[:3])}{more})" if others else ""
+        raise InputError(
+            f"lrp has no rule for {_describe(node, module)}{where} (node {node.name!r}){also}; "
+            f"supported: {SUPPORTED}"
+        )
     snapshot = frozenset(n for n in gm.graph.nodes if any(_inplace(user, gm) for user in n.users))
     return LRPGraph(
         gm,
