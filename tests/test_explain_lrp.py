@@ -527,6 +527,41 @@ def test_unsupported_function_names_its_module_path():
     assert len(str(e.value)) < 250
 
 
+class _Shuffled(nn.Module):
+    """ShuffleNet V2's unit: half the channels through a branch (chunk), then a shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(
+            nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(24, 5),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        kept, through = h.chunk(2, dim=1)
+        h = torch.cat((kept, self.branch(through)), dim=1)
+        b, c, height, width = h.size()
+        h = torch.transpose(h.view(b, 2, c // 2, height, width), 1, 2).contiguous()
+        left, right = torch.split(h.view(b, -1, height, width), [1, 3], dim=1)
+        return self.head(torch.cat((right, left), dim=1))
+
+
+def test_lrp_routes_relevance_through_chunk_split_and_a_channel_shuffle_as_zennit():
+    # Zennit leaves chunk, split, cat, view and transpose to autograd: the gradient routes
+    # each part's relevance back to its channels.
+    net = _Shuffled().double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    assert_lrp_is_zennits(net, x, torch.tensor([0, 3, 4]))
+    # Differentiable through the parts (the attack on LRP needs it).
+    gen = torch.Generator().manual_seed(1)
+    x2, v, u = torch.rand(3, 2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    _check_lrp_derivative(net, x2, v - 0.5, u - 0.5, lambda z: _relu_pattern(net, z))
+
+
 def test_every_kind_of_layer_without_a_rule_is_named_not_only_the_first():
     # A ViT stops at LayerNorm, but attention would stop it next: both are named.
     net = nn.Sequential(

@@ -23,7 +23,7 @@ BatchNorm after Conv/Linear            folded into that layer       ``Sequential
 BatchNorm elsewhere                    relevance passes unchanged   ``Pass()``
 MaxPool                                winner takes all (gradient)  (gradient)
 Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
-indexing, unsqueeze, permute           gradient (routing)           (gradient)
+indexing, permute, chunk, split        gradient (routing)           (gradient)
 x * c, x / c, x + c, x - c before the  relevance passes unchanged;  (a canonizer's job)
 first layer (normalisation inside      the z^B box is mapped
 forward, GoogLeNet's transform_input)  through them
@@ -231,6 +231,34 @@ def _to_arg(index: int, step: _Step, relevance: torch.Tensor) -> list[tuple[fx.N
     """
     a = step.args[index]
     return [(step.node.args[index], relevance.sum_to_size(a.shape))]
+
+
+def _item(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
+    """Indexing: of a tensor, routed like the gradient; of the parts of a ``chunk`` or
+    ``split``, the relevance of that part, the others' zero."""
+    whole = step.args[0]
+    if not isinstance(whole, (tuple, list)):
+        return _gradient(step, relevance)
+    parts = [torch.zeros_like(part) for part in whole]
+    parts[step.args[1]] = relevance
+    return [(step.node.args[0], tuple(parts))]
+
+
+def _parts(step: _Step, relevance: tuple[torch.Tensor, ...]) -> list[tuple[fx.Node, torch.Tensor]]:
+    """``chunk``, ``split``, ``unbind``: each part's relevance back to its place (the gradient)."""
+    leaf = step.args[0].detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(
+            step.call(leaf), leaf, relevance, create_graph=any(r.requires_grad for r in relevance)
+        )
+    return _first_arg(step, grad)
+
+
+def _add(a: object, b: object) -> object:
+    """Relevance from two readers: summed, part by part for the parts of a ``chunk``."""
+    if isinstance(a, tuple):
+        return tuple(x + y for x, y in zip(a, b))
+    return a + b
 
 
 def _norm(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
@@ -447,7 +475,10 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     torch.add: _sum,
     torch.flatten: _gradient,
     torch.reshape: _gradient,
-    operator.getitem: _gradient,
+    operator.getitem: _item,
+    torch.chunk: _parts,
+    torch.split: _parts,
+    torch.unbind: _parts,
     torch.unsqueeze: _gradient,
     torch.squeeze: _gradient,
     torch.permute: _gradient,
@@ -493,6 +524,9 @@ METHOD_RULES: dict[str, Rule] = {
     "flatten": _gradient,
     "contiguous": _gradient,
     "unsqueeze": _gradient,
+    "chunk": _parts,
+    "split": _parts,
+    "unbind": _parts,
     "squeeze": _gradient,
     "permute": _gradient,
     "transpose": _gradient,
@@ -943,7 +977,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> object:
         out = super().run_node(n)
         # A value that a later in-place op overwrites is kept as it was made.
-        self.values[n] = out.clone() if n in self.snapshot else out
+        self.values[n] = out.clone() if n in self.snapshot and torch.is_tensor(out) else out
         return out
 
 
@@ -1164,7 +1198,7 @@ def lrp(
             )
             for source, r_in in rule(step, r):
                 if source in relevance:
-                    relevance[source] = relevance[source] + r_in
+                    relevance[source] = _add(relevance[source], r_in)
                 else:
                     relevance[source] = r_in
     return torch.zeros_like(x)
