@@ -954,6 +954,16 @@ def test_table_has_forty_cases() -> None:
     assert len(API) + len(CLI) >= 40 and len(API) >= 20 and len(CLI) >= 20
 
 
+def _benchmark_error(script: str, *argv: str, env: dict[str, str] | None = None) -> str:
+    """Run ``benchmarks/<script>``; it must exit 2 without a traceback. Its stderr's last line."""
+    path = Path(__file__).parents[1] / "benchmarks" / script
+    proc = subprocess.run(
+        [sys.executable, str(path), *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
 # The benchmark scripts that take --device.
 BENCHMARKS = sorted(
     p.name
@@ -964,14 +974,8 @@ BENCHMARKS = sorted(
 
 @pytest.mark.parametrize("script", BENCHMARKS)
 def test_benchmark_names_a_device_it_cannot_use_in_one_line(script):
-    path = Path(__file__).parents[1] / "benchmarks" / script
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(
-        [sys.executable, str(path), "--device", "cuda:7"], env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(f"usage: {script}") and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert _benchmark_error(script, "--device", "cuda:7", env=env) == (
         f"{script}: error: argument --device: CUDA is not available on this machine "
         "(--device cuda:7); use --device cpu"
     )
@@ -990,11 +994,8 @@ BENCHMARK_COUNTS = {
 
 @pytest.mark.parametrize("script", sorted(BENCHMARK_COUNTS))
 def test_benchmark_refuses_a_count_of_zero_in_one_line(script):
-    path = Path(__file__).parents[1] / "benchmarks" / script
     option = BENCHMARK_COUNTS[script]
-    proc = subprocess.run([sys.executable, str(path), option, "0"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    last = _benchmark_error(script, option, "0")
     assert re.fullmatch(
         rf"{script}: error: argument {option}\S*: expected a positive integer below 2\*\*31; "
         r"got '0'",
@@ -1128,16 +1129,8 @@ def test_channels_last_images_are_named_as_such() -> None:
 def test_benchmark_refuses_an_unwritable_json_before_measuring(script, tmp_path):
     # The folder does not exist, so the results could never be recorded: refused
     # when parsing (a timeout of 120 s fails a script that measures first).
-    path = Path(__file__).parents[1] / "benchmarks" / script
     target = tmp_path / "missing" / "out.jsonl"
-    proc = subprocess.run(
-        [sys.executable, str(path), "--json", str(target)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert _benchmark_error(script, "--json", str(target)) == (
         f"{script}: error: argument --json: cannot append to {target}: No such file or directory"
     )
 
@@ -1150,16 +1143,10 @@ def test_benchmark_refuses_an_unwritable_json_before_measuring(script, tmp_path)
     ],
 )
 def test_dimension_refuses_bad_input_before_training(argv, message, tmp_path):
-    path = Path(__file__).parents[1] / "benchmarks" / "dimension.py"
     cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [sys.executable, str(path), *argv, "--cache", str(cache), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    last = _benchmark_error(
+        "dimension.py", *argv, "--cache", str(cache), "--out", str(tmp_path / "out")
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dimension.py: error: ") and message in last, last
     assert not cache.exists()  # nothing was trained
 
@@ -1168,16 +1155,11 @@ def test_dimension_names_the_crops_a_count_needs_before_training(tmp_path):
     # -n above half the test crops failed as a shape mismatch after training.
     count = bs.load_data("photos", split="test").x.shape[0]
     n = count // 2 + 1
-    path = Path(__file__).parents[1] / "benchmarks" / "dimension.py"
     cache = tmp_path / "cache"
-    proc = subprocess.run(
-        [sys.executable, str(path), "-n", str(n), "--cache", str(cache), "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    last = _benchmark_error(
+        "dimension.py", "-n", str(n), "--cache", str(cache), "--out", str(tmp_path)
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert last == (
         f"dimension.py: error: -n {n} needs {2 * n} test crops ({n} attacked, {n} whose maps "
         f"are the targets); photos has {count}"
     )
@@ -1185,12 +1167,7 @@ def test_dimension_names_the_crops_a_count_needs_before_training(tmp_path):
 
 
 def test_attack_benchmark_refuses_betas_that_are_not_numbers():
-    path = Path(__file__).parents[1] / "benchmarks" / "attack.py"
-    proc = subprocess.run(
-        [sys.executable, str(path), "--betas", "a,b"], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert _benchmark_error("attack.py", "--betas", "a,b") == (
         "attack.py: error: --betas: expected a comma list of numbers; got 'a,b'"
     )
 
@@ -1199,13 +1176,8 @@ def test_attack_benchmark_names_the_images_a_count_needs():
     # Each attacked image takes another's map as its target: -n 300 needs 600 of
     # the 450 digits, which failed as a shape mismatch deep in the metrics.
     count = bs.load_data("digits", split="test").x.shape[0]
-    path = Path(__file__).parents[1] / "benchmarks" / "attack.py"
     n = count // 2 + 1
-    proc = subprocess.run(
-        [sys.executable, str(path), "-n", str(n)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert _benchmark_error("attack.py", "-n", str(n)) == (
         f"attack.py: error: -n {n} needs {2 * n} test images ({n} attacked, {n} whose maps "
         f"are the targets); digits has {count}"
     )
