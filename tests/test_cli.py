@@ -1794,6 +1794,28 @@ def test_beta_auto_holds_out_the_images_after_the_first_n(tmp_path, capsys, monk
         assert "images that are also explained" in said
 
 
+def test_beta_auto_holds_out_all_k_images_after_the_first_n(tmp_path, monkeypatch):
+    # More images than -n + k: the k held out are images n .. n + k - 1, all of them.
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    x, y = bs.load_data("digits")
+    n, k = 3, cli.CALIBRATION["n"]
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[: n + k + 3].numpy(), y=y[: n + k + 3].numpy())
+    seen = []
+
+    def fake(model, images, method, **kwargs):
+        seen.append(images.clone())
+        return Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {"2": {}}})
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "-n", str(n)]
+    argv += ["--method", "beta_smooth", "--beta", "auto", "--no-progress"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r")]) == 0
+    torch.testing.assert_close(seen[0], x[n : n + k])
+
+
 def test_the_bounds_of_the_beta_range_are_betas(capsys):
     from betasmooth.cli import BETA_RANGE, _check_betas, build_parser
 

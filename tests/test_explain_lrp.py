@@ -1108,3 +1108,223 @@ def test_lrp_still_refuses_a_product_of_two_activations():
 
     with pytest.raises(InputError, match=r"lrp has no rule for function mul .*\(node 'mul'\)"):
         bs.explain(Gated(), torch.rand(1, 1, 16, 16), "lrp")
+
+
+class _Reordered(nn.Module):
+    """``net`` on the input's channels reordered (RGB to BGR) by indexing, no arithmetic."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[:, [2, 1, 0]])
+
+
+def test_lrp_box_per_channel_follows_channels_reordered_by_indexing():
+    # Indexing moves the z^B box with the input even with no x * c before the
+    # first layer: the first convolution sees BGR, so its box is the BGR box.
+    torch.manual_seed(6)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)
+    ).double().eval()  # fmt: skip
+    low = torch.tensor([0.0, -1.0, -2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    high = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).view(1, 3, 1, 1)
+    x = low + (high - low) * torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    ours = bs.explain(_Reordered(net), x, "lrp", target, low=low, high=high)
+    bgr = [2, 1, 0]
+    theirs = zennit_lrp(net, x[:, bgr], target, low=low[:, bgr], high=high[:, bgr])
+    torch.testing.assert_close(ours[:, bgr], theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _ChannelsLast(nn.Module):
+    """A dense layer over each pixel's channels, after ``permute`` to channels last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pixel = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.pixel(x.permute(0, 2, 3, 1))).flatten(1))
+
+
+def test_lrp_box_per_channel_follows_a_permute_to_channels_last():
+    # The first layer sees (N, H, W, C): the box per channel is permuted with
+    # the input, not reshaped to that shape (which would mix channels).
+    torch.manual_seed(7)
+    net = _ChannelsLast().double().eval()
+    low = torch.tensor([0.0, -1.0, -2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    high = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).view(1, 3, 1, 1)
+    x = low + (high - low) * torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    ours = bs.explain(net, x, "lrp", target, low=low, high=high)
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pixel, self.head = net.pixel, net.head
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.pixel(z)).flatten(1))
+
+    def last(t: torch.Tensor) -> torch.Tensor:
+        return t.expand_as(x).permute(0, 2, 3, 1).contiguous()
+
+    theirs = zennit_lrp(Twin(), last(x), target, low=last(low), high=last(high))
+    torch.testing.assert_close(ours, theirs.permute(0, 3, 1, 2), rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_through_an_inplace_relu_on_the_input_before_a_normalisation():
+    # relu_ on the input, then x * c: the box's corners are mapped through both,
+    # and the caller's bounds are left as they were.
+    torch.manual_seed(8)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)
+    ).double().eval()  # fmt: skip
+
+    class Clipped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.relu_(x) * 2.0)
+
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64) * 2 - 1
+    low = torch.full((2, 1, 6, 6), -1.0, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    ours = bs.explain(Clipped(), x.clone(), "lrp", target, low=low, high=1.0)
+    assert bool((low == -1.0).all())
+    theirs = zennit_lrp(
+        net, 2 * x.clamp(min=0), target, low=torch.zeros_like(x), high=torch.full_like(x, 2.0)
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _Mapped(nn.Module):
+    """``net`` on ``f(x)`` for an element-wise map ``f`` written in forward."""
+
+    def __init__(self, net: nn.Module, f) -> None:
+        super().__init__()
+        self.net, self.f = net, f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.f(x))
+
+
+_SIGNED = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("f", "channels"),
+    [
+        (lambda x: 1 - x, 3),  # the input second, scale -1
+        (lambda x: torch.sub(0.5, x, alpha=2.0), 3),
+        (lambda x: x * _SIGNED, 3),  # a negative scale in one channel
+        (lambda x: x.mul(_SIGNED).add(1.0), 3),
+        (lambda x: x * _SIGNED, 1),  # grey broadcast to three channels
+    ],
+    ids=["one-minus", "sub-alpha", "signed-scale", "methods", "broadcast"],
+)
+def test_lrp_through_maps_that_flip_or_broadcast_the_input_is_lrp_of_their_image(f, channels):
+    # A negative scale swaps the box's ends; the input as the second operand is
+    # still the input; a grey input broadcast to RGB gets the sum of the relevance
+    # of its three images. The oracle is zennit on f(x) with the box [f(0), f(1)]
+    # put in order.
+    torch.manual_seed(10)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).double().eval()  # fmt: skip
+    x = torch.rand(2, channels, 6, 6, dtype=torch.float64)
+    target = torch.tensor([2, 1])
+    ours = bs.explain(_Mapped(net, f), x, "lrp", target)
+    ends = f(torch.zeros_like(x)), f(torch.ones_like(x))
+    low, high = torch.minimum(*ends), torch.maximum(*ends)
+    theirs = zennit_lrp(net, f(x), target, low=low, high=high)
+    torch.testing.assert_close(ours, theirs.sum(1, keepdim=True) if channels == 1 else theirs,
+                               rtol=1e-10, atol=1e-14)  # fmt: skip
+    assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "transpose", [lambda x: x.transpose(2, 3), lambda x: torch.transpose(x, 2, 3)]
+)
+def test_lrp_routes_relevance_back_through_a_transpose_before_the_first_layer(transpose):
+    torch.manual_seed(11)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).double().eval()  # fmt: skip
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    ours = bs.explain(_Mapped(net, transpose), x, "lrp", target)
+    theirs = zennit_lrp(net, x.transpose(2, 3), target)
+    torch.testing.assert_close(ours, theirs.transpose(2, 3), rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(ours, theirs)  # the images are not symmetric
+
+
+class _ScaledAfter(nn.Module):
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.scale = scale
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.scale(self.conv(x)))
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        (_Mapped(nn.Identity(), lambda x: 2 / x), "function truediv"),
+        (_Mapped(nn.Identity(), lambda x: torch.div(2.0, x)), "function div"),
+        (_Mapped(nn.Identity(), lambda x: x * x), "function mul"),
+        (_ScaledAfter(lambda h: h * 2.0), "function mul"),
+        (_ScaledAfter(lambda h: h.sub(0.5)), "method Tensor.sub"),
+    ],
+    ids=["c-over-x", "div-c-x", "x-times-x", "mul-after-conv", "sub-after-conv"],
+)
+def test_lrp_refuses_maps_that_are_no_change_of_the_inputs_coordinates(model, refused):
+    # c / x is no affine map; x * x multiplies the input by itself; after the first
+    # layer x * c is a layer of the model, which has no rule: all are refused.
+    if isinstance(model, _Mapped):
+        model.net = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    with pytest.raises(InputError, match=f"lrp has no rule for {refused}"):
+        bs.explain(model, torch.rand(1, 3, 6, 6) + 0.5, "lrp", torch.tensor([0]), high=1.5)
+
+
+def test_lrp_refuses_a_normalize_module_after_the_first_layer():
+    tv = pytest.importorskip("torchvision")
+    model = nn.Sequential(
+        nn.Conv2d(3, 3, 3), tv.transforms.Normalize((0.5,) * 3, (0.2,) * 3), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 2),
+    )  # fmt: skip
+    with pytest.raises(InputError, match="lrp has no rule for module Normalize"):
+        bs.explain(model, torch.rand(1, 3, 6, 6), "lrp", torch.tensor([0]))
+
+
+class _Squeezed(nn.Module):
+    """A dense network on ``(N, 1, D)`` signals, squeezed to ``(N, D)`` first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.squeeze(1))
+
+
+def test_lrp_routes_relevance_back_through_a_squeeze_before_the_first_layer():
+    torch.manual_seed(12)
+    model = _Squeezed().double().eval()
+    x = torch.rand(3, 1, 5, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    ours = bs.explain(model, x, "lrp", target)
+    theirs = zennit_lrp(model.net, x.squeeze(1), target)
+    torch.testing.assert_close(ours, theirs[:, None], rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0

@@ -890,3 +890,14 @@ def test_the_sweep_explains_with_the_options_the_method_was_attacked_with(
         maps[options is None] = result.maps[("beta_smooth", 2.0)][0].numpy()
     assert np.abs(maps[True] - maps[False]).max() > 1e-4  # epsilon changes the map
     np.testing.assert_allclose(found, maps[False], rtol=1e-5, atol=1e-7)
+
+
+def test_check_methods_names_no_methods_that_can_run_where_none_can():
+    # Every method asked for fails: the error is the first one's, as it was.
+    from betasmooth.runs import check_methods
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Softmax(1))
+    with pytest.raises(InputError) as err:
+        check_methods(net, ["lrp"])
+    assert str(err.value).startswith("lrp has no rule for module Softmax (2)")
+    assert "can run" not in str(err.value)

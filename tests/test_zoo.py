@@ -1174,3 +1174,39 @@ def test_a_weights_path_that_is_a_directory_is_named_as_such(tmp_path):
         load_state_dict(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
         load_state_dict(tmp_path / "none.pt")
+
+
+def test_weights_under_two_prefixes_are_not_stripped_into_one_another(tmp_path):
+    # A checkpoint holding the model twice (Lightning's model. and an EMA copy's
+    # ema.) shares no one prefix: stripping would let the later copy's weights
+    # overwrite the first's. It is refused with the keys as found.
+    (tmp_path / "lin.py").write_text(
+        "from torch import nn\n\n\ndef make():\n    return nn.Sequential(nn.Linear(3, 2))\n"
+    )
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 2))
+    state = {
+        **{f"model.{k}": v for k, v in a.state_dict().items()},
+        **{f"ema.{k}": v for k, v in b.state_dict().items()},
+    }
+    torch.save(state, tmp_path / "two.pt")
+    with pytest.raises(InputError, match=r"missing keys: 0\.weight, 0\.bias.*unexpected keys: mod"):
+        bs.load_model(f"{tmp_path / 'lin.py'}:make", weights=tmp_path / "two.pt")
+
+
+def test_n_of_an_npz_and_of_built_in_data_cuts_images_and_labels_alike(tmp_path):
+    # n keeps the first n images and their labels; bounds stay those of the whole.
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-0.5, 1.0, (6, 1, 4, 4)).astype(np.float32), np.arange(6) % 3
+    x[5, 0, 0, 0] = -0.5  # the lowest value lies past the first n
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    whole, first = bs.load_data(tmp_path / "d.npz"), bs.load_data(tmp_path / "d.npz", n=4)
+    torch.testing.assert_close(first.x, torch.from_numpy(x[:4]), rtol=0, atol=0)
+    assert first.y.tolist() == y[:4].tolist()
+    assert float(first.low) == float(whole.low) == -0.5
+    digits = bs.load_data("digits", n=3)
+    assert len(digits.x) == len(digits.y) == 3
+    assert digits.y.tolist() == bs.load_data("digits").y[:3].tolist()
+    for bad in (0, -1):
+        with pytest.raises(InputError, match="n must be"):
+            bs.load_data(tmp_path / "d.npz", n=bad)

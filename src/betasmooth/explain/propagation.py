@@ -1007,8 +1007,11 @@ def _mapped_boxes(
     monotone, so the two images bound what the layer sees.
     """
     try:
+        # Copies: an in-place op before the first layer (relu_) must write neither
+        # into a broadcast view nor into the caller's bounds.
         corners = [
-            torch.broadcast_to(torch.as_tensor(options[k]).to(x), x.shape) for k in ("low", "high")
+            torch.broadcast_to(torch.as_tensor(options[k]).to(x), x.shape).clone()
+            for k in ("low", "high")
         ]
     except RuntimeError:
         return {}  # _bound names bounds of the wrong shape
@@ -1173,7 +1176,10 @@ def lrp(
     with torch.set_grad_enabled(create_graph):
         values = _record(model, graph, x if create_graph else x.detach())
         logits = values[graph.output]
-        boxes = _mapped_boxes(graph, values, options, x) if graph.maps else {}
+        # Any node between the input and a first layer (a map, an index, a permute)
+        # moves the box's coordinates with the input's.
+        routed = any(n.args[0] is not graph.input for n in graph.first)
+        boxes = _mapped_boxes(graph, values, options, x) if routed else {}
         logit, target = select_logit(logits, target)
         relevance = {
             graph.output: torch.zeros_like(logits).scatter(1, target[:, None], logit[:, None])
