@@ -1093,21 +1093,30 @@ def test_lrp_of_googlenet_with_transform_input_is_lrp_of_its_own_coordinates():
     assert ours.abs().sum() > 0
 
 
-def test_lrp_still_refuses_a_product_of_two_activations():
-    # x * c before the first layer is a change of coordinates; a gate (x * sigmoid(x))
-    # multiplies two things that depend on the input and has no rule.
-    class Gated(nn.Module):
-        def __init__(self) -> None:
+def test_lrp_refuses_a_product_of_two_activations_without_a_gate():
+    # x * c before the first layer is a change of coordinates, g * h with a sigmoid
+    # gate passes to h (as nn.SiLU, which h * sigmoid(h) is); h * tanh(h) multiplies
+    # two things that depend on the input, neither a gate, and has no rule.
+    class Product(nn.Module):
+        def __init__(self, other) -> None:
             super().__init__()
+            torch.manual_seed(14)
             self.conv = nn.Conv2d(1, 2, 3)
             self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 14 * 14, 3))
+            self.other = other
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.conv(x)
-            return self.head(h * torch.sigmoid(h))
+            return self.head(h * self.other(h))
 
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
     with pytest.raises(InputError, match=r"lrp has no rule for function mul .*\(node 'mul'\)"):
-        bs.explain(Gated(), torch.rand(1, 1, 16, 16), "lrp")
+        bs.explain(Product(torch.tanh).double(), x, "lrp")
+    gated = Product(torch.sigmoid).double().eval()
+    silu = nn.Sequential(gated.conv, nn.SiLU(), gated.head).eval()
+    expected = bs.explain(silu, x, "lrp", 1)
+    torch.testing.assert_close(bs.explain(gated, x, "lrp", 1), expected, rtol=1e-12, atol=0)
+    assert expected.abs().sum() > 0
 
 
 class _Reordered(nn.Module):
@@ -1328,3 +1337,64 @@ def test_lrp_routes_relevance_back_through_a_squeeze_before_the_first_layer():
     theirs = zennit_lrp(model.net, x.squeeze(1), target)
     torch.testing.assert_close(ours, theirs[:, None], rtol=1e-10, atol=1e-14)
     assert ours.abs().sum() > 0
+
+
+class _Excited(nn.Module):
+    """Squeeze-and-excitation as EfficientNet's: ``sigmoid(fc2(relu(fc1(pool(h))))) * h``."""
+
+    def __init__(self, excite: bool = True, depth=None) -> None:
+        super().__init__()
+        torch.manual_seed(13)
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.excite = excite
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        self.gate = nn.Sigmoid()
+        self.depth = depth
+        self.head = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(16, 3),
+        )  # fmt: skip
+
+    def scale(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc2(torch.relu(self.fc1(self.pool(h)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        if self.excite:
+            h = self.scale(h) * h
+        if self.depth is not None:
+            h = h + self.depth(h, 0.2, "row", False)
+        return self.head(h)
+
+
+def test_lrp_gives_a_gated_product_all_its_relevance_to_the_signal():
+    # Signal takes all: relevance passes through g * h to h as through a diagonal layer
+    # with the gate's values as weights. The oracle: zennit on the network without the
+    # excitation whose next convolution has the gate of each image folded into its
+    # weights (W[:, c] * g[c]), image by image.
+    net = _Excited().double().eval()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    ours = bs.explain(net, x, "lrp", target)
+    for i in range(2):
+        folded = _Excited(excite=False).double().eval()
+        folded.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            folded.head[0].weight.mul_(net.scale(net.stem(x[i : i + 1])).view(1, 4, 1, 1))
+        theirs = zennit_lrp(folded, x[i : i + 1], target[i : i + 1])
+        torch.testing.assert_close(ours[i : i + 1], theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_passes_torchvisions_stochastic_depth_in_evaluation_mode():
+    # EfficientNet's residual branches: the identity in evaluation mode.
+    tv = pytest.importorskip("torchvision")
+    net = _Excited(excite=False, depth=tv.ops.stochastic_depth).double().eval()
+    twin = _Excited(excite=False, depth=lambda h, *a: h).double().eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    expected = bs.explain(twin, x, "lrp", target)
+    torch.testing.assert_close(bs.explain(net, x, "lrp", target), expected, rtol=0, atol=0)
+    assert expected.abs().sum() > 0

@@ -24,6 +24,7 @@ BatchNorm elsewhere                    relevance passes unchanged   ``Pass()``
 MaxPool                                winner takes all (gradient)  (gradient)
 Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
 indexing, permute, chunk, split        gradient (routing)           (gradient)
+gate * x, gate from Sigmoid            all to x (signal takes all)  (no rule)
 x * c, x / c, x + c, x - c before the  relevance passes unchanged;  (a canonizer's job)
 first layer (normalisation inside      the z^B box is mapped
 forward, GoogLeNet's transform_input)  through them
@@ -543,6 +544,20 @@ INPUT_MAPS: frozenset[object] = frozenset(
     {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
      torch.mul, torch.div, "add", "sub", "mul", "div"}
 )  # fmt: skip
+#: Gates: a product ``gate * x`` whose one factor comes from one of these
+#: (squeeze-and-excitation in EfficientNet and MobileNetV3) passes all its
+#: relevance to ``x`` (signal takes all, as LRP for LSTM gates); zennit does
+#: the same where the gate is detached.
+GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
+GATE_FUNCTIONS: frozenset[object] = frozenset({torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"})
+PRODUCTS: frozenset[object] = frozenset({operator.mul, torch.mul, "mul"})
+
+#: Rules of functions named by ``module.qualname``, for libraries that need not be
+#: imported: torchvision's stochastic depth is the identity in evaluation mode.
+NAMED_FUNCTION_RULES: dict[str, Rule] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": _gradient,
+}
+
 #: Module classes (``module.qualname``) that normalise the input element-wise by
 #: constants, traced as one node: as :data:`INPUT_MAPS` before the first layer.
 INPUT_MODULES: frozenset[str] = frozenset({"torchvision.transforms.transforms.Normalize"})
@@ -813,6 +828,23 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     return graph
 
 
+def _gated(node: fx.Node, gm: fx.GraphModule, depends: set[fx.Node]) -> int | None:
+    """Which factor of ``node`` is the signal, where ``node`` multiplies it by a gate."""
+    if node.op not in ("call_function", "call_method") or node.target not in PRODUCTS:
+        return None
+    factors = node.args[:2]
+    if len(node.args) != 2 or not all(isinstance(a, fx.Node) and a in depends for a in factors):
+        return None
+    gates = [_is_gate(a, gm) for a in factors]
+    return gates.index(False) if gates.count(True) == 1 else None
+
+
+def _is_gate(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), GATE_MODULES)
+    return node.op in ("call_function", "call_method") and node.target in GATE_FUNCTIONS
+
+
 def _input_module(module: nn.Module | None) -> bool:
     return module is not None and any(
         f"{kind.__module__}.{kind.__qualname__}" in INPUT_MODULES for kind in type(module).__mro__
@@ -882,6 +914,10 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             rules[node] = functools.partial(_to_arg, index)
             raw.add(node)
             maps.add(node)
+            continue
+        signal = _gated(node, gm, depends)
+        if signal is not None:
+            rules[node] = functools.partial(_to_arg, signal)
             continue
         rule = _lookup_rule(node, module)
         if rule is None:
@@ -962,7 +998,9 @@ def _lookup_rule(node: fx.Node, module: nn.Module | None) -> Rule | None:
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)
     if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
+        fn = node.target
+        name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}"
+        return FUNCTION_RULES.get(fn) or NAMED_FUNCTION_RULES.get(name)
     return None
 
 
