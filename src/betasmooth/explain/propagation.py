@@ -546,8 +546,8 @@ INPUT_MAPS: frozenset[object] = frozenset(
 )  # fmt: skip
 #: Gates: a product ``gate * x`` whose one factor comes from one of these
 #: (squeeze-and-excitation in EfficientNet and MobileNetV3) passes all its
-#: relevance to ``x`` (signal takes all, as LRP for LSTM gates); zennit does
-#: the same where the gate is detached.
+#: relevance to ``x`` (signal takes all, as LRP for LSTM gates): the map of
+#: the network whose next layer has the gate folded into its weights.
 GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 GATE_FUNCTIONS: frozenset[object] = frozenset({torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"})
 PRODUCTS: frozenset[object] = frozenset({operator.mul, torch.mul, "mul"})
@@ -658,10 +658,9 @@ class LRPGraph:
     folded: dict[fx.Node, str] = field(default_factory=dict)
     snapshot: frozenset[fx.Node] = frozenset()
     first: frozenset[fx.Node] = frozenset()
-    #: Nodes computed from the input alone before the first layers, and among
-    #: them the element-wise maps by a constant (:data:`INPUT_MAPS`).
+    #: Nodes computed from the input alone before the first layers (the z^B
+    #: box is carried through them).
     raw: frozenset[fx.Node] = frozenset()
-    maps: frozenset[fx.Node] = frozenset()
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, LRPGraph] = weakref.WeakKeyDictionary()
@@ -885,7 +884,6 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     rules: dict[fx.Node, Rule] = {}
     folded: dict[fx.Node, str] = {}
     firsts: set[fx.Node] = set()
-    maps: set[fx.Node] = set()
     missing: list[tuple[fx.Node, nn.Module | None]] = []
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
@@ -913,7 +911,6 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if index is not None:
             rules[node] = functools.partial(_to_arg, index)
             raw.add(node)
-            maps.add(node)
             continue
         signal = _gated(node, gm, depends)
         if signal is not None:
@@ -952,7 +949,6 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         snapshot,
         frozenset(firsts),
         frozenset(raw),
-        frozenset(maps),
     )
 
 
