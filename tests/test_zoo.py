@@ -706,6 +706,17 @@ def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning
         f"data folder {tmp_path}: skipped 4 files (.gif 2, .heic 1, broken links 1); read are "
         "files ending .bmp, .jpeg, .jpg, .pgm, .png, .ppm, .tif, .tiff, .webp"
     )
+    # Class folders: one warning for the whole folder, not one per class.
+    classes = tmp_path / "classes"
+    for name in ("cat", "dog"):
+        (classes / name).mkdir(parents=True)
+        _png(classes / name / "a.png", np.zeros((4, 4)), "L")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(classes / name / "b.gif")
+    with pytest.warns(UserWarning) as caught:
+        bs.load_data(str(classes))
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        f"data folder {classes}: skipped 2 files (.gif 2)"
+    ]
 
 
 def test_a_link_to_a_folder_above_is_read_once(tmp_path) -> None:

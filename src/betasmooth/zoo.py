@@ -280,14 +280,14 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
             f"data folder {folder} mixes images ({loose[0].name}) with class subfolders; "
             "expected either one subfolder per class or images only"
         )
-    files, labels, nested_only = [], [], True
+    files, labels, nested_only, seen = [], [], True, []
     for label, sub in enumerate(subfolders):
         # As torchvision's ImageFolder: every image below the class folder, in
         # the order of os.walk's sorted folders, then sorted file names.
         every = [
             Path(root) / name for root, _, names in sorted(_walk(sub)) for name in sorted(names)
         ]
-        _skipped(sub, every)
+        seen += every
         found = [path for path in every if _is_image(path)]
         if not found:
             raise InputError(
@@ -297,6 +297,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[int], list[str] | None
         nested_only = nested_only and all(p.parent != sub for p in found)
         files += found
         labels += [label] * len(found)
+    _skipped(folder, seen)
     if nested_only:
         warnings.warn(
             f"the class folders of {folder} ({', '.join(p.name for p in subfolders[:3])}) hold "
