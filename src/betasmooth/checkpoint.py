@@ -205,8 +205,8 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
     (``_orig_mod.``) or held by a training framework's module (``model.`` in a
     Lightning checkpoint's ``state_dict``) are read without that prefix.
     """
-    state = _unprefixed(load_state_dict(path), model.state_dict())
     own = model.state_dict()
+    state = _unprefixed(load_state_dict(path), own)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [

@@ -184,6 +184,10 @@ def _vit_size(weights: object) -> dict[str, object]:
     return {"image_size": weights.meta["min_size"][0]}
 
 
+def _inputs_in_minus_one_to_one(weights: object) -> dict[str, object]:
+    return {"transform_input": True, "aux_logits": False, "init_weights": False}
+
+
 #: What torchvision's builders set from their weights, ``get_model(name,
 #: weights=...)``, beyond the class count: a model built for weights of one's
 #: own (``pretrained=False``) is built the same way, so that a state dict
@@ -192,8 +196,8 @@ def _vit_size(weights: object) -> dict[str, object]:
 #: ``transform_input`` makes of ImageNet-normalised ones; their auxiliary heads
 #: (training only) are dropped, as the builder drops them after loading.
 BUILT_WITH_WEIGHTS: dict[str, Callable[[object], dict[str, object]]] = {
-    "googlenet": lambda w: {"transform_input": True, "aux_logits": False, "init_weights": False},
-    "inception_v3": lambda w: {"transform_input": True, "aux_logits": False, "init_weights": False},
+    "googlenet": _inputs_in_minus_one_to_one,
+    "inception_v3": _inputs_in_minus_one_to_one,
     "maxvit_t": lambda w: {"input_size": tuple(w.meta["min_size"])},
     **dict.fromkeys(["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"], _vit_size),
 }
