@@ -519,4 +519,4 @@ def _checked_output(out: object, method: str, x: torch.Tensor) -> torch.Tensor:
 
 
 # Importing the families fills the registry.
-from . import captum, composites, gradient, noise, propagation  # noqa: E402, F401
+from . import captum, composites, gradient, noise, propagation, transformer  # noqa: E402, F401

@@ -240,7 +240,9 @@ def _item(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Ten
     whole = step.args[0]
     if not isinstance(whole, (tuple, list)):
         return _gradient(step, relevance)
-    parts = [torch.zeros_like(part) for part in whole]
+    # A part that is not a tensor (the attention weights that nn.MultiheadAttention
+    # returns as None) takes none.
+    parts = [torch.zeros_like(part) if torch.is_tensor(part) else None for part in whole]
     parts[step.args[1]] = relevance
     return [(step.node.args[0], tuple(parts))]
 
@@ -258,7 +260,7 @@ def _parts(step: _Step, relevance: tuple[torch.Tensor, ...]) -> list[tuple[fx.No
 def _add(a: object, b: object) -> object:
     """Relevance from two readers: summed, part by part for the parts of a ``chunk``."""
     if isinstance(a, tuple):
-        return tuple(x + y for x, y in zip(a, b))
+        return tuple(y if x is None else x if y is None else x + y for x, y in zip(a, b))
     return a + b
 
 
@@ -489,6 +491,7 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     F.avg_pool2d: _norm,
     F.adaptive_avg_pool2d: _norm,
     torch.mean: _norm,
+    torch.sum: _norm,
     torch.cat: _cat,
     torch.concat: _cat,
     **{
@@ -520,6 +523,7 @@ FUNCTION_RULES: dict[Callable, Rule] = {
 METHOD_RULES: dict[str, Rule] = {
     "add": _sum,
     "mean": _norm,
+    "sum": _norm,
     "view": _gradient,
     "reshape": _gradient,
     "flatten": _gradient,
@@ -551,6 +555,8 @@ INPUT_MAPS: frozenset[object] = frozenset(
 GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 GATE_FUNCTIONS: frozenset[object] = frozenset({torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"})
 PRODUCTS: frozenset[object] = frozenset({operator.mul, torch.mul, "mul"})
+#: Divisions: ``x / c`` by a constant scales ``x`` as ``x * c`` does.
+QUOTIENTS: frozenset[object] = frozenset({operator.truediv, torch.div, "div"})
 
 #: Rules of functions named by ``module.qualname``, for libraries that need not be
 #: imported: torchvision's stochastic depth is the identity in evaluation mode.
@@ -827,21 +833,78 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
     return graph
 
 
-def _gated(node: fx.Node, gm: fx.GraphModule, depends: set[fx.Node]) -> int | None:
-    """Which factor of ``node`` is the signal, where ``node`` multiplies it by a gate."""
-    if node.op not in ("call_function", "call_method") or node.target not in PRODUCTS:
+def _factored(node: fx.Node, gm: fx.GraphModule, depends: set[fx.Node]) -> Rule | None:
+    """The rule of a product of two computed factors, one of which a :data:`FACTORS` entry
+    holds constant (a gate, attention weights)."""
+    if node.op not in ("call_function", "call_method") or len(node.args) != 2:
         return None
-    factors = node.args[:2]
-    if len(node.args) != 2 or not all(isinstance(a, fx.Node) and a in depends for a in factors):
+    factors = node.args
+    if not all(isinstance(a, fx.Node) and a in depends for a in factors):
         return None
-    gates = [_is_gate(a, gm) for a in factors]
-    return gates.index(False) if gates.count(True) == 1 else None
+    for factor in FACTORS:
+        if node.target in factor.operations:
+            held = [factor.held(a, gm) for a in factors]
+            if held.count(True) == 1:
+                return factor.rule(held.index(False))
+    return None
 
 
 def _is_gate(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), GATE_MODULES)
     return node.op in ("call_function", "call_method") and node.target in GATE_FUNCTIONS
+
+
+@dataclass(frozen=True)
+class Factor:
+    """A product ``a * b`` of two computed factors, one of which LRP holds constant.
+
+    ``held(node, gm)`` says whether a factor is the one held (a gate, attention
+    weights); ``rule(index)`` is the rule that sends relevance to the other
+    factor, the argument at ``index``.
+    """
+
+    operations: frozenset[object]
+    held: Callable[[fx.Node, fx.GraphModule], bool]
+    rule: Callable[[int], Rule]
+
+
+FACTORS: list[Factor] = [
+    Factor(PRODUCTS, _is_gate, lambda index: functools.partial(_to_arg, index))
+]
+"""Products with a factor held constant; :mod:`~betasmooth.explain.transformer` adds attention."""
+
+
+def _one_arg(node: fx.Node, rule: functools.partial) -> list[object]:
+    return [node.args[rule.args[0]]]
+
+
+ROUTES: dict[Callable, Callable[[fx.Node, Rule], list[object]]] = {_to_arg: _one_arg}
+"""Rules that send relevance to some of a node's inputs: which ones, by rule (or the
+function of a :func:`functools.partial` rule). Other rules may send to every input.
+Inputs that no relevance reaches need no rule (the query and key of attention)."""
+
+
+def _sends(node: fx.Node, rule: Rule | None, depends: set[fx.Node]) -> list[fx.Node]:
+    route = ROUTES.get(getattr(rule, "func", rule)) if rule is not None else None
+    inputs = route(node, rule) if route is not None else node.all_input_nodes
+    return [n for n in inputs if isinstance(n, fx.Node) and n in depends]
+
+
+def _scaling(node: fx.Node, depends: set[fx.Node]) -> int | None:
+    """Which argument of ``node`` is scaled, where ``node`` is ``x * c`` or ``x / c`` with a
+    constant ``c`` (a layer scale): an element-wise linear map, through which LRP's rules
+    pass relevance unchanged (``R = x c R / (x c)``)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if node.target not in PRODUCTS and node.target not in QUOTIENTS:
+        return None
+    indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in depends]
+    if len(indices) != 1 or any(n in depends for n in node.kwargs.values()):
+        return None
+    if indices[0] != 0 and node.target in QUOTIENTS:
+        return None
+    return indices[0]
 
 
 def _input_module(module: nn.Module | None) -> bool:
@@ -912,9 +975,13 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
             rules[node] = functools.partial(_to_arg, index)
             raw.add(node)
             continue
-        signal = _gated(node, gm, depends)
-        if signal is not None:
-            rules[node] = functools.partial(_to_arg, signal)
+        factored = _factored(node, gm, depends)
+        if factored is not None:
+            rules[node] = factored
+            continue
+        index = _scaling(node, depends)
+        if index is not None:
+            rules[node] = functools.partial(_to_arg, index)
             continue
         rule = _lookup_rule(node, module)
         if rule is None:
@@ -928,6 +995,13 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if _folds(node, module, gm):
             folded[node.args[0]] = node.target
             rules[node] = _pass
+    # Only the nodes that relevance reaches need a rule: not those that compute
+    # a factor held constant (a gate, attention weights) and nothing else.
+    reached = {outputs[0].args[0]}
+    for node in reversed(gm.graph.nodes):
+        if node in reached and node not in shape:
+            reached.update(_sends(node, rules.get(node), depends))
+    missing = [(node, module) for node, module in missing if node in reached]
     if missing:
         node, module = missing[0]
         where = "" if node.op == "call_module" else f" {_where(node)}"

@@ -1,0 +1,397 @@
+"""LRP of transformer layers (CP-LRP) against its closed form and hand computations.
+
+With ``epsilon -> 0`` every rule is LRP-0 of a linear map, and LRP-0 through
+linear maps and pass-through activations is gradient times input of the
+network whose attention weights, normalisers and activation gates are
+detached (Ali et al. 2022). :func:`cp_lrp` computes that with plain autograd
+on the unmodified model, with torch's own functions patched for the duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import betasmooth as bs
+from betasmooth.explain.propagation import Composite
+from betasmooth.validate import InputError
+
+tv = pytest.importorskip("torchvision")
+
+# LRP-0 everywhere, the first layer included: the closed form's setting.
+LRP0 = Composite(
+    layers={(nn.Conv2d, nn.Linear): "epsilon"}, first={(nn.Conv2d, nn.Linear): "epsilon"}
+)
+
+
+@pytest.fixture
+def no_stabiliser(monkeypatch):
+    """The sums' and pools' stabiliser off, so that every rule is exactly LRP-0."""
+    monkeypatch.setattr(sys.modules["betasmooth.explain.propagation"], "STABILIZER", 1e-300)
+
+
+def _layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(shape), 0))
+    sigma = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt().detach()
+    y = (x - x.mean(dims, keepdim=True)) / sigma
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _group_norm(x, groups, weight=None, bias=None, eps=1e-5):
+    g = x.reshape(x.shape[0], groups, -1)
+    sigma = (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt().detach()
+    y = ((g - g.mean(-1, keepdim=True)) / sigma).reshape(x.shape)
+    per_channel = (1, -1) + (1,) * (x.dim() - 2)
+    y = y if weight is None else y * weight.view(per_channel)
+    return y if bias is None else y + bias.view(per_channel)
+
+
+def _gelu(x, approximate="none"):
+    return x * (0.5 * (1 + torch.erf(x / math.sqrt(2)))).detach()
+
+
+def _attention(self, query, key, value, key_padding_mask=None, need_weights=True,
+               attn_mask=None, average_attn_weights=True, is_causal=False):  # fmt: skip
+    """nn.MultiheadAttention from its weights, the attention weights detached."""
+    embed, heads = self.embed_dim, self.num_heads
+    if not self.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    w, b = self.in_proj_weight, self.in_proj_bias
+    q = F.linear(query, w[:embed], b[:embed])
+    k = F.linear(key, w[embed : 2 * embed], b[embed : 2 * embed])
+    v = F.linear(value, w[2 * embed :], b[2 * embed :])
+
+    def split(t):
+        return t.unflatten(-1, (heads, embed // heads)).transpose(1, 2)
+
+    logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(embed // heads)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    weights = logits.softmax(-1).detach()
+    out = self.out_proj((weights @ split(v)).transpose(1, 2).flatten(2))
+    return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+@contextlib.contextmanager
+def _detached():
+    saved = F.layer_norm, F.group_norm, F.gelu, nn.MultiheadAttention.forward
+    F.layer_norm, F.group_norm, F.gelu = _layer_norm, _group_norm, _gelu
+    nn.MultiheadAttention.forward = _attention
+    try:
+        yield
+    finally:
+        F.layer_norm, F.group_norm, F.gelu, nn.MultiheadAttention.forward = saved
+
+
+def cp_lrp(model, x, target, **forward):
+    """Gradient times input of ``model`` with the CP-LRP detachments."""
+    x = x.clone().requires_grad_(True)
+    with _detached():
+        out = model(x, **forward)
+    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
+    return x.detach() * grad
+
+
+def _assert_cp_lrp(model, x, target, **forward):
+    ours = bs.explain(model, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    expected = cp_lrp(model, x, target, **forward)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
+    assert expected.abs().amax() > 1e-6
+    return ours
+
+
+def _vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=5,
+    )  # fmt: skip
+    # torchvision zero-initialises the head: every map would be 0.
+    nn.init.normal_(vit.heads.head.weight)
+    return vit.double().eval()
+
+
+def test_lrp_of_torchvisions_vision_transformer_is_cp_lrp(no_stabiliser):
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    _assert_cp_lrp(_vit(), x, torch.tensor([0, 3, 4]))
+
+
+def test_lrp_of_torchvisions_convnext_is_cp_lrp(no_stabiliser):
+    # LayerNorm2d (F.layer_norm between permutes), nn.LayerNorm on channels last,
+    # the layer scale (a parameter times x) and stochastic depth.
+    from torchvision.models import convnext
+
+    torch.manual_seed(1)
+    blocks = [convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)]
+    net = convnext.ConvNeXt(blocks, num_classes=5, layer_scale=0.5).double().eval()
+    for block in net.modules():
+        if isinstance(block, convnext.CNBlock):  # else it is one constant for every channel
+            nn.init.normal_(block.layer_scale)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([1, 2, 4]))
+
+
+class _Encoder(nn.Module):
+    """Tokens through an embedding, nn.MultiheadAttention with a residual, GroupNorm, a head."""
+
+    def __init__(self, batch_first: bool = True, norm: str = "layer") -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.batch_first = batch_first
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.norm = nn.LayerNorm(8) if norm == "layer" else nn.GroupNorm(2, 6)  # tokens
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(x)
+        t = h if self.batch_first else h.transpose(0, 1)
+        a = self.attention(t, t, t, key_padding_mask=mask, need_weights=False)[0]
+        h = h + (a if self.batch_first else a.transpose(0, 1))
+        h = self.norm(h)
+        h = h + self.mlp(h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_lrp_of_multihead_attention_and_norms_is_cp_lrp(no_stabiliser, batch_first, norm):
+    net = _Encoder(batch_first, norm).double().eval()
+    x = torch.rand(3, 6, 4, dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([0, 2, 1]))
+
+
+class _Masked(_Encoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Padding where the input says so: the mask depends on x, but only the
+        # attention weights read it, so it needs no rule.
+        return super().forward(x, x[:, :, 0] > 0.7)
+
+
+def test_lrp_of_multihead_attention_keeps_the_key_padding_mask(no_stabiliser):
+    net = _Masked().double().eval()
+    x = torch.rand(3, 5, 4, dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([0, 2, 1]))
+
+
+class _Handwritten(nn.Module):
+    """Attention as timm writes it: one qkv projection, a scaled softmax, a dropout."""
+
+    def __init__(self, fused: bool = False, detach: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fused, self.detach = fused, detach
+        self.qkv = nn.Linear(4, 24)
+        self.drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.scale = 0.5  # sdpa's default, 1 / sqrt(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused and not self.detach:
+            h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if self.fused:
+                logits = logits.masked_fill(~torch.ones(length, length).tril().bool(), -math.inf)
+            attn = logits.softmax(dim=-1)
+            h = self.drop(attn.detach() if self.detach else attn) @ v
+        h = self.proj(h.transpose(1, 2).reshape(n, length, 8))
+        return self.head(F.gelu(h).mean(1))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["softmax-matmul", "sdpa-causal"])
+def test_lrp_of_handwritten_attention_holds_the_softmax_weights(no_stabiliser, fused):
+    # q @ k.T, the scale and the softmax carry no relevance, so they need no rule.
+    net = _Handwritten(fused).double().eval()
+    twin = _Handwritten(fused, detach=True).double().eval()
+    x = torch.rand(3, 6, 4, dtype=torch.float64)
+    target = torch.tensor([2, 0, 1])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(net(x), twin(x))
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
+def _epsilon_rule(a, weight, bias, relevance, epsilon):
+    z = F.linear(a, weight, bias)
+    stab = z + epsilon * torch.where(z >= 0, 1.0, -1.0).double()
+    return a * ((relevance / stab) @ weight)
+
+
+def test_epsilon_of_layer_norm_and_attention_by_hand():
+    # One token mixer and one LayerNorm, each with epsilon 0.2, written out: the
+    # LN-rule with sigma held and the AH-rule, layer by layer.
+    torch.manual_seed(4)
+    embed, norm, mix, head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 2)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.norm, self.mix, self.head = embed, norm, mix, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(self.embed(x))  # (N, 5, 4)
+            weights = (self.mix(h) @ h.transpose(1, 2)).softmax(-1)  # (N, 5, 5)
+            return self.head((weights @ h).sum(1))
+
+    net = Net().double().eval()
+    x = torch.rand(2, 5, 3, dtype=torch.float64)
+    target = torch.tensor([1, 0])
+    eps = 0.2
+    composite = Composite(layers={nn.Linear: "epsilon"}, first={nn.Linear: "epsilon"})
+    ours = bs.explain(net, x, "lrp", target, composite=composite, epsilon=eps)
+
+    with torch.no_grad():
+        e = F.linear(x, embed.weight, embed.bias)
+        sigma = (e.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+        h = norm(e)
+        w = (net.mix(h) @ h.transpose(1, 2)).softmax(-1)
+        mixed = w @ h
+        pooled = mixed.sum(1)
+        logits = F.linear(pooled, head.weight, head.bias)
+        r = torch.zeros_like(logits).scatter(1, target[:, None], logits.gather(1, target[:, None]))
+        r = _epsilon_rule(pooled, head.weight, head.bias, r, eps)
+        stab = pooled + 1e-6 * torch.where(pooled >= 0, 1.0, -1.0).double()
+        r = mixed * (r / stab)[:, None, :]  # the sum over tokens: in proportion
+        # AH-rule: R_h = h * W^T (R / stab(W h)).
+        stab = mixed + eps * torch.where(mixed >= 0, 1.0, -1.0).double()
+        r = h * (w.transpose(1, 2) @ (r / stab))
+        # LN-rule: y = (e - mean e) / sigma * g + b; R_e = e * (u - mean u), u = g s / sigma.
+        stab = h + eps * torch.where(h >= 0, 1.0, -1.0).double()
+        u = norm.weight * (r / stab) / sigma
+        r = e * (u - u.mean(-1, keepdim=True))
+        expected = _epsilon_rule(x, embed.weight, embed.bias, r, eps)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_rms_norm_passes_relevance(no_stabiliser):
+    if not hasattr(nn, "RMSNorm"):
+        pytest.skip("torch without nn.RMSNorm")
+    torch.manual_seed(5)
+    first, second = nn.Linear(4, 6), nn.Linear(6, 3)
+    rms = nn.RMSNorm(6)
+    nn.init.normal_(rms.weight)
+    net = nn.Sequential(first, nn.ReLU(), rms, second).double().eval()
+    x = torch.rand(4, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 1])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    # x / rms(x) * w with rms held is an element-wise scaling: LRP-0 passes R through.
+    with torch.no_grad():
+        a = torch.relu(first(x))
+        y = rms(a)
+        logits = second(y)
+        r = torch.zeros_like(logits).scatter(1, target[:, None], logits.gather(1, target[:, None]))
+        r = _epsilon_rule(y, second.weight, second.bias, r, 0.0)
+        expected = _epsilon_rule(x, first.weight, first.bias, r, 0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
+
+
+GAIN = (2.0, -0.5, 3.0)
+
+
+class _Scaled(nn.Module):
+    """A per-channel layer scale ``h * gain / 4`` after the first layer, or folded into the head."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.head = nn.Linear(12, 2)
+        self.register_buffer("gain", torch.tensor(GAIN).view(3, 1, 1))
+        self.folded = folded
+        if folded:
+            with torch.no_grad():
+                self.head.weight.mul_(torch.tensor(GAIN).repeat_interleave(4) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        if not self.folded:
+            h = h * self.gain / 4
+        return self.head(F.avg_pool2d(h, 2, 1).flatten(1))
+
+
+def test_a_constant_scale_after_the_first_layer_passes_relevance(no_stabiliser):
+    # A layer scale folded into the next layer's weights gives the same map.
+    net, twin = _Scaled(False).double().eval(), _Scaled(True).double().eval()
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    target = torch.tensor([0, 1, 1])
+    torch.testing.assert_close(net(x), twin(x))
+    ours = bs.explain(net, x, "lrp", target, epsilon=0.0)
+    expected = bs.explain(twin, x, "lrp", target, epsilon=0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def test_lrp_of_a_vision_transformer_is_differentiable_for_the_attack():
+    # The map is smooth in x (no ReLU): create_graph's derivative against a
+    # central finite difference.
+    net = _vit()
+    gen = torch.Generator().manual_seed(7)
+    x, v, u = torch.rand(3, 2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "lrp", target, create_graph=True, composite="epsilon_plus_flat")
+    (grad,) = torch.autograd.grad((h * (v - 0.5)).sum(), xg)
+
+    def f(z):
+        return (bs.explain(net, z, "lrp", target, composite="epsilon_plus_flat") * (v - 0.5)).sum()
+
+    # The ratios of the epsilon rule curve the map strongly: at a step of 1e-6 the
+    # finite difference is still off by 2e-4 (relative), at 1e-8 by 6e-8.
+    step = 1e-8
+    numeric = (f(x + step * (u - 0.5)) - f(x - step * (u - 0.5))) / (2 * step)
+    analytic = (grad * (u - 0.5)).sum()
+    assert analytic.abs() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-12)
+
+
+class _Cumulative(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cumsum(x, 1)
+
+
+class _BlockedValue(_Handwritten):
+    """Attention whose values pass a function without a rule: refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cumulative = _Cumulative()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (torch.cumsum(q, 2) @ k.transpose(-2, -1)).softmax(-1)
+        h = (attn @ self.cumulative(v)).transpose(1, 2).reshape(n, length, 8)
+        return self.head(h.mean(1))
+
+
+def test_a_blocker_on_the_values_is_refused_one_on_the_queries_is_not():
+    with pytest.raises(InputError) as err:
+        bs.explain(_BlockedValue(), torch.rand(2, 6, 4), "lrp")
+    message = str(err.value)
+    # The cumsum on the queries is not named: no relevance reaches it.
+    assert message.startswith("lrp has no rule for function cumsum in module cumulative"), message
+    assert "(also" not in message
+
+
+def test_swin_is_refused_naming_its_blockers():
+    net = tv.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2],
+        num_classes=3,
+    ).eval()  # fmt: skip
+    with pytest.raises(InputError, match=r"^lrp has no rule for .*\(also .*\); supported"):
+        bs.explain(net, torch.rand(1, 3, 16, 16), "lrp")
