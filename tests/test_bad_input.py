@@ -674,14 +674,15 @@ def net():
     return Folds()
 """
 
-# LRP has no rule for LayerNorm: a run with gradient first must still fail before it starts.
+# LRP has no rule for LocalResponseNorm: a run with gradient first must still fail before it
+# starts.
 NORMED = """
 from torch import nn
 
 
 def net():
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.LayerNorm([4, 32, 32]), nn.ReLU(),
+        nn.Conv2d(1, 4, 3, padding=1), nn.LocalResponseNorm(2), nn.ReLU(),
         nn.Flatten(), nn.Linear(4 * 32 * 32, 10),
     )
 """
@@ -822,12 +823,12 @@ CLI: dict[str, tuple[list[str], str]] = {
     "lrp on a model it has no rule for, after gradient": (
         ["explain", "--model", "{d}/normed.py:net", "--data", "digits"]
         + ["--method", "gradient,lrp", "--out", "{d}/run"],
-        r"^betasmooth: error: lrp has no rule for module LayerNorm \(1\)",
+        r"^betasmooth: error: lrp has no rule for module LocalResponseNorm \(1\)",
     ),
     "lrp on such a model, in an attack": (
         ["attack", "--model", "{d}/normed.py:net", "--data", "digits"]
         + ["--method", "gradient,lrp", "-n", "2", "--steps", "2", "--out", "{d}/run"],
-        r"^betasmooth: error: lrp has no rule for module LayerNorm",
+        r"^betasmooth: error: lrp has no rule for module LocalResponseNorm",
     ),
     "model file whose forward folds the batch": (
         ["attack", "--model", "{d}/folds.py:net", "--data", "digits"]
@@ -901,7 +902,7 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
 
 
 def test_method_all_on_a_model_lrp_cannot_explain_names_the_methods_that_can(files, capsys):
-    # Transformer-style torchvision models (LayerNorm, attention) refuse LRP: `all`
+    # Models with a layer LRP has no rule for (Swin's shifted windows) refuse LRP: `all`
     # failed on it alone without saying that every other method would run.
     from betasmooth.runs import explain_methods
 
@@ -909,7 +910,7 @@ def test_method_all_on_a_model_lrp_cannot_explain_names_the_methods_that_can(fil
     assert main([*argv, "--method", "all", "--out", f"{files}/run"]) == 2
     err = capsys.readouterr().err
     others = ",".join(m for m in explain_methods("all") if m != "lrp")
-    assert err.startswith("betasmooth: error: lrp has no rule for module LayerNorm (1)")
+    assert err.startswith("betasmooth: error: lrp has no rule for module LocalResponseNorm (1)")
     assert err.endswith(f"; of the methods asked for, {others} can run\n") and err.count("\n") == 1
     assert not (files / "run").exists()
     # The list is right: those methods run on that model.
