@@ -72,8 +72,11 @@ def _attention(self, query, key, value, key_padding_mask=None, need_weights=True
         return t.unflatten(-1, (heads, embed // heads)).transpose(1, 2)
 
     logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(embed // heads)
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    if key_padding_mask is not None:  # boolean, or additive as torch's encoder makes it
+        padding = key_padding_mask[:, None, None, :]
+        if padding.dtype == torch.bool:
+            padding = torch.zeros_like(padding, dtype=logits.dtype).masked_fill(padding, -math.inf)
+        logits = logits + padding
     weights = logits.softmax(-1).detach()
     out = self.out_proj((weights @ split(v)).transpose(1, 2).flatten(2))
     return (out if self.batch_first else out.transpose(0, 1)), None
@@ -395,3 +398,38 @@ def test_swin_is_refused_naming_its_blockers():
     ).eval()  # fmt: skip
     with pytest.raises(InputError, match=r"^lrp has no rule for .*\(also .*\); supported"):
         bs.explain(net, torch.rand(1, 3, 16, 16), "lrp")
+
+
+class _TorchEncoder(nn.Module):
+    """Tokens through torch's own nn.TransformerEncoder, whose fast path fx cannot trace."""
+
+    def __init__(self, norm_first: bool, activation: str | nn.Module, padding: bool) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.embed = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first
+        )
+        self.encoder = nn.TransformerEncoder(
+            layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False
+        )
+        self.head = nn.Linear(8, 3)
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = x[:, :, 0] > 0.8 if self.padding else None
+        return self.head(self.encoder(self.embed(x), src_key_padding_mask=mask)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("norm_first", "activation", "padding"),
+    # nn.GELU, not "gelu": the layer keeps F.gelu itself, which the oracle cannot detach.
+    [(False, "relu", False), (True, nn.GELU(), True)],
+    ids=["post-norm-relu", "pre-norm-gelu-padding"],
+)
+def test_lrp_of_torchs_transformer_encoder_is_cp_lrp(
+    no_stabiliser, norm_first, activation, padding
+):
+    net = _TorchEncoder(norm_first, activation, padding).double().eval()
+    x = torch.rand(3, 6, 4, dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([2, 0, 1]))

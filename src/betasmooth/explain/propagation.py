@@ -29,7 +29,12 @@ x * c, x / c, x + c, x - c before the  relevance passes unchanged;  (a canonizer
 first layer (normalisation inside      the z^B box is mapped
 forward, GoogLeNet's transform_input)  through them
 ReLU, Softplus, other activations      relevance passes unchanged   ``Pass()``
+x * c, x / c after the first layer     relevance passes unchanged   (no rule)
 =====================================  ===========================  =========================
+
+Normalisations and attention (transformers) have their rules in
+:mod:`~betasmooth.explain.transformer`. Only the nodes that relevance
+reaches need a rule: not those that only compute a gate or attention weights.
 
 The table is the default composite, ``epsilon_plus_box``. A composite
 (:class:`Composite`, option ``composite`` of :func:`lrp`) chooses the rule of
@@ -225,10 +230,12 @@ def _gradient(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch
 
 
 def _to_arg(index: int, step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
-    """``x * c``, ``x + c``, ... on the input before the first layer: relevance passes to ``x``.
+    """All relevance to the argument at ``index``: ``x * c``, ``x + c``, ... on the input
+    before the first layer, ``x * c`` after it, ``gate * x``.
 
     An element-wise change of coordinates of the input (a normalisation inside
-    forward) moves no relevance; a constant that broadcasts ``x`` up sums it back.
+    forward) or a scaling moves no relevance; a constant that broadcasts ``x``
+    up sums it back.
     """
     a = step.args[index]
     return [(step.node.args[index], relevance.sum_to_size(a.shape))]
@@ -630,8 +637,9 @@ _INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
 
 #: What the error for a node without a rule names as supported.
 SUPPORTED = (
-    "Conv, Linear, BatchNorm, pooling, element-wise activations, +, cat, mean, reshapes, "
-    "indexing, normalising the input (table in betasmooth.explain.propagation)"
+    "Conv, Linear, BatchNorm, LayerNorm, GroupNorm, attention, pooling, element-wise "
+    "activations, +, cat, mean, sum, reshapes, indexing, normalising the input (tables in "
+    "betasmooth.explain.propagation and .transformer)"
 )
 
 
@@ -913,12 +921,28 @@ def _input_module(module: nn.Module | None) -> bool:
     )
 
 
+#: Traceable stand-ins ``fn(module, *args, **kwargs)`` for the forward of modules whose
+#: own forward torch.fx cannot trace (a fast path that branches on tensors), by exact
+#: type: :mod:`~betasmooth.explain.transformer` adds ``nn.TransformerEncoder(Layer)``.
+FORWARDS: dict[type[nn.Module], Callable[..., object]] = {}
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, keeping :data:`INPUT_MODULES` whole (their forward checks types
-    that a traced proxy fails)."""
+    that a traced proxy fails) and tracing :data:`FORWARDS` in place of their forward."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m) in FORWARDS:
+            return False
         return _input_module(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., object], args: tuple, kwargs: dict
+    ) -> object:
+        stand_in = FORWARDS.get(type(m))
+        if stand_in is not None:
+            forward = functools.partial(stand_in, m)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _same_modules(graph: LRPGraph, model: nn.Module) -> bool:
@@ -986,7 +1010,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         rule = _lookup_rule(node, module)
         if rule is None:
             # The first is named in full; the kinds of the others follow, so that a
-            # user sees every blocker, not the first of several (a ViT has many).
+            # user sees every blocker, not the first of several (a Swin has many).
             missing.append((node, module))
             continue
         rules[node] = rule

@@ -22,6 +22,8 @@ RMSNorm (module or ``F.``)                  relevance passes (``x / rms * w``, `
 ``softmax(...) @ v`` in forward code        epsilon rule of ``v -> A @ v``, ``A`` held
 ``F.scaled_dot_product_attention``          the same, ``A`` computed from ``q`` and ``k``
 ``x * c``, ``x / c`` by a constant          relevance passes (a layer scale)
+``nn.TransformerEncoder(Layer)``            traced through (its fast path left out), so
+                                            the rules above apply to its parts
 ==========================================  ===============================================
 
 Relevance reaches neither the queries nor the keys, so the layers that only
@@ -59,6 +61,7 @@ from torch import fx, nn
 from ..validate import InputError
 from .propagation import (
     FACTORS,
+    FORWARDS,
     FUNCTION_RULES,
     MODULE_RULES,
     ROUTES,
@@ -73,7 +76,15 @@ from .propagation import (
     stabilize,
 )
 
-__all__ = ["layer_norm_rule", "group_norm_rule", "multihead_attention_rule", "attention_rule"]
+__all__ = [
+    "attention_rule",
+    "encoder_forward",
+    "encoder_layer_forward",
+    "group_norm_rule",
+    "layer_norm_rule",
+    "multihead_attention_rule",
+    "scaled_dot_product_attention_rule",
+]
 
 Relevance = list[tuple[fx.Node, torch.Tensor]]
 
@@ -268,8 +279,10 @@ def _sdpa_weights(args: dict) -> torch.Tensor:
         logits = logits.masked_fill(~keep, float("-inf"))
     mask = args["mask"]
     if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
-            logits + mask
+        logits = (
+            logits.masked_fill(~mask, float("-inf"))
+            if mask.dtype == torch.bool
+            else (logits + mask)
         )
     return logits.softmax(-1)
 
@@ -363,6 +376,39 @@ def _value_route(node: fx.Node, rule: Callable) -> list[object]:
     return [_value_node(node)]
 
 
+def encoder_layer_forward(
+    layer: nn.TransformerEncoderLayer,
+    src: torch.Tensor,
+    src_mask: torch.Tensor | None = None,
+    src_key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """``nn.TransformerEncoderLayer.forward`` without its fast path, which torch.fx cannot
+    trace: the same function, from the same submodules."""
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def encoder_forward(
+    encoder: nn.TransformerEncoder,
+    src: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    src_key_padding_mask: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+) -> torch.Tensor:
+    """``nn.TransformerEncoder.forward`` without its fast path (nested tensors)."""
+    out = src
+    for layer in encoder.layers:
+        out = layer(
+            out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal)
+        )
+    return out if encoder.norm is None else encoder.norm(out)
+
+
 MATMULS: frozenset[object] = frozenset({operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"})
 
 MODULE_RULES.update(
@@ -384,6 +430,9 @@ if hasattr(nn, "RMSNorm"):
     MODULE_RULES[nn.RMSNorm] = _pass
 if hasattr(F, "rms_norm"):
     FUNCTION_RULES[F.rms_norm] = _pass
+FORWARDS.update(
+    {nn.TransformerEncoderLayer: encoder_layer_forward, nn.TransformerEncoder: encoder_forward}
+)
 FACTORS.append(
     Factor(MATMULS, _is_attention, lambda index: functools.partial(attention_rule, index))
 )
