@@ -637,9 +637,8 @@ _INPLACE_METHODS = frozenset({"relu_", "add_", "mul_", "clamp_"})
 
 #: What the error for a node without a rule names as supported.
 SUPPORTED = (
-    "Conv, Linear, BatchNorm, LayerNorm, GroupNorm, attention, pooling, element-wise "
-    "activations, +, cat, mean, sum, reshapes, indexing, normalising the input (tables in "
-    "betasmooth.explain.propagation and .transformer)"
+    "Conv, Linear, BatchNorm, LayerNorm, GroupNorm, attention, pooling, activations, +, "
+    "cat, reshapes, indexing (tables in betasmooth.explain.propagation)"
 )
 
 
