@@ -1243,7 +1243,10 @@ def lrp(
 
     Relevance starts as the target's logit at the output and is passed back
     node by node through the traced model (see the module docstring for the
-    rules). BatchNorm directly after a Conv/Linear is folded into it. On a
+    rules). BatchNorm directly after a Conv/Linear is folded into it.
+    Normalisation and attention layers (ViT, ConvNeXt, ``nn.TransformerEncoder``)
+    take the rules of conservative propagation, attention weights and standard
+    deviations held (:mod:`~betasmooth.explain.transformer`). On a
     beta-smoothed model the forward activations are those of the smoothed
     model (softplus); the rules are unchanged.
 
