@@ -82,15 +82,48 @@ def _attention(self, query, key, value, key_padding_mask=None, need_weights=True
     return (out if self.batch_first else out.transpose(0, 1)), None
 
 
+_TANH, _SIGMOID, _SOFTMAX = torch.tanh, torch.sigmoid, F.softmax
+
+
+def _tanh(x):
+    return x * (_TANH(x) / x).detach()
+
+
+def _silu(x, inplace=False):
+    return x * _SIGMOID(x).detach()
+
+
+def _gate(x):
+    # Every sigmoid of these models is a squeeze-and-excitation gate.
+    return _SIGMOID(x).detach()
+
+
+def _softmax(x, dim=None, **options):
+    return _SOFTMAX(x, dim=dim, **options).detach()
+
+
+PATCHES = [
+    (F, "layer_norm", _layer_norm),
+    (F, "group_norm", _group_norm),
+    (F, "gelu", _gelu),
+    (F, "silu", _silu),
+    (F, "softmax", _softmax),
+    (torch, "tanh", _tanh),
+    (torch, "sigmoid", _gate),
+    (nn.MultiheadAttention, "forward", _attention),
+]
+
+
 @contextlib.contextmanager
 def _detached():
-    saved = F.layer_norm, F.group_norm, F.gelu, nn.MultiheadAttention.forward
-    F.layer_norm, F.group_norm, F.gelu = _layer_norm, _group_norm, _gelu
-    nn.MultiheadAttention.forward = _attention
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in PATCHES]
+    for owner, name, patch in PATCHES:
+        setattr(owner, name, patch)
     try:
         yield
     finally:
-        F.layer_norm, F.group_norm, F.gelu, nn.MultiheadAttention.forward = saved
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 def cp_lrp(model, x, target, **forward):
@@ -141,6 +174,26 @@ def test_lrp_of_torchvisions_convnext_is_cp_lrp(no_stabiliser):
             nn.init.normal_(block.layer_scale)
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     _assert_cp_lrp(net, x, torch.tensor([1, 2, 4]))
+
+
+def test_lrp_of_torchvisions_maxvit_is_cp_lrp(no_stabiliser):
+    # Relative-position attention written with einsum, a scaled key, swapaxes window
+    # partitions, squeeze-and-excitation gates, SiLU, Tanh in the head.
+    torch.manual_seed(9)
+    net = tv.models.MaxVit(
+        input_size=(16, 16), stem_channels=8, partition_size=2, block_channels=[8, 16],
+        block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0, num_classes=5,
+    )  # fmt: skip
+    for bn in net.modules():
+        # LRP passes relevance through a BatchNorm after no Conv (MBConv's pre-norm);
+        # gradient times input sees its affine map: the two agree where it is the identity.
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.ones_(bn.weight)
+            nn.init.zeros_(bn.bias)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1 - bn.eps)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    _assert_cp_lrp(net.double().eval(), x, torch.tensor([0, 2, 4]))
 
 
 class _Encoder(nn.Module):

@@ -187,15 +187,15 @@ class _Step:
     layer: _Layer | None
     options: dict
 
-    def call(self, t: torch.Tensor) -> torch.Tensor:
-        """The node's operation with its first argument replaced by ``t``."""
-        rest = self.args[1:]
+    def call(self, t: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """The node's operation with its argument at ``index`` replaced by ``t``."""
+        args = (*self.args[:index], t, *self.args[index + 1 :])
         if self.node.op == "call_module":
             # forward, not __call__: user hooks must not see these re-evaluations.
-            return self.module.forward(t, *rest, **self.kwargs)
+            return self.module.forward(*args, **self.kwargs)
         if self.node.op == "call_method":
-            return getattr(t, self.node.target)(*rest, **self.kwargs)
-        return self.node.target(t, *rest, **self.kwargs)
+            return getattr(args[0], self.node.target)(*args[1:], **self.kwargs)
+        return self.node.target(*args, **self.kwargs)
 
 
 Rule = Callable[[_Step, torch.Tensor], list[tuple[fx.Node, torch.Tensor]]]
@@ -493,6 +493,8 @@ FUNCTION_RULES: dict[Callable, Rule] = {
     torch.squeeze: _gradient,
     torch.permute: _gradient,
     torch.transpose: _gradient,
+    torch.swapaxes: _gradient,
+    torch.movedim: _gradient,
     F.dropout: _gradient,
     F.max_pool2d: _gradient,
     F.avg_pool2d: _norm,
@@ -542,6 +544,8 @@ METHOD_RULES: dict[str, Rule] = {
     "squeeze": _gradient,
     "permute": _gradient,
     "transpose": _gradient,
+    "swapaxes": _gradient,
+    "movedim": _gradient,
     "relu": _pass,
     "relu_": _pass,
     "tanh": _pass,
@@ -842,17 +846,18 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
 
 def _factored(node: fx.Node, gm: fx.GraphModule, depends: set[fx.Node]) -> Rule | None:
     """The rule of a product of two computed factors, one of which a :data:`FACTORS` entry
-    holds constant (a gate, attention weights)."""
-    if node.op not in ("call_function", "call_method") or len(node.args) != 2:
+    holds constant (a gate, attention weights). Other arguments (an einsum's equation)
+    are not tensors."""
+    if node.op not in ("call_function", "call_method"):
         return None
-    factors = node.args
-    if not all(isinstance(a, fx.Node) and a in depends for a in factors):
+    indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+    if len(indices) != 2 or any(node.args[i] not in depends for i in indices):
         return None
     for factor in FACTORS:
         if node.target in factor.operations:
-            held = [factor.held(a, gm) for a in factors]
+            held = [factor.held(node.args[i], gm) for i in indices]
             if held.count(True) == 1:
-                return factor.rule(held.index(False))
+                return factor.rule(indices[held.index(False)])
     return None
 
 

@@ -19,7 +19,7 @@ RMSNorm (module or ``F.``)                  relevance passes (``x / rms * w``, `
 ``nn.MultiheadAttention``                   attention weights held (AH-rule): epsilon rule
                                             through value projection, ``A @ V`` and output
                                             projection; query and key get none
-``softmax(...) @ v`` in forward code        epsilon rule of ``v -> A @ v``, ``A`` held
+``softmax(...) @ v``, ``einsum``            epsilon rule of ``v -> A @ v``, ``A`` held
 ``F.scaled_dot_product_attention``          the same, ``A`` computed from ``q`` and ``k``
 ``x * c``, ``x / c`` by a constant          relevance passes (a layer scale)
 ``nn.TransformerEncoder(Layer)``            traced through (its fast path left out), so
@@ -27,9 +27,9 @@ RMSNorm (module or ``F.``)                  relevance passes (``x / rms * w``, `
 ==========================================  ===============================================
 
 Relevance reaches neither the queries nor the keys, so the layers that only
-compute them (``q @ k.T``, the softmax, a scale) need no rule. Swin's shifted
-windows and MaxViT's relative attention are written as many small functions
-that have no rule: those models are refused, each blocker named.
+compute them (``q @ k.T``, the softmax, a relative position bias, a scale)
+need no rule. Swin's shifted windows are one function without a rule: Swin
+is refused, with its blockers named.
 
 Examples
 --------
@@ -203,25 +203,20 @@ def group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
 
 
 def _attended_values(
-    weights: torch.Tensor,
-    values: torch.Tensor,
-    relevance: torch.Tensor,
-    epsilon: float,
-    index: int = 1,
+    weights: torch.Tensor, values: torch.Tensor, relevance: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
-    """Epsilon rule of ``v -> weights @ v`` (``index`` 1) or ``v -> v @ weights`` (0)."""
-
-    def linear(t: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(weights, t) if index == 1 else torch.matmul(t, weights)
-
-    return _held_epsilon(linear, None, values, relevance, epsilon)
+    """Epsilon rule of ``v -> weights @ v``."""
+    return _held_epsilon(lambda t: torch.matmul(weights, t), None, values, relevance, epsilon)
 
 
 def attention_rule(index: int, step: _Step, relevance: torch.Tensor) -> Relevance:
-    """``A @ v`` with ``A`` from a softmax: the epsilon rule of ``v -> A @ v``, ``A`` held
-    (Ali et al.'s AH-rule); ``index`` is the argument that holds ``v``."""
-    weights, values = step.args[1 - index], step.args[index]
-    r = _attended_values(weights, values, relevance, step.options["epsilon"], index)
+    """``A @ v`` (or ``einsum(eq, A, v)``) with ``A`` from a softmax: the epsilon rule of
+    ``v -> A @ v``, ``A`` held (Ali et al.'s AH-rule); ``index`` is the argument that
+    holds ``v``."""
+    values = step.args[index]
+    r = _held_epsilon(
+        lambda t: step.call(t, index), None, values, relevance, step.options["epsilon"]
+    )
     return [(step.node.args[index], r)]
 
 
@@ -409,7 +404,9 @@ def encoder_forward(
     return out if encoder.norm is None else encoder.norm(out)
 
 
-MATMULS: frozenset[object] = frozenset({operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"})
+MATMULS: frozenset[object] = frozenset(
+    {operator.matmul, torch.matmul, torch.bmm, torch.einsum, "matmul", "bmm"}
+)
 
 MODULE_RULES.update(
     {
