@@ -486,3 +486,336 @@ def test_lrp_of_torchs_transformer_encoder_is_cp_lrp(
     net = _TorchEncoder(norm_first, activation, padding).double().eval()
     x = torch.rand(3, 6, 4, dtype=torch.float64)
     _assert_cp_lrp(net, x, torch.tensor([2, 0, 1]))
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _mha_by_hand(mha, query, key, value, key_padding_mask=None, attn_mask=None):
+    """nn.MultiheadAttention written out from its parameters, the attention weights detached."""
+    embed, heads = mha.embed_dim, mha.num_heads
+    if not mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq = bk = bv = None
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+    q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    n = q.shape[0]
+    pad = key_padding_mask
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.expand(n, 1, embed)], 1)
+        v = torch.cat([v, mha.bias_v.expand(n, 1, embed)], 1)
+        pad = None if pad is None else F.pad(pad, (0, 1))
+    if mha.add_zero_attn:
+        k, v = (torch.cat([t, t.new_zeros(n, 1, embed)], 1) for t in (k, v))
+        pad = None if pad is None else F.pad(pad, (0, 1))
+
+    def split(t):
+        return t.unflatten(-1, (heads, embed // heads)).transpose(1, 2)
+
+    logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(embed // heads)
+    if attn_mask is not None:
+        mask = F.pad(attn_mask, (0, logits.shape[-1] - attn_mask.shape[-1]))
+        logits = logits.masked_fill(mask, -math.inf) if mask.dtype == torch.bool else logits + mask
+    if pad is not None:
+        logits = logits.masked_fill(pad[:, None, None, :], -math.inf)
+    weights = logits.softmax(-1).detach()
+    out = mha.out_proj((weights @ split(v)).transpose(1, 2).flatten(2))
+    return out if mha.batch_first else out.transpose(0, 1)
+
+
+class _Options(nn.Module):
+    """Cross attention (separate query, key and value inputs) with nn.MultiheadAttention's options;
+    ``by_hand`` computes it with :func:`_mha_by_hand` instead."""
+
+    def __init__(self, by_hand=False, kdim=8, vdim=8, mask=None, padding=False, causal=False,
+                 **options):  # fmt: skip
+        super().__init__()
+        torch.manual_seed(8)
+        self.by_hand, self.mask, self.padding, self.causal = by_hand, mask, padding, causal
+        self.q, self.k, self.v = nn.Linear(4, 8), nn.Linear(4, kdim), nn.Linear(4, vdim)
+        self.attention = nn.MultiheadAttention(8, 2, kdim=kdim, vdim=vdim, **options)
+        for name, p in self.attention.named_parameters():
+            if "bias" in name:  # torch initialises the projections' biases to zero
+                nn.init.normal_(p)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if not self.attention.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        pad = x[:, :, 0] > 0.8 if self.padding else None
+        if self.by_hand:
+            out = _mha_by_hand(self.attention, q, k, v, pad, self.mask)
+        else:
+            out = self.attention(
+                q, k, v, key_padding_mask=pad, attn_mask=self.mask, is_causal=self.causal
+            )[0]
+        if not self.attention.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+_CAUSAL = torch.ones(5, 5, dtype=torch.bool).triu(1)
+_FLOAT_MASK = torch.randn(5, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+MHA_OPTIONS = {
+    "biases": {},
+    "kdim": {"kdim": 6},
+    "vdim": {"kdim": 6, "vdim": 7 * 2},
+    "no-bias": {"bias": False, "kdim": 6, "vdim": 6},
+    "bias-kv-zero-attn-seq-first": {
+        "add_bias_kv": True,
+        "add_zero_attn": True,
+        "batch_first": False,
+    },
+    "bias-kv-padding": {"add_bias_kv": True, "padding": True},
+    "zero-attn-float-mask": {"add_zero_attn": True, "mask": _FLOAT_MASK},
+    "causal": {"mask": _CAUSAL, "causal": True, "add_bias_kv": True},
+}
+
+
+@pytest.mark.parametrize("options", MHA_OPTIONS.values(), ids=MHA_OPTIONS)
+def test_lrp_of_multihead_attention_options_is_cp_lrp(no_stabiliser, options):
+    options = {"batch_first": True, **options}
+    net, twin = _Options(**options).double().eval(), _Options(True, **options).double().eval()
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    torch.testing.assert_close(net(x), twin(x))
+    target = torch.tensor([0, 2, 1])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    expected = cp_lrp(twin, x, target)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
+    assert expected.abs().amax() > 1e-4
+
+
+class _Twice(_Encoder):
+    """nn.MultiheadAttention's output read twice (relevance from two readers of its tuple,
+    whose weights are None), and torch.sum over the tokens."""
+
+    def forward(self, x):
+        h = self.embed(x)
+        out = self.attention(h, h, h, need_weights=False)
+        h = self.norm(h + out[0] + 0.5 * out[0])
+        return self.head(torch.sum(h + self.mlp(h), 1))
+
+
+def test_lrp_of_multihead_attention_read_twice_and_torch_sum(no_stabiliser):
+    net = _Twice().double().eval()
+    for name, p in net.attention.named_parameters():
+        if "bias" in name:
+            nn.init.normal_(p)
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([2, 0, 1]))
+
+
+def _sdpa_by_hand(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The attention of F.scaled_dot_product_attention by its docs, the weights detached."""
+    if enable_gqa:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, -3), v.repeat_interleave(repeat, -3)
+    logits = q @ k.transpose(-2, -1) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        logits = logits.masked_fill(torch.ones(logits.shape[-2:]).tril() == 0, -math.inf)
+    if attn_mask is not None:
+        logits = (
+            logits.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
+            else logits + attn_mask
+        )  # fmt: skip
+    return logits.softmax(-1).detach() @ v
+
+
+class _Fused(nn.Module):
+    def __init__(self, by_hand=False, heads=2, kv_heads=2, **options):
+        super().__init__()
+        torch.manual_seed(12)
+        self.by_hand, self.heads, self.kv_heads, self.options = by_hand, heads, kv_heads, options
+        self.q, self.k = nn.Linear(4, 4 * heads), nn.Linear(4, 4 * kv_heads)
+        self.v = nn.Linear(4, 4 * kv_heads)
+        self.head = nn.Linear(4 * heads, 3)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q = self.q(x).reshape(n, length, self.heads, 4).transpose(1, 2)
+        k = self.k(x).reshape(n, length, self.kv_heads, 4).transpose(1, 2)
+        v = self.v(x).reshape(n, length, self.kv_heads, 4).transpose(1, 2)
+        attend = _sdpa_by_hand if self.by_hand else F.scaled_dot_product_attention
+        h = attend(q, k, v, **self.options)
+        return self.head(h.transpose(1, 2).reshape(n, length, -1).mean(1))
+
+
+_KEEP = torch.rand(5, 5, generator=torch.Generator().manual_seed(13)) > 0.4
+_KEEP[:, 0] = True
+SDPA_OPTIONS = {
+    "bool-mask": {"attn_mask": _KEEP},
+    "float-mask": {"attn_mask": _FLOAT_MASK.view(1, 1, 5, 5).expand(1, 2, 5, 5)},
+    "scale": {"scale": 0.3},
+    "gqa": {"heads": 4, "kv_heads": 2, "enable_gqa": True},
+    "gqa-causal-scale": {
+        "heads": 6,
+        "kv_heads": 2,
+        "enable_gqa": True,
+        "is_causal": True,
+        "scale": 0.7,
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("options", SDPA_OPTIONS.values(), ids=SDPA_OPTIONS)
+def test_lrp_of_scaled_dot_product_attention_options_is_cp_lrp(no_stabiliser, options):
+    net, twin = _Fused(**options).double().eval(), _Fused(True, **options).double().eval()
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    torch.testing.assert_close(net(x), twin(x))
+    target = torch.tensor([1, 2, 0])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
+class _Spelled(nn.Module):
+    """Hand-written attention spelled in other ways: F.softmax, Tensor.matmul, values on the
+    left of the weights (``v^T @ A`` with a softmax over the keys' axis -2)."""
+
+    def __init__(self, spelling, detach=False):
+        super().__init__()
+        torch.manual_seed(15)
+        self.spelling, self.detach = spelling, detach
+        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.spelling == "values-left":
+            a = (k @ q.transpose(-2, -1)).softmax(-2)
+            h = v.transpose(-2, -1) @ (a.detach() if self.detach else a)
+            h = h.transpose(-2, -1)
+        else:
+            softmax = F.softmax if self.spelling == "F.softmax" else torch.softmax
+            a = softmax(q @ k.transpose(-2, -1), -1)
+            h = (a.detach() if self.detach else a).matmul(v)
+        return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
+
+
+@pytest.mark.parametrize("spelling", ["F.softmax", "torch.softmax", "values-left"])
+def test_lrp_of_attention_spelled_otherwise_holds_the_weights(no_stabiliser, spelling):
+    net = _Spelled(spelling).double().eval()
+    twin = _Spelled(spelling, detach=True).double().eval()
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    target = torch.tensor([2, 0, 1])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
+class _Norms(nn.Module):
+    """LayerNorm over two axes and GroupNorm, with their own eps and biases; F.rms_norm."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(17)
+        self.embed = nn.Linear(4, 60)
+        self.layer = nn.LayerNorm((5, 6), eps=0.7)
+        self.group = nn.GroupNorm(2, 4, eps=0.4)
+        self.rms = nn.Parameter(torch.randn(6, dtype=torch.float64))
+        for p in [*self.layer.parameters(), *self.group.parameters()]:
+            nn.init.normal_(p)
+        self.head = nn.Linear(60, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.layer(self.embed(x).view(n, 2, 5, 6))
+        g = self.group(h.reshape(n, 4, 5, 3))
+        if hasattr(F, "rms_norm"):
+            g = F.rms_norm(g.reshape(n, 2, 5, 6), (6,), self.rms, 1e-6)
+        return self.head(g.flatten(1))
+
+
+def test_lrp_of_norms_keeps_their_eps_and_all_normalised_axes(no_stabiliser):
+    net = _Norms().double().eval()
+    x = torch.rand(3, 4, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    patch = {}
+    if hasattr(F, "rms_norm"):
+
+        def rms(x, shape, weight=None, eps=None):
+            dims = tuple(range(-len(shape), 0))
+            return x / (x.pow(2).mean(dims, keepdim=True) + eps).sqrt().detach() * weight
+
+        patch["rms_norm"] = rms
+    saved = {name: getattr(F, name) for name in patch}
+    for name, fn in patch.items():
+        setattr(F, name, fn)
+    try:
+        expected = cp_lrp(net, x, torch.tensor([0, 1, 2]))
+    finally:
+        for name, fn in saved.items():
+            setattr(F, name, fn)
+    ours = bs.explain(net, x, "lrp", torch.tensor([0, 1, 2]), composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-13)
+
+
+class _CrossBlocked(nn.Module):
+    """nn.MultiheadAttention whose query or value passes a function without a rule."""
+
+    def __init__(self, where):
+        super().__init__()
+        torch.manual_seed(19)
+        self.where = where
+        self.embed, self.attention = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q = torch.cumsum(h, 1) if self.where == "query" else h
+        v = torch.cumsum(h, 1) if self.where == "value" else h
+        return self.head(self.attention(q, h, v, need_weights=False)[0].mean(1))
+
+
+def test_a_blocker_on_multihead_attentions_value_is_refused_on_its_query_not(no_stabiliser):
+    with pytest.raises(InputError, match=r"^lrp has no rule for function cumsum"):
+        bs.explain(_CrossBlocked("value").double(), torch.rand(2, 5, 4, dtype=torch.float64), "lrp")
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    _assert_cp_lrp(_CrossBlocked("query").double().eval(), x, torch.tensor([0, 1, 2]))
+
+
+class _Keywords(nn.Module):
+    """Attention called by keywords only: F.scaled_dot_product_attention, nn.MultiheadAttention."""
+
+    def __init__(self, by_hand=False):
+        super().__init__()
+        torch.manual_seed(21)
+        self.by_hand = by_hand
+        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.by_hand:
+            h = _sdpa_by_hand(q, k, v, is_causal=True)
+        else:
+            h = F.scaled_dot_product_attention(query=q, key=k, value=v, is_causal=True)
+        h = h.transpose(1, 2).reshape(n, length, 8)
+        return self.head(self.attention(query=h, key=h, value=h, need_weights=False)[0].mean(1))
+
+
+def test_lrp_of_attention_called_by_keywords(no_stabiliser):
+    net, twin = _Keywords().double().eval(), _Keywords(True).double().eval()
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
+class _KeywordProduct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.first(x)
+        return self.head(torch.mul(h, other=torch.tanh(h)))  # no layer scale: h * tanh(h)
+
+
+def test_a_product_with_a_computed_keyword_factor_is_no_layer_scale():
+    with pytest.raises(InputError, match=r"^lrp has no rule for function mul"):
+        bs.explain(_KeywordProduct(), torch.rand(2, 4), "lrp")

@@ -1080,7 +1080,7 @@ def _input_map(
 def _folds(node: fx.Node, module: nn.Module | None, gm: fx.GraphModule) -> bool:
     # Folding treats the Conv/Linear and the BatchNorm after it as one layer,
     # which is right only when the BatchNorm is the only reader of its output.
-    source = node.args[0]
+    source = node.args[0] if node.args else None  # a call by keywords only
     return (
         isinstance(module, BATCHNORMS)
         and isinstance(source, fx.Node)

@@ -341,7 +341,7 @@ def multihead_attention_rule(step: _Step, relevance: tuple) -> Relevance:
         value=value, need_weights=True, average_attn_weights=False, **args
     )  # (N, heads, L, S), the weights of the forward pass
     v = value if mha.batch_first else value.transpose(0, 1)
-    n, length, embed = v.shape
+    n, embed = v.shape[0], mha.embed_dim  # the value's own width may be vdim
     heads, width = mha.num_heads, mha.head_dim
     v_weight = mha.in_proj_weight[2 * embed :] if mha._qkv_same_embed_dim else mha.v_proj_weight
     v_bias = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * embed :]
