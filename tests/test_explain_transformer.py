@@ -819,3 +819,34 @@ class _KeywordProduct(nn.Module):
 def test_a_product_with_a_computed_keyword_factor_is_no_layer_scale():
     with pytest.raises(InputError, match=r"^lrp has no rule for function mul"):
         bs.explain(_KeywordProduct(), torch.rand(2, 4), "lrp")
+
+
+class _Rearranged(nn.Module):
+    """Attention whose weights are transposed, or reshaped for bmm, before they weight v."""
+
+    def __init__(self, bmm: bool, detach: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.bmm, self.detach = bmm, detach
+        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (k @ q.transpose(-2, -1)).softmax(dim=-2)  # keys along rows
+        attn = attn.detach() if self.detach else attn
+        if self.bmm:
+            h = torch.bmm(attn.transpose(-2, -1).reshape(n * 2, length, length),
+                          v.reshape(n * 2, length, 4)).view(n, 2, length, 4)  # fmt: skip
+        else:
+            h = (v.transpose(-2, -1) @ attn).transpose(-2, -1)  # v on the left
+        return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
+
+
+@pytest.mark.parametrize("bmm", [False, True], ids=["transposed", "reshaped-bmm"])
+def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabiliser, bmm):
+    net, twin = _Rearranged(bmm).double().eval(), _Rearranged(bmm, True).double().eval()
+    x = torch.rand(3, 6, 4, dtype=torch.float64)
+    target = torch.tensor([1, 0, 2])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)

@@ -220,8 +220,19 @@ def attention_rule(index: int, step: _Step, relevance: torch.Tensor) -> Relevanc
     return [(step.node.args[index], r)]
 
 
+#: What may stand between a softmax and the product it weights: a dropout, or a
+#: rearrangement of the weights (``A.transpose(-2, -1)``, a reshape for ``bmm``).
+_THROUGH_FUNCTIONS = frozenset(
+    {F.dropout, torch.transpose, torch.permute, torch.reshape, torch.swapaxes, torch.flatten}
+)
+_THROUGH_METHODS = frozenset(
+    {"transpose", "permute", "reshape", "view", "contiguous", "swapaxes", "flatten"}
+)
+
+
 def _is_attention(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """Whether ``node`` is attention weights: a softmax, perhaps through a dropout."""
+    """Whether ``node`` is attention weights: a softmax, perhaps through a dropout or a
+    rearrangement."""
     while True:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
@@ -233,7 +244,10 @@ def _is_attention(node: fx.Node, gm: fx.GraphModule) -> bool:
             return True
         elif node.op == "call_method" and node.target == "softmax":
             return True
-        elif not (node.op == "call_function" and node.target is F.dropout):
+        elif not (
+            (node.op == "call_function" and node.target in _THROUGH_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _THROUGH_METHODS)
+        ):
             return False
         if not node.args or not isinstance(node.args[0], fx.Node):
             return False
