@@ -58,6 +58,7 @@ from .smooth import (
     flush_denormals,
     is_smoothed,
     logistic_std,
+    relu_calls,
     replace_relu,
     softplus,
 )
@@ -1716,10 +1717,14 @@ def defense_sweep(
     # deployed model, and no update of its BatchNorm statistics.
     with evaluating(model), flush_denormals():
         label = predict(model, x)
-        map_orig = heatmap(explain(model, x, method, label, **options)).detach()
-        map_plain = heatmap(explain(model, x_adv, method, label, **options)).detach()
-        undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
+        smoothable = relu_calls(model, x[:1]) > 0
         both = torch.cat([x_adv, x])
+        # In the batch the defenses explain: a map can differ in its last bits
+        # between batches of other sizes, and a defense that changes nothing
+        # (no ReLU to replace) must give these maps back bit for bit.
+        plain = explain(model, both, method, label.repeat(2), **options)
+        map_plain, map_orig = heatmap(plain).detach().chunk(2)
+        undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
         rows: list[dict[str, object]] = []
         kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
         jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
@@ -1748,8 +1753,10 @@ def defense_sweep(
             scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
             # A network whose ReLUs beta-smoothing cannot reach (GELU, attention)
             # gets the undefended maps back: no beta of it is a defense.
+            untouched = defense == "beta_smooth" and not smoothable
             same = [
-                torch.equal(clean[i], map_orig[i]) and torch.equal(adv[i], map_plain[i])
+                untouched
+                or (torch.equal(clean[i], map_orig[i]) and torch.equal(adv[i], map_plain[i]))
                 for i in range(x.shape[0])
             ]
             rows += [

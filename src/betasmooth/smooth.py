@@ -60,6 +60,7 @@ __all__ = [
     "is_smoothed",
     "logistic_std",
     "math_attention",
+    "relu_calls",
     "replace_relu",
     "second_order",
     "smooth",
@@ -1153,6 +1154,25 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
     handle = SmoothingHandle(beta)
     with replace_relu(model, handle, warn=True):
         yield handle
+
+
+def relu_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """How many ReLU calls beta-smoothing replaces in one forward pass of ``model`` on ``x``.
+
+    Zero means that beta-smoothing changes nothing (a GELU network, attention
+    throughout); the maps of such a model may still differ in their last bits
+    with and without it, where the override turns off a fused kernel.
+
+    Examples
+    --------
+    >>> relu_calls(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), torch.ones(1, 2))
+    1
+    >>> relu_calls(nn.Sequential(nn.Linear(2, 2), nn.GELU()), torch.ones(1, 2))
+    0
+    """
+    with torch.no_grad(), replace_relu(model, lambda t: t) as done:
+        model(x)
+    return done[0].replaced if done else 0
 
 
 @one_at_a_time
