@@ -10,6 +10,7 @@ on the unmodified model, with torch's own functions patched for the duration.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
 
@@ -850,3 +851,51 @@ def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabilise
     target = torch.tensor([1, 0, 2])
     ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
     torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
+class _WeightsUsed(nn.Module):
+    """nn.MultiheadAttention whose returned weights also feed the logits, or are only returned."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.used = used
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head, self.weights = nn.Linear(8, 3), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        out, weights = self.attention(h, h, h, need_weights=True)
+        logits = self.head((h + out).mean(1))
+        return logits + self.weights(weights.mean(1)) if self.used else logits
+
+
+def test_attention_weights_that_feed_the_logits_are_refused(no_stabiliser):
+    # The AH-rule holds them constant: the relevance of that path would vanish unsaid.
+    with pytest.raises(
+        InputError, match=r"^lrp holds part 1 of module MultiheadAttention \(attention\) constant"
+    ):
+        bs.explain(_WeightsUsed(True), torch.rand(2, 5, 4), "lrp")
+    # need_weights=True alone is fine: the weights are computed, not used.
+    _assert_cp_lrp(_WeightsUsed(False).double().eval(), torch.rand(3, 5, 4, dtype=torch.float64),
+                   torch.tensor([0, 1, 2]))  # fmt: skip
+
+
+class _MyEncoderLayer(nn.TransformerEncoderLayer):
+    """A subclass that keeps the base class's forward (and its untraceable fast path)."""
+
+
+def test_a_subclass_of_transformer_encoder_layer_is_traced_as_its_base():
+    base = _TorchEncoder(False, "relu", False).double().eval()
+    sub = copy.deepcopy(base)
+    for i, layer in enumerate(sub.encoder.layers):
+        mine = _MyEncoderLayer(8, 2, 16, batch_first=True).double()
+        mine.load_state_dict(layer.state_dict())
+        sub.encoder.layers[i] = mine
+    x = torch.rand(3, 6, 4, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    torch.testing.assert_close(
+        bs.explain(sub.eval(), x, "lrp", target), bs.explain(base, x, "lrp", target),
+        rtol=1e-12, atol=1e-15,
+    )  # fmt: skip

@@ -892,6 +892,9 @@ def _one_arg(node: fx.Node, rule: functools.partial) -> list[object]:
 
 
 ROUTES: dict[Callable, Callable[[fx.Node, Rule], list[object]]] = {_to_arg: _one_arg}
+#: Rules of nodes that return a tuple and take relevance of some of its parts only:
+#: which parts. Indexing another part on the way to the output is refused.
+PARTS: dict[Callable, frozenset[int]] = {}
 """Rules that send relevance to some of a node's inputs: which ones, by rule (or the
 function of a :func:`functools.partial` rule). Other rules may send to every input.
 Inputs that no relevance reaches need no rule (the query and key of attention)."""
@@ -926,8 +929,9 @@ def _input_module(module: nn.Module | None) -> bool:
 
 
 #: Traceable stand-ins ``fn(module, *args, **kwargs)`` for the forward of modules whose
-#: own forward torch.fx cannot trace (a fast path that branches on tensors), by exact
-#: type: :mod:`~betasmooth.explain.transformer` adds ``nn.TransformerEncoder(Layer)``.
+#: own forward torch.fx cannot trace (a fast path that branches on tensors), by class
+#: (subclasses that keep the forward too): :mod:`~betasmooth.explain.transformer` adds
+#: ``nn.TransformerEncoder(Layer)``.
 FORWARDS: dict[type[nn.Module], Callable[..., object]] = {}
 
 
@@ -936,17 +940,25 @@ class _Tracer(fx.Tracer):
     that a traced proxy fails) and tracing :data:`FORWARDS` in place of their forward."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in FORWARDS:
+        if _stand_in(m) is not None:
             return False
         return _input_module(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(
         self, m: nn.Module, forward: Callable[..., object], args: tuple, kwargs: dict
     ) -> object:
-        stand_in = FORWARDS.get(type(m))
+        stand_in = _stand_in(m)
         if stand_in is not None:
             forward = functools.partial(stand_in, m)
         return super().call_module(m, forward, args, kwargs)
+
+
+def _stand_in(m: nn.Module) -> Callable[..., object] | None:
+    """The :data:`FORWARDS` entry of ``m``'s class or of a base whose forward it keeps."""
+    for kind in type(m).__mro__:
+        if kind in FORWARDS:
+            return FORWARDS[kind] if type(m).forward is kind.forward else None
+    return None
 
 
 def _same_modules(graph: LRPGraph, model: nn.Module) -> bool:
@@ -1030,6 +1042,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if node in reached and node not in shape:
             reached.update(_sends(node, rules.get(node), depends))
     missing = [(node, module) for node, module in missing if node in reached]
+    _check_parts(gm, rules, reached)
     if missing:
         node, module = missing[0]
         where = "" if node.op == "call_module" else f" {_where(node)}"
@@ -1052,6 +1065,25 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         frozenset(firsts),
         frozenset(raw),
     )
+
+
+def _check_parts(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
+    """Refuse a part of a tuple on the way to the output that its rule sends no relevance
+    (the attention weights that nn.MultiheadAttention returns, held constant)."""
+    for node in reached:
+        if node.op != "call_function" or node.target is not operator.getitem:
+            continue
+        source, index = node.args[0], node.args[1]
+        rule = rules.get(source) if isinstance(source, fx.Node) else None
+        parts = PARTS.get(getattr(rule, "func", rule)) if rule is not None else None
+        if parts is not None and index not in parts:
+            module = gm.get_submodule(source.target) if source.op == "call_module" else None
+            raise InputError(
+                f"lrp holds part {index} of {_describe(source, module)} constant (the "
+                f"attention weights), but the output is computed from it (node "
+                f"{node.name!r}); expected a model whose logits use only part "
+                f"{', '.join(map(str, sorted(parts)))} of it (need_weights=False)"
+            )
 
 
 def _input_map(

@@ -64,6 +64,7 @@ from .propagation import (
     FORWARDS,
     FUNCTION_RULES,
     MODULE_RULES,
+    PARTS,
     ROUTES,
     Factor,
     _epsilon_of,
@@ -441,6 +442,7 @@ if hasattr(nn, "RMSNorm"):
     MODULE_RULES[nn.RMSNorm] = _pass
 if hasattr(F, "rms_norm"):
     FUNCTION_RULES[F.rms_norm] = _pass
+PARTS[multihead_attention_rule] = frozenset({0})
 FORWARDS.update(
     {nn.TransformerEncoderLayer: encoder_layer_forward, nn.TransformerEncoder: encoder_forward}
 )
