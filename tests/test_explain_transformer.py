@@ -54,6 +54,13 @@ def _group_norm(x, groups, weight=None, bias=None, eps=1e-5):
     return y if bias is None else y + bias.view(per_channel)
 
 
+def _rms_norm(x, shape, weight=None, eps=None):
+    dims = tuple(range(-len(shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x / (x.square().mean(dims, keepdim=True) + eps).sqrt().detach()
+    return y if weight is None else y * weight
+
+
 def _gelu(x, approximate="none"):
     return x * (0.5 * (1 + torch.erf(x / math.sqrt(2)))).detach()
 
@@ -106,6 +113,7 @@ def _softmax(x, dim=None, **options):
 PATCHES = [
     (F, "layer_norm", _layer_norm),
     (F, "group_norm", _group_norm),
+    (F, "rms_norm", _rms_norm),
     (F, "gelu", _gelu),
     (F, "silu", _silu),
     (F, "softmax", _softmax),
@@ -899,3 +907,24 @@ def test_a_subclass_of_transformer_encoder_layer_is_traced_as_its_base():
         bs.explain(sub.eval(), x, "lrp", target), bs.explain(base, x, "lrp", target),
         rtol=1e-12, atol=1e-15,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.LayerNorm([3, 6, 6]), nn.GroupNorm(1, 3)]
+    + ([nn.RMSNorm([3, 6, 6])] if hasattr(nn, "RMSNorm") else []),
+    ids=lambda m: type(m).__name__,
+)
+def test_the_box_rule_after_a_norm_on_the_input_is_refused(norm, no_stabiliser):
+    # A norm's output has no bounds that follow from the input's box: the z^B rule
+    # got the box collapsed to low == high, a map unrelated to the layer's input.
+    net = nn.Sequential(norm, nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+    net = net.double().eval()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"^lrp's z\^B rule needs the bounds of what its first "):
+        bs.explain(net, x, "lrp")
+    with pytest.raises(InputError, match=r"before it maps the input's box to none \(node '_0'\)"):
+        bs.explain(net, x, "lrp", composite="epsilon_gamma_box")
+    # Composites without a box explain it: LRP-0 is CP-LRP's closed form there too.
+    _assert_cp_lrp(net, x, torch.tensor([0, 1]))
+

@@ -582,12 +582,17 @@ INPUT_MODULES: frozenset[str] = frozenset({"torchvision.transforms.transforms.No
 LayerTypes = type[nn.Module] | tuple[type[nn.Module], ...]
 
 RULES: dict[str, Rule] = {"epsilon": _epsilon, "zplus": _zplus, "zbox": _zbox}
+"""Rules of layers with weights by name, for :class:`Composite`."""
+
+#: Rules of the nodes through which the z^B box is carried to the first layer, on
+#: the images of its corners: element-wise monotone maps, routing, pools, sums. A
+#: rule not named here (a LayerNorm's) stops it.
+BOX_CARRIERS: set[Rule] = {_pass, _gradient, _item, _parts, _cat, _norm, _sum}
 #: How far, in units of the box's width, an input may lie outside LRP's z^B
 #: box before it counts as data of another range: perturbed copies (Quantus'
 #: Gaussian noise of std 0.1 reaches about 0.5) pass, ImageNet-normalised
 #: images (down to -2.1, up to 2.6 for the box [0, 1]) do not.
 BOX_SLACK = 1.0
-"""Rules of layers with weights by name, for :class:`Composite`."""
 
 
 @dataclass(frozen=True)
@@ -678,6 +683,9 @@ class LRPGraph:
     #: Nodes computed from the input alone before the first layers (the z^B
     #: box is carried through them).
     raw: frozenset[fx.Node] = frozenset()
+    #: First layers whose input's box cannot be carried (a LayerNorm before them),
+    #: with the node that stops it.
+    unboxed: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, LRPGraph] = weakref.WeakKeyDictionary()
@@ -737,8 +745,21 @@ def _check_lrp(
     gamma: object = 0.25,
     **options: object,
 ) -> None:
-    _composite(composite, gamma)
-    lrp_graph(_unwrapped(model))
+    _check_unboxed(lrp_graph(_unwrapped(model)), _composite(composite, gamma))
+
+
+def _check_unboxed(graph: LRPGraph, chosen: Composite) -> None:
+    """Refuse the z^B rule on a first layer whose input box cannot be known."""
+    modules = dict(graph.module.named_modules())
+    for first, breaker in graph.unboxed.items():
+        if chosen.rule(modules[first.target], True) is _zbox:
+            breaking = modules.get(breaker.target) if breaker.op == "call_module" else None
+            raise InputError(
+                f"lrp's z^B rule needs the bounds of what its first layer {first.target} sees, "
+                f"but {_describe(breaker, breaking)} before it maps the input's box to none "
+                f"(node {breaker.name!r}); expected a composite without a box, such as "
+                "epsilon_plus_flat"
+            )
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -984,6 +1005,8 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     depends: set[fx.Node] = {source}
     shape: set[fx.Node] = set()
     raw: set[fx.Node] = {source}
+    # Nodes before the first layers whose z^B box cannot be mapped: the node that broke it.
+    unboxed: dict[fx.Node, fx.Node] = {}
     rules: dict[fx.Node, Rule] = {}
     folded: dict[fx.Node, str] = {}
     firsts: set[fx.Node] = set()
@@ -1014,6 +1037,8 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if index is not None:
             rules[node] = functools.partial(_to_arg, index)
             raw.add(node)
+            if node.args[index] in unboxed:
+                unboxed[node] = unboxed[node.args[index]]
             continue
         factored = _factored(node, gm, depends)
         if factored is not None:
@@ -1032,6 +1057,9 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         rules[node] = rule
         if all(n in raw for n in inputs if n not in shape):
             raw.add(node)
+            broken = [unboxed[n] for n in inputs if n in unboxed]
+            if broken or rule not in BOX_CARRIERS:
+                unboxed[node] = broken[0] if broken else node
         if _folds(node, module, gm):
             folded[node.args[0]] = node.target
             rules[node] = _pass
@@ -1064,6 +1092,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         snapshot,
         frozenset(firsts),
         frozenset(raw),
+        {n: unboxed[n.args[0]] for n in firsts if n.args[0] in unboxed},
     )
 
 
@@ -1340,6 +1369,7 @@ def lrp(
     chosen = _composite(composite, gamma)
     model = _unwrapped(model)
     graph = lrp_graph(model)
+    _check_unboxed(graph, chosen)
     low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())

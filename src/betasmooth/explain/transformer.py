@@ -84,6 +84,7 @@ __all__ = [
     "group_norm_rule",
     "layer_norm_rule",
     "multihead_attention_rule",
+    "rms_norm_rule",
     "scaled_dot_product_attention_rule",
 ]
 
@@ -198,6 +199,13 @@ def group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
         args["eps"],
     )
     return _first_arg(step, r)
+
+
+def rms_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+    """RMSNorm, ``x / rms(x) * w`` with ``rms`` held: an element-wise scaling, through which
+    relevance passes (``R = x c R / (x c)``). Unlike an activation's, the z^B box does not
+    pass through it: ``rms`` is of each input."""
+    return _pass(step, relevance)
 
 
 # --------------------------------------------------------------------------- attention
@@ -437,11 +445,10 @@ FUNCTION_RULES.update(
         F.scaled_dot_product_attention: scaled_dot_product_attention_rule,
     }
 )
-# x / rms(x) * w with rms held scales each element: relevance passes.
 if hasattr(nn, "RMSNorm"):
-    MODULE_RULES[nn.RMSNorm] = _pass
+    MODULE_RULES[nn.RMSNorm] = rms_norm_rule
 if hasattr(F, "rms_norm"):
-    FUNCTION_RULES[F.rms_norm] = _pass
+    FUNCTION_RULES[F.rms_norm] = rms_norm_rule
 PARTS[multihead_attention_rule] = frozenset({0})
 FORWARDS.update(
     {nn.TransformerEncoderLayer: encoder_layer_forward, nn.TransformerEncoder: encoder_forward}
