@@ -928,3 +928,41 @@ def test_the_box_rule_after_a_norm_on_the_input_is_refused(norm, no_stabiliser):
     # Composites without a box explain it: LRP-0 is CP-LRP's closed form there too.
     _assert_cp_lrp(net, x, torch.tensor([0, 1]))
 
+
+class _PostNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation="gelu",
+                                           batch_first=True)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+        # One of the draws (4 of 12 seeds) whose bfloat16 map is far from float64's.
+        torch.manual_seed(106)
+        for linear in self.modules():
+            if isinstance(linear, nn.Linear):
+                nn.init.normal_(linear.weight, std=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def test_lrp_in_bfloat16_warns_that_cancelling_sums_lose_their_digits():
+    import warnings
+
+    net = _PostNorm().eval()
+    x = torch.rand(4, 5, 4)  # the draw after the weights'
+    exact = bs.explain(copy.deepcopy(net).double(), x.double(), "lrp", 0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        half = bs.explain(copy.deepcopy(net).bfloat16(), x.bfloat16(), "lrp", 0)
+        single = bs.explain(net, x, "lrp", 0)
+    messages = [str(w.message) for w in seen]
+    assert (
+        sum(m.startswith("lrp in bfloat16 divides by sums that may cancel") for m in messages) == 1
+    )
+    assert not any("float32" in m and m.startswith("lrp in float32") for m in messages)
+    # What it warns of: float32 is close to float64, bfloat16 is not.
+    assert (single.double() - exact).norm() / exact.norm() < 1e-3
+    assert (half.double() - exact).norm() / exact.norm() > 1

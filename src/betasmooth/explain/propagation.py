@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..smooth import check_overridable, replace_relu
-from ..validate import InputError, InputTypeError, check_uncompiled, evaluating
+from ..validate import InputError, InputTypeError, check_uncompiled, evaluating, warn_user
 from . import register, register_check, register_input_check
 from .gradient import input_gradient, select_logit
 
@@ -1370,6 +1370,14 @@ def lrp(
     model = _unwrapped(model)
     graph = lrp_graph(model)
     _check_unboxed(graph, chosen)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        warn_user(
+            f"lrp in {str(x.dtype).removeprefix('torch.')} divides by sums that may cancel "
+            "(residual additions, LayerNorm's centring) and keep only 3 digits there: on a "
+            "post-norm transformer its map was 24 times its norm away from float64's; "
+            "explain a float32 copy (model.float()) for a map to trust",
+            model,
+        )
     low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())
