@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -98,3 +100,16 @@ def test_mean_and_std_take_spaces_or_commas_as_other_lists_do(words) -> None:
     head = ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
     args = build_parser().parse_args([*head, "--out", "x", "--mean", *words, "--std", *words])
     assert args.mean == args.std == [0.485, 0.456, 0.406]
+
+
+def test_submodules_are_attributes_of_the_package_before_their_import():
+    # The README's bs.pretrained.checkpoint_path(...) after a plain `import betasmooth`.
+    code = (
+        "import betasmooth as bs, sys; "
+        "assert 'betasmooth.pretrained' not in sys.modules; "
+        "print(bs.pretrained.checkpoint_path('torchvision:resnet18').name, bs.theory.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["resnet18-f37072fd.pth", "betasmooth.theory"]
+    with pytest.raises(AttributeError, match="module 'betasmooth' has no attribute 'nothing'"):
+        bs.nothing  # noqa: B018

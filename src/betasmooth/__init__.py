@@ -16,6 +16,7 @@ Examples
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .explain import METHODS, explain, register
 from .metrics import compare, heatmap
@@ -38,8 +39,9 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
-    if name == "theory":
-        return importlib.import_module(".theory", __name__)
+    # Submodules too (bs.theory, bs.pretrained.checkpoint_path), as after an import of them.
+    if name in {m.name for m in pkgutil.iter_modules(__path__)}:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'betasmooth' has no attribute {name!r}")
