@@ -966,3 +966,25 @@ def test_lrp_in_bfloat16_warns_that_cancelling_sums_lose_their_digits():
     # What it warns of: float32 is close to float64, bfloat16 is not.
     assert (single.double() - exact).norm() / exact.norm() < 1e-3
     assert (half.double() - exact).norm() / exact.norm() > 1
+
+
+class _BySize(nn.Module):
+    """A sum over tokens divided by their number, as a mean written out."""
+
+    def __init__(self, written: bool) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.written = written
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))
+        return self.head(h.sum(1) / h.shape[1] if self.written else h.mean(1))
+
+
+def test_a_division_by_a_size_is_a_scaling(no_stabiliser):
+    x = torch.rand(3, 5, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(_BySize(True).double().eval(), x, "lrp", target, epsilon=0.0)
+    expected = bs.explain(_BySize(False).double().eval(), x, "lrp", target, epsilon=0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)

@@ -929,8 +929,9 @@ def _sends(node: fx.Node, rule: Rule | None, depends: set[fx.Node]) -> list[fx.N
 
 def _scaling(node: fx.Node, depends: set[fx.Node]) -> int | None:
     """Which argument of ``node`` is scaled, where ``node`` is ``x * c`` or ``x / c`` with a
-    constant ``c`` (a layer scale): an element-wise linear map, through which LRP's rules
-    pass relevance unchanged (``R = x c R / (x c)``)."""
+    constant ``c`` (a layer scale, or a size such as ``h.shape[1]``: ``depends`` then
+    leaves out shapes): an element-wise linear map, through which LRP's rules pass
+    relevance unchanged (``R = x c R / (x c)``)."""
     if node.op not in ("call_function", "call_method"):
         return None
     if node.target not in PRODUCTS and node.target not in QUOTIENTS:
@@ -1044,7 +1045,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if factored is not None:
             rules[node] = factored
             continue
-        index = _scaling(node, depends)
+        index = _scaling(node, depends - shape)
         if index is not None:
             rules[node] = functools.partial(_to_arg, index)
             continue
