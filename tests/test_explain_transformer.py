@@ -152,6 +152,12 @@ def _assert_cp_lrp(model, x, target, **forward):
     return ours
 
 
+def _assert_held(net, twin, x, target):
+    """LRP-0 of ``net`` is gradient times input of ``twin``, which detaches its attention."""
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+
+
 def _vit():
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -678,8 +684,7 @@ def test_lrp_of_scaled_dot_product_attention_options_is_cp_lrp(no_stabiliser, op
     x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     torch.testing.assert_close(net(x), twin(x))
     target = torch.tensor([1, 2, 0])
-    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
-    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+    _assert_held(net, twin, x, target)
 
 
 class _Spelled(nn.Module):
@@ -712,8 +717,7 @@ def test_lrp_of_attention_spelled_otherwise_holds_the_weights(no_stabiliser, spe
     twin = _Spelled(spelling, detach=True).double().eval()
     x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
     target = torch.tensor([2, 0, 1])
-    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
-    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+    _assert_held(net, twin, x, target)
 
 
 class _Norms(nn.Module):
@@ -811,8 +815,7 @@ def test_lrp_of_attention_called_by_keywords(no_stabiliser):
     net, twin = _Keywords().double().eval(), _Keywords(True).double().eval()
     x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
     target = torch.tensor([0, 2, 1])
-    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
-    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+    _assert_held(net, twin, x, target)
 
 
 class _KeywordProduct(nn.Module):
@@ -857,8 +860,7 @@ def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabilise
     net, twin = _Rearranged(bmm).double().eval(), _Rearranged(bmm, True).double().eval()
     x = torch.rand(3, 6, 4, dtype=torch.float64)
     target = torch.tensor([1, 0, 2])
-    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
-    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-9, atol=1e-13)
+    _assert_held(net, twin, x, target)
 
 
 class _WeightsUsed(nn.Module):

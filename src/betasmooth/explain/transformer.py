@@ -91,8 +91,11 @@ __all__ = [
 Relevance = list[tuple[fx.Node, torch.Tensor]]
 
 
-def _bind(signature: Callable, step: _Step) -> dict:
-    """The call's arguments by name: a module's from its attributes is the caller's job."""
+def _bind(signature: Callable, step: _Step, attributes: tuple[str, ...] = ()) -> dict:
+    """The call's arguments by name; for a module, the input and then ``attributes`` of it
+    (a LayerNorm's ``normalized_shape``, ...) where its function takes them as arguments."""
+    if step.module is not None and attributes:
+        return signature(step.args[0], *(getattr(step.module, name) for name in attributes))
     return signature(*step.args, **step.kwargs)
 
 
@@ -144,13 +147,7 @@ def layer_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     ``R_i = x_i sum_j J_ji R_j / stab(y_j)`` with ``J`` the Jacobian of
     ``(x - mean(x)) / sigma * w`` at fixed ``sigma`` (Ali et al.'s LN-rule).
     """
-    module = step.module
-    if module is not None:
-        args = _layer_norm_args(
-            step.args[0], module.normalized_shape, module.weight, module.bias, module.eps
-        )
-    else:
-        args = _bind(_layer_norm_args, step)
+    args = _bind(_layer_norm_args, step, ("normalized_shape", "weight", "bias", "eps"))
     a = step.args[0]
     shape = args["shape"]
     count = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
@@ -179,13 +176,7 @@ def _group_norm_args(
 
 def group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """GroupNorm with each group's standard deviation held (the LN-rule per group)."""
-    module = step.module
-    if module is not None:
-        args = _group_norm_args(
-            step.args[0], module.num_groups, module.weight, module.bias, module.eps
-        )
-    else:
-        args = _bind(_group_norm_args, step)
+    args = _bind(_group_norm_args, step, ("num_groups", "weight", "bias", "eps"))
     a = step.args[0]
     per_channel = (1, -1) + (1,) * (a.dim() - 2)
     weight, bias = args["weight"], args["bias"]
