@@ -1842,3 +1842,44 @@ def test_a_sweep_on_a_vision_transformer_finds_that_beta_smoothing_changes_nothi
         )
     assert {r["changed"] for r in sweep.records()} == {False}
     assert sweep.summary()["recommended_beta"] is None
+
+
+def _undefended(model, x, x_adv, method="gradient"):
+    """The sweep's undefended scores, recomputed: maps of x_adv and x explained together."""
+    label = predict(model, x)
+    maps = bs.heatmap(bs.explain(model, torch.cat([x_adv, x]), method, label.repeat(2)))
+    return bs.compare(*maps.chunk(2))
+
+
+def test_a_sweep_of_a_model_whose_batchnorm_needs_a_batch():
+    # Counting the ReLUs that beta-smoothing reaches ran the model on one image,
+    # which a BatchNorm without running statistics refuses.
+    torch.manual_seed(18)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(144, track_running_stats=False),
+        nn.Linear(144, 3),
+    ).eval()  # fmt: skip
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    x_adv = (x + 0.01).clamp(0, 1)
+    sweep = bs.defense_sweep(net, x, x_adv, _targets(net, x), "gradient", [1.0], smoothgrad_n=2)
+    rows = sweep.records()
+    assert {r["changed"] for r in rows} == {True}
+    expected = _undefended(net, x, x_adv)
+    for r in rows:
+        assert r["undefended_pcc"] == pytest.approx(float(expected["pcc"][r["index"]]), abs=1e-6)
+
+
+def test_a_sweep_of_smoothgrad_alone_on_a_traced_model():
+    # beta-smoothing cannot reach a TorchScript model's ReLUs, but it was not asked for.
+    net, x = plain_cnn(seed=4), torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    traced = torch.jit.trace(net.eval(), x)
+    x_adv = (x + 0.01).clamp(0, 1)
+    sweep = bs.defense_sweep(
+        traced, x, x_adv, _targets(net, x), "gradient", [1.0], smoothgrad_n=2,
+        defenses=["smoothgrad"],
+    )  # fmt: skip
+    rows = sweep.records()
+    assert len(rows) == 4 and {r["changed"] for r in rows} == {True}
+    expected = _undefended(net, x, x_adv)
+    for r in rows:
+        assert r["undefended_pcc"] == pytest.approx(float(expected["pcc"][r["index"]]), abs=1e-6)

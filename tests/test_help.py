@@ -113,3 +113,12 @@ def test_submodules_are_attributes_of_the_package_before_their_import():
     assert out.stdout.split() == ["resnet18-f37072fd.pth", "betasmooth.theory"]
     with pytest.raises(AttributeError, match="module 'betasmooth' has no attribute 'nothing'"):
         bs.nothing  # noqa: B018
+
+
+def test_probing_the_package_for_main_does_not_run_the_command_line():
+    code = (
+        "import betasmooth as bs, sys; "
+        "print(hasattr(bs, '__main__'), 'betasmooth.__main__' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -38,9 +38,13 @@ _LAZY = {
 }
 
 
+# Submodules are attributes before their import too (bs.pretrained.checkpoint_path);
+# not __main__, whose import runs the command line.
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if m.name[0] != "_")
+
+
 def __getattr__(name: str) -> object:
-    # Submodules too (bs.theory, bs.pretrained.checkpoint_path), as after an import of them.
-    if name in {m.name for m in pkgutil.iter_modules(__path__)}:
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -1717,8 +1717,10 @@ def defense_sweep(
     # deployed model, and no update of its BatchNorm statistics.
     with evaluating(model), flush_denormals():
         label = predict(model, x)
-        smoothable = relu_calls(model, x[:1]) > 0
         both = torch.cat([x_adv, x])
+        # On the batch the defense explains: a model may route images to its ReLUs
+        # or not, and one whose ReLUs beta-smoothing cannot reach is no defense.
+        smoothable = "beta_smooth" not in defenses or relu_calls(model, both) > 0
         # In the batch the defenses explain: a map can differ in its last bits
         # between batches of other sizes, and a defense that changes nothing
         # (no ReLU to replace) must give these maps back bit for bit.

@@ -1159,9 +1159,9 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
 def relu_calls(model: nn.Module, x: torch.Tensor) -> int:
     """How many ReLU calls beta-smoothing replaces in one forward pass of ``model`` on ``x``.
 
-    Zero means that beta-smoothing changes nothing (a GELU network, attention
-    throughout); the maps of such a model may still differ in their last bits
-    with and without it, where the override turns off a fused kernel.
+    Zero means that beta-smoothing changes nothing on ``x`` (a GELU network,
+    attention throughout); the maps of such a model may still differ in their
+    last bits with and without it, where the override turns off a fused kernel.
 
     Examples
     --------

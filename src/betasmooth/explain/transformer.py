@@ -77,16 +77,7 @@ from .propagation import (
     stabilize,
 )
 
-__all__ = [
-    "attention_rule",
-    "encoder_forward",
-    "encoder_layer_forward",
-    "group_norm_rule",
-    "layer_norm_rule",
-    "multihead_attention_rule",
-    "rms_norm_rule",
-    "scaled_dot_product_attention_rule",
-]
+__all__: list[str] = []  # rules enter the registries of propagation on import
 
 Relevance = list[tuple[fx.Node, torch.Tensor]]
 
@@ -141,7 +132,7 @@ def _layer_norm_args(
     return {"shape": normalized_shape, "weight": weight, "bias": bias, "eps": eps}
 
 
-def layer_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+def _layer_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """LayerNorm with its standard deviation held: the epsilon rule of the centring map.
 
     ``R_i = x_i sum_j J_ji R_j / stab(y_j)`` with ``J`` the Jacobian of
@@ -174,7 +165,7 @@ def _group_norm_args(
     return {"groups": num_groups, "weight": weight, "bias": bias, "eps": eps}
 
 
-def group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+def _group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """GroupNorm with each group's standard deviation held (the LN-rule per group)."""
     args = _bind(_group_norm_args, step, ("num_groups", "weight", "bias", "eps"))
     a = step.args[0]
@@ -192,7 +183,7 @@ def group_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     return _first_arg(step, r)
 
 
-def rms_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+def _rms_norm_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """RMSNorm, ``x / rms(x) * w`` with ``rms`` held: an element-wise scaling, through which
     relevance passes (``R = x c R / (x c)``). Unlike an activation's, the z^B box does not
     pass through it: ``rms`` is of each input."""
@@ -209,7 +200,7 @@ def _attended_values(
     return _held_epsilon(lambda t: torch.matmul(weights, t), None, values, relevance, epsilon)
 
 
-def attention_rule(index: int, step: _Step, relevance: torch.Tensor) -> Relevance:
+def _attention_rule(index: int, step: _Step, relevance: torch.Tensor) -> Relevance:
     """``A @ v`` (or ``einsum(eq, A, v)``) with ``A`` from a softmax: the epsilon rule of
     ``v -> A @ v``, ``A`` held (Ali et al.'s AH-rule); ``index`` is the argument that
     holds ``v``."""
@@ -296,7 +287,7 @@ def _sdpa_weights(args: dict) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def scaled_dot_product_attention_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+def _scaled_dot_product_attention_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """``F.scaled_dot_product_attention``: the attention weights held, relevance to the values."""
     args = _bind(_sdpa_args, step)
     weights, values = _sdpa_weights(args), args["value"]
@@ -335,7 +326,7 @@ def _mha_args(
     }
 
 
-def multihead_attention_rule(step: _Step, relevance: tuple) -> Relevance:
+def _multihead_attention_rule(step: _Step, relevance: tuple) -> Relevance:
     """``nn.MultiheadAttention`` with its attention weights held (Ali et al.'s AH-rule).
 
     The epsilon rule runs layer by layer through the output projection, the
@@ -385,7 +376,7 @@ def _value_route(node: fx.Node, rule: Callable) -> list[object]:
     return [_value_node(node)]
 
 
-def encoder_layer_forward(
+def _encoder_layer_forward(
     layer: nn.TransformerEncoderLayer,
     src: torch.Tensor,
     src_mask: torch.Tensor | None = None,
@@ -402,7 +393,7 @@ def encoder_layer_forward(
     return layer.norm2(x + layer._ff_block(x))
 
 
-def encoder_forward(
+def _encoder_forward(
     encoder: nn.TransformerEncoder,
     src: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -424,33 +415,36 @@ MATMULS: frozenset[object] = frozenset(
 
 MODULE_RULES.update(
     {
-        nn.LayerNorm: layer_norm_rule,
-        nn.GroupNorm: group_norm_rule,
-        nn.MultiheadAttention: multihead_attention_rule,
+        nn.LayerNorm: _layer_norm_rule,
+        nn.GroupNorm: _group_norm_rule,
+        nn.MultiheadAttention: _multihead_attention_rule,
     }
 )
 FUNCTION_RULES.update(
     {
-        F.layer_norm: layer_norm_rule,
-        F.group_norm: group_norm_rule,
-        F.scaled_dot_product_attention: scaled_dot_product_attention_rule,
+        F.layer_norm: _layer_norm_rule,
+        F.group_norm: _group_norm_rule,
+        F.scaled_dot_product_attention: _scaled_dot_product_attention_rule,
     }
 )
 if hasattr(nn, "RMSNorm"):
-    MODULE_RULES[nn.RMSNorm] = rms_norm_rule
+    MODULE_RULES[nn.RMSNorm] = _rms_norm_rule
 if hasattr(F, "rms_norm"):
-    FUNCTION_RULES[F.rms_norm] = rms_norm_rule
-PARTS[multihead_attention_rule] = frozenset({0})
+    FUNCTION_RULES[F.rms_norm] = _rms_norm_rule
+PARTS[_multihead_attention_rule] = (
+    frozenset({0}),
+    "the attention weights, which need_weights=False leaves out",
+)
 FORWARDS.update(
-    {nn.TransformerEncoderLayer: encoder_layer_forward, nn.TransformerEncoder: encoder_forward}
+    {nn.TransformerEncoderLayer: _encoder_layer_forward, nn.TransformerEncoder: _encoder_forward}
 )
 FACTORS.append(
-    Factor(MATMULS, _is_attention, lambda index: functools.partial(attention_rule, index))
+    Factor(MATMULS, _is_attention, lambda index: functools.partial(_attention_rule, index))
 )
 ROUTES.update(
     {
-        attention_rule: _one_arg,
-        multihead_attention_rule: _value_route,
-        scaled_dot_product_attention_rule: _value_route,
+        _attention_rule: _one_arg,
+        _multihead_attention_rule: _value_route,
+        _scaled_dot_product_attention_rule: _value_route,
     }
 )
