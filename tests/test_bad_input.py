@@ -902,7 +902,7 @@ def test_cli_bad_input_exits_2_with_one_line(case, files, capsys):
 
 
 def test_method_all_on_a_model_lrp_cannot_explain_names_the_methods_that_can(files, capsys):
-    # Models with a layer LRP has no rule for (Swin's shifted windows) refuse LRP: `all`
+    # Models with a layer LRP has no rule for refuse LRP: `all`
     # failed on it alone without saying that every other method would run.
     from betasmooth.runs import explain_methods
 

@@ -563,7 +563,7 @@ def test_lrp_routes_relevance_through_chunk_split_and_a_channel_shuffle_as_zenni
 
 
 def test_every_kind_of_layer_without_a_rule_is_named_not_only_the_first():
-    # A Swin stops at its first window function, but more would stop it next: all are named.
+    # A model may stop LRP at several layers: all kinds are named, not only the first.
     net = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.LocalResponseNorm(2), _Cumulative(), nn.LocalResponseNorm(2),
         nn.Flatten(), nn.Linear(8, 2),

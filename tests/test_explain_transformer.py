@@ -459,13 +459,39 @@ def test_a_blocker_on_the_values_is_refused_one_on_the_queries_is_not():
     assert "(also" not in message
 
 
-def test_swin_is_refused_naming_its_blockers():
+def test_lrp_of_torchvisions_swin_transformer_is_cp_lrp(no_stabiliser):
+    # shifted_window_attention is one function, explained with its softmax held;
+    # shifted windows (a roll and a mask) in the second block, patch merging between.
+    torch.manual_seed(13)
     net = tv.models.SwinTransformer(
-        patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2],
+        patch_size=[4, 4], embed_dim=8, depths=[2, 1], num_heads=[2, 2], window_size=[2, 2],
+        num_classes=3, stochastic_depth_prob=0.0,
+    ).double().eval()  # fmt: skip
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    _assert_cp_lrp(net, x, torch.tensor([0, 2, 1]))
+
+
+def test_lrp_of_a_swin_transformer_is_differentiable_for_the_attack():
+    torch.manual_seed(14)
+    net = tv.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2],
         num_classes=3,
-    ).eval()  # fmt: skip
-    with pytest.raises(InputError, match=r"^lrp has no rule for .*\(also .*\); supported"):
-        bs.explain(net, torch.rand(1, 3, 16, 16), "lrp")
+    ).double().eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(15)
+    x, v, u = torch.rand(3, 2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    target = torch.tensor([1, 2])
+    xg = x.clone().requires_grad_(True)
+    h = bs.explain(net, xg, "lrp", target, create_graph=True, composite="epsilon_plus_flat")
+    (grad,) = torch.autograd.grad((h * (v - 0.5)).sum(), xg)
+
+    def f(z):
+        return (bs.explain(net, z, "lrp", target, composite="epsilon_plus_flat") * (v - 0.5)).sum()
+
+    step = 1e-7
+    numeric = (f(x + step * (u - 0.5)) - f(x - step * (u - 0.5))) / (2 * step)
+    analytic = (grad * (u - 0.5)).sum()
+    assert analytic.abs() > 1e-4
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-12)
 
 
 class _TorchEncoder(nn.Module):

@@ -1054,7 +1054,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         rule = _lookup_rule(node, module)
         if rule is None:
             # The first is named in full; the kinds of the others follow, so that a
-            # user sees every blocker, not the first of several (a Swin has many).
+            # user sees every blocker, not the first of several.
             missing.append((node, module))
             continue
         rules[node] = rule

@@ -24,12 +24,15 @@ RMSNorm (module or ``F.``)                  relevance passes (``x / rms * w``, `
 ``x * c``, ``x / c`` by a constant          relevance passes (a layer scale)
 ``nn.TransformerEncoder(Layer)``            traced through (its fast path left out), so
                                             the rules above apply to its parts
+torchvision's ``shifted_window_attention``  its softmaxes held, the epsilon rule of the
+(Swin)                                      whole function as one affine map
 ==========================================  ===============================================
 
 Relevance reaches neither the queries nor the keys, so the layers that only
 compute them (``q @ k.T``, the softmax, a relative position bias, a scale)
-need no rule. Swin's shifted windows are one function without a rule: Swin
-is refused, with its blockers named.
+need no rule. With ``epsilon -> 0`` the epsilon rule of a composition of
+linear maps as one map equals the rule applied layer by layer, so Swin's
+window attention also gets the AH-rule there.
 
 Examples
 --------
@@ -57,6 +60,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from ..validate import InputError
 from .propagation import (
@@ -64,11 +68,13 @@ from .propagation import (
     FORWARDS,
     FUNCTION_RULES,
     MODULE_RULES,
+    NAMED_FUNCTION_RULES,
     PARTS,
     ROUTES,
     Factor,
     _epsilon_of,
     _first_arg,
+    _gradient,
     _Layer,
     _one_arg,
     _pass,
@@ -302,6 +308,45 @@ def _scaled_dot_product_attention_rule(step: _Step, relevance: torch.Tensor) -> 
     return [(_value_node(step.node), r)]
 
 
+class _Softmaxes(TorchFunctionMode):
+    """Records the softmaxes computed inside a function, or gives back recorded ones in
+    their order in place of computing them: the function with its attention held."""
+
+    def __init__(self, held: list[torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.held, self.seen = held, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func not in _SOFTMAXES:
+            return func(*args, **kwargs)
+        if self.held is None:
+            out = func(*args, **kwargs)
+            self.seen.append(out)
+            return out
+        out = self.held[len(self.seen)]
+        self.seen.append(out)
+        return out
+
+
+_SOFTMAXES = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
+
+
+def _held_softmax_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
+    """A function that computes attention inside (Swin's ``shifted_window_attention``):
+    its softmaxes held, it is an affine map of its first argument, whose epsilon rule
+    this is, as one map. With ``epsilon -> 0`` that is the AH-rule layer by layer."""
+    a = step.args[0]
+    with _Softmaxes() as recorded:
+        step.call(a)
+
+    def held(t: torch.Tensor) -> torch.Tensor:
+        with _Softmaxes(recorded.seen):
+            return step.call(t)
+
+    return _first_arg(step, _held_epsilon(held, None, a, relevance, step.options["epsilon"]))
+
+
 def _value_node(node: fx.Node) -> object:
     return node.kwargs["value"] if "value" in node.kwargs else node.args[2]
 
@@ -431,6 +476,12 @@ if hasattr(nn, "RMSNorm"):
     MODULE_RULES[nn.RMSNorm] = _rms_norm_rule
 if hasattr(F, "rms_norm"):
     FUNCTION_RULES[F.rms_norm] = _rms_norm_rule
+NAMED_FUNCTION_RULES.update(
+    {
+        "torchvision.models.swin_transformer.shifted_window_attention": _held_softmax_rule,
+        "torchvision.models.swin_transformer._patch_merging_pad": _gradient,
+    }
+)
 PARTS[_multihead_attention_rule] = (
     frozenset({0}),
     "the attention weights, which need_weights=False leaves out",
