@@ -8,7 +8,7 @@ the best of ``--repeats`` interleaved timings.
   against Zennit's ``EpsilonPlusFlat`` (with ``ResNetCanonizer`` for the
   ResNet) and its ``Gradient`` attributor; agreement is the largest
   difference of the maps relative to the largest map value;
-- ViT-B/16, ConvNeXt-T and MaxViT-T, which Zennit has no rules for: the same
+- ViT-B/16, ConvNeXt-T, MaxViT-T and Swin-T, which Zennit has no rules for: the same
   LRP against one plain gradient (``torch.autograd.grad``) of the target
   logit, the cost of one backward pass.
 
@@ -41,6 +41,7 @@ MODELS = {
     "vit_b_16": (224, None),
     "convnext_tiny": (64, None),
     "maxvit_t": (224, None),
+    "swin_t": (224, None),
 }
 
 
