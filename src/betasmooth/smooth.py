@@ -1157,11 +1157,15 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
 
 
 def relu_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """How many ReLU calls beta-smoothing replaces in one forward pass of ``model`` on ``x``.
+    """How many ReLU calls on values computed from ``x`` beta-smoothing replaces in one
+    forward pass of ``model`` on ``x``.
 
-    Zero means that beta-smoothing changes nothing on ``x`` (a GELU network,
-    attention throughout); the maps of such a model may still differ in their
-    last bits with and without it, where the override turns off a fused kernel.
+    Zero means that beta-smoothing changes nothing that depends on ``x`` (a
+    GELU network, attention throughout; Swin V2, whose only ReLUs compute a
+    position bias from constant coordinates); the maps of such a model may
+    still differ in their last bits with and without it, where the override
+    turns off a fused kernel. Which calls depend on ``x`` is autograd's
+    answer, with the model's parameters and buffers detached for the pass.
 
     Examples
     --------
@@ -1170,9 +1174,19 @@ def relu_calls(model: nn.Module, x: torch.Tensor) -> int:
     >>> relu_calls(nn.Sequential(nn.Linear(2, 2), nn.GELU()), torch.ones(1, 2))
     0
     """
-    with torch.no_grad(), replace_relu(model, lambda t: t) as done:
-        model(x)
-    return done[0].replaced if done else 0
+    dependent: list[bool] = []
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        dependent.append(t.requires_grad)
+        return t.clamp(min=0)
+
+    constants = {name: t.detach() for name, t in model.named_parameters()}
+    constants.update((name, t.detach()) for name, t in model.named_buffers())
+    # Not a leaf, so that an in-place ReLU on the input itself is allowed.
+    tracked = x.detach().requires_grad_(True) * 1
+    with torch.enable_grad(), replace_relu(model, count):
+        torch.func.functional_call(model, constants, (tracked,))
+    return sum(dependent)
 
 
 @one_at_a_time
