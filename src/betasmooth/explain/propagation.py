@@ -758,7 +758,7 @@ def _check_unboxed(graph: LRPGraph, chosen: Composite) -> None:
                 f"lrp's z^B rule needs the bounds of what its first layer {first.target} sees, "
                 f"but {_describe(breaker, breaking)} before it maps the input's box to none "
                 f"(node {breaker.name!r}); expected a composite without a box, such as "
-                "epsilon_plus_flat"
+                "epsilon_plus_flat (on the command line --option lrp.composite=epsilon_plus_flat)"
             )
 
 
@@ -1375,10 +1375,10 @@ def lrp(
     _check_unboxed(graph, chosen)
     if x.dtype in (torch.float16, torch.bfloat16):
         warn_user(
-            f"lrp in {str(x.dtype).removeprefix('torch.')} divides by sums that may cancel "
-            "(residual additions, LayerNorm's centring) and keep only 3 digits there: on 4 "
-            "of 12 small post-norm transformers its map was 12 to 72 times its norm away "
-            "from float64's; "
+            f"lrp in {str(x.dtype).removeprefix('torch.')} keeps 3 digits of the sums it "
+            "divides by, and where they cancel (residual additions, LayerNorm's centring) "
+            "the map can be far off: on 4 of 12 small post-norm transformers it was 12 to "
+            "72 times its norm away from float64's; "
             "explain a float32 copy (model.float()) for a map to trust",
             model,
         )

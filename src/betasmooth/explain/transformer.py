@@ -484,7 +484,7 @@ NAMED_FUNCTION_RULES.update(
 )
 PARTS[_multihead_attention_rule] = (
     frozenset({0}),
-    "the attention weights, which need_weights=False leaves out",
+    "the attention weights; the logits may use attention(...)[0] only",
 )
 FORWARDS.update(
     {nn.TransformerEncoderLayer: _encoder_layer_forward, nn.TransformerEncoder: _encoder_forward}
