@@ -1003,3 +1003,17 @@ def test_a_division_by_a_size_is_a_scaling(no_stabiliser):
     ours = bs.explain(_BySize(True).double().eval(), x, "lrp", target, epsilon=0.0)
     expected = bs.explain(_BySize(False).double().eval(), x, "lrp", target, epsilon=0.0)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+
+
+class _Rounded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.div(self.first(x), 0.5, rounding_mode="floor"))
+
+
+def test_a_rounded_quotient_is_no_scaling():
+    with pytest.raises(InputError, match=r"^lrp has no rule for function div"):
+        bs.explain(_Rounded(), torch.rand(2, 4), "lrp")

@@ -939,10 +939,12 @@ def _scaling(node: fx.Node, depends: set[fx.Node]) -> int | None:
     if node.target not in PRODUCTS and node.target not in QUOTIENTS:
         return None
     indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in depends]
-    if len(indices) != 1 or any(n in depends for n in node.kwargs.values()):
+    if len(indices) != 1 or any(
+        n in depends for n in node.kwargs.values() if isinstance(n, fx.Node)
+    ):
         return None
-    if indices[0] != 0 and node.target in QUOTIENTS:
-        return None
+    if node.target in QUOTIENTS and (indices[0] != 0 or node.kwargs.get("rounding_mode")):
+        return None  # c / x, and a rounded quotient, are no scaling
     return indices[0]
 
 
@@ -1102,8 +1104,8 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
 def _check_parts(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
     """Refuse a part of a tuple on the way to the output that its rule sends no relevance
     (the attention weights that nn.MultiheadAttention returns, held constant)."""
-    for node in reached:
-        if node.op != "call_function" or node.target is not operator.getitem:
+    for node in gm.graph.nodes:
+        if node not in reached or node.op != "call_function" or node.target is not operator.getitem:
             continue
         source, index = node.args[0], node.args[1]
         rule = rules.get(source) if isinstance(source, fx.Node) else None
