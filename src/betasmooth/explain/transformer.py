@@ -324,6 +324,12 @@ class _Softmaxes(TorchFunctionMode):
             out = func(*args, **kwargs)
             self.seen.append(out)
             return out
+        if len(self.seen) == len(self.held):
+            raise InputError(
+                "lrp holds the softmaxes of a function with attention, but it computed more "
+                f"than the {len(self.held)} it did on the recorded input; expected a function "
+                "whose softmaxes do not depend on its input's values"
+            )
         out = self.held[len(self.seen)]
         self.seen.append(out)
         return out
