@@ -1017,3 +1017,41 @@ class _Rounded(nn.Module):
 def test_a_rounded_quotient_is_no_scaling():
     with pytest.raises(InputError, match=r"^lrp has no rule for function div"):
         bs.explain(_Rounded(), torch.rand(2, 4), "lrp")
+
+
+_CALLS = []
+
+
+def _flaky_attention(h: torch.Tensor) -> torch.Tensor:
+    """Attention that computes one more softmax on each call than on the one before."""
+    _CALLS.append(1)
+    weights = (h @ h.transpose(-2, -1)).softmax(-1)
+    for _ in range(len(_CALLS) - 1):
+        weights = weights.softmax(-1)
+    return weights @ h
+
+
+torch.fx.wrap("_flaky_attention")
+
+
+class _Flaky(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(_flaky_attention(self.embed(x)).mean(1))
+
+
+def test_held_softmaxes_refuse_a_function_that_computes_more_of_them(monkeypatch):
+    from betasmooth.explain.propagation import NAMED_FUNCTION_RULES
+
+    held = NAMED_FUNCTION_RULES["torchvision.models.swin_transformer.shifted_window_attention"]
+    monkeypatch.setitem(NAMED_FUNCTION_RULES, f"{__name__}._flaky_attention", held)
+    _CALLS.clear()
+    with pytest.raises(
+        InputError,
+        match=r"^lrp holds the softmaxes of a function with attention, but it computed more "
+        r"than the 2 ",
+    ):
+        bs.explain(_Flaky(), torch.rand(2, 3, 4), "lrp", composite="epsilon_plus_flat")
