@@ -1052,6 +1052,6 @@ def test_held_softmaxes_refuse_a_function_that_computes_more_of_them(monkeypatch
     with pytest.raises(
         InputError,
         match=r"^lrp holds the softmaxes of a function with attention, but it computed more "
-        r"than the 2 ",
+        r"than the \d+ it did on the recorded input",
     ):
         bs.explain(_Flaky(), torch.rand(2, 3, 4), "lrp", composite="epsilon_plus_flat")
