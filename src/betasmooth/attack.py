@@ -1718,12 +1718,12 @@ def defense_sweep(
     with evaluating(model), flush_denormals():
         label = predict(model, x)
         both = torch.cat([x_adv, x])
-        # On the batch the defense explains: a model may route images to its ReLUs
-        # or not, and one whose ReLUs beta-smoothing cannot reach is no defense.
+        # Whether beta-smoothing reaches a ReLU that these images pass through decides
+        # whether it changed anything: a GELU network's maps still differ in their last
+        # bits with its override on (no fused attention kernel).
         smoothable = "beta_smooth" not in defenses or relu_calls(model, both) > 0
         # In the batch the defenses explain: a map can differ in its last bits
-        # between batches of other sizes, and a defense that changes nothing
-        # (no ReLU to replace) must give these maps back bit for bit.
+        # between batches of other sizes.
         plain = explain(model, both, method, label.repeat(2), **options)
         map_plain, map_orig = heatmap(plain).detach().chunk(2)
         undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
