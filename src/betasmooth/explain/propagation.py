@@ -929,19 +929,21 @@ def _sends(node: fx.Node, rule: Rule | None, depends: set[fx.Node]) -> list[fx.N
     return [n for n in inputs if isinstance(n, fx.Node) and n in depends]
 
 
-def _scaling(node: fx.Node, depends: set[fx.Node]) -> int | None:
+def _scaling(node: fx.Node, depends: set[fx.Node], shape: set[fx.Node]) -> int | None:
     """Which argument of ``node`` is scaled, where ``node`` is ``x * c`` or ``x / c`` with a
-    constant ``c`` (a layer scale, or a size such as ``h.shape[1]``: ``depends`` then
-    leaves out shapes): an element-wise linear map, through which LRP's rules pass
-    relevance unchanged (``R = x c R / (x c)``)."""
+    constant ``c`` (a layer scale, or a size such as ``h.shape[1]``, one of ``shape``): an
+    element-wise linear map, through which LRP's rules pass relevance unchanged
+    (``R = x c R / (x c)``)."""
     if node.op not in ("call_function", "call_method"):
         return None
     if node.target not in PRODUCTS and node.target not in QUOTIENTS:
         return None
-    indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in depends]
-    if len(indices) != 1 or any(
-        n in depends for n in node.kwargs.values() if isinstance(n, fx.Node)
-    ):
+
+    def computed(a: object) -> bool:
+        return isinstance(a, fx.Node) and a in depends and a not in shape
+
+    indices = [i for i, a in enumerate(node.args) if computed(a)]
+    if len(indices) != 1 or any(computed(n) for n in node.kwargs.values()):
         return None
     if node.target in QUOTIENTS and (indices[0] != 0 or node.kwargs.get("rounding_mode")):
         return None  # c / x, and a rounded quotient, are no scaling
@@ -1049,7 +1051,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if factored is not None:
             rules[node] = factored
             continue
-        index = _scaling(node, depends - shape)
+        index = _scaling(node, depends, shape)
         if index is not None:
             rules[node] = functools.partial(_to_arg, index)
             continue

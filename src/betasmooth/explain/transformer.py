@@ -344,13 +344,14 @@ def _held_softmax_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     this is, as one map. With ``epsilon -> 0`` that is the AH-rule layer by layer."""
     a = step.args[0]
     with _Softmaxes() as recorded:
-        step.call(a)
+        z = step.call(a)
 
     def held(t: torch.Tensor) -> torch.Tensor:
         with _Softmaxes(recorded.seen):
             return step.call(t)
 
-    return _first_arg(step, _held_epsilon(held, None, a, relevance, step.options["epsilon"]))
+    s = relevance / stabilize(z, step.options["epsilon"])
+    return _first_arg(step, a * _vjp(held, a, s))
 
 
 def _value_node(node: fx.Node) -> object:
