@@ -727,6 +727,15 @@ CLI: dict[str, tuple[list[str], str]] = {
         r"which takes no options$",
     ),
     "--channels 2": ([*ATTACK, "--channels", "2"], r"argument --channels: invalid choice: 2"),
+    "--mean without --std": (
+        [*ATTACK, "--mean", "0.485", "0.456", "0.406"],
+        r"^betasmooth: error: --mean without --std: the --std would be 1; expected both --mean "
+        r"and --std \(--std 1 to subtract the mean only\), or neither$",
+    ),
+    "--std without --mean": (
+        [*EXPLAIN, "--std", "0.2"],
+        r"^betasmooth: error: --std without --mean: the --mean would be 0; expected both",
+    ),
     "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected a pos"),
     "--mean abc": ([*ATTACK, "--mean", "abc"], r"argument --mean: expected numbers, .* got 'abc'"),
     "--seed x": ([*ATTACK, "--seed", "x"], r"argument --seed: expected an integer from 0 to 2"),

@@ -1144,16 +1144,39 @@ def test_a_model_file_changed_on_disk_is_imported_again(factory_file):
 
 
 def test_normalisation_statistics_are_checked_one_by_one():
-    # One std alone is a normalisation too: wider than the pixels' [0, 1], refused.
+    # A std wider than the pixels' [0, 1] is refused; mean 0 divides only.
     with pytest.raises(InputError, match=r"^std must be at most 1, the width of the pixels"):
-        bs.load_data("digits", std=2.0)
-    torch.testing.assert_close(bs.load_data("digits", std=0.5).x, bs.load_data("digits").x / 0.5)
+        bs.load_data("digits", mean=0.0, std=2.0)
+    torch.testing.assert_close(
+        bs.load_data("digits", mean=0.0, std=0.5).x, bs.load_data("digits").x / 0.5
+    )
     with pytest.raises(InputError, match=r"^mean has 2 values but the images have 3 channels"):
         bs.load_data("photos", mean=[0.5, 0.4], std=0.25)
     with pytest.raises(InputError, match=r"^mean must be finite; got nan"):
         data_range("digits", mean=float("nan"), std=0.5)
     with pytest.raises(InputError, match=r"^std must be finite; got \[0.5, inf, 0.5\]"):
         data_range("photos", mean=0.5, std=[0.5, float("inf"), 0.5])
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"mean": [0.485, 0.456, 0.406]}, r"^mean without std: the std would be 1; expected"),
+        ({"std": 0.5}, r"^std without mean: the mean would be 0; expected both mean and std"),
+    ],
+)
+def test_one_of_mean_and_std_alone_is_refused(given, message):
+    # ImageNet's mean without its std would leave inputs 1/0.226 = 4.4 times too wide.
+    with pytest.raises(InputError, match=message):
+        bs.load_data("photos", **given)
+    with pytest.raises(InputError, match=message):
+        data_range("photos", **given)
+    # Spelled out, the default it would have taken gives the plain arithmetic.
+    raw = bs.load_data("photos").x
+    torch.testing.assert_close(
+        bs.load_data("photos", mean=[0.485, 0.456, 0.406], std=1.0).x,
+        raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 40, 60), (1, 3, 60, 40)])

@@ -61,7 +61,14 @@ from .validate import (
     is_oom,
     tell,
 )
-from .zoo import BUILTIN_DATA, BUILTIN_MODELS, import_model_code, preset_mean_std, weights_file
+from .zoo import (
+    BUILTIN_DATA,
+    BUILTIN_MODELS,
+    both_or_neither,
+    import_model_code,
+    preset_mean_std,
+    weights_file,
+)
 
 __all__ = ["COMMANDS", "build_parser", "goal_columns", "main", "positive_integer", "summary_table"]
 
@@ -958,7 +965,12 @@ def _load_images(
 def _apply_preset(args: argparse.Namespace) -> None:
     """A torchvision model brings its preprocessing: mean and std unless given."""
     args.preset = None
-    if is_pretrained(getattr(args, "model", None)):
+    pretrained = is_pretrained(getattr(args, "model", None))
+    if hasattr(args, "mean"):
+        both_or_neither(
+            args.mean, args.std, ("--mean", "--std"), args.model if pretrained else None
+        )
+    if pretrained:
         args.mean, args.std = preset_mean_std(args.model, args.mean, args.std, ("--mean", "--std"))
         args.preset = args.model
 
