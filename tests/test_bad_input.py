@@ -120,7 +120,24 @@ class ReluTwice(nn.Module):
         return self.head(self.relu(self.relu(self.conv(x))).flatten(1))
 
 
+class Raises(nn.Module):
+    """A forward with a bug of its own, whatever the input's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(256, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("my forward is broken")
+
+
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "model whose forward raises its own error": (
+        _explain(Raises, X),
+        InputError,
+        r"^model's forward raised ValueError on input of shape \(1, 16, 16\) \(2 items of x, "
+        r"whose shape is \(2, 1, 16, 16\)\): my forward is broken$",
+    ),
     "Captum method that refuses the model": (
         _explain(ReluTwice, X, "captum:DeepLift"),
         InputError,

@@ -639,7 +639,8 @@ def test_bad_input_through_the_installed_command(bad_files, tmp_path):
     proc = run(tmp_path / "new")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"betasmooth: error: array x in {bad_files}/nan.npz contains NaN or inf (first at item 1)"
+        f"betasmooth: error: array x in {bad_files}/nan.npz contains NaN or inf (first at item 1); "
+        "expected finite values"
     ]
     assert not (tmp_path / "new").exists() or not list((tmp_path / "new").iterdir())
     # A folder that holds files of the user's is named first: the run could not go there.

@@ -832,9 +832,16 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
                 f"{len(items)} ({name} has shape {shape}): {reason[:300]}; expected a forward "
                 "that keeps the batch dimension (x.flatten(1), not x.view(1, -1))"
             ) from None
+        # torch reports a shape that does not fit as a RuntimeError; any other error is
+        # the forward's own, named by its type rather than blamed on the shape.
+        failed = (
+            "model does not accept input of shape"
+            if type(err) is RuntimeError
+            else f"model's forward raised {type(err).__name__} on input of shape"
+        )
         raise InputError(
-            f"model does not accept input of shape {shape[1:]} ({what} of {name}, whose "
-            f"shape is {shape}): {reason[:300]}{_input_hint(model, shape, reason)}"
+            f"{failed} {shape[1:]} ({what} of {name}, whose shape is {shape}): "
+            f"{reason[:300]}{_input_hint(model, shape, reason)}"
         ) from None
     check_logits(out, len(items), model)
     if not bool(torch.isfinite(out).all()):

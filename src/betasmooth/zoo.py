@@ -422,7 +422,9 @@ def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     x = _scaled(x, path)
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
-        raise InputError(f"array x in {path} contains NaN or inf (first at item {bad})")
+        raise InputError(
+            f"array x in {path} contains NaN or inf (first at item {bad}); expected finite values"
+        )
     others = sorted(set(arrays) - {"x"})
     if "y" not in arrays and others:
         warnings.warn(
