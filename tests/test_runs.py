@@ -901,3 +901,43 @@ def test_check_methods_names_no_methods_that_can_run_where_none_can():
         check_methods(net, ["lrp"])
     assert str(err.value).startswith("lrp has no rule for module Softmax (2)")
     assert "can run" not in str(err.value)
+
+
+def test_captum_sampling_methods_are_seeded_per_batch_and_restore_the_generators(tmp_path):
+    # GradientShap draws its baselines from numpy's global generator and its noise
+    # from torch's: without a seed a rerun, --resume or torchrun gave other maps.
+    from captum.attr import GradientShap
+
+    from betasmooth.metrics import heatmap
+    from betasmooth.runs import explain_run, load_inputs
+    from betasmooth.units import unit_seed
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=3)
+    black = torch.zeros(1, *x.shape[1:])
+    method, options = "captum:GradientShap", {"n_samples": 3, "stdevs": 0.1, "baselines": black}
+    np.random.seed(123)
+    torch.manual_seed(456)
+    before = (np.random.rand(), torch.rand(1).item())
+    np.random.seed(123)
+    torch.manual_seed(456)
+    maps = []
+    for name in ("a", "b"):
+        run = RunDir.create(tmp_path / name, {"command": "explain"})
+        explain_run(
+            run, model, x, y, [method], method_options={method: options}, batch_size=2, seed=7
+        )
+        maps.append(run.read_arrays(method)["map"])
+    np.testing.assert_array_equal(maps[0], maps[1])
+    # The caller's generators go on as if nothing had drawn from them.
+    assert (np.random.rand(), torch.rand(1).item()) == before
+    # Captum by hand, under the seed of each batch (from its first index).
+    with torch.no_grad():
+        label = model(x).argmax(1)
+    for first, stop in ((0, 2), (2, 3)):
+        seed = unit_seed(7, method, first)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        expected = GradientShap(model).attribute(x[first:stop], target=label[first:stop], **options)
+        np.testing.assert_allclose(
+            maps[0][first:stop], heatmap(expected).detach().numpy(), rtol=1e-5, atol=1e-7
+        )

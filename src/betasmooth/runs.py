@@ -54,7 +54,7 @@ from .store import (
     SweepBatch,
     check_batch_file,
 )
-from .units import Unit, execute, plan, unit_seed
+from .units import Unit, execute, plan, seeded, unit_seed
 from .validate import InputError, check_choice, check_input, to_numpy
 from .zoo import check_compatible, load_data, load_model
 
@@ -447,7 +447,11 @@ def explain_run(
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)
-        attribution = explain(model, xb, unit.method, label, **options).detach()
+        # Captum's sampling methods (GradientShap, Lime, ...) and a model file's methods
+        # draw from the global generators: seeded per batch, as the attack's draws, so
+        # that a rerun, --resume and torchrun give the same maps.
+        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
+            attribution = explain(model, xb, unit.method, label, **options).detach()
         maps = heatmap(attribution)
         flat = maps.flatten(1)
         k = max(1, flat.shape[1] // 10)

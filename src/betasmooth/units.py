@@ -7,9 +7,11 @@ runs out of memory in halves, and lets rank 0 merge every rank's records at
 the end. Each item draws its randomness from the seed and its own index
 (:func:`unit_seed`), and the attack target of image ``i`` comes from a
 derangement of the whole index set, so the values do not depend on how the
-work is split into ranks. The attack's own draws (restarts, EOT) are the
-exception: one per batch, from its first index, so they follow the batch size,
-and the halves of a batch that ran out of memory draw anew.
+work is split into ranks. The attack's own draws (restarts, EOT) and the
+methods that draw from the global generators (Captum's GradientShap, Lime,
+...; :func:`seeded`) are the exception: one seed per batch, from its first
+index, so they follow the batch size, and the halves of a batch that ran out
+of memory draw anew.
 
 Examples
 --------
@@ -19,12 +21,14 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -74,6 +78,37 @@ def unit_seed(seed: int, method: str, first: int) -> int:
     True
     """
     return (seed * 1_000_003 + zlib.crc32(method.encode()) * 7919 + first) % (2**31 - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Torch's and numpy's global generators seeded with ``seed`` inside, as they were after.
+
+    For draws that take no generator: Captum's sampling methods (GradientShap
+    draws from numpy's too, Lime and KernelShap from torch's) and a model
+    file's methods.
+
+    Examples
+    --------
+    >>> with seeded(3, torch.device("cpu")):
+    ...     a = torch.rand(2)
+    >>> with seeded(3, torch.device("cpu")):
+    ...     b = torch.rand(2)
+    >>> torch.equal(a, b)
+    True
+    """
+    cuda = [device] if device.type == "cuda" else []
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
 
 
 Work = Callable[[Unit], tuple[list[Record], Batch | Arrays | None]]
