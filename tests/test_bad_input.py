@@ -132,6 +132,18 @@ class Raises(nn.Module):
 
 
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
+    "manipulate beta_smooth on a Captum base": (
+        lambda tmp: bs.manipulate(
+            plain_cnn(),
+            X,
+            torch.rand(2, 16, 16),
+            "beta_smooth",
+            steps=2,
+            method_options={"base": "captum:Saliency"},
+        ),
+        InputError,
+        r"^beta_smooth with base captum:Saliency cannot be attacked: captum:Saliency's maps",
+    ),
     "model whose forward raises its own error": (
         _explain(Raises, X),
         InputError,
@@ -744,6 +756,18 @@ CLI: dict[str, tuple[list[str], str]] = {
         r"which takes no options$",
     ),
     "--channels 2": ([*ATTACK, "--channels", "2"], r"argument --channels: invalid choice: 2"),
+    "attack of smoothgrad on a Captum base": (
+        [*ATTACK[:5], "--method", "smoothgrad", "--option", "smoothgrad.base=captum:Saliency"]
+        + ["--out", "{d}/run"],
+        r"^betasmooth: error: smoothgrad with base captum:Saliency cannot be attacked: "
+        r"captum:Saliency's maps are not differentiable w.r.t. x; expected a base such as",
+    ),
+    "Captum layer method on a dense layer": (
+        [*EXPLAIN[:5], "--method", "captum:LayerGradCam", "--option"]
+        + ["captum:LayerGradCam.layer=10", "--out", "{d}/run"],
+        r"^betasmooth: error: --option captum:LayerGradCam: captum:LayerGradCam gives maps of "
+        r"layer 10 of shape \(1,\) per image, not an image \(C, H, W\) that a run can record",
+    ),
     "--mean without --std": (
         [*ATTACK, "--mean", "0.485", "0.456", "0.406"],
         r"^betasmooth: error: --mean without --std: the --std would be 1; expected both --mean "

@@ -44,6 +44,7 @@ from .explain import (
     RESERVED,
     explain,
     is_differentiable,
+    is_method,
     range_options,
     with_base_range,
     wraps_base,
@@ -851,9 +852,10 @@ def check_method_name(method: object) -> None:
     options_of(method)
 
 
-def check_attackable(method: object) -> None:
+def check_attackable(method: object, options: Mapping[str, object] | None = None) -> None:
     """Refuse a method whose maps the attack cannot differentiate (``captum:NAME``,
-    :func:`~betasmooth.explain.is_differentiable`).
+    :func:`~betasmooth.explain.is_differentiable`), also as the ``base`` of a
+    smoothing method (``smoothgrad`` or ``beta_smooth`` with ``base="captum:NAME"``).
 
     Examples
     --------
@@ -868,6 +870,13 @@ def check_attackable(method: object) -> None:
             f"{method} cannot be attacked: its maps are not differentiable w.r.t. x; "
             "expected a method such as gradient or lrp"
         )
+    if wraps_base(method):
+        base = dict(options or {}).get("base", options_of(method).get("base"))
+        if isinstance(base, str) and is_method(base) and not is_differentiable(base):
+            raise InputError(
+                f"{method} with base {base} cannot be attacked: {base}'s maps are not "
+                "differentiable w.r.t. x; expected a base such as gradient or lrp"
+            )
 
 
 #: What overrides the model's ReLUs while a method is attacked with a beta schedule.
@@ -1154,7 +1163,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     """Check every option of :func:`manipulate` and resolve the defaults of the method."""
     goal = check_choice("goal", given["goal"], GOALS)
     check_choice("loss", given["loss"], LOSSES)
-    check_attackable(method)
+    check_attackable(method, given["method_options"])
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
     low, high = _range(given["data_range"], x)
     check_in_range(x, low, high)

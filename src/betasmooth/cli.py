@@ -40,13 +40,14 @@ from .attack import (
     UNTARGETED_STEPS,
     Goal,
     check_attack_model,
+    check_attackable,
     derangement,
     recorded_goal,
 )
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .distributed import RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
-from .metrics import group_records, medians
+from .metrics import group_records, heatmap, medians
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
@@ -1039,11 +1040,21 @@ def _check_given(
     for method in dict.fromkeys([*given, *(m for m in methods if m not in METHODS)]):
         where = f"--option {method}: " if method in given else ""
         try:
-            explain(model, x[:1], method, **options.get(method, {}))
+            out = explain(model, x[:1], method, **options.get(method, {}))
         except InputError as err:
             raise InputError(f"{where}{err}") from None
         except (TypeError, ValueError) as err:
             raise InputError(f"{where}{method} refused its options: {err}") from None
+        try:
+            heatmap(out)  # what the run records of each map: a layer method's must be an image
+        except InputError:
+            layer = options.get(method, {}).get("layer")
+            named = f" of layer {layer!r}" if layer is not None else ""
+            raise InputError(
+                f"{where}{method} gives maps{named} of shape {tuple(out.shape[1:])} per image, "
+                "not an image (C, H, W) that a run can record; expected a layer with "
+                "spatial output (a convolution's, e.g. a ViT's conv_proj)"
+            ) from None
 
 
 def _beta_value(text: str, auto: bool = False) -> float | str:
@@ -1186,6 +1197,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if "beta_smooth" not in methods:
             raise InputError("--beta applies to --method beta_smooth; add it to --method")
         _set_beta(options, args.beta)
+    for method in methods:
+        check_attackable(method, options.get(method))
     _check_given(model, x, given, options)
     runs.check_methods(model, methods, options, x)
     check_attack_model(model, methods, x)
