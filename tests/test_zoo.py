@@ -1244,3 +1244,35 @@ def test_n_of_an_npz_and_of_built_in_data_cuts_images_and_labels_alike(tmp_path)
     for bad in (0, -1):
         with pytest.raises(InputError, match="n must be"):
             bs.load_data(tmp_path / "d.npz", n=bad)
+
+
+def test_a_model_file_imports_the_modules_beside_it_as_a_script_does(tmp_path, monkeypatch):
+    # `python models/net.py` can import models/blocks.py; the model file could not.
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "betasmooth_test_blocks.py").write_text(
+        "from torch import nn\n\ndef head():\n    return nn.Linear(4, 2)\n"
+    )
+    (folder / "betasmooth_test_lazy.py").write_text("SCALE = 3.0\n")
+    (folder / "net.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "from betasmooth_test_blocks import head\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, scale):\n"
+        "        super().__init__()\n"
+        "        self.head, self.scale = head(), scale\n"
+        "    def forward(self, x):\n"
+        "        return self.head(x) * self.scale\n\n"
+        "def build():\n"
+        "    from betasmooth_test_lazy import SCALE  # imported when the factory runs\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net(SCALE)\n"
+    )
+    monkeypatch.chdir(tmp_path)  # a relative spec, from another folder than the file's
+    path = list(sys.path)
+    model = bs.load_model("models/net.py:build")
+    assert sys.path == path
+    torch.manual_seed(0)
+    expected = nn.Linear(4, 2)
+    x = torch.rand(3, 4)
+    torch.testing.assert_close(model(x), expected(x) * 3.0)

@@ -78,6 +78,7 @@ so a weights file cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -1073,11 +1074,31 @@ def _import_file(path: Path) -> object:
     # Registered before running, so that dataclasses and pickling inside the file work.
     sys.modules[name] = module
     try:
-        module_spec.loader.exec_module(module)
+        with _importable_beside(path):
+            module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as err:  # a script's sys.exit() must not end the caller
         del sys.modules[name]
         raise InputError(f"importing {path} failed: {reason(err)}") from err
     return module
+
+
+@contextlib.contextmanager
+def _importable_beside(path: Path) -> Iterator[None]:
+    """The modules in the folder of ``path`` importable inside, as ``python path`` makes
+    them for a script: a model file imports its siblings (``from resnet import ResNet18``)."""
+    folder = str(path.resolve().parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or "\\" in where
 
 
 def _import_module(name: str) -> object:
@@ -1100,8 +1121,7 @@ def _user_module(spec: str) -> tuple[object, str, str]:
             f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}), "
             f"'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
         )
-    is_file = where.endswith(".py") or "/" in where or "\\" in where
-    return (_import_file(Path(where)) if is_file else _import_module(where)), where, attr
+    return (_import_file(Path(where)) if _is_file(where) else _import_module(where)), where, attr
 
 
 def import_model_code(spec: str) -> bool:
@@ -1131,8 +1151,10 @@ def _user_model(spec: str) -> nn.Module:
     if not callable(factory):
         found = "is not callable" if factory is not None else "is not defined"
         raise InputError(f"{attr!r} in {where} {found}; expected a function returning nn.Module")
+    beside = _importable_beside(Path(where)) if _is_file(where) else contextlib.nullcontext()
     try:
-        model = factory()
+        with beside:  # a factory may import a sibling too
+            model = factory()
     except (Exception, SystemExit) as err:
         raise InputError(f"{attr}() from {where} failed: {reason(err)}") from err
     if not isinstance(model, nn.Module):
