@@ -41,6 +41,37 @@ def test_guided_backprop_leaves_relu6_alone_like_captum():
     torch.testing.assert_close(ours, captum_guided(net, x, target), rtol=1e-12, atol=1e-15)
 
 
+class Clamped(nn.Module):
+    """A ReLU module, then activations that guided backprop leaves to the plain gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.relu, self.relu6, self.leaky = nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.clamp(self.b(self.relu(self.a(x))), min=0)
+        return self.c(self.leaky(self.relu6(h)))
+
+
+def test_guided_backprop_names_the_piecewise_linear_activations_it_leaves_alone():
+    # A clamp, ReLU6 and LeakyReLU pass their plain gradient, as in Captum, which
+    # guides nn.ReLU only; the user learns which, as beta_smooth says what stays kinked.
+    torch.manual_seed(2)
+    net = Clamped().double()
+    x = 2 * torch.rand(4, 6, dtype=torch.float64) - 0.5
+    target = torch.tensor([0, 1, 2, 0])
+    with pytest.warns(UserWarning) as caught:
+        ours = bs.explain(net, x, "guided_backprop", target)
+    said = [str(w.message) for w in caught if "pass their plain gradient" in str(w.message)]
+    assert said == [
+        "Clamped: guided_backprop acts on ReLU only; these piecewise-linear activations pass "
+        "their plain gradient: clamp(min=0), hardtanh, leaky_relu"
+    ]
+    torch.testing.assert_close(ours, captum_guided(net, x, target), rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(ours, bs.explain(net, x, "gradient", target))
+
+
 class ModuleReluResidual(ResidualNet):
     """:class:`ResidualNet` with its three functional ReLUs as ``nn.ReLU`` modules."""
 

@@ -1161,8 +1161,8 @@ def test_replace_relu_counts_every_relu_call_of_the_first_pass():
     assert done[0].replaced == 4
 
 
-def test_guided_backprop_does_not_name_kinked_activations_but_beta_smoothing_does():
-    # replace_relu(warn="<what>") leaves out the piecewise-linear warning (docstring).
+def test_guided_backprop_and_beta_smoothing_name_kinked_activations_each_in_its_words():
+    # replace_relu(warn="<what>") names the method in the piecewise-linear warning.
 
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -1172,7 +1172,10 @@ def test_guided_backprop_does_not_name_kinked_activations_but_beta_smoothing_doe
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         bs.explain(net, x, "guided_backprop", 0)
-    assert not [w for w in record if "piecewise-linear" in str(w.message)]
+    assert [str(w.message) for w in record if "piecewise-linear" in str(w.message)] == [
+        "Sequential: guided_backprop acts on ReLU only; these piecewise-linear activations "
+        "pass their plain gradient: Hardshrink"
+    ]
     with pytest.warns(
         UserWarning, match="piecewise-linear activations stay non-smooth: Hardshrink"
     ):

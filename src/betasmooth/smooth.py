@@ -505,7 +505,7 @@ class _ReluOverride(TorchFunctionMode):
 
     def _note(self, func: Callable, args: tuple, kwargs: dict) -> None:
         """Note an activation that is not replaced, for the warning after the pass."""
-        if func in KINKED_FUNCTIONS:
+        if func in KINKED_FUNCTIONS or func in THROUGH_RELU:  # the latter without ``through``
             # F.threshold's function is called _threshold, F.threshold_'s threshold_.
             self.kinked.add(getattr(func, "__name__", str(func)).strip("_"))
         elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
@@ -924,8 +924,8 @@ def replace_relu(
     warn : bool or str
         Warn after the first forward pass if it called no ReLU, or if it
         called other piecewise-linear activations, which ``fn`` does not
-        replace. A string names what then changes nothing (default
-        ``"beta-smoothing"``) and leaves out the piecewise-linear warning.
+        replace. A string names the method in both warnings (default
+        ``"beta-smoothing"``).
         Each warning is given once per model and points at the user's call.
     through : bool
         Also rewrite the activations of :data:`THROUGH_RELU` (ReLU6, ...) as
@@ -957,8 +957,6 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
         smooth |= {n for n in mode.smooth if n.replace("_", "") not in {s.lower() for s in smooth}}
         found = f" (its activations: {', '.join(sorted(smooth))})" if smooth else ""
         warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
-    if not isinstance(warn, bool):
-        return
     # Named as the module where one ran it, else as the function; only what ran
     # unreplaced (an entry added to THROUGH_RELU smooths its module too).
     ran = {n.replace("_", "") for n in mode.kinked}
@@ -966,10 +964,16 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
     names = {n for n in modules if n.lower() in ran}
     seen = {n.lower() for n in names}
     kinked = sorted(names | {n for n in mode.kinked if n.replace("_", "") not in seen})
-    if kinked:
+    if kinked and isinstance(warn, bool):
         warn_user(
             f"{name}: beta-smoothing replaces ReLU and the activations made of it; these "
             f"piecewise-linear activations stay non-smooth: {', '.join(kinked)}",
+            model,
+        )
+    elif kinked:
+        warn_user(
+            f"{name}: {what} acts on ReLU only; these piecewise-linear activations pass "
+            f"their plain gradient: {', '.join(kinked)}",
             model,
         )
 
