@@ -485,6 +485,30 @@ def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small, 
     assert {r["changed"] for r in relu.records()} == {True}
 
 
+def test_a_sweep_of_an_attack_that_changed_no_image_recommends_no_beta(small):
+    # x_adv == x: robustness 1 at every beta and undefended, which recommended a beta
+    # ("about as robust") against an attack that had done nothing.
+    net, x = small
+    target = _targets(net, x)
+    same = bs.defense_sweep(net, x, x.clone(), target, "gradient", [1.0, 5.0], smoothgrad_n=2)
+    assert {r["attacked"] for r in same.records()} == {False}
+    summary = same.summary()
+    assert summary["attacked"] == 0 and summary["recommended_beta"] is None
+    assert verdict(summary) == (
+        "the attack changed no image, so no defense has anything to undo; none recommended"
+    )
+    # One image moved: it counts, and the betas are judged as before.
+    x_adv = x.clone()
+    x_adv[1] = (x_adv[1] + 0.05).clamp(0, 1)
+    moved = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0, 5.0], smoothgrad_n=2)
+    assert [r["attacked"] for r in moved.records()][: len(x)] == [
+        not torch.equal(a, b) for a, b in zip(x_adv, x)
+    ]
+    summary = moved.summary(min_fidelity=0.3)
+    assert summary["attacked"] == 1
+    assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.3) is not None
+
+
 def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
     # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
     # "no beta in the sweep has median fidelity >= 0.9", false of that beta.

@@ -1503,8 +1503,9 @@ class SweepResult:
         ``x``, the same in every row of an image) for every metric ``m`` of
         :func:`betasmooth.compare`; ``changed``, whether the defense changed
         the map of ``x`` or of ``x_adv`` at all (not where beta-smoothing finds
-        no ReLU to replace); and ``seconds``: the time per image for both maps
-        (of ``x_adv`` and ``x``).
+        no ReLU to replace); ``attacked``, whether ``x_adv`` differs from ``x``
+        at all; and ``seconds``: the time per image for both maps (of
+        ``x_adv`` and ``x``).
         """
         return list(self.rows)
 
@@ -1736,6 +1737,7 @@ def defense_sweep(
         plain = explain(model, both, method, label.repeat(2), **options)
         map_plain, map_orig = heatmap(plain).detach().chunk(2)
         undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
+        attacked = [not torch.equal(a, b) for a, b in zip(x_adv, x)]
         rows: list[dict[str, object]] = []
         kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
         jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
@@ -1776,6 +1778,7 @@ def defense_sweep(
                     **head,
                     **{k: float(v[i]) for k, v in scores.items()},
                     "changed": not same[i],
+                    "attacked": attacked[i],
                     "seconds": seconds,
                 }
                 for i in range(x.shape[0])

@@ -143,7 +143,8 @@ def sweep_summary(
         ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
         ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1);
         a defense's also ``changed``, whether it changed any map.
-        Betas are keyed by :func:`beta_key`.
+        Betas are keyed by :func:`beta_key`. ``attacked`` counts the images
+        whose ``x_adv`` differs from ``x``: with none, no beta is recommended.
 
     Examples
     --------
@@ -171,6 +172,8 @@ def sweep_summary(
             table.setdefault(defense, {})[beta_key(beta)] = _cell(rows)
         first = min(cells, key=lambda k: (k[0] != "beta_smooth", k[1]))
         rows = cells[first]
+        # Records of older versions do not say: taken as attacked.
+        attacked = sum(r.get("attacked", True) is not False for r in rows)
         undefended = {"n": len(rows)}
         for m in METRICS:
             undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
@@ -180,8 +183,12 @@ def sweep_summary(
             "undefended": undefended,
             "betas": table["beta_smooth"],
             "smoothgrad": table["smoothgrad"],
-            "recommended_beta": recommend_beta(table["beta_smooth"], min_fidelity),
+            # An attack that changed no image leaves a defense nothing to undo.
+            "recommended_beta": (
+                recommend_beta(table["beta_smooth"], min_fidelity) if attacked else None
+            ),
             "min_fidelity": float(min_fidelity),
+            "attacked": attacked,
         }
     return out
 
@@ -205,6 +212,8 @@ def verdict(summary: Mapping[str, object]) -> str:
     rec = summary.get("recommended_beta")
     betas = summary.get("betas") or {}
     unchanged = [b for b, c in betas.items() if c.get("changed", True) is False]
+    if summary.get("attacked") == 0:
+        return "the attack changed no image, so no defense has anything to undo; none recommended"
     if rec is None and betas and len(unchanged) == len(betas):
         return (
             "beta-smoothing changed no map at any beta (the model calls no ReLU that it "
