@@ -455,14 +455,16 @@ def _add_inputs(
         type=_numbers,
         nargs="+",
         action=_Flat,
-        help="normalisation mean, one or per channel (default: none, or a torchvision model's own)",
+        help="normalisation mean, one or per channel, given with --std (default: none, or a "
+        "torchvision model's own)",
     )
     p.add_argument(
         "--std",
         type=_numbers,
         nargs="+",
         action=_Flat,
-        help="normalisation std, one or per channel (default: none, or a torchvision model's own)",
+        help="normalisation std, one or per channel, given with --mean (default: none, or a "
+        "torchvision model's own)",
     )
 
 
