@@ -120,9 +120,10 @@ def _lanczos(
     """Largest ``|eigenvalue|`` of the symmetric operator ``op`` for each item, ``(B,)``.
 
     Lanczos with full reorthogonalisation on the Krylov space of ``start``;
-    stops when the estimate of every item changes by at most ``tol`` (relative)
-    or after ``iterations`` products. Exact once the Krylov space is invariant,
-    e.g. after ``rank(H)`` steps.
+    stops when the residual of every item's Ritz pair, ``|beta_k s_k|``, is at
+    most ``tol`` times its estimate, or after ``iterations`` products (an
+    estimate that merely stops changing may sit next to a lower eigenvalue).
+    Exact once the Krylov space is invariant, e.g. after ``rank(H)`` steps.
     """
     batch = start.shape[0]
     q = start / _nonzero(start.norm(dim=1, keepdim=True))
@@ -148,11 +149,16 @@ def _lanczos(
             off = torch.stack(betas, 1)
             tri = tri + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
         previous = estimate
-        estimate = torch.where(done, previous, torch.linalg.eigvalsh(tri).abs().amax(1))
+        values, vectors = torch.linalg.eigh(tri)
+        top = values.abs().argmax(1)
+        estimate = torch.where(done, previous, values.abs().gather(1, top[:, None])[:, 0])
         scale = torch.maximum(estimate, alphas[0].abs()).clamp_min(torch.finfo(w.dtype).tiny)
         # An invariant subspace (beta ~ 0) has been found: the estimate is exact.
         exhausted = beta <= 1e3 * torch.finfo(w.dtype).eps * scale
-        converged = (estimate - previous).abs() <= tol * estimate
+        # Converged when the Ritz pair's residual |beta_k s_k| is small, not when the
+        # estimate stalls (a stall next to a lower eigenvalue is not convergence).
+        last = vectors[torch.arange(batch), -1, top].abs()
+        converged = beta * last <= tol * estimate
         done = done | exhausted | (converged if k > 1 else False)
         if bool(done.all()):
             break
@@ -250,7 +256,8 @@ def curvature(
     iterations : int
         Most Lanczos steps (Hessian-vector products) per estimate.
     tol : float
-        Stop when every estimate changes by at most this fraction in a step.
+        Stop when the residual of every estimate's Ritz pair is at most this
+        fraction of the estimate.
     seed : int or sequence of int
         Seed of the start vectors and of the Hutchinson probes: one, from
         which each item's seed is drawn, or one per item. Each item draws
