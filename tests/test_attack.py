@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,8 +300,13 @@ def test_adaptive_attack_on_smoothgrad(small, eot):
         net, x, target, "smoothgrad", steps=4, lr=1e-2, method_options=options, eot=eot
     )
     assert result.history.shape == (4, 4)
-    # The final maps use the fixed draws of method_options, also after an EOT attack.
-    _assert_fields_recomputed(net, result, "smoothgrad", **options)
+    # The result is scored on draws the attack did not see (seed crc32("scored 5")),
+    # also after an EOT attack: maps of the fitted noise would overstate the attack.
+    scored = {**options, "seed": zlib.crc32(b"scored 5")}
+    _assert_fields_recomputed(net, result, "smoothgrad", **scored)
+    torch.testing.assert_close(result.map_orig, _maps(net, x, "smoothgrad", **scored))
+    fitted = _maps(net, result.x_adv, "smoothgrad", target=result.label, **options)
+    assert not torch.allclose(result.map_adv, fitted)
 
 
 def test_defense_sweep_equals_recomputation(small):

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -496,11 +497,29 @@ def test_the_run_seed_draws_the_noise_of_the_attacked_smoothgrad(
 
     x, y = digits[0][:3], digits[1][:3]
     run = RunDir.create(tmp_path / "run", {"command": "test"})
-    attack_run(run, digits_cnn, x, y, ["smoothgrad"], steps=1, batch_size=3, seed=seed)
+    attack_run(
+        run, digits_cnn, x, y, ["smoothgrad"], steps=1, batch_size=3, seed=seed,
+        save_attributions=True,
+    )  # fmt: skip
     drawn = [unit_seed(seed, "smoothgrad", i) for i in range(3)]
-    expected = bs.heatmap(bs.explain(digits_cnn, x, "smoothgrad", n=10, seed=drawn))
-    found = run.read_arrays("smoothgrad")["map_orig"]
-    np.testing.assert_allclose(found, expected.numpy(), rtol=1e-5, atol=1e-7)
+    arrays = run.read_arrays("smoothgrad")
+
+    def maps(images, seeds):
+        return bs.heatmap(bs.explain(digits_cnn, images, "smoothgrad", n=10, seed=seeds)).numpy()
+
+    # Scored on draws the attack did not see: seed crc32("scored <the attack's seed>").
+    scored = [zlib.crc32(f"scored {s}".encode()) for s in drawn]
+    np.testing.assert_allclose(arrays["map_orig"], maps(x, scored), rtol=1e-5, atol=1e-7)
+    # The signed attributions are those of the recorded maps.
+    for kind in ("orig", "adv"):
+        attributions = torch.from_numpy(arrays[f"attr_{kind}"])
+        np.testing.assert_allclose(
+            bs.heatmap(attributions).numpy(), arrays[f"map_{kind}"], rtol=1e-5, atol=1e-7
+        )
+    # The target is the other image's map under the draws of that image's own attack.
+    others = arrays["target_index"].tolist()
+    expected = maps(x[others], [drawn[j] for j in others])
+    np.testing.assert_allclose(arrays["map_target"], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_seconds_is_the_batch_time_divided_by_its_items(tmp_path, monkeypatch):

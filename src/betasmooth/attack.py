@@ -31,6 +31,7 @@ import contextlib
 import functools
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -110,6 +111,7 @@ __all__ = [
     "matched_sigma",
     "random_targets",
     "recorded_goal",
+    "scoring_options",
 ]
 
 # The paper's budget per method (Dombrowski et al. 2019, VGG16): steps, Adam
@@ -1074,7 +1076,9 @@ def manipulate(
         also scores the last step; default :data:`CHECK_EVERY` (10).
     method_options : dict, optional
         Options of the method, e.g. ``{"beta": 0.8}`` for beta_smooth or
-        ``{"n": 10, "seed": 0}`` for smoothgrad (fixed draws per step).
+        ``{"n": 10, "seed": 0}`` for smoothgrad (fixed draws per step). A
+        method's ``seed`` seeds the attack's draws only: the result's maps and
+        metrics come from draws it did not see (:func:`scoring_options`).
     eot : bool
         Expectation over transformations: fresh draws each step (the
         method's ``seed`` option set to ``seed + 1 + step``).
@@ -1136,10 +1140,52 @@ def manipulate(
     with evaluating(model), flush_denormals():
         p = _problem(model, x, target, map_target, settings)
         best = _search(p)
-        map_adv = p.maps(best).detach()
+        p, map_adv = _scored(p, best)
         with torch.no_grad():
             logits_adv = model(best)
     return _result(p, best, map_adv, logits_adv)
+
+
+def scoring_options(options: Mapping[str, object]) -> dict[str, object]:
+    """The options that a result is scored with: a method's ``seed`` (its noise, e.g.
+    SmoothGrad's) replaced by seeds drawn from it, which the attack did not see.
+
+    An attack with fixed draws fits that noise; maps of the same draws would
+    measure the fit, not how far the method was steered.
+
+    Examples
+    --------
+    >>> scoring_options({"n": 10, "seed": [3, 4]})["seed"] != [3, 4]
+    True
+    >>> scoring_options({"beta": 0.8})
+    {'beta': 0.8}
+    """
+    seed = options.get("seed")
+    if seed is None:
+        return dict(options)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.tolist()
+    if isinstance(seed, Sequence):
+        return {**options, "seed": [_fresh_seed(int(s)) for s in seed]}
+    return {**options, "seed": _fresh_seed(int(seed))}
+
+
+def _fresh_seed(seed: int) -> int:
+    return zlib.crc32(f"scored {seed}".encode())
+
+
+def _scored(p: _Problem, best: torch.Tensor) -> tuple[_Problem, torch.Tensor]:
+    """The problem with its original maps, and the maps of ``best``, as the result
+    reports them: under :func:`scoring_options`."""
+    options = scoring_options(p.s.options)
+    if options == p.s.options:
+        return p, p.maps(best).detach()
+    s = replace(p.s, options=options, eot=False)
+    map_orig = _heatmaps(p.model, p.x, s, p.explained).detach()
+    map_adv = _heatmaps(p.model, best, s, p.explained).detach()
+    # An untargeted goal's reference is the map of x itself.
+    map_target = map_orig if p.map_target is p.map_orig else p.map_target
+    return replace(p, map_orig=map_orig, map_target=map_target), map_adv
 
 
 def _checked_input(model: object, x: object) -> torch.Tensor:

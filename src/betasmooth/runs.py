@@ -28,6 +28,7 @@ from .attack import (
     defense_sweep,
     derangement,
     manipulate,
+    scoring_options,
 )
 from .checkpoint import read_npz
 from .distributed import Dist
@@ -363,11 +364,14 @@ def attack_run(
         xb = x[idx].to(device)
         target_map = None
         if targets is not None:
-            xt = x[targets[idx]].to(device)
-            # The map the attack moves, of another image: with the attack's options.
-            attacked = attack_options(
-                unit.method, xt, data_range=data_range, method_options=options
+            others = targets[idx]
+            xt = x[others].to(device)
+            # The map the attack moves, of another image: with the attack's options, and
+            # the draws of that image's own attack (a method that draws noise).
+            own = _options(
+                Unit(unit.method, tuple(others.tolist())), method_options, seed, defaults
             )
+            attacked = attack_options(unit.method, xt, data_range=data_range, method_options=own)
             target_map = heatmap(explain(model, xt, unit.method, **attacked)).detach()
         result = manipulate(
             model,
@@ -389,8 +393,11 @@ def attack_run(
             batch.target_index = targets[idx].numpy()
         if save_attributions:
             label = result.label.to(device)
+            scored = attack_options(
+                unit.method, xb, data_range=data_range, method_options=scoring_options(options)
+            )
             batch.attr_orig, batch.attr_adv = (
-                to_numpy(explain(model, xs, unit.method, label, **options))
+                to_numpy(explain(model, xs, unit.method, label, **scored))
                 for xs in (xb, result.x_adv.to(device))
             )
         return records, batch
