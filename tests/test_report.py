@@ -1728,3 +1728,25 @@ def test_maps_that_do_not_sum_to_one_are_scaled_to_their_own_top(tmp_path, monke
     assert bars == [pytest.approx(top * H * H)]
     _, vmax = figures._compose([("map", "map", m)])
     assert vmax.tolist() == pytest.approx([np.percentile(m, 99.5)])
+
+
+def test_images_the_attack_left_unchanged_are_counted_in_both_tables(tmp_path):
+    # integrated gradients moved 2 of 4 images in the quick demo: the console said so,
+    # the report did not, while those images scored robustness 1 at every beta.
+    run = make_run(tmp_path / "run")
+    results = read_lines(run / "results.jsonl")
+    for r in results:
+        if r["method"] == "gradient" and r["index"] in (0, 1):
+            r["input_max_change"] = 0.0
+    _rewrite(run / "results.jsonl", results)
+    sweep = read_lines(run / "sweep.jsonl")
+    for r in sweep:
+        r["attacked"] = not (r["method"] == "gradient" and r["index"] in (0, 1))
+    _rewrite(run / "sweep.jsonl", sweep)
+    page = parse(build_report(run))
+    changed = {m: column(page.tables["medians"], f"{m} (targeted)") for m in METHODS}
+    assert changed["gradient"]["images the attack changed"] == N - 2
+    assert changed["lrp"]["images the attack changed"] == N
+    text = build_report(run).read_text()
+    assert f"The attack changed {N - 2} of {N} images; the other 2 score robustness 1" in text
+    assert text.count("The attack changed") == 1

@@ -407,6 +407,11 @@ def _unfinished(run: _Run, methods: Sequence[str], lines: Sequence[Mapping]) -> 
     return ", ".join(missing)
 
 
+def _changed(record: Mapping[str, object]) -> bool:
+    change = record.get("input_max_change")
+    return not isinstance(change, (int, float)) or change > 0
+
+
 def _section_results(run: _Run) -> str:
     if not run.results and run.explain_name == "results":
         return ""
@@ -420,6 +425,11 @@ def _section_results(run: _Run) -> str:
     columns = list(groups)
     header = ["median over images"] + [m if not g else f"{m} ({g})" for m, g in columns]
     rows = [["images"] + [len({r.get("index") for r in groups[c]}) for c in columns]]
+    if any(isinstance(r.get("input_max_change"), (int, float)) for r in run.results):
+        # An image no step moved scores as its original in every median: say how many.
+        rows.append(
+            ["images the attack changed"] + [sum(_changed(r) for r in groups[c]) for c in columns]
+        )
     if kept:
         rows.append(
             ["labels kept (fraction)"]
@@ -719,6 +729,12 @@ def _recommendation(run: _Run) -> str:
                 f"{_e(method)} map the attack moved (that one is in the attack table).</p>"
             )
         out.append(_table(f"choice_{_slug(method)}", header, rows))
+        attacked, n = s.get("attacked"), s["undefended"].get("n")
+        if isinstance(attacked, int) and isinstance(n, int) and attacked < n:
+            out.append(
+                f"<p>The attack changed {attacked} of {n} images; the other {n - attacked} "
+                "score robustness 1 in every row, defended or not.</p>"
+            )
         out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
     return "".join(out)
 
