@@ -353,11 +353,17 @@ def test_images_are_embedded_pngs_of_the_expected_size(full_run):
         # original, its map, attacked, its map, target, then one map per beta
         assert sizes[f"{method} grid"] == figures.grid_size(rows, 5 + len(BETAS))
         assert sizes[f"{method} quality against time"] == plot
-        assert sizes[f"{method} defense curves"] == tuple(
-            round(v * figures.DPI) for v in figures.DEFENSE_SIZE
-        )
-    for name in ("softplus", "density", "mc_error", "smoothing_vs_smoothgrad", "curvature"):
-        assert sizes[f"theorem_{name}"] == plot
+        curves = f"{method}: similarity of the defended maps against β, PCC and SSIM"
+        assert sizes[curves] == tuple(round(v * figures.DPI) for v in figures.DEFENSE_SIZE)
+    # The theory figures' alternative texts are their captions.
+    for alt in (
+        "softplus_β against ReLU",
+        "The logistic density p_β against the normal density of the same variance",
+        "PCC of the β-smoothed gradient with SmoothGrad (digits-cnn)",
+        "Curvature of the β-smoothed digits-cnn against β",
+    ):
+        assert sizes[alt] == plot
+    assert sum(alt.startswith("Monte Carlo error of") for alt in sizes) == 1
     assert len(page.images) == 3 * len(METHODS) + 5
 
 

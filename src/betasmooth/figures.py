@@ -421,7 +421,8 @@ def defense_curves(
 
     Colour tells the comparison (attacked map vs original, vs target, clean
     map vs target, vs original), line style the defense: solid for beta-smoothing,
-    dotted for SmoothGrad at the matched noise level, grey for no defense.
+    dotted for SmoothGrad at the matched noise level, faint dotted horizontal
+    lines in each comparison's colour for no defense.
 
     Parameters
     ----------
@@ -440,7 +441,7 @@ def defense_curves(
     smoothgrad : mapping of str to sequence of float, optional
         The same keys for SmoothGrad, one median per ``smoothgrad_betas``.
     undefended : mapping of str to float, optional
-        The same keys for the ReLU network without defense, drawn as grey
+        The same keys for the ReLU network without defense, drawn as faint
         horizontal lines (e.g. ``adv_vs_orig_pcc`` = median ``expl_pcc_orig``).
     undefended_label : str
         Legend entry of those lines: what they measure (for an adaptive attack

@@ -823,17 +823,18 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         undefended_label=legend,
         title=f"{method}: defended maps against β",
     )
-    red = (
+    target = (
         ""
         if _untargeted(run, _goal(run, method))
-        else "red: attacked map vs target map (low is good); "
+        else "red: attacked map vs target map (low is good); orange: clean map vs target "
+        "map (where the defense alone puts the map; the attack's gain is red above it); "
     )
     return _img(
         path,
-        f"{method} defense curves",
-        f"Blue: attacked map vs original map (high is good); {red}green: clean map vs "
+        f"{method}: similarity of the defended maps against β, PCC and SSIM",
+        f"Blue: attacked map vs original map (high is good); {target}green: clean map vs "
         "original (what the defense costs without attack). Solid: β-smoothing; dotted: "
-        f"SmoothGrad with noise of the same variance; faint: {faint}.",
+        f"SmoothGrad with noise of the same variance; faint dotted, in each colour: {faint}.",
     )
 
 
@@ -945,7 +946,11 @@ def _section_theory(run: _Run) -> str:
     }
     out.append(
         "<div class='figs'>"
-        + "".join(_img(p, p.stem, captions.get(p.stem, "")) for p in paths)
+        # The caption says what a figure shows: its alternative text too.
+        + "".join(
+            _img(p, captions.get(p.stem, p.stem).rstrip("."), captions.get(p.stem, ""))
+            for p in paths
+        )
         + "</div>"
     )
     if not paths:
