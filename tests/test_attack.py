@@ -515,6 +515,46 @@ def test_a_sweep_of_an_attack_that_changed_no_image_recommends_no_beta(small):
     assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.3) is not None
 
 
+def test_the_sweep_says_how_much_of_the_attacks_gain_each_beta_leaves(small):
+    # "more robust" alone read as a defense where most of the pull to the target stayed.
+    net, x = small
+    target = _targets(net, x)
+    x_adv = bs.manipulate(net, x, target, "gradient", steps=20).x_adv
+    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0, 5.0], smoothgrad_n=2)
+    rows = sweep.records()
+    plain = _maps(net, torch.cat([x_adv, x]), target=net(x).argmax(1).repeat(2))
+    for i, r in enumerate(rows[: len(x)]):
+        after = stats.pearsonr(plain[i].flatten().numpy(), target[i].flatten().numpy())[0]
+        before = stats.pearsonr(plain[len(x) + i].flatten().numpy(), target[i].flatten().numpy())[0]
+        assert r["undefended_target_pcc"] == pytest.approx(after, abs=1e-5)
+        assert r["undefended_before_pcc"] == pytest.approx(before, abs=1e-5)
+    summary = sweep.summary(min_fidelity=0.0)
+
+    def median(key, defense=None, beta=None):
+        return np.median(
+            [
+                r[key]
+                for r in rows
+                if defense is None or (r["defense"], r["beta"]) == (defense, beta)
+            ][: None if defense else len(x)]
+        )
+
+    gain = median("undefended_target_pcc") - median("undefended_before_pcc")
+    assert gain > 0 and summary["undefended"]["gain_pcc"] == pytest.approx(gain)
+    for defense, cells in (("beta_smooth", "betas"), ("smoothgrad", "smoothgrad")):
+        for beta in (1.0, 5.0):
+            left = median("adv_vs_target_pcc", defense, beta) - median(
+                "clean_vs_target_pcc", defense, beta
+            )
+            got = summary[cells][f"{beta:g}"]["gain_left"]
+            assert got == pytest.approx(left / gain)
+    rec = summary["recommended_beta"]
+    share = 100 * summary["betas"][f"{rec:g}"]["gain_left"]
+    assert verdict(summary).endswith(
+        f"; {share:.0f} % of the attack's gain in PCC to the target left"
+    )
+
+
 def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
     # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
     # "no beta in the sweep has median fidelity >= 0.9", false of that beta.

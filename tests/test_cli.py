@@ -169,8 +169,8 @@ def _assert_adaptive_attacks_say_what_their_sweep_measures(run):
     finally:
         stored.write_text(kept)
     assert html_old.count("undefended: plain gradient") == 2
-    assert "faint: the attacked beta_smooth map, no further defense" in html
-    assert "faint: no defense." in html  # the other methods
+    assert "faint dotted, in each colour: the attacked beta_smooth map, no further defense" in html
+    assert "faint dotted, in each colour: no defense." in html  # the other methods
 
 
 def _assert_sweep_starts_from_the_attacked_maps(results, sweep):

@@ -1547,11 +1547,13 @@ class SweepResult:
         the attack's gain under the defense is ``adv_vs_target`` less this) and
         ``undefended_<m>`` (the undefended map of ``x_adv`` against the map of
         ``x``, the same in every row of an image) for every metric ``m`` of
-        :func:`betasmooth.compare`; ``changed``, whether the defense changed
-        the map of ``x`` or of ``x_adv`` at all (not where beta-smoothing finds
-        no ReLU to replace); ``attacked``, whether ``x_adv`` differs from ``x``
-        at all; and ``seconds``: the time per image for both maps (of
-        ``x_adv`` and ``x``).
+        :func:`betasmooth.compare`; ``undefended_target_pcc`` and
+        ``undefended_before_pcc`` (the undefended maps of ``x_adv`` and of ``x``
+        against the target: the attack's gain without a defense); ``changed``,
+        whether the defense changed the map of ``x`` or of ``x_adv`` at all
+        (not where beta-smoothing finds no ReLU to replace); ``attacked``,
+        whether ``x_adv`` differs from ``x`` at all; and ``seconds``: the time
+        per image for both maps (of ``x_adv`` and ``x``).
         """
         return list(self.rows)
 
@@ -1570,8 +1572,9 @@ class SweepResult:
         >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
         >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
         >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
-        >>> sorted(sweep.summary()["betas"]["1"])
-        ['changed', 'fidelity_pcc', 'fidelity_ssim', 'n', 'robustness_pcc', 'robustness_ssim']
+        >>> sorted(sweep.summary()["betas"]["1"])  # doctest: +NORMALIZE_WHITESPACE
+        ['changed', 'fidelity_pcc', 'fidelity_ssim', 'gain_left', 'n', 'robustness_pcc',
+         'robustness_ssim']
         """
         return sweep_summary(self.rows, min_fidelity)["method"]
 
@@ -1783,6 +1786,9 @@ def defense_sweep(
         plain = explain(model, both, method, label.repeat(2), **options)
         map_plain, map_orig = heatmap(plain).detach().chunk(2)
         undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
+        # The attack's gain in PCC to the target, without a defense: what a defense undoes.
+        undefended["undefended_target_pcc"] = metrics.pcc(map_plain, target_map)
+        undefended["undefended_before_pcc"] = metrics.pcc(map_orig, target_map)
         attacked = [not torch.equal(a, b) for a, b in zip(x_adv, x)]
         rows: list[dict[str, object]] = []
         kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -47,14 +47,36 @@ def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
     return medians(rows, [key])[key]
 
 
-def _cell(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
+def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> dict[str, object]:
     cell: dict[str, object] = {"n": len(rows)}
     for m in METRICS:
         cell[f"robustness_{m}"] = _median(rows, f"adv_vs_clean_{m}")
         cell[f"fidelity_{m}"] = _median(rows, f"clean_vs_orig_{m}")
     # Records of older versions do not say: taken as changed.
     cell["changed"] = any(r.get("changed", True) is not False for r in rows)
+    cell["gain_left"] = _gain_left(rows, gain)
     return cell
+
+
+def _gain(rows: Sequence[Mapping[str, object]]) -> float | None:
+    """The attack's gain in median PCC to the target without a defense, or None
+    (older records, or no gain to undo)."""
+    after = _median(rows, "undefended_target_pcc")
+    before = _median(rows, "undefended_before_pcc")
+    if after is None or before is None or not after - before > 0:
+        return None
+    return after - before
+
+
+def _gain_left(rows: Sequence[Mapping[str, object]], gain: float | None) -> float | None:
+    """The share of ``gain`` that the defended maps still show: their median PCC to
+    the target, of ``x_adv`` less that of ``x`` (the defense moves the map of ``x``
+    too), over ``gain``."""
+    after = _median(rows, "adv_vs_target_pcc")
+    before = _median(rows, "clean_vs_target_pcc")
+    if gain is None or after is None or before is None:
+        return None
+    return (after - before) / gain
 
 
 def recommend_beta(
@@ -126,7 +148,10 @@ def sweep_summary(
         Sweep records with ``method`` (default ``"method"`` when absent),
         ``defense``, ``beta``, ``adv_vs_clean_<m>``, ``clean_vs_orig_<m>`` and
         ``undefended_pcc`` / ``undefended_ssim`` (the undefended map of
-        ``x_adv`` against the map of ``x``; one per image is used).
+        ``x_adv`` against the map of ``x``; one per image is used); with
+        ``adv_vs_target_pcc``, ``clean_vs_target_pcc``,
+        ``undefended_target_pcc`` and ``undefended_before_pcc`` also the gain
+        left.
     min_fidelity : float
         Least median fidelity (PCC) of a recommended beta.
 
@@ -143,7 +168,12 @@ def sweep_summary(
         ``robustness_pcc``, ``robustness_ssim``, ``fidelity_pcc``,
         ``fidelity_ssim`` (the undefended row: robustness only, fidelity 1);
         a defense's also ``changed``, whether it changed any map.
-        Betas are keyed by :func:`beta_key`. ``attacked`` counts the images
+        Betas are keyed by :func:`beta_key`. The undefended row's
+        ``gain_pcc`` is the attack's gain in median PCC to the target (None
+        without one, or for an adaptive attack, whose undefended row is the
+        base map), each cell's ``gain_left`` the share of it that the defended
+        maps still show: (median PCC to the target of the defended map of
+        ``x_adv`` - that of ``x``) / ``gain_pcc``. ``attacked`` counts the images
         whose ``x_adv`` differs from ``x``: with none, no beta is recommended.
 
     Examples
@@ -167,17 +197,20 @@ def sweep_summary(
         )
     out: dict[str, dict[str, object]] = {}
     for method, cells in groups.items():
-        table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
-        for (defense, beta), rows in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-            table.setdefault(defense, {})[beta_key(beta)] = _cell(rows)
         first = min(cells, key=lambda k: (k[0] != "beta_smooth", k[1]))
         rows = cells[first]
+        # An adaptive attack moved the defended map, not the base map of these rows.
+        gain = _gain(rows) if rows[0].get("base") in (None, method) else None
+        table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
+        for (defense, beta), cell_rows in sorted(cells.items(), key=lambda kv: kv[0]):
+            table.setdefault(defense, {})[beta_key(beta)] = _cell(cell_rows, gain)
         # Records of older versions do not say: taken as attacked.
         attacked = sum(r.get("attacked", True) is not False for r in rows)
-        undefended = {"n": len(rows)}
+        undefended: dict[str, object] = {"n": len(rows)}
         for m in METRICS:
             undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
+        undefended["gain_pcc"] = gain
         out[method] = {
             "base": rows[0].get("base"),
             "undefended": undefended,
@@ -239,7 +272,12 @@ def verdict(summary: Mapping[str, object]) -> str:
         if gain < -SAME_PCC
         else f"about as robust (within {SAME_PCC:g})"
     )
-    return f"{text}: robustness {ours:.3f} vs {plain:.3f} undefended, {word}"
+    text = f"{text}: robustness {ours:.3f} vs {plain:.3f} undefended, {word}"
+    left = summary["betas"][beta_key(rec)].get("gain_left")
+    if left is None:
+        return text
+    # Robustness alone can rise while most of the attack's pull to the target stays.
+    return f"{text}; {100 * left:.0f} % of the attack's gain in PCC to the target left"
 
 
 def _num(value: object) -> str:
@@ -256,14 +294,14 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
     ...      "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
     ... ]
     >>> print(format_summary(sweep_summary(rows)))  # doctest: +NORMALIZE_WHITESPACE
-    method  defense         beta    n  robust pcc  robust ssim  fidel pcc  fidel ssim
-    method  undefended         -    1       0.300            -      1.000       1.000
-    method  beta_smooth      1 *    1       0.800            -      0.950           -
+    method  defense         beta    n  robust pcc  robust ssim  fidel pcc  fidel ssim  gain left
+    method  undefended         -    1       0.300            -      1.000       1.000          -
+    method  beta_smooth      1 *    1       0.800            -      0.950           -          -
     method: recommended beta 1 (most robust with median fidelity >= 0.9):
     robustness 0.800 vs 0.300 undefended, more robust
     """
-    head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim")
-    keys = CELL_KEYS
+    head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim", "gain left")
+    keys = (*CELL_KEYS, "gain_left")
     width = max([len("method"), *map(len, summary)]) + 2
     lines = ["method".ljust(width) + "defense".ljust(14) + "beta".rjust(6) + "n".rjust(5)]
     lines[0] += "".join(h.rjust(w + 2) for h, w in zip(head, map(len, head)))

@@ -706,9 +706,11 @@ def _recommendation(run: _Run) -> str:
         "original (high: the attack no longer moves the map). Fidelity: defended map of the "
         "original against the undefended one (high: the defense still explains the "
         "network). The recommended beta (marked ★) is the most robust one whose median "
-        "fidelity (PCC) reaches the threshold. Medians over images.</p>",
+        "fidelity (PCC) reaches the threshold. Gain left: the share of the attack's gain in "
+        "median PCC to the target that the defended maps still show (their PCC to the "
+        "target, of the attacked image less that of the original). Medians over images.</p>",
     ]
-    keys = CELL_KEYS
+    keys = (*CELL_KEYS, "gain_left")
     for method, s in sorted(_summary(run).items()):
         rec = s.get("recommended_beta")
         base = _base(run, method)
@@ -719,7 +721,7 @@ def _recommendation(run: _Run) -> str:
                 star = " ★" if name == "β-smoothing" and rec == float(beta) else ""
                 rows.append([f"{name} β={beta}{star}", cell.get("n")] + [cell.get(k) for k in keys])
         header = ["setting", "images", "robustness PCC", "robustness SSIM"]
-        header += ["fidelity PCC", "fidelity SSIM"]
+        header += ["fidelity PCC", "fidelity SSIM", "gain left"]
         out.append(f"<h4>{_e(method)}</h4>")
         if base != method:
             out.append(
