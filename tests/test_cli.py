@@ -1988,3 +1988,21 @@ def test_demo_records_the_fingerprints_of_its_images_and_weights(demo_dir):
         inputs.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     weights = hashlib.sha256(weights_file("digits-cnn", None).read_bytes()).hexdigest()
     assert (config["inputs_sha256"], config["weights_sha256"]) == (inputs.hexdigest(), weights)
+
+
+def test_a_run_made_with_a_std_alone_is_swept_and_resumed_with_its_neutral_mean(tmp_path, capsys):
+    # Up to 0.9.0 --std alone was taken (mean 0); it is refused now, and such a run's
+    # config must still be read: its sweep failed and --resume refused every spelling.
+    common = ["--model", "digits-cnn", "--data", "digits", "--method", "gradient", "-n", "2"]
+    out = tmp_path / "run"
+    argv = ["attack", *common, "--steps", "2", "--mean", "0", "--std", "0.5", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["mean"] == [0.0] and config["std"] == [0.5]
+    config["mean"] = None  # as 0.9.0 wrote it
+    (out / "config.json").write_text(json.dumps(config))
+    assert main([*argv, "--resume", "--no-progress"]) == 0
+    assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2  # 2 images x (beta_smooth, smoothgrad) at beta 1

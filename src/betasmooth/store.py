@@ -402,7 +402,7 @@ class RunDir:
                 "demo, attack, explain, sweep, curvature or theorem"
             )
         remedy = "restore it, or start the run again in a new --out"
-        return _read_object(self.config_path, remedy, "a run's settings")
+        return _with_both_statistics(_read_object(self.config_path, remedy, "a run's settings"))
 
     def lock(self, dist: Dist | None = None) -> None:
         """Hold the directory for this job, until as many :meth:`unlock` calls.
@@ -1035,3 +1035,14 @@ def _extra_key(record: Record) -> tuple:
     # Sweep and curvature records hold several rows per (index, method), one per beta
     # and defense; they are told apart by those fields.
     return tuple(str(record.get(k)) for k in ("defense", "beta") if k in record)
+
+
+def _with_both_statistics(config: dict[str, object]) -> dict[str, object]:
+    """``config`` with a normalisation mean and std both given or neither: up to 0.9.0
+    one could be given alone (the other was then 0 or 1), which is now refused, so
+    such a run is read, swept and resumed (with ``--mean 0`` or ``--std 1``) as that."""
+    if "mean" in config and "std" in config and (config["mean"] is None) != (config["std"] is None):
+        config["mean" if config["mean"] is None else "std"] = [
+            0.0 if config["mean"] is None else 1.0
+        ]
+    return config
