@@ -960,3 +960,31 @@ def test_captum_sampling_methods_are_seeded_per_batch_and_restore_the_generators
         np.testing.assert_allclose(
             maps[0][first:stop], heatmap(expected).detach().numpy(), rtol=1e-5, atol=1e-7
         )
+
+
+def test_attack_runs_seed_a_method_that_draws_from_the_global_generator(tmp_path, monkeypatch):
+    # A model file's method drawing torch.randn gave other maps and attacks on a rerun.
+    from betasmooth.explain import METHODS, register
+    from betasmooth.runs import attack_run, load_inputs
+
+    @register("noisy_gradient_test")
+    def noisy(model, x, target, *, create_graph=False):
+        with torch.enable_grad():
+            noisy_x = x + 0.05 * torch.randn_like(x)
+            if not create_graph:
+                noisy_x = noisy_x.detach().requires_grad_(True)
+            logits = model(noisy_x)
+            target = logits.argmax(1) if target is None else target
+            out = logits.gather(1, target[:, None]).sum()
+            return torch.autograd.grad(out, noisy_x, create_graph=create_graph)[0]
+
+    monkeypatch.setitem(METHODS, "noisy_gradient_test", METHODS.pop("noisy_gradient_test"))
+    model, x, y = load_inputs("digits-cnn", "digits", n=2)
+    arrays = []
+    for name, torch_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(torch_seed)  # the caller's generator differs between the runs
+        run = RunDir.create(tmp_path / name, {"command": "attack"})
+        attack_run(run, model, x, y, ["noisy_gradient_test"], steps=2, seed=3)
+        arrays.append(run.read_arrays("noisy_gradient_test"))
+    for key in ("map_orig", "map_adv", "map_target", "x_adv"):
+        np.testing.assert_array_equal(arrays[0][key], arrays[1][key])

@@ -357,6 +357,11 @@ def attack_run(
     )
 
     def work(unit: Unit) -> tuple[list[Record], AttackBatch]:
+        # A model file's method that draws from the global generators repeats its draws.
+        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
+            return attack_batch(unit)
+
+    def attack_batch(unit: Unit) -> tuple[list[Record], AttackBatch]:
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
         defaults = ATTACK_DEFAULTS.get(unit.method, {}).get("options")
@@ -582,6 +587,10 @@ def sweep_run(
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
+        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
+            return sweep_batch(unit)
+
+    def sweep_batch(unit: Unit) -> tuple[list[Record], SweepBatch]:
         batch = attacked[(unit.method, unit.indices[0])]
         rows = [[int(i) for i in batch.index].index(i) for i in unit.indices]
         x, x_adv, target_map = (
