@@ -1276,3 +1276,19 @@ def test_a_model_file_imports_the_modules_beside_it_as_a_script_does(tmp_path, m
     expected = nn.Linear(4, 2)
     x = torch.rand(3, 4)
     torch.testing.assert_close(model(x), expected(x) * 3.0)
+
+
+def test_two_model_files_with_siblings_of_one_name_each_get_their_own(tmp_path, monkeypatch):
+    # a/blocks.py and b/blocks.py: the second model was built from the first one's.
+    for folder, width in (("a", 2), ("b", 5)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "betasmooth_test_shared.py").write_text(
+            f"from torch import nn\n\ndef head():\n    return nn.Linear(4, {width})\n"
+        )
+        (tmp_path / folder / "net.py").write_text(
+            "from betasmooth_test_shared import head\n\ndef build():\n    return head()\n"
+        )
+    monkeypatch.chdir(tmp_path)
+    assert bs.load_model("a/net.py:build").out_features == 2
+    assert bs.load_model("b/net.py:build").out_features == 5
+    assert "betasmooth_test_shared" not in sys.modules

@@ -1090,11 +1090,22 @@ def _importable_beside(path: Path) -> Iterator[None]:
     added = folder not in sys.path
     if added:
         sys.path.insert(0, folder)
+    before = set(sys.modules)
     try:
         yield
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
+        # Its siblings leave sys.modules again: another folder's blocks.py, or this
+        # one's changed on disk, would else be given the first one imported. Only
+        # modules of the folder's own files and packages: not a library that a
+        # virtual environment inside it holds, whose second import would break.
+        for name in set(sys.modules) - before:
+            where = getattr(sys.modules[name], "__file__", None)
+            top = name.partition(".")[0]
+            if where and Path(where).resolve().is_relative_to(folder):
+                if Path(where).resolve().relative_to(folder).parts[0] in (top, f"{top}.py"):
+                    del sys.modules[name]
 
 
 def _is_file(where: str) -> bool:
