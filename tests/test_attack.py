@@ -23,6 +23,7 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth import attack
+from betasmooth import recommend as bs_recommend
 from betasmooth.attack import (
     ATTACK_DEFAULTS,
     LOSSES,
@@ -515,6 +516,18 @@ def test_a_sweep_of_an_attack_that_changed_no_image_recommends_no_beta(small):
     assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.3) is not None
 
 
+@pytest.mark.parametrize("goal", ["topk", "center"])
+def test_an_untargeted_attack_on_smoothgrad_is_scored_against_its_fresh_original_map(small, goal):
+    # The untargeted goals' reference is the map of x: under the scoring draws too.
+    net, x = small
+    options = {"n": 4, "sigma": 0.1, "seed": 3}
+    result = bs.manipulate(net, x, None, "smoothgrad", goal=goal, steps=2, method_options=options)
+    scored = {**options, "seed": zlib.crc32(b"scored 3")}
+    torch.testing.assert_close(result.map_orig, _maps(net, x, "smoothgrad", **scored))
+    assert torch.equal(result.map_target, result.map_orig)
+    torch.testing.assert_close(result.metrics["expl_pcc_target_before"], torch.ones(len(x)))
+
+
 def test_the_sweep_says_how_much_of_the_attacks_gain_each_beta_leaves(small):
     # "more robust" alone read as a defense where most of the pull to the target stayed.
     net, x = small
@@ -553,6 +566,32 @@ def test_the_sweep_says_how_much_of_the_attacks_gain_each_beta_leaves(small):
     assert verdict(summary).endswith(
         f"; {share:.0f} % of the attack's gain in PCC to the target left"
     )
+
+
+def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
+    # A gain of 0.005 in PCC to the target made "84 % of the attack's gain left" of noise.
+    def row(beta, adv, clean):
+        return {
+            "defense": "beta_smooth", "beta": beta, "adv_vs_clean_pcc": 0.9,
+            "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.8, "adv_vs_target_pcc": adv,
+            "clean_vs_target_pcc": clean, "undefended_target_pcc": 0.305,
+            "undefended_before_pcc": 0.3,
+        }  # fmt: skip
+
+    summary = bs_recommend.sweep_summary([row(1.0, 0.31, 0.3)])["method"]
+    assert summary["undefended"]["gain_pcc"] is None
+    assert summary["betas"]["1"]["gain_left"] is None
+    assert "% of the attack's gain" not in verdict(summary)
+    # Above it: (0.36 - 0.3) / (0.4 - 0.3) of the gain left.
+    moved = {**row(1.0, 0.36, 0.3), "undefended_target_pcc": 0.4}
+    summary = bs_recommend.sweep_summary([moved])["method"]
+    assert summary["betas"]["1"]["gain_left"] == pytest.approx(0.6)
+    assert verdict(summary).endswith("; 60 % of the attack's gain in PCC to the target left")
+    # Records of an older version among the rows: no gain from part of the images.
+    old = {k: v for k, v in moved.items() if not k.startswith("undefended_t")}
+    old.pop("undefended_before_pcc")
+    mixed = bs_recommend.sweep_summary([moved, {**old}])["method"]
+    assert mixed["undefended"]["gain_pcc"] is None
 
 
 def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():

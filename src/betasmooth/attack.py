@@ -1078,7 +1078,8 @@ def manipulate(
         Options of the method, e.g. ``{"beta": 0.8}`` for beta_smooth or
         ``{"n": 10, "seed": 0}`` for smoothgrad (fixed draws per step). A
         method's ``seed`` seeds the attack's draws only: the result's maps and
-        metrics come from draws it did not see (:func:`scoring_options`).
+        metrics come from draws it did not see (:func:`scoring_options`); its
+        ``history`` holds the losses on the attack's own draws.
     eot : bool
         Expectation over transformations: fresh draws each step (the
         method's ``seed`` option set to ``seed + 1 + step``).

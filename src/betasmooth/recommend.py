@@ -59,11 +59,14 @@ def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> di
 
 
 def _gain(rows: Sequence[Mapping[str, object]]) -> float | None:
-    """The attack's gain in median PCC to the target without a defense, or None
-    (older records, or no gain to undo)."""
-    after = _median(rows, "undefended_target_pcc")
-    before = _median(rows, "undefended_before_pcc")
-    if after is None or before is None or not after - before > 0:
+    """The attack's gain in median PCC to the target without a defense, or None: for
+    records of older versions (also some of them), and a gain within :data:`SAME_PCC`,
+    against which a share is noise."""
+    keys = ("undefended_target_pcc", "undefended_before_pcc")
+    if not all(all(k in r for k in keys) for r in rows):
+        return None
+    after, before = (_median(rows, k) for k in keys)
+    if after is None or before is None or not after - before > SAME_PCC:
         return None
     return after - before
 
@@ -173,7 +176,9 @@ def sweep_summary(
         without one, or for an adaptive attack, whose undefended row is the
         base map), each cell's ``gain_left`` the share of it that the defended
         maps still show: (median PCC to the target of the defended map of
-        ``x_adv`` - that of ``x``) / ``gain_pcc``. ``attacked`` counts the images
+        ``x_adv`` - that of ``x``) / ``gain_pcc``, which can fall below 0 or
+        exceed 1; ``gain_pcc`` is None too when the gain is at most
+        :data:`SAME_PCC`. ``attacked`` counts the images
         whose ``x_adv`` differs from ``x``: with none, no beta is recommended.
 
     Examples
