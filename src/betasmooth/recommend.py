@@ -59,9 +59,9 @@ def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> di
 
 
 def _gain(rows: Sequence[Mapping[str, object]]) -> float | None:
-    """The attack's gain in median PCC to the target without a defense, or None: for
-    records of older versions (also some of them), and a gain within :data:`SAME_PCC`,
-    against which a share is noise."""
+    """The attack's gain in median PCC to the target without a defense, or None: when
+    a record of an older version, which lacks the undefended target scores, is among
+    ``rows``, and for a gain within :data:`SAME_PCC`, against which a share is noise."""
     keys = ("undefended_target_pcc", "undefended_before_pcc")
     if not all(all(k in r for k in keys) for r in rows):
         return None
