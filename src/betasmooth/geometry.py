@@ -157,7 +157,7 @@ def _lanczos(
         exhausted = beta <= 1e3 * torch.finfo(w.dtype).eps * scale
         # Converged when the Ritz pair's residual |beta_k s_k| is small, not when the
         # estimate stalls (a stall next to a lower eigenvalue is not convergence).
-        last = vectors[torch.arange(batch), -1, top].abs()
+        last = vectors[torch.arange(batch, device=vectors.device), -1, top].abs()
         converged = beta * last <= tol * estimate
         done = done | exhausted | (converged if k > 1 else False)
         if bool(done.all()):
