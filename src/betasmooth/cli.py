@@ -968,14 +968,11 @@ def _load_images(
 def _apply_preset(args: argparse.Namespace) -> None:
     """A torchvision model brings its preprocessing: mean and std unless given."""
     args.preset = None
-    pretrained = is_pretrained(getattr(args, "model", None))
-    if hasattr(args, "mean"):
-        both_or_neither(
-            args.mean, args.std, ("--mean", "--std"), args.model if pretrained else None
-        )
-    if pretrained:
+    if is_pretrained(getattr(args, "model", None)):
         args.mean, args.std = preset_mean_std(args.model, args.mean, args.std, ("--mean", "--std"))
         args.preset = args.model
+    elif hasattr(args, "mean"):
+        both_or_neither(args.mean, args.std, ("--mean", "--std"))
 
 
 def _classes(settings: Mapping[str, object]) -> list[str] | None:

@@ -205,7 +205,8 @@ def sweep_summary(
         first = min(cells, key=lambda k: (k[0] != "beta_smooth", k[1]))
         rows = cells[first]
         # An adaptive attack moved the defended map, not the base map of these rows.
-        gain = _gain(rows) if rows[0].get("base") in (None, method) else None
+        base = rows[0].get("base")
+        gain = _gain(rows) if base in (None, method) else None
         table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
         for (defense, beta), cell_rows in sorted(cells.items(), key=lambda kv: kv[0]):
             table.setdefault(defense, {})[beta_key(beta)] = _cell(cell_rows, gain)
@@ -217,7 +218,7 @@ def sweep_summary(
             undefended[f"fidelity_{m}"] = 1.0
         undefended["gain_pcc"] = gain
         out[method] = {
-            "base": rows[0].get("base"),
+            "base": base,
             "undefended": undefended,
             "betas": table["beta_smooth"],
             "smoothgrad": table["smoothgrad"],

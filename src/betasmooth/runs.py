@@ -295,6 +295,19 @@ def _options(
     return options
 
 
+def _seeded(work: Callable[[Unit], object], seed: int, device: torch.device) -> Callable:
+    """``work`` with torch's and numpy's global generators seeded per unit from ``seed``
+    and its first index: Captum's sampling methods (GradientShap, Lime, ...) and a
+    model file's methods draw from them, and a rerun, --resume and torchrun repeat
+    their draws."""
+
+    def seeded_work(unit: Unit) -> object:
+        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
+            return work(unit)
+
+    return seeded_work
+
+
 def attack_run(
     run: RunDir,
     model: torch.nn.Module,
@@ -357,11 +370,6 @@ def attack_run(
     )
 
     def work(unit: Unit) -> tuple[list[Record], AttackBatch]:
-        # A model file's method that draws from the global generators repeats its draws.
-        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
-            return attack_batch(unit)
-
-    def attack_batch(unit: Unit) -> tuple[list[Record], AttackBatch]:
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
         defaults = ATTACK_DEFAULTS.get(unit.method, {}).get("options")
@@ -408,7 +416,9 @@ def attack_run(
         return records, batch
 
     units = plan(methods, range(x.shape[0]), batch_size)
-    return execute(run, units, work, dist=dist, progress=progress, desc="attack")
+    return execute(
+        run, units, _seeded(work, seed, device), dist=dist, progress=progress, desc="attack"
+    )
 
 
 def explain_run(
@@ -459,11 +469,7 @@ def explain_run(
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)
-        # Captum's sampling methods (GradientShap, Lime, ...) and a model file's methods
-        # draw from the global generators: seeded per batch, as the attack's draws, so
-        # that a rerun, --resume and torchrun give the same maps.
-        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
-            attribution = explain(model, xb, unit.method, label, **options).detach()
+        attribution = explain(model, xb, unit.method, label, **options).detach()
         maps = heatmap(attribution)
         flat = maps.flatten(1)
         k = max(1, flat.shape[1] // 10)
@@ -495,7 +501,15 @@ def explain_run(
         return records, batch
 
     units = plan(methods, range(x.shape[0]), batch_size)
-    return execute(run, units, work, name=name, dist=dist, progress=progress, desc="explain")
+    return execute(
+        run,
+        units,
+        _seeded(work, seed, device),
+        name=name,
+        dist=dist,
+        progress=progress,
+        desc="explain",
+    )
 
 
 def sweep_run(
@@ -587,10 +601,6 @@ def sweep_run(
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
-        with seeded(unit_seed(seed, unit.method, unit.indices[0]), device):
-            return sweep_batch(unit)
-
-    def sweep_batch(unit: Unit) -> tuple[list[Record], SweepBatch]:
         batch = attacked[(unit.method, unit.indices[0])]
         rows = [[int(i) for i in batch.index].index(i) for i in unit.indices]
         x, x_adv, target_map = (
@@ -624,7 +634,7 @@ def sweep_run(
     records = execute(
         run,
         units,
-        work,
+        _seeded(work, seed, device),
         name="sweep",
         dist=dist,
         progress=progress,

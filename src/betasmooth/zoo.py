@@ -1103,9 +1103,9 @@ def _importable_beside(path: Path) -> Iterator[None]:
         for name in set(sys.modules) - before:
             where = getattr(sys.modules[name], "__file__", None)
             top = name.partition(".")[0]
-            if where and Path(where).resolve().is_relative_to(folder):
-                if Path(where).resolve().relative_to(folder).parts[0] in (top, f"{top}.py"):
-                    del sys.modules[name]
+            mine = (Path(folder, top), Path(folder, f"{top}.py"))
+            if where and any(Path(where).resolve().is_relative_to(p) for p in mine):
+                del sys.modules[name]
 
 
 def _is_file(where: str) -> bool:
