@@ -996,6 +996,8 @@ def test_a_smoothed_model_is_attacked_as_it_is_not_through_the_surrogate(small, 
     torch.testing.assert_close(found.x_adv, expected.x_adv, rtol=0, atol=1e-5)
     torch.testing.assert_close(found.map_adv, expected.map_adv, rtol=1e-4, atol=1e-7)
     assert found.settings["beta_schedule"] == "none"
+    # No geometric schedule ran: its end points are not recorded as if one had.
+    assert "beta0" not in found.settings and "beta_end" not in found.settings
 
 
 def test_a_schedule_given_for_a_smoothed_model_is_kept(small):
@@ -1025,6 +1027,7 @@ def test_a_schedule_given_for_a_smoothed_model_is_kept(small):
     )
     half = bs.manipulate(by_hand(0.5), x, target, "gradient", beta_schedule="none", **kwargs)
     assert found.settings["beta_schedule"] == 5.0
+    assert "beta0" not in found.settings and "beta_end" not in found.settings
     torch.testing.assert_close(found.history[0], five.history[0], rtol=1e-5, atol=0)
     assert not torch.allclose(found.history[0], half.history[0], rtol=1e-2, atol=0)
 

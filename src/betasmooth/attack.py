@@ -1438,7 +1438,10 @@ def _settings_record(s: _Settings) -> dict[str, object]:
             out["eps"] = s.eps
     else:
         out |= {"eps": s.eps, "step": s.step}
-    out |= {"beta_schedule": s.schedule, "beta0": s.beta0, "beta_end": s.beta_end}
+    out["beta_schedule"] = s.schedule
+    if s.schedule == "geometric":
+        # Only the geometric schedule reads them; elsewhere they would mislead.
+        out |= {"beta0": s.beta0, "beta_end": s.beta_end}
     for name, value in s.options.items():
         # Prefixed: a method's own steps (integrated gradients) are not the attack's.
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
