@@ -765,8 +765,14 @@ CLI: dict[str, tuple[list[str], str]] = {
     "Captum layer method on a dense layer": (
         [*EXPLAIN[:5], "--method", "captum:LayerGradCam", "--option"]
         + ["captum:LayerGradCam.layer=10", "--out", "{d}/run"],
-        r"^betasmooth: error: --option captum:LayerGradCam: captum:LayerGradCam gives maps of "
+        r"^betasmooth: error: --option captum:LayerGradCam gives maps of "
         r"layer 10 of shape \(1,\) per image, not an image \(C, H, W\) that a run can record",
+    ),
+    "Captum layer method on a layer the model lacks": (
+        [*EXPLAIN[:5], "--method", "captum:LayerGradCam", "--option"]
+        + ["captum:LayerGradCam.layer=features.3", "--out", "{d}/run"],
+        r"^betasmooth: error: --option captum:LayerGradCam: the model has no submodule "
+        r"'features.3'; expected a name from model.named_modules\(\), e.g. 0, 1, 2",
     ),
     "--mean without --std": (
         [*ATTACK, "--mean", "0.485", "0.456", "0.406"],

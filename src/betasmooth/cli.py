@@ -1037,20 +1037,28 @@ def _check_given(
     Captum method (which only Captum can check, by running): a name or a value the method
     does not take, or a model it refuses, is named before anything is written."""
     for method in dict.fromkeys([*given, *(m for m in methods if m not in METHODS)]):
-        where = f"--option {method}: " if method in given else ""
+
+        def named(text: str, method: str = method) -> InputError:
+            """``text`` under the ``--option`` that caused it, the method named once."""
+            if method not in given:
+                return InputError(text)
+            if text.startswith(method):
+                return InputError(f"--option {text}")
+            return InputError(f"--option {method}: {text}")
+
         try:
             out = explain(model, x[:1], method, **options.get(method, {}))
         except InputError as err:
-            raise InputError(f"{where}{err}") from None
+            raise named(str(err)) from None
         except (TypeError, ValueError) as err:
-            raise InputError(f"{where}{method} refused its options: {err}") from None
+            raise named(f"{method} refused its options: {err}") from None
         try:
             heatmap(out)  # what the run records of each map: a layer method's must be an image
         except InputError:
             layer = options.get(method, {}).get("layer")
-            named = f" of layer {layer!r}" if layer is not None else ""
-            raise InputError(
-                f"{where}{method} gives maps{named} of shape {tuple(out.shape[1:])} per image, "
+            of_layer = f" of layer {layer!r}" if layer is not None else ""
+            raise named(
+                f"{method} gives maps{of_layer} of shape {tuple(out.shape[1:])} per image, "
                 "not an image (C, H, W) that a run can record; expected a layer with "
                 "spatial output (a convolution's, e.g. a ViT's conv_proj)"
             ) from None
