@@ -156,6 +156,28 @@ def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
     assert not (tmp_path / "empty").exists()
 
 
+def test_a_weights_enum_name_as_weights_file_points_to_the_spec(tmp_path, monkeypatch, capsys):
+    # torchvision's reflex, weights="DEFAULT": no such file, and the spec is where it goes;
+    # refused before the network is built or any file fetched.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        bs.load_model("torchvision:resnet18:IMAGENET1K_V1", weights="DEFAULT")
+    assert str(err.value) == (
+        "weights file DEFAULT does not exist; expected torchvision's weights named in the "
+        "model spec ('torchvision:resnet18:DEFAULT') or a file written by "
+        "torch.save(model.state_dict(), ...)"
+    )
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((2, 3, 32, 32), np.float32))
+    argv = ["explain", "--model", "torchvision:vgg11", "--weights", "IMAGENET1K_V1"]
+    argv += ["--method", "gradient", "--data", str(data), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "('torchvision:vgg11:IMAGENET1K_V1')" in err_lines[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()
+
+
 @pytest.mark.parametrize(("name", "size"), [("googlenet", 64), ("inception_v3", 80)])
 def test_own_weights_fine_tuned_from_the_pretrained_model_compute_what_it_computed(
     name, size, tmp_path, monkeypatch

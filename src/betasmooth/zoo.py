@@ -1217,6 +1217,15 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
         check_instance("weights", weights, (str, Path), "None or the path of a state dict file")
     builtin = BUILTIN_MODELS.get(spec)
     scheme = MODEL_SCHEMES.get(spec.partition(":")[0])
+    named = isinstance(weights, str) and weights.isidentifier()
+    if scheme is not None and named and not Path(weights).exists():
+        # A torchvision user's reflex (weights="DEFAULT") names no file.
+        name = ":".join(spec.split(":")[:2])
+        raise InputError(
+            f"weights file {weights} does not exist; expected torchvision's weights named in "
+            f"the model spec ('{name}:{weights}') or a file written by "
+            "torch.save(model.state_dict(), ...)"
+        )
     if builtin is not None:
         model = builtin()
     else:
