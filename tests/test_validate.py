@@ -931,3 +931,12 @@ def test_an_input_beyond_a_float16_models_range_names_its_largest_finite_value()
     big[1, 0, 3, 4] = -7e4
     with pytest.raises(InputError, match=r"\(largest \|x\| 7e\+04\); expected values within"):
         bs.explain(net, big, "gradient", 0)
+
+
+def test_a_value_just_past_the_bound_is_not_shown_as_the_bound():
+    # The tolerance is 1e-4 of the range: 1.0004 is refused, and the message must
+    # show it as past 1 (it printed "[0, 1], outside data_range [0, 1]").
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0004
+    with pytest.raises(InputError, match=r"^x has values in \[0, 1\.0004\], outside"):
+        check_in_range(x, 0.0, 1.0)

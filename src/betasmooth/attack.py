@@ -345,6 +345,18 @@ class ManipulationResult:
         ``beta_end`` and the method's options that are numbers or names (a
         rule, a composite) as ``method_<option>``; in :meth:`records` under
         ``attack_<name>``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> maps = bs.heatmap(bs.explain(model, x[:2], "gradient"))
+    >>> result = bs.manipulate(model, x[:2], maps.roll(1, 0), "gradient", steps=2)
+    >>> result.x_adv.shape, result.map_adv.shape, result.history.shape
+    (torch.Size([2, 1, 32, 32]), torch.Size([2, 32, 32]), torch.Size([2, 2]))
+    >>> sorted(result.maps), result.metrics["expl_pcc_target"].shape
+    (['adv', 'orig', 'target'], torch.Size([2]))
     """
 
     x: torch.Tensor
@@ -550,6 +562,13 @@ class Goal:
     ``targeted`` tells whether the goal steers to a target map (an untargeted
     one pushes away from the original map, its "target"); ``measure`` names
     the record that says how far it got, in the attacked map's words.
+
+    Examples
+    --------
+    >>> sorted(GOALS)
+    ['center', 'targeted', 'topk']
+    >>> GOALS["topk"].signed, GOALS["topk"].targeted, GOALS["topk"].measure
+    (True, False, 'expl_topk_orig')
     """
 
     objective: Callable[[_Problem, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -976,7 +995,7 @@ def manipulate(
     beta_schedule: str | float | None = None,
     beta0: float = 10.0,
     beta_end: float = 100.0,
-    data_range: tuple[float, float] | None = (0.0, 1.0),
+    data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
     loss: str = "mse",
     eps: float | None = None,
     step: float | None = None,
@@ -1533,6 +1552,21 @@ class SweepResult:
         One per (image, defense, beta); see :meth:`records`.
     maps : dict
         ``(defense, beta) -> (map of x_adv, map of x)``, each ``(B, H, W)``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> target_map = bs.heatmap(bs.explain(model, x[:2], "gradient")).roll(1, 0)
+    >>> x_adv = bs.manipulate(model, x[:2], target_map, "gradient", steps=2).x_adv
+    >>> sweep = bs.defense_sweep(
+    ...     model, x[:2], x_adv, target_map, "gradient", [1.0, 10.0], smoothgrad_n=4
+    ... )
+    >>> len(sweep.rows), sorted(sweep.maps)  # 2 images x 2 defenses x 2 betas
+    (8, [('beta_smooth', 1.0), ('beta_smooth', 10.0), ('smoothgrad', 1.0), ('smoothgrad', 10.0)])
+    >>> sorted(sweep.summary())
+    ['attacked', 'base', 'betas', 'min_fidelity', 'recommended_beta', 'smoothgrad', 'undefended']
     """
 
     rows: list[dict[str, object]]
@@ -1684,7 +1718,7 @@ def defense_sweep(
     smoothgrad_sigmas: Sequence[float] | None = None,
     smoothgrad_n: int = 20,
     defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
-    data_range: tuple[float, float] | None = (0.0, 1.0),
+    data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
     method_options: dict[str, object] | None = None,
     seed: int | Sequence[int] = 0,
     progress: bool = False,

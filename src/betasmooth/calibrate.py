@@ -64,6 +64,15 @@ class Calibration:
         beta); ``False`` when none did and the most faithful one was taken.
     summary : dict
         The sweep's summary (:meth:`betasmooth.attack.SweepResult.summary`).
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> model = bs.load_model("digits-cnn")
+    >>> x, _ = bs.load_data("digits")
+    >>> found = bs.calibrate_beta(model, x[:2], betas=(1.0, 10.0), steps=2)
+    >>> found.beta in (1.0, 10.0), sorted(found.summary["betas"])
+    (True, ['1', '10'])
     """
 
     beta: float

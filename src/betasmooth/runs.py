@@ -320,7 +320,7 @@ def attack_run(
     batch_size: int = 16,
     goal: str = "targeted",
     seed: int = 0,
-    data_range: tuple[float, float] | None = (0.0, 1.0),
+    data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None = (0.0, 1.0),
     method_options: dict[str, dict[str, object]] | None = None,
     check_every: int | None = None,
     device: torch.device | str = "cpu",
@@ -520,7 +520,7 @@ def sweep_run(
     methods: Sequence[str] | None = None,
     smoothgrad_n: int = 20,
     seed: int = 0,
-    data_range: tuple[float, float] | None = (0.0, 1.0),
+    data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None = (0.0, 1.0),
     method_options: dict[str, dict[str, object]] | None = None,
     min_fidelity: float = MIN_FIDELITY,
     device: torch.device | str = "cpu",
@@ -661,7 +661,7 @@ def _check_defenses(
     base_options: Mapping[str, object],
     attacked: Mapping[tuple[str, int], AttackBatch],
     method: str,
-    data_range: tuple[float, float] | None,
+    data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None,
 ) -> None:
     """Check that each defense that is a smoothing method can explain ``model`` on ``base``,
     and the attacked images of ``method``, before the sweep writes anything: with the

@@ -979,7 +979,19 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
 
 
 class SmoothingHandle:
-    """The sharpness of an active :func:`smoothed` context; set ``.beta`` to change it."""
+    """The sharpness of an active :func:`smoothed` context; set ``.beta`` to change it.
+
+    Examples
+    --------
+    >>> net = nn.Sequential(nn.ReLU())
+    >>> x = torch.zeros(1)
+    >>> with smoothed(net, 1.0) as handle:
+    ...     before = net(x)
+    ...     handle.beta = 10.0
+    ...     after = net(x)
+    >>> before, after  # softplus_beta(0) = log(2) / beta
+    (tensor([0.6931]), tensor([0.0693]))
+    """
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
@@ -1146,6 +1158,11 @@ def smoothed(model: nn.Module, beta: float) -> Iterator[SmoothingHandle]:
     beta : float
         Sharpness, > 0; under ``torch.func.vmap`` over betas, the 0-d tensor
         that vmap gives (all betas in one forward).
+
+    Yields
+    ------
+    SmoothingHandle
+        The active sharpness; set its ``beta`` to change it.
 
     Examples
     --------

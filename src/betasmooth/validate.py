@@ -60,11 +60,35 @@ __all__ = [
 
 
 class InputError(ValueError):
-    """A problem with user input: the message names it and the expected form."""
+    """A problem with user input: the message names it and the expected form.
+
+    A ``ValueError``; the command line prints its message as one line on
+    stderr and exits with status 2.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> try:
+    ...     bs.heatmap(torch.ones(2, 8, 8))
+    ... except bs.InputError as error:
+    ...     print(error)
+    explanation must have at least 4 dimensions with the batch first, e.g. (B, C, H, W); \
+got shape (2, 8, 8)
+    """
 
 
 class InputTypeError(InputError, TypeError):
-    """User input of the wrong type."""
+    """User input of the wrong type: both an :class:`InputError` and a ``TypeError``.
+
+    Examples
+    --------
+    >>> import betasmooth as bs
+    >>> try:
+    ...     bs.explain(torch.nn.Linear(4, 2), torch.ones(1, 4, dtype=torch.uint8), "gradient")
+    ... except bs.InputTypeError as error:
+    ...     print(error, isinstance(error, bs.InputError), isinstance(error, TypeError))
+    x must be a floating tensor (float16 to float64); got dtype torch.uint8 True True
+    """
 
 
 class OutOfMemory(InputError):
@@ -614,7 +638,9 @@ bs.load_data's result)
     slack = tolerance * (hi - lo)
     if bool(((x < lo - slack) | (x > hi + slack)).any()):
         raise InputError(
-            f"{name} has values in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside "
+            # Six digits: the tolerance is 1e-4 of the range, so a value just past a
+            # bound (1.0004 for [0, 1]) must not print as the bound itself.
+            f"{name} has values in [{float(x.min()):.6g}, {float(x.max()):.6g}], outside "
             f"data_range [{_show(lo)}, {_show(hi)}]; expected inputs inside the data range "
             "(normalised images: pass data_range=data.bounds of bs.load_data's result)"
         )

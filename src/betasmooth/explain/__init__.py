@@ -89,6 +89,12 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
         Replace a method of that name; without it a taken name is refused, so
         that a built-in is not shadowed by accident.
 
+    Returns
+    -------
+    Callable
+        A decorator that registers ``fn`` in :data:`METHODS` and returns it
+        unchanged.
+
     Raises
     ------
     InputError
