@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from nets import CAPTUM_NETS
+from nets import CAPTUM_NETS, plain_cnn
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 torch.set_num_threads(1)
@@ -31,6 +31,14 @@ def net(request) -> torch.nn.Module:
 def x() -> torch.Tensor:
     """A float64 batch of 4 inputs in [0, 1) for those architectures."""
     return torch.rand(4, 1, 16, 16, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A small ReLU CNN with 5 classes and a batch of 4 single-channel 16 x 16 inputs."""
+    net = plain_cnn(seed=3)
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    return net, x
 
 
 @pytest.fixture(scope="session")

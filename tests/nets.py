@@ -1,4 +1,4 @@
-"""Small architectures shared by the tests, each built from a seed."""
+"""Small architectures shared by the tests, each built from a seed, and their maps."""
 
 from __future__ import annotations
 
@@ -136,3 +136,18 @@ class SqueezeExcite(nn.Module):
         z = self.excite(F.relu(self.squeeze(h.mean((2, 3)))))
         gate = F.relu6(z + 3) / 6 if self.by_hand else self.gate(z)
         return self.head(F.max_pool2d(h * gate[..., None, None], 2).flatten(1))
+
+
+def maps_of(model: nn.Module, x: torch.Tensor, method: str = "gradient", **options) -> torch.Tensor:
+    """The heatmaps ``(B, H, W)`` of ``method`` on ``x``."""
+    import betasmooth as bs
+
+    return bs.heatmap(bs.explain(model, x, method, **options))
+
+
+def targets_of(model: nn.Module, x: torch.Tensor, method: str = "gradient", **options):
+    """Each image's target: the map of another image of the batch (seed 1)."""
+    from betasmooth.attack import random_targets
+
+    maps = maps_of(model, x, method, **options)
+    return random_targets(maps, torch.Generator().manual_seed(1))

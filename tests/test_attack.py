@@ -1,4 +1,4 @@
-"""Manipulation attacks and the defense sweep, against recomputation and closed forms."""
+"""Manipulation attacks, against recomputation and closed forms."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from torch import nn
 
 import betasmooth as bs
 from betasmooth import attack
-from betasmooth import recommend as bs_recommend
 from betasmooth.attack import (
     ATTACK_DEFAULTS,
     LOSSES,
@@ -35,33 +34,16 @@ from betasmooth.attack import (
     default_lr,
     default_weights,
     keep_best,
-    matched_sigma,
     random_targets,
 )
+from betasmooth.defense import matched_sigma
 from betasmooth.explain.gradient import predict
-from betasmooth.recommend import recommend_beta, verdict
-from betasmooth.validate import item_seeds
-from nets import FlushSpy, plain_cnn
-
-
-def _maps(model, x, method="gradient", **options):
-    return bs.heatmap(bs.explain(model, x, method, **options))
-
-
-def _targets(model, x, method="gradient", **options):
-    return random_targets(_maps(model, x, method, **options), torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
-def small():
-    net = plain_cnn(seed=3)
-    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    return net, x
+from nets import FlushSpy, maps_of, targets_of
 
 
 def _assert_fields_recomputed(model, result, method, **options):
     """Every map, label and metric of a result equals its recomputation on the original network."""
-    map_adv = _maps(model, result.x_adv, method, target=result.label, **options)
+    map_adv = maps_of(model, result.x_adv, method, target=result.label, **options)
     torch.testing.assert_close(result.map_adv, map_adv, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(result.label_adv, predict(model, result.x_adv))
     to_target = bs.compare(map_adv, result.map_target)
@@ -91,7 +73,7 @@ def _assert_fields_recomputed(model, result, method, **options):
 
 def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     x = digits[0][:4]
-    target = _targets(digits_cnn, x)
+    target = targets_of(digits_cnn, x)
     result = bs.manipulate(digits_cnn, x, target, "gradient", steps=20)
     assert result.history.shape == (20, 4)
     assert bool((result.history[-1] < result.history[0]).all())
@@ -103,7 +85,7 @@ def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     )
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
     _assert_fields_recomputed(digits_cnn, result, "gradient")
-    torch.testing.assert_close(result.map_orig, _maps(digits_cnn, x))
+    torch.testing.assert_close(result.map_orig, maps_of(digits_cnn, x))
     torch.testing.assert_close(result.map_target, target)
 
 
@@ -111,7 +93,7 @@ def test_topk_scores_use_the_attacks_k(small):
     # The top-k overlap with the original map and with the target is measured
     # at the k the attack was given (not compare's default), as by compare itself.
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     result = bs.manipulate(net, x, target, "gradient", steps=3, k=7)
     for against, ref in (("orig", result.map_orig), ("target", result.map_target)):
         want = bs.compare(result.map_adv, ref, k=7)["topk"]
@@ -123,7 +105,7 @@ def test_records_report_the_label_after_the_attack(small):
     # records() copies label_adv and label_kept per image, also where they differ
     # from the label (a result whose second image changed its class).
     net, x = small
-    result = bs.manipulate(net, x, _targets(net, x), "gradient", steps=2)
+    result = bs.manipulate(net, x, targets_of(net, x), "gradient", steps=2)
     flipped = result.label_adv.clone()
     flipped[1] = (flipped[1] + 1) % 5
     changed = dataclasses.replace(result, label_adv=flipped, label_kept=flipped == result.label)
@@ -131,80 +113,6 @@ def test_records_report_the_label_after_the_attack(small):
     assert [row["label_adv"] for row in rows] == flipped.tolist()
     assert [row["label"] for row in rows] == result.label.tolist()
     assert [row["label_kept"] for row in rows] == [True, False, True, True]
-
-
-def test_undefended_scores_explain_the_label_at_x(digits_cnn, digits):
-    # x_adv of other predicted classes (the batch reversed): the undefended map
-    # explains the label predicted at x, as the defended maps do, not the class
-    # predicted at x_adv; recomputed with explain and compare.
-    net, x = digits_cnn, digits[0][:4]
-    x_adv = x.flip(0)
-    label = predict(net, x)
-    assert not torch.equal(predict(net, x_adv), label)
-    sweep = bs.defense_sweep(net, x, x_adv, _targets(net, x), "gradient", [2.0], smoothgrad_n=2)
-    plain = bs.heatmap(bs.explain(net, x_adv, "gradient", label))
-    want = bs.compare(plain, bs.heatmap(bs.explain(net, x, "gradient", label)))
-    for row in sweep.rows:
-        for m in ("pcc", "mse", "topk"):
-            assert row[f"undefended_{m}"] == pytest.approx(float(want[m][row["index"]]), abs=1e-6)
-
-
-def test_matched_smoothgrad_noise_does_not_depend_on_the_data_range(small):
-    # Without smoothgrad_sigmas, SmoothGrad's noise is matched to beta in input
-    # units (sigma = pi / (sqrt(3) beta)): the gradient's sweep is the same for
-    # any data range that holds the images.
-    net, x = small
-    target = _targets(net, x)
-
-    def rows(data_range):
-        sweep = bs.defense_sweep(
-            net, x, x.flip(0), target, "gradient", [2.0], smoothgrad_n=3, data_range=data_range
-        )
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in sweep.rows]
-
-    assert rows((-1.0, 2.0)) == rows((0.0, 1.0))
-
-
-def test_smoothgrad_sigmas_are_fractions_of_each_channels_range():
-    # Given sigmas are fractions of each channel's range (1, 2 and 4 wide here), as
-    # explain's smoothgrad takes a per-channel input_range; the clean map of each
-    # image is explain's with the image's own seed (item_seeds), recomputed.
-    net = plain_cnn(seed=4, channels=3)
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    box = (torch.zeros(1, 3, 1, 1), torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1))
-    label = predict(net, x)
-    target = _targets(net, x)
-    sweep = bs.defense_sweep(
-        net,
-        x,
-        x.flip(0),
-        target,
-        "gradient",
-        [1.0],
-        smoothgrad_sigmas=[0.3],
-        smoothgrad_n=4,
-        defenses=["smoothgrad"],
-        data_range=box,
-        seed=7,
-    )
-    clean = bs.heatmap(
-        bs.explain(
-            net,
-            x,
-            "smoothgrad",
-            label,
-            base="gradient",
-            n=4,
-            sigma=0.3,
-            noise="logistic",
-            input_range=box[1] - box[0],
-            seed=item_seeds(7, 2),
-        )
-    )
-    want = bs.compare(clean, bs.heatmap(bs.explain(net, x, "gradient", label)))
-    for row in sweep.rows:
-        assert row["clean_vs_orig_pcc"] == pytest.approx(float(want["pcc"][row["index"]]), abs=1e-5)
-        assert row["clean_vs_orig_mse"] == pytest.approx(float(want["mse"][row["index"]]), rel=1e-4)
 
 
 def test_recorded_goal_of_another_goal_than_the_runs():
@@ -224,7 +132,7 @@ def test_recorded_goal_of_another_goal_than_the_runs():
 
 def test_records_and_arrays_hold_the_result(small):
     net, x = small
-    result = bs.manipulate(net, x, _targets(net, x), "gradient", steps=3)
+    result = bs.manipulate(net, x, targets_of(net, x), "gradient", steps=3)
     rows = result.records()
     assert len(rows) == 4
     for i, row in enumerate(rows):
@@ -240,7 +148,7 @@ def test_records_and_arrays_hold_the_result(small):
 
 def test_batch_follows_the_same_path_as_single_images(small):
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     batched = bs.manipulate(net, x, target, "gradient", steps=10, lr=1e-2)
     for i in range(x.shape[0]):
         single = bs.manipulate(net, x[i : i + 1], target[i : i + 1], "gradient", steps=10, lr=1e-2)
@@ -286,7 +194,7 @@ def test_untargeted_attacks_respect_eps_and_move_the_map(small, goal, method):
 def test_adaptive_attack_on_beta_smooth(small):
     net, x = small
     options = {"beta": 0.8}
-    target = _targets(net, x, "beta_smooth", **options)
+    target = targets_of(net, x, "beta_smooth", **options)
     result = bs.manipulate(net, x, target, "beta_smooth", steps=5, lr=1e-2, method_options=options)
     assert result.history.shape == (5, 4)
     _assert_fields_recomputed(net, result, "beta_smooth", **options)
@@ -296,7 +204,7 @@ def test_adaptive_attack_on_beta_smooth(small):
 def test_adaptive_attack_on_smoothgrad(small, eot):
     net, x = small
     options = {"n": 4, "sigma": 0.1, "seed": 5}
-    target = _targets(net, x, "smoothgrad", **options)
+    target = targets_of(net, x, "smoothgrad", **options)
     result = bs.manipulate(
         net, x, target, "smoothgrad", steps=4, lr=1e-2, method_options=options, eot=eot
     )
@@ -305,144 +213,16 @@ def test_adaptive_attack_on_smoothgrad(small, eot):
     # also after an EOT attack: maps of the fitted noise would overstate the attack.
     scored = {**options, "seed": zlib.crc32(b"scored 5")}
     _assert_fields_recomputed(net, result, "smoothgrad", **scored)
-    torch.testing.assert_close(result.map_orig, _maps(net, x, "smoothgrad", **scored))
-    fitted = _maps(net, result.x_adv, "smoothgrad", target=result.label, **options)
+    torch.testing.assert_close(result.map_orig, maps_of(net, x, "smoothgrad", **scored))
+    fitted = maps_of(net, result.x_adv, "smoothgrad", target=result.label, **options)
     assert not torch.allclose(result.map_adv, fitted)
-
-
-def test_defense_sweep_equals_recomputation(small):
-    net, x = small
-    target = _targets(net, x)
-    x_adv = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(
-        0, 1
-    )
-    betas = [0.5, 2.0]
-    seeds = [7, 8, 9, 10]
-    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", betas, smoothgrad_n=3, seed=seeds)
-    rows = sweep.records()
-    assert len(rows) == 2 * len(betas) * x.shape[0]
-    label = net(x).argmax(1)
-    orig = _maps(net, x)
-    both = torch.cat([x_adv, x])
-    for beta in betas:
-        smooth = _maps(net, both, "beta_smooth", target=label.repeat(2), beta=beta)
-        sigma = math.pi / (math.sqrt(3) * beta)
-        noisy = _maps(
-            net,
-            both,
-            "smoothgrad",
-            target=label.repeat(2),
-            n=3,
-            sigma=sigma,
-            noise="logistic",
-            input_range=1.0,
-            seed=seeds + seeds,
-        )
-        for defense, maps in (("beta_smooth", smooth), ("smoothgrad", noisy)):
-            adv, clean = maps.chunk(2)
-            expected = {
-                "adv_vs_orig": bs.compare(adv, orig),
-                "adv_vs_target": bs.compare(adv, target),
-                "clean_vs_orig": bs.compare(clean, orig),
-                "clean_vs_target": bs.compare(clean, target),
-            }
-            mine = [r for r in rows if r["defense"] == defense and r["beta"] == beta]
-            assert [r["index"] for r in mine] == [0, 1, 2, 3]
-            for row in mine:
-                assert row["sigma"] == (pytest.approx(sigma) if defense == "smoothgrad" else None)
-                assert row["seconds"] > 0
-                for prefix, values in expected.items():
-                    for name, v in values.items():
-                        assert row[f"{prefix}_{name}"] == pytest.approx(
-                            float(v[row["index"]]), abs=1e-6
-                        )
-    for med in sweep.medians():
-        group = [r for r in rows if r["defense"] == med["defense"] and r["beta"] == med["beta"]]
-        assert med["n"] == len(group) == x.shape[0]
-        assert med["adv_vs_orig_pcc"] == pytest.approx(
-            np.median([r["adv_vs_orig_pcc"] for r in group])
-        )
-
-
-def test_each_image_of_a_sweep_is_explained_by_its_own_prediction(digits, digits_cnn):
-    # x_adv and x go through the defenses as one batch with the labels repeated;
-    # the small net predicts one class everywhere, so a mix-up of labels went unseen.
-    x = digits[0][:4]
-    label = predict(digits_cnn, x)
-    assert len(set(label.tolist())) == 4
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
-    x_adv = (x + 0.02 * noise).clamp(0, 1)
-    seeds = [3, 4, 5, 6]
-    target = _targets(digits_cnn, x)
-    sweep = bs.defense_sweep(
-        digits_cnn, x, x_adv, target, "gradient", [2.0], smoothgrad_n=2, seed=seeds
-    )
-    sigma = math.pi / (math.sqrt(3) * 2.0)
-    for i in range(4):
-        one = {"target": label[i : i + 1]}
-        smooth = [
-            _maps(digits_cnn, v[i : i + 1], "beta_smooth", beta=2.0, **one) for v in (x_adv, x)
-        ]
-        noisy = [
-            _maps(
-                digits_cnn,
-                v[i : i + 1],
-                "smoothgrad",
-                n=2,
-                sigma=sigma,
-                noise="logistic",
-                input_range=1.0,
-                seed=seeds[i],
-                **one,
-            )
-            for v in (x_adv, x)
-        ]
-        for defense, expected in (("beta_smooth", smooth), ("smoothgrad", noisy)):
-            for got, want in zip(sweep.maps[(defense, 2.0)], expected):
-                torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-7)
-
-
-def test_given_smoothgrad_sigmas_are_fractions_of_the_whole_data_range(small):
-    # The noise of a given sigma is sigma * (high - low); a range whose low end is not 0
-    # tells the width from the high end.
-    net, x = small
-    x_adv = (x + 0.05).clamp(0, 1)
-    seeds = [1, 2, 3, 4]
-    sweep = bs.defense_sweep(
-        net,
-        x,
-        x_adv,
-        _targets(net, x),
-        "gradient",
-        [1.0],
-        smoothgrad_sigmas=[0.1],
-        smoothgrad_n=3,
-        defenses=["smoothgrad"],
-        data_range=(-1.0, 2.0),
-        seed=seeds,
-    )
-    label = net(x).argmax(1)
-    for got, v in zip(sweep.maps[("smoothgrad", 1.0)], (x_adv, x)):
-        want = _maps(
-            net,
-            v,
-            "smoothgrad",
-            target=label,
-            n=3,
-            sigma=0.1,
-            noise="logistic",
-            input_range=3.0,
-            seed=seeds,
-        )
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert {r["sigma"] for r in sweep.records()} == {0.1}
 
 
 def test_a_restart_starts_from_noise_drawn_from_the_seed(small):
     # The first loss of a restart is the surrogate's loss at x plus uniform noise of 1 %
     # of the range, drawn from the attack's seed.
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     surrogate = bs.smooth(net, 10.0)
     w_e, w_o = default_weights(16, 16, classes=5)
     for seed in (0, 7):
@@ -453,67 +233,9 @@ def test_a_restart_starts_from_noise_drawn_from_the_seed(small):
         start = (x + 0.01 * (2 * noise - 1)).clamp(0, 1)
         with torch.no_grad():
             change = (surrogate(start).softmax(1) - net(x).softmax(1)).square().mean(1)
-        maps = _maps(surrogate, start, target=result.label)
+        maps = maps_of(surrogate, start, target=result.label)
         expected = w_e * bs.metrics.mse(maps, target) + w_o * change
         torch.testing.assert_close(result.history[2], expected, rtol=1e-4, atol=0)
-
-
-@pytest.mark.parametrize("method", ["gradient", "lrp"])
-def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small, method):
-    # A GELU network has no ReLU to replace: every beta gives the undefended maps back,
-    # which the sweep recommended (beta 5, "about as robust") as a defense. LRP's maps
-    # of one image differed by 1e-7 between a batch of x and one of x_adv and x.
-    import warnings
-
-    net, x = small
-    gelu = copy.deepcopy(net)
-    for i, layer in enumerate(gelu):
-        if isinstance(layer, nn.ReLU):
-            gelu[i] = nn.GELU()
-    target = _targets(gelu, x)
-    x_adv = bs.manipulate(gelu, x, target, method, steps=3).x_adv
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # beta-smoothing changed nothing: said, and tested
-        sweep = bs.defense_sweep(gelu, x, x_adv, target, method, [1.0, 5.0], smoothgrad_n=2)
-    rows = sweep.records()
-    plain = bs.heatmap(bs.explain(gelu, x, method))
-    for beta in (1.0, 5.0):
-        torch.testing.assert_close(sweep.maps[("beta_smooth", beta)][1], plain)
-    assert {r["changed"] for r in rows if r["defense"] == "beta_smooth"} == {False}
-    assert {r["changed"] for r in rows if r["defense"] == "smoothgrad"} == {True}
-    summary = sweep.summary()
-    assert summary["recommended_beta"] is None
-    assert verdict(summary) == (
-        "beta-smoothing changed no map at any beta (the model calls no ReLU that it replaces, or "
-        "each beta is so large that softplus rounds to ReLU); none recommended"
-    )
-    # On the ReLU network every beta changes the maps, and one is recommended.
-    relu = bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [5.0], smoothgrad_n=2)
-    assert {r["changed"] for r in relu.records()} == {True}
-
-
-def test_a_sweep_of_an_attack_that_changed_no_image_recommends_no_beta(small):
-    # x_adv == x: robustness 1 at every beta and undefended, which recommended a beta
-    # ("about as robust") against an attack that had done nothing.
-    net, x = small
-    target = _targets(net, x)
-    same = bs.defense_sweep(net, x, x.clone(), target, "gradient", [1.0, 5.0], smoothgrad_n=2)
-    assert {r["attacked"] for r in same.records()} == {False}
-    summary = same.summary()
-    assert summary["attacked"] == 0 and summary["recommended_beta"] is None
-    assert verdict(summary) == (
-        "the attack changed no image, so no defense has anything to undo; none recommended"
-    )
-    # One image moved: it counts, and the betas are judged as before.
-    x_adv = x.clone()
-    x_adv[1] = (x_adv[1] + 0.05).clamp(0, 1)
-    moved = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0, 5.0], smoothgrad_n=2)
-    assert [r["attacked"] for r in moved.records()][: len(x)] == [
-        not torch.equal(a, b) for a, b in zip(x_adv, x)
-    ]
-    summary = moved.summary(min_fidelity=0.3)
-    assert summary["attacked"] == 1
-    assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.3) is not None
 
 
 @pytest.mark.parametrize("goal", ["topk", "center"])
@@ -523,227 +245,9 @@ def test_an_untargeted_attack_on_smoothgrad_is_scored_against_its_fresh_original
     options = {"n": 4, "sigma": 0.1, "seed": 3}
     result = bs.manipulate(net, x, None, "smoothgrad", goal=goal, steps=2, method_options=options)
     scored = {**options, "seed": zlib.crc32(b"scored 3")}
-    torch.testing.assert_close(result.map_orig, _maps(net, x, "smoothgrad", **scored))
+    torch.testing.assert_close(result.map_orig, maps_of(net, x, "smoothgrad", **scored))
     assert torch.equal(result.map_target, result.map_orig)
     torch.testing.assert_close(result.metrics["expl_pcc_target_before"], torch.ones(len(x)))
-
-
-def test_the_sweep_says_how_much_of_the_attacks_gain_each_beta_leaves(small):
-    # "more robust" alone read as a defense where most of the pull to the target stayed.
-    net, x = small
-    target = _targets(net, x)
-    x_adv = bs.manipulate(net, x, target, "gradient", steps=20).x_adv
-    sweep = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0, 5.0], smoothgrad_n=2)
-    rows = sweep.records()
-    plain = _maps(net, torch.cat([x_adv, x]), target=net(x).argmax(1).repeat(2))
-    for i, r in enumerate(rows[: len(x)]):
-        after = stats.pearsonr(plain[i].flatten().numpy(), target[i].flatten().numpy())[0]
-        before = stats.pearsonr(plain[len(x) + i].flatten().numpy(), target[i].flatten().numpy())[0]
-        assert r["undefended_target_pcc"] == pytest.approx(after, abs=1e-5)
-        assert r["undefended_before_pcc"] == pytest.approx(before, abs=1e-5)
-    summary = sweep.summary(min_fidelity=0.0)
-
-    def median(key, defense=None, beta=None):
-        return np.median(
-            [
-                r[key]
-                for r in rows
-                if defense is None or (r["defense"], r["beta"]) == (defense, beta)
-            ][: None if defense else len(x)]
-        )
-
-    gain = median("undefended_target_pcc") - median("undefended_before_pcc")
-    assert gain > 0 and summary["undefended"]["gain_pcc"] == pytest.approx(gain)
-    for defense, cells in (("beta_smooth", "betas"), ("smoothgrad", "smoothgrad")):
-        for beta in (1.0, 5.0):
-            left = median("adv_vs_target_pcc", defense, beta) - median(
-                "clean_vs_target_pcc", defense, beta
-            )
-            got = summary[cells][f"{beta:g}"]["gain_left"]
-            assert got == pytest.approx(left / gain)
-    rec = summary["recommended_beta"]
-    share = 100 * summary["betas"][f"{rec:g}"]["gain_left"]
-    assert verdict(summary).endswith(
-        f"; {share:.0f} % of the attack's gain in PCC to the target left"
-    )
-
-
-def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
-    # A gain of 0.005 in PCC to the target made "84 % of the attack's gain left" of noise.
-    def row(beta, adv, clean):
-        return {
-            "defense": "beta_smooth", "beta": beta, "adv_vs_clean_pcc": 0.9,
-            "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.8, "adv_vs_target_pcc": adv,
-            "clean_vs_target_pcc": clean, "undefended_target_pcc": 0.305,
-            "undefended_before_pcc": 0.3,
-        }  # fmt: skip
-
-    summary = bs_recommend.sweep_summary([row(1.0, 0.31, 0.3)])["method"]
-    assert summary["undefended"]["gain_pcc"] is None
-    assert summary["betas"]["1"]["gain_left"] is None
-    assert "% of the attack's gain" not in verdict(summary)
-    # Above it: (0.36 - 0.3) / (0.4 - 0.3) of the gain left.
-    moved = {**row(1.0, 0.36, 0.3), "undefended_target_pcc": 0.4}
-    summary = bs_recommend.sweep_summary([moved])["method"]
-    assert summary["betas"]["1"]["gain_left"] == pytest.approx(0.6)
-    assert verdict(summary).endswith("; 60 % of the attack's gain in PCC to the target left")
-    # Records of an older version among the rows: no gain from part of the images.
-    old = {k: v for k, v in moved.items() if not k.startswith("undefended_t")}
-    old.pop("undefended_before_pcc")
-    mixed = bs_recommend.sweep_summary([moved, {**old}])["method"]
-    assert mixed["undefended"]["gain_pcc"] is None
-
-
-def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
-    # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
-    # "no beta in the sweep has median fidelity >= 0.9", false of that beta.
-    cells = {
-        "0.5": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5, "changed": True},
-        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
-    }
-    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
-    assert verdict(summary) == (
-        "no beta that changed a map has median fidelity >= 0.9 (beta 1e+09 changed none); "
-        "none recommended"
-    )
-    cells["0.5"]["fidelity_pcc"] = 0.95
-    assert recommend_beta(cells) == 0.5
-
-
-def test_betas_that_six_digits_do_not_hold_keep_their_own_cells():
-    # Keyed by f"{beta:g}", two betas shared one cell and the recommended beta was
-    # 3.14159, which no sweep had run.
-    from betasmooth.recommend import sweep_summary
-
-    rows = [
-        {"method": "gradient", "defense": "beta_smooth", "beta": beta, "changed": True}
-        | {"adv_vs_clean_pcc": robust, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
-        for beta, robust in [(0.1234561, 0.5), (0.1234562, 0.6), (3.14159265, 0.7)]
-        for _ in range(2)
-    ]
-    summary = sweep_summary(rows)["gradient"]
-    assert sorted(summary["betas"]) == ["0.1234561", "0.1234562", "3.14159265"]
-    assert [c["n"] for c in summary["betas"].values()] == [2, 2, 2]
-    assert summary["recommended_beta"] == 3.14159265
-    assert verdict(summary).startswith("recommended beta 3.14159265 ")
-
-
-def test_a_sweep_refuses_a_beta_given_twice(small):
-    # Its images were counted twice in that beta's medians.
-    net, x = small
-    with pytest.raises(bs.InputError, match="^betas must differ; 1 given more than once$"):
-        bs.defense_sweep(net, x, x, _targets(net, x), "gradient", [1.0, 10.0, 1], smoothgrad_n=2)
-
-
-@pytest.mark.parametrize(
-    ("cells", "chosen"),
-    [
-        # A median fidelity of exactly 0 was ranked as -1, below -0.3.
-        ({"0.5": 0.0, "1": -0.3, "2": None}, 0.5),
-        # Equally faithful: the larger beta, which changes the network less.
-        ({"0.5": 0.2, "1": 0.2, "2": None}, 1.0),
-    ],
-)
-def test_calibration_without_a_faithful_beta_takes_the_most_faithful(monkeypatch, cells, chosen):
-    import betasmooth.calibrate as calibrate
-
-    class Sweep:
-        def summary(self, min_fidelity):
-            return {
-                "min_fidelity": min_fidelity,
-                "recommended_beta": None,
-                "betas": {b: {"fidelity_pcc": f, "robustness_pcc": 0.5} for b, f in cells.items()},
-            }
-
-    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
-    x = bs.load_data("digits", split="train")[0][:2]
-    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 1.0, 2.0], steps=1)
-    assert (found.beta, found.recommended) == (chosen, False)
-
-
-def test_defense_sweep_takes_float64_images_as_explain_does(small):
-    # float64 x on a float32 model ended in torch's "Input type (double) and
-    # bias type (float) should be the same".
-    net, x = small
-    target = _targets(net, x)
-    x_adv = (x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))).clamp(
-        0, 1
-    )
-    run = {"smoothgrad_n": 2, "seed": 3}
-    single = bs.defense_sweep(net, x, x_adv, target, "gradient", [1.0], **run).records()
-    double = bs.defense_sweep(
-        net, x.double(), x_adv.double(), target, "gradient", [1.0], **run
-    ).records()
-    # The same maps: only the comparison with the target (kept in its own dtype) rounds apart.
-    for a, b in zip(single, double):
-        assert a.keys() == b.keys()
-        for key in a.keys() - {"seconds"}:
-            # pytest.approx takes numbers only (a label or None: compared as they are).
-            want = a[key]
-            if isinstance(want, float):
-                want = pytest.approx(want, rel=1e-5, abs=1e-6)
-            assert b[key] == want, key
-
-
-def test_sweep_with_one_seed_gives_an_image_and_its_copy_the_same_draws(small):
-    # An unchanged image is not an attack: every defense must see no change at all.
-    net, x = small
-    target = _targets(net, x)
-    sweep = bs.defense_sweep(net, x, x.clone(), target, "gradient", [2.0], smoothgrad_n=3, seed=0)
-    for row in sweep.records():
-        assert row["adv_vs_clean_pcc"] == pytest.approx(1.0, abs=1e-6), row["defense"]
-        assert row["adv_vs_clean_mse"] == 0.0
-    adv, clean = sweep.maps[("smoothgrad", 2.0)]
-    torch.testing.assert_close(adv, clean, rtol=0, atol=0)
-    # Each image still gets its own draws: SmoothGrad with the noise of image 0 for all
-    # images would give the same maps for two equal images; the sweep does not.
-    twins = x[:1].expand(2, -1, -1, -1).contiguous()
-    twin = bs.defense_sweep(net, twins, twins, target[:2], "gradient", [2.0], smoothgrad_n=3)
-    first, second = twin.maps[("smoothgrad", 2.0)][1]
-    assert not torch.allclose(first, second)
-    # Seeds per image as a numpy array are the same seeds as a list.
-    as_list = bs.defense_sweep(
-        net, x, x, target, "gradient", [2.0], smoothgrad_n=3, seed=[4, 5, 6, 7]
-    )
-    as_array = bs.defense_sweep(
-        net, x, x, target, "gradient", [2.0], smoothgrad_n=3, seed=np.arange(4, 8)
-    )
-    torch.testing.assert_close(
-        as_array.maps[("smoothgrad", 2.0)], as_list.maps[("smoothgrad", 2.0)]
-    )
-    # The same seed gives the same records.
-    again = bs.defense_sweep(net, x, x.clone(), target, "gradient", [2.0], smoothgrad_n=3, seed=0)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sweep.records()]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in again.records()]
-
-
-def test_sweep_of_a_model_in_training_mode_explains_the_deployed_model(small):
-    # BatchNorm in training mode predicts from batch statistics and updates its
-    # running ones; the sweep must use and leave the model as deployed.
-    torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 16 * 16, 10),
-    )
-    with torch.no_grad():
-        net[1].running_mean.uniform_(-1, 1)
-        net[1].running_var.uniform_(0.5, 2)
-    x = small[1]
-    target = _targets(net.eval(), x)
-    kept = {k: v.clone() for k, v in net.state_dict().items()}
-    eval_rows = bs.defense_sweep(net, x, x, target, "gradient", [2.0], smoothgrad_n=2).records()
-    net.train()
-    train_rows = bs.defense_sweep(net, x, x, target, "gradient", [2.0], smoothgrad_n=2).records()
-    assert net.training
-    for name, value in net.state_dict().items():
-        torch.testing.assert_close(value, kept[name], rtol=0, atol=0, msg=name)
-    for a, b in zip(eval_rows, train_rows):
-        assert {k: v for k, v in a.items() if k != "seconds"} == {
-            k: v for k, v in b.items() if k != "seconds"
-        }
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5, 8])
@@ -775,7 +279,7 @@ def test_output_weight_keeps_the_papers_balance_for_any_number_of_classes():
 
 def test_default_loss_weighs_the_output_by_the_number_of_classes(small):
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     classes = net(x).shape[1]
     w_e = default_weights(16, 16)[0]
     runs = {
@@ -794,7 +298,7 @@ def test_default_loss_weighs_the_output_by_the_number_of_classes(small):
 
 def test_default_lr_is_the_papers_step_relative_to_the_data_range(small):
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
 
     def attack(**kw):
         return bs.manipulate(net, x, target, "gradient", check_every=1, **kw).history
@@ -824,7 +328,7 @@ def test_a_float32_target_off_by_its_rounding_is_taken(small):
     # A float32 target whose sum is 1 + 5e-4 (a map rounded on its way, e.g. through
     # an 8-bit image) is within the 1e-3 tolerance: it is attacked as given.
     net, x = small
-    target = _targets(net, x) * (1 + 5e-4)
+    target = targets_of(net, x) * (1 + 5e-4)
     result = bs.manipulate(net, x, target, "gradient", steps=1)
     torch.testing.assert_close(result.map_target, target, rtol=0, atol=0)
     with pytest.raises(bs.InputError, match="sums to 1.002"):
@@ -833,7 +337,7 @@ def test_a_float32_target_off_by_its_rounding_is_taken(small):
 
 def test_bad_input_is_refused(small):
     net, x = small
-    good = _targets(net, x)
+    good = targets_of(net, x)
     with pytest.raises(bs.InputError, match="unknown goal"):
         bs.manipulate(net, x, good, "gradient", goal="sideways", steps=1)
     with pytest.raises(bs.InputError, match=r"target_map must have shape \(B, H, W\)"):
@@ -951,7 +455,7 @@ def test_a_method_whose_map_has_no_graph_is_named(small, goal):
     try:
         if goal == "targeted":  # the output term still moves x: a warning
             with pytest.warns(UserWarning, match=message):
-                bs.manipulate(net, x, _targets(net, x), "detached", steps=5)
+                bs.manipulate(net, x, targets_of(net, x), "detached", steps=5)
         else:  # nothing would move x
             with pytest.raises(bs.InputError, match=f"^the {message}"):
                 bs.manipulate(net, x, None, "detached", goal=goal, steps=5)
@@ -968,7 +472,7 @@ def test_a_map_with_a_graph_through_the_weights_only_is_named(small, goal):
     message = "^the maps of method 'gradient' come without a graph"
     if goal == "targeted":
         with pytest.warns(UserWarning, match=message[1:]):
-            bs.manipulate(net, x, _targets(net, x), "gradient", steps=2)
+            bs.manipulate(net, x, targets_of(net, x), "gradient", steps=2)
     else:
         with pytest.raises(bs.InputError, match=message):
             bs.manipulate(net, x, None, "gradient", goal=goal, steps=2)
@@ -984,7 +488,7 @@ def test_a_smoothed_model_is_attacked_as_it_is_not_through_the_surrogate(small, 
     for i, layer in enumerate(by_hand):
         if isinstance(layer, nn.ReLU):
             by_hand[i] = nn.Softplus(beta=0.5)
-    target = _targets(by_hand, x)
+    target = targets_of(by_hand, x)
     kwargs = {"steps": 6, "lr": 1e-2, "check_every": 3}
     expected = bs.manipulate(by_hand, x, target, "gradient", beta_schedule="none", **kwargs)
     if how == "copy":
@@ -1018,7 +522,7 @@ def test_a_schedule_given_for_a_smoothed_model_is_kept(small):
     with torch.no_grad():
         predicted = model(x).argmax(1)
     assert not torch.equal(predicted, by_hand(5.0)(x).argmax(1))  # the class matters here
-    target = _targets(by_hand(0.5), x)
+    target = targets_of(by_hand(0.5), x)
     # The map term alone: the output term compares with the model's own logits.
     kwargs = {"steps": 1, "lr": 1e-2, "weights": (1.0, 0.0)}
     found = bs.manipulate(model, x, target, "gradient", beta_schedule=5.0, **kwargs)
@@ -1046,7 +550,7 @@ def test_a_prefix_method_with_a_graph_is_attacked_as_any_method(small):
         return method
 
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     try:
         found = bs.manipulate(net, x, target, "scaled:4", steps=5, lr=1e-2)
     finally:
@@ -1121,7 +625,7 @@ def test_topk_size_is_refused_before_any_step(small, k):
 @pytest.mark.parametrize("loss", ["mse", "pcc", "ssim"])
 def test_restarts_never_do_worse_and_respect_the_budget(small, loss):
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     config = {"steps": 4, "lr": 1e-2, "eps": 0.02, "loss": loss}
     once = bs.manipulate(net, x, target, "gradient", **config)
     twice = bs.manipulate(net, x, target, "gradient", restarts=1, **config)
@@ -1138,7 +642,7 @@ def test_restarts_never_do_worse_and_respect_the_budget(small, loss):
 @pytest.mark.parametrize("method", ["gradient", "guided_backprop", "integrated_gradients"])
 def test_output_term_is_the_softmax_change_on_the_surrogate(small, method):
     net, x = small
-    target = _targets(net, x, method)
+    target = targets_of(net, x, method)
     result = bs.manipulate(
         net, x, target, method, steps=2, lr=1e-2, weights=(0.0, 1.0), beta0=10.0, beta_end=20.0
     )
@@ -1152,39 +656,6 @@ def test_output_term_is_the_softmax_change_on_the_surrogate(small, method):
     torch.testing.assert_close(result.history[0], (soft - relu).square().mean(1))
 
 
-def test_sweep_with_a_seed_per_image_gives_each_image_its_own_draws(small):
-    net, x = small
-    target = _targets(net, x)
-    x_adv = (x + 0.05 * torch.rand(x.shape, generator=torch.Generator().manual_seed(4))).clamp(0, 1)
-    seeds = [11, 12, 13, 14]
-    whole = bs.defense_sweep(net, x, x_adv, target, "gradient", [2.0], smoothgrad_n=3, seed=seeds)
-    alone = bs.defense_sweep(
-        net, x[2:3], x_adv[2:3], target[2:3], "gradient", [2.0], smoothgrad_n=3, seed=seeds[2:3]
-    )
-    for defense in ("beta_smooth", "smoothgrad"):
-        torch.testing.assert_close(
-            whole.maps[(defense, 2.0)][0][2:3], alone.maps[(defense, 2.0)][0]
-        )
-        torch.testing.assert_close(
-            whole.maps[(defense, 2.0)][1][2:3], alone.maps[(defense, 2.0)][1]
-        )
-    # The image and its attacked copy share their draws: SmoothGrad of x by hand.
-    clean = bs.heatmap(
-        bs.explain(
-            net,
-            x[2:3],
-            "smoothgrad",
-            predict(net, x[2:3]),
-            n=3,
-            noise="logistic",
-            sigma=matched_sigma(2.0),
-            input_range=1.0,
-            seed=[13],
-        )
-    )
-    torch.testing.assert_close(alone.maps[("smoothgrad", 2.0)][1], clean)
-
-
 def test_attack_and_sweep_flush_subnormals_then_restore(small):
     # The surrogate's and the defense's large beta make subnormal derivatives,
     # on which CPUs are up to 100x slower: both run with them flushed.
@@ -1192,7 +663,7 @@ def test_attack_and_sweep_flush_subnormals_then_restore(small):
     spy = FlushSpy(net)
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals")
-    result = bs.manipulate(spy, x, _targets(net, x), "gradient", steps=3)
+    result = bs.manipulate(spy, x, targets_of(net, x), "gradient", steps=3)
     assert sum(spy.seen) >= 3  # every step's forward (the input check before them need not)
     assert float(torch.tensor([1e-39]) * 1.0) > 0
     spy.seen.clear()
@@ -1203,7 +674,7 @@ def test_attack_and_sweep_flush_subnormals_then_restore(small):
 
 def test_a_targeted_attack_under_a_budget_records_it(small):
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     budgeted = bs.manipulate(net, x, target, "gradient", steps=2, eps=8 / 255).records()
     assert {r["attack_eps"] for r in budgeted} == {8 / 255}
     # The budget holds: no pixel moved further.
@@ -1249,7 +720,7 @@ def test_a_non_finite_attack_gradient_names_the_step_and_images_not_x(small):
 def test_result_maps_name_the_three_heatmaps(small):
     # DESIGN's result "with x_adv, maps, metrics, history": there was no maps.
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     result = bs.manipulate(net, x, target, "gradient", steps=2)
     assert list(result.maps) == ["orig", "adv", "target"]
     assert result.maps["orig"] is result.map_orig and result.maps["adv"] is result.map_adv
@@ -1263,7 +734,7 @@ def test_a_map_of_another_class_is_attacked_while_the_predicted_label_is_kept(sm
     net, x = small
     label = predict(net, x)
     other = (label + 1) % 5
-    target = _targets(net, x, target=other)
+    target = targets_of(net, x, target=other)
     result = bs.manipulate(net, x, target, "gradient", target=other, steps=10, lr=1e-2)
     torch.testing.assert_close(result.label, label)
     assert bool(result.label_kept.all()) and torch.equal(result.label_adv, label)
@@ -1271,8 +742,8 @@ def test_a_map_of_another_class_is_attacked_while_the_predicted_label_is_kept(sm
     assert bool(
         (result.metrics["expl_mse_target"] < result.metrics["expl_mse_target_before"]).all()
     )
-    torch.testing.assert_close(result.map_orig, _maps(net, x, target=other))
-    torch.testing.assert_close(result.map_adv, _maps(net, result.x_adv, target=other))
+    torch.testing.assert_close(result.map_orig, maps_of(net, x, target=other))
+    torch.testing.assert_close(result.map_adv, maps_of(net, result.x_adv, target=other))
 
 
 def test_eot_draws_afresh_at_every_step(small, monkeypatch):
@@ -1288,7 +759,7 @@ def test_eot_draws_afresh_at_every_step(small, monkeypatch):
         return explain(model, x, method, *args, **options)
 
     monkeypatch.setattr(attack, "explain", spy)
-    target = _targets(net, x, "smoothgrad", n=2)
+    target = targets_of(net, x, "smoothgrad", n=2)
     options = {"n": 2}
     bs.manipulate(net, x, target, "smoothgrad", steps=4, eot=True, seed=7, method_options=options)
     assert seeds == [7 + 1 + step for step in range(4)]
@@ -1328,7 +799,7 @@ def test_restarts_start_uniformly_inside_the_budget(small, monkeypatch):
     net, x = small
     starts = _restart_shifts(monkeypatch, x)
     eps = 0.05
-    bs.manipulate(net, x, _targets(net, x), "gradient", steps=1, restarts=3, eps=eps)
+    bs.manipulate(net, x, targets_of(net, x), "gradient", steps=1, restarts=3, eps=eps)
     assert len(starts) == 4 and torch.equal(starts[0], torch.zeros_like(x))
     for shift in starts[1:]:
         inside = shift[(x > eps) & (x < 1 - eps)]  # where no clamp to [0, 1] cuts the draw
@@ -1343,7 +814,7 @@ def test_restarts_draw_in_units_of_the_data_range(small, monkeypatch, eps):
     # A range 4 wide: the budget eps (or 1 % without one) is 4 eps in the model's units.
     net, x = small
     starts = _restart_shifts(monkeypatch, x)
-    targets = _targets(net, x)
+    targets = targets_of(net, x)
     bs.manipulate(net, x, targets, "gradient", steps=1, restarts=2, eps=eps, data_range=(-1.0, 3.0))
     radius = 4 * (0.01 if eps is None else eps)  # x in [0, 1]: no clamp to [-1, 3] cuts a draw
     for shift in starts[1:]:
@@ -1362,252 +833,6 @@ def test_pcc_loss_is_the_mse_of_maps_of_equal_mean_and_variance():
     b = (b - b.mean((1, 2), keepdim=True)) / b.flatten(1).std(1, unbiased=False)[:, None, None]
     a, b = 0.3 * a + 1.0, 0.3 * b + 1.0
     torch.testing.assert_close(LOSSES["pcc"](a, b), (a - b).square().mean((1, 2)))
-
-
-def test_recommended_beta_by_hand():
-    # Fidelity exactly at the threshold counts ("median fidelity >= min_fidelity").
-    cells = {
-        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.9},
-        "8": {"robustness_pcc": 0.5, "fidelity_pcc": 0.99},
-    }
-    assert recommend_beta(cells, min_fidelity=0.9) == 1.0
-    # Equally robust betas: the larger one, which changes the network less.
-    tied = {
-        "1": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
-        "5": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
-        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
-    }
-    assert recommend_beta(tied) == 5.0
-
-
-def test_sweep_summary_leaves_out_records_without_a_defense_or_a_numeric_beta():
-    # Only a record with both is a sweep cell; the others (an attack's records,
-    # a damaged one) leave the summary as it is without them.
-    from betasmooth.recommend import sweep_summary
-
-    row = {
-        "defense": "beta_smooth",
-        "beta": 2.0,
-        "adv_vs_clean_pcc": 0.7,
-        "clean_vs_orig_pcc": 0.95,
-        "undefended_pcc": 0.2,
-    }
-    others = [
-        {**row, "beta": None},
-        {**row, "beta": "2"},
-        {k: v for k, v in row.items() if k != "defense"},
-    ]
-    assert sweep_summary([row, *others]) == sweep_summary([row])
-    assert sweep_summary([row])["method"]["betas"]["2"]["n"] == 1
-
-
-def test_an_integer_beta_is_the_beta_of_its_float():
-    # A record written by hand or by another tool may hold "beta": 2; it is a numeric
-    # beta like 2.0, in the same cell.
-    from betasmooth.recommend import sweep_summary
-
-    row = {"defense": "beta_smooth", "adv_vs_clean_pcc": 0.7, "clean_vs_orig_pcc": 0.95}
-    row |= {"undefended_pcc": 0.2}
-    rows = [{**row, "beta": 2, "index": 0}, {**row, "beta": 2.0, "index": 1}]
-    summary = sweep_summary(rows)["method"]
-    assert list(summary["betas"]) == ["2"] and summary["betas"]["2"]["n"] == 2
-    assert summary["recommended_beta"] == 2.0
-
-
-def test_cells_of_older_records_without_changed_are_taken_as_changed():
-    # Records of versions before "changed" do not say; they count as defenses, so no
-    # beta is named as one that changed nothing.
-    cells = {
-        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5},
-        "5": {"robustness_pcc": 0.7, "fidelity_pcc": 0.6},
-    }
-    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
-    assert verdict(summary) == "no beta in the sweep has median fidelity >= 0.9; none recommended"
-
-
-def test_a_recommended_beta_is_recommended_beside_a_beta_that_changed_nothing():
-    cells = {
-        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95, "changed": True},
-        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
-    }
-    summary = {"betas": cells, "undefended": {"robustness_pcc": 0.3}, "min_fidelity": 0.9}
-    summary["recommended_beta"] = recommend_beta(cells)
-    assert summary["recommended_beta"] == 2.0
-    assert verdict(summary) == (
-        "recommended beta 2 (most robust with median fidelity >= 0.9): "
-        "robustness 0.800 vs 0.300 undefended, more robust"
-    )
-
-
-def test_the_summary_table_keeps_a_long_method_name_apart_from_its_defense():
-    from betasmooth.recommend import format_summary, sweep_summary
-
-    rows = [
-        {"method": m, "defense": "beta_smooth", "beta": 2.0, "adv_vs_clean_pcc": 0.5}
-        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
-        for m in ("lrp", "integrated_gradients")
-    ]
-    table = format_summary(sweep_summary(rows)).splitlines()
-    cells = [line.split()[:3] for line in table[1:5]]
-    assert cells == [
-        [m, d, b]
-        for m in ("lrp", "integrated_gradients")
-        for d, b in [("undefended", "-"), ("beta_smooth", "2")]
-    ]
-    # Each column starts where its heading does.
-    for line in table[1:5]:
-        assert line.index(line.split()[1]) == table[0].index("defense")
-
-
-def test_the_summary_table_counts_the_records_of_each_row():
-    from betasmooth.recommend import format_summary, sweep_summary
-
-    counts = {("beta_smooth", 1.0): 1, ("beta_smooth", 2.0): 3, ("smoothgrad", 1.0): 2}
-    rows = [
-        {"defense": d, "beta": b, "index": i, "adv_vs_clean_pcc": 0.5}
-        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
-        for (d, b), n in counts.items()
-        for i in range(n)
-    ]
-    table = format_summary(sweep_summary(rows)).splitlines()[1:]
-    shown = {tuple(line.replace(" *", "").split()[1:4]) for line in table[:4]}
-    assert shown == {
-        ("undefended", "-", "1"),
-        ("beta_smooth", "1", "1"),
-        ("beta_smooth", "2", "3"),
-        ("smoothgrad", "1", "2"),
-    }
-
-
-def test_sweep_summary_counts_the_images_of_the_undefended_column():
-    # Three images, each in four cells (two defenses, two betas): n is 3, not 4 or 12.
-    from betasmooth.recommend import sweep_summary
-
-    rows = [
-        {
-            "defense": d,
-            "beta": b,
-            "index": i,
-            "adv_vs_clean_pcc": 0.5,
-            "clean_vs_orig_pcc": 0.9,
-            "undefended_pcc": 0.1 * i,
-        }
-        for d in ("beta_smooth", "smoothgrad")
-        for b in (1.0, 5.0)
-        for i in range(3)
-    ]
-    summary = sweep_summary(rows)["method"]
-    assert summary["undefended"]["n"] == 3
-    assert summary["undefended"]["robustness_pcc"] == pytest.approx(0.1)
-    assert summary["betas"]["5"]["n"] == summary["smoothgrad"]["1"]["n"] == 3
-
-
-def test_sweep_summary_lists_the_betas_in_increasing_order():
-    from betasmooth.recommend import format_summary, sweep_summary
-
-    rows = [
-        {"defense": d, "beta": b, "adv_vs_clean_pcc": 0.5, "clean_vs_orig_pcc": 0.95}
-        | {"undefended_pcc": 0.2}
-        for d in ("smoothgrad", "beta_smooth")
-        for b in (10.0, 2.0, 0.5)
-    ]
-    s = sweep_summary(rows)["method"]
-    assert list(s["betas"]) == list(s["smoothgrad"]) == ["0.5", "2", "10"]
-    table = format_summary({"method": s}).splitlines()[2:8]  # below the undefended row
-    cells = [line.split()[1:3] for line in table]
-    assert cells == [[d, b] for d in ("beta_smooth", "smoothgrad") for b in ("0.5", "2", "10")]
-
-
-def test_a_beta_that_changed_some_maps_is_a_defense():
-    from betasmooth.recommend import sweep_summary
-
-    rows = [
-        {"method": "gradient", "defense": "beta_smooth", "beta": 2.0, "changed": changed}
-        | {"adv_vs_clean_pcc": 0.8, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
-        for changed in (True, False)
-    ]
-    summary = sweep_summary(rows)["gradient"]
-    assert summary["betas"]["2"]["changed"] is True
-    assert summary["recommended_beta"] == 2.0
-
-
-@pytest.mark.parametrize(
-    ("ours", "word"),
-    [(0.505, "about as robust (within 0.01)"), (0.52, "more robust"), (0.48, "less robust")],
-)
-def test_verdict_words_by_hand(ours, word):
-    summary = {
-        "betas": {"4": {"robustness_pcc": ours, "fidelity_pcc": 0.95, "changed": True}},
-        "undefended": {"robustness_pcc": 0.5},
-        "recommended_beta": 4.0,
-        "min_fidelity": 0.9,
-    }
-    assert verdict(summary) == (
-        f"recommended beta 4 (most robust with median fidelity >= 0.9): "
-        f"robustness {ours:.3f} vs 0.500 undefended, {word}"
-    )
-
-
-def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
-    # The record written to config.json says whether the sweep recommended the beta.
-    import betasmooth.calibrate as calibrate
-
-    class Sweep:
-        def summary(self, min_fidelity):
-            return {
-                "min_fidelity": min_fidelity,
-                "recommended_beta": 2.0,
-                "undefended": {"robustness_pcc": 0.4},
-                "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
-            }
-
-    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
-    x = bs.load_data("digits", split="train")[0][:2]
-    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
-    assert (found.beta, found.recommended) == (2.0, True)
-    assert found.record() == {
-        "beta": 2.0,
-        "recommended": True,
-        "min_fidelity": 0.9,
-        "undefended": {"robustness_pcc": 0.4},
-        "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
-    }
-
-
-def test_calibration_is_the_sweep_of_its_own_attack_recomputed():
-    # calibrate_beta = targets drawn with the seed, the attack, the sweep of x against x_adv.
-    from betasmooth.calibrate import calibrate_beta
-
-    model = bs.load_model("digits-cnn")
-    x = bs.load_data("digits", split="train")[0][:3]
-    seed, betas = 3, [1.0, 20.0]
-    found = calibrate_beta(model, x, betas=betas, steps=5, seed=seed)
-    maps = bs.heatmap(bs.explain(model, x, "gradient"))
-    targets = attack.random_targets(maps, torch.Generator().manual_seed(seed))
-    result = bs.manipulate(model, x, targets, "gradient", steps=5, seed=seed)
-    sweep = bs.defense_sweep(
-        model, x, result.x_adv, targets, "gradient", betas, defenses=("beta_smooth",), seed=seed
-    )
-    assert found.summary == sweep.summary()
-
-
-def test_calibration_record_keeps_the_min_fidelity_it_was_given():
-    # The record written to config.json says the threshold the choice was made at, so
-    # that recommend_beta of its own cells and threshold gives its choice back. At
-    # 0.999 no beta is faithful enough (beta 20's median fidelity is about 0.991), though
-    # at the default 0.9 beta 20 would be recommended.
-    from betasmooth.calibrate import calibrate_beta
-
-    model = bs.load_model("digits-cnn")
-    x = bs.load_data("digits", split="train")[0][:2]
-    betas = [1.0, 20.0]
-    found = calibrate_beta(model, x, betas=betas, steps=2, min_fidelity=0.999)
-    record = found.record()
-    assert record["min_fidelity"] == 0.999 == found.summary["min_fidelity"]
-    assert record["betas"] == found.summary["betas"]
-    assert not found.recommended
-    assert recommend_beta(record["betas"], record["min_fidelity"]) is None
-    assert recommend_beta(record["betas"]) == 20.0
 
 
 def _point_map(r, c, n=8):
@@ -1802,7 +1027,7 @@ def test_the_geometric_schedule_runs_from_beta0_at_the_first_step_to_beta_end_at
     # Documented (beta_at): beta0 * (beta_end / beta0) ** (step / (steps - 1)), so with
     # 3 steps the surrogate's softplus takes beta0, sqrt(beta0 beta_end) and beta_end.
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     betas = []
     real = attack.softplus
 
@@ -1821,7 +1046,7 @@ def test_a_targeted_attack_scores_every_ten_steps_by_default(small, monkeypatch)
     # Documented: check_every defaults to CHECK_EVERY (10): 12 steps are scored
     # after steps 10 and 12 (the last), no others.
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     scored, iterates = _spy_on_scoring(monkeypatch)
     bs.manipulate(net, x, target, "gradient", steps=12)
     assert attack.CHECK_EVERY == 10
@@ -1841,7 +1066,7 @@ def test_default_weights_follow_the_height_and_width_of_a_non_square_map():
         nn.Linear(16, 3),
     ).double()
     x = torch.rand(2, 1, 16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    target = _targets(net, x)
+    target = targets_of(net, x)
     result = bs.manipulate(net, x, target, "gradient", steps=1)
     w_e, w_o = default_weights(16, 8, 3)
     assert result.settings["w_e"] == pytest.approx(1e11 * (16 * 8 / 224**2) ** 2)
@@ -1864,7 +1089,7 @@ def test_records_name_the_attacked_methods_options_numbers_and_names(small):
     # settings (and records, as attack_method_<option>) hold the method's options that
     # a run needs to be repeated: the number of integrated-gradient points and its rule.
     net, x = small
-    target = _targets(net, x, "integrated_gradients")
+    target = targets_of(net, x, "integrated_gradients")
     options = {"rule": "riemann_middle"}
     result = bs.manipulate(net, x, target, "integrated_gradients", steps=1, method_options=options)
     assert result.settings["method_steps"] == 30
@@ -1879,7 +1104,7 @@ def test_a_torchscript_model_is_refused_naming_the_attacks_surrogate(small):
     # not beta-smoothing, which the attack was not asked for.
     net, x = small
     traced = torch.jit.trace(net, x)
-    target = _targets(net, x)
+    target = targets_of(net, x)
     with pytest.raises(bs.InputError, match=r"^the attack's softplus surrogate cannot work on"):
         bs.manipulate(traced, x, target, "gradient", steps=1)
 
@@ -1895,9 +1120,9 @@ def test_the_attack_benchmark_leaves_no_gain_where_the_attack_changed_nothing(sm
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     net, x = small
-    target = _targets(net, x)
+    target = targets_of(net, x)
     sweep = bs.defense_sweep(net, x, x, target, "gradient", [0.5, 2.0], smoothgrad_n=3)
-    before = float(bs.compare(_maps(net, x), target)["pcc"].median())
+    before = float(bs.compare(maps_of(net, x), target)["pcc"].median())
     meds = sweep.medians()
     assert [script.gain_left(med, 0.5) for med in meds] == [0.0] * len(meds)
     assert any(med["clean_vs_target_pcc"] != pytest.approx(before, abs=1e-3) for med in meds)
@@ -1928,87 +1153,3 @@ def test_the_compare_loop_benchmark_measures_every_method_and_names_its_machine(
     }
     for r in rows:
         assert {k: r["machine"][k] for k in machine} == machine
-
-
-def _tiny_vit(tv):
-    torch.manual_seed(0)
-    vit = tv.models.vision_transformer.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-        num_classes=5,
-    ).eval()  # fmt: skip
-    nn.init.normal_(vit.heads.head.weight)
-    return vit
-
-
-def _tiny_swin_v2(tv):
-    # Its only ReLUs compute the position bias from constant coordinates.
-    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
-
-    torch.manual_seed(0)
-    return tv.models.SwinTransformer(
-        patch_size=[4, 4], embed_dim=8, depths=[2], num_heads=[2], window_size=[2, 2],
-        num_classes=5, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2,
-    ).eval()  # fmt: skip
-
-
-@pytest.mark.parametrize("method", ["gradient", "lrp"])
-@pytest.mark.parametrize("build", [_tiny_vit, _tiny_swin_v2], ids=["vit", "swin-v2"])
-def test_a_sweep_on_a_transformer_finds_that_beta_smoothing_changes_nothing(method, build):
-    # A ViT's maps of an image differed in their last bits with the override on (no
-    # fused attention kernel): the sweep took beta-smoothing, which replaced nothing,
-    # for a defense. Swin V2's ReLUs never see the image.
-    import warnings
-
-    tv = pytest.importorskip("torchvision")
-    vit = build(tv)
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    target = _targets(vit, x)
-    x_adv = bs.manipulate(vit, x, target, method, steps=2).x_adv
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # beta-smoothing changed nothing: said
-        sweep = bs.defense_sweep(
-            vit, x, x_adv, target, method, [1.0, 5.0], defenses=["beta_smooth"]
-        )
-    assert {r["changed"] for r in sweep.records()} == {False}
-    assert sweep.summary()["recommended_beta"] is None
-
-
-def _undefended(model, x, x_adv, method="gradient"):
-    """The sweep's undefended scores, recomputed: maps of x_adv and x explained together."""
-    label = predict(model, x)
-    maps = bs.heatmap(bs.explain(model, torch.cat([x_adv, x]), method, label.repeat(2)))
-    return bs.compare(*maps.chunk(2))
-
-
-def test_a_sweep_of_a_model_whose_batchnorm_needs_a_batch():
-    # Counting the ReLUs that beta-smoothing reaches ran the model on one image,
-    # which a BatchNorm without running statistics refuses.
-    torch.manual_seed(18)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(144, track_running_stats=False),
-        nn.Linear(144, 3),
-    ).eval()  # fmt: skip
-    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    x_adv = (x + 0.01).clamp(0, 1)
-    sweep = bs.defense_sweep(net, x, x_adv, _targets(net, x), "gradient", [1.0], smoothgrad_n=2)
-    rows = sweep.records()
-    assert {r["changed"] for r in rows} == {True}
-    expected = _undefended(net, x, x_adv)
-    for r in rows:
-        assert r["undefended_pcc"] == pytest.approx(float(expected["pcc"][r["index"]]), abs=1e-6)
-
-
-def test_a_sweep_of_smoothgrad_alone_on_a_traced_model():
-    # beta-smoothing cannot reach a TorchScript model's ReLUs, but it was not asked for.
-    net, x = plain_cnn(seed=4), torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(4))
-    traced = torch.jit.trace(net.eval(), x)
-    x_adv = (x + 0.01).clamp(0, 1)
-    sweep = bs.defense_sweep(
-        traced, x, x_adv, _targets(net, x), "gradient", [1.0], smoothgrad_n=2,
-        defenses=["smoothgrad"],
-    )  # fmt: skip
-    rows = sweep.records()
-    assert len(rows) == 4 and {r["changed"] for r in rows} == {True}
-    expected = _undefended(net, x, x_adv)
-    for r in rows:
-        assert r["undefended_pcc"] == pytest.approx(float(expected["pcc"][r["index"]]), abs=1e-6)

@@ -1016,7 +1016,7 @@ def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept
 
 
 def test_smoothgrad_rows_without_a_beta_are_drawn_at_the_beta_their_sigma_matches():
-    from betasmooth.attack import matched_sigma
+    from betasmooth.defense import matched_sigma
     from betasmooth.report import _matched_beta
 
     for sigma in (0.05, 0.3, 1.2):

@@ -372,7 +372,7 @@ def test_the_sweep_of_an_attacked_smoothgrad_draws_from_the_attacked_methods_nam
     # The sweep smooths the base (gradient) of an attacked smoothgrad, but seeds its
     # draws with the attacked method's name, the record's "method": the seed of
     # (run seed, "smoothgrad", index), not of (run seed, "gradient", index).
-    from betasmooth.attack import defense_sweep
+    from betasmooth.defense import defense_sweep
     from betasmooth.runs import attack_run, sweep_run
 
     x, y = digits[0][:2], digits[1][:2]
@@ -888,7 +888,7 @@ def test_the_sweep_explains_with_the_options_the_method_was_attacked_with(
 ):
     # LRP attacked with epsilon = 0.5 is swept with it: the stored defended maps are
     # defense_sweep's with those options (and differ from those of the default epsilon).
-    from betasmooth.attack import defense_sweep
+    from betasmooth.defense import defense_sweep
     from betasmooth.runs import attack_run, sweep_run
 
     x, y = digits[0][:2], digits[1][:2]

@@ -30,7 +30,7 @@ _LAZY = {
     "load_data": "zoo",
     "load_model": "zoo",
     "manipulate": "attack",
-    "defense_sweep": "attack",
+    "defense_sweep": "defense",
     "curvature": "geometry",
     "calibrate_beta": "calibrate",
     "ImageData": "zoo",

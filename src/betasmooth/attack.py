@@ -1,4 +1,4 @@
-"""Manipulation attacks on explanations, and beta-smoothing as the defense.
+"""Manipulation attacks on explanations: targeted, top-k and centre of mass.
 
 Targeted attack (Dombrowski et al. 2019): move ``x`` so that its explanation
 map approaches a target map while the output stays put,
@@ -21,8 +21,8 @@ Everything is batched: each image has its own loss, its own label check and
 its own best iterate. Adam and signed steps act per element, so a batch
 follows the same path as its images one at a time.
 
-:func:`defense_sweep` measures how much of an attack survives beta-smoothing,
-and SmoothGrad at the matched noise scale, over a range of ``beta``.
+How much of an attack survives beta-smoothing is measured in
+:mod:`betasmooth.defense`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -51,16 +50,12 @@ from .explain import (
     wraps_base,
 )
 from .explain import method_options as options_of
-from .explain.gradient import predict
 from .metrics import heatmap
-from .recommend import MIN_FIDELITY, sweep_summary
 from .smooth import (
     check_beta,
     check_overridable,
     flush_denormals,
     is_smoothed,
-    logistic_std,
-    relu_calls,
     replace_relu,
     softplus,
 )
@@ -82,7 +77,6 @@ from .validate import (
     check_uncompiled,
     evaluating,
     is_number,
-    item_seeds,
     one_at_a_time,
     to_numpy,
     warn_user,
@@ -90,27 +84,26 @@ from .validate import (
 
 __all__ = [
     "ATTACK_DEFAULTS",
-    "DEFENSES",
+    "Bound",
     "GOALS",
     "LOSSES",
     "Goal",
     "ManipulationResult",
-    "SweepResult",
     "UNTARGETED_STEPS",
     "attack_options",
     "beta_at",
     "check_attack_model",
     "check_attackable",
-    "check_defendable",
+    "check_method_name",
+    "check_target_map",
     "default_lr",
     "default_weights",
-    "defense_sweep",
     "derangement",
     "keep_best",
     "manipulate",
-    "matched_sigma",
     "random_targets",
     "recorded_goal",
+    "resolve_range",
     "scoring_options",
 ]
 
@@ -798,7 +791,15 @@ def _no_graph(method: str) -> str:
     )
 
 
-def _check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
+def check_target_map(target_map: object, x: torch.Tensor) -> torch.Tensor:
+    """``target_map`` checked as one map ``(B, H, W)`` per image of ``x``, on its device and dtype.
+
+    Examples
+    --------
+    >>> x = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    >>> check_target_map(torch.full((2, 4, 4), 1 / 16), x).dtype
+    torch.float64
+    """
     expected = (x.shape[0], *x.shape[2:])
     check_map_batch(target_map, "target_map")
     if tuple(target_map.shape) != expected:
@@ -844,7 +845,20 @@ def _check_schedule(schedule: object) -> str | float:
 Bound = float | torch.Tensor
 
 
-def _range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
+def resolve_range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
+    """The bounds ``(low, high)`` of ``data_range`` checked, or ``x``'s own for ``None``.
+
+    Per-channel bounds (tensors or arrays, as ``data.bounds``) are checked
+    against ``x`` (:func:`~betasmooth.validate.check_bounds`); numbers must be
+    finite with ``low < high``.
+
+    Examples
+    --------
+    >>> resolve_range((0, 1), torch.zeros(1, 1, 2, 2))
+    (0.0, 1.0)
+    >>> resolve_range(None, torch.arange(4.0).view(1, 1, 2, 2))
+    (0.0, 3.0)
+    """
     if data_range is None:
         return float(x.min()), float(x.max())
     if isinstance(data_range, (tuple, list)) and len(data_range) == 2:
@@ -944,17 +958,6 @@ def _check_classes(logits: torch.Tensor) -> None:
             f"shape (B, {logits.shape[1]}); expected a binary classifier's two logits, e.g. a "
             "forward returning torch.cat([-z, z], 1) / 2 for its one logit z (softmax then "
             "equals sigmoid(z))"
-        )
-
-
-def check_defendable(method: object) -> None:
-    """Refuse a method that is itself a defense (it wraps a base method)."""
-    check_method_name(method)
-    if wraps_base(method):
-        raise InputError(
-            f"{method} is itself a smoothing of a base method, which the defenses wrap; "
-            "expected the base method, such as gradient or lrp (the command line's sweep "
-            "sweeps such runs on it)"
         )
 
 
@@ -1155,7 +1158,7 @@ def manipulate(
     if GOALS[settings.goal].targeted:
         if target_map is None:
             raise InputError("target_map is required for goal='targeted'; expected (B, H, W)")
-        map_target = _check_target_map(target_map, x)
+        map_target = check_target_map(target_map, x)
         _check_heatmaps(target_map)  # in its own dtype, whose rounding its sums carry
     with evaluating(model), flush_denormals():
         p = _problem(model, x, target, map_target, settings)
@@ -1231,7 +1234,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     check_choice("loss", given["loss"], LOSSES)
     check_attackable(method, given["method_options"])
     defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
-    low, high = _range(given["data_range"], x)
+    low, high = resolve_range(given["data_range"], x)
     check_in_range(x, low, high)
     box = None if given["data_range"] is None else (low, high)
     options = _check_method_options(given["method_options"], method)
@@ -1298,7 +1301,7 @@ def attack_options(
     data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
     method_options: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """The options of the map :func:`manipulate` attacks (and :func:`defense_sweep` defends).
+    """The options of the map :func:`manipulate` attacks (and the defense sweep defends).
 
     The options given, then the method's attack defaults
     (:data:`ATTACK_DEFAULTS`), then, where ``data_range`` is given, LRP's
@@ -1319,7 +1322,7 @@ def attack_options(
     (30, -1.0)
     """
     check_method_name(method)
-    box = None if data_range is None else _range(data_range, x)
+    box = None if data_range is None else resolve_range(data_range, x)
     return _attacked_options(method, _check_method_options(method_options, method), box)
 
 
@@ -1536,436 +1539,3 @@ def derangement(n: int, generator: torch.Generator | int | None = None) -> torch
 
 
 # ------------------------------------------------------------------ defense sweep
-
-
-# Fields that name a sweep row rather than measure it.
-_SWEEP_IDS = ("defense", "beta", "index", "sigma")
-
-
-@dataclass
-class SweepResult:
-    """What :func:`defense_sweep` returns.
-
-    Attributes
-    ----------
-    rows : list of dict
-        One per (image, defense, beta); see :meth:`records`.
-    maps : dict
-        ``(defense, beta) -> (map of x_adv, map of x)``, each ``(B, H, W)``.
-
-    Examples
-    --------
-    >>> import betasmooth as bs
-    >>> model = bs.load_model("digits-cnn")
-    >>> x, _ = bs.load_data("digits")
-    >>> target_map = bs.heatmap(bs.explain(model, x[:2], "gradient")).roll(1, 0)
-    >>> x_adv = bs.manipulate(model, x[:2], target_map, "gradient", steps=2).x_adv
-    >>> sweep = bs.defense_sweep(
-    ...     model, x[:2], x_adv, target_map, "gradient", [1.0, 10.0], smoothgrad_n=4
-    ... )
-    >>> len(sweep.rows), sorted(sweep.maps)  # 2 images x 2 defenses x 2 betas
-    (8, [('beta_smooth', 1.0), ('beta_smooth', 10.0), ('smoothgrad', 1.0), ('smoothgrad', 10.0)])
-    >>> sorted(sweep.summary())
-    ['attacked', 'base', 'betas', 'min_fidelity', 'recommended_beta', 'smoothgrad', 'undefended']
-    """
-
-    rows: list[dict[str, object]]
-    maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]]
-
-    def records(self) -> list[dict[str, object]]:
-        """One dict per (image, defense, beta).
-
-        Keys: ``index``, ``defense`` (``beta_smooth`` or ``smoothgrad``),
-        ``beta``, ``sigma`` (SmoothGrad's noise standard deviation, ``None``
-        for beta_smooth), ``adv_vs_orig_<m>``, ``adv_vs_target_<m>``,
-        ``adv_vs_clean_<m>`` (robustness: defended map of ``x_adv`` against
-        the defended map of ``x``), ``clean_vs_orig_<m>`` (fidelity: the
-        defended map of ``x`` against the undefended one),
-        ``clean_vs_target_<m>`` (the defended map of ``x`` against the target:
-        the attack's gain under the defense is ``adv_vs_target`` less this) and
-        ``undefended_<m>`` (the undefended map of ``x_adv`` against the map of
-        ``x``, the same in every row of an image) for every metric ``m`` of
-        :func:`betasmooth.compare`; ``undefended_target_pcc`` and
-        ``undefended_before_pcc`` (the undefended maps of ``x_adv`` and of ``x``
-        against the target: the attack's gain without a defense); ``changed``,
-        whether the defense changed the map of ``x`` or of ``x_adv`` at all
-        (not where beta-smoothing finds no ReLU to replace); ``attacked``,
-        whether ``x_adv`` differs from ``x`` at all; and ``seconds``: the time
-        per image for both maps (of ``x_adv`` and ``x``).
-        """
-        return list(self.rows)
-
-    def summary(self, min_fidelity: float = MIN_FIDELITY) -> dict[str, object]:
-        """Median robustness and fidelity per defense and beta, and the recommended beta.
-
-        See :func:`betasmooth.recommend.sweep_summary`: ``{"undefended": ...,
-        "betas": {beta: ...}, "smoothgrad": {beta: ...}, "recommended_beta":
-        float or None, "min_fidelity": ...}``.
-
-        Examples
-        --------
-        >>> import betasmooth as bs
-        >>> model = bs.load_model("digits-cnn")
-        >>> x = bs.load_data("digits")[0][:2]
-        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
-        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
-        >>> sorted(sweep.summary()["betas"]["1"])  # doctest: +NORMALIZE_WHITESPACE
-        ['changed', 'fidelity_pcc', 'fidelity_ssim', 'gain_left', 'n', 'robustness_pcc',
-         'robustness_ssim']
-        """
-        return sweep_summary(self.rows, min_fidelity)["method"]
-
-    def medians(self) -> list[dict[str, object]]:
-        """Median of every number over the images, one dict per (defense, beta).
-
-        Examples
-        --------
-        >>> import betasmooth as bs
-        >>> model = bs.load_model("digits-cnn")
-        >>> x = bs.load_data("digits")[0][:2]
-        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
-        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
-        >>> [(row["defense"], row["beta"]) for row in sweep.medians()]
-        [('beta_smooth', 1.0), ('smoothgrad', 1.0)]
-        """
-        groups: dict[tuple[str, float], list[dict[str, object]]] = {}
-        for row in self.rows:
-            groups.setdefault((row["defense"], row["beta"]), []).append(row)
-        out = []
-        for (defense, beta), rows in groups.items():
-            keys = [k for k, v in rows[0].items() if k not in _SWEEP_IDS and isinstance(v, float)]
-            head = {"defense": defense, "beta": beta, "n": len(rows)}
-            out.append({**head, **metrics.medians(rows, keys), "sigma": rows[0]["sigma"]})
-        return out
-
-
-def _beta_smooth_maps(
-    model: nn.Module,
-    xs: torch.Tensor,
-    method: str,
-    label: torch.Tensor,
-    beta: float,
-    base_options: dict[str, object] | None = None,
-    **_: object,
-) -> torch.Tensor:
-    return heatmap(
-        explain(model, xs, "beta_smooth", label, base=method, beta=beta, base_options=base_options)
-    )
-
-
-def _smoothgrad_maps(
-    model: nn.Module,
-    xs: torch.Tensor,
-    method: str,
-    label: torch.Tensor,
-    beta: float,
-    *,
-    sigma: float,
-    n: int,
-    seed: int | list[int],
-    input_range: float,
-    base_options: dict[str, object] | None = None,
-) -> torch.Tensor:
-    return heatmap(
-        explain(
-            model,
-            xs,
-            "smoothgrad",
-            label,
-            base=method,
-            base_options=base_options,
-            n=n,
-            sigma=sigma,
-            noise="logistic",
-            input_range=input_range,
-            seed=seed,
-        )
-    )
-
-
-#: Defenses compared by :func:`defense_sweep`: name -> maps of a batch at one beta.
-DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
-    "beta_smooth": _beta_smooth_maps,
-    "smoothgrad": _smoothgrad_maps,
-}
-
-
-def matched_sigma(beta: float) -> float:
-    """SmoothGrad's noise scale matched to ``beta``: ``pi / (sqrt(3) beta)``.
-
-    The standard deviation of the logistic density ``p_beta``, relative to an
-    input range of 1 (Theorem 2).
-
-    Examples
-    --------
-    >>> round(matched_sigma(1.0), 4)
-    1.8138
-    """
-    return logistic_std(beta)
-
-
-@one_at_a_time
-def defense_sweep(
-    model: nn.Module,
-    x: torch.Tensor,
-    x_adv: torch.Tensor,
-    target_map: torch.Tensor,
-    method: str,
-    betas: Sequence[float],
-    *,
-    smoothgrad_sigmas: Sequence[float] | None = None,
-    smoothgrad_n: int = 20,
-    defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
-    data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
-    method_options: dict[str, object] | None = None,
-    seed: int | Sequence[int] = 0,
-    progress: bool = False,
-) -> SweepResult:
-    """How much of a manipulation survives beta-smoothing, and SmoothGrad, at each beta.
-
-    For each beta and defense: the defended map of ``x_adv`` against the
-    original map (the undefended map of ``x``) and against the target, and the
-    defended map of ``x`` against the original map (Dombrowski et al. 2019,
-    Fig. 4 and 7). ``beta_smooth`` is the method on the model with
-    ``softplus_beta``; ``smoothgrad`` averages the method over
-    ``smoothgrad_n`` logistic draws: by default of the standard deviation of
-    ``p_beta``, ``pi / (sqrt(3) beta)`` in the units of the model's input
-    (Theorem 2's noise); with ``smoothgrad_sigmas`` given, of standard
-    deviation ``sigma`` times ``data_range``. Every map explains the
-    prediction on ``x``.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Classifier.
-    x, x_adv : torch.Tensor
-        Clean and manipulated batch ``(B, C, H, W)``.
-    target_map : torch.Tensor
-        The attack's targets ``(B, H, W)``.
-    method : str
-        Base explanation method, e.g. ``gradient`` or ``lrp``.
-    betas : sequence of float
-        Sharpness values, > 0, in :data:`~betasmooth.smooth.BETA_RANGE`.
-    smoothgrad_sigmas : sequence of float, optional
-        SmoothGrad noise scales, one per beta; default :func:`matched_sigma`.
-    smoothgrad_n : int
-        SmoothGrad samples.
-    defenses : sequence of str
-        Non-empty subset of ``beta_smooth`` and ``smoothgrad``.
-    data_range : tuple of float or torch.Tensor, or None
-        Input range for SmoothGrad's noise given by ``smoothgrad_sigmas``
-        (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The
-        matched noise (the default) has the standard deviation of
-        ``p_beta`` in the units of the model's input, whatever the range.
-        As in :func:`manipulate`, ``x`` and ``x_adv`` must lie inside it,
-        and it gives LRP's z^B box and the baseline of integrated gradients
-        unless ``method_options`` does (:func:`attack_options`).
-    method_options : dict, optional
-        Options of the base method, e.g. ``{"composite": "epsilon_plus_flat"}``
-        for LRP; used for every map. Options left out take
-        the values :func:`manipulate` attacks by default
-        (:data:`ATTACK_DEFAULTS`: integrated gradients with 30 points), so
-        that the undefended maps are the maps the attack moved.
-    seed : int or sequence of int
-        Fixes SmoothGrad's draws: one seed, from which each image's seed is
-        drawn, or one seed per image, whose draws then do not depend on the
-        batch it is in. Either way an image and its attacked copy share their
-        draws, so that the sampling noise does not count as a change of the map.
-    progress : bool
-        Show a progress bar.
-
-    Returns
-    -------
-    SweepResult
-        Records per (image, defense, beta) and the defended maps.
-
-    Examples
-    --------
-    >>> import betasmooth as bs
-    >>> model = bs.load_model("digits-cnn")
-    >>> x = bs.load_data("digits")[0][:2]
-    >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
-    >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-    >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [0.5, 1.0])
-    >>> len(sweep.records())  # 2 images x 2 defenses x 2 betas
-    8
-    """
-    check_defendable(method)
-    target_map = _check_sweep_inputs(x, x_adv, target_map)
-    betas, sigmas = sweep_scales(betas, smoothgrad_sigmas)
-    defenses = _check_defenses(defenses)
-    # In the model's dtype, as explain and manipulate take them (float64 on a
-    # float32 model met the model's weights as a raw dtype error).
-    x = check_input(model, x)
-    x_adv = check_input(model, x_adv.to(device=x.device), "x_adv")
-    # The same checks as manipulate's: the range is valid and holds both batches.
-    box = None
-    if data_range is not None:
-        box = _range(data_range, x)
-        check_in_range(x, *box)
-        check_in_range(x_adv, *box, "x_adv")
-    options = _attacked_options(method, _check_method_options(method_options, method), box)
-    input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
-    seeds = _sweep_seeds(seed, x.shape[0])
-
-    # In evaluation mode, as explain and manipulate: the labels and maps of the
-    # deployed model, and no update of its BatchNorm statistics.
-    with evaluating(model), flush_denormals():
-        label = predict(model, x)
-        both = torch.cat([x_adv, x])
-        # Whether beta-smoothing reaches a ReLU that these images pass through decides
-        # whether it changed anything: a GELU network's maps still differ in their last
-        # bits with its override on (no fused attention kernel).
-        smoothable = "beta_smooth" not in defenses or relu_calls(model, both) > 0
-        # In the batch the defenses explain: a map can differ in its last bits
-        # between batches of other sizes.
-        plain = explain(model, both, method, label.repeat(2), **options)
-        map_plain, map_orig = heatmap(plain).detach().chunk(2)
-        undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
-        # The attack's gain in PCC to the target, without a defense: what a defense undoes.
-        undefended["undefended_target_pcc"] = metrics.pcc(map_plain, target_map)
-        undefended["undefended_before_pcc"] = metrics.pcc(map_orig, target_map)
-        attacked = [not torch.equal(a, b) for a, b in zip(x_adv, x)]
-        rows: list[dict[str, object]] = []
-        kept_maps: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
-        jobs = [(d, b, s) for d in defenses for b, s in zip(betas, sigmas)]
-        for defense, beta, sigma in tqdm(jobs, desc="defense sweep", disable=not progress):
-            start = time.perf_counter()
-            maps = DEFENSES[defense](
-                model,
-                both,
-                method,
-                label.repeat(2),
-                beta,
-                sigma=sigma,
-                n=smoothgrad_n,
-                seed=seeds,
-                input_range=input_range,
-                base_options=options,
-            ).detach()
-            seconds = (time.perf_counter() - start) / x.shape[0]
-            adv, clean = maps.chunk(2)
-            kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
-            head = {
-                "defense": defense,
-                "beta": beta,
-                "sigma": sigma if defense == "smoothgrad" else None,
-            }
-            scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
-            # A network whose ReLUs beta-smoothing cannot reach (GELU, attention)
-            # gets the undefended maps back: no beta of it is a defense.
-            untouched = defense == "beta_smooth" and not smoothable
-            same = [
-                untouched
-                or (torch.equal(clean[i], map_orig[i]) and torch.equal(adv[i], map_plain[i]))
-                for i in range(x.shape[0])
-            ]
-            rows += [
-                {
-                    "index": i,
-                    **head,
-                    **{k: float(v[i]) for k, v in scores.items()},
-                    "changed": not same[i],
-                    "attacked": attacked[i],
-                    "seconds": seconds,
-                }
-                for i in range(x.shape[0])
-            ]
-    return SweepResult(rows, kept_maps)
-
-
-def _check_sweep_inputs(
-    x: torch.Tensor, x_adv: torch.Tensor, target_map: torch.Tensor
-) -> torch.Tensor:
-    check_batch(x, "x", min_dim=4)
-    check_batch(x_adv, "x_adv", min_dim=4)
-    if x_adv.shape != x.shape:
-        raise InputError(
-            f"x_adv must have the shape of x, {tuple(x.shape)}; got {tuple(x_adv.shape)}"
-        )
-    return _check_target_map(target_map, x)
-
-
-def _sequence(name: str, values: object, what: str, example: str) -> list[object]:
-    """``values`` as a list; a string or a single number is refused, not iterated."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise InputTypeError(
-            f"{name} must be a sequence of {what}, e.g. {example}; "
-            f"got {type(values).__name__} {values!r}"
-        )
-    return list(values)
-
-
-def sweep_scales(
-    betas: Sequence[float], smoothgrad_sigmas: Sequence[float] | None
-) -> tuple[list[float], list[float]]:
-    """The betas, and SmoothGrad's noise level for each: given, or matched to beta."""
-    betas = [
-        check_positive("beta", b)
-        for b in _sequence("betas", betas, "positive numbers", "[0.5, 1, 2, 5]")
-    ]
-    if not betas:
-        raise InputError("betas must hold at least one positive number, e.g. [0.5, 1, 2, 5]")
-    for beta in betas:
-        check_beta(beta)
-    if len(set(map(float, betas))) < len(betas):
-        # Each would add the same images again to its beta's medians.
-        twice = sorted({float(b) for b in betas if betas.count(b) > 1})
-        raise InputError(
-            f"betas must differ; {', '.join(f'{b:g}' for b in twice)} given more than once"
-        )
-    if smoothgrad_sigmas is None:
-        return betas, [matched_sigma(b) for b in betas]
-    sigmas = _sequence("smoothgrad_sigmas", smoothgrad_sigmas, "positive numbers", "[0.1, 0.2]")
-    sigmas = [check_positive("smoothgrad_sigmas", s) for s in sigmas]
-    if len(sigmas) != len(betas):
-        raise InputError(
-            f"smoothgrad_sigmas must hold one value per beta ({len(betas)}); got {len(sigmas)}"
-        )
-    return betas, sigmas
-
-
-def _check_defenses(defenses: object) -> list[str]:
-    names = _sequence("defenses", defenses, "names", "['beta_smooth', 'smoothgrad']")
-    if not names:
-        raise InputError(
-            f"defenses must name at least one of: {', '.join(sorted(DEFENSES))}; got none"
-        )
-    return [check_choice("defense", d, DEFENSES) for d in names]
-
-
-def _sweep_seeds(seed: object, batch: int) -> list[int]:
-    """SmoothGrad's seeds for the batch of ``x_adv`` and ``x``: each image's twice."""
-    seeds = item_seeds(seed, batch)
-    # x_adv and x go through the defenses as one batch; each image's copies share its draws.
-    return [*seeds, *seeds]
-
-
-def _defense_scores(
-    adv: torch.Tensor, clean: torch.Tensor, map_orig: torch.Tensor, target_map: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Defended maps of ``x_adv`` and ``x`` against the original map, the target and each other."""
-    parts = {
-        "adv_vs_orig": (adv, map_orig),
-        "adv_vs_target": (adv, target_map),
-        "adv_vs_clean": (adv, clean),
-        "clean_vs_orig": (clean, map_orig),
-        # The baseline of adv_vs_target: the defense alone moves the map of x
-        # too, so the attack's gain under it starts from here.
-        "clean_vs_target": (clean, target_map),
-    }
-    return {
-        f"{prefix}_{m}": v
-        for prefix, (a, b) in parts.items()
-        for m, v in metrics.compare(a, b).items()
-    }
-
-
-def _input_range(data_range: object, x: torch.Tensor) -> float | torch.Tensor | None:
-    if data_range is None:
-        return None
-    low, high = _range(data_range, x)
-    span = high - low
-    return span if torch.is_tensor(span) else float(span)

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attack import (
-    attack_options,
-    check_defendable,
-    defense_sweep,
-    manipulate,
-    random_targets,
-    sweep_scales,
-)
+from .attack import attack_options, manipulate, random_targets
+from .defense import check_defendable, defense_sweep, sweep_scales
 from .explain import explain
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, check_min_fidelity
@@ -63,7 +57,7 @@ class Calibration:
         ``True`` when ``beta`` met the fidelity threshold (the recommended
         beta); ``False`` when none did and the most faithful one was taken.
     summary : dict
-        The sweep's summary (:meth:`betasmooth.attack.SweepResult.summary`).
+        The sweep's summary (:meth:`betasmooth.defense.SweepResult.summary`).
 
     Examples
     --------

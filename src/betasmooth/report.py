@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import figures
-from .attack import DEFENSES, recorded_goal
+from .attack import recorded_goal
+from .defense import DEFENSES
 from .metrics import group_records, medians
 from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std

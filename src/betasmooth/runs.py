@@ -21,16 +21,15 @@ import torch
 
 from .attack import (
     ATTACK_DEFAULTS,
-    DEFENSES,
     GOALS,
     attack_options,
     check_attackable,
-    defense_sweep,
     derangement,
     manipulate,
     scoring_options,
 )
 from .checkpoint import read_npz
+from .defense import DEFENSES, defense_sweep
 from .distributed import Dist
 from .explain import (
     METHODS,
@@ -531,7 +530,7 @@ def sweep_run(
 
     Reads ``arrays/<method>-<first>.npz`` (``x``, ``x_adv``, ``map_target``,
     ``index``); records are those of
-    :meth:`betasmooth.attack.SweepResult.records` with the run's ``index``,
+    :meth:`betasmooth.defense.SweepResult.records` with the run's ``index``,
     the attacked ``method`` and the ``base`` method the defenses smooth.
     Arrays ``arrays/sweep-<method>-<first>.npz`` hold ``index``, ``betas`` and
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
@@ -665,7 +664,7 @@ def _check_defenses(
 ) -> None:
     """Check that each defense that is a smoothing method can explain ``model`` on ``base``,
     and the attacked images of ``method``, before the sweep writes anything: with the
-    base's options as :func:`~betasmooth.attack.defense_sweep` gives them (LRP's box
+    base's options as :func:`~betasmooth.defense.defense_sweep` gives them (LRP's box
     from ``data_range``)."""
     smoothing = [d for d in DEFENSES if is_method(d) and wraps_base(d)]
     options: dict[str, dict[str, object]] | None = None

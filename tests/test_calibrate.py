@@ -1,0 +1,98 @@
+"""--beta auto: a short attack and its sweep choose beta, recomputed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import betasmooth as bs
+from betasmooth import attack
+from betasmooth.recommend import recommend_beta
+
+
+@pytest.mark.parametrize(
+    ("cells", "chosen"),
+    [
+        # A median fidelity of exactly 0 was ranked as -1, below -0.3.
+        ({"0.5": 0.0, "1": -0.3, "2": None}, 0.5),
+        # Equally faithful: the larger beta, which changes the network less.
+        ({"0.5": 0.2, "1": 0.2, "2": None}, 1.0),
+    ],
+)
+def test_calibration_without_a_faithful_beta_takes_the_most_faithful(monkeypatch, cells, chosen):
+    import betasmooth.calibrate as calibrate
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            return {
+                "min_fidelity": min_fidelity,
+                "recommended_beta": None,
+                "betas": {b: {"fidelity_pcc": f, "robustness_pcc": 0.5} for b, f in cells.items()},
+            }
+
+    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
+    x = bs.load_data("digits", split="train")[0][:2]
+    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 1.0, 2.0], steps=1)
+    assert (found.beta, found.recommended) == (chosen, False)
+
+
+def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
+    # The record written to config.json says whether the sweep recommended the beta.
+    import betasmooth.calibrate as calibrate
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            return {
+                "min_fidelity": min_fidelity,
+                "recommended_beta": 2.0,
+                "undefended": {"robustness_pcc": 0.4},
+                "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
+            }
+
+    monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
+    x = bs.load_data("digits", split="train")[0][:2]
+    found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
+    assert (found.beta, found.recommended) == (2.0, True)
+    assert found.record() == {
+        "beta": 2.0,
+        "recommended": True,
+        "min_fidelity": 0.9,
+        "undefended": {"robustness_pcc": 0.4},
+        "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
+    }
+
+
+def test_calibration_is_the_sweep_of_its_own_attack_recomputed():
+    # calibrate_beta = targets drawn with the seed, the attack, the sweep of x against x_adv.
+    from betasmooth.calibrate import calibrate_beta
+
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:3]
+    seed, betas = 3, [1.0, 20.0]
+    found = calibrate_beta(model, x, betas=betas, steps=5, seed=seed)
+    maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    targets = attack.random_targets(maps, torch.Generator().manual_seed(seed))
+    result = bs.manipulate(model, x, targets, "gradient", steps=5, seed=seed)
+    sweep = bs.defense_sweep(
+        model, x, result.x_adv, targets, "gradient", betas, defenses=("beta_smooth",), seed=seed
+    )
+    assert found.summary == sweep.summary()
+
+
+def test_calibration_record_keeps_the_min_fidelity_it_was_given():
+    # The record written to config.json says the threshold the choice was made at, so
+    # that recommend_beta of its own cells and threshold gives its choice back. At
+    # 0.999 no beta is faithful enough (beta 20's median fidelity is about 0.991), though
+    # at the default 0.9 beta 20 would be recommended.
+    from betasmooth.calibrate import calibrate_beta
+
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:2]
+    betas = [1.0, 20.0]
+    found = calibrate_beta(model, x, betas=betas, steps=2, min_fidelity=0.999)
+    record = found.record()
+    assert record["min_fidelity"] == 0.999 == found.summary["min_fidelity"]
+    assert record["betas"] == found.summary["betas"]
+    assert not found.recommended
+    assert recommend_beta(record["betas"], record["min_fidelity"]) is None
+    assert recommend_beta(record["betas"]) == 20.0

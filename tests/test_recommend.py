@@ -1,0 +1,252 @@
+"""Medians of a sweep, the recommended beta and the verdict, by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from betasmooth import recommend as bs_recommend
+from betasmooth.recommend import recommend_beta, verdict
+
+
+def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
+    # A gain of 0.005 in PCC to the target made "84 % of the attack's gain left" of noise.
+    def row(beta, adv, clean):
+        return {
+            "defense": "beta_smooth", "beta": beta, "adv_vs_clean_pcc": 0.9,
+            "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.8, "adv_vs_target_pcc": adv,
+            "clean_vs_target_pcc": clean, "undefended_target_pcc": 0.305,
+            "undefended_before_pcc": 0.3,
+        }  # fmt: skip
+
+    summary = bs_recommend.sweep_summary([row(1.0, 0.31, 0.3)])["method"]
+    assert summary["undefended"]["gain_pcc"] is None
+    assert summary["betas"]["1"]["gain_left"] is None
+    assert "% of the attack's gain" not in verdict(summary)
+    # Above it: (0.36 - 0.3) / (0.4 - 0.3) of the gain left.
+    moved = {**row(1.0, 0.36, 0.3), "undefended_target_pcc": 0.4}
+    summary = bs_recommend.sweep_summary([moved])["method"]
+    assert summary["betas"]["1"]["gain_left"] == pytest.approx(0.6)
+    assert verdict(summary).endswith("; 60 % of the attack's gain in PCC to the target left")
+    # Records of an older version among the rows: no gain from part of the images.
+    old = {k: v for k, v in moved.items() if not k.startswith("undefended_t")}
+    old.pop("undefended_before_pcc")
+    mixed = bs_recommend.sweep_summary([moved, {**old}])["method"]
+    assert mixed["undefended"]["gain_pcc"] is None
+
+
+def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
+    # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
+    # "no beta in the sweep has median fidelity >= 0.9", false of that beta.
+    cells = {
+        "0.5": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5, "changed": True},
+        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
+    }
+    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
+    assert verdict(summary) == (
+        "no beta that changed a map has median fidelity >= 0.9 (beta 1e+09 changed none); "
+        "none recommended"
+    )
+    cells["0.5"]["fidelity_pcc"] = 0.95
+    assert recommend_beta(cells) == 0.5
+
+
+def test_betas_that_six_digits_do_not_hold_keep_their_own_cells():
+    # Keyed by f"{beta:g}", two betas shared one cell and the recommended beta was
+    # 3.14159, which no sweep had run.
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {"method": "gradient", "defense": "beta_smooth", "beta": beta, "changed": True}
+        | {"adv_vs_clean_pcc": robust, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for beta, robust in [(0.1234561, 0.5), (0.1234562, 0.6), (3.14159265, 0.7)]
+        for _ in range(2)
+    ]
+    summary = sweep_summary(rows)["gradient"]
+    assert sorted(summary["betas"]) == ["0.1234561", "0.1234562", "3.14159265"]
+    assert [c["n"] for c in summary["betas"].values()] == [2, 2, 2]
+    assert summary["recommended_beta"] == 3.14159265
+    assert verdict(summary).startswith("recommended beta 3.14159265 ")
+
+
+def test_recommended_beta_by_hand():
+    # Fidelity exactly at the threshold counts ("median fidelity >= min_fidelity").
+    cells = {
+        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.9},
+        "8": {"robustness_pcc": 0.5, "fidelity_pcc": 0.99},
+    }
+    assert recommend_beta(cells, min_fidelity=0.9) == 1.0
+    # Equally robust betas: the larger one, which changes the network less.
+    tied = {
+        "1": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+        "5": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95},
+    }
+    assert recommend_beta(tied) == 5.0
+
+
+def test_sweep_summary_leaves_out_records_without_a_defense_or_a_numeric_beta():
+    # Only a record with both is a sweep cell; the others (an attack's records,
+    # a damaged one) leave the summary as it is without them.
+    from betasmooth.recommend import sweep_summary
+
+    row = {
+        "defense": "beta_smooth",
+        "beta": 2.0,
+        "adv_vs_clean_pcc": 0.7,
+        "clean_vs_orig_pcc": 0.95,
+        "undefended_pcc": 0.2,
+    }
+    others = [
+        {**row, "beta": None},
+        {**row, "beta": "2"},
+        {k: v for k, v in row.items() if k != "defense"},
+    ]
+    assert sweep_summary([row, *others]) == sweep_summary([row])
+    assert sweep_summary([row])["method"]["betas"]["2"]["n"] == 1
+
+
+def test_an_integer_beta_is_the_beta_of_its_float():
+    # A record written by hand or by another tool may hold "beta": 2; it is a numeric
+    # beta like 2.0, in the same cell.
+    from betasmooth.recommend import sweep_summary
+
+    row = {"defense": "beta_smooth", "adv_vs_clean_pcc": 0.7, "clean_vs_orig_pcc": 0.95}
+    row |= {"undefended_pcc": 0.2}
+    rows = [{**row, "beta": 2, "index": 0}, {**row, "beta": 2.0, "index": 1}]
+    summary = sweep_summary(rows)["method"]
+    assert list(summary["betas"]) == ["2"] and summary["betas"]["2"]["n"] == 2
+    assert summary["recommended_beta"] == 2.0
+
+
+def test_cells_of_older_records_without_changed_are_taken_as_changed():
+    # Records of versions before "changed" do not say; they count as defenses, so no
+    # beta is named as one that changed nothing.
+    cells = {
+        "1": {"robustness_pcc": 0.9, "fidelity_pcc": 0.5},
+        "5": {"robustness_pcc": 0.7, "fidelity_pcc": 0.6},
+    }
+    summary = {"betas": cells, "recommended_beta": None, "min_fidelity": 0.9}
+    assert verdict(summary) == "no beta in the sweep has median fidelity >= 0.9; none recommended"
+
+
+def test_a_recommended_beta_is_recommended_beside_a_beta_that_changed_nothing():
+    cells = {
+        "2": {"robustness_pcc": 0.8, "fidelity_pcc": 0.95, "changed": True},
+        "1e+09": {"robustness_pcc": 0.4, "fidelity_pcc": 1.0, "changed": False},
+    }
+    summary = {"betas": cells, "undefended": {"robustness_pcc": 0.3}, "min_fidelity": 0.9}
+    summary["recommended_beta"] = recommend_beta(cells)
+    assert summary["recommended_beta"] == 2.0
+    assert verdict(summary) == (
+        "recommended beta 2 (most robust with median fidelity >= 0.9): "
+        "robustness 0.800 vs 0.300 undefended, more robust"
+    )
+
+
+def test_the_summary_table_keeps_a_long_method_name_apart_from_its_defense():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    rows = [
+        {"method": m, "defense": "beta_smooth", "beta": 2.0, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for m in ("lrp", "integrated_gradients")
+    ]
+    table = format_summary(sweep_summary(rows)).splitlines()
+    cells = [line.split()[:3] for line in table[1:5]]
+    assert cells == [
+        [m, d, b]
+        for m in ("lrp", "integrated_gradients")
+        for d, b in [("undefended", "-"), ("beta_smooth", "2")]
+    ]
+    # Each column starts where its heading does.
+    for line in table[1:5]:
+        assert line.index(line.split()[1]) == table[0].index("defense")
+
+
+def test_the_summary_table_counts_the_records_of_each_row():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    counts = {("beta_smooth", 1.0): 1, ("beta_smooth", 2.0): 3, ("smoothgrad", 1.0): 2}
+    rows = [
+        {"defense": d, "beta": b, "index": i, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for (d, b), n in counts.items()
+        for i in range(n)
+    ]
+    table = format_summary(sweep_summary(rows)).splitlines()[1:]
+    shown = {tuple(line.replace(" *", "").split()[1:4]) for line in table[:4]}
+    assert shown == {
+        ("undefended", "-", "1"),
+        ("beta_smooth", "1", "1"),
+        ("beta_smooth", "2", "3"),
+        ("smoothgrad", "1", "2"),
+    }
+
+
+def test_sweep_summary_counts_the_images_of_the_undefended_column():
+    # Three images, each in four cells (two defenses, two betas): n is 3, not 4 or 12.
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {
+            "defense": d,
+            "beta": b,
+            "index": i,
+            "adv_vs_clean_pcc": 0.5,
+            "clean_vs_orig_pcc": 0.9,
+            "undefended_pcc": 0.1 * i,
+        }
+        for d in ("beta_smooth", "smoothgrad")
+        for b in (1.0, 5.0)
+        for i in range(3)
+    ]
+    summary = sweep_summary(rows)["method"]
+    assert summary["undefended"]["n"] == 3
+    assert summary["undefended"]["robustness_pcc"] == pytest.approx(0.1)
+    assert summary["betas"]["5"]["n"] == summary["smoothgrad"]["1"]["n"] == 3
+
+
+def test_sweep_summary_lists_the_betas_in_increasing_order():
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    rows = [
+        {"defense": d, "beta": b, "adv_vs_clean_pcc": 0.5, "clean_vs_orig_pcc": 0.95}
+        | {"undefended_pcc": 0.2}
+        for d in ("smoothgrad", "beta_smooth")
+        for b in (10.0, 2.0, 0.5)
+    ]
+    s = sweep_summary(rows)["method"]
+    assert list(s["betas"]) == list(s["smoothgrad"]) == ["0.5", "2", "10"]
+    table = format_summary({"method": s}).splitlines()[2:8]  # below the undefended row
+    cells = [line.split()[1:3] for line in table]
+    assert cells == [[d, b] for d in ("beta_smooth", "smoothgrad") for b in ("0.5", "2", "10")]
+
+
+def test_a_beta_that_changed_some_maps_is_a_defense():
+    from betasmooth.recommend import sweep_summary
+
+    rows = [
+        {"method": "gradient", "defense": "beta_smooth", "beta": 2.0, "changed": changed}
+        | {"adv_vs_clean_pcc": 0.8, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.2}
+        for changed in (True, False)
+    ]
+    summary = sweep_summary(rows)["gradient"]
+    assert summary["betas"]["2"]["changed"] is True
+    assert summary["recommended_beta"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("ours", "word"),
+    [(0.505, "about as robust (within 0.01)"), (0.52, "more robust"), (0.48, "less robust")],
+)
+def test_verdict_words_by_hand(ours, word):
+    summary = {
+        "betas": {"4": {"robustness_pcc": ours, "fidelity_pcc": 0.95, "changed": True}},
+        "undefended": {"robustness_pcc": 0.5},
+        "recommended_beta": 4.0,
+        "min_fidelity": 0.9,
+    }
+    assert verdict(summary) == (
+        f"recommended beta 4 (most robust with median fidelity >= 0.9): "
+        f"robustness {ours:.3f} vs 0.500 undefended, {word}"
+    )
