@@ -131,6 +131,13 @@ class Raises(nn.Module):
         raise ValueError("my forward is broken")
 
 
+class Unfinished(Raises):
+    """A forward left to write: NotImplementedError is a RuntimeError, as torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("forward is not written yet")
+
+
 API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
     "manipulate beta_smooth on a Captum base": (
         lambda tmp: bs.manipulate(
@@ -149,6 +156,12 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"^model's forward raised ValueError on input of shape \(1, 16, 16\) \(2 items of x, "
         r"whose shape is \(2, 1, 16, 16\)\): my forward is broken$",
+    ),
+    "model whose forward is not implemented": (
+        _explain(Unfinished, X),
+        InputError,
+        r"^model's forward raised NotImplementedError on input of shape \(1, 16, 16\) \(2 items "
+        r"of x, whose shape is \(2, 1, 16, 16\)\): forward is not written yet$",
     ),
     "Captum method that refuses the model": (
         _explain(ReluTwice, X, "captum:DeepLift"),

@@ -536,3 +536,26 @@ def test_lanczos_does_not_stop_where_its_estimate_stalls_next_to_a_lower_eigenva
     )
     top = torch.linalg.eigvalsh(hessian).abs().max()
     assert float(found["hessian_norm"][0]) == pytest.approx(float(top), rel=1e-3)
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_lanczos_stops_once_the_ritz_residual_is_within_the_tolerance(tol):
+    # diag(10, linspace(0, 1)): the top Ritz pair converges in a few steps while the
+    # bulk's off-diagonal stays about 0.3, so a stop on a small beta alone would take
+    # every product. A Ritz value with residual r <= tol * 10 lies within r^2 / gap
+    # (gap 9) of the eigenvalue 10.
+    from betasmooth.geometry import _lanczos
+
+    d = 300
+    values = torch.cat([torch.tensor([10.0]), torch.linspace(0, 1, d - 1)]).double()
+    products = []
+
+    def op(q):
+        products.append(q.shape[0])
+        return q * values
+
+    start = torch.stack([torch.ones(d), torch.linspace(1, 2, d)]).double()
+    estimate = _lanczos(op, start, 40, tol)
+    assert len(products) <= 8
+    bound = (tol * 10) ** 2 / 9
+    assert (estimate - 10).abs().max() <= bound

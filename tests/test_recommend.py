@@ -34,6 +34,50 @@ def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
     assert mixed["undefended"]["gain_pcc"] is None
 
 
+def _gain_rows(after, before=0.3, **extra):
+    # One image, beta_smooth at beta 1: its PCC to the target moved from 0.3 to after.
+    return [
+        {
+            "defense": "beta_smooth",
+            "beta": 1.0,
+            "adv_vs_clean_pcc": 0.9,
+            "clean_vs_orig_pcc": 0.95,
+            "undefended_pcc": 0.8,
+            "adv_vs_target_pcc": 0.25,
+            "clean_vs_target_pcc": 0.3,
+            "undefended_target_pcc": after,
+            "undefended_before_pcc": before,
+            **extra,
+        }
+    ]
+
+
+def test_an_attack_that_moved_the_maps_away_from_the_target_has_no_gain_to_share():
+    # PCC to the target 0.3 -> 0.1: no gain, so no share of one; a negative gain made
+    # the defense's own drop from 0.3 to 0.25 read as "25 % of the gain left".
+    summary = bs_recommend.sweep_summary(_gain_rows(0.1))["method"]
+    assert summary["undefended"]["gain_pcc"] is None
+    assert summary["betas"]["1"]["gain_left"] is None
+    assert "% of the attack's gain" not in verdict(summary)
+    # The same records with a gain: (0.25 - 0.3) / (0.5 - 0.3) of it left.
+    summary = bs_recommend.sweep_summary(_gain_rows(0.5))["method"]
+    assert summary["undefended"]["gain_pcc"] == pytest.approx(0.2)
+    assert summary["betas"]["1"]["gain_left"] == pytest.approx(-0.25)
+
+
+def test_an_adaptive_attack_has_no_gain_of_the_base_map_to_share():
+    # The attack moved the defended beta_smooth map; the undefended scores are those
+    # of its gradient base, whose gain is not the one a defense would undo.
+    rows = _gain_rows(0.5, method="beta_smooth", base="gradient")
+    summary = bs_recommend.sweep_summary(rows)["beta_smooth"]
+    assert summary["base"] == "gradient"
+    assert summary["undefended"]["gain_pcc"] is None
+    assert summary["betas"]["1"]["gain_left"] is None
+    # Swept on its own map, the same records give the share.
+    plain = bs_recommend.sweep_summary(_gain_rows(0.5, method="gradient", base="gradient"))
+    assert plain["gradient"]["betas"]["1"]["gain_left"] == pytest.approx(-0.25)
+
+
 def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
     # beta 1e9 is ReLU to float precision: fidelity 1 but no defense. The verdict said
     # "no beta in the sweep has median fidelity >= 0.9", false of that beta.

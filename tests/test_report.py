@@ -1768,3 +1768,19 @@ def test_images_the_attack_left_unchanged_are_counted_in_both_tables(tmp_path):
     text = build_report(run).read_text()
     assert f"The attack changed {N - 2} of {N} images; the other 2 score robustness 1" in text
     assert text.count("The attack changed") == 1
+
+
+def test_images_changed_are_counted_where_only_later_records_say(tmp_path):
+    # A run resumed after an upgrade: its first records, of an older version, lack
+    # input_max_change and count as changed; the row still counts the others.
+    run = make_run(tmp_path / "run")
+    results = read_lines(run / "results.jsonl")
+    for r in results:
+        if r["index"] != 0:  # index 0: as an older version wrote it
+            r["input_max_change"] = 0.0 if (r["method"], r["index"]) == ("gradient", 1) else 0.1
+    results.sort(key=lambda r: r["index"] != 0)
+    _rewrite(run / "results.jsonl", results)
+    page = parse(build_report(run))
+    changed = {m: column(page.tables["medians"], f"{m} (targeted)") for m in METHODS}
+    assert changed["gradient"]["images the attack changed"] == N - 1
+    assert changed["lrp"]["images the attack changed"] == N

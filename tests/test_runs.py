@@ -965,7 +965,7 @@ def test_captum_sampling_methods_are_seeded_per_batch_and_restore_the_generators
 def test_attack_runs_seed_a_method_that_draws_from_the_global_generator(tmp_path, monkeypatch):
     # A model file's method drawing torch.randn gave other maps and attacks on a rerun.
     from betasmooth.explain import METHODS, register
-    from betasmooth.runs import attack_run, load_inputs
+    from betasmooth.runs import attack_run, load_inputs, sweep_run
 
     @register("noisy_gradient_test")
     def noisy(model, x, target, *, create_graph=False):
@@ -988,3 +988,11 @@ def test_attack_runs_seed_a_method_that_draws_from_the_global_generator(tmp_path
         arrays.append(run.read_arrays("noisy_gradient_test"))
     for key in ("map_orig", "map_adv", "map_target", "x_adv"):
         np.testing.assert_array_equal(arrays[0][key], arrays[1][key])
+    # Their sweeps too: the undefended and defended maps draw from the generator.
+    swept = []
+    for name, torch_seed in (("a", 4), ("b", 5)):
+        torch.manual_seed(torch_seed)
+        rows = sweep_run(RunDir(tmp_path / name), model, [1.0], smoothgrad_n=2, seed=3)
+        swept.append(sorted(rows, key=lambda r: (r["index"], r["defense"])))
+    keys = [k for k in swept[0][0] if k != "seconds"]
+    assert [[r[k] for k in keys] for r in swept[0]] == [[r[k] for k in keys] for r in swept[1]]

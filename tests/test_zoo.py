@@ -1292,3 +1292,37 @@ def test_two_model_files_with_siblings_of_one_name_each_get_their_own(tmp_path, 
     assert bs.load_model("a/net.py:build").out_features == 2
     assert bs.load_model("b/net.py:build").out_features == 5
     assert "betasmooth_test_shared" not in sys.modules
+
+
+def test_a_model_files_sibling_comes_before_a_module_of_its_name_elsewhere(tmp_path, monkeypatch):
+    # `python models/net.py` puts models/ first on sys.path: its blocks.py, not another
+    # one that the path already reaches, is the one the model file imports.
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "models"
+    for place, width in ((elsewhere, 7), (folder, 2)):
+        place.mkdir()
+        (place / "betasmooth_test_first.py").write_text(
+            f"from torch import nn\n\ndef head():\n    return nn.Linear(4, {width})\n"
+        )
+    (folder / "net.py").write_text(
+        "from betasmooth_test_first import head\n\ndef build():\n    return head()\n"
+    )
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.delitem(sys.modules, "betasmooth_test_first", raising=False)
+    assert bs.load_model(f"{folder / 'net.py'}:build").out_features == 2
+
+
+def test_a_library_of_an_environment_inside_the_model_folder_stays_imported(tmp_path, monkeypatch):
+    # A virtual environment inside the project: its libraries are not the folder's own
+    # modules, and one dropped from sys.modules breaks on its second import.
+    site = tmp_path / ".venv" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "betasmooth_test_venvlib.py").write_text("WIDTH = 3\n")
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\nimport betasmooth_test_venvlib as lib\n\n"
+        "def build():\n    return nn.Linear(4, lib.WIDTH)\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "betasmooth_test_venvlib", raising=False)
+    assert bs.load_model(f"{tmp_path / 'net.py'}:build").out_features == 3
+    library = sys.modules["betasmooth_test_venvlib"]
+    assert Path(library.__file__).resolve() == (site / "betasmooth_test_venvlib.py").resolve()
