@@ -881,7 +881,16 @@ def resolve_range(data_range: object, x: torch.Tensor) -> tuple[Bound, Bound]:
 
 
 def check_method_name(method: object) -> None:
-    """Refuse a method that is not a registered name (the registry's own message)."""
+    """Refuse a method that is not a registered name (the registry's own message).
+
+    Examples
+    --------
+    >>> check_method_name("gradient")
+    >>> check_method_name("gradiant")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: unknown method 'gradiant'; expected one of: beta_smooth, ...
+    """
     if not isinstance(method, str):
         raise InputTypeError(f"method must be a method name (str); got {type(method).__name__}")
     options_of(method)

@@ -40,7 +40,13 @@ LOADING = "expected more free memory: the model's weights alone do not fit"
 
 
 def reason(err: BaseException) -> str:
-    """The first line of an error, with its type, for a one-line message."""
+    """The first line of an error, with its type, for a one-line message.
+
+    Examples
+    --------
+    >>> reason(ValueError("bad value\\nand a second line"))
+    'ValueError: bad value'
+    """
     text = str(err).strip().splitlines()
     line = text[0] if text else ""
     line = line if len(line) <= 200 else line[:197] + "..."
@@ -204,6 +210,16 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
     ``DataParallel`` (every key prefixed ``module.``), ``torch.compile``
     (``_orig_mod.``) or held by a training framework's module (``model.`` in a
     Lightning checkpoint's ``state_dict``) are read without that prefix.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.pt")
+    >>> torch.save(nn.Linear(2, 1).state_dict(), path)
+    >>> model = nn.Linear(2, 1)
+    >>> apply_weights(model, path)
+    >>> torch.equal(model.weight, torch.load(path, weights_only=True)["weight"])
+    True
     """
     own = model.state_dict()
     state = _unprefixed(load_state_dict(path), own)

@@ -59,7 +59,16 @@ __all__ = [
 
 
 def check_defendable(method: object) -> None:
-    """Refuse a method that is itself a defense (it wraps a base method)."""
+    """Refuse a method that is itself a defense (it wraps a base method).
+
+    Examples
+    --------
+    >>> check_defendable("lrp")
+    >>> check_defendable("smoothgrad")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: smoothgrad is itself a smoothing of a base method, ...
+    """
     check_method_name(method)
     if wraps_base(method):
         raise InputError(
@@ -431,7 +440,16 @@ def _sequence(name: str, values: object, what: str, example: str) -> list[object
 def sweep_scales(
     betas: Sequence[float], smoothgrad_sigmas: Sequence[float] | None
 ) -> tuple[list[float], list[float]]:
-    """The betas, and SmoothGrad's noise level for each: given, or matched to beta."""
+    """The betas, and SmoothGrad's noise level for each: given, or matched to beta.
+
+    Examples
+    --------
+    >>> betas, sigmas = sweep_scales([1, 10], None)
+    >>> betas, [round(s, 4) for s in sigmas]  # pi / (sqrt(3) beta)
+    ([1.0, 10.0], [1.8138, 0.1814])
+    >>> sweep_scales([1, 10], [0.1, 0.2])
+    ([1.0, 10.0], [0.1, 0.2])
+    """
     betas = [
         check_positive("beta", b)
         for b in _sequence("betas", betas, "positive numbers", "[0.5, 1, 2, 5]")

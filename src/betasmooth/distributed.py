@@ -174,7 +174,14 @@ def _said(err: Exception) -> list[object]:
 
 
 def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher setting RANK)."""
+    """Whether this process was started by torchrun (or another launcher setting RANK).
+
+    Examples
+    --------
+    >>> import os
+    >>> launched() == ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    True
+    """
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -276,14 +283,27 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def shutdown_distributed(dist: Dist) -> None:
-    """Leave the torchrun job."""
+    """Leave the torchrun job.
+
+    Examples
+    --------
+    >>> dist, _ = init_distributed(torch.device("cpu"))  # outside torchrun: nothing to leave
+    >>> shutdown_distributed(dist)
+    """
     if dist.active and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[Dist, torch.device]]:
-    """Context manager around :func:`init_distributed` and :func:`shutdown_distributed`."""
+    """Context manager around :func:`init_distributed` and :func:`shutdown_distributed`.
+
+    Examples
+    --------
+    >>> with distributed(torch.device("cpu")) as (dist, device):  # outside torchrun
+    ...     dist.world_size, dist.active, device.type
+    (1, False, 'cpu')
+    """
     dist, dev = init_distributed(device)
     try:
         yield dist, dev

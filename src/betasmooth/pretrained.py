@@ -70,6 +70,12 @@ class Preprocessing:
         ``"bilinear"``, or ``"bicubic"`` where the weights ask for it (Swin,
         most EfficientNets, MaxViT, ``vit_h_14``): the resize of the weights'
         ``transforms()``.
+
+    Examples
+    --------
+    >>> p = preprocessing("torchvision:resnet18")  # read from torchvision, no download
+    >>> p.resize, p.crop, p.mean
+    (256, 224, (0.485, 0.456, 0.406))
     """
 
     resize: int

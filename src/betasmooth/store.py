@@ -264,18 +264,47 @@ def _replace(path: Path, write: Callable[[object], None], suffix: str) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
-    """Write a JSON-lines file atomically (temporary file, then rename)."""
+    """Write a JSON-lines file atomically (temporary file, then rename).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp(), "results.jsonl")
+    >>> write_jsonl(path, [{"index": 0}, {"index": 1}])
+    >>> path.read_text().splitlines()
+    ['{"index": 0}', '{"index": 1}']
+    """
     text = "".join(_line(r) for r in records).encode()
     _replace_atomically(Path(path), lambda f: f.write(text), ".tmp")
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file atomically: a kill leaves the old file or the new one, never half of one."""
+    """Write a file atomically: a kill leaves the old file or the new one, never half of one.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp(), "figure.png")
+    >>> write_bytes(path, b"new")
+    >>> path.read_bytes()
+    b'new'
+    >>> sorted(p.name for p in path.parent.iterdir())  # no temporary file is left
+    ['figure.png']
+    """
     _replace_atomically(Path(path), lambda f: f.write(data), ".tmp")
 
 
 def write_json(path: str | os.PathLike, obj: object) -> None:
-    """Write a JSON file atomically."""
+    """Write a JSON file atomically.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp(), "config.json")
+    >>> write_json(path, {"seed": 0})
+    >>> json.loads(path.read_text())
+    {'seed': 0}
+    """
     text = (json.dumps(obj, indent=2, default=_json_default) + "\n").encode()
     _replace_atomically(Path(path), lambda f: f.write(text), ".tmp")
 
@@ -301,7 +330,13 @@ def _process_group() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the packages that shape the results."""
+    """Versions of Python, the platform and the packages that shape the results.
+
+    Examples
+    --------
+    >>> sorted(versions())
+    ['betasmooth', 'numpy', 'platform', 'python', 'torch']
+    """
     from . import __version__
 
     found = {"python": platform.python_version(), "platform": platform.platform()}
@@ -911,7 +946,15 @@ class Batch:
 
 @dataclasses.dataclass
 class AttackBatch(Batch):
-    """An attacked batch: inputs, maps and labels before and after the attack."""
+    """An attacked batch: inputs, maps and labels before and after the attack.
+
+    Examples
+    --------
+    >>> z, maps = np.zeros((2, 1, 4, 4)), np.full((2, 4, 4), 1 / 16)
+    >>> b = AttackBatch(np.arange(2), z, z, maps, maps, maps, np.zeros(2), np.zeros(2))
+    >>> AttackBatch.from_npz(b.to_npz()).x_adv.shape
+    (2, 1, 4, 4)
+    """
 
     x: np.ndarray
     x_adv: np.ndarray
@@ -927,7 +970,14 @@ class AttackBatch(Batch):
 
 @dataclasses.dataclass
 class ExplainBatch(Batch):
-    """An explained batch: inputs, maps and, if kept, the signed attributions."""
+    """An explained batch: inputs, maps and, if kept, the signed attributions.
+
+    Examples
+    --------
+    >>> b = ExplainBatch(np.arange(3, 5), np.zeros((2, 1, 4, 4)), np.full((2, 4, 4), 1 / 16))
+    >>> sorted(b.to_npz())  # the attributions were not kept
+    ['index', 'map', 'x']
+    """
 
     x: np.ndarray
     map: np.ndarray
@@ -936,7 +986,14 @@ class ExplainBatch(Batch):
 
 @dataclasses.dataclass
 class SweepBatch(Batch):
-    """The defended maps of the attacked images, ``(B, len(betas), H, W)`` per defense."""
+    """The defended maps of the attacked images, ``(B, len(betas), H, W)`` per defense.
+
+    Examples
+    --------
+    >>> b = SweepBatch(np.arange(2), np.array([1.0, 10.0]), np.zeros((2, 2, 4, 4)))
+    >>> sorted(b.to_npz())  # beta-smoothing swept alone
+    ['betas', 'index', 'maps_beta']
+    """
 
     betas: np.ndarray
     maps_beta: np.ndarray | None = None
@@ -1010,6 +1067,15 @@ def check_batch_file(path: Path, first: int, index: np.ndarray | None) -> list[i
     ------
     InputError
         When the file holds no items or items from another first index: it was altered.
+
+    Examples
+    --------
+    >>> check_batch_file(Path("gradient-4.npz"), 4, np.array([4, 5]))
+    [4, 5]
+    >>> check_batch_file(Path("gradient-4.npz"), 4, np.array([0, 1]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: gradient-4.npz holds items [0, 1]..., not from 4 ...
     """
     items = [] if index is None else np.asarray(index).ravel().tolist()
     if not items or int(items[0]) != first:

@@ -42,7 +42,13 @@ __all__ = ["Unit", "execute", "plan", "unit_seed"]
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One batch of work: a method (or label) and the indices it covers."""
+    """One batch of work: a method (or label) and the indices it covers.
+
+    Examples
+    --------
+    >>> Unit("gradient", (4, 5, 6))
+    Unit(method='gradient', indices=(4, 5, 6))
+    """
 
     method: str
     indices: tuple[int, ...]

@@ -68,7 +68,17 @@ def select_logit(
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The predicted class of each item, ``(B,)``."""
+    """The predicted class of each item, ``(B,)``.
+
+    Examples
+    --------
+    >>> net = nn.Linear(3, 2)
+    >>> with torch.no_grad():
+    ...     _ = net.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    ...     _ = net.bias.zero_()
+    >>> predict(net, torch.tensor([[1.0, 1.0, 0.0], [3.0, 1.0, 0.0]]))
+    tensor([1, 0])
+    """
     return model(x).argmax(1)
 
 
@@ -103,6 +113,13 @@ def input_gradient(
     -------
     torch.Tensor
         ``d logit_target / d x``, shaped like ``x``.
+
+    Examples
+    --------
+    >>> net = nn.Linear(3, 2)
+    >>> x = torch.ones(2, 3)
+    >>> torch.equal(input_gradient(net, x, torch.tensor([0, 1])), net.weight.detach())
+    True
     """
     xg = _leaf(x, create_graph)
     with torch.enable_grad():
