@@ -339,6 +339,17 @@ def test_compare_iterates_the_registry():
     assert bs.compare is compare
 
 
+def test_compare_takes_the_maps_by_the_designs_names():
+    # The public contract: bs.compare(map_a, map_b); by keyword too, with scipy's PCC
+    # and Spearman of each pair (the pairs without a constant map, which scipy leaves NaN).
+    a, b = (m[:4] for m in _pairs((16, 16)))
+    out = bs.compare(map_b=b, map_a=a)
+    pcc = [stats.pearsonr(u.ravel(), v.ravel())[0] for u, v in zip(a.numpy(), b.numpy())]
+    rho = [stats.spearmanr(u.ravel(), v.ravel())[0] for u, v in zip(a.numpy(), b.numpy())]
+    np.testing.assert_allclose(out["pcc"].numpy(), pcc, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["spearman"].numpy(), rho, rtol=1e-4, atol=1e-6)
+
+
 def test_compare_never_nan_on_constant_maps():
     zero, one = torch.zeros(2, 8, 8), torch.ones(2, 8, 8)
     for x, y in [(zero, zero), (zero, one), (one, torch.rand(2, 8, 8))]:

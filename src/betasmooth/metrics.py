@@ -602,12 +602,14 @@ def _options_for(fn: Metric, options: dict[str, object]) -> dict[str, object]:
     return {name: value for name, value in options.items() if name in accepted}
 
 
-def compare(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str, torch.Tensor]:
+def compare(
+    map_a: torch.Tensor, map_b: torch.Tensor, k: int | None = None
+) -> dict[str, torch.Tensor]:
     """Every metric of :data:`METRICS` between two batches of maps.
 
     Parameters
     ----------
-    a, b : torch.Tensor
+    map_a, map_b : torch.Tensor
         Maps of shape ``(B, H, W)``, e.g. from :func:`heatmap`; finite, same shape.
     k : int, optional
         Top-k size for ``"topk"``; default 10 % of the pixels.
@@ -629,7 +631,7 @@ def compare(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str,
     >>> scores["pcc"]
     tensor([1., 1.])
     """
-    a, b = _check_maps(a, b)
+    a, b = _check_maps(map_a, map_b)
     options = {"k": k}
     return {
         name: _one_per_map(name, fn(a, b, **_options_for(fn, options)), a.shape[0])
