@@ -328,3 +328,24 @@ def test_a_baseline_given_as_a_0d_tensor_is_that_number_for_every_pixel():
     ours = bs.explain(net, x, "captum:IntegratedGradients", target, baselines=zero_d)
     theirs = IntegratedGradients(net).attribute(x, target=target, baselines=0.25)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["DeepLift", "GuidedBackprop"])
+def test_captums_notice_of_its_hooks_is_not_passed_on(name, x):
+    # Captum announces at every call that it hooks the activations; run by a command
+    # (its probe, then every batch) the notice came twice, in three ragged lines.
+    # The maps stay Captum's own, which the notice still accompanies there.
+    import warnings
+
+    from captum import attr
+
+    net = plain_cnn(seed=1).double()
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        expected = getattr(attr, name)(net).attribute(x.clone().requires_grad_(True), target=TARGET)
+    assert any("hooks" in str(w.message) for w in theirs)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        found = bs.explain(net, x, f"captum:{name}", TARGET)
+    assert not [str(w.message) for w in ours if "hooks" in str(w.message)]
+    torch.testing.assert_close(found, expected.detach(), rtol=0, atol=0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import warnings
 from types import ModuleType
 
 import torch
@@ -168,6 +169,10 @@ def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return baselines
 
 
+#: Captum's notices that it sets and removes hooks around each call.
+_HOOK_NOTICE = r"\s*Setting (forward, )?backward hooks"
+
+
 @register_prefix("captum")
 @functools.cache
 def captum_method(name: str) -> Method:
@@ -242,7 +247,10 @@ def captum_method(name: str) -> Method:
         explainer, options = _build(cls, model, layer, options)
         if isinstance(options.get("baselines"), torch.Tensor):
             options["baselines"] = _broadcast(options["baselines"], x)
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # Captum's notice that it hooks the activations for the call (DeepLift,
+            # GuidedBackprop, Deconvolution): nothing the user can act on, at every call.
+            warnings.filterwarnings("ignore", _HOOK_NOTICE, UserWarning)
             try:
                 attribution = explainer.attribute(
                     x.detach().requires_grad_(True), target=target, **options
