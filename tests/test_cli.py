@@ -857,6 +857,20 @@ def test_warnings_are_one_line_about_the_run(tmp_path, capsys):
     ]
 
 
+def test_a_libraries_warning_over_several_lines_is_one_line(tmp_path, capsys):
+    # A model file's own library may wrap its warning's text (Captum's did).
+    (tmp_path / "net.py").write_text(
+        "import warnings\n\nfrom torch import nn\n\n\nclass Net(nn.Sequential):\n"
+        "    def forward(self, x):\n        warnings.warn('first part\\n    second  part')\n"
+        "        return super().forward(x)\n\n\ndef net():\n    return Net(nn.Flatten(), "
+        "nn.Linear(1024, 10))\n"
+    )
+    argv = ["explain", "--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "1"]
+    assert main([*argv, "--method", "gradient", "--out", str(tmp_path / "run")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "part" in line]
+    assert warned and set(warned) == {"betasmooth: warning: first part second part"}
+
+
 def test_a_reader_that_goes_away_is_no_error(tmp_path):
     # `betasmooth theorem --json | head -1`: the pipe closes before the summary is printed.
     argv = ["theorem", "--quick", "--json", "--no-progress", "--out", str(tmp_path / "t")]

@@ -1753,8 +1753,9 @@ def _show_warning(
     file: object = None,
     line: str | None = None,
 ) -> None:
-    # On the command line the warning is about the run, not about a source line.
-    tell(f"betasmooth: warning: {message}")
+    # On the command line the warning is about the run, not about a source line; and
+    # one line, also where a library wraps its text over several.
+    tell(f"betasmooth: warning: {' '.join(str(message).split())}")
 
 
 def _check_processes(name: str) -> None:
