@@ -996,3 +996,38 @@ def test_attack_runs_seed_a_method_that_draws_from_the_global_generator(tmp_path
         swept.append(sorted(rows, key=lambda r: (r["index"], r["defense"])))
     keys = [k for k in swept[0][0] if k != "seconds"]
     assert [[r[k] for k in keys] for r in swept[0]] == [[r[k] for k in keys] for r in swept[1]]
+
+
+def test_a_defense_registered_beside_the_two_leaves_a_finished_sweep_finished(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    # betasmooth sweep runs SWEPT_DEFENSES; a unit counted as done at
+    # len(DEFENSES) rows per beta was computed again on every later sweep once a
+    # model file had added a defense to DEFENSES (which it then never ran).
+    import betasmooth.runs as runs_module
+    from betasmooth.defense import DEFENSES
+    from betasmooth.runs import attack_run, sweep_run
+
+    monkeypatch.setitem(DEFENSES, "extra", DEFENSES["smoothgrad"])
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1, batch_size=2)
+    calls = []
+    real = runs_module.defense_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    rows = sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2)
+    # Two batches (of 2 and 1 images), each swept once, with the two defenses.
+    assert len(calls) == 2
+    assert sorted((r["index"], r["defense"]) for r in rows) == [
+        (i, d) for i in range(3) for d in ("beta_smooth", "smoothgrad")
+    ]
+    stamps = {f: f.stat().st_mtime_ns for f in run.path.glob("arrays/sweep-*")}
+    assert len(stamps) == 2
+    assert sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2) == rows
+    assert len(calls) == 2  # the second sweep computed nothing
+    assert {f: f.stat().st_mtime_ns for f in run.path.glob("arrays/sweep-*")} == stamps

@@ -50,6 +50,7 @@ from .validate import (
 
 __all__ = [
     "DEFENSES",
+    "SWEPT_DEFENSES",
     "SweepResult",
     "check_defendable",
     "defense_sweep",
@@ -231,6 +232,11 @@ DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
     "smoothgrad": _smoothgrad_maps,
 }
 
+#: The defenses :func:`defense_sweep` runs by default, as ``betasmooth sweep`` does:
+#: those that :func:`~betasmooth.recommend.sweep_summary`, the sweep's arrays and the
+#: report know. Another entry of :data:`DEFENSES` runs where ``defenses`` names it.
+SWEPT_DEFENSES: tuple[str, ...] = ("beta_smooth", "smoothgrad")
+
 
 def matched_sigma(beta: float) -> float:
     """SmoothGrad's noise scale matched to ``beta``: ``pi / (sqrt(3) beta)``.
@@ -257,7 +263,7 @@ def defense_sweep(
     *,
     smoothgrad_sigmas: Sequence[float] | None = None,
     smoothgrad_n: int = 20,
-    defenses: Sequence[str] = ("beta_smooth", "smoothgrad"),
+    defenses: Sequence[str] = SWEPT_DEFENSES,
     data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
     method_options: dict[str, object] | None = None,
     seed: int | Sequence[int] = 0,
@@ -293,7 +299,8 @@ def defense_sweep(
     smoothgrad_n : int
         SmoothGrad samples.
     defenses : sequence of str
-        Non-empty subset of ``beta_smooth`` and ``smoothgrad``.
+        Non-empty selection of :data:`DEFENSES`; default
+        :data:`SWEPT_DEFENSES`, ``beta_smooth`` and ``smoothgrad``.
     data_range : tuple of float or torch.Tensor, or None
         Input range for SmoothGrad's noise given by ``smoothgrad_sigmas``
         (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The

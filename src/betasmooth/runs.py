@@ -29,7 +29,7 @@ from .attack import (
     scoring_options,
 )
 from .checkpoint import read_npz
-from .defense import DEFENSES, defense_sweep
+from .defense import SWEPT_DEFENSES, defense_sweep
 from .distributed import Dist
 from .explain import (
     METHODS,
@@ -614,6 +614,7 @@ def sweep_run(
             base,
             betas,
             smoothgrad_n=smoothgrad_n,
+            defenses=SWEPT_DEFENSES,
             data_range=data_range,
             method_options=base_options or None,
             seed=[unit_seed(seed, unit.method, i) for i in unit.indices],
@@ -638,7 +639,7 @@ def sweep_run(
         dist=dist,
         progress=progress,
         desc="sweep",
-        rows_per_item=len(DEFENSES) * len({float(b) for b in betas}),
+        rows_per_item=len(SWEPT_DEFENSES) * len({float(b) for b in betas}),
     )
     if records:
         run.write_sweep_summary(sweep_summary(records, min_fidelity))
@@ -666,7 +667,7 @@ def _check_defenses(
     and the attacked images of ``method``, before the sweep writes anything: with the
     base's options as :func:`~betasmooth.defense.defense_sweep` gives them (LRP's box
     from ``data_range``)."""
-    smoothing = [d for d in DEFENSES if is_method(d) and wraps_base(d)]
+    smoothing = [d for d in SWEPT_DEFENSES if is_method(d) and wraps_base(d)]
     options: dict[str, dict[str, object]] | None = None
     for (name, _), batch in attacked.items():
         if name != method:
