@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
 import hashlib
 import json
 import math
@@ -1785,6 +1786,29 @@ def _memory_error(command: str, err: OutOfMemory) -> str:
     return f"betasmooth: error: {err.what}; {hint}"
 
 
+#: glibc's mallopt parameters, and the size up to which freed blocks stay in the heap.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _KEEP_FREED = -1, -3, 1 << 30
+
+
+def _reuse_freed_memory() -> None:
+    """Keep the blocks a batch frees, up to 1 GiB each, for the next batch (glibc only).
+
+    glibc maps a block over its mmap threshold (32 MB at most) anew at each
+    allocation and unmaps it when freed, so a pass over 256 items of 64 px
+    page-faults its activations in again every time: on CPU a third of such a
+    pass is spent in the kernel. The values computed do not change; the
+    process keeps its peak memory until it ends, as the CUDA allocator does.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no such tuning)
+        return
+    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``betasmooth`` command; returns the exit status.
 
@@ -1802,6 +1826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner = parser if any(u in before for u in unknown) else args.parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
+    _reuse_freed_memory()
     try:
         # Flushing before the first parallel operation reaches torch's CPU
         # worker threads too, which copy the state of the thread that starts them.
