@@ -902,6 +902,31 @@ def test_the_command_keeps_freed_blocks_for_the_next_pass():
     assert again > 0 and kept < again / 2
 
 
+@pytest.mark.parametrize(("accepted", "calls"), [(1, [-3, -1]), (0, [-3])])
+def test_the_trim_threshold_is_set_only_where_the_mmap_threshold_was_taken(
+    monkeypatch, accepted, calls
+):
+    # Either setting turns off glibc's rising mmap threshold: the trim threshold alone,
+    # where a glibc refuses 1 GiB as mmap threshold (mallopt returns 0), would leave
+    # every block over 128 KiB mapped anew at each allocation.
+    import ctypes
+
+    import betasmooth.cli as cli
+
+    seen = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            seen.append(param)
+            assert value == 1 << 30
+            return accepted if param == -3 else 1
+
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    cli._reuse_freed_memory()
+    assert seen == calls
+
+
 def test_a_reader_that_goes_away_is_no_error(tmp_path):
     # `betasmooth theorem --json | head -1`: the pipe closes before the summary is printed.
     argv = ["theorem", "--quick", "--json", "--no-progress", "--out", str(tmp_path / "t")]

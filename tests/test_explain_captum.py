@@ -349,3 +349,34 @@ def test_captums_notice_of_its_hooks_is_not_passed_on(name, x):
         found = bs.explain(net, x, f"captum:{name}", TARGET)
     assert not [str(w.message) for w in ours if "hooks" in str(w.message)]
     torch.testing.assert_close(found, expected.detach(), rtol=0, atol=0)
+
+
+class _Warns(nn.Module):
+    """A network whose forward warns, as a model file's library may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn(seed=1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        warnings.warn("the model's own notice", UserWarning, stacklevel=1)
+        return self.net(x)
+
+
+def test_the_models_own_warning_is_still_shown_once_over_many_calls(x):
+    # Dropping Captum's notice inside warnings.catch_warnings reset Python's record of
+    # the warnings already shown: under the default filter a model's own warning came
+    # again at every call (every batch of a run), where plain gradients show it once.
+    import warnings
+
+    net = _Warns()
+    for method in ("gradient", "captum:Saliency", "captum:DeepLift"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("default")
+            for _ in range(3):
+                bs.explain(net, x, method, TARGET)
+        own = [w for w in seen if "model's own notice" in str(w.message)]
+        assert len(own) == 1, method
+        assert not [w for w in seen if "hooks" in str(w.message)]

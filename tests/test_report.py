@@ -766,6 +766,21 @@ def test_an_unfinished_run_says_what_it_lacks(tmp_path):
     assert notice == f"lrp 4 of {N} images, sweep of gradient {N - 1} of {N} images"
 
 
+def test_a_defense_registered_beside_the_two_leaves_a_finished_sweep_finished(
+    tmp_path, monkeypatch
+):
+    # betasmooth sweep records SWEPT_DEFENSES only; counted against DEFENSES, to which the
+    # run's model file (imported for the report) may add, every swept image read as lacking.
+    from betasmooth.defense import DEFENSES
+
+    run = make_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["sweep"] = {"betas": list(BETAS), "smoothgrad_n": 2}
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.setitem(DEFENSES, "extra", DEFENSES["smoothgrad"])
+    assert "not finished" not in build_report(run).read_text()
+
+
 @pytest.fixture(scope="module")
 def _swept_run(tmp_path_factory):
     """An attack of three digits and its sweep over beta 4 and 0.5, with the sweep's records."""

@@ -940,3 +940,17 @@ def test_a_value_just_past_the_bound_is_not_shown_as_the_bound():
     x[0, 0, 0, 0] = 1.0004
     with pytest.raises(InputError, match=r"^x has values in \[0, 1\.0004\], outside"):
         check_in_range(x, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "value", "shown"),
+    [(1000.0, 1001.0, 1001.0002, "1001.0002"), (-1e6, 1.0, 1.0 + 200.0, "201")],
+)
+def test_a_value_just_past_a_bound_far_from_zero_is_not_shown_as_the_bound(low, high, value, shown):
+    # Six digits do not reach 1e-4 of a range of 1 at 1001: the message read
+    # "[1000, 1001], outside data_range [1000, 1001]".
+    x = torch.full((1, 1, 2, 2), low, dtype=torch.float64)
+    x[0, 0, 0, 0] = value
+    with pytest.raises(InputError) as err:
+        check_in_range(x, low, high)
+    assert str(err.value).startswith(f"x has values in [{low:g}, {shown}], outside")

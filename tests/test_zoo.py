@@ -1326,3 +1326,20 @@ def test_a_library_of_an_environment_inside_the_model_folder_stays_imported(tmp_
     assert bs.load_model(f"{tmp_path / 'net.py'}:build").out_features == 3
     library = sys.modules["betasmooth_test_venvlib"]
     assert Path(library.__file__).resolve() == (site / "betasmooth_test_venvlib.py").resolve()
+
+
+def test_a_registered_schemes_missing_weights_file_is_not_sent_to_torchvision(
+    tmp_path, monkeypatch
+):
+    # The pointer to "torchvision:NAME:DEFAULT" is for torchvision's specs: a scheme a
+    # user registers takes no weights name in its spec, and its file is just missing.
+    from betasmooth.zoo import MODEL_SCHEMES
+
+    monkeypatch.setitem(MODEL_SCHEMES, "mine", lambda spec, pretrained: nn.Linear(2, 2))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        bs.load_model("mine:net", weights="DEFAULT")
+    assert str(err.value) == (
+        "weights file DEFAULT does not exist; expected a file written by "
+        "torch.save(model.state_dict(), ...)"
+    )

@@ -1545,6 +1545,3 @@ def derangement(n: int, generator: torch.Generator | int | None = None) -> torch
     out = torch.empty(n, dtype=torch.long)
     out[order] = order.roll(-1)
     return out
-
-
-# ------------------------------------------------------------------ defense sweep

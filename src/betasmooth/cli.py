@@ -1043,7 +1043,7 @@ def _check_given(
             """``text`` under the ``--option`` that caused it, the method named once."""
             if method not in given:
                 return InputError(text)
-            if text.startswith(method):
+            if text.startswith((f"{method}:", f"{method} ")):
                 return InputError(f"--option {text}")
             return InputError(f"--option {method}: {text}")
 
@@ -1805,8 +1805,11 @@ def _reuse_freed_memory() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no such tuning)
         return
-    mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED)
-    mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+    # Setting either turns off glibc's own threshold, which rises with the blocks freed:
+    # the trim threshold alone, where a glibc refuses this mmap threshold (one above its
+    # maximum, or mallopt a stub that returns 0), would leave every block over 128 KiB mapped.
+    if mallopt(_M_MMAP_THRESHOLD, _KEEP_FREED) == 1:
+        mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

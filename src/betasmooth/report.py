@@ -27,7 +27,7 @@ import numpy as np
 
 from . import figures
 from .attack import recorded_goal
-from .defense import DEFENSES
+from .defense import SWEPT_DEFENSES
 from .metrics import group_records, medians
 from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
 from .smooth import logistic_std
@@ -395,14 +395,16 @@ def _unfinished(run: _Run, methods: Sequence[str], lines: Sequence[Mapping]) -> 
     sweep = run.config.get("sweep")
     betas = sweep.get("betas") if isinstance(sweep, Mapping) else None
     if run.results and isinstance(betas, list) and betas:
-        # A defended image has a row per defense and beta.
+        # A defended image has a row per defense the sweep runs and beta (not per entry
+        # of DEFENSES, to which the run's model file, imported for the report, may add).
         rows: dict[tuple, int] = {}
         for r in run.sweep:
             key = (str(r.get("method")), r.get("index"))
             rows[key] = rows.get(key, 0) + 1
+        per_image = len(betas) * len(SWEPT_DEFENSES)
         for m in dict.fromkeys(str(r.get("method")) for r in run.results):
             attacked = {r.get("index") for r in run.results if str(r.get("method")) == m}
-            defended = sum(rows.get((m, i), 0) >= len(betas) * len(DEFENSES) for i in attacked)
+            defended = sum(rows.get((m, i), 0) >= per_image for i in attacked)
             if defended < len(attacked):
                 missing.append(f"sweep of {m} {defended} of {len(attacked)} images")
     return ", ".join(missing)

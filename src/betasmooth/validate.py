@@ -637,10 +637,16 @@ bs.load_data's result)
         raise InputError(f"data_range must have low < high; got low {_show(lo)}, high {_show(hi)}")
     slack = tolerance * (hi - lo)
     if bool(((x < lo - slack) | (x > hi + slack)).any()):
+        # Enough digits to show the tolerance, 1e-4 of the range, at the largest value:
+        # a value just past a bound (1.0004 for [0, 1], 1001.0002 for [1000, 1001])
+        # must not print as the bound itself. Six at least.
+        largest, least = float(x.abs().max()), float(slack.min())
+        digits = 6
+        if least > 0 and math.isfinite(largest) and largest > least:
+            digits = min(17, max(6, math.ceil(math.log10(largest / least)) + 1))
+        shown = f"[{float(x.min()):.{digits}g}, {float(x.max()):.{digits}g}]"
         raise InputError(
-            # Six digits: the tolerance is 1e-4 of the range, so a value just past a
-            # bound (1.0004 for [0, 1]) must not print as the bound itself.
-            f"{name} has values in [{float(x.min()):.6g}, {float(x.max()):.6g}], outside "
+            f"{name} has values in {shown}, outside "
             f"data_range [{_show(lo)}, {_show(hi)}]; expected inputs inside the data range "
             "(normalised images: pass data_range=data.bounds of bs.load_data's result)"
         )

@@ -1218,8 +1218,10 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
     builtin = BUILTIN_MODELS.get(spec)
     scheme = MODEL_SCHEMES.get(spec.partition(":")[0])
     named = isinstance(weights, str) and weights.isidentifier()
-    if scheme is not None and named and not Path(weights).exists():
-        # A torchvision user's reflex (weights="DEFAULT") names no file.
+    torchvision = spec.partition(":")[0] == "torchvision"
+    if torchvision and named and not Path(weights).exists():
+        # A torchvision user's reflex (weights="DEFAULT") names no file. Only there: a
+        # scheme registered in MODEL_SCHEMES takes no weights name in its spec.
         name = ":".join(spec.split(":")[:2])
         raise InputError(
             f"weights file {weights} does not exist; expected torchvision's weights named in "

@@ -15,10 +15,13 @@ Captum is optional (``pip install 'betasmooth[captum]'``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
+import re
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -170,7 +173,36 @@ def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 #: Captum's notices that it sets and removes hooks around each call.
-_HOOK_NOTICE = r"\s*Setting (forward, )?backward hooks"
+_HOOK_NOTICE = re.compile(r"\s*Setting (forward, )?backward hooks", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _without_hook_notice() -> Iterator[None]:
+    """Drop Captum's notice of its hooks as it is shown, and nothing else.
+
+    Not ``warnings.catch_warnings``: entering and leaving it resets Python's record of
+    the warnings already shown, so that a warning of the model's own forward (shown
+    once by default) came again at every batch that a Captum method explained.
+    """
+    show = warnings.showwarning
+
+    def shown(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: object = None,
+        line: str | None = None,
+    ) -> None:
+        if issubclass(category, UserWarning) and _HOOK_NOTICE.match(str(message)):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = shown
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 @register_prefix("captum")
@@ -247,10 +279,9 @@ def captum_method(name: str) -> Method:
         explainer, options = _build(cls, model, layer, options)
         if isinstance(options.get("baselines"), torch.Tensor):
             options["baselines"] = _broadcast(options["baselines"], x)
-        with torch.enable_grad(), warnings.catch_warnings():
-            # Captum's notice that it hooks the activations for the call (DeepLift,
-            # GuidedBackprop, Deconvolution): nothing the user can act on, at every call.
-            warnings.filterwarnings("ignore", _HOOK_NOTICE, UserWarning)
+        # Captum's notice that it hooks the activations for the call (DeepLift,
+        # GuidedBackprop, Deconvolution): nothing the user can act on, at every call.
+        with torch.enable_grad(), _without_hook_notice():
             try:
                 attribution = explainer.attribute(
                     x.detach().requires_grad_(True), target=target, **options
