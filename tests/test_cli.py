@@ -871,37 +871,6 @@ def test_a_libraries_warning_over_several_lines_is_one_line(tmp_path, capsys):
     assert warned and set(warned) == {"betasmooth: warning: first part second part"}
 
 
-_FAULTS = """
-import resource, sys, torch
-import betasmooth.cli as cli
-if sys.argv[1] == "keep":
-    cli._reuse_freed_memory()
-faults = []
-for _ in range(3):  # a pass's activations, allocated, written and freed three times
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.ones(25_000_000)
-    u = t * 2
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    del t, u
-print(sum(faults[1:]))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_the_command_keeps_freed_blocks_for_the_next_pass():
-    # The kernel's count of page faults: without the setting glibc unmaps each freed
-    # 100 MB block and the next pass faults all of it in again.
-    def later_faults(how: str) -> int:
-        run = subprocess.run(
-            [sys.executable, "-c", _FAULTS, how], env=ENV, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
-        return int(run.stdout)
-
-    again, kept = later_faults("default"), later_faults("keep")
-    assert again > 0 and kept < again / 2
-
-
 @pytest.mark.parametrize(("accepted", "calls"), [(1, [-3, -1]), (0, [-3])])
 def test_the_trim_threshold_is_set_only_where_the_mmap_threshold_was_taken(
     monkeypatch, accepted, calls
@@ -925,6 +894,27 @@ def test_the_trim_threshold_is_set_only_where_the_mmap_threshold_was_taken(
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     cli._reuse_freed_memory()
     assert seen == calls
+
+
+def test_the_command_sets_glibcs_thresholds_before_it_runs(monkeypatch, tmp_path):
+    # main() itself keeps the freed blocks, not only the helper: a command that fails
+    # on its model file has set both thresholds, 1 GiB each, before it reads the file.
+    import ctypes
+
+    import betasmooth.cli as cli
+
+    seen = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            seen.append((param, value))
+            return 1
+
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    argv = ["explain", "--model", f"{tmp_path / 'missing.py'}:net", "--data", "digits"]
+    assert main([*argv, "--method", "gradient", "--out", str(tmp_path / "run")]) == 2
+    assert seen == [(-3, 1 << 30), (-1, 1 << 30)]
 
 
 def test_a_reader_that_goes_away_is_no_error(tmp_path):
@@ -1503,6 +1493,34 @@ def test_a_bad_option_is_one_line_before_any_run(tmp_path, capsys, method, optio
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        # The method's message starts with a longer word than its name: still named.
+        (bs.InputError, "--option grad: gradient power must be positive; got -1"),
+        # A plain ValueError: the method named once, as the one that refused.
+        (ValueError, "--option grad refused its options: gradient power must be positive; got -1"),
+    ],
+)
+def test_an_options_error_names_the_method_it_was_given_to(
+    tmp_path, capsys, monkeypatch, error, message
+):
+    from betasmooth.explain import METHODS, register
+
+    def grad(model, x, target, *, create_graph=False, power=1.0):
+        if power <= 0:
+            raise error(f"gradient power must be positive; got {power:g}")
+        return bs.explain(model, x, "gradient", target, create_graph=create_graph)
+
+    monkeypatch.setitem(METHODS, "grad", grad)  # so that the test's end removes it
+    register("grad", replace=True)(grad)
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "grad", "--option", "grad.power=-1", "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"betasmooth: error: {message}\n"
     assert not out.exists()
 
 

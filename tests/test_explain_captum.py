@@ -380,3 +380,16 @@ def test_the_models_own_warning_is_still_shown_once_over_many_calls(x):
         own = [w for w in seen if "model's own notice" in str(w.message)]
         assert len(own) == 1, method
         assert not [w for w in seen if "hooks" in str(w.message)]
+
+
+def test_the_warning_display_is_given_back_after_each_call(x):
+    # Replaced for each Captum call only: left in place, every batch wrapped it once more
+    # (a chain as deep as the batches run), and Captum's notices stayed dropped for the
+    # user's own Captum calls after betasmooth's.
+    import warnings
+
+    net = plain_cnn(seed=1).double()
+    before = warnings.showwarning
+    for _ in range(2):
+        bs.explain(net, x, "captum:DeepLift", TARGET)
+    assert warnings.showwarning is before

@@ -156,6 +156,24 @@ def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
     assert not (tmp_path / "empty").exists()
 
 
+def test_only_a_weights_name_that_is_no_file_is_pointed_to_the_spec(tmp_path, monkeypatch):
+    # A file named like a weights name ("mine") is a file and loads; a missing path that
+    # is no name ("lost.pt") is just missing, with the state-dict hint.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(3)
+    mine = torchvision.models.squeezenet1_1()
+    torch.save(mine.state_dict(), tmp_path / "mine")
+    model = bs.load_model("torchvision:squeezenet1_1", weights="mine")
+    for key, value in mine.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    with pytest.raises(InputError) as err:
+        bs.load_model("torchvision:squeezenet1_1", weights="lost.pt")
+    assert str(err.value).startswith(
+        "weights file lost.pt does not exist; expected a file written by torch.save("
+    )
+
+
 def test_a_weights_enum_name_as_weights_file_points_to_the_spec(tmp_path, monkeypatch, capsys):
     # torchvision's reflex, weights="DEFAULT": no such file, and the spec is where it goes;
     # refused before the network is built or any file fetched.

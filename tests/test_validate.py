@@ -944,7 +944,12 @@ def test_a_value_just_past_the_bound_is_not_shown_as_the_bound():
 
 @pytest.mark.parametrize(
     ("low", "high", "value", "shown"),
-    [(1000.0, 1001.0, 1001.0002, "1001.0002"), (-1e6, 1.0, 1.0 + 200.0, "201")],
+    [
+        (1000.0, 1001.0, 1001.0002, "1001.0002"),
+        (-1e6, 1.0, 1.0 + 200.0, "201"),
+        # 1e-4 of a width of 3 is 3e-4: seven digits at 1001 step by 1e-3, the bound itself.
+        (998.0, 1001.0, 1001.0004, "1001.0004"),
+    ],
 )
 def test_a_value_just_past_a_bound_far_from_zero_is_not_shown_as_the_bound(low, high, value, shown):
     # Six digits do not reach 1e-4 of a range of 1 at 1001: the message read
@@ -954,3 +959,25 @@ def test_a_value_just_past_a_bound_far_from_zero_is_not_shown_as_the_bound(low, 
     with pytest.raises(InputError) as err:
         check_in_range(x, low, high)
     assert str(err.value).startswith(f"x has values in [{low:g}, {shown}], outside")
+
+
+def test_a_value_past_a_narrow_channels_bound_is_shown_with_that_channels_digits():
+    # Per-channel bounds: the narrowest channel's tolerance (1e-4 of [1000, 1001]) sets
+    # the digits, not the widest's (1e-4 of [0, 2000], 0.2), which would show 1001.
+    low = torch.tensor([1000.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+    high = torch.tensor([1001.0, 2000.0], dtype=torch.float64).view(1, 2, 1, 1)
+    x = torch.cat([torch.full((1, 1, 2, 2), 1000.5), torch.full((1, 1, 2, 2), 5.0)], 1).double()
+    x[0, 0, 0, 0] = 1001.0002
+    with pytest.raises(InputError) as err:
+        check_in_range(x, low, high)
+    assert str(err.value).startswith("x has values in [5, 1001.0002], outside data_range")
+
+
+def test_an_infinite_value_is_named_as_outside_the_range():
+    # log10 of an infinite largest value has no digits: the message says inf, as before.
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(
+        InputError, match=r"^x has values in \[0, inf\], outside data_range \[0, 1\]"
+    ):
+        check_in_range(x, 0.0, 1.0)
