@@ -151,3 +151,14 @@ def targets_of(model: nn.Module, x: torch.Tensor, method: str = "gradient", **op
 
     maps = maps_of(model, x, method, **options)
     return random_targets(maps, torch.Generator().manual_seed(1))
+
+
+def relu_replaced(net: nn.Sequential, make) -> nn.Sequential:
+    """A copy of ``net`` with each of its ReLU layers replaced by ``make()``."""
+    import copy
+
+    out = copy.deepcopy(net)
+    for i, layer in enumerate(out):
+        if isinstance(layer, nn.ReLU):
+            out[i] = make()
+    return out

@@ -38,7 +38,7 @@ from betasmooth.attack import (
 )
 from betasmooth.defense import matched_sigma
 from betasmooth.explain.gradient import predict
-from nets import FlushSpy, maps_of, targets_of
+from nets import FlushSpy, maps_of, relu_replaced, targets_of
 
 
 def _assert_fields_recomputed(model, result, method, **options):
@@ -484,10 +484,7 @@ def test_a_smoothed_model_is_attacked_as_it_is_not_through_the_surrogate(small, 
     # softplus_0.5 during the steps: a different network was attacked. The oracle is
     # the network built by hand with torch's Softplus, which has no ReLU to replace.
     net, x = small
-    by_hand = copy.deepcopy(net)
-    for i, layer in enumerate(by_hand):
-        if isinstance(layer, nn.ReLU):
-            by_hand[i] = nn.Softplus(beta=0.5)
+    by_hand = relu_replaced(net, lambda: nn.Softplus(beta=0.5))
     target = targets_of(by_hand, x)
     kwargs = {"steps": 6, "lr": 1e-2, "check_every": 3}
     expected = bs.manipulate(by_hand, x, target, "gradient", beta_schedule="none", **kwargs)
@@ -512,11 +509,7 @@ def test_a_schedule_given_for_a_smoothed_model_is_kept(small):
     net, x = small
 
     def by_hand(beta: float) -> nn.Module:
-        soft = copy.deepcopy(net)
-        for i, layer in enumerate(soft):
-            if isinstance(layer, nn.ReLU):
-                soft[i] = nn.Softplus(beta=beta)
-        return soft
+        return relu_replaced(net, lambda: nn.Softplus(beta=beta))
 
     model = bs.smooth(net, 0.5)
     with torch.no_grad():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -16,7 +15,7 @@ from betasmooth.defense import matched_sigma
 from betasmooth.explain.gradient import predict
 from betasmooth.recommend import recommend_beta, verdict
 from betasmooth.validate import item_seeds
-from nets import maps_of, plain_cnn, targets_of
+from nets import maps_of, plain_cnn, relu_replaced, targets_of
 
 
 def test_undefended_scores_explain_the_label_at_x(digits_cnn, digits):
@@ -229,10 +228,7 @@ def test_a_sweep_where_beta_smoothing_changes_nothing_recommends_no_beta(small, 
     import warnings
 
     net, x = small
-    gelu = copy.deepcopy(net)
-    for i, layer in enumerate(gelu):
-        if isinstance(layer, nn.ReLU):
-            gelu[i] = nn.GELU()
+    gelu = relu_replaced(net, nn.GELU)
     target = targets_of(gelu, x)
     x_adv = bs.manipulate(gelu, x, target, method, steps=3).x_adv
     with warnings.catch_warnings():

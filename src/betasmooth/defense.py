@@ -145,15 +145,14 @@ class SweepResult:
 
         Examples
         --------
-        >>> import betasmooth as bs
-        >>> model = bs.load_model("digits-cnn")
-        >>> x = bs.load_data("digits")[0][:2]
-        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
-        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
-        >>> sorted(sweep.summary()["betas"]["1"])  # doctest: +NORMALIZE_WHITESPACE
-        ['changed', 'fidelity_pcc', 'fidelity_ssim', 'gain_left', 'n', 'robustness_pcc',
-         'robustness_ssim']
+        >>> rows = [
+        ...     {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": r,
+        ...      "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
+        ...     for r in (0.7, 0.9)
+        ... ]
+        >>> summary = SweepResult(rows, {}).summary()
+        >>> summary["betas"]["1"]["robustness_pcc"], summary["recommended_beta"]
+        (0.8, 1.0)
         """
         return sweep_summary(self.rows, min_fidelity)["method"]
 
@@ -162,14 +161,13 @@ class SweepResult:
 
         Examples
         --------
-        >>> import betasmooth as bs
-        >>> model = bs.load_model("digits-cnn")
-        >>> x = bs.load_data("digits")[0][:2]
-        >>> maps = bs.heatmap(bs.explain(model, x, "gradient"))
-        >>> result = bs.manipulate(model, x, maps.flip(0), "gradient", steps=5)
-        >>> sweep = bs.defense_sweep(model, x, result.x_adv, maps.flip(0), "gradient", [1.0])
-        >>> [(row["defense"], row["beta"]) for row in sweep.medians()]
-        [('beta_smooth', 1.0), ('smoothgrad', 1.0)]
+        >>> rows = [
+        ...     {"index": i, "defense": "smoothgrad", "beta": 1.0, "sigma": 1.8,
+        ...      "adv_vs_clean_pcc": r}
+        ...     for i, r in enumerate((0.2, 0.4, 0.9))
+        ... ]
+        >>> SweepResult(rows, {}).medians()
+        [{'defense': 'smoothgrad', 'beta': 1.0, 'n': 3, 'adv_vs_clean_pcc': 0.4, 'sigma': 1.8}]
         """
         groups: dict[tuple[str, float], list[dict[str, object]]] = {}
         for row in self.rows:
