@@ -172,3 +172,36 @@ def test_a_map_that_is_zero_everywhere_is_said_once_per_model():
             assert bs.explain(net, x, "gradient").abs().max() == 0
     said = [str(w.message) for w in record]
     assert len(said) == 1 and said[0].startswith("gradient gave a map that is zero everywhere")
+
+
+def test_a_registered_smoothing_is_no_base_and_a_registered_method_is_one():
+    # Which methods smooth another is what their options say (a ``base``), not a list
+    # of the built-in two: a registered smoothing was taken as a base of SmoothGrad.
+    from betasmooth.explain import METHODS, register
+
+    @register("own_smoothing")
+    def own_smoothing(model, x, target, *, create_graph=False, base="gradient"):
+        return bs.explain(model, x, base, target, create_graph=create_graph)
+
+    @register("doubled")
+    def doubled(model, x, target, *, create_graph=False):
+        return 2 * bs.explain(model, x, "gradient", target, create_graph=create_graph)
+
+    try:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(bs.InputError) as info:
+            bs.explain(net, x, "smoothgrad", 0, base="own_smoothing")
+        message = str(info.value)
+        assert message.startswith(
+            "base method 'own_smoothing' for smoothgrad smooths a base method itself; "
+        )
+        assert "doubled" in message and "own_smoothing, " not in message.split("; ")[1]
+        # A plain registered method is a base: SmoothGrad of 2 x the gradient of a
+        # linear model is twice its weight row, whatever the noise.
+        maps = bs.explain(net, x, "smoothgrad", 0, base="doubled", n=3)
+        expected = 2 * net[1].weight[0].detach().view(1, 1, 4, 4).expand_as(x)
+        torch.testing.assert_close(maps, expected)
+    finally:
+        METHODS.pop("own_smoothing")
+        METHODS.pop("doubled")

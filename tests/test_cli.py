@@ -1033,6 +1033,79 @@ def test_a_goal_the_model_file_registers_is_a_goal_of_the_command_line(tmp_path,
     assert report.read_bytes() == written
 
 
+MODEL_WITH_DEFENSE = """
+import torch
+import betasmooth as bs
+from betasmooth.defense import DEFENSES
+
+
+def box_blur(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options):
+    k = 1 + 2 * round(2 / beta)
+    blurred = torch.nn.functional.avg_pool2d(xs, k, 1, k // 2, count_include_pad=False)
+    return bs.heatmap(bs.explain(model, blurred, method, label))
+
+
+DEFENSES["box_blur"] = box_blur
+
+
+def build():
+    return bs.load_model("digits-cnn")
+"""
+
+
+def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
+    from betasmooth.defense import DEFENSES
+
+    path, run = tmp_path / "defended.py", tmp_path / "run"
+    path.write_text(MODEL_WITH_DEFENSE)
+    argv = ["attack", "--model", f"{path}:build", "--data", "digits", "--no-progress"]
+    sweep = ["sweep", str(run), "--betas", "1,4", "--smoothgrad-n", "2", "--no-progress"]
+    try:
+        assert (
+            main([*argv, "--method", "gradient", "-n", "2", "--steps", "2", "--out", str(run)]) == 0
+        )
+        capsys.readouterr()
+        assert main([*sweep, "--defenses", "box_blur,beta_smooth"]) == 0
+        table = capsys.readouterr().out
+        # Another selection is another sweep: refused before the model is loaded.
+        assert main(sweep) == 2
+        assert "holds a sweep with" in capsys.readouterr().err
+    finally:
+        DEFENSES.pop("box_blur", None)
+    rows = read_jsonl(run / "sweep.jsonl")
+    assert sorted({(r["defense"], r["beta"]) for r in rows}) == [
+        (d, b) for d in ("beta_smooth", "box_blur") for b in (1.0, 4.0)
+    ]
+    summary = json.loads((run / "sweep_summary.json").read_text())["gradient"]
+    assert summary["defenses"] == ["beta_smooth", "smoothgrad", "box_blur"]
+    assert summary["smoothgrad"] == {}
+    # The summary's table (after the records' medians) shows its fidelity at beta 1.
+    fidelity = [
+        r["clean_vs_orig_pcc"] for r in rows if r["defense"] == "box_blur" and r["beta"] == 1
+    ]
+    summary_table = table[table.index("robust pcc") :]
+    line = next(t for t in summary_table.splitlines() if t.split()[1:3] == ["box_blur", "1"])
+    assert float(line.split()[6]) == pytest.approx(np.median(fidelity), abs=5e-4) != 1
+    assert json.loads((run / "config.json").read_text())["sweep"]["defenses"] == [
+        "beta_smooth",
+        "box_blur",
+    ]
+
+
+def test_sweep_names_an_unknown_defense_of_a_built_in_model_before_loading(
+    attack_dir, tmp_path, capsys
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    assert main(["sweep", str(run), "--defenses", "beta_smooth,median"]) == 2
+    assert capsys.readouterr().err == (
+        "betasmooth: error: unknown defense 'median'; expected one of: beta_smooth, smoothgrad\n"
+    )
+    assert "sweep" not in json.loads((run / "config.json").read_text())
+
+
 MODEL_WITH_SECTION = """
 import betasmooth as bs
 from betasmooth.report import SECTIONS

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+import betasmooth as bs
 from betasmooth import recommend as bs_recommend
-from betasmooth.recommend import recommend_beta, verdict
+from betasmooth.recommend import (
+    defense_tables,
+    format_summary,
+    recommend_beta,
+    sweep_summary,
+    verdict,
+)
+from betasmooth.validate import InputError
 
 
 def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
@@ -294,3 +302,48 @@ def test_verdict_words_by_hand(ours, word):
         f"recommended beta 4 (most robust with median fidelity >= 0.9): "
         f"robustness {ours:.3f} vs 0.500 undefended, {word}"
     )
+
+
+def test_another_defense_has_its_own_table_and_aligned_rows():
+    # Two images, a defense beside the paper's: its cells are the medians of its rows.
+    rows = [
+        {"defense": d, "beta": 2.0, "adv_vs_clean_pcc": r, "clean_vs_orig_pcc": f}
+        | {"undefended_pcc": 0.2}
+        for d, r, f in [
+            ("beta_smooth", 0.5, 0.9), ("beta_smooth", 0.7, 0.95),
+            ("a_longer_defense_name", 0.1, 0.4), ("a_longer_defense_name", 0.4, 0.6),
+        ]
+    ]  # fmt: skip
+    summary = sweep_summary(rows)["method"]
+    assert summary["defenses"] == ["beta_smooth", "smoothgrad", "a_longer_defense_name"]
+    cell = summary["a_longer_defense_name"]["2"]
+    assert (cell["n"], cell["robustness_pcc"], cell["fidelity_pcc"]) == (
+        2, pytest.approx(0.25), pytest.approx(0.5),
+    )  # fmt: skip
+    assert defense_tables(summary) == {
+        "beta_smooth": summary["betas"], "smoothgrad": {}, "a_longer_defense_name": {"2": cell},
+    }  # fmt: skip
+    lines = format_summary({"method": summary}).splitlines()
+    table = [line for line in lines if not line.startswith("method:")]
+    assert len({len(line) for line in table}) == 1  # the long name keeps the columns aligned
+    row = next(line for line in table if "a_longer_defense_name" in line).split()
+    assert row[4:7] == ["0.250", "-", "0.500"]
+    # A summary written before it listed its defenses has the paper's two.
+    older = {k: v for k, v in summary.items() if k not in ("defenses", "a_longer_defense_name")}
+    assert list(defense_tables(older)) == ["beta_smooth", "smoothgrad"]
+
+
+@pytest.mark.parametrize("name", ["betas", "undefended", "recommended_beta"])
+def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
+    from betasmooth.defense import DEFENSES
+
+    rows = [{"defense": name, "beta": 1.0, "adv_vs_clean_pcc": 0.5}]
+    with pytest.raises(InputError, match=f"^defense '{name}' has the name of a key"):
+        sweep_summary(rows)
+    net, x = small
+    DEFENSES[name] = DEFENSES["beta_smooth"]
+    try:
+        with pytest.raises(InputError, match=f"^defense '{name}' has the name of a key"):
+            bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=[name])
+    finally:
+        DEFENSES.pop(name)

@@ -1031,3 +1031,74 @@ def test_a_defense_registered_beside_the_two_leaves_a_finished_sweep_finished(
     assert sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2) == rows
     assert len(calls) == 2  # the second sweep computed nothing
     assert {f: f.stat().st_mtime_ns for f in run.path.glob("arrays/sweep-*")} == stamps
+
+
+def _blurred_maps(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options):
+    """A defense beside the paper's: the base map of the images blurred over 1 + 2 / beta pixels."""
+    k = 1 + 2 * round(2 / beta)
+    blurred = torch.nn.functional.avg_pool2d(xs, k, 1, k // 2, count_include_pad=False)
+    return bs.heatmap(bs.explain(model, blurred, method, label, **(base_options or {})))
+
+
+def test_a_registered_defense_is_swept_summarised_resumed_and_reported(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    import betasmooth.runs as runs_module
+    from betasmooth.defense import DEFENSES
+    from betasmooth.report import build_report
+    from betasmooth.runs import attack_run, sweep_run
+
+    monkeypatch.setitem(DEFENSES, "box_blur", _blurred_maps)
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=3, batch_size=2)
+    calls = []
+    real = runs_module.defense_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["defenses"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    defenses = ["beta_smooth", "smoothgrad", "box_blur"]
+    rows = sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=defenses)
+    assert calls == [defenses, defenses]  # two batches
+    assert run.config()["sweep"]["defenses"] == sorted(defenses)
+    mine = [r for r in rows if r["defense"] == "box_blur"]
+    assert sorted((r["index"], r["beta"]) for r in mine) == [
+        (i, b) for i in range(3) for b in (0.5, 2.0)
+    ]
+    # Each row against the defense called by hand on the attacked and the clean images.
+    arrays = [read_npz(f) for f in sorted(run.path.glob("arrays/gradient-*.npz"))]
+    x_adv = torch.from_numpy(np.concatenate([a["x_adv"] for a in arrays]))
+    label = digits_cnn(x).argmax(1)
+    orig = bs.heatmap(bs.explain(digits_cnn, x, "gradient", label))
+    for beta in (0.5, 2.0):
+        both = _blurred_maps(
+            digits_cnn, torch.cat([x_adv, x]), "gradient", label.repeat(2), beta,
+            sigma=None, n=None, seed=None, input_range=None, base_options=None,
+        )  # fmt: skip
+        adv, clean = both.chunk(2)
+        robust, fidel = bs.compare(adv, clean)["pcc"], bs.compare(clean, orig)["pcc"]
+        for r in (r for r in mine if r["beta"] == beta):
+            assert r["adv_vs_clean_pcc"] == pytest.approx(float(robust[r["index"]]), abs=1e-5)
+            assert r["clean_vs_orig_pcc"] == pytest.approx(float(fidel[r["index"]]), abs=1e-5)
+    # Its own table in the summary, of the medians of its rows.
+    summary = json.loads((run.path / "sweep_summary.json").read_text())["gradient"]
+    assert summary["defenses"] == ["beta_smooth", "smoothgrad", "box_blur"]
+    for beta in (0.5, 2.0):
+        values = [r["adv_vs_clean_pcc"] for r in mine if r["beta"] == beta]
+        cell = summary["box_blur"][f"{beta:g}"]
+        assert (cell["n"], cell["robustness_pcc"]) == (3, pytest.approx(np.median(values)))
+    # Done at three rows per beta: a second sweep computes nothing, and the report
+    # counts the sweep as finished and shows the defense's row.
+    assert sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=defenses) == rows
+    assert len(calls) == 2
+    page = build_report(run.path).read_text()
+    assert "not finished" not in page
+    cell = summary["box_blur"]["2"]
+    shown = re.search(r'box_blur β=2</th><td data-value="3.0">3</td><td data-value="([^"]+)"', page)
+    assert float(shown.group(1)) == pytest.approx(cell["robustness_pcc"])
+    # Another selection of defenses is another sweep.
+    with pytest.raises(InputError, match="holds a sweep with"):
+        sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2)

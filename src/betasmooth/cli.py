@@ -46,6 +46,7 @@ from .attack import (
     recorded_goal,
 )
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
+from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, heatmap, medians
@@ -373,6 +374,16 @@ def _choices_help(choices: Sequence[str], all_means: str, prefixed: bool = True)
         f"comma list of {', '.join(choices)}, {others} registered in a model file; "
         f"or all ({all_means})"
     )
+
+
+def _names(text: str) -> list[str]:
+    """A comma list of names, e.g. ``beta_smooth,smoothgrad``."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(
+            f"expected names, e.g. beta_smooth,smoothgrad; got {text!r}"
+        )
+    return names
 
 
 def _numbers(text: str) -> list[float]:
@@ -762,6 +773,13 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=MIN_FIDELITY,
         help="least median fidelity (PCC) of a recommended beta (default 0.9)",
+    )
+    p.add_argument(
+        "--defenses",
+        type=_names,
+        default=list(SWEPT_DEFENSES),
+        help=f"comma list of {', '.join(SWEPT_DEFENSES)} or a defense the run's model file "
+        f"registers in betasmooth.defense.DEFENSES (default {','.join(SWEPT_DEFENSES)})",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_progress(p)
@@ -1451,11 +1469,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = run.check_attacked()
     device = resolve_device(args.device)
     _check_betas(args.betas)
-    settings = {
-        "betas": args.betas,
-        "smoothgrad_n": args.smoothgrad_n,
-        "min_fidelity": args.min_fidelity,
-    }
+    if not _may_register(str(config.get("model"))):
+        check_defenses(args.defenses)  # a typo is named before a long load
+    settings = runs.sweep_settings(args.betas, args.smoothgrad_n, args.min_fidelity, args.defenses)
     run.check_sweep(settings)  # before the model is loaded
     inputs = _load(config, 1)
     model, x, _ = inputs
@@ -1472,6 +1488,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             model,
             args.betas,
             smoothgrad_n=args.smoothgrad_n,
+            defenses=args.defenses,
             seed=int(config.get("seed", 0)),
             data_range=bounds,
             method_options=_attacked_with(config, bounds),

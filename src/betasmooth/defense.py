@@ -33,7 +33,7 @@ from .attack import (
 from .explain import explain, wraps_base
 from .explain.gradient import predict
 from .metrics import heatmap
-from .recommend import MIN_FIDELITY, sweep_summary
+from .recommend import MIN_FIDELITY, PAPER_DEFENSES, check_defense_names, sweep_summary
 from .smooth import check_beta, flush_denormals, logistic_std, relu_calls
 from .validate import (
     InputError,
@@ -51,6 +51,7 @@ from .validate import (
 __all__ = [
     "DEFENSES",
     "SWEPT_DEFENSES",
+    "check_defenses",
     "SweepResult",
     "check_defendable",
     "defense_sweep",
@@ -106,8 +107,9 @@ class SweepResult:
     ... )
     >>> len(sweep.rows), sorted(sweep.maps)  # 2 images x 2 defenses x 2 betas
     (8, [('beta_smooth', 1.0), ('beta_smooth', 10.0), ('smoothgrad', 1.0), ('smoothgrad', 10.0)])
-    >>> sorted(sweep.summary())
-    ['attacked', 'base', 'betas', 'min_fidelity', 'recommended_beta', 'smoothgrad', 'undefended']
+    >>> sorted(sweep.summary())  # doctest: +NORMALIZE_WHITESPACE
+    ['attacked', 'base', 'betas', 'defenses', 'min_fidelity', 'recommended_beta',
+     'smoothgrad', 'undefended']
     """
 
     rows: list[dict[str, object]]
@@ -141,7 +143,8 @@ class SweepResult:
 
         See :func:`betasmooth.recommend.sweep_summary`: ``{"undefended": ...,
         "betas": {beta: ...}, "smoothgrad": {beta: ...}, "recommended_beta":
-        float or None, "min_fidelity": ...}``.
+        float or None, "min_fidelity": ..., "defenses": [...]}``, another
+        defense's cells under its name (:func:`~betasmooth.recommend.defense_tables`).
 
         Examples
         --------
@@ -230,10 +233,10 @@ DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
     "smoothgrad": _smoothgrad_maps,
 }
 
-#: The defenses :func:`defense_sweep` runs by default, as ``betasmooth sweep`` does:
-#: those that :func:`~betasmooth.recommend.sweep_summary`, the sweep's arrays and the
-#: report know. Another entry of :data:`DEFENSES` runs where ``defenses`` names it.
-SWEPT_DEFENSES: tuple[str, ...] = ("beta_smooth", "smoothgrad")
+#: The defenses :func:`defense_sweep` and ``betasmooth sweep`` run by default, those of
+#: the paper. Another entry of :data:`DEFENSES` runs where ``defenses`` (``--defenses``)
+#: names it, and has its own table in the summary and the report.
+SWEPT_DEFENSES: tuple[str, ...] = PAPER_DEFENSES
 
 
 def matched_sigma(beta: float) -> float:
@@ -298,7 +301,10 @@ def defense_sweep(
         SmoothGrad samples.
     defenses : sequence of str
         Non-empty selection of :data:`DEFENSES`; default
-        :data:`SWEPT_DEFENSES`, ``beta_smooth`` and ``smoothgrad``.
+        :data:`SWEPT_DEFENSES`, ``beta_smooth`` and ``smoothgrad``. A defense
+        registered there is called as they are, ``fn(model, xs, method, label,
+        beta, *, sigma, n, seed, input_range, base_options)`` with ``xs`` the
+        attacked images then the clean ones, and returns their maps ``(2B, H, W)``.
     data_range : tuple of float or torch.Tensor, or None
         Input range for SmoothGrad's noise given by ``smoothgrad_sigmas``
         (per channel for ``(1, C, 1, 1)`` bounds); ``None`` per image. The
@@ -340,7 +346,7 @@ def defense_sweep(
     check_defendable(method)
     target_map = _check_sweep_inputs(x, x_adv, target_map)
     betas, sigmas = sweep_scales(betas, smoothgrad_sigmas)
-    defenses = _check_defenses(defenses)
+    defenses = check_defenses(defenses)
     # In the model's dtype, as explain and manipulate take them (float64 on a
     # float32 model met the model's weights as a raw dtype error).
     x = check_input(model, x)
@@ -480,13 +486,26 @@ def sweep_scales(
     return betas, sigmas
 
 
-def _check_defenses(defenses: object) -> list[str]:
+def check_defenses(defenses: object) -> list[str]:
+    """Check that ``defenses`` names entries of :data:`DEFENSES`, at least one.
+
+    Examples
+    --------
+    >>> check_defenses(["smoothgrad"])
+    ['smoothgrad']
+    >>> check_defenses(["median"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: unknown defense 'median'; expected one of: beta_smooth, ...
+    """
     names = _sequence("defenses", defenses, "names", "['beta_smooth', 'smoothgrad']")
     if not names:
         raise InputError(
             f"defenses must name at least one of: {', '.join(sorted(DEFENSES))}; got none"
         )
-    return [check_choice("defense", d, DEFENSES) for d in names]
+    names = list(dict.fromkeys(check_choice("defense", d, DEFENSES) for d in names))
+    check_defense_names(names)
+    return names
 
 
 def _sweep_seeds(seed: object, batch: int) -> list[int]:

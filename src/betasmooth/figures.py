@@ -31,11 +31,13 @@ from matplotlib.figure import Figure
 from .store import write_bytes
 
 __all__ = [
+    "DEFENSE_STYLES",
     "DPI",
     "MAP_CMAP",
     "cost_quality",
     "curvature_figure",
     "defense_curves",
+    "defense_style",
     "density_figure",
     "explain_grid",
     "grid_size",
@@ -405,6 +407,34 @@ def _log_axis(ax: object, values: np.ndarray) -> None:
 
 DEFENSE_SIZE = (9.0, 4.3)
 
+#: How the figures draw each defense: legend label, colour (where colour tells the
+#: defense), marker, line style. Another defense is drawn in turn as :func:`defense_style`.
+DEFENSE_STYLES: dict[str, tuple[str, str, str, object]] = {
+    "beta_smooth": ("β-smoothing", "C0", "o", "-"),
+    "smoothgrad": ("SmoothGrad", "C1", "s", ":"),
+}
+_OTHER_STYLES = (("^", "-."), ("D", "--"), ("v", (0, (5, 1, 1, 1))), ("P", (0, (1, 1))))
+
+
+def defense_style(defense: str, others: Sequence[str] = ()) -> tuple[str, str, str, object]:
+    """Legend label, colour, marker and line style of ``defense`` in the figures.
+
+    A defense outside :data:`DEFENSE_STYLES` is labelled with its name and
+    takes the next of a few styles by its place in ``others``.
+
+    Examples
+    --------
+    >>> defense_style("smoothgrad")
+    ('SmoothGrad', 'C1', 's', ':')
+    >>> defense_style("median_filter", ["median_filter"])
+    ('median_filter', 'C4', '^', '-.')
+    """
+    if defense in DEFENSE_STYLES:
+        return DEFENSE_STYLES[defense]
+    k = list(others).index(defense) if defense in others else 0
+    marker, line = _OTHER_STYLES[k % len(_OTHER_STYLES)]
+    return defense, f"C{4 + k % 6}", marker, line
+
 
 def defense_curves(
     betas: Sequence[float],
@@ -413,6 +443,7 @@ def defense_curves(
     *,
     smoothgrad_betas: Sequence[float] | None = None,
     smoothgrad: Mapping[str, Sequence[float]] | None = None,
+    others: Mapping[str, tuple[Sequence[float], Mapping[str, Sequence[float]]]] | None = None,
     undefended: Mapping[str, float] | None = None,
     undefended_label: str = "no defense (ReLU)",
     title: str | None = None,
@@ -421,8 +452,9 @@ def defense_curves(
 
     Colour tells the comparison (attacked map vs original, vs target, clean
     map vs target, vs original), line style the defense: solid for beta-smoothing,
-    dotted for SmoothGrad at the matched noise level, faint dotted horizontal
-    lines in each comparison's colour for no defense.
+    dotted for SmoothGrad at the matched noise level, another style for each
+    other defense (:func:`defense_style`), faint dotted horizontal lines in
+    each comparison's colour for no defense.
 
     Parameters
     ----------
@@ -440,6 +472,8 @@ def defense_curves(
         variance of p_beta).
     smoothgrad : mapping of str to sequence of float, optional
         The same keys for SmoothGrad, one median per ``smoothgrad_betas``.
+    others : mapping, optional
+        Another defense's name -> its betas and its curves (the same keys).
     undefended : mapping of str to float, optional
         The same keys for the ReLU network without defense, drawn as faint
         horizontal lines (e.g. ``adv_vs_orig_pcc`` = median ``expl_pcc_orig``).
@@ -464,10 +498,12 @@ def defense_curves(
     """
     betas = np.asarray(betas, dtype=np.float64)
     sg_betas = np.asarray(smoothgrad_betas if smoothgrad_betas is not None else [], float)
-    series = (
-        ("beta", betas, curves, "-", "o"),
-        ("smoothgrad", sg_betas, smoothgrad or {}, ":", "s"),
-    )
+    others = dict(others or {})
+    series = [
+        ("beta_smooth", betas, curves),
+        ("smoothgrad", sg_betas, smoothgrad or {}),
+        *((name, np.asarray(b, dtype=np.float64), c) for name, (b, c) in others.items()),
+    ]
     with matplotlib.rc_context(_STYLE):
         fig = _figure(DEFENSE_SIZE)
         axes = fig.subplots(
@@ -477,8 +513,8 @@ def defense_curves(
         )
         used: set[str] = set()
         for ax, metric in zip(axes, ("pcc", "ssim")):
-            used |= _defense_panel(ax, metric, series, undefended or {})
-            _log_axis(ax, np.concatenate([betas, sg_betas]))
+            used |= _defense_panel(ax, metric, series, undefended or {}, list(others))
+            _log_axis(ax, np.concatenate([x for _, x, _ in series]))
             ax.set_xlabel("β")
             ax.set_ylabel(metric.upper())
             ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
@@ -486,7 +522,7 @@ def defense_curves(
         axes[1].set_title("SSIM of maps", loc="left")
         # Two rows, colours (the comparisons) above line styles (the defenses):
         # seven entries in one row run off a figure of this width.
-        for row, handles in enumerate(_defense_legend(used, undefended_label)):
+        for row, handles in enumerate(_defense_legend(used, undefended_label, list(others))):
             if handles:
                 where = (0.5, 0.06 - 0.06 * row)
                 fig.legend(
@@ -513,13 +549,18 @@ _COMPARISONS = {
 
 
 def _defense_panel(
-    ax: object, metric: str, series: Sequence[tuple], undefended: Mapping[str, float]
+    ax: object,
+    metric: str,
+    series: Sequence[tuple],
+    undefended: Mapping[str, float],
+    others: Sequence[str],
 ) -> set[str]:
     """One metric's curves per comparison and defense; returns what was drawn, for the legend."""
     used = set()
     for stem, (_, colour) in _COMPARISONS.items():
         key = f"{stem}_{metric}"
-        for name, x, values, style, marker in series:
+        for name, x, values in series:
+            _, _, marker, style = defense_style(name, others)
             if key in values and x.size:
                 order = np.argsort(x)
                 y = np.asarray(values[key], dtype=np.float64)[order]
@@ -531,7 +572,9 @@ def _defense_panel(
     return used
 
 
-def _defense_legend(used: set[str], undefended_label: str) -> tuple[list, list]:
+def _defense_legend(
+    used: set[str], undefended_label: str, others: Sequence[str]
+) -> tuple[list, list]:
     """The legend's entries: the comparisons' colours, and the defenses' line styles."""
     colours = [
         matplotlib.lines.Line2D([], [], color=colour, lw=3, label=label)
@@ -539,15 +582,16 @@ def _defense_legend(used: set[str], undefended_label: str) -> tuple[list, list]:
         if stem in used
     ]
     styles = []
-    for name, label, style, marker in (
-        ("beta", "β-smoothing", "-", "o"),
-        ("smoothgrad", "SmoothGrad", ":", "s"),
-        ("none", undefended_label, (0, (1, 3)), None),
-    ):
+    for name in [*DEFENSE_STYLES, *others]:
         if name in used:
+            label, _, marker, line = defense_style(name, others)
             styles.append(
-                matplotlib.lines.Line2D([], [], color="0.3", ls=style, marker=marker, label=label)
+                matplotlib.lines.Line2D([], [], color="0.3", ls=line, marker=marker, label=label)
             )
+    if "none" in used:
+        styles.append(
+            matplotlib.lines.Line2D([], [], color="0.3", ls=(0, (1, 3)), label=undefended_label)
+        )
     return colours, styles
 
 
@@ -563,8 +607,9 @@ def cost_quality(
     Parameters
     ----------
     points : sequence of mapping
-        One per setting, with keys ``defense`` (``"beta_smooth"`` or
-        ``"smoothgrad"``), ``label`` (e.g. ``"β=1"``), ``seconds`` (median
+        One per setting, with keys ``defense`` (``"beta_smooth"``,
+        ``"smoothgrad"`` or another, drawn as :func:`defense_style`),
+        ``label`` (e.g. ``"β=1"``), ``seconds`` (median
         seconds per image) and ``metric`` (median quality).
     path : str or Path
         Where to write the PNG.
@@ -587,7 +632,9 @@ def cost_quality(
     >>> cost_quality(pts, tmp / "cost.png").name
     'cost.png'
     """
-    styles = {"beta_smooth": ("β-smoothing", "C0", "o"), "smoothgrad": ("SmoothGrad", "C1", "s")}
+    others = [
+        d for d in dict.fromkeys(str(p["defense"]) for p in points) if d not in DEFENSE_STYLES
+    ]
     with matplotlib.rc_context(_STYLE):
         fig = _figure(PLOT_SIZE)
         ax = fig.add_axes([0.13, 0.14, 0.83, 0.74])
@@ -599,7 +646,8 @@ def cost_quality(
         ).reshape(-1, 2)
         span = np.ptp(where, axis=0) if len(where) else np.ones(2)
         span = np.where(span > 0, span, 1.0)
-        for defense, (label, colour, marker) in styles.items():
+        for defense in [*DEFENSE_STYLES, *others]:
+            label, colour, marker, _ = defense_style(defense, others)
             mine = [i for i, p in enumerate(points) if p["defense"] == defense]
             pts = [points[i] for i in mine]
             if not pts:

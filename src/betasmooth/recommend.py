@@ -29,7 +29,11 @@ from .validate import InputError, is_number
 __all__ = [
     "CELL_KEYS",
     "MIN_FIDELITY",
+    "PAPER_DEFENSES",
+    "SUMMARY_KEYS",
+    "check_defense_names",
     "check_min_fidelity",
+    "defense_tables",
     "format_summary",
     "recommend_beta",
     "sweep_summary",
@@ -41,6 +45,33 @@ MIN_FIDELITY = 0.9
 METRICS = ("pcc", "ssim")
 #: The medians of a summary cell, in the order the tables show them.
 CELL_KEYS = tuple(f"{kind}_{m}" for kind in ("robustness", "fidelity") for m in METRICS)
+#: The keys of one method's summary that name no defense: a defense's cells are under
+#: its name (beta-smoothing's under ``betas``), so a defense cannot take one of these.
+SUMMARY_KEYS = frozenset(
+    {"base", "undefended", "betas", "recommended_beta", "min_fidelity", "attacked", "defenses"}
+)
+#: The defenses of the paper: every summary has a table for each, empty where the
+#: records hold none; :func:`~betasmooth.defense.defense_sweep` runs them by default.
+PAPER_DEFENSES: tuple[str, ...] = ("beta_smooth", "smoothgrad")
+
+
+def check_defense_names(names: Iterable[str]) -> None:
+    """Refuse a defense named as a key of a method's summary, where its table would go.
+
+    Examples
+    --------
+    >>> check_defense_names(["beta_smooth", "median_filter"])
+    >>> check_defense_names(["betas"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    betasmooth.validate.InputError: defense 'betas' has the name of a key of the sweep's ...
+    """
+    taken = [d for d in names if d in SUMMARY_KEYS]
+    if taken:
+        raise InputError(
+            f"defense {taken[0]!r} has the name of a key of the sweep's summary; expected "
+            f"a name other than {', '.join(sorted(SUMMARY_KEYS))}"
+        )
 
 
 def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
@@ -163,7 +194,10 @@ def sweep_summary(
     dict
         ``{method: {"base": str | None, "undefended": {...}, "betas": {beta: {...}},
         "smoothgrad": {beta: {...}}, "recommended_beta": float | None,
-        "min_fidelity": float}}``; ``base`` is the records' ``base``, the
+        "min_fidelity": float, "defenses": [str, ...]}}``; ``defenses`` names
+        the defenses in table order (``beta_smooth``, ``smoothgrad``, then any
+        other the records hold, whose cells are under its own name, see
+        :func:`defense_tables`); ``base`` is the records' ``base``, the
         method the defenses smooth (``gradient`` for the adaptive attacks on
         ``beta_smooth`` and ``smoothgrad``, whose undefended row is then the
         plain gradient map; ``None`` when the records name none); each
@@ -207,7 +241,7 @@ def sweep_summary(
         # An adaptive attack moved the defended map, not the base map of these rows.
         base = rows[0].get("base")
         gain = _gain(rows) if base in (None, method) else None
-        table: dict[str, dict[str, dict[str, object]]] = {"beta_smooth": {}, "smoothgrad": {}}
+        table: dict[str, dict[str, dict[str, object]]] = {d: {} for d in PAPER_DEFENSES}
         for (defense, beta), cell_rows in sorted(cells.items(), key=lambda kv: kv[0]):
             table.setdefault(defense, {})[beta_key(beta)] = _cell(cell_rows, gain)
         # Records of older versions do not say: taken as attacked.
@@ -217,11 +251,15 @@ def sweep_summary(
             undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
         undefended["gain_pcc"] = gain
+        others = sorted(d for d in table if d not in PAPER_DEFENSES)
+        check_defense_names(others)
         out[method] = {
             "base": base,
             "undefended": undefended,
             "betas": table["beta_smooth"],
             "smoothgrad": table["smoothgrad"],
+            **{d: table[d] for d in others},
+            "defenses": [*PAPER_DEFENSES, *others],
             # An attack that changed no image leaves a defense nothing to undo.
             "recommended_beta": (
                 recommend_beta(table["beta_smooth"], min_fidelity) if attacked else None
@@ -230,6 +268,27 @@ def sweep_summary(
             "attacked": attacked,
         }
     return out
+
+
+def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapping]]:
+    """Each defense's cells in one method's summary, by defense name, in table order.
+
+    Beta-smoothing's cells are under ``betas``, every other defense's under its
+    own name; a summary written before it listed its ``defenses`` has the two
+    of the paper.
+
+    Examples
+    --------
+    >>> rows = [
+    ...     {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8},
+    ...     {"defense": "median_filter", "beta": 1.0, "adv_vs_clean_pcc": 0.6},
+    ... ]
+    >>> tables = defense_tables(sweep_summary(rows)["method"])
+    >>> {name: list(cells) for name, cells in tables.items()}
+    {'beta_smooth': ['1'], 'smoothgrad': [], 'median_filter': ['1']}
+    """
+    names = summary.get("defenses") or PAPER_DEFENSES
+    return {d: summary.get("betas" if d == "beta_smooth" else d) or {} for d in names}
 
 
 #: Differences of median PCC below this are reported as "about as robust".
@@ -309,19 +368,21 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
     head = ("robust pcc", "robust ssim", "fidel pcc", "fidel ssim", "gain left")
     keys = (*CELL_KEYS, "gain_left")
     width = max([len("method"), *map(len, summary)]) + 2
-    lines = ["method".ljust(width) + "defense".ljust(14) + "beta".rjust(6) + "n".rjust(5)]
+    names = [d for s in summary.values() for d in defense_tables(s)]
+    column = max([len("undefended"), *map(len, names)]) + 4
+    lines = ["method".ljust(width) + "defense".ljust(column) + "beta".rjust(6) + "n".rjust(5)]
     lines[0] += "".join(h.rjust(w + 2) for h, w in zip(head, map(len, head)))
     verdicts = []
     for method, s in summary.items():
         rec = s.get("recommended_beta")
         rows = [("undefended", "-", s["undefended"])]
-        rows += [("beta_smooth", b, c) for b, c in s["betas"].items()]
-        rows += [("smoothgrad", b, c) for b, c in s["smoothgrad"].items()]
+        for defense, cells in defense_tables(s).items():
+            rows += [(defense, b, c) for b, c in cells.items()]
         for defense, beta, cell in rows:
             mark = (
                 " *" if defense == "beta_smooth" and rec is not None and float(beta) == rec else ""
             )
-            line = method.ljust(width) + defense.ljust(14) + f"{beta}{mark}".rjust(6)
+            line = method.ljust(width) + defense.ljust(column) + f"{beta}{mark}".rjust(6)
             line += str(cell.get("n", "")).rjust(5)
             line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
             lines.append(line)

@@ -27,9 +27,16 @@ import numpy as np
 
 from . import figures
 from .attack import recorded_goal
-from .defense import SWEPT_DEFENSES
 from .metrics import group_records, medians
-from .recommend import CELL_KEYS, MIN_FIDELITY, sweep_summary, verdict
+from .recommend import (
+    CELL_KEYS,
+    MIN_FIDELITY,
+    PAPER_DEFENSES,
+    defense_tables,
+    sweep_summary,
+    verdict,
+)
+from .runs import swept_defenses
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, write_bytes
 from .validate import InputError, is_number
@@ -395,13 +402,13 @@ def _unfinished(run: _Run, methods: Sequence[str], lines: Sequence[Mapping]) -> 
     sweep = run.config.get("sweep")
     betas = sweep.get("betas") if isinstance(sweep, Mapping) else None
     if run.results and isinstance(betas, list) and betas:
-        # A defended image has a row per defense the sweep runs and beta (not per entry
+        # A defended image has a row per defense the sweep ran and beta (not per entry
         # of DEFENSES, to which the run's model file, imported for the report, may add).
         rows: dict[tuple, int] = {}
         for r in run.sweep:
             key = (str(r.get("method")), r.get("index"))
             rows[key] = rows.get(key, 0) + 1
-        per_image = len(betas) * len(SWEPT_DEFENSES)
+        per_image = len(betas) * len(swept_defenses(sweep))
         for m in dict.fromkeys(str(r.get("method")) for r in run.results):
             attacked = {r.get("index") for r in run.results if str(r.get("method")) == m}
             defended = sum(rows.get((m, i), 0) >= per_image for i in attacked)
@@ -628,8 +635,8 @@ def _section_explain(run: _Run) -> str:
 
 
 def _sweep_group(key: Mapping[str, object]) -> str:
-    """The defense of a sweep setting."""
-    return "β-smoothing" if key.get("defense") == "beta_smooth" else "SmoothGrad"
+    """The defense of a sweep setting, as the figures name it."""
+    return figures.defense_style(str(key.get("defense")))[0]
 
 
 def _sweep_label(key: Mapping[str, object]) -> str:
@@ -701,6 +708,11 @@ def _summary(run: _Run) -> dict:
     return sweep_summary(run.sweep, MIN_FIDELITY if floor is None else float(floor))
 
 
+#: The recommendation's table says how SmoothGrad's noise is set; every other
+#: defense's rows are named as the figures name it.
+_DEFENSE_ROWS = {"smoothgrad": "SmoothGrad, matched"}
+
+
 def _recommendation(run: _Run) -> str:
     """Undefended, robustness and fidelity per beta, and the recommended beta, per method."""
     out = [
@@ -719,9 +731,10 @@ def _recommendation(run: _Run) -> str:
         base = _base(run, method)
         plain = "undefended" if base == method else f"undefended: plain {base}"
         rows = [[plain, s["undefended"].get("n")] + [s["undefended"].get(k) for k in keys]]
-        for name, cells in (("β-smoothing", s["betas"]), ("SmoothGrad, matched", s["smoothgrad"])):
+        for defense, cells in defense_tables(s).items():
+            name = _DEFENSE_ROWS.get(defense) or figures.defense_style(defense)[0]
             for beta, cell in cells.items():
-                star = " ★" if name == "β-smoothing" and rec == float(beta) else ""
+                star = " ★" if defense == "beta_smooth" and rec == float(beta) else ""
                 rows.append([f"{name} β={beta}{star}", cell.get("n")] + [cell.get(k) for k in keys])
         header = ["setting", "images", "robustness PCC", "robustness SSIM"]
         header += ["fidelity PCC", "fidelity SSIM", "gain left"]
@@ -774,7 +787,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
         # Its "target" is the original map: those rows would repeat adv_vs_orig.
         keys = [k for k in keys if "_vs_target_" not in k]
     rows, points = [], []
-    series: dict[str, tuple[list, dict]] = {"beta_smooth": ([], {}), "smoothgrad": ([], {})}
+    series: dict[str, tuple[list, dict]] = {}
     for key, recs in _defensegroup_records(mine):
         stats = medians(recs, keys)
         label = _sweep_label(key)
@@ -782,7 +795,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
         rows.append([_sweep_group(key), label, len(recs)] + [stats[k] for k in keys])
         beta = _matched_beta(key)
         if beta is not None:
-            betas, curves = series["beta_smooth" if defense == "beta_smooth" else "smoothgrad"]
+            betas, curves = series.setdefault(str(defense), ([], {}))
             betas.append(beta)
             for k in keys:
                 curves.setdefault(k, []).append(np.nan if stats[k] is None else stats[k])
@@ -793,7 +806,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
                 | {"seconds": stats["seconds"], "metric": stats["adv_vs_orig_pcc"]}
             )
     out = [f"<h3 id='defense_{_e(_slug(method))}'>{_e(method)}</h3>"]
-    if series["beta_smooth"][0]:
+    if "beta_smooth" in series:
         out.append(_defense_figure(run, method, series))
     # One column per setting: a dozen metrics fit down the page, not across it; the
     # defense heads a group of columns, so that each column's head stays a short setting.
@@ -812,7 +825,11 @@ def _base(run: _Run, method: str) -> str:
 
 
 def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dict]]) -> str:
-    (betas, curves), (sg_betas, smoothgrad) = series["beta_smooth"], series["smoothgrad"]
+    (betas, curves), (sg_betas, smoothgrad) = (
+        series["beta_smooth"],
+        series.get("smoothgrad", ([], {})),
+    )
+    others = {d: s for d, s in series.items() if d not in PAPER_DEFENSES}
     # The faint lines are the attack's own numbers: for an adaptive attack on
     # a defense they measure that defended map, not the plain network.
     adaptive = _base(run, method) != method
@@ -824,6 +841,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         run.store.figures / f"defense_{_slug(method)}.png",
         smoothgrad_betas=sg_betas,
         smoothgrad=smoothgrad,
+        others=others,
         undefended=_undefended(run, method),
         undefended_label=legend,
         title=f"{method}: defended maps against β",
@@ -839,8 +857,15 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
         f"{method}: similarity of the defended maps against β, PCC and SSIM",
         f"Blue: attacked map vs original map (high is good); {target}green: clean map vs "
         "original (what the defense costs without attack). Solid: β-smoothing; dotted: "
-        f"SmoothGrad with noise of the same variance; faint dotted, in each colour: {faint}.",
+        f"SmoothGrad with noise of the same variance; {_other_styles(others)}faint dotted, "
+        f"in each colour: {faint}.",
     )
+
+
+def _other_styles(others: Mapping[str, object]) -> str:
+    """The caption's words for the line styles of defenses other than the paper's."""
+    names = ", ".join(_e(name) for name in others)
+    return f"other line styles: {names} (see the legend); " if others else ""
 
 
 def _goal(run: _Run, method: str) -> object:

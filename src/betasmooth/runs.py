@@ -29,7 +29,7 @@ from .attack import (
     scoring_options,
 )
 from .checkpoint import read_npz
-from .defense import SWEPT_DEFENSES, defense_sweep
+from .defense import SWEPT_DEFENSES, check_defenses, defense_sweep
 from .distributed import Dist
 from .explain import (
     METHODS,
@@ -66,6 +66,8 @@ __all__ = [
     "explain_run",
     "load_inputs",
     "sweep_run",
+    "sweep_settings",
+    "swept_defenses",
 ]
 
 
@@ -518,6 +520,7 @@ def sweep_run(
     *,
     methods: Sequence[str] | None = None,
     smoothgrad_n: int = 20,
+    defenses: Sequence[str] = SWEPT_DEFENSES,
     seed: int = 0,
     data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None = (0.0, 1.0),
     method_options: dict[str, dict[str, object]] | None = None,
@@ -534,10 +537,13 @@ def sweep_run(
     the attacked ``method`` and the ``base`` method the defenses smooth.
     Arrays ``arrays/sweep-<method>-<first>.npz`` hold ``index``, ``betas`` and
     the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
-    each ``(B, len(betas), H, W)``, the betas in increasing order. Batches
+    each ``(B, len(betas), H, W)``, the betas in increasing order (another
+    entry of ``defenses`` has records, not arrays). Batches
     already in ``sweep.jsonl`` are skipped, so the sweep is resumable and
     running it twice adds nothing; its settings (``betas``, ``smoothgrad_n``,
-    ``min_fidelity``) are recorded as ``sweep`` in ``config.json`` once the
+    ``min_fidelity``, and ``defenses`` where they are not
+    :data:`~betasmooth.defense.SWEPT_DEFENSES`, :func:`sweep_settings`) are
+    recorded as ``sweep`` in ``config.json`` once the
     attack's arrays are read, and a run that holds sweep rows of other settings
     is refused
     (:meth:`~betasmooth.store.RunDir.start_sweep`).
@@ -583,17 +589,13 @@ def sweep_run(
             f"missing or damaged (e.g. {lost[0][1]} item {lost[0][0]}); run the same "
             "betasmooth attack command with --resume, which computes them again, then sweep"
         )
+    defenses = check_defenses(defenses)
     for method in dict.fromkeys(m for m, _ in attacked):
         base, base_options = _swept_base(method, method_options)
-        _check_defenses(model, base, base_options, attacked, method, data_range)
+        _check_sweepable(model, defenses, base, base_options, attacked, method, data_range)
     # Recorded once the arrays are known to be whole and the defenses can explain
     # them: a sweep that cannot start leaves config.json as it was.
-    settings = {
-        "betas": [float(b) for b in betas],
-        "smoothgrad_n": smoothgrad_n,
-        "min_fidelity": min_fidelity,
-    }
-    run.start_sweep(settings, dist)
+    run.start_sweep(sweep_settings(betas, smoothgrad_n, min_fidelity, defenses), dist)
     # The arrays hold the betas in increasing order: a sweep resumed with --betas in
     # another order (the same sweep) adds batches whose columns agree with the others'.
     stored = sorted(float(b) for b in betas)
@@ -614,7 +616,7 @@ def sweep_run(
             base,
             betas,
             smoothgrad_n=smoothgrad_n,
-            defenses=SWEPT_DEFENSES,
+            defenses=defenses,
             data_range=data_range,
             method_options=base_options or None,
             seed=[unit_seed(seed, unit.method, i) for i in unit.indices],
@@ -639,11 +641,52 @@ def sweep_run(
         dist=dist,
         progress=progress,
         desc="sweep",
-        rows_per_item=len(SWEPT_DEFENSES) * len({float(b) for b in betas}),
+        rows_per_item=len(defenses) * len({float(b) for b in betas}),
     )
     if records:
         run.write_sweep_summary(sweep_summary(records, min_fidelity))
     return records
+
+
+def sweep_settings(
+    betas: Sequence[float],
+    smoothgrad_n: int,
+    min_fidelity: float,
+    defenses: Sequence[str] = SWEPT_DEFENSES,
+) -> dict[str, object]:
+    """The settings of a sweep as ``config.json`` records them under ``sweep``.
+
+    ``defenses`` is recorded, sorted, only where it is not the default
+    :data:`~betasmooth.defense.SWEPT_DEFENSES`, so that the settings of a
+    default sweep read as those of versions that swept no other.
+
+    Examples
+    --------
+    >>> sweep_settings([1, 10], 20, 0.9)
+    {'betas': [1.0, 10.0], 'smoothgrad_n': 20, 'min_fidelity': 0.9}
+    >>> sweep_settings([1], 20, 0.9, ["smoothgrad", "median_filter"])["defenses"]
+    ['median_filter', 'smoothgrad']
+    """
+    settings: dict[str, object] = {
+        "betas": [float(b) for b in betas],
+        "smoothgrad_n": smoothgrad_n,
+        "min_fidelity": min_fidelity,
+    }
+    if set(defenses) != set(SWEPT_DEFENSES):
+        settings["defenses"] = sorted(set(defenses))
+    return settings
+
+
+def swept_defenses(settings: object) -> list[str]:
+    """The defenses of a sweep from its recorded settings (:func:`sweep_settings`).
+
+    Examples
+    --------
+    >>> swept_defenses({"betas": [1.0]})
+    ['beta_smooth', 'smoothgrad']
+    """
+    given = settings.get("defenses") if isinstance(settings, Mapping) else None
+    return [str(d) for d in given] if isinstance(given, list) and given else list(SWEPT_DEFENSES)
 
 
 def _swept_base(
@@ -655,8 +698,9 @@ def _swept_base(
     return base_call(method, given) if wraps_base(method) else (method, given)
 
 
-def _check_defenses(
+def _check_sweepable(
     model: torch.nn.Module,
+    defenses: Sequence[str],
     base: str,
     base_options: Mapping[str, object],
     attacked: Mapping[tuple[str, int], AttackBatch],
@@ -667,7 +711,7 @@ def _check_defenses(
     and the attacked images of ``method``, before the sweep writes anything: with the
     base's options as :func:`~betasmooth.defense.defense_sweep` gives them (LRP's box
     from ``data_range``)."""
-    smoothing = [d for d in SWEPT_DEFENSES if is_method(d) and wraps_base(d)]
+    smoothing = [d for d in defenses if is_method(d) and wraps_base(d)]
     options: dict[str, dict[str, object]] | None = None
     for (name, _), batch in attacked.items():
         if name != method:

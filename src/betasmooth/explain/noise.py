@@ -37,6 +37,7 @@ from . import (
     register,
     register_check,
     register_input_check,
+    wraps_base,
 )
 from .gradient import auto_chunk, predict
 
@@ -46,7 +47,7 @@ __all__ = ["NOISE_METHODS", "NOISES", "Seed", "base_call", "noise_scale", "stand
 #: depend on the batch it is explained in).
 Seed = int | Sequence[int] | torch.Tensor | None
 
-# Methods that smooth another one; they cannot serve as a base.
+# The built-in methods that smooth another one (explain.wraps_base says it of any).
 NOISE_METHODS = frozenset({"smoothgrad", "beta_smooth"})
 
 
@@ -143,11 +144,12 @@ def noise_scale(
 
 
 def _base(method: str, base: object, base_options: object, extra: dict) -> tuple[Callable, dict]:
-    if not is_method(base) or base in NOISE_METHODS:
-        usable = sorted(set(METHODS) - NOISE_METHODS)
+    if not is_method(base) or wraps_base(base):
+        usable = ", ".join(sorted(m for m in METHODS if not wraps_base(m)))
+        what = "unknown base method" if not is_method(base) else "base method"
+        why = " smooths a base method itself" if is_method(base) else ""
         raise InputError(
-            f"unknown base method {base!r} for {method}; expected one of: {', '.join(usable)}"
-            ", or captum:NAME"
+            f"{what} {base!r} for {method}{why}; expected one of: {usable}, or captum:NAME"
         )
     if base_options is None:
         base_options = {}
