@@ -1146,3 +1146,36 @@ def test_the_compare_loop_benchmark_measures_every_method_and_names_its_machine(
     }
     for r in rows:
         assert {k: r["machine"][k] for k in machine} == machine
+
+
+def test_a_method_that_forwards_once_lends_its_logits_to_the_output_term(small):
+    # gradient sets own_forward: each step's output term reuses the logits of its map's
+    # forward. The same map under another name, without the attribute, pays a forward
+    # of its own per step and reaches the same x_adv.
+    from betasmooth.explain import METHODS, forwards_once, register
+
+    @register("plain_gradient")
+    def plain_gradient(model, x, target, *, create_graph=False):
+        return bs.explain(model, x, "gradient", target, create_graph=create_graph)
+
+    net, x = small
+    target = targets_of(net, x)
+    steps, counts, found = 4, {}, {}
+    try:
+        assert forwards_once("gradient") and not forwards_once("plain_gradient")
+        for method in ("gradient", "plain_gradient"):
+            counts[method] = 0
+
+            def count(*_, method=method):
+                counts[method] += 1
+
+            hook = net.register_forward_hook(count)
+            try:
+                found[method] = bs.manipulate(net, x, target, method, steps=steps)
+            finally:
+                hook.remove()
+    finally:
+        METHODS.pop("plain_gradient")
+    assert counts["plain_gradient"] - counts["gradient"] == steps
+    torch.testing.assert_close(found["gradient"].x_adv, found["plain_gradient"].x_adv)
+    torch.testing.assert_close(found["gradient"].history, found["plain_gradient"].history)

@@ -695,3 +695,41 @@ def test_resume_of_a_beta_auto_run_keeps_its_beta_without_calibrating(tmp_path, 
     for start, expected in maps.items():
         with np.load(f"run/arrays/beta_smooth-{start}.npz") as saved:
             np.testing.assert_array_equal(saved["map"], expected)
+
+
+FACTORY_WITH_METHOD = (
+    FACTORY
+    + """
+from betasmooth.explain import register
+
+
+@register("from_black")
+def from_black(model, x, target, *, create_graph=False, black=0.0):
+    return x - torch.as_tensor(black, dtype=x.dtype)
+
+
+# The data's range reaches a registered method as it reaches the built-in ones.
+from_black.range_options = lambda low, high: {"black": low}
+"""
+)
+
+
+def test_a_registered_method_takes_the_data_range_it_asks_for(user_files, tmp_path):
+    from betasmooth.explain import METHODS
+
+    model_file, data_file, raw = user_files
+    model_file.write_text(FACTORY_WITH_METHOD)
+    out = tmp_path / "run"
+    try:
+        _explain_normalised(model_file, data_file, "from_black", out)
+        _, _, low, high = box()
+        assert range_options(low, high)["from_black"]["black"] is low
+    finally:
+        METHODS.pop("from_black", None)
+    # Its map is that of x - black with black the low corner: the raw image itself
+    # over the std, where black=0 (the mean colour) would give (raw - mean) / std.
+    mean, std, _, _ = box()
+    with np.load(RunDir(out).arrays_file("from_black", 0)) as saved:
+        saved_map = torch.from_numpy(saved["map"])
+    torch.testing.assert_close(saved_map, bs.heatmap(raw / std), rtol=1e-4, atol=1e-7)
+    assert (saved_map - bs.heatmap((raw - mean) / std)).abs().max() > 1e-3

@@ -43,6 +43,7 @@ from . import metrics
 from .explain import (
     RESERVED,
     explain,
+    forwards_once,
     is_differentiable,
     is_method,
     range_options,
@@ -70,7 +71,7 @@ from .validate import (
     check_in_range,
     check_input,
     check_map_batch,
-    check_model,
+    check_module,
     check_positive,
     check_seed,
     check_target,
@@ -139,12 +140,6 @@ ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
     },
 }
 _FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"}
-
-#: Methods whose map comes from one plain forward pass of the model on ``x``
-#: itself: the attack's output term reuses its logits instead of a second
-#: forward. Others (noisy or scaled copies, modified or smoothed ReLUs, LRP's
-#: own pass) leave the output term to a forward of its own.
-OWN_FORWARD = frozenset({"gradient", "input_x_gradient"})
 
 #: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps and 1000 classes.
 PAPER_WEIGHTS = (1e11, 1e6)
@@ -497,7 +492,7 @@ class _Problem:
     def maps(self, x: torch.Tensor, step: int | None = None, graph: bool = False) -> torch.Tensor:
         self.seen_logits = None
         handle = None
-        if graph and self.s.method in OWN_FORWARD:
+        if graph and forwards_once(self.s.method):
             handle = self.model.register_forward_hook(self._see(x))
         try:
             return _heatmaps(self.model, x, self.s, self.explained, step, graph)
@@ -1221,7 +1216,7 @@ def _scored(p: _Problem, best: torch.Tensor) -> tuple[_Problem, torch.Tensor]:
 
 
 def _checked_input(model: object, x: object) -> torch.Tensor:
-    check_model(model)
+    check_module(model)
     check_uncompiled(model, "the attack")
     check_batch(x, "x", min_dim=4)
     if x.dim() != 4:

@@ -480,6 +480,10 @@ def _add_inputs(
     )
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress",
@@ -527,7 +531,7 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
         "--batch-size", type=positive_integer, default=16, help="images per batch (default 16)"
     )
     p.add_argument("--seed", type=_seed, default=0, help="seed (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    _add_device(p)
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out (default: a new run)"
     )
@@ -716,7 +720,7 @@ def _demo_options(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the demo in --out (default: a new run)"
     )
     _add_inputs(p, model="photos-cnn", data="photos")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    _add_device(p)
     _add_progress(p)
     # Smaller sizes for tests; not part of the documented interface.
     _add_images(p, None, hidden=True)
@@ -781,7 +785,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
         help=f"comma list of {', '.join(SWEPT_DEFENSES)} or a defense the run's model file "
         f"registers in betasmooth.defense.DEFENSES (default {','.join(SWEPT_DEFENSES)})",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    _add_device(p)
     _add_progress(p)
 
 
@@ -1040,6 +1044,25 @@ def _with_given(
     return options
 
 
+def _command_options(
+    args: argparse.Namespace,
+    methods: Sequence[str],
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    given: Mapping[str, Mapping[str, object]],
+) -> dict[str, dict[str, object]]:
+    """The options of each method of attack and explain: those that follow the data's
+    range (a base method's too, inside ``base_options``), ``--option`` over them, and a
+    numeric ``--beta`` (``auto`` is calibrated later)."""
+    options = _with_given(range_options(*bounds, methods=methods), given, methods)
+    for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
+        options[method] = with_base_range(method, options.get(method, {}), *bounds)
+    if args.beta is not None and "beta_smooth" not in methods:
+        raise InputError("--beta applies to --method beta_smooth; add it to --method")
+    if args.beta not in (None, "auto"):
+        _set_beta(options, args.beta)
+    return options
+
+
 def _set_beta(options: dict[str, dict[str, object]], beta: float) -> None:
     """Put ``--beta`` into beta_smooth's options, next to those ``--option`` gives."""
     options["beta_smooth"] = {**options.get("beta_smooth", {}), "beta": beta}
@@ -1216,13 +1239,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         **_smoothgrad_draws(methods, args.seed),
     )
     bounds = inputs.bounds
-    options = _with_given(range_options(*bounds), given, methods)
-    for method in methods:  # a base lrp of a smoothing method too, as the attack gives it
-        options[method] = with_base_range(method, options.get(method, {}), *bounds)
-    if args.beta is not None:
-        if "beta_smooth" not in methods:
-            raise InputError("--beta applies to --method beta_smooth; add it to --method")
-        _set_beta(options, args.beta)
+    options = _command_options(args, methods, bounds, given)
     for method in methods:
         check_attackable(method, options.get(method))
     _check_given(model, x, given, options)
@@ -1273,14 +1290,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         options=_stored(given),
     )
     bounds = inputs.bounds
-    options = _with_given(range_options(*bounds, methods=methods), given, methods)
-    for method in methods:  # a base lrp or integrated_gradients of a smoothing method too
-        options[method] = with_base_range(method, options.get(method, {}), *bounds)
+    options = _command_options(args, methods, bounds, given)
     _check_given(model, x, given, options, methods)
-    if args.beta is not None and "beta_smooth" not in methods:
-        raise InputError("--beta applies to --method beta_smooth; add it to --method")
-    if args.beta is not None and args.beta != "auto":
-        _set_beta(options, args.beta)
     runs.check_methods(model, methods, options, x)
     chosen = _explain_beta(args, model, bounds, rank_device(device))
     with distributed(device) as (dist, dev):

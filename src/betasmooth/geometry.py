@@ -45,7 +45,7 @@ from .validate import (
     check_bounds,
     check_count,
     check_input,
-    check_model,
+    check_module,
     check_seed,
     check_target,
     check_uncompiled,
@@ -172,7 +172,7 @@ def _check_inputs(
     model: object, x: object, target: object, what: str = "curvature"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` checked against the model and in its dtype, and the target on its device."""
-    check_model(model)
+    check_module(model)
     check_uncompiled(model, what)
     x = check_input(model, x)
     if x.dtype in (torch.float16, torch.bfloat16):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .explain import explain
-from .validate import InputError, InputTypeError, check_model, to_numpy
+from .validate import InputError, InputTypeError, check_module, to_numpy
 
 __all__ = ["quantus_explain"]
 
@@ -186,7 +186,7 @@ def quantus_explain(
         raise InputError(
             "quantus_explain explains logits (pre-softmax); expected softmax=None or False"
         )
-    check_model(model)
+    check_module(model)
     place = _model_place(model, device)
     parameter = next(model.parameters(), None)
     dtype = torch.get_default_dtype() if parameter is None else parameter.dtype

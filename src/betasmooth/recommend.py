@@ -42,9 +42,9 @@ __all__ = [
 
 #: Least median fidelity (PCC) of a beta that can be recommended.
 MIN_FIDELITY = 0.9
-METRICS = ("pcc", "ssim")
+SUMMARY_METRICS = ("pcc", "ssim")
 #: The medians of a summary cell, in the order the tables show them.
-CELL_KEYS = tuple(f"{kind}_{m}" for kind in ("robustness", "fidelity") for m in METRICS)
+CELL_KEYS = tuple(f"{kind}_{m}" for kind in ("robustness", "fidelity") for m in SUMMARY_METRICS)
 #: The keys of one method's summary that name no defense: a defense's cells are under
 #: its name (beta-smoothing's under ``betas``), so a defense cannot take one of these.
 SUMMARY_KEYS = frozenset(
@@ -80,7 +80,7 @@ def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
 
 def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> dict[str, object]:
     cell: dict[str, object] = {"n": len(rows)}
-    for m in METRICS:
+    for m in SUMMARY_METRICS:
         cell[f"robustness_{m}"] = _median(rows, f"adv_vs_clean_{m}")
         cell[f"fidelity_{m}"] = _median(rows, f"clean_vs_orig_{m}")
     # Records of older versions do not say: taken as changed.
@@ -247,7 +247,7 @@ def sweep_summary(
         # Records of older versions do not say: taken as attacked.
         attacked = sum(r.get("attacked", True) is not False for r in rows)
         undefended: dict[str, object] = {"n": len(rows)}
-        for m in METRICS:
+        for m in SUMMARY_METRICS:
             undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
         undefended["gain_pcc"] = gain

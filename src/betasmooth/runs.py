@@ -213,9 +213,11 @@ def check_methods(
     methods: Sequence[str],
     method_options: Mapping[str, Mapping[str, object]] | None = None,
     x: torch.Tensor | None = None,
+    what: str = "methods",
 ) -> None:
     """Check before a run that every method can explain ``model`` (see :func:`check_model`),
-    and ``x`` where given (see :func:`~betasmooth.explain.check_method_input`).
+    and ``x`` where given (see :func:`~betasmooth.explain.check_method_input`); a failure
+    names those that can, as ``what`` (the methods, or the sweep's defenses).
 
     Examples
     --------
@@ -240,7 +242,7 @@ def check_methods(
         fine = [m for m in methods if m not in failed]
         if not fine:
             raise err
-        raise type(err)(f"{err}; of the methods asked for, {','.join(fine)} can run") from None
+        raise type(err)(f"{err}; of the {what} asked for, {','.join(fine)} can run") from None
 
 
 def _named(
@@ -724,7 +726,7 @@ def _check_sweepable(
                 method_options=dict(base_options),
             )
             options = {d: {"base": base, "base_options": given or None} for d in smoothing}
-            check_methods(model, smoothing, options)
+            check_methods(model, smoothing, options, what="defenses")
         for images in (batch.x, batch.x_adv):
             for defense in smoothing:
                 check_method_input(torch.from_numpy(images), defense, **options[defense])

@@ -425,12 +425,12 @@ def check_instance(name: str, value: object, kinds: type | tuple[type, ...], exp
         raise InputTypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
 
 
-def check_model(model: object) -> nn.Module:
+def check_module(model: object) -> nn.Module:
     """Check that ``model`` is a ``torch.nn.Module``.
 
     Examples
     --------
-    >>> check_model(None)
+    >>> check_module(None)
     Traceback (most recent call last):
     ...
     betasmooth.validate.InputTypeError: model must be a torch.nn.Module; got NoneType None
@@ -497,7 +497,7 @@ def check_uncompiled(model: nn.Module, need: str) -> None:
     --------
     >>> check_uncompiled(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "the attack")
     """
-    check_model(model)
+    check_module(model)
     for _, _, original in compiled_parts(model):
         raise InputError(
             f"{need} does not work through a graph made by torch.compile; expected the "
@@ -783,7 +783,7 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     >>> check_input(net, torch.zeros(2, 1, 2, 2, dtype=torch.float64)).dtype
     torch.float32
     """
-    check_model(model)
+    check_module(model)
     if torch.is_inference_mode_enabled():
         # Its tensors never take a gradient: every map, attack and curvature needs one.
         raise InputError(

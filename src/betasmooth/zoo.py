@@ -1108,7 +1108,7 @@ def _importable_beside(path: Path) -> Iterator[None]:
                 del sys.modules[name]
 
 
-def _is_file(where: str) -> bool:
+def _looks_like_path(where: str) -> bool:
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
@@ -1132,7 +1132,8 @@ def _user_module(spec: str) -> tuple[object, str, str]:
             f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}), "
             f"'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
         )
-    return (_import_file(Path(where)) if _is_file(where) else _import_module(where)), where, attr
+    module = _import_file(Path(where)) if _looks_like_path(where) else _import_module(where)
+    return module, where, attr
 
 
 def import_model_code(spec: str) -> bool:
@@ -1162,7 +1163,8 @@ def _user_model(spec: str) -> nn.Module:
     if not callable(factory):
         found = "is not callable" if factory is not None else "is not defined"
         raise InputError(f"{attr!r} in {where} {found}; expected a function returning nn.Module")
-    beside = _importable_beside(Path(where)) if _is_file(where) else contextlib.nullcontext()
+    path = _looks_like_path(where)
+    beside = _importable_beside(Path(where)) if path else contextlib.nullcontext()
     try:
         with beside:  # a factory may import a sibling too
             model = factory()

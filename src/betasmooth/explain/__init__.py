@@ -45,6 +45,7 @@ __all__ = [
     "check_method_input",
     "check_model",
     "explain",
+    "forwards_once",
     "is_differentiable",
     "is_method",
     "method_options",
@@ -251,6 +252,21 @@ def is_differentiable(method: str) -> bool:
     return bool(getattr(_lookup(method), "differentiable", True))
 
 
+def forwards_once(method: str) -> bool:
+    """Whether the map of ``method`` comes from one plain forward pass of the model on
+    ``x`` itself, so that the attack can reuse that pass's logits for its output term:
+    a method whose function sets the attribute ``own_forward = True`` (as ``gradient``
+    and ``input_x_gradient`` do). Others (noisy or scaled copies, modified or smoothed
+    ReLUs, LRP's own pass) leave the output term to a forward of its own.
+
+    Examples
+    --------
+    >>> forwards_once("gradient"), forwards_once("smoothgrad")
+    (True, False)
+    """
+    return bool(getattr(_lookup(method), "own_forward", False))
+
+
 def method_options(method: str) -> dict[str, object]:
     """The options of ``method`` with their defaults.
 
@@ -284,13 +300,16 @@ def range_options(
 ) -> dict[str, dict[str, object]]:
     """Options that make the methods respect the data's range ``[low, high]`` (per channel).
 
-    LRP's z^B rule takes the bounds, SmoothGrad's noise level is relative to
-    ``high - low``, and integrated gradients starts from ``low``: the black
-    image, as zero is on [0, 1] data (on normalised data zero is the mean
-    colour). So does every method among ``methods`` whose attribute
-    ``takes_baselines`` is true: each ``captum:NAME`` whose ``attribute``
-    takes ``baselines`` (``IntegratedGradients``, ``DeepLift``,
-    ``GradientShap``, ``FeatureAblation``, ...), whose default baseline is 0 too.
+    Each method that has an attribute ``range_options``, ``fn(low, high) ->
+    options``, says which: LRP's z^B rule takes the bounds, SmoothGrad's
+    noise level is relative to ``high - low``, and integrated gradients starts
+    from ``low``: the black image, as zero is on [0, 1] data (on normalised
+    data zero is the mean colour). Every registered method is asked, and each
+    of ``methods`` (``captum:NAME`` is resolved there: one whose ``attribute``
+    takes ``baselines``, ``IntegratedGradients``, ``DeepLift``,
+    ``GradientShap``, ``FeatureAblation``, ..., gets the black baseline, as
+    its default baseline is 0 too). A method registered with
+    :func:`register` takes part by setting the attribute.
     The runs of :mod:`betasmooth.runs` (the command line) take them all as
     ``method_options``; :func:`~betasmooth.manipulate`,
     :func:`~betasmooth.defense_sweep` and :func:`~betasmooth.calibrate_beta`
@@ -302,15 +321,11 @@ def range_options(
     >>> sorted(opts), float(opts["smoothgrad"]["input_range"])
     (['integrated_gradients', 'lrp', 'smoothgrad'], 4.0)
     """
-    span = high - low
-    options: dict[str, dict[str, object]] = {
-        "lrp": {"low": low, "high": high},
-        "smoothgrad": {"input_range": span},
-        "integrated_gradients": {"baseline": low},
-    }
-    for method in methods:
-        if getattr(_lookup(method), "takes_baselines", False):
-            options[method] = {"baselines": low}
+    options: dict[str, dict[str, object]] = {}
+    for method in dict.fromkeys([*METHODS, *methods]):
+        given = getattr(_lookup(method), "range_options", None)
+        if given is not None:
+            options[method] = dict(given(low, high))
     return options
 
 

@@ -309,7 +309,8 @@ def captum_method(name: str) -> Method:
     method.differentiable = False  # Captum's attributions are computed without a graph
     method.check = check  # check_model's, for a method that no CHECKS entry names
     # Input-space baselines (default 0): range_options gives them the data's black.
-    method.takes_baselines = "baselines" in inspect.signature(cls.attribute).parameters
+    if "baselines" in inspect.signature(cls.attribute).parameters:
+        method.range_options = lambda low, high: {"baselines": low}
     method.__name__ = f"captum_{name}"
     method.__doc__ = f"captum.attr.{name} on the model; options go to its constructor or attribute."
     return method

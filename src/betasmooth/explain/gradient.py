@@ -172,6 +172,10 @@ def input_x_gradient(
     return (x if create_graph else x.detach()) * gradient
 
 
+# Both maps come from one plain forward on x itself (see forwards_once).
+gradient.own_forward = input_x_gradient.own_forward = True
+
+
 def auto_chunk(chunk: int | None, total: int, batch: int, item_values: int = 1) -> int:
     """Points per forward pass: ``chunk``, or when ``None`` about :data:`ITEMS_PER_PASS`
     items of ``item_values`` input values each, and about :data:`VALUES_PER_PASS` values
@@ -344,3 +348,7 @@ def integrated_gradients(
         grad = input_gradient(model, points, target.repeat(a.shape[0]), create_graph)
         total = total + (w * grad.view(a.shape[0], *x.shape)).sum(0)
     return delta * total
+
+
+# The path starts at the data's black, as zero is on [0, 1] data (see range_options).
+integrated_gradients.range_options = lambda low, high: {"baseline": low}

@@ -291,6 +291,10 @@ def smoothgrad(
     return total / n
 
 
+# Noise relative to the data's span (see range_options).
+smoothgrad.range_options = lambda low, high: {"input_range": high - low}
+
+
 @register("beta_smooth")
 def beta_smooth(
     model: nn.Module,
