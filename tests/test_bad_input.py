@@ -633,6 +633,16 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"x has values in \[.*\], outside data_range \[0, 1\]; expected inputs inside",
     ),
+    "defense_sweep x_adv outside the data range": (
+        lambda tmp: bs.defense_sweep(plain_cnn(), X, X * 5, _targets(X), "gradient", [1.0]),
+        InputError,
+        r"x_adv has values in \[.*\], outside data_range \[0, 1\]; expected inputs inside",
+    ),
+    "defense_sweep more smoothgrad_sigmas than betas": (
+        _sweep(smoothgrad_sigmas=[0.1, 0.2]),
+        InputError,
+        r"smoothgrad_sigmas must hold one value per beta \(1\); got 2$",
+    ),
     "manipulate target map of the wrong size": (
         lambda tmp: bs.manipulate(plain_cnn(), X, torch.rand(2, 8, 8), "gradient", steps=2),
         InputError,

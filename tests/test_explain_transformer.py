@@ -349,6 +349,44 @@ def test_epsilon_of_layer_norm_and_attention_by_hand():
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
 
 
+def test_epsilon_of_swins_window_attention_by_hand():
+    # shifted_window_attention is one affine map with its softmaxes held; its epsilon
+    # rule, with epsilon 0.2, stabilises the function's output: R_x = x * J^T (R / stab(z)),
+    # J the Jacobian with the softmax held (detached below).
+    from torchvision.models import swin_transformer
+
+    torch.manual_seed(5)
+    attention = swin_transformer.ShiftedWindowAttention(4, [2, 2], [1, 1], 2)
+    head = nn.Linear(4, 3)
+    net = nn.Sequential(attention, nn.Flatten(1, 2), _Summed(), head).double().eval()
+    x = torch.rand(2, 4, 4, 4, dtype=torch.float64)
+    target = torch.tensor([2, 0])
+    eps = 0.2
+    composite = Composite(layers={nn.Linear: "epsilon"}, first={nn.Linear: "epsilon"})
+    ours = bs.explain(net, x, "lrp", target, composite=composite, epsilon=eps)
+
+    softmax = F.softmax
+    xg = x.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "softmax", lambda *args, **kwargs: softmax(*args, **kwargs).detach())
+        z = attention(xg)
+    with torch.no_grad():
+        pooled = z.flatten(1, 2).sum(1)
+        logits = F.linear(pooled, head.weight, head.bias)
+        r = torch.zeros_like(logits).scatter(1, target[:, None], logits.gather(1, target[:, None]))
+        r = _epsilon_rule(pooled, head.weight, head.bias, r, eps)
+        stab = pooled + 1e-6 * torch.where(pooled >= 0, 1.0, -1.0).double()
+        r = z * (r / stab)[:, None, None, :]  # the sum over tokens: in proportion
+        stab = z + eps * torch.where(z >= 0, 1.0, -1.0).double()
+    (vjp,) = torch.autograd.grad(z, xg, r / stab)
+    torch.testing.assert_close(ours, x * vjp, rtol=1e-10, atol=1e-14)
+
+
+class _Summed(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(1)
+
+
 def test_rms_norm_passes_relevance(no_stabiliser):
     if not hasattr(nn, "RMSNorm"):
         pytest.skip("torch without nn.RMSNorm")

@@ -104,6 +104,25 @@ def test_a_malformed_torchvision_spec_is_refused_not_read_in_part(spec):
     assert pretrained.weights_of("torchvision:resnet18:IMAGENET1K_V1").name == "IMAGENET1K_V1"
 
 
+def test_a_model_file_whose_name_starts_with_torchvision_is_no_torchvision_spec(
+    tmp_path, monkeypatch
+):
+    # The prefix is the spec's first part, up to its colon: torchvision_net.py:build
+    # names a function in a file, which loads as any other model file.
+    path = tmp_path / "torchvision_net.py"
+    path.write_text(
+        "import torch\n\n\ndef build():\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert not pretrained.is_pretrained("torchvision_net.py:build")
+    model = bs.load_model("torchvision_net.py:build")
+    torch.manual_seed(0)
+    expected = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.rand(3, 1, 2, 2)
+    torch.testing.assert_close(model(x), expected(x))
+
+
 @pytest.mark.parametrize("name", ["fcn_resnet50", "raft_small", "quantized_resnet18", "r3d_18"])
 def test_a_torchvision_model_that_is_no_image_classifier_is_refused(name, tmp_path, monkeypatch):
     # Refused by name, before torchvision builds it (fcn_resnet50 would fetch a backbone).

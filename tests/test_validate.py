@@ -462,6 +462,39 @@ def test_command_line_refuses_torchscript_before_writing(command, tmp_path, caps
     assert not out.exists()
 
 
+def test_sweep_refuses_a_torchscript_model_before_it_records_or_writes(tmp_path, capsys):
+    # An attack run made with the eager model, swept with the same weights traced:
+    # beta-smoothing cannot reach the traced model's ReLUs. The refusal comes before
+    # the sweep's settings enter config.json and before sweep.jsonl is written.
+    spec = tmp_path / "net.py"
+    body = (
+        "import torch\nfrom torch import nn\n\n\ndef build():\n"
+        "    torch.manual_seed(0)\n"
+        "    net = nn.Sequential(\n"
+        "        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(1800, 10)\n"
+        "    ).eval()\n"
+        "    return {}\n"
+    )
+    spec.write_text(body.format("net"))
+    out = tmp_path / "run"
+    attack = ["attack", "--model", f"{spec}:build", "--data", "digits", "-n", "2"]
+    argv = [*attack, "--method", "gradient", "--steps", "1", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    spec.write_text(body.format("torch.jit.trace(net, torch.zeros(1, 1, 32, 32))"))
+    config = (out / "config.json").read_bytes()
+    capsys.readouterr()
+    assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "2", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "betasmooth: error: beta-smoothing cannot work on TopLevelTracedModule, a TorchScript "
+        "module (torch.jit.script or torch.jit.trace) that runs its own graph and takes no "
+        "forward hooks; expected the nn.Module it was made from; of the defenses asked for, "
+        "smoothgrad can run"
+    )
+    assert (out / "config.json").read_bytes() == config
+    assert not (out / "sweep.jsonl").exists()
+    assert not list((out / "arrays").glob("sweep-*"))
+
+
 def test_curvature_names_a_forward_that_detaches_x():
     # The Hessian's autograd call raised torch's "appears to not have been used in the graph".
     class Detaching(nn.Module):
