@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from zennit.types import Convolution
 
 import betasmooth as bs
 from betasmooth.explain import check_method_input, check_model
-from betasmooth.explain.propagation import lrp_graph
+from betasmooth.explain.propagation import AMPLIFIED, lrp_graph
 from betasmooth.validate import InputError
 from nets import ResidualNet, residual_net, vgg_small
 
@@ -1399,3 +1401,95 @@ def test_lrp_passes_torchvisions_stochastic_depth_in_evaluation_mode():
     expected = bs.explain(twin, x, "lrp", target)
     torch.testing.assert_close(bs.explain(net, x, "lrp", target), expected, rtol=0, atol=0)
     assert expected.abs().sum() > 0
+
+
+def _cancelling_net() -> nn.Module:
+    """x -> identity -> ReLU -> x1 - x2 -> ReLU -> 1 x: the second layer's sum is 0 at x1 = x2."""
+    net = nn.Sequential(
+        nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False), nn.ReLU(),
+        nn.Linear(1, 1, bias=False),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[2].weight.copy_(torch.tensor([[1.0, -1.0]]))
+        net[4].weight.fill_(1.0)
+    return net
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 0.25])
+def test_lrp_warns_where_relevance_grows_by_dividing_by_a_sum_near_zero(epsilon):
+    # Beta-smoothed, the unit whose sum is 0 outputs log 2 / beta and keeps relevance,
+    # which the epsilon rule divides by 0 + epsilon. By hand: the first units output
+    # h = softplus(0.5) each, the last layer's epsilon rule leaves R_a = a a / (a + eps)
+    # with a = log 2, the middle one gives +-h R_a / eps to the two units, and the box
+    # rule of the first layer (identity weights, box [0, 1]) x / (x + 1e-6) of that to x.
+    net, x = _cancelling_net(), torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    a, h = math.log(2.0), math.log1p(math.exp(0.5))
+    r_out = a * a / (a + epsilon)
+    expected = torch.tensor([[h, -h]], dtype=torch.float64) * r_out / epsilon * 0.5 / (0.5 + 1e-6)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = bs.explain(net, x, "beta_smooth", 0, beta=1.0, base="lrp", epsilon=epsilon)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=0)
+    amplified = [str(w.message) for w in seen if "sums in absolute value" in str(w.message)]
+    ratio = float(ours.abs().sum()) / a  # 1.9e6 with epsilon 1e-6, 5.7 with 0.25
+    assert (ratio > AMPLIFIED) == (epsilon == 1e-6)
+    assert amplified == (
+        [
+            "lrp: the relevance at the input sums in absolute value to more than 100 times "
+            "the explained logit (about 1 where the rules conserve it): the stabiliser "
+            "epsilon=1e-06 lets it grow where a dense layer's pre-activation or a residual "
+            "addition's sum is near 0, which a beta-smoothed network's softplus units still "
+            "pass relevance to, and the map is a few spikes; a larger epsilon (lrp's option "
+            "epsilon, 0.01 to 0.25) bounds it"
+        ]
+        if epsilon == 1e-6
+        else []
+    )
+
+
+def test_lrp_of_a_relu_network_whose_sum_is_near_zero_does_not_warn():
+    # With ReLU the unit at sum 0.1 passes relevance in proportion to its output 0.1.
+    net, x = _cancelling_net(), torch.tensor([[0.6, 0.5]], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = bs.explain(net, x, "lrp", 0)
+    z = 0.1
+    r_out = z * z / (z + 1e-6)
+    box = x / (x + 1e-6)  # the first layer's z^B rule on identity weights
+    expected = torch.tensor([[0.6, -0.5]], dtype=torch.float64) * r_out / (z + 1e-6) * box
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=0)
+    assert not [w for w in seen if "sums in absolute value" in str(w.message)]
+
+
+def test_a_residual_addition_is_stabilised_by_epsilon_as_zennits_norm_with_it():
+    # The addition divides by its sum + epsilon (zennit's Norm, whose default 1e-6 is
+    # lrp's default epsilon): a larger epsilon bounds it where the summands cancel.
+    from zennit.rules import Norm
+
+    net = residual_net().double()
+    for bn in (net.bn1, net.bn2):
+        bn.eps = 1e-12
+    twin = ZennitResidual().double().eval()
+    twin.load_state_dict(net.state_dict())
+    for bn in (twin.bn1, twin.bn2):
+        bn.eps = 1e-12
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2, 4])
+    epsilon = 0.05
+
+    def zennit_with(norm):
+        composite = SpecialFirstLayerMapComposite(
+            layer_map=[(Sum, norm)]
+            + layer_map_base()
+            + [(Convolution, ZPlus()), (nn.Linear, Epsilon(epsilon))],
+            first_map=[(Convolution, ZBox(0.0, 1.0)), (nn.Linear, ZBox(0.0, 1.0))],
+            canonizers=[SequentialMergeBatchNorm()],
+        )
+        with Gradient(twin, composite) as attributor:
+            _, relevance = attributor(x, lambda out: F.one_hot(target, out.shape[1]) * out)
+        return relevance
+
+    ours = bs.explain(net, x, "lrp", target, epsilon=epsilon)
+    torch.testing.assert_close(ours, zennit_with(Norm(stabilizer=epsilon)), rtol=1e-9, atol=1e-14)
+    assert (ours - zennit_with(Norm())).abs().max() > 1e-6 * ours.abs().max()
