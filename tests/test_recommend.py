@@ -347,3 +347,24 @@ def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
             bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=[name])
     finally:
         DEFENSES.pop(name)
+
+
+@pytest.mark.parametrize(("plain", "recommended"), [(0.704, None), (0.505, 20.0), (0.3, 20.0)])
+def test_a_beta_less_robust_than_no_defense_is_not_recommended(plain, recommended):
+    # Beta 20 is the only faithful beta; it is recommended unless its median robustness
+    # (0.5) falls below the undefended one by more than SAME_PCC (0.01).
+    rows = [
+        {"defense": "beta_smooth", "beta": b, "adv_vs_clean_pcc": r, "clean_vs_orig_pcc": f}
+        | {"undefended_pcc": plain}
+        for b, r, f in [(1.0, 0.9, 0.2), (1.0, 0.8, 0.3), (20.0, 0.45, 0.9), (20.0, 0.55, 0.95)]
+    ]
+    summary = sweep_summary(rows)["method"]
+    assert summary["betas"]["20"]["robustness_pcc"] == pytest.approx(0.5)
+    assert summary["recommended_beta"] == recommended
+    if recommended is None:
+        assert verdict(summary) == (
+            "the most robust beta with median fidelity >= 0.9, 20, leaves the map less robust "
+            "than no defense (0.500 vs 0.704 undefended); none recommended"
+        )
+    else:
+        assert verdict(summary).startswith("recommended beta 20 ")

@@ -4,9 +4,9 @@
 --beta auto`` runs: a short targeted attack on the base method of a few
 images that are not explained afterwards, a defense sweep over candidate
 betas, and the recommendation of :func:`betasmooth.recommend.recommend_beta`
-(the most robust beta whose median fidelity is at least ``min_fidelity``).
-When no candidate is faithful enough, the most faithful one is taken and the
-result says so.
+(the most robust beta whose median fidelity is at least ``min_fidelity``,
+unless it is less robust than no defense). When no candidate qualifies, the
+most faithful one is taken and the result says so.
 """
 
 from __future__ import annotations

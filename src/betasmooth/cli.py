@@ -608,7 +608,8 @@ HELP: dict[str, dict[str, object]] = {
         "record how close the defended map of each attacked image stays to the defended map "
         "of its clean image (robustness) and how close that stays to the undefended map "
         "(fidelity), beside the undefended maps; names the recommended beta, the most robust "
-        "with median fidelity of at least --min-fidelity. Writes DIR/sweep.jsonl, "
+        "with median fidelity of at least --min-fidelity, unless it is less robust than no "
+        "defense. Writes DIR/sweep.jsonl, "
         "DIR/sweep_summary.json and DIR/report.html, and adds the settings to DIR/config.json.",
         "examples": [
             "betasmooth sweep runs/attack",

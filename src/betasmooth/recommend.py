@@ -16,7 +16,7 @@ undefended
 
 The recommended beta is the most robust (median PCC) among the betas whose
 median fidelity (PCC) is at least ``min_fidelity``; ``None`` when no beta
-qualifies.
+qualifies, or when that beta leaves the map less robust than no defense.
 """
 
 from __future__ import annotations
@@ -114,10 +114,14 @@ def _gain_left(rows: Sequence[Mapping[str, object]], gain: float | None) -> floa
 
 
 def recommend_beta(
-    betas: Mapping[str, Mapping[str, object]], min_fidelity: float = MIN_FIDELITY
+    betas: Mapping[str, Mapping[str, object]],
+    min_fidelity: float = MIN_FIDELITY,
+    undefended: float | None = None,
 ) -> float | None:
     """The most robust beta (median PCC) among those of median fidelity >= ``min_fidelity``
-    that changed a map (a cell whose ``changed`` is false defends nothing).
+    that changed a map (a cell whose ``changed`` is false defends nothing), unless it is
+    less robust than no defense: below the ``undefended`` robustness by more than
+    :data:`SAME_PCC`.
 
     Among equally robust betas the larger one, which changes the network less.
 
@@ -132,6 +136,8 @@ def recommend_beta(
     5.0
     >>> recommend_beta(cells, min_fidelity=0.999) is None
     True
+    >>> recommend_beta(cells, undefended=0.8) is None  # beta 5 leaves the map less robust
+    True
     """
     fit = [
         (float(cell["robustness_pcc"]), float(beta))
@@ -141,7 +147,9 @@ def recommend_beta(
         and float(cell["fidelity_pcc"]) >= min_fidelity
         and cell.get("changed", True) is not False
     ]
-    return max(fit)[1] if fit else None
+    if not fit or (undefended is not None and max(fit)[0] < undefended - SAME_PCC):
+        return None
+    return max(fit)[1]
 
 
 def beta_key(beta: float) -> str:
@@ -262,7 +270,9 @@ def sweep_summary(
             "defenses": [*PAPER_DEFENSES, *others],
             # An attack that changed no image leaves a defense nothing to undo.
             "recommended_beta": (
-                recommend_beta(table["beta_smooth"], min_fidelity) if attacked else None
+                recommend_beta(table["beta_smooth"], min_fidelity, _robustness(undefended))
+                if attacked
+                else None
             ),
             "min_fidelity": float(min_fidelity),
             "attacked": attacked,
@@ -295,6 +305,11 @@ def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapp
 SAME_PCC = 0.01
 
 
+def _robustness(cell: Mapping[str, object]) -> float | None:
+    value = cell.get("robustness_pcc")
+    return None if value is None else float(value)
+
+
 def verdict(summary: Mapping[str, object]) -> str:
     """One sentence on one method's summary: the recommended beta against no defense.
 
@@ -321,6 +336,15 @@ def verdict(summary: Mapping[str, object]) -> str:
         return (
             f"no beta that changed a map has {threshold} (beta {', '.join(unchanged)} "
             "changed none); none recommended"
+        )
+    faithful = recommend_beta(betas, float(summary.get("min_fidelity", MIN_FIDELITY)))
+    plain = _robustness(summary.get("undefended") or {})
+    if rec is None and faithful is not None and plain is not None:
+        best = _robustness(betas[beta_key(faithful)])
+        return (
+            f"the most robust beta with {threshold}, {beta_key(faithful)}, leaves the map "
+            f"less robust than no defense ({best:.3f} vs {plain:.3f} undefended); "
+            "none recommended"
         )
     if rec is None:
         return f"no beta in the sweep has {threshold}; none recommended"

@@ -721,9 +721,10 @@ def _recommendation(run: _Run) -> str:
         "original (high: the attack no longer moves the map). Fidelity: defended map of the "
         "original against the undefended one (high: the defense still explains the "
         "network). The recommended beta (marked ★) is the most robust one whose median "
-        "fidelity (PCC) reaches the threshold. Gain left: the share of the attack's gain in "
-        "median PCC to the target that the defended maps still show (their PCC to the "
-        "target, of the attacked image less that of the original). Medians over images.</p>",
+        "fidelity (PCC) reaches the threshold, unless it is less robust than no defense. "
+        "Gain left: the share of the attack's gain in median PCC to the target that the "
+        "defended maps still show (their PCC to the target, of the attacked image less that "
+        "of the original). Medians over images.</p>",
     ]
     keys = (*CELL_KEYS, "gain_left")
     for method, s in sorted(_summary(run).items()):
