@@ -109,7 +109,10 @@ def test_a_sweep_of_a_demo_with_other_betas_is_refused(demo_dir, tmp_path, capsy
     before = (run / "sweep.jsonl").read_bytes()
     capsys.readouterr()
     assert main(["sweep", str(run), "--betas", "2,7", "--no-progress"]) == 2
-    assert "holds a sweep with {'betas': " in capsys.readouterr().err
+    held = ",".join(f"{b:g}" for b in swept)
+    n = config["sweep"]["smoothgrad_n"]
+    err = capsys.readouterr().err
+    assert f"holds a sweep whose betas is {held} (2,7 now), smoothgrad_n is {n} (20 now) in " in err
     assert (run / "sweep.jsonl").read_bytes() == before
 
 
@@ -1069,7 +1072,9 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
         table = capsys.readouterr().out
         # Another selection is another sweep: refused before the model is loaded.
         assert main(sweep) == 2
-        assert "holds a sweep with" in capsys.readouterr().err
+        assert "holds a sweep whose defenses is beta_smooth,box_blur (the default now)" in (
+            capsys.readouterr().err
+        )
     finally:
         DEFENSES.pop("box_blur", None)
     rows = read_jsonl(run / "sweep.jsonl")

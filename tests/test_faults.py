@@ -88,7 +88,7 @@ def test_attack_resume_keeps_the_sweep_settings_a_later_sweep_is_checked_against
     config = json.loads((run / "config.json").read_text())
     assert config["sweep"] == {"betas": [1.0], "smoothgrad_n": 2, "min_fidelity": 0.9}
     assert main([*sweep[:-2], "3", "--no-progress"]) == 2
-    assert "holds a sweep with {'betas': [1.0], 'smoothgrad_n': 2}" in _error_line(capsys)
+    assert "holds a sweep whose smoothgrad_n is 2 (3 now) in sweep.jsonl" in _error_line(capsys)
     assert read_jsonl(run / "sweep.jsonl") == rows
 
 

@@ -647,9 +647,9 @@ class RunDir:
             # A killed torchrun sweep leaves its rows in the rank files.
             held = [p.name for p in [self.merged("sweep"), *self.rank_files("sweep")] if p.exists()]
             raise InputError(
-                f"{self.path} holds a sweep with {_sweep_key(stored)} in {', '.join(held)}; "
-                f"sweep again with those settings, or delete {' and '.join(held)} to start a new "
-                "one"
+                f"{self.path} holds a sweep {_sweep_differences(stored, settings)} in "
+                f"{', '.join(held)}; sweep again with those settings, or delete "
+                f"{' and '.join(held)} to start a new one"
             )
 
     def update_config(self, **settings: object) -> None:
@@ -1058,6 +1058,29 @@ def _sweep_key(settings: object) -> object:
         rows = {k: v for k, v in settings.items() if k != "min_fidelity"}
         return {**rows, "betas": sorted(set(settings["betas"]), key=float)}
     return settings
+
+
+def _sweep_differences(stored: object, settings: object) -> str:
+    """How a held sweep's settings differ from those asked for, for the refusal.
+
+    Examples
+    --------
+    >>> _sweep_differences({"betas": [1.0, 5.0], "smoothgrad_n": 2},
+    ...                    {"betas": [5.0, 1.0], "smoothgrad_n": 3})
+    'whose smoothgrad_n is 2 (3 now)'
+    """
+    held, now = _sweep_key(stored), _sweep_key(settings)
+    if not (isinstance(held, dict) and isinstance(now, dict)):
+        return f"with {held}"
+
+    def shown(value: object) -> str:
+        if isinstance(value, list):
+            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        return "the default" if value is None else str(value)
+
+    keys = [k for k in dict.fromkeys([*held, *now]) if held.get(k) != now.get(k)]
+    parts = [f"{k} is {shown(held.get(k))} ({shown(now.get(k))} now)" for k in keys]
+    return "whose " + ", ".join(parts)
 
 
 def check_batch_file(path: Path, first: int, index: np.ndarray | None) -> list[int]:
