@@ -181,7 +181,11 @@ def test_composite_input_derivative_matches_finite_difference(name):
     ("options", "error", "fragments"),
     [
         ({"composite": "epsilon_gamma"}, ValueError,
-         ["unknown lrp composite 'epsilon_gamma'", "epsilon_gamma_box", "epsilon_plus_flat"]),
+         ["unknown lrp composite 'epsilon_gamma'; expected", "epsilon_gamma_box",
+          "epsilon_plus_flat"]),
+        ({"composite": "EpsilonAlpha2Beta1Flat"}, ValueError,
+         ["unknown lrp composite 'EpsilonAlpha2Beta1Flat' (Zennit's EpsilonAlpha2Beta1Flat is "
+          "'epsilon_alpha2_beta1_flat' here); expected"]),
         ({"composite": Composite({nn.Linear: "epsilon"})}, ValueError,
          ["no rule for Conv2d", "nn.Conv2d"]),
         ({"gamma": -1.0}, ValueError, ["'gamma' must be a float >= 0"]),

@@ -1014,3 +1014,64 @@ def test_an_infinite_value_is_named_as_outside_the_range():
         InputError, match=r"^x has values in \[0, inf\], outside data_range \[0, 1\]"
     ):
         check_in_range(x, 0.0, 1.0)
+
+
+WRAPPED = """
+import torch
+from torch import nn
+
+
+class InPlaceNormalize(nn.Module):
+    # As a model that normalises its input itself, in place on a copy.
+    def forward(self, x):
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        return x.clone().sub_(mean)
+
+
+class FixedSize(nn.Module):
+    # As torchvision's ViT, which checks the size it was built for.
+    def forward(self, x):
+        torch._assert(x.shape[2] == 32, f"Wrong image height! Expected 32 but got {x.shape[2]}!")
+        return x.mean((2, 3))[:, :2]
+
+
+def wrapped():
+    return nn.Sequential(InPlaceNormalize(), nn.Conv2d(3, 2, 3), nn.Flatten(1), nn.LazyLinear(3))
+
+
+def fixed():
+    return FixedSize()
+"""
+
+
+def test_a_model_that_normalises_or_checks_its_size_gets_the_option_that_fits(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "models.py").write_text(WRAPPED)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(grey / f"{i}.png")
+    argv = ["explain", "--method", "gradient", "--no-progress", "--data", str(grey)]
+    model = ["--model", f"{tmp_path / 'models.py'}:wrapped"]
+    assert main([*argv, *model, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("; the model works on 3 channels: load the images with --channels 3 "
+                        "(channels= of bs.load_data)\n") and err.count("\n") == 1  # fmt: skip
+    assert main([*argv, *model, "--channels", "3", "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    fixed = ["--model", f"{tmp_path / 'models.py'}:fixed", "--channels", "3"]
+    assert main([*argv, *fixed, "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "Wrong image height! Expected 32 but got 16!; the model takes images of 32 px: give "
+        "--image-size 32 (image_size=)\n"
+    )
+    assert main([*argv, *fixed, "--image-size", "32", "--out", str(tmp_path / "d")]) == 0
+    # Three means for grey images: --channels 3 loads them as RGB.
+    stats = ["--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225"]
+    assert main([*argv, *model, *stats, "--out", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "mean has 3 values but the images have 1 channels; expected one number or one per "
+        "channel (--channels 3, channels=3, loads grey images as RGB)\n"
+    )

@@ -900,6 +900,19 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
             f"channel{'s' if first.in_channels != 1 else ''}: load the "
             f"images with --channels {first.in_channels} (channels= of bs.load_data)"
         )
+    broadcast = re.search(r"broadcast shape \[\d+, (\d+),", reason)
+    if broadcast and len(shape) == 4 and int(broadcast.group(1)) != shape[1]:
+        # A normalisation inside the model holds one mean per channel it expects.
+        wanted = int(broadcast.group(1))
+        return (
+            f"; the model works on {wanted} channel{'s' if wanted != 1 else ''}: load the "
+            f"images with --channels {wanted} (channels= of bs.load_data)"
+        )
+    fixed = re.search(r"Expected (\d+) but got (\d+)", reason)
+    if fixed and len(shape) == 4 and int(fixed.group(2)) in shape[2:]:
+        # torchvision's ViT checks the size it was built for.
+        size = fixed.group(1)
+        return f"; the model takes images of {size} px: give --image-size {size} (image_size=)"
     if "too small" in reason or "can't be greater than actual input size" in reason:
         return "; the images are too small for the model: give a larger --image-size (image_size=)"
     if "mat1 and mat2 shapes cannot be multiplied" in reason and len(shape) == 4:

@@ -474,9 +474,11 @@ def _stats(value: Stats, name: str, channels: int) -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError) as err:
         raise InputTypeError(f"{name} must be a number or one number per channel") from err
     if stats.numel() not in (1, channels):
+        # Grey images for an RGB model: --channels 3 repeats the grey into three.
+        grey = " (--channels 3, channels=3, loads grey images as RGB)" if channels == 1 else ""
         raise InputError(
             f"{name} has {stats.numel()} values but the images have {channels} channels; "
-            "expected one number or one per channel"
+            f"expected one number or one per channel{grey}"
         )
     if not bool(torch.isfinite(stats).all()):
         raise InputError(f"{name} must be finite; got {value!r}")

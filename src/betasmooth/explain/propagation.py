@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1297,8 +1298,11 @@ def _composite(composite: object, gamma: object) -> Composite:
         return composite
     if isinstance(composite, str) and composite in COMPOSITES:
         return COMPOSITES[composite]
+    # Zennit names its composites in CamelCase: EpsilonPlusFlat is epsilon_plus_flat here.
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", composite).lower() if isinstance(composite, str) else ""
+    named = f" (Zennit's {composite} is {snake!r} here)" if snake in COMPOSITES else ""
     raise InputError(
-        f"unknown lrp composite {composite!r}; expected a Composite or one of: "
+        f"unknown lrp composite {composite!r}{named}; expected a Composite or one of: "
         f"{', '.join(sorted(COMPOSITES))}"
     )
 
