@@ -114,6 +114,18 @@ def load_inputs(
     Everything that can be wrong with user input fails here, before a run
     directory is touched.
 
+    Parameters
+    ----------
+    model, data : str
+        Specs as on the command line (:func:`betasmooth.zoo.load_model`,
+        :func:`betasmooth.zoo.load_data`).
+    weights : str, optional
+        A state dict file for the model (loaded with ``weights_only=True``).
+    n : int, optional
+        How many test items (default all).
+    image_size, channels, mean, std, preset : optional
+        How the images are prepared, as :func:`betasmooth.zoo.load_data` takes them.
+
     Returns
     -------
     Inputs
@@ -349,6 +361,42 @@ def attack_run(
     ``label_adv_name``; with ``about`` (:attr:`Inputs.about`) the file and
     class name of each item.
 
+    Parameters
+    ----------
+    run : RunDir
+        The run directory; items already in its records are skipped (resume).
+    model : torch.nn.Module
+        The classifier.
+    x, y : torch.Tensor
+        Images ``(N, C, H, W)`` and labels ``(N,)`` (``-1`` for unknown).
+    methods : sequence of str
+        Explanation methods to attack, each on every item.
+    steps, lr : int or float, mapping of str to it, or None
+        The attack's steps and learning rate.
+    batch_size : int
+        Items per batch, halved on out-of-memory (:func:`~betasmooth.units.execute`).
+    goal : str
+        A goal of :data:`~betasmooth.attack.GOALS` (``targeted``, ``topk``, ``center``).
+    seed : int
+        Seeds the targets, the attack's noise and SmoothGrad's draws per item.
+    data_range : tuple or None
+        The data's ``(low, high)``, per channel ``(1, C, 1, 1)``: the attack's clamp.
+    method_options : dict, optional
+        Options per method (e.g. LRP's box, :func:`~betasmooth.explain.range_options`).
+    check_every : int, optional
+        Steps between the attack's scorings on the original network
+        (:func:`~betasmooth.attack.manipulate`; its default where ``None``).
+    device : torch.device or str
+        Where to compute.
+    dist : Dist, optional
+        The torchrun process group; items are shared among the ranks.
+    progress : bool, optional
+        Progress bars (default: when stderr is a terminal).
+    save_attributions : bool
+        Also store the signed explanations (see above).
+    classes, about : sequence, optional
+        Class names, and what the data say of each item (see above).
+
     Returns
     -------
     list of dict
@@ -452,6 +500,40 @@ def explain_run(
     with ``about`` (:attr:`Inputs.about`) the file and class name of each item.
     Arrays: ``index``, ``x``, ``map`` ``(B, H, W)``, and with
     ``save_attributions`` the signed explanation ``attribution`` ``(B, C, H, W)``.
+
+    Parameters
+    ----------
+    run : RunDir
+        The run directory; items already in its records are skipped (resume).
+    model : torch.nn.Module
+        The classifier.
+    x, y : torch.Tensor
+        Images ``(N, C, H, W)`` and labels ``(N,)`` (``-1`` for unknown).
+    methods : sequence of str
+        Explanation methods, each on every item.
+    batch_size : int
+        Items per batch, halved on out-of-memory (:func:`~betasmooth.units.execute`).
+    seed : int
+        Seeds each item's draws (SmoothGrad's noise).
+    method_options : dict, optional
+        Options per method (e.g. LRP's box, :func:`~betasmooth.explain.range_options`).
+    name : str
+        The records' file stem (``results``; the demo's ``explain``).
+    device : torch.device or str
+        Where to compute.
+    dist : Dist, optional
+        The torchrun process group; items are shared among the ranks.
+    progress : bool, optional
+        Progress bars (default: when stderr is a terminal).
+    save_attributions : bool
+        Also store the signed explanations (see above).
+    classes, about : sequence, optional
+        Class names, and what the data say of each item (see above).
+
+    Returns
+    -------
+    list of dict
+        On rank 0 every record of the run, sorted by (index, method).
 
     Examples
     --------
@@ -560,6 +642,40 @@ def sweep_run(
     index), so the records do not depend on the attack's batch size or on
     the ranks; an attacked ``smoothgrad`` draws with its own name, not its
     base's, as the ``method`` of its records says.
+
+    Parameters
+    ----------
+    run : RunDir
+        A finished attack's run directory.
+    model : torch.nn.Module
+        The model the attack ran on.
+    betas : sequence of float
+        The sweep's betas (SmoothGrad's noise is matched to each).
+    methods : sequence of str, optional
+        The attacked methods to sweep; default every method of the run.
+    smoothgrad_n : int
+        SmoothGrad's samples per image.
+    defenses : sequence of str
+        Entries of :data:`~betasmooth.defense.DEFENSES`; default the paper's two.
+    seed : int
+        The run's seed, from which SmoothGrad draws per image.
+    data_range : tuple or None
+        The data's ``(low, high)``, per channel ``(1, C, 1, 1)``.
+    method_options : dict, optional
+        The options each method was attacked with (see above).
+    min_fidelity : float
+        Least median fidelity (PCC) of the recommended beta.
+    device : torch.device or str
+        Where to compute.
+    dist : Dist, optional
+        The torchrun process group; batches are shared among the ranks.
+    progress : bool, optional
+        Progress bars (default: when stderr is a terminal).
+
+    Returns
+    -------
+    list of dict
+        On rank 0 every sweep record of the run.
 
     Examples
     --------
@@ -766,6 +882,37 @@ def curvature_run(
     network's prediction; ``label_name`` where ``classes`` name it),
     ``true_label`` (with ``about``, :attr:`Inputs.about`, the file and class
     name of each item) and every estimate of :func:`betasmooth.geometry.curvature`.
+
+    Parameters
+    ----------
+    run : RunDir
+        The run directory; items already in its records are skipped (resume).
+    model : torch.nn.Module
+        The classifier.
+    x, y : torch.Tensor
+        Images ``(N, C, H, W)`` and labels ``(N,)`` (``-1`` for unknown).
+    betas : sequence of float or None
+        The betas to measure; ``None`` for the ReLU network.
+    batch_size : int
+        Items per batch, halved on out-of-memory.
+    seed : int
+        Seeds the random probes of each item, the same for every beta.
+    options : dict, optional
+        Options of :func:`betasmooth.geometry.curvature` (``iterations``,
+        ``probes``, ``data_range``).
+    device : torch.device or str
+        Where to compute.
+    dist : Dist, optional
+        The torchrun process group; items are shared among the ranks.
+    progress : bool, optional
+        Progress bars (default: when stderr is a terminal).
+    classes, about : sequence, optional
+        Class names, and what the data say of each item (see above).
+
+    Returns
+    -------
+    list of dict
+        On rank 0 every record of the run.
 
     Examples
     --------
