@@ -1343,3 +1343,28 @@ def test_a_registered_schemes_missing_weights_file_is_not_sent_to_torchvision(
         "weights file DEFAULT does not exist; expected a file written by "
         "torch.save(model.state_dict(), ...)"
     )
+
+
+def test_weights_of_the_network_a_model_wraps_name_that_submodule(tmp_path):
+    # A model that normalises before the network it wraps has that network's keys
+    # under "1."; the file of the bare network fits that submodule, which is named.
+    (tmp_path / "wrap.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Shift(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.register_buffer('mean', torch.zeros(1))\n\n"
+        "    def forward(self, x):\n        return x - self.mean\n\n\n"
+        "def make():\n"
+        "    return nn.Sequential(Shift(), nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))\n"
+    )
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(InputError) as info:
+        bs.load_model(f"{tmp_path / 'wrap.py'}:make", weights=tmp_path / "bare.pt")
+    assert str(info.value).endswith(
+        "expected the state dict of the same architecture (the file's keys are those of the "
+        "model's submodule '1': the network it wraps; save the whole model's state_dict, or "
+        "load the file into that submodule in the model file)"
+    )
+    # Keys of no one submodule get no such hint.
+    torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match=r"architecture$"):
+        bs.load_model(f"{tmp_path / 'wrap.py'}:make", weights=tmp_path / "other.pt")

@@ -242,9 +242,24 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
     if problems:
         raise InputError(
             f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
-            "state dict of the same architecture"
+            f"state dict of the same architecture{_inner_hint(state, own)}"
         )
     model.load_state_dict(state)
+
+
+def _inner_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    """Where the file's keys are all those of one submodule of the model (a network the
+    model wraps, e.g. after a normalisation), name it."""
+    wanted = {k for k in state if not k.endswith("num_batches_tracked")}
+    for head in dict.fromkeys(k.partition(".")[0] for k in own if "." in k):
+        inner = {k.partition(".")[2] for k in own if k.startswith(head + ".")}
+        if wanted and wanted <= inner and not (wanted & own.keys()):
+            return (
+                f" (the file's keys are those of the model's submodule {head!r}: the network "
+                f"it wraps; save the whole model's state_dict, or load the file into "
+                f"that submodule in the model file)"
+            )
+    return ""
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
