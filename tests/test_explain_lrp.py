@@ -185,16 +185,21 @@ class ZennitResidual(ResidualNet):
         return self.head(self.relu3(self.pool(self.sum(torch.stack([a, b], dim=-1)))))
 
 
+def _residual_twins() -> tuple[nn.Module, nn.Module]:
+    """A residual net and its ZennitResidual twin, same weights, BatchNorm eps 1e-12 (so
+    that zennit's merged BatchNorm is exact)."""
+    net = residual_net().double()
+    twin = ZennitResidual().double().eval()
+    twin.load_state_dict(net.state_dict())
+    for bn in (net.bn1, net.bn2, twin.bn1, twin.bn2):
+        bn.eps = 1e-12
+    return net, twin
+
+
 def test_lrp_on_residual_net_matches_zennit():
     # F.relu, torch.relu, Tensor.relu and `a + b` in forward code against the
     # same weights written with modules that zennit can hook.
-    net = residual_net().double()
-    for bn in (net.bn1, net.bn2):
-        bn.eps = 1e-12
-    twin = ZennitResidual().double().eval()
-    twin.load_state_dict(net.state_dict())
-    for bn in (twin.bn1, twin.bn2):
-        bn.eps = 1e-12
+    net, twin = _residual_twins()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     target = torch.tensor([0, 2, 4])
     ours = bs.explain(net, x, "lrp", target)
@@ -1467,13 +1472,7 @@ def test_a_residual_addition_is_stabilised_by_epsilon_as_zennits_norm_with_it():
     # lrp's default epsilon): a larger epsilon bounds it where the summands cancel.
     from zennit.rules import Norm
 
-    net = residual_net().double()
-    for bn in (net.bn1, net.bn2):
-        bn.eps = 1e-12
-    twin = ZennitResidual().double().eval()
-    twin.load_state_dict(net.state_dict())
-    for bn in (twin.bn1, twin.bn2):
-        bn.eps = 1e-12
+    net, twin = _residual_twins()
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     target = torch.tensor([0, 2, 4])
     epsilon = 0.05

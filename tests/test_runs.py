@@ -998,28 +998,37 @@ def test_attack_runs_seed_a_method_that_draws_from_the_global_generator(tmp_path
     assert [[r[k] for k in keys] for r in swept[0]] == [[r[k] for k in keys] for r in swept[1]]
 
 
+def _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps):
+    """A gradient attack of three digits in batches of 2 and 1, and the defenses each
+    later call of defense_sweep in betasmooth.runs is given."""
+    import betasmooth.runs as runs_module
+    from betasmooth.runs import attack_run
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=steps, batch_size=2)
+    calls = []
+    real = runs_module.defense_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(list(kwargs["defenses"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    return run, calls
+
+
 def test_a_defense_registered_beside_the_two_leaves_a_finished_sweep_finished(
     tmp_path, digits, digits_cnn, monkeypatch
 ):
     # betasmooth sweep runs SWEPT_DEFENSES; a unit counted as done at
     # len(DEFENSES) rows per beta was computed again on every later sweep once a
     # model file had added a defense to DEFENSES (which it then never ran).
-    import betasmooth.runs as runs_module
     from betasmooth.defense import DEFENSES
-    from betasmooth.runs import attack_run, sweep_run
+    from betasmooth.runs import sweep_run
 
     monkeypatch.setitem(DEFENSES, "extra", DEFENSES["smoothgrad"])
-    x, y = digits[0][:3], digits[1][:3]
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
-    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1, batch_size=2)
-    calls = []
-    real = runs_module.defense_sweep
-
-    def counted(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    run, calls = _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps=1)
     rows = sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2)
     # Two batches (of 2 and 1 images), each swept once, with the two defenses.
     assert len(calls) == 2
@@ -1043,23 +1052,13 @@ def _blurred_maps(model, xs, method, label, beta, *, sigma, n, seed, input_range
 def test_a_registered_defense_is_swept_summarised_resumed_and_reported(
     tmp_path, digits, digits_cnn, monkeypatch
 ):
-    import betasmooth.runs as runs_module
     from betasmooth.defense import DEFENSES
     from betasmooth.report import build_report
-    from betasmooth.runs import attack_run, sweep_run
+    from betasmooth.runs import sweep_run
 
     monkeypatch.setitem(DEFENSES, "box_blur", _blurred_maps)
-    x, y = digits[0][:3], digits[1][:3]
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
-    attack_run(run, digits_cnn, x, y, ["gradient"], steps=3, batch_size=2)
-    calls = []
-    real = runs_module.defense_sweep
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["defenses"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    run, calls = _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps=3)
+    x = digits[0][:3]
     defenses = ["beta_smooth", "smoothgrad", "box_blur"]
     rows = sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=defenses)
     assert calls == [defenses, defenses]  # two batches
