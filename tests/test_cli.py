@@ -1068,12 +1068,13 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
             main([*argv, "--method", "gradient", "-n", "2", "--steps", "2", "--out", str(run)]) == 0
         )
         capsys.readouterr()
-        assert main([*sweep, "--defenses", "box_blur,beta_smooth"]) == 0
+        assert main([*sweep, "--defenses", "box_blur, beta_smooth,box_blur"]) == 0
         table = capsys.readouterr().out
         # Another selection is another sweep: refused before the model is loaded.
         assert main(sweep) == 2
-        assert "holds a sweep whose defenses is beta_smooth,box_blur (the default now)" in (
-            capsys.readouterr().err
+        assert (
+            "holds a sweep whose defenses is beta_smooth,box_blur (beta_smooth,smoothgrad now)"
+            in (capsys.readouterr().err)
         )
     finally:
         DEFENSES.pop("box_blur", None)

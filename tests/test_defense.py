@@ -522,3 +522,31 @@ def test_a_sweep_of_smoothgrad_alone_on_a_traced_model():
     expected = _undefended(net, x, x_adv)
     for r in rows:
         assert r["undefended_pcc"] == pytest.approx(float(expected["pcc"][r["index"]]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("returned", "got"),
+    [
+        (lambda maps: maps[:, None], "shape (8, 1, 16, 16)"),
+        (lambda maps: maps[:4], "shape (4, 16, 16)"),
+        (lambda maps: maps.numpy(), "ndarray"),
+    ],
+)
+def test_a_registered_defense_that_returns_other_maps_is_named(small, returned, got):
+    from betasmooth.defense import DEFENSES
+
+    net, x = small
+
+    def odd(model, xs, method, label, beta, **_):
+        return returned(bs.heatmap(bs.explain(model, xs, method, label)).detach())
+
+    DEFENSES["odd"] = odd
+    try:
+        with pytest.raises(bs.InputError) as info:
+            bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=["odd"])
+    finally:
+        DEFENSES.pop("odd")
+    assert str(info.value) == (
+        f"defense 'odd' returned {got}; expected maps of shape (8, 16, 16), the attacked "
+        "images' then the clean ones' (2B, H, W) as a torch.Tensor"
+    )

@@ -313,7 +313,8 @@ def test_cli_sweep_writes_the_summary_of_its_records(tmp_path, capsys):
     assert summary["undefended"]["robustness_pcc"] == pytest.approx(
         np.median([r["expl_pcc_orig"] for r in attack]), abs=1e-5
     )
-    assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.5)
+    plain = summary["undefended"]["robustness_pcc"]
+    assert summary["recommended_beta"] == recommend_beta(summary["betas"], 0.5, plain)
     verdict = [line for line in printed.splitlines() if line.startswith("gradient: ")]
     rec = summary["recommended_beta"]
     if rec is None:

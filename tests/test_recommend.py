@@ -368,3 +368,27 @@ def test_a_beta_less_robust_than_no_defense_is_not_recommended(plain, recommende
         )
     else:
         assert verdict(summary).startswith("recommended beta 20 ")
+
+
+def test_the_verdict_names_why_none_is_recommended():
+    # Beta 1 is faithful and changed the maps, but is less robust than no defense; beta
+    # 50 changed nothing. The reason is the first, not "no beta that changed a map".
+    summary = {
+        "betas": {
+            "1": {"robustness_pcc": 0.2, "fidelity_pcc": 0.95},
+            "50": {"robustness_pcc": 0.3, "fidelity_pcc": 1.0, "changed": False},
+        },
+        "undefended": {"robustness_pcc": 0.5},
+        "recommended_beta": None,
+        "min_fidelity": 0.9,
+        "attacked": 2,
+    }
+    assert verdict(summary) == (
+        "the most robust beta with median fidelity >= 0.9, 1, leaves the map less robust "
+        "than no defense (0.200 vs 0.500 undefended); none recommended"
+    )
+    # A sweep of other defenses only: beta-smoothing was not swept.
+    rows = [{"defense": "smoothgrad", "beta": 1.0, "adv_vs_clean_pcc": 0.5}]
+    alone = sweep_summary(rows)["method"]
+    assert alone["recommended_beta"] is None
+    assert verdict(alone) == "beta-smoothing was not swept (--defenses); none recommended"

@@ -1005,7 +1005,7 @@ def _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps):
     from betasmooth.runs import attack_run
 
     x, y = digits[0][:3], digits[1][:3]
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    run = RunDir.create(tmp_path / "run", {"command": "test", "n": 3})
     attack_run(run, digits_cnn, x, y, ["gradient"], steps=steps, batch_size=2)
     calls = []
     real = runs_module.defense_sweep
@@ -1101,3 +1101,51 @@ def test_a_registered_defense_is_swept_summarised_resumed_and_reported(
     # Another selection of defenses is another sweep.
     with pytest.raises(InputError, match="holds a sweep whose defenses is beta_smooth,box_blur,"):
         sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2)
+
+
+def test_a_sweep_of_one_defense_is_finished_and_one_cut_short_is_not(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    # The report counts an image as swept at one row per defense the sweep ran and beta:
+    # beta-smoothing alone, listed twice, is one defense (two rows per image at two
+    # betas); rows of an image removed make it unfinished. A sweep of beta-smoothing
+    # alone draws no samples: it records no smoothgrad_n, and another is no other sweep.
+    from betasmooth.report import build_report
+    from betasmooth.runs import sweep_run
+
+    run, calls = _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps=1)
+    alone = ["beta_smooth", "beta_smooth"]
+    sweep_run(run, digits_cnn, [1.0, 4.0], smoothgrad_n=2, defenses=alone)
+    assert calls == [["beta_smooth"], ["beta_smooth"]]
+    rows = run.read("sweep")
+    assert sorted((r["index"], r["beta"]) for r in rows) == [
+        (i, b) for i in range(3) for b in (1.0, 4.0)
+    ]
+    assert run.config()["sweep"] == {
+        "betas": [1.0, 4.0],
+        "min_fidelity": 0.9,
+        "defenses": ["beta_smooth"],
+    }
+    summary = json.loads((run.path / "sweep_summary.json").read_text())["gradient"]
+    assert summary["betas"]["4"]["n"] == 3
+    assert "not finished" not in build_report(run.path).read_text()
+    sweep_run(run, digits_cnn, [4.0, 1.0], smoothgrad_n=3, defenses=["beta_smooth"])
+    assert len(calls) == 2  # the same sweep: nothing computed again
+    kept = [r for r in rows if not (r["index"] == 2 and r["beta"] == 4.0)]
+    (run.path / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert "sweep of gradient 2 of 3 images" in build_report(run.path).read_text()
+
+
+def test_the_report_names_a_registered_defense_once_escaped(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    from betasmooth.defense import DEFENSES
+    from betasmooth.report import build_report
+    from betasmooth.runs import sweep_run
+
+    monkeypatch.setitem(DEFENSES, "m&f", _blurred_maps)
+    run, _ = _attacked_and_counted(tmp_path, digits, digits_cnn, monkeypatch, steps=1)
+    sweep_run(run, digits_cnn, [2.0], defenses=["beta_smooth", "m&f"])
+    page = build_report(run.path).read_text()
+    assert "other line styles: m&amp;f (see the legend)" in page
+    assert "&amp;amp;" not in page

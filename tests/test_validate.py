@@ -1073,5 +1073,9 @@ def test_a_model_that_normalises_or_checks_its_size_gets_the_option_that_fits(tm
     assert main([*argv, *model, *stats, "--out", str(tmp_path / "e")]) == 2
     assert capsys.readouterr().err.endswith(
         "mean has 3 values but the images have 1 channels; expected one number or one per "
-        "channel (--channels 3, channels=3, loads grey images as RGB)\n"
+        "channel (for a model that takes RGB, --channels 3, channels=3, loads them so)\n"
     )
+    # Two means fit no image: no such hint.
+    two = ["--mean", "0.5", "0.5", "--std", "0.5", "0.5"]
+    assert main([*argv, *model, *two, "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.endswith("expected one number or one per channel\n")

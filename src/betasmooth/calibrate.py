@@ -54,8 +54,10 @@ class Calibration:
     beta : float
         The chosen beta.
     recommended : bool
-        ``True`` when ``beta`` met the fidelity threshold (the recommended
-        beta); ``False`` when none did and the most faithful one was taken.
+        ``True`` when ``beta`` is the recommended one (see
+        :func:`~betasmooth.recommend.recommend_beta`); ``False`` when no beta
+        met the fidelity threshold, or the most robust that did was less robust
+        than no defense, and the most faithful one was taken.
     summary : dict
         The sweep's summary (:meth:`betasmooth.defense.SweepResult.summary`).
 

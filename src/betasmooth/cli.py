@@ -604,7 +604,8 @@ HELP: dict[str, dict[str, object]] = {
     "sweep": {
         "help": "defense sweep over beta on a finished attack run",
         "description": "Re-explain the original and attacked images of an attack run with "
-        "beta-smoothing at each beta of --betas and with SmoothGrad of matched noise, and "
+        "beta-smoothing at each beta of --betas and with SmoothGrad of matched noise (or the "
+        "--defenses given), and "
         "record how close the defended map of each attacked image stays to the defended map "
         "of its clean image (robustness) and how close that stays to the undefended map "
         "(fidelity), beside the undefended maps; names the recommended beta, the most robust "
@@ -613,7 +614,7 @@ HELP: dict[str, dict[str, object]] = {
         "DIR/sweep_summary.json and DIR/report.html, and adds the settings to DIR/config.json.",
         "examples": [
             "betasmooth sweep runs/attack",
-            "betasmooth sweep runs/attack --betas 0.5,1,2,5,10 --smoothgrad-n 50",
+            "betasmooth sweep runs/attack --betas 0.5,1,2,5,10 --defenses beta_smooth",
         ],
     },
     "explain": {

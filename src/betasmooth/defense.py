@@ -394,7 +394,8 @@ def defense_sweep(
                 seed=seeds,
                 input_range=input_range,
                 base_options=options,
-            ).detach()
+            )
+            maps = _checked_maps(defense, maps, (2 * x.shape[0], *x.shape[2:]))
             seconds = (time.perf_counter() - start) / x.shape[0]
             adv, clean = maps.chunk(2)
             kept_maps[(defense, beta)] = (adv.cpu(), clean.cpu())
@@ -506,6 +507,21 @@ def check_defenses(defenses: object) -> list[str]:
     names = list(dict.fromkeys(check_choice("defense", d, DEFENSES) for d in names))
     check_defense_names(names)
     return names
+
+
+def _checked_maps(defense: str, maps: object, shape: tuple[int, ...]) -> torch.Tensor:
+    """A defense's maps, detached, or one line naming the defense that returned others:
+    an entry registered in :data:`DEFENSES` returns the maps of the attacked images,
+    then the clean ones."""
+    if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != shape:
+        got = (
+            f"shape {tuple(maps.shape)}" if isinstance(maps, torch.Tensor) else type(maps).__name__
+        )
+        raise InputError(
+            f"defense {defense!r} returned {got}; expected maps of shape {shape}, the "
+            "attacked images' then the clean ones' (2B, H, W) as a torch.Tensor"
+        )
+    return maps.detach()
 
 
 def _sweep_seeds(seed: object, batch: int) -> list[int]:

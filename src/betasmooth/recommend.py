@@ -327,6 +327,17 @@ def verdict(summary: Mapping[str, object]) -> str:
     unchanged = [b for b, c in betas.items() if c.get("changed", True) is False]
     if summary.get("attacked") == 0:
         return "the attack changed no image, so no defense has anything to undo; none recommended"
+    if rec is None and not betas:
+        return "beta-smoothing was not swept (--defenses); none recommended"
+    faithful = recommend_beta(betas, float(summary.get("min_fidelity", MIN_FIDELITY)))
+    plain = _robustness(summary.get("undefended") or {})
+    if rec is None and faithful is not None and plain is not None:
+        best = _robustness(betas[beta_key(faithful)])
+        return (
+            f"the most robust beta with {threshold}, {beta_key(faithful)}, leaves the map "
+            f"less robust than no defense ({best:.3f} vs {plain:.3f} undefended); "
+            "none recommended"
+        )
     if rec is None and betas and len(unchanged) == len(betas):
         return (
             "beta-smoothing changed no map at any beta (the model calls no ReLU that it "
@@ -336,15 +347,6 @@ def verdict(summary: Mapping[str, object]) -> str:
         return (
             f"no beta that changed a map has {threshold} (beta {', '.join(unchanged)} "
             "changed none); none recommended"
-        )
-    faithful = recommend_beta(betas, float(summary.get("min_fidelity", MIN_FIDELITY)))
-    plain = _robustness(summary.get("undefended") or {})
-    if rec is None and faithful is not None and plain is not None:
-        best = _robustness(betas[beta_key(faithful)])
-        return (
-            f"the most robust beta with {threshold}, {beta_key(faithful)}, leaves the map "
-            f"less robust than no defense ({best:.3f} vs {plain:.3f} undefended); "
-            "none recommended"
         )
     if rec is None:
         return f"no beta in the sweep has {threshold}; none recommended"

@@ -807,7 +807,7 @@ def _defense_of(run: _Run, method: str) -> tuple[str, list[dict]]:
                 | {"seconds": stats["seconds"], "metric": stats["adv_vs_orig_pcc"]}
             )
     out = [f"<h3 id='defense_{_e(_slug(method))}'>{_e(method)}</h3>"]
-    if "beta_smooth" in series:
+    if series:
         out.append(_defense_figure(run, method, series))
     # One column per setting: a dozen metrics fit down the page, not across it; the
     # defense heads a group of columns, so that each column's head stays a short setting.
@@ -827,7 +827,7 @@ def _base(run: _Run, method: str) -> str:
 
 def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dict]]) -> str:
     (betas, curves), (sg_betas, smoothgrad) = (
-        series["beta_smooth"],
+        series.get("beta_smooth", ([], {})),
         series.get("smoothgrad", ([], {})),
     )
     others = {d: s for d, s in series.items() if d not in PAPER_DEFENSES}
@@ -865,7 +865,7 @@ def _defense_figure(run: _Run, method: str, series: Mapping[str, tuple[list, dic
 
 def _other_styles(others: Mapping[str, object]) -> str:
     """The caption's words for the line styles of defenses other than the paper's."""
-    names = ", ".join(_e(name) for name in others)
+    names = ", ".join(others)  # the caption is escaped as a whole
     return f"other line styles: {names} (see the legend); " if others else ""
 
 
@@ -877,7 +877,7 @@ def _goal(run: _Run, method: str) -> object:
 def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
     if not points:
         return ""
-    out = ["<h2 id='cost'>SmoothGrad against beta-smoothing: quality and time</h2>"]
+    out = []
     for method in sorted({p["method"] for p in points}):
         mine = [p for p in points if p["method"] == method]
         if not {p["defense"] for p in mine} >= {"beta_smooth"}:
@@ -897,7 +897,9 @@ def _section_cost(run: _Run, points: Sequence[Mapping]) -> str:
                 "PCC of the defended attacked map with the original map.",
             )
         )
-    return "".join(out)
+    if not out:  # no method swept with beta-smoothing (--defenses)
+        return ""
+    return "<h2 id='cost'>SmoothGrad against beta-smoothing: quality and time</h2>" + "".join(out)
 
 
 def _theory_scalar(value: object) -> bool:

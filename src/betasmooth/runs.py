@@ -776,7 +776,9 @@ def sweep_settings(
 
     ``defenses`` is recorded, sorted, only where it is not the default
     :data:`~betasmooth.defense.SWEPT_DEFENSES`, so that the settings of a
-    default sweep read as those of versions that swept no other.
+    default sweep read as those of versions that swept no other;
+    ``smoothgrad_n`` only where a defense other than beta-smoothing, which
+    draws no samples, is swept (a registered one is given it as ``n``).
 
     Examples
     --------
@@ -784,12 +786,13 @@ def sweep_settings(
     {'betas': [1.0, 10.0], 'smoothgrad_n': 20, 'min_fidelity': 0.9}
     >>> sweep_settings([1], 20, 0.9, ["smoothgrad", "median_filter"])["defenses"]
     ['median_filter', 'smoothgrad']
+    >>> sweep_settings([1], 20, 0.9, ["beta_smooth"])
+    {'betas': [1.0], 'min_fidelity': 0.9, 'defenses': ['beta_smooth']}
     """
-    settings: dict[str, object] = {
-        "betas": [float(b) for b in betas],
-        "smoothgrad_n": smoothgrad_n,
-        "min_fidelity": min_fidelity,
-    }
+    settings: dict[str, object] = {"betas": [float(b) for b in betas]}
+    if set(defenses) - {"beta_smooth"}:
+        settings["smoothgrad_n"] = smoothgrad_n
+    settings["min_fidelity"] = min_fidelity
     if set(defenses) != set(SWEPT_DEFENSES):
         settings["defenses"] = sorted(set(defenses))
     return settings

@@ -58,6 +58,7 @@ except ImportError:  # Windows: runs are not locked
 
 from .checkpoint import read_npz
 from .distributed import Dist
+from .recommend import PAPER_DEFENSES, beta_key
 from .validate import InputError
 
 __all__ = [
@@ -1068,18 +1069,22 @@ def _sweep_differences(stored: object, settings: object) -> str:
     >>> _sweep_differences({"betas": [1.0, 5.0], "smoothgrad_n": 2},
     ...                    {"betas": [5.0, 1.0], "smoothgrad_n": 3})
     'whose smoothgrad_n is 2 (3 now)'
+    >>> _sweep_differences({"betas": [3.14159265]}, {"betas": [3.1415926]})
+    'whose betas is 3.14159265 (3.1415926 now)'
     """
     held, now = _sweep_key(stored), _sweep_key(settings)
     if not (isinstance(held, dict) and isinstance(now, dict)):
         return f"with {held}"
 
-    def shown(value: object) -> str:
+    def shown(key: str, value: object) -> str:
+        if value is None and key == "defenses":  # recorded only where not the paper's two
+            value = list(PAPER_DEFENSES)
         if isinstance(value, list):
-            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-        return "the default" if value is None else str(value)
+            return ",".join(beta_key(v) if isinstance(v, float) else str(v) for v in value)
+        return "not set" if value is None else str(value)
 
     keys = [k for k in dict.fromkeys([*held, *now]) if held.get(k) != now.get(k)]
-    parts = [f"{k} is {shown(held.get(k))} ({shown(now.get(k))} now)" for k in keys]
+    parts = [f"{k} is {shown(k, held.get(k))} ({shown(k, now.get(k))} now)" for k in keys]
     return "whose " + ", ".join(parts)
 
 

@@ -475,7 +475,10 @@ def _stats(value: Stats, name: str, channels: int) -> torch.Tensor:
         raise InputTypeError(f"{name} must be a number or one number per channel") from err
     if stats.numel() not in (1, channels):
         # Grey images for an RGB model: --channels 3 repeats the grey into three.
-        grey = " (--channels 3, channels=3, loads grey images as RGB)" if channels == 1 else ""
+        rgb = channels == 1 and stats.numel() == 3
+        grey = (
+            " (for a model that takes RGB, --channels 3, channels=3, loads them so)" if rgb else ""
+        )
         raise InputError(
             f"{name} has {stats.numel()} values but the images have {channels} channels; "
             f"expected one number or one per channel{grey}"

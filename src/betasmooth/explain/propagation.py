@@ -1415,7 +1415,7 @@ def lrp(
                 if node is graph.input:
                     if r is None:
                         return torch.zeros_like(x)
-                    _check_amplification(model, r, logit, epsilon)
+                    _check_amplification(model, r, logits, epsilon)
                     return r
                 continue
             module = modules[node.target] if node.op == "call_module" else None
@@ -1438,28 +1438,31 @@ def lrp(
     return torch.zeros_like(x)
 
 
-#: Total |relevance| at the input over the explained |logit| above which lrp warns.
-#: Rules that conserve relevance keep it near 1 (0.7 to 6 on the built-in models and
-#: torchvision's VGG16 and ResNet-18, every composite); beta-smoothed, those two
-#: reached 1e3 to 6e5 with the default epsilon.
+#: Total |relevance| at the input over the image's largest |logit| above which lrp
+#: warns. Over the explained logit, rules that conserve relevance keep it near 1 (0.7
+#: to 6 on the built-in models and torchvision's VGG16 and ResNet-18, every
+#: composite); beta-smoothed, those two reached 1e3 to 6e5 with the default epsilon.
+#: The largest logit, not the explained one, so that a class of logit near 0 (the
+#: relevance it conserves near 0 too) is no alarm.
 AMPLIFIED = 100.0
 
 
 def _check_amplification(
-    model: nn.Module, relevance: torch.Tensor, logit: torch.Tensor, epsilon: float
+    model: nn.Module, relevance: torch.Tensor, logits: torch.Tensor, epsilon: float
 ) -> None:
     """Warn where relevance grew by dividing by sums near 0 (see :data:`AMPLIFIED`)."""
     with torch.no_grad():
         total = relevance.detach().abs().flatten(1).sum(1)
-        ratio = total / logit.detach().abs().to(total.dtype)
+        scale = logits.detach().abs().flatten(1).amax(1).to(total.dtype)
+        ratio = total / scale
     if bool((ratio > AMPLIFIED).any()):
         warn_user(
             f"lrp: the relevance at the input sums in absolute value to more than "
-            f"{AMPLIFIED:g} times the explained logit (about 1 where the rules conserve "
+            f"{AMPLIFIED:g} times the largest logit (about 1 where the rules conserve "
             f"it): the stabiliser epsilon={epsilon:g} lets it grow where a dense layer's "
-            "pre-activation or a residual addition's sum is near 0, which a beta-smoothed "
-            "network's softplus units still pass relevance to, and the map is a few spikes; "
-            "a larger epsilon (lrp's option epsilon, 0.01 to 0.25) bounds it",
+            "pre-activation or a residual addition's sum is near 0 but its unit still "
+            "gets relevance (as a beta-smoothed network's softplus units do), and the map "
+            "is a few spikes; a larger epsilon (lrp's option epsilon, 0.01 to 0.25) bounds it",
             model,
         )
 
