@@ -1068,6 +1068,10 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
             main([*argv, "--method", "gradient", "-n", "2", "--steps", "2", "--out", str(run)]) == 0
         )
         capsys.readouterr()
+        # As in a new process, the defense is known once the sweep has loaded the model file.
+        DEFENSES.pop("box_blur")
+        for name in [n for n in sys.modules if n.startswith("_betasmooth_user_defended_")]:
+            del sys.modules[name]
         assert main([*sweep, "--defenses", "box_blur, beta_smooth,box_blur"]) == 0
         table = capsys.readouterr().out
         # Another selection is another sweep: refused before the model is loaded.
@@ -1098,13 +1102,23 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
     ]
 
 
+def test_defenses_are_a_comma_list_as_a_shell_user_writes_it():
+    from betasmooth.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "run", "--defenses", " box_blur, smoothgrad ,"])
+    assert args.defenses == ["box_blur", "smoothgrad"]
+
+
 def test_sweep_names_an_unknown_defense_of_a_built_in_model_before_loading(
-    attack_dir, tmp_path, capsys
+    attack_dir, tmp_path, capsys, monkeypatch
 ):
     import shutil
 
+    import betasmooth.cli as cli
+
     run = tmp_path / "run"
     shutil.copytree(attack_dir, run)
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     assert main(["sweep", str(run), "--defenses", "beta_smooth,median"]) == 2
     assert capsys.readouterr().err == (
         "betasmooth: error: unknown defense 'median'; expected one of: beta_smooth, smoothgrad\n"

@@ -1467,6 +1467,38 @@ def test_lrp_of_a_relu_network_whose_sum_is_near_zero_does_not_warn():
     assert not [w for w in seen if "sums in absolute value" in str(w.message)]
 
 
+def test_lrp_judges_the_growth_of_each_image_against_its_own_logit_of_either_sign():
+    # The last weight -1 makes the logits negative. The warning compares each image's
+    # total |relevance| with its own |logit|: one amplified image of two is warned of,
+    # and two conserving images of very different logits are not.
+    def ratios(maps, logits):
+        return (maps.abs().sum(1) / logits.abs()).tolist()
+
+    def amplified(x, method, **options):
+        net = _cancelling_net()  # a new model each time: lrp warns once per model
+        with torch.no_grad():
+            net[4].weight.fill_(-1.0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            maps = bs.explain(net, x, method, 0, **options)
+        return maps, [w for w in seen if "sums in absolute value" in str(w.message)]
+
+    # Beta-smoothed (beta 1): the second image's middle unit sums to 0, the first's does not.
+    x = torch.tensor([[1.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    h = F.softplus(x)
+    logits = -F.softplus(h[:, 0] - h[:, 1])
+    maps, warned = amplified(x, "beta_smooth", beta=1.0, base="lrp")
+    first, second = ratios(maps, logits)
+    assert first < 10 and second > 1e5 and len(warned) == 1
+    # ReLU: logits -0.001 and -0.2, each image's relevance about 11 and 1.05 times its
+    # logit (their sum is 221 times the first logit).
+    x = torch.tensor([[0.006, 0.005], [0.205, 0.005]], dtype=torch.float64)
+    maps, warned = amplified(x, "lrp")
+    logits = -(x[:, 0] - x[:, 1])
+    assert ratios(maps, logits) == pytest.approx([0.011 / 0.001, 0.21 / 0.2], rel=1e-2)
+    assert not warned
+
+
 def test_a_residual_addition_is_stabilised_by_epsilon_as_zennits_norm_with_it():
     # The addition divides by its sum + epsilon (zennit's Norm, whose default 1e-6 is
     # lrp's default epsilon): a larger epsilon bounds it where the summands cancel.

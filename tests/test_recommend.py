@@ -333,7 +333,9 @@ def test_another_defense_has_its_own_table_and_aligned_rows():
     assert list(defense_tables(older)) == ["beta_smooth", "smoothgrad"]
 
 
-@pytest.mark.parametrize("name", ["betas", "undefended", "recommended_beta"])
+@pytest.mark.parametrize(
+    "name", ["betas", "undefended", "recommended_beta", "defenses", "attacked", "min_fidelity"]
+)
 def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
     from betasmooth.defense import DEFENSES
 
@@ -349,7 +351,9 @@ def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
         DEFENSES.pop(name)
 
 
-@pytest.mark.parametrize(("plain", "recommended"), [(0.704, None), (0.505, 20.0), (0.3, 20.0)])
+@pytest.mark.parametrize(
+    ("plain", "recommended"), [(0.704, None), (0.515, None), (0.505, 20.0), (0.3, 20.0)]
+)
 def test_a_beta_less_robust_than_no_defense_is_not_recommended(plain, recommended):
     # Beta 20 is the only faithful beta; it is recommended unless its median robustness
     # (0.5) falls below the undefended one by more than SAME_PCC (0.01).
@@ -364,7 +368,7 @@ def test_a_beta_less_robust_than_no_defense_is_not_recommended(plain, recommende
     if recommended is None:
         assert verdict(summary) == (
             "the most robust beta with median fidelity >= 0.9, 20, leaves the map less robust "
-            "than no defense (0.500 vs 0.704 undefended); none recommended"
+            f"than no defense (0.500 vs {plain:.3f} undefended); none recommended"
         )
     else:
         assert verdict(summary).startswith("recommended beta 20 ")
@@ -392,3 +396,19 @@ def test_the_verdict_names_why_none_is_recommended():
     alone = sweep_summary(rows)["method"]
     assert alone["recommended_beta"] is None
     assert verdict(alone) == "beta-smoothing was not swept (--defenses); none recommended"
+
+
+def test_the_verdict_on_a_beta_less_robust_than_no_defense_takes_the_sweeps_min_fidelity():
+    # At --min-fidelity 0.5 beta 20 (fidelity 0.6) is the most robust faithful beta, and
+    # less robust than no defense (0.5 vs 0.7); at the default 0.9 no beta would be faithful.
+    rows = [
+        {"defense": "beta_smooth", "beta": b, "adv_vs_clean_pcc": r, "clean_vs_orig_pcc": f}
+        | {"undefended_pcc": 0.7}
+        for b, r, f in [(1.0, 0.9, 0.2), (20.0, 0.5, 0.6)]
+    ]
+    summary = sweep_summary(rows, min_fidelity=0.5)["method"]
+    assert summary["recommended_beta"] is None
+    assert verdict(summary) == (
+        "the most robust beta with median fidelity >= 0.5, 20, leaves the map less robust "
+        "than no defense (0.500 vs 0.700 undefended); none recommended"
+    )

@@ -1007,6 +1007,42 @@ def test_the_report_draws_each_defenses_medians_as_its_own_series(_swept_run, mo
                 assert value == pytest.approx(_median_of(rows, defense, beta, key)), (defense, key)
 
 
+def test_a_registered_defense_has_its_own_column_series_and_cost_points(tmp_path, monkeypatch):
+    # A defense beside the paper's two (registered in DEFENSES by a model file): its
+    # column is headed by its name, its curves are its own series, not SmoothGrad's.
+    path = make_run(tmp_path / "run", methods=("gradient",))
+    rng = np.random.default_rng(3)
+    recs = []
+    for i in range(N):
+        for beta in BETAS:
+            rec = {"index": i, "method": "gradient", "defense": "box_blur", "beta": beta}
+            rec |= {"sigma": None, "seconds": float(rng.random())}
+            for a in ("adv_vs_orig", "adv_vs_target", "clean_vs_target", "clean_vs_orig"):
+                rec |= {f"{a}_pcc": float(rng.random()), f"{a}_ssim": float(rng.random())}
+            recs.append(rec)
+    with (path / "sweep.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+    curves_calls = _calls(monkeypatch, "defense_curves")
+    cost_calls = _calls(monkeypatch, "cost_quality")
+    build_report(path)
+    (((_, _, _), kwargs),) = curves_calls
+    assert sorted(kwargs["smoothgrad_betas"]) == list(BETAS)
+    assert list(kwargs["others"]) == ["box_blur"]
+    betas, curves = kwargs["others"]["box_blur"]
+    assert sorted(betas) == list(BETAS)
+    table = parse(path / "report.html").tables["defense-table_gradient"]
+    for beta, value in zip(betas, curves["adv_vs_orig_pcc"]):
+        mine = [r["adv_vs_orig_pcc"] for r in recs if r["beta"] == beta]
+        assert value == pytest.approx(np.median(mine))
+        got = column(table, f"box_blur β={beta:g}", head_rows=2)
+        assert (got["records"], got["adv_vs_orig_pcc"]) == (N, np.median(mine))
+    (((points, _), _),) = cost_calls
+    assert sorted(p["label"] for p in points if p["defense"] == "box_blur") == sorted(
+        f"β={b:g}" for b in BETAS
+    )
+    assert "other line styles: box_blur (see the legend)" in (path / "report.html").read_text()
+
+
 def test_the_cost_figure_plots_median_seconds_against_median_attacked_pcc(_swept_run, monkeypatch):
     from betasmooth import report
 
@@ -1290,6 +1326,51 @@ def test_the_defense_legend_names_every_comparison_and_defense_inside_the_figure
     for legend in fig.legends:
         box = legend.get_window_extent()
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0, box
+
+
+def test_other_defenses_are_drawn_each_in_its_own_style_and_named_in_the_legend(
+    tmp_path, monkeypatch
+):
+    drawn = _drawn_figures(monkeypatch)
+    others = {
+        "median_filter": ([1.0, 100.0], {"adv_vs_orig_pcc": [0.3, 0.5]}),
+        "box_blur": ([50.0, 2.0], {"adv_vs_orig_pcc": [0.7, 0.1]}),
+    }
+    curves = {"adv_vs_orig_pcc": [0.2, 0.6]}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", others=others)
+    (fig,) = drawn
+    texts = [[t.get_text() for t in legend.get_texts()] for legend in fig.legends]
+    assert texts == [["attacked vs original"], ["β-smoothing", "median_filter", "box_blur"]]
+    pcc = fig.axes[0]
+    # Each defense's points in increasing beta, in the style after the paper's two.
+    drawn_lines = {
+        (tuple(line.get_xdata()), tuple(line.get_ydata())): (line.get_marker(), line.get_ls())
+        for line in pcc.get_lines()
+    }
+    assert drawn_lines[((1.0, 100.0), (0.3, 0.5))] == ("^", "-.")
+    assert drawn_lines[((2.0, 50.0), (0.1, 0.7))] == ("D", "--")
+    assert drawn_lines[((1.0, 2.0), (0.2, 0.6))] == ("o", "-")
+    assert pcc.get_xscale() == "log"  # the other defenses' betas span two decades
+    # Colours C4 on (C0 to C3 tell the paper's defenses and the comparisons); markers and
+    # line styles in turn, round again after four.
+    five = ["a", "b", "c", "d", "e"]
+    assert [figures.defense_style(d, five) for d in ("a", "b", "e")] == [
+        ("a", "C4", "^", "-."), ("b", "C5", "D", "--"), ("e", "C8", "^", "-."),
+    ]  # fmt: skip
+
+
+def test_the_cost_figure_draws_another_defense_s_points(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    points = [
+        {"defense": "beta_smooth", "label": "β=1", "seconds": 0.01, "metric": 0.8},
+        {"defense": "box_blur", "label": "β=1", "seconds": 0.02, "metric": 0.6},
+        {"defense": "box_blur", "label": "β=5", "seconds": 0.03, "metric": 0.4},
+    ]
+    figures.cost_quality(points, tmp_path / "cost.png")
+    lines = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for _, line in drawn
+    }
+    assert lines == {"β-smoothing": ([0.01], [0.8]), "box_blur": ([0.02, 0.03], [0.6, 0.4])}
 
 
 def test_betas_that_span_exactly_a_decade_get_a_log_axis(tmp_path, monkeypatch):

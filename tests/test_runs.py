@@ -783,6 +783,13 @@ def test_a_sweep_of_other_settings_is_refused_only_while_sweep_rows_are_kept(tmp
     run.append([{"index": 0, "method": "gradient", "defense": "beta_smooth", "beta": 1.0}], "sweep")
     with pytest.raises(InputError, match=r"holds a sweep whose betas is 1 \(2 now\) in sweep"):
         run.start_sweep({"betas": [2.0], "smoothgrad_n": 2})
+    # A setting that only the new sweep names, held as the default.
+    now = {"betas": [1.0], "smoothgrad_n": 2, "defenses": ["box_blur", "smoothgrad"]}
+    message = (
+        r"holds a sweep whose defenses is beta_smooth,smoothgrad \(box_blur,smoothgrad now\) in "
+    )
+    with pytest.raises(InputError, match=message):
+        run.start_sweep(now)
     run.merged("sweep").unlink()
     run.start_sweep({"betas": [2.0], "smoothgrad_n": 2})
     assert run.config()["sweep"] == {"betas": [2.0], "smoothgrad_n": 2}
@@ -1040,6 +1047,56 @@ def test_a_defense_registered_beside_the_two_leaves_a_finished_sweep_finished(
     assert sweep_run(run, digits_cnn, [2.0], smoothgrad_n=2) == rows
     assert len(calls) == 2  # the second sweep computed nothing
     assert {f: f.stat().st_mtime_ns for f in run.path.glob("arrays/sweep-*")} == stamps
+
+
+def test_the_paper_defenses_in_any_order_or_twice_are_the_settings_of_a_default_sweep():
+    from betasmooth.runs import sweep_settings, swept_defenses
+
+    default = {"betas": [1.0, 5.0], "smoothgrad_n": 2, "min_fidelity": 0.9}
+    for defenses in (["smoothgrad", "beta_smooth"], ["beta_smooth", "smoothgrad", "smoothgrad"]):
+        assert sweep_settings([1, 5], 2, 0.9, defenses) == default
+    other = sweep_settings([1, 5], 2, 0.9, ["smoothgrad", "box_blur", "smoothgrad"])
+    assert other == default | {"defenses": ["box_blur", "smoothgrad"]}
+    assert swept_defenses(other) == ["box_blur", "smoothgrad"]
+    assert swept_defenses(default) == ["beta_smooth", "smoothgrad"]
+
+
+def test_a_sweep_of_one_defense_is_checked_first_and_finished_at_one_row_per_beta(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    # --defenses beta_smooth: an image is done at one row per beta, not at the two of
+    # the default sweep (counted so, each resume swept it again and the report called
+    # the sweep unfinished).
+    import betasmooth.runs as runs_module
+    from betasmooth.report import build_report
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test", "n": 3})  # the report counts n
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1, batch_size=2)
+    calls = []
+    real = runs_module.defense_sweep
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["defenses"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "defense_sweep", counted)
+    # A misspelt defense is refused before the sweep records its settings.
+    with pytest.raises(InputError, match="^unknown defense 'beta_smoth'"):
+        sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=["beta_smoth"])
+    assert "sweep" not in run.config() and not calls
+    rows = sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=["beta_smooth"])
+    assert calls == [["beta_smooth"], ["beta_smooth"]]  # two batches
+    assert run.config()["sweep"]["defenses"] == ["beta_smooth"]
+    assert sorted((r["index"], r["beta"]) for r in rows) == [
+        (i, b) for i in range(3) for b in (0.5, 2.0)
+    ]
+    # The same sweep, the defense named twice: it computes nothing.
+    twice = ["beta_smooth", "beta_smooth"]
+    assert sweep_run(run, digits_cnn, [0.5, 2.0], smoothgrad_n=2, defenses=twice) == rows
+    assert len(calls) == 2
+    assert "not finished" not in build_report(run.path).read_text()
 
 
 def _blurred_maps(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options):

@@ -493,6 +493,11 @@ def test_sweep_refuses_a_torchscript_model_before_it_records_or_writes(tmp_path,
     assert (out / "config.json").read_bytes() == config
     assert not (out / "sweep.jsonl").exists()
     assert not list((out / "arrays").glob("sweep-*"))
+    # As the refusal says: a sweep of SmoothGrad alone runs on the traced model.
+    only = ["--defenses", "smoothgrad", "--no-progress"]
+    assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "2", *only]) == 0
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert sorted((r["index"], r["defense"]) for r in rows) == [(i, "smoothgrad") for i in (0, 1)]
 
 
 def test_curvature_names_a_forward_that_detaches_x():
@@ -1079,3 +1084,41 @@ def test_a_model_that_normalises_or_checks_its_size_gets_the_option_that_fits(tm
     two = ["--mean", "0.5", "0.5", "--std", "0.5", "0.5"]
     assert main([*argv, *model, *two, "--out", str(tmp_path / "f")]) == 2
     assert capsys.readouterr().err.endswith("expected one number or one per channel\n")
+
+
+OTHER_ERRORS = """
+import torch
+from torch import nn
+
+
+class Widened(nn.Module):
+    # A broadcast that fails in width, not in channels.
+    def forward(self, x):
+        return x.clone()[..., :1].add_(torch.zeros(1, 1, 1, 5)).flatten(1)[:, :2]
+
+
+class Counted(nn.Module):
+    # "Expected ... but got ..." of something other than the image's size.
+    def forward(self, x):
+        torch._assert(False, "Expected 5 but got 7 heads")
+        return x
+
+
+def widened():
+    return Widened()
+
+
+def counted():
+    return Counted()
+"""
+
+
+@pytest.mark.parametrize("factory", ["widened", "counted"])
+def test_errors_of_other_causes_get_no_channels_or_size_hint(factory, tmp_path, capsys):
+    (tmp_path / "models.py").write_text(OTHER_ERRORS)
+    argv = ["explain", "--method", "gradient", "--no-progress", "--data", "digits", "-n", "2"]
+    model = ["--model", f"{tmp_path / 'models.py'}:{factory}"]
+    assert main([*argv, *model, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    said = {"widened": "doesn't match the broadcast shape [2, 1, 32, 5]", "counted": "got 7 heads"}
+    assert err.endswith(said[factory] + "\n") and err.count("\n") == 1
