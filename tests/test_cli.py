@@ -1100,6 +1100,14 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
         "beta_smooth",
         "box_blur",
     ]
+    # Its maps are stored beside beta-smoothing's: at beta 4 the blur is 1 pixel wide,
+    # so they are the attack's own maps of the attacked images.
+    swept = np.load(next(run.glob("arrays/sweep-gradient-*.npz")))
+    attacked = np.load(next(run.glob("arrays/gradient-*.npz")))
+    assert sorted(swept) == ["betas", "index", "maps_beta", "maps_box_blur"]
+    assert swept["maps_box_blur"].shape == swept["maps_beta"].shape == (2, 2, 32, 32)
+    np.testing.assert_allclose(swept["maps_box_blur"][:, 1], attacked["map_adv"], atol=1e-6)
+    assert np.abs(swept["maps_box_blur"][:, 0] - attacked["map_adv"]).max() > 1e-3
 
 
 def test_defenses_are_a_comma_list_as_a_shell_user_writes_it():

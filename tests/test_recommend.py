@@ -351,6 +351,18 @@ def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
         DEFENSES.pop(name)
 
 
+def test_a_defense_named_beta_is_refused_as_its_maps_would_replace_beta_smoothings(small):
+    from betasmooth.defense import DEFENSES
+
+    net, x = small
+    DEFENSES["beta"] = DEFENSES["smoothgrad"]
+    try:
+        with pytest.raises(InputError, match="^defense 'beta' has the name of beta_smooth's maps"):
+            bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=["beta"])
+    finally:
+        DEFENSES.pop("beta")
+
+
 @pytest.mark.parametrize(
     ("plain", "recommended"), [(0.704, None), (0.515, None), (0.505, 20.0), (0.3, 20.0)]
 )

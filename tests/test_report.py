@@ -70,7 +70,7 @@ def make_run(
             )
             run.save_arrays(method, first, batch)
             if sweep:
-                swept = SweepBatch(idx, np.array(betas), maps_beta=_maps(rng, b, len(betas)))
+                swept = SweepBatch(idx, np.array(betas), {"beta_smooth": _maps(rng, b, len(betas))})
                 run.save_arrays(method, first, swept, "sweep")
         for i in range(N):
             label = int(rng.integers(0, 10))
@@ -1111,7 +1111,7 @@ def test_the_grid_takes_the_beta_smoothed_maps_of_the_images_it_shows():
 
     rng = np.random.default_rng(7)
     maps = rng.random((4, 2, H, H))
-    swept = SweepBatch(np.array([0, 1, 2, 3]), np.array([0.5, 4.0]), maps_beta=maps)
+    swept = SweepBatch(np.array([0, 1, 2, 3]), np.array([0.5, 4.0]), {"beta_smooth": maps})
     got, betas = _sweep_maps(swept, np.array([2, 3]))
     np.testing.assert_array_equal(got, maps[[2, 3]])
     assert betas == [0.5, 4.0]

@@ -506,6 +506,12 @@ def check_defenses(defenses: object) -> list[str]:
         )
     names = list(dict.fromkeys(check_choice("defense", d, DEFENSES) for d in names))
     check_defense_names(names)
+    if "beta" in names:
+        # A sweep's arrays hold each defense's maps as maps_<name>, beta-smoothing's as maps_beta.
+        raise InputError(
+            "defense 'beta' has the name of beta_smooth's maps in a sweep's arrays (maps_beta); "
+            "expected another name"
+        )
     return names
 
 

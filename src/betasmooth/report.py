@@ -544,13 +544,14 @@ def _sweep_maps(
     swept: SweepBatch | None, index: np.ndarray
 ) -> tuple[np.ndarray, list[float]] | None:
     """Beta-smoothed maps of the attacked images, aligned with ``index``, and their betas."""
-    if swept is None or swept.maps_beta is None:
+    maps = None if swept is None else swept.maps.get("beta_smooth")
+    if maps is None:
         return None
     betas = [float(b) for b in np.ravel(swept.betas)]
     where = {int(i): k for k, i in enumerate(swept.index)}
-    if len(betas) != swept.maps_beta.shape[1] or not all(int(i) in where for i in index):
+    if len(betas) != maps.shape[1] or not all(int(i) in where for i in index):
         return None
-    return swept.maps_beta[[where[int(i)] for i in index]], betas
+    return maps[[where[int(i)] for i in index]], betas
 
 
 def _section_methods(run: _Run) -> str:

@@ -620,9 +620,9 @@ def sweep_run(
     :meth:`betasmooth.defense.SweepResult.records` with the run's ``index``,
     the attacked ``method`` and the ``base`` method the defenses smooth.
     Arrays ``arrays/sweep-<method>-<first>.npz`` hold ``index``, ``betas`` and
-    the defended maps of ``x_adv``: ``maps_beta`` and ``maps_smoothgrad``,
-    each ``(B, len(betas), H, W)``, the betas in increasing order (another
-    entry of ``defenses`` has records, not arrays). Batches
+    the defended maps of ``x_adv``, ``maps_<defense>`` for each defense
+    (``maps_beta`` for ``beta_smooth``, :class:`~betasmooth.store.SweepBatch`),
+    each ``(B, len(betas), H, W)``, the betas in increasing order. Batches
     already in ``sweep.jsonl`` are skipped, so the sweep is resumable and
     running it twice adds nothing; its settings (``betas``, ``smoothgrad_n``,
     ``min_fidelity``, and ``defenses`` where they are not
@@ -744,11 +744,11 @@ def sweep_run(
             | {k: v for k, v in r.items() if k != "index"}
             for r in result.records()
         ]
+        maps = {d: _defended(result.maps, d, stored) for d in defenses}
         return records, SweepBatch(
-            index=np.asarray(unit.indices),
-            betas=np.asarray(stored, float),
-            maps_beta=_defended(result.maps, "beta_smooth", stored),
-            maps_smoothgrad=_defended(result.maps, "smoothgrad", stored),
+            np.asarray(unit.indices),
+            np.asarray(stored, float),
+            {d: m for d, m in maps.items() if m is not None},
         )
 
     records = execute(

@@ -989,16 +989,50 @@ class ExplainBatch(Batch):
 class SweepBatch(Batch):
     """The defended maps of the attacked images, ``(B, len(betas), H, W)`` per defense.
 
+    ``maps`` holds them by the defense's name (:data:`~betasmooth.defense.DEFENSES`);
+    the file keys are ``maps_<defense>``, ``maps_beta`` for ``beta_smooth``.
+
     Examples
     --------
-    >>> b = SweepBatch(np.arange(2), np.array([1.0, 10.0]), np.zeros((2, 2, 4, 4)))
+    >>> b = SweepBatch(np.arange(2), np.array([1.0, 10.0]), {"beta_smooth": np.zeros((2, 2, 4, 4))})
     >>> sorted(b.to_npz())  # beta-smoothing swept alone
     ['betas', 'index', 'maps_beta']
+    >>> sorted(SweepBatch.from_npz(b.to_npz() | {"maps_median": np.ones((2, 2, 4, 4))}).maps)
+    ['beta_smooth', 'median']
     """
 
     betas: np.ndarray
-    maps_beta: np.ndarray | None = None
-    maps_smoothgrad: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def to_npz(self) -> Arrays:
+        """The arrays by name, each defense's maps as ``maps_<defense>``."""
+        own = {"index": np.asarray(self.index), "betas": np.asarray(self.betas)}
+        return own | {_maps_key(d): np.asarray(m) for d, m in self.maps.items()}
+
+    @classmethod
+    def from_npz(cls, arrays: Mapping[str, np.ndarray], source: object = "arrays") -> SweepBatch:
+        """The sweep batch held by ``arrays``; one line naming what is missing otherwise."""
+        missing = [k for k in ("index", "betas") if k not in arrays]
+        if missing:
+            raise InputError(
+                f"{source} lacks {', '.join(missing)}; expected the arrays of a betasmooth "
+                f"{cls.__name__}"
+            )
+        maps = {_defense_of(k): v for k, v in arrays.items() if k.startswith(MAPS_PREFIX)}
+        return cls(arrays["index"], arrays["betas"], maps)
+
+
+#: The prefix of a defense's maps in a sweep's arrays file.
+MAPS_PREFIX = "maps_"
+
+
+def _maps_key(defense: str) -> str:
+    # Beta-smoothing's maps have been maps_beta since the first version: kept.
+    return MAPS_PREFIX + ("beta" if defense == "beta_smooth" else defense)
+
+
+def _defense_of(key: str) -> str:
+    return "beta_smooth" if key == _maps_key("beta_smooth") else key.removeprefix(MAPS_PREFIX)
 
 
 def _in_file_name(method: str) -> str:
