@@ -414,14 +414,18 @@ def test_smoothing_vs_smoothgrad_uses_the_logistic_std_and_both_noises():
 
 def test_curvature_by_beta_is_the_dense_hessian_of_the_softplus_net():
     # Each beta's medians are of smooth(model, beta), against the dense
-    # autograd Hessian of an explicit Softplus(beta) copy, numpy eigenvalues.
+    # autograd Hessian of an explicit Softplus(beta) copy, numpy eigenvalues, all
+    # of the logit of the class the ReLU net predicts: at beta 0.5 the copy
+    # predicts another class for every image, whose surface is another one.
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double().eval()
     x = torch.randn(3, 4, dtype=torch.float64)
     out = theory.curvature_by_beta(net, x, [0.5, 4.0], iterations=20)
+    cls = net(x).argmax(1)
+    moved = nn.Sequential(net[0], nn.Softplus(0.5), net[2])(x).argmax(1)
+    assert (moved != cls).all()
     for beta in (0.5, 4.0):
         twin = nn.Sequential(net[0], nn.Softplus(beta), net[2])
-        cls = twin(x).argmax(1)
         norms, grads = [], []
         for i in range(3):
 

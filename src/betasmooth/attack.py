@@ -19,7 +19,9 @@ L-infinity ball that remove the map mass from the original top-k pixels
 
 Everything is batched: each image has its own loss, its own label check and
 its own best iterate. Adam and signed steps act per element, so a batch
-follows the same path as its images one at a time.
+follows the same path as its images one at a time (in float64 to rounding;
+in float32 a gradient near zero can change sign, and a pixel then moves by
+about one step more or less).
 
 How much of an attack survives beta-smoothing is measured in
 :mod:`betasmooth.defense`.

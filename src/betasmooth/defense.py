@@ -6,7 +6,9 @@ map of ``x_adv`` against the original map and the target (robustness), and
 the defended map of ``x`` against the undefended one (fidelity).
 ``beta_smooth`` explains the model with every ReLU computing
 ``softplus_beta``; ``smoothgrad`` averages the method over logistic noise of
-the matched scale ``pi / (sqrt(3) beta)`` (Theorem 2). The maps defended are
+standard deviation ``pi / (sqrt(3) beta)``, the matched scale (a convention:
+Theorem 2 matches one layer of weights ``w`` at scale ``1 / (beta |w|)``,
+:func:`matched_sigma`). The maps defended are
 those :func:`~betasmooth.attack.manipulate` attacked
 (:func:`~betasmooth.attack.attack_options`); the medians and the recommended
 beta come from :mod:`betasmooth.recommend`.
@@ -243,7 +245,9 @@ def matched_sigma(beta: float) -> float:
     """SmoothGrad's noise scale matched to ``beta``: ``pi / (sqrt(3) beta)``.
 
     The standard deviation of the logistic density ``p_beta``, relative to an
-    input range of 1 (Theorem 2).
+    input range of 1. Theorem 2 matches beta-smoothing of one layer of weights
+    ``w`` with noise of scale ``1 / (beta |w|)``; a deep network has no single
+    ``|w|``, so this match, ``|w| = 1``, is a convention.
 
     Examples
     --------

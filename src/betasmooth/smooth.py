@@ -1222,7 +1222,10 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     model : nn.Module
         Any model.
     beta : float
-        Sharpness, > 0. Around 1 for inputs in [0, 1] is a strong defense.
+        Sharpness, > 0. It acts on the pre-activations, not on the input's
+        range: around 1 is a strong defense where they are of order 1 (the
+        paper's 0.8 on VGG16); :func:`~betasmooth.calibrate.calibrate_beta`
+        chooses it for a model and its data.
         Under ``torch.func.vmap`` over betas, the 0-d tensor that vmap gives.
 
     Returns

@@ -359,10 +359,11 @@ def smoothing_vs_smoothgrad(
     """Median PCC between beta-smoothed gradient maps and SmoothGrad maps, per beta.
 
     SmoothGrad uses logistic noise of scale ``1/beta`` (standard deviation
-    ``pi / (sqrt(3) beta)``), the noise of Theorem 2, and Gaussian noise of the
-    same standard deviation. For one hidden ReLU unit the two maps agree in
-    expectation (Theorem 2); with many units and layers they differ, by how
-    much is what this measures.
+    ``pi / (sqrt(3) beta)``), and Gaussian noise of the same standard
+    deviation. Theorem 2 matches the gradient of one layer of weights ``w``
+    smoothed at ``beta`` with logistic noise of scale ``1 / (beta |w|)``; a
+    network has a ``|w|`` per unit and many layers, so the scale ``1/beta`` is
+    a convention, and how far the maps then differ is what this measures.
 
     Parameters
     ----------
@@ -422,7 +423,9 @@ def curvature_by_beta(
 ) -> dict[str, dict[str, float]]:
     """Median Hessian norm and principal curvature of ``smooth(model, beta)`` over ``x``.
 
-    Includes ``"relu"`` for the model itself (zero almost everywhere).
+    Includes ``"relu"`` for the model itself (zero almost everywhere). Every
+    beta measures the logit of the class the model itself predicts, so that a
+    small beta, which can move the argmax, is compared on the same surface.
 
     Examples
     --------
@@ -433,8 +436,11 @@ def curvature_by_beta(
     0.0
     """
 
+    with torch.no_grad():
+        label = model(x).argmax(1)
+
     def medians(m: torch.nn.Module) -> dict[str, float]:
-        out = curvature(m, x, iterations=iterations, seed=seed, probes=1)
+        out = curvature(m, x, label, iterations=iterations, seed=seed, probes=1)
         return {
             key: float(out[key].nanmedian())
             for key in ("hessian_norm", "principal_curvature", "gradient_norm")
