@@ -964,6 +964,62 @@ def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field
     assert float(row[4]) == pytest.approx(expected, abs=6e-4)
 
 
+def test_attack_takes_the_budget_and_top_k_size_of_ghorbani_et_al(tmp_path, capsys):
+    # --eps 4/255 bounds every pixel's change; --k 50 is the top-k of the goal and of
+    # the scores, which equal the intersection of numpy's top 50 pixels of both maps.
+    run = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient", "--goal", "topk", "-n", "3", "--steps", "6"]
+    assert main([*argv, "--eps", "4/255", "--k", "50", "--out", str(run)]) == 0
+    records = read_jsonl(run / "results.jsonl")
+    for r in records:
+        assert (r["attack_eps"], r["attack_step"], r["attack_k"]) == (
+            pytest.approx(4 / 255),
+            pytest.approx(0.4 / 255),
+            50,
+        )
+    with np.load(run / "arrays" / "gradient-0.npz") as saved:
+        change = np.abs(saved["x_adv"] - saved["x"]).max()
+        adv, orig = saved["map_adv"], saved["map_orig"]
+    assert 0.4 / 255 < change <= 4 / 255 + 1e-6
+    top = [
+        [set(np.argsort(-m[i].ravel(), kind="stable")[:50]) for m in (adv, orig)] for i in range(3)
+    ]
+    expected = [len(a & o) / 50 for a, o in top]
+    np.testing.assert_allclose([r["expl_topk_orig"] for r in records], expected, atol=1e-6)
+    assert min(expected) < 1  # the attack moved some of the top 50
+    assert json.loads((run / "config.json").read_text())["eps"] == pytest.approx(4 / 255)
+    # Another budget is another run; a run made with a budget resumes only with it.
+    capsys.readouterr()
+    assert main([*argv, "--eps", "0.02", "--k", "50", "--out", str(run), "--resume"]) == 2
+    assert "eps is 0.01568627450980392 in" in capsys.readouterr().err
+    assert main([*argv, "--k", "50", "--out", str(run), "--resume"]) == 2
+    assert main([*argv, "--eps", "4/255", "--k", "50", "--out", str(run), "--resume"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--eps", "0", "expected a fraction of the data range above 0 and at most 1"),
+        ("--eps", "1.5", "expected a fraction of the data range above 0 and at most 1"),
+        ("--eps", "8/0", "expected a fraction of the data range above 0 and at most 1"),
+        ("--k", "0", "expected a positive integer"),
+        ("--k", "1025", "k must be an int between 1 and H * W = 1024; got 1025"),
+    ],
+)
+def test_a_bad_budget_or_top_k_size_is_one_line_before_the_run_starts(
+    flag, value, message, tmp_path, capsys
+):
+    argv = [*ATTACK, "--method", "gradient", "--goal", "topk", "-n", "2", "--steps", "2"]
+    try:
+        status = main([*argv, flag, value, "--out", str(tmp_path / "run")])
+    except SystemExit as stop:  # argparse's own errors
+        status = stop.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def _away_from_the_original(p, maps, x_adv=None):
     return -bs.compare(maps, p.map_orig)["mse"]
 

@@ -1466,6 +1466,8 @@ def _settings_record(s: _Settings) -> dict[str, object]:
             out["eps"] = s.eps
     else:
         out |= {"eps": s.eps, "step": s.step}
+    # The expl_topk scores of every goal depend on it, not only the topk goal.
+    out["k"] = s.k
     out["beta_schedule"] = s.schedule
     if s.schedule == "geometric":
         # Only the geometric schedule reads them; elsewhere they would mislead.

@@ -49,7 +49,7 @@ from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
-from .metrics import group_records, heatmap, medians
+from .metrics import group_records, heatmap, medians, resolve_k
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
@@ -296,6 +296,21 @@ def _fraction(text: str) -> float:
         value = float("nan")
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1; got {text!r}")
+    return value
+
+
+def _budget(text: str) -> float:
+    """A fraction of the data range from 0 (excluded) to 1, as a number or ``A/B`` (``8/255``)."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction of the data range above 0 and at most 1, e.g. 0.03 or 8/255; "
+            f"got {text!r}"
+        )
     return value
 
 
@@ -753,6 +768,18 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
         help="targeted: towards the map of another image; topk: move the map off its top "
         "10%% pixels; center: move its centre of mass; or a goal that the --model file "
         "registers (default targeted)",
+    )
+    p.add_argument(
+        "--eps",
+        type=_budget,
+        help="L-infinity budget of the input change, a fraction of each channel's data range, "
+        "e.g. 8/255 (default 8/255 for topk and center, none for targeted)",
+    )
+    p.add_argument(
+        "--k",
+        type=positive_integer,
+        help="top-k size of the topk goal and of the expl_topk scores (default 10%% of the "
+        "pixels; Ghorbani et al. took 1000 on ImageNet)",
     )
     _add_method_option(p)
     _add_save_attributions(p)
@@ -1239,7 +1266,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
         options=_stored(given),
         **_smoothgrad_draws(methods, args.seed),
+        # Recorded where given: a run of an earlier version, which had neither, resumes.
+        **{name: v for name, v in (("eps", args.eps), ("k", args.k)) if v is not None},
     )
+    resolve_k(args.k, *x.shape[-2:])
     bounds = inputs.bounds
     options = _command_options(args, methods, bounds, given)
     for method in methods:
@@ -1258,6 +1288,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
             steps=args.steps,
             batch_size=args.batch_size,
             goal=args.goal,
+            eps=args.eps,
+            k=args.k,
             seed=args.seed,
             data_range=bounds,
             method_options=options,

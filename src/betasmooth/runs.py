@@ -334,6 +334,8 @@ def attack_run(
     lr: float | Mapping[str, float] | None = None,
     batch_size: int = 16,
     goal: str = "targeted",
+    eps: float | None = None,
+    k: int | None = None,
     seed: int = 0,
     data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None = (0.0, 1.0),
     method_options: dict[str, dict[str, object]] | None = None,
@@ -377,6 +379,12 @@ def attack_run(
         Items per batch, halved on out-of-memory (:func:`~betasmooth.units.execute`).
     goal : str
         A goal of :data:`~betasmooth.attack.GOALS` (``targeted``, ``topk``, ``center``).
+    eps : float, optional
+        L-inf budget as a fraction of each channel's data range (the attack's default
+        where ``None``: ``8 / 255`` for the untargeted goals, none for targeted).
+    k : int, optional
+        Top-k size of ``goal="topk"`` and of the ``expl_topk`` scores (10 % of the
+        pixels where ``None``).
     seed : int
         Seeds the targets, the attack's noise and SmoothGrad's draws per item.
     data_range : tuple or None
@@ -445,6 +453,8 @@ def attack_run(
             goal=goal,
             steps=steps.get(unit.method) if isinstance(steps, Mapping) else steps,
             lr=lr.get(unit.method) if isinstance(lr, Mapping) else lr,
+            eps=eps,
+            k=k,
             data_range=data_range,
             method_options=options,
             check_every=check_every,
