@@ -429,6 +429,32 @@ def test_swept_maps_are_the_defended_maps_of_the_attacked_images(tmp_path, digit
         assert pcc == pytest.approx(r["adv_vs_target_pcc"], abs=1e-4), (r["index"], key)
 
 
+def test_a_sweep_scores_top_k_with_the_size_its_attack_took(tmp_path, digits, digits_cnn):
+    # attack_run(k=40): the sweep's topk scores are the intersections of numpy's top
+    # 40 pixels of the stored defended map and the original map, not the default 102.
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:3], digits[1][:3]
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], goal="topk", steps=3, eps=0.05, k=40)
+    assert {r["attack_k"] for r in run.read()} == {40}
+    rows = sweep_run(run, digits_cnn, [1.0, 5.0], smoothgrad_n=2)
+    orig = run.read_arrays("gradient")["map_orig"]
+    swept = run.read_arrays("gradient", "sweep")
+
+    def top(m, k):
+        return set(np.argsort(-m.ravel(), kind="stable")[:k].tolist())
+
+    checked = 0
+    for r in rows:
+        key = "maps_beta" if r["defense"] == "beta_smooth" else "maps_smoothgrad"
+        stored = swept[key][r["index"], [1.0, 5.0].index(r["beta"])]
+        both = top(stored, 40) & top(orig[r["index"]], 40)
+        assert r["adv_vs_orig_topk"] == pytest.approx(len(both) / 40, abs=1e-6)
+        checked += len(both) / 40 != len(top(stored, 102) & top(orig[r["index"]], 102)) / 102
+    assert checked  # the two sizes give other scores on these maps
+
+
 def test_the_target_map_is_explained_with_the_attacks_box_of_the_data(tmp_path, digits, digits_cnn):
     from betasmooth.attack import attack_options
     from betasmooth.metrics import heatmap

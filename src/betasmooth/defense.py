@@ -272,6 +272,7 @@ def defense_sweep(
     data_range: tuple[Bound, Bound] | None = (0.0, 1.0),
     method_options: dict[str, object] | None = None,
     seed: int | Sequence[int] = 0,
+    k: int | None = None,
     progress: bool = False,
 ) -> SweepResult:
     """How much of a manipulation survives beta-smoothing, and SmoothGrad, at each beta.
@@ -283,7 +284,7 @@ def defense_sweep(
     ``softplus_beta``; ``smoothgrad`` averages the method over
     ``smoothgrad_n`` logistic draws: by default of the standard deviation of
     ``p_beta``, ``pi / (sqrt(3) beta)`` in the units of the model's input
-    (Theorem 2's noise); with ``smoothgrad_sigmas`` given, of standard
+    (the matched scale, :func:`matched_sigma`); with ``smoothgrad_sigmas`` given, of standard
     deviation ``sigma`` times ``data_range``. Every map explains the
     prediction on ``x``.
 
@@ -328,6 +329,9 @@ def defense_sweep(
         drawn, or one seed per image, whose draws then do not depend on the
         batch it is in. Either way an image and its attacked copy share their
         draws, so that the sampling noise does not count as a change of the map.
+    k : int, optional
+        Top-k size of the ``topk`` scores (:func:`~betasmooth.metrics.compare`);
+        the attack's, where it was given one.
     progress : bool
         Show a progress bar.
 
@@ -363,6 +367,7 @@ def defense_sweep(
     options = attack_options(method, x, data_range=data_range, method_options=method_options)
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
     seeds = _sweep_seeds(seed, x.shape[0])
+    k = metrics.resolve_k(k, *x.shape[2:])
 
     # In evaluation mode, as explain and manipulate: the labels and maps of the
     # deployed model, and no update of its BatchNorm statistics.
@@ -377,7 +382,9 @@ def defense_sweep(
         # between batches of other sizes.
         plain = explain(model, both, method, label.repeat(2), **options)
         map_plain, map_orig = heatmap(plain).detach().chunk(2)
-        undefended = {f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig).items()}
+        undefended = {
+            f"undefended_{m}": v for m, v in metrics.compare(map_plain, map_orig, k=k).items()
+        }
         # The attack's gain in PCC to the target, without a defense: what a defense undoes.
         undefended["undefended_target_pcc"] = metrics.pcc(map_plain, target_map)
         undefended["undefended_before_pcc"] = metrics.pcc(map_orig, target_map)
@@ -408,7 +415,7 @@ def defense_sweep(
                 "beta": beta,
                 "sigma": sigma if defense == "smoothgrad" else None,
             }
-            scores = {**_defense_scores(adv, clean, map_orig, target_map), **undefended}
+            scores = {**_defense_scores(adv, clean, map_orig, target_map, k), **undefended}
             # A network whose ReLUs beta-smoothing cannot reach (GELU, attention)
             # gets the undefended maps back: no beta of it is a defense.
             untouched = defense == "beta_smooth" and not smoothable
@@ -542,7 +549,11 @@ def _sweep_seeds(seed: object, batch: int) -> list[int]:
 
 
 def _defense_scores(
-    adv: torch.Tensor, clean: torch.Tensor, map_orig: torch.Tensor, target_map: torch.Tensor
+    adv: torch.Tensor,
+    clean: torch.Tensor,
+    map_orig: torch.Tensor,
+    target_map: torch.Tensor,
+    k: int,
 ) -> dict[str, torch.Tensor]:
     """Defended maps of ``x_adv`` and ``x`` against the original map, the target and each other."""
     parts = {
@@ -557,7 +568,7 @@ def _defense_scores(
     return {
         f"{prefix}_{m}": v
         for prefix, (a, b) in parts.items()
-        for m, v in metrics.compare(a, b).items()
+        for m, v in metrics.compare(a, b, k=k).items()
     }
 
 

@@ -699,7 +699,8 @@ def sweep_run(
     """
     device = torch.device(device)
     model = model.to(device)
-    finished = {(int(r["index"]), str(r["method"])) for r in run.read()}
+    attack_records = run.read()
+    finished = {(int(r["index"]), str(r["method"])) for r in attack_records}
     if methods is None:
         methods = sorted({m for _, m in finished})
     batches = run.batch_files()
@@ -728,6 +729,8 @@ def sweep_run(
     # another order (the same sweep) adds batches whose columns agree with the others'.
     stored = sorted(float(b) for b in betas)
     units = [Unit(m, tuple(int(i) for i in b.index)) for (m, _), b in attacked.items()]
+    # The top-k size each method's attack scored with (records before 0.11.0 have none).
+    ks = {str(r["method"]): r.get("attack_k") for r in attack_records}
 
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
         batch = attacked[(unit.method, unit.indices[0])]
@@ -748,6 +751,7 @@ def sweep_run(
             data_range=data_range,
             method_options=base_options or None,
             seed=[unit_seed(seed, unit.method, i) for i in unit.indices],
+            k=ks.get(unit.method),
         )
         records = [
             {"index": unit.indices[r["index"]], "method": unit.method, "base": base}
