@@ -122,3 +122,18 @@ def test_probing_the_package_for_main_does_not_run_the_command_line():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("name", ["attack", "explain"])
+def test_every_option_example_of_the_help_runs(name, tmp_path, capsys) -> None:
+    # The help's --option examples are options that command takes: explain's
+    # Occlusion is no method attack can differentiate, so attack shows others.
+    action = next(a for a in _subparsers()[name]._actions if "--option" in a.option_strings)
+    examples = re.findall(r"([\w:]+)\.(\w+)=(\S+?)(?:,\s|\s\()", action.help)
+    assert len(examples) == 3, action.help
+    for k, (method, option, value) in enumerate(examples):
+        argv = [name, "--model", "photos-cnn", "--data", "photos", "--no-progress"]
+        argv += ["--method", method, "--option", f"{method}.{option}={value}"]
+        # An attack needs two images (a target map is another image's).
+        argv += ["-n", "2", "--steps", "1"] if name == "attack" else ["-n", "1"]
+        assert main([*argv, "--out", str(tmp_path / str(k))]) == 0, capsys.readouterr().err

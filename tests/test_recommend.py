@@ -35,6 +35,13 @@ def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
     summary = bs_recommend.sweep_summary([moved])["method"]
     assert summary["betas"]["1"]["gain_left"] == pytest.approx(0.6)
     assert verdict(summary).endswith("; 60 % of the attack's gain in PCC to the target left")
+    # (0.42 - 0.3) / (0.4 - 0.3): more than the gain without a defense, said so.
+    beyond = bs_recommend.sweep_summary([{**moved, "adv_vs_target_pcc": 0.42}])["method"]
+    assert beyond["betas"]["1"]["gain_left"] == pytest.approx(1.2)
+    assert verdict(beyond).endswith(
+        "; 120 % of the attack's gain in PCC to the target left (more than undefended: "
+        "under it the attacked map moves further to the target)"
+    )
     # Records of an older version among the rows: no gain from part of the images.
     old = {k: v for k, v in moved.items() if not k.startswith("undefended_t")}
     old.pop("undefended_before_pcc")

@@ -263,6 +263,39 @@ def test_fewer_images_than_asked_are_said_and_recorded(tmp_path, capsys) -> None
     assert "three.npz holds only 3 images; using all 3 (-n defaults to 16)" in err
 
 
+@pytest.mark.parametrize(
+    ("command", "bad", "message"),
+    [
+        ("explain", ["--method", "lrp", "--option", "lrp.bogus=1"], "unknown option 'bogus'"),
+        ("explain", ["--method", "gradint"], "unknown method 'gradint'"),
+        ("attack", ["--method", "lrp", "--k", "5000"], "k must be an int between 1 and H * W"),
+        ("curvature", ["--out", "FILE"], "is a file"),
+    ],
+)
+def test_fewer_images_are_said_only_when_the_run_starts(tmp_path, capsys, command, bad, message):
+    # Bad input found after the images are read stays one line: the notice that the
+    # data hold fewer images than -n waits for the run.
+    np.savez(tmp_path / "three.npz", x=np.random.rand(3, 1, 32, 32).astype(np.float32))
+    (tmp_path / "FILE").write_text("")
+    bad = [str(tmp_path / b) if b == "FILE" else b for b in bad]
+    argv = [
+        command,
+        "--model",
+        "digits-cnn",
+        "--data",
+        str(tmp_path / "three.npz"),
+        "--no-progress",
+    ]
+    argv += ["--out", str(tmp_path / "run"), *bad]
+    try:
+        status = main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "holds only" not in err
+
+
 def test_attack_progress_shows_steps_and_loss_on_stderr(capsys) -> None:
     net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
     target = random_targets(bs.heatmap(bs.explain(net, x, "gradient")))

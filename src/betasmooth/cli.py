@@ -47,7 +47,7 @@ from .attack import (
 )
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
-from .distributed import RankLost, distributed, launched, rank_device, resolve_device
+from .distributed import Dist, RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
 from .metrics import group_records, heatmap, medians, resolve_k
 from .pretrained import categories, is_pretrained
@@ -314,7 +314,7 @@ def _budget(text: str) -> float:
     return value
 
 
-OPTION_FORM = "METHOD.NAME=VALUE, e.g. captum:Occlusion.sliding_window_shapes=(3,8,8)"
+OPTION_FORM = "METHOD.NAME=VALUE, e.g. integrated_gradients.steps=16"
 
 
 def _option(text: str) -> tuple[str, str, object]:
@@ -553,14 +553,13 @@ def _add_run(p: argparse.ArgumentParser, n: int | None = 16) -> None:
     _add_progress(p)
 
 
-def _add_method_option(p: argparse.ArgumentParser) -> None:
+def _add_method_option(p: argparse.ArgumentParser, examples: str) -> None:
     p.add_argument(
         "--option",
         type=_option,
         action="append",
         metavar="METHOD.NAME=VALUE",
-        help="an option of one --method, as in Python: integrated_gradients.steps=100, "
-        "captum:Occlusion.sliding_window_shapes=(3,8,8), lrp.composite=epsilon_plus "
+        help=f"an option of one --method, as in Python: {examples} "
         "(repeatable; default: the method's own)",
     )
 
@@ -781,7 +780,7 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
         help="top-k size of the topk goal and of the expl_topk scores (default 10%% of the "
         "pixels; Ghorbani et al. took 1000 on ImageNet)",
     )
-    _add_method_option(p)
+    _add_method_option(p, "integrated_gradients.steps=16, lrp.epsilon=0.25, smoothgrad.n=10")
     _add_save_attributions(p)
     _add_run(p)
 
@@ -831,7 +830,11 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
         help="beta of beta_smooth, or auto: calibrated on a few held-out images "
         "(default: the method's own, 1.0)",
     )
-    _add_method_option(p)
+    _add_method_option(
+        p,
+        "integrated_gradients.steps=100, captum:Occlusion.sliding_window_shapes=(3,8,8), "
+        "lrp.composite=epsilon_plus",
+    )
     _add_run(p)
 
 
@@ -992,29 +995,39 @@ def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
 def _load_images(
     args: argparse.Namespace, check_count: Callable[[int], object] | None = None
 ) -> runs.Inputs:
-    """Model and the first ``-n`` images; fewer images than asked are said and recorded.
+    """Model and the first ``-n`` images; fewer images than asked are recorded.
 
-    ``check_count(len(x))`` refuses too few images before that is said, so that
-    bad input stays one line.
+    ``check_count(len(x))`` refuses too few images. Where there are fewer than
+    asked, :func:`_start_run` says so once the run starts: a check between
+    would make bad input two lines.
     """
     inputs = _load(vars(args), args.n)
     x = inputs[1]
     if check_count is not None:
         check_count(len(x))
     if args.n is not None and len(x) < args.n:
-        if _first_rank():
-            tell(
-                f"betasmooth {args.command}: {args.data} holds only {len(x)} "
-                f"image{'s' if len(x) != 1 else ''}; "
-                f"using all {len(x)} "
-                + (
-                    f"(asked for {args.n})"
-                    if getattr(args, "n_given", False)
-                    else f"(-n defaults to {args.n})"
-                )
+        args.fewer = (
+            f"betasmooth {args.command}: {args.data} holds only {len(x)} "
+            f"image{'s' if len(x) != 1 else ''}; "
+            f"using all {len(x)} "
+            + (
+                f"(asked for {args.n})"
+                if getattr(args, "n_given", False)
+                else f"(-n defaults to {args.n})"
             )
+        )
         args.n = len(x)
     return inputs
+
+
+def _start_run(
+    args: argparse.Namespace, config: dict[str, object], dist: Dist | None = None
+) -> RunDir:
+    """The run directory ``--out`` of a command on images, created; fewer images said."""
+    run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
+    if getattr(args, "fewer", None) and _first_rank():
+        tell(args.fewer)
+    return run
 
 
 def _apply_preset(args: argparse.Namespace) -> None:
@@ -1278,7 +1291,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     runs.check_methods(model, methods, options, x)
     check_attack_model(model, methods, x)
     with distributed(device) as (dist, dev):
-        run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
+        run = _start_run(args, config, dist)
         records = runs.attack_run(
             run,
             model,
@@ -1336,7 +1349,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             if calibration is not None:
                 config["beta_auto"] = calibration
             _set_beta(options, beta)
-        run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
+        run = _start_run(args, config, dist)
         records = runs.explain_run(
             run,
             model,
@@ -1569,7 +1582,7 @@ def cmd_curvature(args: argparse.Namespace) -> int:
     check_uncompiled(model, "curvature")
     check_overridable(model, "beta-smoothing")
     with distributed(device) as (dist, dev):
-        run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
+        run = _start_run(args, config, dist)
         records = runs.curvature_run(
             run,
             model,
@@ -1703,7 +1716,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options = _attacked_with(config, bounds)
     runs.check_methods(model, [*explain_methods, *methods], options, x)
     check_attack_model(model, methods, x)
-    run = RunDir.create(args.out, config, resume=args.resume)
+    run = _start_run(args, config)
     common = {
         "batch_size": int(sizes["batch_size"]),
         "seed": args.seed,

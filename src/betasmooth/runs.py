@@ -788,6 +788,8 @@ def sweep_settings(
 ) -> dict[str, object]:
     """The settings of a sweep as ``config.json`` records them under ``sweep``.
 
+    The betas are recorded in increasing order, as the arrays hold them (the
+    sweep ``--betas 10,1`` is the sweep ``--betas 1,10``).
     ``defenses`` is recorded, sorted, only where it is not the default
     :data:`~betasmooth.defense.SWEPT_DEFENSES`, so that the settings of a
     default sweep read as those of versions that swept no other;
@@ -796,14 +798,14 @@ def sweep_settings(
 
     Examples
     --------
-    >>> sweep_settings([1, 10], 20, 0.9)
+    >>> sweep_settings([10, 1], 20, 0.9)
     {'betas': [1.0, 10.0], 'smoothgrad_n': 20, 'min_fidelity': 0.9}
     >>> sweep_settings([1], 20, 0.9, ["smoothgrad", "median_filter"])["defenses"]
     ['median_filter', 'smoothgrad']
     >>> sweep_settings([1], 20, 0.9, ["beta_smooth"])
     {'betas': [1.0], 'min_fidelity': 0.9, 'defenses': ['beta_smooth']}
     """
-    settings: dict[str, object] = {"betas": [float(b) for b in betas]}
+    settings: dict[str, object] = {"betas": sorted(float(b) for b in betas)}
     if set(defenses) - {"beta_smooth"}:
         settings["smoothgrad_n"] = smoothgrad_n
     settings["min_fidelity"] = min_fidelity
