@@ -368,6 +368,28 @@ def test_a_rank_that_fails_in_its_batches_leaves_the_others_one_line(tmp_path):
     ), logs[0]
 
 
+def test_a_collective_that_runs_out_of_memory_is_this_ranks_own_failure(monkeypatch):
+    # Out of memory in a barrier is said as such; any other failure of a collective
+    # is a rank lost, named in one line.
+    from betasmooth.distributed import Dist, RankLost
+
+    def oom():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def gone():
+        raise RuntimeError("[pair.cc:561] Connection closed by peer. Check the logs.")
+
+    dist = Dist(rank=1, world_size=2, active=True)
+    monkeypatch.setattr(torch.distributed, "barrier", oom)
+    with pytest.raises(RuntimeError) as info:
+        dist.barrier()
+    assert type(info.value) is RuntimeError and str(info.value).startswith("CUDA out of memory")
+    monkeypatch.setattr(torch.distributed, "barrier", gone)
+    with pytest.raises(RankLost, match=r"^rank 1 lost another rank of the torchrun job "
+                                       r"\(Connection closed by peer\);"):  # fmt: skip
+        dist.barrier()
+
+
 def test_rank_device_is_the_local_rank_not_the_global_rank(monkeypatch):
     from betasmooth.distributed import rank_device
 

@@ -317,3 +317,20 @@ def test_a_keyword_option_is_added_to_base_options_over_the_same_one_there(net, 
     assert not torch.allclose(
         alone, bs.explain(net, x, "beta_smooth", TARGET, base_options={"steps": 2}, **common)
     )
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "beta_smooth"])
+def test_the_clean_input_must_suit_the_base_method(method):
+    # x in [-2, 2] lies outside LRP's default box [0, 1]: refused as LRP alone refuses it,
+    # and explained once the box is the data's.
+    net = plain_cnn(seed=3)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    options = {"n": 2, "seed": 0} if method == "smoothgrad" else {"beta": 2.0}
+    message = r"^x lies outside the lrp input box \[0.0, 1.0\] of the z\^B rule"
+    with pytest.raises(bs.InputError, match=message):
+        bs.explain(net, x, "lrp")
+    with pytest.raises(bs.InputError, match=message):
+        bs.explain(net, x, method, base="lrp", **options)
+    box = {"low": -2.0, "high": 2.0}
+    h = bs.explain(net, x, method, base="lrp", base_options=box, **options)
+    assert h.shape == x.shape and bool(torch.isfinite(h).all())

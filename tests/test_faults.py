@@ -298,6 +298,28 @@ def test_a_surviving_rank_of_a_torchrun_job_holds_the_run(finished, tmp_path, ca
 
 
 @pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_a_run_held_by_another_betasmooth_process_is_refused(tmp_path):
+    # Both processes take the lock the same way: rank 0's hold must exclude another rank 0.
+    import subprocess
+    import sys
+
+    run = store.RunDir.create(tmp_path / "run", {"command": "attack"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from betasmooth.store import RunDir; "
+         "RunDir(sys.argv[1]).lock(); print('held', flush=True); sys.stdin.read()", str(run.path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(InputError, match="another betasmooth process is writing to"):
+            run.lock()
+    finally:
+        holder.communicate("")
+    with run.held():  # free once the holder has exited
+        pass
+
+
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
 def test_holding_a_run_twice_in_one_process_counts(tmp_path):
     import subprocess
     import sys
@@ -320,6 +342,30 @@ def test_holding_a_run_twice_in_one_process_counts(tmp_path):
         # a command that ends in the block.
         assert state(run.path) == "held"
         assert main(["theorem", "--out", str(tmp_path / "t"), "--quick"]) == 0
+        assert state(run.path) == "held"
+    assert state(run.path) == "free"
+
+
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_a_command_holds_its_run_after_the_work_until_it_ends(tmp_path):
+    # Inside holding_locks (a whole command) the last unlock of the work keeps the run held.
+    import subprocess
+    import sys
+
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+        "except OSError:\n    print('held')"
+    )
+
+    def state(path):
+        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True)
+        return done.stdout.decode().strip()
+
+    run = store.RunDir(tmp_path / "run")
+    with store.holding_locks():
+        with run.held():
+            pass
         assert state(run.path) == "held"
     assert state(run.path) == "free"
 

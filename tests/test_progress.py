@@ -99,3 +99,11 @@ def test_curvature_asked_for_progress_shows_lanczos_at_once_and_a_job_after_a_de
         options={"iterations": 3, "probes": 2},
     )
     assert bars and {(b.desc, b.delay) for b in bars} == {("lanczos", progress.DELAY)}
+
+
+def test_show_false_hides_the_bar_even_inside_a_shown_block(bars):
+    loop = range(3)
+    with progress.shown():
+        assert progress.passes(loop, "smoothgrad", show=False) is loop
+        assert progress.passes(loop, "smoothgrad") is not loop  # the block shows it
+    assert [(b.desc, b.delay) for b in bars] == [("smoothgrad", progress.DELAY)]

@@ -69,6 +69,50 @@ def test_records_keep_numpy_numbers_and_write_non_finite_floats_as_null(tmp_path
     assert isinstance(back["pcc"], float)
 
 
+def test_a_complete_record_without_its_newline_does_not_count_until_terminated(tmp_path):
+    # A line counts only once it ends with a newline, even where its text parses.
+    path = tmp_path / "r.jsonl"
+    append_jsonl(path, [{"index": 0, "method": "a"}])
+    with open(path, "a") as f:  # killed after the record's text, before its newline
+        f.write('{"index": 1, "method": "a"}')
+    assert read_jsonl(path) == [{"index": 0, "method": "a"}]
+    append_jsonl(path, [{"index": 2, "method": "a"}])
+    assert [r["index"] for r in read_jsonl(path)] == [0, 1, 2]
+
+
+def test_an_append_is_fsynced_once_every_byte_is_written(tmp_path, monkeypatch):
+    from betasmooth import store
+
+    synced = []
+    real = store.os.fsync
+
+    def fsync(fd):
+        synced.append(store.os.fstat(fd).st_size)
+        real(fd)
+
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    path = tmp_path / "r.jsonl"
+    records = [{"index": i, "method": "a"} for i in range(3)]
+    append_jsonl(path, records)
+    assert synced == [len("".join(json.dumps(r) + "\n" for r in records))]
+
+
+@pytest.mark.parametrize("index", ['"0"', "1.5", "null", "true"])
+def test_a_record_whose_index_is_no_integer_is_refused_by_line(tmp_path, index):
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    run.append([{"index": 0, "method": "a"}])
+    with open(run.results, "a") as f:
+        f.write(f'{{"index": {index}, "method": "a"}}\n')
+    with pytest.raises(InputError, match=r"results.jsonl, line 2, is not a betasmooth record"):
+        run.read()
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_a_batch_size_below_one_is_refused(size):
+    with pytest.raises(InputError, match=f"batch size must be a positive integer; got {size}$"):
+        plan(["a"], range(3), size)
+
+
 def test_an_append_cut_by_a_file_size_limit_raises_naming_the_file(tmp_path):
     # At the limit, write() wrote part of the records and said so by its count alone:
     # the lost records went unnoticed, and the run ended with status 0.
@@ -821,6 +865,31 @@ def test_a_sweep_of_other_settings_is_refused_only_while_sweep_rows_are_kept(tmp
     assert run.config()["sweep"] == {"betas": [2.0], "smoothgrad_n": 2}
 
 
+def test_the_results_arrays_are_not_confused_with_the_sweep_and_explain_ones(tmp_path):
+    # results use arrays/<method>-<first>.npz; sweep-<method>-<first>.npz is another kind's.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    batch = {"index": np.array([0, 1]), "map": np.zeros((2, 4, 4))}
+    mine = run.save_arrays("gradient", 0, batch)
+    sweep = run.save_arrays("gradient", 0, {**batch, "betas": np.array([1.0])}, "sweep")
+    explained = run.save_arrays("lrp", 2, {**batch, "index": np.array([2, 3])}, "explain")
+    assert run.batch_files() == {"gradient": {0: mine}}
+    assert run.batch_files("sweep") == {"gradient": {0: sweep}}
+    assert run.batch_files("explain") == {"lrp": {2: explained}}
+    assert run.covered() == {(0, "gradient"), (1, "gradient")}
+
+
+@pytest.mark.parametrize("index", [np.array([0.0, 1.0]), np.array([[0, 1]]), None])
+def test_an_arrays_file_without_an_integer_index_is_not_sound(tmp_path, index):
+    # Its items cannot be told: the file is deleted and its records computed again.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    arrays = {"map": np.zeros((2, 4, 4))} | ({} if index is None else {"index": index})
+    path = run.save_arrays("gradient", 0, arrays)
+    run.append([{"index": i, "method": "gradient"} for i in (0, 1)])
+    said = []
+    assert run.covered() == set() and not path.exists()
+    assert run.repair(say=said.append) == 2 and run.read() == [] and len(said) == 1
+
+
 def test_a_sweep_arrays_file_with_more_betas_than_items_is_sound(tmp_path):
     # betas holds one value per beta, not one per item: a batch of two items swept at
     # three betas is whole, and resuming the sweep keeps it.
@@ -914,6 +983,16 @@ def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
     calls.clear()
     assert execute(run, units, work, name="sweep", keeps_arrays=False, rows_per_item=2) == first
     assert calls == []
+
+
+def test_a_record_that_times_itself_keeps_its_own_seconds(tmp_path):
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+
+    def work(unit):
+        return [{"index": i, "method": "a", "seconds": 100.0 + i} for i in unit.indices], None
+
+    records = execute(run, plan(["a"], range(3), 2), work, keeps_arrays=False)
+    assert [r["seconds"] for r in records] == [100.0, 101.0, 102.0]
 
 
 def test_the_sweep_explains_with_the_options_the_method_was_attacked_with(

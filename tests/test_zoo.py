@@ -1345,6 +1345,40 @@ def test_a_registered_schemes_missing_weights_file_is_not_sent_to_torchvision(
     )
 
 
+def test_weights_keyed_by_the_models_own_parameter_name_no_submodule(tmp_path):
+    # The file's key "weight" is also that of the wrapped Linear, but it is the model's
+    # own: no hint that the file is the submodule's.
+    from betasmooth.checkpoint import apply_weights
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1))
+            self.net = nn.Linear(2, 1)
+
+    torch.save({"weight": torch.ones(1)}, tmp_path / "own.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(Scaled(), tmp_path / "own.pt")
+    assert str(info.value).endswith(
+        "(missing keys: net.weight, net.bias); expected the state dict of the same architecture"
+    )
+
+
+def test_a_shared_first_name_is_not_stripped_from_a_key_that_is_that_name_alone(tmp_path):
+    # "module" and "module.weight" share their first name, but "module" has no prefix
+    # to strip: the keys are named as found, not as an empty one.
+    from betasmooth.checkpoint import apply_weights
+
+    linear = nn.Linear(2, 1)
+    state = {"module": torch.zeros(1), **{f"module.{k}": v for k, v in linear.state_dict().items()}}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(nn.Linear(2, 1), tmp_path / "w.pt")
+    assert "(missing keys: weight, bias; unexpected keys: module, module.weight, module.bias)" in (
+        str(info.value)
+    )
+
+
 def test_weights_of_the_network_a_model_wraps_name_that_submodule(tmp_path):
     # A model that normalises before the network it wraps has that network's keys
     # under "1."; the file of the bare network fits that submodule, which is named.

@@ -704,7 +704,9 @@ class RunDir:
         seen: dict[tuple, Record] = {}
         for f in self._files(name):
             for number, r in _numbered_lines(f):
-                if not (isinstance(r, dict) and isinstance(r.get("index"), int) and "method" in r):
+                index = r.get("index") if isinstance(r, dict) else None
+                # JSON's true is an int to Python, never an index.
+                if not (isinstance(index, int) and not isinstance(index, bool) and "method" in r):
                     raise InputError(
                         f"{f}, line {number}, is not a betasmooth record; expected a JSON object "
                         "with index and method: remove that line, or start a new --out"
