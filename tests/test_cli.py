@@ -994,6 +994,12 @@ def test_attack_takes_the_budget_and_top_k_size_of_ghorbani_et_al(tmp_path, caps
     assert "eps is 0.01568627450980392 in" in capsys.readouterr().err
     assert main([*argv, "--k", "50", "--out", str(run), "--resume"]) == 2
     assert main([*argv, "--eps", "4/255", "--k", "50", "--out", str(run), "--resume"]) == 0
+    # The defaults given by name are the attack without them: 8/255 and 10 % of 32 x 32.
+    plain = tmp_path / "plain"
+    assert main([*argv, "--out", str(plain)]) == 0
+    assert "eps" not in json.loads((plain / "config.json").read_text())
+    assert main([*argv, "--eps", "8/255", "--k", "102", "--out", str(plain), "--resume"]) == 0
+    assert main([*argv, "--k", "103", "--out", str(plain), "--resume"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -1002,6 +1008,7 @@ def test_attack_takes_the_budget_and_top_k_size_of_ghorbani_et_al(tmp_path, caps
         ("--eps", "0", "expected a fraction of the data range above 0 and at most 1"),
         ("--eps", "1.5", "expected a fraction of the data range above 0 and at most 1"),
         ("--eps", "8/0", "expected a fraction of the data range above 0 and at most 1"),
+        ("--eps", "-8/-255", "expected a fraction of the data range above 0 and at most 1"),
         ("--k", "0", "expected a positive integer"),
         ("--k", "1025", "k must be an int between 1 and H * W = 1024; got 1025"),
     ],
@@ -1011,7 +1018,8 @@ def test_a_bad_budget_or_top_k_size_is_one_line_before_the_run_starts(
 ):
     argv = [*ATTACK, "--method", "gradient", "--goal", "topk", "-n", "2", "--steps", "2"]
     try:
-        status = main([*argv, flag, value, "--out", str(tmp_path / "run")])
+        # flag=value: a value that starts with "-" is otherwise taken for an option.
+        status = main([*argv, f"{flag}={value}", "--out", str(tmp_path / "run")])
     except SystemExit as stop:  # argparse's own errors
         status = stop.code
     assert status == 2

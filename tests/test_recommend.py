@@ -42,6 +42,9 @@ def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
         "; 120 % of the attack's gain in PCC to the target left (more than undefended: "
         "under it the attacked map moves further to the target)"
     )
+    # 100.4 % reads as 100 %, which is no more than undefended.
+    level = bs_recommend.sweep_summary([{**moved, "adv_vs_target_pcc": 0.4004}])["method"]
+    assert verdict(level).endswith("; 100 % of the attack's gain in PCC to the target left")
     # Records of an older version among the rows: no gain from part of the images.
     old = {k: v for k, v in moved.items() if not k.startswith("undefended_t")}
     old.pop("undefended_before_pcc")

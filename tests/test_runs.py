@@ -17,7 +17,7 @@ import betasmooth as bs
 from betasmooth.attack import derangement
 from betasmooth.checkpoint import read_npz
 from betasmooth.distributed import Dist
-from betasmooth.store import RunDir, append_jsonl, read_jsonl, write_npz
+from betasmooth.store import RunDir, SweepBatch, append_jsonl, read_jsonl, write_npz
 from betasmooth.units import Unit, execute, plan, unit_seed
 from betasmooth.validate import InputError, OutOfMemory
 
@@ -471,6 +471,23 @@ def test_swept_maps_are_the_defended_maps_of_the_attacked_images(tmp_path, digit
         stored = swept[key][r["index"], betas.index(r["beta"])]
         pcc = pearsonr(stored.ravel(), target[r["index"]].ravel())[0]
         assert pcc == pytest.approx(r["adv_vs_target_pcc"], abs=1e-4), (r["index"], key)
+
+
+def test_maps_that_some_sweep_batches_lack_are_left_out_when_joined(tmp_path):
+    # A sweep resumed with a defense the first batches lack: its maps have no rows for
+    # their items, and joined they would sit under other indices.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    betas, maps = np.array([1.0, 4.0]), np.arange(3 * 2 * 4.0).reshape(3, 2, 1, 4)
+    first = SweepBatch(np.array([0, 1]), betas, {"beta_smooth": maps[:2]})
+    run.save_arrays("gradient", 0, first, "sweep")
+    later = {"beta_smooth": maps[2:], "box_blur": -maps[2:]}
+    run.save_arrays("gradient", 2, SweepBatch(np.array([2]), betas, later), "sweep")
+    joined = SweepBatch.from_npz(run.read_arrays("gradient", "sweep"))
+    assert sorted(joined.maps) == ["beta_smooth"]
+    np.testing.assert_array_equal(joined.maps_beta, maps)
+    assert joined.maps_smoothgrad is None
+    with pytest.raises(InputError, match="^SweepBatch's maps must be a dict of defense name"):
+        SweepBatch(np.array([0]), betas, maps[:1])
 
 
 def test_a_sweep_scores_top_k_with_the_size_its_attack_took(tmp_path, digits, digits_cnn):

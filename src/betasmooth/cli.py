@@ -38,6 +38,7 @@ from . import __version__, runs, theory
 from .attack import (
     ATTACK_DEFAULTS,
     GOALS,
+    UNTARGETED_EPS,
     UNTARGETED_STEPS,
     Goal,
     check_attack_model,
@@ -49,7 +50,7 @@ from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import Dist, RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
-from .metrics import group_records, heatmap, medians, resolve_k
+from .metrics import default_k, group_records, heatmap, medians, resolve_k
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
@@ -301,11 +302,13 @@ def _fraction(text: str) -> float:
 
 def _budget(text: str) -> float:
     """A fraction of the data range from 0 (excluded) to 1, as a number or ``A/B`` (``8/255``)."""
-    numerator, slash, denominator = text.partition("/")
     try:
-        value = float(numerator) / float(denominator) if slash else float(text)
-    except (ValueError, ZeroDivisionError):
-        value = float("nan")
+        numbers = [float(part) for part in text.split("/")]
+    except ValueError:
+        numbers = []
+    # Each part positive: -8/-255 is no budget anyone means.
+    sound = len(numbers) in (1, 2) and all(n > 0 for n in numbers)
+    value = numbers[0] / (numbers[1] if len(numbers) == 2 else 1.0) if sound else float("nan")
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(
             f"expected a fraction of the data range above 0 and at most 1, e.g. 0.03 or 8/255; "
@@ -1250,6 +1253,20 @@ def _goal(args: argparse.Namespace) -> Goal:
     return GOALS[check_choice("--goal", args.goal, GOALS)]
 
 
+def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> dict[str, object]:
+    """``--eps`` and ``--k`` for the config, where they differ from the attack's defaults.
+
+    Runs of earlier versions, which had neither, and runs given the defaults are
+    then the same attack, and each resumes the other.
+    """
+    defaults = {
+        "eps": None if goal.targeted else UNTARGETED_EPS,
+        "k": default_k(*x.shape[-2:]),
+    }
+    given = {"eps": args.eps, "k": resolve_k(args.k, *x.shape[-2:]) if args.k else None}
+    return {name: v for name, v in given.items() if v is not None and v != defaults[name]}
+
+
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
@@ -1279,10 +1296,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_attributions=args.save_attributions,
         options=_stored(given),
         **_smoothgrad_draws(methods, args.seed),
-        # Recorded where given: a run of an earlier version, which had neither, resumes.
-        **{name: v for name, v in (("eps", args.eps), ("k", args.k)) if v is not None},
+        **_budget_settings(args, goal, x),
     )
-    resolve_k(args.k, *x.shape[-2:])
     bounds = inputs.bounds
     options = _command_options(args, methods, bounds, given)
     for method in methods:

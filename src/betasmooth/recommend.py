@@ -369,7 +369,7 @@ def verdict(summary: Mapping[str, object]) -> str:
         return text
     # Robustness alone can rise while most of the attack's pull to the target stays.
     text = f"{text}; {100 * left:.0f} % of the attack's gain in PCC to the target left"
-    if left > 1:
+    if round(100 * left) > 100:
         # The rule chose by robustness and fidelity; this beta undoes none of the pull.
         text += " (more than undefended: under it the attacked map moves further to the target)"
     return text

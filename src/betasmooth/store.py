@@ -879,12 +879,19 @@ class RunDir:
         """The batches of ``method`` joined along the items, sorted by index.
 
         Arrays of one value per run (:data:`RUN_ARRAYS`) and scalars are kept once;
-        batches that disagree on one of the former are refused.
+        batches that disagree on one of the former are refused. An array of one row
+        per item that some batches lack (e.g. the maps of a defense that an earlier
+        sweep did not run) is left out: it has no rows for their items.
         """
         parts: dict[str, list[np.ndarray]] = {}
+        batches = 0
         for arrays in self.load_arrays(method, name):
+            batches += 1
             for key, array in arrays.items():
                 parts.setdefault(key, []).append(array)
+        parts = {
+            k: v for k, v in parts.items() if len(v) == batches or k in RUN_ARRAYS or not v[0].ndim
+        }
         for key in RUN_ARRAYS & parts.keys():
             other = next((a for a in parts[key] if not np.array_equal(a, parts[key][0])), None)
             if other is not None:
@@ -1005,6 +1012,23 @@ class SweepBatch(Batch):
 
     betas: np.ndarray
     maps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.maps, Mapping):
+            raise InputError(
+                f"SweepBatch's maps must be a dict of defense name to maps (B, len(betas), H, W); "
+                f"got {type(self.maps).__name__}"
+            )
+
+    @property
+    def maps_beta(self) -> np.ndarray | None:
+        """Beta-smoothing's maps (``maps["beta_smooth"]``), ``None`` where not swept."""
+        return self.maps.get("beta_smooth")
+
+    @property
+    def maps_smoothgrad(self) -> np.ndarray | None:
+        """SmoothGrad's maps (``maps["smoothgrad"]``), ``None`` where not swept."""
+        return self.maps.get("smoothgrad")
 
     def to_npz(self) -> Arrays:
         """The arrays by name, each defense's maps as ``maps_<defense>``."""
