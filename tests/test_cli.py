@@ -1002,6 +1002,17 @@ def test_attack_takes_the_budget_and_top_k_size_of_ghorbani_et_al(tmp_path, caps
     assert main([*argv, "--k", "103", "--out", str(plain), "--resume"]) == 2
 
 
+def test_an_attack_without_eps_or_k_records_neither_so_an_earlier_run_resumes(tmp_path):
+    # The config of an attack given neither is that of a version before --eps and --k.
+    run = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient", "-n", "2", "--steps", "2", "--out", str(run)]
+    assert main(argv) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert "eps" not in config and "k" not in config
+    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--k", "50", "--resume"]) == 2  # a top-k size given is another run
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
@@ -1026,6 +1037,21 @@ def test_a_bad_budget_or_top_k_size_is_one_line_before_the_run_starts(
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_budget_is_a_fraction_above_zero_up_to_the_whole_range():
+    # 1 (the whole range, the same as no budget) is at most 1; 0 and above 1 are not.
+    import argparse
+
+    from betasmooth.cli import _budget
+
+    assert _budget("8/255") == 8 / 255 and _budget("0.03") == 0.03
+    assert _budget("1") == _budget("255/255") == 1.0
+    for bad in ("0", "0/255", "-0.1", "1.0001", "256/255", "8/0", "x", "1/2/3"):
+        with pytest.raises(
+            argparse.ArgumentTypeError, match=f"at most 1, e.g. 0.03 or 8/255; got '{bad}'$"
+        ):
+            _budget(bad)
 
 
 def _away_from_the_original(p, maps, x_adv=None):

@@ -34,6 +34,46 @@ def test_undefended_scores_explain_the_label_at_x(digits_cnn, digits):
             assert row[f"undefended_{m}"] == pytest.approx(float(want[m][row["index"]]), abs=1e-6)
 
 
+def test_undefended_topk_scores_take_the_sweeps_k(digits_cnn, digits):
+    # k=40: the undefended topk score, as the defended ones, is the share of the
+    # top 40 pixels the maps of x_adv and x have in common, not of the default 102.
+    net, x = digits_cnn, digits[0][:4]
+    x_adv = x.flip(0)
+    label = predict(net, x)
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "gradient", [2.0], smoothgrad_n=2, k=40
+    )
+    plain = bs.heatmap(bs.explain(net, x_adv, "gradient", label)).detach().numpy()
+    orig = bs.heatmap(bs.explain(net, x, "gradient", label)).detach().numpy()
+
+    def top(m, k):
+        return set(np.argsort(-m.ravel(), kind="stable")[:k].tolist())
+
+    differs = 0
+    for row in sweep.rows:
+        i = row["index"]
+        want = len(top(plain[i], 40) & top(orig[i], 40)) / 40
+        assert row["undefended_topk"] == pytest.approx(want, abs=1e-6)
+        differs += want != len(top(plain[i], 102) & top(orig[i], 102)) / 102
+    assert differs  # the default size gives other scores on these maps
+
+
+def test_a_defense_named_beta_is_refused_as_its_maps_would_be_beta_smooths(monkeypatch):
+    # Its maps would be maps_beta in a sweep's arrays, the key of beta_smooth's maps.
+    from betasmooth.defense import DEFENSES, check_defenses
+    from betasmooth.validate import InputError
+
+    monkeypatch.setitem(DEFENSES, "beta", DEFENSES["smoothgrad"])
+    monkeypatch.setitem(DEFENSES, "beta_blur", DEFENSES["smoothgrad"])
+    assert check_defenses(["beta_blur", "beta_smooth"]) == ["beta_blur", "beta_smooth"]
+    with pytest.raises(InputError) as err:
+        check_defenses(["beta_smooth", "beta"])
+    assert str(err.value) == (
+        "defense 'beta' has the name of beta_smooth's maps in a sweep's arrays (maps_beta); "
+        "expected another name"
+    )
+
+
 def test_matched_smoothgrad_noise_does_not_depend_on_the_data_range(small):
     # Without smoothgrad_sigmas, SmoothGrad's noise is matched to beta in input
     # units (sigma = pi / (sqrt(3) beta)): the gradient's sweep is the same for

@@ -137,3 +137,20 @@ def test_every_option_example_of_the_help_runs(name, tmp_path, capsys) -> None:
         # An attack needs two images (a target map is another image's).
         argv += ["-n", "2", "--steps", "1"] if name == "attack" else ["-n", "1"]
         assert main([*argv, "--out", str(tmp_path / str(k))]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["attack", "explain"])
+def test_the_example_a_malformed_option_is_shown_runs(name, tmp_path, capsys) -> None:
+    # The error of a malformed --option shows one example: an option that every
+    # command with --option takes (Occlusion is no method attack can differentiate).
+    argv = [name, "--model", "photos-cnn", "--data", "photos", "--no-progress"]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--option", "steps16", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    found = re.search(r"expected METHOD\.NAME=VALUE, e\.g\. (\S+); got 'steps16' \(see", err)
+    assert found, err
+    example = found.group(1)
+    argv += ["--method", example.split(".")[0], "--option", example]
+    argv += ["-n", "2", "--steps", "1"] if name == "attack" else ["-n", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err

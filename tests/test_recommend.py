@@ -35,6 +35,10 @@ def test_no_share_of_a_gain_within_the_noise_of_pcc_is_given():
     summary = bs_recommend.sweep_summary([moved])["method"]
     assert summary["betas"]["1"]["gain_left"] == pytest.approx(0.6)
     assert verdict(summary).endswith("; 60 % of the attack's gain in PCC to the target left")
+    # (0.4 - 0.3) / (0.4 - 0.3): all of the gain left, but not more than undefended.
+    same = bs_recommend.sweep_summary([{**moved, "adv_vs_target_pcc": 0.4}])["method"]
+    assert same["betas"]["1"]["gain_left"] == 1.0
+    assert verdict(same).endswith("; 100 % of the attack's gain in PCC to the target left")
     # (0.42 - 0.3) / (0.4 - 0.3): more than the gain without a defense, said so.
     beyond = bs_recommend.sweep_summary([{**moved, "adv_vs_target_pcc": 0.42}])["method"]
     assert beyond["betas"]["1"]["gain_left"] == pytest.approx(1.2)
@@ -359,18 +363,6 @@ def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
             bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=[name])
     finally:
         DEFENSES.pop(name)
-
-
-def test_a_defense_named_beta_is_refused_as_its_maps_would_replace_beta_smoothings(small):
-    from betasmooth.defense import DEFENSES
-
-    net, x = small
-    DEFENSES["beta"] = DEFENSES["smoothgrad"]
-    try:
-        with pytest.raises(InputError, match="^defense 'beta' has the name of beta_smooth's maps"):
-            bs.defense_sweep(net, x, x, bs.heatmap(x), "gradient", [1.0], defenses=["beta"])
-    finally:
-        DEFENSES.pop("beta")
 
 
 @pytest.mark.parametrize(

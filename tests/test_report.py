@@ -1120,6 +1120,19 @@ def test_the_grid_takes_the_beta_smoothed_maps_of_the_images_it_shows():
     assert _sweep_maps(swept, np.array([3, 4])) is None  # image 4 has no sweep maps
 
 
+def test_sweep_arrays_without_betas_are_refused_by_name_and_left_out_of_the_report():
+    # Arrays that lack betas are not a sweep's: one line naming what is missing (an
+    # InputError, which the report's reader leaves out), never a KeyError.
+    from betasmooth.validate import InputError
+
+    arrays = {"index": np.arange(2), "maps_beta": np.zeros((2, 1, H, H))}
+    with pytest.raises(InputError) as err:
+        SweepBatch.from_npz(arrays, "sweep.npz")
+    assert str(err.value) == "sweep.npz lacks betas; expected the arrays of a betasmooth SweepBatch"
+    with pytest.raises(InputError, match="^arrays lacks index, betas;"):
+        SweepBatch.from_npz({"maps_beta": np.zeros((2, 1, H, H))})
+
+
 def test_the_cost_figure_labels_every_setting_by_its_beta(_swept_run, monkeypatch):
     from betasmooth import report
 

@@ -1257,6 +1257,11 @@ def test_a_registered_defense_is_swept_summarised_resumed_and_reported(
             sigma=None, n=None, seed=None, input_range=None, base_options=None,
         )  # fmt: skip
         adv, clean = both.chunk(2)
+        # The sweep's arrays hold its maps of x_adv as maps_box_blur, beside beta_smooth's.
+        swept = run.read_arrays("gradient", "sweep")
+        assert swept["index"].tolist() == [0, 1, 2]
+        column = swept["maps_box_blur"][:, [0.5, 2.0].index(beta)]
+        np.testing.assert_allclose(column, adv.detach().numpy(), atol=1e-6)
         robust, fidel = bs.compare(adv, clean)["pcc"], bs.compare(clean, orig)["pcc"]
         for r in (r for r in mine if r["beta"] == beta):
             assert r["adv_vs_clean_pcc"] == pytest.approx(float(robust[r["index"]]), abs=1e-5)
