@@ -319,8 +319,8 @@ def test_a_run_held_by_another_betasmooth_process_is_refused(tmp_path):
         pass
 
 
-@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
-def test_holding_a_run_twice_in_one_process_counts(tmp_path):
+def _lock_state(path) -> str:
+    """``held`` or ``free``: whether another process can take the run's lock now."""
     import subprocess
     import sys
 
@@ -329,66 +329,44 @@ def test_holding_a_run_twice_in_one_process_counts(tmp_path):
         "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
         "except OSError:\n    print('held')"
     )
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True)
+    return done.stdout.decode().strip()
 
-    def state(path):
-        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True)
-        return done.stdout.decode().strip()
 
+@pytest.mark.skipif(store.fcntl is None, reason="needs flock")
+def test_holding_a_run_twice_in_one_process_counts(tmp_path):
     run = store.RunDir(tmp_path / "run")
     with run.held():
         with run.held():
-            assert state(run.path) == "held"
+            assert _lock_state(run.path) == "held"
         # The inner block's end does not free what the outer one holds, nor does
         # a command that ends in the block.
-        assert state(run.path) == "held"
+        assert _lock_state(run.path) == "held"
         assert main(["theorem", "--out", str(tmp_path / "t"), "--quick"]) == 0
-        assert state(run.path) == "held"
-    assert state(run.path) == "free"
+        assert _lock_state(run.path) == "held"
+    assert _lock_state(run.path) == "free"
 
 
 @pytest.mark.skipif(store.fcntl is None, reason="needs flock")
 def test_a_command_holds_its_run_after_the_work_until_it_ends(tmp_path):
     # Inside holding_locks (a whole command) the last unlock of the work keeps the run held.
-    import subprocess
-    import sys
-
-    probe = (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-        "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
-        "except OSError:\n    print('held')"
-    )
-
-    def state(path):
-        done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True)
-        return done.stdout.decode().strip()
-
     run = store.RunDir(tmp_path / "run")
     with store.holding_locks():
         with run.held():
             pass
-        assert state(run.path) == "held"
-    assert state(run.path) == "free"
+        assert _lock_state(run.path) == "held"
+    assert _lock_state(run.path) == "free"
 
 
 @pytest.mark.skipif(store.fcntl is None, reason="needs flock")
 def test_the_python_api_holds_a_run_only_while_it_works(tmp_path):
     # A notebook that made a run must not keep a command in a terminal from sweeping it.
-    import subprocess
-    import sys
-
     from betasmooth.runs import attack_run, load_inputs
 
     model, x, y = load_inputs("digits-cnn", "digits", n=2)
     run = store.RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
     attack_run(run, model, x, y, ["gradient"], steps=2)
-    probe = (
-        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
-        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", probe, str(run.path)], capture_output=True, text=True
-    )
-    assert done.stdout == "free\n", done.stderr
+    assert _lock_state(run.path) == "free"
 
 
 def test_report_removes_the_temporary_files_of_a_killed_report(finished, tmp_path):
