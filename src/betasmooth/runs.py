@@ -758,11 +758,10 @@ def sweep_run(
             | {k: v for k, v in r.items() if k != "index"}
             for r in result.records()
         ]
-        maps = {d: _defended(result.maps, d, stored) for d in defenses}
         return records, SweepBatch(
             np.asarray(unit.indices),
             np.asarray(stored, float),
-            {d: m for d, m in maps.items() if m is not None},
+            {d: _defended(result.maps, d, stored) for d in defenses},
         )
 
     records = execute(
@@ -871,10 +870,9 @@ def _defended(
     maps: Mapping[tuple[str, float], tuple[torch.Tensor, torch.Tensor]],
     defense: str,
     betas: Sequence[float],
-) -> np.ndarray | None:
-    """The defended maps of the attacked images, ``(B, len(betas), H, W)``, or ``None``."""
-    found = [maps[(defense, float(b))][0] for b in betas if (defense, float(b)) in maps]
-    return to_numpy(torch.stack(found, 1)) if found else None
+) -> np.ndarray:
+    """The defended maps of the attacked images, ``(B, len(betas), H, W)``."""
+    return to_numpy(torch.stack([maps[(defense, float(b))][0] for b in betas], 1))
 
 
 def curvature_run(
