@@ -278,7 +278,7 @@ def test_a_demo_on_fewer_images_than_asked_says_so_once_it_starts(tmp_path, caps
     [
         ("explain", ["--method", "lrp", "--option", "lrp.bogus=1"], "unknown option 'bogus'"),
         ("explain", ["--method", "gradint"], "unknown method 'gradint'"),
-        ("attack", ["--method", "lrp", "--k", "5000"], "k must be an int between 1 and H * W"),
+        ("attack", ["--method", "lrp", "--k", "5000"], "32x32 map's 1024 pixels"),
         ("curvature", ["--out", "FILE"], "is a file"),
     ],
 )

@@ -50,7 +50,7 @@ from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import Dist, RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
-from .metrics import default_k, group_records, heatmap, medians, resolve_k
+from .metrics import default_k, group_records, heatmap, medians
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
 from .smooth import BETA_RANGE, check_overridable, flush_denormals
@@ -1263,7 +1263,12 @@ def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> d
         "eps": None if goal.targeted else UNTARGETED_EPS,
         "k": default_k(*x.shape[-2:]),
     }
-    given = {"eps": args.eps, "k": resolve_k(args.k, *x.shape[-2:]) if args.k else None}
+    height, width = x.shape[-2:]
+    if args.k is not None and args.k > height * width:
+        raise InputError(
+            f"--k must be at most the {height}x{width} map's {height * width} pixels; got {args.k}"
+        )
+    given = {"eps": args.eps, "k": args.k}
     return {name: v for name, v in given.items() if v is not None and v != defaults[name]}
 
 
