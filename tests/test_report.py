@@ -1292,6 +1292,58 @@ def test_each_beta_column_of_the_grid_draws_the_maps_of_its_beta(tmp_path, monke
         assert bars[r] == pytest.approx(np.percentile(row, 99.5) * H * H)
 
 
+def test_the_defense_grid_draws_each_beta_of_the_defense_beside_the_undefended_maps(
+    tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(12)
+    orig, adv, target = _maps(rng, 2), _maps(rng, 2), _maps(rng, 2)
+    maps = _maps(rng, 2, 3)
+    composed = []
+    compose = figures._compose
+    monkeypatch.setattr(figures, "_compose", lambda cols: composed.append(cols) or compose(cols))
+    path = figures.defense_grid(
+        orig, adv, target, maps, [0.5, 1, 4], tmp_path / "g.png", label="SG"
+    )
+    with Image.open(path) as im:
+        assert im.size == figures.grid_size(2, 6)
+    path = figures.defense_grid(orig, adv, None, maps, [0.5, 1, 4], tmp_path / "u.png", label="SG")
+    with Image.open(path) as im:
+        assert im.size == figures.grid_size(2, 5)  # untargeted: no target column
+    targeted, untargeted = composed
+    titles = ["original map", "attacked map", "target map", "SG, β=0.5", "SG, β=1", "SG, β=4"]
+    assert [c[0] for c in targeted] == titles
+    assert [c[0] for c in untargeted] == titles[:2] + titles[3:]
+    for got, want in zip(
+        [c[2] for c in targeted], [orig, adv, target, *maps.transpose(1, 0, 2, 3)], strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"^maps must be \(B, len\(betas\), H, W\) = \(B, 2,"):
+        figures.defense_grid(orig, adv, None, maps, [0.5, 1], tmp_path / "x.png", label="SG")
+
+
+def test_the_report_draws_smoothgrads_stored_maps_of_the_images_it_shows(_swept_run, monkeypatch):
+    # Beta-smoothing's maps sit in the method's grid; SmoothGrad's, which the sweep
+    # stores too, get a grid of their own, row by row the same images.
+    from betasmooth import report
+
+    run, _ = _swept_run
+    calls = _calls(monkeypatch, "defense_grid")
+    html = report.build_report(run.path).read_text()
+    ((args, kwargs),) = calls
+    attacked = run.read_arrays("gradient")
+    swept = run.read_arrays("gradient", "sweep")
+    shown = min(GRID_ROWS, 3)
+    np.testing.assert_array_equal(args[0], attacked["map_orig"][:shown])
+    np.testing.assert_array_equal(args[1], attacked["map_adv"][:shown])
+    np.testing.assert_array_equal(args[2], attacked["map_target"][:shown])
+    np.testing.assert_array_equal(args[3], swept["maps_smoothgrad"][:shown])
+    assert args[4] == [float(b) for b in swept["betas"]] and sorted(args[4]) == [0.5, 4.0]
+    assert args[5].name == "grid_gradient_smoothgrad.png"
+    assert kwargs["label"] == "SmoothGrad"
+    assert kwargs["row_labels"][0].startswith("#0 ")
+    assert 'alt="gradient smoothgrad grid"' in html and "noise matched to β" in html
+
+
 def _calls(monkeypatch, name):
     """The calls of ``figures.<name>``, which still draws: ``(args, kwargs)`` each."""
     calls = []

@@ -37,6 +37,7 @@ __all__ = [
     "cost_quality",
     "curvature_figure",
     "defense_curves",
+    "defense_grid",
     "defense_style",
     "density_figure",
     "explain_grid",
@@ -328,6 +329,72 @@ def method_grid(
         maps_beta = np.asarray(maps_beta)
         for k, beta in enumerate(betas):
             columns.append((f"attacked, β={beta:g}", "map", maps_beta[:, k]))
+    return _draw_grid(columns, path, row_labels)
+
+
+def defense_grid(
+    map_orig: np.ndarray,
+    map_adv: np.ndarray,
+    map_target: np.ndarray | None,
+    maps: np.ndarray,
+    betas: Sequence[float],
+    path: str | Path,
+    *,
+    label: str,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Grid of one defense's maps of the attacked images: one row per image.
+
+    Columns: the undefended maps of the original and the attacked image, the
+    target map (unless ``None``), then the defended map of the attacked image
+    per beta, titled ``"<label>, β=<beta>"``. Drawn as :func:`method_grid`
+    draws its maps, one colour scale per row, so that a defense's columns
+    compare with the undefended maps beside them.
+
+    Parameters
+    ----------
+    map_orig, map_adv : numpy.ndarray
+        Undefended maps of the original and the attacked inputs, ``(B, H, W)``.
+    map_target : numpy.ndarray or None
+        Target maps ``(B, H, W)``, or ``None`` to leave their column out.
+    maps : numpy.ndarray
+        The defense's maps of the attacked inputs, ``(B, len(betas), H, W)``.
+    betas : sequence of float
+        The betas of ``maps``.
+    path : str or Path
+        Where to write the PNG.
+    label : str
+        The defense's name in the column titles (:func:`defense_style`).
+    row_labels : sequence of str, optional
+        A short label per row, drawn on the first map.
+
+    Returns
+    -------
+    Path
+        The PNG written, of pixel size ``grid_size(B, 3 + len(betas))`` (one
+        column less without ``map_target``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> m = np.random.default_rng(0).random((2, 3, 8, 8))
+    >>> path = defense_grid(m[:, 0], m[:, 0], None, m[:, 1:], [1, 10], tmp / "sg.png", label="SG")
+    >>> path.name
+    'sg.png'
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 4 or maps.shape[1] != len(betas):
+        raise ValueError(
+            f"maps must be (B, len(betas), H, W) = (B, {len(betas)}, H, W); got {maps.shape}"
+        )
+    columns = [
+        ("original map", "map", np.asarray(map_orig)),
+        ("attacked map", "map", np.asarray(map_adv)),
+    ]
+    if map_target is not None:
+        columns.append(("target map", "map", np.asarray(map_target)))
+    columns += [(f"{label}, β={beta:g}", "map", maps[:, k]) for k, beta in enumerate(betas)]
     return _draw_grid(columns, path, row_labels)
 
 

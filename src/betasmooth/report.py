@@ -541,10 +541,10 @@ def _files(records: Sequence[Mapping], index: Iterable[int]) -> str:
 
 
 def _sweep_maps(
-    swept: SweepBatch | None, index: np.ndarray
+    swept: SweepBatch | None, index: np.ndarray, defense: str = "beta_smooth"
 ) -> tuple[np.ndarray, list[float]] | None:
-    """Beta-smoothed maps of the attacked images, aligned with ``index``, and their betas."""
-    maps = None if swept is None else swept.maps.get("beta_smooth")
+    """A defense's maps of the attacked images, aligned with ``index``, and their betas."""
+    maps = None if swept is None else swept.maps.get(defense)
     if maps is None:
         return None
     betas = [float(b) for b in np.ravel(swept.betas)]
@@ -586,6 +586,7 @@ def _section_methods(run: _Run) -> str:
         if swept is None:
             caption += " No beta-smoothed maps stored for this method."
         out.append(_img(path, f"{method} grid", caption))
+        out += _defense_grids(run, method, batch, n, sweeps.get(method), goal)
         mine = [r for r in run.results if r.get("method") == method]
         if mine:
             measure = recorded_goal(run.config, goal)[1]
@@ -593,6 +594,36 @@ def _section_methods(run: _Run) -> str:
             parts = [f"{k} {_fmt(v)}" for k, v in m.items() if v is not None]
             out.append(f"<p>Medians over {len(mine)} images: {_e('; '.join(parts))}.</p>")
     return "".join(out)
+
+
+def _defense_grids(
+    run: _Run, method: str, batch: AttackBatch, n: int, swept: SweepBatch | None, goal: object
+) -> list[str]:
+    """A grid per defense other than beta-smoothing (whose maps the method's grid shows)."""
+    out = []
+    defenses = [] if swept is None else [d for d in swept.maps if d != "beta_smooth"]
+    for defense in defenses:
+        found = _sweep_maps(swept, batch.index[:n], defense)
+        if found is None:
+            continue
+        label = figures.defense_style(defense, defenses)[0]
+        path = figures.defense_grid(
+            batch.map_orig[:n],
+            batch.map_adv[:n],
+            None if _untargeted(run, goal) else batch.map_target[:n],
+            found[0],
+            found[1],
+            run.store.figures / f"grid_{_slug(method)}_{_slug(defense)}.png",
+            label=label,
+            row_labels=_row_labels(batch, n, _class_names(run.results, method)),
+        )
+        caption = (
+            f"{label}'s maps of the same attacked images, one column per β of the sweep"
+            + (" (noise matched to β, as in the sweep's table)" if defense == "smoothgrad" else "")
+            + "; the maps of a row share one colour scale (colour bar)."
+        )
+        out.append(_img(path, f"{method} {defense} grid", caption))
+    return out
 
 
 def _section_explain(run: _Run) -> str:
