@@ -205,3 +205,34 @@ def test_a_registered_smoothing_is_no_base_and_a_registered_method_is_one():
     finally:
         METHODS.pop("own_smoothing")
         METHODS.pop("doubled")
+
+
+def test_a_registered_smoothing_is_checked_as_its_base_method_is():
+    # The checks of the base (LRP's input box, a layer LRP has no rule for) reach
+    # any method that smooths one, not only the built-in smoothgrad and beta_smooth.
+    from betasmooth.explain import METHODS, check_model, register
+
+    @register("squared_smoothing")
+    def squared_smoothing(model, x, target, *, create_graph=False, base="gradient", **options):
+        return bs.explain(model, x, base, target, create_graph=create_graph, **options) ** 2
+
+    try:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.ReLU())
+        x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        for method in ("smoothgrad", "squared_smoothing"):
+            with pytest.raises(
+                bs.InputError, match=r"^x lies outside the lrp input box \[0.0, 1.0\]"
+            ):
+                bs.explain(net, 3 * x, method, base="lrp")
+        # Inside the box the map is the square of LRP's (the check passes it through).
+        torch.testing.assert_close(
+            bs.explain(net, x, "squared_smoothing", base="lrp"), bs.explain(net, x, "lrp") ** 2
+        )
+        odd = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3), torch.nn.Softsign())
+        with pytest.raises(bs.InputError) as plain:
+            check_model(odd, "lrp")
+        with pytest.raises(bs.InputError) as wrapped:
+            check_model(odd, "squared_smoothing", base="lrp")
+        assert str(wrapped.value) == str(plain.value)
+    finally:
+        METHODS.pop("squared_smoothing")

@@ -20,7 +20,7 @@ from scipy.stats import pearsonr
 import betasmooth as bs
 from betasmooth.attack import ATTACK_DEFAULTS, PAPER_SPAN, default_lr, default_weights, derangement
 from betasmooth.cli import main
-from betasmooth.explain.noise import NOISE_METHODS
+from betasmooth.explain import wraps_base
 from betasmooth.report import build_report
 from betasmooth.store import RunDir, read_jsonl
 
@@ -153,7 +153,7 @@ def _assert_adaptive_attacks_say_what_their_sweep_measures(run):
     # of their figures are the attacked defended map; both must say so.
     summary = json.loads((run / "sweep_summary.json").read_text())
     assert {m: s["base"] for m, s in summary.items()} == {
-        m: "gradient" if m in NOISE_METHODS else m for m in summary
+        m: "gradient" if wraps_base(m) else m for m in summary
     }
     sweep = read_jsonl(run / "sweep.jsonl")
     for method in ("beta_smooth", "smoothgrad"):

@@ -37,6 +37,7 @@ from ..validate import (
 )
 
 __all__ = [
+    "BASE_CHECKS",
     "CHECKS",
     "INPUT_CHECKS",
     "METHODS",
@@ -68,6 +69,11 @@ CHECKS: dict[str, Callable[..., None]] = {}
 #: :func:`explain` on the ``x`` it is given (not on the noisy copies that
 #: smoothgrad passes to its base, which may leave the data's range).
 INPUT_CHECKS: dict[str, Callable[..., None]] = {}
+#: The checks of a method that smooths a base method (:func:`wraps_base`) and
+#: has none registered of its own, made for its name by the smoothing module:
+#: ``"model"`` and ``"input"``, each ``make(method) -> check`` that runs the
+#: base method's checks with the options that reach it.
+BASE_CHECKS: dict[str, Callable[[str], Callable[..., None]]] = {}
 #: Arguments that :func:`explain` passes to every method itself: never a method's option.
 RESERVED = ("model", "x", "target", "create_graph")
 
@@ -161,7 +167,7 @@ def check_model(model: nn.Module, method: str, **options: object) -> None:
     fn = _lookup(method)
     _check_options(method, options)
     # A method made on demand (captum:NAME) carries its own check.
-    check = CHECKS.get(method) or getattr(fn, "check", None)
+    check = CHECKS.get(method) or getattr(fn, "check", None) or _base_check(method, "model")
     if check is not None:
         # Checked as explained: in evaluation mode (a trace fixes self.training).
         with evaluating(model):
@@ -182,9 +188,15 @@ def check_method_input(x: torch.Tensor, method: str, **options: object) -> None:
     ...
     betasmooth.validate.InputError: x lies outside the lrp input box [0.0, 1.0] ...
     """
-    check = INPUT_CHECKS.get(method)
+    check = INPUT_CHECKS.get(method) or _base_check(method, "input")
     if check is not None:
         check(x, **options)
+
+
+def _base_check(method: str, kind: str) -> Callable[..., None] | None:
+    """The check of ``kind`` of a method that smooths a base one: its base method's."""
+    make = BASE_CHECKS.get(kind)
+    return make(method) if make is not None and wraps_base(method) else None
 
 
 def register_prefix(
@@ -313,7 +325,8 @@ def range_options(
     The runs of :mod:`betasmooth.runs` (the command line) take them all as
     ``method_options``; :func:`~betasmooth.manipulate`,
     :func:`~betasmooth.defense_sweep` and :func:`~betasmooth.calibrate_beta`
-    take LRP's and integrated gradients' from their ``data_range``.
+    take every method's but SmoothGrad's (whose noise level follows each
+    item's range there) from their ``data_range``.
 
     Examples
     --------

@@ -27,6 +27,7 @@ from ..validate import (
     check_seed,
 )
 from . import (
+    BASE_CHECKS,
     INPUT_CHECKS,
     METHODS,
     _check_options,
@@ -35,20 +36,15 @@ from . import (
     is_method,
     method_options,
     register,
-    register_check,
-    register_input_check,
     wraps_base,
 )
 from .gradient import auto_chunk, predict
 
-__all__ = ["NOISE_METHODS", "NOISES", "Seed", "base_call", "noise_scale", "standard_noise"]
+__all__ = ["NOISES", "Seed", "base_call", "noise_scale", "standard_noise"]
 
 #: One seed for the batch, or one per item (so that an item's draws do not
 #: depend on the batch it is explained in).
 Seed = int | Sequence[int] | torch.Tensor | None
-
-# The built-in methods that smooth another one (explain.wraps_base says it of any).
-NOISE_METHODS = frozenset({"smoothgrad", "beta_smooth"})
 
 
 def _gaussian(
@@ -388,6 +384,6 @@ def _base_check(method: str) -> Callable[..., None]:
     return check
 
 
-for _name in sorted(NOISE_METHODS):
-    register_input_check(_name)(_base_input_check(_name))
-    register_check(_name)(_base_check(_name))
+# Every method that smooths a base one, built in or registered later, is
+# checked as its base method is (unless it registers checks of its own).
+BASE_CHECKS.update(model=_base_check, input=_base_input_check)
