@@ -29,6 +29,7 @@ from betasmooth.attack import (
     PAPER_SPAN,
     PAPER_WEIGHTS,
     UNTARGETED_EPS,
+    attack_options,
     beta_at,
     check_attack_model,
     default_lr,
@@ -1179,3 +1180,51 @@ def test_a_method_that_forwards_once_lends_its_logits_to_the_output_term(small):
     assert counts["plain_gradient"] - counts["gradient"] == steps
     torch.testing.assert_close(found["gradient"].x_adv, found["plain_gradient"].x_adv)
     torch.testing.assert_close(found["gradient"].history, found["plain_gradient"].history)
+
+
+def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
+    # Whatever a method is, `all` takes it when its maps are differentiable, the
+    # attack gives it its range options and fixes its draws: the built-in methods
+    # get these from lists of their names.
+    from betasmooth.explain import METHODS, register
+    from betasmooth.runs import attack_methods
+
+    @register("from_low")
+    def from_low(model, x, target, *, create_graph=False, baseline=0.0):
+        grad = bs.explain(model, x, "gradient", target, create_graph=create_graph)
+        return grad * (x - baseline)
+
+    from_low.range_options = lambda low, high: {"baseline": low}
+
+    @register("noisy_gradient")
+    def noisy_gradient(model, x, target, *, create_graph=False, seed=None):
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        noise = 0.1 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return bs.explain(model, x + noise, "gradient", target, create_graph=create_graph)
+
+    @register("detached_gradient")
+    def detached_gradient(model, x, target, *, create_graph=False):
+        return bs.explain(model, x, "gradient", target)
+
+    detached_gradient.differentiable = False
+    net, x = small
+    target = targets_of(net, x)
+    try:
+        assert attack_methods("all") == [*ATTACK_DEFAULTS, "from_low", "noisy_gradient"]
+        low = torch.full((1, x.shape[1], 1, 1), -1.0)
+        options = attack_options("from_low", x, data_range=(low, 1.0))
+        assert options["baseline"] is not None and torch.equal(options["baseline"], low)
+        assert attack_options("from_low", x, data_range=None) == {}
+        assert attack_options("noisy_gradient", x) == {"seed": 0}
+        assert attack_options("noisy_gradient", x, method_options={"seed": 5}) == {"seed": 5}
+        # Fixed draws: the same x_adv twice, and that of seed 0 given.
+        runs = [
+            bs.manipulate(net, x, target, "noisy_gradient", steps=3, method_options=given)
+            for given in (None, None, {"seed": 0})
+        ]
+        for other in runs[1:]:
+            torch.testing.assert_close(other.x_adv, runs[0].x_adv, rtol=0, atol=0)
+        assert not torch.equal(runs[0].x_adv, x)
+    finally:
+        for name in ("from_low", "noisy_gradient", "detached_gradient"):
+            METHODS.pop(name)

@@ -67,7 +67,8 @@ def test_attack_help_lists_methods_goals_and_per_method_steps() -> None:
     assert "captum:NAME or a method registered in a model file; or all (every" in explain_text
     method_help = text[text.index("--method METHOD comma") : text.index("--steps STEPS attack")]
     assert method_help.endswith(
-        ", a method registered in a model file; or all (these, with the paper's budgets) "
+        ", a method registered in a model file; "
+        "or all (these, with the paper's budgets, and any the model file registers) "
     )
     assert "captum:" not in method_help  # Captum's maps are not differentiable: not attacked
 

@@ -93,6 +93,7 @@ __all__ = [
     "Goal",
     "ManipulationResult",
     "UNTARGETED_STEPS",
+    "attack_defaults",
     "attack_options",
     "beta_at",
     "check_attack_model",
@@ -142,6 +143,19 @@ ATTACK_DEFAULTS: dict[str, dict[str, object]] = {
     },
 }
 _FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geometric"}
+
+
+def attack_defaults(method: str) -> dict[str, object]:
+    """The attack's budget of ``method``: its entry in :data:`ATTACK_DEFAULTS`, or, for a
+    method without one (a registered method), the gradient's.
+
+    Examples
+    --------
+    >>> attack_defaults("lrp")["lr"], attack_defaults("my_method")["steps"]
+    (0.0002, 1500)
+    """
+    return ATTACK_DEFAULTS.get(method, _FALLBACK)
+
 
 #: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps and 1000 classes.
 PAPER_WEIGHTS = (1e11, 1e6)
@@ -228,7 +242,7 @@ def default_lr(method: str, span: float = PAPER_SPAN, steps: int | None = None) 
     >>> f"{default_lr('gradient', span=1.0):.3g} {default_lr('gradient', span=1.0, steps=150):.3g}"
     '0.000226 0.00226'
     """
-    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
+    defaults = attack_defaults(method)
     paper_steps = int(defaults["steps"])
     return float(defaults["lr"]) * span / PAPER_SPAN * paper_steps / (steps or paper_steps)
 
@@ -948,7 +962,7 @@ def check_attack_model(
     >>> check_attack_model(net, ["gradient", "lrp"])
     """
     check_uncompiled(model, "the attack")
-    if any(ATTACK_DEFAULTS.get(m, _FALLBACK)["beta_schedule"] != "none" for m in methods):
+    if any(attack_defaults(m)["beta_schedule"] != "none" for m in methods):
         check_overridable(model, SURROGATE)
     if x is not None:
         x = check_input(model, x)
@@ -1239,7 +1253,7 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     goal = check_choice("goal", given["goal"], GOALS)
     check_choice("loss", given["loss"], LOSSES)
     check_attackable(method, given["method_options"])
-    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK)
+    defaults = attack_defaults(method)
     low, high = resolve_range(given["data_range"], x)
     check_in_range(x, low, high)
     box = None if given["data_range"] is None else (low, high)
@@ -1296,8 +1310,9 @@ def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     )
 
 
-#: Methods that take the data's range from ``data_range`` (:func:`attack_options`).
-_RANGED = ("lrp", "integrated_gradients")
+#: Methods whose range options :func:`attack_options` leaves out: SmoothGrad's
+#: noise level is relative to each item's range in explain, and stays so.
+_ITEM_RANGED = ("smoothgrad",)
 
 
 def attack_options(
@@ -1310,13 +1325,14 @@ def attack_options(
     """The options of the map :func:`manipulate` attacks (and the defense sweep defends).
 
     The options given, then the method's attack defaults
-    (:data:`ATTACK_DEFAULTS`), then, where ``data_range`` is given, LRP's
-    z^B box and the black baseline of integrated gradients from it
-    (:func:`~betasmooth.explain.range_options`), also for the base method of
-    ``smoothgrad`` and ``beta_smooth`` (in ``base_options``). An option given,
-    or one bound of LRP's box, is never overridden. On [0, 1] data these
-    are the methods' own defaults; SmoothGrad's noise level stays its own
-    (each item's range; the command line passes each channel's range).
+    (:func:`attack_defaults`), then, where ``data_range`` is given, the
+    method's range options (:func:`~betasmooth.explain.range_options`: LRP's
+    z^B box, the black baseline of integrated gradients, those of a
+    registered method), also for the base method of ``smoothgrad`` and
+    ``beta_smooth`` (in ``base_options``). An option given, or one bound of
+    LRP's box, is never overridden. On [0, 1] data these are the methods'
+    own defaults; SmoothGrad's noise level stays its own (each item's range;
+    the command line passes each channel's range).
 
     Examples
     --------
@@ -1335,15 +1351,19 @@ def attack_options(
 def _attacked_options(
     method: str, given: Mapping[str, object], box: tuple[Bound, Bound] | None = None
 ) -> dict[str, object]:
-    defaults = ATTACK_DEFAULTS.get(method, _FALLBACK).get("options", {})
+    defaults = attack_defaults(method).get("options", {})
     known = options_of(method)
     options = {**{n: v for n, v in defaults.items() if n in known}, **given}
+    if "seed" in known and known["seed"] is None and "seed" not in options:
+        # A method that draws noise is attacked on fixed draws, as smoothgrad's
+        # defaults say: fresh draws at every step are what eot asks for.
+        options["seed"] = 0
     if box is None:
         return options
     # SmoothGrad keeps explain's own noise level (each item's range): on [0, 1]
     # data the map attacked is then explain's with the same options, as LRP's
     # box and the integrated-gradients baseline of [0, 1] are explain's defaults.
-    ranged = {m: o for m, o in range_options(*box).items() if m in _RANGED}
+    ranged = {m: o for m, o in range_options(*box).items() if m not in _ITEM_RANGED}
     options = {**ranged.get(method, {}), **options}
     # A wrapper adds its further keyword options to base_options.
     return with_base_range(method, options, *box)

@@ -41,6 +41,7 @@ from .attack import (
     UNTARGETED_EPS,
     UNTARGETED_STEPS,
     Goal,
+    attack_defaults,
     check_attack_model,
     check_attackable,
     derangement,
@@ -753,7 +754,9 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
         "--method",
         required=True,
         help=_choices_help(
-            list(ATTACK_DEFAULTS), "these, with the paper's budgets", prefixed=False
+            list(ATTACK_DEFAULTS),
+            "these, with the paper's budgets, and any the model file registers",
+            prefixed=False,
         ),
     )
     p.add_argument("--steps", type=positive_integer, help=_steps_help())
@@ -1699,7 +1702,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
     """Steps per method: ``budget`` for the longest, the others in the paper's proportions."""
-    paper = {m: int(ATTACK_DEFAULTS[m]["steps"]) for m in methods}
+    paper = {m: int(attack_defaults(m)["steps"]) for m in methods}
     longest = max(paper.values())
     return {m: max(1, round(budget * s / longest)) for m, s in paper.items()}
 

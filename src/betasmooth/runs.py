@@ -22,6 +22,7 @@ import torch
 from .attack import (
     ATTACK_DEFAULTS,
     GOALS,
+    attack_defaults,
     attack_options,
     check_attackable,
     derangement,
@@ -37,6 +38,7 @@ from .explain import (
     check_method_input,
     check_model,
     explain,
+    is_differentiable,
     is_method,
     wraps_base,
 )
@@ -186,9 +188,11 @@ def _split_methods(
 def attack_methods(methods: str | Sequence[str]) -> list[str]:
     """Check a method list (a comma list or ``all``) against the attackable methods.
 
-    ``all`` is the methods with the paper's budgets (:data:`ATTACK_DEFAULTS`);
-    any other registered method is attacked with the gradient's budget.
-    ``captum:NAME`` maps are not differentiable, so they cannot be attacked.
+    ``all`` is every registered method whose maps are differentiable: the
+    built-in ones, with the paper's budgets (:data:`ATTACK_DEFAULTS`), and any
+    that a model file registers, with the gradient's
+    (:func:`~betasmooth.attack.attack_defaults`). ``captum:NAME`` maps are
+    not differentiable, so they cannot be attacked.
 
     Examples
     --------
@@ -202,7 +206,9 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
             return True
         return False
 
-    return _split_methods(methods, list(ATTACK_DEFAULTS), attackable, "a registered method, ")
+    # The built-in ones in the order of their budgets, as runs have always listed them.
+    every = [m for m in dict.fromkeys([*ATTACK_DEFAULTS, *METHODS]) if is_differentiable(m)]
+    return _split_methods(methods, every, attackable, "a registered method, ")
 
 
 def explain_methods(methods: str | Sequence[str]) -> list[str]:
@@ -431,7 +437,7 @@ def attack_run(
     def work(unit: Unit) -> tuple[list[Record], AttackBatch]:
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
-        defaults = ATTACK_DEFAULTS.get(unit.method, {}).get("options")
+        defaults = attack_defaults(unit.method).get("options")
         options = _options(unit, method_options, seed, defaults)
         xb = x[idx].to(device)
         target_map = None
