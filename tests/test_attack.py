@@ -1207,6 +1207,11 @@ def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
         return bs.explain(model, x, "gradient", target)
 
     detached_gradient.differentiable = False
+
+    @register("smoothed_saliency")
+    def smoothed_saliency(model, x, target, *, create_graph=False, base="captum:Saliency"):
+        return bs.explain(model, x, base, target)
+
     net, x = small
     target = targets_of(net, x)
     try:
@@ -1217,6 +1222,16 @@ def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
         assert attack_options("from_low", x, data_range=None) == {}
         assert attack_options("noisy_gradient", x) == {"seed": 0}
         assert attack_options("noisy_gradient", x, method_options={"seed": 5}) == {"seed": 5}
+        # A Captum method's range options too, as the command line passes them.
+        ranged = attack_options("captum:IntegratedGradients", x, data_range=(low, 1.0))
+        assert torch.equal(ranged["baselines"], low)
+        # A noisy base is fixed as well, and scored on other draws than the attack's.
+        smoothed = attack_options("beta_smooth", x, method_options={"base": "noisy_gradient"})
+        assert smoothed["base_options"] == {"seed": 0}
+        given = {"base": "noisy_gradient", "seed": 3}  # beta_smooth's extra: the base's seed
+        assert "base_options" not in attack_options("beta_smooth", x, method_options=given)
+        scored = attack.scoring_options(smoothed)
+        assert scored["base_options"]["seed"] == zlib.crc32(b"scored 0") and scored["beta"] == 0.8
         # Fixed draws: the same x_adv twice, and that of seed 0 given.
         runs = [
             bs.manipulate(net, x, target, "noisy_gradient", steps=3, method_options=given)
@@ -1225,6 +1240,12 @@ def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
         for other in runs[1:]:
             torch.testing.assert_close(other.x_adv, runs[0].x_adv, rtol=0, atol=0)
         assert not torch.equal(runs[0].x_adv, x)
+        options = {"base": "noisy_gradient", "beta": 5.0}
+        twice = [
+            bs.manipulate(net, x, target, "beta_smooth", steps=2, method_options=options)
+            for _ in range(2)
+        ]
+        torch.testing.assert_close(twice[1].x_adv, twice[0].x_adv, rtol=0, atol=0)
     finally:
-        for name in ("from_low", "noisy_gradient", "detached_gradient"):
+        for name in ("from_low", "noisy_gradient", "detached_gradient", "smoothed_saliency"):
             METHODS.pop(name)

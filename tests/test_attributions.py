@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,22 @@ def test_a_registered_smoothing_is_checked_as_its_base_method_is():
         assert str(wrapped.value) == str(plain.value)
     finally:
         METHODS.pop("squared_smoothing")
+
+
+def test_a_base_option_that_names_no_method_is_the_registered_methods_own():
+    # Only a base that is a name is checked as a method: a number is the method's own.
+    from betasmooth.explain import METHODS, check_model, register
+
+    @register("log_gradient")
+    def log_gradient(model, x, target, *, create_graph=False, base=2.0):
+        grad = bs.explain(model, x, "gradient", target, create_graph=create_graph)
+        return torch.log1p(grad.abs()) / math.log(base)
+
+    try:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        check_model(net, "log_gradient", base=10.0)
+        want = torch.log10(1 + net[1].weight[1].detach().abs()).view(1, 1, 4, 4).expand_as(x)
+        torch.testing.assert_close(bs.explain(net, x, "log_gradient", 1, base=10.0), want)
+    finally:
+        METHODS.pop("log_gradient")

@@ -1448,6 +1448,31 @@ def test_methods_registered_by_the_model_file_and_captum_names_run_on_the_comman
     )
 
 
+def test_a_run_of_all_methods_made_before_all_took_registered_ones_resumes(tmp_path, capsys):
+    # Before 0.12.0 `--method all` recorded the built-in methods only, also when the
+    # model file registered one: --resume continues that run and names the one left out.
+    path = tmp_path / "mynet.py"
+    path.write_text(MODEL_WITH_METHOD)
+    out = tmp_path / "attack"
+    argv = ["attack", "--model", f"{path}:build", "--data", "digits", "-n", "2", "--steps", "1"]
+    argv += ["--no-progress", "--out", str(out)]
+    assert main([*argv, "--method", ",".join(ATTACK_DEFAULTS)]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--method", "all", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"{out} was made when --method all meant the 7 built-in methods: resuming those; "
+        "attack gradient_x_sign with --method in a new --out"
+    ) in err
+    assert json.loads((out / "config.json").read_text())["methods"] == list(ATTACK_DEFAULTS)
+    assert sorted({r["method"] for r in read_jsonl(out / "results.jsonl")}) == sorted(
+        ATTACK_DEFAULTS
+    )
+    # Any other list is still another setting.
+    assert main([*argv, "--method", "gradient", "--resume"]) == 2
+    assert "--resume with a different setting: methods" in capsys.readouterr().err
+
+
 MODEL_WITH_CHECKS = """
 import os
 

@@ -30,6 +30,7 @@ How much of an attack survives beta-smoothing is measured in
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import zlib
@@ -146,15 +147,15 @@ _FALLBACK: dict[str, object] = {"steps": 1500, "lr": 1e-3, "beta_schedule": "geo
 
 
 def attack_defaults(method: str) -> dict[str, object]:
-    """The attack's budget of ``method``: its entry in :data:`ATTACK_DEFAULTS`, or, for a
-    method without one (a registered method), the gradient's.
+    """The attack's budget of ``method``: a copy of its entry in :data:`ATTACK_DEFAULTS`,
+    or, for a method without one (a registered method), of the gradient's.
 
     Examples
     --------
     >>> attack_defaults("lrp")["lr"], attack_defaults("my_method")["steps"]
     (0.0002, 1500)
     """
-    return ATTACK_DEFAULTS.get(method, _FALLBACK)
+    return copy.deepcopy(ATTACK_DEFAULTS.get(method, _FALLBACK))
 
 
 #: The paper's prefactors ``(w_e, w_o)`` for 224 x 224 maps and 1000 classes.
@@ -1203,6 +1204,9 @@ def scoring_options(options: Mapping[str, object]) -> dict[str, object]:
     >>> scoring_options({"beta": 0.8})
     {'beta': 0.8}
     """
+    inner = options.get("base_options")
+    if isinstance(inner, Mapping) and inner.get("seed") is not None:
+        options = {**options, "base_options": scoring_options(inner)}
     seed = options.get("seed")
     if seed is None:
         return dict(options)
@@ -1348,22 +1352,41 @@ def attack_options(
     return _attacked_options(method, _check_method_options(method_options, method), box)
 
 
+def _fixed_draws(method: str, options: dict[str, object]) -> dict[str, object]:
+    """``options`` with the seed of a method that draws noise, and of its base method
+    (in ``base_options``), named: its default, or 0 where that is ``None``.
+
+    The attack moves fixed draws (fresh draws at every step are what ``eot``
+    asks for), and a seed named is one :func:`scoring_options` can replace.
+    """
+    known = options_of(method)
+    if "seed" in known and "seed" not in options:
+        options["seed"] = 0 if known["seed"] is None else known["seed"]
+    base = options.get("base", known.get("base")) if wraps_base(method) else None
+    # A seed that is not the smoothing's own option is its base's already.
+    routed = "seed" in options and "seed" not in known
+    if isinstance(base, str) and is_method(base) and not wraps_base(base) and not routed:
+        inner = options.get("base_options")
+        if inner is None or isinstance(inner, dict):
+            filled = _fixed_draws(base, dict(inner or {}))
+            if filled != (inner or {}):
+                options["base_options"] = filled
+    return options
+
+
 def _attacked_options(
     method: str, given: Mapping[str, object], box: tuple[Bound, Bound] | None = None
 ) -> dict[str, object]:
     defaults = attack_defaults(method).get("options", {})
     known = options_of(method)
-    options = {**{n: v for n, v in defaults.items() if n in known}, **given}
-    if "seed" in known and known["seed"] is None and "seed" not in options:
-        # A method that draws noise is attacked on fixed draws, as smoothgrad's
-        # defaults say: fresh draws at every step are what eot asks for.
-        options["seed"] = 0
+    options = _fixed_draws(method, {**{n: v for n, v in defaults.items() if n in known}, **given})
     if box is None:
         return options
     # SmoothGrad keeps explain's own noise level (each item's range): on [0, 1]
     # data the map attacked is then explain's with the same options, as LRP's
     # box and the integrated-gradients baseline of [0, 1] are explain's defaults.
-    ranged = {m: o for m, o in range_options(*box).items() if m not in _ITEM_RANGED}
+    ranged = range_options(*box, methods=[method])
+    ranged = {m: o for m, o in ranged.items() if m not in _ITEM_RANGED}
     options = {**ranged.get(method, {}), **options}
     # A wrapper adds its further keyword options to base_options.
     return with_base_range(method, options, *box)

@@ -1275,6 +1275,26 @@ def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> d
     return {name: v for name, v in given.items() if v is not None and v != defaults[name]}
 
 
+def _resumed_all(args: argparse.Namespace, methods: list[str]) -> list[str]:
+    """``--method all`` on ``--resume`` of a run made when ``all`` was the built-in
+    methods only (before 0.12.0): the run's own methods, and the others named."""
+    if (
+        not args.resume
+        or args.method.strip() != "all"
+        or not Path(args.out, "config.json").is_file()
+    ):
+        return methods
+    recorded = RunDir(args.out).config().get("methods")
+    if recorded != list(ATTACK_DEFAULTS) or recorded == methods:
+        return methods
+    left = ", ".join(m for m in methods if m not in recorded)
+    tell(
+        f"{args.out} was made when --method all meant the {len(recorded)} built-in methods: "
+        f"resuming those; attack {left} with --method in a new --out"
+    )
+    return list(recorded)
+
+
 @command("attack")
 def cmd_attack(args: argparse.Namespace) -> int:
     """Attack the explanations of ``-n`` test images by every ``--method``."""
@@ -1288,6 +1308,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if not _may_register(args.model):
         _goal(args)  # a typo is named before a long load
     methods, device, inputs, given = _command_inputs(args, runs.attack_methods, pairs)
+    methods = _resumed_all(args, methods)
     model, x, y = inputs
     goal = _goal(args)
     config = _run_config(

@@ -38,7 +38,6 @@ from .explain import (
     check_method_input,
     check_model,
     explain,
-    is_differentiable,
     is_method,
     wraps_base,
 )
@@ -206,8 +205,15 @@ def attack_methods(methods: str | Sequence[str]) -> list[str]:
             return True
         return False
 
+    def differentiable(name: str) -> bool:
+        try:
+            check_attackable(name)  # a smoothing of a Captum method by default is not
+        except InputError:
+            return False
+        return True
+
     # The built-in ones in the order of their budgets, as runs have always listed them.
-    every = [m for m in dict.fromkeys([*ATTACK_DEFAULTS, *METHODS]) if is_differentiable(m)]
+    every = [m for m in dict.fromkeys([*ATTACK_DEFAULTS, *METHODS]) if differentiable(m)]
     return _split_methods(methods, every, attackable, "a registered method, ")
 
 

@@ -356,11 +356,22 @@ def base_call(method: str, options: Mapping[str, object]) -> tuple[str, dict[str
     return str(base), _base(method, base, options.get("base_options"), extra)[1]
 
 
+def _checked_base(method: str, options: Mapping[str, object]) -> tuple[str, dict] | None:
+    """:func:`base_call` where ``base`` names a method; ``None`` for a registered method
+    whose option ``base`` is no name (a number, ``None``): its meaning is the method's own."""
+    if not isinstance(options.get("base", method_options(method)["base"]), str):
+        return None
+    return base_call(method, options)
+
+
 def _base_input_check(method: str) -> Callable[..., None]:
     def check(x: torch.Tensor, **options: object) -> None:
         # The clean x must suit the base method (e.g. lie in LRP's box); the
         # noisy copies of smoothgrad need not.
-        base, base_options = base_call(method, options)
+        called = _checked_base(method, options)
+        if called is None:
+            return
+        base, base_options = called
         base_check = INPUT_CHECKS.get(base)
         if base_check is not None:
             base_check(x, **base_options)
@@ -378,8 +389,9 @@ def _base_check(method: str) -> Callable[..., None]:
         # on a model: on a TorchScript one, which no override reaches.
         if method in _OVERRIDES:
             check_overridable(model, _OVERRIDES[method])
-        base, base_options = base_call(method, options)
-        check_model(model, base, **base_options)
+        called = _checked_base(method, options)
+        if called is not None:
+            check_model(model, called[0], **called[1])
 
     return check
 
