@@ -1526,6 +1526,40 @@ def test_a_residual_addition_is_stabilised_by_epsilon_as_zennits_norm_with_it():
     assert (ours - zennit_with(Norm())).abs().max() > 1e-6 * ours.abs().max()
 
 
+class _AddWithAlpha(nn.Module):
+    """``a(h) + 2 b(h)`` written as ``torch.add(a, b, alpha=2)``, or with the 2 folded into b."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        torch.manual_seed(21)
+        self.first = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU())
+        self.a, self.b, self.head = nn.Linear(8, 6), nn.Linear(8, 6), nn.Linear(6, 3)
+        self.folded = folded
+        if folded:
+            with torch.no_grad():
+                self.b.weight *= 2.0
+                self.b.bias *= 2.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        s = self.a(h) + self.b(h) if self.folded else torch.add(self.a(h), self.b(h), alpha=2.0)
+        return self.head(torch.relu(s))
+
+
+def test_a_sum_scaled_by_alpha_shares_relevance_as_the_sum_with_the_factor_folded_in():
+    # torch.add(a, b, alpha=2) is a + 2 b: the summand 2 b takes the share 2 b / (a + 2 b),
+    # as b does in the same network with the 2 folded into b's weights and bias; the
+    # epsilon rule of b's layer then splits it alike (its ratios do not change with the 2).
+    net, twin = _AddWithAlpha(False).double().eval(), _AddWithAlpha(True).double().eval()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(net(x), twin(x))
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(net, x, "lrp", target, epsilon=1e-12)
+    folded = bs.explain(twin, x, "lrp", target, epsilon=1e-12)
+    torch.testing.assert_close(ours, folded, rtol=1e-8, atol=1e-12)
+    assert ours.abs().sum() > 0
+
+
 def test_lrp_of_a_class_whose_logit_is_near_zero_is_no_growth(digits, digits_cnn):
     # Relevance conserved to a logit near 0 is small against the image's largest logit:
     # measured against the explained logit, 64 digits' least likely classes read as

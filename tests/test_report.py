@@ -235,6 +235,16 @@ def test_build_twice_gives_identical_bytes(full_run):
     assert {p.name: p.read_bytes() for p in (copy / "figures").glob("*.png")} == figs
 
 
+def test_the_figures_carry_no_software_or_date_text(full_run):
+    # figures' contract: no software or date metadata, so that the PNGs depend on the
+    # data only (matplotlib writes "Software: Matplotlib version ..." unless told not to).
+    _, _, figs = full_run
+    assert len(figs) >= 5
+    for name, data in figs.items():
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.text == {}, name
+
+
 def test_medians_table_equals_numpy(full_run):
     run, _, _ = full_run
     page = parse(run / "report.html")
@@ -501,6 +511,29 @@ def test_untargeted_goals_show_no_target_map_or_target_rows(tmp_path, goal, monk
         assert "adv_vs_orig_pcc" in rows and not [r for r in rows if "_vs_target_" in r]
 
 
+def test_a_run_of_targeted_and_untargeted_goals_explains_both_and_blanks_only_the_latter(
+    tmp_path,
+):
+    # gradient attacked towards a target map, lrp with the topk goal (no target map).
+    run = make_run(tmp_path, sweep=False, theory=False)
+    records = [
+        r | {"goal": "topk" if r["method"] == "lrp" else "targeted"}
+        for r in read_lines(run / "results.jsonl")
+    ]
+    _rewrite(run / "results.jsonl", records)
+    page = parse(build_report(run))
+    text = (run / "report.html").read_text()
+    assert "expl_*_target: attacked map vs target map" in text
+    assert "The topk and center goals have no target map" in text
+    targeted = column(page.tables["medians"], "gradient (targeted)")
+    untargeted = column(page.tables["medians"], "lrp (topk)")
+    expected = [r["expl_pcc_target"] for r in records if r["method"] == "gradient"]
+    assert targeted["expl_pcc_target"] == np.median(expected)
+    assert untargeted["expl_pcc_target"] is None
+    lrp = [r["expl_pcc_orig"] for r in records if r["method"] == "lrp"]
+    assert untargeted["expl_pcc_orig"] == np.median(lrp)
+
+
 def test_labels_with_dollar_signs_are_drawn_as_written(tmp_path):
     # A class folder named "$a^^b$" is no TeX: as maths it failed to parse.
     rng = np.random.default_rng(4)
@@ -627,6 +660,25 @@ def test_an_image_of_two_channels_is_drawn_as_their_mean_in_grey():
     np.testing.assert_allclose(_image(x, 0.0, 1.0), np.full((2, 3, 3), 0.4))
 
 
+def test_an_image_of_four_channels_is_drawn_as_their_mean_in_grey():
+    # RGBA or RGB-D data (an .npz of 4 channels) is no RGB image: grey, as 2 channels are.
+    from betasmooth.figures import _image
+
+    x = np.stack([np.full((2, 3), v) for v in (0.0, 0.2, 0.6, 1.0)])  # (C=4, H, W)
+    np.testing.assert_allclose(_image(x, 0.0, 1.0), np.full((2, 3, 3), 0.45))
+
+
+def test_a_row_of_one_constant_value_outside_zero_one_is_drawn_black_not_nan():
+    # Levels 0-255 of a blank image, which the attack left as it was: the row's range is
+    # one value, and the panels are its bottom (black), not 0 / 0.
+    from betasmooth.figures import _compose
+
+    x = np.full((1, 1, 4, 4), 200.0)
+    canvas, _ = _compose([("x", "image", x), ("x_adv", "image", x)])
+    assert np.isfinite(canvas).all()
+    assert set(np.unique(canvas).tolist()) == {0.0, 1.0}  # black panels, white background
+
+
 def test_images_in_zero_one_keep_their_brightness():
     # A dark photograph stays dark in the grid; values of another range are
     # stretched to fit the panel.
@@ -734,6 +786,22 @@ def test_log_axes_are_labelled_with_the_numbers_at_their_ticks(name, tmp_path, m
             # A sweep's betas are the ticks, and every one of them is labelled.
             shown = [t.label1.get_text() for t in axis.get_major_ticks() if t.label1.get_text()]
             assert shown == [f"{b:g}" for b in SWEEP_BETAS]
+
+
+def test_a_log_axis_over_decades_labels_only_its_powers_of_ten(tmp_path, monkeypatch):
+    # As matplotlib's own log labels over more than a decade: 10, 100, 1000, and none of
+    # the minor ticks between them (20, 30, ..., 900 ran into each other).
+    drawn = _drawn_figures(monkeypatch)
+    LOG_FIGURES["mc_error"](tmp_path / "f.png")
+    (fig,) = drawn
+    axis = fig.axes[0].xaxis
+    lo, hi = sorted(axis.get_view_interval())
+    shown = [
+        tick.label1.get_text()
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+        if tick.label1.get_text() and lo <= tick.get_loc() <= hi
+    ]
+    assert sorted(shown, key=float) == ["10", "100", "1000"]
 
 
 def _rewrite(path: Path, records: list[dict]) -> None:
@@ -1487,6 +1555,34 @@ def test_cost_labels_are_joined_by_their_distance_on_each_axis_s_own_span(
     (fig,) = drawn
     assert fig.axes[0].get_xscale() == scale
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["β=1", "β=2", "σ=1"]
+
+
+def test_cost_labels_are_joined_where_every_point_has_the_same_quality(tmp_path, monkeypatch):
+    # An attack that changed no image leaves every setting at PCC 1: the quality axis has
+    # no span, and beta 20 and 50, at a hundredth of the seconds' log span apart, still
+    # share one label (0 / 0 made their distance NaN, and the labels overlapped).
+    drawn = _drawn_figures(monkeypatch)
+    points = [
+        {"defense": "beta_smooth", "label": "β=20", "seconds": 0.0100, "metric": 1.0},
+        {"defense": "beta_smooth", "label": "β=50", "seconds": 0.0101, "metric": 1.0},
+        {"defense": "smoothgrad", "label": "σ=1", "seconds": 1.0, "metric": 1.0},
+    ]
+    figures.cost_quality(points, tmp_path / "c.png")
+    (fig,) = drawn
+    texts = {t.get_text(): t.xy for t in fig.axes[0].texts}
+    assert texts == {"β=20, β=50": (0.01, 1.0), "σ=1": (1.0, 1.0)}
+
+
+def test_cost_labels_of_beta_smoothing_sit_left_of_their_points_and_smoothgrad_s_right(
+    tmp_path, monkeypatch
+):
+    # Equal betas of the two defenses often land close together: their labels go to
+    # opposite sides of the points, so that they do not print over each other.
+    drawn = _drawn_figures(monkeypatch)
+    figures.cost_quality(_cost_points([1.0, 5.0, 1.0], [0.5, 0.9, 0.5]), tmp_path / "c.png")
+    (fig,) = drawn
+    sides = {t.get_text(): (t.get_ha(), np.sign(t.xyann[0])) for t in fig.axes[0].texts}
+    assert sides == {"β=1": ("right", -1), "β=2": ("right", -1), "σ=1": ("left", 1)}
 
 
 def test_cost_labels_of_a_defense_are_joined_by_that_defense_s_own_points(tmp_path, monkeypatch):

@@ -80,6 +80,20 @@ def test_probabilities_warn_once_per_model_at_the_users_line() -> None:
     torch.testing.assert_close(h, _gradient(net, x, net(x).argmax(1)))
 
 
+def test_one_logit_of_one_is_no_sign_of_probabilities() -> None:
+    # A binary classifier's single score can be 1.0: a softmax over one class would be
+    # 1 whatever the input, so only two or more columns that sum to 1 look like one.
+    from betasmooth.validate import check_logits
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = check_logits(torch.ones(3, 1), 3, nn.Linear(2, 1))
+        check_logits(torch.full((3, 2), 0.5), 3, nn.Linear(2, 2))
+    assert out.shape == (3, 1)
+    said = [str(w.message) for w in record if "seems to return probabilities" in str(w.message)]
+    assert len(said) == 1
+
+
 class SmoothActivations(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -1051,6 +1051,16 @@ def test_digits_splits_are_sklearns_documented_split_in_the_original_order():
         assert torch.equal(x, x_all[rows]) and torch.equal(y, y_all[rows]), split
 
 
+@pytest.mark.parametrize(("top", "scale"), [(255, 255.0), (256, 65535.0)], ids=["8-bit", "16-bit"])
+def test_npz_integers_without_a_bit_depth_are_8_bit_up_to_255_inclusive(tmp_path, top, scale):
+    # int64 levels (a list of Python ints saved by numpy): their largest value picks the
+    # depth, and 255, white in 8 bits, is 8-bit (as "[0, 255] or [0, 65535]" reads).
+    levels = np.linspace(0, top, 16).round().astype(np.int64).reshape(1, 1, 4, 4)
+    np.savez(tmp_path / "d.npz", x=levels)
+    x, _ = bs.load_data(str(tmp_path / "d.npz"))
+    torch.testing.assert_close(x, torch.from_numpy(levels / scale).float())
+
+
 def test_npz_of_booleans_is_black_and_white(tmp_path):
     # A boolean mask is taken as the values it holds, 0 and 1, not as 8-bit levels.
     mask = np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) % 3 == 0
@@ -1193,6 +1203,31 @@ def test_a_crop_larger_than_the_resized_image_is_refused_wide_or_tall(shape):
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     expected = v2.CenterCrop(28)(v2.Resize(32, antialias=True)(x))
     torch.testing.assert_close(bs.zoo.resize_crop(x, 32, 28), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bicubic_resize_of_values_beyond_one_is_clipped_to_their_own_range():
+    # Data in [0, 2] (an .npz of another range): bicubic overshoot is clipped to [0, 2],
+    # not to [0, 1], which would flatten every value above 1. Oracle: torchvision's
+    # bicubic Resize and CenterCrop, clipped to [0, 2].
+    from torchvision.transforms import InterpolationMode, v2
+
+    x = 2 * torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(1))
+    resize = v2.Resize(32, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    expected = v2.CenterCrop(28)(resize(x)).clamp(0.0, 2.0)
+    got = bs.zoo.resize_crop(x, 32, 28, "bicubic")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(got.max()) > 1.5
+
+
+def test_data_bounds_of_a_colour_folder_are_those_load_data_attaches(tmp_path) -> None:
+    # Bounds without reading the images: three channels for a folder of colour images.
+    Image.fromarray(np.full((4, 4, 3), 100, dtype=np.uint8)).save(tmp_path / "a.png")
+    data = bs.load_data(str(tmp_path), mean=[0.5, 0.4, 0.3], std=0.25)
+    low, high = bs.zoo.data_bounds(str(tmp_path), mean=[0.5, 0.4, 0.3], std=0.25)
+    assert low.shape == high.shape == data.low.shape == (1, 3, 1, 1)
+    torch.testing.assert_close((low, high), (data.low, data.high))
+    low, high = bs.zoo.data_bounds(str(tmp_path))
+    torch.testing.assert_close((low, high), (torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)))
 
 
 @pytest.mark.parametrize("channels", [0, 2, 4])
