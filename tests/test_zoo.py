@@ -24,7 +24,7 @@ from torch import nn
 import betasmooth as bs
 from betasmooth.checkpoint import load_state_dict, read_npz
 from betasmooth.store import read_jsonl
-from betasmooth.validate import InputError
+from betasmooth.validate import InputError, check_bounds
 from betasmooth.zoo import check_compatible, data_range
 
 # ----------------------------------------------------------------------- digits
@@ -1228,6 +1228,19 @@ def test_data_bounds_of_a_colour_folder_are_those_load_data_attaches(tmp_path) -
     torch.testing.assert_close((low, high), (data.low, data.high))
     low, high = bs.zoo.data_bounds(str(tmp_path))
     torch.testing.assert_close((low, high), (torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)))
+
+
+@pytest.mark.parametrize("spec", ["grey", "photos", "digits"])
+def test_data_bounds_have_the_channels_of_the_data_they_bound(tmp_path, spec) -> None:
+    # A grey folder's bounds were those of three channels, which its images refuse.
+    if spec == "grey":
+        _png(tmp_path / "a.png", np.full((4, 4), 100), "L")
+        spec = str(tmp_path)
+    data = bs.load_data(spec)
+    low, high = bs.zoo.data_bounds(spec)
+    assert low.shape == high.shape == data.low.shape == (1, data.x.shape[1], 1, 1)
+    torch.testing.assert_close((low, high), (data.low, data.high))
+    check_bounds(low, high, data.x)
 
 
 @pytest.mark.parametrize("channels", [0, 2, 4])

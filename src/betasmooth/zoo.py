@@ -925,10 +925,18 @@ def data_bounds(
         return data.low, data.high
     n = channels or max(
         [torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None]
-        + [1 if source == "builtin" else 3]
+        + [_channels_of_source(str(spec), source)]
     )
     shift, scale = _normalisation(mean, std, n)
     return (DATA_RANGE[0] - shift) / scale, (DATA_RANGE[1] - shift) / scale
+
+
+def _channels_of_source(spec: str, source: str) -> int:
+    """The channels of built-in data (its small test split) or of a folder (the headers of
+    its images: 3 when any has colour), as :func:`load_data` gives them."""
+    if source == "builtin":
+        return int(BUILTIN_DATA[spec]("test")[0].shape[1])
+    return _folder_channels(_folder_files(Path(spec))[0])
 
 
 def data_range(
@@ -960,6 +968,8 @@ def data_range(
     >>> data_range("digits", mean=0.5, std=0.5)
     (-1.0, 1.0)
     """
+    if mean is None and std is None and _source(str(spec)) != "npz":
+        return float(DATA_RANGE[0]), float(DATA_RANGE[1])  # no folder needs reading
     low, high = data_bounds(spec, mean=mean, std=std)
     return float(low.min()), float(high.max())
 
