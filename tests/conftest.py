@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,6 +20,42 @@ torch.set_num_threads(1)
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+def _registries() -> list[dict]:
+    from betasmooth import attack, defense, metrics, report, zoo
+    from betasmooth.explain import CHECKS, INPUT_CHECKS, METHODS, PREFIXES
+    from betasmooth.smooth import THROUGH_RELU
+
+    return [
+        METHODS,
+        PREFIXES,
+        CHECKS,
+        INPUT_CHECKS,
+        metrics.METRICS,
+        metrics.REDUCTIONS,
+        attack.LOSSES,
+        attack.GOALS,
+        defense.DEFENSES,
+        THROUGH_RELU,
+        zoo.BUILTIN_DATA,
+        zoo.BUILTIN_MODELS,
+        zoo.MODEL_SCHEMES,
+        zoo.SCHEME_WEIGHTS,
+        report.SECTIONS,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored() -> Iterator[None]:
+    # A test that registers a method (or a model file it runs does) leaves the
+    # registries as it found them: `--method all` of a later test in the same
+    # worker would otherwise attack it too.
+    saved = [(registry, dict(registry)) for registry in _registries()]
+    yield
+    for registry, entries in saved:
+        registry.clear()
+        registry.update(entries)
 
 
 @pytest.fixture(params=sorted(CAPTUM_NETS))

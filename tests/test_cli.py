@@ -1021,7 +1021,8 @@ def test_an_attack_without_eps_or_k_records_neither_so_an_earlier_run_resumes(tm
         ("--eps", "8/0", "expected a fraction of the data range above 0 and at most 1"),
         ("--eps", "-8/-255", "expected a fraction of the data range above 0 and at most 1"),
         ("--k", "0", "expected a positive integer"),
-        ("--k", "1025", "--k must be at most the 32x32 map's 1024 pixels; got 1025"),
+        ("--k", "1025", "--k must be less than the 32x32 map's 1024 pixels; got 1025"),
+        ("--k", "1024", "--k must be less than the 32x32 map's 1024 pixels; got 1024"),
     ],
 )
 def test_a_bad_budget_or_top_k_size_is_one_line_before_the_run_starts(

@@ -731,6 +731,18 @@ def test_labels_from_minus_one_to_the_last_class_are_taken_and_no_other(tmp_path
     np.savez(tmp_path / "ten.npz", x=x, y=np.array([9, 10]))
     with pytest.raises(InputError, match="has label 10, but the model has 10 classes"):
         load_inputs("digits-cnn", str(tmp_path / "ten.npz"))
+    # One logit: one class, and the two logits a binary classifier needs.
+    (tmp_path / "one.py").write_text(
+        "import torch\n\n\ndef build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1))\n"
+    )
+    with pytest.raises(InputError) as one:
+        load_inputs(f"{tmp_path / 'one.py'}:build", str(tmp_path / "ten.npz"))
+    assert str(one.value) == (
+        f"{tmp_path / 'ten.npz'} has label 9, but the model has 1 class; expected labels 0 to 0 "
+        "(or -1 for unknown), or a model of two logits, e.g. torch.cat([-z, z], 1) / 2 for its "
+        "logit z"
+    )
 
 
 def test_load_inputs_refuses_a_count_of_zero_images():

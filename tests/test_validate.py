@@ -571,6 +571,41 @@ def test_curvature_names_a_forward_that_detaches_x():
         bs.curvature(Detaching().eval(), torch.rand(2, 1, 8, 8), iterations=2)
 
 
+DETACHING_MODEL = """
+import torch
+
+import betasmooth as bs
+
+
+class Detaching(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = bs.load_model("digits-cnn")
+
+    def forward(self, x):
+        return self.net(x.detach())
+
+
+def build():
+    return Detaching()
+"""
+
+
+def test_attack_names_a_forward_that_detaches_x_before_it_writes(tmp_path, capsys):
+    # The weights require grad, so the output has a graph: only one back to x counts.
+    (tmp_path / "detaching.py").write_text(DETACHING_MODEL)
+    out = tmp_path / "run"
+    argv = ["attack", "--model", f"{tmp_path / 'detaching.py'}:build", "--data", "digits"]
+    argv += ["-n", "2", "--steps", "2", "--method", "gradient", "--no-progress", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "betasmooth: error: Detaching's output does not depend on x: its forward detaches the "
+        "input or runs under torch.no_grad(); expected a forward that keeps x in the graph\n"
+    )
+    assert not out.exists()
+
+
 def test_a_compiled_model_is_refused_where_its_graph_is_differentiated_again():
     # torch.compile's graphs give no second derivative: the attack's maps
     # stayed without one (PCC to the target 0.48 against 0.88 uncompiled).

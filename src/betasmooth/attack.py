@@ -54,6 +54,7 @@ from .explain import (
     wraps_base,
 )
 from .explain import method_options as options_of
+from .explain.gradient import detached_message
 from .metrics import heatmap
 from .smooth import (
     check_beta,
@@ -949,8 +950,9 @@ def check_attack_model(
     beta schedule (:data:`ATTACK_DEFAULTS`) differentiates through softplus
     in place of every ReLU, which a TorchScript model does not let through
     (:func:`~betasmooth.smooth.check_overridable`). Where ``x`` is given, the
-    model's output on its first item must have two or more logits: the attack
-    keeps the label, the argmax, which one logit never changes.
+    model's output on its first item must have two or more logits (the attack
+    keeps the label, the argmax, which one logit never changes) and a graph
+    back to the item.
 
     Raises
     ------
@@ -966,9 +968,17 @@ def check_attack_model(
     if any(attack_defaults(m)["beta_schedule"] != "none" for m in methods):
         check_overridable(model, SURROGATE)
     if x is not None:
-        x = check_input(model, x)
-        with evaluating(model), torch.no_grad():
-            _check_classes(model(x[:1]))
+        probe = check_input(model, x)[:1].detach().requires_grad_(True)
+        with evaluating(model), torch.enable_grad():
+            logits = model(probe)
+        _check_classes(logits)
+        # Before the run directory is made (the weights may require grad: ask of x).
+        reached = (
+            logits.requires_grad
+            and torch.autograd.grad(logits.sum(), probe, allow_unused=True)[0] is not None
+        )
+        if not reached:
+            raise InputError(detached_message(model))
 
 
 def _check_classes(logits: torch.Tensor) -> None:

@@ -1267,9 +1267,11 @@ def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> d
         "k": default_k(*x.shape[-2:]),
     }
     height, width = x.shape[-2:]
-    if args.k is not None and args.k > height * width:
+    if args.k is not None and args.k >= height * width:
+        # A top-k of every pixel is always kept: it would measure nothing.
         raise InputError(
-            f"--k must be at most the {height}x{width} map's {height * width} pixels; got {args.k}"
+            f"--k must be less than the {height}x{width} map's {height * width} pixels; "
+            f"got {args.k}"
         )
     given = {"eps": args.eps, "k": args.k}
     return {name: v for name, v in given.items() if v is not None and v != defaults[name]}

@@ -159,9 +159,12 @@ def load_inputs(
     classes = check_compatible(net, x).shape[1]
     wrong = (y < -1) | (y >= classes)
     if wrong.any():
+        # One logit is no classifier of labelled data; a binary one returns two.
+        two = ", or a model of two logits, e.g. torch.cat([-z, z], 1) / 2 for its logit z"
         raise InputError(
-            f"{data} has label {int(y[wrong][0])}, but the model has {classes} classes; "
-            f"expected labels 0 to {classes - 1} (or -1 for unknown)"
+            f"{data} has label {int(y[wrong][0])}, but the model has {classes} "
+            f"{'class' if classes == 1 else 'classes'}; expected labels 0 to {classes - 1} "
+            f"(or -1 for unknown){two if classes == 1 else ''}"
         )
     return Inputs(net, x, y, about, loaded.bounds)
 

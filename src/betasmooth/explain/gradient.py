@@ -131,11 +131,16 @@ def input_gradient(
                 logit.sum(), xg, create_graph=create_graph, allow_unused=True
             )
     if grad is None:
-        raise InputError(
-            f"{type(model).__name__}'s output does not depend on x: its forward detaches the "
-            "input or runs under torch.no_grad(); expected a forward that keeps x in the graph"
-        )
+        raise InputError(detached_message(model))
     return grad
+
+
+def detached_message(model: nn.Module) -> str:
+    """The one line that names a model whose output has no graph back to its input."""
+    return (
+        f"{type(model).__name__}'s output does not depend on x: its forward detaches the "
+        "input or runs under torch.no_grad(); expected a forward that keeps x in the graph"
+    )
 
 
 @register("gradient")
