@@ -1171,6 +1171,15 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
             "holds a sweep whose defenses is beta_smooth,box_blur (beta_smooth,smoothgrad now)"
             in (capsys.readouterr().err)
         )
+        # A typo is named as such, with the file's defenses, before the settings compared.
+        DEFENSES.pop("box_blur")
+        for name in [n for n in sys.modules if n.startswith("_betasmooth_user_defended_")]:
+            del sys.modules[name]
+        assert main([*sweep, "--defenses", "box_blr"]) == 2
+        assert capsys.readouterr().err == (
+            "betasmooth: error: unknown defense 'box_blr'; expected one of: beta_smooth, "
+            "box_blur, smoothgrad\n"
+        )
     finally:
         DEFENSES.pop("box_blur", None)
     rows = read_jsonl(run / "sweep.jsonl")
@@ -1907,6 +1916,27 @@ def test_summary_table_keeps_three_digits_of_small_and_large_medians():
     assert float(row[2]) == pytest.approx(np.median(mse), rel=1e-2)
     assert float(row[3]) == pytest.approx(np.median(seconds), rel=1e-2)
     assert len(row[2]) == len(row[3]) == len("3.50e-04")
+
+
+def test_summary_table_heads_each_grouping_field_over_its_own_column():
+    # The sweep's table once headed three fields with one padded "method defense beta".
+    from betasmooth.cli import summary_table
+
+    records = [
+        {"method": m, "defense": d, "beta": b, "pcc": 0.5}
+        for m in ("gradient", "integrated_gradients")
+        for d in ("beta_smooth", "smoothgrad")
+        for b in (2.0, 10.0)
+    ]
+    lines = summary_table(records, [("pcc", "pcc")], ("method", "defense", "beta")).splitlines()
+    starts = [lines[0].index(h) for h in ("method", "defense", "beta")]
+    assert starts == [0, len("integrated_gradients  "), len("integrated_gradients  beta_smooth  ")]
+    for line in lines[1:]:
+        method, defense, beta = line.split()[:3]
+        assert [
+            line.index(f" {v}") + 1 if i else 0 for i, v in enumerate((method, defense, beta))
+        ] == starts
+    assert lines[6].split() == ["integrated_gradients", "beta_smooth", "10", "1", "0.500"]
 
 
 @pytest.mark.parametrize("values", [[1.2e-3, 1.4e-3, 1.9e-3], [-6.3e-3, -5.6e-3, -4e-3]])

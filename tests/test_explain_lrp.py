@@ -1446,7 +1446,8 @@ def test_lrp_warns_where_relevance_grows_by_dividing_by_a_sum_near_zero(epsilon)
             "epsilon=1e-06 lets it grow where a dense layer's pre-activation or a residual "
             "addition's sum is near 0 but its unit still gets relevance (as a beta-smoothed "
             "network's softplus units do), and the map is a few spikes; a larger epsilon "
-            "(lrp's option epsilon, 0.01 to 0.25) bounds it"
+            "(lrp's option epsilon, 0.01 to 0.25; on the command line attack's or explain's "
+            "--option lrp.epsilon=0.25, which a sweep of that attack takes) bounds it"
         ]
         if epsilon == 1e-6
         else []

@@ -1210,21 +1210,23 @@ def summary_table(
     """
 
     groups = group_records(records, group)
-    names = [
-        " ".join("-" if v is None else beta_key(v) if isinstance(v, float) else str(v) for v in key)
+    keys = [
+        ["-" if v is None else beta_key(v) if isinstance(v, float) else str(v) for v in key]
         for key in groups
     ]
-    first = max([len(" ".join(group)), *map(len, names)]) + 2
+    # One column per grouping field, each as wide as its longest entry.
+    firsts = [max([len(g), *(len(k[i]) for k in keys)]) + 2 for i, g in enumerate(group)]
     widths = [max(len(h), 7) + 2 for _, h in columns]
     lines = [
-        " ".join(group).ljust(first)
+        "".join(g.ljust(w) for g, w in zip(group, firsts))
         + "n".rjust(3)
         + "".join(h.rjust(w) for (_, h), w in zip(columns, widths))
     ]
-    for name, rows in zip(names, groups.values()):
+    for key, rows in zip(keys, groups.values()):
         stats = medians(rows, [field for field, _ in columns])
         cells = "".join(_cell(stats[field], w) for (field, _), w in zip(columns, widths))
-        lines.append(name.ljust(first) + str(len(rows)).rjust(3) + cells)
+        name = "".join(k.ljust(w) for k, w in zip(key, firsts))
+        lines.append(name + str(len(rows)).rjust(3) + cells)
     return "\n".join(lines)
 
 
@@ -1573,8 +1575,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     config = run.check_attacked()
     device = resolve_device(args.device)
     _check_betas(args.betas)
-    if not _may_register(str(config.get("model"))):
-        check_defenses(args.defenses)  # a typo is named before a long load
+    if _may_register(str(config.get("model"))):
+        import_model_code(str(config["model"]))  # the defenses it registers, not the model
+    check_defenses(args.defenses)  # a typo is named before a long load
     settings = runs.sweep_settings(args.betas, args.smoothgrad_n, args.min_fidelity, args.defenses)
     run.check_sweep(settings)  # before the model is loaded
     inputs = _load(config, 1)

@@ -1462,7 +1462,9 @@ def _check_amplification(
             f"it): the stabiliser epsilon={epsilon:g} lets it grow where a dense layer's "
             "pre-activation or a residual addition's sum is near 0 but its unit still "
             "gets relevance (as a beta-smoothed network's softplus units do), and the map "
-            "is a few spikes; a larger epsilon (lrp's option epsilon, 0.01 to 0.25) bounds it",
+            "is a few spikes; a larger epsilon (lrp's option epsilon, 0.01 to 0.25; on the "
+            "command line attack's or explain's --option lrp.epsilon=0.25, which a sweep of "
+            "that attack takes) bounds it",
             model,
         )
 
