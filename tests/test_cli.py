@@ -432,7 +432,8 @@ def test_sweep_table_shows_the_defended_clean_maps_similarity_to_the_target(
     titles = [t for _, t in SWEEP_COLUMNS]
     for method in ("gradient", "lrp"):
         mine = [r for r in rows if (r["method"], r["defense"]) == (method, "beta_smooth")]
-        row = next(line for line in lines if line.startswith(f"{method} beta_smooth 2")).split()
+        row = next(line for line in lines if _words(line).startswith(f"{method} beta_smooth 2"))
+        row = row.split()
         cell = row[4 + titles.index("pcc clean/tgt")]
         expected = np.median([r["clean_vs_target_pcc"] for r in mine])
         assert float(cell) == pytest.approx(expected, abs=6e-4)
@@ -954,9 +955,9 @@ def test_untargeted_attack_summary_shows_what_the_goal_moves(goal, column, field
     # column repeated pcc adv/orig.
     assert main(["sweep", str(tmp_path / "run"), "--betas", "2", "--smoothgrad-n", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if line.startswith("method defense beta"))
+    header = next(line for line in lines if _words(line).startswith("method defense beta"))
     assert "pcc adv/orig" in header and "tgt" not in header
-    row = next(line for line in lines if line.startswith("gradient beta_smooth")).split()
+    row = next(line for line in lines if _words(line).startswith("gradient beta_smooth")).split()
     sweep = [
         r for r in read_jsonl(tmp_path / "run" / "sweep.jsonl") if r["defense"] == "beta_smooth"
     ]
@@ -1826,11 +1827,12 @@ def test_sweep_table_report_and_betas_of_a_run_with_two_methods(tmp_path, capsys
     assert main([*sweep, "--min-fidelity", "0.9999"]) == 0
     # One row per method: the table pooled both methods' records under one name.
     lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if line.startswith("method defense beta"))
+    header = next(line for line in lines if _words(line).startswith("method defense beta"))
     records = read_jsonl(run / "sweep.jsonl")
     assert header.split()[4:6] == ["pcc", "adv/orig"]
     for method in ("gradient", "lrp"):
-        row = next(line for line in lines if line.startswith(f"{method} beta_smooth 10")).split()
+        row = next(line for line in lines if _words(line).startswith(f"{method} beta_smooth 10"))
+        row = row.split()
         mine = [
             r
             for r in records
@@ -1871,8 +1873,13 @@ def test_resume_of_a_run_whose_attacked_smoothgrad_drew_from_seed_0_refuses_anot
     assert main([*argv[:-1], str(zero), "--resume"]) == 0
 
 
+def _words(line):
+    """A table's line with each run of spaces as one: its columns are padded."""
+    return " ".join(line.split())
+
+
 def _table(lines, head):
-    header = next(i for i, line in enumerate(lines) if line.startswith(head))
+    header = next(i for i, line in enumerate(lines) if _words(line).startswith(head))
     return lines[header], lines[header + 1 :]
 
 
