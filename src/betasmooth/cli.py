@@ -1282,11 +1282,8 @@ def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> d
 def _resumed_all(args: argparse.Namespace, methods: list[str]) -> list[str]:
     """``--method all`` on ``--resume`` of a run made when ``all`` was the built-in
     methods only (before 0.12.0): the run's own methods, and the others named."""
-    if (
-        not args.resume
-        or args.method.strip() != "all"
-        or not Path(args.out, "config.json").is_file()
-    ):
+    named = [m.strip() for m in args.method.split(",") if m.strip()]  # as runs reads it
+    if not args.resume or named != ["all"] or not Path(args.out, "config.json").is_file():
         return methods
     recorded = RunDir(args.out).config().get("methods")
     if recorded != list(ATTACK_DEFAULTS) or recorded == methods:
