@@ -1249,3 +1249,19 @@ def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
     finally:
         for name in ("from_low", "noisy_gradient", "detached_gradient", "smoothed_saliency"):
             METHODS.pop(name)
+
+
+@pytest.mark.parametrize("method", list(ATTACK_DEFAULTS))
+def test_the_options_attacked_without_a_range_are_the_attack_defaults_and_nothing_else(
+    method,
+):
+    # The options given, then the method's attack defaults: a base that draws no
+    # noise gets no base_options (a base method of its own choosing is the same map).
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    defaults = ATTACK_DEFAULTS[method].get("options", {})
+    assert attack_options(method, x, data_range=None) == defaults
+    if method in ("smoothgrad", "beta_smooth"):
+        for base in ("gradient", "lrp", "integrated_gradients"):
+            given = {"base": base}
+            options = attack_options(method, x, data_range=None, method_options=given)
+            assert options == {**defaults, **given}

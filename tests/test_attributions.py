@@ -257,3 +257,46 @@ def test_a_base_option_that_names_no_method_is_the_registered_methods_own():
         torch.testing.assert_close(bs.explain(net, x, "log_gradient", 1, base=10.0), want)
     finally:
         METHODS.pop("log_gradient")
+
+
+def test_a_base_named_in_place_of_a_default_that_names_none_is_checked_as_that_method():
+    # The base given, not the registered default, decides: a smoothing whose default
+    # base is None (its own plain map) checks a base 'lrp' given as LRP, box and all.
+    from betasmooth.explain import METHODS, check_method_input, check_model, register
+
+    @register("optional_smoothing")
+    def optional_smoothing(model, x, target, *, create_graph=False, base=None, **options):
+        name = "gradient" if base is None else base
+        return bs.explain(model, x, name, target, create_graph=create_graph, **options)
+
+    try:
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+        check_method_input(3 * x, "optional_smoothing")  # no base named: nothing to check
+        with pytest.raises(bs.InputError, match=r"^x lies outside the lrp input box \[0.0, 1.0\]"):
+            check_method_input(3 * x, "optional_smoothing", base="lrp")
+        normed = torch.nn.Sequential(torch.nn.LayerNorm([1, 4, 4]), net)
+        check_model(normed, "optional_smoothing")
+        with pytest.raises(bs.InputError, match=r"^lrp's z\^B rule needs the bounds"):
+            check_model(normed, "optional_smoothing", base="lrp")
+    finally:
+        METHODS.pop("optional_smoothing")
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "beta_smooth"])
+def test_the_base_method_is_checked_with_the_options_that_reach_it(method):
+    # LRP's z^B rule cannot bound the input of a layer after a norm; a composite
+    # without a box can. The base's options decide, as they do for LRP alone.
+    from betasmooth.explain import check_model
+
+    net = torch.nn.Sequential(
+        torch.nn.LayerNorm([1, 4, 4]), torch.nn.Flatten(), torch.nn.Linear(16, 3)
+    )
+    flat = {"composite": "epsilon_plus_flat"}
+    with pytest.raises(bs.InputError) as plain:
+        check_model(net, "lrp")
+    check_model(net, "lrp", **flat)
+    with pytest.raises(bs.InputError) as wrapped:
+        check_model(net, method, base="lrp")
+    assert str(wrapped.value) == str(plain.value)
+    check_model(net, method, base="lrp", base_options=flat)

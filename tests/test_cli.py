@@ -1041,6 +1041,31 @@ def test_a_bad_budget_or_top_k_size_is_one_line_before_the_run_starts(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_top_k_size_from_one_to_one_pixel_less_than_the_map_is_recorded_unless_default():
+    # A 32 x 32 map: the default k is 10 % of its 1024 pixels (102), which the config
+    # leaves out; 1 and 1023 are the smallest and largest other sizes it records.
+    import argparse
+
+    from betasmooth.attack import GOALS
+    from betasmooth.cli import _budget_settings
+
+    x = torch.zeros(2, 1, 32, 32)
+    settings = {
+        k: _budget_settings(argparse.Namespace(eps=None, k=k), GOALS["topk"], x)
+        for k in (None, 1, 101, 102, 103, 1023)
+    }
+    assert settings == {
+        None: {},
+        1: {"k": 1},
+        101: {"k": 101},
+        102: {},
+        103: {"k": 103},
+        1023: {"k": 1023},
+    }
+    with pytest.raises(bs.InputError, match="^--k must be less than the 32x32 map's 1024 pix"):
+        _budget_settings(argparse.Namespace(eps=None, k=1024), GOALS["topk"], x)
+
+
 def test_a_budget_is_a_fraction_above_zero_up_to_the_whole_range():
     # 1 (the whole range, the same as no budget) is at most 1; 0 and above 1 are not.
     import argparse
@@ -1482,6 +1507,38 @@ def test_a_run_of_all_methods_made_before_all_took_registered_ones_resumes(tmp_p
     # Any other list is still another setting.
     assert main([*argv, "--method", "gradient", "--resume"]) == 2
     assert "--resume with a different setting: methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "recorded", [list(ATTACK_DEFAULTS), ["gradient", "lrp"], list(ATTACK_DEFAULTS)[::-1]]
+)
+def test_resume_of_all_keeps_the_methods_of_all_unless_an_old_run_recorded_fewer(
+    recorded, tmp_path, capsys
+):
+    # Only a run that recorded exactly the built-in methods, while `all` now names
+    # more, is resumed on its own methods; any other list stays what was asked, which
+    # --resume then compares with the run's (another setting), and nothing is said.
+    import argparse
+
+    from betasmooth.cli import _resumed_all
+
+    (tmp_path / "config.json").write_text(json.dumps({"methods": recorded}))
+    args = argparse.Namespace(resume=True, method="all", out=str(tmp_path))
+    assert _resumed_all(args, list(ATTACK_DEFAULTS)) == list(ATTACK_DEFAULTS)
+    more = [*ATTACK_DEFAULTS, "my_gradient"]
+    resumed = _resumed_all(args, more)
+    assert resumed == (recorded if recorded == list(ATTACK_DEFAULTS) else more)
+    err = capsys.readouterr().err
+    if recorded == list(ATTACK_DEFAULTS):
+        assert err == (
+            f"{tmp_path} was made when --method all meant the 7 built-in methods: resuming "
+            "those; attack my_gradient with --method in a new --out\n"
+        )
+    else:
+        assert err == ""
+    # `all` written as the method lists read it: with a trailing comma or spaces.
+    spaced = argparse.Namespace(resume=True, method=" all , ", out=str(tmp_path))
+    assert _resumed_all(spaced, more) == resumed
 
 
 MODEL_WITH_CHECKS = """
@@ -1944,6 +2001,20 @@ def test_summary_table_heads_each_grouping_field_over_its_own_column():
             line.index(f" {v}") + 1 if i else 0 for i, v in enumerate((method, defense, beta))
         ] == starts
     assert lines[6].split() == ["integrated_gradients", "beta_smooth", "10", "1", "0.500"]
+
+
+def test_a_grouping_field_longer_than_its_entries_is_as_wide_as_its_heading():
+    # "method" (6 letters) over "gd" (2): the column is the heading's width plus 2, so
+    # the count and the medians stand right under their headings.
+    from betasmooth.cli import summary_table
+
+    records = [{"method": "gd", "beta": b, "pcc": 0.5} for b in (2.0, 2.0, 10.0)]
+    table = summary_table(records, [("pcc", "pcc")], ("method", "beta"))
+    assert table.splitlines() == [
+        "method  beta    n      pcc",
+        "gd      2       2    0.500",
+        "gd      10      1    0.500",
+    ]
 
 
 @pytest.mark.parametrize("values", [[1.2e-3, 1.4e-3, 1.9e-3], [-6.3e-3, -5.6e-3, -4e-3]])
