@@ -923,9 +923,13 @@ def data_bounds(
             warnings.simplefilter("ignore", UserWarning)
             data = load_data(spec, channels=channels, mean=mean, std=std)
         return data.low, data.high
+    per_channel = max(
+        [torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None],
+        default=1,
+    )
+    # Data have 1 or 3 channels: statistics of 3 or more fix the count without reading it.
     n = channels or max(
-        [torch.as_tensor(v, dtype=torch.float32).numel() for v in (mean, std) if v is not None]
-        + [_channels_of_source(str(spec), source)]
+        per_channel, 1 if per_channel >= 3 else _channels_of_source(str(spec), source)
     )
     shift, scale = _normalisation(mean, std, n)
     return (DATA_RANGE[0] - shift) / scale, (DATA_RANGE[1] - shift) / scale
