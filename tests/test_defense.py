@@ -590,3 +590,95 @@ def test_a_registered_defense_that_returns_other_maps_is_named(small, returned, 
         f"defense 'odd' returned {got}; expected maps of shape (8, 16, 16), the attacked "
         "images' then the clean ones' (2B, H, W) as a torch.Tensor"
     )
+
+
+def _plain_maps(model, xs, method, label, base_options=None):
+    return bs.heatmap(bs.explain(model, xs, method, label, **(base_options or {}))).detach()
+
+
+def test_changed_is_true_where_a_defense_changes_only_one_of_the_two_maps(small, monkeypatch):
+    # "changed": the defense changed the map of x or of x_adv. Two registered defenses
+    # give back the undefended maps but for one half, mirrored: each changed every image.
+    from betasmooth.defense import DEFENSES
+
+    net, x = small
+
+    def mirrored(half):
+        def defense(model, xs, method, label, beta, *, base_options, **_):
+            maps = _plain_maps(model, xs, method, label, base_options)
+            adv, clean = maps.chunk(2)
+            if half == "adv":
+                adv = adv.flip(-1)
+            elif half == "clean":
+                clean = clean.flip(-1)
+            return torch.cat([adv, clean])
+
+        return defense
+
+    monkeypatch.setitem(DEFENSES, "mirror_adv", mirrored("adv"))
+    monkeypatch.setitem(DEFENSES, "mirror_clean", mirrored("clean"))
+    monkeypatch.setitem(DEFENSES, "identity", mirrored(None))
+    plain = _plain_maps(net, x, "gradient", predict(net, x))
+    assert not any(torch.equal(m, m.flip(-1)) for m in plain)
+    x_adv = (x + 0.02).clamp(0, 1)
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "gradient", [1.0],
+        defenses=["mirror_adv", "mirror_clean", "identity"],
+    )  # fmt: skip
+    changed = {}
+    for r in sweep.records():
+        changed.setdefault(r["defense"], []).append(r["changed"])
+    assert changed == {
+        "mirror_adv": [True] * 4, "mirror_clean": [True] * 4, "identity": [False] * 4
+    }  # fmt: skip
+
+
+def test_a_registered_defenses_maps_are_kept_detached_and_timed_per_image(small, monkeypatch):
+    # The clock advances 6 s inside the defense only: 4 images took 1.5 s each. The maps
+    # it returns with a graph are kept without it (each beta's maps would hold theirs).
+    import types
+
+    import betasmooth.defense as defense_module
+
+    net, x = small
+    now = [100.0]
+
+    def graphed(model, xs, method, label, beta, *, base_options, **_):
+        now[0] += 6.0
+        return _plain_maps(model, xs, method, label, base_options).requires_grad_(True) * 1
+
+    monkeypatch.setitem(defense_module.DEFENSES, "graphed", graphed)
+    monkeypatch.setattr(defense_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    sweep = bs.defense_sweep(
+        net, x, x, targets_of(net, x), "gradient", [1.0, 2.0], defenses=["graphed"]
+    )
+    assert [r["seconds"] for r in sweep.records()] == [1.5] * 8
+    for adv, clean in sweep.maps.values():
+        assert not adv.requires_grad and not clean.requires_grad
+        assert adv.grad_fn is None and clean.grad_fn is None
+
+
+def test_a_sweep_refuses_no_betas_an_x_adv_of_another_shape_and_merges_a_defense_named_twice(
+    small,
+):
+    from betasmooth.defense import check_defenses
+
+    net, x = small
+    target = targets_of(net, x)
+    with pytest.raises(bs.InputError, match=r"^betas must hold at least one positive number"):
+        bs.defense_sweep(net, x, x, target, "gradient", [], smoothgrad_n=2)
+    with pytest.raises(
+        bs.InputError,
+        match=r"^x_adv must have the shape of x, \(4, 1, 16, 16\); got \(3, 1, 16, 16\)$",
+    ):
+        bs.defense_sweep(net, x, x[:3], target, "gradient", [1.0], smoothgrad_n=2)
+    # Named twice, a defense runs once: each image counts once in its beta's medians.
+    assert check_defenses(["smoothgrad", "beta_smooth", "smoothgrad"]) == [
+        "smoothgrad", "beta_smooth"
+    ]  # fmt: skip
+    sweep = bs.defense_sweep(
+        net, x, x, target, "gradient", [1.0], defenses=["beta_smooth", "beta_smooth"]
+    )
+    assert sorted((r["defense"], r["index"]) for r in sweep.records()) == [
+        ("beta_smooth", i) for i in range(4)
+    ]

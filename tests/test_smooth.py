@@ -298,6 +298,27 @@ def test_rsample_is_differentiable_in_beta_and_beta_broadcasts():
     np.testing.assert_allclose(logp.detach().numpy(), ref, rtol=1e-12)
 
 
+def test_log_prob_validates_its_value_as_torch_distributions_do_also_once_expanded():
+    # torch.distributions' contract, with Normal as the reference: with validate_args, a
+    # value outside the support (NaN for the real line) is refused, also by an expanded
+    # copy; without, it passes through.
+    nan = torch.tensor([0.0, float("nan")], dtype=torch.float64)
+    beta = torch.tensor(2.0, dtype=torch.float64)
+    reference = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0 / beta)
+    for noise, normal in (
+        (LogisticNoise(beta, validate_args=True), reference),
+        (LogisticNoise(beta, validate_args=True).expand((2,)), reference.expand((2,))),
+    ):
+        with pytest.raises(ValueError, match="support"):
+            normal.log_prob(nan)
+        with pytest.raises(ValueError, match="support"):
+            noise.log_prob(nan)
+    quiet = LogisticNoise(beta, validate_args=False).expand((2,))
+    logp = quiet.log_prob(nan)
+    assert logp[0].item() == pytest.approx(sps.logistic(scale=0.5).logpdf(0.0), rel=1e-12)
+    assert math.isnan(logp[1].item())
+
+
 @pytest.mark.parametrize("beta", [0.7, 4.0])
 def test_expected_relu_under_noise_is_softplus(beta):
     torch.manual_seed(2)
@@ -918,6 +939,28 @@ def test_an_interrupted_smoothed_copy_leaves_relu_as_it_was(where):
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_relu_stays_relu_at_every_call_after_an_interrupted_smoothed_forward():
+    # The override an interrupt left on torch's stack is found stale at the first ReLU
+    # after it; each later ReLU, not only that first one, must pass through as ReLU.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    soft = smooth(net, 2.0)
+    handle = soft[2].register_forward_hook(_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        soft(torch.randn(5, 3))
+    handle.remove()
+    h = torch.tensor([-1.0, -0.25, 0.0, 0.5])
+    for _ in range(3):
+        assert torch.relu(h).tolist() == [0.0, 0.0, 0.0, 0.5]
+        assert F.relu(h).tolist() == [0.0, 0.0, 0.0, 0.5]
+    x = torch.randn(5, 3)
+    relu_net = (x @ net[0].weight.T + net[0].bias).clamp(min=0)
+    relu_net = (relu_net @ net[2].weight.T + net[2].bias).clamp(min=0)
+    torch.testing.assert_close(net(x), relu_net)
+    soft(x)  # the copy's next forward takes the stale override off
+    assert torch._C._len_torch_function_stack() == 0
+
+
 @pytest.mark.parametrize("call", ["create_graph", "curvature"])
 def test_an_interrupt_inside_a_smoothed_copy_under_second_order_leaves_no_mode(call):
     # second_order's own mode is taken off, not the stale override the interrupt left
@@ -1159,6 +1202,18 @@ def test_replace_relu_counts_every_relu_call_of_the_first_pass():
         net(torch.randn(2, 3))
     # One per activation call replaced: relu, F.relu, Tensor.relu and relu6.
     assert done[0].replaced == 4
+
+
+def test_relu_calls_counts_an_in_place_relu_on_the_input_and_leaves_the_input_alone():
+    # The first layer an in-place ReLU of x itself: counted, as the later one, and x
+    # unchanged (relu_calls tracks a copy of x, which the ReLU may overwrite).
+    from betasmooth.smooth import relu_calls
+
+    net = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(3, 2), nn.ReLU())
+    x = torch.tensor([[-1.0, 0.5, 2.0], [0.3, -0.2, -4.0]])
+    before = x.clone()
+    assert relu_calls(net, x) == 2
+    assert torch.equal(x, before)
 
 
 def test_guided_backprop_and_beta_smoothing_name_kinked_activations_each_in_its_words():
