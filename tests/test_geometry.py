@@ -228,6 +228,7 @@ def test_curvature_of_a_model_in_training_mode_is_that_of_evaluation_mode():
         ({"iterations": 0}, bs.InputError),
         ({"probes": 1.5}, bs.InputTypeError),
         ({"tol": -1.0}, bs.InputError),
+        ({"tol": math.nan}, bs.InputError),
         ({"target": 7}, bs.InputError),
         ({"data_range": (None, 1.0)}, bs.InputTypeError),
         ({"data_range": ("a", "b")}, bs.InputTypeError),
@@ -472,12 +473,14 @@ def test_hutchinson_of_a_multiple_of_the_identity_is_exact(probes):
     assert out["hessian_frobenius"].item() == pytest.approx(2 * math.sqrt(3), rel=1e-12)
 
 
-def test_a_frozen_affine_model_has_zero_curvature():
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_affine_model_has_zero_curvature(frozen):
     # Weights without requires_grad (a frozen model): the gradient W[target] has
     # no graph at all, so every Hessian-vector product is 0 (closed form) and the
-    # normal never changes; the gradient norm is |W[target]|.
+    # normal never changes; the gradient norm is |W[target]|. Trainable weights give
+    # the gradient a graph through W only, in which x is unused: the same zeros.
     torch.manual_seed(0)
-    lin = nn.Linear(5, 3).double().eval().requires_grad_(False)
+    lin = nn.Linear(5, 3).double().eval().requires_grad_(not frozen)
     x = torch.randn(2, 5, dtype=torch.float64)
     out = curvature(lin, x, 1)
     for key in ("hessian_norm", "principal_curvature", "hessian_frobenius"):
@@ -559,3 +562,74 @@ def test_lanczos_stops_once_the_ritz_residual_is_within_the_tolerance(tol):
     assert len(products) <= 8
     bound = (tol * 10) ** 2 / 9
     assert (estimate - 10).abs().max() <= bound
+
+
+def test_lanczos_stops_once_its_krylov_space_is_invariant():
+    # tol = 0 leaves only the invariant Krylov space to stop on: of a rank-2 operator
+    # (eigenvalues 3 and -5, closed form) it has at most 3 dimensions, the start and
+    # two directions in the range, however far rounding keeps beta from exactly 0.
+    from betasmooth.geometry import _lanczos
+
+    d = 50
+    values = torch.zeros(d, dtype=torch.float64)
+    values[7], values[30] = 3.0, -5.0
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0)).double())
+    matrix = q @ torch.diag(values) @ q.T
+    products = []
+
+    def op(v):
+        products.append(v.shape[0])
+        return v @ matrix
+
+    start = torch.randn(2, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    estimate = _lanczos(op, start, 20, 0.0)
+    assert len(products) <= 3
+    torch.testing.assert_close(estimate, torch.full((2,), 5.0, dtype=torch.float64))
+
+
+def test_lanczos_takes_a_second_step_before_it_trusts_a_residual():
+    # diag(10, 1) from a start almost along the eigenvector of 1: the first Ritz pair,
+    # about (1, e2), has a residual 9e-4 <= tol * 1, yet the largest |eigenvalue| is 10
+    # (closed form), which the second step, spanning the whole space, finds exactly.
+    from betasmooth.geometry import _lanczos
+
+    values = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    start = torch.tensor([[1e-4, 1.0]], dtype=torch.float64)
+    estimate = _lanczos(lambda v: v * values, start, 20, 1e-3)
+    assert estimate.item() == pytest.approx(10.0, rel=1e-12)
+
+
+def test_the_default_number_of_probes_is_the_documented_ten():
+    # README: Hutchinson's estimate from `probes` (10) random vectors. One probe gives
+    # another estimate of the Frobenius norm of this Hessian, which is not a multiple of I.
+    torch.manual_seed(2)
+    net = bs.smooth(neurons(torch.randn(3, 4, dtype=torch.float64)), 2.0)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    default = curvature(net, x, seed=4)
+    ten, one = (curvature(net, x, seed=4, probes=p) for p in (10, 1))
+    for key, value in ten.items():
+        torch.testing.assert_close(default[key], value, rtol=0, atol=0)
+    assert not torch.equal(one["hessian_frobenius"], ten["hessian_frobenius"])
+
+
+def test_theorem1_start_vectors_follow_the_seed():
+    # One Lanczos step gives the Rayleigh quotient of the start vector: on the sphere
+    # g = |x|^2 that is |P q|^2 / |x_t| for a unit start q, below the true curvature
+    # 1 / |x_t| (closed form) and different for every seed; 20 steps reach 1 / |x_t|.
+    d = 6
+    x = torch.zeros(1, d, dtype=torch.float64)
+    x[0, 0] = 2.0
+    x_adv = x + 0.1 * torch.ones(1, d, dtype=torch.float64)
+    exact = 1 / x.norm().item()  # the largest 1 / |x_t| on this segment, at t = 0
+    one_step = {
+        s: theorem1_check(_Square(), x, x_adv, samples=2, iterations=1, seed=s)[
+            "max_principal_curvature"
+        ].item()
+        for s in (1, 2)
+    }
+    assert one_step[1] != one_step[2]
+    assert all(0 < v < exact for v in one_step.values())
+    again = theorem1_check(_Square(), x, x_adv, samples=2, iterations=1, seed=1)
+    assert again["max_principal_curvature"].item() == one_step[1]
+    full = theorem1_check(_Square(), x, x_adv, samples=2, iterations=20, seed=1)
+    assert full["max_principal_curvature"].item() == pytest.approx(exact, rel=1e-12)

@@ -488,6 +488,22 @@ def test_heatmap_of_an_overflowing_sum_keeps_the_scales_of_the_channels():
     torch.testing.assert_close(maps.double(), heatmap(e), rtol=1e-5, atol=1e-9)
 
 
+def test_heatmap_of_a_total_below_the_smallest_normal_number_is_zero():
+    # The documented convention: a float32 map whose |values| sum to less than 1.2e-38
+    # is all zero, with a zero derivative (1 / total^2 overflows there, to inf and NaN).
+    # Item 1 sums to 16x the smallest normal number: an ordinary map of 1/4s.
+    tiny = torch.finfo(torch.float32).tiny
+    e = torch.tensor([tiny / 8, 2 * tiny]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    e.requires_grad_(True)
+    maps = heatmap(e)
+    assert torch.equal(maps[0], torch.zeros(2, 2))
+    assert torch.equal(maps[1], torch.full((2, 2), 0.25))
+    weights = torch.arange(8.0).view(2, 2, 2)
+    (grad,) = torch.autograd.grad((maps * weights).sum(), e)
+    assert torch.equal(grad[0], torch.zeros_like(grad[0]))
+    assert bool(torch.isfinite(grad).all())
+
+
 def test_heatmap_derivative_at_an_all_zero_map_is_zero():
     # The attack differentiates through heatmap: an all-zero map must not give 0 / 0.
     zero = torch.zeros(1, 3, 4, 4, requires_grad=True)
@@ -644,9 +660,33 @@ def test_maps_of_mixed_precision_are_compared_in_the_wider_dtype():
         torch.testing.assert_close(mixed[name], wide[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_scores_of_float32_and_half_maps_are_float32(dtype):
+    # compare's contract: maps of fewer than 32 bits are compared in float32, and every
+    # score, the rank statistics (spearman, topk) included, comes back in that dtype.
+    a, b = (m.to(dtype) for m in _pairs((16, 16)))
+    out = compare(a, b, k=7)
+    for name, value in out.items():
+        assert value.dtype == torch.float32, name
+    ref = stats.spearmanr(a[0].double().numpy().ravel(), b[0].double().numpy().ravel())
+    assert out["spearman"][0].item() == pytest.approx(ref.statistic, abs=1e-6)
+
+
 def test_group_records_puts_missing_values_first():
     rows = [{"beta": 2.0}, {"method": "x"}, {"beta": 1.0}]
     assert list(group_records(rows, ["beta"])) == [(None,), (1.0,), (2.0,)]
+
+
+def test_group_records_puts_numbers_before_names():
+    # The documented order: missing values, then numbers (by value), then names.
+    rows = [{"beta": "relu"}, {"beta": 10.0}, {}, {"beta": "beta=2"}, {"beta": 2}]
+    assert list(group_records(rows, ["beta"])) == [
+        (None,),
+        (2,),
+        (10.0,),
+        ("beta=2",),
+        ("relu",),
+    ]
 
 
 def test_group_records_reads_a_name_s_exponent_as_part_of_its_number():

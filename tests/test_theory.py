@@ -65,6 +65,18 @@ def test_identity_1d_several_betas():
     assert (out["cdf"] - out["derivative"]).abs().max() < 1e-12
 
 
+def test_identity_1d_far_in_the_left_tail_is_accurate_to_relative_precision():
+    # beta = 100: x = -5 lies 500 scales below 0, where E[1{e < x}] = sigmoid(-500)
+    # = 7e-218 and E[relu(x - e)] = softplus_100(-5) = 7e-220; scipy's logistic
+    # distribution and numpy's logaddexp to 1e-9, not merely to an absolute 1e-12.
+    x = torch.tensor([-5.0, -2.0, -1.0, -0.5, -0.1], dtype=torch.float64)
+    out = theory.identity_1d(x, [100.0])
+    np.testing.assert_allclose(out["cdf"][0], stats.logistic.cdf(100 * x.numpy()), rtol=1e-9)
+    np.testing.assert_allclose(
+        out["expectation"][0], np.logaddexp(0, 100 * x.numpy()) / 100, rtol=1e-9
+    )
+
+
 @settings(max_examples=10, deadline=None)
 @given(angle=st.floats(0.05, math.pi / 2 - 0.05), z=st.floats(-6, 6))
 def test_iid_cdf_against_convolution(angle, z):
@@ -410,6 +422,42 @@ def test_smoothing_vs_smoothgrad_uses_the_logistic_std_and_both_noises():
         )
         want = float(pcc(reference, bs.heatmap(sg)).median())
         assert out[str(beta)][noise] == pytest.approx(want, abs=1e-6), noise
+
+
+def test_smoothing_vs_smoothgrad_takes_sigma_as_a_fraction_of_the_input_range():
+    # SmoothGrad's sigma is a fraction of input_range: its noise has the logistic
+    # std (scipy) in the input's own units whatever the range, here 2.
+    model = bs.load_model("digits-cnn")
+    x, _ = bs.load_data("digits")
+    x = x[:2]
+    beta, samples, width = 2.0, 4, 2.0
+    out = theory.smoothing_vs_smoothgrad(
+        model, x, [beta], samples=samples, input_range=width, seed=3
+    )
+    std = stats.logistic.std(scale=1 / beta)
+    reference = bs.heatmap(bs.explain(model, x, "beta_smooth", beta=beta))
+    options = {"sigma": std / width, "n": samples, "seed": 3, "input_range": width}
+    sg = bs.explain(model, x, "smoothgrad", noise="logistic", **options)
+    want = float(pcc(reference, bs.heatmap(sg)).median())
+    assert out[str(beta)]["logistic"] == pytest.approx(want, abs=1e-6)
+
+
+def test_curvature_by_beta_leaves_out_an_image_without_a_gradient():
+    # relu(x) summed by a second layer: at (-1, -1) both units are off, the gradient is 0
+    # and the principal curvature undefined (NaN); the medians are of the other images,
+    # where the ReLU net is linear (0), and the gradient norms sqrt(2), sqrt(2), 0 by hand.
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[0].bias.zero_()
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0], [0.5, 0.0], [0.0, 0.5]]))
+        net[2].bias.copy_(torch.tensor([0.0, 0.1, 0.0]))
+    x = torch.tensor([[1.0, 2.0], [2.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    assert net(x).argmax(1).tolist() == [0, 0, 1]
+    relu = theory.curvature_by_beta(net, x, [1.0], iterations=5)["relu"]
+    assert relu["principal_curvature"] == 0.0
+    assert relu["hessian_norm"] == 0.0
+    assert relu["gradient_norm"] == pytest.approx(math.sqrt(2), rel=1e-12)
 
 
 def test_curvature_by_beta_is_the_dense_hessian_of_the_softplus_net():
