@@ -232,6 +232,35 @@ def test_unknown_noise_model():
         theory.theorem2_monte_carlo(torch.ones(2), torch.ones(1, 2), 1.0, 10, "uniform")
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n": 0}, r"^n must be an integer >= 1; got 0$"),
+        ({"checkpoints": [0, 100]}, r"^checkpoints must be an integer >= 1; got 0$"),
+        ({"checkpoints": [-50]}, r"^checkpoints must be an integer >= 1; got -50$"),
+        ({"checkpoints": [101]}, r"^checkpoints must be an integer from 1 to 100; got 101$"),
+        ({"level": 1.5}, r"^level must be a number between 0 and 1, exclusive; got 1.5$"),
+        ({"level": 0.0}, r"^level must be a number between 0 and 1, exclusive; got 0.0$"),
+        ({"beta": 0.0}, r"^beta must be a positive finite number; got 0.0$"),
+    ],
+)
+def test_monte_carlo_settings_are_checked_before_any_sample(options, message):
+    # A checkpoint of 0 read the running estimate from its end (the error of all n
+    # samples), level 1.5 gave NaN half-widths: each is refused, naming the setting.
+    args = {"beta": 1.0, "n": 100, **options}
+    with pytest.raises(InputError, match=message):
+        theory.theorem2_monte_carlo(torch.tensor([3.0, 4.0]), torch.tensor([[0.2, 0.1]]), **args)
+
+
+def test_quadrature_settings_are_checked():
+    with pytest.raises(InputError, match=r"^panels must be an integer >= 1; got 0$"):
+        theory.identity_1d(torch.zeros(3), [1.0], panels=0)
+    with pytest.raises(InputError, match=r"^panels must be an integer >= 1; got 0$"):
+        theory.iid_cdf(torch.tensor([0.6, 0.8]), torch.zeros(2), panels=0)
+    with pytest.raises(InputError, match=r"^beta must be a positive finite number; got -1.0$"):
+        theory.identity_1d(torch.zeros(3), [1.0, -1.0])
+
+
 @pytest.fixture(scope="module")
 def quick_run():
     return theory.run(quick=True)

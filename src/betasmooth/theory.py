@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 from .explain import explain
 from .geometry import curvature
 from .metrics import heatmap, pcc
-from .smooth import LogisticNoise, logistic_std, smooth, softplus
-from .validate import MAX_SEED, InputError, check_choice
+from .smooth import LogisticNoise, check_beta, logistic_std, smooth, softplus
+from .validate import MAX_SEED, InputError, check_choice, check_count, is_number
 from .zoo import BUILTIN_DATA, load_model
 
 __all__ = [
@@ -66,6 +66,7 @@ def _gauss_legendre(
     lo: torch.Tensor, hi: torch.Tensor, panels: int, order: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nodes and weights of composite Gauss-Legendre quadrature on ``[lo, hi]`` (broadcast)."""
+    check_count("panels", panels)
     nodes, weights = np.polynomial.legendre.leggauss(order)
     nodes = torch.as_tensor(nodes, dtype=torch.float64)
     weights = torch.as_tensor(weights, dtype=torch.float64)
@@ -84,7 +85,9 @@ def identity_1d(
 
     Integrates the density of :class:`~betasmooth.LogisticNoise` up to ``x``
     with composite Gauss-Legendre quadrature in float64, leaving out only
-    ``|e| > 45 / beta`` (mass below 1e-19), and compares with
+    ``e > 45 / beta`` and ``e < min(x, 0) - 45 / beta`` (mass below 1e-19 of
+    what is kept, so that far in the left tail, where both expectations are
+    tiny, they are still exact to relative precision), and compares with
     :func:`~betasmooth.softplus` and with its autograd derivative.
 
     Parameters
@@ -108,6 +111,8 @@ def identity_1d(
     >>> float((out["expectation"] - out["softplus"]).abs().max()) < 1e-12
     True
     """
+    for b in betas:
+        check_beta(b)
     x = torch.as_tensor(x, dtype=torch.float64)
     beta = torch.as_tensor(list(betas), dtype=torch.float64)[:, None]
     upper = x.expand(beta.shape[0], -1)
@@ -321,6 +326,12 @@ def theorem2_monte_carlo(
     True
     """
     check_choice("noise model", noise, NOISE_MODELS)
+    check_beta(beta)
+    n = check_count("n", n)
+    # A checkpoint of 0 or less would index the running estimate from its end.
+    steps = [check_count("checkpoints", c, 1, n) for c in checkpoints]
+    if not is_number(level) or not 0.0 < float(level) < 1.0:
+        raise InputError(f"level must be a number between 0 and 1, exclusive; got {level!r}")
     w = torch.as_tensor(w, dtype=torch.float64)
     x = torch.as_tensor(x, dtype=torch.float64)
     u = _direction(w, "w")
@@ -333,7 +344,7 @@ def theorem2_monte_carlo(
     var = closed * (1 - closed)
     z = _z_quantile(level)
     z_all = _z_quantile(1 - (1 - level) / x.shape[0])
-    steps = torch.as_tensor(list(checkpoints), dtype=torch.long)
+    steps = torch.as_tensor(steps, dtype=torch.long)
     estimate = running[-1]
     return {
         "estimate": estimate,
