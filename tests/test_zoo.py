@@ -619,6 +619,16 @@ def test_float_images_are_read_as_they_are_and_must_lie_in_zero_one(tmp_path) ->
         InputError, match=r"float image .*e\.tif holds values in \[-0\.5, 0\.5\]; expected"
     ):
         bs.load_data(str(tmp_path))
+    # A NaN pixel is named as such: its range read "[nan, nan]".
+    (tmp_path / "e.tif").unlink()
+    bad = real.copy()
+    bad[0, 1] = np.nan
+    Image.fromarray(bad).save(tmp_path / "f.tif")
+    with pytest.raises(
+        InputError,
+        match=r"^float image .*f\.tif contains NaN or inf; expected finite values in \[0, 1\]$",
+    ):
+        bs.load_data(str(tmp_path))
 
 
 def test_integer_images_beyond_sixteen_bits_are_refused_not_scaled_past_one(tmp_path) -> None:

@@ -208,9 +208,11 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
             f"cannot read image {path}: {err}; expected a PNG, JPEG, BMP, PPM/PGM, TIFF "
             "or WebP file"
         ) from err
-    if (deep or real) and not (
-        np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0
-    ):
+    if real and not np.isfinite(array).all():
+        raise InputError(
+            f"float image {path} contains NaN or inf; expected finite values in [0, 1]"
+        )
+    if (deep or real) and not (array.min() >= 0.0 and array.max() <= 1.0):
         kind, expected = (
             ("integer", "16-bit values in [0, 65535]")
             if deep
