@@ -74,6 +74,63 @@ def _gain_rows(after, before=0.3, **extra):
     ]
 
 
+def test_a_share_of_a_gain_below_min_gain_is_not_given():
+    # A gain of 0.013 made gain left read -6.3 at one beta and 3.2 at another: noise
+    # over 0.013. From MIN_GAIN = 0.05 on, 0.01 of noise moves the share by at most 0.2.
+    assert bs_recommend.MIN_GAIN == pytest.approx(0.05)
+    small = sweep_summary(_gain_rows(0.313))["method"]
+    assert small["undefended"]["gain_pcc"] == pytest.approx(0.013)  # the gain is said
+    assert small["betas"]["1"]["gain_left"] is None  # its share is not
+    assert "% of the attack's gain" not in verdict(small)
+    assert format_summary({"method": small}).splitlines()[2].split()[-1] == "-"
+    # (0.25 - 0.3) / (0.36 - 0.3) at a gain of 0.06.
+    enough = sweep_summary(_gain_rows(0.36))["method"]
+    assert enough["betas"]["1"]["gain_left"] == pytest.approx(-5 / 6)
+
+
+def _image(index, attacked, robust, plain, fidelity, after, before=0.3):
+    # One image's beta_smooth row at beta 1, its PCC to the target moved before -> after.
+    return {
+        "defense": "beta_smooth", "beta": 1.0, "index": index, "attacked": attacked,
+        "adv_vs_clean_pcc": robust, "clean_vs_orig_pcc": fidelity, "undefended_pcc": plain,
+        "adv_vs_target_pcc": before + 0.25 * (after - before), "clean_vs_target_pcc": before,
+        "undefended_target_pcc": after, "undefended_before_pcc": before,
+    }  # fmt: skip
+
+
+def test_robustness_and_gain_are_medians_over_the_images_the_attack_changed():
+    # Of 4 images the attack moved one: with the 3 it left alone (robustness 1 defended
+    # or not, no gain) in the medians, the verdict read "1.000 vs 1.000, about as robust"
+    # and the gain 0. Over the moved one: robustness 0.7 against 0.4 undefended, gain
+    # 0.8 - 0.3 = 0.5 of which 0.25 left; fidelity stays the median of all 4.
+    rows = [_image(0, True, 0.7, 0.4, 0.92, 0.8)] + [
+        _image(i, False, 1.0, 1.0, f, 0.3) for i, f in ((1, 0.91), (2, 0.97), (3, 0.99))
+    ]
+    s = sweep_summary(rows)["method"]
+    assert s["attacked"] == 1 and s["undefended"]["n"] == s["betas"]["1"]["n"] == 4
+    assert s["undefended"]["robustness_pcc"] == pytest.approx(0.4)
+    assert s["betas"]["1"]["robustness_pcc"] == pytest.approx(0.7)
+    assert s["betas"]["1"]["fidelity_pcc"] == pytest.approx((0.92 + 0.97) / 2)
+    assert s["undefended"]["gain_pcc"] == pytest.approx(0.5)
+    assert s["betas"]["1"]["gain_left"] == pytest.approx(0.25)
+    assert s["recommended_beta"] == 1.0
+    assert verdict(s) == (
+        "recommended beta 1 (most robust with median fidelity >= 0.9): robustness 0.700 vs "
+        "0.400 undefended, more robust; 25 % of the attack's gain in PCC to the target left"
+    )
+    assert format_summary({"method": s}).splitlines()[-1] == (
+        "method: robustness and gain left of the 1 of 4 images the attack changed"
+    )
+    # A defense less robust than none on the moved image is no longer hidden by the others.
+    worse = [{**rows[0], "adv_vs_clean_pcc": 0.3}, *rows[1:]]
+    assert sweep_summary(worse)["method"]["recommended_beta"] is None
+    # Every image moved: the medians of all of them, and no line about it.
+    every = [{**r, "attacked": True} for r in rows]
+    s = sweep_summary(every)["method"]
+    assert s["betas"]["1"]["robustness_pcc"] == pytest.approx(1.0)
+    assert "images the attack changed" not in format_summary({"method": s})
+
+
 def test_an_attack_that_moved_the_maps_away_from_the_target_has_no_gain_to_share():
     # PCC to the target 0.3 -> 0.1: no gain, so no share of one; a negative gain made
     # the defense's own drop from 0.3 to 0.25 read as "25 % of the gain left".

@@ -2027,7 +2027,11 @@ def test_images_the_attack_left_unchanged_are_counted_in_both_tables(tmp_path):
     assert changed["gradient"]["images the attack changed"] == N - 2
     assert changed["lrp"]["images the attack changed"] == N
     text = build_report(run).read_text()
-    assert f"The attack changed {N - 2} of {N} images; the other 2 score robustness 1" in text
+    assert (
+        f"The attack changed {N - 2} of {N} images: robustness and gain left are medians "
+        f"over those {N - 2} (the other 2 score robustness 1 in every row, defended or not), "
+        f"fidelity over all {N}."
+    ) in text
     assert text.count("The attack changed") == 1
 
 

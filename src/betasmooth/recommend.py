@@ -29,6 +29,7 @@ from .validate import InputError, is_number
 __all__ = [
     "CELL_KEYS",
     "MIN_FIDELITY",
+    "MIN_GAIN",
     "PAPER_DEFENSES",
     "SUMMARY_KEYS",
     "check_defense_names",
@@ -78,25 +79,40 @@ def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
     return medians(rows, [key])[key]
 
 
+def _attacked(rows: Sequence[Mapping[str, object]]) -> Sequence[Mapping[str, object]]:
+    """The rows of images whose ``x_adv`` differs from ``x`` (records of older versions
+    do not say: taken as attacked), or all of them where the attack changed none.
+
+    An image the attack left unchanged scores robustness 1 defended or not and has
+    no gain to undo: counted in those medians, it pulls every beta and the
+    undefended row alike towards 1 and the verdict towards "about as robust".
+    """
+    hit = [r for r in rows if r.get("attacked", True) is not False]
+    return hit or rows
+
+
 def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> dict[str, object]:
+    hit = _attacked(rows)
     cell: dict[str, object] = {"n": len(rows)}
     for m in SUMMARY_METRICS:
-        cell[f"robustness_{m}"] = _median(rows, f"adv_vs_clean_{m}")
+        cell[f"robustness_{m}"] = _median(hit, f"adv_vs_clean_{m}")
         cell[f"fidelity_{m}"] = _median(rows, f"clean_vs_orig_{m}")
     # Records of older versions do not say: taken as changed.
     cell["changed"] = any(r.get("changed", True) is not False for r in rows)
-    cell["gain_left"] = _gain_left(rows, gain)
+    cell["gain_left"] = _gain_left(hit, gain)
     return cell
 
 
 def _gain(rows: Sequence[Mapping[str, object]]) -> float | None:
     """The attack's gain in median PCC to the target without a defense, or None: when
     a record of an older version, which lacks the undefended target scores, is among
-    ``rows``, and for a gain within :data:`SAME_PCC`, against which a share is noise."""
+    ``rows``, and for a gain within :data:`SAME_PCC`, against which a share is noise.
+    Of the attacked images' rows (:func:`_attacked`)."""
     keys = ("undefended_target_pcc", "undefended_before_pcc")
     if not all(all(k in r for k in keys) for r in rows):
         return None
-    after, before = (_median(rows, k) for k in keys)
+    hit = _attacked(rows)
+    after, before = (_median(hit, k) for k in keys)
     if after is None or before is None or not after - before > SAME_PCC:
         return None
     return after - before
@@ -108,7 +124,7 @@ def _gain_left(rows: Sequence[Mapping[str, object]], gain: float | None) -> floa
     too), over ``gain``."""
     after = _median(rows, "adv_vs_target_pcc")
     before = _median(rows, "clean_vs_target_pcc")
-    if gain is None or after is None or before is None:
+    if gain is None or gain < MIN_GAIN or after is None or before is None:
         return None
     return (after - before) / gain
 
@@ -220,8 +236,11 @@ def sweep_summary(
         maps still show: (median PCC to the target of the defended map of
         ``x_adv`` - that of ``x``) / ``gain_pcc``, which can fall below 0 or
         exceed 1; ``gain_pcc`` is None too when the gain is at most
-        :data:`SAME_PCC`. ``attacked`` counts the images
-        whose ``x_adv`` differs from ``x``: with none, no beta is recommended.
+        :data:`SAME_PCC`, ``gain_left`` when it is below :data:`MIN_GAIN`.
+        ``attacked`` counts the images whose ``x_adv`` differs from ``x``
+        (the records' ``attacked``): with none, no beta is recommended;
+        otherwise robustness, ``gain_pcc`` and ``gain_left`` are medians over
+        those images only, fidelity over all ``n``.
 
     Examples
     --------
@@ -256,7 +275,7 @@ def sweep_summary(
         attacked = sum(r.get("attacked", True) is not False for r in rows)
         undefended: dict[str, object] = {"n": len(rows)}
         for m in SUMMARY_METRICS:
-            undefended[f"robustness_{m}"] = _median(rows, f"undefended_{m}")
+            undefended[f"robustness_{m}"] = _median(_attacked(rows), f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
         undefended["gain_pcc"] = gain
         others = sorted(d for d in table if d not in PAPER_DEFENSES)
@@ -303,6 +322,9 @@ def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapp
 
 #: Differences of median PCC below this are reported as "about as robust".
 SAME_PCC = 0.01
+#: The least gain in median PCC to the target of which a share is given: below it,
+#: a difference of SAME_PCC in the defended scores moves the share by more than 0.2.
+MIN_GAIN = SAME_PCC / 0.2
 
 
 def _robustness(cell: Mapping[str, object]) -> float | None:
@@ -417,6 +439,12 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
             line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
             lines.append(line)
         verdicts.append(f"{method}: {verdict(s)}")
+        attacked, n = s.get("attacked"), s["undefended"].get("n")
+        if isinstance(attacked, int) and isinstance(n, int) and 0 < attacked < n:
+            verdicts.append(
+                f"{method}: robustness and gain left of the {attacked} of {n} images "
+                "the attack changed"
+            )
         base = s.get("base")
         if base not in (None, method):
             verdicts.append(

@@ -31,6 +31,7 @@ from .metrics import group_records, medians
 from .recommend import (
     CELL_KEYS,
     MIN_FIDELITY,
+    MIN_GAIN,
     PAPER_DEFENSES,
     defense_tables,
     sweep_summary,
@@ -756,7 +757,8 @@ def _recommendation(run: _Run) -> str:
         "fidelity (PCC) reaches the threshold, unless it is less robust than no defense. "
         "Gain left: the share of the attack's gain in median PCC to the target that the "
         "defended maps still show (their PCC to the target, of the attacked image less that "
-        "of the original). Medians over images.</p>",
+        f"of the original), not given for a gain below {MIN_GAIN:g}, of which a share is "
+        "noise. Medians over images.</p>",
     ]
     keys = (*CELL_KEYS, "gain_left")
     for method, s in sorted(_summary(run).items()):
@@ -781,10 +783,11 @@ def _recommendation(run: _Run) -> str:
             )
         out.append(_table(f"choice_{_slug(method)}", header, rows))
         attacked, n = s.get("attacked"), s["undefended"].get("n")
-        if isinstance(attacked, int) and isinstance(n, int) and attacked < n:
+        if isinstance(attacked, int) and isinstance(n, int) and 0 < attacked < n:
             out.append(
-                f"<p>The attack changed {attacked} of {n} images; the other {n - attacked} "
-                "score robustness 1 in every row, defended or not.</p>"
+                f"<p>The attack changed {attacked} of {n} images: robustness and gain left "
+                f"are medians over those {attacked} (the other {n - attacked} score robustness "
+                f"1 in every row, defended or not), fidelity over all {n}.</p>"
             )
         out.append(f"<p><b>{_e(method)}: {_e(verdict(s))}.</b></p>")
     return "".join(out)
