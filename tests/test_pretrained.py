@@ -175,6 +175,32 @@ def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
     assert not (tmp_path / "empty").exists()
 
 
+def test_weights_fine_tuned_to_other_classes_say_how_to_build_their_model(tmp_path, monkeypatch):
+    # A resnet18 fine-tuned to 10 classes under torchvision:resnet18 (1000): only fc
+    # differs, and the line says how to build the model the file fits; that model file
+    # then loads every tensor of it.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    torch.manual_seed(3)
+    mine = torchvision.models.resnet18(num_classes=10)
+    torch.save(mine.state_dict(), tmp_path / "tuned.pt")
+    with pytest.raises(InputError) as err:
+        bs.load_model("torchvision:resnet18", weights=str(tmp_path / "tuned.pt"))
+    assert str(err.value).endswith(
+        "(shape mismatch: fc.weight (10, 512) vs model (1000, 512), fc.bias (10,) vs model "
+        "(1000,)); expected the state dict of the same architecture; the file's last layer "
+        "(fc) has 10 outputs, the model's 1000: for weights fine-tuned to 10 classes, build "
+        "the model with them (a model file, file.py:build, returning e.g. "
+        "torchvision.models.resnet18(num_classes=10))"
+    )
+    (tmp_path / "tuned.py").write_text(
+        "import torchvision\n\n\ndef build():\n"
+        "    return torchvision.models.resnet18(num_classes=10)\n"
+    )
+    model = bs.load_model(f"{tmp_path / 'tuned.py'}:build", weights=str(tmp_path / "tuned.pt"))
+    for key, value in mine.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_only_a_weights_name_that_is_no_file_is_pointed_to_the_spec(tmp_path, monkeypatch):
     # A file named like a weights name ("mine") is a file and loads; a missing path that
     # is no name ("lost.pt") is just missing, with the state-dict hint.

@@ -1422,6 +1422,32 @@ def test_weights_keyed_by_the_models_own_parameter_name_no_submodule(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "case", ["hidden layer too", "last layer's inputs", "ends in batchnorm", "same outputs"]
+)
+def test_other_classes_are_named_only_where_the_last_layers_outputs_alone_differ(tmp_path, case):
+    # The hint about weights fine-tuned to other classes is for a last layer that differs
+    # in its outputs alone; a file that differs elsewhere, or a model whose last tensors
+    # are BatchNorm's (a count without a shape), gets the plain line.
+    from betasmooth.checkpoint import apply_weights
+
+    def net(hidden, classes, inputs=None):
+        last = nn.Linear(inputs or hidden, classes)
+        return nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), last)
+
+    model, file = {
+        "hidden layer too": (net(4, 5), net(6, 2)),
+        "last layer's inputs": (net(4, 5), net(4, 2, inputs=6)),
+        "ends in batchnorm": (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)),
+                              nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5))),
+        "same outputs": (net(4, 5), nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 5))),
+    }[case]  # fmt: skip
+    torch.save(file.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(model, tmp_path / "w.pt")
+    assert str(info.value).endswith("); expected the state dict of the same architecture")
+
+
 def test_a_shared_first_name_is_not_stripped_from_a_key_that_is_that_name_alone(tmp_path):
     # "module" and "module.weight" share their first name, but "module" has no prefix
     # to strip: the keys are named as found, not as an empty one.

@@ -240,11 +240,43 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
         if items
     ]
     if problems:
+        hint = _classes_hint(state, own) if shapes and not missing + unexpected else ""
         raise InputError(
             f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
-            f"state dict of the same architecture{_inner_hint(state, own)}"
+            f"state dict of the same architecture{hint or _inner_hint(state, own)}"
         )
     model.load_state_dict(state)
+
+
+def _classes_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
+    """Where only the model's last layer differs, in its number of outputs (weights
+    fine-tuned to other classes), say how to build the model that fits them.
+
+    Examples
+    --------
+    >>> own = {"f.weight": torch.zeros(4, 3), "fc.weight": torch.zeros(1000, 4),
+    ...        "fc.bias": torch.zeros(1000)}
+    >>> print(_classes_hint({**own, "fc.weight": torch.zeros(10, 4),
+    ...                      "fc.bias": torch.zeros(10)}, own))
+    ; the file's last layer (fc) has 10 outputs, the model's 1000: for weights fine-tuned \
+to 10 classes, build the model with them (a model file, file.py:build, returning e.g. \
+torchvision.models.resnet18(num_classes=10))
+    """
+    layer = next(reversed(own)).rpartition(".")[0]
+    last = [k for k in own if k.rpartition(".")[0] == layer]
+    if any(k not in state or own[k].dim() == 0 or state[k].dim() == 0 for k in last):
+        return ""
+    differ = {k for k in own if k in state and state[k].shape != own[k].shape}
+    outputs = {int(state[k].shape[0]) for k in last}
+    n, wanted = outputs.pop(), int(own[last[0]].shape[0])
+    fits = all(state[k].shape[1:] == own[k].shape[1:] for k in last)
+    if not differ or not differ <= set(last) or outputs or not fits or n == wanted:
+        return ""
+    return (
+        f"; the file's last layer ({layer}) has {n} outputs, the model's {wanted}: for weights "
+        f"fine-tuned to {n} classes, build the model with them (a model file, file.py:build, "
+        f"returning e.g. torchvision.models.resnet18(num_classes={n}))"
+    )
 
 
 def _inner_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
