@@ -17,7 +17,7 @@ from zennit.composites import (
     SpecialFirstLayerMapComposite,
     layer_map_base,
 )
-from zennit.rules import Epsilon, Gamma, WSquare, ZPlus
+from zennit.rules import AlphaBeta, Epsilon, Gamma, WSquare, ZPlus
 from zennit.types import Convolution
 
 import betasmooth as bs
@@ -151,6 +151,18 @@ def test_alpha1_beta0_is_zplus():
         layer_map=layer_map_base() + [(Convolution, ZPlus()), (nn.Linear, Epsilon())], first_map=[]
     )
     torch.testing.assert_close(plus, zennit_map(net, composite, x, torch.tensor([1, 1])))
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(3.0, 1.0), (1.5, 1.0), (0.5, -0.5), (-1.0, -2.0)])
+def test_alpha_beta_refuses_what_zennits_alpha_beta_refuses(alpha, beta):
+    # Zennit's AlphaBeta takes alpha, beta >= 0 with alpha - beta = 1 only: the rule scales
+    # the relevance it passes on by alpha - beta (bias aside), so (3, 1) would double it.
+    with pytest.raises(ValueError):
+        AlphaBeta(alpha, beta)
+    with pytest.raises(
+        ValueError, match=r"^alpha-beta needs alpha, beta >= 0 and alpha - beta = 1"
+    ):
+        alpha_beta(alpha, beta)
 
 
 @pytest.mark.parametrize("name", ["epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus_flat"])

@@ -545,8 +545,8 @@ class _TorchEncoder(nn.Module):
 @pytest.mark.parametrize(
     ("norm_first", "activation", "padding"),
     # nn.GELU, not "gelu": the layer keeps F.gelu itself, which the oracle cannot detach.
-    [(False, "relu", False), (True, nn.GELU(), True)],
-    ids=["post-norm-relu", "pre-norm-gelu-padding"],
+    [(False, "relu", False), (True, nn.GELU(), True), (False, "relu", True)],
+    ids=["post-norm-relu", "pre-norm-gelu-padding", "post-norm-relu-padding"],
 )
 def test_lrp_of_torchs_transformer_encoder_is_cp_lrp(
     no_stabiliser, norm_first, activation, padding
@@ -914,6 +914,37 @@ def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabilise
     x = torch.rand(3, 6, 4, dtype=torch.float64)
     target = torch.tensor([1, 0, 2])
     _assert_held(net, twin, x, target)
+
+
+def test_lrp_holds_attention_weights_through_an_identity(no_stabiliser):
+    # nn.Identity between the softmax and the product (timm's attn_drop when its rate is 0)
+    # keeps them attention weights, as a dropout does.
+    net, twin = _Handwritten().double().eval(), _Handwritten(detach=True).double().eval()
+    net.drop = twin.drop = nn.Identity()
+    x = torch.rand(3, 6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _assert_held(net, twin, x, torch.tensor([2, 0, 1]))
+
+
+class _Unbatched(nn.Module):
+    """nn.MultiheadAttention on one sequence ``(L, E)``, without a batch axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.attention = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x[0])
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(0, keepdim=True))
+
+
+def test_lrp_of_multihead_attention_on_an_unbatched_value_is_refused_by_name():
+    with pytest.raises(
+        InputError, match=r"^lrp needs nn.MultiheadAttention on batched inputs \(3 dimensions\); "
+        r"got a value of shape \(5, 8\)"
+    ):  # fmt: skip
+        bs.explain(_Unbatched().double().eval(), torch.rand(1, 5, 4, dtype=torch.float64), "lrp", 0)
 
 
 class _WeightsUsed(nn.Module):

@@ -282,3 +282,23 @@ def test_volumes_are_taken_channel_first_as_given():
     got = bs.quantus_explain(net, x.numpy(), y)
     assert got.shape == (2, 1, 4, 6, 6)
     np.testing.assert_allclose(got, leaf.grad.sum(1, keepdim=True).numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_channel_last_maps_summed_over_a_negative_channel_axis_lose_the_channel():
+    # reduce_axes=(-3,) names the channel axis of the (channel-first) attributions as (1,)
+    # does: nothing of a channel-last layout is left to move back. Oracle: autograd's
+    # gradient summed over the channels, on an image wider than high.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 7, 3)
+    ).eval()
+    x = torch.rand(2, 3, 6, 9, generator=torch.Generator().manual_seed(1))
+    y = np.array([0, 2])
+    leaf = x.clone().requires_grad_(True)
+    net(leaf).gather(1, torch.from_numpy(y)[:, None]).sum().backward()
+    expected = leaf.grad.sum(1).numpy()
+    last = x.permute(0, 2, 3, 1).numpy()
+    for axes in ((-3,), (1,)):
+        got = bs.quantus_explain(net, last, y, reduce_axes=axes, keepdims=False)
+        assert got.shape == (2, 6, 9)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)

@@ -483,3 +483,22 @@ def test_the_verdict_on_a_beta_less_robust_than_no_defense_takes_the_sweeps_min_
         "the most robust beta with median fidelity >= 0.5, 20, leaves the map less robust "
         "than no defense (0.500 vs 0.700 undefended); none recommended"
     )
+
+
+def test_no_beta_is_recommended_when_the_attack_changed_no_image():
+    # Two images whose x_adv is x: beta 2 is faithful and robust, but undoes nothing.
+    rows = [
+        {"defense": "beta_smooth", "beta": 2.0, "index": i, "attacked": False}
+        | {"adv_vs_clean_pcc": 1.0, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 1.0}
+        for i in range(2)
+    ]
+    summary = sweep_summary(rows)["method"]
+    assert summary["attacked"] == 0
+    assert summary["recommended_beta"] is None
+    assert verdict(summary) == (
+        "the attack changed no image, so no defense has anything to undo; none recommended"
+    )
+    # One image attacked of the two: the same cells recommend beta 2.
+    rows[1]["attacked"] = True
+    summary = sweep_summary(rows)["method"]
+    assert (summary["attacked"], summary["recommended_beta"]) == (1, 2.0)
