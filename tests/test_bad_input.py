@@ -848,6 +848,11 @@ CLI: dict[str, tuple[list[str], str]] = {
         r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 to 3.4e\+38 "
         r"\(float32's normal range\), e\.g\. 0\.5,1,2,5; got -1$",
     ),
+    "curvature --betas -1,1": (
+        # argparse took "-1,1" for an option: "argument --betas: expected one argument".
+        ["curvature", *INPUTS, "--betas", "-1,1", "--out", "{d}/c"],
+        r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 .*got -1$",
+    ),
     "curvature --betas 1e-50": (
         # Positive and finite, but below float32's normal numbers: the message said "finite".
         ["curvature", *INPUTS, "--betas", "1e-50", "--out", "{d}/c"],

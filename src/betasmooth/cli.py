@@ -1933,6 +1933,33 @@ def _reuse_freed_memory() -> None:
         mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
 
 
+_NEGATIVE_LIST = re.compile(r"-\.?\d[\d.eE+-]*(,\s*[+-]?\.?\d[\d.eE+-]*)+")
+
+
+def _negative_lists(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a comma list that starts with a negative number joined to the option
+    before it: argparse takes ``--betas -1,1`` for an option ``-1,1`` and says only that
+    ``--betas`` expected an argument, where the check of the values names the problem.
+
+    Examples
+    --------
+    >>> _negative_lists(["sweep", "run", "--betas", "-1,1", "-n", "-5"])
+    ['sweep', 'run', '--betas=-1,1', '-n', '-5']
+    """
+    out: list[str] = []
+    for token in argv:
+        if (
+            out
+            and out[-1].startswith("--")
+            and "=" not in out[-1]
+            and (_NEGATIVE_LIST.fullmatch(token))
+        ):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``betasmooth`` command; returns the exit status.
 
@@ -1943,7 +1970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_negative_lists(argv))
     if unknown:
         # Named by the parser they were given to: before the command, the top one.
         before = argv[: argv.index(args.command)] if args.command in argv else []
