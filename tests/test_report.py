@@ -1727,6 +1727,43 @@ def test_the_beta_choice_table_shows_the_medians_of_the_sweep(_swept_run, tmp_pa
     assert rows["undefended"] == pytest.approx(want)
 
 
+def test_a_summary_written_before_robustness_over_the_changed_images_is_made_again(
+    _swept_run, tmp_path
+):
+    # Up to 0.12.0 the stored summary took robustness over every image. The report says
+    # its medians are over the images the attack changed, so it computes such a summary
+    # again from the records, where image 0 is one the attack left unchanged.
+    from betasmooth.recommend import sweep_summary
+
+    swept, records = _swept_run
+    run = RunDir(shutil.copytree(swept.path, tmp_path / "run"))
+    records = [{**r, "attacked": r["index"] != 0} for r in records]
+    _rewrite(run.merged("sweep"), records)
+    old = sweep_summary([{**r, "attacked": True} for r in records])
+    for summary in old.values():
+        del summary["robustness_over"]
+    run.write_sweep_summary(old)
+    table = parse(build_report(run.path)).tables["choice_gradient"]
+    rows = {row[0][0].removesuffix(" ★"): row[1:] for row in table[1:]}
+    changed = [r for r in records if r["index"] != 0]
+    plain = [
+        r["undefended_pcc"] for r in changed if (r["defense"], r["beta"]) == ("beta_smooth", 4.0)
+    ]
+    assert float(rows["undefended"][1][1]) == pytest.approx(np.median(plain))
+    assert float(rows["β-smoothing β=4"][1][1]) == pytest.approx(
+        _median_of(changed, "beta_smooth", 4.0, "adv_vs_clean_pcc")
+    )
+    assert float(rows["β-smoothing β=4"][3][1]) == pytest.approx(
+        _median_of(records, "beta_smooth", 4.0, "clean_vs_orig_pcc")
+    )
+    # The summary of this version is read as it is.
+    mine = sweep_summary(records)
+    mine["gradient"]["undefended"]["robustness_pcc"] = 0.123
+    run.write_sweep_summary(mine)
+    table = parse(build_report(run.path)).tables["choice_gradient"]
+    assert float(table[1][2][1]) == pytest.approx(0.123)
+
+
 def test_each_row_of_a_grid_is_drawn_on_its_own_colour_scale():
     # Row 1 holds row 0's maps times 10: on a scale of its own it looks the same.
     from betasmooth.figures import _compose

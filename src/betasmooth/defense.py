@@ -111,7 +111,7 @@ class SweepResult:
     (8, [('beta_smooth', 1.0), ('beta_smooth', 10.0), ('smoothgrad', 1.0), ('smoothgrad', 10.0)])
     >>> sorted(sweep.summary())  # doctest: +NORMALIZE_WHITESPACE
     ['attacked', 'base', 'betas', 'defenses', 'min_fidelity', 'recommended_beta',
-     'smoothgrad', 'undefended']
+     'robustness_over', 'smoothgrad', 'undefended']
     """
 
     rows: list[dict[str, object]]

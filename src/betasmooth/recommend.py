@@ -31,6 +31,7 @@ __all__ = [
     "MIN_FIDELITY",
     "MIN_GAIN",
     "PAPER_DEFENSES",
+    "ROBUSTNESS_OVER",
     "SUMMARY_KEYS",
     "check_defense_names",
     "check_min_fidelity",
@@ -49,8 +50,20 @@ CELL_KEYS = tuple(f"{kind}_{m}" for kind in ("robustness", "fidelity") for m in 
 #: The keys of one method's summary that name no defense: a defense's cells are under
 #: its name (beta-smoothing's under ``betas``), so a defense cannot take one of these.
 SUMMARY_KEYS = frozenset(
-    {"base", "undefended", "betas", "recommended_beta", "min_fidelity", "attacked", "defenses"}
+    {
+        "base",
+        "undefended",
+        "betas",
+        "recommended_beta",
+        "min_fidelity",
+        "attacked",
+        "defenses",
+        "robustness_over",
+    }
 )
+#: A summary's ``robustness_over``: its robustness and gain are medians over the images
+#: the attack changed. Summaries written before 0.13.0 took every image and lack it.
+ROBUSTNESS_OVER = "attacked"
 #: The defenses of the paper: every summary has a table for each, empty where the
 #: records hold none; :func:`~betasmooth.defense.defense_sweep` runs them by default.
 PAPER_DEFENSES: tuple[str, ...] = ("beta_smooth", "smoothgrad")
@@ -240,7 +253,8 @@ def sweep_summary(
         ``attacked`` counts the images whose ``x_adv`` differs from ``x``
         (the records' ``attacked``): with none, no beta is recommended;
         otherwise robustness, ``gain_pcc`` and ``gain_left`` are medians over
-        those images only, fidelity over all ``n``.
+        those images only, fidelity over all ``n``, as ``robustness_over``
+        (:data:`ROBUSTNESS_OVER`) records.
 
     Examples
     --------
@@ -295,6 +309,7 @@ def sweep_summary(
             ),
             "min_fidelity": float(min_fidelity),
             "attacked": attacked,
+            "robustness_over": ROBUSTNESS_OVER,
         }
     return out
 
@@ -322,9 +337,9 @@ def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapp
 
 #: Differences of median PCC below this are reported as "about as robust".
 SAME_PCC = 0.01
-#: The least gain in median PCC to the target of which a share is given: below it,
-#: a difference of SAME_PCC in the defended scores moves the share by more than 0.2.
-MIN_GAIN = SAME_PCC / 0.2
+#: The least gain in median PCC to the target of which a share is given: below it, a
+#: difference of SAME_PCC in the defended scores moves the share by more than 0.2.
+MIN_GAIN = 0.05
 
 
 def _robustness(cell: Mapping[str, object]) -> float | None:

@@ -33,6 +33,7 @@ from .recommend import (
     MIN_FIDELITY,
     MIN_GAIN,
     PAPER_DEFENSES,
+    ROBUSTNESS_OVER,
     defense_tables,
     sweep_summary,
     verdict,
@@ -733,9 +734,13 @@ def _shown(run: _Run, x: np.ndarray) -> np.ndarray:
 
 def _summary(run: _Run) -> dict:
     stored = run.store.read_sweep_summary()
-    if stored is not None:
+    current = stored is not None and all(
+        isinstance(s, dict) and s.get("robustness_over") == ROBUSTNESS_OVER for s in stored.values()
+    )
+    if current:
         return stored
-    # A sweep cut before its summary was written: the floor it was run with.
+    # A sweep cut before its summary was written, or a summary of a version that took
+    # robustness over every image: from the records, at the floor the sweep was run with.
     settings = run.config.get("sweep")
     floor = settings.get("min_fidelity") if isinstance(settings, dict) else None
     return sweep_summary(run.sweep, MIN_FIDELITY if floor is None else float(floor))
