@@ -113,10 +113,17 @@ def pcc_median(a: torch.Tensor, b: torch.Tensor) -> float:
 def relative_cells(
     model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, stds: list[float], scale: bool
 ) -> dict[str, dict[str, float]]:
-    """Median robustness and fidelity per beta; betas divided by the layer stds if ``scale``."""
+    """Median robustness and fidelity per beta; betas divided by the layer stds if ``scale``.
+
+    Robustness over the images the attack changed, fidelity over all, as the sweep's
+    summary takes them.
+    """
     label = predict(model, x)
     map_orig = bs.heatmap(bs.explain(model, x, "gradient", label)).detach()
     both = torch.cat([x_adv, x])
+    changed = (x_adv != x).flatten(1).any(1)
+    if not changed.any():
+        changed = torch.ones_like(changed)
     cells = {}
     for beta in BETAS:
         layer_betas = [beta / s if scale else beta for s in stds]
@@ -124,7 +131,7 @@ def relative_cells(
         maps = bs.heatmap(bs.explain(smoothed, both, "gradient", label.repeat(2))).detach()
         adv, clean = maps.chunk(2)
         cells[f"{beta:g}"] = {
-            "robustness_pcc": pcc_median(adv, clean),
+            "robustness_pcc": pcc_median(adv[changed], clean[changed]),
             "fidelity_pcc": pcc_median(clean, map_orig),
         }
     return cells
