@@ -252,6 +252,26 @@ def test_monte_carlo_settings_are_checked_before_any_sample(options, message):
         theory.theorem2_monte_carlo(torch.tensor([3.0, 4.0]), torch.tensor([[0.2, 0.1]]), **args)
 
 
+def test_monte_carlo_takes_tensors_and_identity_a_generator_of_betas():
+    # Settings given as tensors are the numbers they hold; betas given as a generator
+    # are read once, by the check and the quadrature alike (an empty result otherwise).
+    w, x = torch.tensor([3.0, 4.0]), torch.tensor([[0.2, 0.1]])
+    plain = theory.theorem2_monte_carlo(w, x, 1.0, 100, checkpoints=[10, 50], level=0.9)
+    tensors = theory.theorem2_monte_carlo(
+        w,
+        x,
+        1.0,
+        torch.tensor(100),
+        checkpoints=torch.tensor([10, 50]),
+        level=torch.tensor(0.9, dtype=torch.float64),
+    )
+    for key, value in plain.items():
+        torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+    grid = torch.linspace(-1, 1, 5)
+    once = theory.identity_1d(grid, (b for b in [1.0, 5.0]))
+    np.testing.assert_allclose(once["cdf"].numpy(), special.expit(np.outer([1.0, 5.0], grid)))
+
+
 def test_quadrature_settings_are_checked():
     with pytest.raises(InputError, match=r"^panels must be an integer >= 1; got 0$"):
         theory.identity_1d(torch.zeros(3), [1.0], panels=0)

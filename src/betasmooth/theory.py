@@ -111,10 +111,11 @@ def identity_1d(
     >>> float((out["expectation"] - out["softplus"]).abs().max()) < 1e-12
     True
     """
+    betas = list(betas)
     for b in betas:
         check_beta(b)
     x = torch.as_tensor(x, dtype=torch.float64)
-    beta = torch.as_tensor(list(betas), dtype=torch.float64)[:, None]
+    beta = torch.as_tensor(betas, dtype=torch.float64)[:, None]
     upper = x.expand(beta.shape[0], -1)
     # p_beta has no mass outside (-45/beta, 45/beta) to float64 precision.
     lower = upper.clamp(max=0) - _TAIL / beta
@@ -272,6 +273,11 @@ def _z_quantile(level: float) -> float:
     return math.sqrt(2) * float(torch.special.erfinv(torch.tensor(level, dtype=torch.float64)))
 
 
+def _plain(value: object) -> object:
+    """A one-element tensor as the Python number it holds (a checkpoint of a tensor)."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
 def theorem2_monte_carlo(
     w: torch.Tensor,
     x: torch.Tensor,
@@ -327,9 +333,10 @@ def theorem2_monte_carlo(
     """
     check_choice("noise model", noise, NOISE_MODELS)
     check_beta(beta)
+    n, level = _plain(n), _plain(level)
     n = check_count("n", n)
     # A checkpoint of 0 or less would index the running estimate from its end.
-    steps = [check_count("checkpoints", c, 1, n) for c in checkpoints]
+    steps = [check_count("checkpoints", _plain(c), 1, n) for c in checkpoints]
     if not is_number(level) or not 0.0 < float(level) < 1.0:
         raise InputError(f"level must be a number between 0 and 1, exclusive; got {level!r}")
     w = torch.as_tensor(w, dtype=torch.float64)
