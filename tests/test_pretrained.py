@@ -189,8 +189,8 @@ def test_weights_fine_tuned_to_other_classes_say_how_to_build_their_model(tmp_pa
         "(shape mismatch: fc.weight (10, 512) vs model (1000, 512), fc.bias (10,) vs model "
         "(1000,)); expected the state dict of the same architecture; the file's last layer "
         "(fc) has 10 outputs, the model's 1000: for weights fine-tuned to 10 classes, build "
-        "the model with them (a model file, file.py:build, returning e.g. "
-        "torchvision.models.resnet18(num_classes=10))"
+        "the model with a last layer of 10 outputs (a model file, file.py:build; for a "
+        "torchvision network, torchvision.models.<name>(num_classes=10))"
     )
     (tmp_path / "tuned.py").write_text(
         "import torchvision\n\n\ndef build():\n"

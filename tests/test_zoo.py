@@ -1448,6 +1448,35 @@ def test_other_classes_are_named_only_where_the_last_layers_outputs_alone_differ
     assert str(info.value).endswith("); expected the state dict of the same architecture")
 
 
+def test_other_classes_are_named_from_the_last_parameter_not_the_last_buffer(tmp_path):
+    # A model whose state dict ends in a buffer after its logits (a temperature), and a
+    # bare Linear, whose layer has no name: both only differ in their outputs.
+    from betasmooth.checkpoint import apply_weights
+
+    class Tempered(nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.fc = nn.Linear(4, classes)
+            self.register_buffer("temperature", torch.ones(1))
+
+        def forward(self, x):
+            return self.fc(x) / self.temperature
+
+    for model, file, layer in (
+        (Tempered(5), Tempered(3), " (fc)"),
+        (nn.Linear(4, 5), nn.Linear(4, 3), ""),
+    ):
+        torch.save(file.state_dict(), tmp_path / "w.pt")
+        with pytest.raises(InputError) as info:
+            apply_weights(model, tmp_path / "w.pt")
+        assert str(info.value).endswith(
+            f"; the file's last layer{layer} has 3 outputs, the model's 5: for weights "
+            "fine-tuned to 3 classes, build the model with a last layer of 3 outputs (a model "
+            "file, file.py:build; for a torchvision network, "
+            "torchvision.models.<name>(num_classes=3))"
+        )
+
+
 def test_a_shared_first_name_is_not_stripped_from_a_key_that_is_that_name_alone(tmp_path):
     # "module" and "module.weight" share their first name, but "module" has no prefix
     # to strip: the keys are named as found, not as an empty one.

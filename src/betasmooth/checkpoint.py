@@ -240,7 +240,12 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
         if items
     ]
     if problems:
-        hint = _classes_hint(state, own) if shapes and not missing + unexpected else ""
+        names = [name for name, _ in model.named_parameters()]
+        hint = (
+            _classes_hint(state, own, names[-1])
+            if names and shapes and not missing + unexpected
+            else ""
+        )
         raise InputError(
             f"weights in {path} do not fit the model ({'; '.join(problems)}); expected the "
             f"state dict of the same architecture{hint or _inner_hint(state, own)}"
@@ -248,21 +253,23 @@ def apply_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
-def _classes_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
-    """Where only the model's last layer differs, in its number of outputs (weights
-    fine-tuned to other classes), say how to build the model that fits them.
+def _classes_hint(
+    state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], last_parameter: str
+) -> str:
+    """Where only the model's last layer (that of its last parameter) differs, in its
+    number of outputs (weights fine-tuned to other classes), say which model fits them.
 
     Examples
     --------
     >>> own = {"f.weight": torch.zeros(4, 3), "fc.weight": torch.zeros(1000, 4),
     ...        "fc.bias": torch.zeros(1000)}
     >>> print(_classes_hint({**own, "fc.weight": torch.zeros(10, 4),
-    ...                      "fc.bias": torch.zeros(10)}, own))
+    ...                      "fc.bias": torch.zeros(10)}, own, "fc.bias"))
     ; the file's last layer (fc) has 10 outputs, the model's 1000: for weights fine-tuned \
-to 10 classes, build the model with them (a model file, file.py:build, returning e.g. \
-torchvision.models.resnet18(num_classes=10))
+to 10 classes, build the model with a last layer of 10 outputs (a model file, file.py:build; \
+for a torchvision network, torchvision.models.<name>(num_classes=10))
     """
-    layer = next(reversed(own)).rpartition(".")[0]
+    layer = last_parameter.rpartition(".")[0]
     last = [k for k in own if k.rpartition(".")[0] == layer]
     if any(k not in state or own[k].dim() == 0 or state[k].dim() == 0 for k in last):
         return ""
@@ -272,10 +279,12 @@ torchvision.models.resnet18(num_classes=10))
     fits = all(state[k].shape[1:] == own[k].shape[1:] for k in last)
     if not differ or not differ <= set(last) or outputs or not fits or n == wanted:
         return ""
+    named = f" ({layer})" if layer else ""
     return (
-        f"; the file's last layer ({layer}) has {n} outputs, the model's {wanted}: for weights "
-        f"fine-tuned to {n} classes, build the model with them (a model file, file.py:build, "
-        f"returning e.g. torchvision.models.resnet18(num_classes={n}))"
+        f"; the file's last layer{named} has {n} outputs, the model's {wanted}: for weights "
+        f"fine-tuned to {n} classes, build the model with a last layer of {n} outputs (a model "
+        f"file, file.py:build; for a torchvision network, "
+        f"torchvision.models.<name>(num_classes={n}))"
     )
 
 
