@@ -853,6 +853,14 @@ CLI: dict[str, tuple[list[str], str]] = {
         ["curvature", *INPUTS, "--betas", "-1,1", "--out", "{d}/c"],
         r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 .*got -1$",
     ),
+    "curvature --betas -1e-3": (
+        ["curvature", *INPUTS, "--betas", "-1e-3", "--out", "{d}/c"],
+        r"^betasmooth: error: --betas must be positive numbers from 1.18e-38 .*got -0.001$",
+    ),
+    "unknown option with a negative list, before the command": (
+        ["--bogus", "-1,2", "sweep", "{d}"],
+        r"^betasmooth: error: unrecognized arguments: --bogus=-1,2 \(see betasmooth --help\)$",
+    ),
     "curvature --betas 1e-50": (
         # Positive and finite, but below float32's normal numbers: the message said "finite".
         ["curvature", *INPUTS, "--betas", "1e-50", "--out", "{d}/c"],

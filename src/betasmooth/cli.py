@@ -1933,18 +1933,20 @@ def _reuse_freed_memory() -> None:
         mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
 
 
-_NEGATIVE_LIST = re.compile(r"-\.?\d[\d.eE+-]*(,\s*[+-]?\.?\d[\d.eE+-]*)+")
+_NUMBER = r"(?:\.?\d[\d.eE+-]*|inf|nan)"
+_NEGATIVE_LIST = re.compile(rf"-{_NUMBER}(?:,\s*[+-]?{_NUMBER})*", re.IGNORECASE)
 
 
 def _negative_lists(argv: Sequence[str]) -> list[str]:
-    """``argv`` with a comma list that starts with a negative number joined to the option
-    before it: argparse takes ``--betas -1,1`` for an option ``-1,1`` and says only that
-    ``--betas`` expected an argument, where the check of the values names the problem.
+    """``argv`` with a negative number, or a comma list that starts with one, joined to the
+    option before it: argparse takes ``--betas -1,1`` (or ``-1e-3``, ``-inf``) for an option
+    and says only that ``--betas`` expected an argument, where the check of the values
+    names the problem.
 
     Examples
     --------
-    >>> _negative_lists(["sweep", "run", "--betas", "-1,1", "-n", "-5"])
-    ['sweep', 'run', '--betas=-1,1', '-n', '-5']
+    >>> _negative_lists(["sweep", "run", "--betas", "-1,1", "-n", "-5", "--betas", "-1e-3"])
+    ['sweep', 'run', '--betas=-1,1', '-n', '-5', '--betas=-1e-3']
     """
     out: list[str] = []
     for token in argv:
@@ -1974,7 +1976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         # Named by the parser they were given to: before the command, the top one.
         before = argv[: argv.index(args.command)] if args.command in argv else []
-        owner = parser if any(u in before for u in unknown) else args.parser
+        owner = parser if any(u.partition("=")[0] in before for u in unknown) else args.parser
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv
     _reuse_freed_memory()
