@@ -164,6 +164,9 @@ class SweepResult:
     def medians(self) -> list[dict[str, object]]:
         """Median of every number over the images, one dict per (defense, beta).
 
+        Over every image, those the attack left unchanged (``attacked`` false)
+        included, where :meth:`summary` takes robustness over the changed ones.
+
         Examples
         --------
         >>> rows = [
