@@ -219,6 +219,23 @@ def test_adaptive_attack_on_smoothgrad(small, eot):
     assert not torch.allclose(result.map_adv, fitted)
 
 
+def test_the_loss_history_holds_numbers_not_graphs(small):
+    # history is the surrogate's loss per step, detached: a graph kept per step holds
+    # every step's double backprop (memory growing with the steps), and numpy() refuses
+    # a tensor that requires grad. Its first row is the loss at x, by hand.
+    net, x = small
+    target = targets_of(net, x)
+    result = bs.manipulate(net, x, target, "gradient", steps=3, beta_schedule=10.0)
+    assert not result.history.requires_grad and result.history.grad_fn is None
+    surrogate = bs.smooth(net, 10.0)
+    w_e, w_o = default_weights(16, 16, classes=5)
+    with torch.no_grad():
+        change = (surrogate(x).softmax(1) - net(x).softmax(1)).square().mean(1)
+    maps = maps_of(surrogate, x, target=result.label)
+    expected = w_e * bs.metrics.mse(maps, target) + w_o * change
+    np.testing.assert_allclose(result.history.numpy()[0], expected.numpy(), rtol=1e-4)
+
+
 def test_a_restart_starts_from_noise_drawn_from_the_seed(small):
     # The first loss of a restart is the surrogate's loss at x plus uniform noise of 1 %
     # of the range, drawn from the attack's seed.
@@ -903,6 +920,30 @@ def test_a_signed_step_that_flips_the_label_is_undone_and_halved_once(b, steps, 
     expected = torch.tensor([low, low, 1 - low, 1 - low], dtype=torch.float64).view(1, 1, 2, 2)
     torch.testing.assert_close(r.x_adv, expected)
     assert bool(r.label_kept.all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_a_signed_attack_reaches_the_edge_of_its_budget_exactly(dtype):
+    # The ball's bounds x +- eps move towards x only where rounding put them outside
+    # the budget: 0.5 +- 0.25 is exact in float64 and bfloat16, so two signed steps of
+    # 0.2 (topk with k=2, as above: x0, x1 down, x2, x3 up) end on 0.25 and 0.75
+    # themselves, not one unit in the last place inside (in bfloat16 0.8 % of eps).
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=dtype)
+    r = bs.manipulate(
+        _two_logits(-10.0).to(dtype),
+        x,
+        None,
+        "input_x_gradient",
+        goal="topk",
+        k=2,
+        eps=0.25,
+        step=0.2,
+        steps=2,
+        beta_schedule="none",
+    )
+    expected = torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=dtype).view(1, 1, 2, 2)
+    assert torch.equal(r.x_adv, expected)
+    assert float(r.metrics["input_max_change"]) == 0.25
 
 
 def _spy_on_scoring(monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
