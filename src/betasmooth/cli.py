@@ -1934,27 +1934,36 @@ def _reuse_freed_memory() -> None:
 
 
 _NUMBER = r"(?:\.?\d[\d.eE+-]*|inf|nan)"
-_NEGATIVE_LIST = re.compile(rf"-{_NUMBER}(?:,\s*[+-]?{_NUMBER})*", re.IGNORECASE)
+_NUMBERS = re.compile(rf"[+-]?{_NUMBER}(?:,\s*[+-]?{_NUMBER})*", re.IGNORECASE)
+#: What argparse itself reads as a negative number, not as an option.
+_ARGPARSE_NEGATIVE = re.compile(r"-\d+|-\d*\.\d+")
 
 
 def _negative_lists(argv: Sequence[str]) -> list[str]:
-    """``argv`` with a negative number, or a comma list that starts with one, joined to the
-    option before it: argparse takes ``--betas -1,1`` (or ``-1e-3``, ``-inf``) for an option
-    and says only that ``--betas`` expected an argument, where the check of the values
-    names the problem.
+    """``argv`` with a negative value that argparse would read as an option joined to the
+    option before it: a comma list that starts with a negative number, ``-1e-3``, ``-inf``.
+    argparse says only that ``--betas`` expected an argument, where the check of the
+    values names the problem. A value that argparse reads (``-0.5``), or the first of
+    several (``--mean -1e-3 0.2 0.3``), is left as it is.
 
     Examples
     --------
     >>> _negative_lists(["sweep", "run", "--betas", "-1,1", "-n", "-5", "--betas", "-1e-3"])
     ['sweep', 'run', '--betas=-1,1', '-n', '-5', '--betas=-1e-3']
+    >>> _negative_lists(["--mean", "-0.5", "-0.5", "--std", "-1e-3", "0.2"])
+    ['--mean', '-0.5', '-0.5', '--std', '-1e-3', '0.2']
     """
     out: list[str] = []
-    for token in argv:
+    for i, token in enumerate(argv):
+        after = argv[i + 1] if i + 1 < len(argv) else ""
         if (
             out
             and out[-1].startswith("--")
             and "=" not in out[-1]
-            and (_NEGATIVE_LIST.fullmatch(token))
+            and token.startswith("-")
+            and _NUMBERS.fullmatch(token)
+            and not _ARGPARSE_NEGATIVE.fullmatch(token)
+            and not _NUMBERS.fullmatch(after)
         ):
             out[-1] = f"{out[-1]}={token}"
         else:
