@@ -274,7 +274,8 @@ def _z_quantile(level: float) -> float:
 
 
 def _plain(value: object) -> object:
-    """A one-element tensor as the Python number it holds (a checkpoint of a tensor)."""
+    """A one-element tensor as the Python number it holds (``checkpoints`` given as a
+    tensor iterate as such), for the checks of plain numbers."""
     return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
