@@ -525,3 +525,32 @@ def test_a_sweep_refuses_a_run_whose_integer_setting_is_a_boolean(tmp_path, key)
     run = RunDir.create(tmp_path / "run", config | {key: True})
     with pytest.raises(InputError, match=f"has {key} = True; expected the int"):
         run.check_attacked()
+
+
+def test_lost_arrays_of_items_left_in_a_rank_file_are_computed_again(tmp_path):
+    # A torchrun job killed before rank 0 merged leaves rank 1's records in its rank file;
+    # their arrays lost, the resumed run forgets them there too and computes them again.
+    from betasmooth.distributed import Dist
+    from betasmooth.units import execute, plan
+
+    calls = []
+
+    def work(unit):
+        calls.append(unit.indices)
+        values = [float(i * i) for i in unit.indices]
+        records = [{"index": i, "method": "a", "value": v} for i, v in zip(unit.indices, values)]
+        return records, {"index": np.asarray(unit.indices), "value": np.asarray(values)}
+
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    units = plan(["a"], range(4), 2)
+    execute(RunDir(run.path, 1, 2), units, work, dist=Dist(1, 2), progress=False)
+    rank1 = run.path / "results-rank1.jsonl"
+    assert calls == [(2, 3)] and [r["index"] for r in read_jsonl(rank1)] == [2, 3]
+    run.arrays_file("a", 2).unlink()
+    said = []
+    records = execute(run, units, work, progress=False, message=said.append)
+    assert calls == [(2, 3), (0, 1), (2, 3)]
+    assert said[0].startswith("betasmooth: 2 finished items of a have a missing or corrupt")
+    assert [(r["index"], r["value"]) for r in records] == [(i, float(i * i)) for i in range(4)]
+    assert read_jsonl(run.results) == records and not rank1.exists()
+    assert run.covered() == {(i, "a") for i in range(4)}

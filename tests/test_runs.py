@@ -1345,3 +1345,33 @@ def test_the_report_names_a_registered_defense_once_escaped(
     page = build_report(run.path).read_text()
     assert "other line styles: m&amp;f (see the legend)" in page
     assert "&amp;amp;" not in page
+
+
+def test_batch_files_and_their_arrays_come_by_first_index_not_by_file_name(tmp_path):
+    # "a-10.npz" sorts before "a-2.npz" by name; the batches are in the order of their items.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    for first in (10, 0, 2):
+        run.save_arrays("a", first, {"index": np.array([first, first + 1])})
+    assert list(run.batch_files()["a"]) == [0, 2, 10]
+    assert [a["index"].tolist() for a in run.load_arrays("a")] == [[0, 1], [2, 3], [10, 11]]
+
+
+def test_a_sweep_checks_the_attacked_images_before_it_records_its_settings(
+    tmp_path, digits, digits_cnn
+):
+    # Attacked images far outside LRP's box of [0, 1] (as an attack with other data
+    # bounds leaves them), the clean ones inside: refused before the sweep writes.
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
+    path = run.arrays_file("lrp", 0)
+    arrays = read_npz(path)
+    write_npz(path, arrays | {"x_adv": arrays["x_adv"] + 5.0})
+    config = run.config_path.read_text()
+    with pytest.raises(InputError) as refused:
+        sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2)
+    assert run.config_path.read_text() == config  # no sweep settings recorded
+    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+    assert str(refused.value).startswith("x lies outside the lrp input box [0.0, 1.0]")
