@@ -1375,3 +1375,40 @@ def test_a_sweep_checks_the_attacked_images_before_it_records_its_settings(
     assert run.config_path.read_text() == config  # no sweep settings recorded
     assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
     assert str(refused.value).startswith("x lies outside the lrp input box [0.0, 1.0]")
+
+
+def test_a_sweep_batch_halved_on_out_of_memory_sweeps_each_half_on_its_own_images(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    # The attack's batch of 4 is swept in halves, then quarters, on a device that holds
+    # one image: each part takes its own rows of the batch's arrays, and the rows are
+    # those of the sweep of the whole batch.
+    import shutil
+
+    import betasmooth.runs as runs_module
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:4], digits[1][:4]
+    whole = RunDir.create(tmp_path / "whole", {"command": "test"})
+    attack_run(whole, digits_cnn, x, y, ["gradient"], steps=2, batch_size=4)
+    halved = RunDir(shutil.copytree(whole.path, tmp_path / "halved"))
+    expected = sweep_run(whole, digits_cnn, [1.0, 4.0], smoothgrad_n=2, seed=1)
+    real, sizes = runs_module.defense_sweep, []
+
+    def small_device(model, x, *args, **kwargs):
+        sizes.append(len(x))
+        if len(x) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module, "defense_sweep", small_device)
+    found = sweep_run(halved, digits_cnn, [1.0, 4.0], smoothgrad_n=2, seed=1)
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    assert len(found) == len(expected) == 4 * 2 * 2
+    for a, b in zip(found, expected):
+        assert {k: v for k, v in a.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "seconds"}, rel=1e-4, abs=1e-5
+        )
+    swept, kept = halved.read_arrays("gradient", "sweep"), whole.read_arrays("gradient", "sweep")
+    np.testing.assert_array_equal(swept["index"], [0, 1, 2, 3])
+    np.testing.assert_allclose(swept["maps_beta"], kept["maps_beta"], rtol=1e-4, atol=1e-7)

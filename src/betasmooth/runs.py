@@ -747,8 +747,11 @@ def sweep_run(
     # The top-k size each method's attack scored with (records before 0.11.0 have none).
     ks = {str(r["method"]): r.get("attack_k") for r in attack_records}
 
+    # A unit halved on out-of-memory starts inside its attack batch: found by any item.
+    holding = {(m, int(i)): b for (m, _), b in attacked.items() for i in b.index}
+
     def work(unit: Unit) -> tuple[list[Record], SweepBatch]:
-        batch = attacked[(unit.method, unit.indices[0])]
+        batch = holding[(unit.method, unit.indices[0])]
         rows = [[int(i) for i in batch.index].index(i) for i in unit.indices]
         x, x_adv, target_map = (
             torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
