@@ -592,10 +592,6 @@ def test_a_registered_defense_that_returns_other_maps_is_named(small, returned, 
     )
 
 
-def _plain_maps(model, xs, method, label, base_options=None):
-    return bs.heatmap(bs.explain(model, xs, method, label, **(base_options or {}))).detach()
-
-
 def test_changed_is_true_where_a_defense_changes_only_one_of_the_two_maps(small, monkeypatch):
     # "changed": the defense changed the map of x or of x_adv. Two registered defenses
     # give back the undefended maps but for one half, mirrored: each changed every image.
@@ -605,7 +601,7 @@ def test_changed_is_true_where_a_defense_changes_only_one_of_the_two_maps(small,
 
     def mirrored(half):
         def defense(model, xs, method, label, beta, *, base_options, **_):
-            maps = _plain_maps(model, xs, method, label, base_options)
+            maps = maps_of(model, xs, method, target=label, **(base_options or {})).detach()
             adv, clean = maps.chunk(2)
             if half == "adv":
                 adv = adv.flip(-1)
@@ -618,7 +614,7 @@ def test_changed_is_true_where_a_defense_changes_only_one_of_the_two_maps(small,
     monkeypatch.setitem(DEFENSES, "mirror_adv", mirrored("adv"))
     monkeypatch.setitem(DEFENSES, "mirror_clean", mirrored("clean"))
     monkeypatch.setitem(DEFENSES, "identity", mirrored(None))
-    plain = _plain_maps(net, x, "gradient", predict(net, x))
+    plain = maps_of(net, x, target=predict(net, x))
     assert not any(torch.equal(m, m.flip(-1)) for m in plain)
     x_adv = (x + 0.02).clamp(0, 1)
     sweep = bs.defense_sweep(
@@ -645,7 +641,8 @@ def test_a_registered_defenses_maps_are_kept_detached_and_timed_per_image(small,
 
     def graphed(model, xs, method, label, beta, *, base_options, **_):
         now[0] += 6.0
-        return _plain_maps(model, xs, method, label, base_options).requires_grad_(True) * 1
+        maps = maps_of(model, xs, method, target=label, **(base_options or {})).detach()
+        return maps.requires_grad_(True) * 1
 
     monkeypatch.setitem(defense_module.DEFENSES, "graphed", graphed)
     monkeypatch.setattr(defense_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
