@@ -848,7 +848,7 @@ def test_a_bfloat16_model_runs_from_the_command_line(tmp_path):
 def test_warnings_are_one_line_about_the_run(tmp_path, capsys):
     (tmp_path / "net.py").write_text(
         "from torch import nn\n\n\ndef net():\n    return nn.Sequential(nn.Conv2d(1, 2, 3, "
-        "padding=1), nn.Hardswish(), nn.Flatten(), nn.Linear(2048, 10))\n"
+        "padding=1), nn.Hardshrink(), nn.Flatten(), nn.Linear(2048, 10))\n"
     )
     argv = ["explain", "--model", f"{tmp_path}/net.py:net", "--data", "digits", "-n", "1"]
     assert main([*argv, "--method", "beta_smooth", "--out", str(tmp_path / "run")]) == 0
@@ -857,7 +857,7 @@ def test_warnings_are_one_line_about_the_run(tmp_path, capsys):
         "betasmooth: warning: Sequential: no ReLU was called in forward; beta-smoothing "
         "changed nothing",
         "betasmooth: warning: Sequential: beta-smoothing replaces ReLU and the activations made "
-        "of it; these piecewise-linear activations stay non-smooth: Hardswish",
+        "of it; these piecewise-linear activations stay non-smooth: Hardshrink",
     ]
 
 

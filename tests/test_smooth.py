@@ -522,7 +522,9 @@ def test_warning_names_other_kinked_activations():
     class Kinked(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.body = nn.Sequential(nn.Linear(3, 3), nn.Hardswish(), nn.ReLU6(), nn.ReLU())
+            self.body = nn.Sequential(
+                nn.Linear(3, 3), nn.Softshrink(), nn.Hardswish(), nn.ReLU6(), nn.ReLU()
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = F.threshold(F.hardshrink(F.leaky_relu(self.body(x))), 0.1, 0.0)
@@ -532,34 +534,69 @@ def test_warning_names_other_kinked_activations():
     with pytest.warns(UserWarning, match="stay non-smooth") as record, smoothed(net, 1.0):
         net(torch.ones(1, 3))
     message = " ".join(str(w.message) for w in record)
-    for name in ("Hardswish", "hardshrink", " threshold", "rrelu"):
+    for name in ("Softshrink", "hardshrink", " threshold", "rrelu"):
         assert name in message
     assert "_threshold" not in message and "threshold_" not in message
     # Written through ReLU, hence smoothed: not named.
-    for name in ("ReLU6", "leaky_relu"):
+    for name in ("Hardswish", "ReLU6", "leaky_relu"):
         assert name not in message
     assert "no ReLU" not in message
 
 
 def test_an_activation_added_through_relu_is_smoothed_and_not_named(monkeypatch):
-    # hardswish(x) = x relu6(x + 3) / 6, written with relu: smoothed exactly, its module
-    # too, so the warning that it stays non-smooth was false.
+    # softshrink(x) = relu(x - 1/2) - relu(-x - 1/2), written with relu: smoothed
+    # exactly, its module too, so the warning that it stays non-smooth was false.
     from betasmooth.smooth import THROUGH_RELU
 
-    def hardswish(relu, x, inplace=False):
-        return x * (relu(x + 3.0) - relu(x - 3.0)) / 6.0
+    def softshrink(relu, x, lambd=0.5):
+        return relu(x - lambd) - relu(-x - lambd)
 
-    monkeypatch.setitem(THROUGH_RELU, F.hardswish, hardswish)
+    monkeypatch.setitem(THROUGH_RELU, F.softshrink, softshrink)
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(3, 4), nn.Hardswish(), nn.Linear(4, 2)).double()
+    net = nn.Sequential(nn.Linear(3, 4), nn.Softshrink(), nn.Linear(4, 2)).double()
     x = 4 * torch.randn(5, 3, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with smoothed(net, 2.0):
             out = net(x)
     h = net[0](x)
-    soft = h * (F.softplus(h + 3.0, beta=2.0) - F.softplus(h - 3.0, beta=2.0)) / 6.0
+    soft = F.softplus(h - 0.5, beta=2.0) - F.softplus(-h - 0.5, beta=2.0)
     torch.testing.assert_close(out, net[2](soft))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_hardswish_is_smoothed_through_the_relus_of_its_gate(inplace):
+    # hardswish(x) = x relu6(x + 3) / 6: each ReLU replaced, x kept; smooth, so
+    # not named as staying non-smooth (MobileNetV3 is made of it).
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Hardswish(inplace=inplace)).double()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+    x = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)[:, None]
+    beta = 10.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = smooth(net, beta)(x).detach()
+
+    # log(1 + exp(beta z)) / beta in closed form (F.softplus turns linear above beta z = 20).
+    def softplus(z: torch.Tensor) -> torch.Tensor:
+        return torch.logaddexp(beta * z, torch.zeros_like(z)) / beta
+
+    gate = (softplus(x + 3.0) - softplus(x - 3.0)) / 6.0
+    torch.testing.assert_close(out, x * gate, rtol=1e-14, atol=1e-15)
+    # softplus_beta - relu peaks at log(2) / beta at the kinks x = -3 and 3, where
+    # the gate's other ReLU is 0 or 6 units away: the largest gap is 3 log(2) / (6 beta).
+    gap = (out - F.hardswish(x)).abs().max()
+    assert float(gap) == pytest.approx(math.log(2) / (2 * beta), rel=1e-6)
+    # Its second derivative is finite everywhere, where hardswish's jumps at -3 and 3.
+    xs = torch.tensor([[-3.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(smooth(net, beta)(xs).sum(), xs, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), xs)
+    # d2/dx2 [x s(x)] = 2 s'(x) + x s''(x), s = gate: by hand at x = -3 and 3, with
+    # sigma(beta z) the derivative of softplus_beta and beta sigma (1 - sigma) its own.
+    up, down = torch.sigmoid(beta * (xs + 3)), torch.sigmoid(beta * (xs - 3))
+    s1 = (up - down) / 6
+    s2 = beta * (up * (1 - up) - down * (1 - down)) / 6
+    torch.testing.assert_close(h, (2 * s1 + xs * s2).detach())
 
 
 THROUGH_RELU_ACTIVATIONS = {

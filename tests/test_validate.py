@@ -128,7 +128,7 @@ def test_no_relu_network_warns_that_the_method_changes_nothing(method, says) -> 
 def test_attack_warns_nothing_where_no_smoothing_was_asked_for() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.Hardswish(), nn.Flatten(), nn.Linear(4 * 64, 3)
+        nn.Conv2d(1, 4, 3, padding=1), nn.Hardshrink(), nn.Flatten(), nn.Linear(4 * 64, 3)
     ).eval()
     x = torch.rand(2, 1, 8, 8)
     target = random_targets(bs.heatmap(bs.explain(net, x, "gradient")))
@@ -141,7 +141,7 @@ def test_attack_warns_nothing_where_no_smoothing_was_asked_for() -> None:
         bs.explain(net, x, "beta_smooth")
     assert sorted(str(w.message) for w in record) == [
         "Sequential: beta-smoothing replaces ReLU and the activations made of it; these "
-        "piecewise-linear activations stay non-smooth: Hardswish",
+        "piecewise-linear activations stay non-smooth: Hardshrink",
         "Sequential: no ReLU was called in forward; beta-smoothing changed nothing",
     ]
     assert {w.filename for w in record} == {__file__}

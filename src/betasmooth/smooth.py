@@ -14,6 +14,9 @@ term (:data:`THROUGH_RELU`: ``ReLU6``, ``Hardtanh``, ``LeakyReLU``, ``PReLU``,
 ``Hardsigmoid``) are written that way and each ReLU replaced, so they too
 become their exact convolution with ``p_beta``: ``ReLU6(x) = relu(x) -
 relu(x - 6)`` becomes ``softplus_beta(x) - softplus_beta(x - 6)``.
+``Hardswish(x) = x * Hardsigmoid(x)`` is a product, not a sum: its ReLUs are
+replaced the same way, which makes it smooth, but the result is not its
+convolution with ``p_beta``; it lies within ``log(2) / (2 beta)`` of it.
 """
 
 from __future__ import annotations
@@ -81,7 +84,6 @@ IN_PLACE_FUNCTIONS = frozenset(
 KINKED_MODULES: tuple[type[nn.Module], ...] = (
     nn.RReLU,
     nn.Threshold,
-    nn.Hardswish,
     nn.Hardshrink,
     nn.Softshrink,
 )
@@ -103,7 +105,7 @@ SMOOTH_FUNCTIONS = frozenset(
     | {torch.tanh, torch.sigmoid}
 )
 KINKED_FUNCTIONS = frozenset(
-    {F.rrelu, F.rrelu_, F.threshold, F.threshold_, F.hardswish, F.hardshrink, F.softshrink}
+    {F.rrelu, F.rrelu_, F.threshold, F.threshold_, F.hardshrink, F.softshrink}
 )
 # Clamps: ``clamp(min=0)`` is a ReLU by another name, which beta-smoothing does
 # not replace (a clamp at 0 may be no activation); named in the same warning.
@@ -155,8 +157,15 @@ def _hardsigmoid(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Te
     return (relu(x + 3.0) - relu(x - 3.0)) / 6.0
 
 
+def _hardswish(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    # A product with x, so smoothed but not convolved: each ReLU of the gate is
+    # replaced, and x itself stays as it is.
+    return x * _hardsigmoid(relu, x)
+
+
 #: Activations written as shifted ReLUs plus a linear term, ``(relu, *args) -> Tensor``;
-#: replacing each ReLU smooths them exactly as it smooths ReLU.
+#: replacing each ReLU smooths them exactly as it smooths ReLU. ``hardswish``, the
+#: one product (``x * hardsigmoid(x)``), becomes smooth but not its convolution.
 THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
     F.hardtanh: _hardtanh,
     F.hardtanh_: _hardtanh,
@@ -165,6 +174,7 @@ THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
     F.leaky_relu_: _leaky_relu,
     F.prelu: _prelu,
     F.hardsigmoid: _hardsigmoid,
+    F.hardswish: _hardswish,
 }
 
 
@@ -662,7 +672,9 @@ _signature = functools.cache(inspect.signature)
 
 
 # The ReLU family as TorchScript writes it in a graph.
-_SCRIPTED_RELUS = re.compile(r"aten::(relu|relu6|hardtanh|leaky_relu|prelu|hardsigmoid)_?\b")
+_SCRIPTED_RELUS = re.compile(
+    r"aten::(relu|relu6|hardtanh|leaky_relu|prelu|hardsigmoid|hardswish)_?\b"
+)
 
 
 def check_overridable(model: nn.Module, what: str = "beta-smoothing") -> None:
