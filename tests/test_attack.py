@@ -426,6 +426,42 @@ def test_a_bfloat16_attack_stays_inside_its_budget(small, normalised):
     torch.testing.assert_close(result.metrics["input_max_change"].double(), change)
 
 
+class _LeftHalfUnseen(nn.Module):
+    """``net`` of ``x`` with its left half set to 0: those pixels have no gradient."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(x)
+        mask[..., : x.shape[-1] // 2] = 0
+        return self.net(x * mask)
+
+
+def test_a_float64_input_comes_back_in_float64_as_explain_gives_it(small):
+    # explain returns the map in the input's dtype; so does the attack, with the
+    # user's own x, and their own values where the attack moved nothing.
+    net, x = small
+    net = _LeftHalfUnseen(net).eval()
+    x64 = x.double() + 1e-12 * torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    x32 = x64.float()
+    target = random_targets(maps_of(net, x32, "gradient"), torch.Generator().manual_seed(0))
+    box = (0.0, 1.0)
+    r32 = bs.manipulate(net, x32, target, "gradient", steps=3, data_range=box)
+    r64 = bs.manipulate(net, x64, target.double(), "gradient", steps=3, data_range=box)
+    assert {t.dtype for t in (r64.x, r64.x_adv, *r64.maps.values())} == {torch.float64}
+    assert torch.equal(r64.x, x64)
+    moved = r32.x_adv != r32.x
+    assert 0 < int(moved.sum()) < moved.numel()
+    assert torch.equal(r64.x_adv[~moved], x64[~moved])
+    assert torch.equal(r64.x_adv[moved], r32.x_adv[moved].double())
+    for name, found in r64.maps.items():
+        assert torch.equal(found, r32.maps[name].double())
+    for name, value in r64.metrics.items():
+        torch.testing.assert_close(value, r32.metrics[name], rtol=0, atol=0)
+
+
 def test_a_model_with_one_logit_is_refused_before_any_step(small):
     # argmax of one column is 0 whatever its sign: a flipped decision would pass as kept.
     net, x = small

@@ -1146,7 +1146,9 @@ def manipulate(
     Returns
     -------
     ManipulationResult
-        Inputs, maps, labels, metrics and loss history, on the CPU.
+        Inputs, maps, labels, metrics and loss history, on the CPU; inputs and
+        maps in the dtype of ``x`` (a float64 ``x`` to a float32 model is
+        attacked in float32, as :func:`~betasmooth.explain` explains it).
 
     Examples
     --------
@@ -1159,6 +1161,7 @@ def manipulate(
     >>> result.label_kept.all()
     tensor(True)
     """
+    given = x
     x = _checked_input(model, x)
     if beta_schedule is None and is_smoothed(model):
         # Its own softplus is the network to attack: a surrogate would take its place.
@@ -1197,7 +1200,21 @@ def manipulate(
         p, map_adv = _scored(p, best)
         with torch.no_grad():
             logits_adv = model(best)
-    return _result(p, best, map_adv, logits_adv)
+    return _in_dtype(_result(p, best, map_adv, logits_adv), given)
+
+
+def _in_dtype(result: ManipulationResult, given: torch.Tensor) -> ManipulationResult:
+    """``result``'s images and maps in the dtype of the ``x`` given, as :func:`explain`
+    gives its maps: an input cast to the model's dtype (float64 to a float32 model)
+    comes back as it came, and a pixel the attack left as it was is the user's own."""
+    if given.dtype == result.x.dtype:
+        return result
+    x = given.detach().cpu()
+    x_adv = torch.where(result.x_adv == result.x, x, result.x_adv.to(x.dtype))
+    maps = {
+        name: getattr(result, name).to(x.dtype) for name in ("map_orig", "map_adv", "map_target")
+    }
+    return replace(result, x=x, x_adv=x_adv, **maps)
 
 
 def scoring_options(options: Mapping[str, object]) -> dict[str, object]:
