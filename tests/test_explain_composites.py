@@ -275,3 +275,18 @@ def test_composites_on_signals_and_volumes_equal_zennit(dims, side, name):
     assert (ours.flatten(1).abs().sum(1) > 0).all()
     theirs = zennit_map(net, ZENNIT[name](), x, target)
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1"])
+def test_a_composite_without_a_box_explains_inputs_of_any_range_as_zennit(name):
+    """Without the z^B rule no box bounds x: inputs in [-3, 3], which the default composite
+    refuses for its box [0, 1], are explained, and the map is zennit's."""
+    net = plain_cnn().double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64) * 6 - 3
+    target = torch.tensor([0, 3])
+    with pytest.raises(bs.InputError, match="outside the lrp input box"):
+        bs.explain(net, x, "lrp", target)
+    ours = bs.explain(net, x, "lrp", target, composite=name)
+    theirs = zennit_map(net, ZENNIT[name](), x, target)
+    assert ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -10,7 +10,7 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 from torch import nn
 
 import betasmooth as bs
-from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature
+from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature, select_logit
 from nets import CAPTUM_NETS as NETS
 from nets import TARGET, residual_net
 
@@ -209,3 +209,56 @@ def test_a_zero_map_of_one_item_of_the_batch_is_warned_about():
     with pytest.warns(UserWarning, match="zero everywhere"):
         got = bs.explain(net, x, "gradient", 0)
     torch.testing.assert_close(got, grad)
+
+
+def test_integrated_gradients_of_a_batch_larger_than_one_pass_is_the_closed_form():
+    """A batch of more items than the default pass holds (300 > 256) still gets one node
+    per pass, and its map is the closed form of a linear model, ``(x - x0) * w_target``
+    (Gauss-Legendre weights sum to one)."""
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).double()
+    x = torch.rand(300, 3, dtype=torch.float64)
+    got = bs.explain(net, x, "integrated_gradients", 1, steps=4, baseline=0.25)
+    expected = (x - 0.25) * net.weight[1].detach()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_integrated_gradients_default_target_is_the_class_predicted_at_x():
+    """Without a target the map is of the class predicted at ``x``, not along the path.
+
+    Logits ``(x_0, 0.6)``: at ``x = (1, 0)`` class 0 wins (1 > 0.6), at half of
+    ``x`` class 1 would (0.5 < 0.6). The closed form of the linear model is
+    ``(x - 0) * w_0 = (1, 0)``; class 1's map would be zero.
+    """
+    net = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        net.bias.copy_(torch.tensor([0.0, 0.6]))
+    x = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    got = bs.explain(net, x, "integrated_gradients", steps=8)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["gradient", "input_x_gradient"])
+def test_explain_leaves_the_callers_x_as_it_was(method):
+    """The map is taken w.r.t. a copy: the caller's ``x`` neither starts to require grad
+    nor changes, and the map equals autograd's gradient of the target logit (times x)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    before = x.clone()
+    got = bs.explain(net, x, method, 1)
+    assert not x.requires_grad and x.grad is None
+    assert torch.equal(x, before)
+    xg = before.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(net(xg)[:, 1].sum(), xg)
+    if method == "input_x_gradient":
+        grad = grad * before
+    torch.testing.assert_close(got, grad, rtol=1e-12, atol=1e-14)
+
+
+def test_select_logit_refuses_logits_of_more_than_two_dimensions():
+    """``select_logit`` takes ``(B, classes)`` only: a ``(B, classes, 1)`` output is named
+    as such, not left to fail inside ``gather``."""
+    with pytest.raises(bs.InputError, match=r"logits of shape \(B, classes\); got \(2, 3, 1\)"):
+        select_logit(torch.zeros(2, 3, 1), None)

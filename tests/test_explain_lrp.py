@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
@@ -1577,3 +1578,38 @@ def test_lrp_of_a_class_whose_logit_is_near_zero_is_no_growth(digits, digits_cnn
     assert float((total / explained).max()) > AMPLIFIED  # the old measure would warn
     assert float((total / logits.abs().amax(1)).max()) < AMPLIFIED
     assert not [w for w in seen if "sums in absolute value" in str(w.message)]
+
+
+def test_lrp_folds_batchnorm_with_its_eps_as_torchs_conv_bn_fusion():
+    """A BatchNorm of large eps is folded with ``gamma / sqrt(var + eps)``: the map equals
+    zennit's on the network that torch's ``fuse_conv_bn_eval`` fuses (no BatchNorm left)."""
+    net = with_batchnorm(bn_eps=0.5)
+    fused = copy.deepcopy(net)
+    for conv, bn in ((0, 1), (3, 4)):
+        fused[conv] = fuse_conv_bn_eval(net[conv], net[bn])
+        fused[bn] = nn.Identity()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-12, atol=1e-14)
+    ours = bs.explain(net, x, "lrp", target)
+    torch.testing.assert_close(ours, zennit_lrp(fused, x, target), rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("x2", [0.597, 0.58])
+def test_lrp_warns_once_the_growth_passes_the_documented_threshold(x2):
+    """ReLU net whose unit sums to ``z = 0.6 - x2``: by hand the input relevance is
+    ``(0.6, -x2) z / (z + eps)^2 z * box``, about ``(0.6 + x2) / z`` times the logit ``z``:
+    399 for ``x2 = 0.597`` (warned: above AMPLIFIED = 100), 59 for ``x2 = 0.58`` (not)."""
+    net, x = _cancelling_net(), torch.tensor([[0.6, x2]], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = bs.explain(net, x, "lrp", 0)
+    z = 0.6 - x2
+    r_out = z * z / (z + 1e-6)
+    box = x / (x + 1e-6)  # the first layer's z^B rule on identity weights
+    expected = torch.tensor([[0.6, -x2]], dtype=torch.float64) * r_out / (z + 1e-6) * box
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=0)
+    ratio = float(expected.abs().sum()) / z
+    assert 50 < ratio < 1000
+    warned = [w for w in seen if "sums in absolute value" in str(w.message)]
+    assert len(warned) == (1 if ratio > AMPLIFIED else 0)

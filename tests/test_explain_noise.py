@@ -334,3 +334,18 @@ def test_the_clean_input_must_suit_the_base_method(method):
     box = {"low": -2.0, "high": 2.0}
     h = bs.explain(net, x, method, base="lrp", base_options=box, **options)
     assert h.shape == x.shape and bool(torch.isfinite(h).all())
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "beta_smooth"])
+def test_the_base_methods_keyword_options_reach_its_input_check(method):
+    """LRP's box given as keyword options of the smoothing is the box the clean x is checked
+    against, as one given in ``base_options`` is: x in [-2, 2] with the box [-2, 2] is
+    explained, and the map is the one with the same box in ``base_options``."""
+    net = plain_cnn(seed=3)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    options = {"n": 2, "seed": 0} if method == "smoothgrad" else {"beta": 2.0}
+    box = {"low": -2.0, "high": 2.0}
+    by_keyword = bs.explain(net, x, method, 0, base="lrp", **box, **options)
+    in_options = bs.explain(net, x, method, 0, base="lrp", base_options=box, **options)
+    torch.testing.assert_close(by_keyword, in_options, rtol=0, atol=0)
+    assert by_keyword.abs().sum() > 0
