@@ -1613,3 +1613,16 @@ def test_lrp_warns_once_the_growth_passes_the_documented_threshold(x2):
     assert 50 < ratio < 1000
     warned = [w for w in seen if "sums in absolute value" in str(w.message)]
     assert len(warned) == (1 if ratio > AMPLIFIED else 0)
+
+
+def test_lrp_refuses_bounds_with_the_values_of_x_in_another_layout():
+    """Bounds of shape ``(B, H, W, C)`` for an ``x`` of ``(B, C, H, W)`` have as many values
+    as x but do not broadcast to it: refused, not reshaped into a box of mixed-up pixels."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    low = -torch.rand(2, 4, 4, 3, dtype=torch.float64)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
+    for net in (flat, conv):
+        with pytest.raises(InputError, match=r"lrp option 'low' of shape \(2, 4, 4, 3\)"):
+            bs.explain(net, x, "lrp", 0, low=low, high=low + 2)

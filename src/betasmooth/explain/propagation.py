@@ -347,25 +347,11 @@ def _zplus(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Te
     return _first_arg(step, r_pos + r_neg)
 
 
-def _input_bound(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
-    """A bound given per channel of ``x``, e.g. ``(1, C, 1, 1)``, spelled out per pixel of ``x``.
-
-    The first layer may see ``x`` flattened (an MLP on images); a bound per
-    pixel is then reshaped along with it in :func:`_bound`.
-    """
-    if not torch.is_tensor(value) or value.dim() != x.dim():
-        return value
-    try:
-        return value.to(x).expand(x.shape)
-    except RuntimeError:
-        return value
-
-
 def _bound(value: float | torch.Tensor, a: torch.Tensor, name: str) -> torch.Tensor:
+    # Bounds of a first layer that sees x reshaped (an MLP on images) come mapped
+    # through the reshape by _mapped_boxes; a bound that merely has as many values
+    # as the layer's input (x's channels last) is no bound of it.
     bound = torch.as_tensor(value).to(a)
-    if bound.shape != a.shape and bound.numel() == a.numel() and bound.shape[0] == a.shape[0]:
-        # Per-pixel bounds of the input, which reached the first layer reshaped.
-        return bound.reshape(a.shape)
     try:
         return torch.broadcast_to(bound, a.shape)
     except RuntimeError:
@@ -1394,7 +1380,6 @@ def lrp(
             "explain a float32 copy (model.float()) for a map to trust",
             model,
         )
-    low, high = _input_bound(low, x), _input_bound(high, x)
     options = {"low": low, "high": high, "epsilon": float(epsilon), "gamma": float(gamma)}
     modules = dict(graph.module.named_modules())
     # As the gradient methods: create_graph keeps the graph also under torch.no_grad().
