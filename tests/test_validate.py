@@ -1214,3 +1214,68 @@ def test_errors_of_other_causes_get_no_channels_or_size_hint(factory, tmp_path, 
     err = capsys.readouterr().err
     said = {"widened": "doesn't match the broadcast shape [2, 1, 32, 5]", "counted": "got 7 heads"}
     assert err.endswith(said[factory] + "\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("target", [torch.tensor([0, -1]), np.array([-1, 2])])
+def test_a_target_of_minus_one_as_a_tensor_or_array_is_refused(target):
+    """An unknown label (-1, as a flat folder gives) is no class, whatever holds it."""
+    from betasmooth.validate import check_target
+
+    with pytest.raises(InputError, match=r"^target class must be >= 0; got -1$"):
+        check_target(target, batch=2)
+
+
+def test_a_target_equal_to_the_number_of_classes_is_out_of_range():
+    """Classes run from 0 to n - 1: a target of n is refused by name, n - 1 is taken."""
+    net, x = plain_cnn(), torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        InputError,
+        match=r"^target class 5 is out of range; the model has 5 outputs \(classes 0 to 4\)$",
+    ):
+        bs.explain(net, x, "gradient", target=5)
+    expected = _gradient(net, x, torch.tensor([4, 4]))
+    torch.testing.assert_close(bs.explain(net, x, "gradient", target=4), expected)
+
+
+def test_check_instance_counts_no_bool_as_an_int():
+    """``True`` is an int to Python, never to an option that asks for an int."""
+    from betasmooth.validate import check_instance
+
+    with pytest.raises(InputTypeError, match=r"^count must be an int; got bool True$"):
+        check_instance("count", True, int, "an int")
+    check_instance("count", 3, int, "an int")
+    check_instance("flag", True, bool, "True or False")
+
+
+def test_an_input_with_a_dimension_too_many_names_the_first_layers_layout():
+    """A 5-D batch for a Conv2d model is named by the layout its first layer takes."""
+    with pytest.raises(
+        InputError,
+        match=r"^x has shape \(2, 1, 1, 16, 16\) but the model's first layer Conv2d takes "
+        r"\(B, C, H, W\)$",
+    ):
+        bs.explain(plain_cnn(), torch.rand(2, 1, 1, 16, 16), "gradient")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1), (2, 1, 5)])
+def test_logits_of_three_dimensions_are_refused(shape):
+    """A model output of three dimensions is no ``(B, classes)`` logits, even of B rows."""
+    from betasmooth.validate import check_logits
+
+    with pytest.raises(
+        InputError,
+        match=rf"^the model returned shape \({shape[0]}, {shape[1]}, {shape[2]}\) for 2 input "
+        r"item\(s\); expected logits of shape \(2, classes\)$",
+    ):
+        check_logits(torch.zeros(shape), 2)
+
+
+def test_maps_with_a_channel_dimension_are_refused_by_shape():
+    """Maps are ``(B, H, W)``: a ``(B, 1, H, W)`` explanation must go through heatmap first."""
+    maps = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        InputError,
+        match=r"^map a must have shape \(B, H, W\), one map per batch item; got shape "
+        r"\(2, 1, 4, 4\)$",
+    ):
+        bs.compare(maps, maps)

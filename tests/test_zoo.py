@@ -1515,3 +1515,45 @@ def test_weights_of_the_network_a_model_wraps_name_that_submodule(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(InputError, match=r"architecture$"):
         bs.load_model(f"{tmp_path / 'wrap.py'}:make", weights=tmp_path / "other.pt")
+
+
+def test_an_image_size_of_three_sides_is_refused():
+    """``image_size`` is one side or ``(height, width)``: a third side is refused, not passed on."""
+    with pytest.raises(
+        InputError,
+        match=r"^image_size must be a positive int or \(height, width\) of ints; got \(8, 8, 8\)$",
+    ):
+        bs.load_data("digits", image_size=(8, 8, 8))
+
+
+def test_a_bicubic_resize_of_values_below_zero_is_clipped_to_their_own_range():
+    """Data in [-1, 1]: bicubic overshoot is clipped to [-1, 1], not at 0."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    x = 2 * torch.rand(1, 1, 40, 50, generator=torch.Generator().manual_seed(1)) - 1
+    resize = v2.Resize(32, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    expected = v2.CenterCrop(28)(resize(x)).clamp(float(x.min()), 1.0)
+    got = bs.zoo.resize_crop(x, 32, 28, "bicubic")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(got.min()) < -0.5
+
+
+@pytest.mark.parametrize("mean", [0.0, 1.0])
+def test_a_mean_at_either_end_of_the_pixels_range_is_taken(mean) -> None:
+    """The mean of pixels in [0, 1] may be 0 or 1 itself: x and bounds are ``(v - mean) / 0.5``."""
+    raw, _ = bs.load_data("digits")
+    data = bs.load_data("digits", mean=mean, std=0.5)
+    torch.testing.assert_close(data.x, (raw - mean) / 0.5)
+    assert data.low.flatten().tolist() == [-2.0 * mean]
+    assert data.high.flatten().tolist() == [2.0 - 2.0 * mean]
+
+
+@pytest.mark.parametrize("sep", ["/", "\\"])
+def test_a_model_path_without_the_py_suffix_is_named_as_a_missing_file(sep) -> None:
+    """A spec with a path separator is a file, also without ``.py``: its absence is said."""
+    where = f"no_such_folder{sep}net"
+    with pytest.raises(
+        InputError,
+        match=rf"^model file {re.escape(where)} does not exist; expected 'path/to/file.py:factory'",
+    ):
+        bs.load_model(f"{where}:build")
