@@ -426,40 +426,41 @@ def test_a_bfloat16_attack_stays_inside_its_budget(small, normalised):
     torch.testing.assert_close(result.metrics["input_max_change"].double(), change)
 
 
-class _LeftHalfUnseen(nn.Module):
-    """``net`` of ``x`` with its left half set to 0: those pixels have no gradient."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones_like(x)
-        mask[..., : x.shape[-1] // 2] = 0
-        return self.net(x * mask)
-
-
 def test_a_float64_input_comes_back_in_float64_as_explain_gives_it(small):
-    # explain returns the map in the input's dtype; so does the attack, with the
-    # user's own x, and their own values where the attack moved nothing.
+    # explain returns the map in the input's dtype; so does the attack, with x as the
+    # float32 model saw it: the float32 attack's tensors, exactly, in float64.
     net, x = small
-    net = _LeftHalfUnseen(net).eval()
     x64 = x.double() + 1e-12 * torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
     x32 = x64.float()
     target = random_targets(maps_of(net, x32, "gradient"), torch.Generator().manual_seed(0))
     box = (0.0, 1.0)
     r32 = bs.manipulate(net, x32, target, "gradient", steps=3, data_range=box)
     r64 = bs.manipulate(net, x64, target.double(), "gradient", steps=3, data_range=box)
-    assert {t.dtype for t in (r64.x, r64.x_adv, *r64.maps.values())} == {torch.float64}
-    assert torch.equal(r64.x, x64)
-    moved = r32.x_adv != r32.x
-    assert 0 < int(moved.sum()) < moved.numel()
-    assert torch.equal(r64.x_adv[~moved], x64[~moved])
-    assert torch.equal(r64.x_adv[moved], r32.x_adv[moved].double())
-    for name, found in r64.maps.items():
-        assert torch.equal(found, r32.maps[name].double())
+    for name in ("x", "x_adv", "map_orig", "map_adv", "map_target"):
+        found, expected = getattr(r64, name), getattr(r32, name)
+        assert found.dtype == torch.float64
+        assert torch.equal(found, expected.double())
     for name, value in r64.metrics.items():
         torch.testing.assert_close(value, r32.metrics[name], rtol=0, atol=0)
+
+
+def test_an_input_wider_than_its_model_keeps_the_budget_that_the_model_saw(small):
+    # float32 x to a bfloat16 model comes back in float32, each value exactly the
+    # bfloat16 one attacked: the change is inside eps and is the one measured. float32
+    # x to a float64 model stays float64, since rounding x_adv would move it.
+    net, x = small
+    eps = 8 / 255
+    model = copy.deepcopy(net).bfloat16()
+    half = bs.manipulate(model, x, None, "gradient", goal="topk", steps=20, eps=eps)
+    assert half.x.dtype == half.x_adv.dtype == torch.float32
+    assert torch.equal(half.x, x.bfloat16().float())
+    assert torch.equal(half.x_adv, half.x_adv.bfloat16().float())
+    change = (half.x_adv.double() - half.x.double()).abs().flatten(1).amax(1)  # range [0, 1]
+    assert float(change.max()) <= eps
+    torch.testing.assert_close(half.metrics["input_max_change"].double(), change)
+    wide = bs.manipulate(copy.deepcopy(net).double(), x, None, "gradient", goal="topk", steps=3)
+    assert wide.x_adv.dtype == wide.x.dtype == torch.float64
+    assert torch.equal(wide.x, x.double())
 
 
 def test_a_model_with_one_logit_is_refused_before_any_step(small):

@@ -1146,9 +1146,11 @@ def manipulate(
     Returns
     -------
     ManipulationResult
-        Inputs, maps, labels, metrics and loss history, on the CPU; inputs and
-        maps in the dtype of ``x`` (a float64 ``x`` to a float32 model is
-        attacked in float32, as :func:`~betasmooth.explain` explains it).
+        Inputs, maps, labels, metrics and loss history, on the CPU. A float64
+        ``x`` to a float32 (or bfloat16) model is attacked in the model's dtype,
+        as :func:`~betasmooth.explain` explains it, and its inputs (``x`` as the
+        model saw it) and maps come back in float64; a float32 ``x`` to a
+        float64 model comes back in float64.
 
     Examples
     --------
@@ -1204,17 +1206,16 @@ def manipulate(
 
 
 def _in_dtype(result: ManipulationResult, given: torch.Tensor) -> ManipulationResult:
-    """``result``'s images and maps in the dtype of the ``x`` given, as :func:`explain`
-    gives its maps: an input cast to the model's dtype (float64 to a float32 model)
-    comes back as it came, and a pixel the attack left as it was is the user's own."""
-    if given.dtype == result.x.dtype:
+    """``result``'s images and maps in the dtype of the ``x`` given where it holds them
+    exactly, as :func:`explain` gives its maps: an ``x`` cast down to the model's dtype
+    (float64 to a float32 model) comes back in its own, as the model saw it. One cast up
+    (float32 to a float64 model) stays in the model's: rounding ``x_adv`` would move it
+    off the budget and off the labels and maps it was scored by."""
+    dtype = given.dtype
+    if dtype == result.x.dtype or torch.promote_types(dtype, result.x.dtype) != dtype:
         return result
-    x = given.detach().cpu()
-    x_adv = torch.where(result.x_adv == result.x, x, result.x_adv.to(x.dtype))
-    maps = {
-        name: getattr(result, name).to(x.dtype) for name in ("map_orig", "map_adv", "map_target")
-    }
-    return replace(result, x=x, x_adv=x_adv, **maps)
+    names = ("x", "x_adv", "map_orig", "map_adv", "map_target")
+    return replace(result, **{name: getattr(result, name).to(dtype) for name in names})
 
 
 def scoring_options(options: Mapping[str, object]) -> dict[str, object]:
