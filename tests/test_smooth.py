@@ -564,15 +564,14 @@ def test_an_activation_added_through_relu_is_smoothed_and_not_named(monkeypatch)
     torch.testing.assert_close(out, net[2](soft))
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_hardswish_is_smoothed_through_the_relus_of_its_gate(inplace):
+@pytest.mark.parametrize(("inplace", "beta"), [(False, 10.0), (True, 10.0), (False, 1.0)])
+def test_hardswish_is_smoothed_through_the_relus_of_its_gate(inplace, beta):
     # hardswish(x) = x relu6(x + 3) / 6: each ReLU replaced, x kept; smooth, so
     # not named as staying non-smooth (MobileNetV3 is made of it).
     net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Hardswish(inplace=inplace)).double()
     with torch.no_grad():
         net[0].weight.fill_(1.0)
     x = torch.linspace(-8.0, 8.0, 1601, dtype=torch.float64)[:, None]
-    beta = 10.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = smooth(net, beta)(x).detach()
@@ -583,10 +582,16 @@ def test_hardswish_is_smoothed_through_the_relus_of_its_gate(inplace):
 
     gate = (softplus(x + 3.0) - softplus(x - 3.0)) / 6.0
     torch.testing.assert_close(out, x * gate, rtol=1e-14, atol=1e-15)
-    # softplus_beta - relu peaks at log(2) / beta at the kinks x = -3 and 3, where
-    # the gate's other ReLU is 0 or 6 units away: the largest gap is 3 log(2) / (6 beta).
+
+    # softplus_beta - relu, log(1 + exp(-beta |z|)) / beta, peaks at log(2) / beta at
+    # the kinks x = -3 and 3, where the gate's other ReLU is 6 units away: the largest
+    # gap is 3 (d(0) - d(6)) / 6, below log(2) / (2 beta).
+    def d(z: float) -> float:
+        return math.log1p(math.exp(-beta * abs(z))) / beta
+
     gap = (out - F.hardswish(x)).abs().max()
-    assert float(gap) == pytest.approx(math.log(2) / (2 * beta), rel=1e-6)
+    assert float(gap) == pytest.approx((d(0) - d(6)) / 2, rel=1e-9)
+    assert float(gap) <= math.log(2) / (2 * beta) * (1 + 1e-12)
     # Its second derivative is finite everywhere, where hardswish's jumps at -3 and 3.
     xs = torch.tensor([[-3.0], [3.0]], dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(smooth(net, beta)(xs).sum(), xs, create_graph=True)
@@ -1168,7 +1173,7 @@ def test_vmap_over_betas_on_a_torchvision_resnet_names_its_in_place_relus():
         with smoothed(net, b):
             return net(x)
 
-    with pytest.raises(InputError, match=r"in-place ReLU .* set to inplace=False$"):
+    with pytest.raises(InputError, match=r"^an in-place relu .* set to inplace=False$"):
         torch.func.vmap(logits)(betas)
     for module in net.modules():
         if isinstance(module, nn.ReLU):
@@ -1178,6 +1183,36 @@ def test_vmap_over_betas_on_a_torchvision_resnet_names_its_in_place_relus():
         loop = torch.stack([smooth(net, float(b))(x) for b in betas])
     torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-5)
     assert float((loop[0] - loop[1]).abs().max()) > 1e-3  # the betas differ
+
+
+def test_vmap_over_betas_on_a_torchvision_mobilenet_v3_names_its_in_place_hardswish():
+    # Hardswish is smoothed through ReLUs, in place where its module is.
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=4)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        net(x)  # BatchNorm statistics of these images, so that the logits are not ~0
+    net.eval()
+    betas = torch.tensor([1.0, 10.0])
+
+    def logits(b: torch.Tensor) -> torch.Tensor:
+        with smoothed(net, b):
+            return net(x)
+
+    for module in net.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    with pytest.raises(InputError, match=r"^an in-place hardswish .* set to inplace=False$"):
+        torch.func.vmap(logits)(betas)
+    for module in net.modules():
+        if isinstance(module, nn.Hardswish):
+            module.inplace = False
+    with torch.no_grad():
+        batched = torch.func.vmap(logits)(betas)
+        loop = torch.stack([smooth(net, float(b))(x) for b in betas])
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)
+    assert float((loop[0] - loop[1]).abs().max()) > 1e-3 * float(loop.abs().max())
 
 
 @pytest.mark.parametrize("z", [17.0, 25.0, 35.0])

@@ -15,8 +15,10 @@ term (:data:`THROUGH_RELU`: ``ReLU6``, ``Hardtanh``, ``LeakyReLU``, ``PReLU``,
 become their exact convolution with ``p_beta``: ``ReLU6(x) = relu(x) -
 relu(x - 6)`` becomes ``softplus_beta(x) - softplus_beta(x - 6)``.
 ``Hardswish(x) = x * Hardsigmoid(x)`` is a product, not a sum: its ReLUs are
-replaced the same way, which makes it smooth, but the result is not its
-convolution with ``p_beta``; it lies within ``log(2) / (2 beta)`` of it.
+replaced the same way, which makes it smooth and keeps it within
+``log(2) / (2 beta)`` of Hardswish (the gap is largest at ``x = -3`` and ``3``),
+but the result is not its convolution with ``p_beta`` (at ``x = 0`` that is
+about ``pi^2 / (18 beta^2)``, the smoothed value 0).
 """
 
 from __future__ import annotations
@@ -577,9 +579,10 @@ def _by_form(
                 raise
             # vmap cannot write one result per beta into an input that has one.
             raise InputError(
-                "an in-place ReLU (e.g. nn.ReLU(inplace=True)) cannot take betas batched by "
-                "torch.func.vmap when its input does not depend on beta; expected a loop over "
-                "betas, or the model's ReLUs set to inplace=False"
+                f"an in-place {form.__name__.strip('_')} (e.g. nn.ReLU(inplace=True), "
+                "nn.Hardswish(inplace=True)) cannot take betas batched by torch.func.vmap when "
+                "its input does not depend on beta; expected a loop over betas, or the model's "
+                "activations set to inplace=False"
             ) from None
     return form(relu, *args, **kwargs)
 
