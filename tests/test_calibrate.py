@@ -96,3 +96,32 @@ def test_calibration_record_keeps_the_min_fidelity_it_was_given():
     assert not found.recommended
     assert recommend_beta(record["betas"], record["min_fidelity"]) is None
     assert recommend_beta(record["betas"]) == 20.0
+
+
+def test_calibration_refuses_a_single_image_before_the_attack():
+    # Each image's target is another image's map: one image has none to take.
+    from betasmooth.calibrate import calibrate_beta
+
+    x = bs.load_data("digits", split="train")[0][:1]
+    with pytest.raises(bs.InputError, match=r"^calibrating beta needs at least 2 images; got 1$"):
+        calibrate_beta(bs.load_model("digits-cnn"), x, betas=[1.0], steps=1)
+
+
+def test_calibration_draws_its_targets_from_its_seed_among_many_images():
+    # Of 3 images there are only 2 cycles of targets, which two seeds often share; of 6
+    # there are 120. The seed's own cycle gives calibrate_beta's summary back.
+    from betasmooth.calibrate import calibrate_beta
+
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:6]
+    seed, betas = 3, [1.0, 20.0]
+    found = calibrate_beta(model, x, betas=betas, steps=2, seed=seed)
+    maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    targets = attack.random_targets(maps, torch.Generator().manual_seed(seed))
+    others = attack.random_targets(maps, torch.Generator().manual_seed(seed + 1))
+    assert not torch.equal(targets, others)  # the check below tells the seeds apart
+    result = bs.manipulate(model, x, targets, "gradient", steps=2, seed=seed)
+    sweep = bs.defense_sweep(
+        model, x, result.x_adv, targets, "gradient", betas, defenses=("beta_smooth",), seed=seed
+    )
+    assert found.summary == sweep.summary()

@@ -2419,3 +2419,58 @@ def test_a_run_made_with_a_std_alone_is_swept_and_resumed_with_its_neutral_mean(
     capsys.readouterr()
     rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2  # 2 images x (beta_smooth, smoothgrad) at beta 1
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        # NAME is the identifier after the last dot: the name after a method's prefix may
+        # hold dots of its own (a model file's prefix "scaled" resolves scaled:0.5).
+        ("scaled:0.5.gain=2", ("scaled:0.5", "gain", 2)),
+        ("captum:Occlusion.strides=4", ("captum:Occlusion", "strides", 4)),
+        # A bare word is a name, kept whole with its colons, dots, pluses and dashes.
+        ("smoothgrad.base=captum:Saliency", ("smoothgrad", "base", "captum:Saliency")),
+        ("captum:LayerGradCam.layer=features.3", ("captum:LayerGradCam", "layer", "features.3")),
+        ("my_method.defense=my-defense", ("my_method", "defense", "my-defense")),
+        ("my_method.rule=z+", ("my_method", "rule", "z+")),
+    ],
+)
+def test_an_option_is_split_at_its_last_dot_and_a_bare_word_is_kept_whole(text, parsed):
+    from betasmooth.cli import build_parser
+
+    argv = ["explain", "--model", "m", "--data", "d", "--method", "lrp", "--out", "run"]
+    assert build_parser().parse_args([*argv, "--option", text]).option == [parsed]
+
+
+def test_relu_given_twice_in_betas_is_named_relu(tmp_path, capsys):
+    # relu stands for the network itself; the message names it as it was written.
+    out = tmp_path / "c"
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--no-progress"]
+    assert main([*argv, "--betas", "relu,1,relu", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "betasmooth: error: --betas must differ; relu is given more than once\n"
+    assert not out.exists()
+
+
+def test_beta_auto_with_one_image_to_explain_holds_out_the_images_after_it(
+    tmp_path, capsys, monkeypatch
+):
+    # -n 1 of data holding 3 images: the one image explained is no calibration's count;
+    # the 2 after it are held out, and the beta is calibrate_beta's on those 2.
+    import betasmooth.cli as cli
+
+    monkeypatch.setitem(cli.CALIBRATION, "steps", 2)
+    x, y = bs.load_data("digits")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:3].numpy(), y=y[:3].numpy())
+    out = tmp_path / "r"
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "-n", "1"]
+    argv += ["--method", "beta_smooth", "--beta", "auto", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "calibrating beta on 2 held-out images (after the first -n)" in said
+    found = bs.calibrate_beta(bs.load_model("digits-cnn"), x[1:3], steps=2, seed=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["beta_smooth_beta"] == found.beta
+    assert config["beta_auto"]["betas"] == found.summary["betas"]
+    assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0]

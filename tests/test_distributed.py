@@ -460,3 +460,58 @@ def test_any_is_the_or_of_every_ranks_flag_under_torchrun(tmp_path):
     for rank in (0, 1):
         found = json.loads((tmp_path / f"any-{rank}.json").read_text())
         assert found == [True, True, False, True], rank
+
+
+def test_a_second_nodes_rank_joins_with_its_global_and_local_rank(monkeypatch):
+    # Rank 5 of 8 on a second node of 4 processes: Dist keeps both ranks apart (nccl
+    # broadcasts on cuda:LOCAL_RANK); the process group's own join is outside this check.
+    import betasmooth.distributed as distributed
+
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: joined.append(a))
+    for name, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    dist, device = distributed.init_distributed(torch.device("cpu"))
+    assert dist == distributed.Dist(rank=5, world_size=8, local_rank=1, active=True)
+    assert device == torch.device("cpu") and joined == [("gloo",)]
+
+
+def test_rank_alone_without_world_size_is_one_process(monkeypatch):
+    # A launcher that sets RANK but no WORLD_SIZE has started no job to join.
+    from betasmooth.distributed import Dist, init_distributed, launched
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not launched()
+    assert init_distributed(torch.device("cpu")) == (Dist(), torch.device("cpu"))
+
+
+def test_the_first_rank_is_global_rank_0_not_each_nodes_local_rank_0(monkeypatch):
+    # Under torchrun only global rank 0 says what all ranks say alike; a second node's
+    # local rank 0 stays silent.
+    from betasmooth.cli import _first_rank
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for rank, local, first in (("0", "0", True), ("2", "0", False), ("3", "1", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert _first_rank() is first
+
+
+def test_an_os_error_without_a_number_is_said_alike_on_every_rank():
+    # Rank 0's failed write is raised by the other ranks from what it broadcasts: the
+    # one line each ends with is the same, with or without an errno and a file.
+    import errno
+
+    from betasmooth.cli import _one_line
+    from betasmooth.distributed import _said
+
+    for err in (
+        OSError("the network share went away"),
+        OSError(errno.EROFS, "Read-only file system"),
+        OSError(errno.ENOSPC, "No space left on device", "/runs/r/results.jsonl"),
+    ):
+        kind, *args = json.loads(json.dumps(_said(err)))
+        assert kind == "os"
+        assert _one_line(OSError(*args)) == _one_line(err)
