@@ -752,6 +752,12 @@ CLI: dict[str, tuple[list[str], str]] = {
     ),
     "--images abc": ([*EXPLAIN, "--images", "abc"], r"argument -n/--images/--n: .* got 'abc'"),
     "--n -1": ([*ATTACK, "--n", "-1"], r"argument -n/--images/--n: expected a"),
+    "-n -1e-3": (
+        # argparse took "-1e-3" for an option after -n, where --images -1e-3 was named.
+        [*EXPLAIN, "-n", "-1e-3"],
+        r"^betasmooth explain: error: argument -n/--images/--n: expected a positive integer "
+        r"below 2\*\*31; got '-1e-3' \(see betasmooth explain --help\)$",
+    ),
     "unknown option before the command": (
         ["--foo", *EXPLAIN],
         r"^betasmooth: error: unrecognized arguments: --foo \(see betasmooth --help\)$",

@@ -1937,6 +1937,9 @@ _NUMBER = r"(?:\.?\d[\d.eE+-]*|inf|nan)"
 _NUMBERS = re.compile(rf"[+-]?{_NUMBER}(?:,\s*[+-]?{_NUMBER})*", re.IGNORECASE)
 #: What argparse itself reads as a negative number, not as an option.
 _ARGPARSE_NEGATIVE = re.compile(r"-\d+|-\d*\.\d+")
+#: Options that take a value: long ones without one joined (``--betas``), short ones
+#: (``-n``) other than help.
+_TAKES_VALUE = re.compile(r"--[^=]+|-[A-Za-gi-z]")
 
 
 def _negative_lists(argv: Sequence[str]) -> list[str]:
@@ -1950,6 +1953,8 @@ def _negative_lists(argv: Sequence[str]) -> list[str]:
     --------
     >>> _negative_lists(["sweep", "run", "--betas", "-1,1", "-n", "-5", "--betas", "-1e-3"])
     ['sweep', 'run', '--betas=-1,1', '-n', '-5', '--betas=-1e-3']
+    >>> _negative_lists(["explain", "-n", "-1e-3", "-h", "-1e-3"])
+    ['explain', '-n=-1e-3', '-h', '-1e-3']
     >>> _negative_lists(["--mean", "-0.5", "-0.5", "--std", "-1e-3", "0.2"])
     ['--mean', '-0.5', '-0.5', '--std', '-1e-3', '0.2']
     """
@@ -1958,8 +1963,7 @@ def _negative_lists(argv: Sequence[str]) -> list[str]:
         after = argv[i + 1] if i + 1 < len(argv) else ""
         if (
             out
-            and out[-1].startswith("--")
-            and "=" not in out[-1]
+            and _TAKES_VALUE.fullmatch(out[-1])
             and token.startswith("-")
             and _NUMBERS.fullmatch(token)
             and not _ARGPARSE_NEGATIVE.fullmatch(token)
