@@ -1162,34 +1162,19 @@ def test_vmap_over_betas_runs_a_smoothed_model_once_for_all_betas():
         torch.testing.assert_close(grad, expected)
 
 
-def test_vmap_over_betas_on_a_torchvision_resnet_names_its_in_place_relus():
+@pytest.mark.parametrize(
+    ("name", "in_place"),
+    [
+        ("resnet18", [("relu", nn.ReLU)]),
+        # Hardswish is smoothed through ReLUs, in place where its module is: the stem's,
+        # whose input does not depend on beta (later in-place ReLUs' inputs do).
+        ("mobilenet_v3_small", [("hardswish", nn.Hardswish)]),
+    ],
+)
+def test_vmap_over_betas_on_a_torchvision_network_names_its_in_place_activations(name, in_place):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=4).eval()
-    x = torch.randn(1, 3, 32, 32)
-    betas = torch.tensor([2.0, 10.0])
-
-    def logits(b: torch.Tensor) -> torch.Tensor:
-        with smoothed(net, b):
-            return net(x)
-
-    with pytest.raises(InputError, match=r"^an in-place relu .* set to inplace=False$"):
-        torch.func.vmap(logits)(betas)
-    for module in net.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    with torch.no_grad():
-        batched = torch.func.vmap(logits)(betas)
-        loop = torch.stack([smooth(net, float(b))(x) for b in betas])
-    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-5)
-    assert float((loop[0] - loop[1]).abs().max()) > 1e-3  # the betas differ
-
-
-def test_vmap_over_betas_on_a_torchvision_mobilenet_v3_names_its_in_place_hardswish():
-    # Hardswish is smoothed through ReLUs, in place where its module is.
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v3_small(num_classes=4)
+    net = torchvision.models.get_model(name, num_classes=4)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         net(x)  # BatchNorm statistics of these images, so that the logits are not ~0
@@ -1200,14 +1185,12 @@ def test_vmap_over_betas_on_a_torchvision_mobilenet_v3_names_its_in_place_hardsw
         with smoothed(net, b):
             return net(x)
 
-    for module in net.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    with pytest.raises(InputError, match=r"^an in-place hardswish .* set to inplace=False$"):
-        torch.func.vmap(logits)(betas)
-    for module in net.modules():
-        if isinstance(module, nn.Hardswish):
-            module.inplace = False
+    for activation, kind in in_place:
+        with pytest.raises(InputError, match=rf"^an in-place {activation} .* inplace=False$"):
+            torch.func.vmap(logits)(betas)
+        for module in net.modules():
+            if isinstance(module, kind):
+                module.inplace = False
     with torch.no_grad():
         batched = torch.func.vmap(logits)(betas)
         loop = torch.stack([smooth(net, float(b))(x) for b in betas])
