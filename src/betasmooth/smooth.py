@@ -16,9 +16,10 @@ become their exact convolution with ``p_beta``: ``ReLU6(x) = relu(x) -
 relu(x - 6)`` becomes ``softplus_beta(x) - softplus_beta(x - 6)``.
 ``Hardswish(x) = x * Hardsigmoid(x)`` is a product, not a sum: its ReLUs are
 replaced the same way, which makes it smooth and keeps it within
-``log(2) / (2 beta)`` of Hardswish (the gap is largest at ``x = -3`` and ``3``),
-but the result is not its convolution with ``p_beta`` (at ``x = 0`` that is
-about ``pi^2 / (18 beta^2)``, the smoothed value 0).
+``log(2) / (2 beta)`` of Hardswish (at ``x = -3`` and ``3`` for beta of 0.5 or
+more; further out, below ``0.28 / beta``, for smaller beta), but the result is
+not its convolution with ``p_beta`` (at ``x = 0`` that is about
+``pi^2 / (18 beta^2)``, the smoothed value 0).
 """
 
 from __future__ import annotations
