@@ -162,6 +162,12 @@ def test_captums_method_option_is_given_as_rule(x):
          ["unknown option 'feature_maks'", "feature_mask, layer, perturbations_per_eval"]),
         ("captum:FeaturePermutation", {"perturbation_per_eval": 4}, ValueError,
          ["unknown option 'perturbation_per_eval'", "perturbations_per_eval"]),
+        # A class of captum.attr without attribute (an abstract base) is no method.
+        ("captum:GradientAttribution", {}, ValueError,
+         ["unknown Captum method 'GradientAttribution'", "captum:DeepLift"]),
+        # The first eight names of the model's submodules, as a start to choose from.
+        ("captum:LayerGradCam", {"layer": "conv9"}, ValueError,
+         ["expected a name from model.named_modules(), e.g. 0, 1, 2, 3, 4, 5, 6, 7"]),
     ],
 )  # fmt: skip
 def test_bad_captum_method(x, method, options, error, fragments):
@@ -393,3 +399,80 @@ def test_the_warning_display_is_given_back_after_each_call(x):
     for _ in range(2):
         bs.explain(net, x, "captum:DeepLift", TARGET)
     assert warnings.showwarning is before
+
+
+class _Raises(nn.Module):
+    """A network whose forward under Captum (its input requiring grad) raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.net = plain_cnn().double()
+        self.error = error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:
+            raise self.error
+        return self.net(x)
+
+
+_LONG = "x" * 300
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        # The first line only: the rest of Captum's messages is a stack or a hint.
+        (RuntimeError("the first line\nthe second line"), "the first line"),
+        # Captum prints whole tensors into some messages: the tensor is elided.
+        (RuntimeError(f"got {torch.arange(3)} here"), "got tensor(...)"),
+        # A longer first line is cut at 240 characters.
+        (ValueError(_LONG), "x" * 240 + " ..."),
+        (AssertionError(), "AssertionError"),
+    ],
+)
+def test_a_failure_inside_captum_is_said_in_one_short_line(x, error, said):
+    with pytest.raises(bs.InputError) as info:
+        bs.explain(_Raises(error), x, "captum:Saliency", TARGET)
+    assert str(info.value) == f"captum:Saliency failed on this model: {said}"
+
+
+def test_a_0d_baseline_of_gradient_shap_is_one_item_of_that_number():
+    # GradientShap draws from its baselines: the number is one baseline of the item
+    # shape, as Captum's own (1, C, H, W), which gives its draws the same random numbers.
+    net = plain_cnn().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2])
+    full = torch.full((1, 1, 16, 16), 0.25, dtype=torch.float64)
+    _seed()
+    theirs = GradientShap(net).attribute(x, target=target, baselines=full, n_samples=4)
+    _seed()
+    ours = bs.explain(
+        net, x, "captum:GradientShap", target, baselines=torch.tensor(0.25), n_samples=4
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_map_comes_back_without_its_graph(x):
+    # LayerGradCam multiplies the layer's activations, which hold the forward's graph:
+    # returned so, the map kept the whole graph of the batch alive.
+    net = plain_cnn().double()
+    ours = bs.explain(net, x, "captum:LayerGradCam", TARGET, layer="0")
+    assert not ours.requires_grad and ours.grad_fn is None
+    theirs = LayerGradCam(net, net[0]).attribute(x, target=TARGET)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Saliency", "IntegratedGradients", "InputXGradient"])
+def test_a_gradient_method_of_captum_warns_nothing_of_its_input(x, name):
+    # Captum warns "Input Tensor 0 did not already require gradients" where the
+    # input does not: at every batch of a run, about nothing the user did.
+    import warnings
+
+    from captum import attr
+
+    net = plain_cnn(seed=1).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = bs.explain(net, x, f"captum:{name}", TARGET)
+    theirs = getattr(attr, name)(net).attribute(x.clone().requires_grad_(True), target=TARGET)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-12)

@@ -85,6 +85,9 @@ def _attention(self, query, key, value, key_padding_mask=None, need_weights=True
         if padding.dtype == torch.bool:
             padding = torch.zeros_like(padding, dtype=logits.dtype).masked_fill(padding, -math.inf)
         logits = logits + padding
+    if attn_mask is not None:  # (L, S), boolean or additive
+        is_bool = attn_mask.dtype == torch.bool
+        logits = logits.masked_fill(attn_mask, -math.inf) if is_bool else logits + attn_mask
     weights = logits.softmax(-1).detach()
     out = self.out_proj((weights @ split(v)).transpose(1, 2).flatten(2))
     return (out if self.batch_first else out.transpose(0, 1)), None
@@ -556,6 +559,33 @@ def test_lrp_of_torchs_transformer_encoder_is_cp_lrp(
     _assert_cp_lrp(net, x, torch.tensor([2, 0, 1]))
 
 
+class _MaskedEncoder(nn.Module):
+    """nn.TransformerEncoder given an attention mask (causal, as a float mask of -inf)."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.embed = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.1, batch_first=True, norm_first=norm_first
+        )
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return self.head(self.encoder(self.embed(x), mask=mask)[:, 1])
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_lrp_of_torchs_transformer_encoder_keeps_its_attention_mask(no_stabiliser, norm_first):
+    net = _MaskedEncoder(norm_first).double().eval()
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    ours = _assert_cp_lrp(net, x, torch.tensor([2, 0, 1]))
+    # The second token attends to the first two only: the later ones get no relevance.
+    assert ours[:, 2:].abs().amax() == 0
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -914,6 +944,31 @@ def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabilise
     x = torch.rand(3, 6, 4, dtype=torch.float64)
     target = torch.tensor([1, 0, 2])
     _assert_held(net, twin, x, target)
+
+
+class _RearrangedByFunction(nn.Module):
+    """Attention weights transposed by ``torch.transpose`` and viewed for ``torch.bmm``."""
+
+    def __init__(self, detach: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(10)
+        self.detach = detach
+        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (k @ q.transpose(-2, -1)).softmax(dim=-2)  # keys along rows
+        attn = attn.detach() if self.detach else attn
+        weights = torch.transpose(attn, -2, -1).contiguous().view(n * 2, length, length)
+        h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
+        return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
+
+
+def test_lrp_holds_attention_weights_through_torch_transpose_and_a_view(no_stabiliser):
+    net, twin = _RearrangedByFunction().double().eval(), _RearrangedByFunction(True).double()
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    _assert_held(net, twin.eval(), x, torch.tensor([1, 0, 2]))
 
 
 def test_lrp_holds_attention_weights_through_an_identity(no_stabiliser):

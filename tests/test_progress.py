@@ -107,3 +107,10 @@ def test_show_false_hides_the_bar_even_inside_a_shown_block(bars):
         assert progress.passes(loop, "smoothgrad", show=False) is loop
         assert progress.passes(loop, "smoothgrad") is not loop  # the block shows it
     assert [(b.desc, b.delay) for b in bars] == [("smoothgrad", progress.DELAY)]
+
+
+def test_a_bar_over_passes_without_a_length_is_told_their_number(bars):
+    # A generator has no len: the bar learns how many passes come from total.
+    passes = progress.passes((i * i for i in range(4)), "lanczos", total=4, show=True)
+    assert list(passes) == [0, 1, 4, 9]
+    assert [(b.desc, b.total, b.done, b.delay) for b in bars] == [("lanczos", 4, 4, 0.0)]

@@ -198,6 +198,23 @@ def test_pickled_objects_are_refused_unrun(factory_file, tmp_path) -> None:
             load_state_dict(checkpoint)
 
 
+def test_a_refused_pickle_is_named_by_its_class_and_a_key_must_be_a_name(tmp_path) -> None:
+    whole = tmp_path / "module.pt"
+    torch.save(nn.Linear(3, 2), whole)
+    with pytest.raises(InputError) as info:
+        load_state_dict(whole)
+    assert str(info.value) == (
+        f"{whole} is not a state dict (torch.load with weights_only=True refused the pickled "
+        "object torch.nn.modules.linear.Linear unrun; expected a file written by "
+        "torch.save(model.state_dict(), ...))"
+    )
+    # A tensor under a key that is no name (an index) is no state dict either.
+    numbered = tmp_path / "numbered.pt"
+    torch.save({0: torch.zeros(2)}, numbered)
+    with pytest.raises(InputError, match=r"numbered\.pt is not a state dict \(entry 0 "):
+        load_state_dict(numbered)
+
+
 def test_weights_of_the_same_size_but_another_shape_are_refused(tmp_path) -> None:
     from betasmooth.checkpoint import apply_weights
 
@@ -1446,6 +1463,34 @@ def test_other_classes_are_named_only_where_the_last_layers_outputs_alone_differ
     with pytest.raises(InputError) as info:
         apply_weights(model, tmp_path / "w.pt")
     assert str(info.value).endswith("); expected the state dict of the same architecture")
+
+
+def test_other_classes_are_named_for_the_last_layer_of_a_deeper_network_alone(tmp_path):
+    # Only the outputs of the last of three layers differ: the hint names it. Where the
+    # first layer differs too, or the file holds a tensor that the model has not,
+    # other classes are not the whole story: the plain line.
+    from betasmooth.checkpoint import apply_weights
+
+    def net(inputs, classes):
+        return nn.Sequential(nn.Linear(inputs, 4), nn.ReLU(), nn.Linear(4, classes))
+
+    torch.save(net(3, 2).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(net(3, 5), tmp_path / "w.pt")
+    assert str(info.value) == (
+        f"weights in {tmp_path / 'w.pt'} do not fit the model (shape mismatch: 2.weight (2, 4) "
+        "vs model (5, 4), 2.bias (2,) vs model (5,)); expected the state dict of the same "
+        "architecture; the file's last layer (2) has 2 outputs, the model's 5: for weights "
+        "fine-tuned to 2 classes, build the model with a last layer of 2 outputs (a model "
+        "file, file.py:build; for a torchvision network, torchvision.models.<name>(num_classes=2))"
+    )
+    extra = net(3, 2)
+    extra.register_buffer("scale", torch.ones(1))
+    for file in (net(2, 2), extra):
+        torch.save(file.state_dict(), tmp_path / "w.pt")
+        with pytest.raises(InputError) as info:
+            apply_weights(net(3, 5), tmp_path / "w.pt")
+        assert str(info.value).endswith("); expected the state dict of the same architecture")
 
 
 def test_other_classes_are_named_from_the_last_parameter_not_the_last_buffer(tmp_path):
