@@ -436,6 +436,27 @@ def test_a_failure_inside_captum_is_said_in_one_short_line(x, error, said):
     assert str(info.value) == f"captum:Saliency failed on this model: {said}"
 
 
+def test_out_of_memory_of_the_cpu_inside_captum_stays_out_of_memory(x):
+    # The CPU's allocator says "can't allocate memory", not "out of memory"; taken
+    # for a failure of the model, the runs did not halve the batch and retry.
+    from betasmooth.validate import is_oom
+
+    class Allocates(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = plain_cnn().double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.requires_grad:
+                torch.empty(2**62, dtype=torch.uint8)
+            return self.net(x)
+
+    with pytest.raises(RuntimeError) as info:
+        bs.explain(Allocates(), x, "captum:Saliency", TARGET)
+    assert is_oom(info.value)
+    assert "failed on this model" not in str(info.value)
+
+
 def test_a_0d_baseline_of_gradient_shap_is_one_item_of_that_number():
     # GradientShap draws from its baselines: the number is one baseline of the item
     # shape, as Captum's own (1, C, H, W), which gives its draws the same random numbers.

@@ -27,7 +27,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ..validate import InputError, InputTypeError
+from ..validate import InputError, InputTypeError, is_oom
 from . import Method, register_prefix
 from .gradient import predict
 
@@ -293,9 +293,9 @@ def captum_method(name: str) -> Method:
                 # twice; LRP: a layer without a rule) and option values it cannot
                 # use (a feature_mask that is no tensor) with these; out of memory
                 # stays itself, for the runs' retry.
+                if is_oom(err):
+                    raise  # the CPU's allocator says "can't allocate memory"
                 text = str(err).strip()
-                if "out of memory" in text.lower():
-                    raise
                 first = text.splitlines()[0] if text else type(err).__name__
                 # Captum prints whole tensors into some messages.
                 if "tensor(" in first:
