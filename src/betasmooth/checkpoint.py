@@ -148,9 +148,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if wrong:
         nested = [k for k in ("state_dict", "model_state_dict", "model") if k in state]
         hint = f"; the model's weights may be under key {nested[0]!r}" if nested else ""
+        key = wrong[0]
+        what = "is not a tensor" if isinstance(key, str) else "has a key that is not a name"
         raise InputError(
-            f"{path} is not a state dict (entry {wrong[0]!r} is not a tensor{hint}; "
-            f"{STATE_DICT_HINT})"
+            f"{path} is not a state dict (entry {key!r} {what}{hint}; {STATE_DICT_HINT})"
         )
     return dict(state)
 
