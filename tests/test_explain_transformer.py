@@ -949,10 +949,10 @@ def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabilise
 class _RearrangedByFunction(nn.Module):
     """Attention weights transposed by ``torch.transpose`` and viewed for ``torch.bmm``."""
 
-    def __init__(self, detach: bool = False) -> None:
+    def __init__(self, detach: bool = False, keyword: bool = False) -> None:
         super().__init__()
         torch.manual_seed(10)
-        self.detach = detach
+        self.detach, self.keyword = detach, keyword
         self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -960,13 +960,19 @@ class _RearrangedByFunction(nn.Module):
         q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (k @ q.transpose(-2, -1)).softmax(dim=-2)  # keys along rows
         attn = attn.detach() if self.detach else attn
-        weights = torch.transpose(attn, -2, -1).contiguous().view(n * 2, length, length)
+        if self.keyword:
+            attn = torch.transpose(input=attn, dim0=-2, dim1=-1)
+        else:
+            attn = torch.transpose(attn, -2, -1)
+        weights = attn.contiguous().view(n * 2, length, length)
         h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
         return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
 
 
-def test_lrp_holds_attention_weights_through_torch_transpose_and_a_view(no_stabiliser):
-    net, twin = _RearrangedByFunction().double().eval(), _RearrangedByFunction(True).double()
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "input="])
+def test_lrp_holds_attention_weights_through_torch_transpose_and_a_view(no_stabiliser, keyword):
+    net = _RearrangedByFunction(keyword=keyword).double().eval()
+    twin = _RearrangedByFunction(True, keyword).double()
     x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
     _assert_held(net, twin.eval(), x, torch.tensor([1, 0, 2]))
 

@@ -246,9 +246,10 @@ def _is_attention(node: fx.Node, gm: fx.GraphModule) -> bool:
             or (node.op == "call_method" and node.target in _THROUGH_METHODS)
         ):
             return False
-        if not node.args or not isinstance(node.args[0], fx.Node):
+        source = node.args[0] if node.args else node.kwargs.get("input")
+        if not isinstance(source, fx.Node):
             return False
-        node = node.args[0]
+        node = source
 
 
 def _sdpa_args(
