@@ -1937,8 +1937,8 @@ _NUMBER = r"(?:\.?\d[\d.eE+-]*|inf|nan)"
 _NUMBERS = re.compile(rf"[+-]?{_NUMBER}(?:,\s*[+-]?{_NUMBER})*", re.IGNORECASE)
 #: What argparse itself reads as a negative number, not as an option.
 _ARGPARSE_NEGATIVE = re.compile(r"-\d+|-\d*\.\d+")
-#: Options that take a value: long ones without one joined (``--betas``), short ones
-#: (``-n``) other than help.
+#: An option whose value may follow it: a long one not given its value with "=" already
+#: (``--betas``), or a short one other than help (``-n``).
 _TAKES_VALUE = re.compile(r"--[^=]+|-[A-Za-gi-z]")
 
 
