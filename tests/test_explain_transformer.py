@@ -917,12 +917,14 @@ def test_a_product_with_a_computed_keyword_factor_is_no_layer_scale():
 
 
 class _Rearranged(nn.Module):
-    """Attention whose weights are transposed, or reshaped for bmm, before they weight v."""
+    """Attention whose weights are transposed, or reshaped for bmm, before they weight v:
+    by the method, or by ``torch.transpose`` (its input positional or by keyword) and a view.
+    """
 
-    def __init__(self, bmm: bool, detach: bool = False) -> None:
+    def __init__(self, how: str, detach: bool = False) -> None:
         super().__init__()
         torch.manual_seed(10)
-        self.bmm, self.detach = bmm, detach
+        self.how, self.detach = how, detach
         self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -930,51 +932,27 @@ class _Rearranged(nn.Module):
         q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (k @ q.transpose(-2, -1)).softmax(dim=-2)  # keys along rows
         attn = attn.detach() if self.detach else attn
-        if self.bmm:
-            h = torch.bmm(attn.transpose(-2, -1).reshape(n * 2, length, length),
-                          v.reshape(n * 2, length, 4)).view(n, 2, length, 4)  # fmt: skip
-        else:
+        if self.how == "transposed":
             h = (v.transpose(-2, -1) @ attn).transpose(-2, -1)  # v on the left
-        return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
-
-
-@pytest.mark.parametrize("bmm", [False, True], ids=["transposed", "reshaped-bmm"])
-def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabiliser, bmm):
-    net, twin = _Rearranged(bmm).double().eval(), _Rearranged(bmm, True).double().eval()
-    x = torch.rand(3, 6, 4, dtype=torch.float64)
-    target = torch.tensor([1, 0, 2])
-    _assert_held(net, twin, x, target)
-
-
-class _RearrangedByFunction(nn.Module):
-    """Attention weights transposed by ``torch.transpose`` and viewed for ``torch.bmm``."""
-
-    def __init__(self, detach: bool = False, keyword: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(10)
-        self.detach, self.keyword = detach, keyword
-        self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, length, _ = x.shape
-        q, k, v = self.qkv(x).reshape(n, length, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (k @ q.transpose(-2, -1)).softmax(dim=-2)  # keys along rows
-        attn = attn.detach() if self.detach else attn
-        if self.keyword:
-            attn = torch.transpose(input=attn, dim0=-2, dim1=-1)
         else:
-            attn = torch.transpose(attn, -2, -1)
-        weights = attn.contiguous().view(n * 2, length, length)
-        h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
+            if self.how == "reshaped-bmm":
+                weights = attn.transpose(-2, -1).reshape(n * 2, length, length)
+            elif self.how == "torch.transpose":
+                weights = torch.transpose(attn, -2, -1).contiguous().view(n * 2, length, length)
+            else:
+                weights = torch.transpose(input=attn, dim0=-2, dim1=-1)
+                weights = weights.contiguous().view(n * 2, length, length)
+            h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
         return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
 
 
-@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "input="])
-def test_lrp_holds_attention_weights_through_torch_transpose_and_a_view(no_stabiliser, keyword):
-    net = _RearrangedByFunction(keyword=keyword).double().eval()
-    twin = _RearrangedByFunction(True, keyword).double()
+@pytest.mark.parametrize(
+    "how", ["transposed", "reshaped-bmm", "torch.transpose", "torch.transpose(input=)"]
+)
+def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabiliser, how):
+    net, twin = _Rearranged(how).double().eval(), _Rearranged(how, True).double().eval()
     x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
-    _assert_held(net, twin.eval(), x, torch.tensor([1, 0, 2]))
+    _assert_held(net, twin, x, torch.tensor([1, 0, 2]))
 
 
 def test_lrp_holds_attention_weights_through_an_identity(no_stabiliser):
