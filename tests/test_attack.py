@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -461,6 +462,35 @@ def test_an_input_wider_than_its_model_keeps_the_budget_that_the_model_saw(small
     wide = bs.manipulate(copy.deepcopy(net).double(), x, None, "gradient", goal="topk", steps=3)
     assert wide.x_adv.dtype == wide.x.dtype == torch.float64
     assert torch.equal(wide.x, x.double())
+
+
+def test_an_attack_that_changed_no_image_says_so_once_and_a_run_leaves_it_to_its_table(tmp_path):
+    # A linear model's gradient map is its weight row whatever x is: no step can move
+    # it, and the result, x itself, must not pass for a map that resists the attack.
+    from betasmooth.attack import UnchangedWarning
+    from betasmooth.runs import RunDir, attack_run
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    target = random_targets(maps_of(net, x, "gradient"), torch.Generator().manual_seed(0))
+    with pytest.warns(UnchangedWarning, match=r"^gradient: the attack changed no image") as seen:
+        result = bs.manipulate(net, x, target, "gradient", steps=3)
+        bs.manipulate(net, x, target, "gradient", steps=3)  # once per model
+    assert len([w for w in seen if issubclass(w.category, UnchangedWarning)]) == 1
+    assert torch.equal(result.x_adv, x)
+    assert float(result.metrics["input_max_change"].max()) == 0.0
+    # An attack that moves an image warns nothing of the kind.
+    other = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    target = random_targets(maps_of(other, x, "gradient"), torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnchangedWarning)
+        moved = bs.manipulate(other, x, target, "gradient", steps=20)
+        run = RunDir.create(tmp_path / "run", {"command": "attack"})
+        y = torch.zeros(3, dtype=torch.long)
+        records = attack_run(run, copy.deepcopy(net), x, y, ["gradient"], steps=3)
+    assert float(moved.metrics["input_max_change"].max()) > 0
+    assert [r["input_max_change"] for r in records] == [0.0, 0.0, 0.0]
 
 
 def test_a_model_with_one_logit_is_refused_before_any_step(small):

@@ -95,6 +95,7 @@ __all__ = [
     "Goal",
     "ManipulationResult",
     "UNTARGETED_STEPS",
+    "UnchangedWarning",
     "attack_defaults",
     "attack_options",
     "beta_at",
@@ -112,6 +113,15 @@ __all__ = [
     "resolve_range",
     "scoring_options",
 ]
+
+
+class UnchangedWarning(UserWarning):
+    """:func:`manipulate` changed no image: no step improved the map and kept the label.
+
+    A run (``betasmooth attack``) says so in its own words per method, over all
+    its batches, and leaves this warning out.
+    """
+
 
 # The paper's budget per method (Dombrowski et al. 2019, VGG16): steps, Adam
 # learning rate (in ImageNet-normalised units; default_lr translates it to
@@ -1152,6 +1162,12 @@ def manipulate(
         model saw it) and maps come back in float64; a float32 ``x`` to a
         float64 model comes back in float64.
 
+    Warns
+    -----
+    UnchangedWarning
+        Where no image changed (no step improved the map and kept the label),
+        once per model and method.
+
     Examples
     --------
     >>> import betasmooth as bs
@@ -1199,6 +1215,14 @@ def manipulate(
     with evaluating(model), flush_denormals():
         p = _problem(model, x, target, map_target, settings)
         best = _search(p)
+        if torch.equal(best, x):
+            # Read as "the map cannot be moved", which this budget has not shown.
+            warn_user(
+                f"{settings.method}: the attack changed no image (no step improved the map "
+                "and kept the label); more steps or a smaller lr may move it",
+                model,
+                UnchangedWarning,
+            )
         p, map_adv = _scored(p, best)
         with torch.no_grad():
             logits_adv = model(best)

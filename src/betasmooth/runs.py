@@ -14,6 +14,7 @@ Examples
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from .attack import (
     ATTACK_DEFAULTS,
     GOALS,
+    UnchangedWarning,
     attack_defaults,
     attack_options,
     check_attackable,
@@ -460,22 +462,25 @@ def attack_run(
             )
             attacked = attack_options(unit.method, xt, data_range=data_range, method_options=own)
             target_map = heatmap(explain(model, xt, unit.method, **attacked)).detach()
-        result = manipulate(
-            model,
-            xb,
-            target_map,
-            unit.method,
-            goal=goal,
-            steps=steps.get(unit.method) if isinstance(steps, Mapping) else steps,
-            lr=lr.get(unit.method) if isinstance(lr, Mapping) else lr,
-            eps=eps,
-            k=k,
-            data_range=data_range,
-            method_options=options,
-            check_every=check_every,
-            progress=steps_bar,
-            seed=s,
-        )
+        with warnings.catch_warnings():
+            # The run names unchanged images per method once all batches are done.
+            warnings.simplefilter("ignore", UnchangedWarning)
+            result = manipulate(
+                model,
+                xb,
+                target_map,
+                unit.method,
+                goal=goal,
+                steps=steps.get(unit.method) if isinstance(steps, Mapping) else steps,
+                lr=lr.get(unit.method) if isinstance(lr, Mapping) else lr,
+                eps=eps,
+                k=k,
+                data_range=data_range,
+                method_options=options,
+                check_every=check_every,
+                progress=steps_bar,
+                seed=s,
+            )
         records = _attack_records(unit, result.records(), targets, y, classes, about)
         batch = AttackBatch(index=np.asarray(unit.indices), **result.arrays())
         if targets is not None:

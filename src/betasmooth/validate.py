@@ -1008,7 +1008,9 @@ def set_origin(copy: nn.Module, model: nn.Module) -> None:
 _ORIGINS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
-def warn_user(message: str, model: nn.Module | None = None) -> None:
+def warn_user(
+    message: str, model: nn.Module | None = None, category: type[Warning] = UserWarning
+) -> None:
     """Warn once per ``model`` (every time without one), pointing at the user's call.
 
     The warning's location is the first frame of the call stack outside
@@ -1033,7 +1035,7 @@ def warn_user(message: str, model: nn.Module | None = None) -> None:
         _INTERNAL
     ):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def registrar(
