@@ -37,6 +37,7 @@ __all__ = [
     "check_min_fidelity",
     "defense_tables",
     "format_summary",
+    "partly_attacked",
     "recommend_beta",
     "sweep_summary",
     "verdict",
@@ -92,16 +93,21 @@ def _median(rows: Sequence[Mapping[str, object]], key: str) -> float | None:
     return medians(rows, [key])[key]
 
 
+def _was_attacked(row: Mapping[str, object]) -> bool:
+    """Whether the row's ``x_adv`` differs from ``x`` (records of older versions do
+    not say: taken as attacked)."""
+    return row.get("attacked", True) is not False
+
+
 def _attacked(rows: Sequence[Mapping[str, object]]) -> Sequence[Mapping[str, object]]:
-    """The rows of images whose ``x_adv`` differs from ``x`` (records of older versions
-    do not say: taken as attacked), or all of them where the attack changed none.
+    """The rows of images the attack changed (:func:`_was_attacked`), or all of them
+    where it changed none.
 
     An image the attack left unchanged scores robustness 1 defended or not and has
     no gain to undo: counted in those medians, it pulls every beta and the
     undefended row alike towards 1 and the verdict towards "about as robust".
     """
-    hit = [r for r in rows if r.get("attacked", True) is not False]
-    return hit or rows
+    return [r for r in rows if _was_attacked(r)] or rows
 
 
 def _cell(rows: Sequence[Mapping[str, object]], gain: float | None = None) -> dict[str, object]:
@@ -285,11 +291,11 @@ def sweep_summary(
         table: dict[str, dict[str, dict[str, object]]] = {d: {} for d in PAPER_DEFENSES}
         for (defense, beta), cell_rows in sorted(cells.items(), key=lambda kv: kv[0]):
             table.setdefault(defense, {})[beta_key(beta)] = _cell(cell_rows, gain)
-        # Records of older versions do not say: taken as attacked.
-        attacked = sum(r.get("attacked", True) is not False for r in rows)
+        attacked = sum(map(_was_attacked, rows))
+        hit = _attacked(rows)
         undefended: dict[str, object] = {"n": len(rows)}
         for m in SUMMARY_METRICS:
-            undefended[f"robustness_{m}"] = _median(_attacked(rows), f"undefended_{m}")
+            undefended[f"robustness_{m}"] = _median(hit, f"undefended_{m}")
             undefended[f"fidelity_{m}"] = 1.0
         undefended["gain_pcc"] = gain
         others = sorted(d for d in table if d not in PAPER_DEFENSES)
@@ -333,6 +339,25 @@ def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapp
     """
     names = summary.get("defenses") or PAPER_DEFENSES
     return {d: summary.get("betas" if d == "beta_smooth" else d) or {} for d in names}
+
+
+def partly_attacked(summary: Mapping[str, object]) -> tuple[int, int] | None:
+    """``(attacked, n)`` of a method's summary where the attack changed some of its
+    ``n`` images but not all, whose robustness is then taken over those alone.
+
+    Examples
+    --------
+    >>> partly_attacked({"attacked": 2, "undefended": {"n": 4}})
+    (2, 4)
+    >>> partly_attacked({"attacked": 4, "undefended": {"n": 4}}) is None
+    True
+    """
+    attacked = summary.get("attacked")
+    undefended = summary.get("undefended")
+    n = undefended.get("n") if isinstance(undefended, Mapping) else None
+    if isinstance(attacked, int) and isinstance(n, int) and 0 < attacked < n:
+        return attacked, n
+    return None
 
 
 #: Differences of median PCC below this are reported as "about as robust".
@@ -454,8 +479,9 @@ def format_summary(summary: Mapping[str, Mapping[str, object]]) -> str:
             line += "".join(_num(cell.get(k)).rjust(len(h) + 2) for k, h in zip(keys, head))
             lines.append(line)
         verdicts.append(f"{method}: {verdict(s)}")
-        attacked, n = s.get("attacked"), s["undefended"].get("n")
-        if isinstance(attacked, int) and isinstance(n, int) and 0 < attacked < n:
+        part = partly_attacked(s)
+        if part is not None:
+            attacked, n = part
             verdicts.append(
                 f"{method}: robustness and gain left of the {attacked} of {n} images "
                 "the attack changed"

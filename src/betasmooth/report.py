@@ -35,6 +35,7 @@ from .recommend import (
     PAPER_DEFENSES,
     ROBUSTNESS_OVER,
     defense_tables,
+    partly_attacked,
     sweep_summary,
     verdict,
 )
@@ -787,8 +788,9 @@ def _recommendation(run: _Run) -> str:
                 f"{_e(method)} map the attack moved (that one is in the attack table).</p>"
             )
         out.append(_table(f"choice_{_slug(method)}", header, rows))
-        attacked, n = s.get("attacked"), s["undefended"].get("n")
-        if isinstance(attacked, int) and isinstance(n, int) and 0 < attacked < n:
+        part = partly_attacked(s)
+        if part is not None:
+            attacked, n = part
             out.append(
                 f"<p>The attack changed {attacked} of {n} images: robustness and gain left "
                 f"are medians over those {attacked} (the other {n - attacked} score robustness "
