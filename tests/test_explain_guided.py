@@ -48,15 +48,17 @@ class Clamped(nn.Module):
         super().__init__()
         self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
         self.relu, self.relu6, self.leaky = nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1)
+        self.hardswish = nn.Hardswish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.clamp(self.b(self.relu(self.a(x))), min=0)
-        return self.c(self.leaky(self.relu6(h)))
+        return self.c(self.hardswish(self.leaky(self.relu6(h))))
 
 
-def test_guided_backprop_names_the_piecewise_linear_activations_it_leaves_alone():
-    # A clamp, ReLU6 and LeakyReLU pass their plain gradient, as in Captum, which
-    # guides nn.ReLU only; the user learns which, as beta_smooth says what stays kinked.
+def test_guided_backprop_names_the_activations_it_leaves_alone():
+    # A clamp, ReLU6, LeakyReLU and Hardswish pass their plain gradient, as in Captum,
+    # which guides nn.ReLU only; the user learns which, by the names of the modules
+    # (ReLU6 runs hardtanh), as beta_smooth says what stays kinked.
     torch.manual_seed(2)
     net = Clamped().double()
     x = 2 * torch.rand(4, 6, dtype=torch.float64) - 0.5
@@ -65,8 +67,8 @@ def test_guided_backprop_names_the_piecewise_linear_activations_it_leaves_alone(
         ours = bs.explain(net, x, "guided_backprop", target)
     said = [str(w.message) for w in caught if "pass their plain gradient" in str(w.message)]
     assert said == [
-        "Clamped: guided_backprop acts on ReLU only; these piecewise-linear activations pass "
-        "their plain gradient: clamp(min=0), hardtanh, leaky_relu"
+        "Clamped: guided_backprop acts on ReLU only; these activations pass "
+        "their plain gradient: Hardswish, LeakyReLU, ReLU6, clamp(min=0)"
     ]
     torch.testing.assert_close(ours, captum_guided(net, x, target), rtol=1e-12, atol=1e-15)
     assert not torch.allclose(ours, bs.explain(net, x, "gradient", target))

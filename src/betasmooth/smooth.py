@@ -181,6 +181,18 @@ THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
 }
 
 
+# The function each activation module of THROUGH_RELU calls, as _note names it,
+# where the module's own name differs from it or is not spelt the same.
+_MODULE_FUNCTION: dict[type[nn.Module], str] = {
+    nn.ReLU6: "hardtanh",
+    nn.Hardtanh: "hardtanh",
+    nn.LeakyReLU: "leakyrelu",
+    nn.PReLU: "prelu",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardswish: "hardswish",
+}
+
+
 #: The betas softplus takes: float32's normal numbers. Below the smallest,
 #: ``1 / beta`` overflows and the maps are inf or NaN; above the largest,
 #: beta does not fit the float32 scalar of torch's softplus. Inside the range,
@@ -973,13 +985,18 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
         smooth |= {n for n in mode.smooth if n.replace("_", "") not in {s.lower() for s in smooth}}
         found = f" (its activations: {', '.join(sorted(smooth))})" if smooth else ""
         warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
-    # Named as the module where one ran it, else as the function; only what ran
-    # unreplaced (an entry added to THROUGH_RELU smooths its module too).
+    # Named as the module where one ran it (nn.ReLU6 runs hardtanh), else as the
+    # function; only what ran unreplaced (an entry added to THROUGH_RELU smooths
+    # its module too).
     ran = {n.replace("_", "") for n in mode.kinked}
-    modules = {type(m).__name__ for m in model.modules() if isinstance(m, KINKED_MODULES)}
-    names = {n for n in modules if n.lower() in ran}
-    seen = {n.lower() for n in names}
-    kinked = sorted(names | {n for n in mode.kinked if n.replace("_", "") not in seen})
+    functions = {
+        type(m).__name__: _MODULE_FUNCTION.get(type(m), type(m).__name__.lower())
+        for m in model.modules()
+        if isinstance(m, (*KINKED_MODULES, *_MODULE_FUNCTION))
+    }
+    modules = {module: fn for module, fn in functions.items() if fn in ran}
+    seen = set(modules.values())
+    kinked = sorted(set(modules) | {n for n in mode.kinked if n.replace("_", "") not in seen})
     if kinked and isinstance(warn, bool):
         warn_user(
             f"{name}: beta-smoothing replaces ReLU and the activations made of it; these "
@@ -987,8 +1004,9 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
             model,
         )
     elif kinked:
+        # Not "piecewise-linear": Hardswish, one of them, is piecewise quadratic.
         warn_user(
-            f"{name}: {what} acts on ReLU only; these piecewise-linear activations pass "
+            f"{name}: {what} acts on ReLU only; these activations pass "
             f"their plain gradient: {', '.join(kinked)}",
             model,
         )
