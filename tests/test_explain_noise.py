@@ -70,6 +70,37 @@ def test_smoothgrad_base_options_and_input_range(x):
     torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
 
 
+def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
+    # A per-image option (first dimension the batch) goes with its image into each of
+    # the n * B copies: IG against Captum's, given the same per-image baselines...
+    net = plain_cnn().double()
+    baseline = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    ig_options = {"steps": 4, "rule": "riemann_middle", "baseline": baseline}
+    ours = bs.explain(
+        net, x, "smoothgrad", TARGET, base="integrated_gradients", base_options=ig_options,
+        n=3, sigma=0.1, input_range=1.0, seed=3, chunk=2,
+    )  # fmt: skip
+    ig = IntegratedGradients(net)
+    maps = [
+        ig.attribute(x + e, baselines=baseline, target=TARGET, n_steps=4, method="riemann_middle")
+        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
+    ]
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
+    # ... and LRP's box per image: each image's map as that image's alone with its box.
+    low, high = x - 0.5 - baseline, x + 0.5 + baseline
+    seeds = [5, 6, 7, 8]
+    both = bs.explain(
+        net, x, "smoothgrad", TARGET, base="lrp", low=low, high=high, n=3, sigma=0.1, seed=seeds
+    )
+    for i, seed in enumerate(seeds):
+        one = slice(i, i + 1)
+        alone = bs.explain(
+            net, x[one], "smoothgrad", TARGET[one], base="lrp", low=low[one], high=high[one],
+            n=3, sigma=0.1, seed=seed,
+        )  # fmt: skip
+        torch.testing.assert_close(both[one], alone, rtol=1e-10, atol=1e-14)
+
+
 def test_smoothgrad_of_a_layer_method_averages_the_layers_maps(x):
     # A layer method's map has the layer's shape (here 8 x 8 x 8), not the input's.
     net = plain_cnn().double()

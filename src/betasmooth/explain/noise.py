@@ -215,7 +215,9 @@ def smoothgrad(
         Method to average, any registered one except smoothgrad and beta_smooth.
     base_options : dict or None
         Options of the base method; further keyword options are added to them,
-        and one given in both places takes the keyword's value.
+        and one given in both places takes the keyword's value. A tensor with
+        one value per item (a ``(B, C, H, W)`` baseline or LRP bound) goes
+        with its item into each noisy copy.
     n : int
         Number of noisy copies.
     sigma : float
@@ -282,9 +284,29 @@ def smoothgrad(
         # One draw per copy, so that the draws do not depend on the chunk size.
         eps = torch.stack([_draw_batch(draw, generators, x) for _ in range(k)])
         noisy = (x_in + scale * eps).flatten(0, 1)
-        maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **options)
+        maps = fn(
+            model, noisy, target.repeat(k), create_graph=create_graph, **_tiled(options, x, k)
+        )
         total = total + maps.unflatten(0, (k, x.shape[0])).sum(0)
     return total / n
+
+
+def _tiled(options: dict[str, object], x: torch.Tensor, k: int) -> dict[str, object]:
+    """``options`` for ``k`` copies of the batch ``x`` stacked as SmoothGrad stacks them.
+
+    A tensor option of ``x``'s rank whose first dimension is the batch (a
+    baseline or an LRP bound per image) holds one value per item; each copy of
+    an item takes that item's value.
+    """
+    batch = x.shape[0]
+    if batch == 1:
+        return options
+    return {
+        name: value.repeat(k, *(1,) * (value.dim() - 1))
+        if torch.is_tensor(value) and value.dim() == x.dim() and value.shape[0] == batch
+        else value
+        for name, value in options.items()
+    }
 
 
 # Noise relative to the data's span (see range_options).
