@@ -375,6 +375,18 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputError,
         r"lrp option 'high' must be finite .*; got a tensor of shape \(1, 2, 1, 1\) holding NaN",
     ),
+    "lrp low and high that do not broadcast together": (
+        _explain(plain_cnn, X, "lrp", low=torch.zeros(3, 1, 1), high=torch.ones(2, 1, 1)),
+        InputError,
+        r"lrp options 'low' of shape \(3, 1, 1\) and 'high' of shape \(2, 1, 1\) do not "
+        r"broadcast together; expected floats or tensors broadcastable to x",
+    ),
+    "lrp low of 3 channels for 1": (
+        _explain(plain_cnn, X, "lrp", low=torch.zeros(1, 3, 1, 1)),
+        InputError,
+        r"lrp option 'low' of shape \(1, 3, 1, 1\) does not broadcast to x of shape "
+        r"\(2, 1, 16, 16\); expected a float or e.g. shape \(1, C, 1, 1\)",
+    ),
     "beta_smooth beta above float32": (
         _explain(plain_cnn, X, "beta_smooth", beta=1e39),
         InputError,

@@ -1624,5 +1624,7 @@ def test_lrp_refuses_bounds_with_the_values_of_x_in_another_layout():
     flat = nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.ReLU(), nn.Linear(5, 3)).double()
     conv = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).double()
     for net in (flat, conv):
-        with pytest.raises(InputError, match=r"lrp option 'low' of shape \(2, 4, 4, 3\)"):
+        # Named against x, which the user passed, not the flattened first layer's input.
+        said = r"lrp option 'low' of shape \(2, 4, 4, 3\) does not broadcast to x of shape \(2, 3"
+        with pytest.raises(InputError, match=said):
             bs.explain(net, x, "lrp", 0, low=low, high=low + 2)

@@ -782,11 +782,16 @@ def _check_box(
     rules = [*chosen.first.values(), *chosen.layers.values()]
     if not any((RULES.get(r) if isinstance(r, str) else r) is _zbox for r in rules):
         return
-    try:
-        lo = torch.broadcast_to(torch.as_tensor(low).to(x), x.shape)
-        hi = torch.broadcast_to(torch.as_tensor(high).to(x), x.shape)
-    except (RuntimeError, TypeError, ValueError):
-        return  # lrp itself names bounds of the wrong shape
+    bounds = []
+    for name, value in (("low", low), ("high", high)):
+        try:
+            bounds.append(torch.broadcast_to(torch.as_tensor(value).to(x), x.shape))
+        except RuntimeError:
+            raise InputError(
+                f"lrp option {name!r} of shape {_shape(value)} does not broadcast to x of shape "
+                f"{tuple(x.shape)}; expected a float or e.g. shape (1, C, 1, 1)"
+            ) from None
+    lo, hi = bounds
     slack = BOX_SLACK * (hi - lo).abs()
     if bool(((x < lo - slack) | (x > hi + slack)).any()):
         shown = "per channel" if torch.is_tensor(low) and low.numel() > 1 else f"[{low}, {high}]"
@@ -1264,11 +1269,23 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
             )
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
-    if bool((torch.as_tensor(low) >= torch.as_tensor(high)).any()):
+    try:
+        inverted = torch.as_tensor(low) >= torch.as_tensor(high)
+    except RuntimeError:
+        raise InputError(
+            f"lrp options 'low' of shape {_shape(low)} and 'high' of shape {_shape(high)} "
+            "do not broadcast together; expected floats or tensors broadcastable to x, e.g. "
+            "shape (1, C, 1, 1)"
+        ) from None
+    if bool(inverted.any()):
         raise InputError(
             f"lrp options must have low < high (the bounds of the input domain); "
             f"got low={_brief(low)}, high={_brief(high)}"
         )
+
+
+def _shape(value: object) -> tuple[int, ...]:
+    return tuple(torch.as_tensor(value).shape)
 
 
 def _brief(value: object) -> str:
