@@ -473,10 +473,10 @@ def test_an_attack_that_changed_no_image_says_so_once_and_a_run_leaves_it_to_its
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
     x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    target = random_targets(maps_of(net, x, "gradient"), torch.Generator().manual_seed(0))
+    unmovable = random_targets(maps_of(net, x, "gradient"), torch.Generator().manual_seed(0))
     with pytest.warns(UnchangedWarning, match=r"^gradient: the attack changed no image") as seen:
-        result = bs.manipulate(net, x, target, "gradient", steps=3)
-        bs.manipulate(net, x, target, "gradient", steps=3)  # once per model
+        result = bs.manipulate(net, x, unmovable, "gradient", steps=3)
+        bs.manipulate(net, x, unmovable, "gradient", steps=3)  # once per model
     assert len([w for w in seen if issubclass(w.category, UnchangedWarning)]) == 1
     assert torch.equal(result.x_adv, x)
     assert float(result.metrics["input_max_change"].max()) == 0.0
@@ -491,6 +491,14 @@ def test_an_attack_that_changed_no_image_says_so_once_and_a_run_leaves_it_to_its
         records = attack_run(run, copy.deepcopy(net), x, y, ["gradient"], steps=3)
     assert float(moved.metrics["input_max_change"].max()) > 0
     assert [r["input_max_change"] for r in records] == [0.0, 0.0, 0.0]
+    # What the run left to its table is not counted as said: a call of one's own says it.
+    ran = copy.deepcopy(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnchangedWarning)
+        attack_run(RunDir.create(tmp_path / "again", {"command": "attack"}), ran, x, y,
+                   ["gradient"], steps=3)  # fmt: skip
+    with pytest.warns(UnchangedWarning, match=r"^gradient: the attack changed no image"):
+        bs.manipulate(ran, x, unmovable, "gradient", steps=3)
 
 
 def test_a_model_with_one_logit_is_refused_before_any_step(small):

@@ -14,7 +14,6 @@ Examples
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -58,7 +57,7 @@ from .store import (
     check_batch_file,
 )
 from .units import Unit, execute, plan, seeded, unit_seed
-from .validate import InputError, check_choice, check_input, to_numpy
+from .validate import InputError, check_choice, check_input, silenced, to_numpy
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
@@ -462,9 +461,8 @@ def attack_run(
             )
             attacked = attack_options(unit.method, xt, data_range=data_range, method_options=own)
             target_map = heatmap(explain(model, xt, unit.method, **attacked)).detach()
-        with warnings.catch_warnings():
-            # The run names unchanged images per method once all batches are done.
-            warnings.simplefilter("ignore", UnchangedWarning)
+        # The run names unchanged images per method once all batches are done.
+        with silenced(UnchangedWarning):
             result = manipulate(
                 model,
                 xb,

@@ -13,6 +13,7 @@ taken), warnings that point at the user's own call (:func:`warn_user`), and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -53,6 +54,7 @@ __all__ = [
     "is_oom",
     "one_at_a_time",
     "registrar",
+    "silenced",
     "tell",
     "to_numpy",
     "warn_user",
@@ -1008,6 +1010,36 @@ def set_origin(copy: nn.Module, model: nn.Module) -> None:
 _ORIGINS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
 
 
+_SILENCED: contextvars.ContextVar[tuple[type[Warning], ...]] = contextvars.ContextVar(
+    "betasmooth_silenced", default=()
+)
+
+
+@contextlib.contextmanager
+def silenced(category: type[Warning]) -> Iterator[None]:
+    """Within, :func:`warn_user` drops warnings of ``category`` without counting them as given.
+
+    A ``warnings`` filter would hide the warning, and the next call on the same
+    model would skip it as given once already; a caller that says the same in
+    its own words (a run's table) silences it here instead.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     with silenced(UserWarning):
+    ...         warn_user("look here")
+    >>> seen
+    []
+    """
+    token = _SILENCED.set((*_SILENCED.get(), category))
+    try:
+        yield
+    finally:
+        _SILENCED.reset(token)
+
+
 def warn_user(
     message: str, model: nn.Module | None = None, category: type[Warning] = UserWarning
 ) -> None:
@@ -1025,6 +1057,8 @@ def warn_user(
     >>> str(seen[0].message)
     'look here'
     """
+    if issubclass(category, _SILENCED.get()):
+        return
     if model is not None:
         seen = _WARNED.setdefault(origin(model), set())
         if message in seen:
