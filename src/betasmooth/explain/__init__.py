@@ -534,9 +534,10 @@ def _warn_if_zero(out: torch.Tensor, method: str, model: nn.Module) -> None:
     if bool((out.detach().flatten(1) == 0).all(1).any()):
         warn_user(
             f"{method} gave a map that is zero everywhere: nothing in x moves the explained "
-            "logit (an untrained or zero-initialised classifier head, every unit off) or "
-            "x is the method's baseline; a comparison of such maps says nothing (two "
-            "constant maps have PCC 1)",
+            "logit (an untrained or zero-initialised classifier head, every unit off), "
+            "the logit is far below a rule's stabiliser (LRP divides by sums plus 1e-6 "
+            "or epsilon), or x is the method's baseline; a comparison of such maps says "
+            "nothing (two constant maps have PCC 1)",
             model,
         )
 
