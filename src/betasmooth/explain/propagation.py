@@ -1270,18 +1270,22 @@ def _check_lrp_options(low: object, high: object, epsilon: object) -> None:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
         raise InputError(f"lrp option 'epsilon' must be a float >= 0; got {epsilon!r}")
     try:
-        inverted = torch.as_tensor(low) >= torch.as_tensor(high)
+        torch.broadcast_shapes(_shape(low), _shape(high))
     except RuntimeError:
         raise InputError(
             f"lrp options 'low' of shape {_shape(low)} and 'high' of shape {_shape(high)} "
             "do not broadcast together; expected floats or tensors broadcastable to x, e.g. "
             "shape (1, C, 1, 1)"
         ) from None
-    if bool(inverted.any()):
+    if bool((torch.as_tensor(low) >= torch.as_tensor(high).to(_device(low))).any()):
         raise InputError(
             f"lrp options must have low < high (the bounds of the input domain); "
             f"got low={_brief(low)}, high={_brief(high)}"
         )
+
+
+def _device(value: object) -> torch.device:
+    return value.device if torch.is_tensor(value) else torch.device("cpu")
 
 
 def _shape(value: object) -> tuple[int, ...]:
@@ -1473,3 +1477,5 @@ def _check_amplification(
 
 # The z^B rule's box is the data's range (see range_options).
 lrp.range_options = lambda low, high: {"low": low, "high": high}
+# Bounds of shape (B, C, H, W) hold one box per image (see per_item_options).
+lrp.per_item_options = frozenset({"low", "high"})
