@@ -418,6 +418,18 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         r"input_range of shape \(1, 3, 1, 1\) does not broadcast to x of shape \(2, 1, 16, 16\); "
         r"expected a number or a \(1, 1, 1, 1\) tensor",
     ),
+    "smoothgrad with an IG baseline of another batch's size": (
+        _explain(
+            plain_cnn,
+            X,
+            "smoothgrad",
+            n=2,
+            base="integrated_gradients",
+            baseline=torch.zeros(4, 1, 16, 16),
+        ),  # fmt: skip
+        InputError,
+        r"baseline of shape \(4, 1, 16, 16\) does not broadcast to x of shape \(2, 1, 16, 16\)",
+    ),
     "smoothgrad seed 2**70": (
         _explain(plain_cnn, X, "smoothgrad", n=2, seed=2**70),
         InputError,

@@ -101,6 +101,46 @@ def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
         torch.testing.assert_close(both[one], alone, rtol=1e-10, atol=1e-14)
 
 
+def test_smoothgrad_keeps_deepliftshaps_baseline_set_whole_however_many_images(x):
+    # DeepLiftShap explains each input against every baseline of the set, inputs and
+    # baselines in one pass: k copies of B images against N = B baselines pass
+    # 2 * k * B * N items, not 2 * (k * B)^2 as they would if the set were taken for
+    # one baseline per image and tiled.
+    net = plain_cnn().double().eval()
+    baselines = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    sizes = []
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    hook = first.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        bs.explain(net, x, "smoothgrad", TARGET, base="captum:DeepLiftShap",
+                   baselines=baselines, n=3, sigma=0.1, seed=0, chunk=3)  # fmt: skip
+    finally:
+        hook.remove()
+    assert max(sizes) == 2 * 3 * len(x) * len(baselines)
+
+
+def test_select_items_cuts_the_per_image_options_of_a_method_and_of_its_base():
+    from betasmooth.explain import select_items
+
+    shape = (3, 3, 4, 4)
+    rows = torch.arange(3.0).view(3, 1, 1, 1)
+    per_channel = torch.arange(3.0).view(3, 1, 1)  # x's channels, also 3: no rows
+    cut = select_items("lrp", {"low": rows - 5, "high": per_channel + 5}, [2, 0], shape)
+    assert cut["low"].flatten().tolist() == [-3.0, -5.0]
+    assert torch.equal(cut["high"], per_channel + 5)
+    options = {"base": "integrated_gradients", "base_options": {"baseline": rows}, "n": 4}
+    cut = select_items("smoothgrad", {**options, "baseline": rows + 1}, [1], shape)
+    assert cut["base_options"]["baseline"].flatten().tolist() == [1.0]
+    assert cut["baseline"].flatten().tolist() == [2.0]
+    assert cut["n"] == 4
+    # GradientShap's baselines are a set to draw from, whatever their number.
+    cut = select_items("captum:GradientShap", {"baselines": rows}, [0], shape)
+    assert torch.equal(cut["baselines"], rows)
+    assert select_items("captum:IntegratedGradients", {"baselines": rows}, [0], shape)[
+        "baselines"
+    ].flatten().tolist() == [0.0]
+
+
 def test_smoothgrad_of_a_layer_method_averages_the_layers_maps(x):
     # A layer method's map has the layer's shape (here 8 x 8 x 8), not the input's.
     net = plain_cnn().double()

@@ -704,6 +704,38 @@ def test_explain_records_and_maps_are_of_the_predicted_class_not_the_true_one(tm
     np.testing.assert_allclose(run.read_arrays("gradient")["map"], expected, atol=1e-6)
 
 
+def test_a_run_gives_each_batch_the_baselines_of_its_own_images(tmp_path):
+    # One IG baseline per image of the run, explained in batches of 2 (the last of 1):
+    # each image's map is Captum's with that image's baseline, also where the
+    # baseline goes to smoothgrad's base, whose maps do not depend on the batches.
+    from captum.attr import IntegratedGradients
+
+    from betasmooth.runs import explain_run, load_inputs
+
+    model, x, y = load_inputs("digits-cnn", "digits", n=5)
+    model = model.double()
+    x = x.double()
+    baseline = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    options = {
+        "integrated_gradients": {"baseline": baseline, "steps": 4, "rule": "riemann_middle"},
+        "smoothgrad": {"base": "integrated_gradients", "n": 2, "steps": 4, "baseline": baseline},
+    }
+    maps = {}
+    for size in (2, 5):
+        run = RunDir.create(tmp_path / f"run{size}", {"command": "explain"})
+        methods = ["integrated_gradients", "smoothgrad"]
+        explain_run(run, model, x, y, methods, batch_size=size, method_options=options,
+                    save_attributions=True)  # fmt: skip
+        maps[size] = {m: run.read_arrays(m)["attribution"] for m in methods}
+    predicted = model(x).argmax(1)
+    captum = IntegratedGradients(model).attribute(
+        x, baselines=baseline, target=predicted, n_steps=4, method="riemann_middle"
+    )
+    np.testing.assert_allclose(maps[2]["integrated_gradients"], captum.detach().numpy(),
+                               rtol=1e-6, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(maps[2]["smoothgrad"], maps[5]["smoothgrad"], rtol=1e-9, atol=1e-15)
+
+
 def test_class_names_of_the_prediction_before_and_after_the_attack(tmp_path):
     from betasmooth.runs import attack_run, load_inputs
 

@@ -40,6 +40,7 @@ from .explain import (
     check_model,
     explain,
     is_method,
+    select_items,
     wraps_base,
 )
 from .explain import method_options as options_of
@@ -312,14 +313,17 @@ def _options(
     unit: Unit,
     given: dict[str, dict[str, object]] | None,
     seed: int,
+    shape: Sequence[int],
     defaults: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """Options of the unit's method: ``defaults``, those ``given``, and, for a method
-    that draws noise, one seed per item, derived from the item's index and the run's
-    seed (or the seed given), so that no draw depends on the batch or the rank; a
-    seed among ``defaults`` gives way to the run's."""
+    """Options of the unit's method: ``defaults``, those ``given`` (an option with one
+    value per image of the run's ``x`` of ``shape`` cut to the unit's, see
+    :func:`~betasmooth.explain.select_items`), and, for a method that draws noise,
+    one seed per item, derived from the item's index and the run's seed (or the seed
+    given), so that no draw depends on the batch or the rank; a seed among
+    ``defaults`` gives way to the run's."""
     mine = (given or {}).get(unit.method, {})
-    options = {**(defaults or {}), **mine}
+    options = select_items(unit.method, {**(defaults or {}), **mine}, unit.indices, shape)
     if "seed" in options_of(unit.method):
         base = seed if mine.get("seed") is None else int(mine["seed"])
         options["seed"] = [unit_seed(base, unit.method, i) for i in unit.indices]
@@ -448,7 +452,7 @@ def attack_run(
         idx = torch.tensor(unit.indices)
         s = unit_seed(seed, unit.method, unit.indices[0])
         defaults = attack_defaults(unit.method).get("options")
-        options = _options(unit, method_options, seed, defaults)
+        options = _options(unit, method_options, seed, x.shape, defaults)
         xb = x[idx].to(device)
         target_map = None
         if targets is not None:
@@ -457,7 +461,7 @@ def attack_run(
             # The map the attack moves, of another image: with the attack's options, and
             # the draws of that image's own attack (a method that draws noise).
             own = _options(
-                Unit(unit.method, tuple(others.tolist())), method_options, seed, defaults
+                Unit(unit.method, tuple(others.tolist())), method_options, seed, x.shape, defaults
             )
             attacked = attack_options(unit.method, xt, data_range=data_range, method_options=own)
             target_map = heatmap(explain(model, xt, unit.method, **attacked)).detach()
@@ -578,7 +582,7 @@ def explain_run(
     def work(unit: Unit) -> tuple[list[Record], ExplainBatch]:
         idx = torch.tensor(unit.indices)
         xb = x[idx].to(device)
-        options = _options(unit, method_options, seed)
+        options = _options(unit, method_options, seed, x.shape)
         with torch.no_grad():
             logits = model(xb)
         label = logits.argmax(1)

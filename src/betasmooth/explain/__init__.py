@@ -17,7 +17,7 @@ the prefix with :func:`register_prefix`: ``captum:DeepLift`` is any class of
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ __all__ = [
     "register_check",
     "register_input_check",
     "register_prefix",
+    "select_items",
     "with_base_range",
     "wraps_base",
 ]
@@ -340,6 +341,53 @@ def range_options(
         if given is not None:
             options[method] = dict(given(low, high))
     return options
+
+
+def select_items(
+    method: str, options: Mapping[str, object], indices: Sequence[int], shape: Sequence[int]
+) -> dict[str, object]:
+    """``options`` of ``method`` for the images ``indices`` of a set of ``shape`` (N, ...).
+
+    A method that has an attribute ``per_item_options``, a set of option names,
+    says which of its options may hold one value per image: integrated
+    gradients' ``baseline``, LRP's ``low`` and ``high``, Captum's ``baselines``
+    (but GradientShap's and DeepLiftShap's, a set to draw from). Such an option
+    with the set's rank and ``N`` as first dimension is cut to the rows of
+    ``indices``, also where it goes to the base method of ``smoothgrad`` or
+    ``beta_smooth``; the runs of :mod:`betasmooth.runs` explain a set in
+    batches this way.
+
+    Examples
+    --------
+    >>> baseline = torch.arange(4.0).view(4, 1, 1, 1)
+    >>> cut = select_items("integrated_gradients", {"baseline": baseline}, [3, 1], (4, 1, 8, 8))
+    >>> cut["baseline"].flatten().tolist()
+    [3.0, 1.0]
+    """
+    chosen = dict(options)
+    names = set(getattr(_lookup(method), "per_item_options", ()))
+    base = options.get("base", method_options(method).get("base"))
+    if wraps_base(method) and isinstance(base, str) and is_method(base):
+        of_base = set(getattr(_lookup(base), "per_item_options", ()))
+        names |= of_base - set(method_options(method))
+        if isinstance(options.get("base_options"), Mapping):
+            chosen["base_options"] = _rows(options["base_options"], of_base, indices, shape)
+    return _rows(chosen, names, indices, shape)
+
+
+def _rows(
+    options: Mapping[str, object], names: set[str], indices: Sequence[int], shape: Sequence[int]
+) -> dict[str, object]:
+    return {
+        name: value[torch.as_tensor(list(indices), device=value.device)]
+        if name in names
+        and torch.is_tensor(value)
+        and shape[0] > 1
+        and value.dim() == len(shape)
+        and value.shape[0] == shape[0]
+        else value
+        for name, value in options.items()
+    }
 
 
 def with_base_range(

@@ -311,6 +311,10 @@ def captum_method(name: str) -> Method:
     # Input-space baselines (default 0): range_options gives them the data's black.
     if "baselines" in inspect.signature(cls.attribute).parameters:
         method.range_options = lambda low, high: {"baselines": low}
+        # GradientShap's and DeepLiftShap's baselines are a set drawn from for every
+        # image, whatever its size; the others' hold one baseline per image.
+        if not name.endswith(("GradientShap", "DeepLiftShap")):
+            method.per_item_options = frozenset({"baselines"})
     method.__name__ = f"captum_{name}"
     method.__doc__ = f"captum.attr.{name} on the model; options go to its constructor or attribute."
     return method

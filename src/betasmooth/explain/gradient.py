@@ -11,7 +11,7 @@ from torch import nn
 
 from ..progress import passes
 from ..validate import InputError, InputTypeError, check_choice, check_classes, check_count
-from . import register
+from . import register, register_input_check
 
 __all__ = [
     "ITEMS_PER_PASS",
@@ -357,3 +357,12 @@ def integrated_gradients(
 
 # The path starts at the data's black, as zero is on [0, 1] data (see range_options).
 integrated_gradients.range_options = lambda low, high: {"baseline": low}
+# A (B, C, H, W) baseline holds one start per image (see per_item_options).
+integrated_gradients.per_item_options = frozenset({"baseline"})
+
+
+@register_input_check("integrated_gradients")
+def _check_baseline(x: torch.Tensor, *, baseline: object = None, **options: object) -> None:
+    """Refuse a baseline that does not fit ``x``: also where SmoothGrad, which stacks
+    noisy copies of ``x``, would broadcast one of another batch's size over them."""
+    _baseline(baseline, x)

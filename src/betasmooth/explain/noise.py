@@ -11,7 +11,7 @@ instead of ``n``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -284,26 +284,29 @@ def smoothgrad(
         # One draw per copy, so that the draws do not depend on the chunk size.
         eps = torch.stack([_draw_batch(draw, generators, x) for _ in range(k)])
         noisy = (x_in + scale * eps).flatten(0, 1)
-        maps = fn(
-            model, noisy, target.repeat(k), create_graph=create_graph, **_tiled(options, x, k)
-        )
+        tiled = _tiled(options, getattr(fn, "per_item_options", ()), x, k)
+        maps = fn(model, noisy, target.repeat(k), create_graph=create_graph, **tiled)
         total = total + maps.unflatten(0, (k, x.shape[0])).sum(0)
     return total / n
 
 
-def _tiled(options: dict[str, object], x: torch.Tensor, k: int) -> dict[str, object]:
+def _tiled(
+    options: dict[str, object], per_item: Iterable[str], x: torch.Tensor, k: int
+) -> dict[str, object]:
     """``options`` for ``k`` copies of the batch ``x`` stacked as SmoothGrad stacks them.
 
-    A tensor option of ``x``'s rank whose first dimension is the batch (a
-    baseline or an LRP bound per image) holds one value per item; each copy of
-    an item takes that item's value.
+    An option the base method names in ``per_item_options`` (a baseline or an
+    LRP bound) that has ``x``'s rank and the batch as first dimension holds one
+    value per item; each copy of an item takes that item's value.
     """
     batch = x.shape[0]
-    if batch == 1:
-        return options
     return {
         name: value.repeat(k, *(1,) * (value.dim() - 1))
-        if torch.is_tensor(value) and value.dim() == x.dim() and value.shape[0] == batch
+        if name in per_item
+        and batch > 1
+        and torch.is_tensor(value)
+        and value.dim() == x.dim()
+        and value.shape[0] == batch
         else value
         for name, value in options.items()
     }
