@@ -161,7 +161,9 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
     z : torch.Tensor
         Points, in units of ``1/beta`` (``z = beta t``).
     panels : int
-        Quadrature panels of 16 nodes on ``(0, 15]``.
+        Quadrature panels of 16 nodes on ``(0, 15]``; at least 2.4 per unit of
+        the largest ``|z|``, so that the nodes follow ``sin(s z)`` (15 z / 2 pi
+        periods on the interval).
 
     Returns
     -------
@@ -176,6 +178,9 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
     """
     u = _direction(torch.as_tensor(u, dtype=torch.float64).flatten(), "u")
     z = torch.as_tensor(z, dtype=torch.float64)
+    widest = float(z.abs().max()) if z.numel() else 0.0
+    if math.isfinite(widest):
+        panels = max(panels, math.ceil(2.4 * widest))
     s, weight = _gauss_legendre(torch.tensor(0.0), torch.tensor(15.0), panels)
     # Equal weights share one factor: evenly spread w of any length costs one power.
     values, counts = torch.unique(u.abs(), return_counts=True)
@@ -184,7 +189,9 @@ def iid_cdf(u: torch.Tensor, z: torch.Tensor, panels: int = 60) -> torch.Tensor:
         if value > 0:
             log_cf = log_cf + count * torch.log(_logistic_cf(value * s))
     kernel = log_cf.exp() * weight / s
-    return 0.5 + (torch.sin(z.flatten()[:, None] * s) * kernel).sum(1).reshape(z.shape) / math.pi
+    cdf = 0.5 + (torch.sin(z.flatten()[:, None] * s) * kernel).sum(1).reshape(z.shape) / math.pi
+    cdf = torch.where(torch.isinf(z), (z > 0).to(cdf.dtype), cdf)
+    return cdf.clamp(0.0, 1.0)  # rounding past 0 or 1 at large |z|
 
 
 def _direction(w: torch.Tensor, name: str) -> torch.Tensor:
