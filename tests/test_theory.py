@@ -106,6 +106,20 @@ def test_iid_bias_is_positive_and_small(d, seed):
     torch.testing.assert_close(theory.iid_cdf(w, z), torch.sigmoid(z), atol=1e-10, rtol=0)
 
 
+def test_identity_1d_on_the_right_is_exact_to_rounding():
+    # Right of 0 both expectations are near x and near 1; the quadrature leaves out
+    # only mass below 1e-19, so they agree with scipy's logistic cdf and numpy's
+    # logaddexp to a few float64 roundings (not merely to the 1e-12 of the summary).
+    x = torch.linspace(0, 5, 51, dtype=torch.float64)
+    betas = [0.5, 10.0, 100.0]
+    out = theory.identity_1d(x, betas)
+    bx = np.outer(betas, x.numpy())
+    np.testing.assert_allclose(out["cdf"].numpy(), stats.logistic.cdf(bx), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(
+        out["expectation"].numpy(), np.logaddexp(0, bx) / np.array(betas)[:, None], rtol=1e-14
+    )
+
+
 @pytest.mark.parametrize("tiny", [1e-12, 1e-30])
 def test_iid_cdf_with_a_negligible_component_is_the_logistic_cdf(tiny):
     # u = (1, tiny): u.e = e1 + tiny e2 differs from e1 by O(tiny), so its cdf
@@ -115,6 +129,16 @@ def test_iid_cdf_with_a_negligible_component_is_the_logistic_cdf(tiny):
     z = torch.linspace(-4, 4, 9, dtype=torch.float64)
     got = theory.iid_cdf(torch.tensor([1.0, tiny], dtype=torch.float64), z)
     torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-12, rtol=0)
+
+
+def test_iid_cdf_far_out_is_the_logistic_cdf_and_stays_in_0_1():
+    # One component: u.e is logistic, its cdf sigmoid(z) (closed form); beta 100 at
+    # t = 3 is z = 300, where sin(s z) turns 700 times on the quadrature's interval.
+    z = torch.tensor([-1000.0, -300.0, -60.0, 60.0, 300.0, 1000.0], dtype=torch.float64)
+    got = theory.iid_cdf(torch.tensor([1.0, 0.0]), z)
+    torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-13, rtol=0)
+    ends = theory.iid_cdf(torch.tensor([1.0, 2.0]), torch.tensor([-math.inf, math.inf]))
+    assert ends.tolist() == [0.0, 1.0]
 
 
 def test_iid_cdf_of_a_million_equal_small_weights_is_the_normal_limit():
@@ -241,6 +265,7 @@ def test_unknown_noise_model():
         ({"checkpoints": [101]}, r"^checkpoints must be an integer from 1 to 100; got 101$"),
         ({"level": 1.5}, r"^level must be a number between 0 and 1, exclusive; got 1.5$"),
         ({"level": 0.0}, r"^level must be a number between 0 and 1, exclusive; got 0.0$"),
+        ({"level": 1.0}, r"^level must be a number between 0 and 1, exclusive; got 1.0$"),
         ({"beta": 0.0}, r"^beta must be a positive finite number; got 0.0$"),
     ],
 )
@@ -354,6 +379,53 @@ def test_run_curves(quick_run):
     for key in ("smoothing_vs_smoothgrad", "curvature"):
         lengths = {len(v) for v in curves[key].values()}
         assert lengths == {len(curves[key]["beta"])}
+
+
+def test_run_curves_against_beta_hold_each_beta_s_medians(quick_run):
+    # The curves are the summary's tables read column by column, each value at
+    # its own beta, in the order of the quick betas.
+    betas = [0.5, 2.0, 10.0, 50.0]
+    for curve, table, fields in (
+        ("curvature", "curvature_by_beta", ("hessian_norm", "principal_curvature")),
+        ("smoothing_vs_smoothgrad", "smoothing_vs_smoothgrad_pcc", ("logistic", "gaussian")),
+    ):
+        got = quick_run["curves"][curve]
+        assert got["beta"] == betas
+        for field in fields:
+            assert got[field] == [quick_run[table][str(b)][field] for b in betas], (curve, field)
+
+
+def test_run_iid_bias_curve_is_the_bias_by_dimension_and_its_normal_limit(quick_run):
+    # d = 1 is one logistic variable (no bias), d = 2 the convolution of two
+    # (scipy), and the line drawn is the limit d -> inf (scipy's search), not its argmax.
+    curve = quick_run["curves"]["iid_bias"]
+    by_d = quick_run["theorem2_iid_bias_by_d"]
+    assert [str(d) for d in curve["d"]] == list(by_d)
+    assert curve["bias"][0] < 1e-12
+    z = np.linspace(-10, 10, 2001)[::10]
+    gap = max(abs(scipy_cdf_2d(np.array([1.0, 1.0]), zi) - special.expit(zi)) for zi in z)
+    assert curve["bias"][1] == pytest.approx(gap, abs=2e-4)
+    assert curve["limit"] == pytest.approx(scipy_bias_limit(), abs=1e-10)
+
+
+def test_run_confidence_bound_is_bonferroni_over_the_points_it_names(quick_run):
+    # 25 points z = beta u.x in [-3, 3]: the 95% two-sided bound split over them, at
+    # the largest binomial variance 1/4 (z = 0 is one of the points), by scipy.
+    setup = quick_run["theorem2_setup"]
+    assert (setup["points"], setup["level"], setup["beta"]) == (25, 0.95, 1.0)
+    level, m, n = setup["level"], setup["points"], setup["n"]
+    h = stats.norm.ppf(1 - (1 - level) / (2 * m)) * 0.5 / math.sqrt(n)
+    assert quick_run["theorem2_projected_ci"] == [0.0, pytest.approx(h, rel=1e-12)]
+
+
+def test_run_iid_bias_at_the_points_is_their_largest_gap(quick_run):
+    # The 25 points z in [-3, 3] step 0.25 include 1.25, 0.012 from where the gap of
+    # a nearly normal u.e peaks (scipy: 1.2384): their largest gap is the supremum up
+    # to a second-order term (a mean of the gaps would be about 0.6 of it).
+    at_points, sup = quick_run["theorem2_iid_bias_at_points"], quick_run["theorem2_iid_bias"]
+    assert scipy_bias_search().x == pytest.approx(1.2384, abs=1e-4)
+    assert at_points <= sup * (1 + 1e-9)
+    assert at_points == pytest.approx(sup, rel=0.01)
 
 
 def test_run_error_curve_ends_at_n(quick_run):
@@ -535,3 +607,23 @@ def test_curvature_by_beta_is_the_dense_hessian_of_the_softplus_net():
         got = out[str(beta)]
         assert got["hessian_norm"] == pytest.approx(np.median(norms), rel=1e-6)
         assert got["gradient_norm"] == pytest.approx(np.median(grads), rel=1e-6)
+
+
+def test_curvature_by_beta_at_its_default_settings_is_the_dense_hessian_norm():
+    # Its default Lanczos steps converge on a 10-input net: the spectral norm of the
+    # dense autograd Hessian (numpy eigenvalues) of an explicit Softplus(beta) copy.
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    x = torch.randn(3, 10, dtype=torch.float64)
+    cls = net(x).argmax(1)
+    out = theory.curvature_by_beta(net, x, [2.0])
+    twin = nn.Sequential(net[0], nn.Softplus(2.0), net[2])
+    norms = []
+    for i in range(3):
+
+        def f(v, c=int(cls[i])):
+            return twin(v[None])[0, c]
+
+        h = torch.autograd.functional.hessian(f, x[i]).numpy()
+        norms.append(np.abs(np.linalg.eigvalsh(h)).max())
+    assert out["2.0"]["hessian_norm"] == pytest.approx(np.median(norms), rel=1e-6)
