@@ -108,6 +108,8 @@ def test_quantus_explain_takes_numpy_bounds_and_seeds():
         ({}, {"reduce_axes": 1, "keepdims": 0}, {"reduce_axes": (1,), "keepdims": False}),
         ({}, {"reduce_axes": np.array([1])}, {"reduce_axes": (1,)}),
         ({}, {"reduce_axes": np.array([2, 3])}, {"reduce_axes": (2, 3)}),
+        ({}, {"keepdims": np.False_}, {"keepdims": False}),
+        ({}, {"keepdims": np.True_, "reduce_axes": np.int64(-1)}, {"reduce_axes": (3,)}),
     ],
 )
 def test_numpy_scalars_are_the_numbers_they_hold(method, numpy_options, options):
@@ -136,6 +138,7 @@ def test_read_only_inputs_give_no_warning():
     ("kwargs", "error", "fragment"),
     [
         ({"softmax": True}, ValueError, "explains logits (pre-softmax)"),
+        ({"softmax": np.True_}, ValueError, "explains logits (pre-softmax)"),
         ({"keepdims": None}, TypeError, "keepdims must be True or False; got None"),
         ({"keepdims": 2}, TypeError, "keepdims must be True or False; got 2"),
         ({"reduce_axes": "1"}, TypeError, "reduce_axes must be an int or a sequence of ints"),
@@ -143,6 +146,10 @@ def test_read_only_inputs_give_no_warning():
         ({"reduce_axes": (0,)}, ValueError, "batch axis 0"),
         ({"reduce_axes": (-4,)}, ValueError, "batch axis 0"),
         ({"reduce_axes": (1, 5)}, ValueError, "axis 5, outside the 4 axes of the attributions"),
+        ({"reduce_axes": (4,)}, ValueError, "axis 4, outside the 4 axes of the attributions"),
+        ({"reduce_axes": (-5,)}, ValueError, "axis -5, outside the 4 axes of the attributions"),
+        ({"reduce_axes": True}, TypeError, "reduce_axes must be an int or a sequence of ints"),
+        ({"reduce_axes": (True,)}, TypeError, "reduce_axes must hold integers, e.g. (1,); got"),
         ({"reduce_axes": (1, -3)}, ValueError, "names an axis twice: (1, -3)"),
         ({"reduce_axes": (1.5,)}, TypeError, "reduce_axes must hold integers, e.g. (1,); got"),
         ({"xai_lib": "captum"}, TypeError, "unknown option 'xai_lib'"),
