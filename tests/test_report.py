@@ -1844,6 +1844,228 @@ def test_the_density_figure_draws_each_density_as_given(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got["normal, same variance π²/(3β²)"], normal)
 
 
+def test_the_softplus_figure_draws_each_beta_s_curve_and_relu_dashed(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    x = np.linspace(-2.0, 2.0, 9)
+    betas = [0.5, 2.0, 10.0]
+    curve = {
+        "x": x,
+        "betas": betas,
+        "y": [np.logaddexp(0, b * x) / b for b in betas],
+        "relu": np.maximum(x, 0),
+    }
+    figures.softplus_figure(curve, tmp_path / "s.png")
+    lines = {line.get_label(): line for _, line in drawn}
+    assert list(lines) == ["β=0.5", "β=2", "β=10", "ReLU"]
+    for b in betas:
+        line = lines[f"β={b:g}"]
+        np.testing.assert_array_equal(line.get_xdata(), x)
+        # log(1 + exp(b x)) / b by hand at x = 0 and x = 2: log(2) / b and 2 + log1p(e^-2b) / b
+        y = line.get_ydata()
+        assert y[4] == pytest.approx(math.log(2) / b) and y[-1] == pytest.approx(
+            2 + math.log1p(math.exp(-2 * b)) / b
+        )
+    relu = lines["ReLU"]
+    np.testing.assert_array_equal(relu.get_ydata(), [0, 0, 0, 0, 0, 0.5, 1, 1.5, 2])
+    assert relu.get_linestyle() == "--" and relu.get_color() == "k"
+
+
+def test_the_smoothgrad_figure_draws_each_noise_s_pcc_at_its_beta(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    curve = {"beta": [10.0, 1.0, 50.0], "logistic": [0.9, 0.99, 0.7], "gaussian": [0.8, 0.95, 0.6]}
+    figures.smoothgrad_pcc_figure(curve, tmp_path / "p.png")
+    got = {
+        line.get_label(): dict(zip(line.get_xdata().tolist(), line.get_ydata().tolist()))
+        for _, line in drawn
+    }
+    assert got == {
+        "SmoothGrad, logistic noise (scale 1/β)": {1.0: 0.99, 10.0: 0.9, 50.0: 0.7},
+        "SmoothGrad, Gaussian noise (same variance)": {1.0: 0.95, 10.0: 0.8, 50.0: 0.6},
+    }
+
+
+def test_a_confidence_half_width_band_starts_at_the_floor_of_a_log_y_axis(tmp_path, monkeypatch):
+    # The band of a half-width h runs from the floor, a decade below the smallest
+    # error (0.03 / 10), up to h: 0 has no place on the log y axis.
+    import matplotlib.axes
+
+    bands = []
+    real = matplotlib.axes.Axes.fill_between
+
+    def spy(self, x, low, high, **kwargs):
+        bands.append(np.asarray(low).tolist())
+        return real(self, x, low, high, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
+    drawn = _drawn_figures(monkeypatch)
+    curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04]}
+    figures.mc_error_figure(curve | {"projected_ci": [0.2, 0.06]}, tmp_path / "mc.png")
+    assert bands == [pytest.approx([0.003, 0.003])]
+    (fig,) = drawn
+    assert (fig.axes[0].get_xscale(), fig.axes[0].get_yscale()) == ("log", "log")
+
+
+def test_grid_titles_sit_over_their_columns_and_row_labels_on_their_rows(tmp_path, monkeypatch):
+    # A grid of 3 rows x 5 columns of CELL-inch cells: title c centred over column c,
+    # the label of row r at the top of row r, one cell below that of row r - 1.
+    drawn = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(5)
+    x, m = rng.random((3, 1, H, H)), _maps(rng, 3)
+    rows = ["row a", "row b", "row c"]
+    figures.method_grid(x, m, x, m, m, tmp_path / "g.png", row_labels=rows)
+    (fig,) = drawn
+    width, height = figures.grid_size(3, 5)
+    cell = figures.CELL * figures.DPI
+    texts = {t.get_text(): t.get_position() for t in fig.texts}
+    titles = ["original", "original map", "attacked", "attacked map", "target map"]
+    for c, title in enumerate(titles):
+        assert texts[title][0] == pytest.approx((c + 0.5) * cell / width)
+    ys = [texts[label][1] for label in rows]
+    assert ys[0] == pytest.approx(1 - (figures.TITLE_H * figures.DPI + 4) / height)
+    assert np.diff(ys) == pytest.approx([-cell / height] * 2)
+
+
+def test_the_grid_is_drawn_row_0_on_top_and_each_image_upright(tmp_path, monkeypatch):
+    # Row 0's image: top half 0.25, bottom half 0.5 (pixels in [0, 1] keep their grey);
+    # row 1's: 0.75. The drawn array holds them where a reader looks for them.
+    drawn = _drawn_figures(monkeypatch)
+    x = np.full((2, 1, 4, 4), 0.75)
+    x[0, 0, :2], x[0, 0, 2:] = 0.25, 0.5
+    figures.explain_grid(x, {"gradient": _maps(np.random.default_rng(0), 2)}, tmp_path / "e.png")
+    (fig,) = drawn
+    (image,) = fig.axes[0].images
+    drawn_rgb = np.asarray(image.get_array())
+    cell = round(figures.CELL * figures.DPI)
+    assert image.origin == "upper"
+    quarter = cell // 4
+    assert drawn_rgb[quarter, cell // 2].tolist() == [0.25] * 3
+    assert drawn_rgb[cell - quarter, cell // 2].tolist() == [0.5] * 3
+    assert drawn_rgb[cell + cell // 2, cell // 2].tolist() == [0.75] * 3
+
+
+def test_the_explain_grid_keeps_the_methods_in_the_order_given(tmp_path, monkeypatch):
+    composed = _composed(monkeypatch)
+    rng = np.random.default_rng(6)
+    maps = {"lrp": _maps(rng, 1), "gradient": _maps(rng, 1)}
+    figures.explain_grid(rng.random((1, 1, H, H)), maps, tmp_path / "e.png")
+    (columns,) = composed
+    assert [c[0] for c in columns] == ["image", "lrp", "gradient"]
+    np.testing.assert_array_equal(columns[1][2], maps["lrp"])
+
+
+def test_a_grid_of_one_beta_draws_its_column(tmp_path, monkeypatch):
+    composed = _composed(monkeypatch)
+    rng = np.random.default_rng(7)
+    x, m = rng.random((2, 1, H, H)), _maps(rng, 2)
+    maps_beta = _maps(rng, 2, 1)
+    path = figures.method_grid(x, m, x, m, m, tmp_path / "g.png", maps_beta=maps_beta, betas=[2.0])
+    (columns,) = composed
+    assert [c[0] for c in columns][5:] == ["attacked, β=2"]
+    np.testing.assert_array_equal(columns[5][2], maps_beta[:, 0])
+    with Image.open(path) as im:
+        assert im.size == figures.grid_size(2, 6)
+
+
+def test_smoothgrad_curves_without_their_betas_are_neither_drawn_nor_named(tmp_path, monkeypatch):
+    # SmoothGrad's medians given without the betas they are matched to have no place
+    # on the beta axis: only beta-smoothing's curves, and the legend names it alone.
+    drawn = _drawn_figures(monkeypatch)
+    curves = {"adv_vs_orig_pcc": [0.2, 0.6]}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", smoothgrad=curves)
+    (fig,) = drawn
+    texts = [[t.get_text() for t in legend.get_texts()] for legend in fig.legends]
+    assert texts == [["attacked vs original"], ["β-smoothing"]]
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[1.0, 2.0]]
+
+
+def test_the_cost_figure_draws_every_setting_of_a_defense(tmp_path, monkeypatch):
+    drawn = _spy_plots(monkeypatch)
+    points = [
+        {"defense": "beta_smooth", "label": f"β={b:g}", "seconds": t, "metric": m}
+        for b, t, m in ((1, 0.01, 0.5), (10, 0.011, 0.7), (100, 0.012, 0.9))
+    ]
+    points.append({"defense": "smoothgrad", "label": "σ=1", "seconds": 0.5, "metric": 0.8})
+    figures.cost_quality(points, tmp_path / "c.png")
+    lines = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for _, line in drawn
+    }
+    assert lines == {
+        "β-smoothing": ([0.01, 0.011, 0.012], [0.5, 0.7, 0.9]),
+        "SmoothGrad": ([0.5], [0.8]),
+    }
+
+
+def test_grid_maps_are_drawn_in_magma():
+    # The module's documented colour map, by matplotlib: a row's largest value is
+    # magma's top colour, 0 its bottom colour.
+    from betasmooth.figures import _compose
+
+    magma = matplotlib.colormaps["magma"]
+    stack = np.zeros((1, 4, 4))
+    stack[0, :2] = 1.0
+    canvas, vmax = _compose([("map", "map", stack)])
+    assert vmax.tolist() == [1.0]
+    colours = {tuple(np.round(c, 6)) for c in canvas.reshape(-1, 3)}
+    assert colours == {
+        tuple(np.round(magma(0.0)[:3], 6)),
+        tuple(np.round(magma(1.0)[:3], 6)),
+        (1.0, 1.0, 1.0),  # the gaps between the cells
+    }
+
+
+def test_each_colour_bar_is_drawn_in_magma(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(11)
+    figures.explain_grid(rng.random((1, 1, H, H)), {"g": _maps(rng, 1)}, tmp_path / "e.png")
+    (fig,) = drawn
+    (bar,) = fig.axes[1:]
+    (mesh,) = [a for a in bar.collections if isinstance(a, matplotlib.collections.QuadMesh)]
+    assert mesh.get_cmap().name == "magma"
+
+
+def test_a_seventh_other_defense_takes_a_colour_of_its_own_again():
+    # C0 to C3 tell beta-smoothing, SmoothGrad and the comparisons: the others take C4
+    # to C9 in turn ("C10" is matplotlib's C0 again, beta-smoothing's blue).
+    seven = ["a", "b", "c", "d", "e", "f", "g"]
+    colours = [figures.defense_style(d, seven)[1] for d in seven]
+    assert colours == ["C4", "C5", "C6", "C7", "C8", "C9", "C4"]
+
+
+def test_the_undefended_lines_are_in_their_comparison_s_colour(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    curves = {"adv_vs_target_pcc": [0.5, 0.8], "clean_vs_orig_pcc": [0.4, 0.6]}
+    undefended = {"adv_vs_target_pcc": 0.3, "clean_vs_orig_pcc": 0.7}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", undefended=undefended)
+    (fig,) = drawn
+    flat = {
+        float(line.get_ydata()[0]): line.get_color()
+        for line in fig.axes[0].lines
+        if line.get_alpha() == 0.5
+    }
+    # attacked vs target in C3, clean vs original in C2, as their curves and legend
+    assert flat == {0.3: "C3", 0.7: "C2"}
+
+
+def test_theorem_figures_draws_every_curve_given_in_its_documented_order(tmp_path):
+    x = np.linspace(-1.0, 1.0, 5)
+    bs = [1.0, 10.0]
+    curves = {
+        "curvature": {"beta": bs, "hessian_norm": [0.5, 5.0], "principal_curvature": [0.1, 1.0]},
+        "density": {"x": x, "logistic": x**2, "normal": x**2, "beta": 1.0},
+        "softplus": {"x": x, "betas": [1.0], "y": [np.logaddexp(0, x)], "relu": np.maximum(x, 0)},
+        "iid_bias": {"d": [1, 4], "bias": [0.0, 0.01], "limit": 0.0227},
+        "mc_error": {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04]},
+        "smoothing_vs_smoothgrad": {"beta": bs, "logistic": [0.9, 0.8], "gaussian": [0.8, 0.7]},
+    }
+    paths = figures.theorem_figures({"curves": curves}, tmp_path)
+    names = ["softplus", "density", "mc_error", "iid_bias", "smoothing_vs_smoothgrad", "curvature"]
+    assert paths == [tmp_path / f"theorem_{n}.png" for n in names]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert figures.theorem_figures({"curves": {"density": curves["density"]}}, tmp_path) == [
+        tmp_path / "theorem_density.png"
+    ]
+
+
 def test_up_to_eight_betas_are_each_a_labelled_tick(tmp_path, monkeypatch):
     drawn = _drawn_figures(monkeypatch)
     eight = [0.5, 1, 2, 4, 8, 16, 32, 64]
