@@ -159,6 +159,9 @@ def test_smoothing_takes_one_beta():
     for make in (bs.smooth, lambda m, b: bs.smoothed(m, b).__enter__()):
         with pytest.raises(InputTypeError, match=r"^beta must be one number, .* shape \(2,\)$"):
             make(net, torch.tensor([1.0, 2.0]))
+        # No number at all is not one number either (its values, none, are all in range).
+        with pytest.raises(InputTypeError, match=r"^beta must be one number, .* shape \(0,\)$"):
+            make(net, torch.tensor([]))
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(bs.smooth(net, torch.tensor(2.0))(x), bs.smooth(net, 2.0)(x))
 
@@ -190,6 +193,35 @@ def test_bad_beta(beta):
         pass
     with pytest.raises(ValueError, match="beta must be"):
         smooth(nn.ReLU(), beta)
+
+
+@pytest.mark.parametrize(
+    ("beta", "error", "message"),
+    [
+        (0.0, InputError, r"^beta must be a positive finite number; got 0.0$"),
+        (-1.0, InputError, r"^beta must be a positive finite number; got -1.0$"),
+        (math.inf, InputError, r"^beta must be a positive finite number; got inf$"),
+        (torch.tensor([2.0, 0.0]), InputError, r"^beta must be a positive finite number; got 0.0$"),
+        ("2", InputTypeError, r"^beta must be a positive number; got '2'$"),
+        (None, InputTypeError, r"^beta must be a positive number; got None$"),
+    ],
+)
+def test_a_bad_beta_is_refused_saying_what_is_wrong(beta, error, message):
+    # Zero, a negative or an infinite beta is no sharpness at all, which the message
+    # says, rather than naming float32's range as for a positive beta outside it.
+    with pytest.raises(error, match=message):
+        softplus(torch.ones(2), beta)
+
+
+def test_softplus_refuses_integers_and_a_beta_that_does_not_broadcast_in_its_own_words():
+    with pytest.raises(
+        InputTypeError, match=r"^x must be a floating tensor .*got dtype torch.int64$"
+    ):
+        softplus(torch.arange(3), 2.0)
+    with pytest.raises(
+        InputError, match=r"^beta of shape \(2,\) does not broadcast against x of shape \(3,\);"
+    ):
+        softplus(torch.ones(3), torch.tensor([1.0, 2.0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1264,6 +1296,78 @@ def test_replace_relu_counts_every_relu_call_of_the_first_pass():
         net(torch.randn(2, 3))
     # One per activation call replaced: relu, F.relu, Tensor.relu and relu6.
     assert done[0].replaced == 4
+
+
+def test_replace_relu_without_through_leaves_the_activations_made_of_relu_as_they_are():
+    # through=False (guided backprop's): only ReLU itself is replaced; ReLU6 and LeakyReLU
+    # keep torch's own values. With it, each is its sum of replaced ReLUs.
+    net = nn.Sequential(nn.Identity(), nn.ReLU6(), nn.LeakyReLU(0.2)).double()
+    x = torch.linspace(-8.0, 8.0, 33, dtype=torch.float64)
+
+    def soft(h: torch.Tensor) -> torch.Tensor:
+        return F.softplus(h, beta=2.0, threshold=40.0)
+
+    with replace_relu(net, soft, through=False) as done:
+        out = net(x)
+    torch.testing.assert_close(out, F.leaky_relu(F.relu6(x), 0.2), rtol=0, atol=0)
+    assert done[0].replaced == 0
+    with replace_relu(net, soft) as done:
+        out = net(x)
+    h = soft(x) - soft(x - 6.0)
+    torch.testing.assert_close(out, 0.2 * h + 0.8 * soft(h))
+    assert done[0].replaced == 2
+
+
+def test_replace_relu_warns_only_when_asked():
+    # warn=False (the default, as the attack's surrogate uses it): a model without ReLU and
+    # with a kinked activation passes in silence; warn=True says both.
+    net = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Hardshrink())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with replace_relu(net, torch.relu) as done:
+            net(torch.ones(1, 3))
+    assert done[0].replaced == 0
+    with pytest.warns(UserWarning) as record, replace_relu(net, torch.relu, warn=True):
+        net(torch.ones(1, 3))
+    said = " ".join(str(w.message) for w in record)
+    assert "no ReLU was called" in said and "stay non-smooth: Hardshrink" in said
+
+
+def test_a_smoothed_forward_that_raises_takes_its_override_off_at_once():
+    # The always-called forward hook leaves the override on an exception: nothing is left
+    # on torch's stack of function modes for the calls that follow, outside any forward.
+    soft = smooth(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 2.0)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        soft(torch.ones(1, 5))
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.relu(torch.tensor([-1.0, 0.5])).tolist() == [0.0, 0.5]
+
+
+@pytest.mark.parametrize(("floor", "named"), [([0.0, 0.0, 0.0], True), ([0.0, -1.0, 0.5], False)])
+def test_a_maximum_is_named_as_a_relu_only_where_its_other_operand_is_all_zeros(floor, named):
+    # maximum(h, c) is relu(h) for c = 0 everywhere; a floor that is 0 in one place only
+    # is another activation, not a ReLU left unsmoothed.
+    class Floored(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(torch.maximum(self.linear(x), torch.tensor(floor)))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        smooth(Floored(), 2.0)(torch.ones(1, 3))
+    said = [str(w.message) for w in record]
+    assert said == (
+        [
+            "Floored: beta-smoothing replaces ReLU and the activations made of it; these "
+            "piecewise-linear activations stay non-smooth: maximum(x, 0)"
+        ]
+        if named
+        else []
+    )
 
 
 def test_relu_calls_counts_an_in_place_relu_on_the_input_and_leaves_the_input_alone():
