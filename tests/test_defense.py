@@ -679,3 +679,147 @@ def test_a_sweep_refuses_no_betas_an_x_adv_of_another_shape_and_merges_a_defense
     assert sorted((r["defense"], r["index"]) for r in sweep.records()) == [
         ("beta_smooth", i) for i in range(4)
     ]
+
+
+def test_medians_are_each_numbers_median_over_the_images_with_the_noise_level(small):
+    # One dict per (defense, beta): n images, the median of every number of the rows
+    # (np.median as the oracle), and SmoothGrad's sigma, pi / (sqrt(3) beta) by default.
+    net, x = small
+    x_adv = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "gradient", [1.0, 4.0], smoothgrad_n=2, seed=5
+    )
+    rows = sweep.records()
+    medians = sweep.medians()
+    assert sorted((m["defense"], m["beta"]) for m in medians) == [
+        ("beta_smooth", 1.0), ("beta_smooth", 4.0), ("smoothgrad", 1.0), ("smoothgrad", 4.0)
+    ]  # fmt: skip
+    numbers = [k for k, v in rows[0].items() if isinstance(v, float)]
+    assert {"clean_vs_orig_pcc", "clean_vs_target_ssim", "undefended_mse"} <= set(numbers)
+    for med in medians:
+        group = [r for r in rows if (r["defense"], r["beta"]) == (med["defense"], med["beta"])]
+        assert med["n"] == len(group) == 4
+        sigma = math.pi / (math.sqrt(3) * med["beta"])
+        assert med["sigma"] == (pytest.approx(sigma) if med["defense"] == "smoothgrad" else None)
+        for key in numbers:
+            if key in ("beta", "sigma"):
+                continue
+            assert med[key] == pytest.approx(np.median([r[key] for r in group])), key
+
+
+def test_method_options_reach_both_defenses_and_smoothgrad_takes_20_draws_by_default(small):
+    # Integrated gradients with 4 points, not the attack's 30 nor explain's 50: beta-smoothing
+    # of it is integrated gradients of the softplus network (the ReLU modules swapped for
+    # nn.Softplus), and SmoothGrad averages it over 20 logistic draws unless told otherwise.
+    net, x = small
+    x_adv = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    seeds = [3, 4, 5, 6]
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "integrated_gradients", [2.0],
+        method_options={"steps": 4}, seed=seeds,
+    )  # fmt: skip
+    label = predict(net, x).repeat(2)
+    both = torch.cat([x_adv, x])
+    twin = relu_replaced(net, lambda: nn.Softplus(beta=2.0, threshold=40.0))
+    want = maps_of(twin, both, "integrated_gradients", target=label, steps=4)
+    torch.testing.assert_close(torch.cat(sweep.maps[("beta_smooth", 2.0)]), want)
+    noisy = maps_of(
+        net, both, "smoothgrad", target=label, base="integrated_gradients",
+        base_options={"steps": 4}, n=20, sigma=matched_sigma(2.0), noise="logistic",
+        input_range=1.0, seed=seeds + seeds,
+    )  # fmt: skip
+    torch.testing.assert_close(torch.cat(sweep.maps[("smoothgrad", 2.0)]), noisy)
+    # The undefended map the defenses are compared with is the 4-point one too.
+    plain = maps_of(net, both, "integrated_gradients", target=label, steps=4)
+    undefended = bs.compare(*plain.chunk(2))
+    for row in sweep.records():
+        i = row["index"]
+        assert row["undefended_pcc"] == pytest.approx(float(undefended["pcc"][i]), abs=1e-6)
+
+
+def test_given_smoothgrad_sigmas_without_a_data_range_are_fractions_of_each_images_range(small):
+    # data_range=None: each image's noise is sigma times its own max - min (Smilkov et al.),
+    # here 1/4 to 4/4 of the batch's, not the batch's range for all.
+    net, x = small
+    x = x * torch.tensor([0.25, 0.5, 0.75, 1.0]).view(4, 1, 1, 1)
+    x_adv = x.flip(-1)
+    seeds = [1, 2, 3, 4]
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "gradient", [1.0], smoothgrad_sigmas=[0.2],
+        smoothgrad_n=3, defenses=["smoothgrad"], data_range=None, seed=seeds,
+    )  # fmt: skip
+    both = torch.cat([x_adv, x])
+    spans = both.amax((1, 2, 3), keepdim=True) - both.amin((1, 2, 3), keepdim=True)
+    assert not torch.allclose(spans, spans.max().expand_as(spans))
+    want = maps_of(
+        net, both, "smoothgrad", target=predict(net, x).repeat(2), n=3, sigma=0.2,
+        noise="logistic", input_range=spans, seed=seeds + seeds,
+    )  # fmt: skip
+    torch.testing.assert_close(torch.cat(sweep.maps[("smoothgrad", 1.0)]), want)
+
+
+def test_a_sweep_shows_a_progress_bar_only_when_asked(small, capfd):
+    net, x = small
+    target = targets_of(net, x)
+    for progress in (False, True):
+        bs.defense_sweep(
+            net, x, x, target, "gradient", [1.0], smoothgrad_n=1, defenses=["smoothgrad"],
+            progress=progress,
+        )  # fmt: skip
+        err = capfd.readouterr().err
+        assert ("defense sweep" in err) is progress, err
+
+
+def test_sweep_scales_checks_each_beta_and_sigma_before_any_map_is_made():
+    from betasmooth.defense import check_defenses, sweep_scales
+
+    # A string is one value, not a sequence of its characters.
+    with pytest.raises(bs.InputTypeError, match=r"^betas must be a sequence of positive numbers"):
+        sweep_scales("12", None)
+    with pytest.raises(bs.InputTypeError, match=r"^defenses must be a sequence of names"):
+        check_defenses("smoothgrad")
+    with pytest.raises(bs.InputError, match=r"^defenses must name at least one of: beta_smooth, "):
+        check_defenses([])
+
+    # matched: pi / (sqrt(3) beta) per beta, in the order given.
+    betas, sigmas = sweep_scales([4, 0.5], None)
+    assert betas == [4.0, 0.5]
+    assert sigmas == pytest.approx([math.pi / (math.sqrt(3) * b) for b in (4, 0.5)], rel=1e-15)
+    with pytest.raises(bs.InputError, match=r"^beta must be between 1.175e-38 and 3.403e\+38"):
+        sweep_scales([1.0, 1e39], None)
+    with pytest.raises(bs.InputError, match=r"^smoothgrad_sigmas must be a positive"):
+        sweep_scales([1.0, 2.0], [0.1, -0.1])
+    with pytest.raises(bs.InputError, match=r"^smoothgrad_sigmas must hold one value per beta"):
+        sweep_scales([1.0, 2.0], [0.1])
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "beta_smooth"])
+def test_a_sweep_refuses_a_method_that_is_itself_a_defense(small, method):
+    # Each defense wraps the base method: beta-smoothing of SmoothGrad is no sweep of either.
+    net, x = small
+    with pytest.raises(bs.InputError, match=rf"^{method} is itself a smoothing of a base method"):
+        bs.defense_sweep(net, x, x, bs.heatmap(x), method, [1.0], smoothgrad_n=2)
+
+
+def test_a_sweep_checks_both_batches_against_the_data_range_0_to_1_by_default(small):
+    net, x = small
+    target = targets_of(net, x)
+    outside = r"has values in \[.*\], outside data_range \[0, 1\]"
+    with pytest.raises(bs.InputError, match=rf"^x {outside}"):
+        bs.defense_sweep(net, 2 * x, 2 * x, target, "gradient", [1.0], smoothgrad_n=2)
+    with pytest.raises(bs.InputError, match=rf"^x_adv {outside}"):
+        bs.defense_sweep(net, x, 2 * x, target, "gradient", [1.0], smoothgrad_n=2)
+    # data_range=None takes each batch as it is.
+    sweep = bs.defense_sweep(
+        net, x, 2 * x, target, "gradient", [1.0], smoothgrad_n=2, data_range=None
+    )
+    assert len(sweep.records()) == 2 * len(x)
+
+
+def test_a_sweep_names_an_x_adv_that_is_no_batch_of_tensors(small):
+    net, x = small
+    target = targets_of(net, x)
+    with pytest.raises(bs.InputError, match=r"^x_adv must have at least 4 dimensions"):
+        bs.defense_sweep(net, x, x[0], target, "gradient", [1.0], smoothgrad_n=2)
+    with pytest.raises(bs.InputTypeError, match=r"^x_adv must be a torch.Tensor batched"):
+        bs.defense_sweep(net, x, x.numpy(), target, "gradient", [1.0], smoothgrad_n=2)
