@@ -921,8 +921,11 @@ class _ReluHooks:
         if self.removed and not any(self.active.values()):
             self.handles[1].remove()  # the last forward that ran on after remove()
         # Only the first pass is kept: enough for the warning and for tests,
-        # and a long attack does not grow a list.
-        if not self.done and not mode.failed:
+        # and a long attack does not grow a list. A pass that raised (torch runs
+        # this hook from its except block, with no output) may have stopped
+        # before any ReLU: it says nothing of the model.
+        raised = output is None and sys.exc_info()[1] is not None
+        if not self.done and not mode.failed and not raised:
             if self.warn:
                 _warn_coverage(self.model, mode, self.warn)
             self.done.append(mode)
