@@ -1336,11 +1336,31 @@ def test_replace_relu_warns_only_when_asked():
 def test_a_smoothed_forward_that_raises_takes_its_override_off_at_once():
     # The always-called forward hook leaves the override on an exception: nothing is left
     # on torch's stack of function modes for the calls that follow, outside any forward.
-    soft = smooth(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), 2.0)
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        soft(torch.ones(1, 5))
-    assert torch._C._len_torch_function_stack() == 0
-    assert torch.relu(torch.tensor([-1.0, 0.5])).tolist() == [0.0, 0.5]
+    # The failed pass, stopped before any ReLU, says nothing of the model: no "no ReLU"
+    # warning, and the first pass that runs through gives the warnings and the count.
+    from betasmooth.smooth import replace_relu
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Hardshrink(), nn.Linear(4, 2))
+
+    soft = smooth(build(), 2.0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            soft(torch.ones(1, 5))
+        assert torch._C._len_torch_function_stack() == 0
+        assert torch.relu(torch.tensor([-1.0, 0.5])).tolist() == [0.0, 0.5]
+        assert [str(w.message) for w in record] == []
+        soft(torch.ones(1, 3))
+    assert [str(w.message).split("; ")[-1] for w in record] == [
+        "these piecewise-linear activations stay non-smooth: Hardshrink"
+    ]
+    net = build()
+    with replace_relu(net, torch.relu) as done:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            net(torch.ones(1, 5))
+        net(torch.ones(1, 3))
+    assert done[0].replaced == 1
 
 
 @pytest.mark.parametrize(("floor", "named"), [([0.0, 0.0, 0.0], True), ([0.0, -1.0, 0.5], False)])
