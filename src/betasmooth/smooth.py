@@ -460,6 +460,8 @@ class LogisticNoise(Distribution):
         return torch.log(self.beta) + F.logsigmoid(z) + F.logsigmoid(-z)
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:  # as torch.distributions.Normal.cdf
+            self._validate_sample(value)
         return torch.sigmoid(self.beta * value)
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:
