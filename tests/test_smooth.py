@@ -195,6 +195,26 @@ def test_bad_beta(beta):
         smooth(nn.ReLU(), beta)
 
 
+def test_logistic_noise_validates_the_points_of_its_cdf_and_log_prob_as_torch_normal():
+    # torch.distributions validates the value of cdf and log_prob when asked to;
+    # the oracle is Normal's own refusal of NaN, and its silence without validation.
+    nan = torch.tensor(float("nan"))
+    for validate in (True, False):
+        reference = torch.distributions.Normal(0.0, 1.0, validate_args=validate)
+        noise = LogisticNoise(torch.tensor(2.0), validate_args=validate)
+        for method in ("cdf", "log_prob"):
+            try:
+                getattr(reference, method)(nan)
+                refused = False
+            except ValueError:
+                refused = True
+            if refused:
+                with pytest.raises(ValueError, match="within the support"):
+                    getattr(noise, method)(nan)
+            else:
+                assert torch.isnan(getattr(noise, method)(nan))
+
+
 @pytest.mark.parametrize(
     ("beta", "error", "message"),
     [
