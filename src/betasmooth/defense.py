@@ -32,7 +32,7 @@ from .attack import (
     check_target_map,
     resolve_range,
 )
-from .explain import explain, wraps_base
+from .explain import explain, select_items, wraps_base
 from .explain.gradient import predict
 from .metrics import heatmap
 from .recommend import MIN_FIDELITY, PAPER_DEFENSES, check_defense_names, sweep_summary
@@ -368,6 +368,8 @@ def defense_sweep(
         check_in_range(x, *box)
         check_in_range(x_adv, *box, "x_adv")
     options = attack_options(method, x, data_range=data_range, method_options=method_options)
+    # The defenses explain x_adv and x in one batch: a per-image option twice over.
+    options = select_items(method, options, [*range(x.shape[0])] * 2, x.shape)
     input_range = _input_range(data_range, x) if smoothgrad_sigmas is not None else 1.0
     seeds = _sweep_seeds(seed, x.shape[0])
     k = metrics.resolve_k(k, *x.shape[2:])

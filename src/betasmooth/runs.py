@@ -741,9 +741,15 @@ def sweep_run(
             "betasmooth attack command with --resume, which computes them again, then sweep"
         )
     defenses = check_defenses(defenses)
-    for method in dict.fromkeys(m for m, _ in attacked):
+    # The attack's images, by index: what a per-image option of the run has one row for.
+    total = 1 + max((i for i, _ in finished), default=0)
+
+    def swept(method: str, indices: Sequence[int], images: np.ndarray) -> tuple[str, dict]:
         base, base_options = _swept_base(method, method_options)
-        _check_sweepable(model, defenses, base, base_options, attacked, method, data_range)
+        return base, select_items(base, base_options, indices, (total, *images.shape[1:]))
+
+    for method in dict.fromkeys(m for m, _ in attacked):
+        _check_sweepable(model, defenses, swept, attacked, method, data_range)
     # Recorded once the arrays are known to be whole and the defenses can explain
     # them: a sweep that cannot start leaves config.json as it was.
     run.start_sweep(sweep_settings(betas, smoothgrad_n, min_fidelity, defenses), dist)
@@ -763,7 +769,7 @@ def sweep_run(
         x, x_adv, target_map = (
             torch.from_numpy(a[rows]).to(device) for a in (batch.x, batch.x_adv, batch.map_target)
         )
-        base, base_options = _swept_base(unit.method, method_options)
+        base, base_options = swept(unit.method, unit.indices, batch.x)
         result = defense_sweep(
             model,
             x,
@@ -862,30 +868,28 @@ def _swept_base(
 def _check_sweepable(
     model: torch.nn.Module,
     defenses: Sequence[str],
-    base: str,
-    base_options: Mapping[str, object],
+    swept: Callable[[str, Sequence[int], np.ndarray], tuple[str, dict[str, object]]],
     attacked: Mapping[tuple[str, int], AttackBatch],
     method: str,
     data_range: tuple[float | torch.Tensor, float | torch.Tensor] | None,
 ) -> None:
-    """Check that each defense that is a smoothing method can explain ``model`` on ``base``,
-    and the attacked images of ``method``, before the sweep writes anything: with the
-    base's options as :func:`~betasmooth.defense.defense_sweep` gives them (LRP's box
-    from ``data_range``)."""
+    """Check that each defense that is a smoothing method can explain ``model`` on its
+    base, and the attacked images of ``method``, before the sweep writes anything: with
+    the base's options as :func:`~betasmooth.defense.defense_sweep` gives them (LRP's
+    box from ``data_range``), each batch with its images' (``swept``)."""
     smoothing = [d for d in defenses if is_method(d) and wraps_base(d)]
-    options: dict[str, dict[str, object]] | None = None
+    checked = False
     for (name, _), batch in attacked.items():
         if name != method:
             continue
-        if options is None:
-            given = attack_options(
-                base,
-                torch.from_numpy(batch.x),
-                data_range=data_range,
-                method_options=dict(base_options),
-            )
-            options = {d: {"base": base, "base_options": given or None} for d in smoothing}
+        base, base_options = swept(method, [int(i) for i in batch.index], batch.x)
+        given = attack_options(
+            base, torch.from_numpy(batch.x), data_range=data_range, method_options=base_options
+        )
+        options = {d: {"base": base, "base_options": given or None} for d in smoothing}
+        if not checked:
             check_methods(model, smoothing, options, what="defenses")
+            checked = True
         for images in (batch.x, batch.x_adv):
             for defense in smoothing:
                 check_method_input(torch.from_numpy(images), defense, **options[defense])

@@ -87,7 +87,10 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     ``None`` for the prediction) shaped like ``x``; with ``create_graph`` it
     must keep the graph (``torch.autograd.grad(..., create_graph=True)``),
     else attacks cannot move its map. Its keyword options are what
-    :func:`explain` accepts for it.
+    :func:`explain` accepts for it. Attributes of ``fn`` say more of them:
+    ``range_options`` (see :func:`range_options`) and ``per_item_options``,
+    the names of options that may hold one value per image (see
+    :func:`select_items`), which SmoothGrad repeats for its noisy copies.
 
     Parameters
     ----------
