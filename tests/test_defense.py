@@ -737,6 +737,24 @@ def test_method_options_reach_both_defenses_and_smoothgrad_takes_20_draws_by_def
         assert row["undefended_pcc"] == pytest.approx(float(undefended["pcc"][i]), abs=1e-6)
 
 
+def test_a_per_image_baseline_goes_with_its_image_and_its_attacked_copy(small):
+    # The defenses explain [x_adv, x] in one batch of 2B: image i and its attacked copy
+    # both start integrated gradients from baseline i, as IG of the softplus network
+    # (the ReLU modules swapped for nn.Softplus) with the baselines stacked twice.
+    net, x = small
+    x_adv = (x + 0.03 * torch.rand(x.shape, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    baseline = 0.5 * torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    sweep = bs.defense_sweep(
+        net, x, x_adv, targets_of(net, x), "integrated_gradients", [2.0],
+        method_options={"steps": 4, "baseline": baseline}, defenses=["beta_smooth"],
+    )  # fmt: skip
+    label = predict(net, x).repeat(2)
+    twin = relu_replaced(net, lambda: nn.Softplus(beta=2.0, threshold=40.0))
+    want = maps_of(twin, torch.cat([x_adv, x]), "integrated_gradients", target=label, steps=4,
+                   baseline=torch.cat([baseline, baseline]))  # fmt: skip
+    torch.testing.assert_close(torch.cat(sweep.maps[("beta_smooth", 2.0)]), want)
+
+
 def test_given_smoothgrad_sigmas_without_a_data_range_are_fractions_of_each_images_range(small):
     # data_range=None: each image's noise is sigma times its own max - min (Smilkov et al.),
     # here 1/4 to 4/4 of the batch's, not the batch's range for all.

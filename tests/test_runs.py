@@ -734,6 +734,28 @@ def test_a_run_gives_each_batch_the_baselines_of_its_own_images(tmp_path):
     np.testing.assert_allclose(maps[2]["integrated_gradients"], captum.detach().numpy(),
                                rtol=1e-6, atol=1e-12)  # fmt: skip
     np.testing.assert_allclose(maps[2]["smoothgrad"], maps[5]["smoothgrad"], rtol=1e-9, atol=1e-15)
+    # An attack and its sweep in batches of 2 give each batch its images' baselines: the
+    # targeted attack's map of the other images too, and beta-smoothing's maps are the
+    # same as of one batch of 5.
+    from betasmooth.runs import attack_run, sweep_run
+
+    swept = {}
+    for size in (2, 5):
+        run = RunDir.create(tmp_path / f"attack{size}", {"command": "attack"})
+        ig = {"integrated_gradients": options["integrated_gradients"]}
+        attack_run(run, model, x, y, ["integrated_gradients"], steps=1, batch_size=size,
+                   method_options=ig)  # fmt: skip
+        np.testing.assert_allclose(
+            run.read_arrays("integrated_gradients")["map_target"],
+            bs.heatmap(bs.explain(model, x[derangement(5, 0)], "integrated_gradients",
+                       baseline=baseline[derangement(5, 0)], steps=4, rule="riemann_middle"))
+            .detach().numpy(), rtol=1e-6, atol=1e-12,
+        )  # fmt: skip
+        sweep_run(run, model, [2.0], smoothgrad_n=2, defenses=["beta_smooth"], method_options=ig)
+        swept[size] = run.read_arrays("integrated_gradients", name="sweep")
+    np.testing.assert_allclose(
+        swept[2]["maps_beta"], swept[5]["maps_beta"], rtol=1e-9, atol=1e-15
+    )
 
 
 def test_class_names_of_the_prediction_before_and_after_the_attack(tmp_path):
