@@ -1817,22 +1817,6 @@ def test_each_colour_bar_runs_from_zero_to_its_row_s_top(tmp_path, monkeypatch):
         assert cax.get_ylim() == pytest.approx((0.0, np.percentile(m[r], 99.5) * H * H))
 
 
-def test_a_confidence_half_width_is_drawn_up_to_itself(tmp_path, monkeypatch):
-    import matplotlib.axes
-
-    bands = []
-    real = matplotlib.axes.Axes.fill_between
-
-    def spy(self, x, low, high, **kwargs):
-        bands.append(np.asarray(high).tolist())
-        return real(self, x, low, high, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
-    curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04]}
-    figures.mc_error_figure(curve | {"projected_ci": [0.2, 0.06]}, tmp_path / "mc.png")
-    assert bands == [pytest.approx([0.2, 0.06])]
-
-
 def test_the_density_figure_draws_each_density_as_given(tmp_path, monkeypatch):
     drawn = _spy_plots(monkeypatch)
     x = np.linspace(-3, 3, 7)
@@ -1884,7 +1868,9 @@ def test_the_smoothgrad_figure_draws_each_noise_s_pcc_at_its_beta(tmp_path, monk
     }
 
 
-def test_a_confidence_half_width_band_starts_at_the_floor_of_a_log_y_axis(tmp_path, monkeypatch):
+def test_a_confidence_half_width_band_runs_from_the_floor_of_a_log_y_axis_up_to_itself(
+    tmp_path, monkeypatch
+):
     # The band of a half-width h runs from the floor, a decade below the smallest
     # error (0.03 / 10), up to h: 0 has no place on the log y axis.
     import matplotlib.axes
@@ -1893,14 +1879,14 @@ def test_a_confidence_half_width_band_starts_at_the_floor_of_a_log_y_axis(tmp_pa
     real = matplotlib.axes.Axes.fill_between
 
     def spy(self, x, low, high, **kwargs):
-        bands.append(np.asarray(low).tolist())
+        bands.append((np.asarray(low).tolist(), np.asarray(high).tolist()))
         return real(self, x, low, high, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "fill_between", spy)
     drawn = _drawn_figures(monkeypatch)
     curve = {"n": [10, 100], "projected": [0.1, 0.03], "iid": [0.1, 0.04]}
     figures.mc_error_figure(curve | {"projected_ci": [0.2, 0.06]}, tmp_path / "mc.png")
-    assert bands == [pytest.approx([0.003, 0.003])]
+    assert bands == [(pytest.approx([0.003, 0.003]), pytest.approx([0.2, 0.06]))]
     (fig,) = drawn
     assert (fig.axes[0].get_xscale(), fig.axes[0].get_yscale()) == ("log", "log")
 
