@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from skimage.metrics import structural_similarity
 from torch import nn
 
 import betasmooth as bs
@@ -1381,3 +1382,122 @@ def test_the_options_attacked_without_a_range_are_the_attack_defaults_and_nothin
             given = {"base": base}
             options = attack_options(method, x, data_range=None, method_options=given)
             assert options == {**defaults, **given}
+
+
+def test_untargeted_attacks_run_the_documented_100_steps_by_default():
+    # README: topk and center take "100 steps by default" (UNTARGETED_STEPS).
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    net = _two_logits(-10.0)
+    r = bs.manipulate(net, x, None, "input_x_gradient", goal="topk", k=2, beta_schedule="none")
+    assert r.settings["steps"] == 100 and r.history.shape == (100, 1)
+
+
+def test_adaptive_attacks_use_the_documented_method_options_by_default(small):
+    # README: smoothgrad is attacked with fixed draws, method_options={"n": 10, "seed": 0},
+    # beta_smooth with {"beta": 0.8}, where no options are given.
+    net, x = small
+    assert attack_options("smoothgrad", x, data_range=None) == {"n": 10, "seed": 0}
+    assert attack_options("beta_smooth", x, data_range=None) == {"beta": 0.8}
+    target = targets_of(net, x, "smoothgrad", n=10, seed=0)
+    result = bs.manipulate(net, x, target, "smoothgrad", steps=1)
+    assert (result.settings["method_n"], result.settings["method_seed"]) == (10, 0)
+
+
+def test_center_nudge_is_the_documented_thousandth_of_a_pixel():
+    # README: "the centre attack's objective carries a nudge of 1e-3 pixels": at zero
+    # shift the objective (minus the nudged distance) is -1e-3.
+    p = SimpleNamespace(map_orig=_point_map(2, 2))
+    got = attack._com_objective(p, _point_map(2, 2), None)
+    assert float(got) == pytest.approx(-1e-3, abs=1e-12)
+
+
+def test_pcc_and_ssim_losses_are_twice_the_target_variance_times_one_minus_the_similarity():
+    # LOSSES: 2 var(target) (1 - similarity), the similarity by scipy and skimage
+    # (metrics.ssim's documented settings), for maps of unequal mean and variance.
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 12, 12, generator=g, dtype=torch.float64)
+    b = 3 * torch.rand(2, 12, 12, generator=g, dtype=torch.float64) ** 2
+    for name in ("pcc", "ssim"):
+        expected = []
+        for u, v in zip(a.numpy(), b.numpy()):
+            if name == "pcc":
+                similarity = stats.pearsonr(u.ravel(), v.ravel())[0]
+            else:
+                span = max(u.max(), v.max()) - min(u.min(), v.min())
+                similarity = structural_similarity(
+                    u,
+                    v,
+                    gaussian_weights=True,
+                    sigma=1.5,
+                    use_sample_covariance=False,
+                    data_range=span,
+                )
+            expected.append(2 * np.var(v) * (1 - similarity))
+        np.testing.assert_allclose(LOSSES[name](a, b).numpy(), expected, rtol=1e-6)
+
+
+def test_topk_objective_sends_tied_pixels_to_the_lower_index():
+    # A ReLU map is 0 on many pixels and maps rounded to a few levels tie: k cuts through
+    # the ties and takes the first pixels (row-major), as compare ranks them and as a
+    # stable descending sort (numpy) orders them.
+    g = torch.Generator().manual_seed(0)
+    orig = (torch.rand(2, 16, 16, generator=g, dtype=torch.float64) * 10).floor() / 10
+    orig[orig < 0.6] = 0.0  # about 100 positive pixels of 256, in 4 tied levels
+    maps = torch.rand(2, 16, 16, generator=g, dtype=torch.float64)
+    o, m = orig.flatten(1).numpy(), maps.flatten(1).numpy()
+    for k in (30, 150):  # inside a tied level, and inside the zeros
+        p = SimpleNamespace(map_orig=orig, s=SimpleNamespace(k=k))
+        expected = [m[i, np.argsort(-o[i], kind="stable")[:k]].sum() for i in range(2)]
+        np.testing.assert_allclose(attack._topk_mass(p, maps).numpy(), expected, rtol=1e-12)
+
+
+def test_a_data_range_of_none_is_the_batchs_own_min_and_max():
+    # Documented: data_range=None "uses the batch's min and max"; the signed step is a
+    # fraction of that range. topk with k=2 on x = (0.5, 0.5, 0.3, 0.7), map prop. to x:
+    # the top pixels are 3 and 0 (ties to the lower index); their share falls as x0, x3
+    # go down and x1, x2 up, by one step of 0.1 * (0.7 - 0.3) = 0.04.
+    x = torch.tensor([0.5, 0.5, 0.3, 0.7], dtype=torch.float64).view(1, 1, 2, 2)
+    assert attack.resolve_range(None, x) == (0.3, 0.7)
+    r = bs.manipulate(
+        _two_logits(-10.0),
+        x,
+        None,
+        "input_x_gradient",
+        goal="topk",
+        k=2,
+        eps=0.2,
+        step=0.1,
+        steps=1,
+        data_range=None,
+        beta_schedule="none",
+    )
+    expected = torch.tensor([0.46, 0.54, 0.34, 0.66], dtype=torch.float64).view(1, 1, 2, 2)
+    torch.testing.assert_close(r.x_adv, expected)
+
+
+def test_a_boolean_schedule_and_an_empty_data_range_are_refused(small):
+    # beta_schedule is "geometric", "none" or a positive beta: True is none of them
+    # (it would pass as beta 1); data_range needs low < high, so (0.5, 0.5) is refused
+    # for what it is, not for x lying outside it.
+    net, x = small
+    target = targets_of(net, x)
+    with pytest.raises(bs.InputError, match="^beta_schedule must be 'geometric', 'none' or a"):
+        bs.manipulate(net, x, target, "gradient", steps=1, beta_schedule=True)
+    with pytest.raises(bs.InputError, match=r"^data_range must be None or \(low, high\) with"):
+        bs.manipulate(net, x, target, "gradient", steps=1, data_range=(0.5, 0.5))
+
+
+def test_attack_defaults_is_a_copy_that_leaves_the_table_as_it_was():
+    # Documented: "a copy of its entry in ATTACK_DEFAULTS" (of the gradient's for a
+    # registered method): changing it changes no later attack's budget.
+    expected = copy.deepcopy(ATTACK_DEFAULTS)
+    for method in ("smoothgrad", "my_method"):
+        defaults = attack.attack_defaults(method)
+        defaults["steps"] = 1
+        defaults.setdefault("options", {})["n"] = 1
+    assert ATTACK_DEFAULTS == expected
+    assert attack.attack_defaults("my_method") == {
+        "steps": 1500,
+        "lr": 1e-3,
+        "beta_schedule": "geometric",
+    }
