@@ -215,9 +215,10 @@ def smoothgrad(
         Method to average, any registered one except smoothgrad and beta_smooth.
     base_options : dict or None
         Options of the base method; further keyword options are added to them,
-        and one given in both places takes the keyword's value. A tensor with
-        one value per item (a ``(B, C, H, W)`` baseline or LRP bound) goes
-        with its item into each noisy copy.
+        and one given in both places takes the keyword's value. An option the
+        base names in ``per_item_options`` with one value per item (a
+        ``(B, C, H, W)`` baseline or LRP bound) goes with its item into each
+        noisy copy.
     n : int
         Number of noisy copies.
     sigma : float
