@@ -383,14 +383,22 @@ def _rows(
 ) -> dict[str, object]:
     return {
         name: value[torch.as_tensor(list(indices), device=value.device)]
-        if name in names
-        and torch.is_tensor(value)
-        and shape[0] > 1
-        and value.dim() == len(shape)
-        and value.shape[0] == shape[0]
+        if name in names and _holds_items(value, shape)
         else value
         for name, value in options.items()
     }
+
+
+def _holds_items(value: object, shape: Sequence[int]) -> bool:
+    """Whether ``value`` has one row per item of a batch of ``shape``: a tensor of its
+    rank whose first dimension is the batch's, of more than one item (a single
+    item's value broadcasts as it is)."""
+    return (
+        torch.is_tensor(value)
+        and shape[0] > 1
+        and value.dim() == len(shape)
+        and value.shape[0] == shape[0]
+    )
 
 
 def with_base_range(

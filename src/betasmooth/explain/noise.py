@@ -31,6 +31,7 @@ from . import (
     INPUT_CHECKS,
     METHODS,
     _check_options,
+    _holds_items,
     _lookup,
     check_model,
     is_method,
@@ -300,14 +301,9 @@ def _tiled(
     LRP bound) that has ``x``'s rank and the batch as first dimension holds one
     value per item; each copy of an item takes that item's value.
     """
-    batch = x.shape[0]
     return {
         name: value.repeat(k, *(1,) * (value.dim() - 1))
-        if name in per_item
-        and batch > 1
-        and torch.is_tensor(value)
-        and value.dim() == x.dim()
-        and value.shape[0] == batch
+        if name in per_item and _holds_items(value, x.shape)
         else value
         for name, value in options.items()
     }
