@@ -971,6 +971,14 @@ def _two_logits(b):
     return net
 
 
+def _signed_topk(net, x, **budget):
+    # The top-k attack on input_x_gradient (k=2, signed steps, no beta schedule) that
+    # the tests on _two_logits follow by hand; budget: eps, step, steps, data_range.
+    return bs.manipulate(
+        net, x, None, "input_x_gradient", goal="topk", k=2, beta_schedule="none", **budget
+    )
+
+
 @pytest.mark.parametrize(("b", "steps", "low"), [(-0.3, 2, 0.45), (-0.7, 3, 0.35)])
 def test_a_signed_step_that_flips_the_label_is_undone_and_halved_once(b, steps, low):
     # topk with k=2 keeps the original top pixels 0 and 1 (ties: the lower index):
@@ -981,18 +989,7 @@ def test_a_signed_step_that_flips_the_label_is_undone_and_halved_once(b, steps, 
     # b = -0.7: step 1 is kept (2.4 - 0.7 < 2), step 2 flips (2.8 - 0.7 > 2), is undone
     # and halved to 0.05 (not quartered), and step 3 reaches 0.35 / 0.65 (1.9, kept).
     x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
-    r = bs.manipulate(
-        _two_logits(b),
-        x,
-        None,
-        "input_x_gradient",
-        goal="topk",
-        k=2,
-        eps=0.2,
-        step=0.1,
-        steps=steps,
-        beta_schedule="none",
-    )
+    r = _signed_topk(_two_logits(b), x, eps=0.2, step=0.1, steps=steps)
     expected = torch.tensor([low, low, 1 - low, 1 - low], dtype=torch.float64).view(1, 1, 2, 2)
     torch.testing.assert_close(r.x_adv, expected)
     assert bool(r.label_kept.all())
@@ -1005,18 +1002,7 @@ def test_a_signed_attack_reaches_the_edge_of_its_budget_exactly(dtype):
     # 0.2 (topk with k=2, as above: x0, x1 down, x2, x3 up) end on 0.25 and 0.75
     # themselves, not one unit in the last place inside (in bfloat16 0.8 % of eps).
     x = torch.full((1, 1, 2, 2), 0.5, dtype=dtype)
-    r = bs.manipulate(
-        _two_logits(-10.0).to(dtype),
-        x,
-        None,
-        "input_x_gradient",
-        goal="topk",
-        k=2,
-        eps=0.25,
-        step=0.2,
-        steps=2,
-        beta_schedule="none",
-    )
+    r = _signed_topk(_two_logits(-10.0).to(dtype), x, eps=0.25, step=0.2, steps=2)
     expected = torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=dtype).view(1, 1, 2, 2)
     assert torch.equal(r.x_adv, expected)
     assert float(r.metrics["input_max_change"]) == 0.25
@@ -1458,19 +1444,7 @@ def test_a_data_range_of_none_is_the_batchs_own_min_and_max():
     # go down and x1, x2 up, by one step of 0.1 * (0.7 - 0.3) = 0.04.
     x = torch.tensor([0.5, 0.5, 0.3, 0.7], dtype=torch.float64).view(1, 1, 2, 2)
     assert attack.resolve_range(None, x) == (0.3, 0.7)
-    r = bs.manipulate(
-        _two_logits(-10.0),
-        x,
-        None,
-        "input_x_gradient",
-        goal="topk",
-        k=2,
-        eps=0.2,
-        step=0.1,
-        steps=1,
-        data_range=None,
-        beta_schedule="none",
-    )
+    r = _signed_topk(_two_logits(-10.0), x, eps=0.2, step=0.1, steps=1, data_range=None)
     expected = torch.tensor([0.46, 0.54, 0.34, 0.66], dtype=torch.float64).view(1, 1, 2, 2)
     torch.testing.assert_close(r.x_adv, expected)
 
