@@ -296,6 +296,20 @@ def test_a_float64_baseline_of_a_float32_model_is_taken_in_the_models_dtype():
     torch.testing.assert_close(ours, theirs.detach())
 
 
+def test_a_baseline_in_captums_tuple_form_is_the_same_baseline():
+    # Captum's (baseline,) for a model of one input, one colour per channel too.
+    net = plain_cnn(seed=1)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    target = net(x).argmax(1)
+    for base in (
+        torch.rand(x.shape, generator=torch.Generator().manual_seed(1)),
+        torch.tensor(0.25),
+    ):
+        ours = bs.explain(net, x, "captum:IntegratedGradients", baselines=(base,))
+        theirs = IntegratedGradients(net).attribute(x, target=target, baselines=base.expand_as(x))
+        torch.testing.assert_close(ours, theirs.detach())
+
+
 def test_return_convergence_delta_is_one_line() -> None:
     model = plain_cnn()
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))

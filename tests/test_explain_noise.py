@@ -101,6 +101,24 @@ def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
         torch.testing.assert_close(both[one], alone, rtol=1e-10, atol=1e-14)
 
 
+def test_smoothgrad_gives_each_noisy_copy_its_images_captum_baseline_in_tuple_form(x):
+    # Captum takes baselines as a tuple, one per input of the model: a per-image
+    # baseline in that form goes with its image into each copy, as a tensor does.
+    net = plain_cnn().double()
+    baseline = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    ours = bs.explain(
+        net, x, "smoothgrad", TARGET, base="captum:IntegratedGradients",
+        base_options={"baselines": (baseline,), "n_steps": 4, "rule": "riemann_middle"},
+        n=3, sigma=0.1, input_range=1.0, seed=3, chunk=2,
+    )  # fmt: skip
+    ig = IntegratedGradients(net)
+    maps = [
+        ig.attribute(x + e, baselines=baseline, target=TARGET, n_steps=4, method="riemann_middle")
+        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
+    ]
+    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
+
+
 def test_smoothgrad_keeps_deepliftshaps_baseline_set_whole_however_many_images(x):
     # DeepLiftShap explains each input against every baseline of the set, inputs and
     # baselines in one pass: k copies of B images against N = B baselines pass
@@ -139,6 +157,10 @@ def test_select_items_cuts_the_per_image_options_of_a_method_and_of_its_base():
     assert select_items("captum:IntegratedGradients", {"baselines": rows}, [0], shape)[
         "baselines"
     ].flatten().tolist() == [0.0]
+    # Captum's tuple form, one tensor per input of the model: each is cut alike.
+    cut = select_items("captum:IntegratedGradients", {"baselines": (rows, 0.5)}, [2, 1], shape)
+    assert cut["baselines"][0].flatten().tolist() == [2.0, 1.0]
+    assert cut["baselines"][1] == 0.5
 
 
 def test_smoothgrad_of_a_layer_method_averages_the_layers_maps(x):

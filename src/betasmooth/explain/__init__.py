@@ -382,23 +382,34 @@ def _rows(
     options: Mapping[str, object], names: set[str], indices: Sequence[int], shape: Sequence[int]
 ) -> dict[str, object]:
     return {
-        name: value[torch.as_tensor(list(indices), device=value.device)]
-        if name in names and _holds_items(value, shape)
+        name: _map_items(
+            value, shape, lambda rows: rows[torch.as_tensor(list(indices), device=rows.device)]
+        )
+        if name in names
         else value
         for name, value in options.items()
     }
 
 
-def _holds_items(value: object, shape: Sequence[int]) -> bool:
-    """Whether ``value`` has one row per item of a batch of ``shape``: a tensor of its
-    rank whose first dimension is the batch's, of more than one item (a single
-    item's value broadcasts as it is)."""
-    return (
+def _map_items(
+    value: object, shape: Sequence[int], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> object:
+    """``fn`` applied to ``value`` where it has one row per item of a batch of ``shape``.
+
+    Such a value is a tensor of the batch's rank whose first dimension is the
+    batch's, of more than one item (a single item's value broadcasts as it
+    is), or a tuple of them, as Captum takes its baselines; anything else is
+    returned as it is.
+    """
+    if isinstance(value, tuple):
+        return tuple(_map_items(part, shape, fn) for part in value)
+    holds_items = (
         torch.is_tensor(value)
         and shape[0] > 1
         and value.dim() == len(shape)
         and value.shape[0] == shape[0]
     )
+    return fn(value) if holds_items else value
 
 
 def with_base_range(

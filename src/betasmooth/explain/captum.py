@@ -277,6 +277,10 @@ def captum_method(name: str) -> Method:
         if target is None:
             target = predict(model, x)
         explainer, options = _build(cls, model, layer, options)
+        baselines = options.get("baselines")
+        if isinstance(baselines, tuple) and len(baselines) == 1:
+            # Captum's form for models of several inputs; betasmooth's have one.
+            options["baselines"] = baselines[0]
         if isinstance(options.get("baselines"), torch.Tensor):
             options["baselines"] = _broadcast(options["baselines"], x)
         # Captum's notice that it hooks the activations for the call (DeepLift,

@@ -31,8 +31,8 @@ from . import (
     INPUT_CHECKS,
     METHODS,
     _check_options,
-    _holds_items,
     _lookup,
+    _map_items,
     check_model,
     is_method,
     method_options,
@@ -302,8 +302,8 @@ def _tiled(
     value per item; each copy of an item takes that item's value.
     """
     return {
-        name: value.repeat(k, *(1,) * (value.dim() - 1))
-        if name in per_item and _holds_items(value, x.shape)
+        name: _map_items(value, x.shape, lambda rows: rows.repeat(k, *(1,) * (rows.dim() - 1)))
+        if name in per_item
         else value
         for name, value in options.items()
     }
