@@ -70,14 +70,26 @@ def test_smoothgrad_base_options_and_input_range(x):
     torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
 
 
-def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
+# Integrated gradients' baseline, also as Captum's method and in Captum's tuple form
+# (one per input of the model).
+PER_IMAGE_BASELINES = {
+    "integrated_gradients": lambda b: {"steps": 4, "rule": "riemann_middle", "baseline": b},
+    "captum:IntegratedGradients": lambda b: {
+        "n_steps": 4,
+        "rule": "riemann_middle",
+        "baselines": (b,),
+    },
+}
+
+
+@pytest.mark.parametrize("base", sorted(PER_IMAGE_BASELINES))
+def test_smoothgrad_gives_each_noisy_copy_the_baseline_of_its_image(x, base):
     # A per-image option (first dimension the batch) goes with its image into each of
-    # the n * B copies: IG against Captum's, given the same per-image baselines...
+    # the n * B copies: IG against Captum's, given the same per-image baselines.
     net = plain_cnn().double()
     baseline = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    ig_options = {"steps": 4, "rule": "riemann_middle", "baseline": baseline}
     ours = bs.explain(
-        net, x, "smoothgrad", TARGET, base="integrated_gradients", base_options=ig_options,
+        net, x, "smoothgrad", TARGET, base=base, base_options=PER_IMAGE_BASELINES[base](baseline),
         n=3, sigma=0.1, input_range=1.0, seed=3, chunk=2,
     )  # fmt: skip
     ig = IntegratedGradients(net)
@@ -86,8 +98,13 @@ def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
         for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
     ]
     torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
-    # ... and LRP's box per image: each image's map as that image's alone with its box.
-    low, high = x - 0.5 - baseline, x + 0.5 + baseline
+
+
+def test_smoothgrad_gives_each_noisy_copy_the_lrp_box_of_its_image(x):
+    # LRP's box per image: each image's map as that image's alone with its box.
+    net = plain_cnn().double()
+    spread = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    low, high = x - 0.5 - spread, x + 0.5 + spread
     seeds = [5, 6, 7, 8]
     both = bs.explain(
         net, x, "smoothgrad", TARGET, base="lrp", low=low, high=high, n=3, sigma=0.1, seed=seeds
@@ -99,24 +116,6 @@ def test_smoothgrad_gives_each_noisy_copy_the_baseline_and_box_of_its_image(x):
             n=3, sigma=0.1, seed=seed,
         )  # fmt: skip
         torch.testing.assert_close(both[one], alone, rtol=1e-10, atol=1e-14)
-
-
-def test_smoothgrad_gives_each_noisy_copy_its_images_captum_baseline_in_tuple_form(x):
-    # Captum takes baselines as a tuple, one per input of the model: a per-image
-    # baseline in that form goes with its image into each copy, as a tensor does.
-    net = plain_cnn().double()
-    baseline = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    ours = bs.explain(
-        net, x, "smoothgrad", TARGET, base="captum:IntegratedGradients",
-        base_options={"baselines": (baseline,), "n_steps": 4, "rule": "riemann_middle"},
-        n=3, sigma=0.1, input_range=1.0, seed=3, chunk=2,
-    )  # fmt: skip
-    ig = IntegratedGradients(net)
-    maps = [
-        ig.attribute(x + e, baselines=baseline, target=TARGET, n_steps=4, method="riemann_middle")
-        for e in _hand_noise(x, 3, 0.1, "gaussian", 3, input_range=1.0)
-    ]
-    torch.testing.assert_close(ours, torch.stack(maps).mean(0), rtol=1e-6, atol=1e-9)
 
 
 def test_smoothgrad_keeps_deepliftshaps_baseline_set_whole_however_many_images(x):
