@@ -6,6 +6,7 @@ import pytest
 import torch
 from captum.attr import GuidedBackprop
 from torch import nn
+from torch.nn import functional as F
 
 import betasmooth as bs
 from nets import ResidualNet, plain_cnn, residual_net, vgg_small
@@ -53,6 +54,38 @@ class Clamped(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.clamp(self.b(self.relu(self.a(x))), min=0)
         return self.c(self.hardswish(self.leaky(self.relu6(h))))
+
+
+class Direct(nn.Module):
+    """Activation modules it holds but does not run; their functions called directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.relu, self.relu6, self.gelu = nn.ReLU(), nn.ReLU6(), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.hardtanh(self.relu(self.a(x)), 0.0, 6.0))
+
+
+def test_the_warnings_name_what_ran_not_the_modules_that_sit_unused():
+    # Direct runs hardtanh by itself: named so, not as its unused ReLU6; a model with
+    # no ReLU names the activation it ran (silu), not its unused GELU.
+    x = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning) as caught:
+        bs.explain(Direct(), x, "guided_backprop", torch.tensor([0, 1]))
+    assert [str(w.message) for w in caught if str(w.message).startswith("Direct")] == [
+        "Direct: guided_backprop acts on ReLU only; these activations pass "
+        "their plain gradient: hardtanh"
+    ]
+    net = Direct()
+    net.forward = lambda h: net.b(F.silu(net.a(h)))
+    with pytest.warns(UserWarning) as caught:
+        bs.explain(net, x, "beta_smooth", torch.tensor([0, 1]), beta=2.0)
+    assert [str(w.message) for w in caught if str(w.message).startswith("Direct")] == [
+        "Direct: no ReLU was called in forward (its activations: silu); "
+        "beta-smoothing changed nothing"
+    ]
 
 
 def test_guided_backprop_names_the_activations_it_leaves_alone():

@@ -181,16 +181,37 @@ THROUGH_RELU: dict[Callable, Callable[..., torch.Tensor]] = {
 }
 
 
-# The function each activation module of THROUGH_RELU calls, as _note names it,
-# where the module's own name differs from it or is not spelt the same.
-_MODULE_FUNCTION: dict[type[nn.Module], str] = {
-    nn.ReLU6: "hardtanh",
-    nn.Hardtanh: "hardtanh",
-    nn.LeakyReLU: "leakyrelu",
-    nn.PReLU: "prelu",
-    nn.Hardsigmoid: "hardsigmoid",
-    nn.Hardswish: "hardswish",
-}
+# The modules that run a function of THROUGH_RELU.
+_THROUGH_RELU_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+)
+
+
+def _activation_name(func: Callable, modules: tuple[type[nn.Module], ...]) -> str:
+    """The name a warning gives the activation ``func`` that is running: its module's,
+    where a module of ``modules`` called it (``nn.ReLU6`` runs ``hardtanh``), else its own.
+
+    Only the forward that called it says so: a module of that type may sit unused in
+    the model while its function is called directly.
+    """
+    frame = sys._getframe(2)
+    # Above: torch's dispatch (a Python frame for functions like F.hardtanh), then the
+    # caller; the first forward on the way is the caller's.
+    for _ in range(6):
+        if frame is None:
+            break
+        if frame.f_code.co_name == "forward":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, modules):
+                return type(owner).__name__
+            break
+        frame = frame.f_back
+    return getattr(func, "__name__", str(func)).strip("_")
 
 
 #: The betas softplus takes: float32's normal numbers. Below the smallest,
@@ -534,7 +555,7 @@ class _ReluOverride(TorchFunctionMode):
         """Note an activation that is not replaced, for the warning after the pass."""
         if func in KINKED_FUNCTIONS or func in THROUGH_RELU:  # the latter without ``through``
             # F.threshold's function is called _threshold, F.threshold_'s threshold_.
-            self.kinked.add(getattr(func, "__name__", str(func)).strip("_"))
+            self.kinked.add(_activation_name(func, (*KINKED_MODULES, *_THROUGH_RELU_MODULES)))
         elif func in CLAMP_FUNCTIONS and _clamps_at_zero(args, kwargs):
             self.kinked.add("clamp(min=0)")
         elif (
@@ -544,7 +565,7 @@ class _ReluOverride(TorchFunctionMode):
         ):
             self.kinked.add("maximum(x, 0)")
         elif func in SMOOTH_FUNCTIONS:
-            self.smooth.add(getattr(func, "__name__", str(func)).strip("_"))
+            self.smooth.add(_activation_name(func, SMOOTH_MODULES))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -986,22 +1007,10 @@ def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> N
     what = warn if isinstance(warn, str) else "beta-smoothing"
     name = type(model).__name__
     if mode.replaced == 0:
-        smooth = {type(m).__name__ for m in model.modules() if isinstance(m, SMOOTH_MODULES)}
-        smooth |= {n for n in mode.smooth if n.replace("_", "") not in {s.lower() for s in smooth}}
-        found = f" (its activations: {', '.join(sorted(smooth))})" if smooth else ""
+        found = f" (its activations: {', '.join(sorted(mode.smooth))})" if mode.smooth else ""
         warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
-    # Named as the module where one ran it (nn.ReLU6 runs hardtanh), else as the
-    # function; only what ran unreplaced (an entry added to THROUGH_RELU smooths
-    # its module too).
-    ran = {n.replace("_", "") for n in mode.kinked}
-    functions = {
-        type(m).__name__: _MODULE_FUNCTION.get(type(m), type(m).__name__.lower())
-        for m in model.modules()
-        if isinstance(m, (*KINKED_MODULES, *_MODULE_FUNCTION))
-    }
-    modules = {module: fn for module, fn in functions.items() if fn in ran}
-    seen = set(modules.values())
-    kinked = sorted(set(modules) | {n for n in mode.kinked if n.replace("_", "") not in seen})
+    # Only what ran unreplaced, as its module where one ran it (see _activation_name).
+    kinked = sorted(mode.kinked)
     if kinked and isinstance(warn, bool):
         warn_user(
             f"{name}: beta-smoothing replaces ReLU and the activations made of it; these "
