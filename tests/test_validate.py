@@ -417,6 +417,25 @@ def test_images_of_other_channels_or_too_small_say_what_fits(tmp_path, capsys) -
     assert "too small for the model: give a larger --image-size" in capsys.readouterr().err
     # With what the hints say, the same images run.
     assert main([*argv, *tiny[:-1], str(tmp_path / "c"), "--image-size", "32"]) == 0
+    # Two channels: no --channels converts them, so none is advised, and one given is
+    # refused naming the data.
+    two = tmp_path / "two.npz"
+    np.savez(two, x=rng.random((2, 2, 32, 32), dtype=np.float32))
+    assert main([*argv, "--data", str(two), "--out", str(tmp_path / "e")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("the model's first convolution takes 1 channel: give images of 1 channel")
+    )
+    assert main([*argv, "--data", str(two), "--channels", "1", "--out", str(tmp_path / "f")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"data {two} has 2 channels, which cannot be converted to 1; channels= (--channels) "
+            "converts grey to RGB and RGB to grey only"
+        )
+    )
     # A dense layer after the convolutions: photos-cnn at 32 px instead of 64.
     small = ["--model", "photos-cnn", "--data", "photos", "--image-size", "32", "-n", "2"]
     plain = ["explain", "--method", "gradient", "--no-progress", *small]

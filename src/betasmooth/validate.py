@@ -886,6 +886,14 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
         )
 
 
+def _channels_hint(what: str, wanted: int, given: int) -> str:
+    said = f"; {what} {wanted} channel{'s' if wanted != 1 else ''}"
+    # load_data converts grey and RGB into each other, nothing else.
+    if {wanted, given} <= {1, 3}:
+        return f"{said}: load the images with --channels {wanted} (channels= of bs.load_data)"
+    return f"{said}: give images of {wanted} channel{'s' if wanted != 1 else ''}"
+
+
 def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
     """What would fit the model where its error says it plainly: channels, or a larger size."""
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
@@ -897,19 +905,11 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
                 f"; x looks channels-last (B, H, W, C) with C = {shape[-1]}; expected "
                 f"(B, C, H, W): x.permute(0, 3, 1, 2)"
             )
-        return (
-            f"; the model's first convolution takes {first.in_channels} "
-            f"channel{'s' if first.in_channels != 1 else ''}: load the "
-            f"images with --channels {first.in_channels} (channels= of bs.load_data)"
-        )
+        return _channels_hint("the model's first convolution takes", first.in_channels, shape[1])
     broadcast = re.search(r"broadcast shape \[\d+, (\d+),", reason)
     if broadcast and len(shape) == 4 and int(broadcast.group(1)) != shape[1]:
         # A normalisation inside the model holds one mean per channel it expects.
-        wanted = int(broadcast.group(1))
-        return (
-            f"; the model works on {wanted} channel{'s' if wanted != 1 else ''}: load the "
-            f"images with --channels {wanted} (channels= of bs.load_data)"
-        )
+        return _channels_hint("the model works on", int(broadcast.group(1)), shape[1])
     fixed = re.search(r"Expected (\d+) but got (\d+)", reason)
     if fixed and len(shape) == 4 and int(fixed.group(2)) in shape[2:]:
         # torchvision's ViT checks the size it was built for.

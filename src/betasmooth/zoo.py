@@ -490,14 +490,17 @@ def _stats(value: Stats, name: str, channels: int) -> torch.Tensor:
     return stats.expand(channels).reshape(1, channels, 1, 1)
 
 
-def _to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:
+def _to_channels(x: torch.Tensor, channels: int | None, spec: str) -> torch.Tensor:
     if channels is None or x.shape[1] == channels:
         return x
     if x.shape[1] == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1).contiguous()
     if x.shape[1] == 3 and channels == 1:
         return torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA))[:, None]
-    raise InputError(f"cannot convert {x.shape[1]} channels to {channels}; expected 1 or 3")
+    raise InputError(
+        f"data {spec} has {x.shape[1]} channels, which cannot be converted to {channels}; "
+        "channels= (--channels) converts grey to RGB and RGB to grey only"
+    )
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int] | None, mode: str = "bilinear") -> torch.Tensor:
@@ -845,7 +848,7 @@ def load_data(
         x, y, classes, files = _folder(Path(spec), size, channels, fit, n)
     else:
         x, y = _npz(Path(spec))
-    x = _to_channels(x, channels)
+    x = _to_channels(x, channels, spec)
     if fit is not None and source != "folder":
         x = resize_crop(x, prep.resize, prep.crop, prep.interpolation)
     x = _resize(x, size)
