@@ -441,3 +441,21 @@ def test_the_base_methods_keyword_options_reach_its_input_check(method):
     in_options = bs.explain(net, x, method, 0, base="lrp", base_options=box, **options)
     torch.testing.assert_close(by_keyword, in_options, rtol=0, atol=0)
     assert by_keyword.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n": 0}, r"^n must be an integer >= 1; got 0$"),
+        ({"n": 2.5}, r"^n must be an integer >= 1; got 2.5$"),
+        ({"sigma": 0.0}, r"^sigma must be a positive finite number; got 0.0$"),
+        ({"sigma": -0.1}, r"^sigma must be a positive finite number; got -0.1$"),
+        ({"sigma": math.nan}, r"^sigma must be a positive finite number; got nan$"),
+    ],
+    ids=["n 0", "n 2.5", "sigma 0", "sigma -0.1", "sigma nan"],
+)
+def test_smoothgrad_refuses_a_count_or_a_noise_level_it_cannot_draw(net, x, options, message):
+    # n = 0 would divide by zero copies; sigma 0 or below is no noise (a negative one
+    # draws the same law, so would pass unnoticed); NaN would make every map NaN.
+    with pytest.raises(bs.InputError, match=message):
+        bs.explain(net, x, "smoothgrad", TARGET, seed=0, **options)

@@ -633,3 +633,24 @@ def test_theorem1_start_vectors_follow_the_seed():
     assert again["max_principal_curvature"].item() == one_step[1]
     full = theorem1_check(_Square(), x, x_adv, samples=2, iterations=20, seed=1)
     assert full["max_principal_curvature"].item() == pytest.approx(exact, rel=1e-12)
+
+
+def test_curvature_per_unit_of_a_range_that_starts_below_zero_by_hand():
+    # x = low + span * p: the gradient in p is span times that in x and the Hessian span^2
+    # times, so the principal curvature (H / |grad|) is span times; measured at the same
+    # point x, which a range with low != 0 must shift to p = (x - low) / span and back.
+    torch.manual_seed(6)
+    d, beta, low, high = 5, 2.0, -1.0, 3.0
+    span = high - low
+    w = torch.randn(2, d, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64) * 0.2
+    x = 0.4 * torch.randn(2, d, dtype=torch.float64)
+    net = bs.smooth(neurons(w, b), beta)
+    out = curvature(net, x, tol=0, probes=1, data_range=(low, high))
+    for i in range(x.shape[0]):
+        exact = exact_softplus_geometry(w.numpy(), b.numpy(), x[i].numpy(), beta)
+        assert out["gradient_norm"][i].item() == pytest.approx(span * exact["gradient_norm"])
+        assert out["hessian_norm"][i].item() == pytest.approx(span**2 * exact["hessian_norm"])
+        assert out["principal_curvature"][i].item() == pytest.approx(
+            span * exact["principal_curvature"], rel=1e-9
+        )

@@ -753,9 +753,7 @@ def test_a_run_gives_each_batch_the_baselines_of_its_own_images(tmp_path):
         )  # fmt: skip
         sweep_run(run, model, [2.0], smoothgrad_n=2, defenses=["beta_smooth"], method_options=ig)
         swept[size] = run.read_arrays("integrated_gradients", name="sweep")
-    np.testing.assert_allclose(
-        swept[2]["maps_beta"], swept[5]["maps_beta"], rtol=1e-9, atol=1e-15
-    )
+    np.testing.assert_allclose(swept[2]["maps_beta"], swept[5]["maps_beta"], rtol=1e-9, atol=1e-15)
 
 
 def test_class_names_of_the_prediction_before_and_after_the_attack(tmp_path):
@@ -1466,3 +1464,36 @@ def test_a_sweep_batch_halved_on_out_of_memory_sweeps_each_half_on_its_own_image
     swept, kept = halved.read_arrays("gradient", "sweep"), whole.read_arrays("gradient", "sweep")
     np.testing.assert_array_equal(swept["index"], [0, 1, 2, 3])
     np.testing.assert_allclose(swept["maps_beta"], kept["maps_beta"], rtol=1e-4, atol=1e-7)
+
+
+def test_explain_records_hold_the_statistics_of_their_stored_maps(tmp_path, digits, digits_cnn):
+    # map_max, map_entropy (nats) and map_top10_mass recomputed in numpy from the stored
+    # maps: the top 10 % of a 32 x 32 map are its 102 largest pixels.
+    from betasmooth.runs import explain_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    records = explain_run(run, digits_cnn, x, y, ["gradient"])
+    maps = run.read_arrays("gradient")["map"].reshape(2, -1).astype(np.float64)
+    for r, m in zip(records, maps):
+        assert r["map_max"] == pytest.approx(m.max(), rel=1e-6)
+        positive = m[m > 0]
+        assert r["map_entropy"] == pytest.approx(-(positive * np.log(positive)).sum(), rel=1e-5)
+        assert r["map_top10_mass"] == pytest.approx(np.sort(m)[::-1][:102].sum(), rel=1e-5)
+
+
+def test_a_label_beyond_the_class_names_given_gets_no_name(tmp_path, digits, digits_cnn):
+    # Names for the classes up to the predicted one only: the items predicted past them
+    # keep their records, without label_name.
+    from betasmooth.runs import explain_run
+
+    x, y = digits[0][:4], digits[1][:4]
+    with torch.no_grad():
+        predicted = digits_cnn(x).argmax(1).tolist()
+    last = max(predicted)
+    classes = [f"c{k}" for k in range(last)]  # the classes 0 .. last - 1
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    records = explain_run(run, digits_cnn, x, y, ["gradient"], classes=classes)
+    assert [r["label"] for r in records] == predicted
+    for r in records:
+        assert r.get("label_name") == (f"c{r['label']}" if r["label"] < last else None)
