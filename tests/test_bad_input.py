@@ -836,7 +836,13 @@ CLI: dict[str, tuple[list[str], str]] = {
         [*EXPLAIN, "--std", "0.2"],
         r"^betasmooth: error: --std without --mean: the --mean would be 0; expected both",
     ),
-    "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected a pos"),
+    "--image-size 0": ([*ATTACK, "--image-size", "0"], r"argument --image-size: expected an int"),
+    # One pixel's map always equals its target: a perfect attack that says nothing.
+    "--image-size 7": (
+        [*ATTACK, "--image-size", "7"],
+        r"argument --image-size: expected an integer from 8 to 4096 \(smaller images give "
+        r"maps of too few pixels to compare\); got '7' \(see betasmooth attack --help\)$",
+    ),
     "--mean abc": ([*ATTACK, "--mean", "abc"], r"argument --mean: expected numbers, .* got 'abc'"),
     "--seed x": ([*ATTACK, "--seed", "x"], r"argument --seed: expected an integer from 0 to 2"),
     "theorem --seed -1": (
@@ -845,7 +851,7 @@ CLI: dict[str, tuple[list[str], str]] = {
     ),
     "--seed 2**64": ([*ATTACK, "--seed", str(2**64)], r"argument --seed: expected an integer"),
     "--steps 1e20": ([*ATTACK, "--steps", "1" + "0" * 20], r"positive integer below 2\*\*31"),
-    "--image-size 100000": ([*ATTACK, "--image-size", "100000"], r"integer up to 4096"),
+    "--image-size 100000": ([*ATTACK, "--image-size", "100000"], r"integer from 8 to 4096"),
     "--method all,gradient": (
         [*ATTACK[:5], "--method", "all,gradient", "--out", "{d}/run"],
         r"^betasmooth: error: method 'all' stands alone; got all,gradient",

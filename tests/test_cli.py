@@ -2245,7 +2245,7 @@ def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
 
 
 def test_seed_image_size_and_out_take_their_bounds_and_nothing_outside(capsys):
-    from betasmooth.cli import MAX_IMAGE_SIZE, MAX_SEED, build_parser
+    from betasmooth.cli import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, build_parser
 
     parser = build_parser()
     out = ["--out", "run"]
@@ -2253,6 +2253,7 @@ def test_seed_image_size_and_out_take_their_bounds_and_nothing_outside(capsys):
         assert parser.parse_args(["theorem", "--seed", str(seed), *out]).seed == seed
     size = ["explain", "--model", "m", "--data", "d", "--method", "gradient", *out]
     assert parser.parse_args([*size, "--image-size", str(MAX_IMAGE_SIZE)]).image_size == 4096
+    assert parser.parse_args([*size, "--image-size", str(MIN_IMAGE_SIZE)]).image_size == 8
     # A name of blanks is no directory name, as the empty one is not.
     for argv in (["theorem", "--seed", "-1", *out], [*size, "--image-size", "4097"]):
         with pytest.raises(SystemExit):

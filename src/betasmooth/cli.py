@@ -263,10 +263,19 @@ def _seed(text: str) -> int:
 
 #: Largest --image-size: 16 times ImageNet's 224, far beyond what any explanation needs.
 MAX_IMAGE_SIZE = 4096
+#: Smallest --image-size, the built-in digits' own size: a map of a few pixels matches
+#: any target (one pixel always does), so an attack on it would report a perfect result.
+MIN_IMAGE_SIZE = 8
 
 
 def _image_size(text: str) -> int:
-    return _integer(text, 1, MAX_IMAGE_SIZE, f"a positive integer up to {MAX_IMAGE_SIZE}")
+    return _integer(
+        text,
+        MIN_IMAGE_SIZE,
+        MAX_IMAGE_SIZE,
+        f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (smaller images give maps of "
+        "too few pixels to compare)",
+    )
 
 
 def _directory(text: str) -> str:
@@ -472,8 +481,8 @@ def _add_inputs(
     p.add_argument(
         "--image-size",
         type=_image_size,
-        help="resize images to this size (default: as stored, or a torchvision model's resize "
-        "and crop)",
+        help=f"resize images to this size, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} px (default: as "
+        "stored, or a torchvision model's resize and crop)",
     )
     p.add_argument(
         "--channels",
