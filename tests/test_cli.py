@@ -1311,6 +1311,36 @@ def test_report_rebuilds_the_sections_the_run_s_model_file_registers(tmp_path):
     assert b"explained images" not in rebuilt and b"id='explain'" in rebuilt
 
 
+def test_a_report_section_that_fails_or_gives_no_text_costs_only_itself(tmp_path, capsys):
+    # A section that raises, and one that forgets its return: each named in one line,
+    # and the report holds every other section as without them.
+    from betasmooth.report import SECTIONS, build_report
+
+    run = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+    assert main([*argv, "--method", "gradient", "--out", str(run)]) == 0
+    capsys.readouterr()
+    whole = (run / "report.html").read_bytes()
+
+    def broken(run):
+        raise KeyError("maps")
+
+    SECTIONS["broken"], SECTIONS["empty"] = broken, lambda run: None
+    try:
+        assert main(["report", str(run)]) == 0
+        assert capsys.readouterr().err.splitlines() == [
+            "betasmooth: warning: report section 'broken' failed (KeyError: 'maps'); the report "
+            "holds the others",
+            "betasmooth: warning: report section 'empty' returned NoneType; expected a str of "
+            "HTML; the report holds the others",
+        ]
+        with pytest.warns(UserWarning, match=r"report section '(broken|empty)'"):
+            build_report(run)
+    finally:
+        SECTIONS.pop("broken"), SECTIONS.pop("empty")
+    assert (run / "report.html").read_bytes() == whole
+
+
 GELU_MODEL = """
 import torch
 from torch import nn

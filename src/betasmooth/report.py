@@ -42,7 +42,7 @@ from .recommend import (
 from .runs import swept_defenses
 from .smooth import logistic_std
 from .store import AttackBatch, Batch, ExplainBatch, RunDir, SweepBatch, write_bytes
-from .validate import InputError, is_number
+from .validate import InputError, is_number, warn_user
 
 __all__ = ["METRIC_ORDER", "SECTIONS", "build_report", "medians"]
 
@@ -1055,6 +1055,25 @@ SECTIONS: dict[str, Callable[[_Run], str]] = {
 }
 
 
+def _rendered(name: str, section: Callable[[_Run], str], run: _Run) -> str:
+    """The HTML of one section; one that fails or gives no text is named in a warning and
+    left out, so that the report holds the others (a plugin's bug costs one section)."""
+    try:
+        part = section(run)
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        said = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+        warn_user(f"report section {name!r} failed ({said}); the report holds the others")
+        return ""
+    if not isinstance(part, str):
+        warn_user(
+            f"report section {name!r} returned {type(part).__name__}; expected a str of HTML; "
+            "the report holds the others"
+        )
+        return ""
+    return part
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` (and ``run_dir/figures/*.png``) from a run directory.
 
@@ -1094,7 +1113,7 @@ def build_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist")
     run = _read(run_dir)
     run.store.figures.mkdir(exist_ok=True)
-    body = [section(run) for section in SECTIONS.values()]
+    body = [_rendered(name, section, run) for name, section in SECTIONS.items()]
     nav = "".join(f'<a href="#{name}">{name}</a>' for name, part in zip(SECTIONS, body) if part)
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
