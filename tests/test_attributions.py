@@ -107,6 +107,9 @@ def test_registering_a_taken_method_name_is_refused_and_replace_restores_it():
         (lambda x: None, "NoneType"),
         (lambda x: x.numpy(), "ndarray"),
         (lambda x: x.flatten(), r"shape \(32,\)"),
+        # A batch, but not of maps like x: half the size, or without the channel axis.
+        (lambda x: x[..., ::2, ::2], r"shape \(2, 1, 2, 2\)"),
+        (lambda x: x[:, 0], r"shape \(2, 4, 4\)"),
     ],
 )
 def test_a_method_that_returns_no_batch_is_named(result, got):
@@ -120,6 +123,32 @@ def test_a_method_that_returns_no_batch_is_named(result, got):
             bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "returns_wrong", 0)
     finally:
         del METHODS["returns_wrong"]
+
+
+def test_a_method_that_says_its_maps_have_other_shapes_returns_them_also_as_a_base():
+    # shaped_like_x = False (a layer's maps): a batch of maps of any shape, also through
+    # SmoothGrad, which averages them; without a batch, still refused.
+    from betasmooth.explain import METHODS, register
+
+    @register("pooled")
+    def pooled(model, x, target, *, create_graph=False):
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+    pooled.shaped_like_x = False
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    try:
+        expected = torch.nn.functional.avg_pool2d(x, 2)
+        torch.testing.assert_close(bs.explain(torch.nn.Flatten(), x, "pooled", 0), expected)
+        smooth = bs.explain(torch.nn.Flatten(), x, "smoothgrad", 0, base="pooled", n=2, seed=0)
+        assert smooth.shape == (2, 1, 2, 2)
+        METHODS["pooled"] = lambda model, x, target, *, create_graph=False: x[:1]
+        METHODS["pooled"].shaped_like_x = False
+        with pytest.raises(
+            bs.InputError, match=r"returned shape \(1, 1, 4, 4\); expected a batch of 2 maps"
+        ):
+            bs.explain(torch.nn.Flatten(), x, "pooled", 0)
+    finally:
+        del METHODS["pooled"]
 
 
 @pytest.mark.parametrize("how", ["method", "prefix"])

@@ -90,7 +90,9 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     :func:`explain` accepts for it. Attributes of ``fn`` say more of them:
     ``range_options`` (see :func:`range_options`) and ``per_item_options``,
     the names of options that may hold one value per image (see
-    :func:`select_items`), which SmoothGrad repeats for its noisy copies.
+    :func:`select_items`), which SmoothGrad repeats for its noisy copies, and
+    ``shaped_like_x = False`` where the maps have another shape than ``x``
+    (a layer's), else such a map is refused.
 
     Parameters
     ----------
@@ -572,7 +574,7 @@ def explain(
     # A map with a graph is differentiated again (the attack).
     with evaluating(model), flush_denormals(), second_order(create_graph):
         out = fn(model, x, target_t, create_graph=create_graph, **options)
-    out = _checked_output(out, method, x)
+    out = _checked_output(out, method, x, options)
     if not create_graph:  # the attack's steps: their maps were checked before it
         _check_finite(out, method)
         _warn_if_zero(out, method, model)
@@ -612,15 +614,27 @@ def _warn_if_zero(out: torch.Tensor, method: str, model: nn.Module) -> None:
         )
 
 
-def _checked_output(out: object, method: str, x: torch.Tensor) -> torch.Tensor:
-    """A method's result, refused in one line unless it is a batch of ``x``'s size."""
-    if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[0] == x.shape[0]:
+def _checked_output(
+    out: object, method: str, x: torch.Tensor, options: Mapping[str, object]
+) -> torch.Tensor:
+    """A method's result, refused in one line unless it is shaped like ``x``, or, for a
+    method (or base) whose ``shaped_like_x`` is False, a batch of ``x``'s size."""
+    free = not getattr(_lookup(method), "shaped_like_x", True)
+    base = options.get("base", method_options(method).get("base"))
+    if wraps_base(method) and isinstance(base, str) and is_method(base):
+        free = free or not getattr(_lookup(base), "shaped_like_x", True)
+    if isinstance(out, torch.Tensor) and (
+        out.shape == x.shape if not free else out.dim() >= 2 and out.shape[0] == x.shape[0]
+    ):
         return out
     got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-    raise InputError(
-        f"method {method!r} returned {got}; expected a tensor shaped like x "
-        f"{tuple(x.shape)} (a layer method: one map per item, shaped like the layer's output)"
+    expected = (
+        f"a batch of {x.shape[0]} maps (x has shape {tuple(x.shape)})"
+        if free
+        else f"a tensor shaped like x {tuple(x.shape)} (a method whose maps have other "
+        "shapes, such as a layer's, sets its attribute shaped_like_x = False)"
     )
+    raise InputError(f"method {method!r} returned {got}; expected {expected}")
 
 
 # Importing the families fills the registry.

@@ -311,6 +311,8 @@ def captum_method(name: str) -> Method:
 
     method.accepted_options = _accepted_options(cls)
     method.differentiable = False  # Captum's attributions are computed without a graph
+    # Layer methods return the layer's shape, LimeBase its interpretable space's.
+    method.shaped_like_x = False
     method.check = check  # check_model's, for a method that no CHECKS entry names
     # Input-space baselines (default 0): range_options gives them the data's black.
     if "baselines" in inspect.signature(cls.attribute).parameters:
