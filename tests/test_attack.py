@@ -92,6 +92,24 @@ def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     torch.testing.assert_close(result.map_target, target)
 
 
+def test_a_loss_or_goal_that_gives_a_batch_total_is_refused(digits_cnn, digits, monkeypatch):
+    # One number for the batch would pick every image's best step by the batch's total.
+    x = digits[0][:3]
+    target = targets_of(digits_cnn, x)
+    monkeypatch.setitem(LOSSES, "total", lambda maps, t: (maps - t).square().sum())
+    with pytest.raises(bs.InputError, match=r"^loss 'total' returned shape \(\); expected one "):
+        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, loss="total")
+    built = attack.GOALS["targeted"]
+    summed = attack.Goal(built.objective, lambda p, maps: built.score(p, maps).sum(), False)
+    monkeypatch.setitem(attack.GOALS, "summed", summed)
+    with pytest.raises(
+        bs.InputError,
+        match=r"^goal 'summed''s score returned shape \(\); expected one value per image, "
+        r"shape \(3,\)$",
+    ):
+        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, goal="summed")
+
+
 def test_topk_scores_use_the_attacks_k(small):
     # The top-k overlap with the original map and with the target is measured
     # at the k the attack was given (not compare's default), as by compare itself.

@@ -594,9 +594,23 @@ class Goal:
     measure: str = "expl_pcc_target"
 
 
+def _per_image(value: object, who: str, images: int) -> torch.Tensor:
+    """``value`` of a loss or a goal, refused in one line unless one number per image:
+    a batch total would make every image's best step the batch's."""
+    if isinstance(value, torch.Tensor) and tuple(value.shape) == (images,):
+        return value
+    got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise InputError(f"{who} returned {got}; expected one value per image, shape ({images},)")
+
+
+def _map_loss(p: _Problem, maps: torch.Tensor) -> torch.Tensor:
+    value = LOSSES[p.s.loss](maps, p.map_target)
+    return _per_image(value, f"loss {p.s.loss!r}", maps.shape[0])
+
+
 def _targeted_objective(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
     w_e, w_o = p.s.weights
-    loss = w_e * LOSSES[p.s.loss](maps, p.map_target)
+    loss = w_e * _map_loss(p, maps)
     if w_o:
         loss = loss + w_o * _output_change(p.output(x_adv), p.logits)
     return loss
@@ -611,7 +625,7 @@ def _output_change(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tenso
 
 
 def _targeted_score(p: _Problem, maps: torch.Tensor) -> torch.Tensor:
-    return LOSSES[p.s.loss](maps, p.map_target)
+    return _map_loss(p, maps)
 
 
 def _topk_mass(p: _Problem, maps: torch.Tensor, x_adv: torch.Tensor | None = None) -> torch.Tensor:
@@ -729,7 +743,8 @@ def _evaluate(p: _Problem, goal: Goal, x: torch.Tensor) -> tuple[torch.Tensor, t
         maps = p.maps(x.detach())
         with torch.no_grad():
             kept = p.model(x.detach()).argmax(1) == p.label
-        return goal.score(p, maps).detach(), kept
+        score = _per_image(goal.score(p, maps), f"goal {p.s.goal!r}'s score", len(x))
+        return score.detach(), kept
 
 
 def _run(
@@ -752,7 +767,9 @@ def _run(
         p.surrogate.beta = beta_at(s.schedule, i, s.steps, s.beta0, s.beta_end)
         with torch.enable_grad():
             maps = p.maps(x_adv, i, graph=True)
-            loss = goal.objective(p, maps, x_adv)
+            loss = _per_image(
+                goal.objective(p, maps, x_adv), f"goal {s.goal!r}'s objective", len(x_adv)
+            )
             if not loss.requires_grad:
                 raise InputError(_no_graph(s.method))
             if i == 0 and not _depends_on(maps, x_adv):
