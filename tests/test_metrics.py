@@ -628,6 +628,23 @@ def test_a_metric_that_gives_no_number_per_map_is_named(value, got):
         register_metric("pcc")(lambda a, b: a.sum((1, 2)))
 
 
+def test_a_metric_keeps_its_own_default_k_unless_compare_is_given_one():
+    # The mass of b on a's top k pixels, k = 3 by its own default: compare's k only
+    # where given (before, compare passed k=None and the metric failed on it).
+    @register_metric("top_mass")
+    def top_mass(a: torch.Tensor, b: torch.Tensor, k: int = 3) -> torch.Tensor:
+        order = a.flatten(1).argsort(1, descending=True)[:, :k]
+        return b.flatten(1).gather(1, order).sum(1)
+
+    a = torch.arange(16.0).view(1, 4, 4)
+    b = torch.ones(1, 4, 4)
+    try:
+        assert compare(a, b)["top_mass"].tolist() == [3.0]
+        assert compare(a, b, k=5)["top_mass"].tolist() == [5.0]
+    finally:
+        del METRICS["top_mass"]
+
+
 def test_medians_of_flags_are_the_fraction_true_and_skip_non_finite_numbers():
     rows = [
         {"kept": True, "pcc": float("nan")},

@@ -632,7 +632,8 @@ def compare(
     tensor([1., 1.])
     """
     a, b = _check_maps(map_a, map_b)
-    options = {"k": k}
+    # k unset leaves each metric its own default.
+    options = {} if k is None else {"k": k}
     return {
         name: _one_per_map(name, fn(a, b, **_options_for(fn, options)), a.shape[0])
         for name, fn in METRICS.items()
