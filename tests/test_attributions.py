@@ -125,6 +125,30 @@ def test_a_method_that_returns_no_batch_is_named(result, got):
         del METHODS["returns_wrong"]
 
 
+def test_a_method_of_another_form_is_refused_where_it_is_registered_or_resolved():
+    # explain calls fn(model, x, target, create_graph=...): a method without
+    # create_graph would fail at its first use; so would a resolver's None.
+    from betasmooth.explain import METHODS, PREFIXES, register, register_prefix
+
+    with pytest.raises(bs.InputError) as err:
+        register("no_graph")(lambda model, x, target: x)
+    assert str(err.value) == (
+        "explanation method 'no_graph' cannot be called as fn(model, x, target, *, "
+        "create_graph=False, **options) (got an unexpected keyword argument 'create_graph'); "
+        "expected that form"
+    )
+    assert "no_graph" not in METHODS
+    register_prefix("nothing")(lambda name: None)
+    try:
+        with pytest.raises(bs.InputError) as err:
+            bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "nothing:1", 0)
+    finally:
+        del PREFIXES["nothing"]
+    assert str(err.value) == (
+        "the method that prefix 'nothing' resolves '1' to must be callable; got NoneType"
+    )
+
+
 def test_a_method_that_says_its_maps_have_other_shapes_returns_them_also_as_a_base():
     # shaped_like_x = False (a layer's maps): a batch of maps of any shape, also through
     # SmoothGrad, which averages them; without a batch, still refused.

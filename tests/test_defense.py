@@ -58,6 +58,24 @@ def test_undefended_topk_scores_take_the_sweeps_k(digits_cnn, digits):
     assert differs  # the default size gives other scores on these maps
 
 
+def test_a_defense_of_another_form_is_refused_before_the_sweep(monkeypatch):
+    # Called with the sweep's keywords, a defense that does not take them would fail
+    # in the middle of a sweep; the one that takes **options passes.
+    from betasmooth.defense import DEFENSES, check_defenses
+    from betasmooth.validate import InputError
+
+    monkeypatch.setitem(DEFENSES, "bare", lambda model, xs, method, label, beta: xs[:, 0])
+    monkeypatch.setitem(DEFENSES, "open", lambda model, xs, method, label, beta, **_: xs[:, 0])
+    assert check_defenses(["open"]) == ["open"]
+    with pytest.raises(InputError) as err:
+        check_defenses(["beta_smooth", "bare"])
+    assert str(err.value) == (
+        "defense 'bare' cannot be called as fn(model, xs, method, label, beta, *, sigma, n, "
+        "seed, input_range, base_options) (got an unexpected keyword argument 'sigma'); "
+        "expected that form"
+    )
+
+
 def test_a_defense_named_beta_is_refused_as_its_maps_would_be_beta_smooths(monkeypatch):
     # Its maps would be maps_beta in a sweep's arrays, the key of beta_smooth's maps.
     from betasmooth.defense import DEFENSES, check_defenses

@@ -42,6 +42,7 @@ from .validate import (
     InputTypeError,
     check_batch,
     check_choice,
+    check_form,
     check_in_range,
     check_input,
     check_positive,
@@ -237,6 +238,10 @@ DEFENSES: dict[str, Callable[..., torch.Tensor]] = {
     "beta_smooth": _beta_smooth_maps,
     "smoothgrad": _smoothgrad_maps,
 }
+
+#: How :func:`defense_sweep` calls a defense; it returns maps ``(2B, H, W)``.
+DEFENSE_FORM = "fn(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options)"
+_DEFENSE_KEYWORDS = ("sigma", "n", "seed", "input_range", "base_options")
 
 #: The defenses :func:`defense_sweep` and ``betasmooth sweep`` run by default, those of
 #: the paper. Another entry of :data:`DEFENSES` runs where ``defenses`` (``--defenses``)
@@ -522,6 +527,8 @@ def check_defenses(defenses: object) -> list[str]:
         )
     names = list(dict.fromkeys(check_choice("defense", d, DEFENSES) for d in names))
     check_defense_names(names)
+    for name in names:
+        check_form(f"defense {name!r}", DEFENSES[name], 5, _DEFENSE_KEYWORDS, DEFENSE_FORM)
     if "beta" in names:
         # A sweep's arrays hold each defense's maps as maps_<name>, beta-smoothing's as maps_beta.
         raise InputError(

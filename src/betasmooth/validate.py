@@ -427,6 +427,33 @@ def check_instance(name: str, value: object, kinds: type | tuple[type, ...], exp
         raise InputTypeError(f"{name} must be {expected}; got {type(value).__name__} {value!r}")
 
 
+def check_form(what: str, fn: object, positional: int, keywords: Sequence[str], form: str) -> None:
+    """Check that ``fn`` is callable with ``positional`` arguments and the ``keywords``.
+
+    A plugin of another form would fail at its first use, deep inside a run.
+
+    Examples
+    --------
+    >>> try:
+    ...     check_form("m", lambda a: a, 2, [], "f(a, b)")
+    ... except InputTypeError as err:
+    ...     print(err)
+    m cannot be called as f(a, b) (too many positional arguments); expected that form
+    """
+    if not callable(fn):
+        raise InputTypeError(f"{what} must be callable; got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: only a call can tell
+    try:
+        signature.bind(*(None,) * positional, **dict.fromkeys(keywords))
+    except TypeError as err:
+        raise InputTypeError(
+            f"{what} cannot be called as {form} ({err}); expected that form"
+        ) from None
+
+
 def check_module(model: object) -> nn.Module:
     """Check that ``model`` is a ``torch.nn.Module``.
 

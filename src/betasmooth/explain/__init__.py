@@ -26,6 +26,7 @@ from ..smooth import check_smoothing_uncompiled, flush_denormals, second_order
 from ..validate import (
     InputError,
     InputTypeError,
+    check_form,
     check_input,
     check_instance,
     check_target,
@@ -120,7 +121,21 @@ def register(name: str, *, replace: bool = False) -> Callable[[Method], Method]:
     ...     ...
     >>> del METHODS["my_gradient"]
     """
-    return registrar(METHODS, name, "explanation method", replace=replace, dash=False)
+    enter = registrar(METHODS, name, "explanation method", replace=replace, dash=False)
+
+    def checked(fn: Method) -> Method:
+        _check_method_form(f"explanation method {name!r}", fn)
+        return enter(fn)
+
+    return checked
+
+
+#: How :func:`explain` calls a method.
+METHOD_FORM = "fn(model, x, target, *, create_graph=False, **options)"
+
+
+def _check_method_form(what: str, fn: object) -> None:
+    check_form(what, fn, 3, ["create_graph"], METHOD_FORM)
 
 
 def register_check(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -465,7 +480,9 @@ def _lookup(method: str) -> Method:
             f"got {method!r}, expected e.g. {method.replace('-', '_')!r}"
         )
     prefix, name = method.split(":", 1)
-    return PREFIXES[prefix](name)
+    fn = PREFIXES[prefix](name)
+    _check_method_form(f"the method that prefix {prefix!r} resolves {name!r} to", fn)
+    return fn
 
 
 def _takes_any(fn: Method) -> bool:
