@@ -25,7 +25,7 @@ import betasmooth as bs
 from betasmooth.checkpoint import load_state_dict, read_npz
 from betasmooth.store import read_jsonl
 from betasmooth.validate import InputError, check_bounds
-from betasmooth.zoo import check_compatible, data_range
+from betasmooth.zoo import BUILTIN_DATA, BUILTIN_MODELS, check_compatible, data_range
 
 # ----------------------------------------------------------------------- digits
 
@@ -147,6 +147,43 @@ def test_factory_by_module_path(factory_file, monkeypatch) -> None:
         bs.load_model("user_net:not_a_model")
     with pytest.raises(InputError, match="'missing' in user_net is not defined"):
         bs.load_model("user_net:missing")
+
+
+FORM = "expected (x, y): x a floating tensor (N, C, H, W), y integer labels (N,)"
+
+
+@pytest.mark.parametrize(
+    ("loader", "said"),
+    [
+        (lambda split: torch.rand(3, 1, 8, 8), f"returned Tensor; {FORM}"),
+        (
+            lambda split: (torch.rand(3, 1, 8, 8), torch.zeros(2, dtype=torch.long)),
+            f"returned x of shape (3, 1, 8, 8) (torch.float32) and y of shape (2,) "
+            f"(torch.int64); {FORM}",
+        ),
+        (
+            lambda split: (torch.rand(3, 8, 8), torch.zeros(3, dtype=torch.long)),
+            f"returned x of shape (3, 8, 8) (torch.float32) and y of shape (3,) "
+            f"(torch.int64); {FORM}",
+        ),
+        (
+            lambda: (torch.rand(3, 1, 8, 8), torch.zeros(3)),
+            "cannot be called as fn(split) (too many positional arguments); expected that form",
+        ),
+    ],
+    ids=["x alone", "short y", "no channel axis", "no split"],
+)
+def test_an_added_model_or_data_entry_of_another_form_is_named(loader, said) -> None:
+    # Entries users add to the tables: checked where they are loaded, naming the entry
+    # (before, a short y passed and failed later as an IndexError, None as AttributeError).
+    BUILTIN_DATA["mine"] = loader
+    with pytest.raises(InputError) as err:
+        bs.load_data("mine")
+    assert str(err.value) == f"the loader of data 'mine' {said}"
+    BUILTIN_MODELS["nothing"] = lambda: None
+    with pytest.raises(InputError) as err:
+        bs.load_model("nothing")
+    assert str(err.value) == "model 'nothing' came back as NoneType; expected an nn.Module"
 
 
 def test_weights_round_trip(factory_file, tmp_path) -> None:

@@ -101,6 +101,7 @@ from .validate import (
     InputError,
     InputTypeError,
     check_count,
+    check_form,
     check_input,
     check_instance,
     evaluating,
@@ -175,6 +176,32 @@ BUILTIN_DATA: dict[str, Callable[[str], tuple[torch.Tensor, torch.Tensor]]] = {
     "digits": _digits,
     "photos": photos,
 }
+
+
+def _builtin_data(spec: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BUILTIN_DATA[spec](split)``, refused in one line unless it is of the table's form
+    (an entry a user adds would otherwise fail far from its cause)."""
+    form = "(x, y): x a floating tensor (N, C, H, W), y integer labels (N,)"
+    loader = BUILTIN_DATA[spec]
+    check_form(f"the loader of data {spec!r}", loader, 1, [], "fn(split)")
+    out = loader(split)
+    pair = isinstance(out, tuple) and len(out) == 2 and all(map(torch.is_tensor, out))
+    if not pair:
+        got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, tuple) else "")
+        raise InputError(f"the loader of data {spec!r} returned {got}; expected {form}")
+    x, y = out
+    if (
+        x.dim() != 4
+        or not x.is_floating_point()
+        or tuple(y.shape) != (len(x),)
+        or y.is_floating_point()
+        or y.dtype == torch.bool
+    ):
+        raise InputError(
+            f"the loader of data {spec!r} returned x of shape {tuple(x.shape)} ({x.dtype}) "
+            f"and y of shape {tuple(y.shape)} ({y.dtype}); expected {form}"
+        )
+    return x, y
 
 
 # ------------------------------------------------------------------- user data
@@ -843,7 +870,7 @@ def load_data(
                 f"data {spec!r} is the built-in data set, not the {spec} in this folder; "
                 f"write ./{spec} to read that one"
             )
-        x, y = BUILTIN_DATA[spec](split)
+        x, y = _builtin_data(spec, split)
     elif source == "folder":
         x, y, classes, files = _folder(Path(spec), size, channels, fit, n)
     else:
@@ -944,7 +971,7 @@ def _channels_of_source(spec: str, source: str) -> int:
     """The channels of built-in data (its small test split) or of a folder (the headers of
     its images: 3 when any has colour), as :func:`load_data` gives them."""
     if source == "builtin":
-        return int(BUILTIN_DATA[spec]("test")[0].shape[1])
+        return int(_builtin_data(spec, "test")[0].shape[1])
     return _folder_channels(_folder_files(Path(spec))[0])
 
 
@@ -1258,6 +1285,10 @@ def load_model(spec: str, weights: str | Path | None = None) -> nn.Module:
         model = builtin()
     else:
         model = scheme(spec, weights is None) if scheme is not None else _user_model(spec)
+    if not isinstance(model, nn.Module):  # an entry of BUILTIN_MODELS or MODEL_SCHEMES
+        raise InputError(
+            f"model {spec!r} came back as {type(model).__name__}; expected an nn.Module"
+        )
     if weights is not None:
         apply_weights(model, weights)
     return model.eval()
