@@ -588,6 +588,7 @@ def test_a_sweep_of_smoothgrad_alone_on_a_traced_model():
         (lambda maps: maps[:, None], "shape (8, 1, 16, 16)"),
         (lambda maps: maps[:4], "shape (4, 16, 16)"),
         (lambda maps: maps.numpy(), "ndarray"),
+        (lambda maps: maps.index_fill(0, torch.tensor([5]), math.nan), "maps with NaN or inf"),
     ],
 )
 def test_a_registered_defense_that_returns_other_maps_is_named(small, returned, got):
@@ -605,7 +606,9 @@ def test_a_registered_defense_that_returns_other_maps_is_named(small, returned, 
     finally:
         DEFENSES.pop("odd")
     assert str(info.value) == (
-        f"defense 'odd' returned {got}; expected maps of shape (8, 16, 16), the attacked "
+        "defense 'odd' returned maps with NaN or inf; expected finite maps"
+        if "NaN" in got
+        else f"defense 'odd' returned {got}; expected maps of shape (8, 16, 16), the attacked "
         "images' then the clean ones' (2B, H, W) as a torch.Tensor"
     )
 

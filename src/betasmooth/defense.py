@@ -550,6 +550,9 @@ def _checked_maps(defense: str, maps: object, shape: tuple[int, ...]) -> torch.T
             f"defense {defense!r} returned {got}; expected maps of shape {shape}, the "
             "attacked images' then the clean ones' (2B, H, W) as a torch.Tensor"
         )
+    if not bool(torch.isfinite(maps).all()):
+        # Every score of the sweep would be NaN, far from its cause.
+        raise InputError(f"defense {defense!r} returned maps with NaN or inf; expected finite maps")
     return maps.detach()
 
 
