@@ -1079,6 +1079,23 @@ def test_out_of_memory_reading_the_weights_names_its_own_remedy(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+def test_out_of_memory_in_curvature_names_curvature_s_own_remedy(tmp_path, monkeypatch, capsys):
+    # curvature has no --option: the hint of attack and explain (chunk=1) is not its own.
+    from betasmooth import runs
+    from betasmooth.validate import OutOfMemory
+
+    def hungry(*args, **kwargs):
+        raise OutOfMemory(RuntimeError("CUDA out of memory."), "with a batch of 1")
+
+    monkeypatch.setattr(runs, "curvature_run", hungry)
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "-n", "1", "--betas", "1"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "betasmooth: error: out of memory with a batch of 1 (CUDA out of memory.); "
+        "expected smaller inputs (--image-size)\n"
+    )
+
+
 def test_table_has_forty_cases() -> None:
     assert len(API) + len(CLI) >= 40 and len(API) >= 20 and len(CLI) >= 20
 

@@ -1690,6 +1690,20 @@ def test_beta_without_beta_smooth_among_the_methods_is_one_line_before_any_run(
 EXPLAIN = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
 
 
+def test_beta_and_an_option_of_beta_smooth_s_beta_are_refused_together_before_any_run(
+    tmp_path, capsys
+):
+    # Both given, --beta silently won over the option.
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "2", "--option", "beta_smooth.beta=3"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "betasmooth: error: --beta and --option beta_smooth.beta both give beta_smooth's beta; "
+        "expected one\n"
+    )
+    assert not out.exists()
+
+
 def test_option_gives_captum_its_options_and_resume_compares_them(tmp_path, capsys):
     from captum.attr import Occlusion
 
@@ -1889,6 +1903,57 @@ def test_an_interrupt_says_how_to_continue_each_command(attack_dir, tmp_path, mo
     assert "interrupted; run again with --resume to continue" in capsys.readouterr().err
 
 
+def test_a_write_the_disk_refuses_ends_in_one_line_naming_the_file_and_status_2(
+    tmp_path, monkeypatch, capsys
+):
+    # An OSError without a file name (a full disk at write time) is named by the file written.
+    import errno
+
+    from betasmooth import store
+
+    def full(path, write, suffix):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_replace", full)
+    out = tmp_path / "run"
+    assert main(["theorem", "--out", str(out), "--quick", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: {os.strerror(errno.ENOSPC)}: {out / 'config.json'}\n"
+    )
+
+
+def test_an_error_of_several_lines_is_said_in_one(tmp_path, monkeypatch, capsys):
+    from betasmooth import theory
+
+    def refuse(**kwargs):
+        raise bs.InputError("the checks failed:\n    first reason\n    second reason")
+
+    monkeypatch.setattr(theory, "run", refuse)
+    assert main(["theorem", "--out", str(tmp_path / "run"), "--quick", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "betasmooth: error: the checks failed: first reason second reason\n"
+    )
+
+
+def test_a_model_file_and_data_named_relative_to_the_working_directory_are_recorded_absolute(
+    tmp_path, monkeypatch
+):
+    # A sweep or report started from another directory reopens them by the recorded names.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(
+        "import betasmooth as bs\n\n\ndef net():\n    return bs.load_model('digits-cnn')\n"
+    )
+    data = tmp_path / "one.npz"
+    np.savez(data, x=np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32))
+    argv = ["explain", "--model", "net.py:net", "--data", "one.npz", "-n", "1"]
+    assert main([*argv, "--method", "gradient", "--out", "run", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["model"], config["data"]) == (
+        f"{tmp_path.resolve()}/net.py:net",
+        str(data.resolve()),
+    )
+
+
 def test_what_an_npz_holds_is_said_once(tmp_path, capsys):
     x, y = bs.load_data("digits")
     np.savez(tmp_path / "big.npz", x=x[:4].numpy() * 255, labels=y[:4].numpy())
@@ -2047,6 +2112,21 @@ def test_a_grouping_field_longer_than_its_entries_is_as_wide_as_its_heading():
     ]
 
 
+def test_summary_table_writes_zero_plainly_ten_thousand_in_e_notation_and_a_lacking_field_as_dash():
+    # 0 is neither small nor large (0.000, not 0.00e+00); 1e4 is the first large value.
+    from betasmooth.cli import summary_table
+
+    records = [{"method": "gradient", "zero": 0.0, "big": 1e4}]
+    columns = [("zero", "zero"), ("big", "big"), ("absent", "absent")]
+    assert summary_table(records, columns).splitlines()[1].split() == [
+        "gradient",
+        "1",
+        "0.000",
+        "1.00e+04",
+        "-",
+    ]
+
+
 @pytest.mark.parametrize("values", [[1.2e-3, 1.4e-3, 1.9e-3], [-6.3e-3, -5.6e-3, -4e-3]])
 def test_summary_table_keeps_three_digits_below_one_hundredth(values):
     # Three decimals would show an input MSE of 1.4e-3 as 0.001 and of 1.9e-3 as 0.002.
@@ -2065,6 +2145,23 @@ def test_demo_steps_keep_the_papers_proportions_rounded():
     # 20 steps for the longest; a third of them, 6.67, rounds to 7.
     assert _demo_steps(list(paper), 20) == {"gradient": 20, "integrated_gradients": 7}
     assert _demo_steps(list(paper), 2) == {"gradient": 2, "integrated_gradients": 1}
+
+
+def test_demo_steps_give_every_method_at_least_one_step():
+    # A budget of 1 is a third of a step for integrated_gradients: rounded, none at all.
+    from betasmooth.cli import _demo_steps
+
+    methods = ["gradient", "integrated_gradients"]
+    assert _demo_steps(methods, 1) == {"gradient": 1, "integrated_gradients": 1}
+
+
+def test_data_of_one_image_fewer_than_asked_is_said_in_the_singular(tmp_path, capsys):
+    data = tmp_path / "one.npz"
+    np.savez(data, x=np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32))
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "--method", "gradient"]
+    assert main([*argv, "-n", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err == f"betasmooth explain: {data} holds only 1 image; using all 1 (asked for 2)\n"
 
 
 @pytest.mark.parametrize(("data", "table"), [("digits", "DEMO_SIZES"), ("photos", "PHOTO")])
@@ -2259,6 +2356,19 @@ def test_the_bounds_of_the_beta_range_are_betas(capsys):
     assert "expected a positive number" in capsys.readouterr().err
 
 
+def test_of_several_betas_outside_the_range_the_first_is_named(tmp_path, capsys):
+    from betasmooth.cli import BETA_RANGE
+
+    betas = "2,0,1e40"
+    assert main(["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", betas,
+                 "--out", str(tmp_path / "run")]) == 2  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: --betas must be positive numbers from {BETA_RANGE[0]:.3g} to "
+        f"{BETA_RANGE[1]:.3g} (float32's normal range), e.g. 0.5,1,2,5; got 0\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
     from betasmooth.cli import build_parser
 
@@ -2432,6 +2542,22 @@ def test_demo_records_the_fingerprints_of_its_images_and_weights(demo_dir):
         inputs.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     weights = hashlib.sha256(weights_file("digits-cnn", None).read_bytes()).hexdigest()
     assert (config["inputs_sha256"], config["weights_sha256"]) == (inputs.hexdigest(), weights)
+
+
+def test_a_run_that_recorded_no_weights_fingerprint_is_swept(tmp_path, capsys):
+    # Runs made before weights_sha256 was recorded have nothing to compare: swept as before.
+    out = tmp_path / "run"
+    argv = [*ATTACK, "--method", "gradient", "-n", "2", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["weights_sha256"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["sweep", str(out), "--betas", "1", "--smoothgrad-n", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    rows = read_jsonl(out / "sweep.jsonl")
+    assert sorted((r["index"], r["defense"]) for r in rows) == [
+        (i, d) for i in (0, 1) for d in ("beta_smooth", "smoothgrad")
+    ]
 
 
 def test_a_run_made_with_a_std_alone_is_swept_and_resumed_with_its_neutral_mean(tmp_path, capsys):

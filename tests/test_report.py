@@ -405,6 +405,26 @@ def test_settings_and_run_tables(full_run):
     assert what["seed"] == "7" and what["images (n)"] == str(N)
 
 
+def test_versions_have_a_table_of_their_own_and_no_row_among_the_settings(full_run):
+    run, _, _ = full_run
+    page = parse(run / "report.html")
+    stored = json.loads((run / "config.json").read_text())["versions"]
+    versions = {row[0][0]: row[1][0] for row in page.tables["versions"][1:]}
+    assert versions == stored and list(versions) == sorted(stored) and "torch" in versions
+    settings = [row[0][0] for row in page.tables["settings-table"][1:]]
+    assert "versions" not in settings and "seed" in settings
+
+
+def test_a_swept_digits_cnn_run_has_neither_the_no_maps_nor_the_other_model_note(full_run):
+    # The notes of a method without beta-smoothed maps and of a theory checked on another
+    # model than the run's: full_run has both the maps and the built-in digits-cnn.
+    run, _, _ = full_run
+    text = (run / "report.html").read_text()
+    assert text.count(f"<figcaption>First {GRID_ROWS} of {N} images") == len(METHODS)
+    assert "No beta-smoothed maps stored" not in text
+    assert "not this run&#x27;s model" not in text
+
+
 def test_settings_keep_the_order_of_numeric_keys(tmp_path):
     betas = {str(b): {"robustness": b / 100} for b in (0.5, 1, 2, 5, 10, 20, 50)}
     run = RunDir.create(tmp_path, {"command": "explain", "beta_auto": {"betas": betas}})
@@ -472,6 +492,28 @@ def test_explain_grid_leaves_out_a_method_whose_maps_of_the_rows_are_lost(tmp_pa
         for i in range(2 * n)
     ]
     run.append(records)
+    page = parse(build_report(tmp_path))
+    with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
+        assert im.size == figures.grid_size(n, 2)
+    text = (tmp_path / "report.html").read_text()
+    assert "Not shown, their maps of these images are not stored: lrp." in text
+
+
+def test_explain_grid_leaves_out_a_method_that_lacks_some_of_the_rows(tmp_path):
+    # lrp's first batch of two is lost, its second kept: two of the rows' maps are there.
+    rng = np.random.default_rng(4)
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
+    n = GRID_ROWS
+    x = rng.random((n, 1, H, H))
+    run.save_arrays("gradient", 0, ExplainBatch(np.arange(n), x, _maps(rng, n)))
+    run.save_arrays("lrp", 2, ExplainBatch(np.arange(2, n), x[2:], _maps(rng, n - 2)))
+    run.append(
+        [
+            {"index": i, "method": m, "label": 1, "seconds": 0.1}
+            for m in ("gradient", "lrp")
+            for i in range(n)
+        ]
+    )
     page = parse(build_report(tmp_path))
     with Image.open(io.BytesIO(_decode(page.images[0]["src"]))) as im:
         assert im.size == figures.grid_size(n, 2)
@@ -1683,6 +1725,44 @@ def test_integers_are_shown_whole(tmp_path):
     run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
     what = {row[0][0]: row[1][0] for row in parse(build_report(tmp_path)).tables["run-table"][1:]}
     assert what["seed"] == str(seed) and what["images (n)"] == "12345"
+
+
+def test_the_run_table_leaves_out_what_the_config_does_not_say(tmp_path):
+    # No rows of "–" for a model, data, methods or goal that the run never named.
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 3})
+    run.append([{"index": i, "method": "gradient", "label": 1, "seconds": 0.1} for i in range(2)])
+    rows = parse(build_report(tmp_path)).tables["run-table"][1:]
+    assert [row[0][0] for row in rows] == ["command", "images (n)", "results lines", "seed", "date"]
+    what = {row[0][0]: row[1][0] for row in rows}
+    assert (what["images (n)"], what["results lines"], what["seed"]) == ("2", "2", "3")
+
+
+def test_a_median_that_no_record_of_a_method_holds_reads_as_a_dash(tmp_path):
+    run = RunDir.create(tmp_path, {"command": "attack", "n": 2, "methods": ["gradient", "lrp"]})
+    records = [
+        {"index": i, "method": m, "goal": "targeted", "label": 1, "expl_pcc_orig": 0.25 * (i + 1)}
+        | ({"map_entropy": 0.5 + i} if m == "lrp" else {})
+        for m in ("gradient", "lrp")
+        for i in range(2)
+    ]
+    run.append(records)
+    text = build_report(tmp_path).read_text()
+    assert "<h2 id='results'>Attack results: medians over images</h2>" in text
+    table = parse(tmp_path / "report.html").tables["medians"]
+    header = ["median over images", "gradient (targeted)", "lrp (targeted)"]
+    assert [c[0] for c in table[0]] == header
+    rows = {row[0][0]: [c[0] for c in row[1:]] for row in table[1:]}
+    assert rows["expl_pcc_orig"] == ["0.375", "0.375"]
+    assert rows["map_entropy"] == ["–", "1"]
+
+
+def test_results_without_explanation_metrics_are_titled_results_not_attack_results(tmp_path):
+    run = RunDir.create(tmp_path, {"command": "curvature", "n": 2})
+    run.append([{"index": i, "method": "gradient", "hessian_norm": 1.0 + i} for i in range(2)])
+    text = build_report(tmp_path).read_text()
+    assert "<h2 id='results'>Results: medians over images</h2>" in text
+    medians = column(parse(tmp_path / "report.html").tables["medians"], "gradient")
+    assert medians["hessian_norm"] == 1.5
 
 
 def test_the_beta_choice_table_shows_the_medians_of_the_sweep(_swept_run, tmp_path):

@@ -971,6 +971,19 @@ def test_an_arrays_file_without_an_integer_index_is_not_sound(tmp_path, index):
     assert run.repair(say=said.append) == 2 and run.read() == [] and len(said) == 1
 
 
+def test_an_arrays_file_with_a_per_item_array_of_another_length_is_not_sound(tmp_path):
+    # Three maps for two indices: which map is whose cannot be told, so neither item counts.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    path = run.save_arrays("gradient", 0, {"index": np.arange(2), "map": np.zeros((3, 4, 4))})
+    run.append([{"index": i, "method": "gradient"} for i in (0, 1)])
+    said = []
+    assert run.repair(say=said.append) == 2 and run.read() == [] and not path.exists()
+    assert said == [
+        f"betasmooth: 2 finished items of gradient have a missing or corrupt arrays file in "
+        f"{run.arrays}; computing them again"
+    ]
+
+
 def test_a_sweep_arrays_file_with_more_betas_than_items_is_sound(tmp_path):
     # betas holds one value per beta, not one per item: a batch of two items swept at
     # three betas is whole, and resuming the sweep keeps it.
