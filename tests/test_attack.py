@@ -110,6 +110,28 @@ def test_a_loss_or_goal_that_gives_a_batch_total_is_refused(digits_cnn, digits, 
         bs.manipulate(digits_cnn, x, target, "gradient", steps=2, goal="summed")
 
 
+def test_a_goal_entry_that_is_no_goal_or_measures_no_record_is_named(
+    digits_cnn, digits, monkeypatch
+):
+    # A plain function would fail on .targeted; a measure no record holds would show
+    # as an empty column of every summary.
+    x = digits[0][:2]
+    monkeypatch.setitem(attack.GOALS, "plain", lambda p, maps, x_adv: maps.sum((1, 2)))
+    with pytest.raises(bs.InputError) as err:
+        bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="plain")
+    assert str(err.value) == "goal 'plain' is a function; expected a betasmooth.attack.Goal"
+    built = attack.GOALS["topk"]
+    odd = attack.Goal(built.objective, built.score, True, False, measure="expl_nosuch_orig")
+    monkeypatch.setitem(attack.GOALS, "odd", odd)
+    with pytest.raises(bs.InputError) as err:
+        bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="odd")
+    assert str(err.value) == (
+        "goal 'odd' measures 'expl_nosuch_orig', which no record holds; expected "
+        "expl_<metric>_orig or expl_<metric>_target of a metric of betasmooth.metrics.METRICS"
+    )
+    assert attack.check_goal("topk") == "topk"
+
+
 def test_topk_scores_use_the_attacks_k(small):
     # The top-k overlap with the original map and with the target is measured
     # at the k the attack was given (not compare's default), as by compare itself.

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import functools
 import math
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -101,6 +102,7 @@ __all__ = [
     "beta_at",
     "check_attack_model",
     "check_attackable",
+    "check_goal",
     "check_method_name",
     "check_target_map",
     "default_lr",
@@ -674,6 +676,31 @@ GOALS: dict[str, Goal] = {
         _com_objective, _com_distance, True, targeted=False, measure="expl_com_shift_orig"
     ),
 }
+
+
+def check_goal(goal: object, name: str = "goal") -> str:
+    """Check that ``goal`` names an entry of :data:`GOALS` that is a :class:`Goal` whose
+    ``measure`` is a record the attack writes, ``expl_<metric>_orig`` or ``_target``.
+
+    Examples
+    --------
+    >>> check_goal("topk")
+    'topk'
+    """
+    goal = check_choice(name, goal, GOALS)
+    entry = GOALS[goal]
+    if not isinstance(entry, Goal):
+        raise InputTypeError(
+            f"goal {goal!r} is a {type(entry).__name__}; expected a betasmooth.attack.Goal"
+        )
+    names = "|".join(map(re.escape, metrics.METRICS))
+    if re.fullmatch(rf"expl_({names})_(orig|target)", str(entry.measure)) is None:
+        raise InputError(
+            f"goal {goal!r} measures {entry.measure!r}, which no record holds; expected "
+            "expl_<metric>_orig or expl_<metric>_target of a metric of "
+            "betasmooth.metrics.METRICS"
+        )
+    return goal
 
 
 def recorded_goal(config: Mapping[str, object], goal: object = None) -> tuple[bool, str]:
@@ -1323,7 +1350,7 @@ def _checked_input(model: object, x: object) -> torch.Tensor:
 
 def _resolve(x: torch.Tensor, method: object, **given: object) -> _Settings:
     """Check every option of :func:`manipulate` and resolve the defaults of the method."""
-    goal = check_choice("goal", given["goal"], GOALS)
+    goal = check_goal(given["goal"])
     check_choice("loss", given["loss"], LOSSES)
     check_attackable(method, given["method_options"])
     defaults = attack_defaults(method)

@@ -44,6 +44,7 @@ from .attack import (
     attack_defaults,
     check_attack_model,
     check_attackable,
+    check_goal,
     derangement,
     recorded_goal,
 )
@@ -60,7 +61,6 @@ from .validate import (
     MAX_SEED,
     InputError,
     OutOfMemory,
-    check_choice,
     check_uncompiled,
     is_number,
     is_oom,
@@ -1264,7 +1264,7 @@ def _command_inputs(
 
 def _goal(args: argparse.Namespace) -> Goal:
     """The entry of ``--goal`` in :data:`~betasmooth.attack.GOALS` (a model file may add to it)."""
-    return GOALS[check_choice("--goal", args.goal, GOALS)]
+    return GOALS[check_goal(args.goal, "--goal")]
 
 
 def _budget_settings(args: argparse.Namespace, goal: Goal, x: torch.Tensor) -> dict[str, object]:

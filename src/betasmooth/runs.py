@@ -26,6 +26,7 @@ from .attack import (
     attack_defaults,
     attack_options,
     check_attackable,
+    check_goal,
     derangement,
     manipulate,
     scoring_options,
@@ -58,7 +59,7 @@ from .store import (
     check_batch_file,
 )
 from .units import Unit, execute, plan, seeded, unit_seed
-from .validate import InputError, check_choice, check_input, silenced, to_numpy
+from .validate import InputError, check_input, silenced, to_numpy
 from .zoo import check_compatible, load_data, load_model
 
 __all__ = [
@@ -441,7 +442,7 @@ def attack_run(
     """
     device = torch.device(device)
     model = model.to(device)
-    targeted = GOALS[check_choice("goal", goal, GOALS)].targeted
+    targeted = GOALS[check_goal(goal)].targeted
     targets = derangement(x.shape[0], seed) if targeted else None
     # Each batch's steps get a bar of their own below the batches' bar.
     steps_bar = (dist is None or dist.rank == 0) and (
