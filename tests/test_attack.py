@@ -110,6 +110,23 @@ def test_a_loss_or_goal_that_gives_a_batch_total_is_refused(digits_cnn, digits, 
         bs.manipulate(digits_cnn, x, target, "gradient", steps=2, goal="summed")
 
 
+def test_an_objective_that_detaches_the_maps_is_named(digits_cnn, digits, monkeypatch):
+    # Its output term alone would move x: the map term would be dead without a word.
+    x = digits[0][:3]
+    target = targets_of(digits_cnn, x)
+    monkeypatch.setitem(LOSSES, "detached", lambda maps, t: LOSSES["mse"](maps.detach(), t))
+    with pytest.raises(bs.InputError) as err:
+        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, loss="detached")
+    assert str(err.value) == (
+        "the attack's objective (goal 'targeted', loss 'detached') does not depend on the "
+        "maps it is given, so no step can move them; expected a differentiable function of "
+        "the maps (does it detach them?)"
+    )
+    # No weight on the map term is a choice, not a detached graph: the attack runs.
+    kept = bs.manipulate(digits_cnn, x, target, "gradient", steps=2, weights=(0.0, 1.0))
+    assert kept.history.shape == (2, 3)
+
+
 def test_a_goal_entry_that_is_no_goal_or_measures_no_record_is_named(
     digits_cnn, digits, monkeypatch
 ):

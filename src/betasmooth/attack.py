@@ -797,6 +797,12 @@ def _run(
             loss = _per_image(
                 goal.objective(p, maps, x_adv), f"goal {s.goal!r}'s objective", len(x_adv)
             )
+            if i == 0 and _depends_on(maps, x_adv) and not _depends_on(loss, maps):
+                raise InputError(
+                    f"the attack's objective (goal {s.goal!r}, loss {s.loss!r}) does not depend "
+                    "on the maps it is given, so no step can move them; expected a "
+                    "differentiable function of the maps (does it detach them?)"
+                )
             if not loss.requires_grad:
                 raise InputError(_no_graph(s.method))
             if i == 0 and not _depends_on(maps, x_adv):
