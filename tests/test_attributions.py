@@ -148,6 +148,20 @@ def test_a_method_of_another_form_is_refused_where_it_is_registered_or_resolved(
         "the method that prefix 'nothing' resolves '1' to must be callable; got NoneType"
     )
 
+    # A resolver that refuses a name in its own way: said in one line, naming the prefix.
+    @register_prefix("picky")
+    def picky(name):
+        raise ValueError(f"no method called {name}\nsee the docs")
+
+    try:
+        with pytest.raises(bs.InputError) as err:
+            bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "picky:c", 0)
+    finally:
+        del PREFIXES["picky"]
+    assert (
+        str(err.value) == "method prefix 'picky' cannot resolve 'c': ValueError: no method called c"
+    )
+
 
 def test_a_method_that_says_its_maps_have_other_shapes_returns_them_also_as_a_base():
     # shaped_like_x = False (a layer's maps): a batch of maps of any shape, also through

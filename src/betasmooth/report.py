@@ -27,6 +27,7 @@ import numpy as np
 
 from . import figures
 from .attack import recorded_goal
+from .checkpoint import reason
 from .metrics import group_records, medians
 from .recommend import (
     CELL_KEYS,
@@ -1061,9 +1062,7 @@ def _rendered(name: str, section: Callable[[_Run], str], run: _Run) -> str:
     try:
         part = section(run)
     except Exception as err:
-        text = str(err).strip().splitlines()
-        said = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-        warn_user(f"report section {name!r} failed ({said}); the report holds the others")
+        warn_user(f"report section {name!r} failed ({reason(err)}); the report holds the others")
         return ""
     if not isinstance(part, str):
         warn_user(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..checkpoint import reason
 from ..smooth import check_smoothing_uncompiled, flush_denormals, second_order
 from ..validate import (
     InputError,
@@ -480,7 +481,15 @@ def _lookup(method: str) -> Method:
             f"got {method!r}, expected e.g. {method.replace('-', '_')!r}"
         )
     prefix, name = method.split(":", 1)
-    fn = PREFIXES[prefix](name)
+    try:
+        fn = PREFIXES[prefix](name)
+    except InputError:
+        raise
+    except Exception as err:
+        # A resolver's own refusal of a name, in whatever form it raises it.
+        raise InputError(
+            f"method prefix {prefix!r} cannot resolve {name!r}: {reason(err)}"
+        ) from err
     _check_method_form(f"the method that prefix {prefix!r} resolves {name!r} to", fn)
     return fn
 
