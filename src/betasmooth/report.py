@@ -1058,9 +1058,13 @@ SECTIONS: dict[str, Callable[[_Run], str]] = {
 
 def _rendered(name: str, section: Callable[[_Run], str], run: _Run) -> str:
     """The HTML of one section; one that fails or gives no text is named in a warning and
-    left out, so that the report holds the others (a plugin's bug costs one section)."""
+    left out, so that the report holds the others (a plugin's bug costs one section). A
+    damaged run (InputError) and a failing disk or memory (OSError, MemoryError) end the
+    report as before: they would fail every section."""
     try:
         part = section(run)
+    except (InputError, OSError, MemoryError):
+        raise
     except Exception as err:
         warn_user(f"report section {name!r} failed ({reason(err)}); the report holds the others")
         return ""
