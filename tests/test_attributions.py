@@ -138,6 +138,11 @@ def test_a_method_of_another_form_is_refused_where_it_is_registered_or_resolved(
         "expected that form"
     )
     assert "no_graph" not in METHODS
+    # An option without a default is the caller's to give: the form leaves it out.
+    register("scaled_by")(lambda model, x, target, *, create_graph=False, scale: scale * x)
+    x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(bs.explain(torch.nn.Flatten(), x, "scaled_by", 0, scale=2.0), 2 * x)
+    del METHODS["scaled_by"]
     register_prefix("nothing")(lambda name: None)
     try:
         with pytest.raises(bs.InputError) as err:

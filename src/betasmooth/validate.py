@@ -442,16 +442,26 @@ def check_form(what: str, fn: object, positional: int, keywords: Sequence[str], 
     """
     if not callable(fn):
         raise InputTypeError(f"{what} must be callable; got {type(fn).__name__}")
+    with contextlib.suppress(TypeError):  # an object that takes no weak reference
+        if form in _FORM_CHECKED.get(fn, ()):
+            return
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # a builtin without a signature: only a call can tell
     try:
-        signature.bind(*(None,) * positional, **dict.fromkeys(keywords))
+        # Partial: a parameter the form leaves out may come as an option.
+        signature.bind_partial(*(None,) * positional, **dict.fromkeys(keywords))
     except TypeError as err:
         raise InputTypeError(
             f"{what} cannot be called as {form} ({err}); expected that form"
         ) from None
+    with contextlib.suppress(TypeError):
+        _FORM_CHECKED.setdefault(fn, set()).add(form)
+
+
+# The forms each callable has passed check_form in: a method is looked up at every call.
+_FORM_CHECKED: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
 def check_module(model: object) -> nn.Module:
