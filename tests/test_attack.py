@@ -122,6 +122,14 @@ def test_an_objective_that_detaches_the_maps_is_named(digits_cnn, digits, monkey
         "maps it is given, so no step can move them; expected a differentiable function of "
         "the maps (does it detach them?)"
     )
+    # A goal without a loss is named alone.
+    topk = attack.GOALS["topk"]
+    detached = dataclasses.replace(
+        topk, objective=lambda p, m, xa: topk.objective(p, m.detach(), xa)
+    )
+    monkeypatch.setitem(attack.GOALS, "detached", detached)
+    with pytest.raises(bs.InputError, match=r"^the attack's objective \(goal 'detached'\) does"):
+        bs.manipulate(digits_cnn, x, None, "gradient", steps=2, goal="detached")
     # No weight on the map term is a choice, not a detached graph: the attack runs.
     kept = bs.manipulate(digits_cnn, x, target, "gradient", steps=2, weights=(0.0, 1.0))
     assert kept.history.shape == (2, 3)
@@ -143,10 +151,14 @@ def test_a_goal_entry_that_is_no_goal_or_measures_no_record_is_named(
     with pytest.raises(bs.InputError) as err:
         bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="odd")
     assert str(err.value) == (
-        "goal 'odd' measures 'expl_nosuch_orig', which no record holds; expected "
-        "expl_<metric>_orig or expl_<metric>_target of a metric of betasmooth.metrics.METRICS"
+        "goal 'odd' measures 'expl_nosuch_orig', which is no record of the attack's; expected "
+        "expl_<metric>_orig or expl_<metric>_target of a metric of betasmooth.metrics.METRICS, "
+        "or one of label_kept, input_mse, input_max_change, input_pcc, output_change"
     )
-    assert attack.check_goal("topk") == "topk"
+    # A record of the attack's own, not a map comparison: measured as the goal says.
+    monkeypatch.setitem(attack.GOALS, "odd", dataclasses.replace(odd, measure="input_pcc"))
+    result = bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="odd")
+    assert result.records()[0]["goal"] == "odd" and "input_pcc" in result.records()[0]
 
 
 def test_topk_scores_use_the_attacks_k(small):

@@ -694,13 +694,18 @@ def check_goal(goal: object, name: str = "goal") -> str:
             f"goal {goal!r} is a {type(entry).__name__}; expected a betasmooth.attack.Goal"
         )
     names = "|".join(map(re.escape, metrics.METRICS))
-    if re.fullmatch(rf"expl_({names})_(orig|target)", str(entry.measure)) is None:
+    compared = re.fullmatch(rf"expl_({names})_(orig|target|target_before)", str(entry.measure))
+    if compared is None and entry.measure not in _OWN_RECORDS:
         raise InputError(
-            f"goal {goal!r} measures {entry.measure!r}, which no record holds; expected "
-            "expl_<metric>_orig or expl_<metric>_target of a metric of "
-            "betasmooth.metrics.METRICS"
+            f"goal {goal!r} measures {entry.measure!r}, which is no record of the attack's; "
+            "expected expl_<metric>_orig or expl_<metric>_target of a metric of "
+            f"betasmooth.metrics.METRICS, or one of {', '.join(_OWN_RECORDS)}"
         )
     return goal
+
+
+# The records of an attack besides the map comparisons (see _result).
+_OWN_RECORDS = ("label_kept", "input_mse", "input_max_change", "input_pcc", "output_change")
 
 
 def recorded_goal(config: Mapping[str, object], goal: object = None) -> tuple[bool, str]:
@@ -797,15 +802,17 @@ def _run(
             loss = _per_image(
                 goal.objective(p, maps, x_adv), f"goal {s.goal!r}'s objective", len(x_adv)
             )
-            if i == 0 and _depends_on(maps, x_adv) and not _depends_on(loss, maps):
+            moves = i == 0 and _depends_on(maps, x_adv)  # a backward: at the first step only
+            if moves and not _depends_on(loss, maps):
+                uses = f", loss {s.loss!r}" if goal.objective is _targeted_objective else ""
                 raise InputError(
-                    f"the attack's objective (goal {s.goal!r}, loss {s.loss!r}) does not depend "
-                    "on the maps it is given, so no step can move them; expected a "
-                    "differentiable function of the maps (does it detach them?)"
+                    f"the attack's objective (goal {s.goal!r}{uses}) does not depend on the "
+                    "maps it is given, so no step can move them; expected a differentiable "
+                    "function of the maps (does it detach them?)"
                 )
             if not loss.requires_grad:
                 raise InputError(_no_graph(s.method))
-            if i == 0 and not _depends_on(maps, x_adv):
+            if i == 0 and not moves:
                 # Only the targeted goal's output term moves x then; the map stays put.
                 warn_user(_no_graph(s.method), p.model)
             (grad,) = torch.autograd.grad(loss.sum(), x_adv, allow_unused=True)
