@@ -428,13 +428,10 @@ def test_images_of_other_channels_or_too_small_say_what_fits(tmp_path, capsys) -
         .endswith("the model's first convolution takes 1 channel: give images of 1 channel")
     )
     assert main([*argv, "--data", str(two), "--channels", "1", "--out", str(tmp_path / "f")]) == 2
-    assert (
-        capsys.readouterr()
-        .err.strip()
-        .endswith(
-            f"data {two} has 2 channels, which cannot be converted to 1; channels= (--channels) "
-            "converts grey to RGB and RGB to grey only"
-        )
+    said = capsys.readouterr().err.strip()
+    assert said.endswith(
+        f"data {str(two)!r} has 2 channels, which cannot be converted to 1; channels= "
+        "(--channels) converts grey to RGB and RGB to grey only"
     )
     # A dense layer after the convolutions: photos-cnn at 32 px instead of 64.
     small = ["--model", "photos-cnn", "--data", "photos", "--image-size", "32", "-n", "2"]

@@ -525,7 +525,7 @@ def _to_channels(x: torch.Tensor, channels: int | None, spec: str) -> torch.Tens
     if x.shape[1] == 3 and channels == 1:
         return torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA))[:, None]
     raise InputError(
-        f"data {spec} has {x.shape[1]} channels, which cannot be converted to {channels}; "
+        f"data {spec!r} has {x.shape[1]} channels, which cannot be converted to {channels}; "
         "channels= (--channels) converts grey to RGB and RGB to grey only"
     )
 

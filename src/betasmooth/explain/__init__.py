@@ -600,7 +600,7 @@ def explain(
     # A map with a graph is differentiated again (the attack).
     with evaluating(model), flush_denormals(), second_order(create_graph):
         out = fn(model, x, target_t, create_graph=create_graph, **options)
-    out = _checked_output(out, method, x, options)
+    out = _checked_output(out, method, fn, x, options)
     if not create_graph:  # the attack's steps: their maps were checked before it
         _check_finite(out, method)
         _warn_if_zero(out, method, model)
@@ -641,14 +641,18 @@ def _warn_if_zero(out: torch.Tensor, method: str, model: nn.Module) -> None:
 
 
 def _checked_output(
-    out: object, method: str, x: torch.Tensor, options: Mapping[str, object]
+    out: object, method: str, fn: Method, x: torch.Tensor, options: Mapping[str, object]
 ) -> torch.Tensor:
     """A method's result, refused in one line unless it is shaped like ``x``, or, for a
     method (or base) whose ``shaped_like_x`` is False, a batch of ``x``'s size."""
-    free = not getattr(_lookup(method), "shaped_like_x", True)
-    base = options.get("base", method_options(method).get("base"))
-    if wraps_base(method) and isinstance(base, str) and is_method(base):
-        free = free or not getattr(_lookup(base), "shaped_like_x", True)
+    free = not getattr(fn, "shaped_like_x", True)
+    if not free and wraps_base(method):
+        base = options.get("base", method_options(method).get("base"))
+        free = (
+            isinstance(base, str)
+            and is_method(base)
+            and not getattr(_lookup(base), "shaped_like_x", True)
+        )
     if isinstance(out, torch.Tensor) and (
         out.shape == x.shape if not free else out.dim() >= 2 and out.shape[0] == x.shape[0]
     ):
