@@ -92,73 +92,85 @@ def test_short_attack_lowers_loss_and_keeps_labels(digits_cnn, digits):
     torch.testing.assert_close(result.map_target, target)
 
 
-def test_a_loss_or_goal_that_gives_a_batch_total_is_refused(digits_cnn, digits, monkeypatch):
+TARGETED = attack.GOALS["targeted"]
+TOPK = attack.GOALS["topk"]
+DETACHED = (
+    "the attack's objective ({}) does not depend on the maps it is given, so no step can "
+    "move them; expected a differentiable function of the maps (does it detach them?)"
+)
+
+# name: (a loss or a goal registered as "mine", targeted, the one line it ends with)
+BAD_PLUGINS = {
     # One number for the batch would pick every image's best step by the batch's total.
-    x = digits[0][:3]
-    target = targets_of(digits_cnn, x)
-    monkeypatch.setitem(LOSSES, "total", lambda maps, t: (maps - t).square().sum())
-    with pytest.raises(bs.InputError, match=r"^loss 'total' returned shape \(\); expected one "):
-        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, loss="total")
-    built = attack.GOALS["targeted"]
-    summed = attack.Goal(built.objective, lambda p, maps: built.score(p, maps).sum(), False)
-    monkeypatch.setitem(attack.GOALS, "summed", summed)
-    with pytest.raises(
-        bs.InputError,
-        match=r"^goal 'summed''s score returned shape \(\); expected one value per image, "
-        r"shape \(3,\)$",
-    ):
-        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, goal="summed")
-
-
-def test_an_objective_that_detaches_the_maps_is_named(digits_cnn, digits, monkeypatch):
+    "loss of the batch": (
+        lambda: ("loss", lambda maps, t: (maps - t).square().sum()),
+        True,
+        "loss 'mine' returned shape (); expected one value per image, shape (3,)",
+    ),
+    "score of the batch": (
+        lambda: (
+            "goal",
+            dataclasses.replace(TARGETED, score=lambda p, m: TARGETED.score(p, m).sum()),
+        ),
+        True,
+        "goal 'mine''s score returned shape (); expected one value per image, shape (3,)",
+    ),
     # Its output term alone would move x: the map term would be dead without a word.
+    "detached loss": (
+        lambda: ("loss", lambda maps, t: LOSSES["mse"](maps.detach(), t)),
+        True,
+        DETACHED.format("goal 'targeted', loss 'mine'"),
+    ),
+    "detached goal": (
+        lambda: (
+            "goal",
+            dataclasses.replace(TOPK, objective=lambda p, m, xa: TOPK.objective(p, m.detach(), xa)),
+        ),
+        False,
+        DETACHED.format("goal 'mine'"),
+    ),
+    "no Goal": (
+        lambda: ("goal", lambda p, maps, x_adv: maps.sum((1, 2))),
+        False,
+        "goal 'mine' is a function; expected a betasmooth.attack.Goal",
+    ),
+    # It would show as an empty column of every summary.
+    "measure of no record": (
+        lambda: ("goal", dataclasses.replace(TOPK, measure="expl_nosuch_orig")),
+        False,
+        "goal 'mine' measures 'expl_nosuch_orig', which is no record of the attack's; expected "
+        "expl_<metric>_orig or expl_<metric>_target of a metric of betasmooth.metrics.METRICS, "
+        "or one of label_kept, input_mse, input_max_change, input_pcc, output_change",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLUGINS))
+def test_a_loss_or_goal_of_another_form_is_refused_in_one_line(
+    digits_cnn, digits, monkeypatch, case
+):
+    make, targeted, said = BAD_PLUGINS[case]
+    kind, entry = make()
+    monkeypatch.setitem(LOSSES if kind == "loss" else attack.GOALS, "mine", entry)
     x = digits[0][:3]
-    target = targets_of(digits_cnn, x)
-    monkeypatch.setitem(LOSSES, "detached", lambda maps, t: LOSSES["mse"](maps.detach(), t))
+    target = targets_of(digits_cnn, x) if targeted else None
     with pytest.raises(bs.InputError) as err:
-        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, loss="detached")
-    assert str(err.value) == (
-        "the attack's objective (goal 'targeted', loss 'detached') does not depend on the "
-        "maps it is given, so no step can move them; expected a differentiable function of "
-        "the maps (does it detach them?)"
-    )
-    # A goal without a loss is named alone.
-    topk = attack.GOALS["topk"]
-    detached = dataclasses.replace(
-        topk, objective=lambda p, m, xa: topk.objective(p, m.detach(), xa)
-    )
-    monkeypatch.setitem(attack.GOALS, "detached", detached)
-    with pytest.raises(bs.InputError, match=r"^the attack's objective \(goal 'detached'\) does"):
-        bs.manipulate(digits_cnn, x, None, "gradient", steps=2, goal="detached")
-    # No weight on the map term is a choice, not a detached graph: the attack runs.
-    kept = bs.manipulate(digits_cnn, x, target, "gradient", steps=2, weights=(0.0, 1.0))
-    assert kept.history.shape == (2, 3)
+        bs.manipulate(digits_cnn, x, target, "gradient", steps=2, **{kind: "mine"})
+    assert str(err.value) == said
 
 
-def test_a_goal_entry_that_is_no_goal_or_measures_no_record_is_named(
+def test_a_goal_that_measures_a_record_of_its_own_or_weighs_no_map_runs(
     digits_cnn, digits, monkeypatch
 ):
-    # A plain function would fail on .targeted; a measure no record holds would show
-    # as an empty column of every summary.
-    x = digits[0][:2]
-    monkeypatch.setitem(attack.GOALS, "plain", lambda p, maps, x_adv: maps.sum((1, 2)))
-    with pytest.raises(bs.InputError) as err:
-        bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="plain")
-    assert str(err.value) == "goal 'plain' is a function; expected a betasmooth.attack.Goal"
-    built = attack.GOALS["topk"]
-    odd = attack.Goal(built.objective, built.score, True, False, measure="expl_nosuch_orig")
-    monkeypatch.setitem(attack.GOALS, "odd", odd)
-    with pytest.raises(bs.InputError) as err:
-        bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="odd")
-    assert str(err.value) == (
-        "goal 'odd' measures 'expl_nosuch_orig', which is no record of the attack's; expected "
-        "expl_<metric>_orig or expl_<metric>_target of a metric of betasmooth.metrics.METRICS, "
-        "or one of label_kept, input_mse, input_max_change, input_pcc, output_change"
-    )
-    # A record of the attack's own, not a map comparison: measured as the goal says.
-    monkeypatch.setitem(attack.GOALS, "odd", dataclasses.replace(odd, measure="input_pcc"))
-    result = bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="odd")
-    assert result.records()[0]["goal"] == "odd" and "input_pcc" in result.records()[0]
+    # A record of the attack's own, not a map comparison, measures the goal; no weight on
+    # the map term is a choice, not a detached graph.
+    x = digits[0][:3]
+    monkeypatch.setitem(attack.GOALS, "mine", dataclasses.replace(TOPK, measure="input_pcc"))
+    result = bs.manipulate(digits_cnn, x, None, "gradient", steps=1, goal="mine")
+    assert result.records()[0]["goal"] == "mine" and "input_pcc" in result.records()[0]
+    target = targets_of(digits_cnn, x)
+    kept = bs.manipulate(digits_cnn, x, target, "gradient", steps=2, weights=(0.0, 1.0))
+    assert kept.history.shape == (2, 3)
 
 
 def test_topk_scores_use_the_attacks_k(small):
