@@ -680,7 +680,8 @@ GOALS: dict[str, Goal] = {
 
 def check_goal(goal: object, name: str = "goal") -> str:
     """Check that ``goal`` names an entry of :data:`GOALS` that is a :class:`Goal` whose
-    ``measure`` is a record the attack writes, ``expl_<metric>_orig`` or ``_target``.
+    ``measure`` is a record the attack writes: ``expl_<metric>_orig``, ``_target`` or
+    ``_target_before``, or one of its own (``input_pcc``, ``label_kept``, ...).
 
     Examples
     --------
