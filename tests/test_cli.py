@@ -2384,6 +2384,34 @@ def test_min_fidelity_takes_the_bounds_0_and_1_and_nothing_outside(capsys):
     assert "--min-fidelity" in capsys.readouterr().err
 
 
+POOLED_MODEL = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
+"""
+
+
+def test_data_stored_below_the_least_image_size_are_refused_unless_resized(tmp_path, capsys):
+    # A model that takes any size: 4 x 4 images would give 16-pixel maps, refused as
+    # --image-size 4 is; resized to 8 px they run.
+    (tmp_path / "pooled.py").write_text(POOLED_MODEL)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x=np.random.default_rng(0).random((2, 1, 4, 4)).astype(np.float32))
+    argv = ["explain", "--model", f"{tmp_path / 'pooled.py'}:build", "--data", str(data)]
+    argv += ["--method", "gradient", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: {data} holds images of 4x4 px; expected at least 8 px "
+        "(--image-size 8 or more resizes them): a map of a few pixels matches any target map\n"
+    )
+    assert not (tmp_path / "a").exists()
+    assert main([*argv, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
+
+
 def test_seed_image_size_and_out_take_their_bounds_and_nothing_outside(capsys):
     from betasmooth.cli import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, build_parser
 

@@ -1018,6 +1018,14 @@ def _load_images(
     """
     inputs = _load(vars(args), args.n)
     x = inputs[1]
+    if x.dim() == 4 and min(x.shape[-2:]) < MIN_IMAGE_SIZE:
+        # As for --image-size: the maps would match any target.
+        height, width = x.shape[-2:]
+        raise InputError(
+            f"{args.data} holds images of {height}x{width} px; expected at least "
+            f"{MIN_IMAGE_SIZE} px (--image-size {MIN_IMAGE_SIZE} or more resizes them): a map "
+            "of a few pixels matches any target map"
+        )
     if check_count is not None:
         check_count(len(x))
     if args.n is not None and len(x) < args.n:
