@@ -1858,12 +1858,19 @@ def test_each_row_of_a_grid_is_drawn_on_its_own_colour_scale():
     assert canvas[:cell].std() > 0.1
 
 
-def test_the_undefended_lines_of_each_panel_are_at_that_panel_s_medians(tmp_path, monkeypatch):
+def _undefended_figure(tmp_path, monkeypatch, first, second):
+    """The defense curves of two comparisons, 0.5 to 0.8 and 0.4 to 0.6 over betas 1 and
+    2, undefended at 0.3 and 0.7: the figure drawn."""
     drawn = _drawn_figures(monkeypatch)
-    curves = {"adv_vs_orig_pcc": [0.5, 0.8], "adv_vs_orig_ssim": [0.4, 0.6]}
-    undefended = {"adv_vs_orig_pcc": 0.3, "adv_vs_orig_ssim": 0.7}
+    curves = {first: [0.5, 0.8], second: [0.4, 0.6]}
+    undefended = {first: 0.3, second: 0.7}
     figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", undefended=undefended)
     (fig,) = drawn
+    return fig
+
+
+def test_the_undefended_lines_of_each_panel_are_at_that_panel_s_medians(tmp_path, monkeypatch):
+    fig = _undefended_figure(tmp_path, monkeypatch, "adv_vs_orig_pcc", "adv_vs_orig_ssim")
     flat = [
         [float(line.get_ydata()[0]) for line in ax.lines if line.get_alpha() == 0.5]
         for ax in fig.axes[:2]
@@ -2098,11 +2105,7 @@ def test_a_seventh_other_defense_takes_a_colour_of_its_own_again():
 
 
 def test_the_undefended_lines_are_in_their_comparison_s_colour(tmp_path, monkeypatch):
-    drawn = _drawn_figures(monkeypatch)
-    curves = {"adv_vs_target_pcc": [0.5, 0.8], "clean_vs_orig_pcc": [0.4, 0.6]}
-    undefended = {"adv_vs_target_pcc": 0.3, "clean_vs_orig_pcc": 0.7}
-    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png", undefended=undefended)
-    (fig,) = drawn
+    fig = _undefended_figure(tmp_path, monkeypatch, "adv_vs_target_pcc", "clean_vs_orig_pcc")
     flat = {
         float(line.get_ydata()[0]): line.get_color()
         for line in fig.axes[0].lines
