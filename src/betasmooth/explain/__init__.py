@@ -329,6 +329,14 @@ def wraps_base(method: str) -> bool:
     return "base" in method_options(method)
 
 
+def _base_of(method: str, options: Mapping[str, object]) -> str | None:
+    """The registered method that ``method`` smooths with ``options`` (its ``base``
+    option, else its default), or None for a method that smooths none."""
+    known = method_options(method)
+    base = options.get("base", known.get("base")) if "base" in known else None
+    return base if isinstance(base, str) and is_method(base) else None
+
+
 def range_options(
     low: torch.Tensor | float, high: torch.Tensor | float, methods: Iterable[str] = ()
 ) -> dict[str, dict[str, object]]:
@@ -387,8 +395,8 @@ def select_items(
     """
     chosen = dict(options)
     names = set(getattr(_lookup(method), "per_item_options", ()))
-    base = options.get("base", method_options(method).get("base"))
-    if wraps_base(method) and isinstance(base, str) and is_method(base):
+    base = _base_of(method, options)
+    if base is not None:
         of_base = set(getattr(_lookup(base), "per_item_options", ()))
         names |= of_base - set(method_options(method))
         if isinstance(options.get("base_options"), Mapping):
@@ -449,9 +457,8 @@ def with_base_range(
     {'low': -1.0, 'high': 1.0}
     """
     options = dict(options)
-    known = method_options(method)
-    base = options.get("base", known.get("base")) if "base" in known else None
-    if not isinstance(base, str) or not is_method(base):
+    base = _base_of(method, options)
+    if base is None:
         return options
     ranged = range_options(low, high, methods=[base]).get(base, {})
     given = options.get("base_options")
@@ -646,13 +653,8 @@ def _checked_output(
     """A method's result, refused in one line unless it is shaped like ``x``, or, for a
     method (or base) whose ``shaped_like_x`` is False, a batch of ``x``'s size."""
     free = not getattr(fn, "shaped_like_x", True)
-    if not free and wraps_base(method):
-        base = options.get("base", method_options(method).get("base"))
-        free = (
-            isinstance(base, str)
-            and is_method(base)
-            and not getattr(_lookup(base), "shaped_like_x", True)
-        )
+    if not free and (base := _base_of(method, options)) is not None:
+        free = not getattr(_lookup(base), "shaped_like_x", True)
     if isinstance(out, torch.Tensor) and (
         out.shape == x.shape if not free else out.dim() >= 2 and out.shape[0] == x.shape[0]
     ):
