@@ -130,6 +130,7 @@ ONE_INF_PIXEL = torch.zeros(1, 16, 16).index_put((torch.tensor([0]),) * 3, torch
         ("smoothgrad", {"sigma": 0.0}, ValueError, ["sigma must be a positive", "0.0"]),
         ("smoothgrad", {"sigma": -0.1}, ValueError, ["sigma must be a positive"]),
         ("smoothgrad", {"sigma": "big"}, TypeError, ["sigma must be a positive number"]),
+        ("smoothgrad", {"sigma": None}, TypeError, ["sigma must be a positive number; got None"]),
         ("smoothgrad", {"n": 0}, ValueError, ["n must be an integer >= 1", "0"]),
         ("smoothgrad", {"noise": "uniform"}, ValueError,
          ["unknown noise 'uniform'", "gaussian, logistic"]),

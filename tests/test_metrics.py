@@ -488,6 +488,17 @@ def test_heatmap_of_an_overflowing_sum_keeps_the_scales_of_the_channels():
     torch.testing.assert_close(maps.double(), heatmap(e), rtol=1e-5, atol=1e-9)
 
 
+def test_heatmap_rescues_an_overflowing_item_without_touching_the_others():
+    # Each item is divided by its own largest value: divided by the batch's, an ordinary
+    # item would lose its digits and a tiny one would flush to zero in float32.
+    e = torch.rand(3, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    scales = torch.tensor([3e38, 1.0, 1e-30], dtype=torch.float64).view(3, 1, 1, 1)
+    maps = heatmap((e * scales).float())
+    expected = np.abs(e.numpy()).sum(1)
+    expected /= expected.sum((1, 2), keepdims=True)
+    np.testing.assert_allclose(maps.double().numpy(), expected, rtol=1e-5, atol=0)
+
+
 def test_heatmap_of_a_total_below_the_smallest_normal_number_is_zero():
     # The documented convention: a float32 map whose |values| sum to less than 1.2e-38
     # is all zero, with a zero derivative (1 / total^2 overflows there, to inf and NaN).

@@ -18,7 +18,7 @@ from torch import nn
 import betasmooth as bs
 from betasmooth.attack import random_targets
 from betasmooth.cli import main
-from betasmooth.validate import InputError, InputTypeError, OutOfMemory, check_in_range
+from betasmooth.validate import InputError, InputTypeError, OutOfMemory, check_in_range, is_oom
 from nets import plain_cnn
 
 
@@ -854,6 +854,38 @@ def test_out_of_memory_in_the_first_forward_is_named_as_such():
         "out of memory in the model's forward of 2 items of x ([enforce fail"
     )
     assert "can't allocate memory" in str(refused.value)
+
+
+def test_a_forward_error_that_mentions_memory_is_the_models_own_not_out_of_memory():
+    # Only torch's RuntimeError (and MemoryError) is out of memory: a model's own error
+    # whose text says "out of memory" is named as its error, not retried in smaller batches.
+    class Budget(nn.Sequential):
+        def forward(self, x):
+            raise ValueError("feature cache out of memory budget")
+
+    net = Budget(nn.Flatten(), nn.Linear(16, 3))
+    with pytest.raises(InputError) as refused:
+        bs.explain(net, torch.rand(2, 1, 4, 4), "gradient")
+    assert not isinstance(refused.value, OutOfMemory)
+    assert str(refused.value) == (
+        "model's forward raised ValueError on input of shape (1, 4, 4) (2 items of x, whose "
+        "shape is (2, 1, 4, 4)): feature cache out of memory budget"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "oom"),
+    [
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"), True),
+        (MemoryError(), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x16 and 4x3)"), False),
+        (ValueError("feature cache out of memory budget"), False),
+        (KeyError("can't allocate memory"), False),
+    ],
+)
+def test_is_oom_reads_the_allocators_words_only_in_a_runtime_error(error, oom):
+    assert is_oom(error) is oom
 
 
 def test_a_zero_width_data_range_is_refused():
