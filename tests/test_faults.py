@@ -201,6 +201,39 @@ def test_a_write_error_names_the_file(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_an_error_on_the_temporary_file_names_the_file_it_becomes(tmp_path):
+    # The atomic write's rename onto a directory fails in the system's words, on the
+    # temporary file (.figure.png.XXXX.tmp): the line names figure.png instead.
+    target = tmp_path / "figure.png"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as failed:
+        store.write_bytes(target, b"png")
+    assert (failed.value.errno, failed.value.filename) == (errno.EISDIR, str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figure.png"]
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_model_loads(
+    tmp_path, monkeypatch, capsys
+):
+    # Root may write anywhere, so the system's answer for the folder is set here.
+    from betasmooth import runs
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = store.os.access
+    monkeypatch.setattr(
+        store.os, "access", lambda path, mode: Path(path) != locked and real(path, mode)
+    )
+    loaded = []
+    monkeypatch.setattr(runs, "load_inputs", lambda *a, **k: loaded.append(a))
+    assert main([*ATTACK, *ARGS, "--out", str(locked / "new" / "run")]) == 2
+    assert _error_line(capsys) == (
+        f"betasmooth: error: {locked} is not writable; expected --out in a folder this user "
+        "can write to"
+    )
+    assert loaded == [] and not (locked / "new").exists()
+
+
 def test_an_os_error_of_no_file_is_said_as_the_system_says_it(tmp_path, monkeypatch, capsys):
     # No file to name: the line is the error itself, not "...: None".
     from betasmooth import runs

@@ -495,6 +495,9 @@ def test_resume_and_sweep_refuse_a_checkpoint_changed_under_its_name(tmp_path, m
         assert main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "with another model: its weights file differs" in err[0]
+        assert err[0].endswith(
+            "put that file back, or run betasmooth attack again with a new --out"
+        )
     assert not (out / "sweep.jsonl").exists()
     path.write_bytes(first)
     assert main(["sweep", str(out), "--betas", "5", "--no-progress"]) == 0

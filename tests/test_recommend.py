@@ -386,13 +386,15 @@ def test_another_defense_has_its_own_table_and_aligned_rows():
         ]
     ]  # fmt: skip
     summary = sweep_summary(rows)["method"]
-    assert summary["defenses"] == ["beta_smooth", "smoothgrad", "a_longer_defense_name"]
+    # SmoothGrad was not swept: its table is empty, and it is not among the defenses.
+    assert summary["defenses"] == ["beta_smooth", "a_longer_defense_name"]
+    assert summary["smoothgrad"] == {}
     cell = summary["a_longer_defense_name"]["2"]
     assert (cell["n"], cell["robustness_pcc"], cell["fidelity_pcc"]) == (
         2, pytest.approx(0.25), pytest.approx(0.5),
     )  # fmt: skip
     assert defense_tables(summary) == {
-        "beta_smooth": summary["betas"], "smoothgrad": {}, "a_longer_defense_name": {"2": cell},
+        "beta_smooth": summary["betas"], "a_longer_defense_name": {"2": cell},
     }  # fmt: skip
     lines = format_summary({"method": summary}).splitlines()
     table = [line for line in lines if not line.startswith("method:")]

@@ -328,7 +328,7 @@ def test_directory_checks(tmp_path):
     with pytest.raises(InputError, match="steps is 10 .* but 20 now"):
         RunDir.create(run.path, {**config, "steps": 20}, resume=True)
     # A setting the run was made with and the resumed command leaves out differs too.
-    with pytest.raises(InputError, match="seed is 0 .* but None now"):
+    with pytest.raises(InputError, match="seed is 0 .* but not given now"):
         RunDir.create(run.path, {k: v for k, v in config.items() if k != "seed"}, resume=True)
     # Where and how it runs may change between a run and its resumption, and
     # a later sweep's settings belong to the sweep.

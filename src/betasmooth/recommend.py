@@ -238,9 +238,10 @@ def sweep_summary(
         ``{method: {"base": str | None, "undefended": {...}, "betas": {beta: {...}},
         "smoothgrad": {beta: {...}}, "recommended_beta": float | None,
         "min_fidelity": float, "defenses": [str, ...]}}``; ``defenses`` names
-        the defenses in table order (``beta_smooth``, ``smoothgrad``, then any
-        other the records hold, whose cells are under its own name, see
-        :func:`defense_tables`); ``base`` is the records' ``base``, the
+        the defenses the records hold, in table order (``beta_smooth``,
+        ``smoothgrad``, then any other, whose cells are under its own name, see
+        :func:`defense_tables`; the tables of the first two are there, empty,
+        where they were not swept); ``base`` is the records' ``base``, the
         method the defenses smooth (``gradient`` for the adaptive attacks on
         ``beta_smooth`` and ``smoothgrad``, whose undefended row is then the
         plain gradient map; ``None`` when the records name none); each
@@ -306,7 +307,8 @@ def sweep_summary(
             "betas": table["beta_smooth"],
             "smoothgrad": table["smoothgrad"],
             **{d: table[d] for d in others},
-            "defenses": [*PAPER_DEFENSES, *others],
+            # The defenses swept; the paper's two keep their tables, empty where not swept.
+            "defenses": [d for d in (*PAPER_DEFENSES, *others) if table[d]],
             # An attack that changed no image leaves a defense nothing to undo.
             "recommended_beta": (
                 recommend_beta(table["beta_smooth"], min_fidelity, _robustness(undefended))

@@ -45,7 +45,7 @@ import platform
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,8 @@ VOLATILE = ("argv", "versions", "world_size", "process_group", "device", "create
 LATER = ("sweep",)
 #: Settings that runs made by older versions lack: compared only where recorded.
 NEWER = ("inputs_sha256", "weights_sha256", "goal_targeted", "goal_measure")
+#: Settings that are sets written as lists: the same betas in another order are the same run.
+UNORDERED = ("betas",)
 
 
 # Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].
@@ -229,13 +231,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _same_setting(key: str, stored: object, given: object) -> bool:
+    if key in UNORDERED and isinstance(stored, list) and isinstance(given, list):
+        return sorted(map(repr, stored)) == sorted(map(repr, given))
+    return stored == given
+
+
+def _setting(value: object) -> str:
+    """A run's setting as a refusal shows it: one that a command leaves out is not given."""
+    return "not given" if value is None else repr(value)
+
+
 @contextlib.contextmanager
 def _naming(path: str | os.PathLike) -> Iterator[None]:
     """Give an OSError raised while writing ``path`` (no space, read-only) that path's name."""
     try:
         yield
     except OSError as err:
-        if err.filename is not None:
+        # A temporary file of the atomic write (.NAME.XXXX.tmp) is named by what it becomes.
+        temporary = Path(str(err.filename)).name.startswith(f".{Path(path).name}.")
+        if err.filename is not None and not temporary:
             raise
         raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
@@ -540,6 +555,14 @@ class RunDir:
             )
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file; expected a directory for --out")
+        # The folder that will hold the run: said now, not after the model has run.
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(
+                f"{folder} is not writable; expected --out in a folder this user can write to"
+            )
         if self.config_path.exists() and not _written_here(self.config_path):
             # Someone's own folder: not a run that failed early, to start afresh over it.
             raise InputError(
@@ -552,8 +575,11 @@ class RunDir:
                 "or choose a new --out"
             )
 
-    def check(self, config: dict[str, object], resume: bool) -> None:
+    def check(self, config: dict[str, object], resume: bool, unknown: Collection[str] = ()) -> None:
         """Refuse to start where it would mix runs.
+
+        ``unknown`` names settings that are not known yet (a beta still to be
+        calibrated), left out of the comparison with a resumed run's.
 
         Raises
         ------
@@ -568,7 +594,7 @@ class RunDir:
         # Both ways: a setting the run was made with and the command now omits
         # (an option left out on --resume) differs as much as a changed one.
         for key in [*config, *(k for k in stored if k not in config and k not in LATER)]:
-            if key in VOLATILE or (key in NEWER and key not in stored):
+            if key in VOLATILE or key in unknown or (key in NEWER and key not in stored):
                 continue
             if key == "inputs_sha256" and stored[key] != config.get(key):
                 raise InputError(
@@ -578,19 +604,21 @@ class RunDir:
                 )
             if key == "weights_sha256" and stored[key] != config.get(key):
                 raise InputError(self.other_weights("--resume"))
-            if stored.get(key) != config.get(key):
+            if not _same_setting(key, stored.get(key), config.get(key)):
                 raise InputError(
-                    f"--resume with a different setting: {key} is {stored.get(key)!r} in "
-                    f"{self.config_path} but {config.get(key)!r} now; use the same settings "
-                    "or choose a new --out"
+                    f"--resume with a different setting: {key} is {_setting(stored.get(key))} "
+                    f"in {self.config_path} but {_setting(config.get(key))} now; use the same "
+                    "settings or choose a new --out"
                 )
 
     def other_weights(self, command: str) -> str:
         """What a ``command`` on this run says when the model's weights file has changed."""
+        made_by = self.config().get("command") if self.started() else None
+        again = f"betasmooth {made_by}" if isinstance(made_by, str) else "the run"
         return (
             f"{command} with another model: its weights file differs from the one the run in "
             f"{self.path} was made with (weights_sha256 in {self.config_path}); put that file "
-            "back, or run the attack again with a new --out"
+            f"back, or run {again} again with a new --out"
         )
 
     def write_config(self, config: dict[str, object]) -> None:
