@@ -7,7 +7,7 @@ import torch
 
 import betasmooth as bs
 from betasmooth import attack
-from betasmooth.recommend import recommend_beta
+from betasmooth.recommend import recommend_beta, verdict
 
 
 @pytest.mark.parametrize(
@@ -46,20 +46,26 @@ def test_calibration_with_a_recommended_beta_says_recommended(monkeypatch):
                 "min_fidelity": min_fidelity,
                 "recommended_beta": 2.0,
                 "undefended": {"robustness_pcc": 0.4},
-                "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
+                "betas": {
+                    "0.5": {"fidelity_pcc": 0.95, "robustness_pcc": 0.5},
+                    "2": {"fidelity_pcc": 0.99, "robustness_pcc": 0.6},
+                },
             }
 
     monkeypatch.setattr(calibrate, "defense_sweep", lambda *args, **kwargs: Sweep())
     x = bs.load_data("digits", split="train")[0][:2]
     found = calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, betas=[0.5, 2.0], steps=1)
     assert (found.beta, found.recommended) == (2.0, True)
-    assert found.record() == {
-        "beta": 2.0,
-        "recommended": True,
-        "min_fidelity": 0.9,
-        "undefended": {"robustness_pcc": 0.4},
-        "betas": {"0.5": {"fidelity_pcc": 0.95}, "2.0": {"fidelity_pcc": 0.99}},
-    }
+    # The whole summary: a verdict read back from config.json is the one the run said.
+    assert found.record() == {"beta": 2.0, "recommended": True, **Sweep().summary(0.9)}
+    assert (
+        verdict(found.record())
+        == verdict(found.summary)
+        == (
+            "recommended beta 2 (most robust with median fidelity >= 0.9): "
+            "robustness 0.600 vs 0.400 undefended, more robust"
+        )
+    )
 
 
 def test_calibration_is_the_sweep_of_its_own_attack_recomputed():

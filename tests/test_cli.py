@@ -23,6 +23,7 @@ from betasmooth.cli import main
 from betasmooth.explain import wraps_base
 from betasmooth.report import build_report
 from betasmooth.store import RunDir, read_jsonl
+from betasmooth.units import unit_seed
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 RESULT_FIELDS = {
@@ -731,6 +732,39 @@ def test_curvature_of_relu_is_zero_and_gradient_norm_matches_autograd(tmp_path, 
     assert "principal_curvature" in html and "hessian_norm" in html
 
 
+def test_curvature_says_which_estimates_stopped_before_they_converged(tmp_path, capsys):
+    # Two Lanczos products on beta = 5 leave the Hessian norm below the converged value;
+    # ReLU's Hessian is zero, exact at once. The resumed run, --betas in another order,
+    # is the same run and adds nothing.
+    out = str(tmp_path / "curv")
+    argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+    assert main([*argv, "--betas", "relu,5", "--iterations", "2", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "betasmooth: warning: 2 of 4 curvature estimates (e.g. item 0, beta=5) did not "
+        "converge in --iterations 2"
+    ) in err
+    short = {(r["index"], r["method"]): r for r in read_jsonl(Path(out) / "results.jsonl")}
+    assert {k: r["converged"] for k, r in short.items()} == {
+        (0, "beta=5"): False,
+        (1, "beta=5"): False,
+        (0, "relu"): True,
+        (1, "relu"): True,
+    }
+    found = bs.curvature(
+        bs.smooth(bs.load_model("digits-cnn"), 5.0),
+        bs.load_data("digits")[0][:2],
+        iterations=60,
+        seed=[unit_seed(0, "curvature", i) for i in (0, 1)],
+        data_range=(0.0, 1.0),
+    )
+    assert found["converged"].all()
+    for i in (0, 1):
+        assert short[(i, "beta=5")]["hessian_norm"] < 0.999 * found["hessian_norm"][i].item()
+    assert main([*argv, "--betas", "5,relu", "--iterations", "2", "--out", out, "--resume"]) == 0
+    assert len(read_jsonl(Path(out) / "results.jsonl")) == 4
+
+
 def test_curvature_records_do_not_depend_on_the_batch_size(tmp_path):
     argv = ["curvature", "--model", "digits-cnn", "--data", "digits", "--betas", "1,5", "-n", "3"]
     rows = {}
@@ -777,7 +811,7 @@ def test_curvature_draws_the_same_probes_for_every_beta(tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     assert main([*argv, "--out", str(out), "--no-progress", "--resume"]) == 2
-    assert "--resume with a different setting: probes is None" in capsys.readouterr().err
+    assert "--resume with a different setting: probes is not given" in capsys.readouterr().err
 
 
 def test_records_and_report_name_the_file_and_class_of_each_image(tmp_path):
@@ -1213,7 +1247,7 @@ def test_sweep_runs_a_defense_the_model_file_registers(tmp_path, capsys):
         (d, b) for d in ("beta_smooth", "box_blur") for b in (1.0, 4.0)
     ]
     summary = json.loads((run / "sweep_summary.json").read_text())["gradient"]
-    assert summary["defenses"] == ["beta_smooth", "smoothgrad", "box_blur"]
+    assert summary["defenses"] == ["beta_smooth", "box_blur"]  # the defenses swept
     assert summary["smoothgrad"] == {}
     # The summary's table (after the records' medians) shows its fidelity at beta 1.
     fidelity = [
@@ -1367,9 +1401,9 @@ def test_beta_auto_on_a_network_without_relu_says_that_no_beta_changes_a_map(tmp
     assert "no ReLU was called in forward (its activations: GELU)" in err
     said = out.splitlines()[1]
     assert said == (
-        "beta = 50 (beta-smoothing changed no map at any beta (the model calls no ReLU "
-        "that it replaces, or each beta is so large that softplus rounds to ReLU); none "
-        "recommended: the most faithful)"
+        "beta = 50, the most faithful: beta-smoothing changed no map at any beta (the model "
+        "calls no ReLU that it replaces, or each beta is so large that softplus rounds to "
+        "ReLU); none recommended"
     )
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     cells = config["beta_auto"]["betas"].values()
@@ -2017,7 +2051,7 @@ def test_resume_of_a_run_whose_attacked_smoothgrad_drew_from_seed_0_refuses_anot
     (out / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     assert main([*argv, "--seed", "5", "--resume"]) == 2
-    assert "smoothgrad_seed is None in" in capsys.readouterr().err
+    assert "smoothgrad_seed is not given in" in capsys.readouterr().err
     # Seed 0 drew as it always did: nothing recorded, and a run of then resumes.
     zero = tmp_path / "zero"
     assert main([*argv[:-1], str(zero)]) == 0
@@ -2519,6 +2553,52 @@ def test_beta_auto_calibrates_on_the_training_split_with_the_run_s_seed(tmp_path
     torch.testing.assert_close(images, train[: cli.CALIBRATION["n"]])
     assert method == "gradient"
     assert (kwargs["seed"], kwargs["steps"]) == (5, cli.CALIBRATION["steps"])
+
+
+def test_beta_auto_calibrates_on_the_base_that_beta_smooth_smooths(tmp_path, monkeypatch, capsys):
+    # beta_smooth of lrp is calibrated on lrp's own map, in the data's box, as the
+    # README says LRP needs a larger beta than the gradient.
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    seen = []
+
+    def fake(model, images, method, **kwargs):
+        seen.append((method, kwargs))
+        return Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {}})
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto"]
+    argv += ["--option", "beta_smooth.base=lrp", "--option", "beta_smooth.epsilon=0.5"]
+    assert cli.main([*argv, "--out", str(tmp_path / "r")]) == 0
+    ((method, kwargs),) = seen
+    assert method == "lrp"
+    options = kwargs["method_options"]
+    assert sorted(options) == ["epsilon", "high", "low"] and options["epsilon"] == 0.5
+    assert (options["low"].item(), options["high"].item()) == (0.0, 1.0)
+    assert "on 8 held-out images (the training split), on the lrp map" in capsys.readouterr().out
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["beta_auto"]["method"] == "lrp"
+
+
+def test_beta_auto_refuses_a_resume_with_other_settings_before_calibrating(
+    tmp_path, monkeypatch, capsys
+):
+    # The calibration takes minutes on a large model; the refusal it would end in comes first.
+    import betasmooth.cli as cli
+
+    out = str(tmp_path / "r")
+    assert cli.main([*EXPLAIN, "--method", "beta_smooth", "--beta", "2", "--out", out]) == 0
+
+    def calibrating(*args, **kwargs):
+        raise AssertionError("calibrated before the run directory was checked")
+
+    monkeypatch.setattr(cli, "calibrate_beta", calibrating)
+    capsys.readouterr()
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto", "--out", out, "--resume"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--resume with a different setting: beta is 2.0 in" in err and "but 'auto' now" in err
 
 
 def test_resume_with_another_image_count_is_refused(tmp_path, capsys):

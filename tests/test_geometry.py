@@ -558,8 +558,8 @@ def test_lanczos_stops_once_the_ritz_residual_is_within_the_tolerance(tol):
         return q * values
 
     start = torch.stack([torch.ones(d), torch.linspace(1, 2, d)]).double()
-    estimate = _lanczos(op, start, 40, tol)
-    assert len(products) <= 8
+    estimate, converged = _lanczos(op, start, 40, tol)
+    assert len(products) <= 8 and converged.all()
     bound = (tol * 10) ** 2 / 9
     assert (estimate - 10).abs().max() <= bound
 
@@ -582,8 +582,8 @@ def test_lanczos_stops_once_its_krylov_space_is_invariant():
         return v @ matrix
 
     start = torch.randn(2, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    estimate = _lanczos(op, start, 20, 0.0)
-    assert len(products) <= 3
+    estimate, converged = _lanczos(op, start, 20, 0.0)
+    assert len(products) <= 3 and converged.all()
     torch.testing.assert_close(estimate, torch.full((2,), 5.0, dtype=torch.float64))
 
 
@@ -595,8 +595,24 @@ def test_lanczos_takes_a_second_step_before_it_trusts_a_residual():
 
     values = torch.tensor([10.0, 1.0], dtype=torch.float64)
     start = torch.tensor([[1e-4, 1.0]], dtype=torch.float64)
-    estimate = _lanczos(lambda v: v * values, start, 20, 1e-3)
-    assert estimate.item() == pytest.approx(10.0, rel=1e-12)
+    estimate, converged = _lanczos(lambda v: v * values, start, 20, 1e-3)
+    assert estimate.item() == pytest.approx(10.0, rel=1e-12) and converged.item()
+
+
+def test_lanczos_stopped_by_its_iterations_has_not_converged():
+    # Eigenvalues 1/1 .. 1/200 (closed form, largest 1) from a start that holds little of
+    # the top eigenvector: three products leave the estimate below 1 and unconverged;
+    # with room for the whole space it converges to 1.
+    from betasmooth.geometry import _lanczos
+
+    d = 200
+    values = 1 / torch.arange(1, d + 1, dtype=torch.float64)
+    start = torch.ones(1, d, dtype=torch.float64)
+    start[0, 0] = 1e-3
+    short, converged = _lanczos(lambda v: v * values, start, 3, 1e-3)
+    assert not converged.item() and short.item() < 0.99
+    full, converged = _lanczos(lambda v: v * values, start, d, 1e-3)
+    assert converged.item() and full.item() == pytest.approx(1.0, rel=1e-3)
 
 
 def test_the_default_number_of_probes_is_the_documented_ten():

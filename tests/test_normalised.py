@@ -480,6 +480,7 @@ def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(
     assert "calibrating beta on 4 images that are also explained" in capsys.readouterr().out
     found = json.loads((out / "config.json").read_text())["beta_auto"]
     assert "also explained" in found.pop("images")
+    assert found.pop("method") == "gradient"
     mean, std, low, high = box()
     net = bs.load_model(f"{model_file}:net")
     expected = calibrate_beta(

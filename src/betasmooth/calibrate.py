@@ -76,14 +76,10 @@ class Calibration:
     summary: dict[str, object]
 
     def record(self) -> dict[str, object]:
-        """A JSON-ready account of the choice, e.g. for ``config.json``."""
-        return {
-            "beta": self.beta,
-            "recommended": self.recommended,
-            "min_fidelity": self.summary["min_fidelity"],
-            "undefended": self.summary["undefended"],
-            "betas": self.summary["betas"],
-        }
+        """A JSON-ready account of the choice, e.g. for ``config.json``: the chosen beta,
+        whether it was recommended, and the whole summary, from which
+        :func:`~betasmooth.recommend.verdict` gives the same verdict again."""
+        return {"beta": self.beta, "recommended": self.recommended, **self.summary}
 
 
 def calibrate_beta(

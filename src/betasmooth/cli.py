@@ -52,6 +52,7 @@ from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import Dist, RankLost, distributed, launched, rank_device, resolve_device
 from .explain import METHODS, RESERVED, explain, range_options, with_base_range
+from .explain.noise import base_call
 from .metrics import default_k, group_records, heatmap, medians
 from .pretrained import categories, is_pretrained
 from .recommend import MIN_FIDELITY, beta_key, format_summary, verdict
@@ -1402,7 +1403,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     options = _command_options(args, methods, bounds, given)
     _check_given(model, x, given, options, methods)
     runs.check_methods(model, methods, options, x)
-    chosen = _explain_beta(args, model, bounds, rank_device(device))
+    if args.beta == "auto":
+        # The calibration may take minutes: what the run directory refuses is said first.
+        settled = {**config, "beta": args.beta}
+        RunDir(args.out).check(settled, args.resume, unknown=("beta_smooth_beta", "beta_auto"))
+    chosen = _explain_beta(args, model, bounds, options, rank_device(device))
     with distributed(device) as (dist, dev):
         if chosen is not None:
             # Calibrations on different GPUs may differ: every rank takes rank 0's.
@@ -1513,10 +1518,12 @@ def _explain_beta(
     args: argparse.Namespace,
     model: torch.nn.Module,
     bounds: tuple[torch.Tensor, torch.Tensor],
+    options: Mapping[str, Mapping[str, object]],
     device: torch.device,
 ) -> tuple[float, dict[str, object] | None] | None:
-    """``--beta`` as given, or the one ``--beta auto`` calibrates, with the calibration's
-    record; ``None`` without ``--beta``.
+    """``--beta`` as given, or the one ``--beta auto`` calibrates on the method that
+    beta_smooth smooths (its ``base``, with the options ``options`` give it), with the
+    calibration's record; ``None`` without ``--beta``.
 
     Under torchrun every rank calibrates on its own device before the job's processes
     join: rank 0 alone would keep the others waiting at a collective, which may time
@@ -1531,23 +1538,24 @@ def _explain_beta(
     x, which = _held_out(args, CALIBRATION["n"])
     check_calibration_count(len(x))
     shown = sys.stderr.isatty() if args.progress is None else args.progress
+    base, base_options = base_call("beta_smooth", options.get("beta_smooth", {}))
     if _first_rank():
-        _say(f"calibrating beta on {len(x)} {which}")
+        _say(f"calibrating beta on {len(x)} {which}, on the {base} map")
     found = calibrate_beta(
         model.to(device),
         x.to(device),
-        "gradient",
+        base,
         steps=CALIBRATION["steps"],
         data_range=bounds,
+        method_options=base_options,
         seed=args.seed,
         progress=shown and _first_rank(),
     )
-    said = "recommended"
-    if not found.recommended:
-        said = f"{verdict(found.summary)}: the most faithful"
+    # The whole verdict, also where the recommended beta leaves most of the attack's gain.
+    chosen = "" if found.recommended else ", the most faithful"
     if _first_rank():
-        _say(f"beta = {found.beta:g} ({said})")
-    return found.beta, {**found.record(), "images": which}
+        _say(f"beta = {found.beta:g}{chosen}: {verdict(found.summary)}")
+    return found.beta, {**found.record(), "method": base, "images": which}
 
 
 def _check_betas(betas: Sequence[float | None]) -> None:
@@ -1670,9 +1678,23 @@ def cmd_curvature(args: argparse.Namespace) -> int:
             if records and k in records[0]
         ]
         _say(summary_table(records, [(k, k.replace("_", " ")) for k in keys]))
+        _warn_unconverged(records, args.iterations)
         _say(f"results: {run.results}")
         _say(f"report: {_report(run)}")
     return 0
+
+
+def _warn_unconverged(records: Sequence[Mapping[str, object]], iterations: int) -> None:
+    """Say how many curvature estimates stopped at ``iterations`` before they converged."""
+    short = [r for r in records if r.get("converged") is False]
+    if short:
+        warnings.warn(
+            f"{len(short)} of {len(records)} curvature estimates (e.g. item {short[0]['index']}, "
+            f"{short[0]['method']}) did not converge in --iterations {iterations}: each may lie "
+            "below the true value (converged false in the results); a larger --iterations "
+            "gives them",
+            stacklevel=2,
+        )
 
 
 def _theory(run: RunDir, quick: bool, seed: int, progress: bool | None) -> dict:

@@ -116,14 +116,17 @@ def _lanczos(
     iterations: int,
     tol: float,
     progress: bool = False,
-) -> torch.Tensor:
-    """Largest ``|eigenvalue|`` of the symmetric operator ``op`` for each item, ``(B,)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest ``|eigenvalue|`` of the symmetric operator ``op`` for each item, ``(B,)``,
+    and whether each item's estimate converged (``(B,)`` bool).
 
     Lanczos with full reorthogonalisation on the Krylov space of ``start``;
     stops when the residual of every item's Ritz pair, ``|beta_k s_k|``, is at
     most ``tol`` times its estimate, or after ``iterations`` products (an
     estimate that merely stops changing may sit next to a lower eigenvalue).
-    Exact once the Krylov space is invariant, e.g. after ``rank(H)`` steps.
+    Exact once the Krylov space is invariant, e.g. after ``rank(H)`` steps;
+    an item that meets neither condition within ``iterations`` has not converged
+    (its estimate may lie below the largest eigenvalue).
     """
     batch = start.shape[0]
     q = start / _nonzero(start.norm(dim=1, keepdim=True))
@@ -165,7 +168,7 @@ def _lanczos(
         q = torch.where(exhausted[:, None], 0.0, w / _nonzero(beta[:, None]))
         basis.append(q)
         betas.append(torch.where(exhausted, 0.0, beta))
-    return estimate
+    return estimate, done
 
 
 def _check_inputs(
@@ -211,12 +214,15 @@ def _curvature(
         return torch.stack([sample(g) for g in generators]).to(device=x.device, dtype=x.dtype)
 
     start = draw(lambda g: torch.randn(flat[1:], generator=g, dtype=x.dtype))
-    result = {"hessian_norm": _lanczos(hessian.hvp, start, iterations, tol, progress)}
-    result["principal_curvature"] = torch.where(
-        hessian.gradient_norm > 0,
-        _lanczos(hessian.tangent_operator(), start, iterations, tol, progress),
-        torch.nan,
-    )
+    norm, norm_done = _lanczos(hessian.hvp, start, iterations, tol, progress)
+    kappa, kappa_done = _lanczos(hessian.tangent_operator(), start, iterations, tol, progress)
+    flat_logit = hessian.gradient_norm == 0
+    result = {
+        "hessian_norm": norm,
+        "principal_curvature": torch.where(flat_logit, torch.nan, kappa),
+        # Where grad g = 0 there is no curvature to converge to.
+        "converged": norm_done & (kappa_done | flat_logit),
+    }
     squares = torch.zeros(flat[0], dtype=x.dtype, device=x.device)
     for _ in range(probes):
         v = draw(lambda g: torch.randint(0, 2, flat[1:], generator=g)) * 2 - 1
@@ -279,7 +285,10 @@ def curvature(
     -------
     dict of str to torch.Tensor
         ``hessian_norm``, ``principal_curvature`` (NaN where ``grad g = 0``),
-        ``hessian_frobenius`` and ``gradient_norm``, each of shape ``(B,)``.
+        ``hessian_frobenius`` and ``gradient_norm``, each of shape ``(B,)``, and
+        ``converged`` ``(B,)`` bool: whether both Lanczos estimates met ``tol``
+        (or found an invariant subspace) within ``iterations``; one that did
+        not may lie below the true value, and more ``iterations`` raise it.
 
     Examples
     --------
@@ -447,7 +456,8 @@ def theorem1_check(
             point = x + t * direction
             hessian = _Hessian(model, point, target_t)
             start = torch.randn(hessian.grad.shape, generator=generator, dtype=x.dtype)
-            kappa.append(_lanczos(hessian.tangent_operator(), start.to(x.device), iterations, 1e-4))
+            operator = hessian.tangent_operator()
+            kappa.append(_lanczos(operator, start.to(x.device), iterations, 1e-4)[0])
             tangent_speed = hessian.tangent(hessian.hvp(unit)).norm(dim=1)
             speed.append(tangent_speed / hessian.gradient_norm)
             if t in (0.0, 1.0):

@@ -990,7 +990,8 @@ def curvature_run(
             row["label"] = int(label[j])
             row["true_label"] = int(y[i])
             row = _named(row, classes, about)
-            row.update({k: float(v[j]) for k, v in found.items() if torch.is_tensor(v)})
+            # item() keeps converged a bool beside the float measurements.
+            row.update({k: v[j].item() for k, v in found.items() if torch.is_tensor(v)})
             records.append(row)
         return records, None
 
