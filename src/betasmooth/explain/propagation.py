@@ -299,7 +299,8 @@ def _sum(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tens
 def _cat(step: _Step, relevance: torch.Tensor) -> list[tuple[fx.Node, torch.Tensor]]:
     """``torch.cat``: each input gets its own slice, as the gradient routes it (zennit too)."""
     parts = step.args[0]
-    dim = step.kwargs.get("dim", step.args[1] if len(step.args) > 1 else 0)
+    # torch.cat takes its dim also as axis (NumPy's name).
+    dim = step.args[1] if len(step.args) > 1 else step.kwargs.get("dim", step.kwargs.get("axis", 0))
     pieces = relevance.split([p.shape[dim] for p in parts], dim)
     return [
         (node, piece) for node, piece in zip(step.node.args[0], pieces) if isinstance(node, fx.Node)
@@ -794,7 +795,8 @@ def _check_box(
     lo, hi = bounds
     slack = BOX_SLACK * (hi - lo).abs()
     if bool(((x < lo - slack) | (x > hi + slack)).any()):
-        shown = "per channel" if torch.is_tensor(low) and low.numel() > 1 else f"[{low}, {high}]"
+        per_channel = any(torch.is_tensor(b) and b.numel() > 1 for b in (low, high))
+        shown = "per channel" if per_channel else f"[{_brief(low)}, {_brief(high)}]"
         raise InputError(
             f"x lies outside the lrp input box {shown} of the z^B rule (x from "
             f"{float(x.min()):.3g} to {float(x.max()):.3g}); pass low= and high=, the bounds "
