@@ -1211,6 +1211,7 @@ def test_training_script_checks_its_output_path_before_training(
         ({"min_fidelity": float("nan")}, "min_fidelity must be a number from 0 to 1"),
         ({"min_fidelity": 2.0}, "min_fidelity must be a number from 0 to 1"),
         ({"min_fidelity": -0.5}, "min_fidelity must be a number from 0 to 1"),
+        ({"method": "smoothgrad"}, "smoothgrad is itself a smoothing of a base method"),
     ],
 )
 def test_calibrate_beta_checks_its_arguments_before_the_attack(monkeypatch, options, named) -> None:

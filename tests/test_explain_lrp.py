@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -138,6 +139,9 @@ def test_lrp_box_slack_is_one_box_width(per_channel):
         low, high = torch.tensor([low]).view(1, 1, 1, 1), torch.tensor([high]).view(1, 1, 1, 1)
     x = torch.zeros(2, 1, 4, 4)
     x[0, 0, 0, 0], x[1, 0, 1, 1] = 5.9, -5.9
+    check_method_input(x, "lrp", low=low, high=high)
+    # Exactly one width outside is not more than one: still taken, on either side.
+    x[0, 0, 0, 0], x[1, 0, 1, 1] = 6.0, -6.0
     check_method_input(x, "lrp", low=low, high=high)
     x[1, 0, 1, 1] = -6.1
     with pytest.raises(InputError, match="outside the lrp input box"):
@@ -869,6 +873,26 @@ def test_lrp_of_an_uneven_concatenation_matches_zennit():
     assert_lrp_is_zennits(net, x, target)
 
 
+class _InTwoChunks(nn.Module):
+    """``net`` on the batch in two chunks, their logits joined by ``torch.cat`` on its
+    default dim 0."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(x[:1]), self.net(x[1:])])
+
+
+def test_lrp_of_a_concatenation_on_its_default_dim_matches_zennit():
+    # torch.cat without a dim joins the chunks' logits on dim 0: each chunk takes its own
+    # rows of the relevance, and the map is zennit's of net on the whole batch.
+    net = vgg_small().double()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    assert_lrp_is_zennits(_InTwoChunks(net), x, torch.tensor([0, 1, 2]), twin=net)
+
+
 class _SharedConvOutput(nn.Module):
     """A BatchNorm that is not its convolution's only reader (``tap`` adds an Identity)."""
 
@@ -1057,6 +1081,40 @@ def test_lrp_of_a_model_that_normalises_inside_is_lrp_of_normalised_data(composi
     if composite == "epsilon_plus_box":
         theirs = zennit_lrp(net, (x - mean) / std, target, low=low, high=high)
         torch.testing.assert_close(inside, theirs, rtol=1e-10, atol=1e-14)
+
+
+class _RawAndNormalised(nn.Module):
+    """Two first convolutions, one on x, one on ``(x - 0.5) / 0.25``; ``folded`` moves that
+    normalisation into the second's weights (``4 W``, ``b - 2 sum(W)``), on x too."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        torch.manual_seed(16)
+        self.raw, self.normalised = nn.Conv2d(1, 4, 3), nn.Conv2d(1, 4, 3)
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        self.folded = folded
+        self.double().eval()
+        if folded:
+            with torch.no_grad():
+                self.normalised.bias -= 2 * self.normalised.weight.sum((1, 2, 3))
+                self.normalised.weight *= 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        other = x if self.folded else (x - 0.5) / 0.25
+        return self.head(self.raw(x) + self.normalised(other))
+
+
+def test_lrp_maps_the_box_of_a_first_layer_beside_one_that_sees_the_input_itself():
+    # The normalised branch's z^B rule takes [-2, 2], the image of [0, 1], though the
+    # other first layer sees x itself and keeps [0, 1]. z^B cancels the bias, and without
+    # padding the rule with [-2, 2] on (x - 0.5) / 0.25 is the rule with [0, 1] on x of
+    # the folded weights (closed form): the folded twin's map.
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(_RawAndNormalised(False), x, "lrp", target)
+    theirs = bs.explain(_RawAndNormalised(True), x, "lrp", target)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
 
 
 def test_lrp_through_torchvisions_normalize_module_is_lrp_of_normalised_data():
@@ -1628,3 +1686,32 @@ def test_lrp_refuses_bounds_with_the_values_of_x_in_another_layout():
         said = r"lrp option 'low' of shape \(2, 4, 4, 3\) does not broadcast to x of shape \(2, 3"
         with pytest.raises(InputError, match=said):
             bs.explain(net, x, "lrp", 0, low=low, high=low + 2)
+
+
+class _CatByAxis(_UnevenCat):
+    """:class:`_UnevenCat` joining its branches with ``torch.cat(..., axis=1)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(torch.cat([self.left(h), self.right(h)], axis=1))
+
+
+def test_lrp_of_a_concatenation_by_axis_matches_zennit():
+    # torch.cat takes NumPy's axis for dim: the rule split the relevance on dim 0 and
+    # failed with torch's RuntimeError.
+    net, twin = _CatByAxis().double().eval(), _UnevenCat().double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    assert_lrp_is_zennits(net, x, torch.tensor([0, 1, 2]), twin=twin)
+
+
+def test_lrp_names_float_and_per_channel_bounds_of_its_box_in_one_line():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    x = torch.full((1, 3, 4, 4), 5.0)
+    for low, high, shown in [
+        (0.0, torch.ones(1, 3, 1, 1), "per channel"),
+        (torch.tensor(0.0), torch.tensor(1.0), "[0.0, 1.0]"),
+    ]:
+        with pytest.raises(
+            InputError, match=f"^x lies outside the lrp input box {re.escape(shown)} of"
+        ):
+            bs.explain(net, x, "lrp", low=low, high=high)

@@ -86,6 +86,11 @@ def test_a_share_of_a_gain_below_min_gain_is_not_given():
     # (0.25 - 0.3) / (0.36 - 0.3) at a gain of 0.06.
     enough = sweep_summary(_gain_rows(0.36))["method"]
     assert enough["betas"]["1"]["gain_left"] == pytest.approx(-5 / 6)
+    # A gain of exactly MIN_GAIN (0.1 - 0.05, exact in binary) is not below it: its
+    # share (0.25 - 0.3) / 0.05 is given.
+    edge = sweep_summary(_gain_rows(0.1, before=0.05))["method"]
+    assert edge["undefended"]["gain_pcc"] == bs_recommend.MIN_GAIN
+    assert edge["betas"]["1"]["gain_left"] == pytest.approx(-1.0)
 
 
 def _image(index, attacked, robust, plain, fidelity, after, before=0.3):
@@ -152,9 +157,14 @@ def test_an_adaptive_attack_has_no_gain_of_the_base_map_to_share():
     assert summary["base"] == "gradient"
     assert summary["undefended"]["gain_pcc"] is None
     assert summary["betas"]["1"]["gain_left"] is None
-    # Swept on its own map, the same records give the share.
+    assert format_summary({"beta_smooth": summary}).splitlines()[-1] == (
+        "beta_smooth: attacked through its own map, swept on gradient: undefended is the "
+        "plain gradient map of the attacked image"
+    )
+    # Swept on its own map, the same records give the share, and no such line.
     plain = bs_recommend.sweep_summary(_gain_rows(0.5, method="gradient", base="gradient"))
     assert plain["gradient"]["betas"]["1"]["gain_left"] == pytest.approx(-0.25)
+    assert "attacked through its own map" not in format_summary(plain)
 
 
 def test_a_beta_that_changes_no_map_is_named_when_none_is_recommended():
@@ -375,6 +385,49 @@ def test_verdict_words_by_hand(ours, word):
     )
 
 
+@pytest.mark.parametrize(("ours", "plain"), [(0.02, 0.01), (0.01, 0.02)])
+def test_robustness_exactly_same_pcc_apart_is_about_as_robust(ours, plain):
+    # 0.02 - 0.01 is exactly SAME_PCC in binary: within it, neither more nor less robust,
+    # and a beta that much below no defense is not "below by more than SAME_PCC".
+    cells = {"4": {"robustness_pcc": ours, "fidelity_pcc": 0.95, "changed": True}}
+    assert recommend_beta(cells, undefended=plain) == 4.0
+    summary = {"betas": cells, "undefended": {"robustness_pcc": plain}}
+    summary |= {"recommended_beta": 4.0, "min_fidelity": 0.9}
+    assert verdict(summary).endswith(
+        f"robustness {ours:.3f} vs {plain:.3f} undefended, about as robust (within 0.01)"
+    )
+
+
+@pytest.mark.parametrize("bound", [0.0, 1.0])
+def test_min_fidelity_takes_its_bounds_0_and_1(bound):
+    # The range [0, 1] is closed: at 1 a beta of median fidelity exactly 1 qualifies.
+    rows = [
+        {"defense": "beta_smooth", "beta": 2.0, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": bound, "undefended_pcc": 0.2}
+    ]
+    summary = sweep_summary(rows, min_fidelity=bound)["method"]
+    assert (summary["min_fidelity"], summary["recommended_beta"]) == (bound, 2.0)
+
+
+def test_the_undefended_row_is_over_the_images_of_beta_smoothings_cells():
+    # Records of two runs: beta-smoothing at beta 2 over images 0 to 2, smoothgrad at a
+    # smaller beta over image 0 alone. The recommendation weighs beta-smoothing's
+    # robustness against the undefended one, so that row is over its 3 images: the
+    # median of 0.1, 0.2 and 0.6 (of image 0 alone it would be 0.1, n 1).
+    rows = [
+        {"defense": "beta_smooth", "beta": 2.0, "index": i, "adv_vs_clean_pcc": 0.5}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": plain}
+        for i, plain in enumerate((0.1, 0.2, 0.6))
+    ]
+    rows.append(
+        {"defense": "smoothgrad", "beta": 0.5, "index": 0, "adv_vs_clean_pcc": 0.4}
+        | {"clean_vs_orig_pcc": 0.9, "undefended_pcc": 0.1}
+    )
+    summary = sweep_summary(rows)["method"]
+    assert summary["undefended"]["n"] == 3
+    assert summary["undefended"]["robustness_pcc"] == pytest.approx(0.2)
+
+
 def test_another_defense_has_its_own_table_and_aligned_rows():
     # Two images, a defense beside the paper's: its cells are the medians of its rows.
     rows = [
@@ -407,8 +460,12 @@ def test_another_defense_has_its_own_table_and_aligned_rows():
 
 
 @pytest.mark.parametrize(
-    "name", ["betas", "undefended", "recommended_beta", "defenses", "attacked", "min_fidelity"]
-)
+    "name",
+    [
+        "betas", "undefended", "recommended_beta", "defenses", "attacked", "min_fidelity",
+        "robustness_over", "base",
+    ],
+)  # fmt: skip
 def test_a_defense_named_as_a_key_of_the_summary_is_refused(name, small):
     from betasmooth.defense import DEFENSES
 
@@ -500,6 +557,9 @@ def test_no_beta_is_recommended_when_the_attack_changed_no_image():
     assert verdict(summary) == (
         "the attack changed no image, so no defense has anything to undo; none recommended"
     )
+    # With no image to leave out, robustness is the median over all of them, not of none.
+    assert summary["betas"]["2"]["robustness_pcc"] == 1.0
+    assert summary["undefended"]["robustness_pcc"] == 1.0
     # One image attacked of the two: the same cells recommend beta 2.
     rows[1]["attacked"] = True
     summary = sweep_summary(rows)["method"]
