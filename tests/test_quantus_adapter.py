@@ -177,6 +177,34 @@ def test_integer_inputs_and_fractional_targets_are_refused_whole_float_targets_t
     )
 
 
+def test_targets_are_named_by_the_shape_given_and_a_column_is_one_class_per_item():
+    net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
+    for targets in (np.array([[0, 1], [1, 0]]), np.array([0, 1, 1])):
+        said = f"one class per item, shape (2,), or one class; got shape {targets.shape}"
+        with pytest.raises(ValueError, match=re.escape(said)):
+            bs.quantus_explain(net, x.numpy(), targets)
+    expected = bs.explain(net, x, "gradient", torch.tensor([1, 0])).numpy()
+    np.testing.assert_array_equal(
+        bs.quantus_explain(net, x.numpy(), np.array([[1], [0]])), expected
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize(
+    ("device", "said"),
+    [
+        ("cuda", "quantus_explain: CUDA is not available on this machine (device='cuda'); "
+         "use device='cpu'"),
+        ("gpu0", "quantus_explain: unknown device 'gpu0'; expected cpu, cuda or cuda:N"),
+    ],
+)  # fmt: skip
+def test_a_device_that_is_not_there_is_named_in_one_line(device, said):
+    net = plain_cnn()
+    with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+        bs.quantus_explain(net, torch.rand(2, 1, 16, 16).numpy(), np.array([0, 1]), device=device)
+    assert next(net.parameters()).device.type == "cpu"
+
+
 def test_quantus_explain_one_target_for_all():
     net, x = plain_cnn(), torch.rand(3, 1, 16, 16)
     expected = bs.explain(net, x, "gradient", 2).numpy()

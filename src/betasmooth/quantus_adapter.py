@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import resolve_device
 from .explain import explain
 from .validate import InputError, InputTypeError, check_module, to_numpy
 
@@ -119,9 +120,13 @@ def _keepdims(keepdims: object) -> bool:
 
 def _model_place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
+        try:
+            place = resolve_device(device, "device")
+        except InputError as err:
+            raise InputError(f"quantus_explain: {err}") from None
         # Quantus' own explain puts the model on the requested device too.
-        model.to(device)
-        return torch.device(device)
+        model.to(place)
+        return place
     parameter = next(model.parameters(), None)
     return torch.device("cpu") if parameter is None else parameter.device
 
@@ -200,7 +205,14 @@ def quantus_explain(
             "images as the model expects them, e.g. to [0, 1])"
         )
     x = x.to(torch.promote_types(dtype, torch.float32))
-    target = _as_tensor(targets, "targets", place).reshape(-1)
+    target = _as_tensor(targets, "targets", place)
+    if target.numel() not in (1, x.shape[0]):
+        # Named by the shape given: flattened, a (B, 2) array would read as 2B classes.
+        raise InputError(
+            f"quantus_explain targets must be one class per item, shape ({x.shape[0]},), or "
+            f"one class; got shape {tuple(target.shape)}"
+        )
+    target = target.reshape(-1)
     if target.is_floating_point():
         # Quantus may hand labels over as floats; a cast would truncate 3.7 to class 3.
         if not bool((torch.isfinite(target) & (target == target.round())).all()):
