@@ -2581,6 +2581,23 @@ def test_beta_auto_calibrates_on_the_base_that_beta_smooth_smooths(tmp_path, mon
     assert config["beta_auto"]["method"] == "lrp"
 
 
+def test_beta_auto_says_once_that_built_in_data_is_not_the_folder_of_its_name(
+    tmp_path, monkeypatch, capsys
+):
+    # The held-out images are a second load of the same data, whose notice was said.
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    found = Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {}})
+    monkeypatch.setattr(cli, "calibrate_beta", lambda *args, **kwargs: found)
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto", "--out", "r"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("data 'digits' is the built-in data set, not the digits in this folder") == 1
+
+
 def test_beta_auto_refuses_a_resume_with_other_settings_before_calibrating(
     tmp_path, monkeypatch, capsys
 ):

@@ -1458,17 +1458,20 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
 
     settings = vars(args)
     split = "train" if args.data in BUILTIN_DATA else "all"
-    x = load_data(
-        args.data,
-        split,
-        image_size=args.image_size,
-        channels=args.channels,
-        mean=args.mean,
-        std=args.std,
-        preset=args.preset,
-        # Of the user's data only the first -n and the k after them are read.
-        n=k if split == "train" else settings["n"] + k,
-    )[0]
+    with warnings.catch_warnings():
+        # What the data's first load warned of (a folder named like built-in data) is said.
+        warnings.simplefilter("ignore")
+        x = load_data(
+            args.data,
+            split,
+            image_size=args.image_size,
+            channels=args.channels,
+            mean=args.mean,
+            std=args.std,
+            preset=args.preset,
+            # Of the user's data only the first -n and the k after them are read.
+            n=k if split == "train" else settings["n"] + k,
+        )[0]
     if split == "train":
         return x[:k], "held-out images (the training split)"
     if len(x) >= settings["n"] + 2:
