@@ -226,10 +226,14 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
             # and a float image (a 32-bit TIFF) rounded to 0 or 1 of 255.
             deep, real = image.mode.startswith("I"), image.mode == "F"
             image = image.convert("F" if deep or real else _image_mode(channels))
+            scale = 1.0 if real else 65535.0 if deep else 255.0
+            # Checked before resizing: a resize averages a pixel out of range into it.
+            array = np.asarray(image, dtype=np.float32) / scale
             if size is not None and image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            scale = 1.0 if real else 65535.0 if deep else 255.0
-            array = np.asarray(image, dtype=np.float32) / scale
+                resized = np.asarray(image, dtype=np.float32) / scale
+            else:
+                resized = array
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(
             f"cannot read image {path}: {err}; expected a PNG, JPEG, BMP, PPM/PGM, TIFF "
@@ -249,6 +253,7 @@ def _read_image(path: Path, channels: int | None, size: tuple[int, int] | None) 
             f"{kind} image {path} holds values in [{array.min() * scale:.6g}, "
             f"{array.max() * scale:.6g}]; expected {expected}"
         )
+    array = resized
     # Copied, not viewed: a transposed view would be stacked channels-last, and some
     # convolution kernels round differently on that layout than on the contiguous arrays
     # a run stores and reads back.
