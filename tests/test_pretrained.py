@@ -29,6 +29,7 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 LOW, HIGH = (0 - MEAN) / STD, (1 - MEAN) / STD
 SPECS = {"vgg11": "torchvision:vgg11", "resnet18": "torchvision:resnet18"}
+VITS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"]
 CANONIZERS = {"vgg11": VGGCanonizer, "resnet18": ResNetCanonizer}
 
 
@@ -261,6 +262,42 @@ def test_own_weights_fine_tuned_from_the_pretrained_model_compute_what_it_comput
     with torch.no_grad():
         assert torch.equal(model(x), mine(x))
     assert not (tmp_path / "empty").exists()
+
+
+class _Built(Exception):
+    """A recording stand-in for a torchvision model class ends the build with its arguments."""
+
+
+_SIZED = [
+    (f"torchvision:{name}:{weights.name}", module, cls)
+    for name, module, cls in [
+        *[(n, "vision_transformer", "VisionTransformer") for n in VITS],
+        ("maxvit_t", "maxvit", "MaxVit"),
+    ]
+    for weights in torchvision.models.get_model_weights(name)
+]
+
+
+@pytest.mark.parametrize(("spec", "module", "cls"), _SIZED, ids=[s for s, _, _ in _SIZED])
+def test_own_weights_get_the_input_size_torchvision_builds_for_the_pretrained_ones(
+    spec, module, cls, monkeypatch
+):
+    # Oracle: the arguments that torchvision's own builder, get_model(name,
+    # weights=...), hands the model class, as a ViT's image size (518 for vit_h_14's
+    # default weights, whose position embedding is sized by it). The class records
+    # them and stops the build, so nothing is built, read or fetched.
+    def record(*args, **kwargs):
+        raise _Built(kwargs)
+
+    monkeypatch.setattr(getattr(torchvision.models, module), cls, record)
+    name, weights = spec.split(":")[1:]
+    with pytest.raises(_Built) as theirs:
+        torchvision.models.get_model(name, weights=weights)
+    with pytest.raises(_Built) as ours:
+        pretrained.load_pretrained(spec, pretrained=False)
+    # The class count, which torchvision passes by name, is the classes' default, 1000.
+    expected = {k: v for k, v in theirs.value.args[0].items() if k != "num_classes"}
+    assert ours.value.args[0] == expected and theirs.value.args[0]["num_classes"] == 1000
 
 
 def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):

@@ -532,6 +532,15 @@ def test_folder_names_its_classes_and_files(tmp_path) -> None:
     assert bs.load_data("digits").about(0) == {} and bs.load_data("digits").files is None
 
 
+def test_an_unknown_label_is_given_no_class_name():
+    # -1 is an unknown label: no class of its own, not the last class counted from the end.
+    x, y = torch.zeros(3, 1, 2, 2), torch.tensor([-1, 1, 2])
+    low, high = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    data = bs.ImageData(x, y, low, high, low, high, classes=["cat", "dog"])
+    assert data.about(0) == {} and data.about(1) == {"true_label_name": "dog"}
+    assert data.about(2) == {}
+
+
 def test_folder_reads_classes_as_torchvision_image_folder(tmp_path) -> None:
     # The oracle: torchvision's ImageFolder, nested folders and their order included.
     from torchvision.datasets import ImageFolder
@@ -688,6 +697,24 @@ def test_float_images_are_read_as_they_are_and_must_lie_in_zero_one(tmp_path) ->
         bs.load_data(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("mode", "value", "said"), [("F", 1.5, "float"), ("I", 300000, "integer")], ids=["F", "I"]
+)
+def test_an_image_out_of_range_is_refused_whatever_size_it_is_resized_to(
+    tmp_path, mode, value, said
+):
+    # A resize averages one pixel out of range into its neighbours (300000 of 65535
+    # became 0.146): the range is checked on the image as stored.
+    pixels = np.zeros((8, 8), np.float32 if mode == "F" else np.int32)
+    pixels[0, 0] = value
+    Image.fromarray(pixels, mode=mode).save(tmp_path / "a.tif")
+    for size in (None, 2):
+        with pytest.raises(
+            InputError, match=rf"^{said} image .*a\.tif holds values in \[0, {value:g}\]"
+        ):
+            bs.load_data(str(tmp_path), image_size=size)
+
+
 def test_integer_images_beyond_sixteen_bits_are_refused_not_scaled_past_one(tmp_path) -> None:
     # Pillow opens a 32-bit integer TIFF in mode I; by 65535 its values would leave [0, 1].
     Image.fromarray(np.array([[0, 4000], [30000, 65535]], dtype=np.int32)).save(tmp_path / "a.tif")
@@ -784,6 +811,18 @@ def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning
     assert [str(w.message).split(";")[0] for w in caught] == [
         f"data folder {classes}: skipped 2 files (.gif 2)"
     ]
+
+
+def test_a_link_to_an_image_is_read_as_that_image_and_not_counted_as_broken(tmp_path):
+    # Only a link that leads nowhere is a broken link: one to an image is read as the
+    # image it points to, without a warning that files were skipped.
+    _png(tmp_path / "a.png", np.full((4, 4), 255), "L")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = bs.load_data(str(tmp_path))
+    assert data.files == ["a.png", "b.png"]
+    assert torch.equal(data.x, torch.ones(2, 1, 4, 4))
 
 
 def test_a_link_to_a_folder_above_is_read_once(tmp_path) -> None:
