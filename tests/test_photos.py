@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from pathlib import Path
@@ -118,6 +119,19 @@ def test_an_unknown_split_is_refused_by_name():
         bs.InputError, match="unknown split 'val'; expected one of train, test, fit"
     ):
         photos.photo_crops("val", per_photo=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"size": 0}, "size must be an integer >= 1; got 0"),
+        ({"size": 2.5}, "size must be an integer >= 1; got 2.5"),
+        ({"per_photo": 0}, "per_photo must be an integer >= 1; got 0"),
+    ],
+)
+def test_photo_crops_of_no_size_or_count_are_refused_in_one_line(options, said):
+    with pytest.raises(bs.InputError, match=f"^{re.escape(said)}$"):
+        photos.photo_crops("test", **options)
 
 
 def test_photos_cnn_test_accuracy_is_the_documented_one(test_split):

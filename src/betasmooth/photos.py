@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_shipped, shipped_file
-from .validate import InputError
+from .validate import InputError, check_count
 
 __all__ = [
     "PHOTOS",
@@ -262,8 +262,8 @@ def photo_crops(
     ((20, 3, 32, 32), [0, 1, 2, 3], (20, 5))
     """
     _check_split(split)
-    count = COUNTS[split] if per_photo is None else per_photo
-    x, y, boxes = _crops(split, size, count)
+    count = COUNTS[split] if per_photo is None else check_count("per_photo", per_photo)
+    x, y, boxes = _crops(split, check_count("size", size), count)
     return x.clone(), y.clone(), boxes.copy()
 
 
