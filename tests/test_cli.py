@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -761,6 +762,11 @@ def test_curvature_says_which_estimates_stopped_before_they_converged(tmp_path, 
     assert found["converged"].all()
     for i in (0, 1):
         assert short[(i, "beta=5")]["hessian_norm"] < 0.999 * found["hessian_norm"][i].item()
+    # The report counts them per network (columns beta=5, relu).
+    page = (Path(out) / "report.html").read_text()
+    row = re.search(r'<th class="k">estimates converged</th>((?:<td[^>]*>[^<]*</td>)+)', page)
+    assert re.findall(r">(\d+)</td>", row.group(1)) == ["0", "2"]
+    assert "the others may lie below the true value" in page
     assert main([*argv, "--betas", "5,relu", "--iterations", "2", "--out", out, "--resume"]) == 0
     assert len(read_jsonl(Path(out) / "results.jsonl")) == 4
 
@@ -2579,6 +2585,45 @@ def test_beta_auto_calibrates_on_the_base_that_beta_smooth_smooths(tmp_path, mon
     assert "on 8 held-out images (the training split), on the lrp map" in capsys.readouterr().out
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["beta_auto"]["method"] == "lrp"
+
+
+def test_beta_auto_of_a_captum_base_is_calibrated_on_the_gradient_and_says_so(
+    tmp_path, monkeypatch, capsys
+):
+    # Captum's maps are detached: the calibration's attack cannot move them.
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    seen = []
+
+    def fake(model, images, method, **kwargs):
+        seen.append((method, kwargs["method_options"]))
+        return Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {}})
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto"]
+    argv += ["--option", "beta_smooth.base=captum:Saliency", "--out", str(tmp_path / "r")]
+    assert cli.main(argv) == 0
+    assert seen == [("gradient", {})]
+    said = capsys.readouterr().out
+    assert (
+        "captum:Saliency's maps cannot be attacked: beta is calibrated on the gradient map" in said
+    )
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["beta_auto"]["method"] == "gradient" and config["beta_smooth_beta"] == 2.0
+
+
+def test_unconverged_curvature_is_counted_among_the_records_that_say():
+    # Records of versions before 0.17.0 hold no converged: not counted either way.
+    from betasmooth.cli import _warn_unconverged
+
+    records = [
+        {"index": 0, "method": "beta=5", "converged": False},
+        {"index": 0, "method": "relu", "converged": True},
+        {"index": 1, "method": "beta=5"},
+    ]
+    with pytest.warns(UserWarning, match=r"^1 of 2 curvature estimates \(e.g. item 0, beta=5\)"):
+        _warn_unconverged(records, 7)
 
 
 def test_beta_auto_says_once_that_built_in_data_is_not_the_folder_of_its_name(

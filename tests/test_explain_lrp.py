@@ -1709,6 +1709,7 @@ def test_lrp_names_float_and_per_channel_bounds_of_its_box_in_one_line():
     x = torch.full((1, 3, 4, 4), 5.0)
     for low, high, shown in [
         (0.0, torch.ones(1, 3, 1, 1), "per channel"),
+        (torch.zeros(1, 1, 4, 4), 1.0, "per pixel"),
         (torch.tensor(0.0), torch.tensor(1.0), "[0.0, 1.0]"),
     ]:
         with pytest.raises(

@@ -179,7 +179,7 @@ def test_integer_inputs_and_fractional_targets_are_refused_whole_float_targets_t
 
 def test_targets_are_named_by_the_shape_given_and_a_column_is_one_class_per_item():
     net, x = plain_cnn(), torch.rand(2, 1, 16, 16)
-    for targets in (np.array([[0, 1], [1, 0]]), np.array([0, 1, 1])):
+    for targets in (np.array([[0, 1], [1, 0]]), np.array([0, 1, 1]), np.array([[0, 1]])):
         said = f"one class per item, shape (2,), or one class; got shape {targets.shape}"
         with pytest.raises(ValueError, match=re.escape(said)):
             bs.quantus_explain(net, x.numpy(), targets)

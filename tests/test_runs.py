@@ -334,6 +334,12 @@ def test_directory_checks(tmp_path):
     # a later sweep's settings belong to the sweep.
     run.update_config(sweep={"betas": [1.0]})
     RunDir.create(run.path, {**config, "argv": ["y"], "device": "cuda"}, resume=True)
+    # Betas are a set: the same values in another order (1 and 1.0 alike) are the same run.
+    curvature = RunDir.create(tmp_path / "curvature", {**config, "betas": [None, 1, 5.0]})
+    curvature.append([{"index": 0, "method": "relu"}])
+    RunDir.create(curvature.path, {**config, "betas": [5, 1.0, None]}, resume=True)
+    with pytest.raises(InputError, match=r"betas is \[5, 1.0, None\] .* but \[5, 2, None\] now"):
+        RunDir.create(curvature.path, {**config, "betas": [5, 2, None]}, resume=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="no config.json"):

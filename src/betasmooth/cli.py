@@ -51,7 +51,14 @@ from .attack import (
 from .calibrate import CANDIDATE_BETAS, calibrate_beta, check_calibration_count
 from .defense import SWEPT_DEFENSES, check_defenses
 from .distributed import Dist, RankLost, distributed, launched, rank_device, resolve_device
-from .explain import METHODS, RESERVED, explain, range_options, with_base_range
+from .explain import (
+    METHODS,
+    RESERVED,
+    explain,
+    is_differentiable,
+    range_options,
+    with_base_range,
+)
 from .explain.noise import base_call
 from .metrics import default_k, group_records, heatmap, medians
 from .pretrained import categories, is_pretrained
@@ -988,13 +995,17 @@ def _blocks(path: Path) -> Iterator[bytes]:
             yield from iter(lambda: file.read(1 << 20), b"")
 
 
+# The start of load_data's warning that data named like a folder is the built-in set.
+BUILT_IN_NOT_FOLDER = r"data '.*' is the built-in data set"
+
+
 def _load(settings: Mapping[str, object], n: int | None) -> runs.Inputs:
     """Model and data as named by the arguments (``vars(args)``) or by a stored config."""
     with warnings.catch_warnings():
         if not settings.get("data_named"):
             # A default (the demo's photos) or a stored config: the user named no
             # data here, so a folder of the built-in's name is no mistake of theirs.
-            warnings.filterwarnings("ignore", message=r"data '.*' is the built-in data set")
+            warnings.filterwarnings("ignore", message=BUILT_IN_NOT_FOLDER)
         return runs.load_inputs(
             settings["model"],
             settings["data"],
@@ -1459,8 +1470,8 @@ def _held_out(args: argparse.Namespace, k: int) -> tuple[torch.Tensor, str]:
     settings = vars(args)
     split = "train" if args.data in BUILTIN_DATA else "all"
     with warnings.catch_warnings():
-        # What the data's first load warned of (a folder named like built-in data) is said.
-        warnings.simplefilter("ignore")
+        # The data's first load said that a folder is named like built-in data.
+        warnings.filterwarnings("ignore", message=BUILT_IN_NOT_FOLDER)
         x = load_data(
             args.data,
             split,
@@ -1542,6 +1553,12 @@ def _explain_beta(
     check_calibration_count(len(x))
     shown = sys.stderr.isatty() if args.progress is None else args.progress
     base, base_options = base_call("beta_smooth", options.get("beta_smooth", {}))
+    if not is_differentiable(base):
+        # The calibration attacks the map, which a method whose maps are detached
+        # (captum:NAME) does not allow: the gradient, which beta-smoothing acts on, stands in.
+        if _first_rank():
+            _say(f"{base}'s maps cannot be attacked: beta is calibrated on the gradient map")
+        base, base_options = "gradient", {}
     if _first_rank():
         _say(f"calibrating beta on {len(x)} {which}, on the {base} map")
     found = calibrate_beta(
@@ -1688,11 +1705,13 @@ def cmd_curvature(args: argparse.Namespace) -> int:
 
 
 def _warn_unconverged(records: Sequence[Mapping[str, object]], iterations: int) -> None:
-    """Say how many curvature estimates stopped at ``iterations`` before they converged."""
-    short = [r for r in records if r.get("converged") is False]
+    """Say how many curvature estimates stopped at ``iterations`` before they converged
+    (of those that say: records of versions before 0.17.0 do not)."""
+    told = [r for r in records if isinstance(r.get("converged"), bool)]
+    short = [r for r in told if not r["converged"]]
     if short:
         warnings.warn(
-            f"{len(short)} of {len(records)} curvature estimates (e.g. item {short[0]['index']}, "
+            f"{len(short)} of {len(told)} curvature estimates (e.g. item {short[0]['index']}, "
             f"{short[0]['method']}) did not converge in --iterations {iterations}: each may lie "
             "below the true value (converged false in the results); a larger --iterations "
             "gives them",

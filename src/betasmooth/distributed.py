@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch
 
-from .validate import InputError, is_oom
+from .validate import InputError, is_oom, resolve_device
 
 T = TypeVar("T")
 
@@ -183,41 +183,6 @@ def launched() -> bool:
     True
     """
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
-    """The torch device named on the command line; ``None`` picks CPU.
-
-    ``option`` is how the caller names the setting: a command-line option
-    (``--device cuda``) or a keyword of a Python function (``device='cuda'``).
-
-    Raises
-    ------
-    InputError
-        For an unknown device name, or CUDA where there is no GPU.
-
-    Examples
-    --------
-    >>> resolve_device("cpu")
-    device(type='cpu')
-    """
-    name = str(device or "cpu")
-    flag = option.startswith("--")
-    given = f"{option} {name}" if flag else f"{option}={name!r}"
-    cpu = f"{option} cpu" if flag else f"{option}='cpu'"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"CUDA is not available on this machine ({given}); use {cpu}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"{given}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"unsupported device {name!r}; expected cpu or cuda")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"MPS is not available on this machine ({given}); use {cpu}")
-    return dev
 
 
 def device_argument(name: str) -> str:

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import resolve_device
 from .explain import explain
-from .validate import InputError, InputTypeError, check_module, to_numpy
+from .validate import InputError, InputTypeError, check_module, resolve_device, to_numpy
 
 __all__ = ["quantus_explain"]
 
@@ -206,7 +205,7 @@ def quantus_explain(
         )
     x = x.to(torch.promote_types(dtype, torch.float32))
     target = _as_tensor(targets, "targets", place)
-    if target.numel() not in (1, x.shape[0]):
+    if target.numel() not in (1, x.shape[0]) or any(d != 1 for d in target.shape[1:]):
         # Named by the shape given: flattened, a (B, 2) array would read as 2B classes.
         raise InputError(
             f"quantus_explain targets must be one class per item, shape ({x.shape[0]},), or "

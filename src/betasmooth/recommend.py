@@ -337,7 +337,7 @@ def defense_tables(summary: Mapping[str, object]) -> dict[str, Mapping[str, Mapp
     ... ]
     >>> tables = defense_tables(sweep_summary(rows)["method"])
     >>> {name: list(cells) for name, cells in tables.items()}
-    {'beta_smooth': ['1'], 'smoothgrad': [], 'median_filter': ['1']}
+    {'beta_smooth': ['1'], 'median_filter': ['1']}
     """
     names = summary.get("defenses") or PAPER_DEFENSES
     return {d: summary.get("betas" if d == "beta_smooth" else d) or {} for d in names}

@@ -444,6 +444,13 @@ def _section_results(run: _Run) -> str:
         rows.append(
             ["images the attack changed"] + [sum(_changed(r) for r in groups[c]) for c in columns]
         )
+    lanczos = any(isinstance(r.get("converged"), bool) for r in run.results)
+    if lanczos:
+        # An estimate that --iterations stopped early may lie below the true value.
+        rows.append(
+            ["estimates converged"]
+            + [sum(r.get("converged") is True for r in groups[c]) for c in columns]
+        )
     if kept:
         rows.append(
             ["labels kept (fraction)"]
@@ -484,10 +491,16 @@ def _section_results(run: _Run) -> str:
         )
     attack = any(k.startswith("expl_") for k in keys)
     title = "Attack results" if attack else "Results"
+    converged = (
+        "Estimates converged: images whose Lanczos estimates met their tolerance within "
+        "--iterations; the others may lie below the true value (a larger --iterations gives "
+        "them)."
+    )
     return (
         f"<h2 id='results'>{title}: medians over images</h2>"
         + _table("medians", header, rows)
         + (f"<p>{_e(legend)}</p>" if attack else "")
+        + (f"<p>{_e(converged)}</p>" if lanczos else "")
         + _attack_settings(groups)
     )
 

@@ -233,7 +233,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _same_setting(key: str, stored: object, given: object) -> bool:
     if key in UNORDERED and isinstance(stored, list) and isinstance(given, list):
-        return sorted(map(repr, stored)) == sorted(map(repr, given))
+        # The same values in any order (1 and 1.0 alike); None (relu) sorts last.
+        def order(values: list) -> list:
+            return sorted(values, key=lambda v: (v is None, 0 if v is None else v))
+
+        try:
+            return order(stored) == order(given)
+        except TypeError:  # values that do not sort (a hand-written config): as given
+            return stored == given
     return stored == given
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "is_oom",
     "one_at_a_time",
     "registrar",
+    "resolve_device",
     "silenced",
     "tell",
     "to_numpy",
@@ -476,6 +477,41 @@ def check_module(model: object) -> nn.Module:
     """
     check_instance("model", model, nn.Module, "a torch.nn.Module")
     return model
+
+
+def resolve_device(device: str | torch.device | None, option: str = "--device") -> torch.device:
+    """The torch device named on the command line; ``None`` picks CPU.
+
+    ``option`` is how the caller names the setting: a command-line option
+    (``--device cuda``) or a keyword of a Python function (``device='cuda'``).
+
+    Raises
+    ------
+    InputError
+        For an unknown device name, or CUDA where there is no GPU.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    name = str(device or "cpu")
+    flag = option.startswith("--")
+    given = f"{option} {name}" if flag else f"{option}={name!r}"
+    cpu = f"{option} cpu" if flag else f"{option}='cpu'"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"CUDA is not available on this machine ({given}); use {cpu}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{given}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"unsupported device {name!r}; expected cpu or cuda")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"MPS is not available on this machine ({given}); use {cpu}")
+    return dev
 
 
 def tell(text: str) -> None:

@@ -795,8 +795,12 @@ def _check_box(
     lo, hi = bounds
     slack = BOX_SLACK * (hi - lo).abs()
     if bool(((x < lo - slack) | (x > hi + slack)).any()):
-        per_channel = any(torch.is_tensor(b) and b.numel() > 1 for b in (low, high))
-        shown = "per channel" if per_channel else f"[{_brief(low)}, {_brief(high)}]"
+        several = [b for b in (low, high) if torch.is_tensor(b) and b.numel() > 1]
+        # Bounds that vary over height or width are a box per pixel, not per channel.
+        per_pixel = any(b.dim() >= 2 and b.shape[-2:].numel() > 1 for b in several)
+        shown = f"[{_brief(low)}, {_brief(high)}]"
+        if several:
+            shown = "per pixel" if per_pixel else "per channel"
         raise InputError(
             f"x lies outside the lrp input box {shown} of the z^B rule (x from "
             f"{float(x.min()):.3g} to {float(x.max()):.3g}); pass low= and high=, the bounds "
