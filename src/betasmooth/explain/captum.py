@@ -20,6 +20,7 @@ import functools
 import importlib
 import inspect
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -176,6 +177,11 @@ def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _HOOK_NOTICE = re.compile(r"\s*Setting (forward, )?backward hooks", re.IGNORECASE)
 
 
+_NOTICE_LOCK = threading.Lock()
+_NOTICE_USERS = 0
+_NOTICE_SHOW: list = []
+
+
 @contextlib.contextmanager
 def _without_hook_notice() -> Iterator[None]:
     """Drop Captum's notice of its hooks as it is shown, and nothing else.
@@ -183,8 +189,10 @@ def _without_hook_notice() -> Iterator[None]:
     Not ``warnings.catch_warnings``: entering and leaving it resets Python's record of
     the warnings already shown, so that a warning of the model's own forward (shown
     once by default) came again at every batch that a Captum method explained.
+    Counted over threads: the first call in installs the filter, the last one out
+    gives back the display it found (calls on two models from two threads overlap).
     """
-    show = warnings.showwarning
+    global _NOTICE_USERS
 
     def shown(
         message: Warning | str,
@@ -196,13 +204,20 @@ def _without_hook_notice() -> Iterator[None]:
     ) -> None:
         if issubclass(category, UserWarning) and _HOOK_NOTICE.match(str(message)):
             return
-        show(message, category, filename, lineno, file, line)
+        _NOTICE_SHOW[0](message, category, filename, lineno, file, line)
 
-    warnings.showwarning = shown
+    with _NOTICE_LOCK:
+        if _NOTICE_USERS == 0:
+            _NOTICE_SHOW[:] = [warnings.showwarning]
+            warnings.showwarning = shown
+        _NOTICE_USERS += 1
     try:
         yield
     finally:
-        warnings.showwarning = show
+        with _NOTICE_LOCK:
+            _NOTICE_USERS -= 1
+            if _NOTICE_USERS == 0:
+                warnings.showwarning = _NOTICE_SHOW.pop()
 
 
 @register_prefix("captum")
