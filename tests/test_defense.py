@@ -690,6 +690,12 @@ def test_a_sweep_refuses_no_betas_an_x_adv_of_another_shape_and_merges_a_defense
         match=r"^x_adv must have the shape of x, \(4, 1, 16, 16\); got \(3, 1, 16, 16\)$",
     ):
         bs.defense_sweep(net, x, x[:3], target, "gradient", [1.0], smoothgrad_n=2)
+    # The same batch size is not enough: images of another size are refused as well.
+    with pytest.raises(
+        bs.InputError,
+        match=r"^x_adv must have the shape of x, \(4, 1, 16, 16\); got \(4, 1, 8, 16\)$",
+    ):
+        bs.defense_sweep(net, x, x[:, :, :8], target, "gradient", [1.0], smoothgrad_n=2)
     # Named twice, a defense runs once: each image counts once in its beta's medians.
     assert check_defenses(["smoothgrad", "beta_smooth", "smoothgrad"]) == [
         "smoothgrad", "beta_smooth"
@@ -720,6 +726,8 @@ def test_medians_are_each_numbers_median_over_the_images_with_the_noise_level(sm
     for med in medians:
         group = [r for r in rows if (r["defense"], r["beta"]) == (med["defense"], med["beta"])]
         assert med["n"] == len(group) == 4
+        # The measured numbers only: not the row's index nor its flags (changed, attacked).
+        assert set(med) == {"defense", "beta", "n", "sigma", *numbers}
         sigma = math.pi / (math.sqrt(3) * med["beta"])
         assert med["sigma"] == (pytest.approx(sigma) if med["defense"] == "smoothgrad" else None)
         for key in numbers:
@@ -862,3 +870,23 @@ def test_a_sweep_names_an_x_adv_that_is_no_batch_of_tensors(small):
         bs.defense_sweep(net, x, x[0], target, "gradient", [1.0], smoothgrad_n=2)
     with pytest.raises(bs.InputTypeError, match=r"^x_adv must be a torch.Tensor batched"):
         bs.defense_sweep(net, x, x.numpy(), target, "gradient", [1.0], smoothgrad_n=2)
+    # Checked against the model under its own name too: a dtype the model cannot take.
+    with pytest.raises(bs.InputTypeError, match=r"^x_adv has dtype torch.float16 but the model"):
+        bs.defense_sweep(net, x, x.half(), target, "gradient", [1.0], smoothgrad_n=2)
+
+
+def test_a_sweep_without_a_seed_draws_smoothgrads_noise_from_seed_0(small):
+    # The default seed is 0, as the command line's --seed: a sweep called without one
+    # has the maps of seed=0, which another seed's draws do not give.
+    net, x = small
+    target = targets_of(net, x)
+
+    def maps(**seed):
+        sweep = bs.defense_sweep(
+            net, x, x, target, "gradient", [2.0], smoothgrad_n=2, defenses=["smoothgrad"], **seed
+        )
+        return torch.cat(sweep.maps[("smoothgrad", 2.0)])
+
+    default = maps()
+    torch.testing.assert_close(default, maps(seed=0), rtol=0, atol=0)
+    assert not torch.allclose(default, maps(seed=1))

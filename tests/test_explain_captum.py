@@ -371,6 +371,24 @@ def test_captums_notice_of_its_hooks_is_not_passed_on(name, x):
     torch.testing.assert_close(found, expected.detach(), rtol=0, atol=0)
 
 
+def test_calls_that_overlap_in_two_threads_give_the_warning_display_back():
+    # Call A enters, call B enters, A leaves, B leaves (two models in two threads):
+    # each put back the display it had found, so B restored A's filter for good and
+    # every later hook notice of the process was dropped.
+    import warnings
+
+    from betasmooth.explain.captum import _without_hook_notice
+
+    original = warnings.showwarning
+    first, second = _without_hook_notice(), _without_hook_notice()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert warnings.showwarning is not original  # B still runs: the notice stays dropped
+    second.__exit__(None, None, None)
+    assert warnings.showwarning is original
+
+
 class _Warns(nn.Module):
     """A network whose forward warns, as a model file's library may."""
 

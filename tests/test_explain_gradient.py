@@ -262,3 +262,16 @@ def test_select_logit_refuses_logits_of_more_than_two_dimensions():
     as such, not left to fail inside ``gather``."""
     with pytest.raises(bs.InputError, match=r"logits of shape \(B, classes\); got \(2, 3, 1\)"):
         select_logit(torch.zeros(2, 3, 1), None)
+
+
+def test_a_float64_baseline_of_a_float32_model_is_taken_in_the_models_dtype():
+    """A baseline tensor of another dtype is cast as ``x`` is: the path stays in the
+    model's float32, and the map is the closed form of a linear model, ``(x - x0) * w``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    baseline = torch.full((1, 2, 2), 0.25, dtype=torch.float64)
+    got = bs.explain(net, x, "integrated_gradients", 1, steps=6, baseline=baseline)
+    assert got.dtype == torch.float32
+    want = (x - 0.25) * net[1].weight[1].detach().view(1, 2, 2)
+    torch.testing.assert_close(got, want)
