@@ -1085,6 +1085,61 @@ def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
     assert calls == []
 
 
+def test_a_unit_with_an_item_short_of_its_rows_is_computed_again_adding_only_those(tmp_path):
+    # Item 0 has one of its two rows (a kill cut the batch's write): its unit (0, 1) is
+    # computed again, and only the missing row is added; the unit (2,) is done.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    calls = []
+
+    def work(unit):
+        calls.append(unit)
+        rows = [
+            {"index": i, "method": unit.method, "defense": d, "value": i + k}
+            for i in unit.indices
+            for k, d in enumerate(("p", "q"))
+        ]
+        return rows, None
+
+    units = plan(["a"], range(3), 2)
+    done = [{"index": 0, "method": "a", "defense": "p", "value": -1.0}] + [
+        {"index": i, "method": "a", "defense": d, "value": -1.0} for i in (1, 2) for d in "pq"
+    ]
+    append_jsonl(run.file("sweep"), done)
+    records = execute(run, units, work, name="sweep", keeps_arrays=False, rows_per_item=2)
+    assert calls == [Unit("a", (0, 1))]
+    values = {(r["index"], r["defense"]): r["value"] for r in records}
+    assert len(records) == 6 and values[(0, "q")] == 1 and values[(0, "p")] == -1.0
+
+
+def test_a_unit_computed_again_appends_only_its_missing_records(tmp_path):
+    # Before the merge (here a kill in the next unit), results.jsonl holds each
+    # record once: item 0 of the recomputed unit (0, 1) is not appended again.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    append_jsonl(run.results, [{"index": 0, "method": "a", "value": -1.0}])
+
+    def work(unit):
+        if unit.indices[0] == 2:
+            raise KeyboardInterrupt
+        return [{"index": i, "method": "a", "value": float(i)} for i in unit.indices], None
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(run, plan(["a"], range(4), 2), work, keeps_arrays=False, progress=False)
+    lines = [json.loads(line) for line in run.results.read_text().splitlines()]
+    assert [(r["index"], r["value"]) for r in lines] == [(0, -1.0), (1, 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("seed", "method", "index", "crc"),
+    [(0, "gradient", 4, 3485858037), (7, "smoothgrad", 2, 3651223933),
+     (2**64 - 1, "saliency", 0, 2828059825)],
+)  # fmt: skip
+def test_unit_seed_values_are_those_of_earlier_runs(seed, method, index, crc):
+    # (seed * 1_000_003 + crc32(method) * 7919 + index) mod (2^31 - 1), the CRC-32 of
+    # each name worked out by hand: a resumed run draws its new items as the earlier
+    # ones were drawn, and methods of one initial draw apart.
+    assert unit_seed(seed, method, index) == (seed * 1_000_003 + crc * 7919 + index) % (2**31 - 1)
+
+
 def test_a_record_that_times_itself_keeps_its_own_seconds(tmp_path):
     run = RunDir.create(tmp_path / "run", {"command": "test"})
 
