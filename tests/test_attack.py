@@ -41,7 +41,7 @@ from betasmooth.attack import (
 )
 from betasmooth.defense import matched_sigma
 from betasmooth.explain.gradient import predict
-from nets import FlushSpy, maps_of, relu_replaced, targets_of
+from nets import FlushSpy, maps_of, plain_cnn, relu_replaced, targets_of
 
 
 def _assert_fields_recomputed(model, result, method, **options):
@@ -360,6 +360,16 @@ def test_random_targets_is_a_derangement(batch):
         assert bool((picked != torch.arange(batch)).all())
 
 
+def test_random_targets_of_one_map_is_refused_in_its_own_words():
+    # Not derangement's message, which speaks of an attack's images.
+    with pytest.raises(
+        bs.InputError,
+        match=r"^random_targets needs maps of at least 2 images, so that each gets another's "
+        r"map; got a batch of 1$",
+    ):
+        random_targets(torch.ones(1, 3, 3), torch.Generator().manual_seed(0))
+
+
 def test_weights_scale_with_the_square_of_the_map_area():
     assert default_weights(224, 224) == PAPER_WEIGHTS
     w_e, w_o = default_weights(32, 32)
@@ -414,6 +424,17 @@ def test_default_lr_is_the_papers_step_relative_to_the_data_range(small):
     assert default_lr("gradient", PAPER_SPAN) == pytest.approx(1e-3)
     assert default_lr("lrp", 1.0, steps=1500) == pytest.approx(2e-4 / PAPER_SPAN)
     assert PAPER_SPAN == pytest.approx(np.mean(1 / np.array([0.229, 0.224, 0.225])))
+
+
+def test_default_lr_of_per_channel_ranges_is_relative_to_their_mean_width():
+    # Adam's step is one number: the paper's, relative to the mean width of the channels.
+    net = plain_cnn(seed=1, channels=3)
+    low = torch.tensor([0.0, -1.0, -2.0]).view(1, 3, 1, 1)
+    high = torch.tensor([1.0, 1.0, 4.0]).view(1, 3, 1, 1)  # widths 1, 2 and 6: mean 3
+    x = low + (high - low) * torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = bs.manipulate(net, x, targets_of(net, x), "gradient", steps=2, data_range=(low, high))
+    assert result.settings["lr"] == pytest.approx(default_lr("gradient", span=3.0, steps=2))
+    assert result.settings["lr"] == pytest.approx(1e-3 * 3.0 / PAPER_SPAN * 1500 / 2)
 
 
 def test_beta_schedule_closed_form():
@@ -572,6 +593,15 @@ def test_an_attack_that_changed_no_image_says_so_once_and_a_run_leaves_it_to_its
         y = torch.zeros(3, dtype=torch.long)
         records = attack_run(run, copy.deepcopy(net), x, y, ["gradient"], steps=3)
     assert float(moved.metrics["input_max_change"].max()) > 0
+    # However small the change: Adam's first steps of lr 1e-5 move x by about 2e-5
+    # (the map of input_x_gradient moves with x inside a region of the ReLUs).
+    target = random_targets(maps_of(other, x, "input_x_gradient"), torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnchangedWarning)
+        nudged = bs.manipulate(
+            other, x, target, "input_x_gradient", steps=2, lr=1e-5, check_every=1
+        )
+    assert 0 < float(nudged.metrics["input_max_change"].max()) <= 2.1e-5
     assert [r["input_max_change"] for r in records] == [0.0, 0.0, 0.0]
     # What the run left to its table is not counted as said: a call of one's own says it.
     ran = copy.deepcopy(net)
@@ -1433,6 +1463,22 @@ def test_a_registered_method_is_attacked_as_the_built_in_ones_are(small):
     finally:
         for name in ("from_low", "noisy_gradient", "detached_gradient", "smoothed_saliency"):
             METHODS.pop(name)
+
+
+def test_a_registered_method_keeps_its_own_default_seed_for_its_fixed_draws(small):
+    # Only a seed that defaults to None is fixed at 0: a default of its own is the draws.
+    from betasmooth.explain import METHODS, register
+
+    @register("seeded_gradient")
+    def seeded_gradient(model, x, target, *, create_graph=False, seed=7):
+        return bs.explain(model, x, "gradient", target, create_graph=create_graph)
+
+    _, x = small
+    try:
+        assert attack_options("seeded_gradient", x) == {"seed": 7}
+        assert attack_options("seeded_gradient", x, method_options={"seed": 2}) == {"seed": 2}
+    finally:
+        METHODS.pop("seeded_gradient")
 
 
 @pytest.mark.parametrize("method", list(ATTACK_DEFAULTS))

@@ -582,6 +582,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputTypeError,
         r"weights must be None or \(w_e, w_o\), two numbers >= 0; got int 5",
     ),
+    "manipulate weights of three numbers": (
+        _manipulate(X, weights=(1.0, 2.0, 3.0)),
+        InputError,
+        r"^weights must be None or \(w_e, w_o\), two numbers >= 0; got \(1.0, 2.0, 3.0\)$",
+    ),
     "manipulate method_options 5": (
         _manipulate(X, method_options=5),
         InputTypeError,

@@ -262,6 +262,20 @@ def test_beta_range_is_float32_normal_numbers(dtype, end):
         softplus(x, outside)
 
 
+@pytest.mark.parametrize("end", [0, 1])
+def test_a_tensor_beta_takes_both_ends_of_the_range_as_a_number_does(end):
+    info = np.finfo(np.float32)
+    inside = float(info.tiny if end == 0 else info.max)
+    outside = float(np.nextafter(inside, 0.0 if end == 0 else math.inf))
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    beta = torch.tensor(inside, dtype=torch.float64)
+    # softplus_beta(0) = log(2) / beta, finite at both ends.
+    assert softplus(x, beta)[1].item() == pytest.approx(math.log(2) / inside, rel=1e-12)
+    torch.testing.assert_close(softplus(x, beta), softplus(x, inside), rtol=1e-12, atol=0)
+    with pytest.raises(bs.InputError, match=r"^beta must be between 1.175e-38 and 3.403e\+38"):
+        softplus(x, torch.tensor([inside, outside], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("beta", [0.1, 1.0, 7.0])
 def test_logistic_density_integrates_to_one_and_equals_scipy(beta):
     noise = LogisticNoise(torch.tensor(beta, dtype=torch.float64))
@@ -484,6 +498,13 @@ def test_smooth_never_mutates_its_argument(net_and_input):
     assert not net._forward_pre_hooks and not net._forward_hooks
     assert type(soft) is Net and soft.betasmooth_beta == 1.0
     assert not torch.allclose(soft(x), before)
+
+
+def test_a_smoothed_copy_records_the_beta_it_was_given(net_and_input):
+    net, x = net_and_input
+    soft = smooth(net, 2.5)
+    assert soft.betasmooth_beta == 2.5 and type(soft.betasmooth_beta) is float
+    assert smooth(net, torch.tensor(0.75)).betasmooth_beta == 0.75
 
 
 def test_smoothed_restores_on_exit_and_on_exceptions(net_and_input):
