@@ -1062,11 +1062,8 @@ def test_only_rank_0_of_a_torchrun_job_shows_the_bar(tmp_path, capsys):
     assert counts and counts[-1] == ("2", "2")
 
 
-def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
-    # Sweep-like records, one per (index, method, defense): a unit counts as done
-    # once every item has its rows_per_item rows, and a second run computes nothing.
-    run = RunDir.create(tmp_path / "run", {"command": "test"})
-    calls = []
+def _two_rows_per_item(calls):
+    """Sweep-like work: two rows (defenses p and q) per item, each call noted in ``calls``."""
 
     def work(unit):
         calls.append(unit)
@@ -1077,6 +1074,15 @@ def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
         ]
         return rows, None
 
+    return work
+
+
+def test_a_unit_whose_items_have_all_their_rows_is_not_computed_again(tmp_path):
+    # Sweep-like records, one per (index, method, defense): a unit counts as done
+    # once every item has its rows_per_item rows, and a second run computes nothing.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    calls = []
+    work = _two_rows_per_item(calls)
     units = plan(["a"], range(3), 2)
     first = execute(run, units, work, name="sweep", keeps_arrays=False, rows_per_item=2)
     assert len(first) == 6 and calls == units
@@ -1090,16 +1096,7 @@ def test_a_unit_with_an_item_short_of_its_rows_is_computed_again_adding_only_tho
     # computed again, and only the missing row is added; the unit (2,) is done.
     run = RunDir.create(tmp_path / "run", {"command": "test"})
     calls = []
-
-    def work(unit):
-        calls.append(unit)
-        rows = [
-            {"index": i, "method": unit.method, "defense": d, "value": i + k}
-            for i in unit.indices
-            for k, d in enumerate(("p", "q"))
-        ]
-        return rows, None
-
+    work = _two_rows_per_item(calls)
     units = plan(["a"], range(3), 2)
     done = [{"index": 0, "method": "a", "defense": "p", "value": -1.0}] + [
         {"index": i, "method": "a", "defense": d, "value": -1.0} for i in (1, 2) for d in "pq"
