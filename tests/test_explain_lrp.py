@@ -1506,7 +1506,9 @@ def test_lrp_warns_where_relevance_grows_by_dividing_by_a_sum_near_zero(epsilon)
             "addition's sum is near 0 but its unit still gets relevance (as a beta-smoothed "
             "network's softplus units do), and the map is a few spikes; a larger epsilon "
             "(lrp's option epsilon, 0.01 to 0.25; on the command line attack's or explain's "
-            "--option lrp.epsilon=0.25, which a sweep of that attack takes) bounds it"
+            "--option lrp.epsilon=0.25, which a sweep of that attack takes, or --option "
+            "beta_smooth.epsilon=0.25 where lrp is the base of beta_smooth, as "
+            "smoothgrad.epsilon of smoothgrad) bounds it"
         ]
         if epsilon == 1e-6
         else []

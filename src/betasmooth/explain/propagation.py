@@ -1476,7 +1476,8 @@ def _check_amplification(
             "gets relevance (as a beta-smoothed network's softplus units do), and the map "
             "is a few spikes; a larger epsilon (lrp's option epsilon, 0.01 to 0.25; on the "
             "command line attack's or explain's --option lrp.epsilon=0.25, which a sweep of "
-            "that attack takes) bounds it",
+            "that attack takes, or --option beta_smooth.epsilon=0.25 where lrp is the base "
+            "of beta_smooth, as smoothgrad.epsilon of smoothgrad) bounds it",
             model,
         )
 
