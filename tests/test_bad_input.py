@@ -861,6 +861,14 @@ CLI: dict[str, tuple[list[str], str]] = {
         [*ATTACK[:5], "--method", "all,gradient", "--out", "{d}/run"],
         r"^betasmooth: error: method 'all' stands alone; got all,gradient",
     ),
+    "--method gradient,lrp,gradient": (
+        [*ATTACK[:5], "--method", "gradient,lrp,gradient", "--out", "{d}/run"],
+        r"^betasmooth: error: methods must differ; 'gradient' is given more than once$",
+    ),
+    "explain --method lrp, lrp": (
+        [*EXPLAIN[:5], "--method", "lrp, lrp", "--out", "{d}/run"],
+        r"^betasmooth: error: methods must differ; 'lrp' is given more than once$",
+    ),
     "sweep --betas 1,,2": (["sweep", "{d}", "--betas", "1,,2"], r"comma list of numbers"),
     "sweep --min-fidelity 2": (
         ["sweep", "{d}", "--min-fidelity", "2"],

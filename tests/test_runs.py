@@ -811,11 +811,15 @@ def test_load_inputs_refuses_a_count_of_zero_images():
         load_inputs("digits-cnn", "digits", n=0)
 
 
-def test_a_method_named_twice_is_run_once():
+def test_a_method_named_twice_is_refused_as_a_beta_named_twice_is():
     from betasmooth.runs import attack_methods, explain_methods
 
-    assert attack_methods("gradient,lrp,gradient") == ["gradient", "lrp"]
-    assert explain_methods(["lrp", "gradient", "lrp"]) == ["lrp", "gradient"]
+    with pytest.raises(InputError, match="^methods must differ; 'gradient' is given more than"):
+        attack_methods("gradient,lrp,gradient")
+    with pytest.raises(InputError, match="^methods must differ; 'lrp' is given more than once$"):
+        explain_methods(["lrp", "gradient", " lrp"])
+    # The order given is the order run.
+    assert explain_methods(["lrp", "gradient"]) == ["lrp", "gradient"]
 
 
 def test_method_lists_take_spaces_around_names_and_refuse_an_empty_list():

@@ -187,7 +187,11 @@ def _split_methods(
             f"unknown method {(unknown or [''])[0]!r}; expected a comma list of "
             f"{', '.join(choices)}, {what}or all"
         )
-    return list(dict.fromkeys(names))
+    twice = [m for i, m in enumerate(names) if m in names[:i]]
+    if twice:
+        # Refused as a beta given twice is: a typo that would otherwise pass unseen.
+        raise InputError(f"methods must differ; {twice[0]!r} is given more than once")
+    return names
 
 
 def attack_methods(methods: str | Sequence[str]) -> list[str]:
