@@ -142,6 +142,34 @@ def test_iid_cdf_far_out_is_the_logistic_cdf_and_stays_in_0_1():
     assert got[-2:].tolist() == [0.0, 1.0]
 
 
+def test_iid_cdf_raises_too_few_panels_to_follow_the_farthest_point():
+    # One component: u.e is logistic, its cdf sigmoid(z) (closed form). panels=1
+    # (16 nodes on (0, 15]) cannot follow sin(79 s), which turns 190 times there:
+    # the panels are raised to 2.4 per unit of the largest |z| up to 80.
+    z = torch.tensor([-79.0, -40.0, -3.0, 0.0, 3.0, 40.0, 79.0], dtype=torch.float64)
+    got = theory.iid_cdf(torch.tensor([1.0, 0.0]), z, panels=1)
+    torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-13, rtol=0)
+
+
+def test_iid_cdf_between_20_and_80_scales_out_is_computed_not_rounded_to_0_or_1():
+    # One component: the cdf is sigmoid(z) (closed form), 1.4e-11 from 0 or 1 at
+    # |z| = 25, well above the quadrature's error of a few float64 roundings: only
+    # beyond |z| = 80 is it 0 or 1 to rounding.
+    z = torch.tensor([-50.0, -25.0, -21.0, 21.0, 25.0, 50.0], dtype=torch.float64)
+    got = theory.iid_cdf(torch.tensor([1.0, 0.0]), z)
+    torch.testing.assert_close(got, torch.sigmoid(z), atol=1e-14, rtol=0)
+    assert 0.0 < float(got[1]) and float(got[-2]) < 1.0
+
+
+def test_iid_cdf_is_a_probability_where_its_quadrature_rounds_past_0_or_1():
+    # Far in the tails the inversion integral is 0 or 1 up to a few float64
+    # roundings of either sign: the distribution function never leaves [0, 1].
+    z = torch.linspace(-80, 80, 1601, dtype=torch.float64)
+    got = theory.iid_cdf(torch.tensor([1.0, 0.3, 0.1], dtype=torch.float64), z)
+    assert float(got.min()) >= 0.0 and float(got.max()) <= 1.0
+    torch.testing.assert_close(got, torch.sigmoid(z), atol=0.03, rtol=0)
+
+
 def test_iid_cdf_of_a_million_equal_small_weights_is_the_normal_limit():
     # u = (1, ..., 1) / 1000 in R^(10^6): every weight is 1e-3, none negligible;
     # u.e is a sum of 10^6 logistic terms, normal with the logistic variance up
@@ -407,6 +435,15 @@ def test_run_iid_bias_curve_is_the_bias_by_dimension_and_its_normal_limit(quick_
     gap = max(abs(scipy_cdf_2d(np.array([1.0, 1.0]), zi) - special.expit(zi)) for zi in z)
     assert curve["bias"][1] == pytest.approx(gap, abs=2e-4)
     assert curve["limit"] == pytest.approx(scipy_bias_limit(), abs=1e-10)
+
+
+def test_run_iid_bias_by_d_reaches_its_normal_limit(quick_run):
+    # The curve shows the bias approaching its d -> inf limit: its largest d (equal
+    # weights) lies within 2e-5 of the limit (scipy), and the bias grows with d.
+    by_d = quick_run["theorem2_iid_bias_by_d"]
+    biases = list(by_d.values())
+    assert biases[-1] == pytest.approx(scipy_bias_limit(), abs=2e-5)
+    assert all(a < b for a, b in zip(biases[1:], biases[2:]))
 
 
 def test_run_confidence_bound_is_bonferroni_over_the_points_it_names(quick_run):

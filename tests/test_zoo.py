@@ -255,6 +255,22 @@ def test_a_refused_pickle_is_named_by_its_class_and_a_key_must_be_a_name(tmp_pat
         load_state_dict(numbered)
 
 
+def test_a_damaged_pickle_of_any_protocol_or_a_list_says_so_in_one_line(tmp_path) -> None:
+    # A pickle of protocol 4 (b"\\x80\\x04") that torch cannot read is a pickle: torch's own
+    # reason is given, not "not a file written by torch.save"; a list of tensors is
+    # no state dict, said as such rather than raised raw.
+    damaged = tmp_path / "p4.pt"
+    damaged.write_bytes(b"\x80\x04junkjunkjunk")
+    with pytest.raises(InputError) as info:
+        load_state_dict(damaged)
+    assert str(damaged) in str(info.value)
+    assert "it is not a file written by torch.save" not in str(info.value)
+    listed = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], listed)
+    with pytest.raises(InputError, match=r"list\.pt is not a state dict \(it holds a list; "):
+        load_state_dict(listed)
+
+
 def test_weights_of_the_same_size_but_another_shape_are_refused(tmp_path) -> None:
     from betasmooth.checkpoint import apply_weights
 
@@ -299,6 +315,8 @@ def test_an_error_is_told_in_one_line_of_at_most_200_characters() -> None:
     assert reason(ValueError("y" * 200 + "\nsecond line")) == "ValueError: " + "y" * 200
     assert reason(ValueError("x" * 201)) == "ValueError: " + "x" * 197 + "..."
     assert reason(EOFError()) == "EOFError"
+    # Blank lines and indentation before the message are not its first line.
+    assert reason(OSError("\n  disk full\n  more")) == "OSError: disk full"
 
 
 def test_damaged_or_foreign_weights_files_say_what_they_are(factory_file, tmp_path) -> None:
@@ -1544,6 +1562,27 @@ def test_other_classes_are_named_only_where_the_last_layers_outputs_alone_differ
     assert str(info.value).endswith("); expected the state dict of the same architecture")
 
 
+def test_no_other_classes_are_named_where_the_last_layers_outputs_are_the_models(tmp_path):
+    # A last layer of two tensors of unequal lengths (3 outputs, a scale of 2): the file's
+    # scale has 3 entries, as many as the model's outputs, so no other number of classes
+    # would fit it; the hint "has 3 outputs, the model's 3" would be wrong: the plain line.
+    from betasmooth.checkpoint import apply_weights
+
+    class Last(nn.Module):
+        def __init__(self, scales):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 4))
+            self.scale = nn.Parameter(torch.zeros(scales))
+
+    torch.save(nn.Sequential(nn.Linear(2, 4), Last(3)).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(nn.Sequential(nn.Linear(2, 4), Last(2)), tmp_path / "w.pt")
+    assert str(info.value).endswith(
+        "(shape mismatch: 1.scale (3,) vs model (2,)); expected the state dict of the same "
+        "architecture"
+    )
+
+
 def test_other_classes_are_named_for_the_last_layer_of_a_deeper_network_alone(tmp_path):
     # Only the outputs of the last of three layers differ: the hint names it. Where the
     # first layer differs too, or the file holds a tensor that the model has not,
@@ -1599,6 +1638,34 @@ def test_other_classes_are_named_from_the_last_parameter_not_the_last_buffer(tmp
             "file, file.py:build; for a torchvision network, "
             "torchvision.models.<name>(num_classes=3))"
         )
+
+
+def test_other_classes_are_named_where_a_later_layer_holds_only_a_buffer(tmp_path):
+    # The state dict of Sequential(Linear, Temper) ends in the buffer "1.temperature",
+    # a layer without parameters after the logits: the last layer is "0", whose outputs
+    # alone differ, not "1".
+    from betasmooth.checkpoint import apply_weights
+
+    class Temper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("temperature", torch.ones(1))
+
+        def forward(self, x):
+            return x / self.temperature
+
+    def net(classes):
+        return nn.Sequential(nn.Linear(4, classes), Temper())
+
+    assert list(net(5).state_dict())[-1] == "1.temperature"
+    torch.save(net(3).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError) as info:
+        apply_weights(net(5), tmp_path / "w.pt")
+    assert str(info.value).endswith(
+        "; the file's last layer (0) has 3 outputs, the model's 5: for weights fine-tuned to 3 "
+        "classes, build the model with a last layer of 3 outputs (a model file, file.py:build; "
+        "for a torchvision network, torchvision.models.<name>(num_classes=3))"
+    )
 
 
 def test_a_shared_first_name_is_not_stripped_from_a_key_that_is_that_name_alone(tmp_path):
