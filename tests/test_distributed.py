@@ -515,3 +515,41 @@ def test_an_os_error_without_a_number_is_said_alike_on_every_rank():
         kind, *args = json.loads(json.dumps(_said(err)))
         assert kind == "os"
         assert _one_line(OSError(*args)) == _one_line(err)
+
+
+GLOO_THREADS = """
+import os, sys
+
+import torch
+
+from betasmooth.distributed import distributed
+
+with distributed(torch.device("cpu")) as (dist, _):
+    # The first optimizer imports torch._dynamo, and with it torch.distributed.nn.functional,
+    # whose collectives take the WORLD group as a default argument.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    dist.barrier()
+tasks = os.listdir("/proc/self/task")
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks)
+open(os.path.join(sys.argv[1], f"threads-{dist.rank}"), "w").write(" ".join(names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads listed by /proc")
+def test_leaving_the_job_stops_gloos_threads(tmp_path):
+    # gloo's threads that outlive the job run into the interpreter's finalization, where
+    # they can abort a rank that has done its work ("terminate called without an active
+    # exception", status -6) when the machine is busy.
+    script = tmp_path / "threads.py"
+    script.write_text(GLOO_THREADS)
+    proc = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        names = (tmp_path / f"threads-{rank}").read_text().split()
+        assert not [n for n in names if "gloo" in n], (rank, names)

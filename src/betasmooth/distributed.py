@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -242,6 +243,14 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     else:
         backend = "gloo"
     if not torch.distributed.is_initialized():
+        # torch.distributed.nn.functional binds the WORLD group as the default argument of
+        # its collectives when it is first imported. Imported once the group exists (torch
+        # imports torch._dynamo, and with it that module, on the first torch.optim
+        # optimizer), it holds the group past destroy_process_group: gloo's threads live on
+        # into the interpreter's finalization, where they can abort the process ("terminate
+        # called without an active exception"). Imported first, it binds None.
+        importlib.import_module("torch.distributed.nn.functional")
+
         kwargs = {"device_id": device} if backend == "nccl" else {}
         torch.distributed.init_process_group(backend, **kwargs)
     return Dist(rank, world, local, active=True), device
