@@ -875,6 +875,30 @@ def test_npz(tmp_path) -> None:
     assert float(plain.low.min()) == 0.0 and float(plain.high.max()) == 200.0
 
 
+def test_signed_npz_pixels_under_a_torchvision_models_own_statistics_are_said(
+    tmp_path,
+) -> None:
+    # Pixels in [-1, 1] normalised by ImageNet's statistics of [0, 1] pixels reach
+    # (-1 - 0.485) / 0.229 = -6.5 where ImageNet's own stop at -2.1: said, and the
+    # normalisation is still the one asked for (oracle: the formula by hand).
+    path = tmp_path / "signed.npz"
+    x = np.linspace(-1, 1, 3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+    np.savez(path, x=x)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    said = r"^x in .*signed\.npz holds values down to -1; torchvision:resnet18's mean and std "
+    for given in ({}, {"mean": list(mean), "std": list(std)}):  # the command line fills them
+        with pytest.warns(UserWarning, match=said + r"apply to pixels in \[0, 1\]: map x to"):
+            data = bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, **given)
+        expected = (x - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1))
+        np.testing.assert_allclose(data.x.numpy(), expected, rtol=1e-6, atol=1e-6)
+    # The data's own statistics, or data that do not reach -0.25 (-0.2 here): nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, mean=0, std=0.5)
+        np.savez(path, x=x * 0.6 + 0.4)
+        bs.load_data(str(path), preset="torchvision:resnet18", image_size=8)
+
+
 def test_npz_labels_under_another_name_are_said(tmp_path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((2, 1, 4, 4), dtype=np.float32), labels=np.array([3, 1]))

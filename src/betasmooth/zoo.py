@@ -899,6 +899,15 @@ def load_data(
             stacklevel=2,
         )
     shift, scale = _normalisation(mean, std, x.shape[1])
+    if raw_low < NEGATIVE_PIXELS and _presets(preset, shift, scale):
+        # A user's own mean and std may be of signed pixels (checked below against
+        # their range); a torchvision preset's are of pixels in [0, 1].
+        warnings.warn(
+            f"x in {spec} holds values down to {raw_low:g}; {preset}'s mean and std apply "
+            "to pixels in [0, 1]: map x to [0, 1] first ((x + 1) / 2 for x in [-1, 1]), or "
+            "give the data's own mean and std",
+            stacklevel=2,
+        )
     if normalised and bool((scale > raw_high - raw_low).any()):
         raise InputError(
             f"std must be at most {raw_high - raw_low:g}, the width of the pixels' range "
@@ -924,6 +933,23 @@ def _preprocessing(preset: str) -> object:
             f"preset must be a torchvision model spec such as 'torchvision:vgg16'; got {preset!r}"
         )
     return preprocessing(preset)
+
+
+def _presets(preset: str | None, shift: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the normalisation is ``preset``'s own (also where the command line
+    filled it in)."""
+    if preset is None:
+        return False
+    prep = _preprocessing(preset)
+    own = _normalisation(list(prep.mean), list(prep.std), shift.shape[1])
+    return torch.equal(own[0], shift) and torch.equal(own[1], scale)
+
+
+#: Lowest value of float pixels in an .npz that a torchvision model's mean and std take
+#: for [0, 1] without a warning: a little below 0 is the ringing of a sharpening or
+#: bicubic filter in a user's own preparation, while data in [-1, 1] or [-0.5, 0.5], or
+#: normalised already, reach -0.5 and below.
+NEGATIVE_PIXELS = -0.25
 
 
 def _raw_range(source: str, x: torch.Tensor) -> tuple[float, float]:
