@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -637,6 +640,32 @@ def test_a_metric_that_gives_no_number_per_map_is_named(value, got):
         del METRICS["per_batch"]
     with pytest.raises(InputError, match="metric 'pcc' is registered already"):
         register_metric("pcc")(lambda a, b: a.sum((1, 2)))
+
+
+def test_a_metric_that_gives_nan_for_finite_maps_is_named():
+    # Cosine similarity of the maps' deviations from their means: 0 / 0 for a constant
+    # map (the first pair), defined for the second. Oracle: numpy by hand.
+    @register_metric("centred_cosine")
+    def centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+        b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+    a = torch.stack([torch.ones(4, 4), torch.arange(16.0).view(4, 4)]).double()
+    b = torch.rand(2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        with pytest.warns(UserWarning, match=r"^metric 'centred_cosine' gave NaN or inf for"):
+            got = compare(a, b)["centred_cosine"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the built-in metrics of these maps are finite
+            del METRICS["centred_cosine"]
+            compare(a, b)
+    finally:
+        METRICS.pop("centred_cosine", None)
+    u, v = a[1].numpy().ravel(), b[1].numpy().ravel()
+    u, v = u - u.mean(), v - v.mean()
+    assert math.isnan(got[0].item())
+    assert got[1].item() == pytest.approx(float(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
 
 
 def test_a_metric_keeps_its_own_default_k_unless_compare_is_given_one():

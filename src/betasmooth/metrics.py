@@ -34,6 +34,7 @@ from .validate import (
     check_map_batch,
     is_number,
     registrar,
+    warn_user,
 )
 
 __all__ = [
@@ -643,6 +644,12 @@ def compare(
 def _one_per_map(name: str, value: object, maps: int) -> torch.Tensor:
     """A metric's value, refused in one line unless it is one number per map, ``(B,)``."""
     if isinstance(value, torch.Tensor) and tuple(value.shape) == (maps,):
+        if not bool(torch.isfinite(value.detach()).all()):
+            # The maps are finite (checked): the metric made it, and medians skip it.
+            warn_user(
+                f"metric {name!r} gave NaN or inf for some pairs of finite maps; their "
+                "records hold it, and the medians leave it out"
+            )
         return value
     got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
     raise InputError(f"metric {name!r} returned {got}; expected a tensor of shape ({maps},)")
