@@ -459,3 +459,23 @@ def test_smoothgrad_refuses_a_count_or_a_noise_level_it_cannot_draw(net, x, opti
     # draws the same law, so would pass unnoticed); NaN would make every map NaN.
     with pytest.raises(bs.InputError, match=message):
         bs.explain(net, x, "smoothgrad", TARGET, seed=0, **options)
+
+
+def test_noise_scale_of_a_fixed_range_keeps_the_dtype_of_x():
+    # A float64 x gets sigma * range in float64, not rounded to float32 on the way.
+    from betasmooth.explain.noise import noise_scale
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+    scale = noise_scale(x, 0.1, 0.3)
+    assert scale.dtype == torch.float64 and scale.shape == (2, 1, 1, 1)
+    assert scale.flatten().tolist() == [0.1 * 0.3, 0.1 * 0.3]
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [(-1, "an integer >= 0; got -1"), (2**64, f"an integer from 0 to {2**64 - 1}; got {2**64}")],
+)
+def test_smoothgrad_refuses_a_seed_a_generator_cannot_take(net, x, seed, message):
+    # -1 would wrap around to another seed; 2**64 overflows manual_seed with a raw error.
+    with pytest.raises(bs.InputError, match=rf"^seed must be {message}$"):
+        bs.explain(net, x[:2], "smoothgrad", 0, n=2, seed=seed)

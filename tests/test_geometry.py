@@ -670,3 +670,49 @@ def test_curvature_per_unit_of_a_range_that_starts_below_zero_by_hand():
         assert out["principal_curvature"][i].item() == pytest.approx(
             span * exact["principal_curvature"], rel=1e-9
         )
+
+
+def test_hutchinson_draws_each_items_probes_from_its_own_seed():
+    # The Frobenius estimate by hand: the exact Hessian (closed form) on the Rademacher
+    # probes of torch.Generator().manual_seed(s), drawn after the Lanczos start vector.
+    torch.manual_seed(4)
+    d, beta, probes = 5, 2.0, 3
+    w = torch.randn(3, d, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64) * 0.2
+    x = 0.4 * torch.randn(2, d, dtype=torch.float64)
+    seeds = [11, 12]
+    out = curvature(bs.smooth(neurons(w, b), beta), x, seed=seeds, probes=probes)
+    for i, s in enumerate(seeds):
+        s_ = 1 / (1 + np.exp(-beta * (w.numpy() @ x[i].numpy() + b.numpy())))
+        hess = (w.numpy().T * (beta * s_ * (1 - s_))) @ w.numpy()
+        g = torch.Generator().manual_seed(s)
+        torch.randn(d, generator=g, dtype=torch.float64)  # the start vector
+        v = np.stack(
+            [(torch.randint(0, 2, (d,), generator=g) * 2 - 1).numpy() for _ in range(probes)]
+        )
+        expected = math.sqrt(np.mean(np.sum((v @ hess) ** 2, axis=1)))
+        assert out["hessian_frobenius"][i].item() == pytest.approx(expected, rel=1e-9)
+    # Another seed gives other probes, and here another estimate.
+    other = curvature(bs.smooth(neurons(w, b), beta), x, seed=[13, 14], probes=probes)
+    assert not torch.equal(other["hessian_frobenius"], out["hessian_frobenius"])
+
+
+class _Detached(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.detach())
+
+
+@pytest.mark.parametrize("check", ["curvature", "theorem1_check"])
+def test_a_forward_that_detaches_x_is_refused_in_one_line(check):
+    # Not the raw error of the Hessian's own autograd call.
+    x = torch.randn(2, 4)
+    call = {"curvature": lambda: curvature(_Detached(), x),
+            "theorem1_check": lambda: theorem1_check(_Detached(), x, x + 0.1)}[check]  # fmt: skip
+    with pytest.raises(bs.InputError, match=r"^_Detached's output does not depend on x: its "
+                       r"forward detaches the input or runs under torch.no_grad\(\); expected a "
+                       r"forward that keeps x in the graph$"):  # fmt: skip
+        call()

@@ -1572,3 +1572,64 @@ def test_a_label_beyond_the_class_names_given_gets_no_name(tmp_path, digits, dig
     assert [r["label"] for r in records] == predicted
     for r in records:
         assert r.get("label_name") == (f"c{r['label']}" if r["label"] < last else None)
+
+
+def test_an_append_that_the_disk_stops_taking_raises_and_names_the_file(tmp_path, monkeypatch):
+    # A write that takes 0 bytes (a full quota) must not end the append silently short.
+    import errno
+
+    from betasmooth import store
+
+    real = store.os.write
+
+    calls = []
+
+    def five_then_nothing(fd, data):
+        calls.append(len(data))
+        return real(fd, bytes(data[:5])) if len(calls) == 1 else 0
+
+    path = tmp_path / "r.jsonl"
+    monkeypatch.setattr(store.os, "write", five_then_nothing)
+    with pytest.raises(OSError) as err:
+        append_jsonl(path, [{"index": 0, "method": "gradient"}])
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
+    monkeypatch.setattr(store.os, "write", real)
+    assert path.read_bytes() == b'{"ind'
+    assert read_jsonl(path) == []
+
+
+def test_a_run_killed_while_writing_its_config_is_started_afresh(tmp_path):
+    # A kill during the first write of config.json leaves its temporary file beside it:
+    # no result yet, so the directory is not a started run and needs no --resume.
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
+    (run.path / ".config.json.k1ll3d0x.tmp").write_text('{"comm')
+    assert not run.started()
+    again = RunDir.create(tmp_path / "run", {"command": "attack", "seed": 1})
+    assert again.config()["seed"] == 1
+    assert sorted(p.name for p in run.path.iterdir()) == ["arrays", "config.json"]
+
+
+def test_a_sweep_again_with_another_min_fidelity_is_the_same_sweep(tmp_path):
+    # min_fidelity picks the summary's beta, not the rows: the rows stay valid for it.
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
+    held = {"betas": [1.0, 10.0], "smoothgrad_n": 2, "min_fidelity": 0.5}
+    run.start_sweep(held)
+    run.append([{"index": 0, "method": "gradient", "defense": "beta_smooth", "beta": 1.0}], "sweep")
+    run.check_sweep({**held, "betas": [10.0, 1.0], "min_fidelity": 0.9})
+    with pytest.raises(InputError) as err:
+        run.check_sweep({**held, "smoothgrad_n": 3})
+    assert str(err.value) == (
+        f"{run.path} holds a sweep whose smoothgrad_n is 2 (3 now) in sweep.jsonl; sweep again "
+        "with those settings, or delete sweep.jsonl to start a new one"
+    )
+
+
+def test_read_arrays_names_a_damaged_arrays_file_in_one_line(tmp_path):
+    # A file cut short after the run (a copy, a full disk elsewhere) is named, not a raw
+    # zipfile error; read_npz reads every array, so the damage is found on loading.
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "seed": 0})
+    path = run.save_arrays("gradient", 0, {"index": np.arange(2), "x": np.zeros((2, 3))})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"^{re.escape(str(path))} is a damaged \.npz archive"):
+        run.read_arrays("gradient")
