@@ -38,6 +38,19 @@ def _torchrun(argv: list[str], stderr: Path | None = None) -> subprocess.Popen:
         )
 
 
+def _run_script(tmp_path: Path, source: str) -> subprocess.CompletedProcess:
+    """The Python ``source`` run by two torchrun ranks, with ``tmp_path`` as its argument."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def _descendants(pid: int) -> list[int]:
     found, todo = [], [pid]
     while todo:
@@ -303,15 +316,7 @@ with distributed(torch.device("cpu")) as (dist, _):
 
 
 def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(tmp_path):
-    script = tmp_path / "first.py"
-    script.write_text(FIRST_FAILS)
-    proc = subprocess.run(
-        [*TORCHRUN, str(script), str(tmp_path)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_script(tmp_path, FIRST_FAILS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [(tmp_path / f"said-rank{rank}").read_text() for rank in (0, 1)]
     missing = tmp_path / "missing" / "file.json"
@@ -540,15 +545,7 @@ def test_leaving_the_job_stops_gloos_threads(tmp_path):
     # gloo's threads that outlive the job run into the interpreter's finalization, where
     # they can abort a rank that has done its work ("terminate called without an active
     # exception", status -6) when the machine is busy.
-    script = tmp_path / "threads.py"
-    script.write_text(GLOO_THREADS)
-    proc = subprocess.run(
-        [*TORCHRUN, str(script), str(tmp_path)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _run_script(tmp_path, GLOO_THREADS)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):
         names = (tmp_path / f"threads-{rank}").read_text().split()
