@@ -647,8 +647,8 @@ def _one_per_map(name: str, value: object, maps: int) -> torch.Tensor:
         if not bool(torch.isfinite(value.detach()).all()):
             # The maps are finite (checked): the metric made it, and medians skip it.
             warn_user(
-                f"metric {name!r} gave NaN or inf for some pairs of finite maps; their "
-                "records hold it, and the medians leave it out"
+                f"metric {name!r} gave NaN or inf for some pairs of finite maps (a run's "
+                "records hold null there, and its medians leave them out)"
             )
         return value
     got = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
