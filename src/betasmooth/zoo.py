@@ -904,8 +904,8 @@ def load_data(
         # their range); a torchvision preset's are of pixels in [0, 1].
         warnings.warn(
             f"x in {spec} holds values down to {raw_low:g}; {preset}'s mean and std apply "
-            "to pixels in [0, 1]: map x to [0, 1] first ((x + 1) / 2 for x in [-1, 1]), or "
-            "give the data's own mean and std",
+            "to pixels in [0, 1]: map x to [0, 1] first ((x + 1) / 2 for x in [-1, 1]; "
+            "x * std + mean for x normalised already), or give the data's own mean and std",
             stacklevel=2,
         )
     if normalised and bool((scale > raw_high - raw_low).any()):
