@@ -1577,23 +1577,29 @@ def test_a_label_beyond_the_class_names_given_gets_no_name(tmp_path, digits, dig
 def test_an_append_that_the_disk_stops_taking_raises_and_names_the_file(tmp_path, monkeypatch):
     # A write that takes 0 bytes (a full quota) must not end the append silently short.
     import errno
+    import os
 
     from betasmooth import store
 
-    real = store.os.write
+    class FiveBytesThenNothing:
+        """store's os, whose write takes 5 bytes once and then none; os for the rest
+        (store's own name is replaced: other threads keep writing)."""
 
-    calls = []
+        calls = 0
 
-    def five_then_nothing(fd, data):
-        calls.append(len(data))
-        return real(fd, bytes(data[:5])) if len(calls) == 1 else 0
+        def write(self, fd, data):
+            self.calls += 1
+            return os.write(fd, bytes(data[:5])) if self.calls == 1 else 0
+
+        def __getattr__(self, name):
+            return getattr(os, name)
 
     path = tmp_path / "r.jsonl"
-    monkeypatch.setattr(store.os, "write", five_then_nothing)
+    monkeypatch.setattr(store, "os", FiveBytesThenNothing())
     with pytest.raises(OSError) as err:
         append_jsonl(path, [{"index": 0, "method": "gradient"}])
     assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
-    monkeypatch.setattr(store.os, "write", real)
+    monkeypatch.setattr(store, "os", os)
     assert path.read_bytes() == b'{"ind'
     assert read_jsonl(path) == []
 
