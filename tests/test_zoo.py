@@ -885,7 +885,7 @@ def test_signed_npz_pixels_under_a_torchvision_models_own_statistics_are_said(
     x = np.linspace(-1, 1, 3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
     np.savez(path, x=x)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    said = r"^x in .*signed\.npz holds values down to -1; torchvision:resnet18's mean and std "
+    said = r"^x in .*signed\.npz holds values from -1 to 1; torchvision:resnet18's mean and std "
     for given in ({}, {"mean": list(mean), "std": list(std)}):  # the command line fills them
         with pytest.warns(UserWarning, match=said + r"apply to pixels in \[0, 1\]: map x to"):
             data = bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, **given)
@@ -897,6 +897,15 @@ def test_signed_npz_pixels_under_a_torchvision_models_own_statistics_are_said(
         bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, mean=0, std=0.5)
         np.savez(path, x=x * 0.6 + 0.4)
         bs.load_data(str(path), preset="torchvision:resnet18", image_size=8)
+    # Data normalised already (-2.1 to 2.6): that one warning, not also the one that takes
+    # values above 2 for 8-bit levels, whose fix (divide by 255) would be wrong here.
+    x01 = np.linspace(0, 1, 3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+    np.savez(path, x=(x01 - np.reshape(mean, (1, 3, 1, 1))) / np.reshape(std, (1, 3, 1, 1)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        bs.load_data(str(path), preset="torchvision:resnet18", image_size=8)
+    told = [str(w.message) for w in seen]
+    assert len(told) == 1 and "x * std + mean for x normalised already" in told[0], told
 
 
 def test_npz_labels_under_another_name_are_said(tmp_path) -> None:

@@ -886,7 +886,19 @@ def load_data(
     x = _resize(x, size)
     raw_low, raw_high = _raw_range(source, x)
     normalised = mean is not None or std is not None
-    if raw_high > 2.0:
+    shift, scale = _normalisation(mean, std, x.shape[1])
+    if raw_low < NEGATIVE_PIXELS and _presets(preset, shift, scale):
+        # A user's own mean and std may be of signed pixels (checked below against
+        # their range); a torchvision preset's are of pixels in [0, 1]. Signed data
+        # are no 8-bit levels: the warning below would only add a wrong fix.
+        warnings.warn(
+            f"x in {spec} holds values from {raw_low:g} to {raw_high:g}; {preset}'s mean "
+            "and std apply to pixels in [0, 1]: map x to [0, 1] first ((x + 1) / 2 for x in "
+            "[-1, 1]; x * std + mean for x normalised already), or give the data's own mean "
+            "and std",
+            stacklevel=2,
+        )
+    elif raw_high > 2.0:
         said = (
             "mean and std apply to pixels in [0, 1]"
             if normalised
@@ -896,16 +908,6 @@ def load_data(
         warnings.warn(
             f"x in {spec} holds values up to {raw_high:g}; {said}: divide x by 255 first if "
             "it holds 8-bit levels",
-            stacklevel=2,
-        )
-    shift, scale = _normalisation(mean, std, x.shape[1])
-    if raw_low < NEGATIVE_PIXELS and _presets(preset, shift, scale):
-        # A user's own mean and std may be of signed pixels (checked below against
-        # their range); a torchvision preset's are of pixels in [0, 1].
-        warnings.warn(
-            f"x in {spec} holds values down to {raw_low:g}; {preset}'s mean and std apply "
-            "to pixels in [0, 1]: map x to [0, 1] first ((x + 1) / 2 for x in [-1, 1]; "
-            "x * std + mean for x normalised already), or give the data's own mean and std",
             stacklevel=2,
         )
     if normalised and bool((scale > raw_high - raw_low).any()):
