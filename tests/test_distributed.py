@@ -550,3 +550,141 @@ def test_leaving_the_job_stops_gloos_threads(tmp_path):
     for rank in (0, 1):
         names = (tmp_path / f"threads-{rank}").read_text().split()
         assert not [n for n in names if "gloo" in n], (rank, names)
+
+
+def test_a_collective_failure_without_a_message_names_its_type():
+    # gloo may fail with nothing but its source line: the one line still says what failed.
+    from betasmooth.distributed import RankLost
+
+    for err in (RuntimeError(""), RuntimeError("[pair.cc:561] ")):
+        assert str(RankLost(3, err)) == (
+            "rank 3 lost another rank of the torchrun job (RuntimeError); "
+            "the rank that stopped first says why"
+        )
+
+
+def _two_ranks_of(monkeypatch, sent: list) -> None:
+    """Dist's broadcast as rank 0 (which sends) and rank 1 (which receives ``sent[-1]``) see it,
+    without a process group: a value goes through JSON as it does between ranks."""
+    from betasmooth.distributed import Dist
+
+    def broadcast(self, value):
+        if self.rank == 0:
+            sent.append(json.loads(json.dumps(value)))
+        return sent[-1]
+
+    monkeypatch.setattr(Dist, "_broadcast", broadcast)
+
+
+def test_what_work_refuses_on_rank_0_every_rank_raises_alike(monkeypatch, tmp_path):
+    # Rank 0's InputError or OSError is sent to the other ranks (which must not wait for a
+    # rank that is gone) and raised there as the same kind, message, number and file.
+    import errno
+
+    from betasmooth.distributed import Dist
+
+    sent: list = []
+    _two_ranks_of(monkeypatch, sent)
+    rank0, rank1 = (Dist(rank=r, world_size=2, active=True) for r in (0, 1))
+    path = str(tmp_path / "results.jsonl")
+
+    def refuse():
+        raise bs.InputError("calibrating beta needs at least 2 images; got 1")
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    for work, kind in ((refuse, bs.InputError), (full, OSError)):
+        with pytest.raises(kind) as first:
+            rank0.first(work)
+        assert len(sent) == 1, "rank 0 must tell the other ranks of its failure"
+        with pytest.raises(kind) as other:
+            rank1.first(lambda: pytest.fail("work runs on rank 0 alone"))
+        assert type(other.value) is type(first.value)
+        assert str(other.value) == str(first.value)
+        if kind is OSError:
+            assert (other.value.errno, other.value.filename) == (errno.ENOSPC, path)
+        sent.clear()
+    # Work that succeeds: rank 0 gets its value, the others None, and no failure is sent.
+    assert rank0.first(lambda: 7) == 7 and sent == [None]
+    assert rank1.first(lambda: pytest.fail("work runs on rank 0 alone")) is None
+
+
+def test_another_rank_may_broadcast_anything_it_holds(monkeypatch):
+    # Only rank 0's value is sent: another rank's (here not JSON-ready) is never encoded.
+    from betasmooth.distributed import Dist
+
+    payload = json.dumps({"beta": 2.0}).encode()
+
+    def broadcast(tensor, src):
+        assert src == 0
+        if tensor.dtype == torch.uint8:
+            tensor.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        else:
+            tensor.fill_(len(payload))
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    assert Dist(rank=1, world_size=2, active=True).broadcast(object()) == {"beta": 2.0}
+
+
+def test_a_job_of_one_rank_joins_no_process_group(monkeypatch):
+    import betasmooth.distributed as distributed
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail())
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert distributed.init_distributed(torch.device("cpu")) == (
+        distributed.Dist(),
+        torch.device("cpu"),
+    )
+
+
+def test_a_process_group_already_joined_is_not_joined_again(monkeypatch):
+    import betasmooth.distributed as distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail())
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    dist, _ = distributed.init_distributed(torch.device("cpu"))
+    assert dist == distributed.Dist(rank=1, world_size=2, local_rank=1, active=True)
+
+
+def test_a_cuda_job_joins_nccl_bound_to_the_ranks_gpu(monkeypatch):
+    import betasmooth.distributed as distributed
+
+    joined, placed = [], []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda *a, **k: joined.append((a, k))
+    )
+    monkeypatch.setattr(torch.cuda, "set_device", placed.append)
+    for name, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    dist, device = distributed.init_distributed(torch.device("cuda"))
+    assert device == torch.device("cuda", 1) and placed == [device]
+    assert joined == [(("nccl",), {"device_id": torch.device("cuda", 1)})]
+
+
+def test_one_process_leaves_no_process_group_it_did_not_join(monkeypatch):
+    # A caller's own process group outlives a one-process run.
+    import betasmooth.distributed as distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: pytest.fail())
+    distributed.shutdown_distributed(distributed.Dist())
+
+
+def test_a_job_that_fails_inside_distributed_still_leaves_the_process_group(monkeypatch):
+    import betasmooth.distributed as distributed
+
+    left = []
+    monkeypatch.setattr(
+        distributed, "init_distributed", lambda d: (distributed.Dist(1, 2, 1, active=True), d)
+    )
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: left.append(1))
+    with pytest.raises(KeyError), distributed.distributed(torch.device("cpu")):
+        raise KeyError("boom")
+    assert left == [1]

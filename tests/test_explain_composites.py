@@ -290,3 +290,30 @@ def test_a_composite_without_a_box_explains_inputs_of_any_range_as_zennit(name):
     theirs = zennit_map(net, ZENNIT[name](), x, target)
     assert ours.abs().sum() > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+def test_gamma_gives_an_output_of_exactly_zero_no_relevance_as_zennit():
+    # Zennit's Gamma shares relevance by z > 0 and z < 0 alone: an output with z = 0 passes
+    # none on. A flat rule above it sends it relevance all the same (flat ignores its input).
+    # Output 3 = 2 * 0 + 3 * 1: flat gives each hidden unit 1.5; unit 0 (z = 0) drops its
+    # share and unit 1 (z = 0.5 + 0.5, weights lifted to 1.25 alike) splits its 1.5 evenly.
+    from zennit.rules import Flat
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+        net[1].weight.copy_(torch.tensor([[2.0, 3.0]]))
+        net[0].bias.zero_()
+        net[1].bias.zero_()
+    x = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    assert net[0](x)[0, 0] == 0
+    ours = bs.explain(
+        net, x, "lrp", 0, composite=Composite({nn.Linear: "flat"}, {nn.Linear: "gamma"})
+    )
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=[(nn.Linear, Flat())], first_map=[(nn.Linear, Gamma(0.25))]
+    )
+    theirs = zennit_map(net, composite, x, torch.tensor([0]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    expected = torch.tensor([[0.75, 0.75]], dtype=torch.float64)  # stabiliser 1e-6 aside
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
