@@ -36,7 +36,6 @@ import time
 from functools import partial
 
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 import betasmooth as bs
 from arguments import append_json, json_lines
@@ -94,6 +93,9 @@ def setup(device, batch):
 
 def runners(model, x, target):
     """The methods compared, each returning a map; ours take the method's options as keywords."""
+    # Imported here, not at the top: it takes seconds, which a bad argument should not wait.
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
     saliency = NoiseTunnel(Saliency(model))
     ig = IntegratedGradients(model)
     return {

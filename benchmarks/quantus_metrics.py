@@ -27,7 +27,6 @@ import time
 import warnings
 
 import numpy as np
-import quantus
 import torch
 from tqdm import tqdm
 
@@ -50,6 +49,8 @@ METHODS = {
 
 
 def metrics(samples: int, runs: int) -> dict[str, object]:
+    import quantus
+
     common = {"disable_warnings": True, "display_progressbar": False}
     return {
         "MaxSensitivity": quantus.MaxSensitivity(nr_samples=samples, **common),
@@ -116,6 +117,9 @@ def main():
     parser.add_argument("--json", type=json_lines, help="append the results as a JSON line to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
+    # Imported once the arguments are read: it takes seconds, which a bad argument should not wait.
+    import quantus
+
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
