@@ -262,6 +262,8 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
     curvature += ["--betas", "relu,5", "--no-progress"]
     assert main(["sweep", str(tmp_path / "one"), *sweep]) == 0
     assert main([*curvature, "--out", str(tmp_path / "curv-one")]) == 0
+    # A folder named like the built-in data: every rank loads the data, rank 0 alone warns.
+    (tmp_path / "digits").mkdir()
     for argv in (
         ["sweep", str(tmp_path / "two"), *sweep],
         [*curvature, "--out", str(tmp_path / "curv-two")],
@@ -269,11 +271,14 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
         proc = subprocess.run(
             [*TORCHRUN, "-m", "betasmooth", *argv],
             env=ENV,
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=300,  # torch before 2.8 can hang as gloo shuts down
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
+    warned = "betasmooth: warning: data 'digits' is the built-in data set, not the digits in"
+    assert proc.stderr.count(warned) == 1, proc.stderr[-2000:]
     pairs = {"sweep.jsonl": ("one", "two"), "results.jsonl": ("curv-one", "curv-two")}
     for name, dirs in pairs.items():
         one, two = (read_jsonl(tmp_path / d / name) for d in dirs)
@@ -688,3 +693,29 @@ def test_a_job_that_fails_inside_distributed_still_leaves_the_process_group(monk
     with pytest.raises(KeyError), distributed.distributed(torch.device("cpu")):
         raise KeyError("boom")
     assert left == [1]
+
+
+@pytest.mark.parametrize(
+    ("rank", "joined", "said"),
+    [
+        (None, False, "betasmooth: warning: look here\n"),  # one process
+        ("0", False, "betasmooth: warning: look here\n"),
+        ("1", False, ""),  # before the ranks join, or after they leave: rank 0 says it
+        ("1", True, "betasmooth: warning: rank 1: look here\n"),  # about rank 1's own items
+        ("0", True, "betasmooth: warning: rank 0: look here\n"),
+    ],
+)
+def test_a_warning_is_said_once_for_all_ranks_unless_it_is_about_one_ranks_items(
+    rank, joined, said, monkeypatch, capsys
+):
+    from betasmooth.cli import _show_warning
+
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: joined)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(rank))
+    _show_warning("look\n   here", UserWarning, "file.py", 1)
+    assert capsys.readouterr().err == said

@@ -1938,7 +1938,15 @@ def _show_warning(
 ) -> None:
     # On the command line the warning is about the run, not about a source line; and
     # one line, also where a library wraps its text over several.
-    tell(f"betasmooth: warning: {' '.join(str(message).split())}")
+    said = " ".join(str(message).split())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # While torchrun's ranks share the items, a warning is about this rank's part.
+        said = f"rank {torch.distributed.get_rank()}: {said}"
+    elif not _first_rank():
+        # Before the ranks join (loading, checks) and after they leave, every rank does
+        # what rank 0 does: rank 0 says it for all, instead of once per rank.
+        return
+    tell(f"betasmooth: warning: {said}")
 
 
 def _check_processes(name: str) -> None:
