@@ -7,6 +7,7 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,16 @@ def test_submodules_are_attributes_of_the_package_before_their_import():
     assert out.stdout.split() == ["resnet18-f37072fd.pth", "betasmooth.theory"]
     with pytest.raises(AttributeError, match="module 'betasmooth' has no attribute 'nothing'"):
         bs.nothing  # noqa: B018
+
+
+def test_dir_offers_every_public_name_and_submodule_but_not_the_packages_own_imports():
+    # A notebook's tab completion lists dir(bs): the lazy bs.load_data and bs.manipulate too.
+    names = set(dir(bs))
+    submodules = {p.stem for p in Path(bs.__file__).parent.iterdir() if p.stem[0] != "_"}
+    assert {"load_data", "load_model", "manipulate", "curvature", "quantus_explain"} <= names
+    assert names == set(bs.__all__) | (submodules - {"weights"}) | {"__version__"}
+    assert not names & {"importlib", "pkgutil", "annotations"}
+    assert all(hasattr(bs, name) for name in names)
 
 
 def test_probing_the_package_for_main_does_not_run_the_command_line():

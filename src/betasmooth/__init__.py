@@ -51,6 +51,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'betasmooth' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # What a notebook's tab completion offers: the lazy names too, not this file's imports.
+    return sorted({*__all__, *_SUBMODULES, "__version__"})
+
+
 __all__ = [
     "METHODS",
     "ImageData",
