@@ -1285,6 +1285,32 @@ def test_channels_last_images_are_named_as_such() -> None:
     torch.testing.assert_close(permuted, expected)
 
 
+def test_channels_last_images_are_named_so_where_a_normalisation_fails_first() -> None:
+    # The per-channel mean before the first convolution fails on (B, H, W, C) in its own words.
+    class Normalise(nn.Module):
+        def forward(self, x):
+            return (x - torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)) / 0.2
+
+    model = nn.Sequential(Normalise(), plain_cnn(channels=3))
+    x = torch.rand(2, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match=r"channels-last .*x\.permute\(0, 3, 1, 2\)$"):
+        bs.explain(model, x, "gradient")
+
+
+def test_one_channels_last_image_is_told_to_permute_then_take_the_batch_dimension() -> None:
+    model = plain_cnn(channels=3)
+    image = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError, match=r"\(H, W, C\): x\.permute\(2, 0, 1\)\[None\]$"):
+        bs.explain(model, image, "gradient")
+    # The hint is right: what it gives is explained as the channel-first batch of one.
+    xg = image.permute(2, 0, 1)[None].clone().requires_grad_(True)
+    out = model(xg)
+    (expected,) = torch.autograd.grad(out[0, out[0].argmax()], xg)
+    torch.testing.assert_close(
+        bs.explain(model, image.permute(2, 0, 1)[None], "gradient"), expected
+    )
+
+
 @pytest.mark.parametrize("script", sorted(BENCHMARK_COUNTS))
 def test_benchmark_refuses_an_unwritable_json_before_measuring(script, tmp_path):
     # The folder does not exist, so the results could never be recorded: refused

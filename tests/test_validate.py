@@ -710,6 +710,39 @@ def test_a_call_under_inference_mode_names_the_caller_not_the_model():
             call()
 
 
+def test_a_tensor_made_under_inference_mode_is_explained_as_any_other():
+    # Data prepared under inference_mode and explained outside it: the gradient by hand.
+    net = _tiny()
+    with torch.inference_mode():
+        x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    leaf = x.clone().requires_grad_(True)
+    out = net(leaf)
+    (expected,) = torch.autograd.grad(out[:, 1].sum(), leaf)
+    torch.testing.assert_close(bs.explain(net, x, "gradient", target=1), expected)
+    assert bs.explain(net, x, "lrp", target=1).shape == x.shape
+
+
+class _SubtractsInPlace(nn.Module):
+    """A normalising wrapper written with ``x -= mean``: it changes the tensor it is given."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        x -= 0.5
+        return self.net(x)
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp"])
+def test_a_model_that_changes_its_input_in_place_is_refused_and_leaves_x_as_it_was(method):
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    given = x.clone()
+    with pytest.raises(InputError, match=r"^_SubtractsInPlace changes its input in place "):
+        bs.explain(_SubtractsInPlace(_tiny()), x, method)
+    assert torch.equal(x, given)
+
+
 class _Gelu(nn.Module):
     """A network without a ReLU, scripted whole."""
 
@@ -1333,3 +1366,19 @@ def test_maps_with_a_channel_dimension_are_refused_by_shape():
         r"\(2, 1, 4, 4\)$",
     ):
         bs.compare(maps, maps)
+
+
+def test_a_number_given_as_a_one_element_tensor_or_array_is_told_to_take_item():
+    net, x = _tiny(), torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    beta = torch.tensor(2.0)
+    with pytest.raises(
+        InputTypeError, match=r"^beta .* got tensor\(2\.\), not its number \(\.item"
+    ):
+        bs.explain(net, x, "beta_smooth", beta=beta)
+    with pytest.raises(InputTypeError, match=r"^n .* got array\(3\), not its number \(\.item"):
+        bs.explain(net, x, "smoothgrad", n=np.array(3))
+    with pytest.raises(InputTypeError, match=r"^sigma .* got \[0\.1\]$"):  # a list: no number
+        bs.explain(net, x, "smoothgrad", sigma=[0.1])
+    # What .item() gives is the number: the maps of beta 2 given as a float.
+    expected = bs.explain(bs.smooth(net, 2.0), x, "gradient")
+    torch.testing.assert_close(bs.explain(net, x, "beta_smooth", beta=beta.item()), expected)

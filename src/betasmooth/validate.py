@@ -304,7 +304,7 @@ def check_count(name: str, value: object, minimum: int = 1, maximum: int = MAX_C
     betasmooth.validate.InputError: steps must be an integer >= 2; got 1
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
+        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {_got(value)}")
     if value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}; got {value}")
     if value > maximum:
@@ -396,10 +396,21 @@ def check_positive(name: str, value: object, optional: bool = False) -> float | 
     if optional and value is None:
         return None
     if not is_number(value):
-        raise InputTypeError(f"{name} must be a positive number; got {value!r}")
+        raise InputTypeError(f"{name} must be a positive number; got {_got(value)}")
     if not (value > 0 and math.isfinite(value)):
         raise InputError(f"{name} must be a positive finite number; got {value!r}")
     return float(value)
+
+
+def _got(value: object) -> str:
+    """``value`` as an error shows it; a one-element tensor or array also with its number."""
+    if isinstance(value, torch.Tensor):
+        one = value.numel() == 1
+    else:
+        one = isinstance(value, np.ndarray) and value.size == 1
+    if one:
+        return f"{value!r}, not its number (.item() gives it)"
+    return repr(value)
 
 
 def is_number(value: object) -> bool:
@@ -866,6 +877,10 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
             "taken; expected a call outside it"
         )
     x = check_batch(x, name)
+    if x.is_inference():
+        # Made under inference_mode (a common way to prepare data), it can never take a
+        # gradient; a copy made outside it can.
+        x = x.clone()
     dtype, device = _model_place(model)
     if device is not None and device.type == "meta":
         raise InputError(
@@ -914,9 +929,17 @@ def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, *_CONVOLUTIONS))), None)
     layout = next((v for k, v in _CONVOLUTIONS.items() if isinstance(first, k)), None)
     if layout is not None and x.dim() != layout.count(",") + 1:
-        hint = (
-            f"; add the batch dimension with {name}[None]" if x.dim() == layout.count(",") else ""
-        )
+        hint = ""
+        if x.dim() == layout.count(","):
+            channels = first.in_channels
+            # One image as PIL and numpy lay it out, (H, W, C): [None] alone would not fit.
+            last = x.dim() == 3 and x.shape[-1] == channels != x.shape[0]
+            hint = (
+                f"; {name} looks like one channels-last image (H, W, C): "
+                f"{name}.permute(2, 0, 1)[None]"
+                if last
+                else f"; add the batch dimension with {name}[None]"
+            )
         raise InputError(
             f"{name} has shape {tuple(x.shape)} but the model's first layer "
             f"{type(first).__name__} takes {layout}{hint}"
@@ -925,6 +948,9 @@ def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:
 
 def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
     what = "one item" if len(items) == 1 else f"{len(items)} items"
+    # A copy: a forward that changes its input in place must not change the caller's x.
+    items = items.detach().clone()
+    version = items._version
     try:
         out = _forward(model, items)
     except InputError:
@@ -950,6 +976,14 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
             f"{failed} {shape[1:]} ({what} of {name}, whose shape is {shape}): "
             f"{reason[:300]}{_input_hint(model, shape, reason)}"
         ) from None
+    if items._version != version:
+        # It would change the caller's x, fail on the leaf that a gradient needs, and
+        # give LRP the changed input instead of the given one.
+        raise InputError(
+            f"{type(model).__name__} changes its input in place (e.g. x -= mean, x.clamp_(), "
+            "ReLU(inplace=True) on the input); expected a forward that leaves its input as "
+            "it is (x = x - mean)"
+        )
     check_logits(out, len(items), model)
     if not bool(torch.isfinite(out).all()):
         # NaN weights would otherwise surface as NaN maps, far from their cause.
@@ -971,14 +1005,18 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
     """What would fit the model where its error says it plainly: channels, or a larger size."""
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     said = "channels" in reason  # torch: "expected input ... to have 1 channels"
-    if said and len(shape) == 4 and first is not None and first.in_channels != shape[1]:
+    if len(shape) == 4 and first is not None and first.in_channels != shape[1]:
         if shape[-1] == first.in_channels:
-            # (B, H, W, C), as PIL, numpy and TensorFlow lay images out.
+            # (B, H, W, C), as PIL, numpy and TensorFlow lay images out; also where a
+            # normalisation before the convolution fails first, with its own words.
             return (
                 f"; x looks channels-last (B, H, W, C) with C = {shape[-1]}; expected "
                 f"(B, C, H, W): x.permute(0, 3, 1, 2)"
             )
-        return _channels_hint("the model's first convolution takes", first.in_channels, shape[1])
+        if said:
+            return _channels_hint(
+                "the model's first convolution takes", first.in_channels, shape[1]
+            )
     broadcast = re.search(r"broadcast shape \[\d+, (\d+),", reason)
     if broadcast and len(shape) == 4 and int(broadcast.group(1)) != shape[1]:
         # A normalisation inside the model holds one mean per channel it expects.
