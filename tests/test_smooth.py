@@ -1462,3 +1462,24 @@ def test_guided_backprop_and_beta_smoothing_name_kinked_activations_each_in_its_
         UserWarning, match="piecewise-linear activations stay non-smooth: Hardshrink"
     ):
         bs.explain(net, x, "beta_smooth", 0, beta=2.0)
+
+
+def test_a_smoothed_model_smoothed_again_computes_the_new_beta_and_warns_of_nothing():
+    # The later smoothing's override is on top of torch's stack: the earlier one never
+    # sees a ReLU, yet it did not fail to find one.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    by_hand = net[2](F.softplus(net[0](x), beta=5.0))
+    once = bs.smooth(net, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        twice = bs.smooth(once, 5.0)(x)
+        with bs.smoothed(once, 5.0):
+            inside = once(x)
+    torch.testing.assert_close(twice, by_hand)
+    torch.testing.assert_close(inside, by_hand)
+    torch.testing.assert_close(once(x), net[2](F.softplus(net[0](x), beta=1.0)))
+    # A model without a ReLU is still told so, also under two smoothings.
+    with pytest.warns(UserWarning, match=r"no ReLU was called in forward; beta-smoothing changed"):
+        bs.smooth(bs.smooth(nn.Sequential(nn.Linear(3, 2)), 1.0), 5.0)(x)

@@ -509,6 +509,8 @@ class _ReluOverride(TorchFunctionMode):
         # Only the first pass feeds the warning: later ones skip the bookkeeping.
         self.inspect = inspect
         self.replaced = 0
+        # ReLU calls an override above this one on torch's stack took (see __torch_function__).
+        self.superseded = 0
         self.kinked: set[str] = set()
         self.smooth: set[str] = set()
         # The forward starts here: a ReLU that runs without gradients inside it
@@ -589,6 +591,13 @@ class _ReluOverride(TorchFunctionMode):
             self.failed = True
             raise InputError(checkpointed(self.what))
         self.replaced += 1
+        # torch runs this with the modes below this one on its stack. An override there
+        # (a smoothed model smoothed again) never sees the call, which replaces its ReLU
+        # too: it would warn that it changed nothing.
+        if torch._C._len_torch_function_stack():
+            for below in _function_modes():
+                if isinstance(below, _ReluOverride):
+                    below.superseded += 1
         return _by_form(replacement, self.fn, args, kwargs, func in IN_PLACE_FUNCTIONS)
 
 
@@ -1006,7 +1015,7 @@ def replace_relu(
 def _warn_coverage(model: nn.Module, mode: _ReluOverride, warn: bool | str) -> None:
     what = warn if isinstance(warn, str) else "beta-smoothing"
     name = type(model).__name__
-    if mode.replaced == 0:
+    if mode.replaced == 0 and mode.superseded == 0:
         found = f" (its activations: {', '.join(sorted(mode.smooth))})" if mode.smooth else ""
         warn_user(f"{name}: no ReLU was called in forward{found}; {what} changed nothing", model)
     # Only what ran unreplaced, as its module where one ran it (see _activation_name).
@@ -1263,7 +1272,8 @@ def smooth(model: nn.Module, beta: float) -> nn.Module:
     """A copy of ``model`` in which every ReLU computes ``softplus_beta``.
 
     ``model`` itself is never changed. The copy keeps the class, parameters and
-    state-dict keys of the original.
+    state-dict keys of the original. Smoothing a smoothed model replaces its
+    beta: ``smooth(smooth(m, 1.0), 5.0)`` computes ``softplus_5``.
 
     Parameters
     ----------
