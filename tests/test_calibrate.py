@@ -115,3 +115,18 @@ def test_calibration_refuses_a_single_image_before_the_attack():
     x = bs.load_data("digits", split="train")[0][:1]
     with pytest.raises(bs.InputError, match=r"^calibrating beta needs at least 2 images; got 1$"):
         calibrate_beta(bs.load_model("digits-cnn"), x, betas=[1.0], steps=1)
+
+
+def test_calibration_record_of_an_unrecommended_beta_says_so():
+    # The record of the most faithful beta taken when none was recommended says
+    # recommended false; its summary's fields follow, unchanged.
+    from betasmooth.calibrate import Calibration
+
+    summary = {"min_fidelity": 0.999, "recommended_beta": None, "betas": {"1": {}}}
+    assert Calibration(20.0, False, summary).record() == {
+        "beta": 20.0,
+        "recommended": False,
+        "min_fidelity": 0.999,
+        "recommended_beta": None,
+        "betas": {"1": {}},
+    }
