@@ -21,6 +21,7 @@ class Recorder:
 
     def __init__(self, iterable, desc, total, unit, leave, delay):
         self.iterable, self.desc, self.leave, self.delay = iterable, desc, leave, delay
+        self.unit = unit
         self.total = len(iterable) if total is None else total
         self.done = 0
         Recorder.bars.append(self)
@@ -114,3 +115,9 @@ def test_a_bar_over_passes_without_a_length_is_told_their_number(bars):
     passes = progress.passes((i * i for i in range(4)), "lanczos", total=4, show=True)
     assert list(passes) == [0, 1, 4, 9]
     assert [(b.desc, b.total, b.done, b.delay) for b in bars] == [("lanczos", 4, 4, 0.0)]
+
+
+def test_a_bar_counts_passes_not_items(bars):
+    # The rate reads "pass/s" (one forward-backward of a chunk), not tqdm's "it/s".
+    list(progress.passes(range(2), "smoothgrad", show=True))
+    assert [(b.desc, b.unit, b.done) for b in bars] == [("smoothgrad", "pass", 2)]

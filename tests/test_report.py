@@ -330,6 +330,25 @@ def test_a_theory_bound_from_0_to_h_shows_h(tmp_path):
     assert got[THEORY_TERMS["theorem2_iid_bias"][0]] == 0.012
 
 
+def test_a_theory_list_of_three_numbers_is_no_bound_and_no_number(tmp_path):
+    # Only a pair [low, high] is a bound (shown as its high end); a longer list is no
+    # single number, and its last entry is not shown as if it were.
+    run = RunDir.create(tmp_path / "run", {"command": "theorem"})
+    run.write_theory({"theorem2_iid_bias": 0.012, "dims": [1.0, 2.0, 3.0]})
+    page = parse(build_report(run.path))
+    got = column(page.tables["theory-numbers"], "value")
+    assert got == {THEORY_TERMS["theorem2_iid_bias"][0]: 0.012}
+
+
+def test_a_log_axis_is_not_put_on_values_that_are_not_all_positive():
+    # A 0 among the betas has no logarithm: the axis stays linear (max / min was inf).
+    ax = figures._figure(figures.PLOT_SIZE).add_subplot()
+    figures._log_axis(ax, np.array([0.0, 1.0, 100.0]))
+    assert ax.get_xscale() == "linear"
+    figures._log_axis(ax, np.array([1.0, 100.0]))
+    assert ax.get_xscale() == "log"
+
+
 def test_theory_section_speaks_plain_words(full_run):
     run, _, _ = full_run
     text = (run / "report.html").read_text()
@@ -642,6 +661,41 @@ def test_panels_keep_the_aspect_ratio_of_the_images():
     # A square image fills its cell, pixel for pixel.
     square = np.random.default_rng(0).random((4, 4, 3))
     np.testing.assert_array_equal(_fit(square, 8), square.repeat(2, 0).repeat(2, 1))
+
+
+def test_each_panel_sits_in_the_middle_of_its_cell_with_the_gap_on_every_side():
+    # Cells of 135 px hold panels of 131: 2 px of white on each side, so that the gap
+    # between two panels is 4 px and the panels sit under their centred titles.
+    from betasmooth.figures import _CELL_PX, _GAP_PX, _compose
+
+    assert (_CELL_PX, _GAP_PX) == (135, 4)
+    black = np.zeros((2, 1, 4, 4))  # two rows of one black image in [0, 1]
+    canvas, _ = _compose([("x", "image", black), ("x_adv", "image", black)])
+    assert canvas.shape == (270, 270, 3)
+    dark = (canvas == 0.0).all(axis=-1)
+    panel = np.zeros(135, dtype=bool)
+    panel[2:133] = True
+    expected = np.outer(np.tile(panel, 2), np.tile(panel, 2))
+    np.testing.assert_array_equal(dark, expected)
+    assert (canvas[~expected] == 1.0).all()
+
+
+def test_slugs_keep_letters_and_digits_and_drop_dashes_at_their_ends():
+    # Ids and file names "<kind>_<slug>": no '_' inside a slug, and none begins or
+    # ends with the '-' that stands for a sign.
+    from betasmooth.report import _slug
+
+    assert _slug("MyGrad") == "MyGrad"
+    assert _slug("(lrp.eps=0.1)") == "lrp-eps-0-1"
+    assert _slug("_integrated_gradients_") == "integrated-gradients"
+
+
+def test_smoothgrad_without_noise_or_a_beta_has_no_matched_beta():
+    # sigma 0 is the plain gradient: every p_beta has a spread, pi / (sqrt(3) beta) > 0.
+    from betasmooth.report import _matched_beta
+
+    assert _matched_beta({"defense": "smoothgrad", "sigma": 0.0}) is None
+    assert _matched_beta({"defense": "smoothgrad", "sigma": -0.1}) is None
 
 
 def test_a_row_label_with_a_class_name_stays_on_the_image_panel(tmp_path):
