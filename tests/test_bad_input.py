@@ -1367,3 +1367,10 @@ def test_attack_benchmark_names_the_images_a_count_needs():
         f"attack.py: error: -n {n} needs {2 * n} test images ({n} attacked, {n} whose maps "
         f"are the targets); digits has {count}"
     )
+
+
+def test_one_image_for_a_model_that_starts_with_a_transposed_convolution_is_named_so() -> None:
+    # ConvTranspose2d, as Conv2d, also takes an unbatched image: the layer tells the layout.
+    model = nn.Sequential(nn.ConvTranspose2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(200, 4))
+    with pytest.raises(bs.InputError, match=r"ConvTranspose2d takes \(B, C, H, W\); add the batch"):
+        bs.explain(model, torch.rand(3, 8, 8), "gradient")

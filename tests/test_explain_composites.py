@@ -27,9 +27,11 @@ from nets import plain_cnn, residual_net, vgg_small
 from test_explain_lrp import (
     ZennitResidual,
     _relu_pattern,
+    folded_twin,
     mlp,
     preactivation,
     signed_conv_input,
+    transposed_middle,
     with_batchnorm,
 )
 
@@ -84,6 +86,29 @@ def signed_middle() -> nn.Module:
     )
 
 
+def transposed_net() -> nn.Module:
+    """ConvTranspose2d first (16 px to 32; stride, padding, output padding) and in the
+    middle (groups, dilation), fed the first one's signed output."""
+    torch.manual_seed(7)
+    return (
+        nn.Sequential(
+            nn.ConvTranspose2d(1, 4, 3, stride=2, padding=1, output_padding=1),
+            nn.ConvTranspose2d(4, 4, 3, padding=2, groups=2, dilation=2),
+            nn.ReLU(),
+            nn.MaxPool2d(8),
+            nn.Flatten(),
+            nn.Linear(64, 5),
+        )
+        .double()
+        .eval()
+    )
+
+
+def _transposed_batchnorm():
+    net = transposed_middle(groups=2, batchnorm=True)
+    return net, folded_twin(net)
+
+
 NETS = {
     "plain": _same(lambda: plain_cnn().double()),
     "batchnorm": _same(lambda: with_batchnorm(bn_eps=1e-12)),
@@ -94,6 +119,11 @@ NETS = {
     "signed-middle": _same(signed_middle),
     # A first layer that is dense: the flat composites make it flat too.
     "mlp": _same(mlp),
+    # Zennit's composites give ConvTranspose the rules of Conv (types.Convolution).
+    "transposed-first": _same(transposed_net),
+    # A BatchNorm after a ConvTranspose of 2 groups, which zennit's canonizer cannot
+    # merge: the twin has it folded by hand.
+    "transposed-batchnorm": _transposed_batchnorm,
 }
 
 

@@ -920,7 +920,14 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     return x
 
 
-_CONVOLUTIONS = {nn.Conv1d: "(B, C, L)", nn.Conv2d: "(B, C, H, W)", nn.Conv3d: "(B, C, D, H, W)"}
+_CONVOLUTIONS = {
+    nn.Conv1d: "(B, C, L)",
+    nn.Conv2d: "(B, C, H, W)",
+    nn.Conv3d: "(B, C, D, H, W)",
+    nn.ConvTranspose1d: "(B, C, L)",
+    nn.ConvTranspose2d: "(B, C, H, W)",
+    nn.ConvTranspose3d: "(B, C, D, H, W)",
+}
 
 
 def _check_dims(model: nn.Module, x: torch.Tensor, name: str) -> None:

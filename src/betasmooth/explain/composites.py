@@ -27,6 +27,9 @@ composite                       first layer            convolutions      zennit
 ``epsilon_alpha2_beta1``        as the others          alpha2-beta1      ``EpsilonAlpha2Beta1``
 ``epsilon_alpha2_beta1_flat``   flat (Conv or Linear)  alpha2-beta1      ``EpsilonAlpha2Beta1Flat``
 ==============================  =====================  ================  ======================
+
+"Conv" and "convolutions" include the transposed ones (``ConvTranspose1d/2d/3d``), as
+Zennit's ``types.Convolution`` does.
 """
 
 from __future__ import annotations
@@ -55,7 +58,10 @@ from .propagation import (
 __all__ = ["alpha_beta"]
 
 Relevance = list[tuple[fx.Node, torch.Tensor]]
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Zennit's types.Convolution: its composites give transposed convolutions the rules of the others.
+CONVOLUTIONS = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
+)  # fmt: skip
 
 
 def _back(layer: _Layer, weight: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,12 @@ rules' ratios. The rules and their zennit equivalents:
 =====================================  ===========================  =========================
 layer                                  rule                         zennit
 =====================================  ===========================  =========================
-first Conv/Linear (fed by the input)   z^B, bounds ``low``/``high``  ``ZBox(low, high)``
-Conv1d/2d/3d                           z+                           ``ZPlus()``
+first Conv/ConvT/Linear (input-fed)    z^B, bounds ``low``/``high``  ``ZBox(low, high)``
+Conv1d/2d/3d, ConvTranspose1d/2d/3d    z+                           ``ZPlus()``
 Linear                                 epsilon (``epsilon``)        ``Epsilon(epsilon)``
 AvgPool, AdaptiveAvgPool, ``mean``     proportional to inputs       ``Norm()``
 ``x + y`` (residual)                   proportional to summands     ``Norm()`` on ``Sum``
-BatchNorm after Conv/Linear            folded into that layer       ``SequentialMergeBatchNorm``
+BatchNorm after Conv/ConvT/Linear      folded into that layer       ``SequentialMergeBatchNorm``
 BatchNorm elsewhere                    relevance passes unchanged   ``Pass()``
 MaxPool                                winner takes all (gradient)  (gradient)
 Flatten, view, reshape, Dropout        gradient (reshape/identity)  (gradient)
@@ -169,13 +169,23 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 Affine = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+def _scale_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Conv and Linear: output channel ``o`` has the weights ``weight[o]``."""
+    return weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
+
+
 @dataclass
 class _Layer:
-    """A linear layer as ``fn(input, weight, bias)`` with its (possibly folded) parameters."""
+    """A linear layer as ``fn(input, weight, bias)`` with its (possibly folded) parameters.
+
+    ``scaled(weight, scale)`` is the weight with output channel ``o`` multiplied
+    by ``scale[o]``: how a BatchNorm after the layer folds into it.
+    """
 
     fn: Affine
     weight: torch.Tensor
     bias: torch.Tensor | None
+    scaled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _scale_rows
 
 
 @dataclass
@@ -405,23 +415,61 @@ def _linear_layer(module: nn.Module) -> _Layer:
     return _Layer(F.linear, module.weight, module.bias)
 
 
+_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_transpose_layer(module: nn.Module, output_size: object = None) -> _Layer:
+    """ConvTranspose1d/2d/3d as ``F.conv_transposeNd`` with the module's stride, padding,
+    output padding (or the one that forward's ``output_size`` asks for), groups, dilation."""
+    dims = len(module.kernel_size)
+    conv = _TRANSPOSED[dims]
+
+    def fn(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        padding = module._output_padding(
+            t, output_size, module.stride, module.padding, module.kernel_size, dims, module.dilation
+        )
+        return conv(
+            t, weight, bias, module.stride, module.padding, padding, module.groups, module.dilation
+        )
+
+    return _Layer(
+        fn, module.weight, module.bias, functools.partial(_scale_transposed, module.groups)
+    )
+
+
+def _scale_transposed(groups: int, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ConvTranspose: the weight is ``(in, out / groups, k...)``, and output channel
+    ``g * out / groups + j`` of group ``g`` has the weights ``weight[i, j]`` of the inputs
+    ``i`` of that group."""
+    size, per_group = weight.shape[0] // groups, weight.shape[1]
+    grouped = weight.reshape(groups, size, per_group, *weight.shape[2:])
+    factors = scale.reshape(groups, 1, per_group, *(1,) * (weight.dim() - 2))
+    return (grouped * factors).reshape(weight.shape)
+
+
 def _folded(layer: _Layer, bn: nn.Module) -> _Layer:
     # As zennit's MergeBatchNorm: W' = W s, b' = (b - mean) s + beta.
     scale, shift = _bn_affine(bn)
-    weight = layer.weight * scale.view((-1,) + (1,) * (layer.weight.dim() - 1))
+    weight = layer.scaled(layer.weight, scale)
     bias = shift if layer.bias is None else layer.bias * scale + shift
-    return _Layer(layer.fn, weight, bias)
+    return _Layer(layer.fn, weight, bias, layer.scaled)
 
 
 # --------------------------------------------------------------------------- LRP: registries
 
-LAYERS: dict[type[nn.Module], tuple[Callable[[nn.Module], _Layer], Rule]] = {
+LAYERS: dict[type[nn.Module], tuple[Callable[..., _Layer], Rule]] = {
     nn.Conv1d: (_conv_layer, _zplus),
     nn.Conv2d: (_conv_layer, _zplus),
     nn.Conv3d: (_conv_layer, _zplus),
+    # Linear in their input as a Conv is (zennit's types.Convolution holds them too).
+    nn.ConvTranspose1d: (_conv_transpose_layer, _zplus),
+    nn.ConvTranspose2d: (_conv_transpose_layer, _zplus),
+    nn.ConvTranspose3d: (_conv_transpose_layer, _zplus),
     nn.Linear: (_linear_layer, _epsilon),
 }
-"""Layers with weights: how to evaluate them, and their rule after the first layer."""
+"""Layers with weights: how to evaluate them (``build(module, *args, **kwargs)`` with the
+call's arguments after the input, ConvTranspose's ``output_size``), and their rule after
+the first layer."""
 
 FIRST_RULE: Rule = _zbox
 
@@ -1337,7 +1385,7 @@ def lrp(
 
     Relevance starts as the target's logit at the output and is passed back
     node by node through the traced model (see the module docstring for the
-    rules). BatchNorm directly after a Conv/Linear is folded into it.
+    rules). BatchNorm directly after a Conv/ConvTranspose/Linear is folded into it.
     Normalisation and attention layers (ViT, ConvNeXt, ``nn.TransformerEncoder``)
     take the rules of conservative propagation, attention weights and standard
     deviations held (:mod:`~betasmooth.explain.transformer`). On a
@@ -1432,16 +1480,14 @@ def lrp(
                 continue
             module = modules[node.target] if node.op == "call_module" else None
             layer, rule = None, graph.rules[node]
+            args, kwargs = _load(node.args, values), _load(node.kwargs, values)
             kind = _layer_kind(module)
             if kind is not None:
                 rule = chosen.rule(module, node in graph.first)
-                layer = LAYERS[kind][0](module)
+                layer = LAYERS[kind][0](module, *args[1:], **kwargs)
                 if node in graph.folded:
                     layer = _folded(layer, modules[graph.folded[node]])
-            here = boxes.get(node, options)
-            step = _Step(
-                node, module, _load(node.args, values), _load(node.kwargs, values), layer, here
-            )
+            step = _Step(node, module, args, kwargs, layer, boxes.get(node, options))
             for source, r_in in rule(step, r):
                 if source in relevance:
                     relevance[source] = _add(relevance[source], r_in)
