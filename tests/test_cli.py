@@ -1106,6 +1106,20 @@ def test_a_top_k_size_from_one_to_one_pixel_less_than_the_map_is_recorded_unless
         _budget_settings(argparse.Namespace(eps=None, k=1024), GOALS["topk"], x)
 
 
+def test_a_targeted_attack_records_any_budget_it_is_given():
+    # A targeted attack has no budget by default: 8/255, the untargeted goals' default,
+    # is a setting of its own and recorded, as it is not for topk.
+    import argparse
+
+    from betasmooth.attack import GOALS, UNTARGETED_EPS
+    from betasmooth.cli import _budget_settings
+
+    x = torch.zeros(2, 1, 32, 32)
+    given = argparse.Namespace(eps=UNTARGETED_EPS, k=None)
+    assert _budget_settings(given, GOALS["targeted"], x) == {"eps": UNTARGETED_EPS}
+    assert _budget_settings(given, GOALS["topk"], x) == {}
+
+
 def test_a_budget_is_a_fraction_above_zero_up_to_the_whole_range():
     # 1 (the whole range, the same as no budget) is at most 1; 0 and above 1 are not.
     import argparse
@@ -1114,7 +1128,8 @@ def test_a_budget_is_a_fraction_above_zero_up_to_the_whole_range():
 
     assert _budget("8/255") == 8 / 255 and _budget("0.03") == 0.03
     assert _budget("1") == _budget("255/255") == 1.0
-    for bad in ("0", "0/255", "-0.1", "1.0001", "256/255", "8/0", "x", "1/2/3"):
+    # -8/-255 divides to 8/255, but no one means a budget of negative parts.
+    for bad in ("0", "0/255", "-0.1", "1.0001", "256/255", "8/0", "x", "1/2/3", "-8/-255"):
         with pytest.raises(
             argparse.ArgumentTypeError, match=f"at most 1, e.g. 0.03 or 8/255; got '{bad}'$"
         ):
@@ -1611,6 +1626,22 @@ def test_resume_of_all_keeps_the_methods_of_all_unless_an_old_run_recorded_fewer
     assert _resumed_all(spaced, more) == resumed
 
 
+def test_a_new_run_of_all_into_an_old_runs_directory_is_not_resumed_on_its_methods(
+    tmp_path, capsys
+):
+    # Without --resume the old run's methods are no one's concern: the methods stay those
+    # asked, nothing is said, and creating the run refuses the non-empty directory alone.
+    import argparse
+
+    from betasmooth.cli import _resumed_all
+
+    (tmp_path / "config.json").write_text(json.dumps({"methods": list(ATTACK_DEFAULTS)}))
+    more = [*ATTACK_DEFAULTS, "my_gradient"]
+    args = argparse.Namespace(resume=False, method="all", out=str(tmp_path))
+    assert _resumed_all(args, more) == more
+    assert capsys.readouterr().err == ""
+
+
 MODEL_WITH_CHECKS = """
 import os
 
@@ -1985,12 +2016,15 @@ def test_a_model_file_and_data_named_relative_to_the_working_directory_are_recor
     )
     data = tmp_path / "one.npz"
     np.savez(data, x=np.random.default_rng(0).random((1, 1, 32, 32)).astype(np.float32))
+    torch.save(bs.load_model("digits-cnn").state_dict(), tmp_path / "w.pt")
     argv = ["explain", "--model", "net.py:net", "--data", "one.npz", "-n", "1"]
+    argv += ["--weights", "w.pt"]
     assert main([*argv, "--method", "gradient", "--out", "run", "--no-progress"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["model"], config["data"]) == (
+    assert (config["model"], config["data"], config["weights"]) == (
         f"{tmp_path.resolve()}/net.py:net",
         str(data.resolve()),
+        str((tmp_path / "w.pt").resolve()),
     )
 
 
@@ -2167,6 +2201,16 @@ def test_summary_table_writes_zero_plainly_ten_thousand_in_e_notation_and_a_lack
     ]
 
 
+def test_summary_table_writes_one_hundredth_plainly_and_just_below_it_in_e_notation():
+    # 0.01 keeps two digits in 0.010; below it three decimals would keep one.
+    from betasmooth.cli import summary_table
+
+    records = [{"method": "lrp", "a": 0.01, "b": -0.01, "c": 0.0099}]
+    columns = [("a", "a"), ("b", "b"), ("c", "c")]
+    row = summary_table(records, columns).splitlines()[1].split()
+    assert row == ["lrp", "1", "0.010", "-0.010", "9.90e-03"]
+
+
 @pytest.mark.parametrize("values", [[1.2e-3, 1.4e-3, 1.9e-3], [-6.3e-3, -5.6e-3, -4e-3]])
 def test_summary_table_keeps_three_digits_below_one_hundredth(values):
     # Three decimals would show an input MSE of 1.4e-3 as 0.001 and of 1.9e-3 as 0.002.
@@ -2202,6 +2246,22 @@ def test_data_of_one_image_fewer_than_asked_is_said_in_the_singular(tmp_path, ca
     assert main([*argv, "-n", "2", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert err == f"betasmooth explain: {data} holds only 1 image; using all 1 (asked for 2)\n"
+
+
+def test_data_holding_as_many_images_as_asked_says_nothing_of_fewer(tmp_path):
+    # -n 3 of data holding 3 images: all of them are used, and nothing is said.
+    import argparse
+
+    from betasmooth.cli import _load_images
+
+    (tmp_path / "pooled.py").write_text(POOLED_MODEL)
+    data = tmp_path / "three.npz"
+    np.savez(data, x=np.zeros((3, 1, 8, 8), np.float32))
+    none = dict.fromkeys(["weights", "image_size", "channels", "mean", "std", "preset"])
+    model = f"{tmp_path / 'pooled.py'}:build"
+    args = argparse.Namespace(model=model, data=str(data), n=3, command="explain", **none)
+    assert len(_load_images(args)[1]) == 3
+    assert args.n == 3 and not hasattr(args, "fewer")
 
 
 @pytest.mark.parametrize(("data", "table"), [("digits", "DEMO_SIZES"), ("photos", "PHOTO")])
@@ -2450,6 +2510,26 @@ def test_data_stored_below_the_least_image_size_are_refused_unless_resized(tmp_p
     )
     assert not (tmp_path / "a").exists()
     assert main([*argv, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
+
+
+@pytest.mark.parametrize(("size", "refused"), [(7, True), (8, False)])
+def test_stored_images_one_pixel_below_the_least_image_size_are_refused(tmp_path, size, refused):
+    # The bound of the stored images is --image-size's: 7 px refused, 8 px taken.
+    import argparse
+
+    from betasmooth.cli import _load_images
+
+    (tmp_path / "pooled.py").write_text(POOLED_MODEL)
+    data = tmp_path / "small.npz"
+    np.savez(data, x=np.zeros((2, 1, size, size), np.float32))
+    none = dict.fromkeys(["weights", "image_size", "channels", "mean", "std", "preset"])
+    model = f"{tmp_path / 'pooled.py'}:build"
+    args = argparse.Namespace(model=model, data=str(data), n=2, command="explain", **none)
+    if not refused:
+        assert _load_images(args)[1].shape == (2, 1, 8, 8)
+        return
+    with pytest.raises(bs.InputError, match=r" holds images of 7x7 px; expected at least 8 px"):
+        _load_images(args)
 
 
 def test_seed_image_size_and_out_take_their_bounds_and_nothing_outside(capsys):
@@ -2777,6 +2857,38 @@ def test_relu_given_twice_in_betas_is_named_relu(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "betasmooth: error: --betas must differ; relu is given more than once\n"
     assert not out.exists()
+
+
+def test_betas_written_with_spaces_after_the_commas_are_the_same_betas():
+    # A shell user writes "relu, 1, 5" as readily as "relu,1,5"; relu stands for None.
+    from betasmooth.cli import build_parser
+
+    argv = ["curvature", "--model", "m", "--data", "d", "--out", "run", "--betas"]
+    for text, betas in (("relu, 1, 5", [None, 1.0, 5.0]), ("1 , relu ,5", [1.0, None, 5.0])):
+        assert build_parser().parse_args([*argv, text]).betas == betas
+
+
+def test_an_argparse_error_holding_a_newline_is_still_one_line(capsys):
+    # argparse names an unrecognised argument as written; one with a newline in it
+    # must not break the one-line error (its whitespace is one space).
+    with pytest.raises(SystemExit) as stop:
+        main(["report", "run", "a\nb"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "betasmooth report: error: unrecognized arguments: a b (see betasmooth report --help)\n"
+    )
+
+
+def test_an_abbreviated_option_of_a_subcommand_is_refused(capsys):
+    # --smoothgrad would abbreviate --smoothgrad-n, and a later option could make any
+    # abbreviation ambiguous: only the full spelling is taken.
+    from betasmooth.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "run", "--smoothgrad-n", "4"]).smoothgrad_n == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "run", "--smoothgrad", "4"])
+    assert "unrecognized arguments: --smoothgrad 4" in capsys.readouterr().err
 
 
 def test_beta_auto_with_one_image_to_explain_holds_out_the_images_after_it(
