@@ -2913,3 +2913,222 @@ def test_beta_auto_with_one_image_to_explain_holds_out_the_images_after_it(
     assert config["beta_smooth_beta"] == found.beta
     assert config["beta_auto"]["betas"] == found.summary["betas"]
     assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0]
+
+
+@pytest.mark.parametrize(
+    ("stored", "resume", "expected"),
+    [
+        ({"beta": "auto", "beta_smooth_beta": 1.5, "beta_auto": {"beta": 1.5}}, True, 1.5),
+        # Without --resume the run starts afresh: its old beta is no choice.
+        ({"beta": "auto", "beta_smooth_beta": 1.5, "beta_auto": {"beta": 1.5}}, False, None),
+        # A config whose beta is no number (edited, damaged) is calibrated anew, not said.
+        ({"beta": "auto", "beta_smooth_beta": "1.5", "beta_auto": {"beta": 1.5}}, True, None),
+        ({"beta": "auto", "beta_smooth_beta": None, "beta_auto": {"beta": 1.5}}, True, None),
+        ({"beta": 2.0, "beta_smooth_beta": 2.0}, True, None),
+    ],
+)
+def test_a_resumed_beta_auto_run_keeps_only_a_numeric_beta_it_was_calibrated_to(
+    stored, resume, expected, tmp_path, capsys
+):
+    import argparse
+
+    import betasmooth.cli as cli
+
+    out = tmp_path / "r"
+    (out / "arrays").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(stored))
+    (out / "results.jsonl").write_text("")  # more than create writes: the run has begun
+    got = cli._calibrated(argparse.Namespace(out=str(out), resume=resume))
+    said = capsys.readouterr().out
+    if expected is None:
+        assert (got, said) == (None, "")
+    else:
+        assert got == (expected, {"beta": 1.5})
+        assert said == "beta = 1.5 (calibrated when the run began)\n"
+
+
+def test_beta_auto_of_a_captum_base_calibrates_the_bare_gradient_on_the_held_out_images(
+    tmp_path, monkeypatch, capsys
+):
+    # The options of the captum base are not the gradient's: the gradient gets none. The
+    # record names the map calibrated on and the images, next to calibrate_beta's own.
+    import argparse
+
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    seen = []
+    summary = {"min_fidelity": 0.9, "undefended": {}, "betas": {}}
+
+    def fake(model, images, method, **kwargs):
+        seen.append((method, kwargs["method_options"], kwargs["steps"], kwargs["seed"]))
+        seen.append(images.tolist())
+        return Calibration(2.0, True, summary)
+
+    monkeypatch.setattr(cli, "calibrate_beta", fake)
+    held = torch.arange(3.0).reshape(3, 1, 1, 1)
+    monkeypatch.setattr(cli, "_held_out", lambda args, k: (held, "3 images held out"))
+    args = argparse.Namespace(beta="auto", out=tmp_path / "r", resume=False, progress=False, seed=5)
+    options = {"beta_smooth": {"base": "captum:Saliency", "base_options": {"abs": False}}}
+    bounds = (torch.zeros(1), torch.ones(1))
+    got = cli._explain_beta(args, torch.nn.Identity(), bounds, options, torch.device("cpu"))
+    assert seen == [("gradient", {}, 100, 5), [[[[0.0]]], [[[1.0]]], [[[2.0]]]]]
+    record = {"beta": 2.0, "recommended": True, **summary}
+    assert got == (2.0, {**record, "method": "gradient", "images": "3 images held out"})
+    said = capsys.readouterr().out.splitlines()
+    assert said[:2] == [
+        "captum:Saliency's maps cannot be attacked: beta is calibrated on the gradient map",
+        "calibrating beta on 3 3 images held out, on the gradient map",
+    ]
+
+
+def test_the_recommendation_is_said_only_for_a_run_with_a_sweep_summary(tmp_path, capsys):
+    # A run that has not been swept has no summary: nothing is said, and nothing fails.
+    from betasmooth.cli import _say_recommendation
+    from betasmooth.recommend import format_summary, sweep_summary
+
+    run = RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    _say_recommendation(run)
+    assert capsys.readouterr().out == ""
+    rows = [
+        {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.8}
+        | {"clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
+    ]
+    summary = json.loads(json.dumps(sweep_summary(rows)))
+    run.write_sweep_summary(summary)
+    _say_recommendation(run)
+    assert capsys.readouterr().out == (
+        "robustness: defended map of x_adv vs defended map of x; fidelity: defended map\n"
+        "of x vs undefended map of x; medians over images; * recommended beta\n"
+        f"{format_summary(summary)}\n"
+    )
+    assert "method: recommended beta 1 (most robust with median fidelity >= 0.9)" in (
+        format_summary(summary)
+    )
+
+
+def test_an_os_error_names_its_file_only_where_it_has_one():
+    from betasmooth.cli import _one_line
+
+    assert _one_line(OSError(28, "No space left on device", "/r/a.npy")) == (
+        "No space left on device: /r/a.npy"
+    )
+    assert _one_line(OSError(2, None, "/r/a.npy")) == "cannot open: /r/a.npy"
+    # Without a file, the error's own words: no "None" where the file would be.
+    assert _one_line(OSError(28, "No space left on device")) == "[Errno 28] No space left on device"
+    assert _one_line(RuntimeError("two\n   lines ")) == "two lines"
+    assert _one_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (
+            "rank",
+            "rank 1 lost another rank of the torchrun job (Connection closed by peer); the rank "
+            "that stopped first says why",
+        ),
+        ("input", "bad value: 3"),
+        ("disk", "No space left on device: /r/arrays/a.npy"),
+    ],
+)
+def test_what_ends_a_command_is_one_error_line_and_status_2(raised, said, monkeypatch, capsys):
+    # A lost torchrun rank is a RuntimeError, but no bug of this process: one line, not
+    # a traceback.
+    import betasmooth.cli as cli
+    from betasmooth.distributed import RankLost
+    from betasmooth.validate import InputError
+
+    error = {
+        "rank": RankLost(1, RuntimeError("[pair.cc:561] Connection closed by peer. Check logs.")),
+        "input": InputError("bad\n    value: 3"),
+        "disk": OSError(28, "No space left on device", "/r/arrays/a.npy"),
+    }[raised]
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_apply_preset", fail)
+    assert cli.main(["report", "somewhere"]) == 2
+    assert capsys.readouterr() == ("", f"betasmooth: error: {said}\n")
+
+
+def test_a_runtime_error_that_is_no_lack_of_memory_is_not_caught(monkeypatch, capsys):
+    # A bug is not said as a lack of memory: its traceback is kept.
+    import betasmooth.cli as cli
+
+    def fail(args):
+        raise RuntimeError("index 3 is out of bounds")
+
+    monkeypatch.setattr(cli, "_apply_preset", fail)
+    with pytest.raises(RuntimeError, match="^index 3 is out of bounds$"):
+        cli.main(["report", "somewhere"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "hint", "said"),
+    [
+        ("sweep", None, "expected a smaller --smoothgrad-n, or an attack run on smaller images"),
+        ("curvature", None, "expected smaller inputs (--image-size)"),
+        (
+            "explain",
+            None,
+            "expected smaller inputs (--image-size) or, for integrated_gradients and "
+            "smoothgrad, fewer points per pass (--option METHOD.chunk=1)",
+        ),
+        ("sweep", "expected a smaller model", "expected a smaller model"),
+    ],
+)
+def test_out_of_memory_names_what_to_try_in_the_command_s_own_options(command, hint, said):
+    # The error's own hint first; else each command's own remedy.
+    from betasmooth.cli import _memory_error
+    from betasmooth.validate import OutOfMemory
+
+    err = OutOfMemory(MemoryError(), "at a batch of 1", hint)
+    assert _memory_error(command, err) == (
+        f"betasmooth: error: out of memory at a batch of 1 (MemoryError); {said}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "count", "held", "which"),
+    [
+        # Built-in data: the first 8 of its training split.
+        (3, 8, [0, 1, 2, 3, 4, 5, 6, 7], "held-out images (the training split)"),
+        # The 8 after the first -n 3, of 3 + 8 read.
+        (3, 11, [3, 4, 5, 6, 7, 8, 9, 10], "held-out images (after the first -n)"),
+        # Two after the first -n are enough.
+        (3, 5, [3, 4], "held-out images (after the first -n)"),
+        # Fewer than -n 20 + 2: the last 8 of the 10 there are, also explained.
+        (20, 10, [2, 3, 4, 5, 6, 7, 8, 9], None),
+    ],
+)
+def test_beta_auto_holds_out_the_images_after_the_first_n_else_the_last(
+    n, count, held, which, monkeypatch
+):
+    import argparse
+
+    import betasmooth.cli as cli
+    import betasmooth.zoo as zoo
+
+    data = "digits" if count == 8 and n == 3 else "/my/images"
+    asked = []
+
+    def load_data(name, split, **kwargs):
+        asked.append((name, split, kwargs["n"]))
+        return torch.arange(float(count)).reshape(count, 1, 1, 1), torch.zeros(count)
+
+    monkeypatch.setattr(zoo, "load_data", load_data)
+    settings = {"image_size": None, "channels": None, "mean": None, "std": None, "preset": None}
+    args = argparse.Namespace(data=data, n=n, **settings)
+    x, said = cli._held_out(args, 8)
+    assert x.flatten().tolist() == held
+    split, read = ("train", 8) if data == "digits" else ("all", n + 8)
+    assert asked == [(data, split, read)]
+    assert said == (
+        which
+        or "images that are also explained: /my/images has no two images after the first -n "
+        "to hold out"
+    )
