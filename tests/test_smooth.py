@@ -370,7 +370,10 @@ def test_log_prob_validates_its_value_as_torch_distributions_do_also_once_expand
     # copy; without, it passes through.
     nan = torch.tensor([0.0, float("nan")], dtype=torch.float64)
     beta = torch.tensor(2.0, dtype=torch.float64)
-    reference = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0 / beta)
+    # validate_args given: a library imported before (a test's) may turn the default off.
+    reference = torch.distributions.Normal(
+        torch.tensor(0.0, dtype=torch.float64), 1.0 / beta, validate_args=True
+    )
     for noise, normal in (
         (LogisticNoise(beta, validate_args=True), reference),
         (LogisticNoise(beta, validate_args=True).expand((2,)), reference.expand((2,))),
@@ -1483,3 +1486,14 @@ def test_a_smoothed_model_smoothed_again_computes_the_new_beta_and_warns_of_noth
     # A model without a ReLU is still told so, also under two smoothings.
     with pytest.warns(UserWarning, match=r"no ReLU was called in forward; beta-smoothing changed"):
         bs.smooth(bs.smooth(nn.Sequential(nn.Linear(3, 2)), 1.0), 5.0)(x)
+
+
+def test_smoothing_a_model_around_a_smoothed_one_without_a_relu_of_its_own_is_told_so():
+    # The inner copy's override takes every ReLU: the outer beta changes nothing.
+    torch.manual_seed(0)
+    inner = bs.smooth(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), 5.0)
+    outer = bs.smooth(nn.Sequential(inner, nn.Tanh()), 1.0)
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=r"no ReLU was called in forward .* changed nothing"):
+        out = outer(x)
+    torch.testing.assert_close(out, torch.tanh(inner(x)))

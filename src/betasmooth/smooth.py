@@ -509,8 +509,10 @@ class _ReluOverride(TorchFunctionMode):
         # Only the first pass feeds the warning: later ones skip the bookkeeping.
         self.inspect = inspect
         self.replaced = 0
-        # ReLU calls an override above this one on torch's stack took (see __torch_function__).
+        # ReLU calls an override of the same model above this one on torch's stack took
+        # (see __torch_function__); the model is set by the hooks that enter this mode.
         self.superseded = 0
+        self.model: nn.Module | None = None
         self.kinked: set[str] = set()
         self.smooth: set[str] = set()
         # The forward starts here: a ReLU that runs without gradients inside it
@@ -596,7 +598,9 @@ class _ReluOverride(TorchFunctionMode):
         # too: it would warn that it changed nothing.
         if torch._C._len_torch_function_stack():
             for below in _function_modes():
-                if isinstance(below, _ReluOverride):
+                # Of the same model only: one of a model around this one, with no ReLU of
+                # its own, did change nothing.
+                if isinstance(below, _ReluOverride) and below.model is self.model:
                     below.superseded += 1
         return _by_form(replacement, self.fn, args, kwargs, func in IN_PLACE_FUNCTIONS)
 
@@ -935,6 +939,7 @@ class _ReluHooks:
         mine = self.active.setdefault(threading.get_ident(), [])
         mine[:] = [m for m in mine if not m.left and any(m is s for s in stack)]
         mode = _ReluOverride(self.fn, self.through, inspect=not self.done, what=self.what)
+        mode.model = self.model
         # The caller is torch's Module._call_impl of this forward: once it is off the
         # stack, the forward has ended, whether or not _leave ran. Where another caller
         # runs the hook (torch.compile resumes it after a graph break), the mode is only
