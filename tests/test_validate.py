@@ -725,21 +725,27 @@ def test_a_tensor_made_under_inference_mode_is_explained_as_any_other():
 class _SubtractsInPlace(nn.Module):
     """A normalising wrapper written with ``x -= mean``: it changes the tensor it is given."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, through_data: bool) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.through_data = net, through_data
 
     def forward(self, x):
-        x -= 0.5
+        if self.through_data:
+            x.data.sub_(0.5)  # unseen by x's version counter
+        else:
+            x -= 0.5
         return self.net(x)
 
 
+@pytest.mark.parametrize("through_data", [False, True])
 @pytest.mark.parametrize("method", ["gradient", "lrp"])
-def test_a_model_that_changes_its_input_in_place_is_refused_and_leaves_x_as_it_was(method):
+def test_a_model_that_changes_its_input_in_place_is_refused_and_leaves_x_as_it_was(
+    method, through_data
+):
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     given = x.clone()
     with pytest.raises(InputError, match=r"^_SubtractsInPlace changes its input in place "):
-        bs.explain(_SubtractsInPlace(_tiny()), x, method)
+        bs.explain(_SubtractsInPlace(_tiny(), through_data), x, method)
     assert torch.equal(x, given)
 
 
@@ -1371,12 +1377,15 @@ def test_maps_with_a_channel_dimension_are_refused_by_shape():
 def test_a_number_given_as_a_one_element_tensor_or_array_is_told_to_take_item():
     net, x = _tiny(), torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     beta = torch.tensor(2.0)
-    with pytest.raises(
-        InputTypeError, match=r"^beta .* got tensor\(2\.\), not its number \(\.item"
-    ):
+    told = r"a one-element (tensor|array); pass its number, (beta|n|tol|eps)\.item\(\)$"
+    with pytest.raises(InputTypeError, match=r"^beta .* got tensor\(2\.\), " + told):
         bs.explain(net, x, "beta_smooth", beta=beta)
-    with pytest.raises(InputTypeError, match=r"^n .* got array\(3\), not its number \(\.item"):
+    with pytest.raises(InputTypeError, match=r"^n .* got array\(3\), " + told):
         bs.explain(net, x, "smoothgrad", n=np.array(3))
+    with pytest.raises(InputError, match=r"^tol .* got tensor\(0\.1000\), " + told):
+        bs.curvature(net, x, tol=torch.tensor(0.1))
+    with pytest.raises(InputError, match=r"^eps .* got tensor\(\[0\.\]\), " + told):
+        bs.heatmap(x, eps=torch.tensor([0.0]))
     with pytest.raises(InputTypeError, match=r"^sigma .* got \[0\.1\]$"):  # a list: no number
         bs.explain(net, x, "smoothgrad", sigma=[0.1])
     # What .item() gives is the number: the maps of beta 2 given as a float.

@@ -50,6 +50,7 @@ from .validate import (
     check_target,
     check_uncompiled,
     evaluating,
+    given,
     item_seeds,
     one_at_a_time,
 )
@@ -304,7 +305,7 @@ def curvature(
     check_count("iterations", iterations)
     check_count("probes", probes)
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
-        raise InputError(f"tol must be a number >= 0; got {tol!r}")
+        raise InputError(f"tol must be a number >= 0; got {given('tol', tol)}")
     generators = [torch.Generator().manual_seed(s) for s in item_seeds(seed, x.shape[0])]
     if data_range is not None:
         model, x = _in_range_units(model, data_range, x)

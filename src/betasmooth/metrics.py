@@ -32,6 +32,7 @@ from .validate import (
     check_batch,
     check_choice,
     check_map_batch,
+    given,
     is_number,
     registrar,
     warn_user,
@@ -144,7 +145,7 @@ def heatmap(
     """
     reduce = REDUCTIONS[check_choice("reduction", reduction, REDUCTIONS)]
     if not is_number(eps) or not 0.0 <= float(eps) < math.inf:
-        raise InputError(f"eps must be a finite number >= 0; got {eps!r}")
+        raise InputError(f"eps must be a finite number >= 0; got {given('eps', eps)}")
     check_batch(explanation, "explanation", min_dim=4)
     if explanation.dim() != 4:
         raise InputError(

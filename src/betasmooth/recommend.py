@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from .metrics import medians
-from .validate import InputError, is_number
+from .validate import InputError, given, is_number
 
 __all__ = [
     "CELL_KEYS",
@@ -209,7 +209,10 @@ def check_min_fidelity(value: object) -> float:
     0.9
     """
     if not is_number(value) or not 0.0 <= float(value) <= 1.0:
-        raise InputError(f"min_fidelity must be a number from 0 to 1 (a median PCC); got {value!r}")
+        raise InputError(
+            "min_fidelity must be a number from 0 to 1 (a median PCC); "
+            f"got {given('min_fidelity', value)}"
+        )
     return float(value)
 
 

@@ -41,7 +41,7 @@ from .explain import explain
 from .geometry import curvature
 from .metrics import heatmap, pcc
 from .smooth import LogisticNoise, check_beta, logistic_std, smooth, softplus
-from .validate import MAX_SEED, InputError, check_choice, check_count, is_number
+from .validate import MAX_SEED, InputError, check_choice, check_count, given, is_number
 from .zoo import BUILTIN_DATA, load_model
 
 __all__ = [
@@ -352,7 +352,9 @@ def theorem2_monte_carlo(
     # A checkpoint of 0 or less would index the running estimate from its end.
     steps = [check_count("checkpoints", _plain(c), 1, n) for c in checkpoints]
     if not is_number(level) or not 0.0 < float(level) < 1.0:
-        raise InputError(f"level must be a number between 0 and 1, exclusive; got {level!r}")
+        raise InputError(
+            f"level must be a number between 0 and 1, exclusive; got {given('level', level)}"
+        )
     w = torch.as_tensor(w, dtype=torch.float64)
     x = torch.as_tensor(x, dtype=torch.float64)
     u = _direction(w, "w")

@@ -304,7 +304,7 @@ def check_count(name: str, value: object, minimum: int = 1, maximum: int = MAX_C
     betasmooth.validate.InputError: steps must be an integer >= 2; got 1
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {_got(value)}")
+        raise InputTypeError(f"{name} must be an integer >= {minimum}; got {given(name, value)}")
     if value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}; got {value}")
     if value > maximum:
@@ -396,20 +396,27 @@ def check_positive(name: str, value: object, optional: bool = False) -> float | 
     if optional and value is None:
         return None
     if not is_number(value):
-        raise InputTypeError(f"{name} must be a positive number; got {_got(value)}")
+        raise InputTypeError(f"{name} must be a positive number; got {given(name, value)}")
     if not (value > 0 and math.isfinite(value)):
         raise InputError(f"{name} must be a positive finite number; got {value!r}")
     return float(value)
 
 
-def _got(value: object) -> str:
-    """``value`` as an error shows it; a one-element tensor or array also with its number."""
-    if isinstance(value, torch.Tensor):
-        one = value.numel() == 1
-    else:
-        one = isinstance(value, np.ndarray) and value.size == 1
-    if one:
-        return f"{value!r}, not its number (.item() gives it)"
+def given(name: str, value: object) -> str:
+    """``value`` as an error that expects a number shows it: a one-element tensor or array
+    with the call that gives its number.
+
+    Examples
+    --------
+    >>> given("beta", torch.tensor(2.0))
+    'tensor(2.), a one-element tensor; pass its number, beta.item()'
+    >>> given("beta", "2")
+    "'2'"
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return f"{value!r}, a one-element tensor; pass its number, {name}.item()"
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return f"{value!r}, a one-element array; pass its number, {name}.item()"
     return repr(value)
 
 
@@ -957,7 +964,7 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
     what = "one item" if len(items) == 1 else f"{len(items)} items"
     # A copy: a forward that changes its input in place must not change the caller's x.
     items = items.detach().clone()
-    version = items._version
+    version, before = items._version, items.clone()
     try:
         out = _forward(model, items)
     except InputError:
@@ -983,9 +990,10 @@ def _probe(model: nn.Module, items: torch.Tensor, name: str, shape: tuple[int, .
             f"{failed} {shape[1:]} ({what} of {name}, whose shape is {shape}): "
             f"{reason[:300]}{_input_hint(model, shape, reason)}"
         ) from None
-    if items._version != version:
+    if items._version != version or not torch.equal(items, before):
         # It would change the caller's x, fail on the leaf that a gradient needs, and
-        # give LRP the changed input instead of the given one.
+        # give LRP the changed input instead of the given one. The values too: a write
+        # through x.data leaves x's version as it was.
         raise InputError(
             f"{type(model).__name__} changes its input in place (e.g. x -= mean, x.clamp_(), "
             "ReLU(inplace=True) on the input); expected a forward that leaves its input as "
