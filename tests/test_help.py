@@ -122,7 +122,9 @@ def test_dir_offers_every_public_name_and_submodule_but_not_the_packages_own_imp
     names = set(dir(bs))
     submodules = {p.stem for p in Path(bs.__file__).parent.iterdir() if p.stem[0] != "_"}
     assert {"load_data", "load_model", "manipulate", "curvature", "quantus_explain"} <= names
-    assert names == set(bs.__all__) | (submodules - {"weights"}) | {"__version__"}
+    public = {n for n in names if not n.startswith("_")}
+    assert public == set(bs.__all__) | (submodules - {"weights"})
+    assert {"__version__", "__file__", "__path__", "__doc__"} <= names
     assert not names & {"importlib", "pkgutil", "annotations"}
     assert all(hasattr(bs, name) for name in names)
 

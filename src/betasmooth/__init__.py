@@ -53,7 +53,7 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     # What a notebook's tab completion offers: the lazy names too, not this file's imports.
-    return sorted({*__all__, *_SUBMODULES, "__version__"})
+    return sorted({*globals(), *__all__, *_SUBMODULES} - {"annotations", "importlib", "pkgutil"})
 
 
 __all__ = [
