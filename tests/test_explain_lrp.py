@@ -60,11 +60,16 @@ def with_batchnorm(bn_eps: float) -> nn.Module:
         nn.Linear(8 * 8 * 8, 5),
     )
     for bn in (net[1], net[4]):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
+        _random_statistics(bn)
     return net.double().eval()
+
+
+def _random_statistics(bn: nn.Module) -> None:
+    """Statistics and affine parameters away from the identity, so that folding shows."""
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.uniform_(-0.2, 0.2)
 
 
 def mlp() -> nn.Module:
@@ -213,11 +218,7 @@ def transposed_middle(groups: int = 2, batchnorm: bool = False) -> nn.Module:
     ]
     net = nn.Sequential(*layers)
     if batchnorm:
-        bn = net[3]
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
+        _random_statistics(net[3])
     return net.double().eval()
 
 
