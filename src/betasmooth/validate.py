@@ -50,6 +50,7 @@ __all__ = [
     "check_seed",
     "check_target",
     "check_uncompiled",
+    "given",
     "compiled_parts",
     "is_oom",
     "one_at_a_time",
