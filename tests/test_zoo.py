@@ -391,6 +391,13 @@ def test_unknown_model_specs(tmp_path) -> None:
     forms = r"'digits-cnn'.*'torchvision:NAME\[:WEIGHTS\]'.*file.py:factory"
     with pytest.raises(InputError, match=f"unknown model spec 'resnet'.*{forms}"):
         bs.load_model("resnet")
+    # A file without its factory, and weights for a model, are told the form that fits them.
+    with pytest.raises(InputError, match=r"'net\.py'; expected net\.py:NAME, NAME the function"):
+        bs.load_model("net.py")
+    with pytest.raises(
+        InputError, match=r"'w\.pth'; expected a model built by .*w\.pth goes in --w"
+    ):
+        bs.load_model("w.pth")
     with pytest.raises(InputError, match="model file .*absent.py does not exist"):
         bs.load_model(f"{tmp_path / 'absent.py'}:make")
     with pytest.raises(InputError, match="cannot import module 'no_such_module_xyz'"):
@@ -828,6 +835,12 @@ def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning
         bs.load_data(str(classes))
     assert [str(w.message).split(";")[0] for w in caught] == [
         f"data folder {classes}: skipped 2 files (.gif 2)"
+    ]
+    (classes / "dog" / "b.gif").unlink()
+    with pytest.warns(UserWarning) as caught:
+        bs.load_data(str(classes))
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        f"data folder {classes}: skipped 1 file (.gif 1)"
     ]
 
 

@@ -282,7 +282,8 @@ def _skipped(folder: Path, paths: Sequence[Path]) -> None:
     if counts:
         said = ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items()))
         warn_user(
-            f"data folder {folder}: skipped {sum(counts.values())} files ({said}); read are "
+            f"data folder {folder}: skipped {sum(counts.values())} "
+            f"file{'s' if sum(counts.values()) != 1 else ''} ({said}); read are "
             f"files ending {', '.join(sorted(IMAGE_SUFFIXES))}"
         )
 
@@ -1208,14 +1209,28 @@ def _import_module(name: str) -> object:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
 
 
+def _model_forms(spec: str) -> str:
+    """The model specs there are, led by the one that the mistaken ``spec`` comes nearest."""
+    suffix = Path(spec).suffix.lower()
+    if suffix == ".py":
+        # The file without the function in it that builds the model.
+        return f"{spec}:NAME, NAME the function in it that returns the model"
+    if suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+        # Weights, or a pickled model, which is never unpickled.
+        return (
+            f"a model built by code, e.g. 'path/to/file.py:factory'; {spec} goes in "
+            "--weights (weights= of bs.load_model) as a state dict"
+        )
+    return (
+        f"a built-in name ({_names(BUILTIN_MODELS)}), 'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
+    )
+
+
 def _user_module(spec: str) -> tuple[object, str, str]:
     """The imported file or module of a user's model spec, where it is, and the factory's name."""
     where, _, attr = spec.rpartition(":")
     if not where or not attr.isidentifier():
-        raise InputError(
-            f"unknown model spec {spec!r}; expected a built-in name ({_names(BUILTIN_MODELS)}), "
-            f"'torchvision:NAME[:WEIGHTS]' or {MODEL_FORMS}"
-        )
+        raise InputError(f"unknown model spec {spec!r}; expected {_model_forms(spec)}")
     module = _import_file(Path(where)) if _looks_like_path(where) else _import_module(where)
     return module, where, attr
 
