@@ -2743,6 +2743,25 @@ def test_beta_auto_refuses_a_resume_with_other_settings_before_calibrating(
     assert "--resume with a different setting: beta is 2.0 in" in err and "but 'auto' now" in err
 
 
+def test_resume_reads_one_mean_and_std_as_that_value_for_every_channel(tmp_path, capsys):
+    # --mean 0.5 and --mean 0.5 0.5 0.5 normalise an RGB image alike: the same run.
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "photos-cnn", "--data", "photos", "-n", "2", "--no-progress"]
+    argv += ["--method", "gradient", "--out", str(out)]
+    assert main([*argv, "--mean", "0.5", "--std", "0.25"]) == 0
+    before = (out / "results.jsonl").read_bytes()
+    per_channel = ["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25", "--resume"]
+    capsys.readouterr()
+    assert main([*argv, *per_channel[:3], "0.4", *per_channel[4:]]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: --resume with a different setting: mean is [0.5] in "
+        f"{out / 'config.json'} but [0.5, 0.5, 0.4] now; use the same settings or choose a "
+        "new --out\n"
+    )
+    assert main([*argv, *per_channel]) == 0
+    assert (out / "results.jsonl").read_bytes() == before
+
+
 def test_resume_with_another_image_count_is_refused(tmp_path, capsys):
     # The run records -n: more images under --resume would be another run's.
     out = tmp_path / "run"

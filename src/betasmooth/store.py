@@ -94,6 +94,8 @@ LATER = ("sweep",)
 NEWER = ("inputs_sha256", "weights_sha256", "goal_targeted", "goal_measure")
 #: Settings that are sets written as lists: the same betas in another order are the same run.
 UNORDERED = ("betas",)
+#: Settings given once or per channel: one value and the same value for every channel agree.
+PER_CHANNEL = ("mean", "std")
 
 
 # Run directories this process holds (see RunDir.lock): resolved path -> [descriptor, count].
@@ -232,6 +234,8 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _same_setting(key: str, stored: object, given: object) -> bool:
+    if key in PER_CHANNEL and isinstance(stored, list) and isinstance(given, list):
+        stored, given = _one_if_alike(stored), _one_if_alike(given)
     if key in UNORDERED and isinstance(stored, list) and isinstance(given, list):
         # The same values in any order (1 and 1.0 alike); None (relu) sorts last.
         def order(values: list) -> list:
@@ -242,6 +246,11 @@ def _same_setting(key: str, stored: object, given: object) -> bool:
         except TypeError:  # values that do not sort (a hand-written config): as given
             return stored == given
     return stored == given
+
+
+def _one_if_alike(values: list) -> list:
+    """``values`` as one value where every channel has the same (0.5 for 0.5 0.5 0.5)."""
+    return values[:1] if values and all(v == values[0] for v in values) else values
 
 
 def _setting(value: object) -> str:
