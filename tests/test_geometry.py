@@ -615,6 +615,16 @@ def test_lanczos_stopped_by_its_iterations_has_not_converged():
     assert converged.item() and full.item() == pytest.approx(1.0, rel=1e-3)
 
 
+def test_a_data_range_of_other_than_two_bounds_is_refused_in_one_line():
+    net = neurons(torch.ones(1, 4, dtype=torch.float64))
+    x = torch.ones(2, 4, dtype=torch.float64)
+    with pytest.raises(
+        bs.InputError,
+        match=r"^data_range must be \(low, high\), e.g. data.bounds; got tuple \(0.0, 0.5, 1.0\)$",
+    ):
+        curvature(net, x, data_range=(0.0, 0.5, 1.0))
+
+
 def test_the_default_number_of_probes_is_the_documented_ten():
     # README: Hutchinson's estimate from `probes` (10) random vectors. One probe gives
     # another estimate of the Frobenius norm of this Hessian, which is not a multiple of I.

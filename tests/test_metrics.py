@@ -98,6 +98,19 @@ def test_ssim_float32_of_nearly_flat_maps_matches_skimage(offset, spread):
         assert ours[i].item() == pytest.approx(ref, abs=1e-4)
 
 
+def test_ssim_float32_of_nearly_flat_maps_at_different_offsets_matches_skimage():
+    # Each map is centred on its own mean: taken about the other map's mean, the
+    # offset between them would cancel digits of the local (co)variances in float32.
+    gen = torch.Generator().manual_seed(7)
+    a = 1 + 0.05 * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64)
+    b = 2 + 0.05 * torch.rand(3, 32, 32, generator=gen, dtype=torch.float64)
+    b[1] = 2 + (a[1] - 1) + 0.3 * (b[1] - 2)  # correlated, for an SSIM well above 0
+    ours = ssim(a.float(), b.float())
+    for i in range(3):
+        ref = _skimage_ssim(a[i].float().double().numpy(), b[i].float().double().numpy())
+        assert ours[i].item() == pytest.approx(ref, abs=1e-6)
+
+
 def test_ssim_window_is_skimage_default_for_large_maps():
     # skimage's own window (win_size=None) for maps of at least 11 pixels a side.
     a, b = _pairs((12, 20))
@@ -120,6 +133,19 @@ def test_ssim_one_constant_map_is_finite_and_matches_skimage():
     b = torch.full_like(a, 0.3)
     ref = _skimage_ssim(a[0].numpy(), b[0].numpy())
     assert ssim(a, b).item() == pytest.approx(ref, abs=1e-10)
+
+
+@pytest.mark.parametrize(("scale_a", "scale_b"), [(1.0, 3e38), (1e-30, 1.0)])
+def test_ssim_of_float32_maps_of_very_different_scales_matches_skimage(scale_a, scale_b):
+    # The common scale is taken from the larger of the two maps, whichever it is:
+    # from the smaller alone, the larger would overflow float32 once divided by it.
+    gen = torch.Generator().manual_seed(6)
+    a, b = (2 * torch.rand(2, 16, 16, generator=gen, dtype=torch.float64) - 1 for _ in "ab")
+    a, b = scale_a * a, scale_b * b
+    ours = ssim(a.float(), b.float())
+    for i in range(2):
+        ref = _skimage_ssim(a[i].numpy(), b[i].numpy())
+        assert ours[i].item() == pytest.approx(ref, abs=1e-4)
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30, 3e38])
@@ -627,7 +653,12 @@ def test_symmetry_and_range(a, seed):
 
 
 @pytest.mark.parametrize(
-    ("value", "got"), [(lambda a: a.sum(), r"shape \(\)"), (lambda a: [0.0] * len(a), "list")]
+    ("value", "got"),
+    [
+        (lambda a: a.sum(), r"shape \(\)"),
+        (lambda a: [0.0] * len(a), "list"),
+        (lambda a: a.sum((1, 2))[:2], r"shape \(2,\)"),
+    ],
 )
 def test_a_metric_that_gives_no_number_per_map_is_named(value, got):
     register_metric("per_batch")(lambda a, b: value(a))
@@ -755,3 +786,22 @@ def test_group_records_reads_a_name_s_exponent_as_part_of_its_number():
         "beta=1.5E+00",
         "beta=2",
     ]
+
+
+def test_group_records_sorts_flags_as_names_after_the_numbers():
+    # A flag is not a number: False and True come after every number, by name.
+    rows = [{"k": True}, {"k": 0.5}, {"k": False}, {"k": 3}]
+    assert list(group_records(rows, ["k"])) == [(0.5,), (3,), (False,), (True,)]
+
+
+def test_compare_gives_a_registered_metric_half_maps_in_float32():
+    # The documented promotion holds for every metric, not only the built-in ones.
+    seen = []
+    register_metric("dtype_seen")(lambda a, b: seen.append((a.dtype, b.dtype)) or mse(a, b))
+    try:
+        a, b = torch.rand(2, 4, 4, dtype=torch.float16), torch.rand(2, 4, 4, dtype=torch.float16)
+        scores = compare(a, b)
+    finally:
+        del METRICS["dtype_seen"]
+    assert seen == [(torch.float32, torch.float32)]
+    assert scores["dtype_seen"].dtype == torch.float32

@@ -564,3 +564,19 @@ def test_no_beta_is_recommended_when_the_attack_changed_no_image():
     rows[1]["attacked"] = True
     summary = sweep_summary(rows)["method"]
     assert (summary["attacked"], summary["recommended_beta"]) == (1, 2.0)
+
+
+def test_a_summary_written_before_it_counted_the_attacked_images_is_formatted():
+    # Summaries before 0.13.0 lack "attacked": not taken as partly attacked.
+    rows = [
+        {"defense": "beta_smooth", "beta": 1.0, "index": i}
+        | {"adv_vs_clean_pcc": 0.8, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3}
+        for i in range(2)
+    ]
+    summary = sweep_summary(rows)["method"]
+    del summary["attacked"], summary["robustness_over"]
+    assert bs_recommend.partly_attacked(summary) is None
+    assert format_summary({"method": summary}).splitlines()[-1] == (
+        "method: recommended beta 1 (most robust with median fidelity >= 0.9): "
+        "robustness 0.800 vs 0.300 undefended, more robust"
+    )
