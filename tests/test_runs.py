@@ -1639,3 +1639,61 @@ def test_read_arrays_names_a_damaged_arrays_file_in_one_line(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=rf"^{re.escape(str(path))} is a damaged \.npz archive"):
         run.read_arrays("gradient")
+
+
+def test_settings_that_older_runs_lack_are_compared_only_where_recorded(tmp_path):
+    old = RunDir.create(tmp_path / "old", {"command": "attack", "seed": 0})
+    old.append([{"index": 0, "method": "a"}])
+    RunDir.create(old.path, {"command": "attack", "seed": 0, "goal_targeted": True}, resume=True)
+    config = {"command": "attack", "seed": 0, "goal_targeted": False, "inputs_sha256": "aa"}
+    new = RunDir.create(tmp_path / "new", config)
+    new.append([{"index": 0, "method": "a"}])
+    with pytest.raises(InputError) as info:
+        RunDir.create(new.path, {**config, "goal_targeted": True}, resume=True)
+    assert str(info.value) == (
+        f"--resume with a different setting: goal_targeted is False in {new.config_path} "
+        "but True now; use the same settings or choose a new --out"
+    )
+    with pytest.raises(InputError, match=r"^--resume with other inputs: the images, labels"):
+        RunDir.create(new.path, {**config, "inputs_sha256": "bb"}, resume=True)
+
+
+def test_an_out_that_is_a_file_is_refused_and_left_as_it_is(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    for resume in (False, True):
+        with pytest.raises(InputError) as info:
+            RunDir.create(path, {"command": "attack", "seed": 0}, resume=resume)
+        assert str(info.value) == f"{path} is a file; expected a directory for --out"
+    assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("mean", "std", "read"),
+    [(None, [0.5], ([0.0], [0.5])), ([0.2], None, ([0.2], [1.0])), (None, None, (None, None))],
+)
+def test_a_run_with_one_normalisation_statistic_reads_with_the_other_at_its_old_default(
+    tmp_path, mean, std, read
+):
+    # Up to 0.9.0 --mean or --std could be given alone; the other was 0 or 1.
+    run = RunDir.create(tmp_path / "run", {"command": "attack", "mean": mean, "std": std})
+    assert (run.config()["mean"], run.config()["std"]) == read
+
+
+def test_a_sweep_arrays_file_without_its_betas_is_named_in_one_line():
+    with pytest.raises(InputError) as info:
+        SweepBatch.from_npz({"index": np.arange(2)}, "arrays/sweep-a-0.npz")
+    assert str(info.value) == (
+        "arrays/sweep-a-0.npz lacks betas; expected the arrays of a betasmooth SweepBatch"
+    )
+
+
+def test_the_config_keeps_the_command_line_it_is_given_else_the_processs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["python", "-c"])
+    given = ["betasmooth", "attack", "--n", "2"]
+    run = RunDir.create(tmp_path / "given", {"command": "attack", "argv": given})
+    assert run.config()["argv"] == given
+    assert RunDir.create(tmp_path / "api", {"command": "attack"}).config()["argv"] == [
+        "python",
+        "-c",
+    ]
