@@ -496,6 +496,11 @@ API: dict[str, tuple[Callable[[Path], object], type[Exception], str]] = {
         InputTypeError,
         r"image_size must be a positive int or \(height, width\) of ints; got float 32.0",
     ),
+    "load_data image_size=True": (
+        lambda tmp: bs.load_data("digits", image_size=True),
+        InputTypeError,
+        r"image_size must be a positive int or \(height, width\) of ints; got bool True$",
+    ),
     "load_data image_size=0": (
         lambda tmp: bs.load_data("digits", image_size=0),
         InputError,

@@ -92,6 +92,12 @@ def test_unknown_name_and_weights_are_one_line_errors(hub):
         bs.load_model("torchvision:vgg99")
     with pytest.raises(InputError, match="unknown weights 'V9' for resnet18; expected one of"):
         bs.load_model("torchvision:resnet18:V9")
+    # DEFAULT first, then torchvision's members in their order, DEFAULT (an alias) once.
+    with pytest.raises(InputError) as err:
+        pretrained.weights_of("torchvision:resnet50:V9")
+    assert str(err.value) == (
+        "unknown weights 'V9' for resnet50; expected one of DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"
+    )
 
 
 @pytest.mark.parametrize(
@@ -307,6 +313,22 @@ def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):
     path.write_bytes(b"garbage")
     with pytest.raises(InputError, match=r"resnet18-f37072fd.pth.*delete it so that it is down"):
         bs.load_model(SPECS["resnet18"])
+
+
+def test_a_cache_file_of_other_weights_names_the_missing_keys(tmp_path, monkeypatch):
+    # A state dict that loads but is not these weights: torch's first two lines, the
+    # second naming the keys.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained.checkpoint_path(SPECS["resnet18"])
+    path.parent.mkdir(parents=True)
+    state = torchvision.models.resnet18().state_dict()
+    del state["fc.bias"]
+    torch.save(state, path)
+    with pytest.raises(InputError) as err:
+        bs.load_model(SPECS["resnet18"])
+    said = str(err.value)
+    assert said.startswith(f"{path} does not hold the weights ResNet18_Weights.IMAGENET1K_V1 (")
+    assert '"fc.bias"' in said and said.endswith("); delete it so that it is downloaded again")
 
 
 def test_missing_torchvision_names_the_extra(monkeypatch, capsys, tmp_path):

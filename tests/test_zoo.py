@@ -170,8 +170,26 @@ FORM = "expected (x, y): x a floating tensor (N, C, H, W), y integer labels (N,)
             lambda: (torch.rand(3, 1, 8, 8), torch.zeros(3)),
             "cannot be called as fn(split) (too many positional arguments); expected that form",
         ),
+        (
+            lambda split: (torch.rand(3, 1, 8, 8), torch.zeros(3, dtype=torch.bool)),
+            f"returned x of shape (3, 1, 8, 8) (torch.float32) and y of shape (3,) "
+            f"(torch.bool); {FORM}",
+        ),
+        (
+            lambda split: (torch.rand(3, 1, 8, 8), torch.zeros(3)),
+            f"returned x of shape (3, 1, 8, 8) (torch.float32) and y of shape (3,) "
+            f"(torch.float32); {FORM}",
+        ),
+        (
+            lambda split: (
+                torch.zeros(3, 1, 8, 8, dtype=torch.uint8),
+                torch.zeros(3, dtype=torch.long),
+            ),
+            f"returned x of shape (3, 1, 8, 8) (torch.uint8) and y of shape (3,) "
+            f"(torch.int64); {FORM}",
+        ),
     ],
-    ids=["x alone", "short y", "no channel axis", "no split"],
+    ids=["x alone", "short y", "no channel axis", "no split", "bool y", "float y", "uint8 x"],
 )
 def test_an_added_model_or_data_entry_of_another_form_is_named(loader, said) -> None:
     # Entries users add to the tables: checked where they are loaded, naming the entry
@@ -385,6 +403,32 @@ def test_weights_that_torch_loads_are_loaded(tmp_path) -> None:
     np.savez(tmp_path / "w.npz", x=np.zeros(3))
     with pytest.raises(InputError, match=r"w\.npz: it is a NumPy \.npz archive, not a file of"):
         bs.load_model(f"{tmp_path / 'bn.py'}:make", weights=tmp_path / "w.npz")
+
+
+@pytest.mark.parametrize("name", ["w.pt", "w.pth", "w.bin", "w.safetensors", "w.ckpt", "W.CKPT"])
+def test_every_weights_file_as_a_model_spec_is_pointed_to_weights(name) -> None:
+    # Lightning's .ckpt, and suffixes in capitals, are weights too.
+    with pytest.raises(InputError) as err:
+        bs.load_model(name)
+    assert str(err.value) == (
+        f"unknown model spec {name!r}; expected a model built by code, e.g. "
+        f"'path/to/file.py:factory'; {name} goes in --weights (weights= of bs.load_model) "
+        "as a state dict"
+    )
+
+
+@pytest.mark.parametrize("factory", ["make()", "make-model", ""])
+def test_a_factory_that_is_no_name_is_refused_before_the_file_runs(tmp_path, factory) -> None:
+    ran = tmp_path / "ran"
+    path = tmp_path / "net.py"
+    path.write_text(f"open({str(ran)!r}, 'w').close()\ndef make():\n    return None\n")
+    spec = f"{path}:{factory}"
+    with pytest.raises(InputError) as err:
+        bs.load_model(spec)
+    assert str(err.value).startswith(
+        f"unknown model spec {spec!r}; expected a built-in name ('digits-cnn' or 'photos-cnn')"
+    )
+    assert not ran.exists()
 
 
 def test_unknown_model_specs(tmp_path) -> None:
@@ -777,7 +821,8 @@ def test_the_first_n_images_of_a_folder_are_read_alone(tmp_path, monkeypatch) ->
     _png(tmp_path / "b.png", grey[1], "L")
     _png(tmp_path / "c.png", rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), "RGB")
     whole = bs.load_data(str(tmp_path))
-    (tmp_path / "d.png").write_bytes(b"<html>404</html>")
+    # A file that is no image, met before c.png: the headers after it are still read.
+    (tmp_path / "bz.png").write_bytes(b"<html>404</html>")
     read, real = [], zoo._read_image
     monkeypatch.setattr(zoo, "_read_image", lambda p, *a: read.append(p.name) or real(p, *a))
     first = bs.load_data(str(tmp_path), n=2)
@@ -785,7 +830,7 @@ def test_the_first_n_images_of_a_folder_are_read_alone(tmp_path, monkeypatch) ->
     assert first.files == ["a.png", "b.png"] and first.y.tolist() == [-1, -1]
     torch.testing.assert_close(first.x, whole.x[:2], rtol=0, atol=0)
     assert first.x.shape[1] == 3  # c.png has colour
-    with pytest.raises(InputError, match=r"cannot read image .*d\.png"):
+    with pytest.raises(InputError, match=r"cannot read image .*bz\.png"):
         bs.load_data(str(tmp_path), n=4)
     # An .npz is cut after loading: its bounds are the whole file's.
     np.savez(tmp_path / "x.npz", x=np.stack([np.full((1, 2, 2), v) for v in (0.5, 0.0, 3.0)]))
@@ -817,6 +862,10 @@ def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning
     (tmp_path / "d.heic").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not an image, not counted")
     (tmp_path / "e.png").symlink_to(tmp_path / "gone.png")
+    # Hidden files are no data, not even skipped data: macOS's ._b.gif, Emacs's lock
+    # .#a.png (a link that leads nowhere).
+    (tmp_path / "._b.gif").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / ".#a.png").symlink_to("user@host.1234")
     with pytest.warns(UserWarning) as caught:
         data = bs.load_data(str(tmp_path))
     assert data.files == ["a.png"]
@@ -841,6 +890,14 @@ def test_images_a_folder_does_not_read_and_broken_links_are_counted_in_a_warning
         bs.load_data(str(classes))
     assert [str(w.message).split(";")[0] for w in caught] == [
         f"data folder {classes}: skipped 1 file (.gif 1)"
+    ]
+    # The kinds are named in sorted order, not in the order the files are met (a.heic
+    # before b.gif).
+    (classes / "cat" / "a.heic").write_bytes(b"")
+    with pytest.warns(UserWarning) as caught:
+        bs.load_data(str(classes))
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        f"data folder {classes}: skipped 2 files (.gif 1, .heic 1)"
     ]
 
 
@@ -909,6 +966,10 @@ def test_signed_npz_pixels_under_a_torchvision_models_own_statistics_are_said(
         warnings.simplefilter("error")
         bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, mean=0, std=0.5)
         np.savez(path, x=x * 0.6 + 0.4)
+        bs.load_data(str(path), preset="torchvision:resnet18", image_size=8)
+        # -0.25 itself is still taken for [0, 1] (exact in float32: -0.625 + 0.375).
+        np.savez(path, x=x * 0.625 + 0.375)
+        assert float(bs.load_data(str(path), image_size=8).low.min()) == -0.25
         bs.load_data(str(path), preset="torchvision:resnet18", image_size=8)
     # Data normalised already (-2.1 to 2.6): that one warning, not also the one that takes
     # values above 2 for 8-bit levels, whose fix (divide by 255) would be wrong here.
@@ -1023,6 +1084,25 @@ def test_unknown_data_spec_and_split() -> None:
         bs.load_data("mnist")
     with pytest.raises(InputError, match="unknown split 'val'"):
         bs.load_data("digits", split="val")
+
+
+@pytest.mark.parametrize("split", ["fit", "validation"])
+def test_the_photos_own_splits_are_no_splits_of_load_data(tmp_path, split) -> None:
+    # photo_crops's "fit" and "validation" are not load_data's, for no data at all.
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 4, 4), dtype=np.float32))
+    for spec in ("digits", "photos", str(tmp_path / "d.npz")):
+        with pytest.raises(InputError) as err:
+            bs.load_data(spec, split=split)
+        assert str(err.value) == f"unknown split {split!r}; expected one of train, test, all"
+
+
+@pytest.mark.parametrize("spec", ["photos2/", "data/photos2", "photos2\\"])
+def test_a_missing_folder_written_as_one_is_named_a_folder(spec, tmp_path, monkeypatch):
+    # A trailing separator or a path marks a folder: not "unknown data spec".
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError) as err:
+        bs.load_data(spec)
+    assert str(err.value) == f"data folder {spec} does not exist; expected a folder of images"
 
 
 def test_a_folder_named_like_built_in_data_is_named_in_a_warning(tmp_path, monkeypatch):
@@ -1321,6 +1401,13 @@ def test_a_model_file_changed_on_disk_is_imported_again(factory_file):
     os.utime(factory_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     again = bs.load_model(f"{factory_file}:make")
     torch.testing.assert_close(again(torch.zeros(1, 3)), torch.tensor([[1.25, -2.75]]))
+    # Edited to the same size: its time tells.
+    size = factory_file.stat().st_size
+    factory_file.write_text(FACTORY.replace("[0.5, -0.5]", "[3.25, -1.75]"))
+    assert factory_file.stat().st_size == size
+    os.utime(factory_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    third = bs.load_model(f"{factory_file}:make")
+    torch.testing.assert_close(third(torch.zeros(1, 3)), torch.tensor([[3.25, -1.75]]))
 
 
 def test_normalisation_statistics_are_checked_one_by_one():
