@@ -190,6 +190,13 @@ def test_a_method_that_says_its_maps_have_other_shapes_returns_them_also_as_a_ba
             bs.InputError, match=r"returned shape \(1, 1, 4, 4\); expected a batch of 2 maps"
         ):
             bs.explain(torch.nn.Flatten(), x, "pooled", 0)
+        # One number per item is no map: a batch of maps has at least two dimensions.
+        METHODS["pooled"] = lambda model, x, target, *, create_graph=False: x.flatten(1)[:, 0]
+        METHODS["pooled"].shaped_like_x = False
+        with pytest.raises(
+            bs.InputError, match=r"returned shape \(2,\); expected a batch of 2 maps"
+        ):
+            bs.explain(torch.nn.Flatten(), x, "pooled", 0)
     finally:
         del METHODS["pooled"]
 

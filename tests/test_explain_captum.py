@@ -529,3 +529,31 @@ def test_a_gradient_method_of_captum_warns_nothing_of_its_input(x, name):
         ours = bs.explain(net, x, f"captum:{name}", TARGET)
     theirs = getattr(attr, name)(net).attribute(x.clone().requires_grad_(True), target=TARGET)
     torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_the_shap_methods_baselines_are_a_set_and_the_others_one_per_image():
+    """GradientShap and DeepLiftShap draw from their baselines for every image: a batch
+    of them is never cut to the images explained; IntegratedGradients' are per image."""
+    from betasmooth.explain import select_items
+
+    shape = (3, 1, 4, 4)
+    rows = torch.arange(3.0).view(3, 1, 1, 1)
+    for name in ("GradientShap", "DeepLiftShap"):
+        kept = select_items(f"captum:{name}", {"baselines": rows}, [2], shape)
+        assert torch.equal(kept["baselines"], rows)
+    cut = select_items("captum:IntegratedGradients", {"baselines": rows}, [2], shape)
+    assert cut["baselines"].flatten().tolist() == [2.0]
+
+
+def test_betasmooths_own_error_inside_captums_call_is_passed_on_as_it_is():
+    """An InputError raised inside the forward that Captum runs (a smoothing's override
+    says what is wrong) is not rewrapped as a failure of Captum on the model."""
+
+    class Refuses(nn.Module):
+        def forward(self, x):
+            if x.requires_grad:  # Captum's call; explain's own check of x runs without
+                raise bs.InputError("the override refuses this x")
+            return x.flatten(1)[:, :2]
+
+    with pytest.raises(bs.InputError, match=r"^the override refuses this x$"):
+        bs.explain(Refuses(), torch.rand(2, 1, 2, 2), "captum:Saliency", 0)

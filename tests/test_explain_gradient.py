@@ -275,3 +275,61 @@ def test_a_float64_baseline_of_a_float32_model_is_taken_in_the_models_dtype():
     assert got.dtype == torch.float32
     want = (x - 0.25) * net[1].weight[1].detach().view(1, 2, 2)
     torch.testing.assert_close(got, want)
+
+
+def test_select_logit_names_logits_whose_batch_a_squeeze_dropped():
+    """A 1-d output, ``(classes,)``, is the batch of one squeezed away: named as such,
+    not left to fail inside ``gather``."""
+    with pytest.raises(
+        bs.InputError,
+        match=r"logits of shape \(B, classes\); got \(3,\) "
+        r"\(a squeeze\(\) in forward drops the batch of one\)$",
+    ):
+        select_logit(torch.zeros(3), None)
+
+
+def test_gradient_and_input_x_gradient_forward_once_and_the_others_do_not():
+    """Both maps come from one plain forward on ``x`` (the attack reuses its logits);
+    the path, the noisy copies, the modified ReLUs and LRP's pass do not."""
+    from betasmooth.explain import forwards_once
+
+    methods = ["gradient", "input_x_gradient", "integrated_gradients", "guided_backprop"]
+    methods += ["lrp", "smoothgrad", "beta_smooth"]
+    once = {m for m in methods if forwards_once(m)}
+    assert once == {"gradient", "input_x_gradient"}
+
+
+def test_input_gradient_names_a_model_whose_output_is_detached_from_x():
+    """Called directly (explain's own check of the model comes before it), a forward
+    that detaches the input is named, not left to autograd's error."""
+    from betasmooth.explain.gradient import input_gradient
+
+    class Detaching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.linear(x.detach().flatten(1))
+
+    # Trainable, its output has a graph (to the weights) without x; frozen, it has none.
+    for net in (Detaching(), Detaching().requires_grad_(False)):
+        with pytest.raises(bs.InputError, match=r"^Detaching's output does not depend on x: "):
+            input_gradient(net, torch.rand(2, 1, 2, 2), torch.tensor([0, 1]))
+
+
+def test_a_zero_map_kept_with_create_graph_is_not_warned_about():
+    """The attack's steps (create_graph) are neither checked nor warned about: their maps
+    were checked before it. The same zero map without create_graph is."""
+    import warnings
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].weight.zero_()
+    x = torch.rand(2, 1, 2, 2).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = bs.explain(net, x, "gradient", 0, create_graph=True)
+    assert torch.equal(got, torch.zeros_like(x))
+    with pytest.warns(UserWarning, match="gradient gave a map that is zero everywhere"):
+        bs.explain(net, x.detach(), "gradient", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -102,6 +103,15 @@ def test_numpy_targets_are_the_same_classes(net, x, given, same):
 
 def test_unknown_method(net, x):
     _raises(ValueError, ["unknown method 'saliency'", "gradient", "smoothgrad"], net, x, "saliency")
+
+
+def test_a_prefix_without_a_name_is_no_method(net, x):
+    """``captum`` alone names a prefix, not a method: unknown, not a resolver's failure."""
+    from betasmooth.explain import is_method
+
+    assert not is_method("captum") and is_method("captum:Saliency")
+    with pytest.raises(bs.InputError, match=r"^unknown method 'captum'; expected one of: "):
+        bs.explain(net, x, "captum")
 
 
 # A baseline with one inf pixel among finite ones.
@@ -229,3 +239,26 @@ def test_check_model_names_a_model_that_is_no_module(method):
 
     with pytest.raises(bs.InputTypeError, match="^model must be a torch.nn.Module; got function"):
         check_model(lambda x: x, method)
+
+
+def test_an_unknown_option_of_a_smoothing_names_the_smoothing_and_its_base(net, x):
+    """An option that neither SmoothGrad nor its base takes is named for the method the
+    user called, also where the base takes no options at all, and Captum's ``method``
+    is said to be written ``rule``."""
+    own = "base, base_options, chunk, input_range, n, noise, seed, sigma"
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"unknown option 'sharpness' for method 'smoothgrad'; expected some of its own "
+            f"({own}) or of its base 'gradient' (none)"
+        )
+        + "$",
+    ):
+        bs.explain(net, x, "smoothgrad", 0, n=2, seed=0, sharpness=2.0)
+    with pytest.raises(
+        TypeError,
+        match=r"^unknown option 'method' for method 'smoothgrad'; .* of its base "
+        r"'captum:IntegratedGradients' \(.*\) \(Captum's option method is written rule\)$",
+    ):
+        base = {"base": "captum:IntegratedGradients", "base_options": {"method": "riemann_left"}}
+        bs.explain(net, x, "smoothgrad", 0, n=2, seed=0, **base)

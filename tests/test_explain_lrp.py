@@ -588,6 +588,9 @@ def test_lrp_of_a_data_parallel_model_is_lrp_of_its_module():
     x = torch.rand(2, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ours = bs.explain(nn.DataParallel(net), x, "lrp", epsilon=1e-3)
     torch.testing.assert_close(ours, bs.explain(net, x, "lrp", epsilon=1e-3), rtol=0, atol=0)
+    # A wrapper of a wrapper is unwrapped to the module as well.
+    twice = bs.explain(nn.DataParallel(nn.DataParallel(net)), x, "lrp", epsilon=1e-3)
+    torch.testing.assert_close(twice, ours, rtol=0, atol=0)
     # The checks before a run (the command line's, the attack's) take it too.
     from betasmooth.explain import check_model
 
@@ -1631,11 +1634,12 @@ def test_lrp_passes_torchvisions_stochastic_depth_in_evaluation_mode():
     assert expected.abs().sum() > 0
 
 
-def _cancelling_net() -> nn.Module:
-    """x -> identity -> ReLU -> x1 - x2 -> ReLU -> 1 x: the second layer's sum is 0 at x1 = x2."""
+def _cancelling_net(logits: int = 1) -> nn.Module:
+    """x -> identity -> ReLU -> x1 - x2 -> ReLU -> 1 x (to each logit): the second layer's
+    sum is 0 at x1 = x2."""
     net = nn.Sequential(
         nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 1, bias=False), nn.ReLU(),
-        nn.Linear(1, 1, bias=False),
+        nn.Linear(1, logits, bias=False),
     ).double()  # fmt: skip
     with torch.no_grad():
         net[0].weight.copy_(torch.eye(2))
@@ -1876,9 +1880,51 @@ def test_lrp_names_float_and_per_channel_bounds_of_its_box_in_one_line():
     for low, high, shown in [
         (0.0, torch.ones(1, 3, 1, 1), "per channel"),
         (torch.zeros(1, 1, 4, 4), 1.0, "per pixel"),
+        (torch.zeros(4, 4), 1.0, "per pixel"),  # (H, W): a box per pixel too
         (torch.tensor(0.0), torch.tensor(1.0), "[0.0, 1.0]"),
     ]:
         with pytest.raises(
             InputError, match=f"^x lies outside the lrp input box {re.escape(shown)} of"
         ):
             bs.explain(net, x, "lrp", low=low, high=high)
+
+
+class _FourWithoutRules(nn.Module):
+    def __init__(self, more: bool = False):
+        super().__init__()
+        self.linear, self.more = nn.Linear(4, 2), more
+
+    def forward(self, x):
+        h = self.linear(x.flatten(1))
+        out = h.sin() + torch.cos(h) + torch.exp(h) + torch.abs(h)
+        return out + torch.atan(h) if self.more else out
+
+
+def test_lrp_names_up_to_three_other_kinds_without_a_rule_and_marks_more():
+    """The first node without a rule is named in full, three other kinds follow, and
+    " ..." marks a fourth: exactly three others get no mark."""
+    x = torch.rand(2, 1, 2, 2)
+    first = "lrp has no rule for method Tensor.sin in the model's own forward (node 'sin') "
+    with pytest.raises(
+        InputError,
+        match=re.escape(first + "(also function cos, function exp, function abs); supported: "),
+    ):
+        bs.explain(_FourWithoutRules(), x, "lrp", 0)
+    with pytest.raises(
+        InputError,
+        match=re.escape(first + "(also function cos, function exp, function abs ...); "),
+    ):
+        bs.explain(_FourWithoutRules(more=True), x, "lrp", 0)
+
+
+def test_lrp_judges_the_growth_against_the_largest_logit_not_the_sum_of_all():
+    # _cancelling_net with ten equal logits a = log 2: the relevance grows about 475
+    # times the largest (warned); over the sum of the ten |logits| it would be 47.5.
+    net = _cancelling_net(logits=10)
+    x = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = bs.explain(net, x, "beta_smooth", 0, beta=1.0, base="lrp", epsilon=0.004)
+    ratio = float(ours.abs().sum()) / math.log(2.0)
+    assert 10 * AMPLIFIED > ratio > AMPLIFIED
+    assert sum("sums in absolute value" in str(w.message) for w in seen) == 1

@@ -582,6 +582,12 @@ def test_a_smoothing_of_a_captum_base_gets_the_data_range_as_its_baselines():
         assert options["base_options"].keys() == {"baselines"}
         assert options["base_options"]["baselines"] is low
         assert "base_options" not in with_base_range(method, {"base": "captum:Saliency"}, low, high)
+    # An option of the base given among the smoothing's own wins: no black fills in for it.
+    given = {"base": "integrated_gradients", "baseline": 0.3}
+    assert with_base_range("smoothgrad", given, low, high) == given
+    assert with_base_range("smoothgrad", {"base": "integrated_gradients"}, low, high)[
+        "base_options"
+    ] == {"baseline": low}
 
 
 def test_captum_takes_one_baseline_colour_per_channel(user_files):
