@@ -489,6 +489,21 @@ def test_a_second_nodes_rank_joins_with_its_global_and_local_rank(monkeypatch):
     assert device == torch.device("cpu") and joined == [("gloo",)]
 
 
+def test_a_rank_without_local_rank_is_its_own_local_rank_as_on_its_device(monkeypatch):
+    # A launcher that sets no LOCAL_RANK starts one node: the rank is also the local rank,
+    # as rank_device places it (nccl broadcasts on cuda:LOCAL_RANK, the rank's own GPU).
+    import betasmooth.distributed as distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    dist, device = distributed.init_distributed(torch.device("cpu"))
+    assert dist == distributed.Dist(rank=3, world_size=4, local_rank=3, active=True)
+    assert device == torch.device("cpu")
+    assert distributed.rank_device(torch.device("cuda")) == torch.device("cuda", dist.local_rank)
+
+
 def test_rank_alone_without_world_size_is_one_process(monkeypatch):
     # A launcher that sets RANK but no WORLD_SIZE has started no job to join.
     from betasmooth.distributed import Dist, init_distributed, launched
@@ -615,6 +630,33 @@ def test_what_work_refuses_on_rank_0_every_rank_raises_alike(monkeypatch, tmp_pa
     # Work that succeeds: rank 0 gets its value, the others None, and no failure is sent.
     assert rank0.first(lambda: 7) == 7 and sent == [None]
     assert rank1.first(lambda: pytest.fail("work runs on rank 0 alone")) is None
+
+
+def test_rank_0_raises_the_very_error_its_work_raised_and_sends_it_once(monkeypatch):
+    # The other ranks get the error's message; rank 0 keeps the error itself (its
+    # traceback, its cause), not one made again from what it sent.
+    from betasmooth.distributed import Dist
+
+    sent: list = []
+    _two_ranks_of(monkeypatch, sent)
+    err = bs.InputError("calibrating beta needs at least 2 images; got 1")
+
+    def refuse():
+        raise err
+
+    with pytest.raises(bs.InputError) as raised:
+        Dist(rank=0, world_size=2, active=True).first(refuse)
+    assert raised.value is err
+    assert sent == [["input", "calibrating beta needs at least 2 images; got 1"]]
+
+
+def test_a_rank_past_0_outside_a_process_group_runs_no_work():
+    # A Dist of another rank that has joined no group (as a test of the ranks builds one)
+    # leaves the work to rank 0 and gets None, as a rank of a torchrun job does.
+    from betasmooth.distributed import Dist
+
+    assert Dist(rank=1, world_size=2).first(lambda: pytest.fail("work runs on rank 0")) is None
+    assert Dist().first(lambda: 7) == 7
 
 
 def test_another_rank_may_broadcast_anything_it_holds(monkeypatch):

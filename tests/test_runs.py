@@ -867,6 +867,30 @@ def test_curvature_rows_measure_the_original_networks_class(tmp_path):
         assert [r["label"] for r in mine] == original.tolist(), name
 
 
+def test_curvature_draws_the_same_probes_for_every_beta_and_its_own_per_image(
+    tmp_path, monkeypatch
+):
+    # The rows of one image differ by the network, not by the draw: every beta gets
+    # the seeds of (run seed, "curvature", index), whatever the batch.
+    import betasmooth.runs as runs
+
+    model, x, y = runs.load_inputs("digits-cnn", "digits", n=3)
+    seen: dict[tuple[int, ...], list] = {}
+    measure = runs.curvature
+
+    def curvature(net, xb, label, *, seed, **options):
+        seen.setdefault(tuple(seed), []).append(net)
+        return measure(net, xb, label, seed=seed, **options)
+
+    monkeypatch.setattr(runs, "curvature", curvature)
+    run = RunDir.create(tmp_path / "curv", {"command": "curvature"})
+    options = {"iterations": 2, "probes": 1}
+    runs.curvature_run(run, model, x, y, [None, 2.0], batch_size=2, seed=4, options=options)
+    first, last = ([unit_seed(4, "curvature", i) for i in b] for b in ((0, 1), (2,)))
+    assert sorted(seen) == sorted([tuple(first), tuple(last)])
+    assert all(len(nets) == 2 and nets[0] is not nets[1] for nets in seen.values())
+
+
 def test_a_seed_given_as_an_option_draws_the_noise(tmp_path):
     from betasmooth.runs import explain_run, load_inputs
 
@@ -1320,6 +1344,9 @@ def test_the_paper_defenses_in_any_order_or_twice_are_the_settings_of_a_default_
     assert other == default | {"defenses": ["box_blur", "smoothgrad"]}
     assert swept_defenses(other) == ["box_blur", "smoothgrad"]
     assert swept_defenses(default) == ["beta_smooth", "smoothgrad"]
+    # A config.json whose defenses are no list of names, or none, is the default sweep's.
+    for given in ([], None, "box_blur"):
+        assert swept_defenses(default | {"defenses": given}) == ["beta_smooth", "smoothgrad"]
 
 
 def test_a_sweep_of_one_defense_is_checked_first_and_finished_at_one_row_per_beta(
@@ -1457,6 +1484,13 @@ def test_a_sweep_of_one_defense_is_finished_and_one_cut_short_is_not(
     kept = [r for r in rows if not (r["index"] == 2 and r["beta"] == 4.0)]
     (run.path / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     assert "sweep of gradient 2 of 3 images" in build_report(run.path).read_text()
+    # Resumed, the image short of one beta's row is swept again, though it still holds
+    # one row per defense: its batch adds only the row it lacked.
+    sweep_run(run, digits_cnn, [1.0, 4.0], smoothgrad_n=2, defenses=alone)
+    assert len(calls) == 3
+    assert sorted((r["index"], r["beta"]) for r in run.read("sweep")) == [
+        (i, b) for i in range(3) for b in (1.0, 4.0)
+    ]
 
 
 def test_the_report_names_a_registered_defense_once_escaped(
