@@ -1391,3 +1391,164 @@ def test_a_number_given_as_a_one_element_tensor_or_array_is_told_to_take_item():
     # What .item() gives is the number: the maps of beta 2 given as a float.
     expected = bs.explain(bs.smooth(net, 2.0), x, "gradient")
     torch.testing.assert_close(bs.explain(net, x, "beta_smooth", beta=beta.item()), expected)
+
+
+def test_a_target_list_of_bools_is_no_list_of_classes():
+    """``True`` is an int to Python, never a class index: a list of bools is refused by type."""
+    from betasmooth.validate import check_target
+
+    with pytest.raises(
+        InputTypeError,
+        match=r"^target must be None, an int or a \(B,\) integer tensor, array or list; "
+        r"got list$",
+    ):
+        check_target([True, False], batch=2)
+    assert check_target([1, 0], batch=2).tolist() == [1, 0]
+
+
+class _ClampsInPlace(nn.Module):
+    """``x.clamp_(0, 1)`` on inputs already in [0, 1]: no value changes, the tensor does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _tiny()
+
+    def forward(self, x):
+        x.clamp_(0, 1)
+        return self.net(x)
+
+
+def test_an_in_place_change_that_keeps_every_value_is_refused_too():
+    # The values are the same, but an in-place op on the leaf that a gradient needs
+    # fails inside autograd: the version counter tells it, not the values.
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    given = x.clone()
+    with pytest.raises(InputError, match=r"^_ClampsInPlace changes its input in place "):
+        bs.explain(_ClampsInPlace(), x, "gradient")
+    assert torch.equal(x, given)
+
+
+def test_rows_that_sum_to_one_with_a_negative_logit_are_no_probabilities():
+    from betasmooth.validate import check_logits
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        check_logits(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), 2)
+    assert [str(w.message) for w in record] == []
+
+
+def test_out_of_range_values_show_enough_digits_and_equal_bounds_once():
+    # 1001.00015 is past [1000, 1001] by 1.5e-4 of the range: nine digits tell it from 1001.0002.
+    x = torch.full((1, 1, 1, 1), 1001.00015, dtype=torch.float64)
+    with pytest.raises(
+        InputError,
+        match=r"^x has values in \[1001\.00015, 1001\.00015\], outside data_range "
+        r"\[1000, 1001\]; expected",
+    ):
+        check_in_range(x, 1000.0, 1001.0)
+    # Per-channel bounds that are all equal are shown as one number.
+    x = torch.full((1, 2, 1, 1), 2.0)
+    with pytest.raises(InputError, match=r"outside data_range \[0, 1\]; expected"):
+        check_in_range(x, torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1))
+
+
+def test_one_unbatched_image_whose_width_equals_the_channels_gets_the_batch_hint():
+    # (3, 5, 3) for a 3-channel Conv2d: (C, H, W) = (3, 5, 3) fits, (H, W, C) would too but
+    # its first dimension equals the channels as well, so it is read as channels-first.
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Flatten(), nn.Linear(30, 2))
+    with pytest.raises(
+        InputError,
+        match=r"^x has shape \(3, 5, 3\) but the model's first layer Conv2d takes "
+        r"\(B, C, H, W\); add the batch dimension with x\[None\]$",
+    ):
+        bs.explain(net, torch.rand(3, 5, 3), "gradient")
+
+
+def test_a_channel_count_that_load_data_cannot_make_is_not_offered_as_channels():
+    # load_data converts 1 and 3 channels into each other, never into 4.
+    net = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(128, 2))
+    with pytest.raises(InputError) as err:
+        bs.explain(net, torch.rand(2, 3, 8, 8), "gradient")
+    assert str(err.value).endswith(
+        "; the model's first convolution takes 4 channels: give images of 4 channels"
+    )
+
+
+def test_option_checks_take_their_edges_and_refuse_what_is_no_option():
+    from betasmooth.validate import check_choice, check_count, check_form, check_positive
+
+    assert check_count("steps", 2, 2) == 2 and check_count("n", 1) == 1
+    with pytest.raises(InputTypeError, match=r"^sigma must be a positive number; got None$"):
+        check_positive("sigma", None)
+    assert check_positive("sigma", None, optional=True) is None
+    with pytest.raises(
+        InputError, match=r"^unknown noise \['gaussian'\]; expected one of: gaussian, logistic$"
+    ):
+        check_choice("noise", ["gaussian"], {"gaussian", "logistic"})
+    # A parameter that the form leaves out may come as an option: the form still fits.
+    check_form("m", lambda a, b, option: a, 2, [], "f(a, b)")
+    with pytest.raises(InputTypeError, match=r"^m cannot be called as f\(a, b\) \(too many"):
+        check_form("m", lambda a: a, 2, [], "f(a, b)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_gpu_is_named_in_the_callers_own_words():
+    from betasmooth.validate import resolve_device
+
+    with pytest.raises(
+        InputError,
+        match=r"^CUDA is not available on this machine \(device='cuda'\); use device='cpu'$",
+    ):
+        resolve_device("cuda", option="device")
+    with pytest.raises(
+        InputError,
+        match=r"^CUDA is not available on this machine \(--device cuda\); use "
+        r"--device cpu$",
+    ):
+        resolve_device("cuda")
+
+
+def test_values_past_either_bound_by_less_than_the_tolerance_are_inside():
+    # Rounding in a normalisation: 1e-4 of the width is slack on both sides, no more.
+    x = torch.tensor([-0.5e-4, 1.0 + 0.5e-4], dtype=torch.float64).view(1, 1, 1, 2)
+    assert check_in_range(x, 0.0, 1.0) is x
+    with pytest.raises(InputError, match=r"^x has values in \[-0\.0002, 1\], outside"):
+        check_in_range(torch.tensor([-2e-4, 1.0], dtype=torch.float64).view(1, 1, 1, 2), 0.0, 1.0)
+
+
+class _FixedFloat32(nn.Module):
+    """No parameters: a constant float32 matrix that takes float32 inputs only."""
+
+    def forward(self, x):
+        return x.flatten(1) @ torch.ones(4, 2)
+
+
+def test_a_model_without_parameters_is_probed_again_for_another_input_dtype():
+    # The probe's cache is per dtype as well: float32 passing says nothing of float64.
+    net, x = _FixedFloat32(), torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert bs.explain(net, x, "gradient", 0).shape == (2, 1, 2, 2)
+    with pytest.raises(
+        InputError,
+        match=r"^model does not accept input of shape \(1, 2, 2\) \(2 items of x, whose shape "
+        r"is \(2, 1, 2, 2\)\): .*dtype",
+    ):
+        bs.explain(net, x.double(), "gradient", 0)
+
+
+def test_registry_names_refuse_all_and_offer_underscores_for_dashes():
+    from betasmooth.validate import registrar
+
+    with pytest.raises(
+        InputError, match=r"^example name 'all' is taken by the command line; expected another$"
+    ):
+        registrar({}, "all", "example")
+    with pytest.raises(
+        InputError,
+        match=r"^example names are letters, digits and '_', starting with a letter or '_' \(they "
+        r"are written in comma lists on the command line and in file names\); got 'my-method', "
+        r"expected e.g. 'my_method'$",
+    ):
+        registrar({}, "my-method", "example", dash=False)
+    # No hint where no underscore would make a name.
+    with pytest.raises(InputError, match=r"; got 'my method'$"):
+        registrar({}, "my method", "example")
