@@ -310,6 +310,31 @@ def test_other_errors_are_not_retried(tmp_path):
         execute(run, plan(["a"], range(4), 4), work, progress=False)
 
 
+def test_the_config_names_the_optional_packages_installed_and_their_versions(monkeypatch):
+    # torchvision's architectures and preprocessing, Captum's and Quantus's methods shape
+    # a run's results: each is named with its installed version, and none that is missing.
+    import importlib.metadata
+
+    import captum
+    import torchvision
+
+    from betasmooth import store
+
+    # The release, without a local build tag such as +cu130.
+    assert store.versions()["torchvision"] == torchvision.__version__.split("+")[0]
+    assert store.versions()["captum"] == captum.__version__
+    installed = importlib.metadata.version
+
+    def without_quantus(name):
+        if name == "quantus":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", without_quantus)
+    found = store.versions()
+    assert "quantus" not in found and found["captum"] == captum.__version__
+
+
 def test_directory_checks(tmp_path):
     config = {"command": "attack", "steps": 10, "seed": 0, "argv": ["x"]}
     run = RunDir.create(tmp_path / "run", config)

@@ -260,7 +260,7 @@ def test_a_refused_pickle_is_named_by_its_class_and_a_key_must_be_a_name(tmp_pat
         load_state_dict(whole)
     assert str(info.value) == (
         f"{whole} is not a state dict (torch.load with weights_only=True refused the pickled "
-        "object torch.nn.modules.linear.Linear unrun; expected a file written by "
+        "object torch.nn.modules.linear.Linear without running it; expected a file written by "
         "torch.save(model.state_dict(), ...))"
     )
     # A tensor under a key that is no name (an index) is no state dict either.

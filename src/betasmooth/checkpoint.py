@@ -132,7 +132,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         what = f"the pickled object {found.group(1)}" if found else "its content"
         raise InputError(
             f"{path} is not a state dict (torch.load with weights_only=True refused {what} "
-            f"unrun; {STATE_DICT_HINT})"
+            f"without running it; {STATE_DICT_HINT})"
         ) from err
     except Exception as err:
         if is_oom(err):

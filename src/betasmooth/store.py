@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import importlib.metadata
 import json
 import math
 import os
@@ -77,6 +78,7 @@ __all__ = [
     "read_jsonl",
     "record_key",
     "versions",
+    "OPTIONAL_PACKAGES",
     "write_bytes",
     "write_json",
     "write_jsonl",
@@ -361,13 +363,20 @@ def _process_group() -> str | None:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
+#: Optional packages that shape a run's results where they are installed: torchvision's
+#: architectures, weights and preprocessing, Captum's and Quantus's methods.
+OPTIONAL_PACKAGES = ("torchvision", "captum", "quantus")
+
+
 def versions() -> dict[str, str]:
     """Versions of Python, the platform and the packages that shape the results.
 
+    The optional packages (:data:`OPTIONAL_PACKAGES`) are named where installed.
+
     Examples
     --------
-    >>> sorted(versions())
-    ['betasmooth', 'numpy', 'platform', 'python', 'torch']
+    >>> {"python", "platform", "betasmooth", "torch", "numpy"} <= set(versions())
+    True
     """
     from . import __version__
 
@@ -375,6 +384,10 @@ def versions() -> dict[str, str]:
     found["betasmooth"] = __version__
     found["torch"] = torch.__version__
     found["numpy"] = np.__version__
+    for name in OPTIONAL_PACKAGES:
+        # From the installed metadata: importing torchvision or quantus takes seconds.
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
     return found
 
 
