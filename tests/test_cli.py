@@ -767,8 +767,18 @@ def test_curvature_says_which_estimates_stopped_before_they_converged(tmp_path, 
     row = re.search(r'<th class="k">estimates converged</th>((?:<td[^>]*>[^<]*</td>)+)', page)
     assert re.findall(r">(\d+)</td>", row.group(1)) == ["0", "2"]
     assert "the others may lie below the true value" in page
+    # The warning said on the command line is kept in the run, and its report shows it.
+    said = next(line for line in err.splitlines() if "did not converge" in line)
+    kept = [{"command": "curvature", "warning": said.removeprefix("betasmooth: warning: ")}]
+    assert read_jsonl(Path(out) / "warnings.jsonl") == kept
+    table = re.search(r"<table id=\"warnings-table\">.*?</table>", page).group(0)
+    assert re.findall(r"<t[hd][^>]*>([^<]*)</t[hd]>", table)[2:] == [
+        "curvature",
+        html.escape(kept[0]["warning"], quote=False),
+    ]
     assert main([*argv, "--betas", "5,relu", "--iterations", "2", "--out", out, "--resume"]) == 0
     assert len(read_jsonl(Path(out) / "results.jsonl")) == 4
+    assert read_jsonl(Path(out) / "warnings.jsonl") == kept  # said again, kept once
 
 
 def test_curvature_records_do_not_depend_on_the_batch_size(tmp_path):

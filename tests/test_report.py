@@ -2431,3 +2431,26 @@ def test_images_changed_are_counted_where_only_later_records_say(tmp_path):
     changed = {m: column(page.tables["medians"], f"{m} (targeted)") for m in METHODS}
     assert changed["gradient"]["images the attack changed"] == N - 1
     assert changed["lrp"]["images the attack changed"] == N
+
+
+def test_the_warnings_of_the_commands_that_wrote_a_run_are_a_section_once_each(tmp_path):
+    run = make_run(tmp_path / "run", sweep=False, theory=False)
+    page = parse(build_report(run))
+    assert "warnings" not in page.ids and "warnings-table" not in page.tables
+    store = RunDir(run)
+    store.add_warnings(
+        "attack", ["lrp: <grew> 100 times", "no image changed", "lrp: <grew> 100 times"]
+    )
+    store.add_warnings("sweep", ["lrp: <grew> 100 times"])
+    store.add_warnings("attack", ["no image changed", "later"])  # a resumed attack
+    kept = [
+        ("attack", "lrp: <grew> 100 times"),
+        ("attack", "no image changed"),
+        ("sweep", "lrp: <grew> 100 times"),
+        ("attack", "later"),
+    ]
+    assert [(r["command"], r["warning"]) for r in store.read_warnings()] == kept
+    page = parse(build_report(run))
+    assert [tuple(c[0] for c in row) for row in page.tables["warnings-table"][1:]] == kept
+    # Near the top: after what was run, before the results.
+    assert page.ids.index("warnings") < page.ids.index("results")

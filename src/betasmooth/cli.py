@@ -1200,9 +1200,15 @@ def _beta_option(text: str) -> float | str:
     return _beta_value(text, auto=True)
 
 
+#: The command running and the warnings it has said, kept in its run's report.
+_WARNED: dict[str, object] = {"command": None, "messages": []}
+
+
 def _report(run: RunDir) -> Path:
     from .report import build_report
 
+    if _first_rank() and _WARNED["messages"]:
+        run.add_warnings(str(_WARNED["command"]), _WARNED["messages"])
     return build_report(run.path)
 
 
@@ -1794,8 +1800,6 @@ def _demo_steps(methods: Sequence[str], budget: int) -> dict[str, int]:
 @command("demo", sharded=False)
 def cmd_demo(args: argparse.Namespace) -> int:
     """Explain, attack, defend and check the theory on a model (built-in by default); report."""
-    from .report import build_report
-
     sizes = _demo_sizes(args)
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -1856,7 +1860,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not run.theory.exists():
         _say("checking the theory")
         _theory(run, bool(sizes["quick_theory"]), args.seed, args.progress)
-    report = build_report(run.path)
+    report = _report(run)
     _demo_summary(run, records, sweep)
     _say(f"done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
@@ -1947,6 +1951,7 @@ def _show_warning(
         # what rank 0 does: rank 0 says it for all, instead of once per rank.
         return
     tell(f"betasmooth: warning: {said}")
+    _WARNED["messages"].append(said)
 
 
 def _check_processes(name: str) -> None:
@@ -2067,6 +2072,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # worker threads too, which copy the state of the thread that starts them.
         with warnings.catch_warnings(), holding_locks(), flush_denormals():
             warnings.showwarning = _show_warning
+            _WARNED.update(command=args.command, messages=[])
             _check_processes(args.command)
             _apply_preset(args)
             if getattr(args, "out", None) is not None:

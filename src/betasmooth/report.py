@@ -1047,6 +1047,18 @@ def _section_theory(run: _Run) -> str:
     return "".join(out)
 
 
+def _section_warnings(run: _Run) -> str:
+    said = run.store.read_warnings()
+    if not said:
+        return ""
+    rows = [(r.get("command"), r.get("warning")) for r in said]
+    return (
+        "<h2 id='warnings'>Warnings</h2>"
+        + _note("What the commands that wrote this run warned of on the command line.")
+        + _table("warnings-table", ["command", "warning"], rows)
+    )
+
+
 def _section_settings(run: _Run) -> str:
     rest = {k: v for k, v in run.config.items() if k != "versions"}
     if isinstance(rest.get("betas"), list):
@@ -1060,6 +1072,7 @@ def _section_settings(run: _Run) -> str:
 
 SECTIONS: dict[str, Callable[[_Run], str]] = {
     "run": _section_run,
+    "warnings": _section_warnings,
     "results": _section_results,
     "methods": _section_methods,
     "explain": _section_explain,

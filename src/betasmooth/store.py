@@ -458,6 +458,22 @@ class RunDir:
             self.sweep_summary, "delete it and run betasmooth sweep again", "the sweep's summary"
         )
 
+    @property
+    def warnings(self) -> Path:
+        """What the commands that wrote the run warned, one ``{command, warning}`` a line."""
+        return self.path / "warnings.jsonl"
+
+    def add_warnings(self, command: str, messages: Iterable[str]) -> None:
+        """Keep what ``command`` warned for the report, each warning once per command
+        (a resumed run warns again what it warned before)."""
+        held = {(r.get("command"), r.get("warning")) for r in self.read_warnings()}
+        fresh = [m for m in dict.fromkeys(messages) if (command, m) not in held]
+        append_jsonl(self.warnings, [{"command": command, "warning": m} for m in fresh])
+
+    def read_warnings(self) -> list[Record]:
+        """The warnings kept by :meth:`add_warnings`, in the order they were said."""
+        return read_jsonl(self.warnings)
+
     def file(self, name: str = "results") -> Path:
         """The JSON-lines file this rank appends ``name`` records to."""
         if self.world_size > 1:
