@@ -63,6 +63,7 @@ from .recommend import PAPER_DEFENSES, beta_key
 from .validate import InputError
 
 __all__ = [
+    "OPTIONAL_PACKAGES",
     "RUN_ARRAYS",
     "VOLATILE",
     "Arrays",
@@ -78,7 +79,6 @@ __all__ = [
     "read_jsonl",
     "record_key",
     "versions",
-    "OPTIONAL_PACKAGES",
     "write_bytes",
     "write_json",
     "write_jsonl",
