@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import ctypes
+import dataclasses
 import hashlib
 import json
 import math
@@ -1200,15 +1201,22 @@ def _beta_option(text: str) -> float | str:
     return _beta_value(text, auto=True)
 
 
-#: The command running and the warnings it has said, kept in its run's report.
-_WARNED: dict[str, object] = {"command": None, "messages": []}
+@dataclasses.dataclass
+class _Said:
+    """The command running and the warnings it has said, kept in its run's report."""
+
+    command: str = ""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+_SAID = _Said()
 
 
 def _report(run: RunDir) -> Path:
     from .report import build_report
 
-    if _first_rank() and _WARNED["messages"]:
-        run.add_warnings(str(_WARNED["command"]), _WARNED["messages"])
+    if _first_rank() and _SAID.warnings:
+        run.add_warnings(_SAID.command, _SAID.warnings)
     return build_report(run.path)
 
 
@@ -1951,7 +1959,7 @@ def _show_warning(
         # what rank 0 does: rank 0 says it for all, instead of once per rank.
         return
     tell(f"betasmooth: warning: {said}")
-    _WARNED["messages"].append(said)
+    _SAID.warnings.append(said)
 
 
 def _check_processes(name: str) -> None:
@@ -2072,7 +2080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # worker threads too, which copy the state of the thread that starts them.
         with warnings.catch_warnings(), holding_locks(), flush_denormals():
             warnings.showwarning = _show_warning
-            _WARNED.update(command=args.command, messages=[])
+            _SAID.command, _SAID.warnings = args.command, []
             _check_processes(args.command)
             _apply_preset(args)
             if getattr(args, "out", None) is not None:
