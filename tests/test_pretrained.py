@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -180,6 +181,40 @@ def test_own_weights_need_no_cached_download(tmp_path, monkeypatch):
     for key, value in mine.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value)
     assert not (tmp_path / "empty").exists()
+
+
+def _warnings_of(fn):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+
+
+def test_pixels_in_zero_one_given_to_a_torchvision_model_are_warned_of_once(hub, tmp_path):
+    # Its weights expect ImageNet-normalised input; pixels in [0, 1] are not, and the
+    # maps would be of the model off its data. Said once per model and its smoothed
+    # copies, with torchvision's own statistics; normalised input and a model of one's
+    # own say nothing.
+    stats = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    said = (
+        "x lies in [0, 1], as pixels do, but torchvision:resnet18 expects pixels normalised "
+        f"by mean {list(stats.mean)} and std {list(stats.std)}: the maps and attacks are of "
+        "the model on input it was not trained on; expected normalised input, e.g. "
+        'load_data(..., preset="torchvision:resnet18") and data_range=data.bounds'
+    )
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = bs.load_model("torchvision:resnet18")
+    assert _warnings_of(lambda: bs.explain(model, pixels, "gradient")) == [said]
+    assert _warnings_of(lambda: bs.explain(model, pixels[:1, :, :16], "gradient")) == []
+    assert _warnings_of(lambda: bs.explain(bs.smooth(model, 5.0), pixels, "gradient")) == []
+
+    fresh = bs.load_model("torchvision:resnet18")
+    assert _warnings_of(lambda: bs.explain(fresh, (pixels - MEAN) / STD, "gradient")) == []
+    torch.save(hub["resnet18"].state_dict(), tmp_path / "mine.pt")
+    own = bs.load_model("torchvision:resnet18", weights=str(tmp_path / "mine.pt"))
+    assert _warnings_of(lambda: bs.explain(own, pixels, "gradient")) == [said]
+    plain = torchvision.models.resnet18().eval()
+    assert _warnings_of(lambda: bs.explain(plain, pixels, "gradient")) == []
 
 
 def test_weights_fine_tuned_to_other_classes_say_how_to_build_their_model(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LOADING, load_state_dict
-from .validate import InputError, OutOfMemory, is_oom
+from .validate import InputError, OutOfMemory, expect_normalised, is_oom
 
 __all__ = [
     "BUILT_WITH_WEIGHTS",
@@ -238,7 +238,7 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     name = _parse(spec)[0]
     if not pretrained:
         built = BUILT_WITH_WEIGHTS.get(name, lambda w: {})(weights)
-        return _torchvision().get_model(name, weights=None, **built).eval()
+        return _expecting(spec, _torchvision().get_model(name, weights=None, **built).eval())
     path = checkpoint_path(spec)
     if not path.is_file():
         _fetch(spec, path)
@@ -262,7 +262,15 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
             f"{path} does not hold the weights {weights} ({_brief(detail)}); "
             "delete it so that it is downloaded again"
         ) from err
-    return model.eval()
+    return _expecting(spec, model.eval())
+
+
+def _expecting(spec: str, model: nn.Module) -> nn.Module:
+    """``model``, known to expect input normalised as the weights of ``spec`` say."""
+    with contextlib.suppress(InputError):  # weights without an image preprocessing
+        prep = preprocessing(spec)
+        expect_normalised(model, spec, prep.mean, prep.std)
+    return model
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ __all__ = [
     "check_target",
     "check_uncompiled",
     "compiled_parts",
+    "expect_normalised",
     "given",
     "is_oom",
     "one_at_a_time",
@@ -925,7 +926,52 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
         # one row (x.view(1, -1)) passes with one item and fails only later.
         _probe(model, x[:2], name, tuple(x.shape))
         seen.add(key)
+        _check_normalised(model, x, name)
     return x
+
+
+def expect_normalised(
+    model: nn.Module, what: str, mean: Sequence[float], std: Sequence[float]
+) -> None:
+    """Record that ``model`` (named ``what``) expects pixels in [0, 1] as ``(x - mean) / std``.
+
+    The first input of each shape that lies wholly in [0, 1] is then warned of
+    (once per model and its smoothed copies): normalised pixels below the
+    mean are negative, so such an input is almost surely unnormalised, and
+    the maps and attacks would be of the model on input it was not trained on.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    >>> expect_normalised(net, "net", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    >>> with warnings.catch_warnings(record=True) as seen:
+    ...     warnings.simplefilter("always")
+    ...     _ = check_input(net, torch.full((2, 3, 1, 1), 0.75))
+    >>> str(seen[0].message)[:32]
+    'x lies in [0, 1], as pixels do, '
+    """
+    _NORMALISED[model] = (what, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+_NORMALISED: weakref.WeakKeyDictionary[
+    nn.Module, tuple[str, tuple[float, ...], tuple[float, ...]]
+] = weakref.WeakKeyDictionary()
+
+
+def _check_normalised(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    expected = _NORMALISED.get(origin(model))
+    if expected is None or not any(m > 0 for m in expected[1]):
+        return
+    what, mean, std = expected
+    if bool(x.min() >= 0) and bool(x.max() <= 1):
+        warn_user(
+            f"{name} lies in [0, 1], as pixels do, but {what} expects pixels normalised by "
+            f"mean {list(mean)} and std {list(std)}: the maps and attacks are of the model on "
+            f"input it was not trained on; expected normalised input, e.g. "
+            f'load_data(..., preset="{what}") and data_range=data.bounds',
+            model,
+        )
 
 
 _CONVOLUTIONS = {
