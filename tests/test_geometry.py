@@ -95,12 +95,14 @@ def test_two_neurons_hand_computed():
         )
 
 
-def test_principal_curvature_of_a_float32_logit_with_a_tiny_gradient():
+@pytest.mark.parametrize("c", [1e-9, 1e-22, 1e-30, 1e20])
+def test_principal_curvature_of_a_float32_logit_with_a_tiny_gradient(c):
     # Scaling the logit by c scales its gradient and Hessian by c and leaves the
     # principal curvature unchanged; at c = 1e-9 the float32 gradient norm lies
-    # far below float32's eps (1.2e-7) but far above its smallest normal number.
+    # far below float32's eps (1.2e-7) but far above its smallest normal number;
+    # at 1e-22 and 1e-30 its squares are subnormal or zero, at 1e20 infinite.
     torch.manual_seed(2)
-    d, beta, c = 6, 2.0, 1e-9
+    d, beta = 6, 2.0
     w = torch.randn(2, d, dtype=torch.float64)
     b = torch.randn(2, dtype=torch.float64) * 0.2
     x = 0.4 * torch.randn(4, d, dtype=torch.float64)

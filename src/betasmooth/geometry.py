@@ -63,7 +63,11 @@ Operator = Callable[[torch.Tensor], torch.Tensor]
 class _Hessian:
     """Gradient and Hessian-vector products of the target logit at a batch of inputs.
 
-    Vectors are flat, ``(B, D)``; one graph serves every product.
+    Vectors are flat, ``(B, D)``; one graph serves every product. Each item's
+    logit is multiplied by ``scale``, a power of two that brings its largest
+    gradient entry into [1, 2): the gradient, the products and
+    ``gradient_norm`` are of the scaled logit (ratios such as the curvature
+    are not changed), and :meth:`unscale` gives them back in the logit's units.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor | None) -> None:
@@ -71,7 +75,13 @@ class _Hessian:
         # The products differentiate the gradient again.
         with torch.enable_grad(), second_order():
             self.logit, _ = select_logit(model(self.x), target)
-            (grad,) = torch.autograd.grad(self.logit.sum(), self.x, create_graph=True)
+            (first,) = torch.autograd.grad(self.logit.sum(), self.x, retain_graph=True)
+            # float32 squares a gradient of 1e-20 into subnormals, where a norm loses
+            # its digits, and one of 1e-23 to zero; multiplying by a power of two is
+            # exact, so the scaled logit keeps every digit that the logit has.
+            self.scale = _power_of_two(first.detach().flatten(1).abs().amax(1))
+            scaled = (self.logit * self.scale).sum()
+            (grad,) = torch.autograd.grad(scaled, self.x, create_graph=True)
         self.grad = grad.flatten(1)
         self.gradient_norm = self.grad.detach().norm(dim=1)
         norm = self.gradient_norm[:, None]
@@ -81,6 +91,10 @@ class _Hessian:
         # A gradient that does not depend on x (an affine model) has no graph:
         # its Hessian is zero.
         self.linear = not self.grad.requires_grad
+
+    def unscale(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, measured on the scaled logit, in units of the logit."""
+        return t / self.scale
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         if self.linear:
@@ -104,6 +118,18 @@ class _Hessian:
             return self.tangent(self.hvp(self.tangent(v))) * inverse
 
         return apply
+
+
+def _power_of_two(largest: torch.Tensor) -> torch.Tensor:
+    """Per item, the power of two that brings ``largest`` (> 0) into [1, 2); 1 for 0.
+
+    Its exponent stays within the dtype's normal numbers, so the factor is finite.
+    """
+    finfo = torch.finfo(largest.dtype)
+    bound = float(torch.tensor(finfo.max).log2().floor())
+    exponent = (-largest.double().log2().floor()).clamp(-bound, bound)
+    exponent = torch.where((largest > 0) & largest.isfinite(), exponent, 0.0)
+    return torch.exp2(exponent).to(largest.dtype)
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -219,7 +245,7 @@ def _curvature(
     kappa, kappa_done = _lanczos(hessian.tangent_operator(), start, iterations, tol, progress)
     flat_logit = hessian.gradient_norm == 0
     result = {
-        "hessian_norm": norm,
+        "hessian_norm": hessian.unscale(norm),
         "principal_curvature": torch.where(flat_logit, torch.nan, kappa),
         # Where grad g = 0 there is no curvature to converge to.
         "converged": norm_done & (kappa_done | flat_logit),
@@ -228,8 +254,8 @@ def _curvature(
     for _ in range(probes):
         v = draw(lambda g: torch.randint(0, 2, flat[1:], generator=g)) * 2 - 1
         squares = squares + hessian.hvp(v).square().sum(1)
-    result["hessian_frobenius"] = (squares / probes).sqrt()
-    result["gradient_norm"] = hessian.gradient_norm
+    result["hessian_frobenius"] = hessian.unscale((squares / probes).sqrt())
+    result["gradient_norm"] = hessian.unscale(hessian.gradient_norm)
     return {k: v.detach() for k, v in result.items()}
 
 
