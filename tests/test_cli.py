@@ -1984,6 +1984,33 @@ def test_an_interrupt_says_how_to_continue_each_command(attack_dir, tmp_path, mo
     assert "interrupted; run again with --resume to continue" in capsys.readouterr().err
 
 
+def test_an_interrupted_run_keeps_the_warnings_it_said(attack_dir, tmp_path, monkeypatch, capsys):
+    # Kept as they are said, not only with the report at the end: a run stopped on
+    # its way (Ctrl-C here, kill -9 alike) keeps what it warned on the console.
+    import shutil
+    import warnings
+
+    from betasmooth import runs
+
+    def warn_then_stop(*args, **kwargs):
+        warnings.warn("the first batch looked odd", stacklevel=1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "explain_run", warn_then_stop)
+    monkeypatch.setattr(runs, "sweep_run", warn_then_stop)
+    out = tmp_path / "e"
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
+    assert main([*argv, "--method", "gradient", "--out", str(out)]) == 130
+    assert "betasmooth: warning: the first batch looked odd\n" in capsys.readouterr().err
+    said = [{"command": "explain", "warning": "the first batch looked odd"}]
+    assert read_jsonl(out / "warnings.jsonl") == said
+    run = tmp_path / "run"
+    shutil.copytree(attack_dir, run)
+    assert main(["sweep", str(run), "--betas", "1", "--no-progress"]) == 130
+    kept = read_jsonl(run / "warnings.jsonl")
+    assert kept[-1] == {"command": "sweep", "warning": "the first batch looked odd"}
+
+
 def test_a_write_the_disk_refuses_ends_in_one_line_naming_the_file_and_status_2(
     tmp_path, monkeypatch, capsys
 ):

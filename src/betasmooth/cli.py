@@ -1061,6 +1061,7 @@ def _start_run(
 ) -> RunDir:
     """The run directory ``--out`` of a command on images, created; fewer images said."""
     run = RunDir.create(args.out, config, resume=args.resume, dist=dist)
+    _SAID.keep_in(run)
     if getattr(args, "fewer", None) and _first_rank():
         tell(args.fewer)
     return run
@@ -1203,10 +1204,30 @@ def _beta_option(text: str) -> float | str:
 
 @dataclasses.dataclass
 class _Said:
-    """The command running and the warnings it has said, kept in its run's report."""
+    """The command running and the warnings it has said, kept in its run for the report.
+
+    Kept as they are said once the run exists, and those said before then when it
+    is made: a run that is killed keeps what it warned.
+    """
 
     command: str = ""
     warnings: list[str] = dataclasses.field(default_factory=list)
+    run: RunDir | None = None
+
+    def start(self, command: str) -> None:
+        self.command, self.warnings, self.run = command, [], None
+
+    def keep_in(self, run: RunDir) -> None:
+        self.run = run
+        self._keep()
+
+    def say(self, warning: str) -> None:
+        self.warnings.append(warning)
+        self._keep()
+
+    def _keep(self) -> None:
+        if self.run is not None and self.warnings and _first_rank():
+            self.run.add_warnings(self.command, self.warnings)
 
 
 _SAID = _Said()
@@ -1215,8 +1236,6 @@ _SAID = _Said()
 def _report(run: RunDir) -> Path:
     from .report import build_report
 
-    if _first_rank() and _SAID.warnings:
-        run.add_warnings(_SAID.command, _SAID.warnings)
     return build_report(run.path)
 
 
@@ -1646,6 +1665,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with distributed(device) as (dist, dev):
         run.lock(dist)
         run = RunDir(args.dir, dist.rank, dist.world_size)
+        _SAID.keep_in(run)
         records = runs.sweep_run(
             run,
             model,
@@ -1750,6 +1770,7 @@ def cmd_theorem(args: argparse.Namespace) -> int:
 
     config = _config(args, quick=args.quick, seed=args.seed)
     run = RunDir.create(args.out, config, resume=args.resume)
+    _SAID.keep_in(run)
     summary = _theory(run, args.quick, args.seed, args.progress)
     theorem_figures(summary, run.figures)
     if args.json:
@@ -1959,7 +1980,7 @@ def _show_warning(
         # what rank 0 does: rank 0 says it for all, instead of once per rank.
         return
     tell(f"betasmooth: warning: {said}")
-    _SAID.warnings.append(said)
+    _SAID.say(said)
 
 
 def _check_processes(name: str) -> None:
@@ -2080,7 +2101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # worker threads too, which copy the state of the thread that starts them.
         with warnings.catch_warnings(), holding_locks(), flush_denormals():
             warnings.showwarning = _show_warning
-            _SAID.command, _SAID.warnings = args.command, []
+            _SAID.start(args.command)
             _check_processes(args.command)
             _apply_preset(args)
             if getattr(args, "out", None) is not None:
