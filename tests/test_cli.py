@@ -3110,6 +3110,57 @@ def test_what_ends_a_command_is_one_error_line_and_status_2(raised, said, monkey
     assert capsys.readouterr() == ("", f"betasmooth: error: {said}\n")
 
 
+FAILS_ON_ONE = """
+import torch
+
+
+class Net(torch.nn.Module):
+    # Fails on an image it meets alone after the first such: on the last batch only.
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(1024, 10)
+        self.alone = []
+
+    def forward(self, x):
+        if len(x) == 1 and self.alone and not torch.equal(x, self.alone[0]):
+            {fault}
+        self.alone += [x.detach().clone()] if len(x) == 1 else []
+        return self.fc(x.flatten(1))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ('raise KeyError("no such layer")', "KeyError: 'no such layer'"),
+        (
+            "return self.fc(x.flatten(1)[:, :5])",
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x5 and 1024x10)",
+        ),
+    ],
+)
+def test_an_error_in_the_models_own_code_is_one_line_at_its_place(tmp_path, capsys, fault, said):
+    # The model passes its checks on one and two items and fails on the last batch:
+    # one line says what it raised and where in the model's file (also where torch
+    # raised, called from there), exit 2, and the finished batch is kept.
+    net = tmp_path / "net.py"
+    net.write_text(FAILS_ON_ONE.format(fault=fault))
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{net}:build", "--data", "digits"]
+    argv += ["-n", "3", "--batch-size", "2", "--method", "gradient", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: {said}, raised in the model's own code at {net}, line 14, in "
+        "forward (finished items are kept: run again with --resume once it is fixed)\n"
+    )
+    assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]
+
+
 def test_a_runtime_error_that_is_no_lack_of_memory_is_not_caught(monkeypatch, capsys):
     # A bug is not said as a lack of memory: its traceback is kept.
     import betasmooth.cli as cli

@@ -23,8 +23,10 @@ import math
 import os
 import re
 import sys
+import sysconfig
 import textwrap
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -80,6 +82,7 @@ from .zoo import (
     BUILTIN_MODELS,
     both_or_neither,
     import_model_code,
+    is_user_code,
     preset_mean_std,
     weights_file,
 )
@@ -1955,6 +1958,28 @@ def _say_recommendation(run: RunDir) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
+#: Where betasmooth, the standard library and installed packages lie: never a model's code.
+_NOT_USER_CODE = tuple(
+    Path(p).resolve()
+    for p in (
+        Path(__file__).parent,
+        *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+    )
+)
+
+
+def _raised_in_user_code(err: BaseException) -> str | None:
+    """``file, line N, in name`` where a model's own code raised ``err``; ``None`` where
+    betasmooth's code lies nearer the raise, whose traceback is then kept."""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if path.is_relative_to(_NOT_USER_CODE[0]):
+            return None
+        if is_user_code(frame.filename) and not any(path.is_relative_to(p) for p in _NOT_USER_CODE):
+            return f"{frame.filename}, line {frame.lineno}, in {frame.name}"
+    return None
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.strerror or 'cannot open'}: {err.filename}"
@@ -2121,11 +2146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # written before stays intact: results are appended and arrays renamed whole.
         tell(f"betasmooth: error: {_one_line(err)}")
         return 2
-    except (RuntimeError, MemoryError) as err:
-        # Outside a run's batches, which retry in halves: loading, or a check before the run.
-        if not is_oom(err):
-            raise
-        tell(_memory_error(args.command, OutOfMemory(err)))
+    except Exception as err:
+        if is_oom(err):
+            # Outside a run's batches, which retry in halves: loading, or a check before the run.
+            tell(_memory_error(args.command, OutOfMemory(err)))
+            return 2
+        where = _raised_in_user_code(err)
+        if where is None:
+            raise  # betasmooth's own: its traceback says where
+        again = " (finished items are kept: run again with --resume once it is fixed)"
+        tell(
+            f"betasmooth: error: {type(err).__name__}: {_one_line(err)}, raised in the "
+            f"model's own code at {where}" + (again if "resume" in vars(args) else "")
+        )
         return 2
     except KeyboardInterrupt:
         # Commands without --resume (sweep) continue where they stopped when run again.

@@ -120,6 +120,7 @@ __all__ = [
     "data_range",
     "digits_cnn",
     "import_model_code",
+    "is_user_code",
     "load_data",
     "load_model",
 ]
@@ -1164,7 +1165,25 @@ def _import_file(path: Path) -> object:
     except (Exception, SystemExit) as err:  # a script's sys.exit() must not end the caller
         del sys.modules[name]
         raise InputError(f"importing {path} failed: {reason(err)}") from err
+    _USER_CODE.add(path.resolve().parent)  # its siblings are imported beside it
     return module
+
+
+#: Where the code of users' models lies: the folder of each model file imported, and
+#: the package (or file) of each module named by ``package.module:factory``.
+_USER_CODE: set[Path] = set()
+
+
+def is_user_code(filename: str) -> bool:
+    """Whether ``filename`` lies where the code of a model imported by a spec lies.
+
+    Examples
+    --------
+    >>> is_user_code(__file__)  # betasmooth's own, until a model file beside it is imported
+    False
+    """
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(place) for place in _USER_CODE)
 
 
 @contextlib.contextmanager
@@ -1199,7 +1218,7 @@ def _looks_like_path(where: str) -> bool:
 
 def _import_module(name: str) -> object:
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as err:
         raise InputError(
             f"cannot import module {name!r} ({err}); expected {MODEL_FORMS} importable "
@@ -1207,6 +1226,12 @@ def _import_module(name: str) -> object:
         ) from err
     except (Exception, SystemExit) as err:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
+    top = sys.modules[name.partition(".")[0]]
+    where = getattr(top, "__file__", None)
+    if where is not None:
+        place = Path(where).resolve()
+        _USER_CODE.add(place.parent if place.name == "__init__.py" else place)
+    return module
 
 
 def _model_forms(spec: str) -> str:
