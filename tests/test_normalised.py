@@ -67,6 +67,27 @@ def test_load_data_carries_per_channel_bounds(user_files):
     assert plain.low.flatten().tolist() == [0.0] and plain.high.flatten().tolist() == [1.0]
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (torch.rand(2, 1, 16, 16), "x has shape (2, 1, 16, 16); expected images of these data, "),
+        (torch.rand(2, 4, 16, 16), "x has shape (2, 4, 16, 16); expected images of these data, "),
+        (torch.rand(3, 16, 16), "x must have at least 4 dimensions with the batch first, "),
+        (torch.full((1, 3, 2, 2), 2, dtype=torch.uint8), "x must be a floating tensor "),
+    ],
+)
+def test_denormalise_refuses_what_are_not_images_of_the_data(user_files, given, said):
+    # Grey spread to three channels, a batch added, or statistics cast to uint8 (all
+    # zeros) would be shown as the images: refused in one line instead.
+    data = bs.load_data(str(user_files[1]), mean=MEAN, std=STD)
+    with pytest.raises(InputError) as err:
+        data.denormalise(given)
+    assert str(err.value).startswith(said)
+    double = data.denormalise(data.x.double())
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double, user_files[2].double(), atol=1e-6, rtol=0)
+
+
 def test_api_lrp_with_the_loaded_bounds_is_zennit(user_files):
     model_file, data_file, _ = user_files
     net = bs.load_model(f"{model_file}:net").double()

@@ -100,6 +100,7 @@ from .pretrained import checkpoint_path, is_pretrained, load_pretrained, preproc
 from .validate import (
     InputError,
     InputTypeError,
+    check_batch,
     check_count,
     check_form,
     check_input,
@@ -675,8 +676,24 @@ class ImageData(tuple):
         return self.low, self.high
 
     def denormalise(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * std + mean``: inputs back in the raw value range, e.g. for display."""
-        return x * self.std.to(x) + self.mean.to(x)
+        """``x * std + mean``: inputs back in the raw value range, e.g. for display.
+
+        ``x`` is a floating batch of these data's images, ``(B, C, H, W)``.
+
+        Examples
+        --------
+        >>> data = load_data("digits", mean=[0.5], std=[0.25], n=2)
+        >>> torch.equal(data.denormalise(data.x), load_data("digits", n=2).x)
+        True
+        """
+        x = check_batch(x, "x", 4)
+        channels = self.std.shape[1]
+        if x.dim() != 4 or x.shape[1] != channels:
+            raise InputError(
+                f"x has shape {tuple(x.shape)}; expected images of these data, "
+                f"(B, {channels}, H, W)"
+            )
+        return x * self.std.to(x.device, x.dtype) + self.mean.to(x.device, x.dtype)
 
 
 def _normalisation(
