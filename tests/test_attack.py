@@ -1063,6 +1063,16 @@ def test_center_nudge_points_away_from_the_pixel_centre_of_the_grid():
     assert float(outward) == pytest.approx(-(math.sqrt(2) + nu), abs=1e-9)
 
 
+def test_center_nudge_points_outward_from_a_centre_less_than_a_pixel_off_the_middle():
+    # Original centre (3, 3), half a pixel off the middle (3.5, 3.5) in each axis: the
+    # outward direction is still (-1, -1) / sqrt(2), however short the offset, so a
+    # shift by (-1, -1) adds the nudge's full length.
+    p = SimpleNamespace(map_orig=_point_map(3, 3))
+    nu = attack.CENTER_NUDGE
+    outward = attack._com_objective(p, _point_map(2, 2), None)
+    assert float(outward) == pytest.approx(-(math.sqrt(2) + nu), abs=1e-9)
+
+
 def test_center_nudge_at_the_grid_centre_still_has_its_length():
     # A map centred on the middle of the grid has no outward direction: the documented
     # fallback still nudges by CENTER_NUDGE pixels, so the attack can leave x.
@@ -1602,3 +1612,108 @@ def test_attack_defaults_is_a_copy_that_leaves_the_table_as_it_was():
         "lr": 1e-3,
         "beta_schedule": "geometric",
     }
+
+
+def _two_channel_logits():
+    # logit 0 = sum of the 8 values of a (1, 2, 2, 2) input (its input_x_gradient map
+    # is x itself), logit 1 = -10: the label never flips.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(8, 2)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0] * 8, [0.0] * 8]))
+        net[1].bias.copy_(torch.tensor([0.0, -10.0]))
+    return net
+
+
+def test_a_signed_attack_on_per_channel_ranges_steps_clamps_and_measures_per_channel():
+    # Channel 0 in [0, 1] (width 1), channel 1 in [-1, 3] (width 4). Map pixel p is
+    # |x_0p| + |x_1p| = (2.45, 2.45, 1.45, 1.45) normalised: top-2 are pixels 0 and 1,
+    # which the topk goal moves down and pixels 2, 3 up, by the signed step 0.05 of
+    # each channel's width (0.05 and 0.2) inside the budget 0.1 of each channel's
+    # width (0.1 and 0.4), clamped to each channel's own range: channel 0's 0.95 goes
+    # up to 1.0, not past it to 1.05 (inside channel 1's range).
+    low = torch.tensor([0.0, -1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    high = torch.tensor([1.0, 3.0], dtype=torch.float64).view(1, 2, 1, 1)
+    x = torch.tensor([[0.5, 0.5, 0.95, 0.95], [1.95, 1.95, 0.5, 0.5]], dtype=torch.float64)
+    r = _signed_topk(
+        _two_channel_logits(),
+        x.view(1, 2, 2, 2),
+        eps=0.1,
+        step=0.05,
+        steps=3,
+        data_range=(low, high),
+    )
+    expected = torch.tensor([[0.4, 0.4, 1.0, 1.0], [1.55, 1.55, 0.9, 0.9]], dtype=torch.float64)
+    torch.testing.assert_close(r.x_adv, expected.view(1, 2, 2, 2))
+    # In units of each channel's width: 0.1 / 1 and 0.4 / 4 at most; channel 0's
+    # clamped pixels moved 0.05.
+    change = (expected - x) / torch.tensor([[1.0], [4.0]], dtype=torch.float64)
+    assert float(r.metrics["input_max_change"]) == pytest.approx(0.1, abs=1e-12)
+    assert float(r.metrics["input_mse"]) == pytest.approx(float(change.square().mean()), abs=1e-12)
+    assert bool(r.label_kept.all())
+
+
+def test_restarts_without_a_budget_draw_one_percent_of_each_channels_own_range(monkeypatch):
+    # Documented: restarts start from x plus uniform noise of 1 % of the data range,
+    # per channel as the budget: +-0.01 in channel 0 ([0, 1]), +-0.04 in channel 1
+    # ([-1, 3]), not 1 % of their mean width (0.025) in both.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(128, 2)).double()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.cat([torch.ones(1, 128), torch.zeros(1, 128)]))
+        net[1].bias.copy_(torch.tensor([0.0, -10.0]))
+    low = torch.tensor([0.0, -1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    high = torch.tensor([1.0, 3.0], dtype=torch.float64).view(1, 2, 1, 1)
+    x = torch.cat([torch.full((1, 1, 8, 8), 0.5), torch.full((1, 1, 8, 8), 1.0)], 1).double()
+    target = torch.full((1, 8, 8), 1 / 64, dtype=torch.float64)
+    starts = _restart_shifts(monkeypatch, x)
+    bs.manipulate(
+        net,
+        x,
+        target,
+        "input_x_gradient",
+        steps=1,
+        restarts=1,
+        beta_schedule="none",
+        data_range=(low, high),
+    )
+    assert len(starts) == 2 and torch.equal(starts[0], torch.zeros_like(x))
+    for channel, radius in ((0, 0.01), (1, 0.04)):
+        shift = starts[1][0, channel]
+        assert float(shift.abs().max()) <= radius * (1 + 1e-9)
+        assert float(shift.std()) == pytest.approx(radius / math.sqrt(3), rel=0.2)
+
+
+def test_progress_shows_a_bar_of_the_steps_on_stderr_and_none_without_it(small, capsys):
+    # Documented: progress=True shows a bar of the steps on stderr, named by the method
+    # and goal, with the mean loss at each scoring; the default shows nothing.
+    net, x = small
+    target = targets_of(net, x)
+    bs.manipulate(net, x, target, "gradient", steps=3)
+    assert capsys.readouterr().err == ""
+    bs.manipulate(net, x, target, "gradient", steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "gradient targeted" in err and "/3 [" in err and "loss=" in err
+
+
+@pytest.mark.parametrize(("method", "betas"), [("smoothgrad", [10.0, 100.0]), ("beta_smooth", [])])
+def test_adaptive_attacks_use_their_documented_beta_schedule_by_default(
+    small, monkeypatch, method, betas
+):
+    # Documented (ATTACK_DEFAULTS, manipulate's beta_schedule): SmoothGrad of a ReLU
+    # network goes through the softplus surrogate, geometric from beta0 = 10 at the
+    # first step to beta_end = 100 at the last; beta_smooth is smooth already and is
+    # attacked as it is ("none"), so the surrogate's softplus never runs.
+    net, x = small
+    options = {"n": 2, "seed": 0} if method == "smoothgrad" else {"beta": 0.8}
+    target = targets_of(net, x, method, **options)
+    seen = []
+    real = attack.softplus
+
+    def spy(t, beta):
+        if not seen or seen[-1] != beta:
+            seen.append(beta)
+        return real(t, beta)
+
+    monkeypatch.setattr(attack, "softplus", spy)
+    result = bs.manipulate(net, x, target, method, steps=2, lr=1e-2, method_options=options)
+    np.testing.assert_allclose(seen, betas)
+    assert result.settings["beta_schedule"] == ("geometric" if betas else "none")
