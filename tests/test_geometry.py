@@ -119,6 +119,30 @@ def test_principal_curvature_of_a_float32_logit_with_a_tiny_gradient(c):
             assert out[key][i].item() == pytest.approx(c * exact[key], rel=1e-4), key
 
 
+class _Square(nn.Module):
+    """Logits (|x|^2, -|x|^2): Hessian 2 I, gradient 2 x, level sets spheres of radius |x|."""
+
+    def forward(self, x):
+        g = x.flatten(1).square().sum(1)
+        return torch.stack([g, -g], 1)
+
+
+@pytest.mark.parametrize("eps", [1.0, 1e-19, 1e-30])
+def test_a_tiny_gradient_beside_a_hessian_of_order_one_in_float32(eps):
+    # Near the minimum of |x|^2 the gradient is tiny and the Hessian is not: the
+    # scaled products must neither overflow (Frobenius inf) nor lose the gradient.
+    # Closed forms: |H| = 2, |H|_F = 2 sqrt(D) (Hutchinson is exact for a multiple of
+    # the identity), |grad| = 2 |x|, principal curvature 1 / |x|.
+    d = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    x = (eps * d).float()
+    radius = eps * float(d.double().norm())
+    out = curvature(_Square(), x, target=0)
+    assert out["hessian_norm"].item() == pytest.approx(2.0, rel=1e-5)
+    assert out["hessian_frobenius"].item() == pytest.approx(4.0, rel=1e-5)
+    assert out["gradient_norm"].item() == pytest.approx(2 * radius, rel=1e-5)
+    assert out["principal_curvature"].item() == pytest.approx(1 / radius, rel=1e-5)
+
+
 def test_dense_hessian_of_a_smoothed_mlp():
     torch.manual_seed(3)
     d = 8

@@ -83,7 +83,7 @@ class _Hessian:
             scaled = (self.logit * self.scale).sum()
             (grad,) = torch.autograd.grad(scaled, self.x, create_graph=True)
         self.grad = grad.flatten(1)
-        self.gradient_norm = self.grad.detach().norm(dim=1)
+        self.gradient_norm = _norm(self.grad.detach())
         norm = self.gradient_norm[:, None]
         # Unit normal of the level set; zero where the gradient vanishes, as
         # the level set has no normal there.
@@ -132,6 +132,13 @@ def _power_of_two(largest: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent).to(largest.dtype)
 
 
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row of ``t`` (``(B, D) -> (B,)``), computed on the row
+    divided by its largest entry: its squares neither overflow nor vanish."""
+    largest = t.abs().amax(1)
+    return largest * (t / _nonzero(largest)[:, None]).norm(dim=1)
+
+
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
     """``t`` with zeros raised to the dtype's smallest normal number, to divide by."""
     return t.clamp_min(torch.finfo(t.dtype).tiny)
@@ -156,7 +163,7 @@ def _lanczos(
     (its estimate may lie below the largest eigenvalue).
     """
     batch = start.shape[0]
-    q = start / _nonzero(start.norm(dim=1, keepdim=True))
+    q = start / _nonzero(_norm(start)[:, None])
     basis = [q]
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
@@ -172,7 +179,7 @@ def _lanczos(
         # values free of spurious copies.
         for _ in range(2):
             w = w - torch.einsum("bk,bkd->bd", torch.einsum("bkd,bd->bk", stacked, w), stacked)
-        beta = w.norm(dim=1)
+        beta = _norm(w)
         k = len(alphas)
         tri = torch.diag_embed(torch.stack(alphas, 1))
         if k > 1:
@@ -250,11 +257,13 @@ def _curvature(
         # Where grad g = 0 there is no curvature to converge to.
         "converged": norm_done & (kappa_done | flat_logit),
     }
-    squares = torch.zeros(flat[0], dtype=x.dtype, device=x.device)
+    norms = []
     for _ in range(probes):
         v = draw(lambda g: torch.randint(0, 2, flat[1:], generator=g)) * 2 - 1
-        squares = squares + hessian.hvp(v).square().sum(1)
-    result["hessian_frobenius"] = hessian.unscale((squares / probes).sqrt())
+        norms.append(_norm(hessian.hvp(v)))
+    # sqrt(mean |H v|^2), without squaring the scaled products themselves.
+    mean_square_root = _norm(torch.stack(norms, 1)) / probes**0.5
+    result["hessian_frobenius"] = hessian.unscale(mean_square_root)
     result["gradient_norm"] = hessian.unscale(hessian.gradient_norm)
     return {k: v.detach() for k, v in result.items()}
 
@@ -485,7 +494,7 @@ def theorem1_check(
             start = torch.randn(hessian.grad.shape, generator=generator, dtype=x.dtype)
             operator = hessian.tangent_operator()
             kappa.append(_lanczos(operator, start.to(x.device), iterations, 1e-4)[0])
-            tangent_speed = hessian.tangent(hessian.hvp(unit)).norm(dim=1)
+            tangent_speed = _norm(hessian.tangent(hessian.hvp(unit)))
             speed.append(tangent_speed / hessian.gradient_norm)
             if t in (0.0, 1.0):
                 ends.append((hessian.normal, hessian.logit.detach()))
