@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -192,29 +193,51 @@ def _warnings_of(fn):
 
 def test_pixels_in_zero_one_given_to_a_torchvision_model_are_warned_of_once(hub, tmp_path):
     # Its weights expect ImageNet-normalised input; pixels in [0, 1] are not, and the
-    # maps would be of the model off its data. Said once per model and its smoothed
-    # copies, with torchvision's own statistics; normalised input and a model of one's
-    # own say nothing.
+    # maps would be of the model off its data. Said once per model, its smoothed and
+    # deep copies, with torchvision's own statistics, whenever such an input comes
+    # (not only the first of its shape); normalised input, weights of one's own and
+    # a model of one's own say nothing.
     stats = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
     said = (
-        "x lies in [0, 1], as pixels do, but torchvision:resnet18 expects pixels normalised "
-        f"by mean {list(stats.mean)} and std {list(stats.std)}: the maps and attacks are of "
-        "the model on input it was not trained on; expected normalised input, e.g. "
-        'load_data(..., preset="torchvision:resnet18") and data_range=data.bounds'
+        "x lies in [0, 1], as unnormalised pixels do, but torchvision:resnet18 expects "
+        f"pixels normalised by mean {list(stats.mean)} and std {list(stats.std)}: the maps "
+        "and attacks are then of the model on input it was not trained on; expected "
+        'normalised input, e.g. load_data(..., preset="torchvision:resnet18") and '
+        "data_range=data.bounds (ignore this where the images are normalised and have no "
+        "pixel below the mean colour)"
     )
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     model = bs.load_model("torchvision:resnet18")
+    assert _warnings_of(lambda: bs.explain(model, (pixels - MEAN) / STD, "gradient")) == []
     assert _warnings_of(lambda: bs.explain(model, pixels, "gradient")) == [said]
     assert _warnings_of(lambda: bs.explain(model, pixels[:1, :, :16], "gradient")) == []
     assert _warnings_of(lambda: bs.explain(bs.smooth(model, 5.0), pixels, "gradient")) == []
+    copied = copy.deepcopy(bs.load_model("torchvision:resnet18"))
+    assert _warnings_of(lambda: bs.explain(copied, pixels, "gradient")) == [said]
 
-    fresh = bs.load_model("torchvision:resnet18")
-    assert _warnings_of(lambda: bs.explain(fresh, (pixels - MEAN) / STD, "gradient")) == []
     torch.save(hub["resnet18"].state_dict(), tmp_path / "mine.pt")
     own = bs.load_model("torchvision:resnet18", weights=str(tmp_path / "mine.pt"))
-    assert _warnings_of(lambda: bs.explain(own, pixels, "gradient")) == [said]
+    assert _warnings_of(lambda: bs.explain(own, pixels, "gradient")) == []
     plain = torchvision.models.resnet18().eval()
     assert _warnings_of(lambda: bs.explain(plain, pixels, "gradient")) == []
+
+
+def test_the_command_line_says_nothing_of_a_bright_image_it_normalised(hub, tmp_path, capsys):
+    # Pixels in [0.5, 0.6] lie in [0, 1] also once normalised ((0.5 - 0.485) / 0.229 =
+    # 0.066 to 0.50): the command line normalised them itself and does not warn.
+    folder = tmp_path / "bright"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    grey = rng.integers(128, 153, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(grey).save(folder / "0.png")
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "torchvision:resnet18", "--data", str(folder)]
+    argv += ["--image-size", "32", "--method", "gradient", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    x = bs.load_data(str(folder), preset="torchvision:resnet18", image_size=32).x
+    assert 0 <= x.min() and x.max() <= 1  # normalised, and in [0, 1]
+    assert "warning" not in capsys.readouterr().err
+    assert not (out / "warnings.jsonl").exists()
 
 
 def test_weights_fine_tuned_to_other_classes_say_how_to_build_their_model(tmp_path, monkeypatch):

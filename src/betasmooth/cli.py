@@ -72,9 +72,11 @@ from .validate import (
     MAX_SEED,
     InputError,
     OutOfMemory,
+    UnnormalisedWarning,
     check_uncompiled,
     is_number,
     is_oom,
+    silenced,
     tell,
 )
 from .zoo import (
@@ -2124,7 +2126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Flushing before the first parallel operation reaches torch's CPU
         # worker threads too, which copy the state of the thread that starts them.
-        with warnings.catch_warnings(), holding_locks(), flush_denormals():
+        # The command line normalises the data itself, as the weights or --mean/--std say:
+        # an image that lies in [0, 1] after that is a bright one, not an unnormalised one.
+        with (
+            warnings.catch_warnings(),
+            holding_locks(),
+            flush_denormals(),
+            silenced(UnnormalisedWarning),
+        ):
             warnings.showwarning = _show_warning
             _SAID.start(args.command)
             _check_processes(args.command)

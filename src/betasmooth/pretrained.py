@@ -238,7 +238,7 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
     name = _parse(spec)[0]
     if not pretrained:
         built = BUILT_WITH_WEIGHTS.get(name, lambda w: {})(weights)
-        return _expecting(spec, _torchvision().get_model(name, weights=None, **built).eval())
+        return _torchvision().get_model(name, weights=None, **built).eval()
     path = checkpoint_path(spec)
     if not path.is_file():
         _fetch(spec, path)
@@ -266,7 +266,9 @@ def load_pretrained(spec: str, pretrained: bool = True) -> nn.Module:
 
 
 def _expecting(spec: str, model: nn.Module) -> nn.Module:
-    """``model``, known to expect input normalised as the weights of ``spec`` say."""
+    """``model``, known to expect input normalised as the weights of ``spec`` say
+    (:func:`~betasmooth.validate.expect_normalised`); not said of weights of one's own,
+    which may have been trained on other statistics."""
     with contextlib.suppress(InputError):  # weights without an image preprocessing
         prep = preprocessing(spec)
         expect_normalised(model, spec, prep.mean, prep.std)

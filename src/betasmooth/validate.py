@@ -32,9 +32,11 @@ import torch
 from torch import nn
 
 __all__ = [
+    "EXPECTS",
     "InputError",
     "InputTypeError",
     "OutOfMemory",
+    "UnnormalisedWarning",
     "as_bound",
     "check_batch",
     "check_bounds",
@@ -926,8 +928,17 @@ def check_input(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
         # one row (x.view(1, -1)) passes with one item and fails only later.
         _probe(model, x[:2], name, tuple(x.shape))
         seen.add(key)
-        _check_normalised(model, x, name)
+    _check_normalised(model, x, name)
     return x
+
+
+class UnnormalisedWarning(UserWarning):
+    """Pixels in [0, 1] given to a model whose weights expect them normalised."""
+
+
+#: The attribute by which a model says how its weights expect their input:
+#: ``(name, mean, std)``; an attribute, so that copies and pickles keep it.
+EXPECTS = "_betasmooth_expects"
 
 
 def expect_normalised(
@@ -935,10 +946,12 @@ def expect_normalised(
 ) -> None:
     """Record that ``model`` (named ``what``) expects pixels in [0, 1] as ``(x - mean) / std``.
 
-    The first input of each shape that lies wholly in [0, 1] is then warned of
-    (once per model and its smoothed copies): normalised pixels below the
-    mean are negative, so such an input is almost surely unnormalised, and
-    the maps and attacks would be of the model on input it was not trained on.
+    An input that lies wholly in [0, 1] is then warned of, once per model (and
+    its smoothed copies), as :class:`UnnormalisedWarning`: normalised pixels
+    below the mean are negative, so such an input is most likely
+    unnormalised, and the maps and attacks would be of the model on input it
+    was not trained on. A normalised image with no pixel below the mean
+    colour lies in [0, 1] too: then the warning is wrong and may be ignored.
 
     Examples
     --------
@@ -948,29 +961,26 @@ def expect_normalised(
     >>> with warnings.catch_warnings(record=True) as seen:
     ...     warnings.simplefilter("always")
     ...     _ = check_input(net, torch.full((2, 3, 1, 1), 0.75))
-    >>> str(seen[0].message)[:32]
-    'x lies in [0, 1], as pixels do, '
+    >>> str(seen[0].message)[:40]
+    'x lies in [0, 1], as unnormalised pixels'
     """
-    _NORMALISED[model] = (what, tuple(float(m) for m in mean), tuple(float(s) for s in std))
-
-
-_NORMALISED: weakref.WeakKeyDictionary[
-    nn.Module, tuple[str, tuple[float, ...], tuple[float, ...]]
-] = weakref.WeakKeyDictionary()
+    setattr(model, EXPECTS, (what, tuple(float(m) for m in mean), tuple(float(s) for s in std)))
 
 
 def _check_normalised(model: nn.Module, x: torch.Tensor, name: str) -> None:
-    expected = _NORMALISED.get(origin(model))
+    expected = getattr(model, EXPECTS, None)
     if expected is None or not any(m > 0 for m in expected[1]):
         return
     what, mean, std = expected
     if bool(x.min() >= 0) and bool(x.max() <= 1):
         warn_user(
-            f"{name} lies in [0, 1], as pixels do, but {what} expects pixels normalised by "
-            f"mean {list(mean)} and std {list(std)}: the maps and attacks are of the model on "
-            f"input it was not trained on; expected normalised input, e.g. "
-            f'load_data(..., preset="{what}") and data_range=data.bounds',
+            f"{name} lies in [0, 1], as unnormalised pixels do, but {what} expects pixels "
+            f"normalised by mean {list(mean)} and std {list(std)}: the maps and attacks are "
+            "then of the model on input it was not trained on; expected normalised input, "
+            f'e.g. load_data(..., preset="{what}") and data_range=data.bounds (ignore this '
+            "where the images are normalised and have no pixel below the mean colour)",
             model,
+            UnnormalisedWarning,
         )
 
 
