@@ -3161,6 +3161,44 @@ def test_an_error_in_the_models_own_code_is_one_line_at_its_place(tmp_path, caps
     assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]
 
 
+LAYERS = """
+import torch
+
+
+class Layer(torch.nn.Linear):
+    def forward(self, x):
+        if len(x) == 1:
+            raise ValueError
+        return super().forward(x.flatten(1))
+"""
+
+
+@pytest.mark.parametrize("form", ["file", "module"])
+def test_an_error_in_a_module_beside_the_model_file_is_named_for_either_spec_form(
+    tmp_path, monkeypatch, capsys, form
+):
+    # beside_net.py builds its model from beside_layers.py: that is the model's code
+    # too, whether the spec names the file (beside_net.py:build) or the module;
+    # an exception without a message is named by its type alone.
+    (tmp_path / "beside_layers.py").write_text(LAYERS)
+    (tmp_path / "beside_net.py").write_text(
+        "from beside_layers import Layer\n\ndef build():\n    return Layer(1024, 10)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = f"{tmp_path / 'beside_net.py'}:build" if form == "file" else "beside_net:build"
+    argv = ["explain", "--model", spec, "--data", "digits", "-n", "2", "--method", "gradient"]
+    try:
+        assert main([*argv, "--no-progress", "--out", str(tmp_path / "run")]) == 2
+    finally:  # the module form leaves them imported, as Python does
+        sys.modules.pop("beside_net", None)
+        sys.modules.pop("beside_layers", None)
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: ValueError, raised in the model's own code at "
+        f"{tmp_path / 'beside_layers.py'}, line 8, in forward (finished items are kept: run again "
+        "with --resume once it is fixed)\n"
+    )
+
+
 def test_a_runtime_error_that_is_no_lack_of_memory_is_not_caught(monkeypatch, capsys):
     # A bug is not said as a lack of memory: its traceback is kept.
     import betasmooth.cli as cli

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import sysconfig
 import textwrap
 import time
 import traceback
@@ -1960,24 +1959,14 @@ def _say_recommendation(run: RunDir) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-#: Where betasmooth, the standard library and installed packages lie: never a model's code.
-_NOT_USER_CODE = tuple(
-    Path(p).resolve()
-    for p in (
-        Path(__file__).parent,
-        *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")),
-    )
-)
-
-
 def _raised_in_user_code(err: BaseException) -> str | None:
     """``file, line N, in name`` where a model's own code raised ``err``; ``None`` where
     betasmooth's code lies nearer the raise, whose traceback is then kept."""
+    package = Path(__file__).resolve().parent
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
-        path = Path(frame.filename).resolve()
-        if path.is_relative_to(_NOT_USER_CODE[0]):
+        if Path(frame.filename).resolve().is_relative_to(package):
             return None
-        if is_user_code(frame.filename) and not any(path.is_relative_to(p) for p in _NOT_USER_CODE):
+        if is_user_code(frame.filename):
             return f"{frame.filename}, line {frame.lineno}, in {frame.name}"
     return None
 
@@ -2164,9 +2153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if where is None:
             raise  # betasmooth's own: its traceback says where
         again = " (finished items are kept: run again with --resume once it is fixed)"
+        text = " ".join(str(err).split())
         tell(
-            f"betasmooth: error: {type(err).__name__}: {_one_line(err)}, raised in the "
-            f"model's own code at {where}" + (again if "resume" in vars(args) else "")
+            f"betasmooth: error: {type(err).__name__}{': ' + text if text else ''}, raised in "
+            f"the model's own code at {where}" + (again if "resume" in vars(args) else "")
         )
         return 2
     except KeyboardInterrupt:

@@ -85,7 +85,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -1182,25 +1182,38 @@ def _import_file(path: Path) -> object:
     except (Exception, SystemExit) as err:  # a script's sys.exit() must not end the caller
         del sys.modules[name]
         raise InputError(f"importing {path} failed: {reason(err)}") from err
-    _USER_CODE.add(path.resolve().parent)  # its siblings are imported beside it
+    _USER_CODE.add(path.resolve())
     return module
 
 
-#: Where the code of users' models lies: the folder of each model file imported, and
-#: the package (or file) of each module named by ``package.module:factory``.
+#: The files of users' model code: each model file or module a spec named, and the
+#: modules of its own folder or package that importing it or building the model imported.
 _USER_CODE: set[Path] = set()
 
 
 def is_user_code(filename: str) -> bool:
-    """Whether ``filename`` lies where the code of a model imported by a spec lies.
+    """Whether ``filename`` is a file of a user's model code that a spec imported.
 
     Examples
     --------
-    >>> is_user_code(__file__)  # betasmooth's own, until a model file beside it is imported
-    False
+    >>> is_user_code(__file__), is_user_code("<string>")
+    (False, False)
     """
-    path = Path(filename).resolve()
-    return any(path.is_relative_to(place) for place in _USER_CODE)
+    return not filename.startswith("<") and Path(filename).resolve() in _USER_CODE
+
+
+def _keep_user_code(names: Iterable[str], place: Path) -> None:
+    """Count the files of the modules ``names`` that lie in ``place`` as user code;
+    an installed library there (a virtual environment inside it) or betasmooth is not."""
+    for name in names:
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if where is None:
+            continue
+        path = Path(where).resolve()
+        installed = {"site-packages", "dist-packages"} & set(path.parts)
+        ours = path.is_relative_to(Path(__file__).resolve().parent)
+        if path.is_relative_to(place) and not (installed or ours):
+            _USER_CODE.add(path)
 
 
 @contextlib.contextmanager
@@ -1226,6 +1239,7 @@ def _importable_beside(path: Path) -> Iterator[None]:
             top = name.partition(".")[0]
             mine = (Path(folder, top), Path(folder, f"{top}.py"))
             if where and any(Path(where).resolve().is_relative_to(p) for p in mine):
+                _keep_user_code([name], Path(folder))
                 del sys.modules[name]
 
 
@@ -1234,6 +1248,7 @@ def _looks_like_path(where: str) -> bool:
 
 
 def _import_module(name: str) -> object:
+    before = set(sys.modules)
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as err:
@@ -1243,11 +1258,10 @@ def _import_module(name: str) -> object:
         ) from err
     except (Exception, SystemExit) as err:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
-    top = sys.modules[name.partition(".")[0]]
-    where = getattr(top, "__file__", None)
+    # The package's folder, or a single-file module's: its siblings are its code too.
+    where = getattr(sys.modules[name.partition(".")[0]], "__file__", None)
     if where is not None:
-        place = Path(where).resolve()
-        _USER_CODE.add(place.parent if place.name == "__init__.py" else place)
+        _keep_user_code({name} | (set(sys.modules) - before), Path(where).resolve().parent)
     return module
 
 
