@@ -1512,9 +1512,11 @@ def test_the_count_of_unchanged_images_is_said_per_method(capsys):
         "guided_backprop": [0.3, 0.0, 0.1],
         "lrp": [0.0, 0.0],
         "smoothgrad": [0.1],
+        # Records that do not say how far the input moved (no field) count as no unchanged one.
+        "integrated_gradients": [None, None],
     }
     records = [
-        {"index": i, "method": m, "input_max_change": c}
+        {"index": i, "method": m} | ({} if c is None else {"input_max_change": c})
         for m, cs in changes.items()
         for i, c in enumerate(cs)
     ]
@@ -1751,14 +1753,17 @@ def test_a_captum_method_the_model_fails_ends_in_one_line_before_any_run(tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["attack", "explain"])
+@pytest.mark.parametrize(
+    ("command", "beta"), [("attack", "2"), ("explain", "2"), ("explain", "auto")]
+)
 def test_beta_without_beta_smooth_among_the_methods_is_one_line_before_any_run(
-    command, tmp_path, capsys
+    command, beta, tmp_path, capsys
 ):
-    # A --beta that no method takes would be recorded and silently do nothing.
+    # A --beta that no method takes would be recorded and silently do nothing (auto:
+    # calibrated for minutes first).
     out = tmp_path / "run"
     argv = [command, "--model", "digits-cnn", "--data", "digits", "-n", "2", "--no-progress"]
-    argv += ["--method", "gradient", "--beta", "2"]
+    argv += ["--method", "gradient", "--beta", beta]
     argv += ["--steps", "1"] if command == "attack" else []
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -2011,6 +2016,26 @@ def test_an_interrupted_run_keeps_the_warnings_it_said(attack_dir, tmp_path, mon
     assert kept[-1] == {"command": "sweep", "warning": "the first batch looked odd"}
 
 
+def test_an_interrupted_theorem_keeps_the_warnings_it_said(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    from betasmooth import theory
+
+    def warn_then_stop(**kwargs):
+        warnings.warn("a curve looked odd", stacklevel=1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(theory, "run", warn_then_stop)
+    out = tmp_path / "t"
+    assert main(["theorem", "--out", str(out), "--quick", "--no-progress"]) == 130
+    assert capsys.readouterr().err == (
+        "betasmooth: warning: a curve looked odd\n"
+        "betasmooth: interrupted; run again with --resume to continue\n"
+    )
+    said = [{"command": "theorem", "warning": "a curve looked odd"}]
+    assert read_jsonl(out / "warnings.jsonl") == said
+
+
 def test_a_write_the_disk_refuses_ends_in_one_line_naming_the_file_and_status_2(
     tmp_path, monkeypatch, capsys
 ):
@@ -2172,6 +2197,16 @@ def test_targeted_attack_summary_table_is_the_median_of_each_column(tmp_path, ca
     for title, value in expected.items():
         cell = row[2 + titles.index(title)]
         assert float(cell) == pytest.approx(value, abs=6e-4), title
+    # The input's change: below one hundredth in e-notation, each its own field's median.
+    changes = {
+        "input mse": "input_mse",
+        "max |dx|": "input_max_change",
+        "d output": "output_change",
+    }
+    for title, field in changes.items():
+        value = float(np.median([r[field] for r in records]))
+        written = f"{value:.2e}" if value != 0 and abs(value) < 1e-2 else f"{value:.3f}"
+        assert row[2 + titles.index(title)] == written, title
 
 
 def test_summary_table_keeps_three_digits_of_small_and_large_medians():
@@ -2549,23 +2584,30 @@ def test_data_stored_below_the_least_image_size_are_refused_unless_resized(tmp_p
     assert main([*argv, "--image-size", "8", "--out", str(tmp_path / "b")]) == 0
 
 
-@pytest.mark.parametrize(("size", "refused"), [(7, True), (8, False)])
-def test_stored_images_one_pixel_below_the_least_image_size_are_refused(tmp_path, size, refused):
-    # The bound of the stored images is --image-size's: 7 px refused, 8 px taken.
+@pytest.mark.parametrize(
+    ("height", "width", "refused"), [(7, 7, True), (8, 8, False), (7, 16, True), (16, 7, True)]
+)
+def test_stored_images_one_pixel_below_the_least_image_size_are_refused(
+    tmp_path, height, width, refused
+):
+    # The bound of the stored images is --image-size's: 7 px refused, 8 px taken; in
+    # either side of an image that is not square too.
     import argparse
 
     from betasmooth.cli import _load_images
 
     (tmp_path / "pooled.py").write_text(POOLED_MODEL)
     data = tmp_path / "small.npz"
-    np.savez(data, x=np.zeros((2, 1, size, size), np.float32))
+    np.savez(data, x=np.zeros((2, 1, height, width), np.float32))
     none = dict.fromkeys(["weights", "image_size", "channels", "mean", "std", "preset"])
     model = f"{tmp_path / 'pooled.py'}:build"
     args = argparse.Namespace(model=model, data=str(data), n=2, command="explain", **none)
     if not refused:
         assert _load_images(args)[1].shape == (2, 1, 8, 8)
         return
-    with pytest.raises(bs.InputError, match=r" holds images of 7x7 px; expected at least 8 px"):
+    with pytest.raises(
+        bs.InputError, match=rf" holds images of {height}x{width} px; expected at least 8 px"
+    ):
         _load_images(args)
 
 
@@ -3277,3 +3319,142 @@ def test_beta_auto_holds_out_the_images_after_the_first_n_else_the_last(
         or "images that are also explained: /my/images has no two images after the first -n "
         "to hold out"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "again"),
+    [
+        # A command without --resume has nothing to resume: no advice to.
+        (["report", "somewhere"], ""),
+        (["sweep", "somewhere"], ""),
+        (
+            ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"],
+            " (finished items are kept: run again with --resume once it is fixed)",
+        ),
+    ],
+)
+def test_an_error_in_the_models_own_code_advises_resume_only_where_the_command_has_it(
+    argv, again, tmp_path, monkeypatch, capsys
+):
+    import betasmooth.cli as cli
+    from betasmooth import zoo
+
+    net = tmp_path / "net.py"
+    code = compile("def fail(args):\n    raise KeyError('no such layer')\n", str(net), "exec")
+    space: dict[str, object] = {}
+    exec(code, space)
+    monkeypatch.setattr(zoo, "_USER_CODE", {net.resolve()})
+    monkeypatch.setattr(cli, "_apply_preset", space["fail"])
+    assert cli.main([*argv, "--out", str(tmp_path / "run")] if "--model" in argv else argv) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"betasmooth: error: KeyError: 'no such layer', raised in the model's own code at "
+        f"{net}, line 2, in fail{again}\n",
+    )
+
+
+def test_betasmooths_own_error_called_from_a_models_code_keeps_its_traceback(
+    tmp_path, monkeypatch, capsys
+):
+    # betasmooth's code lies nearer the raise than the model's: a bug of betasmooth's,
+    # not the model's, so it is not said as one line at the model's place.
+    import argparse
+
+    import betasmooth.cli as cli
+    from betasmooth import zoo
+
+    net = tmp_path / "net.py"
+    source = "def fail(args):\n    return positive_integer('many')\n"
+    space: dict[str, object] = {"positive_integer": cli.positive_integer}
+    exec(compile(source, str(net), "exec"), space)
+    monkeypatch.setattr(zoo, "_USER_CODE", {net.resolve()})
+    monkeypatch.setattr(cli, "_apply_preset", space["fail"])
+    with pytest.raises(argparse.ArgumentTypeError, match="^expected a positive integer"):
+        cli.main(["report", "somewhere"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "raised", "said"),
+    [
+        (
+            ["sweep", "somewhere"],
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 8 bytes."),
+            "out of memory (DefaultCPUAllocator: can't allocate memory: you tried 8 bytes.); "
+            "expected a smaller --smoothgrad-n, or an attack run on smaller images",
+        ),
+        (
+            ["curvature", "--model", "digits-cnn", "--data", "digits", "--out", "somewhere"],
+            MemoryError(),
+            "out of memory (MemoryError); expected smaller inputs (--image-size)",
+        ),
+    ],
+)
+def test_memory_running_out_before_a_run_is_one_line_with_the_command_s_remedy(
+    argv, raised, said, monkeypatch, capsys
+):
+    # Loading or a check before the run's batches, which would retry in halves.
+    import betasmooth.cli as cli
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_apply_preset", fail)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr() == ("", f"betasmooth: error: {said}\n")
+
+
+def test_a_warning_said_while_loading_before_the_run_exists_is_kept_in_it(
+    tmp_path, monkeypatch, capsys
+):
+    # The notice comes before the run directory is made: it is kept when the run is.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    argv = ["explain", "--model", "digits-cnn", "--data", "digits", "-n", "1"]
+    assert main([*argv, "--method", "gradient", "--no-progress", "--out", "r"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    said = [line.removeprefix("betasmooth: warning: ") for line in err if "warning" in line]
+    assert len(said) == 1
+    assert said[0].startswith("data 'digits' is the built-in data set, not the digits in")
+    assert read_jsonl(tmp_path / "r" / "warnings.jsonl") == [
+        {"command": "explain", "warning": said[0]}
+    ]
+
+
+@pytest.mark.parametrize("spec", ["torchvision.models.resnet:resnet18", "json.decoder:JSONDecoder"])
+def test_an_installed_package_or_the_standard_library_is_never_the_models_own_code(
+    spec, monkeypatch, capsys
+):
+    # A model named by a module of an installed package (or of the standard library)
+    # makes none of its files the model's code: what is raised inside them keeps its
+    # traceback.
+    import importlib
+    import json
+
+    import betasmooth.cli as cli
+    from betasmooth import zoo
+
+    monkeypatch.setattr(zoo, "_USER_CODE", set())
+    assert zoo.import_model_code(spec)
+    module = importlib.import_module(spec.partition(":")[0])
+    assert not zoo.is_user_code(module.__file__) and zoo._USER_CODE == set()
+    monkeypatch.setattr(cli, "_apply_preset", lambda args: json.loads("{"))
+    with pytest.raises(json.JSONDecodeError):
+        cli.main(["report", "somewhere"])
+    assert capsys.readouterr().err == ""
+
+
+def test_beta_auto_resumed_into_a_directory_not_yet_started_calibrates(
+    tmp_path, monkeypatch, capsys
+):
+    # --resume of a run that never began starts it: its beta is calibrated as a new run's.
+    import betasmooth.cli as cli
+    from betasmooth.calibrate import Calibration
+
+    found = Calibration(2.0, True, {"min_fidelity": 0.9, "undefended": {}, "betas": {}})
+    monkeypatch.setattr(cli, "calibrate_beta", lambda *args, **kwargs: found)
+    out = tmp_path / "r"
+    argv = [*EXPLAIN, "--method", "beta_smooth", "--beta", "auto", "--out", str(out)]
+    assert cli.main([*argv, "--resume"]) == 0
+    assert "beta = 2" in capsys.readouterr().out
+    assert RunDir(out).config()["beta_smooth_beta"] == 2.0

@@ -763,3 +763,29 @@ def test_a_warning_is_said_once_for_all_ranks_unless_it_is_about_one_ranks_items
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(rank))
     _show_warning("look\n   here", UserWarning, "file.py", 1)
     assert capsys.readouterr().err == said
+
+
+@pytest.mark.parametrize(
+    ("rank", "kept"),
+    [
+        ("0", [{"command": "explain", "warning": "rank 0: look here"}]),
+        ("1", []),  # rank 0 alone writes the run's warnings.jsonl
+    ],
+)
+def test_rank_0_alone_keeps_a_warning_as_it_said_it(rank, kept, monkeypatch, tmp_path, capsys):
+    from betasmooth.cli import _SAID, _show_warning
+    from betasmooth.store import RunDir
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(rank))
+    run = RunDir(tmp_path)
+    _SAID.start("explain")
+    _SAID.keep_in(run)
+    try:
+        _show_warning("look\n   here", UserWarning, "file.py", 1)
+    finally:
+        _SAID.start("")
+    assert capsys.readouterr().err == f"betasmooth: warning: rank {rank}: look here\n"
+    assert run.read_warnings() == kept

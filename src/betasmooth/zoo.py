@@ -84,6 +84,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import sysconfig
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -1211,8 +1212,9 @@ def _keep_user_code(names: Iterable[str], place: Path) -> None:
             continue
         path = Path(where).resolve()
         installed = {"site-packages", "dist-packages"} & set(path.parts)
+        library = path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve())
         ours = path.is_relative_to(Path(__file__).resolve().parent)
-        if path.is_relative_to(place) and not (installed or ours):
+        if path.is_relative_to(place) and not (installed or library or ours):
             _USER_CODE.add(path)
 
 
