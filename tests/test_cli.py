@@ -3236,8 +3236,7 @@ def test_an_error_in_a_module_beside_the_model_file_is_named_for_either_spec_for
         sys.modules.pop("beside_layers", None)
     assert capsys.readouterr().err == (
         f"betasmooth: error: ValueError, raised in the model's own code at "
-        f"{tmp_path / 'beside_layers.py'}, line 8, in forward (finished items are kept: run again "
-        "with --resume once it is fixed)\n"
+        f"{tmp_path / 'beside_layers.py'}, line 8, in forward\n"
     )
 
 
@@ -3321,35 +3320,48 @@ def test_beta_auto_holds_out_the_images_after_the_first_n_else_the_last(
     )
 
 
+AGAIN = " (finished items are kept: run again with --resume once it is fixed)"
+
+
 @pytest.mark.parametrize(
-    ("argv", "again"),
+    ("command", "where", "again"),
     [
-        # A command without --resume has nothing to resume: no advice to.
-        (["report", "somewhere"], ""),
-        (["sweep", "somewhere"], ""),
-        (
-            ["explain", "--model", "digits-cnn", "--data", "digits", "--method", "gradient"],
-            " (finished items are kept: run again with --resume once it is fixed)",
-        ),
+        # Before any run begins nothing is kept; sweep has no --resume (it continues by
+        # itself); explain's begun run has.
+        ("report", "_apply_preset", ""),
+        ("explain", "_apply_preset", ""),
+        ("sweep", "sweep_run", ""),
+        ("explain", "explain_run", AGAIN),
     ],
 )
-def test_an_error_in_the_models_own_code_advises_resume_only_where_the_command_has_it(
-    argv, again, tmp_path, monkeypatch, capsys
+def test_an_error_in_the_models_own_code_advises_resume_only_for_a_begun_run_that_has_it(
+    command, where, again, attack_dir, tmp_path, monkeypatch, capsys
 ):
+    import shutil
+
     import betasmooth.cli as cli
-    from betasmooth import zoo
+    from betasmooth import runs, zoo
 
     net = tmp_path / "net.py"
-    code = compile("def fail(args):\n    raise KeyError('no such layer')\n", str(net), "exec")
+    code = compile(
+        "def fail(*args, **kwargs):\n    raise KeyError('no such layer')\n", str(net), "exec"
+    )
     space: dict[str, object] = {}
     exec(code, space)
     monkeypatch.setattr(zoo, "_USER_CODE", {net.resolve()})
-    monkeypatch.setattr(cli, "_apply_preset", space["fail"])
-    assert cli.main([*argv, "--out", str(tmp_path / "run")] if "--model" in argv else argv) == 2
-    assert capsys.readouterr() == (
-        "",
+    monkeypatch.setattr(cli if where == "_apply_preset" else runs, where, space["fail"])
+    run = tmp_path / "run"
+    argv = {
+        "report": ["report", str(attack_dir)],
+        "sweep": ["sweep", str(run), "--betas", "1", "--no-progress"],
+        "explain": [*EXPLAIN, "--method", "gradient", "--out", str(run)],
+    }[command]
+    if command == "sweep":
+        shutil.copytree(attack_dir, run)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
         f"betasmooth: error: KeyError: 'no such layer', raised in the model's own code at "
-        f"{net}, line 2, in fail{again}\n",
+        f"{net}, line 2, in fail{again}\n"
     )
 
 

@@ -43,6 +43,39 @@ def test_partial_last_line_is_ignored_and_terminated(tmp_path):
     assert path.read_text().count("\n") == 4
 
 
+def test_every_cut_of_a_record_that_the_next_append_terminates_is_skipped(tmp_path):
+    # A kill may cut a record after any of its characters; the next append ends the
+    # line, which is then skipped wherever it was cut (inside a string, a number, a
+    # literal, an escape, a nested object), and the records around it are read.
+    record = {"index": 3, "method": "gradient", "file": "caf\u00e9.png", "pcc": -0.1234567}
+    record |= {"x": {"a": [1, 2.5e-07, True, None]}, "s": 'quote"d'}
+    text = json.dumps(record)
+    assert "\\u00e9" in text and '\\"' in text
+    for k in range(1, len(text)):
+        path = tmp_path / f"r{k}.jsonl"
+        append_jsonl(path, [{"index": 0, "method": "a"}])
+        with open(path, "a") as f:
+            f.write(text[:k])
+        append_jsonl(path, [{"index": 1, "method": "a"}])
+        assert [r["index"] for r in read_jsonl(path)] == [0, 1], text[:k]
+
+
+@pytest.mark.parametrize("damage", ["garbage line", '{"index": 1, garbage}', '{"index": 1} 2'])
+def test_a_damaged_line_that_no_kill_could_cut_is_refused_with_its_line(tmp_path, damage):
+    # Not a record cut short: skipping it would drop a damaged record without a word.
+    path = tmp_path / "results.jsonl"
+    append_jsonl(path, [{"index": 0, "method": "a"}])
+    with open(path, "a") as f:
+        f.write(damage + "\n")
+    append_jsonl(path, [{"index": 1, "method": "a"}])
+    with pytest.raises(InputError) as err:
+        read_jsonl(path)
+    assert str(err.value) == (
+        f"{path}, line 2, is not JSON, nor a record cut short by a kill; expected one JSON "
+        "object a line, as betasmooth writes them: remove that line"
+    )
+
+
 def test_appends_write_one_line_per_record_and_no_blank_lines(tmp_path):
     path = tmp_path / "r.jsonl"
     first, second = [{"index": 0, "method": "a"}], [{"index": 1, "method": "a", "pcc": 0.5}]
@@ -384,6 +417,20 @@ def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path
         with pytest.raises(InputError, match="config.json was not written by betasmooth"):
             RunDir.create(folder, {"command": "attack"}, resume=resume)
     assert (folder / "config.json").read_text() == text
+
+
+def test_a_runs_config_json_that_does_not_parse_is_named_corrupt_with_its_line(tmp_path):
+    # Beside the run's arrays/ it is that run's, damaged: not someone else's file.
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    run.arrays.mkdir(parents=True, exist_ok=True)
+    run.append([{"index": 0, "method": "gradient"}])
+    run.config_path.write_text('{\n"command": "attack",\n"n": }\n')
+    with pytest.raises(InputError) as err:
+        RunDir.create(run.path, {"command": "attack"}, resume=True)
+    assert str(err.value) == (
+        f"{run.config_path} is corrupt (line 3); expected the JSON object a betasmooth run "
+        "writes: restore it, or start the run again in a new --out"
+    )
 
 
 def test_a_broken_link_as_out_is_named_as_such(tmp_path):

@@ -2152,11 +2152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = _raised_in_user_code(err)
         if where is None:
             raise  # betasmooth's own: its traceback says where
+        # Only once the run has begun: before it, nothing was kept (sweep, without
+        # --resume, continues by itself).
+        resumable = _SAID.run is not None and "resume" in vars(args)
         again = " (finished items are kept: run again with --resume once it is fixed)"
         text = " ".join(str(err).split())
         tell(
             f"betasmooth: error: {type(err).__name__}{': ' + text if text else ''}, raised in "
-            f"the model's own code at {where}" + (again if "resume" in vars(args) else "")
+            f"the model's own code at {where}" + (again if resumable else "")
         )
         return 2
     except KeyboardInterrupt:

@@ -162,17 +162,32 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object) of every complete line that parses."""
+    """(line number, parsed object) of every complete line that parses.
+
+    A line that does not parse is skipped where a kill cut it (and the next
+    append terminated it): the start of an object that JSON finds wanting only
+    at its end. Any other is damage, refused with its line.
+    """
     if not path.exists():
         return
     for number, line in enumerate(path.read_text(errors="replace").splitlines(keepends=True), 1):
         if not line.endswith("\n") or not line.strip():
             continue
+        text = line.strip()
         try:
-            # A line cut by a kill and then terminated by the next append does not parse.
-            yield number, json.loads(line)
-        except json.JSONDecodeError:
-            continue
+            yield number, json.loads(text)
+        except json.JSONDecodeError as err:
+            # Cut short, the text runs out inside a value: the error lies within its last
+            # few characters (a number, a literal or a \uXXXX escape cut), or at a string
+            # that never ends, which JSON names by where it starts.
+            ends = err.pos >= len(text) - 6 and not err.msg.startswith("Extra data")
+            cut = ends or err.msg.startswith("Unterminated string")
+            if text.startswith("{") and cut:
+                continue
+            raise InputError(
+                f"{path}, line {number}, is not JSON, nor a record cut short by a kill; "
+                "expected one JSON object a line, as betasmooth writes them: remove that line"
+            ) from None
 
 
 def _json_default(value: object) -> object:
@@ -1159,11 +1174,17 @@ def _temporary(path: Path) -> bool:
 
 
 def _written_here(config: Path) -> bool:
-    """Whether ``config`` is a run's ``config.json``: every version has named itself there."""
+    """Whether ``config`` is a run's ``config.json``: every version has named itself there.
+
+    One that does not parse beside a run's ``arrays/`` is that run's, damaged
+    (betasmooth writes it whole, by a rename): :meth:`RunDir.config` names its line.
+    """
     try:
-        stored = json.loads(config.read_text())
-    except (OSError, ValueError):
+        stored = json.loads(config.read_bytes())
+    except OSError:
         return False
+    except ValueError:
+        return (config.parent / "arrays").is_dir()
     versions = stored.get("versions") if isinstance(stored, dict) else None
     return isinstance(versions, dict) and "betasmooth" in versions
 
