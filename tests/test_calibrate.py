@@ -17,6 +17,8 @@ from betasmooth.recommend import recommend_beta, verdict
         ({"0.5": 0.0, "1": -0.3, "2": None}, 0.5),
         # Equally faithful: the larger beta, which changes the network less.
         ({"0.5": 0.2, "1": 0.2, "2": None}, 1.0),
+        # A missing median ranks below every number, -1 included.
+        ({"0.5": -1.0, "1": None}, 0.5),
     ],
 )
 def test_calibration_without_a_faithful_beta_takes_the_most_faithful(monkeypatch, cells, chosen):
@@ -130,3 +132,63 @@ def test_calibration_record_of_an_unrecommended_beta_says_so():
         "recommended_beta": None,
         "betas": {"1": {}},
     }
+
+
+def test_calibration_attacks_and_sweeps_with_the_options_and_range_it_was_given(monkeypatch):
+    # The attack takes the method's attack options (LRP's box from data_range, not
+    # the caller's bare options) and the sweep the same options and data_range.
+    import types
+
+    import betasmooth.calibrate as calibrate
+
+    seen = {}
+
+    def manipulate(model, x, targets, method, **kwargs):
+        seen["manipulate"] = kwargs
+        return types.SimpleNamespace(x_adv=x.clone())
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            return {"min_fidelity": min_fidelity, "recommended_beta": 2.0, "betas": {"2": {}}}
+
+    def defense_sweep(*args, **kwargs):
+        seen["defense_sweep"] = kwargs
+        return Sweep()
+
+    monkeypatch.setattr(calibrate, "manipulate", manipulate)
+    monkeypatch.setattr(calibrate, "defense_sweep", defense_sweep)
+    x = bs.load_data("digits", split="train")[0][:2]
+    found = calibrate.calibrate_beta(
+        bs.load_model("digits-cnn"), x, "lrp", betas=[2.0], steps=1, data_range=(-1.0, 2.0)
+    )
+    assert found.beta == 2.0
+    box = {"low": -1.0, "high": 2.0}
+    assert seen["manipulate"]["method_options"] == box
+    assert seen["manipulate"]["data_range"] == (-1.0, 2.0)
+    assert seen["defense_sweep"]["method_options"] == box
+    assert seen["defense_sweep"]["data_range"] == (-1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"betas": []},
+            r"^betas must hold at least one positive number, e.g. \[0.5, 1, 2, 5\]$",
+        ),
+        ({"betas": [1.0, 1.0]}, r"^betas must differ; 1 given more than once$"),
+        ({"min_fidelity": 1.5}, r"^min_fidelity must be a number from 0 to 1 \(a median PCC\)"),
+    ],
+)
+def test_calibration_refuses_bad_betas_and_min_fidelity_before_the_attack(
+    monkeypatch, options, message
+):
+    import betasmooth.calibrate as calibrate
+
+    def manipulate(*args, **kwargs):
+        raise AssertionError("the attack ran before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "manipulate", manipulate)
+    x = bs.load_data("digits", split="train")[0][:2]
+    with pytest.raises(bs.InputError, match=message):
+        calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, steps=1, **options)

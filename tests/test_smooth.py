@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -508,6 +509,10 @@ def test_a_smoothed_copy_records_the_beta_it_was_given(net_and_input):
     soft = smooth(net, 2.5)
     assert soft.betasmooth_beta == 2.5 and type(soft.betasmooth_beta) is float
     assert smooth(net, torch.tensor(0.75)).betasmooth_beta == 0.75
+    # A number, as the handle keeps it: a tensor's value and an int as floats.
+    for value, kept in [(torch.tensor(0.75), 0.75), (2, 2.0), (np.float32(0.5), 0.5)]:
+        recorded = smooth(net, value).betasmooth_beta
+        assert type(recorded) is float and recorded == kept
 
 
 def test_smoothed_restores_on_exit_and_on_exceptions(net_and_input):
@@ -1407,7 +1412,11 @@ def test_a_smoothed_forward_that_raises_takes_its_override_off_at_once():
     assert done[0].replaced == 1
 
 
-@pytest.mark.parametrize(("floor", "named"), [([0.0, 0.0, 0.0], True), ([0.0, -1.0, 0.5], False)])
+@pytest.mark.parametrize(
+    ("floor", "named"),
+    # An integer zero is a ReLU too: torch.maximum(h, torch.tensor(0)) of a float h.
+    [([0.0, 0.0, 0.0], True), ([0.0, -1.0, 0.5], False), (0, True), ([0, 0, 0], True)],
+)
 def test_a_maximum_is_named_as_a_relu_only_where_its_other_operand_is_all_zeros(floor, named):
     # maximum(h, c) is relu(h) for c = 0 everywhere; a floor that is 0 in one place only
     # is another activation, not a ReLU left unsmoothed.
@@ -1497,3 +1506,144 @@ def test_smoothing_a_model_around_a_smoothed_one_without_a_relu_of_its_own_is_to
     with pytest.warns(UserWarning, match=r"no ReLU was called in forward .* changed nothing"):
         out = outer(x)
     torch.testing.assert_close(out, torch.tanh(inner(x)))
+
+
+def test_prelu_of_two_channels_is_smoothed_per_channel_with_its_gradient_in_the_slopes():
+    # prelu(x) = w x + (1 - w) relu(x), w per channel (dimension 1): with two slopes,
+    # too, each channel takes its own, and d/dw = x - softplus_beta(x) by hand.
+    act = nn.PReLU(2).double()
+    with torch.no_grad():
+        act.weight.copy_(torch.tensor([0.25, -0.5]))
+    x = torch.linspace(-3, 3, 2 * 4 * 5, dtype=torch.float64).view(4, 2, 5)
+    beta = 2.0
+    soft = smooth(nn.Sequential(act), beta)
+    out = soft(x)
+    sp = torch.logaddexp(beta * x, torch.zeros_like(x)) / beta
+    w = torch.tensor([0.25, -0.5], dtype=torch.float64).view(1, 2, 1)
+    torch.testing.assert_close(out, w * x + (1 - w) * sp, rtol=1e-14, atol=1e-15)
+    (grad_w,) = torch.autograd.grad(out.sum(), soft[0].weight)
+    torch.testing.assert_close(grad_w, (x - sp).sum(dim=(0, 2)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.5, torch.tensor(3.0, dtype=torch.float64)])
+def test_the_forward_tangent_of_softplus_has_its_own_derivative(beta):
+    # Reverse mode over forward mode: d/dx of the tangent sigmoid(beta x) is
+    # beta sigmoid(beta x) (1 - sigmoid(beta x)), for a float beta and a tensor one.
+    x = torch.linspace(-4, 4, 9, dtype=torch.float64, requires_grad=True)
+    _, tangent = torch.func.jvp(lambda v: softplus(v, beta), (x,), (torch.ones_like(x),))
+    (second,) = torch.autograd.grad(tangent.sum(), x)
+    s = torch.sigmoid(float(beta) * x.detach())
+    torch.testing.assert_close(second, float(beta) * s * (1 - s), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_uniform_keeps_half_a_step_from_both_ends(dtype):
+    # u = 0 and the last value below 1 draw logit(eps / 2) / beta and its opposite.
+    half = torch.finfo(dtype).eps / 2
+    u = torch.tensor([0.0, 1 - half, 0.5], dtype=dtype)
+    e = LogisticNoise(torch.tensor(2.0, dtype=dtype)).from_uniform(u)
+    end = math.log(half / (1 - half)) / 2.0
+    torch.testing.assert_close(e, torch.tensor([end, -end, 0.0], dtype=dtype))
+
+
+def test_relu_calls_leaves_out_a_relu_of_the_parameters_alone():
+    # A ReLU of a constant table (Swin V2's position bias) changes nothing that depends
+    # on x: of the three calls only the one on the input's path counts.
+    from betasmooth.smooth import relu_calls
+
+    class Biased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+            self.register_buffer("offset", torch.tensor([1.0, -1.0, 0.0]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) + torch.relu(self.table) + self.offset.relu()
+
+    assert relu_calls(Biased(), torch.ones(2, 3)) == 1
+
+
+def test_second_order_differentiates_hardsigmoid_and_attention_twice():
+    # Inside second_order, hardsigmoid and attention (whose fused CPU kernel has no
+    # second derivative) compute the same values, differentiated twice by hand.
+    from betasmooth.smooth import second_order
+
+    x = torch.tensor([0.75, 1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    with second_order():
+        y = F.hardsigmoid(x * x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+    # hardsigmoid(x^2) = x^2 / 6 + 1 / 2 for x^2 < 3, 1 above.
+    torch.testing.assert_close(y, F.hardsigmoid(x * x))
+    torch.testing.assert_close(g, torch.tensor([0.25, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(h, torch.tensor([1 / 3, 1 / 3, 0.0], dtype=torch.float64))
+
+    def attention(q: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(q @ q.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
+        return weights @ q
+
+    q = torch.rand(1, 2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q.requires_grad_(True)
+    hessian_vector = []
+    for context, f in [(second_order, F.scaled_dot_product_attention), (None, attention)]:
+        with context() if context else contextlib.nullcontext():
+            out = f(q, q, q) if context else f(q)
+            (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), q)
+        hessian_vector.append(h)
+    torch.testing.assert_close(*hessian_vector, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("floor", "named"),
+    [
+        (lambda h: torch.maximum(h, other=torch.zeros_like(h)), "maximum(x, 0)"),
+        (lambda h: torch.fmax(h, torch.zeros_like(h)), "maximum(x, 0)"),
+        (lambda h: h.clamp_min(0.0), "clamp(min=0)"),
+        (lambda h: torch.clamp_min(h, 0), "clamp(min=0)"),
+    ],
+)
+def test_the_other_spellings_of_a_relu_are_named_as_left_kinked(floor, named):
+    net = _Calls(lambda x: torch.relu(floor(x - 0.5)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        smooth(net, 2.0)(torch.linspace(-1, 1, 5))
+    assert [str(w.message) for w in record] == [
+        "_Calls: beta-smoothing replaces ReLU and the activations made of it; these "
+        f"piecewise-linear activations stay non-smooth: {named}"
+    ]
+
+
+def test_is_smoothed_is_false_for_a_model_with_hooks_of_its_own():
+    from betasmooth.smooth import is_smoothed
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    net.register_forward_pre_hook(lambda module, args: None)
+    net.register_forward_hook(lambda module, args, out: None)
+    assert not is_smoothed(net)
+    assert is_smoothed(smooth(net, 2.0))
+    with smoothed(net, 2.0):
+        assert is_smoothed(net)
+    assert not is_smoothed(net)
+
+
+def test_a_scripted_part_with_an_in_place_relu_is_refused():
+    # nn.ReLU(inplace=True) is aten::relu_ in the scripted graph.
+    net = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Sequential(nn.ReLU(inplace=True))))
+    assert "aten::relu_" in str(net[1].inlined_graph)
+    with pytest.raises(
+        InputError, match=r"^beta-smoothing cannot reach the ReLUs of its submodule 1,"
+    ):
+        check_overridable(net)
+
+
+def test_an_in_place_relu_on_a_leaf_that_requires_grad_fails_as_torchs_own():
+    # Only vmap over betas is named in the in-place refusal: any other failure of the
+    # in-place write is torch's error, as the plain ReLU gives it.
+    net = nn.ReLU(inplace=True)
+    x = torch.tensor([-1.0, 2.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad") as plain:
+        net(x)
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad") as ours:
+        smooth(net, 2.0)(x)
+    assert type(ours.value) is type(plain.value)
