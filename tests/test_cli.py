@@ -3215,17 +3215,20 @@ class Layer(torch.nn.Linear):
 """
 
 
+@pytest.mark.parametrize("imported", ["on import", "by build"])
 @pytest.mark.parametrize("form", ["file", "module"])
 def test_an_error_in_a_module_beside_the_model_file_is_named_for_either_spec_form(
-    tmp_path, monkeypatch, capsys, form
+    tmp_path, monkeypatch, capsys, form, imported
 ):
-    # beside_net.py builds its model from beside_layers.py: that is the model's code
-    # too, whether the spec names the file (beside_net.py:build) or the module;
-    # an exception without a message is named by its type alone.
+    # beside_net.py builds its model from beside_layers.py, imported with it or by
+    # build(): that is the model's code too, whether the spec names the file
+    # (beside_net.py:build) or the module; an exception without a message is named by
+    # its type alone.
     (tmp_path / "beside_layers.py").write_text(LAYERS)
-    (tmp_path / "beside_net.py").write_text(
-        "from beside_layers import Layer\n\ndef build():\n    return Layer(1024, 10)\n"
-    )
+    build = "def build():\n    from beside_layers import Layer\n\n    return Layer(1024, 10)\n"
+    if imported == "on import":
+        build = "from beside_layers import Layer\n\ndef build():\n    return Layer(1024, 10)\n"
+    (tmp_path / "beside_net.py").write_text(build)
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = f"{tmp_path / 'beside_net.py'}:build" if form == "file" else "beside_net:build"
     argv = ["explain", "--model", spec, "--data", "digits", "-n", "2", "--method", "gradient"]

@@ -60,7 +60,18 @@ def test_every_cut_of_a_record_that_the_next_append_terminates_is_skipped(tmp_pa
         assert [r["index"] for r in read_jsonl(path)] == [0, 1], text[:k]
 
 
-@pytest.mark.parametrize("damage", ["garbage line", '{"index": 1, garbage}', '{"index": 1} 2'])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "garbage line",
+        '{"index": 1, garbage}',
+        '{"index": 1} 2',
+        '{"index": 0, "v": 1.5]',
+        '{"index": 0, "v": 1 2}',
+        '{"index": 0, "v": [1, 2}',
+        '{"index": 0, "v": 1e5x}',
+    ],
+)
 def test_a_damaged_line_that_no_kill_could_cut_is_refused_with_its_line(tmp_path, damage):
     # Not a record cut short: skipping it would drop a damaged record without a word.
     path = tmp_path / "results.jsonl"
@@ -421,16 +432,22 @@ def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path
 
 def test_a_runs_config_json_that_does_not_parse_is_named_corrupt_with_its_line(tmp_path):
     # Beside the run's arrays/ it is that run's, damaged: not someone else's file.
+    # Refused with or without --resume, begun or not: never written over.
     run = RunDir.create(tmp_path / "run", {"command": "attack"})
     run.arrays.mkdir(parents=True, exist_ok=True)
-    run.append([{"index": 0, "method": "gradient"}])
-    run.config_path.write_text('{\n"command": "attack",\n"n": }\n')
-    with pytest.raises(InputError) as err:
-        RunDir.create(run.path, {"command": "attack"}, resume=True)
-    assert str(err.value) == (
-        f"{run.config_path} is corrupt (line 3); expected the JSON object a betasmooth run "
-        "writes: restore it, or start the run again in a new --out"
-    )
+    damaged = '{\n"command": "attack",\n"n": }\n'
+    run.config_path.write_text(damaged)
+    for begun in (False, True):
+        if begun:
+            run.append([{"index": 0, "method": "gradient"}])
+        for resume in (False, True):
+            with pytest.raises(InputError) as err:
+                RunDir.create(run.path, {"command": "attack"}, resume=resume)
+            assert str(err.value) == (
+                f"{run.config_path} is corrupt (line 3); expected the JSON object a "
+                "betasmooth run writes: restore it, or start the run again in a new --out"
+            )
+            assert run.config_path.read_text() == damaged
 
 
 def test_a_broken_link_as_out_is_named_as_such(tmp_path):

@@ -161,6 +161,11 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
     return [obj for _, obj in _numbered_lines(Path(path))]
 
 
+#: What is left after the place where JSON fails on a record cut short: nothing, or a
+#: number's sign, point or exponent, a literal begun, or a \uXXXX escape begun.
+_CUT_TAIL = re.compile(r"|-|\.|[eE][-+]?|t(ru?)?|f(a(ls?)?)?|n(ul?)?|u[0-9a-fA-F]{0,4}")
+
+
 def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed object) of every complete line that parses.
 
@@ -177,11 +182,9 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, object]]:
         try:
             yield number, json.loads(text)
         except json.JSONDecodeError as err:
-            # Cut short, the text runs out inside a value: the error lies within its last
-            # few characters (a number, a literal or a \uXXXX escape cut), or at a string
-            # that never ends, which JSON names by where it starts.
-            ends = err.pos >= len(text) - 6 and not err.msg.startswith("Extra data")
-            cut = ends or err.msg.startswith("Unterminated string")
+            # Cut short, the text runs out where JSON found it wanting (_CUT_TAIL), or
+            # inside a string, which JSON names by where the string starts.
+            cut = err.msg.startswith("Unterminated string") or _CUT_TAIL.fullmatch(text[err.pos :])
             if text.startswith("{") and cut:
                 continue
             raise InputError(
@@ -629,6 +632,8 @@ class RunDir:
                 f"{self.config_path} was not written by betasmooth (it names no betasmooth "
                 "version); expected a run directory, or choose a new --out"
             )
+        if self.config_path.exists():
+            self.config()  # a run's config that does not parse is named, never written over
         if self.started() and not resume:
             raise InputError(
                 f"{self.path} is not empty; pass --resume to continue the run in it, "
@@ -1176,8 +1181,9 @@ def _temporary(path: Path) -> bool:
 def _written_here(config: Path) -> bool:
     """Whether ``config`` is a run's ``config.json``: every version has named itself there.
 
-    One that does not parse beside a run's ``arrays/`` is that run's, damaged
-    (betasmooth writes it whole, by a rename): :meth:`RunDir.config` names its line.
+    One that does not parse beside a run's ``arrays/`` is taken for that run's,
+    damaged (betasmooth writes it whole, by a rename), which :meth:`RunDir.check_out`
+    refuses with its line.
     """
     try:
         stored = json.loads(config.read_bytes())

@@ -1250,9 +1250,9 @@ def _looks_like_path(where: str) -> bool:
 
 
 def _import_module(name: str) -> object:
-    before = set(sys.modules)
     try:
-        module = importlib.import_module(name)
+        with _module_code(name):
+            return importlib.import_module(name)
     except ModuleNotFoundError as err:
         raise InputError(
             f"cannot import module {name!r} ({err}); expected {MODEL_FORMS} importable "
@@ -1260,11 +1260,17 @@ def _import_module(name: str) -> object:
         ) from err
     except (Exception, SystemExit) as err:
         raise InputError(f"importing module {name!r} failed: {reason(err)}") from err
-    # The package's folder, or a single-file module's: its siblings are its code too.
-    where = getattr(sys.modules[name.partition(".")[0]], "__file__", None)
+
+
+@contextlib.contextmanager
+def _module_code(name: str) -> Iterator[None]:
+    """Count module ``name`` and the modules of its own package (or folder, for a
+    single-file module) that are imported inside as the model's code."""
+    before = set(sys.modules)
+    yield
+    where = getattr(sys.modules.get(name.partition(".")[0]), "__file__", None)
     if where is not None:
         _keep_user_code({name} | (set(sys.modules) - before), Path(where).resolve().parent)
-    return module
 
 
 def _model_forms(spec: str) -> str:
@@ -1321,9 +1327,10 @@ def _user_model(spec: str) -> nn.Module:
         found = "is not callable" if factory is not None else "is not defined"
         raise InputError(f"{attr!r} in {where} {found}; expected a function returning nn.Module")
     path = _looks_like_path(where)
-    beside = _importable_beside(Path(where)) if path else contextlib.nullcontext()
+    # A factory may import a module beside it too: that is the model's code as well.
+    beside = _importable_beside(Path(where)) if path else _module_code(where)
     try:
-        with beside:  # a factory may import a sibling too
+        with beside:
             model = factory()
     except (Exception, SystemExit) as err:
         raise InputError(f"{attr}() from {where} failed: {reason(err)}") from err
