@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import math
@@ -1000,6 +1001,11 @@ def test_the_report_shows_normalised_images_denormalised():
     found = _shown(SimpleNamespace(config={"mean": mean, "std": std}), x)
     for c in range(3):
         np.testing.assert_allclose(found[:, c], x[:, c] * std[c] + mean[c], rtol=1e-6)
+    # A config of a version that wrote one statistic alone: the other is 0 or 1.
+    only_mean = _shown(SimpleNamespace(config={"mean": mean}), x)
+    np.testing.assert_allclose(only_mean, x + np.reshape(mean, (1, 3, 1, 1)), rtol=1e-6)
+    only_std = _shown(SimpleNamespace(config={"std": std}), x)
+    np.testing.assert_allclose(only_std, x * np.reshape(std, (1, 3, 1, 1)), rtol=1e-6)
 
 
 def test_the_report_names_a_method_that_lacks_one_image(tmp_path):
@@ -2454,3 +2460,142 @@ def test_the_warnings_of_the_commands_that_wrote_a_run_are_a_section_once_each(t
     assert [tuple(c[0] for c in row) for row in page.tables["warnings-table"][1:]] == kept
     # Near the top: after what was run, before the results.
     assert page.ids.index("warnings") < page.ids.index("results")
+
+
+def test_the_run_table_shows_the_command_line_as_typed_not_the_command_name(tmp_path):
+    argv = ["betasmooth", "explain", "--n", "1", "--methods", "gradient"]
+    run = RunDir.create(tmp_path, {"command": "explain", "argv": argv})
+    run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
+    page = parse(build_report(tmp_path))
+    what = {row[0][0]: row[1][0] for row in page.tables["run-table"][1:]}
+    assert what["command"] == "betasmooth explain --n 1 --methods gradient"
+
+
+def test_a_method_the_config_lists_that_finished_no_image_is_named_unfinished(tmp_path):
+    run = make_run(tmp_path / "part", sweep=False, theory=False)
+    results = read_lines(run / "results.jsonl")
+    _rewrite(run / "results.jsonl", [r for r in results if r["method"] == "gradient"])
+    text = build_report(run).read_text()
+    notice = re.search(r"This run is not finished</strong>: ([^.]*)\.", text).group(1)
+    assert notice == f"lrp 0 of {N} images"
+
+
+def test_a_stored_summary_of_which_one_method_is_of_an_older_version_is_made_again(tmp_path):
+    from betasmooth.recommend import MIN_FIDELITY, ROBUSTNESS_OVER, sweep_summary
+
+    run = make_run(tmp_path / "run", theory=False)
+    fresh = parse(build_report(run)).tables
+    store = RunDir(run)
+    assert store.read_sweep_summary() is None
+    stored = sweep_summary(store.read("sweep"), MIN_FIDELITY)
+    for method, s in stored.items():
+        s["undefended"] = dict(s["undefended"], n=999)
+        if method == "lrp":  # written before robustness was taken over the attacked images
+            s.pop("robustness_over", None)
+        else:
+            s["robustness_over"] = ROBUSTNESS_OVER
+    store.write_sweep_summary(stored)
+    again = parse(build_report(run)).tables
+    for method in METHODS:
+        assert again[f"choice_{method}"] == fresh[f"choice_{method}"]
+        assert again[f"choice_{method}"][1][1][0] == str(N)
+
+
+def test_the_images_row_counts_images_not_records_where_an_image_has_a_row_per_beta(tmp_path):
+    # Records told apart by their beta (as curvature's are) hold several rows per image.
+    (tmp_path / "config.json").write_text(json.dumps({"command": "curvature", "seed": 1}))
+    records = [
+        {"index": i, "method": "curvature", "beta": beta, "hessian_norm": float(i + beta)}
+        for i in range(3)
+        for beta in (1.0, 2.0)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    got = column(parse(build_report(tmp_path)).tables["medians"], "curvature")
+    assert got["images"] == 3
+    assert got["hessian_norm"] == 2.5  # median of 1, 2, 2, 3, 3, 4
+
+
+def test_the_attack_settings_are_those_of_the_first_image_of_each_method(tmp_path):
+    # A run resumed with another --lr: the table shows what its first image was attacked with.
+    RunDir.create(tmp_path, {"command": "attack", "n": 2, "methods": ["gradient", "lrp"]})
+    records = [
+        {"index": i, "method": m, "goal": "targeted", "attack_lr": lr, "expl_pcc_orig": 0.5}
+        for m, lrs in (("gradient", (0.1, 0.2)), ("lrp", (0.3, 0.4)))
+        for i, lr in enumerate(lrs)
+    ]
+    _rewrite(tmp_path / "results.jsonl", records[::-1])
+    table = parse(build_report(tmp_path)).tables["attack-settings"]
+    assert [[c[0] for c in row] for row in table] == [
+        ["attack setting", "gradient (targeted)", "lrp (targeted)"],
+        ["lr", "0.1", "0.3"],
+    ]
+
+
+def test_a_method_name_of_html_characters_is_shown_as_written(tmp_path):
+    # A method of one's own may be named with the characters HTML gives a meaning to.
+    method = "<u>mine&co\"x\"'y'"
+    run = make_run(tmp_path, methods=(method,), theory=False)
+    text = build_report(run).read_text()
+    assert "<u>" not in text
+    heading = re.search(r"<h3 id='method_[^']*'>([^<]*)</h3>", text).group(1)
+    assert html.unescape(heading) == f"{method} (goal: targeted)"
+    # The recommendation's heading of the method, and its verdict.
+    assert [html.unescape(h) for h in re.findall(r"<h4>([^<]*)</h4>", text)] == [method]
+    assert html.unescape(re.search(r"<p><b>([^<]*)</b></p>", text).group(1)).startswith(method)
+    header = [c[0] for c in parse(run / "report.html").tables["medians"][0]]
+    assert header[1] == f"{method} (targeted)"
+
+
+def test_a_file_name_of_html_characters_is_shown_as_written_in_the_caption(tmp_path):
+    run = make_run(tmp_path, methods=("gradient",), sweep=False, theory=False)
+    records = read_lines(run / "results.jsonl")
+    for r in records:
+        r["file"] = f"<i>{r['index']}&'x\".png"
+    _rewrite(run / "results.jsonl", records)
+    text = build_report(run).read_text()
+    assert "<i>" not in text
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", text)
+    assert len(captions) == 1
+    files = ", ".join(f"#{i} <i>{i}&'x\".png" for i in range(GRID_ROWS))
+    assert f" Files: {files}. " in html.unescape(captions[0])
+
+
+def test_the_base_of_a_swept_method_is_the_one_its_rows_name_or_else_the_method():
+    from types import SimpleNamespace
+
+    from betasmooth.report import _base
+
+    rows = [{"method": "m", "base": "gradient"}, {"method": "m", "base": "lrp"}]
+    rows += [{"method": "n", "base": "gradient"}, {"method": "n"}, {"method": "o", "base": ""}]
+    run = SimpleNamespace(sweep=rows)
+    # Rows that disagree name no base: the method is shown as its own undefended map.
+    assert [_base(run, m) for m in ("m", "n", "o", "p")] == ["m", "gradient", "o", "p"]
+
+
+def test_a_section_that_returns_a_list_of_html_is_named_and_left_out(tmp_path, monkeypatch):
+    from betasmooth.report import SECTIONS
+
+    run = RunDir.create(tmp_path, {"command": "explain"})
+    run.append([{"index": 0, "method": "gradient", "label": 1, "seconds": 0.1}])
+    monkeypatch.setitem(SECTIONS, "listed", lambda run: ["<p>listed</p>"])
+    with pytest.warns(UserWarning, match=r"^report section 'listed' returned list; expected a str"):
+        text = build_report(tmp_path).read_text()
+    assert "listed" not in text and "<h2 id='settings'>Settings</h2>" in text
+
+
+def test_a_setting_that_is_infinite_is_shown_as_inf_not_as_missing(tmp_path):
+    # Medians leave out values that are not finite; a setting of inf is shown as written.
+    config = {"command": "curvature", "tol": math.inf, "floor": -math.inf}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _rewrite(tmp_path / "results.jsonl", [{"index": 0, "method": "relu", "hessian_norm": 1.0}])
+    table = parse(build_report(tmp_path)).tables["settings-table"]
+    shown = {row[0][0]: row[1] for row in table[1:]}
+    assert shown["tol"] == ["inf", "inf"] and shown["floor"] == ["-inf", "-inf"]
+
+
+def test_a_theory_without_curves_says_so_and_one_with_curves_does_not(tmp_path, full_run):
+    note = "theory.json holds no curves to draw."
+    assert note not in (full_run[0] / "report.html").read_text()
+    run = RunDir.create(tmp_path, {"command": "theorem"})
+    run.write_theory({"identity_1d_max_error": 3e-9})
+    assert note in build_report(tmp_path).read_text()
