@@ -517,7 +517,10 @@ DAMAGED_RUNS = {
         _altered_index,
         r"gradient-2.npz holds items \[3, 4\]\.\.\., not from 2",
     ),
-    "results not text": (_binary_results, r"is unfinished \(0 of 12 items\)"),
+    "results not text": (
+        _binary_results,
+        r"results.jsonl, line 1, is not JSON, nor a record cut short by a kill; expected one",
+    ),
     "config without model": (_no_model, r"config.json has model = None; expected the str"),
     "seed that is no int": (_seed_text, r"config.json has seed = 'x'; expected the int"),
     "arrays deleted": (_no_lrp_arrays, r"has results but no arrays of lrp in .*arrays"),
