@@ -1239,13 +1239,8 @@ def test_an_untargeted_attack_records_its_step_as_a_fraction_of_the_range():
     assert r.settings["step"] == 0.02 and r.settings["eps"] == 0.1
 
 
-def test_the_geometric_schedule_runs_from_beta0_at_the_first_step_to_beta_end_at_the_last(
-    small, monkeypatch
-):
-    # Documented (beta_at): beta0 * (beta_end / beta0) ** (step / (steps - 1)), so with
-    # 3 steps the surrogate's softplus takes beta0, sqrt(beta0 beta_end) and beta_end.
-    net, x = small
-    target = targets_of(net, x)
+def _softplus_betas(monkeypatch):
+    """The betas the attack's softplus surrogate takes, each run of one beta once."""
     betas = []
     real = attack.softplus
 
@@ -1255,6 +1250,17 @@ def test_the_geometric_schedule_runs_from_beta0_at_the_first_step_to_beta_end_at
         return real(t, beta)
 
     monkeypatch.setattr(attack, "softplus", spy)
+    return betas
+
+
+def test_the_geometric_schedule_runs_from_beta0_at_the_first_step_to_beta_end_at_the_last(
+    small, monkeypatch
+):
+    # Documented (beta_at): beta0 * (beta_end / beta0) ** (step / (steps - 1)), so with
+    # 3 steps the surrogate's softplus takes beta0, sqrt(beta0 beta_end) and beta_end.
+    net, x = small
+    target = targets_of(net, x)
+    betas = _softplus_betas(monkeypatch)
     result = bs.manipulate(net, x, target, "gradient", steps=3, beta0=5.0, beta_end=45.0)
     np.testing.assert_allclose(betas, [5.0, 15.0, 45.0])
     assert (result.settings["beta0"], result.settings["beta_end"]) == (5.0, 45.0)
@@ -1705,15 +1711,7 @@ def test_adaptive_attacks_use_their_documented_beta_schedule_by_default(
     net, x = small
     options = {"n": 2, "seed": 0} if method == "smoothgrad" else {"beta": 0.8}
     target = targets_of(net, x, method, **options)
-    seen = []
-    real = attack.softplus
-
-    def spy(t, beta):
-        if not seen or seen[-1] != beta:
-            seen.append(beta)
-        return real(t, beta)
-
-    monkeypatch.setattr(attack, "softplus", spy)
+    seen = _softplus_betas(monkeypatch)
     result = bs.manipulate(net, x, target, method, steps=2, lr=1e-2, method_options=options)
     np.testing.assert_allclose(seen, betas)
     assert result.settings["beta_schedule"] == ("geometric" if betas else "none")
