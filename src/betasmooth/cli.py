@@ -1223,15 +1223,15 @@ class _Said:
 
     def keep_in(self, run: RunDir) -> None:
         self.run = run
-        self._keep()
+        self._keep(self.warnings)
 
     def say(self, warning: str) -> None:
         self.warnings.append(warning)
-        self._keep()
+        self._keep([warning])
 
-    def _keep(self) -> None:
-        if self.run is not None and self.warnings and _first_rank():
-            self.run.add_warnings(self.command, self.warnings)
+    def _keep(self, warnings: list[str]) -> None:
+        if self.run is not None and warnings and _first_rank():
+            self.run.add_warnings(self.command, warnings)
 
 
 _SAID = _Said()

@@ -30,6 +30,7 @@ independent, so the Hessian of the summed logit is block diagonal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,8 +126,7 @@ def _power_of_two(largest: torch.Tensor) -> torch.Tensor:
 
     Its exponent stays within the dtype's normal numbers, so the factor is finite.
     """
-    finfo = torch.finfo(largest.dtype)
-    bound = float(torch.tensor(finfo.max).log2().floor())
+    bound = math.frexp(torch.finfo(largest.dtype).max)[1] - 1  # the largest finite power
     exponent = (-largest.double().log2().floor()).clamp(-bound, bound)
     exponent = torch.where((largest > 0) & largest.isfinite(), exponent, 0.0)
     return torch.exp2(exponent).to(largest.dtype)

@@ -1206,16 +1206,16 @@ def is_user_code(filename: str) -> bool:
 def _keep_user_code(names: Iterable[str], place: Path) -> None:
     """Count the files of the modules ``names`` that lie in ``place`` as user code;
     an installed library there (a virtual environment inside it) or betasmooth is not."""
+    never = (Path(sysconfig.get_paths()["stdlib"]).resolve(), Path(__file__).resolve().parent)
     for name in names:
         where = getattr(sys.modules.get(name), "__file__", None)
         if where is None:
             continue
         path = Path(where).resolve()
         installed = {"site-packages", "dist-packages"} & set(path.parts)
-        library = path.is_relative_to(Path(sysconfig.get_paths()["stdlib"]).resolve())
-        ours = path.is_relative_to(Path(__file__).resolve().parent)
-        if path.is_relative_to(place) and not (installed or library or ours):
-            _USER_CODE.add(path)
+        if path.is_relative_to(place) and not installed:
+            if not any(path.is_relative_to(p) for p in never):
+                _USER_CODE.add(path)
 
 
 @contextlib.contextmanager
