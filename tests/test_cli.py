@@ -3246,6 +3246,22 @@ def test_an_error_in_a_module_beside_the_model_file_is_named_for_either_spec_for
     )
 
 
+def test_a_model_that_exits_in_its_forward_is_named_at_its_place(tmp_path, capsys):
+    # sys.exit() in forward would end the command with its status and no word of why.
+    net = tmp_path / "net.py"
+    net.write_text(FAILS_ON_ONE.format(fault='__import__("sys").exit(3)'))
+    out = tmp_path / "run"
+    argv = ["explain", "--model", f"{net}:build", "--data", "digits"]
+    argv += ["-n", "3", "--batch-size", "2", "--method", "gradient", "--no-progress"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"betasmooth: error: the model's own code exited (sys.exit(3)) at {net}, line 14, in "
+        "forward; expected it to return or raise (finished items are kept: run again with "
+        "--resume once it is fixed)\n"
+    )
+    assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]
+
+
 def test_a_runtime_error_that_is_no_lack_of_memory_is_not_caught(monkeypatch, capsys):
     # A bug is not said as a lack of memory: its traceback is kept.
     import betasmooth.cli as cli

@@ -1971,6 +1971,14 @@ def _raised_in_user_code(err: BaseException) -> str | None:
     return None
 
 
+def _again(args: argparse.Namespace) -> str:
+    # Only once the run has begun: before it, nothing was kept (sweep, without
+    # --resume, continues by itself).
+    if _SAID.run is not None and "resume" in vars(args):
+        return " (finished items are kept: run again with --resume once it is fixed)"
+    return ""
+
+
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.strerror or 'cannot open'}: {err.filename}"
@@ -2152,14 +2160,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = _raised_in_user_code(err)
         if where is None:
             raise  # betasmooth's own: its traceback says where
-        # Only once the run has begun: before it, nothing was kept (sweep, without
-        # --resume, continues by itself).
-        resumable = _SAID.run is not None and "resume" in vars(args)
-        again = " (finished items are kept: run again with --resume once it is fixed)"
         text = " ".join(str(err).split())
+        what = f"{type(err).__name__}{': ' + text if text else ''}, raised"
+        tell(f"betasmooth: error: {what} in the model's own code at {where}{_again(args)}")
+        return 2
+    except SystemExit as err:
+        # sys.exit() in a model's forward, or a model file that parses the command
+        # line when imported, would end the command without a word of why.
+        where = _raised_in_user_code(err)
+        if where is None:
+            raise
         tell(
-            f"betasmooth: error: {type(err).__name__}{': ' + text if text else ''}, raised in "
-            f"the model's own code at {where}" + (again if resumable else "")
+            f"betasmooth: error: the model's own code exited (sys.exit({err.code!r})) at "
+            f"{where}; expected it to return or raise{_again(args)}"
         )
         return 2
     except KeyboardInterrupt:

@@ -45,7 +45,8 @@ Data specs
         pixels are scaled to [0, 1] like images: ``uint8`` by 255, ``uint16``
         by 65535; other integer types by 255 when their largest value is at
         most 255 and by 65535 when it is at most 65535 (larger or negative
-        values are refused). Floats are kept. An ``x`` laid out channel-last,
+        values are refused). Floats are kept, and booleans read as 0 and 1
+        (a binary image). An ``x`` laid out channel-last,
         ``(N, H, W, C)`` with 1, 3 or 4 channels, is refused with the transpose
         that fixes it. Read with ``allow_pickle=False``.
 
