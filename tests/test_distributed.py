@@ -766,13 +766,12 @@ def test_a_warning_is_said_once_for_all_ranks_unless_it_is_about_one_ranks_items
 
 
 @pytest.mark.parametrize(
-    ("rank", "kept"),
-    [
-        ("0", [{"command": "explain", "warning": "rank 0: look here"}]),
-        ("1", []),  # rank 0 alone writes the run's warnings.jsonl
-    ],
+    ("rank", "file"),
+    [("0", "warnings.jsonl"), ("1", "warnings-rank1.jsonl")],  # never two writers of one file
 )
-def test_rank_0_alone_keeps_a_warning_as_it_said_it(rank, kept, monkeypatch, tmp_path, capsys):
+def test_each_rank_keeps_a_warning_of_its_own_items_as_it_said_it(
+    rank, file, monkeypatch, tmp_path, capsys
+):
     from betasmooth.cli import _SAID, _show_warning
     from betasmooth.store import RunDir
 
@@ -780,7 +779,7 @@ def test_rank_0_alone_keeps_a_warning_as_it_said_it(rank, kept, monkeypatch, tmp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: int(rank))
-    run = RunDir(tmp_path)
+    run = RunDir(tmp_path, rank=int(rank), world_size=2)
     _SAID.start("explain")
     _SAID.keep_in(run)
     try:
@@ -788,4 +787,17 @@ def test_rank_0_alone_keeps_a_warning_as_it_said_it(rank, kept, monkeypatch, tmp
     finally:
         _SAID.start("")
     assert capsys.readouterr().err == f"betasmooth: warning: rank {rank}: look here\n"
-    assert run.read_warnings() == kept
+    kept = [{"command": "explain", "warning": f"rank {rank}: look here"}]
+    assert [p.name for p in tmp_path.iterdir()] == [file]
+    assert RunDir(tmp_path).read_warnings() == kept
+
+
+def test_warnings_are_read_rank_0_first_then_by_rank_number(tmp_path):
+    # Rank 10's file sorts before rank 2's by name; the report reads them by number.
+    from betasmooth.store import RunDir
+
+    for rank in (10, 0, 2, 1):
+        RunDir(tmp_path, rank=rank, world_size=11).add_warnings("attack", [f"rank {rank}: x"])
+        RunDir(tmp_path, rank=rank, world_size=11).add_warnings("attack", [f"rank {rank}: x"])
+    said = [r["warning"] for r in RunDir(tmp_path).read_warnings()]
+    assert said == ["rank 0: x", "rank 1: x", "rank 2: x", "rank 10: x"]

@@ -1230,7 +1230,8 @@ class _Said:
         self._keep([warning])
 
     def _keep(self, warnings: list[str]) -> None:
-        if self.run is not None and warnings and _first_rank():
+        # Another rank says only what is about its own items, which rank 0 cannot keep.
+        if self.run is not None and warnings:
             self.run.add_warnings(self.command, warnings)
 
 

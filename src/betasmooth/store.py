@@ -12,6 +12,8 @@ A run directory holds everything a command produced::
     DIR/explain.jsonl        the demo's explanation records
     DIR/arrays/<name>-<method>-<first index>.npz   arrays of the sweep and explain batches
     DIR/theory.json          Theorem 2 checks
+    DIR/warnings.jsonl       the warnings said (rank 0's), {"command", "warning"} a line
+    DIR/warnings-rank<r>.jsonl  the warnings another torchrun rank said of its own items
     DIR/figures/*.png, DIR/report.html
 
 Results of a batch are appended with a flush and an fsync once the batch is
@@ -483,14 +485,21 @@ class RunDir:
 
     def add_warnings(self, command: str, messages: Iterable[str]) -> None:
         """Keep what ``command`` warned for the report, each warning once per command
-        (a resumed run warns again what it warned before)."""
+        (a resumed run warns again what it warned before).
+
+        Rank 0 writes ``warnings.jsonl``; another torchrun rank, which warns only of
+        its own items, ``warnings-rank<r>.jsonl``, so no two processes append to
+        one file.
+        """
         held = {(r.get("command"), r.get("warning")) for r in self.read_warnings()}
         fresh = [m for m in dict.fromkeys(messages) if (command, m) not in held]
-        append_jsonl(self.warnings, [{"command": command, "warning": m} for m in fresh])
+        mine = self.merged("warnings") if self.rank == 0 else self.file("warnings")
+        append_jsonl(mine, [{"command": command, "warning": m} for m in fresh])
 
     def read_warnings(self) -> list[Record]:
-        """The warnings kept by :meth:`add_warnings`, in the order they were said."""
-        return read_jsonl(self.warnings)
+        """The warnings kept by :meth:`add_warnings`: rank 0's, then each other rank's,
+        each in the order it said them."""
+        return [r for f in self._files("warnings") for r in read_jsonl(f)]
 
     def file(self, name: str = "results") -> Path:
         """The JSON-lines file this rank appends ``name`` records to."""
@@ -812,7 +821,8 @@ class RunDir:
 
     def rank_files(self, name: str = "results") -> list[Path]:
         """The files of ``name`` that ranks of a torchrun job write until it has finished."""
-        return sorted(self.path.glob(f"{name}-rank*.jsonl"))
+        found = self.path.glob(f"{name}-rank*.jsonl")
+        return sorted(found, key=lambda f: (len(f.name), f.name))  # rank 2 before rank 10
 
     def append(self, records: Sequence[Record], name: str = "results") -> None:
         """Append finished records of this rank, durably."""
