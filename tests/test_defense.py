@@ -890,3 +890,30 @@ def test_a_sweep_without_a_seed_draws_smoothgrads_noise_from_seed_0(small):
     default = maps()
     torch.testing.assert_close(default, maps(seed=0), rtol=0, atol=0)
     assert not torch.allclose(default, maps(seed=1))
+
+
+def test_a_defense_that_takes_no_beta_is_refused_before_the_sweep(monkeypatch):
+    # The sweep passes five arguments by position, beta the fifth: a defense that
+    # takes four, with every keyword, would fail at its first call, mid-sweep.
+    from betasmooth.defense import DEFENSES, check_defenses
+    from betasmooth.validate import InputError
+
+    monkeypatch.setitem(DEFENSES, "no_beta", lambda model, xs, method, label, **_: xs[:, 0])
+    with pytest.raises(InputError) as err:
+        check_defenses(["no_beta"])
+    assert str(err.value) == (
+        "defense 'no_beta' cannot be called as fn(model, xs, method, label, beta, *, sigma, n, "
+        "seed, input_range, base_options) (too many positional arguments); "
+        "expected that form"
+    )
+
+
+def test_a_defense_named_as_a_key_of_the_summary_is_refused(monkeypatch):
+    # The summary holds each defense's table under its name beside "betas",
+    # "undefended" and the rest: a defense called "betas" would overwrite beta-smoothing's.
+    from betasmooth.defense import DEFENSES, check_defenses
+    from betasmooth.validate import InputError
+
+    monkeypatch.setitem(DEFENSES, "betas", DEFENSES["smoothgrad"])
+    with pytest.raises(InputError, match=r"^defense 'betas' has the name of a key of the sweep's"):
+        check_defenses(["beta_smooth", "betas"])

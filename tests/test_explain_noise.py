@@ -479,3 +479,25 @@ def test_smoothgrad_refuses_a_seed_a_generator_cannot_take(net, x, seed, message
     # -1 would wrap around to another seed; 2**64 overflows manual_seed with a raw error.
     with pytest.raises(bs.InputError, match=rf"^seed must be {message}$"):
         bs.explain(net, x[:2], "smoothgrad", 0, n=2, seed=seed)
+
+
+def test_beta_smooth_refuses_a_beta_in_a_tensor_as_any_other_method_does(net, x):
+    # beta is a number of the call: a one-element tensor would pass smoothed()
+    # unnoticed, so beta_smooth checks it itself, before the first map.
+    with pytest.raises(bs.InputTypeError, match=r"^beta must be a positive number; got tensor"):
+        bs.explain(net, x, "beta_smooth", TARGET, beta=torch.tensor(2.0))
+
+
+def test_smoothgrad_explains_the_class_predicted_at_the_clean_x_whatever_the_noise():
+    # A linear model: logit 0 - logit 1 = 2 sum(x) - 24, so the 4 x 4 images in
+    # [0, 1) (sum near 8) are class 1, and a shift by 0.5 would make them class 0.
+    # Every noisy copy has the gradient of its target's row: -1 everywhere for class 1.
+    linear = nn.Linear(16, 2).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([torch.ones(16), -torch.ones(16)]))
+        linear.bias.copy_(torch.tensor([-24.0, 0.0]))
+    model = nn.Sequential(nn.Flatten(), linear)
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert (x.sum((1, 2, 3)) < 12).all() and (x.sum((1, 2, 3)) + 8 > 12).all()
+    ours = bs.explain(model, x, "smoothgrad", n=4, sigma=0.5, seed=0)
+    torch.testing.assert_close(ours, -torch.ones_like(x), rtol=0, atol=1e-12)
