@@ -3179,13 +3179,25 @@ def build():
 """
 
 
+AT = "{net}, line 14, in forward"
+
+
 @pytest.mark.parametrize(
     ("fault", "said"),
     [
-        ('raise KeyError("no such layer")', "KeyError: 'no such layer'"),
+        (
+            'raise KeyError("no such layer")',
+            f"KeyError: 'no such layer', raised in the model's own code at {AT}",
+        ),
         (
             "return self.fc(x.flatten(1)[:, :5])",
-            "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x5 and 1024x10)",
+            "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x5 and 1024x10), "
+            f"raised in the model's own code at {AT}",
+        ),
+        # sys.exit() would end the command with its status and no word of why.
+        (
+            '__import__("sys").exit(3)',
+            f"the model's own code exited (sys.exit(3)) at {AT}; expected it to return or raise",
         ),
     ],
 )
@@ -3200,8 +3212,8 @@ def test_an_error_in_the_models_own_code_is_one_line_at_its_place(tmp_path, caps
     argv += ["-n", "3", "--batch-size", "2", "--method", "gradient", "--no-progress"]
     assert main([*argv, "--out", str(out)]) == 2
     assert capsys.readouterr().err == (
-        f"betasmooth: error: {said}, raised in the model's own code at {net}, line 14, in "
-        "forward (finished items are kept: run again with --resume once it is fixed)\n"
+        f"betasmooth: error: {said.format(net=net)} (finished items are kept: run again with "
+        "--resume once it is fixed)\n"
     )
     assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]
 
@@ -3244,22 +3256,6 @@ def test_an_error_in_a_module_beside_the_model_file_is_named_for_either_spec_for
         f"betasmooth: error: ValueError, raised in the model's own code at "
         f"{tmp_path / 'beside_layers.py'}, line 8, in forward\n"
     )
-
-
-def test_a_model_that_exits_in_its_forward_is_named_at_its_place(tmp_path, capsys):
-    # sys.exit() in forward would end the command with its status and no word of why.
-    net = tmp_path / "net.py"
-    net.write_text(FAILS_ON_ONE.format(fault='__import__("sys").exit(3)'))
-    out = tmp_path / "run"
-    argv = ["explain", "--model", f"{net}:build", "--data", "digits"]
-    argv += ["-n", "3", "--batch-size", "2", "--method", "gradient", "--no-progress"]
-    assert main([*argv, "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (
-        f"betasmooth: error: the model's own code exited (sys.exit(3)) at {net}, line 14, in "
-        "forward; expected it to return or raise (finished items are kept: run again with "
-        "--resume once it is fixed)\n"
-    )
-    assert [r["index"] for r in read_jsonl(out / "results.jsonl")] == [0, 1]
 
 
 def test_a_runtime_error_that_is_no_lack_of_memory_is_not_caught(monkeypatch, capsys):
