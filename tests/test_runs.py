@@ -1820,3 +1820,94 @@ def test_the_config_keeps_the_command_line_it_is_given_else_the_processs(tmp_pat
         "python",
         "-c",
     ]
+
+
+def test_check_methods_names_the_first_method_asked_for_that_fails():
+    # Two methods fail for different reasons: the error is that of the first in the
+    # order given (the order a run takes them), the others that can run listed after.
+    from betasmooth.runs import check_methods
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2), torch.nn.Softmax(1))
+    bogus = {"gradient": {"bogus": 1}}  # gradient takes no options; lrp has no Softmax rule
+    with pytest.raises(InputError) as err:
+        check_methods(net, ["gradient", "lrp", "input_x_gradient"], bogus)
+    assert str(err.value).startswith("unknown option 'bogus' for method 'gradient'")
+    assert str(err.value).endswith("; of the methods asked for, input_x_gradient can run")
+    with pytest.raises(InputError) as err:
+        check_methods(net, ["lrp", "gradient", "input_x_gradient"], bogus)
+    assert str(err.value).startswith("lrp has no rule for module Softmax (2)")
+    assert str(err.value).endswith("; of the methods asked for, input_x_gradient can run")
+
+
+def test_attack_methods_refuses_a_method_whose_maps_are_not_differentiable():
+    # Captum's maps carry no graph to x: the list is refused as it is parsed, before a
+    # run directory is made, not at the first batch; explain takes the same name.
+    from betasmooth.runs import attack_methods, explain_methods
+
+    with pytest.raises(InputError, match=r"^captum:Saliency cannot be attacked: its maps are not"):
+        attack_methods("gradient,captum:Saliency")
+    assert explain_methods("gradient,captum:Saliency") == ["gradient", "captum:Saliency"]
+
+
+def test_attack_run_keeps_each_image_within_the_eps_it_is_given(tmp_path, digits, digits_cnn):
+    # eps bounds the L-inf distance of x_adv from x (the attack's projection); a run must
+    # hand it on, and a step of lr 0.05 would go past it at the first step.
+    from betasmooth.runs import attack_run
+
+    x, y = digits
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    eps = 0.004
+    attack_run(run, digits_cnn, x[:2], y[:2], ["gradient"], steps=3, lr=0.05, eps=eps)
+    (file,) = run.batch_files()["gradient"].values()
+    with np.load(file) as saved:
+        moved = np.abs(saved["x_adv"] - saved["x"]).max()
+    assert 0 < moved <= eps + 1e-6
+
+
+def test_an_attack_run_asked_for_no_progress_writes_no_bar(tmp_path, capsys, digits, digits_cnn):
+    # progress=False hides the batches' bar and the bar of each batch's steps below it.
+    from betasmooth.runs import attack_run
+
+    x, y = digits
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    capsys.readouterr()
+    attack_run(run, digits_cnn, x[:2], y[:2], ["gradient"], steps=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_explain_records_hold_the_predicted_logit_and_the_arrays_the_images(
+    tmp_path, digits, digits_cnn
+):
+    # The oracle is the model called here: the logit of the class it predicts, and the
+    # images stored are those explained, not copies of some other tensor.
+    from betasmooth.runs import explain_run
+
+    x, y = digits
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    records = explain_run(run, digits_cnn, x[:3], y[:3], ["gradient"])
+    with torch.no_grad():
+        logits = digits_cnn(x[:3])
+    assert [r["index"] for r in records] == [0, 1, 2]
+    for r, row in zip(records, logits):
+        assert r["label"] == int(row.argmax())
+        assert r["logit"] == pytest.approx(float(row.max()), rel=1e-6)
+    # Three images whose predictions differ: a logit of a fixed class would not pass.
+    assert len({int(row.argmax()) for row in logits}) > 1
+    (file,) = run.batch_files()["gradient"].values()
+    with np.load(file) as saved:
+        np.testing.assert_array_equal(saved["x"], x[:3].numpy())
+
+
+def test_curvature_rows_carry_the_true_label_given_not_the_prediction(tmp_path, digits_cnn):
+    # Labels chosen to differ from every prediction: a row must carry the one given.
+    from betasmooth.runs import curvature_run
+
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predicted = digits_cnn(x).argmax(1)
+    y = (predicted + 1) % 10
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    rows = curvature_run(run, digits_cnn, x, y, [None], options={"iterations": 2, "probes": 1})
+    assert [(r["index"], r["label"], r["true_label"]) for r in rows] == [
+        (i, int(predicted[i]), int(y[i])) for i in range(2)
+    ]
