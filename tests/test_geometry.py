@@ -116,7 +116,8 @@ def test_principal_curvature_of_a_float32_logit_with_a_tiny_gradient(c):
             exact["principal_curvature"], rel=1e-4
         )
         for key in ("hessian_norm", "gradient_norm"):
-            assert out[key][i].item() == pytest.approx(c * exact[key], rel=1e-4), key
+            # abs=0: the default absolute tolerance, 1e-12, would accept any c * value.
+            assert out[key][i].item() == pytest.approx(c * exact[key], rel=1e-4, abs=0), key
 
 
 class _Square(nn.Module):
@@ -468,6 +469,19 @@ def test_principal_curvature_is_nan_where_the_gradient_vanishes():
     assert out["gradient_norm"][0].item() == 0.0
 
 
+def test_converged_needs_both_estimates_but_no_curvature_where_the_gradient_vanishes():
+    # H = 2 I: one product spans an invariant subspace, so the Hessian norm is exact
+    # after one step at both points. The shape operator (2 / |grad g|) P is not a
+    # multiple of the identity on the whole space: from a start with a normal component
+    # one step neither spans an invariant subspace nor may trust a residual, so at
+    # x = (2, 0, 0) the estimate has not converged; at 0, where grad g = 0, there is
+    # no curvature to converge to (documented) and the item has converged.
+    x = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    out = bs.curvature(_Square(), x, iterations=1)
+    torch.testing.assert_close(out["hessian_norm"], torch.tensor([2.0, 2.0], dtype=torch.float64))
+    assert out["converged"].tolist() == [True, False]
+
+
 class _TwoSpheres(nn.Module):
     """Logit 0: |x|^2 (spheres about 0); logit 1: |x - c|^2 (spheres about c)."""
 
@@ -752,3 +766,111 @@ def test_a_forward_that_detaches_x_is_refused_in_one_line(check):
                        r"forward detaches the input or runs under torch.no_grad\(\); expected a "
                        r"forward that keeps x in the graph$"):  # fmt: skip
         call()
+
+
+def _float32_values_near_powers_of_two() -> list[float]:
+    """Powers of two over float32's whole range, and the float32 just below each."""
+    values = []
+    for k in range(-149, 128, 7):
+        p = torch.tensor(math.ldexp(1.0, k), dtype=torch.float32)
+        values += [float(p), float(torch.nextafter(p, torch.zeros(())))]
+    return [v for v in values if v > 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_power_of_two_brings_the_largest_entry_into_one_to_two(dtype):
+    # Oracle: math.frexp, v = m 2^e with m in [0.5, 1), so v 2^(1 - e) lies in [1, 2).
+    # Values just below a power of two are those where a log2 rounded in float32
+    # lands on the power itself and the floor misses by one.
+    from betasmooth.geometry import _power_of_two
+
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.exp(torch.empty(200, dtype=torch.float64).uniform_(-80, 80, generator=generator))
+    values = torch.cat([spread, torch.tensor(_float32_values_near_powers_of_two())]).to(dtype)
+    # Where 2^(1 - e) is a finite power of the dtype; the others are checked below.
+    top = math.frexp(torch.finfo(dtype).max)[1] - 1
+    values = values[[abs(1 - math.frexp(v)[1]) <= top for v in values.tolist()]]
+    scale = _power_of_two(values)
+    assert scale.dtype == dtype
+    want = [math.ldexp(1.0, 1 - math.frexp(v)[1]) for v in values.tolist()]
+    assert scale.tolist() == want
+
+
+@pytest.mark.parametrize(
+    ("dtype", "largest_power"), [(torch.float32, 2.0**127), (torch.float64, 2.0**1023)]
+)
+def test_the_power_of_two_of_a_subnormal_or_non_number_stays_finite(dtype, largest_power):
+    # IEEE 754: the largest finite power of two is 2^127 in float32, 2^1023 in float64.
+    # The smallest subnormal needs a larger power: it gets the largest finite one; 0,
+    # for which no power brings it into [1, 2), gets 1; inf and NaN a finite factor.
+    from betasmooth.geometry import _power_of_two
+
+    tiny = float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    scale = _power_of_two(torch.tensor([tiny, 0.0, math.inf, math.nan], dtype=dtype))
+    assert scale[:2].tolist() == [largest_power, 1.0]
+    assert bool(scale.isfinite().all())
+
+
+@pytest.mark.parametrize("c", [1e-40, 1e-44])
+def test_principal_curvature_of_a_float32_logit_with_a_subnormal_gradient(c):
+    # At c = 1e-40 and 1e-44 the float32 gradient entries are subnormal, with 3 or
+    # fewer significant digits: the products must be taken of a logit rescaled into
+    # normal numbers, and the rescaling must itself stay finite (it needs more than
+    # 2^127 at 1e-44). The principal curvature does not depend on c (closed form).
+    torch.manual_seed(2)
+    d, beta = 6, 2.0
+    w = torch.randn(2, d, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64) * 0.2
+    x = 0.4 * torch.randn(4, d, dtype=torch.float64)
+    net = neurons(w, b)
+    with torch.no_grad():
+        net[2].weight.fill_(c)
+    out = curvature(bs.smooth(net.float(), beta), x.float(), tol=0)
+    for i in range(x.shape[0]):
+        exact = exact_softplus_geometry(w.numpy(), b.numpy(), x[i].numpy(), beta)
+        assert out["principal_curvature"][i].item() == pytest.approx(
+            exact["principal_curvature"], rel=1e-4
+        )
+
+
+class _FaintQuadratic(nn.Module):
+    """Logit ``a.x + c sum_i d_i x_i^2``: gradient ``a + 2 c d x``, Hessian ``2 c diag(d)``."""
+
+    def __init__(self, a: torch.Tensor, d: torch.Tensor, c: float) -> None:
+        super().__init__()
+        self.a, self.d, self.c = a, d, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = x @ self.a + self.c * (self.d * x.square()).sum(1)
+        return torch.stack([g, -g], 1)
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_a_hessian_far_below_the_gradient_and_below_eps(target):
+    # With a gradient of order 1 the logit needs no rescaling, and the Hessian's
+    # entries (2e-20) lie below float64's eps: the Lanczos vectors and the norms must
+    # be divided by them as they are, not by eps. Closed forms: |H| = 2 c max |d|,
+    # Hutchinson is exact for a diagonal H (|H v| = |2 c d| for every sign vector v),
+    # and the principal curvature is that of P H P / |grad| (numpy.linalg.eigvalsh).
+    # abs=0: pytest.approx's default absolute tolerance (1e-12) would accept any value.
+    # Target 1, -g, has the eigenvalue -6 c beside 5 c: the norm is the largest |eig|.
+    generator = torch.Generator().manual_seed(4)
+    a = torch.randn(5, generator=generator, dtype=torch.float64)
+    d = torch.tensor([3.0, -1.0, 0.5, 2.0, -2.5], dtype=torch.float64)
+    x = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+    c = 1e-20
+    out = curvature(_FaintQuadratic(a, d, c), x, target, tol=0)
+    hess = np.diag(2 * c * d.numpy())
+    for i in range(x.shape[0]):
+        grad = a.numpy() + 2 * c * d.numpy() * x[i].numpy()
+        n = grad / np.linalg.norm(grad)
+        proj = np.eye(5) - np.outer(n, n)
+        kappa = np.abs(np.linalg.eigvalsh(proj @ hess @ proj)).max() / np.linalg.norm(grad)
+        assert out["hessian_norm"][i].item() == pytest.approx(2 * c * 3.0, rel=1e-9, abs=0)
+        assert out["hessian_frobenius"][i].item() == pytest.approx(
+            2 * c * float(d.norm()), rel=1e-9, abs=0
+        )
+        assert out["principal_curvature"][i].item() == pytest.approx(kappa, rel=1e-9, abs=0)
+        assert out["gradient_norm"][i].item() == pytest.approx(
+            np.linalg.norm(grad), rel=1e-12, abs=0
+        )

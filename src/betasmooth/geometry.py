@@ -124,7 +124,8 @@ class _Hessian:
 def _power_of_two(largest: torch.Tensor) -> torch.Tensor:
     """Per item, the power of two that brings ``largest`` (> 0) into [1, 2); 1 for 0.
 
-    Its exponent stays within the dtype's normal numbers, so the factor is finite.
+    Its exponent stays within the dtype's finite powers of two, so the factor is finite
+    (and exact: a subnormal power such as float32's 2^-127 is one too).
     """
     bound = math.frexp(torch.finfo(largest.dtype).max)[1] - 1  # the largest finite power
     exponent = (-largest.double().log2().floor()).clamp(-bound, bound)
