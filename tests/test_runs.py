@@ -60,6 +60,32 @@ def test_every_cut_of_a_record_that_the_next_append_terminates_is_skipped(tmp_pa
         assert [r["index"] for r in read_jsonl(path)] == [0, 1], text[:k]
 
 
+def test_every_cut_of_a_false_and_an_exponent_with_a_plus_is_skipped(tmp_path):
+    # The record above holds true and null but no false, nor an exponent with "+": a kill
+    # may cut "false" after "f", "fa", "fal" or "fals", and "1e+20" after "1e" or "1e+";
+    # each is a record cut short, skipped with the records around it read.
+    text = json.dumps({"index": 3, "ok": False, "big": 1e20, "v": [False]})
+    assert "false" in text and "e+20" in text
+    for k in range(1, len(text)):
+        path = tmp_path / f"r{k}.jsonl"
+        append_jsonl(path, [{"index": 0, "method": "a"}])
+        with open(path, "a") as f:
+            f.write(text[:k])
+        append_jsonl(path, [{"index": 1, "method": "a"}])
+        assert [r["index"] for r in read_jsonl(path)] == [0, 1], text[:k]
+
+
+def test_blank_lines_between_records_are_skipped_not_refused(tmp_path):
+    # A file joined by hand (cat, an editor's last newline) may hold empty or white lines:
+    # they hold no record, so the records around them are read and nothing is refused.
+    path = tmp_path / "results.jsonl"
+    append_jsonl(path, [{"index": 0, "method": "a"}])
+    with open(path, "a") as f:
+        f.write("\n   \n\t\r\n")
+    append_jsonl(path, [{"index": 1, "method": "a"}])
+    assert [r["index"] for r in read_jsonl(path)] == [0, 1]
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -70,6 +96,9 @@ def test_every_cut_of_a_record_that_the_next_append_terminates_is_skipped(tmp_pa
         '{"index": 0, "v": 1 2}',
         '{"index": 0, "v": [1, 2}',
         '{"index": 0, "v": 1e5x}',
+        # Cut short, but no cut of a record: betasmooth writes one object a line.
+        '[{"index": 1, "method": "a"}',
+        '"index',
     ],
 )
 def test_a_damaged_line_that_no_kill_could_cut_is_refused_with_its_line(tmp_path, damage):
@@ -428,6 +457,41 @@ def test_a_folder_with_someone_elses_config_json_is_not_taken_for_a_run(tmp_path
         with pytest.raises(InputError, match="config.json was not written by betasmooth"):
             RunDir.create(folder, {"command": "attack"}, resume=resume)
     assert (folder / "config.json").read_text() == text
+
+
+def test_resume_takes_one_mean_for_the_same_mean_of_every_channel_but_no_other(tmp_path):
+    # --mean 0.5 and --mean 0.5 0.5 0.5 normalise alike; a mean that differs in any
+    # channel normalises otherwise, even where its first channel agrees.
+    config = {"command": "attack", "seed": 0, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.3, 0.4]}
+    run = RunDir.create(tmp_path / "run", config)
+    run.append([{"index": 0, "method": "gradient"}])
+    RunDir.create(run.path, {**config, "mean": [0.5]}, resume=True)
+    with pytest.raises(InputError, match=r"mean is \[0.5[^]]*\] .* but \[0.5, 0.1, 0.1\] now"):
+        RunDir.create(run.path, {**config, "mean": [0.5, 0.1, 0.1]}, resume=True)
+    with pytest.raises(InputError, match=r"std is \[0.2, 0.3, 0.4\] .* but \[0.2\] now"):
+        RunDir.create(run.path, {**config, "std": [0.2]}, resume=True)
+
+
+def test_betas_that_do_not_sort_are_compared_as_given_on_resume(tmp_path):
+    # A hand-written config's betas may not sort (a name among numbers): compared as
+    # written, the same list resumes and another is refused, never taken as the same.
+    config = {"command": "curvature", "seed": 0, "betas": [1, "x"]}
+    run = RunDir.create(tmp_path / "run", config)
+    run.append([{"index": 0, "method": "relu"}])
+    RunDir.create(run.path, config, resume=True)
+    with pytest.raises(InputError, match=r"betas is \[1, 'x'\] .* but \[1, 2\] now"):
+        RunDir.create(run.path, {**config, "betas": [1, 2]}, resume=True)
+
+
+def test_a_config_json_that_cannot_be_read_as_a_file_is_not_taken_for_a_run(tmp_path):
+    # A folder named config.json raises an OSError when read: betasmooth, which writes it
+    # as a file, did not make it, so it is someone else's and left as it is.
+    folder = tmp_path / "mine"
+    (folder / "config.json").mkdir(parents=True)
+    for resume in (False, True):
+        with pytest.raises(InputError, match="config.json was not written by betasmooth"):
+            RunDir.create(folder, {"command": "attack"}, resume=resume)
+    assert (folder / "config.json").is_dir()
 
 
 def test_a_runs_config_json_that_does_not_parse_is_named_corrupt_with_its_line(tmp_path):
@@ -1082,7 +1146,11 @@ def test_the_results_arrays_are_not_confused_with_the_sweep_and_explain_ones(tmp
     assert run.covered() == {(0, "gradient"), (1, "gradient")}
 
 
-@pytest.mark.parametrize("index", [np.array([0.0, 1.0]), np.array([[0, 1]]), None])
+@pytest.mark.parametrize(
+    # A column of the items' indices or one index alone is no list of the file's items either.
+    "index",
+    [np.array([0.0, 1.0]), np.array([[0, 1]]), np.array([[0], [1]]), np.array(0), None],
+)
 def test_an_arrays_file_without_an_integer_index_is_not_sound(tmp_path, index):
     # Its items cannot be told: the file is deleted and its records computed again.
     run = RunDir.create(tmp_path / "run", {"command": "attack"})
@@ -1910,4 +1978,17 @@ def test_curvature_rows_carry_the_true_label_given_not_the_prediction(tmp_path, 
     rows = curvature_run(run, digits_cnn, x, y, [None], options={"iterations": 2, "probes": 1})
     assert [(r["index"], r["label"], r["true_label"]) for r in rows] == [
         (i, int(predicted[i]), int(y[i])) for i in range(2)
+    ]
+
+
+def test_a_warning_whose_newline_a_kill_cut_off_is_kept_once_when_said_again(tmp_path):
+    # The last line has no newline, so it is read as cut and the warning said again on
+    # --resume is appended; the append ends that line, and both copies parse.
+    (tmp_path / "warnings.jsonl").write_text('{"command": "attack", "warning": "w"}')
+    run = RunDir(tmp_path)
+    run.add_warnings("attack", ["w"])
+    run.add_warnings("explain", ["w"])  # another command's is another warning
+    assert run.read_warnings() == [
+        {"command": "attack", "warning": "w"},
+        {"command": "explain", "warning": "w"},
     ]

@@ -1552,3 +1552,77 @@ def test_registry_names_refuse_all_and_offer_underscores_for_dashes():
     # No hint where no underscore would make a name.
     with pytest.raises(InputError, match=r"; got 'my method'$"):
         registrar({}, "my method", "example")
+
+
+def _unnormalised(model: nn.Module, x: torch.Tensor, name: str = "x") -> list[str]:
+    """The messages of the UnnormalisedWarnings that checking ``x`` gives."""
+    from betasmooth.validate import UnnormalisedWarning, check_input
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        check_input(model, x, name)
+    return [str(w.message) for w in seen if issubclass(w.category, UnnormalisedWarning)]
+
+
+def _expecting(mean: list[float], std: list[float]) -> nn.Module:
+    """A fresh model (warned of at most once) that expects ``(x - mean) / std``."""
+    from betasmooth.validate import expect_normalised
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    expect_normalised(net, "mine", mean, std)
+    return net
+
+
+def _items(*colours: list[float]) -> torch.Tensor:
+    """A batch of 1x1 RGB images of the given colours."""
+    return torch.tensor(colours)[:, :, None, None]
+
+
+@pytest.mark.parametrize(
+    ("colours", "warned"),
+    [
+        ([[0.0, 0.5, 1.0], [0.25, 0.25, 0.25]], True),  # both ends of [0, 1] are in it
+        ([[0.0, 0.5, 1.0], [0.25, -1e-3, 0.25]], False),  # a pixel below 0: normalised
+        ([[0.0, 0.5, 1.0], [0.25, 1.001, 0.25]], False),  # a pixel above 1: not pixels
+        ([[-0.5, 0.5, 0.5], [2.0, 0.5, 0.5]], False),  # below 0 and above 1
+        ([[0.5, 0.5, 0.5], [0.5, 0.5, -0.2]], False),  # only the second item is out of it
+    ],
+)
+def test_unnormalised_input_is_warned_of_where_every_pixel_of_the_batch_is_in_0_1(colours, warned):
+    # The rule is closed form: the whole batch lies in [0, 1], ends included; one pixel
+    # of any item outside it (below 0: normalised, as pixels below the mean are) clears it.
+    said = _unnormalised(_expecting([0.5, 0.4, 0.3], [0.2, 0.25, 0.5]), _items(*colours))
+    assert len(said) == int(warned)
+
+
+def test_the_unnormalised_warning_names_the_argument_the_mean_and_the_std():
+    from betasmooth.validate import UnnormalisedWarning
+
+    assert issubclass(UnnormalisedWarning, UserWarning)  # shown by a default filter
+    net = _expecting([0.5, 0.4, 0.3], [0.2, 0.25, 0.5])
+    (said,) = _unnormalised(net, _items([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]), "images")
+    assert said.startswith(
+        "images lies in [0, 1], as unnormalised pixels do, but mine expects pixels normalised "
+        "by mean [0.5, 0.4, 0.3] and std [0.2, 0.25, 0.5]: "
+    )
+    # Once per model: a second input of pixels says nothing.
+    assert _unnormalised(net, _items([0.7, 0.2, 0.3], [0.4, 0.5, 0.6]), "images") == []
+
+
+@pytest.mark.parametrize("mean", [[0.0, 0.0, 0.0], [-0.5, 0.0, -0.1]])
+def test_a_model_whose_mean_has_no_positive_channel_is_not_warned_of(mean):
+    # With no mean above 0, (x - mean) / std of pixels is never negative: normalised input
+    # may then lie wholly in [0, 1], and [0, 1] says nothing of whether it is normalised.
+    net = _expecting(mean, [0.5, 0.5, 0.5])
+    assert _unnormalised(net, _items([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])) == []
+    # One channel above 0 is enough for pixels below it to be negative once normalised.
+    assert len(_unnormalised(_expecting([0.0, 0.0, 0.1], [0.5] * 3), _items([0.5] * 3))) == 1
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_a_count_given_as_a_boolean_is_refused_not_taken_for_1_or_0(flag):
+    # bool is an int to Python (True == 1): a count of True is a slip, never one step.
+    from betasmooth.validate import check_count
+
+    with pytest.raises(InputTypeError, match=r"^steps must be an integer >= 0; got "):
+        check_count("steps", flag, 0)

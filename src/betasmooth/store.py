@@ -498,8 +498,13 @@ class RunDir:
 
     def read_warnings(self) -> list[Record]:
         """The warnings kept by :meth:`add_warnings`: rank 0's, then each other rank's,
-        each in the order it said them."""
-        return [r for f in self._files("warnings") for r in read_jsonl(f)]
+        each in the order it said them, each once per command."""
+        # A warning whose newline a kill cut off is not read until the next append ends
+        # its line, which may be the same warning said again on --resume.
+        kept: dict[tuple[object, object], Record] = {}
+        for r in (r for f in self._files("warnings") for r in read_jsonl(f)):
+            kept.setdefault((r.get("command"), r.get("warning")), r)
+        return list(kept.values())
 
     def file(self, name: str = "results") -> Path:
         """The JSON-lines file this rank appends ``name`` records to."""
