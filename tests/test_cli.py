@@ -3199,6 +3199,10 @@ AT = "{net}, line 14, in forward"
             '__import__("sys").exit(3)',
             f"the model's own code exited (sys.exit(3)) at {AT}; expected it to return or raise",
         ),
+        (
+            '__import__("sys").exit()',
+            f"the model's own code exited (sys.exit()) at {AT}; expected it to return or raise",
+        ),
     ],
 )
 def test_an_error_in_the_models_own_code_is_one_line_at_its_place(tmp_path, capsys, fault, said):

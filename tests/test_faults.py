@@ -474,6 +474,23 @@ def test_a_run_with_arrays_but_no_records_yet_is_not_started_over(tmp_path):
     assert not run.started()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_run_that_only_warned_before_its_first_result_is_started_again(tmp_path, rank):
+    # Warnings are kept as they are said, so a model that warns and then fails on the
+    # first batch leaves config.json, arrays/ and a warnings file: the run is started
+    # again without --resume (0.20.0 said "not empty"), and what the failed one said,
+    # perhaps under other settings, is not the new run's.
+    config = {"command": "explain", "steps": 10, "seed": 0}
+    run = RunDir.create(tmp_path / "run", config)
+    RunDir(run.path, rank=rank, world_size=2).add_warnings("explain", [f"rank {rank}: w"])
+    assert not run.read()  # no result of any rank
+    assert not run.started()
+    again = RunDir.create(run.path, {**config, "steps": 20})
+    assert again.config()["steps"] == 20
+    assert again.read_warnings() == []
+    assert sorted(p.name for p in run.path.iterdir()) == ["arrays", "config.json"]
+
+
 @pytest.mark.parametrize("left", ["rank file", "theory"])
 def test_a_run_without_results_jsonl_yet_is_still_refused_without_resume(tmp_path, left):
 

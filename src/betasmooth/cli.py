@@ -2166,13 +2166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         tell(f"betasmooth: error: {what} in the model's own code at {where}{_again(args)}")
         return 2
     except SystemExit as err:
-        # sys.exit() in a model's forward, or a model file that parses the command
-        # line when imported, would end the command without a word of why.
+        # sys.exit() in a model's forward would end the command without a word of why
+        # (one on import or in the factory is caught where the model is loaded).
         where = _raised_in_user_code(err)
         if where is None:
             raise
+        code = "" if err.code is None else repr(err.code)
         tell(
-            f"betasmooth: error: the model's own code exited (sys.exit({err.code!r})) at "
+            f"betasmooth: error: the model's own code exited (sys.exit({code})) at "
             f"{where}; expected it to return or raise{_again(args)}"
         )
         return 2

@@ -602,13 +602,17 @@ class RunDir:
     def started(self) -> bool:
         """Whether the directory holds anything but what :meth:`create` writes first.
 
-        A run that failed before its first result leaves only ``config.json``
-        and an empty ``arrays/``: such a directory is started afresh without
-        ``--resume``, whatever its settings.
+        A run that failed before its first result leaves only ``config.json``,
+        an empty ``arrays/`` and what it warned: such a directory is started
+        afresh without ``--resume``, whatever its settings.
         """
         if not self.path.is_dir():
             return False
-        first = {self.config_path.name, self.arrays.name}
+        first = {
+            self.config_path.name,
+            self.arrays.name,
+            *(f.name for f in self._files("warnings")),
+        }
         if any(p.name not in first and not _temporary(p) for p in self.path.iterdir()):
             return True
         return self.arrays.is_dir() and any(not _temporary(p) for p in self.arrays.iterdir())
@@ -717,6 +721,10 @@ class RunDir:
             stored = self.config()
             full["created"] = stored.get("created", full["created"])
             full.update({k: stored[k] for k in LATER if k in stored and k not in config})
+        else:
+            # Said by a run that failed before its first result, perhaps with other settings.
+            for said in self._files("warnings"):
+                said.unlink(missing_ok=True)
         write_json(self.config_path, full)
 
     def remove_temporary(self) -> None:
