@@ -805,3 +805,14 @@ def test_compare_gives_a_registered_metric_half_maps_in_float32():
         del METRICS["dtype_seen"]
     assert seen == [(torch.float32, torch.float32)]
     assert scores["dtype_seen"].dtype == torch.float32
+
+
+def test_group_records_reads_a_name_s_decimals_as_part_of_its_number():
+    # beta=0.25 < beta=0.5 < beta=0.75 by value; digits after the point read as
+    # a number of their own would put 0.5 before 0.25 (5 < 25).
+    rows = [{"method": m} for m in ("beta=0.5", "beta=0.75", "beta=0.25")]
+    assert [g[0] for g in group_records(rows, ["method"])] == [
+        "beta=0.25",
+        "beta=0.5",
+        "beta=0.75",
+    ]

@@ -580,3 +580,69 @@ def test_a_summary_written_before_it_counted_the_attacked_images_is_formatted():
         "method: recommended beta 1 (most robust with median fidelity >= 0.9): "
         "robustness 0.800 vs 0.300 undefended, more robust"
     )
+
+
+def test_a_beta_without_a_robustness_median_is_passed_over_not_recommended():
+    # Every adv_vs_clean_pcc of beta 1 is NaN (skipped by the medians): its
+    # robustness is None, and only beta 5, with a number, can be recommended.
+    cells = {
+        "1": {"robustness_pcc": None, "fidelity_pcc": 0.99},
+        "5": {"robustness_pcc": 0.5, "fidelity_pcc": 0.95},
+    }
+    assert recommend_beta(cells) == 5.0
+    rows = [
+        {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": float("nan"),
+         "clean_vs_orig_pcc": 0.99, "undefended_pcc": 0.3},
+        {"defense": "beta_smooth", "beta": 5.0, "adv_vs_clean_pcc": 0.5,
+         "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.3},
+    ]  # fmt: skip
+    summary = sweep_summary(rows)["method"]
+    assert summary["betas"]["1"]["robustness_pcc"] is None
+    assert summary["recommended_beta"] == 5.0
+
+
+def test_a_gain_of_exactly_same_pcc_is_noise_and_has_no_value():
+    # 0.01 - 0.0 is exactly SAME_PCC in binary too: "at most SAME_PCC" is None.
+    row = {
+        "defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.9,
+        "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.8, "adv_vs_target_pcc": 0.01,
+        "clean_vs_target_pcc": 0.0, "undefended_target_pcc": 0.01,
+        "undefended_before_pcc": 0.0,
+    }  # fmt: skip
+    assert 0.01 - 0.0 == bs_recommend.SAME_PCC
+    assert sweep_summary([row])["method"]["undefended"]["gain_pcc"] is None
+    # Just above it the gain is given: 0.0125 - 0.0 by hand.
+    above = {**row, "undefended_target_pcc": 0.0125}
+    assert sweep_summary([above])["method"]["undefended"]["gain_pcc"] == 0.0125
+
+
+def test_an_attack_that_changed_no_image_is_not_partly_attacked():
+    # "Some of its n images but not all": none of 2 is not some, and the
+    # robustness is then over all of them, so no line says "the 0 of 2 images".
+    rows = [
+        {"defense": "beta_smooth", "beta": 2.0, "index": i, "attacked": False}
+        | {"adv_vs_clean_pcc": 1.0, "clean_vs_orig_pcc": 0.95, "undefended_pcc": 1.0}
+        for i in range(2)
+    ]
+    summary = sweep_summary(rows)
+    assert bs_recommend.partly_attacked(summary["method"]) is None
+    assert "of the 0 of 2 images" not in format_summary(summary)
+    # One of the two: partly attacked, and the table says over which images.
+    rows[1]["attacked"] = True
+    summary = sweep_summary(rows)
+    assert bs_recommend.partly_attacked(summary["method"]) == (1, 2)
+    assert format_summary(summary).endswith(
+        "method: robustness and gain left of the 1 of 2 images the attack changed"
+    )
+
+
+def test_the_summary_table_prints_a_median_of_zero_as_a_number():
+    # "-" marks a missing median; a robustness of exactly 0 (uncorrelated maps) is one.
+    rows = [
+        {"defense": "beta_smooth", "beta": 1.0, "adv_vs_clean_pcc": 0.0,
+         "clean_vs_orig_pcc": 0.95, "undefended_pcc": 0.0}
+    ]  # fmt: skip
+    lines = format_summary(sweep_summary(rows)).splitlines()
+    # Columns after method, defense, beta (with the mark of the recommended one), n.
+    assert lines[1].split()[-5:] == ["0.000", "-", "1.000", "1.000", "-"]
+    assert lines[2].split()[1:] == ["beta_smooth", "1", "*", "1", "0.000", "-", "0.950", "-", "-"]

@@ -1311,6 +1311,68 @@ def test_npz_integers_without_a_bit_depth_are_8_bit_up_to_255_inclusive(tmp_path
     torch.testing.assert_close(x, torch.from_numpy(levels / scale).float())
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int64])
+def test_npz_integers_reach_65535_inclusive_and_no_further_nor_below_0(tmp_path, dtype):
+    # "[0, 255] or [0, 65535]": 65535, white in 16 bits, is scaled to 1; one more level,
+    # or one below black, is no pixel and refused.
+    levels = np.linspace(0, 65535, 16).round().astype(dtype).reshape(1, 1, 4, 4)
+    np.savez(tmp_path / "d.npz", x=levels)
+    x, _ = bs.load_data(str(tmp_path / "d.npz"))
+    torch.testing.assert_close(x, torch.from_numpy(levels / 65535.0).float())
+    assert float(x.max()) == 1.0
+    for value, said in [(65536, r"\[0, 65536\]"), (-1, r"\[-1, 65535\]")]:
+        if value < 0 and np.dtype(dtype).kind == "u":
+            continue  # an unsigned array holds no -1
+        bad = levels.copy()
+        bad[0, 0, 0, 0 if value < 0 else 1] = value
+        np.savez(tmp_path / "d.npz", x=bad)
+        with pytest.raises(InputError, match=rf"has {np.dtype(dtype)} values in {said}"):
+            bs.load_data(str(tmp_path / "d.npz"))
+
+
+def test_npz_uint16_is_16_bit_even_when_its_values_are_small(tmp_path):
+    # A uint16 array carries its bit depth: dark 16-bit levels (all at most 255) are
+    # scaled by 65535, as a 16-bit image is, not taken for 8-bit levels.
+    levels = np.arange(16, dtype=np.uint16).reshape(1, 1, 4, 4) * 17  # 0 .. 255
+    np.savez(tmp_path / "d.npz", x=levels)
+    x, _ = bs.load_data(str(tmp_path / "d.npz"))
+    torch.testing.assert_close(x, torch.from_numpy(levels / 65535.0).float())
+
+
+def test_npz_channel_last_is_told_by_one_three_or_four_last_against_another_count(tmp_path):
+    # (N, H, W, C) with C of 1, 3 or 4 and a second side that is no channel count is
+    # refused with its transpose; a second side of 1, 3 or 4 is (N, C, H, W) kept as it is.
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 8, 8, 4), dtype=np.float32))
+    with pytest.raises(InputError, match=r"shape \(2, 8, 8, 4\), channel-last"):
+        bs.load_data(str(path))
+    for channels in (1, 3, 4):
+        x = np.random.default_rng(channels).random((2, channels, 5, 3), dtype=np.float32)
+        np.savez(path, x=x)
+        np.testing.assert_array_equal(bs.load_data(str(path)).x.numpy(), x)
+
+
+def test_three_statistics_for_four_channels_point_to_no_conversion(tmp_path):
+    # The hint "--channels 3" is for grey images under RGB statistics; four channels
+    # cannot be converted to three, so three statistics for them get no hint.
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 4, 5, 5), dtype=np.float32))
+    with pytest.raises(InputError) as err:
+        bs.load_data(str(tmp_path / "d.npz"), mean=[0.5] * 3, std=[0.25] * 3)
+    assert str(err.value) == (
+        "mean has 3 values but the images have 4 channels; expected one number or one per channel"
+    )
+
+
+def test_denormalise_refuses_images_of_another_channel_count():
+    # One channel's statistics would broadcast over three channels without a word.
+    data = bs.load_data("digits", mean=0.5, std=0.25, n=2)
+    with pytest.raises(InputError, match=r"x has shape \(2, 3, 32, 32\); expected images of"):
+        data.denormalise(torch.zeros(2, 3, 32, 32))
+    torch.testing.assert_close(
+        data.denormalise(torch.ones(2, 1, 4, 4)), torch.full((2, 1, 4, 4), 0.75)
+    )
+
+
 def test_npz_of_booleans_is_black_and_white(tmp_path):
     # A boolean mask is taken as the values it holds, 0 and 1, not as 8-bit levels.
     mask = np.arange(2 * 4 * 4).reshape(2, 1, 4, 4) % 3 == 0
@@ -1881,3 +1943,94 @@ def test_a_model_path_without_the_py_suffix_is_named_as_a_missing_file(sep) -> N
         match=rf"^model file {re.escape(where)} does not exist; expected 'path/to/file.py:factory'",
     ):
         bs.load_model(f"{where}:build")
+
+
+# ----------------------------------------------------------- the model's own code
+
+
+def _forget(monkeypatch, *names: str) -> None:
+    """Drop ``names`` from ``sys.modules`` now and again when the test ends (monkeypatch
+    restores what it saw: absent), so that each test imports its files afresh."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_a_model_file_and_the_modules_beside_it_that_it_imports_are_its_code(tmp_path, monkeypatch):
+    # The files that a traceback may point into as the user's: the model file, a module
+    # beside it imported at its top, and one its factory imports; a module of another
+    # folder on sys.path that it imports (a library) is not.
+    from betasmooth import zoo
+
+    monkeypatch.setattr(zoo, "_USER_CODE", set())
+    folder, lib = tmp_path / "models", tmp_path / "lib"
+    folder.mkdir()
+    lib.mkdir()
+    (folder / "betasmooth_test_uc_top.py").write_text("WIDTH = 2\n")
+    (folder / "betasmooth_test_uc_lazy.py").write_text("SCALE = 1\n")
+    (lib / "betasmooth_test_uc_lib.py").write_text("BIAS = True\n")
+    (folder / "net.py").write_text(
+        "from torch import nn\nimport betasmooth_test_uc_top as top\n"
+        "import betasmooth_test_uc_lib as lib\n\n"
+        "def build():\n    import betasmooth_test_uc_lazy\n"
+        "    return nn.Linear(3, top.WIDTH, bias=lib.BIAS)\n"
+    )
+    monkeypatch.syspath_prepend(str(lib))
+    _forget(
+        monkeypatch, "betasmooth_test_uc_top", "betasmooth_test_uc_lazy", "betasmooth_test_uc_lib"
+    )
+    assert bs.load_model(f"{folder / 'net.py'}:build").out_features == 2
+    mine = [folder / "net.py", folder / "betasmooth_test_uc_top.py"]
+    mine.append(folder / "betasmooth_test_uc_lazy.py")
+    assert all(zoo.is_user_code(str(path)) for path in mine)
+    assert not zoo.is_user_code(str(lib / "betasmooth_test_uc_lib.py"))
+    assert zoo._USER_CODE == {path.resolve() for path in mine}
+
+
+def test_a_model_module_and_its_packages_own_modules_are_its_code(tmp_path, monkeypatch):
+    # "pkg.sub.net:build": the module, a module of its package elsewhere than its own
+    # subpackage (the package is the top one), and one its factory imports are the model's
+    # code; a module already imported before is still the module the spec names; a library
+    # in an environment inside the package (dist-packages, as Debian names site-packages)
+    # and a module outside the package are not.
+    from betasmooth import zoo
+
+    monkeypatch.setattr(zoo, "_USER_CODE", set())
+    pkg = tmp_path / "betasmooth_test_ucpkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "blocks.py").write_text("WIDTH = 3\n")
+    (pkg / "lazy.py").write_text("SCALE = 1\n")
+    env = pkg / "env" / "dist-packages"
+    env.mkdir(parents=True)
+    (env / "betasmooth_test_ucenv.py").write_text("BIAS = False\n")
+    (tmp_path / "betasmooth_test_ucout.py").write_text("ONE = 1\n")
+    (pkg / "sub" / "net.py").write_text(
+        "from torch import nn\nfrom betasmooth_test_ucpkg import blocks\n"
+        "import betasmooth_test_ucenv as env\nimport betasmooth_test_ucout\n\n"
+        "def build():\n    from betasmooth_test_ucpkg import lazy\n"
+        "    return nn.Linear(2, blocks.WIDTH, bias=env.BIAS)\n"
+    )
+    monkeypatch.syspath_prepend(str(env))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ["betasmooth_test_ucpkg", "betasmooth_test_ucpkg.sub", "betasmooth_test_ucpkg.sub.net"]
+    names += ["betasmooth_test_ucpkg.blocks", "betasmooth_test_ucpkg.lazy"]
+    _forget(monkeypatch, *names, "betasmooth_test_ucenv", "betasmooth_test_ucout")
+    model = bs.load_model("betasmooth_test_ucpkg.sub.net:build")
+    assert model.out_features == 3 and model.bias is None
+    mine = {(pkg / "sub" / "net.py").resolve(), (pkg / "blocks.py").resolve()}
+    mine |= {(pkg / name).resolve() for name in ("__init__.py", "sub/__init__.py", "lazy.py")}
+    assert zoo._USER_CODE == mine
+    assert not zoo.is_user_code(str(env / "betasmooth_test_ucenv.py"))
+    # Imported by the user before the spec named it: still the model's code.
+    import importlib
+
+    (tmp_path / "betasmooth_test_ucpre.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Linear(1, 1)\n"
+    )
+    _forget(monkeypatch, "betasmooth_test_ucpre")
+    importlib.import_module("betasmooth_test_ucpre")
+    assert not zoo.is_user_code(str(tmp_path / "betasmooth_test_ucpre.py"))
+    bs.load_model("betasmooth_test_ucpre:build")
+    assert zoo.is_user_code(str(tmp_path / "betasmooth_test_ucpre.py"))
