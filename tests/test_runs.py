@@ -1984,3 +1984,16 @@ def test_a_warning_whose_newline_a_kill_cut_off_is_kept_once_when_said_again(tmp
         {"command": "attack", "warning": "w"},
         {"command": "explain", "warning": "w"},
     ]
+
+
+@pytest.mark.parametrize("line", ["[1]", '"look here"', '{"command": "attack"}'])
+def test_a_line_of_warnings_that_is_no_warning_is_named_with_its_line(tmp_path, line):
+    # Read for the report and before each warning is kept: a foreign line would have
+    # ended either with a traceback.
+    (tmp_path / "warnings.jsonl").write_text(f'{{"command": "attack", "warning": "w"}}\n{line}\n')
+    with pytest.raises(InputError) as err:
+        RunDir(tmp_path).read_warnings()
+    assert str(err.value) == (
+        f"{tmp_path / 'warnings.jsonl'}, line 2, is not a betasmooth warning; expected a JSON "
+        "object with command and warning: remove that line"
+    )

@@ -502,8 +502,14 @@ class RunDir:
         # A warning whose newline a kill cut off is not read until the next append ends
         # its line, which may be the same warning said again on --resume.
         kept: dict[tuple[object, object], Record] = {}
-        for r in (r for f in self._files("warnings") for r in read_jsonl(f)):
-            kept.setdefault((r.get("command"), r.get("warning")), r)
+        for f in self._files("warnings"):
+            for number, r in _numbered_lines(f):
+                if not (isinstance(r, dict) and "warning" in r):
+                    raise InputError(
+                        f"{f}, line {number}, is not a betasmooth warning; expected a JSON "
+                        "object with command and warning: remove that line"
+                    )
+                kept.setdefault((r.get("command"), r["warning"]), r)
         return list(kept.values())
 
     def file(self, name: str = "results") -> Path:
