@@ -3492,3 +3492,23 @@ def test_beta_auto_resumed_into_a_directory_not_yet_started_calibrates(
     assert cli.main([*argv, "--resume"]) == 0
     assert "beta = 2" in capsys.readouterr().out
     assert RunDir(out).config()["beta_smooth_beta"] == 2.0
+
+
+def test_a_warning_said_after_a_command_is_kept_in_no_run_of_it(tmp_path, capsys):
+    # In one process (a notebook, a test session) the next warning belongs to no run:
+    # before, it went into the last command's warnings.jsonl, or failed where that
+    # run had gone.
+    import betasmooth.cli as cli
+
+    net = tmp_path / "net.py"
+    net.write_text(
+        "import warnings\nimport torch\n\n\ndef build():\n"
+        "    warnings.warn('built')\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))\n"
+    )
+    argv = ["explain", "--model", f"{net}:build", "--data", "digits", "-n", "1"]
+    assert main([*argv, "--method", "gradient", "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    cli._show_warning("later", UserWarning, "elsewhere.py", 1)
+    assert "betasmooth: warning: later" in capsys.readouterr().err
+    kept = [r["warning"] for r in read_jsonl(tmp_path / "r" / "warnings.jsonl")]
+    assert kept == ["built"]

@@ -2122,6 +2122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     _reuse_freed_memory()
     try:
+        return _main(args)
+    finally:
+        # A warning said after the command (in the same process: a notebook, a test)
+        # belongs to no run of it.
+        _SAID.start("")
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
         # Flushing before the first parallel operation reaches torch's CPU
         # worker threads too, which copy the state of the thread that starts them.
         # The command line normalises the data itself, as the weights or --mean/--std say:
