@@ -493,7 +493,7 @@ class RunDir:
         """
         held = {(r.get("command"), r.get("warning")) for r in self.read_warnings()}
         fresh = [m for m in dict.fromkeys(messages) if (command, m) not in held]
-        mine = self.merged("warnings") if self.rank == 0 else self.file("warnings")
+        mine = self.warnings if self.rank == 0 else self.file("warnings")
         append_jsonl(mine, [{"command": command, "warning": m} for m in fresh])
 
     def read_warnings(self) -> list[Record]:
