@@ -1997,3 +1997,102 @@ def test_a_line_of_warnings_that_is_no_warning_is_named_with_its_line(tmp_path, 
         f"{tmp_path / 'warnings.jsonl'}, line 2, is not a betasmooth warning; expected a JSON "
         "object with command and warning: remove that line"
     )
+
+
+def test_a_sweep_checks_the_clean_images_in_the_lrp_box_of_its_data_range(
+    tmp_path, digits, digits_cnn
+):
+    # LRP's z^B box is the sweep's data_range (here [0, 2.5]), not [0, 1]: attacked
+    # images moved to [2, 2.5] lie inside it, and clean ones moved to [5, 6] outside:
+    # refused, naming that box and the clean images, before the sweep writes.
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
+    path = run.arrays_file("lrp", 0)
+    arrays = read_npz(path)
+    inside = 2.0 + 0.5 * arrays["x_adv"]
+    write_npz(path, arrays | {"x": arrays["x"] + 5.0, "x_adv": inside})
+    config = run.config_path.read_text()
+    box = (0.0, 2.5)
+    with pytest.raises(InputError, match=r"^x lies outside the lrp input box \[0\.0, 2\.5\]"):
+        sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2, data_range=box)
+    assert run.config_path.read_text() == config
+    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+
+
+def test_a_sweep_checks_that_its_defenses_can_explain_the_model_before_it_writes(
+    tmp_path, digits, digits_cnn
+):
+    # An LRP attack swept with the model given a Softmax head (which LRP has no rule
+    # for): both smoothing defenses of LRP are refused at once, naming the module,
+    # before the sweep records its settings or computes a batch.
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
+    config = run.config_path.read_text()
+    head = torch.nn.Sequential(digits_cnn, torch.nn.Softmax(1)).eval()
+    with pytest.raises(InputError, match=r"^lrp has no rule for module Softmax"):
+        sweep_run(run, head, [1.0], smoothgrad_n=2)
+    assert run.config_path.read_text() == config
+    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+
+
+def _guided_maps(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options):
+    """A registered defense named as a method that smooths no base: guided backprop."""
+    return bs.heatmap(bs.explain(model, xs, "guided_backprop", label))
+
+
+def test_a_registered_defense_named_as_a_method_without_a_base_is_not_checked_as_one(
+    tmp_path, digits, digits_cnn, monkeypatch
+):
+    # Only the defenses that smooth a base (beta_smooth, smoothgrad) are checked as
+    # methods given a base: a registered defense named guided_backprop, a method that
+    # takes no base, is swept, and its stored maps are guided backprop's of x_adv.
+    from betasmooth.defense import DEFENSES
+    from betasmooth.runs import attack_run, sweep_run
+
+    monkeypatch.setitem(DEFENSES, "guided_backprop", _guided_maps)
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["gradient"], steps=1)
+    rows = sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2, defenses=["guided_backprop"])
+    assert sorted((r["index"], r["defense"]) for r in rows) == [
+        (0, "guided_backprop"),
+        (1, "guided_backprop"),
+    ]
+    x_adv = torch.from_numpy(read_npz(run.arrays_file("gradient", 0))["x_adv"])
+    label = digits_cnn(x).argmax(1)
+    want = bs.heatmap(bs.explain(digits_cnn, x_adv, "guided_backprop", label))
+    swept = run.read_arrays("gradient", "sweep")["maps_guided_backprop"][:, 0]
+    np.testing.assert_allclose(swept, want.detach().numpy(), atol=1e-6)
+
+
+def test_a_sweep_checks_each_batch_in_its_own_images_lrp_boxes(tmp_path, digits, digits_cnn):
+    # Per-image LRP boxes given as the attack's options, [0, 1] for image 0 and [2, 3]
+    # for image 1, whose arrays (a batch of its own) are moved into [2, 3]: each batch
+    # is checked in its images' rows of the boxes given, so the sweep runs; the same
+    # boxes swapped leave image 1 outside its box, refused before the sweep writes
+    # (the data's range, [0, 3], holds both: the boxes given are what refuses).
+    from betasmooth.runs import attack_run, sweep_run
+
+    x, y = digits[0][:2], digits[1][:2]
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1, batch_size=1)
+    path = run.arrays_file("lrp", 1)
+    arrays = read_npz(path)
+    write_npz(path, arrays | {"x": arrays["x"] + 2.0, "x_adv": arrays["x_adv"] + 2.0})
+    low = torch.tensor([0.0, 2.0], dtype=torch.float32).view(2, 1, 1, 1)
+    swapped = {"lrp": {"low": low.flip(0), "high": low.flip(0) + 1.0}}
+    config = run.config_path.read_text()
+    with pytest.raises(InputError, match=r"^x lies outside the lrp input box"):
+        sweep_run(run, digits_cnn, [1.0], method_options=swapped, data_range=(0.0, 3.0))
+    assert run.config_path.read_text() == config
+    boxes = {"lrp": {"low": low, "high": low + 1.0}}
+    rows = sweep_run(
+        run, digits_cnn, [1.0], defenses=["beta_smooth"], method_options=boxes, data_range=(0, 3)
+    )
+    assert sorted(r["index"] for r in rows) == [0, 1]

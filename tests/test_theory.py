@@ -741,3 +741,83 @@ def test_run_times_each_of_its_four_parts(quick_run):
     assert set(seconds) == {"identity", "theorem2", "smoothgrad", "curvature"}
     assert all(s > 0 for s in seconds.values()), seconds
     assert sum(seconds.values()) <= quick_run["elapsed"]
+
+
+def test_curvature_by_beta_defaults_are_20_lanczos_steps_from_seed_0():
+    # A Hessian of rank 48 that 20 Lanczos steps do not resolve exactly: the estimates
+    # then depend on the steps and the start vector, so the documented defaults
+    # (iterations=20, seed=0) are seen in the medians of the public curvature,
+    # computed on smooth(net, beta) at the ReLU net's predicted class.
+    from betasmooth.geometry import curvature
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 3)).double().eval()
+    x = torch.randn(3, 64, dtype=torch.float64)
+    label = net(x).argmax(1)
+    beta = 2.0
+    out = theory.curvature_by_beta(net, x, [beta])[str(beta)]
+    smoothed = bs.smooth(net, beta)
+    want = curvature(smoothed, x, label, iterations=20, seed=0)
+    for key in ("hessian_norm", "principal_curvature", "gradient_norm"):
+        assert out[key] == pytest.approx(float(want[key].median()), rel=1e-12), key
+    # The check can see both settings: other steps or another seed move the medians.
+    for other in ({"iterations": 10, "seed": 0}, {"iterations": 20, "seed": 1}):
+        moved = curvature(smoothed, x, label, **other)
+        assert float(moved["principal_curvature"].median()) != pytest.approx(
+            out["principal_curvature"], rel=1e-9
+        ), other
+
+
+@pytest.mark.parametrize(
+    ("quick", "n", "images", "samples", "betas"),
+    [
+        # README, "What betasmooth theorem reports": N = 100 000, 8 test images,
+        # 64 SmoothGrad samples and the betas of its table.
+        (False, 100_000, 8, 64, [0.5, 1, 2, 5, 10, 20, 50]),
+        (True, 10_000, 2, 16, [0.5, 2, 10, 50]),
+    ],
+)
+def test_run_gives_each_part_its_documented_settings_seed_and_progress(
+    monkeypatch, quick, n, images, samples, betas
+):
+    # The parts are replaced by recorders (each is checked against its oracles
+    # above), so that the full settings are seen without a minute's computation:
+    # the run hands each part its sample counts, the first test digits, its seed
+    # and the progress flag, and tables whatever the part returns.
+    calls = {}
+
+    def table(betas):
+        return {str(float(b)): {"logistic": 0.0, "gaussian": 0.0} for b in betas}
+
+    def theorem2(count, seed):
+        calls["theorem2"] = (count, seed)
+        return {"curves": {}}
+
+    def sg(model, x, betas, *, samples, seed, progress):
+        calls["smoothgrad"] = (x, list(betas), samples, seed, progress)
+        return table(betas)
+
+    def curv(model, x, betas, *, seed, progress):
+        calls["curvature"] = (x, list(betas), seed, progress)
+        rows = {str(float(b)): {"hessian_norm": b, "principal_curvature": -b} for b in betas}
+        return {**rows, "relu": {"hessian_norm": 0.0, "principal_curvature": 0.0}}
+
+    monkeypatch.setattr(theory, "_identity_part", lambda: {"curves": {}})
+    monkeypatch.setattr(theory, "_theorem2_part", theorem2)
+    monkeypatch.setattr(theory, "smoothing_vs_smoothgrad", sg)
+    monkeypatch.setattr(theory, "curvature_by_beta", curv)
+    out = theory.run(quick=quick, seed=7, progress=True)
+    first = bs.load_data("digits", split="test").x[:images]
+    assert calls["theorem2"] == (n, 7)
+    x, got_betas, got_samples, seed, progress = calls["smoothgrad"]
+    torch.testing.assert_close(x, first, rtol=0, atol=0)
+    assert (got_betas, got_samples, seed, progress) == (betas, samples, 7, True)
+    x, got_betas, seed, progress = calls["curvature"]
+    torch.testing.assert_close(x, first, rtol=0, atol=0)
+    assert (got_betas, seed, progress) == (betas, 7, True)
+    # Each curve column is the part's value at its own beta, in that order.
+    assert out["curves"]["curvature"] == {
+        "beta": [float(b) for b in betas],
+        "hessian_norm": [float(b) for b in betas],
+        "principal_curvature": [-float(b) for b in betas],
+    }
