@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,10 @@ def hub(tmp_path_factory):
         saved[name] = net
     yield saved
     patch.undo()
+
+
+#: The module's own download, before the autouse fixture below stubs it.
+DOWNLOAD = pretrained.download
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +109,13 @@ def test_unknown_name_and_weights_are_one_line_errors(hub):
 
 @pytest.mark.parametrize(
     "spec",
-    ["torchvision:resnet18:IMAGENET1K_V1:extra", "torchvision:", "torchvision:resnet18:"],
+    [
+        "torchvision:resnet18:IMAGENET1K_V1:extra",
+        "torchvision:",
+        "torchvision:resnet18:",
+        # Another scheme's spec is no torchvision spec: not read as torchvision's resnet18.
+        "timm:resnet18",
+    ],
 )
 def test_a_malformed_torchvision_spec_is_refused_not_read_in_part(spec):
     # A fourth part is no weights name to drop: DEFAULT in its place would be another network.
@@ -364,6 +375,31 @@ def test_own_weights_get_the_input_size_torchvision_builds_for_the_pretrained_on
     assert ours.value.args[0] == expected and theirs.value.args[0]["num_classes"] == 1000
 
 
+@pytest.mark.parametrize(
+    ("name", "module", "cls"),
+    [("googlenet", "googlenet", "GoogLeNet"), ("inception_v3", "inception", "Inception3")],
+)
+def test_own_weights_get_the_arguments_torchvision_builds_the_pretrained_ones_with(
+    name, module, cls, monkeypatch
+):
+    # Oracle: the arguments torchvision's own builder, get_model(name, weights=...),
+    # hands the model class (transform_input, init_weights), recorded as above so that
+    # nothing is built; but for aux_logits, which it sets only to load the published
+    # file's auxiliary heads and drops after loading: the model it returns has none.
+    def record(*args, **kwargs):
+        raise _Built(kwargs)
+
+    # torchvision.models.googlenet is the builder function, its module is in sys.modules.
+    monkeypatch.setattr(sys.modules[f"torchvision.models.{module}"], cls, record)
+    with pytest.raises(_Built) as theirs:
+        torchvision.models.get_model(name, weights="DEFAULT")
+    with pytest.raises(_Built) as ours:
+        pretrained.load_pretrained(f"torchvision:{name}", pretrained=False)
+    expected = {k: v for k, v in theirs.value.args[0].items() if k != "num_classes"}
+    assert ours.value.args[0] == {**expected, "aux_logits": False}
+    assert theirs.value.args[0]["aux_logits"] is True
+
+
 def test_damaged_cache_file_says_to_delete_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path = pretrained.checkpoint_path(SPECS["resnet18"])
@@ -387,6 +423,31 @@ def test_a_cache_file_of_other_weights_names_the_missing_keys(tmp_path, monkeypa
     said = str(err.value)
     assert said.startswith(f"{path} does not hold the weights ResNet18_Weights.IMAGENET1K_V1 (")
     assert '"fc.bias"' in said and said.endswith("); delete it so that it is downloaded again")
+
+
+def test_a_cache_file_with_every_key_renamed_is_named_in_a_short_line(tmp_path, monkeypatch):
+    # nn.DataParallel's file ("module." before every key): torch's error lists every
+    # key, its first two lines alone thousands of characters; the line gives the start
+    # of torch's own text (oracle: torch's load_state_dict error on the same dict), cut
+    # and marked as cut.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained.checkpoint_path(SPECS["resnet18"])
+    path.parent.mkdir(parents=True)
+    net = torchvision.models.resnet18()
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    with pytest.raises(RuntimeError) as torch_said:
+        net.load_state_dict(state)
+    full = " ".join(line.strip() for line in str(torch_said.value).splitlines()[:2])
+    with pytest.raises(InputError) as err:
+        bs.load_model(SPECS["resnet18"])
+    said = str(err.value)
+    head = f"{path} does not hold the weights ResNet18_Weights.IMAGENET1K_V1 ("
+    tail = "); delete it so that it is downloaded again"
+    assert said.startswith(head) and said.endswith(tail) and "\n" not in said
+    detail = said[len(head) : -len(tail)]
+    assert len(full) > 1000 and detail.endswith(" ...") and len(detail) < 300
+    assert full.startswith(detail.removesuffix(" ...")) and '"conv1.weight"' in detail
 
 
 def test_missing_torchvision_names_the_extra(monkeypatch, capsys, tmp_path):
@@ -656,3 +717,71 @@ def test_load_pretrained_gives_the_model_in_evaluation_mode(hub):
     x = normalised(2, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), hub["resnet18"](x), rtol=0, atol=0)
+
+
+def test_a_missing_file_is_downloaded_where_torchvision_keeps_it(tmp_path, monkeypatch):
+    # Oracle: torchvision's own hub cache, <torch.hub.get_dir()>/checkpoints/<file name of
+    # the weights' url>, for the weights asked for (mobilenet_v2's DEFAULT is V2, not V1),
+    # into a cache folder that does not exist yet; torch.hub's fetch is stubbed (no
+    # network), the module's download above it is the real one.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(pretrained, "download", DOWNLOAD)
+    spec = "torchvision:mobilenet_v2:IMAGENET1K_V1"
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    expected = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    torch.manual_seed(4)
+    net = torchvision.models.mobilenet_v2().eval()
+    asked = []
+
+    def unreachable(url, dst, *args, **kwargs):
+        raise OSError("no network")
+
+    def serve(url, dst, *args, **kwargs):
+        asked.append((url, dst))
+        torch.save(net.state_dict(), dst)  # fails where the folder was not made
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(InputError) as err:
+        bs.load_model(spec)
+    assert f"expected the file {expected.name} in {expected.parent} (torch hub cache" in str(
+        err.value
+    )
+    monkeypatch.setattr(torch.hub, "download_url_to_file", serve)
+    model = bs.load_model(spec)
+    assert asked == [(weights.url, str(expected))] and expected.is_file()
+    for key, value in net.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_categories_are_a_copy_of_the_weights_class_names():
+    # Oracle: torchvision's weights meta. A caller that edits the list it was given
+    # (relabels a class for a report) must not rename the class in torchvision's
+    # enum, for every later model and call in the process.
+    own = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    names = pretrained.categories("torchvision:resnet18")
+    assert names == own and len(names) == 1000
+    names[0] = "relabelled"
+    assert own[0] == "tench" and pretrained.categories("torchvision:resnet18")[0] == "tench"
+    # Weights without class names (VGG-16's feature extractor) have none.
+    assert torchvision.models.VGG16_Weights.IMAGENET1K_FEATURES.meta["categories"] is None
+    assert pretrained.categories("torchvision:vgg16:IMAGENET1K_FEATURES") is None
+
+
+def test_the_cache_file_is_read_once_and_with_weights_only(hub, monkeypatch):
+    # torchvision's own get_state_dict reads the hub file with weights_only=False; the
+    # model must be built from the state read safely, so torch.load is called once per
+    # load, on the cached file, with weights_only=True (oracle: the calls recorded).
+    calls = []
+    load = torch.load
+
+    def recording(path, *args, **kwargs):
+        calls.append((str(path), kwargs.get("weights_only")))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    for name, spec in SPECS.items():
+        calls.clear()
+        model = bs.load_model(spec)
+        assert calls == [(str(pretrained.checkpoint_path(spec)), True)], name
+        for key, value in hub[name].state_dict().items():
+            assert torch.equal(model.state_dict()[key], value), key

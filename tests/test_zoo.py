@@ -982,6 +982,34 @@ def test_signed_npz_pixels_under_a_torchvision_models_own_statistics_are_said(
     assert len(told) == 1 and "x * std + mean for x normalised already" in told[0], told
 
 
+def test_signed_npz_pixels_with_half_of_a_presets_statistics_are_not_said(tmp_path) -> None:
+    """The preset's warning on signed data is for its own mean *and* std only.
+
+    A normalisation that shares the preset's mean but has a std of one's own (or the
+    other way round) is the user's own, which may well be of signed pixels: no warning,
+    and the normalisation is the one asked for (oracle: the formula by hand).
+    """
+    path = tmp_path / "signed.npz"
+    x = np.linspace(-1, 1, 3 * 8 * 8, dtype=np.float32).reshape(1, 3, 8, 8)
+    np.savez(path, x=x)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    def load(**stats):
+        return bs.load_data(str(path), preset="torchvision:resnet18", image_size=8, **stats)
+
+    # Both of the preset's own: the warning (the control, so that silence below means
+    # the rule and not a warning that is never given for these data).
+    with pytest.warns(UserWarning, match=r"torchvision:resnet18's mean and std apply to pixels"):
+        load(mean=mean, std=std)
+    for own_mean, own_std in ((mean, [0.5, 0.5, 0.5]), ([0.0, 0.0, 0.0], std)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data = load(mean=own_mean, std=own_std)
+        shift = np.reshape(own_mean, (1, 3, 1, 1))
+        expected = (x - shift) / np.reshape(own_std, (1, 3, 1, 1))
+        np.testing.assert_allclose(data.x.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_npz_labels_under_another_name_are_said(tmp_path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((2, 1, 4, 4), dtype=np.float32), labels=np.array([3, 1]))
