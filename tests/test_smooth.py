@@ -234,6 +234,27 @@ def test_a_bad_beta_is_refused_saying_what_is_wrong(beta, error, message):
         softplus(torch.ones(2), beta)
 
 
+def test_a_tensor_beta_with_several_bad_values_names_the_first():
+    # The message quotes one value, the first bad one in order: 0.0 here, not -1.0
+    # or 1e-40 further on.
+    beta = torch.tensor([2.0, 0.0, -1.0, 1e-40], dtype=torch.float64)
+    with pytest.raises(InputError, match=r"^beta must be a positive finite number; got 0.0$"):
+        softplus(torch.ones(4), beta)
+
+
+def test_softplus_takes_any_real_number_as_beta():
+    # check_beta takes every numbers.Real: a Fraction (which torch's own softplus
+    # refuses) computes as its float value. Oracle: the closed form in float64.
+    from fractions import Fraction
+
+    x = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    y = softplus(x, Fraction(3, 2))
+    xs = x.detach().numpy()
+    np.testing.assert_allclose(y.detach().numpy(), np.log1p(np.exp(1.5 * xs)) / 1.5, rtol=1e-14)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    np.testing.assert_allclose(grad.numpy(), 1 / (1 + np.exp(-1.5 * xs)), rtol=1e-14)
+
+
 def test_softplus_refuses_integers_and_a_beta_that_does_not_broadcast_in_its_own_words():
     with pytest.raises(
         InputTypeError, match=r"^x must be a floating tensor .*got dtype torch.int64$"
@@ -1335,6 +1356,27 @@ def test_a_scripted_part_with_relu6_is_refused():
         check_overridable(net)
 
 
+@pytest.mark.parametrize(
+    "part",
+    [nn.Hardswish, nn.LeakyReLU, nn.Hardtanh, nn.PReLU, nn.Hardsigmoid, nn.ReLU6, nn.ReLU],
+)
+def test_a_scripted_part_with_any_activation_made_of_relu_is_refused_by_its_path(part):
+    # Every activation of THROUGH_RELU is replaced through its ReLUs: a scripted part
+    # that runs one keeps it unsmoothed, so the check names that part (index 1).
+    net = nn.Sequential(nn.Linear(2, 2), torch.jit.script(part()))
+    with pytest.raises(
+        InputError,
+        match=r"^beta-smoothing cannot reach the ReLUs of its "
+        r"submodule 1, a TorchScript module",
+    ):
+        check_overridable(net)
+
+
+def test_a_scripted_part_without_relu_is_accepted():
+    # A scripted tanh has no ReLU for the override to miss: nothing to refuse.
+    check_overridable(nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Tanh())))
+
+
 def test_replace_relu_counts_every_relu_call_of_the_first_pass():
     class Three(nn.Module):
         def forward(self, x):
@@ -1476,6 +1518,20 @@ def test_guided_backprop_and_beta_smoothing_name_kinked_activations_each_in_its_
         bs.explain(net, x, "beta_smooth", 0, beta=2.0)
 
 
+def test_guided_backprop_names_the_activations_made_of_relu_that_it_leaves_alone():
+    # Guided backprop (through=False) replaces ReLU only: ReLU6 and LeakyReLU pass
+    # their plain gradient, which its warning says, naming each by its module.
+    net = nn.Sequential(nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.2))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with replace_relu(net, torch.relu, warn="guided_backprop", through=False):
+            net(torch.linspace(-8, 8, 5))
+    assert [str(w.message) for w in record] == [
+        "Sequential: guided_backprop acts on ReLU only; these activations "
+        "pass their plain gradient: LeakyReLU, ReLU6"
+    ]
+
+
 def test_a_smoothed_model_smoothed_again_computes_the_new_beta_and_warns_of_nothing():
     # The later smoothing's override is on top of torch's stack: the earlier one never
     # sees a ReLU, yet it did not fail to find one.
@@ -1525,6 +1581,17 @@ def test_prelu_of_two_channels_is_smoothed_per_channel_with_its_gradient_in_the_
     torch.testing.assert_close(grad_w, (x - sp).sum(dim=(0, 2)), rtol=1e-12, atol=1e-12)
 
 
+def test_prelu_of_one_slope_keeps_the_shape_of_a_one_dimensional_input():
+    # torch.prelu takes a 1-d input with one slope; smoothed, it is
+    # w x + (1 - w) softplus_beta(x) of the same shape, by the closed form.
+    act = nn.PReLU().double()
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    out = smooth(act, 2.0)(x)
+    sp = np.log1p(np.exp(2.0 * x.numpy())) / 2.0
+    assert out.shape == act(x).shape == (7,)
+    np.testing.assert_allclose(out.detach().numpy(), 0.25 * x.numpy() + 0.75 * sp, rtol=1e-14)
+
+
 @pytest.mark.parametrize("beta", [0.5, torch.tensor(3.0, dtype=torch.float64)])
 def test_the_forward_tangent_of_softplus_has_its_own_derivative(beta):
     # Reverse mode over forward mode: d/dx of the tangent sigmoid(beta x) is
@@ -1544,6 +1611,17 @@ def test_from_uniform_keeps_half_a_step_from_both_ends(dtype):
     e = LogisticNoise(torch.tensor(2.0, dtype=dtype)).from_uniform(u)
     end = math.log(half / (1 - half)) / 2.0
     torch.testing.assert_close(e, torch.tensor([end, -end, 0.0], dtype=dtype))
+
+
+def test_from_uniform_keeps_an_exact_one_half_a_step_away_too():
+    # from_uniform keeps u at least half a step from 1: u = 1 itself (outside
+    # torch.rand's range, but a uniform that a caller may pass) draws the same
+    # finite end as the last float below 1, logit(1 - eps / 2) / beta, not inf.
+    half = torch.finfo(torch.float64).eps / 2
+    e = LogisticNoise(torch.tensor(2.0, dtype=torch.float64)).from_uniform(
+        torch.tensor([1.0], dtype=torch.float64)
+    )
+    assert e.item() == pytest.approx(math.log((1 - half) / half) / 2.0, rel=1e-12)
 
 
 def test_relu_calls_leaves_out_a_relu_of_the_parameters_alone():
@@ -1601,6 +1679,8 @@ def test_second_order_differentiates_hardsigmoid_and_attention_twice():
         (lambda h: torch.fmax(h, torch.zeros_like(h)), "maximum(x, 0)"),
         (lambda h: h.clamp_min(0.0), "clamp(min=0)"),
         (lambda h: torch.clamp_min(h, 0), "clamp(min=0)"),
+        # An upper bound at infinity is no bound: still a ReLU.
+        (lambda h: h.clamp(min=0.0, max=math.inf), "clamp(min=0)"),
     ],
 )
 def test_the_other_spellings_of_a_relu_are_named_as_left_kinked(floor, named):
@@ -1612,6 +1692,73 @@ def test_the_other_spellings_of_a_relu_are_named_as_left_kinked(floor, named):
         "_Calls: beta-smoothing replaces ReLU and the activations made of it; these "
         f"piecewise-linear activations stay non-smooth: {named}"
     ]
+
+
+def test_a_float_maximum_with_an_integer_zero_is_named_as_a_relu():
+    # torch.maximum(h, torch.tensor(0)) promotes the integer zero: it is a ReLU of h.
+    net = _Calls(lambda x: torch.relu(torch.maximum(x - 0.5, torch.tensor(0))))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        smooth(net, 2.0)(torch.linspace(-1, 1, 5))
+    assert [str(w.message) for w in record] == [
+        "_Calls: beta-smoothing replaces ReLU and the activations made of it; these "
+        "piecewise-linear activations stay non-smooth: maximum(x, 0)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "floor",
+    [
+        lambda h: torch.clamp(h, 0.0, 1.0),  # an upper bound, by position: no ReLU
+        lambda h: h.clamp(min=0.0, max=1.0),
+        lambda h: torch.clamp(h, -1.0),  # a floor below 0
+        lambda h: h + torch.arange(h.shape[0]).clamp(min=0),  # integer bookkeeping
+        lambda h: h + torch.maximum(torch.arange(h.shape[0]), torch.zeros(1, dtype=torch.long)),
+        lambda h: torch.maximum(h, torch.full_like(h, 0.5)),  # a floor that is not 0
+    ],
+)
+def test_clamps_and_maxima_that_are_no_relu_are_not_named(floor):
+    # Only clamp(x, min=0) with no upper bound and a float maximum with an all-zero
+    # operand are ReLUs; these are not, so smoothing warns of nothing and computes
+    # softplus_2 of the floor, as numpy's closed form does.
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    net = _Calls(lambda v: torch.relu(floor(v - 0.5)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = smooth(net, 2.0)(x)
+    assert [str(w.message) for w in record] == []
+    h = floor(x - 0.5).numpy()
+    np.testing.assert_allclose(got.numpy(), np.log1p(np.exp(2.0 * h)) / 2.0, rtol=1e-14)
+
+
+def test_smoothing_refuses_what_is_no_module_in_its_own_words():
+    # A function that computes like a model is no nn.Module: it has no forward hooks
+    # to hold the override, which the refusal says before anything else fails.
+    from betasmooth.smooth import check_smoothing_uncompiled
+
+    message = r"^model must be a torch\.nn\.Module; got builtin_function_or_method "
+    with pytest.raises(InputTypeError, match=message):
+        smooth(torch.relu, 2.0)
+    with pytest.raises(InputTypeError, match=message), smoothed(torch.relu, 2.0):
+        pass
+    with pytest.raises(InputTypeError, match=message):
+        check_smoothing_uncompiled(torch.relu)
+
+
+def test_relu_calls_leaves_out_a_relu_of_a_buffer_that_requires_grad():
+    # The parameters and the buffers are detached for the pass: a buffer made from a
+    # tensor that requires grad is still a constant, and its ReLU does not count.
+    from betasmooth.smooth import relu_calls
+
+    class Offset(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("offset", torch.tensor([1.0, -1.0], requires_grad=True))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.relu(x) + self.offset.relu()
+
+    assert relu_calls(Offset(), torch.ones(3, 2)) == 1
 
 
 def test_is_smoothed_is_false_for_a_model_with_hooks_of_its_own():
