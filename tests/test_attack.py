@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 from torch import nn
 
@@ -1715,3 +1715,174 @@ def test_adaptive_attacks_use_their_documented_beta_schedule_by_default(
     result = bs.manipulate(net, x, target, method, steps=2, lr=1e-2, method_options=options)
     np.testing.assert_allclose(seen, betas)
     assert result.settings["beta_schedule"] == ("geometric" if betas else "none")
+
+
+def test_center_score_is_minus_the_euclidean_shift_of_the_centres_of_mass():
+    # Ghorbani et al.'s centre attack scores an iterate by the L2 distance between the
+    # centres of mass (lower is better: minus the distance), recomputed with scipy.
+    g = torch.Generator().manual_seed(0)
+    orig = torch.rand(3, 6, 7, generator=g, dtype=torch.float64)
+    maps = torch.rand(3, 6, 7, generator=g, dtype=torch.float64) ** 4
+    p = SimpleNamespace(map_orig=orig)
+    got = attack._com_distance(p, maps)
+    expected = [
+        -np.linalg.norm(
+            np.subtract(ndimage.center_of_mass(m.numpy()), ndimage.center_of_mass(o.numpy()))
+        )
+        for m, o in zip(maps, orig)
+    ]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
+    # By hand: a point map moved by (3, 4) pixels is 5 pixels away.
+    p = SimpleNamespace(map_orig=_point_map(1, 2))
+    assert float(attack._com_distance(p, _point_map(4, 6))) == pytest.approx(-5.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_derangement_of_two_swaps_them_and_fewer_than_two_are_refused(seed):
+    # The only permutation of two items without a fixed point is the swap.
+    assert attack.derangement(2, seed).tolist() == [1, 0]
+    assert random_targets(torch.tensor([[[0.0]], [[1.0]]]), None)[:, 0, 0].tolist() == [1.0, 0.0]
+    for n in (0, 1):
+        with pytest.raises(bs.InputError, match=rf"at least 2 images.*; got {n}$"):
+            attack.derangement(n, seed)
+
+
+def test_a_derangement_from_an_integer_seed_is_that_of_a_generator_seeded_with_it():
+    # Documented: "a seed for one" -- the same permutation as Generator().manual_seed(seed),
+    # a permutation of range(n) without fixed points, different for different seeds.
+    perms = set()
+    for seed in range(6):
+        got = attack.derangement(9, seed)
+        assert torch.equal(got, attack.derangement(9, torch.Generator().manual_seed(seed)))
+        assert sorted(got.tolist()) == list(range(9))
+        assert bool((got != torch.arange(9)).all())
+        perms.add(tuple(got.tolist()))
+    assert len(perms) == 6
+
+
+def test_scoring_replaces_each_seed_of_a_list_or_tensor_by_its_own_fresh_seed():
+    # Documented: each seed is replaced by one drawn from it (crc32 of "scored <seed>"),
+    # element by element for a list or tensor of seeds; other options stay as given.
+    fresh = [zlib.crc32(f"scored {s}".encode()) for s in (3, 4, 3)]
+    assert attack.scoring_options({"n": 10, "seed": [3, 4, 3]}) == {"n": 10, "seed": fresh}
+    assert attack.scoring_options({"seed": torch.tensor([3, 4, 3])})["seed"] == fresh
+    assert attack.scoring_options({"seed": 3}) == {"seed": fresh[0]}
+    inner = {"base": "smoothgrad", "base_options": {"n": 2, "seed": 4}, "beta": 0.8}
+    assert attack.scoring_options(inner) == {**inner, "base_options": {"n": 2, "seed": fresh[1]}}
+
+
+def test_a_target_map_that_is_no_heatmap_is_named_by_its_index(small):
+    # The message names the first map that is not a heatmap, not always map 0: here
+    # map 1 sums to 1.01 (beyond the 1e-3 tolerance), map 0 is a heatmap.
+    net, x = small
+    target = targets_of(net, x).clone()
+    target[1] *= 1.01
+    with pytest.raises(bs.InputError, match=r"map 1 sums to 1\.01 with least value"):
+        bs.manipulate(net, x, target, "gradient", steps=1)
+    # A map with one negative pixel that still sums to 1 is no heatmap either.
+    target = targets_of(net, x).clone()
+    target[1, 0, 1] += target[1, 0, 0] + 1e-3
+    target[1, 0, 0] = -1e-3
+    with pytest.raises(bs.InputError, match=r"map 1 sums to 1 with least value -0\.001"):
+        bs.manipulate(net, x, target, "gradient", steps=1)
+
+
+def test_center_nudge_points_away_from_the_middle_of_a_non_square_grid():
+    # A 5 x 9 grid's middle is (row 2, column 4). From the original centre (2, 6) the
+    # outward direction is (0, 1), so a shift by one column to the right adds the full
+    # nudge: -(1 + nudge). A middle with rows and columns swapped, (4, 2), would point
+    # along (-1, 2) / sqrt(5) and add only 2 / sqrt(5) of it.
+    def point(r, c):
+        m = torch.zeros(1, 5, 9, dtype=torch.float64)
+        m[0, r, c] = 1.0
+        return m
+
+    p = SimpleNamespace(map_orig=point(2, 6))
+    got = attack._com_objective(p, point(2, 7), None)
+    assert float(got) == pytest.approx(-(1 + attack.CENTER_NUDGE), abs=1e-9)
+    got = attack._com_objective(p, point(2, 5), None)
+    assert float(got) == pytest.approx(-(1 - attack.CENTER_NUDGE), abs=1e-9)
+
+
+def test_the_untargeted_budget_is_the_documented_eight_levels_of_an_8_bit_pixel(small):
+    # Documented: "untargeted default 8 / 255" of the data range, step eps / 10.
+    net, x = small
+    result = bs.manipulate(net, x, None, "gradient", goal="center", steps=1)
+    assert result.settings["eps"] == 8 / 255
+    assert result.settings["step"] == pytest.approx(0.8 / 255, rel=1e-12)
+
+
+def test_per_channel_bounds_as_numpy_arrays_are_those_of_the_tensors():
+    # Documented: per-channel bounds are "tensors or arrays, as data.bounds" (their
+    # numpy copies): both give the same bounds, and x outside them is refused.
+    x = torch.zeros(1, 3, 2, 2)
+    low = torch.tensor([-1.0, -2.0, -0.5]).view(1, 3, 1, 1)
+    high = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    got = attack.resolve_range((low.numpy(), high.numpy()), x)
+    assert all(torch.is_tensor(v) for v in got)
+    torch.testing.assert_close(got[0].reshape(3), low.flatten(), rtol=0, atol=0)
+    torch.testing.assert_close(got[1].reshape(3), high.flatten(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "data_range", [(0.0, float("inf")), (float("-inf"), 1.0), (0.0, float("nan"))]
+)
+def test_a_data_range_that_is_not_finite_is_refused_in_its_own_words(data_range):
+    # An infinite bound would make an infinite learning rate (and NaN iterates).
+    with pytest.raises(bs.InputError, match=r"^data_range must be .* both finite; got"):
+        attack.resolve_range(data_range, torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("beta", [1e39, 1e-39])
+def test_a_fixed_beta_schedule_outside_the_float32_range_is_refused(small, beta):
+    # A fixed beta is a softplus sharpness: it must lie in BETA_RANGE (float32's normal
+    # range) as beta0 and beta_end must, and the error names beta_schedule.
+    net, x = small
+    with pytest.raises(bs.InputError, match=r"^beta_schedule must be between 1\.175e-38 and"):
+        bs.manipulate(net, x, targets_of(net, x), "gradient", steps=1, beta_schedule=beta)
+
+
+@pytest.mark.parametrize(
+    ("method", "steps", "lr", "options"),
+    [
+        ("gradient", 1500, 1e-3, {}),
+        ("input_x_gradient", 1500, 1e-3, {}),
+        ("integrated_gradients", 500, 5e-3, {"steps": 30}),
+        ("lrp", 1500, 2e-4, {}),
+        ("guided_backprop", 1500, 1e-3, {}),
+    ],
+)
+def test_the_attack_budgets_are_the_papers(method, steps, lr, options):
+    # DESIGN.md, reference settings of Dombrowski et al. 2019 (VGG16): steps / lr per
+    # method, integrated gradients with 30 steps; LRP is attacked without softplus.
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    defaults = attack.attack_defaults(method)
+    assert (defaults["steps"], defaults["lr"]) == (steps, lr)
+    assert defaults["beta_schedule"] == ("none" if method == "lrp" else "geometric")
+    assert attack_options(method, x, data_range=None) == options
+
+
+def test_per_channel_low_bounds_with_one_number_for_high_are_taken():
+    # Per-channel bounds where either one is a tensor or an array: (low per channel, 1.0)
+    # is (low, 1) per channel (a number bound applies to every channel).
+    x = torch.zeros(1, 3, 2, 2)
+    low = torch.tensor([-1.0, -2.0, -0.5]).view(1, 3, 1, 1)
+    for given in (low, low.numpy()):
+        got_low, got_high = attack.resolve_range((given, 1.0), x)
+        torch.testing.assert_close(torch.as_tensor(got_low).reshape(3), low.flatten())
+        assert float(torch.as_tensor(got_high).min()) == float(torch.as_tensor(got_high).max()) == 1
+
+
+def test_options_given_are_never_overridden_by_the_data_range():
+    # attack_options' docstring: the range options fill in only what is not given; an
+    # option given, or one bound of LRP's box, is never overridden.
+    x = torch.zeros(1, 1, 4, 4)
+    box = {"data_range": (-1.0, 1.0)}
+    assert attack_options("lrp", x, **box) == {"low": -1.0, "high": 1.0}
+    assert attack_options("lrp", x, **box, method_options={"low": -3.0}) == {
+        "low": -3.0,
+        "high": 1.0,
+    }
+    assert attack_options("integrated_gradients", x, **box) == {"baseline": -1.0, "steps": 30}
+    given = {"baseline": 0.5, "steps": 7}
+    assert attack_options("integrated_gradients", x, **box, method_options=given) == given
