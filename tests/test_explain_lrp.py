@@ -21,7 +21,7 @@ from zennit.types import Convolution
 
 import betasmooth as bs
 from betasmooth.explain import check_method_input, check_model
-from betasmooth.explain.propagation import AMPLIFIED, lrp_graph
+from betasmooth.explain.propagation import AMPLIFIED, Composite, lrp_graph
 from betasmooth.validate import InputError
 from nets import ResidualNet, residual_net, vgg_small
 
@@ -369,6 +369,30 @@ def test_lrp_on_residual_net_matches_zennit():
     ours = bs.explain(net, x, "lrp", target)
     theirs = zennit_lrp(twin, x, target, canonizers=[SequentialMergeBatchNorm()])
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
+
+
+class _AddByMethod(ResidualNet):
+    """:class:`ResidualNet` with its residual sum written ``a.add(b)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = torch.relu(self.bn2(self.conv2(a)))
+        return self.head(self.pool(a.add(b)).relu())
+
+
+def test_lrp_of_a_residual_sum_by_tensor_add_matches_zennit():
+    # Tensor.add is `+`: relevance shared in proportion to the summands (zennit's Sum).
+    net, twin = _residual_twins()
+    method = _AddByMethod().double().eval()
+    method.load_state_dict(net.state_dict())
+    for bn in (method.bn1, method.bn2):
+        bn.eps = 1e-12
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    target = torch.tensor([1, 3, 0])
+    ours = bs.explain(method, x, "lrp", target)
+    theirs = zennit_lrp(twin, x, target, canonizers=[SequentialMergeBatchNorm()])
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
+    assert ours.abs().sum() > 0
 
 
 def test_lrp_standalone_batchnorm_by_hand():
@@ -774,6 +798,10 @@ class _MeanPooled(nn.Module):
             return self.fc(F.avg_pool2d(h, 8).flatten(1))
         if self.pooling == "adaptive_avg_pool2d":
             return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+        if self.pooling == "sum-method":
+            return self.fc(h.sum((2, 3)))
+        if self.pooling == "sum-function":
+            return self.fc(torch.sum(h, dim=(2, 3)))
         return self.fc(self.pool(h))
 
 
@@ -783,6 +811,24 @@ def test_lrp_of_mean_equals_zennit_on_adaptive_avg_pool(pooling):
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 2, 3])
     assert_lrp_is_zennits(net, x, target, twin=twin)
+
+
+@pytest.mark.parametrize("pooling", ["sum-method", "sum-function"])
+def test_lrp_of_a_spatial_sum_equals_zennit_on_average_pool_with_the_size_in_the_weights(pooling):
+    # A sum over 8 x 8 pixels is 64 times their mean: the next layer's z and each
+    # pixel's share of the pooled value are those of the mean-pooled twin whose fc
+    # weights are 64 times larger, so relevance is that twin's under zennit's Norm, up
+    # to Norm's stabiliser 1e-6, added to a pooled value 64 times smaller in the twin
+    # (7e-5 of the largest relevance here; routing like the gradient is off by 100%).
+    net, twin = _MeanPooled(pooling).double().eval(), _MeanPooled("modules").double().eval()
+    with torch.no_grad():
+        twin.fc.weight *= 64
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 0, 3])
+    torch.testing.assert_close(twin(x), net(x), rtol=1e-12, atol=1e-14)
+    ours, theirs = bs.explain(net, x, "lrp", target), zennit_lrp(twin, x, target)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3 * float(theirs.abs().max()))
+    assert theirs.abs().sum() > 0
 
 
 def test_unsupported_function_is_named():
@@ -1576,14 +1622,14 @@ def test_lrp_routes_relevance_back_through_a_squeeze_before_the_first_layer():
 class _Excited(nn.Module):
     """Squeeze-and-excitation as EfficientNet's: ``sigmoid(fc2(relu(fc1(pool(h))))) * h``."""
 
-    def __init__(self, excite: bool = True, depth=None) -> None:
+    def __init__(self, excite: bool = True, depth=None, gate=None) -> None:
         super().__init__()
         torch.manual_seed(13)
         self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
         self.excite = excite
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1, self.fc2 = nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
-        self.gate = nn.Sigmoid()
+        self.gate = nn.Sigmoid() if gate is None else gate
         self.depth = depth
         self.head = nn.Sequential(
             nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
@@ -1602,12 +1648,16 @@ class _Excited(nn.Module):
         return self.head(h)
 
 
-def test_lrp_gives_a_gated_product_all_its_relevance_to_the_signal():
+@pytest.mark.parametrize(
+    "gate", [None, nn.Hardsigmoid(), F.hardsigmoid], ids=["sigmoid", "hardsigmoid", "function"]
+)
+def test_lrp_gives_a_gated_product_all_its_relevance_to_the_signal(gate):
     # Signal takes all: relevance passes through g * h to h as through a diagonal layer
-    # with the gate's values as weights. The oracle: zennit on the network without the
-    # excitation whose next convolution has the gate of each image folded into its
-    # weights (W[:, c] * g[c]), image by image.
-    net = _Excited().double().eval()
+    # with the gate's values as weights (a sigmoid gate as EfficientNet's, a hard one as
+    # MobileNetV3's). The oracle: zennit on the network without the excitation whose
+    # next convolution has the gate of each image folded into its weights
+    # (W[:, c] * g[c]), image by image.
+    net = _Excited(gate=gate).double().eval()
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     target = torch.tensor([0, 2])
     ours = bs.explain(net, x, "lrp", target)
@@ -1928,3 +1978,186 @@ def test_lrp_judges_the_growth_against_the_largest_logit_not_the_sum_of_all():
     ratio = float(ours.abs().sum()) / math.log(2.0)
     assert 10 * AMPLIFIED > ratio > AMPLIFIED
     assert sum("sums in absolute value" in str(w.message) for w in seen) == 1
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["direct", "normalised-inside"])
+def test_lrp_bounds_of_shape_b_c_h_w_hold_one_box_per_item(mapped):
+    # lrp.per_item_options: low/high of shape (B, C, 1, 1) are a box per image, also
+    # when the box is carried through a normalisation written in forward. The oracle
+    # is zennit item by item, each with its own box (of the normalised data if mapped).
+    torch.manual_seed(21)
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    ).double().eval()  # fmt: skip
+    low = torch.tensor([[-1.0, 0.0], [-0.5, -2.0], [0.0, -0.25]], dtype=torch.float64)
+    low = low.view(3, 2, 1, 1)
+    high = low + torch.tensor([2.0, 1.5, 3.0], dtype=torch.float64).view(3, 1, 1, 1)
+    x = low + (high - low) * torch.rand(3, 2, 5, 5, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1])
+    f = (lambda t: (t - 0.25) / 0.5) if mapped else (lambda t: t)
+    ours = bs.explain(_Mapped(net, f) if mapped else net, x, "lrp", target, low=low, high=high)
+    for i in range(3):
+        one = slice(i, i + 1)
+        theirs = zennit_lrp(net, f(x[one]), target[one], low=f(low[one]), high=f(high[one]))
+        torch.testing.assert_close(ours[one], theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+def volumetric() -> nn.Module:
+    """Conv3d first (z^B), then ConvTranspose3d and Conv3d (z+), average pools of 3-d data."""
+    torch.manual_seed(22)
+    return nn.Sequential(
+        nn.Conv3d(1, 3, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose3d(3, 3, 2, stride=2), nn.ReLU(),
+        nn.AvgPool3d(2), nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Linear(4 * 8, 3),
+    ).double().eval()  # fmt: skip
+
+
+def sequence() -> nn.Module:
+    """Conv1d first, a ConvTranspose1d after it, one-dimensional average pools."""
+    torch.manual_seed(23)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose1d(3, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(3), nn.Flatten(), nn.Linear(4 * 3, 3),
+    ).double().eval()  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"), [(volumetric, (2, 1, 4, 4, 4)), (sequence, (2, 2, 12))], ids=["3d", "1d"]
+)
+def test_lrp_of_three_and_one_dimensional_layers_and_average_pools_matches_zennit(build, shape):
+    # zennit's types.Convolution holds Conv3d and every ConvTranspose (z+ after the
+    # first layer) and types.AvgPool the 1-d and 3-d (adaptive) average pools (Norm).
+    x = torch.rand(*shape, dtype=torch.float64)
+    assert_lrp_is_zennits(build(), x, torch.tensor([2, 0]))
+
+
+def test_lrp_folds_a_batchnorm_without_affine_parameters_as_torchs_fusion():
+    # BatchNorm2d(affine=False) is (x - mean) / sqrt(var + eps) alone; torch's
+    # fuse_conv_bn_eval takes its missing weight as 1 and bias as 0, and zennit on the
+    # fused twin is the oracle.
+    torch.manual_seed(24)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+    ).double().eval()  # fmt: skip
+    net[1].running_mean.uniform_(-0.2, 0.2)
+    net[1].running_var.uniform_(0.5, 1.5)
+    twin = nn.Sequential(fuse_conv_bn_eval(net[0], net[1]), *net[2:]).eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(twin(x), net(x), rtol=1e-12, atol=1e-14)
+    assert_lrp_is_zennits(net, x, torch.tensor([0, 2, 1]), twin=twin)
+
+
+def test_lrp_refuses_to_fold_a_batchnorm_without_running_statistics():
+    # Without running statistics a BatchNorm normalises by the batch's own, even in
+    # evaluation mode: no fixed affine map to fold into the convolution.
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ).eval()  # fmt: skip
+    with pytest.raises(InputError, match=r"running statistics; BatchNorm2d has track_running"):
+        bs.explain(net, torch.rand(2, 1, 6, 6), "lrp", torch.tensor([0, 1]))
+
+
+def test_lrp_checks_the_box_of_a_first_layer_that_takes_z_b_from_the_layers_map():
+    # A composite whose ``first`` is empty gives the first layer the rule of ``layers``:
+    # z^B here, so x far outside its box [0, 1] is refused as with the default composite.
+    chosen = Composite(layers={nn.Conv2d: "zbox", nn.Linear: "epsilon"})
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x = 5 + torch.rand(2, 1, 6, 6)
+    with pytest.raises(InputError, match=r"x lies outside the lrp input box \[0.0, 1.0\]"):
+        bs.explain(net, x, "lrp", torch.tensor([0, 1]), composite=chosen)
+
+
+def _conv_head(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).double().eval()  # fmt: skip
+
+
+def test_lrp_carries_the_box_through_an_average_pool_before_the_first_layer():
+    # An average of values in [0, 1] lies in [0, 1]: the first convolution keeps the box
+    # [0, 1], and the pool shares relevance as zennit's Norm; zennit on the whole model
+    # (its first layer is the convolution) is the oracle.
+    net = nn.Sequential(nn.AvgPool2d(2), *_conv_head(25)).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    assert_lrp_is_zennits(net, x, torch.tensor([2, 0, 1]))
+
+
+class _ChannelSum(nn.Module):
+    """``head(x[:, :1] + x[:, 1:])``: the first layer sees a sum of two input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = _conv_head(26)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, :1] + x[:, 1:])
+
+
+def test_lrp_carries_the_box_through_a_sum_of_inputs_before_the_first_layer():
+    # The sum of two channels in [0, 1] lies in [0, 2]: zennit on the sum with that box
+    # gives its relevance, which the addition shares in proportion to the summands
+    # (Norm, stabilised by 1e-6 as zennit's), worked out here by hand.
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    target = torch.tensor([1, 2, 0])
+    model = _ChannelSum()
+    ours = bs.explain(model, x, "lrp", target)
+    total = x[:, :1] + x[:, 1:]
+    r_sum = zennit_lrp(model.head, total, target, low=0.0, high=2.0)
+    torch.testing.assert_close(ours, x * r_sum / (total + 1e-6), rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
+
+
+class _AfterConv(nn.Module):
+    """``head(f(conv(x)))`` for a map ``f`` of the first layer's output."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.conv, self.f = nn.Conv2d(1, 2, 3), f
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.f(self.conv(x)))
+
+
+@pytest.mark.parametrize(
+    ("f", "named"),
+    [
+        (lambda h: torch.mul(h, other=torch.tanh(h)), "function mul"),
+        (lambda h: torch.div(h, 2.0, rounding_mode="floor"), "function div"),
+    ],
+    ids=["product-by-keyword", "rounded-quotient"],
+)
+def test_lrp_refuses_products_and_quotients_that_scale_by_no_constant(f, named):
+    # h * c and h / c pass relevance; a second factor that depends on the input (also
+    # when passed by keyword) or a rounded quotient (floor(h / 2) is piecewise constant,
+    # no scaling of h) has no rule.
+    with pytest.raises(InputError, match=rf"lrp has no rule for {named}"):
+        bs.explain(_AfterConv(f), torch.rand(2, 1, 6, 6), "lrp", torch.tensor([0, 1]))
+
+
+def test_lrp_refuses_a_bool_epsilon():
+    # True is an int to Python, but no stabiliser: refused as gamma=True is.
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(InputError, match=r"lrp option 'epsilon' must be a float >= 0; got True"):
+        bs.explain(net, torch.rand(1, 1, 2, 2), "lrp", torch.tensor([0]), epsilon=True)
+
+
+def test_lrp_folds_the_shift_of_a_batchnorm_into_a_convolution_without_bias():
+    # A bias-free convolution takes the BatchNorm's shift as its bias: after the first
+    # layer z+ keeps its positive part in the denominator. Oracle: zennit on the fused twin.
+    torch.manual_seed(27)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3),
+    ).double().eval()  # fmt: skip
+    _random_statistics(net[3])
+    twin = nn.Sequential(*net[:2], fuse_conv_bn_eval(net[2], net[3]), *net[4:]).eval()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(twin(x), net(x), rtol=1e-12, atol=1e-14)
+    assert_lrp_is_zennits(net, x, torch.tensor([2, 1, 0]), twin=twin)
