@@ -6,6 +6,7 @@ import copy
 import math
 import re
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -371,25 +372,41 @@ def test_lrp_on_residual_net_matches_zennit():
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
 
 
-class _AddByMethod(ResidualNet):
-    """:class:`ResidualNet` with its residual sum written ``a.add(b)``."""
+class _AddSpelled(ResidualNet):
+    """:class:`ResidualNet` with its residual sum written ``add(a, b)``, spelled as given."""
+
+    def __init__(self, add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.add = add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = F.relu(self.bn1(self.conv1(x)))
         b = torch.relu(self.bn2(self.conv2(a)))
-        return self.head(self.pool(a.add(b)).relu())
+        return self.head(self.pool(self.add(a, b)).relu())
 
 
-def test_lrp_of_a_residual_sum_by_tensor_add_matches_zennit():
-    # Tensor.add is `+`: relevance shared in proportion to the summands (zennit's Sum).
+@pytest.mark.parametrize(
+    "add",
+    [
+        lambda a, b: a.add(b),
+        # operands by keyword: read where the rules read them, not an IndexError
+        lambda a, b: a.add(other=b),
+        lambda a, b: torch.add(a, other=b),
+        lambda a, b: torch.add(input=a, other=b),
+    ],
+    ids=["method", "method-other", "function-other", "function-input-other"],
+)
+def test_lrp_of_a_residual_sum_by_tensor_add_matches_zennit(add):
+    # Tensor.add and torch.add are `+`: relevance shared in proportion to the summands
+    # (zennit's Sum), however the operands are passed.
     net, twin = _residual_twins()
-    method = _AddByMethod().double().eval()
-    method.load_state_dict(net.state_dict())
-    for bn in (method.bn1, method.bn2):
+    spelled = _AddSpelled(add).double().eval()
+    spelled.load_state_dict(net.state_dict())
+    for bn in (spelled.bn1, spelled.bn2):
         bn.eps = 1e-12
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     target = torch.tensor([1, 3, 0])
-    ours = bs.explain(method, x, "lrp", target)
+    ours = bs.explain(spelled, x, "lrp", target)
     theirs = zennit_lrp(twin, x, target, canonizers=[SequentialMergeBatchNorm()])
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-14)
     assert ours.abs().sum() > 0
@@ -1289,6 +1306,42 @@ def test_lrp_of_a_model_that_normalises_inside_is_lrp_of_normalised_data(composi
     if composite == "epsilon_plus_box":
         theirs = zennit_lrp(net, (x - mean) / std, target, low=low, high=high)
         torch.testing.assert_close(inside, theirs, rtol=1e-10, atol=1e-14)
+
+
+class _NormalisedByKeyword(NormalisedInside):
+    """:class:`NormalisedInside` with its operands passed by keyword."""
+
+    def __init__(self, *args: object, method: bool) -> None:
+        super().__init__(*args)
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method:
+            return self.net(x.sub(other=self.mean).div(other=self.std))
+        return self.net(torch.div(input=torch.sub(x, other=self.mean), other=self.std))
+
+
+@pytest.mark.parametrize("method", [False, True], ids=["function", "method"])
+def test_lrp_maps_the_box_through_a_normalisation_whose_operands_are_keywords(method):
+    # torch.sub(x, other=mean) is x - mean: the same change of coordinates, the same box
+    # (zennit on the normalised data is the oracle, as above).
+    torch.manual_seed(3)
+    net = (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 4)
+        )
+        .double()
+        .eval()
+    )
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 3, 1])
+    ours = bs.explain(_NormalisedByKeyword(net, mean, std, method=method), x, "lrp", target)
+    low, high = (0 - mean) / std, (1 - mean) / std
+    theirs = zennit_lrp(net, (x - mean) / std, target, low=low, high=high)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
 
 
 class _RawAndNormalised(nn.Module):

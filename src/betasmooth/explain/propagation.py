@@ -910,9 +910,24 @@ def lrp_graph(model: nn.Module) -> LRPGraph:
             f"lrp needs a model that torch.fx.symbolic_trace can trace (no control flow on "
             f"tensor values); tracing {type(model).__name__} failed: {reason}"
         ) from None
+    _operands_by_position(gm)
     graph = _assign_rules(gm)
     _GRAPHS[model] = graph
     return graph
+
+
+def _operands_by_position(gm: fx.GraphModule) -> None:
+    """Move the operands of arithmetic given by keyword (``torch.add(x, other=y)``,
+    ``x.mul(other=c)``) to their positions, where the rules read them."""
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or node.target not in INPUT_MAPS:
+            continue
+        names = ("input", "other") if node.op == "call_function" else ("self", "other")
+        given = dict(zip(names, node.args)) | {k: node.kwargs[k] for k in names if k in node.kwargs}
+        if len(given) == 2 and len(node.args) < 2:
+            node.args = tuple(given[k] for k in names)
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k not in names}
+    gm.recompile()
 
 
 def _factored(node: fx.Node, gm: fx.GraphModule, depends: set[fx.Node]) -> Rule | None:
