@@ -1666,25 +1666,40 @@ def test_batch_files_and_their_arrays_come_by_first_index_not_by_file_name(tmp_p
     assert [a["index"].tolist() for a in run.load_arrays("a")] == [[0, 1], [2, 3], [10, 11]]
 
 
+def _lrp_attack(tmp_path, digits, model, moved=None, batch=0, **options) -> RunDir:
+    """A run of one-step LRP attacks on two digits, the arrays of its batch ``batch``
+    updated by ``moved(arrays)`` (images moved out of or into a box)."""
+    from betasmooth.runs import attack_run
+
+    run = RunDir.create(tmp_path / "run", {"command": "attack"})
+    attack_run(run, model, digits[0][:2], digits[1][:2], ["lrp"], steps=1, **options)
+    if moved is not None:
+        path = run.arrays_file("lrp", batch)
+        arrays = read_npz(path)
+        write_npz(path, arrays | moved(arrays))
+    return run
+
+
+def _refused_before_writing(run: RunDir, match: str, *args, **kwargs) -> None:
+    """``sweep_run(run, *args, **kwargs)`` is refused with ``match`` before it records its
+    settings or writes a batch."""
+    from betasmooth.runs import sweep_run
+
+    config = run.config_path.read_text()
+    with pytest.raises(InputError, match=match):
+        sweep_run(run, *args, **kwargs)
+    assert run.config_path.read_text() == config  # no sweep settings recorded
+    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+
+
 def test_a_sweep_checks_the_attacked_images_before_it_records_its_settings(
     tmp_path, digits, digits_cnn
 ):
     # Attacked images far outside LRP's box of [0, 1] (as an attack with other data
     # bounds leaves them), the clean ones inside: refused before the sweep writes.
-    from betasmooth.runs import attack_run, sweep_run
-
-    x, y = digits[0][:2], digits[1][:2]
-    run = RunDir.create(tmp_path / "run", {"command": "attack"})
-    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
-    path = run.arrays_file("lrp", 0)
-    arrays = read_npz(path)
-    write_npz(path, arrays | {"x_adv": arrays["x_adv"] + 5.0})
-    config = run.config_path.read_text()
-    with pytest.raises(InputError) as refused:
-        sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2)
-    assert run.config_path.read_text() == config  # no sweep settings recorded
-    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
-    assert str(refused.value).startswith("x lies outside the lrp input box [0.0, 1.0]")
+    run = _lrp_attack(tmp_path, digits, digits_cnn, lambda a: {"x_adv": a["x_adv"] + 5.0})
+    box = r"^x lies outside the lrp input box \[0\.0, 1\.0\]"
+    _refused_before_writing(run, box, digits_cnn, [1.0], smoothgrad_n=2)
 
 
 def test_a_sweep_batch_halved_on_out_of_memory_sweeps_each_half_on_its_own_images(
@@ -2005,21 +2020,11 @@ def test_a_sweep_checks_the_clean_images_in_the_lrp_box_of_its_data_range(
     # LRP's z^B box is the sweep's data_range (here [0, 2.5]), not [0, 1]: attacked
     # images moved to [2, 2.5] lie inside it, and clean ones moved to [5, 6] outside:
     # refused, naming that box and the clean images, before the sweep writes.
-    from betasmooth.runs import attack_run, sweep_run
-
-    x, y = digits[0][:2], digits[1][:2]
-    run = RunDir.create(tmp_path / "run", {"command": "attack"})
-    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
-    path = run.arrays_file("lrp", 0)
-    arrays = read_npz(path)
-    inside = 2.0 + 0.5 * arrays["x_adv"]
-    write_npz(path, arrays | {"x": arrays["x"] + 5.0, "x_adv": inside})
-    config = run.config_path.read_text()
-    box = (0.0, 2.5)
-    with pytest.raises(InputError, match=r"^x lies outside the lrp input box \[0\.0, 2\.5\]"):
-        sweep_run(run, digits_cnn, [1.0], smoothgrad_n=2, data_range=box)
-    assert run.config_path.read_text() == config
-    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+    run = _lrp_attack(
+        tmp_path, digits, digits_cnn, lambda a: {"x": a["x"] + 5.0, "x_adv": 2.0 + 0.5 * a["x_adv"]}
+    )
+    box = r"^x lies outside the lrp input box \[0\.0, 2\.5\]"
+    _refused_before_writing(run, box, digits_cnn, [1.0], smoothgrad_n=2, data_range=(0.0, 2.5))
 
 
 def test_a_sweep_checks_that_its_defenses_can_explain_the_model_before_it_writes(
@@ -2028,17 +2033,11 @@ def test_a_sweep_checks_that_its_defenses_can_explain_the_model_before_it_writes
     # An LRP attack swept with the model given a Softmax head (which LRP has no rule
     # for): both smoothing defenses of LRP are refused at once, naming the module,
     # before the sweep records its settings or computes a batch.
-    from betasmooth.runs import attack_run, sweep_run
-
-    x, y = digits[0][:2], digits[1][:2]
-    run = RunDir.create(tmp_path / "run", {"command": "attack"})
-    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1)
-    config = run.config_path.read_text()
+    run = _lrp_attack(tmp_path, digits, digits_cnn)
     head = torch.nn.Sequential(digits_cnn, torch.nn.Softmax(1)).eval()
-    with pytest.raises(InputError, match=r"^lrp has no rule for module Softmax"):
-        sweep_run(run, head, [1.0], smoothgrad_n=2)
-    assert run.config_path.read_text() == config
-    assert not run.merged("sweep").exists() and run.batch_files("sweep") == {}
+    _refused_before_writing(
+        run, r"^lrp has no rule for module Softmax", head, [1.0], smoothgrad_n=2
+    )
 
 
 def _guided_maps(model, xs, method, label, beta, *, sigma, n, seed, input_range, base_options):
@@ -2077,20 +2076,18 @@ def test_a_sweep_checks_each_batch_in_its_own_images_lrp_boxes(tmp_path, digits,
     # is checked in its images' rows of the boxes given, so the sweep runs; the same
     # boxes swapped leave image 1 outside its box, refused before the sweep writes
     # (the data's range, [0, 3], holds both: the boxes given are what refuses).
-    from betasmooth.runs import attack_run, sweep_run
+    from betasmooth.runs import sweep_run
 
-    x, y = digits[0][:2], digits[1][:2]
-    run = RunDir.create(tmp_path / "run", {"command": "attack"})
-    attack_run(run, digits_cnn, x, y, ["lrp"], steps=1, batch_size=1)
-    path = run.arrays_file("lrp", 1)
-    arrays = read_npz(path)
-    write_npz(path, arrays | {"x": arrays["x"] + 2.0, "x_adv": arrays["x_adv"] + 2.0})
+    def moved(arrays):
+        return {"x": arrays["x"] + 2.0, "x_adv": arrays["x_adv"] + 2.0}
+
+    run = _lrp_attack(tmp_path, digits, digits_cnn, moved, batch=1, batch_size=1)
     low = torch.tensor([0.0, 2.0], dtype=torch.float32).view(2, 1, 1, 1)
     swapped = {"lrp": {"low": low.flip(0), "high": low.flip(0) + 1.0}}
-    config = run.config_path.read_text()
-    with pytest.raises(InputError, match=r"^x lies outside the lrp input box"):
-        sweep_run(run, digits_cnn, [1.0], method_options=swapped, data_range=(0.0, 3.0))
-    assert run.config_path.read_text() == config
+    box = r"^x lies outside the lrp input box"
+    _refused_before_writing(
+        run, box, digits_cnn, [1.0], method_options=swapped, data_range=(0.0, 3.0)
+    )
     boxes = {"lrp": {"low": low, "high": low + 1.0}}
     rows = sweep_run(
         run, digits_cnn, [1.0], defenses=["beta_smooth"], method_options=boxes, data_range=(0, 3)
