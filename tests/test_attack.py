@@ -1033,8 +1033,8 @@ def test_pcc_loss_is_the_mse_of_maps_of_equal_mean_and_variance():
     torch.testing.assert_close(LOSSES["pcc"](a, b), (a - b).square().mean((1, 2)))
 
 
-def _point_map(r, c, n=8):
-    m = torch.zeros(1, n, n, dtype=torch.float64)
+def _point_map(r, c, n=8, width=None):
+    m = torch.zeros(1, n, width or n, dtype=torch.float64)
     m[0, r, c] = 1.0
     return m
 
@@ -1793,9 +1793,7 @@ def test_center_nudge_points_away_from_the_middle_of_a_non_square_grid():
     # nudge: -(1 + nudge). A middle with rows and columns swapped, (4, 2), would point
     # along (-1, 2) / sqrt(5) and add only 2 / sqrt(5) of it.
     def point(r, c):
-        m = torch.zeros(1, 5, 9, dtype=torch.float64)
-        m[0, r, c] = 1.0
-        return m
+        return _point_map(r, c, 5, 9)
 
     p = SimpleNamespace(map_orig=point(2, 6))
     got = attack._com_objective(p, point(2, 7), None)
