@@ -2182,7 +2182,10 @@ class _AfterConv(nn.Module):
     ("f", "named"),
     [
         (lambda h: torch.mul(h, other=torch.tanh(h)), "function mul"),
-        (lambda h: torch.div(h, 2.0, rounding_mode="floor"), "function div"),
+        (
+            lambda h: torch.div(h, 2.0, rounding_mode="floor"),
+            "function div with rounding_mode='floor'",
+        ),
     ],
     ids=["product-by-keyword", "rounded-quotient"],
 )
@@ -2192,6 +2195,54 @@ def test_lrp_refuses_products_and_quotients_that_scale_by_no_constant(f, named):
     # no scaling of h) has no rule.
     with pytest.raises(InputError, match=rf"lrp has no rule for {named}"):
         bs.explain(_AfterConv(f), torch.rand(2, 1, 6, 6), "lrp", torch.tensor([0, 1]))
+
+
+class _RoundedInput(nn.Module):
+    """``conv(q(x))`` for a quotient ``q`` of the input by 0.25."""
+
+    def __init__(self, q) -> None:
+        super().__init__()
+        self.q, self.conv = q, nn.Conv2d(1, 2, 3)
+        self.head = nn.Sequential(nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.q(x)))
+
+
+@pytest.mark.parametrize(
+    ("q", "named"),
+    [
+        (
+            lambda x: torch.div(x, 0.25, rounding_mode="floor"),
+            "function div with rounding_mode='floor'",
+        ),
+        (
+            lambda x: x.div(0.25, rounding_mode="trunc"),
+            "method Tensor.div with rounding_mode='trunc'",
+        ),
+        (lambda x: x // 0.25, "function floordiv"),
+    ],
+    ids=["function", "method", "operator"],
+)
+def test_lrp_refuses_a_rounded_quotient_of_the_input_as_after_the_first_layer(q, named):
+    # x / c is a change of coordinates before the first layer; floor(x / c) is none (it
+    # quantises x), whichever way it is spelled.
+    with pytest.raises(InputError, match=rf"lrp has no rule for {named} in the model's own"):
+        bs.explain(_RoundedInput(q), torch.rand(2, 1, 6, 6), "lrp", torch.tensor([0, 1]))
+
+
+def test_lrp_passes_through_an_unrounded_quotient_of_the_input():
+    # rounding_mode=None is the true quotient: the map of conv(4 x) on x, which is the map
+    # of conv on 4 x with the box [0, 4] (zennit the oracle).
+    torch.manual_seed(5)
+    model = _RoundedInput(lambda x: torch.div(x, 0.25, rounding_mode=None)).double().eval()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    ours = bs.explain(model, x, "lrp", target)
+    net = nn.Sequential(model.conv, *model.head)
+    theirs = zennit_lrp(net, x / 0.25, target, low=0.0, high=4.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-14)
+    assert ours.abs().sum() > 0
 
 
 def test_lrp_refuses_a_bool_epsilon():

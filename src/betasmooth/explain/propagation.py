@@ -748,10 +748,16 @@ def _describe(node: fx.Node, module: nn.Module | None) -> str:
     if node.op == "call_module":
         return f"module {type(module).__name__} ({node.target})"
     if node.op == "call_method":
-        return f"method Tensor.{node.target}"
+        return f"method Tensor.{node.target}{_rounding(node)}"
     if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)}"
+        return f"function {getattr(node.target, '__name__', node.target)}{_rounding(node)}"
     return f"{node.op} {node.target}"
+
+
+def _rounding(node: fx.Node) -> str:
+    # A rounded quotient is refused where a plain one is not: name the difference.
+    mode = node.kwargs.get("rounding_mode")
+    return f" with rounding_mode={mode!r}" if mode else ""
 
 
 def _kind(node: fx.Node, module: nn.Module | None) -> str:
@@ -1205,8 +1211,8 @@ def _input_map(
     indices = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in depends]
     if len(dependent) != 1 or len(indices) != 1 or dependent[0] not in raw:
         return None
-    if indices[0] != 0 and node.target in (operator.truediv, torch.div, "div"):
-        return None
+    if node.target in QUOTIENTS and (indices[0] != 0 or node.kwargs.get("rounding_mode")):
+        return None  # c / x, and a rounded quotient (as x // c), are no change of coordinates
     return indices[0]
 
 
