@@ -25,6 +25,7 @@ from betasmooth.explain import wraps_base
 from betasmooth.report import build_report
 from betasmooth.store import RunDir, read_jsonl
 from betasmooth.units import unit_seed
+from betasmooth.validate import OutOfMemory
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 RESULT_FIELDS = {
@@ -2366,6 +2367,12 @@ def test_cli_sweep_draws_smoothgrad_from_the_runs_seed(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*ATTACK, "--method", "gradient", "-n", "3", "--steps", "3", "--seed", "5"]
     assert main([*argv, "--out", str(out)]) == 0
+    # The attack takes its targets from --seed too, and by default the targeted goal:
+    # image i moves towards the map of image derangement(3, 5)[i] (seed 0's differ).
+    targets = {r["index"]: r["target_index"] for r in read_jsonl(out / "results.jsonl")}
+    expected = derangement(3, 5).tolist()
+    assert [targets[i] for i in range(3)] == expected
+    assert derangement(3, 0).tolist() != expected
     for seed in (5, 0):
         shutil.copytree(out, tmp_path / f"api{seed}")
     assert main(["sweep", str(out), "--betas", "2", "--smoothgrad-n", "2", "--no-progress"]) == 0
@@ -3422,6 +3429,13 @@ def test_betasmooths_own_error_called_from_a_models_code_keeps_its_traceback(
             MemoryError(),
             "out of memory (MemoryError); expected smaller inputs (--image-size)",
         ),
+        # At a batch of 1 the run's retries in halves give up with OutOfMemory: status 2
+        # too, as the README says of a rank that runs out of memory at a batch of 1.
+        (
+            ["curvature", "--model", "digits-cnn", "--data", "digits", "--out", "somewhere"],
+            OutOfMemory(MemoryError(), "at a batch of 1"),
+            "out of memory at a batch of 1 (MemoryError); expected smaller inputs (--image-size)",
+        ),
     ],
 )
 def test_memory_running_out_before_a_run_is_one_line_with_the_command_s_remedy(
@@ -3512,3 +3526,82 @@ def test_a_warning_said_after_a_command_is_kept_in_no_run_of_it(tmp_path, capsys
     assert "betasmooth: warning: later" in capsys.readouterr().err
     kept = [r["warning"] for r in read_jsonl(tmp_path / "r" / "warnings.jsonl")]
     assert kept == ["built"]
+
+
+def test_explain_draws_smoothgrad_noise_from_the_seed_it_is_given(tmp_path):
+    # Each image's SmoothGrad draws come from unit_seed(--seed, method, index), as the
+    # library's own explain_run documents: the saved map is the library's for seed 3.
+    from betasmooth.explain import range_options
+    from betasmooth.runs import load_inputs
+
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "smoothgrad", "--seed", "3", "--option", "smoothgrad.n=4"]
+    assert main([*argv, "--out", str(out)]) == 0
+    inputs = load_inputs("digits-cnn", "digits", n=2)
+    model, x, _ = inputs
+    label = model(x).argmax(1)
+    given = {**range_options(*inputs.bounds)["smoothgrad"], "n": 4}
+    found = RunDir(out).read_arrays("smoothgrad")["map"]
+    for seed, close in ((3, True), (0, False)):
+        drawn = [unit_seed(seed, "smoothgrad", i) for i in range(2)]
+        expected = bs.heatmap(bs.explain(model, x, "smoothgrad", label, seed=drawn, **given))
+        same = np.allclose(found, expected.detach().numpy(), rtol=1e-4, atol=1e-7)
+        assert same == close, seed
+
+
+def test_the_image_count_defaults_to_16_as_the_readme_says():
+    # README: "The number of images is -n N, --images N or --n N (default 16)"; the
+    # help derives its "(default N)" from the parser, so only the README pins it.
+    from betasmooth.cli import build_parser
+
+    parser = build_parser()
+    inputs = ["--model", "m", "--data", "d", "--out", "run"]
+    for command in (["attack", "--method", "gradient"], ["explain", "--method", "lrp"]):
+        assert parser.parse_args([*command, *inputs]).n == 16, command
+    assert parser.parse_args(["curvature", *inputs]).n == 16
+
+
+def test_an_option_given_overrides_the_one_the_data_range_sets(tmp_path):
+    # The data's range sets integrated gradients' baseline (the black image, 0 on the
+    # digits); --option integrated_gradients.baseline=0.5 is the user's word over it.
+    out = tmp_path / "run"
+    argv = [*EXPLAIN, "--method", "integrated_gradients", "--out", str(out)]
+    options = ["--option", "integrated_gradients.baseline=0.5"]
+    assert main([*argv, *options, "--option", "integrated_gradients.steps=8"]) == 0
+    with np.load(out / "arrays" / "integrated_gradients-0.npz") as saved:
+        x, stored = torch.from_numpy(saved["x"]), saved["map"]
+    net = bs.load_model("digits-cnn")
+    given, black = (
+        bs.heatmap(bs.explain(net, x, "integrated_gradients", baseline=b, steps=8)).numpy()
+        for b in (0.5, 0.0)
+    )
+    np.testing.assert_allclose(stored, given, rtol=1e-5, atol=1e-7)
+    assert np.abs(stored - black).max() > 1e-4
+
+
+def test_config_records_the_number_of_images_used_where_the_data_hold_fewer(tmp_path):
+    # README: "when the data hold fewer, a notice on stderr says so and config.json
+    # records the number used": 2 images of -n 5 are recorded as n = 2.
+    data = tmp_path / "two.npz"
+    np.savez(data, x=np.random.default_rng(0).random((2, 1, 32, 32)).astype(np.float32))
+    out = tmp_path / "run"
+    argv = ["explain", "--model", "digits-cnn", "--data", str(data), "--method", "gradient"]
+    assert main([*argv, "-n", "5", "--out", str(out), "--no-progress"]) == 0
+    assert len(read_jsonl(out / "results.jsonl")) == 2
+    assert RunDir(out).config()["n"] == 2
+
+
+def test_options_read_back_from_a_config_are_those_the_command_line_parsed():
+    # config.json holds a tuple option as a list; the sweep reads it back for the run's
+    # methods as the command line gave it, a tuple (Captum refuses a list of shapes).
+    from betasmooth.cli import _attacked_with, _given_options, _stored, build_parser
+
+    argv = ["attack", "--model", "m", "--data", "d", "--method", "lrp", "--out", "run"]
+    args = build_parser().parse_args([*argv, "--option", "lrp.shape=(1,3,3)"])
+    given = _given_options(args)
+    config = {"methods": ["lrp"], "options": json.loads(json.dumps(_stored(given)))}
+    assert config["options"] == {"lrp": {"shape": [1, 3, 3]}}
+    bounds = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    read = _attacked_with(config, bounds)["lrp"]["shape"]
+    assert read == given["lrp"]["shape"] == (1, 3, 3)
+    assert isinstance(read, tuple)
