@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from betasmooth import figures
-from betasmooth.report import GRID_ROWS, THEORY_TERMS, build_report
+from betasmooth.report import GRID_ROWS, THEORY_TABLES, THEORY_TERMS, build_report
 from betasmooth.store import AttackBatch, ExplainBatch, RunDir, SweepBatch
 
 METHODS = ("gradient", "lrp")
@@ -2599,3 +2599,235 @@ def test_a_theory_without_curves_says_so_and_one_with_curves_does_not(tmp_path, 
     run = RunDir.create(tmp_path, {"command": "theorem"})
     run.write_theory({"identity_1d_max_error": 3e-9})
     assert note in build_report(tmp_path).read_text()
+
+
+def test_a_method_name_of_quotes_and_brackets_is_the_alternative_text_of_its_figures(tmp_path):
+    # The alt attribute is quoted with '"': a quote in a method's name, unescaped, would end
+    # the attribute early and let the rest of the name be read as attributes of the image.
+    method = 'x"onerror="alert(1)"<b>\'y\''
+    run = make_run(tmp_path, methods=(method,), theory=False)
+    page = parse(build_report(run))
+    alts = [img["alt"] for img in page.images]
+    assert f"{method} grid" in alts
+    assert f"{method}: similarity of the defended maps against β, PCC and SSIM" in alts
+    assert all("onerror" not in img for img in page.images)
+
+
+def test_the_grid_s_medians_name_only_the_fields_its_records_hold(tmp_path):
+    # Records without label_kept (as a version that did not write it left them): the
+    # paragraph names the medians it has, not "label_kept –".
+    run = make_run(tmp_path, methods=("gradient",), sweep=False, theory=False)
+    records = read_lines(run / "results.jsonl")
+    for r in records:
+        del r["label_kept"]
+    _rewrite(run / "results.jsonl", records)
+    text = html.unescape(build_report(run).read_text())
+    said = re.search(r"<p>Medians over (\d+) images: ([^<]*)\.</p>", text)
+    assert said is not None and int(said.group(1)) == N
+    shown = dict(part.split(" ") for part in said.group(2).split("; "))
+    # The targeted goal's measure, then the attacked map against the original.
+    assert list(shown) == ["expl_pcc_target", "expl_pcc_orig"]
+    for key, value in shown.items():
+        assert float(value) == pytest.approx(np.median([r[key] for r in records]), rel=5e-4)
+
+
+def test_the_theory_numbers_list_the_documented_terms_first_then_the_others_by_name(tmp_path):
+    # Words of their own first, in the documented order; then unknown keys, sorted, with
+    # a string or a yes/no shown as written.
+    run = RunDir.create(tmp_path / "run", {"command": "theorem"})
+    theory = {
+        "zeta": 2.5,
+        "theorem2_iid_bias": 0.012,
+        "alpha_note": "exact",
+        "identity_1d_max_error": 3e-9,
+        "theorem2_projected_within_ci": True,
+    }
+    run.write_theory(theory)
+    rows = parse(build_report(run.path)).tables["theory-numbers"][1:]
+    documented = [k for k in THEORY_TERMS if k in theory]
+    assert documented == [
+        "identity_1d_max_error",
+        "theorem2_projected_within_ci",
+        "theorem2_iid_bias",
+    ]
+    assert [row[0][0] for row in rows] == [THEORY_TERMS[k][0] for k in documented] + [
+        "alpha note",
+        "zeta",
+    ]
+    shown = {row[0][0]: row[1][0] for row in rows}
+    assert shown["alpha note"] == "exact"
+    assert shown[THEORY_TERMS["theorem2_projected_within_ci"][0]] == "yes"
+
+
+def test_estimates_converged_counts_only_the_records_that_say_so(tmp_path):
+    # A record without the field (an older version's) is no converged estimate.
+    RunDir.create(tmp_path, {"command": "curvature", "seed": 1})
+    flags = [True, False, None, True]
+    records = [
+        {"index": i, "method": "beta=1", "hessian_norm": 1.0 + i}
+        | ({} if c is None else {"converged": c})
+        for i, c in enumerate(flags)
+    ]
+    _rewrite(tmp_path / "results.jsonl", records)
+    got = column(parse(build_report(tmp_path)).tables["medians"], "beta=1")
+    assert got["estimates converged"] == sum(c is True for c in flags)
+    assert got["images"] == len(flags)
+
+
+def test_a_sweep_without_timings_keeps_its_table_and_draws_no_cost_figure(tmp_path):
+    # Sweep records of a version that did not time the defenses: no seconds to plot.
+    run = make_run(tmp_path / "run", methods=("gradient",), theory=False)
+    sweep = read_lines(run / "sweep.jsonl")
+    for r in sweep:
+        del r["seconds"]
+    _rewrite(run / "sweep.jsonl", sweep)
+    page = parse(build_report(run))
+    table = page.tables["defense-table_gradient"]
+    medians = column(table, "β-smoothing β=1", head_rows=2)
+    want = [r["adv_vs_orig_pcc"] for r in sweep if r["defense"] == "beta_smooth" and r["beta"] == 1]
+    assert medians["adv_vs_orig_pcc"] == pytest.approx(np.median(want))
+    assert "seconds" not in medians
+    assert "cost" not in page.ids
+
+
+def test_labels_kept_is_the_fraction_of_each_method_s_own_images(tmp_path):
+    RunDir.create(tmp_path, {"command": "attack", "n": 4, "methods": ["gradient", "lrp"]})
+    kept = {"gradient": [True, True, False, True], "lrp": [False, False, True, False]}
+    records = [
+        {"index": i, "method": m, "goal": "targeted", "label_kept": k, "expl_pcc_orig": 0.5}
+        for m, flags in kept.items()
+        for i, k in enumerate(flags)
+    ]
+    _rewrite(tmp_path / "results.jsonl", records)
+    table = parse(build_report(tmp_path)).tables["medians"]
+    for method, flags in kept.items():
+        got = column(table, f"{method} (targeted)")["labels kept (fraction)"]
+        assert got == sum(flags) / len(flags)
+
+
+def test_a_theory_table_puts_undocumented_columns_last_in_words(tmp_path):
+    # Documented columns in their documented order, then the others by name, "_" as spaces.
+    run = RunDir.create(tmp_path / "run", {"command": "theorem"})
+    row = {"extra_col": 3.0, "gradient_norm": 2.0, "hessian_norm": 1.0}
+    run.write_theory({"curvature_by_beta": {"1.0": row}})
+    table = parse(build_report(run.path)).tables["theory_curvature-by-beta"]
+    words = dict(THEORY_TABLES["curvature_by_beta"][2])
+    assert [c[0] for c in table[0]] == [
+        "β",
+        words["hessian_norm"],
+        words["gradient_norm"],
+        "extra col",
+    ]
+    assert [c[1] for c in table[1][1:]] == ["1.0", "2.0", "3.0"]
+
+
+class _HeadSpans(HTMLParser):
+    """The (text, colspan) of each cell of the first header row of each table, by id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tops: dict[str, list] = {}
+        self._id = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._id = a.get("id")
+            self.tops[self._id] = []
+        elif tag == "th" and self._id is not None:
+            self._cell = ["", int(a.get("colspan", 1))]
+            self.tops[self._id].append(self._cell)
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._id = None  # only the first row of a table
+        elif tag == "th":
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+
+def test_each_defense_heads_its_settings_with_one_cell_spanning_them(full_run):
+    run, _, _ = full_run
+    spans = _HeadSpans()
+    spans.feed((run / "report.html").read_text(encoding="utf-8"))
+    top = spans.tops["defense-table_gradient"]
+    # The row-label column, then one cell per defense over its len(BETAS) settings.
+    assert [tuple(c) for c in top] == [
+        ("", 1),
+        ("β-smoothing", len(BETAS)),
+        ("SmoothGrad", len(BETAS)),
+    ]
+
+
+def test_a_method_swept_without_attack_records_keeps_its_defense_table(tmp_path):
+    # lrp's attack records were lost (a killed run, cut results.jsonl) but its sweep
+    # finished: the defense section shows what the sweep holds.
+    run = RunDir.create(tmp_path, {"command": "attack", "methods": ["gradient", "lrp"]})
+    run.append([{"index": 0, "method": "gradient", "goal": "targeted", "expl_pcc_orig": 0.5}])
+    pcc = [0.2, 0.9, 0.4]
+    run.append(
+        [
+            {"index": i, "method": "lrp", "defense": "beta_smooth", "beta": 5.0}
+            | {"adv_vs_orig_pcc": p, "seconds": 0.1}
+            for i, p in enumerate(pcc)
+        ],
+        "sweep",
+    )
+    page = parse(build_report(tmp_path))
+    assert "defense-table_gradient" not in page.tables
+    got = column(page.tables["defense-table_lrp"], "β-smoothing β=5", head_rows=2)
+    assert got["records"] == len(pcc)
+    assert got["adv_vs_orig_pcc"] == np.median(pcc)
+
+
+def test_the_theory_tables_are_its_mappings_and_not_its_curves(full_run):
+    # theory.json's curves are drawn as figures: no table of them.
+    run, _, _ = full_run
+    theory = json.loads((run / "theory.json").read_text())
+    tables = {t for t in parse(run / "report.html").tables if t.startswith("theory_")}
+    mappings = {k for k, v in theory.items() if isinstance(v, dict) and k != "curves"}
+    assert mappings == {"smoothing_vs_smoothgrad_pcc", "curvature_by_beta"}
+    assert tables == {f"theory_{k.replace('_', '-')}" for k in mappings}
+
+
+def test_the_medians_rows_follow_the_documented_order_then_the_others_by_name(full_run):
+    from betasmooth.report import METRIC_ORDER
+
+    run, _, _ = full_run
+    table = parse(run / "report.html").tables["medians"]
+    records = read_lines(run / "results.jsonl")
+    fields = {k for r in records for k, v in r.items() if isinstance(v, float)}
+    documented = [k for k in METRIC_ORDER if k in fields]
+    rest = sorted(fields - set(documented))
+    assert documented[:3] == ["expl_pcc_target", "expl_ssim_target", "expl_mse_target"]
+    assert rest == ["spearman_target"]
+    rows = [row[0][0] for row in table[1:]]
+    assert rows[rows.index("labels kept (fraction)") + 1 :] == documented + rest
+
+
+def test_an_explain_run_has_its_medians_table_and_no_attack_results(tmp_path):
+    # An explain run's results.jsonl holds explanations: one table of their medians,
+    # not a second one under "results".
+    rng = np.random.default_rng(2)
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0})
+    batch = ExplainBatch(np.arange(3), rng.random((3, 1, H, H)), _maps(rng, 3))
+    run.save_arrays("gradient", 0, batch)
+    records = [
+        {"index": i, "method": "gradient", "label": 1, "map_max": 0.5 + i, "seconds": 0.1}
+        for i in range(3)
+    ]
+    run.append(records)
+    page = parse(build_report(tmp_path))
+    assert "results" not in page.ids and "medians" not in page.tables
+    assert column(page.tables["explain-medians"], "gradient")["map_max"] == 1.5
+
+
+def test_only_the_theorem_setup_names_its_rows_in_words(tmp_path):
+    # Another table's row named like a setting ("n", "points") keeps its own name.
+    run = RunDir.create(tmp_path / "run", {"command": "theorem"})
+    run.write_theory({"seconds": {"n": 1.5, "points": 0.25}})
+    table = parse(build_report(run.path)).tables["theory_seconds"]
+    assert [(row[0][0], row[1][1]) for row in table[1:]] == [("n", "1.5"), ("points", "0.25")]
