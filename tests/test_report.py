@@ -2831,3 +2831,24 @@ def test_only_the_theorem_setup_names_its_rows_in_words(tmp_path):
     run.write_theory({"seconds": {"n": 1.5, "points": 0.25}})
     table = parse(build_report(run.path)).tables["theory_seconds"]
     assert [(row[0][0], row[1][1]) for row in table[1:]] == [("n", "1.5"), ("points", "0.25")]
+
+
+def test_an_explain_run_without_its_arrays_reports_the_medians_of_its_records(tmp_path):
+    # arrays/ lost (deleted, or on another disk): the finished records still hold each
+    # image's numbers, and the report shows them rather than no Explanations section.
+    run = RunDir.create(tmp_path, {"command": "explain", "seed": 0, "n": 3})
+    peaks = {"gradient": [0.5, 2.5, 1.0], "lrp": [4.0, 3.0]}
+    run.append(
+        [
+            {"index": i, "method": m, "label": 1, "map_max": v, "seconds": 0.1}
+            for m, values in peaks.items()
+            for i, v in enumerate(values)
+        ]
+    )
+    page = parse(build_report(tmp_path))
+    assert "explain" in page.ids and not page.images
+    table = page.tables["explain-medians"]
+    for method, values in peaks.items():
+        got = column(table, method)
+        assert got["images"] == len(values)
+        assert got["map_max"] == np.median(values)

@@ -644,9 +644,14 @@ def _defense_grids(
 
 
 def _section_explain(run: _Run) -> str:
+    table = _explain_medians(run)
     loaded = _arrays(run, run.explain_name, ExplainBatch)
     if not loaded:
-        return ""
+        # The records alone still hold each finished image's numbers.
+        if not table:
+            return ""
+        note = "<p>No maps are stored in arrays/; the medians come from the records.</p>"
+        return "<h2 id='explain'>Explanations</h2>" + note + table
     first = next(iter(loaded.values()))
     n = min(GRID_ROWS, len(first.x))
     shown = [int(i) for i in first.index[:n]]
@@ -671,16 +676,21 @@ def _section_explain(run: _Run) -> str:
     out = "<h2 id='explain'>Explanations</h2>" + _img(
         path, "explanation grid", caption + _files(run.explain or run.results, first.index[:n])
     )
-    if run.explain:
-        keys = _metric_keys(run.explain)
-        groups = group_records(run.explain, ("method",))
-        columns = list(groups)
-        stats = {c: medians(groups[c], keys) for c in columns}
-        rows = [["images"] + [len(groups[c]) for c in columns]]
-        rows += [[k] + [stats[c][k] for c in columns] for k in keys]
-        header = ["median over images"] + [c[0] for c in columns]
-        out += _table("explain-medians", header, rows)
-    return out
+    return out + table
+
+
+def _explain_medians(run: _Run) -> str:
+    """The table of each method's medians over the explain records; "" without them."""
+    if not run.explain:
+        return ""
+    keys = _metric_keys(run.explain)
+    groups = group_records(run.explain, ("method",))
+    columns = list(groups)
+    stats = {c: medians(groups[c], keys) for c in columns}
+    rows = [["images"] + [len(groups[c]) for c in columns]]
+    rows += [[k] + [stats[c][k] for c in columns] for k in keys]
+    header = ["median over images"] + [c[0] for c in columns]
+    return _table("explain-medians", header, rows)
 
 
 def _sweep_group(key: Mapping[str, object]) -> str:
