@@ -168,6 +168,23 @@ def test_a_method_of_another_form_is_refused_where_it_is_registered_or_resolved(
     )
 
 
+def test_a_resolvers_own_input_error_reaches_the_caller_as_it_said_it():
+    # An InputError is already a refusal in the library's words (captum's names
+    # the Captum classes): it is not wrapped again in "cannot resolve".
+    from betasmooth.explain import PREFIXES, register_prefix
+
+    @register_prefix("worded")
+    def worded(name):
+        raise bs.InputError(f"worded:{name} is not a method; expected worded:a")
+
+    try:
+        with pytest.raises(bs.InputError) as err:
+            bs.explain(torch.nn.Flatten(), torch.rand(2, 1, 4, 4), "worded:c", 0)
+    finally:
+        del PREFIXES["worded"]
+    assert str(err.value) == "worded:c is not a method; expected worded:a"
+
+
 def test_a_method_that_says_its_maps_have_other_shapes_returns_them_also_as_a_base():
     # shaped_like_x = False (a layer's maps): a batch of maps of any shape, also through
     # SmoothGrad, which averages them; without a batch, still refused.

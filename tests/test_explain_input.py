@@ -262,3 +262,45 @@ def test_an_unknown_option_of_a_smoothing_names_the_smoothing_and_its_base(net, 
     ):
         base = {"base": "captum:IntegratedGradients", "base_options": {"method": "riemann_left"}}
         bs.explain(net, x, "smoothgrad", 0, n=2, seed=0, **base)
+
+
+def test_a_method_that_smooths_no_base_refuses_the_option_base(net, x):
+    # base is an option of smoothgrad and beta_smooth only: given to gradient it is
+    # an unknown option named before any work, not passed on to the method.
+    with pytest.raises(
+        bs.InputTypeError,
+        match=r"^unknown option 'base' for method 'gradient', which takes no options$",
+    ):
+        bs.explain(net, x, "gradient", 0, base="lrp")
+    with pytest.raises(
+        bs.InputTypeError, match=r"^unknown option 'base' for method 'integrated_gradients';"
+    ):
+        bs.explain(net, x, "integrated_gradients", 0, base="lrp")
+
+
+def test_check_model_refuses_an_option_the_method_does_not_take(net):
+    # check_model checks the options as explain does, before the structural
+    # check: a run fails at its start on a typo, not after its other methods.
+    from betasmooth.explain import check_model
+
+    with pytest.raises(
+        bs.InputTypeError,
+        match=r"^unknown option 'stepz' for method 'integrated_gradients'; expected some of: ",
+    ):
+        check_model(net, "integrated_gradients", stepz=8)
+
+
+def test_check_model_checks_in_evaluation_mode_and_gives_the_mode_back():
+    # A structural check sees the model as explain runs it (a trace fixes
+    # self.training: a Dropout in training mode is another graph).
+    from betasmooth.explain import CHECKS, METHODS, check_model, register, register_check
+
+    seen = []
+    register("mode_seeing")(lambda model, x, target, *, create_graph=False: x)
+    register_check("mode_seeing")(lambda model: seen.append(model.training))
+    net = plain_cnn().train()
+    try:
+        check_model(net, "mode_seeing")
+    finally:
+        del METHODS["mode_seeing"], CHECKS["mode_seeing"]
+    assert seen == [False] and net.training
