@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -2093,3 +2094,126 @@ def test_a_sweep_checks_each_batch_in_its_own_images_lrp_boxes(tmp_path, digits,
         run, digits_cnn, [1.0], defenses=["beta_smooth"], method_options=boxes, data_range=(0, 3)
     )
     assert sorted(r["index"] for r in rows) == [0, 1]
+
+
+def test_seeded_draws_from_the_seed_and_restores_both_global_generators():
+    # Oracle: fresh generators seeded by hand. Inside, torch's generator is seeded with
+    # the seed and numpy's with the seed mod 2^32; after, both draw on as if the block
+    # had never run (the caller's own draws are not disturbed).
+    from betasmooth.units import seeded
+
+    seed = 2**32 + 7
+    torch.manual_seed(123)
+    np.random.seed(5)
+    with seeded(seed, torch.device("cpu")):
+        inside_torch, inside_numpy = torch.rand(3), np.random.rand(3)
+    after_torch, after_numpy = torch.rand(3), np.random.rand(3)
+    torch.testing.assert_close(
+        inside_torch, torch.rand(3, generator=torch.Generator().manual_seed(seed)), rtol=0, atol=0
+    )
+    np.testing.assert_array_equal(inside_numpy, np.random.RandomState(7).rand(3))
+    torch.testing.assert_close(
+        after_torch, torch.rand(3, generator=torch.Generator().manual_seed(123)), rtol=0, atol=0
+    )
+    np.testing.assert_array_equal(after_numpy, np.random.RandomState(5).rand(3))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_unit_is_done_by_exactly_one_rank_whatever_the_batch_size(tmp_path, world):
+    # Each rank records which units it ran: together they cover the plan once, rank r
+    # taking every world-th unit from the r-th, and the merged records hold every
+    # (index, method) once, for every batch size and rank count.
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    for batch in (1, 2, 3):
+        units = plan(["a", "b"], range(7), batch)
+        done: list[tuple[int, Unit]] = []
+        # Rank 0 last: it merges every rank's records at its end (barriers are no-ops here).
+        for rank in reversed(range(world)):
+
+            def work(unit, rank=rank, done=done):
+                done.append((rank, unit))
+                return [{"index": i, "method": unit.method} for i in unit.indices], None
+
+            shard = RunDir(run.path, rank, world) if world > 1 else run
+            name = f"w{batch}"
+            execute(shard, units, work, name=name, dist=Dist(rank, world), keeps_arrays=False,
+                    progress=False)  # fmt: skip
+        assert Counter(u for _, u in done) == Counter(units)
+        assert all(units.index(u) % world == rank for rank, u in done)
+        merged = read_jsonl(run.path / f"w{batch}.jsonl")
+        assert [(r["index"], r["method"]) for r in merged] == sorted(
+            (i, m) for i in range(7) for m in "ab"
+        )
+
+
+def test_plan_keeps_the_order_of_the_indices_it_is_given():
+    # Consecutive batches of the indices as given (here not sorted), method by method.
+    units = plan(["a", "b"], [5, 3, 9, 1, 0], 2)
+    assert [(u.method, u.indices) for u in units] == [
+        ("a", (5, 3)), ("a", (9, 1)), ("a", (0,)), ("b", (5, 3)), ("b", (9, 1)), ("b", (0,)),
+    ]  # fmt: skip
+
+
+def test_a_rank_waits_for_every_rank_after_reading_and_after_writing(tmp_path):
+    # The protocol of a torchrun job (barriers are no-ops in one process, so they are
+    # recorded here): the run folder is tidied by rank 0 alone (Dist.first) before anything
+    # is read, every rank reads the finished work before any rank adds to it, and rank 0
+    # merges (Dist.first again) only after every rank has written its last batch.
+    events: list[str] = []
+
+    class Recorded(Dist):
+        def barrier(self):
+            events.append("barrier")
+
+        def first(self, work):
+            events.append("first")
+            return super().first(work)
+
+    def work(unit):
+        events.append(f"work {unit.indices}")
+        return [{"index": i, "method": unit.method} for i in unit.indices], None
+
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    execute(run, plan(["a"], range(3), 2), work, dist=Recorded(), keeps_arrays=False,
+            progress=False)  # fmt: skip
+    assert events == [
+        "first", "barrier", "work (0, 1)", "work (2,)", "barrier", "first",
+    ]  # fmt: skip
+
+
+def test_the_bar_by_default_is_shown_on_a_terminal_alone(tmp_path, monkeypatch):
+    # progress=None (the default) shows the bar where stderr is a terminal, and only
+    # there: a log file gets none. Oracle: the items counted, 3 of 3.
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        run = RunDir.create(tmp_path / f"run{shown}", {"command": "test"})
+        execute(run, plan(["a"], range(3), 2), _square, desc="batches")
+        counts = re.findall(r"batches: +\d+%\|[^|]*\| *(\d+)/(\d+)", stream.getvalue())
+        assert (counts[-1:] == [("3", "3")]) if shown else ("batches" not in stream.getvalue())
+
+
+def test_work_on_a_finished_run_first_deletes_the_temporary_files_a_kill_left(tmp_path):
+    # A sweep adds to a finished run without writing its config (which tidies too): the
+    # temporary files of writes that a kill cut (mkstemp's ".<name>.<8 chars><suffix>")
+    # go before the work starts; other files stay.
+    import os
+    import tempfile
+    from pathlib import Path
+
+    run = RunDir.create(tmp_path / "run", {"command": "test"})
+    stale = []
+    temporary = ((run.path, "results.jsonl", ".tmp"), (run.arrays, "a-0.npz", ".npz"))
+    for folder, name, suffix in temporary:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
+        os.close(fd)
+        stale.append(Path(tmp))
+    (run.path / "notes.txt").write_text("kept")
+    execute(run, plan(["a"], range(2), 2), _square, progress=False)
+    assert [p.exists() for p in stale] == [False, False]
+    assert (run.path / "notes.txt").read_text() == "kept"
