@@ -2852,3 +2852,79 @@ def test_an_explain_run_without_its_arrays_reports_the_medians_of_its_records(tm
         got = column(table, method)
         assert got["images"] == len(values)
         assert got["map_max"] == np.median(values)
+
+
+def test_cost_labels_are_joined_by_their_share_of_the_plots_span_not_by_seconds(
+    tmp_path, monkeypatch
+):
+    # Seconds 1.0, 1.05 and 1.3 (less than a decade: a linear axis) span 0.3 s: 1.0 and
+    # 1.05 are 0.05 / 0.3 = 0.17 of it apart, more than CLOSE[0], though only 0.05 s.
+    drawn = _drawn_figures(monkeypatch)
+    pts = [
+        {"defense": "beta_smooth", "label": label, "seconds": s, "metric": 0.5}
+        for label, s in (("β=1", 1.0), ("β=2", 1.05), ("β=3", 1.3))
+    ]
+    figures.cost_quality(pts, tmp_path / "c.png")
+    (fig,) = drawn
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "linear"
+    assert 0.05 / 0.3 >= figures.CLOSE[0] > 0.05
+    assert sorted(t.get_text() for t in ax.texts) == ["β=1", "β=2", "β=3"]
+
+
+def test_the_cost_figure_names_its_metric_on_the_y_axis(tmp_path, monkeypatch):
+    drawn = _drawn_figures(monkeypatch)
+    pts = [{"defense": "smoothgrad", "label": "σ=1", "seconds": 0.5, "metric": 0.2}]
+    figures.cost_quality(pts, tmp_path / "c.png", metric="adv_vs_target_ssim")
+    (fig,) = drawn
+    assert fig.axes[0].get_ylabel() == "median adv_vs_target_ssim"
+    (line,) = fig.axes[0].get_lines()
+    assert line.get_xydata().tolist() == [[0.5, 0.2]]
+
+
+def test_each_comparison_of_the_defense_figure_has_a_colour_of_its_own(tmp_path, monkeypatch):
+    # Colour tells the comparison: four comparisons, four colours, on each panel.
+    drawn = _drawn_figures(monkeypatch)
+    stems = ("adv_vs_orig", "adv_vs_target", "clean_vs_target", "clean_vs_orig")
+    curves = {f"{s}_{m}": [0.1 * k, 0.2] for k, s in enumerate(stems) for m in ("pcc", "ssim")}
+    figures.defense_curves([1.0, 2.0], curves, tmp_path / "d.png")
+    (fig,) = drawn
+    for ax in fig.axes:
+        colours = {matplotlib.colors.to_hex(line.get_color()) for line in ax.get_lines()}
+        assert len(ax.get_lines()) == 4
+        assert len(colours) == 4
+
+
+def test_the_defense_legends_two_rows_do_not_overlap(tmp_path, monkeypatch):
+    # Colours (comparisons) in one row, line styles (defenses) in the row below it.
+    drawn = _drawn_figures(monkeypatch)
+    curves = {"adv_vs_orig_pcc": [0.2, 0.8], "adv_vs_target_pcc": [0.9, 0.3]}
+    figures.defense_curves(
+        [1.0, 10.0],
+        curves,
+        tmp_path / "d.png",
+        smoothgrad_betas=[1.0],
+        smoothgrad={"adv_vs_orig_pcc": [0.5]},
+    )
+    (fig,) = drawn
+    colours, styles = fig.legends
+    assert [t.get_text() for t in colours.get_texts()] == [
+        "attacked vs original",
+        "attacked vs target",
+    ]
+    assert [t.get_text() for t in styles.get_texts()] == ["β-smoothing", "SmoothGrad"]
+    renderer = fig.canvas.get_renderer()
+    top, bottom = (legend.get_window_extent(renderer) for legend in (colours, styles))
+    assert bottom.y1 <= top.y0
+
+
+def test_a_grid_of_maps_names_the_unit_of_its_colour_bars_once(tmp_path, monkeypatch):
+    # The bars count in multiples of 1 / (H W); without the unit the numbers read as shares.
+    drawn = _drawn_figures(monkeypatch)
+    rng = np.random.default_rng(0)
+    figures.explain_grid(rng.random((2, 1, 4, 4)), {"g": rng.random((2, 4, 4))}, tmp_path / "e.png")
+    (fig,) = drawn
+    units = [t for t in fig.texts if t.get_text() == "× 1/(HW)"]
+    assert len(units) == 1
+    # It sits right of the grid's two cells, above the bars.
+    assert units[0].get_position()[0] > 2 * figures.CELL / (2 * figures.CELL + figures.CBAR_W)
