@@ -557,3 +557,132 @@ def test_betasmooths_own_error_inside_captums_call_is_passed_on_as_it_is():
 
     with pytest.raises(bs.InputError, match=r"^the override refuses this x$"):
         bs.explain(Refuses(), torch.rand(2, 1, 2, 2), "captum:Saliency", 0)
+
+
+class _WithRequiredRule:
+    """A Captum-like class whose ``attribute`` takes ``*args``, and requires its target
+    and its quadrature ``method``: ``inputs * scale + shift``, to see the options arrive."""
+
+    def __init__(self, forward_func, scale=1.0):
+        self.scale = scale
+
+    def attribute(self, inputs, target, *more, method, shift=0.0):
+        assert method == "riemann_left" and more == ()
+        return inputs * self.scale + shift
+
+
+class _WithConstructorKwargs:
+    """A Captum-like class whose constructor takes ``**kwargs``: only Captum knows them."""
+
+    def __init__(self, forward_func, **kwargs):
+        pass
+
+    def attribute(self, inputs, target=None):
+        return inputs
+
+
+def test_a_classs_own_options_are_its_signatures_without_what_explain_fills(monkeypatch):
+    """The accepted options are the constructor's and ``attribute``'s names, ``method`` as
+    ``rule``, less the model, ``target`` and ``*args``; the required ones are those without
+    a default, less ``target`` (explain gives it) and ``*args`` (it takes nothing). A
+    constructor's ``**kwargs`` leaves the options to Captum (``None``)."""
+    import captum.attr
+
+    from betasmooth.explain.captum import captum_method
+
+    monkeypatch.setattr(captum.attr, "BsTestRequiredRule", _WithRequiredRule, raising=False)
+    monkeypatch.setattr(
+        captum.attr, "BsTestConstructorKwargs", _WithConstructorKwargs, raising=False
+    )
+    captum_method.cache_clear()
+    try:
+        method = captum_method("BsTestRequiredRule")
+        assert method.accepted_options == {"scale", "shift", "rule", "layer"}
+        net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
+        x = torch.rand(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(bs.InputError, match=r"needs the option rule \(Captum requires it\)"):
+            bs.explain(net, x, "captum:BsTestRequiredRule", 1)
+        got = bs.explain(
+            net, x, "captum:BsTestRequiredRule", 1, rule="riemann_left", scale=2.0, shift=0.5
+        )
+        torch.testing.assert_close(got, 2.0 * x + 0.5, rtol=0, atol=0)
+        assert captum_method("BsTestConstructorKwargs").accepted_options is None
+    finally:
+        captum_method.cache_clear()
+
+
+def test_a_name_of_captum_attr_that_is_no_class_is_an_unknown_method(monkeypatch, x):
+    """An object with an ``attribute`` that is no class (an instance, here) cannot be
+    built on the model: named as an unknown method, as a name Captum lacks is."""
+    import types
+
+    import captum.attr
+
+    from betasmooth.explain.captum import captum_method
+
+    instance = types.SimpleNamespace(attribute=lambda inputs, target=None: inputs)
+    monkeypatch.setattr(captum.attr, "BsTestInstance", instance, raising=False)
+    captum_method.cache_clear()
+    try:
+        with pytest.raises(bs.InputError, match=r"unknown Captum method 'BsTestInstance'"):
+            bs.explain(plain_cnn().double(), x, "captum:BsTestInstance", TARGET)
+    finally:
+        captum_method.cache_clear()
+
+
+def test_a_captum_method_called_itself_names_a_missing_required_option(x):
+    """Called without explain (as a wrapper calls its base), the method still checks
+    first: the option named, not Captum's TypeError passed on as the model's failure."""
+    from betasmooth.explain.captum import captum_method
+
+    with pytest.raises(bs.InputError, match="captum:Occlusion needs the option sliding_window"):
+        captum_method("Occlusion")(plain_cnn().double(), x, TARGET)
+
+
+def test_a_baseline_tuple_of_two_is_not_cut_to_its_first(x):
+    """Captum's one-element tuple is one baseline; a tuple of two is for a model of two
+    inputs, which Captum refuses, not a baseline whose second half is silently dropped."""
+    net = plain_cnn().double()
+    with pytest.raises(bs.InputError, match="captum:DeepLift failed on this model"):
+        bs.explain(net, x, "captum:DeepLift", TARGET, baselines=(0.1, 0.2))
+
+
+class _WarnsOfHooks(nn.Module):
+    """A model whose own forward warns, in a RuntimeWarning, words like Captum's notice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn().double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        warnings.warn(
+            "Setting backward hooks of the model's own failed", RuntimeWarning, stacklevel=2
+        )
+        return self.net(x)
+
+
+def test_only_captums_user_warning_of_hooks_is_dropped(x):
+    """Captum's notice is a UserWarning; a warning of another category that starts with
+    the same words is the model's own and is shown."""
+    import warnings
+
+    from betasmooth.explain.captum import captum_method
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        # The method itself, not explain: its one forward is Captum's, under the filter.
+        captum_method("Saliency")(_WarnsOfHooks(), x, TARGET)
+    own = [str(w.message) for w in seen if w.category is RuntimeWarning]
+    assert len(own) == 1 and "model's own failed" in own[0]
+
+
+def test_a_captum_method_with_baselines_starts_from_the_datas_low_end():
+    """On data in ``[low, high]`` a Captum method whose ``attribute`` takes baselines gets
+    ``low`` (the black image) as its baseline, as the built-in integrated gradients."""
+    from betasmooth.explain import range_options
+
+    low = torch.tensor([-2.0]).view(1, 1, 1, 1)
+    got = range_options(low, 2.0, ["captum:IntegratedGradients"])["captum:IntegratedGradients"]
+    assert set(got) == {"baselines"} and torch.equal(got["baselines"], low)

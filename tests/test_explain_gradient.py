@@ -10,7 +10,14 @@ from captum.attr._utils.approximation_methods import approximation_parameters
 from torch import nn
 
 import betasmooth as bs
-from betasmooth.explain.gradient import QUADRATURE_RULES, quadrature, select_logit
+from betasmooth.explain import range_options, select_items
+from betasmooth.explain.gradient import (
+    QUADRATURE_RULES,
+    auto_chunk,
+    input_gradient,
+    quadrature,
+    select_logit,
+)
 from nets import CAPTUM_NETS as NETS
 from nets import TARGET, residual_net
 
@@ -333,3 +340,139 @@ def test_a_zero_map_kept_with_create_graph_is_not_warned_about():
     assert torch.equal(got, torch.zeros_like(x))
     with pytest.warns(UserWarning, match="gradient gave a map that is zero everywhere"):
         bs.explain(net, x.detach(), "gradient", 0)
+
+
+def test_select_logit_gives_back_the_target_it_was_given():
+    """A given target is returned as it is, not the argmax: LRP's pass reads the class
+    it explains from it. The logit is the target's column of the logits."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [2.0, 0.5, 4.0]])
+    target = torch.tensor([0, 1])
+    logit, got = select_logit(logits, target)
+    assert torch.equal(got, target)
+    assert torch.equal(logit, torch.tensor([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("target", [3, 4])
+def test_input_gradient_names_a_target_beyond_the_models_classes(target):
+    """A class index ``>= classes`` (3 is the first past a model of 3 outputs) is named
+    by ``input_gradient`` itself, called without explain's checks, not left to
+    ``gather``'s RuntimeError."""
+    net = nn.Linear(4, 3)
+    with pytest.raises(bs.InputError, match=rf"target class {target} is out of range"):
+        input_gradient(net, torch.ones(2, 4), torch.tensor([0, target]))
+
+
+def test_input_gradient_refuses_a_negative_target_as_explain_does():
+    """A negative class is named in explain's words, whoever calls, not left to torch's
+    gather (a RuntimeError of its own)."""
+    net = nn.Linear(4, 3)
+    said = r"^target class must be >= 0; got -1$"
+    with pytest.raises(bs.InputError, match=said):
+        input_gradient(net, torch.ones(2, 4), torch.tensor([0, -1]))
+    with pytest.raises(bs.InputError, match=said):
+        bs.explain(net, torch.ones(2, 4), "gradient", torch.tensor([0, -1]))
+
+
+def test_auto_chunk_gives_no_more_points_than_the_path_has():
+    """A small batch would fit ``ITEMS_PER_PASS`` points in a pass; a path of 3 nodes
+    has 3, and a chunk given larger than the path is cut to it too."""
+    assert auto_chunk(None, total=3, batch=1) == 3
+    assert auto_chunk(None, total=3, batch=2) == 3
+    assert auto_chunk(7, total=3, batch=2) == 3
+
+
+@pytest.mark.parametrize(
+    ("chunk", "error"), [(0, bs.InputError), (-2, bs.InputError), (2.5, bs.InputTypeError)]
+)
+def test_auto_chunk_refuses_a_chunk_that_is_no_count(chunk, error):
+    """A chunk of 0 would step ``range`` by nothing and a negative one run no pass at all
+    (a zero map); ``auto_chunk`` names the option itself."""
+    with pytest.raises(error, match=rf"chunk must be an integer >= 1; got {chunk}"):
+        auto_chunk(chunk, total=3, batch=2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "steps", "error", "said"),
+    [
+        ("simpson", 4, bs.InputError, "rule"),
+        ("riemann_trapezoid", 1, bs.InputError, "steps must be an integer >= 2; got 1"),
+        ("riemann_middle", 2.5, bs.InputTypeError, "steps must be an integer >= 2; got 2.5"),
+    ],
+)
+def test_quadrature_refuses_an_unknown_rule_and_fewer_than_two_steps(rule, steps, error, said):
+    """A rule of no name would be a KeyError, one trapezoid node a weight of 1/2 at the
+    path's start and end at once, a fractional step count numpy's TypeError."""
+    with pytest.raises(error, match=said):
+        quadrature(rule, steps)
+
+
+@pytest.mark.parametrize("rule", sorted(QUADRATURE_RULES))
+def test_quadrature_weights_are_float64_to_the_last_bit(rule):
+    """Nodes and weights come in the dtype asked for, both computed in float64: float32
+    weights would put a 1e-8 error into every float64 map."""
+    alphas, weights = quadrature(rule, 7, torch.float64)
+    step_sizes, points = approximation_parameters(rule)
+    assert weights.dtype == alphas.dtype == torch.float64
+    np.testing.assert_allclose(weights.numpy(), step_sizes(7), rtol=1e-15, atol=0)
+
+
+def test_a_complex_baseline_is_refused_as_no_real_number():
+    """A complex number is a ``numbers.Number`` but no point of the input space."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(bs.InputTypeError, match="baseline must be None, a number or a tensor"):
+        bs.explain(net, torch.rand(2, 1, 2, 2), "integrated_gradients", 1, baseline=1j)
+
+
+@pytest.mark.parametrize(
+    ("baseline", "said"),
+    [
+        (torch.zeros(3), r"baseline of shape \(3,\) does not broadcast to x of shape"),
+        (torch.zeros(3, 1, 2, 2), r"baseline of shape \(3, 1, 2, 2\) does not broadcast to x"),
+        (float("nan"), "baseline contains NaN or inf"),
+        (torch.tensor([[float("inf")]]), "baseline contains NaN or inf"),
+    ],
+)
+def test_a_baseline_that_is_no_start_for_x_is_named(baseline, said):
+    """A baseline that does not broadcast, one that broadcasts only to a larger batch
+    (three starts for one image), and a NaN or inf one (a NaN map) are refused by name."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(bs.InputError, match=said):
+        bs.explain(net, torch.rand(1, 1, 2, 2), "integrated_gradients", 1, baseline=baseline)
+
+
+def test_integrated_gradients_starts_from_the_datas_low_end_of_its_range():
+    """On data in ``[low, high]`` the path starts at ``low`` (the black image), and a
+    linear model's map is then ``(x - low) * w``, not ``x * w``."""
+    low = torch.tensor([-2.0]).view(1, 1, 1, 1)
+    options = range_options(low, 2.0)["integrated_gradients"]
+    assert set(options) == {"baseline"} and torch.equal(options["baseline"], low)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = bs.explain(net, x, "integrated_gradients", 1, steps=3, **options)
+    torch.testing.assert_close(got, (x + 2.0) * net[1].weight[1].detach().view(1, 1, 2, 2))
+
+
+def test_a_baseline_of_one_start_per_image_is_cut_to_the_images_explained():
+    """A ``(N, C, H, W)`` baseline holds one start per image of the set: the images 2
+    and 0 of a set of 3 get rows 2 and 0, in that order."""
+    baseline = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 2)
+    got = select_items("integrated_gradients", {"baseline": baseline}, [2, 0], (3, 1, 2, 2))
+    torch.testing.assert_close(got["baseline"], baseline[[2, 0]], rtol=0, atol=0)
+
+
+def test_smoothgrad_refuses_a_baseline_of_its_noisy_copies_batch():
+    """SmoothGrad stacks 3 noisy copies of one image: a baseline of 3 rows would
+    broadcast over the copies, one start per copy, where it fits no batch of ``x``."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    options = {"baseline": torch.zeros(3, 1, 2, 2), "steps": 2}
+    with pytest.raises(bs.InputError, match=r"baseline of shape \(3, 1, 2, 2\) does not"):
+        bs.explain(
+            net,
+            torch.rand(1, 1, 2, 2),
+            "smoothgrad",
+            1,
+            n=3,
+            base="integrated_gradients",
+            base_options=options,
+        )

@@ -276,13 +276,16 @@ def _out_of_range(value: int) -> InputError:
 
 
 def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Check that every class index is below the model's number of outputs.
+    """Check that every class index is a class of the model: from 0 to its outputs - 1.
 
     Examples
     --------
     >>> check_classes(torch.tensor([3, 9]), 10)
     tensor([3, 9])
     """
+    if bool((target < 0).any()):
+        # Else torch's gather says it with a RuntimeError of its own, or an index wraps.
+        raise InputError(f"target class must be >= 0; got {target.min().item()}")
     if bool((target >= n_classes).any()):
         raise InputError(
             f"target class {target.max().item()} is out of range; "
