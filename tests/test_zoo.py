@@ -2101,30 +2101,32 @@ def test_a_model_module_and_its_packages_own_modules_are_its_code(tmp_path, monk
     assert zoo.is_user_code(str(tmp_path / "betasmooth_test_ucpre.py"))
 
 
-def test_a_text_file_that_starts_with_pk_is_not_called_a_cut_short_archive(tmp_path) -> None:
-    # Only the four bytes of a zip's local header (PK\x03\x04) make a cut-short archive;
-    # a text that happens to start with "PK" is named by its first bytes like any other.
+@pytest.mark.parametrize(
+    ("write", "said"),
+    [
+        # Only the four bytes of a zip's local header (PK\x03\x04) make a cut-short
+        # archive; a text that happens to start with "PK" is named by its first bytes.
+        (
+            lambda path: path.write_bytes(b"PKG notes, not weights\n"),
+            "cannot read weights file {path}: it is not a file written by torch.save (it "
+            "starts with b'PKG '); expected a file written by torch.save(model.state_dict(), ...)",
+        ),
+        # Of two entries that are no tensors, the first in the file's order is named (an
+        # epoch counter that precedes a note).
+        (
+            lambda path: torch.save({"weight": torch.zeros(1), "epoch": 3, "note": "x"}, path),
+            "{path} is not a state dict (entry 'epoch' is not a tensor; expected a file "
+            "written by torch.save(model.state_dict(), ...))",
+        ),
+    ],
+    ids=["text-starting-with-PK", "first-entry-no-tensor"],
+)
+def test_a_file_that_is_no_state_dict_is_named_by_what_it_holds(tmp_path, write, said) -> None:
     path = tmp_path / "w.pt"
-    path.write_bytes(b"PKG notes, not weights\n")
+    write(path)
     with pytest.raises(InputError) as info:
         load_state_dict(path)
-    assert str(info.value) == (
-        f"cannot read weights file {path}: it is not a file written by torch.save (it starts "
-        "with b'PKG '); expected a file written by torch.save(model.state_dict(), ...)"
-    )
-
-
-def test_the_first_entry_that_is_no_tensor_is_the_one_named(tmp_path) -> None:
-    # A dict of a tensor, then two entries that are no tensors: the first of them, in
-    # the file's order, is named (an epoch counter that precedes a note).
-    path = tmp_path / "w.pt"
-    torch.save({"weight": torch.zeros(1), "epoch": 3, "note": "x"}, path)
-    with pytest.raises(InputError) as info:
-        load_state_dict(path)
-    assert str(info.value) == (
-        f"{path} is not a state dict (entry 'epoch' is not a tensor; expected a file written "
-        "by torch.save(model.state_dict(), ...))"
-    )
+    assert str(info.value) == said.format(path=path)
 
 
 def test_keys_that_name_the_models_tensors_lose_no_prefix(tmp_path) -> None:
