@@ -254,7 +254,7 @@ def check_target(target: object, batch: int) -> torch.Tensor | None:
     if bool((target < 0).any()):
         if unsigned:  # a uint64 of 2**63 or more, wrapped round by the cast
             raise _out_of_range(target[target < 0].max().item() + 2**64)
-        raise InputError(f"target class must be >= 0; got {target.min().item()}")
+        raise _negative(target.min().item())
     return target
 
 
@@ -262,10 +262,14 @@ def _class_index(value: numbers.Integral) -> int:
     """``value`` as an int that int64 holds; one line naming it otherwise."""
     value = int(value)
     if value < 0:
-        raise InputError(f"target class must be >= 0; got {value}")
+        raise _negative(value)
     if value >= 2**63:
         raise _out_of_range(value)
     return value
+
+
+def _negative(value: int) -> InputError:
+    return InputError(f"target class must be >= 0; got {value}")
 
 
 def _out_of_range(value: int) -> InputError:
@@ -285,7 +289,7 @@ def check_classes(target: torch.Tensor, n_classes: int) -> torch.Tensor:
     """
     if bool((target < 0).any()):
         # Else torch's gather says it with a RuntimeError of its own, or an index wraps.
-        raise InputError(f"target class must be >= 0; got {target.min().item()}")
+        raise _negative(target.min().item())
     if bool((target >= n_classes).any()):
         raise InputError(
             f"target class {target.max().item()} is out of range; "
