@@ -369,3 +369,119 @@ def test_half_the_crops_are_flipped_and_none_is_almost_uniform(test_split):
     assert 0.4 <= boxes[:, 4].mean() <= 0.6
     # Crops of standard deviation below 0.02 (the black of the retina and the sky) are drawn again.
     assert np.std(x.numpy().reshape(500, -1), axis=1, ddof=1).min() >= 0.02
+
+
+def _hand_cells(height, width, split):
+    """The split's cells of the 4 x 4 checkerboard, by hand as ``split_cells`` documents."""
+    rows = np.round(np.arange(5) * height / 4).astype(int)
+    cols = np.round(np.arange(5) * width / 4).astype(int)
+    parity = 1 if split == "test" else 0
+    cells = [
+        (int(rows[r]), int(cols[c]), int(rows[r + 1]), int(cols[c + 1]))
+        for r in range(4)
+        for c in range(4)
+        if (r + c) % 2 == parity
+    ]
+    if split in ("fit", "validation"):
+        # Every fourth training cell, row by row, is held out for validation.
+        return [c for k, c in enumerate(cells) if (k % 4 == 3) == (split == "validation")]
+    return cells
+
+
+@pytest.mark.parametrize("split", ["train", "test", "fit", "validation"])
+@pytest.mark.parametrize(("height", "width"), [(300, 451), (30, 45), (37, 26), (9, 10), (4, 4)])
+def test_split_cells_is_the_checkerboard_by_hand_at_odd_sizes(height, width, split):
+    # Odd sizes where k * n / 4 ends in .5 or .75: the boundaries are rounded, not floored,
+    # rows and columns are not swapped, and cells go row by row.
+    assert photos.split_cells(height, width, split) == _hand_cells(height, width, split)
+
+
+# Synthetic photographs for the crop pipeline: odd, non-square sizes (a quarter of the
+# shorter side is more than some cells, or less), one with an alpha channel that must be
+# dropped. The top row of cells has a faint texture (crops of standard deviation about
+# 0.005 to 0.019 after resizing, below the 0.02 threshold), the rest strong noise.
+SYNTHETIC_SHAPES = [(30, 45, 4), (37, 30, 3), (37, 26, 3), (32, 32, 3)]
+
+
+def _synthetic_photo(shape, seed):
+    rng = np.random.default_rng(seed)
+    image = 0.5 + 0.3 * rng.standard_normal(shape)
+    faint = int(np.round(shape[0] / 4))
+    image[:faint] = 0.5 + 0.015 * rng.standard_normal((faint, *shape[1:]))
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def synthetic_photos(monkeypatch):
+    """Replace the built-in photographs by small synthetic ones, caches emptied around the test."""
+    images = {f"p{i}": _synthetic_photo(shape, i) for i, shape in enumerate(SYNTHETIC_SHAPES)}
+    monkeypatch.setattr(photos, "PHOTOS", {k: (lambda v=v: v.copy()) for k, v in images.items()})
+    photos._photographs.cache_clear()
+    photos._crops.cache_clear()
+    yield list(images.values())
+    photos._photographs.cache_clear()
+    photos._crops.cache_clear()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_crops_of_synthetic_photos_match_a_hand_built_oracle(synthetic_photos, split):
+    per_photo, size = 40, 5
+    x, y, boxes = photos.photo_crops(split, size=size, per_photo=per_photo)
+    n = len(SYNTHETIC_SHAPES)
+    assert x.shape == (n * per_photo, 3, size, size)
+    np.testing.assert_array_equal(y.numpy(), np.tile(np.arange(n), per_photo))
+    flips = set()
+    for label, image in enumerate(synthetic_photos):
+        height, width = image.shape[:2]
+        cells = _hand_cells(height, width, split)
+        rgb = image[..., :3].astype(np.float32) / 255.0
+        hit, touched = set(), set()
+        for i in np.flatnonzero(y.numpy() == label):
+            top, left, side, side_w, flip = (int(v) for v in boxes[i])
+            inside = [
+                c
+                for c in cells
+                if c[0] <= top and top + side <= c[2] and c[1] <= left and left + side <= c[3]
+            ]
+            assert side == side_w and len(inside) == 1, (label, boxes[i])
+            cell = inside[0]
+            # 15, 20 or 25 % of the shorter side, rounded, at most the cell.
+            assert side in {
+                min(round(s * min(height, width)), cell[2] - cell[0], cell[3] - cell[1])
+                for s in (0.15, 0.2, 0.25)
+            }
+            assert cell[0] > 0, "a crop of the faint top row was kept"
+            hit.add(cell)
+            touched |= {("top", top == cell[0]), ("bottom", top + side == cell[2])}
+            touched |= {("left", left == cell[1]), ("right", left + side == cell[3])}
+            flips.add(flip)
+            # Oracle: PIL's bilinear (antialiased) resize of each RGB channel of the box.
+            region = rgb[top : top + side, left : left + side]
+            expected = np.stack(
+                [
+                    np.asarray(
+                        Image.fromarray(np.ascontiguousarray(region[..., c]), mode="F").resize(
+                            (size, size), Image.Resampling.BILINEAR
+                        )
+                    )
+                    for c in range(3)
+                ]
+            )
+            expected = expected[:, :, ::-1] if flip else expected
+            np.testing.assert_allclose(x[i].numpy(), expected, rtol=0, atol=1e-5)
+        # Every cell below the faint row gives crops, and crops reach every edge of a cell.
+        assert hit == {c for c in cells if c[0] > 0}
+        assert {k for k, v in touched if v} == {"top", "bottom", "left", "right"}
+    assert flips == {0, 1}
+
+
+def test_photo_crops_defaults_are_the_documented_split_and_counts(synthetic_photos, monkeypatch):
+    # Default split "test"; 300 crops per photograph for train and fit, 50 for test and validation.
+    # One photograph is enough and keeps the test fast.
+    monkeypatch.setattr(photos, "PHOTOS", dict(list(photos.PHOTOS.items())[:1]))
+    for split, count in [("fit", 300), ("validation", 50)]:
+        x, y, boxes = photos.photo_crops(split, size=2)
+        assert (len(x), len(y), len(boxes)) == (count,) * 3, split
+    default = photos.photo_crops(size=2)[2]
+    assert len(default) == 50
+    np.testing.assert_array_equal(default, photos.photo_crops("test", size=2)[2])
