@@ -98,6 +98,20 @@ def attack_dir(tmp_path_factory) -> Path:
     return out
 
 
+SWEEP = ["--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def swept_dir(attack_dir, tmp_path_factory) -> Path:
+    """A copy of ``attack_dir`` swept with ``SWEEP``; tests copy it before they change it."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("swept") / "run"
+    shutil.copytree(attack_dir, out)
+    assert main(["sweep", str(out), *SWEEP]) == 0
+    return out
+
+
 @pytest.mark.slow
 def test_a_sweep_of_a_demo_with_other_betas_is_refused(demo_dir, tmp_path, capsys):
     # The demo records its sweep: another sweep with other betas would add rows
@@ -372,12 +386,11 @@ def test_resume_of_a_finished_run_changes_nothing(attack_dir):
     }
 
 
-def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
+def test_sweep_is_idempotent_and_indexes_the_run(swept_dir, tmp_path):
     import shutil
 
     run = tmp_path / "run"
-    shutil.copytree(attack_dir, run)
-    assert main(["sweep", str(run), "--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]) == 0
+    shutil.copytree(swept_dir, run)
     first = (run / "sweep.jsonl").read_bytes()
     rows = read_jsonl(run / "sweep.jsonl")
     assert len(rows) == 6 * 2 * 2 * 2
@@ -418,23 +431,25 @@ def test_sweep_is_idempotent_and_indexes_the_run(attack_dir, tmp_path):
 
 
 def test_sweep_table_shows_the_defended_clean_maps_similarity_to_the_target(
-    attack_dir, tmp_path, capsys
+    swept_dir, tmp_path, capsys
 ):
     # pcc adv/tgt alone mixes what the attack moved with what smoothing moves: the
     # table shows the defended map of x against the target beside it, as recorded.
+    # A finished sweep run again prints its table from the rows it recorded.
     import shutil
 
     from betasmooth.cli import SWEEP_COLUMNS
 
     run = tmp_path / "run"
-    shutil.copytree(attack_dir, run)
-    argv = ["sweep", str(run), "--betas", "2", "--smoothgrad-n", "2", "--no-progress"]
-    assert main(argv) == 0
+    shutil.copytree(swept_dir, run)
+    assert main(["sweep", str(run), *SWEEP]) == 0
     rows = read_jsonl(run / "sweep.jsonl")
     header, lines = _table(capsys.readouterr().out.splitlines(), "method")
     titles = [t for _, t in SWEEP_COLUMNS]
     for method in ("gradient", "lrp"):
-        mine = [r for r in rows if (r["method"], r["defense"]) == (method, "beta_smooth")]
+        mine = [
+            r for r in rows if (r["method"], r["defense"], r["beta"]) == (method, "beta_smooth", 2)
+        ]
         row = next(line for line in lines if _words(line).startswith(f"{method} beta_smooth 2"))
         row = row.split()
         cell = row[4 + titles.index("pcc clean/tgt")]
@@ -443,19 +458,15 @@ def test_sweep_table_shows_the_defended_clean_maps_similarity_to_the_target(
         assert "pcc clean/tgt" in header
 
 
-def test_sweep_cut_by_a_kill_is_completed_once(attack_dir, tmp_path):
+def test_sweep_cut_by_a_kill_is_completed_once(swept_dir, tmp_path):
     # A kill can cut the write of a batch's sweep rows after some of its lines,
     # and leave the temporary file of an arrays write. The resumed sweep adds
     # exactly the missing rows, keeps one arrays file per batch, and removes the
     # temporary file.
     import shutil
 
-    argv = ["--betas", "2,10", "--smoothgrad-n", "4", "--no-progress"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    shutil.copytree(attack_dir, whole)
-    assert main(["sweep", str(whole), *argv]) == 0
-    shutil.copytree(attack_dir, cut)
-    assert main(["sweep", str(cut), *argv]) == 0
+    whole, cut = swept_dir, tmp_path / "cut"
+    shutil.copytree(swept_dir, cut)
     lines = (cut / "sweep.jsonl").read_text().splitlines(keepends=True)
     last = [
         i for i, r in enumerate(map(json.loads, lines)) if (r["method"], r["index"]) == ("lrp", 5)
@@ -464,7 +475,7 @@ def test_sweep_cut_by_a_kill_is_completed_once(attack_dir, tmp_path):
     kept = [line for i, line in enumerate(lines) if i not in last[3:]]
     (cut / "sweep.jsonl").write_text("".join(kept) + lines[last[3]][:40])
     (cut / "arrays" / ".sweep-lrp-4.npz.x1y2z3w4.npz").write_bytes(b"partial")
-    assert main(["sweep", str(cut), *argv]) == 0
+    assert main(["sweep", str(cut), *SWEEP]) == 0
 
     def rows(run):
         return [

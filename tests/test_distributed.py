@@ -81,7 +81,7 @@ def _values(records: list[dict]) -> dict[tuple, dict]:
 
 @pytest.mark.slow
 def test_two_ranks_write_what_one_process_writes(tmp_path):
-    argv = [*ARGS, "-n", "6", "--batch-size", "2", "--steps", "10"]
+    argv = [*ARGS, "-n", "6", "--batch-size", "2", "--steps", "3"]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     proc = _torchrun([*argv, "--out", str(tmp_path / "two")], stderr=tmp_path / "stderr")
     assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]

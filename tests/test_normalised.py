@@ -448,18 +448,26 @@ def test_targeted_attack_reports_the_input_change_in_pixel_units():
     np.testing.assert_allclose(result.metrics["input_pcc"].numpy(), pcc, atol=1e-5)
 
 
-def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path):
+def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path, capsys):
     # The demo takes --mean/--std like attack: LRP's z^B rule gets the true
     # box (Zennit's map) and the attack clamps every channel to its interval.
     model_file, data_file, raw = user_files
     out = tmp_path / "demo"
     argv = ["demo", "--model", f"{model_file}:net", "--data", str(data_file), "--quick"]
-    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "-n", "2", "--steps", "2"]
+    argv += ["--mean", *map(str, MEAN), "--std", *map(str, STD), "-n", "6", "--steps", "2"]
     assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    # As attack and explain, data of fewer images than -n: one notice, the number used
+    # in config.json, and a report that holds a finished run (it compared 4 results per
+    # method with the asked-for 6).
+    notice = f"betasmooth demo: {data_file} holds only 4 images; using all 4 (asked for 6)"
+    assert capsys.readouterr().err.count(notice) == 1
+    assert "not finished" not in (out / "report.html").read_text()
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["index"] for r in results}) == [0, 1, 2, 3]
     mean, std, low, high = box()
     with np.load(out / "arrays" / "explain-lrp-0.npz") as saved:
         x, saved_map = torch.from_numpy(saved["x"]).double(), torch.from_numpy(saved["map"])
-    torch.testing.assert_close(x.float(), (raw[:2] - mean) / std)
+    torch.testing.assert_close(x.float(), (raw - mean) / std)
     net = bs.load_model(f"{model_file}:net").double()
     target = net(x).argmax(1)
     r = zennit_lrp(net, x.clone(), target, low.double().expand_as(x), high.double().expand_as(x))
@@ -469,23 +477,7 @@ def test_demo_on_a_normalised_model_uses_its_box(user_files, tmp_path):
         pixels = torch.from_numpy(saved["x_adv"]) * std + mean
     assert float(pixels.min()) >= -1e-6 and float(pixels.max()) <= 1 + 1e-6
     config = json.loads((out / "config.json").read_text())
-    assert (config["mean"], config["std"]) == (MEAN, STD)
-
-
-def test_a_demo_on_fewer_images_than_its_n_says_so_and_records_them(user_files, tmp_path, capsys):
-    # As attack and explain: one notice, the number used in config.json, and a report that
-    # holds a finished run (it compared 3 results per method with the asked-for 6).
-    model_file, data_file, _ = user_files
-    out = tmp_path / "demo"
-    argv = ["demo", "--model", f"{model_file}:net", "--data", str(data_file), "--quick"]
-    argv += ["-n", "6", "--steps", "2", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert f"betasmooth demo: {data_file} holds only 4 images; using all 4 (asked for 6)" in err
-    assert json.loads((out / "config.json").read_text())["n"] == 4
-    assert "not finished" not in (out / "report.html").read_text()
-    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted({r["index"] for r in results}) == [0, 1, 2, 3]
+    assert (config["mean"], config["std"], config["n"]) == (MEAN, STD, 4)
 
 
 def test_beta_auto_without_held_out_images_says_so_and_calibrates_on_the_last(

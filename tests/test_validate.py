@@ -283,16 +283,6 @@ def test_fewer_images_than_asked_are_said_and_recorded(tmp_path, capsys) -> None
     assert "three.npz holds only 3 images; using all 3 (-n defaults to 16)" in err
 
 
-def test_a_demo_on_fewer_images_than_asked_says_so_once_it_starts(tmp_path, capsys) -> None:
-    np.savez(tmp_path / "three.npz", x=np.random.rand(3, 1, 32, 32).astype(np.float32))
-    argv = ["demo", "--model", "digits-cnn", "--data", str(tmp_path / "three.npz"), "--quick"]
-    argv += ["-n", "4", "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert err.count("three.npz holds only 3 images; using all 3 (asked for 4)") == 1
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["n"] == 3
-
-
 @pytest.mark.parametrize(
     ("command", "bad", "message"),
     [
