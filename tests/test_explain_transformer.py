@@ -306,7 +306,9 @@ def _epsilon_rule(a, weight, bias, relevance, epsilon):
 
 def test_epsilon_of_layer_norm_and_attention_by_hand():
     # One token mixer and one LayerNorm, each with epsilon 0.2, written out: the
-    # LN-rule with sigma held and the AH-rule, layer by layer.
+    # LN-rule with sigma held and the AH-rule, layer by layer. The attack differentiates
+    # the map: sigma and the weights are held in the rule, not in its derivative, so the
+    # hand formula's autograd derivative is the oracle for create_graph's.
     torch.manual_seed(4)
     embed, norm, mix, head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.Linear(4, 2)
     nn.init.normal_(norm.weight)
@@ -323,33 +325,81 @@ def test_epsilon_of_layer_norm_and_attention_by_hand():
             return self.head((weights @ h).sum(1))
 
     net = Net().double().eval()
-    x = torch.rand(2, 5, 3, dtype=torch.float64)
+    x = torch.rand(2, 5, 3, dtype=torch.float64).requires_grad_(True)
     target = torch.tensor([1, 0])
     eps = 0.2
     composite = Composite(layers={nn.Linear: "epsilon"}, first={nn.Linear: "epsilon"})
+    ours = bs.explain(net, x, "lrp", target, composite=composite, epsilon=eps, create_graph=True)
+
+    e = F.linear(x, embed.weight, embed.bias)
+    sigma = (e.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    h = norm(e)
+    w = (net.mix(h) @ h.transpose(1, 2)).softmax(-1)
+    mixed = w @ h
+    pooled = mixed.sum(1)
+    logits = F.linear(pooled, head.weight, head.bias)
+    r = torch.zeros_like(logits).scatter(1, target[:, None], logits.gather(1, target[:, None]))
+    r = _epsilon_rule(pooled, head.weight, head.bias, r, eps)
+    stab = pooled + 1e-6 * torch.where(pooled >= 0, 1.0, -1.0).double()
+    r = mixed * (r / stab)[:, None, :]  # the sum over tokens: in proportion
+    # AH-rule: R_h = h * W^T (R / stab(W h)).
+    stab = mixed + eps * torch.where(mixed >= 0, 1.0, -1.0).double()
+    r = h * (w.transpose(1, 2) @ (r / stab))
+    # LN-rule: y = (e - mean e) / sigma * g + b; R_e = e * (u - mean u), u = g s / sigma.
+    stab = h + eps * torch.where(h >= 0, 1.0, -1.0).double()
+    u = norm.weight * (r / stab) / sigma
+    r = e * (u - u.mean(-1, keepdim=True))
+    expected = _epsilon_rule(x, embed.weight, embed.bias, r, eps)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+    v = torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((ours * v).sum(), x)
+    (want,) = torch.autograd.grad((expected * v).sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-13)
+
+
+def test_epsilon_of_multihead_attention_by_hand():
+    # The AH-rule with epsilon 0.2 layer by layer: output projection, A @ V, value projection.
+    torch.manual_seed(4)
+    embed, head = nn.Linear(4, 8), nn.Linear(8, 3)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    nn.init.normal_(mha.in_proj_bias)
+    nn.init.normal_(mha.out_proj.bias)
+    net = nn.Sequential(embed, _SelfAttention(mha), _Summed(), head).double().eval()
+    x = torch.rand(2, 5, 4, dtype=torch.float64)
+    target, eps = torch.tensor([1, 2]), 0.2
+    composite = Composite(layers={nn.Linear: "epsilon"}, first={nn.Linear: "epsilon"})
     ours = bs.explain(net, x, "lrp", target, composite=composite, epsilon=eps)
 
+    def split(t):
+        return t.unflatten(-1, (2, 4)).transpose(1, 2)
+
     with torch.no_grad():
-        e = F.linear(x, embed.weight, embed.bias)
-        sigma = (e.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
-        h = norm(e)
-        w = (net.mix(h) @ h.transpose(1, 2)).softmax(-1)
-        mixed = w @ h
-        pooled = mixed.sum(1)
-        logits = F.linear(pooled, head.weight, head.bias)
+        h = embed(x)
+        out, w = mha(h, h, h, average_attn_weights=False)
+        wv, bv = mha.in_proj_weight[16:], mha.in_proj_bias[16:]
+        pv = F.linear(h, wv, bv)
+        mixed = (w @ split(pv)).transpose(1, 2).flatten(2)
+        pooled = out.sum(1)
+        logits = head(pooled)
         r = torch.zeros_like(logits).scatter(1, target[:, None], logits.gather(1, target[:, None]))
         r = _epsilon_rule(pooled, head.weight, head.bias, r, eps)
         stab = pooled + 1e-6 * torch.where(pooled >= 0, 1.0, -1.0).double()
-        r = mixed * (r / stab)[:, None, :]  # the sum over tokens: in proportion
-        # AH-rule: R_h = h * W^T (R / stab(W h)).
+        r = out * (r / stab)[:, None, :]  # the sum over tokens: in proportion
+        r = _epsilon_rule(mixed, mha.out_proj.weight, mha.out_proj.bias, r, eps)
         stab = mixed + eps * torch.where(mixed >= 0, 1.0, -1.0).double()
-        r = h * (w.transpose(1, 2) @ (r / stab))
-        # LN-rule: y = (e - mean e) / sigma * g + b; R_e = e * (u - mean u), u = g s / sigma.
-        stab = h + eps * torch.where(h >= 0, 1.0, -1.0).double()
-        u = norm.weight * (r / stab) / sigma
-        r = e * (u - u.mean(-1, keepdim=True))
+        r = pv * (w.transpose(-2, -1) @ split(r / stab)).transpose(1, 2).flatten(2)
+        r = _epsilon_rule(h, wv, bv, r, eps)
         expected = _epsilon_rule(x, embed.weight, embed.bias, r, eps)
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-14)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mha(h, h, h, need_weights=False)[0]
 
 
 def test_epsilon_of_swins_window_attention_by_hand():
@@ -726,10 +776,11 @@ def _sdpa_by_hand(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
 
 
 class _Fused(nn.Module):
-    def __init__(self, by_hand=False, heads=2, kv_heads=2, **options):
+    def __init__(self, by_hand=False, heads=2, kv_heads=2, keys=None, **options):
         super().__init__()
         torch.manual_seed(12)
         self.by_hand, self.heads, self.kv_heads, self.options = by_hand, heads, kv_heads, options
+        self.keys = keys  # the number of tokens the keys and values come from: all, or the first
         self.q, self.k = nn.Linear(4, 4 * heads), nn.Linear(4, 4 * kv_heads)
         self.v = nn.Linear(4, 4 * kv_heads)
         self.head = nn.Linear(4 * heads, 3)
@@ -737,8 +788,9 @@ class _Fused(nn.Module):
     def forward(self, x):
         n, length, _ = x.shape
         q = self.q(x).reshape(n, length, self.heads, 4).transpose(1, 2)
-        k = self.k(x).reshape(n, length, self.kv_heads, 4).transpose(1, 2)
-        v = self.v(x).reshape(n, length, self.kv_heads, 4).transpose(1, 2)
+        source = x[:, : self.keys]
+        k = self.k(source).reshape(n, -1, self.kv_heads, 4).transpose(1, 2)
+        v = self.v(source).reshape(n, -1, self.kv_heads, 4).transpose(1, 2)
         attend = _sdpa_by_hand if self.by_hand else F.scaled_dot_product_attention
         h = attend(q, k, v, **self.options)
         return self.head(h.transpose(1, 2).reshape(n, length, -1).mean(1))
@@ -750,6 +802,8 @@ SDPA_OPTIONS = {
     "bool-mask": {"attn_mask": _KEEP},
     "float-mask": {"attn_mask": _FLOAT_MASK.view(1, 1, 5, 5).expand(1, 2, 5, 5)},
     "scale": {"scale": 0.3},
+    "scale-zero": {"scale": 0.0},  # uniform weights: a scale of 0 is not sdpa's default
+    "causal-fewer-keys": {"keys": 3, "is_causal": True},  # the mask is (L, S), not (L, L)
     "gqa": {"heads": 4, "kv_heads": 2, "enable_gqa": True},
     "gqa-causal-scale": {
         "heads": 6,
@@ -770,15 +824,26 @@ def test_lrp_of_scaled_dot_product_attention_options_is_cp_lrp(no_stabiliser, op
     _assert_held(net, twin, x, target)
 
 
+def test_lrp_of_scaled_dot_product_attention_with_a_float32_additive_mask(no_stabiliser):
+    # In float32 the additive mask is still added, not taken for a boolean one.
+    mask = _FLOAT_MASK.float().view(1, 1, 5, 5)
+    net, twin = _Fused(attn_mask=mask).eval(), _Fused(True, attn_mask=mask).eval()
+    x = torch.rand(3, 5, 4, generator=torch.Generator().manual_seed(14))
+    target = torch.tensor([1, 2, 0])
+    ours = bs.explain(net, x, "lrp", target, composite=LRP0, epsilon=0.0)
+    torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-4, atol=1e-6)
+
+
 class _Spelled(nn.Module):
-    """Hand-written attention spelled in other ways: F.softmax, Tensor.matmul, values on the
-    left of the weights (``v^T @ A`` with a softmax over the keys' axis -2)."""
+    """Hand-written attention spelled in other ways: F.softmax, nn.Softmax, Tensor.matmul,
+    values on the left of the weights (``v^T @ A`` with a softmax over the keys' axis -2)."""
 
     def __init__(self, spelling, detach=False):
         super().__init__()
         torch.manual_seed(15)
         self.spelling, self.detach = spelling, detach
         self.qkv, self.head = nn.Linear(4, 24), nn.Linear(8, 3)
+        self.softmax = nn.Softmax(-1)
 
     def forward(self, x):
         n, length, _ = x.shape
@@ -788,13 +853,14 @@ class _Spelled(nn.Module):
             h = v.transpose(-2, -1) @ (a.detach() if self.detach else a)
             h = h.transpose(-2, -1)
         else:
-            softmax = F.softmax if self.spelling == "F.softmax" else torch.softmax
+            softmax = {"F.softmax": F.softmax, "torch.softmax": torch.softmax,
+                       "nn.Softmax": lambda t, dim: self.softmax(t)}[self.spelling]  # fmt: skip
             a = softmax(q @ k.transpose(-2, -1), -1)
             h = (a.detach() if self.detach else a).matmul(v)
         return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
 
 
-@pytest.mark.parametrize("spelling", ["F.softmax", "torch.softmax", "values-left"])
+@pytest.mark.parametrize("spelling", ["F.softmax", "torch.softmax", "nn.Softmax", "values-left"])
 def test_lrp_of_attention_spelled_otherwise_holds_the_weights(no_stabiliser, spelling):
     net = _Spelled(spelling).double().eval()
     twin = _Spelled(spelling, detach=True).double().eval()
@@ -804,7 +870,8 @@ def test_lrp_of_attention_spelled_otherwise_holds_the_weights(no_stabiliser, spe
 
 
 class _Norms(nn.Module):
-    """LayerNorm over two axes and GroupNorm, with their own eps and biases; F.rms_norm."""
+    """LayerNorm over two axes and GroupNorm, with their own eps and biases; F.rms_norm;
+    F.layer_norm and F.group_norm with torch's default eps, a list and a torch.Size shape."""
 
     def __init__(self):
         super().__init__()
@@ -813,6 +880,7 @@ class _Norms(nn.Module):
         self.layer = nn.LayerNorm((5, 6), eps=0.7)
         self.group = nn.GroupNorm(2, 4, eps=0.4)
         self.rms = nn.Parameter(torch.randn(6, dtype=torch.float64))
+        self.shift = nn.Parameter(torch.randn(6, dtype=torch.float64))
         for p in [*self.layer.parameters(), *self.group.parameters()]:
             nn.init.normal_(p)
         self.head = nn.Linear(60, 3)
@@ -820,7 +888,9 @@ class _Norms(nn.Module):
     def forward(self, x):
         n = x.shape[0]
         h = self.layer(self.embed(x).view(n, 2, 5, 6))
+        h = F.layer_norm(h, [5, 6]) + F.layer_norm(h, h.shape[-1:], self.rms, self.shift)
         g = self.group(h.reshape(n, 4, 5, 3))
+        g = F.group_norm(g, 2, self.group.bias, self.group.weight)
         if hasattr(F, "rms_norm"):
             g = F.rms_norm(g.reshape(n, 2, 5, 6), (6,), self.rms, 1e-6)
         return self.head(g.flatten(1))
@@ -939,15 +1009,36 @@ class _Rearranged(nn.Module):
                 weights = attn.transpose(-2, -1).reshape(n * 2, length, length)
             elif self.how == "torch.transpose":
                 weights = torch.transpose(attn, -2, -1).contiguous().view(n * 2, length, length)
-            else:
+            elif self.how == "torch.transpose(input=)":
                 weights = torch.transpose(input=attn, dim0=-2, dim1=-1)
                 weights = weights.contiguous().view(n * 2, length, length)
-            h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
+            elif self.how == "permute-flatten-dropout":
+                weights = F.dropout(attn.permute(0, 1, 3, 2).flatten(0, 1), 0.1, self.training)
+            elif self.how == "torch.permute-torch.flatten":
+                weights = torch.flatten(torch.permute(attn, (0, 1, 3, 2)), 0, 1)
+            else:  # swapaxes
+                weights = torch.reshape(torch.swapaxes(attn, -2, -1), (n * 2, length, length))
+                weights = weights.swapaxes(-2, -1).swapaxes(-1, -2)
+            if self.how == "permute-flatten-dropout":  # the product as a method, then matmul
+                h = weights.bmm(v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
+            elif self.how == "swapaxes":
+                h = torch.matmul(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
+            else:
+                h = torch.bmm(weights, v.reshape(n * 2, length, 4)).view(n, 2, length, 4)
         return self.head(h.transpose(1, 2).reshape(n, length, 8).mean(1))
 
 
 @pytest.mark.parametrize(
-    "how", ["transposed", "reshaped-bmm", "torch.transpose", "torch.transpose(input=)"]
+    "how",
+    [
+        "transposed",
+        "reshaped-bmm",
+        "torch.transpose",
+        "torch.transpose(input=)",
+        "permute-flatten-dropout",
+        "torch.permute-torch.flatten",
+        "swapaxes",
+    ],
 )
 def test_lrp_holds_attention_weights_through_a_transpose_or_reshape(no_stabiliser, how):
     net, twin = _Rearranged(how).double().eval(), _Rearranged(how, True).double().eval()
