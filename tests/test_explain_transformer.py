@@ -834,6 +834,20 @@ def test_lrp_of_scaled_dot_product_attention_with_a_float32_additive_mask(no_sta
     torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-4, atol=1e-6)
 
 
+def test_lrp_refuses_attention_that_drops_weights_when_evaluated():
+    # dropout_p given outside training draws other weights at every call: the map of one
+    # draw is no explanation of the model, and no held weights are those it used.
+    net = _Fused(dropout_p=0.25).double().eval()
+    x = torch.rand(2, 5, 4, dtype=torch.float64)
+    said = (
+        r"^lrp holds the attention weights of scaled_dot_product_attention, but the model "
+        r"calls it with dropout_p=0\.25 when it is evaluated; expected dropout_p=0 outside "
+        r"training \(dropout_p=p if self\.training else 0\.0\)$"
+    )
+    with pytest.raises(InputError, match=said):
+        bs.explain(net, x, "lrp", torch.tensor([0, 1]), composite=LRP0)
+
+
 class _Spelled(nn.Module):
     """Hand-written attention spelled in other ways: F.softmax, nn.Softmax, Tensor.matmul,
     values on the left of the weights (``v^T @ A`` with a softmax over the keys' axis -2)."""

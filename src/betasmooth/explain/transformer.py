@@ -270,6 +270,7 @@ def _sdpa_args(
         "causal": is_causal,
         "scale": scale,
         "gqa": enable_gqa,
+        "dropout": dropout_p,
     }
 
 
@@ -297,6 +298,13 @@ def _sdpa_weights(args: dict) -> torch.Tensor:
 def _scaled_dot_product_attention_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """``F.scaled_dot_product_attention``: the attention weights held, relevance to the values."""
     args = _bind(_sdpa_args, step)
+    if args["dropout"] > 0:
+        # The forward pass dropped weights at random: no held weights are the ones it used.
+        raise InputError(
+            "lrp holds the attention weights of scaled_dot_product_attention, but the model "
+            f"calls it with dropout_p={args['dropout']:g} when it is evaluated; expected "
+            "dropout_p=0 outside training (dropout_p=p if self.training else 0.0)"
+        )
     weights, values = _sdpa_weights(args), args["value"]
     if args["gqa"]:
         repeat = weights.shape[-3] // values.shape[-3]
