@@ -19,6 +19,10 @@ from betasmooth.recommend import recommend_beta, verdict
         ({"0.5": 0.2, "1": 0.2, "2": None}, 1.0),
         # A missing median ranks below every number, -1 included.
         ({"0.5": -1.0, "1": None}, 0.5),
+        # Ties are broken by the beta's value, not its key: "2" > "10" as strings.
+        ({"2": 0.2, "10": 0.2, "5": None}, 10.0),
+        # A strongly negative median is the least faithful, not the most (no abs).
+        ({"0.5": -0.8, "1": 0.1}, 1.0),
     ],
 )
 def test_calibration_without_a_faithful_beta_takes_the_most_faithful(monkeypatch, cells, chosen):
@@ -144,7 +148,7 @@ def test_calibration_attacks_and_sweeps_with_the_options_and_range_it_was_given(
     seen = {}
 
     def manipulate(model, x, targets, method, **kwargs):
-        seen["manipulate"] = kwargs
+        seen["manipulate"], seen["targets"] = kwargs, targets
         return types.SimpleNamespace(x_adv=x.clone())
 
     class Sweep:
@@ -157,16 +161,28 @@ def test_calibration_attacks_and_sweeps_with_the_options_and_range_it_was_given(
 
     monkeypatch.setattr(calibrate, "manipulate", manipulate)
     monkeypatch.setattr(calibrate, "defense_sweep", defense_sweep)
-    x = bs.load_data("digits", split="train")[0][:2]
+    x = bs.load_data("digits", split="train")[0][:3]
+    model = bs.load_model("digits-cnn")
     found = calibrate.calibrate_beta(
-        bs.load_model("digits-cnn"), x, "lrp", betas=[2.0], steps=1, data_range=(-1.0, 2.0)
-    )
+        model, x, "lrp", betas=[2.0], steps=1, data_range=(-1.0, 2.0),
+        method_options={"epsilon": 0.5}, seed=4,
+    )  # fmt: skip
     assert found.beta == 2.0
-    box = {"low": -1.0, "high": 2.0}
+    # The caller's epsilon is kept next to the box; the targets are the maps of the
+    # options attacked (box [-1, 2], epsilon 0.5), drawn with the seed given.
+    box = {"low": -1.0, "high": 2.0, "epsilon": 0.5}
+    maps = bs.heatmap(bs.explain(model, x, "lrp", **box))
+    targets = attack.random_targets(maps, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(seen["targets"], targets, rtol=0, atol=0)
+    # The box and epsilon change the maps, so targets drawn without them would differ.
+    plain = bs.heatmap(bs.explain(model, x, "lrp"))
+    assert not torch.allclose(maps, plain, rtol=1e-3, atol=0)
     assert seen["manipulate"]["method_options"] == box
     assert seen["manipulate"]["data_range"] == (-1.0, 2.0)
     assert seen["defense_sweep"]["method_options"] == box
     assert seen["defense_sweep"]["data_range"] == (-1.0, 2.0)
+    # The seed seeds the attack and the sweep's draws too, not the targets alone.
+    assert seen["manipulate"]["seed"] == seen["defense_sweep"]["seed"] == 4
 
 
 @pytest.mark.parametrize(
@@ -192,3 +208,47 @@ def test_calibration_refuses_bad_betas_and_min_fidelity_before_the_attack(
     x = bs.load_data("digits", split="train")[0][:2]
     with pytest.raises(bs.InputError, match=message):
         calibrate.calibrate_beta(bs.load_model("digits-cnn"), x, steps=1, **options)
+
+
+def test_calibration_defaults_are_the_documented_ones(monkeypatch):
+    # README (--beta auto): each image attacked for 100 steps on the gradient map, a
+    # sweep over 0.5, 1, 2, 5, 10, 20, 50 of beta_smooth alone, fidelity 0.9; and the
+    # signature's [0, 1] data range, seed 0, no progress bars.
+    import types
+
+    import betasmooth.calibrate as calibrate
+
+    seen = {}
+
+    def manipulate(model, x, targets, method, **kwargs):
+        seen["manipulate"] = (method, targets, kwargs)
+        return types.SimpleNamespace(x_adv=x.clone())
+
+    class Sweep:
+        def summary(self, min_fidelity):
+            seen["min_fidelity"] = min_fidelity
+            return {"min_fidelity": min_fidelity, "recommended_beta": 2.0, "betas": {"2": {}}}
+
+    def defense_sweep(model, x, x_adv, targets, method, betas, **kwargs):
+        seen["defense_sweep"] = (method, list(betas), kwargs)
+        return Sweep()
+
+    monkeypatch.setattr(calibrate, "manipulate", manipulate)
+    monkeypatch.setattr(calibrate, "defense_sweep", defense_sweep)
+    model = bs.load_model("digits-cnn")
+    x = bs.load_data("digits", split="train")[0][:3]
+    calibrate.calibrate_beta(model, x)
+    method, targets, kwargs = seen["manipulate"]
+    assert method == "gradient"
+    assert (kwargs["steps"], kwargs["seed"], kwargs["progress"]) == (100, 0, False)
+    assert kwargs["data_range"] == (0.0, 1.0)
+    maps = bs.heatmap(bs.explain(model, x, "gradient"))
+    torch.testing.assert_close(
+        targets, attack.random_targets(maps, torch.Generator().manual_seed(0)), rtol=0, atol=0
+    )
+    method, betas, kwargs = seen["defense_sweep"]
+    assert method == "gradient"
+    assert betas == [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
+    assert kwargs["defenses"] == ("beta_smooth",)
+    assert (kwargs["seed"], kwargs["progress"], kwargs["data_range"]) == (0, False, (0.0, 1.0))
+    assert seen["min_fidelity"] == 0.9

@@ -189,8 +189,10 @@ def test_alpha_beta_refuses_what_zennits_alpha_beta_refuses(alpha, beta):
     # the relevance it passes on by alpha - beta (bias aside), so (3, 1) would double it.
     with pytest.raises(ValueError):
         AlphaBeta(alpha, beta)
+    # The message names the pair as given, alpha first.
     with pytest.raises(
-        ValueError, match=r"^alpha-beta needs alpha, beta >= 0 and alpha - beta = 1"
+        ValueError,
+        match=rf"^alpha-beta needs alpha, beta >= 0 and alpha - beta = 1; got {alpha}, {beta}$",
     ):
         alpha_beta(alpha, beta)
 
@@ -283,11 +285,16 @@ def test_lrp_splits_a_sum_with_alpha_as_the_sum_of_the_scaled_branch():
 
 
 def _conv_nd(dims: int, side: int) -> nn.Module:
+    # A transposed convolution in the middle too: zennit's types.Convolution holds
+    # ConvTranspose1d and ConvTranspose3d, so its composites give them the rules of Conv.
     conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    transposed = {1: nn.ConvTranspose1d, 3: nn.ConvTranspose3d}[dims]
     pool = {1: nn.MaxPool1d, 3: nn.MaxPool3d}[dims]
-    torch.manual_seed(dims)
+    # A seed whose net gives no image an all-zero map (the test refuses one: it compares nothing).
+    torch.manual_seed(dims + 1)
     return nn.Sequential(
-        conv(2, 3, 3, padding=1), nn.ReLU(), conv(3, 3, 3, padding=1), nn.ReLU(), pool(2),
+        conv(2, 3, 3, padding=1), nn.ReLU(), transposed(3, 3, 3, padding=1), nn.ReLU(),
+        conv(3, 3, 3, padding=1), nn.ReLU(), pool(2),
         nn.Flatten(), nn.Linear(3 * (side // 2) ** dims, 4),
     ).double().eval()  # fmt: skip
 
@@ -295,7 +302,7 @@ def _conv_nd(dims: int, side: int) -> nn.Module:
 @pytest.mark.parametrize(("dims", "side"), [(1, 16), (3, 4)])
 @pytest.mark.parametrize("name", sorted(ZENNIT))
 def test_composites_on_signals_and_volumes_equal_zennit(dims, side, name):
-    # Zennit's composites give Conv1d and Conv3d the rules of Conv2d.
+    # Zennit's composites give Conv1d, Conv3d and their transposed ones the rules of Conv2d.
     net = _conv_nd(dims, side)
     x = torch.rand(
         2, 2, *[side] * dims, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
