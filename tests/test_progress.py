@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -121,3 +122,59 @@ def test_a_bar_counts_passes_not_items(bars):
     # The rate reads "pass/s" (one forward-backward of a chunk), not tqdm's "it/s".
     list(progress.passes(range(2), "smoothgrad", show=True))
     assert [(b.desc, b.unit, b.done) for b in bars] == [("smoothgrad", "pass", 2)]
+
+
+def test_a_block_left_by_an_exception_hides_the_bars_again(bars):
+    # shown() restores the state it found even when its block raises: a failed
+    # call must not leave every later loop of the process with a bar.
+    loop = range(3)
+    with pytest.raises(RuntimeError), progress.shown():
+        raise RuntimeError("a batch failed")
+    assert progress.passes(loop, "smoothgrad") is loop
+    with progress.shown():
+        with pytest.raises(RuntimeError), progress.shown(False):
+            raise RuntimeError("a batch failed")
+        assert progress.passes(loop, "smoothgrad") is not loop  # the outer block shows it
+    assert [b.desc for b in bars] == ["smoothgrad"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_job_by_default_shows_its_bar_and_its_passes_on_a_terminal_alone(
+    bars, monkeypatch, tmp_path, digits, digits_cnn, terminal
+):
+    # progress=None: tqdm itself decides from stderr (disable=None), and the passes
+    # follow the job's bar. Oracle: tqdm's own state, total, n, unit and disable.
+    import io
+
+    import betasmooth.units as units
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    jobs = []
+
+    class Job(units.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # close() sets disable: read it as the job opened the bar.
+            jobs.append((self, kwargs["unit"], bool(self.disable)))
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    monkeypatch.setattr(units, "tqdm", Job)
+    run = RunDir.create(tmp_path / "run", {"command": "explain"})
+    explain_run(
+        run,
+        digits_cnn,
+        digits[0][:3],
+        digits[1][:3],
+        ["integrated_gradients"],
+        batch_size=2,
+        method_options={"integrated_gradients": {"steps": 8, "chunk": 4}},
+    )
+    # 3 items in batches of 2 and 1; each batch 8 / 4 = 2 passes.
+    # A disabled bar counts nothing: n stays 0 off a terminal.
+    found = [(j.total, j.n, unit, off) for j, unit, off in jobs]
+    assert found == [(3, 3 if terminal else 0, "item", not terminal)]
+    found = [(b.desc, b.total, b.done) for b in bars]
+    assert found == ([("integrated_gradients", 2, 2)] * 2 if terminal else [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -337,3 +338,76 @@ def test_channel_last_maps_summed_over_a_negative_channel_axis_lose_the_channel(
         got = bs.quantus_explain(net, last, y, reduce_axes=axes, keepdims=False)
         assert got.shape == (2, 6, 9)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 5, 4, 3), (2, 8, 4, 16), (2, 16, 4, 8)])
+def test_the_layout_is_inferred_as_quantus_infers_it(shape):
+    # Quantus' infer_channel_first is the oracle: channels are the axis shorter than
+    # every other, height and width included; where neither end is, it refuses.
+    from quantus.helpers.utils import infer_channel_first
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(shape[1:]), 3))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    y = np.array([0, 2])
+    try:
+        first = infer_channel_first(x.numpy())
+    except ValueError:
+        with pytest.raises(ValueError, match="expected channel_first=True or False"):
+            bs.quantus_explain(net, x.numpy(), y)
+        return
+    # The model is fed channel-first inputs; the map comes back in the inputs' layout.
+    leaf = (x if first else x.movedim(-1, 1)).clone().requires_grad_(True)
+    net(leaf).gather(1, torch.from_numpy(y)[:, None]).sum().backward()
+    expected = leaf.grad.sum(1, keepdim=True)
+    expected = (expected if first else expected.movedim(1, -1)).numpy()
+    got = bs.quantus_explain(net, x.numpy(), y)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_a_model_without_parameters_is_explained_on_the_cpu_in_the_default_dtype():
+    # Logit c is the mean of channel c: its gradient is 1/(H W) on channel c, 0 elsewhere.
+    # With no parameter to tell them, the place is the CPU and the dtype torch's default.
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = np.random.default_rng(0).random((3, 3, 4, 5))  # float64, as Quantus' arrays
+    y = np.array([2, 0, 1])
+    got = bs.quantus_explain(net, x, y, reduce_axes=())
+    expected = np.zeros((3, 3, 4, 5), np.float32)
+    expected[np.arange(3), y] = 1 / 20
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "kwargs", "said"),
+    [
+        ("x", "y", {"reduce_axes": (4,)}, "quantus_explain: reduce_axes has axis 4, outside the "
+         "4 axes of the attributions; expected axes from 1 to 3, e.g. (1,)"),
+        ("x", "y", {"reduce_axes": (0,)},
+         "quantus_explain cannot reduce over the batch axis 0; expected e.g. (1,)"),
+        ("x", "y", {"reduce_axes": (1.5,)},
+         "quantus_explain: reduce_axes must hold integers, e.g. (1,); got (1.5,)"),
+        ("x", "y", {"softmax": True},
+         "quantus_explain explains logits (pre-softmax); expected softmax=None or False"),
+        ("abc", "y", {}, "quantus_explain inputs must be a numpy array or a torch tensor; got str"),
+        ("x", "abc", {},
+         "quantus_explain targets must be a numpy array or a torch tensor; got str"),
+        ("x", [0.0, np.inf], {}, "quantus_explain targets must be class indices; got [0.0, inf]"),
+        ("levels", "y", {}, "quantus_explain inputs must be floating point; got torch.uint8 "
+         "(scale the images as the model expects them, e.g. to [0, 1])"),
+        ("cube", "y", {}, "cannot tell the channel axis of inputs of shape (2, 16, 16, 16); "
+         "expected channel_first=True or False in explain_func_kwargs"),
+    ],
+)  # fmt: skip
+def test_a_refusal_names_what_was_given_and_the_form_expected(inputs, targets, kwargs, said):
+    # Quantus hides the traceback of an explain_func: the one line must say it all.
+    x = torch.rand(2, 1, 16, 16).numpy()
+    given = {
+        "x": x,
+        "levels": (x * 255).astype(np.uint8),
+        "cube": np.zeros((2, 16, 16, 16), np.float32),
+    }.get(inputs, inputs)
+    targets = np.array([0, 1]) if targets == "y" else targets
+    with pytest.raises((TypeError, ValueError), match=f"^{re.escape(said)}$"):
+        bs.quantus_explain(plain_cnn(), given, targets, **kwargs)
