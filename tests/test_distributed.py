@@ -801,3 +801,156 @@ def test_warnings_are_read_rank_0_first_then_by_rank_number(tmp_path):
         RunDir(tmp_path, rank=rank, world_size=11).add_warnings("attack", [f"rank {rank}: x"])
     said = [r["warning"] for r in RunDir(tmp_path).read_warnings()]
     assert said == ["rank 0: x", "rank 1: x", "rank 2: x", "rank 10: x"]
+
+
+def test_each_rank_of_a_cuda_job_takes_its_own_gpu_whatever_index_was_given(monkeypatch):
+    # --device cuda:1 under torchrun would put every rank on one GPU: each rank computes on
+    # cuda:LOCAL_RANK. A device that is no GPU (the CPU, Apple's mps) stays as given.
+    from betasmooth.distributed import rank_device
+
+    for name, value in (("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 0)
+    assert rank_device(torch.device("mps")) == torch.device("mps")
+
+
+def test_outside_a_job_the_device_is_the_one_given(monkeypatch):
+    # No launcher (no RANK, no WORLD_SIZE), or RANK alone: one process, whose --device holds.
+    from betasmooth.distributed import rank_device
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setenv("RANK", "3")
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+def test_a_cpu_job_joins_gloo_with_no_device_to_bind(monkeypatch):
+    # device_id binds a process group to one GPU (nccl); gloo on the CPU is given none.
+    import betasmooth.distributed as distributed
+
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda *a, **k: joined.append((a, k))
+    )
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("no GPU to place"))
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert distributed.init_distributed(torch.device("cpu"))[1] == torch.device("cpu")
+    assert joined == [(("gloo",), {})]
+
+
+def test_a_group_already_left_is_not_left_again(monkeypatch):
+    # A caller that destroyed the process group itself: leaving it again would raise.
+    import betasmooth.distributed as distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: pytest.fail())
+    distributed.shutdown_distributed(distributed.Dist(1, 2, 1, active=True))
+
+
+def test_gloos_own_message_keeps_the_peers_address_and_names_the_errors_type():
+    # gloo puts its source line first and the peer's address in brackets after the reason:
+    # only the leading source line goes. A failure with no words of its own is named by
+    # its own type (a subclass of RuntimeError); a last sentence keeps no full stop.
+    from betasmooth.distributed import RankLost
+
+    tail = "; the rank that stopped first says why"
+    gloo = "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:41234"
+    assert str(RankLost(0, RuntimeError(gloo))) == (
+        f"rank 0 lost another rank of the torchrun job (Connection closed by peer "
+        f"[10.0.0.2]:41234){tail}"
+    )
+    err = torch.distributed.DistBackendError("[ProcessGroupNCCL.cpp:1]  ")
+    said = f"rank 1 lost another rank of the torchrun job (DistBackendError){tail}"
+    assert str(RankLost(1, err)) == said
+    err = RuntimeError("[c10d] Timed out waiting 1800000ms for recv operation to complete.\n")
+    assert str(RankLost(1, err)) == (
+        f"rank 1 lost another rank of the torchrun job (Timed out waiting 1800000ms for recv "
+        f"operation to complete){tail}"
+    )
+
+
+def test_a_broadcast_or_any_that_loses_a_rank_names_this_rank(monkeypatch):
+    # The rank that waits names itself, and keeps the collective's error as the cause.
+    from betasmooth.distributed import Dist, RankLost
+
+    err = RuntimeError("[pair.cc:561] Connection closed by peer. Check the logs.")
+
+    def gone(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "broadcast", gone)
+    monkeypatch.setattr(torch.distributed, "all_reduce", gone)
+    monkeypatch.setattr(torch.distributed, "barrier", gone)
+    dist = Dist(rank=1, world_size=2, local_rank=1, active=True)
+    for collective in (lambda: dist.broadcast(None), lambda: dist.any(True), dist.barrier):
+        with pytest.raises(RankLost, match=r"^rank 1 lost another rank .*\(Connection closed "
+                                           r"by peer\);") as lost:  # fmt: skip
+            collective()
+        assert lost.value.__cause__ is err
+
+
+def test_rank_0s_value_that_json_cannot_send_is_its_own_error_not_a_rank_lost(monkeypatch):
+    # A TypeError of json.dumps on rank 0 is a fault of the caller, not of another rank.
+    from betasmooth.distributed import Dist
+
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *a, **k: pytest.fail())
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        Dist(rank=0, world_size=2, active=True).broadcast({"beta": object()})
+
+
+def test_nccl_collectives_run_on_the_ranks_local_gpu(monkeypatch):
+    # Rank 5 of 8 is local rank 1 of its node: its nccl tensors live on cuda:1 (cuda:5 does
+    # not exist on a node of 4 GPUs). The tensors are made on the CPU here, their device kept.
+    from betasmooth.distributed import Dist
+
+    placed = []
+    tensor, zeros = torch.tensor, torch.zeros
+    payload = json.dumps([1.0, 10.0]).encode()
+
+    def broadcast(t, src):
+        if t.dtype == torch.uint8:
+            t.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        else:
+            t.fill_(len(payload))
+
+    def all_reduce(t, op):
+        t.fill_(1)  # another rank's flag holds
+
+    monkeypatch.setattr(torch, "tensor", lambda d, device: placed.append(device) or tensor(d))
+    monkeypatch.setattr(
+        torch, "zeros", lambda n, dtype, device: placed.append(device) or zeros(n, dtype=dtype)
+    )
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    dist = Dist(rank=5, world_size=8, local_rank=1, active=True)
+    assert dist.broadcast(None) == [1.0, 10.0] and dist.any(False) is True
+    assert placed == [torch.device("cuda", 1)] * 3
+
+
+def test_only_a_failure_of_what_work_was_given_is_sent_to_the_other_ranks(monkeypatch):
+    # Another error of work (a bug) is raised on rank 0 as it is; nothing is sent, as the
+    # other ranks could not say it as rank 0 does.
+    from betasmooth.distributed import Dist
+
+    sent: list = []
+    _two_ranks_of(monkeypatch, sent)
+
+    def bug():
+        raise KeyError("beta")
+
+    with pytest.raises(KeyError):
+        Dist(rank=0, world_size=2, active=True).first(bug)
+    assert sent == []
+
+
+def test_in_one_process_any_is_a_bool():
+    # bool(flag), whatever type the flag has (a numpy bool, a count).
+    from betasmooth.distributed import Dist
+
+    assert Dist().any(np.True_) is True and Dist().any(3) is True and Dist().any(0) is False
