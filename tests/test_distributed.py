@@ -405,13 +405,68 @@ def test_a_collective_that_runs_out_of_memory_is_this_ranks_own_failure(monkeypa
 def test_rank_device_is_the_local_rank_not_the_global_rank(monkeypatch):
     from betasmooth.distributed import rank_device
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "1")  # second node, 4 GPUs per node
     assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
     monkeypatch.delenv("LOCAL_RANK")  # a launcher that sets no LOCAL_RANK: one node
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert rank_device(torch.device("cuda")) == torch.device("cuda", 5)
     assert rank_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("local", "ranks", "last"),
+    [("0", "3", 2), ("2", "3", 2), ("2", None, 2), ("1", "2", None), ("1", None, None)],
+)
+def test_a_cuda_job_of_more_ranks_than_gpus_is_refused_alike_on_every_rank(
+    monkeypatch, local, ranks, last
+):
+    # torchrun --nproc-per-node 3 on a machine of 2 GPUs: every rank that knows the
+    # node's number of ranks (LOCAL_WORLD_SIZE) refuses in the same line before it
+    # joins, naming the rank left without a GPU; without that number, the rank itself.
+    from betasmooth.distributed import rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in (("RANK", local), ("WORLD_SIZE", "3"), ("LOCAL_RANK", local)):
+        monkeypatch.setenv(name, value)
+    if ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    if last is None:
+        assert rank_device(torch.device("cuda")) == torch.device("cuda", int(local))
+        return
+    said = (
+        f"--device cuda under torchrun takes one GPU per rank, but local rank {last} has none "
+        "of this machine's 2 CUDA device(s); expected --nproc-per-node 2 or fewer"
+    )
+    with pytest.raises(bs.InputError, match=f"^{re.escape(said)}$"):
+        rank_device(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("command", [["explain"], ["attack", "--steps", "1"]])
+def test_a_cuda_job_of_more_ranks_than_gpus_ends_in_one_line_before_any_run(
+    monkeypatch, tmp_path, capsys, command
+):
+    # Rank 0 of torchrun --nproc-per-node 3 on 2 GPUs: the refusal is the command's
+    # one line, status 2, and no run directory is made.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "3"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    argv = [*command, "--model", "digits-cnn", "--data", "digits", "--method", "gradient"]
+    argv += ["-n", "2", "--device", "cuda", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "betasmooth: error: --device cuda under torchrun takes one GPU per rank, but local "
+        "rank 2 has none of this machine's 2 CUDA device(s); expected --nproc-per-node 2 "
+        "or fewer\n"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_job_of_one_rank_computes_on_the_device_it_was_given(monkeypatch):
@@ -498,6 +553,7 @@ def test_a_rank_without_local_rank_is_its_own_local_rank_as_on_its_device(monkey
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     dist, device = distributed.init_distributed(torch.device("cpu"))
     assert dist == distributed.Dist(rank=3, world_size=4, local_rank=3, active=True)
     assert device == torch.device("cpu")
@@ -709,6 +765,7 @@ def test_a_cuda_job_joins_nccl_bound_to_the_ranks_gpu(monkeypatch):
         torch.distributed, "init_process_group", lambda *a, **k: joined.append((a, k))
     )
     monkeypatch.setattr(torch.cuda, "set_device", placed.append)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # 4 GPUs per node
     for name, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
         monkeypatch.setenv(name, value)
     dist, device = distributed.init_distributed(torch.device("cuda"))
@@ -808,6 +865,7 @@ def test_each_rank_of_a_cuda_job_takes_its_own_gpu_whatever_index_was_given(monk
     # cuda:LOCAL_RANK. A device that is no GPU (the CPU, Apple's mps) stays as given.
     from betasmooth.distributed import rank_device
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for name, value in (("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 0)

@@ -208,6 +208,11 @@ def rank_device(device: torch.device) -> torch.device:
     """The device this process computes on: ``cuda:LOCAL_RANK`` for a CUDA torchrun job,
     else ``device``; known before the job's processes join.
 
+    Raises
+    ------
+    InputError
+        For a CUDA job with more ranks on this machine than it has GPUs.
+
     Examples
     --------
     >>> rank_device(torch.device("cpu"))
@@ -215,7 +220,19 @@ def rank_device(device: torch.device) -> torch.device:
     """
     if device.type != "cuda" or not launched() or int(os.environ["WORLD_SIZE"]) <= 1:
         return device
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+    local = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    count = torch.cuda.device_count()
+    # torchrun says how many ranks run on this machine: where it does, every one of them
+    # refuses alike, not only those past the last GPU (whose torch.cuda.set_device would
+    # fail with a bare "invalid device ordinal").
+    last = max(int(os.environ.get("LOCAL_WORLD_SIZE", 0)) - 1, local)
+    if last >= count:
+        raise InputError(
+            f"--device cuda under torchrun takes one GPU per rank, but local rank {last} "
+            f"has none of this machine's {count} CUDA device(s); expected --nproc-per-node "
+            f"{count} or fewer"
+        )
+    return torch.device("cuda", local)
 
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
