@@ -834,16 +834,26 @@ def test_lrp_of_scaled_dot_product_attention_with_a_float32_additive_mask(no_sta
     torch.testing.assert_close(ours, cp_lrp(twin, x, target), rtol=1e-4, atol=1e-6)
 
 
-def test_lrp_refuses_attention_that_drops_weights_when_evaluated():
+@pytest.mark.parametrize("given", [{"dropout_p": 0.25}, {"dropout_p": 0.0}, {}])
+def test_lrp_refuses_attention_that_drops_weights_when_evaluated(given):
     # dropout_p given outside training draws other weights at every call: the map of one
-    # draw is no explanation of the model, and no held weights are those it used.
-    net = _Fused(dropout_p=0.25).double().eval()
-    x = torch.rand(2, 5, 4, dtype=torch.float64)
+    # draw is no explanation of the model, and no held weights are those it used. The
+    # model check refuses it before any map, as the command line runs it.
+    from betasmooth.explain import check_model
+
+    net = _Fused(**given).double().eval()
+    if not given.get("dropout_p"):
+        check_model(net, "lrp", composite=LRP0)
+        return
     said = (
         r"^lrp holds the attention weights of scaled_dot_product_attention, but the model "
-        r"calls it with dropout_p=0\.25 when it is evaluated; expected dropout_p=0 outside "
-        r"training \(dropout_p=p if self\.training else 0\.0\)$"
+        r"calls it with dropout_p=0\.25 when it is evaluated \(node "
+        r"'scaled_dot_product_attention'\); expected dropout_p=0 outside training "
+        r"\(dropout_p=p if self\.training else 0\.0\)$"
     )
+    with pytest.raises(InputError, match=said):
+        check_model(net, "lrp", composite=LRP0)
+    x = torch.rand(2, 5, 4, dtype=torch.float64)
     with pytest.raises(InputError, match=said):
         bs.explain(net, x, "lrp", torch.tensor([0, 1]), composite=LRP0)
 

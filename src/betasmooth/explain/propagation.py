@@ -993,6 +993,11 @@ Inputs that no relevance reaches need no rule (the query and key of attention)."
 #: part on the way to the output is refused.
 PARTS: dict[Callable, tuple[frozenset[int], str]] = {}
 
+#: Checks of a call's constant arguments that its rule needs, run on every node that
+#: relevance reaches before any map is computed: ``check(node)`` raises an
+#: ``InputError`` naming the node where the rule cannot explain the call as written.
+CALL_CHECKS: dict[Callable, Callable[[fx.Node], None]] = {}
+
 
 def _sends(node: fx.Node, rule: Rule | None, depends: set[fx.Node]) -> list[fx.Node]:
     route = ROUTES.get(getattr(rule, "func", rule)) if rule is not None else None
@@ -1176,8 +1181,13 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
 
 def _check_parts(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
     """Refuse a part of a tuple on the way to the output that its rule sends no relevance
-    (the attention weights that nn.MultiheadAttention returns, held constant)."""
+    (the attention weights that nn.MultiheadAttention returns, held constant), and a
+    call whose arguments its rule cannot explain (:data:`CALL_CHECKS`)."""
     for node in gm.graph.nodes:
+        rule = rules.get(node)
+        check = CALL_CHECKS.get(getattr(rule, "func", rule)) if rule is not None else None
+        if check is not None and node in reached:
+            check(node)
         if node not in reached or node.op != "call_function" or node.target is not operator.getitem:
             continue
         source, index = node.args[0], node.args[1]

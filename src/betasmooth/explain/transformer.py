@@ -64,6 +64,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..validate import InputError
 from .propagation import (
+    CALL_CHECKS,
     FACTORS,
     FORWARDS,
     FUNCTION_RULES,
@@ -295,16 +296,22 @@ def _sdpa_weights(args: dict) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def _check_sdpa_call(node: fx.Node) -> None:
+    """Refuse attention that drops weights in evaluation: no held weights are the ones
+    the forward pass drew at random. The trace fixes ``self.training`` and with it
+    ``dropout_p``, a number here."""
+    p = _sdpa_args(*node.args, **node.kwargs)["dropout"]
+    if isinstance(p, (int, float)) and p > 0:
+        raise InputError(
+            "lrp holds the attention weights of scaled_dot_product_attention, but the model "
+            f"calls it with dropout_p={p:g} when it is evaluated (node {node.name!r}); "
+            "expected dropout_p=0 outside training (dropout_p=p if self.training else 0.0)"
+        )
+
+
 def _scaled_dot_product_attention_rule(step: _Step, relevance: torch.Tensor) -> Relevance:
     """``F.scaled_dot_product_attention``: the attention weights held, relevance to the values."""
     args = _bind(_sdpa_args, step)
-    if args["dropout"] > 0:
-        # The forward pass dropped weights at random: no held weights are the ones it used.
-        raise InputError(
-            "lrp holds the attention weights of scaled_dot_product_attention, but the model "
-            f"calls it with dropout_p={args['dropout']:g} when it is evaluated; expected "
-            "dropout_p=0 outside training (dropout_p=p if self.training else 0.0)"
-        )
     weights, values = _sdpa_weights(args), args["value"]
     if args["gqa"]:
         repeat = weights.shape[-3] // values.shape[-3]
@@ -498,6 +505,7 @@ NAMED_FUNCTION_RULES.update(
         "torchvision.models.swin_transformer._patch_merging_pad": _gradient,
     }
 )
+CALL_CHECKS[_scaled_dot_product_attention_rule] = _check_sdpa_call
 PARTS[_multihead_attention_rule] = (
     frozenset({0}),
     "the attention weights; the logits may use attention(...)[0] only",
