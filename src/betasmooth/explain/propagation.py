@@ -1000,7 +1000,7 @@ CALL_CHECKS: dict[Callable, Callable[[fx.Node], None]] = {}
 
 
 def _sends(node: fx.Node, rule: Rule | None, depends: set[fx.Node]) -> list[fx.Node]:
-    route = ROUTES.get(getattr(rule, "func", rule)) if rule is not None else None
+    route = ROUTES.get(_function_of(rule))
     inputs = route(node, rule) if route is not None else node.all_input_nodes
     return [n for n in inputs if isinstance(n, fx.Node) and n in depends]
 
@@ -1153,6 +1153,7 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
         if node in reached and node not in shape:
             reached.update(_sends(node, rules.get(node), depends))
     missing = [(node, module) for node, module in missing if node in reached]
+    _check_calls(gm, rules, reached)
     _check_parts(gm, rules, reached)
     if missing:
         node, module = missing[0]
@@ -1179,20 +1180,29 @@ def _assign_rules(gm: fx.GraphModule) -> LRPGraph:
     )
 
 
-def _check_parts(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
-    """Refuse a part of a tuple on the way to the output that its rule sends no relevance
-    (the attention weights that nn.MultiheadAttention returns, held constant), and a
-    call whose arguments its rule cannot explain (:data:`CALL_CHECKS`)."""
+def _function_of(rule: Rule | None) -> Callable | None:
+    """The function of a rule that may be a ``functools.partial`` of it (keys of the tables)."""
+    return getattr(rule, "func", rule)
+
+
+def _check_calls(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
+    """Refuse a call that relevance reaches whose arguments its rule cannot explain
+    (:data:`CALL_CHECKS`), the first in the graph's order."""
     for node in gm.graph.nodes:
-        rule = rules.get(node)
-        check = CALL_CHECKS.get(getattr(rule, "func", rule)) if rule is not None else None
+        check = CALL_CHECKS.get(_function_of(rules.get(node)))
         if check is not None and node in reached:
             check(node)
+
+
+def _check_parts(gm: fx.GraphModule, rules: dict[fx.Node, Rule], reached: set[fx.Node]) -> None:
+    """Refuse a part of a tuple on the way to the output that its rule sends no relevance
+    (the attention weights that nn.MultiheadAttention returns, held constant)."""
+    for node in gm.graph.nodes:
         if node not in reached or node.op != "call_function" or node.target is not operator.getitem:
             continue
         source, index = node.args[0], node.args[1]
         rule = rules.get(source) if isinstance(source, fx.Node) else None
-        entry = PARTS.get(getattr(rule, "func", rule)) if rule is not None else None
+        entry = PARTS.get(_function_of(rule))
         if entry is not None and index not in entry[0]:
             parts, held = entry
             module = gm.get_submodule(source.target) if source.op == "call_module" else None
