@@ -304,8 +304,8 @@ def test_two_ranks_sweep_and_measure_curvature_as_one_process(tmp_path):
     assert configs[0]["sweep"] == configs[1]["sweep"] == sweep
 
 
-FIRST_FAILS = """
-import os, sys
+ONE_JOB = """
+import json, os, sys
 from pathlib import Path
 
 import torch
@@ -319,14 +319,30 @@ with distributed(torch.device("cpu")) as (dist, _):
         dist.first(lambda: open(out / "missing" / "file.json", "w"))
     except OSError as err:
         (out / f"said-rank{dist.rank}").write_text(f"{type(err).__name__}: {_one_line(err)}")
+    found = [dist.any(dist.rank == 0), dist.any(dist.rank == 1), dist.any(False), dist.any(True)]
+    (out / f"any-{dist.rank}.json").write_text(json.dumps(found))
+    # The first optimizer imports torch._dynamo, and with it torch.distributed.nn.functional,
+    # whose collectives take the WORLD group as a default argument.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    dist.barrier()
+tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks)
+(out / f"threads-{dist.rank}").write_text(" ".join(names))
 """
 
 
-def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(tmp_path):
-    proc = _run_script(tmp_path, FIRST_FAILS)
+@pytest.fixture(scope="module")
+def one_job(tmp_path_factory) -> Path:
+    """The folder of ``ONE_JOB`` run by two torchrun ranks: one launch for three checks."""
+    out = tmp_path_factory.mktemp("job")
+    proc = _run_script(out, ONE_JOB)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    said = [(tmp_path / f"said-rank{rank}").read_text() for rank in (0, 1)]
-    missing = tmp_path / "missing" / "file.json"
+    return out
+
+
+def test_a_write_that_fails_on_rank_0_is_said_alike_on_every_rank(one_job):
+    said = [(one_job / f"said-rank{rank}").read_text() for rank in (0, 1)]
+    missing = one_job / "missing" / "file.json"
     assert said == [f"FileNotFoundError: No such file or directory: {missing}"] * 2
 
 
@@ -499,33 +515,9 @@ def test_a_cuda_index_past_the_last_gpu_is_refused_by_the_count(monkeypatch):
         resolve_device("cuda:2")
 
 
-ANY_SCRIPT = """
-import json, sys
-import torch
-from betasmooth.distributed import init_distributed
-dist, _ = init_distributed(torch.device("cpu"))
-found = [dist.any(dist.rank == 0), dist.any(dist.rank == 1), dist.any(False), dist.any(True)]
-open(sys.argv[1] + f"/any-{dist.rank}.json", "w").write(json.dumps(found))
-torch.distributed.destroy_process_group()
-"""
-
-
-def test_any_is_the_or_of_every_ranks_flag_under_torchrun(tmp_path):
-
-    script = tmp_path / "any.py"
-    script.write_text(ANY_SCRIPT)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    subprocess.run(
-        [*run, str(script), str(tmp_path)],
-        env=env,
-        check=True,
-        timeout=120,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def test_any_is_the_or_of_every_ranks_flag_under_torchrun(one_job):
     for rank in (0, 1):
-        found = json.loads((tmp_path / f"any-{rank}.json").read_text())
+        found = json.loads((one_job / f"any-{rank}.json").read_text())
         assert found == [True, True, False, True], rank
 
 
@@ -600,34 +592,14 @@ def test_an_os_error_without_a_number_is_said_alike_on_every_rank():
         assert _one_line(OSError(*args)) == _one_line(err)
 
 
-GLOO_THREADS = """
-import os, sys
-
-import torch
-
-from betasmooth.distributed import distributed
-
-with distributed(torch.device("cpu")) as (dist, _):
-    # The first optimizer imports torch._dynamo, and with it torch.distributed.nn.functional,
-    # whose collectives take the WORLD group as a default argument.
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    dist.barrier()
-tasks = os.listdir("/proc/self/task")
-names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks)
-open(os.path.join(sys.argv[1], f"threads-{dist.rank}"), "w").write(" ".join(names))
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads listed by /proc")
-def test_leaving_the_job_stops_gloos_threads(tmp_path):
+def test_leaving_the_job_stops_gloos_threads(one_job):
     # gloo's threads that outlive the job run into the interpreter's finalization, where
     # they can abort a rank that has done its work ("terminate called without an active
     # exception", status -6) when the machine is busy.
-    proc = _run_script(tmp_path, GLOO_THREADS)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):
-        names = (tmp_path / f"threads-{rank}").read_text().split()
-        assert not [n for n in names if "gloo" in n], (rank, names)
+        names = (one_job / f"threads-{rank}").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
 
 
 def test_a_collective_failure_without_a_message_names_its_type():
