@@ -1288,6 +1288,32 @@ def counted():
 """
 
 
+def test_rgba_images_for_a_model_that_normalises_rgb_are_told_the_channels_it_takes():
+    """An RGBA batch (a PNG with alpha, read as 4 channels) given to
+    ``Sequential(Normalize(mean, std), net)``, as torchvision users wrap their models.
+
+    The 1-channel case gets "the model works on 3 channels"; 4 channels fail in the same
+    Normalize with torch's other wording ("The size of tensor a (4) must match the size of
+    tensor b (3)"), which the hint does not recognise, so the error names neither the
+    expected channel count nor the fix. The oracle is the model itself: its Normalize holds
+    3 means and its first convolution takes 3 channels.
+    """
+    transforms = pytest.importorskip("torchvision.transforms")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        nn.Conv2d(3, 2, 3),
+        nn.Flatten(1),
+        nn.Linear(2 * 14 * 14, 3),
+    ).eval()
+    rgba = torch.rand(2, 4, 16, 16)
+    with pytest.raises(InputError) as info:
+        bs.explain(model, rgba, "gradient")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.endswith("; the model works on 3 channels: give images of 3 channels")
+
+
 @pytest.mark.parametrize("factory", ["widened", "counted"])
 def test_errors_of_other_causes_get_no_channels_or_size_hint(factory, tmp_path, capsys):
     (tmp_path / "models.py").write_text(OTHER_ERRORS)

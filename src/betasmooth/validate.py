@@ -1097,10 +1097,19 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
             return _channels_hint(
                 "the model's first convolution takes", first.in_channels, shape[1]
             )
+    # A normalisation inside the model holds one mean per channel it expects; torch
+    # words the mismatch by whether x could broadcast to the model's channels.
     broadcast = re.search(r"broadcast shape \[\d+, (\d+),", reason)
+    sizes = re.search(
+        r"tensor a \((\d+)\) must match the size of tensor b \((\d+)\) at "
+        r"non-singleton dimension 1\b",
+        reason,
+    )
     if broadcast and len(shape) == 4 and int(broadcast.group(1)) != shape[1]:
-        # A normalisation inside the model holds one mean per channel it expects.
         return _channels_hint("the model works on", int(broadcast.group(1)), shape[1])
+    if sizes and len(shape) == 4 and str(shape[1]) in sizes.groups():
+        wanted = sizes.group(2) if sizes.group(1) == str(shape[1]) else sizes.group(1)
+        return _channels_hint("the model works on", int(wanted), shape[1])
     fixed = re.search(r"Expected (\d+) but got (\d+)", reason)
     if fixed and len(shape) == 4 and int(fixed.group(2)) in shape[2:]:
         # torchvision's ViT checks the size it was built for.
