@@ -1314,6 +1314,29 @@ def test_rgba_images_for_a_model_that_normalises_rgb_are_told_the_channels_it_ta
     assert message.endswith("; the model works on 3 channels: give images of 3 channels")
 
 
+class _InnerMismatch(nn.Module):
+    """Takes x's 4 channels; a bias of 5 channels inside fails to broadcast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bias = nn.Parameter(torch.zeros(1, 5, 1, 1))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.conv(x) + self.bias).mean((2, 3)))
+
+
+def test_a_mismatch_inside_a_model_whose_first_convolution_fits_gets_no_channels_hint():
+    # torch says "size of tensor a (4) must match the size of tensor b (5) at dimension 1",
+    # as for a normalisation of 5 channels; but the first convolution takes x's 4.
+    with pytest.raises(InputError) as info:
+        bs.explain(_InnerMismatch().eval(), torch.rand(2, 4, 8, 8), "gradient")
+    assert str(info.value).endswith(
+        "The size of tensor a (4) must match the size of tensor b (5) at non-singleton dimension 1"
+    )
+
+
 @pytest.mark.parametrize("factory", ["widened", "counted"])
 def test_errors_of_other_causes_get_no_channels_or_size_hint(factory, tmp_path, capsys):
     (tmp_path / "models.py").write_text(OTHER_ERRORS)

@@ -1105,9 +1105,11 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
         r"non-singleton dimension 1\b",
         reason,
     )
-    if broadcast and len(shape) == 4 and int(broadcast.group(1)) != shape[1]:
+    # Where the first convolution takes x's channels, the mismatch is inside the model.
+    fits = first is not None and first.in_channels == shape[1] if len(shape) == 4 else True
+    if broadcast and not fits and int(broadcast.group(1)) != shape[1]:
         return _channels_hint("the model works on", int(broadcast.group(1)), shape[1])
-    if sizes and len(shape) == 4 and str(shape[1]) in sizes.groups():
+    if sizes and not fits and str(shape[1]) in sizes.groups():
         wanted = sizes.group(2) if sizes.group(1) == str(shape[1]) else sizes.group(1)
         return _channels_hint("the model works on", int(wanted), shape[1])
     fixed = re.search(r"Expected (\d+) but got (\d+)", reason)
