@@ -686,3 +686,26 @@ def test_a_captum_method_with_baselines_starts_from_the_datas_low_end():
     low = torch.tensor([-2.0]).view(1, 1, 1, 1)
     got = range_options(low, 2.0, ["captum:IntegratedGradients"])["captum:IntegratedGradients"]
     assert set(got) == {"baselines"} and torch.equal(got["baselines"], low)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("IntegratedGradients", {"n_steps": 2}), ("Occlusion", {"sliding_window_shapes": (1, 4, 4)})],
+)
+def test_baselines_of_another_image_size_are_named_with_the_form_expected(x, name, options):
+    """A ``baselines`` tensor of another image size is refused by naming it and its shape.
+
+    Captum's own message ("The size of tensor a (16) must match the size of tensor b
+    (8) at non-singleton dimension 3"), passed on as "failed on this model", names
+    neither the option nor the shapes it takes, while the built-in
+    ``integrated_gradients`` says both for its ``baseline``.
+    """
+    net = plain_cnn().double()
+    wrong = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(bs.InputError) as info:
+        bs.explain(net, x, f"captum:{name}", TARGET, baselines=wrong, **options)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "baselines" in message
+    assert str(tuple(wrong.shape)) in message
+    assert "expected" in message

@@ -150,27 +150,37 @@ def _build(cls: type, model: nn.Module, layer: object, options: dict) -> tuple[o
     return cls(*args, **constructor), attribute
 
 
-def _broadcast(baselines: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _broadcast(baselines: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """``baselines`` on ``x``'s device and dtype, with its item shape.
 
     One colour per channel, ``(1, C, 1, 1)`` or ``(C, 1, 1)``, becomes
     ``(1, C, H, W)``: Captum broadcasts such a baseline for most methods but
     wants the item shape exactly where it draws from a distribution of
-    baselines (``GradientShap``, ``DeepLiftShap``). A baseline that does not
-    broadcast is left for Captum to name.
+    baselines (``GradientShap``, ``DeepLiftShap``). The first dimension, the
+    number of baselines, is Captum's to check against each method's rule.
+
+    Raises
+    ------
+    InputError
+        Where the baselines' items do not broadcast to x's items: Captum would
+        say only that two tensors' sizes differ, as though the model failed.
     """
+    given = tuple(baselines.shape)
     baselines = baselines.to(device=x.device, dtype=x.dtype)
     if baselines.dim() == 0:
         # One number for every pixel; Captum fails on a 0-d tensor (IndexError).
         return baselines.expand(1, *x.shape[1:])
     if baselines.dim() < x.dim():
         baselines = baselines.reshape(1, *baselines.shape)
-    if baselines.dim() != x.dim():
-        return baselines
     try:
         return baselines.expand(baselines.shape[0], *x.shape[1:])
     except RuntimeError:
-        return baselines
+        per_channel = (1, x.shape[1], *(1,) * (x.dim() - 2))
+        raise InputError(
+            f"captum:{name}: baselines of shape {given} do not broadcast to x "
+            f"of shape {tuple(x.shape)}; expected a number, one colour per channel "
+            f"{per_channel}, one baseline {tuple(x.shape[1:])} or one per image {tuple(x.shape)}"
+        ) from None
 
 
 #: Captum's notices that it sets and removes hooks around each call.
@@ -297,7 +307,7 @@ def captum_method(name: str) -> Method:
             # Captum's form for models of several inputs; betasmooth's have one.
             options["baselines"] = baselines[0]
         if isinstance(options.get("baselines"), torch.Tensor):
-            options["baselines"] = _broadcast(options["baselines"], x)
+            options["baselines"] = _broadcast(options["baselines"], x, name)
         # Captum's notice that it hooks the activations for the call (DeepLift,
         # GuidedBackprop, Deconvolution): nothing the user can act on, at every call.
         with torch.enable_grad(), _without_hook_notice():
