@@ -1715,6 +1715,8 @@ def test_a_float_maximum_with_an_integer_zero_is_named_as_a_relu():
         lambda h: h + torch.arange(h.shape[0]).clamp(min=0),  # integer bookkeeping
         lambda h: h + torch.maximum(torch.arange(h.shape[0]), torch.zeros(1, dtype=torch.long)),
         lambda h: torch.maximum(h, torch.full_like(h, 0.5)),  # a floor that is not 0
+        # A floor per element, 0 in one place only: no ReLU, and no single number.
+        lambda h: torch.clamp(h, min=torch.linspace(-1.0, 0.0, h.shape[0], dtype=h.dtype)),
     ],
 )
 def test_clamps_and_maxima_that_are_no_relu_are_not_named(floor):
@@ -1794,3 +1796,172 @@ def test_an_in_place_relu_on_a_leaf_that_requires_grad_fails_as_torchs_own():
     with pytest.raises(RuntimeError, match="a leaf Variable that requires grad") as ours:
         smooth(net, 2.0)(x)
     assert type(ours.value) is type(plain.value)
+
+
+def test_only_the_first_pass_feeds_the_warnings_of_a_smoothed_copy():
+    # A forward whose branch depends on its input: the first pass runs a ReLU and a
+    # kinked Hardshrink, the second neither. The warnings are about the first pass
+    # only, so the second (no ReLU called) must not add "changed nothing", and the
+    # recorded override stays the first pass's, with its one replaced ReLU.
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shrink = nn.Hardshrink()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.sum() > 0):
+                return self.shrink(torch.relu(x))
+            return torch.tanh(x)
+
+    net = Branchy()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with replace_relu(net, torch.relu, warn=True) as done:
+            net(torch.ones(1, 3))
+            net(-torch.ones(1, 3))
+            net(-torch.ones(1, 3))
+    assert [str(w.message) for w in record] == [
+        "Branchy: beta-smoothing replaces ReLU and the activations made of it; these "
+        "piecewise-linear activations stay non-smooth: Hardshrink"
+    ]
+    assert len(done) == 1 and done[0].replaced == 1
+
+
+def test_a_first_pass_run_inside_an_except_block_still_warns_and_counts():
+    # Torch's hook reports a failed forward by giving no output; a forward that returns
+    # normally while the caller handles an exception (sys.exc_info() is set there) did
+    # run through: its ReLU count and its warnings stand.
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Hardshrink())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with replace_relu(net, torch.relu, warn=True) as done:
+            try:
+                raise KeyError("the caller's own error")
+            except KeyError:
+                net(torch.ones(1, 3))
+    assert len(done) == 1 and done[0].replaced == 1
+    assert [str(w.message).split("; ")[-1] for w in record] == [
+        "these piecewise-linear activations stay non-smooth: Hardshrink"
+    ]
+
+
+def test_log_prob_is_finite_and_exact_far_in_the_tails_in_float32():
+    # log p_beta(e) = log(beta) - |z| - 2 log1p(exp(-|z|)), z = beta e: linear in |z|
+    # in the tails. Written as the log of a product of sigmoids, it underflows to
+    # -inf in float32 past |z| ~ 104 (sigmoid(-z) below the smallest subnormal).
+    beta = 2.0
+    noise = LogisticNoise(torch.tensor(beta))
+    e = torch.tensor([-80.0, -60.0, -45.0, 45.0, 60.0, 80.0])
+    z = beta * e.double().abs()
+    ref = math.log(beta) - z - 2 * torch.log1p(torch.exp(-z))
+    got = noise.log_prob(e)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
+    scipy_ref = torch.tensor(sps.logistic(scale=1 / beta).logpdf(e.double().numpy()))
+    torch.testing.assert_close(got.double(), scipy_ref, rtol=1e-6, atol=0)
+
+
+def test_second_order_writes_an_in_place_hardsigmoid_into_its_input():
+    # F.hardsigmoid(h, inplace=True) as a statement: the caller reads h afterwards, so
+    # the form computed under second_order must go into h as torch's own kernel does.
+    from betasmooth.smooth import second_order
+
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        h = x * 1.0
+        F.hardsigmoid(h, inplace=True)
+        return h
+
+    x = torch.linspace(-4.0, 4.0, 17, dtype=torch.float64)
+    # hardsigmoid(x) = clip(x / 6 + 1 / 2, 0, 1), by hand.
+    expected = (x / 6 + 0.5).clamp(0.0, 1.0)
+    torch.testing.assert_close(gate(x), expected, rtol=0, atol=1e-15)
+    with second_order():
+        torch.testing.assert_close(gate(x), expected, rtol=0, atol=1e-15)
+
+
+def test_a_maximum_over_an_empty_batch_with_a_nonzero_floor_is_not_named():
+    # An empty tensor is "all zeros" vacuously; a maximum of an empty batch with a
+    # floor of 0.5 is no ReLU and must not be named as one.
+    class Floored(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(torch.maximum(x, torch.full((1, 3), 0.5)))
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = smooth(Floored(), 2.0)(torch.ones(0, 3))
+    assert out.shape == (0, 3)
+    assert [str(w.message) for w in record] == []
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [lambda h: h.clamp_min_(0.0), lambda h: h.clamp_(min=0), lambda h: h.clip_(0.0)],
+    ids=["clamp_min_", "clamp_", "clip_"],
+)
+def test_an_in_place_clamp_at_zero_is_named_as_a_relu_left_kinked(spelling):
+    # The in-place clamps are ReLUs too, written into h: named like clamp(min=0),
+    # and left as they are, so the output is softplus_2 of relu(x - 0.5) by hand.
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = x - 0.5
+        spelling(h)
+        return torch.relu(h)
+
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = smooth(_Calls(forward), 2.0)(x)
+    assert [str(w.message) for w in record] == [
+        "_Calls: beta-smoothing replaces ReLU and the activations made of it; these "
+        "piecewise-linear activations stay non-smooth: clamp(min=0)"
+    ]
+    h = np.maximum(x.numpy() - 0.5, 0.0)
+    np.testing.assert_allclose(got.numpy(), np.log1p(np.exp(2.0 * h)) / 2.0, rtol=1e-14)
+
+
+def test_a_refusal_that_the_forward_catches_leaves_no_warning_and_no_recorded_pass():
+    # The refusal under checkpointing marks its pass as failed: a forward that catches
+    # the InputError and goes on (here to a tanh) did not show which ReLUs the model
+    # has, so no "no ReLU was called" warning follows and the pass is not recorded.
+    import torch.utils.checkpoint
+
+    class Fallback(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+            except InputError:
+                return torch.tanh(x)
+
+    net = Fallback()
+    x = torch.linspace(-1.0, 1.0, 6).view(2, 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with replace_relu(net, torch.relu, warn=True) as done:
+            out = net(x)
+    torch.testing.assert_close(out, torch.tanh(x), rtol=0, atol=0)
+    assert done == []
+    assert [str(w.message) for w in record] == []
+
+
+@pytest.mark.parametrize(
+    ("activation", "x"),
+    [
+        (nn.Hardtanh(1.0, 2.0), torch.linspace(-2, 2, 5)),  # bounds reversed below
+        (nn.PReLU(3), torch.linspace(-2, 2, 3)),  # 3 slopes, 1-d input: 1 channel
+        (nn.PReLU(3), torch.rand(3, 2)),  # 3 slopes, 2 channels
+    ],
+)
+def test_a_smoothed_activation_refuses_what_torch_refuses_with_torchs_words(activation, x):
+    # The forms through ReLU broadcast where torch checks: a reversed hardtanh would give
+    # a reversed curve, several PReLU slopes one slope per element.
+    if isinstance(activation, nn.Hardtanh):
+        activation.min_val, activation.max_val = 1.0, -1.0
+    net = nn.Sequential(nn.Identity(), activation)
+    with pytest.raises((ValueError, RuntimeError)) as plain:
+        net(x)
+    with pytest.raises(type(plain.value)) as smoothed:
+        bs.smooth(net, 50.0)(x)
+    assert str(smoothed.value) == str(plain.value)

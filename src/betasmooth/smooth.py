@@ -136,6 +136,8 @@ def _relu(relu: Relu, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 def _hardtanh(
     relu: Relu, x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
 ) -> torch.Tensor:
+    if min_val > max_val:  # torch's own refusal: the form would give a reversed curve
+        raise ValueError("min_val cannot be greater than max_val")
     return min_val + relu(x - min_val) - relu(x - max_val)
 
 
@@ -152,6 +154,12 @@ def _leaky_relu(
 def _prelu(relu: Relu, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # One slope, or one per channel (dimension 1), as torch.prelu broadcasts it.
     if weight.numel() > 1:
+        channels = x.shape[1] if x.dim() >= 2 else 1
+        if channels != weight.numel():  # torch's own refusal, which broadcasting would skip
+            raise RuntimeError(
+                "Mismatch of parameter numbers and input channel size. Found parameter "
+                f"numbers = {weight.numel()} and channel size = {channels}."
+            )
         weight = weight.view(1, -1, *([1] * (x.dim() - 2)))
     return weight * x + (1 - weight) * relu(x)
 
