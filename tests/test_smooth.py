@@ -1681,6 +1681,9 @@ def test_second_order_differentiates_hardsigmoid_and_attention_twice():
         (lambda h: torch.clamp_min(h, 0), "clamp(min=0)"),
         # An upper bound at infinity is no bound: still a ReLU.
         (lambda h: h.clamp(min=0.0, max=math.inf), "clamp(min=0)"),
+        # torch reads a bool bound as 0 or 1, a Python bool as a bool tensor.
+        (lambda h: torch.clamp(h, min=False), "clamp(min=0)"),
+        (lambda h: torch.clamp(h, min=torch.tensor(False)), "clamp(min=0)"),
     ],
 )
 def test_the_other_spellings_of_a_relu_are_named_as_left_kinked(floor, named):

@@ -712,8 +712,11 @@ def _maxes_with_zero(args: tuple, kwargs: dict) -> bool:
 
 
 def _number(value: object) -> float | None:
-    """A bound as a number: int, float, numpy scalar or one-element tensor; else None."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+    """A bound as a number: int, float, bool, numpy scalar or one-element tensor; else None.
+
+    A bool counts as torch counts it: ``clamp(h, min=False)`` is ``relu(h)``.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
         return None
     try:
         return float(value)
