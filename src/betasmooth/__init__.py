@@ -23,7 +23,7 @@ from .metrics import compare, heatmap
 from .smooth import LogisticNoise, smooth, smoothed, softplus
 from .validate import InputError, InputTypeError
 
-__version__ = "0.20.4"
+__version__ = "0.20.5"
 
 # Heavier parts load on first use, so that `import betasmooth` stays quick.
 _LAZY = {
