@@ -1106,7 +1106,7 @@ def _input_hint(model: nn.Module, shape: tuple[int, ...], reason: str) -> str:
         reason,
     )
     # Where the first convolution takes x's channels, the mismatch is inside the model.
-    fits = first is not None and first.in_channels == shape[1] if len(shape) == 4 else True
+    fits = (first is not None and first.in_channels == shape[1]) if len(shape) == 4 else True
     if broadcast and not fits and int(broadcast.group(1)) != shape[1]:
         return _channels_hint("the model works on", int(broadcast.group(1)), shape[1])
     if sizes and not fits and str(shape[1]) in sizes.groups():
