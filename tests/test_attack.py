@@ -1884,3 +1884,183 @@ def test_options_given_are_never_overridden_by_the_data_range():
     assert attack_options("integrated_gradients", x, **box) == {"baseline": -1.0, "steps": 30}
     given = {"baseline": 0.5, "steps": 7}
     assert attack_options("integrated_gradients", x, **box, method_options=given) == given
+
+
+class _Softplus(nn.Module):
+    """softplus_beta by its closed form, ``log(1 + exp(beta x)) / beta``; ReLU for beta None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beta = None
+
+    def forward(self, x):
+        return (
+            torch.relu(x)
+            if self.beta is None
+            else torch.logaddexp(self.beta * x, 0 * x) / self.beta
+        )
+
+
+def _tiny_net(channels: int) -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(channels, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 4),
+    ).double()
+
+
+def _reference_attack(net, x, target, low, high, steps, lr, beta0, beta_end):
+    """The targeted attack by hand: Dombrowski et al.'s loss with the documented defaults
+    (w_e = 1e11 (H W / 224^2)^2, w_o = 1e6 classes / 1000), torch.optim.Adam on x_adv with
+    the given lr and torch's own settings, a clamp to [low, high] after each step, beta
+    growing geometrically from beta0 at the first step to beta_end at the last, and each
+    image's best iterate (lowest map MSE on the ReLU network, label kept, strictly lower
+    than before) scored after every step."""
+    ref = copy.deepcopy(net)
+    act = _Softplus()
+    ref[1] = act
+    h, w = x.shape[2:]
+    with torch.no_grad():
+        logits = ref(x)
+    label = logits.argmax(1)
+    w_e = 1e11 * (h * w / 224**2) ** 2
+    w_o = 1e6 * logits.shape[1] / 1000
+
+    def maps_and_logits(z, graph):
+        out = ref(z)
+        (g,) = torch.autograd.grad(out.gather(1, label[:, None]).sum(), z, create_graph=graph)
+        a = g.abs().sum(1)
+        return a / a.sum((1, 2), keepdim=True), out
+
+    def score(z):
+        act.beta = None
+        z = z.detach().requires_grad_(True)
+        maps, out = maps_and_logits(z, False)
+        return (maps - target).square().mean((1, 2)).detach(), out.argmax(1) == label
+
+    best, best_score = x.clone(), score(x)[0]
+    x_adv = x.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x_adv], lr=lr)
+    history, flipped = [], torch.zeros(len(x), dtype=torch.bool)
+    for i in range(steps):
+        act.beta = beta0 * (beta_end / beta0) ** (i / (steps - 1))
+        maps, out = maps_and_logits(x_adv, True)
+        change = (out.softmax(1) - logits.softmax(1)).square().mean(1)
+        loss = w_e * (maps - target).square().mean((1, 2)) + w_o * change
+        history.append(loss.detach())
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        x_adv.grad = grad
+        optimizer.step()
+        with torch.no_grad():
+            x_adv.copy_(torch.maximum(torch.minimum(x_adv, high), low))
+        s, kept = score(x_adv)
+        flipped |= ~kept
+        better = kept & (s < best_score)
+        best = torch.where(better[:, None, None, None], x_adv.detach(), best)
+        best_score = torch.where(better, s, best_score)
+    return best, torch.stack(history), flipped, (w_e, w_o)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_targeted_attack_is_the_papers_loop_by_hand(per_channel):
+    # A hand-written loop of a few steps on a tiny float64 net, with torch's Adam, is the
+    # oracle for every part of one targeted attack at once: the geometric beta schedule's
+    # ends and step index, the output term against the original ReLU network's logits
+    # (detached), the default weights, the clamp (per channel where the bounds are), the
+    # loss history and the per-image best iterate that keeps its own label.
+    channels = 2 if per_channel else 1
+    net = _tiny_net(channels)
+    gen = torch.Generator().manual_seed(1)
+    if per_channel:
+        low = torch.tensor([-1.0, 0.0], dtype=torch.float64).view(1, 2, 1, 1)
+        high = torch.tensor([1.0, 0.5], dtype=torch.float64).view(1, 2, 1, 1)
+    else:
+        low, high = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    x = low + (high - low) * torch.rand(4, channels, 6, 6, dtype=torch.float64, generator=gen)
+    target = torch.rand(4, 6, 6, dtype=torch.float64, generator=gen)
+    target = target / target.sum((1, 2), keepdim=True)
+    steps, lr = 6, 0.05
+    data_range = (low, high) if per_channel else (0.0, 1.0)
+    result = bs.manipulate(
+        net,
+        x,
+        target,
+        "gradient",
+        steps=steps,
+        lr=lr,
+        check_every=1,
+        data_range=data_range,
+        beta0=4.0,
+        beta_end=64.0,
+    )
+    best, history, flipped, weights = _reference_attack(
+        net, x, target, low, high, steps, lr, 4.0, 64.0
+    )
+    # The loop exercised what it checks: some image's step flipped its label, some
+    # image moved, and the clamp held some pixel at a bound.
+    assert bool(flipped.any()) and not bool(flipped.all())
+    assert (result.settings["w_e"], result.settings["w_o"]) == pytest.approx(weights, rel=1e-12)
+    torch.testing.assert_close(result.history, history, rtol=1e-9, atol=0)
+    torch.testing.assert_close(result.x_adv, best, rtol=0, atol=1e-12)
+
+
+def test_a_model_in_training_is_attacked_in_evaluation_mode_and_left_in_its_modes():
+    # Documented: the model "is not changed". Dropout in training mode would draw a new
+    # mask at every forward; the attack runs in evaluation mode, so it is the attack of the
+    # same net in evaluation mode, and every module gets its own mode back afterwards.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(48, 3)
+    ).double()
+    x = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = targets_of(net.eval(), x)
+    expected = bs.manipulate(net, x, target, "gradient", steps=3, check_every=1)
+    net.train()
+    net[2].eval()  # a frozen submodule stays frozen
+    torch.manual_seed(1)
+    result = bs.manipulate(net, x, target, "gradient", steps=3, check_every=1)
+    assert net.training and net[0].training and not net[2].training
+    torch.testing.assert_close(result.x_adv, expected.x_adv, rtol=0, atol=0)
+    torch.testing.assert_close(result.history, expected.history, rtol=0, atol=0)
+
+
+def test_a_fixed_beta_schedule_is_that_beta_at_every_step(small, monkeypatch):
+    # Documented (beta_at): a number is a fixed beta, the same at every step, whatever
+    # beta0 and beta_end are.
+    net, x = small
+    betas = _softplus_betas(monkeypatch)
+    bs.manipulate(net, x, targets_of(net, x), "gradient", steps=3, beta_schedule=2.5, beta0=7.0)
+    assert betas == [2.5]
+
+
+def test_center_nudge_points_outward_from_a_centre_a_ten_thousandth_of_a_pixel_off_the_middle():
+    # Documented: the nudge points away from the grid's centre along the line through the
+    # original centre of mass however short the offset; the fallback direction is for a
+    # centre exactly on the middle only. Centre (2, 2 + 1e-4) on a 5 x 5 grid (middle
+    # (2, 2)): outward is (0, 1), so a shift along it adds the nudge's full length.
+    a = 1e-4
+    m = torch.zeros(1, 5, 5, dtype=torch.float64)
+    m[0, 2, 2], m[0, 2, 3] = 1 - a, a
+    moved = torch.zeros(1, 5, 5, dtype=torch.float64)
+    moved[0, 2, 4] = 1.0
+    shift = np.subtract(
+        ndimage.center_of_mass(moved[0].numpy()), ndimage.center_of_mass(m[0].numpy())
+    )
+    assert shift[0] == 0 and shift[1] > 0
+    got = attack._com_objective(SimpleNamespace(map_orig=m), moved, None)
+    assert float(got) == pytest.approx(-(np.linalg.norm(shift) + attack.CENTER_NUDGE), abs=1e-12)
+
+
+def test_a_signed_step_that_flips_one_images_label_leaves_the_others_steps_alone():
+    # Per image (module docstring): image 0 (0.5 everywhere, b = -0.3) flips at its first
+    # full step, which is undone and halved, and reaches 0.45 / 0.55 after two steps; image
+    # 1 (0.6, 0.6, 0.3, 0.3: logit 0 = 1.8 against 2 (x2 + x3) - 0.3 = 0.9) keeps its label
+    # at both full steps (1.3, then 1.7 < 1.8), so it moves 0.1 twice, neither undone nor
+    # halved: 0.4, 0.4, 0.5, 0.5 (inside its budget of 0.2).
+    x = torch.tensor([[0.5] * 4, [0.6, 0.6, 0.3, 0.3]], dtype=torch.float64).view(2, 1, 2, 2)
+    r = _signed_topk(_two_logits(-0.3), x, eps=0.2, step=0.1, steps=2)
+    expected = torch.tensor([[0.45, 0.45, 0.55, 0.55], [0.4, 0.4, 0.5, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(r.x_adv, expected.view(2, 1, 2, 2))
+    assert r.label_kept.tolist() == [True, True]
