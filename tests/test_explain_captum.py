@@ -709,3 +709,175 @@ def test_baselines_of_another_image_size_are_named_with_the_form_expected(x, nam
     assert "baselines" in message
     assert str(tuple(wrong.shape)) in message
     assert "expected" in message
+
+
+class _WarnsOfHooksMidText(nn.Module):
+    """A model whose forward warns a UserWarning with Captum's words after its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = plain_cnn().double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        warnings.warn("model: Setting backward hooks failed", UserWarning, stacklevel=2)
+        return self.net(x)
+
+
+def test_a_user_warning_that_only_contains_captums_words_is_shown(x):
+    """Captum's notice starts with its words; a model's own UserWarning that has them
+    later in its text is not Captum's notice and is shown."""
+    import warnings
+
+    from betasmooth.explain.captum import captum_method
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        captum_method("Saliency")(_WarnsOfHooksMidText(), x, TARGET)
+    own = [str(w.message) for w in seen if w.category is UserWarning]
+    assert own == ["model: Setting backward hooks failed"]
+
+
+def test_the_display_in_place_during_a_call_passes_file_and_line_on():
+    """``warnings.showwarning(message, category, filename, lineno, file, line)``: called so
+    while a Captum call runs, a warning that is no hook notice reaches the display found
+    before with all six arguments, ``file`` (where to write) and ``line`` included."""
+    import warnings
+
+    from betasmooth.explain.captum import _without_hook_notice
+
+    got = []
+
+    def display(message, category, filename, lineno, file=None, line=None):
+        got.append((str(message), category, filename, lineno, file, line))
+
+    sink = object()
+    with warnings.catch_warnings():
+        warnings.showwarning = display
+        with _without_hook_notice():
+            warnings.showwarning("a note", UserWarning, "f.py", 3, sink, "src = 1")
+            warnings.showwarning("Setting backward hooks on ReLU", UserWarning, "c.py", 1)
+    assert got == [("a note", UserWarning, "f.py", 3, sink, "src = 1")]
+
+
+def test_a_call_that_fails_inside_captum_gives_the_warning_display_back(x):
+    """A Captum failure leaves the call by an exception: the display is put back all
+    the same, and the next call still drops Captum's notice (the count of calls in
+    is back to zero), or every later notice of the process went wrong."""
+    import warnings
+
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: seen.append(str(message))
+        before = warnings.showwarning
+        with pytest.raises(bs.InputError, match="failed on this model"):
+            bs.explain(_Raises(RuntimeError("boom")), x, "captum:Saliency", TARGET)
+        assert warnings.showwarning is before
+        bs.explain(plain_cnn().double(), x, "captum:DeepLift", TARGET)
+        assert warnings.showwarning is before
+    assert not [text for text in seen if "hooks" in text]
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        # 240 characters are kept whole, the 241st is cut: the limit itself is no cut.
+        (RuntimeError("y" * 240), "y" * 240),
+        (RuntimeError("y" * 241), "y" * 240 + " ..."),
+        # Cut at a space: the space goes, one space before the dots.
+        (RuntimeError("y" * 239 + " " + "z" * 9), "y" * 239 + " ..."),
+        # A message that starts with a line break: its first line is the first with text.
+        (RuntimeError("\n  the text after a break\nmore"), "the text after a break"),
+    ],
+)
+def test_a_failure_inside_captum_is_cut_after_240_characters_only(x, error, said):
+    with pytest.raises(bs.InputError) as info:
+        bs.explain(_Raises(error), x, "captum:Saliency", TARGET)
+    assert str(info.value) == f"captum:Saliency failed on this model: {said}"
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 1, 1, 1, 1)])
+def test_baselines_that_do_not_broadcast_are_named_as_given(shape):
+    """The message names the shape the user gave, not the one explain made of it, and
+    the per-channel form of x's rank, (1, 3, 1, 1); one number in more dimensions than
+    x has is no number of a 0-d tensor, and is refused so too."""
+    net = plain_cnn(channels=3).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(bs.InputError) as info:
+        bs.explain(net, x, "captum:IntegratedGradients", 0, baselines=torch.zeros(shape))
+    assert str(info.value) == (
+        f"captum:IntegratedGradients: baselines of shape {shape} do not broadcast to x of "
+        "shape (2, 3, 16, 16); expected a number, one colour per channel (1, 3, 1, 1), one "
+        "baseline (3, 16, 16) or one per image (2, 3, 16, 16)"
+    )
+
+
+def test_a_baseline_image_without_its_channel_is_one_baseline():
+    """A one-channel baseline given as (H, W) is one baseline, Captum's (1, 1, H, W); its
+    rows are not taken for H baselines."""
+    net = plain_cnn().double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=gen)
+    image = torch.rand(16, 16, dtype=torch.float64, generator=gen)
+    target = torch.tensor([0, 1, 2])
+    ours = bs.explain(net, x, "captum:IntegratedGradients", target, baselines=image, n_steps=8)
+    theirs = IntegratedGradients(net).attribute(
+        x, target=target, baselines=image[None, None], n_steps=8
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_a_list_of_one_baseline_is_refused_as_captum_refuses_it(x):
+    """Captum's form for a model's inputs is a tuple; it refuses a list of baselines, and
+    explain passes that refusal on rather than taking the list for a tuple."""
+    net = plain_cnn().double()
+    base = torch.full((1, 1, 16, 16), 0.3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="must be either a torch.Tensor or a number"):
+        IntegratedGradients(net).attribute(x, target=TARGET, baselines=[base])
+    with pytest.raises(bs.InputError, match="must be either a torch.Tensor or a number"):
+        bs.explain(net, x, "captum:IntegratedGradients", TARGET, baselines=[base])
+
+
+class _GradientOfTheOutput:
+    """A Captum-like class that differentiates its model in the caller's grad mode, as
+    Captum's own classes assume of their caller where they do not enable it."""
+
+    def __init__(self, forward_func):
+        self.forward_func = forward_func
+
+    def attribute(self, inputs, target=None):
+        out = self.forward_func(inputs)[torch.arange(len(inputs)), target].sum()
+        return torch.autograd.grad(out, inputs)[0]
+
+
+def test_a_captum_method_called_under_no_grad_still_differentiates(monkeypatch):
+    """Under ``torch.no_grad()`` (a user's evaluation loop) the method enables gradients
+    for Captum's call: a linear model's gradient is its weight row, the closed form."""
+    import captum.attr
+
+    from betasmooth.explain.captum import captum_method
+
+    monkeypatch.setattr(captum.attr, "BsTestGradient", _GradientOfTheOutput, raising=False)
+    captum_method.cache_clear()
+    try:
+        net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+        x = torch.rand(2, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = captum_method("BsTestGradient")(net, x, torch.tensor([2, 0]))
+        weight = net[1].weight.detach()
+        torch.testing.assert_close(got.flatten(1), weight[[2, 0]], rtol=0, atol=0)
+    finally:
+        captum_method.cache_clear()
+
+
+def test_the_layer_shap_methods_baselines_are_a_set_too():
+    """LayerGradientShap and LayerDeepLiftShap draw from their baselines as GradientShap
+    does (Captum's own docstrings): a batch of them is never cut to the images explained."""
+    from betasmooth.explain import select_items
+
+    rows = torch.arange(3.0).view(3, 1, 1, 1)
+    for name in ("LayerGradientShap", "LayerDeepLiftShap"):
+        kept = select_items(f"captum:{name}", {"baselines": rows}, [2], (3, 1, 4, 4))
+        assert torch.equal(kept["baselines"], rows)
